@@ -1,0 +1,251 @@
+// Multipole: an inference engine for Fast Multipole Attention (FMA) language models.
+// The one public header of the library. See docs/ and ../shared/DESIGN.md for the semantics.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <span>
+#include <stdexcept>
+#include <string>
+#include <string_view>
+#include <vector>
+
+namespace mp {
+
+// Every failure the library reports on bad input (files, configs, requests) is an mp::Error
+// whose message names the problem.
+class Error : public std::runtime_error {
+ public:
+  using std::runtime_error::runtime_error;
+};
+
+enum class Downsampling { GroupedConv, Conv, AvgPool };
+std::string_view to_string(Downsampling d);
+Downsampling parse_downsampling(std::string_view s);  // "groupedconv" | "conv" | "avgpool"
+
+enum class DType { F32, F16, BF16 };
+std::string_view to_string(DType t);
+DType parse_dtype(std::string_view s);  // "f32" | "f16" | "bf16"
+size_t dtype_size(DType t);
+
+struct Config {
+  int vocab_size = 0;
+  int hidden_size = 0;
+  int n_layers = 0;
+  int n_heads = 0;
+  int n_kv_heads = 0;
+  int head_dim = 0;
+  int intermediate_size = 0;
+  float rms_norm_eps = 1e-5f;
+  float rope_theta = 10000.0f;
+  bool tie_word_embeddings = false;
+  int64_t n_ctx_train = 0;  // n, the trained length
+  // FMA
+  bool fma_enabled = true;
+  int fma_block_size = 0;  // m
+  int fma_rank = 0;        // p
+  Downsampling fma_downsampling = Downsampling::GroupedConv;
+  bool fma_scale_attn = true;
+  // Tokens
+  int bos_token_id = 1;
+  int eos_token_id = 2;
+  bool add_bos = true;
+
+  int n_levels() const;                // L = log2(n/m) - 1 (0 in exact mode)
+  int group_size(int level) const;     // w_l = m * 2^(l-1), level 1..L
+  void validate() const;               // throws Error naming the first bad field
+  std::string summary() const;         // one line for logs
+};
+
+// --- Model file -----------------------------------------------------------------------------
+
+// A view of one tensor in the mmap-ed model file. dims[0] is the outermost (row-major).
+struct TensorView {
+  std::string name;
+  DType dtype = DType::F32;
+  std::vector<int64_t> shape;
+  const void* data = nullptr;
+  int64_t numel() const;
+  size_t nbytes() const { return static_cast<size_t>(numel()) * dtype_size(dtype); }
+  std::vector<float> to_f32() const;
+};
+
+class Tokenizer;
+
+// A loaded model: config, tokenizer and the tensors of a GGUF file (mmap-ed, not copied).
+class Model {
+ public:
+  static std::shared_ptr<Model> load(const std::string& gguf_path);
+  ~Model();
+  const Config& config() const { return config_; }
+  const Tokenizer& tokenizer() const { return *tokenizer_; }
+  // Throws Error if the tensor is absent or its shape differs.
+  const TensorView& tensor(const std::string& name, const std::vector<int64_t>& shape) const;
+  const std::vector<TensorView>& tensors() const { return tensors_; }
+  const std::string& path() const { return path_; }
+
+ private:
+  Model() = default;
+  struct Mapping;
+  std::unique_ptr<Mapping> mapping_;
+  std::string path_;
+  Config config_;
+  std::unique_ptr<Tokenizer> tokenizer_;
+  std::vector<TensorView> tensors_;
+};
+
+// Names of the engine-side (GGUF) tensors, llama.cpp style.
+namespace tensor_names {
+std::string token_embd();
+std::string output_norm();
+std::string output();
+std::string layer(int layer, std::string_view what);          // blk.N.<what>.weight
+std::string fma_down(int layer, char kv, int level, bool bias);  // blk.N.fma_{k,v}_down.<l-1>.*
+}  // namespace tensor_names
+
+// Every tensor a model with this config has, in file order: its GGUF name, its name in a
+// Hugging Face checkpoint, and its shape.
+struct TensorSpec {
+  std::string name;
+  std::string hf_name;
+  std::vector<int64_t> shape;
+};
+std::vector<TensorSpec> expected_tensors(const Config& c);
+
+// --- Conversion (Hugging Face folder -> GGUF) -------------------------------------------------
+
+struct ConvertOptions {
+  DType dtype = DType::BF16;
+  bool overwrite = false;
+  std::function<void(size_t done, size_t total, const std::string& tensor)> progress;
+};
+// Reads config.json, model.safetensors (or the sharded index) and tokenizer.model from hf_dir,
+// checks every tensor against the config and writes out_path atomically (temp file + rename).
+void convert_hf_to_gguf(const std::string& hf_dir, const std::string& out_path,
+                        const ConvertOptions& opts);
+Config config_from_hf_json(const std::string& json_text);
+
+// --- Tokenizer --------------------------------------------------------------------------------
+
+class Tokenizer {
+ public:
+  explicit Tokenizer(std::string_view spm_model_bytes, const Config& c);
+  ~Tokenizer();
+  std::vector<int> encode(std::string_view text, bool add_bos) const;
+  std::string decode(std::span<const int> ids) const;
+  std::string piece(int id) const;
+  int vocab_size() const;
+  int bos() const { return bos_; }
+  int eos() const { return eos_; }
+  bool add_bos() const { return add_bos_; }
+
+ private:
+  struct Impl;
+  std::unique_ptr<Impl> impl_;
+  int bos_, eos_;
+  bool add_bos_;
+};
+
+// Turns a growing list of generated ids into text pieces that are safe to emit: whole UTF-8
+// characters only, and never text that could still turn out to be the start of a stop string.
+class TextStream {
+ public:
+  TextStream(const Tokenizer& tok, std::vector<std::string> stop);
+  // Adds a token; returns the newly safe text. Sets stopped() when a stop string appeared (the
+  // stop string and what follows are not emitted).
+  std::string push(int id);
+  std::string flush();  // at the end: everything held back (unless stopped)
+  bool stopped() const { return stopped_; }
+  const std::string& text() const { return emitted_; }
+
+ private:
+  const Tokenizer& tok_;
+  std::vector<std::string> stop_;
+  std::vector<int> ids_;
+  std::string emitted_;
+  bool stopped_ = false;
+};
+
+// --- Sampling ---------------------------------------------------------------------------------
+
+struct SamplingParams {
+  float temperature = 0.8f;  // 0: greedy
+  int top_k = 40;            // <= 0: off
+  float top_p = 0.95f;       // 1: off
+  float min_p = 0.05f;       // 0: off
+  float repetition_penalty = 1.0f;  // CTRL-style, 1: off
+  float presence_penalty = 0.0f;
+  float frequency_penalty = 0.0f;
+  int penalty_last_n = 64;  // window the penalties look at; -1: all
+  uint64_t seed = 0;
+  void validate() const;
+};
+
+class Sampler {
+ public:
+  explicit Sampler(const SamplingParams& p);
+  // history: the ids the penalties see (prompt and generated so far).
+  int sample(std::span<const float> logits, std::span<const int> history);
+  // The candidates that survive the filters (after penalties, temperature, top-k, top-p, min-p),
+  // sorted by probability, with their renormalised probabilities. Exposed for tests and logprobs.
+  std::vector<std::pair<int, float>> candidates(std::span<const float> logits,
+                                                std::span<const int> history) const;
+
+ private:
+  SamplingParams p_;
+  uint64_t rng_state_;
+  double next_uniform();
+};
+
+// log-softmax of one row, in double for accuracy.
+std::vector<float> log_softmax(std::span<const float> logits);
+
+// --- Backends and the per-sequence state --------------------------------------------------------
+
+// One sequence's tokens for one forward call: they are appended to the slot's state.
+struct SeqChunk {
+  int slot = 0;
+  std::span<const int> tokens;
+  bool all_logits = false;  // logits for every token, else only for the last
+};
+
+// A backend runs the model over batches of sequences. Each sequence lives in a slot holding its
+// fixed-size hierarchical cache (DESIGN.md section 2).
+class Backend {
+ public:
+  virtual ~Backend() = default;
+  virtual std::string name() const = 0;
+  virtual const Config& config() const = 0;
+  virtual int n_slots() const = 0;
+  virtual int alloc_slot() = 0;  // -1 when none is free
+  virtual void free_slot(int slot) = 0;
+  virtual void reset_slot(int slot) = 0;  // back to position 0
+  virtual void copy_slot(int src, int dst) = 0;  // fork
+  virtual int64_t slot_pos(int slot) const = 0;  // tokens processed so far
+  virtual std::vector<uint8_t> save_slot(int slot) const = 0;
+  virtual void load_slot(int slot, std::span<const uint8_t> bytes) = 0;  // throws on mismatch
+  virtual size_t slot_bytes(int slot) const = 0;  // memory held by the slot's state
+  // Runs the chunks; returns logits, vocab_size floats per requested row, chunk by chunk.
+  virtual std::vector<float> forward(std::span<const SeqChunk> chunks) = 0;
+};
+
+struct BackendOptions {
+  std::string kind = "auto";  // "auto" (CUDA when built and a GPU is present), "cpu", "cuda"
+  int n_slots = 4;
+  int n_threads = 0;  // CPU threads; 0: all cores
+};
+std::unique_ptr<Backend> make_backend(std::shared_ptr<const Model> model,
+                                      const BackendOptions& opts);
+bool cuda_available();  // built with CUDA and a device is present
+
+// Negative log-likelihoods (nats) of tokens[1..] given their prefix, the sequence run through a
+// fresh slot in prefill chunks of `chunk` tokens. Throws when no slot is free.
+std::vector<double> token_nlls(Backend& b, std::span<const int> tokens, int chunk);
+
+// Saves/loads a slot's state to a file (format: docs/FORMAT.md).
+void save_state_file(const Backend& b, int slot, const std::string& path);
+void load_state_file(Backend& b, int slot, const std::string& path);
+
+}  // namespace mp

@@ -1,0 +1,77 @@
+#include <cmath>
+#include <fstream>
+#include <iterator>
+
+#include "backend_cpu.h"
+
+namespace mp {
+
+#ifdef MULTIPOLE_HAVE_CUDA
+std::unique_ptr<Backend> make_cuda_backend(std::shared_ptr<const Model> model, int n_slots);
+bool cuda_device_present();
+bool cuda_available() { return cuda_device_present(); }
+#else
+bool cuda_available() { return false; }
+#endif
+
+std::unique_ptr<Backend> make_backend(std::shared_ptr<const Model> model,
+                                      const BackendOptions& opts) {
+  if (opts.kind == "cpu") return make_cpu_backend(std::move(model), opts.n_slots, opts.n_threads);
+  if (opts.kind != "auto" && opts.kind != "cuda")
+    throw Error("unknown backend '" + opts.kind + "' (expected auto, cpu or cuda)");
+#ifdef MULTIPOLE_HAVE_CUDA
+  if (cuda_available()) return make_cuda_backend(std::move(model), opts.n_slots);
+#endif
+  if (opts.kind == "cuda")
+    throw Error("backend 'cuda' asked for, but this build has no CUDA backend or no GPU is present");
+  return make_cpu_backend(std::move(model), opts.n_slots, opts.n_threads);
+}
+
+std::vector<double> token_nlls(Backend& b, std::span<const int> tokens, int chunk) {
+  if (chunk <= 0) throw Error("token_nlls: chunk must be positive");
+  const int slot = b.alloc_slot();
+  if (slot < 0) throw Error("token_nlls: no free slot");
+  const int V = b.config().vocab_size;
+  std::vector<double> nll;
+  try {
+    for (size_t i = 0; i + 1 < tokens.size(); i += chunk) {
+      // Feed tokens [i, i+n); their logits predict tokens [i+1, i+n].
+      const size_t n = std::min(tokens.size() - 1 - i, size_t(chunk));
+      SeqChunk c{slot, tokens.subspan(i, n), true};
+      const std::vector<float> logits = b.forward({&c, 1});
+      for (size_t t = 0; t < n; ++t) {
+        const auto row = std::span<const float>(logits).subspan(t * V, V);
+        double mx = -INFINITY, sum = 0;
+        for (float x : row) mx = std::max(mx, double(x));
+        for (float x : row) sum += std::exp(double(x) - mx);
+        nll.push_back(mx + std::log(sum) - row[tokens[i + t + 1]]);
+      }
+    }
+  } catch (...) {
+    b.free_slot(slot);
+    throw;
+  }
+  b.free_slot(slot);
+  return nll;
+}
+
+void save_state_file(const Backend& b, int slot, const std::string& path) {
+  const auto bytes = b.save_slot(slot);
+  const std::string tmp = path + ".tmp";
+  {
+    std::ofstream f(tmp, std::ios::binary);
+    if (!f) throw Error("cannot write '" + tmp + "'");
+    f.write(reinterpret_cast<const char*>(bytes.data()), static_cast<std::streamsize>(bytes.size()));
+    if (!f) throw Error("write to '" + tmp + "' failed");
+  }
+  if (std::rename(tmp.c_str(), path.c_str()) != 0) throw Error("cannot rename to '" + path + "'");
+}
+
+void load_state_file(Backend& b, int slot, const std::string& path) {
+  std::ifstream f(path, std::ios::binary);
+  if (!f) throw Error("cannot read '" + path + "'");
+  const std::vector<uint8_t> bytes((std::istreambuf_iterator<char>(f)), std::istreambuf_iterator<char>());
+  b.load_slot(slot, bytes);
+}
+
+}  // namespace mp

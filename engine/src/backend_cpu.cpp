@@ -1,0 +1,197 @@
+// The CPU backend: the reference implementation of the whole model, fp32, threaded with OpenMP.
+#include "backend_cpu.h"
+
+#include <omp.h>
+
+#include <set>
+
+#include "fma_cpu.h"
+#include "ops_cpu.h"
+
+namespace mp {
+
+void check_chunks(const Config& c, std::span<const SeqChunk> chunks, int n_slots,
+                  const std::vector<bool>& in_use) {
+  std::set<int> seen;
+  for (const auto& ch : chunks) {
+    if (ch.slot < 0 || ch.slot >= n_slots || !in_use[ch.slot])
+      throw Error("forward: slot " + std::to_string(ch.slot) + " is not allocated");
+    if (!seen.insert(ch.slot).second)
+      throw Error("forward: slot " + std::to_string(ch.slot) + " appears twice in one batch");
+    if (ch.tokens.empty()) throw Error("forward: empty chunk for slot " + std::to_string(ch.slot));
+    for (int id : ch.tokens)
+      if (id < 0 || id >= c.vocab_size)
+        throw Error("forward: token id " + std::to_string(id) + " is outside the vocabulary");
+  }
+}
+
+namespace {
+
+struct LayerWeights {
+  std::vector<float> attn_norm, wq, wk, wv, wo, ffn_norm, gate, up, down;
+  cpu::LayerDownsamplers ds;
+};
+
+class CpuBackend final : public Backend {
+ public:
+  CpuBackend(std::shared_ptr<const Model> model, int n_slots, int n_threads)
+      : model_(std::move(model)), c_(model_->config()), n_threads_(n_threads) {
+    if (n_slots <= 0) throw Error("backend: n_slots must be positive");
+    namespace tn = tensor_names;
+    const int64_t H = c_.hidden_size, V = c_.vocab_size, F = c_.intermediate_size;
+    const int64_t q = int64_t{c_.n_heads} * c_.head_dim, kv = int64_t{c_.n_kv_heads} * c_.head_dim;
+    embed_ = model_->tensor(tn::token_embd(), {V, H}).to_f32();
+    for (int i = 0; i < c_.n_layers; ++i) {
+      LayerWeights l;
+      l.attn_norm = model_->tensor(tn::layer(i, "attn_norm"), {H}).to_f32();
+      l.wq = model_->tensor(tn::layer(i, "attn_q"), {q, H}).to_f32();
+      l.wk = model_->tensor(tn::layer(i, "attn_k"), {kv, H}).to_f32();
+      l.wv = model_->tensor(tn::layer(i, "attn_v"), {kv, H}).to_f32();
+      l.wo = model_->tensor(tn::layer(i, "attn_output"), {H, q}).to_f32();
+      l.ffn_norm = model_->tensor(tn::layer(i, "ffn_norm"), {H}).to_f32();
+      l.gate = model_->tensor(tn::layer(i, "ffn_gate"), {F, H}).to_f32();
+      l.up = model_->tensor(tn::layer(i, "ffn_up"), {F, H}).to_f32();
+      l.down = model_->tensor(tn::layer(i, "ffn_down"), {H, F}).to_f32();
+      if (c_.fma_enabled) l.ds = cpu::make_layer_downsamplers(c_, *model_, i);
+      layers_.push_back(std::move(l));
+    }
+    out_norm_ = model_->tensor(tn::output_norm(), {H}).to_f32();
+    if (!c_.tie_word_embeddings) head_ = model_->tensor(tn::output(), {V, H}).to_f32();
+    slots_.assign(n_slots, cpu::make_seq_cache(c_));
+    in_use_.assign(n_slots, false);
+  }
+
+  std::string name() const override { return "cpu"; }
+  const Config& config() const override { return c_; }
+  int n_slots() const override { return static_cast<int>(slots_.size()); }
+
+  int alloc_slot() override {
+    for (size_t i = 0; i < slots_.size(); ++i)
+      if (!in_use_[i]) {
+        in_use_[i] = true;
+        cpu::reset_seq_cache(c_, slots_[i]);
+        return static_cast<int>(i);
+      }
+    return -1;
+  }
+  void free_slot(int s) override { in_use_.at(check(s)) = false; }
+  void reset_slot(int s) override { cpu::reset_seq_cache(c_, slots_[check(s)]); }
+  void copy_slot(int src, int dst) override { slots_[check(dst)] = slots_[check(src)]; }
+  int64_t slot_pos(int s) const override { return slots_[check(s)].pos; }
+  std::vector<uint8_t> save_slot(int s) const override {
+    return cpu::serialize(c_, slots_[check(s)]);
+  }
+  void load_slot(int s, std::span<const uint8_t> bytes) override {
+    cpu::deserialize(c_, bytes, slots_[check(s)]);
+  }
+  size_t slot_bytes(int s) const override { return cpu::seq_cache_bytes(slots_[check(s)]); }
+
+  std::vector<float> forward(std::span<const SeqChunk> chunks) override {
+    check_chunks(c_, chunks, n_slots(), in_use_);
+    const int prev_threads = omp_get_max_threads();
+    if (n_threads_ > 0) omp_set_num_threads(n_threads_);
+    std::vector<float> logits = run(chunks);
+    if (n_threads_ > 0) omp_set_num_threads(prev_threads);
+    return logits;
+  }
+
+ private:
+  int check(int s) const {
+    if (s < 0 || s >= n_slots()) throw Error("slot " + std::to_string(s) + " does not exist");
+    return s;
+  }
+
+  std::vector<float> run(std::span<const SeqChunk> chunks) {
+    const int H = c_.hidden_size, d = c_.head_dim, nh = c_.n_heads, nkv = c_.n_kv_heads;
+    const int F = c_.intermediate_size, V = c_.vocab_size;
+    std::vector<int> row0;  // first row of each chunk
+    int T = 0;
+    for (const auto& ch : chunks) {
+      row0.push_back(T);
+      T += static_cast<int>(ch.tokens.size());
+    }
+    std::vector<float> x(size_t(T) * H), h(size_t(T) * H), q(size_t(T) * nh * d),
+        k(size_t(T) * nkv * d), v(size_t(T) * nkv * d), att(size_t(T) * nh * d),
+        g(size_t(T) * F), u(size_t(T) * F);
+    for (size_t c = 0; c < chunks.size(); ++c)
+      for (size_t t = 0; t < chunks[c].tokens.size(); ++t)
+        std::copy_n(embed_.data() + size_t(chunks[c].tokens[t]) * H, H,
+                    x.data() + (row0[c] + t) * H);
+
+    // (chunk, token, head) work items for the attention, in parallel over all of them.
+    std::vector<std::array<int, 3>> items;
+    for (size_t c = 0; c < chunks.size(); ++c)
+      for (int t = 0; t < static_cast<int>(chunks[c].tokens.size()); ++t)
+        for (int hd = 0; hd < nh; ++hd) items.push_back({static_cast<int>(c), t, hd});
+
+    for (int li = 0; li < c_.n_layers; ++li) {
+      const LayerWeights& w = layers_[li];
+      cpu::rmsnorm(x.data(), w.attn_norm.data(), T, H, c_.rms_norm_eps, h.data());
+      cpu::matmul(h.data(), T, H, w.wq.data(), nh * d, q.data());
+      cpu::matmul(h.data(), T, H, w.wk.data(), nkv * d, k.data());
+      cpu::matmul(h.data(), T, H, w.wv.data(), nkv * d, v.data());
+      std::vector<cpu::ChunkAttention> ca;
+      ca.reserve(chunks.size());
+      for (size_t c = 0; c < chunks.size(); ++c) {
+        const int n = static_cast<int>(chunks[c].tokens.size());
+        const int64_t pos0 = slots_[chunks[c].slot].pos;
+        cpu::rope(q.data() + size_t(row0[c]) * nh * d, n, nh, d, pos0, c_.rope_theta);
+        cpu::rope(k.data() + size_t(row0[c]) * nkv * d, n, nkv, d, pos0, c_.rope_theta);
+        ca.emplace_back(c_, w.ds, slots_[chunks[c].slot].layers[li], pos0, n,
+                        q.data() + size_t(row0[c]) * nh * d, k.data() + size_t(row0[c]) * nkv * d,
+                        v.data() + size_t(row0[c]) * nkv * d);
+      }
+#pragma omp parallel
+      {
+        std::vector<float> scratch;
+#pragma omp for schedule(dynamic, 8)
+        for (size_t it = 0; it < items.size(); ++it) {
+          const auto [c, t, hd] = items[it];
+          ca[c].attend(t, hd, att.data() + (size_t(row0[c] + t) * nh + hd) * d, scratch);
+        }
+      }
+      for (auto& a : ca) a.commit();
+      cpu::matmul(att.data(), T, nh * d, w.wo.data(), H, h.data());
+      for (size_t i = 0; i < x.size(); ++i) x[i] += h[i];
+      cpu::rmsnorm(x.data(), w.ffn_norm.data(), T, H, c_.rms_norm_eps, h.data());
+      cpu::matmul(h.data(), T, H, w.gate.data(), F, g.data());
+      cpu::matmul(h.data(), T, H, w.up.data(), F, u.data());
+      cpu::swiglu(g.data(), u.data(), int64_t(T) * F);
+      cpu::matmul(g.data(), T, F, w.down.data(), H, h.data());
+      for (size_t i = 0; i < x.size(); ++i) x[i] += h[i];
+    }
+    for (const auto& ch : chunks) slots_[ch.slot].pos += static_cast<int64_t>(ch.tokens.size());
+
+    // Logits for the rows asked for.
+    std::vector<int> rows;
+    for (size_t c = 0; c < chunks.size(); ++c) {
+      const int n = static_cast<int>(chunks[c].tokens.size());
+      for (int t = chunks[c].all_logits ? 0 : n - 1; t < n; ++t) rows.push_back(row0[c] + t);
+    }
+    std::vector<float> sel(rows.size() * H);
+    for (size_t r = 0; r < rows.size(); ++r)
+      cpu::rmsnorm(x.data() + size_t(rows[r]) * H, out_norm_.data(), 1, H, c_.rms_norm_eps,
+                   sel.data() + r * H);
+    std::vector<float> logits(rows.size() * size_t(V));
+    const auto& head = c_.tie_word_embeddings ? embed_ : head_;
+    cpu::matmul(sel.data(), static_cast<int>(rows.size()), H, head.data(), V, logits.data());
+    return logits;
+  }
+
+  std::shared_ptr<const Model> model_;
+  const Config& c_;
+  int n_threads_;
+  std::vector<float> embed_, out_norm_, head_;
+  std::vector<LayerWeights> layers_;
+  std::vector<cpu::SeqCache> slots_;
+  std::vector<bool> in_use_;
+};
+
+}  // namespace
+
+std::unique_ptr<Backend> make_cpu_backend(std::shared_ptr<const Model> model, int n_slots,
+                                          int n_threads) {
+  return std::make_unique<CpuBackend>(std::move(model), n_slots, n_threads);
+}
+
+}  // namespace mp

@@ -1,0 +1,240 @@
+#include <cmath>
+#include <nlohmann/json.hpp>
+#include <sstream>
+
+#include "format.h"
+
+namespace mp {
+
+std::string_view to_string(Downsampling d) {
+  switch (d) {
+    case Downsampling::GroupedConv: return "groupedconv";
+    case Downsampling::Conv: return "conv";
+    case Downsampling::AvgPool: return "avgpool";
+  }
+  return "?";
+}
+
+Downsampling parse_downsampling(std::string_view s) {
+  if (s == "groupedconv") return Downsampling::GroupedConv;
+  if (s == "conv") return Downsampling::Conv;
+  if (s == "avgpool") return Downsampling::AvgPool;
+  throw Error("unknown FMA downsampling '" + std::string(s) +
+              "' (expected groupedconv, conv or avgpool)");
+}
+
+std::string_view to_string(DType t) {
+  switch (t) {
+    case DType::F32: return "f32";
+    case DType::F16: return "f16";
+    case DType::BF16: return "bf16";
+  }
+  return "?";
+}
+
+DType parse_dtype(std::string_view s) {
+  if (s == "f32") return DType::F32;
+  if (s == "f16") return DType::F16;
+  if (s == "bf16") return DType::BF16;
+  throw Error("unknown dtype '" + std::string(s) + "' (expected f32, f16 or bf16)");
+}
+
+size_t dtype_size(DType t) { return t == DType::F32 ? 4 : 2; }
+
+int Config::n_levels() const {
+  if (!fma_enabled) return 0;
+  return static_cast<int>(std::lround(std::log2(static_cast<double>(n_ctx_train) / fma_block_size))) - 1;
+}
+
+int Config::group_size(int level) const { return fma_block_size << (level - 1); }
+
+void Config::validate() const {
+  auto need = [](bool ok, const std::string& what) {
+    if (!ok) throw Error("invalid model config: " + what);
+  };
+  need(vocab_size > 0, "vocab_size must be positive");
+  need(hidden_size > 0, "hidden_size must be positive");
+  need(n_layers > 0, "num_hidden_layers must be positive");
+  need(n_heads > 0, "num_attention_heads must be positive");
+  need(n_kv_heads > 0 && n_heads % n_kv_heads == 0,
+       "num_key_value_heads must divide num_attention_heads");
+  need(head_dim > 0 && head_dim % 2 == 0, "head_dim must be positive and even");
+  need(intermediate_size > 0, "intermediate_size must be positive");
+  need(rms_norm_eps > 0, "rms_norm_eps must be positive");
+  need(rope_theta > 0, "rope_theta must be positive");
+  need(n_ctx_train > 0, "max_position_embeddings must be positive");
+  need(bos_token_id >= 0 && bos_token_id < vocab_size, "bos_token_id out of range");
+  need(eos_token_id >= 0 && eos_token_id < vocab_size, "eos_token_id out of range");
+  if (!fma_enabled) return;
+  need(fma_block_size > 0, "fma_block_size must be positive");
+  need(fma_rank > 0, "fma_rank must be positive");
+  need(n_ctx_train % fma_block_size == 0, "max_position_embeddings must be a multiple of fma_block_size");
+  const int64_t ratio = n_ctx_train / fma_block_size;
+  need(ratio >= 4 && (ratio & (ratio - 1)) == 0,
+       "max_position_embeddings / fma_block_size must be a power of two >= 4");
+  if (fma_downsampling == Downsampling::AvgPool)
+    need(fma_block_size % fma_rank == 0, "avgpool needs fma_rank to divide fma_block_size");
+}
+
+std::string Config::summary() const {
+  std::ostringstream o;
+  o << "vocab " << vocab_size << ", hidden " << hidden_size << ", layers " << n_layers
+    << ", heads " << n_heads << "/" << n_kv_heads << " x " << head_dim << ", ffn "
+    << intermediate_size << ", n " << n_ctx_train;
+  if (fma_enabled)
+    o << ", FMA m=" << fma_block_size << " p=" << fma_rank << " L=" << n_levels() << " "
+      << to_string(fma_downsampling) << (fma_scale_attn ? " scaled" : "");
+  else
+    o << ", exact attention";
+  return o.str();
+}
+
+Config config_from_hf_json(const std::string& text) {
+  nlohmann::json j;
+  try {
+    j = nlohmann::json::parse(text);
+  } catch (const std::exception& e) {
+    throw Error(std::string("config.json is not valid JSON: ") + e.what());
+  }
+  auto get = [&](const char* key, auto fallback, bool required) {
+    using T = decltype(fallback);
+    if (!j.contains(key) || j[key].is_null()) {
+      if (required) throw Error(std::string("config.json: missing key '") + key + "'");
+      return fallback;
+    }
+    try {
+      return j[key].get<T>();
+    } catch (const std::exception&) {
+      throw Error(std::string("config.json: key '") + key + "' has the wrong type");
+    }
+  };
+  Config c;
+  c.vocab_size = get("vocab_size", 0, true);
+  c.hidden_size = get("hidden_size", 0, true);
+  c.n_layers = get("num_hidden_layers", 0, true);
+  c.n_heads = get("num_attention_heads", 0, true);
+  c.n_kv_heads = get("num_key_value_heads", c.n_heads, false);
+  c.head_dim = get("head_dim", c.n_heads > 0 ? c.hidden_size / c.n_heads : 0, false);
+  c.intermediate_size = get("intermediate_size", 0, true);
+  c.rms_norm_eps = get("rms_norm_eps", 1e-5f, false);
+  c.rope_theta = get("rope_theta", 10000.0f, false);
+  c.tie_word_embeddings = get("tie_word_embeddings", false, false);
+  c.n_ctx_train = get("max_position_embeddings", int64_t{0}, true);
+  c.fma_enabled = get("fma_enabled", true, false);
+  c.fma_block_size = get("fma_block_size", 0, c.fma_enabled);
+  c.fma_rank = get("fma_rank", 0, c.fma_enabled);
+  c.fma_downsampling = parse_downsampling(get("fma_downsampling", std::string("groupedconv"), false));
+  c.fma_scale_attn = get("fma_scale_attn", true, false);
+  c.bos_token_id = get("bos_token_id", 1, false);
+  c.eos_token_id = get("eos_token_id", 2, false);
+  c.add_bos = get("add_bos_token", true, false);
+  c.validate();
+  return c;
+}
+
+std::map<std::string, gguf::Value> config_to_gguf(const Config& c) {
+  using gguf::Value;
+  const std::string a = kArchitecture;
+  return {
+      {"general.architecture", Value::str(a)},
+      {a + ".vocab_size", Value::u32(c.vocab_size)},
+      {a + ".embedding_length", Value::u32(c.hidden_size)},
+      {a + ".block_count", Value::u32(c.n_layers)},
+      {a + ".attention.head_count", Value::u32(c.n_heads)},
+      {a + ".attention.head_count_kv", Value::u32(c.n_kv_heads)},
+      {a + ".attention.key_length", Value::u32(c.head_dim)},
+      {a + ".feed_forward_length", Value::u32(c.intermediate_size)},
+      {a + ".attention.layer_norm_rms_epsilon", Value::f32(c.rms_norm_eps)},
+      {a + ".rope.freq_base", Value::f32(c.rope_theta)},
+      {a + ".tie_word_embeddings", Value::boolean(c.tie_word_embeddings)},
+      {a + ".context_length", Value::u32(static_cast<uint32_t>(c.n_ctx_train))},
+      {a + ".enabled", Value::boolean(c.fma_enabled)},
+      {a + ".block_size", Value::u32(c.fma_block_size)},
+      {a + ".rank", Value::u32(c.fma_rank)},
+      {a + ".downsampling", Value::str(std::string(to_string(c.fma_downsampling)))},
+      {a + ".scale_attn", Value::boolean(c.fma_scale_attn)},
+      {"tokenizer.ggml.bos_token_id", Value::u32(c.bos_token_id)},
+      {"tokenizer.ggml.eos_token_id", Value::u32(c.eos_token_id)},
+      {"tokenizer.ggml.add_bos_token", Value::boolean(c.add_bos)},
+  };
+}
+
+Config config_from_gguf(const gguf::File& f) {
+  const std::string arch = f.get_string("general.architecture");
+  if (arch != kArchitecture)
+    throw Error("model file: general.architecture is '" + arch + "', expected 'fma'");
+  const std::string a = arch;
+  auto u = [&](const std::string& k) { return static_cast<int>(f.get_uint(a + k)); };
+  Config c;
+  c.vocab_size = u(".vocab_size");
+  c.hidden_size = u(".embedding_length");
+  c.n_layers = u(".block_count");
+  c.n_heads = u(".attention.head_count");
+  c.n_kv_heads = u(".attention.head_count_kv");
+  c.head_dim = u(".attention.key_length");
+  c.intermediate_size = u(".feed_forward_length");
+  c.rms_norm_eps = static_cast<float>(f.get_float(a + ".attention.layer_norm_rms_epsilon"));
+  c.rope_theta = static_cast<float>(f.get_float(a + ".rope.freq_base"));
+  c.tie_word_embeddings = f.get_bool(a + ".tie_word_embeddings");
+  c.n_ctx_train = static_cast<int64_t>(f.get_uint(a + ".context_length"));
+  c.fma_enabled = f.get_bool(a + ".enabled");
+  c.fma_block_size = u(".block_size");
+  c.fma_rank = u(".rank");
+  c.fma_downsampling = parse_downsampling(f.get_string(a + ".downsampling"));
+  c.fma_scale_attn = f.get_bool(a + ".scale_attn");
+  c.bos_token_id = static_cast<int>(f.get_uint("tokenizer.ggml.bos_token_id"));
+  c.eos_token_id = static_cast<int>(f.get_uint("tokenizer.ggml.eos_token_id"));
+  c.add_bos = f.get_bool("tokenizer.ggml.add_bos_token");
+  c.validate();
+  return c;
+}
+
+namespace tensor_names {
+std::string token_embd() { return "token_embd.weight"; }
+std::string output_norm() { return "output_norm.weight"; }
+std::string output() { return "output.weight"; }
+std::string layer(int layer, std::string_view what) {
+  return "blk." + std::to_string(layer) + "." + std::string(what) + ".weight";
+}
+std::string fma_down(int layer, char kv, int level, bool bias) {
+  return "blk." + std::to_string(layer) + ".fma_" + kv + "_down." + std::to_string(level - 1) +
+         (bias ? ".bias" : ".weight");
+}
+}  // namespace tensor_names
+
+std::vector<TensorSpec> expected_tensors(const Config& c) {
+  namespace tn = tensor_names;
+  const int64_t H = c.hidden_size, V = c.vocab_size, F = c.intermediate_size, d = c.head_dim;
+  const int64_t q = int64_t{c.n_heads} * d, kv = int64_t{c.n_kv_heads} * d;
+  std::vector<TensorSpec> out;
+  out.push_back({tn::token_embd(), "model.embed_tokens.weight", {V, H}});
+  for (int i = 0; i < c.n_layers; ++i) {
+    const std::string hf = "model.layers." + std::to_string(i) + ".";
+    out.push_back({tn::layer(i, "attn_norm"), hf + "input_layernorm.weight", {H}});
+    out.push_back({tn::layer(i, "attn_q"), hf + "self_attn.q_proj.weight", {q, H}});
+    out.push_back({tn::layer(i, "attn_k"), hf + "self_attn.k_proj.weight", {kv, H}});
+    out.push_back({tn::layer(i, "attn_v"), hf + "self_attn.v_proj.weight", {kv, H}});
+    out.push_back({tn::layer(i, "attn_output"), hf + "self_attn.o_proj.weight", {H, q}});
+    if (c.fma_enabled && c.fma_downsampling != Downsampling::AvgPool) {
+      const int64_t in = c.fma_downsampling == Downsampling::Conv ? d : 1;
+      for (int l = 1; l <= c.n_levels(); ++l) {
+        for (char which : {'k', 'v'}) {
+          const std::string base =
+              hf + "self_attn.fma." + which + "_down." + std::to_string(l - 1);
+          out.push_back({tn::fma_down(i, which, l, false), base + ".weight",
+                         {d * c.fma_rank, in, c.group_size(l)}});
+          out.push_back({tn::fma_down(i, which, l, true), base + ".bias", {d * c.fma_rank}});
+        }
+      }
+    }
+    out.push_back({tn::layer(i, "ffn_norm"), hf + "post_attention_layernorm.weight", {H}});
+    out.push_back({tn::layer(i, "ffn_gate"), hf + "mlp.gate_proj.weight", {F, H}});
+    out.push_back({tn::layer(i, "ffn_up"), hf + "mlp.up_proj.weight", {F, H}});
+    out.push_back({tn::layer(i, "ffn_down"), hf + "mlp.down_proj.weight", {H, F}});
+  }
+  out.push_back({tn::output_norm(), "model.norm.weight", {H}});
+  if (!c.tie_word_embeddings) out.push_back({tn::output(), "lm_head.weight", {V, H}});
+  return out;
+}
+
+}  // namespace mp

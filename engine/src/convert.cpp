@@ -1,0 +1,200 @@
+// Hugging Face folder (config.json, safetensors, tokenizer.model) -> GGUF.
+#include <fcntl.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <map>
+#include <nlohmann/json.hpp>
+#include <set>
+#include <sstream>
+
+#include "format.h"
+#include "numeric.h"
+
+namespace mp {
+namespace {
+
+namespace fs = std::filesystem;
+
+std::string read_file(const fs::path& p) {
+  std::ifstream f(p, std::ios::binary);
+  if (!f) throw Error("cannot read '" + p.string() + "'");
+  std::ostringstream s;
+  s << f.rdbuf();
+  return s.str();
+}
+
+// One mmap-ed safetensors file and the tensors its header lists.
+class SafetensorsFile {
+ public:
+  explicit SafetensorsFile(const fs::path& path) : path_(path.string()) {
+    const int fd = ::open(path_.c_str(), O_RDONLY);
+    if (fd < 0) throw Error("cannot open '" + path_ + "': " + std::strerror(errno));
+    struct stat st {};
+    fstat(fd, &st);
+    size_ = static_cast<size_t>(st.st_size);
+    if (size_ < 8) {
+      ::close(fd);
+      throw Error("'" + path_ + "' is too short to be safetensors (truncated?)");
+    }
+    addr_ = mmap(nullptr, size_, PROT_READ, MAP_PRIVATE, fd, 0);
+    ::close(fd);
+    if (addr_ == MAP_FAILED) throw Error("cannot mmap '" + path_ + "'");
+    const auto* base = static_cast<const uint8_t*>(addr_);
+    uint64_t hlen;
+    std::memcpy(&hlen, base, 8);
+    if (hlen > size_ - 8)
+      throw Error("'" + path_ + "': header length " + std::to_string(hlen) +
+                  " runs past the end of the file (truncated?)");
+    nlohmann::json h;
+    try {
+      h = nlohmann::json::parse(base + 8, base + 8 + hlen);
+    } catch (const std::exception& e) {
+      throw Error("'" + path_ + "': bad safetensors header: " + e.what());
+    }
+    const uint8_t* data = base + 8 + hlen;
+    const size_t data_size = size_ - 8 - hlen;
+    for (auto& [name, info] : h.items()) {
+      if (name == "__metadata__") continue;
+      TensorView t;
+      t.name = name;
+      try {
+        const std::string dt = info.at("dtype").get<std::string>();
+        if (dt == "F32") t.dtype = DType::F32;
+        else if (dt == "F16") t.dtype = DType::F16;
+        else if (dt == "BF16") t.dtype = DType::BF16;
+        else throw Error("'" + path_ + "': tensor '" + name + "' has unsupported dtype " + dt);
+        t.shape = info.at("shape").get<std::vector<int64_t>>();
+        const auto off = info.at("data_offsets").get<std::vector<uint64_t>>();
+        if (off.size() != 2 || off[0] > off[1] || off[1] > data_size)
+          throw Error("'" + path_ + "': tensor '" + name +
+                      "' data_offsets lie outside the file (truncated?)");
+        for (auto d : t.shape)
+          if (d < 0) throw Error("'" + path_ + "': tensor '" + name + "' has a negative dim");
+        if (off[1] - off[0] != t.nbytes())
+          throw Error("'" + path_ + "': tensor '" + name + "' holds " +
+                      std::to_string(off[1] - off[0]) + " bytes, its shape needs " +
+                      std::to_string(t.nbytes()));
+        t.data = data + off[0];
+      } catch (const nlohmann::json::exception& e) {
+        throw Error("'" + path_ + "': bad header entry for '" + name + "': " + e.what());
+      }
+      tensors_.emplace(name, std::move(t));
+    }
+  }
+  ~SafetensorsFile() {
+    if (addr_ != MAP_FAILED) munmap(addr_, size_);
+  }
+  SafetensorsFile(const SafetensorsFile&) = delete;
+  SafetensorsFile& operator=(const SafetensorsFile&) = delete;
+  const std::map<std::string, TensorView>& tensors() const { return tensors_; }
+
+ private:
+  std::string path_;
+  void* addr_ = MAP_FAILED;
+  size_t size_ = 0;
+  std::map<std::string, TensorView> tensors_;
+};
+
+std::string shape_str(const std::vector<int64_t>& s) {
+  std::string o = "[";
+  for (size_t i = 0; i < s.size(); ++i) o += (i ? ", " : "") + std::to_string(s[i]);
+  return o + "]";
+}
+
+void append_converted(const TensorView& src, DType dst, std::vector<uint8_t>& out) {
+  const std::vector<float> f = src.to_f32();
+  const size_t at = out.size();
+  out.resize(at + f.size() * dtype_size(dst));
+  uint8_t* p = out.data() + at;
+  switch (dst) {
+    case DType::F32: std::memcpy(p, f.data(), f.size() * 4); break;
+    case DType::F16:
+      for (size_t i = 0; i < f.size(); ++i) {
+        const uint16_t h = f32_to_f16(f[i]);
+        std::memcpy(p + 2 * i, &h, 2);
+      }
+      break;
+    case DType::BF16:
+      for (size_t i = 0; i < f.size(); ++i) {
+        const uint16_t h = f32_to_bf16(f[i]);
+        std::memcpy(p + 2 * i, &h, 2);
+      }
+      break;
+  }
+}
+
+}  // namespace
+
+void convert_hf_to_gguf(const std::string& hf_dir, const std::string& out_path,
+                        const ConvertOptions& opts) {
+  const fs::path dir(hf_dir);
+  if (!fs::is_directory(dir)) throw Error("'" + hf_dir + "' is not a directory");
+  if (fs::exists(out_path) && !opts.overwrite)
+    throw Error("'" + out_path + "' exists; pass --force to overwrite it");
+  const Config cfg = config_from_hf_json(read_file(dir / "config.json"));
+  const std::string spm = read_file(dir / "tokenizer.model");
+  Tokenizer check_tokenizer(spm, cfg);  // refuses a tokenizer that does not load or fit
+
+  std::vector<std::unique_ptr<SafetensorsFile>> shards;
+  if (fs::exists(dir / "model.safetensors.index.json")) {
+    nlohmann::json idx;
+    try {
+      idx = nlohmann::json::parse(read_file(dir / "model.safetensors.index.json"));
+    } catch (const std::exception& e) {
+      throw Error(std::string("model.safetensors.index.json: ") + e.what());
+    }
+    std::set<std::string> files;
+    if (!idx.contains("weight_map") || !idx["weight_map"].is_object())
+      throw Error("model.safetensors.index.json has no weight_map");
+    for (auto& [k, v] : idx["weight_map"].items()) files.insert(v.get<std::string>());
+    for (const auto& f : files) {
+      if (f.find('/') != std::string::npos || f.find("..") != std::string::npos)
+        throw Error("model.safetensors.index.json names an unsafe shard path '" + f + "'");
+      shards.push_back(std::make_unique<SafetensorsFile>(dir / f));
+    }
+  } else {
+    shards.push_back(std::make_unique<SafetensorsFile>(dir / "model.safetensors"));
+  }
+  std::map<std::string, const TensorView*> by_name;
+  for (const auto& s : shards)
+    for (const auto& [name, t] : s->tensors()) by_name[name] = &t;
+
+  // Check everything before writing anything.
+  std::vector<gguf::TensorOut> outs;
+  for (const auto& spec : expected_tensors(cfg)) {
+    auto it = by_name.find(spec.hf_name);
+    if (it == by_name.end())
+      throw Error("checkpoint: tensor '" + spec.hf_name + "' (shape " + shape_str(spec.shape) +
+                  ") is missing");
+    const TensorView* src = it->second;
+    if (src->shape != spec.shape)
+      throw Error("checkpoint: tensor '" + spec.hf_name + "' has shape " + shape_str(src->shape) +
+                  ", the config needs " + shape_str(spec.shape));
+    // Norm weights and biases are tiny and precision-sensitive: they stay f32.
+    const DType dt = spec.shape.size() == 1 ? DType::F32 : opts.dtype;
+    outs.push_back({spec.name, spec.shape, dt,
+                    [src, dt](std::vector<uint8_t>& out) { append_converted(*src, dt, out); }});
+  }
+  auto kv = config_to_gguf(cfg);
+  kv["general.name"] = gguf::Value::str(dir.filename().string());
+  kv["general.file_type"] = gguf::Value::str(std::string(to_string(opts.dtype)));
+  kv[kTokenizerKey] = gguf::Value::bytes(spm);
+
+  const std::string tmp = out_path + ".tmp";
+  try {
+    gguf::write(tmp, kv, outs, opts.progress);
+  } catch (...) {
+    std::error_code ec;
+    fs::remove(tmp, ec);
+    throw;
+  }
+  fs::rename(tmp, out_path);
+}
+
+}  // namespace mp

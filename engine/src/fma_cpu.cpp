@@ -1,0 +1,354 @@
+#include "fma_cpu.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+
+#include "numeric.h"
+
+namespace mp::cpu {
+
+Downsampler make_downsampler(const Config& c, int level, std::span<const float> weight,
+                             std::span<const float> bias) {
+  const int p = c.fma_rank, d = c.head_dim, w = c.group_size(level);
+  Downsampler ds;
+  ds.group = w;
+  if (c.fma_downsampling == Downsampling::AvgPool) return ds;
+  ds.in = c.fma_downsampling == Downsampling::Conv ? d : 1;
+  ds.weight.resize(size_t(w) * p * d * ds.in);
+  ds.bias.resize(size_t(p) * d);
+  for (int ch = 0; ch < d; ++ch)
+    for (int r = 0; r < p; ++r) {
+      const int oc = ch * p + r;  // the conv's output channel
+      ds.bias[r * d + ch] = bias[oc];
+      for (int i = 0; i < ds.in; ++i)
+        for (int t = 0; t < w; ++t)
+          ds.weight[(size_t(t) * p * d + r * d + ch) * ds.in + i] =
+              weight[(size_t(oc) * ds.in + i) * w + t];
+    }
+  return ds;
+}
+
+LayerDownsamplers make_layer_downsamplers(const Config& c, const Model& m, int layer) {
+  LayerDownsamplers out;
+  const bool weighted = c.fma_downsampling != Downsampling::AvgPool;
+  const int64_t pd = int64_t{c.fma_rank} * c.head_dim;
+  const int64_t in = c.fma_downsampling == Downsampling::Conv ? c.head_dim : 1;
+  for (int l = 1; l <= c.n_levels(); ++l)
+    for (char which : {'k', 'v'}) {
+      std::vector<float> w, b;
+      if (weighted) {
+        w = m.tensor(tensor_names::fma_down(layer, which, l, false), {pd, in, c.group_size(l)})
+                .to_f32();
+        b = m.tensor(tensor_names::fma_down(layer, which, l, true), {pd}).to_f32();
+      }
+      (which == 'k' ? out.k : out.v).push_back(make_downsampler(c, l, w, b));
+    }
+  return out;
+}
+
+void add_to_summary(const Config& c, const Downsampler& ds, int level, int t_in_group,
+                    const float* x, float* acc) {
+  const int p = c.fma_rank, d = c.head_dim;
+  if (c.fma_downsampling == Downsampling::AvgPool) {
+    const int span = c.group_size(level) / p;
+    const int r = t_in_group / span;
+    const float inv = 1.0f / static_cast<float>(span);
+    for (int ch = 0; ch < d; ++ch) acc[r * d + ch] += x[ch] * inv;
+    return;
+  }
+  const float* w = ds.weight.data() + size_t(t_in_group) * p * d * ds.in;
+  if (ds.in == 1) {
+    for (int r = 0; r < p; ++r)
+      for (int ch = 0; ch < d; ++ch) acc[r * d + ch] += w[r * d + ch] * x[ch];
+  } else {
+    for (int o = 0; o < p * d; ++o) acc[o] += dot(w + size_t(o) * d, x, d);
+  }
+}
+
+void finish_summary(const Config& c, const Downsampler& ds, const float* acc, float* summary) {
+  const int pd = c.fma_rank * c.head_dim;
+  for (int o = 0; o < pd; ++o) summary[o] = acc[o] + (ds.bias.empty() ? 0.0f : ds.bias[o]);
+}
+
+int64_t fine_capacity(const Config& c) { return c.fma_enabled ? 2 * int64_t{c.fma_block_size} : 0; }
+
+SeqCache make_seq_cache(const Config& c) {
+  SeqCache s;
+  s.layers.resize(c.n_layers);
+  const size_t kvd = size_t(c.n_kv_heads) * c.head_dim;
+  const size_t L = c.n_levels(), pd = size_t(c.fma_rank) * c.head_dim;
+  for (auto& l : s.layers) {
+    l.fine_k.resize(fine_capacity(c) * kvd);
+    l.fine_v.resize(fine_capacity(c) * kvd);
+    l.sum_k.resize(L * 3 * c.n_kv_heads * pd);
+    l.sum_v.resize(l.sum_k.size());
+    l.sum_group.assign(L * 3, -1);
+    l.acc_k.resize(L * c.n_kv_heads * pd);
+    l.acc_v.resize(l.acc_k.size());
+  }
+  return s;
+}
+
+void reset_seq_cache(const Config& c, SeqCache& s) {
+  s.pos = 0;
+  for (auto& l : s.layers) {
+    if (!c.fma_enabled) {
+      l.fine_k.clear();
+      l.fine_v.clear();
+    }
+    std::fill(l.sum_group.begin(), l.sum_group.end(), -1);
+    std::fill(l.acc_k.begin(), l.acc_k.end(), 0.0f);
+    std::fill(l.acc_v.begin(), l.acc_v.end(), 0.0f);
+  }
+}
+
+size_t seq_cache_bytes(const SeqCache& s) {
+  size_t n = 0;
+  for (const auto& l : s.layers)
+    n += 4 * (l.fine_k.size() + l.fine_v.size() + l.sum_k.size() + l.sum_v.size() +
+              l.acc_k.size() + l.acc_v.size()) +
+         8 * l.sum_group.size();
+  return n;
+}
+
+namespace {
+constexpr uint32_t kStateMagic = 0x5453504d;  // "MPST"
+constexpr uint32_t kStateVersion = 1;
+
+std::vector<int64_t> fingerprint(const Config& c) {
+  return {c.n_layers, c.n_kv_heads, c.head_dim, c.fma_enabled, c.fma_block_size, c.fma_rank,
+          c.n_levels()};
+}
+
+template <class T>
+void put_vec(std::vector<uint8_t>& out, const std::vector<T>& v) {
+  const uint64_t n = v.size();
+  const auto* p = reinterpret_cast<const uint8_t*>(&n);
+  out.insert(out.end(), p, p + 8);
+  const auto* d = reinterpret_cast<const uint8_t*>(v.data());
+  out.insert(out.end(), d, d + n * sizeof(T));
+}
+
+class Reader {
+ public:
+  explicit Reader(std::span<const uint8_t> b) : b_(b) {}
+  void raw(void* dst, size_t n) {
+    if (n > b_.size() - pos_) throw Error("sequence state: truncated at byte " + std::to_string(pos_));
+    std::memcpy(dst, b_.data() + pos_, n);
+    pos_ += n;
+  }
+  template <class T>
+  void vec(std::vector<T>& v, size_t expected) {
+    uint64_t n;
+    raw(&n, 8);
+    if (n != expected)
+      throw Error("sequence state: a block holds " + std::to_string(n) + " values, expected " +
+                  std::to_string(expected) + " (state of another model?)");
+    v.resize(n);
+    raw(v.data(), n * sizeof(T));
+  }
+  bool done() const { return pos_ == b_.size(); }
+
+ private:
+  std::span<const uint8_t> b_;
+  size_t pos_ = 0;
+};
+}  // namespace
+
+std::vector<uint8_t> serialize(const Config& c, const SeqCache& s) {
+  std::vector<uint8_t> out;
+  std::vector<int64_t> head = {kStateMagic, kStateVersion, s.pos};
+  const auto fp = fingerprint(c);
+  head.insert(head.end(), fp.begin(), fp.end());
+  put_vec(out, head);
+  for (const auto& l : s.layers) {
+    put_vec(out, l.fine_k);
+    put_vec(out, l.fine_v);
+    put_vec(out, l.sum_k);
+    put_vec(out, l.sum_v);
+    put_vec(out, l.sum_group);
+    put_vec(out, l.acc_k);
+    put_vec(out, l.acc_v);
+  }
+  return out;
+}
+
+void deserialize(const Config& c, std::span<const uint8_t> bytes, SeqCache& s) {
+  Reader r(bytes);
+  std::vector<int64_t> head;
+  const auto fp = fingerprint(c);
+  r.vec(head, 3 + fp.size());
+  if (head[0] != kStateMagic) throw Error("sequence state: bad magic");
+  if (head[1] != kStateVersion)
+    throw Error("sequence state: version " + std::to_string(head[1]) + " is not supported");
+  if (!std::equal(fp.begin(), fp.end(), head.begin() + 3))
+    throw Error("sequence state: saved for a model of another shape");
+  SeqCache fresh = make_seq_cache(c);
+  fresh.pos = head[2];
+  if (fresh.pos < 0) throw Error("sequence state: negative position");
+  const size_t kvd = size_t(c.n_kv_heads) * c.head_dim;
+  const size_t fine = c.fma_enabled ? fine_capacity(c) * kvd : size_t(fresh.pos) * kvd;
+  for (auto& l : fresh.layers) {
+    r.vec(l.fine_k, fine);
+    r.vec(l.fine_v, fine);
+    r.vec(l.sum_k, l.sum_k.size());
+    r.vec(l.sum_v, l.sum_v.size());
+    r.vec(l.sum_group, l.sum_group.size());
+    r.vec(l.acc_k, l.acc_k.size());
+    r.vec(l.acc_v, l.acc_v.size());
+  }
+  if (!r.done()) throw Error("sequence state: trailing bytes");
+  s = std::move(fresh);
+}
+
+ChunkAttention::ChunkAttention(const Config& c, const LayerDownsamplers& ds, LayerCache& cache,
+                               int64_t pos0, int T, const float* q, const float* k,
+                               const float* v)
+    : c_(c), cache_(cache), pos0_(pos0), T_(T), q_(q), k_(k), v_(v) {
+  const int L = c.n_levels(), nkv = c.n_kv_heads, d = c.head_dim;
+  const size_t pd = size_t(c.fma_rank) * d;
+  first_new_.resize(L);
+  new_k_.resize(L);
+  new_v_.resize(L);
+  for (int l = 1; l <= L; ++l) {
+    const int w = c.group_size(l);
+    first_new_[l - 1] = pos0 / w;
+    for (int64_t t = pos0; t < pos0 + T; ++t) {
+      const int tg = static_cast<int>(t % w);
+      for (int h = 0; h < nkv; ++h) {
+        float* ak = cache.acc_k.data() + (size_t(l - 1) * nkv + h) * pd;
+        float* av = cache.acc_v.data() + (size_t(l - 1) * nkv + h) * pd;
+        const size_t row = size_t(t - pos0) * nkv * d + size_t(h) * d;
+        add_to_summary(c, ds.k[l - 1], l, tg, k + row, ak);
+        add_to_summary(c, ds.v[l - 1], l, tg, v + row, av);
+      }
+      if (tg != w - 1) continue;
+      // Group t / w is complete: its summaries join the chunk's list, the accumulators restart.
+      for (auto* list : {&new_k_[l - 1], &new_v_[l - 1]}) list->resize(list->size() + nkv * pd);
+      for (int h = 0; h < nkv; ++h) {
+        float* ak = cache.acc_k.data() + (size_t(l - 1) * nkv + h) * pd;
+        float* av = cache.acc_v.data() + (size_t(l - 1) * nkv + h) * pd;
+        float* sk = new_k_[l - 1].data() + new_k_[l - 1].size() - (nkv - h) * pd;
+        float* sv = new_v_[l - 1].data() + new_v_[l - 1].size() - (nkv - h) * pd;
+        finish_summary(c, ds.k[l - 1], ak, sk);
+        finish_summary(c, ds.v[l - 1], av, sv);
+        std::fill(ak, ak + pd, 0.0f);
+        std::fill(av, av + pd, 0.0f);
+      }
+    }
+  }
+}
+
+const float* ChunkAttention::summary(int level, int64_t group, bool values, int kv_head) const {
+  const size_t pd = size_t(c_.fma_rank) * c_.head_dim;
+  const int nkv = c_.n_kv_heads;
+  const int64_t first = first_new_[level - 1];
+  if (group >= first) {
+    const auto& list = values ? new_v_[level - 1] : new_k_[level - 1];
+    return list.data() + (size_t(group - first) * nkv + kv_head) * pd;
+  }
+  const size_t slot = size_t(level - 1) * 3 + size_t(group % 3);
+  if (cache_.sum_group[slot] != group) throw Error("FMA cache: summary of a group is missing");
+  const auto& ring = values ? cache_.sum_v : cache_.sum_k;
+  return ring.data() + (slot * nkv + kv_head) * pd;
+}
+
+const float* ChunkAttention::fine(int64_t j, bool values, int kv_head) const {
+  const size_t kvd = size_t(c_.n_kv_heads) * c_.head_dim;
+  const size_t off = size_t(kv_head) * c_.head_dim;
+  if (j >= pos0_) return (values ? v_ : k_) + size_t(j - pos0_) * kvd + off;
+  const int64_t cap = fine_capacity(c_);
+  const int64_t slot = cap ? j % cap : j;
+  return (values ? cache_.fine_v : cache_.fine_k).data() + size_t(slot) * kvd + off;
+}
+
+void ChunkAttention::attend(int t, int head, float* out, std::vector<float>& scratch) const {
+  const int d = c_.head_dim, p = c_.fma_rank, m = c_.fma_block_size;
+  const int kvh = head / (c_.n_heads / c_.n_kv_heads);
+  const int64_t i = pos0_ + t;
+  const float* q = q_ + size_t(t) * c_.n_heads * d + size_t(head) * d;
+  const float scale = 1.0f / std::sqrt(static_cast<float>(d));
+  const int64_t lo = c_.fma_enabled ? std::max<int64_t>(0, (i / m - 1) * m) : 0;
+
+  // Scores in one list: fine keys first, then p summaries per visible group.
+  struct Group {
+    int level;
+    int64_t g;
+  };
+  Group groups[64];
+  int n_groups = 0;
+  for (int l = 1; l <= c_.n_levels(); ++l) {
+    const int64_t w = c_.group_size(l), B = i / (2 * w);
+    if (B < 1) continue;
+    groups[n_groups++] = {l, 2 * B - 2};
+    if ((i % (2 * w)) / w == 1) groups[n_groups++] = {l, 2 * B - 1};
+  }
+  const size_t n_fine = size_t(i - lo + 1);
+  scratch.resize(n_fine + size_t(n_groups) * p);
+  float* s = scratch.data();
+  float mx = -INFINITY;
+  for (int64_t j = lo; j <= i; ++j) {
+    s[j - lo] = dot(q, fine(j, false, kvh), d) * scale;
+    mx = std::max(mx, s[j - lo]);
+  }
+  for (int gi = 0; gi < n_groups; ++gi) {
+    const float* ks = summary(groups[gi].level, groups[gi].g, false, kvh);
+    const float bonus =
+        c_.fma_scale_attn ? std::log(static_cast<float>(c_.group_size(groups[gi].level)) / p) : 0.0f;
+    for (int r = 0; r < p; ++r) {
+      float& x = s[n_fine + gi * p + r];
+      x = dot(q, ks + size_t(r) * d, d) * scale + bonus;
+      mx = std::max(mx, x);
+    }
+  }
+  double total = 0;
+  for (size_t j = 0; j < scratch.size(); ++j) {
+    s[j] = std::exp(s[j] - mx);
+    total += s[j];
+  }
+  const float inv = static_cast<float>(1.0 / total);
+  std::fill(out, out + d, 0.0f);
+  for (int64_t j = lo; j <= i; ++j) {
+    const float pj = s[j - lo] * inv;
+    const float* vj = fine(j, true, kvh);
+    for (int c = 0; c < d; ++c) out[c] += pj * vj[c];
+  }
+  for (int gi = 0; gi < n_groups; ++gi) {
+    const float* vs = summary(groups[gi].level, groups[gi].g, true, kvh);
+    for (int r = 0; r < p; ++r) {
+      const float pj = s[n_fine + gi * p + r] * inv;
+      for (int c = 0; c < d; ++c) out[c] += pj * vs[size_t(r) * d + c];
+    }
+  }
+}
+
+void ChunkAttention::commit() {
+  const size_t kvd = size_t(c_.n_kv_heads) * c_.head_dim;
+  const int64_t cap = fine_capacity(c_);
+  if (cap == 0) {
+    cache_.fine_k.insert(cache_.fine_k.end(), k_, k_ + T_ * kvd);
+    cache_.fine_v.insert(cache_.fine_v.end(), v_, v_ + T_ * kvd);
+  } else {
+    // Only the last 2m tokens can still be seen.
+    for (int64_t j = std::max<int64_t>(pos0_, pos0_ + T_ - cap); j < pos0_ + T_; ++j) {
+      const size_t src = size_t(j - pos0_) * kvd, dst = size_t(j % cap) * kvd;
+      std::copy_n(k_ + src, kvd, cache_.fine_k.data() + dst);
+      std::copy_n(v_ + src, kvd, cache_.fine_v.data() + dst);
+    }
+  }
+  const int nkv = c_.n_kv_heads;
+  const size_t block = size_t(nkv) * c_.fma_rank * c_.head_dim;
+  for (int l = 1; l <= c_.n_levels(); ++l) {
+    const int64_t n_new = static_cast<int64_t>(new_k_[l - 1].size() / block);
+    for (int64_t k = std::max<int64_t>(0, n_new - 3); k < n_new; ++k) {
+      const int64_t g = first_new_[l - 1] + k;
+      const size_t slot = size_t(l - 1) * 3 + size_t(g % 3);
+      cache_.sum_group[slot] = g;
+      std::copy_n(new_k_[l - 1].data() + k * block, block, cache_.sum_k.data() + slot * block);
+      std::copy_n(new_v_[l - 1].data() + k * block, block, cache_.sum_v.data() + slot * block);
+    }
+  }
+}
+
+}  // namespace mp::cpu

@@ -1,0 +1,86 @@
+// The CPU reference of causal Fast Multipole Attention over the per-sequence hierarchical cache
+// (DESIGN.md sections 1 and 2). The CUDA kernels are checked against these functions.
+#pragma once
+
+#include <cstdint>
+#include <span>
+#include <vector>
+
+#include "multipole/multipole.h"
+
+namespace mp::cpu {
+
+// The map that turns a group of w keys (or values) of one head into p summaries, transposed for
+// streaming: weight[t][r*d + c][in] is the tap of token t of the group on summary r, channel c,
+// from input channel `in` (in = 1 for groupedconv, d for conv; empty for avgpool).
+struct Downsampler {
+  int group = 0;  // w
+  int in = 0;     // 1 (groupedconv) or d (conv); 0 for avgpool
+  std::vector<float> weight;  // [w][p*d][in]
+  std::vector<float> bias;    // [p*d], summary-major (r*d + c)
+};
+struct LayerDownsamplers {
+  std::vector<Downsampler> k, v;  // index level-1
+};
+// From a GGUF/HF weight [p*d][in][w] (output channel c*p + r) and bias [p*d].
+Downsampler make_downsampler(const Config& c, int level, std::span<const float> weight,
+                             std::span<const float> bias);
+LayerDownsamplers make_layer_downsamplers(const Config& c, const Model& m, int layer);
+
+// acc (p*d, summary-major) += the contribution of token `t_in_group` with vector x (d).
+void add_to_summary(const Config& c, const Downsampler& ds, int level, int t_in_group,
+                    const float* x, float* acc);
+// summary = acc + bias.
+void finish_summary(const Config& c, const Downsampler& ds, const float* acc, float* summary);
+
+// The hierarchical cache of one layer of one sequence, all KV heads (DESIGN.md section 2).
+struct LayerCache {
+  // Fine keys/values, [slot][n_kv][d]: a ring of 2m slots (position j in slot j mod 2m) with FMA,
+  // every position so far in exact mode.
+  std::vector<float> fine_k, fine_v;
+  // Finished summaries of the last 3 groups per level: [L][3][n_kv][p][d], position g mod 3.
+  std::vector<float> sum_k, sum_v;
+  std::vector<int64_t> sum_group;  // [L][3]: which group a ring entry holds, -1 for none
+  // Running accumulators of the group being filled: [L][n_kv][p*d].
+  std::vector<float> acc_k, acc_v;
+};
+
+struct SeqCache {
+  int64_t pos = 0;
+  std::vector<LayerCache> layers;
+};
+
+SeqCache make_seq_cache(const Config& c);
+void reset_seq_cache(const Config& c, SeqCache& s);
+int64_t fine_capacity(const Config& c);  // 2m with FMA; 0 (grows) in exact mode
+size_t seq_cache_bytes(const SeqCache& s);
+std::vector<uint8_t> serialize(const Config& c, const SeqCache& s);
+void deserialize(const Config& c, std::span<const uint8_t> bytes, SeqCache& s);
+
+// The attention of one chunk of T new tokens of one sequence for one layer. The constructor
+// computes the summaries of the groups completed inside the chunk; attend() is thread-safe and
+// computes one (token, head) output; commit() appends the chunk to the cache.
+// q: [T][n_heads*d], k and v: [T][n_kv*d], already rotated.
+class ChunkAttention {
+ public:
+  ChunkAttention(const Config& c, const LayerDownsamplers& ds, LayerCache& cache, int64_t pos0,
+                 int T, const float* q, const float* k, const float* v);
+  void attend(int t, int head, float* out, std::vector<float>& scratch) const;
+  void commit();
+
+ private:
+  const float* summary(int level, int64_t group, bool values, int kv_head) const;
+  const float* fine(int64_t j, bool values, int kv_head) const;
+
+  const Config& c_;
+  LayerCache& cache_;
+  int64_t pos0_;
+  int T_;
+  const float *q_, *k_, *v_;
+  // Summaries of groups completed inside the chunk, per level: first group id and the data
+  // [n_new][n_kv][p][d].
+  std::vector<int64_t> first_new_;
+  std::vector<std::vector<float>> new_k_, new_v_;
+};
+
+}  // namespace mp::cpu

@@ -1,0 +1,18 @@
+// The mapping between Config and the GGUF metadata keys of a Multipole model file.
+#pragma once
+
+#include <map>
+#include <string>
+
+#include "gguf.h"
+#include "multipole/multipole.h"
+
+namespace mp {
+
+inline constexpr const char* kArchitecture = "fma";
+inline constexpr const char* kTokenizerKey = "tokenizer.sentencepiece.model";
+
+std::map<std::string, gguf::Value> config_to_gguf(const Config& c);
+Config config_from_gguf(const gguf::File& f);
+
+}  // namespace mp

@@ -1,0 +1,105 @@
+#include <fcntl.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstring>
+
+#include "format.h"
+#include "numeric.h"
+
+namespace mp {
+
+namespace {
+std::string shape_str(const std::vector<int64_t>& s) {
+  std::string o = "[";
+  for (size_t i = 0; i < s.size(); ++i) o += (i ? ", " : "") + std::to_string(s[i]);
+  return o + "]";
+}
+}  // namespace
+
+int64_t TensorView::numel() const {
+  int64_t n = 1;
+  for (auto d : shape) n *= d;
+  return n;
+}
+
+std::vector<float> TensorView::to_f32() const {
+  const int64_t n = numel();
+  std::vector<float> out(static_cast<size_t>(n));
+  switch (dtype) {
+    case DType::F32: std::memcpy(out.data(), data, n * 4); break;
+    case DType::F16: {
+      const auto* p = static_cast<const uint16_t*>(data);
+      for (int64_t i = 0; i < n; ++i) out[i] = f16_to_f32(p[i]);
+      break;
+    }
+    case DType::BF16: {
+      const auto* p = static_cast<const uint16_t*>(data);
+      for (int64_t i = 0; i < n; ++i) out[i] = bf16_to_f32(p[i]);
+      break;
+    }
+  }
+  return out;
+}
+
+struct Model::Mapping {
+  void* addr = MAP_FAILED;
+  size_t size = 0;
+  ~Mapping() {
+    if (addr != MAP_FAILED) munmap(addr, size);
+  }
+};
+
+Model::~Model() = default;
+
+std::shared_ptr<Model> Model::load(const std::string& path) {
+  std::shared_ptr<Model> m(new Model());
+  m->path_ = path;
+  m->mapping_ = std::make_unique<Mapping>();
+  const int fd = ::open(path.c_str(), O_RDONLY);
+  if (fd < 0) throw Error("cannot open model '" + path + "': " + std::strerror(errno));
+  struct stat st {};
+  if (fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)) {
+    ::close(fd);
+    throw Error("model '" + path + "' is not a regular file");
+  }
+  m->mapping_->size = static_cast<size_t>(st.st_size);
+  if (m->mapping_->size < 24) {
+    ::close(fd);
+    throw Error("model '" + path + "': file of " + std::to_string(st.st_size) +
+                " bytes is too short to be GGUF (truncated?)");
+  }
+  m->mapping_->addr = mmap(nullptr, m->mapping_->size, PROT_READ, MAP_PRIVATE, fd, 0);
+  ::close(fd);
+  if (m->mapping_->addr == MAP_FAILED)
+    throw Error("cannot mmap model '" + path + "': " + std::strerror(errno));
+  const auto* base = static_cast<const uint8_t*>(m->mapping_->addr);
+  gguf::File f;
+  try {
+    f = gguf::parse(base, m->mapping_->size);
+    m->config_ = config_from_gguf(f);
+    m->tokenizer_ = std::make_unique<Tokenizer>(f.get_string(kTokenizerKey), m->config_);
+  } catch (const Error& e) {
+    throw Error("model '" + path + "': " + e.what());
+  }
+  for (const auto& t : f.tensors)
+    m->tensors_.push_back(TensorView{t.name, t.dtype, t.shape, base + t.offset});
+  for (const auto& spec : expected_tensors(m->config_)) m->tensor(spec.name, spec.shape);
+  return m;
+}
+
+const TensorView& Model::tensor(const std::string& name, const std::vector<int64_t>& shape) const {
+  for (const auto& t : tensors_) {
+    if (t.name != name) continue;
+    if (t.shape != shape)
+      throw Error("model '" + path_ + "': tensor '" + name + "' has shape " + shape_str(t.shape) +
+                  ", expected " + shape_str(shape));
+    return t;
+  }
+  throw Error("model '" + path_ + "': tensor '" + name + "' (shape " + shape_str(shape) +
+              ") is missing");
+}
+
+}  // namespace mp

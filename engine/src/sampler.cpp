@@ -1,0 +1,103 @@
+#include <algorithm>
+#include <cmath>
+#include <unordered_map>
+
+#include "multipole/multipole.h"
+
+namespace mp {
+
+void SamplingParams::validate() const {
+  auto need = [](bool ok, const char* what) {
+    if (!ok) throw Error(std::string("sampling: ") + what);
+  };
+  need(std::isfinite(temperature) && temperature >= 0, "temperature must be >= 0");
+  need(std::isfinite(top_p) && top_p > 0 && top_p <= 1, "top_p must be in (0, 1]");
+  need(std::isfinite(min_p) && min_p >= 0 && min_p <= 1, "min_p must be in [0, 1]");
+  need(std::isfinite(repetition_penalty) && repetition_penalty > 0, "repetition_penalty must be > 0");
+  need(std::isfinite(presence_penalty) && std::abs(presence_penalty) <= 2,
+       "presence_penalty must be in [-2, 2]");
+  need(std::isfinite(frequency_penalty) && std::abs(frequency_penalty) <= 2,
+       "frequency_penalty must be in [-2, 2]");
+  need(penalty_last_n >= -1, "penalty_last_n must be >= -1");
+}
+
+Sampler::Sampler(const SamplingParams& p) : p_(p) {
+  p.validate();
+  rng_state_ = p.seed ^ 0x9E3779B97F4A7C15ull;
+}
+
+double Sampler::next_uniform() {  // splitmix64
+  uint64_t z = (rng_state_ += 0x9E3779B97F4A7C15ull);
+  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+  z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+  z ^= z >> 31;
+  return static_cast<double>(z >> 11) * 0x1.0p-53;
+}
+
+std::vector<float> log_softmax(std::span<const float> logits) {
+  double mx = -INFINITY;
+  for (float x : logits) mx = std::max(mx, double(x));
+  double sum = 0;
+  for (float x : logits) sum += std::exp(double(x) - mx);
+  const double lse = mx + std::log(sum);
+  std::vector<float> out(logits.size());
+  for (size_t i = 0; i < logits.size(); ++i) out[i] = static_cast<float>(double(logits[i]) - lse);
+  return out;
+}
+
+std::vector<std::pair<int, float>> Sampler::candidates(std::span<const float> logits,
+                                                       std::span<const int> history) const {
+  const int n = static_cast<int>(logits.size());
+  std::vector<std::pair<int, double>> c(n);
+  for (int i = 0; i < n; ++i) c[i] = {i, logits[i]};
+  // Penalties over the last penalty_last_n ids.
+  const size_t from = p_.penalty_last_n < 0 || size_t(p_.penalty_last_n) >= history.size()
+                          ? 0
+                          : history.size() - p_.penalty_last_n;
+  std::unordered_map<int, int> count;
+  for (size_t i = from; i < history.size(); ++i)
+    if (history[i] >= 0 && history[i] < n) ++count[history[i]];
+  for (const auto& [id, k] : count) {
+    double& l = c[id].second;
+    if (p_.repetition_penalty != 1.0f) l = l > 0 ? l / p_.repetition_penalty : l * p_.repetition_penalty;
+    l -= p_.presence_penalty + double(p_.frequency_penalty) * k;
+  }
+  std::stable_sort(c.begin(), c.end(), [](auto& a, auto& b) { return a.second > b.second; });
+  if (p_.temperature <= 0) return {{c[0].first, 1.0f}};
+  if (p_.top_k > 0 && p_.top_k < n) c.resize(p_.top_k);
+  const double mx = c[0].second;
+  double sum = 0;
+  for (auto& [id, l] : c) sum += (l = std::exp((l - mx) / p_.temperature));
+  for (auto& e : c) e.second /= sum;
+  if (p_.top_p < 1.0f) {  // smallest prefix whose mass reaches top_p
+    double cum = 0;
+    size_t keep = 0;
+    while (keep < c.size() && cum < p_.top_p) cum += c[keep++].second;
+    c.resize(std::max<size_t>(keep, 1));
+  }
+  if (p_.min_p > 0) {
+    const double floor = p_.min_p * c[0].second;
+    size_t keep = 1;
+    while (keep < c.size() && c[keep].second >= floor) ++keep;
+    c.resize(keep);
+  }
+  sum = 0;
+  for (auto& e : c) sum += e.second;
+  std::vector<std::pair<int, float>> out;
+  out.reserve(c.size());
+  for (auto& [id, pr] : c) out.emplace_back(id, static_cast<float>(pr / sum));
+  return out;
+}
+
+int Sampler::sample(std::span<const float> logits, std::span<const int> history) {
+  const auto c = candidates(logits, history);
+  const double u = next_uniform();
+  double cum = 0;
+  for (const auto& [id, pr] : c) {
+    cum += pr;
+    if (u < cum) return id;
+  }
+  return c.back().first;
+}
+
+}  // namespace mp

@@ -1,0 +1,155 @@
+#!/usr/bin/env python3
+"""An independent float64 NumPy implementation of DESIGN.md sections 1 and 3.
+
+Reads a Hugging Face style FMA checkpoint folder and a file of token ids, and prints the
+per-token negative log-likelihoods (nats, token 1..T-1 from its prefix) as a JSON array.
+Each query's key list is built explicitly from the rules of section 1, and the summaries are
+computed from the whole sequence: no cache, no chunks. This is what the engine is checked against.
+"""
+import json
+import os
+import struct
+import sys
+
+import numpy as np
+
+
+def load_safetensors(folder):
+    index = os.path.join(folder, "model.safetensors.index.json")
+    files = sorted(set(json.load(open(index))["weight_map"].values())) if os.path.exists(index) \
+        else ["model.safetensors"]
+    out = {}
+    for name in files:
+        raw = open(os.path.join(folder, name), "rb").read()
+        (hlen,) = struct.unpack("<Q", raw[:8])
+        header = json.loads(raw[8:8 + hlen])
+        base = 8 + hlen
+        for key, info in header.items():
+            if key == "__metadata__":
+                continue
+            b, e = info["data_offsets"]
+            buf = raw[base + b:base + e]
+            if info["dtype"] == "F32":
+                arr = np.frombuffer(buf, dtype="<f4")
+            elif info["dtype"] == "F16":
+                arr = np.frombuffer(buf, dtype="<f2")
+            elif info["dtype"] == "BF16":
+                arr = (np.frombuffer(buf, dtype="<u2").astype(np.uint32) << 16).view(np.float32)
+            else:
+                raise ValueError(info["dtype"])
+            out[key] = arr.astype(np.float64).reshape(info["shape"])
+    return out
+
+
+def rmsnorm(x, w, eps):
+    return x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps) * w
+
+
+def rope(x, theta):  # x: [T, heads, d], position t for row t; rotate-half
+    T, _, d = x.shape
+    inv = theta ** (-np.arange(0, d, 2, dtype=np.float64) / d)
+    ang = np.arange(T, dtype=np.float64)[:, None] * inv[None, :]
+    cos, sin = np.cos(ang)[:, None, :], np.sin(ang)[:, None, :]
+    x1, x2 = x[..., : d // 2], x[..., d // 2:]
+    return np.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+
+
+def group_summaries(X, w, p, kind, W=None, b=None):
+    """X: [T, d] keys or values of one head. Returns {g: [p, d]} for every complete group."""
+    T, d = X.shape
+    out = {}
+    for g in range(T // w):
+        G = X[g * w:(g + 1) * w]  # [w, d]
+        if kind == "avgpool":
+            s = np.stack([G[r * (w // p):(r + 1) * (w // p)].mean(axis=0) for r in range(p)])
+        else:
+            conv = np.zeros(d * p)
+            for oc in range(d * p):
+                if kind == "groupedconv":
+                    conv[oc] = b[oc] + np.dot(W[oc, 0, :], G[:, oc // p])
+                else:  # conv: all input channels
+                    conv[oc] = b[oc] + np.sum(W[oc] * G.T)
+            s = np.array([[conv[c * p + r] for c in range(d)] for r in range(p)])
+        out[g] = s
+    return out
+
+
+def attention(cfg, q, k, v, down):
+    """q: [T, H, d], k/v: [T, KV, d] (rotated). down: level -> (Wk, bk, Wv, bv)."""
+    T, H, d = q.shape
+    KV = k.shape[1]
+    out = np.zeros_like(q)
+    fma = cfg.get("fma_enabled", True)
+    m, p = cfg.get("fma_block_size", 0), cfg.get("fma_rank", 0)
+    n = cfg["max_position_embeddings"]
+    kind = cfg.get("fma_downsampling", "groupedconv")
+    scale_attn = cfg.get("fma_scale_attn", True)
+    L = int(round(np.log2(n // m))) - 1 if fma else 0
+    for kvh in range(KV):
+        sums = {}
+        for lvl in range(1, L + 1):
+            w = m * 2 ** (lvl - 1)
+            Wk, bk, Wv, bv = down.get(lvl, (None, None, None, None))
+            sums[lvl] = (group_summaries(k[:, kvh], w, p, kind, Wk, bk),
+                         group_summaries(v[:, kvh], w, p, kind, Wv, bv))
+        for h in range(kvh * (H // KV), (kvh + 1) * (H // KV)):
+            for i in range(T):
+                keys, vals, bonus = [], [], []
+                lo = max(0, (i // m - 1) * m) if fma else 0
+                for j in range(lo, i + 1):
+                    keys.append(k[j, kvh]); vals.append(v[j, kvh]); bonus.append(0.0)
+                for lvl in range(1, L + 1):
+                    w = m * 2 ** (lvl - 1)
+                    B, half = i // (2 * w), (i % (2 * w)) // w
+                    groups = ([2 * B - 2] if B >= 1 else []) + ([2 * B - 1] if B >= 1 and half == 1 else [])
+                    for g in groups:
+                        assert (g + 1) * w <= i
+                        for r in range(p):
+                            keys.append(sums[lvl][0][g][r]); vals.append(sums[lvl][1][g][r])
+                            bonus.append(np.log(w / p) if scale_attn else 0.0)
+                s = np.array(keys) @ q[i, h] / np.sqrt(d) + np.array(bonus)
+                s = np.exp(s - s.max())
+                out[i, h] = (s / s.sum()) @ np.array(vals)
+    return out
+
+
+def main():
+    folder, ids_path = sys.argv[1], sys.argv[2]
+    cfg = json.load(open(os.path.join(folder, "config.json")))
+    t = load_safetensors(folder)
+    ids = [int(x) for x in open(ids_path).read().split()]
+    H, KV = cfg["num_attention_heads"], cfg["num_key_value_heads"]
+    d = cfg.get("head_dim", cfg["hidden_size"] // H)
+    eps, theta = cfg["rms_norm_eps"], cfg["rope_theta"]
+    x = t["model.embed_tokens.weight"][ids]
+    T = len(ids)
+    for li in range(cfg["num_hidden_layers"]):
+        pre = f"model.layers.{li}."
+        hdn = rmsnorm(x, t[pre + "input_layernorm.weight"], eps)
+        q = rope((hdn @ t[pre + "self_attn.q_proj.weight"].T).reshape(T, H, d), theta)
+        k = rope((hdn @ t[pre + "self_attn.k_proj.weight"].T).reshape(T, KV, d), theta)
+        v = (hdn @ t[pre + "self_attn.v_proj.weight"].T).reshape(T, KV, d)
+        down = {}
+        lvl = 0
+        while pre + f"self_attn.fma.k_down.{lvl}.weight" in t:
+            f = pre + "self_attn.fma."
+            down[lvl + 1] = (t[f + f"k_down.{lvl}.weight"], t[f + f"k_down.{lvl}.bias"],
+                             t[f + f"v_down.{lvl}.weight"], t[f + f"v_down.{lvl}.bias"])
+            lvl += 1
+        a = attention(cfg, q, k, v, down).reshape(T, H * d)
+        x = x + a @ t[pre + "self_attn.o_proj.weight"].T
+        hdn = rmsnorm(x, t[pre + "post_attention_layernorm.weight"], eps)
+        g = hdn @ t[pre + "mlp.gate_proj.weight"].T
+        u = hdn @ t[pre + "mlp.up_proj.weight"].T
+        x = x + (g / (1 + np.exp(-g)) * u) @ t[pre + "mlp.down_proj.weight"].T
+    x = rmsnorm(x, t["model.norm.weight"], eps)
+    head = t["model.embed_tokens.weight"] if cfg.get("tie_word_embeddings") else t["lm_head.weight"]
+    logits = x @ head.T
+    mx = logits.max(axis=-1, keepdims=True)
+    lse = (mx + np.log(np.exp(logits - mx).sum(axis=-1, keepdims=True)))[:, 0]
+    nll = [float(lse[i] - logits[i, ids[i + 1]]) for i in range(T - 1)]
+    print(json.dumps(nll))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,25 @@
+// Writes random Hugging Face style FMA checkpoints (config.json, safetensors, tokenizer.model)
+// for the tests: the input of multipole-convert without a trainer.
+#pragma once
+
+#include <cstdint>
+#include <string>
+
+#include "multipole/multipole.h"
+
+namespace mp::testing {
+
+struct CheckpointOptions {
+  uint64_t seed = 1;
+  DType dtype = DType::F32;
+  int shards = 1;  // > 1 writes model.safetensors.index.json and that many shards
+};
+
+// The tokenizer fixture committed for the tests (vocab 400, BOS 1, EOS 2).
+std::string fixture_tokenizer_path();
+// A small config with every FMA feature switched on (n = 64, m = 8, p = 2: L = 2).
+Config small_config();
+void write_random_checkpoint(const std::string& dir, const Config& c, const CheckpointOptions& o);
+std::string config_json(const Config& c);
+
+}  // namespace mp::testing

@@ -1,0 +1,32 @@
+// make-test-checkpoint: writes a random HF checkpoint for the cross-check scripts.
+#include <cstdio>
+
+#include "../../tools/common/args.h"
+#include "checkpoint.h"
+
+int main(int argc, char** argv) {
+  mp::cli::Args a(argc, argv, {"no-fma", "tie", "no-scale"},
+                  "usage: make-test-checkpoint DIR [--downsampling K] [--no-fma] [--tie]\n"
+                  "  [--no-scale] [--kv-heads N] [--n N] [--m M] [--p P] [--seed S]\n"
+                  "  [--dtype f32|f16|bf16] [--shards N]\n");
+  a.check_known({"no-fma", "tie", "no-scale", "downsampling", "kv-heads", "n", "m", "p", "seed",
+                 "dtype", "shards"});
+  if (a.positional().size() != 1) a.fail("expected DIR");
+  mp::Config c = mp::testing::small_config();
+  c.fma_enabled = !a.has("no-fma");
+  c.tie_word_embeddings = a.has("tie");
+  c.fma_scale_attn = !a.has("no-scale");
+  c.fma_downsampling = mp::parse_downsampling(a.str("downsampling", "groupedconv"));
+  c.n_kv_heads = static_cast<int>(a.integer("kv-heads", c.n_kv_heads));
+  c.n_ctx_train = a.integer("n", c.n_ctx_train);
+  c.fma_block_size = static_cast<int>(a.integer("m", c.fma_block_size));
+  c.fma_rank = static_cast<int>(a.integer("p", c.fma_rank));
+  c.validate();
+  mp::testing::CheckpointOptions o;
+  o.seed = static_cast<uint64_t>(a.integer("seed", 1));
+  o.dtype = mp::parse_dtype(a.str("dtype", "f32"));
+  o.shards = static_cast<int>(a.integer("shards", 1));
+  mp::testing::write_random_checkpoint(a.positional()[0], c, o);
+  std::printf("%s\n", c.summary().c_str());
+  return 0;
+}

@@ -1,0 +1,49 @@
+// A random checkpoint converted to GGUF in a temporary folder, for tests that need a whole model.
+#pragma once
+
+#include <filesystem>
+#include <random>
+#include <string>
+
+#include "checkpoint.h"
+
+namespace mp::testing {
+
+class TempDir {
+ public:
+  TempDir() {
+    std::random_device rd;
+    path_ = std::filesystem::temp_directory_path() /
+            ("multipole-test-" + std::to_string(rd()) + std::to_string(rd()));
+    std::filesystem::create_directories(path_);
+  }
+  ~TempDir() {
+    std::error_code ec;
+    std::filesystem::remove_all(path_, ec);
+  }
+  std::string operator/(const std::string& name) const { return (path_ / name).string(); }
+
+ private:
+  std::filesystem::path path_;
+};
+
+inline std::shared_ptr<Model> random_model(const TempDir& dir, const Config& c,
+                                           DType dtype = DType::F32, uint64_t seed = 1) {
+  CheckpointOptions o;
+  o.seed = seed;
+  write_random_checkpoint(dir / "hf", c, o);
+  ConvertOptions co;
+  co.dtype = dtype;
+  co.overwrite = true;
+  convert_hf_to_gguf(dir / "hf", dir / "model.gguf", co);
+  return Model::load(dir / "model.gguf");
+}
+
+inline std::vector<int> random_tokens(int n, int vocab, uint64_t seed) {
+  std::mt19937 rng(static_cast<uint32_t>(seed));
+  std::vector<int> t(n);
+  for (auto& x : t) x = 3 + static_cast<int>(rng() % (vocab - 3));
+  return t;
+}
+
+}  // namespace mp::testing

@@ -1,0 +1,252 @@
+// FMA attention (the CPU reference kernel, over the hierarchical cache) against a brute-force
+// implementation of DESIGN.md section 1 written here: per query, the explicit key list.
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <random>
+
+#include "fma_cpu.h"
+
+namespace {
+
+using mp::Config;
+using mp::Downsampling;
+
+Config attn_config(int n, int m, int p, Downsampling ds, bool scale, int heads, int kv_heads, int d) {
+  Config c;
+  c.vocab_size = 8;
+  c.hidden_size = heads * d;
+  c.n_layers = 1;
+  c.n_heads = heads;
+  c.n_kv_heads = kv_heads;
+  c.head_dim = d;
+  c.intermediate_size = 8;
+  c.n_ctx_train = n;
+  c.fma_block_size = m;
+  c.fma_rank = p;
+  c.fma_downsampling = ds;
+  c.fma_scale_attn = scale;
+  c.bos_token_id = c.eos_token_id = 0;
+  c.validate();
+  return c;
+}
+
+struct RandomLayer {
+  std::vector<std::vector<float>> wk, bk, wv, bv;  // per level, HF layout [p*d][in][w]
+  mp::cpu::LayerDownsamplers ds;
+};
+
+RandomLayer random_layer(const Config& c, std::mt19937& rng) {
+  std::normal_distribution<float> nd(0, 1);
+  RandomLayer r;
+  const int in = c.fma_downsampling == Downsampling::Conv ? c.head_dim : 1;
+  for (int l = 1; l <= c.n_levels(); ++l) {
+    const int w = c.group_size(l);
+    auto fill = [&](size_t n, float s) {
+      std::vector<float> v(n);
+      for (auto& x : v) x = s * nd(rng);
+      return v;
+    };
+    const size_t pd = size_t(c.fma_rank) * c.head_dim;
+    r.wk.push_back(fill(pd * in * w, 1.0f / std::sqrt(float(in * w))));
+    r.bk.push_back(fill(pd, 0.1f));
+    r.wv.push_back(fill(pd * in * w, 1.0f / std::sqrt(float(in * w))));
+    r.bv.push_back(fill(pd, 0.1f));
+    r.ds.k.push_back(mp::cpu::make_downsampler(c, l, r.wk.back(), r.bk.back()));
+    r.ds.v.push_back(mp::cpu::make_downsampler(c, l, r.wv.back(), r.bv.back()));
+  }
+  return r;
+}
+
+// Summary r of group g of one head, straight from DESIGN.md's formulas. x: [T][kv][d].
+std::vector<double> brute_summary(const Config& c, const std::vector<float>& W,
+                                  const std::vector<float>& b, const std::vector<float>& x,
+                                  int level, int64_t g, int kvh) {
+  const int d = c.head_dim, p = c.fma_rank, w = c.group_size(level), nkv = c.n_kv_heads;
+  std::vector<double> s(size_t(p) * d);
+  for (int r = 0; r < p; ++r)
+    for (int ch = 0; ch < d; ++ch) {
+      double acc = 0;
+      if (c.fma_downsampling == Downsampling::AvgPool) {
+        const int span = w / p;
+        for (int t = r * span; t < (r + 1) * span; ++t)
+          acc += x[(size_t(g * w + t) * nkv + kvh) * d + ch];
+        acc /= span;
+      } else {
+        const int oc = ch * p + r;
+        acc = b[oc];
+        const int in = c.fma_downsampling == Downsampling::Conv ? d : 1;
+        for (int ci = 0; ci < in; ++ci)
+          for (int t = 0; t < w; ++t) {
+            const int src = in == 1 ? ch : ci;
+            acc += double(W[(size_t(oc) * in + ci) * w + t]) * x[(size_t(g * w + t) * nkv + kvh) * d + src];
+          }
+      }
+      s[size_t(r) * d + ch] = acc;
+    }
+  return s;
+}
+
+// out[i][h] by brute force: every query's key list from the rules of section 1.
+std::vector<double> brute_fma(const Config& c, const RandomLayer& rl, const std::vector<float>& q,
+                              const std::vector<float>& k, const std::vector<float>& v, int T) {
+  const int d = c.head_dim, H = c.n_heads, nkv = c.n_kv_heads, m = c.fma_block_size, p = c.fma_rank;
+  std::vector<double> out(size_t(T) * H * d);
+  for (int i = 0; i < T; ++i)
+    for (int h = 0; h < H; ++h) {
+      const int kvh = h / (H / nkv);
+      std::vector<std::vector<double>> keys, vals;
+      std::vector<double> bonus;
+      const int lo = c.fma_enabled ? std::max(0, (i / m - 1) * m) : 0;
+      for (int j = lo; j <= i; ++j) {
+        keys.emplace_back(&k[(size_t(j) * nkv + kvh) * d], &k[(size_t(j) * nkv + kvh) * d] + d);
+        vals.emplace_back(&v[(size_t(j) * nkv + kvh) * d], &v[(size_t(j) * nkv + kvh) * d] + d);
+        bonus.push_back(0);
+      }
+      for (int l = 1; l <= c.n_levels(); ++l) {
+        const int w = c.group_size(l), B = i / (2 * w), half = (i % (2 * w)) / w;
+        std::vector<int> groups;
+        if (B >= 1) groups.push_back(2 * B - 2);
+        if (B >= 1 && half == 1) groups.push_back(2 * B - 1);
+        for (int g : groups) {
+          EXPECT_LE((g + 1) * w, i);
+          auto ks = brute_summary(c, rl.wk.empty() ? std::vector<float>{} : rl.wk[l - 1],
+                                  rl.bk.empty() ? std::vector<float>{} : rl.bk[l - 1], k, l, g, kvh);
+          auto vs = brute_summary(c, rl.wv.empty() ? std::vector<float>{} : rl.wv[l - 1],
+                                  rl.bv.empty() ? std::vector<float>{} : rl.bv[l - 1], v, l, g, kvh);
+          for (int r = 0; r < p; ++r) {
+            keys.emplace_back(ks.begin() + r * d, ks.begin() + (r + 1) * d);
+            vals.emplace_back(vs.begin() + r * d, vs.begin() + (r + 1) * d);
+            bonus.push_back(c.fma_scale_attn ? std::log(double(w) / p) : 0.0);
+          }
+        }
+      }
+      std::vector<double> s(keys.size());
+      double mx = -1e300;
+      for (size_t j = 0; j < keys.size(); ++j) {
+        double dp = 0;
+        for (int ch = 0; ch < d; ++ch) dp += q[(size_t(i) * H + h) * d + ch] * keys[j][ch];
+        s[j] = dp / std::sqrt(double(d)) + bonus[j];
+        mx = std::max(mx, s[j]);
+      }
+      double tot = 0;
+      for (auto& x : s) tot += (x = std::exp(x - mx));
+      for (size_t j = 0; j < keys.size(); ++j)
+        for (int ch = 0; ch < d; ++ch) out[(size_t(i) * H + h) * d + ch] += s[j] / tot * vals[j][ch];
+    }
+  return out;
+}
+
+// Runs the cache-based kernel over T tokens in chunks of `chunk`.
+std::vector<float> cached_fma(const Config& c, const RandomLayer& rl, const std::vector<float>& q,
+                              std::vector<float> k, std::vector<float> v, int T, int chunk) {
+  const int d = c.head_dim, H = c.n_heads, nkv = c.n_kv_heads;
+  auto seq = mp::cpu::make_seq_cache(c);
+  std::vector<float> out(size_t(T) * H * d, NAN), scratch;
+  for (int t0 = 0; t0 < T; t0 += chunk) {
+    const int n = std::min(chunk, T - t0);
+    mp::cpu::ChunkAttention ca(c, rl.ds, seq.layers[0], t0, n, &q[size_t(t0) * H * d],
+                               &k[size_t(t0) * nkv * d], &v[size_t(t0) * nkv * d]);
+    for (int t = 0; t < n; ++t)
+      for (int h = 0; h < H; ++h) ca.attend(t, h, &out[(size_t(t0 + t) * H + h) * d], scratch);
+    ca.commit();
+  }
+  return out;
+}
+
+double rel_err(const std::vector<float>& a, const std::vector<double>& b) {
+  double num = 0, den = 0;
+  for (size_t i = 0; i < a.size(); ++i) {
+    if (!std::isfinite(a[i])) return INFINITY;
+    num += (a[i] - b[i]) * (a[i] - b[i]);
+    den += b[i] * b[i];
+  }
+  return std::sqrt(num / den);
+}
+
+struct Case {
+  int n, m, p;
+  Downsampling ds;
+  bool scale;
+  int heads, kv;
+};
+
+class FmaVsBruteForce : public ::testing::TestWithParam<Case> {};
+
+TEST_P(FmaVsBruteForce, MatchesOnRandomInputsPastTrainedLength) {
+  const Case cs = GetParam();
+  const Config c = attn_config(cs.n, cs.m, cs.p, cs.ds, cs.scale, cs.heads, cs.kv, 8);
+  std::mt19937 rng(cs.n * 131 + cs.m * 7 + cs.p + int(cs.ds));
+  std::normal_distribution<float> nd(0, 1);
+  const RandomLayer rl = random_layer(c, rng);
+  const int T = 2 * cs.n + cs.m + 3;  // past the trained length, ending mid-block
+  std::vector<float> q(size_t(T) * c.n_heads * 8), k(size_t(T) * c.n_kv_heads * 8), v(k.size());
+  for (auto* vec : {&q, &k, &v})
+    for (auto& x : *vec) x = nd(rng);
+  const auto ref = brute_fma(c, rl, q, k, v, T);
+  for (int chunk : {1, 3, cs.m, 7 * cs.m, T}) {
+    const auto got = cached_fma(c, rl, q, k, v, T, chunk);
+    EXPECT_LT(rel_err(got, ref), 1e-5) << "chunk " << chunk;
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    Shapes, FmaVsBruteForce,
+    ::testing::Values(Case{32, 8, 2, Downsampling::GroupedConv, true, 2, 1},
+                      Case{64, 8, 2, Downsampling::GroupedConv, false, 4, 2},
+                      Case{64, 4, 4, Downsampling::Conv, true, 2, 2},
+                      Case{128, 8, 4, Downsampling::AvgPool, true, 2, 1},
+                      Case{128, 16, 2, Downsampling::Conv, false, 3, 3},
+                      Case{256, 8, 1, Downsampling::AvgPool, false, 2, 2},
+                      Case{256, 16, 4, Downsampling::GroupedConv, true, 4, 1}));
+
+TEST(Fma, EqualsExactCausalAttentionUpTo2m) {
+  for (auto ds : {Downsampling::GroupedConv, Downsampling::Conv, Downsampling::AvgPool}) {
+    Config c = attn_config(64, 8, 2, ds, true, 2, 1, 8);
+    Config exact = c;
+    exact.fma_enabled = false;
+    std::mt19937 rng(5 + int(ds));
+    std::normal_distribution<float> nd(0, 1);
+    const RandomLayer rl = random_layer(c, rng);
+    const int T = 2 * c.fma_block_size;
+    std::vector<float> q(size_t(T) * 2 * 8), k(size_t(T) * 8), v(k.size());
+    for (auto* vec : {&q, &k, &v})
+      for (auto& x : *vec) x = nd(rng);
+    const auto fma = cached_fma(c, rl, q, k, v, T, 5);
+    const auto ex = cached_fma(exact, RandomLayer{}, q, k, v, T, T);
+    const auto ref = brute_fma(exact, RandomLayer{}, q, k, v, T);
+    EXPECT_LT(rel_err(fma, ref), 1e-6);
+    EXPECT_LT(rel_err(ex, ref), 1e-6);
+    // One token later the far field starts to differ from exact attention.
+    std::vector<float> q2(size_t(T + 8) * 2 * 8), k2(size_t(T + 8) * 8), v2(k2.size());
+    for (auto* vec : {&q2, &k2, &v2})
+      for (auto& x : *vec) x = nd(rng);
+    const auto f2 = cached_fma(c, rl, q2, k2, v2, T + 8, 4);
+    const auto e2 = brute_fma(exact, RandomLayer{}, q2, k2, v2, T + 8);
+    EXPECT_GT(rel_err(f2, e2), 1e-3);
+  }
+}
+
+TEST(Fma, CacheHasFixedSizePastTrainedLength) {
+  const Config c = attn_config(64, 8, 2, Downsampling::GroupedConv, true, 2, 1, 8);
+  auto seq = mp::cpu::make_seq_cache(c);
+  const size_t before = mp::cpu::seq_cache_bytes(seq);
+  // (2m + 4pL) * d keys and as many values, per KV head.
+  const size_t expected_floats = size_t(2 * 8 + 4 * 2 * c.n_levels()) * 8 * 2 * c.n_kv_heads;
+  EXPECT_EQ(before, expected_floats * 4 + 8 * 3 * c.n_levels());
+  std::mt19937 rng(3);
+  std::normal_distribution<float> nd(0, 1);
+  const RandomLayer rl = random_layer(c, rng);
+  std::vector<float> q(2 * 8), k(8), v(8), out(8), scratch;
+  for (int t = 0; t < 500; ++t) {
+    for (auto* vec : {&q, &k, &v})
+      for (auto& x : *vec) x = nd(rng);
+    mp::cpu::ChunkAttention ca(c, rl.ds, seq.layers[0], t, 1, q.data(), k.data(), v.data());
+    ca.attend(0, 1, out.data(), scratch);
+    ca.commit();
+    for (float x : out) ASSERT_TRUE(std::isfinite(x));
+  }
+  EXPECT_EQ(mp::cpu::seq_cache_bytes(seq), before);
+}
+
+}  // namespace

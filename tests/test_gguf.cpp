@@ -1,0 +1,192 @@
+// Conversion and the GGUF reader: round trip, and refusal of bad files with a clear message.
+#include <gtest/gtest.h>
+
+#include <filesystem>
+#include <fstream>
+#include <nlohmann/json.hpp>
+
+#include "model_fixture.h"
+#include "numeric.h"
+
+namespace {
+
+using namespace mp;
+using mp::testing::TempDir;
+namespace fs = std::filesystem;
+
+std::string read_all(const std::string& p) {
+  std::ifstream f(p, std::ios::binary);
+  return {std::istreambuf_iterator<char>(f), std::istreambuf_iterator<char>()};
+}
+void write_all(const std::string& p, const std::string& s) {
+  std::ofstream(p, std::ios::binary) << s;
+}
+
+// The checkpoint's tensors, read back with a minimal safetensors parser written here.
+std::map<std::string, std::vector<float>> read_safetensors(const std::string& path) {
+  const std::string raw = read_all(path);
+  uint64_t hlen;
+  std::memcpy(&hlen, raw.data(), 8);
+  auto h = nlohmann::json::parse(raw.substr(8, hlen));
+  std::map<std::string, std::vector<float>> out;
+  for (auto& [name, info] : h.items()) {
+    if (name == "__metadata__") continue;
+    const auto off = info["data_offsets"].get<std::vector<size_t>>();
+    std::vector<float> v((off[1] - off[0]) / 4);
+    std::memcpy(v.data(), raw.data() + 8 + hlen + off[0], off[1] - off[0]);
+    out[name] = v;
+  }
+  return out;
+}
+
+std::string error_of(const std::function<void()>& f) {
+  try {
+    f();
+  } catch (const Error& e) {
+    return e.what();
+  }
+  return "(no error)";
+}
+
+class RoundTrip : public ::testing::TestWithParam<DType> {};
+
+TEST_P(RoundTrip, EveryTensorSurvivesConversion) {
+  TempDir dir;
+  Config c = mp::testing::small_config();
+  c.fma_downsampling = Downsampling::Conv;
+  auto model = mp::testing::random_model(dir, c, GetParam());
+  const auto src = read_safetensors(dir / "hf/model.safetensors");
+  const auto specs = expected_tensors(c);
+  ASSERT_EQ(model->tensors().size(), specs.size());
+  for (const auto& spec : specs) {
+    const auto got = model->tensor(spec.name, spec.shape).to_f32();
+    const auto& want = src.at(spec.hf_name);
+    ASSERT_EQ(got.size(), want.size()) << spec.name;
+    const bool exact = GetParam() == DType::F32 || spec.shape.size() == 1;
+    for (size_t i = 0; i < got.size(); ++i) {
+      const float expect = exact ? want[i]
+                           : GetParam() == DType::BF16 ? bf16_to_f32(f32_to_bf16(want[i]))
+                                                       : f16_to_f32(f32_to_f16(want[i]));
+      ASSERT_EQ(got[i], expect) << spec.name << "[" << i << "]";
+    }
+  }
+  EXPECT_EQ(model->config().fma_downsampling, Downsampling::Conv);
+  EXPECT_EQ(model->config().n_levels(), 2);
+  EXPECT_EQ(model->tokenizer().vocab_size(), 400);
+}
+
+INSTANTIATE_TEST_SUITE_P(DTypes, RoundTrip, ::testing::Values(DType::F32, DType::F16, DType::BF16));
+
+TEST(Convert, ShardedCheckpointGivesTheSameFile) {
+  TempDir dir;
+  const Config c = mp::testing::small_config();
+  mp::testing::CheckpointOptions o;
+  o.seed = 9;
+  mp::testing::write_random_checkpoint(dir / "one", c, o);
+  o.shards = 3;
+  mp::testing::write_random_checkpoint(dir / "three", c, o);
+  ConvertOptions co;
+  convert_hf_to_gguf(dir / "one", dir / "a.gguf", co);
+  convert_hf_to_gguf(dir / "three", dir / "b.gguf", co);
+  // Only general.name (the folder name) differs.
+  auto a = Model::load(dir / "a.gguf"), b = Model::load(dir / "b.gguf");
+  for (const auto& spec : expected_tensors(c))
+    EXPECT_EQ(a->tensor(spec.name, spec.shape).to_f32(), b->tensor(spec.name, spec.shape).to_f32());
+}
+
+TEST(Convert, RefusesBadCheckpointsNamingTheProblem) {
+  TempDir dir;
+  const Config c = mp::testing::small_config();
+  mp::testing::write_random_checkpoint(dir / "hf", c, {});
+  ConvertOptions co;
+  convert_hf_to_gguf(dir / "hf", dir / "m.gguf", co);
+  EXPECT_NE(error_of([&] { convert_hf_to_gguf(dir / "hf", dir / "m.gguf", co); }).find("--force"),
+            std::string::npos);
+
+  // A config that disagrees with the tensors.
+  Config wrong = c;
+  wrong.intermediate_size = 50;
+  write_all(dir / "hf/config.json", mp::testing::config_json(wrong));
+  co.overwrite = true;
+  const std::string e1 = error_of([&] { convert_hf_to_gguf(dir / "hf", dir / "m2.gguf", co); });
+  EXPECT_NE(e1.find("model.layers.0.mlp.gate_proj.weight"), std::string::npos) << e1;
+  EXPECT_NE(e1.find("[50, 32]"), std::string::npos) << e1;
+  EXPECT_FALSE(fs::exists(dir / "m2.gguf"));
+
+  // A config that asks for a tensor the checkpoint lacks.
+  Config untied = c;
+  untied.tie_word_embeddings = false;
+  Config tied = c;
+  tied.tie_word_embeddings = true;
+  mp::testing::write_random_checkpoint(dir / "tied", tied, {});
+  write_all(dir / "tied/config.json", mp::testing::config_json(untied));
+  const std::string e2 = error_of([&] { convert_hf_to_gguf(dir / "tied", dir / "m3.gguf", co); });
+  EXPECT_NE(e2.find("lm_head.weight"), std::string::npos) << e2;
+  EXPECT_NE(e2.find("missing"), std::string::npos) << e2;
+
+  // Truncated safetensors.
+  write_all(dir / "hf/config.json", mp::testing::config_json(c));
+  const std::string st = read_all(dir / "hf/model.safetensors");
+  write_all(dir / "hf/model.safetensors", st.substr(0, st.size() - 100));
+  const std::string e3 = error_of([&] { convert_hf_to_gguf(dir / "hf", dir / "m4.gguf", co); });
+  EXPECT_NE(e3.find("truncated"), std::string::npos) << e3;
+
+  // Bad JSON.
+  write_all(dir / "hf/config.json", "{\"vocab_size\": 400,");
+  EXPECT_NE(error_of([&] { convert_hf_to_gguf(dir / "hf", dir / "m5.gguf", co); }).find("config.json"),
+            std::string::npos);
+}
+
+TEST(GgufReader, RefusesTruncatedFilesAtEveryCut) {
+  TempDir dir;
+  mp::testing::random_model(dir, mp::testing::small_config());
+  const std::string good = read_all(dir / "model.gguf");
+  for (size_t cut : {size_t(0), size_t(3), size_t(20), size_t(100), size_t(1000), good.size() / 2,
+                     good.size() - 1}) {
+    write_all(dir / "cut.gguf", good.substr(0, cut));
+    const std::string e = error_of([&] { Model::load(dir / "cut.gguf"); });
+    EXPECT_TRUE(e.find("truncated") != std::string::npos || e.find("too short") != std::string::npos)
+        << "cut at " << cut << ": " << e;
+  }
+}
+
+TEST(GgufReader, RefusesCorruptHeaders) {
+  TempDir dir;
+  mp::testing::random_model(dir, mp::testing::small_config());
+  const std::string good = read_all(dir / "model.gguf");
+  auto with = [&](size_t at, const std::string& bytes) {
+    std::string s = good;
+    s.replace(at, bytes.size(), bytes);
+    write_all(dir / "bad.gguf", s);
+    return error_of([&] { Model::load(dir / "bad.gguf"); });
+  };
+  EXPECT_NE(with(0, "GGML").find("bad magic"), std::string::npos);
+  EXPECT_NE(with(4, std::string("\x02\0\0\0", 4)).find("version 2"), std::string::npos);
+  EXPECT_NE(with(8, std::string("\xff\xff\xff\xff\xff\xff\0\0", 8)).find("implausible"),
+            std::string::npos);
+  // A first key whose length runs past the end of the file.
+  EXPECT_NE(with(24, std::string("\xff\xff\xff\xff\0\0\0\0", 8)).find("past the end"),
+            std::string::npos);
+  // Flip every byte of the header in turn: always an Error or a valid load, never a crash.
+  const size_t header = 4096;
+  for (size_t i = 0; i < std::min(header, good.size()); i += 7) {
+    std::string s = good;
+    s[i] = static_cast<char>(s[i] ^ 0x5a);
+    write_all(dir / "flip.gguf", s);
+    try {
+      Model::load(dir / "flip.gguf");
+    } catch (const Error&) {
+    }
+  }
+}
+
+TEST(GgufReader, MismatchedTensorShapeIsNamed) {
+  TempDir dir;
+  auto model = mp::testing::random_model(dir, mp::testing::small_config());
+  const std::string e = error_of([&] { model->tensor("blk.0.attn_q.weight", {7, 7}); });
+  EXPECT_NE(e.find("blk.0.attn_q.weight"), std::string::npos) << e;
+  EXPECT_NE(e.find("[32, 32]"), std::string::npos) << e;
+  EXPECT_NE(e.find("[7, 7]"), std::string::npos) << e;
+}
+
+}  // namespace

@@ -1,0 +1,164 @@
+// The whole model on the CPU backend: chunked prefill, token-by-token decode, batching, and
+// state save/restore/fork all give the same logits.
+#include <gtest/gtest.h>
+
+#include <cmath>
+
+#include "model_fixture.h"
+
+namespace {
+
+using namespace mp;
+using mp::testing::random_model;
+using mp::testing::random_tokens;
+using mp::testing::TempDir;
+
+// Logits of every position, feeding `tokens` in chunks of `chunk`.
+std::vector<float> logits_in_chunks(Backend& b, const std::vector<int>& tokens, int chunk) {
+  const int slot = b.alloc_slot();
+  std::vector<float> all;
+  for (size_t i = 0; i < tokens.size(); i += chunk) {
+    const size_t n = std::min(tokens.size() - i, size_t(chunk));
+    SeqChunk c{slot, std::span<const int>(tokens).subspan(i, n), true};
+    const auto l = b.forward({&c, 1});
+    all.insert(all.end(), l.begin(), l.end());
+  }
+  b.free_slot(slot);
+  return all;
+}
+
+// Token by token, as decode does: only the last row each step.
+std::vector<float> logits_decoding(Backend& b, const std::vector<int>& tokens) {
+  const int slot = b.alloc_slot();
+  std::vector<float> all;
+  for (size_t i = 0; i < tokens.size(); ++i) {
+    SeqChunk c{slot, std::span<const int>(tokens).subspan(i, 1), false};
+    const auto l = b.forward({&c, 1});
+    all.insert(all.end(), l.begin(), l.end());
+  }
+  b.free_slot(slot);
+  return all;
+}
+
+double rel_err(const std::vector<float>& a, const std::vector<float>& b) {
+  EXPECT_EQ(a.size(), b.size());
+  double num = 0, den = 0;
+  for (size_t i = 0; i < a.size(); ++i) {
+    if (!std::isfinite(a[i]) || !std::isfinite(b[i])) return INFINITY;
+    num += double(a[i] - b[i]) * (a[i] - b[i]);
+    den += double(b[i]) * b[i];
+  }
+  return std::sqrt(num / den);
+}
+
+struct Variant {
+  const char* name;
+  Downsampling ds;
+  bool fma, tie;
+  int kv_heads;
+};
+
+class ChunkInvariance : public ::testing::TestWithParam<Variant> {};
+
+TEST_P(ChunkInvariance, PrefillChunksAndDecodeAgreePastTrainedLength) {
+  const Variant v = GetParam();
+  Config c = mp::testing::small_config();
+  c.fma_downsampling = v.ds;
+  c.fma_enabled = v.fma;
+  c.tie_word_embeddings = v.tie;
+  c.n_kv_heads = v.kv_heads;
+  TempDir dir;
+  auto model = random_model(dir, c);
+  auto b = make_backend(model, {.kind = "cpu", .n_slots = 2, .n_threads = 2});
+  const int m = c.fma_block_size;
+  const auto tokens = random_tokens(3 * static_cast<int>(c.n_ctx_train) + 5, c.vocab_size, 11);
+  const auto ref = logits_in_chunks(*b, tokens, static_cast<int>(tokens.size()));
+  for (int chunk : {1, 3, m, 7 * m}) EXPECT_LT(rel_err(logits_in_chunks(*b, tokens, chunk), ref), 1e-5) << chunk;
+  EXPECT_LT(rel_err(logits_decoding(*b, tokens), ref), 1e-5);
+}
+
+INSTANTIATE_TEST_SUITE_P(Models, ChunkInvariance,
+                         ::testing::Values(Variant{"groupedconv", Downsampling::GroupedConv, true, false, 2},
+                                           Variant{"conv", Downsampling::Conv, true, true, 1},
+                                           Variant{"avgpool", Downsampling::AvgPool, true, false, 4},
+                                           Variant{"exact", Downsampling::GroupedConv, false, true, 2}),
+                         [](const auto& info) { return std::string(info.param.name); });
+
+TEST(State, SavedAndRestoredStateContinuesExactly) {
+  TempDir dir;
+  const Config c = mp::testing::small_config();
+  auto model = random_model(dir, c);
+  auto b = make_backend(model, {.kind = "cpu", .n_slots = 3, .n_threads = 2});
+  const auto prefix = random_tokens(100, c.vocab_size, 1), rest = random_tokens(50, c.vocab_size, 2);
+  const int a = b->alloc_slot();
+  SeqChunk pc{a, prefix, false};
+  b->forward({&pc, 1});
+  save_state_file(*b, a, dir / "state.bin");
+  const int forked = b->alloc_slot();
+  b->copy_slot(a, forked);
+  SeqChunk rc{a, rest, true};
+  const auto original = b->forward({&rc, 1});
+
+  const int restored = b->alloc_slot();
+  load_state_file(*b, restored, dir / "state.bin");
+  EXPECT_EQ(b->slot_pos(restored), 100);
+  SeqChunk rc2{restored, rest, true};
+  EXPECT_EQ(b->forward({&rc2, 1}), original);  // bit for bit
+  SeqChunk rc3{forked, rest, true};
+  EXPECT_EQ(b->forward({&rc3, 1}), original);
+}
+
+TEST(State, RefusesStateOfAnotherModelOrTruncated) {
+  TempDir dir;
+  Config c = mp::testing::small_config();
+  auto model = random_model(dir, c);
+  auto b = make_backend(model, {.kind = "cpu", .n_slots = 1, .n_threads = 1});
+  const int s = b->alloc_slot();
+  auto bytes = b->save_slot(s);
+  bytes.resize(bytes.size() - 3);
+  EXPECT_THROW(b->load_slot(s, bytes), Error);
+  TempDir dir2;
+  c.fma_rank = 4;
+  auto other = random_model(dir2, c);
+  auto b2 = make_backend(other, {.kind = "cpu", .n_slots = 1, .n_threads = 1});
+  const int s2 = b2->alloc_slot();
+  try {
+    b2->load_slot(s2, b->save_slot(s));
+    FAIL() << "state of another model was accepted";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("another"), std::string::npos) << e.what();
+  }
+}
+
+TEST(Batch, SequencesInOneBatchMatchSeparateRuns) {
+  TempDir dir;
+  const Config c = mp::testing::small_config();
+  auto model = random_model(dir, c);
+  auto b = make_backend(model, {.kind = "cpu", .n_slots = 3, .n_threads = 2});
+  const auto t1 = random_tokens(70, c.vocab_size, 3), t2 = random_tokens(9, c.vocab_size, 4);
+  const auto r1 = logits_in_chunks(*b, t1, 70), r2 = logits_in_chunks(*b, t2, 9);
+  const int s1 = b->alloc_slot(), s2 = b->alloc_slot();
+  SeqChunk cs[2] = {{s1, t1, true}, {s2, t2, false}};
+  const auto both = b->forward(cs);
+  const size_t V = c.vocab_size;
+  ASSERT_EQ(both.size(), (70 + 1) * V);
+  EXPECT_LT(rel_err({both.begin(), both.begin() + 70 * V}, r1), 1e-6);
+  EXPECT_LT(rel_err({both.begin() + 70 * V, both.end()}, {r2.end() - V, r2.end()}), 1e-6);
+}
+
+TEST(Backend, RejectsBadChunks) {
+  TempDir dir;
+  const Config c = mp::testing::small_config();
+  auto model = random_model(dir, c);
+  auto b = make_backend(model, {.kind = "cpu", .n_slots = 1, .n_threads = 1});
+  const int s = b->alloc_slot();
+  EXPECT_EQ(b->alloc_slot(), -1);
+  std::vector<int> bad = {5, c.vocab_size};
+  SeqChunk c1{s, bad, false};
+  EXPECT_THROW(b->forward({&c1, 1}), Error);
+  SeqChunk c2{s + 1, std::span<const int>(bad).first(1), false};
+  EXPECT_THROW(b->forward({&c2, 1}), Error);
+  EXPECT_EQ(b->slot_pos(s), 0);  // nothing was appended
+}
+
+}  // namespace

@@ -1,0 +1,113 @@
+// multipole-generate: streams a completion of a prompt to stdout.
+#include <chrono>
+#include <cstdio>
+#include <iostream>
+#include <iterator>
+
+#include "common/args.h"
+#include "common/sampling_args.h"
+#include "multipole/multipole.h"
+
+namespace {
+const char* kUsage =
+    "usage: multipole-generate [options] [PROMPT...]\n"
+    "Writes a completion of PROMPT (or of standard input when no prompt is given) to stdout.\n"
+    "  --model FILE           GGUF model (default models/default.gguf)\n"
+    "  --prompt TEXT          the prompt (instead of positional words)\n"
+    "  -n, --max-tokens N     tokens to generate (default 128)\n"
+    "  --stop TEXT            stop when TEXT appears (repeatable)\n"
+    "  --ignore-eos           keep generating past the end-of-sequence token\n"
+    "  --chunk N              prefill chunk size (default 512)\n"
+    "  --backend KIND         auto, cpu or cuda (default auto)\n"
+    "  --threads N            CPU threads (default: all cores)\n";
+
+double seconds_since(std::chrono::steady_clock::time_point t0) {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+}
+}  // namespace
+
+int main(int argc, char** argv) {
+  // Accept the llama.cpp spelling -n.
+  for (int i = 1; i < argc; ++i)
+    if (std::string(argv[i]) == "-n") argv[i] = const_cast<char*>("--max-tokens");
+  mp::cli::Args args(argc, argv, {"ignore-eos"}, std::string(kUsage) + mp::cli::kSamplingUsage);
+  auto known = mp::cli::kSamplingOptions;
+  known.insert({"model", "prompt", "max-tokens", "stop", "ignore-eos", "chunk", "backend", "threads"});
+  args.check_known(known);
+  const auto sampling = mp::cli::sampling_from_args(args);
+  const int max_tokens = static_cast<int>(args.integer("max-tokens", 128));
+  const int chunk = static_cast<int>(args.integer("chunk", 512));
+  if (max_tokens < 0) args.fail("--max-tokens must be >= 0");
+  if (chunk <= 0) args.fail("--chunk must be positive");
+
+  std::string prompt = args.str("prompt");
+  if (!args.has("prompt")) {
+    for (const auto& w : args.positional()) prompt += (prompt.empty() ? "" : " ") + w;
+    if (args.positional().empty())
+      prompt.assign(std::istreambuf_iterator<char>(std::cin), std::istreambuf_iterator<char>());
+  }
+  try {
+    auto model = mp::Model::load(args.str("model", "models/default.gguf"));
+    const auto& tok = model->tokenizer();
+    mp::BackendOptions bo;
+    bo.kind = args.str("backend", "auto");
+    bo.n_slots = 1;
+    bo.n_threads = static_cast<int>(args.integer("threads", 0));
+    auto backend = mp::make_backend(model, bo);
+    std::fprintf(stderr, "model: %s (%s)\nbackend: %s\n", model->path().c_str(),
+                 model->config().summary().c_str(), backend->name().c_str());
+
+    std::vector<int> history = tok.encode(prompt, tok.add_bos());
+    if (history.empty()) throw mp::Error("the prompt is empty and the model adds no BOS token");
+    const int slot = backend->alloc_slot();
+    const auto t0 = std::chrono::steady_clock::now();
+    std::vector<float> logits;
+    for (size_t i = 0; i < history.size(); i += chunk) {
+      const size_t n = std::min(history.size() - i, size_t(chunk));
+      mp::SeqChunk c{slot, std::span<const int>(history).subspan(i, n), false};
+      logits = backend->forward({&c, 1});
+    }
+    const double t_prefill = seconds_since(t0);
+    const size_t n_prompt = history.size();
+
+    mp::Sampler sampler(sampling);
+    mp::TextStream stream(tok, args.all("stop"));
+    std::fputs(prompt.c_str(), stdout);
+    std::fflush(stdout);
+    const auto t1 = std::chrono::steady_clock::now();
+    int generated = 0;
+    const char* reason = "length";
+    while (generated < max_tokens) {
+      const int id = sampler.sample(logits, history);
+      history.push_back(id);
+      ++generated;
+      if (id == tok.eos() && !args.has("ignore-eos")) {
+        reason = "eos";
+        break;
+      }
+      std::fputs(stream.push(id).c_str(), stdout);
+      std::fflush(stdout);
+      if (stream.stopped()) {
+        reason = "stop";
+        break;
+      }
+      if (generated == max_tokens) break;
+      mp::SeqChunk c{slot, std::span<const int>(&history.back(), 1), false};
+      logits = backend->forward({&c, 1});
+    }
+    std::fputs(stream.flush().c_str(), stdout);
+    std::fputs("\n", stdout);
+    const double t_gen = seconds_since(t1);
+    std::fprintf(stderr,
+                 "\nprompt: %zu tokens in %.3f s (%.1f tokens/s)\n"
+                 "generated: %d tokens in %.3f s (%.1f tokens/s), stopped by %s\n"
+                 "state: %.1f KiB at position %lld\n",
+                 n_prompt, t_prefill, n_prompt / std::max(t_prefill, 1e-9), generated, t_gen,
+                 generated / std::max(t_gen, 1e-9), reason, backend->slot_bytes(slot) / 1024.0,
+                 static_cast<long long>(backend->slot_pos(slot)));
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "error: %s\n", e.what());
+    return 1;
+  }
+  return 0;
+}
