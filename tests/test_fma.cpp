@@ -198,7 +198,13 @@ INSTANTIATE_TEST_SUITE_P(
                       Case{128, 8, 4, Downsampling::AvgPool, true, 2, 1},
                       Case{128, 16, 2, Downsampling::Conv, false, 3, 3},
                       Case{256, 8, 1, Downsampling::AvgPool, false, 2, 2},
-                      Case{256, 16, 4, Downsampling::GroupedConv, true, 4, 1}));
+                      Case{256, 16, 4, Downsampling::GroupedConv, true, 4, 1}),
+    [](const auto& info) {
+      const Case& c = info.param;
+      return "n" + std::to_string(c.n) + "_m" + std::to_string(c.m) + "_p" + std::to_string(c.p) +
+             "_" + std::string(mp::to_string(c.ds)) + (c.scale ? "_scaled" : "") + "_h" +
+             std::to_string(c.heads) + "kv" + std::to_string(c.kv);
+    });
 
 TEST(Fma, EqualsExactCausalAttentionUpTo2m) {
   for (auto ds : {Downsampling::GroupedConv, Downsampling::Conv, Downsampling::AvgPool}) {

@@ -75,7 +75,8 @@ TEST_P(RoundTrip, EveryTensorSurvivesConversion) {
   EXPECT_EQ(model->tokenizer().vocab_size(), 400);
 }
 
-INSTANTIATE_TEST_SUITE_P(DTypes, RoundTrip, ::testing::Values(DType::F32, DType::F16, DType::BF16));
+INSTANTIATE_TEST_SUITE_P(DTypes, RoundTrip, ::testing::Values(DType::F32, DType::F16, DType::BF16),
+                         [](const auto& info) { return std::string(to_string(info.param)); });
 
 TEST(Convert, ShardedCheckpointGivesTheSameFile) {
   TempDir dir;
