@@ -104,8 +104,16 @@ class Downsample(nn.ModuleList):
         G = T // w
         if self.kind == "avgpool":
             return x[:, :G * w].reshape(N, G, self.p, w // self.p, d).mean(3)
-        y = self[level - 1](x[:, :G * w].transpose(1, 2))  # [N, p*d, G], channel c*p + r
-        return y.view(N, d, self.p, G).permute(0, 3, 2, 1)
+        # The convolution's weights applied as one contraction per group: cuDNN's grouped conv
+        # with kernel = stride = w is very slow for large w.
+        conv = self[level - 1]
+        X = x[:, :G * w].reshape(N, G, w, d)
+        bias = conv.bias.view(d, self.p).t()  # [p, d]: output channel c*p + r
+        if self.kind == "groupedconv":
+            W = conv.weight.view(d, self.p, w)
+            return torch.einsum("ngtc,crt->ngrc", X, W.to(X.dtype)) + bias.to(X.dtype)
+        W = conv.weight.view(d, self.p, d, w)
+        return torch.einsum("ngti,crit->ngrc", X, W.to(X.dtype)) + bias.to(X.dtype)
 
 
 def _expand_kv(x, heads):  # [B, KV, ...] -> [B, H, ...]
@@ -316,17 +324,20 @@ class FmaModel(nn.Module):
         return torch.cat(out, dim=1)
 
 
-def save_hf(model: FmaModel, folder, tokenizer_path):
-    """Writes the Hugging Face folder of DESIGN.md section 3 (safetensors written here)."""
+def save_hf(model: FmaModel, folder, tokenizer_path, dtype=torch.float32):
+    """Writes the Hugging Face folder of DESIGN.md section 3 (safetensors written here), the
+    tensors in float32 or bfloat16."""
     os.makedirs(folder, exist_ok=True)
     with open(os.path.join(folder, "config.json"), "w") as f:
         f.write(model.cfg.to_hf_json())
-    tensors = {k: v.detach().float().cpu().contiguous() for k, v in model.state_dict().items()}
+    tensors = {k: v.detach().to(dtype).cpu().contiguous() for k, v in model.state_dict().items()}
     header, blobs, off = {"__metadata__": {"format": "pt"}}, [], 0
     for name in sorted(tensors):
         t = tensors[name]
-        raw = t.numpy().astype("<f4").tobytes()
-        header[name] = {"dtype": "F32", "shape": list(t.shape), "data_offsets": [off, off + len(raw)]}
+        bf16 = dtype == torch.bfloat16
+        raw = (t.view(torch.int16) if bf16 else t).numpy().tobytes()
+        header[name] = {"dtype": "BF16" if bf16 else "F32", "shape": list(t.shape),
+                        "data_offsets": [off, off + len(raw)]}
         blobs.append(raw)
         off += len(raw)
     h = json.dumps(header).encode()

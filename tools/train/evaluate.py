@@ -1,0 +1,101 @@
+#!/usr/bin/env python3
+"""Held-out evaluation of a trained model (train.py's OUT/hf folder) on the validation split.
+
+Prints and writes JSON with: perplexity at context 512 and 8192 (the validation stream cut into
+windows, each from an empty state), perplexity by position bucket on the long validation
+documents (each evaluated whole, up to --max-doc tokens), and a parity sample: the per-token NLL
+of the first --parity-tokens validation tokens at context 8192 in float32, for comparison with
+multipole-perplexity (engine_parity.py).
+
+usage: evaluate.py HF_DIR DATA_DIR OUT.json [--device cuda] [--max-doc N]
+"""
+import argparse
+import json
+import math
+import os
+import time
+
+import numpy as np
+import torch
+
+from fma_model import FmaConfig, FmaModel
+
+
+def load(hf, device):
+    cfg = FmaConfig.from_json(open(os.path.join(hf, "config.json")).read())
+    model = FmaModel(cfg)
+    raw = open(os.path.join(hf, "model.safetensors"), "rb").read()
+    hlen = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8:8 + hlen])
+    sd = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        b, e = info["data_offsets"]
+        buf = np.frombuffer(raw[8 + hlen + b:8 + hlen + e], dtype="<i2" if info["dtype"] == "BF16" else "<f4")
+        t = torch.from_numpy(buf.copy())
+        t = (t.view(torch.bfloat16) if info["dtype"] == "BF16" else t).float()
+        sd[name] = t.reshape(info["shape"])
+    model.load_state_dict(sd)
+    return model.to(device).eval(), cfg
+
+
+@torch.no_grad()
+def nll_windows(model, ids, ctx, device, bf16):
+    out = []
+    for s in range(0, len(ids) - 1, ctx):
+        w = torch.tensor(ids[s:s + ctx].astype(np.int64), device=device)[None]
+        if w.shape[1] < 2:
+            break
+        if bf16:
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                out.append(model.nll(w)[0].float().cpu())
+        else:
+            out.append(model.nll(w)[0].float().cpu())
+    return torch.cat(out)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("hf")
+    ap.add_argument("data")
+    ap.add_argument("out")
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--max-doc", type=int, default=32768)
+    ap.add_argument("--parity-tokens", type=int, default=16384)
+    args = ap.parse_args()
+    t0 = time.time()
+    model, cfg = load(args.hf, args.device)
+    val = np.fromfile(os.path.join(args.data, "val.bin"), dtype=np.uint16)
+    docs = json.load(open(os.path.join(args.data, "val_docs.json")))
+    bf16 = args.device == "cuda"
+    res = {"model": "fma" if cfg.fma_enabled else "exact", "val_tokens": int(len(val))}
+    for ctx in (512, 8192):
+        nll = nll_windows(model, val, ctx, args.device, bf16)
+        res[f"ppl_ctx{ctx}"] = math.exp(nll.mean().item())
+    # Position buckets on the long documents, each evaluated whole from its start.
+    edges = [0, 512, 2048, 8192, args.max_doc]
+    sums, counts = [0.0] * 4, [0] * 4
+    long_docs = [d for d in docs if d["length"] > 8192]
+    for d in long_docs:
+        n = min(d["length"], args.max_doc if cfg.fma_enabled else 8192)
+        ids = val[d["start"]:d["start"] + n]
+        nll = nll_windows(model, ids, n, args.device, bf16)
+        for b in range(4):
+            part = nll[edges[b]:edges[b + 1]]
+            sums[b] += part.sum().item()
+            counts[b] += part.numel()
+    res["long_docs"] = len(long_docs)
+    res["ppl_by_position"] = {f"{edges[b]}-{edges[b + 1]}": math.exp(sums[b] / counts[b])
+                              for b in range(4) if counts[b]}
+    # Parity sample in float32 with the weights as stored (bf16-rounded).
+    ids = val[:args.parity_tokens]
+    nll = nll_windows(model.float(), ids, 8192, args.device, False)
+    res["parity"] = {"tokens": ids.tolist(), "ctx": 8192, "nll": nll.tolist()}
+    res["eval_seconds"] = time.time() - t0
+    json.dump(res, open(args.out, "w"))
+    print(json.dumps({k: v for k, v in res.items() if k != "parity"}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

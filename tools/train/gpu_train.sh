@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# The whole training job for one GPU call (the device machine keeps nothing between calls):
+# the reference tests, both models (FMA and its exact-attention twin) trained side by side in two
+# pieces that each resume the last checkpoint, the evaluation of both, and the FMA model's
+# Hugging Face folder, split in pieces small enough to come back.
+# usage (repository root, GPU machine): tools/train/gpu_train.sh DATA_DIR OUT_DIR PIECE_MINUTES
+set -euo pipefail
+data=$(realpath "$1") out=$2 piece=${3:-3.4}
+export PYTHONUNBUFFERED=1
+cd tools/train
+python3 test_fma_model.py 2>&1 | tail -3
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+# Each piece loses about 40 s to start-up and saving.
+plan=$(python3 -c "print(2 * ($piece - 0.7))")
+for final in "" --final; do
+  python3 train.py --data "$data" --out /tmp/fma --minutes "$piece" --plan-minutes "$plan" $final &
+  python3 train.py --data "$data" --out /tmp/exact --exact --minutes "$piece" --plan-minutes "$plan" $final &
+  wait
+  tail -n 3 /tmp/fma/train.log /tmp/exact/train.log
+done
+for m in fma exact; do
+  if [ -d /tmp/$m/hf ]; then python3 evaluate.py /tmp/$m/hf "$data" "$out/eval_$m.json"; fi
+  cp /tmp/$m/train.log "$out/train_$m.log"
+done
+(cd /tmp/fma/hf && split -b 15M -d model.safetensors "$out/fma_safetensors.part" && cp config.json "$out/fma_config.json")
+ls -la "$out"

@@ -1,0 +1,153 @@
+#!/usr/bin/env python3
+"""Trains an FMA (or exact-attention) model on the tokenized corpus of prepare_corpus.py.
+
+bf16 autocast, AdamW, linear warm-up then cosine decay, gradient clipping. Each run trains for at
+most --minutes and leaves OUT/last.pt, which the next run resumes (model, optimiser, step, data
+position, schedule). The schedule's length is fixed on the first run: --plan-minutes of training
+at the speed measured over its first steps. When the plan is done, the run exports the Hugging
+Face folder OUT/hf (bf16 safetensors) for multipole-convert.
+
+usage: train.py --data DIR --out DIR [--exact] [--minutes M] [--plan-minutes M] ...
+"""
+import argparse
+import json
+import math
+import os
+import time
+
+import numpy as np
+import torch
+
+from fma_model import FmaConfig, FmaModel, save_hf
+
+
+def model_config(exact, tiny=False):
+    if tiny:  # for smoke tests of the pipeline
+        return FmaConfig(vocab_size=8192, hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
+                         num_key_value_heads=1, head_dim=32, intermediate_size=128,
+                         max_position_embeddings=256, fma_enabled=not exact, fma_block_size=16,
+                         fma_rank=2)
+    return FmaConfig(vocab_size=8192, hidden_size=384, num_hidden_layers=6, num_attention_heads=6,
+                     num_key_value_heads=2, head_dim=64, intermediate_size=1024,
+                     tie_word_embeddings=True, max_position_embeddings=8192, fma_enabled=not exact,
+                     fma_block_size=64, fma_rank=2, fma_downsampling="groupedconv")
+
+
+def lr_at(step, total, peak, warmup):
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    t = min(1.0, (step - warmup) / max(1, total - warmup))
+    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t)))
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--data", required=True)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--exact", action="store_true", help="exact attention (the baseline twin)")
+    ap.add_argument("--minutes", type=float, default=9.0, help="wall-clock budget of this run")
+    ap.add_argument("--plan-minutes", type=float, default=9.0, help="training time of the whole plan")
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--warmup", type=int, default=150)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--final", action="store_true",
+                    help="export at the end of this run even if the plan is not finished")
+    ap.add_argument("--tiny", action="store_true", help="a tiny model, to smoke-test the pipeline")
+    args = ap.parse_args()
+    t_start = time.time()
+    torch.backends.cuda.matmul.allow_tf32 = True
+    dev = args.device
+    cfg = model_config(args.exact, args.tiny)
+    n = cfg.max_position_embeddings
+    data = np.memmap(os.path.join(args.data, "train.bin"), dtype=np.uint16, mode="r")
+    os.makedirs(args.out, exist_ok=True)
+    ckpt_path = os.path.join(args.out, "last.pt")
+    log = open(os.path.join(args.out, "train.log"), "a")
+
+    torch.manual_seed(args.seed)
+    model = FmaModel(cfg).to(dev)
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1},
+                             {"params": no_decay, "weight_decay": 0.0}],
+                            lr=args.lr, betas=(0.9, 0.95), **({"fused": True} if dev == "cuda" else {}))
+    state = {"step": 0, "total_steps": None, "tokens": 0, "train_seconds": 0.0}
+    rng = np.random.default_rng(args.seed)
+    if os.path.exists(ckpt_path):
+        ck = torch.load(ckpt_path, map_location=dev, weights_only=False)
+        model.load_state_dict(ck["model"])
+        opt.load_state_dict(ck["opt"])
+        state = ck["state"]
+        rng.bit_generator.state = ck["rng"]
+        print(f"resumed at step {state['step']} of {state['total_steps']}", file=log, flush=True)
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"{'exact' if args.exact else 'fma'}: {n_params / 1e6:.2f}M parameters, "
+          f"{len(data) / 1e6:.1f}M training tokens", file=log, flush=True)
+
+    def batch():
+        starts = rng.integers(0, len(data) - n - 1, args.batch)
+        x = np.stack([data[s:s + n + 1] for s in starts]).astype(np.int64)
+        x = torch.from_numpy(x)
+        if dev == "cuda":
+            x = x.pin_memory().to(dev, non_blocking=True)
+        return x[:, :-1], x[:, 1:]
+
+    def save():
+        tmp = ckpt_path + ".tmp"
+        torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "state": state,
+                    "rng": rng.bit_generator.state, "config": cfg.__dict__}, tmp)
+        os.replace(tmp, ckpt_path)
+
+    budget = args.minutes * 60 - 30  # leave time to save
+    t_run = time.time()
+    while state["total_steps"] is None or state["step"] < state["total_steps"]:
+        t0 = time.time()
+        lr = lr_at(state["step"], state["total_steps"] or 10**9, args.lr, args.warmup)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        x, y = batch()
+        with torch.autocast(dev, dtype=torch.bfloat16):
+            loss = model.loss(x, y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        state["step"] += 1
+        state["tokens"] += x.numel()
+        if state["step"] % 25 == 0 or state["step"] == 20:
+            if dev == "cuda":
+                torch.cuda.synchronize()
+            dt = time.time() - t0
+            print(f"step {state['step']} loss {loss.item():.4f} gnorm {gnorm.item():.2f} lr {lr:.2e} "
+                  f"{x.numel() / dt:.0f} tok/s", file=log, flush=True)
+        if state["total_steps"] is None and state["step"] in (10, 30):
+            if dev == "cuda":
+                torch.cuda.synchronize()
+            t_mark = time.time() if state["step"] == 10 else t_mark
+        if state["total_steps"] is None and state["step"] == 30:
+            # Plan from the speed after warm-up: the time already spent counts against the plan.
+            per_step = (time.time() - t_mark) / 20
+            remaining = args.plan_minutes * 60 - (time.time() - t_run)
+            state["total_steps"] = 30 + int(remaining / per_step)
+            print(f"plan: {state['total_steps']} steps ({per_step:.3f} s/step)", file=log, flush=True)
+        if time.time() - t_run > budget:
+            break
+    state["train_seconds"] += time.time() - t_run
+    save()
+    print(f"stopped at step {state['step']}, {state['tokens'] / 1e6:.1f}M tokens, "
+          f"{state['train_seconds']:.0f} s of training", file=log, flush=True)
+    if state["step"] < state["total_steps"] and args.final:
+        print(f"final run: exporting at step {state['step']} of {state['total_steps']}", file=log,
+              flush=True)
+    if state["step"] >= state["total_steps"] or args.final:
+        save_hf(model, os.path.join(args.out, "hf"), os.path.join(args.data, "tokenizer.model"),
+                dtype=torch.bfloat16)
+        json.dump(state, open(os.path.join(args.out, "done.json"), "w"))
+        print(f"exported {args.out}/hf", file=log, flush=True)
+    print(f"run took {time.time() - t_start:.0f} s", file=log, flush=True)
+
+
+if __name__ == "__main__":
+    main()
