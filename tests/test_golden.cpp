@@ -13,7 +13,7 @@ namespace {
 using namespace mp;
 
 TEST(Golden, EngineReproducesPyTorchLogits) {
-  const std::string dir = MULTIPOLE_TEST_DATA "/golden";
+  const std::string dir = mp::testing::test_data_dir() + "/golden";
   mp::testing::TempDir tmp;
   ConvertOptions co;
   co.dtype = DType::F32;

@@ -7,7 +7,8 @@
 namespace mp {
 
 #ifdef MULTIPOLE_HAVE_CUDA
-std::unique_ptr<Backend> make_cuda_backend(std::shared_ptr<const Model> model, int n_slots);
+std::unique_ptr<Backend> make_cuda_backend(std::shared_ptr<const Model> model, int n_slots,
+                                           int64_t max_context);
 bool cuda_device_present();
 bool cuda_available() { return cuda_device_present(); }
 #else
@@ -20,7 +21,10 @@ std::unique_ptr<Backend> make_backend(std::shared_ptr<const Model> model,
   if (opts.kind != "auto" && opts.kind != "cuda")
     throw Error("unknown backend '" + opts.kind + "' (expected auto, cpu or cuda)");
 #ifdef MULTIPOLE_HAVE_CUDA
-  if (cuda_available()) return make_cuda_backend(std::move(model), opts.n_slots);
+  if (cuda_available()) {
+    const int64_t ctx = opts.max_context > 0 ? opts.max_context : model->config().n_ctx_train;
+    return make_cuda_backend(std::move(model), opts.n_slots, ctx);
+  }
 #endif
   if (opts.kind == "cuda")
     throw Error("backend 'cuda' asked for, but this build has no CUDA backend or no GPU is present");

@@ -1,6 +1,7 @@
 #include "checkpoint.h"
 
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
@@ -12,7 +13,13 @@
 namespace mp::testing {
 namespace fs = std::filesystem;
 
-std::string fixture_tokenizer_path() { return MULTIPOLE_TEST_DATA "/tiny-spm.model"; }
+std::string fixture_tokenizer_path() { return test_data_dir() + "/tiny-spm.model"; }
+
+std::string test_data_dir() {
+  // Overridable where the tests run from another checkout (the GPU machine).
+  const char* env = std::getenv("MULTIPOLE_TEST_DATA");
+  return env ? env : MULTIPOLE_TEST_DATA;
+}
 
 Config small_config() {
   Config c;

@@ -15,6 +15,8 @@ struct CheckpointOptions {
   int shards = 1;  // > 1 writes model.safetensors.index.json and that many shards
 };
 
+// tests/data, or $MULTIPOLE_TEST_DATA.
+std::string test_data_dir();
 // The tokenizer fixture committed for the tests (vocab 400, BOS 1, EOS 2).
 std::string fixture_tokenizer_path();
 // A small config with every FMA feature switched on (n = 64, m = 8, p = 2: L = 2).

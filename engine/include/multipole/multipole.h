@@ -235,6 +235,9 @@ struct BackendOptions {
   std::string kind = "auto";  // "auto" (CUDA when built and a GPU is present), "cpu", "cuda"
   int n_slots = 4;
   int n_threads = 0;  // CPU threads; 0: all cores
+  // Exact attention on the CUDA backend keeps a KV cache of this many tokens per slot
+  // (0: the trained length). FMA slots have a fixed size whatever the length.
+  int64_t max_context = 0;
 };
 std::unique_ptr<Backend> make_backend(std::shared_ptr<const Model> model,
                                       const BackendOptions& opts);

@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Everything the GPU machine does in one call: the CUDA tests, compute-sanitizer memcheck and
+# racecheck on the kernel tests, bench_cuda and the PyTorch baselines. Binaries are built here
+# (scripts/gpu_bundle.sh) and carried in .carry/gpu. Results go to $OUT.
+set -uo pipefail
+root=$(pwd)
+export LD_LIBRARY_PATH=$root/.carry/gpu/lib:/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}
+export MULTIPOLE_TEST_DATA=$root/tests/data
+bin=$root/.carry/gpu/bin
+out=${OUT:-/tmp/out}
+mkdir -p "$out"
+nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv,noheader
+"$bin/multipole_gpu_tests" > "$out/gpu_tests.log" 2>&1; echo "gpu tests rc $?"
+grep -E "^\[  (FAILED|PASSED|SKIPPED) |Failure|rel_err|Which is" "$out/gpu_tests.log" | head -40
+filter='Cuda.RmsNorm*:Models/CudaModel.*/groupedconv:Models/CudaModel.*/exact'
+for tool in memcheck racecheck; do
+  timeout 100 compute-sanitizer --tool $tool --error-exitcode 9 "$bin/multipole_gpu_tests" \
+    --gtest_filter="$filter" > "$out/sanitizer_$tool.log" 2>&1
+  echo "compute-sanitizer $tool rc $?: $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$out/sanitizer_$tool.log" | tail -1)"
+done
+"$bin/bench_cuda" models/default.gguf ${BENCH_ARGS:-} > "$out/bench_cuda.md" 2>&1; echo "bench_cuda rc $?"
+cat "$out/bench_cuda.md"
+PYTHONUNBUFFERED=1 timeout 200 python3 bench/attention_torch.py > "$out/bench_torch.md" 2>&1; echo "torch rc $?"
+cat "$out/bench_torch.md"

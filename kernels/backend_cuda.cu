@@ -1,0 +1,369 @@
+// The CUDA backend: the same model as the CPU backend (engine/src/backend_cpu.cpp) with bf16
+// weights, fp32 activations and accumulation, GEMMs through cuBLAS, and every slot's hierarchical
+// cache in one pool of device memory allocated at start.
+#include <algorithm>
+#include <cstring>
+
+#include "../engine/src/backend_cpu.h"
+#include "../engine/src/fma_cpu.h"
+#include "../engine/src/numeric.h"
+#include "fma_cuda.cuh"
+
+namespace mp {
+
+bool cuda_device_present() {
+  int n = 0;
+  return cudaGetDeviceCount(&n) == cudaSuccess && n > 0;
+}
+
+namespace {
+
+using cuda::check;
+
+// A device allocation that frees itself.
+template <class T>
+class DeviceArray {
+ public:
+  DeviceArray() = default;
+  explicit DeviceArray(size_t n) { resize(n); }
+  ~DeviceArray() { cudaFree(p_); }
+  DeviceArray(const DeviceArray&) = delete;
+  DeviceArray& operator=(const DeviceArray&) = delete;
+  DeviceArray(DeviceArray&& o) noexcept : p_(o.p_), n_(o.n_) { o.p_ = nullptr, o.n_ = 0; }
+  DeviceArray& operator=(DeviceArray&& o) noexcept {
+    std::swap(p_, o.p_);
+    std::swap(n_, o.n_);
+    return *this;
+  }
+  void resize(size_t n) {  // contents are not kept
+    if (n <= n_) return;
+    cudaFree(p_);
+    p_ = nullptr;
+    check(cudaMalloc(&p_, std::max<size_t>(n, 1) * sizeof(T)), "cudaMalloc");
+    n_ = n;
+  }
+  void upload(const T* src, size_t n, cudaStream_t s) {
+    resize(n);
+    if (n) check(cudaMemcpyAsync(p_, src, n * sizeof(T), cudaMemcpyHostToDevice, s), "upload");
+  }
+  void upload(const std::vector<T>& v, cudaStream_t s) { upload(v.data(), v.size(), s); }
+  T* get() const { return p_; }
+  size_t size() const { return n_; }
+
+ private:
+  T* p_ = nullptr;
+  size_t n_ = 0;
+};
+
+DeviceArray<__nv_bfloat16> upload_bf16(const TensorView& t, cudaStream_t s) {
+  const std::vector<float> f = t.to_f32();
+  std::vector<__nv_bfloat16> h(f.size());
+  for (size_t i = 0; i < f.size(); ++i) h[i] = __float2bfloat16(f[i]);
+  DeviceArray<__nv_bfloat16> d;
+  d.upload(h, s);
+  check(cudaStreamSynchronize(s), "upload");
+  return d;
+}
+
+DeviceArray<float> upload_f32(const std::vector<float>& f, cudaStream_t s) {
+  DeviceArray<float> d;
+  d.upload(f, s);
+  check(cudaStreamSynchronize(s), "upload");
+  return d;
+}
+
+struct Layer {
+  DeviceArray<float> attn_norm, ffn_norm;
+  DeviceArray<__nv_bfloat16> wq, wk, wv, wo, gate, up, down;
+  std::vector<DeviceArray<float>> ds;  // per level: wk, bk, wv, bv
+  DeviceArray<const float*> ds_ptrs;   // [4][L]: the Downsamplers table
+  // The layer's part of the slot pool.
+  DeviceArray<float> fine_k, fine_v, sum_k, sum_v, acc_k, acc_v;
+};
+
+class CudaBackend final : public Backend {
+ public:
+  CudaBackend(std::shared_ptr<const Model> model, int n_slots, int64_t max_context)
+      : model_(std::move(model)), c_(model_->config()) {
+    if (n_slots <= 0) throw Error("backend: n_slots must be positive");
+    check(cudaSetDevice(0), "cudaSetDevice");
+    check(cudaStreamCreate(&stream_), "cudaStreamCreate");
+    check(cublasCreate(&cublas_), "cublasCreate");
+    check(cublasSetStream(cublas_, stream_), "cublasSetStream");
+    namespace tn = tensor_names;
+    const int64_t H = c_.hidden_size, V = c_.vocab_size, F = c_.intermediate_size;
+    const int64_t q = int64_t{c_.n_heads} * c_.head_dim, kv = int64_t{c_.n_kv_heads} * c_.head_dim;
+    shape_ = {c_.n_heads, c_.n_kv_heads, c_.head_dim, c_.fma_block_size, c_.fma_rank, c_.n_levels(),
+              c_.fma_enabled, c_.fma_scale_attn, c_.fma_downsampling == Downsampling::AvgPool,
+              c_.fma_downsampling == Downsampling::Conv ? c_.head_dim
+              : c_.fma_downsampling == Downsampling::GroupedConv ? 1 : 0};
+    cap_ = c_.fma_enabled ? 2 * int64_t{c_.fma_block_size} : max_context;
+    if (cap_ <= 0) throw Error("CUDA backend: exact attention needs a positive max_context");
+    embed_ = upload_bf16(model_->tensor(tn::token_embd(), {V, H}), stream_);
+    out_norm_ = upload_f32(model_->tensor(tn::output_norm(), {H}).to_f32(), stream_);
+    if (!c_.tie_word_embeddings) head_ = upload_bf16(model_->tensor(tn::output(), {V, H}), stream_);
+    const size_t L = c_.n_levels(), pd = size_t(c_.fma_rank) * c_.head_dim;
+    for (int i = 0; i < c_.n_layers; ++i) {
+      Layer l;
+      l.attn_norm = upload_f32(model_->tensor(tn::layer(i, "attn_norm"), {H}).to_f32(), stream_);
+      l.ffn_norm = upload_f32(model_->tensor(tn::layer(i, "ffn_norm"), {H}).to_f32(), stream_);
+      l.wq = upload_bf16(model_->tensor(tn::layer(i, "attn_q"), {q, H}), stream_);
+      l.wk = upload_bf16(model_->tensor(tn::layer(i, "attn_k"), {kv, H}), stream_);
+      l.wv = upload_bf16(model_->tensor(tn::layer(i, "attn_v"), {kv, H}), stream_);
+      l.wo = upload_bf16(model_->tensor(tn::layer(i, "attn_output"), {H, q}), stream_);
+      l.gate = upload_bf16(model_->tensor(tn::layer(i, "ffn_gate"), {F, H}), stream_);
+      l.up = upload_bf16(model_->tensor(tn::layer(i, "ffn_up"), {F, H}), stream_);
+      l.down = upload_bf16(model_->tensor(tn::layer(i, "ffn_down"), {H, F}), stream_);
+      if (c_.fma_enabled) {
+        // The same transposed layout as the CPU reference's Downsampler.
+        const cpu::LayerDownsamplers ds = cpu::make_layer_downsamplers(c_, *model_, i);
+        std::vector<const float*> ptrs(4 * L, nullptr);
+        for (size_t lv = 0; lv < L; ++lv) {
+          for (int which = 0; which < 4; ++which) {
+            const cpu::Downsampler& d = which < 2 ? ds.k[lv] : ds.v[lv];
+            l.ds.push_back(upload_f32(which % 2 == 0 ? d.weight : d.bias, stream_));
+            ptrs[which * L + lv] = l.ds.back().get();
+          }
+        }
+        l.ds_ptrs.upload(ptrs, stream_);
+      }
+      const size_t S = n_slots;
+      l.fine_k.resize(S * cap_ * kv);
+      l.fine_v.resize(S * cap_ * kv);
+      l.sum_k.resize(S * L * 3 * c_.n_kv_heads * pd);
+      l.sum_v.resize(S * L * 3 * c_.n_kv_heads * pd);
+      l.acc_k.resize(S * L * c_.n_kv_heads * pd);
+      l.acc_v.resize(S * L * c_.n_kv_heads * pd);
+      layers_.push_back(std::move(l));
+    }
+    check(cudaStreamSynchronize(stream_), "upload");
+    pos_.assign(n_slots, 0);
+    in_use_.assign(n_slots, false);
+  }
+
+  ~CudaBackend() override {
+    cublasDestroy(cublas_);
+    cudaStreamDestroy(stream_);
+  }
+
+  std::string name() const override { return "cuda"; }
+  const Config& config() const override { return c_; }
+  int n_slots() const override { return static_cast<int>(pos_.size()); }
+  int alloc_slot() override {
+    for (size_t i = 0; i < pos_.size(); ++i)
+      if (!in_use_[i]) {
+        in_use_[i] = true;
+        pos_[i] = 0;
+        return static_cast<int>(i);
+      }
+    return -1;
+  }
+  void free_slot(int s) override { in_use_.at(check_slot(s)) = false; }
+  // Nothing on the device needs clearing: only positions below pos_ are ever read, and an
+  // accumulator is read only for a group that began before the chunk.
+  void reset_slot(int s) override { pos_[check_slot(s)] = 0; }
+  int64_t slot_pos(int s) const override { return pos_[check_slot(s)]; }
+  size_t slot_bytes(int) const override {
+    const size_t pd = size_t(c_.fma_rank) * c_.head_dim, kv = size_t(c_.n_kv_heads);
+    return c_.n_layers * 4 * 2 * (cap_ * kv * c_.head_dim + size_t(c_.n_levels()) * 4 * kv * pd);
+  }
+
+  void copy_slot(int src, int dst) override {
+    check_slot(src);
+    check_slot(dst);
+    for (auto& l : layers_)
+      for (auto* a : {&l.fine_k, &l.fine_v, &l.sum_k, &l.sum_v, &l.acc_k, &l.acc_v}) {
+        const size_t per = a->size() / pos_.size();
+        check(cudaMemcpyAsync(a->get() + dst * per, a->get() + src * per, per * sizeof(float),
+                              cudaMemcpyDeviceToDevice, stream_),
+              "copy_slot");
+      }
+    check(cudaStreamSynchronize(stream_), "copy_slot");
+    pos_[dst] = pos_[src];
+  }
+
+  // The same bytes as the CPU backend's state: states move between backends.
+  std::vector<uint8_t> save_slot(int s) const override {
+    check_slot(s);
+    cpu::SeqCache seq = cpu::make_seq_cache(c_);
+    seq.pos = pos_[s];
+    const size_t kvd = size_t(c_.n_kv_heads) * c_.head_dim;
+    for (int li = 0; li < c_.n_layers; ++li) {
+      const Layer& l = layers_[li];
+      cpu::LayerCache& h = seq.layers[li];
+      if (!c_.fma_enabled) {
+        h.fine_k.resize(seq.pos * kvd);
+        h.fine_v.resize(seq.pos * kvd);
+      }
+      download(l.fine_k, s, h.fine_k);
+      download(l.fine_v, s, h.fine_v);
+      download(l.sum_k, s, h.sum_k);
+      download(l.sum_v, s, h.sum_v);
+      download(l.acc_k, s, h.acc_k);
+      download(l.acc_v, s, h.acc_v);
+      for (int lv = 1; lv <= c_.n_levels(); ++lv) {  // the ring holds the last 3 complete groups
+        const int64_t done = seq.pos / c_.group_size(lv);
+        for (int64_t g = std::max<int64_t>(0, done - 3); g < done; ++g)
+          h.sum_group[(lv - 1) * 3 + g % 3] = g;
+      }
+    }
+    return cpu::serialize(c_, seq);
+  }
+
+  void load_slot(int s, std::span<const uint8_t> bytes) override {
+    check_slot(s);
+    cpu::SeqCache seq;
+    cpu::deserialize(c_, bytes, seq);
+    if (seq.pos > cap_ && !c_.fma_enabled)
+      throw Error("sequence state: " + std::to_string(seq.pos) + " tokens exceed max_context");
+    for (int li = 0; li < c_.n_layers; ++li) {
+      Layer& l = layers_[li];
+      const cpu::LayerCache& h = seq.layers[li];
+      upload_part(l.fine_k, s, h.fine_k);
+      upload_part(l.fine_v, s, h.fine_v);
+      upload_part(l.sum_k, s, h.sum_k);
+      upload_part(l.sum_v, s, h.sum_v);
+      upload_part(l.acc_k, s, h.acc_k);
+      upload_part(l.acc_v, s, h.acc_v);
+    }
+    check(cudaStreamSynchronize(stream_), "load_slot");
+    pos_[s] = seq.pos;
+  }
+
+  std::vector<float> forward(std::span<const SeqChunk> chunks) override {
+    check_chunks(c_, chunks, n_slots(), in_use_);
+    if (!c_.fma_enabled)
+      for (const auto& ch : chunks)
+        if (pos_[ch.slot] + int64_t(ch.tokens.size()) > cap_)
+          throw Error("forward: " + std::to_string(pos_[ch.slot] + ch.tokens.size()) +
+                      " tokens exceed the exact-attention context of " + std::to_string(cap_));
+    cuda::BatchPlan p = cuda::make_plan(c_, cap_, chunks, pos_);
+    run(p);
+    for (const auto& ch : chunks) pos_[ch.slot] += static_cast<int64_t>(ch.tokens.size());
+    return std::move(p.logits);
+  }
+
+ private:
+  void run(cuda::BatchPlan& p) {
+    const int T = p.T, H = c_.hidden_size, d = c_.head_dim, nh = c_.n_heads, nkv = c_.n_kv_heads;
+    const int F = c_.intermediate_size, V = c_.vocab_size, L = c_.n_levels();
+    const int64_t pd = int64_t{c_.fma_rank} * d;
+    cudaStream_t s = stream_;
+    // Batch description and scratch (grow-only).
+    d_tokens_.upload(p.tokens, s);
+    d_pos_.upload(p.pos, s);
+    d_rows_.upload(p.rows, s);
+    d_chunks_.upload(p.chunks, s);
+    d_table_.upload(p.table, s);
+    d_done_.upload(p.done, s);
+    d_filling_.upload(p.filling, s);
+    d_attn_.upload(p.attn, s);
+    d_commits_.upload(p.commits, s);
+    x_.resize(size_t(T) * H);
+    h_.resize(size_t(T) * H);
+    hb_.resize(size_t(T) * std::max(H, std::max(F, nh * d)));
+    q_.resize(size_t(T) * nh * d);
+    k_.resize(size_t(T) * nkv * d);
+    v_.resize(size_t(T) * nkv * d);
+    att_.resize(size_t(T) * nh * d);
+    g_.resize(size_t(T) * F);
+    u_.resize(size_t(T) * F);
+    new_k_.resize(size_t(p.new_groups) * nkv * pd);
+    new_v_.resize(size_t(p.new_groups) * nkv * pd);
+
+    cuda::embed(embed_.get(), d_tokens_.get(), T, H, x_.get(), s);
+    for (int li = 0; li < c_.n_layers; ++li) {
+      Layer& l = layers_[li];
+      const cuda::CacheView cv{l.fine_k.get(), l.fine_v.get(), l.sum_k.get(), l.sum_v.get(),
+                               l.acc_k.get(),  l.acc_v.get(),  cap_,        c_.fma_enabled};
+      const float* const* dp = l.ds_ptrs.get();
+      const cuda::Downsamplers ds{dp, dp ? dp + L : nullptr, dp ? dp + 2 * L : nullptr,
+                                  dp ? dp + 3 * L : nullptr};
+      cuda::rmsnorm(x_.get(), l.attn_norm.get(), T, H, c_.rms_norm_eps, hb_.get(), s);
+      cuda::gemm(cublas_, hb_.get(), T, H, l.wq.get(), nh * d, q_.get());
+      cuda::gemm(cublas_, hb_.get(), T, H, l.wk.get(), nkv * d, k_.get());
+      cuda::gemm(cublas_, hb_.get(), T, H, l.wv.get(), nkv * d, v_.get());
+      cuda::rope(q_.get(), d_pos_.get(), T, nh, d, c_.rope_theta, s);
+      cuda::rope(k_.get(), d_pos_.get(), T, nkv, d, c_.rope_theta, s);
+      if (c_.fma_enabled) {
+        cuda::summarize(shape_, cv, ds, d_chunks_.get(), d_table_.get(), d_done_.get(),
+                        int(p.done.size()), k_.get(), v_.get(), new_k_.get(), new_v_.get(), s);
+        cuda::accumulate(shape_, cv, ds, d_chunks_.get(), d_filling_.get(), int(p.filling.size()),
+                         k_.get(), v_.get(), s);
+      }
+      cuda::attention(shape_, cv, d_chunks_.get(), d_table_.get(), d_attn_.get(), int(p.attn.size()),
+                      q_.get(), k_.get(), v_.get(), new_k_.get(), new_v_.get(), att_.get(), s);
+      cuda::commit(d_commits_.get(), int(p.commits.size()), k_.get(), v_.get(), new_k_.get(),
+                   new_v_.get(), cv, s);
+      cuda::to_bf16(att_.get(), int64_t(T) * nh * d, hb_.get(), s);
+      cuda::gemm(cublas_, hb_.get(), T, nh * d, l.wo.get(), H, h_.get());
+      cuda::add(x_.get(), h_.get(), int64_t(T) * H, s);
+      cuda::rmsnorm(x_.get(), l.ffn_norm.get(), T, H, c_.rms_norm_eps, hb_.get(), s);
+      cuda::gemm(cublas_, hb_.get(), T, H, l.gate.get(), F, g_.get());
+      cuda::gemm(cublas_, hb_.get(), T, H, l.up.get(), F, u_.get());
+      cuda::swiglu(g_.get(), u_.get(), int64_t(T) * F, hb_.get(), s);
+      cuda::gemm(cublas_, hb_.get(), T, F, l.down.get(), H, h_.get());
+      cuda::add(x_.get(), h_.get(), int64_t(T) * H, s);
+    }
+    const int R = static_cast<int>(p.rows.size());
+    cuda::rmsnorm(x_.get(), out_norm_.get(), T, H, c_.rms_norm_eps, hb_.get(), s);
+    sel_.resize(size_t(R) * H);
+    cuda::gather_rows(hb_.get(), d_rows_.get(), R, H, sel_.get(), s);
+    logits_.resize(size_t(R) * V);
+    cuda::gemm(cublas_, sel_.get(), R, H, (c_.tie_word_embeddings ? embed_ : head_).get(), V,
+               logits_.get());
+    p.logits.resize(size_t(R) * V);
+    check(cudaMemcpyAsync(p.logits.data(), logits_.get(), p.logits.size() * 4,
+                          cudaMemcpyDeviceToHost, s),
+          "logits");
+    check(cudaStreamSynchronize(s), "forward");
+  }
+
+  int check_slot(int s) const {
+    if (s < 0 || s >= n_slots()) throw Error("slot " + std::to_string(s) + " does not exist");
+    return s;
+  }
+  void download(const DeviceArray<float>& a, int slot, std::vector<float>& dst) const {
+    const size_t per = a.size() / pos_.size();
+    check(cudaMemcpy(dst.data(), a.get() + slot * per, std::min(per, dst.size()) * 4,
+                     cudaMemcpyDeviceToHost),
+          "save_slot");
+  }
+  void upload_part(DeviceArray<float>& a, int slot, const std::vector<float>& src) {
+    const size_t per = a.size() / pos_.size();
+    check(cudaMemcpyAsync(a.get() + slot * per, src.data(), std::min(per, src.size()) * 4,
+                          cudaMemcpyHostToDevice, stream_),
+          "load_slot");
+  }
+
+  std::shared_ptr<const Model> model_;
+  const Config& c_;
+  cuda::FmaShape shape_{};
+  int64_t cap_ = 0;
+  cudaStream_t stream_ = nullptr;
+  cublasHandle_t cublas_ = nullptr;
+  DeviceArray<__nv_bfloat16> embed_, head_;
+  DeviceArray<float> out_norm_;
+  std::vector<Layer> layers_;
+  std::vector<int64_t> pos_;
+  std::vector<bool> in_use_;
+  // Per-call inputs and scratch, grown as needed.
+  DeviceArray<int> d_tokens_, d_rows_;
+  DeviceArray<int64_t> d_pos_;
+  DeviceArray<cuda::ChunkDesc> d_chunks_;
+  DeviceArray<cuda::NewGroups> d_table_;
+  DeviceArray<cuda::SumItem> d_done_, d_filling_;
+  DeviceArray<cuda::AttnItem> d_attn_;
+  DeviceArray<cuda::CommitItem> d_commits_;
+  DeviceArray<float> x_, h_, q_, k_, v_, att_, g_, u_, new_k_, new_v_, logits_;
+  DeviceArray<__nv_bfloat16> hb_, sel_;
+};
+
+}  // namespace
+
+std::unique_ptr<Backend> make_cuda_backend(std::shared_ptr<const Model> model, int n_slots,
+                                           int64_t max_context) {
+  return std::make_unique<CudaBackend>(std::move(model), n_slots, max_context);
+}
+
+}  // namespace mp

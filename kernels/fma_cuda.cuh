@@ -1,0 +1,100 @@
+// CUDA twins of the FMA functions of engine/src/fma_cpu.h: the summaries of the groups completed
+// in a chunk, the accumulator update, and the attention of a batch of chunks over their slots'
+// hierarchical caches. One launch serves every sequence of a batch, prefill and decode alike.
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+#include "ops_cuda.cuh"
+
+namespace mp::cuda {
+
+// The slot pool: every slot's fixed-size state, in device memory allocated once.
+struct CacheView {
+  float *fine_k, *fine_v;  // [slots][cap][kv][d]; position j at j % cap (FMA) or j (exact)
+  float *sum_k, *sum_v;    // [slots][L][3][kv][p*d]; group g at g % 3
+  float *acc_k, *acc_v;    // [slots][L][kv][p*d]
+  int64_t cap;
+  bool ring;  // FMA: the fine window is a ring of 2m
+};
+
+struct ChunkDesc {
+  int row0;  // first row of the chunk in the batch's q/k/v
+  int T;
+  int64_t pos0;
+  int slot;
+  int new_base;  // first entry of this chunk in the per-(chunk, level) NewGroups table
+};
+
+struct NewGroups {  // the groups of one level completed inside one chunk
+  int offset;       // in the new-summary pool, in groups
+  int count;
+  int64_t first;    // group id of the first
+};
+
+struct AttnItem {  // up to 64 queries of one fine block of one chunk
+  int chunk;
+  int64_t q_begin, q_end;
+};
+
+struct SumItem {  // one level's group of one chunk: completed (summary) or being filled (acc)
+  int chunk;
+  int level;
+  int64_t group;
+};
+
+struct Downsamplers {  // one layer, device copies of cpu::Downsampler (index level-1)
+  const float* const* wk;  // [L] -> [w][p*d][in]
+  const float* const* bk;  // [L] -> [p*d]
+  const float* const* wv;
+  const float* const* bv;
+};
+
+struct FmaShape {
+  int heads, kv, d, m, p, L;
+  bool fma, scale_attn, avgpool;
+  int in;  // 1 groupedconv, d conv, 0 avgpool
+};
+
+// Summaries of completed groups -> new_k/new_v pool [groups][kv][p*d]; reads the accumulators.
+void summarize(const FmaShape& s, const CacheView& c, const Downsamplers& w, const ChunkDesc* chunks,
+               const NewGroups* table, const SumItem* items, int n_items, const float* k,
+               const float* v, float* new_k, float* new_v, cudaStream_t st);
+// Accumulators of the groups being filled after each chunk (run after summarize).
+void accumulate(const FmaShape& s, const CacheView& c, const Downsamplers& w, const ChunkDesc* chunks,
+                const SumItem* items, int n_items, const float* k, const float* v, cudaStream_t st);
+// out[row][head][d] for every query of every chunk.
+void attention(const FmaShape& s, const CacheView& c, const ChunkDesc* chunks, const NewGroups* table,
+               const AttnItem* items, int n_items, const float* q, const float* k, const float* v,
+               const float* new_k, const float* new_v, float* out, cudaStream_t st);
+
+// Appending a chunk to the cache: copies of chunk keys/values into the fine window and of new
+// summaries into the summary ring, as offsets (floats) from the arrays `which` names.
+struct CommitItem {
+  int64_t src_off, dst_off;
+  int n;
+  int which;  // 0: k -> fine_k, 1: v -> fine_v, 2: new_k -> sum_k, 3: new_v -> sum_v
+};
+void commit(const CommitItem* items, int n_items, const float* k, const float* v, const float* new_k,
+            const float* new_v, const CacheView& c, cudaStream_t st);
+
+// Everything one forward call needs, worked out on the host: the chunks, the summary, attention
+// and commit work items, and the rows whose logits are wanted.
+struct BatchPlan {
+  int T = 0;
+  std::vector<int> tokens, rows;
+  std::vector<int64_t> pos;
+  std::vector<ChunkDesc> chunks;
+  std::vector<NewGroups> table;
+  std::vector<SumItem> done, filling;
+  std::vector<AttnItem> attn;
+  std::vector<CommitItem> commits;
+  int new_groups = 0;
+  std::vector<float> logits;
+};
+// slot_pos: each slot's position before the call; cap: the fine window's slots per sequence.
+BatchPlan make_plan(const Config& c, int64_t cap, std::span<const SeqChunk> chunks,
+                    const std::vector<int64_t>& slot_pos);
+
+}  // namespace mp::cuda

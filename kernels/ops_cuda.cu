@@ -1,0 +1,119 @@
+#include "ops_cuda.cuh"
+
+namespace mp::cuda {
+namespace {
+
+__global__ void embed_kernel(const __nv_bfloat16* table, const int* tokens, int n, float* x) {
+  const int t = blockIdx.x;
+  const __nv_bfloat16* row = table + int64_t(tokens[t]) * n;
+  for (int i = threadIdx.x; i < n; i += blockDim.x) x[int64_t(t) * n + i] = __bfloat162float(row[i]);
+}
+
+__device__ float block_sum(float v) {  // blockDim.x a multiple of 32, at most 1024
+  __shared__ float part[32];
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  if ((threadIdx.x & 31) == 0) part[threadIdx.x >> 5] = v;
+  __syncthreads();
+  const int warps = blockDim.x >> 5;
+  v = threadIdx.x < warps ? part[threadIdx.x] : 0.0f;
+  if (threadIdx.x < 32)
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  __shared__ float total;
+  if (threadIdx.x == 0) total = v;
+  __syncthreads();
+  return total;
+}
+
+__global__ void rmsnorm_kernel(const float* x, const float* w, int n, float eps, __nv_bfloat16* y) {
+  const float* r = x + int64_t(blockIdx.x) * n;
+  float ss = 0;
+  for (int i = threadIdx.x; i < n; i += blockDim.x) ss += r[i] * r[i];
+  const float inv = rsqrtf(block_sum(ss) / n + eps);
+  for (int i = threadIdx.x; i < n; i += blockDim.x)
+    y[int64_t(blockIdx.x) * n + i] = __float2bfloat16(r[i] * inv * w[i]);
+}
+
+__global__ void rope_kernel(float* x, const int64_t* pos, int heads, int d, float theta) {
+  const int t = blockIdx.x, half = d / 2;
+  for (int k = threadIdx.x; k < heads * half; k += blockDim.x) {
+    const int h = k / half, i = k % half;
+    // Angles in double, as the CPU reference computes them: positions reach millions.
+    const double a = double(pos[t]) * pow(double(theta), -2.0 * i / d);
+    const float c = float(cos(a)), s = float(sin(a));
+    float* v = x + (int64_t(t) * heads + h) * d;
+    const float x1 = v[i], x2 = v[i + half];
+    v[i] = x1 * c - x2 * s;
+    v[i + half] = x2 * c + x1 * s;
+  }
+}
+
+__global__ void swiglu_kernel(const float* g, const float* u, int64_t n, __nv_bfloat16* y) {
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n;
+       i += int64_t(gridDim.x) * blockDim.x)
+    y[i] = __float2bfloat16(g[i] / (1.0f + expf(-g[i])) * u[i]);
+}
+
+__global__ void add_kernel(float* x, const float* y, int64_t n) {
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n;
+       i += int64_t(gridDim.x) * blockDim.x)
+    x[i] += y[i];
+}
+
+__global__ void to_bf16_kernel(const float* x, int64_t n, __nv_bfloat16* y) {
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n;
+       i += int64_t(gridDim.x) * blockDim.x)
+    y[i] = __float2bfloat16(x[i]);
+}
+
+__global__ void gather_rows_kernel(const __nv_bfloat16* src, const int* rows, int n,
+                                   __nv_bfloat16* dst) {
+  const __nv_bfloat16* r = src + int64_t(rows[blockIdx.x]) * n;
+  for (int i = threadIdx.x; i < n; i += blockDim.x) dst[int64_t(blockIdx.x) * n + i] = r[i];
+}
+
+int grid_for(int64_t n) { return static_cast<int>(std::min<int64_t>((n + 255) / 256, 4096)); }
+
+}  // namespace
+
+void embed(const __nv_bfloat16* table, const int* tokens, int T, int n, float* x, cudaStream_t s) {
+  embed_kernel<<<T, 256, 0, s>>>(table, tokens, n, x);
+  check_launch("embed");
+}
+void rmsnorm(const float* x, const float* w, int T, int n, float eps, __nv_bfloat16* y,
+             cudaStream_t s) {
+  rmsnorm_kernel<<<T, 256, 0, s>>>(x, w, n, eps, y);
+  check_launch("rmsnorm");
+}
+void rope(float* x, const int64_t* pos, int T, int heads, int d, float theta, cudaStream_t s) {
+  rope_kernel<<<T, 256, 0, s>>>(x, pos, heads, d, theta);
+  check_launch("rope");
+}
+void swiglu(const float* g, const float* u, int64_t n, __nv_bfloat16* y, cudaStream_t s) {
+  swiglu_kernel<<<grid_for(n), 256, 0, s>>>(g, u, n, y);
+  check_launch("swiglu");
+}
+void add(float* x, const float* y, int64_t n, cudaStream_t s) {
+  add_kernel<<<grid_for(n), 256, 0, s>>>(x, y, n);
+  check_launch("add");
+}
+void to_bf16(const float* x, int64_t n, __nv_bfloat16* y, cudaStream_t s) {
+  to_bf16_kernel<<<grid_for(n), 256, 0, s>>>(x, n, y);
+  check_launch("to_bf16");
+}
+void gather_rows(const __nv_bfloat16* src, const int* rows, int n_rows, int n, __nv_bfloat16* dst,
+                 cudaStream_t s) {
+  if (n_rows == 0) return;
+  gather_rows_kernel<<<n_rows, 256, 0, s>>>(src, rows, n, dst);
+  check_launch("gather_rows");
+}
+void gemm(cublasHandle_t h, const __nv_bfloat16* x, int T, int K, const __nv_bfloat16* W, int N,
+          float* y) {
+  // Column-major view: y^T (N x T) = W (as K x N, transposed) * x^T (K x T).
+  const float alpha = 1.0f, beta = 0.0f;
+  check(cublasGemmEx(h, CUBLAS_OP_T, CUBLAS_OP_N, N, T, K, &alpha, W, CUDA_R_16BF, K, x,
+                     CUDA_R_16BF, K, &beta, y, CUDA_R_32F, N, CUBLAS_COMPUTE_32F,
+                     CUBLAS_GEMM_DEFAULT),
+        "gemm");
+}
+
+}  // namespace mp::cuda

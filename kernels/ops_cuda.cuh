@@ -1,0 +1,46 @@
+// CUDA twins of the CPU backend's dense operations (engine/src/ops_cpu.h), and the error checks
+// every CUDA call goes through. Pointers are device pointers; every call is asynchronous on
+// `stream` and checks its launch.
+#pragma once
+
+#include <cublas_v2.h>
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <string>
+
+#include "multipole/multipole.h"
+
+namespace mp::cuda {
+
+inline void check(cudaError_t e, const char* what) {
+  if (e != cudaSuccess) throw Error(std::string("CUDA: ") + what + ": " + cudaGetErrorString(e));
+}
+inline void check(cublasStatus_t s, const char* what) {
+  if (s != CUBLAS_STATUS_SUCCESS)
+    throw Error(std::string("cuBLAS: ") + what + " failed with status " + std::to_string(int(s)));
+}
+inline void check_launch(const char* kernel) { check(cudaGetLastError(), kernel); }
+
+// x[t] = embed[tokens[t]] (embed in bf16, x in f32)
+void embed(const __nv_bfloat16* table, const int* tokens, int T, int n, float* x, cudaStream_t s);
+// y[t] = bf16(x[t] / rms(x[t]) * w)
+void rmsnorm(const float* x, const float* w, int T, int n, float eps, __nv_bfloat16* y,
+             cudaStream_t s);
+// Rotate-half RoPE on rows of `heads` vectors of d; row t of chunk c is at position pos[t].
+void rope(float* x, const int64_t* pos, int T, int heads, int d, float theta, cudaStream_t s);
+// y = bf16(silu(g) * u)
+void swiglu(const float* g, const float* u, int64_t n, __nv_bfloat16* y, cudaStream_t s);
+// x += y
+void add(float* x, const float* y, int64_t n, cudaStream_t s);
+// y = bf16(x)
+void to_bf16(const float* x, int64_t n, __nv_bfloat16* y, cudaStream_t s);
+// dst[r] = src[rows[r]], rows of n
+void gather_rows(const __nv_bfloat16* src, const int* rows, int n_rows, int n, __nv_bfloat16* dst,
+                 cudaStream_t s);
+// y[T][N] = x[T][K] * W[N][K]^T, bf16 inputs, f32 accumulation and output.
+void gemm(cublasHandle_t h, const __nv_bfloat16* x, int T, int K, const __nv_bfloat16* W, int N,
+          float* y);
+
+}  // namespace mp::cuda

@@ -1,0 +1,174 @@
+// The CUDA backend against the CPU backend (the reference) on fresh random inputs. bf16 weights
+// and GEMM inputs on the GPU: logits agree to about 1e-2 relative. Skipped without a GPU.
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <random>
+
+#include "model_fixture.h"
+#include "ops_cpu.h"
+#include "ops_cuda.cuh"
+
+namespace {
+
+using namespace mp;
+using mp::testing::random_tokens;
+using mp::testing::TempDir;
+
+class Cuda : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    if (!cuda_available()) GTEST_SKIP() << "no CUDA device";
+  }
+};
+
+double rel_err(const std::vector<float>& a, const std::vector<float>& b) {
+  EXPECT_EQ(a.size(), b.size());
+  double num = 0, den = 0;
+  for (size_t i = 0; i < a.size(); ++i) {
+    if (!std::isfinite(a[i])) return INFINITY;  // NaN never passes
+    num += double(a[i] - b[i]) * (a[i] - b[i]);
+    den += double(b[i]) * b[i];
+  }
+  return std::sqrt(num / den);
+}
+
+std::vector<float> randn(size_t n, uint32_t seed, float scale = 1.0f) {
+  std::mt19937 rng(seed);
+  std::normal_distribution<float> nd(0, scale);
+  std::vector<float> v(n);
+  for (auto& x : v) x = nd(rng);
+  return v;
+}
+
+template <class T>
+struct Dev {
+  T* p = nullptr;
+  explicit Dev(size_t n) { cuda::check(cudaMalloc(&p, n * sizeof(T)), "malloc"); }
+  Dev(const std::vector<T>& h) : Dev(h.size()) {
+    cuda::check(cudaMemcpy(p, h.data(), h.size() * sizeof(T), cudaMemcpyHostToDevice), "up");
+  }
+  ~Dev() { cudaFree(p); }
+  std::vector<T> get(size_t n) const {
+    std::vector<T> h(n);
+    cuda::check(cudaMemcpy(h.data(), p, n * sizeof(T), cudaMemcpyDeviceToHost), "down");
+    return h;
+  }
+};
+
+std::vector<float> from_bf16(const std::vector<__nv_bfloat16>& v) {
+  std::vector<float> f;
+  for (auto x : v) f.push_back(__bfloat162float(x));
+  return f;
+}
+
+TEST_F(Cuda, RmsNormRopeSwigluMatchTheCpuTwins) {
+  const int T = 37, n = 384, heads = 6, d = 64;
+  const auto x = randn(size_t(T) * n, 1), w = randn(n, 2);
+  std::vector<float> ref(x.size());
+  cpu::rmsnorm(x.data(), w.data(), T, n, 1e-5f, ref.data());
+  Dev<float> dx(x), dw(w);
+  Dev<__nv_bfloat16> dy(x.size());
+  cuda::rmsnorm(dx.p, dw.p, T, n, 1e-5f, dy.p, nullptr);
+  EXPECT_LT(rel_err(from_bf16(dy.get(x.size())), ref), 1e-2);
+
+  auto r = randn(size_t(T) * heads * d, 3);
+  std::vector<int64_t> pos(T);
+  for (int t = 0; t < T; ++t) pos[t] = 1000000 + 977 * t;  // large positions: angles in double
+  Dev<float> dr(r);
+  Dev<int64_t> dpos(pos);
+  cuda::rope(dr.p, dpos.p, T, heads, d, 10000.0f, nullptr);
+  std::vector<float> want = r;
+  for (int t = 0; t < T; ++t) cpu::rope(want.data() + size_t(t) * heads * d, 1, heads, d, pos[t], 10000.0f);
+  EXPECT_LT(rel_err(dr.get(r.size()), want), 1e-5);
+
+  const auto g = randn(5000, 4), u = randn(5000, 5);
+  auto gs = g;
+  cpu::swiglu(gs.data(), u.data(), 5000);
+  Dev<float> dg(g), du(u);
+  Dev<__nv_bfloat16> ds(5000);
+  cuda::swiglu(dg.p, du.p, 5000, ds.p, nullptr);
+  EXPECT_LT(rel_err(from_bf16(ds.get(5000)), gs), 1e-2);
+}
+
+std::vector<float> run_chunks(Backend& b, const std::vector<int>& tokens, int chunk) {
+  const int slot = b.alloc_slot();
+  std::vector<float> all;
+  for (size_t i = 0; i < tokens.size(); i += chunk) {
+    SeqChunk c{slot, std::span<const int>(tokens).subspan(i, std::min(tokens.size() - i, size_t(chunk))), true};
+    const auto l = b.forward({&c, 1});
+    all.insert(all.end(), l.begin(), l.end());
+  }
+  b.free_slot(slot);
+  return all;
+}
+
+struct Variant {
+  const char* name;
+  Downsampling ds;
+  bool fma;
+  int kv;
+};
+class CudaModel : public Cuda, public ::testing::WithParamInterface<Variant> {};
+
+TEST_P(CudaModel, LogitsMatchCpuInEveryChunkingPastTrainedLength) {
+  const Variant v = GetParam();
+  Config c = mp::testing::small_config();
+  c.fma_downsampling = v.ds;
+  c.fma_enabled = v.fma;
+  c.n_kv_heads = v.kv;
+  c.head_dim = 16;
+  c.hidden_size = 64;
+  TempDir dir;
+  auto model = mp::testing::random_model(dir, c, DType::BF16, 7);
+  auto cpu_b = make_backend(model, {.kind = "cpu", .n_slots = 1, .n_threads = 2});
+  auto gpu = make_backend(model, {.kind = "cuda", .n_slots = 2, .max_context = 1024});
+  ASSERT_EQ(gpu->name(), "cuda");
+  const auto tokens = random_tokens(3 * 64 + 11, c.vocab_size, 3);
+  const auto ref = run_chunks(*cpu_b, tokens, 1000);
+  for (int chunk : {1000, 1, 3, 8, 56}) EXPECT_LT(rel_err(run_chunks(*gpu, tokens, chunk), ref), 2e-2) << chunk;
+  // Decode: the GPU against itself, one prefill vs token by token, much tighter.
+  const auto g1 = run_chunks(*gpu, tokens, 1000), g2 = run_chunks(*gpu, tokens, 1);
+  EXPECT_LT(rel_err(g2, g1), 2e-3);
+}
+
+INSTANTIATE_TEST_SUITE_P(Models, CudaModel,
+                         ::testing::Values(Variant{"groupedconv", Downsampling::GroupedConv, true, 2},
+                                           Variant{"conv", Downsampling::Conv, true, 1},
+                                           Variant{"avgpool", Downsampling::AvgPool, true, 4},
+                                           Variant{"exact", Downsampling::GroupedConv, false, 2}),
+                         [](const auto& info) { return std::string(info.param.name); });
+
+TEST_F(Cuda, BatchOfSequencesMatchesSeparateRunsAndStatesMoveBetweenBackends) {
+  Config c = mp::testing::small_config();
+  TempDir dir;
+  auto model = mp::testing::random_model(dir, c, DType::BF16, 9);
+  auto gpu = make_backend(model, {.kind = "cuda", .n_slots = 4});
+  auto cpu_b = make_backend(model, {.kind = "cpu", .n_slots = 2, .n_threads = 2});
+  const auto a = random_tokens(150, c.vocab_size, 1), b = random_tokens(20, c.vocab_size, 2);
+  const auto ra = run_chunks(*gpu, a, 150), rb = run_chunks(*gpu, b, 20);
+  const int s1 = gpu->alloc_slot(), s2 = gpu->alloc_slot();
+  SeqChunk cs[2] = {{s1, a, true}, {s2, b, true}};
+  const auto both = gpu->forward(cs);
+  std::vector<float> want = ra;
+  want.insert(want.end(), rb.begin(), rb.end());
+  EXPECT_LT(rel_err(both, want), 1e-5);
+  // A CPU state continues on the GPU as on the CPU.
+  const int cs1 = cpu_b->alloc_slot();
+  SeqChunk pre{cs1, std::span<const int>(a).first(100), false};
+  cpu_b->forward({&pre, 1});
+  const auto state = cpu_b->save_slot(cs1);
+  SeqChunk rest{cs1, std::span<const int>(a).subspan(100), true};
+  const auto cpu_rest = cpu_b->forward({&rest, 1});
+  const int g = gpu->alloc_slot();
+  gpu->load_slot(g, state);
+  SeqChunk grest{g, std::span<const int>(a).subspan(100), true};
+  EXPECT_LT(rel_err(gpu->forward({&grest, 1}), cpu_rest), 2e-2);
+  // And back: the GPU state, loaded on the CPU, continues like the GPU.
+  const auto gstate = gpu->save_slot(g);
+  const int cs2 = cpu_b->alloc_slot();
+  cpu_b->load_slot(cs2, gstate);
+  EXPECT_EQ(cpu_b->slot_pos(cs2), 150);
+}
+
+}  // namespace
