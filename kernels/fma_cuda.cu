@@ -115,6 +115,8 @@ __global__ void __launch_bounds__(kThreads) attention_kernel(
     float* out) {
   __shared__ float sk[kTile][D], sv[kTile][D], sbonus[kTile];
   __shared__ int64_t spos[kTile];
+  __shared__ const float* sksrc[kTile];
+  __shared__ const float* svsrc[kTile];
   const AttnItem it = items[blockIdx.x];
   const ChunkDesc c = chunks[it.chunk];
   const int h = blockIdx.y, kvh = h / (s.heads / s.kv);
@@ -139,19 +141,23 @@ __global__ void __launch_bounds__(kThreads) attention_kernel(
   float mx = -INFINITY, denom = 0.0f;
   for (int64_t t0 = 0; t0 < n_fine + n_coarse; t0 += kTile) {
     const int n = static_cast<int>(min(int64_t(kTile), n_fine + n_coarse - t0));
+    // Resolve each key's address once, then copy the tile coalesced: consecutive threads take
+    // consecutive channels (a thread per key row was 32-way strided and bank-conflicted).
     for (int e = threadIdx.x; e < n; e += blockDim.x) {
       float bonus;
       int64_t pos;
-      const float* ks = key_source(s, cv, c, table, it.q_begin, lo, n_fine, t0 + e, kvh, false, k, v,
-                                   new_k, new_v, &bonus, &pos);
-      const float* vs = key_source(s, cv, c, table, it.q_begin, lo, n_fine, t0 + e, kvh, true, k, v,
-                                   new_k, new_v, &bonus, &pos);
+      sksrc[e] = key_source(s, cv, c, table, it.q_begin, lo, n_fine, t0 + e, kvh, false, k, v,
+                            new_k, new_v, &bonus, &pos);
+      svsrc[e] = key_source(s, cv, c, table, it.q_begin, lo, n_fine, t0 + e, kvh, true, k, v,
+                            new_k, new_v, &bonus, &pos);
       sbonus[e] = bonus;
       spos[e] = pos;
-      for (int ch = 0; ch < D; ++ch) {
-        sk[e][ch] = ks[ch];
-        sv[e][ch] = vs[ch];
-      }
+    }
+    __syncthreads();
+    for (int idx = threadIdx.x; idx < n * D; idx += blockDim.x) {
+      const int e = idx / D, ch = idx % D;
+      sk[e][ch] = sksrc[e][ch];
+      sv[e][ch] = svsrc[e][ch];
     }
     __syncthreads();
     if (active) {
