@@ -251,4 +251,63 @@ std::vector<double> token_nlls(Backend& b, std::span<const int> tokens, int chun
 void save_state_file(const Backend& b, int slot, const std::string& path);
 void load_state_file(Backend& b, int slot, const std::string& path);
 
+// --- Scheduler: continuous batching over a backend's slots -------------------------------------
+
+// What a request reports as it runs: each new piece of text, then a final event.
+struct CompletionEvent {
+  std::string text;  // newly safe text (may be empty)
+  int token = -1;    // the token that produced it (-1 on the final event)
+  float logprob = 0;  // log-probability of `token` under the model (after penalties: no)
+  std::vector<std::pair<int, float>> top_logprobs;  // top-N alternatives, when asked for
+  bool done = false;
+  std::string finish_reason;  // "stop", "length", "cancelled" or "error: ..." when done
+  int prompt_tokens = 0, completion_tokens = 0;
+};
+
+struct CompletionRequest {
+  std::vector<int> prompt;  // token ids, BOS included if wanted
+  SamplingParams sampling;
+  int max_tokens = 16;
+  std::vector<std::string> stop;
+  bool ignore_eos = false;
+  int logprobs = 0;  // top-N alternatives per token (0: none)
+  // Called on the scheduler's thread; must not block for long. Returning false cancels.
+  std::function<bool(const CompletionEvent&)> on_event;
+};
+
+struct SchedulerOptions {
+  int max_queue = 64;            // waiting requests beyond the running ones
+  int prefill_chunk = 256;       // prompt tokens per sequence per step
+  int max_prefill_per_step = 1024;  // prompt tokens of all sequences per step
+};
+
+struct SchedulerStats {
+  int slots = 0, slots_in_use = 0, queued = 0;
+  uint64_t requests_done = 0, prompt_tokens = 0, completion_tokens = 0, steps = 0;
+};
+
+// Thread-safe: any thread submits and cancels; one internal thread runs the model. Each step runs
+// the next prompt chunk of every sequence still reading its prompt and one token of every
+// generating one, in one batch.
+class Scheduler {
+ public:
+  Scheduler(Backend& backend, const Tokenizer& tok, SchedulerOptions opts = {});
+  ~Scheduler();  // cancels what is left and joins
+  // Returns the request id; throws BusyError when the queue is full.
+  uint64_t submit(CompletionRequest req);
+  void cancel(uint64_t id);
+  SchedulerStats stats() const;
+  // Stops admitting requests; running and queued ones are cancelled.
+  void shutdown();
+
+ private:
+  struct Impl;
+  std::unique_ptr<Impl> impl_;
+};
+
+class BusyError : public Error {
+ public:
+  using Error::Error;
+};
+
 }  // namespace mp

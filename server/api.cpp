@@ -1,0 +1,173 @@
+#include "api.h"
+
+#include <cmath>
+
+namespace mp::api {
+
+json ApiError::body() const {
+  return {{"error",
+           {{"message", what()},
+            {"type", type},
+            {"param", param.empty() ? json(nullptr) : json(param)},
+            {"code", code.empty() ? json(nullptr) : json(code)}}}};
+}
+
+std::string dump(const json& j) { return j.dump(-1, ' ', false, json::error_handler_t::replace); }
+
+namespace {
+
+ApiError bad(const std::string& param, const std::string& msg) {
+  return ApiError(400, msg, param, "invalid_value");
+}
+
+double number(const json& b, const char* key, double def, double lo, double hi) {
+  if (!b.contains(key) || b[key].is_null()) return def;
+  if (!b[key].is_number()) throw bad(key, std::string("'") + key + "' must be a number");
+  const double v = b[key].get<double>();
+  if (!std::isfinite(v) || v < lo || v > hi)
+    throw bad(key, std::string("'") + key + "' must be between " + std::to_string(lo) + " and " +
+                       std::to_string(hi));
+  return v;
+}
+
+long long integer(const json& b, const char* key, long long def, long long lo, long long hi) {
+  if (!b.contains(key) || b[key].is_null()) return def;
+  if (!b[key].is_number_integer()) throw bad(key, std::string("'") + key + "' must be an integer");
+  const long long v = b[key].get<long long>();
+  if (v < lo || v > hi)
+    throw bad(key, std::string("'") + key + "' must be between " + std::to_string(lo) + " and " +
+                       std::to_string(hi));
+  return v;
+}
+
+bool boolean(const json& b, const char* key, bool def) {
+  if (!b.contains(key) || b[key].is_null()) return def;
+  if (!b[key].is_boolean()) throw bad(key, std::string("'") + key + "' must be a boolean");
+  return b[key].get<bool>();
+}
+
+}  // namespace
+
+CompletionsCall parse_completions(const json& b, const Tokenizer& tok, int64_t ctx_limit) {
+  if (!b.is_object()) throw bad("", "the request body must be a JSON object");
+  CompletionsCall call;
+  if (!b.contains("prompt")) throw ApiError(400, "'prompt' is required", "prompt", "missing_required_parameter");
+  const json& p = b["prompt"];
+  if (p.is_string()) {
+    call.prompts.push_back(p.get<std::string>());
+  } else if (p.is_array() && !p.empty() && p.size() <= 64) {
+    for (const auto& x : p) {
+      if (!x.is_string()) throw bad("prompt", "'prompt' must be a string or an array of strings");
+      call.prompts.push_back(x.get<std::string>());
+    }
+  } else {
+    throw bad("prompt", "'prompt' must be a string or a non-empty array of at most 64 strings");
+  }
+  if (b.contains("model") && !b["model"].is_null() && !b["model"].is_string())
+    throw bad("model", "'model' must be a string");
+  if (b.contains("user") && !b["user"].is_null() && !b["user"].is_string())
+    throw bad("user", "'user' must be a string");
+  const int max_tokens = static_cast<int>(integer(b, "max_tokens", 16, 0, 1 << 20));
+  call.n = static_cast<int>(integer(b, "n", 1, 1, 16));
+  call.stream = boolean(b, "stream", false);
+  call.echo = boolean(b, "echo", false);
+  call.logprobs = static_cast<int>(integer(b, "logprobs", 0, 0, 20));
+  if (b.contains("stream_options") && !b["stream_options"].is_null()) {
+    if (!b["stream_options"].is_object()) throw bad("stream_options", "'stream_options' must be an object");
+    call.include_usage = boolean(b["stream_options"], "include_usage", false);
+  }
+  std::vector<std::string> stop;
+  if (b.contains("stop") && !b["stop"].is_null()) {
+    if (b["stop"].is_string()) {
+      stop.push_back(b["stop"].get<std::string>());
+    } else if (b["stop"].is_array() && b["stop"].size() <= 4) {
+      for (const auto& s : b["stop"]) {
+        if (!s.is_string()) throw bad("stop", "'stop' must be a string or an array of strings");
+        stop.push_back(s.get<std::string>());
+      }
+    } else {
+      throw bad("stop", "'stop' must be a string or an array of at most 4 strings");
+    }
+  }
+  SamplingParams sp;
+  sp.temperature = static_cast<float>(number(b, "temperature", 1.0, 0, 2));
+  sp.top_p = static_cast<float>(number(b, "top_p", 1.0, 0, 1));
+  if (sp.top_p <= 0) throw bad("top_p", "'top_p' must be greater than 0");
+  sp.top_k = static_cast<int>(integer(b, "top_k", 0, 0, 1 << 20));
+  sp.min_p = static_cast<float>(number(b, "min_p", 0.0, 0, 1));
+  sp.presence_penalty = static_cast<float>(number(b, "presence_penalty", 0, -2, 2));
+  sp.frequency_penalty = static_cast<float>(number(b, "frequency_penalty", 0, -2, 2));
+  sp.repetition_penalty = static_cast<float>(number(b, "repetition_penalty", 1, 0.01, 10));
+  sp.penalty_last_n = -1;
+  const bool seeded = b.contains("seed") && !b["seed"].is_null();
+  const long long seed = integer(b, "seed", 0, -(1LL << 62), 1LL << 62);
+  for (size_t pi = 0; pi < call.prompts.size(); ++pi) {
+    std::vector<int> ids = tok.encode(call.prompts[pi], tok.add_bos());
+    if (ids.empty()) throw bad("prompt", "the prompt is empty");
+    if (ctx_limit > 0 && static_cast<int64_t>(ids.size()) > ctx_limit)
+      throw ApiError(400,
+                     "the prompt has " + std::to_string(ids.size()) +
+                         " tokens, more than this server's limit of " + std::to_string(ctx_limit),
+                     "prompt", "context_length_exceeded");
+    call.prompt_tokens.push_back(static_cast<int>(ids.size()));
+    for (int c = 0; c < call.n; ++c) {
+      CompletionRequest r;
+      r.prompt = ids;
+      r.sampling = sp;
+      // Each choice draws its own numbers; without a seed, from the clock.
+      r.sampling.seed = seeded ? static_cast<uint64_t>(seed) + pi * 1000 + c
+                               : static_cast<uint64_t>(std::chrono::steady_clock::now().time_since_epoch().count()) + c;
+      r.max_tokens = max_tokens;
+      r.stop = stop;
+      r.logprobs = call.logprobs;
+      call.requests.push_back(std::move(r));
+    }
+  }
+  return call;
+}
+
+json event_logprobs(const CompletionEvent& e, const Tokenizer& tok, size_t offset) {
+  json top = json::object();
+  for (const auto& [id, lp] : e.top_logprobs) top[tok.decode(std::vector<int>{id})] = lp;
+  return {{"tokens", {tok.decode(std::vector<int>{e.token})}},
+          {"token_logprobs", {e.logprob}},
+          {"top_logprobs", {top}},
+          {"text_offset", {offset}}};
+}
+
+void ChoiceBuilder::add(const CompletionEvent& e, const Tokenizer& tok, bool with_logprobs) {
+  if (with_logprobs && e.token >= 0) {
+    const json lp = event_logprobs(e, tok, text.size());
+    tokens.push_back(lp["tokens"][0]);
+    token_logprobs.push_back(lp["token_logprobs"][0]);
+    top_logprobs.push_back(lp["top_logprobs"][0]);
+    text_offset.push_back(lp["text_offset"][0]);
+  }
+  text += e.text;
+  if (e.done) {
+    finish_reason = api::finish_reason(e);
+    completion_tokens = e.completion_tokens;
+  }
+}
+
+json ChoiceBuilder::choice(int index, bool with_logprobs, const std::string& echo_prefix) const {
+  json lp = nullptr;
+  if (with_logprobs)
+    lp = {{"tokens", tokens}, {"token_logprobs", token_logprobs}, {"top_logprobs", top_logprobs},
+          {"text_offset", text_offset}};
+  return {{"text", echo_prefix + text}, {"index", index}, {"logprobs", lp},
+          {"finish_reason", finish_reason}};
+}
+
+std::string finish_reason(const CompletionEvent& e) {
+  if (e.finish_reason == "stop" || e.finish_reason == "length") return e.finish_reason;
+  return "error";
+}
+
+json usage(int prompt_tokens, int completion_tokens) {
+  return {{"prompt_tokens", prompt_tokens},
+          {"completion_tokens", completion_tokens},
+          {"total_tokens", prompt_tokens + completion_tokens}};
+}
+
+}  // namespace mp::api

@@ -1,0 +1,72 @@
+// multipole-server: OpenAI-compatible completions over HTTP with streaming.
+#include <atomic>
+#include <csignal>
+#include <cstdio>
+#include <thread>
+
+#include "../tools/common/args.h"
+#include "server.h"
+
+namespace {
+std::atomic<bool> g_stop{false};
+void on_signal(int) { g_stop = true; }
+}  // namespace
+
+int main(int argc, char** argv) {
+  mp::cli::Args a(argc, argv, {"quiet"},
+                  "usage: multipole-server [options]\n"
+                  "  --model FILE      GGUF model (default models/default.gguf)\n"
+                  "  --host ADDR       address to bind (default 127.0.0.1)\n"
+                  "  --port N          port (default 8080)\n"
+                  "  --slots N         sequences generated at once (default 8)\n"
+                  "  --max-queue N     requests that may wait for a slot (default 64)\n"
+                  "  --ctx-limit N     most prompt tokens per request (default: trained length)\n"
+                  "  --api-key KEY     require 'Authorization: Bearer KEY'\n"
+                  "  --threads N       CPU threads for the model (default: all cores)\n"
+                  "  --http-threads N  HTTP worker threads (default 16)\n"
+                  "  --backend KIND    auto, cpu or cuda (default auto)\n"
+                  "  --name NAME       model id reported by /v1/models (default multipole)\n"
+                  "  --quiet           no access log\n");
+  a.check_known({"model", "host", "port", "slots", "max-queue", "ctx-limit", "api-key", "threads",
+                 "http-threads", "backend", "name", "quiet"});
+  try {
+    auto model = mp::Model::load(a.str("model", "models/default.gguf"));
+    mp::BackendOptions bo;
+    bo.kind = a.str("backend", "auto");
+    bo.n_slots = static_cast<int>(a.integer("slots", 8));
+    bo.n_threads = static_cast<int>(a.integer("threads", 0));
+    if (bo.n_slots <= 0) a.fail("--slots must be positive");
+    auto backend = mp::make_backend(model, bo);
+    mp::SchedulerOptions so;
+    so.max_queue = static_cast<int>(a.integer("max-queue", 64));
+    mp::Scheduler sched(*backend, model->tokenizer(), so);
+    mp::ServerOptions o;
+    o.host = a.str("host", "127.0.0.1");
+    o.port = static_cast<int>(a.integer("port", 8080));
+    o.api_key = a.str("api-key");
+    o.ctx_limit = a.integer("ctx-limit", 0);
+    o.http_threads = static_cast<int>(a.integer("http-threads", 16));
+    o.model_name = a.str("name", "multipole");
+    o.access_log = !a.has("quiet");
+    mp::Server server(model, sched, o);
+    if (!server.bind()) throw mp::Error("cannot bind " + o.host + ":" + std::to_string(o.port));
+    std::signal(SIGINT, on_signal);
+    std::signal(SIGTERM, on_signal);
+    std::thread watcher([&] {
+      while (!g_stop) std::this_thread::sleep_for(std::chrono::milliseconds(100));
+      std::fprintf(stderr, "stopping: no new requests; running ones are cancelled\n");
+      sched.shutdown();
+      server.stop();
+    });
+    std::fprintf(stderr, "model: %s (%s), backend %s, %d slots\nlistening on http://%s:%d\n",
+                 model->path().c_str(), model->config().summary().c_str(), backend->name().c_str(),
+                 bo.n_slots, o.host.c_str(), server.port());
+    server.run();
+    g_stop = true;
+    watcher.join();
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "error: %s\n", e.what());
+    return 1;
+  }
+  return 0;
+}

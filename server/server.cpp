@@ -1,0 +1,334 @@
+#include "server.h"
+
+#include <httplib.h>
+
+#include <atomic>
+#include <chrono>
+#include <condition_variable>
+#include <cstdio>
+#include <deque>
+#include <mutex>
+
+#include "api.h"
+
+namespace mp {
+
+using api::json;
+
+namespace {
+
+double now_s() {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
+}
+
+// A Prometheus histogram with fixed buckets (seconds).
+struct Histogram {
+  std::vector<double> bounds = {0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10};
+  std::vector<uint64_t> counts = std::vector<uint64_t>(bounds.size() + 1, 0);
+  double sum = 0;
+  uint64_t n = 0;
+  void observe(double v) {
+    size_t i = 0;
+    while (i < bounds.size() && v > bounds[i]) ++i;
+    ++counts[i];
+    sum += v;
+    ++n;
+  }
+  std::string render(const std::string& name, const std::string& help) const {
+    std::string o = "# HELP " + name + " " + help + "\n# TYPE " + name + " histogram\n";
+    uint64_t cum = 0;
+    for (size_t i = 0; i < bounds.size(); ++i) {
+      cum += counts[i];
+      char b[64];
+      std::snprintf(b, sizeof b, "%g", bounds[i]);
+      o += name + "_bucket{le=\"" + b + "\"} " + std::to_string(cum) + "\n";
+    }
+    o += name + "_bucket{le=\"+Inf\"} " + std::to_string(n) + "\n";
+    o += name + "_sum " + std::to_string(sum) + "\n" + name + "_count " + std::to_string(n) + "\n";
+    return o;
+  }
+};
+
+// Events of one HTTP request's completions, from the scheduler thread to the HTTP thread.
+struct Channel {
+  std::mutex mu;
+  std::condition_variable cv;
+  std::deque<std::pair<int, CompletionEvent>> events;  // (choice index, event)
+  int open = 0;                                        // choices not yet done
+  std::atomic<bool> abandoned{false};                  // the client went away
+};
+
+}  // namespace
+
+struct Server::Impl {
+  std::shared_ptr<const Model> model;
+  Scheduler& sched;
+  ServerOptions opts;
+  httplib::Server http;
+  int bound_port = -1;
+  std::atomic<uint64_t> next_request{1};
+  std::mutex metrics_mu;
+  std::map<int, uint64_t> responses;  // by status
+  Histogram ttft, itl;
+
+  Impl(std::shared_ptr<const Model> m, Scheduler& s, ServerOptions o)
+      : model(std::move(m)), sched(s), opts(std::move(o)) {
+    if (opts.ctx_limit <= 0) opts.ctx_limit = model->config().n_ctx_train;
+    http.new_task_queue = [n = opts.http_threads] { return new httplib::ThreadPool(n); };
+    http.set_payload_max_length(opts.max_body);
+    http.set_pre_routing_handler([this](const httplib::Request& req, httplib::Response& res) {
+      if (opts.api_key.empty() || req.path == "/health") return httplib::Server::HandlerResponse::Unhandled;
+      if (req.get_header_value("Authorization") != "Bearer " + opts.api_key) {
+        error(res, api::ApiError(401, "invalid or missing API key", "", "invalid_api_key",
+                                 "authentication_error"));
+        return httplib::Server::HandlerResponse::Handled;
+      }
+      return httplib::Server::HandlerResponse::Unhandled;
+    });
+    // Statuses httplib sets itself (413 for oversized bodies, 404, ...) get an OpenAI body too.
+    http.set_error_handler([this](const httplib::Request&, httplib::Response& res) {
+      if (!res.body.empty()) return;
+      const std::string msg = res.status == 413 ? "the request body is too large"
+                              : res.status == 404 ? "no such endpoint"
+                                                  : "request failed";
+      error(res, api::ApiError(res.status, msg, "", res.status == 413 ? "request_too_large" : ""));
+    });
+    http.set_logger([this](const httplib::Request& req, const httplib::Response& res) {
+      {
+        std::lock_guard<std::mutex> lock(metrics_mu);
+        ++responses[res.status];
+      }
+      if (this->opts.access_log)
+        std::fprintf(stderr, "%s %s %s %d %s\n", req.remote_addr.c_str(), req.method.c_str(),
+                     req.path.c_str(), res.status, res.get_header_value("X-Request-Id").c_str());
+    });
+    http.Get("/health", [](const httplib::Request&, httplib::Response& res) {
+      res.set_content("{\"status\":\"ok\"}", "application/json");
+    });
+    http.Get("/v1/models", [this](const httplib::Request&, httplib::Response& res) {
+      json j = {{"object", "list"},
+                {"data", {{{"id", opts.model_name}, {"object", "model"}, {"created", 0},
+                           {"owned_by", "multipole"}}}}};
+      res.set_content(api::dump(j), "application/json");
+    });
+    http.Get("/metrics", [this](const httplib::Request&, httplib::Response& res) {
+      res.set_content(metrics(), "text/plain; version=0.0.4");
+    });
+    http.Post("/tokenize", [this](const httplib::Request& req, httplib::Response& res) {
+      handle(res, [&] {
+        const json b = parse_body(req);
+        if (!b.contains("content") || !b["content"].is_string())
+          throw api::ApiError(400, "'content' must be a string", "content");
+        const bool bos = b.value("add_special", false);
+        res.set_content(api::dump({{"tokens", model->tokenizer().encode(b["content"].get<std::string>(), bos)}}),
+                        "application/json");
+      });
+    });
+    http.Post("/detokenize", [this](const httplib::Request& req, httplib::Response& res) {
+      handle(res, [&] {
+        const json b = parse_body(req);
+        if (!b.contains("tokens") || !b["tokens"].is_array())
+          throw api::ApiError(400, "'tokens' must be an array of token ids", "tokens");
+        std::vector<int> ids;
+        for (const auto& t : b["tokens"]) {
+          if (!t.is_number_integer() || t.get<long long>() < 0 ||
+              t.get<long long>() >= model->config().vocab_size)
+            throw api::ApiError(400, "'tokens' holds an invalid token id", "tokens");
+          ids.push_back(t.get<int>());
+        }
+        res.set_content(api::dump({{"content", model->tokenizer().decode(ids)}}), "application/json");
+      });
+    });
+    http.Post("/v1/completions", [this](const httplib::Request& req, httplib::Response& res) {
+      handle(res, [&] { completions(req, res); });
+    });
+  }
+
+  static json parse_body(const httplib::Request& req) {
+    try {
+      return json::parse(req.body);
+    } catch (const std::exception& e) {
+      throw api::ApiError(400, std::string("the body is not valid JSON: ") + e.what());
+    }
+  }
+
+  void error(httplib::Response& res, const api::ApiError& e) {
+    res.status = e.status;
+    res.set_content(api::dump(e.body()), "application/json");
+  }
+
+  template <class F>
+  void handle(httplib::Response& res, F&& f) {
+    try {
+      f();
+    } catch (const api::ApiError& e) {
+      error(res, e);
+    } catch (const BusyError& e) {
+      error(res, api::ApiError(429, e.what(), "", "rate_limit_exceeded", "rate_limit_error"));
+    } catch (const Error& e) {
+      error(res, api::ApiError(400, e.what()));
+    } catch (const std::exception& e) {
+      error(res, api::ApiError(500, e.what(), "", "", "server_error"));
+    }
+  }
+
+  void completions(const httplib::Request& req, httplib::Response& res) {
+    api::CompletionsCall call = api::parse_completions(parse_body(req), model->tokenizer(), opts.ctx_limit);
+    const std::string id = "cmpl-" + std::to_string(next_request++);
+    res.set_header("X-Request-Id", id);
+    const auto created = std::chrono::duration_cast<std::chrono::seconds>(
+                             std::chrono::system_clock::now().time_since_epoch()).count();
+    auto ch = std::make_shared<Channel>();
+    std::vector<uint64_t> ids;
+    const double t0 = now_s();
+    auto last = std::make_shared<std::vector<double>>(call.requests.size(), 0.0);
+    ch->open = static_cast<int>(call.requests.size());
+    try {
+      for (size_t i = 0; i < call.requests.size(); ++i) {
+        auto& r = call.requests[i];
+        r.on_event = [this, ch, i, t0, last](const CompletionEvent& e) {
+          if (e.token >= 0) {  // timing of real tokens
+            std::lock_guard<std::mutex> lock(metrics_mu);
+            const double t = now_s();
+            ((*last)[i] == 0 ? ttft : itl).observe(t - ((*last)[i] == 0 ? t0 : (*last)[i]));
+            (*last)[i] = t;
+          }
+          {
+            std::lock_guard<std::mutex> lock(ch->mu);
+            ch->events.emplace_back(static_cast<int>(i), e);
+            if (e.done) --ch->open;
+          }
+          ch->cv.notify_all();
+          return !ch->abandoned.load();
+        };
+        ids.push_back(sched.submit(std::move(r)));
+      }
+    } catch (...) {
+      for (auto rid : ids) sched.cancel(rid);
+      throw;
+    }
+    const Tokenizer& tok = model->tokenizer();
+    auto echo_of = [call](int choice) { return call.echo ? call.prompts[choice / call.n] : std::string(); };
+    int prompt_total = 0;
+    for (size_t i = 0; i < call.requests.size(); ++i) prompt_total += call.prompt_tokens[i / call.n];
+    if (!call.stream) {
+      std::vector<api::ChoiceBuilder> choices(call.requests.size());
+      std::unique_lock<std::mutex> lock(ch->mu);
+      for (;;) {
+        while (!ch->events.empty()) {
+          auto [i, e] = std::move(ch->events.front());
+          ch->events.pop_front();
+          choices[i].add(e, tok, call.logprobs > 0);
+        }
+        if (ch->open == 0) break;
+        ch->cv.wait(lock);
+      }
+      json out = {{"id", id}, {"object", "text_completion"}, {"created", created},
+                  {"model", opts.model_name}, {"choices", json::array()}};
+      int completion_total = 0;
+      for (size_t i = 0; i < choices.size(); ++i) {
+        out["choices"].push_back(choices[i].choice(int(i), call.logprobs > 0, echo_of(int(i))));
+        completion_total += choices[i].completion_tokens;
+      }
+      out["usage"] = api::usage(prompt_total, completion_total);
+      res.set_content(api::dump(out), "application/json");
+      return;
+    }
+    res.set_header("Cache-Control", "no-cache");
+    auto offsets = std::make_shared<std::vector<size_t>>(call.requests.size(), 0);
+    auto echoed = std::make_shared<std::vector<bool>>(call.requests.size(), false);
+    auto completion_total = std::make_shared<int>(0);
+    auto sent_done = std::make_shared<bool>(false);
+    res.set_chunked_content_provider(
+        "text/event-stream",
+        [=, this, &tok](size_t, httplib::DataSink& sink) {
+          std::unique_lock<std::mutex> lock(ch->mu);
+          ch->cv.wait_for(lock, std::chrono::milliseconds(200),
+                          [&] { return !ch->events.empty() || ch->open == 0; });
+          std::deque<std::pair<int, CompletionEvent>> batch;
+          batch.swap(ch->events);
+          const bool finished = ch->open == 0;
+          lock.unlock();
+          auto send = [&](const json& j) {
+            const std::string s = "data: " + api::dump(j) + "\n\n";
+            return sink.write(s.data(), s.size());
+          };
+          for (auto& [i, e] : batch) {
+            std::string text = e.text;
+            if (!(*echoed)[i]) {
+              text = echo_of(i) + text;
+              (*echoed)[i] = true;
+            }
+            json c = {{"text", text}, {"index", i},
+                      {"logprobs", call.logprobs > 0 && e.token >= 0 ? api::event_logprobs(e, tok, (*offsets)[i]) : json(nullptr)},
+                      {"finish_reason", e.done ? json(api::finish_reason(e)) : json(nullptr)}};
+            (*offsets)[i] += e.text.size();
+            if (e.done) *completion_total += e.completion_tokens;
+            if (!send({{"id", id}, {"object", "text_completion"}, {"created", created},
+                       {"model", opts.model_name}, {"choices", {c}}}))
+              return false;
+          }
+          if (finished && !*sent_done) {
+            *sent_done = true;
+            if (call.include_usage &&
+                !send({{"id", id}, {"object", "text_completion"}, {"created", created},
+                       {"model", opts.model_name}, {"choices", json::array()},
+                       {"usage", api::usage(prompt_total, *completion_total)}}))
+              return false;
+            const std::string done = "data: [DONE]\n\n";
+            if (!sink.write(done.data(), done.size())) return false;
+            sink.done();
+          }
+          return true;
+        },
+        [this, ch, ids](bool success) {
+          if (success) return;
+          // The client went away: its requests stop at the next step.
+          ch->abandoned = true;
+          for (auto rid : ids) sched.cancel(rid);
+        });
+  }
+
+  std::string metrics() {
+    const SchedulerStats s = sched.stats();
+    std::string o;
+    auto gauge = [&](const char* name, const char* help, double v, const char* type = "gauge") {
+      o += std::string("# HELP ") + name + " " + help + "\n# TYPE " + name + " " + type + "\n" +
+           name + " " + std::to_string(v) + "\n";
+    };
+    gauge("multipole_slots", "Sequence slots of the backend.", s.slots);
+    gauge("multipole_slots_in_use", "Slots holding a running request.", s.slots_in_use);
+    gauge("multipole_queue_depth", "Requests waiting for a slot.", s.queued);
+    gauge("multipole_requests_finished_total", "Completions finished.", double(s.requests_done), "counter");
+    gauge("multipole_prompt_tokens_total", "Prompt tokens processed.", double(s.prompt_tokens), "counter");
+    gauge("multipole_generated_tokens_total", "Tokens generated.", double(s.completion_tokens), "counter");
+    gauge("multipole_steps_total", "Batched model steps.", double(s.steps), "counter");
+    std::lock_guard<std::mutex> lock(metrics_mu);
+    o += "# HELP multipole_http_responses_total HTTP responses by status.\n"
+         "# TYPE multipole_http_responses_total counter\n";
+    for (const auto& [code, n] : responses)
+      o += "multipole_http_responses_total{status=\"" + std::to_string(code) + "\"} " + std::to_string(n) + "\n";
+    o += ttft.render("multipole_time_to_first_token_seconds", "Time from request to first token.");
+    o += itl.render("multipole_inter_token_latency_seconds", "Time between consecutive tokens.");
+    return o;
+  }
+};
+
+Server::Server(std::shared_ptr<const Model> model, Scheduler& scheduler, ServerOptions opts)
+    : impl_(std::make_unique<Impl>(std::move(model), scheduler, std::move(opts))) {}
+Server::~Server() { stop(); }
+
+bool Server::bind() {
+  if (impl_->opts.port == 0) {
+    impl_->bound_port = impl_->http.bind_to_any_port(impl_->opts.host);
+    return impl_->bound_port > 0;
+  }
+  if (!impl_->http.bind_to_port(impl_->opts.host, impl_->opts.port)) return false;
+  impl_->bound_port = impl_->opts.port;
+  return true;
+}
+int Server::port() const { return impl_->bound_port; }
+void Server::run() { impl_->http.listen_after_bind(); }
+void Server::stop() { impl_->http.stop(); }
+
+}  // namespace mp
