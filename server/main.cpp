@@ -23,7 +23,7 @@ int main(int argc, char** argv) {
                   "  --ctx-limit N     most prompt tokens per request (default: trained length)\n"
                   "  --api-key KEY     require 'Authorization: Bearer KEY'\n"
                   "  --threads N       CPU threads for the model (default: all cores)\n"
-                  "  --http-threads N  HTTP worker threads (default 16)\n"
+                  "  --http-threads N  HTTP worker threads, one per open stream (default 128)\n"
                   "  --backend KIND    auto, cpu or cuda (default auto)\n"
                   "  --name NAME       model id reported by /v1/models (default multipole)\n"
                   "  --quiet           no access log\n");
@@ -45,7 +45,7 @@ int main(int argc, char** argv) {
     o.port = static_cast<int>(a.integer("port", 8080));
     o.api_key = a.str("api-key");
     o.ctx_limit = a.integer("ctx-limit", 0);
-    o.http_threads = static_cast<int>(a.integer("http-threads", 16));
+    o.http_threads = static_cast<int>(a.integer("http-threads", 128));
     o.model_name = a.str("name", "multipole");
     o.access_log = !a.has("quiet");
     mp::Server server(model, sched, o);

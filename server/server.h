@@ -15,7 +15,7 @@ struct ServerOptions {
   std::string api_key;  // empty: no authentication
   int64_t ctx_limit = 0;  // most prompt tokens per request; 0: the model's trained length
   size_t max_body = 1 << 20;  // bytes; larger bodies get 413
-  int http_threads = 16;
+  int http_threads = 128;  // each streaming client holds one while it streams
   std::string model_name = "multipole";
   bool access_log = true;
 };

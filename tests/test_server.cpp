@@ -1,0 +1,267 @@
+// A real multipole-server (in process, on a free loopback port) driven over HTTP.
+#include <arpa/inet.h>
+#include <gtest/gtest.h>
+#include <httplib.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include <fstream>
+#include <future>
+#include <nlohmann/json.hpp>
+#include <thread>
+
+#include "model_fixture.h"
+#include "server.h"
+
+namespace {
+
+using json = nlohmann::json;
+using namespace mp;
+
+struct Running {
+  mp::testing::TempDir dir;
+  std::shared_ptr<Model> model;
+  std::unique_ptr<Backend> backend;
+  std::unique_ptr<Scheduler> sched;
+  std::unique_ptr<Server> server;
+  std::thread thread;
+
+  explicit Running(int slots = 4, int max_queue = 64, std::string api_key = "", int64_t ctx_limit = 0) {
+    model = mp::testing::random_model(dir, mp::testing::small_config());
+    backend = make_backend(model, {.kind = "cpu", .n_slots = slots, .n_threads = 2});
+    sched = std::make_unique<Scheduler>(*backend, model->tokenizer(), SchedulerOptions{.max_queue = max_queue});
+    ServerOptions o;
+    o.port = 0;
+    o.api_key = std::move(api_key);
+    o.ctx_limit = ctx_limit;
+    o.max_body = 64 * 1024;
+    o.access_log = false;
+    server = std::make_unique<Server>(model, *sched, o);
+    if (!server->bind()) throw Error("bind failed");
+    thread = std::thread([this] { server->run(); });
+  }
+  ~Running() {
+    sched->shutdown();
+    server->stop();
+    thread.join();
+  }
+  httplib::Client client() const {
+    httplib::Client c("127.0.0.1", server->port());
+    c.set_read_timeout(60, 0);
+    return c;
+  }
+  httplib::Result post(const json& body) const { return client().Post("/v1/completions", body.dump(), "application/json"); }
+};
+
+// The data: payloads of an SSE body, [DONE] last.
+std::vector<std::string> sse_events(const std::string& body) {
+  std::vector<std::string> out;
+  size_t at = 0;
+  while ((at = body.find("data: ", at)) != std::string::npos) {
+    const size_t end = body.find("\n\n", at);
+    out.push_back(body.substr(at + 6, end - at - 6));
+    at = end;
+  }
+  return out;
+}
+
+std::string streamed_text(const std::string& body, json* usage = nullptr, std::string* finish = nullptr) {
+  const auto ev = sse_events(body);
+  EXPECT_FALSE(ev.empty());
+  EXPECT_EQ(ev.back(), "[DONE]");
+  std::string text;
+  for (size_t i = 0; i + 1 < ev.size(); ++i) {
+    const json j = json::parse(ev[i]);  // every event parses
+    EXPECT_EQ(j["object"], "text_completion");
+    if (j["choices"].empty()) {
+      if (usage) *usage = j["usage"];
+      continue;
+    }
+    text += j["choices"][0]["text"].get<std::string>();
+    if (finish && !j["choices"][0]["finish_reason"].is_null()) *finish = j["choices"][0]["finish_reason"];
+  }
+  return text;
+}
+
+TEST(Server, PlainAndStreamingCompletionsAgree) {
+  Running s;
+  const json req = {{"prompt", "The license"}, {"max_tokens", 12}, {"temperature", 0.9}, {"seed", 5}};
+  auto r = s.post(req);
+  ASSERT_TRUE(r);
+  ASSERT_EQ(r->status, 200) << r->body;
+  const json j = json::parse(r->body);
+  const std::string text = j["choices"][0]["text"];
+  EXPECT_EQ(j["usage"]["completion_tokens"].get<int>() + j["usage"]["prompt_tokens"].get<int>(),
+            j["usage"]["total_tokens"].get<int>());
+  EXPECT_EQ(j["usage"]["completion_tokens"], 12);
+  EXPECT_EQ(j["choices"][0]["finish_reason"], "length");
+  json stream_req = req;
+  stream_req["stream"] = true;
+  stream_req["stream_options"] = {{"include_usage", true}};
+  auto rs = s.post(stream_req);
+  ASSERT_EQ(rs->status, 200);
+  EXPECT_EQ(rs->get_header_value("Content-Type"), "text/event-stream");
+  json usage;
+  std::string finish;
+  EXPECT_EQ(streamed_text(rs->body, &usage, &finish), text);
+  EXPECT_EQ(usage, j["usage"]);
+  EXPECT_EQ(finish, "length");
+  // echo, logprobs, n and several prompts.
+  auto r2 = s.post({{"prompt", {"a", "b"}}, {"n", 2}, {"max_tokens", 3}, {"echo", true}, {"logprobs", 2}, {"seed", 1}});
+  ASSERT_EQ(r2->status, 200) << r2->body;
+  const json j2 = json::parse(r2->body);
+  ASSERT_EQ(j2["choices"].size(), 4u);
+  EXPECT_EQ(j2["choices"][2]["text"].get<std::string>().substr(0, 1), "b");
+  EXPECT_EQ(j2["choices"][0]["logprobs"]["tokens"].size(), 3u);
+  EXPECT_EQ(j2["choices"][0]["logprobs"]["top_logprobs"][0].size(), 2u);
+}
+
+TEST(Server, ConcurrentStreamsGiveTheSameTextAsSequentialRuns) {
+  Running s(8);
+  const int n = 64;
+  auto req = [](int i) {
+    return json{{"prompt", "Request " + std::to_string(i)}, {"max_tokens", 8}, {"temperature", 1.0},
+                {"seed", i}, {"stream", true}};
+  };
+  std::vector<std::string> sequential;
+  for (int i = 0; i < n; ++i) sequential.push_back(streamed_text(s.post(req(i))->body));
+  std::vector<std::future<std::string>> futures;
+  for (int i = 0; i < n; ++i)
+    futures.push_back(std::async(std::launch::async, [&, i] {
+      auto r = s.post(req(i));
+      if (!r) return "HTTP error " + httplib::to_string(r.error());
+      return r->status == 200 ? streamed_text(r->body) : "HTTP " + std::to_string(r->status) + " " + r->body;
+    }));
+  for (int i = 0; i < n; ++i) EXPECT_EQ(futures[i].get(), sequential[i]) << i;
+}
+
+TEST(Server, ClientThatDisconnectsFreesItsSlot) {
+  Running s(2);
+  const int fd = socket(AF_INET, SOCK_STREAM, 0);
+  sockaddr_in addr{};
+  addr.sin_family = AF_INET;
+  addr.sin_port = htons(static_cast<uint16_t>(s.server->port()));
+  inet_pton(AF_INET, "127.0.0.1", &addr.sin_addr);
+  ASSERT_EQ(connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof addr), 0);
+  const std::string body = json{{"prompt", "x"}, {"max_tokens", 100000}, {"stream", true}}.dump();
+  const std::string http = "POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                           "Content-Length: " + std::to_string(body.size()) + "\r\n\r\n" + body;
+  ASSERT_EQ(write(fd, http.data(), http.size()), ssize_t(http.size()));
+  char buf[512];
+  ASSERT_GT(read(fd, buf, sizeof buf), 0);  // the stream has started
+  EXPECT_EQ(s.sched->stats().slots_in_use, 1);
+  close(fd);
+  for (int i = 0; i < 100 && s.sched->stats().slots_in_use != 0; ++i)
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  EXPECT_EQ(s.sched->stats().slots_in_use, 0);
+  EXPECT_LT(s.sched->stats().completion_tokens, 100000u);
+}
+
+int status_of(const httplib::Result& r) { return r ? r->status : -1; }
+
+void expect_error(const httplib::Result& r, int status, const std::string& param = "") {
+  ASSERT_TRUE(r);
+  EXPECT_EQ(r->status, status) << r->body;
+  const json j = json::parse(r->body);
+  ASSERT_TRUE(j["error"].is_object()) << r->body;
+  EXPECT_TRUE(j["error"]["message"].is_string());
+  EXPECT_TRUE(j["error"].contains("type") && j["error"].contains("param") && j["error"].contains("code"));
+  if (!param.empty()) {
+    EXPECT_EQ(j["error"]["param"], param);
+  }
+}
+
+TEST(Server, BadRequestsGetOpenAiErrors) {
+  Running s(2, 64, "", 20);
+  auto c = s.client();
+  expect_error(c.Post("/v1/completions", "{not json", "application/json"), 400);
+  expect_error(s.post({{"prompt", 3}}), 400, "prompt");
+  expect_error(s.post({{"prompt", "x"}, {"max_tokens", "ten"}}), 400, "max_tokens");
+  expect_error(s.post({{"prompt", "x"}, {"temperature", 5}}), 400, "temperature");
+  expect_error(s.post({{"prompt", "x"}, {"n", 0}}), 400, "n");
+  expect_error(s.post({{"prompt", "x"}, {"stop", {1, 2}}}), 400, "stop");
+  expect_error(s.post({{"max_tokens", 3}}), 400, "prompt");
+  expect_error(s.post({{"prompt", std::string(500, 'z')}}), 400, "prompt");  // over the ctx limit
+  expect_error(c.Post("/v1/completions", std::string(100 * 1024, ' '), "application/json"), 413);
+  expect_error(c.Post("/detokenize", R"({"tokens":[1,99999]})", "application/json"), 400, "tokens");
+  expect_error(c.Get("/nope"), 404);
+  // Invalid UTF-8 in a prompt: a clear error, not a crash.
+  const std::string bad_utf8 = std::string("{\"prompt\":\"\xff\xfe\"}");
+  EXPECT_EQ(status_of(c.Post("/v1/completions", bad_utf8, "application/json")), 400);
+  EXPECT_EQ(status_of(c.Get("/health")), 200);
+}
+
+TEST(Server, ApiKeyAndFullQueue) {
+  {
+    Running s(1, 64, "secret");
+    expect_error(s.post({{"prompt", "x"}}), 401);
+    auto c = s.client();
+    c.set_bearer_token_auth("secret");
+    EXPECT_EQ(status_of(c.Post("/v1/completions", json{{"prompt", "x"}, {"max_tokens", 1}}.dump(), "application/json")), 200);
+    EXPECT_EQ(status_of(s.client().Get("/v1/models")), 401);
+  }
+  Running s(1, 0);  // one slot, no queue
+  std::vector<std::future<int>> f;
+  for (int i = 0; i < 6; ++i)
+    f.push_back(std::async(std::launch::async, [&] {
+      return status_of(s.post({{"prompt", "x"}, {"max_tokens", 200}}));
+    }));
+  int ok = 0, busy = 0;
+  for (auto& x : f) {
+    const int st = x.get();
+    ok += st == 200;
+    busy += st == 429;
+  }
+  EXPECT_GE(ok, 1);
+  EXPECT_GE(busy, 1);
+  EXPECT_EQ(ok + busy, 6);
+}
+
+TEST(Server, TokenizeModelsAndMetrics) {
+  Running s;
+  auto c = s.client();
+  auto t = c.Post("/tokenize", R"({"content":"free software"})", "application/json");
+  ASSERT_EQ(status_of(t), 200);
+  const json ids = json::parse(t->body)["tokens"];
+  auto d = c.Post("/detokenize", json{{"tokens", ids}}.dump(), "application/json");
+  EXPECT_EQ(json::parse(d->body)["content"], "free software");
+  EXPECT_EQ(json::parse(c.Get("/v1/models")->body)["data"][0]["id"], "multipole");
+  s.post({{"prompt", "x"}, {"max_tokens", 4}});
+  const std::string m = c.Get("/metrics")->body;
+  EXPECT_NE(m.find("multipole_generated_tokens_total 4"), std::string::npos) << m;
+  EXPECT_NE(m.find("multipole_time_to_first_token_seconds_count 1"), std::string::npos);
+  EXPECT_NE(m.find("multipole_inter_token_latency_seconds_count 3"), std::string::npos);
+}
+
+TEST(Batch, BadLineGetsAnErrorRecordAndResumeSkipsDoneIds) {
+  mp::testing::TempDir dir;
+  mp::testing::random_model(dir, mp::testing::small_config());
+  std::ofstream(dir / "in.jsonl") << R"({"id": "a", "prompt": "one", "max_tokens": 4, "seed": 1})" "\n"
+                                  << "this is not json\n"
+                                  << R"({"id": "c", "prompt": "three", "max_tokens": 3, "n": 2, "seed": 2})" "\n";
+  const std::string cmd = std::string(MULTIPOLE_BATCH_BIN) + " --model " + (dir / "model.gguf") +
+                          " --threads 2 --input " + (dir / "in.jsonl") + " --output " + (dir / "out.jsonl") + " 2>/dev/null";
+  ASSERT_EQ(std::system(cmd.c_str()), 0);
+  std::vector<json> out;
+  std::ifstream f(dir / "out.jsonl");
+  for (std::string line; std::getline(f, line);) out.push_back(json::parse(line));
+  ASSERT_EQ(out.size(), 3u);
+  EXPECT_EQ(out[0]["id"], "a");
+  EXPECT_EQ(out[0]["usage"]["completion_tokens"], 4);
+  EXPECT_TRUE(out[1].contains("error"));
+  EXPECT_EQ(out[2]["choices"].size(), 2u);
+  // Resume: drop the last record, run again: only "c" is redone, and identically (same seed).
+  {
+    std::ofstream trunc(dir / "out.jsonl");
+    trunc << out[0].dump() << "\n" << out[1].dump() << "\n";
+  }
+  ASSERT_EQ(std::system((cmd.substr(0, cmd.size() - 12) + " --resume 2>/dev/null").c_str()), 0);
+  std::vector<json> again;
+  std::ifstream g(dir / "out.jsonl");
+  for (std::string line; std::getline(g, line);) again.push_back(json::parse(line));
+  ASSERT_EQ(again.size(), 4u);  // a, the old error, the error again (errors are retried), c
+  EXPECT_EQ(again[3]["id"], "c");
+  EXPECT_EQ(again[3]["choices"], out[2]["choices"]);
+}
+
+}  // namespace
