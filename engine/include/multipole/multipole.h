@@ -247,7 +247,7 @@ bool cuda_available();  // built with CUDA and a device is present
 // fresh slot in prefill chunks of `chunk` tokens. Throws when no slot is free.
 std::vector<double> token_nlls(Backend& b, std::span<const int> tokens, int chunk);
 
-// Saves/loads a slot's state to a file (format: docs/FORMAT.md).
+// Saves/loads a slot's state to a file (format: README.md, "The model file").
 void save_state_file(const Backend& b, int slot, const std::string& path);
 void load_state_file(Backend& b, int slot, const std::string& path);
 
