@@ -12,20 +12,8 @@ using namespace mp;
 using mp::testing::random_model;
 using mp::testing::random_tokens;
 using mp::testing::TempDir;
-
-// Logits of every position, feeding `tokens` in chunks of `chunk`.
-std::vector<float> logits_in_chunks(Backend& b, const std::vector<int>& tokens, int chunk) {
-  const int slot = b.alloc_slot();
-  std::vector<float> all;
-  for (size_t i = 0; i < tokens.size(); i += chunk) {
-    const size_t n = std::min(tokens.size() - i, size_t(chunk));
-    SeqChunk c{slot, std::span<const int>(tokens).subspan(i, n), true};
-    const auto l = b.forward({&c, 1});
-    all.insert(all.end(), l.begin(), l.end());
-  }
-  b.free_slot(slot);
-  return all;
-}
+using mp::testing::logits_in_chunks;
+using mp::testing::rel_err;
 
 // Token by token, as decode does: only the last row each step.
 std::vector<float> logits_decoding(Backend& b, const std::vector<int>& tokens) {
@@ -38,17 +26,6 @@ std::vector<float> logits_decoding(Backend& b, const std::vector<int>& tokens) {
   }
   b.free_slot(slot);
   return all;
-}
-
-double rel_err(const std::vector<float>& a, const std::vector<float>& b) {
-  EXPECT_EQ(a.size(), b.size());
-  double num = 0, den = 0;
-  for (size_t i = 0; i < a.size(); ++i) {
-    if (!std::isfinite(a[i]) || !std::isfinite(b[i])) return INFINITY;
-    num += double(a[i] - b[i]) * (a[i] - b[i]);
-    den += double(b[i]) * b[i];
-  }
-  return std::sqrt(num / den);
 }
 
 struct Variant {

@@ -14,6 +14,8 @@ namespace {
 using namespace mp;
 using mp::testing::random_tokens;
 using mp::testing::TempDir;
+using mp::testing::logits_in_chunks;
+using mp::testing::rel_err;
 
 class Cuda : public ::testing::Test {
  protected:
@@ -21,17 +23,6 @@ class Cuda : public ::testing::Test {
     if (!cuda_available()) GTEST_SKIP() << "no CUDA device";
   }
 };
-
-double rel_err(const std::vector<float>& a, const std::vector<float>& b) {
-  EXPECT_EQ(a.size(), b.size());
-  double num = 0, den = 0;
-  for (size_t i = 0; i < a.size(); ++i) {
-    if (!std::isfinite(a[i])) return INFINITY;  // NaN never passes
-    num += double(a[i] - b[i]) * (a[i] - b[i]);
-    den += double(b[i]) * b[i];
-  }
-  return std::sqrt(num / den);
-}
 
 std::vector<float> randn(size_t n, uint32_t seed, float scale = 1.0f) {
   std::mt19937 rng(seed);
@@ -91,18 +82,6 @@ TEST_F(Cuda, RmsNormRopeSwigluMatchTheCpuTwins) {
   EXPECT_LT(rel_err(from_bf16(ds.get(5000)), gs), 1e-2);
 }
 
-std::vector<float> run_chunks(Backend& b, const std::vector<int>& tokens, int chunk) {
-  const int slot = b.alloc_slot();
-  std::vector<float> all;
-  for (size_t i = 0; i < tokens.size(); i += chunk) {
-    SeqChunk c{slot, std::span<const int>(tokens).subspan(i, std::min(tokens.size() - i, size_t(chunk))), true};
-    const auto l = b.forward({&c, 1});
-    all.insert(all.end(), l.begin(), l.end());
-  }
-  b.free_slot(slot);
-  return all;
-}
-
 struct Variant {
   const char* name;
   Downsampling ds;
@@ -125,10 +104,10 @@ TEST_P(CudaModel, LogitsMatchCpuInEveryChunkingPastTrainedLength) {
   auto gpu = make_backend(model, {.kind = "cuda", .n_slots = 2, .max_context = 1024});
   ASSERT_EQ(gpu->name(), "cuda");
   const auto tokens = random_tokens(3 * 64 + 11, c.vocab_size, 3);
-  const auto ref = run_chunks(*cpu_b, tokens, 1000);
-  for (int chunk : {1000, 1, 3, 8, 56}) EXPECT_LT(rel_err(run_chunks(*gpu, tokens, chunk), ref), 2e-2) << chunk;
+  const auto ref = logits_in_chunks(*cpu_b, tokens, 1000);
+  for (int chunk : {1000, 1, 3, 8, 56}) EXPECT_LT(rel_err(logits_in_chunks(*gpu, tokens, chunk), ref), 2e-2) << chunk;
   // Decode: the GPU against itself, one prefill vs token by token, much tighter.
-  const auto g1 = run_chunks(*gpu, tokens, 1000), g2 = run_chunks(*gpu, tokens, 1);
+  const auto g1 = logits_in_chunks(*gpu, tokens, 1000), g2 = logits_in_chunks(*gpu, tokens, 1);
   EXPECT_LT(rel_err(g2, g1), 2e-3);
 }
 
@@ -146,7 +125,7 @@ TEST_F(Cuda, BatchOfSequencesMatchesSeparateRunsAndStatesMoveBetweenBackends) {
   auto gpu = make_backend(model, {.kind = "cuda", .n_slots = 4});
   auto cpu_b = make_backend(model, {.kind = "cpu", .n_slots = 2, .n_threads = 2});
   const auto a = random_tokens(150, c.vocab_size, 1), b = random_tokens(20, c.vocab_size, 2);
-  const auto ra = run_chunks(*gpu, a, 150), rb = run_chunks(*gpu, b, 20);
+  const auto ra = logits_in_chunks(*gpu, a, 150), rb = logits_in_chunks(*gpu, b, 20);
   const int s1 = gpu->alloc_slot(), s2 = gpu->alloc_slot();
   SeqChunk cs[2] = {{s1, a, true}, {s2, b, true}};
   const auto both = gpu->forward(cs);

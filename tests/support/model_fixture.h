@@ -1,6 +1,7 @@
 // A random checkpoint converted to GGUF in a temporary folder, for tests that need a whole model.
 #pragma once
 
+#include <cmath>
 #include <filesystem>
 #include <random>
 #include <string>
@@ -44,6 +45,32 @@ inline std::vector<int> random_tokens(int n, int vocab, uint64_t seed) {
   std::vector<int> t(n);
   for (auto& x : t) x = 3 + static_cast<int>(rng() % (vocab - 3));
   return t;
+}
+
+// Norm-wise relative error; a non-finite value in `got` never passes.
+inline double rel_err(const std::vector<float>& got, const std::vector<float>& want) {
+  if (got.size() != want.size()) return INFINITY;
+  double num = 0, den = 0;
+  for (size_t i = 0; i < got.size(); ++i) {
+    if (!std::isfinite(got[i])) return INFINITY;
+    num += double(got[i] - want[i]) * (got[i] - want[i]);
+    den += double(want[i]) * want[i];
+  }
+  return std::sqrt(num / den);
+}
+
+// Logits of every position of `tokens`, fed through a fresh slot in chunks of `chunk`.
+inline std::vector<float> logits_in_chunks(Backend& b, const std::vector<int>& tokens, int chunk) {
+  const int slot = b.alloc_slot();
+  std::vector<float> all;
+  for (size_t i = 0; i < tokens.size(); i += chunk) {
+    const size_t n = std::min(tokens.size() - i, size_t(chunk));
+    SeqChunk c{slot, std::span<const int>(tokens).subspan(i, n), true};
+    const auto l = b.forward({&c, 1});
+    all.insert(all.end(), l.begin(), l.end());
+  }
+  b.free_slot(slot);
+  return all;
 }
 
 }  // namespace mp::testing
