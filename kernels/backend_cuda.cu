@@ -3,6 +3,7 @@
 // cache in one pool of device memory allocated at start.
 #include <algorithm>
 #include <cstring>
+#include <map>
 
 #include "../engine/src/backend_cpu.h"
 #include "../engine/src/fma_cpu.h"
@@ -35,18 +36,21 @@ class DeviceArray {
     std::swap(n_, o.n_);
     return *this;
   }
-  void resize(size_t n) {  // contents are not kept
-    if (n <= n_) return;
+  // Grows (contents not kept); true when the memory moved.
+  bool resize(size_t n) {
+    if (n <= n_ && p_) return false;
     cudaFree(p_);
     p_ = nullptr;
     check(cudaMalloc(&p_, std::max<size_t>(n, 1) * sizeof(T)), "cudaMalloc");
     n_ = n;
+    return true;
   }
-  void upload(const T* src, size_t n, cudaStream_t s) {
-    resize(n);
+  bool upload(const T* src, size_t n, cudaStream_t s) {
+    const bool moved = resize(n);
     if (n) check(cudaMemcpyAsync(p_, src, n * sizeof(T), cudaMemcpyHostToDevice, s), "upload");
+    return moved;
   }
-  void upload(const std::vector<T>& v, cudaStream_t s) { upload(v.data(), v.size(), s); }
+  bool upload(const std::vector<T>& v, cudaStream_t s) { return upload(v.data(), v.size(), s); }
   T* get() const { return p_; }
   size_t size() const { return n_; }
 
@@ -90,6 +94,10 @@ class CudaBackend final : public Backend {
     check(cudaStreamCreate(&stream_), "cudaStreamCreate");
     check(cublasCreate(&cublas_), "cublasCreate");
     check(cublasSetStream(cublas_, stream_), "cublasSetStream");
+    // A fixed workspace keeps cuBLAS from allocating while a decode step is captured in a graph.
+    cublas_workspace_.resize(32 << 20);
+    check(cublasSetWorkspace(cublas_, cublas_workspace_.get(), cublas_workspace_.size()),
+          "cublasSetWorkspace");
     namespace tn = tensor_names;
     const int64_t H = c_.hidden_size, V = c_.vocab_size, F = c_.intermediate_size;
     const int64_t q = int64_t{c_.n_heads} * c_.head_dim, kv = int64_t{c_.n_kv_heads} * c_.head_dim;
@@ -142,6 +150,7 @@ class CudaBackend final : public Backend {
   }
 
   ~CudaBackend() override {
+    drop_graphs();
     cublasDestroy(cublas_);
     cudaStreamDestroy(stream_);
   }
@@ -244,33 +253,42 @@ class CudaBackend final : public Backend {
   }
 
  private:
-  void run(cuda::BatchPlan& p) {
+  // Uploads the plan and sizes the scratch; true when any device buffer moved (captured graphs
+  // then point at freed memory).
+  bool stage(const cuda::BatchPlan& p) {
+    const int T = p.T, H = c_.hidden_size, d = c_.head_dim, nh = c_.n_heads, nkv = c_.n_kv_heads;
+    const int F = c_.intermediate_size, V = c_.vocab_size;
+    const size_t pd = size_t(c_.fma_rank) * d, R = p.rows.size();
+    cudaStream_t s = stream_;
+    bool moved = false;
+    moved |= d_tokens_.upload(p.tokens, s);
+    moved |= d_pos_.upload(p.pos, s);
+    moved |= d_rows_.upload(p.rows, s);
+    moved |= d_chunks_.upload(p.chunks, s);
+    moved |= d_table_.upload(p.table, s);
+    moved |= d_done_.upload(p.done, s);
+    moved |= d_filling_.upload(p.filling, s);
+    moved |= d_attn_.upload(p.attn, s);
+    moved |= d_commits_.upload(p.commits, s);
+    for (auto* a : {&x_, &h_}) moved |= a->resize(size_t(T) * H);
+    moved |= hb_.resize(size_t(T) * std::max(H, std::max(F, nh * d)));
+    moved |= q_.resize(size_t(T) * nh * d);
+    moved |= att_.resize(size_t(T) * nh * d);
+    for (auto* a : {&k_, &v_}) moved |= a->resize(size_t(T) * nkv * d);
+    for (auto* a : {&g_, &u_}) moved |= a->resize(size_t(T) * F);
+    // Room for every group that can complete: in a decode step, one per level per sequence.
+    const size_t groups = std::max<size_t>(p.new_groups, p.chunks.size() * c_.n_levels());
+    for (auto* a : {&new_k_, &new_v_}) moved |= a->resize(groups * nkv * pd);
+    moved |= sel_.resize(R * H);
+    moved |= logits_.resize(R * V);
+    return moved;
+  }
+
+  // The model's kernels for a staged plan, ending with the logits in logits_.
+  void compute(const cuda::BatchPlan& p) {
     const int T = p.T, H = c_.hidden_size, d = c_.head_dim, nh = c_.n_heads, nkv = c_.n_kv_heads;
     const int F = c_.intermediate_size, V = c_.vocab_size, L = c_.n_levels();
-    const int64_t pd = int64_t{c_.fma_rank} * d;
     cudaStream_t s = stream_;
-    // Batch description and scratch (grow-only).
-    d_tokens_.upload(p.tokens, s);
-    d_pos_.upload(p.pos, s);
-    d_rows_.upload(p.rows, s);
-    d_chunks_.upload(p.chunks, s);
-    d_table_.upload(p.table, s);
-    d_done_.upload(p.done, s);
-    d_filling_.upload(p.filling, s);
-    d_attn_.upload(p.attn, s);
-    d_commits_.upload(p.commits, s);
-    x_.resize(size_t(T) * H);
-    h_.resize(size_t(T) * H);
-    hb_.resize(size_t(T) * std::max(H, std::max(F, nh * d)));
-    q_.resize(size_t(T) * nh * d);
-    k_.resize(size_t(T) * nkv * d);
-    v_.resize(size_t(T) * nkv * d);
-    att_.resize(size_t(T) * nh * d);
-    g_.resize(size_t(T) * F);
-    u_.resize(size_t(T) * F);
-    new_k_.resize(size_t(p.new_groups) * nkv * pd);
-    new_v_.resize(size_t(p.new_groups) * nkv * pd);
-
     cuda::embed(embed_.get(), d_tokens_.get(), T, H, x_.get(), s);
     for (int li = 0; li < c_.n_layers; ++li) {
       Layer& l = layers_[li];
@@ -307,16 +325,42 @@ class CudaBackend final : public Backend {
     }
     const int R = static_cast<int>(p.rows.size());
     cuda::rmsnorm(x_.get(), out_norm_.get(), T, H, c_.rms_norm_eps, hb_.get(), s);
-    sel_.resize(size_t(R) * H);
     cuda::gather_rows(hb_.get(), d_rows_.get(), R, H, sel_.get(), s);
-    logits_.resize(size_t(R) * V);
     cuda::gemm(cublas_, sel_.get(), R, H, (c_.tie_word_embeddings ? embed_ : head_).get(), V,
                logits_.get());
-    p.logits.resize(size_t(R) * V);
+  }
+
+  void run(cuda::BatchPlan& p) {
+    if (stage(p)) drop_graphs();
+    if (p.padded) {
+      // A decode step: the same kernels with the same grids for every step of this batch size,
+      // so it is captured once in a CUDA graph and replayed (launch overhead dominates here).
+      const int batch = static_cast<int>(p.chunks.size());
+      auto it = graphs_.find(batch);
+      if (it == graphs_.end()) {
+        cudaGraph_t graph;
+        check(cudaStreamBeginCapture(stream_, cudaStreamCaptureModeThreadLocal), "capture");
+        compute(p);
+        check(cudaStreamEndCapture(stream_, &graph), "capture");
+        cudaGraphExec_t exec;
+        check(cudaGraphInstantiate(&exec, graph, 0), "cudaGraphInstantiate");
+        cudaGraphDestroy(graph);
+        it = graphs_.emplace(batch, exec).first;
+      }
+      check(cudaGraphLaunch(it->second, stream_), "cudaGraphLaunch");
+    } else {
+      compute(p);
+    }
+    p.logits.resize(p.rows.size() * size_t(c_.vocab_size));
     check(cudaMemcpyAsync(p.logits.data(), logits_.get(), p.logits.size() * 4,
-                          cudaMemcpyDeviceToHost, s),
+                          cudaMemcpyDeviceToHost, stream_),
           "logits");
-    check(cudaStreamSynchronize(s), "forward");
+    check(cudaStreamSynchronize(stream_), "forward");
+  }
+
+  void drop_graphs() {
+    for (auto& [b, exec] : graphs_) cudaGraphExecDestroy(exec);
+    graphs_.clear();
   }
 
   int check_slot(int s) const {
@@ -357,6 +401,8 @@ class CudaBackend final : public Backend {
   DeviceArray<cuda::CommitItem> d_commits_;
   DeviceArray<float> x_, h_, q_, k_, v_, att_, g_, u_, new_k_, new_v_, logits_;
   DeviceArray<__nv_bfloat16> hb_, sel_;
+  DeviceArray<uint8_t> cublas_workspace_;
+  std::map<int, cudaGraphExec_t> graphs_;  // decode step by batch size
 };
 
 }  // namespace

@@ -1,3 +1,4 @@
+#include <algorithm>
 #include "fma_cuda.cuh"
 
 namespace mp::cuda {
@@ -38,6 +39,7 @@ __global__ void summarize_kernel(FmaShape s, CacheView cv, Downsamplers dw, cons
                                  const NewGroups* table, const SumItem* items, const float* k,
                                  const float* v, float* new_k, float* new_v) {
   const SumItem it = items[blockIdx.x];
+  if (it.group < 0) return;  // padding of a decode step
   const int kvh = blockIdx.y;
   const bool values = blockIdx.z == 1;
   const ChunkDesc c = chunks[it.chunk];
@@ -287,6 +289,15 @@ BatchPlan make_plan(const Config& c, int64_t cap, std::span<const SeqChunk> chun
                              (int64_t(ch.slot) * cap + (c.fma_enabled ? j % cap : j)) * kvd,
                              static_cast<int>(kvd), which});
     p.T += T;
+  }
+  const bool decode = std::all_of(chunks.begin(), chunks.end(), [](const SeqChunk& ch) {
+    return ch.tokens.size() == 1;
+  });
+  if (decode) {  // at most one group per level and sequence completes in a step
+    const size_t B = chunks.size();
+    p.done.resize(B * L, SumItem{0, 1, -1});
+    p.commits.resize(B * (2 + 2 * L), CommitItem{0, 0, 0, 0});
+    p.padded = true;
   }
   return p;
 }

@@ -91,6 +91,9 @@ struct BatchPlan {
   std::vector<AttnItem> attn;
   std::vector<CommitItem> commits;
   int new_groups = 0;
+  // A decode step (one token per sequence, last-row logits): the item lists are padded to fixed
+  // lengths with no-op items, so every step of a batch size launches the same grids.
+  bool padded = false;
   std::vector<float> logits;
 };
 // slot_pos: each slot's position before the call; cap: the fine window's slots per sequence.
