@@ -129,24 +129,34 @@ struct AttentionRig {
     new_k = dev_alloc<float>(std::max(1, plan.new_groups) * kv * pd);
     new_v = dev_alloc<float>(std::max(1, plan.new_groups) * kv * pd);
   }
-  void run() const {
+  void summaries() const {
+    const size_t pool = size_t(std::max(1, plan.new_groups)) * c.n_kv_heads * c.fma_rank * c.head_dim;
+    cuda::check(cudaMemsetAsync(new_k, 0, pool * 4), "memset");
+    cuda::check(cudaMemsetAsync(new_v, 0, pool * 4), "memset");
     cuda::summarize(shape, cv, ds, chunks, table, done, int(plan.done.size()), k, v, new_k, new_v, nullptr);
     cuda::accumulate(shape, cv, ds, chunks, filling, int(plan.filling.size()), k, v, nullptr);
+  }
+  void attend() const {
     cuda::attention(shape, cv, chunks, table, attn, int(plan.attn.size()), q, k, v, new_k, new_v, out,
                     nullptr);
+  }
+  void run() const {
+    summaries();
+    attend();
   }
   // Nothing is freed: the process ends after the tables.
 };
 
 void bench_prefill_attention(bool quick) {
   std::printf("\n## FMA prefill attention (batch 1, 16 heads, d 64, m 64, p 4, fp32 q/k/v/o)\n\n");
-  std::printf("| n | L | time ms | GB/s (q,k,v,o f32) | floor ms f32 | floor ms bf16 |\n|---|---|---|---|---|---|\n");
+  std::printf("| n | L | time ms | of which summaries ms | GB/s (q,k,v,o f32) | floor ms f32 | floor ms bf16 |\n|---|---|---|---|---|---|---|\n");
   for (int64_t n : {4096, 16384, 65536, 262144, 1048576}) {
     if (quick && n > 65536) break;
     AttentionRig rig(attention_config(n), 1, static_cast<int>(n), 0);
     const double ms = time_ms([&] { rig.run(); }, 5);
+    const double sum_ms = time_ms([&] { rig.summaries(); }, 5);
     const double bytes = 4.0 * n * 16 * 64 * 4;
-    std::printf("| %lld | %d | %.3f | %.0f | %.3f | %.3f |\n", (long long)n, rig.c.n_levels(), ms,
+    std::printf("| %lld | %d | %.3f | %.3f | %.0f | %.3f | %.3f |\n", (long long)n, rig.c.n_levels(), ms, sum_ms,
                 bytes / ms / 1e6, bytes / kCopyBandwidth * 1e3, bytes / 2 / kCopyBandwidth * 1e3);
     std::fflush(stdout);
   }
@@ -267,16 +277,18 @@ void bench_end_to_end(const std::string& path, bool exact, bool quick) {
 
 int main(int argc, char** argv) {
   if (argc < 2) {
-    std::fprintf(stderr, "usage: bench_cuda MODEL.gguf [--quick]\n");
+    std::fprintf(stderr, "usage: bench_cuda MODEL.gguf [--quick | --prefill-kernels]\n");
     return 2;
   }
   const bool quick = argc > 2 && std::strcmp(argv[2], "--quick") == 0;
+  const bool kernels_only = argc > 2 && std::strcmp(argv[2], "--prefill-kernels") == 0;
   try {
     if (!cuda_available()) throw Error("no CUDA device");
     cudaDeviceProp prop;
     cudaGetDeviceProperties(&prop, 0);
     std::printf("# Multipole CUDA benchmarks on %s\n", prop.name);
-    bench_prefill_attention(quick);
+    bench_prefill_attention(quick || kernels_only);
+    if (kernels_only) return 0;
     bench_decode_attention();
     bench_end_to_end(argv[1], false, quick);
     bench_end_to_end(write_exact_copy(argv[1]), true, quick);

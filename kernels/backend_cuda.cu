@@ -304,6 +304,8 @@ class CudaBackend final : public Backend {
       cuda::rope(q_.get(), d_pos_.get(), T, nh, d, c_.rope_theta, s);
       cuda::rope(k_.get(), d_pos_.get(), T, nkv, d, c_.rope_theta, s);
       if (c_.fma_enabled) {
+        check(cudaMemsetAsync(new_k_.get(), 0, new_k_.size() * 4, s), "memset");
+        check(cudaMemsetAsync(new_v_.get(), 0, new_v_.size() * 4, s), "memset");
         cuda::summarize(shape_, cv, ds, d_chunks_.get(), d_table_.get(), d_done_.get(),
                         int(p.done.size()), k_.get(), v_.get(), new_k_.get(), new_v_.get(), s);
         cuda::accumulate(shape_, cv, ds, d_chunks_.get(), d_filling_.get(), int(p.filling.size()),

@@ -7,32 +7,44 @@ namespace {
 constexpr int kThreads = 64;  // one thread per query of a fine-block tile
 constexpr int kTile = 32;     // keys staged in shared memory at a time
 
-// Contribution of token `tg` of its group (vector x) to summary output o (summary-major r*d + c).
-__device__ float contrib(const FmaShape& s, const float* W, int w, int tg, int o, const float* x) {
-  const int pd = s.p * s.d;
-  if (s.avgpool) {
-    const int span = w / s.p;
-    return (o / s.d == tg / span) ? x[o % s.d] / span : 0.0f;
-  }
-  const float* row = W + (int64_t(tg) * pd + o) * s.in;
-  if (s.in == 1) return row[0] * x[o % s.d];
-  float acc = 0;
-  for (int i = 0; i < s.in; ++i) acc += row[i] * x[i];
-  return acc;
-}
-
 __device__ const float* chunk_row(const FmaShape& s, const ChunkDesc& c, const float* x, int64_t t,
                                   int kvh) {
   return x + (int64_t(c.row0) + (t - c.pos0)) * s.kv * s.d + int64_t(kvh) * s.d;
 }
 
-// Sum of the contributions of the chunk's tokens [from, to) to group g's output o.
-__device__ float group_sum(const FmaShape& s, const ChunkDesc& c, const float* W, int w, int64_t g,
-                           int64_t from, int64_t to, int o, const float* x, int kvh) {
-  float acc = 0;
-  for (int64_t t = from; t < to; ++t)
-    acc += contrib(s, W, w, static_cast<int>(t - g * w), o, chunk_row(s, c, x, t, kvh));
-  return acc;
+constexpr int kMaxKv = 16;  // KV heads a summary thread carries at once
+
+// acc[h] += the contributions of the chunk's tokens [from, to) to group g's output o, for every
+// KV head h: each weight is loaded once and used for all heads (the weights of the top levels,
+// w x p x d floats, are far larger than the caches, and reading them once per head was the
+// dominant cost of prefill).
+__device__ void group_sums(const FmaShape& s, const ChunkDesc& c, const float* W, int w, int64_t g,
+                           int64_t from, int64_t to, int o, const float* x, float* acc) {
+  const int pd = s.p * s.d, ch = o % s.d;
+  for (int64_t t = from; t < to; ++t) {
+    const int tg = static_cast<int>(t - g * w);
+    const float* row = x + (int64_t(c.row0) + (t - c.pos0)) * s.kv * s.d;  // all heads of token t
+    if (s.avgpool) {
+      const int span = w / s.p;
+      if (o / s.d != tg / span) continue;
+#pragma unroll
+      for (int h = 0; h < kMaxKv; ++h)
+        if (h < s.kv) acc[h] += row[h * s.d + ch] / span;
+    } else if (s.in == 1) {
+      const float wt = W[int64_t(tg) * pd + o];
+#pragma unroll
+      for (int h = 0; h < kMaxKv; ++h)
+        if (h < s.kv) acc[h] += wt * row[h * s.d + ch];
+    } else {
+      const float* wr = W + (int64_t(tg) * pd + o) * s.in;
+      for (int i = 0; i < s.in; ++i) {
+        const float wt = wr[i];
+#pragma unroll
+        for (int h = 0; h < kMaxKv; ++h)
+          if (h < s.kv) acc[h] += wt * row[h * s.d + i];
+      }
+    }
+  }
 }
 
 __global__ void summarize_kernel(FmaShape s, CacheView cv, Downsamplers dw, const ChunkDesc* chunks,
@@ -40,36 +52,48 @@ __global__ void summarize_kernel(FmaShape s, CacheView cv, Downsamplers dw, cons
                                  const float* v, float* new_k, float* new_v) {
   const SumItem it = items[blockIdx.x];
   if (it.group < 0) return;  // padding of a decode step
-  const int kvh = blockIdx.y;
   const bool values = blockIdx.z == 1;
   const ChunkDesc c = chunks[it.chunk];
   const int l = it.level, w = s.m << (l - 1), pd = s.p * s.d;
   const NewGroups ng = table[c.new_base + l - 1];
   const float* W = s.avgpool ? nullptr : (values ? dw.wv : dw.wk)[l - 1];
   const float* bias = s.avgpool ? nullptr : (values ? dw.bv : dw.bk)[l - 1];
-  const float* acc = (values ? cv.acc_v : cv.acc_k) + ((int64_t(c.slot) * s.L + l - 1) * s.kv + kvh) * pd;
-  float* dst = (values ? new_v : new_k) + ((int64_t(ng.offset) + it.group - ng.first) * s.kv + kvh) * pd;
+  const float* acc0 = (values ? cv.acc_v : cv.acc_k) + (int64_t(c.slot) * s.L + l - 1) * s.kv * pd;
+  float* dst = (values ? new_v : new_k) + (int64_t(ng.offset) + it.group - ng.first) * s.kv * pd;
   const int64_t start = it.group * w;
+  // The group's first slice also brings the bias and what the accumulator holds of the tokens
+  // before the chunk.
+  const bool first = it.t_from == max(start, c.pos0);
   for (int o = threadIdx.x; o < pd; o += blockDim.x) {
-    float val = start < c.pos0 ? acc[o] : 0.0f;  // tokens before the chunk are in the accumulator
-    val += group_sum(s, c, W, w, it.group, max(start, c.pos0), start + w, o, values ? v : k, kvh);
-    dst[o] = val + (bias ? bias[o] : 0.0f);
+    float acc[kMaxKv];
+#pragma unroll
+    for (int h = 0; h < kMaxKv; ++h)
+      acc[h] = h < s.kv && first ? (start < c.pos0 ? acc0[h * pd + o] : 0.0f) + (bias ? bias[o] : 0.0f)
+                                 : 0.0f;
+    group_sums(s, c, W, w, it.group, it.t_from, it.t_to, o, values ? v : k, acc);
+#pragma unroll
+    for (int h = 0; h < kMaxKv; ++h)
+      if (h < s.kv) atomicAdd(dst + h * pd + o, acc[h]);
   }
 }
 
 __global__ void accumulate_kernel(FmaShape s, CacheView cv, Downsamplers dw, const ChunkDesc* chunks,
                                   const SumItem* items, const float* k, const float* v) {
   const SumItem it = items[blockIdx.x];
-  const int kvh = blockIdx.y;
   const bool values = blockIdx.z == 1;
   const ChunkDesc c = chunks[it.chunk];
   const int l = it.level, w = s.m << (l - 1), pd = s.p * s.d;
   const float* W = s.avgpool ? nullptr : (values ? dw.wv : dw.wk)[l - 1];
-  float* acc = (values ? cv.acc_v : cv.acc_k) + ((int64_t(c.slot) * s.L + l - 1) * s.kv + kvh) * pd;
+  float* acc0 = (values ? cv.acc_v : cv.acc_k) + (int64_t(c.slot) * s.L + l - 1) * s.kv * pd;
   const int64_t start = it.group * w, end = c.pos0 + c.T;
   for (int o = threadIdx.x; o < pd; o += blockDim.x) {
-    const float base = start < c.pos0 ? acc[o] : 0.0f;
-    acc[o] = base + group_sum(s, c, W, w, it.group, max(start, c.pos0), end, o, values ? v : k, kvh);
+    float acc[kMaxKv];
+#pragma unroll
+    for (int h = 0; h < kMaxKv; ++h) acc[h] = h < s.kv && start < c.pos0 ? acc0[h * pd + o] : 0.0f;
+    group_sums(s, c, W, w, it.group, max(start, c.pos0), end, o, values ? v : k, acc);
+#pragma unroll
+    for (int h = 0; h < kMaxKv; ++h)
+      if (h < s.kv) acc0[h * pd + o] = acc[h];
   }
 }
 
@@ -201,7 +225,8 @@ void summarize(const FmaShape& s, const CacheView& c, const Downsamplers& w, con
                const NewGroups* table, const SumItem* items, int n_items, const float* k,
                const float* v, float* new_k, float* new_v, cudaStream_t st) {
   if (n_items == 0) return;
-  summarize_kernel<<<dim3(n_items, s.kv, 2), 128, 0, st>>>(s, c, w, chunks, table, items, k, v,
+  if (s.kv > kMaxKv) throw Error("CUDA backend: more than 16 KV heads are not supported");
+  summarize_kernel<<<dim3(n_items, 1, 2), 128, 0, st>>>(s, c, w, chunks, table, items, k, v,
                                                            new_k, new_v);
   check_launch("summarize");
 }
@@ -209,7 +234,7 @@ void summarize(const FmaShape& s, const CacheView& c, const Downsamplers& w, con
 void accumulate(const FmaShape& s, const CacheView& c, const Downsamplers& w, const ChunkDesc* chunks,
                 const SumItem* items, int n_items, const float* k, const float* v, cudaStream_t st) {
   if (n_items == 0) return;
-  accumulate_kernel<<<dim3(n_items, s.kv, 2), 128, 0, st>>>(s, c, w, chunks, items, k, v);
+  accumulate_kernel<<<dim3(n_items, 1, 2), 128, 0, st>>>(s, c, w, chunks, items, k, v);
   check_launch("accumulate");
 }
 
@@ -265,8 +290,11 @@ BatchPlan make_plan(const Config& c, int64_t cap, std::span<const SeqChunk> chun
     for (int l = 1; l <= L; ++l) {
       const int64_t w = c.group_size(l), first = pos0 / w, end = (pos0 + T) / w;
       p.table.push_back({p.new_groups, static_cast<int>(end - first), first});
-      for (int64_t g = first; g < end; ++g) p.done.push_back({int(ci), l, g});
-      p.filling.push_back({int(ci), l, end});
+      constexpr int64_t kSlice = 2048;
+      for (int64_t g = first; g < end; ++g)
+        for (int64_t t = std::max(g * w, pos0); t < (g + 1) * w; t += kSlice)
+          p.done.push_back({int(ci), l, g, t, std::min(t + kSlice, (g + 1) * w)});
+      p.filling.push_back({int(ci), l, end, 0, 0});
       // The last 3 completed groups enter the ring.
       for (int64_t g = std::max(first, end - 3); g < end; ++g)
         for (int which : {2, 3})
@@ -295,7 +323,7 @@ BatchPlan make_plan(const Config& c, int64_t cap, std::span<const SeqChunk> chun
   });
   if (decode) {  // at most one group per level and sequence completes in a step
     const size_t B = chunks.size();
-    p.done.resize(B * L, SumItem{0, 1, -1});
+    p.done.resize(B * L, SumItem{0, 1, -1, 0, 0});
     p.commits.resize(B * (2 + 2 * L), CommitItem{0, 0, 0, 0});
     p.padded = true;
   }

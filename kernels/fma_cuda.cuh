@@ -42,6 +42,9 @@ struct SumItem {  // one level's group of one chunk: completed (summary) or bein
   int chunk;
   int level;
   int64_t group;
+  // Completed groups are summed in slices of tokens [t_from, t_to), one thread block each, so
+  // that the few long groups of the top levels spread over the GPU.
+  int64_t t_from, t_to;
 };
 
 struct Downsamplers {  // one layer, device copies of cpu::Downsampler (index level-1)
@@ -57,7 +60,8 @@ struct FmaShape {
   int in;  // 1 groupedconv, d conv, 0 avgpool
 };
 
-// Summaries of completed groups -> new_k/new_v pool [groups][kv][p*d]; reads the accumulators.
+// Summaries of completed groups -> new_k/new_v pool [groups][kv][p*d], which must be zeroed
+// first (slices add into it); reads the accumulators.
 void summarize(const FmaShape& s, const CacheView& c, const Downsamplers& w, const ChunkDesc* chunks,
                const NewGroups* table, const SumItem* items, int n_items, const float* k,
                const float* v, float* new_k, float* new_v, cudaStream_t st);
