@@ -137,8 +137,8 @@ struct AttentionRig {
     cuda::accumulate(shape, cv, ds, chunks, filling, int(plan.filling.size()), k, v, nullptr);
   }
   void attend() const {
-    cuda::attention(shape, cv, chunks, table, attn, int(plan.attn.size()), q, k, v, new_k, new_v, out,
-                    nullptr);
+    cuda::attention(shape, cv, chunks, table, attn, int(plan.attn.size()), plan.padded, q, k, v, new_k,
+                    new_v, out, nullptr);
   }
   void run() const {
     summaries();

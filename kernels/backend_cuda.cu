@@ -312,7 +312,7 @@ class CudaBackend final : public Backend {
                          k_.get(), v_.get(), s);
       }
       cuda::attention(shape_, cv, d_chunks_.get(), d_table_.get(), d_attn_.get(), int(p.attn.size()),
-                      q_.get(), k_.get(), v_.get(), new_k_.get(), new_v_.get(), att_.get(), s);
+                      p.padded, q_.get(), k_.get(), v_.get(), new_k_.get(), new_v_.get(), att_.get(), s);
       cuda::commit(d_commits_.get(), int(p.commits.size()), k_.get(), v_.get(), new_k_.get(),
                    new_v_.get(), cv, s);
       cuda::to_bf16(att_.get(), int64_t(T) * nh * d, hb_.get(), s);

@@ -6,6 +6,7 @@ namespace {
 
 constexpr int kThreads = 64;  // one thread per query of a fine-block tile
 constexpr int kTile = 32;     // keys staged in shared memory at a time
+constexpr int kDecodeThreads = 128;  // threads sharing one decode query's keys
 
 __device__ const float* chunk_row(const FmaShape& s, const ChunkDesc& c, const float* x, int64_t t,
                                   int kvh) {
@@ -210,6 +211,82 @@ __global__ void __launch_bounds__(kThreads) attention_kernel(
   for (int ch = 0; ch < D; ++ch) o[ch] = acc[ch] * inv;
 }
 
+// Decode: one query per (sequence, head). The tile kernel would leave 63 of its 64 threads idle
+// and walk all keys on one thread; here the block's threads split the keys, each keeps an online
+// softmax over its share, and the block merges them.
+template <int D>
+__global__ void __launch_bounds__(kDecodeThreads) decode_attention_kernel(
+    FmaShape s, CacheView cv, const ChunkDesc* chunks, const NewGroups* table, const AttnItem* items,
+    const float* q, const float* k, const float* v, const float* new_k, const float* new_v,
+    float* out) {
+  __shared__ float part[kDecodeThreads / 32][D];
+  __shared__ float wmax[kDecodeThreads / 32], wsum[kDecodeThreads / 32];
+  const AttnItem it = items[blockIdx.x];
+  const ChunkDesc c = chunks[it.chunk];
+  const int h = blockIdx.y, kvh = h / (s.heads / s.kv), lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int64_t i = it.q_begin;
+  const float* qrow = q + ((int64_t(c.row0) + (i - c.pos0)) * s.heads + h) * D;
+  const float scale = rsqrtf(float(D));
+  float qr[D], acc[D];
+#pragma unroll
+  for (int e = 0; e < D; ++e) {
+    qr[e] = qrow[e] * scale;
+    acc[e] = 0.0f;
+  }
+  const int64_t b = i / s.m;
+  const int64_t lo = s.fma ? max(int64_t(0), (b - 1) * s.m) : 0;
+  const int64_t n_fine = i + 1 - lo;
+  int64_t n_coarse = 0;
+  for (int l = 1; l <= s.L; ++l) {
+    const int64_t w = int64_t(s.m) << (l - 1), B = i / (2 * w);
+    if (B >= 1) n_coarse += int64_t(1 + (i % (2 * w)) / w) * s.p;
+  }
+  float mx = -INFINITY, denom = 0.0f;
+  for (int64_t kk = threadIdx.x; kk < n_fine + n_coarse; kk += blockDim.x) {
+    float bonus;
+    int64_t pos;
+    const float* ks = key_source(s, cv, c, table, i, lo, n_fine, kk, kvh, false, k, v, new_k, new_v,
+                                 &bonus, &pos);
+    const float* vs = key_source(s, cv, c, table, i, lo, n_fine, kk, kvh, true, k, v, new_k, new_v,
+                                 &bonus, &pos);
+    float sc = bonus;
+#pragma unroll
+    for (int ch = 0; ch < D; ++ch) sc += qr[ch] * ks[ch];
+    const float nm = fmaxf(mx, sc);
+    const float corr = __expf(mx - nm), pe = __expf(sc - nm);
+    denom = denom * corr + pe;
+#pragma unroll
+    for (int ch = 0; ch < D; ++ch) acc[ch] = acc[ch] * corr + pe * vs[ch];
+    mx = nm;
+  }
+  // Merge: the block's maximum, each thread's share rescaled to it, then summed.
+  float m = mx;
+  for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
+  if (lane == 0) wmax[warp] = m;
+  __syncthreads();
+  m = wmax[0];
+  for (int w = 1; w < kDecodeThreads / 32; ++w) m = fmaxf(m, wmax[w]);
+  const float f = mx == -INFINITY ? 0.0f : __expf(mx - m);
+  float l = denom * f;
+  for (int o = 16; o > 0; o >>= 1) l += __shfl_xor_sync(0xffffffffu, l, o);
+  if (lane == 0) wsum[warp] = l;
+#pragma unroll
+  for (int ch = 0; ch < D; ++ch) {
+    float x = acc[ch] * f;
+    for (int o = 16; o > 0; o >>= 1) x += __shfl_xor_sync(0xffffffffu, x, o);
+    if (lane == 0) part[warp][ch] = x;
+  }
+  __syncthreads();
+  if (threadIdx.x < D) {
+    float total = 0, x = 0;
+    for (int w = 0; w < kDecodeThreads / 32; ++w) {
+      total += wsum[w];
+      x += part[w][threadIdx.x];
+    }
+    out[((int64_t(c.row0) + (i - c.pos0)) * s.heads + h) * D + threadIdx.x] = x / total;
+  }
+}
+
 __global__ void commit_kernel(const CommitItem* items, const float* k, const float* v,
                               const float* new_k, const float* new_v, CacheView cv) {
   const CommitItem it = items[blockIdx.x];
@@ -239,14 +316,19 @@ void accumulate(const FmaShape& s, const CacheView& c, const Downsamplers& w, co
 }
 
 void attention(const FmaShape& s, const CacheView& c, const ChunkDesc* chunks, const NewGroups* table,
-               const AttnItem* items, int n_items, const float* q, const float* k, const float* v,
-               const float* new_k, const float* new_v, float* out, cudaStream_t st) {
+               const AttnItem* items, int n_items, bool single_queries, const float* q,
+               const float* k, const float* v, const float* new_k, const float* new_v, float* out,
+               cudaStream_t st) {
   if (n_items == 0) return;
   const dim3 grid(n_items, s.heads);
-#define MP_ATTN(D)                                                                               \
-  case D:                                                                                        \
-    attention_kernel<D><<<grid, kThreads, 0, st>>>(s, c, chunks, table, items, q, k, v, new_k, \
-                                                   new_v, out);                                  \
+#define MP_ATTN(D)                                                                                 \
+  case D:                                                                                          \
+    if (single_queries)                                                                            \
+      decode_attention_kernel<D><<<grid, kDecodeThreads, 0, st>>>(s, c, chunks, table, items, q, k, \
+                                                                   v, new_k, new_v, out);          \
+    else                                                                                           \
+      attention_kernel<D><<<grid, kThreads, 0, st>>>(s, c, chunks, table, items, q, k, v, new_k,   \
+                                                     new_v, out);                                  \
     break;
   switch (s.d) {
     MP_ATTN(8)

@@ -68,10 +68,12 @@ void summarize(const FmaShape& s, const CacheView& c, const Downsamplers& w, con
 // Accumulators of the groups being filled after each chunk (run after summarize).
 void accumulate(const FmaShape& s, const CacheView& c, const Downsamplers& w, const ChunkDesc* chunks,
                 const SumItem* items, int n_items, const float* k, const float* v, cudaStream_t st);
-// out[row][head][d] for every query of every chunk.
+// out[row][head][d] for every query of every chunk. single_queries: every item holds one query
+// (a decode step), which a kernel that splits the keys over threads serves better.
 void attention(const FmaShape& s, const CacheView& c, const ChunkDesc* chunks, const NewGroups* table,
-               const AttnItem* items, int n_items, const float* q, const float* k, const float* v,
-               const float* new_k, const float* new_v, float* out, cudaStream_t st);
+               const AttnItem* items, int n_items, bool single_queries, const float* q,
+               const float* k, const float* v, const float* new_k, const float* new_v, float* out,
+               cudaStream_t st);
 
 // Appending a chunk to the cache: copies of chunk keys/values into the fine window and of new
 // summaries into the summary ring, as offsets (floats) from the arrays `which` names.
