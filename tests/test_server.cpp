@@ -147,8 +147,14 @@ TEST(Server, ClientThatDisconnectsFreesItsSlot) {
   const std::string http = "POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                            "Content-Length: " + std::to_string(body.size()) + "\r\n\r\n" + body;
   ASSERT_EQ(write(fd, http.data(), http.size()), ssize_t(http.size()));
+  // Read until the first event: the request then holds its slot.
+  std::string got;
   char buf[512];
-  ASSERT_GT(read(fd, buf, sizeof buf), 0);  // the stream has started
+  while (got.find("data: ") == std::string::npos) {
+    const ssize_t n = read(fd, buf, sizeof buf);
+    ASSERT_GT(n, 0);
+    got.append(buf, size_t(n));
+  }
   EXPECT_EQ(s.sched->stats().slots_in_use, 1);
   close(fd);
   for (int i = 0; i < 100 && s.sched->stats().slots_in_use != 0; ++i)
@@ -204,7 +210,7 @@ TEST(Server, ApiKeyAndFullQueue) {
   std::vector<std::future<int>> f;
   for (int i = 0; i < 6; ++i)
     f.push_back(std::async(std::launch::async, [&] {
-      return status_of(s.post({{"prompt", "x"}, {"max_tokens", 200}}));
+      return status_of(s.post({{"prompt", "x"}, {"max_tokens", 1000}}));
     }));
   int ok = 0, busy = 0;
   for (auto& x : f) {
