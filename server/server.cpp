@@ -144,6 +144,17 @@ struct Server::Impl {
     });
   }
 
+  // One access-log line per finished completion: request id, tokens and timings.
+  void log_completion(const std::string& id, int prompt_tokens, int completion_tokens, double t0,
+                      double first_token, bool stream) {
+    if (!opts.access_log) return;
+    const double total = now_s() - t0;
+    std::fprintf(stderr, "%s %s prompt_tokens=%d completion_tokens=%d ttft_ms=%.1f total_ms=%.1f tokens_per_s=%.1f\n",
+                 id.c_str(), stream ? "stream" : "plain", prompt_tokens, completion_tokens,
+                 first_token > 0 ? (first_token - t0) * 1e3 : 0.0, total * 1e3,
+                 completion_tokens / std::max(total, 1e-9));
+  }
+
   static json parse_body(const httplib::Request& req) {
     try {
       return json::parse(req.body);
@@ -182,14 +193,16 @@ struct Server::Impl {
     std::vector<uint64_t> ids;
     const double t0 = now_s();
     auto last = std::make_shared<std::vector<double>>(call.requests.size(), 0.0);
+    auto first_token = std::make_shared<double>(0.0);  // written on the scheduler's thread
     ch->open = static_cast<int>(call.requests.size());
     try {
       for (size_t i = 0; i < call.requests.size(); ++i) {
         auto& r = call.requests[i];
-        r.on_event = [this, ch, i, t0, last](const CompletionEvent& e) {
+        r.on_event = [this, ch, i, t0, last, first_token](const CompletionEvent& e) {
           if (e.token >= 0) {  // timing of real tokens
             std::lock_guard<std::mutex> lock(metrics_mu);
             const double t = now_s();
+            if (*first_token == 0) *first_token = t;
             ((*last)[i] == 0 ? ttft : itl).observe(t - ((*last)[i] == 0 ? t0 : (*last)[i]));
             (*last)[i] = t;
           }
@@ -232,6 +245,7 @@ struct Server::Impl {
       }
       out["usage"] = api::usage(prompt_total, completion_total);
       res.set_content(api::dump(out), "application/json");
+      log_completion(id, prompt_total, completion_total, t0, *first_token, false);
       return;
     }
     res.set_header("Cache-Control", "no-cache");
@@ -278,6 +292,7 @@ struct Server::Impl {
             const std::string done = "data: [DONE]\n\n";
             if (!sink.write(done.data(), done.size())) return false;
             sink.done();
+            log_completion(id, prompt_total, *completion_total, t0, *first_token, true);
           }
           return true;
         },
