@@ -16,7 +16,8 @@ using namespace mp;
 
 namespace {
 
-constexpr double kCopyBandwidth = 2.96e12;  // bytes/s, H100 device copy measured here (docs/PERF.md)
+constexpr double kCopyBandwidth =
+    2.96e12;  // bytes/s, H100 device copy measured here (docs/PERF.md)
 
 template <class T>
 T* dev_alloc(size_t n) {
@@ -95,9 +96,14 @@ struct AttentionRig {
     const size_t pd = size_t(c.fma_rank) * d;
     shape = {c.n_heads, kv, d, c.fma_block_size, c.fma_rank, L, true, true, false, 1};
     const int64_t cap = 2 * c.fma_block_size;
-    cv = {dev_random(batch * cap * kv * d, 1), dev_random(batch * cap * kv * d, 2),
-          dev_random(batch * L * 3 * kv * pd, 3), dev_random(batch * L * 3 * kv * pd, 4),
-          dev_random(batch * L * kv * pd, 5), dev_random(batch * L * kv * pd, 6), cap, true};
+    cv = {dev_random(batch * cap * kv * d, 1),
+          dev_random(batch * cap * kv * d, 2),
+          dev_random(batch * L * 3 * kv * pd, 3),
+          dev_random(batch * L * 3 * kv * pd, 4),
+          dev_random(batch * L * kv * pd, 5),
+          dev_random(batch * L * kv * pd, 6),
+          cap,
+          true};
     std::vector<const float*> ptrs(4 * L);
     std::mt19937 rng(7);
     std::normal_distribution<float> nd(0, 0.05f);
@@ -130,15 +136,17 @@ struct AttentionRig {
     new_v = dev_alloc<float>(std::max(1, plan.new_groups) * kv * pd);
   }
   void summaries() const {
-    const size_t pool = size_t(std::max(1, plan.new_groups)) * c.n_kv_heads * c.fma_rank * c.head_dim;
+    const size_t pool =
+        size_t(std::max(1, plan.new_groups)) * c.n_kv_heads * c.fma_rank * c.head_dim;
     cuda::check(cudaMemsetAsync(new_k, 0, pool * 4), "memset");
     cuda::check(cudaMemsetAsync(new_v, 0, pool * 4), "memset");
-    cuda::summarize(shape, cv, ds, chunks, table, done, int(plan.done.size()), k, v, new_k, new_v, nullptr);
+    cuda::summarize(shape, cv, ds, chunks, table, done, int(plan.done.size()), k, v, new_k, new_v,
+                    nullptr);
     cuda::accumulate(shape, cv, ds, chunks, filling, int(plan.filling.size()), k, v, nullptr);
   }
   void attend() const {
-    cuda::attention(shape, cv, chunks, table, attn, int(plan.attn.size()), plan.padded, q, k, v, new_k,
-                    new_v, out, nullptr);
+    cuda::attention(shape, cv, chunks, table, attn, int(plan.attn.size()), plan.padded, q, k, v,
+                    new_k, new_v, out, nullptr);
   }
   void run() const {
     summaries();
@@ -149,15 +157,18 @@ struct AttentionRig {
 
 void bench_prefill_attention(bool quick) {
   std::printf("\n## FMA prefill attention (batch 1, 16 heads, d 64, m 64, p 4, fp32 q/k/v/o)\n\n");
-  std::printf("| n | L | time ms | of which summaries ms | GB/s (q,k,v,o f32) | floor ms f32 | floor ms bf16 |\n|---|---|---|---|---|---|---|\n");
+  std::printf(
+      "| n | L | time ms | of which summaries ms | GB/s (q,k,v,o f32) | floor ms f32 | floor ms "
+      "bf16 |\n|---|---|---|---|---|---|---|\n");
   for (int64_t n : {4096, 16384, 65536, 262144, 1048576}) {
     if (quick && n > 65536) break;
     AttentionRig rig(attention_config(n), 1, static_cast<int>(n), 0);
     const double ms = time_ms([&] { rig.run(); }, 5);
     const double sum_ms = time_ms([&] { rig.summaries(); }, 5);
     const double bytes = 4.0 * n * 16 * 64 * 4;
-    std::printf("| %lld | %d | %.3f | %.3f | %.0f | %.3f | %.3f |\n", (long long)n, rig.c.n_levels(), ms, sum_ms,
-                bytes / ms / 1e6, bytes / kCopyBandwidth * 1e3, bytes / 2 / kCopyBandwidth * 1e3);
+    std::printf("| %lld | %d | %.3f | %.3f | %.0f | %.3f | %.3f |\n", (long long)n,
+                rig.c.n_levels(), ms, sum_ms, bytes / ms / 1e6, bytes / kCopyBandwidth * 1e3,
+                bytes / 2 / kCopyBandwidth * 1e3);
     std::fflush(stdout);
   }
 }
@@ -227,7 +238,8 @@ void bench_end_to_end(const std::string& path, bool exact, bool quick) {
       const int slot = b->alloc_slot();
       const auto t0 = std::chrono::steady_clock::now();
       for (int64_t i = 0; i < n; i += 65536) {
-        SeqChunk ch{slot, std::span<const int>(ids).subspan(i, std::min<int64_t>(65536, n - i)), false};
+        SeqChunk ch{slot, std::span<const int>(ids).subspan(i, std::min<int64_t>(65536, n - i)),
+                    false};
         b->forward({&ch, 1});
       }
       const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
@@ -236,7 +248,8 @@ void bench_end_to_end(const std::string& path, bool exact, bool quick) {
       b->free_slot(slot);
     }
   }
-  std::printf("\n| decode batch | context | tokens/s (aggregate) | ms per step |\n|---|---|---|---|\n");
+  std::printf(
+      "\n| decode batch | context | tokens/s (aggregate) | ms per step |\n|---|---|---|---|\n");
   for (int batch : {1, 16, 64, 256}) {
     auto b = make_backend(model, {.kind = "cuda", .n_slots = batch, .max_context = 2048});
     std::vector<int> slots;
@@ -250,7 +263,8 @@ void bench_end_to_end(const std::string& path, bool exact, bool quick) {
     b->forward(pre);
     std::vector<int> next(batch, 5);
     std::vector<SeqChunk> step;
-    for (int i = 0; i < batch; ++i) step.push_back({slots[i], std::span<const int>(&next[i], 1), false});
+    for (int i = 0; i < batch; ++i)
+      step.push_back({slots[i], std::span<const int>(&next[i], 1), false});
     b->forward(step);
     const int steps = 50;
     const auto t0 = std::chrono::steady_clock::now();
@@ -266,9 +280,10 @@ void bench_end_to_end(const std::string& path, bool exact, bool quick) {
     std::fflush(stdout);
     if (batch == 1) {
       const double kv_exact = 2.0 * c.n_layers * c.n_kv_heads * c.head_dim * 2 * (1 << 20);
-      std::printf("\nstate per sequence: %.1f KiB (%s), exact attention's bf16 KV cache at 1M "
-                  "tokens: %.1f MiB\n\n",
-                  b->slot_bytes(slots[0]) / 1024.0, mode, kv_exact / 1048576.0);
+      std::printf(
+          "\nstate per sequence: %.1f KiB (%s), exact attention's bf16 KV cache at 1M "
+          "tokens: %.1f MiB\n\n",
+          b->slot_bytes(slots[0]) / 1024.0, mode, kv_exact / 1048576.0);
     }
   }
 }

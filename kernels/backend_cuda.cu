@@ -101,10 +101,18 @@ class CudaBackend final : public Backend {
     namespace tn = tensor_names;
     const int64_t H = c_.hidden_size, V = c_.vocab_size, F = c_.intermediate_size;
     const int64_t q = int64_t{c_.n_heads} * c_.head_dim, kv = int64_t{c_.n_kv_heads} * c_.head_dim;
-    shape_ = {c_.n_heads, c_.n_kv_heads, c_.head_dim, c_.fma_block_size, c_.fma_rank, c_.n_levels(),
-              c_.fma_enabled, c_.fma_scale_attn, c_.fma_downsampling == Downsampling::AvgPool,
-              c_.fma_downsampling == Downsampling::Conv ? c_.head_dim
-              : c_.fma_downsampling == Downsampling::GroupedConv ? 1 : 0};
+    shape_ = {c_.n_heads,
+              c_.n_kv_heads,
+              c_.head_dim,
+              c_.fma_block_size,
+              c_.fma_rank,
+              c_.n_levels(),
+              c_.fma_enabled,
+              c_.fma_scale_attn,
+              c_.fma_downsampling == Downsampling::AvgPool,
+              c_.fma_downsampling == Downsampling::Conv          ? c_.head_dim
+              : c_.fma_downsampling == Downsampling::GroupedConv ? 1
+                                                                 : 0};
     cap_ = c_.fma_enabled ? 2 * int64_t{c_.fma_block_size} : max_context;
     if (cap_ <= 0) throw Error("CUDA backend: exact attention needs a positive max_context");
     embed_ = upload_bf16(model_->tensor(tn::token_embd(), {V, H}), stream_);
@@ -293,7 +301,7 @@ class CudaBackend final : public Backend {
     for (int li = 0; li < c_.n_layers; ++li) {
       Layer& l = layers_[li];
       const cuda::CacheView cv{l.fine_k.get(), l.fine_v.get(), l.sum_k.get(), l.sum_v.get(),
-                               l.acc_k.get(),  l.acc_v.get(),  cap_,        c_.fma_enabled};
+                               l.acc_k.get(),  l.acc_v.get(),  cap_,          c_.fma_enabled};
       const float* const* dp = l.ds_ptrs.get();
       const cuda::Downsamplers ds{dp, dp ? dp + L : nullptr, dp ? dp + 2 * L : nullptr,
                                   dp ? dp + 3 * L : nullptr};
@@ -311,8 +319,9 @@ class CudaBackend final : public Backend {
         cuda::accumulate(shape_, cv, ds, d_chunks_.get(), d_filling_.get(), int(p.filling.size()),
                          k_.get(), v_.get(), s);
       }
-      cuda::attention(shape_, cv, d_chunks_.get(), d_table_.get(), d_attn_.get(), int(p.attn.size()),
-                      p.padded, q_.get(), k_.get(), v_.get(), new_k_.get(), new_v_.get(), att_.get(), s);
+      cuda::attention(shape_, cv, d_chunks_.get(), d_table_.get(), d_attn_.get(),
+                      int(p.attn.size()), p.padded, q_.get(), k_.get(), v_.get(), new_k_.get(),
+                      new_v_.get(), att_.get(), s);
       cuda::commit(d_commits_.get(), int(p.commits.size()), k_.get(), v_.get(), new_k_.get(),
                    new_v_.get(), cv, s);
       cuda::to_bf16(att_.get(), int64_t(T) * nh * d, hb_.get(), s);

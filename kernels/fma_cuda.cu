@@ -1,11 +1,12 @@
 #include <algorithm>
+
 #include "fma_cuda.cuh"
 
 namespace mp::cuda {
 namespace {
 
-constexpr int kThreads = 64;  // one thread per query of a fine-block tile
-constexpr int kTile = 32;     // keys staged in shared memory at a time
+constexpr int kThreads = 64;         // one thread per query of a fine-block tile
+constexpr int kTile = 32;            // keys staged in shared memory at a time
 constexpr int kDecodeThreads = 128;  // threads sharing one decode query's keys
 
 __device__ const float* chunk_row(const FmaShape& s, const ChunkDesc& c, const float* x, int64_t t,
@@ -69,8 +70,9 @@ __global__ void summarize_kernel(FmaShape s, CacheView cv, Downsamplers dw, cons
     float acc[kMaxKv];
 #pragma unroll
     for (int h = 0; h < kMaxKv; ++h)
-      acc[h] = h < s.kv && first ? (start < c.pos0 ? acc0[h * pd + o] : 0.0f) + (bias ? bias[o] : 0.0f)
-                                 : 0.0f;
+      acc[h] = h < s.kv && first
+                   ? (start < c.pos0 ? acc0[h * pd + o] : 0.0f) + (bias ? bias[o] : 0.0f)
+                   : 0.0f;
     group_sums(s, c, W, w, it.group, it.t_from, it.t_to, o, values ? v : k, acc);
 #pragma unroll
     for (int h = 0; h < kMaxKv; ++h)
@@ -78,8 +80,9 @@ __global__ void summarize_kernel(FmaShape s, CacheView cv, Downsamplers dw, cons
   }
 }
 
-__global__ void accumulate_kernel(FmaShape s, CacheView cv, Downsamplers dw, const ChunkDesc* chunks,
-                                  const SumItem* items, const float* k, const float* v) {
+__global__ void accumulate_kernel(FmaShape s, CacheView cv, Downsamplers dw,
+                                  const ChunkDesc* chunks, const SumItem* items, const float* k,
+                                  const float* v) {
   const SumItem it = items[blockIdx.x];
   const bool values = blockIdx.z == 1;
   const ChunkDesc c = chunks[it.chunk];
@@ -102,16 +105,17 @@ __global__ void accumulate_kernel(FmaShape s, CacheView cv, Downsamplers dw, con
 // group, level by level. Sets the score bonus and the key's position (-1: visible to every query).
 __device__ const float* key_source(const FmaShape& s, const CacheView& cv, const ChunkDesc& c,
                                    const NewGroups* table, int64_t q_begin, int64_t lo,
-                                   int64_t n_fine, int64_t kk, int kvh, bool values,
-                                   const float* k, const float* v, const float* new_k,
-                                   const float* new_v, float* bonus, int64_t* key_pos) {
+                                   int64_t n_fine, int64_t kk, int kvh, bool values, const float* k,
+                                   const float* v, const float* new_k, const float* new_v,
+                                   float* bonus, int64_t* key_pos) {
   if (kk < n_fine) {
     const int64_t j = lo + kk;
     *bonus = 0.0f;
     *key_pos = j;
     if (j >= c.pos0) return chunk_row(s, c, values ? v : k, j, kvh);
     const int64_t slot = cv.ring ? j % cv.cap : j;
-    return (values ? cv.fine_v : cv.fine_k) + ((int64_t(c.slot) * cv.cap + slot) * s.kv + kvh) * s.d;
+    return (values ? cv.fine_v : cv.fine_k) +
+           ((int64_t(c.slot) * cv.cap + slot) * s.kv + kvh) * s.d;
   }
   int64_t ci = kk - n_fine;
   *key_pos = -1;
@@ -128,7 +132,8 @@ __device__ const float* key_source(const FmaShape& s, const CacheView& cv, const
     const int pd = s.p * s.d;
     const NewGroups ng = table[c.new_base + l - 1];
     if (g >= ng.first)
-      return (values ? new_v : new_k) + ((int64_t(ng.offset) + g - ng.first) * s.kv + kvh) * pd + r * s.d;
+      return (values ? new_v : new_k) + ((int64_t(ng.offset) + g - ng.first) * s.kv + kvh) * pd +
+             r * s.d;
     return (values ? cv.sum_v : cv.sum_k) +
            (((int64_t(c.slot) * s.L + l - 1) * 3 + g % 3) * s.kv + kvh) * pd + r * s.d;
   }
@@ -136,10 +141,10 @@ __device__ const float* key_source(const FmaShape& s, const CacheView& cv, const
 }
 
 template <int D>
-__global__ void __launch_bounds__(kThreads) attention_kernel(
-    FmaShape s, CacheView cv, const ChunkDesc* chunks, const NewGroups* table, const AttnItem* items,
-    const float* q, const float* k, const float* v, const float* new_k, const float* new_v,
-    float* out) {
+__global__ void __launch_bounds__(kThreads)
+    attention_kernel(FmaShape s, CacheView cv, const ChunkDesc* chunks, const NewGroups* table,
+                     const AttnItem* items, const float* q, const float* k, const float* v,
+                     const float* new_k, const float* new_v, float* out) {
   __shared__ float sk[kTile][D], sv[kTile][D], sbonus[kTile];
   __shared__ int64_t spos[kTile];
   __shared__ const float* sksrc[kTile];
@@ -175,8 +180,8 @@ __global__ void __launch_bounds__(kThreads) attention_kernel(
       int64_t pos;
       sksrc[e] = key_source(s, cv, c, table, it.q_begin, lo, n_fine, t0 + e, kvh, false, k, v,
                             new_k, new_v, &bonus, &pos);
-      svsrc[e] = key_source(s, cv, c, table, it.q_begin, lo, n_fine, t0 + e, kvh, true, k, v,
-                            new_k, new_v, &bonus, &pos);
+      svsrc[e] = key_source(s, cv, c, table, it.q_begin, lo, n_fine, t0 + e, kvh, true, k, v, new_k,
+                            new_v, &bonus, &pos);
       sbonus[e] = bonus;
       spos[e] = pos;
     }
@@ -215,15 +220,17 @@ __global__ void __launch_bounds__(kThreads) attention_kernel(
 // and walk all keys on one thread; here the block's threads split the keys, each keeps an online
 // softmax over its share, and the block merges them.
 template <int D>
-__global__ void __launch_bounds__(kDecodeThreads) decode_attention_kernel(
-    FmaShape s, CacheView cv, const ChunkDesc* chunks, const NewGroups* table, const AttnItem* items,
-    const float* q, const float* k, const float* v, const float* new_k, const float* new_v,
-    float* out) {
+__global__ void __launch_bounds__(kDecodeThreads)
+    decode_attention_kernel(FmaShape s, CacheView cv, const ChunkDesc* chunks,
+                            const NewGroups* table, const AttnItem* items, const float* q,
+                            const float* k, const float* v, const float* new_k, const float* new_v,
+                            float* out) {
   __shared__ float part[kDecodeThreads / 32][D];
   __shared__ float wmax[kDecodeThreads / 32], wsum[kDecodeThreads / 32];
   const AttnItem it = items[blockIdx.x];
   const ChunkDesc c = chunks[it.chunk];
-  const int h = blockIdx.y, kvh = h / (s.heads / s.kv), lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int h = blockIdx.y, kvh = h / (s.heads / s.kv), lane = threadIdx.x & 31,
+            warp = threadIdx.x >> 5;
   const int64_t i = it.q_begin;
   const float* qrow = q + ((int64_t(c.row0) + (i - c.pos0)) * s.heads + h) * D;
   const float scale = rsqrtf(float(D));
@@ -247,8 +254,8 @@ __global__ void __launch_bounds__(kDecodeThreads) decode_attention_kernel(
     int64_t pos;
     const float* ks = key_source(s, cv, c, table, i, lo, n_fine, kk, kvh, false, k, v, new_k, new_v,
                                  &bonus, &pos);
-    const float* vs = key_source(s, cv, c, table, i, lo, n_fine, kk, kvh, true, k, v, new_k, new_v,
-                                 &bonus, &pos);
+    const float* vs =
+        key_source(s, cv, c, table, i, lo, n_fine, kk, kvh, true, k, v, new_k, new_v, &bonus, &pos);
     float sc = bonus;
 #pragma unroll
     for (int ch = 0; ch < D; ++ch) sc += qr[ch] * ks[ch];
@@ -290,45 +297,53 @@ __global__ void __launch_bounds__(kDecodeThreads) decode_attention_kernel(
 __global__ void commit_kernel(const CommitItem* items, const float* k, const float* v,
                               const float* new_k, const float* new_v, CacheView cv) {
   const CommitItem it = items[blockIdx.x];
-  const float* src = (it.which == 0 ? k : it.which == 1 ? v : it.which == 2 ? new_k : new_v) + it.src_off;
-  float* dst = (it.which == 0 ? cv.fine_k : it.which == 1 ? cv.fine_v : it.which == 2 ? cv.sum_k : cv.sum_v) +
+  const float* src = (it.which == 0   ? k
+                      : it.which == 1 ? v
+                      : it.which == 2 ? new_k
+                                      : new_v) +
+                     it.src_off;
+  float* dst = (it.which == 0   ? cv.fine_k
+                : it.which == 1 ? cv.fine_v
+                : it.which == 2 ? cv.sum_k
+                                : cv.sum_v) +
                it.dst_off;
   for (int e = threadIdx.x; e < it.n; e += blockDim.x) dst[e] = src[e];
 }
 
 }  // namespace
 
-void summarize(const FmaShape& s, const CacheView& c, const Downsamplers& w, const ChunkDesc* chunks,
-               const NewGroups* table, const SumItem* items, int n_items, const float* k,
-               const float* v, float* new_k, float* new_v, cudaStream_t st) {
+void summarize(const FmaShape& s, const CacheView& c, const Downsamplers& w,
+               const ChunkDesc* chunks, const NewGroups* table, const SumItem* items, int n_items,
+               const float* k, const float* v, float* new_k, float* new_v, cudaStream_t st) {
   if (n_items == 0) return;
   if (s.kv > kMaxKv) throw Error("CUDA backend: more than 16 KV heads are not supported");
-  summarize_kernel<<<dim3(n_items, 1, 2), 128, 0, st>>>(s, c, w, chunks, table, items, k, v,
-                                                           new_k, new_v);
+  summarize_kernel<<<dim3(n_items, 1, 2), 128, 0, st>>>(s, c, w, chunks, table, items, k, v, new_k,
+                                                        new_v);
   check_launch("summarize");
 }
 
-void accumulate(const FmaShape& s, const CacheView& c, const Downsamplers& w, const ChunkDesc* chunks,
-                const SumItem* items, int n_items, const float* k, const float* v, cudaStream_t st) {
+void accumulate(const FmaShape& s, const CacheView& c, const Downsamplers& w,
+                const ChunkDesc* chunks, const SumItem* items, int n_items, const float* k,
+                const float* v, cudaStream_t st) {
   if (n_items == 0) return;
   accumulate_kernel<<<dim3(n_items, 1, 2), 128, 0, st>>>(s, c, w, chunks, items, k, v);
   check_launch("accumulate");
 }
 
-void attention(const FmaShape& s, const CacheView& c, const ChunkDesc* chunks, const NewGroups* table,
-               const AttnItem* items, int n_items, bool single_queries, const float* q,
-               const float* k, const float* v, const float* new_k, const float* new_v, float* out,
-               cudaStream_t st) {
+void attention(const FmaShape& s, const CacheView& c, const ChunkDesc* chunks,
+               const NewGroups* table, const AttnItem* items, int n_items, bool single_queries,
+               const float* q, const float* k, const float* v, const float* new_k,
+               const float* new_v, float* out, cudaStream_t st) {
   if (n_items == 0) return;
   const dim3 grid(n_items, s.heads);
-#define MP_ATTN(D)                                                                                 \
-  case D:                                                                                          \
-    if (single_queries)                                                                            \
-      decode_attention_kernel<D><<<grid, kDecodeThreads, 0, st>>>(s, c, chunks, table, items, q, k, \
-                                                                   v, new_k, new_v, out);          \
-    else                                                                                           \
-      attention_kernel<D><<<grid, kThreads, 0, st>>>(s, c, chunks, table, items, q, k, v, new_k,   \
-                                                     new_v, out);                                  \
+#define MP_ATTN(D)                                                                               \
+  case D:                                                                                        \
+    if (single_queries)                                                                          \
+      decode_attention_kernel<D><<<grid, kDecodeThreads, 0, st>>>(s, c, chunks, table, items, q, \
+                                                                  k, v, new_k, new_v, out);      \
+    else                                                                                         \
+      attention_kernel<D>                                                                        \
+          <<<grid, kThreads, 0, st>>>(s, c, chunks, table, items, q, k, v, new_k, new_v, out);   \
     break;
   switch (s.d) {
     MP_ATTN(8)
@@ -336,14 +351,15 @@ void attention(const FmaShape& s, const CacheView& c, const ChunkDesc* chunks, c
     MP_ATTN(32)
     MP_ATTN(64)
     MP_ATTN(128)
-    default: throw Error("CUDA backend: head_dim " + std::to_string(s.d) + " is not supported");
+    default:
+      throw Error("CUDA backend: head_dim " + std::to_string(s.d) + " is not supported");
   }
 #undef MP_ATTN
   check_launch("attention");
 }
 
-void commit(const CommitItem* items, int n_items, const float* k, const float* v, const float* new_k,
-            const float* new_v, const CacheView& c, cudaStream_t st) {
+void commit(const CommitItem* items, int n_items, const float* k, const float* v,
+            const float* new_k, const float* new_v, const CacheView& c, cudaStream_t st) {
   if (n_items == 0) return;
   commit_kernel<<<n_items, 128, 0, st>>>(items, k, v, new_k, new_v, c);
   check_launch("commit");
@@ -400,9 +416,8 @@ BatchPlan make_plan(const Config& c, int64_t cap, std::span<const SeqChunk> chun
                              static_cast<int>(kvd), which});
     p.T += T;
   }
-  const bool decode = std::all_of(chunks.begin(), chunks.end(), [](const SeqChunk& ch) {
-    return ch.tokens.size() == 1;
-  });
+  const bool decode = std::all_of(chunks.begin(), chunks.end(),
+                                  [](const SeqChunk& ch) { return ch.tokens.size() == 1; });
   if (decode) {  // at most one group per level and sequence completes in a step
     const size_t B = chunks.size();
     p.done.resize(B * L, SumItem{0, 1, -1, 0, 0});

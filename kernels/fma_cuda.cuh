@@ -30,7 +30,7 @@ struct ChunkDesc {
 struct NewGroups {  // the groups of one level completed inside one chunk
   int offset;       // in the new-summary pool, in groups
   int count;
-  int64_t first;    // group id of the first
+  int64_t first;  // group id of the first
 };
 
 struct AttnItem {  // up to 64 queries of one fine block of one chunk
@@ -47,7 +47,7 @@ struct SumItem {  // one level's group of one chunk: completed (summary) or bein
   int64_t t_from, t_to;
 };
 
-struct Downsamplers {  // one layer, device copies of cpu::Downsampler (index level-1)
+struct Downsamplers {      // one layer, device copies of cpu::Downsampler (index level-1)
   const float* const* wk;  // [L] -> [w][p*d][in]
   const float* const* bk;  // [L] -> [p*d]
   const float* const* wv;
@@ -62,18 +62,19 @@ struct FmaShape {
 
 // Summaries of completed groups -> new_k/new_v pool [groups][kv][p*d], which must be zeroed
 // first (slices add into it); reads the accumulators.
-void summarize(const FmaShape& s, const CacheView& c, const Downsamplers& w, const ChunkDesc* chunks,
-               const NewGroups* table, const SumItem* items, int n_items, const float* k,
-               const float* v, float* new_k, float* new_v, cudaStream_t st);
+void summarize(const FmaShape& s, const CacheView& c, const Downsamplers& w,
+               const ChunkDesc* chunks, const NewGroups* table, const SumItem* items, int n_items,
+               const float* k, const float* v, float* new_k, float* new_v, cudaStream_t st);
 // Accumulators of the groups being filled after each chunk (run after summarize).
-void accumulate(const FmaShape& s, const CacheView& c, const Downsamplers& w, const ChunkDesc* chunks,
-                const SumItem* items, int n_items, const float* k, const float* v, cudaStream_t st);
+void accumulate(const FmaShape& s, const CacheView& c, const Downsamplers& w,
+                const ChunkDesc* chunks, const SumItem* items, int n_items, const float* k,
+                const float* v, cudaStream_t st);
 // out[row][head][d] for every query of every chunk. single_queries: every item holds one query
 // (a decode step), which a kernel that splits the keys over threads serves better.
-void attention(const FmaShape& s, const CacheView& c, const ChunkDesc* chunks, const NewGroups* table,
-               const AttnItem* items, int n_items, bool single_queries, const float* q,
-               const float* k, const float* v, const float* new_k, const float* new_v, float* out,
-               cudaStream_t st);
+void attention(const FmaShape& s, const CacheView& c, const ChunkDesc* chunks,
+               const NewGroups* table, const AttnItem* items, int n_items, bool single_queries,
+               const float* q, const float* k, const float* v, const float* new_k,
+               const float* new_v, float* out, cudaStream_t st);
 
 // Appending a chunk to the cache: copies of chunk keys/values into the fine window and of new
 // summaries into the summary ring, as offsets (floats) from the arrays `which` names.
@@ -82,8 +83,8 @@ struct CommitItem {
   int n;
   int which;  // 0: k -> fine_k, 1: v -> fine_v, 2: new_k -> sum_k, 3: new_v -> sum_v
 };
-void commit(const CommitItem* items, int n_items, const float* k, const float* v, const float* new_k,
-            const float* new_v, const CacheView& c, cudaStream_t st);
+void commit(const CommitItem* items, int n_items, const float* k, const float* v,
+            const float* new_k, const float* new_v, const CacheView& c, cudaStream_t st);
 
 // Everything one forward call needs, worked out on the host: the chunks, the summary, attention
 // and commit work items, and the rows whose logits are wanted.

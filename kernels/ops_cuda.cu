@@ -6,7 +6,8 @@ namespace {
 __global__ void embed_kernel(const __nv_bfloat16* table, const int* tokens, int n, float* x) {
   const int t = blockIdx.x;
   const __nv_bfloat16* row = table + int64_t(tokens[t]) * n;
-  for (int i = threadIdx.x; i < n; i += blockDim.x) x[int64_t(t) * n + i] = __bfloat162float(row[i]);
+  for (int i = threadIdx.x; i < n; i += blockDim.x)
+    x[int64_t(t) * n + i] = __bfloat162float(row[i]);
 }
 
 __device__ float block_sum(float v) {  // blockDim.x a multiple of 32, at most 1024
@@ -110,10 +111,10 @@ void gemm(cublasHandle_t h, const __nv_bfloat16* x, int T, int K, const __nv_bfl
           float* y) {
   // Column-major view: y^T (N x T) = W (as K x N, transposed) * x^T (K x T).
   const float alpha = 1.0f, beta = 0.0f;
-  check(cublasGemmEx(h, CUBLAS_OP_T, CUBLAS_OP_N, N, T, K, &alpha, W, CUDA_R_16BF, K, x,
-                     CUDA_R_16BF, K, &beta, y, CUDA_R_32F, N, CUBLAS_COMPUTE_32F,
-                     CUBLAS_GEMM_DEFAULT),
-        "gemm");
+  check(
+      cublasGemmEx(h, CUBLAS_OP_T, CUBLAS_OP_N, N, T, K, &alpha, W, CUDA_R_16BF, K, x, CUDA_R_16BF,
+                   K, &beta, y, CUDA_R_32F, N, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
+      "gemm");
 }
 
 }  // namespace mp::cuda

@@ -51,7 +51,8 @@ bool boolean(const json& b, const char* key, bool def) {
 CompletionsCall parse_completions(const json& b, const Tokenizer& tok, int64_t ctx_limit) {
   if (!b.is_object()) throw bad("", "the request body must be a JSON object");
   CompletionsCall call;
-  if (!b.contains("prompt")) throw ApiError(400, "'prompt' is required", "prompt", "missing_required_parameter");
+  if (!b.contains("prompt"))
+    throw ApiError(400, "'prompt' is required", "prompt", "missing_required_parameter");
   const json& p = b["prompt"];
   if (p.is_string()) {
     call.prompts.push_back(p.get<std::string>());
@@ -73,7 +74,8 @@ CompletionsCall parse_completions(const json& b, const Tokenizer& tok, int64_t c
   call.echo = boolean(b, "echo", false);
   call.logprobs = static_cast<int>(integer(b, "logprobs", 0, 0, 20));
   if (b.contains("stream_options") && !b["stream_options"].is_null()) {
-    if (!b["stream_options"].is_object()) throw bad("stream_options", "'stream_options' must be an object");
+    if (!b["stream_options"].is_object())
+      throw bad("stream_options", "'stream_options' must be an object");
     call.include_usage = boolean(b["stream_options"], "include_usage", false);
   }
   std::vector<std::string> stop;
@@ -115,8 +117,11 @@ CompletionsCall parse_completions(const json& b, const Tokenizer& tok, int64_t c
       r.prompt = ids;
       r.sampling = sp;
       // Each choice draws its own numbers; without a seed, from the clock.
-      r.sampling.seed = seeded ? static_cast<uint64_t>(seed) + pi * 1000 + c
-                               : static_cast<uint64_t>(std::chrono::steady_clock::now().time_since_epoch().count()) + c;
+      r.sampling.seed =
+          seeded
+              ? static_cast<uint64_t>(seed) + pi * 1000 + c
+              : static_cast<uint64_t>(std::chrono::steady_clock::now().time_since_epoch().count()) +
+                    c;
       r.max_tokens = max_tokens;
       r.stop = stop;
       r.logprobs = call.logprobs;
@@ -153,9 +158,13 @@ void ChoiceBuilder::add(const CompletionEvent& e, const Tokenizer& tok, bool wit
 json ChoiceBuilder::choice(int index, bool with_logprobs, const std::string& echo_prefix) const {
   json lp = nullptr;
   if (with_logprobs)
-    lp = {{"tokens", tokens}, {"token_logprobs", token_logprobs}, {"top_logprobs", top_logprobs},
+    lp = {{"tokens", tokens},
+          {"token_logprobs", token_logprobs},
+          {"top_logprobs", top_logprobs},
           {"text_offset", text_offset}};
-  return {{"text", echo_prefix + text}, {"index", index}, {"logprobs", lp},
+  return {{"text", echo_prefix + text},
+          {"index", index},
+          {"logprobs", lp},
           {"finish_reason", finish_reason}};
 }
 

@@ -18,7 +18,10 @@ struct ApiError : Error {
   std::string type, param, code;
   ApiError(int status, std::string message, std::string param = "", std::string code = "",
            std::string type = "invalid_request_error")
-      : Error(std::move(message)), status(status), type(std::move(type)), param(std::move(param)),
+      : Error(std::move(message)),
+        status(status),
+        type(std::move(type)),
+        param(std::move(param)),
         code(std::move(code)) {}
   json body() const;
 };

@@ -77,7 +77,8 @@ struct Server::Impl {
     http.new_task_queue = [n = opts.http_threads] { return new httplib::ThreadPool(n); };
     http.set_payload_max_length(opts.max_body);
     http.set_pre_routing_handler([this](const httplib::Request& req, httplib::Response& res) {
-      if (opts.api_key.empty() || req.path == "/health") return httplib::Server::HandlerResponse::Unhandled;
+      if (opts.api_key.empty() || req.path == "/health")
+        return httplib::Server::HandlerResponse::Unhandled;
       if (req.get_header_value("Authorization") != "Bearer " + opts.api_key) {
         error(res, api::ApiError(401, "invalid or missing API key", "", "invalid_api_key",
                                  "authentication_error"));
@@ -88,7 +89,7 @@ struct Server::Impl {
     // Statuses httplib sets itself (413 for oversized bodies, 404, ...) get an OpenAI body too.
     http.set_error_handler([this](const httplib::Request&, httplib::Response& res) {
       if (!res.body.empty()) return;
-      const std::string msg = res.status == 413 ? "the request body is too large"
+      const std::string msg = res.status == 413   ? "the request body is too large"
                               : res.status == 404 ? "no such endpoint"
                                                   : "request failed";
       error(res, api::ApiError(res.status, msg, "", res.status == 413 ? "request_too_large" : ""));
@@ -107,8 +108,11 @@ struct Server::Impl {
     });
     http.Get("/v1/models", [this](const httplib::Request&, httplib::Response& res) {
       json j = {{"object", "list"},
-                {"data", {{{"id", opts.model_name}, {"object", "model"}, {"created", 0},
-                           {"owned_by", "multipole"}}}}};
+                {"data",
+                 {{{"id", opts.model_name},
+                   {"object", "model"},
+                   {"created", 0},
+                   {"owned_by", "multipole"}}}}};
       res.set_content(api::dump(j), "application/json");
     });
     http.Get("/metrics", [this](const httplib::Request&, httplib::Response& res) {
@@ -120,7 +124,8 @@ struct Server::Impl {
         if (!b.contains("content") || !b["content"].is_string())
           throw api::ApiError(400, "'content' must be a string", "content");
         const bool bos = b.value("add_special", false);
-        res.set_content(api::dump({{"tokens", model->tokenizer().encode(b["content"].get<std::string>(), bos)}}),
+        res.set_content(api::dump({{"tokens", model->tokenizer().encode(
+                                                  b["content"].get<std::string>(), bos)}}),
                         "application/json");
       });
     });
@@ -136,7 +141,8 @@ struct Server::Impl {
             throw api::ApiError(400, "'tokens' holds an invalid token id", "tokens");
           ids.push_back(t.get<int>());
         }
-        res.set_content(api::dump({{"content", model->tokenizer().decode(ids)}}), "application/json");
+        res.set_content(api::dump({{"content", model->tokenizer().decode(ids)}}),
+                        "application/json");
       });
     });
     http.Post("/v1/completions", [this](const httplib::Request& req, httplib::Response& res) {
@@ -149,7 +155,9 @@ struct Server::Impl {
                       double first_token, bool stream) {
     if (!opts.access_log) return;
     const double total = now_s() - t0;
-    std::fprintf(stderr, "%s %s prompt_tokens=%d completion_tokens=%d ttft_ms=%.1f total_ms=%.1f tokens_per_s=%.1f\n",
+    std::fprintf(stderr,
+                 "%s %s prompt_tokens=%d completion_tokens=%d ttft_ms=%.1f total_ms=%.1f "
+                 "tokens_per_s=%.1f\n",
                  id.c_str(), stream ? "stream" : "plain", prompt_tokens, completion_tokens,
                  first_token > 0 ? (first_token - t0) * 1e3 : 0.0, total * 1e3,
                  completion_tokens / std::max(total, 1e-9));
@@ -184,11 +192,13 @@ struct Server::Impl {
   }
 
   void completions(const httplib::Request& req, httplib::Response& res) {
-    api::CompletionsCall call = api::parse_completions(parse_body(req), model->tokenizer(), opts.ctx_limit);
+    api::CompletionsCall call =
+        api::parse_completions(parse_body(req), model->tokenizer(), opts.ctx_limit);
     const std::string id = "cmpl-" + std::to_string(next_request++);
     res.set_header("X-Request-Id", id);
     const auto created = std::chrono::duration_cast<std::chrono::seconds>(
-                             std::chrono::system_clock::now().time_since_epoch()).count();
+                             std::chrono::system_clock::now().time_since_epoch())
+                             .count();
     auto ch = std::make_shared<Channel>();
     std::vector<uint64_t> ids;
     const double t0 = now_s();
@@ -221,9 +231,12 @@ struct Server::Impl {
       throw;
     }
     const Tokenizer& tok = model->tokenizer();
-    auto echo_of = [call](int choice) { return call.echo ? call.prompts[choice / call.n] : std::string(); };
+    auto echo_of = [call](int choice) {
+      return call.echo ? call.prompts[choice / call.n] : std::string();
+    };
     int prompt_total = 0;
-    for (size_t i = 0; i < call.requests.size(); ++i) prompt_total += call.prompt_tokens[i / call.n];
+    for (size_t i = 0; i < call.requests.size(); ++i)
+      prompt_total += call.prompt_tokens[i / call.n];
     if (!call.stream) {
       std::vector<api::ChoiceBuilder> choices(call.requests.size());
       std::unique_lock<std::mutex> lock(ch->mu);
@@ -236,8 +249,11 @@ struct Server::Impl {
         if (ch->open == 0) break;
         ch->cv.wait(lock);
       }
-      json out = {{"id", id}, {"object", "text_completion"}, {"created", created},
-                  {"model", opts.model_name}, {"choices", json::array()}};
+      json out = {{"id", id},
+                  {"object", "text_completion"},
+                  {"created", created},
+                  {"model", opts.model_name},
+                  {"choices", json::array()}};
       int completion_total = 0;
       for (size_t i = 0; i < choices.size(); ++i) {
         out["choices"].push_back(choices[i].choice(int(i), call.logprobs > 0, echo_of(int(i))));
@@ -273,20 +289,29 @@ struct Server::Impl {
               text = echo_of(i) + text;
               (*echoed)[i] = true;
             }
-            json c = {{"text", text}, {"index", i},
-                      {"logprobs", call.logprobs > 0 && e.token >= 0 ? api::event_logprobs(e, tok, (*offsets)[i]) : json(nullptr)},
+            json c = {{"text", text},
+                      {"index", i},
+                      {"logprobs", call.logprobs > 0 && e.token >= 0
+                                       ? api::event_logprobs(e, tok, (*offsets)[i])
+                                       : json(nullptr)},
                       {"finish_reason", e.done ? json(api::finish_reason(e)) : json(nullptr)}};
             (*offsets)[i] += e.text.size();
             if (e.done) *completion_total += e.completion_tokens;
-            if (!send({{"id", id}, {"object", "text_completion"}, {"created", created},
-                       {"model", opts.model_name}, {"choices", {c}}}))
+            if (!send({{"id", id},
+                       {"object", "text_completion"},
+                       {"created", created},
+                       {"model", opts.model_name},
+                       {"choices", {c}}}))
               return false;
           }
           if (finished && !*sent_done) {
             *sent_done = true;
             if (call.include_usage &&
-                !send({{"id", id}, {"object", "text_completion"}, {"created", created},
-                       {"model", opts.model_name}, {"choices", json::array()},
+                !send({{"id", id},
+                       {"object", "text_completion"},
+                       {"created", created},
+                       {"model", opts.model_name},
+                       {"choices", json::array()},
                        {"usage", api::usage(prompt_total, *completion_total)}}))
               return false;
             const std::string done = "data: [DONE]\n\n";
@@ -314,15 +339,19 @@ struct Server::Impl {
     gauge("multipole_slots", "Sequence slots of the backend.", s.slots);
     gauge("multipole_slots_in_use", "Slots holding a running request.", s.slots_in_use);
     gauge("multipole_queue_depth", "Requests waiting for a slot.", s.queued);
-    gauge("multipole_requests_finished_total", "Completions finished.", double(s.requests_done), "counter");
-    gauge("multipole_prompt_tokens_total", "Prompt tokens processed.", double(s.prompt_tokens), "counter");
-    gauge("multipole_generated_tokens_total", "Tokens generated.", double(s.completion_tokens), "counter");
+    gauge("multipole_requests_finished_total", "Completions finished.", double(s.requests_done),
+          "counter");
+    gauge("multipole_prompt_tokens_total", "Prompt tokens processed.", double(s.prompt_tokens),
+          "counter");
+    gauge("multipole_generated_tokens_total", "Tokens generated.", double(s.completion_tokens),
+          "counter");
     gauge("multipole_steps_total", "Batched model steps.", double(s.steps), "counter");
     std::lock_guard<std::mutex> lock(metrics_mu);
     o += "# HELP multipole_http_responses_total HTTP responses by status.\n"
          "# TYPE multipole_http_responses_total counter\n";
     for (const auto& [code, n] : responses)
-      o += "multipole_http_responses_total{status=\"" + std::to_string(code) + "\"} " + std::to_string(n) + "\n";
+      o += "multipole_http_responses_total{status=\"" + std::to_string(code) + "\"} " +
+           std::to_string(n) + "\n";
     o += ttft.render("multipole_time_to_first_token_seconds", "Time from request to first token.");
     o += itl.render("multipole_inter_token_latency_seconds", "Time between consecutive tokens.");
     return o;

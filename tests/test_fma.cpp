@@ -12,7 +12,8 @@ namespace {
 using mp::Config;
 using mp::Downsampling;
 
-Config attn_config(int n, int m, int p, Downsampling ds, bool scale, int heads, int kv_heads, int d) {
+Config attn_config(int n, int m, int p, Downsampling ds, bool scale, int heads, int kv_heads,
+                   int d) {
   Config c;
   c.vocab_size = 8;
   c.hidden_size = heads * d;
@@ -79,7 +80,8 @@ std::vector<double> brute_summary(const Config& c, const std::vector<float>& W,
         for (int ci = 0; ci < in; ++ci)
           for (int t = 0; t < w; ++t) {
             const int src = in == 1 ? ch : ci;
-            acc += double(W[(size_t(oc) * in + ci) * w + t]) * x[(size_t(g * w + t) * nkv + kvh) * d + src];
+            acc += double(W[(size_t(oc) * in + ci) * w + t]) *
+                   x[(size_t(g * w + t) * nkv + kvh) * d + src];
           }
       }
       s[size_t(r) * d + ch] = acc;
@@ -110,10 +112,12 @@ std::vector<double> brute_fma(const Config& c, const RandomLayer& rl, const std:
         if (B >= 1 && half == 1) groups.push_back(2 * B - 1);
         for (int g : groups) {
           EXPECT_LE((g + 1) * w, i);
-          auto ks = brute_summary(c, rl.wk.empty() ? std::vector<float>{} : rl.wk[l - 1],
-                                  rl.bk.empty() ? std::vector<float>{} : rl.bk[l - 1], k, l, g, kvh);
-          auto vs = brute_summary(c, rl.wv.empty() ? std::vector<float>{} : rl.wv[l - 1],
-                                  rl.bv.empty() ? std::vector<float>{} : rl.bv[l - 1], v, l, g, kvh);
+          auto ks =
+              brute_summary(c, rl.wk.empty() ? std::vector<float>{} : rl.wk[l - 1],
+                            rl.bk.empty() ? std::vector<float>{} : rl.bk[l - 1], k, l, g, kvh);
+          auto vs =
+              brute_summary(c, rl.wv.empty() ? std::vector<float>{} : rl.wv[l - 1],
+                            rl.bv.empty() ? std::vector<float>{} : rl.bv[l - 1], v, l, g, kvh);
           for (int r = 0; r < p; ++r) {
             keys.emplace_back(ks.begin() + r * d, ks.begin() + (r + 1) * d);
             vals.emplace_back(vs.begin() + r * d, vs.begin() + (r + 1) * d);
@@ -132,7 +136,8 @@ std::vector<double> brute_fma(const Config& c, const RandomLayer& rl, const std:
       double tot = 0;
       for (auto& x : s) tot += (x = std::exp(x - mx));
       for (size_t j = 0; j < keys.size(); ++j)
-        for (int ch = 0; ch < d; ++ch) out[(size_t(i) * H + h) * d + ch] += s[j] / tot * vals[j][ch];
+        for (int ch = 0; ch < d; ++ch)
+          out[(size_t(i) * H + h) * d + ch] += s[j] / tot * vals[j][ch];
     }
   return out;
 }
@@ -190,21 +195,21 @@ TEST_P(FmaVsBruteForce, MatchesOnRandomInputsPastTrainedLength) {
   }
 }
 
-INSTANTIATE_TEST_SUITE_P(
-    Shapes, FmaVsBruteForce,
-    ::testing::Values(Case{32, 8, 2, Downsampling::GroupedConv, true, 2, 1},
-                      Case{64, 8, 2, Downsampling::GroupedConv, false, 4, 2},
-                      Case{64, 4, 4, Downsampling::Conv, true, 2, 2},
-                      Case{128, 8, 4, Downsampling::AvgPool, true, 2, 1},
-                      Case{128, 16, 2, Downsampling::Conv, false, 3, 3},
-                      Case{256, 8, 1, Downsampling::AvgPool, false, 2, 2},
-                      Case{256, 16, 4, Downsampling::GroupedConv, true, 4, 1}),
-    [](const auto& info) {
-      const Case& c = info.param;
-      return "n" + std::to_string(c.n) + "_m" + std::to_string(c.m) + "_p" + std::to_string(c.p) +
-             "_" + std::string(mp::to_string(c.ds)) + (c.scale ? "_scaled" : "") + "_h" +
-             std::to_string(c.heads) + "kv" + std::to_string(c.kv);
-    });
+INSTANTIATE_TEST_SUITE_P(Shapes, FmaVsBruteForce,
+                         ::testing::Values(Case{32, 8, 2, Downsampling::GroupedConv, true, 2, 1},
+                                           Case{64, 8, 2, Downsampling::GroupedConv, false, 4, 2},
+                                           Case{64, 4, 4, Downsampling::Conv, true, 2, 2},
+                                           Case{128, 8, 4, Downsampling::AvgPool, true, 2, 1},
+                                           Case{128, 16, 2, Downsampling::Conv, false, 3, 3},
+                                           Case{256, 8, 1, Downsampling::AvgPool, false, 2, 2},
+                                           Case{256, 16, 4, Downsampling::GroupedConv, true, 4, 1}),
+                         [](const auto& info) {
+                           const Case& c = info.param;
+                           return "n" + std::to_string(c.n) + "_m" + std::to_string(c.m) + "_p" +
+                                  std::to_string(c.p) + "_" + std::string(mp::to_string(c.ds)) +
+                                  (c.scale ? "_scaled" : "") + "_h" + std::to_string(c.heads) +
+                                  "kv" + std::to_string(c.kv);
+                         });
 
 TEST(Fma, EqualsExactCausalAttentionUpTo2m) {
   for (auto ds : {Downsampling::GroupedConv, Downsampling::Conv, Downsampling::AvgPool}) {

@@ -64,7 +64,7 @@ TEST_P(RoundTrip, EveryTensorSurvivesConversion) {
     ASSERT_EQ(got.size(), want.size()) << spec.name;
     const bool exact = GetParam() == DType::F32 || spec.shape.size() == 1;
     for (size_t i = 0; i < got.size(); ++i) {
-      const float expect = exact ? want[i]
+      const float expect = exact                       ? want[i]
                            : GetParam() == DType::BF16 ? bf16_to_f32(f32_to_bf16(want[i]))
                                                        : f16_to_f32(f32_to_f16(want[i]));
       ASSERT_EQ(got[i], expect) << spec.name << "[" << i << "]";
@@ -134,8 +134,9 @@ TEST(Convert, RefusesBadCheckpointsNamingTheProblem) {
 
   // Bad JSON.
   write_all(dir / "hf/config.json", "{\"vocab_size\": 400,");
-  EXPECT_NE(error_of([&] { convert_hf_to_gguf(dir / "hf", dir / "m5.gguf", co); }).find("config.json"),
-            std::string::npos);
+  EXPECT_NE(
+      error_of([&] { convert_hf_to_gguf(dir / "hf", dir / "m5.gguf", co); }).find("config.json"),
+      std::string::npos);
 }
 
 TEST(GgufReader, RefusesTruncatedFilesAtEveryCut) {
@@ -146,7 +147,8 @@ TEST(GgufReader, RefusesTruncatedFilesAtEveryCut) {
                      good.size() - 1}) {
     write_all(dir / "cut.gguf", good.substr(0, cut));
     const std::string e = error_of([&] { Model::load(dir / "cut.gguf"); });
-    EXPECT_TRUE(e.find("truncated") != std::string::npos || e.find("too short") != std::string::npos)
+    EXPECT_TRUE(e.find("truncated") != std::string::npos ||
+                e.find("too short") != std::string::npos)
         << "cut at " << cut << ": " << e;
   }
 }

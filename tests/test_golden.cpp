@@ -32,7 +32,9 @@ TEST(Golden, EngineReproducesPyTorchLogits) {
     const int s = b->alloc_slot();
     std::vector<float> got;
     for (size_t i = 0; i < tokens.size(); i += chunk) {
-      SeqChunk c{s, std::span<const int>(tokens).subspan(i, std::min<size_t>(chunk, tokens.size() - i)), true};
+      SeqChunk c{
+          s, std::span<const int>(tokens).subspan(i, std::min<size_t>(chunk, tokens.size() - i)),
+          true};
       const auto l = b->forward({&c, 1});
       got.insert(got.end(), l.begin(), l.end());
     }

@@ -9,11 +9,11 @@
 namespace {
 
 using namespace mp;
+using mp::testing::logits_in_chunks;
 using mp::testing::random_model;
 using mp::testing::random_tokens;
-using mp::testing::TempDir;
-using mp::testing::logits_in_chunks;
 using mp::testing::rel_err;
+using mp::testing::TempDir;
 
 // Token by token, as decode does: only the last row each step.
 std::vector<float> logits_decoding(Backend& b, const std::vector<int>& tokens) {
@@ -50,23 +50,26 @@ TEST_P(ChunkInvariance, PrefillChunksAndDecodeAgreePastTrainedLength) {
   const int m = c.fma_block_size;
   const auto tokens = random_tokens(3 * static_cast<int>(c.n_ctx_train) + 5, c.vocab_size, 11);
   const auto ref = logits_in_chunks(*b, tokens, static_cast<int>(tokens.size()));
-  for (int chunk : {1, 3, m, 7 * m}) EXPECT_LT(rel_err(logits_in_chunks(*b, tokens, chunk), ref), 1e-5) << chunk;
+  for (int chunk : {1, 3, m, 7 * m})
+    EXPECT_LT(rel_err(logits_in_chunks(*b, tokens, chunk), ref), 1e-5) << chunk;
   EXPECT_LT(rel_err(logits_decoding(*b, tokens), ref), 1e-5);
 }
 
-INSTANTIATE_TEST_SUITE_P(Models, ChunkInvariance,
-                         ::testing::Values(Variant{"groupedconv", Downsampling::GroupedConv, true, false, 2},
-                                           Variant{"conv", Downsampling::Conv, true, true, 1},
-                                           Variant{"avgpool", Downsampling::AvgPool, true, false, 4},
-                                           Variant{"exact", Downsampling::GroupedConv, false, true, 2}),
-                         [](const auto& info) { return std::string(info.param.name); });
+INSTANTIATE_TEST_SUITE_P(
+    Models, ChunkInvariance,
+    ::testing::Values(Variant{"groupedconv", Downsampling::GroupedConv, true, false, 2},
+                      Variant{"conv", Downsampling::Conv, true, true, 1},
+                      Variant{"avgpool", Downsampling::AvgPool, true, false, 4},
+                      Variant{"exact", Downsampling::GroupedConv, false, true, 2}),
+    [](const auto& info) { return std::string(info.param.name); });
 
 TEST(State, SavedAndRestoredStateContinuesExactly) {
   TempDir dir;
   const Config c = mp::testing::small_config();
   auto model = random_model(dir, c);
   auto b = make_backend(model, {.kind = "cpu", .n_slots = 3, .n_threads = 2});
-  const auto prefix = random_tokens(100, c.vocab_size, 1), rest = random_tokens(50, c.vocab_size, 2);
+  const auto prefix = random_tokens(100, c.vocab_size, 1),
+             rest = random_tokens(50, c.vocab_size, 2);
   const int a = b->alloc_slot();
   SeqChunk pc{a, prefix, false};
   b->forward({&pc, 1});

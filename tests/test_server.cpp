@@ -26,10 +26,12 @@ struct Running {
   std::unique_ptr<Server> server;
   std::thread thread;
 
-  explicit Running(int slots = 4, int max_queue = 64, std::string api_key = "", int64_t ctx_limit = 0) {
+  explicit Running(int slots = 4, int max_queue = 64, std::string api_key = "",
+                   int64_t ctx_limit = 0) {
     model = mp::testing::random_model(dir, mp::testing::small_config());
     backend = make_backend(model, {.kind = "cpu", .n_slots = slots, .n_threads = 2});
-    sched = std::make_unique<Scheduler>(*backend, model->tokenizer(), SchedulerOptions{.max_queue = max_queue});
+    sched = std::make_unique<Scheduler>(*backend, model->tokenizer(),
+                                        SchedulerOptions{.max_queue = max_queue});
     ServerOptions o;
     o.port = 0;
     o.api_key = std::move(api_key);
@@ -50,7 +52,9 @@ struct Running {
     c.set_read_timeout(60, 0);
     return c;
   }
-  httplib::Result post(const json& body) const { return client().Post("/v1/completions", body.dump(), "application/json"); }
+  httplib::Result post(const json& body) const {
+    return client().Post("/v1/completions", body.dump(), "application/json");
+  }
 };
 
 // The data: payloads of an SSE body, [DONE] last.
@@ -65,7 +69,8 @@ std::vector<std::string> sse_events(const std::string& body) {
   return out;
 }
 
-std::string streamed_text(const std::string& body, json* usage = nullptr, std::string* finish = nullptr) {
+std::string streamed_text(const std::string& body, json* usage = nullptr,
+                          std::string* finish = nullptr) {
   const auto ev = sse_events(body);
   EXPECT_FALSE(ev.empty());
   EXPECT_EQ(ev.back(), "[DONE]");
@@ -78,14 +83,16 @@ std::string streamed_text(const std::string& body, json* usage = nullptr, std::s
       continue;
     }
     text += j["choices"][0]["text"].get<std::string>();
-    if (finish && !j["choices"][0]["finish_reason"].is_null()) *finish = j["choices"][0]["finish_reason"];
+    if (finish && !j["choices"][0]["finish_reason"].is_null())
+      *finish = j["choices"][0]["finish_reason"];
   }
   return text;
 }
 
 TEST(Server, PlainAndStreamingCompletionsAgree) {
   Running s;
-  const json req = {{"prompt", "The license"}, {"max_tokens", 12}, {"temperature", 0.9}, {"seed", 5}};
+  const json req = {
+      {"prompt", "The license"}, {"max_tokens", 12}, {"temperature", 0.9}, {"seed", 5}};
   auto r = s.post(req);
   ASSERT_TRUE(r);
   ASSERT_EQ(r->status, 200) << r->body;
@@ -107,7 +114,12 @@ TEST(Server, PlainAndStreamingCompletionsAgree) {
   EXPECT_EQ(usage, j["usage"]);
   EXPECT_EQ(finish, "length");
   // echo, logprobs, n and several prompts.
-  auto r2 = s.post({{"prompt", {"a", "b"}}, {"n", 2}, {"max_tokens", 3}, {"echo", true}, {"logprobs", 2}, {"seed", 1}});
+  auto r2 = s.post({{"prompt", {"a", "b"}},
+                    {"n", 2},
+                    {"max_tokens", 3},
+                    {"echo", true},
+                    {"logprobs", 2},
+                    {"seed", 1}});
   ASSERT_EQ(r2->status, 200) << r2->body;
   const json j2 = json::parse(r2->body);
   ASSERT_EQ(j2["choices"].size(), 4u);
@@ -120,8 +132,11 @@ TEST(Server, ConcurrentStreamsGiveTheSameTextAsSequentialRuns) {
   Running s(8);
   const int n = 64;
   auto req = [](int i) {
-    return json{{"prompt", "Request " + std::to_string(i)}, {"max_tokens", 8}, {"temperature", 1.0},
-                {"seed", i}, {"stream", true}};
+    return json{{"prompt", "Request " + std::to_string(i)},
+                {"max_tokens", 8},
+                {"temperature", 1.0},
+                {"seed", i},
+                {"stream", true}};
   };
   std::vector<std::string> sequential;
   for (int i = 0; i < n; ++i) sequential.push_back(streamed_text(s.post(req(i))->body));
@@ -130,7 +145,8 @@ TEST(Server, ConcurrentStreamsGiveTheSameTextAsSequentialRuns) {
     futures.push_back(std::async(std::launch::async, [&, i] {
       auto r = s.post(req(i));
       if (!r) return "HTTP error " + httplib::to_string(r.error());
-      return r->status == 200 ? streamed_text(r->body) : "HTTP " + std::to_string(r->status) + " " + r->body;
+      return r->status == 200 ? streamed_text(r->body)
+                              : "HTTP " + std::to_string(r->status) + " " + r->body;
     }));
   for (int i = 0; i < n; ++i) EXPECT_EQ(futures[i].get(), sequential[i]) << i;
 }
@@ -144,8 +160,10 @@ TEST(Server, ClientThatDisconnectsFreesItsSlot) {
   inet_pton(AF_INET, "127.0.0.1", &addr.sin_addr);
   ASSERT_EQ(connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof addr), 0);
   const std::string body = json{{"prompt", "x"}, {"max_tokens", 100000}, {"stream", true}}.dump();
-  const std::string http = "POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                           "Content-Length: " + std::to_string(body.size()) + "\r\n\r\n" + body;
+  const std::string http =
+      "POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+      "Content-Length: " +
+      std::to_string(body.size()) + "\r\n\r\n" + body;
   ASSERT_EQ(write(fd, http.data(), http.size()), ssize_t(http.size()));
   // Read until the first event: the request then holds its slot.
   std::string got;
@@ -171,7 +189,8 @@ void expect_error(const httplib::Result& r, int status, const std::string& param
   const json j = json::parse(r->body);
   ASSERT_TRUE(j["error"].is_object()) << r->body;
   EXPECT_TRUE(j["error"]["message"].is_string());
-  EXPECT_TRUE(j["error"].contains("type") && j["error"].contains("param") && j["error"].contains("code"));
+  EXPECT_TRUE(j["error"].contains("type") && j["error"].contains("param") &&
+              j["error"].contains("code"));
   if (!param.empty()) {
     EXPECT_EQ(j["error"]["param"], param);
   }
@@ -203,7 +222,9 @@ TEST(Server, ApiKeyAndFullQueue) {
     expect_error(s.post({{"prompt", "x"}}), 401);
     auto c = s.client();
     c.set_bearer_token_auth("secret");
-    EXPECT_EQ(status_of(c.Post("/v1/completions", json{{"prompt", "x"}, {"max_tokens", 1}}.dump(), "application/json")), 200);
+    EXPECT_EQ(status_of(c.Post("/v1/completions", json{{"prompt", "x"}, {"max_tokens", 1}}.dump(),
+                               "application/json")),
+              200);
     EXPECT_EQ(status_of(s.client().Get("/v1/models")), 401);
   }
   Running s(1, 0);  // one slot, no queue
@@ -242,11 +263,15 @@ TEST(Server, TokenizeModelsAndMetrics) {
 TEST(Batch, BadLineGetsAnErrorRecordAndResumeSkipsDoneIds) {
   mp::testing::TempDir dir;
   mp::testing::random_model(dir, mp::testing::small_config());
-  std::ofstream(dir / "in.jsonl") << R"({"id": "a", "prompt": "one", "max_tokens": 4, "seed": 1})" "\n"
-                                  << "this is not json\n"
-                                  << R"({"id": "c", "prompt": "three", "max_tokens": 3, "n": 2, "seed": 2})" "\n";
+  std::ofstream(dir / "in.jsonl")
+      << R"({"id": "a", "prompt": "one", "max_tokens": 4, "seed": 1})"
+         "\n"
+      << "this is not json\n"
+      << R"({"id": "c", "prompt": "three", "max_tokens": 3, "n": 2, "seed": 2})"
+         "\n";
   const std::string cmd = std::string(MULTIPOLE_BATCH_BIN) + " --model " + (dir / "model.gguf") +
-                          " --threads 2 --input " + (dir / "in.jsonl") + " --output " + (dir / "out.jsonl") + " 2>/dev/null";
+                          " --threads 2 --input " + (dir / "in.jsonl") + " --output " +
+                          (dir / "out.jsonl") + " 2>/dev/null";
   ASSERT_EQ(std::system(cmd.c_str()), 0);
   std::vector<json> out;
   std::ifstream f(dir / "out.jsonl");

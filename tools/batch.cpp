@@ -72,7 +72,8 @@ int main(int argc, char** argv) {
       Job& job = jobs[i];
       try {
         const json j = json::parse(lines[i]);
-        job.id = j.is_object() && j.contains("id") ? j["id"] : json("line-" + std::to_string(i + 1));
+        job.id =
+            j.is_object() && j.contains("id") ? j["id"] : json("line-" + std::to_string(i + 1));
         if (done_ids.count(job.id.dump())) {
           ++skipped;
           job.result = json(nullptr);  // already in the output
@@ -84,7 +85,8 @@ int main(int argc, char** argv) {
         job.echo = call.echo;
         job.prompts = call.prompts;
         job.n = call.n;
-        for (size_t k = 0; k < call.requests.size(); ++k) job.prompt_tokens += call.prompt_tokens[k / call.n];
+        for (size_t k = 0; k < call.requests.size(); ++k)
+          job.prompt_tokens += call.prompt_tokens[k / call.n];
         for (size_t k = 0; k < call.requests.size(); ++k) {
           auto& r = call.requests[k];
           r.on_event = [&, i, k](const mp::CompletionEvent& e) {

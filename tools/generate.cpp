@@ -32,7 +32,8 @@ int main(int argc, char** argv) {
     if (std::string(argv[i]) == "-n") argv[i] = const_cast<char*>("--max-tokens");
   mp::cli::Args args(argc, argv, {"ignore-eos"}, std::string(kUsage) + mp::cli::kSamplingUsage);
   auto known = mp::cli::kSamplingOptions;
-  known.insert({"model", "prompt", "max-tokens", "stop", "ignore-eos", "chunk", "backend", "threads"});
+  known.insert(
+      {"model", "prompt", "max-tokens", "stop", "ignore-eos", "chunk", "backend", "threads"});
   args.check_known(known);
   const auto sampling = mp::cli::sampling_from_args(args);
   const int max_tokens = static_cast<int>(args.integer("max-tokens", 128));

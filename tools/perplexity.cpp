@@ -47,7 +47,8 @@ int main(int argc, char** argv) {
         tokens.push_back(static_cast<int>(id));
       }
     } else {
-      const std::string text((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+      const std::string text((std::istreambuf_iterator<char>(in)),
+                             std::istreambuf_iterator<char>());
       tokens = model->tokenizer().encode(text, model->tokenizer().add_bos());
     }
     if (tokens.size() < 2) throw mp::Error("need at least 2 tokens to evaluate");
@@ -66,7 +67,8 @@ int main(int argc, char** argv) {
       const auto part = mp::token_nlls(*backend, std::span<const int>(tokens).subspan(i, n), chunk);
       nll.insert(nll.end(), part.begin(), part.end());
     }
-    const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    const double secs =
+        std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
     double sum = 0;
     for (double x : nll) sum += x;
     std::printf("perplexity: %.4f over %zu predicted tokens (mean NLL %.5f nats)\n",

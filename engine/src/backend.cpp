@@ -27,7 +27,8 @@ std::unique_ptr<Backend> make_backend(std::shared_ptr<const Model> model,
   }
 #endif
   if (opts.kind == "cuda")
-    throw Error("backend 'cuda' asked for, but this build has no CUDA backend or no GPU is present");
+    throw Error(
+        "backend 'cuda' asked for, but this build has no CUDA backend or no GPU is present");
   return make_cpu_backend(std::move(model), opts.n_slots, opts.n_threads);
 }
 
@@ -65,7 +66,8 @@ void save_state_file(const Backend& b, int slot, const std::string& path) {
   {
     std::ofstream f(tmp, std::ios::binary);
     if (!f) throw Error("cannot write '" + tmp + "'");
-    f.write(reinterpret_cast<const char*>(bytes.data()), static_cast<std::streamsize>(bytes.size()));
+    f.write(reinterpret_cast<const char*>(bytes.data()),
+            static_cast<std::streamsize>(bytes.size()));
     if (!f) throw Error("write to '" + tmp + "' failed");
   }
   if (std::rename(tmp.c_str(), path.c_str()) != 0) throw Error("cannot rename to '" + path + "'");
@@ -74,7 +76,8 @@ void save_state_file(const Backend& b, int slot, const std::string& path) {
 void load_state_file(Backend& b, int slot, const std::string& path) {
   std::ifstream f(path, std::ios::binary);
   if (!f) throw Error("cannot read '" + path + "'");
-  const std::vector<uint8_t> bytes((std::istreambuf_iterator<char>(f)), std::istreambuf_iterator<char>());
+  const std::vector<uint8_t> bytes((std::istreambuf_iterator<char>(f)),
+                                   std::istreambuf_iterator<char>());
   b.load_slot(slot, bytes);
 }
 

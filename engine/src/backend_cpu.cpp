@@ -111,8 +111,8 @@ class CpuBackend final : public Backend {
       T += static_cast<int>(ch.tokens.size());
     }
     std::vector<float> x(size_t(T) * H), h(size_t(T) * H), q(size_t(T) * nh * d),
-        k(size_t(T) * nkv * d), v(size_t(T) * nkv * d), att(size_t(T) * nh * d),
-        g(size_t(T) * F), u(size_t(T) * F);
+        k(size_t(T) * nkv * d), v(size_t(T) * nkv * d), att(size_t(T) * nh * d), g(size_t(T) * F),
+        u(size_t(T) * F);
     for (size_t c = 0; c < chunks.size(); ++c)
       for (size_t t = 0; t < chunks[c].tokens.size(); ++t)
         std::copy_n(embed_.data() + size_t(chunks[c].tokens[t]) * H, H,

@@ -8,9 +8,12 @@ namespace mp {
 
 std::string_view to_string(Downsampling d) {
   switch (d) {
-    case Downsampling::GroupedConv: return "groupedconv";
-    case Downsampling::Conv: return "conv";
-    case Downsampling::AvgPool: return "avgpool";
+    case Downsampling::GroupedConv:
+      return "groupedconv";
+    case Downsampling::Conv:
+      return "conv";
+    case Downsampling::AvgPool:
+      return "avgpool";
   }
   return "?";
 }
@@ -25,9 +28,12 @@ Downsampling parse_downsampling(std::string_view s) {
 
 std::string_view to_string(DType t) {
   switch (t) {
-    case DType::F32: return "f32";
-    case DType::F16: return "f16";
-    case DType::BF16: return "bf16";
+    case DType::F32:
+      return "f32";
+    case DType::F16:
+      return "f16";
+    case DType::BF16:
+      return "bf16";
   }
   return "?";
 }
@@ -43,7 +49,9 @@ size_t dtype_size(DType t) { return t == DType::F32 ? 4 : 2; }
 
 int Config::n_levels() const {
   if (!fma_enabled) return 0;
-  return static_cast<int>(std::lround(std::log2(static_cast<double>(n_ctx_train) / fma_block_size))) - 1;
+  return static_cast<int>(
+             std::lround(std::log2(static_cast<double>(n_ctx_train) / fma_block_size))) -
+         1;
 }
 
 int Config::group_size(int level) const { return fma_block_size << (level - 1); }
@@ -68,7 +76,8 @@ void Config::validate() const {
   if (!fma_enabled) return;
   need(fma_block_size > 0, "fma_block_size must be positive");
   need(fma_rank > 0, "fma_rank must be positive");
-  need(n_ctx_train % fma_block_size == 0, "max_position_embeddings must be a multiple of fma_block_size");
+  need(n_ctx_train % fma_block_size == 0,
+       "max_position_embeddings must be a multiple of fma_block_size");
   const int64_t ratio = n_ctx_train / fma_block_size;
   need(ratio >= 4 && (ratio & (ratio - 1)) == 0,
        "max_position_embeddings / fma_block_size must be a power of two >= 4");
@@ -78,9 +87,9 @@ void Config::validate() const {
 
 std::string Config::summary() const {
   std::ostringstream o;
-  o << "vocab " << vocab_size << ", hidden " << hidden_size << ", layers " << n_layers
-    << ", heads " << n_heads << "/" << n_kv_heads << " x " << head_dim << ", ffn "
-    << intermediate_size << ", n " << n_ctx_train;
+  o << "vocab " << vocab_size << ", hidden " << hidden_size << ", layers " << n_layers << ", heads "
+    << n_heads << "/" << n_kv_heads << " x " << head_dim << ", ffn " << intermediate_size << ", n "
+    << n_ctx_train;
   if (fma_enabled)
     o << ", FMA m=" << fma_block_size << " p=" << fma_rank << " L=" << n_levels() << " "
       << to_string(fma_downsampling) << (fma_scale_attn ? " scaled" : "");
@@ -123,7 +132,8 @@ Config config_from_hf_json(const std::string& text) {
   c.fma_enabled = get("fma_enabled", true, false);
   c.fma_block_size = get("fma_block_size", 0, c.fma_enabled);
   c.fma_rank = get("fma_rank", 0, c.fma_enabled);
-  c.fma_downsampling = parse_downsampling(get("fma_downsampling", std::string("groupedconv"), false));
+  c.fma_downsampling =
+      parse_downsampling(get("fma_downsampling", std::string("groupedconv"), false));
   c.fma_scale_attn = get("fma_scale_attn", true, false);
   c.bos_token_id = get("bos_token_id", 1, false);
   c.eos_token_id = get("eos_token_id", 2, false);
@@ -219,9 +229,9 @@ std::vector<TensorSpec> expected_tensors(const Config& c) {
       const int64_t in = c.fma_downsampling == Downsampling::Conv ? d : 1;
       for (int l = 1; l <= c.n_levels(); ++l) {
         for (char which : {'k', 'v'}) {
-          const std::string base =
-              hf + "self_attn.fma." + which + "_down." + std::to_string(l - 1);
-          out.push_back({tn::fma_down(i, which, l, false), base + ".weight",
+          const std::string base = hf + "self_attn.fma." + which + "_down." + std::to_string(l - 1);
+          out.push_back({tn::fma_down(i, which, l, false),
+                         base + ".weight",
                          {d * c.fma_rank, in, c.group_size(l)}});
           out.push_back({tn::fma_down(i, which, l, true), base + ".bias", {d * c.fma_rank}});
         }

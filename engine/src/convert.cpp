@@ -65,10 +65,14 @@ class SafetensorsFile {
       t.name = name;
       try {
         const std::string dt = info.at("dtype").get<std::string>();
-        if (dt == "F32") t.dtype = DType::F32;
-        else if (dt == "F16") t.dtype = DType::F16;
-        else if (dt == "BF16") t.dtype = DType::BF16;
-        else throw Error("'" + path_ + "': tensor '" + name + "' has unsupported dtype " + dt);
+        if (dt == "F32")
+          t.dtype = DType::F32;
+        else if (dt == "F16")
+          t.dtype = DType::F16;
+        else if (dt == "BF16")
+          t.dtype = DType::BF16;
+        else
+          throw Error("'" + path_ + "': tensor '" + name + "' has unsupported dtype " + dt);
         t.shape = info.at("shape").get<std::vector<int64_t>>();
         const auto off = info.at("data_offsets").get<std::vector<uint64_t>>();
         if (off.size() != 2 || off[0] > off[1] || off[1] > data_size)
@@ -113,7 +117,9 @@ void append_converted(const TensorView& src, DType dst, std::vector<uint8_t>& ou
   out.resize(at + f.size() * dtype_size(dst));
   uint8_t* p = out.data() + at;
   switch (dst) {
-    case DType::F32: std::memcpy(p, f.data(), f.size() * 4); break;
+    case DType::F32:
+      std::memcpy(p, f.data(), f.size() * 4);
+      break;
     case DType::F16:
       for (size_t i = 0; i < f.size(); ++i) {
         const uint16_t h = f32_to_f16(f[i]);

@@ -106,8 +106,8 @@ void reset_seq_cache(const Config& c, SeqCache& s) {
 size_t seq_cache_bytes(const SeqCache& s) {
   size_t n = 0;
   for (const auto& l : s.layers)
-    n += 4 * (l.fine_k.size() + l.fine_v.size() + l.sum_k.size() + l.sum_v.size() +
-              l.acc_k.size() + l.acc_v.size()) +
+    n += 4 * (l.fine_k.size() + l.fine_v.size() + l.sum_k.size() + l.sum_v.size() + l.acc_k.size() +
+              l.acc_v.size()) +
          8 * l.sum_group.size();
   return n;
 }
@@ -117,8 +117,8 @@ constexpr uint32_t kStateMagic = 0x5453504d;  // "MPST"
 constexpr uint32_t kStateVersion = 1;
 
 std::vector<int64_t> fingerprint(const Config& c) {
-  return {c.n_layers, c.n_kv_heads, c.head_dim, c.fma_enabled, c.fma_block_size, c.fma_rank,
-          c.n_levels()};
+  return {c.n_layers,       c.n_kv_heads, c.head_dim,  c.fma_enabled,
+          c.fma_block_size, c.fma_rank,   c.n_levels()};
 }
 
 template <class T>
@@ -134,7 +134,8 @@ class Reader {
  public:
   explicit Reader(std::span<const uint8_t> b) : b_(b) {}
   void raw(void* dst, size_t n) {
-    if (n > b_.size() - pos_) throw Error("sequence state: truncated at byte " + std::to_string(pos_));
+    if (n > b_.size() - pos_)
+      throw Error("sequence state: truncated at byte " + std::to_string(pos_));
     std::memcpy(dst, b_.data() + pos_, n);
     pos_ += n;
   }
@@ -203,8 +204,7 @@ void deserialize(const Config& c, std::span<const uint8_t> bytes, SeqCache& s) {
 }
 
 ChunkAttention::ChunkAttention(const Config& c, const LayerDownsamplers& ds, LayerCache& cache,
-                               int64_t pos0, int T, const float* q, const float* k,
-                               const float* v)
+                               int64_t pos0, int T, const float* q, const float* k, const float* v)
     : c_(c), cache_(cache), pos0_(pos0), T_(T), q_(q), k_(k), v_(v) {
   const int L = c.n_levels(), nkv = c.n_kv_heads, d = c.head_dim;
   const size_t pd = size_t(c.fma_rank) * d;
@@ -294,8 +294,9 @@ void ChunkAttention::attend(int t, int head, float* out, std::vector<float>& scr
   }
   for (int gi = 0; gi < n_groups; ++gi) {
     const float* ks = summary(groups[gi].level, groups[gi].g, false, kvh);
-    const float bonus =
-        c_.fma_scale_attn ? std::log(static_cast<float>(c_.group_size(groups[gi].level)) / p) : 0.0f;
+    const float bonus = c_.fma_scale_attn
+                            ? std::log(static_cast<float>(c_.group_size(groups[gi].level)) / p)
+                            : 0.0f;
     for (int r = 0; r < p; ++r) {
       float& x = s[n_fine + gi * p + r];
       x = dot(q, ks + size_t(r) * d, d) * scale + bonus;

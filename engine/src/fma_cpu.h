@@ -14,8 +14,8 @@ namespace mp::cpu {
 // streaming: weight[t][r*d + c][in] is the tap of token t of the group on summary r, channel c,
 // from input channel `in` (in = 1 for groupedconv, d for conv; empty for avgpool).
 struct Downsampler {
-  int group = 0;  // w
-  int in = 0;     // 1 (groupedconv) or d (conv); 0 for avgpool
+  int group = 0;              // w
+  int in = 0;                 // 1 (groupedconv) or d (conv); 0 for avgpool
   std::vector<float> weight;  // [w][p*d][in]
   std::vector<float> bias;    // [p*d], summary-major (r*d + c)
 };

@@ -15,9 +15,12 @@ constexpr uint32_t kMaxDims = 4;
 
 uint32_t ggml_type(DType t) {
   switch (t) {
-    case DType::F32: return 0;
-    case DType::F16: return 1;
-    case DType::BF16: return 30;
+    case DType::F32:
+      return 0;
+    case DType::F16:
+      return 1;
+    case DType::BF16:
+      return 30;
   }
   return 0;
 }
@@ -43,8 +46,8 @@ class Cursor {
   std::string str(const char* what) {
     const uint64_t len = read<uint64_t>(what);
     if (len > n_ - pos_)
-      throw Error("GGUF: string length " + std::to_string(len) + " of " + what +
-                  " at offset " + std::to_string(pos_ - 8) + " runs past the end of the file");
+      throw Error("GGUF: string length " + std::to_string(len) + " of " + what + " at offset " +
+                  std::to_string(pos_ - 8) + " runs past the end of the file");
     std::string s(reinterpret_cast<const char*>(d_ + pos_), len);
     pos_ += len;
     return s;
@@ -61,27 +64,50 @@ Value read_value(Cursor& c, ValueType t, const std::string& key, int depth) {
   v.type = t;
   const char* what = "metadata value";
   switch (t) {
-    case ValueType::U8: v.u = c.read<uint8_t>(what); break;
-    case ValueType::I8: v.i = c.read<int8_t>(what); break;
-    case ValueType::U16: v.u = c.read<uint16_t>(what); break;
-    case ValueType::I16: v.i = c.read<int16_t>(what); break;
-    case ValueType::U32: v.u = c.read<uint32_t>(what); break;
-    case ValueType::I32: v.i = c.read<int32_t>(what); break;
-    case ValueType::U64: v.u = c.read<uint64_t>(what); break;
-    case ValueType::I64: v.i = c.read<int64_t>(what); break;
-    case ValueType::F32: v.f = c.read<float>(what); break;
-    case ValueType::F64: v.f = c.read<double>(what); break;
+    case ValueType::U8:
+      v.u = c.read<uint8_t>(what);
+      break;
+    case ValueType::I8:
+      v.i = c.read<int8_t>(what);
+      break;
+    case ValueType::U16:
+      v.u = c.read<uint16_t>(what);
+      break;
+    case ValueType::I16:
+      v.i = c.read<int16_t>(what);
+      break;
+    case ValueType::U32:
+      v.u = c.read<uint32_t>(what);
+      break;
+    case ValueType::I32:
+      v.i = c.read<int32_t>(what);
+      break;
+    case ValueType::U64:
+      v.u = c.read<uint64_t>(what);
+      break;
+    case ValueType::I64:
+      v.i = c.read<int64_t>(what);
+      break;
+    case ValueType::F32:
+      v.f = c.read<float>(what);
+      break;
+    case ValueType::F64:
+      v.f = c.read<double>(what);
+      break;
     case ValueType::BOOL: {
       const uint8_t b = c.read<uint8_t>(what);
       if (b > 1) throw Error("GGUF: key '" + key + "' has bool value " + std::to_string(b));
       v.u = b;
       break;
     }
-    case ValueType::STRING: v.s = c.str(what); break;
+    case ValueType::STRING:
+      v.s = c.str(what);
+      break;
     case ValueType::ARRAY: {
       if (depth > 2) throw Error("GGUF: key '" + key + "' nests arrays too deeply");
       const uint32_t et = c.read<uint32_t>("array type");
-      if (et > 12) throw Error("GGUF: key '" + key + "' has unknown array type " + std::to_string(et));
+      if (et > 12)
+        throw Error("GGUF: key '" + key + "' has unknown array type " + std::to_string(et));
       v.elem = static_cast<ValueType>(et);
       const uint64_t n = c.read<uint64_t>("array length");
       if (v.elem == ValueType::U8 || v.elem == ValueType::I8) {
@@ -121,18 +147,42 @@ void put_str(std::vector<uint8_t>& out, const std::string& s) {
 void write_value(std::vector<uint8_t>& out, const Value& v, bool with_type) {
   if (with_type) put<uint32_t>(out, static_cast<uint32_t>(v.type));
   switch (v.type) {
-    case ValueType::U8: put<uint8_t>(out, v.u); break;
-    case ValueType::I8: put<int8_t>(out, v.i); break;
-    case ValueType::U16: put<uint16_t>(out, v.u); break;
-    case ValueType::I16: put<int16_t>(out, v.i); break;
-    case ValueType::U32: put<uint32_t>(out, v.u); break;
-    case ValueType::I32: put<int32_t>(out, v.i); break;
-    case ValueType::U64: put<uint64_t>(out, v.u); break;
-    case ValueType::I64: put<int64_t>(out, v.i); break;
-    case ValueType::F32: put<float>(out, static_cast<float>(v.f)); break;
-    case ValueType::F64: put<double>(out, v.f); break;
-    case ValueType::BOOL: put<uint8_t>(out, v.u ? 1 : 0); break;
-    case ValueType::STRING: put_str(out, v.s); break;
+    case ValueType::U8:
+      put<uint8_t>(out, v.u);
+      break;
+    case ValueType::I8:
+      put<int8_t>(out, v.i);
+      break;
+    case ValueType::U16:
+      put<uint16_t>(out, v.u);
+      break;
+    case ValueType::I16:
+      put<int16_t>(out, v.i);
+      break;
+    case ValueType::U32:
+      put<uint32_t>(out, v.u);
+      break;
+    case ValueType::I32:
+      put<int32_t>(out, v.i);
+      break;
+    case ValueType::U64:
+      put<uint64_t>(out, v.u);
+      break;
+    case ValueType::I64:
+      put<int64_t>(out, v.i);
+      break;
+    case ValueType::F32:
+      put<float>(out, static_cast<float>(v.f));
+      break;
+    case ValueType::F64:
+      put<double>(out, v.f);
+      break;
+    case ValueType::BOOL:
+      put<uint8_t>(out, v.u ? 1 : 0);
+      break;
+    case ValueType::STRING:
+      put_str(out, v.s);
+      break;
     case ValueType::ARRAY:
       put<uint32_t>(out, static_cast<uint32_t>(v.elem));
       if (v.elem == ValueType::U8 || v.elem == ValueType::I8) {
@@ -147,11 +197,36 @@ void write_value(std::vector<uint8_t>& out, const Value& v, bool with_type) {
 
 }  // namespace
 
-Value Value::str(std::string v) { Value r; r.type = ValueType::STRING; r.s = std::move(v); return r; }
-Value Value::u32(uint32_t v) { Value r; r.type = ValueType::U32; r.u = v; return r; }
-Value Value::i32(int32_t v) { Value r; r.type = ValueType::I32; r.i = v; return r; }
-Value Value::f32(float v) { Value r; r.type = ValueType::F32; r.f = v; return r; }
-Value Value::boolean(bool v) { Value r; r.type = ValueType::BOOL; r.u = v; return r; }
+Value Value::str(std::string v) {
+  Value r;
+  r.type = ValueType::STRING;
+  r.s = std::move(v);
+  return r;
+}
+Value Value::u32(uint32_t v) {
+  Value r;
+  r.type = ValueType::U32;
+  r.u = v;
+  return r;
+}
+Value Value::i32(int32_t v) {
+  Value r;
+  r.type = ValueType::I32;
+  r.i = v;
+  return r;
+}
+Value Value::f32(float v) {
+  Value r;
+  r.type = ValueType::F32;
+  r.f = v;
+  return r;
+}
+Value Value::boolean(bool v) {
+  Value r;
+  r.type = ValueType::BOOL;
+  r.u = v;
+  return r;
+}
 Value Value::bytes(std::string v) {
   Value r;
   r.type = ValueType::ARRAY;
@@ -172,11 +247,19 @@ const Value& File::get(const std::string& key) const {
 uint64_t File::get_uint(const std::string& key) const {
   const Value& v = get(key);
   switch (v.type) {
-    case ValueType::U8: case ValueType::U16: case ValueType::U32: case ValueType::U64: return v.u;
-    case ValueType::I8: case ValueType::I16: case ValueType::I32: case ValueType::I64:
+    case ValueType::U8:
+    case ValueType::U16:
+    case ValueType::U32:
+    case ValueType::U64:
+      return v.u;
+    case ValueType::I8:
+    case ValueType::I16:
+    case ValueType::I32:
+    case ValueType::I64:
       if (v.i >= 0) return static_cast<uint64_t>(v.i);
       throw Error("GGUF: metadata key '" + key + "' is negative");
-    default: throw Error("GGUF: metadata key '" + key + "' is not an integer");
+    default:
+      throw Error("GGUF: metadata key '" + key + "' is not an integer");
   }
 }
 double File::get_float(const std::string& key) const {
@@ -209,9 +292,9 @@ File parse(const uint8_t* data, size_t size) {
   const uint64_t n_kv = c.read<uint64_t>("metadata count");
   // Each entry takes at least 8 bytes: counts beyond that are corrupt, not allocations to try.
   if (n_tensors > size / 8 || n_kv > size / 8)
-    throw Error("GGUF: file truncated or corrupt: implausible counts (" + std::to_string(n_tensors) + " tensors, " +
-                std::to_string(n_kv) + " metadata keys) for a file of " + std::to_string(size) +
-                " bytes");
+    throw Error("GGUF: file truncated or corrupt: implausible counts (" +
+                std::to_string(n_tensors) + " tensors, " + std::to_string(n_kv) +
+                " metadata keys) for a file of " + std::to_string(size) + " bytes");
   for (uint64_t k = 0; k < n_kv; ++k) {
     std::string key = c.str("metadata key");
     const uint32_t t = c.read<uint32_t>("metadata type");
@@ -246,15 +329,19 @@ File parse(const uint8_t* data, size_t size) {
     }
     t.shape.assign(ne.rbegin(), ne.rend());
     const uint32_t type = c.read<uint32_t>("tensor type");
-    if (type == 0) t.dtype = DType::F32;
-    else if (type == 1) t.dtype = DType::F16;
-    else if (type == 30) t.dtype = DType::BF16;
+    if (type == 0)
+      t.dtype = DType::F32;
+    else if (type == 1)
+      t.dtype = DType::F16;
+    else if (type == 30)
+      t.dtype = DType::BF16;
     else
       throw Error("GGUF: tensor '" + t.name + "' has unsupported type " + std::to_string(type) +
                   " (F32, F16 and BF16 are supported)");
     const uint64_t off = c.read<uint64_t>("tensor offset");
     if (off % alignment != 0)
-      throw Error("GGUF: tensor '" + t.name + "' offset " + std::to_string(off) + " is not aligned");
+      throw Error("GGUF: tensor '" + t.name + "' offset " + std::to_string(off) +
+                  " is not aligned");
     t.nbytes = numel * dtype_size(t.dtype);
     rel_offsets.push_back(off);
     if (!names.insert(t.name).second) throw Error("GGUF: duplicate tensor '" + t.name + "'");

@@ -13,16 +13,27 @@
 namespace mp::gguf {
 
 enum class ValueType : uint32_t {
-  U8 = 0, I8 = 1, U16 = 2, I16 = 3, U32 = 4, I32 = 5, F32 = 6, BOOL = 7, STRING = 8,
-  ARRAY = 9, U64 = 10, I64 = 11, F64 = 12,
+  U8 = 0,
+  I8 = 1,
+  U16 = 2,
+  I16 = 3,
+  U32 = 4,
+  I32 = 5,
+  F32 = 6,
+  BOOL = 7,
+  STRING = 8,
+  ARRAY = 9,
+  U64 = 10,
+  I64 = 11,
+  F64 = 12,
 };
 
 struct Value {
   ValueType type = ValueType::U32;
-  uint64_t u = 0;  // unsigned ints and bool
-  int64_t i = 0;   // signed ints
-  double f = 0;    // floats
-  std::string s;   // STRING, and the raw bytes of a U8/I8 array
+  uint64_t u = 0;                  // unsigned ints and bool
+  int64_t i = 0;                   // signed ints
+  double f = 0;                    // floats
+  std::string s;                   // STRING, and the raw bytes of a U8/I8 array
   ValueType elem = ValueType::U8;  // ARRAY element type
   std::vector<Value> arr;          // ARRAY of anything but U8/I8
 

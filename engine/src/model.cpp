@@ -29,7 +29,9 @@ std::vector<float> TensorView::to_f32() const {
   const int64_t n = numel();
   std::vector<float> out(static_cast<size_t>(n));
   switch (dtype) {
-    case DType::F32: std::memcpy(out.data(), data, n * 4); break;
+    case DType::F32:
+      std::memcpy(out.data(), data, n * 4);
+      break;
     case DType::F16: {
       const auto* p = static_cast<const uint16_t*>(data);
       for (int64_t i = 0; i < n; ++i) out[i] = f16_to_f32(p[i]);

@@ -53,10 +53,10 @@ inline uint16_t f32_to_f16(float f) {  // round to nearest even, overflow to inf
   std::memcpy(&u, &f, 4);
   const uint16_t sign = static_cast<uint16_t>((u >> 16) & 0x8000u);
   const uint32_t abs = u & 0x7fffffffu;
-  if (abs > 0x7f800000u) return sign | 0x7e00u;  // NaN
+  if (abs > 0x7f800000u) return sign | 0x7e00u;   // NaN
   if (abs >= 0x477ff000u) return sign | 0x7c00u;  // rounds to >= 65520: inf
-  if (abs < 0x38800000u) {  // subnormal half (or zero)
-    if (abs < 0x33000000u) return sign;  // < 2^-25 rounds to 0
+  if (abs < 0x38800000u) {                        // subnormal half (or zero)
+    if (abs < 0x33000000u) return sign;           // < 2^-25 rounds to 0
     const uint32_t exp = abs >> 23;
     const uint32_t mant = (abs & 0x7fffffu) | 0x800000u;
     const uint32_t shift = 126 - exp;  // 14 - (exp - 127) + 13 - 1

@@ -13,7 +13,8 @@ void SamplingParams::validate() const {
   need(std::isfinite(temperature) && temperature >= 0, "temperature must be >= 0");
   need(std::isfinite(top_p) && top_p > 0 && top_p <= 1, "top_p must be in (0, 1]");
   need(std::isfinite(min_p) && min_p >= 0 && min_p <= 1, "min_p must be in [0, 1]");
-  need(std::isfinite(repetition_penalty) && repetition_penalty > 0, "repetition_penalty must be > 0");
+  need(std::isfinite(repetition_penalty) && repetition_penalty > 0,
+       "repetition_penalty must be > 0");
   need(std::isfinite(presence_penalty) && std::abs(presence_penalty) <= 2,
        "presence_penalty must be in [-2, 2]");
   need(std::isfinite(frequency_penalty) && std::abs(frequency_penalty) <= 2,
@@ -59,7 +60,8 @@ std::vector<std::pair<int, float>> Sampler::candidates(std::span<const float> lo
     if (history[i] >= 0 && history[i] < n) ++count[history[i]];
   for (const auto& [id, k] : count) {
     double& l = c[id].second;
-    if (p_.repetition_penalty != 1.0f) l = l > 0 ? l / p_.repetition_penalty : l * p_.repetition_penalty;
+    if (p_.repetition_penalty != 1.0f)
+      l = l > 0 ? l / p_.repetition_penalty : l * p_.repetition_penalty;
     l -= p_.presence_penalty + double(p_.frequency_penalty) * k;
   }
   std::stable_sort(c.begin(), c.end(), [](auto& a, auto& b) { return a.second > b.second; });

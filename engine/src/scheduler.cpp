@@ -16,10 +16,10 @@ struct Scheduler::Impl {
     uint64_t id;
     CompletionRequest req;
     int slot = -1;
-    size_t prefilled = 0;           // prompt tokens already in the cache
-    std::vector<int> history;       // prompt + generated, for the penalties
+    size_t prefilled = 0;      // prompt tokens already in the cache
+    std::vector<int> history;  // prompt + generated, for the penalties
     int generated = 0;
-    int pending = -1;               // sampled token not yet fed to the model
+    int pending = -1;  // sampled token not yet fed to the model
     std::unique_ptr<Sampler> sampler;
     std::unique_ptr<TextStream> text;
   };
@@ -152,7 +152,8 @@ struct Scheduler::Impl {
         } else if (prefill_budget > 0) {
           const size_t left = s->req.prompt.size() - s->prefilled;
           const size_t n = std::min({left, size_t(opts.prefill_chunk), size_t(prefill_budget)});
-          batch.push_back({s->slot, std::span<const int>(s->req.prompt).subspan(s->prefilled, n), false});
+          batch.push_back(
+              {s->slot, std::span<const int>(s->req.prompt).subspan(s->prefilled, n), false});
           owners.push_back(s.get());
           prefill_budget -= static_cast<int>(n);
         }
@@ -220,7 +221,8 @@ uint64_t Scheduler::submit(CompletionRequest req) {
   if (req.max_tokens < 0) throw Error("max_tokens must be >= 0");
   const int V = impl_->backend.config().vocab_size;
   for (int id : req.prompt)
-    if (id < 0 || id >= V) throw Error("token id " + std::to_string(id) + " is outside the vocabulary");
+    if (id < 0 || id >= V)
+      throw Error("token id " + std::to_string(id) + " is outside the vocabulary");
   auto s = std::make_unique<Impl::Seq>();
   s->sampler = std::make_unique<Sampler>(req.sampling);  // validates the parameters
   s->text = std::make_unique<TextStream>(impl_->tok, req.stop);

@@ -9,7 +9,10 @@ struct Tokenizer::Impl {
 };
 
 Tokenizer::Tokenizer(std::string_view spm_model_bytes, const Config& c)
-    : impl_(std::make_unique<Impl>()), bos_(c.bos_token_id), eos_(c.eos_token_id), add_bos_(c.add_bos) {
+    : impl_(std::make_unique<Impl>()),
+      bos_(c.bos_token_id),
+      eos_(c.eos_token_id),
+      add_bos_(c.add_bos) {
   const auto st = impl_->sp.LoadFromSerializedProto(spm_model_bytes);
   if (!st.ok()) throw Error("tokenizer: cannot load the SentencePiece model: " + st.ToString());
   if (impl_->sp.GetPieceSize() > c.vocab_size)

@@ -12,10 +12,10 @@
 namespace {
 
 using namespace mp;
-using mp::testing::random_tokens;
-using mp::testing::TempDir;
 using mp::testing::logits_in_chunks;
+using mp::testing::random_tokens;
 using mp::testing::rel_err;
+using mp::testing::TempDir;
 
 class Cuda : public ::testing::Test {
  protected:
@@ -70,7 +70,8 @@ TEST_F(Cuda, RmsNormRopeSwigluMatchTheCpuTwins) {
   Dev<int64_t> dpos(pos);
   cuda::rope(dr.p, dpos.p, T, heads, d, 10000.0f, nullptr);
   std::vector<float> want = r;
-  for (int t = 0; t < T; ++t) cpu::rope(want.data() + size_t(t) * heads * d, 1, heads, d, pos[t], 10000.0f);
+  for (int t = 0; t < T; ++t)
+    cpu::rope(want.data() + size_t(t) * heads * d, 1, heads, d, pos[t], 10000.0f);
   EXPECT_LT(rel_err(dr.get(r.size()), want), 1e-5);
 
   const auto g = randn(5000, 4), u = randn(5000, 5);
@@ -105,14 +106,16 @@ TEST_P(CudaModel, LogitsMatchCpuInEveryChunkingPastTrainedLength) {
   ASSERT_EQ(gpu->name(), "cuda");
   const auto tokens = random_tokens(3 * 64 + 11, c.vocab_size, 3);
   const auto ref = logits_in_chunks(*cpu_b, tokens, 1000);
-  for (int chunk : {1000, 1, 3, 8, 56}) EXPECT_LT(rel_err(logits_in_chunks(*gpu, tokens, chunk), ref), 2e-2) << chunk;
+  for (int chunk : {1000, 1, 3, 8, 56})
+    EXPECT_LT(rel_err(logits_in_chunks(*gpu, tokens, chunk), ref), 2e-2) << chunk;
   // Decode: the GPU against itself, one prefill vs token by token, much tighter.
   const auto g1 = logits_in_chunks(*gpu, tokens, 1000), g2 = logits_in_chunks(*gpu, tokens, 1);
   EXPECT_LT(rel_err(g2, g1), 2e-3);
 }
 
 INSTANTIATE_TEST_SUITE_P(Models, CudaModel,
-                         ::testing::Values(Variant{"groupedconv", Downsampling::GroupedConv, true, 2},
+                         ::testing::Values(Variant{"groupedconv", Downsampling::GroupedConv, true,
+                                                   2},
                                            Variant{"conv", Downsampling::Conv, true, 1},
                                            Variant{"avgpool", Downsampling::AvgPool, true, 4},
                                            Variant{"exact", Downsampling::GroupedConv, false, 2}),

@@ -77,7 +77,9 @@ void write_safetensors(const fs::path& path, const std::vector<const Blob*>& blo
   uint64_t off = 0;
   for (const Blob* b : blobs) {
     const uint64_t n = b->values.size() * dtype_size(dt);
-    h[b->name] = {{"dtype", dt == DType::F32 ? "F32" : dt == DType::F16 ? "F16" : "BF16"},
+    h[b->name] = {{"dtype", dt == DType::F32   ? "F32"
+                            : dt == DType::F16 ? "F16"
+                                               : "BF16"},
                   {"shape", b->shape},
                   {"data_offsets", {off, off + n}}};
     off += n;
@@ -113,12 +115,13 @@ void write_random_checkpoint(const std::string& dir, const Config& c, const Chec
     const bool norm = spec.hf_name.find("norm") != std::string::npos;
     const bool bias = spec.hf_name.ends_with(".bias");
     // Fan-in scaling keeps activations of order one through the layers.
-    const int64_t fan_in = spec.shape.size() == 3 ? spec.shape[1] * spec.shape[2]
-                           : spec.shape.size() == 2 ? spec.shape[1] : 1;
+    const int64_t fan_in = spec.shape.size() == 3   ? spec.shape[1] * spec.shape[2]
+                           : spec.shape.size() == 2 ? spec.shape[1]
+                                                    : 1;
     const float scale = spec.hf_name.find("embed") != std::string::npos ? 1.0f
-                        : norm                                       ? 0.2f
-                        : bias                                       ? 0.1f
-                                 : 1.0f / std::sqrt(static_cast<float>(fan_in));
+                        : norm                                          ? 0.2f
+                        : bias                                          ? 0.1f
+                               : 1.0f / std::sqrt(static_cast<float>(fan_in));
     for (auto& x : b.values) x = (norm ? 1.0f : 0.0f) + scale * normal(rng);
     blobs.push_back(std::move(b));
   }
@@ -127,7 +130,8 @@ void write_random_checkpoint(const std::string& dir, const Config& c, const Chec
     for (const auto& b : blobs) all.push_back(&b);
     write_safetensors(fs::path(dir) / "model.safetensors", all, o.dtype);
   } else {
-    nlohmann::json index = {{"metadata", nlohmann::json::object()}, {"weight_map", nlohmann::json::object()}};
+    nlohmann::json index = {{"metadata", nlohmann::json::object()},
+                            {"weight_map", nlohmann::json::object()}};
     for (int s = 0; s < o.shards; ++s) {
       char name[64];
       std::snprintf(name, sizeof name, "model-%05d-of-%05d.safetensors", s + 1, o.shards);

@@ -14,9 +14,9 @@ SamplingParams sampling_from_args(const Args& a) {
   p.presence_penalty = static_cast<float>(a.real("presence-penalty", p.presence_penalty));
   p.frequency_penalty = static_cast<float>(a.real("frequency-penalty", p.frequency_penalty));
   p.penalty_last_n = static_cast<int>(a.integer("penalty-last-n", p.penalty_last_n));
-  p.seed = a.has("seed") ? static_cast<uint64_t>(a.integer("seed", 0))
-                         : static_cast<uint64_t>(
-                               std::chrono::steady_clock::now().time_since_epoch().count());
+  p.seed = a.has("seed")
+               ? static_cast<uint64_t>(a.integer("seed", 0))
+               : static_cast<uint64_t>(std::chrono::steady_clock::now().time_since_epoch().count());
   try {
     p.validate();
   } catch (const Error& e) {

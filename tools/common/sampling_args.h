@@ -21,7 +21,7 @@ inline const char* kSamplingUsage =
     "  --seed N               random seed (default: from the clock)\n";
 
 inline const std::set<std::string> kSamplingOptions = {
-    "temperature", "top-k", "top-p", "min-p", "repeat-penalty", "presence-penalty",
+    "temperature",       "top-k",          "top-p", "min-p", "repeat-penalty", "presence-penalty",
     "frequency-penalty", "penalty-last-n", "seed"};
 
 SamplingParams sampling_from_args(const Args& a);

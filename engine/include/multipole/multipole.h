@@ -53,10 +53,10 @@ struct Config {
   int eos_token_id = 2;
   bool add_bos = true;
 
-  int n_levels() const;                // L = log2(n/m) - 1 (0 in exact mode)
-  int group_size(int level) const;     // w_l = m * 2^(l-1), level 1..L
-  void validate() const;               // throws Error naming the first bad field
-  std::string summary() const;         // one line for logs
+  int n_levels() const;             // L = log2(n/m) - 1 (0 in exact mode)
+  int group_size(int level) const;  // w_l = m * 2^(l-1), level 1..L
+  void validate() const;            // throws Error naming the first bad field
+  std::string summary() const;      // one line for logs
 };
 
 // --- Model file -----------------------------------------------------------------------------
@@ -101,7 +101,7 @@ namespace tensor_names {
 std::string token_embd();
 std::string output_norm();
 std::string output();
-std::string layer(int layer, std::string_view what);          // blk.N.<what>.weight
+std::string layer(int layer, std::string_view what);             // blk.N.<what>.weight
 std::string fma_down(int layer, char kv, int level, bool bias);  // blk.N.fma_{k,v}_down.<l-1>.*
 }  // namespace tensor_names
 
@@ -171,10 +171,10 @@ class TextStream {
 // --- Sampling ---------------------------------------------------------------------------------
 
 struct SamplingParams {
-  float temperature = 0.8f;  // 0: greedy
-  int top_k = 40;            // <= 0: off
-  float top_p = 0.95f;       // 1: off
-  float min_p = 0.05f;       // 0: off
+  float temperature = 0.8f;         // 0: greedy
+  int top_k = 40;                   // <= 0: off
+  float top_p = 0.95f;              // 1: off
+  float min_p = 0.05f;              // 0: off
   float repetition_penalty = 1.0f;  // CTRL-style, 1: off
   float presence_penalty = 0.0f;
   float frequency_penalty = 0.0f;
@@ -221,7 +221,7 @@ class Backend {
   virtual int n_slots() const = 0;
   virtual int alloc_slot() = 0;  // -1 when none is free
   virtual void free_slot(int slot) = 0;
-  virtual void reset_slot(int slot) = 0;  // back to position 0
+  virtual void reset_slot(int slot) = 0;         // back to position 0
   virtual void copy_slot(int src, int dst) = 0;  // fork
   virtual int64_t slot_pos(int slot) const = 0;  // tokens processed so far
   virtual std::vector<uint8_t> save_slot(int slot) const = 0;
@@ -255,8 +255,8 @@ void load_state_file(Backend& b, int slot, const std::string& path);
 
 // What a request reports as it runs: each new piece of text, then a final event.
 struct CompletionEvent {
-  std::string text;  // newly safe text (may be empty)
-  int token = -1;    // the token that produced it (-1 on the final event)
+  std::string text;   // newly safe text (may be empty)
+  int token = -1;     // the token that produced it (-1 on the final event)
   float logprob = 0;  // log-probability of `token` under the model (after penalties: no)
   std::vector<std::pair<int, float>> top_logprobs;  // top-N alternatives, when asked for
   bool done = false;
@@ -276,8 +276,8 @@ struct CompletionRequest {
 };
 
 struct SchedulerOptions {
-  int max_queue = 64;            // waiting requests beyond the running ones
-  int prefill_chunk = 256;       // prompt tokens per sequence per step
+  int max_queue = 64;               // waiting requests beyond the running ones
+  int prefill_chunk = 256;          // prompt tokens per sequence per step
   int max_prefill_per_step = 1024;  // prompt tokens of all sequences per step
 };
 
