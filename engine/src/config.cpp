@@ -199,6 +199,12 @@ Config config_from_gguf(const gguf::File& f) {
   return c;
 }
 
+std::string shape_str(const std::vector<int64_t>& shape) {
+  std::string o = "[";
+  for (size_t i = 0; i < shape.size(); ++i) o += (i ? ", " : "") + std::to_string(shape[i]);
+  return o + "]";
+}
+
 namespace tensor_names {
 std::string token_embd() { return "token_embd.weight"; }
 std::string output_norm() { return "output_norm.weight"; }

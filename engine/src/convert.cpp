@@ -105,11 +105,6 @@ class SafetensorsFile {
   std::map<std::string, TensorView> tensors_;
 };
 
-std::string shape_str(const std::vector<int64_t>& s) {
-  std::string o = "[";
-  for (size_t i = 0; i < s.size(); ++i) o += (i ? ", " : "") + std::to_string(s[i]);
-  return o + "]";
-}
 
 void append_converted(const TensorView& src, DType dst, std::vector<uint8_t>& out) {
   const std::vector<float> f = src.to_f32();

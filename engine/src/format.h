@@ -3,6 +3,7 @@
 
 #include <map>
 #include <string>
+#include <vector>
 
 #include "gguf.h"
 #include "multipole/multipole.h"
@@ -14,5 +15,8 @@ inline constexpr const char* kTokenizerKey = "tokenizer.sentencepiece.model";
 
 std::map<std::string, gguf::Value> config_to_gguf(const Config& c);
 Config config_from_gguf(const gguf::File& f);
+
+// "[a, b, c]", for error messages that name a tensor's shape.
+std::string shape_str(const std::vector<int64_t>& shape);
 
 }  // namespace mp

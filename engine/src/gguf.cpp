@@ -403,6 +403,14 @@ void write(const std::string& path, const std::map<std::string, Value>& kv,
   for (size_t k = 0; k < tensors.size(); ++k) {
     buf.clear();
     tensors[k].write(buf);
+    uint64_t numel = 1;
+    for (auto d : tensors[k].shape) numel *= static_cast<uint64_t>(d);
+    if (buf.size() != numel * dtype_size(tensors[k].dtype)) {
+      std::fclose(fp);
+      throw Error("GGUF write: tensor '" + tensors[k].name + "' produced " +
+                  std::to_string(buf.size()) + " bytes, its shape needs " +
+                  std::to_string(numel * dtype_size(tensors[k].dtype)));
+    }
     buf.resize((buf.size() + kAlignment - 1) / kAlignment * kAlignment, 0);
     put_bytes(buf);
     if (progress) progress(k + 1, tensors.size(), tensors[k].name);

@@ -11,14 +11,6 @@
 
 namespace mp {
 
-namespace {
-std::string shape_str(const std::vector<int64_t>& s) {
-  std::string o = "[";
-  for (size_t i = 0; i < s.size(); ++i) o += (i ? ", " : "") + std::to_string(s[i]);
-  return o + "]";
-}
-}  // namespace
-
 int64_t TensorView::numel() const {
   int64_t n = 1;
   for (auto d : shape) n *= d;

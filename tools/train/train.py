@@ -125,13 +125,14 @@ def main():
         if state["total_steps"] is None and state["step"] in (10, 30):
             if dev == "cuda":
                 torch.cuda.synchronize()
-            t_mark = time.time() if state["step"] == 10 else t_mark
-        if state["total_steps"] is None and state["step"] == 30:
-            # Plan from the speed after warm-up: the time already spent counts against the plan.
-            per_step = (time.time() - t_mark) / 20
-            remaining = args.plan_minutes * 60 - (time.time() - t_run)
-            state["total_steps"] = 30 + int(remaining / per_step)
-            print(f"plan: {state['total_steps']} steps ({per_step:.3f} s/step)", file=log, flush=True)
+            if state["step"] == 10:
+                t_mark = time.time()
+            else:
+                # Plan from the speed after warm-up: the time already spent counts against it.
+                per_step = (time.time() - t_mark) / 20
+                remaining = args.plan_minutes * 60 - (time.time() - t_run)
+                state["total_steps"] = 30 + int(remaining / per_step)
+                print(f"plan: {state['total_steps']} steps ({per_step:.3f} s/step)", file=log, flush=True)
         if time.time() - t_run > budget:
             break
     state["train_seconds"] += time.time() - t_run
