@@ -4,7 +4,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/deps.sh
-cmake -S . -B build -G Ninja -DCMAKE_BUILD_TYPE=Release -DMULTIPOLE_TESTS=OFF >/dev/null
-cmake --build build -j "$(nproc)" >/dev/null
+# The same configuration as scripts/test.sh (one build folder serves both); only the tool is built.
+cmake -S . -B build -G Ninja -DCMAKE_BUILD_TYPE=Release >/dev/null
+cmake --build build -j "$(nproc)" --target multipole-generate >/dev/null
 if [ $# -eq 0 ]; then set -- "Once upon a time"; fi
 exec build/tools/multipole-generate --model models/default.gguf "$@"

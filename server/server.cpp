@@ -76,6 +76,10 @@ struct Server::Impl {
     if (opts.ctx_limit <= 0) opts.ctx_limit = model->config().n_ctx_train;
     http.new_task_queue = [n = opts.http_threads] { return new httplib::ThreadPool(n); };
     http.set_payload_max_length(opts.max_body);
+    // httplib's 5 s defaults drop a streaming client that a loaded machine leaves unscheduled
+    // for a few seconds; a client that really went away is noticed by the failed write.
+    http.set_read_timeout(60, 0);
+    http.set_write_timeout(60, 0);
     http.set_pre_routing_handler([this](const httplib::Request& req, httplib::Response& res) {
       if (opts.api_key.empty() || req.path == "/health")
         return httplib::Server::HandlerResponse::Unhandled;

@@ -105,7 +105,6 @@ class SafetensorsFile {
   std::map<std::string, TensorView> tensors_;
 };
 
-
 void append_converted(const TensorView& src, DType dst, std::vector<uint8_t>& out) {
   const std::vector<float> f = src.to_f32();
   const size_t at = out.size();

@@ -42,7 +42,8 @@ struct Scheduler::Impl {
     worker = std::thread([this] { loop(); });
   }
 
-  // Sends the final event and frees the slot.
+  // Frees the slot and counts the request done, then sends the final event: whoever wakes on it
+  // finds the slot free and the counters up to date.
   void finish(Seq& s, const std::string& reason) {
     CompletionEvent e;
     e.text = reason == "stop" || reason == "length" ? s.text->flush() : "";
@@ -50,15 +51,19 @@ struct Scheduler::Impl {
     e.finish_reason = reason;
     e.prompt_tokens = static_cast<int>(s.req.prompt.size());
     e.completion_tokens = s.generated;
-    if (s.slot >= 0) backend.free_slot(s.slot);
+    const bool held = s.slot >= 0;
+    if (held) backend.free_slot(s.slot);
     s.slot = -1;
+    {
+      std::lock_guard<std::mutex> lock(mu);
+      ++st.requests_done;
+      st.completion_tokens += s.generated;
+      if (held) --st.slots_in_use;
+    }
     try {
       s.req.on_event(e);
     } catch (...) {
     }
-    std::lock_guard<std::mutex> lock(mu);
-    ++st.requests_done;
-    st.completion_tokens += s.generated;
   }
 
   // Samples the next token from a sequence's logits row and reports it. False: the sequence ends.
@@ -199,11 +204,9 @@ struct Scheduler::Impl {
     for (auto& s : left) finish(*s, "cancelled");
   }
 
-  // Drops finished sequences (their slots are already free).
+  // Drops finished sequences (finish() freed their slots and counted them).
   void sweep() {
     std::erase_if(running, [](const auto& s) { return s->slot < 0; });
-    std::lock_guard<std::mutex> lock(mu);
-    st.slots_in_use = static_cast<int>(running.size());
   }
 };
 
