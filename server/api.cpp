@@ -101,6 +101,7 @@ CompletionsCall parse_completions(const json& b, const Tokenizer& tok, int64_t c
   sp.frequency_penalty = static_cast<float>(number(b, "frequency_penalty", 0, -2, 2));
   sp.repetition_penalty = static_cast<float>(number(b, "repetition_penalty", 1, 0.01, 10));
   sp.penalty_last_n = -1;
+  const bool ignore_eos = boolean(b, "ignore_eos", false);
   const bool seeded = b.contains("seed") && !b["seed"].is_null();
   const long long seed = integer(b, "seed", 0, -(1LL << 62), 1LL << 62);
   for (size_t pi = 0; pi < call.prompts.size(); ++pi) {
@@ -124,6 +125,7 @@ CompletionsCall parse_completions(const json& b, const Tokenizer& tok, int64_t c
                     c;
       r.max_tokens = max_tokens;
       r.stop = stop;
+      r.ignore_eos = ignore_eos;
       r.logprobs = call.logprobs;
       call.requests.push_back(std::move(r));
     }

@@ -1,6 +1,7 @@
 #include "server.h"
 
 #include <httplib.h>
+#include <sys/socket.h>
 
 #include <atomic>
 #include <chrono>
@@ -66,6 +67,10 @@ struct Server::Impl {
   ServerOptions opts;
   httplib::Server http;
   int bound_port = -1;
+  socket_t listen_fd = -1;
+  // cpp-httplib 0.11 listens with a backlog of 5: a burst of clients overflowed it (connections
+  // dropped by the kernel, some clients failing). Listening again only resizes the queue.
+  bool widen_backlog() const { return listen_fd >= 0 && ::listen(listen_fd, SOMAXCONN) == 0; }
   std::atomic<uint64_t> next_request{1};
   std::mutex metrics_mu;
   std::map<int, uint64_t> responses;  // by status
@@ -80,6 +85,11 @@ struct Server::Impl {
     // for a few seconds; a client that really went away is noticed by the failed write.
     http.set_read_timeout(60, 0);
     http.set_write_timeout(60, 0);
+    // Keep the listening socket, to raise its backlog after bind (below).
+    http.set_socket_options([this](socket_t sock) {
+      httplib::default_socket_options(sock);
+      listen_fd = sock;
+    });
     http.set_pre_routing_handler([this](const httplib::Request& req, httplib::Response& res) {
       if (opts.api_key.empty() || req.path == "/health")
         return httplib::Server::HandlerResponse::Unhandled;
@@ -369,11 +379,10 @@ Server::~Server() { stop(); }
 bool Server::bind() {
   if (impl_->opts.port == 0) {
     impl_->bound_port = impl_->http.bind_to_any_port(impl_->opts.host);
-    return impl_->bound_port > 0;
+  } else if (impl_->http.bind_to_port(impl_->opts.host, impl_->opts.port)) {
+    impl_->bound_port = impl_->opts.port;
   }
-  if (!impl_->http.bind_to_port(impl_->opts.host, impl_->opts.port)) return false;
-  impl_->bound_port = impl_->opts.port;
-  return true;
+  return impl_->bound_port > 0 && impl_->widen_backlog();
 }
 int Server::port() const { return impl_->bound_port; }
 void Server::run() { impl_->http.listen_after_bind(); }

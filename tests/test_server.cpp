@@ -159,7 +159,8 @@ TEST(Server, ClientThatDisconnectsFreesItsSlot) {
   addr.sin_port = htons(static_cast<uint16_t>(s.server->port()));
   inet_pton(AF_INET, "127.0.0.1", &addr.sin_addr);
   ASSERT_EQ(connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof addr), 0);
-  const std::string body = json{{"prompt", "x"}, {"max_tokens", 100000}, {"stream", true}}.dump();
+  const std::string body =
+      json{{"prompt", "x"}, {"max_tokens", 100000}, {"ignore_eos", true}, {"stream", true}}.dump();
   const std::string http =
       "POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
       "Content-Length: " +
@@ -231,7 +232,7 @@ TEST(Server, ApiKeyAndFullQueue) {
   std::vector<std::future<int>> f;
   for (int i = 0; i < 6; ++i)
     f.push_back(std::async(std::launch::async, [&] {
-      return status_of(s.post({{"prompt", "x"}, {"max_tokens", 1000}}));
+      return status_of(s.post({{"prompt", "x"}, {"max_tokens", 1000}, {"ignore_eos", true}}));
     }));
   int ok = 0, busy = 0;
   for (auto& x : f) {

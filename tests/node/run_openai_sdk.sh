@@ -16,9 +16,16 @@ if ! (cd "$work" && npm init -y >/dev/null && timeout 180 npm install --silent -
   echo "npm install openai failed: the npm registry is not reachable" >&2
   exit 77
 fi
-port=$((20000 + RANDOM % 20000))
-"$build/server/multipole-server" --model "$work/model.gguf" --port $port --threads 2 --quiet \
+# Port 0: the kernel picks a free one, which the server reports.
+"$build/server/multipole-server" --model "$work/model.gguf" --port 0 --threads 2 --quiet \
   --api-key test-key 2>"$work/server.log" &
 server=$!
-for _ in $(seq 50); do curl -s "http://127.0.0.1:$port/health" >/dev/null && break; sleep 0.1; done
+port=
+for _ in $(seq 600); do
+  port=$(sed -n 's|^listening on http://127.0.0.1:\([0-9]*\)$|\1|p' "$work/server.log")
+  [ -n "$port" ] && break
+  kill -0 $server 2>/dev/null || { cat "$work/server.log" >&2; exit 1; }
+  sleep 0.1
+done
+[ -n "$port" ] || { echo "the server did not start" >&2; exit 1; }
 node "$work/openai_sdk.mjs" "http://127.0.0.1:$port/v1"
