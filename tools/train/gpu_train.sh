@@ -4,6 +4,7 @@
 # pieces that each resume the last checkpoint, the evaluation of both, and the FMA model's
 # Hugging Face folder, split in pieces small enough to come back.
 # usage (repository root, GPU machine): tools/train/gpu_train.sh DATA_DIR OUT_DIR PIECE_MINUTES
+# FMA_ARGS (environment) goes to the FMA model's train.py, e.g. "--downsampling avgpool --rank 4".
 set -euo pipefail
 data=$(realpath "$1") out=$2 piece=${3:-3.4}
 export PYTHONUNBUFFERED=1
@@ -13,7 +14,7 @@ nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 # Each piece loses about 40 s to start-up and saving.
 plan=$(python3 -c "print(2 * ($piece - 0.7))")
 for final in "" --final; do
-  python3 train.py --data "$data" --out /tmp/fma --minutes "$piece" --plan-minutes "$plan" $final &
+  python3 train.py --data "$data" --out /tmp/fma --minutes "$piece" --plan-minutes "$plan" $final ${FMA_ARGS:-} &
   python3 train.py --data "$data" --out /tmp/exact --exact --minutes "$piece" --plan-minutes "$plan" $final &
   wait
   tail -n 3 /tmp/fma/train.log /tmp/exact/train.log
