@@ -7,37 +7,20 @@
 #include <cstring>
 #include <random>
 
+#include "attention_rig.h"
 #include "backend_cpu.h"
 #include "fma_cpu.h"
 #include "fma_cuda.cuh"
 #include "format.h"
 
 using namespace mp;
+using mp::testing::attention_config;
+using mp::testing::AttentionRig;
 
 namespace {
 
 constexpr double kCopyBandwidth =
     2.96e12;  // bytes/s, H100 device copy measured here (docs/PERF.md)
-
-template <class T>
-T* dev_alloc(size_t n) {
-  T* p = nullptr;
-  cuda::check(cudaMalloc(&p, std::max<size_t>(n, 1) * sizeof(T)), "cudaMalloc");
-  return p;
-}
-template <class T>
-T* dev_copy(const std::vector<T>& h) {
-  T* p = dev_alloc<T>(h.size());
-  cuda::check(cudaMemcpy(p, h.data(), h.size() * sizeof(T), cudaMemcpyHostToDevice), "copy");
-  return p;
-}
-float* dev_random(size_t n, uint32_t seed) {
-  std::mt19937 rng(seed);
-  std::normal_distribution<float> nd(0, 1);
-  std::vector<float> h(n);
-  for (auto& x : h) x = nd(rng);
-  return dev_copy(h);
-}
 
 // Median time in ms of `f` (a sequence of launches on the default stream).
 template <class F>
@@ -62,113 +45,25 @@ double time_ms(F&& f, int reps) {
   return t[t.size() / 2];
 }
 
-Config attention_config(int64_t n) {
-  Config c;
-  c.vocab_size = 8;
-  c.hidden_size = 16 * 64;
-  c.n_layers = 1;
-  c.n_heads = c.n_kv_heads = 16;
-  c.head_dim = 64;
-  c.intermediate_size = 8;
-  c.n_ctx_train = n;
-  c.fma_block_size = 64;
-  c.fma_rank = 4;
-  c.bos_token_id = c.eos_token_id = 0;
-  c.validate();
-  return c;
-}
-
-// One layer's FMA attention (summaries, accumulators, attention) for a batch, kernel level.
-struct AttentionRig {
-  Config c;
-  cuda::FmaShape shape{};
-  cuda::CacheView cv{};
-  cuda::Downsamplers ds{};
-  cuda::BatchPlan plan;
-  cuda::ChunkDesc* chunks;
-  cuda::NewGroups* table;
-  cuda::SumItem *done, *filling;
-  cuda::AttnItem* attn;
-  float *q, *k, *v, *out, *new_k, *new_v;
-
-  AttentionRig(const Config& cfg, int batch, int tokens_each, int64_t pos0) : c(cfg) {
-    const int L = c.n_levels(), d = c.head_dim, kv = c.n_kv_heads;
-    const size_t pd = size_t(c.fma_rank) * d;
-    shape = {c.n_heads, kv, d, c.fma_block_size, c.fma_rank, L, true, true, false, 1};
-    const int64_t cap = 2 * c.fma_block_size;
-    cv = {dev_random(batch * cap * kv * d, 1),
-          dev_random(batch * cap * kv * d, 2),
-          dev_random(batch * L * 3 * kv * pd, 3),
-          dev_random(batch * L * 3 * kv * pd, 4),
-          dev_random(batch * L * kv * pd, 5),
-          dev_random(batch * L * kv * pd, 6),
-          cap,
-          true};
-    std::vector<const float*> ptrs(4 * L);
-    std::mt19937 rng(7);
-    std::normal_distribution<float> nd(0, 0.05f);
-    for (int l = 1; l <= L; ++l)
-      for (int which = 0; which < 2; ++which) {
-        std::vector<float> w(pd * c.group_size(l)), b(pd);
-        for (auto& x : w) x = nd(rng);
-        for (auto& x : b) x = nd(rng);
-        const cpu::Downsampler dsm = cpu::make_downsampler(c, l, w, b);
-        ptrs[(2 * which) * L + l - 1] = dev_copy(dsm.weight);
-        ptrs[(2 * which + 1) * L + l - 1] = dev_copy(dsm.bias);
-      }
-    const float* const* table_ptrs = dev_copy(ptrs);
-    ds = {table_ptrs, table_ptrs + L, table_ptrs + 2 * L, table_ptrs + 3 * L};
-    std::vector<int> ids(tokens_each, 0);
-    std::vector<SeqChunk> sc;
-    for (int b = 0; b < batch; ++b) sc.push_back({b, ids, false});
-    plan = cuda::make_plan(c, cap, sc, std::vector<int64_t>(batch, pos0));
-    chunks = dev_copy(plan.chunks);
-    table = dev_copy(plan.table);
-    done = dev_copy(plan.done);
-    filling = dev_copy(plan.filling);
-    attn = dev_copy(plan.attn);
-    const size_t T = plan.T;
-    q = dev_random(T * c.n_heads * d, 8);
-    k = dev_random(T * kv * d, 9);
-    v = dev_random(T * kv * d, 10);
-    out = dev_alloc<float>(T * c.n_heads * d);
-    new_k = dev_alloc<float>(std::max(1, plan.new_groups) * kv * pd);
-    new_v = dev_alloc<float>(std::max(1, plan.new_groups) * kv * pd);
-  }
-  void summaries() const {
-    const size_t pool =
-        size_t(std::max(1, plan.new_groups)) * c.n_kv_heads * c.fma_rank * c.head_dim;
-    cuda::check(cudaMemsetAsync(new_k, 0, pool * 4), "memset");
-    cuda::check(cudaMemsetAsync(new_v, 0, pool * 4), "memset");
-    cuda::summarize(shape, cv, ds, chunks, table, done, int(plan.done.size()), k, v, new_k, new_v,
-                    nullptr);
-    cuda::accumulate(shape, cv, ds, chunks, filling, int(plan.filling.size()), k, v, nullptr);
-  }
-  void attend() const {
-    cuda::attention(shape, cv, chunks, table, attn, int(plan.attn.size()), plan.padded, q, k, v,
-                    new_k, new_v, out, nullptr);
-  }
-  void run() const {
-    summaries();
-    attend();
-  }
-  // Nothing is freed: the process ends after the tables.
-};
-
 void bench_prefill_attention(bool quick) {
-  std::printf("\n## FMA prefill attention (batch 1, 16 heads, d 64, m 64, p 4, fp32 q/k/v/o)\n\n");
   std::printf(
-      "| n | L | time ms | of which summaries ms | GB/s (q,k,v,o f32) | floor ms f32 | floor ms "
-      "bf16 |\n|---|---|---|---|---|---|---|\n");
+      "\n## FMA prefill attention (batch 1, 16 heads, d 64, m 64, p 4; q/k/v/o fp32 in "
+      "memory)\n\n");
+  std::printf(
+      "| n | L | attention ms (tensor cores) | attention ms (fp32 tile) | summaries ms | total ms "
+      "| GB/s (q,k,v,o f32, attention) | floor ms f32 | floor ms bf16 |\n"
+      "|---|---|---|---|---|---|---|---|---|\n");
   for (int64_t n : {4096, 16384, 65536, 262144, 1048576}) {
     if (quick && n > 65536) break;
     AttentionRig rig(attention_config(n), 1, static_cast<int>(n), 0);
-    const double ms = time_ms([&] { rig.run(); }, 5);
+    rig.summaries();
+    const double tc_ms = time_ms([&] { rig.attend(true); }, 5);
+    const double tile_ms = time_ms([&] { rig.attend(false); }, 3);
     const double sum_ms = time_ms([&] { rig.summaries(); }, 5);
     const double bytes = 4.0 * n * 16 * 64 * 4;
-    std::printf("| %lld | %d | %.3f | %.3f | %.0f | %.3f | %.3f |\n", (long long)n,
-                rig.c.n_levels(), ms, sum_ms, bytes / ms / 1e6, bytes / kCopyBandwidth * 1e3,
-                bytes / 2 / kCopyBandwidth * 1e3);
+    std::printf("| %lld | %d | %.3f | %.3f | %.3f | %.3f | %.0f | %.3f | %.3f |\n", (long long)n,
+                rig.c.n_levels(), tc_ms, tile_ms, sum_ms, tc_ms + sum_ms, bytes / tc_ms / 1e6,
+                bytes / kCopyBandwidth * 1e3, bytes / 2 / kCopyBandwidth * 1e3);
     std::fflush(stdout);
   }
 }
@@ -265,15 +160,16 @@ void bench_end_to_end(const std::string& path, bool exact, bool quick) {
     std::vector<SeqChunk> step;
     for (int i = 0; i < batch; ++i)
       step.push_back({slots[i], std::span<const int>(&next[i], 1), false});
-    b->forward(step);
+    // The default sampling (temperature 0.8, top-k 40, top-p 0.95, min-p 0.05), on the GPU.
+    const SamplingParams sp;
+    std::vector<SampleSpec> specs(batch);
+    for (int i = 0; i < batch; ++i) specs[i] = {&sp, prompts[i], 0.5, false};
+    b->forward_sample(step, specs);
     const int steps = 50;
     const auto t0 = std::chrono::steady_clock::now();
     for (int s = 0; s < steps; ++s) {
-      const auto logits = b->forward(step);
-      for (int i = 0; i < batch; ++i)  // greedy, on the host
-        next[i] = int(std::max_element(logits.begin() + size_t(i) * c.vocab_size,
-                                       logits.begin() + size_t(i + 1) * c.vocab_size) -
-                      (logits.begin() + size_t(i) * c.vocab_size));
+      const auto sampled = b->forward_sample(step, specs);
+      for (int i = 0; i < batch; ++i) next[i] = sampled[i].token;
     }
     const double sec = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
     std::printf("| %d | ~1000 | %.0f | %.3f |\n", batch, batch * steps / sec, sec / steps * 1e3);

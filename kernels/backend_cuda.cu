@@ -8,7 +8,9 @@
 #include "../engine/src/backend_cpu.h"
 #include "../engine/src/fma_cpu.h"
 #include "../engine/src/numeric.h"
+#include "../engine/src/sampling.h"
 #include "fma_cuda.cuh"
+#include "sampling_cuda.cuh"
 
 namespace mp {
 
@@ -21,19 +23,22 @@ namespace {
 
 using cuda::check;
 
-// A device allocation that frees itself.
+// A device allocation that frees itself. Transfers go through a pinned host mirror, so that
+// they are asynchronous (pageable copies cost a decode step tens of microseconds each).
 template <class T>
 class DeviceArray {
  public:
   DeviceArray() = default;
   explicit DeviceArray(size_t n) { resize(n); }
-  ~DeviceArray() { cudaFree(p_); }
+  ~DeviceArray() {
+    cudaFree(p_);
+    cudaFreeHost(host_);
+  }
   DeviceArray(const DeviceArray&) = delete;
   DeviceArray& operator=(const DeviceArray&) = delete;
-  DeviceArray(DeviceArray&& o) noexcept : p_(o.p_), n_(o.n_) { o.p_ = nullptr, o.n_ = 0; }
+  DeviceArray(DeviceArray&& o) noexcept { swap(o); }
   DeviceArray& operator=(DeviceArray&& o) noexcept {
-    std::swap(p_, o.p_);
-    std::swap(n_, o.n_);
+    swap(o);
     return *this;
   }
   // Grows (contents not kept); true when the memory moved.
@@ -45,35 +50,59 @@ class DeviceArray {
     n_ = n;
     return true;
   }
+  // The host data must stay unchanged only until the call returns; the stream is not synchronised.
   bool upload(const T* src, size_t n, cudaStream_t s) {
     const bool moved = resize(n);
-    if (n) check(cudaMemcpyAsync(p_, src, n * sizeof(T), cudaMemcpyHostToDevice, s), "upload");
+    if (n) {
+      std::memcpy(mirror(n), src, n * sizeof(T));
+      check(cudaMemcpyAsync(p_, host_, n * sizeof(T), cudaMemcpyHostToDevice, s), "upload");
+    }
     return moved;
   }
   bool upload(const std::vector<T>& v, cudaStream_t s) { return upload(v.data(), v.size(), s); }
+  // Starts copying the first n elements back; they are valid once the stream is synchronised.
+  const T* download(size_t n, cudaStream_t s) {
+    T* h = mirror(n);
+    if (n) check(cudaMemcpyAsync(h, p_, n * sizeof(T), cudaMemcpyDeviceToHost, s), "download");
+    return h;
+  }
   T* get() const { return p_; }
   size_t size() const { return n_; }
 
  private:
+  T* mirror(size_t n) {  // callers synchronise the stream between transfers
+    if (n > host_n_ || !host_) {
+      cudaFreeHost(host_);
+      host_ = nullptr;
+      check(cudaMallocHost(&host_, std::max<size_t>(n, 1) * sizeof(T)), "cudaMallocHost");
+      host_n_ = n;
+    }
+    return host_;
+  }
+  void swap(DeviceArray& o) noexcept {
+    std::swap(p_, o.p_);
+    std::swap(n_, o.n_);
+    std::swap(host_, o.host_);
+    std::swap(host_n_, o.host_n_);
+  }
   T* p_ = nullptr;
   size_t n_ = 0;
+  T* host_ = nullptr;
+  size_t host_n_ = 0;
 };
 
-DeviceArray<__nv_bfloat16> upload_bf16(const TensorView& t, cudaStream_t s) {
+// Weights, once: plain copies (no pinned mirror kept).
+template <class T>
+DeviceArray<T> upload_once(const std::vector<T>& h) {
+  DeviceArray<T> d(h.size());
+  check(cudaMemcpy(d.get(), h.data(), h.size() * sizeof(T), cudaMemcpyHostToDevice), "upload");
+  return d;
+}
+DeviceArray<__nv_bfloat16> upload_bf16(const TensorView& t) {
   const std::vector<float> f = t.to_f32();
   std::vector<__nv_bfloat16> h(f.size());
   for (size_t i = 0; i < f.size(); ++i) h[i] = __float2bfloat16(f[i]);
-  DeviceArray<__nv_bfloat16> d;
-  d.upload(h, s);
-  check(cudaStreamSynchronize(s), "upload");
-  return d;
-}
-
-DeviceArray<float> upload_f32(const std::vector<float>& f, cudaStream_t s) {
-  DeviceArray<float> d;
-  d.upload(f, s);
-  check(cudaStreamSynchronize(s), "upload");
-  return d;
+  return upload_once(h);
 }
 
 struct Layer {
@@ -115,21 +144,21 @@ class CudaBackend final : public Backend {
                                                                  : 0};
     cap_ = c_.fma_enabled ? 2 * int64_t{c_.fma_block_size} : max_context;
     if (cap_ <= 0) throw Error("CUDA backend: exact attention needs a positive max_context");
-    embed_ = upload_bf16(model_->tensor(tn::token_embd(), {V, H}), stream_);
-    out_norm_ = upload_f32(model_->tensor(tn::output_norm(), {H}).to_f32(), stream_);
-    if (!c_.tie_word_embeddings) head_ = upload_bf16(model_->tensor(tn::output(), {V, H}), stream_);
+    embed_ = upload_bf16(model_->tensor(tn::token_embd(), {V, H}));
+    out_norm_ = upload_once(model_->tensor(tn::output_norm(), {H}).to_f32());
+    if (!c_.tie_word_embeddings) head_ = upload_bf16(model_->tensor(tn::output(), {V, H}));
     const size_t L = c_.n_levels(), pd = size_t(c_.fma_rank) * c_.head_dim;
     for (int i = 0; i < c_.n_layers; ++i) {
       Layer l;
-      l.attn_norm = upload_f32(model_->tensor(tn::layer(i, "attn_norm"), {H}).to_f32(), stream_);
-      l.ffn_norm = upload_f32(model_->tensor(tn::layer(i, "ffn_norm"), {H}).to_f32(), stream_);
-      l.wq = upload_bf16(model_->tensor(tn::layer(i, "attn_q"), {q, H}), stream_);
-      l.wk = upload_bf16(model_->tensor(tn::layer(i, "attn_k"), {kv, H}), stream_);
-      l.wv = upload_bf16(model_->tensor(tn::layer(i, "attn_v"), {kv, H}), stream_);
-      l.wo = upload_bf16(model_->tensor(tn::layer(i, "attn_output"), {H, q}), stream_);
-      l.gate = upload_bf16(model_->tensor(tn::layer(i, "ffn_gate"), {F, H}), stream_);
-      l.up = upload_bf16(model_->tensor(tn::layer(i, "ffn_up"), {F, H}), stream_);
-      l.down = upload_bf16(model_->tensor(tn::layer(i, "ffn_down"), {H, F}), stream_);
+      l.attn_norm = upload_once(model_->tensor(tn::layer(i, "attn_norm"), {H}).to_f32());
+      l.ffn_norm = upload_once(model_->tensor(tn::layer(i, "ffn_norm"), {H}).to_f32());
+      l.wq = upload_bf16(model_->tensor(tn::layer(i, "attn_q"), {q, H}));
+      l.wk = upload_bf16(model_->tensor(tn::layer(i, "attn_k"), {kv, H}));
+      l.wv = upload_bf16(model_->tensor(tn::layer(i, "attn_v"), {kv, H}));
+      l.wo = upload_bf16(model_->tensor(tn::layer(i, "attn_output"), {H, q}));
+      l.gate = upload_bf16(model_->tensor(tn::layer(i, "ffn_gate"), {F, H}));
+      l.up = upload_bf16(model_->tensor(tn::layer(i, "ffn_up"), {F, H}));
+      l.down = upload_bf16(model_->tensor(tn::layer(i, "ffn_down"), {H, F}));
       if (c_.fma_enabled) {
         // The same transposed layout as the CPU reference's Downsampler.
         const cpu::LayerDownsamplers ds = cpu::make_layer_downsamplers(c_, *model_, i);
@@ -137,11 +166,11 @@ class CudaBackend final : public Backend {
         for (size_t lv = 0; lv < L; ++lv) {
           for (int which = 0; which < 4; ++which) {
             const cpu::Downsampler& d = which < 2 ? ds.k[lv] : ds.v[lv];
-            l.ds.push_back(upload_f32(which % 2 == 0 ? d.weight : d.bias, stream_));
+            l.ds.push_back(upload_once(which % 2 == 0 ? d.weight : d.bias));
             ptrs[which * L + lv] = l.ds.back().get();
           }
         }
-        l.ds_ptrs.upload(ptrs, stream_);
+        l.ds_ptrs = upload_once(ptrs);
       }
       const size_t S = n_slots;
       l.fine_k.resize(S * cap_ * kv);
@@ -248,16 +277,59 @@ class CudaBackend final : public Backend {
   }
 
   std::vector<float> forward(std::span<const SeqChunk> chunks) override {
-    check_chunks(c_, chunks, n_slots(), in_use_);
-    if (!c_.fma_enabled)
-      for (const auto& ch : chunks)
-        if (pos_[ch.slot] + int64_t(ch.tokens.size()) > cap_)
-          throw Error("forward: " + std::to_string(pos_[ch.slot] + ch.tokens.size()) +
-                      " tokens exceed the exact-attention context of " + std::to_string(cap_));
-    cuda::BatchPlan p = cuda::make_plan(c_, cap_, chunks, pos_);
-    run(p);
-    for (const auto& ch : chunks) pos_[ch.slot] += static_cast<int64_t>(ch.tokens.size());
-    return std::move(p.logits);
+    cuda::BatchPlan p = launch(chunks);
+    std::vector<float> logits(size_t(p.rows_wanted) * c_.vocab_size);
+    check(cudaMemcpyAsync(logits.data(), logits_.get(), logits.size() * 4, cudaMemcpyDeviceToHost,
+                          stream_),
+          "logits");
+    check(cudaStreamSynchronize(stream_), "forward");
+    return logits;
+  }
+
+  std::vector<SampledToken> forward_sample(std::span<const SeqChunk> chunks,
+                                           std::span<const SampleSpec> specs) override {
+    if (specs.size() != chunks.size()) throw Error("forward_sample: one spec per chunk");
+    for (const SeqChunk& c : chunks)
+      if (c.all_logits) throw Error("forward_sample: chunks must want their last row only");
+    const int V = c_.vocab_size;
+    std::vector<cuda::SampleRow> rows;
+    std::vector<int2> pens;
+    for (size_t i = 0; i < specs.size(); ++i) {
+      const SampleSpec& sp = specs[i];
+      if (!sp.params) continue;
+      sp.params->validate();
+      const auto counts = penalty_counts(*sp.params, sp.history, V);
+      rows.push_back({int(i), *sp.params, int(pens.size()), int(counts.size()), sp.uniform});
+      for (const auto& [id, n] : counts) pens.push_back({id, n});
+    }
+    launch(chunks);  // logits row i is chunk i's last token
+    d_sample_rows_.upload(rows, stream_);
+    d_pens_.upload(pens, stream_);
+    d_sampled_.resize(rows.size());
+    d_logprobs_.resize(rows.size());
+    cuda::sample(logits_.get(), V, d_sample_rows_.get(), int(rows.size()), d_pens_.get(),
+                 d_sampled_.get(), d_logprobs_.get(), stream_);
+    const int* ids = d_sampled_.download(rows.size(), stream_);
+    const float* lps = d_logprobs_.download(rows.size(), stream_);
+    check(cudaStreamSynchronize(stream_), "forward_sample");
+    std::vector<SampledToken> out(chunks.size());
+    for (size_t r = 0; r < rows.size(); ++r) {
+      const SampleSpec& sp = specs[rows[r].row];
+      SampledToken& t = out[rows[r].row];
+      t.token = ids[r];
+      t.logprob = lps[r];
+      if (sp.want_logits || t.token < 0) {
+        t.logits.resize(V);
+        check(cudaMemcpy(t.logits.data(), logits_.get() + size_t(rows[r].row) * V, size_t(V) * 4,
+                         cudaMemcpyDeviceToHost),
+              "logits");
+      }
+      if (t.token < 0) {  // a candidate list longer than the GPU keeps: sampled here
+        t.token = pick_candidate(sample_candidates(*sp.params, t.logits, sp.history), sp.uniform);
+        t.logprob = log_softmax(t.logits)[t.token];
+      }
+    }
+    return out;
   }
 
  private:
@@ -341,13 +413,21 @@ class CudaBackend final : public Backend {
                logits_.get());
   }
 
-  void run(cuda::BatchPlan& p) {
+  // Checks and runs the chunks, leaving their wanted rows' logits in logits_.
+  cuda::BatchPlan launch(std::span<const SeqChunk> chunks) {
+    check_chunks(c_, chunks, n_slots(), in_use_);
+    if (!c_.fma_enabled)
+      for (const auto& ch : chunks)
+        if (pos_[ch.slot] + int64_t(ch.tokens.size()) > cap_)
+          throw Error("forward: " + std::to_string(pos_[ch.slot] + ch.tokens.size()) +
+                      " tokens exceed the exact-attention context of " + std::to_string(cap_));
+    cuda::BatchPlan p = cuda::make_plan(c_, cap_, chunks, pos_);
     if (stage(p)) drop_graphs();
     if (p.padded) {
-      // A decode step: the same kernels with the same grids for every step of this batch size,
-      // so it is captured once in a CUDA graph and replayed (launch overhead dominates here).
-      const int batch = static_cast<int>(p.chunks.size());
-      auto it = graphs_.find(batch);
+      // A decode step: the same kernels with the same grids for every step of this bucket of
+      // batch sizes, so it is captured once in a CUDA graph and replayed (launch overhead
+      // dominates here).
+      auto it = graphs_.find(p.T);
       if (it == graphs_.end()) {
         cudaGraph_t graph;
         check(cudaStreamBeginCapture(stream_, cudaStreamCaptureModeThreadLocal), "capture");
@@ -356,17 +436,14 @@ class CudaBackend final : public Backend {
         cudaGraphExec_t exec;
         check(cudaGraphInstantiate(&exec, graph, 0), "cudaGraphInstantiate");
         cudaGraphDestroy(graph);
-        it = graphs_.emplace(batch, exec).first;
+        it = graphs_.emplace(p.T, exec).first;
       }
       check(cudaGraphLaunch(it->second, stream_), "cudaGraphLaunch");
     } else {
       compute(p);
     }
-    p.logits.resize(p.rows.size() * size_t(c_.vocab_size));
-    check(cudaMemcpyAsync(p.logits.data(), logits_.get(), p.logits.size() * 4,
-                          cudaMemcpyDeviceToHost, stream_),
-          "logits");
-    check(cudaStreamSynchronize(stream_), "forward");
+    for (const auto& ch : chunks) pos_[ch.slot] += static_cast<int64_t>(ch.tokens.size());
+    return p;
   }
 
   void drop_graphs() {
@@ -413,7 +490,11 @@ class CudaBackend final : public Backend {
   DeviceArray<float> x_, h_, q_, k_, v_, att_, g_, u_, new_k_, new_v_, logits_;
   DeviceArray<__nv_bfloat16> hb_, sel_;
   DeviceArray<uint8_t> cublas_workspace_;
-  std::map<int, cudaGraphExec_t> graphs_;  // decode step by batch size
+  DeviceArray<cuda::SampleRow> d_sample_rows_;
+  DeviceArray<int2> d_pens_;
+  DeviceArray<int> d_sampled_;
+  DeviceArray<float> d_logprobs_;
+  std::map<int, cudaGraphExec_t> graphs_;  // decode step by padded batch size
 };
 
 }  // namespace

@@ -9,11 +9,6 @@ constexpr int kThreads = 64;         // one thread per query of a fine-block til
 constexpr int kTile = 32;            // keys staged in shared memory at a time
 constexpr int kDecodeThreads = 128;  // threads sharing one decode query's keys
 
-__device__ const float* chunk_row(const FmaShape& s, const ChunkDesc& c, const float* x, int64_t t,
-                                  int kvh) {
-  return x + (int64_t(c.row0) + (t - c.pos0)) * s.kv * s.d + int64_t(kvh) * s.d;
-}
-
 constexpr int kMaxKv = 16;  // KV heads a summary thread carries at once
 
 // acc[h] += the contributions of the chunk's tokens [from, to) to group g's output o, for every
@@ -84,6 +79,7 @@ __global__ void accumulate_kernel(FmaShape s, CacheView cv, Downsamplers dw,
                                   const ChunkDesc* chunks, const SumItem* items, const float* k,
                                   const float* v) {
   const SumItem it = items[blockIdx.x];
+  if (it.group < 0) return;  // padding of a decode step
   const bool values = blockIdx.z == 1;
   const ChunkDesc c = chunks[it.chunk];
   const int l = it.level, w = s.m << (l - 1), pd = s.p * s.d;
@@ -101,24 +97,39 @@ __global__ void accumulate_kernel(FmaShape s, CacheView cv, Downsamplers dw,
   }
 }
 
+// The arrays a key (or its value: same layout, twin array) can live in.
+enum KeyArray { kChunkRows, kFineWindow, kNewSummaries, kSummaryRing };
+struct KvArrays {
+  const float* k[4];
+  const float* v[4];
+};
+__device__ KvArrays kv_arrays(const CacheView& cv, const float* k, const float* v,
+                              const float* new_k, const float* new_v) {
+  return {{k, cv.fine_k, new_k, cv.sum_k}, {v, cv.fine_v, new_v, cv.sum_v}};
+}
+
+struct KeyLoc {
+  int64_t off;  // in floats, in arrays k[which] and v[which]
+  int which;
+  float bonus;  // score offset: log(w/p) for a summary with scale_attn
+  int64_t pos;  // the key's position; -1: a summary, visible to every query of the tile
+};
+
 // Where key `kk` of a query tile's key list lives: fine keys first, then p summaries per visible
-// group, level by level. Sets the score bonus and the key's position (-1: visible to every query).
-__device__ const float* key_source(const FmaShape& s, const CacheView& cv, const ChunkDesc& c,
-                                   const NewGroups* table, int64_t q_begin, int64_t lo,
-                                   int64_t n_fine, int64_t kk, int kvh, bool values, const float* k,
-                                   const float* v, const float* new_k, const float* new_v,
-                                   float* bonus, int64_t* key_pos) {
+// group, level by level.
+__device__ KeyLoc key_loc(const FmaShape& s, const CacheView& cv, const ChunkDesc& c,
+                          const NewGroups* table, int64_t q_begin, int64_t lo, int64_t n_fine,
+                          int64_t kk, int kvh) {
   if (kk < n_fine) {
     const int64_t j = lo + kk;
-    *bonus = 0.0f;
-    *key_pos = j;
-    if (j >= c.pos0) return chunk_row(s, c, values ? v : k, j, kvh);
+    if (j >= c.pos0)
+      return {(int64_t(c.row0) + (j - c.pos0)) * s.kv * s.d + int64_t(kvh) * s.d, kChunkRows, 0.0f,
+              j};
     const int64_t slot = cv.ring ? j % cv.cap : j;
-    return (values ? cv.fine_v : cv.fine_k) +
-           ((int64_t(c.slot) * cv.cap + slot) * s.kv + kvh) * s.d;
+    return {((int64_t(c.slot) * cv.cap + slot) * s.kv + kvh) * s.d, kFineWindow, 0.0f, j};
   }
   int64_t ci = kk - n_fine;
-  *key_pos = -1;
+  const int pd = s.p * s.d;
   for (int l = 1; l <= s.L; ++l) {
     const int64_t w = int64_t(s.m) << (l - 1), B = q_begin / (2 * w);
     const int n_groups = B >= 1 ? 1 + int((q_begin % (2 * w)) / w) : 0;
@@ -128,16 +139,30 @@ __device__ const float* key_source(const FmaShape& s, const CacheView& cv, const
     }
     const int64_t g = 2 * B - 2 + ci / s.p;
     const int r = static_cast<int>(ci % s.p);
-    *bonus = s.scale_attn ? logf(float(w) / s.p) : 0.0f;
-    const int pd = s.p * s.d;
+    const float bonus = s.scale_attn ? logf(float(w) / s.p) : 0.0f;
     const NewGroups ng = table[c.new_base + l - 1];
     if (g >= ng.first)
-      return (values ? new_v : new_k) + ((int64_t(ng.offset) + g - ng.first) * s.kv + kvh) * pd +
-             r * s.d;
-    return (values ? cv.sum_v : cv.sum_k) +
-           (((int64_t(c.slot) * s.L + l - 1) * 3 + g % 3) * s.kv + kvh) * pd + r * s.d;
+      return {((int64_t(ng.offset) + g - ng.first) * s.kv + kvh) * pd + r * s.d, kNewSummaries,
+              bonus, -1};
+    return {(((int64_t(c.slot) * s.L + l - 1) * 3 + g % 3) * s.kv + kvh) * pd + r * s.d,
+            kSummaryRing, bonus, -1};
   }
-  return nullptr;  // unreachable: kk < n_fine + n_coarse
+  return {0, kChunkRows, 0.0f, INT64_MAX};  // unreachable: kk < n_fine + n_coarse
+}
+
+// The size of a query tile's key list: n_fine fine keys from `lo`, then n_coarse summaries.
+struct KeyList {
+  int64_t lo, n_fine, n_coarse;
+};
+__device__ KeyList key_list(const FmaShape& s, int64_t q_begin, int64_t q_end) {
+  const int64_t b = q_begin / s.m;
+  const int64_t lo = s.fma ? max(int64_t(0), (b - 1) * s.m) : 0;
+  int64_t n_coarse = 0;
+  for (int l = 1; s.fma && l <= s.L; ++l) {
+    const int64_t w = int64_t(s.m) << (l - 1), B = q_begin / (2 * w);
+    if (B >= 1) n_coarse += int64_t(1 + (q_begin % (2 * w)) / w) * s.p;
+  }
+  return {lo, q_end - lo, n_coarse};
 }
 
 template <int D>
@@ -150,6 +175,7 @@ __global__ void __launch_bounds__(kThreads)
   __shared__ const float* sksrc[kTile];
   __shared__ const float* svsrc[kTile];
   const AttnItem it = items[blockIdx.x];
+  if (it.q_begin >= it.q_end) return;  // padding of a decode step
   const ChunkDesc c = chunks[it.chunk];
   const int h = blockIdx.y, kvh = h / (s.heads / s.kv);
   const int64_t i = it.q_begin + threadIdx.x;
@@ -162,28 +188,20 @@ __global__ void __launch_bounds__(kThreads)
     qr[e] = active ? qrow[e] * scale : 0.0f;
     acc[e] = 0.0f;
   }
-  const int64_t b = it.q_begin / s.m;
-  const int64_t lo = s.fma ? max(int64_t(0), (b - 1) * s.m) : 0;
-  const int64_t n_fine = it.q_end - lo;
-  int64_t n_coarse = 0;
-  for (int l = 1; l <= s.L; ++l) {
-    const int64_t w = int64_t(s.m) << (l - 1), B = it.q_begin / (2 * w);
-    if (B >= 1) n_coarse += int64_t(1 + (it.q_begin % (2 * w)) / w) * s.p;
-  }
+  const KeyList kl = key_list(s, it.q_begin, it.q_end);
+  const int64_t n_fine = kl.n_fine, n_coarse = kl.n_coarse;
+  const KvArrays arr = kv_arrays(cv, k, v, new_k, new_v);
   float mx = -INFINITY, denom = 0.0f;
   for (int64_t t0 = 0; t0 < n_fine + n_coarse; t0 += kTile) {
     const int n = static_cast<int>(min(int64_t(kTile), n_fine + n_coarse - t0));
     // Resolve each key's address once, then copy the tile coalesced: consecutive threads take
     // consecutive channels (a thread per key row was 32-way strided and bank-conflicted).
     for (int e = threadIdx.x; e < n; e += blockDim.x) {
-      float bonus;
-      int64_t pos;
-      sksrc[e] = key_source(s, cv, c, table, it.q_begin, lo, n_fine, t0 + e, kvh, false, k, v,
-                            new_k, new_v, &bonus, &pos);
-      svsrc[e] = key_source(s, cv, c, table, it.q_begin, lo, n_fine, t0 + e, kvh, true, k, v, new_k,
-                            new_v, &bonus, &pos);
-      sbonus[e] = bonus;
-      spos[e] = pos;
+      const KeyLoc kloc = key_loc(s, cv, c, table, it.q_begin, kl.lo, n_fine, t0 + e, kvh);
+      sksrc[e] = arr.k[kloc.which] + kloc.off;
+      svsrc[e] = arr.v[kloc.which] + kloc.off;
+      sbonus[e] = kloc.bonus;
+      spos[e] = kloc.pos;
     }
     __syncthreads();
     for (int idx = threadIdx.x; idx < n * D; idx += blockDim.x) {
@@ -216,6 +234,189 @@ __global__ void __launch_bounds__(kThreads)
   for (int ch = 0; ch < D; ++ch) o[ch] = acc[ch] * inv;
 }
 
+// The prefill tile on tensor cores (head_dim 64): the 64 queries of a tile share their key list,
+// so S = Q K^T and O = P V are bf16 mma.sync products with fp32 accumulation, FlashAttention
+// style: 4 warps of 16 queries, 64 keys a step, online softmax in registers. Keys and values are
+// converted to bf16 as they are staged in shared memory.
+namespace tc {
+constexpr int kWarps = 4, kKeys = 64, kD = 64, kStride = kD + 8;  // padding: no bank conflicts
+
+__device__ uint32_t pack_bf16(float lo, float hi) {
+  const __nv_bfloat162 b = __floats2bfloat162_rn(lo, hi);
+  return *reinterpret_cast<const uint32_t*>(&b);
+}
+__device__ void mma(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+      "{%8,%9}, {%0,%1,%2,%3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+// Four 8x8 bf16 matrices; lane l gives the address of row l % 8 of matrix l / 8.
+__device__ void ldmatrix_x4(uint32_t (&r)[4], const __nv_bfloat16* row, bool trans) {
+  const uint32_t a = static_cast<uint32_t>(__cvta_generic_to_shared(row));
+  if (trans)
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(a));
+  else
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(a));
+}
+}  // namespace tc
+
+__global__ void __launch_bounds__(tc::kWarps * 32)
+    attention_tc_kernel(FmaShape s, CacheView cv, const ChunkDesc* chunks, const NewGroups* table,
+                        const AttnItem* items, const float* q, const float* k, const float* v,
+                        const float* new_k, const float* new_v, float* out) {
+  using namespace tc;
+  __shared__ __align__(16) __nv_bfloat16 sk[kKeys][kStride], sv[kKeys][kStride];
+  __shared__ float sbonus[kKeys];
+  __shared__ int64_t spos[kKeys], soff[kKeys];
+  __shared__ int swhich[kKeys];
+  const AttnItem it = items[blockIdx.x];
+  if (it.q_begin >= it.q_end) return;
+  const ChunkDesc c = chunks[it.chunk];
+  const int h = blockIdx.y, kvh = h / (s.heads / s.kv);
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
+  constexpr float kLog2e = 1.4426950408889634f;
+  // This thread's two query rows (g and g + 8 of the warp's 16) and their Q fragments, scaled so
+  // that scores come out in log2 units.
+  int64_t qi[2];
+  uint32_t qa[4][4];
+#pragma unroll
+  for (int r = 0; r < 2; ++r) qi[r] = it.q_begin + warp * 16 + g + 8 * r;
+  const float qscale = rsqrtf(float(kD)) * kLog2e;
+#pragma unroll
+  for (int ks = 0; ks < 4; ++ks)
+#pragma unroll
+    for (int r = 0; r < 2; ++r)
+#pragma unroll
+      for (int half = 0; half < 2; ++half) {
+        float2 x = make_float2(0.0f, 0.0f);
+        if (qi[r] < it.q_end)
+          x = *reinterpret_cast<const float2*>(
+              q + ((int64_t(c.row0) + (qi[r] - c.pos0)) * s.heads + h) * kD + ks * 16 + half * 8 +
+              2 * t);
+        qa[ks][r + 2 * half] = pack_bf16(x.x * qscale, x.y * qscale);
+      }
+  float o[8][4] = {}, mrow[2] = {-INFINITY, -INFINITY}, lrow[2] = {0.0f, 0.0f};
+  const KeyList kl = key_list(s, it.q_begin, it.q_end);
+  const int64_t n_keys = kl.n_fine + kl.n_coarse;
+  const KvArrays arr = kv_arrays(cv, k, v, new_k, new_v);
+  for (int64_t t0 = 0; t0 < n_keys; t0 += kKeys) {
+    __syncthreads();  // the last step's tiles are consumed
+    if (threadIdx.x < kKeys) {
+      const int e = threadIdx.x;
+      if (t0 + e < n_keys) {
+        const KeyLoc kloc = key_loc(s, cv, c, table, it.q_begin, kl.lo, kl.n_fine, t0 + e, kvh);
+        soff[e] = kloc.off;
+        swhich[e] = kloc.which;
+        sbonus[e] = kloc.bonus * kLog2e;
+        spos[e] = kloc.pos;
+      } else {
+        swhich[e] = -1;
+        sbonus[e] = 0.0f;
+        spos[e] = INT64_MAX;
+      }
+    }
+    __syncthreads();
+    for (int idx = threadIdx.x; idx < kKeys * kD / 4; idx += kWarps * 32) {
+      const int e = idx / (kD / 4), c4 = idx % (kD / 4);
+      float4 kx = make_float4(0, 0, 0, 0), vx = kx;
+      if (swhich[e] >= 0) {
+        kx = reinterpret_cast<const float4*>(arr.k[swhich[e]] + soff[e])[c4];
+        vx = reinterpret_cast<const float4*>(arr.v[swhich[e]] + soff[e])[c4];
+      }
+      *reinterpret_cast<uint2*>(&sk[e][4 * c4]) =
+          make_uint2(pack_bf16(kx.x, kx.y), pack_bf16(kx.z, kx.w));
+      *reinterpret_cast<uint2*>(&sv[e][4 * c4]) =
+          make_uint2(pack_bf16(vx.x, vx.y), pack_bf16(vx.z, vx.w));
+    }
+    __syncthreads();
+    // S = Q K^T: n-tile j holds keys 8j..8j+7.
+    float sc[8][4] = {};
+#pragma unroll
+    for (int ks = 0; ks < 4; ++ks)
+#pragma unroll
+      for (int np = 0; np < 4; ++np) {
+        uint32_t b[4];
+        const int key = 16 * np + (lane & 7) + 8 * (lane >> 4),
+                  ch = 16 * ks + 8 * ((lane >> 3) & 1);
+        ldmatrix_x4(b, &sk[key][ch], false);
+        mma(sc[2 * np], qa[ks], b[0], b[1]);
+        mma(sc[2 * np + 1], qa[ks], b[2], b[3]);
+      }
+    // Bonus, causal mask, online softmax (each row's 4 threads share its statistics).
+    float scale[2];
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      float mx = mrow[r];
+#pragma unroll
+      for (int j = 0; j < 8; ++j)
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const int key = 8 * j + 2 * t + e;
+          float& x = sc[j][2 * r + e];
+          x = spos[key] > qi[r] ? -INFINITY : x + sbonus[key];
+          mx = fmaxf(mx, x);
+        }
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+      const float base = mx == -INFINITY ? 0.0f : mx;
+      scale[r] = exp2f(mrow[r] - base);
+      mrow[r] = mx;
+      float sum = 0.0f;
+#pragma unroll
+      for (int j = 0; j < 8; ++j)
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          float& x = sc[j][2 * r + e];
+          x = exp2f(x - base);
+          sum += x;
+        }
+      lrow[r] = lrow[r] * scale[r] + sum;
+    }
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {
+      o[j][0] *= scale[0];
+      o[j][1] *= scale[0];
+      o[j][2] *= scale[1];
+      o[j][3] *= scale[1];
+    }
+// O += P V: P's accumulator layout is the A fragment of the next product.
+#pragma unroll
+    for (int kk = 0; kk < 4; ++kk) {
+      const uint32_t pa[4] = {pack_bf16(sc[2 * kk][0], sc[2 * kk][1]),
+                              pack_bf16(sc[2 * kk][2], sc[2 * kk][3]),
+                              pack_bf16(sc[2 * kk + 1][0], sc[2 * kk + 1][1]),
+                              pack_bf16(sc[2 * kk + 1][2], sc[2 * kk + 1][3])};
+#pragma unroll
+      for (int np = 0; np < 4; ++np) {
+        uint32_t b[4];
+        const int key = 16 * kk + (lane & 7) + 8 * ((lane >> 3) & 1),
+                  ch = 16 * np + 8 * (lane >> 4);
+        ldmatrix_x4(b, &sv[key][ch], true);
+        mma(o[2 * np], pa, b[0], b[1]);
+        mma(o[2 * np + 1], pa, b[2], b[3]);
+      }
+    }
+  }
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    float l = lrow[r];
+    l += __shfl_xor_sync(0xffffffffu, l, 1);
+    l += __shfl_xor_sync(0xffffffffu, l, 2);
+    if (qi[r] >= it.q_end) continue;
+    float* orow = out + ((int64_t(c.row0) + (qi[r] - c.pos0)) * s.heads + h) * kD;
+#pragma unroll
+    for (int j = 0; j < 8; ++j)
+      *reinterpret_cast<float2*>(orow + 8 * j + 2 * t) =
+          make_float2(o[j][2 * r] / l, o[j][2 * r + 1] / l);
+  }
+}
+
 // Decode: one query per (sequence, head). The tile kernel would leave 63 of its 64 threads idle
 // and walk all keys on one thread; here the block's threads split the keys, each keeps an online
 // softmax over its share, and the block merges them.
@@ -228,6 +429,7 @@ __global__ void __launch_bounds__(kDecodeThreads)
   __shared__ float part[kDecodeThreads / 32][D];
   __shared__ float wmax[kDecodeThreads / 32], wsum[kDecodeThreads / 32];
   const AttnItem it = items[blockIdx.x];
+  if (it.q_begin >= it.q_end) return;  // padding of a decode step
   const ChunkDesc c = chunks[it.chunk];
   const int h = blockIdx.y, kvh = h / (s.heads / s.kv), lane = threadIdx.x & 31,
             warp = threadIdx.x >> 5;
@@ -240,23 +442,14 @@ __global__ void __launch_bounds__(kDecodeThreads)
     qr[e] = qrow[e] * scale;
     acc[e] = 0.0f;
   }
-  const int64_t b = i / s.m;
-  const int64_t lo = s.fma ? max(int64_t(0), (b - 1) * s.m) : 0;
-  const int64_t n_fine = i + 1 - lo;
-  int64_t n_coarse = 0;
-  for (int l = 1; l <= s.L; ++l) {
-    const int64_t w = int64_t(s.m) << (l - 1), B = i / (2 * w);
-    if (B >= 1) n_coarse += int64_t(1 + (i % (2 * w)) / w) * s.p;
-  }
+  const KeyList kl = key_list(s, i, i + 1);
+  const int64_t n_fine = kl.n_fine, n_coarse = kl.n_coarse;
+  const KvArrays arr = kv_arrays(cv, k, v, new_k, new_v);
   float mx = -INFINITY, denom = 0.0f;
   for (int64_t kk = threadIdx.x; kk < n_fine + n_coarse; kk += blockDim.x) {
-    float bonus;
-    int64_t pos;
-    const float* ks = key_source(s, cv, c, table, i, lo, n_fine, kk, kvh, false, k, v, new_k, new_v,
-                                 &bonus, &pos);
-    const float* vs =
-        key_source(s, cv, c, table, i, lo, n_fine, kk, kvh, true, k, v, new_k, new_v, &bonus, &pos);
-    float sc = bonus;
+    const KeyLoc kloc = key_loc(s, cv, c, table, i, kl.lo, n_fine, kk, kvh);
+    const float *ks = arr.k[kloc.which] + kloc.off, *vs = arr.v[kloc.which] + kloc.off;
+    float sc = kloc.bonus;
 #pragma unroll
     for (int ch = 0; ch < D; ++ch) sc += qr[ch] * ks[ch];
     const float nm = fmaxf(mx, sc);
@@ -333,9 +526,15 @@ void accumulate(const FmaShape& s, const CacheView& c, const Downsamplers& w,
 void attention(const FmaShape& s, const CacheView& c, const ChunkDesc* chunks,
                const NewGroups* table, const AttnItem* items, int n_items, bool single_queries,
                const float* q, const float* k, const float* v, const float* new_k,
-               const float* new_v, float* out, cudaStream_t st) {
+               const float* new_v, float* out, cudaStream_t st, bool tensor_cores) {
   if (n_items == 0) return;
   const dim3 grid(n_items, s.heads);
+  if (!single_queries && s.d == tc::kD && tensor_cores) {
+    attention_tc_kernel<<<grid, tc::kWarps * 32, 0, st>>>(s, c, chunks, table, items, q, k, v,
+                                                          new_k, new_v, out);
+    check_launch("attention");
+    return;
+  }
 #define MP_ATTN(D)                                                                               \
   case D:                                                                                        \
     if (single_queries)                                                                          \
@@ -368,6 +567,12 @@ void commit(const CommitItem* items, int n_items, const float* k, const float* v
 }  // namespace mp::cuda
 
 namespace mp::cuda {
+
+size_t decode_bucket(size_t batch) {
+  if (batch <= 8) return batch;
+  const size_t step = batch <= 64 ? 8 : 32;
+  return (batch + step - 1) / step * step;
+}
 
 BatchPlan make_plan(const Config& c, int64_t cap, std::span<const SeqChunk> chunks,
                     const std::vector<int64_t>& slot_pos) {
@@ -416,12 +621,26 @@ BatchPlan make_plan(const Config& c, int64_t cap, std::span<const SeqChunk> chun
                              static_cast<int>(kvd), which});
     p.T += T;
   }
+  // Summary work in token order, whatever the level: blocks running together then read the same
+  // keys and values, which stay in L2 (level-major order read them once per level from DRAM).
+  std::stable_sort(p.done.begin(), p.done.end(), [](const SumItem& a, const SumItem& b) {
+    return a.chunk != b.chunk ? a.chunk < b.chunk : a.t_from < b.t_from;
+  });
+  p.rows_wanted = static_cast<int>(p.rows.size());
   const bool decode = std::all_of(chunks.begin(), chunks.end(),
                                   [](const SeqChunk& ch) { return ch.tokens.size() == 1; });
-  if (decode) {  // at most one group per level and sequence completes in a step
-    const size_t B = chunks.size();
-    p.done.resize(B * L, SumItem{0, 1, -1, 0, 0});
-    p.commits.resize(B * (2 + 2 * L), CommitItem{0, 0, 0, 0});
+  if (decode) {
+    // Padded to a bucket of batch sizes with no-op rows and items, so that one captured graph
+    // serves every batch size of its bucket; at most one group per level and sequence completes.
+    const size_t B = chunks.size(), Bb = decode_bucket(B);
+    for (size_t t = B; t < Bb; ++t) p.rows.push_back(static_cast<int>(t));
+    p.tokens.resize(Bb, 0);
+    p.pos.resize(Bb, 0);
+    p.T = static_cast<int>(Bb);
+    p.attn.resize(Bb, AttnItem{0, 0, 0});
+    p.done.resize(Bb * L, SumItem{0, 1, -1, 0, 0});
+    p.filling.resize(Bb * L, SumItem{0, 1, -1, 0, 0});
+    p.commits.resize(Bb * (2 + 2 * L), CommitItem{0, 0, 0, 0});
     p.padded = true;
   }
   return p;

@@ -70,11 +70,14 @@ void accumulate(const FmaShape& s, const CacheView& c, const Downsamplers& w,
                 const ChunkDesc* chunks, const SumItem* items, int n_items, const float* k,
                 const float* v, cudaStream_t st);
 // out[row][head][d] for every query of every chunk. single_queries: every item holds one query
-// (a decode step), which a kernel that splits the keys over threads serves better.
+// (a decode step), which a kernel that splits the keys over threads serves better. Otherwise
+// tiles of head_dim 64 run on tensor cores (bf16 products, fp32 softmax and accumulation) unless
+// tensor_cores is false: then, as for other head dims, on the fp32 tile kernel (the reference
+// the tensor-core one is tested against).
 void attention(const FmaShape& s, const CacheView& c, const ChunkDesc* chunks,
                const NewGroups* table, const AttnItem* items, int n_items, bool single_queries,
                const float* q, const float* k, const float* v, const float* new_k,
-               const float* new_v, float* out, cudaStream_t st);
+               const float* new_v, float* out, cudaStream_t st, bool tensor_cores = true);
 
 // Appending a chunk to the cache: copies of chunk keys/values into the fine window and of new
 // summaries into the summary ring, as offsets (floats) from the arrays `which` names.
@@ -98,11 +101,13 @@ struct BatchPlan {
   std::vector<AttnItem> attn;
   std::vector<CommitItem> commits;
   int new_groups = 0;
-  // A decode step (one token per sequence, last-row logits): the item lists are padded to fixed
-  // lengths with no-op items, so every step of a batch size launches the same grids.
+  // A decode step (one token per sequence, last-row logits): rows and item lists are padded to
+  // decode_bucket(batch) with no-op entries, so every step of a bucket launches the same grids.
   bool padded = false;
-  std::vector<float> logits;
+  int rows_wanted = 0;  // rows of `rows` the caller asked for (the rest is padding)
 };
+// The batch size a decode step of `batch` sequences is padded to.
+size_t decode_bucket(size_t batch);
 // slot_pos: each slot's position before the call; cap: the fine window's slots per sequence.
 BatchPlan make_plan(const Config& c, int64_t cap, std::span<const SeqChunk> chunks,
                     const std::vector<int64_t>& slot_pos);

@@ -1,3 +1,4 @@
+#include "block_reduce.cuh"
 #include "ops_cuda.cuh"
 
 namespace mp::cuda {
@@ -10,26 +11,11 @@ __global__ void embed_kernel(const __nv_bfloat16* table, const int* tokens, int 
     x[int64_t(t) * n + i] = __bfloat162float(row[i]);
 }
 
-__device__ float block_sum(float v) {  // blockDim.x a multiple of 32, at most 1024
-  __shared__ float part[32];
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-  if ((threadIdx.x & 31) == 0) part[threadIdx.x >> 5] = v;
-  __syncthreads();
-  const int warps = blockDim.x >> 5;
-  v = threadIdx.x < warps ? part[threadIdx.x] : 0.0f;
-  if (threadIdx.x < 32)
-    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-  __shared__ float total;
-  if (threadIdx.x == 0) total = v;
-  __syncthreads();
-  return total;
-}
-
 __global__ void rmsnorm_kernel(const float* x, const float* w, int n, float eps, __nv_bfloat16* y) {
   const float* r = x + int64_t(blockIdx.x) * n;
   float ss = 0;
   for (int i = threadIdx.x; i < n; i += blockDim.x) ss += r[i] * r[i];
-  const float inv = rsqrtf(block_sum(ss) / n + eps);
+  const float inv = rsqrtf(block_reduce(ss, Sum{}, 0.0f) / n + eps);
   for (int i = threadIdx.x; i < n; i += blockDim.x)
     y[int64_t(blockIdx.x) * n + i] = __float2bfloat16(r[i] * inv * w[i]);
 }

@@ -62,16 +62,23 @@ int main(int argc, char** argv) {
     if (history.empty()) throw mp::Error("the prompt is empty and the model adds no BOS token");
     const int slot = backend->alloc_slot();
     const auto t0 = std::chrono::steady_clock::now();
-    std::vector<float> logits;
-    for (size_t i = 0; i < history.size(); i += chunk) {
-      const size_t n = std::min(history.size() - i, size_t(chunk));
-      mp::SeqChunk c{slot, std::span<const int>(history).subspan(i, n), false};
-      logits = backend->forward({&c, 1});
+    mp::Sampler sampler(sampling);
+    // The last prompt chunk and each generated token come back as the next sampled token (on
+    // the GPU with the CUDA backend); the chunks before only fill the cache.
+    auto feed = [&](std::span<const int> tokens) {
+      const mp::SeqChunk c{slot, tokens, false};
+      const mp::SampleSpec spec{&sampler.params(), history, sampler.draw(), false};
+      return backend->forward_sample({&c, 1}, {&spec, 1})[0].token;
+    };
+    size_t i = 0;
+    for (; i + chunk < history.size(); i += chunk) {
+      const mp::SeqChunk c{slot, std::span<const int>(history).subspan(i, chunk), false};
+      backend->forward({&c, 1});
     }
+    int id = feed(std::span<const int>(history).subspan(i));
     const double t_prefill = seconds_since(t0);
     const size_t n_prompt = history.size();
 
-    mp::Sampler sampler(sampling);
     mp::TextStream stream(tok, args.all("stop"));
     std::fputs(prompt.c_str(), stdout);
     std::fflush(stdout);
@@ -79,7 +86,6 @@ int main(int argc, char** argv) {
     int generated = 0;
     const char* reason = "length";
     while (generated < max_tokens) {
-      const int id = sampler.sample(logits, history);
       history.push_back(id);
       ++generated;
       if (id == tok.eos() && !args.has("ignore-eos")) {
@@ -93,8 +99,7 @@ int main(int argc, char** argv) {
         break;
       }
       if (generated == max_tokens) break;
-      mp::SeqChunk c{slot, std::span<const int>(&history.back(), 1), false};
-      logits = backend->forward({&c, 1});
+      id = feed(std::span<const int>(&history.back(), 1));
     }
     std::fputs(stream.flush().c_str(), stdout);
     std::fputs("\n", stdout);

@@ -32,6 +32,26 @@ std::unique_ptr<Backend> make_backend(std::shared_ptr<const Model> model,
   return make_cpu_backend(std::move(model), opts.n_slots, opts.n_threads);
 }
 
+std::vector<SampledToken> Backend::forward_sample(std::span<const SeqChunk> chunks,
+                                                  std::span<const SampleSpec> specs) {
+  if (specs.size() != chunks.size()) throw Error("forward_sample: one spec per chunk");
+  for (const SeqChunk& c : chunks)
+    if (c.all_logits) throw Error("forward_sample: chunks must want their last row only");
+  const std::vector<float> logits = forward(chunks);
+  const size_t V = config().vocab_size;
+  std::vector<SampledToken> out(chunks.size());
+  for (size_t i = 0; i < chunks.size(); ++i) {
+    const SampleSpec& sp = specs[i];
+    if (!sp.params) continue;
+    const auto row = std::span<const float>(logits).subspan(i * V, V);
+    SampledToken& t = out[i];
+    t.token = pick_candidate(sample_candidates(*sp.params, row, sp.history), sp.uniform);
+    t.logprob = log_softmax(row)[t.token];
+    if (sp.want_logits) t.logits.assign(row.begin(), row.end());
+  }
+  return out;
+}
+
 std::vector<double> token_nlls(Backend& b, std::span<const int> tokens, int chunk) {
   if (chunk <= 0) throw Error("token_nlls: chunk must be positive");
   const int slot = b.alloc_slot();

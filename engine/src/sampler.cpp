@@ -1,8 +1,8 @@
 #include <algorithm>
 #include <cmath>
-#include <unordered_map>
+#include <map>
 
-#include "multipole/multipole.h"
+#include "sampling.h"
 
 namespace mp {
 
@@ -27,7 +27,7 @@ Sampler::Sampler(const SamplingParams& p) : p_(p) {
   rng_state_ = p.seed ^ 0x9E3779B97F4A7C15ull;
 }
 
-double Sampler::next_uniform() {  // splitmix64
+double Sampler::draw() {  // splitmix64
   uint64_t z = (rng_state_ += 0x9E3779B97F4A7C15ull);
   z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
   z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
@@ -46,39 +46,42 @@ std::vector<float> log_softmax(std::span<const float> logits) {
   return out;
 }
 
-std::vector<std::pair<int, float>> Sampler::candidates(std::span<const float> logits,
-                                                       std::span<const int> history) const {
+std::vector<std::pair<int, int>> penalty_counts(const SamplingParams& p,
+                                                std::span<const int> history, int vocab) {
+  if (p.repetition_penalty == 1.0f && p.presence_penalty == 0 && p.frequency_penalty == 0)
+    return {};
+  const size_t from = p.penalty_last_n < 0 || size_t(p.penalty_last_n) >= history.size()
+                          ? 0
+                          : history.size() - p.penalty_last_n;
+  std::map<int, int> count;  // ordered: the same list on every platform
+  for (size_t i = from; i < history.size(); ++i)
+    if (history[i] >= 0 && history[i] < vocab) ++count[history[i]];
+  return {count.begin(), count.end()};
+}
+
+std::vector<std::pair<int, float>> sample_candidates(const SamplingParams& p,
+                                                     std::span<const float> logits,
+                                                     std::span<const int> history) {
   const int n = static_cast<int>(logits.size());
   std::vector<std::pair<int, double>> c(n);
   for (int i = 0; i < n; ++i) c[i] = {i, logits[i]};
-  // Penalties over the last penalty_last_n ids.
-  const size_t from = p_.penalty_last_n < 0 || size_t(p_.penalty_last_n) >= history.size()
-                          ? 0
-                          : history.size() - p_.penalty_last_n;
-  std::unordered_map<int, int> count;
-  for (size_t i = from; i < history.size(); ++i)
-    if (history[i] >= 0 && history[i] < n) ++count[history[i]];
-  for (const auto& [id, k] : count) {
-    double& l = c[id].second;
-    if (p_.repetition_penalty != 1.0f)
-      l = l > 0 ? l / p_.repetition_penalty : l * p_.repetition_penalty;
-    l -= p_.presence_penalty + double(p_.frequency_penalty) * k;
-  }
+  for (const auto& [id, k] : penalty_counts(p, history, n))
+    c[id].second = penalized(c[id].second, p, k);
   std::stable_sort(c.begin(), c.end(), [](auto& a, auto& b) { return a.second > b.second; });
-  if (p_.temperature <= 0) return {{c[0].first, 1.0f}};
-  if (p_.top_k > 0 && p_.top_k < n) c.resize(p_.top_k);
+  if (p.temperature <= 0) return {{c[0].first, 1.0f}};
+  if (p.top_k > 0 && p.top_k < n) c.resize(p.top_k);
   const double mx = c[0].second;
   double sum = 0;
-  for (auto& [id, l] : c) sum += (l = std::exp((l - mx) / p_.temperature));
+  for (auto& [id, l] : c) sum += (l = std::exp((l - mx) / p.temperature));
   for (auto& e : c) e.second /= sum;
-  if (p_.top_p < 1.0f) {  // smallest prefix whose mass reaches top_p
+  if (p.top_p < 1.0f) {  // smallest prefix whose mass reaches top_p
     double cum = 0;
     size_t keep = 0;
-    while (keep < c.size() && cum < p_.top_p) cum += c[keep++].second;
+    while (keep < c.size() && cum < p.top_p) cum += c[keep++].second;
     c.resize(std::max<size_t>(keep, 1));
   }
-  if (p_.min_p > 0) {
-    const double floor = p_.min_p * c[0].second;
+  if (p.min_p > 0) {
+    const double floor = p.min_p * c[0].second;
     size_t keep = 1;
     while (keep < c.size() && c[keep].second >= floor) ++keep;
     c.resize(keep);
@@ -91,15 +94,13 @@ std::vector<std::pair<int, float>> Sampler::candidates(std::span<const float> lo
   return out;
 }
 
-int Sampler::sample(std::span<const float> logits, std::span<const int> history) {
-  const auto c = candidates(logits, history);
-  const double u = next_uniform();
+int pick_candidate(std::span<const std::pair<int, float>> candidates, double u) {
   double cum = 0;
-  for (const auto& [id, pr] : c) {
+  for (const auto& [id, pr] : candidates) {
     cum += pr;
     if (u < cum) return id;
   }
-  return c.back().first;
+  return candidates.back().first;
 }
 
 }  // namespace mp

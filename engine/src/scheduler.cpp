@@ -66,14 +66,14 @@ struct Scheduler::Impl {
     }
   }
 
-  // Samples the next token from a sequence's logits row and reports it. False: the sequence ends.
-  bool step_token(Seq& s, std::span<const float> logits) {
-    const int id = s.sampler->sample(logits, s.history);
+  // Reports a sequence's sampled token. False: the sequence ends.
+  bool step_token(Seq& s, const SampledToken& t) {
+    const int id = t.token;
     CompletionEvent e;
     e.token = id;
-    const auto lp = log_softmax(logits);
-    e.logprob = lp[id];
+    e.logprob = t.logprob;
     if (s.req.logprobs > 0) {
+      const auto lp = log_softmax(t.logits);
       std::vector<int> idx(lp.size());
       for (size_t i = 0; i < idx.size(); ++i) idx[i] = static_cast<int>(i);
       const int n = std::min<int>(s.req.logprobs, static_cast<int>(idx.size()));
@@ -163,18 +163,25 @@ struct Scheduler::Impl {
           prefill_budget -= static_cast<int>(n);
         }
       }
-      std::vector<float> logits;
+      // A token is sampled for every sequence whose prompt is complete after this step.
+      std::vector<SampleSpec> specs(owners.size());
+      for (size_t i = 0; i < owners.size(); ++i) {
+        Seq& s = *owners[i];
+        const bool last =
+            s.pending >= 0 || s.prefilled + batch[i].tokens.size() == s.req.prompt.size();
+        if (!last || s.req.max_tokens == 0) continue;
+        specs[i] = {&s.sampler->params(), s.history, s.sampler->draw(), s.req.logprobs > 0};
+      }
+      std::vector<SampledToken> sampled;
       try {
-        logits = backend.forward(batch);
+        sampled = backend.forward_sample(batch, specs);
       } catch (const std::exception& e) {
         for (Seq* s : owners) finish(*s, std::string("error: ") + e.what());
         sweep();
         continue;
       }
-      const size_t V = backend.config().vocab_size;
       for (size_t i = 0; i < owners.size(); ++i) {
         Seq& s = *owners[i];
-        const auto row = std::span<const float>(logits).subspan(i * V, V);
         if (s.pending < 0) {  // a prompt chunk
           s.prefilled += batch[i].tokens.size();
           {
@@ -187,7 +194,7 @@ struct Scheduler::Impl {
             continue;
           }
         }
-        step_token(s, row);
+        step_token(s, sampled[i]);
       }
       sweep();
       std::lock_guard<std::mutex> lock(mu);

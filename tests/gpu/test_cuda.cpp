@@ -5,9 +5,12 @@
 #include <cmath>
 #include <random>
 
+#include "attention_rig.h"
 #include "model_fixture.h"
 #include "ops_cpu.h"
 #include "ops_cuda.cuh"
+#include "sampling.h"
+#include "sampling_cuda.cuh"
 
 namespace {
 
@@ -180,6 +183,170 @@ TEST_F(Cuda, BatchedDecodeStepsMatchCpu) {
     }
   }
   EXPECT_LT(rel_err(got, want), 2e-2);
+}
+
+// The host's choice for draw u, and whether u lies so close to a boundary of the cumulative
+// probabilities that float rounding may move the choice to a neighbour.
+std::pair<int, bool> host_pick(const std::vector<std::pair<int, float>>& cands, double u) {
+  double cum = 0;
+  bool near = false;
+  for (const auto& [id, pr] : cands) {
+    cum += pr;
+    near |= std::abs(cum - u) < 1e-5;
+  }
+  return {pick_candidate(cands, u), near};
+}
+
+// Rows of random logits (rounded, so that ties occur) sampled on the GPU with many settings,
+// against the host sampler on the same logits and draws.
+void check_sampling_kernel(int V) {
+  struct Case {
+    SamplingParams p;
+    bool penalties;
+  };
+  std::vector<Case> cases;
+  for (float temp : {0.0f, 0.7f, 1.3f})
+    for (int top_k : {0, 1, 40, 9000})
+      for (float top_p : {1.0f, 0.9f, 0.5f})
+        for (float min_p : {0.0f, 0.05f}) {
+          SamplingParams p;
+          p.temperature = temp, p.top_k = top_k, p.top_p = top_p, p.min_p = min_p;
+          cases.push_back({p, false});
+          p.repetition_penalty = 1.3f, p.presence_penalty = 0.4f, p.frequency_penalty = 0.2f;
+          cases.push_back({p, true});
+        }
+  const int R = static_cast<int>(cases.size());
+  std::vector<float> logits = randn(size_t(R) * V, 7, 2.5f);
+  for (auto& x : logits) x = std::round(x * 10) / 10;
+  std::mt19937 rng(5);
+  std::vector<int> history;
+  for (int i = 0; i < 200; ++i) history.push_back(int(rng() % 60));  // the likeliest ids repeat
+  std::vector<cuda::SampleRow> rows;
+  std::vector<int2> pens;
+  std::uniform_real_distribution<double> unif(0, 1);
+  for (int r = 0; r < R; ++r) {
+    const auto counts = cases[r].penalties ? penalty_counts(cases[r].p, history, V)
+                                           : std::vector<std::pair<int, int>>{};
+    rows.push_back({r, cases[r].p, int(pens.size()), int(counts.size()), unif(rng)});
+    for (auto [id, n] : counts) pens.push_back({id, n});
+    // Make the repeated ids likely, so that the penalties decide.
+    for (int id = 0; id < 60; ++id) logits[size_t(r) * V + id] += 4;
+  }
+  pens.push_back({0, 0});  // never empty
+  Dev<float> d_logits(logits);
+  Dev<cuda::SampleRow> d_rows(rows);
+  Dev<int2> d_pens(pens);
+  Dev<int> d_tok(R);
+  Dev<float> d_lp(R);
+  cuda::sample(d_logits.p, V, d_rows.p, R, d_pens.p, d_tok.p, d_lp.p, nullptr);
+  cuda::check(cudaDeviceSynchronize(), "sample");
+  const auto tok = d_tok.get(R);
+  const auto lp = d_lp.get(R);
+  int exact = 0, near = 0, to_host = 0;
+  for (int r = 0; r < R; ++r) {
+    const std::span<const float> row(logits.data() + size_t(r) * V, V);
+    const auto hist = cases[r].penalties ? std::span<const int>(history) : std::span<const int>();
+    const auto cands = sample_candidates(cases[r].p, row, hist);
+    if (tok[r] < 0) {  // only where the list can exceed what the GPU keeps
+      const int k = cases[r].p.top_k;
+      EXPECT_GT(V, cuda::kMaxSampleCandidates) << "row " << r;
+      if (k <= 0 || k >= V)
+        EXPECT_GE(cands.size(), size_t(cuda::kMaxSampleCandidates)) << "row " << r;
+      else
+        EXPECT_GT(k, cuda::kMaxSampleCandidates) << "row " << r;
+      ++to_host;
+      continue;
+    }
+    const auto [want, is_near] = host_pick(cands, rows[r].uniform);
+    if (is_near) {
+      ++near;
+      EXPECT_TRUE(
+          std::any_of(cands.begin(), cands.end(), [&](auto& c) { return c.first == tok[r]; }));
+    } else {
+      EXPECT_EQ(tok[r], want) << "row " << r << " V " << V;
+      exact += tok[r] == want;
+    }
+    EXPECT_NEAR(lp[r], log_softmax(row)[tok[r]], 1e-4) << "row " << r;
+  }
+  EXPECT_GT(exact, (R - to_host) * 9 / 10);
+  EXPECT_LE(near, R / 20);
+  if (V > cuda::kMaxSampleCandidates) {
+    EXPECT_GT(to_host, 0);  // top_k off with wide lists
+  } else {
+    EXPECT_EQ(to_host, 0);
+  }
+}
+
+TEST_F(Cuda, SamplingKernelMatchesHostSampler) { check_sampling_kernel(8192); }
+
+// Above kMaxSampleCandidates the kernel first selects the largest logits by radix select.
+TEST_F(Cuda, SamplingKernelMatchesHostSamplerOnLargeVocabularies) { check_sampling_kernel(20000); }
+
+// forward_sample: the token comes from the GPU; it is the host's choice on the same logits.
+TEST_F(Cuda, ForwardSampleAgreesWithHostSamplingOfTheSameLogits) {
+  Config c = mp::testing::small_config();
+  TempDir dir;
+  auto model = mp::testing::random_model(dir, c, DType::BF16, 12);
+  auto gpu = make_backend(model, {.kind = "cuda", .n_slots = 4});
+  std::vector<std::vector<int>> prompts;
+  std::vector<SeqChunk> chunks;
+  for (int i = 0; i < 4; ++i) {
+    prompts.push_back(random_tokens(30 + 40 * i, c.vocab_size, 40 + i));
+    chunks.push_back({gpu->alloc_slot(), prompts[i], false});
+  }
+  SamplingParams p;
+  p.temperature = 1.0f, p.top_k = 0, p.top_p = 0.95f, p.min_p = 0.0f;
+  p.repetition_penalty = 1.2f;
+  std::vector<SampleSpec> specs;
+  for (int i = 0; i < 4; ++i) specs.push_back({&p, prompts[i], 0.1 + 0.25 * i, true});
+  for (int step = 0; step < 3; ++step) {
+    const auto got = gpu->forward_sample(chunks, specs);
+    ASSERT_EQ(got.size(), 4u);
+    for (int i = 0; i < 4; ++i) {
+      ASSERT_EQ(got[i].logits.size(), size_t(c.vocab_size));
+      const auto [want, near] =
+          host_pick(sample_candidates(p, got[i].logits, prompts[i]), specs[i].uniform);
+      if (!near) {
+        EXPECT_EQ(got[i].token, want) << "sequence " << i << " step " << step;
+      }
+      EXPECT_NEAR(got[i].logprob, log_softmax(got[i].logits)[got[i].token], 1e-4);
+      prompts[i].push_back(got[i].token);
+      chunks[i].tokens = std::span<const int>(&prompts[i].back(), 1);  // decode steps next
+      specs[i].history = prompts[i];
+    }
+  }
+}
+
+// The tensor-core prefill tile (bf16 products) against the fp32 tile kernel on the same random
+// caches and chunks. bf16 tolerance.
+struct AttentionCase {
+  int64_t n;
+  int kv, batch, tokens;
+  int64_t pos0;
+};
+void check_tensor_core_attention(const AttentionCase& k) {
+  mp::testing::AttentionRig rig(mp::testing::attention_config(k.n, k.kv), k.batch, k.tokens,
+                                k.pos0);
+  rig.summaries();
+  rig.attend(false);
+  const auto want = rig.output();
+  rig.attend(true);
+  const auto got = rig.output();
+  for (float x : got) ASSERT_TRUE(std::isfinite(x));
+  EXPECT_LT(rel_err(got, want), 1e-2) << "n " << k.n << " pos0 " << k.pos0;
+}
+
+// Whole blocks, chunks starting mid-block over cached keys, GQA, batches, past the trained length.
+TEST_F(Cuda, TensorCoreAttentionMatchesTheFp32Tile) {
+  for (const AttentionCase& k :
+       {AttentionCase{4096, 16, 1, 1024, 0}, AttentionCase{4096, 4, 2, 333, 100},
+        AttentionCase{2048, 2, 3, 200, 5000}})
+    check_tensor_core_attention(k);
+}
+
+// One long chunk: every level's summaries, some completed inside the chunk.
+TEST_F(Cuda, TensorCoreAttentionMatchesTheFp32TileOnALongChunk) {
+  check_tensor_core_attention({1 << 16, 16, 1, 70000, 0});
 }
 
 }  // namespace

@@ -183,20 +183,32 @@ struct SamplingParams {
   void validate() const;
 };
 
+// The candidates that survive the filters (after penalties, temperature, top-k, top-p, min-p),
+// sorted by probability (ties: lower id first), with their renormalised probabilities.
+// history: the ids the penalties see (prompt and generated so far).
+std::vector<std::pair<int, float>> sample_candidates(const SamplingParams& p,
+                                                     std::span<const float> logits,
+                                                     std::span<const int> history);
+// The candidate at which the cumulative probability first exceeds u (in [0, 1)).
+int pick_candidate(std::span<const std::pair<int, float>> candidates, double u);
+
+// A sequence's sampling: its parameters and its own random stream (seeded: reproducible).
 class Sampler {
  public:
   explicit Sampler(const SamplingParams& p);
-  // history: the ids the penalties see (prompt and generated so far).
-  int sample(std::span<const float> logits, std::span<const int> history);
-  // The candidates that survive the filters (after penalties, temperature, top-k, top-p, min-p),
-  // sorted by probability, with their renormalised probabilities. Exposed for tests and logprobs.
+  int sample(std::span<const float> logits, std::span<const int> history) {
+    return pick_candidate(candidates(logits, history), draw());
+  }
   std::vector<std::pair<int, float>> candidates(std::span<const float> logits,
-                                                std::span<const int> history) const;
+                                                std::span<const int> history) const {
+    return sample_candidates(p_, logits, history);
+  }
+  double draw();  // the next uniform in [0, 1) of the stream; one per sampled token
+  const SamplingParams& params() const { return p_; }
 
  private:
   SamplingParams p_;
   uint64_t rng_state_;
-  double next_uniform();
 };
 
 // log-softmax of one row, in double for accuracy.
@@ -209,6 +221,19 @@ struct SeqChunk {
   int slot = 0;
   std::span<const int> tokens;
   bool all_logits = false;  // logits for every token, else only for the last
+};
+
+// How forward_sample samples one chunk's next token.
+struct SampleSpec {
+  const SamplingParams* params = nullptr;  // null: no token wanted (a prompt chunk mid-way)
+  std::span<const int> history;            // ids the penalties see
+  double uniform = 0;                      // the draw that picks the token (Sampler::draw())
+  bool want_logits = false;                // also return the row's logits (top-N logprobs)
+};
+struct SampledToken {
+  int token = -1;
+  float logprob = 0;          // log-probability under the model (before penalties and filters)
+  std::vector<float> logits;  // when asked for
 };
 
 // A backend runs the model over batches of sequences. Each sequence lives in a slot holding its
@@ -229,6 +254,11 @@ class Backend {
   virtual size_t slot_bytes(int slot) const = 0;  // memory held by the slot's state
   // Runs the chunks; returns logits, vocab_size floats per requested row, chunk by chunk.
   virtual std::vector<float> forward(std::span<const SeqChunk> chunks) = 0;
+  // Runs the chunks (each wanting its last row only) and samples each one's next token as
+  // pick_candidate(sample_candidates(...), uniform) would. The CUDA backend samples on the GPU,
+  // so only ids cross to the host; this default samples on the host from forward()'s logits.
+  virtual std::vector<SampledToken> forward_sample(std::span<const SeqChunk> chunks,
+                                                   std::span<const SampleSpec> specs);
 };
 
 struct BackendOptions {

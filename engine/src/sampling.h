@@ -1,0 +1,31 @@
+// Pieces of sampling shared by the host sampler (sampler.cpp) and the GPU one (kernels/).
+#pragma once
+
+#include <span>
+#include <utility>
+#include <vector>
+
+#include "multipole/multipole.h"
+
+#if defined(__CUDACC__)
+#define MP_HOST_DEVICE __host__ __device__
+#else
+#define MP_HOST_DEVICE
+#endif
+
+namespace mp {
+
+// A logit after the penalties for a token seen `count` times in the window (CTRL-style
+// repetition penalty, then OpenAI-style presence and frequency penalties).
+template <class T>
+MP_HOST_DEVICE inline T penalized(T l, const SamplingParams& p, int count) {
+  if (p.repetition_penalty != 1.0f) l = l > 0 ? l / p.repetition_penalty : l * p.repetition_penalty;
+  return l - (p.presence_penalty + T(p.frequency_penalty) * count);
+}
+
+// (id, count) of every distinct id in the penalties' window of `history`, ids outside [0, vocab)
+// ignored; empty when no penalty is on.
+std::vector<std::pair<int, int>> penalty_counts(const SamplingParams& p,
+                                                std::span<const int> history, int vocab);
+
+}  // namespace mp

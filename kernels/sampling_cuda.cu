@@ -1,0 +1,221 @@
+#include <cub/block/block_scan.cuh>
+
+#include "../engine/src/sampling.h"
+#include "block_reduce.cuh"
+#include "sampling_cuda.cuh"
+
+namespace mp::cuda {
+namespace {
+
+constexpr int kThreads = 1024, kPerThread = kMaxSampleCandidates / kThreads;
+using Key = unsigned long long;  // ordered value << 32 | ~id: descending order = the host's order
+
+__device__ uint32_t ordered(float x) {  // monotone map of floats to unsigned integers
+  const uint32_t u = __float_as_uint(x);
+  return (u & 0x80000000u) ? ~u : u | 0x80000000u;
+}
+__device__ float unordered(uint32_t u) {
+  return __uint_as_float((u & 0x80000000u) ? u & 0x7fffffffu : ~u);
+}
+__device__ Key make_key(float v, int id) { return Key(ordered(v)) << 32 | (0xffffffffu - id); }
+__device__ float key_value(Key k) { return unordered(uint32_t(k >> 32)); }
+__device__ int key_id(Key k) { return int(0xffffffffu - uint32_t(k)); }
+
+// Logit `i` after the penalties (pens: this row's pairs, sorted by id).
+__device__ float penalized_logit(const float* row, int i, const SampleRow& r, const int2* pens) {
+  int lo = 0, hi = r.pen_count;
+  while (lo < hi) {
+    const int mid = (lo + hi) / 2;
+    if (pens[mid].x < i)
+      lo = mid + 1;
+    else
+      hi = mid;
+  }
+  return lo < r.pen_count && pens[lo].x == i ? penalized(row[i], r.params, pens[lo].y) : row[i];
+}
+
+// Fills keys[0, kMaxSampleCandidates) with the largest keys of the row: a radix select of the
+// threshold key (8 bits a pass), then everything above it and the lowest ids equal to it.
+__device__ void select_top(const float* row, int vocab, const SampleRow& r, const int2* pens,
+                           Key* keys) {
+  __shared__ int hist[256], pick[2], above;
+  uint32_t prefix = 0, mask = 0;
+  int want = kMaxSampleCandidates;
+  for (int shift = 24; shift >= 0; shift -= 8) {
+    for (int b = threadIdx.x; b < 256; b += blockDim.x) hist[b] = 0;
+    __syncthreads();
+    for (int i = threadIdx.x; i < vocab; i += blockDim.x) {
+      const uint32_t u = ordered(penalized_logit(row, i, r, pens));
+      if ((u & mask) == prefix) atomicAdd(&hist[(u >> shift) & 255], 1);
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) {
+      int acc = 0, d = 255;
+      while (acc + hist[d] < want) acc += hist[d--];
+      pick[0] = d;
+      pick[1] = want - acc;
+    }
+    __syncthreads();
+    prefix |= uint32_t(pick[0]) << shift;
+    mask |= 0xffu << shift;
+    want = pick[1];
+    __syncthreads();
+  }
+  if (threadIdx.x == 0) above = 0;
+  __syncthreads();
+  for (int i = threadIdx.x; i < vocab; i += blockDim.x) {
+    const float v = penalized_logit(row, i, r, pens);
+    if (ordered(v) > prefix) keys[atomicAdd(&above, 1)] = make_key(v, i);
+  }
+  __syncthreads();
+  if (threadIdx.x < 32) {  // ties at the threshold, in id order
+    const int lane = threadIdx.x, base = above;
+    int taken = 0;
+    for (int i0 = 0; i0 < vocab && taken < want; i0 += 32) {
+      const int i = i0 + lane;
+      const float v = i < vocab ? penalized_logit(row, i, r, pens) : 0.0f;
+      const bool tie = i < vocab && ordered(v) == prefix;
+      const unsigned ballot = __ballot_sync(0xffffffffu, tie);
+      const int at = taken + __popc(ballot & ((1u << lane) - 1));
+      if (tie && at < want) keys[base + at] = make_key(v, i);
+      taken += __popc(ballot);
+    }
+  }
+  __syncthreads();
+}
+
+__device__ void sort_descending(Key* keys, int n) {  // bitonic; n a power of two
+  for (int k = 2; k <= n; k <<= 1)
+    for (int j = k >> 1; j > 0; j >>= 1) {
+      for (int i = threadIdx.x; i < n; i += blockDim.x) {
+        const int o = i ^ j;
+        if (o > i) {
+          const Key a = keys[i], b = keys[o];
+          if ((i & k) == 0 ? a < b : a > b) {
+            keys[i] = b;
+            keys[o] = a;
+          }
+        }
+      }
+      __syncthreads();
+    }
+}
+
+__global__ void __launch_bounds__(kThreads)
+    sample_kernel(const float* logits, int vocab, const SampleRow* rows, const int2* all_pens,
+                  int* tokens, float* logprobs) {
+  extern __shared__ Key keys[];  // kMaxSampleCandidates
+  using Scan = cub::BlockScan<double, kThreads>;
+  __shared__ typename Scan::TempStorage scan;
+  const SampleRow r = rows[blockIdx.x];
+  const SamplingParams& p = r.params;
+  const float* row = logits + int64_t(r.row) * vocab;
+  const int2* pens = all_pens + r.pen_begin;
+  const int tid = threadIdx.x;
+
+  // The raw distribution's log-sum-exp, for the token's log-probability.
+  float mx = -INFINITY;
+  for (int i = tid; i < vocab; i += kThreads) mx = fmaxf(mx, row[i]);
+  mx = block_reduce(mx, Max{}, -INFINITY);
+  float se = 0;
+  for (int i = tid; i < vocab; i += kThreads) se += __expf(row[i] - mx);
+  const float lse = mx + logf(block_reduce(se, Sum{}, 0.0f));
+  auto finish = [&](int token) {
+    if (tid == 0) {
+      tokens[blockIdx.x] = token;
+      logprobs[blockIdx.x] = token >= 0 ? row[token] - lse : 0.0f;
+    }
+  };
+
+  if (p.temperature <= 0) {  // greedy: the largest key is the host's first after its stable sort
+    Key best = 0;
+    for (int i = tid; i < vocab; i += kThreads) {
+      const Key k = make_key(penalized_logit(row, i, r, pens), i);
+      best = k > best ? k : best;
+    }
+    return finish(key_id(block_reduce(best, Max{}, Key(0))));
+  }
+  const bool top_k_on = p.top_k > 0 && p.top_k < vocab;
+  const bool all_kept = vocab <= kMaxSampleCandidates;
+  if (!all_kept && top_k_on && p.top_k > kMaxSampleCandidates) return finish(-1);
+  int n = vocab;
+  if (all_kept) {
+    for (int i = tid; i < vocab; i += kThreads)
+      keys[i] = make_key(penalized_logit(row, i, r, pens), i);
+  } else {
+    select_top(row, vocab, r, pens, keys);
+    n = kMaxSampleCandidates;
+  }
+  int n2 = 1;
+  while (n2 < n) n2 <<= 1;
+  for (int i = n + tid; i < n2; i += kThreads) keys[i] = 0;
+  __syncthreads();
+  sort_descending(keys, n2);
+
+  // Probabilities over the top-k set (the whole vocabulary when top-k is off), in double as on
+  // the host. Thread t holds candidates [t * kPerThread, (t + 1) * kPerThread).
+  const double T = p.temperature, top = key_value(keys[0]);
+  const int k_eff = top_k_on ? min(p.top_k, n) : n;
+  double e[kPerThread], local = 0;
+  for (int j = 0; j < kPerThread; ++j) {
+    const int i = tid * kPerThread + j;
+    e[j] = i < k_eff ? exp((double(key_value(keys[i])) - top) / T) : 0.0;
+    local += e[j];
+  }
+  double Z = block_reduce(local, Sum{}, 0.0);
+  if (!all_kept && !top_k_on) {  // the tail beyond the kept candidates still counts
+    double tail = 0;
+    for (int i = tid; i < vocab; i += kThreads) {
+      const double v = penalized_logit(row, i, r, pens);
+      if (make_key(float(v), i) < keys[n - 1]) tail += exp((v - top) / T);
+    }
+    Z += block_reduce(tail, Sum{}, 0.0);
+  }
+  double prob[kPerThread], before[kPerThread];
+  for (int j = 0; j < kPerThread; ++j) prob[j] = e[j] / Z;
+  Scan(scan).ExclusiveSum(prob, before);
+  // top-p: candidate i stays while the mass before it is below top_p; min-p: while its
+  // probability is at least min_p times the best one's.
+  const double floor = p.min_p * (1.0 / Z);
+  int keep = 0;
+  for (int j = 0; j < kPerThread; ++j) {
+    const int i = tid * kPerThread + j;
+    keep += i < k_eff && (p.top_p >= 1.0f || before[j] < p.top_p) &&
+            (p.min_p <= 0 || i == 0 || prob[j] >= floor);
+  }
+  const int K = max(1, block_reduce(keep, Sum{}, 0));
+  if (!all_kept && !top_k_on && K == n) return finish(-1);  // the list may go on past n
+  double kept = 0;
+  for (int j = 0; j < kPerThread; ++j) kept += tid * kPerThread + j < K ? prob[j] : 0.0;
+  const double S = block_reduce(kept, Sum{}, 0.0);
+  double q[kPerThread], cum[kPerThread];
+  for (int j = 0; j < kPerThread; ++j)
+    q[j] = tid * kPerThread + j < K ? double(float(prob[j] / S)) : 0.0;
+  __syncthreads();  // scan's storage is reused
+  Scan(scan).InclusiveSum(q, cum);
+  int first = K - 1;
+  for (int j = kPerThread - 1; j >= 0; --j) {
+    const int i = tid * kPerThread + j;
+    if (i < K && r.uniform < cum[j]) first = min(first, i);
+  }
+  first = block_reduce(-first, Max{}, -(K - 1));
+  finish(key_id(keys[-first]));
+}
+
+}  // namespace
+
+void sample(const float* logits, int vocab, const SampleRow* rows, int n_rows, const int2* pens,
+            int* tokens, float* logprobs, cudaStream_t st) {
+  if (n_rows == 0) return;
+  constexpr size_t smem = kMaxSampleCandidates * sizeof(Key);
+  static const bool sized = [] {
+    check(cudaFuncSetAttribute(sample_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem),
+          "sample: shared memory");
+    return true;
+  }();
+  (void)sized;
+  sample_kernel<<<n_rows, kThreads, smem, st>>>(logits, vocab, rows, pens, tokens, logprobs);
+  check_launch("sample");
+}
+
+}  // namespace mp::cuda

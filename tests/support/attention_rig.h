@@ -1,0 +1,145 @@
+// One layer's FMA attention on the GPU at kernel level (summaries, accumulators, attention) for
+// a batch of chunks over random caches and weights: shared by the GPU tests and bench_cuda.
+#pragma once
+
+#include <algorithm>
+#include <random>
+#include <vector>
+
+#include "fma_cpu.h"
+#include "fma_cuda.cuh"
+
+namespace mp::testing {
+
+// The attention benchmark's shape (16 heads, d 64, m 64, p 4) at trained length n.
+inline Config attention_config(int64_t n, int kv_heads = 16) {
+  Config c;
+  c.vocab_size = 8;
+  c.hidden_size = 16 * 64;
+  c.n_layers = 1;
+  c.n_heads = 16;
+  c.n_kv_heads = kv_heads;
+  c.head_dim = 64;
+  c.intermediate_size = 8;
+  c.n_ctx_train = n;
+  c.fma_block_size = 64;
+  c.fma_rank = 4;
+  c.bos_token_id = c.eos_token_id = 0;
+  c.validate();
+  return c;
+}
+
+class AttentionRig {
+ public:
+  Config c;
+  cuda::FmaShape shape{};
+  cuda::CacheView cv{};
+  cuda::Downsamplers ds{};
+  cuda::BatchPlan plan;
+  cuda::ChunkDesc* chunks;
+  cuda::NewGroups* table;
+  cuda::SumItem *done, *filling;
+  cuda::AttnItem* attn;
+  float *q, *k, *v, *out, *new_k, *new_v;
+
+  // `batch` chunks of `tokens_each` tokens, each at position pos0 of its own slot.
+  AttentionRig(const Config& cfg, int batch, int tokens_each, int64_t pos0) : c(cfg) {
+    const int L = c.n_levels(), d = c.head_dim, kv = c.n_kv_heads;
+    const size_t pd = size_t(c.fma_rank) * d;
+    shape = {c.n_heads, kv, d, c.fma_block_size, c.fma_rank, L, true, true, false, 1};
+    const int64_t cap = 2 * c.fma_block_size;
+    cv = {random(batch * cap * kv * d, 1),
+          random(batch * cap * kv * d, 2),
+          random(batch * L * 3 * kv * pd, 3),
+          random(batch * L * 3 * kv * pd, 4),
+          random(batch * L * kv * pd, 5),
+          random(batch * L * kv * pd, 6),
+          cap,
+          true};
+    std::vector<const float*> ptrs(4 * L);
+    std::mt19937 rng(7);
+    std::normal_distribution<float> nd(0, 0.05f);
+    for (int l = 1; l <= L; ++l)
+      for (int which = 0; which < 2; ++which) {
+        std::vector<float> w(pd * c.group_size(l)), b(pd);
+        for (auto& x : w) x = nd(rng);
+        for (auto& x : b) x = nd(rng);
+        const cpu::Downsampler dsm = cpu::make_downsampler(c, l, w, b);
+        ptrs[(2 * which) * L + l - 1] = copy(dsm.weight);
+        ptrs[(2 * which + 1) * L + l - 1] = copy(dsm.bias);
+      }
+    const float* const* table_ptrs = copy(ptrs);
+    ds = {table_ptrs, table_ptrs + L, table_ptrs + 2 * L, table_ptrs + 3 * L};
+    std::vector<int> ids(tokens_each, 0);
+    std::vector<SeqChunk> sc;
+    for (int b = 0; b < batch; ++b) sc.push_back({b, ids, false});
+    plan = cuda::make_plan(c, cap, sc, std::vector<int64_t>(batch, pos0));
+    chunks = copy(plan.chunks);
+    table = copy(plan.table);
+    done = copy(plan.done);
+    filling = copy(plan.filling);
+    attn = copy(plan.attn);
+    const size_t T = plan.T;
+    q = random(T * c.n_heads * d, 8);
+    k = random(T * kv * d, 9);
+    v = random(T * kv * d, 10);
+    out = alloc<float>(T * c.n_heads * d);
+    new_k = alloc<float>(pool_floats());
+    new_v = alloc<float>(pool_floats());
+  }
+  ~AttentionRig() {
+    for (void* p : owned_) cudaFree(p);
+  }
+  AttentionRig(const AttentionRig&) = delete;
+  AttentionRig& operator=(const AttentionRig&) = delete;
+
+  void summaries() const {
+    cuda::check(cudaMemsetAsync(new_k, 0, pool_floats() * 4), "memset");
+    cuda::check(cudaMemsetAsync(new_v, 0, pool_floats() * 4), "memset");
+    cuda::summarize(shape, cv, ds, chunks, table, done, int(plan.done.size()), k, v, new_k, new_v,
+                    nullptr);
+    cuda::accumulate(shape, cv, ds, chunks, filling, int(plan.filling.size()), k, v, nullptr);
+  }
+  void attend(bool tensor_cores = true) const {
+    cuda::attention(shape, cv, chunks, table, attn, int(plan.attn.size()), plan.padded, q, k, v,
+                    new_k, new_v, out, nullptr, tensor_cores);
+  }
+  void run() const {
+    summaries();
+    attend();
+  }
+  std::vector<float> output() const {
+    std::vector<float> h(size_t(plan.T) * c.n_heads * c.head_dim);
+    cuda::check(cudaMemcpy(h.data(), out, h.size() * 4, cudaMemcpyDeviceToHost), "output");
+    return h;
+  }
+
+ private:
+  std::vector<void*> owned_;
+
+  size_t pool_floats() const {
+    return size_t(std::max(1, plan.new_groups)) * c.n_kv_heads * c.fma_rank * c.head_dim;
+  }
+  template <class T>
+  T* alloc(size_t n) {
+    T* p = nullptr;
+    cuda::check(cudaMalloc(&p, std::max<size_t>(n, 1) * sizeof(T)), "cudaMalloc");
+    owned_.push_back(p);
+    return p;
+  }
+  template <class T>
+  T* copy(const std::vector<T>& h) {
+    T* p = alloc<T>(h.size());
+    cuda::check(cudaMemcpy(p, h.data(), h.size() * sizeof(T), cudaMemcpyHostToDevice), "copy");
+    return p;
+  }
+  float* random(size_t n, uint32_t seed) {
+    std::mt19937 rng(seed);
+    std::normal_distribution<float> nd(0, 1);
+    std::vector<float> h(n);
+    for (auto& x : h) x = nd(rng);
+    return copy(h);
+  }
+};
+
+}  // namespace mp::testing
