@@ -98,18 +98,19 @@ DeviceArray<T> upload_once(const std::vector<T>& h) {
   check(cudaMemcpy(d.get(), h.data(), h.size() * sizeof(T), cudaMemcpyHostToDevice), "upload");
   return d;
 }
-DeviceArray<__nv_bfloat16> upload_bf16(const TensorView& t) {
-  const std::vector<float> f = t.to_f32();
-  std::vector<__nv_bfloat16> h(f.size());
-  for (size_t i = 0; i < f.size(); ++i) h[i] = __float2bfloat16(f[i]);
+// bf16 copies of matrices stacked by rows: one GEMM computes all their outputs.
+DeviceArray<__nv_bfloat16> upload_bf16(std::initializer_list<const TensorView*> parts) {
+  std::vector<__nv_bfloat16> h;
+  for (const TensorView* t : parts)
+    for (float x : t->to_f32()) h.push_back(__float2bfloat16(x));
   return upload_once(h);
 }
 
 struct Layer {
   DeviceArray<float> attn_norm, ffn_norm;
-  DeviceArray<__nv_bfloat16> wq, wk, wv, wo, gate, up, down;
-  std::vector<DeviceArray<float>> ds;  // per level: wk, bk, wv, bv
-  DeviceArray<const float*> ds_ptrs;   // [4][L]: the Downsamplers table
+  DeviceArray<__nv_bfloat16> wqkv, wo, gate_up, down;  // [q; k; v] and [gate; up] stacked
+  std::vector<DeviceArray<float>> ds;                  // per level: wk, bk, wv, bv
+  DeviceArray<const float*> ds_ptrs;                   // [4][L]: the Downsamplers table
   // The layer's part of the slot pool.
   DeviceArray<float> fine_k, fine_v, sum_k, sum_v, acc_k, acc_v;
 };
@@ -144,21 +145,21 @@ class CudaBackend final : public Backend {
                                                                  : 0};
     cap_ = c_.fma_enabled ? 2 * int64_t{c_.fma_block_size} : max_context;
     if (cap_ <= 0) throw Error("CUDA backend: exact attention needs a positive max_context");
-    embed_ = upload_bf16(model_->tensor(tn::token_embd(), {V, H}));
+    embed_ = upload_bf16({&model_->tensor(tn::token_embd(), {V, H})});
     out_norm_ = upload_once(model_->tensor(tn::output_norm(), {H}).to_f32());
-    if (!c_.tie_word_embeddings) head_ = upload_bf16(model_->tensor(tn::output(), {V, H}));
+    if (!c_.tie_word_embeddings) head_ = upload_bf16({&model_->tensor(tn::output(), {V, H})});
     const size_t L = c_.n_levels(), pd = size_t(c_.fma_rank) * c_.head_dim;
     for (int i = 0; i < c_.n_layers; ++i) {
       Layer l;
       l.attn_norm = upload_once(model_->tensor(tn::layer(i, "attn_norm"), {H}).to_f32());
       l.ffn_norm = upload_once(model_->tensor(tn::layer(i, "ffn_norm"), {H}).to_f32());
-      l.wq = upload_bf16(model_->tensor(tn::layer(i, "attn_q"), {q, H}));
-      l.wk = upload_bf16(model_->tensor(tn::layer(i, "attn_k"), {kv, H}));
-      l.wv = upload_bf16(model_->tensor(tn::layer(i, "attn_v"), {kv, H}));
-      l.wo = upload_bf16(model_->tensor(tn::layer(i, "attn_output"), {H, q}));
-      l.gate = upload_bf16(model_->tensor(tn::layer(i, "ffn_gate"), {F, H}));
-      l.up = upload_bf16(model_->tensor(tn::layer(i, "ffn_up"), {F, H}));
-      l.down = upload_bf16(model_->tensor(tn::layer(i, "ffn_down"), {H, F}));
+      auto w = [&](const char* name, int64_t rows, int64_t cols) {
+        return &model_->tensor(tn::layer(i, name), {rows, cols});
+      };
+      l.wqkv = upload_bf16({w("attn_q", q, H), w("attn_k", kv, H), w("attn_v", kv, H)});
+      l.wo = upload_bf16({w("attn_output", H, q)});
+      l.gate_up = upload_bf16({w("ffn_gate", F, H), w("ffn_up", F, H)});
+      l.down = upload_bf16({w("ffn_down", H, F)});
       if (c_.fma_enabled) {
         // The same transposed layout as the CPU reference's Downsampler.
         const cpu::LayerDownsamplers ds = cpu::make_layer_downsamplers(c_, *model_, i);
@@ -352,13 +353,21 @@ class CudaBackend final : public Backend {
     moved |= d_commits_.upload(p.commits, s);
     for (auto* a : {&x_, &h_}) moved |= a->resize(size_t(T) * H);
     moved |= hb_.resize(size_t(T) * std::max(H, std::max(F, nh * d)));
+    moved |= qkv_.resize(size_t(T) * (nh + 2 * nkv) * d);
     moved |= q_.resize(size_t(T) * nh * d);
     moved |= att_.resize(size_t(T) * nh * d);
     for (auto* a : {&k_, &v_}) moved |= a->resize(size_t(T) * nkv * d);
-    for (auto* a : {&g_, &u_}) moved |= a->resize(size_t(T) * F);
-    // Room for every group that can complete: in a decode step, one per level per sequence.
-    const size_t groups = std::max<size_t>(p.new_groups, p.chunks.size() * c_.n_levels());
-    for (auto* a : {&new_k_, &new_v_}) moved |= a->resize(groups * nkv * pd);
+    moved |= gu_.resize(size_t(T) * 2 * F);
+    // Room for every group that can complete (in a decode step, one per level per sequence):
+    // keys' summaries, then values', one buffer cleared at once.
+    // The split point only grows, so captured graphs stay valid until something moves.
+    const size_t seqs = p.padded ? size_t(p.T) : p.chunks.size();
+    const size_t groups = std::max<size_t>(p.new_groups, seqs * c_.n_levels());
+    if (groups * nkv * pd > new_pool_) {
+      new_pool_ = groups * nkv * pd;
+      moved |= new_kv_.resize(2 * new_pool_);
+      moved = true;
+    }
     moved |= sel_.resize(R * H);
     moved |= logits_.resize(R * V);
     return moved;
@@ -378,31 +387,28 @@ class CudaBackend final : public Backend {
       const cuda::Downsamplers ds{dp, dp ? dp + L : nullptr, dp ? dp + 2 * L : nullptr,
                                   dp ? dp + 3 * L : nullptr};
       cuda::rmsnorm(x_.get(), l.attn_norm.get(), T, H, c_.rms_norm_eps, hb_.get(), s);
-      cuda::gemm(cublas_, hb_.get(), T, H, l.wq.get(), nh * d, q_.get());
-      cuda::gemm(cublas_, hb_.get(), T, H, l.wk.get(), nkv * d, k_.get());
-      cuda::gemm(cublas_, hb_.get(), T, H, l.wv.get(), nkv * d, v_.get());
-      cuda::rope(q_.get(), d_pos_.get(), T, nh, d, c_.rope_theta, s);
-      cuda::rope(k_.get(), d_pos_.get(), T, nkv, d, c_.rope_theta, s);
+      cuda::gemm(cublas_, hb_.get(), T, H, l.wqkv.get(), (nh + 2 * nkv) * d, qkv_.get());
+      cuda::split_qkv_rope(qkv_.get(), d_pos_.get(), T, nh, nkv, d, c_.rope_theta, q_.get(),
+                           k_.get(), v_.get(), s);
+      float *new_k = new_kv_.get(), *new_v = new_kv_.get() + new_pool_;
       if (c_.fma_enabled) {
-        check(cudaMemsetAsync(new_k_.get(), 0, new_k_.size() * 4, s), "memset");
-        check(cudaMemsetAsync(new_v_.get(), 0, new_v_.size() * 4, s), "memset");
+        check(cudaMemsetAsync(new_k, 0, 2 * new_pool_ * 4, s), "memset");
         cuda::summarize(shape_, cv, ds, d_chunks_.get(), d_table_.get(), d_done_.get(),
-                        int(p.done.size()), k_.get(), v_.get(), new_k_.get(), new_v_.get(), s);
+                        int(p.done.size()), k_.get(), v_.get(), new_k, new_v, s);
         cuda::accumulate(shape_, cv, ds, d_chunks_.get(), d_filling_.get(), int(p.filling.size()),
                          k_.get(), v_.get(), s);
       }
       cuda::attention(shape_, cv, d_chunks_.get(), d_table_.get(), d_attn_.get(),
-                      int(p.attn.size()), p.padded, q_.get(), k_.get(), v_.get(), new_k_.get(),
-                      new_v_.get(), att_.get(), s);
-      cuda::commit(d_commits_.get(), int(p.commits.size()), k_.get(), v_.get(), new_k_.get(),
-                   new_v_.get(), cv, s);
+                      int(p.attn.size()), p.padded, q_.get(), k_.get(), v_.get(), new_k, new_v,
+                      att_.get(), s);
+      cuda::commit(d_commits_.get(), int(p.commits.size()), k_.get(), v_.get(), new_k, new_v, cv,
+                   s);
       cuda::to_bf16(att_.get(), int64_t(T) * nh * d, hb_.get(), s);
       cuda::gemm(cublas_, hb_.get(), T, nh * d, l.wo.get(), H, h_.get());
       cuda::add(x_.get(), h_.get(), int64_t(T) * H, s);
       cuda::rmsnorm(x_.get(), l.ffn_norm.get(), T, H, c_.rms_norm_eps, hb_.get(), s);
-      cuda::gemm(cublas_, hb_.get(), T, H, l.gate.get(), F, g_.get());
-      cuda::gemm(cublas_, hb_.get(), T, H, l.up.get(), F, u_.get());
-      cuda::swiglu(g_.get(), u_.get(), int64_t(T) * F, hb_.get(), s);
+      cuda::gemm(cublas_, hb_.get(), T, H, l.gate_up.get(), 2 * F, gu_.get());
+      cuda::swiglu(gu_.get(), T, F, hb_.get(), s);
       cuda::gemm(cublas_, hb_.get(), T, F, l.down.get(), H, h_.get());
       cuda::add(x_.get(), h_.get(), int64_t(T) * H, s);
     }
@@ -487,7 +493,8 @@ class CudaBackend final : public Backend {
   DeviceArray<cuda::SumItem> d_done_, d_filling_;
   DeviceArray<cuda::AttnItem> d_attn_;
   DeviceArray<cuda::CommitItem> d_commits_;
-  DeviceArray<float> x_, h_, q_, k_, v_, att_, g_, u_, new_k_, new_v_, logits_;
+  DeviceArray<float> x_, h_, qkv_, q_, k_, v_, att_, gu_, new_kv_, logits_;
+  size_t new_pool_ = 0;  // floats of new_kv_ per half
   DeviceArray<__nv_bfloat16> hb_, sel_;
   DeviceArray<uint8_t> cublas_workspace_;
   DeviceArray<cuda::SampleRow> d_sample_rows_;

@@ -9,41 +9,54 @@ constexpr int kThreads = 64;         // one thread per query of a fine-block til
 constexpr int kTile = 32;            // keys staged in shared memory at a time
 constexpr int kDecodeThreads = 128;  // threads sharing one decode query's keys
 
-constexpr int kMaxKv = 16;  // KV heads a summary thread carries at once
+// A summary thread's outputs: channel ch of kSumHeads KV heads from h0 and kSumRanks summaries
+// from r0, so that each key value it loads serves several ranks and each weight several heads.
+// The kernels are instantiated for tiles of 2, 4 and 8 heads and ranks (launch: the smallest
+// that covers the model's, or 8).
+struct SumTile {
+  int ch, h0, r0;
+};
+template <int kSumHeads, int kSumRanks>
+__device__ int sum_tiles(const FmaShape& s) {
+  return s.d * ((s.kv + kSumHeads - 1) / kSumHeads) * ((s.p + kSumRanks - 1) / kSumRanks);
+}
+template <int kSumHeads, int kSumRanks>
+__device__ SumTile sum_tile(const FmaShape& s, int idx) {
+  const int head_groups = (s.kv + kSumHeads - 1) / kSumHeads, rest = idx / s.d;
+  return {idx % s.d, (rest % head_groups) * kSumHeads, (rest / head_groups) * kSumRanks};
+}
 
-// acc[h] += the contributions of the chunk's tokens [from, to) to group g's output o, for every
-// KV head h: each weight is loaded once and used for all heads (the weights of the top levels,
-// w x p x d floats, are far larger than the caches, and reading them once per head was the
-// dominant cost of prefill).
+// acc += the contributions of the chunk's tokens [from, to) to group g's outputs of the tile:
+// summary r0 + rr of channel ch for KV head h0 + hh is acc[hh][rr].
+template <int kSumHeads, int kSumRanks>
 __device__ void group_sums(const FmaShape& s, const ChunkDesc& c, const float* W, int w, int64_t g,
-                           int64_t from, int64_t to, int o, const float* x, float* acc) {
-  const int pd = s.p * s.d, ch = o % s.d;
+                           int64_t from, int64_t to, const SumTile& tl, const float* x,
+                           float (&acc)[kSumHeads][kSumRanks]) {
+  const int pd = s.p * s.d;
   for (int64_t t = from; t < to; ++t) {
     const int tg = static_cast<int>(t - g * w);
     const float* row = x + (int64_t(c.row0) + (t - c.pos0)) * s.kv * s.d;  // all heads of token t
-    if (s.avgpool) {
-      const int span = w / s.p;
-      if (o / s.d != tg / span) continue;
+    // groupedconv and avgpool read channel ch only, conv every input channel.
+    for (int i = s.in > 1 ? 0 : tl.ch; i < (s.in > 1 ? s.d : tl.ch + 1); ++i) {
+      float xv[kSumHeads];
 #pragma unroll
-      for (int h = 0; h < kMaxKv; ++h)
-        if (h < s.kv) acc[h] += row[h * s.d + ch] / span;
-    } else if (s.in == 1) {
-      const float wt = W[int64_t(tg) * pd + o];
+      for (int hh = 0; hh < kSumHeads; ++hh)
+        xv[hh] = tl.h0 + hh < s.kv ? row[(tl.h0 + hh) * s.d + i] : 0.0f;
+      const float* wr = W ? W + (int64_t(tg) * pd + tl.ch) * s.in + (s.in > 1 ? i : 0) : nullptr;
 #pragma unroll
-      for (int h = 0; h < kMaxKv; ++h)
-        if (h < s.kv) acc[h] += wt * row[h * s.d + ch];
-    } else {
-      const float* wr = W + (int64_t(tg) * pd + o) * s.in;
-      for (int i = 0; i < s.in; ++i) {
-        const float wt = wr[i];
+      for (int rr = 0; rr < kSumRanks; ++rr) {
+        const int r = tl.r0 + rr;
+        if (r >= s.p) break;
+        const float wt = s.avgpool ? (tg / (w / s.p) == r ? 1.0f / (w / s.p) : 0.0f)
+                                   : wr[int64_t(r) * s.d * s.in];
 #pragma unroll
-        for (int h = 0; h < kMaxKv; ++h)
-          if (h < s.kv) acc[h] += wt * row[h * s.d + i];
+        for (int hh = 0; hh < kSumHeads; ++hh) acc[hh][rr] += wt * xv[hh];
       }
     }
   }
 }
 
+template <int kSumHeads, int kSumRanks>
 __global__ void summarize_kernel(FmaShape s, CacheView cv, Downsamplers dw, const ChunkDesc* chunks,
                                  const NewGroups* table, const SumItem* items, const float* k,
                                  const float* v, float* new_k, float* new_v) {
@@ -61,20 +74,30 @@ __global__ void summarize_kernel(FmaShape s, CacheView cv, Downsamplers dw, cons
   // The group's first slice also brings the bias and what the accumulator holds of the tokens
   // before the chunk.
   const bool first = it.t_from == max(start, c.pos0);
-  for (int o = threadIdx.x; o < pd; o += blockDim.x) {
-    float acc[kMaxKv];
+  for (int idx = threadIdx.x; idx < sum_tiles<kSumHeads, kSumRanks>(s); idx += blockDim.x) {
+    const SumTile tl = sum_tile<kSumHeads, kSumRanks>(s, idx);
+    float acc[kSumHeads][kSumRanks];
 #pragma unroll
-    for (int h = 0; h < kMaxKv; ++h)
-      acc[h] = h < s.kv && first
-                   ? (start < c.pos0 ? acc0[h * pd + o] : 0.0f) + (bias ? bias[o] : 0.0f)
-                   : 0.0f;
-    group_sums(s, c, W, w, it.group, it.t_from, it.t_to, o, values ? v : k, acc);
+    for (int hh = 0; hh < kSumHeads; ++hh)
 #pragma unroll
-    for (int h = 0; h < kMaxKv; ++h)
-      if (h < s.kv) atomicAdd(dst + h * pd + o, acc[h]);
+      for (int rr = 0; rr < kSumRanks; ++rr) {
+        const int h = tl.h0 + hh, o = (tl.r0 + rr) * s.d + tl.ch;
+        acc[hh][rr] = h < s.kv && tl.r0 + rr < s.p && first
+                          ? (start < c.pos0 ? acc0[h * pd + o] : 0.0f) + (bias ? bias[o] : 0.0f)
+                          : 0.0f;
+      }
+    group_sums<kSumHeads, kSumRanks>(s, c, W, w, it.group, it.t_from, it.t_to, tl, values ? v : k,
+                                     acc);
+#pragma unroll
+    for (int hh = 0; hh < kSumHeads; ++hh)
+#pragma unroll
+      for (int rr = 0; rr < kSumRanks; ++rr)
+        if (tl.h0 + hh < s.kv && tl.r0 + rr < s.p)
+          atomicAdd(dst + (tl.h0 + hh) * pd + (tl.r0 + rr) * s.d + tl.ch, acc[hh][rr]);
   }
 }
 
+template <int kSumHeads, int kSumRanks>
 __global__ void accumulate_kernel(FmaShape s, CacheView cv, Downsamplers dw,
                                   const ChunkDesc* chunks, const SumItem* items, const float* k,
                                   const float* v) {
@@ -86,14 +109,24 @@ __global__ void accumulate_kernel(FmaShape s, CacheView cv, Downsamplers dw,
   const float* W = s.avgpool ? nullptr : (values ? dw.wv : dw.wk)[l - 1];
   float* acc0 = (values ? cv.acc_v : cv.acc_k) + (int64_t(c.slot) * s.L + l - 1) * s.kv * pd;
   const int64_t start = it.group * w, end = c.pos0 + c.T;
-  for (int o = threadIdx.x; o < pd; o += blockDim.x) {
-    float acc[kMaxKv];
+  for (int idx = threadIdx.x; idx < sum_tiles<kSumHeads, kSumRanks>(s); idx += blockDim.x) {
+    const SumTile tl = sum_tile<kSumHeads, kSumRanks>(s, idx);
+    float acc[kSumHeads][kSumRanks];
 #pragma unroll
-    for (int h = 0; h < kMaxKv; ++h) acc[h] = h < s.kv && start < c.pos0 ? acc0[h * pd + o] : 0.0f;
-    group_sums(s, c, W, w, it.group, max(start, c.pos0), end, o, values ? v : k, acc);
+    for (int hh = 0; hh < kSumHeads; ++hh)
 #pragma unroll
-    for (int h = 0; h < kMaxKv; ++h)
-      if (h < s.kv) acc0[h * pd + o] = acc[h];
+      for (int rr = 0; rr < kSumRanks; ++rr) {
+        const int h = tl.h0 + hh, o = (tl.r0 + rr) * s.d + tl.ch;
+        acc[hh][rr] = h < s.kv && tl.r0 + rr < s.p && start < c.pos0 ? acc0[h * pd + o] : 0.0f;
+      }
+    group_sums<kSumHeads, kSumRanks>(s, c, W, w, it.group, max(start, c.pos0), end, tl,
+                                     values ? v : k, acc);
+#pragma unroll
+    for (int hh = 0; hh < kSumHeads; ++hh)
+#pragma unroll
+      for (int rr = 0; rr < kSumRanks; ++rr)
+        if (tl.h0 + hh < s.kv && tl.r0 + rr < s.p)
+          acc0[(tl.h0 + hh) * pd + (tl.r0 + rr) * s.d + tl.ch] = acc[hh][rr];
   }
 }
 
@@ -505,13 +538,33 @@ __global__ void commit_kernel(const CommitItem* items, const float* k, const flo
 
 }  // namespace
 
+// Calls f.template operator()<heads, ranks>() with the summary tile that fits the shape.
+template <class F>
+void with_sum_tile(const FmaShape& s, F&& f) {
+  auto ranks = [&]<int H>() {
+    if (s.p <= 2)
+      f.template operator()<H, 2>();
+    else if (s.p <= 4)
+      f.template operator()<H, 4>();
+    else
+      f.template operator()<H, 8>();
+  };
+  if (s.kv <= 2)
+    ranks.template operator()<2>();
+  else if (s.kv <= 4)
+    ranks.template operator()<4>();
+  else
+    ranks.template operator()<8>();
+}
+
 void summarize(const FmaShape& s, const CacheView& c, const Downsamplers& w,
                const ChunkDesc* chunks, const NewGroups* table, const SumItem* items, int n_items,
                const float* k, const float* v, float* new_k, float* new_v, cudaStream_t st) {
   if (n_items == 0) return;
-  if (s.kv > kMaxKv) throw Error("CUDA backend: more than 16 KV heads are not supported");
-  summarize_kernel<<<dim3(n_items, 1, 2), 128, 0, st>>>(s, c, w, chunks, table, items, k, v, new_k,
-                                                        new_v);
+  with_sum_tile(s, [&]<int H, int R>() {
+    summarize_kernel<H, R>
+        <<<dim3(n_items, 1, 2), 128, 0, st>>>(s, c, w, chunks, table, items, k, v, new_k, new_v);
+  });
   check_launch("summarize");
 }
 
@@ -519,7 +572,9 @@ void accumulate(const FmaShape& s, const CacheView& c, const Downsamplers& w,
                 const ChunkDesc* chunks, const SumItem* items, int n_items, const float* k,
                 const float* v, cudaStream_t st) {
   if (n_items == 0) return;
-  accumulate_kernel<<<dim3(n_items, 1, 2), 128, 0, st>>>(s, c, w, chunks, items, k, v);
+  with_sum_tile(s, [&]<int H, int R>() {
+    accumulate_kernel<H, R><<<dim3(n_items, 1, 2), 128, 0, st>>>(s, c, w, chunks, items, k, v);
+  });
   check_launch("accumulate");
 }
 

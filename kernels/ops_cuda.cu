@@ -20,24 +20,34 @@ __global__ void rmsnorm_kernel(const float* x, const float* w, int n, float eps,
     y[int64_t(blockIdx.x) * n + i] = __float2bfloat16(r[i] * inv * w[i]);
 }
 
-__global__ void rope_kernel(float* x, const int64_t* pos, int heads, int d, float theta) {
-  const int t = blockIdx.x, half = d / 2;
-  for (int k = threadIdx.x; k < heads * half; k += blockDim.x) {
-    const int h = k / half, i = k % half;
+// Row t of qkv is [q heads | k heads | v heads] (one GEMM's output): q and k come out rotated,
+// v copied, each contiguous.
+__global__ void split_qkv_rope_kernel(const float* qkv, const int64_t* pos, int nh, int nkv, int d,
+                                      float theta, float* q, float* k, float* v) {
+  const int t = blockIdx.x, half = d / 2, width = (nh + 2 * nkv) * d;
+  const float* row = qkv + int64_t(t) * width;
+  for (int e = threadIdx.x; e < (nh + nkv) * half; e += blockDim.x) {
+    const int h = e / half, i = e % half;
     // Angles in double, as the CPU reference computes them: positions reach millions.
     const double a = double(pos[t]) * pow(double(theta), -2.0 * i / d);
     const float c = float(cos(a)), s = float(sin(a));
-    float* v = x + (int64_t(t) * heads + h) * d;
-    const float x1 = v[i], x2 = v[i + half];
-    v[i] = x1 * c - x2 * s;
-    v[i + half] = x2 * c + x1 * s;
+    const float x1 = row[h * d + i], x2 = row[h * d + i + half];
+    float* dst = h < nh ? q + (int64_t(t) * nh + h) * d : k + (int64_t(t) * nkv + h - nh) * d;
+    dst[i] = x1 * c - x2 * s;
+    dst[i + half] = x2 * c + x1 * s;
   }
+  for (int e = threadIdx.x; e < nkv * d; e += blockDim.x)
+    v[int64_t(t) * nkv * d + e] = row[(nh + nkv) * d + e];
 }
 
-__global__ void swiglu_kernel(const float* g, const float* u, int64_t n, __nv_bfloat16* y) {
+// Row t of gu is [gate (F) | up (F)].
+__global__ void swiglu_kernel(const float* gu, int F, int64_t n, __nv_bfloat16* y) {
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n;
-       i += int64_t(gridDim.x) * blockDim.x)
-    y[i] = __float2bfloat16(g[i] / (1.0f + expf(-g[i])) * u[i]);
+       i += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t t = i / F, f = i % F;
+    const float g = gu[t * 2 * F + f], u = gu[t * 2 * F + F + f];
+    y[i] = __float2bfloat16(g / (1.0f + expf(-g)) * u);
+  }
 }
 
 __global__ void add_kernel(float* x, const float* y, int64_t n) {
@@ -71,12 +81,14 @@ void rmsnorm(const float* x, const float* w, int T, int n, float eps, __nv_bfloa
   rmsnorm_kernel<<<T, 256, 0, s>>>(x, w, n, eps, y);
   check_launch("rmsnorm");
 }
-void rope(float* x, const int64_t* pos, int T, int heads, int d, float theta, cudaStream_t s) {
-  rope_kernel<<<T, 256, 0, s>>>(x, pos, heads, d, theta);
-  check_launch("rope");
+void split_qkv_rope(const float* qkv, const int64_t* pos, int T, int nh, int nkv, int d,
+                    float theta, float* q, float* k, float* v, cudaStream_t s) {
+  split_qkv_rope_kernel<<<T, 256, 0, s>>>(qkv, pos, nh, nkv, d, theta, q, k, v);
+  check_launch("split_qkv_rope");
 }
-void swiglu(const float* g, const float* u, int64_t n, __nv_bfloat16* y, cudaStream_t s) {
-  swiglu_kernel<<<grid_for(n), 256, 0, s>>>(g, u, n, y);
+void swiglu(const float* gu, int T, int F, __nv_bfloat16* y, cudaStream_t s) {
+  const int64_t n = int64_t(T) * F;
+  swiglu_kernel<<<grid_for(n), 256, 0, s>>>(gu, F, n, y);
   check_launch("swiglu");
 }
 void add(float* x, const float* y, int64_t n, cudaStream_t s) {

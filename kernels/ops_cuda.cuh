@@ -28,10 +28,12 @@ void embed(const __nv_bfloat16* table, const int* tokens, int T, int n, float* x
 // y[t] = bf16(x[t] / rms(x[t]) * w)
 void rmsnorm(const float* x, const float* w, int T, int n, float eps, __nv_bfloat16* y,
              cudaStream_t s);
-// Rotate-half RoPE on rows of `heads` vectors of d; row t of chunk c is at position pos[t].
-void rope(float* x, const int64_t* pos, int T, int heads, int d, float theta, cudaStream_t s);
-// y = bf16(silu(g) * u)
-void swiglu(const float* g, const float* u, int64_t n, __nv_bfloat16* y, cudaStream_t s);
+// Splits rows of [q | k | v] (nh, nkv, nkv heads of d: the fused projection's output) into
+// contiguous q, k, v, rotating q and k (rotate-half RoPE, row t at position pos[t]).
+void split_qkv_rope(const float* qkv, const int64_t* pos, int T, int nh, int nkv, int d,
+                    float theta, float* q, float* k, float* v, cudaStream_t s);
+// y[t] = bf16(silu(g[t]) * u[t]) for rows gu[t] = [g (F) | u (F)] (the fused gate/up output)
+void swiglu(const float* gu, int T, int F, __nv_bfloat16* y, cudaStream_t s);
 // x += y
 void add(float* x, const float* y, int64_t n, cudaStream_t s);
 // y = bf16(x)

@@ -56,7 +56,7 @@ std::vector<float> from_bf16(const std::vector<__nv_bfloat16>& v) {
   return f;
 }
 
-TEST_F(Cuda, RmsNormRopeSwigluMatchTheCpuTwins) {
+TEST_F(Cuda, RmsNormSplitRopeSwigluMatchTheCpuTwins) {
   const int T = 37, n = 384, heads = 6, d = 64;
   const auto x = randn(size_t(T) * n, 1), w = randn(n, 2);
   std::vector<float> ref(x.size());
@@ -66,24 +66,38 @@ TEST_F(Cuda, RmsNormRopeSwigluMatchTheCpuTwins) {
   cuda::rmsnorm(dx.p, dw.p, T, n, 1e-5f, dy.p, nullptr);
   EXPECT_LT(rel_err(from_bf16(dy.get(x.size())), ref), 1e-2);
 
-  auto r = randn(size_t(T) * heads * d, 3);
+  const int kv = 2, width = (heads + 2 * kv) * d;
+  const auto qkv = randn(size_t(T) * width, 3);
   std::vector<int64_t> pos(T);
   for (int t = 0; t < T; ++t) pos[t] = 1000000 + 977 * t;  // large positions: angles in double
-  Dev<float> dr(r);
+  Dev<float> dqkv(qkv), dq(size_t(T) * heads * d), dk(size_t(T) * kv * d), dv(size_t(T) * kv * d);
   Dev<int64_t> dpos(pos);
-  cuda::rope(dr.p, dpos.p, T, heads, d, 10000.0f, nullptr);
-  std::vector<float> want = r;
-  for (int t = 0; t < T; ++t)
-    cpu::rope(want.data() + size_t(t) * heads * d, 1, heads, d, pos[t], 10000.0f);
-  EXPECT_LT(rel_err(dr.get(r.size()), want), 1e-5);
+  cuda::split_qkv_rope(dqkv.p, dpos.p, T, heads, kv, d, 10000.0f, dq.p, dk.p, dv.p, nullptr);
+  std::vector<float> want_q, want_k, want_v;
+  for (int t = 0; t < T; ++t) {
+    const float* row = qkv.data() + size_t(t) * width;
+    want_q.insert(want_q.end(), row, row + heads * d);
+    want_k.insert(want_k.end(), row + heads * d, row + (heads + kv) * d);
+    want_v.insert(want_v.end(), row + (heads + kv) * d, row + width);
+    cpu::rope(want_q.data() + size_t(t) * heads * d, 1, heads, d, pos[t], 10000.0f);
+    cpu::rope(want_k.data() + size_t(t) * kv * d, 1, kv, d, pos[t], 10000.0f);
+  }
+  EXPECT_LT(rel_err(dq.get(want_q.size()), want_q), 1e-5);
+  EXPECT_LT(rel_err(dk.get(want_k.size()), want_k), 1e-5);
+  EXPECT_EQ(dv.get(want_v.size()), want_v);
 
-  const auto g = randn(5000, 4), u = randn(5000, 5);
-  auto gs = g;
-  cpu::swiglu(gs.data(), u.data(), 5000);
-  Dev<float> dg(g), du(u);
-  Dev<__nv_bfloat16> ds(5000);
-  cuda::swiglu(dg.p, du.p, 5000, ds.p, nullptr);
-  EXPECT_LT(rel_err(from_bf16(ds.get(5000)), gs), 1e-2);
+  const int F = 500;
+  const auto gu = randn(size_t(T) * 2 * F, 4);
+  std::vector<float> g, u;
+  for (int t = 0; t < T; ++t) {
+    g.insert(g.end(), gu.begin() + size_t(t) * 2 * F, gu.begin() + size_t(t) * 2 * F + F);
+    u.insert(u.end(), gu.begin() + size_t(t) * 2 * F + F, gu.begin() + size_t(t + 1) * 2 * F);
+  }
+  cpu::swiglu(g.data(), u.data(), int64_t(T) * F);
+  Dev<float> dgu(gu);
+  Dev<__nv_bfloat16> ds(size_t(T) * F);
+  cuda::swiglu(dgu.p, T, F, ds.p, nullptr);
+  EXPECT_LT(rel_err(from_bf16(ds.get(size_t(T) * F)), g), 1e-2);
 }
 
 struct Variant {
