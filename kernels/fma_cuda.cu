@@ -148,54 +148,66 @@ struct KeyLoc {
   int64_t pos;  // the key's position; -1: a summary, visible to every query of the tile
 };
 
-// Where key `kk` of a query tile's key list lives: fine keys first, then p summaries per visible
-// group, level by level.
-__device__ KeyLoc key_loc(const FmaShape& s, const CacheView& cv, const ChunkDesc& c,
-                          const NewGroups* table, int64_t q_begin, int64_t lo, int64_t n_fine,
-                          int64_t kk, int kvh) {
-  if (kk < n_fine) {
-    const int64_t j = lo + kk;
-    if (j >= c.pos0)
-      return {(int64_t(c.row0) + (j - c.pos0)) * s.kv * s.d + int64_t(kvh) * s.d, kChunkRows, 0.0f,
-              j};
-    const int64_t slot = cv.ring ? j % cv.cap : j;
-    return {((int64_t(c.slot) * cv.cap + slot) * s.kv + kvh) * s.d, kFineWindow, 0.0f, j};
+constexpr int kMaxLevels = 32;
+
+// The coarse part of a query tile's key list, worked out once per tile (by one thread, into
+// shared memory) so that resolving a key costs no 64-bit division: per level, the index of its
+// first summary among the coarse keys, its first visible group and the score bonus.
+struct LevelTable {
+  int first[kMaxLevels + 1];  // first[L]: the number of coarse keys
+  int64_t g0[kMaxLevels];
+  int g0_mod3[kMaxLevels];
+  float bonus[kMaxLevels];
+};
+__device__ void make_level_table(const FmaShape& s, int64_t q_begin, LevelTable& t) {
+  const int L = s.fma ? s.L : 0;
+  int n = 0;
+  for (int l = 0; l < L; ++l) {
+    const int64_t w = int64_t(s.m) << l, B = q_begin / (2 * w);
+    t.first[l] = n;
+    t.g0[l] = 2 * B - 2;
+    t.g0_mod3[l] = B >= 1 ? int((2 * B - 2) % 3) : 0;
+    t.bonus[l] = s.scale_attn ? logf(float(w) / s.p) : 0.0f;
+    if (B >= 1) n += (1 + int((q_begin % (2 * w)) / w)) * s.p;
   }
-  int64_t ci = kk - n_fine;
-  const int pd = s.p * s.d;
-  for (int l = 1; l <= s.L; ++l) {
-    const int64_t w = int64_t(s.m) << (l - 1), B = q_begin / (2 * w);
-    const int n_groups = B >= 1 ? 1 + int((q_begin % (2 * w)) / w) : 0;
-    if (ci >= int64_t(n_groups) * s.p) {
-      ci -= int64_t(n_groups) * s.p;
-      continue;
-    }
-    const int64_t g = 2 * B - 2 + ci / s.p;
-    const int r = static_cast<int>(ci % s.p);
-    const float bonus = s.scale_attn ? logf(float(w) / s.p) : 0.0f;
-    const NewGroups ng = table[c.new_base + l - 1];
-    if (g >= ng.first)
-      return {((int64_t(ng.offset) + g - ng.first) * s.kv + kvh) * pd + r * s.d, kNewSummaries,
-              bonus, -1};
-    return {(((int64_t(c.slot) * s.L + l - 1) * 3 + g % 3) * s.kv + kvh) * pd + r * s.d,
-            kSummaryRing, bonus, -1};
-  }
-  return {0, kChunkRows, 0.0f, INT64_MAX};  // unreachable: kk < n_fine + n_coarse
+  t.first[L] = n;
 }
 
 // The size of a query tile's key list: n_fine fine keys from `lo`, then n_coarse summaries.
 struct KeyList {
   int64_t lo, n_fine, n_coarse;
 };
-__device__ KeyList key_list(const FmaShape& s, int64_t q_begin, int64_t q_end) {
+__device__ KeyList key_list(const FmaShape& s, int64_t q_begin, int64_t q_end,
+                            const LevelTable& t) {
   const int64_t b = q_begin / s.m;
   const int64_t lo = s.fma ? max(int64_t(0), (b - 1) * s.m) : 0;
-  int64_t n_coarse = 0;
-  for (int l = 1; s.fma && l <= s.L; ++l) {
-    const int64_t w = int64_t(s.m) << (l - 1), B = q_begin / (2 * w);
-    if (B >= 1) n_coarse += int64_t(1 + (q_begin % (2 * w)) / w) * s.p;
+  return {lo, q_end - lo, t.first[s.fma ? s.L : 0]};
+}
+
+// Where key `kk` of a query tile's key list lives: fine keys first, then p summaries per visible
+// group, level by level.
+__device__ KeyLoc key_loc(const FmaShape& s, const CacheView& cv, const ChunkDesc& c,
+                          const NewGroups* table, const LevelTable& t, const KeyList& kl,
+                          int64_t kk, int kvh) {
+  if (kk < kl.n_fine) {
+    const int64_t j = kl.lo + kk;
+    if (j >= c.pos0)
+      return {(int64_t(c.row0) + (j - c.pos0)) * s.kv * s.d + int64_t(kvh) * s.d, kChunkRows, 0.0f,
+              j};
+    const int64_t slot = cv.ring ? j % cv.cap : j;
+    return {((int64_t(c.slot) * cv.cap + slot) * s.kv + kvh) * s.d, kFineWindow, 0.0f, j};
   }
-  return {lo, q_end - lo, n_coarse};
+  int ci = static_cast<int>(kk - kl.n_fine), l = 0;
+  while (ci >= t.first[l + 1]) ++l;
+  ci -= t.first[l];
+  const int gi = ci / s.p, r = ci % s.p, pd = s.p * s.d;
+  const int64_t g = t.g0[l] + gi;
+  const NewGroups ng = table[c.new_base + l];
+  if (g >= ng.first)
+    return {((int64_t(ng.offset) + g - ng.first) * s.kv + kvh) * pd + r * s.d, kNewSummaries,
+            t.bonus[l], -1};
+  return {(((int64_t(c.slot) * s.L + l) * 3 + (t.g0_mod3[l] + gi) % 3) * s.kv + kvh) * pd + r * s.d,
+          kSummaryRing, t.bonus[l], -1};
 }
 
 template <int D>
@@ -221,7 +233,10 @@ __global__ void __launch_bounds__(kThreads)
     qr[e] = active ? qrow[e] * scale : 0.0f;
     acc[e] = 0.0f;
   }
-  const KeyList kl = key_list(s, it.q_begin, it.q_end);
+  __shared__ LevelTable lt;
+  if (threadIdx.x == 0) make_level_table(s, it.q_begin, lt);
+  __syncthreads();
+  const KeyList kl = key_list(s, it.q_begin, it.q_end, lt);
   const int64_t n_fine = kl.n_fine, n_coarse = kl.n_coarse;
   const KvArrays arr = kv_arrays(cv, k, v, new_k, new_v);
   float mx = -INFINITY, denom = 0.0f;
@@ -230,7 +245,7 @@ __global__ void __launch_bounds__(kThreads)
     // Resolve each key's address once, then copy the tile coalesced: consecutive threads take
     // consecutive channels (a thread per key row was 32-way strided and bank-conflicted).
     for (int e = threadIdx.x; e < n; e += blockDim.x) {
-      const KeyLoc kloc = key_loc(s, cv, c, table, it.q_begin, kl.lo, n_fine, t0 + e, kvh);
+      const KeyLoc kloc = key_loc(s, cv, c, table, lt, kl, t0 + e, kvh);
       sksrc[e] = arr.k[kloc.which] + kloc.off;
       svsrc[e] = arr.v[kloc.which] + kloc.off;
       sbonus[e] = kloc.bonus;
@@ -299,7 +314,7 @@ __device__ void ldmatrix_x4(uint32_t (&r)[4], const __nv_bfloat16* row, bool tra
 }
 }  // namespace tc
 
-__global__ void __launch_bounds__(tc::kWarps * 32)
+__global__ void __launch_bounds__(tc::kWarps * 32, 4)
     attention_tc_kernel(FmaShape s, CacheView cv, const ChunkDesc* chunks, const NewGroups* table,
                         const AttnItem* items, const float* q, const float* k, const float* v,
                         const float* new_k, const float* new_v, float* out) {
@@ -335,7 +350,10 @@ __global__ void __launch_bounds__(tc::kWarps * 32)
         qa[ks][r + 2 * half] = pack_bf16(x.x * qscale, x.y * qscale);
       }
   float o[8][4] = {}, mrow[2] = {-INFINITY, -INFINITY}, lrow[2] = {0.0f, 0.0f};
-  const KeyList kl = key_list(s, it.q_begin, it.q_end);
+  __shared__ LevelTable lt;
+  if (threadIdx.x == 0) make_level_table(s, it.q_begin, lt);
+  __syncthreads();
+  const KeyList kl = key_list(s, it.q_begin, it.q_end, lt);
   const int64_t n_keys = kl.n_fine + kl.n_coarse;
   const KvArrays arr = kv_arrays(cv, k, v, new_k, new_v);
   for (int64_t t0 = 0; t0 < n_keys; t0 += kKeys) {
@@ -343,7 +361,7 @@ __global__ void __launch_bounds__(tc::kWarps * 32)
     if (threadIdx.x < kKeys) {
       const int e = threadIdx.x;
       if (t0 + e < n_keys) {
-        const KeyLoc kloc = key_loc(s, cv, c, table, it.q_begin, kl.lo, kl.n_fine, t0 + e, kvh);
+        const KeyLoc kloc = key_loc(s, cv, c, table, lt, kl, t0 + e, kvh);
         soff[e] = kloc.off;
         swhich[e] = kloc.which;
         sbonus[e] = kloc.bonus * kLog2e;
@@ -355,6 +373,7 @@ __global__ void __launch_bounds__(tc::kWarps * 32)
       }
     }
     __syncthreads();
+#pragma unroll
     for (int idx = threadIdx.x; idx < kKeys * kD / 4; idx += kWarps * 32) {
       const int e = idx / (kD / 4), c4 = idx % (kD / 4);
       float4 kx = make_float4(0, 0, 0, 0), vx = kx;
@@ -475,12 +494,15 @@ __global__ void __launch_bounds__(kDecodeThreads)
     qr[e] = qrow[e] * scale;
     acc[e] = 0.0f;
   }
-  const KeyList kl = key_list(s, i, i + 1);
+  __shared__ LevelTable lt;
+  if (threadIdx.x == 0) make_level_table(s, i, lt);
+  __syncthreads();
+  const KeyList kl = key_list(s, i, i + 1, lt);
   const int64_t n_fine = kl.n_fine, n_coarse = kl.n_coarse;
   const KvArrays arr = kv_arrays(cv, k, v, new_k, new_v);
   float mx = -INFINITY, denom = 0.0f;
   for (int64_t kk = threadIdx.x; kk < n_fine + n_coarse; kk += blockDim.x) {
-    const KeyLoc kloc = key_loc(s, cv, c, table, i, kl.lo, n_fine, kk, kvh);
+    const KeyLoc kloc = key_loc(s, cv, c, table, lt, kl, kk, kvh);
     const float *ks = arr.k[kloc.which] + kloc.off, *vs = arr.v[kloc.which] + kloc.off;
     float sc = kloc.bonus;
 #pragma unroll
@@ -583,6 +605,7 @@ void attention(const FmaShape& s, const CacheView& c, const ChunkDesc* chunks,
                const float* q, const float* k, const float* v, const float* new_k,
                const float* new_v, float* out, cudaStream_t st, bool tensor_cores) {
   if (n_items == 0) return;
+  if (s.L > kMaxLevels) throw Error("CUDA backend: more than 32 FMA levels are not supported");
   const dim3 grid(n_items, s.heads);
   if (!single_queries && s.d == tc::kD && tensor_cores) {
     attention_tc_kernel<<<grid, tc::kWarps * 32, 0, st>>>(s, c, chunks, table, items, q, k, v,
