@@ -33,26 +33,29 @@ __device__ void group_sums(const FmaShape& s, const ChunkDesc& c, const float* W
                            int64_t from, int64_t to, const SumTile& tl, const float* x,
                            float (&acc)[kSumHeads][kSumRanks]) {
   const int pd = s.p * s.d;
-  for (int64_t t = from; t < to; ++t) {
-    const int tg = static_cast<int>(t - g * w);
-    const float* row = x + (int64_t(c.row0) + (t - c.pos0)) * s.kv * s.d;  // all heads of token t
-    // groupedconv and avgpool read channel ch only, conv every input channel.
-    for (int i = s.in > 1 ? 0 : tl.ch; i < (s.in > 1 ? s.d : tl.ch + 1); ++i) {
-      float xv[kSumHeads];
+  // acc += weight(rank) * x[head] for input channel i of token t (tg: its index in the group).
+  auto add = [&](const float* row, int tg, int i) {
+    float xv[kSumHeads];
 #pragma unroll
-      for (int hh = 0; hh < kSumHeads; ++hh)
-        xv[hh] = tl.h0 + hh < s.kv ? row[(tl.h0 + hh) * s.d + i] : 0.0f;
-      const float* wr = W ? W + (int64_t(tg) * pd + tl.ch) * s.in + (s.in > 1 ? i : 0) : nullptr;
+    for (int hh = 0; hh < kSumHeads; ++hh)
+      xv[hh] = tl.h0 + hh < s.kv ? row[(tl.h0 + hh) * s.d + i] : 0.0f;
+    const float* wr = W ? W + (int64_t(tg) * pd + tl.ch) * s.in + (s.in > 1 ? i : 0) : nullptr;
 #pragma unroll
-      for (int rr = 0; rr < kSumRanks; ++rr) {
-        const int r = tl.r0 + rr;
-        if (r >= s.p) break;
-        const float wt = s.avgpool ? (tg / (w / s.p) == r ? 1.0f / (w / s.p) : 0.0f)
-                                   : wr[int64_t(r) * s.d * s.in];
+    for (int rr = 0; rr < kSumRanks; ++rr) {
+      const int r = tl.r0 + rr;
+      if (r >= s.p) break;
+      const float wt =
+          s.avgpool ? (tg / (w / s.p) == r ? 1.0f / (w / s.p) : 0.0f) : wr[int64_t(r) * s.d * s.in];
 #pragma unroll
-        for (int hh = 0; hh < kSumHeads; ++hh) acc[hh][rr] += wt * xv[hh];
-      }
+      for (int hh = 0; hh < kSumHeads; ++hh) acc[hh][rr] += wt * xv[hh];
     }
+  };
+  auto row = [&](int64_t t) { return x + (int64_t(c.row0) + (t - c.pos0)) * s.kv * s.d; };
+  if (s.in > 1) {  // conv: every input channel
+    for (int64_t t = from; t < to; ++t)
+      for (int i = 0; i < s.d; ++i) add(row(t), int(t - g * w), i);
+  } else {  // groupedconv, avgpool: channel ch only
+    for (int64_t t = from; t < to; ++t) add(row(t), int(t - g * w), tl.ch);
   }
 }
 

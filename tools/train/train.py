@@ -21,7 +21,7 @@ import torch
 from fma_model import FmaConfig, FmaModel, save_hf
 
 
-def model_config(exact, tiny=False, downsampling="groupedconv", rank=2):
+def model_config(exact, tiny=False, downsampling="groupedconv", rank=2, scale_attn=True):
     if tiny:  # for smoke tests of the pipeline
         return FmaConfig(vocab_size=8192, hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
                          num_key_value_heads=1, head_dim=32, intermediate_size=128,
@@ -30,7 +30,8 @@ def model_config(exact, tiny=False, downsampling="groupedconv", rank=2):
     return FmaConfig(vocab_size=8192, hidden_size=384, num_hidden_layers=6, num_attention_heads=6,
                      num_key_value_heads=2, head_dim=64, intermediate_size=1024,
                      tie_word_embeddings=True, max_position_embeddings=8192, fma_enabled=not exact,
-                     fma_block_size=64, fma_rank=rank, fma_downsampling=downsampling)
+                     fma_block_size=64, fma_rank=rank, fma_downsampling=downsampling,
+                     fma_scale_attn=scale_attn)
 
 
 def lr_at(step, total, peak, warmup):
@@ -56,12 +57,14 @@ def main():
                     help="export at the end of this run even if the plan is not finished")
     ap.add_argument("--downsampling", default="groupedconv", choices=["avgpool", "groupedconv", "conv"])
     ap.add_argument("--rank", type=int, default=2, help="FMA rank p: summaries per group")
+    ap.add_argument("--no-scale-attn", action="store_true",
+                    help="no log(w/p) bonus on the summaries' scores")
     ap.add_argument("--tiny", action="store_true", help="a tiny model, to smoke-test the pipeline")
     args = ap.parse_args()
     t_start = time.time()
     torch.backends.cuda.matmul.allow_tf32 = True
     dev = args.device
-    cfg = model_config(args.exact, args.tiny, args.downsampling, args.rank)
+    cfg = model_config(args.exact, args.tiny, args.downsampling, args.rank, not args.no_scale_attn)
     n = cfg.max_position_embeddings
     data = np.memmap(os.path.join(args.data, "train.bin"), dtype=np.uint16, mode="r")
     os.makedirs(args.out, exist_ok=True)
