@@ -141,4 +141,46 @@ TEST(Backend, RejectsBadChunks) {
   EXPECT_EQ(b->slot_pos(s), 0);  // nothing was appended
 }
 
+// forward_sample (the host default the CPU backend uses): each chunk's token is the sampler's
+// choice on the logits forward() gives, with its log-probability; rows without parameters get
+// none; malformed calls are refused before anything runs.
+TEST(Backend, ForwardSampleIsTheSamplerOnForwardsLogits) {
+  TempDir dir;
+  const Config c = mp::testing::small_config();
+  auto model = random_model(dir, c);
+  auto b = make_backend(model, {.kind = "cpu", .n_slots = 4, .n_threads = 2});
+  const auto t1 = random_tokens(30, c.vocab_size, 5), t2 = random_tokens(12, c.vocab_size, 6);
+  SamplingParams greedy, wide;
+  greedy.temperature = 0;
+  wide.temperature = 1.2f, wide.top_k = 0, wide.top_p = 0.9f, wide.min_p = 0,
+  wide.repetition_penalty = 1.3f;
+  const int r1 = b->alloc_slot(), r2 = b->alloc_slot(), s1 = b->alloc_slot(), s2 = b->alloc_slot();
+  SeqChunk ref[2] = {{r1, t1, false}, {r2, t2, false}};
+  const auto logits = b->forward(ref);
+  const size_t V = c.vocab_size;
+  const std::span<const float> l1(logits.data(), V), l2(logits.data() + V, V);
+  SeqChunk run[2] = {{s1, t1, false}, {s2, t2, false}};
+  for (double u : {0.05, 0.5, 0.93}) {
+    // Fresh slots each round: reset to position 0 so the chunks are the same prompts again.
+    b->reset_slot(s1);
+    b->reset_slot(s2);
+    const SampleSpec specs[2] = {{&greedy, t1, u, false}, {&wide, t2, u, true}};
+    const auto got = b->forward_sample(run, specs);
+    ASSERT_EQ(got.size(), 2u);
+    EXPECT_EQ(got[0].token, pick_candidate(sample_candidates(greedy, l1, t1), u));
+    EXPECT_EQ(got[1].token, pick_candidate(sample_candidates(wide, l2, t2), u));
+    EXPECT_NEAR(got[1].logprob, log_softmax(l2)[got[1].token], 1e-6);
+    EXPECT_TRUE(got[0].logits.empty());
+    EXPECT_LT(rel_err(got[1].logits, {l2.begin(), l2.end()}), 1e-6);
+  }
+  b->reset_slot(s1);
+  const SampleSpec none[2] = {{}, {&greedy, t2, 0.5, false}};
+  EXPECT_EQ(b->forward_sample(run, none)[0].token, -1);  // a prompt chunk mid-way: no token
+  const int64_t pos = b->slot_pos(s1);
+  SeqChunk all_rows{s1, t1, true};
+  EXPECT_THROW(b->forward_sample({&all_rows, 1}, {none + 1, 1}), Error);
+  EXPECT_THROW(b->forward_sample({run, 2}, {none + 1, 1}), Error);
+  EXPECT_EQ(b->slot_pos(s1), pos);
+}
+
 }  // namespace

@@ -105,6 +105,7 @@ struct Variant {
   Downsampling ds;
   bool fma;
   int kv;
+  int head_dim = 16;  // 64: prefill tiles run on tensor cores
 };
 class CudaModel : public Cuda, public ::testing::WithParamInterface<Variant> {};
 
@@ -114,7 +115,7 @@ TEST_P(CudaModel, LogitsMatchCpuInEveryChunkingPastTrainedLength) {
   c.fma_downsampling = v.ds;
   c.fma_enabled = v.fma;
   c.n_kv_heads = v.kv;
-  c.head_dim = 16;
+  c.head_dim = v.head_dim;
   c.hidden_size = 64;
   TempDir dir;
   auto model = mp::testing::random_model(dir, c, DType::BF16, 7);
@@ -125,18 +126,21 @@ TEST_P(CudaModel, LogitsMatchCpuInEveryChunkingPastTrainedLength) {
   const auto ref = logits_in_chunks(*cpu_b, tokens, 1000);
   for (int chunk : {1000, 1, 3, 8, 56})
     EXPECT_LT(rel_err(logits_in_chunks(*gpu, tokens, chunk), ref), 2e-2) << chunk;
-  // Decode: the GPU against itself, one prefill vs token by token, much tighter.
+  // Decode: the GPU against itself, one prefill vs token by token, much tighter where both run
+  // in fp32 (with head_dim 64 the prefill's products are bf16 on tensor cores).
   const auto g1 = logits_in_chunks(*gpu, tokens, 1000), g2 = logits_in_chunks(*gpu, tokens, 1);
-  EXPECT_LT(rel_err(g2, g1), 2e-3);
+  EXPECT_LT(rel_err(g2, g1), v.head_dim == 64 ? 2e-2 : 2e-3);
 }
 
-INSTANTIATE_TEST_SUITE_P(Models, CudaModel,
-                         ::testing::Values(Variant{"groupedconv", Downsampling::GroupedConv, true,
-                                                   2},
-                                           Variant{"conv", Downsampling::Conv, true, 1},
-                                           Variant{"avgpool", Downsampling::AvgPool, true, 4},
-                                           Variant{"exact", Downsampling::GroupedConv, false, 2}),
-                         [](const auto& info) { return std::string(info.param.name); });
+INSTANTIATE_TEST_SUITE_P(
+    Models, CudaModel,
+    ::testing::Values(Variant{"groupedconv", Downsampling::GroupedConv, true, 2},
+                      Variant{"conv", Downsampling::Conv, true, 1},
+                      Variant{"avgpool", Downsampling::AvgPool, true, 4},
+                      Variant{"exact", Downsampling::GroupedConv, false, 2},
+                      Variant{"groupedconv_d64", Downsampling::GroupedConv, true, 2, 64},
+                      Variant{"exact_d64", Downsampling::GroupedConv, false, 2, 64}),
+    [](const auto& info) { return std::string(info.param.name); });
 
 TEST_F(Cuda, BatchOfSequencesMatchesSeparateRunsAndStatesMoveBetweenBackends) {
   Config c = mp::testing::small_config();
