@@ -3,6 +3,7 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <map>
 #include <random>
 
 #include "attention_rig.h"
@@ -365,6 +366,60 @@ TEST_F(Cuda, TensorCoreAttentionMatchesTheFp32Tile) {
 // One long chunk: every level's summaries, some completed inside the chunk.
 TEST_F(Cuda, TensorCoreAttentionMatchesTheFp32TileOnALongChunk) {
   check_tensor_core_attention({1 << 16, 16, 1, 70000, 0});
+}
+
+// The host side of the CUDA backend's planning (runs without a GPU): decode steps pad to a
+// bucket with no-op rows and items; summary work comes in token order and slices every completed
+// group exactly once.
+TEST(CudaPlan, DecodeStepsPadToBucketsAndSummarySlicesCoverEachGroupOnce) {
+  for (auto [batch, bucket] : std::vector<std::pair<size_t, size_t>>{
+           {1, 1}, {8, 8}, {9, 16}, {64, 64}, {65, 96}, {250, 256}})
+    EXPECT_EQ(cuda::decode_bucket(batch), bucket) << batch;
+  const Config c = mp::testing::attention_config(1 << 14, 4);
+  const int L = c.n_levels();
+  const int64_t cap = 2 * c.fma_block_size;
+  std::vector<int> one = {5};
+  std::vector<SeqChunk> step;
+  std::vector<int64_t> pos(10);
+  for (int i = 0; i < 10; ++i) {
+    step.push_back({i, one, false});
+    pos[i] = 1000 + 333 * i;
+  }
+  const cuda::BatchPlan d = cuda::make_plan(c, cap, step, pos);
+  EXPECT_TRUE(d.padded);
+  EXPECT_EQ(d.T, 16);
+  EXPECT_EQ(d.rows_wanted, 10);
+  EXPECT_EQ(d.rows.size(), 16u);
+  EXPECT_EQ(d.tokens.size(), 16u);
+  ASSERT_EQ(d.attn.size(), 16u);
+  for (size_t i = 10; i < 16; ++i) EXPECT_GE(d.attn[i].q_begin, d.attn[i].q_end);
+  EXPECT_EQ(d.done.size(), 16u * L);
+  EXPECT_EQ(d.filling.size(), 16u * L);
+  for (size_t i = 10 * L; i < d.filling.size(); ++i) EXPECT_LT(d.filling[i].group, 0);
+
+  const std::vector<int> prompt(5000, 7);
+  const SeqChunk chunk{0, prompt, false};
+  const cuda::BatchPlan p = cuda::make_plan(c, cap, {&chunk, 1}, {700});
+  EXPECT_FALSE(p.padded);
+  EXPECT_EQ(p.rows_wanted, 1);
+  for (size_t i = 1; i < p.done.size(); ++i) EXPECT_LE(p.done[i - 1].t_from, p.done[i].t_from);
+  // Per (level, group): the slices tile [max(group start, 700), group end) without overlap.
+  std::map<std::pair<int, int64_t>, std::vector<std::pair<int64_t, int64_t>>> slices;
+  for (const auto& it : p.done) slices[{it.level, it.group}].push_back({it.t_from, it.t_to});
+  int groups = 0;
+  for (int l = 1; l <= L; ++l)
+    groups += int((700 + 5000) / c.group_size(l) - 700 / c.group_size(l));
+  EXPECT_EQ(int(slices.size()), groups);
+  for (auto& [key, ranges] : slices) {
+    std::sort(ranges.begin(), ranges.end());
+    const int64_t w = c.group_size(key.first);
+    int64_t at = std::max<int64_t>(key.second * w, 700);
+    for (auto [from, to] : ranges) {
+      EXPECT_EQ(from, at);
+      at = to;
+    }
+    EXPECT_EQ(at, (key.second + 1) * w);
+  }
 }
 
 }  // namespace
