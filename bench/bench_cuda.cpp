@@ -89,16 +89,7 @@ std::string write_exact_copy(const std::string& path) {
   Config c = m->config();
   c.fma_enabled = false;
   auto kv = config_to_gguf(c);
-  kv[kTokenizerKey] = gguf::Value::bytes([&] {
-    // Re-read the embedded tokenizer from the source file's metadata.
-    std::FILE* f = std::fopen(path.c_str(), "rb");
-    std::fseek(f, 0, SEEK_END);
-    std::vector<uint8_t> all(std::ftell(f));
-    std::fseek(f, 0, SEEK_SET);
-    if (std::fread(all.data(), 1, all.size(), f) != all.size()) throw Error("read failed");
-    std::fclose(f);
-    return gguf::parse(all.data(), all.size()).get_string(kTokenizerKey);
-  }());
+  kv[kTokenizerKey] = gguf::Value::bytes(m->tokenizer().model_bytes());
   std::vector<gguf::TensorOut> outs;
   for (const auto& spec : expected_tensors(c)) {
     const TensorView* t = &m->tensor(spec.name, spec.shape);

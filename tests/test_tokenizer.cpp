@@ -28,6 +28,15 @@ TEST(Tokenizer, RoundTripsTextIncludingBytesOutsideTheVocabulary) {
   }
 }
 
+// model_bytes() gives a model that loads into a tokenizer encoding exactly as the original.
+TEST(Tokenizer, ModelBytesReloadIntoTheSameTokenizer) {
+  const Tokenizer a(fixture_bytes(), mp::testing::small_config());
+  const Tokenizer b(a.model_bytes(), mp::testing::small_config());
+  const std::string text = "Zürich → 東京: the GNU General Public License\n\tis free.";
+  EXPECT_EQ(a.encode(text, true), b.encode(text, true));
+  EXPECT_EQ(b.vocab_size(), a.vocab_size());
+}
+
 TEST(Tokenizer, RefusesGarbage) {
   EXPECT_THROW(Tokenizer("not a model", mp::testing::small_config()), Error);
 }

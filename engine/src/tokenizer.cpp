@@ -22,6 +22,8 @@ Tokenizer::Tokenizer(std::string_view spm_model_bytes, const Config& c)
 
 Tokenizer::~Tokenizer() = default;
 
+std::string Tokenizer::model_bytes() const { return impl_->sp.serialized_model_proto(); }
+
 std::vector<int> Tokenizer::encode(std::string_view text, bool add_bos) const {
   std::vector<int> ids;
   const auto st = impl_->sp.Encode(text, &ids);

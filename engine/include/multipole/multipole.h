@@ -137,6 +137,7 @@ class Tokenizer {
   std::string decode(std::span<const int> ids) const;
   std::string piece(int id) const;
   int vocab_size() const;
+  std::string model_bytes() const;  // the SentencePiece model, serialized (to write a GGUF again)
   int bos() const { return bos_; }
   int eos() const { return eos_; }
   bool add_bos() const { return add_bos_; }
