@@ -251,31 +251,51 @@ struct Server::Impl {
     int prompt_total = 0;
     for (size_t i = 0; i < call.requests.size(); ++i)
       prompt_total += call.prompt_tokens[i / call.n];
+    // The client went away (a write failed): its requests stop at the next step.
+    auto release = [this, ch, ids](bool success) {
+      if (success) return;
+      ch->abandoned = true;
+      for (auto rid : ids) sched.cancel(rid);
+    };
     if (!call.stream) {
-      std::vector<api::ChoiceBuilder> choices(call.requests.size());
-      std::unique_lock<std::mutex> lock(ch->mu);
-      for (;;) {
-        while (!ch->events.empty()) {
-          auto [i, e] = std::move(ch->events.front());
-          ch->events.pop_front();
-          choices[i].add(e, tok, call.logprobs > 0);
-        }
-        if (ch->open == 0) break;
-        ch->cv.wait(lock);
-      }
-      json out = {{"id", id},
-                  {"object", "text_completion"},
-                  {"created", created},
-                  {"model", opts.model_name},
-                  {"choices", json::array()}};
-      int completion_total = 0;
-      for (size_t i = 0; i < choices.size(); ++i) {
-        out["choices"].push_back(choices[i].choice(int(i), call.logprobs > 0, echo_of(int(i))));
-        completion_total += choices[i].completion_tokens;
-      }
-      out["usage"] = api::usage(prompt_total, completion_total);
-      res.set_content(api::dump(out), "application/json");
-      log_completion(id, prompt_total, completion_total, t0, *first_token, false);
+      // The JSON body goes out once every choice is done. Until then a space every 200 ms
+      // (leading whitespace is valid JSON) is the write that finds out whether the client is
+      // still there, so that one that disconnects frees its slots as a streaming one does.
+      auto choices = std::make_shared<std::vector<api::ChoiceBuilder>>(call.requests.size());
+      res.set_chunked_content_provider(
+          "application/json",
+          [=, this, &tok](size_t, httplib::DataSink& sink) {
+            std::unique_lock<std::mutex> lock(ch->mu);
+            ch->cv.wait_for(lock, std::chrono::milliseconds(200), [&] { return ch->open == 0; });
+            while (!ch->events.empty()) {
+              auto [i, e] = std::move(ch->events.front());
+              ch->events.pop_front();
+              (*choices)[i].add(e, tok, call.logprobs > 0);
+            }
+            if (ch->open > 0) {
+              lock.unlock();
+              return sink.write(" ", 1);
+            }
+            lock.unlock();
+            json out = {{"id", id},
+                        {"object", "text_completion"},
+                        {"created", created},
+                        {"model", opts.model_name},
+                        {"choices", json::array()}};
+            int completion_total = 0;
+            for (size_t i = 0; i < choices->size(); ++i) {
+              out["choices"].push_back(
+                  (*choices)[i].choice(int(i), call.logprobs > 0, echo_of(int(i))));
+              completion_total += (*choices)[i].completion_tokens;
+            }
+            out["usage"] = api::usage(prompt_total, completion_total);
+            const std::string body = api::dump(out);
+            if (!sink.write(body.data(), body.size())) return false;
+            sink.done();
+            log_completion(id, prompt_total, completion_total, t0, *first_token, false);
+            return true;
+          },
+          release);
       return;
     }
     res.set_header("Cache-Control", "no-cache");
@@ -335,12 +355,7 @@ struct Server::Impl {
           }
           return true;
         },
-        [this, ch, ids](bool success) {
-          if (success) return;
-          // The client went away: its requests stop at the next step.
-          ch->abandoned = true;
-          for (auto rid : ids) sched.cancel(rid);
-        });
+        release);
   }
 
   std::string metrics() {
