@@ -289,16 +289,13 @@ class CudaBackend final : public Backend {
 
   std::vector<SampledToken> forward_sample(std::span<const SeqChunk> chunks,
                                            std::span<const SampleSpec> specs) override {
-    if (specs.size() != chunks.size()) throw Error("forward_sample: one spec per chunk");
-    for (const SeqChunk& c : chunks)
-      if (c.all_logits) throw Error("forward_sample: chunks must want their last row only");
+    check_sample_call(chunks, specs);
     const int V = c_.vocab_size;
     std::vector<cuda::SampleRow> rows;
     std::vector<int2> pens;
     for (size_t i = 0; i < specs.size(); ++i) {
       const SampleSpec& sp = specs[i];
       if (!sp.params) continue;
-      sp.params->validate();
       const auto counts = penalty_counts(*sp.params, sp.history, V);
       rows.push_back({int(i), *sp.params, int(pens.size()), int(counts.size()), sp.uniform});
       for (const auto& [id, n] : counts) pens.push_back({id, n});
@@ -319,15 +316,15 @@ class CudaBackend final : public Backend {
       SampledToken& t = out[rows[r].row];
       t.token = ids[r];
       t.logprob = lps[r];
-      if (sp.want_logits || t.token < 0) {
-        t.logits.resize(V);
-        check(cudaMemcpy(t.logits.data(), logits_.get() + size_t(rows[r].row) * V, size_t(V) * 4,
-                         cudaMemcpyDeviceToHost),
-              "logits");
-      }
+      if (!sp.want_logits && t.token >= 0) continue;
+      std::vector<float> row(V);
+      check(cudaMemcpy(row.data(), logits_.get() + size_t(rows[r].row) * V, size_t(V) * 4,
+                       cudaMemcpyDeviceToHost),
+            "logits");
       if (t.token < 0) {  // a candidate list longer than the GPU keeps: sampled here
-        t.token = pick_candidate(sample_candidates(*sp.params, t.logits, sp.history), sp.uniform);
-        t.logprob = log_softmax(t.logits)[t.token];
+        t = sample_on_host(sp, row);
+      } else {
+        t.logits = std::move(row);
       }
     }
     return out;
@@ -365,8 +362,8 @@ class CudaBackend final : public Backend {
     const size_t groups = std::max<size_t>(p.new_groups, seqs * c_.n_levels());
     if (groups * nkv * pd > new_pool_) {
       new_pool_ = groups * nkv * pd;
-      moved |= new_kv_.resize(2 * new_pool_);
-      moved = true;
+      new_kv_.resize(2 * new_pool_);
+      moved = true;  // new_v's offset changed even if the memory did not move
     }
     moved |= sel_.resize(R * H);
     moved |= logits_.resize(R * V);

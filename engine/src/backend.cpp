@@ -32,23 +32,31 @@ std::unique_ptr<Backend> make_backend(std::shared_ptr<const Model> model,
   return make_cpu_backend(std::move(model), opts.n_slots, opts.n_threads);
 }
 
-std::vector<SampledToken> Backend::forward_sample(std::span<const SeqChunk> chunks,
-                                                  std::span<const SampleSpec> specs) {
+void check_sample_call(std::span<const SeqChunk> chunks, std::span<const SampleSpec> specs) {
   if (specs.size() != chunks.size()) throw Error("forward_sample: one spec per chunk");
   for (const SeqChunk& c : chunks)
     if (c.all_logits) throw Error("forward_sample: chunks must want their last row only");
+  for (const SampleSpec& sp : specs)
+    if (sp.params) sp.params->validate();
+}
+
+SampledToken sample_on_host(const SampleSpec& spec, std::span<const float> logits) {
+  SampledToken t;
+  t.token = pick_candidate(sample_candidates(*spec.params, logits, spec.history), spec.uniform);
+  t.logprob = log_softmax(logits)[t.token];
+  if (spec.want_logits) t.logits.assign(logits.begin(), logits.end());
+  return t;
+}
+
+std::vector<SampledToken> Backend::forward_sample(std::span<const SeqChunk> chunks,
+                                                  std::span<const SampleSpec> specs) {
+  check_sample_call(chunks, specs);
   const std::vector<float> logits = forward(chunks);
   const size_t V = config().vocab_size;
   std::vector<SampledToken> out(chunks.size());
-  for (size_t i = 0; i < chunks.size(); ++i) {
-    const SampleSpec& sp = specs[i];
-    if (!sp.params) continue;
-    const auto row = std::span<const float>(logits).subspan(i * V, V);
-    SampledToken& t = out[i];
-    t.token = pick_candidate(sample_candidates(*sp.params, row, sp.history), sp.uniform);
-    t.logprob = log_softmax(row)[t.token];
-    if (sp.want_logits) t.logits.assign(row.begin(), row.end());
-  }
+  for (size_t i = 0; i < chunks.size(); ++i)
+    if (specs[i].params)
+      out[i] = sample_on_host(specs[i], std::span<const float>(logits).subspan(i * V, V));
   return out;
 }
 
