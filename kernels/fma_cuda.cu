@@ -59,6 +59,33 @@ __device__ void group_sums(const FmaShape& s, const ChunkDesc& c, const float* W
   }
 }
 
+// Every summary tile of the block: acc starts at init(at, o) for each of its outputs (at: the
+// output's index h * p * d + o in a [kv][p * d] block, o its channel-rank index), takes the tokens
+// [from, to) of group g, and goes to store(at, acc).
+template <int kSumHeads, int kSumRanks, class Init, class Store>
+__device__ void for_each_sum_tile(const FmaShape& s, const ChunkDesc& c, const float* W, int w,
+                                  int64_t g, int64_t from, int64_t to, const float* x, Init init,
+                                  Store store) {
+  const int pd = s.p * s.d;
+  for (int idx = threadIdx.x; idx < sum_tiles<kSumHeads, kSumRanks>(s); idx += blockDim.x) {
+    const SumTile tl = sum_tile<kSumHeads, kSumRanks>(s, idx);
+    auto valid = [&](int hh, int rr) { return tl.h0 + hh < s.kv && tl.r0 + rr < s.p; };
+    auto at = [&](int hh, int rr) { return (tl.h0 + hh) * pd + (tl.r0 + rr) * s.d + tl.ch; };
+    float acc[kSumHeads][kSumRanks];
+#pragma unroll
+    for (int hh = 0; hh < kSumHeads; ++hh)
+#pragma unroll
+      for (int rr = 0; rr < kSumRanks; ++rr)
+        acc[hh][rr] = valid(hh, rr) ? init(at(hh, rr), (tl.r0 + rr) * s.d + tl.ch) : 0.0f;
+    group_sums<kSumHeads, kSumRanks>(s, c, W, w, g, from, to, tl, x, acc);
+#pragma unroll
+    for (int hh = 0; hh < kSumHeads; ++hh)
+#pragma unroll
+      for (int rr = 0; rr < kSumRanks; ++rr)
+        if (valid(hh, rr)) store(at(hh, rr), acc[hh][rr]);
+  }
+}
+
 template <int kSumHeads, int kSumRanks>
 __global__ void summarize_kernel(FmaShape s, CacheView cv, Downsamplers dw, const ChunkDesc* chunks,
                                  const NewGroups* table, const SumItem* items, const float* k,
@@ -77,27 +104,12 @@ __global__ void summarize_kernel(FmaShape s, CacheView cv, Downsamplers dw, cons
   // The group's first slice also brings the bias and what the accumulator holds of the tokens
   // before the chunk.
   const bool first = it.t_from == max(start, c.pos0);
-  for (int idx = threadIdx.x; idx < sum_tiles<kSumHeads, kSumRanks>(s); idx += blockDim.x) {
-    const SumTile tl = sum_tile<kSumHeads, kSumRanks>(s, idx);
-    float acc[kSumHeads][kSumRanks];
-#pragma unroll
-    for (int hh = 0; hh < kSumHeads; ++hh)
-#pragma unroll
-      for (int rr = 0; rr < kSumRanks; ++rr) {
-        const int h = tl.h0 + hh, o = (tl.r0 + rr) * s.d + tl.ch;
-        acc[hh][rr] = h < s.kv && tl.r0 + rr < s.p && first
-                          ? (start < c.pos0 ? acc0[h * pd + o] : 0.0f) + (bias ? bias[o] : 0.0f)
-                          : 0.0f;
-      }
-    group_sums<kSumHeads, kSumRanks>(s, c, W, w, it.group, it.t_from, it.t_to, tl, values ? v : k,
-                                     acc);
-#pragma unroll
-    for (int hh = 0; hh < kSumHeads; ++hh)
-#pragma unroll
-      for (int rr = 0; rr < kSumRanks; ++rr)
-        if (tl.h0 + hh < s.kv && tl.r0 + rr < s.p)
-          atomicAdd(dst + (tl.h0 + hh) * pd + (tl.r0 + rr) * s.d + tl.ch, acc[hh][rr]);
-  }
+  for_each_sum_tile<kSumHeads, kSumRanks>(
+      s, c, W, w, it.group, it.t_from, it.t_to, values ? v : k,
+      [&](int at, int o) {
+        return first ? (start < c.pos0 ? acc0[at] : 0.0f) + (bias ? bias[o] : 0.0f) : 0.0f;
+      },
+      [&](int at, float a) { atomicAdd(dst + at, a); });
 }
 
 template <int kSumHeads, int kSumRanks>
@@ -111,26 +123,11 @@ __global__ void accumulate_kernel(FmaShape s, CacheView cv, Downsamplers dw,
   const int l = it.level, w = s.m << (l - 1), pd = s.p * s.d;
   const float* W = s.avgpool ? nullptr : (values ? dw.wv : dw.wk)[l - 1];
   float* acc0 = (values ? cv.acc_v : cv.acc_k) + (int64_t(c.slot) * s.L + l - 1) * s.kv * pd;
-  const int64_t start = it.group * w, end = c.pos0 + c.T;
-  for (int idx = threadIdx.x; idx < sum_tiles<kSumHeads, kSumRanks>(s); idx += blockDim.x) {
-    const SumTile tl = sum_tile<kSumHeads, kSumRanks>(s, idx);
-    float acc[kSumHeads][kSumRanks];
-#pragma unroll
-    for (int hh = 0; hh < kSumHeads; ++hh)
-#pragma unroll
-      for (int rr = 0; rr < kSumRanks; ++rr) {
-        const int h = tl.h0 + hh, o = (tl.r0 + rr) * s.d + tl.ch;
-        acc[hh][rr] = h < s.kv && tl.r0 + rr < s.p && start < c.pos0 ? acc0[h * pd + o] : 0.0f;
-      }
-    group_sums<kSumHeads, kSumRanks>(s, c, W, w, it.group, max(start, c.pos0), end, tl,
-                                     values ? v : k, acc);
-#pragma unroll
-    for (int hh = 0; hh < kSumHeads; ++hh)
-#pragma unroll
-      for (int rr = 0; rr < kSumRanks; ++rr)
-        if (tl.h0 + hh < s.kv && tl.r0 + rr < s.p)
-          acc0[(tl.h0 + hh) * pd + (tl.r0 + rr) * s.d + tl.ch] = acc[hh][rr];
-  }
+  const int64_t start = it.group * w;
+  for_each_sum_tile<kSumHeads, kSumRanks>(
+      s, c, W, w, it.group, max(start, c.pos0), c.pos0 + c.T, values ? v : k,
+      [&](int at, int) { return start < c.pos0 ? acc0[at] : 0.0f; },
+      [&](int at, float a) { acc0[at] = a; });
 }
 
 // The arrays a key (or its value: same layout, twin array) can live in.
