@@ -251,6 +251,14 @@ struct Server::Impl {
     int prompt_total = 0;
     for (size_t i = 0; i < call.requests.size(); ++i)
       prompt_total += call.prompt_tokens[i / call.n];
+    // A completion object around its choices, the same in every response shape.
+    auto completion = [=, this](json choices) {
+      return json{{"id", id},
+                  {"object", "text_completion"},
+                  {"created", created},
+                  {"model", opts.model_name},
+                  {"choices", std::move(choices)}};
+    };
     // The client went away (a write failed): its requests stop at the next step.
     auto release = [this, ch, ids](bool success) {
       if (success) return;
@@ -277,11 +285,7 @@ struct Server::Impl {
               return sink.write(" ", 1);
             }
             lock.unlock();
-            json out = {{"id", id},
-                        {"object", "text_completion"},
-                        {"created", created},
-                        {"model", opts.model_name},
-                        {"choices", json::array()}};
+            json out = completion(json::array());
             int completion_total = 0;
             for (size_t i = 0; i < choices->size(); ++i) {
               out["choices"].push_back(
@@ -331,23 +335,15 @@ struct Server::Impl {
                       {"finish_reason", e.done ? json(api::finish_reason(e)) : json(nullptr)}};
             (*offsets)[i] += e.text.size();
             if (e.done) *completion_total += e.completion_tokens;
-            if (!send({{"id", id},
-                       {"object", "text_completion"},
-                       {"created", created},
-                       {"model", opts.model_name},
-                       {"choices", {c}}}))
-              return false;
+            if (!send(completion(json::array({c})))) return false;
           }
           if (finished && !*sent_done) {
             *sent_done = true;
-            if (call.include_usage &&
-                !send({{"id", id},
-                       {"object", "text_completion"},
-                       {"created", created},
-                       {"model", opts.model_name},
-                       {"choices", json::array()},
-                       {"usage", api::usage(prompt_total, *completion_total)}}))
-              return false;
+            if (call.include_usage) {
+              json usage = completion(json::array());
+              usage["usage"] = api::usage(prompt_total, *completion_total);
+              if (!send(usage)) return false;
+            }
             const std::string done = "data: [DONE]\n\n";
             if (!sink.write(done.data(), done.size())) return false;
             sink.done();
