@@ -8,6 +8,7 @@ import unittest
 import torch
 
 from fma_model import FmaConfig, FmaModel, Downsample, fma_attention, fma_attention_slow
+from train import model_config, param_groups
 
 
 def rel(a, b):
@@ -47,6 +48,25 @@ class FastVsSlow(unittest.TestCase):
         short = ids[:, :16]  # 2m tokens: FMA is exact attention
         self.assertLess(rel(model(short), exact(short)), 1e-10)
         self.assertGreater(rel(model(ids), exact(ids)), 1e-4)
+
+
+class OptimiserGroups(unittest.TestCase):
+    def test_summary_weights_learn_in_proportion_to_their_size(self):
+        cfg = model_config(exact=False, tiny=True)
+        model = FmaModel(cfg)
+        groups = param_groups(model, cfg)
+        grouped = [id(p) for g in groups for p in g["params"]]
+        self.assertEqual(sorted(grouped), sorted(id(p) for p in model.parameters()))
+        setting = {id(p): (g["lr_scale"], g["weight_decay"]) for g in groups for p in g["params"]}
+        for name, prm in model.named_parameters():
+            if ".fma." in name and name.endswith(".weight"):
+                w = prm.shape[-1]  # the group size of its level
+                self.assertEqual(setting[id(prm)], (cfg.fma_block_size / w, 0.0), name)
+            else:
+                self.assertEqual(setting[id(prm)], (1.0, 0.1 if prm.dim() >= 2 else 0.0), name)
+        levels = {cfg.fma_block_size / cfg.group_size(l) for l in range(1, cfg.levels + 1)}
+        self.assertEqual({s for s, _ in setting.values()}, levels | {1.0})
+        self.assertEqual(len(levels), cfg.levels)
 
 
 if __name__ == "__main__":

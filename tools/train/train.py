@@ -34,6 +34,20 @@ def model_config(exact, tiny=False, downsampling="groupedconv", rank=2, scale_at
                      fma_scale_attn=scale_attn)
 
 
+def param_groups(model, cfg):
+    """AdamW's parameter groups. Adam moves every weight by about lr a step whatever its size, but
+    a level-l summary weight is about 1/w_l (it starts as a mean over w_l keys): at the shared lr
+    the far levels' weights (1/2048) drown in noise within a few steps. Their lr is scaled by
+    m / w_l, so every level moves by the same fraction of its size, and they are not decayed."""
+    groups = {}
+    for name, prm in model.named_parameters():
+        scale, decay = 1.0, (0.1 if prm.dim() >= 2 else 0.0)
+        if ".fma." in name and name.endswith(".weight"):  # self_attn.fma.{k,v}_down.<level-1>
+            scale, decay = cfg.fma_block_size / cfg.group_size(int(name.split(".")[-2]) + 1), 0.0
+        groups.setdefault((scale, decay), []).append(prm)
+    return [{"params": ps, "lr_scale": s, "weight_decay": wd} for (s, wd), ps in groups.items()]
+
+
 def lr_at(step, total, peak, warmup):
     if step < warmup:
         return peak * (step + 1) / warmup
@@ -73,11 +87,7 @@ def main():
 
     torch.manual_seed(args.seed)
     model = FmaModel(cfg).to(dev)
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1},
-                             {"params": no_decay, "weight_decay": 0.0}],
-                            lr=args.lr, betas=(0.9, 0.95), **({"fused": True} if dev == "cuda" else {}))
+    opt = torch.optim.AdamW(param_groups(model, cfg), lr=args.lr, betas=(0.9, 0.95), **({"fused": True} if dev == "cuda" else {}))
     state = {"step": 0, "total_steps": None, "tokens": 0, "train_seconds": 0.0}
     rng = np.random.default_rng(args.seed)
     if os.path.exists(ckpt_path):
@@ -111,7 +121,7 @@ def main():
         t0 = time.time()
         lr = lr_at(state["step"], state["total_steps"] or 10**9, args.lr, args.warmup)
         for g in opt.param_groups:
-            g["lr"] = lr
+            g["lr"] = lr * g["lr_scale"]
         x, y = batch()
         with torch.autocast(dev, dtype=torch.bfloat16):
             loss = model.loss(x, y)
