@@ -55,6 +55,29 @@ def nll_windows(model, ids, ctx, device, bf16):
     return torch.cat(out)
 
 
+def by_position_same_text(model, val, docs, device, bf16, n=8192, step=1024):
+    """Perplexity by position with the text held fixed. On whole documents a position bucket also
+    changes the text (documents open with titles and tables of contents), so here every token t of
+    [n, 2n) of each document of at least 2n tokens is scored at n / step positions: in the windows
+    of n tokens that start at s = t - n + step, ..., t (multiples of step). Each bucket then holds
+    the same tokens, and only the context before them differs."""
+    edges = [e for e in (0, 128, 512, 1024, 2048, 4096) if e < n] + [n]
+    sums, counts = np.zeros(len(edges) - 1), np.zeros(len(edges) - 1)
+    bucket = np.searchsorted(edges, np.arange(n), side="right") - 1
+    long_docs = [d for d in docs if d["length"] >= 2 * n]
+    for d in long_docs:
+        for s in range(step, 2 * n, step):
+            ids = val[d["start"] + s:d["start"] + min(s + n, d["length"])]
+            nll = nll_windows(model, ids, n, device, bf16).numpy()
+            pos = np.arange(len(nll))
+            keep = (s + 1 + pos >= n) & (s + 1 + pos < 2 * n)  # nll[i]: token s + 1 + i, seen from i
+            np.add.at(sums, bucket[pos[keep]], nll[keep])
+            np.add.at(counts, bucket[pos[keep]], 1)
+    return {"same_text_docs": len(long_docs),
+            "ppl_by_position_same_text": {f"{edges[b]}-{edges[b + 1]}": math.exp(sums[b] / counts[b])
+                                          for b in range(len(edges) - 1)}}
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("hf")
@@ -88,6 +111,7 @@ def main():
     res["long_docs"] = len(long_docs)
     res["ppl_by_position"] = {f"{edges[b]}-{edges[b + 1]}": math.exp(sums[b] / counts[b])
                               for b in range(4) if counts[b]}
+    res.update(by_position_same_text(model, val, docs, args.device, bf16))
     # Parity sample in float32 with the weights as stored (bf16-rounded).
     ids = val[:args.parity_tokens]
     nll = nll_windows(model.float(), ids, 8192, args.device, False)
