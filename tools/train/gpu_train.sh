@@ -5,18 +5,23 @@
 # Hugging Face folder, split in pieces small enough to come back.
 # usage (repository root, GPU machine): tools/train/gpu_train.sh DATA_DIR OUT_DIR PIECE_MINUTES
 # FMA_ARGS (environment) goes to the FMA model's train.py, e.g. "--downsampling avgpool --rank 4";
-# SEED (default 0) to both: it fixes the initialisation and the order of the training windows.
+# SEED (default 0) to both: it fixes the initialisation and the order of the training windows;
+# STEPS, when set, fixes both plans' length in steps (the same tokens for both) instead of in time.
+# RESUME=1 continues the runs left in /tmp by the previous call, when the machine was still warm
+# (see docs/MODEL.md); otherwise they start afresh.
 set -euo pipefail
 data=$(realpath "$1") out=$2 piece=${3:-3.4}
+[ -n "${RESUME:-}" ] || rm -rf /tmp/fma /tmp/exact
 export PYTHONUNBUFFERED=1
 cd tools/train
 python3 test_fma_model.py 2>&1 | tail -3
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 # Each piece loses about 40 s to start-up and saving.
 plan=$(python3 -c "print(2 * ($piece - 0.7))")
+steps=${STEPS:+--plan-steps $STEPS}
 for final in "" --final; do
-  python3 train.py --data "$data" --out /tmp/fma --minutes "$piece" --plan-minutes "$plan" --seed "${SEED:-0}" $final ${FMA_ARGS:-} &
-  python3 train.py --data "$data" --out /tmp/exact --exact --minutes "$piece" --plan-minutes "$plan" --seed "${SEED:-0}" $final &
+  python3 train.py --data "$data" --out /tmp/fma --minutes "$piece" --plan-minutes "$plan" --seed "${SEED:-0}" $steps $final ${FMA_ARGS:-} &
+  python3 train.py --data "$data" --out /tmp/exact --exact --minutes "$piece" --plan-minutes "$plan" --seed "${SEED:-0}" $steps $final &
   wait
   tail -n 3 /tmp/fma/train.log /tmp/exact/train.log
 done

@@ -3,9 +3,9 @@
 
 bf16 autocast, AdamW, linear warm-up then cosine decay, gradient clipping. Each run trains for at
 most --minutes and leaves OUT/last.pt, which the next run resumes (model, optimiser, step, data
-position, schedule). The schedule's length is fixed on the first run: --plan-minutes of training
-at the speed measured over its first steps. When the plan is done, the run exports the Hugging
-Face folder OUT/hf (bf16 safetensors) for multipole-convert.
+position, schedule). The schedule's length is fixed on the first run: --plan-steps, or the steps
+that fit in --plan-minutes of training at the speed measured over its first steps. When the plan
+is done, the run exports the Hugging Face folder OUT/hf (bf16 safetensors) for multipole-convert.
 
 usage: train.py --data DIR --out DIR [--exact] [--minutes M] [--plan-minutes M] ...
 """
@@ -62,6 +62,8 @@ def main():
     ap.add_argument("--exact", action="store_true", help="exact attention (the baseline twin)")
     ap.add_argument("--minutes", type=float, default=9.0, help="wall-clock budget of this run")
     ap.add_argument("--plan-minutes", type=float, default=9.0, help="training time of the whole plan")
+    ap.add_argument("--plan-steps", type=int, help="the plan's length in steps, instead of in time "
+                    "(to give two models the same tokens)")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--warmup", type=int, default=150)
@@ -88,7 +90,7 @@ def main():
     torch.manual_seed(args.seed)
     model = FmaModel(cfg).to(dev)
     opt = torch.optim.AdamW(param_groups(model, cfg), lr=args.lr, betas=(0.9, 0.95), **({"fused": True} if dev == "cuda" else {}))
-    state = {"step": 0, "total_steps": None, "tokens": 0, "train_seconds": 0.0}
+    state = {"step": 0, "total_steps": args.plan_steps, "tokens": 0, "train_seconds": 0.0}
     rng = np.random.default_rng(args.seed)
     if os.path.exists(ckpt_path):
         ck = torch.load(ckpt_path, map_location=dev, weights_only=False)
