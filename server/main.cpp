@@ -15,7 +15,7 @@ void on_signal(int) { g_stop = true; }
 int main(int argc, char** argv) {
   mp::cli::Args a(argc, argv, {"quiet"},
                   "usage: multipole-server [options]\n"
-                  "  --model FILE      GGUF model (default models/default.gguf)\n"
+                  "  -m, --model FILE  GGUF model (default models/default.gguf)\n"
                   "  --host ADDR       address to bind (default 127.0.0.1)\n"
                   "  --port N          port (default 8080)\n"
                   "  --slots N         sequences generated at once (default 8)\n"
@@ -26,7 +26,8 @@ int main(int argc, char** argv) {
                   "  --http-threads N  HTTP worker threads, one per open stream (default 128)\n"
                   "  --backend KIND    auto, cpu or cuda (default auto)\n"
                   "  --name NAME       model id reported by /v1/models (default multipole)\n"
-                  "  --quiet           no access log\n");
+                  "  --quiet           no access log\n",
+                  {{"m", "model"}});
   a.check_known({"model", "host", "port", "slots", "max-queue", "ctx-limit", "api-key", "threads",
                  "http-threads", "backend", "name", "quiet"});
   try {

@@ -16,12 +16,13 @@ using mp::api::json;
 int main(int argc, char** argv) {
   mp::cli::Args a(argc, argv, {"resume"},
                   "usage: multipole-batch --input IN.jsonl --output OUT.jsonl [options]\n"
-                  "  --model FILE     GGUF model (default models/default.gguf)\n"
+                  "  -m, --model FILE GGUF model (default models/default.gguf)\n"
                   "  --resume         skip ids already in OUT.jsonl and append to it\n"
                   "  --slots N        sequences generated at once (default 16)\n"
                   "  --ctx-limit N    most prompt tokens per request (default: trained length)\n"
                   "  --threads N      CPU threads (default: all cores)\n"
-                  "  --backend KIND   auto, cpu or cuda (default auto)\n");
+                  "  --backend KIND   auto, cpu or cuda (default auto)\n",
+                  {{"m", "model"}});
   a.check_known({"input", "output", "model", "resume", "slots", "ctx-limit", "threads", "backend"});
   if (!a.has("input") || !a.has("output")) a.fail("--input and --output are required");
   try {

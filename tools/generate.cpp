@@ -12,8 +12,8 @@ namespace {
 const char* kUsage =
     "usage: multipole-generate [options] [PROMPT...]\n"
     "Writes a completion of PROMPT (or of standard input when no prompt is given) to stdout.\n"
-    "  --model FILE           GGUF model (default models/default.gguf)\n"
-    "  --prompt TEXT          the prompt (instead of positional words)\n"
+    "  -m, --model FILE       GGUF model (default models/default.gguf)\n"
+    "  -p, --prompt TEXT      the prompt (instead of positional words)\n"
     "  -n, --max-tokens N     tokens to generate (default 128)\n"
     "  --stop TEXT            stop when TEXT appears (repeatable)\n"
     "  --ignore-eos           keep generating past the end-of-sequence token\n"
@@ -27,10 +27,8 @@ double seconds_since(std::chrono::steady_clock::time_point t0) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  // Accept the llama.cpp spelling -n.
-  for (int i = 1; i < argc; ++i)
-    if (std::string(argv[i]) == "-n") argv[i] = const_cast<char*>("--max-tokens");
-  mp::cli::Args args(argc, argv, {"ignore-eos"}, std::string(kUsage) + mp::cli::kSamplingUsage);
+  mp::cli::Args args(argc, argv, {"ignore-eos"}, std::string(kUsage) + mp::cli::kSamplingUsage,
+                     {{"m", "model"}, {"p", "prompt"}, {"n", "max-tokens"}});
   auto known = mp::cli::kSamplingOptions;
   known.insert(
       {"model", "prompt", "max-tokens", "stop", "ignore-eos", "chunk", "backend", "threads"});

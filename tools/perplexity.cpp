@@ -13,7 +13,7 @@
 int main(int argc, char** argv) {
   mp::cli::Args args(
       argc, argv, {"ids"},
-      "usage: multipole-perplexity --model FILE [options] FILE\n"
+      "usage: multipole-perplexity -m, --model FILE [options] FILE\n"
       "Prints the perplexity of FILE under the model.\n"
       "  --ids             FILE holds whitespace-separated token ids, not text\n"
       "  --ctx N           evaluation window: the tokens are cut into windows of N, each\n"
@@ -21,7 +21,8 @@ int main(int argc, char** argv) {
       "  --chunk N         prefill chunk size (default 512)\n"
       "  --nll-out FILE    write the per-token negative log-likelihoods (nats) as JSON\n"
       "  --backend KIND    auto, cpu or cuda (default auto)\n"
-      "  --threads N       CPU threads (default: all cores)\n");
+      "  --threads N       CPU threads (default: all cores)\n",
+      {{"m", "model"}});
   args.check_known({"model", "ids", "ctx", "chunk", "nll-out", "backend", "threads"});
   if (args.positional().size() != 1) args.fail("expected one input FILE");
   const long long ctx = args.integer("ctx", 0);

@@ -1,6 +1,8 @@
-// A small command-line parser shared by the tools: --name value, --flag, positional arguments.
+// A small command-line parser shared by the tools: --name value, --flag, positional arguments,
+// and the short spellings a tool names (-m for --model, as llama.cpp users type).
 #pragma once
 
+#include <cctype>
 #include <cstdio>
 #include <cstdlib>
 #include <map>
@@ -12,14 +14,21 @@ namespace mp::cli {
 
 class Args {
  public:
-  // `flags` take no value; every other --name takes one.
-  Args(int argc, char** argv, std::set<std::string> flags, std::string usage)
+  // `flags` take no value; every other --name takes one. `short_names` maps "m" to "model".
+  // Any other -x is an error rather than a word of the prompt; "-" and "-5" stay positional.
+  Args(int argc, char** argv, std::set<std::string> flags, std::string usage,
+       const std::map<std::string, std::string>& short_names = {})
       : usage_(std::move(usage)) {
     for (int i = 1; i < argc; ++i) {
       std::string a = argv[i];
       if (a == "-h" || a == "--help") {
         std::fputs(usage_.c_str(), stdout);
         std::exit(0);
+      }
+      if (a.size() >= 2 && a[0] == '-' && std::isalpha(static_cast<unsigned char>(a[1]))) {
+        auto it = short_names.find(a.substr(1));
+        if (it == short_names.end()) fail("unknown option " + a);
+        a = "--" + it->second;
       }
       if (a.rfind("--", 0) == 0) {
         const std::string name = a.substr(2);
