@@ -3,9 +3,10 @@
 
 Prints and writes JSON with: perplexity at context 512 and 8192 (the validation stream cut into
 windows, each from an empty state), perplexity by position bucket on the long validation
-documents (each evaluated whole, up to --max-doc tokens), and a parity sample: the per-token NLL
-of the first --parity-tokens validation tokens at context 8192 in float32, for comparison with
-multipole-perplexity (engine_parity.py).
+documents (each evaluated whole, up to --max-doc tokens), perplexity by position on the same text
+(by_position_same_text), and a parity sample: the per-token NLL of the first --parity-tokens
+validation tokens at context 8192 in float32, for comparison with multipole-perplexity
+(engine_parity.py).
 
 usage: evaluate.py HF_DIR DATA_DIR OUT.json [--device cuda] [--max-doc N]
 """
