@@ -101,11 +101,42 @@ __device__ void sort_descending(Key* keys, int n) {  // bitonic; n a power of tw
     }
 }
 
+using Scan = cub::BlockScan<double, kThreads>;
+
+// No top-k, top-p or min-p: the host keeps every token in id order (sampler.cpp), so the draw
+// is a scan over the vocabulary, thread t owning ids [t * per, (t + 1) * per); no sort.
+__device__ int sample_in_id_order(const float* row, int vocab, const SampleRow& r, const int2* pens,
+                                  typename Scan::TempStorage& scan, double u) {
+  const int per = (vocab + kThreads - 1) / kThreads, i0 = threadIdx.x * per;
+  const int i1 = min(vocab, i0 + per);
+  float mx = -INFINITY;
+  for (int i = i0; i < i1; ++i) mx = fmaxf(mx, penalized_logit(row, i, r, pens));
+  const double top = block_reduce(mx, Max{}, -INFINITY), T = r.params.temperature;
+  auto weight = [&](int i) { return exp((double(penalized_logit(row, i, r, pens)) - top) / T); };
+  double z = 0;
+  for (int i = i0; i < i1; ++i) z += weight(i);
+  const double Z = block_reduce(z, Sum{}, 0.0);
+  double s = 0;  // the host renormalises once more and rounds each probability to float
+  for (int i = i0; i < i1; ++i) s += weight(i) / Z;
+  const double S = block_reduce(s, Sum{}, 0.0);
+  double mine = 0, before;
+  for (int i = i0; i < i1; ++i) mine += double(float(weight(i) / Z / S));
+  Scan(scan).ExclusiveSum(mine, before);
+  int first = vocab - 1;
+  for (int i = i0; i < i1; ++i) {
+    before += double(float(weight(i) / Z / S));
+    if (u < before) {
+      first = i;
+      break;
+    }
+  }
+  return -block_reduce(-first, Max{}, -(vocab - 1));
+}
+
 __global__ void __launch_bounds__(kThreads)
     sample_kernel(const float* logits, int vocab, const SampleRow* rows, const int2* all_pens,
                   int* tokens, float* logprobs) {
   extern __shared__ Key keys[];  // kMaxSampleCandidates
-  using Scan = cub::BlockScan<double, kThreads>;
   __shared__ typename Scan::TempStorage scan;
   const SampleRow r = rows[blockIdx.x];
   const SamplingParams& p = r.params;
@@ -136,6 +167,8 @@ __global__ void __launch_bounds__(kThreads)
     return finish(key_id(block_reduce(best, Max{}, Key(0))));
   }
   const bool top_k_on = p.top_k > 0 && p.top_k < vocab;
+  if (!top_k_on && p.top_p >= 1.0f && p.min_p <= 0)
+    return finish(sample_in_id_order(row, vocab, r, pens, scan, r.uniform));
   const bool all_kept = vocab <= kMaxSampleCandidates;
   if (!all_kept && top_k_on && p.top_k > kMaxSampleCandidates) return finish(-1);
   int n = vocab;

@@ -64,6 +64,21 @@ TEST(Sampler, ProbabilitiesAreRenormalised) {
   EXPECT_NEAR(c[1].second, 0.25 / 0.65, 1e-6);
 }
 
+TEST(Sampler, WithoutFiltersEveryTokenStaysInIdOrder) {
+  auto p = plain();
+  p.temperature = 0.5f;  // probabilities proportional to p^2
+  const auto c = Sampler(p).candidates(kLogits, {});
+  double z = 0;
+  for (float l : kLogits) z += std::exp(2.0 * l);
+  ASSERT_EQ(c.size(), kLogits.size());
+  for (size_t i = 0; i < c.size(); ++i) {
+    EXPECT_EQ(c[i].first, int(i));
+    EXPECT_NEAR(c[i].second, std::exp(2.0 * kLogits[i]) / z, 1e-6);
+  }
+  EXPECT_EQ(pick_candidate(c, 0.0), 0);
+  EXPECT_EQ(pick_candidate(c, 0.999999), 5);
+}
+
 TEST(Sampler, GreedyTakesTheArgmax) {
   auto p = plain();
   p.temperature = 0;

@@ -185,7 +185,8 @@ struct SamplingParams {
 };
 
 // The candidates that survive the filters (after penalties, temperature, top-k, top-p, min-p),
-// sorted by probability (ties: lower id first), with their renormalised probabilities.
+// sorted by probability (ties: lower id first), with their renormalised probabilities; with all
+// three filters off, the whole vocabulary in id order.
 // history: the ids the penalties see (prompt and generated so far).
 std::vector<std::pair<int, float>> sample_candidates(const SamplingParams& p,
                                                      std::span<const float> logits,
