@@ -103,8 +103,8 @@ __device__ void sort_descending(Key* keys, int n) {  // bitonic; n a power of tw
 
 using Scan = cub::BlockScan<double, kThreads>;
 
-// No top-k, top-p or min-p: the host keeps every token in id order (sampler.cpp), so the draw
-// is a scan over the vocabulary, thread t owning ids [t * per, (t + 1) * per); no sort.
+// keeps_whole_vocabulary: the host keeps every token in id order (sampler.cpp), so the draw is a
+// scan over the vocabulary, thread t owning ids [t * per, (t + 1) * per); no sort.
 __device__ int sample_in_id_order(const float* row, int vocab, const SampleRow& r, const int2* pens,
                                   typename Scan::TempStorage& scan, double u) {
   const int per = (vocab + kThreads - 1) / kThreads, i0 = threadIdx.x * per;
@@ -166,9 +166,9 @@ __global__ void __launch_bounds__(kThreads)
     }
     return finish(key_id(block_reduce(best, Max{}, Key(0))));
   }
-  const bool top_k_on = p.top_k > 0 && p.top_k < vocab;
-  if (!top_k_on && p.top_p >= 1.0f && p.min_p <= 0)
+  if (keeps_whole_vocabulary(p, vocab))
     return finish(sample_in_id_order(row, vocab, r, pens, scan, r.uniform));
+  const bool top_k_on = p.top_k > 0 && p.top_k < vocab;
   const bool all_kept = vocab <= kMaxSampleCandidates;
   if (!all_kept && top_k_on && p.top_k > kMaxSampleCandidates) return finish(-1);
   int n = vocab;

@@ -67,15 +67,13 @@ std::vector<std::pair<int, float>> sample_candidates(const SamplingParams& p,
   for (int i = 0; i < n; ++i) c[i] = {i, logits[i]};
   for (const auto& [id, k] : penalty_counts(p, history, n))
     c[id].second = penalized(c[id].second, p, k);
-  // With no top-k, top-p or min-p every token stays, in the vocabulary's order: the draw's
-  // distribution is the same, and neither the host nor the GPU sorts the whole vocabulary.
-  const bool truncated = (p.top_k > 0 && p.top_k < n) || p.top_p < 1.0f || p.min_p > 0;
-  if (p.temperature <= 0 || truncated)
+  if (p.temperature <= 0 || !keeps_whole_vocabulary(p, n))
     std::stable_sort(c.begin(), c.end(), [](auto& a, auto& b) { return a.second > b.second; });
   if (p.temperature <= 0) return {{c[0].first, 1.0f}};
   if (p.top_k > 0 && p.top_k < n) c.resize(p.top_k);
-  double mx = c[0].second;
-  for (const auto& e : c) mx = std::max(mx, e.second);
+  const double mx = std::max_element(c.begin(), c.end(), [](auto& a, auto& b) {
+                      return a.second < b.second;
+                    })->second;
   double sum = 0;
   for (auto& [id, l] : c) sum += (l = std::exp((l - mx) / p.temperature));
   for (auto& e : c) e.second /= sum;

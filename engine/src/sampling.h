@@ -23,6 +23,12 @@ MP_HOST_DEVICE inline T penalized(T l, const SamplingParams& p, int count) {
   return l - (p.presence_penalty + T(p.frequency_penalty) * count);
 }
 
+// True when top-k, top-p and min-p are all off: every token stays a candidate, in id order, so
+// neither the host nor the GPU sorts the vocabulary (the draw's distribution is the same).
+MP_HOST_DEVICE inline bool keeps_whole_vocabulary(const SamplingParams& p, int vocab) {
+  return (p.top_k <= 0 || p.top_k >= vocab) && p.top_p >= 1.0f && p.min_p <= 0;
+}
+
 // (id, count) of every distinct id in the penalties' window of `history`, ids outside [0, vocab)
 // ignored; empty when no penalty is on.
 std::vector<std::pair<int, int>> penalty_counts(const SamplingParams& p,

@@ -18,10 +18,11 @@ python3 test_fma_model.py 2>&1 | tail -3
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 # Each piece loses about 40 s to start-up and saving.
 plan=$(python3 -c "print(2 * ($piece - 0.7))")
-steps=${STEPS:+--plan-steps $STEPS}
+both=(--data "$data" --minutes "$piece" --plan-minutes "$plan" --seed "${SEED:-0}"
+      ${STEPS:+--plan-steps "$STEPS"})
 for final in "" --final; do
-  python3 train.py --data "$data" --out /tmp/fma --minutes "$piece" --plan-minutes "$plan" --seed "${SEED:-0}" $steps $final ${FMA_ARGS:-} &
-  python3 train.py --data "$data" --out /tmp/exact --exact --minutes "$piece" --plan-minutes "$plan" --seed "${SEED:-0}" $steps $final &
+  python3 train.py "${both[@]}" --out /tmp/fma $final ${FMA_ARGS:-} &
+  python3 train.py "${both[@]}" --out /tmp/exact --exact $final &
   wait
   tail -n 3 /tmp/fma/train.log /tmp/exact/train.log
 done

@@ -89,7 +89,8 @@ def main():
 
     torch.manual_seed(args.seed)
     model = FmaModel(cfg).to(dev)
-    opt = torch.optim.AdamW(param_groups(model, cfg), lr=args.lr, betas=(0.9, 0.95), **({"fused": True} if dev == "cuda" else {}))
+    opt = torch.optim.AdamW(param_groups(model, cfg), lr=args.lr, betas=(0.9, 0.95),
+                            **({"fused": True} if dev == "cuda" else {}))
     state = {"step": 0, "total_steps": args.plan_steps, "tokens": 0, "train_seconds": 0.0}
     rng = np.random.default_rng(args.seed)
     if os.path.exists(ckpt_path):
