@@ -4,7 +4,7 @@
 #include <cstdio>
 #include <thread>
 
-#include "../tools/common/args.h"
+#include "common/args.h"
 #include "server.h"
 
 namespace {

@@ -10,7 +10,7 @@
 #include <deque>
 #include <mutex>
 
-#include "api.h"
+#include "common/api.h"
 
 namespace mp {
 

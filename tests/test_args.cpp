@@ -1,4 +1,4 @@
-// The tools' command-line parser (tools/common/args.h).
+// The tools' command-line parser (engine/common/args.h).
 #include <gtest/gtest.h>
 
 #include <string>

@@ -8,7 +8,7 @@
 #include <mutex>
 #include <set>
 
-#include "api.h"
+#include "common/api.h"
 #include "common/args.h"
 
 using mp::api::json;

@@ -1,7 +1,7 @@
 // make-test-checkpoint: writes a random HF checkpoint for the cross-check scripts.
 #include <cstdio>
 
-#include "../../tools/common/args.h"
+#include "common/args.h"
 #include "checkpoint.h"
 
 int main(int argc, char** argv) {
