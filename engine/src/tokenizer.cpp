@@ -1,5 +1,7 @@
 #include <sentencepiece_processor.h>
 
+#include <algorithm>
+
 #include "multipole/multipole.h"
 
 namespace mp {
@@ -8,19 +10,62 @@ struct Tokenizer::Impl {
   sentencepiece::SentencePieceProcessor sp;
 };
 
+namespace {
+const std::string kSpaceSymbol = "\xE2\x96\x81";  // U+2581, SentencePiece's space
+const std::string kReplacement = "\xEF\xBF\xBD";  // U+FFFD
+
+std::string replace_space_symbols(std::string s) {
+  for (size_t p = 0; (p = s.find(kSpaceSymbol, p)) != std::string::npos;) s.replace(p, 3, " ");
+  return s;
+}
+}  // namespace
+
 Tokenizer::Tokenizer(std::string_view spm_model_bytes, const Config& c)
     : impl_(std::make_unique<Impl>()),
       bos_(c.bos_token_id),
       eos_(c.eos_token_id),
       add_bos_(c.add_bos) {
-  const auto st = impl_->sp.LoadFromSerializedProto(spm_model_bytes);
+  auto& sp = impl_->sp;
+  const auto st = sp.LoadFromSerializedProto(spm_model_bytes);
   if (!st.ok()) throw Error("tokenizer: cannot load the SentencePiece model: " + st.ToString());
-  if (impl_->sp.GetPieceSize() > c.vocab_size)
-    throw Error("tokenizer: " + std::to_string(impl_->sp.GetPieceSize()) +
+  if (sp.GetPieceSize() > c.vocab_size)
+    throw Error("tokenizer: " + std::to_string(sp.GetPieceSize()) +
                 " pieces but the model's vocab_size is " + std::to_string(c.vocab_size));
+  // Each piece as decode() renders it (checked against decode() by the tests).
+  surfaces_.resize(sp.GetPieceSize());
+  for (int id = 0; id < sp.GetPieceSize(); ++id) {
+    Surface& s = surfaces_[id];
+    const std::string piece = sp.IdToPiece(id);
+    if (id == bos_ || id == eos_) {
+      s.kind = Surface::Hidden;
+    } else if (sp.IsControl(id)) {
+      s.kind = Surface::Control;
+    } else if (sp.IsByte(id)) {
+      s.kind = Surface::Byte;
+      s.text.assign(1, static_cast<char>(std::stoi(piece.substr(3, 2), nullptr, 16)));  // <0xAB>
+    } else if (sp.IsUnknown(id)) {
+      s.kind = Surface::Text;
+      s.text = decode(std::span<const int>(&id, 1));  // the model's unknown surface, " ⁇ "
+    } else {
+      s.kind = Surface::Text;
+      s.leading_space = piece.starts_with(kSpaceSymbol);
+      s.text = replace_space_symbols(piece);
+    }
+  }
+  // Whether the first piece loses its leading space (models with a dummy prefix): ask decode().
+  for (int id = 0; id < sp.GetPieceSize(); ++id)
+    if (surfaces_[id].leading_space && surfaces_[id].kind == Surface::Text) {
+      strips_leading_space_ = !decode(std::span<const int>(&id, 1)).starts_with(' ');
+      break;
+    }
 }
 
 Tokenizer::~Tokenizer() = default;
+
+const Tokenizer::Surface& Tokenizer::surface(int id) const {
+  static const Surface hidden;
+  return id >= 0 && id < static_cast<int>(surfaces_.size()) ? surfaces_[id] : hidden;
+}
 
 std::string Tokenizer::model_bytes() const { return impl_->sp.serialized_model_proto(); }
 
@@ -51,26 +96,27 @@ std::string Tokenizer::piece(int id) const {
 
 int Tokenizer::vocab_size() const { return impl_->sp.GetPieceSize(); }
 
+// --- TextStream ---------------------------------------------------------------------------------
+
 namespace {
-// Length of the longest prefix of s that ends on a UTF-8 character boundary and holds no
-// trailing U+FFFD (which SentencePiece emits for a byte-fallback sequence not yet complete).
-size_t stable_prefix(const std::string& s) {
-  size_t n = s.size();
-  static const std::string kReplacement = "\xEF\xBF\xBD";
-  while (n >= 3 && s.compare(n - 3, 3, kReplacement) == 0) n -= 3;
-  // Back off an incomplete trailing multi-byte sequence.
-  size_t i = n;
-  int cont = 0;
-  while (i > 0 && (static_cast<unsigned char>(s[i - 1]) & 0xC0) == 0x80 && cont < 3) {
-    --i;
-    ++cont;
-  }
-  if (i > 0) {
-    const unsigned char lead = static_cast<unsigned char>(s[i - 1]);
-    const int len = lead >= 0xF0 ? 4 : lead >= 0xE0 ? 3 : lead >= 0xC0 ? 2 : 1;
-    if (len > 1 && cont + 1 < len) return i - 1;
-  }
-  return n;
+bool is_trail(unsigned char b) { return (b & 0xC0) == 0x80; }
+
+// Length of the UTF-8 character starting with lead byte b as SentencePiece reads it (0: b
+// cannot start one).
+size_t utf8_length(unsigned char b) {
+  if (b < 0x80) return 1;
+  if ((b & 0xE0) == 0xC0) return 2;
+  if ((b & 0xF0) == 0xE0) return 3;
+  if ((b & 0xF8) == 0xF0) return 4;
+  return 0;
+}
+
+// SentencePiece's test of a complete character: no overlong form, no surrogate, <= U+10FFFF.
+bool valid_character(std::string_view c) {
+  uint32_t cp = static_cast<unsigned char>(c[0]) & (0x7F >> c.size());
+  for (size_t i = 1; i < c.size(); ++i) cp = (cp << 6) | (static_cast<unsigned char>(c[i]) & 0x3F);
+  static constexpr uint32_t kMin[] = {0, 0, 0x80, 0x800, 0x10000};
+  return cp >= kMin[c.size()] && (cp < 0xD800 || (cp >= 0xE000 && cp <= 0x10FFFF));
 }
 }  // namespace
 
@@ -79,42 +125,81 @@ TextStream::TextStream(const Tokenizer& tok, std::vector<std::string> stop)
   std::erase_if(stop_, [](const std::string& s) { return s.empty(); });
 }
 
-std::string TextStream::push(int id) {
-  if (stopped_) return "";
-  ids_.push_back(id);
-  const std::string full = tok_.decode(ids_);
-  size_t safe = stable_prefix(full);
-  // A stop string anywhere in the not yet emitted text ends the stream there.
-  size_t stop_at = std::string::npos;
-  for (const auto& s : stop_) {
-    const size_t p = full.find(s, emitted_.size());
-    if (p != std::string::npos && p < stop_at) stop_at = p;
+// Resolves the pending bytes of a run of byte pieces as SentencePiece does (one U+FFFD per byte
+// that starts no valid character), keeping back a character that later bytes may complete.
+std::string TextStream::take_bytes(bool run_ended) {
+  std::string out;
+  size_t i = 0;
+  while (i < pending_.size()) {
+    const size_t len = utf8_length(pending_[i]);
+    size_t have = 1;
+    while (have < len && i + have < pending_.size() && is_trail(pending_[i + have])) ++have;
+    if (len > 0 && have == len && valid_character(std::string_view(pending_).substr(i, len))) {
+      out.append(pending_, i, len);
+      i += len;
+    } else if (len > 0 && have < len && i + have == pending_.size() && !run_ended) {
+      break;  // a character that the next byte may complete
+    } else {
+      out += kReplacement;
+      ++i;
+    }
   }
+  work_ += pending_.size();
+  pending_.erase(0, i);
+  return out;
+}
+
+std::string TextStream::emit(std::string_view text) {
+  held_ += text;
+  work_ += held_.size() * std::max<size_t>(1, stop_.size());
+  size_t stop_at = std::string::npos;
+  for (const auto& s : stop_) stop_at = std::min(stop_at, held_.find(s));
   if (stop_at != std::string::npos) {
     stopped_ = true;
-    safe = std::max(stop_at, emitted_.size());
-  } else {
-    // Hold back a tail that could be the start of a stop string.
-    for (const auto& s : stop_)
-      for (size_t k = std::min(s.size() - 1, safe); k > 0; --k)
-        if (full.compare(safe - k, k, s, 0, k) == 0) {
-          safe -= k;
-          break;
-        }
+    return held_.substr(0, stop_at);
   }
-  if (safe <= emitted_.size()) return "";
-  std::string piece = full.substr(emitted_.size(), safe - emitted_.size());
-  emitted_ += piece;
-  return piece;
+  // Hold back the longest tail that could be the start of a stop string.
+  size_t keep = 0;
+  for (const auto& s : stop_)
+    for (size_t k = std::min(s.size() - 1, held_.size()); k > keep; --k)
+      if (held_.compare(held_.size() - k, k, s, 0, k) == 0) {
+        keep = k;
+        break;
+      }
+  std::string out = held_.substr(0, held_.size() - keep);
+  held_.erase(0, held_.size() - keep);
+  return out;
+}
+
+std::string TextStream::push(int id) {
+  if (stopped_) return "";
+  const Tokenizer::Surface& s = tok_.surface(id);
+  switch (s.kind) {
+    case Tokenizer::Surface::Hidden:
+      return "";
+    case Tokenizer::Surface::Control:
+      return emit(take_bytes(true));
+    case Tokenizer::Surface::Byte:
+      at_start_ = false;
+      pending_ += s.text;
+      return emit(take_bytes(false));
+    case Tokenizer::Surface::Text: {
+      std::string text = take_bytes(true);
+      const bool strip = at_start_ && s.leading_space && tok_.strips_leading_space();
+      text.append(s.text, strip ? 1 : 0);
+      at_start_ = false;
+      return emit(text);
+    }
+  }
+  return "";
 }
 
 std::string TextStream::flush() {
   if (stopped_) return "";
-  const std::string full = tok_.decode(ids_);
-  if (full.size() <= emitted_.size()) return "";
-  std::string piece = full.substr(emitted_.size());
-  emitted_ = full;
-  return piece;
+  std::string out = emit(take_bytes(true));
+  if (!stopped_) out += held_;
+  held_.clear();
+  return out;
 }
 
 }  // namespace mp

@@ -142,15 +142,36 @@ class Tokenizer {
   int eos() const { return eos_; }
   bool add_bos() const { return add_bos_; }
 
+  // What one token adds to decode()'s text, so that text can be built one token at a time
+  // (TextStream). decode() is SentencePiece's: byte-fallback pieces are joined into UTF-8 within a
+  // run of them (an invalid byte becomes U+FFFD), control pieces end such a run, and the first
+  // text piece loses its leading space when the model adds a dummy prefix.
+  struct Surface {
+    enum Kind : uint8_t {
+      Hidden,   // decode() drops it (BOS, EOS, ids outside the SentencePiece vocabulary)
+      Control,  // renders nothing but ends a run of byte pieces
+      Text,     // `text`, with its first byte dropped at the start when `leading_space`
+      Byte,     // the byte text[0]
+    } kind = Hidden;
+    bool leading_space = false;
+    std::string text;
+  };
+  const Surface& surface(int id) const;  // any id; unknown ones are Hidden
+  bool strips_leading_space() const { return strips_leading_space_; }
+
  private:
   struct Impl;
   std::unique_ptr<Impl> impl_;
+  std::vector<Surface> surfaces_;
+  bool strips_leading_space_ = false;
   int bos_, eos_;
   bool add_bos_;
 };
 
-// Turns a growing list of generated ids into text pieces that are safe to emit: whole UTF-8
-// characters only, and never text that could still turn out to be the start of a stop string.
+// Turns generated ids into text pieces that are safe to emit: whole UTF-8 characters only, and
+// never text that could still turn out to be the start of a stop string. The pieces joined equal
+// Tokenizer::decode() of the ids (cut before the first stop string). Each token costs work bounded
+// by its piece's and the stop strings' lengths, never by the length of the text so far.
 class TextStream {
  public:
   TextStream(const Tokenizer& tok, std::vector<std::string> stop);
@@ -159,14 +180,20 @@ class TextStream {
   std::string push(int id);
   std::string flush();  // at the end: everything held back (unless stopped)
   bool stopped() const { return stopped_; }
-  const std::string& text() const { return emitted_; }
+  // Bytes examined so far, a count of the stream's work (tests check it stays flat per token).
+  uint64_t work() const { return work_; }
 
  private:
+  std::string take_bytes(bool run_ended);  // resolved text of the pending byte-fallback bytes
+  std::string emit(std::string_view text);  // passes text through the stop-string matcher
+
   const Tokenizer& tok_;
   std::vector<std::string> stop_;
-  std::vector<int> ids_;
-  std::string emitted_;
+  std::string pending_;  // bytes of a UTF-8 character not yet complete (at most 3)
+  std::string held_;     // resolved text that may be the start of a stop string
+  bool at_start_ = true;
   bool stopped_ = false;
+  uint64_t work_ = 0;
 };
 
 // --- Sampling ---------------------------------------------------------------------------------
