@@ -154,7 +154,7 @@ void bench_end_to_end(const std::string& path, bool exact, bool quick) {
     // The default sampling (temperature 0.8, top-k 40, top-p 0.95, min-p 0.05), on the GPU.
     const SamplingParams sp;
     std::vector<SampleSpec> specs(batch);
-    for (int i = 0; i < batch; ++i) specs[i] = {&sp, prompts[i], 0.5, false};
+    for (int i = 0; i < batch; ++i) specs[i] = {&sp, {}, 0.5, 0};
     b->forward_sample(step, specs);
     const int steps = 50;
     const auto t0 = std::chrono::steady_clock::now();

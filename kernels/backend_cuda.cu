@@ -210,6 +210,9 @@ class CudaBackend final : public Backend {
   // accumulator is read only for a group that began before the chunk.
   void reset_slot(int s) override { pos_[check_slot(s)] = 0; }
   int64_t slot_pos(int s) const override { return pos_[check_slot(s)]; }
+  // About 10 ms of prefill on an H100/H200 (docs/PERF.md): near full prefill speed, and a stream
+  // that is generating meanwhile waits at most that long for its next token.
+  int prefill_tokens_per_step() const override { return 32768; }
   size_t slot_bytes(int) const override {
     const size_t pd = size_t(c_.fma_rank) * c_.head_dim, kv = size_t(c_.n_kv_heads);
     return c_.n_layers * 4 * 2 * (cap_ * kv * c_.head_dim + size_t(c_.n_levels()) * 4 * kv * pd);
@@ -291,41 +294,56 @@ class CudaBackend final : public Backend {
                                            std::span<const SampleSpec> specs) override {
     check_sample_call(chunks, specs);
     const int V = c_.vocab_size;
-    std::vector<cuda::SampleRow> rows;
-    std::vector<int2> pens;
+    sample_rows_.clear();
+    pens_.clear();
+    top_rows_.clear();
+    int top_n = 0;
     for (size_t i = 0; i < specs.size(); ++i) {
       const SampleSpec& sp = specs[i];
       if (!sp.params) continue;
-      const auto counts = penalty_counts(*sp.params, sp.history, V);
-      rows.push_back({int(i), *sp.params, int(pens.size()), int(counts.size()), sp.uniform});
-      for (const auto& [id, n] : counts) pens.push_back({id, n});
+      sample_rows_.push_back(
+          {int(i), *sp.params, int(pens_.size()), int(sp.penalties.size()), sp.uniform});
+      for (const auto& [id, n] : sp.penalties) pens_.push_back({id, n});
+      if (sp.top_logprobs > 0) top_rows_.push_back(int(i));
+      top_n = std::max(top_n, std::min(sp.top_logprobs, V));
     }
     launch(chunks);  // logits row i is chunk i's last token
-    d_sample_rows_.upload(rows, stream_);
-    d_pens_.upload(pens, stream_);
-    d_sampled_.resize(rows.size());
-    d_logprobs_.resize(rows.size());
-    cuda::sample(logits_.get(), V, d_sample_rows_.get(), int(rows.size()), d_pens_.get(),
-                 d_sampled_.get(), d_logprobs_.get(), stream_);
-    const int* ids = d_sampled_.download(rows.size(), stream_);
-    const float* lps = d_logprobs_.download(rows.size(), stream_);
+    const size_t R = sample_rows_.size(), T = top_rows_.size() * top_n;
+    d_sample_rows_.upload(sample_rows_, stream_);
+    d_pens_.upload(pens_, stream_);
+    d_sampled_.resize(R);
+    d_logprobs_.resize(R);
+    cuda::sample(logits_.get(), V, d_sample_rows_.get(), int(R), d_pens_.get(), d_sampled_.get(),
+                 d_logprobs_.get(), stream_);
+    d_top_rows_.upload(top_rows_, stream_);
+    d_top_ids_.resize(T);
+    d_top_lps_.resize(T);
+    cuda::top_logprobs(logits_.get(), V, d_top_rows_.get(), int(top_rows_.size()), top_n,
+                       d_top_ids_.get(), d_top_lps_.get(), stream_);
+    const int* ids = d_sampled_.download(R, stream_);
+    const float* lps = d_logprobs_.download(R, stream_);
+    const int* top_ids = d_top_ids_.download(T, stream_);
+    const float* top_lps = d_top_lps_.download(T, stream_);
     check(cudaStreamSynchronize(stream_), "forward_sample");
     std::vector<SampledToken> out(chunks.size());
-    for (size_t r = 0; r < rows.size(); ++r) {
-      const SampleSpec& sp = specs[rows[r].row];
-      SampledToken& t = out[rows[r].row];
+    for (size_t r = 0; r < R; ++r) {
+      SampledToken& t = out[sample_rows_[r].row];
       t.token = ids[r];
       t.logprob = lps[r];
-      if (!sp.want_logits && t.token >= 0) continue;
+    }
+    for (size_t r = 0; r < top_rows_.size(); ++r) {
+      SampledToken& t = out[top_rows_[r]];
+      for (int j = 0; j < specs[top_rows_[r]].top_logprobs; ++j)
+        t.top_logprobs.emplace_back(top_ids[r * top_n + j], top_lps[r * top_n + j]);
+    }
+    for (size_t r = 0; r < R; ++r) {  // a candidate list longer than the GPU keeps: the host's
+      const int i = sample_rows_[r].row;
+      if (out[i].token >= 0) continue;
       std::vector<float> row(V);
-      check(cudaMemcpy(row.data(), logits_.get() + size_t(rows[r].row) * V, size_t(V) * 4,
+      check(cudaMemcpy(row.data(), logits_.get() + size_t(i) * V, size_t(V) * 4,
                        cudaMemcpyDeviceToHost),
             "logits");
-      if (t.token < 0) {  // a candidate list longer than the GPU keeps: sampled here
-        t = sample_on_host(sp, row);
-      } else {
-        t.logits = std::move(row);
-      }
+      out[i] = sample_on_host(specs[i], row);
     }
     return out;
   }
@@ -498,6 +516,12 @@ class CudaBackend final : public Backend {
   DeviceArray<int2> d_pens_;
   DeviceArray<int> d_sampled_;
   DeviceArray<float> d_logprobs_;
+  DeviceArray<int> d_top_rows_, d_top_ids_;
+  DeviceArray<float> d_top_lps_;
+  // forward_sample's host staging, kept between steps (no allocation per step).
+  std::vector<cuda::SampleRow> sample_rows_;
+  std::vector<int2> pens_;
+  std::vector<int> top_rows_;
   std::map<int, cudaGraphExec_t> graphs_;  // decode step by padded batch size
 };
 

@@ -235,6 +235,34 @@ __global__ void __launch_bounds__(kThreads)
   finish(key_id(keys[-first]));
 }
 
+// One block per row: the log-sum-exp as sample_kernel computes it, then the n largest keys (value,
+// then lower id first: the host's order), one pass over the row each.
+__global__ void __launch_bounds__(kThreads)
+    top_logprobs_kernel(const float* logits, int vocab, const int* rows, int n, int* ids,
+                        float* lps) {
+  const float* row = logits + int64_t(rows[blockIdx.x]) * vocab;
+  const int tid = threadIdx.x;
+  float mx = -INFINITY;
+  for (int i = tid; i < vocab; i += kThreads) mx = fmaxf(mx, row[i]);
+  mx = block_reduce(mx, Max{}, -INFINITY);
+  float se = 0;
+  for (int i = tid; i < vocab; i += kThreads) se += __expf(row[i] - mx);
+  const float lse = mx + logf(block_reduce(se, Sum{}, 0.0f));
+  Key below = ~Key(0);
+  for (int j = 0; j < n; ++j) {
+    Key best = 0;
+    for (int i = tid; i < vocab; i += kThreads) {
+      const Key k = make_key(row[i], i);
+      if (k < below && k > best) best = k;
+    }
+    below = block_reduce(best, Max{}, Key(0));
+    if (tid == 0) {
+      ids[blockIdx.x * n + j] = key_id(below);
+      lps[blockIdx.x * n + j] = key_value(below) - lse;
+    }
+  }
+}
+
 }  // namespace
 
 void sample(const float* logits, int vocab, const SampleRow* rows, int n_rows, const int2* pens,
@@ -249,6 +277,13 @@ void sample(const float* logits, int vocab, const SampleRow* rows, int n_rows, c
   (void)sized;
   sample_kernel<<<n_rows, kThreads, smem, st>>>(logits, vocab, rows, pens, tokens, logprobs);
   check_launch("sample");
+}
+
+void top_logprobs(const float* logits, int vocab, const int* rows, int n_rows, int n, int* ids,
+                  float* lps, cudaStream_t st) {
+  if (n_rows == 0 || n == 0) return;
+  top_logprobs_kernel<<<n_rows, kThreads, 0, st>>>(logits, vocab, rows, n, ids, lps);
+  check_launch("top_logprobs");
 }
 
 }  // namespace mp::cuda

@@ -22,4 +22,9 @@ constexpr int kMaxSampleCandidates = 8192;
 void sample(const float* logits, int vocab, const SampleRow* rows, int n_rows, const int2* pens,
             int* tokens, float* logprobs, cudaStream_t st);
 
+// For rows[r]: the n likeliest tokens of the raw distribution, likeliest first (ties: lower id
+// first), ids[r * n + j] and their log-probabilities lps[r * n + j] (host twin: top_logprobs).
+void top_logprobs(const float* logits, int vocab, const int* rows, int n_rows, int n, int* ids,
+                  float* lps, cudaStream_t st);
+
 }  // namespace mp::cuda

@@ -2,9 +2,11 @@
 // state save/restore/fork all give the same logits.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 
 #include "model_fixture.h"
+#include "sampling.h"
 
 namespace {
 
@@ -164,17 +166,26 @@ TEST(Backend, ForwardSampleIsTheSamplerOnForwardsLogits) {
     // Fresh slots each round: reset to position 0 so the chunks are the same prompts again.
     b->reset_slot(s1);
     b->reset_slot(s2);
-    const SampleSpec specs[2] = {{&greedy, t1, u, false}, {&wide, t2, u, true}};
+    const auto pen1 = penalty_counts(greedy, t1, c.vocab_size);
+    const auto pen2 = penalty_counts(wide, t2, c.vocab_size);
+    const SampleSpec specs[2] = {{&greedy, pen1, u, 0}, {&wide, pen2, u, 5}};
     const auto got = b->forward_sample(run, specs);
     ASSERT_EQ(got.size(), 2u);
-    EXPECT_EQ(got[0].token, pick_candidate(sample_candidates(greedy, l1, t1), u));
-    EXPECT_EQ(got[1].token, pick_candidate(sample_candidates(wide, l2, t2), u));
+    EXPECT_EQ(got[0].token, pick_candidate(sample_candidates(greedy, l1, pen1), u));
+    EXPECT_EQ(got[1].token, pick_candidate(sample_candidates(wide, l2, pen2), u));
     EXPECT_NEAR(got[1].logprob, log_softmax(l2)[got[1].token], 1e-6);
-    EXPECT_TRUE(got[0].logits.empty());
-    EXPECT_LT(rel_err(got[1].logits, {l2.begin(), l2.end()}), 1e-6);
+    EXPECT_TRUE(got[0].top_logprobs.empty());
+    // The five likeliest tokens of the raw row, likeliest first, with their log-probabilities.
+    const auto lp = log_softmax(l2);
+    ASSERT_EQ(got[1].top_logprobs.size(), 5u);
+    for (size_t j = 0; j < 5; ++j) {
+      const auto [id, logprob] = got[1].top_logprobs[j];
+      EXPECT_NEAR(logprob, lp[id], 1e-6);
+      EXPECT_EQ(std::count_if(lp.begin(), lp.end(), [&](float x) { return x > lp[id]; }), long(j));
+    }
   }
   b->reset_slot(s1);
-  const SampleSpec none[2] = {{}, {&greedy, t2, 0.5, false}};
+  const SampleSpec none[2] = {{}, {&greedy, {}, 0.5, 0}};
   EXPECT_EQ(b->forward_sample(run, none)[0].token, -1);  // a prompt chunk mid-way: no token
   const int64_t pos = b->slot_pos(s1);
   SeqChunk all_rows{s1, t1, true};

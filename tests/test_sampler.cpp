@@ -5,6 +5,7 @@
 #include <set>
 
 #include "multipole/multipole.h"
+#include "sampling.h"
 
 namespace {
 
@@ -116,19 +117,71 @@ TEST(Sampler, PenaltiesLowerRepeatedTokens) {
   auto p = plain();
   p.temperature = 0;
   std::vector<float> l = {2.0f, 1.9f, 0.5f};
+  auto sample = [&](const std::vector<int>& history) {
+    return Sampler(p).sample(l, penalty_counts(p, history, 3));
+  };
   std::vector<int> hist = {0};
   p.repetition_penalty = 1.1f;  // 2.0 / 1.1 = 1.82 < 1.9
-  EXPECT_EQ(Sampler(p).sample(l, hist), 1);
+  EXPECT_EQ(sample(hist), 1);
   p.repetition_penalty = 1.0f;
   p.presence_penalty = 0.05f;  // 1.95 > 1.9
-  EXPECT_EQ(Sampler(p).sample(l, hist), 0);
+  EXPECT_EQ(sample(hist), 0);
   p.frequency_penalty = 0.06f;  // 2.0 - 2 * 0.06 = 1.88 < 1.9
   std::vector<int> hist2 = {0, 0};
   p.presence_penalty = 0;
-  EXPECT_EQ(Sampler(p).sample(l, hist2), 1);
+  EXPECT_EQ(sample(hist2), 1);
   p.penalty_last_n = 1;  // only the last id counts
   std::vector<int> hist3 = {0, 0, 2};
-  EXPECT_EQ(Sampler(p).sample(l, hist3), 0);
+  EXPECT_EQ(sample(hist3), 0);
+}
+
+// PenaltyCounts, kept one token at a time, equals the counts recomputed over the whole history,
+// for every window setting (ids outside the vocabulary take a place in the window, no count).
+TEST(PenaltyCounts, EqualRecomputedCountsForEveryWindow) {
+  std::mt19937 rng(3);
+  const int V = 50;
+  for (int window : {-1, 0, 1, 2, 7, 64, 5000}) {
+    for (int which = 0; which < 3; ++which) {
+      auto p = plain();
+      p.penalty_last_n = window;
+      (which == 0 ? p.repetition_penalty : which == 1 ? p.presence_penalty : p.frequency_penalty) =
+          0.5f;
+      PenaltyCounts counts(p, V);
+      std::vector<int> history;
+      for (int i = 0; i < 1500; ++i) {
+        const int id = rng() % 20 == 0 ? V + int(rng() % 3) : int(rng() % (i < 700 ? 12 : V));
+        history.push_back(id);
+        counts.push(id);
+        const auto expected = penalty_counts(p, history, V);
+        const std::vector<std::pair<int, int>> got(counts.counts().begin(), counts.counts().end());
+        ASSERT_EQ(got, expected)
+            << "window " << window << " after " << i + 1 << " tokens";
+      }
+    }
+  }
+  PenaltyCounts off(plain(), V);  // no penalty on: nothing is kept
+  for (int i = 0; i < 100; ++i) off.push(i % V);
+  EXPECT_TRUE(off.counts().empty());
+  EXPECT_EQ(off.work(), 0u);
+}
+
+// The work of a token is the same at token 100 and at token 20,000 (a periodic sequence, so both
+// are the same token in the same window), for a bounded window and for the whole history.
+TEST(PenaltyCounts, WorkPerTokenDoesNotGrowWithTheHistory) {
+  for (int window : {-1, 64}) {
+    auto p = plain();
+    p.frequency_penalty = 0.3f;
+    p.penalty_last_n = window;
+    PenaltyCounts counts(p, 1000);
+    std::vector<uint64_t> cost;
+    for (int i = 0; i <= 20000; ++i) {
+      const uint64_t before = counts.work();
+      counts.push((i * 37) % 50);
+      cost.push_back(counts.work() - before);
+    }
+    EXPECT_GT(cost[100], 0u);
+    EXPECT_EQ(cost[100], cost[20000]) << "window " << window;  // 20000 = 100 (mod 50)
+  }
 }
 
 TEST(Sampler, RejectsBadParameters) {

@@ -56,26 +56,28 @@ int main(int argc, char** argv) {
     std::fprintf(stderr, "model: %s (%s)\nbackend: %s\n", model->path().c_str(),
                  model->config().summary().c_str(), backend->name().c_str());
 
-    std::vector<int> history = tok.encode(prompt, tok.add_bos());
-    if (history.empty()) throw mp::Error("the prompt is empty and the model adds no BOS token");
+    const std::vector<int> prompt_ids = tok.encode(prompt, tok.add_bos());
+    if (prompt_ids.empty()) throw mp::Error("the prompt is empty and the model adds no BOS token");
     const int slot = backend->alloc_slot();
     const auto t0 = std::chrono::steady_clock::now();
     mp::Sampler sampler(sampling);
+    mp::PenaltyCounts penalties(sampling, model->config().vocab_size);
+    for (int t : prompt_ids) penalties.push(t);
     // The last prompt chunk and each generated token come back as the next sampled token (on
     // the GPU with the CUDA backend); the chunks before only fill the cache.
     auto feed = [&](std::span<const int> tokens) {
       const mp::SeqChunk c{slot, tokens, false};
-      const mp::SampleSpec spec{&sampler.params(), history, sampler.draw(), false};
+      const mp::SampleSpec spec{&sampler.params(), penalties.counts(), sampler.draw(), 0};
       return backend->forward_sample({&c, 1}, {&spec, 1})[0].token;
     };
     size_t i = 0;
-    for (; i + chunk < history.size(); i += chunk) {
-      const mp::SeqChunk c{slot, std::span<const int>(history).subspan(i, chunk), false};
+    for (; i + chunk < prompt_ids.size(); i += chunk) {
+      const mp::SeqChunk c{slot, std::span<const int>(prompt_ids).subspan(i, chunk), false};
       backend->forward({&c, 1});
     }
-    int id = feed(std::span<const int>(history).subspan(i));
+    int id = feed(std::span<const int>(prompt_ids).subspan(i));
     const double t_prefill = seconds_since(t0);
-    const size_t n_prompt = history.size();
+    const size_t n_prompt = prompt_ids.size();
 
     mp::TextStream stream(tok, args.all("stop"));
     std::fputs(prompt.c_str(), stdout);
@@ -83,9 +85,15 @@ int main(int argc, char** argv) {
     const auto t1 = std::chrono::steady_clock::now();
     int generated = 0;
     const char* reason = "length";
+    // Speed over the first and the last 1,000 tokens: it must not fall as the text grows.
+    constexpr int kWindow = 1000;
+    std::vector<double> at(kWindow + 1);  // when each of the last kWindow + 1 tokens came
+    double first_window = 0;
     while (generated < max_tokens) {
-      history.push_back(id);
+      at[generated % at.size()] = seconds_since(t1);
+      if (generated == kWindow) first_window = at[kWindow];
       ++generated;
+      penalties.push(id);
       if (id == tok.eos() && !args.has("ignore-eos")) {
         reason = "eos";
         break;
@@ -97,7 +105,7 @@ int main(int argc, char** argv) {
         break;
       }
       if (generated == max_tokens) break;
-      id = feed(std::span<const int>(&history.back(), 1));
+      id = feed(std::span<const int>(&id, 1));
     }
     std::fputs(stream.flush().c_str(), stdout);
     std::fputs("\n", stdout);
@@ -109,6 +117,11 @@ int main(int argc, char** argv) {
                  n_prompt, t_prefill, n_prompt / std::max(t_prefill, 1e-9), generated, t_gen,
                  generated / std::max(t_gen, 1e-9), reason, backend->slot_bytes(slot) / 1024.0,
                  static_cast<long long>(backend->slot_pos(slot)));
+    if (generated > 2 * kWindow) {
+      const double last_window = at[(generated - 1) % at.size()] - at[generated % at.size()];
+      std::fprintf(stderr, "speed: %.1f tokens/s over the first %d tokens, %.1f over the last %d\n",
+                   kWindow / first_window, kWindow, kWindow / last_window, kWindow);
+    }
   } catch (const std::exception& e) {
     std::fprintf(stderr, "error: %s\n", e.what());
     return 1;

@@ -3,6 +3,7 @@
 #include <iterator>
 
 #include "backend_cpu.h"
+#include "sampling.h"
 
 namespace mp {
 
@@ -42,9 +43,9 @@ void check_sample_call(std::span<const SeqChunk> chunks, std::span<const SampleS
 
 SampledToken sample_on_host(const SampleSpec& spec, std::span<const float> logits) {
   SampledToken t;
-  t.token = pick_candidate(sample_candidates(*spec.params, logits, spec.history), spec.uniform);
+  t.token = pick_candidate(sample_candidates(*spec.params, logits, spec.penalties), spec.uniform);
   t.logprob = log_softmax(logits)[t.token];
-  if (spec.want_logits) t.logits.assign(logits.begin(), logits.end());
+  if (spec.top_logprobs > 0) t.top_logprobs = top_logprobs(logits, spec.top_logprobs);
   return t;
 }
 

@@ -85,6 +85,8 @@ class CpuBackend final : public Backend {
     cpu::deserialize(c_, bytes, slots_[check(s)]);
   }
   size_t slot_bytes(int s) const override { return cpu::seq_cache_bytes(slots_[check(s)]); }
+  // About 0.3 s of prefill on two cores: longer steps gain little speed.
+  int prefill_tokens_per_step() const override { return 512; }
 
   std::vector<float> forward(std::span<const SeqChunk> chunks) override {
     check_chunks(c_, chunks, n_slots(), in_use_);

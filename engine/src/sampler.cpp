@@ -1,4 +1,6 @@
 #include <algorithm>
+#include <bit>
+#include <climits>
 #include <cmath>
 #include <map>
 
@@ -46,10 +48,13 @@ std::vector<float> log_softmax(std::span<const float> logits) {
   return out;
 }
 
+bool penalties_on(const SamplingParams& p) {
+  return p.repetition_penalty != 1.0f || p.presence_penalty != 0 || p.frequency_penalty != 0;
+}
+
 std::vector<std::pair<int, int>> penalty_counts(const SamplingParams& p,
                                                 std::span<const int> history, int vocab) {
-  if (p.repetition_penalty == 1.0f && p.presence_penalty == 0 && p.frequency_penalty == 0)
-    return {};
+  if (!penalties_on(p)) return {};
   const size_t from = p.penalty_last_n < 0 || size_t(p.penalty_last_n) >= history.size()
                           ? 0
                           : history.size() - p.penalty_last_n;
@@ -59,14 +64,56 @@ std::vector<std::pair<int, int>> penalty_counts(const SamplingParams& p,
   return {count.begin(), count.end()};
 }
 
+PenaltyCounts::PenaltyCounts(const SamplingParams& p, int vocab)
+    : active_(penalties_on(p) && p.penalty_last_n != 0), window_(p.penalty_last_n), vocab_(vocab) {}
+
+void PenaltyCounts::add(int id, int delta) {
+  if (id < 0 || id >= vocab_) return;
+  auto it = std::lower_bound(counts_.begin(), counts_.end(), std::pair<int, int>(id, INT_MIN));
+  work_ += 1 + std::bit_width(counts_.size());
+  if (it != counts_.end() && it->first == id) {
+    if ((it->second += delta) > 0) return;
+    work_ += counts_.end() - it;
+    counts_.erase(it);
+  } else {
+    work_ += counts_.end() - it;
+    counts_.insert(it, {id, delta});
+  }
+}
+
+void PenaltyCounts::push(int id) {
+  if (!active_) return;
+  add(id, 1);
+  if (window_ < 0) return;
+  if (ring_.size() < size_t(window_)) {
+    ring_.push_back(id);
+    return;
+  }
+  add(ring_[ring_head_], -1);  // the oldest token leaves the window
+  ring_[ring_head_] = id;
+  ring_head_ = (ring_head_ + 1) % ring_.size();
+}
+
+std::vector<std::pair<int, float>> top_logprobs(std::span<const float> logits, int n) {
+  const std::vector<float> lp = log_softmax(logits);
+  std::vector<int> idx(lp.size());
+  for (size_t i = 0; i < idx.size(); ++i) idx[i] = static_cast<int>(i);
+  n = std::min<int>(n, static_cast<int>(idx.size()));
+  std::partial_sort(idx.begin(), idx.begin() + n, idx.end(),
+                    [&](int a, int b) { return lp[a] > lp[b] || (lp[a] == lp[b] && a < b); });
+  std::vector<std::pair<int, float>> out;
+  for (int i = 0; i < n; ++i) out.emplace_back(idx[i], lp[idx[i]]);
+  return out;
+}
+
 std::vector<std::pair<int, float>> sample_candidates(const SamplingParams& p,
                                                      std::span<const float> logits,
-                                                     std::span<const int> history) {
+                                                     PenaltyList penalties) {
   const int n = static_cast<int>(logits.size());
   std::vector<std::pair<int, double>> c(n);
   for (int i = 0; i < n; ++i) c[i] = {i, logits[i]};
-  for (const auto& [id, k] : penalty_counts(p, history, n))
-    c[id].second = penalized(c[id].second, p, k);
+  for (const auto& [id, k] : penalties)
+    if (id >= 0 && id < n) c[id].second = penalized(c[id].second, p, k);
   if (p.temperature <= 0 || !keeps_whole_vocabulary(p, n))
     std::stable_sort(c.begin(), c.end(), [](auto& a, auto& b) { return a.second > b.second; });
   if (p.temperature <= 0) return {{c[0].first, 1.0f}};

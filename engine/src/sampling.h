@@ -30,8 +30,12 @@ MP_HOST_DEVICE inline bool keeps_whole_vocabulary(const SamplingParams& p, int v
 }
 
 // (id, count) of every distinct id in the penalties' window of `history`, ids outside [0, vocab)
-// ignored; empty when no penalty is on.
+// ignored; empty when no penalty is on. The reference that PenaltyCounts keeps up to date.
 std::vector<std::pair<int, int>> penalty_counts(const SamplingParams& p,
                                                 std::span<const int> history, int vocab);
+
+// The n likeliest tokens of a row with their log-probabilities, likeliest first (ties: lower id
+// first): the host twin of the GPU's top-N (kernels/sampling_cuda.cu).
+std::vector<std::pair<int, float>> top_logprobs(std::span<const float> logits, int n);
 
 }  // namespace mp

@@ -1,5 +1,8 @@
-// Continuous batching: one thread owns the backend; each step batches the next prompt chunk of
-// every sequence still prefilling with one decode token of every generating sequence.
+// Continuous batching. One thread owns the backend and runs the step loop: admit waiting
+// requests into free slots, apply cancellations, build one batch (a token of every generating
+// sequence, then prompt chunks in arrival order within the step's budget), run it, turn the
+// sampled tokens into events. Event threads hand the events to the requests' callbacks, so the
+// model thread never waits on a client. Host work per step is O(batch), per token O(1).
 #include <algorithm>
 #include <condition_variable>
 #include <deque>
@@ -11,17 +14,101 @@
 
 namespace mp {
 
+namespace {
+
+// Where a request's events go; shared with the event threads, which may outlive the sequence.
+struct EventSink {
+  uint64_t id;
+  std::function<bool(const CompletionEvent&)> on_event;
+  bool cancel_sent = false;  // touched by its event thread only
+};
+using Delivery = std::pair<std::shared_ptr<EventSink>, CompletionEvent>;
+
+// One event thread: delivers its requests' events in order; a callback returning false (or
+// throwing) cancels its request.
+class EventThread {
+ public:
+  explicit EventThread(std::function<void(uint64_t)> cancel)
+      : cancel_(std::move(cancel)), thread_([this] { run(); }) {}
+  ~EventThread() {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      stopping_ = true;
+    }
+    cv_.notify_one();
+    thread_.join();  // after delivering everything queued
+  }
+  // Takes the deliveries (the vector is left empty, its capacity kept where possible).
+  void post(std::vector<Delivery>& batch) {
+    if (batch.empty()) return;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      if (inbox_.empty()) {
+        inbox_.swap(batch);
+      } else {
+        inbox_.insert(inbox_.end(), std::make_move_iterator(batch.begin()),
+                      std::make_move_iterator(batch.end()));
+      }
+    }
+    batch.clear();
+    cv_.notify_one();
+  }
+
+ private:
+  void run() {
+    std::vector<Delivery> work;
+    for (;;) {
+      {
+        std::unique_lock<std::mutex> lock(mu_);
+        cv_.wait(lock, [&] { return stopping_ || !inbox_.empty(); });
+        if (inbox_.empty()) return;  // stopping, nothing left
+        work.swap(inbox_);
+      }
+      for (auto& [sink, event] : work) {
+        bool keep = false;
+        try {
+          keep = sink->on_event(event);
+        } catch (...) {
+        }
+        if (!keep && !event.done && !sink->cancel_sent) {
+          sink->cancel_sent = true;
+          cancel_(sink->id);
+        }
+      }
+      work.clear();
+    }
+  }
+
+  std::function<void(uint64_t)> cancel_;
+  std::mutex mu_;
+  std::condition_variable cv_;
+  std::vector<Delivery> inbox_;
+  bool stopping_ = false;
+  std::thread thread_;
+};
+
+}  // namespace
+
 struct Scheduler::Impl {
   struct Seq {
-    uint64_t id;
+    Seq(CompletionRequest r, int vocab, const Tokenizer& tok)
+        : sink(std::make_shared<EventSink>(EventSink{0, std::move(r.on_event)})),
+          req(std::move(r)),
+          sampler(req.sampling),
+          penalties(req.sampling, vocab),
+          text(tok, req.stop) {
+      for (int t : req.prompt) penalties.push(t);
+    }
+    uint64_t id() const { return sink->id; }
+    std::shared_ptr<EventSink> sink;
     CompletionRequest req;
     int slot = -1;
-    size_t prefilled = 0;      // prompt tokens already in the cache
-    std::vector<int> history;  // prompt + generated, for the penalties
+    size_t prefilled = 0;  // prompt tokens already in the cache
     int generated = 0;
     int pending = -1;  // sampled token not yet fed to the model
-    std::unique_ptr<Sampler> sampler;
-    std::unique_ptr<TextStream> text;
+    Sampler sampler;
+    PenaltyCounts penalties;
+    TextStream text;
   };
 
   Backend& backend;
@@ -30,23 +117,47 @@ struct Scheduler::Impl {
   mutable std::mutex mu;
   std::condition_variable cv;
   std::deque<std::unique_ptr<Seq>> queue;
-  std::vector<std::unique_ptr<Seq>> running;  // touched by the worker only
   std::unordered_set<uint64_t> cancelled;
   uint64_t next_id = 1;
   bool stopping = false;
   SchedulerStats st;
+  // The model thread's own state.
+  std::vector<std::unique_ptr<Seq>> running;  // in admission order
+  std::vector<SeqChunk> batch;
+  std::vector<Seq*> owners;
+  std::vector<SampleSpec> specs;
+  std::vector<std::vector<Delivery>> outbox;  // per event thread, sent after each step
+  std::vector<std::unique_ptr<EventThread>> event_threads;
   std::thread worker;
 
   Impl(Backend& b, const Tokenizer& t, SchedulerOptions o) : backend(b), tok(t), opts(o) {
+    if (opts.max_prefill_per_step <= 0) opts.max_prefill_per_step = b.prefill_tokens_per_step();
     st.slots = b.n_slots();
+    const int n_events = std::max(1, opts.event_threads);
+    outbox.resize(n_events);
+    for (int i = 0; i < n_events; ++i)
+      event_threads.push_back(std::make_unique<EventThread>([this](uint64_t id) { cancel(id); }));
     worker = std::thread([this] { loop(); });
   }
 
-  // Frees the slot and counts the request done, then sends the final event: whoever wakes on it
-  // finds the slot free and the counters up to date.
+  void cancel(uint64_t id) {
+    std::lock_guard<std::mutex> lock(mu);
+    cancelled.insert(id);
+    cv.notify_one();
+  }
+
+  void send(Seq& s, CompletionEvent e) {
+    outbox[s.id() % outbox.size()].emplace_back(s.sink, std::move(e));
+  }
+  void post_events() {
+    for (size_t i = 0; i < outbox.size(); ++i) event_threads[i]->post(outbox[i]);
+  }
+
+  // Frees the slot and counts the request done before its final event goes out: whoever wakes on
+  // that event finds the slot free and the counters up to date.
   void finish(Seq& s, const std::string& reason) {
     CompletionEvent e;
-    e.text = reason == "stop" || reason == "length" ? s.text->flush() : "";
+    e.text = reason == "stop" || reason == "length" ? s.text.flush() : "";
     e.done = true;
     e.finish_reason = reason;
     e.prompt_tokens = static_cast<int>(s.req.prompt.size());
@@ -60,145 +171,127 @@ struct Scheduler::Impl {
       st.completion_tokens += s.generated;
       if (held) --st.slots_in_use;
     }
-    try {
-      s.req.on_event(e);
-    } catch (...) {
-    }
+    send(s, std::move(e));
   }
 
-  // Reports a sequence's sampled token. False: the sequence ends.
-  bool step_token(Seq& s, const SampledToken& t) {
+  // Reports a sequence's sampled token and decides whether it goes on.
+  void take_token(Seq& s, SampledToken& t) {
     const int id = t.token;
+    ++s.generated;
+    if (id == tok.eos() && !s.req.ignore_eos) return finish(s, "stop");
+    s.penalties.push(id);
     CompletionEvent e;
     e.token = id;
     e.logprob = t.logprob;
-    if (s.req.logprobs > 0) {
-      const auto lp = log_softmax(t.logits);
-      std::vector<int> idx(lp.size());
-      for (size_t i = 0; i < idx.size(); ++i) idx[i] = static_cast<int>(i);
-      const int n = std::min<int>(s.req.logprobs, static_cast<int>(idx.size()));
-      std::partial_sort(idx.begin(), idx.begin() + n, idx.end(),
-                        [&](int a, int b) { return lp[a] > lp[b]; });
-      for (int i = 0; i < n; ++i) e.top_logprobs.emplace_back(idx[i], lp[idx[i]]);
-    }
-    s.history.push_back(id);
-    ++s.generated;
-    if (id == tok.eos() && !s.req.ignore_eos) {
-      finish(s, "stop");
-      return false;
-    }
-    e.text = s.text->push(id);
+    e.top_logprobs = std::move(t.top_logprobs);
+    e.text = s.text.push(id);
     e.completion_tokens = s.generated;
-    bool keep = true;
-    try {
-      keep = s.req.on_event(e);
-    } catch (...) {
-      keep = false;
-    }
-    if (!keep) {
-      finish(s, "cancelled");
-      return false;
-    }
-    if (s.text->stopped()) {
-      finish(s, "stop");
-      return false;
-    }
-    if (s.generated >= s.req.max_tokens) {
-      finish(s, "length");
-      return false;
-    }
+    send(s, std::move(e));
+    if (s.text.stopped()) return finish(s, "stop");
+    if (s.generated >= s.req.max_tokens) return finish(s, "length");
     s.pending = id;
+  }
+
+  // Waits for work, admits queued requests into free slots; false when stopping.
+  bool admit() {
+    std::unique_lock<std::mutex> lock(mu);
+    cv.wait(lock, [&] { return stopping || !queue.empty() || !running.empty(); });
+    if (stopping) return false;
+    while (!queue.empty()) {
+      const int slot = backend.alloc_slot();
+      if (slot < 0) break;
+      auto s = std::move(queue.front());
+      queue.pop_front();
+      s->slot = slot;
+      running.push_back(std::move(s));
+    }
+    st.queued = static_cast<int>(queue.size());
+    st.slots_in_use = static_cast<int>(running.size());
     return true;
   }
 
-  void loop() {
-    for (;;) {
-      {
-        std::unique_lock<std::mutex> lock(mu);
-        cv.wait(lock, [&] { return stopping || !queue.empty() || !running.empty(); });
-        if (stopping) break;
-        // Admit waiting requests into free slots.
-        while (!queue.empty()) {
-          const int slot = backend.alloc_slot();
-          if (slot < 0) break;
-          auto s = std::move(queue.front());
-          queue.pop_front();
-          s->slot = slot;
-          running.push_back(std::move(s));
-        }
-        st.queued = static_cast<int>(queue.size());
-        st.slots_in_use = static_cast<int>(running.size());
-      }
-      // Cancellations, at once: queued ones leave the queue, running ones free their slot.
-      {
-        std::unordered_set<uint64_t> gone;
-        std::vector<std::unique_ptr<Seq>> dropped;
-        {
-          std::lock_guard<std::mutex> lock(mu);
-          gone.swap(cancelled);
-          for (auto& q : queue)
-            if (gone.count(q->id)) dropped.push_back(std::move(q));
-          std::erase_if(queue, [](const auto& q) { return !q; });
-        }
-        for (auto& q : dropped) finish(*q, "cancelled");
-        for (auto& s : running)
-          if (gone.count(s->id)) finish(*s, "cancelled");
-        sweep();
-      }
-      if (running.empty()) continue;
-      // One batch: prompt chunks (within the step's prefill budget) and decode tokens.
-      std::vector<SeqChunk> batch;
-      std::vector<Seq*> owners;
-      int prefill_budget = opts.max_prefill_per_step;
-      for (auto& s : running) {
-        if (s->pending >= 0) {
-          batch.push_back({s->slot, std::span<const int>(&s->pending, 1), false});
-          owners.push_back(s.get());
-        } else if (prefill_budget > 0) {
-          const size_t left = s->req.prompt.size() - s->prefilled;
-          const size_t n = std::min({left, size_t(opts.prefill_chunk), size_t(prefill_budget)});
-          batch.push_back(
-              {s->slot, std::span<const int>(s->req.prompt).subspan(s->prefilled, n), false});
-          owners.push_back(s.get());
-          prefill_budget -= static_cast<int>(n);
-        }
-      }
-      // A token is sampled for every sequence whose prompt is complete after this step.
-      std::vector<SampleSpec> specs(owners.size());
-      for (size_t i = 0; i < owners.size(); ++i) {
-        Seq& s = *owners[i];
-        const bool last =
-            s.pending >= 0 || s.prefilled + batch[i].tokens.size() == s.req.prompt.size();
-        if (!last || s.req.max_tokens == 0) continue;
-        specs[i] = {&s.sampler->params(), s.history, s.sampler->draw(), s.req.logprobs > 0};
-      }
-      std::vector<SampledToken> sampled;
-      try {
-        sampled = backend.forward_sample(batch, specs);
-      } catch (const std::exception& e) {
-        for (Seq* s : owners) finish(*s, std::string("error: ") + e.what());
-        sweep();
+  // Cancellations, at once: queued ones leave the queue, running ones free their slot.
+  void apply_cancellations() {
+    std::unordered_set<uint64_t> gone;
+    std::vector<std::unique_ptr<Seq>> dropped;
+    {
+      std::lock_guard<std::mutex> lock(mu);
+      if (cancelled.empty()) return;
+      gone.swap(cancelled);
+      for (auto& q : queue)
+        if (gone.count(q->id())) dropped.push_back(std::move(q));
+      std::erase_if(queue, [](const auto& q) { return !q; });
+    }
+    for (auto& q : dropped) finish(*q, "cancelled");
+    for (auto& s : running)
+      if (gone.count(s->id())) finish(*s, "cancelled");
+    sweep();
+  }
+
+  // The step's batch: a token of every generating sequence, then prompt chunks in arrival order
+  // within the budget; a token is sampled for every sequence whose prompt is done after it.
+  void plan_step() {
+    batch.clear();
+    owners.clear();
+    specs.clear();
+    size_t budget = opts.max_prefill_per_step;
+    for (auto& s : running) {
+      if (s->pending >= 0) {
+        batch.push_back({s->slot, std::span<const int>(&s->pending, 1), false});
+      } else if (budget > 0) {
+        const size_t n = std::min(s->req.prompt.size() - s->prefilled, budget);
+        batch.push_back({s->slot, std::span<const int>(s->req.prompt).subspan(s->prefilled, n),
+                         false});
+        budget -= n;
+      } else {
         continue;
       }
-      for (size_t i = 0; i < owners.size(); ++i) {
-        Seq& s = *owners[i];
-        if (s.pending < 0) {  // a prompt chunk
-          s.prefilled += batch[i].tokens.size();
-          {
-            std::lock_guard<std::mutex> lock(mu);
-            st.prompt_tokens += batch[i].tokens.size();
-          }
-          if (s.prefilled < s.req.prompt.size()) continue;
-          if (s.req.max_tokens == 0) {
-            finish(s, "length");
-            continue;
-          }
+      owners.push_back(s.get());
+      const bool last = s->pending >= 0 || s->prefilled + batch.back().tokens.size() ==
+                                               s->req.prompt.size();
+      SampleSpec spec;
+      if (last && s->req.max_tokens > 0)
+        spec = {&s->sampler.params(), s->penalties.counts(), s->sampler.draw(), s->req.logprobs};
+      specs.push_back(spec);
+    }
+  }
+
+  void run_step() {
+    std::vector<SampledToken> sampled;
+    try {
+      sampled = backend.forward_sample(batch, specs);
+    } catch (const std::exception& e) {
+      for (Seq* s : owners) finish(*s, std::string("error: ") + e.what());
+      return;
+    }
+    size_t prompt_tokens = 0;
+    for (size_t i = 0; i < owners.size(); ++i) {
+      Seq& s = *owners[i];
+      if (s.pending < 0) {  // a prompt chunk
+        s.prefilled += batch[i].tokens.size();
+        prompt_tokens += batch[i].tokens.size();
+        if (s.prefilled < s.req.prompt.size()) continue;
+        if (s.req.max_tokens == 0) {
+          finish(s, "length");
+          continue;
         }
-        step_token(s, sampled[i]);
       }
-      sweep();
-      std::lock_guard<std::mutex> lock(mu);
-      ++st.steps;
+      take_token(s, sampled[i]);
+    }
+    std::lock_guard<std::mutex> lock(mu);
+    st.prompt_tokens += prompt_tokens;
+    ++st.steps;
+  }
+
+  void loop() {
+    while (admit()) {
+      apply_cancellations();
+      if (!running.empty()) {
+        plan_step();
+        run_step();
+        sweep();
+      }
+      post_events();
     }
     // Shutting down: everything left is cancelled.
     for (auto& s : running) finish(*s, "cancelled");
@@ -209,6 +302,7 @@ struct Scheduler::Impl {
       left.swap(queue);
     }
     for (auto& s : left) finish(*s, "cancelled");
+    post_events();
   }
 
   // Drops finished sequences (finish() freed their slots and counted them).
@@ -223,39 +317,34 @@ Scheduler::Scheduler(Backend& backend, const Tokenizer& tok, SchedulerOptions op
 Scheduler::~Scheduler() {
   shutdown();
   if (impl_->worker.joinable()) impl_->worker.join();
+  impl_->event_threads.clear();  // each delivers what is left, then stops
 }
 
 uint64_t Scheduler::submit(CompletionRequest req) {
   if (!req.on_event) throw Error("scheduler: request without on_event");
   if (req.prompt.empty()) throw Error("the prompt is empty");
   if (req.max_tokens < 0) throw Error("max_tokens must be >= 0");
+  if (req.logprobs < 0) throw Error("logprobs must be >= 0");
   const int V = impl_->backend.config().vocab_size;
   for (int id : req.prompt)
     if (id < 0 || id >= V)
       throw Error("token id " + std::to_string(id) + " is outside the vocabulary");
-  auto s = std::make_unique<Impl::Seq>();
-  s->sampler = std::make_unique<Sampler>(req.sampling);  // validates the parameters
-  s->text = std::make_unique<TextStream>(impl_->tok, req.stop);
-  s->history = req.prompt;
-  s->req = std::move(req);
+  req.sampling.validate();
+  // Built outside the lock: the penalties read the whole prompt once.
+  auto s = std::make_unique<Impl::Seq>(std::move(req), V, impl_->tok);
   std::lock_guard<std::mutex> lock(impl_->mu);
   if (impl_->stopping) throw BusyError("the server is shutting down");
   const int free_slots = impl_->st.slots - impl_->st.slots_in_use;
   if (static_cast<int>(impl_->queue.size()) >= impl_->opts.max_queue + std::max(0, free_slots))
     throw BusyError("too many requests are waiting; try again later");
-  s->id = impl_->next_id++;
-  const uint64_t id = s->id;
+  const uint64_t id = s->sink->id = impl_->next_id++;
   impl_->queue.push_back(std::move(s));
   impl_->st.queued = static_cast<int>(impl_->queue.size());
   impl_->cv.notify_one();
   return id;
 }
 
-void Scheduler::cancel(uint64_t id) {
-  std::lock_guard<std::mutex> lock(impl_->mu);
-  impl_->cancelled.insert(id);
-  impl_->cv.notify_one();
-}
+void Scheduler::cancel(uint64_t id) { impl_->cancel(id); }
 
 SchedulerStats Scheduler::stats() const {
   std::lock_guard<std::mutex> lock(impl_->mu);

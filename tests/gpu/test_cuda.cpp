@@ -264,8 +264,9 @@ void check_sampling_kernel(int V) {
   int exact = 0, near = 0, to_host = 0;
   for (int r = 0; r < R; ++r) {
     const std::span<const float> row(logits.data() + size_t(r) * V, V);
-    const auto hist = cases[r].penalties ? std::span<const int>(history) : std::span<const int>();
-    const auto cands = sample_candidates(cases[r].p, row, hist);
+    const auto counts = cases[r].penalties ? penalty_counts(cases[r].p, history, V)
+                                           : std::vector<std::pair<int, int>>{};
+    const auto cands = sample_candidates(cases[r].p, row, counts);
     if (tok[r] < 0) {  // only where the list can exceed what the GPU keeps
       const int k = cases[r].p.top_k;
       EXPECT_GT(V, cuda::kMaxSampleCandidates) << "row " << r;
@@ -303,37 +304,58 @@ TEST_F(Cuda, SamplingKernelMatchesHostSampler) { check_sampling_kernel(8192); }
 // Above kMaxSampleCandidates the kernel first selects the largest logits by radix select.
 TEST_F(Cuda, SamplingKernelMatchesHostSamplerOnLargeVocabularies) { check_sampling_kernel(20000); }
 
-// forward_sample: the token comes from the GPU; it is the host's choice on the same logits.
+// forward_sample: the token comes from the GPU; it is the host's choice on the same logits (those
+// of a twin slot holding the same state, run through forward()), and the top-N log-probabilities
+// are the host's top_logprobs of that row.
 TEST_F(Cuda, ForwardSampleAgreesWithHostSamplingOfTheSameLogits) {
   Config c = mp::testing::small_config();
   TempDir dir;
   auto model = mp::testing::random_model(dir, c, DType::BF16, 12);
-  auto gpu = make_backend(model, {.kind = "cuda", .n_slots = 4});
+  auto gpu = make_backend(model, {.kind = "cuda", .n_slots = 8});
   std::vector<std::vector<int>> prompts;
-  std::vector<SeqChunk> chunks;
+  std::vector<SeqChunk> chunks, twins;
   for (int i = 0; i < 4; ++i) {
     prompts.push_back(random_tokens(30 + 40 * i, c.vocab_size, 40 + i));
     chunks.push_back({gpu->alloc_slot(), prompts[i], false});
   }
+  for (int i = 0; i < 4; ++i) twins.push_back({gpu->alloc_slot(), prompts[i], false});
   SamplingParams p;
   p.temperature = 1.0f, p.top_k = 0, p.top_p = 0.95f, p.min_p = 0.0f;
   p.repetition_penalty = 1.2f;
+  std::vector<std::vector<std::pair<int, int>>> pens(4);
   std::vector<SampleSpec> specs;
-  for (int i = 0; i < 4; ++i) specs.push_back({&p, prompts[i], 0.1 + 0.25 * i, true});
+  for (int i = 0; i < 4; ++i) {
+    pens[i] = penalty_counts(p, prompts[i], c.vocab_size);
+    specs.push_back({&p, pens[i], 0.1 + 0.25 * i, 1 + 3 * i});
+  }
+  const size_t V = c.vocab_size;
   for (int step = 0; step < 3; ++step) {
+    for (int i = 0; i < 4; ++i) gpu->copy_slot(chunks[i].slot, twins[i].slot);
+    const auto logits = gpu->forward(twins);
     const auto got = gpu->forward_sample(chunks, specs);
     ASSERT_EQ(got.size(), 4u);
     for (int i = 0; i < 4; ++i) {
-      ASSERT_EQ(got[i].logits.size(), size_t(c.vocab_size));
-      const auto [want, near] =
-          host_pick(sample_candidates(p, got[i].logits, prompts[i]), specs[i].uniform);
+      const std::span<const float> row(logits.data() + i * V, V);
+      const auto [want, near] = host_pick(sample_candidates(p, row, pens[i]), specs[i].uniform);
       if (!near) {
         EXPECT_EQ(got[i].token, want) << "sequence " << i << " step " << step;
       }
-      EXPECT_NEAR(got[i].logprob, log_softmax(got[i].logits)[got[i].token], 1e-4);
+      const auto lp = log_softmax(row);
+      EXPECT_NEAR(got[i].logprob, lp[got[i].token], 1e-3);
+      const auto top = top_logprobs(row, specs[i].top_logprobs);
+      ASSERT_EQ(got[i].top_logprobs.size(), top.size());
+      for (size_t j = 0; j < top.size(); ++j) {
+        EXPECT_NEAR(got[i].top_logprobs[j].second, top[j].second, 1e-3) << "rank " << j;
+        // The same token, unless two are within the run-to-run noise of each other.
+        if (got[i].top_logprobs[j].first != top[j].first) {
+          EXPECT_NEAR(lp[got[i].top_logprobs[j].first], top[j].second, 1e-3);
+        }
+      }
       prompts[i].push_back(got[i].token);
       chunks[i].tokens = std::span<const int>(&prompts[i].back(), 1);  // decode steps next
-      specs[i].history = prompts[i];
+      twins[i].tokens = chunks[i].tokens;
+      pens[i] = penalty_counts(p, prompts[i], c.vocab_size);
+      specs[i].penalties = pens[i];
     }
   }
 }

@@ -211,26 +211,50 @@ struct SamplingParams {
   void validate() const;
 };
 
+// (id, count) of the ids the penalties see, sorted by id (PenaltyCounts keeps them).
+using PenaltyList = std::span<const std::pair<int, int>>;
+
 // The candidates that survive the filters (after penalties, temperature, top-k, top-p, min-p),
 // sorted by probability (ties: lower id first), with their renormalised probabilities; with all
 // three filters off, the whole vocabulary in id order.
-// history: the ids the penalties see (prompt and generated so far).
 std::vector<std::pair<int, float>> sample_candidates(const SamplingParams& p,
                                                      std::span<const float> logits,
-                                                     std::span<const int> history);
+                                                     PenaltyList penalties);
 // The candidate at which the cumulative probability first exceeds u (in [0, 1)).
 int pick_candidate(std::span<const std::pair<int, float>> candidates, double u);
+
+// The penalties' view of one sequence: how often each id occurs among its last penalty_last_n
+// tokens (prompt included; -1: all of them), updated one token at a time. A token costs a
+// binary search, plus moving the list when an id enters or leaves it (bounded by the
+// vocabulary), whatever the length of the sequence. Inert when no penalty is on.
+class PenaltyCounts {
+ public:
+  PenaltyCounts(const SamplingParams& p, int vocab);
+  void push(int id);
+  PenaltyList counts() const { return counts_; }
+  uint64_t work() const { return work_; }  // elements visited or moved so far (for the tests)
+
+ private:
+  void add(int id, int delta);
+  bool active_;
+  int window_;  // -1: every token
+  int vocab_;
+  std::vector<int> ring_;  // the window's ids when it is bounded, oldest at ring_head_
+  size_t ring_head_ = 0;
+  std::vector<std::pair<int, int>> counts_;
+  uint64_t work_ = 0;
+};
 
 // A sequence's sampling: its parameters and its own random stream (seeded: reproducible).
 class Sampler {
  public:
   explicit Sampler(const SamplingParams& p);
-  int sample(std::span<const float> logits, std::span<const int> history) {
-    return pick_candidate(candidates(logits, history), draw());
+  int sample(std::span<const float> logits, PenaltyList penalties) {
+    return pick_candidate(candidates(logits, penalties), draw());
   }
   std::vector<std::pair<int, float>> candidates(std::span<const float> logits,
-                                                std::span<const int> history) const {
-    return sample_candidates(p_, logits, history);
+                                                PenaltyList penalties) const {
+    return sample_candidates(p_, logits, penalties);
   }
   double draw();  // the next uniform in [0, 1) of the stream; one per sampled token
   const SamplingParams& params() const { return p_; }
@@ -255,14 +279,16 @@ struct SeqChunk {
 // How forward_sample samples one chunk's next token.
 struct SampleSpec {
   const SamplingParams* params = nullptr;  // null: no token wanted (a prompt chunk mid-way)
-  std::span<const int> history;            // ids the penalties see
+  PenaltyList penalties;                    // what the penalties see (PenaltyCounts)
   double uniform = 0;                      // the draw that picks the token (Sampler::draw())
-  bool want_logits = false;                // also return the row's logits (top-N logprobs)
+  int top_logprobs = 0;                    // also return the N likeliest tokens
 };
 struct SampledToken {
   int token = -1;
-  float logprob = 0;          // log-probability under the model (before penalties and filters)
-  std::vector<float> logits;  // when asked for
+  float logprob = 0;  // log-probability under the model (before penalties and filters)
+  // The top_logprobs likeliest tokens and their log-probabilities, likeliest first (ties: lower
+  // id first), when asked for.
+  std::vector<std::pair<int, float>> top_logprobs;
 };
 
 // A backend runs the model over batches of sequences. Each sequence lives in a slot holding its
@@ -281,6 +307,9 @@ class Backend {
   virtual std::vector<uint8_t> save_slot(int slot) const = 0;
   virtual void load_slot(int slot, std::span<const uint8_t> bytes) = 0;  // throws on mismatch
   virtual size_t slot_bytes(int slot) const = 0;  // memory held by the slot's state
+  // Prompt tokens a scheduler step should read at most: large enough to run near the backend's
+  // prefill speed, small enough to keep a step short (measured: docs/PERF.md).
+  virtual int prefill_tokens_per_step() const = 0;
   // Runs the chunks; returns logits, vocab_size floats per requested row, chunk by chunk.
   virtual std::vector<float> forward(std::span<const SeqChunk> chunks) = 0;
   // Runs the chunks (each wanting its last row only) and samples each one's next token as
@@ -330,14 +359,18 @@ struct CompletionRequest {
   std::vector<std::string> stop;
   bool ignore_eos = false;
   int logprobs = 0;  // top-N alternatives per token (0: none)
-  // Called on the scheduler's thread; must not block for long. Returning false cancels.
+  // Called on one of the scheduler's event threads; should not block for long (it delays the
+  // events of other requests). Returning false cancels the request.
   std::function<bool(const CompletionEvent&)> on_event;
 };
 
 struct SchedulerOptions {
-  int max_queue = 64;               // waiting requests beyond the running ones
-  int prefill_chunk = 256;          // prompt tokens per sequence per step
-  int max_prefill_per_step = 1024;  // prompt tokens of all sequences per step
+  int max_queue = 64;  // waiting requests beyond the running ones
+  // Prompt tokens read per step, all sequences together: the bound on how long a step, and so a
+  // generating stream's gap between tokens, lasts while prompts are read. 0: the backend's
+  // Backend::prefill_tokens_per_step().
+  int max_prefill_per_step = 0;
+  int event_threads = 2;  // threads that hand events to the requests' callbacks
 };
 
 struct SchedulerStats {
@@ -346,8 +379,9 @@ struct SchedulerStats {
 };
 
 // Thread-safe: any thread submits and cancels; one internal thread runs the model. Each step runs
-// the next prompt chunk of every sequence still reading its prompt and one token of every
-// generating one, in one batch.
+// one token of every generating sequence and, within the step's prompt-token budget, the next
+// prompt chunks in arrival order, in one batch. Events reach the callbacks from separate event
+// threads (a request's events in order, on one thread), so a slow callback never delays a step.
 class Scheduler {
  public:
   Scheduler(Backend& backend, const Tokenizer& tok, SchedulerOptions opts = {});
