@@ -1,0 +1,181 @@
+// The scheduler's policy, seen through the batches it hands a (recording) CPU backend.
+#include <gtest/gtest.h>
+
+#include <future>
+#include <map>
+#include <mutex>
+
+#include "model_fixture.h"
+
+namespace {
+
+using namespace mp;
+
+// A CPU backend that records every step's chunks: (slot, position before, tokens).
+class RecordingBackend final : public Backend {
+ public:
+  struct Chunk {
+    int slot;
+    int64_t pos;
+    size_t tokens;
+    bool samples;
+  };
+  explicit RecordingBackend(std::unique_ptr<Backend> inner) : inner_(std::move(inner)) {}
+  std::string name() const override { return inner_->name(); }
+  const Config& config() const override { return inner_->config(); }
+  int n_slots() const override { return inner_->n_slots(); }
+  int alloc_slot() override { return inner_->alloc_slot(); }
+  void free_slot(int s) override { inner_->free_slot(s); }
+  void reset_slot(int s) override { inner_->reset_slot(s); }
+  void copy_slot(int a, int b) override { inner_->copy_slot(a, b); }
+  int64_t slot_pos(int s) const override { return inner_->slot_pos(s); }
+  std::vector<uint8_t> save_slot(int s) const override { return inner_->save_slot(s); }
+  void load_slot(int s, std::span<const uint8_t> b) override { inner_->load_slot(s, b); }
+  size_t slot_bytes(int s) const override { return inner_->slot_bytes(s); }
+  int prefill_tokens_per_step() const override { return inner_->prefill_tokens_per_step(); }
+  std::vector<float> forward(std::span<const SeqChunk> chunks) override {
+    return inner_->forward(chunks);
+  }
+  std::vector<SampledToken> forward_sample(std::span<const SeqChunk> chunks,
+                                           std::span<const SampleSpec> specs) override {
+    std::vector<Chunk> step;
+    for (size_t i = 0; i < chunks.size(); ++i)
+      step.push_back({chunks[i].slot, inner_->slot_pos(chunks[i].slot), chunks[i].tokens.size(),
+                      specs[i].params != nullptr});
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      steps_.push_back(std::move(step));
+    }
+    return inner_->forward_sample(chunks, specs);
+  }
+  std::vector<std::vector<Chunk>> steps() const {
+    std::lock_guard<std::mutex> lock(mu_);
+    return steps_;
+  }
+
+ private:
+  std::unique_ptr<Backend> inner_;
+  mutable std::mutex mu_;
+  std::vector<std::vector<Chunk>> steps_;
+};
+
+struct Rig {
+  mp::testing::TempDir dir;
+  std::shared_ptr<Model> model = mp::testing::random_model(dir, mp::testing::small_config());
+  RecordingBackend backend;
+  Scheduler sched;
+  Rig(int slots, int budget)
+      : backend(make_backend(model, {.kind = "cpu", .n_slots = slots, .n_threads = 2})),
+        sched(backend, model->tokenizer(), {.max_queue = 64, .max_prefill_per_step = budget}) {}
+
+  // Submits a request; the future is ready with its final event.
+  std::future<CompletionEvent> submit(int prompt_tokens, int max_tokens, uint64_t seed,
+                                      std::function<void(const CompletionEvent&)> each = {}) {
+    auto done = std::make_shared<std::promise<CompletionEvent>>();
+    CompletionRequest r;
+    r.prompt = mp::testing::random_tokens(prompt_tokens, model->config().vocab_size, seed);
+    r.max_tokens = max_tokens;
+    r.ignore_eos = true;
+    r.sampling.seed = seed;
+    r.on_event = [done, each](const CompletionEvent& e) {
+      if (each) each(e);
+      if (e.done) done->set_value(e);
+      return true;
+    };
+    sched.submit(std::move(r));
+    return done->get_future();
+  }
+};
+
+// While a long prompt is read, a generating stream gets a token in every step, and no step
+// reads more prompt tokens than the budget.
+TEST(Scheduler, LongPromptDoesNotStallRunningStreams) {
+  Rig rig(4, 32);
+  std::promise<void> started;
+  int seen = 0;
+  auto stream = rig.submit(5, 60, 1, [&](const CompletionEvent& e) {
+    if (e.token >= 0 && ++seen == 3) started.set_value();
+  });
+  started.get_future().wait();
+  auto long_prompt = rig.submit(400, 2, 2);
+  ASSERT_EQ(long_prompt.get().finish_reason, "length");
+  ASSERT_EQ(stream.get().completion_tokens, 60);
+  const auto steps = rig.backend.steps();
+  int stream_slot = steps.front().front().slot, reading_steps = 0;
+  for (const auto& step : steps) {
+    size_t prompt = 0;
+    bool stream_in = false, reading = false;
+    for (const auto& c : step) {
+      if (c.slot == stream_slot) {
+        stream_in = true;
+        if (c.pos >= 5) {
+          EXPECT_EQ(c.tokens, 1u);
+        }
+      } else {
+        reading |= c.pos + int64_t(c.tokens) < 400;  // a chunk before the prompt's last
+        prompt += c.tokens;
+      }
+    }
+    EXPECT_LE(prompt, 32u);
+    if (reading) {
+      ++reading_steps;
+      EXPECT_TRUE(stream_in) << "the stream skipped a step while the prompt was read";
+    }
+  }
+  EXPECT_GE(reading_steps, 400 / 32);
+}
+
+// Prompts are read first come, first served: each step fills its budget in arrival order, so a
+// step's chunks all finish their prompts but the last, which takes what is left of the budget;
+// prompts finish in the order they came; every prompt token is read exactly once.
+TEST(Scheduler, PromptsAreReadInArrivalOrderFillingEachStep) {
+  Rig rig(8, 100);
+  std::vector<std::future<CompletionEvent>> done;
+  for (int i = 0; i < 8; ++i) done.push_back(rig.submit(130 + 37 * i, 1, 10 + i));
+  for (auto& d : done) ASSERT_EQ(d.get().finish_reason, "length");
+  std::map<int, int64_t> read;  // by slot
+  std::vector<int> finished;    // slots in the order their prompts were done
+  for (const auto& step : rig.backend.steps()) {
+    size_t total = 0;
+    for (size_t i = 0; i < step.size(); ++i) {
+      const auto& c = step[i];
+      EXPECT_EQ(c.pos, read[c.slot]) << "a prompt token read twice or skipped";
+      read[c.slot] += c.tokens;
+      total += c.tokens;
+      if (c.samples) finished.push_back(c.slot);
+      if (i + 1 < step.size()) {
+        EXPECT_TRUE(c.samples) << "a chunk cut short before the budget";
+      }
+    }
+    EXPECT_LE(total, 100u);
+    if (!step.back().samples) {
+      EXPECT_EQ(total, 100u) << "a step left budget unused";
+    }
+  }
+  ASSERT_EQ(finished.size(), 8u);
+  for (int i = 0; i < 8; ++i) {
+    EXPECT_EQ(finished[i], i) << "slots are handed out in order: slot i is request i";
+    EXPECT_EQ(read[i], 130 + 37 * i);
+  }
+}
+
+// A callback that blocks holds up only its own request's events: the model thread and the other
+// requests go on (here another request finishes while the first one's callback waits for it).
+TEST(Scheduler, ABlockedCallbackDelaysNoOtherRequest) {
+  Rig rig(4, 64);
+  std::promise<void> other_done;
+  auto other_done_f = other_done.get_future().share();
+  bool waited = false;
+  auto blocked = rig.submit(5, 20, 1, [&, other_done_f](const CompletionEvent& e) {
+    if (e.token >= 0 && !waited) {
+      waited = true;
+      EXPECT_EQ(other_done_f.wait_for(std::chrono::seconds(60)), std::future_status::ready);
+    }
+  });
+  auto other = rig.submit(5, 30, 2);  // request id 2: the other event thread
+  EXPECT_EQ(other.get().completion_tokens, 30);
+  other_done.set_value();
+  EXPECT_EQ(blocked.get().completion_tokens, 20);
+}
+
+}  // namespace
