@@ -23,13 +23,16 @@ int main(int argc, char** argv) {
                   "  --ctx-limit N     most prompt tokens per request (default: trained length)\n"
                   "  --api-key KEY     require 'Authorization: Bearer KEY'\n"
                   "  --threads N       CPU threads for the model (default: all cores)\n"
-                  "  --http-threads N  HTTP worker threads, one per open stream (default 128)\n"
+                  "  --http-threads N  HTTP worker threads, one per open connection (default:\n"
+                  "                    slots + max-queue + 64; connections beyond get 503)\n"
+                  "  --prefill-per-step N  prompt tokens read per step, all requests together\n"
+                  "                    (default: the backend's, 512 on the CPU, 32768 on CUDA)\n"
                   "  --backend KIND    auto, cpu or cuda (default auto)\n"
                   "  --name NAME       model id reported by /v1/models (default multipole)\n"
                   "  --quiet           no access log\n",
                   {{"m", "model"}});
   a.check_known({"model", "host", "port", "slots", "max-queue", "ctx-limit", "api-key", "threads",
-                 "http-threads", "backend", "name", "quiet"});
+                 "http-threads", "prefill-per-step", "backend", "name", "quiet"});
   try {
     auto model = mp::Model::load(a.str("model", "models/default.gguf"));
     mp::BackendOptions bo;
@@ -40,13 +43,14 @@ int main(int argc, char** argv) {
     auto backend = mp::make_backend(model, bo);
     mp::SchedulerOptions so;
     so.max_queue = static_cast<int>(a.integer("max-queue", 64));
+    so.max_prefill_per_step = static_cast<int>(a.integer("prefill-per-step", 0));
     mp::Scheduler sched(*backend, model->tokenizer(), so);
     mp::ServerOptions o;
     o.host = a.str("host", "127.0.0.1");
     o.port = static_cast<int>(a.integer("port", 8080));
     o.api_key = a.str("api-key");
     o.ctx_limit = a.integer("ctx-limit", 0);
-    o.http_threads = static_cast<int>(a.integer("http-threads", 128));
+    o.http_threads = static_cast<int>(a.integer("http-threads", 0));
     o.model_name = a.str("name", "multipole");
     o.access_log = !a.has("quiet");
     mp::Server server(model, sched, o);

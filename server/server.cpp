@@ -50,7 +50,47 @@ struct Histogram {
   }
 };
 
-// Events of one HTTP request's completions, from the scheduler thread to the HTTP thread.
+// True on the threads that answer connections the server has no room for (OverflowingPool).
+thread_local bool t_refuse = false;
+
+// httplib's thread pool, bounded: a connection that finds every worker busy (each streaming
+// client holds one) and `slack` connections already waiting is not queued behind streams that may
+// run for minutes; one of a few refusal threads answers it at once with 503.
+class OverflowingPool final : public httplib::TaskQueue {
+ public:
+  OverflowingPool(size_t workers, size_t slack, size_t refusers)
+      : room_(workers + slack), serve_(workers), refuse_(refusers) {}
+  void enqueue(std::function<void()> fn) override {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      if (taken_ == room_) {
+        refuse_.enqueue([fn = std::move(fn)] {
+          t_refuse = true;
+          fn();
+        });
+        return;
+      }
+      ++taken_;  // waiting or being served
+    }
+    serve_.enqueue([this, fn = std::move(fn)] {
+      fn();
+      std::lock_guard<std::mutex> lock(mu_);
+      --taken_;
+    });
+  }
+  void shutdown() override {
+    serve_.shutdown();
+    refuse_.shutdown();
+  }
+
+ private:
+  std::mutex mu_;
+  size_t taken_ = 0;
+  const size_t room_;
+  httplib::ThreadPool serve_, refuse_;
+};
+
+// Events of one HTTP request's completions, from the scheduler's event thread to the HTTP thread.
 struct Channel {
   std::mutex mu;
   std::condition_variable cv;
@@ -79,7 +119,11 @@ struct Server::Impl {
   Impl(std::shared_ptr<const Model> m, Scheduler& s, ServerOptions o)
       : model(std::move(m)), sched(s), opts(std::move(o)) {
     if (opts.ctx_limit <= 0) opts.ctx_limit = model->config().n_ctx_train;
-    http.new_task_queue = [n = opts.http_threads] { return new httplib::ThreadPool(n); };
+    if (opts.http_threads <= 0) {
+      const SchedulerStats st = sched.stats();
+      opts.http_threads = st.slots + st.max_queue + 64;
+    }
+    http.new_task_queue = [n = opts.http_threads] { return new OverflowingPool(n, 16, 4); };
     http.set_payload_max_length(opts.max_body);
     // httplib's 5 s defaults drop a streaming client that a loaded machine leaves unscheduled
     // for a few seconds; a client that really went away is noticed by the failed write.
@@ -91,6 +135,13 @@ struct Server::Impl {
       listen_fd = sock;
     });
     http.set_pre_routing_handler([this](const httplib::Request& req, httplib::Response& res) {
+      if (t_refuse) {  // no thread to serve it: answered before its body is read
+        res.set_header("Retry-After", "1");
+        res.set_header("Connection", "close");
+        error(res, api::ApiError(503, "the server is at its connection limit; try again later",
+                                 "", "server_overloaded", "server_error"));
+        return httplib::Server::HandlerResponse::Handled;
+      }
       if (opts.api_key.empty() || req.path == "/health")
         return httplib::Server::HandlerResponse::Unhandled;
       if (req.get_header_value("Authorization") != "Bearer " + opts.api_key) {
@@ -235,7 +286,7 @@ struct Server::Impl {
             ch->events.emplace_back(static_cast<int>(i), e);
             if (e.done) --ch->open;
           }
-          ch->cv.notify_all();
+          ch->cv.notify_one();
           return !ch->abandoned.load();
         };
         ids.push_back(sched.submit(std::move(r)));
@@ -317,10 +368,9 @@ struct Server::Impl {
           batch.swap(ch->events);
           const bool finished = ch->open == 0;
           lock.unlock();
-          auto send = [&](const json& j) {
-            const std::string s = "data: " + api::dump(j) + "\n\n";
-            return sink.write(s.data(), s.size());
-          };
+          // Everything that arrived since the last wake goes out in one write.
+          std::string chunk;
+          auto add = [&](const json& j) { chunk += "data: " + api::dump(j) + "\n\n"; };
           for (auto& [i, e] : batch) {
             std::string text = e.text;
             if (!(*echoed)[i]) {
@@ -335,17 +385,20 @@ struct Server::Impl {
                       {"finish_reason", e.done ? json(api::finish_reason(e)) : json(nullptr)}};
             (*offsets)[i] += e.text.size();
             if (e.done) *completion_total += e.completion_tokens;
-            if (!send(completion(json::array({c})))) return false;
+            add(completion(json::array({c})));
           }
-          if (finished && !*sent_done) {
+          const bool last = finished && !*sent_done;
+          if (last) {
             *sent_done = true;
             if (call.include_usage) {
               json usage = completion(json::array());
               usage["usage"] = api::usage(prompt_total, *completion_total);
-              if (!send(usage)) return false;
+              add(usage);
             }
-            const std::string done = "data: [DONE]\n\n";
-            if (!sink.write(done.data(), done.size())) return false;
+            chunk += "data: [DONE]\n\n";
+          }
+          if (!chunk.empty() && !sink.write(chunk.data(), chunk.size())) return false;
+          if (last) {
             sink.done();
             log_completion(id, prompt_total, *completion_total, t0, *first_token, true);
           }

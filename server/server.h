@@ -15,7 +15,10 @@ struct ServerOptions {
   std::string api_key;        // empty: no authentication
   int64_t ctx_limit = 0;      // most prompt tokens per request; 0: the model's trained length
   size_t max_body = 1 << 20;  // bytes; larger bodies get 413
-  int http_threads = 128;     // each streaming client holds one while it streams
+  // HTTP worker threads; each open connection holds one (a streaming client while it streams).
+  // 0: one for every slot and queue place of the scheduler, plus 64 for quick requests. A
+  // connection beyond them and 16 waiting gets an immediate 503.
+  int http_threads = 0;
   std::string model_name = "multipole";
   bool access_log = true;
 };

@@ -27,7 +27,7 @@ struct Running {
   std::thread thread;
 
   explicit Running(int slots = 4, int max_queue = 64, std::string api_key = "",
-                   int64_t ctx_limit = 0) {
+                   int64_t ctx_limit = 0, int http_threads = 0) {
     model = mp::testing::random_model(dir, mp::testing::small_config());
     backend = make_backend(model, {.kind = "cpu", .n_slots = slots, .n_threads = 2});
     sched = std::make_unique<Scheduler>(*backend, model->tokenizer(),
@@ -36,6 +36,7 @@ struct Running {
     o.port = 0;
     o.api_key = std::move(api_key);
     o.ctx_limit = ctx_limit;
+    o.http_threads = http_threads;
     o.max_body = 64 * 1024;
     o.access_log = false;
     server = std::make_unique<Server>(model, *sched, o);
@@ -151,16 +152,26 @@ TEST(Server, ConcurrentStreamsGiveTheSameTextAsSequentialRuns) {
   for (int i = 0; i < n; ++i) EXPECT_EQ(futures[i].get(), sequential[i]) << i;
 }
 
-// A client that closes its connection mid-request: its slot is freed within a step or two.
-// Streaming clients are noticed at the next event, others at the next 200 ms keep-alive space.
-void check_disconnect_frees_slot(bool stream) {
-  Running s(2);
+// A raw TCP connection to the server (-1 on failure).
+int connect_to(const Running& s) {
   const int fd = socket(AF_INET, SOCK_STREAM, 0);
   sockaddr_in addr{};
   addr.sin_family = AF_INET;
   addr.sin_port = htons(static_cast<uint16_t>(s.server->port()));
   inet_pton(AF_INET, "127.0.0.1", &addr.sin_addr);
-  ASSERT_EQ(connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof addr), 0);
+  if (connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof addr) != 0) {
+    close(fd);
+    return -1;
+  }
+  return fd;
+}
+
+// A client that closes its connection mid-request: its slot is freed within a step or two.
+// Streaming clients are noticed at the next event, others at the next 200 ms keep-alive space.
+void check_disconnect_frees_slot(bool stream) {
+  Running s(2);
+  const int fd = connect_to(s);
+  ASSERT_GE(fd, 0);
   const std::string body = json{
       {"prompt", "x"},
       {"max_tokens", 100000},
@@ -255,6 +266,33 @@ TEST(Server, ApiKeyAndFullQueue) {
   EXPECT_GE(ok, 1);
   EXPECT_GE(busy, 1);
   EXPECT_EQ(ok + busy, 6);
+}
+
+// More connections than HTTP threads (and the few that may wait for one): the next one gets an
+// immediate OpenAI-shaped 503, not a wait behind connections that may stay open for minutes; once
+// they close, requests are served again.
+TEST(Server, ConnectionsBeyondTheThreadsGetAFast503) {
+  Running s(1, 0, "", 0, 2);  // 2 HTTP threads: 2 served + 16 waiting connections
+  std::vector<int> idle;
+  for (int i = 0; i < 18; ++i) {
+    idle.push_back(connect_to(s));
+    ASSERT_GE(idle.back(), 0);
+  }
+  const auto t0 = std::chrono::steady_clock::now();
+  const auto r = s.post({{"prompt", "x"}, {"max_tokens", 1}});
+  const double waited =
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  expect_error(r, 503);
+  EXPECT_EQ(json::parse(r->body)["error"]["code"], "server_overloaded");
+  EXPECT_EQ(r->get_header_value("Retry-After"), "1");
+  EXPECT_LT(waited, 5.0);  // not the 60 s read timeout of a waiting connection
+  for (int fd : idle) close(fd);
+  int status = 0;
+  for (int i = 0; i < 100 && status != 200; ++i) {
+    status = status_of(s.post({{"prompt", "x"}, {"max_tokens", 1}}));
+    if (status != 200) std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  }
+  EXPECT_EQ(status, 200);
 }
 
 TEST(Server, TokenizeModelsAndMetrics) {

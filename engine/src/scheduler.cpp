@@ -133,6 +133,7 @@ struct Scheduler::Impl {
   Impl(Backend& b, const Tokenizer& t, SchedulerOptions o) : backend(b), tok(t), opts(o) {
     if (opts.max_prefill_per_step <= 0) opts.max_prefill_per_step = b.prefill_tokens_per_step();
     st.slots = b.n_slots();
+    st.max_queue = opts.max_queue;
     const int n_events = std::max(1, opts.event_threads);
     outbox.resize(n_events);
     for (int i = 0; i < n_events; ++i)

@@ -374,7 +374,7 @@ struct SchedulerOptions {
 };
 
 struct SchedulerStats {
-  int slots = 0, slots_in_use = 0, queued = 0;
+  int slots = 0, slots_in_use = 0, queued = 0, max_queue = 0;
   uint64_t requests_done = 0, prompt_tokens = 0, completion_tokens = 0, steps = 0;
 };
 
