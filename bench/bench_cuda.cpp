@@ -103,6 +103,55 @@ std::string write_exact_copy(const std::string& path) {
   return out;
 }
 
+// Decode steps of `batch` sequences at ~1,000 tokens of context, sampling on the GPU.
+void bench_decode(std::shared_ptr<const Model> model, const std::vector<int>& batches,
+                  const SamplingParams& sp, const char* mode) {
+  const Config& c = model->config();
+  std::mt19937 rng(2);
+  auto random_ids = [&](size_t n) {
+    std::vector<int> v(n);
+    for (auto& x : v) x = 3 + int(rng() % (c.vocab_size - 3));
+    return v;
+  };
+  std::printf(
+      "\n| decode batch | context | tokens/s (aggregate) | ms per step |\n|---|---|---|---|\n");
+  for (int batch : batches) {
+    auto b = make_backend(model, {.kind = "cuda", .n_slots = batch, .max_context = 2048});
+    std::vector<int> slots;
+    std::vector<std::vector<int>> prompts;
+    for (int i = 0; i < batch; ++i) {
+      slots.push_back(b->alloc_slot());
+      prompts.push_back(random_ids(1000));
+    }
+    std::vector<SeqChunk> pre;
+    for (int i = 0; i < batch; ++i) pre.push_back({slots[i], prompts[i], false});
+    b->forward(pre);
+    std::vector<int> next(batch, 5);
+    std::vector<SeqChunk> step;
+    for (int i = 0; i < batch; ++i)
+      step.push_back({slots[i], std::span<const int>(&next[i], 1), false});
+    std::vector<SampleSpec> specs(batch);
+    for (int i = 0; i < batch; ++i) specs[i] = {&sp, {}, 0.5, 0};
+    b->forward_sample(step, specs);
+    const int steps = 50;
+    const auto t0 = std::chrono::steady_clock::now();
+    for (int s = 0; s < steps; ++s) {
+      const auto sampled = b->forward_sample(step, specs);
+      for (int i = 0; i < batch; ++i) next[i] = sampled[i].token;
+    }
+    const double sec = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    std::printf("| %d | ~1000 | %.0f | %.3f |\n", batch, batch * steps / sec, sec / steps * 1e3);
+    std::fflush(stdout);
+    if (batch == 1) {
+      const double kv_exact = 2.0 * c.n_layers * c.n_kv_heads * c.head_dim * 2 * (1 << 20);
+      std::printf(
+          "\nstate per sequence: %.1f KiB (%s), exact attention's bf16 KV cache at 1M "
+          "tokens: %.1f MiB\n\n",
+          b->slot_bytes(slots[0]) / 1024.0, mode, kv_exact / 1048576.0);
+    }
+  }
+}
+
 void bench_end_to_end(const std::string& path, bool exact, bool quick) {
   auto model = Model::load(path);
   const Config& c = model->config();
@@ -134,52 +183,18 @@ void bench_end_to_end(const std::string& path, bool exact, bool quick) {
       b->free_slot(slot);
     }
   }
-  std::printf(
-      "\n| decode batch | context | tokens/s (aggregate) | ms per step |\n|---|---|---|---|\n");
-  for (int batch : {1, 16, 64, 256}) {
-    auto b = make_backend(model, {.kind = "cuda", .n_slots = batch, .max_context = 2048});
-    std::vector<int> slots;
-    std::vector<std::vector<int>> prompts;
-    for (int i = 0; i < batch; ++i) {
-      slots.push_back(b->alloc_slot());
-      prompts.push_back(random_ids(1000));
-    }
-    std::vector<SeqChunk> pre;
-    for (int i = 0; i < batch; ++i) pre.push_back({slots[i], prompts[i], false});
-    b->forward(pre);
-    std::vector<int> next(batch, 5);
-    std::vector<SeqChunk> step;
-    for (int i = 0; i < batch; ++i)
-      step.push_back({slots[i], std::span<const int>(&next[i], 1), false});
-    // The default sampling (temperature 0.8, top-k 40, top-p 0.95, min-p 0.05), on the GPU.
-    const SamplingParams sp;
-    std::vector<SampleSpec> specs(batch);
-    for (int i = 0; i < batch; ++i) specs[i] = {&sp, {}, 0.5, 0};
-    b->forward_sample(step, specs);
-    const int steps = 50;
-    const auto t0 = std::chrono::steady_clock::now();
-    for (int s = 0; s < steps; ++s) {
-      const auto sampled = b->forward_sample(step, specs);
-      for (int i = 0; i < batch; ++i) next[i] = sampled[i].token;
-    }
-    const double sec = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-    std::printf("| %d | ~1000 | %.0f | %.3f |\n", batch, batch * steps / sec, sec / steps * 1e3);
-    std::fflush(stdout);
-    if (batch == 1) {
-      const double kv_exact = 2.0 * c.n_layers * c.n_kv_heads * c.head_dim * 2 * (1 << 20);
-      std::printf(
-          "\nstate per sequence: %.1f KiB (%s), exact attention's bf16 KV cache at 1M "
-          "tokens: %.1f MiB\n\n",
-          b->slot_bytes(slots[0]) / 1024.0, mode, kv_exact / 1048576.0);
-    }
-  }
+  // The CLI's default sampling (temperature 0.8, top-k 40, top-p 0.95, min-p 0.05), on the GPU.
+  bench_decode(model, {1, 16, 64, 256}, SamplingParams{}, mode);
 }
 
 }  // namespace
 
 int main(int argc, char** argv) {
   if (argc < 2) {
-    std::fprintf(stderr, "usage: bench_cuda MODEL.gguf [--quick | --prefill-kernels]\n");
+    std::fprintf(stderr,
+                 "usage: bench_cuda MODEL.gguf [--quick | --prefill-kernels | --decode B,B,...]\n"
+                 "  --decode: only decode steps at those batch sizes, sampled as the server's API\n"
+                 "            defaults with temperature 0.8 (top-k, top-p, min-p off)\n");
     return 2;
   }
   const bool quick = argc > 2 && std::strcmp(argv[2], "--quick") == 0;
@@ -189,6 +204,19 @@ int main(int argc, char** argv) {
     cudaDeviceProp prop;
     cudaGetDeviceProperties(&prop, 0);
     std::printf("# Multipole CUDA benchmarks on %s\n", prop.name);
+    if (argc > 3 && std::strcmp(argv[2], "--decode") == 0) {
+      std::vector<int> batches;
+      for (const char* p = argv[3]; *p;) {
+        char* end;
+        batches.push_back(static_cast<int>(std::strtol(p, &end, 10)));
+        p = *end == ',' ? end + 1 : end;
+        if (batches.back() <= 0) throw Error("--decode: batch sizes must be positive");
+      }
+      SamplingParams api;
+      api.temperature = 0.8f, api.top_k = 0, api.top_p = 1.0f, api.min_p = 0.0f;
+      bench_decode(Model::load(argv[1]), batches, api, "FMA");
+      return 0;
+    }
     bench_prefill_attention(quick);
     if (kernels_only) return 0;
     bench_decode_attention();

@@ -230,6 +230,9 @@ TEST(Server, BadRequestsGetOpenAiErrors) {
   expect_error(s.post({{"prompt", "x"}, {"n", 0}}), 400, "n");
   expect_error(s.post({{"prompt", "x"}, {"stop", {1, 2}}}), 400, "stop");
   expect_error(s.post({{"max_tokens", 3}}), 400, "prompt");
+  expect_error(s.post({{"prompt", {1, 99999}}}), 400, "prompt");
+  expect_error(s.post({{"prompt", {json::array()}}}), 400, "prompt");
+  expect_error(s.post({{"prompt", {1, "x"}}}), 400, "prompt");
   expect_error(s.post({{"prompt", std::string(500, 'z')}}), 400, "prompt");  // over the ctx limit
   expect_error(c.Post("/v1/completions", std::string(100 * 1024, ' '), "application/json"), 413);
   expect_error(c.Post("/detokenize", R"({"tokens":[1,99999]})", "application/json"), 400, "tokens");
@@ -293,6 +296,29 @@ TEST(Server, ConnectionsBeyondTheThreadsGetAFast503) {
     if (status != 200) std::this_thread::sleep_for(std::chrono::milliseconds(50));
   }
   EXPECT_EQ(status, 200);
+}
+
+// A prompt given as token ids (OpenAI's array form) is the same request as its text.
+TEST(Server, TokenIdPromptsEqualTheirText) {
+  Running s;
+  auto c = s.client();
+  const auto t =
+      c.Post("/tokenize", R"({"content":"free software","add_special":true})", "application/json");
+  ASSERT_EQ(status_of(t), 200);
+  const json ids = json::parse(t->body)["tokens"];
+  const json common = {{"max_tokens", 12}, {"seed", 5}, {"temperature", 0.9}, {"echo", true}};
+  json as_text = common, as_ids = common, both = common;
+  as_text["prompt"] = "free software";
+  as_ids["prompt"] = ids;
+  both["prompt"] = {ids, ids};
+  const auto a = s.post(as_text), b = s.post(as_ids), ab = s.post(both);
+  ASSERT_EQ(status_of(a), 200);
+  ASSERT_EQ(status_of(b), 200);
+  ASSERT_EQ(status_of(ab), 200);
+  const json ja = json::parse(a->body), jb = json::parse(b->body), jab = json::parse(ab->body);
+  EXPECT_EQ(ja["choices"][0]["text"], jb["choices"][0]["text"]);
+  EXPECT_EQ(jab["choices"].size(), 2u);
+  EXPECT_EQ(ja["usage"]["prompt_tokens"], jb["usage"]["prompt_tokens"]);
 }
 
 TEST(Server, TokenizeModelsAndMetrics) {

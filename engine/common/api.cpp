@@ -53,16 +53,45 @@ CompletionsCall parse_completions(const json& b, const Tokenizer& tok, int64_t c
   CompletionsCall call;
   if (!b.contains("prompt"))
     throw ApiError(400, "'prompt' is required", "prompt", "missing_required_parameter");
+  // As in OpenAI's API: a string, an array of strings, an array of token ids, or an array of
+  // such arrays. Token ids are taken as they are (no BOS added).
   const json& p = b["prompt"];
+  std::vector<std::vector<int>> prompt_ids;
+  const char* kPromptShape =
+      "'prompt' must be a string, an array of at most 64 strings, an array of token ids or an "
+      "array of at most 64 arrays of token ids";
+  auto token_array = [&](const json& a) {
+    std::vector<int> ids;
+    for (const auto& t : a) {
+      if (!t.is_number_integer()) throw bad("prompt", kPromptShape);
+      const long long id = t.get<long long>();
+      if (id < 0 || id >= tok.vocab_size())
+        throw bad("prompt", "'prompt' holds the token id " + std::to_string(id) +
+                                ", outside the vocabulary");
+      ids.push_back(static_cast<int>(id));
+    }
+    call.prompts.push_back(tok.decode(ids));
+    prompt_ids.push_back(std::move(ids));
+  };
+  auto text = [&](const json& t) {
+    call.prompts.push_back(t.get<std::string>());
+    prompt_ids.push_back(tok.encode(call.prompts.back(), tok.add_bos()));
+  };
   if (p.is_string()) {
-    call.prompts.push_back(p.get<std::string>());
+    text(p);
+  } else if (p.is_array() && !p.empty() && p[0].is_number_integer()) {
+    token_array(p);
   } else if (p.is_array() && !p.empty() && p.size() <= 64) {
     for (const auto& x : p) {
-      if (!x.is_string()) throw bad("prompt", "'prompt' must be a string or an array of strings");
-      call.prompts.push_back(x.get<std::string>());
+      if (x.is_string())
+        text(x);
+      else if (x.is_array() && !x.empty())
+        token_array(x);
+      else
+        throw bad("prompt", kPromptShape);
     }
   } else {
-    throw bad("prompt", "'prompt' must be a string or a non-empty array of at most 64 strings");
+    throw bad("prompt", kPromptShape);
   }
   if (b.contains("model") && !b["model"].is_null() && !b["model"].is_string())
     throw bad("model", "'model' must be a string");
@@ -105,7 +134,7 @@ CompletionsCall parse_completions(const json& b, const Tokenizer& tok, int64_t c
   const bool seeded = b.contains("seed") && !b["seed"].is_null();
   const long long seed = integer(b, "seed", 0, -(1LL << 62), 1LL << 62);
   for (size_t pi = 0; pi < call.prompts.size(); ++pi) {
-    std::vector<int> ids = tok.encode(call.prompts[pi], tok.add_bos());
+    const std::vector<int>& ids = prompt_ids[pi];
     if (ids.empty()) throw bad("prompt", "the prompt is empty");
     if (ctx_limit > 0 && static_cast<int64_t>(ids.size()) > ctx_limit)
       throw ApiError(400,
