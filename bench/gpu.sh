@@ -4,6 +4,7 @@
 # (scripts/gpu_bundle.sh) and carried in .carry/gpu. Results go to $OUT.
 set -uo pipefail
 root=$(pwd)
+bash scripts/gpu_unpack.sh
 export LD_LIBRARY_PATH=$root/.carry/gpu/lib:/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}
 export MULTIPOLE_TEST_DATA=$root/tests/data
 bin=$root/.carry/gpu/bin

@@ -1,16 +1,25 @@
 #!/usr/bin/env bash
-# Builds the CUDA test and benchmark binaries here and gathers them, with the shared libraries the
-# GPU machine lacks, in .carry/gpu for the device tool's `carry`. Each binary holds the whole
-# library's device code (~6 MB): the tools (generate, perplexity) come only with BUNDLE_TOOLS=1, so
-# that the carried tree stays well under the device tool's 64 MiB next to the default model.
+# Builds the CUDA binaries here and packs them, with the shared libraries the GPU machine lacks,
+# into .carry/gpu/bundle.tar.xz for the device tool's `carry` (the GPU scripts unpack it with
+# scripts/gpu_unpack.sh). xz keeps the ~6 MB of device code each binary holds down to about 1 MB,
+# so that the carried tree stays well under the device tool's 64 MiB next to the default model.
+# BUILD_DIR (default build-cuda) is the CMake build folder to use.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bins=(tests/multipole_gpu_tests bench/bench_cuda)
-[ -n "${BUNDLE_TOOLS:-}" ] && bins+=(tools/multipole-generate tools/multipole-perplexity)
-cmake -S . -B build-cuda -G Ninja -DCMAKE_BUILD_TYPE=Release -DMULTIPOLE_CUDA=ON >/dev/null
-cmake --build build-cuda --target "${bins[@]##*/}"
-rm -rf .carry/gpu && mkdir -p .carry/gpu/bin .carry/gpu/lib
-for b in "${bins[@]}"; do cp "build-cuda/$b" .carry/gpu/bin/; done
-strip .carry/gpu/bin/*
-cp -L /lib/x86_64-linux-gnu/libsentencepiece.so.0 /lib/x86_64-linux-gnu/libgomp.so.1 .carry/gpu/lib/
+build=${BUILD_DIR:-build-cuda}
+bins=(tests/multipole_gpu_tests bench/bench_cuda server/multipole-server tools/multipole-generate
+      tools/multipole-perplexity)
+cmake -S . -B "$build" -G Ninja -DCMAKE_BUILD_TYPE=Release -DMULTIPOLE_CUDA=ON >/dev/null
+cmake --build "$build" --target "${bins[@]##*/}"
+stage=$(mktemp -d)
+mkdir -p "$stage/bin" "$stage/lib"
+for b in "${bins[@]}"; do cp "$build/$b" "$stage/bin/"; done
+strip "$stage"/bin/*
+for lib in libsentencepiece.so.0 libgomp.so.1 libcpp-httplib.so.0.11 libssl.so.3 libcrypto.so.3 \
+           libbrotlidec.so.1 libbrotlienc.so.1 libbrotlicommon.so.1; do
+  cp -L "/lib/x86_64-linux-gnu/$lib" "$stage/lib/"
+done
+rm -rf .carry/gpu && mkdir -p .carry/gpu
+tar -C "$stage" -cf - . | xz -T2 -6 > .carry/gpu/bundle.tar.xz
+rm -rf "$stage"
 du -sh .carry/gpu

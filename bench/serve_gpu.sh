@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# The serving benchmark in one GPU call (issue 10's numbers): bench_cuda's decode at batch 1 and
+# 1024 as the baseline, then multipole-server on the same GPU under bench/serve.py's scenarios,
+# then multipole-generate's speed over 50,000 tokens. Binaries come from scripts/gpu_bundle.sh
+# (carried in .carry/gpu). Results go to $OUT. SKIP_TESTS=1 skips the CUDA tests.
+set -uo pipefail
+root=$(pwd)
+bash scripts/gpu_unpack.sh
+export LD_LIBRARY_PATH=$root/.carry/gpu/lib:/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}
+export MULTIPOLE_TEST_DATA=$root/tests/data PYTHONUNBUFFERED=1
+bin=$root/.carry/gpu/bin
+out=${OUT:-/tmp/out}
+mkdir -p "$out"
+nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
+if [ -z "${SKIP_TESTS:-}" ]; then
+  "$bin/multipole_gpu_tests" > "$out/gpu_tests.log" 2>&1; echo "gpu tests rc $?"
+  grep -E "^\[  (FAILED|PASSED|SKIPPED) |Failure|Which is" "$out/gpu_tests.log" | head -30
+fi
+"$bin/bench_cuda" models/default.gguf --decode 1,1024 2>&1 | tee "$out/bench_decode.md"
+
+port=8080
+url=http://127.0.0.1:$port
+"$bin/multipole-server" -m models/default.gguf --backend cuda --slots 1024 --max-queue 4096 \
+  --ctx-limit 200000 --port $port --quiet ${SERVER_ARGS:-} > "$out/server.log" 2>&1 &
+server=$!
+for _ in $(seq 120); do curl -sf $url/health >/dev/null && break; sleep 0.5; done
+serve() { timeout "${1}" python3 bench/serve.py "${@:2}" --url $url 2>&1 | tee -a "$out/serve.md"; }
+echo "## one stream" | tee -a "$out/serve.md"
+serve 120 streams --clients 1 --requests 4 --max-tokens 512
+echo "## 1,024 streams x 512 tokens, the load split over 4 and over 8 processes" | tee -a "$out/serve.md"
+serve 240 streams --clients 1024 --processes 4 --max-tokens 512
+serve 240 streams --clients 1024 --processes 8 --max-tokens 512
+echo "## 32 prompts of 100k tokens while 64 streams generate" | tee -a "$out/serve.md"
+serve 240 prefill --clients 32 --prompt-tokens 100000 --max-tokens 64 --background 64 \
+  --processes 4
+echo "## one stream of 50,000 tokens through the server" | tee -a "$out/serve.md"
+serve 300 long --max-tokens 50000
+curl -s $url/metrics > "$out/metrics.txt"
+kill $server; wait $server 2>/dev/null
+echo "## multipole-generate, 50,000 tokens" | tee -a "$out/serve.md"
+timeout 300 "$bin/multipole-generate" -m models/default.gguf --backend cuda --ignore-eos \
+  -n 50000 -p The 2>&1 >/dev/null | tail -4 | tee -a "$out/serve.md"
