@@ -30,10 +30,13 @@ def pct(xs, p):
 
 
 async def stream_one(session, url, body, rec):
-    """One streaming request; appends its token arrival times to rec."""
+    """One streaming request (body: a dict, or JSON text made in advance); returns its start and
+    its tokens' arrival times."""
     t0 = time.time()
     stamps = []
-    async with session.post(url + "/v1/completions", json=body) as resp:
+    data = body if isinstance(body, str) else json.dumps(body)
+    async with session.post(url + "/v1/completions", data=data,
+                            headers={"Content-Type": "application/json"}) as resp:
         if resp.status != 200:
             await resp.read()
             rec["errors"] += 1
@@ -90,7 +93,9 @@ async def streams_worker(a, n_clients, seed, start_at):
 
 
 async def prefill_worker(a, n_clients, seed, start_at):
-    """n_clients long prompts at start_at (+ background streams in worker 0)."""
+    """n_clients long prompts at start_at, their bodies made before; or, in a process of their
+    own (so that making those bodies cannot delay their reading), a.background streams that start
+    at once."""
     rec = new_record()
     bg = new_record()
     conn = aiohttp.TCPConnector(limit=0)
@@ -103,12 +108,15 @@ async def prefill_worker(a, n_clients, seed, start_at):
             t0, stamps = await stream_one(session, a.url, body, bg)
             add_stream(bg, t0, stamps, keep_stamps=True)
 
+        bodies = [json.dumps({"prompt": [1] + [rng.randrange(3, a.vocab)
+                                               for _ in range(a.prompt_tokens - 1)],
+                              "max_tokens": a.max_tokens, "temperature": 0.8,
+                              "ignore_eos": True, "stream": True, "seed": seed + 100 + i})
+                  for i in range(n_clients)]
+
         async def long_prompt(i):
             await asyncio.sleep(max(0.0, start_at - time.time()))
-            ids = [1] + [rng.randrange(3, a.vocab) for _ in range(a.prompt_tokens - 1)]
-            body = {"prompt": ids, "max_tokens": a.max_tokens, "temperature": 0.8,
-                    "ignore_eos": True, "stream": True, "seed": seed + 100 + i}
-            t0, stamps = await stream_one(session, a.url, body, rec)
+            t0, stamps = await stream_one(session, a.url, bodies[i], rec)
             add_stream(rec, t0, stamps)
 
         tasks = [background(i) for i in range(a.background)] + \
@@ -180,13 +188,13 @@ def main():
             print(json.dumps({"scenario": "long", "tokens": len(s), "first": first, "last": last}))
         return
 
-    start_at = time.time() + 1.0 + 0.2 * a.processes
+    start_at = time.time() + 2.0 + 0.2 * a.processes
     shares = [a.clients // a.processes + (1 if i < a.clients % a.processes else 0)
               for i in range(a.processes)]
     jobs = [(a, n, 7919 * (i + 1), start_at) for i, n in enumerate(shares) if n > 0]
-    if a.scenario == "prefill":  # background streams come from the first process only
-        jobs = [(a if i == 0 else argparse.Namespace(**{**vars(a), "background": 0}), n, s, t)
-                for i, (_, n, s, t) in enumerate(jobs)]
+    if a.scenario == "prefill":  # the background streams get a process of their own, the first
+        quiet = argparse.Namespace(**{**vars(a), "background": 0})
+        jobs = [(a, 0, 1, start_at)] + [(quiet, n, s, t) for _, n, s, t in jobs]
     with mp.Pool(len(jobs)) as pool:
         recs = pool.map(run_worker, jobs)
     rec = merge(recs)

@@ -2,7 +2,8 @@
 # The serving benchmark in one GPU call (issue 10's numbers): bench_cuda's decode at batch 1 and
 # 1024 as the baseline, then multipole-server on the same GPU under bench/serve.py's scenarios,
 # then multipole-generate's speed over 50,000 tokens. Binaries come from scripts/gpu_bundle.sh
-# (carried in .carry/gpu). Results go to $OUT. SKIP_TESTS=1 skips the CUDA tests.
+# (carried in .carry/gpu). Results go to $OUT. SKIP_TESTS=1 skips the CUDA tests, SKIP_GENERATE=1
+# the generate run; PREFILL_BUDGETS="N M" runs the prefill scenario with each --prefill-per-step.
 set -uo pipefail
 root=$(pwd)
 bash scripts/gpu_unpack.sh
@@ -20,23 +21,36 @@ fi
 
 port=8080
 url=http://127.0.0.1:$port
-"$bin/multipole-server" -m models/default.gguf --backend cuda --slots 1024 --max-queue 4096 \
-  --ctx-limit 200000 --port $port --quiet ${SERVER_ARGS:-} > "$out/server.log" 2>&1 &
-server=$!
-for _ in $(seq 120); do curl -sf $url/health >/dev/null && break; sleep 0.5; done
+start_server() {  # extra server options as arguments
+  "$bin/multipole-server" -m models/default.gguf --backend cuda --slots 1024 --max-queue 4096 \
+    --ctx-limit 200000 --port $port --quiet "$@" >> "$out/server.log" 2>&1 &
+  server=$!
+  for _ in $(seq 120); do curl -sf $url/health >/dev/null && break; sleep 0.5; done
+}
+stop_server() {
+  curl -s $url/metrics | grep -E "^multipole_(steps|step_seconds|backend_seconds|generated|prompt)" \
+    | tee -a "$out/serve.md"
+  kill $server; wait $server 2>/dev/null
+}
 serve() { timeout "${1}" python3 bench/serve.py "${@:2}" --url $url 2>&1 | tee -a "$out/serve.md"; }
+start_server ${SERVER_ARGS:-}
 echo "## one stream" | tee -a "$out/serve.md"
 serve 120 streams --clients 1 --requests 4 --max-tokens 512
 echo "## 1,024 streams x 512 tokens, the load split over 4 and over 8 processes" | tee -a "$out/serve.md"
 serve 240 streams --clients 1024 --processes 4 --max-tokens 512
 serve 240 streams --clients 1024 --processes 8 --max-tokens 512
-echo "## 32 prompts of 100k tokens while 64 streams generate" | tee -a "$out/serve.md"
-serve 240 prefill --clients 32 --prompt-tokens 100000 --max-tokens 64 --background 64 \
-  --processes 4
 echo "## one stream of 50,000 tokens through the server" | tee -a "$out/serve.md"
 serve 300 long --max-tokens 50000
-curl -s $url/metrics > "$out/metrics.txt"
-kill $server; wait $server 2>/dev/null
-echo "## multipole-generate, 50,000 tokens" | tee -a "$out/serve.md"
-timeout 300 "$bin/multipole-generate" -m models/default.gguf --backend cuda --ignore-eos \
-  -n 50000 -p The 2>&1 >/dev/null | tail -4 | tee -a "$out/serve.md"
+stop_server
+for budget in ${PREFILL_BUDGETS:-0}; do
+  start_server --prefill-per-step $budget
+  echo "## 32 prompts of 100k tokens while 64 streams generate (budget $budget)" | tee -a "$out/serve.md"
+  serve 240 prefill --clients 32 --prompt-tokens 100000 --max-tokens 64 --background 64 \
+    --processes 4
+  stop_server
+done
+if [ -z "${SKIP_GENERATE:-}" ]; then
+  echo "## multipole-generate, 50,000 tokens" | tee -a "$out/serve.md"
+  timeout 300 "$bin/multipole-generate" -m models/default.gguf --backend cuda --ignore-eos \
+    -n 50000 -p The 2>&1 >/dev/null | tail -4 | tee -a "$out/serve.md"
+fi

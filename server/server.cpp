@@ -1,6 +1,8 @@
 #include "server.h"
 
 #include <httplib.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
 #include <sys/socket.h>
 
 #include <atomic>
@@ -132,6 +134,10 @@ struct Server::Impl {
     // Keep the listening socket, to raise its backlog after bind (below).
     http.set_socket_options([this](socket_t sock) {
       httplib::default_socket_options(sock);
+      // Accepted sockets inherit it: a token's small write must not wait for the client's
+      // delayed ACK of the previous one (Nagle's algorithm, up to 40 ms).
+      const int one = 1;
+      setsockopt(sock, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
       listen_fd = sock;
     });
     http.set_pre_routing_handler([this](const httplib::Request& req, httplib::Response& res) {
@@ -424,6 +430,10 @@ struct Server::Impl {
     gauge("multipole_generated_tokens_total", "Tokens generated.", double(s.completion_tokens),
           "counter");
     gauge("multipole_steps_total", "Batched model steps.", double(s.steps), "counter");
+    gauge("multipole_step_seconds_total", "Time the model thread spent in steps.", s.step_seconds,
+          "counter");
+    gauge("multipole_backend_seconds_total", "Part of it inside the backend.", s.backend_seconds,
+          "counter");
     std::lock_guard<std::mutex> lock(metrics_mu);
     o += "# HELP multipole_http_responses_total HTTP responses by status.\n"
          "# TYPE multipole_http_responses_total counter\n";

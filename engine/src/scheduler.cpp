@@ -4,6 +4,7 @@
 // sampled tokens into events. Event threads hand the events to the requests' callbacks, so the
 // model thread never waits on a client. Host work per step is O(batch), per token O(1).
 #include <algorithm>
+#include <chrono>
 #include <condition_variable>
 #include <deque>
 #include <mutex>
@@ -15,6 +16,10 @@
 namespace mp {
 
 namespace {
+
+double seconds_since(std::chrono::steady_clock::time_point t0) {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+}
 
 // Where a request's events go; shared with the event threads, which may outlive the sequence.
 struct EventSink {
@@ -257,14 +262,17 @@ struct Scheduler::Impl {
     }
   }
 
-  void run_step() {
+  // Returns the seconds spent inside the backend.
+  double run_step() {
     std::vector<SampledToken> sampled;
+    const auto t0 = std::chrono::steady_clock::now();
     try {
       sampled = backend.forward_sample(batch, specs);
     } catch (const std::exception& e) {
       for (Seq* s : owners) finish(*s, std::string("error: ") + e.what());
-      return;
+      return seconds_since(t0);
     }
+    const double in_backend = seconds_since(t0);
     size_t prompt_tokens = 0;
     for (size_t i = 0; i < owners.size(); ++i) {
       Seq& s = *owners[i];
@@ -282,17 +290,23 @@ struct Scheduler::Impl {
     std::lock_guard<std::mutex> lock(mu);
     st.prompt_tokens += prompt_tokens;
     ++st.steps;
+    return in_backend;
   }
 
   void loop() {
     while (admit()) {
+      const auto t0 = std::chrono::steady_clock::now();
       apply_cancellations();
+      double in_backend = 0;
       if (!running.empty()) {
         plan_step();
-        run_step();
+        in_backend = run_step();
         sweep();
       }
       post_events();
+      std::lock_guard<std::mutex> lock(mu);
+      st.step_seconds += seconds_since(t0);
+      st.backend_seconds += in_backend;
     }
     // Shutting down: everything left is cancelled.
     for (auto& s : running) finish(*s, "cancelled");

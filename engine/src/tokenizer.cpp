@@ -14,9 +14,15 @@ namespace {
 const std::string kSpaceSymbol = "\xE2\x96\x81";  // U+2581, SentencePiece's space
 const std::string kReplacement = "\xEF\xBF\xBD";  // U+FFFD
 
-std::string replace_space_symbols(std::string s) {
-  for (size_t p = 0; (p = s.find(kSpaceSymbol, p)) != std::string::npos;) s.replace(p, 3, " ");
-  return s;
+std::string replace_space_symbols(std::string_view s) {
+  std::string out;
+  for (size_t p = 0; p < s.size();) {
+    const size_t q = std::min(s.find(kSpaceSymbol, p), s.size());
+    out.append(s.substr(p, q - p));
+    if (q < s.size()) out += ' ';
+    p = q + kSpaceSymbol.size();
+  }
+  return out;
 }
 }  // namespace
 

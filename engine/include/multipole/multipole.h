@@ -376,6 +376,9 @@ struct SchedulerOptions {
 struct SchedulerStats {
   int slots = 0, slots_in_use = 0, queued = 0, max_queue = 0;
   uint64_t requests_done = 0, prompt_tokens = 0, completion_tokens = 0, steps = 0;
+  // Time the model thread spent in steps, and the part of it inside the backend's calls: their
+  // difference is the scheduler's own host work.
+  double step_seconds = 0, backend_seconds = 0;
 };
 
 // Thread-safe: any thread submits and cancels; one internal thread runs the model. Each step runs
