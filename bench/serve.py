@@ -103,6 +103,7 @@ async def prefill_worker(a, n_clients, seed, start_at):
     rng = random.Random(seed)
     async with aiohttp.ClientSession(connector=conn, timeout=timeout) as session:
         async def background(i):
+            await asyncio.sleep(max(0.0, start_at - 0.5 - time.time()))
             body = {"prompt": a.prompt, "max_tokens": a.background_tokens, "temperature": 0.8,
                     "ignore_eos": True, "stream": True, "seed": seed + i}
             t0, stamps = await stream_one(session, a.url, body, bg)
@@ -170,7 +171,7 @@ def main():
     ap.add_argument("--prompt-tokens", type=int, default=100000)
     ap.add_argument("--vocab", type=int, default=8192)
     ap.add_argument("--background", type=int, default=0)
-    ap.add_argument("--background-tokens", type=int, default=4000)
+    ap.add_argument("--background-tokens", type=int, default=8000)
     ap.add_argument("--label", default="")
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args()

@@ -27,12 +27,12 @@ start_server() {  # extra server options as arguments
   server=$!
   for _ in $(seq 120); do curl -sf $url/health >/dev/null && break; sleep 0.5; done
 }
-stop_server() {
-  curl -s $url/metrics | grep -E "^multipole_(steps|step_seconds|backend_seconds|generated|prompt)" \
-    | tee -a "$out/serve.md"
-  kill $server; wait $server 2>/dev/null
+stop_server() { kill $server; wait $server 2>/dev/null; }
+serve() {
+  timeout "${1}" python3 bench/serve.py "${@:2}" --url $url 2>&1 | tee -a "$out/serve.md"
+  curl -s $url/metrics | grep -E "^multipole_(steps|step_seconds|backend_seconds)_total" | tr '\n' ' ' \
+    | tee -a "$out/serve.md"; echo | tee -a "$out/serve.md"
 }
-serve() { timeout "${1}" python3 bench/serve.py "${@:2}" --url $url 2>&1 | tee -a "$out/serve.md"; }
 start_server ${SERVER_ARGS:-}
 echo "## one stream" | tee -a "$out/serve.md"
 serve 120 streams --clients 1 --requests 4 --max-tokens 512

@@ -3,7 +3,9 @@
 #include <httplib.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
+#include <sys/resource.h>
 #include <sys/socket.h>
+#include <unistd.h>
 
 #include <atomic>
 #include <chrono>
@@ -75,6 +77,10 @@ class OverflowingPool final : public httplib::TaskQueue {
       ++taken_;  // waiting or being served
     }
     serve_.enqueue([this, fn = std::move(fn)] {
+      // HTTP work yields to the model thread, which every stream waits on (a step that loses
+      // its core for a scheduler time slice delays 1,024 streams at once).
+      static thread_local const bool lowered = setpriority(PRIO_PROCESS, gettid(), 5) == 0;
+      (void)lowered;
       fn();
       std::lock_guard<std::mutex> lock(mu_);
       --taken_;
@@ -364,6 +370,7 @@ struct Server::Impl {
     auto echoed = std::make_shared<std::vector<bool>>(call.requests.size(), false);
     auto completion_total = std::make_shared<int>(0);
     auto sent_done = std::make_shared<bool>(false);
+    const api::TokenChunk token_chunk(id, created, opts.model_name);
     res.set_chunked_content_provider(
         "text/event-stream",
         [=, this, &tok](size_t, httplib::DataSink& sink) {
@@ -378,6 +385,14 @@ struct Server::Impl {
           std::string chunk;
           auto add = [&](const json& j) { chunk += "data: " + api::dump(j) + "\n\n"; };
           for (auto& [i, e] : batch) {
+            if ((*echoed)[i] && !e.done && call.logprobs == 0) {  // a plain token: the fast way
+              const std::string ev = token_chunk.event(i, e.text);
+              if (!ev.empty()) {
+                chunk += ev;
+                (*offsets)[i] += e.text.size();
+                continue;
+              }
+            }
             std::string text = e.text;
             if (!(*echoed)[i]) {
               text = echo_of(i) + text;

@@ -8,9 +8,11 @@
 #include <fstream>
 #include <future>
 #include <nlohmann/json.hpp>
+#include <random>
 #include <thread>
 
 #include "model_fixture.h"
+#include "common/api.h"
 #include "server.h"
 
 namespace {
@@ -319,6 +321,33 @@ TEST(Server, TokenIdPromptsEqualTheirText) {
   EXPECT_EQ(ja["choices"][0]["text"], jb["choices"][0]["text"]);
   EXPECT_EQ(jab["choices"].size(), 2u);
   EXPECT_EQ(ja["usage"]["prompt_tokens"], jb["usage"]["prompt_tokens"]);
+}
+
+// The streamed token chunk written by hand is, byte for byte, what dump() makes of the same
+// object, for random texts (quotes, backslashes, control bytes, multi-byte characters); invalid
+// UTF-8 is left to dump().
+TEST(Api, TokenChunkEqualsTheDumpOfTheSameObject) {
+  std::mt19937 rng(9);
+  const std::vector<std::string> parts = {"a", "\"", "\\", "\n", "\t", "\x01", "\x1f", "\x7f",
+                                          "é", "東", "🙂", " ", "\r", "\b", "\f", "/"};
+  const api::TokenChunk chunk("cmpl-7", 1700000000, "multi\"pole");
+  for (int trial = 0; trial < 2000; ++trial) {
+    std::string text;
+    for (int k = static_cast<int>(rng() % 12); k > 0; --k) text += parts[rng() % parts.size()];
+    const int index = static_cast<int>(rng() % 20);
+    const json j = {{"id", "cmpl-7"},
+                    {"object", "text_completion"},
+                    {"created", 1700000000},
+                    {"model", "multi\"pole"},
+                    {"choices",
+                     {{{"text", text},
+                       {"index", index},
+                       {"logprobs", nullptr},
+                       {"finish_reason", nullptr}}}}};
+    ASSERT_EQ(chunk.event(index, text), "data: " + api::dump(j) + "\n\n") << trial;
+  }
+  for (const char* bad : {"\xff", "a\xc3", "\xed\xa0\x80", "\xe0\x80\x80", "\xf4\x90\x80\x80"})
+    EXPECT_EQ(chunk.event(0, bad), "") << bad;
 }
 
 TEST(Server, TokenizeModelsAndMetrics) {

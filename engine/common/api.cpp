@@ -1,6 +1,7 @@
 #include "api.h"
 
 #include <cmath>
+#include <cstdio>
 
 namespace mp::api {
 
@@ -13,6 +14,70 @@ json ApiError::body() const {
 }
 
 std::string dump(const json& j) { return j.dump(-1, ' ', false, json::error_handler_t::replace); }
+
+bool append_json_string(std::string& out, std::string_view s) {
+  const size_t start = out.size();
+  out += '"';
+  for (size_t i = 0; i < s.size();) {
+    const unsigned char c = s[i];
+    if (c >= 0x80) {  // copy a whole, valid UTF-8 character
+      const size_t len = c >= 0xF0 ? 4 : c >= 0xE0 ? 3 : c >= 0xC2 ? 2 : 0;
+      bool ok = len > 0 && c < 0xF5 && i + len <= s.size();
+      for (size_t k = 1; ok && k < len; ++k) ok = (static_cast<unsigned char>(s[i + k]) & 0xC0) == 0x80;
+      if (ok && len == 3) {  // no overlong form, no surrogate
+        const unsigned char c1 = s[i + 1];
+        ok = !(c == 0xE0 && c1 < 0xA0) && !(c == 0xED && c1 >= 0xA0);
+      } else if (ok && len == 4) {
+        const unsigned char c1 = s[i + 1];
+        ok = !(c == 0xF0 && c1 < 0x90) && !(c == 0xF4 && c1 >= 0x90);
+      }
+      if (!ok) {
+        out.resize(start);
+        return false;
+      }
+      out.append(s.substr(i, len));
+      i += len;
+      continue;
+    }
+    switch (c) {
+      case '"': out += "\\\""; break;
+      case '\\': out += "\\\\"; break;
+      case '\b': out += "\\b"; break;
+      case '\f': out += "\\f"; break;
+      case '\n': out += "\\n"; break;
+      case '\r': out += "\\r"; break;
+      case '\t': out += "\\t"; break;
+      default:
+        if (c < 0x20) {
+          char buf[8];
+          std::snprintf(buf, sizeof buf, "\\u%04x", c);
+          out += buf;
+        } else {
+          out += static_cast<char>(c);
+        }
+    }
+    ++i;
+  }
+  out += '"';
+  return true;
+}
+
+TokenChunk::TokenChunk(const std::string& id, int64_t created, const std::string& model) {
+  // dump() writes an object's keys in order: choices, created, id, model, object.
+  suffix_ = "],\"created\":" + std::to_string(created) + ",\"id\":";
+  append_json_string(suffix_, id);
+  suffix_ += ",\"model\":";
+  if (!append_json_string(suffix_, model)) suffix_ += dump(model);
+  suffix_ += ",\"object\":\"text_completion\"}\n\n";
+}
+
+std::string TokenChunk::event(int index, std::string_view text) const {
+  std::string out = "data: {\"choices\":[{\"finish_reason\":null,\"index\":" +
+                    std::to_string(index) + ",\"logprobs\":null,\"text\":";
+  if (!append_json_string(out, text)) return {};
+  out += "}";
+  return out += suffix_;
+}
 
 namespace {
 
