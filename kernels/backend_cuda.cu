@@ -210,9 +210,9 @@ class CudaBackend final : public Backend {
   // accumulator is read only for a group that began before the chunk.
   void reset_slot(int s) override { pos_[check_slot(s)] = 0; }
   int64_t slot_pos(int s) const override { return pos_[check_slot(s)]; }
-  // About 10 ms of prefill on an H100/H200 (docs/PERF.md): near full prefill speed, and a stream
-  // that is generating meanwhile waits at most that long for its next token.
-  int prefill_tokens_per_step() const override { return 32768; }
+  // About 20 ms of prefill on an H200 (docs/PERF.md: 32 x 100k-token prompts read fastest with
+  // 65,536 of 32,768 / 65,536 / 131,072), and a stream generating meanwhile waits that long.
+  int prefill_tokens_per_step() const override { return 65536; }
   size_t slot_bytes(int) const override {
     const size_t pd = size_t(c_.fma_rank) * c_.head_dim, kv = size_t(c_.n_kv_heads);
     return c_.n_layers * 4 * 2 * (cap_ * kv * c_.head_dim + size_t(c_.n_levels()) * 4 * kv * pd);

@@ -26,7 +26,7 @@ int main(int argc, char** argv) {
                   "  --http-threads N  HTTP worker threads, one per open connection (default:\n"
                   "                    slots + max-queue + 64; connections beyond get 503)\n"
                   "  --prefill-per-step N  prompt tokens read per step, all requests together\n"
-                  "                    (default: the backend's, 512 on the CPU, 32768 on CUDA)\n"
+                  "                    (default: the backend's, 512 on the CPU, 65536 on CUDA)\n"
                   "  --backend KIND    auto, cpu or cuda (default auto)\n"
                   "  --name NAME       model id reported by /v1/models (default multipole)\n"
                   "  --quiet           no access log\n",

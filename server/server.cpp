@@ -3,9 +3,7 @@
 #include <httplib.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
-#include <sys/resource.h>
 #include <sys/socket.h>
-#include <unistd.h>
 
 #include <atomic>
 #include <chrono>
@@ -77,10 +75,8 @@ class OverflowingPool final : public httplib::TaskQueue {
       ++taken_;  // waiting or being served
     }
     serve_.enqueue([this, fn = std::move(fn)] {
-      // HTTP work yields to the model thread, which every stream waits on (a step that loses
-      // its core for a scheduler time slice delays 1,024 streams at once).
-      static thread_local const bool lowered = setpriority(PRIO_PROCESS, gettid(), 5) == 0;
-      (void)lowered;
+      static thread_local const bool batch = (set_batch_scheduling(), true);
+      (void)batch;
       fn();
       std::lock_guard<std::mutex> lock(mu_);
       --taken_;

@@ -3,6 +3,8 @@
 // sequence, then prompt chunks in arrival order within the step's budget), run it, turn the
 // sampled tokens into events. Event threads hand the events to the requests' callbacks, so the
 // model thread never waits on a client. Host work per step is O(batch), per token O(1).
+#include <sched.h>
+
 #include <algorithm>
 #include <chrono>
 #include <condition_variable>
@@ -61,6 +63,7 @@ class EventThread {
 
  private:
   void run() {
+    set_batch_scheduling();
     std::vector<Delivery> work;
     for (;;) {
       {
@@ -325,6 +328,11 @@ struct Scheduler::Impl {
     std::erase_if(running, [](const auto& s) { return s->slot < 0; });
   }
 };
+
+void set_batch_scheduling() {
+  const sched_param param{};
+  sched_setscheduler(0, SCHED_BATCH, &param);  // a hint: failing changes only the timing
+}
 
 Scheduler::Scheduler(Backend& backend, const Tokenizer& tok, SchedulerOptions opts)
     : impl_(std::make_unique<Impl>(backend, tok, opts)) {}

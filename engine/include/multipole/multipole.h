@@ -401,6 +401,12 @@ class Scheduler {
   std::unique_ptr<Impl> impl_;
 };
 
+// Marks the calling thread as throughput work (Linux SCHED_BATCH): when it is woken it does not
+// preempt the thread running on that core. The scheduler's event threads and the server's HTTP
+// threads use it, so that handing a token to a client never takes the core of the model thread,
+// which every stream waits on.
+void set_batch_scheduling();
+
 class BusyError : public Error {
  public:
   using Error::Error;
