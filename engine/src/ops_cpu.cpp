@@ -1,14 +1,296 @@
 #include "ops_cpu.h"
 
+#include <immintrin.h>
+#include <oneapi/dnnl/dnnl.h>
+#include <omp.h>
+
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
+#include <string>
 #include <vector>
 
 #include "numeric.h"
 
+#define MP_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl")))
+#define MP_AVX2 __attribute__((target("avx2,fma")))
+
 namespace mp::cpu {
 
-void matmul(const float* x, int T, int K, const float* W, int N, float* y) {
+// --- Instruction-set dispatch ---------------------------------------------------------------
+
+Isa detected_isa() {
+  static const Isa isa = [] {
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+        __builtin_cpu_supports("avx512vl"))
+      return Isa::Avx512;
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return Isa::Avx2;
+    return Isa::Scalar;
+  }();
+  return isa;
+}
+
+const char* isa_name(Isa isa) {
+  switch (isa) {
+    case Isa::Avx512: return "avx512";
+    case Isa::Avx2: return "avx2";
+    case Isa::Scalar: return "scalar";
+  }
+  return "?";
+}
+
+Isa parse_isa(std::string_view name) {
+  for (Isa i : {Isa::Scalar, Isa::Avx2, Isa::Avx512})
+    if (name == isa_name(i)) return i;
+  throw Error("CPU instruction set '" + std::string(name) + "' is not one of avx512, avx2, scalar");
+}
+
+namespace {
+Isa& active() {
+  static Isa isa = [] {
+    const char* env = std::getenv("MULTIPOLE_CPU_ISA");
+    if (!env || !*env) return detected_isa();
+    const Isa want = parse_isa(env);
+    if (want > detected_isa())
+      throw Error(std::string("MULTIPOLE_CPU_ISA=") + env + ": this CPU supports at most " +
+                  isa_name(detected_isa()));
+    return want;
+  }();
+  return isa;
+}
+}  // namespace
+
+Isa active_isa() { return active(); }
+
+void set_isa(Isa isa) {
+  if (isa > detected_isa())
+    throw Error(std::string("CPU instruction set ") + isa_name(isa) + " is not supported here (at most " +
+                isa_name(detected_isa()) + ")");
+  active() = isa;
+}
+
+std::string kernels_summary(int n_threads) {
+  if (n_threads <= 0) n_threads = omp_get_max_threads();
+  return std::string(isa_name(active_isa())) + ", oneDNN sgemm, " + std::to_string(n_threads) +
+         (n_threads == 1 ? " thread" : " threads");
+}
+
+// --- Weights --------------------------------------------------------------------------------
+
+Matrix to_matrix(const TensorView& t) {
+  if (t.shape.size() != 2) throw Error("tensor " + t.name + " is not a matrix");
+  Matrix m;
+  m.N = static_cast<int>(t.shape[0]);
+  m.K = static_cast<int>(t.shape[1]);
+  if (t.dtype == DType::BF16) {
+    const auto* p = static_cast<const uint16_t*>(t.data);
+    m.bf16.assign(p, p + t.numel());
+  } else {
+    m.f32 = t.to_f32();
+  }
+  return m;
+}
+
+void Matrix::row(int n, float* out) const {
+  const size_t off = size_t(n) * K;
+  if (is_bf16())
+    for (int k = 0; k < K; ++k) out[k] = bf16_to_f32(bf16[off + k]);
+  else
+    std::copy_n(f32.data() + off, K, out);
+}
+
+// --- Matrix-vector kernels: T <= kGemvRows rows, each weight read once ------------------------
+//
+// block<R, G>(n) computes outputs n..n+G-1 of all R rows: R*G accumulators, G weight vectors.
+// Each thread takes one contiguous range of outputs.
+
+namespace {
+
+template <class F>
+void split_outputs(int N, int G, F&& f) {
+#pragma omp parallel
+  {
+    const int nt = omp_get_num_threads(), id = omp_get_thread_num();
+    const int blocks = (N + G - 1) / G;
+    const int b0 = int(int64_t(blocks) * id / nt), b1 = int(int64_t(blocks) * (id + 1) / nt);
+    if (b0 < b1) f(b0 * G, std::min(N, b1 * G));
+  }
+}
+
+float widen(float w) { return w; }
+float widen(uint16_t w) { return bf16_to_f32(w); }
+
+template <int R, class W>
+void gemv_scalar(const float* x, int K, const W* w, int n0, int n1, int N, float* y) {
+  for (int n = n0; n < n1; ++n) {
+    const W* wn = w + size_t(n) * K;
+    for (int r = 0; r < R; ++r) {
+      const float* xr = x + size_t(r) * K;
+      float s[8] = {0, 0, 0, 0, 0, 0, 0, 0};  // independent sums, as in dot()
+      int k = 0;
+      for (; k + 8 <= K; k += 8)
+        for (int j = 0; j < 8; ++j) s[j] += widen(wn[k + j]) * xr[k + j];
+      float t = ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7]));
+      for (; k < K; ++k) t += widen(wn[k]) * xr[k];
+      y[size_t(r) * N + n] = t;
+    }
+  }
+}
+
+// AVX-512: 16 lanes; the K tail through masked loads. (The maskz forms: GCC 12 warns about the
+// undefined vectors inside the unmasked ones.)
+MP_AVX512 inline __m512 load16(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
+MP_AVX512 inline __m512 load16(const uint16_t* p, __mmask16 m) {
+  const __m512i u = _mm512_maskz_cvtepu16_epi32(m, _mm256_maskz_loadu_epi16(m, p));
+  return _mm512_castsi512_ps(_mm512_maskz_slli_epi32(m, u, 16));
+}
+MP_AVX512 inline float hsum16(__m512 v) {
+  v = _mm512_add_ps(v, _mm512_maskz_shuffle_f32x4(0xffff, v, v, 0x4e));  // 256-bit halves
+  v = _mm512_add_ps(v, _mm512_maskz_shuffle_f32x4(0xffff, v, v, 0xb1));  // 128-bit quarters
+  v = _mm512_add_ps(v, _mm512_maskz_permute_ps(0xffff, v, 0x4e));     // 64-bit pairs
+  v = _mm512_add_ps(v, _mm512_maskz_permute_ps(0xffff, v, 0xb1));     // neighbours
+  return _mm512_cvtss_f32(v);
+}
+
+template <int R, int G, class W>
+MP_AVX512 inline void block_avx512(const float* x, int K, const W* w, int n, int N, float* y) {
+  __m512 acc[R][G];
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 8
+    for (int g = 0; g < G; ++g) acc[r][g] = _mm512_setzero_ps();
+  for (int k = 0; k < K; k += 16) {
+    const __mmask16 m = K - k >= 16 ? __mmask16(0xffff) : __mmask16((1u << (K - k)) - 1);
+    __m512 wv[G];
+#pragma GCC unroll 8
+    for (int g = 0; g < G; ++g) wv[g] = load16(w + size_t(n + g) * K + k, m);
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+      const __m512 xv = load16(x + size_t(r) * K + k, m);
+#pragma GCC unroll 8
+      for (int g = 0; g < G; ++g) acc[r][g] = _mm512_fmadd_ps(wv[g], xv, acc[r][g]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 8
+    for (int g = 0; g < G; ++g) y[size_t(r) * N + n + g] = hsum16(acc[r][g]);
+}
+
+template <int R, class W>
+MP_AVX512 void gemv_avx512(const float* x, int K, const W* w, int n0, int n1, int N, float* y) {
+  constexpr int G = R <= 3 ? 4 : 2;  // R*G accumulators and G weights in 32 registers
+  int n = n0;
+  for (; n + G <= n1; n += G) block_avx512<R, G>(x, K, w, n, N, y);
+  for (; n < n1; ++n) block_avx512<R, 1>(x, K, w, n, N, y);
+}
+
+// AVX2: 8 lanes; the K tail in scalar code.
+MP_AVX2 inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+MP_AVX2 inline __m256 load8(const uint16_t* p) {
+  const __m256i u = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(u, 16));
+}
+MP_AVX2 inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+template <int R, int G, class W>
+MP_AVX2 inline void block_avx2(const float* x, int K, const W* w, int n, int N, float* y) {
+  __m256 acc[R][G];
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 8
+    for (int g = 0; g < G; ++g) acc[r][g] = _mm256_setzero_ps();
+  int k = 0;
+  for (; k + 8 <= K; k += 8) {
+    __m256 wv[G];
+#pragma GCC unroll 8
+    for (int g = 0; g < G; ++g) wv[g] = load8(w + size_t(n + g) * K + k);
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+      const __m256 xv = _mm256_loadu_ps(x + size_t(r) * K + k);
+#pragma GCC unroll 8
+      for (int g = 0; g < G; ++g) acc[r][g] = _mm256_fmadd_ps(wv[g], xv, acc[r][g]);
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int g = 0; g < G; ++g) {
+      float t = hsum(acc[r][g]);
+      const W* wn = w + size_t(n + g) * K;
+      for (int j = k; j < K; ++j) t += widen(wn[j]) * x[size_t(r) * K + j];
+      y[size_t(r) * N + n + g] = t;
+    }
+}
+
+template <int R, class W>
+MP_AVX2 void gemv_avx2(const float* x, int K, const W* w, int n0, int n1, int N, float* y) {
+  constexpr int G = R <= 2 ? 4 : 2;  // R*G accumulators and G weights in 16 registers
+  int n = n0;
+  for (; n + G <= n1; n += G) block_avx2<R, G>(x, K, w, n, N, y);
+  for (; n < n1; ++n) block_avx2<R, 1>(x, K, w, n, N, y);
+}
+
+template <int R, class W>
+void gemv_rows(const float* x, int K, const W* w, int N, float* y) {
+  const Isa isa = active_isa();
+  split_outputs(N, 4, [&](int n0, int n1) {
+    if (isa == Isa::Avx512)
+      gemv_avx512<R>(x, K, w, n0, n1, N, y);
+    else if (isa == Isa::Avx2)
+      gemv_avx2<R>(x, K, w, n0, n1, N, y);
+    else
+      gemv_scalar<R>(x, K, w, n0, n1, N, y);
+  });
+}
+
+template <class W>
+void gemv(const float* x, int T, int K, const W* w, int N, float* y) {
+  switch (T) {
+    case 1: return gemv_rows<1>(x, K, w, N, y);
+    case 2: return gemv_rows<2>(x, K, w, N, y);
+    case 3: return gemv_rows<3>(x, K, w, N, y);
+    case 4: return gemv_rows<4>(x, K, w, N, y);
+    case 5: return gemv_rows<5>(x, K, w, N, y);
+    case 6: return gemv_rows<6>(x, K, w, N, y);
+    case 7: return gemv_rows<7>(x, K, w, N, y);
+    case 8: return gemv_rows<8>(x, K, w, N, y);
+  }
+  throw Error("gemv: " + std::to_string(T) + " rows (at most " + std::to_string(kGemvRows) + ")");
+}
+
+}  // namespace
+
+// --- Matrix products ------------------------------------------------------------------------
+
+void matmul(const float* x, int T, const Matrix& W, float* y, std::span<float> wide) {
+  const int K = W.K, N = W.N;
+  if (T <= 0) return;
+  if (T <= kGemvRows) {
+    if (W.is_bf16())
+      gemv(x, T, K, W.bf16.data(), N, y);
+    else
+      gemv(x, T, K, W.f32.data(), N, y);
+    return;
+  }
+  const float* wf = W.f32.data();
+  if (W.is_bf16()) {
+    const int64_t n = int64_t(N) * K;
+    if (wide.size() < size_t(n)) throw Error("matmul: the widening buffer is too small");
+#pragma omp parallel for schedule(static)
+    for (int64_t i = 0; i < n; ++i) wide[i] = bf16_to_f32(W.bf16[i]);
+    wf = wide.data();
+  }
+  const dnnl_status_t st = dnnl_sgemm('N', 'T', T, N, K, 1.0f, x, K, wf, K, 0.0f, y, N);
+  if (st != dnnl_success)
+    throw Error("matmul: oneDNN sgemm failed (status " + std::to_string(int(st)) + ")");
+}
+
+void matmul_reference(const float* x, int T, int K, const float* W, int N, float* y) {
   // Blocks of W rows stay in cache while every x row passes over them.
   constexpr int kRows = 16;
 #pragma omp parallel for schedule(static)
@@ -19,6 +301,8 @@ void matmul(const float* x, int T, int K, const float* W, int N, float* y) {
         y[int64_t(t) * N + n] = dot(x + int64_t(t) * K, W + int64_t(n) * K, K);
   }
 }
+
+// --- Elementwise operations -----------------------------------------------------------------
 
 void rmsnorm(const float* x, const float* w, int T, int n, float eps, float* y) {
   for (int t = 0; t < T; ++t) {
