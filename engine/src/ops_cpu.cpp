@@ -51,7 +51,12 @@ Isa& active() {
   static Isa isa = [] {
     const char* env = std::getenv("MULTIPOLE_CPU_ISA");
     if (!env || !*env) return detected_isa();
-    const Isa want = parse_isa(env);
+    Isa want;
+    try {
+      want = parse_isa(env);
+    } catch (const Error& e) {
+      throw Error(std::string("MULTIPOLE_CPU_ISA: ") + e.what());
+    }
     if (want > detected_isa())
       throw Error(std::string("MULTIPOLE_CPU_ISA=") + env + ": this CPU supports at most " +
                   isa_name(detected_isa()));
@@ -70,10 +75,16 @@ void set_isa(Isa isa) {
   active() = isa;
 }
 
+namespace {
+bool reference_matmul = false;
+}
+void set_reference_matmul(bool on) { reference_matmul = on; }
+
 std::string kernels_summary(int n_threads) {
   if (n_threads <= 0) n_threads = omp_get_max_threads();
-  return std::string(isa_name(active_isa())) + ", oneDNN sgemm, " + std::to_string(n_threads) +
-         (n_threads == 1 ? " thread" : " threads");
+  const std::string kernels =
+      reference_matmul ? "dot-product loops" : std::string(isa_name(active_isa())) + ", oneDNN sgemm";
+  return kernels + ", " + std::to_string(n_threads) + (n_threads == 1 ? " thread" : " threads");
 }
 
 // --- Weights --------------------------------------------------------------------------------
@@ -83,7 +94,7 @@ Matrix to_matrix(const TensorView& t) {
   Matrix m;
   m.N = static_cast<int>(t.shape[0]);
   m.K = static_cast<int>(t.shape[1]);
-  if (t.dtype == DType::BF16) {
+  if (t.dtype == DType::BF16 && !reference_matmul) {
     const auto* p = static_cast<const uint16_t*>(t.data);
     m.bf16.assign(p, p + t.numel());
   } else {
@@ -270,6 +281,10 @@ void gemv(const float* x, int T, int K, const W* w, int N, float* y) {
 void matmul(const float* x, int T, const Matrix& W, float* y, std::span<float> wide) {
   const int K = W.K, N = W.N;
   if (T <= 0) return;
+  if (reference_matmul) {
+    if (W.is_bf16()) throw Error("matmul: the reference path needs fp32 weights");
+    return matmul_reference(x, T, K, W.f32.data(), N, y);
+  }
   if (T <= kGemvRows) {
     if (W.is_bf16())
       gemv(x, T, K, W.bf16.data(), N, y);

@@ -32,11 +32,16 @@ struct Matrix {
 };
 Matrix to_matrix(const TensorView& t);  // a 2D tensor [N][K]
 
+// The benchmark's baseline, process-wide: matrices built while it is on keep fp32 weights, as
+// the backend did before, and every product goes through matmul_reference.
+void set_reference_matmul(bool on);
+
 // Up to this many rows, matmul is a matrix-vector kernel that streams W once for all rows.
 constexpr int kGemvRows = 8;
 
 // y[T][N] = x[T][K] * W^T. T <= kGemvRows: the hand-written kernel of active_isa(); more rows:
 // oneDNN's sgemm, bf16 weights widened into `wide` first (at least N*K floats when W is bf16).
+// W must have been built with the reference switch as it is now.
 void matmul(const float* x, int T, const Matrix& W, float* y, std::span<float> wide);
 // The same by the dot-product loop the backend used before (the tests' reference and the
 // benchmark's baseline).
