@@ -66,20 +66,27 @@ int main(int argc, char** argv) {
       }
       return std::stoi(argv[++i]);
     };
-    if (a == "--threads") threads = value();
-    else if (a == "--repeats") repeats = value();
-    else if (a == "--gen") gen = value();
-    else if (a == "--quick") quick = true;
+    if (a == "--threads")
+      threads = value();
+    else if (a == "--repeats")
+      repeats = value();
+    else if (a == "--gen")
+      gen = value();
+    else if (a == "--quick")
+      quick = true;
     else if (!a.empty() && a[0] == '-') {
-      std::fprintf(stderr, "unknown option %s\nusage: bench_cpu [MODEL.gguf] [--threads N] "
-                           "[--repeats R] [--gen N] [--quick]\n", a.c_str());
+      std::fprintf(stderr,
+                   "unknown option %s\nusage: bench_cpu [MODEL.gguf] [--threads N] "
+                   "[--repeats R] [--gen N] [--quick]\n",
+                   a.c_str());
       return 2;
-    } else path = a;
+    } else
+      path = a;
   }
   try {
     auto model = Model::load(path);
-    const std::vector<int> prompts = quick ? std::vector<int>{1, 512, 4096}
-                                           : std::vector<int>{1, 512, 4096, 16384};
+    const std::vector<int> prompts =
+        quick ? std::vector<int>{1, 512, 4096} : std::vector<int>{1, 512, 4096, 16384};
     // [path][prompt] -> prefill and generation tokens/s of each repeat
     std::vector<std::vector<std::vector<double>>> pre(2), gn(2);
     std::string names[2];

@@ -77,7 +77,7 @@ TEST_F(CpuOps, MatmulEqualsTheDotProductLoop) {
 // Each output on its own too: no row or column may hide behind the norm of the others.
 TEST_F(CpuOps, MatrixVectorKernelsAgreeElementwise) {
   std::mt19937 rng(9);
-  const int K = 389, N = 23;  // K leaves a tail for every vector width
+  const int K = 389, N = 23;                     // K leaves a tail for every vector width
   const double tol = 1e-5 * std::sqrt(K / 3.0);  // 1e-5 of an output's typical size
   cpu::Matrix w;
   w.N = N;
@@ -95,6 +95,36 @@ TEST_F(CpuOps, MatrixVectorKernelsAgreeElementwise) {
         ASSERT_NEAR(got[i], want[i], tol) << cpu::isa_name(isa) << " T " << T << " i " << i;
     }
   }
+}
+
+// Attention's loops on rows `stride` apart, against plain double sums: 1e-5 of the result's size.
+TEST_F(CpuOps, AttentionLoopsEqualPlainSums) {
+  std::mt19937 rng(13);
+  for (int d : {64, 37, 8})
+    for (int n : {1, 5, 130}) {
+      const int64_t stride = 3 * d + 1;
+      const std::vector<float> q = random_floats(d, rng), p = random_floats(n, rng),
+                               rows = random_floats(size_t(n) * stride, rng),
+                               out0 = random_floats(d, rng);
+      std::vector<double> want_s(n), want_o(out0.begin(), out0.end());
+      for (int j = 0; j < n; ++j)
+        for (int c = 0; c < d; ++c) {
+          want_s[j] += 0.125 * double(q[c]) * rows[j * stride + c];
+          want_o[c] += double(p[j]) * rows[j * stride + c];
+        }
+      for (cpu::Isa isa : isas()) {
+        cpu::set_isa(isa);
+        std::vector<float> s(n, NAN), o = out0;
+        cpu::scaled_dots(q.data(), rows.data(), stride, n, d, 0.125f, s.data());
+        cpu::add_weighted_rows(p.data(), rows.data(), stride, n, d, o.data());
+        for (int j = 0; j < n; ++j)
+          ASSERT_NEAR(s[j], want_s[j], 0.125 * 1e-5 * std::sqrt(d / 3.0))
+              << cpu::isa_name(isa) << " d " << d;
+        for (int c = 0; c < d; ++c)
+          ASSERT_NEAR(o[c], want_o[c], 1e-5 * std::sqrt(n / 3.0) + 1e-6)
+              << cpu::isa_name(isa) << " n " << n;
+      }
+    }
 }
 
 TEST_F(CpuOps, RefusesAnInstructionSetTheCpuLacksOrDoesNotKnow) {

@@ -69,9 +69,7 @@ class CpuBackend final : public Backend {
     in_use_.assign(n_slots, false);
   }
 
-  std::string name() const override {
-    return "cpu (" + cpu::kernels_summary(n_threads_) + ")";
-  }
+  std::string name() const override { return "cpu (" + cpu::kernels_summary(n_threads_) + ")"; }
   const Config& config() const override { return c_; }
   int n_slots() const override { return static_cast<int>(slots_.size()); }
 

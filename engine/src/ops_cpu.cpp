@@ -1,8 +1,8 @@
 #include "ops_cpu.h"
 
 #include <immintrin.h>
-#include <oneapi/dnnl/dnnl.h>
 #include <omp.h>
+#include <oneapi/dnnl/dnnl.h>
 
 #include <algorithm>
 #include <cmath>
@@ -33,9 +33,12 @@ Isa detected_isa() {
 
 const char* isa_name(Isa isa) {
   switch (isa) {
-    case Isa::Avx512: return "avx512";
-    case Isa::Avx2: return "avx2";
-    case Isa::Scalar: return "scalar";
+    case Isa::Avx512:
+      return "avx512";
+    case Isa::Avx2:
+      return "avx2";
+    case Isa::Scalar:
+      return "scalar";
   }
   return "?";
 }
@@ -70,8 +73,8 @@ Isa active_isa() { return active(); }
 
 void set_isa(Isa isa) {
   if (isa > detected_isa())
-    throw Error(std::string("CPU instruction set ") + isa_name(isa) + " is not supported here (at most " +
-                isa_name(detected_isa()) + ")");
+    throw Error(std::string("CPU instruction set ") + isa_name(isa) +
+                " is not supported here (at most " + isa_name(detected_isa()) + ")");
   active() = isa;
 }
 
@@ -82,8 +85,9 @@ void set_reference_matmul(bool on) { reference_matmul = on; }
 
 std::string kernels_summary(int n_threads) {
   if (n_threads <= 0) n_threads = omp_get_max_threads();
-  const std::string kernels =
-      reference_matmul ? "dot-product loops" : std::string(isa_name(active_isa())) + ", oneDNN sgemm";
+  const std::string kernels = reference_matmul
+                                  ? "dot-product loops"
+                                  : std::string(isa_name(active_isa())) + ", oneDNN sgemm";
   return kernels + ", " + std::to_string(n_threads) + (n_threads == 1 ? " thread" : " threads");
 }
 
@@ -159,8 +163,8 @@ MP_AVX512 inline __m512 load16(const uint16_t* p, __mmask16 m) {
 MP_AVX512 inline float hsum16(__m512 v) {
   v = _mm512_add_ps(v, _mm512_maskz_shuffle_f32x4(0xffff, v, v, 0x4e));  // 256-bit halves
   v = _mm512_add_ps(v, _mm512_maskz_shuffle_f32x4(0xffff, v, v, 0xb1));  // 128-bit quarters
-  v = _mm512_add_ps(v, _mm512_maskz_permute_ps(0xffff, v, 0x4e));     // 64-bit pairs
-  v = _mm512_add_ps(v, _mm512_maskz_permute_ps(0xffff, v, 0xb1));     // neighbours
+  v = _mm512_add_ps(v, _mm512_maskz_permute_ps(0xffff, v, 0x4e));        // 64-bit pairs
+  v = _mm512_add_ps(v, _mm512_maskz_permute_ps(0xffff, v, 0xb1));        // neighbours
   return _mm512_cvtss_f32(v);
 }
 
@@ -262,14 +266,22 @@ void gemv_rows(const float* x, int K, const W* w, int N, float* y) {
 template <class W>
 void gemv(const float* x, int T, int K, const W* w, int N, float* y) {
   switch (T) {
-    case 1: return gemv_rows<1>(x, K, w, N, y);
-    case 2: return gemv_rows<2>(x, K, w, N, y);
-    case 3: return gemv_rows<3>(x, K, w, N, y);
-    case 4: return gemv_rows<4>(x, K, w, N, y);
-    case 5: return gemv_rows<5>(x, K, w, N, y);
-    case 6: return gemv_rows<6>(x, K, w, N, y);
-    case 7: return gemv_rows<7>(x, K, w, N, y);
-    case 8: return gemv_rows<8>(x, K, w, N, y);
+    case 1:
+      return gemv_rows<1>(x, K, w, N, y);
+    case 2:
+      return gemv_rows<2>(x, K, w, N, y);
+    case 3:
+      return gemv_rows<3>(x, K, w, N, y);
+    case 4:
+      return gemv_rows<4>(x, K, w, N, y);
+    case 5:
+      return gemv_rows<5>(x, K, w, N, y);
+    case 6:
+      return gemv_rows<6>(x, K, w, N, y);
+    case 7:
+      return gemv_rows<7>(x, K, w, N, y);
+    case 8:
+      return gemv_rows<8>(x, K, w, N, y);
   }
   throw Error("gemv: " + std::to_string(T) + " rows (at most " + std::to_string(kGemvRows) + ")");
 }
@@ -314,6 +326,87 @@ void matmul_reference(const float* x, int T, int K, const float* W, int N, float
     for (int t = 0; t < T; ++t)
       for (int n = nb; n < ne; ++n)
         y[int64_t(t) * N + n] = dot(x + int64_t(t) * K, W + int64_t(n) * K, K);
+  }
+}
+
+// --- Attention's inner loops ----------------------------------------------------------------
+
+namespace {
+
+MP_AVX512 void scaled_dots_avx512(const float* q, const float* rows, int64_t stride, int n, int d,
+                                  float scale, float* s) {
+  for (int j = 0; j < n; ++j) {
+    const float* r = rows + j * stride;
+    __m512 acc = _mm512_setzero_ps();
+    for (int c = 0; c < d; c += 16) {
+      const __mmask16 m = d - c >= 16 ? __mmask16(0xffff) : __mmask16((1u << (d - c)) - 1);
+      acc = _mm512_fmadd_ps(load16(q + c, m), load16(r + c, m), acc);
+    }
+    s[j] = hsum16(acc) * scale;
+  }
+}
+
+MP_AVX512 void add_weighted_rows_avx512(const float* p, const float* rows, int64_t stride, int n,
+                                        int d, float* out) {
+  for (int c = 0; c < d; c += 16) {
+    const __mmask16 m = d - c >= 16 ? __mmask16(0xffff) : __mmask16((1u << (d - c)) - 1);
+    __m512 acc = load16(out + c, m);
+    for (int j = 0; j < n; ++j)
+      acc = _mm512_fmadd_ps(_mm512_set1_ps(p[j]), load16(rows + j * stride + c, m), acc);
+    _mm512_mask_storeu_ps(out + c, m, acc);
+  }
+}
+
+MP_AVX2 void scaled_dots_avx2(const float* q, const float* rows, int64_t stride, int n, int d,
+                              float scale, float* s) {
+  for (int j = 0; j < n; ++j) {
+    const float* r = rows + j * stride;
+    __m256 acc = _mm256_setzero_ps();
+    int c = 0;
+    for (; c + 8 <= d; c += 8) acc = _mm256_fmadd_ps(load8(q + c), load8(r + c), acc);
+    float t = hsum(acc);
+    for (; c < d; ++c) t += q[c] * r[c];
+    s[j] = t * scale;
+  }
+}
+
+MP_AVX2 void add_weighted_rows_avx2(const float* p, const float* rows, int64_t stride, int n, int d,
+                                    float* out) {
+  int c = 0;
+  for (; c + 8 <= d; c += 8) {
+    __m256 acc = load8(out + c);
+    for (int j = 0; j < n; ++j)
+      acc = _mm256_fmadd_ps(_mm256_set1_ps(p[j]), load8(rows + j * stride + c), acc);
+    _mm256_storeu_ps(out + c, acc);
+  }
+  for (int j = 0; j < n; ++j)
+    for (int k = c; k < d; ++k) out[k] += p[j] * rows[j * stride + k];
+}
+
+}  // namespace
+
+void scaled_dots(const float* q, const float* rows, int64_t stride, int n, int d, float scale,
+                 float* s) {
+  switch (active_isa()) {
+    case Isa::Avx512:
+      return scaled_dots_avx512(q, rows, stride, n, d, scale, s);
+    case Isa::Avx2:
+      return scaled_dots_avx2(q, rows, stride, n, d, scale, s);
+    case Isa::Scalar:
+      for (int j = 0; j < n; ++j) s[j] = dot(q, rows + j * stride, d) * scale;
+  }
+}
+
+void add_weighted_rows(const float* p, const float* rows, int64_t stride, int n, int d,
+                       float* out) {
+  switch (active_isa()) {
+    case Isa::Avx512:
+      return add_weighted_rows_avx512(p, rows, stride, n, d, out);
+    case Isa::Avx2:
+      return add_weighted_rows_avx2(p, rows, stride, n, d, out);
+    case Isa::Scalar:
+      for (int j = 0; j < n; ++j)
+        for (int c = 0; c < d; ++c) out[c] += p[j] * rows[j * stride + c];
   }
 }
 

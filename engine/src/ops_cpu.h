@@ -46,6 +46,13 @@ void matmul(const float* x, int T, const Matrix& W, float* y, std::span<float> w
 // The same by the dot-product loop the backend used before (the tests' reference and the
 // benchmark's baseline).
 void matmul_reference(const float* x, int T, int K, const float* W, int N, float* y);
+// Attention's inner loops, on rows of d floats `stride` apart, through active_isa()'s kernels
+// (scalar: dot(), as the backend did before):
+// s[j] = scale * q.row[j] for j < n
+void scaled_dots(const float* q, const float* rows, int64_t stride, int n, int d, float scale,
+                 float* s);
+// out[0..d) += sum_j p[j] * row[j]
+void add_weighted_rows(const float* p, const float* rows, int64_t stride, int n, int d, float* out);
 // y[t] = x[t] / rms(x[t]) * w, rows of n
 void rmsnorm(const float* x, const float* w, int T, int n, float eps, float* y);
 // Rotates the first `heads` vectors of d in each of T rows (row stride heads*d), Hugging Face's
