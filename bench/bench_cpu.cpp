@@ -90,8 +90,9 @@ int main(int argc, char** argv) {
     // [path][prompt] -> prefill and generation tokens/s of each repeat
     std::vector<std::vector<std::vector<double>>> pre(2), gn(2);
     std::string names[2];
+    const cpu::Products fast = cpu::active_products();
     for (int path_i = 0; path_i < 2; ++path_i) {
-      cpu::set_reference_matmul(path_i == 0);
+      cpu::set_products(path_i == 0 ? cpu::Products::Reference : fast);
       auto b = make_backend(model, {.kind = "cpu", .n_slots = 1, .n_threads = threads});
       names[path_i] = b->name();
       std::fprintf(stderr, "%s\n", names[path_i].c_str());
@@ -105,7 +106,6 @@ int main(int argc, char** argv) {
           gn[path_i][p].push_back(g);
         }
     }
-    cpu::set_reference_matmul(false);
     std::printf("\n%s (%s), tokens/s, median of %d runs\n\n", path.c_str(),
                 model->config().summary().c_str(), repeats);
     std::printf("| | baseline: %s | %s | ratio |\n|---|---|---|---|\n", names[0].c_str(),

@@ -26,6 +26,7 @@ class CpuOps : public ::testing::Test {
  protected:
   void TearDown() override {
     cpu::set_isa(isa_);
+    cpu::set_products(products_);
     omp_set_num_threads(threads_);
   }
   std::vector<cpu::Isa> isas() const {
@@ -35,6 +36,7 @@ class CpuOps : public ::testing::Test {
     return all;
   }
   cpu::Isa isa_ = cpu::active_isa();
+  cpu::Products products_ = cpu::active_products();
   int threads_ = omp_get_max_threads();
 };
 
@@ -60,16 +62,19 @@ TEST_F(CpuOps, MatmulEqualsTheDotProductLoop) {
         const std::vector<float> x = random_floats(size_t(T) * K, rng);
         std::vector<float> want(size_t(T) * N);
         cpu::matmul_reference(x.data(), T, K, wf.data(), N, want.data());
-        for (cpu::Isa isa : isas())
-          for (int threads : {1, 2}) {
-            cpu::set_isa(isa);
-            omp_set_num_threads(threads);
-            std::vector<float> got(want.size(), NAN);
-            cpu::matmul(x.data(), T, w, got.data(), wide);
-            EXPECT_LT(rel_err(got, want), 1e-5)
-                << "K " << K << " N " << N << " T " << T << (bf16 ? " bf16 " : " f32 ")
-                << cpu::isa_name(isa) << " threads " << threads;
-          }
+        for (auto products : {cpu::Products::OneDnn, cpu::Products::Kernels})
+          for (cpu::Isa isa : isas())
+            for (int threads : {1, 2}) {
+              cpu::set_products(products);  // oneDNN must load where the tests run
+              cpu::set_isa(isa);
+              omp_set_num_threads(threads);
+              std::vector<float> got(want.size(), NAN);
+              cpu::matmul(x.data(), T, w, got.data(), wide);
+              EXPECT_LT(rel_err(got, want), 1e-5)
+                  << "K " << K << " N " << N << " T " << T << (bf16 ? " bf16 " : " f32 ")
+                  << cpu::isa_name(isa) << " threads " << threads
+                  << (products == cpu::Products::OneDnn ? " oneDNN" : " kernels");
+            }
       }
     }
 }

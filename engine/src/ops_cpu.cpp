@@ -1,5 +1,6 @@
 #include "ops_cpu.h"
 
+#include <dlfcn.h>
 #include <immintrin.h>
 #include <omp.h>
 #include <oneapi/dnnl/dnnl.h>
@@ -78,16 +79,40 @@ void set_isa(Isa isa) {
   active() = isa;
 }
 
+// --- Which products -------------------------------------------------------------------------
+
 namespace {
-bool reference_matmul = false;
+// oneDNN's sgemm, or null where libdnnl.so.2 cannot be loaded. Loaded rather than linked, so
+// that binaries carried without it (the GPU machine's bundle) still run.
+decltype(&dnnl_sgemm) onednn_sgemm() {
+  static const auto fn = []() -> decltype(&dnnl_sgemm) {
+    void* lib = dlopen("libdnnl.so.2", RTLD_NOW | RTLD_LOCAL);
+    return lib ? reinterpret_cast<decltype(&dnnl_sgemm)>(dlsym(lib, "dnnl_sgemm")) : nullptr;
+  }();
+  return fn;
 }
-void set_reference_matmul(bool on) { reference_matmul = on; }
+
+Products& products() {
+  static Products p = onednn_sgemm() ? Products::OneDnn : Products::Kernels;
+  return p;
+}
+}  // namespace
+
+Products active_products() { return products(); }
+
+void set_products(Products p) {
+  if (p == Products::OneDnn && !onednn_sgemm())
+    throw Error("oneDNN's sgemm cannot be loaded from libdnnl.so.2");
+  products() = p;
+}
 
 std::string kernels_summary(int n_threads) {
   if (n_threads <= 0) n_threads = omp_get_max_threads();
-  const std::string kernels = reference_matmul
+  const std::string isa = isa_name(active_isa());
+  const char* how[] = {", oneDNN sgemm", ", no oneDNN (libdnnl.so.2 not found)", ""};
+  const std::string kernels = active_products() == Products::Reference
                                   ? "dot-product loops"
-                                  : std::string(isa_name(active_isa())) + ", oneDNN sgemm";
+                                  : isa + how[int(active_products())];
   return kernels + ", " + std::to_string(n_threads) + (n_threads == 1 ? " thread" : " threads");
 }
 
@@ -98,7 +123,7 @@ Matrix to_matrix(const TensorView& t) {
   Matrix m;
   m.N = static_cast<int>(t.shape[0]);
   m.K = static_cast<int>(t.shape[1]);
-  if (t.dtype == DType::BF16 && !reference_matmul) {
+  if (t.dtype == DType::BF16 && active_products() != Products::Reference) {
     const auto* p = static_cast<const uint16_t*>(t.data);
     m.bf16.assign(p, p + t.numel());
   } else {
@@ -293,15 +318,18 @@ void gemv(const float* x, int T, int K, const W* w, int N, float* y) {
 void matmul(const float* x, int T, const Matrix& W, float* y, std::span<float> wide) {
   const int K = W.K, N = W.N;
   if (T <= 0) return;
-  if (reference_matmul) {
+  if (active_products() == Products::Reference) {
     if (W.is_bf16()) throw Error("matmul: the reference path needs fp32 weights");
     return matmul_reference(x, T, K, W.f32.data(), N, y);
   }
-  if (T <= kGemvRows) {
+  auto kernels = [&](int t0, int rows) {
     if (W.is_bf16())
-      gemv(x, T, K, W.bf16.data(), N, y);
+      gemv(x + size_t(t0) * K, rows, K, W.bf16.data(), N, y + size_t(t0) * N);
     else
-      gemv(x, T, K, W.f32.data(), N, y);
+      gemv(x + size_t(t0) * K, rows, K, W.f32.data(), N, y + size_t(t0) * N);
+  };
+  if (T <= kGemvRows || active_products() == Products::Kernels) {
+    for (int t0 = 0; t0 < T; t0 += kGemvRows) kernels(t0, std::min(kGemvRows, T - t0));
     return;
   }
   const float* wf = W.f32.data();
@@ -312,7 +340,7 @@ void matmul(const float* x, int T, const Matrix& W, float* y, std::span<float> w
     for (int64_t i = 0; i < n; ++i) wide[i] = bf16_to_f32(W.bf16[i]);
     wf = wide.data();
   }
-  const dnnl_status_t st = dnnl_sgemm('N', 'T', T, N, K, 1.0f, x, K, wf, K, 0.0f, y, N);
+  const dnnl_status_t st = onednn_sgemm()('N', 'T', T, N, K, 1.0f, x, K, wf, K, 0.0f, y, N);
   if (st != dnnl_success)
     throw Error("matmul: oneDNN sgemm failed (status " + std::to_string(int(st)) + ")");
 }

@@ -32,16 +32,20 @@ struct Matrix {
 };
 Matrix to_matrix(const TensorView& t);  // a 2D tensor [N][K]
 
-// The benchmark's baseline, process-wide: matrices built while it is on keep fp32 weights, as
-// the backend did before, and every product goes through matmul_reference.
-void set_reference_matmul(bool on);
+// How matmul runs products of more than kGemvRows rows, process-wide: oneDNN's sgemm (loaded
+// from libdnnl.so.2 at first use; the default where it loads), the matrix-vector kernels on
+// blocks of kGemvRows rows (where it does not, as in the GPU machine's bundle), or, for every
+// product, matmul_reference (the benchmark's baseline: matrices built while it is chosen keep
+// fp32 weights, as the backend did before).
+enum class Products { OneDnn, Kernels, Reference };
+Products active_products();
+void set_products(Products p);  // throws Error if oneDNN is asked for and cannot be loaded
 
 // Up to this many rows, matmul is a matrix-vector kernel that streams W once for all rows.
 constexpr int kGemvRows = 8;
 
-// y[T][N] = x[T][K] * W^T. T <= kGemvRows: the hand-written kernel of active_isa(); more rows:
-// oneDNN's sgemm, bf16 weights widened into `wide` first (at least N*K floats when W is bf16).
-// W must have been built with the reference switch as it is now.
+// y[T][N] = x[T][K] * W^T. T <= kGemvRows: the hand-written kernels of active_isa(); more rows:
+// as active_products() says, bf16 weights widened into `wide` (at least N*K floats) for oneDNN.
 void matmul(const float* x, int T, const Matrix& W, float* y, std::span<float> wide);
 // The same by the dot-product loop the backend used before (the tests' reference and the
 // benchmark's baseline).
