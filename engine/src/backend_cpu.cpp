@@ -30,7 +30,7 @@ namespace {
 
 struct LayerWeights {
   std::vector<float> attn_norm, ffn_norm;
-  cpu::Matrix wq, wk, wv, wo, gate, up, down;
+  cpu::Matrix wqkv, wo, gate_up, down;  // q, k, v stacked; gate and up stacked
   cpu::LayerDownsamplers ds;
 };
 
@@ -42,29 +42,28 @@ class CpuBackend final : public Backend {
     namespace tn = tensor_names;
     const int64_t H = c_.hidden_size, V = c_.vocab_size, F = c_.intermediate_size;
     const int64_t q = int64_t{c_.n_heads} * c_.head_dim, kv = int64_t{c_.n_kv_heads} * c_.head_dim;
-    embed_ = cpu::to_matrix(model_->tensor(tn::token_embd(), {V, H}));
-    auto matrix = [&](const std::string& name, int64_t n, int64_t k) {
-      cpu::Matrix m = cpu::to_matrix(model_->tensor(name, {n, k}));
-      if (m.is_bf16()) wide_.resize(std::max(wide_.size(), size_t(n * k)));
+    auto matrix = [&](std::initializer_list<const TensorView*> parts) {
+      cpu::Matrix m = cpu::to_matrix(parts);
+      if (m.is_bf16()) wide_.resize(std::max(wide_.size(), size_t(m.N) * m.K));
       return m;
     };
+    embed_ = matrix({&model_->tensor(tn::token_embd(), {V, H})});
     for (int i = 0; i < c_.n_layers; ++i) {
       LayerWeights l;
       l.attn_norm = model_->tensor(tn::layer(i, "attn_norm"), {H}).to_f32();
-      l.wq = matrix(tn::layer(i, "attn_q"), q, H);
-      l.wk = matrix(tn::layer(i, "attn_k"), kv, H);
-      l.wv = matrix(tn::layer(i, "attn_v"), kv, H);
-      l.wo = matrix(tn::layer(i, "attn_output"), H, q);
+      l.wqkv = matrix({&model_->tensor(tn::layer(i, "attn_q"), {q, H}),
+                       &model_->tensor(tn::layer(i, "attn_k"), {kv, H}),
+                       &model_->tensor(tn::layer(i, "attn_v"), {kv, H})});
+      l.wo = matrix({&model_->tensor(tn::layer(i, "attn_output"), {H, q})});
       l.ffn_norm = model_->tensor(tn::layer(i, "ffn_norm"), {H}).to_f32();
-      l.gate = matrix(tn::layer(i, "ffn_gate"), F, H);
-      l.up = matrix(tn::layer(i, "ffn_up"), F, H);
-      l.down = matrix(tn::layer(i, "ffn_down"), H, F);
+      l.gate_up = matrix({&model_->tensor(tn::layer(i, "ffn_gate"), {F, H}),
+                          &model_->tensor(tn::layer(i, "ffn_up"), {F, H})});
+      l.down = matrix({&model_->tensor(tn::layer(i, "ffn_down"), {H, F})});
       if (c_.fma_enabled) l.ds = cpu::make_layer_downsamplers(c_, *model_, i);
       layers_.push_back(std::move(l));
     }
     out_norm_ = model_->tensor(tn::output_norm(), {H}).to_f32();
-    if (!c_.tie_word_embeddings) head_ = matrix(tn::output(), V, H);
-    if (head().is_bf16()) wide_.resize(std::max(wide_.size(), size_t(V * H)));
+    if (!c_.tie_word_embeddings) head_ = matrix({&model_->tensor(tn::output(), {V, H})});
     slots_.assign(n_slots, cpu::make_seq_cache(c_));
     in_use_.assign(n_slots, false);
   }
@@ -133,7 +132,20 @@ class CpuBackend final : public Backend {
     };
     auto &x = rows_of(x_, H), &h = rows_of(h_, H), &q = rows_of(q_, nh * d),
          &k = rows_of(k_, nkv * d), &v = rows_of(v_, nkv * d), &att = rows_of(att_, nh * d),
-         &g = rows_of(g_, F), &u = rows_of(u_, F);
+         &g = rows_of(g_, F), &u = rows_of(u_, F),
+         &stacked = rows_of(stacked_, 2 * F + (nh + 2 * nkv) * d);
+    // Splits each row of `stacked` (width: the parts' sum) into the parts.
+    auto split = [&](std::initializer_list<std::pair<std::vector<float>*, int>> parts) {
+      int width = 0;
+      for (const auto& part : parts) width += part.second;
+      for (int t = 0; t < T; ++t) {
+        const float* row = stacked.data() + size_t(t) * width;
+        for (const auto& [buf, n] : parts) {
+          std::copy_n(row, n, buf->data() + size_t(t) * n);
+          row += n;
+        }
+      }
+    };
     for (size_t c = 0; c < chunks.size(); ++c)
       for (size_t t = 0; t < chunks[c].tokens.size(); ++t)
         embed_.row(chunks[c].tokens[t], x.data() + (row0[c] + t) * H);
@@ -147,9 +159,8 @@ class CpuBackend final : public Backend {
     for (int li = 0; li < c_.n_layers; ++li) {
       const LayerWeights& w = layers_[li];
       cpu::rmsnorm(x.data(), w.attn_norm.data(), T, H, c_.rms_norm_eps, h.data());
-      matmul(h, T, w.wq, q);
-      matmul(h, T, w.wk, k);
-      matmul(h, T, w.wv, v);
+      matmul(h, T, w.wqkv, stacked);
+      split({{&q, nh * d}, {&k, nkv * d}, {&v, nkv * d}});
       std::vector<cpu::ChunkAttention> ca;
       ca.reserve(chunks.size());
       for (size_t c = 0; c < chunks.size(); ++c) {
@@ -161,10 +172,11 @@ class CpuBackend final : public Backend {
                         q.data() + size_t(row0[c]) * nh * d, k.data() + size_t(row0[c]) * nkv * d,
                         v.data() + size_t(row0[c]) * nkv * d);
       }
-#pragma omp parallel
+      // A one-token step's few heads are not worth a thread start-up.
+#pragma omp parallel if (items.size() >= 32)
       {
         std::vector<float> scratch;
-#pragma omp for schedule(dynamic, 8)
+#pragma omp for schedule(dynamic, 4)
         for (size_t it = 0; it < items.size(); ++it) {
           const auto [c, t, hd] = items[it];
           ca[c].attend(t, hd, att.data() + (size_t(row0[c] + t) * nh + hd) * d, scratch);
@@ -174,8 +186,8 @@ class CpuBackend final : public Backend {
       matmul(att, T, w.wo, h);
       for (size_t i = 0; i < x.size(); ++i) x[i] += h[i];
       cpu::rmsnorm(x.data(), w.ffn_norm.data(), T, H, c_.rms_norm_eps, h.data());
-      matmul(h, T, w.gate, g);
-      matmul(h, T, w.up, u);
+      matmul(h, T, w.gate_up, stacked);
+      split({{&g, F}, {&u, F}});
       cpu::swiglu(g.data(), u.data(), int64_t(T) * F);
       matmul(g, T, w.down, h);
       for (size_t i = 0; i < x.size(); ++i) x[i] += h[i];
@@ -203,7 +215,7 @@ class CpuBackend final : public Backend {
   std::vector<float> out_norm_;
   std::vector<LayerWeights> layers_;
   std::vector<float> wide_;  // bf16 weights widened for oneDNN's sgemm (the largest bf16 matrix)
-  std::vector<float> x_, h_, q_, k_, v_, att_, g_, u_;  // activations, [T][width]
+  std::vector<float> x_, h_, q_, k_, v_, att_, g_, u_, stacked_;  // activations, [T][width]
   std::vector<cpu::SeqCache> slots_;
   std::vector<bool> in_use_;
 };

@@ -82,12 +82,15 @@ void set_isa(Isa isa) {
 // --- Which products -------------------------------------------------------------------------
 
 namespace {
-// oneDNN's sgemm, or null where libdnnl.so.2 cannot be loaded. Loaded rather than linked, so
-// that binaries carried without it (the GPU machine's bundle) still run.
+// oneDNN's sgemm (the same call in its versions 2 and 3), or null where the library cannot be
+// loaded. Loaded rather than linked, so that binaries carried without it (the GPU machine's
+// bundle) still run.
 decltype(&dnnl_sgemm) onednn_sgemm() {
   static const auto fn = []() -> decltype(&dnnl_sgemm) {
-    void* lib = dlopen("libdnnl.so.2", RTLD_NOW | RTLD_LOCAL);
-    return lib ? reinterpret_cast<decltype(&dnnl_sgemm)>(dlsym(lib, "dnnl_sgemm")) : nullptr;
+    for (const char* name : {"libdnnl.so.3", "libdnnl.so.2"})
+      if (void* lib = dlopen(name, RTLD_NOW | RTLD_LOCAL))
+        return reinterpret_cast<decltype(&dnnl_sgemm)>(dlsym(lib, "dnnl_sgemm"));
+    return nullptr;
   }();
   return fn;
 }
@@ -102,14 +105,14 @@ Products active_products() { return products(); }
 
 void set_products(Products p) {
   if (p == Products::OneDnn && !onednn_sgemm())
-    throw Error("oneDNN's sgemm cannot be loaded from libdnnl.so.2");
+    throw Error("oneDNN's sgemm cannot be loaded (libdnnl.so.3 or .2)");
   products() = p;
 }
 
 std::string kernels_summary(int n_threads) {
   if (n_threads <= 0) n_threads = omp_get_max_threads();
   const std::string isa = isa_name(active_isa());
-  const char* how[] = {", oneDNN sgemm", ", no oneDNN (libdnnl.so.2 not found)", ""};
+  const char* how[] = {", oneDNN sgemm", ", no oneDNN (libdnnl.so not found)", ""};
   const std::string kernels = active_products() == Products::Reference
                                   ? "dot-product loops"
                                   : isa + how[int(active_products())];
@@ -118,16 +121,24 @@ std::string kernels_summary(int n_threads) {
 
 // --- Weights --------------------------------------------------------------------------------
 
-Matrix to_matrix(const TensorView& t) {
-  if (t.shape.size() != 2) throw Error("tensor " + t.name + " is not a matrix");
+Matrix to_matrix(std::initializer_list<const TensorView*> parts) {
   Matrix m;
-  m.N = static_cast<int>(t.shape[0]);
-  m.K = static_cast<int>(t.shape[1]);
-  if (t.dtype == DType::BF16 && active_products() != Products::Reference) {
-    const auto* p = static_cast<const uint16_t*>(t.data);
-    m.bf16.assign(p, p + t.numel());
-  } else {
-    m.f32 = t.to_f32();
+  bool bf16 = active_products() != Products::Reference;
+  for (const TensorView* t : parts) {
+    if (t->shape.size() != 2 || (m.N > 0 && t->shape[1] != m.K))
+      throw Error("tensor " + t->name + " is not a matrix of the others' width");
+    m.K = static_cast<int>(t->shape[1]);
+    m.N += static_cast<int>(t->shape[0]);
+    bf16 = bf16 && t->dtype == DType::BF16;
+  }
+  for (const TensorView* t : parts) {
+    if (bf16) {
+      const auto* p = static_cast<const uint16_t*>(t->data);
+      m.bf16.insert(m.bf16.end(), p, p + t->numel());
+    } else {
+      const std::vector<float> f = t->to_f32();
+      m.f32.insert(m.f32.end(), f.begin(), f.end());
+    }
   }
   return m;
 }
@@ -438,9 +449,10 @@ void add_weighted_rows(const float* p, const float* rows, int64_t stride, int n,
   }
 }
 
-// --- Elementwise operations -----------------------------------------------------------------
+// --- Elementwise operations (rows in parallel where enough of them pay for the threads) ------
 
 void rmsnorm(const float* x, const float* w, int T, int n, float eps, float* y) {
+#pragma omp parallel for schedule(static) if (T >= 64)
   for (int t = 0; t < T; ++t) {
     const float* r = x + int64_t(t) * n;
     const float ms = dot(r, r, n) / static_cast<float>(n);
@@ -453,25 +465,30 @@ void rope(float* x, int T, int heads, int d, int64_t pos0, float theta) {
   const int half = d / 2;
   std::vector<double> inv_freq(half);
   for (int i = 0; i < half; ++i) inv_freq[i] = std::pow(double(theta), -2.0 * i / d);
-  std::vector<float> cs(half), sn(half);
-  for (int t = 0; t < T; ++t) {
-    for (int i = 0; i < half; ++i) {
-      const double a = double(pos0 + t) * inv_freq[i];
-      cs[i] = static_cast<float>(std::cos(a));
-      sn[i] = static_cast<float>(std::sin(a));
-    }
-    for (int h = 0; h < heads; ++h) {
-      float* v = x + (int64_t(t) * heads + h) * d;
+#pragma omp parallel if (T >= 64)
+  {
+    std::vector<float> cs(half), sn(half);
+#pragma omp for schedule(static)
+    for (int t = 0; t < T; ++t) {
       for (int i = 0; i < half; ++i) {
-        const float a = v[i], b = v[i + half];
-        v[i] = a * cs[i] - b * sn[i];
-        v[i + half] = b * cs[i] + a * sn[i];
+        const double a = double(pos0 + t) * inv_freq[i];
+        cs[i] = static_cast<float>(std::cos(a));
+        sn[i] = static_cast<float>(std::sin(a));
+      }
+      for (int h = 0; h < heads; ++h) {
+        float* v = x + (int64_t(t) * heads + h) * d;
+        for (int i = 0; i < half; ++i) {
+          const float a = v[i], b = v[i + half];
+          v[i] = a * cs[i] - b * sn[i];
+          v[i + half] = b * cs[i] + a * sn[i];
+        }
       }
     }
   }
 }
 
 void swiglu(float* g, const float* u, int64_t n) {
+#pragma omp parallel for schedule(static) if (n >= 65536)
   for (int64_t i = 0; i < n; ++i) g[i] = g[i] / (1.0f + std::exp(-g[i])) * u[i];
 }
 

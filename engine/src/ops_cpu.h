@@ -30,10 +30,12 @@ struct Matrix {
   bool is_bf16() const { return !bf16.empty(); }
   void row(int n, float* out) const;  // row n as fp32
 };
-Matrix to_matrix(const TensorView& t);  // a 2D tensor [N][K]
+// 2D tensors [N_i][K] stacked into one [sum N_i][K] (one product instead of several: fewer
+// thread start-ups per token); bf16 stays bf16 where every part is bf16.
+Matrix to_matrix(std::initializer_list<const TensorView*> parts);
 
 // How matmul runs products of more than kGemvRows rows, process-wide: oneDNN's sgemm (loaded
-// from libdnnl.so.2 at first use; the default where it loads), the matrix-vector kernels on
+// from libdnnl.so.3 or .2 at first use; the default where it loads), the matrix-vector kernels on
 // blocks of kGemvRows rows (where it does not, as in the GPU machine's bundle), or, for every
 // product, matmul_reference (the benchmark's baseline: matrices built while it is chosen keep
 // fp32 weights, as the backend did before).
