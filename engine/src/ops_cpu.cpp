@@ -9,14 +9,65 @@
 #include <cmath>
 #include <cstdlib>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "numeric.h"
 
-#define MP_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl")))
-#define MP_AVX2 __attribute__((target("avx2,fma")))
-
 namespace mp::cpu {
+
+// --- The vector kernels, once per instruction set (simd_kernels.inc) -------------------------
+
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl")
+namespace avx512 {
+using V = __m512;
+constexpr int kLanes = 16, kRegisters = 32;
+inline V zero() { return _mm512_setzero_ps(); }
+inline V load(const float* p) { return _mm512_loadu_ps(p); }
+inline V load(const uint16_t* p) {  // bf16 -> fp32 is a shift. (The maskz forms: GCC 12 warns
+                                    // about the undefined vectors inside the unmasked ones.)
+  const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(
+      _mm512_maskz_slli_epi32(0xffff, _mm512_maskz_cvtepu16_epi32(0xffff, h), 16));
+}
+inline V fmadd(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
+inline V set1(float x) { return _mm512_set1_ps(x); }
+inline void store(float* p, V v) { _mm512_storeu_ps(p, v); }
+inline float hsum(V v) {
+  v = _mm512_add_ps(v, _mm512_maskz_shuffle_f32x4(0xffff, v, v, 0x4e));  // 256-bit halves
+  v = _mm512_add_ps(v, _mm512_maskz_shuffle_f32x4(0xffff, v, v, 0xb1));  // 128-bit quarters
+  v = _mm512_add_ps(v, _mm512_maskz_permute_ps(0xffff, v, 0x4e));        // 64-bit pairs
+  v = _mm512_add_ps(v, _mm512_maskz_permute_ps(0xffff, v, 0xb1));        // neighbours
+  return _mm512_cvtss_f32(v);
+}
+#include "simd_kernels.inc"
+}  // namespace avx512
+#pragma GCC pop_options
+
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+namespace avx2 {
+using V = __m256;
+constexpr int kLanes = 8, kRegisters = 16;
+inline V zero() { return _mm256_setzero_ps(); }
+inline V load(const float* p) { return _mm256_loadu_ps(p); }
+inline V load(const uint16_t* p) {
+  const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+inline V fmadd(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
+inline V set1(float x) { return _mm256_set1_ps(x); }
+inline void store(float* p, V v) { _mm256_storeu_ps(p, v); }
+inline float hsum(V v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+#include "simd_kernels.inc"
+}  // namespace avx2
+#pragma GCC pop_options
 
 // --- Instruction-set dispatch ---------------------------------------------------------------
 
@@ -189,137 +240,28 @@ void gemv_scalar(const float* x, int K, const W* w, int n0, int n1, int N, float
   }
 }
 
-// AVX-512: 16 lanes; the K tail through masked loads. (The maskz forms: GCC 12 warns about the
-// undefined vectors inside the unmasked ones.)
-MP_AVX512 inline __m512 load16(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
-MP_AVX512 inline __m512 load16(const uint16_t* p, __mmask16 m) {
-  const __m512i u = _mm512_maskz_cvtepu16_epi32(m, _mm256_maskz_loadu_epi16(m, p));
-  return _mm512_castsi512_ps(_mm512_maskz_slli_epi32(m, u, 16));
-}
-MP_AVX512 inline float hsum16(__m512 v) {
-  v = _mm512_add_ps(v, _mm512_maskz_shuffle_f32x4(0xffff, v, v, 0x4e));  // 256-bit halves
-  v = _mm512_add_ps(v, _mm512_maskz_shuffle_f32x4(0xffff, v, v, 0xb1));  // 128-bit quarters
-  v = _mm512_add_ps(v, _mm512_maskz_permute_ps(0xffff, v, 0x4e));        // 64-bit pairs
-  v = _mm512_add_ps(v, _mm512_maskz_permute_ps(0xffff, v, 0xb1));        // neighbours
-  return _mm512_cvtss_f32(v);
-}
-
-template <int R, int G, class W>
-MP_AVX512 inline void block_avx512(const float* x, int K, const W* w, int n, int N, float* y) {
-  __m512 acc[R][G];
-#pragma GCC unroll 8
-  for (int r = 0; r < R; ++r)
-#pragma GCC unroll 8
-    for (int g = 0; g < G; ++g) acc[r][g] = _mm512_setzero_ps();
-  for (int k = 0; k < K; k += 16) {
-    const __mmask16 m = K - k >= 16 ? __mmask16(0xffff) : __mmask16((1u << (K - k)) - 1);
-    __m512 wv[G];
-#pragma GCC unroll 8
-    for (int g = 0; g < G; ++g) wv[g] = load16(w + size_t(n + g) * K + k, m);
-#pragma GCC unroll 8
-    for (int r = 0; r < R; ++r) {
-      const __m512 xv = load16(x + size_t(r) * K + k, m);
-#pragma GCC unroll 8
-      for (int g = 0; g < G; ++g) acc[r][g] = _mm512_fmadd_ps(wv[g], xv, acc[r][g]);
-    }
-  }
-#pragma GCC unroll 8
-  for (int r = 0; r < R; ++r)
-#pragma GCC unroll 8
-    for (int g = 0; g < G; ++g) y[size_t(r) * N + n + g] = hsum16(acc[r][g]);
-}
-
-template <int R, class W>
-MP_AVX512 void gemv_avx512(const float* x, int K, const W* w, int n0, int n1, int N, float* y) {
-  constexpr int G = R <= 3 ? 4 : 2;  // R*G accumulators and G weights in 32 registers
-  int n = n0;
-  for (; n + G <= n1; n += G) block_avx512<R, G>(x, K, w, n, N, y);
-  for (; n < n1; ++n) block_avx512<R, 1>(x, K, w, n, N, y);
-}
-
-// AVX2: 8 lanes; the K tail in scalar code.
-MP_AVX2 inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
-MP_AVX2 inline __m256 load8(const uint16_t* p) {
-  const __m256i u = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-  return _mm256_castsi256_ps(_mm256_slli_epi32(u, 16));
-}
-MP_AVX2 inline float hsum(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
-
-template <int R, int G, class W>
-MP_AVX2 inline void block_avx2(const float* x, int K, const W* w, int n, int N, float* y) {
-  __m256 acc[R][G];
-#pragma GCC unroll 8
-  for (int r = 0; r < R; ++r)
-#pragma GCC unroll 8
-    for (int g = 0; g < G; ++g) acc[r][g] = _mm256_setzero_ps();
-  int k = 0;
-  for (; k + 8 <= K; k += 8) {
-    __m256 wv[G];
-#pragma GCC unroll 8
-    for (int g = 0; g < G; ++g) wv[g] = load8(w + size_t(n + g) * K + k);
-#pragma GCC unroll 8
-    for (int r = 0; r < R; ++r) {
-      const __m256 xv = _mm256_loadu_ps(x + size_t(r) * K + k);
-#pragma GCC unroll 8
-      for (int g = 0; g < G; ++g) acc[r][g] = _mm256_fmadd_ps(wv[g], xv, acc[r][g]);
-    }
-  }
-  for (int r = 0; r < R; ++r)
-    for (int g = 0; g < G; ++g) {
-      float t = hsum(acc[r][g]);
-      const W* wn = w + size_t(n + g) * K;
-      for (int j = k; j < K; ++j) t += widen(wn[j]) * x[size_t(r) * K + j];
-      y[size_t(r) * N + n + g] = t;
-    }
-}
-
-template <int R, class W>
-MP_AVX2 void gemv_avx2(const float* x, int K, const W* w, int n0, int n1, int N, float* y) {
-  constexpr int G = R <= 2 ? 4 : 2;  // R*G accumulators and G weights in 16 registers
-  int n = n0;
-  for (; n + G <= n1; n += G) block_avx2<R, G>(x, K, w, n, N, y);
-  for (; n < n1; ++n) block_avx2<R, 1>(x, K, w, n, N, y);
-}
-
 template <int R, class W>
 void gemv_rows(const float* x, int K, const W* w, int N, float* y) {
   const Isa isa = active_isa();
   split_outputs(N, 4, [&](int n0, int n1) {
     if (isa == Isa::Avx512)
-      gemv_avx512<R>(x, K, w, n0, n1, N, y);
+      avx512::gemv_range<R>(x, K, w, n0, n1, N, y);
     else if (isa == Isa::Avx2)
-      gemv_avx2<R>(x, K, w, n0, n1, N, y);
+      avx2::gemv_range<R>(x, K, w, n0, n1, N, y);
     else
       gemv_scalar<R>(x, K, w, n0, n1, N, y);
   });
 }
 
+// gemv_rows<T> for T = 1..kGemvRows.
 template <class W>
 void gemv(const float* x, int T, int K, const W* w, int N, float* y) {
-  switch (T) {
-    case 1:
-      return gemv_rows<1>(x, K, w, N, y);
-    case 2:
-      return gemv_rows<2>(x, K, w, N, y);
-    case 3:
-      return gemv_rows<3>(x, K, w, N, y);
-    case 4:
-      return gemv_rows<4>(x, K, w, N, y);
-    case 5:
-      return gemv_rows<5>(x, K, w, N, y);
-    case 6:
-      return gemv_rows<6>(x, K, w, N, y);
-    case 7:
-      return gemv_rows<7>(x, K, w, N, y);
-    case 8:
-      return gemv_rows<8>(x, K, w, N, y);
+  if (T < 1 || T > kGemvRows)
+    throw Error("gemv: " + std::to_string(T) + " rows (1 to " + std::to_string(kGemvRows) + ")");
+  [&]<int... R>(std::integer_sequence<int, R...>) {
+    ((T == R + 1 ? gemv_rows<R + 1>(x, K, w, N, y) : void()), ...);
   }
-  throw Error("gemv: " + std::to_string(T) + " rows (at most " + std::to_string(kGemvRows) + ")");
+  (std::make_integer_sequence<int, kGemvRows>());
 }
 
 }  // namespace
@@ -370,67 +312,13 @@ void matmul_reference(const float* x, int T, int K, const float* W, int N, float
 
 // --- Attention's inner loops ----------------------------------------------------------------
 
-namespace {
-
-MP_AVX512 void scaled_dots_avx512(const float* q, const float* rows, int64_t stride, int n, int d,
-                                  float scale, float* s) {
-  for (int j = 0; j < n; ++j) {
-    const float* r = rows + j * stride;
-    __m512 acc = _mm512_setzero_ps();
-    for (int c = 0; c < d; c += 16) {
-      const __mmask16 m = d - c >= 16 ? __mmask16(0xffff) : __mmask16((1u << (d - c)) - 1);
-      acc = _mm512_fmadd_ps(load16(q + c, m), load16(r + c, m), acc);
-    }
-    s[j] = hsum16(acc) * scale;
-  }
-}
-
-MP_AVX512 void add_weighted_rows_avx512(const float* p, const float* rows, int64_t stride, int n,
-                                        int d, float* out) {
-  for (int c = 0; c < d; c += 16) {
-    const __mmask16 m = d - c >= 16 ? __mmask16(0xffff) : __mmask16((1u << (d - c)) - 1);
-    __m512 acc = load16(out + c, m);
-    for (int j = 0; j < n; ++j)
-      acc = _mm512_fmadd_ps(_mm512_set1_ps(p[j]), load16(rows + j * stride + c, m), acc);
-    _mm512_mask_storeu_ps(out + c, m, acc);
-  }
-}
-
-MP_AVX2 void scaled_dots_avx2(const float* q, const float* rows, int64_t stride, int n, int d,
-                              float scale, float* s) {
-  for (int j = 0; j < n; ++j) {
-    const float* r = rows + j * stride;
-    __m256 acc = _mm256_setzero_ps();
-    int c = 0;
-    for (; c + 8 <= d; c += 8) acc = _mm256_fmadd_ps(load8(q + c), load8(r + c), acc);
-    float t = hsum(acc);
-    for (; c < d; ++c) t += q[c] * r[c];
-    s[j] = t * scale;
-  }
-}
-
-MP_AVX2 void add_weighted_rows_avx2(const float* p, const float* rows, int64_t stride, int n, int d,
-                                    float* out) {
-  int c = 0;
-  for (; c + 8 <= d; c += 8) {
-    __m256 acc = load8(out + c);
-    for (int j = 0; j < n; ++j)
-      acc = _mm256_fmadd_ps(_mm256_set1_ps(p[j]), load8(rows + j * stride + c), acc);
-    _mm256_storeu_ps(out + c, acc);
-  }
-  for (int j = 0; j < n; ++j)
-    for (int k = c; k < d; ++k) out[k] += p[j] * rows[j * stride + k];
-}
-
-}  // namespace
-
 void scaled_dots(const float* q, const float* rows, int64_t stride, int n, int d, float scale,
                  float* s) {
   switch (active_isa()) {
     case Isa::Avx512:
-      return scaled_dots_avx512(q, rows, stride, n, d, scale, s);
+      return avx512::scaled_dots(q, rows, stride, n, d, scale, s);
     case Isa::Avx2:
-      return scaled_dots_avx2(q, rows, stride, n, d, scale, s);
+      return avx2::scaled_dots(q, rows, stride, n, d, scale, s);
     case Isa::Scalar:
       for (int j = 0; j < n; ++j) s[j] = dot(q, rows + j * stride, d) * scale;
   }
@@ -440,9 +328,9 @@ void add_weighted_rows(const float* p, const float* rows, int64_t stride, int n,
                        float* out) {
   switch (active_isa()) {
     case Isa::Avx512:
-      return add_weighted_rows_avx512(p, rows, stride, n, d, out);
+      return avx512::add_weighted_rows(p, rows, stride, n, d, out);
     case Isa::Avx2:
-      return add_weighted_rows_avx2(p, rows, stride, n, d, out);
+      return avx2::add_weighted_rows(p, rows, stride, n, d, out);
     case Isa::Scalar:
       for (int j = 0; j < n; ++j)
         for (int c = 0; c < d; ++c) out[c] += p[j] * rows[j * stride + c];
