@@ -2,7 +2,7 @@
 FROM nvidia/cuda:13.0.0-devel-ubuntu24.04
 RUN apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
       cmake ninja-build g++ pkg-config libsentencepiece-dev nlohmann-json3-dev \
-      libcpp-httplib-dev libgtest-dev && rm -rf /var/lib/apt/lists/*
+      libcpp-httplib-dev libdnnl-dev libgtest-dev && rm -rf /var/lib/apt/lists/*
 WORKDIR /multipole
 COPY . .
 RUN cmake -S . -B build -G Ninja -DCMAKE_BUILD_TYPE=Release -DMULTIPOLE_TESTS=OFF \

@@ -1,8 +1,17 @@
 #!/usr/bin/env bash
 # Installs the Debian packages Multipole needs, when run as root and they are missing.
+# usage: deps.sh [engine|all]: `engine` builds and runs the engine, its tools and the server
+# (scripts/run.sh); `all` (the default) adds what the tests need: GoogleTest, and NumPy and
+# PyTorch for the cross-checks and the trainer (scripts/test.sh).
 set -euo pipefail
-pkgs=(cmake ninja-build g++ pkg-config libsentencepiece-dev sentencepiece nlohmann-json3-dev
-      libcpp-httplib-dev libgtest-dev python3-numpy python3-torch python3-sentencepiece)
+engine=(cmake ninja-build g++ pkg-config libsentencepiece-dev nlohmann-json3-dev libcpp-httplib-dev
+        libdnnl-dev)
+tests=(libgtest-dev sentencepiece python3-numpy python3-torch python3-sentencepiece)
+case "${1:-all}" in
+  engine) pkgs=("${engine[@]}") ;;
+  all) pkgs=("${engine[@]}" "${tests[@]}") ;;
+  *) echo "usage: deps.sh [engine|all]" >&2; exit 2 ;;
+esac
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

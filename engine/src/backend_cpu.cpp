@@ -1,4 +1,5 @@
-// The CPU backend: the reference implementation of the whole model, fp32, threaded with OpenMP.
+// The CPU backend: the reference implementation of the whole model in fp32 arithmetic (bf16
+// weights widened exactly), threaded with OpenMP; matrix products in ops_cpu.
 #include "backend_cpu.h"
 
 #include <omp.h>
@@ -28,7 +29,8 @@ void check_chunks(const Config& c, std::span<const SeqChunk> chunks, int n_slots
 namespace {
 
 struct LayerWeights {
-  std::vector<float> attn_norm, wq, wk, wv, wo, ffn_norm, gate, up, down;
+  std::vector<float> attn_norm, ffn_norm;
+  cpu::Matrix wqkv, wo, gate_up, down;  // q, k, v stacked; gate and up stacked
   cpu::LayerDownsamplers ds;
 };
 
@@ -40,28 +42,33 @@ class CpuBackend final : public Backend {
     namespace tn = tensor_names;
     const int64_t H = c_.hidden_size, V = c_.vocab_size, F = c_.intermediate_size;
     const int64_t q = int64_t{c_.n_heads} * c_.head_dim, kv = int64_t{c_.n_kv_heads} * c_.head_dim;
-    embed_ = model_->tensor(tn::token_embd(), {V, H}).to_f32();
+    auto matrix = [&](std::initializer_list<const TensorView*> parts) {
+      cpu::Matrix m = cpu::to_matrix(parts);
+      if (m.is_bf16()) wide_.resize(std::max(wide_.size(), size_t(m.N) * m.K));
+      return m;
+    };
+    embed_ = matrix({&model_->tensor(tn::token_embd(), {V, H})});
     for (int i = 0; i < c_.n_layers; ++i) {
       LayerWeights l;
       l.attn_norm = model_->tensor(tn::layer(i, "attn_norm"), {H}).to_f32();
-      l.wq = model_->tensor(tn::layer(i, "attn_q"), {q, H}).to_f32();
-      l.wk = model_->tensor(tn::layer(i, "attn_k"), {kv, H}).to_f32();
-      l.wv = model_->tensor(tn::layer(i, "attn_v"), {kv, H}).to_f32();
-      l.wo = model_->tensor(tn::layer(i, "attn_output"), {H, q}).to_f32();
+      l.wqkv = matrix({&model_->tensor(tn::layer(i, "attn_q"), {q, H}),
+                       &model_->tensor(tn::layer(i, "attn_k"), {kv, H}),
+                       &model_->tensor(tn::layer(i, "attn_v"), {kv, H})});
+      l.wo = matrix({&model_->tensor(tn::layer(i, "attn_output"), {H, q})});
       l.ffn_norm = model_->tensor(tn::layer(i, "ffn_norm"), {H}).to_f32();
-      l.gate = model_->tensor(tn::layer(i, "ffn_gate"), {F, H}).to_f32();
-      l.up = model_->tensor(tn::layer(i, "ffn_up"), {F, H}).to_f32();
-      l.down = model_->tensor(tn::layer(i, "ffn_down"), {H, F}).to_f32();
+      l.gate_up = matrix({&model_->tensor(tn::layer(i, "ffn_gate"), {F, H}),
+                          &model_->tensor(tn::layer(i, "ffn_up"), {F, H})});
+      l.down = matrix({&model_->tensor(tn::layer(i, "ffn_down"), {H, F})});
       if (c_.fma_enabled) l.ds = cpu::make_layer_downsamplers(c_, *model_, i);
       layers_.push_back(std::move(l));
     }
     out_norm_ = model_->tensor(tn::output_norm(), {H}).to_f32();
-    if (!c_.tie_word_embeddings) head_ = model_->tensor(tn::output(), {V, H}).to_f32();
+    if (!c_.tie_word_embeddings) head_ = matrix({&model_->tensor(tn::output(), {V, H})});
     slots_.assign(n_slots, cpu::make_seq_cache(c_));
     in_use_.assign(n_slots, false);
   }
 
-  std::string name() const override { return "cpu"; }
+  std::string name() const override { return "cpu (" + cpu::kernels_summary(n_threads_) + ")"; }
   const Config& config() const override { return c_; }
   int n_slots() const override { return static_cast<int>(slots_.size()); }
 
@@ -103,6 +110,12 @@ class CpuBackend final : public Backend {
     return s;
   }
 
+  const cpu::Matrix& head() const { return c_.tie_word_embeddings ? embed_ : head_; }
+
+  void matmul(const std::vector<float>& x, int T, const cpu::Matrix& W, std::vector<float>& y) {
+    cpu::matmul(x.data(), T, W, y.data(), wide_);
+  }
+
   std::vector<float> run(std::span<const SeqChunk> chunks) {
     const int H = c_.hidden_size, d = c_.head_dim, nh = c_.n_heads, nkv = c_.n_kv_heads;
     const int F = c_.intermediate_size, V = c_.vocab_size;
@@ -112,13 +125,30 @@ class CpuBackend final : public Backend {
       row0.push_back(T);
       T += static_cast<int>(ch.tokens.size());
     }
-    std::vector<float> x(size_t(T) * H), h(size_t(T) * H), q(size_t(T) * nh * d),
-        k(size_t(T) * nkv * d), v(size_t(T) * nkv * d), att(size_t(T) * nh * d), g(size_t(T) * F),
-        u(size_t(T) * F);
+    // Activations live in buffers that only grow: a one-token step allocates none of them.
+    auto rows_of = [T](std::vector<float>& buf, int width) -> std::vector<float>& {
+      buf.resize(size_t(T) * width);
+      return buf;
+    };
+    auto &x = rows_of(x_, H), &h = rows_of(h_, H), &q = rows_of(q_, nh * d),
+         &k = rows_of(k_, nkv * d), &v = rows_of(v_, nkv * d), &att = rows_of(att_, nh * d),
+         &g = rows_of(g_, F), &u = rows_of(u_, F),
+         &stacked = rows_of(stacked_, 2 * F + (nh + 2 * nkv) * d);
+    // Splits each row of `stacked` (width: the parts' sum) into the parts.
+    auto split = [&](std::initializer_list<std::pair<std::vector<float>*, int>> parts) {
+      int width = 0;
+      for (const auto& part : parts) width += part.second;
+      for (int t = 0; t < T; ++t) {
+        const float* row = stacked.data() + size_t(t) * width;
+        for (const auto& [buf, n] : parts) {
+          std::copy_n(row, n, buf->data() + size_t(t) * n);
+          row += n;
+        }
+      }
+    };
     for (size_t c = 0; c < chunks.size(); ++c)
       for (size_t t = 0; t < chunks[c].tokens.size(); ++t)
-        std::copy_n(embed_.data() + size_t(chunks[c].tokens[t]) * H, H,
-                    x.data() + (row0[c] + t) * H);
+        embed_.row(chunks[c].tokens[t], x.data() + (row0[c] + t) * H);
 
     // (chunk, token, head) work items for the attention, in parallel over all of them.
     std::vector<std::array<int, 3>> items;
@@ -129,9 +159,8 @@ class CpuBackend final : public Backend {
     for (int li = 0; li < c_.n_layers; ++li) {
       const LayerWeights& w = layers_[li];
       cpu::rmsnorm(x.data(), w.attn_norm.data(), T, H, c_.rms_norm_eps, h.data());
-      cpu::matmul(h.data(), T, H, w.wq.data(), nh * d, q.data());
-      cpu::matmul(h.data(), T, H, w.wk.data(), nkv * d, k.data());
-      cpu::matmul(h.data(), T, H, w.wv.data(), nkv * d, v.data());
+      matmul(h, T, w.wqkv, stacked);
+      split({{&q, nh * d}, {&k, nkv * d}, {&v, nkv * d}});
       std::vector<cpu::ChunkAttention> ca;
       ca.reserve(chunks.size());
       for (size_t c = 0; c < chunks.size(); ++c) {
@@ -143,48 +172,50 @@ class CpuBackend final : public Backend {
                         q.data() + size_t(row0[c]) * nh * d, k.data() + size_t(row0[c]) * nkv * d,
                         v.data() + size_t(row0[c]) * nkv * d);
       }
-#pragma omp parallel
+      // A one-token step's few heads are not worth a thread start-up.
+#pragma omp parallel if (items.size() >= 32)
       {
         std::vector<float> scratch;
-#pragma omp for schedule(dynamic, 8)
+#pragma omp for schedule(dynamic, 4)
         for (size_t it = 0; it < items.size(); ++it) {
           const auto [c, t, hd] = items[it];
           ca[c].attend(t, hd, att.data() + (size_t(row0[c] + t) * nh + hd) * d, scratch);
         }
       }
       for (auto& a : ca) a.commit();
-      cpu::matmul(att.data(), T, nh * d, w.wo.data(), H, h.data());
+      matmul(att, T, w.wo, h);
       for (size_t i = 0; i < x.size(); ++i) x[i] += h[i];
       cpu::rmsnorm(x.data(), w.ffn_norm.data(), T, H, c_.rms_norm_eps, h.data());
-      cpu::matmul(h.data(), T, H, w.gate.data(), F, g.data());
-      cpu::matmul(h.data(), T, H, w.up.data(), F, u.data());
+      matmul(h, T, w.gate_up, stacked);
+      split({{&g, F}, {&u, F}});
       cpu::swiglu(g.data(), u.data(), int64_t(T) * F);
-      cpu::matmul(g.data(), T, F, w.down.data(), H, h.data());
+      matmul(g, T, w.down, h);
       for (size_t i = 0; i < x.size(); ++i) x[i] += h[i];
     }
     for (const auto& ch : chunks) slots_[ch.slot].pos += static_cast<int64_t>(ch.tokens.size());
 
-    // Logits for the rows asked for.
+    // Logits only for the rows asked for (the last of each chunk unless all_logits).
     std::vector<int> rows;
     for (size_t c = 0; c < chunks.size(); ++c) {
       const int n = static_cast<int>(chunks[c].tokens.size());
       for (int t = chunks[c].all_logits ? 0 : n - 1; t < n; ++t) rows.push_back(row0[c] + t);
     }
-    std::vector<float> sel(rows.size() * H);
-    for (size_t r = 0; r < rows.size(); ++r)
+    for (size_t r = 0; r < rows.size(); ++r)  // h: the normalised rows, in order
       cpu::rmsnorm(x.data() + size_t(rows[r]) * H, out_norm_.data(), 1, H, c_.rms_norm_eps,
-                   sel.data() + r * H);
+                   h.data() + r * H);
     std::vector<float> logits(rows.size() * size_t(V));
-    const auto& head = c_.tie_word_embeddings ? embed_ : head_;
-    cpu::matmul(sel.data(), static_cast<int>(rows.size()), H, head.data(), V, logits.data());
+    matmul(h, static_cast<int>(rows.size()), head(), logits);
     return logits;
   }
 
   std::shared_ptr<const Model> model_;
   const Config& c_;
   int n_threads_;
-  std::vector<float> embed_, out_norm_, head_;
+  cpu::Matrix embed_, head_;  // head_ empty when tied to the embedding
+  std::vector<float> out_norm_;
   std::vector<LayerWeights> layers_;
+  std::vector<float> wide_;  // bf16 weights widened for oneDNN's sgemm (the largest bf16 matrix)
+  std::vector<float> x_, h_, q_, k_, v_, att_, g_, u_, stacked_;  // activations, [T][width]
   std::vector<cpu::SeqCache> slots_;
   std::vector<bool> in_use_;
 };

@@ -5,6 +5,7 @@
 #include <cstring>
 
 #include "numeric.h"
+#include "ops_cpu.h"
 
 namespace mp::cpu {
 
@@ -287,41 +288,44 @@ void ChunkAttention::attend(int t, int head, float* out, std::vector<float>& scr
   const size_t n_fine = size_t(i - lo + 1);
   scratch.resize(n_fine + size_t(n_groups) * p);
   float* s = scratch.data();
-  float mx = -INFINITY;
-  for (int64_t j = lo; j <= i; ++j) {
-    s[j - lo] = dot(q, fine(j, false, kvh), d) * scale;
-    mx = std::max(mx, s[j - lo]);
-  }
+
+  // The fine keys (values) lo..i lie in contiguous runs: the chunk's own, and the cache's until
+  // its ring wraps.
+  const int64_t kvd = int64_t{c_.n_kv_heads} * d, cap = fine_capacity(c_);
+  auto fine_runs = [&](bool values, auto&& f) {
+    for (int64_t j = lo; j <= i;) {
+      int64_t end = i + 1;
+      if (j < pos0_) end = std::min(pos0_, cap ? (j / cap + 1) * cap : pos0_);
+      f(j - lo, fine(j, values, kvh), static_cast<int>(end - j));
+      j = end;
+    }
+  };
+  fine_runs(false, [&](int64_t at, const float* k, int n) {
+    scaled_dots(q, k, kvd, n, d, scale, s + at);
+  });
   for (int gi = 0; gi < n_groups; ++gi) {
-    const float* ks = summary(groups[gi].level, groups[gi].g, false, kvh);
-    const float bonus = c_.fma_scale_attn
-                            ? std::log(static_cast<float>(c_.group_size(groups[gi].level)) / p)
-                            : 0.0f;
-    for (int r = 0; r < p; ++r) {
-      float& x = s[n_fine + gi * p + r];
-      x = dot(q, ks + size_t(r) * d, d) * scale + bonus;
-      mx = std::max(mx, x);
+    float* sg = s + n_fine + gi * p;
+    scaled_dots(q, summary(groups[gi].level, groups[gi].g, false, kvh), d, p, d, scale, sg);
+    if (c_.fma_scale_attn) {
+      const float bonus = std::log(static_cast<float>(c_.group_size(groups[gi].level)) / p);
+      for (int r = 0; r < p; ++r) sg[r] += bonus;
     }
   }
+  const float mx = *std::max_element(s, s + scratch.size());
   double total = 0;
   for (size_t j = 0; j < scratch.size(); ++j) {
     s[j] = std::exp(s[j] - mx);
     total += s[j];
   }
   const float inv = static_cast<float>(1.0 / total);
+  for (size_t j = 0; j < scratch.size(); ++j) s[j] *= inv;
   std::fill(out, out + d, 0.0f);
-  for (int64_t j = lo; j <= i; ++j) {
-    const float pj = s[j - lo] * inv;
-    const float* vj = fine(j, true, kvh);
-    for (int c = 0; c < d; ++c) out[c] += pj * vj[c];
-  }
-  for (int gi = 0; gi < n_groups; ++gi) {
-    const float* vs = summary(groups[gi].level, groups[gi].g, true, kvh);
-    for (int r = 0; r < p; ++r) {
-      const float pj = s[n_fine + gi * p + r] * inv;
-      for (int c = 0; c < d; ++c) out[c] += pj * vs[size_t(r) * d + c];
-    }
-  }
+  fine_runs(true, [&](int64_t at, const float* v, int n) {
+    add_weighted_rows(s + at, v, kvd, n, d, out);
+  });
+  for (int gi = 0; gi < n_groups; ++gi)
+    add_weighted_rows(s + n_fine + gi * p, summary(groups[gi].level, groups[gi].g, true, kvh), d, p,
+                      d, out);
 }
 
 void ChunkAttention::commit() {

@@ -1,14 +1,304 @@
 #include "ops_cpu.h"
 
+#include <dlfcn.h>
+#include <immintrin.h>
+#include <omp.h>
+#include <oneapi/dnnl/dnnl.h>
+
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
+#include <string>
+#include <utility>
 #include <vector>
 
 #include "numeric.h"
 
 namespace mp::cpu {
 
-void matmul(const float* x, int T, int K, const float* W, int N, float* y) {
+// --- The vector kernels, once per instruction set (simd_kernels.inc) -------------------------
+
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl")
+namespace avx512 {
+using V = __m512;
+constexpr int kLanes = 16, kRegisters = 32;
+inline V zero() { return _mm512_setzero_ps(); }
+inline V load(const float* p) { return _mm512_loadu_ps(p); }
+inline V load(const uint16_t* p) {  // bf16 -> fp32 is a shift. (The maskz forms: GCC 12 warns
+                                    // about the undefined vectors inside the unmasked ones.)
+  const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(
+      _mm512_maskz_slli_epi32(0xffff, _mm512_maskz_cvtepu16_epi32(0xffff, h), 16));
+}
+inline V fmadd(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
+inline V set1(float x) { return _mm512_set1_ps(x); }
+inline void store(float* p, V v) { _mm512_storeu_ps(p, v); }
+inline float hsum(V v) {
+  v = _mm512_add_ps(v, _mm512_maskz_shuffle_f32x4(0xffff, v, v, 0x4e));  // 256-bit halves
+  v = _mm512_add_ps(v, _mm512_maskz_shuffle_f32x4(0xffff, v, v, 0xb1));  // 128-bit quarters
+  v = _mm512_add_ps(v, _mm512_maskz_permute_ps(0xffff, v, 0x4e));        // 64-bit pairs
+  v = _mm512_add_ps(v, _mm512_maskz_permute_ps(0xffff, v, 0xb1));        // neighbours
+  return _mm512_cvtss_f32(v);
+}
+#include "simd_kernels.inc"
+}  // namespace avx512
+#pragma GCC pop_options
+
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+namespace avx2 {
+using V = __m256;
+constexpr int kLanes = 8, kRegisters = 16;
+inline V zero() { return _mm256_setzero_ps(); }
+inline V load(const float* p) { return _mm256_loadu_ps(p); }
+inline V load(const uint16_t* p) {
+  const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+inline V fmadd(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
+inline V set1(float x) { return _mm256_set1_ps(x); }
+inline void store(float* p, V v) { _mm256_storeu_ps(p, v); }
+inline float hsum(V v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+#include "simd_kernels.inc"
+}  // namespace avx2
+#pragma GCC pop_options
+
+// --- Instruction-set dispatch ---------------------------------------------------------------
+
+Isa detected_isa() {
+  static const Isa isa = [] {
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+        __builtin_cpu_supports("avx512vl"))
+      return Isa::Avx512;
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return Isa::Avx2;
+    return Isa::Scalar;
+  }();
+  return isa;
+}
+
+const char* isa_name(Isa isa) {
+  switch (isa) {
+    case Isa::Avx512:
+      return "avx512";
+    case Isa::Avx2:
+      return "avx2";
+    case Isa::Scalar:
+      return "scalar";
+  }
+  return "?";
+}
+
+Isa parse_isa(std::string_view name) {
+  for (Isa i : {Isa::Scalar, Isa::Avx2, Isa::Avx512})
+    if (name == isa_name(i)) return i;
+  throw Error("CPU instruction set '" + std::string(name) + "' is not one of avx512, avx2, scalar");
+}
+
+namespace {
+Isa& active() {
+  static Isa isa = [] {
+    const char* env = std::getenv("MULTIPOLE_CPU_ISA");
+    if (!env || !*env) return detected_isa();
+    Isa want;
+    try {
+      want = parse_isa(env);
+    } catch (const Error& e) {
+      throw Error(std::string("MULTIPOLE_CPU_ISA: ") + e.what());
+    }
+    if (want > detected_isa())
+      throw Error(std::string("MULTIPOLE_CPU_ISA=") + env + ": this CPU supports at most " +
+                  isa_name(detected_isa()));
+    return want;
+  }();
+  return isa;
+}
+}  // namespace
+
+Isa active_isa() { return active(); }
+
+void set_isa(Isa isa) {
+  if (isa > detected_isa())
+    throw Error(std::string("CPU instruction set ") + isa_name(isa) +
+                " is not supported here (at most " + isa_name(detected_isa()) + ")");
+  active() = isa;
+}
+
+// --- Which products -------------------------------------------------------------------------
+
+namespace {
+// oneDNN's sgemm (the same call in its versions 2 and 3), or null where the library cannot be
+// loaded. Loaded rather than linked, so that binaries carried without it (the GPU machine's
+// bundle) still run.
+decltype(&dnnl_sgemm) onednn_sgemm() {
+  static const auto fn = []() -> decltype(&dnnl_sgemm) {
+    for (const char* name : {"libdnnl.so.3", "libdnnl.so.2"})
+      if (void* lib = dlopen(name, RTLD_NOW | RTLD_LOCAL))
+        return reinterpret_cast<decltype(&dnnl_sgemm)>(dlsym(lib, "dnnl_sgemm"));
+    return nullptr;
+  }();
+  return fn;
+}
+
+Products& products() {
+  static Products p = onednn_sgemm() ? Products::OneDnn : Products::Kernels;
+  return p;
+}
+}  // namespace
+
+Products active_products() { return products(); }
+
+void set_products(Products p) {
+  if (p == Products::OneDnn && !onednn_sgemm())
+    throw Error("oneDNN's sgemm cannot be loaded (libdnnl.so.3 or .2)");
+  products() = p;
+}
+
+std::string kernels_summary(int n_threads) {
+  if (n_threads <= 0) n_threads = omp_get_max_threads();
+  const std::string isa = isa_name(active_isa());
+  const char* how[] = {", oneDNN sgemm", ", no oneDNN (libdnnl.so not found)", ""};
+  const std::string kernels = active_products() == Products::Reference
+                                  ? "dot-product loops"
+                                  : isa + how[int(active_products())];
+  return kernels + ", " + std::to_string(n_threads) + (n_threads == 1 ? " thread" : " threads");
+}
+
+// --- Weights --------------------------------------------------------------------------------
+
+Matrix to_matrix(std::initializer_list<const TensorView*> parts) {
+  Matrix m;
+  bool bf16 = active_products() != Products::Reference;
+  for (const TensorView* t : parts) {
+    if (t->shape.size() != 2 || (m.N > 0 && t->shape[1] != m.K))
+      throw Error("tensor " + t->name + " is not a matrix of the others' width");
+    m.K = static_cast<int>(t->shape[1]);
+    m.N += static_cast<int>(t->shape[0]);
+    bf16 = bf16 && t->dtype == DType::BF16;
+  }
+  for (const TensorView* t : parts) {
+    if (bf16) {
+      const auto* p = static_cast<const uint16_t*>(t->data);
+      m.bf16.insert(m.bf16.end(), p, p + t->numel());
+    } else {
+      const std::vector<float> f = t->to_f32();
+      m.f32.insert(m.f32.end(), f.begin(), f.end());
+    }
+  }
+  return m;
+}
+
+void Matrix::row(int n, float* out) const {
+  const size_t off = size_t(n) * K;
+  if (is_bf16())
+    for (int k = 0; k < K; ++k) out[k] = bf16_to_f32(bf16[off + k]);
+  else
+    std::copy_n(f32.data() + off, K, out);
+}
+
+// --- Matrix-vector kernels: T <= kGemvRows rows, each weight read once ------------------------
+//
+// block<R, G>(n) computes outputs n..n+G-1 of all R rows: R*G accumulators, G weight vectors.
+// Each thread takes one contiguous range of outputs.
+
+namespace {
+
+template <class F>
+void split_outputs(int N, int G, F&& f) {
+#pragma omp parallel
+  {
+    const int nt = omp_get_num_threads(), id = omp_get_thread_num();
+    const int blocks = (N + G - 1) / G;
+    const int b0 = int(int64_t(blocks) * id / nt), b1 = int(int64_t(blocks) * (id + 1) / nt);
+    if (b0 < b1) f(b0 * G, std::min(N, b1 * G));
+  }
+}
+
+float widen(float w) { return w; }
+float widen(uint16_t w) { return bf16_to_f32(w); }
+
+template <int R, class W>
+void gemv_scalar(const float* x, int K, const W* w, int n0, int n1, int N, float* y) {
+  for (int n = n0; n < n1; ++n) {
+    const W* wn = w + size_t(n) * K;
+    for (int r = 0; r < R; ++r) {
+      const float* xr = x + size_t(r) * K;
+      float s[8] = {0, 0, 0, 0, 0, 0, 0, 0};  // independent sums, as in dot()
+      int k = 0;
+      for (; k + 8 <= K; k += 8)
+        for (int j = 0; j < 8; ++j) s[j] += widen(wn[k + j]) * xr[k + j];
+      float t = ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7]));
+      for (; k < K; ++k) t += widen(wn[k]) * xr[k];
+      y[size_t(r) * N + n] = t;
+    }
+  }
+}
+
+template <int R, class W>
+void gemv_rows(const float* x, int K, const W* w, int N, float* y) {
+  const Isa isa = active_isa();
+  split_outputs(N, 4, [&](int n0, int n1) {
+    if (isa == Isa::Avx512)
+      avx512::gemv_range<R>(x, K, w, n0, n1, N, y);
+    else if (isa == Isa::Avx2)
+      avx2::gemv_range<R>(x, K, w, n0, n1, N, y);
+    else
+      gemv_scalar<R>(x, K, w, n0, n1, N, y);
+  });
+}
+
+// gemv_rows<T> for T = 1..kGemvRows.
+template <class W>
+void gemv(const float* x, int T, int K, const W* w, int N, float* y) {
+  if (T < 1 || T > kGemvRows)
+    throw Error("gemv: " + std::to_string(T) + " rows (1 to " + std::to_string(kGemvRows) + ")");
+  [&]<int... R>(std::integer_sequence<int, R...>) {
+    ((T == R + 1 ? gemv_rows<R + 1>(x, K, w, N, y) : void()), ...);
+  }
+  (std::make_integer_sequence<int, kGemvRows>());
+}
+
+}  // namespace
+
+// --- Matrix products ------------------------------------------------------------------------
+
+void matmul(const float* x, int T, const Matrix& W, float* y, std::span<float> wide) {
+  const int K = W.K, N = W.N;
+  if (T <= 0) return;
+  if (active_products() == Products::Reference) {
+    if (W.is_bf16()) throw Error("matmul: the reference path needs fp32 weights");
+    return matmul_reference(x, T, K, W.f32.data(), N, y);
+  }
+  auto kernels = [&](int t0, int rows) {
+    if (W.is_bf16())
+      gemv(x + size_t(t0) * K, rows, K, W.bf16.data(), N, y + size_t(t0) * N);
+    else
+      gemv(x + size_t(t0) * K, rows, K, W.f32.data(), N, y + size_t(t0) * N);
+  };
+  if (T <= kGemvRows || active_products() == Products::Kernels) {
+    for (int t0 = 0; t0 < T; t0 += kGemvRows) kernels(t0, std::min(kGemvRows, T - t0));
+    return;
+  }
+  const float* wf = W.f32.data();
+  if (W.is_bf16()) {
+    const int64_t n = int64_t(N) * K;
+    if (wide.size() < size_t(n)) throw Error("matmul: the widening buffer is too small");
+#pragma omp parallel for schedule(static)
+    for (int64_t i = 0; i < n; ++i) wide[i] = bf16_to_f32(W.bf16[i]);
+    wf = wide.data();
+  }
+  const dnnl_status_t st = onednn_sgemm()('N', 'T', T, N, K, 1.0f, x, K, wf, K, 0.0f, y, N);
+  if (st != dnnl_success)
+    throw Error("matmul: oneDNN sgemm failed (status " + std::to_string(int(st)) + ")");
+}
+
+void matmul_reference(const float* x, int T, int K, const float* W, int N, float* y) {
   // Blocks of W rows stay in cache while every x row passes over them.
   constexpr int kRows = 16;
 #pragma omp parallel for schedule(static)
@@ -20,7 +310,37 @@ void matmul(const float* x, int T, int K, const float* W, int N, float* y) {
   }
 }
 
+// --- Attention's inner loops ----------------------------------------------------------------
+
+void scaled_dots(const float* q, const float* rows, int64_t stride, int n, int d, float scale,
+                 float* s) {
+  switch (active_isa()) {
+    case Isa::Avx512:
+      return avx512::scaled_dots(q, rows, stride, n, d, scale, s);
+    case Isa::Avx2:
+      return avx2::scaled_dots(q, rows, stride, n, d, scale, s);
+    case Isa::Scalar:
+      for (int j = 0; j < n; ++j) s[j] = dot(q, rows + j * stride, d) * scale;
+  }
+}
+
+void add_weighted_rows(const float* p, const float* rows, int64_t stride, int n, int d,
+                       float* out) {
+  switch (active_isa()) {
+    case Isa::Avx512:
+      return avx512::add_weighted_rows(p, rows, stride, n, d, out);
+    case Isa::Avx2:
+      return avx2::add_weighted_rows(p, rows, stride, n, d, out);
+    case Isa::Scalar:
+      for (int j = 0; j < n; ++j)
+        for (int c = 0; c < d; ++c) out[c] += p[j] * rows[j * stride + c];
+  }
+}
+
+// --- Elementwise operations (rows in parallel where enough of them pay for the threads) ------
+
 void rmsnorm(const float* x, const float* w, int T, int n, float eps, float* y) {
+#pragma omp parallel for schedule(static) if (T >= 64)
   for (int t = 0; t < T; ++t) {
     const float* r = x + int64_t(t) * n;
     const float ms = dot(r, r, n) / static_cast<float>(n);
@@ -33,25 +353,30 @@ void rope(float* x, int T, int heads, int d, int64_t pos0, float theta) {
   const int half = d / 2;
   std::vector<double> inv_freq(half);
   for (int i = 0; i < half; ++i) inv_freq[i] = std::pow(double(theta), -2.0 * i / d);
-  std::vector<float> cs(half), sn(half);
-  for (int t = 0; t < T; ++t) {
-    for (int i = 0; i < half; ++i) {
-      const double a = double(pos0 + t) * inv_freq[i];
-      cs[i] = static_cast<float>(std::cos(a));
-      sn[i] = static_cast<float>(std::sin(a));
-    }
-    for (int h = 0; h < heads; ++h) {
-      float* v = x + (int64_t(t) * heads + h) * d;
+#pragma omp parallel if (T >= 64)
+  {
+    std::vector<float> cs(half), sn(half);
+#pragma omp for schedule(static)
+    for (int t = 0; t < T; ++t) {
       for (int i = 0; i < half; ++i) {
-        const float a = v[i], b = v[i + half];
-        v[i] = a * cs[i] - b * sn[i];
-        v[i + half] = b * cs[i] + a * sn[i];
+        const double a = double(pos0 + t) * inv_freq[i];
+        cs[i] = static_cast<float>(std::cos(a));
+        sn[i] = static_cast<float>(std::sin(a));
+      }
+      for (int h = 0; h < heads; ++h) {
+        float* v = x + (int64_t(t) * heads + h) * d;
+        for (int i = 0; i < half; ++i) {
+          const float a = v[i], b = v[i + half];
+          v[i] = a * cs[i] - b * sn[i];
+          v[i + half] = b * cs[i] + a * sn[i];
+        }
       }
     }
   }
 }
 
 void swiglu(float* g, const float* u, int64_t n) {
+#pragma omp parallel for schedule(static) if (n >= 65536)
   for (int64_t i = 0; i < n; ++i) g[i] = g[i] / (1.0f + std::exp(-g[i])) * u[i];
 }
 

@@ -2,11 +2,63 @@
 #pragma once
 
 #include <cstdint>
+#include <span>
+#include <vector>
+
+#include "multipole/multipole.h"
 
 namespace mp::cpu {
 
-// y[T][N] = x[T][K] * W[N][K]^T
-void matmul(const float* x, int T, int K, const float* W, int N, float* y);
+// Instruction-set paths of the hand-written kernels, chosen at start-up: the best the CPU
+// supports, or a lower one named by the environment variable MULTIPOLE_CPU_ISA
+// (avx512, avx2, scalar), which is how a CPU without AVX-512 is simulated.
+enum class Isa { Scalar, Avx2, Avx512 };
+Isa detected_isa();  // the best the CPU supports
+Isa active_isa();
+void set_isa(Isa isa);  // throws Error if the CPU lacks it
+const char* isa_name(Isa isa);
+Isa parse_isa(std::string_view name);  // throws Error naming the accepted names
+// The CPU backend's kernels in one line, e.g. "avx512, oneDNN sgemm, 2 threads".
+std::string kernels_summary(int n_threads);
+
+// A weight matrix W[N][K] as the CPU backend keeps it: bf16 weights stay bf16 (half the bytes
+// to stream per token; widening bf16 to fp32 is exact), other types become fp32.
+struct Matrix {
+  int N = 0, K = 0;
+  std::vector<uint16_t> bf16;
+  std::vector<float> f32;
+  bool is_bf16() const { return !bf16.empty(); }
+  void row(int n, float* out) const;  // row n as fp32
+};
+// 2D tensors [N_i][K] stacked into one [sum N_i][K] (one product instead of several: fewer
+// thread start-ups per token); bf16 stays bf16 where every part is bf16.
+Matrix to_matrix(std::initializer_list<const TensorView*> parts);
+
+// How matmul runs products of more than kGemvRows rows, process-wide: oneDNN's sgemm (loaded
+// from libdnnl.so.3 or .2 at first use; the default where it loads), the matrix-vector kernels on
+// blocks of kGemvRows rows (where it does not, as in the GPU machine's bundle), or, for every
+// product, matmul_reference (the benchmark's baseline: matrices built while it is chosen keep
+// fp32 weights, as the backend did before).
+enum class Products { OneDnn, Kernels, Reference };
+Products active_products();
+void set_products(Products p);  // throws Error if oneDNN is asked for and cannot be loaded
+
+// Up to this many rows, matmul is a matrix-vector kernel that streams W once for all rows.
+constexpr int kGemvRows = 8;
+
+// y[T][N] = x[T][K] * W^T. T <= kGemvRows: the hand-written kernels of active_isa(); more rows:
+// as active_products() says, bf16 weights widened into `wide` (at least N*K floats) for oneDNN.
+void matmul(const float* x, int T, const Matrix& W, float* y, std::span<float> wide);
+// The same by the dot-product loop the backend used before (the tests' reference and the
+// benchmark's baseline).
+void matmul_reference(const float* x, int T, int K, const float* W, int N, float* y);
+// Attention's inner loops, on rows of d floats `stride` apart, through active_isa()'s kernels
+// (scalar: dot(), as the backend did before):
+// s[j] = scale * q.row[j] for j < n
+void scaled_dots(const float* q, const float* rows, int64_t stride, int n, int d, float scale,
+                 float* s);
+// out[0..d) += sum_j p[j] * row[j]
+void add_weighted_rows(const float* p, const float* rows, int64_t stride, int n, int d, float* out);
 // y[t] = x[t] / rms(x[t]) * w, rows of n
 void rmsnorm(const float* x, const float* w, int T, int n, float eps, float* y);
 // Rotates the first `heads` vectors of d in each of T rows (row stride heads*d), Hugging Face's

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Random checkpoint -> multipole-convert -> multipole-perplexity --nll-out, compared with the
 # independent NumPy implementation (fma_reference.py) to 1e-4 absolute per token.
-# usage: crosscheck.sh BUILD_DIR PYTHON [make-test-checkpoint options...]
+# usage: [THREADS=N] crosscheck.sh BUILD_DIR PYTHON [make-test-checkpoint options...]
 set -euo pipefail
 build=$1 python=$2
 shift 2
@@ -15,7 +15,7 @@ n=64
 args=("$@")
 for ((i = 0; i < ${#args[@]}; i++)); do [[ ${args[i]} == --n ]] && n=${args[i + 1]}; done
 "$python" -c "import random; random.seed(7); print(' '.join(str(random.randrange(3, 400)) for _ in range(3 * $n)))" > "$work/ids.txt"
-"$build/tools/multipole-perplexity" --model "$work/model.gguf" --ids --chunk 37 --threads 2 \
+"$build/tools/multipole-perplexity" --model "$work/model.gguf" --ids --chunk 37 --threads "${THREADS:-2}" \
   --nll-out "$work/engine.json" "$work/ids.txt"
 "$python" "$here/fma_reference.py" "$work/hf" "$work/ids.txt" > "$work/reference.json"
 "$python" - "$work/engine.json" "$work/reference.json" <<'PY'

@@ -1,0 +1,129 @@
+// The CPU backend end to end on a model: prefill and generation tokens/s, with the dot-product
+// loops the backend used before (cpu::matmul_reference, fp32 weights) as the baseline in the same
+// run. Prints a markdown table; each figure is the median of --repeats runs.
+// usage: bench_cpu [MODEL.gguf] [--threads N] [--repeats R] [--gen N] [--quick]
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "multipole/multipole.h"
+#include "ops_cpu.h"
+
+using namespace mp;
+
+namespace {
+
+double seconds_since(std::chrono::steady_clock::time_point t0) {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+}
+
+double median(std::vector<double> v) {
+  std::sort(v.begin(), v.end());
+  return v[v.size() / 2];
+}
+
+// Tokens/s of the prompt's prefill (chunks of 512, as multipole-generate) and of `gen` one-token
+// steps after it; one fresh slot.
+std::pair<double, double> measure(Backend& b, int prompt, int gen, uint32_t seed) {
+  const int vocab = b.config().vocab_size;
+  std::mt19937 rng(seed);
+  std::vector<int> tokens(prompt + gen);
+  for (auto& t : tokens) t = 3 + static_cast<int>(rng() % (vocab - 3));
+  const int slot = b.alloc_slot();
+  constexpr int kChunk = 512;
+  auto t0 = std::chrono::steady_clock::now();
+  for (int i = 0; i < prompt; i += kChunk) {
+    const SeqChunk c{slot, std::span<const int>(tokens).subspan(i, std::min(kChunk, prompt - i)),
+                     false};
+    b.forward({&c, 1});
+  }
+  const double prefill = prompt / seconds_since(t0);
+  t0 = std::chrono::steady_clock::now();
+  for (int i = 0; i < gen; ++i) {
+    const SeqChunk c{slot, std::span<const int>(tokens).subspan(prompt + i, 1), false};
+    b.forward({&c, 1});
+  }
+  const double generation = gen / seconds_since(t0);
+  b.free_slot(slot);
+  return {prefill, generation};
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  std::string path = "models/default.gguf";
+  int threads = 2, repeats = 3, gen = 128;
+  bool quick = false;
+  for (int i = 1; i < argc; ++i) {
+    const std::string a = argv[i];
+    auto value = [&]() -> int {
+      if (i + 1 >= argc) {
+        std::fprintf(stderr, "%s needs a value\n", a.c_str());
+        std::exit(2);
+      }
+      return std::stoi(argv[++i]);
+    };
+    if (a == "--threads")
+      threads = value();
+    else if (a == "--repeats")
+      repeats = value();
+    else if (a == "--gen")
+      gen = value();
+    else if (a == "--quick")
+      quick = true;
+    else if (!a.empty() && a[0] == '-') {
+      std::fprintf(stderr,
+                   "unknown option %s\nusage: bench_cpu [MODEL.gguf] [--threads N] "
+                   "[--repeats R] [--gen N] [--quick]\n",
+                   a.c_str());
+      return 2;
+    } else
+      path = a;
+  }
+  try {
+    auto model = Model::load(path);
+    const std::vector<int> prompts =
+        quick ? std::vector<int>{1, 512, 4096} : std::vector<int>{1, 512, 4096, 16384};
+    // [path][prompt] -> prefill and generation tokens/s of each repeat
+    std::vector<std::vector<std::vector<double>>> pre(2), gn(2);
+    std::string names[2];
+    const cpu::Products fast = cpu::active_products();
+    for (int path_i = 0; path_i < 2; ++path_i) {
+      cpu::set_products(path_i == 0 ? cpu::Products::Reference : fast);
+      auto b = make_backend(model, {.kind = "cpu", .n_slots = 1, .n_threads = threads});
+      names[path_i] = b->name();
+      std::fprintf(stderr, "%s\n", names[path_i].c_str());
+      pre[path_i].resize(prompts.size());
+      gn[path_i].resize(prompts.size());
+      measure(*b, 512, 8, 1);  // warm-up: page in the weights, size the buffers
+      for (int r = 0; r < repeats; ++r)
+        for (size_t p = 0; p < prompts.size(); ++p) {
+          const auto [pf, g] = measure(*b, prompts[p], gen, 100 + r);
+          pre[path_i][p].push_back(pf);
+          gn[path_i][p].push_back(g);
+        }
+    }
+    std::printf("\n%s (%s), tokens/s, median of %d runs\n\n", path.c_str(),
+                model->config().summary().c_str(), repeats);
+    std::printf("| | baseline: %s | %s | ratio |\n|---|---|---|---|\n", names[0].c_str(),
+                names[1].c_str());
+    auto row = [](const std::string& what, const std::vector<double>& a,
+                  const std::vector<double>& b) {
+      const double x = median(a), y = median(b);
+      std::printf("| %s | %.0f | %.0f | %.2fx |\n", what.c_str(), x, y, y / x);
+    };
+    for (size_t p = 0; p < prompts.size(); ++p)
+      if (prompts[p] > 1)
+        row("prefill, " + std::to_string(prompts[p]) + "-token prompt", pre[0][p], pre[1][p]);
+    for (size_t p = 0; p < prompts.size(); ++p)
+      row("generation after " + std::to_string(prompts[p] == 1 ? 0 : prompts[p]) +
+              " prompt tokens (" + std::to_string(gen) + " steps)",
+          gn[0][p], gn[1][p]);
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "error: %s\n", e.what());
+    return 1;
+  }
+}

@@ -1,0 +1,152 @@
+// The CPU backend's matrix products (oneDNN's sgemm, the hand-written matrix-vector kernels of
+// every instruction set this CPU has) against the plain dot-product loop, on random inputs.
+#include <gtest/gtest.h>
+#include <omp.h>
+
+#include <random>
+
+#include "model_fixture.h"
+#include "numeric.h"
+#include "ops_cpu.h"
+
+namespace {
+
+using namespace mp;
+using mp::testing::rel_err;
+
+std::vector<float> random_floats(size_t n, std::mt19937& rng) {
+  std::uniform_real_distribution<float> u(-1.0f, 1.0f);
+  std::vector<float> v(n);
+  for (auto& x : v) x = u(rng);
+  return v;
+}
+
+// Restores the instruction set and thread count a test changes.
+class CpuOps : public ::testing::Test {
+ protected:
+  void TearDown() override {
+    cpu::set_isa(isa_);
+    cpu::set_products(products_);
+    omp_set_num_threads(threads_);
+  }
+  std::vector<cpu::Isa> isas() const {
+    std::vector<cpu::Isa> all;
+    for (cpu::Isa i : {cpu::Isa::Scalar, cpu::Isa::Avx2, cpu::Isa::Avx512})
+      if (i <= cpu::detected_isa()) all.push_back(i);
+    return all;
+  }
+  cpu::Isa isa_ = cpu::active_isa();
+  cpu::Products products_ = cpu::active_products();
+  int threads_ = omp_get_max_threads();
+};
+
+// fp32 sums in another order: 1e-5 relative (norm-wise) for fp32 and bf16 weights alike, as
+// bf16 weights are widened exactly and every product is formed in fp32.
+TEST_F(CpuOps, MatmulEqualsTheDotProductLoop) {
+  std::mt19937 rng(5);
+  const int shapes[][2] = {{37, 29}, {100, 130}, {384, 17}, {1024, 384}};  // K, N
+  for (auto [K, N] : shapes)
+    for (bool bf16 : {false, true}) {
+      cpu::Matrix w;
+      w.N = N;
+      w.K = K;
+      std::vector<float> wf = random_floats(size_t(N) * K, rng);
+      if (bf16) {
+        for (float& x : wf) w.bf16.push_back(f32_to_bf16(x));
+        for (size_t i = 0; i < wf.size(); ++i) wf[i] = bf16_to_f32(w.bf16[i]);
+      } else {
+        w.f32 = wf;
+      }
+      std::vector<float> wide(wf.size());
+      for (int T : {1, 2, 5, 7, 8, 9, 513}) {
+        const std::vector<float> x = random_floats(size_t(T) * K, rng);
+        std::vector<float> want(size_t(T) * N);
+        cpu::matmul_reference(x.data(), T, K, wf.data(), N, want.data());
+        for (auto products : {cpu::Products::OneDnn, cpu::Products::Kernels})
+          for (cpu::Isa isa : isas())
+            for (int threads : {1, 2}) {
+              cpu::set_products(products);  // oneDNN must load where the tests run
+              cpu::set_isa(isa);
+              omp_set_num_threads(threads);
+              std::vector<float> got(want.size(), NAN);
+              cpu::matmul(x.data(), T, w, got.data(), wide);
+              EXPECT_LT(rel_err(got, want), 1e-5)
+                  << "K " << K << " N " << N << " T " << T << (bf16 ? " bf16 " : " f32 ")
+                  << cpu::isa_name(isa) << " threads " << threads
+                  << (products == cpu::Products::OneDnn ? " oneDNN" : " kernels");
+            }
+      }
+    }
+}
+
+// Each output on its own too: no row or column may hide behind the norm of the others.
+TEST_F(CpuOps, MatrixVectorKernelsAgreeElementwise) {
+  std::mt19937 rng(9);
+  const int K = 389, N = 23;                     // K leaves a tail for every vector width
+  const double tol = 1e-5 * std::sqrt(K / 3.0);  // 1e-5 of an output's typical size
+  cpu::Matrix w;
+  w.N = N;
+  w.K = K;
+  w.f32 = random_floats(size_t(N) * K, rng);
+  for (int T = 1; T <= cpu::kGemvRows; ++T) {
+    const std::vector<float> x = random_floats(size_t(T) * K, rng);
+    std::vector<float> want(size_t(T) * N);
+    cpu::matmul_reference(x.data(), T, K, w.f32.data(), N, want.data());
+    for (cpu::Isa isa : isas()) {
+      cpu::set_isa(isa);
+      std::vector<float> got(want.size(), NAN);
+      cpu::matmul(x.data(), T, w, got.data(), {});
+      for (size_t i = 0; i < got.size(); ++i)
+        ASSERT_NEAR(got[i], want[i], tol) << cpu::isa_name(isa) << " T " << T << " i " << i;
+    }
+  }
+}
+
+// Attention's loops on rows `stride` apart, against plain double sums: 1e-5 of the result's size.
+TEST_F(CpuOps, AttentionLoopsEqualPlainSums) {
+  std::mt19937 rng(13);
+  for (int d : {64, 37, 8})
+    for (int n : {1, 5, 130}) {
+      const int64_t stride = 3 * d + 1;
+      const std::vector<float> q = random_floats(d, rng), p = random_floats(n, rng),
+                               rows = random_floats(size_t(n) * stride, rng),
+                               out0 = random_floats(d, rng);
+      std::vector<double> want_s(n), want_o(out0.begin(), out0.end());
+      for (int j = 0; j < n; ++j)
+        for (int c = 0; c < d; ++c) {
+          want_s[j] += 0.125 * double(q[c]) * rows[j * stride + c];
+          want_o[c] += double(p[j]) * rows[j * stride + c];
+        }
+      for (cpu::Isa isa : isas()) {
+        cpu::set_isa(isa);
+        std::vector<float> s(n, NAN), o = out0;
+        cpu::scaled_dots(q.data(), rows.data(), stride, n, d, 0.125f, s.data());
+        cpu::add_weighted_rows(p.data(), rows.data(), stride, n, d, o.data());
+        for (int j = 0; j < n; ++j)
+          ASSERT_NEAR(s[j], want_s[j], 0.125 * 1e-5 * std::sqrt(d / 3.0))
+              << cpu::isa_name(isa) << " d " << d;
+        for (int c = 0; c < d; ++c)
+          ASSERT_NEAR(o[c], want_o[c], 1e-5 * std::sqrt(n / 3.0) + 1e-6)
+              << cpu::isa_name(isa) << " n " << n;
+      }
+    }
+}
+
+TEST_F(CpuOps, RefusesAnInstructionSetTheCpuLacksOrDoesNotKnow) {
+  EXPECT_THROW(cpu::parse_isa("avx9000"), Error);
+  EXPECT_EQ(cpu::parse_isa("avx2"), cpu::Isa::Avx2);
+  if (cpu::detected_isa() != cpu::Isa::Avx512) {
+    EXPECT_THROW(cpu::set_isa(cpu::Isa::Avx512), Error);
+  }
+}
+
+TEST_F(CpuOps, WideningBufferTooSmallIsAnError) {
+  cpu::Matrix w;
+  w.N = 4;
+  w.K = 4;
+  w.bf16.assign(16, f32_to_bf16(0.5f));
+  std::vector<float> x(4 * 16, 1.0f), y(16 * 4), wide(15);
+  EXPECT_THROW(cpu::matmul(x.data(), 16, w, y.data(), wide), Error);
+}
+
+}  // namespace
