@@ -5,7 +5,8 @@
 # summaries, and after uptraining groupedconv summaries (started as that avgpool) with the
 # transformer frozen and with everything trained; write OUT/results.md and the evaluations.
 # With the engine's binaries carried (.carry/gpu/bin/multipole-convert and multipole-perplexity, from
-# BUNDLE_TOOLS=1 scripts/gpu_bundle.sh; or MULTIPOLE_BIN=DIR) the Llama folder is also converted
+# BUNDLE_BINS="tools/multipole-convert tools/multipole-perplexity" scripts/gpu_bundle.sh; or
+# MULTIPOLE_BIN=DIR) the Llama folder is also converted
 # the three ways and each GGUF scored by the engine on the parity sample, against PyTorch.
 # usage (repository root): tools/train/llama_uptrain_gpu.sh DATA_DIR OUT_DIR
 # TINY=1 DEVICE=cpu runs the same steps at toy size (the CPU test of the pipeline).
@@ -15,7 +16,7 @@ root=$(pwd)
 export PYTHONUNBUFFERED=1
 dev=${DEVICE:-cuda}
 m=64 p=4 ctx=2048 contexts=512,2048 parity=8192
-pretrain=(--minutes 4.4 --plan-minutes 3.7 --batch 32)
+pretrain=(--minutes 4.2 --plan-minutes 3.5 --batch 32)
 uptrain=(--minutes 2.0 --plan-minutes 1.35 --batch 32 --warmup 30)
 if [ -n "${TINY:-}" ]; then
   m=8 p=2 ctx=64 contexts=32,64 parity=256
