@@ -65,6 +65,13 @@ TEST(LlamaConfig, ReadsLlamaAndMistralFieldsAsExactAttention) {
   }
   j["rope_scaling"] = {{"rope_type", "default"}};
   EXPECT_EQ(config_from_hf_json(j.dump()).rope_linear_factor, 1.0f);
+  j.erase("rope_scaling");  // transformers 5: one object for both
+  j["rope_parameters"] = {{"rope_type", "linear"}, {"factor", 8.0}, {"rope_theta", 5e5}};
+  const Config t5 = config_from_hf_json(j.dump());
+  EXPECT_EQ(t5.rope_linear_factor, 8.0f);
+  EXPECT_EQ(t5.rope_theta, 5e5f);
+  j["rope_parameters"] = {{"rope_type", "yarn"}, {"factor", 8.0}};
+  EXPECT_THROW(config_from_hf_json(j.dump()), Error);
   auto w = mistral_7b();
   w["sliding_window"] = 32768;  // a window as long as the context is full attention
   EXPECT_FALSE(config_from_hf_json(w.dump()).fma_enabled);

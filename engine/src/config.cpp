@@ -141,18 +141,23 @@ void refuse_unsupported(const nlohmann::json& j) {
       throw Error(std::string("config.json: ") + k + " is a list; one id is supported");
 }
 
-// rope_scaling: null, {"type" or "rope_type": "default"}, or linear with its factor.
+// The RoPE settings: rope_scaling (null, {"type" or "rope_type": "default"}, or linear with its
+// factor) beside rope_theta, or transformers 5's rope_parameters holding both.
+const char* rope_key(const nlohmann::json& j) {
+  return j.contains("rope_parameters") ? "rope_parameters" : "rope_scaling";
+}
+
 float rope_linear_factor(const nlohmann::json& j) {
-  if (!j.contains("rope_scaling") || j["rope_scaling"].is_null()) return 1.0f;
-  const auto& r = j["rope_scaling"];
-  if (!r.is_object()) throw Error("config.json: rope_scaling must be an object or null");
+  const std::string key = rope_key(j);
+  if (!j.contains(key) || j[key].is_null()) return 1.0f;
+  const auto& r = j[key];
+  if (!r.is_object()) throw Error("config.json: " + key + " must be an object or null");
   const auto type = r.contains("rope_type") ? r["rope_type"] : r.value("type", nlohmann::json());
-  if (type == "default") return 1.0f;
+  if (type == "default" || (type.is_null() && key == "rope_parameters")) return 1.0f;
   if (type != "linear")
-    throw Error("config.json: rope_scaling type " + type.dump() +
-                " is not supported (only linear)");
+    throw Error("config.json: " + key + " type " + type.dump() + " is not supported (only linear)");
   if (!r.contains("factor") || !r["factor"].is_number() || r["factor"].get<double>() <= 0)
-    throw Error("config.json: rope_scaling.factor must be a positive number");
+    throw Error("config.json: " + key + ".factor must be a positive number");
   return r["factor"].get<float>();
 }
 }  // namespace
@@ -188,6 +193,12 @@ Config config_from_hf_json(const std::string& text) {
   c.intermediate_size = get("intermediate_size", 0, true);
   c.rms_norm_eps = get("rms_norm_eps", 1e-5f, false);
   c.rope_theta = get("rope_theta", 10000.0f, false);
+  if (j.contains("rope_parameters") && j["rope_parameters"].is_object() &&
+      j["rope_parameters"].contains("rope_theta")) {
+    if (!j["rope_parameters"]["rope_theta"].is_number())
+      throw Error("config.json: rope_parameters.rope_theta must be a number");
+    c.rope_theta = j["rope_parameters"]["rope_theta"].get<float>();
+  }
   c.rope_linear_factor = rope_linear_factor(j);
   c.tie_word_embeddings = get("tie_word_embeddings", false, false);
   c.n_ctx_train = get("max_position_embeddings", int64_t{0}, true);

@@ -40,9 +40,9 @@ class Llama:
 
     def rotary(self, T, dim):
         cfg = self.cfg
-        inv_freq = 1.0 / (cfg.get("rope_theta", 10000.0) **
-                          (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
-        scaling = cfg.get("rope_scaling") or {}
+        scaling = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}  # transformers 5, 4
+        theta = scaling.get("rope_theta", cfg.get("rope_theta", 10000.0))
+        inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
         if scaling.get("rope_type", scaling.get("type")) == "linear":
             inv_freq = inv_freq / scaling["factor"]
         freqs = torch.outer(torch.arange(T, dtype=torch.float64), inv_freq)

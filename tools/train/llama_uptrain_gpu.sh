@@ -9,7 +9,9 @@
 # MULTIPOLE_BIN=DIR) the Llama folder is also converted
 # the three ways and each GGUF scored by the engine on the parity sample, against PyTorch.
 # usage (repository root): tools/train/llama_uptrain_gpu.sh DATA_DIR OUT_DIR
-# TINY=1 DEVICE=cpu runs the same steps at toy size (the CPU test of the pipeline).
+# TINY=1 DEVICE=cpu runs the same steps at toy size (the CPU test of the pipeline). Where
+# transformers is installed it first writes OUT/golden-llama and OUT/golden-mistral
+# (make_llama_golden.py), to be copied into tests/data.
 set -euo pipefail
 data=$(realpath "$1") out=$(realpath "$2")
 root=$(pwd)
@@ -29,6 +31,15 @@ rm -rf "$work" && mkdir -p "$work" "$out"
 cd tools/train
 [ -n "${TINY:-}" ] || { python3 test_fma_model.py 2>&1 | tail -3; nvidia-smi --query-gpu=name --format=csv,noheader; }
 common=(--data "$data" --device "$dev" --final)
+
+# 0. Where transformers is installed: the golden fixtures of tests/data/golden-{llama,mistral}.
+if [ -z "${TINY:-}" ]; then
+  if python3 -c "import transformers" 2> /dev/null; then
+    python3 make_llama_golden.py "$out" "$root/tests/data/tiny-spm.model" || echo "golden fixtures: FAILED"
+  else
+    echo "golden fixtures: transformers is not installed"
+  fi
+fi
 
 # 1. The pretrained checkpoint.
 python3 train.py "${common[@]}" --llama --context $ctx --out "$work/llama" "${pretrain[@]}"
