@@ -16,10 +16,7 @@
 namespace {
 
 using namespace mp;
-using mp::testing::logits_in_chunks;
-using mp::testing::random_tokens;
-using mp::testing::rel_err;
-using mp::testing::TempDir;
+using namespace mp::testing;
 
 // Llama-2-7b's config.json as Hugging Face publishes it.
 nlohmann::json llama2_7b() {
@@ -33,15 +30,15 @@ nlohmann::json llama2_7b() {
     "vocab_size": 32000})");
 }
 
-// Mistral-7B-v0.1's, with the sliding window of v0.2 (none).
+// Mistral-7B-v0.1's differences, with the sliding window of v0.2 (none).
 nlohmann::json mistral_7b() {
-  return nlohmann::json::parse(R"({
-    "architectures": ["MistralForCausalLM"], "bos_token_id": 1, "eos_token_id": 2,
-    "hidden_act": "silu", "hidden_size": 4096, "initializer_range": 0.02,
-    "intermediate_size": 14336, "max_position_embeddings": 32768, "model_type": "mistral",
-    "num_attention_heads": 32, "num_hidden_layers": 32, "num_key_value_heads": 8,
-    "rms_norm_eps": 1e-05, "rope_theta": 1000000.0, "sliding_window": null,
-    "tie_word_embeddings": false, "torch_dtype": "bfloat16", "vocab_size": 32000})");
+  auto j = llama2_7b();
+  j.merge_patch(nlohmann::json::parse(R"({
+    "architectures": ["MistralForCausalLM"], "model_type": "mistral", "intermediate_size": 14336,
+    "max_position_embeddings": 32768, "num_key_value_heads": 8, "rope_theta": 1000000.0,
+    "rope_scaling": null, "pretraining_tp": null})"));  // null: the key goes
+  j["sliding_window"] = nullptr;
+  return j;
 }
 
 TEST(LlamaConfig, ReadsLlamaAndMistralFieldsAsExactAttention) {
@@ -282,14 +279,11 @@ TEST(LlamaState, SlotBytesFollowTheCacheLayoutExactAndFma) {
       EXPECT_EQ(b->slot_bytes(s), cpu_state_bytes(m->config(), n));
     }
   }
-  // A TinyLlama-sized FMA model's whole cache as make_seq_cache lays it out.
-  Config tiny = c;
-  tiny.n_layers = 22;
-  tiny.n_kv_heads = 4;
-  tiny.n_heads = 32;
-  tiny.head_dim = 64;
-  tiny.hidden_size = 2048;
-  tiny.n_ctx_train = 2048;
+  // TinyLlama-1.1B's FMA cache as make_seq_cache lays it out.
+  auto j = llama2_7b();
+  j.merge_patch(nlohmann::json::parse(R"({"hidden_size": 2048, "intermediate_size": 5632,
+    "max_position_embeddings": 2048, "num_hidden_layers": 22, "num_key_value_heads": 4})"));
+  const Config tiny = config_from_hf_json(j.dump());
   const Config f = with_fma(tiny, {Downsampling::AvgPool, 64, 4, 0});
   EXPECT_EQ(cpu::seq_cache_bytes(cpu::make_seq_cache(f)), cpu_state_bytes(f, 1 << 20));
   EXPECT_EQ(cpu_state_bytes(tiny, 4096), size_t(22) * 2 * 4096 * 4 * 64 * 4);

@@ -9,34 +9,16 @@ usage: llama_reference.py HF_DIR IDS_FILE  -> per-token NLL (nats) of ids[1:] as
 import json
 import math
 import os
-import struct
 import sys
 
 import torch
 
-DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
-
-
-def read_safetensors(folder):
-    index = os.path.join(folder, "model.safetensors.index.json")
-    names = sorted(set(json.load(open(index))["weight_map"].values())) if os.path.exists(index) \
-        else ["model.safetensors"]
-    tensors = {}
-    for name in names:
-        raw = bytearray(open(os.path.join(folder, name), "rb").read())
-        (n,) = struct.unpack("<Q", raw[:8])
-        for key, info in json.loads(raw[8:8 + n]).items():
-            if key != "__metadata__":
-                b, e = info["data_offsets"]
-                t = torch.frombuffer(raw[8 + n + b:8 + n + e], dtype=DTYPES[info["dtype"]])
-                tensors[key] = t.reshape(info["shape"]).to(torch.float64)
-    return tensors
-
+from fma_reference import load_safetensors
 
 class Llama:
     def __init__(self, folder):
         self.cfg = json.load(open(os.path.join(folder, "config.json")))
-        self.w = read_safetensors(folder)
+        self.w = {k: torch.from_numpy(v) for k, v in load_safetensors(folder).items()}
 
     def rotary(self, T, dim):
         cfg = self.cfg
