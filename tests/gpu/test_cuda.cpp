@@ -74,7 +74,7 @@ TEST_F(Cuda, RmsNormSplitRopeSwigluMatchTheCpuTwins) {
   Dev<float> dqkv(qkv), dq(size_t(T) * heads * d), dk(size_t(T) * kv * d), dv(size_t(T) * kv * d);
   Dev<int64_t> dpos(pos);
   // Plain RoPE, and a Llama-family model's linear scaling with another base.
-  for (const auto [theta, factor] : {std::pair{10000.0f, 1.0f}, std::pair{1e6f, 4.0f}}) {
+  for (const auto& [theta, factor] : {std::pair{10000.0f, 1.0f}, std::pair{1e6f, 4.0f}}) {
     cuda::split_qkv_rope(dqkv.p, dpos.p, T, heads, kv, d, theta, factor, dq.p, dk.p, dv.p,
                          nullptr);
     std::vector<float> want_q, want_k, want_v;
