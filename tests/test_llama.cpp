@@ -81,6 +81,7 @@ TEST(LlamaConfig, RefusesWhatTheEngineDoesNotComputeNamingTheField) {
   };
   const Case cases[] = {
       {"architectures", {"Qwen2ForCausalLM"}},
+      {"model_type", "qwen2"},
       {"rope_scaling", {{"type", "dynamic"}, {"factor", 2.0}}},
       {"rope_scaling", {{"rope_type", "yarn"}, {"factor", 4.0}}},
       {"rope_scaling", {{"type", "linear"}, {"factor", 0.0}}},

@@ -120,6 +120,10 @@ void refuse_unsupported(const nlohmann::json& j) {
                     "FmaForCausalLM)");
     }
   }
+  if (j.contains("model_type") && j["model_type"] != "llama" && j["model_type"] != "mistral" &&
+      j["model_type"] != "fma")
+    throw Error("config.json: model_type " + j["model_type"].dump() +
+                " is not supported (expected llama, mistral or fma)");
   if (j.contains("hidden_act") && j["hidden_act"] != "silu")
     throw Error("config.json: hidden_act " + j["hidden_act"].dump() +
                 " is not supported (only silu: the SwiGLU MLP)");
