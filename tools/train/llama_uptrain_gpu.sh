@@ -4,9 +4,8 @@
 # save it as a LlamaForCausalLM folder; evaluate it as it is (exact), with training-free avgpool
 # summaries, and after uptraining groupedconv summaries (started as that avgpool) with the
 # transformer frozen and with everything trained; write OUT/results.md and the evaluations.
-# With the engine's binaries carried (.carry/gpu/bin/multipole-convert and multipole-perplexity, from
-# BUNDLE_BINS="tools/multipole-convert tools/multipole-perplexity" scripts/gpu_bundle.sh; or
-# MULTIPOLE_BIN=DIR) the Llama folder is also converted
+# With the engine's binaries carried (.carry/gpu/bundle.tar.xz from scripts/gpu_bundle.sh, or
+# MULTIPOLE_BIN=DIR holding multipole-convert and multipole-perplexity) the Llama folder is also converted
 # the three ways and each GGUF scored by the engine on the parity sample, against PyTorch.
 # usage (repository root): tools/train/llama_uptrain_gpu.sh DATA_DIR OUT_DIR
 # TINY=1 DEVICE=cpu runs the same steps at toy size (the CPU test of the pipeline). Where
@@ -78,6 +77,7 @@ for k, label in rows:
 PY
 # 5. The engine, where its binaries came along.
 bin=${MULTIPOLE_BIN:-$root/.carry/gpu/bin}
+[ -n "${MULTIPOLE_BIN:-}" ] || [ ! -f "$root/.carry/gpu/bundle.tar.xz" ] || bash "$root/scripts/gpu_unpack.sh"
 if [ -x "$bin/multipole-convert" ]; then
   export LD_LIBRARY_PATH=$root/.carry/gpu/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
   convert() { "$bin/multipole-convert" "$@" --dtype bf16 --force 2>&1 | tail -n 1; }
