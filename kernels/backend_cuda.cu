@@ -403,8 +403,8 @@ class CudaBackend final : public Backend {
                                   dp ? dp + 3 * L : nullptr};
       cuda::rmsnorm(x_.get(), l.attn_norm.get(), T, H, c_.rms_norm_eps, hb_.get(), s);
       cuda::gemm(cublas_, hb_.get(), T, H, l.wqkv.get(), (nh + 2 * nkv) * d, qkv_.get());
-      cuda::split_qkv_rope(qkv_.get(), d_pos_.get(), T, nh, nkv, d, c_.rope_theta, q_.get(),
-                           k_.get(), v_.get(), s);
+      cuda::split_qkv_rope(qkv_.get(), d_pos_.get(), T, nh, nkv, d, c_.rope_theta,
+                           c_.rope_linear_factor, q_.get(), k_.get(), v_.get(), s);
       float *new_k = new_kv_.get(), *new_v = new_kv_.get() + new_pool_;
       if (c_.fma_enabled) {
         check(cudaMemsetAsync(new_k, 0, 2 * new_pool_ * 4, s), "memset");

@@ -23,13 +23,14 @@ __global__ void rmsnorm_kernel(const float* x, const float* w, int n, float eps,
 // Row t of qkv is [q heads | k heads | v heads] (one GEMM's output): q and k come out rotated,
 // v copied, each contiguous.
 __global__ void split_qkv_rope_kernel(const float* qkv, const int64_t* pos, int nh, int nkv, int d,
-                                      float theta, float* q, float* k, float* v) {
+                                      float theta, float linear_factor, float* q, float* k,
+                                      float* v) {
   const int t = blockIdx.x, half = d / 2, width = (nh + 2 * nkv) * d;
   const float* row = qkv + int64_t(t) * width;
   for (int e = threadIdx.x; e < (nh + nkv) * half; e += blockDim.x) {
     const int h = e / half, i = e % half;
     // Angles in double, as the CPU reference computes them: positions reach millions.
-    const double a = double(pos[t]) * pow(double(theta), -2.0 * i / d);
+    const double a = double(pos[t]) / linear_factor * pow(double(theta), -2.0 * i / d);
     const float c = float(cos(a)), s = float(sin(a));
     const float x1 = row[h * d + i], x2 = row[h * d + i + half];
     float* dst = h < nh ? q + (int64_t(t) * nh + h) * d : k + (int64_t(t) * nkv + h - nh) * d;
@@ -82,8 +83,9 @@ void rmsnorm(const float* x, const float* w, int T, int n, float eps, __nv_bfloa
   check_launch("rmsnorm");
 }
 void split_qkv_rope(const float* qkv, const int64_t* pos, int T, int nh, int nkv, int d,
-                    float theta, float* q, float* k, float* v, cudaStream_t s) {
-  split_qkv_rope_kernel<<<T, 256, 0, s>>>(qkv, pos, nh, nkv, d, theta, q, k, v);
+                    float theta, float linear_factor, float* q, float* k, float* v,
+                    cudaStream_t s) {
+  split_qkv_rope_kernel<<<T, 256, 0, s>>>(qkv, pos, nh, nkv, d, theta, linear_factor, q, k, v);
   check_launch("split_qkv_rope");
 }
 void swiglu(const float* gu, int T, int F, __nv_bfloat16* y, cudaStream_t s) {

@@ -29,9 +29,11 @@ void embed(const __nv_bfloat16* table, const int* tokens, int T, int n, float* x
 void rmsnorm(const float* x, const float* w, int T, int n, float eps, __nv_bfloat16* y,
              cudaStream_t s);
 // Splits rows of [q | k | v] (nh, nkv, nkv heads of d: the fused projection's output) into
-// contiguous q, k, v, rotating q and k (rotate-half RoPE, row t at position pos[t]).
+// contiguous q, k, v, rotating q and k (rotate-half RoPE, row t at position
+// pos[t] / linear_factor).
 void split_qkv_rope(const float* qkv, const int64_t* pos, int T, int nh, int nkv, int d,
-                    float theta, float* q, float* k, float* v, cudaStream_t s);
+                    float theta, float linear_factor, float* q, float* k, float* v,
+                    cudaStream_t s);
 // y[t] = bf16(silu(g[t]) * u[t]) for rows gu[t] = [g (F) | u (F)] (the fused gate/up output)
 void swiglu(const float* gu, int T, int F, __nv_bfloat16* y, cudaStream_t s);
 // x += y

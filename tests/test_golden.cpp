@@ -1,8 +1,11 @@
-// The golden fixture (tools/train/make_golden.py): a model exported by the PyTorch reference and
-// the logits PyTorch computed for it (float64, stored as f32). The engine must reproduce them.
+// The golden fixtures: tests/data/golden (tools/train/make_golden.py), a model exported by the
+// PyTorch reference and the logits PyTorch computed for it (float64, stored as f32), and any
+// tests/data/golden-* beside it (tools/train/make_llama_golden.py: Llama-family models written and
+// run by transformers). The engine must reproduce their logits.
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <filesystem>
 #include <fstream>
 #include <nlohmann/json.hpp>
 
@@ -12,8 +15,8 @@ namespace {
 
 using namespace mp;
 
-TEST(Golden, EngineReproducesPyTorchLogits) {
-  const std::string dir = mp::testing::test_data_dir() + "/golden";
+void check_fixture(const std::string& dir) {
+  SCOPED_TRACE(dir);
   mp::testing::TempDir tmp;
   ConvertOptions co;
   co.dtype = DType::F32;
@@ -50,6 +53,15 @@ TEST(Golden, EngineReproducesPyTorchLogits) {
       ASSERT_LT(std::sqrt(num / den), 1e-4) << "position " << t << ", chunk " << chunk;
     }
   }
+}
+
+TEST(Golden, EngineReproducesPyTorchLogits) {
+  std::vector<std::string> dirs;
+  for (const auto& e : std::filesystem::directory_iterator(mp::testing::test_data_dir()))
+    if (e.is_directory() && e.path().filename().string().starts_with("golden"))
+      dirs.push_back(e.path().string());
+  ASSERT_FALSE(dirs.empty());
+  for (const auto& d : dirs) check_fixture(d);
 }
 
 }  // namespace

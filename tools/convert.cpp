@@ -8,17 +8,39 @@ int main(int argc, char** argv) {
   mp::cli::Args args(
       argc, argv, {"force"},
       "usage: multipole-convert HF_DIR OUT.gguf [--dtype f32|f16|bf16] [--force]\n"
-      "Converts a Hugging Face style FMA checkpoint (config.json, model.safetensors\n"
-      "or its sharded index, tokenizer.model) into one GGUF file.\n"
-      "  --dtype T   storage type of the matrices (default bf16; norms and\n"
-      "              biases stay f32)\n"
-      "  --force     overwrite OUT.gguf if it exists\n");
-  args.check_known({"dtype", "force"});
+      "                         [--fma avgpool|groupedconv [--block-size M] [--rank P]\n"
+      "                          [--trained-length N]]\n"
+      "Converts a Hugging Face folder (config.json, model.safetensors or its sharded\n"
+      "index, SentencePiece tokenizer.model) into one GGUF file: a Multipole FMA\n"
+      "checkpoint, or a LlamaForCausalLM / MistralForCausalLM one (exact attention,\n"
+      "as in its source framework, unless --fma).\n"
+      "  --dtype T           storage type of the matrices (default bf16; norms and\n"
+      "                      biases stay f32)\n"
+      "  --force             overwrite OUT.gguf if it exists\n"
+      "  --fma K             make an exact-attention checkpoint an FMA model: avgpool\n"
+      "                      summaries (no weights), or groupedconv summary weights\n"
+      "                      that start as that average pooling (for uptraining)\n"
+      "  --block-size M      FMA fine block size m (default 64)\n"
+      "  --rank P            summaries per group p (default 4; must divide M)\n"
+      "  --trained-length N  n, which fixes the levels: log2(N/M) - 1 (default: the\n"
+      "                      checkpoint's max_position_embeddings)\n");
+  args.check_known({"dtype", "force", "fma", "block-size", "rank", "trained-length"});
   if (args.positional().size() != 2) args.fail("expected HF_DIR and OUT.gguf");
+  if (!args.has("fma"))
+    for (const char* o : {"block-size", "rank", "trained-length"})
+      if (args.has(o)) args.fail(std::string("--") + o + " needs --fma");
   try {
     mp::ConvertOptions o;
     o.dtype = mp::parse_dtype(args.str("dtype", "bf16"));
     o.overwrite = args.has("force");
+    if (args.has("fma")) {
+      mp::FmaConversion f;
+      f.downsampling = mp::parse_downsampling(args.str("fma"));
+      f.block_size = static_cast<int>(args.integer("block-size", f.block_size));
+      f.rank = static_cast<int>(args.integer("rank", f.rank));
+      f.trained_length = args.integer("trained-length", 0);
+      o.fma = f;
+    }
     o.progress = [](size_t done, size_t total, const std::string& name) {
       std::fprintf(stderr, "\r[%zu/%zu] %-60s", done, total, name.c_str());
       if (done == total) std::fputc('\n', stderr);

@@ -166,8 +166,10 @@ class CpuBackend final : public Backend {
       for (size_t c = 0; c < chunks.size(); ++c) {
         const int n = static_cast<int>(chunks[c].tokens.size());
         const int64_t pos0 = slots_[chunks[c].slot].pos;
-        cpu::rope(q.data() + size_t(row0[c]) * nh * d, n, nh, d, pos0, c_.rope_theta);
-        cpu::rope(k.data() + size_t(row0[c]) * nkv * d, n, nkv, d, pos0, c_.rope_theta);
+        cpu::rope(q.data() + size_t(row0[c]) * nh * d, n, nh, d, pos0, c_.rope_theta,
+                  c_.rope_linear_factor);
+        cpu::rope(k.data() + size_t(row0[c]) * nkv * d, n, nkv, d, pos0, c_.rope_theta,
+                  c_.rope_linear_factor);
         ca.emplace_back(c_, w.ds, slots_[chunks[c].slot].layers[li], pos0, n,
                         q.data() + size_t(row0[c]) * nh * d, k.data() + size_t(row0[c]) * nkv * d,
                         v.data() + size_t(row0[c]) * nkv * d);

@@ -1,3 +1,4 @@
+#include <algorithm>
 #include <cmath>
 #include <nlohmann/json.hpp>
 #include <sstream>
@@ -70,6 +71,7 @@ void Config::validate() const {
   need(intermediate_size > 0, "intermediate_size must be positive");
   need(rms_norm_eps > 0, "rms_norm_eps must be positive");
   need(rope_theta > 0, "rope_theta must be positive");
+  need(rope_linear_factor > 0, "rope_scaling.factor must be positive");
   need(n_ctx_train > 0, "max_position_embeddings must be positive");
   need(bos_token_id >= 0 && bos_token_id < vocab_size, "bos_token_id out of range");
   need(eos_token_id >= 0 && eos_token_id < vocab_size, "eos_token_id out of range");
@@ -90,6 +92,7 @@ std::string Config::summary() const {
   o << "vocab " << vocab_size << ", hidden " << hidden_size << ", layers " << n_layers << ", heads "
     << n_heads << "/" << n_kv_heads << " x " << head_dim << ", ffn " << intermediate_size << ", n "
     << n_ctx_train;
+  if (rope_linear_factor != 1.0f) o << ", rope linear x" << rope_linear_factor;
   if (fma_enabled)
     o << ", FMA m=" << fma_block_size << " p=" << fma_rank << " L=" << n_levels() << " "
       << to_string(fma_downsampling) << (fma_scale_attn ? " scaled" : "");
@@ -98,6 +101,71 @@ std::string Config::summary() const {
   return o.str();
 }
 
+namespace {
+// The architectures config_from_hf_json reads: ours (with fma_* keys) and the Llama family.
+constexpr std::string_view kArchitectures[] = {"FmaForCausalLM", "LlamaForCausalLM",
+                                               "MistralForCausalLM"};
+
+// Refuses, naming the field, what a Llama-family config may ask for that the engine does not
+// compute (everything else of such configs is either read or does not change the function).
+void refuse_unsupported(const nlohmann::json& j) {
+  auto is_true = [&](const char* k) { return j.contains(k) && j[k].is_boolean() && j[k].get<bool>(); };
+  if (j.contains("architectures") && j["architectures"].is_array()) {
+    for (const auto& a : j["architectures"]) {
+      const std::string name = a.is_string() ? a.get<std::string>() : a.dump();
+      if (std::find(std::begin(kArchitectures), std::end(kArchitectures), name) ==
+          std::end(kArchitectures))
+        throw Error("config.json: architectures '" + name +
+                    "' is not supported (expected LlamaForCausalLM, MistralForCausalLM or "
+                    "FmaForCausalLM)");
+    }
+  }
+  if (j.contains("model_type") && j["model_type"] != "llama" && j["model_type"] != "mistral" &&
+      j["model_type"] != "fma")
+    throw Error("config.json: model_type " + j["model_type"].dump() +
+                " is not supported (expected llama, mistral or fma)");
+  if (j.contains("hidden_act") && j["hidden_act"] != "silu")
+    throw Error("config.json: hidden_act " + j["hidden_act"].dump() +
+                " is not supported (only silu: the SwiGLU MLP)");
+  if (is_true("attention_bias"))
+    throw Error("config.json: attention_bias is true; biases on the attention projections are not "
+                "supported");
+  if (is_true("mlp_bias"))
+    throw Error("config.json: mlp_bias is true; biases on the MLP projections are not supported");
+  if (j.contains("sliding_window") && !j["sliding_window"].is_null()) {
+    const auto& w = j["sliding_window"];
+    const auto n = j.value("max_position_embeddings", nlohmann::json());
+    if (!w.is_number_integer() || !n.is_number_integer() || w.get<int64_t>() < n.get<int64_t>())
+      throw Error("config.json: sliding_window " + w.dump() +
+                  " is not supported (attention over a sliding window; only full attention, "
+                  "sliding_window null or at least max_position_embeddings)");
+  }
+  for (const char* k : {"bos_token_id", "eos_token_id"})
+    if (j.contains(k) && j[k].is_array())
+      throw Error(std::string("config.json: ") + k + " is a list; one id is supported");
+}
+
+// The RoPE settings: rope_scaling (null, {"type" or "rope_type": "default"}, or linear with its
+// factor) beside rope_theta, or transformers 5's rope_parameters holding both.
+const char* rope_key(const nlohmann::json& j) {
+  return j.contains("rope_parameters") ? "rope_parameters" : "rope_scaling";
+}
+
+float rope_linear_factor(const nlohmann::json& j) {
+  const std::string key = rope_key(j);
+  if (!j.contains(key) || j[key].is_null()) return 1.0f;
+  const auto& r = j[key];
+  if (!r.is_object()) throw Error("config.json: " + key + " must be an object or null");
+  const auto type = r.contains("rope_type") ? r["rope_type"] : r.value("type", nlohmann::json());
+  if (type == "default" || (type.is_null() && key == "rope_parameters")) return 1.0f;
+  if (type != "linear")
+    throw Error("config.json: " + key + " type " + type.dump() + " is not supported (only linear)");
+  if (!r.contains("factor") || !r["factor"].is_number() || r["factor"].get<double>() <= 0)
+    throw Error("config.json: " + key + ".factor must be a positive number");
+  return r["factor"].get<float>();
+}
+}  // namespace
+
 Config config_from_hf_json(const std::string& text) {
   nlohmann::json j;
   try {
@@ -105,6 +173,8 @@ Config config_from_hf_json(const std::string& text) {
   } catch (const std::exception& e) {
     throw Error(std::string("config.json is not valid JSON: ") + e.what());
   }
+  if (!j.is_object()) throw Error("config.json must hold a JSON object");
+  refuse_unsupported(j);
   auto get = [&](const char* key, auto fallback, bool required) {
     using T = decltype(fallback);
     if (!j.contains(key) || j[key].is_null()) {
@@ -127,9 +197,17 @@ Config config_from_hf_json(const std::string& text) {
   c.intermediate_size = get("intermediate_size", 0, true);
   c.rms_norm_eps = get("rms_norm_eps", 1e-5f, false);
   c.rope_theta = get("rope_theta", 10000.0f, false);
+  if (j.contains("rope_parameters") && j["rope_parameters"].is_object() &&
+      j["rope_parameters"].contains("rope_theta")) {
+    if (!j["rope_parameters"]["rope_theta"].is_number())
+      throw Error("config.json: rope_parameters.rope_theta must be a number");
+    c.rope_theta = j["rope_parameters"]["rope_theta"].get<float>();
+  }
+  c.rope_linear_factor = rope_linear_factor(j);
   c.tie_word_embeddings = get("tie_word_embeddings", false, false);
   c.n_ctx_train = get("max_position_embeddings", int64_t{0}, true);
-  c.fma_enabled = get("fma_enabled", true, false);
+  // A Llama-family config has no fma_* keys: exact attention, as in its source framework.
+  c.fma_enabled = get("fma_enabled", j.contains("fma_block_size"), false);
   c.fma_block_size = get("fma_block_size", 0, c.fma_enabled);
   c.fma_rank = get("fma_rank", 0, c.fma_enabled);
   c.fma_downsampling =
@@ -140,6 +218,38 @@ Config config_from_hf_json(const std::string& text) {
   c.add_bos = get("add_bos_token", true, false);
   c.validate();
   return c;
+}
+
+Config with_fma(const Config& c, const FmaConversion& f) {
+  if (c.fma_enabled) throw Error("--fma: the checkpoint already has FMA (fma_block_size is set)");
+  if (f.downsampling == Downsampling::Conv)
+    throw Error("--fma: conv is not supported (avgpool or groupedconv)");
+  Config out = c;
+  out.fma_enabled = true;
+  out.fma_downsampling = f.downsampling;
+  out.fma_block_size = f.block_size;
+  out.fma_rank = f.rank;
+  if (f.trained_length > 0) out.n_ctx_train = f.trained_length;
+  try {
+    out.validate();
+    if (f.block_size % f.rank != 0)
+      throw Error("the summaries start as average pooling: fma_rank must divide fma_block_size");
+  } catch (const Error& e) {
+    throw Error(std::string("--fma: ") + e.what() + " (--block-size " +
+                std::to_string(f.block_size) + ", --rank " + std::to_string(f.rank) +
+                ", --trained-length " + std::to_string(out.n_ctx_train) + ")");
+  }
+  return out;
+}
+
+std::vector<float> avgpool_as_groupedconv(const Config& c, int level) {
+  const int p = c.fma_rank, d = c.head_dim, w = c.group_size(level), span = w / p;
+  std::vector<float> weight(size_t(p) * d * w, 0.0f);  // [c*p + r][0][t]
+  for (int ch = 0; ch < d; ++ch)
+    for (int r = 0; r < p; ++r)
+      for (int t = r * span; t < (r + 1) * span; ++t)
+        weight[(size_t(ch) * p + r) * w + t] = 1.0f / static_cast<float>(span);
+  return weight;
 }
 
 std::map<std::string, gguf::Value> config_to_gguf(const Config& c) {
@@ -156,6 +266,8 @@ std::map<std::string, gguf::Value> config_to_gguf(const Config& c) {
       {a + ".feed_forward_length", Value::u32(c.intermediate_size)},
       {a + ".attention.layer_norm_rms_epsilon", Value::f32(c.rms_norm_eps)},
       {a + ".rope.freq_base", Value::f32(c.rope_theta)},
+      {a + ".rope.scaling.type", Value::str(c.rope_linear_factor != 1.0f ? "linear" : "none")},
+      {a + ".rope.scaling.factor", Value::f32(c.rope_linear_factor)},
       {a + ".tie_word_embeddings", Value::boolean(c.tie_word_embeddings)},
       {a + ".context_length", Value::u32(static_cast<uint32_t>(c.n_ctx_train))},
       {a + ".enabled", Value::boolean(c.fma_enabled)},
@@ -185,6 +297,14 @@ Config config_from_gguf(const gguf::File& f) {
   c.intermediate_size = u(".feed_forward_length");
   c.rms_norm_eps = static_cast<float>(f.get_float(a + ".attention.layer_norm_rms_epsilon"));
   c.rope_theta = static_cast<float>(f.get_float(a + ".rope.freq_base"));
+  // Files written before rope scaling have neither key: no scaling.
+  if (f.find(a + ".rope.scaling.type")) {
+    const std::string type = f.get_string(a + ".rope.scaling.type");
+    if (type == "linear")
+      c.rope_linear_factor = static_cast<float>(f.get_float(a + ".rope.scaling.factor"));
+    else if (type != "none")
+      throw Error("model file: rope scaling '" + type + "' is not supported (only linear)");
+  }
   c.tie_word_embeddings = f.get_bool(a + ".tie_word_embeddings");
   c.n_ctx_train = static_cast<int64_t>(f.get_uint(a + ".context_length"));
   c.fma_enabled = f.get_bool(a + ".enabled");

@@ -137,7 +137,15 @@ void convert_hf_to_gguf(const std::string& hf_dir, const std::string& out_path,
   if (!fs::is_directory(dir)) throw Error("'" + hf_dir + "' is not a directory");
   if (fs::exists(out_path) && !opts.overwrite)
     throw Error("'" + out_path + "' exists; pass --force to overwrite it");
-  const Config cfg = config_from_hf_json(read_file(dir / "config.json"));
+  if (!fs::exists(dir / "config.json")) throw Error("'" + hf_dir + "' has no config.json");
+  const Config source = config_from_hf_json(read_file(dir / "config.json"));
+  const Config cfg = opts.fma ? with_fma(source, *opts.fma) : source;
+  if (!fs::exists(dir / "tokenizer.model"))
+    throw Error("'" + hf_dir + "' has no tokenizer.model: only SentencePiece tokenizers are " +
+                "supported" +
+                (fs::exists(dir / "tokenizer.json")
+                     ? " (tokenizer.json alone, a Hugging Face tokenizers file, is not)"
+                     : ""));
   const std::string spm = read_file(dir / "tokenizer.model");
   Tokenizer check_tokenizer(spm, cfg);  // refuses a tokenizer that does not load or fit
 
@@ -166,8 +174,44 @@ void convert_hf_to_gguf(const std::string& hf_dir, const std::string& out_path,
     for (const auto& [name, t] : s->tensors()) by_name[name] = &t;
 
   // Check everything before writing anything.
+  const auto specs = expected_tensors(cfg);
+  std::set<std::string> wanted;
+  for (const auto& spec : specs) wanted.insert(spec.hf_name);
+  for (const auto& [name, t] : by_name) {
+    if (wanted.count(name)) continue;
+    // Buffers some Llama checkpoints carry, recomputed by the engine: harmless.
+    if (name.ends_with(".rotary_emb.inv_freq")) continue;
+    if (name == "lm_head.weight" && cfg.tie_word_embeddings) continue;  // a copy of the embedding
+    if (name.ends_with(".bias"))
+      throw Error("checkpoint: tensor '" + name + "' is a bias; biases are not supported");
+    throw Error("checkpoint: tensor '" + name + "' is not part of a " +
+                (source.fma_enabled ? "FMA" : "Llama") + " model with this config.json" +
+                (opts.fma && name.find(".fma.") != std::string::npos
+                     ? " (--fma adds summary weights to a checkpoint that has none)"
+                     : ""));
+  }
+  // With --fma the summary weights are new: they compute average pooling.
+  std::map<std::string, int> synthesized;  // GGUF name -> level
+  if (opts.fma && cfg.fma_downsampling == Downsampling::GroupedConv)
+    for (int i = 0; i < cfg.n_layers; ++i)
+      for (int l = 1; l <= cfg.n_levels(); ++l)
+        for (char which : {'k', 'v'}) {
+          synthesized[tensor_names::fma_down(i, which, l, false)] = l;
+          synthesized[tensor_names::fma_down(i, which, l, true)] = l;
+        }
   std::vector<gguf::TensorOut> outs;
-  for (const auto& spec : expected_tensors(cfg)) {
+  for (const auto& spec : specs) {
+    if (auto s = synthesized.find(spec.name); s != synthesized.end()) {
+      const bool bias = spec.shape.size() == 1;
+      const DType dt = bias ? DType::F32 : opts.dtype;
+      outs.push_back({spec.name, spec.shape, dt,
+                      [&cfg, bias, level = s->second, spec, dt](std::vector<uint8_t>& out) {
+                        const std::vector<float> v = bias ? std::vector<float>(spec.shape[0], 0.0f)
+                                                          : avgpool_as_groupedconv(cfg, level);
+                        append_converted({spec.name, DType::F32, spec.shape, v.data()}, dt, out);
+                      }});
+      continue;
+    }
     auto it = by_name.find(spec.hf_name);
     if (it == by_name.end())
       throw Error("checkpoint: tensor '" + spec.hf_name + "' (shape " + shape_str(spec.shape) +

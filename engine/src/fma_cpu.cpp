@@ -113,6 +113,22 @@ size_t seq_cache_bytes(const SeqCache& s) {
   return n;
 }
 
+}  // namespace mp::cpu
+
+namespace mp {
+size_t cpu_state_bytes(const Config& c, int64_t tokens) {
+  // make_seq_cache's layout, per layer: fine keys and values (2m, or every token in exact mode),
+  // 3 finished groups and an accumulator per level for keys and values, fp32; the ring's group
+  // ids, int64.
+  const size_t kvd = size_t(c.n_kv_heads) * c.head_dim, L = c.n_levels();
+  const size_t pd = size_t(c.fma_rank) * c.head_dim;
+  const size_t fine = c.fma_enabled ? size_t(cpu::fine_capacity(c)) : size_t(tokens);
+  const size_t floats = 2 * fine * kvd + 2 * L * 3 * c.n_kv_heads * pd + 2 * L * c.n_kv_heads * pd;
+  return size_t(c.n_layers) * (4 * floats + 8 * 3 * L);
+}
+}  // namespace mp
+
+namespace mp::cpu {
 namespace {
 constexpr uint32_t kStateMagic = 0x5453504d;  // "MPST"
 constexpr uint32_t kStateVersion = 1;

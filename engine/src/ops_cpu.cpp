@@ -349,7 +349,7 @@ void rmsnorm(const float* x, const float* w, int T, int n, float eps, float* y) 
   }
 }
 
-void rope(float* x, int T, int heads, int d, int64_t pos0, float theta) {
+void rope(float* x, int T, int heads, int d, int64_t pos0, float theta, float linear_factor) {
   const int half = d / 2;
   std::vector<double> inv_freq(half);
   for (int i = 0; i < half; ++i) inv_freq[i] = std::pow(double(theta), -2.0 * i / d);
@@ -359,7 +359,7 @@ void rope(float* x, int T, int heads, int d, int64_t pos0, float theta) {
 #pragma omp for schedule(static)
     for (int t = 0; t < T; ++t) {
       for (int i = 0; i < half; ++i) {
-        const double a = double(pos0 + t) * inv_freq[i];
+        const double a = double(pos0 + t) / linear_factor * inv_freq[i];
         cs[i] = static_cast<float>(std::cos(a));
         sn[i] = static_cast<float>(std::sin(a));
       }

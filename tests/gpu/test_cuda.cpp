@@ -73,19 +73,23 @@ TEST_F(Cuda, RmsNormSplitRopeSwigluMatchTheCpuTwins) {
   for (int t = 0; t < T; ++t) pos[t] = 1000000 + 977 * t;  // large positions: angles in double
   Dev<float> dqkv(qkv), dq(size_t(T) * heads * d), dk(size_t(T) * kv * d), dv(size_t(T) * kv * d);
   Dev<int64_t> dpos(pos);
-  cuda::split_qkv_rope(dqkv.p, dpos.p, T, heads, kv, d, 10000.0f, dq.p, dk.p, dv.p, nullptr);
-  std::vector<float> want_q, want_k, want_v;
-  for (int t = 0; t < T; ++t) {
-    const float* row = qkv.data() + size_t(t) * width;
-    want_q.insert(want_q.end(), row, row + heads * d);
-    want_k.insert(want_k.end(), row + heads * d, row + (heads + kv) * d);
-    want_v.insert(want_v.end(), row + (heads + kv) * d, row + width);
-    cpu::rope(want_q.data() + size_t(t) * heads * d, 1, heads, d, pos[t], 10000.0f);
-    cpu::rope(want_k.data() + size_t(t) * kv * d, 1, kv, d, pos[t], 10000.0f);
+  // Plain RoPE, and a Llama-family model's linear scaling with another base.
+  for (const auto& [theta, factor] : {std::pair{10000.0f, 1.0f}, std::pair{1e6f, 4.0f}}) {
+    cuda::split_qkv_rope(dqkv.p, dpos.p, T, heads, kv, d, theta, factor, dq.p, dk.p, dv.p,
+                         nullptr);
+    std::vector<float> want_q, want_k, want_v;
+    for (int t = 0; t < T; ++t) {
+      const float* row = qkv.data() + size_t(t) * width;
+      want_q.insert(want_q.end(), row, row + heads * d);
+      want_k.insert(want_k.end(), row + heads * d, row + (heads + kv) * d);
+      want_v.insert(want_v.end(), row + (heads + kv) * d, row + width);
+      cpu::rope(want_q.data() + size_t(t) * heads * d, 1, heads, d, pos[t], theta, factor);
+      cpu::rope(want_k.data() + size_t(t) * kv * d, 1, kv, d, pos[t], theta, factor);
+    }
+    EXPECT_LT(rel_err(dq.get(want_q.size()), want_q), 1e-5) << factor;
+    EXPECT_LT(rel_err(dk.get(want_k.size()), want_k), 1e-5) << factor;
+    EXPECT_EQ(dv.get(want_v.size()), want_v);
   }
-  EXPECT_LT(rel_err(dq.get(want_q.size()), want_q), 1e-5);
-  EXPECT_LT(rel_err(dk.get(want_k.size()), want_k), 1e-5);
-  EXPECT_EQ(dv.get(want_v.size()), want_v);
 
   const int F = 500;
   const auto gu = randn(size_t(T) * 2 * F, 4);
@@ -107,6 +111,7 @@ struct Variant {
   bool fma;
   int kv;
   int head_dim = 16;  // 64: prefill tiles run on tensor cores
+  float rope_linear_factor = 1.0f;
 };
 class CudaModel : public Cuda, public ::testing::WithParamInterface<Variant> {};
 
@@ -117,6 +122,7 @@ TEST_P(CudaModel, LogitsMatchCpuInEveryChunkingPastTrainedLength) {
   c.fma_enabled = v.fma;
   c.n_kv_heads = v.kv;
   c.head_dim = v.head_dim;
+  c.rope_linear_factor = v.rope_linear_factor;
   c.hidden_size = 64;
   TempDir dir;
   auto model = mp::testing::random_model(dir, c, DType::BF16, 7);
@@ -140,7 +146,9 @@ INSTANTIATE_TEST_SUITE_P(
                       Variant{"avgpool", Downsampling::AvgPool, true, 4},
                       Variant{"exact", Downsampling::GroupedConv, false, 2},
                       Variant{"groupedconv_d64", Downsampling::GroupedConv, true, 2, 64},
-                      Variant{"exact_d64", Downsampling::GroupedConv, false, 2, 64}),
+                      Variant{"exact_d64", Downsampling::GroupedConv, false, 2, 64},
+                      Variant{"avgpool_rope_linear", Downsampling::AvgPool, true, 2, 16, 4.0f},
+                      Variant{"exact_rope_linear", Downsampling::GroupedConv, false, 1, 64, 2.0f}),
     [](const auto& info) { return std::string(info.param.name); });
 
 TEST_F(Cuda, BatchOfSequencesMatchesSeparateRunsAndStatesMoveBetweenBackends) {

@@ -3,6 +3,9 @@
 
 Reads a Hugging Face style FMA checkpoint folder and a file of token ids, and prints the
 per-token negative log-likelihoods (nats, token 1..T-1 from its prefix) as a JSON array.
+A Llama-family folder (no fma_* keys) runs exact attention, or FMA with multipole-convert's options
+`--fma avgpool|groupedconv --block-size M --rank P --trained-length N` (groupedconv with the
+weights the conversion gives it: each summary the mean of its w/p tokens).
 Each query's key list is built explicitly from the rules of section 1, and the summaries are
 computed from the whole sequence: no cache, no chunks. This is what the engine is checked against.
 """
@@ -45,10 +48,10 @@ def rmsnorm(x, w, eps):
     return x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps) * w
 
 
-def rope(x, theta):  # x: [T, heads, d], position t for row t; rotate-half
+def rope(x, theta, factor):  # x: [T, heads, d], position t / factor for row t; rotate-half
     T, _, d = x.shape
     inv = theta ** (-np.arange(0, d, 2, dtype=np.float64) / d)
-    ang = np.arange(T, dtype=np.float64)[:, None] * inv[None, :]
+    ang = (np.arange(T, dtype=np.float64) / factor)[:, None] * inv[None, :]
     cos, sin = np.cos(ang)[:, None, :], np.sin(ang)[:, None, :]
     x1, x2 = x[..., : d // 2], x[..., d // 2:]
     return np.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
@@ -79,7 +82,7 @@ def attention(cfg, q, k, v, down):
     T, H, d = q.shape
     KV = k.shape[1]
     out = np.zeros_like(q)
-    fma = cfg.get("fma_enabled", True)
+    fma = cfg["fma_enabled"]
     m, p = cfg.get("fma_block_size", 0), cfg.get("fma_rank", 0)
     n = cfg["max_position_embeddings"]
     kind = cfg.get("fma_downsampling", "groupedconv")
@@ -113,21 +116,55 @@ def attention(cfg, q, k, v, down):
     return out
 
 
+def averaging_conv(w, p, d):
+    """The groupedconv weights [d*p, 1, w] and bias whose summary r is the mean of span r."""
+    W = np.zeros((d * p, 1, w))
+    for oc in range(d * p):
+        r = oc % p
+        W[oc, 0, r * (w // p):(r + 1) * (w // p)] = p / w
+    return W, np.zeros(d * p)
+
+
+def with_fma(cfg, t, args):
+    """Applies multipole-convert's --fma options to a config without FMA."""
+    opts = dict(zip(args[::2], args[1::2]))
+    kind = opts["--fma"]
+    cfg.update({"fma_enabled": True, "fma_downsampling": kind,
+                "fma_block_size": int(opts.get("--block-size", 64)),
+                "fma_rank": int(opts.get("--rank", 4))})
+    if "--trained-length" in opts:
+        cfg["max_position_embeddings"] = int(opts["--trained-length"])
+    m, p, d = cfg["fma_block_size"], cfg["fma_rank"], cfg["head_dim"]
+    levels = int(round(np.log2(cfg["max_position_embeddings"] // m))) - 1
+    for li in range(cfg["num_hidden_layers"] if kind == "groupedconv" else 0):
+        for lvl in range(levels):
+            W, b = averaging_conv(m * 2 ** lvl, p, d)
+            for which in ("k", "v"):
+                base = f"model.layers.{li}.self_attn.fma.{which}_down.{lvl}"
+                t[base + ".weight"], t[base + ".bias"] = W, b
+
+
 def main():
     folder, ids_path = sys.argv[1], sys.argv[2]
     cfg = json.load(open(os.path.join(folder, "config.json")))
     t = load_safetensors(folder)
     ids = [int(x) for x in open(ids_path).read().split()]
-    H, KV = cfg["num_attention_heads"], cfg["num_key_value_heads"]
-    d = cfg.get("head_dim", cfg["hidden_size"] // H)
-    eps, theta = cfg["rms_norm_eps"], cfg["rope_theta"]
+    H = cfg["num_attention_heads"]
+    KV = cfg.get("num_key_value_heads", H)
+    cfg["head_dim"] = d = cfg.get("head_dim") or cfg["hidden_size"] // H
+    cfg.setdefault("fma_enabled", "fma_block_size" in cfg)
+    if len(sys.argv) > 3:
+        with_fma(cfg, t, sys.argv[3:])
+    eps, theta = cfg["rms_norm_eps"], cfg.get("rope_theta", 10000.0)
+    scaling = cfg.get("rope_scaling") or {}
+    factor = scaling["factor"] if scaling.get("rope_type", scaling.get("type")) == "linear" else 1.0
     x = t["model.embed_tokens.weight"][ids]
     T = len(ids)
     for li in range(cfg["num_hidden_layers"]):
         pre = f"model.layers.{li}."
         hdn = rmsnorm(x, t[pre + "input_layernorm.weight"], eps)
-        q = rope((hdn @ t[pre + "self_attn.q_proj.weight"].T).reshape(T, H, d), theta)
-        k = rope((hdn @ t[pre + "self_attn.k_proj.weight"].T).reshape(T, KV, d), theta)
+        q = rope((hdn @ t[pre + "self_attn.q_proj.weight"].T).reshape(T, H, d), theta, factor)
+        k = rope((hdn @ t[pre + "self_attn.k_proj.weight"].T).reshape(T, KV, d), theta, factor)
         v = (hdn @ t[pre + "self_attn.v_proj.weight"].T).reshape(T, KV, d)
         down = {}
         lvl = 0

@@ -38,10 +38,12 @@ Config small_config() {
   return c;
 }
 
-std::string config_json(const Config& c) {
+std::string config_json(const Config& c, const std::string& architecture) {
+  const bool fma = architecture == "FmaForCausalLM";
+  if (!fma && c.fma_enabled) throw Error(architecture + " checkpoints have no FMA");
   nlohmann::json j = {
-      {"architectures", {"FmaForCausalLM"}},
-      {"model_type", "fma"},
+      {"architectures", {architecture}},
+      {"model_type", fma ? "fma" : architecture == "MistralForCausalLM" ? "mistral" : "llama"},
       {"vocab_size", c.vocab_size},
       {"hidden_size", c.hidden_size},
       {"num_hidden_layers", c.n_layers},
@@ -60,7 +62,19 @@ std::string config_json(const Config& c) {
       {"fma_scale_attn", c.fma_scale_attn},
       {"bos_token_id", c.bos_token_id},
       {"eos_token_id", c.eos_token_id},
+      {"rope_scaling", c.rope_linear_factor == 1.0f
+                           ? nlohmann::json()
+                           : nlohmann::json{{"type", "linear"}, {"factor", c.rope_linear_factor}}},
   };
+  if (!fma) {  // what transformers writes for these models, FMA keys aside
+    for (const char* k : {"fma_enabled", "fma_block_size", "fma_rank", "fma_downsampling",
+                          "fma_scale_attn"})
+      j.erase(k);
+    j["hidden_act"] = "silu";
+    j["attention_bias"] = false;
+    j["torch_dtype"] = "float32";
+    if (architecture == "MistralForCausalLM") j["sliding_window"] = nullptr;
+  }
   return j.dump(2);
 }
 
@@ -125,6 +139,11 @@ void write_random_checkpoint(const std::string& dir, const Config& c, const Chec
     for (auto& x : b.values) x = (norm ? 1.0f : 0.0f) + scale * normal(rng);
     blobs.push_back(std::move(b));
   }
+  for (const auto& name : o.extra_tensors) {
+    Blob b{name, {c.hidden_size}, std::vector<float>(c.hidden_size)};
+    for (auto& x : b.values) x = normal(rng);
+    blobs.push_back(std::move(b));
+  }
   if (o.shards <= 1) {
     std::vector<const Blob*> all;
     for (const auto& b : blobs) all.push_back(&b);
@@ -144,7 +163,7 @@ void write_random_checkpoint(const std::string& dir, const Config& c, const Chec
     }
     std::ofstream(fs::path(dir) / "model.safetensors.index.json") << index.dump(2);
   }
-  std::ofstream(fs::path(dir) / "config.json") << config_json(c);
+  std::ofstream(fs::path(dir) / "config.json") << config_json(c, o.architecture);
   fs::copy_file(fixture_tokenizer_path(), fs::path(dir) / "tokenizer.model",
                 fs::copy_options::overwrite_existing);
 }

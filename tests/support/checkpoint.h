@@ -4,6 +4,7 @@
 
 #include <cstdint>
 #include <string>
+#include <vector>
 
 #include "multipole/multipole.h"
 
@@ -13,6 +14,11 @@ struct CheckpointOptions {
   uint64_t seed = 1;
   DType dtype = DType::F32;
   int shards = 1;  // > 1 writes model.safetensors.index.json and that many shards
+  // FmaForCausalLM (ours), or LlamaForCausalLM / MistralForCausalLM: a Hugging Face folder as
+  // those write it (no fma_* keys: the config must have FMA off).
+  std::string architecture = "FmaForCausalLM";
+  // More random tensors of shape [hidden_size] by these names (a bias, a rotary buffer, ...).
+  std::vector<std::string> extra_tensors;
 };
 
 // tests/data, or $MULTIPOLE_TEST_DATA.
@@ -22,6 +28,6 @@ std::string fixture_tokenizer_path();
 // A small config with every FMA feature switched on (n = 64, m = 8, p = 2: L = 2).
 Config small_config();
 void write_random_checkpoint(const std::string& dir, const Config& c, const CheckpointOptions& o);
-std::string config_json(const Config& c);
+std::string config_json(const Config& c, const std::string& architecture = "FmaForCausalLM");
 
 }  // namespace mp::testing

@@ -8,9 +8,10 @@ int main(int argc, char** argv) {
   mp::cli::Args a(argc, argv, {"no-fma", "tie", "no-scale"},
                   "usage: make-test-checkpoint DIR [--downsampling K] [--no-fma] [--tie]\n"
                   "  [--no-scale] [--kv-heads N] [--n N] [--m M] [--p P] [--seed S]\n"
-                  "  [--dtype f32|f16|bf16] [--shards N]\n");
+                  "  [--dtype f32|f16|bf16] [--shards N] [--theta T] [--rope-linear F]\n"
+                  "  [--arch LlamaForCausalLM|MistralForCausalLM (FMA off)]\n");
   a.check_known({"no-fma", "tie", "no-scale", "downsampling", "kv-heads", "n", "m", "p", "seed",
-                 "dtype", "shards"});
+                 "dtype", "shards", "theta", "rope-linear", "arch"});
   if (a.positional().size() != 1) a.fail("expected DIR");
   mp::Config c = mp::testing::small_config();
   c.fma_enabled = !a.has("no-fma");
@@ -21,11 +22,15 @@ int main(int argc, char** argv) {
   c.n_ctx_train = a.integer("n", c.n_ctx_train);
   c.fma_block_size = static_cast<int>(a.integer("m", c.fma_block_size));
   c.fma_rank = static_cast<int>(a.integer("p", c.fma_rank));
+  c.rope_theta = static_cast<float>(a.real("theta", c.rope_theta));
+  c.rope_linear_factor = static_cast<float>(a.real("rope-linear", 1.0));
   c.validate();
   mp::testing::CheckpointOptions o;
   o.seed = static_cast<uint64_t>(a.integer("seed", 1));
   o.dtype = mp::parse_dtype(a.str("dtype", "f32"));
   o.shards = static_cast<int>(a.integer("shards", 1));
+  o.architecture = a.str("arch", "FmaForCausalLM");
+  if (o.architecture != "FmaForCausalLM") c.fma_enabled = false;
   mp::testing::write_random_checkpoint(a.positional()[0], c, o);
   std::printf("%s\n", c.summary().c_str());
   return 0;

@@ -1,8 +1,10 @@
 #!/usr/bin/env python3
 """Compares the engine's per-token NLL (multipole-perplexity) with PyTorch's parity sample from
-evaluate.py, for the same model. usage: engine_parity.py EVAL.json MODEL.gguf BUILD_DIR"""
+evaluate.py, for the same model. usage: engine_parity.py EVAL.json MODEL.gguf BUILD_DIR
+(BUILD_DIR: a build folder, or a folder holding the multipole-perplexity binary itself)"""
 import json
 import math
+import os
 import subprocess
 import sys
 import tempfile
@@ -14,7 +16,10 @@ def main():
     with tempfile.TemporaryDirectory() as tmp:
         with open(f"{tmp}/ids.txt", "w") as f:
             f.write(" ".join(map(str, par["tokens"])))
-        subprocess.run([f"{build}/tools/multipole-perplexity", "--model", gguf, "--ids", "--ctx",
+        tool = f"{build}/tools/multipole-perplexity"
+        if not os.path.exists(tool):
+            tool = f"{build}/multipole-perplexity"
+        subprocess.run([tool, "--model", gguf, "--ids", "--ctx",
                         str(par["ctx"]), "--nll-out", f"{tmp}/nll.json", f"{tmp}/ids.txt"], check=True)
         eng = json.load(open(f"{tmp}/nll.json"))
     ref = par["nll"]

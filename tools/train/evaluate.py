@@ -8,7 +8,12 @@ documents (each evaluated whole, up to --max-doc tokens), perplexity by position
 validation tokens at context 8192 in float32, for comparison with multipole-perplexity
 (engine_parity.py).
 
-usage: evaluate.py HF_DIR DATA_DIR OUT.json [--device cuda] [--max-doc N]
+With --contexts only the perplexity at those contexts (and the parity sample at the largest);
+with --fma an exact-attention folder (a Llama-family one) is evaluated as multipole-convert --fma
+would make it.
+
+usage: evaluate.py HF_DIR DATA_DIR OUT.json [--device cuda] [--max-doc N] [--contexts 512,2048]
+       [--fma avgpool|groupedconv --block-size M --rank P [--trained-length N]]
 """
 import argparse
 import json
@@ -19,26 +24,7 @@ import time
 import numpy as np
 import torch
 
-from fma_model import FmaConfig, FmaModel
-
-
-def load(hf, device):
-    cfg = FmaConfig.from_json(open(os.path.join(hf, "config.json")).read())
-    model = FmaModel(cfg)
-    raw = open(os.path.join(hf, "model.safetensors"), "rb").read()
-    hlen = int.from_bytes(raw[:8], "little")
-    header = json.loads(raw[8:8 + hlen])
-    sd = {}
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        b, e = info["data_offsets"]
-        buf = np.frombuffer(raw[8 + hlen + b:8 + hlen + e], dtype="<i2" if info["dtype"] == "BF16" else "<f4")
-        t = torch.from_numpy(buf.copy())
-        t = (t.view(torch.bfloat16) if info["dtype"] == "BF16" else t).float()
-        sd[name] = t.reshape(info["shape"])
-    model.load_state_dict(sd)
-    return model.to(device).eval(), cfg
+from fma_model import load_hf
 
 
 @torch.no_grad()
@@ -87,16 +73,28 @@ def main():
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--max-doc", type=int, default=32768)
     ap.add_argument("--parity-tokens", type=int, default=16384)
+    ap.add_argument("--contexts", help="comma-separated contexts: only these windowed perplexities")
+    ap.add_argument("--fma", choices=["avgpool", "groupedconv"])
+    ap.add_argument("--block-size", type=int, default=64)
+    ap.add_argument("--rank", type=int, default=4)
+    ap.add_argument("--trained-length", type=int)
     args = ap.parse_args()
     t0 = time.time()
-    model, cfg = load(args.hf, args.device)
+    fma = args.fma and dict(downsampling=args.fma, block_size=args.block_size, rank=args.rank,
+                            trained_length=args.trained_length)
+    model, cfg = load_hf(args.hf, args.device, fma)
+    model.eval()
     val = np.fromfile(os.path.join(args.data, "val.bin"), dtype=np.uint16)
     docs = json.load(open(os.path.join(args.data, "val_docs.json")))
     bf16 = args.device == "cuda"
     res = {"model": "fma" if cfg.fma_enabled else "exact", "val_tokens": int(len(val))}
-    for ctx in (512, 8192):
+    contexts = [int(c) for c in args.contexts.split(",")] if args.contexts else [512, 8192]
+    for ctx in contexts:
         nll = nll_windows(model, val, ctx, args.device, bf16)
         res[f"ppl_ctx{ctx}"] = math.exp(nll.mean().item())
+    if args.contexts:
+        finish(res, model, val[:args.parity_tokens], max(contexts), args, t0)
+        return
     # Position buckets on the long documents, each evaluated whole from its start.
     edges = [0, 512, 2048, 8192, args.max_doc]
     sums, counts = [0.0] * 4, [0] * 4
@@ -113,10 +111,13 @@ def main():
     res["ppl_by_position"] = {f"{edges[b]}-{edges[b + 1]}": math.exp(sums[b] / counts[b])
                               for b in range(4) if counts[b]}
     res.update(by_position_same_text(model, val, docs, args.device, bf16))
-    # Parity sample in float32 with the weights as stored (bf16-rounded).
-    ids = val[:args.parity_tokens]
-    nll = nll_windows(model.float(), ids, 8192, args.device, False)
-    res["parity"] = {"tokens": ids.tolist(), "ctx": 8192, "nll": nll.tolist()}
+    finish(res, model, val[:args.parity_tokens], 8192, args, t0)
+
+
+def finish(res, model, ids, ctx, args, t0):
+    """Adds the parity sample (float32, the weights as stored: bf16-rounded) and writes res."""
+    nll = nll_windows(model.float(), ids, ctx, args.device, False)
+    res["parity"] = {"tokens": ids.tolist(), "ctx": ctx, "nll": nll.tolist()}
     res["eval_seconds"] = time.time() - t0
     json.dump(res, open(args.out, "w"))
     print(json.dumps({k: v for k, v in res.items() if k != "parity"}, indent=1))

@@ -9,7 +9,8 @@ import json
 import math
 import os
 import struct
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
+from typing import Optional
 
 import torch
 import torch.nn as nn
@@ -27,6 +28,7 @@ class FmaConfig:
     intermediate_size: int = 1344
     rms_norm_eps: float = 1e-5
     rope_theta: float = 10000.0
+    rope_scaling: Optional[dict] = None  # Hugging Face's; only {"type": "linear", "factor": f}
     tie_word_embeddings: bool = True
     max_position_embeddings: int = 8192  # n
     fma_enabled: bool = True
@@ -46,16 +48,48 @@ class FmaConfig:
     def group_size(self, level):  # level 1..L
         return self.fma_block_size * 2 ** (level - 1)
 
-    def to_hf_json(self):
+    @property
+    def rope_factor(self):  # positions are divided by it
+        s = self.rope_scaling or {}
+        kind = s.get("rope_type", s.get("type", "default"))
+        if kind not in ("default", "linear"):
+            raise ValueError(f"rope_scaling {kind} is not supported (only linear)")
+        return s["factor"] if kind == "linear" else 1.0
+
+    def to_hf_json(self, llama=False):
+        """Our FmaForCausalLM config, or with llama=True (exact attention only) the config of a
+        Hugging Face LlamaForCausalLM, as a pretrained checkpoint from elsewhere would have."""
         d = asdict(self)
-        d.update({"architectures": ["FmaForCausalLM"], "model_type": "fma"})
+        if not llama:
+            d.update({"architectures": ["FmaForCausalLM"], "model_type": "fma"})
+            return json.dumps(d, indent=2)
+        assert not self.fma_enabled, "a Llama checkpoint has no FMA"
+        d = {k: v for k, v in d.items() if not k.startswith("fma_")}
+        d.update({"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu",
+                  "attention_bias": False})
         return json.dumps(d, indent=2)
 
     @staticmethod
     def from_json(text):
+        """Our config or a Llama-family one (no fma_* keys: exact attention; transformers'
+        defaults for the keys it may leave out)."""
         d = json.loads(text)
+        d.setdefault("fma_enabled", "fma_block_size" in d)
+        d.setdefault("num_key_value_heads", d["num_attention_heads"])
+        d.setdefault("tie_word_embeddings", False)
+        if not d.get("head_dim"):
+            d["head_dim"] = d["hidden_size"] // d["num_attention_heads"]
         fields = FmaConfig.__dataclass_fields__
         return FmaConfig(**{k: v for k, v in d.items() if k in fields})
+
+    def with_fma(self, downsampling, block_size, rank, trained_length=None):
+        """This exact-attention config turned into FMA, as multipole-convert --fma does."""
+        assert not self.fma_enabled, "the checkpoint already has FMA"
+        n = trained_length or self.max_position_embeddings
+        assert block_size % rank == 0 and n % block_size == 0 and n // block_size >= 4 \
+            and (n // block_size) & (n // block_size - 1) == 0, (block_size, rank, n)
+        return replace(self, fma_enabled=True, fma_downsampling=downsampling,
+                       fma_block_size=block_size, fma_rank=rank, max_position_embeddings=n)
 
 
 class RMSNorm(nn.Module):
@@ -70,10 +104,11 @@ class RMSNorm(nn.Module):
         return xf.type_as(x) * self.weight
 
 
-def rope_tables(T, d, theta, device, offset=0):
-    """cos/sin [T, d/2], angles in float64 (as the engine computes them)."""
+def rope_tables(T, d, theta, device, offset=0, factor=1.0):
+    """cos/sin [T, d/2], angles in float64 (as the engine computes them), position t / factor."""
     inv = theta ** (-torch.arange(0, d, 2, dtype=torch.float64, device=device) / d)
-    ang = torch.arange(offset, offset + T, dtype=torch.float64, device=device)[:, None] * inv[None]
+    pos = torch.arange(offset, offset + T, dtype=torch.float64, device=device) / factor
+    ang = pos[:, None] * inv[None]
     return torch.cos(ang), torch.sin(ang)
 
 
@@ -286,7 +321,8 @@ class FmaModel(nn.Module):
             nn.init.zeros_(mod.bias)
 
     def hidden(self, ids, slow=False):
-        cos, sin = rope_tables(ids.shape[1], self.cfg.head_dim, self.cfg.rope_theta, ids.device)
+        cos, sin = rope_tables(ids.shape[1], self.cfg.head_dim, self.cfg.rope_theta, ids.device,
+                               factor=self.cfg.rope_factor)
         x = self.model.embed_tokens(ids)
         for layer in self.model.layers:
             x = layer(x, cos, sin, slow)
@@ -324,12 +360,67 @@ class FmaModel(nn.Module):
         return torch.cat(out, dim=1)
 
 
-def save_hf(model: FmaModel, folder, tokenizer_path, dtype=torch.float32):
+def init_summaries_as_avgpool(model: FmaModel):
+    """Sets every summary convolution to the average pooling it generalises (summary r of a group
+    of w: the mean of tokens [r w/p, (r+1) w/p)), bias 0: the model then computes what its avgpool
+    twin does, as after multipole-convert --fma groupedconv."""
+    cfg = model.cfg
+    p = cfg.fma_rank
+    with torch.no_grad():
+        for name, conv in model.named_modules():
+            if isinstance(conv, nn.Conv1d) and ".fma." in name:
+                assert conv.groups == cfg.head_dim, "only groupedconv starts as avgpool"
+                w = conv.kernel_size[0]
+                weight = torch.zeros(cfg.head_dim, p, w)  # output channel c*p + r
+                for r in range(p):
+                    weight[:, r, r * (w // p):(r + 1) * (w // p)] = p / w
+                conv.weight.copy_(weight.view(cfg.head_dim * p, 1, w))
+                conv.bias.zero_()
+
+
+def read_safetensors(folder):
+    """name -> float32 tensor, from model.safetensors or the shards its index names."""
+    index = os.path.join(folder, "model.safetensors.index.json")
+    files = sorted(set(json.load(open(index))["weight_map"].values())) if os.path.exists(index) \
+        else ["model.safetensors"]
+    dtypes = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+    out = {}
+    for name in files:
+        with open(os.path.join(folder, name), "rb") as f:
+            raw = bytearray(f.read())
+        hlen = int.from_bytes(raw[:8], "little")
+        for key, info in json.loads(raw[8:8 + hlen]).items():
+            if key != "__metadata__":
+                b, e = info["data_offsets"]
+                t = torch.frombuffer(raw[8 + hlen + b:8 + hlen + e], dtype=dtypes[info["dtype"]])
+                out[key] = t.reshape(info["shape"]).float()
+    return out
+
+
+def load_hf(folder, device="cpu", fma=None):
+    """A Hugging Face folder (ours or a Llama-family one) as an FmaModel. fma: keyword arguments
+    of FmaConfig.with_fma, to turn an exact-attention checkpoint into FMA; groupedconv summaries
+    then start as average pooling."""
+    with open(os.path.join(folder, "config.json")) as f:
+        cfg = FmaConfig.from_json(f.read())
+    if fma:
+        cfg = cfg.with_fma(**fma)
+    model = FmaModel(cfg)
+    sd = {k: v for k, v in read_safetensors(folder).items() if not k.endswith("rotary_emb.inv_freq")}
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    assert not unexpected, f"tensors the model does not have: {unexpected}"
+    assert all(".fma." in k for k in missing) and (not missing or fma), f"missing: {missing}"
+    if missing:
+        init_summaries_as_avgpool(model)
+    return model.to(device), cfg
+
+
+def save_hf(model: FmaModel, folder, tokenizer_path, dtype=torch.float32, llama=False):
     """Writes the Hugging Face folder of DESIGN.md section 3 (safetensors written here), the
-    tensors in float32 or bfloat16."""
+    tensors in float32 or bfloat16; llama=True writes an exact model as a LlamaForCausalLM."""
     os.makedirs(folder, exist_ok=True)
     with open(os.path.join(folder, "config.json"), "w") as f:
-        f.write(model.cfg.to_hf_json())
+        f.write(model.cfg.to_hf_json(llama))
     tensors = {k: v.detach().to(dtype).cpu().contiguous() for k, v in model.state_dict().items()}
     header, blobs, off = {"__metadata__": {"format": "pt"}}, [], 0
     for name in sorted(tensors):

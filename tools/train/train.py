@@ -7,6 +7,12 @@ position, schedule). The schedule's length is fixed on the first run: --plan-ste
 that fit in --plan-minutes of training at the speed measured over its first steps. When the plan
 is done, the run exports the Hugging Face folder OUT/hf (bf16 safetensors) for multipole-convert.
 
+Llama-family checkpoints: --llama pretrains an exact-attention model with an untied head and
+exports it as a LlamaForCausalLM folder (a stand-in for a pretrained checkpoint from elsewhere);
+--init HF_DIR starts from such a folder (or one of ours) and, unless --exact, uptrains it as an
+FMA model (--downsampling, --rank, --block-size, --trained-length, as multipole-convert --fma:
+groupedconv summaries start as average pooling); --freeze trains the summary weights only.
+
 usage: train.py --data DIR --out DIR [--exact] [--minutes M] [--plan-minutes M] ...
 """
 import argparse
@@ -18,7 +24,19 @@ import time
 import numpy as np
 import torch
 
-from fma_model import FmaConfig, FmaModel, save_hf
+from fma_model import FmaConfig, FmaModel, load_hf, save_hf
+
+
+def llama_config(tiny, context):
+    """The small Llama-architecture model pretrained here: exact attention, untied head, GQA."""
+    if tiny:
+        return FmaConfig(vocab_size=8192, hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
+                         num_key_value_heads=1, head_dim=32, intermediate_size=128,
+                         tie_word_embeddings=False, max_position_embeddings=context,
+                         fma_enabled=False)
+    return FmaConfig(vocab_size=8192, hidden_size=384, num_hidden_layers=6, num_attention_heads=6,
+                     num_key_value_heads=2, head_dim=64, intermediate_size=1024,
+                     tie_word_embeddings=False, max_position_embeddings=context, fma_enabled=False)
 
 
 def model_config(exact, tiny=False, downsampling="groupedconv", rank=2, scale_attn=True):
@@ -41,6 +59,8 @@ def param_groups(model, cfg):
     m / w_l, so every level moves by the same fraction of its size, and they are not decayed."""
     groups = {}
     for name, prm in model.named_parameters():
+        if not prm.requires_grad:
+            continue
         scale, decay = 1.0, (0.1 if prm.dim() >= 2 else 0.0)
         if ".fma." in name and name.endswith(".weight"):  # self_attn.fma.{k,v}_down.<level-1>
             scale, decay = cfg.fma_block_size / cfg.group_size(int(name.split(".")[-2]) + 1), 0.0
@@ -76,19 +96,38 @@ def main():
     ap.add_argument("--no-scale-attn", action="store_true",
                     help="no log(w/p) bonus on the summaries' scores")
     ap.add_argument("--tiny", action="store_true", help="a tiny model, to smoke-test the pipeline")
+    ap.add_argument("--llama", action="store_true",
+                    help="pretrain an exact Llama-architecture model, exported as LlamaForCausalLM")
+    ap.add_argument("--context", type=int, default=2048, help="--llama: the training length")
+    ap.add_argument("--init", help="start from this Hugging Face folder (Llama-family or ours)")
+    ap.add_argument("--block-size", type=int, default=64, help="--init: FMA block size m")
+    ap.add_argument("--trained-length", type=int,
+                    help="--init: FMA trained length n (default: the checkpoint's)")
+    ap.add_argument("--freeze", action="store_true",
+                    help="train the summary weights only, the transformer's stay as they are")
     args = ap.parse_args()
     t_start = time.time()
     torch.backends.cuda.matmul.allow_tf32 = True
     dev = args.device
-    cfg = model_config(args.exact, args.tiny, args.downsampling, args.rank, not args.no_scale_attn)
+    torch.manual_seed(args.seed)
+    if args.init:
+        fma = None if args.exact else dict(downsampling=args.downsampling, block_size=args.block_size,
+                                           rank=args.rank, trained_length=args.trained_length)
+        model, cfg = load_hf(args.init, dev, fma)
+    else:
+        cfg = llama_config(args.tiny, args.context) if args.llama else \
+            model_config(args.exact, args.tiny, args.downsampling, args.rank, not args.no_scale_attn)
+        model = FmaModel(cfg).to(dev)
+    if args.freeze:
+        for name, prm in model.named_parameters():
+            prm.requires_grad_(".fma." in name)
+        assert any(p.requires_grad for p in model.parameters()), "--freeze: no summary weights"
     n = cfg.max_position_embeddings
     data = np.memmap(os.path.join(args.data, "train.bin"), dtype=np.uint16, mode="r")
     os.makedirs(args.out, exist_ok=True)
     ckpt_path = os.path.join(args.out, "last.pt")
     log = open(os.path.join(args.out, "train.log"), "a")
 
-    torch.manual_seed(args.seed)
-    model = FmaModel(cfg).to(dev)
     opt = torch.optim.AdamW(param_groups(model, cfg), lr=args.lr, betas=(0.9, 0.95),
                             **({"fused": True} if dev == "cuda" else {}))
     state = {"step": 0, "total_steps": args.plan_steps, "tokens": 0, "train_seconds": 0.0}
@@ -101,7 +140,9 @@ def main():
         rng.bit_generator.state = ck["rng"]
         print(f"resumed at step {state['step']} of {state['total_steps']}", file=log, flush=True)
     n_params = sum(p.numel() for p in model.parameters())
-    print(f"{'exact' if args.exact else 'fma'}: {n_params / 1e6:.2f}M parameters, "
+    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    print(f"{'fma' if cfg.fma_enabled else 'exact'}: {n_params / 1e6:.2f}M parameters "
+          f"({n_train / 1e6:.2f}M trained), "
           f"{len(data) / 1e6:.1f}M training tokens", file=log, flush=True)
 
     def batch():
@@ -162,7 +203,7 @@ def main():
               flush=True)
     if state["step"] >= state["total_steps"] or args.final:
         save_hf(model, os.path.join(args.out, "hf"), os.path.join(args.data, "tokenizer.model"),
-                dtype=torch.bfloat16)
+                dtype=torch.bfloat16, llama=args.llama)
         json.dump(state, open(os.path.join(args.out, "done.json"), "w"))
         print(f"exported {args.out}/hf", file=log, flush=True)
     print(f"run took {time.time() - t_start:.0f} s", file=log, flush=True)

@@ -6,6 +6,7 @@
 #include <cstdint>
 #include <functional>
 #include <memory>
+#include <optional>
 #include <span>
 #include <stdexcept>
 #include <string>
@@ -40,6 +41,9 @@ struct Config {
   int intermediate_size = 0;
   float rms_norm_eps = 1e-5f;
   float rope_theta = 10000.0f;
+  // Linear RoPE scaling (Hugging Face rope_scaling {"type": "linear", "factor": f}): positions
+  // are divided by f before the rotation. 1: none.
+  float rope_linear_factor = 1.0f;
   bool tie_word_embeddings = false;
   int64_t n_ctx_train = 0;  // n, the trained length
   // FMA
@@ -116,16 +120,37 @@ std::vector<TensorSpec> expected_tensors(const Config& c);
 
 // --- Conversion (Hugging Face folder -> GGUF) -------------------------------------------------
 
+// How multipole-convert turns a checkpoint without FMA (a Llama or Mistral folder) into an FMA
+// model. The summaries start as average pooling: avgpool needs no weights, groupedconv gets
+// weights that compute that pooling (bias 0), so the converted model starts as the avgpool one.
+struct FmaConversion {
+  Downsampling downsampling = Downsampling::AvgPool;  // avgpool or groupedconv
+  int block_size = 64;         // m
+  int rank = 4;                // p
+  int64_t trained_length = 0;  // n; 0: the checkpoint's max_position_embeddings
+};
+// c (an exact-attention config) with FMA as f says; throws Error naming the option at fault.
+Config with_fma(const Config& c, const FmaConversion& f);
+// The groupedconv weight [p*d, 1, w] of level `level` that computes avgpool's summaries.
+std::vector<float> avgpool_as_groupedconv(const Config& c, int level);
+
 struct ConvertOptions {
   DType dtype = DType::BF16;
   bool overwrite = false;
+  std::optional<FmaConversion> fma;  // turn an exact-attention checkpoint into FMA
   std::function<void(size_t done, size_t total, const std::string& tensor)> progress;
 };
 // Reads config.json, model.safetensors (or the sharded index) and tokenizer.model from hf_dir,
 // checks every tensor against the config and writes out_path atomically (temp file + rename).
+// Accepts our FmaForCausalLM folders and Hugging Face LlamaForCausalLM / MistralForCausalLM ones
+// (exact attention unless opts.fma); refuses, naming the field or tensor, what the engine does not
+// compute (another tokenizer, rope scaling other than linear, sliding windows, biases, ...).
 void convert_hf_to_gguf(const std::string& hf_dir, const std::string& out_path,
                         const ConvertOptions& opts);
 Config config_from_hf_json(const std::string& json_text);
+// Bytes of one sequence's state on the CPU backend (Backend::slot_bytes) after `tokens` tokens:
+// fixed with FMA, growing with `tokens` in exact mode.
+size_t cpu_state_bytes(const Config& c, int64_t tokens);
 
 // --- Tokenizer --------------------------------------------------------------------------------
 
