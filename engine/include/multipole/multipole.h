@@ -122,7 +122,8 @@ struct ConvertOptions {
   std::function<void(size_t done, size_t total, const std::string& tensor)> progress;
 };
 // Reads config.json, model.safetensors (or the sharded index) and tokenizer.model from hf_dir,
-// checks every tensor against the config and writes out_path atomically (temp file + rename).
+// checks every tensor against the config and writes out_path crash-safely (a temporary file,
+// fsynced, renamed over out_path: out_path is never a partial model).
 void convert_hf_to_gguf(const std::string& hf_dir, const std::string& out_path,
                         const ConvertOptions& opts);
 Config config_from_hf_json(const std::string& json_text);
@@ -335,7 +336,9 @@ bool cuda_available();  // built with CUDA and a device is present
 // fresh slot in prefill chunks of `chunk` tokens. Throws when no slot is free.
 std::vector<double> token_nlls(Backend& b, std::span<const int> tokens, int chunk);
 
-// Saves/loads a slot's state to a file (format: README.md, "The model file").
+// Saves/loads a slot's state to a file (format: README.md, "The model file"). Saving is
+// crash-safe (temporary file, fsync, rename); loading refuses a truncated, corrupt (checksum) or
+// foreign state with an Error naming the file.
 void save_state_file(const Backend& b, int slot, const std::string& path);
 void load_state_file(Backend& b, int slot, const std::string& path);
 
