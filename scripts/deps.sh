@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Installs the Debian packages Multipole needs, when run as root and they are missing.
 set -euo pipefail
+# clang, libclang-rt-dev (libFuzzer) and libomp-dev (OpenMP for clang): the fuzz targets.
 pkgs=(cmake ninja-build g++ pkg-config libsentencepiece-dev sentencepiece nlohmann-json3-dev
-      libcpp-httplib-dev libgtest-dev python3-numpy python3-torch python3-sentencepiece)
+      libcpp-httplib-dev libgtest-dev python3-numpy python3-torch python3-sentencepiece
+      clang libclang-rt-dev libomp-dev)
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -85,11 +85,15 @@ int remove_temporaries(const std::string& target) {
   return n;
 }
 
+// A CPU backend over a random small model, written to dir/model.gguf.
+std::unique_ptr<Backend> small_backend(const TempDir& dir, int slots) {
+  return make_backend(random_model(dir, mp::testing::small_config()),
+                      {.kind = "cpu", .n_slots = slots, .n_threads = 1});
+}
+
 TEST(CrashSafeFiles, KilledStateWriterLeavesTheOldOrTheNewState) {
   TempDir dir;
-  const Config c = mp::testing::small_config();
-  auto model = random_model(dir, c);
-  auto b = make_backend(model, {.kind = "cpu", .n_slots = 2, .n_threads = 1});
+  auto b = small_backend(dir, 2);
   // The state after each position, fed as write-loop feeds it (one token a step: same bits).
   const int ref_slot = b->alloc_slot(), check_slot = b->alloc_slot();
   std::vector<std::vector<uint8_t>> ref;
@@ -173,11 +177,9 @@ TEST(CrashSafeFiles, FailedWriteKeepsTheOldFileAndLeavesNoTemporary) {
 
 TEST(StateFile, RefusesTruncatedCorruptAndUnknownFilesNamingThem) {
   TempDir dir;
-  const Config c = mp::testing::small_config();
-  auto model = random_model(dir, c);
-  auto b = make_backend(model, {.kind = "cpu", .n_slots = 1, .n_threads = 1});
+  auto b = small_backend(dir, 1);
   const int s = b->alloc_slot();
-  const auto tokens = mp::testing::random_tokens(37, c.vocab_size, 3);
+  const auto tokens = mp::testing::random_tokens(37, b->config().vocab_size, 3);
   const SeqChunk ch{s, tokens, false};
   b->forward({&ch, 1});
   const std::string path = dir / "seq.state";
@@ -206,12 +208,11 @@ TEST(StateFile, RefusesTruncatedCorruptAndUnknownFilesNamingThem) {
 
 TEST(StateFile, ReadsVersionOneWithoutChecksum) {
   TempDir dir;
-  const Config c = mp::testing::small_config();
-  auto model = random_model(dir, c);
-  auto b = make_backend(model, {.kind = "cpu", .n_slots = 2, .n_threads = 1});
+  auto b = small_backend(dir, 2);
   const int s = b->alloc_slot(), t = b->alloc_slot();
-  const auto prefix = mp::testing::random_tokens(29, c.vocab_size, 4),
-             rest = mp::testing::random_tokens(11, c.vocab_size, 5);
+  const int V = b->config().vocab_size;
+  const auto prefix = mp::testing::random_tokens(29, V, 4),
+             rest = mp::testing::random_tokens(11, V, 5);
   const SeqChunk ch{s, prefix, false};
   b->forward({&ch, 1});
   std::string v1 = read_all((save_state_file(*b, s, dir / "v2.state"), dir / "v2.state"));

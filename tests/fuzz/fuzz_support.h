@@ -64,11 +64,10 @@ inline std::string read_bytes(const std::string& path) {
   return std::string(std::istreambuf_iterator<char>(f), std::istreambuf_iterator<char>());
 }
 
-// The smallest config with every FMA feature on (n = 32, m = 4, p = 2: L = 2 levels), over the
-// tokenizer fixture's 400 pieces: seeds stay a few kilobytes.
+// The small test config shrunk (n = 32, m = 4, p = 2: L = 2 levels; 400 tokens, the tokenizer
+// fixture's): seeds stay a few kilobytes.
 inline Config tiny_config(bool fma) {
-  Config c;
-  c.vocab_size = 400;
+  Config c = testing::small_config();
   c.hidden_size = 8;
   c.n_layers = 1;
   c.n_heads = 2;
@@ -77,7 +76,6 @@ inline Config tiny_config(bool fma) {
   c.intermediate_size = 8;
   c.n_ctx_train = 32;
   c.fma_block_size = 4;
-  c.fma_rank = 2;
   c.tie_word_embeddings = true;
   c.fma_enabled = fma;
   return c;
