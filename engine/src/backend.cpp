@@ -93,7 +93,8 @@ std::vector<double> token_nlls(Backend& b, std::span<const int> tokens, int chun
 }
 
 void save_state_file(const Backend& b, int slot, const std::string& path) {
-  write_file_atomic(path, b.save_slot(slot));
+  const std::vector<uint8_t> bytes = b.save_slot(slot);
+  write_file_atomic(path, {reinterpret_cast<const char*>(bytes.data()), bytes.size()});
 }
 
 void load_state_file(Backend& b, int slot, const std::string& path) {

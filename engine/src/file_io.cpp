@@ -53,8 +53,8 @@ void AtomicFile::commit() {
   if (::rename(tmp_.c_str(), path_.c_str()) != 0) throw io_error("cannot rename a temporary file to", path_);
   tmp_.clear();
   // The rename itself is durable once the folder is synced.
-  std::string dir = std::filesystem::path(path_).parent_path().string();
-  if (dir.empty()) dir = ".";
+  const std::filesystem::path parent = std::filesystem::path(path_).parent_path();
+  const std::string dir = parent.empty() ? std::string(".") : parent.string();
   const int dfd = ::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
   if (dfd < 0) throw io_error("cannot open the folder", dir);
   const int rc = ::fsync(dfd);
@@ -62,7 +62,7 @@ void AtomicFile::commit() {
   if (rc != 0) throw io_error("fsync failed on the folder", dir);
 }
 
-void write_file_atomic(const std::string& path, std::span<const uint8_t> bytes) {
+void write_file_atomic(const std::string& path, std::string_view bytes) {
   AtomicFile f(path);
   f.write(bytes.data(), bytes.size());
   f.commit();

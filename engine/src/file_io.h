@@ -1,11 +1,11 @@
-// Crash-safe writing: the bytes go to a temporary file beside the target, are fsynced, and the
-// temporary is renamed over the target, then the folder is fsynced. Whenever the writer dies,
-// the target is the old file or the new one, never a mix; at worst a `<target>.tmp-*` file is
-// left behind, which nothing reads.
+// Crash-safe writing of a file in pieces (write_file_atomic, in multipole.h, writes one buffer):
+// the bytes go to a temporary file beside the target, are fsynced, and the temporary is renamed
+// over the target, then the folder is fsynced. Whenever the writer dies, the target is the old
+// file or the new one, never a mix; at worst a `<target>.tmp-*` file is left behind, which
+// nothing reads.
 #pragma once
 
-#include <cstdint>
-#include <span>
+#include <cstddef>
 #include <string>
 
 namespace mp {
@@ -23,7 +23,5 @@ class AtomicFile {
   std::string path_, tmp_;
   int fd_ = -1;
 };
-
-void write_file_atomic(const std::string& path, std::span<const uint8_t> bytes);
 
 }  // namespace mp

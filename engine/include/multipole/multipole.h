@@ -128,6 +128,12 @@ void convert_hf_to_gguf(const std::string& hf_dir, const std::string& out_path,
                         const ConvertOptions& opts);
 Config config_from_hf_json(const std::string& json_text);
 
+// --- Files ------------------------------------------------------------------------------------
+
+// Writes `bytes` to `path` crash-safely: to a temporary file beside it, fsynced, renamed over
+// `path`, the folder fsynced. Whenever the writer dies, `path` is the old file or the new one.
+void write_file_atomic(const std::string& path, std::string_view bytes);
+
 // --- Tokenizer --------------------------------------------------------------------------------
 
 class Tokenizer {
