@@ -4,9 +4,12 @@
 # (scripts/run.sh); `all` (the default) adds what the tests need: GoogleTest, and NumPy and
 # PyTorch for the cross-checks and the trainer (scripts/test.sh).
 set -euo pipefail
+# tests: also clang, libclang-rt-dev (libFuzzer) and libomp-dev (OpenMP for clang) for the fuzz
+# targets.
 engine=(cmake ninja-build g++ pkg-config libsentencepiece-dev nlohmann-json3-dev libcpp-httplib-dev
         libdnnl-dev)
-tests=(libgtest-dev sentencepiece python3-numpy python3-torch python3-sentencepiece)
+tests=(libgtest-dev sentencepiece python3-numpy python3-torch python3-sentencepiece clang
+       libclang-rt-dev libomp-dev)
 case "${1:-all}" in
   engine) pkgs=("${engine[@]}") ;;
   all) pkgs=("${engine[@]}" "${tests[@]}") ;;

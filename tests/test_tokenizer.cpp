@@ -205,4 +205,33 @@ TEST(TextStream, WorkPerTokenDoesNotGrowWithTheText) {
   EXPECT_LE(*std::max_element(cost.begin(), cost.end()), 200u);
 }
 
+// fuzz_tokenizer's finding on the TextStream that decoded the whole text at every token
+// (tests/fuzz/regressions/tokenizer): the U+FFFD shown for an unfinished byte sequence is not text
+// yet, so a stop string must not match it; at the end it is final text, and a stop.
+TEST(TextStream, StopStringsMatchFinishedTextOnly) {
+  Tokenizer tok(fixture_bytes(), mp::testing::small_config());
+  const std::string euro = "\xE2\x82\xAC", replacement = "\xEF\xBF\xBD";
+  std::vector<int> bytes;  // the byte pieces <0xE2> <0x82> <0xAC>
+  for (const char* piece : {"<0xE2>", "<0x82>", "<0xAC>"})
+    for (int id = 0; id < tok.vocab_size(); ++id)
+      if (tok.piece(id) == piece) bytes.push_back(id);
+  ASSERT_EQ(bytes.size(), 3u);
+  {
+    TextStream s(tok, {replacement});
+    std::string out;
+    for (int id : bytes) out += s.push(id);
+    out += s.flush();
+    EXPECT_FALSE(s.stopped());
+    EXPECT_EQ(out, euro);
+  }
+  {
+    TextStream s(tok, {replacement});
+    std::string out = s.push(tok.encode("a", false).back());
+    out += s.push(bytes[0]);
+    out += s.flush();  // the byte stays unfinished: its U+FFFD is final text, and a stop
+    EXPECT_TRUE(s.stopped());
+    EXPECT_EQ(out, tok.decode(tok.encode("a", false)));
+  }
+}
+
 }  // namespace

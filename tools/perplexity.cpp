@@ -76,11 +76,8 @@ int main(int argc, char** argv) {
                 std::exp(sum / nll.size()), nll.size(), sum / nll.size());
     std::fprintf(stderr, "%.1f tokens/s (%zu tokens in %.2f s)\n", tokens.size() / secs,
                  tokens.size(), secs);
-    if (args.has("nll-out")) {
-      std::ofstream out(args.str("nll-out"));
-      if (!out) throw mp::Error("cannot write '" + args.str("nll-out") + "'");
-      out << nlohmann::json(nll).dump() << "\n";
-    }
+    if (args.has("nll-out"))
+      mp::write_file_atomic(args.str("nll-out"), nlohmann::json(nll).dump() + "\n");
   } catch (const std::exception& e) {
     std::fprintf(stderr, "error: %s\n", e.what());
     return 1;

@@ -1,8 +1,11 @@
+#include <cerrno>
 #include <cmath>
+#include <cstring>
 #include <fstream>
 #include <iterator>
 
 #include "backend_cpu.h"
+#include "file_io.h"
 #include "sampling.h"
 
 namespace mp {
@@ -90,24 +93,21 @@ std::vector<double> token_nlls(Backend& b, std::span<const int> tokens, int chun
 }
 
 void save_state_file(const Backend& b, int slot, const std::string& path) {
-  const auto bytes = b.save_slot(slot);
-  const std::string tmp = path + ".tmp";
-  {
-    std::ofstream f(tmp, std::ios::binary);
-    if (!f) throw Error("cannot write '" + tmp + "'");
-    f.write(reinterpret_cast<const char*>(bytes.data()),
-            static_cast<std::streamsize>(bytes.size()));
-    if (!f) throw Error("write to '" + tmp + "' failed");
-  }
-  if (std::rename(tmp.c_str(), path.c_str()) != 0) throw Error("cannot rename to '" + path + "'");
+  const std::vector<uint8_t> bytes = b.save_slot(slot);
+  write_file_atomic(path, {reinterpret_cast<const char*>(bytes.data()), bytes.size()});
 }
 
 void load_state_file(Backend& b, int slot, const std::string& path) {
   std::ifstream f(path, std::ios::binary);
-  if (!f) throw Error("cannot read '" + path + "'");
+  if (!f) throw Error("cannot read state file '" + path + "': " + std::strerror(errno));
   const std::vector<uint8_t> bytes((std::istreambuf_iterator<char>(f)),
                                    std::istreambuf_iterator<char>());
-  b.load_slot(slot, bytes);
+  if (f.bad()) throw Error("reading state file '" + path + "' failed: " + std::strerror(errno));
+  try {
+    b.load_slot(slot, bytes);
+  } catch (const Error& e) {
+    throw Error("state file '" + path + "': " + e.what());
+  }
 }
 
 }  // namespace mp

@@ -230,15 +230,7 @@ void convert_hf_to_gguf(const std::string& hf_dir, const std::string& out_path,
   kv["general.file_type"] = gguf::Value::str(std::string(to_string(opts.dtype)));
   kv[kTokenizerKey] = gguf::Value::bytes(spm);
 
-  const std::string tmp = out_path + ".tmp";
-  try {
-    gguf::write(tmp, kv, outs, opts.progress);
-  } catch (...) {
-    std::error_code ec;
-    fs::remove(tmp, ec);
-    throw;
-  }
-  fs::rename(tmp, out_path);
+  gguf::write(out_path, kv, outs, opts.progress);
 }
 
 }  // namespace mp

@@ -1,6 +1,8 @@
 #include "fma_cpu.h"
 
 #include <algorithm>
+#include <array>
+#include <bit>
 #include <cmath>
 #include <cstring>
 
@@ -131,12 +133,16 @@ size_t cpu_state_bytes(const Config& c, int64_t tokens) {
 namespace mp::cpu {
 namespace {
 constexpr uint32_t kStateMagic = 0x5453504d;  // "MPST"
-constexpr uint32_t kStateVersion = 1;
+// Version 1: no checksum (still read). Version 2: the same bytes followed by state_checksum() of
+// everything before it.
+constexpr uint32_t kStateVersion = 2;
+constexpr int64_t kMaxStatePos = int64_t{1} << 53;  // beyond any real sequence; keeps pos + T exact
 
 std::vector<int64_t> fingerprint(const Config& c) {
   return {c.n_layers,       c.n_kv_heads, c.head_dim,  c.fma_enabled,
           c.fma_block_size, c.fma_rank,   c.n_levels()};
 }
+constexpr size_t kHeadValues = 3 + 7;  // magic, version, pos, fingerprint
 
 template <class T>
 void put_vec(std::vector<uint8_t>& out, const std::vector<T>& v) {
@@ -152,8 +158,9 @@ class Reader {
   explicit Reader(std::span<const uint8_t> b) : b_(b) {}
   void raw(void* dst, size_t n) {
     if (n > b_.size() - pos_)
-      throw Error("sequence state: truncated at byte " + std::to_string(pos_));
-    std::memcpy(dst, b_.data() + pos_, n);
+      throw Error("sequence state: truncated at byte " + std::to_string(pos_) + " of " +
+                  std::to_string(b_.size()));
+    if (n) std::memcpy(dst, b_.data() + pos_, n);  // an empty block's data() may be null
     pos_ += n;
   }
   template <class T>
@@ -162,17 +169,44 @@ class Reader {
     raw(&n, 8);
     if (n != expected)
       throw Error("sequence state: a block holds " + std::to_string(n) + " values, expected " +
-                  std::to_string(expected) + " (state of another model?)");
+                  std::to_string(expected) + " (state of another model, or corrupt)");
     v.resize(n);
     raw(v.data(), n * sizeof(T));
   }
-  bool done() const { return pos_ == b_.size(); }
 
  private:
   std::span<const uint8_t> b_;
   size_t pos_ = 0;
 };
+
+// The groups a level's summary ring holds at position `pos`: the last (up to) 3 complete ones,
+// group g at g mod 3; -1 where none.
+std::array<int64_t, 3> ring_groups(int64_t pos, int w) {
+  std::array<int64_t, 3> r = {-1, -1, -1};
+  const int64_t done = pos / w;
+  for (int64_t g = std::max<int64_t>(0, done - 3); g < done; ++g) r[g % 3] = g;
+  return r;
+}
 }  // namespace
+
+uint64_t state_checksum(std::span<const uint8_t> bytes) {
+  // 64-bit words through a multiply-rotate mix (murmur style), the length folded in at the end.
+  constexpr uint64_t k1 = 0x87c37b91114253d5ull, k2 = 0x4cf5ad432745937full;
+  uint64_t h = 0x9e3779b97f4a7c15ull;
+  size_t i = 0;
+  for (; i + 8 <= bytes.size(); i += 8) {
+    uint64_t w;
+    std::memcpy(&w, bytes.data() + i, 8);
+    h = std::rotl(h ^ (w * k1), 31) * k2;
+  }
+  uint64_t tail = 0;
+  if (i < bytes.size()) std::memcpy(&tail, bytes.data() + i, bytes.size() - i);
+  h = std::rotl(h ^ (tail * k1), 31) * k2 ^ bytes.size();
+  h ^= h >> 33;
+  h *= 0xff51afd7ed558ccdull;
+  h ^= h >> 33;
+  return h;
+}
 
 std::vector<uint8_t> serialize(const Config& c, const SeqCache& s) {
   std::vector<uint8_t> out;
@@ -189,24 +223,52 @@ std::vector<uint8_t> serialize(const Config& c, const SeqCache& s) {
     put_vec(out, l.acc_k);
     put_vec(out, l.acc_v);
   }
+  const uint64_t sum = state_checksum(out);
+  const auto* p = reinterpret_cast<const uint8_t*>(&sum);
+  out.insert(out.end(), p, p + 8);
   return out;
 }
 
 void deserialize(const Config& c, std::span<const uint8_t> bytes, SeqCache& s) {
   Reader r(bytes);
-  std::vector<int64_t> head;
+  uint64_t n_head;
+  r.raw(&n_head, 8);
+  std::vector<int64_t> head(kHeadValues);
+  if (n_head == kHeadValues) r.raw(head.data(), 8 * kHeadValues);
+  if (n_head != kHeadValues || head[0] != kStateMagic)
+    throw Error("sequence state: bad magic (not a state file)");
+  if (head[1] != 1 && head[1] != kStateVersion)
+    throw Error("sequence state: version " + std::to_string(head[1]) +
+                " is not supported (this build reads 1 and 2)");
   const auto fp = fingerprint(c);
-  r.vec(head, 3 + fp.size());
-  if (head[0] != kStateMagic) throw Error("sequence state: bad magic");
-  if (head[1] != kStateVersion)
-    throw Error("sequence state: version " + std::to_string(head[1]) + " is not supported");
   if (!std::equal(fp.begin(), fp.end(), head.begin() + 3))
     throw Error("sequence state: saved for a model of another shape");
   SeqCache fresh = make_seq_cache(c);
   fresh.pos = head[2];
-  if (fresh.pos < 0) throw Error("sequence state: negative position");
+  if (fresh.pos < 0 || fresh.pos > kMaxStatePos ||
+      (!c.fma_enabled && uint64_t(fresh.pos) > bytes.size()))
+    throw Error("sequence state: implausible position " + std::to_string(fresh.pos) +
+                " (corrupt)");
+  // Every block's length follows from the config and the position: check the size first, so that
+  // a truncated file says so.
   const size_t kvd = size_t(c.n_kv_heads) * c.head_dim;
   const size_t fine = c.fma_enabled ? fine_capacity(c) * kvd : size_t(fresh.pos) * kvd;
+  const LayerCache& l0 = fresh.layers[0];
+  const size_t per_layer = 7 * 8 + 4 * (2 * fine + l0.sum_k.size() + l0.sum_v.size() +
+                                        l0.acc_k.size() + l0.acc_v.size()) +
+                           8 * l0.sum_group.size();
+  const size_t checksum_bytes = head[1] >= 2 ? 8 : 0;
+  const size_t want = 8 + 8 * kHeadValues + c.n_layers * per_layer + checksum_bytes;
+  if (bytes.size() != want)
+    throw Error("sequence state: " + std::to_string(bytes.size()) + " bytes, a state of this model at position " +
+                std::to_string(fresh.pos) + " has " + std::to_string(want) +
+                (bytes.size() < want ? " (truncated)" : " (trailing bytes)"));
+  if (checksum_bytes) {
+    uint64_t stored;
+    std::memcpy(&stored, bytes.data() + want - 8, 8);
+    if (stored != state_checksum(bytes.first(want - 8)))
+      throw Error("sequence state: checksum mismatch (the bytes are corrupt)");
+  }
   for (auto& l : fresh.layers) {
     r.vec(l.fine_k, fine);
     r.vec(l.fine_v, fine);
@@ -215,8 +277,12 @@ void deserialize(const Config& c, std::span<const uint8_t> bytes, SeqCache& s) {
     r.vec(l.sum_group, l.sum_group.size());
     r.vec(l.acc_k, l.acc_k.size());
     r.vec(l.acc_v, l.acc_v.size());
+    for (int lv = 1; lv <= c.n_levels(); ++lv)
+      if (!std::equal(l.sum_group.begin() + (lv - 1) * 3, l.sum_group.begin() + lv * 3,
+                      ring_groups(fresh.pos, c.group_size(lv)).begin()))
+        throw Error("sequence state: the summaries of level " + std::to_string(lv) +
+                    " do not match position " + std::to_string(fresh.pos) + " (corrupt)");
   }
-  if (!r.done()) throw Error("sequence state: trailing bytes");
   s = std::move(fresh);
 }
 

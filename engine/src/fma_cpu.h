@@ -54,8 +54,11 @@ SeqCache make_seq_cache(const Config& c);
 void reset_seq_cache(const Config& c, SeqCache& s);
 int64_t fine_capacity(const Config& c);  // 2m with FMA; 0 (grows) in exact mode
 size_t seq_cache_bytes(const SeqCache& s);
+// The state's bytes (format: README.md, "The model file"), ending in their checksum.
 std::vector<uint8_t> serialize(const Config& c, const SeqCache& s);
+// Throws Error on a truncated, corrupt or foreign state; reads version 1 (no checksum) too.
 void deserialize(const Config& c, std::span<const uint8_t> bytes, SeqCache& s);
+uint64_t state_checksum(std::span<const uint8_t> bytes);
 
 // The attention of one chunk of T new tokens of one sequence for one layer. The constructor
 // computes the summaries of the groups completed inside the chunk; attend() is thread-safe and

@@ -1,10 +1,10 @@
 #include "gguf.h"
 
-#include <cerrno>
-#include <cstdio>
 #include <cstring>
 #include <limits>
 #include <set>
+
+#include "file_io.h"
 
 namespace mp::gguf {
 namespace {
@@ -390,32 +390,23 @@ void write(const std::string& path, const std::map<std::string, Value>& kv,
   }
   head.resize((head.size() + kAlignment - 1) / kAlignment * kAlignment, 0);
 
-  FILE* fp = std::fopen(path.c_str(), "wb");
-  if (!fp) throw Error("cannot open '" + path + "' for writing: " + std::strerror(errno));
-  auto put_bytes = [&](const std::vector<uint8_t>& b) {
-    if (std::fwrite(b.data(), 1, b.size(), fp) != b.size()) {
-      std::fclose(fp);
-      throw Error("write to '" + path + "' failed: " + std::strerror(errno));
-    }
-  };
-  put_bytes(head);
+  AtomicFile out(path);
+  out.write(head.data(), head.size());
   std::vector<uint8_t> buf;
   for (size_t k = 0; k < tensors.size(); ++k) {
     buf.clear();
     tensors[k].write(buf);
     uint64_t numel = 1;
     for (auto d : tensors[k].shape) numel *= static_cast<uint64_t>(d);
-    if (buf.size() != numel * dtype_size(tensors[k].dtype)) {
-      std::fclose(fp);
+    if (buf.size() != numel * dtype_size(tensors[k].dtype))
       throw Error("GGUF write: tensor '" + tensors[k].name + "' produced " +
                   std::to_string(buf.size()) + " bytes, its shape needs " +
                   std::to_string(numel * dtype_size(tensors[k].dtype)));
-    }
     buf.resize((buf.size() + kAlignment - 1) / kAlignment * kAlignment, 0);
-    put_bytes(buf);
+    out.write(buf.data(), buf.size());
     if (progress) progress(k + 1, tensors.size(), tensors[k].name);
   }
-  if (std::fclose(fp) != 0) throw Error("closing '" + path + "' failed: " + std::strerror(errno));
+  out.commit();
 }
 
 }  // namespace mp::gguf

@@ -80,7 +80,8 @@ struct TensorOut {
   std::function<void(std::vector<uint8_t>& out)> write;
 };
 
-// Writes a GGUF v3 file (alignment 32). `progress` is called after each tensor.
+// Writes a GGUF v3 file (alignment 32) crash-safely (file_io.h): `path` is the old file or the
+// whole new one. `progress` is called after each tensor.
 void write(const std::string& path, const std::map<std::string, Value>& kv,
            const std::vector<TensorOut>& tensors,
            const std::function<void(size_t, size_t, const std::string&)>& progress = {});

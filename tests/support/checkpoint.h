@@ -30,4 +30,7 @@ Config small_config();
 void write_random_checkpoint(const std::string& dir, const Config& c, const CheckpointOptions& o);
 std::string config_json(const Config& c, const std::string& architecture = "FmaForCausalLM");
 
+// The token write-loop (tests/support/write_loop_main.cpp) feeds at position `pos`.
+inline int write_loop_token(int64_t pos) { return 3 + static_cast<int>((pos * 7) % 390); }
+
 }  // namespace mp::testing

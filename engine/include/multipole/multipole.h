@@ -141,7 +141,8 @@ struct ConvertOptions {
   std::function<void(size_t done, size_t total, const std::string& tensor)> progress;
 };
 // Reads config.json, model.safetensors (or the sharded index) and tokenizer.model from hf_dir,
-// checks every tensor against the config and writes out_path atomically (temp file + rename).
+// checks every tensor against the config and writes out_path crash-safely (a temporary file,
+// fsynced, renamed over out_path: out_path is never a partial model).
 // Accepts our FmaForCausalLM folders and Hugging Face LlamaForCausalLM / MistralForCausalLM ones
 // (exact attention unless opts.fma); refuses, naming the field or tensor, what the engine does not
 // compute (another tokenizer, rope scaling other than linear, sliding windows, biases, ...).
@@ -151,6 +152,12 @@ Config config_from_hf_json(const std::string& json_text);
 // Bytes of one sequence's state on the CPU backend (Backend::slot_bytes) after `tokens` tokens:
 // fixed with FMA, growing with `tokens` in exact mode.
 size_t cpu_state_bytes(const Config& c, int64_t tokens);
+
+// --- Files ------------------------------------------------------------------------------------
+
+// Writes `bytes` to `path` crash-safely: to a temporary file beside it, fsynced, renamed over
+// `path`, the folder fsynced. Whenever the writer dies, `path` is the old file or the new one.
+void write_file_atomic(const std::string& path, std::string_view bytes);
 
 // --- Tokenizer --------------------------------------------------------------------------------
 
@@ -360,7 +367,9 @@ bool cuda_available();  // built with CUDA and a device is present
 // fresh slot in prefill chunks of `chunk` tokens. Throws when no slot is free.
 std::vector<double> token_nlls(Backend& b, std::span<const int> tokens, int chunk);
 
-// Saves/loads a slot's state to a file (format: README.md, "The model file").
+// Saves/loads a slot's state to a file (format: README.md, "The model file"). Saving is
+// crash-safe (temporary file, fsync, rename); loading refuses a truncated, corrupt (checksum) or
+// foreign state with an Error naming the file.
 void save_state_file(const Backend& b, int slot, const std::string& path);
 void load_state_file(Backend& b, int slot, const std::string& path);
 
