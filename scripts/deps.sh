@@ -2,7 +2,8 @@
 # Installs the Debian packages Multipole needs, when run as root and they are missing.
 set -euo pipefail
 pkgs=(cmake ninja-build g++ pkg-config libsentencepiece-dev sentencepiece nlohmann-json3-dev
-      libcpp-httplib-dev libgtest-dev python3-numpy python3-torch python3-sentencepiece)
+      libcpp-httplib-dev libgtest-dev python3-numpy python3-torch python3-sentencepiece
+      chromium)  # chromium: the playground page's browser test (tests/browser)
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -85,12 +85,15 @@ class Model {
   const TensorView& tensor(const std::string& name, const std::vector<int64_t>& shape) const;
   const std::vector<TensorView>& tensors() const { return tensors_; }
   const std::string& path() const { return path_; }
+  // The GGUF's tokenizer.chat_template (Jinja source), empty when the file has none.
+  const std::string& chat_template() const { return chat_template_; }
 
  private:
   Model() = default;
   struct Mapping;
   std::unique_ptr<Mapping> mapping_;
   std::string path_;
+  std::string chat_template_;
   Config config_;
   std::unique_ptr<Tokenizer> tokenizer_;
   std::vector<TensorView> tensors_;
@@ -123,6 +126,7 @@ struct ConvertOptions {
 };
 // Reads config.json, model.safetensors (or the sharded index) and tokenizer.model from hf_dir,
 // checks every tensor against the config and writes out_path atomically (temp file + rename).
+// tokenizer_config.json's "chat_template", when present, becomes tokenizer.chat_template.
 void convert_hf_to_gguf(const std::string& hf_dir, const std::string& out_path,
                         const ConvertOptions& opts);
 Config config_from_hf_json(const std::string& json_text);
@@ -350,6 +354,7 @@ struct CompletionEvent {
   bool done = false;
   std::string finish_reason;  // "stop", "length", "cancelled" or "error: ..." when done
   int prompt_tokens = 0, completion_tokens = 0;
+  size_t state_bytes = 0;  // the sequence's state (Backend::slot_bytes) after this event
 };
 
 struct CompletionRequest {
