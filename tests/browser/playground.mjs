@@ -9,7 +9,7 @@ const fail = (msg) => { console.error("FAIL: " + msg); process.exit(1); };
 
 // The page Chromium opened on the server's "/".
 let target;
-for (let i = 0; i < 100 && !target; i++) {
+for (let i = 0; i < 600 && !target; i++) {  // a minute: a loaded machine starts chromium slowly
   try {
     const list = await (await fetch(`http://127.0.0.1:${devtoolsPort}/json/list`)).json();
     target = list.find((t) => t.type === "page" && t.url.startsWith(base));

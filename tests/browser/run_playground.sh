@@ -26,7 +26,7 @@ start_server "$build" "$work/server.log" --model "$model" --threads 2 --ctx-limi
   "http://127.0.0.1:$port/" 2>"$work/chrome.log" &
 chrome=$!
 devtools=
-for _ in $(seq 300); do
+for _ in $(seq 600); do
   [ -s "$work/profile/DevToolsActivePort" ] && devtools=$(head -1 "$work/profile/DevToolsActivePort") && break
   kill -0 $chrome 2>/dev/null || { cat "$work/chrome.log" >&2; exit 1; }
   sleep 0.1
