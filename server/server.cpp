@@ -149,8 +149,8 @@ struct Server::Impl {
       if (t_refuse) {  // no thread to serve it: answered before its body is read
         res.set_header("Retry-After", "1");
         res.set_header("Connection", "close");
-        error(res, api::ApiError(503, "the server is at its connection limit; try again later",
-                                 "", "server_overloaded", "server_error"));
+        error(res, api::ApiError(503, "the server is at its connection limit; try again later", "",
+                                 "server_overloaded", "server_error"));
         return httplib::Server::HandlerResponse::Handled;
       }
       if (opts.api_key.empty() || req.path == "/health")
@@ -278,6 +278,7 @@ struct Server::Impl {
     api::CompletionsCall call =
         chat ? api::parse_chat_completions(parse_body(req), chat_format, opts.ctx_limit)
              : api::parse_completions(parse_body(req), model->tokenizer(), opts.ctx_limit);
+    if (!call.session.empty()) throw api::no_sessions();  // issue 16 item 2 serves them here
     const std::string id = api::id_prefix(call) + std::to_string(next_request++);
     res.set_header("X-Request-Id", id);
     const auto created = std::chrono::duration_cast<std::chrono::seconds>(

@@ -204,7 +204,9 @@ TEST_F(ChatModel, ChatRequestsAreParsedAndCheckedField) {
   EXPECT_EQ(param_of({{"messages", {user}}, {"max_completion_tokens", "5"}}),
             "max_completion_tokens");
   EXPECT_EQ(param_of({{"messages", {user}}, {"tools", {{{"type", "function"}}}}}), "tools");
-  EXPECT_EQ(param_of({{"messages", {user}}, {"session", "s1"}}), "session");
+  EXPECT_EQ(param_of({{"messages", {user}}, {"session", 5}}), "session");
+  EXPECT_EQ(api::parse_chat_completions({{"messages", {user}}, {"session", "s1"}}, f, 0).session,
+            "s1");
   EXPECT_EQ(param_of({{"messages", {{{"role", "user"}, {"content", std::string(600, 'z')}}}}}),
             "messages");  // over the context limit
   // The template's raise_exception() is the request's error.

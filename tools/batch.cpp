@@ -256,6 +256,7 @@ int main(int argc, char** argv) {
       try {
         job.call = l.chat ? mp::api::parse_chat_completions(l.body, format, ctx_limit)
                           : mp::api::parse_completions(l.body, tok, ctx_limit);
+        if (!job.call.session.empty()) throw mp::api::no_sessions();
       } catch (const mp::api::ApiError& e) {
         fail_line(e.body(), e.status);
         continue;

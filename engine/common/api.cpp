@@ -61,8 +61,6 @@ CompletionRequest parse_common(const json& b, CompletionsCall& call, int max_tok
   if (b.contains("session") && !b["session"].is_null()) {
     if (!b["session"].is_string()) throw bad("session", "'session' must be a string");
     call.session = b["session"].get<std::string>();
-    // Issue 16 item 2 (sessions) replaces this refusal with the session's state.
-    throw bad("session", "sessions are not available on this server yet");
   }
   CompletionRequest r;
   r.max_tokens = static_cast<int>(integer(b, "max_tokens", max_tokens_default, 0, 1 << 20));
@@ -169,8 +167,8 @@ CompletionsCall parse_completions(const json& b, const Tokenizer& tok, int64_t c
       if (!t.is_number_integer()) throw bad("prompt", kPromptShape);
       const long long id = t.get<long long>();
       if (id < 0 || id >= tok.vocab_size())
-        throw bad("prompt", "'prompt' holds the token id " + std::to_string(id) +
-                                ", outside the vocabulary");
+        throw bad("prompt",
+                  "'prompt' holds the token id " + std::to_string(id) + ", outside the vocabulary");
       ids.push_back(static_cast<int>(id));
     }
     prompts.emplace_back(tok.decode(ids), std::move(ids));
@@ -199,7 +197,8 @@ CompletionsCall parse_completions(const json& b, const Tokenizer& tok, int64_t c
   call.echo = boolean(b, "echo", false);
   call.logprobs = static_cast<int>(integer(b, "logprobs", 0, 0, 20));
   call.with_logprobs = call.logprobs > 0;
-  for (auto& [text, ids] : prompts) add_prompt(call, base, std::move(text), std::move(ids), ctx_limit);
+  for (auto& [text, ids] : prompts)
+    add_prompt(call, base, std::move(text), std::move(ids), ctx_limit);
   return call;
 }
 
@@ -383,6 +382,10 @@ json stream_choice(const CompletionsCall& call, int index, const CompletionEvent
 std::string finish_reason(const CompletionEvent& e) {
   if (e.finish_reason == "stop" || e.finish_reason == "length") return e.finish_reason;
   return "error";
+}
+
+ApiError no_sessions() {
+  return ApiError(400, "sessions are not available here yet", "session", "invalid_value");
 }
 
 json usage(int prompt_tokens, int completion_tokens) {

@@ -39,7 +39,8 @@ struct CompletionsCall {
   bool continuous_usage = false;
   bool with_logprobs = false;  // completions: logprobs > 0; chat: "logprobs": true
   int logprobs = 0;  // alternatives per token (completions' logprobs, chat's top_logprobs)
-  // "session": continue that session's state (issue 16 item 2, not yet served: refused).
+  // "session": continue that session's state (issue 16 item 2; until then the server and the
+  // batch tool refuse it with no_sessions()).
   std::string session;
   std::vector<CompletionRequest> requests;  // prompts.size() * n, prompt-major; no on_event yet
   std::vector<int> prompt_tokens;           // per prompt
@@ -78,6 +79,7 @@ json stream_choice(const CompletionsCall& call, int index, const CompletionEvent
 // The `logprobs` object of one event (completions shape).
 json event_logprobs(const CompletionEvent& e, const Tokenizer& tok, size_t offset);
 std::string finish_reason(const CompletionEvent& e);  // "stop" | "length" | "error"
+ApiError no_sessions();  // the 400 for a "session" where sessions are not served
 json usage(int prompt_tokens, int completion_tokens);
 // JSON text with invalid UTF-8 replaced, never an exception.
 std::string dump(const json& j);
