@@ -149,8 +149,8 @@ struct Server::Impl {
       if (t_refuse) {  // no thread to serve it: answered before its body is read
         res.set_header("Retry-After", "1");
         res.set_header("Connection", "close");
-        error(res, api::ApiError(503, "the server is at its connection limit; try again later", "",
-                                 "server_overloaded", "server_error"));
+        error(res, api::ApiError(503, "the server is at its connection limit; try again later",
+                                 "", "server_overloaded", "server_error"));
         return httplib::Server::HandlerResponse::Handled;
       }
       if (opts.api_key.empty() || req.path == "/health")
