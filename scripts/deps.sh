@@ -5,11 +5,11 @@
 # PyTorch for the cross-checks and the trainer (scripts/test.sh).
 set -euo pipefail
 # tests: also clang, libclang-rt-dev (libFuzzer) and libomp-dev (OpenMP for clang) for the fuzz
-# targets.
+# targets; chromium for the playground page's browser test (tests/browser).
 engine=(cmake ninja-build g++ pkg-config libsentencepiece-dev nlohmann-json3-dev libcpp-httplib-dev
         libdnnl-dev)
 tests=(libgtest-dev sentencepiece python3-numpy python3-torch python3-sentencepiece clang
-       libclang-rt-dev libomp-dev)
+       libclang-rt-dev libomp-dev chromium)
 case "${1:-all}" in
   engine) pkgs=("${engine[@]}") ;;
   all) pkgs=("${engine[@]}" "${tests[@]}") ;;

@@ -2,6 +2,8 @@
 #include <atomic>
 #include <csignal>
 #include <cstdio>
+#include <fstream>
+#include <iterator>
 #include <thread>
 
 #include "common/args.h"
@@ -29,10 +31,12 @@ int main(int argc, char** argv) {
                   "                    (default: the backend's, 512 on the CPU, 65536 on CUDA)\n"
                   "  --backend KIND    auto, cpu or cuda (default auto)\n"
                   "  --name NAME       model id reported by /v1/models (default multipole)\n"
+                  "  --chat-template-file FILE  Jinja chat template replacing the model's\n"
                   "  --quiet           no access log\n",
                   {{"m", "model"}});
   a.check_known({"model", "host", "port", "slots", "max-queue", "ctx-limit", "api-key", "threads",
-                 "http-threads", "prefill-per-step", "backend", "name", "quiet"});
+                 "http-threads", "prefill-per-step", "backend", "name", "quiet",
+                 "chat-template-file"});
   try {
     auto model = mp::Model::load(a.str("model", "models/default.gguf"));
     mp::BackendOptions bo;
@@ -52,6 +56,11 @@ int main(int argc, char** argv) {
     o.ctx_limit = a.integer("ctx-limit", 0);
     o.http_threads = static_cast<int>(a.integer("http-threads", 0));
     o.model_name = a.str("name", "multipole");
+    if (a.has("chat-template-file")) {
+      std::ifstream f(a.str("chat-template-file"));
+      if (!f) throw mp::Error("cannot read '" + a.str("chat-template-file") + "'");
+      o.chat_template.assign(std::istreambuf_iterator<char>(f), {});
+    }
     o.access_log = !a.has("quiet");
     mp::Server server(model, sched, o);
     if (!server.bind()) throw mp::Error("cannot bind " + o.host + ":" + std::to_string(o.port));

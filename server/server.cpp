@@ -13,6 +13,7 @@
 #include <mutex>
 
 #include "common/api.h"
+#include "playground.h"
 
 namespace mp {
 
@@ -119,9 +120,13 @@ struct Server::Impl {
   std::mutex metrics_mu;
   std::map<int, uint64_t> responses;  // by status
   Histogram ttft, itl;
+  chat::Format chat_format;
 
-  Impl(std::shared_ptr<const Model> m, Scheduler& s, ServerOptions o)
-      : model(std::move(m)), sched(s), opts(std::move(o)) {
+  Impl(std::shared_ptr<const Model> m, Scheduler& s, ServerOptions o, std::string* warning)
+      : model(std::move(m)),
+        sched(s),
+        opts(std::move(o)),
+        chat_format(chat::format_for(*model, opts.chat_template, warning)) {
     if (opts.ctx_limit <= 0) opts.ctx_limit = model->config().n_ctx_train;
     if (opts.http_threads <= 0) {
       const SchedulerStats st = sched.stats();
@@ -219,7 +224,13 @@ struct Server::Impl {
       });
     });
     http.Post("/v1/completions", [this](const httplib::Request& req, httplib::Response& res) {
-      handle(res, [&] { completions(req, res); });
+      handle(res, [&] { completions(req, res, false); });
+    });
+    http.Post("/v1/chat/completions", [this](const httplib::Request& req, httplib::Response& res) {
+      handle(res, [&] { completions(req, res, true); });
+    });
+    http.Get("/", [](const httplib::Request&, httplib::Response& res) {
+      res.set_content(playground_html(), "text/html; charset=utf-8");
     });
   }
 
@@ -264,10 +275,13 @@ struct Server::Impl {
     }
   }
 
-  void completions(const httplib::Request& req, httplib::Response& res) {
+  // /v1/completions and /v1/chat/completions: the same machinery, api.* shapes the objects.
+  void completions(const httplib::Request& req, httplib::Response& res, bool chat) {
     api::CompletionsCall call =
-        api::parse_completions(parse_body(req), model->tokenizer(), opts.ctx_limit);
-    const std::string id = "cmpl-" + std::to_string(next_request++);
+        chat ? api::parse_chat_completions(parse_body(req), chat_format, opts.ctx_limit)
+             : api::parse_completions(parse_body(req), model->tokenizer(), opts.ctx_limit);
+    if (!call.session.empty()) throw api::no_sessions();  // issue 16 item 2 serves them here
+    const std::string id = api::id_prefix(call) + std::to_string(next_request++);
     res.set_header("X-Request-Id", id);
     const auto created = std::chrono::duration_cast<std::chrono::seconds>(
                              std::chrono::system_clock::now().time_since_epoch())
@@ -304,19 +318,10 @@ struct Server::Impl {
       throw;
     }
     const Tokenizer& tok = model->tokenizer();
-    auto echo_of = [call](int choice) {
-      return call.echo ? call.prompts[choice / call.n] : std::string();
-    };
-    int prompt_total = 0;
-    for (size_t i = 0; i < call.requests.size(); ++i)
-      prompt_total += call.prompt_tokens[i / call.n];
+    const int prompt_total = api::prompt_total(call);
     // A completion object around its choices, the same in every response shape.
     auto completion = [=, this](json choices) {
-      return json{{"id", id},
-                  {"object", "text_completion"},
-                  {"created", created},
-                  {"model", opts.model_name},
-                  {"choices", std::move(choices)}};
+      return api::response(call, id, created, opts.model_name, std::move(choices));
     };
     // The client went away (a write failed): its requests stop at the next step.
     auto release = [this, ch, ids](bool success) {
@@ -337,25 +342,19 @@ struct Server::Impl {
             while (!ch->events.empty()) {
               auto [i, e] = std::move(ch->events.front());
               ch->events.pop_front();
-              (*choices)[i].add(e, tok, call.logprobs > 0);
+              (*choices)[i].add(e, tok, call);
             }
             if (ch->open > 0) {
               lock.unlock();
               return sink.write(" ", 1);
             }
             lock.unlock();
-            json out = completion(json::array());
-            int completion_total = 0;
-            for (size_t i = 0; i < choices->size(); ++i) {
-              out["choices"].push_back(
-                  (*choices)[i].choice(int(i), call.logprobs > 0, echo_of(int(i))));
-              completion_total += (*choices)[i].completion_tokens;
-            }
-            out["usage"] = api::usage(prompt_total, completion_total);
+            const json out = api::final_response(call, id, created, opts.model_name, *choices);
             const std::string body = api::dump(out);
             if (!sink.write(body.data(), body.size())) return false;
             sink.done();
-            log_completion(id, prompt_total, completion_total, t0, *first_token, false);
+            log_completion(id, prompt_total, out["usage"]["completion_tokens"], t0, *first_token,
+                           false);
             return true;
           },
           release);
@@ -363,7 +362,7 @@ struct Server::Impl {
     }
     res.set_header("Cache-Control", "no-cache");
     auto offsets = std::make_shared<std::vector<size_t>>(call.requests.size(), 0);
-    auto echoed = std::make_shared<std::vector<bool>>(call.requests.size(), false);
+    auto started = std::make_shared<std::vector<bool>>(call.requests.size(), false);
     auto completion_total = std::make_shared<int>(0);
     auto sent_done = std::make_shared<bool>(false);
     const api::TokenChunk token_chunk(id, created, opts.model_name);
@@ -381,7 +380,8 @@ struct Server::Impl {
           std::string chunk;
           auto add = [&](const json& j) { chunk += "data: " + api::dump(j) + "\n\n"; };
           for (auto& [i, e] : batch) {
-            if ((*echoed)[i] && !e.done && call.logprobs == 0) {  // a plain token: the fast way
+            if ((*started)[i] && !e.done && !call.chat && !call.continuous_usage &&
+                !call.with_logprobs) {  // a plain token of a completion: the fast way
               const std::string ev = token_chunk.event(i, e.text);
               if (!ev.empty()) {
                 chunk += ev;
@@ -389,20 +389,16 @@ struct Server::Impl {
                 continue;
               }
             }
-            std::string text = e.text;
-            if (!(*echoed)[i]) {
-              text = echo_of(i) + text;
-              (*echoed)[i] = true;
+            json event =
+                completion({api::stream_choice(call, i, e, !(*started)[i], (*offsets)[i], tok)});
+            (*started)[i] = true;
+            if (call.continuous_usage) {
+              event["usage"] = api::usage(call.prompt_tokens[i / call.n], e.completion_tokens);
+              event["usage"]["state_bytes"] = e.state_bytes;
             }
-            json c = {{"text", text},
-                      {"index", i},
-                      {"logprobs", call.logprobs > 0 && e.token >= 0
-                                       ? api::event_logprobs(e, tok, (*offsets)[i])
-                                       : json(nullptr)},
-                      {"finish_reason", e.done ? json(api::finish_reason(e)) : json(nullptr)}};
             (*offsets)[i] += e.text.size();
             if (e.done) *completion_total += e.completion_tokens;
-            add(completion(json::array({c})));
+            add(event);
           }
           const bool last = finished && !*sent_done;
           if (last) {
@@ -457,8 +453,11 @@ struct Server::Impl {
   }
 };
 
-Server::Server(std::shared_ptr<const Model> model, Scheduler& scheduler, ServerOptions opts)
-    : impl_(std::make_unique<Impl>(std::move(model), scheduler, std::move(opts))) {}
+Server::Server(std::shared_ptr<const Model> model, Scheduler& scheduler, ServerOptions opts) {
+  std::string warning;
+  impl_ = std::make_unique<Impl>(std::move(model), scheduler, std::move(opts), &warning);
+  if (!warning.empty()) std::fprintf(stderr, "warning: %s\n", warning.c_str());
+}
 Server::~Server() { stop(); }
 
 bool Server::bind() {

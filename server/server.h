@@ -20,6 +20,7 @@ struct ServerOptions {
   // connection beyond them and 16 waiting gets an immediate 503.
   int http_threads = 0;
   std::string model_name = "multipole";
+  std::string chat_template;  // Jinja source replacing the model's chat template (empty: none)
   bool access_log = true;
 };
 

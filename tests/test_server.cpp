@@ -11,6 +11,7 @@
 #include <random>
 #include <thread>
 
+#include "common/chat.h"
 #include "model_fixture.h"
 #include "common/api.h"
 #include "server.h"
@@ -55,9 +56,10 @@ struct Running {
     c.set_read_timeout(60, 0);
     return c;
   }
-  httplib::Result post(const json& body) const {
-    return client().Post("/v1/completions", body.dump(), "application/json");
+  httplib::Result post(const json& body, const char* path = "/v1/completions") const {
+    return client().Post(path, body.dump(), "application/json");
   }
+  httplib::Result chat(const json& body) const { return post(body, "/v1/chat/completions"); }
 };
 
 // The data: payloads of an SSE body, [DONE] last.
@@ -350,6 +352,159 @@ TEST(Api, TokenChunkEqualsTheDumpOfTheSameObject) {
     EXPECT_EQ(chunk.event(0, bad), "") << bad;
 }
 
+// The chunks of a streamed chat: the concatenated delta contents, the role of each choice's
+// first delta, the finish reason and the usage chunk; every chunk parses and has the chat shape.
+struct ChatStream {
+  std::string text, role, finish;
+  json usage;
+  std::vector<json> chunks;
+};
+ChatStream chat_stream(const std::string& body) {
+  ChatStream out;
+  const auto ev = sse_events(body);
+  EXPECT_FALSE(ev.empty());
+  EXPECT_EQ(ev.back(), "[DONE]");
+  for (size_t i = 0; i + 1 < ev.size(); ++i) {
+    const json j = json::parse(ev[i]);
+    EXPECT_EQ(j["object"], "chat.completion.chunk");
+    EXPECT_EQ(j["id"].get<std::string>().rfind("chatcmpl-", 0), 0u);
+    out.chunks.push_back(j);
+    if (j["choices"].empty()) {
+      out.usage = j["usage"];
+      continue;
+    }
+    const json& d = j["choices"][0]["delta"];
+    if (d.contains("role")) {
+      EXPECT_TRUE(out.role.empty()) << "the role comes once, first";
+      EXPECT_EQ(out.chunks.size(), 1u);
+      out.role = d["role"];
+    }
+    if (d.contains("content")) out.text += d["content"].get<std::string>();
+    if (!j["choices"][0]["finish_reason"].is_null()) out.finish = j["choices"][0]["finish_reason"];
+  }
+  return out;
+}
+
+TEST(Server, ChatCompletionsAreCompletionsOfTheRenderedConversation) {
+  Running s;
+  const json messages = {{{"role", "system"}, {"content", "You answer."}},
+                         {{"role", "user"}, {"content", "The license"}}};
+  const json req = {{"messages", messages},
+                    {"max_tokens", 12},
+                    {"temperature", 0.9},
+                    {"seed", 5},
+                    {"ignore_eos", true}};
+  auto r = s.chat(req);
+  ASSERT_EQ(status_of(r), 200) << (r ? r->body : "");
+  const json j = json::parse(r->body);
+  EXPECT_EQ(j["object"], "chat.completion");
+  EXPECT_EQ(j["choices"][0]["message"]["role"], "assistant");
+  EXPECT_TRUE(j["choices"][0]["logprobs"].is_null());
+  const std::string text = j["choices"][0]["message"]["content"];
+  // The same tokens as a completion of the default template's text, with its stop string.
+  const chat::Format format(*s.model);
+  const std::string prompt = format.render(messages, true);
+  auto rc = s.post({{"prompt", prompt},
+                    {"max_tokens", 12},
+                    {"temperature", 0.9},
+                    {"seed", 5},
+                    {"ignore_eos", true},
+                    {"stop", chat::kDefaultStop}});
+  const json jc = json::parse(rc->body);
+  EXPECT_EQ(text, jc["choices"][0]["text"]);
+  EXPECT_EQ(j["choices"][0]["finish_reason"], jc["choices"][0]["finish_reason"]);
+  EXPECT_EQ(j["usage"], jc["usage"]);
+  EXPECT_EQ(j["usage"]["prompt_tokens"], int(format.tokenize(prompt).size()));
+  // Streaming gives the same text in deltas, the role first, then usage.
+  json sreq = req;
+  sreq["stream"] = true;
+  sreq["stream_options"] = {{"include_usage", true}};
+  auto rs = s.chat(sreq);
+  ASSERT_EQ(status_of(rs), 200);
+  EXPECT_EQ(rs->get_header_value("Content-Type"), "text/event-stream");
+  const ChatStream st = chat_stream(rs->body);
+  EXPECT_EQ(st.text, text);
+  EXPECT_EQ(st.role, "assistant");
+  EXPECT_EQ(st.finish, j["choices"][0]["finish_reason"]);
+  EXPECT_EQ(st.usage, j["usage"]);
+}
+
+TEST(Server, ChatLogprobsChoicesAndContinuousUsage) {
+  Running s;
+  const json user = {{{"role", "user"}, {"content", "Hi"}}};
+  auto r = s.chat({{"messages", user},
+                   {"max_tokens", 5},
+                   {"n", 2},
+                   {"seed", 1},
+                   {"logprobs", true},
+                   {"top_logprobs", 3},
+                   {"ignore_eos", true}});
+  ASSERT_EQ(status_of(r), 200) << r->body;
+  const json j = json::parse(r->body);
+  ASSERT_EQ(j["choices"].size(), 2u);
+  size_t entries = 0;  // one per generated token
+  for (int c = 0; c < 2; ++c) {
+    const json& content = j["choices"][c]["logprobs"]["content"];
+    ASSERT_TRUE(content.is_array());
+    entries += content.size();
+    for (const auto& t : content) {
+      EXPECT_LE(t["logprob"].get<double>(), 0.0);
+      ASSERT_EQ(t["top_logprobs"].size(), 3u);
+      // the alternatives are in order, the best at least as likely as the token drawn
+      EXPECT_GE(t["top_logprobs"][0]["logprob"].get<double>(), t["logprob"].get<double>() - 1e-6);
+      EXPECT_EQ(t["bytes"].size(), t["token"].get<std::string>().size());
+    }
+  }
+  EXPECT_EQ(entries, j["usage"]["completion_tokens"].get<size_t>());
+  // continuous_usage_stats: every chunk says where the context is and the state's size, which
+  // stays the same as the context grows.
+  auto rs = s.chat({{"messages", user},
+                    {"max_tokens", 20},
+                    {"seed", 1},
+                    {"stream", true},
+                    {"ignore_eos", true},
+                    {"stream_options", {{"continuous_usage_stats", true}}}});
+  const ChatStream st = chat_stream(rs->body);
+  ASSERT_GE(st.chunks.size(), 20u);
+  int last = 0;
+  const json first = st.chunks[0]["usage"];
+  for (const auto& c : st.chunks) {
+    ASSERT_TRUE(c.contains("usage")) << c;
+    const int done = c["usage"]["completion_tokens"];
+    EXPECT_GE(done, last);
+    last = done;
+    EXPECT_EQ(c["usage"]["prompt_tokens"], first["prompt_tokens"]);
+    EXPECT_EQ(c["usage"]["total_tokens"], c["usage"]["prompt_tokens"].get<int>() + done);
+    EXPECT_EQ(c["usage"]["state_bytes"], first["state_bytes"]);
+  }
+  EXPECT_EQ(last, 20);
+  EXPECT_EQ(first["state_bytes"].get<size_t>(), s.backend->slot_bytes(0));
+  EXPECT_GT(first["state_bytes"].get<size_t>(), 0u);
+}
+
+TEST(Server, BadChatRequestsGetOpenAiErrors) {
+  Running s(2, 64, "", 20);
+  expect_error(s.chat({{"prompt", "x"}}), 400, "messages");
+  expect_error(s.chat({{"messages", "hi"}}), 400, "messages");
+  expect_error(s.chat({{"messages", {{{"role", "robot"}, {"content", "x"}}}}}), 400,
+               "messages[0].role");
+  expect_error(s.chat({{"messages", {{{"role", "user"}, {"content", std::string(500, 'z')}}}}}),
+               400, "messages");
+  expect_error(s.chat({{"messages", {{{"role", "user"}, {"content", "x"}}}}, {"session", "a"}}),
+               400, "session");
+}
+
+TEST(Server, PlaygroundPageIsServedAtTheRoot) {
+  Running s;
+  auto r = s.client().Get("/");
+  ASSERT_EQ(status_of(r), 200);
+  EXPECT_EQ(r->get_header_value("Content-Type"), "text/html; charset=utf-8");
+  std::ifstream f(std::string(MULTIPOLE_SOURCE_DIR) + "/server/playground.html");
+  const std::string page((std::istreambuf_iterator<char>(f)), {});
+  ASSERT_GT(page.size(), 1000u);
+  EXPECT_EQ(r->body, page);  // the file, byte for byte
+}
+
 TEST(Server, TokenizeModelsAndMetrics) {
   Running s;
   auto c = s.client();
@@ -364,41 +519,6 @@ TEST(Server, TokenizeModelsAndMetrics) {
   EXPECT_NE(m.find("multipole_generated_tokens_total 4"), std::string::npos) << m;
   EXPECT_NE(m.find("multipole_time_to_first_token_seconds_count 1"), std::string::npos);
   EXPECT_NE(m.find("multipole_inter_token_latency_seconds_count 3"), std::string::npos);
-}
-
-TEST(Batch, BadLineGetsAnErrorRecordAndResumeSkipsDoneIds) {
-  mp::testing::TempDir dir;
-  mp::testing::random_model(dir, mp::testing::small_config());
-  std::ofstream(dir / "in.jsonl")
-      << R"({"id": "a", "prompt": "one", "max_tokens": 4, "seed": 1})"
-         "\n"
-      << "this is not json\n"
-      << R"({"id": "c", "prompt": "three", "max_tokens": 3, "n": 2, "seed": 2})"
-         "\n";
-  const std::string cmd = std::string(MULTIPOLE_BATCH_BIN) + " --model " + (dir / "model.gguf") +
-                          " --threads 2 --input " + (dir / "in.jsonl") + " --output " +
-                          (dir / "out.jsonl") + " 2>/dev/null";
-  ASSERT_EQ(std::system(cmd.c_str()), 0);
-  std::vector<json> out;
-  std::ifstream f(dir / "out.jsonl");
-  for (std::string line; std::getline(f, line);) out.push_back(json::parse(line));
-  ASSERT_EQ(out.size(), 3u);
-  EXPECT_EQ(out[0]["id"], "a");
-  EXPECT_EQ(out[0]["usage"]["completion_tokens"], 4);
-  EXPECT_TRUE(out[1].contains("error"));
-  EXPECT_EQ(out[2]["choices"].size(), 2u);
-  // Resume: drop the last record, run again: only "c" is redone, and identically (same seed).
-  {
-    std::ofstream trunc(dir / "out.jsonl");
-    trunc << out[0].dump() << "\n" << out[1].dump() << "\n";
-  }
-  ASSERT_EQ(std::system((cmd.substr(0, cmd.size() - 12) + " --resume 2>/dev/null").c_str()), 0);
-  std::vector<json> again;
-  std::ifstream g(dir / "out.jsonl");
-  for (std::string line; std::getline(g, line);) again.push_back(json::parse(line));
-  ASSERT_EQ(again.size(), 4u);  // a, the old error, the error again (errors are retried), c
-  EXPECT_EQ(again[3]["id"], "c");
-  EXPECT_EQ(again[3]["choices"], out[2]["choices"]);
 }
 
 }  // namespace

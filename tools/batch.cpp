@@ -1,10 +1,17 @@
-// multipole-batch: offline completions. JSONL in (one request per line, the /v1/completions
-// fields plus an "id"), JSONL out in input order; every request goes through the scheduler at once.
+// multipole-batch: offline completions over a JSONL file, every request through the scheduler
+// at once. Input lines are OpenAI Batch requests ({"custom_id", "method": "POST", "url":
+// "/v1/completions" | "/v1/chat/completions", "body"}) or, the older shape, a request body with
+// an "id". Results are appended as they finish, one write per line, so a run killed at any point
+// keeps every result written; --resume drops a torn last line and failed results, then runs what
+// has no result yet.
+#include <fcntl.h>
+#include <unistd.h>
+
 #include <chrono>
 #include <condition_variable>
 #include <cstdio>
+#include <filesystem>
 #include <fstream>
-#include <map>
 #include <mutex>
 #include <set>
 
@@ -13,38 +20,190 @@
 
 using mp::api::json;
 
+namespace {
+
+// One input line: its request, and what identifies its result across runs.
+struct Line {
+  bool openai = false;  // OpenAI Batch shape (else a bare body with "id")
+  bool chat = false;
+  std::string key;  // "c:" custom_id or "l:" id: results already written are found by it
+  json custom_id, id;
+  json body;
+  std::string error;  // the line cannot be run (bad JSON, bad url...)
+};
+
+Line read_line(const std::string& text, size_t number) {
+  Line l;
+  l.id = "line-" + std::to_string(number);
+  json j;
+  try {
+    j = json::parse(text);
+  } catch (const std::exception& e) {
+    l.error = std::string("line is not valid JSON: ") + e.what();
+    l.key = "l:" + l.id.dump();
+    return l;
+  }
+  if (!j.is_object()) {
+    l.error = "line is not a JSON object";
+    l.key = "l:" + l.id.dump();
+    return l;
+  }
+  l.openai = j.contains("custom_id") || j.contains("url") || j.contains("body");
+  if (!l.openai) {
+    if (j.contains("id")) l.id = j["id"];
+    l.key = "l:" + l.id.dump();
+    l.chat = j.contains("messages");
+    l.body = std::move(j);
+    return l;
+  }
+  l.custom_id = j.value("custom_id", json(nullptr));
+  l.key = "c:" + l.custom_id.dump();
+  const std::string url = j.value("url", "");
+  if (!l.custom_id.is_string())
+    l.error = "'custom_id' must be a string";
+  else if (j.value("method", "POST") != "POST")
+    l.error = "'method' must be \"POST\"";
+  else if (url != "/v1/completions" && url != "/v1/chat/completions")
+    l.error = "'url' must be \"/v1/completions\" or \"/v1/chat/completions\", got '" + url + "'";
+  else if (!j.contains("body") || !j["body"].is_object())
+    l.error = "'body' must be a JSON object";
+  if (!l.error.empty()) return l;
+  l.chat = url == "/v1/chat/completions";
+  l.body = std::move(j["body"]);
+  return l;
+}
+
+// The output record of a line: its response body (status 200), an API error (its status and
+// body) or, for a line that could not be run, an error.
+json record(const Line& l, size_t number, const json& body, int status) {
+  if (!l.openai) {
+    if (status != 200) return {{"id", l.id}, {"error", body["error"]}};
+    json out = {{"id", l.id}, {"choices", body["choices"]}, {"usage", body["usage"]}};
+    const json& c = body["choices"][0];
+    out["completion"] = l.chat ? c["message"]["content"] : c["text"];
+    out["finish_reason"] = c["finish_reason"];
+    return out;
+  }
+  const std::string id = "batch_req_" + std::to_string(number);
+  if (status == 0)
+    return {{"id", id},
+            {"custom_id", l.custom_id},
+            {"response", nullptr},
+            {"error", {{"code", "invalid_request"}, {"message", body["error"]["message"]}}}};
+  return {
+      {"id", id},
+      {"custom_id", l.custom_id},
+      {"response",
+       {{"status_code", status},
+        {"request_id", body.value("id", (l.chat ? "chatcmpl-" : "cmpl-") + std::to_string(number))},
+        {"body", body}}},
+      {"error", nullptr}};
+}
+
+// A written record that counts as done: a result, not an error.
+bool done_record(const json& r, std::string* key) {
+  if (!r.is_object()) return false;
+  if (r.contains("custom_id")) {
+    *key = "c:" + r["custom_id"].dump();
+    return r.contains("response") && r["response"].is_object() &&
+           r["response"].value("status_code", 0) == 200;
+  }
+  if (!r.contains("id") || r.contains("error")) return false;
+  *key = "l:" + r["id"].dump();
+  return true;
+}
+
+// --resume: keeps the finished results of `path` (dropping error records and a torn last line),
+// rewritten atomically, and returns their keys.
+std::set<std::string> compact_output(const std::string& path) {
+  std::set<std::string> done;
+  std::ifstream prev(path);
+  if (!prev) return done;
+  std::string kept;
+  for (std::string line; std::getline(prev, line);) {
+    if (prev.eof()) break;  // no final newline: torn by a kill mid-write
+    std::string key;
+    try {
+      if (!done_record(json::parse(line), &key) || !done.insert(key).second) continue;
+    } catch (...) {
+      continue;
+    }
+    kept += line + "\n";
+  }
+  const std::string tmp = path + ".tmp";
+  {
+    std::ofstream out(tmp, std::ios::trunc | std::ios::binary);
+    out << kept;
+    out.flush();
+    if (!out) throw mp::Error("cannot write '" + tmp + "'");
+  }
+  const int fd = ::open(tmp.c_str(), O_RDONLY);
+  if (fd >= 0) {
+    ::fsync(fd);
+    ::close(fd);
+  }
+  std::filesystem::rename(tmp, path);
+  return done;
+}
+
+std::string duration(double s) {
+  char b[32];
+  if (s >= 3600)
+    std::snprintf(b, sizeof b, "%dh%02dm", int(s / 3600), int(s / 60) % 60);
+  else if (s >= 60)
+    std::snprintf(b, sizeof b, "%dm%02ds", int(s / 60), int(s) % 60);
+  else
+    std::snprintf(b, sizeof b, "%.0fs", s);
+  return b;
+}
+
+}  // namespace
+
 int main(int argc, char** argv) {
   mp::cli::Args a(argc, argv, {"resume"},
                   "usage: multipole-batch --input IN.jsonl --output OUT.jsonl [options]\n"
+                  "  Lines: OpenAI Batch requests (custom_id, method, url, body) or request\n"
+                  "  bodies with an \"id\". Results are appended as they finish.\n"
                   "  -m, --model FILE GGUF model (default models/default.gguf)\n"
-                  "  --resume         skip ids already in OUT.jsonl and append to it\n"
+                  "  --resume         keep OUT.jsonl's finished results, run only the rest\n"
                   "  --slots N        sequences generated at once (default 16)\n"
                   "  --ctx-limit N    most prompt tokens per request (default: trained length)\n"
                   "  --threads N      CPU threads (default: all cores)\n"
-                  "  --backend KIND   auto, cpu or cuda (default auto)\n",
+                  "  --backend KIND   auto, cpu or cuda (default auto)\n"
+                  "  --chat-template-file FILE  Jinja chat template replacing the model's\n",
                   {{"m", "model"}});
-  a.check_known({"input", "output", "model", "resume", "slots", "ctx-limit", "threads", "backend"});
+  a.check_known({"input", "output", "model", "resume", "slots", "ctx-limit", "threads", "backend",
+                 "chat-template-file"});
   if (!a.has("input") || !a.has("output")) a.fail("--input and --output are required");
   try {
     auto model = mp::Model::load(a.str("model", "models/default.gguf"));
     const mp::Tokenizer& tok = model->tokenizer();
-    std::set<std::string> done_ids;
-    if (a.has("resume")) {
-      std::ifstream prev(a.str("output"));
-      for (std::string line; std::getline(prev, line);) {
-        try {
-          const json j = json::parse(line);
-          if (j.contains("id") && !j.contains("error")) done_ids.insert(j["id"].dump());
-        } catch (...) {  // a torn last line from an interrupted run is redone
-        }
-      }
+    std::string template_source, warning;
+    if (a.has("chat-template-file")) {
+      std::ifstream f(a.str("chat-template-file"));
+      if (!f) throw mp::Error("cannot read '" + a.str("chat-template-file") + "'");
+      template_source.assign(std::istreambuf_iterator<char>(f), {});
     }
+    const mp::chat::Format format = mp::chat::format_for(*model, template_source, &warning);
+    if (!warning.empty()) std::fprintf(stderr, "warning: %s\n", warning.c_str());
+    const std::string out_path = a.str("output");
+    const std::set<std::string> done =
+        a.has("resume") ? compact_output(out_path) : std::set<std::string>{};
     std::ifstream in(a.str("input"));
     if (!in) throw mp::Error("cannot read '" + a.str("input") + "'");
-    std::vector<std::string> lines;
-    for (std::string line; std::getline(in, line);)
-      if (!line.empty()) lines.push_back(line);
+    std::vector<Line> lines;
+    std::vector<size_t> numbers;  // 1-based line numbers, for ids
+    size_t number = 0;
+    for (std::string text; std::getline(in, text);) {
+      ++number;
+      if (text.find_first_not_of(" \t\r") == std::string::npos) continue;
+      lines.push_back(read_line(text, number));
+      numbers.push_back(number);
+    }
 
+    const int fd = ::open(out_path.c_str(),
+                          O_WRONLY | O_CREAT | O_APPEND | (a.has("resume") ? 0 : O_TRUNC), 0644);
+    if (fd < 0) throw mp::Error("cannot write '" + out_path + "'");
     mp::BackendOptions bo;
     bo.kind = a.str("backend", "auto");
     bo.n_slots = static_cast<int>(a.integer("slots", 16));
@@ -54,89 +213,123 @@ int main(int argc, char** argv) {
     so.max_queue = static_cast<int>(lines.size()) + 1;
     mp::Scheduler sched(*backend, tok, so);
     const int64_t ctx_limit = a.integer("ctx-limit", model->config().n_ctx_train);
+    const long long created = std::chrono::duration_cast<std::chrono::seconds>(
+                                  std::chrono::system_clock::now().time_since_epoch())
+                                  .count();
 
     struct Job {
-      json id;
-      std::optional<json> result;  // set when finished (or on a bad line)
+      mp::api::CompletionsCall call;
       std::vector<mp::api::ChoiceBuilder> choices;
-      int open = 0, prompt_tokens = 0;
-      bool echo = false;
-      std::vector<std::string> prompts;
-      int n = 1;
+      int open = 0;
     };
     std::vector<Job> jobs(lines.size());
     std::mutex mu;
     std::condition_variable cv;
+    std::vector<json> ready;  // records not yet written
     uint64_t tokens = 0;
-    size_t skipped = 0;
+    size_t skipped = 0, failed = 0, pending = 0;
+    std::set<std::string> seen = done;
     for (size_t i = 0; i < lines.size(); ++i) {
+      const Line& l = lines[i];
+      if (done.count(l.key)) {
+        ++skipped;
+        continue;
+      }
+      auto fail_line = [&](const json& body, int status) {
+        std::lock_guard<std::mutex> lock(mu);
+        ++failed;
+        ready.push_back(record(l, numbers[i], body, status));
+      };
+      if (!l.error.empty()) {
+        fail_line(mp::api::ApiError(400, l.error).body(), 0);
+        continue;
+      }
+      if (!seen.insert(l.key).second) {
+        fail_line(
+            mp::api::ApiError(
+                400, "duplicate " + std::string(l.openai ? "custom_id " : "id ") + l.key.substr(2))
+                .body(),
+            0);
+        continue;
+      }
       Job& job = jobs[i];
       try {
-        const json j = json::parse(lines[i]);
-        job.id =
-            j.is_object() && j.contains("id") ? j["id"] : json("line-" + std::to_string(i + 1));
-        if (done_ids.count(job.id.dump())) {
-          ++skipped;
-          job.result = json(nullptr);  // already in the output
-          continue;
-        }
-        auto call = mp::api::parse_completions(j, tok, ctx_limit);
-        job.choices.resize(call.requests.size());
-        job.open = static_cast<int>(call.requests.size());
-        job.echo = call.echo;
-        job.prompts = call.prompts;
-        job.n = call.n;
-        for (size_t k = 0; k < call.requests.size(); ++k)
-          job.prompt_tokens += call.prompt_tokens[k / call.n];
-        for (size_t k = 0; k < call.requests.size(); ++k) {
-          auto& r = call.requests[k];
-          r.on_event = [&, i, k](const mp::CompletionEvent& e) {
-            std::lock_guard<std::mutex> lock(mu);
-            Job& jb = jobs[i];
-            jb.choices[k].add(e, tok, false);
-            if (e.token >= 0) ++tokens;
-            if (e.done && --jb.open == 0) {
-              json out = {{"id", jb.id}, {"choices", json::array()}};
-              int completion = 0;
-              for (size_t c = 0; c < jb.choices.size(); ++c) {
-                out["choices"].push_back(jb.choices[c].choice(
-                    int(c), false, jb.echo ? jb.prompts[c / jb.n] : std::string()));
-                completion += jb.choices[c].completion_tokens;
-              }
-              out["completion"] = out["choices"][0]["text"];
-              out["finish_reason"] = out["choices"][0]["finish_reason"];
-              out["usage"] = mp::api::usage(jb.prompt_tokens, completion);
-              jb.result = out;
-              cv.notify_all();
-            }
-            return true;
-          };
-          sched.submit(std::move(r));
-        }
+        job.call = l.chat ? mp::api::parse_chat_completions(l.body, format, ctx_limit)
+                          : mp::api::parse_completions(l.body, tok, ctx_limit);
+        if (!job.call.session.empty()) throw mp::api::no_sessions();
       } catch (const mp::api::ApiError& e) {
-        job.result = json{{"id", job.id}, {"error", e.body()["error"]}};
-      } catch (const std::exception& e) {
-        job.result = json{{"id", job.id.is_null() ? json("line-" + std::to_string(i + 1)) : job.id},
-                          {"error", {{"message", e.what()}, {"type", "invalid_request_error"}}}};
+        fail_line(e.body(), e.status);
+        continue;
+      }
+      job.choices.resize(job.call.requests.size());
+      job.open = static_cast<int>(job.call.requests.size());
+      {
+        std::lock_guard<std::mutex> lock(mu);
+        ++pending;
+      }
+      const std::string model_name = l.body.value("model", "multipole");
+      for (size_t k = 0; k < job.call.requests.size(); ++k) {
+        auto& r = job.call.requests[k];
+        r.on_event = [&, i, k, model_name](const mp::CompletionEvent& e) {
+          std::lock_guard<std::mutex> lock(mu);
+          Job& jb = jobs[i];
+          jb.choices[k].add(e, tok, jb.call);
+          if (e.token >= 0) ++tokens;
+          if (e.done && --jb.open == 0) {
+            const std::string id = mp::api::id_prefix(jb.call) + std::to_string(numbers[i]);
+            ready.push_back(
+                record(lines[i], numbers[i],
+                       mp::api::final_response(jb.call, id, created, model_name, jb.choices), 200));
+            --pending;
+            cv.notify_all();
+          }
+          return true;
+        };
+        sched.submit(std::move(r));
       }
     }
-    std::ofstream out(a.str("output"), a.has("resume") ? std::ios::app : std::ios::trunc);
-    if (!out) throw mp::Error("cannot write '" + a.str("output") + "'");
-    const auto t0 = std::chrono::steady_clock::now();
+    // Writes what is ready, one write() per record: a kill leaves at most a torn last line.
+    const bool tty = isatty(STDERR_FILENO);
+    const size_t total = lines.size() - skipped;
     size_t written = 0;
+    const auto t0 = std::chrono::steady_clock::now();
+    auto last_sync = t0;
     std::unique_lock<std::mutex> lock(mu);
-    while (written < jobs.size()) {
-      cv.wait_for(lock, std::chrono::milliseconds(500));
-      while (written < jobs.size() && jobs[written].result) {  // in input order
-        if (!jobs[written].result->is_null()) out << mp::api::dump(*jobs[written].result) << "\n";
+    while (true) {
+      cv.wait_for(lock, std::chrono::milliseconds(500),
+                  [&] { return !ready.empty() || pending == 0; });
+      std::vector<json> batch;
+      batch.swap(ready);
+      const bool finished = pending == 0;
+      const uint64_t toks = tokens;
+      lock.unlock();
+      for (const auto& r : batch) {
+        const std::string line = mp::api::dump(r) + "\n";
+        if (::write(fd, line.data(), line.size()) != ssize_t(line.size()))
+          throw mp::Error("cannot write '" + out_path + "'");
         ++written;
       }
-      out.flush();
-      const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-      std::fprintf(stderr, "\r[%zu/%zu] %llu tokens, %.1f tokens/s   ", written, jobs.size(),
-                   static_cast<unsigned long long>(tokens), tokens / std::max(s, 1e-9));
+      const auto now = std::chrono::steady_clock::now();
+      if (finished || now - last_sync > std::chrono::seconds(1)) {
+        ::fdatasync(fd);  // also safe against a power loss, at most a second behind
+        last_sync = now;
+      }
+      const double s = std::chrono::duration<double>(now - t0).count();
+      if (tty) {
+        const double eta = written > 0 ? s / double(written) * double(total - written) : 0;
+        std::fprintf(stderr, "\r[%zu/%zu] %llu tokens, %.1f tokens/s, ETA %s   ", written, total,
+                     static_cast<unsigned long long>(toks), toks / std::max(s, 1e-9),
+                     written > 0 ? duration(eta).c_str() : "?");
+      }
+      if (finished) break;
+      lock.lock();
     }
-    std::fprintf(stderr, "\n%zu requests (%zu skipped as already done)\n", jobs.size(), skipped);
+    ::close(fd);
+    const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    std::fprintf(stderr,
+                 "%s%zu results written (%zu failed), %zu already done; %llu tokens in %s\n",
+                 tty ? "\n" : "", written, failed, skipped, static_cast<unsigned long long>(tokens),
+                 duration(s).c_str());
   } catch (const std::exception& e) {
     std::fprintf(stderr, "error: %s\n", e.what());
     return 1;

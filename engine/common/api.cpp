@@ -1,5 +1,7 @@
 #include "api.h"
 
+#include <algorithm>
+#include <chrono>
 #include <cmath>
 #include <cstdio>
 
@@ -113,6 +115,105 @@ bool boolean(const json& b, const char* key, bool def) {
 
 }  // namespace
 
+namespace {
+
+// The fields both endpoints share; `call` gets n, stream and its options, `r` the rest.
+CompletionRequest parse_common(const json& b, CompletionsCall& call, int max_tokens_default) {
+  if (b.contains("model") && !b["model"].is_null() && !b["model"].is_string())
+    throw bad("model", "'model' must be a string");
+  if (b.contains("user") && !b["user"].is_null() && !b["user"].is_string())
+    throw bad("user", "'user' must be a string");
+  if (b.contains("session") && !b["session"].is_null()) {
+    if (!b["session"].is_string()) throw bad("session", "'session' must be a string");
+    call.session = b["session"].get<std::string>();
+  }
+  CompletionRequest r;
+  r.max_tokens = static_cast<int>(integer(b, "max_tokens", max_tokens_default, 0, 1 << 20));
+  call.n = static_cast<int>(integer(b, "n", 1, 1, 16));
+  call.stream = boolean(b, "stream", false);
+  if (b.contains("stream_options") && !b["stream_options"].is_null()) {
+    if (!b["stream_options"].is_object())
+      throw bad("stream_options", "'stream_options' must be an object");
+    call.include_usage = boolean(b["stream_options"], "include_usage", false);
+    call.continuous_usage = boolean(b["stream_options"], "continuous_usage_stats", false);
+  }
+  if (b.contains("stop") && !b["stop"].is_null()) {
+    if (b["stop"].is_string()) {
+      r.stop.push_back(b["stop"].get<std::string>());
+    } else if (b["stop"].is_array() && b["stop"].size() <= 4) {
+      for (const auto& s : b["stop"]) {
+        if (!s.is_string()) throw bad("stop", "'stop' must be a string or an array of strings");
+        r.stop.push_back(s.get<std::string>());
+      }
+    } else {
+      throw bad("stop", "'stop' must be a string or an array of at most 4 strings");
+    }
+  }
+  SamplingParams& sp = r.sampling;
+  sp.temperature = static_cast<float>(number(b, "temperature", 1.0, 0, 2));
+  sp.top_p = static_cast<float>(number(b, "top_p", 1.0, 0, 1));
+  if (sp.top_p <= 0) throw bad("top_p", "'top_p' must be greater than 0");
+  sp.top_k = static_cast<int>(integer(b, "top_k", 0, 0, 1 << 20));
+  sp.min_p = static_cast<float>(number(b, "min_p", 0.0, 0, 1));
+  sp.presence_penalty = static_cast<float>(number(b, "presence_penalty", 0, -2, 2));
+  sp.frequency_penalty = static_cast<float>(number(b, "frequency_penalty", 0, -2, 2));
+  sp.repetition_penalty = static_cast<float>(number(b, "repetition_penalty", 1, 0.01, 10));
+  sp.penalty_last_n = -1;
+  r.ignore_eos = boolean(b, "ignore_eos", false);
+  // Each choice draws its own numbers (add_prompt); without a seed, from the clock.
+  const bool seeded = b.contains("seed") && !b["seed"].is_null();
+  const long long seed = integer(b, "seed", 0, -(1LL << 62), 1LL << 62);
+  sp.seed =
+      seeded ? static_cast<uint64_t>(seed)
+             : static_cast<uint64_t>(std::chrono::steady_clock::now().time_since_epoch().count());
+  return r;
+}
+
+// Adds a prompt's n choices; choice c of prompt p draws with seed + 1000 p + c.
+void add_prompt(CompletionsCall& call, const CompletionRequest& base, std::string text,
+                std::vector<int> ids, int64_t ctx_limit) {
+  if (ids.empty()) throw bad(call.chat ? "messages" : "prompt", "the prompt is empty");
+  if (ctx_limit > 0 && static_cast<int64_t>(ids.size()) > ctx_limit)
+    throw ApiError(400,
+                   "the prompt has " + std::to_string(ids.size()) +
+                       " tokens, more than this server's limit of " + std::to_string(ctx_limit),
+                   call.chat ? "messages" : "prompt", "context_length_exceeded");
+  const size_t pi = call.prompts.size();
+  call.prompts.push_back(std::move(text));
+  call.prompt_tokens.push_back(static_cast<int>(ids.size()));
+  for (int c = 0; c < call.n; ++c) {
+    CompletionRequest r = base;
+    r.prompt = ids;
+    r.sampling.seed = base.sampling.seed + pi * 1000 + c;
+    r.logprobs = call.logprobs;
+    call.requests.push_back(std::move(r));
+  }
+}
+
+// A message's content as a string: a string, or an array of text parts (joined by newlines, as
+// vLLM does). Other parts (images, audio) are refused.
+std::string message_content(const json& m, size_t i) {
+  const std::string where = "messages[" + std::to_string(i) + "].content";
+  if (!m.contains("content") || m["content"].is_null()) return "";
+  const json& c = m["content"];
+  if (c.is_string()) return c.get<std::string>();
+  if (!c.is_array()) throw bad(where, "'" + where + "' must be a string or an array of parts");
+  std::string text;
+  for (size_t k = 0; k < c.size(); ++k) {
+    const json& part = c[k];
+    if (!part.is_object() || part.value("type", "") != "text" || !part.contains("text") ||
+        !part["text"].is_string())
+      throw bad(where, "'" + where +
+                           "' may hold only text parts ({\"type\": \"text\", "
+                           "\"text\": ...}); this model reads text only");
+    if (k) text += "\n";
+    text += part["text"].get<std::string>();
+  }
+  return text;
+}
+
+}  // namespace
+
 CompletionsCall parse_completions(const json& b, const Tokenizer& tok, int64_t ctx_limit) {
   if (!b.is_object()) throw bad("", "the request body must be a JSON object");
   CompletionsCall call;
@@ -121,7 +222,7 @@ CompletionsCall parse_completions(const json& b, const Tokenizer& tok, int64_t c
   // As in OpenAI's API: a string, an array of strings, an array of token ids, or an array of
   // such arrays. Token ids are taken as they are (no BOS added).
   const json& p = b["prompt"];
-  std::vector<std::vector<int>> prompt_ids;
+  std::vector<std::pair<std::string, std::vector<int>>> prompts;  // text, ids
   const char* kPromptShape =
       "'prompt' must be a string, an array of at most 64 strings, an array of token ids or an "
       "array of at most 64 arrays of token ids";
@@ -131,16 +232,15 @@ CompletionsCall parse_completions(const json& b, const Tokenizer& tok, int64_t c
       if (!t.is_number_integer()) throw bad("prompt", kPromptShape);
       const long long id = t.get<long long>();
       if (id < 0 || id >= tok.vocab_size())
-        throw bad("prompt", "'prompt' holds the token id " + std::to_string(id) +
-                                ", outside the vocabulary");
+        throw bad("prompt",
+                  "'prompt' holds the token id " + std::to_string(id) + ", outside the vocabulary");
       ids.push_back(static_cast<int>(id));
     }
-    call.prompts.push_back(tok.decode(ids));
-    prompt_ids.push_back(std::move(ids));
+    prompts.emplace_back(tok.decode(ids), std::move(ids));
   };
   auto text = [&](const json& t) {
-    call.prompts.push_back(t.get<std::string>());
-    prompt_ids.push_back(tok.encode(call.prompts.back(), tok.add_bos()));
+    const std::string s = t.get<std::string>();
+    prompts.emplace_back(s, tok.encode(s, tok.add_bos()));
   };
   if (p.is_string()) {
     text(p);
@@ -158,72 +258,67 @@ CompletionsCall parse_completions(const json& b, const Tokenizer& tok, int64_t c
   } else {
     throw bad("prompt", kPromptShape);
   }
-  if (b.contains("model") && !b["model"].is_null() && !b["model"].is_string())
-    throw bad("model", "'model' must be a string");
-  if (b.contains("user") && !b["user"].is_null() && !b["user"].is_string())
-    throw bad("user", "'user' must be a string");
-  const int max_tokens = static_cast<int>(integer(b, "max_tokens", 16, 0, 1 << 20));
-  call.n = static_cast<int>(integer(b, "n", 1, 1, 16));
-  call.stream = boolean(b, "stream", false);
+  const CompletionRequest base = parse_common(b, call, 16);
   call.echo = boolean(b, "echo", false);
   call.logprobs = static_cast<int>(integer(b, "logprobs", 0, 0, 20));
-  if (b.contains("stream_options") && !b["stream_options"].is_null()) {
-    if (!b["stream_options"].is_object())
-      throw bad("stream_options", "'stream_options' must be an object");
-    call.include_usage = boolean(b["stream_options"], "include_usage", false);
+  call.with_logprobs = call.logprobs > 0;
+  for (auto& [text, ids] : prompts)
+    add_prompt(call, base, std::move(text), std::move(ids), ctx_limit);
+  return call;
+}
+
+CompletionsCall parse_chat_completions(const json& b, const chat::Format& format,
+                                       int64_t ctx_limit) {
+  if (!b.is_object()) throw bad("", "the request body must be a JSON object");
+  CompletionsCall call;
+  call.chat = true;
+  if (!b.contains("messages"))
+    throw ApiError(400, "'messages' is required", "messages", "missing_required_parameter");
+  const json& in = b["messages"];
+  if (!in.is_array() || in.empty())
+    throw bad("messages", "'messages' must be a non-empty array of messages");
+  json messages = json::array();
+  for (size_t i = 0; i < in.size(); ++i) {
+    const json& m = in[i];
+    const std::string where = "messages[" + std::to_string(i) + "]";
+    if (!m.is_object() || !m.contains("role") || !m["role"].is_string())
+      throw bad(where, "'" + where + "' must be an object with a string 'role'");
+    std::string role = m["role"].get<std::string>();
+    if (role == "developer") role = "system";  // OpenAI's newer name for it
+    if (role != "system" && role != "user" && role != "assistant")
+      throw bad(where + ".role", "'" + where +
+                                     ".role' must be system, developer, user or "
+                                     "assistant (tools are not supported), got '" +
+                                     role + "'");
+    if (m.contains("tool_calls") && !m["tool_calls"].is_null())
+      throw bad(where + ".tool_calls", "tool calls are not supported");
+    json out = {{"role", role}, {"content", message_content(m, i)}};
+    if (m.contains("name") && m["name"].is_string()) out["name"] = m["name"];
+    messages.push_back(std::move(out));
   }
-  std::vector<std::string> stop;
-  if (b.contains("stop") && !b["stop"].is_null()) {
-    if (b["stop"].is_string()) {
-      stop.push_back(b["stop"].get<std::string>());
-    } else if (b["stop"].is_array() && b["stop"].size() <= 4) {
-      for (const auto& s : b["stop"]) {
-        if (!s.is_string()) throw bad("stop", "'stop' must be a string or an array of strings");
-        stop.push_back(s.get<std::string>());
-      }
-    } else {
-      throw bad("stop", "'stop' must be a string or an array of at most 4 strings");
-    }
+  if (b.contains("tools") && !b["tools"].is_null() &&
+      !(b["tools"].is_array() && b["tools"].empty()))
+    throw bad("tools", "tools are not supported");
+  std::string prompt;
+  try {
+    prompt = format.render(messages, true);
+  } catch (const Error& e) {  // raise_exception() or a template error: the messages' fault
+    throw bad("messages", e.what());
   }
-  SamplingParams sp;
-  sp.temperature = static_cast<float>(number(b, "temperature", 1.0, 0, 2));
-  sp.top_p = static_cast<float>(number(b, "top_p", 1.0, 0, 1));
-  if (sp.top_p <= 0) throw bad("top_p", "'top_p' must be greater than 0");
-  sp.top_k = static_cast<int>(integer(b, "top_k", 0, 0, 1 << 20));
-  sp.min_p = static_cast<float>(number(b, "min_p", 0.0, 0, 1));
-  sp.presence_penalty = static_cast<float>(number(b, "presence_penalty", 0, -2, 2));
-  sp.frequency_penalty = static_cast<float>(number(b, "frequency_penalty", 0, -2, 2));
-  sp.repetition_penalty = static_cast<float>(number(b, "repetition_penalty", 1, 0.01, 10));
-  sp.penalty_last_n = -1;
-  const bool ignore_eos = boolean(b, "ignore_eos", false);
-  const bool seeded = b.contains("seed") && !b["seed"].is_null();
-  const long long seed = integer(b, "seed", 0, -(1LL << 62), 1LL << 62);
-  for (size_t pi = 0; pi < call.prompts.size(); ++pi) {
-    const std::vector<int>& ids = prompt_ids[pi];
-    if (ids.empty()) throw bad("prompt", "the prompt is empty");
-    if (ctx_limit > 0 && static_cast<int64_t>(ids.size()) > ctx_limit)
-      throw ApiError(400,
-                     "the prompt has " + std::to_string(ids.size()) +
-                         " tokens, more than this server's limit of " + std::to_string(ctx_limit),
-                     "prompt", "context_length_exceeded");
-    call.prompt_tokens.push_back(static_cast<int>(ids.size()));
-    for (int c = 0; c < call.n; ++c) {
-      CompletionRequest r;
-      r.prompt = ids;
-      r.sampling = sp;
-      // Each choice draws its own numbers; without a seed, from the clock.
-      r.sampling.seed =
-          seeded
-              ? static_cast<uint64_t>(seed) + pi * 1000 + c
-              : static_cast<uint64_t>(std::chrono::steady_clock::now().time_since_epoch().count()) +
-                    c;
-      r.max_tokens = max_tokens;
-      r.stop = stop;
-      r.ignore_eos = ignore_eos;
-      r.logprobs = call.logprobs;
-      call.requests.push_back(std::move(r));
-    }
-  }
+  std::vector<int> ids = format.tokenize(prompt);
+  // Without max_tokens (or OpenAI's newer max_completion_tokens), as vLLM: the rest of the
+  // context, at least 16 tokens.
+  const int64_t rest =
+      ctx_limit > 0 ? std::max<int64_t>(ctx_limit - int64_t(ids.size()), 16) : 4096;
+  CompletionRequest base = parse_common(b, call, static_cast<int>(rest));
+  const long long newer = integer(b, "max_completion_tokens", -1, 0, 1 << 20);
+  if (newer >= 0) base.max_tokens = static_cast<int>(newer);
+  for (const auto& s : format.stop()) base.stop.push_back(s);
+  call.with_logprobs = boolean(b, "logprobs", false);
+  call.logprobs = static_cast<int>(integer(b, "top_logprobs", 0, 0, 20));
+  if (call.logprobs > 0 && !call.with_logprobs)
+    throw bad("top_logprobs", "'top_logprobs' needs 'logprobs': true");
+  add_prompt(call, base, std::move(prompt), std::move(ids), ctx_limit);
   return call;
 }
 
@@ -236,13 +331,40 @@ json event_logprobs(const CompletionEvent& e, const Tokenizer& tok, size_t offse
           {"text_offset", {offset}}};
 }
 
-void ChoiceBuilder::add(const CompletionEvent& e, const Tokenizer& tok, bool with_logprobs) {
-  if (with_logprobs && e.token >= 0) {
-    const json lp = event_logprobs(e, tok, text.size());
-    tokens.push_back(lp["tokens"][0]);
-    token_logprobs.push_back(lp["token_logprobs"][0]);
-    top_logprobs.push_back(lp["top_logprobs"][0]);
-    text_offset.push_back(lp["text_offset"][0]);
+namespace {
+
+// One token of a chat choice's logprobs.content, with its alternatives.
+json chat_logprob(const CompletionEvent& e, const Tokenizer& tok) {
+  auto entry = [&](int id, float lp) {
+    const std::string t = tok.decode(std::vector<int>{id});
+    json bytes = json::array();
+    for (unsigned char c : t) bytes.push_back(int(c));
+    return json{{"token", t}, {"logprob", lp}, {"bytes", std::move(bytes)}};
+  };
+  json out = entry(e.token, e.logprob);
+  out["top_logprobs"] = json::array();
+  for (const auto& [id, lp] : e.top_logprobs) out["top_logprobs"].push_back(entry(id, lp));
+  return out;
+}
+
+std::string echo_of(const CompletionsCall& call, int choice) {
+  return call.echo ? call.prompts[size_t(choice / call.n)] : std::string();
+}
+
+}  // namespace
+
+void ChoiceBuilder::add(const CompletionEvent& e, const Tokenizer& tok,
+                        const CompletionsCall& call) {
+  if (call.with_logprobs && e.token >= 0) {
+    if (call.chat) {
+      content_logprobs.push_back(chat_logprob(e, tok));
+    } else {
+      const json lp = event_logprobs(e, tok, text.size());
+      tokens.push_back(lp["tokens"][0]);
+      token_logprobs.push_back(lp["token_logprobs"][0]);
+      top_logprobs.push_back(lp["top_logprobs"][0]);
+      text_offset.push_back(lp["text_offset"][0]);
+    }
   }
   text += e.text;
   if (e.done) {
@@ -251,22 +373,84 @@ void ChoiceBuilder::add(const CompletionEvent& e, const Tokenizer& tok, bool wit
   }
 }
 
-json ChoiceBuilder::choice(int index, bool with_logprobs, const std::string& echo_prefix) const {
+json ChoiceBuilder::choice(int index, const CompletionsCall& call) const {
   json lp = nullptr;
-  if (with_logprobs)
+  if (call.with_logprobs && call.chat) {
+    lp = {{"content", content_logprobs}};
+  } else if (call.with_logprobs) {
     lp = {{"tokens", tokens},
           {"token_logprobs", token_logprobs},
           {"top_logprobs", top_logprobs},
           {"text_offset", text_offset}};
-  return {{"text", echo_prefix + text},
+  }
+  if (call.chat)
+    return {{"index", index},
+            {"message", {{"role", "assistant"}, {"content", text}}},
+            {"logprobs", lp},
+            {"finish_reason", finish_reason}};
+  return {{"text", echo_of(call, index) + text},
           {"index", index},
           {"logprobs", lp},
           {"finish_reason", finish_reason}};
 }
 
+json response(const CompletionsCall& call, const std::string& id, long long created,
+              const std::string& model, json choices) {
+  return {{"id", id},
+          {"object", !call.chat    ? "text_completion"
+                     : call.stream ? "chat.completion.chunk"
+                                   : "chat.completion"},
+          {"created", created},
+          {"model", model},
+          {"choices", std::move(choices)}};
+}
+
+std::string id_prefix(const CompletionsCall& call) { return call.chat ? "chatcmpl-" : "cmpl-"; }
+
+int prompt_total(const CompletionsCall& call) {
+  int total = 0;
+  for (size_t i = 0; i < call.requests.size(); ++i) total += call.prompt_tokens[i / call.n];
+  return total;
+}
+
+json final_response(const CompletionsCall& call, const std::string& id, long long created,
+                    const std::string& model, const std::vector<ChoiceBuilder>& choices) {
+  json out = response(call, id, created, model, json::array());
+  int completion_total = 0;
+  for (size_t i = 0; i < choices.size(); ++i) {
+    out["choices"].push_back(choices[i].choice(int(i), call));
+    completion_total += choices[i].completion_tokens;
+  }
+  out["usage"] = usage(prompt_total(call), completion_total);
+  return out;
+}
+
+json stream_choice(const CompletionsCall& call, int index, const CompletionEvent& e, bool first,
+                   size_t offset, const Tokenizer& tok) {
+  const json finish = e.done ? json(api::finish_reason(e)) : json(nullptr);
+  const bool has_lp = call.with_logprobs && e.token >= 0;
+  if (call.chat) {
+    json delta = json::object();
+    if (first) delta["role"] = "assistant";
+    if (first || !e.text.empty()) delta["content"] = e.text;
+    return {{"index", index},
+            {"delta", delta},
+            {"logprobs", has_lp ? json{{"content", {chat_logprob(e, tok)}}} : json(nullptr)},
+            {"finish_reason", finish}};
+  }
+  return {{"text", (first ? echo_of(call, index) : std::string()) + e.text},
+          {"index", index},
+          {"logprobs", has_lp ? event_logprobs(e, tok, offset) : json(nullptr)},
+          {"finish_reason", finish}};
+}
+
 std::string finish_reason(const CompletionEvent& e) {
   if (e.finish_reason == "stop" || e.finish_reason == "length") return e.finish_reason;
   return "error";
+}
+
+ApiError no_sessions() {
+  return ApiError(400, "sessions are not available here yet", "session", "invalid_value");
 }
 
 json usage(int prompt_tokens, int completion_tokens) {

@@ -1,11 +1,12 @@
-// The OpenAI completions API: request parsing and validation, and the response objects, shared
-// by multipole-server and multipole-batch.
+// The OpenAI completions and chat completions APIs: request parsing and validation, and the
+// response objects, shared by multipole-server and multipole-batch.
 #pragma once
 
 #include <nlohmann/json.hpp>
 #include <string>
 #include <vector>
 
+#include "chat.h"
 #include "multipole/multipole.h"
 
 namespace mp::api {
@@ -26,18 +27,29 @@ struct ApiError : Error {
   json body() const;
 };
 
-// A parsed /v1/completions request: one CompletionRequest per (prompt, choice).
+// A parsed /v1/completions or /v1/chat/completions request: one CompletionRequest per
+// (prompt, choice). A chat request has one prompt, its messages rendered by the chat template.
 struct CompletionsCall {
+  bool chat = false;  // choices are messages (chat.completion) rather than text
   std::vector<std::string> prompts;
   int n = 1;
   bool stream = false, include_usage = false, echo = false;
-  int logprobs = 0;
+  // stream_options.continuous_usage_stats (vLLM's extension): every chunk carries its choice's
+  // usage so far, with the sequence's state size as "state_bytes" (the playground shows both).
+  bool continuous_usage = false;
+  bool with_logprobs = false;  // completions: logprobs > 0; chat: "logprobs": true
+  int logprobs = 0;  // alternatives per token (completions' logprobs, chat's top_logprobs)
+  // "session": continue that session's state (issue 16 item 2; until then the server and the
+  // batch tool refuse it with no_sessions()).
+  std::string session;
   std::vector<CompletionRequest> requests;  // prompts.size() * n, prompt-major; no on_event yet
   std::vector<int> prompt_tokens;           // per prompt
 };
 
 // Throws ApiError (400) naming the bad field. ctx_limit: most prompt tokens allowed (0: none).
 CompletionsCall parse_completions(const json& body, const Tokenizer& tok, int64_t ctx_limit);
+CompletionsCall parse_chat_completions(const json& body, const chat::Format& format,
+                                       int64_t ctx_limit);
 
 // Accumulates one choice's events into the non-streaming response's choice object.
 struct ChoiceBuilder {
@@ -46,13 +58,28 @@ struct ChoiceBuilder {
   int completion_tokens = 0;
   json tokens = json::array(), token_logprobs = json::array(), top_logprobs = json::array(),
        text_offset = json::array();
-  void add(const CompletionEvent& e, const Tokenizer& tok, bool with_logprobs);
-  json choice(int index, bool with_logprobs, const std::string& echo_prefix) const;
+  json content_logprobs = json::array();  // chat
+  void add(const CompletionEvent& e, const Tokenizer& tok, const CompletionsCall& call);
+  json choice(int index, const CompletionsCall& call) const;  // echo included
 };
 
-// The `logprobs` object of one event (streaming) or null.
+// The response object around `choices`: "text_completion", "chat.completion" or, streaming a
+// chat, "chat.completion.chunk".
+json response(const CompletionsCall& call, const std::string& id, long long created,
+              const std::string& model, json choices);
+std::string id_prefix(const CompletionsCall& call);  // "cmpl-" | "chatcmpl-"
+// The non-streaming response once every choice is done, usage included.
+json final_response(const CompletionsCall& call, const std::string& id, long long created,
+                    const std::string& model, const std::vector<ChoiceBuilder>& choices);
+int prompt_total(const CompletionsCall& call);  // prompt tokens over all choices
+// The streamed choice of one event; `first`: the choice's first chunk (carries the echo, or the
+// chat delta's role); `offset`: the choice's text so far, in bytes.
+json stream_choice(const CompletionsCall& call, int index, const CompletionEvent& e, bool first,
+                   size_t offset, const Tokenizer& tok);
+// The `logprobs` object of one event (completions shape).
 json event_logprobs(const CompletionEvent& e, const Tokenizer& tok, size_t offset);
 std::string finish_reason(const CompletionEvent& e);  // "stop" | "length" | "error"
+ApiError no_sessions();  // the 400 for a "session" where sessions are not served
 json usage(int prompt_tokens, int completion_tokens);
 // JSON text with invalid UTF-8 replaced, never an exception.
 std::string dump(const json& j);

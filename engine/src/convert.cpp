@@ -129,6 +129,30 @@ void append_converted(const TensorView& src, DType dst, std::vector<uint8_t>& ou
   }
 }
 
+// The folder's chat template: chat_template.jinja (transformers >= 4.43 writes it) or
+// tokenizer_config.json's "chat_template" (a string, or a list of {name, template} of which
+// "default" is taken). Empty when there is none.
+std::string hf_chat_template(const fs::path& dir) {
+  if (fs::exists(dir / "chat_template.jinja")) return read_file(dir / "chat_template.jinja");
+  if (!fs::exists(dir / "tokenizer_config.json")) return "";
+  nlohmann::json tc;
+  try {
+    tc = nlohmann::json::parse(read_file(dir / "tokenizer_config.json"));
+  } catch (const std::exception& e) {
+    throw Error(std::string("tokenizer_config.json: ") + e.what());
+  }
+  if (!tc.is_object() || !tc.contains("chat_template") || tc["chat_template"].is_null()) return "";
+  const auto& t = tc["chat_template"];
+  if (t.is_string()) return t.get<std::string>();
+  if (t.is_array())
+    for (const auto& named : t)
+      if (named.is_object() && named.value("name", "") == "default" &&
+          named.contains("template") && named["template"].is_string())
+        return named["template"].get<std::string>();
+  throw Error("tokenizer_config.json: 'chat_template' is neither a string nor a list holding a "
+              "template named 'default'");
+}
+
 }  // namespace
 
 void convert_hf_to_gguf(const std::string& hf_dir, const std::string& out_path,
@@ -148,6 +172,7 @@ void convert_hf_to_gguf(const std::string& hf_dir, const std::string& out_path,
                      : ""));
   const std::string spm = read_file(dir / "tokenizer.model");
   Tokenizer check_tokenizer(spm, cfg);  // refuses a tokenizer that does not load or fit
+  const std::string chat_template = hf_chat_template(dir);
 
   std::vector<std::unique_ptr<SafetensorsFile>> shards;
   if (fs::exists(dir / "model.safetensors.index.json")) {
@@ -229,6 +254,7 @@ void convert_hf_to_gguf(const std::string& hf_dir, const std::string& out_path,
   kv["general.name"] = gguf::Value::str(dir.filename().string());
   kv["general.file_type"] = gguf::Value::str(std::string(to_string(opts.dtype)));
   kv[kTokenizerKey] = gguf::Value::bytes(spm);
+  if (!chat_template.empty()) kv[kChatTemplateKey] = gguf::Value::str(chat_template);
 
   gguf::write(out_path, kv, outs, opts.progress);
 }

@@ -12,6 +12,7 @@ namespace mp {
 
 inline constexpr const char* kArchitecture = "fma";
 inline constexpr const char* kTokenizerKey = "tokenizer.sentencepiece.model";
+inline constexpr const char* kChatTemplateKey = "tokenizer.chat_template";
 
 std::map<std::string, gguf::Value> config_to_gguf(const Config& c);
 Config config_from_gguf(const gguf::File& f);

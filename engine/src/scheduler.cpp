@@ -172,7 +172,10 @@ struct Scheduler::Impl {
     e.prompt_tokens = static_cast<int>(s.req.prompt.size());
     e.completion_tokens = s.generated;
     const bool held = s.slot >= 0;
-    if (held) backend.free_slot(s.slot);
+    if (held) {
+      e.state_bytes = backend.slot_bytes(s.slot);
+      backend.free_slot(s.slot);
+    }
     s.slot = -1;
     {
       std::lock_guard<std::mutex> lock(mu);
@@ -195,6 +198,7 @@ struct Scheduler::Impl {
     e.top_logprobs = std::move(t.top_logprobs);
     e.text = s.text.push(id);
     e.completion_tokens = s.generated;
+    e.state_bytes = backend.slot_bytes(s.slot);
     send(s, std::move(e));
     if (s.text.stopped()) return finish(s, "stop");
     if (s.generated >= s.req.max_tokens) return finish(s, "length");

@@ -16,16 +16,6 @@ if ! (cd "$work" && npm init -y >/dev/null && timeout 180 npm install --silent -
   echo "npm install openai failed: the npm registry is not reachable" >&2
   exit 77
 fi
-# Port 0: the kernel picks a free one, which the server reports.
-"$build/server/multipole-server" --model "$work/model.gguf" --port 0 --threads 2 --quiet \
-  --api-key test-key 2>"$work/server.log" &
-server=$!
-port=
-for _ in $(seq 600); do
-  port=$(sed -n 's|^listening on http://127.0.0.1:\([0-9]*\)$|\1|p' "$work/server.log")
-  [ -n "$port" ] && break
-  kill -0 $server 2>/dev/null || { cat "$work/server.log" >&2; exit 1; }
-  sleep 0.1
-done
-[ -n "$port" ] || { echo "the server did not start" >&2; exit 1; }
+source "$here/../support/start_server.sh"
+start_server "$build" "$work/server.log" --model "$work/model.gguf" --threads 2 --api-key test-key
 node "$work/openai_sdk.mjs" "http://127.0.0.1:$port/v1"

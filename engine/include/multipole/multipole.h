@@ -89,12 +89,15 @@ class Model {
   const TensorView& tensor(const std::string& name, const std::vector<int64_t>& shape) const;
   const std::vector<TensorView>& tensors() const { return tensors_; }
   const std::string& path() const { return path_; }
+  // The GGUF's tokenizer.chat_template (Jinja source), empty when the file has none.
+  const std::string& chat_template() const { return chat_template_; }
 
  private:
   Model() = default;
   struct Mapping;
   std::unique_ptr<Mapping> mapping_;
   std::string path_;
+  std::string chat_template_;
   Config config_;
   std::unique_ptr<Tokenizer> tokenizer_;
   std::vector<TensorView> tensors_;
@@ -146,6 +149,7 @@ struct ConvertOptions {
 // Accepts our FmaForCausalLM folders and Hugging Face LlamaForCausalLM / MistralForCausalLM ones
 // (exact attention unless opts.fma); refuses, naming the field or tensor, what the engine does not
 // compute (another tokenizer, rope scaling other than linear, sliding windows, biases, ...).
+// tokenizer_config.json's "chat_template", when present, becomes tokenizer.chat_template.
 void convert_hf_to_gguf(const std::string& hf_dir, const std::string& out_path,
                         const ConvertOptions& opts);
 Config config_from_hf_json(const std::string& json_text);
@@ -384,6 +388,7 @@ struct CompletionEvent {
   bool done = false;
   std::string finish_reason;  // "stop", "length", "cancelled" or "error: ..." when done
   int prompt_tokens = 0, completion_tokens = 0;
+  size_t state_bytes = 0;  // the sequence's state (Backend::slot_bytes) after this event
 };
 
 struct CompletionRequest {

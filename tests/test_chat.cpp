@@ -1,0 +1,222 @@
+// Chat templates (the Jinja subset against Python's Jinja2 on real templates), the chat format's
+// tokenization, the converter carrying a template into the GGUF, and chat request parsing.
+#include <gtest/gtest.h>
+
+#include <fstream>
+#include <sstream>
+
+#include "common/api.h"
+#include "common/jinja.h"
+#include "model_fixture.h"
+
+namespace {
+
+using json = nlohmann::json;
+using namespace mp;
+
+std::string read(const std::string& path) {
+  std::ifstream f(path);
+  std::stringstream s;
+  s << f.rdbuf();
+  return s.str();
+}
+const std::string kTemplates = std::string(MULTIPOLE_TEST_DATA) + "/chat_templates/";
+
+// cases.json: every template of tests/data/chat_templates rendered by Python's Jinja2 as
+// transformers does (make_expected.py), on conversations that include errors it raises.
+TEST(ChatTemplate, RendersRealTemplatesAsJinja2Does) {
+  const json cases = json::parse(read(kTemplates + "cases.json"));
+  ASSERT_GE(cases.size(), 60u);
+  int errors = 0;
+  for (const auto& c : cases) {
+    const std::string name = c["template"].get<std::string>() + " / " +
+                             c["conversation"].get<std::string>() +
+                             (c["context"]["add_generation_prompt"].get<bool>() ? " +gen" : "");
+    const jinja::Template t(read(kTemplates + c["template"].get<std::string>()));
+    if (c.contains("expected_error")) {
+      ++errors;
+      try {
+        t.render(c["context"]);
+        ADD_FAILURE() << name << ": rendered, Jinja2 raised " << c["expected_error"];
+      } catch (const Error& e) {
+        EXPECT_NE(std::string(e.what()).find(c["expected_error"].get<std::string>()),
+                  std::string::npos)
+            << name << ": " << e.what();
+      }
+      continue;
+    }
+    EXPECT_EQ(t.render(c["context"]), c["expected"].get<std::string>()) << name;
+  }
+  EXPECT_GT(errors, 0);  // raise_exception() cases are among them
+}
+
+TEST(ChatTemplate, WhitespaceControlAndScoping) {
+  auto render = [](const std::string& src, const json& ctx = json::object()) {
+    return jinja::Template(src).render(ctx);
+  };
+  // trim_blocks and lstrip_blocks, as apply_chat_template sets them; '+' keeps, '-' strips.
+  EXPECT_EQ(render("  {% if true %}\n  a\n  {% endif %}\nb\n"), "  a\nb");
+  EXPECT_EQ(render("x  {%- if true -%}  y  {%- endif %} z"), "xy z");
+  EXPECT_EQ(render("  {%+ if true %}a{% endif %}"), "  a");
+  EXPECT_EQ(render("a {# note #}\nb"), "a b");
+  // A set inside a loop lasts one iteration; a namespace carries values out.
+  EXPECT_EQ(
+      render("{% set x = 1 %}{% for i in [1, 2] %}{% set x = x + i %}{{ x }}{% endfor %}{{ x }}"),
+      "231");
+  EXPECT_EQ(render("{% set ns = namespace(s=0) %}{% for i in range(5) %}{% if i == 3 %}{% break %}"
+                   "{% endif %}{% set ns.s = ns.s + i %}{% endfor %}{{ ns.s }}"),
+            "3");
+  EXPECT_EQ(render("{{ m | tojson }}|{{ m | tojson(indent=2) }}", {{"m", {{"a", {1, "é"}}}}}),
+            "{\"a\": [1, \"é\"]}|{\n  \"a\": [\n    1,\n    \"é\"\n  ]\n}");
+  EXPECT_EQ(
+      render("{{ xs[1:] }} {{ xs[::-1][0] }} {{ xs[-1] }} {{ 'abc'[1] }}", {{"xs", {1, 2, 3}}}),
+      "[2, 3] 3 3 b");
+}
+
+TEST(ChatTemplate, UnsupportedOrBrokenTemplatesAreRefusedWithTheirLine) {
+  auto error_of = [](const std::string& src) -> std::string {
+    try {
+      jinja::Template(src).render({{"messages", json::array()}});
+    } catch (const Error& e) {
+      return e.what();
+    }
+    return "no error";
+  };
+  EXPECT_NE(error_of("a\n{% macro f() %}{% endmacro %}")
+                .find("line 2: unsupported or unexpected tag 'macro'"),
+            std::string::npos)
+      << error_of("a\n{% macro f() %}{% endmacro %}");
+  EXPECT_NE(error_of("{% if x %}open").find("'if' is not closed"), std::string::npos);
+  EXPECT_NE(error_of("{{ x | nope }}").find("unknown filter 'nope'"), std::string::npos);
+  EXPECT_NE(error_of("{{ 'a' < 1 }}").find("cannot compare"), std::string::npos);
+  EXPECT_NE(error_of("{{ 'unclosed }}").find("not closed"), std::string::npos);
+  EXPECT_NE(error_of("{% endfor %}").find("without its opening tag"), std::string::npos);
+  EXPECT_NE(error_of("{{ raise_exception('bad roles') }}").find("bad roles"), std::string::npos);
+}
+
+struct ChatModel : ::testing::Test {
+  mp::testing::TempDir dir;
+  std::shared_ptr<Model> model = mp::testing::random_model(dir, mp::testing::small_config());
+  const Tokenizer& tok = model->tokenizer();
+};
+
+TEST_F(ChatModel, DefaultTemplateForABaseModel) {
+  ASSERT_TRUE(model->chat_template().empty());
+  const chat::Format f(*model);
+  EXPECT_TRUE(f.is_default());
+  ASSERT_EQ(f.stop(), std::vector<std::string>{chat::kDefaultStop});
+  const json messages = {{{"role", "system"}, {"content", "Be brief."}},
+                         {{"role", "user"}, {"content", "Hi"}},
+                         {{"role", "assistant"}, {"content", "Hello!"}},
+                         {{"role", "user"}, {"content", "Bye"}}};
+  const std::string prompt = f.render(messages, true);
+  EXPECT_EQ(prompt, "Be brief.\n\nUser: Hi\nAssistant: Hello!\nUser: Bye\nAssistant:");
+  EXPECT_EQ(f.tokenize(prompt), tok.encode(prompt, tok.add_bos()));
+}
+
+TEST_F(ChatModel, SpecialTokensWrittenByTheTemplateBecomeTheirIds) {
+  const chat::Format f(*model, read(kTemplates + "llama2.jinja"));
+  EXPECT_FALSE(f.is_default());
+  EXPECT_TRUE(f.stop().empty());
+  const json messages = {{{"role", "user"}, {"content", "one"}},
+                         {{"role", "assistant"}, {"content", "two"}},
+                         {{"role", "user"}, {"content", "three"}}};
+  const std::string prompt = f.render(messages, true);
+  ASSERT_EQ(prompt, "<s>[INST] one [/INST] two </s><s>[INST] three [/INST]");
+  std::vector<int> want = tok.encode("[INST] one [/INST] two ", false);
+  want.insert(want.begin(), tok.bos());
+  want.push_back(tok.eos());
+  want.push_back(tok.bos());
+  const auto tail = tok.encode("[INST] three [/INST]", false);
+  want.insert(want.end(), tail.begin(), tail.end());
+  EXPECT_EQ(f.tokenize(prompt), want);  // and no second BOS in front
+}
+
+TEST_F(ChatModel, ConverterCopiesTheChatTemplate) {
+  const std::string source = read(kTemplates + "chatml.jinja");
+  ConvertOptions overwrite;
+  overwrite.overwrite = true;
+  std::ofstream(dir / "hf/tokenizer_config.json") << json{{"chat_template", source}}.dump();
+  convert_hf_to_gguf(dir / "hf", dir / "chat.gguf", overwrite);
+  auto with = Model::load(dir / "chat.gguf");
+  EXPECT_EQ(with->chat_template(), source);
+  EXPECT_EQ(chat::Format(*with).source(), source);
+  // A template list (transformers' named templates): "default" is taken.
+  std::ofstream(dir / "hf/tokenizer_config.json") << json{
+      {"chat_template",
+       {{{"name", "tool_use"}, {"template", "x"}},
+        {{"name", "default"}, {"template", "{{ 1 }}"}}}}}.dump();
+  convert_hf_to_gguf(dir / "hf", dir / "chat.gguf", overwrite);
+  EXPECT_EQ(Model::load(dir / "chat.gguf")->chat_template(), "{{ 1 }}");
+  // A model template that does not parse: the default, with a warning.
+  std::ofstream(dir / "hf/tokenizer_config.json")
+      << json{{"chat_template", "{% macro m() %}"}}.dump();
+  convert_hf_to_gguf(dir / "hf", dir / "chat.gguf", overwrite);
+  std::string warning;
+  const chat::Format f = chat::format_for(*Model::load(dir / "chat.gguf"), "", &warning);
+  EXPECT_TRUE(f.is_default());
+  EXPECT_NE(warning.find("macro"), std::string::npos) << warning;
+  EXPECT_THROW(chat::format_for(*model, "{% macro m() %}", &warning), Error);  // asked for: fatal
+}
+
+TEST_F(ChatModel, ChatRequestsAreParsedAndCheckedField) {
+  const chat::Format f(*model);
+  const json ok = {{"messages", {{{"role", "user"}, {"content", "Hi"}}}}, {"seed", 3}, {"n", 2}};
+  const api::CompletionsCall call = api::parse_chat_completions(ok, f, 100);
+  EXPECT_TRUE(call.chat);
+  ASSERT_EQ(call.requests.size(), 2u);
+  EXPECT_EQ(call.prompts[0], "User: Hi\nAssistant:");
+  EXPECT_EQ(call.requests[0].prompt, f.tokenize(call.prompts[0]));
+  EXPECT_EQ(call.requests[0].max_tokens, 100 - call.prompt_tokens[0]);  // the rest of the context
+  EXPECT_EQ(call.requests[1].sampling.seed, 4u);
+  EXPECT_EQ(call.requests[0].stop, std::vector<std::string>{chat::kDefaultStop});
+  // Text parts are joined; developer is system; max_completion_tokens is max_tokens.
+  json parts = {
+      {"messages",
+       {{{"role", "developer"}, {"content", "S"}},
+        {{"role", "user"},
+         {"content", {{{"type", "text"}, {"text", "a"}}, {{"type", "text"}, {"text", "b"}}}}}}},
+      {"max_completion_tokens", 5},
+      {"logprobs", true},
+      {"top_logprobs", 2}};
+  const auto c2 = api::parse_chat_completions(parts, f, 0);
+  EXPECT_EQ(c2.prompts[0], "S\n\nUser: a\nb\nAssistant:");
+  EXPECT_EQ(c2.requests[0].max_tokens, 5);
+  EXPECT_TRUE(c2.with_logprobs);
+  EXPECT_EQ(c2.requests[0].logprobs, 2);
+  auto param_of = [&](const json& body) -> std::string {
+    try {
+      api::parse_chat_completions(body, f, 100);
+    } catch (const api::ApiError& e) {
+      EXPECT_EQ(e.status, 400);
+      return e.param;
+    }
+    return "accepted";
+  };
+  const json user = {{"role", "user"}, {"content", "x"}};
+  EXPECT_EQ(param_of({{"prompt", "x"}}), "messages");
+  EXPECT_EQ(param_of({{"messages", json::array()}}), "messages");
+  EXPECT_EQ(param_of({{"messages", {{{"role", "tool"}, {"content", "x"}}}}}), "messages[0].role");
+  EXPECT_EQ(param_of({{"messages", {{{"content", "x"}}}}}), "messages[0]");
+  EXPECT_EQ(param_of({{"messages", {{{"role", "user"}, {"content", {{{"type", "image_url"}}}}}}}}),
+            "messages[0].content");
+  EXPECT_EQ(param_of({{"messages", {user}}, {"top_logprobs", 2}}), "top_logprobs");
+  EXPECT_EQ(param_of({{"messages", {user}}, {"max_completion_tokens", "5"}}),
+            "max_completion_tokens");
+  EXPECT_EQ(param_of({{"messages", {user}}, {"tools", {{{"type", "function"}}}}}), "tools");
+  EXPECT_EQ(param_of({{"messages", {user}}, {"session", 5}}), "session");
+  EXPECT_EQ(api::parse_chat_completions({{"messages", {user}}, {"session", "s1"}}, f, 0).session,
+            "s1");
+  EXPECT_EQ(param_of({{"messages", {{{"role", "user"}, {"content", std::string(600, 'z')}}}}}),
+            "messages");  // over the context limit
+  // The template's raise_exception() is the request's error.
+  const chat::Format mistral(*model, read(kTemplates + "mistral.jinja"));
+  try {
+    api::parse_chat_completions({{"messages", {user, user}}}, mistral, 0);
+    ADD_FAILURE() << "accepted";
+  } catch (const api::ApiError& e) {
+    EXPECT_NE(std::string(e.what()).find("must alternate"), std::string::npos) << e.what();
+  }
+}
+
+}  // namespace
