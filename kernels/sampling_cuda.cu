@@ -103,6 +103,16 @@ __device__ void sort_descending(Key* keys, int n) {  // bitonic; n a power of tw
 
 using Scan = cub::BlockScan<double, kThreads>;
 
+// The log-sum-exp of a raw logits row, over the block: the log-probabilities' normaliser.
+__device__ float row_logsumexp(const float* row, int vocab) {
+  float mx = -INFINITY;
+  for (int i = threadIdx.x; i < vocab; i += kThreads) mx = fmaxf(mx, row[i]);
+  mx = block_reduce(mx, Max{}, -INFINITY);
+  float se = 0;
+  for (int i = threadIdx.x; i < vocab; i += kThreads) se += __expf(row[i] - mx);
+  return mx + logf(block_reduce(se, Sum{}, 0.0f));
+}
+
 // keeps_whole_vocabulary: the host keeps every token in id order (sampler.cpp), so the draw is a
 // scan over the vocabulary, thread t owning ids [t * per, (t + 1) * per); no sort.
 __device__ int sample_in_id_order(const float* row, int vocab, const SampleRow& r, const int2* pens,
@@ -144,13 +154,7 @@ __global__ void __launch_bounds__(kThreads)
   const int2* pens = all_pens + r.pen_begin;
   const int tid = threadIdx.x;
 
-  // The raw distribution's log-sum-exp, for the token's log-probability.
-  float mx = -INFINITY;
-  for (int i = tid; i < vocab; i += kThreads) mx = fmaxf(mx, row[i]);
-  mx = block_reduce(mx, Max{}, -INFINITY);
-  float se = 0;
-  for (int i = tid; i < vocab; i += kThreads) se += __expf(row[i] - mx);
-  const float lse = mx + logf(block_reduce(se, Sum{}, 0.0f));
+  const float lse = row_logsumexp(row, vocab);  // for the token's log-probability
   auto finish = [&](int token) {
     if (tid == 0) {
       tokens[blockIdx.x] = token;
@@ -235,19 +239,14 @@ __global__ void __launch_bounds__(kThreads)
   finish(key_id(keys[-first]));
 }
 
-// One block per row: the log-sum-exp as sample_kernel computes it, then the n largest keys (value,
-// then lower id first: the host's order), one pass over the row each.
+// One block per row: the log-sum-exp, then the n largest keys (value, then lower id first: the
+// host's order), one pass over the row each.
 __global__ void __launch_bounds__(kThreads)
     top_logprobs_kernel(const float* logits, int vocab, const int* rows, int n, int* ids,
                         float* lps) {
   const float* row = logits + int64_t(rows[blockIdx.x]) * vocab;
   const int tid = threadIdx.x;
-  float mx = -INFINITY;
-  for (int i = tid; i < vocab; i += kThreads) mx = fmaxf(mx, row[i]);
-  mx = block_reduce(mx, Max{}, -INFINITY);
-  float se = 0;
-  for (int i = tid; i < vocab; i += kThreads) se += __expf(row[i] - mx);
-  const float lse = mx + logf(block_reduce(se, Sum{}, 0.0f));
+  const float lse = row_logsumexp(row, vocab);
   Key below = ~Key(0);
   for (int j = 0; j < n; ++j) {
     Key best = 0;
