@@ -17,9 +17,15 @@
 namespace mp::cpu {
 
 // --- The vector kernels, once per instruction set (simd_kernels.inc) -------------------------
+// Each block is compiled for its instruction set (GCC's target pragma, clang's attribute push:
+// the fuzz targets are built with clang).
 
+#if defined(__clang__)
+#pragma clang attribute push(__attribute__((target("avx512f,avx512bw,avx512vl"))), apply_to = function)
+#else
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl")
+#endif
 namespace avx512 {
 using V = __m512;
 constexpr int kLanes = 16, kRegisters = 32;
@@ -43,10 +49,18 @@ inline float hsum(V v) {
 }
 #include "simd_kernels.inc"
 }  // namespace avx512
+#if defined(__clang__)
+#pragma clang attribute pop
+#else
 #pragma GCC pop_options
+#endif
 
+#if defined(__clang__)
+#pragma clang attribute push(__attribute__((target("avx2,fma"))), apply_to = function)
+#else
 #pragma GCC push_options
 #pragma GCC target("avx2,fma")
+#endif
 namespace avx2 {
 using V = __m256;
 constexpr int kLanes = 8, kRegisters = 16;
@@ -67,7 +81,11 @@ inline float hsum(V v) {
 }
 #include "simd_kernels.inc"
 }  // namespace avx2
+#if defined(__clang__)
+#pragma clang attribute pop
+#else
 #pragma GCC pop_options
+#endif
 
 // --- Instruction-set dispatch ---------------------------------------------------------------
 
