@@ -26,9 +26,9 @@ RUN apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-ins
 COPY --from=build /opt/multipole /opt/multipole
 ENV PATH=/opt/multipole/bin:$PATH
 WORKDIR /opt/multipole
-# Persistent sequence states (sessions, the prefix cache's disk tier: issue 16 items 1-2) live here.
+# Sessions persist here (--state-dir): one file of about 1 MiB each, whatever its length.
 VOLUME /state
 EXPOSE 8080
 HEALTHCHECK --interval=30s --timeout=5s --start-period=60s --retries=3 \
   CMD curl -fsS http://127.0.0.1:8080/health || exit 1
-CMD ["multipole-server", "--host", "0.0.0.0", "--port", "8080", "--model", "/opt/multipole/models/default.gguf"]
+CMD ["multipole-server", "--host", "0.0.0.0", "--port", "8080", "--model", "/opt/multipole/models/default.gguf", "--state-dir", "/state"]

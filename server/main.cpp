@@ -7,6 +7,7 @@
 #include <thread>
 
 #include "common/args.h"
+#include "common/cache_args.h"
 #include "server.h"
 
 namespace {
@@ -32,11 +33,22 @@ int main(int argc, char** argv) {
                   "  --backend KIND    auto, cpu or cuda (default auto)\n"
                   "  --name NAME       model id reported by /v1/models (default multipole)\n"
                   "  --chat-template-file FILE  Jinja chat template replacing the model's\n"
-                  "  --quiet           no access log\n",
+                  "  --state-dir DIR   keep sessions as files here, reloaded after a restart\n"
+                  "                    (default: sessions in memory only)\n"
+                  "  --max-sessions N  sessions kept; beyond, the least recently used go\n"
+                  "                    (default 10000)\n"
+                  "  --max-state-dir-mib N  cap on the session files (default: none)\n"
+                  "  --session-memory-mib N  session states cached in memory when a state\n"
+                  "                    directory holds them (default 256)\n"
+                  "  --quiet           no access log\n" +
+                      std::string(mp::cli::kPrefixCacheUsage),
                   {{"m", "model"}});
-  a.check_known({"model", "host", "port", "slots", "max-queue", "ctx-limit", "api-key", "threads",
-                 "http-threads", "prefill-per-step", "backend", "name", "quiet",
-                 "chat-template-file"});
+  std::set<std::string> known = {"model", "host", "port", "slots", "max-queue", "ctx-limit",
+                                 "api-key", "threads", "http-threads", "prefill-per-step",
+                                 "backend", "name", "quiet", "chat-template-file", "state-dir",
+                                 "max-sessions", "max-state-dir-mib", "session-memory-mib"};
+  known.insert(mp::cli::kPrefixCacheOptions.begin(), mp::cli::kPrefixCacheOptions.end());
+  a.check_known(known);
   try {
     auto model = mp::Model::load(a.str("model", "models/default.gguf"));
     mp::BackendOptions bo;
@@ -44,10 +56,11 @@ int main(int argc, char** argv) {
     bo.n_slots = static_cast<int>(a.integer("slots", 8));
     bo.n_threads = static_cast<int>(a.integer("threads", 0));
     if (bo.n_slots <= 0) a.fail("--slots must be positive");
-    auto backend = mp::make_backend(model, bo);
     mp::SchedulerOptions so;
     so.max_queue = static_cast<int>(a.integer("max-queue", 64));
     so.max_prefill_per_step = static_cast<int>(a.integer("prefill-per-step", 0));
+    mp::cli::prefix_cache_from_args(a, bo, so);
+    auto backend = mp::make_backend(model, bo);
     mp::Scheduler sched(*backend, model->tokenizer(), so);
     mp::ServerOptions o;
     o.host = a.str("host", "127.0.0.1");
@@ -62,6 +75,15 @@ int main(int argc, char** argv) {
       o.chat_template.assign(std::istreambuf_iterator<char>(f), {});
     }
     o.access_log = !a.has("quiet");
+    o.state_dir = a.str("state-dir");
+    const long long max_sessions = a.integer("max-sessions", 10000),
+                    dir_mib = a.integer("max-state-dir-mib", 0),
+                    memory_mib = a.integer("session-memory-mib", 256);
+    if (max_sessions <= 0 || dir_mib < 0 || memory_mib < 0)
+      a.fail("--max-sessions must be positive, the MiB sizes >= 0");
+    o.sessions.max_sessions = static_cast<size_t>(max_sessions);
+    o.sessions.max_store_bytes = static_cast<size_t>(dir_mib) << 20;
+    o.sessions.memory_bytes = static_cast<size_t>(memory_mib) << 20;
     mp::Server server(model, sched, o);
     if (!server.bind()) throw mp::Error("cannot bind " + o.host + ":" + std::to_string(o.port));
     std::signal(SIGINT, on_signal);
@@ -74,7 +96,7 @@ int main(int argc, char** argv) {
     });
     std::fprintf(stderr, "model: %s (%s), backend %s, %d slots\nlistening on http://%s:%d\n",
                  model->path().c_str(), model->config().summary().c_str(), backend->name().c_str(),
-                 bo.n_slots, o.host.c_str(), server.port());
+                 bo.n_slots - so.prefix_cache_slots, o.host.c_str(), server.port());
     server.run();
     g_stop = true;
     watcher.join();

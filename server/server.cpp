@@ -10,7 +10,9 @@
 #include <condition_variable>
 #include <cstdio>
 #include <deque>
+#include <future>
 #include <mutex>
+#include <optional>
 
 #include "common/api.h"
 #include "playground.h"
@@ -104,6 +106,35 @@ struct Channel {
   std::atomic<bool> abandoned{false};                  // the client went away
 };
 
+// A completion's hold on its session: the position before the turn, the lease until the turn is
+// stored (or given up).
+struct SessionTurn {
+  std::optional<sessions::Sessions::Lease> lease;
+  int64_t fed_before = 0;  // tokens in the session's state before this turn
+  // Stores the turn when the request finished with its state; releases the session either way.
+  // Returns the session's info, or null when nothing was stored.
+  json settle(const CompletionEvent& e) {
+    json out = nullptr;
+    if (lease && e.state) {
+      try {
+        const sessions::Info info = lease->commit(
+            {e.state, e.unfed_token, fed_before + e.prompt_tokens + e.completion_tokens});
+        out = {{"id", info.id}, {"position", info.position}};
+      } catch (const std::exception& err) {  // the text went out; say the turn was not kept
+        out = {{"id", lease->id()}, {"error", std::string("not stored: ") + err.what()}};
+      }
+    }
+    lease.reset();
+    return out;
+  }
+};
+
+json session_json(const sessions::Info& i) {
+  return {{"id", i.id},         {"object", "session"},    {"position", i.position},
+          {"bytes", i.bytes},   {"created", i.created},   {"updated", i.updated},
+          {"busy", i.busy}};
+}
+
 }  // namespace
 
 struct Server::Impl {
@@ -121,6 +152,7 @@ struct Server::Impl {
   std::map<int, uint64_t> responses;  // by status
   Histogram ttft, itl;
   chat::Format chat_format;
+  std::unique_ptr<sessions::Sessions> sessions;
 
   Impl(std::shared_ptr<const Model> m, Scheduler& s, ServerOptions o, std::string* warning)
       : model(std::move(m)),
@@ -128,6 +160,11 @@ struct Server::Impl {
         opts(std::move(o)),
         chat_format(chat::format_for(*model, opts.chat_template, warning)) {
     if (opts.ctx_limit <= 0) opts.ctx_limit = model->config().n_ctx_train;
+    std::vector<std::string> problems;
+    sessions = std::make_unique<sessions::Sessions>(
+        model->identity(), opts.state_dir.empty() ? nullptr : sessions::directory_store(opts.state_dir),
+        opts.sessions, &problems);
+    for (const auto& p : problems) std::fprintf(stderr, "warning: skipped %s\n", p.c_str());
     if (opts.http_threads <= 0) {
       const SchedulerStats st = sched.stats();
       opts.http_threads = st.slots + st.max_queue + 64;
@@ -229,6 +266,39 @@ struct Server::Impl {
     http.Post("/v1/chat/completions", [this](const httplib::Request& req, httplib::Response& res) {
       handle(res, [&] { completions(req, res, true); });
     });
+    http.Post("/v1/sessions", [this](const httplib::Request& req, httplib::Response& res) {
+      handle(res, [&] { create_session(req, res); });
+    });
+    http.Get("/v1/sessions", [this](const httplib::Request&, httplib::Response& res) {
+      json data = json::array();
+      for (const auto& i : sessions->list()) data.push_back(session_json(i));
+      res.set_content(api::dump({{"object", "list"}, {"data", data}}), "application/json");
+    });
+    http.Get(R"(/v1/sessions/([A-Za-z0-9_-]+))",
+             [this](const httplib::Request& req, httplib::Response& res) {
+               handle(res, [&] {
+                 res.set_content(api::dump(session_json(sessions->info(req.matches[1]))),
+                                 "application/json");
+               });
+             });
+    http.Delete(R"(/v1/sessions/([A-Za-z0-9_-]+))",
+                [this](const httplib::Request& req, httplib::Response& res) {
+                  handle(res, [&] {
+                    sessions->remove(req.matches[1]);
+                    res.set_content(api::dump({{"id", req.matches[1]},
+                                               {"object", "session.deleted"},
+                                               {"deleted", true}}),
+                                    "application/json");
+                  });
+                });
+    http.Post(R"(/v1/sessions/([A-Za-z0-9_-]+)/fork)",
+              [this](const httplib::Request& req, httplib::Response& res) {
+                handle(res, [&] {
+                  const json b = req.body.empty() ? json::object() : parse_body(req);
+                  const sessions::Info i = sessions->fork(req.matches[1], string_field(b, "id"));
+                  res.set_content(api::dump(session_json(i)), "application/json");
+                });
+              });
     http.Get("/", [](const httplib::Request&, httplib::Response& res) {
       res.set_content(playground_html(), "text/html; charset=utf-8");
     });
@@ -245,6 +315,73 @@ struct Server::Impl {
                  id.c_str(), stream ? "stream" : "plain", prompt_tokens, completion_tokens,
                  first_token > 0 ? (first_token - t0) * 1e3 : 0.0, total * 1e3,
                  completion_tokens / std::max(total, 1e-9));
+  }
+
+  static std::string string_field(const json& b, const char* key) {
+    if (!b.is_object()) throw api::ApiError(400, "the request body must be a JSON object");
+    if (!b.contains(key) || b[key].is_null()) return "";
+    if (!b[key].is_string())
+      throw api::ApiError(400, std::string("'") + key + "' must be a string", key);
+    return b[key].get<std::string>();
+  }
+
+  // POST /v1/sessions {"id"?, "prompt"?}: a new session, empty or holding the prompt's state.
+  void create_session(const httplib::Request& req, httplib::Response& res) {
+    const json b = req.body.empty() ? json::object() : parse_body(req);
+    sessions::Sessions::Lease lease = sessions->create(string_field(b, "id"));
+    sessions::State state;
+    try {
+      if (b.contains("prompt") && !b["prompt"].is_null()) {
+        api::CompletionsCall call = api::parse_completions(
+            {{"prompt", b["prompt"]}, {"max_tokens", 0}}, model->tokenizer(), opts.ctx_limit);
+        if (call.requests.size() != 1)
+          throw api::ApiError(400, "a session starts from one prompt", "prompt");
+        CompletionRequest& r = call.requests[0];
+        r.keep_state = true;
+        state.position = static_cast<int64_t>(r.prompt.size());
+        std::promise<CompletionEvent> done;
+        r.on_event = [&done](const CompletionEvent& e) {
+          if (e.done) done.set_value(e);
+          return true;
+        };
+        sched.submit(std::move(r));
+        const CompletionEvent e = done.get_future().get();
+        if (!e.state) throw api::ApiError(500, "reading the prompt failed: " + e.finish_reason,
+                                          "prompt", "", "server_error");
+        state.bytes = e.state;
+      }
+      lease.commit(state);
+    } catch (...) {
+      const std::string id = lease.id();
+      { auto gone = std::move(lease); }  // released, then removed: it never held anything
+      sessions->remove(id);
+      throw;
+    }
+    const std::string id = lease.id();
+    { auto done = std::move(lease); }
+    res.set_content(api::dump(session_json(sessions->info(id))), "application/json");
+  }
+
+  // A completion on a session: its state, then the unfed token of its last turn and the new
+  // prompt (its BOS dropped once the session holds tokens).
+  std::shared_ptr<SessionTurn> begin_turn(api::CompletionsCall& call) {
+    if (call.requests.size() != 1)
+      throw api::ApiError(400, "a request on a session has one prompt and n = 1", "n");
+    auto turn = std::make_shared<SessionTurn>();
+    turn->lease.emplace(sessions->acquire(call.session));
+    const sessions::State& st = turn->lease->state();
+    turn->fed_before = st.position - (st.unfed_token >= 0 ? 1 : 0);
+    std::vector<int>& prompt = call.requests[0].prompt;
+    const Tokenizer& tok = model->tokenizer();
+    if (st.position > 0 && !prompt.empty() && tok.add_bos() && prompt.front() == tok.bos())
+      prompt.erase(prompt.begin());
+    if (st.unfed_token >= 0) prompt.insert(prompt.begin(), st.unfed_token);
+    if (prompt.empty())
+      throw api::ApiError(400, "the prompt is empty", call.chat ? "messages" : "prompt");
+    call.prompt_tokens[0] = static_cast<int>(prompt.size());
+    call.requests[0].start_state = st.bytes;
+    call.requests[0].keep_state = true;
+    return turn;
   }
 
   static json parse_body(const httplib::Request& req) {
@@ -280,7 +417,7 @@ struct Server::Impl {
     api::CompletionsCall call =
         chat ? api::parse_chat_completions(parse_body(req), chat_format, opts.ctx_limit)
              : api::parse_completions(parse_body(req), model->tokenizer(), opts.ctx_limit);
-    if (!call.session.empty()) throw api::no_sessions();  // issue 16 item 2 serves them here
+    const std::shared_ptr<SessionTurn> turn = call.session.empty() ? nullptr : begin_turn(call);
     const std::string id = api::id_prefix(call) + std::to_string(next_request++);
     res.set_header("X-Request-Id", id);
     const auto created = std::chrono::duration_cast<std::chrono::seconds>(
@@ -334,6 +471,7 @@ struct Server::Impl {
       // (leading whitespace is valid JSON) is the write that finds out whether the client is
       // still there, so that one that disconnects frees its slots as a streaming one does.
       auto choices = std::make_shared<std::vector<api::ChoiceBuilder>>(call.requests.size());
+      auto session = std::make_shared<json>(nullptr);
       res.set_chunked_content_provider(
           "application/json",
           [=, this, &tok](size_t, httplib::DataSink& sink) {
@@ -343,13 +481,15 @@ struct Server::Impl {
               auto [i, e] = std::move(ch->events.front());
               ch->events.pop_front();
               (*choices)[i].add(e, tok, call);
+              if (e.done && turn) *session = turn->settle(e);
             }
             if (ch->open > 0) {
               lock.unlock();
               return sink.write(" ", 1);
             }
             lock.unlock();
-            const json out = api::final_response(call, id, created, opts.model_name, *choices);
+            json out = api::final_response(call, id, created, opts.model_name, *choices);
+            if (turn) out["session"] = *session;
             const std::string body = api::dump(out);
             if (!sink.write(body.data(), body.size())) return false;
             sink.done();
@@ -364,6 +504,8 @@ struct Server::Impl {
     auto offsets = std::make_shared<std::vector<size_t>>(call.requests.size(), 0);
     auto started = std::make_shared<std::vector<bool>>(call.requests.size(), false);
     auto completion_total = std::make_shared<int>(0);
+    auto cached_total = std::make_shared<int>(0);
+    auto session = std::make_shared<json>(nullptr);
     auto sent_done = std::make_shared<bool>(false);
     const api::TokenChunk token_chunk(id, created, opts.model_name);
     res.set_chunked_content_provider(
@@ -397,7 +539,11 @@ struct Server::Impl {
               event["usage"]["state_bytes"] = e.state_bytes;
             }
             (*offsets)[i] += e.text.size();
-            if (e.done) *completion_total += e.completion_tokens;
+            if (e.done) {
+              *completion_total += e.completion_tokens;
+              *cached_total += e.cached_tokens;
+              if (turn) *session = turn->settle(e);
+            }
             add(event);
           }
           const bool last = finished && !*sent_done;
@@ -405,7 +551,8 @@ struct Server::Impl {
             *sent_done = true;
             if (call.include_usage) {
               json usage = completion(json::array());
-              usage["usage"] = api::usage(prompt_total, *completion_total);
+              usage["usage"] = api::usage(prompt_total, *completion_total, *cached_total);
+              if (turn) usage["session"] = *session;
               add(usage);
             }
             chunk += "data: [DONE]\n\n";
@@ -440,6 +587,29 @@ struct Server::Impl {
     gauge("multipole_step_seconds_total", "Time the model thread spent in steps.", s.step_seconds,
           "counter");
     gauge("multipole_backend_seconds_total", "Part of it inside the backend.", s.backend_seconds,
+          "counter");
+    const PrefixCacheStats& p = s.prefix;
+    gauge("multipole_prefix_cache_lookups_total", "Prompts looked up in the prefix cache.",
+          double(p.lookups), "counter");
+    gauge("multipole_prefix_cache_hits_total", "Prompts that restored a cached prefix.",
+          double(p.hits), "counter");
+    gauge("multipole_prefix_cache_cached_tokens_total", "Prompt tokens restored, not read.",
+          double(p.cached_tokens), "counter");
+    gauge("multipole_prefix_cache_evictions_total", "Snapshots dropped for room.",
+          double(p.evictions), "counter");
+    gauge("multipole_prefix_cache_entries_in_slots", "Snapshots in backend slots.",
+          double(p.entries_in_slots));
+    gauge("multipole_prefix_cache_entries_on_host", "Snapshots in host memory.",
+          double(p.entries_on_host));
+    gauge("multipole_prefix_cache_host_bytes", "Host memory the snapshots hold.",
+          double(p.host_bytes));
+    const sessions::Stats ss = sessions->stats();
+    gauge("multipole_sessions", "Sessions held.", double(ss.sessions));
+    gauge("multipole_sessions_busy", "Sessions with a request running.", double(ss.busy));
+    gauge("multipole_sessions_memory_bytes", "Session states in memory.", double(ss.memory_bytes));
+    gauge("multipole_sessions_store_bytes", "Session records in the state directory.",
+          double(ss.store_bytes));
+    gauge("multipole_sessions_evicted_total", "Sessions removed for room.", double(ss.evicted),
           "counter");
     std::lock_guard<std::mutex> lock(metrics_mu);
     o += "# HELP multipole_http_responses_total HTTP responses by status.\n"

@@ -5,6 +5,7 @@
 #include <memory>
 #include <string>
 
+#include "common/sessions.h"
 #include "multipole/multipole.h"
 
 namespace mp {
@@ -22,6 +23,10 @@ struct ServerOptions {
   std::string model_name = "multipole";
   std::string chat_template;  // Jinja source replacing the model's chat template (empty: none)
   bool access_log = true;
+  // Sessions (/v1/sessions, "session" in a completion): kept in memory, and as files in
+  // state_dir when it is set, reloaded after a restart.
+  std::string state_dir;
+  sessions::Options sessions;
 };
 
 class Server {

@@ -116,7 +116,8 @@ TEST(Batch, OpenAiBatchFormatRoundTrip) {
   EXPECT_EQ(body["usage"],
             json({{"prompt_tokens", text["usage"]["prompt_tokens"].get<int>() / 2},
                   {"completion_tokens", 6},
-                  {"total_tokens", text["usage"]["prompt_tokens"].get<int>() / 2 + 6}}));
+                  {"total_tokens", text["usage"]["prompt_tokens"].get<int>() / 2 + 6},
+                  {"prompt_tokens_details", {{"cached_tokens", 0}}}}));
   // A request the API refuses: its status and error body; a line that is no request: an error.
   EXPECT_EQ(recs.at("bad-body")["response"]["status_code"], 400);
   EXPECT_EQ(recs.at("bad-body")["response"]["body"]["error"]["param"], "prompt");

@@ -491,7 +491,7 @@ TEST(Server, BadChatRequestsGetOpenAiErrors) {
   expect_error(s.chat({{"messages", {{{"role", "user"}, {"content", std::string(500, 'z')}}}}}),
                400, "messages");
   expect_error(s.chat({{"messages", {{{"role", "user"}, {"content", "x"}}}}, {"session", "a"}}),
-               400, "session");
+               404, "session");
 }
 
 TEST(Server, PlaygroundPageIsServedAtTheRoot) {

@@ -17,6 +17,7 @@
 
 #include "common/api.h"
 #include "common/args.h"
+#include "common/cache_args.h"
 
 using mp::api::json;
 
@@ -170,10 +171,14 @@ int main(int argc, char** argv) {
                   "  --ctx-limit N    most prompt tokens per request (default: trained length)\n"
                   "  --threads N      CPU threads (default: all cores)\n"
                   "  --backend KIND   auto, cpu or cuda (default auto)\n"
-                  "  --chat-template-file FILE  Jinja chat template replacing the model's\n",
+                  "  --chat-template-file FILE  Jinja chat template replacing the model's\n" +
+                      std::string(mp::cli::kPrefixCacheUsage),
                   {{"m", "model"}});
-  a.check_known({"input", "output", "model", "resume", "slots", "ctx-limit", "threads", "backend",
-                 "chat-template-file"});
+  std::set<std::string> known = {"input",   "output",  "model",  "resume",
+                                 "slots",   "ctx-limit", "threads", "backend",
+                                 "chat-template-file"};
+  known.insert(mp::cli::kPrefixCacheOptions.begin(), mp::cli::kPrefixCacheOptions.end());
+  a.check_known(known);
   if (!a.has("input") || !a.has("output")) a.fail("--input and --output are required");
   try {
     auto model = mp::Model::load(a.str("model", "models/default.gguf"));
@@ -208,9 +213,10 @@ int main(int argc, char** argv) {
     bo.kind = a.str("backend", "auto");
     bo.n_slots = static_cast<int>(a.integer("slots", 16));
     bo.n_threads = static_cast<int>(a.integer("threads", 0));
-    auto backend = mp::make_backend(model, bo);
     mp::SchedulerOptions so;
     so.max_queue = static_cast<int>(lines.size()) + 1;
+    mp::cli::prefix_cache_from_args(a, bo, so);
+    auto backend = mp::make_backend(model, bo);
     mp::Scheduler sched(*backend, tok, so);
     const int64_t ctx_limit = a.integer("ctx-limit", model->config().n_ctx_train);
     const long long created = std::chrono::duration_cast<std::chrono::seconds>(

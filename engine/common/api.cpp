@@ -370,6 +370,7 @@ void ChoiceBuilder::add(const CompletionEvent& e, const Tokenizer& tok,
   if (e.done) {
     finish_reason = api::finish_reason(e);
     completion_tokens = e.completion_tokens;
+    cached_tokens = e.cached_tokens;
   }
 }
 
@@ -416,12 +417,13 @@ int prompt_total(const CompletionsCall& call) {
 json final_response(const CompletionsCall& call, const std::string& id, long long created,
                     const std::string& model, const std::vector<ChoiceBuilder>& choices) {
   json out = response(call, id, created, model, json::array());
-  int completion_total = 0;
+  int completion_total = 0, cached_total = 0;
   for (size_t i = 0; i < choices.size(); ++i) {
     out["choices"].push_back(choices[i].choice(int(i), call));
     completion_total += choices[i].completion_tokens;
+    cached_total += choices[i].cached_tokens;
   }
-  out["usage"] = usage(prompt_total(call), completion_total);
+  out["usage"] = usage(prompt_total(call), completion_total, cached_total);
   return out;
 }
 
@@ -450,13 +452,15 @@ std::string finish_reason(const CompletionEvent& e) {
 }
 
 ApiError no_sessions() {
-  return ApiError(400, "sessions are not available here yet", "session", "invalid_value");
+  return ApiError(400, "sessions are served by multipole-server, not here", "session",
+                  "invalid_value");
 }
 
-json usage(int prompt_tokens, int completion_tokens) {
+json usage(int prompt_tokens, int completion_tokens, int cached_tokens) {
   return {{"prompt_tokens", prompt_tokens},
           {"completion_tokens", completion_tokens},
-          {"total_tokens", prompt_tokens + completion_tokens}};
+          {"total_tokens", prompt_tokens + completion_tokens},
+          {"prompt_tokens_details", {{"cached_tokens", cached_tokens}}}};
 }
 
 }  // namespace mp::api

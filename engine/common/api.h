@@ -39,8 +39,7 @@ struct CompletionsCall {
   bool continuous_usage = false;
   bool with_logprobs = false;  // completions: logprobs > 0; chat: "logprobs": true
   int logprobs = 0;  // alternatives per token (completions' logprobs, chat's top_logprobs)
-  // "session": continue that session's state (issue 16 item 2; until then the server and the
-  // batch tool refuse it with no_sessions()).
+  // "session": continue that session's state (multipole-server; the batch tool refuses it).
   std::string session;
   std::vector<CompletionRequest> requests;  // prompts.size() * n, prompt-major; no on_event yet
   std::vector<int> prompt_tokens;           // per prompt
@@ -55,7 +54,7 @@ CompletionsCall parse_chat_completions(const json& body, const chat::Format& for
 struct ChoiceBuilder {
   std::string text;
   std::string finish_reason;
-  int completion_tokens = 0;
+  int completion_tokens = 0, cached_tokens = 0;
   json tokens = json::array(), token_logprobs = json::array(), top_logprobs = json::array(),
        text_offset = json::array();
   json content_logprobs = json::array();  // chat
@@ -80,7 +79,8 @@ json stream_choice(const CompletionsCall& call, int index, const CompletionEvent
 json event_logprobs(const CompletionEvent& e, const Tokenizer& tok, size_t offset);
 std::string finish_reason(const CompletionEvent& e);  // "stop" | "length" | "error"
 ApiError no_sessions();  // the 400 for a "session" where sessions are not served
-json usage(int prompt_tokens, int completion_tokens);
+// OpenAI's usage object; cached_tokens: prompt tokens the prefix cache restored.
+json usage(int prompt_tokens, int completion_tokens, int cached_tokens = 0);
 // JSON text with invalid UTF-8 replaced, never an exception.
 std::string dump(const json& j);
 

@@ -96,10 +96,12 @@ SeqCache make_seq_cache(const Config& c) {
 void reset_seq_cache(const Config& c, SeqCache& s) {
   s.pos = 0;
   for (auto& l : s.layers) {
+    // Unused places are zeroed too: equal histories give equal bytes (state files, snapshots).
     if (!c.fma_enabled) {
       l.fine_k.clear();
       l.fine_v.clear();
     }
+    for (auto* v : {&l.fine_k, &l.fine_v, &l.sum_k, &l.sum_v}) std::fill(v->begin(), v->end(), 0.0f);
     std::fill(l.sum_group.begin(), l.sum_group.end(), -1);
     std::fill(l.acc_k.begin(), l.acc_k.end(), 0.0f);
     std::fill(l.acc_v.begin(), l.acc_v.end(), 0.0f);
@@ -128,12 +130,32 @@ size_t cpu_state_bytes(const Config& c, int64_t tokens) {
   const size_t floats = 2 * fine * kvd + 2 * L * 3 * c.n_kv_heads * pd + 2 * L * c.n_kv_heads * pd;
   return size_t(c.n_layers) * (4 * floats + 8 * 3 * L);
 }
+
+uint64_t hash_bytes(std::span<const uint8_t> bytes) {
+  // 64-bit words through a multiply-rotate mix (murmur style), the length folded in at the end.
+  constexpr uint64_t k1 = 0x87c37b91114253d5ull, k2 = 0x4cf5ad432745937full;
+  uint64_t h = 0x9e3779b97f4a7c15ull;
+  size_t i = 0;
+  for (; i + 8 <= bytes.size(); i += 8) {
+    uint64_t w;
+    std::memcpy(&w, bytes.data() + i, 8);
+    h = std::rotl(h ^ (w * k1), 31) * k2;
+  }
+  uint64_t tail = 0;
+  if (i < bytes.size()) std::memcpy(&tail, bytes.data() + i, bytes.size() - i);
+  h = std::rotl(h ^ (tail * k1), 31) * k2 ^ bytes.size();
+  h ^= h >> 33;
+  h *= 0xff51afd7ed558ccdull;
+  h ^= h >> 33;
+  return h;
+}
+
 }  // namespace mp
 
 namespace mp::cpu {
 namespace {
 constexpr uint32_t kStateMagic = 0x5453504d;  // "MPST"
-// Version 1: no checksum (still read). Version 2: the same bytes followed by state_checksum() of
+// Version 1: no checksum (still read). Version 2: the same bytes followed by hash_bytes() of
 // everything before it.
 constexpr uint32_t kStateVersion = 2;
 constexpr int64_t kMaxStatePos = int64_t{1} << 53;  // beyond any real sequence; keeps pos + T exact
@@ -189,24 +211,6 @@ std::array<int64_t, 3> ring_groups(int64_t pos, int w) {
 }
 }  // namespace
 
-uint64_t state_checksum(std::span<const uint8_t> bytes) {
-  // 64-bit words through a multiply-rotate mix (murmur style), the length folded in at the end.
-  constexpr uint64_t k1 = 0x87c37b91114253d5ull, k2 = 0x4cf5ad432745937full;
-  uint64_t h = 0x9e3779b97f4a7c15ull;
-  size_t i = 0;
-  for (; i + 8 <= bytes.size(); i += 8) {
-    uint64_t w;
-    std::memcpy(&w, bytes.data() + i, 8);
-    h = std::rotl(h ^ (w * k1), 31) * k2;
-  }
-  uint64_t tail = 0;
-  if (i < bytes.size()) std::memcpy(&tail, bytes.data() + i, bytes.size() - i);
-  h = std::rotl(h ^ (tail * k1), 31) * k2 ^ bytes.size();
-  h ^= h >> 33;
-  h *= 0xff51afd7ed558ccdull;
-  h ^= h >> 33;
-  return h;
-}
 
 std::vector<uint8_t> serialize(const Config& c, const SeqCache& s) {
   std::vector<uint8_t> out;
@@ -223,7 +227,7 @@ std::vector<uint8_t> serialize(const Config& c, const SeqCache& s) {
     put_vec(out, l.acc_k);
     put_vec(out, l.acc_v);
   }
-  const uint64_t sum = state_checksum(out);
+  const uint64_t sum = hash_bytes(out);
   const auto* p = reinterpret_cast<const uint8_t*>(&sum);
   out.insert(out.end(), p, p + 8);
   return out;
@@ -266,7 +270,7 @@ void deserialize(const Config& c, std::span<const uint8_t> bytes, SeqCache& s) {
   if (checksum_bytes) {
     uint64_t stored;
     std::memcpy(&stored, bytes.data() + want - 8, 8);
-    if (stored != state_checksum(bytes.first(want - 8)))
+    if (stored != hash_bytes(bytes.first(want - 8)))
       throw Error("sequence state: checksum mismatch (the bytes are corrupt)");
   }
   for (auto& l : fresh.layers) {

@@ -58,7 +58,6 @@ size_t seq_cache_bytes(const SeqCache& s);
 std::vector<uint8_t> serialize(const Config& c, const SeqCache& s);
 // Throws Error on a truncated, corrupt or foreign state; reads version 1 (no checksum) too.
 void deserialize(const Config& c, std::span<const uint8_t> bytes, SeqCache& s);
-uint64_t state_checksum(std::span<const uint8_t> bytes);
 
 // The attention of one chunk of T new tokens of one sequence for one layer. The constructor
 // computes the summaries of the groups completed inside the chunk; attend() is thread-safe and

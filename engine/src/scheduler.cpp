@@ -14,6 +14,7 @@
 #include <unordered_set>
 
 #include "multipole/multipole.h"
+#include "prefix_cache.h"
 
 namespace mp {
 
@@ -101,19 +102,23 @@ struct Scheduler::Impl {
   struct Seq {
     Seq(CompletionRequest r, int vocab, const Tokenizer& tok)
         : sink(std::make_shared<EventSink>(EventSink{0, std::move(r.on_event)})),
+          prompt(std::make_shared<const std::vector<int>>(std::move(r.prompt))),
           req(std::move(r)),
           sampler(req.sampling),
           penalties(req.sampling, vocab),
           text(tok, req.stop) {
-      for (int t : req.prompt) penalties.push(t);
+      for (int t : *prompt) penalties.push(t);
     }
     uint64_t id() const { return sink->id; }
     std::shared_ptr<EventSink> sink;
-    CompletionRequest req;
+    std::shared_ptr<const std::vector<int>> prompt;  // shared with the prefix cache's entries
+    CompletionRequest req;                           // its prompt moved to `prompt`
     int slot = -1;
     size_t prefilled = 0;  // prompt tokens already in the cache
+    int cached = 0;        // of which restored from the prefix cache
     int generated = 0;
     int pending = -1;  // sampled token not yet fed to the model
+    int last_sampled = -1;
     Sampler sampler;
     PenaltyCounts penalties;
     TextStream text;
@@ -136,11 +141,24 @@ struct Scheduler::Impl {
   std::vector<SampleSpec> specs;
   std::vector<std::vector<Delivery>> outbox;  // per event thread, sent after each step
   std::vector<std::unique_ptr<EventThread>> event_threads;
+  std::unique_ptr<PrefixCache> cache;
   std::thread worker;
 
   Impl(Backend& b, const Tokenizer& t, SchedulerOptions o) : backend(b), tok(t), opts(o) {
     if (opts.max_prefill_per_step <= 0) opts.max_prefill_per_step = b.prefill_tokens_per_step();
-    st.slots = b.n_slots();
+    if (opts.prefix_cache_slots > 0 || opts.prefix_cache_bytes > 0) {
+      PrefixCache::Options co{opts.prefix_block, opts.prefix_cache_bytes, {}};
+      for (int i = 0; i < opts.prefix_cache_slots; ++i) {
+        const int slot = b.alloc_slot();
+        if (slot < 0)
+          throw Error("the prefix cache wants " + std::to_string(opts.prefix_cache_slots) +
+                      " of the backend's " + std::to_string(b.n_slots()) + " slots");
+        co.slots.push_back(slot);
+      }
+      cache = std::make_unique<PrefixCache>(b, std::move(co));
+      st.prefix = cache->stats();
+    }
+    st.slots = b.n_slots() - opts.prefix_cache_slots;
     st.max_queue = opts.max_queue;
     const int n_events = std::max(1, opts.event_threads);
     outbox.resize(n_events);
@@ -169,11 +187,16 @@ struct Scheduler::Impl {
     e.text = reason == "stop" || reason == "length" ? s.text.flush() : "";
     e.done = true;
     e.finish_reason = reason;
-    e.prompt_tokens = static_cast<int>(s.req.prompt.size());
+    e.prompt_tokens = static_cast<int>(s.prompt->size());
     e.completion_tokens = s.generated;
+    e.cached_tokens = s.cached;
     const bool held = s.slot >= 0;
     if (held) {
       e.state_bytes = backend.slot_bytes(s.slot);
+      if (s.req.keep_state && (reason == "stop" || reason == "length")) {
+        e.state = std::make_shared<const std::vector<uint8_t>>(backend.save_slot(s.slot));
+        e.unfed_token = s.last_sampled;
+      }
       backend.free_slot(s.slot);
     }
     s.slot = -1;
@@ -188,7 +211,7 @@ struct Scheduler::Impl {
 
   // Reports a sequence's sampled token and decides whether it goes on.
   void take_token(Seq& s, SampledToken& t) {
-    const int id = t.token;
+    const int id = s.last_sampled = t.token;
     ++s.generated;
     if (id == tok.eos() && !s.req.ignore_eos) return finish(s, "stop");
     s.penalties.push(id);
@@ -207,20 +230,42 @@ struct Scheduler::Impl {
 
   // Waits for work, admits queued requests into free slots; false when stopping.
   bool admit() {
-    std::unique_lock<std::mutex> lock(mu);
-    cv.wait(lock, [&] { return stopping || !queue.empty() || !running.empty(); });
-    if (stopping) return false;
-    while (!queue.empty()) {
-      const int slot = backend.alloc_slot();
-      if (slot < 0) break;
-      auto s = std::move(queue.front());
-      queue.pop_front();
-      s->slot = slot;
-      running.push_back(std::move(s));
+    const size_t before = running.size();
+    {
+      std::unique_lock<std::mutex> lock(mu);
+      cv.wait(lock, [&] { return stopping || !queue.empty() || !running.empty(); });
+      if (stopping) return false;
+      while (!queue.empty()) {
+        const int slot = backend.alloc_slot();
+        if (slot < 0) break;
+        auto s = std::move(queue.front());
+        queue.pop_front();
+        s->slot = slot;
+        running.push_back(std::move(s));
+      }
+      st.queued = static_cast<int>(queue.size());
+      st.slots_in_use = static_cast<int>(running.size());
     }
-    st.queued = static_cast<int>(queue.size());
-    st.slots_in_use = static_cast<int>(running.size());
+    for (size_t i = before; i < running.size(); ++i) start(*running[i]);
+    sweep();
     return true;
+  }
+
+  // Whether a sequence's prompt states go to the prefix cache: they are the states of its prompt
+  // prefixes only when it starts from an empty state.
+  bool snapshots(const Seq& s) const { return cache && !s.req.start_state; }
+
+  // A new sequence's state: the one it continues, or the longest cached prefix of its prompt
+  // (all but the last token: that one's logits pick the first generated token).
+  void start(Seq& s) {
+    try {
+      if (s.req.start_state)
+        backend.load_slot(s.slot, *s.req.start_state);
+      else if (cache)
+        s.prefilled = s.cached = static_cast<int>(cache->restore(*s.prompt, s.prompt->size() - 1, s.slot));
+    } catch (const std::exception& e) {
+      finish(s, std::string("error: ") + e.what());
+    }
   }
 
   // Cancellations, at once: queued ones leave the queue, running ones free their slot.
@@ -252,16 +297,23 @@ struct Scheduler::Impl {
       if (s->pending >= 0) {
         batch.push_back({s->slot, std::span<const int>(&s->pending, 1), false});
       } else if (budget > 0) {
-        const size_t n = std::min(s->req.prompt.size() - s->prefilled, budget);
-        batch.push_back({s->slot, std::span<const int>(s->req.prompt).subspan(s->prefilled, n),
+        size_t n = std::min(s->prompt->size() - s->prefilled, budget);
+        if (snapshots(*s)) {
+          // A chunk that crosses a block boundary ends at the last one, to be snapshot there
+          // (the prompt's end is snapshot too, but a later prompt that shares only the part
+          // before its last block, such as a document asked another question, needs that one).
+          const size_t boundary = (s->prefilled + n) / cache->block() * cache->block();
+          if (boundary > s->prefilled) n = boundary - s->prefilled;
+        }
+        batch.push_back({s->slot, std::span<const int>(*s->prompt).subspan(s->prefilled, n),
                          false});
         budget -= n;
       } else {
         continue;
       }
       owners.push_back(s.get());
-      const bool last = s->pending >= 0 || s->prefilled + batch.back().tokens.size() ==
-                                               s->req.prompt.size();
+      const bool last =
+          s->pending >= 0 || s->prefilled + batch.back().tokens.size() == s->prompt->size();
       SampleSpec spec;
       if (last && s->req.max_tokens > 0)
         spec = {&s->sampler.params(), s->penalties.counts(), s->sampler.draw(), s->req.logprobs};
@@ -286,7 +338,16 @@ struct Scheduler::Impl {
       if (s.pending < 0) {  // a prompt chunk
         s.prefilled += batch[i].tokens.size();
         prompt_tokens += batch[i].tokens.size();
-        if (s.prefilled < s.req.prompt.size()) continue;
+        if (snapshots(s) &&
+            (s.prefilled % cache->block() == 0 || s.prefilled == s.prompt->size())) {
+          try {
+            cache->store(s.prompt, s.prefilled, s.slot);
+          } catch (const std::exception& e) {
+            finish(s, std::string("error: prefix cache: ") + e.what());
+            continue;
+          }
+        }
+        if (s.prefilled < s.prompt->size()) continue;
         if (s.req.max_tokens == 0) {
           finish(s, "length");
           continue;
@@ -314,6 +375,7 @@ struct Scheduler::Impl {
       std::lock_guard<std::mutex> lock(mu);
       st.step_seconds += seconds_since(t0);
       st.backend_seconds += in_backend;
+      if (cache) st.prefix = cache->stats();
     }
     // Shutting down: everything left is cancelled.
     for (auto& s : running) finish(*s, "cancelled");

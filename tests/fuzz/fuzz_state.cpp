@@ -14,7 +14,7 @@ MULTIPOLE_FUZZ_TARGET(fuzz_state) {
   std::vector<uint8_t> bytes(data + 1, data + size);
   if ((data[0] & 2) && bytes.size() >= 8) {
     const uint64_t sum =
-        cpu::state_checksum(std::span<const uint8_t>(bytes).first(bytes.size() - 8));
+        hash_bytes(std::span<const uint8_t>(bytes).first(bytes.size() - 8));
     std::memcpy(bytes.data() + bytes.size() - 8, &sum, 8);
   }
   static std::map<bool, std::unique_ptr<Backend>> backends;

@@ -91,6 +91,9 @@ class Model {
   const std::string& path() const { return path_; }
   // The GGUF's tokenizer.chat_template (Jinja source), empty when the file has none.
   const std::string& chat_template() const { return chat_template_; }
+  // A hash of the config, the tensors' names and shapes, and samples of every tensor's bytes:
+  // states saved under one model are refused by another (sessions).
+  const std::string& identity() const { return identity_; }
 
  private:
   Model() = default;
@@ -98,6 +101,7 @@ class Model {
   std::unique_ptr<Mapping> mapping_;
   std::string path_;
   std::string chat_template_;
+  std::string identity_;
   Config config_;
   std::unique_ptr<Tokenizer> tokenizer_;
   std::vector<TensorView> tensors_;
@@ -377,6 +381,9 @@ std::vector<double> token_nlls(Backend& b, std::span<const int> tokens, int chun
 void save_state_file(const Backend& b, int slot, const std::string& path);
 void load_state_file(Backend& b, int slot, const std::string& path);
 
+// A 64-bit hash of bytes (not cryptographic): checksums of state files, cache keys.
+uint64_t hash_bytes(std::span<const uint8_t> bytes);
+
 // --- Scheduler: continuous batching over a backend's slots -------------------------------------
 
 // What a request reports as it runs: each new piece of text, then a final event.
@@ -388,7 +395,13 @@ struct CompletionEvent {
   bool done = false;
   std::string finish_reason;  // "stop", "length", "cancelled" or "error: ..." when done
   int prompt_tokens = 0, completion_tokens = 0;
+  int cached_tokens = 0;   // prompt tokens restored from the prefix cache rather than read
   size_t state_bytes = 0;  // the sequence's state (Backend::slot_bytes) after this event
+  // The final event of a request with keep_state that finished with "stop" or "length": the
+  // state (Backend::save_slot bytes) after the prompt and every generated token but the last,
+  // which is `unfed_token` (-1 when nothing was generated).
+  std::shared_ptr<const std::vector<uint8_t>> state;
+  int unfed_token = -1;
 };
 
 struct CompletionRequest {
@@ -398,6 +411,10 @@ struct CompletionRequest {
   std::vector<std::string> stop;
   bool ignore_eos = false;
   int logprobs = 0;  // top-N alternatives per token (0: none)
+  // Start from this state (Backend::save_slot bytes, e.g. a session's) instead of an empty one:
+  // the prompt continues it. Such a request neither reads nor fills the prefix cache.
+  std::shared_ptr<const std::vector<uint8_t>> start_state;
+  bool keep_state = false;  // the final event carries the state (CompletionEvent::state)
   // Called on one of the scheduler's event threads; should not block for long (it delays the
   // events of other requests). Returning false cancels the request.
   std::function<bool(const CompletionEvent&)> on_event;
@@ -410,6 +427,17 @@ struct SchedulerOptions {
   // Backend::prefill_tokens_per_step().
   int max_prefill_per_step = 0;
   int event_threads = 2;  // threads that hand events to the requests' callbacks
+  // The prefix cache (off when both tiers are empty): snapshots every prefix_block prompt tokens
+  // and at each prompt's end, kept in prefix_cache_slots backend slots that the scheduler takes
+  // for itself, then in prefix_cache_bytes of host memory.
+  int prefix_block = 4096;
+  int prefix_cache_slots = 0;
+  size_t prefix_cache_bytes = 0;
+};
+
+struct PrefixCacheStats {
+  uint64_t lookups = 0, hits = 0, cached_tokens = 0, stores = 0, evictions = 0;
+  size_t slots = 0, entries_in_slots = 0, entries_on_host = 0, host_bytes = 0, host_capacity = 0;
 };
 
 struct SchedulerStats {
@@ -418,6 +446,7 @@ struct SchedulerStats {
   // Time the model thread spent in steps, and the part of it inside the backend's calls: their
   // difference is the scheduler's own host work.
   double step_seconds = 0, backend_seconds = 0;
+  PrefixCacheStats prefix;
 };
 
 // Thread-safe: any thread submits and cancels; one internal thread runs the model. Each step runs

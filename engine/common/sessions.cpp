@@ -1,0 +1,383 @@
+#include "sessions.h"
+
+#include <chrono>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <nlohmann/json.hpp>
+#include <random>
+
+#include "api.h"
+
+namespace mp::sessions {
+
+namespace fs = std::filesystem;
+using nlohmann::json;
+
+namespace {
+
+constexpr char kMagic[8] = {'M', 'P', 'S', 'E', 'S', 'S', '0', '1'};
+
+api::ApiError not_found(const std::string& id) {
+  return api::ApiError(404, "no session '" + id + "'", "session", "session_not_found");
+}
+api::ApiError conflict(const std::string& msg) {
+  return api::ApiError(409, msg, "session", "session_conflict");
+}
+
+// Ids become file names: letters, digits, '-' and '_', at most 64.
+void check_id(const std::string& id) {
+  const bool ok = !id.empty() && id.size() <= 64 &&
+                  std::all_of(id.begin(), id.end(), [](char c) {
+                    return std::isalnum(static_cast<unsigned char>(c)) || c == '-' || c == '_';
+                  });
+  if (!ok)
+    throw api::ApiError(400, "a session id is 1 to 64 letters, digits, '-' or '_'", "session",
+                        "invalid_value");
+}
+
+class DirectoryStore final : public Store {
+ public:
+  explicit DirectoryStore(std::string dir) : dir_(std::move(dir)) {
+    fs::create_directories(dir_);
+    // Temporary files of writers killed mid-write: never a session, safe to drop.
+    for (const auto& f : fs::directory_iterator(dir_))
+      if (f.path().filename().string().find(".session.tmp-") != std::string::npos)
+        fs::remove(f.path());
+  }
+  void put(const std::string& id, const std::string& record) override {
+    write_file_atomic(path(id), record);
+  }
+  std::optional<std::string> get(const std::string& id) override {
+    std::ifstream f(path(id), std::ios::binary);
+    if (!f) return std::nullopt;
+    std::string bytes((std::istreambuf_iterator<char>(f)), std::istreambuf_iterator<char>());
+    if (f.bad()) throw Error("reading '" + path(id) + "' failed");
+    return bytes;
+  }
+  void remove(const std::string& id) override { fs::remove(path(id)); }
+  std::vector<Record> scan(std::vector<std::string>* problems) override {
+    std::vector<Record> out;
+    for (const auto& f : fs::directory_iterator(dir_)) {
+      if (f.path().extension() != ".session") continue;
+      try {
+        std::ifstream in(f.path(), std::ios::binary);
+        std::string head(12, '\0');
+        in.read(head.data(), 12);
+        uint32_t n = 0;
+        if (in.gcount() == 12) std::memcpy(&n, head.data() + 8, 4);
+        if (n > (1u << 20)) throw Error("implausible header length (corrupt)");
+        head.resize(12 + n);
+        in.read(head.data() + 12, n);
+        head.resize(12 + in.gcount());
+        Record r = decode_record(head, true);
+        r.info.bytes = fs::file_size(f.path());  // the record's size; corrected on load
+        if (r.info.id + ".session" != f.path().filename().string())
+          throw Error("its header names session '" + r.info.id + "'");
+        out.push_back(std::move(r));
+      } catch (const std::exception& e) {
+        if (problems) problems->push_back("session file '" + f.path().string() + "': " + e.what());
+      }
+    }
+    return out;
+  }
+
+ private:
+  std::string path(const std::string& id) const { return (fs::path(dir_) / (id + ".session")).string(); }
+  std::string dir_;
+};
+
+}  // namespace
+
+int64_t unix_now() {
+  return std::chrono::duration_cast<std::chrono::seconds>(
+             std::chrono::system_clock::now().time_since_epoch())
+      .count();
+}
+
+std::string encode_record(const Info& info, const std::string& model, const State& state) {
+  const std::string header = json{{"id", info.id},
+                                  {"model", model},
+                                  {"position", state.position},
+                                  {"unfed_token", state.unfed_token},
+                                  {"created", info.created},
+                                  {"updated", info.updated}}
+                                 .dump();
+  std::string out(kMagic, 8);
+  const uint32_t n = static_cast<uint32_t>(header.size());
+  out.append(reinterpret_cast<const char*>(&n), 4);
+  out += header;
+  if (state.bytes) out.append(reinterpret_cast<const char*>(state.bytes->data()), state.bytes->size());
+  const uint64_t sum = hash_bytes({reinterpret_cast<const uint8_t*>(out.data()), out.size()});
+  out.append(reinterpret_cast<const char*>(&sum), 8);
+  return out;
+}
+
+Record decode_record(std::string_view bytes, bool header_only) {
+  if (bytes.size() < 12 || std::memcmp(bytes.data(), kMagic, 8) != 0)
+    throw Error("not a session record (bad magic)");
+  uint32_t n;
+  std::memcpy(&n, bytes.data() + 8, 4);
+  if (bytes.size() < 12 + size_t(n) + (header_only ? 0 : 8))
+    throw Error("the record is truncated");
+  if (!header_only) {
+    uint64_t stored;
+    std::memcpy(&stored, bytes.data() + bytes.size() - 8, 8);
+    if (stored != hash_bytes({reinterpret_cast<const uint8_t*>(bytes.data()), bytes.size() - 8}))
+      throw Error("checksum mismatch (the record is corrupt)");
+  }
+  Record r;
+  try {
+    const json h = json::parse(bytes.substr(12, n));
+    r.info.id = h.at("id").get<std::string>();
+    r.model = h.at("model").get<std::string>();
+    r.state.position = h.at("position").get<int64_t>();
+    r.state.unfed_token = h.at("unfed_token").get<int>();
+    r.info.created = h.at("created").get<int64_t>();
+    r.info.updated = h.at("updated").get<int64_t>();
+  } catch (const std::exception& e) {
+    throw Error(std::string("bad record header: ") + e.what());
+  }
+  r.info.position = r.state.position;
+  if (!header_only && bytes.size() > 12 + size_t(n) + 8) {
+    const auto* p = reinterpret_cast<const uint8_t*>(bytes.data()) + 12 + n;
+    r.state.bytes = std::make_shared<const std::vector<uint8_t>>(p, p + bytes.size() - 20 - n);
+    r.info.bytes = r.state.bytes->size();
+  }
+  return r;
+}
+
+std::unique_ptr<Store> directory_store(const std::string& dir) {
+  return std::make_unique<DirectoryStore>(dir);
+}
+
+Sessions::Sessions(std::string model, std::unique_ptr<Store> store, Options opts,
+                   std::vector<std::string>* problems)
+    : model_(std::move(model)), store_(std::move(store)), opts_(opts) {
+  if (!store_) return;
+  for (Record& r : store_->scan(problems)) {
+    Entry e;
+    e.info = r.info;
+    e.model = r.model;
+    e.unfed_token = r.state.unfed_token;
+    e.record_bytes = r.info.bytes;
+    e.used = static_cast<uint64_t>(r.info.updated);  // older sessions leave first
+    clock_ = std::max(clock_, e.used);
+    st_.store_bytes += e.record_bytes;
+    entries_.emplace(r.info.id, std::move(e));
+  }
+}
+
+Sessions::~Sessions() = default;
+
+Sessions::Lease::Lease(Sessions* owner, std::string id, State state)
+    : owner_(owner), id_(std::move(id)), state_(std::move(state)) {}
+Sessions::Lease::Lease(Lease&& o) noexcept
+    : owner_(std::exchange(o.owner_, nullptr)), id_(std::move(o.id_)), state_(std::move(o.state_)) {}
+Sessions::Lease::~Lease() {
+  if (owner_) owner_->release(id_);
+}
+
+Info Sessions::Lease::commit(State next) {
+  if (!owner_) throw Error("session lease already released");
+  Info info;
+  {
+    std::lock_guard<std::mutex> lock(owner_->mu_);
+    info = owner_->get(id_).info;
+  }
+  owner_->save(id_, next, info);  // the entry is ours (busy): no one else touches it
+  state_ = std::move(next);
+  return info;
+}
+
+Sessions::Entry& Sessions::get(const std::string& id) {
+  auto it = entries_.find(id);
+  if (it == entries_.end()) throw not_found(id);
+  return it->second;
+}
+
+std::string Sessions::new_id() const {
+  static thread_local std::mt19937_64 rng(std::random_device{}());
+  char b[32];
+  std::snprintf(b, sizeof b, "sess-%016llx", static_cast<unsigned long long>(rng()));
+  return b;
+}
+
+Sessions::Lease Sessions::create(const std::string& requested) {
+  std::string id = requested;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (id.empty()) {
+      do id = new_id();
+      while (entries_.count(id));
+    }
+    check_id(id);
+    if (entries_.count(id)) throw conflict("session '" + id + "' exists");
+    make_room(0);
+    if (entries_.size() >= opts_.max_sessions)
+      throw api::ApiError(429, "every one of the " + std::to_string(opts_.max_sessions) +
+                                   " sessions is busy", "session", "too_many_sessions");
+    Entry e;
+    e.info.id = id;
+    e.info.created = e.info.updated = unix_now();
+    e.info.busy = true;
+    e.model = model_;
+    e.used = ++clock_;
+    entries_.emplace(id, std::move(e));
+    ++st_.created;
+  }
+  return Lease(this, id, State{});
+}
+
+Sessions::Lease Sessions::acquire(const std::string& id) {
+  Entry* e;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    e = &get(id);
+    if (e->info.busy) throw conflict("session '" + id + "' is busy with another request");
+    if (e->model != model_)
+      throw conflict("session '" + id + "' was saved by another model (" + e->model +
+                     "); this server runs " + model_);
+    e->info.busy = true;
+    e->used = ++clock_;
+  }
+  try {
+    return Lease(this, id, load(*e));  // entries never move in the map; ours while busy
+  } catch (...) {
+    release(id);
+    throw;
+  }
+}
+
+State Sessions::load(Entry& e) {
+  State s{e.bytes, e.unfed_token, e.info.position};
+  if (s.bytes || !store_ || e.info.position == 0) return s;
+  const auto bytes = store_->get(e.info.id);
+  if (!bytes) throw conflict("session '" + e.info.id + "' is gone from the store");
+  Record r;
+  try {
+    r = decode_record(*bytes);
+  } catch (const Error& err) {
+    throw api::ApiError(500, "session '" + e.info.id + "': " + err.what(), "session",
+                        "session_corrupt", "server_error");
+  }
+  if (r.model != model_) throw conflict("session '" + e.info.id + "' was saved by another model");
+  std::lock_guard<std::mutex> lock(mu_);
+  ++st_.loads;
+  e.bytes = r.state.bytes;
+  e.info.bytes = e.bytes ? e.bytes->size() : 0;
+  st_.memory_bytes += e.info.bytes;
+  trim_memory();
+  return {e.bytes, r.state.unfed_token, r.state.position};
+}
+
+// Called with the entry busy (ours) and mu_ free: the store's write is the slow part.
+void Sessions::save(const std::string& id, const State& s, Info& info) {
+  info.updated = unix_now();
+  info.position = s.position;
+  info.bytes = s.bytes ? s.bytes->size() : 0;
+  std::string record;
+  if (store_) {
+    record = encode_record(info, model_, s);
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      make_room(record.size());
+    }
+    store_->put(id, record);
+  }
+  std::lock_guard<std::mutex> lock(mu_);
+  Entry& e = get(id);
+  st_.memory_bytes -= e.bytes ? e.bytes->size() : 0;
+  st_.store_bytes += record.size() - e.record_bytes;
+  e.record_bytes = record.size();
+  e.bytes = s.bytes;
+  st_.memory_bytes += info.bytes;
+  e.unfed_token = s.unfed_token;
+  e.info.position = info.position;
+  e.info.bytes = info.bytes;
+  e.info.updated = info.updated;
+  e.used = ++clock_;
+  if (store_) ++st_.saves;
+  trim_memory();
+}
+
+void Sessions::release(const std::string& id) {
+  std::lock_guard<std::mutex> lock(mu_);
+  auto it = entries_.find(id);
+  if (it != entries_.end()) it->second.info.busy = false;
+}
+
+// Room for one more session (and `incoming_record` more bytes in the store): the least recently
+// used idle sessions go, from memory and from the store. Called with mu_ held.
+void Sessions::make_room(size_t incoming_record) {
+  auto over = [&] {
+    return entries_.size() >= opts_.max_sessions + (incoming_record ? 1 : 0) ||
+           (opts_.max_store_bytes && st_.store_bytes + incoming_record > opts_.max_store_bytes);
+  };
+  while (over()) {
+    auto victim = entries_.end();
+    for (auto it = entries_.begin(); it != entries_.end(); ++it)
+      if (!it->second.info.busy && (victim == entries_.end() || it->second.used < victim->second.used))
+        victim = it;
+    if (victim == entries_.end()) return;  // every session is busy
+    if (store_) store_->remove(victim->first);
+    st_.store_bytes -= victim->second.record_bytes;
+    st_.memory_bytes -= victim->second.bytes ? victim->second.bytes->size() : 0;
+    entries_.erase(victim);
+    ++st_.evicted;
+  }
+}
+
+// States the store holds leave memory, least recently used first, beyond the memory budget.
+void Sessions::trim_memory() {
+  if (!store_) return;
+  while (st_.memory_bytes > opts_.memory_bytes) {
+    Entry* victim = nullptr;
+    for (auto& [id, e] : entries_)
+      if (e.bytes && !e.info.busy && (!victim || e.used < victim->used)) victim = &e;
+    if (!victim) return;
+    st_.memory_bytes -= victim->bytes->size();
+    victim->bytes.reset();
+  }
+}
+
+Info Sessions::fork(const std::string& from, const std::string& id) {
+  Lease src = acquire(from);
+  Lease dst = create(id);
+  return dst.commit(src.state());
+}
+
+Info Sessions::info(const std::string& id) const {
+  std::lock_guard<std::mutex> lock(mu_);
+  auto it = entries_.find(id);
+  if (it == entries_.end()) throw not_found(id);
+  return it->second.info;
+}
+
+std::vector<Info> Sessions::list() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  std::vector<Info> out;
+  for (const auto& [id, e] : entries_) out.push_back(e.info);
+  return out;
+}
+
+void Sessions::remove(const std::string& id) {
+  std::lock_guard<std::mutex> lock(mu_);
+  Entry& e = get(id);
+  if (e.info.busy) throw conflict("session '" + id + "' is busy with another request");
+  if (store_) store_->remove(id);
+  st_.store_bytes -= e.record_bytes;
+  st_.memory_bytes -= e.bytes ? e.bytes->size() : 0;
+  entries_.erase(id);
+  ++st_.removed;
+}
+
+Stats Sessions::stats() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  Stats s = st_;
+  s.sessions = entries_.size();
+  for (const auto& [id, e] : entries_) s.busy += e.info.busy;
+  return s;
+}
+
+}  // namespace mp::sessions
