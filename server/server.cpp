@@ -304,17 +304,18 @@ struct Server::Impl {
     });
   }
 
-  // One access-log line per finished completion: request id, tokens and timings.
+  // One access-log line per finished completion: request id, tokens and timings from the
+  // request's arrival (t0; `submitted`: parsed and handed to the scheduler).
   void log_completion(const std::string& id, int prompt_tokens, int completion_tokens, double t0,
-                      double first_token, bool stream) {
+                      double submitted, double first_token, bool stream) {
     if (!opts.access_log) return;
     const double total = now_s() - t0;
     std::fprintf(stderr,
-                 "%s %s prompt_tokens=%d completion_tokens=%d ttft_ms=%.1f total_ms=%.1f "
-                 "tokens_per_s=%.1f\n",
+                 "%s %s prompt_tokens=%d completion_tokens=%d parse_ms=%.1f ttft_ms=%.1f "
+                 "total_ms=%.1f tokens_per_s=%.1f\n",
                  id.c_str(), stream ? "stream" : "plain", prompt_tokens, completion_tokens,
-                 first_token > 0 ? (first_token - t0) * 1e3 : 0.0, total * 1e3,
-                 completion_tokens / std::max(total, 1e-9));
+                 (submitted - t0) * 1e3, first_token > 0 ? (first_token - t0) * 1e3 : 0.0,
+                 total * 1e3, completion_tokens / std::max(total, 1e-9));
   }
 
   static std::string string_field(const json& b, const char* key) {
@@ -414,6 +415,7 @@ struct Server::Impl {
 
   // /v1/completions and /v1/chat/completions: the same machinery, api.* shapes the objects.
   void completions(const httplib::Request& req, httplib::Response& res, bool chat) {
+    const double t0 = now_s();
     api::CompletionsCall call =
         chat ? api::parse_chat_completions(parse_body(req), chat_format, opts.ctx_limit)
              : api::parse_completions(parse_body(req), model->tokenizer(), opts.ctx_limit);
@@ -425,7 +427,7 @@ struct Server::Impl {
                              .count();
     auto ch = std::make_shared<Channel>();
     std::vector<uint64_t> ids;
-    const double t0 = now_s();
+    double submitted = 0;
     auto last = std::make_shared<std::vector<double>>(call.requests.size(), 0.0);
     auto first_token = std::make_shared<double>(0.0);  // written on the scheduler's thread
     ch->open = static_cast<int>(call.requests.size());
@@ -450,6 +452,7 @@ struct Server::Impl {
         };
         ids.push_back(sched.submit(std::move(r)));
       }
+      submitted = now_s();
     } catch (...) {
       for (auto rid : ids) sched.cancel(rid);
       throw;
@@ -493,8 +496,8 @@ struct Server::Impl {
             const std::string body = api::dump(out);
             if (!sink.write(body.data(), body.size())) return false;
             sink.done();
-            log_completion(id, prompt_total, out["usage"]["completion_tokens"], t0, *first_token,
-                           false);
+            log_completion(id, prompt_total, out["usage"]["completion_tokens"], t0, submitted,
+                           *first_token, false);
             return true;
           },
           release);
@@ -560,7 +563,7 @@ struct Server::Impl {
           if (!chunk.empty() && !sink.write(chunk.data(), chunk.size())) return false;
           if (last) {
             sink.done();
-            log_completion(id, prompt_total, *completion_total, t0, *first_token, true);
+            log_completion(id, prompt_total, *completion_total, t0, submitted, *first_token, true);
           }
           return true;
         },

@@ -31,7 +31,7 @@ struct ApiError : Error {
 // (prompt, choice). A chat request has one prompt, its messages rendered by the chat template.
 struct CompletionsCall {
   bool chat = false;  // choices are messages (chat.completion) rather than text
-  std::vector<std::string> prompts;
+  std::vector<std::string> prompts;  // their text (of token-id prompts only with echo)
   int n = 1;
   bool stream = false, include_usage = false, echo = false;
   // stream_options.continuous_usage_stats (vLLM's extension): every chunk carries its choice's

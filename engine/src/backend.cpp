@@ -47,8 +47,9 @@ void check_sample_call(std::span<const SeqChunk> chunks, std::span<const SampleS
 SampledToken sample_on_host(const SampleSpec& spec, std::span<const float> logits) {
   SampledToken t;
   t.token = pick_candidate(sample_candidates(*spec.params, logits, spec.penalties), spec.uniform);
-  t.logprob = log_softmax(logits)[t.token];
-  if (spec.top_logprobs > 0) t.top_logprobs = top_logprobs(logits, spec.top_logprobs);
+  const std::vector<float> lp = log_softmax(logits);
+  t.logprob = lp[t.token];
+  if (spec.top_logprobs > 0) t.top_logprobs = top_logprobs(lp, spec.top_logprobs);
   return t;
 }
 

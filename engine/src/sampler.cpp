@@ -94,8 +94,7 @@ void PenaltyCounts::push(int id) {
   ring_head_ = (ring_head_ + 1) % ring_.size();
 }
 
-std::vector<std::pair<int, float>> top_logprobs(std::span<const float> logits, int n) {
-  const std::vector<float> lp = log_softmax(logits);
+std::vector<std::pair<int, float>> top_logprobs(std::span<const float> lp, int n) {
   std::vector<int> idx(lp.size());
   for (size_t i = 0; i < idx.size(); ++i) idx[i] = static_cast<int>(i);
   n = std::min<int>(n, static_cast<int>(idx.size()));

@@ -34,8 +34,8 @@ MP_HOST_DEVICE inline bool keeps_whole_vocabulary(const SamplingParams& p, int v
 std::vector<std::pair<int, int>> penalty_counts(const SamplingParams& p,
                                                 std::span<const int> history, int vocab);
 
-// The n likeliest tokens of a row with their log-probabilities, likeliest first (ties: lower id
-// first): the host twin of the GPU's top-N (kernels/sampling_cuda.cu).
-std::vector<std::pair<int, float>> top_logprobs(std::span<const float> logits, int n);
+// The n likeliest tokens of a row of log-probabilities (log_softmax of the logits), likeliest
+// first (ties: lower id first): the host twin of the GPU's top-N (kernels/sampling_cuda.cu).
+std::vector<std::pair<int, float>> top_logprobs(std::span<const float> logprobs, int n);
 
 }  // namespace mp

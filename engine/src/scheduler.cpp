@@ -254,6 +254,12 @@ struct Scheduler::Impl {
   // Whether a sequence's prompt states go to the prefix cache: they are the states of its prompt
   // prefixes only when it starts from an empty state.
   bool snapshots(const Seq& s) const { return cache && !s.req.start_state; }
+  // At a block boundary, and at the end of a prompt of a quarter block or more: a shorter one is
+  // cheaper to read again than a snapshot (about 1 MiB) is to keep.
+  bool worth_snapshot(const Seq& s) const {
+    const size_t B = cache->block();
+    return s.prefilled % B == 0 || (s.prefilled == s.prompt->size() && s.prefilled >= B / 4);
+  }
 
   // A new sequence's state: the one it continues, or the longest cached prefix of its prompt
   // (all but the last token: that one's logits pick the first generated token).
@@ -338,8 +344,7 @@ struct Scheduler::Impl {
       if (s.pending < 0) {  // a prompt chunk
         s.prefilled += batch[i].tokens.size();
         prompt_tokens += batch[i].tokens.size();
-        if (snapshots(s) &&
-            (s.prefilled % cache->block() == 0 || s.prefilled == s.prompt->size())) {
+        if (snapshots(s) && worth_snapshot(s)) {
           try {
             cache->store(s.prompt, s.prefilled, s.slot);
           } catch (const std::exception& e) {

@@ -350,7 +350,7 @@ TEST_F(Cuda, ForwardSampleAgreesWithHostSamplingOfTheSameLogits) {
       }
       const auto lp = log_softmax(row);
       EXPECT_NEAR(got[i].logprob, lp[got[i].token], 1e-3);
-      const auto top = top_logprobs(row, specs[i].top_logprobs);
+      const auto top = top_logprobs(lp, specs[i].top_logprobs);
       ASSERT_EQ(got[i].top_logprobs.size(), top.size());
       for (size_t j = 0; j < top.size(); ++j) {
         EXPECT_NEAR(got[i].top_logprobs[j].second, top[j].second, 1e-3) << "rank " << j;
