@@ -5,6 +5,8 @@
 #include <iterator>
 #include <random>
 
+#include <sentencepiece_processor.h>
+
 #include "checkpoint.h"
 
 namespace {
@@ -27,6 +29,45 @@ TEST(Tokenizer, RoundTripsTextIncludingBytesOutsideTheVocabulary) {
     const auto with_bos = tok.encode(text, true);
     EXPECT_EQ(with_bos.front(), 1);
     EXPECT_EQ(tok.decode(with_bos), text);
+  }
+}
+
+// A long text is encoded in parts cut at single spaces, where the tokenizer allows it: the ids
+// are SentencePiece's for the whole text, for the test tokenizer, the shipped model's and a
+// Llama one (both keep runs of spaces, and their dummy prefix stands for the cut space).
+TEST(Tokenizer, LongTextsEncodeAsSentencePieceDoesTheWholeText) {
+  const Config c = mp::testing::small_config();
+  std::vector<std::unique_ptr<Tokenizer>> toks;
+  toks.push_back(std::make_unique<Tokenizer>(fixture_bytes(), c));
+  toks.push_back(std::make_unique<Tokenizer>(
+      Model::load(std::string(MULTIPOLE_SOURCE_DIR) + "/models/default.gguf")->tokenizer().model_bytes(),
+      [] { Config d = mp::testing::small_config(); d.vocab_size = 1 << 16; return d; }()));
+  {
+    std::ifstream f(std::string(MULTIPOLE_TEST_DATA) + "/golden-llama/tokenizer.model", std::ios::binary);
+    Config d = c;
+    d.vocab_size = 1 << 16;
+    toks.push_back(std::make_unique<Tokenizer>(
+        std::string(std::istreambuf_iterator<char>(f), std::istreambuf_iterator<char>()), d));
+  }
+  EXPECT_TRUE(toks[1]->encodes_in_parts());
+  EXPECT_TRUE(toks[2]->encodes_in_parts());
+  const std::vector<std::string> words = {"the", "License,", "free", "  spaced", "\n", "\n\n",
+                                          "\t", "Zürich", "東京", "🙂", "x.", "(GPL)", "42", " "};
+  std::mt19937 rng(3);
+  for (int round = 0; round < 4; ++round) {
+    std::string text;
+    while (text.size() < 120000) {  // cut in three or four parts
+      text += words[rng() % words.size()];
+      if (rng() % 3) text += ' ';
+    }
+    for (const auto& tok : toks) {
+      sentencepiece::SentencePieceProcessor sp;
+      ASSERT_TRUE(sp.LoadFromSerializedProto(tok->model_bytes()).ok());
+      std::vector<int> whole;
+      ASSERT_TRUE(sp.Encode(text, &whole).ok());
+      whole.insert(whole.begin(), tok->bos());
+      EXPECT_EQ(tok->encode(text, true), whole) << "round " << round;
+    }
   }
 }
 

@@ -198,6 +198,9 @@ class Tokenizer {
   };
   const Surface& surface(int id) const;  // any id; unknown ones are Hidden
   bool strips_leading_space() const { return strips_leading_space_; }
+  // Whether encode() cuts long texts into parts (encoded on several threads) for this tokenizer:
+  // only where the parts' tokens are provably the whole text's (tokenizer.cpp, splitting()).
+  bool encodes_in_parts() const;
 
  private:
   struct Impl;
