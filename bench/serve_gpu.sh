@@ -3,7 +3,10 @@
 # 1024 as the baseline, then multipole-server on the same GPU under bench/serve.py's scenarios,
 # then multipole-generate's speed over 50,000 tokens. Binaries come from scripts/gpu_bundle.sh
 # (carried in .carry/gpu). Results go to $OUT. SKIP_TESTS=1 skips the CUDA tests, SKIP_GENERATE=1
-# the generate run; PREFILL_BUDGETS="N M" runs the prefill scenario with each --prefill-per-step.
+# the generate run; PREFILL_BUDGETS="N M" runs the prefill scenario with each --prefill-per-step;
+# STREAM_PROCESSES="4 8" the load generator's process counts for the 1,024 streams (equal totals
+# show that it is not the bottleneck), STREAM_TOKENS their tokens each (default 512); SKIP_LONG=1
+# skips the one-stream runs.
 set -uo pipefail
 root=$(pwd)
 bash scripts/gpu_unpack.sh
@@ -34,13 +37,18 @@ serve() {
     | tee -a "$out/serve.md"; echo | tee -a "$out/serve.md"
 }
 start_server ${SERVER_ARGS:-}
-echo "## one stream" | tee -a "$out/serve.md"
-serve 120 streams --clients 1 --requests 4 --max-tokens 512
-echo "## 1,024 streams x 512 tokens, the load split over 4 and over 8 processes" | tee -a "$out/serve.md"
-serve 240 streams --clients 1024 --processes 4 --max-tokens 512
-serve 240 streams --clients 1024 --processes 8 --max-tokens 512
-echo "## one stream of 50,000 tokens through the server" | tee -a "$out/serve.md"
-serve 300 long --max-tokens 50000
+if [ -z "${SKIP_LONG:-}" ]; then
+  echo "## one stream" | tee -a "$out/serve.md"
+  serve 120 streams --clients 1 --requests 4 --max-tokens 512
+fi
+for p in ${STREAM_PROCESSES:-4 8}; do
+  echo "## 1,024 streams x ${STREAM_TOKENS:-512} tokens, the load split over $p processes" | tee -a "$out/serve.md"
+  serve 240 streams --clients 1024 --processes $p --max-tokens ${STREAM_TOKENS:-512}
+done
+if [ -z "${SKIP_LONG:-}" ]; then
+  echo "## one stream of 50,000 tokens through the server" | tee -a "$out/serve.md"
+  serve 300 long --max-tokens 50000
+fi
 stop_server
 for budget in ${PREFILL_BUDGETS:-0}; do
   start_server --prefill-per-step $budget

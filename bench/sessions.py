@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """The fixed-size state as a serving feature, measured against a running multipole-server.
 
-  prefix    a document of --doc-tokens token ids asked --questions questions one after another:
+  prefix    a document of --doc-tokens token ids (or, with --text-words, a text of that many
+            words) asked --questions questions one after another:
             the first reads the whole document (cold), the others restore it from the prefix
             cache; prints the time to first token of each and the ratio, and the cache's memory
             from /metrics
@@ -74,11 +75,25 @@ def doc_ids(n, seed, vocab=8000):
     return [rng.randrange(3, vocab) for _ in range(n)]
 
 
+WORDS = ("the of and to in is that for it as was with be by on not he this are or his from at "
+         "which but have an they you were her she there been one all we their has would when if "
+         "so no will more can out up about into them some could time these two may then do first "
+         "any my now such like our over man me even most made after also did many before must "
+         "through back years where much your way well down should because each just those people "
+         "kernel license memory process file system free software network page").split()
+
+
+def doc_text(n_words, seed):
+    rng = random.Random(seed)
+    return " ".join(rng.choice(WORDS) for _ in range(n_words))
+
+
 def prefix(a, cl):
-    doc = doc_ids(a.doc_tokens, 1)
+    # Token ids, or with --text-words a text of that many words (its tokenization included).
+    doc = doc_text(a.text_words, 1) if a.text_words else doc_ids(a.doc_tokens, 1)
     rows = []
     for q in range(a.questions):
-        question = doc_ids(16, 100 + q)
+        question = " " + doc_text(12, 100 + q) if a.text_words else doc_ids(16, 100 + q)
         t, usage = cl.ttft({"prompt": doc + question, "max_tokens": 1, "temperature": 0})
         rows.append((q, t, usage["prompt_tokens"], usage["prompt_tokens_details"]["cached_tokens"]))
     print(f"| question | TTFT ms | prompt tokens | cached tokens |\n|---|---|---|---|")
@@ -145,6 +160,7 @@ def main():
     p.add_argument("scenario", choices=["prefix", "sessions"])
     p.add_argument("--url", default="http://127.0.0.1:8080")
     p.add_argument("--doc-tokens", type=int, default=100_000)
+    p.add_argument("--text-words", type=int, default=0, help="prefix: a text document instead")
     p.add_argument("--questions", type=int, default=6)
     p.add_argument("--sessions", type=int, default=10_000)
     p.add_argument("--resumes", type=int, default=20)

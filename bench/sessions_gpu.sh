@@ -26,6 +26,8 @@ server=$!
 for _ in $(seq 120); do curl -sf $url/health >/dev/null && break; sleep 0.5; done
 echo "## prefix cache: a 100k-token document, six questions" | tee -a "$out/sessions.md"
 timeout 200 python3 bench/sessions.py prefix --doc-tokens 100000 --url $url 2>&1 | tee -a "$out/sessions.md"
+echo "## the same as text (about 100k tokens of words: its tokenization included)" | tee -a "$out/sessions.md"
+timeout 200 python3 bench/sessions.py prefix --text-words 90000 --url $url 2>&1 | tee -a "$out/sessions.md"
 echo "## ${SESSIONS:-10000} sessions of 100k tokens" | tee -a "$out/sessions.md"
 timeout 300 python3 bench/sessions.py sessions --doc-tokens 100000 --sessions ${SESSIONS:-10000} \
   --state-dir "$state" --server-pid $server --url $url 2>&1 | tee -a "$out/sessions.md"
