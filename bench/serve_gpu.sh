@@ -8,18 +8,7 @@
 # show that it is not the bottleneck), STREAM_TOKENS their tokens each (default 512); SKIP_LONG=1
 # skips the one-stream runs.
 set -uo pipefail
-root=$(pwd)
-bash scripts/gpu_unpack.sh
-export LD_LIBRARY_PATH=$root/.carry/gpu/lib:/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}
-export MULTIPOLE_TEST_DATA=$root/tests/data PYTHONUNBUFFERED=1
-bin=$root/.carry/gpu/bin
-out=${OUT:-/tmp/out}
-mkdir -p "$out"
-nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
-if [ -z "${SKIP_TESTS:-}" ]; then
-  "$bin/multipole_gpu_tests" > "$out/gpu_tests.log" 2>&1; echo "gpu tests rc $?"
-  grep -E "^\[  (FAILED|PASSED|SKIPPED) |Failure|Which is" "$out/gpu_tests.log" | head -30
-fi
+source scripts/gpu_env.sh
 "$bin/bench_cuda" models/default.gguf --decode 1,1024 2>&1 | tee "$out/bench_decode.md"
 
 port=8080

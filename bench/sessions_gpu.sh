@@ -5,18 +5,7 @@
 # from scripts/gpu_bundle.sh (carried in .carry/gpu); results in $OUT. SKIP_TESTS=1 skips the
 # tests; SESSIONS=N changes the number of sessions.
 set -uo pipefail
-root=$(pwd)
-bash scripts/gpu_unpack.sh
-export LD_LIBRARY_PATH=$root/.carry/gpu/lib:/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}
-export MULTIPOLE_TEST_DATA=$root/tests/data PYTHONUNBUFFERED=1
-bin=$root/.carry/gpu/bin
-out=${OUT:-/tmp/out}
-mkdir -p "$out"
-nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
-if [ -z "${SKIP_TESTS:-}" ]; then
-  "$bin/multipole_gpu_tests" > "$out/gpu_tests.log" 2>&1; echo "gpu tests rc $?"
-  grep -E "^\[  (FAILED|PASSED|SKIPPED) |Failure|Which is" "$out/gpu_tests.log" | head -30
-fi
+source scripts/gpu_env.sh
 state=$(mktemp -d /tmp/state.XXXX)
 url=http://127.0.0.1:8080
 "$bin/multipole-server" -m models/default.gguf --backend cuda --slots 64 --ctx-limit 200000 \
