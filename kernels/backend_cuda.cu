@@ -142,7 +142,8 @@ class CudaBackend final : public Backend {
               c_.fma_downsampling == Downsampling::AvgPool,
               c_.fma_downsampling == Downsampling::Conv          ? c_.head_dim
               : c_.fma_downsampling == Downsampling::GroupedConv ? 1
-                                                                 : 0};
+                                                                 : 0,
+              cpu::paired_keys(c_)};
     cap_ = c_.fma_enabled ? 2 * int64_t{c_.fma_block_size} : max_context;
     if (cap_ <= 0) throw Error("CUDA backend: exact attention needs a positive max_context");
     embed_ = upload_bf16({&model_->tensor(tn::token_embd(), {V, H})});

@@ -28,11 +28,36 @@ __device__ SumTile sum_tile(const FmaShape& s, int idx) {
 
 // acc += the contributions of the chunk's tokens [from, to) to group g's outputs of the tile:
 // summary r0 + rr of channel ch for KV head h0 + hh is acc[hh][rr].
+// paired: rotary key summaries, each output reading channel ch and its RoPE partner.
 template <int kSumHeads, int kSumRanks>
-__device__ void group_sums(const FmaShape& s, const ChunkDesc& c, const float* W, int w, int64_t g,
-                           int64_t from, int64_t to, const SumTile& tl, const float* x,
-                           float (&acc)[kSumHeads][kSumRanks]) {
+__device__ void group_sums(const FmaShape& s, const ChunkDesc& c, const float* W, bool paired,
+                           int w, int64_t g, int64_t from, int64_t to, const SumTile& tl,
+                           const float* x, float (&acc)[kSumHeads][kSumRanks]) {
   const int pd = s.p * s.d;
+  auto row = [&](int64_t t) { return x + (int64_t(c.row0) + (t - c.pos0)) * s.kv * s.d; };
+  if (paired) {
+    const int partner = tl.ch < s.d / 2 ? tl.ch + s.d / 2 : tl.ch - s.d / 2;
+    for (int64_t t = from; t < to; ++t) {
+      const float* xr = row(t);
+      float xv[kSumHeads], xp[kSumHeads];
+#pragma unroll
+      for (int hh = 0; hh < kSumHeads; ++hh) {
+        const bool ok = tl.h0 + hh < s.kv;
+        xv[hh] = ok ? xr[(tl.h0 + hh) * s.d + tl.ch] : 0.0f;
+        xp[hh] = ok ? xr[(tl.h0 + hh) * s.d + partner] : 0.0f;
+      }
+      const float* wr = W + (int64_t(t - g * w) * pd + tl.ch) * 2;
+#pragma unroll
+      for (int rr = 0; rr < kSumRanks; ++rr) {
+        const int r = tl.r0 + rr;
+        if (r >= s.p) break;
+        const float w_own = wr[int64_t(r) * s.d * 2], w_partner = wr[int64_t(r) * s.d * 2 + 1];
+#pragma unroll
+        for (int hh = 0; hh < kSumHeads; ++hh) acc[hh][rr] += w_own * xv[hh] + w_partner * xp[hh];
+      }
+    }
+    return;
+  }
   // acc += weight(rank) * x[head] for input channel i of token t (tg: its index in the group).
   auto add = [&](const float* row, int tg, int i) {
     float xv[kSumHeads];
@@ -50,7 +75,6 @@ __device__ void group_sums(const FmaShape& s, const ChunkDesc& c, const float* W
       for (int hh = 0; hh < kSumHeads; ++hh) acc[hh][rr] += wt * xv[hh];
     }
   };
-  auto row = [&](int64_t t) { return x + (int64_t(c.row0) + (t - c.pos0)) * s.kv * s.d; };
   if (s.in > 1) {  // conv: every input channel
     for (int64_t t = from; t < to; ++t)
       for (int i = 0; i < s.d; ++i) add(row(t), int(t - g * w), i);
@@ -63,9 +87,9 @@ __device__ void group_sums(const FmaShape& s, const ChunkDesc& c, const float* W
 // output's index h * p * d + o in a [kv][p * d] block, o its channel-rank index), takes the tokens
 // [from, to) of group g, and goes to store(at, acc).
 template <int kSumHeads, int kSumRanks, class Init, class Store>
-__device__ void for_each_sum_tile(const FmaShape& s, const ChunkDesc& c, const float* W, int w,
-                                  int64_t g, int64_t from, int64_t to, const float* x, Init init,
-                                  Store store) {
+__device__ void for_each_sum_tile(const FmaShape& s, const ChunkDesc& c, const float* W,
+                                  bool paired, int w, int64_t g, int64_t from, int64_t to,
+                                  const float* x, Init init, Store store) {
   const int pd = s.p * s.d;
   for (int idx = threadIdx.x; idx < sum_tiles<kSumHeads, kSumRanks>(s); idx += blockDim.x) {
     const SumTile tl = sum_tile<kSumHeads, kSumRanks>(s, idx);
@@ -77,7 +101,7 @@ __device__ void for_each_sum_tile(const FmaShape& s, const ChunkDesc& c, const f
 #pragma unroll
       for (int rr = 0; rr < kSumRanks; ++rr)
         acc[hh][rr] = valid(hh, rr) ? init(at(hh, rr), (tl.r0 + rr) * s.d + tl.ch) : 0.0f;
-    group_sums<kSumHeads, kSumRanks>(s, c, W, w, g, from, to, tl, x, acc);
+    group_sums<kSumHeads, kSumRanks>(s, c, W, paired, w, g, from, to, tl, x, acc);
 #pragma unroll
     for (int hh = 0; hh < kSumHeads; ++hh)
 #pragma unroll
@@ -97,7 +121,8 @@ __global__ void summarize_kernel(FmaShape s, CacheView cv, Downsamplers dw, cons
   const int l = it.level, w = s.m << (l - 1), pd = s.p * s.d;
   const NewGroups ng = table[c.new_base + l - 1];
   const float* W = s.avgpool ? nullptr : (values ? dw.wv : dw.wk)[l - 1];
-  const float* bias = s.avgpool ? nullptr : (values ? dw.bv : dw.bk)[l - 1];
+  const bool paired = s.paired_keys && !values;
+  const float* bias = s.avgpool || paired ? nullptr : (values ? dw.bv : dw.bk)[l - 1];
   const float* acc0 = (values ? cv.acc_v : cv.acc_k) + (int64_t(c.slot) * s.L + l - 1) * s.kv * pd;
   float* dst = (values ? new_v : new_k) + (int64_t(ng.offset) + it.group - ng.first) * s.kv * pd;
   const int64_t start = it.group * w;
@@ -105,7 +130,7 @@ __global__ void summarize_kernel(FmaShape s, CacheView cv, Downsamplers dw, cons
   // before the chunk.
   const bool first = it.t_from == max(start, c.pos0);
   for_each_sum_tile<kSumHeads, kSumRanks>(
-      s, c, W, w, it.group, it.t_from, it.t_to, values ? v : k,
+      s, c, W, paired, w, it.group, it.t_from, it.t_to, values ? v : k,
       [&](int at, int o) {
         return first ? (start < c.pos0 ? acc0[at] : 0.0f) + (bias ? bias[o] : 0.0f) : 0.0f;
       },
@@ -122,10 +147,11 @@ __global__ void accumulate_kernel(FmaShape s, CacheView cv, Downsamplers dw,
   const ChunkDesc c = chunks[it.chunk];
   const int l = it.level, w = s.m << (l - 1), pd = s.p * s.d;
   const float* W = s.avgpool ? nullptr : (values ? dw.wv : dw.wk)[l - 1];
+  const bool paired = s.paired_keys && !values;
   float* acc0 = (values ? cv.acc_v : cv.acc_k) + (int64_t(c.slot) * s.L + l - 1) * s.kv * pd;
   const int64_t start = it.group * w;
   for_each_sum_tile<kSumHeads, kSumRanks>(
-      s, c, W, w, it.group, max(start, c.pos0), c.pos0 + c.T, values ? v : k,
+      s, c, W, paired, w, it.group, max(start, c.pos0), c.pos0 + c.T, values ? v : k,
       [&](int at, int) { return start < c.pos0 ? acc0[at] : 0.0f; },
       [&](int at, float a) { acc0[at] = a; });
 }

@@ -57,7 +57,8 @@ struct Downsamplers {      // one layer, device copies of cpu::Downsampler (inde
 struct FmaShape {
   int heads, kv, d, m, p, L;
   bool fma, scale_attn, avgpool;
-  int in;  // 1 groupedconv, d conv, 0 avgpool
+  int in;                    // 1 groupedconv, d conv, 0 avgpool (values; keys too unless paired)
+  bool paired_keys = false;  // rotary key summaries: cpu::Downsampler's paired layout, no bias
 };
 
 // Summaries of completed groups -> new_k/new_v pool [groups][kv][p*d], which must be zeroed

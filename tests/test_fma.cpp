@@ -3,10 +3,12 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <complex>
 #include <random>
 #include <sstream>
 
 #include "fma_cpu.h"
+#include "ops_cpu.h"
 
 namespace {
 
@@ -14,7 +16,7 @@ using mp::Config;
 using mp::Downsampling;
 
 Config attn_config(int n, int m, int p, Downsampling ds, bool scale, int heads, int kv_heads,
-                   int d) {
+                   int d, bool rotary = false) {
   Config c;
   c.vocab_size = 8;
   c.hidden_size = heads * d;
@@ -28,13 +30,15 @@ Config attn_config(int n, int m, int p, Downsampling ds, bool scale, int heads, 
   c.fma_rank = p;
   c.fma_downsampling = ds;
   c.fma_scale_attn = scale;
+  c.fma_rotary_summaries = rotary;
   c.bos_token_id = c.eos_token_id = 0;
   c.validate();
   return c;
 }
 
 struct RandomLayer {
-  std::vector<std::vector<float>> wk, bk, wv, bv;  // per level, HF layout [p*d][in][w]
+  // Per level, HF layout [p*d][in][w]; rotary keys: [d/2*p][2][w] and no bias.
+  std::vector<std::vector<float>> wk, bk, wv, bv;
   mp::cpu::LayerDownsamplers ds;
 };
 
@@ -50,22 +54,39 @@ RandomLayer random_layer(const Config& c, std::mt19937& rng) {
       return v;
     };
     const size_t pd = size_t(c.fma_rank) * c.head_dim;
-    r.wk.push_back(fill(pd * in * w, 1.0f / std::sqrt(float(in * w))));
-    r.bk.push_back(fill(pd, 0.1f));
+    r.wk.push_back(fill(pd * in * w, 1.0f / std::sqrt(float(in * w))));  // rotary: as many
+    r.bk.push_back(mp::cpu::paired_keys(c) ? std::vector<float>{} : fill(pd, 0.1f));
     r.wv.push_back(fill(pd * in * w, 1.0f / std::sqrt(float(in * w))));
     r.bv.push_back(fill(pd, 0.1f));
-    r.ds.k.push_back(mp::cpu::make_downsampler(c, l, r.wk.back(), r.bk.back()));
-    r.ds.v.push_back(mp::cpu::make_downsampler(c, l, r.wv.back(), r.bv.back()));
+    r.ds.k.push_back(mp::cpu::make_downsampler(c, l, true, r.wk.back(), r.bk.back()));
+    r.ds.v.push_back(mp::cpu::make_downsampler(c, l, false, r.wv.back(), r.bv.back()));
   }
   return r;
 }
 
-// Summary r of group g of one head, straight from DESIGN.md's formulas. x: [T][kv][d].
-std::vector<double> brute_summary(const Config& c, const std::vector<float>& W,
+// Summary r of group g of one head, straight from DESIGN.md's formulas and docs/MODEL.md's for
+// rotary key summaries (pair j as the complex number x_j + i x_{j+d/2}, times a + ib per tap).
+// x: [T][kv][d].
+std::vector<double> brute_summary(const Config& c, bool keys, const std::vector<float>& W,
                                   const std::vector<float>& b, const std::vector<float>& x,
                                   int level, int64_t g, int kvh) {
   const int d = c.head_dim, p = c.fma_rank, w = c.group_size(level), nkv = c.n_kv_heads;
   std::vector<double> s(size_t(p) * d);
+  auto at = [&](int t, int ch) { return double(x[(size_t(g * w + t) * nkv + kvh) * d + ch]); };
+  if (keys && c.fma_rotary_summaries && c.fma_downsampling == Downsampling::GroupedConv) {
+    for (int r = 0; r < p; ++r)
+      for (int j = 0; j < d / 2; ++j) {
+        std::complex<double> acc = 0;
+        for (int t = 0; t < w; ++t) {
+          const std::complex<double> u(W[((size_t(j) * p + r) * 2) * w + t],
+                                       W[((size_t(j) * p + r) * 2 + 1) * w + t]);
+          acc += u * std::complex<double>(at(t, j), at(t, j + d / 2));
+        }
+        s[size_t(r) * d + j] = acc.real();
+        s[size_t(r) * d + j + d / 2] = acc.imag();
+      }
+    return s;
+  }
   for (int r = 0; r < p; ++r)
     for (int ch = 0; ch < d; ++ch) {
       double acc = 0;
@@ -114,10 +135,10 @@ std::vector<double> brute_fma(const Config& c, const RandomLayer& rl, const std:
         for (int g : groups) {
           EXPECT_LE((g + 1) * w, i);
           auto ks =
-              brute_summary(c, rl.wk.empty() ? std::vector<float>{} : rl.wk[l - 1],
+              brute_summary(c, true, rl.wk.empty() ? std::vector<float>{} : rl.wk[l - 1],
                             rl.bk.empty() ? std::vector<float>{} : rl.bk[l - 1], k, l, g, kvh);
           auto vs =
-              brute_summary(c, rl.wv.empty() ? std::vector<float>{} : rl.wv[l - 1],
+              brute_summary(c, false, rl.wv.empty() ? std::vector<float>{} : rl.wv[l - 1],
                             rl.bv.empty() ? std::vector<float>{} : rl.bv[l - 1], v, l, g, kvh);
           for (int r = 0; r < p; ++r) {
             keys.emplace_back(ks.begin() + r * d, ks.begin() + (r + 1) * d);
@@ -175,13 +196,14 @@ struct Case {
   Downsampling ds;
   bool scale;
   int heads, kv;
+  bool rotary = false;
 };
 
 class FmaVsBruteForce : public ::testing::TestWithParam<Case> {};
 
 TEST_P(FmaVsBruteForce, MatchesOnRandomInputsPastTrainedLength) {
   const Case cs = GetParam();
-  const Config c = attn_config(cs.n, cs.m, cs.p, cs.ds, cs.scale, cs.heads, cs.kv, 8);
+  const Config c = attn_config(cs.n, cs.m, cs.p, cs.ds, cs.scale, cs.heads, cs.kv, 8, cs.rotary);
   std::mt19937 rng(cs.n * 131 + cs.m * 7 + cs.p + int(cs.ds));
   std::normal_distribution<float> nd(0, 1);
   const RandomLayer rl = random_layer(c, rng);
@@ -203,14 +225,18 @@ INSTANTIATE_TEST_SUITE_P(Shapes, FmaVsBruteForce,
                                            Case{128, 8, 4, Downsampling::AvgPool, true, 2, 1},
                                            Case{128, 16, 2, Downsampling::Conv, false, 3, 3},
                                            Case{256, 8, 1, Downsampling::AvgPool, false, 2, 2},
-                                           Case{256, 16, 4, Downsampling::GroupedConv, true, 4, 1}),
+                                           Case{256, 16, 4, Downsampling::GroupedConv, true, 4, 1},
+                                           Case{64, 8, 2, Downsampling::GroupedConv, true, 4, 2,
+                                                true},
+                                           Case{128, 8, 4, Downsampling::AvgPool, true, 2, 1,
+                                                true}),
                          [](const auto& info) {
                            // A stream: GCC 12 warns falsely (-Wrestrict) on chained string +.
                            const Case& c = info.param;
                            std::ostringstream name;
                            name << "n" << c.n << "_m" << c.m << "_p" << c.p << "_"
                                 << mp::to_string(c.ds) << (c.scale ? "_scaled" : "") << "_h"
-                                << c.heads << "kv" << c.kv;
+                                << c.heads << "kv" << c.kv << (c.rotary ? "_rotary" : "");
                            return name.str();
                          });
 
@@ -261,6 +287,76 @@ TEST(Fma, CacheHasFixedSizePastTrainedLength) {
     for (float x : out) ASSERT_TRUE(std::isfinite(x));
   }
   EXPECT_EQ(mp::cpu::seq_cache_bytes(seq), before);
+}
+
+// Rotary key summaries make a summary's score, hence every attention output, depend on relative
+// positions only: the same sequence with its RoPE positions shifted by k (start position k instead
+// of 0; the hierarchy stays where it was) gives the same outputs to fp32 rounding, as exact
+// attention does. Per-channel groupedconv summaries do not: their outputs move with k.
+struct ShiftCase {
+  const char* name;
+  Downsampling ds;
+  bool fma, rotary, invariant;
+};
+class RopeShift : public ::testing::TestWithParam<ShiftCase> {};
+
+TEST_P(RopeShift, OutputsDependOnRelativePositionsOnly) {
+  const ShiftCase cs = GetParam();
+  Config c = attn_config(64, 8, 2, cs.ds, true, 4, 2, 16, cs.rotary);
+  c.fma_enabled = cs.fma;
+  std::mt19937 rng(11 + int(cs.ds) + 3 * cs.rotary);
+  std::normal_distribution<float> nd(0, 1);
+  const RandomLayer rl = cs.fma ? random_layer(c, rng) : RandomLayer{};
+  const int T = 3 * 64 + 5, d = c.head_dim;  // past the trained length
+  std::vector<float> q(size_t(T) * c.n_heads * d), k(size_t(T) * c.n_kv_heads * d), v(k.size());
+  for (auto* vec : {&q, &k, &v})
+    for (auto& x : *vec) x = nd(rng);
+  // Outputs with RoPE positions start, start + 1, ... (the tokens' places in the hierarchy are
+  // 0, 1, ...), in chunks of `chunk`.
+  auto outputs = [&](int64_t start, int chunk) {
+    std::vector<float> qr = q, kr = k;
+    mp::cpu::rope(qr.data(), T, c.n_heads, d, start, c.rope_theta, 1.0f);
+    mp::cpu::rope(kr.data(), T, c.n_kv_heads, d, start, c.rope_theta, 1.0f);
+    return cached_fma(c, rl, qr, kr, v, T, chunk);
+  };
+  const auto base = outputs(0, T);
+  const std::vector<double> ref(base.begin(), base.end());
+  double worst = 0;
+  for (int64_t start : {int64_t{1}, int64_t{37}, int64_t{4099}, int64_t{1000003}})
+    for (int chunk : {T, 5}) {
+      const double err = rel_err(outputs(start, chunk), ref);
+      worst = std::max(worst, err);
+      if (cs.invariant) {
+        EXPECT_LT(err, 1e-5) << "start " << start << ", chunk " << chunk;
+      }
+    }
+  if (!cs.invariant) {
+    EXPECT_GT(worst, 1e-2);
+  }
+  std::printf("%s: largest relative change of the outputs over the shifts: %.2e\n", cs.name,
+              worst);
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    Kinds, RopeShift,
+    ::testing::Values(ShiftCase{"groupedconv_rotary", Downsampling::GroupedConv, true, true, true},
+                      ShiftCase{"avgpool_rotary", Downsampling::AvgPool, true, true, true},
+                      ShiftCase{"avgpool", Downsampling::AvgPool, true, false, true},
+                      ShiftCase{"exact", Downsampling::GroupedConv, false, false, true},
+                      ShiftCase{"groupedconv_per_channel", Downsampling::GroupedConv, true, false,
+                                false},
+                      ShiftCase{"conv", Downsampling::Conv, true, false, false}),
+    [](const auto& info) { return std::string(info.param.name); });
+
+TEST(Fma, RotarySummariesNeedGroupedconvOrAvgpool) {
+  try {
+    attn_config(64, 8, 2, Downsampling::Conv, true, 2, 1, 8, true);
+    FAIL() << "conv with rotary summaries was accepted";
+  } catch (const mp::Error& e) {
+    EXPECT_NE(std::string(e.what()).find("fma_rotary_summaries needs groupedconv or avgpool"),
+              std::string::npos)
+        << e.what();
+  }
 }
 
 }  // namespace

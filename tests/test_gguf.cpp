@@ -139,6 +139,35 @@ TEST(Convert, RefusesBadCheckpointsNamingTheProblem) {
       std::string::npos);
 }
 
+TEST(Convert, RotarySummariesAreRecordedAndOldFilesKeepPerChannelSummaries) {
+  TempDir dir;
+  Config c = mp::testing::small_config();
+  c.fma_rotary_summaries = true;
+  auto model = mp::testing::random_model(dir, c, DType::F32);
+  EXPECT_TRUE(model->config().fma_rotary_summaries);
+  // Key summaries: one complex weight per RoPE pair and tap, no bias; values as before.
+  const int64_t d = c.head_dim, p = c.fma_rank, w = c.group_size(1);
+  EXPECT_NO_THROW(model->tensor(tensor_names::fma_down(0, 'k', 1, false), {d / 2 * p, 2, w}));
+  EXPECT_NO_THROW(model->tensor(tensor_names::fma_down(0, 'v', 1, false), {d * p, 1, w}));
+  EXPECT_NO_THROW(model->tensor(tensor_names::fma_down(0, 'v', 1, true), {d * p}));
+  EXPECT_NE(error_of([&] { model->tensor(tensor_names::fma_down(0, 'k', 1, true), {d * p}); }),
+            "(no error)");
+
+  // A per-channel checkpoint whose config.json asks for rotary summaries: the key weight's shape
+  // is named.
+  Config per_channel = mp::testing::small_config();
+  mp::testing::write_random_checkpoint(dir / "pc", per_channel, {});
+  write_all(dir / "pc/config.json", mp::testing::config_json(c));
+  const std::string e = error_of([&] { convert_hf_to_gguf(dir / "pc", dir / "pc.gguf", {}); });
+  EXPECT_NE(e.find("fma.k_down.0"), std::string::npos) << e;
+  EXPECT_FALSE(fs::exists(dir / "pc.gguf"));
+
+  // A file written before the option (the fuzz seed) has no fma.rotary_summaries key: off.
+  auto old = Model::load(mp::testing::test_data_dir() + "/../fuzz/corpus/gguf/fma.gguf");
+  EXPECT_TRUE(old->config().fma_enabled);
+  EXPECT_FALSE(old->config().fma_rotary_summaries);
+}
+
 TEST(GgufReader, RefusesTruncatedFilesAtEveryCut) {
   TempDir dir;
   mp::testing::random_model(dir, mp::testing::small_config());

@@ -36,6 +36,7 @@ struct Variant {
   bool fma, tie;
   int kv_heads;
   DType dtype = DType::F32;  // bf16: decode's matrix-vector kernels read the weights as stored
+  bool rotary = false;       // rotary key summaries
 };
 
 class ChunkInvariance : public ::testing::TestWithParam<Variant> {};
@@ -47,8 +48,10 @@ TEST_P(ChunkInvariance, PrefillChunksAndDecodeAgreePastTrainedLength) {
   c.fma_enabled = v.fma;
   c.tie_word_embeddings = v.tie;
   c.n_kv_heads = v.kv_heads;
+  c.fma_rotary_summaries = v.rotary;
   TempDir dir;
   auto model = random_model(dir, c, v.dtype);
+  ASSERT_EQ(model->config().fma_rotary_summaries, v.rotary);
   auto b = make_backend(model, {.kind = "cpu", .n_slots = 2, .n_threads = 2});
   const int m = c.fma_block_size;
   const auto tokens = random_tokens(3 * static_cast<int>(c.n_ctx_train) + 5, c.vocab_size, 11);
@@ -65,7 +68,11 @@ INSTANTIATE_TEST_SUITE_P(
                       Variant{"avgpool", Downsampling::AvgPool, true, false, 4},
                       Variant{"groupedconv_bf16", Downsampling::GroupedConv, true, false, 2,
                               DType::BF16},
-                      Variant{"exact", Downsampling::GroupedConv, false, true, 2}),
+                      Variant{"exact", Downsampling::GroupedConv, false, true, 2},
+                      Variant{"groupedconv_rotary", Downsampling::GroupedConv, true, false, 2,
+                              DType::F32, true},
+                      Variant{"groupedconv_rotary_bf16", Downsampling::GroupedConv, true, true, 1,
+                              DType::BF16, true}),
     [](const auto& info) { return std::string(info.param.name); });
 
 TEST(State, SavedAndRestoredStateContinuesExactly) {

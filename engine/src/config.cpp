@@ -85,6 +85,9 @@ void Config::validate() const {
        "max_position_embeddings / fma_block_size must be a power of two >= 4");
   if (fma_downsampling == Downsampling::AvgPool)
     need(fma_block_size % fma_rank == 0, "avgpool needs fma_rank to divide fma_block_size");
+  need(!fma_rotary_summaries || fma_downsampling != Downsampling::Conv,
+       "fma_rotary_summaries needs groupedconv or avgpool (conv mixes channels that RoPE rotates "
+       "at different frequencies)");
 }
 
 std::string Config::summary() const {
@@ -95,7 +98,8 @@ std::string Config::summary() const {
   if (rope_linear_factor != 1.0f) o << ", rope linear x" << rope_linear_factor;
   if (fma_enabled)
     o << ", FMA m=" << fma_block_size << " p=" << fma_rank << " L=" << n_levels() << " "
-      << to_string(fma_downsampling) << (fma_scale_attn ? " scaled" : "");
+      << to_string(fma_downsampling) << (fma_rotary_summaries ? " rotary" : "")
+      << (fma_scale_attn ? " scaled" : "");
   else
     o << ", exact attention";
   return o.str();
@@ -213,6 +217,7 @@ Config config_from_hf_json(const std::string& text) {
   c.fma_downsampling =
       parse_downsampling(get("fma_downsampling", std::string("groupedconv"), false));
   c.fma_scale_attn = get("fma_scale_attn", true, false);
+  c.fma_rotary_summaries = get("fma_rotary_summaries", false, false);
   c.bos_token_id = get("bos_token_id", 1, false);
   c.eos_token_id = get("eos_token_id", 2, false);
   c.add_bos = get("add_bos_token", true, false);
@@ -275,6 +280,7 @@ std::map<std::string, gguf::Value> config_to_gguf(const Config& c) {
       {a + ".rank", Value::u32(c.fma_rank)},
       {a + ".downsampling", Value::str(std::string(to_string(c.fma_downsampling)))},
       {a + ".scale_attn", Value::boolean(c.fma_scale_attn)},
+      {a + ".rotary_summaries", Value::boolean(c.fma_rotary_summaries)},
       {"tokenizer.ggml.bos_token_id", Value::u32(c.bos_token_id)},
       {"tokenizer.ggml.eos_token_id", Value::u32(c.eos_token_id)},
       {"tokenizer.ggml.add_bos_token", Value::boolean(c.add_bos)},
@@ -312,6 +318,8 @@ Config config_from_gguf(const gguf::File& f) {
   c.fma_rank = u(".rank");
   c.fma_downsampling = parse_downsampling(f.get_string(a + ".downsampling"));
   c.fma_scale_attn = f.get_bool(a + ".scale_attn");
+  // Files written before rotary summaries have no such key: off.
+  if (f.find(a + ".rotary_summaries")) c.fma_rotary_summaries = f.get_bool(a + ".rotary_summaries");
   c.bos_token_id = static_cast<int>(f.get_uint("tokenizer.ggml.bos_token_id"));
   c.eos_token_id = static_cast<int>(f.get_uint("tokenizer.ggml.eos_token_id"));
   c.add_bos = f.get_bool("tokenizer.ggml.add_bos_token");
@@ -356,6 +364,12 @@ std::vector<TensorSpec> expected_tensors(const Config& c) {
       for (int l = 1; l <= c.n_levels(); ++l) {
         for (char which : {'k', 'v'}) {
           const std::string base = hf + "self_attn.fma." + which + "_down." + std::to_string(l - 1);
+          if (which == 'k' && c.fma_rotary_summaries) {  // [pair*p + r][re, im][t], no bias
+            out.push_back({tn::fma_down(i, which, l, false),
+                           base + ".weight",
+                           {d / 2 * c.fma_rank, 2, c.group_size(l)}});
+            continue;
+          }
           out.push_back({tn::fma_down(i, which, l, false),
                          base + ".weight",
                          {d * c.fma_rank, in, c.group_size(l)}});

@@ -208,7 +208,10 @@ void convert_hf_to_gguf(const std::string& hf_dir, const std::string& out_path,
     if (name.ends_with(".rotary_emb.inv_freq")) continue;
     if (name == "lm_head.weight" && cfg.tie_word_embeddings) continue;  // a copy of the embedding
     if (name.ends_with(".bias"))
-      throw Error("checkpoint: tensor '" + name + "' is a bias; biases are not supported");
+      throw Error("checkpoint: tensor '" + name + "' is a bias; " +
+                  (cfg.fma_rotary_summaries && name.find(".fma.k_down.") != std::string::npos
+                       ? "rotary key summaries (fma_rotary_summaries) have none"
+                       : "biases are not supported"));
     throw Error("checkpoint: tensor '" + name + "' is not part of a " +
                 (source.fma_enabled ? "FMA" : "Llama") + " model with this config.json" +
                 (opts.fma && name.find(".fma.") != std::string::npos

@@ -11,12 +11,31 @@
 
 namespace mp::cpu {
 
-Downsampler make_downsampler(const Config& c, int level, std::span<const float> weight,
+Downsampler make_downsampler(const Config& c, int level, bool keys, std::span<const float> weight,
                              std::span<const float> bias) {
   const int p = c.fma_rank, d = c.head_dim, w = c.group_size(level);
   Downsampler ds;
   ds.group = w;
   if (c.fma_downsampling == Downsampling::AvgPool) return ds;
+  if (keys && paired_keys(c)) {
+    ds.in = 2;
+    ds.paired = true;
+    ds.weight.resize(size_t(w) * p * d * 2);
+    for (int j = 0; j < d / 2; ++j)
+      for (int r = 0; r < p; ++r) {
+        const float* re = weight.data() + (size_t(j) * p + r) * 2 * w;
+        const float* im = re + w;
+        for (int t = 0; t < w; ++t) {
+          float* lo = ds.weight.data() + (size_t(t) * p * d + r * d + j) * 2;  // channel j
+          float* hi = lo + size_t(d / 2) * 2;                                   // channel j + d/2
+          lo[0] = re[t];
+          lo[1] = -im[t];
+          hi[0] = re[t];
+          hi[1] = im[t];
+        }
+      }
+    return ds;
+  }
   ds.in = c.fma_downsampling == Downsampling::Conv ? d : 1;
   ds.weight.resize(size_t(w) * p * d * ds.in);
   ds.bias.resize(size_t(p) * d);
@@ -35,17 +54,19 @@ Downsampler make_downsampler(const Config& c, int level, std::span<const float> 
 LayerDownsamplers make_layer_downsamplers(const Config& c, const Model& m, int layer) {
   LayerDownsamplers out;
   const bool weighted = c.fma_downsampling != Downsampling::AvgPool;
-  const int64_t pd = int64_t{c.fma_rank} * c.head_dim;
-  const int64_t in = c.fma_downsampling == Downsampling::Conv ? c.head_dim : 1;
   for (int l = 1; l <= c.n_levels(); ++l)
     for (char which : {'k', 'v'}) {
       std::vector<float> w, b;
       if (weighted) {
-        w = m.tensor(tensor_names::fma_down(layer, which, l, false), {pd, in, c.group_size(l)})
+        const bool paired = which == 'k' && paired_keys(c);
+        const int64_t d = c.head_dim, p = c.fma_rank;
+        const int64_t in = paired ? 2 : c.fma_downsampling == Downsampling::Conv ? d : 1;
+        w = m.tensor(tensor_names::fma_down(layer, which, l, false),
+                     {paired ? d / 2 * p : d * p, in, c.group_size(l)})
                 .to_f32();
-        b = m.tensor(tensor_names::fma_down(layer, which, l, true), {pd}).to_f32();
+        if (!paired) b = m.tensor(tensor_names::fma_down(layer, which, l, true), {d * p}).to_f32();
       }
-      (which == 'k' ? out.k : out.v).push_back(make_downsampler(c, l, w, b));
+      (which == 'k' ? out.k : out.v).push_back(make_downsampler(c, l, which == 'k', w, b));
     }
   return out;
 }
@@ -61,7 +82,13 @@ void add_to_summary(const Config& c, const Downsampler& ds, int level, int t_in_
     return;
   }
   const float* w = ds.weight.data() + size_t(t_in_group) * p * d * ds.in;
-  if (ds.in == 1) {
+  if (ds.paired) {
+    for (int r = 0; r < p; ++r)
+      for (int ch = 0; ch < d; ++ch) {
+        const float* tap = w + size_t(r * d + ch) * 2;
+        acc[r * d + ch] += tap[0] * x[ch] + tap[1] * x[rope_partner(ch, d)];
+      }
+  } else if (ds.in == 1) {
     for (int r = 0; r < p; ++r)
       for (int ch = 0; ch < d; ++ch) acc[r * d + ch] += w[r * d + ch] * x[ch];
   } else {

@@ -12,18 +12,29 @@ namespace mp::cpu {
 
 // The map that turns a group of w keys (or values) of one head into p summaries, transposed for
 // streaming: weight[t][r*d + c][in] is the tap of token t of the group on summary r, channel c,
-// from input channel `in` (in = 1 for groupedconv, d for conv; empty for avgpool).
+// from input channel `in` (in = 1 for groupedconv, d for conv; empty for avgpool). Rotary key
+// summaries (paired): in = 2, the taps on channel c itself and on its RoPE partner
+// (c + d/2) mod d, i.e. the complex weight a + ib of pair j as (a, -b) for c = j, (a, b) for
+// c = j + d/2.
 struct Downsampler {
   int group = 0;              // w
-  int in = 0;                 // 1 (groupedconv) or d (conv); 0 for avgpool
+  int in = 0;                 // 1 (groupedconv), 2 (paired) or d (conv); 0 for avgpool
+  bool paired = false;        // rotary key summaries
   std::vector<float> weight;  // [w][p*d][in]
-  std::vector<float> bias;    // [p*d], summary-major (r*d + c)
+  std::vector<float> bias;    // [p*d], summary-major (r*d + c); empty: none
 };
 struct LayerDownsamplers {
   std::vector<Downsampler> k, v;  // index level-1
 };
-// From a GGUF/HF weight [p*d][in][w] (output channel c*p + r) and bias [p*d].
-Downsampler make_downsampler(const Config& c, int level, std::span<const float> weight,
+// The channel RoPE rotates channel c with (rotate-half convention).
+inline int rope_partner(int c, int d) { return c < d / 2 ? c + d / 2 : c - d / 2; }
+// True where the key summaries of this config are rotary (paired) ones.
+inline bool paired_keys(const Config& c) {
+  return c.fma_rotary_summaries && c.fma_downsampling == Downsampling::GroupedConv;
+}
+// From a GGUF/HF weight [p*d][in][w] (output channel c*p + r) and bias [p*d]; for rotary key
+// summaries the weight [d/2*p][2][w] (output pair j*p + r: real, imaginary part) and no bias.
+Downsampler make_downsampler(const Config& c, int level, bool keys, std::span<const float> weight,
                              std::span<const float> bias);
 LayerDownsamplers make_layer_downsamplers(const Config& c, const Model& m, int layer);
 

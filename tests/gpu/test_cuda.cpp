@@ -112,6 +112,7 @@ struct Variant {
   int kv;
   int head_dim = 16;  // 64: prefill tiles run on tensor cores
   float rope_linear_factor = 1.0f;
+  bool rotary = false;  // rotary key summaries
 };
 class CudaModel : public Cuda, public ::testing::WithParamInterface<Variant> {};
 
@@ -123,6 +124,7 @@ TEST_P(CudaModel, LogitsMatchCpuInEveryChunkingPastTrainedLength) {
   c.n_kv_heads = v.kv;
   c.head_dim = v.head_dim;
   c.rope_linear_factor = v.rope_linear_factor;
+  c.fma_rotary_summaries = v.rotary;
   c.hidden_size = 64;
   TempDir dir;
   auto model = mp::testing::random_model(dir, c, DType::BF16, 7);
@@ -148,7 +150,11 @@ INSTANTIATE_TEST_SUITE_P(
                       Variant{"groupedconv_d64", Downsampling::GroupedConv, true, 2, 64},
                       Variant{"exact_d64", Downsampling::GroupedConv, false, 2, 64},
                       Variant{"avgpool_rope_linear", Downsampling::AvgPool, true, 2, 16, 4.0f},
-                      Variant{"exact_rope_linear", Downsampling::GroupedConv, false, 1, 64, 2.0f}),
+                      Variant{"exact_rope_linear", Downsampling::GroupedConv, false, 1, 64, 2.0f},
+                      Variant{"groupedconv_rotary", Downsampling::GroupedConv, true, 2, 16, 1.0f,
+                              true},
+                      Variant{"groupedconv_rotary_d64_kv1", Downsampling::GroupedConv, true, 1, 64,
+                              1.0f, true}),
     [](const auto& info) { return std::string(info.param.name); });
 
 TEST_F(Cuda, BatchOfSequencesMatchesSeparateRunsAndStatesMoveBetweenBackends) {

@@ -57,12 +57,21 @@ def rope(x, theta, factor):  # x: [T, heads, d], position t / factor for row t; 
     return np.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
 
 
-def group_summaries(X, w, p, kind, W=None, b=None):
-    """X: [T, d] keys or values of one head. Returns {g: [p, d]} for every complete group."""
+def group_summaries(X, w, p, kind, W=None, b=None, rotary=False):
+    """X: [T, d] keys or values of one head. Returns {g: [p, d]} for every complete group.
+    rotary (groupedconv keys with fma_rotary_summaries): W [d/2*p, 2, w] holds per RoPE pair j
+    and summary r one complex weight a + ib per tap; the pair (x_j, x_{j+d/2}) is the complex
+    number x_j + i x_{j+d/2}; no bias."""
     T, d = X.shape
     out = {}
     for g in range(T // w):
         G = X[g * w:(g + 1) * w]  # [w, d]
+        if rotary:
+            z = G[:, :d // 2] + 1j * G[:, d // 2:]  # [w, d/2]
+            u = W[:, 0, :] + 1j * W[:, 1, :]  # [d/2*p, w], row j*p + r
+            s = np.array([[np.dot(u[j * p + r], z[:, j]) for j in range(d // 2)] for r in range(p)])
+            out[g] = np.concatenate([s.real, s.imag], axis=1)
+            continue
         if kind == "avgpool":
             s = np.stack([G[r * (w // p):(r + 1) * (w // p)].mean(axis=0) for r in range(p)])
         else:
@@ -87,13 +96,14 @@ def attention(cfg, q, k, v, down):
     n = cfg["max_position_embeddings"]
     kind = cfg.get("fma_downsampling", "groupedconv")
     scale_attn = cfg.get("fma_scale_attn", True)
+    rotary = cfg.get("fma_rotary_summaries", False) and kind == "groupedconv"
     L = int(round(np.log2(n // m))) - 1 if fma else 0
     for kvh in range(KV):
         sums = {}
         for lvl in range(1, L + 1):
             w = m * 2 ** (lvl - 1)
             Wk, bk, Wv, bv = down.get(lvl, (None, None, None, None))
-            sums[lvl] = (group_summaries(k[:, kvh], w, p, kind, Wk, bk),
+            sums[lvl] = (group_summaries(k[:, kvh], w, p, kind, Wk, bk, rotary),
                          group_summaries(v[:, kvh], w, p, kind, Wv, bv))
         for h in range(kvh * (H // KV), (kvh + 1) * (H // KV)):
             for i in range(T):
@@ -170,7 +180,7 @@ def main():
         lvl = 0
         while pre + f"self_attn.fma.k_down.{lvl}.weight" in t:
             f = pre + "self_attn.fma."
-            down[lvl + 1] = (t[f + f"k_down.{lvl}.weight"], t[f + f"k_down.{lvl}.bias"],
+            down[lvl + 1] = (t[f + f"k_down.{lvl}.weight"], t.get(f + f"k_down.{lvl}.bias"),
                              t[f + f"v_down.{lvl}.weight"], t[f + f"v_down.{lvl}.bias"])
             lvl += 1
         a = attention(cfg, q, k, v, down).reshape(T, H * d)

@@ -64,7 +64,7 @@ class AttentionRig {
         std::vector<float> w(pd * c.group_size(l)), b(pd);
         for (auto& x : w) x = nd(rng);
         for (auto& x : b) x = nd(rng);
-        const cpu::Downsampler dsm = cpu::make_downsampler(c, l, w, b);
+        const cpu::Downsampler dsm = cpu::make_downsampler(c, l, which == 0, w, b);
         ptrs[(2 * which) * L + l - 1] = copy(dsm.weight);
         ptrs[(2 * which + 1) * L + l - 1] = copy(dsm.bias);
       }

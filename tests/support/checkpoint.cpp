@@ -60,6 +60,7 @@ std::string config_json(const Config& c, const std::string& architecture) {
       {"fma_rank", c.fma_rank},
       {"fma_downsampling", std::string(to_string(c.fma_downsampling))},
       {"fma_scale_attn", c.fma_scale_attn},
+      {"fma_rotary_summaries", c.fma_rotary_summaries},
       {"bos_token_id", c.bos_token_id},
       {"eos_token_id", c.eos_token_id},
       {"rope_scaling", c.rope_linear_factor == 1.0f
@@ -68,7 +69,7 @@ std::string config_json(const Config& c, const std::string& architecture) {
   };
   if (!fma) {  // what transformers writes for these models, FMA keys aside
     for (const char* k : {"fma_enabled", "fma_block_size", "fma_rank", "fma_downsampling",
-                          "fma_scale_attn"})
+                          "fma_scale_attn", "fma_rotary_summaries"})
       j.erase(k);
     j["hidden_act"] = "silu";
     j["attention_bias"] = false;

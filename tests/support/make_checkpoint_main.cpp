@@ -5,18 +5,19 @@
 #include "checkpoint.h"
 
 int main(int argc, char** argv) {
-  mp::cli::Args a(argc, argv, {"no-fma", "tie", "no-scale"},
+  mp::cli::Args a(argc, argv, {"no-fma", "tie", "no-scale", "rotary"},
                   "usage: make-test-checkpoint DIR [--downsampling K] [--no-fma] [--tie]\n"
-                  "  [--no-scale] [--kv-heads N] [--n N] [--m M] [--p P] [--seed S]\n"
+                  "  [--no-scale] [--rotary (rotary key summaries)] [--kv-heads N] [--n N] [--m M] [--p P] [--seed S]\n"
                   "  [--dtype f32|f16|bf16] [--shards N] [--theta T] [--rope-linear F]\n"
                   "  [--arch LlamaForCausalLM|MistralForCausalLM (FMA off)]\n");
-  a.check_known({"no-fma", "tie", "no-scale", "downsampling", "kv-heads", "n", "m", "p", "seed",
+  a.check_known({"no-fma", "tie", "no-scale", "rotary", "downsampling", "kv-heads", "n", "m", "p", "seed",
                  "dtype", "shards", "theta", "rope-linear", "arch"});
   if (a.positional().size() != 1) a.fail("expected DIR");
   mp::Config c = mp::testing::small_config();
   c.fma_enabled = !a.has("no-fma");
   c.tie_word_embeddings = a.has("tie");
   c.fma_scale_attn = !a.has("no-scale");
+  c.fma_rotary_summaries = a.has("rotary");
   c.fma_downsampling = mp::parse_downsampling(a.str("downsampling", "groupedconv"));
   c.n_kv_heads = static_cast<int>(a.integer("kv-heads", c.n_kv_heads));
   c.n_ctx_train = a.integer("n", c.n_ctx_train);

@@ -36,6 +36,7 @@ class FmaConfig:
     fma_rank: int = 2  # p
     fma_downsampling: str = "groupedconv"
     fma_scale_attn: bool = True
+    fma_rotary_summaries: bool = False  # key summaries rotate with their keys (docs/MODEL.md)
     bos_token_id: int = 1
     eos_token_id: int = 2
 
@@ -82,14 +83,22 @@ class FmaConfig:
         fields = FmaConfig.__dataclass_fields__
         return FmaConfig(**{k: v for k, v in d.items() if k in fields})
 
-    def with_fma(self, downsampling, block_size, rank, trained_length=None):
+    def with_fma(self, downsampling, block_size, rank, trained_length=None,
+                 rotary_summaries=False):
         """This exact-attention config turned into FMA, as multipole-convert --fma does."""
         assert not self.fma_enabled, "the checkpoint already has FMA"
         n = trained_length or self.max_position_embeddings
         assert block_size % rank == 0 and n % block_size == 0 and n // block_size >= 4 \
             and (n // block_size) & (n // block_size - 1) == 0, (block_size, rank, n)
         return replace(self, fma_enabled=True, fma_downsampling=downsampling,
-                       fma_block_size=block_size, fma_rank=rank, max_position_embeddings=n)
+                       fma_block_size=block_size, fma_rank=rank, max_position_embeddings=n,
+                       fma_rotary_summaries=rotary_summaries)
+
+    def rotary_keys(self):
+        """Whether the key summaries are rotary groupedconv ones (RotaryConv)."""
+        assert not (self.fma_rotary_summaries and self.fma_downsampling == "conv"), \
+            "fma_rotary_summaries needs groupedconv or avgpool"
+        return self.fma_rotary_summaries and self.fma_downsampling == "groupedconv"
 
 
 class RMSNorm(nn.Module):
@@ -120,16 +129,30 @@ def apply_rope(x, cos, sin):  # x [..., T, d], rotate-half (Hugging Face convent
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).type_as(x)
 
 
+class RotaryConv(nn.Module):
+    """A level's rotary key summaries: per RoPE pair j (channels j, j + d/2, read as the complex
+    number x_j + i x_{j+d/2}), summary r and tap t one complex weight a + ib, stored as
+    weight[j*p + r] = [a[t], b[t]]; no bias. Summary r of pair j = sum_t (a + ib)(x_j + i x_{j+d/2})
+    commutes with RoPE's rotation of the pair, so it rotates as its keys do."""
+
+    def __init__(self, d, p, w):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(d // 2 * p, 2, w))
+
+
 class Downsample(nn.ModuleList):
     """Per level, the map from a group of w keys (or values) to p summaries: item l-1 is level
-    l's convolution (none for avgpool), so the weights are named <prefix>.<l-1>.weight."""
+    l's convolution (none for avgpool), so the weights are named <prefix>.<l-1>.weight.
+    keys=True with cfg.fma_rotary_summaries: rotary ones (RotaryConv)."""
 
-    def __init__(self, cfg: FmaConfig):
+    def __init__(self, cfg: FmaConfig, keys=False):
         kind, p, d = cfg.fma_downsampling, cfg.fma_rank, cfg.head_dim
         groups = [cfg.group_size(level) for level in range(1, cfg.levels + 1)]
         g = d if kind == "groupedconv" else 1
+        self.rotary = keys and cfg.rotary_keys()
         super().__init__([] if kind == "avgpool" else
-                         [nn.Conv1d(d, p * d, w, stride=w, groups=g) for w in groups])
+                         [RotaryConv(d, p, w) if self.rotary else
+                          nn.Conv1d(d, p * d, w, stride=w, groups=g) for w in groups])
         self.kind, self.p, self.d, self.groups = kind, p, d, groups
 
     def forward(self, x, level):
@@ -143,6 +166,12 @@ class Downsample(nn.ModuleList):
         # with kernel = stride = w is very slow for large w.
         conv = self[level - 1]
         X = x[:, :G * w].reshape(N, G, w, d)
+        if self.rotary:
+            W = conv.weight.view(d // 2, self.p, 2, w).to(X.dtype)
+            a, b = W[:, :, 0], W[:, :, 1]  # [d/2, p, w]
+            x1, x2 = X[..., :d // 2], X[..., d // 2:]
+            mix = lambda u, z: torch.einsum("ngtc,crt->ngrc", u, z)  # noqa: E731
+            return torch.cat([mix(x1, a) - mix(x2, b), mix(x1, b) + mix(x2, a)], dim=-1)
         bias = conv.bias.view(d, self.p).t()  # [p, d]: output channel c*p + r
         if self.kind == "groupedconv":
             W = conv.weight.view(d, self.p, w)
@@ -252,7 +281,7 @@ def exact_attention(q, k, v):
 class Fma(nn.Module):  # holds the downsampling weights: self_attn.fma.{k,v}_down.<level-1>
     def __init__(self, cfg):
         super().__init__()
-        self.k_down = Downsample(cfg)
+        self.k_down = Downsample(cfg, keys=True)
         self.v_down = Downsample(cfg)
 
 
@@ -319,6 +348,11 @@ class FmaModel(nn.Module):
             w = mod.kernel_size[0]
             nn.init.normal_(mod.weight, mean=1.0 / w, std=0.02 / math.sqrt(w))
             nn.init.zeros_(mod.bias)
+        elif isinstance(mod, RotaryConv):  # the same: real part a mean, imaginary part noise
+            w = mod.weight.shape[-1]
+            with torch.no_grad():
+                nn.init.normal_(mod.weight, std=0.02 / math.sqrt(w))
+                mod.weight[:, 0] += 1.0 / w
 
     def hidden(self, ids, slow=False):
         cos, sin = rope_tables(ids.shape[1], self.cfg.head_dim, self.cfg.rope_theta, ids.device,
@@ -368,6 +402,11 @@ def init_summaries_as_avgpool(model: FmaModel):
     p = cfg.fma_rank
     with torch.no_grad():
         for name, conv in model.named_modules():
+            if isinstance(conv, RotaryConv):  # real part the pooling, imaginary part 0
+                w = conv.weight.shape[-1]
+                conv.weight.zero_()
+                for r in range(p):
+                    conv.weight.view(-1, p, 2, w)[:, r, 0, r * (w // p):(r + 1) * (w // p)] = p / w
             if isinstance(conv, nn.Conv1d) and ".fma." in name:
                 assert conv.groups == cfg.head_dim, "only groupedconv starts as avgpool"
                 w = conv.kernel_size[0]

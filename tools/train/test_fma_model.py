@@ -1,13 +1,15 @@
 #!/usr/bin/env python3
 """The vectorised FMA of fma_model.py against its per-query version, on random inputs, for every
 downsampling kind, with grouped-query heads, sequence lengths that are not multiples of m, and
-past the trained length. float64 on the CPU: 1e-10 relative."""
+past the trained length. float64 on the CPU: 1e-10 relative. Rotary key summaries: the outputs
+do not change when the RoPE positions are shifted."""
 import itertools
 import unittest
 
 import torch
 
-from fma_model import FmaConfig, FmaModel, Downsample, fma_attention, fma_attention_slow
+from fma_model import (FmaConfig, FmaModel, Downsample, apply_rope, fma_attention,
+                       fma_attention_slow, init_summaries_as_avgpool, rope_tables)
 from train import model_config, param_groups
 
 
@@ -15,19 +17,27 @@ def rel(a, b):
     return ((a - b).norm() / b.norm()).item()
 
 
+def random_downsample(cfg, keys):
+    down = Downsample(cfg, keys).double()
+    for conv in down:  # make the summaries matter
+        torch.nn.init.normal_(conv.weight, std=0.3)
+        if getattr(conv, "bias", None) is not None:
+            torch.nn.init.normal_(conv.bias, std=0.3)
+    return down
+
+
 class FastVsSlow(unittest.TestCase):
     def test_attention(self):
         torch.manual_seed(0)
-        for kind, scale, (n, m, p), heads, T in itertools.product(
-                ["groupedconv", "conv", "avgpool"], [True, False], [(64, 8, 2), (128, 16, 4)],
+        for (kind, rotary), scale, (n, m, p), heads, T in itertools.product(
+                [("groupedconv", False), ("conv", False), ("avgpool", False),
+                 ("groupedconv", True)], [True, False], [(64, 8, 2), (128, 16, 4)],
                 [(4, 2), (2, 2)], [37, 200]):
             cfg = FmaConfig(head_dim=8, num_attention_heads=heads[0], num_key_value_heads=heads[1],
                             max_position_embeddings=n, fma_block_size=m, fma_rank=p,
-                            fma_downsampling=kind, fma_scale_attn=scale)
-            kd, vd = Downsample(cfg).double(), Downsample(cfg).double()
-            for conv in list(kd) + list(vd):  # make the summaries matter
-                torch.nn.init.normal_(conv.weight, std=0.3)
-                torch.nn.init.normal_(conv.bias, std=0.3)
+                            fma_downsampling=kind, fma_scale_attn=scale,
+                            fma_rotary_summaries=rotary)
+            kd, vd = random_downsample(cfg, True), random_downsample(cfg, False)
             q = torch.randn(2, heads[0], T, 8, dtype=torch.float64)
             k = torch.randn(2, heads[1], T, 8, dtype=torch.float64)
             v = torch.randn(2, heads[1], T, 8, dtype=torch.float64)
@@ -48,6 +58,46 @@ class FastVsSlow(unittest.TestCase):
         short = ids[:, :16]  # 2m tokens: FMA is exact attention
         self.assertLess(rel(model(short), exact(short)), 1e-10)
         self.assertGreater(rel(model(ids), exact(ids)), 1e-4)
+
+
+class RotarySummaries(unittest.TestCase):
+    def outputs(self, cfg, kd, vd, q, k, v, start):
+        cos, sin = rope_tables(q.shape[2], cfg.head_dim, cfg.rope_theta, "cpu", offset=start)
+        return fma_attention(cfg, apply_rope(q, cos, sin), apply_rope(k, cos, sin), v, kd, vd)
+
+    def test_outputs_depend_on_relative_positions_only(self):
+        """RoPE positions start at k instead of 0 (the hierarchy stays): rotary and avgpool
+        summaries give the same outputs (float64: 1e-9, the rounding of angles near 1e6),
+        per-channel groupedconv ones do not."""
+        torch.manual_seed(3)
+        for kind, rotary, invariant in [("groupedconv", True, True), ("avgpool", True, True),
+                                        ("avgpool", False, True), ("groupedconv", False, False)]:
+            cfg = FmaConfig(head_dim=16, num_attention_heads=4, num_key_value_heads=2,
+                            max_position_embeddings=64, fma_block_size=8, fma_rank=2,
+                            fma_downsampling=kind, fma_rotary_summaries=rotary)
+            kd, vd = random_downsample(cfg, True), random_downsample(cfg, False)
+            T = 3 * 64 + 5
+            q = torch.randn(2, 4, T, 16, dtype=torch.float64)
+            k = torch.randn(2, 2, T, 16, dtype=torch.float64)
+            v = torch.randn(2, 2, T, 16, dtype=torch.float64)
+            ref = self.outputs(cfg, kd, vd, q, k, v, 0)
+            errs = [rel(self.outputs(cfg, kd, vd, q, k, v, s), ref) for s in (1, 37, 4099, 1000003)]
+            if invariant:
+                self.assertLess(max(errs), 1e-9, (kind, rotary, errs))
+            else:
+                self.assertGreater(max(errs), 1e-2, (kind, rotary, errs))
+
+    def test_starts_as_avgpool(self):
+        cfg = FmaConfig(vocab_size=50, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                        num_key_value_heads=1, head_dim=16, intermediate_size=48,
+                        max_position_embeddings=64, fma_block_size=8, fma_rank=2,
+                        fma_rotary_summaries=True)
+        model = FmaModel(cfg).double()
+        init_summaries_as_avgpool(model)
+        pooled = FmaModel(FmaConfig(**{**cfg.__dict__, "fma_downsampling": "avgpool"})).double()
+        pooled.load_state_dict(model.state_dict(), strict=False)
+        ids = torch.randint(3, 50, (1, 150))
+        self.assertLess(rel(model(ids), pooled(ids)), 1e-12)
 
 
 class OptimiserGroups(unittest.TestCase):

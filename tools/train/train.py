@@ -39,17 +39,18 @@ def llama_config(tiny, context):
                      tie_word_embeddings=False, max_position_embeddings=context, fma_enabled=False)
 
 
-def model_config(exact, tiny=False, downsampling="groupedconv", rank=2, scale_attn=True):
+def model_config(exact, tiny=False, downsampling="groupedconv", rank=2, scale_attn=True,
+                 rotary_summaries=False):
     if tiny:  # for smoke tests of the pipeline
         return FmaConfig(vocab_size=8192, hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
                          num_key_value_heads=1, head_dim=32, intermediate_size=128,
                          max_position_embeddings=256, fma_enabled=not exact, fma_block_size=16,
-                         fma_rank=2)
+                         fma_rank=2, fma_rotary_summaries=rotary_summaries)
     return FmaConfig(vocab_size=8192, hidden_size=384, num_hidden_layers=6, num_attention_heads=6,
                      num_key_value_heads=2, head_dim=64, intermediate_size=1024,
                      tie_word_embeddings=True, max_position_embeddings=8192, fma_enabled=not exact,
                      fma_block_size=64, fma_rank=rank, fma_downsampling=downsampling,
-                     fma_scale_attn=scale_attn)
+                     fma_scale_attn=scale_attn, fma_rotary_summaries=rotary_summaries)
 
 
 def param_groups(model, cfg):
@@ -95,6 +96,8 @@ def main():
     ap.add_argument("--rank", type=int, default=2, help="FMA rank p: summaries per group")
     ap.add_argument("--no-scale-attn", action="store_true",
                     help="no log(w/p) bonus on the summaries' scores")
+    ap.add_argument("--rotary-summaries", action="store_true",
+                    help="rotary key summaries: scores depend on relative positions only")
     ap.add_argument("--tiny", action="store_true", help="a tiny model, to smoke-test the pipeline")
     ap.add_argument("--llama", action="store_true",
                     help="pretrain an exact Llama-architecture model, exported as LlamaForCausalLM")
@@ -112,11 +115,13 @@ def main():
     torch.manual_seed(args.seed)
     if args.init:
         fma = None if args.exact else dict(downsampling=args.downsampling, block_size=args.block_size,
-                                           rank=args.rank, trained_length=args.trained_length)
+                                           rank=args.rank, trained_length=args.trained_length,
+                                           rotary_summaries=args.rotary_summaries)
         model, cfg = load_hf(args.init, dev, fma)
     else:
         cfg = llama_config(args.tiny, args.context) if args.llama else \
-            model_config(args.exact, args.tiny, args.downsampling, args.rank, not args.no_scale_attn)
+            model_config(args.exact, args.tiny, args.downsampling, args.rank, not args.no_scale_attn,
+                         args.rotary_summaries)
         model = FmaModel(cfg).to(dev)
     if args.freeze:
         for name, prm in model.named_parameters():

@@ -52,6 +52,11 @@ struct Config {
   int fma_rank = 0;        // p
   Downsampling fma_downsampling = Downsampling::GroupedConv;
   bool fma_scale_attn = true;
+  // Rotary key summaries (docs/MODEL.md, "Rotary key summaries"): a groupedconv key summary
+  // weighs each RoPE pair (c, c + d/2) by one complex number per tap, so that it rotates with
+  // its keys and its score against a query depends on relative positions only. No key bias.
+  // avgpool's summaries have that property already; conv's cannot. Files without the key: off.
+  bool fma_rotary_summaries = false;
   // Tokens
   int bos_token_id = 1;
   int eos_token_id = 2;
