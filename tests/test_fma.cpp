@@ -15,8 +15,8 @@ namespace {
 using mp::Config;
 using mp::Downsampling;
 
-Config attn_config(int n, int m, int p, Downsampling ds, bool scale, int heads, int kv_heads,
-                   int d, bool rotary = false) {
+Config attn_config(int n, int m, int p, Downsampling ds, bool scale, int heads, int kv_heads, int d,
+                   bool rotary = false) {
   Config c;
   c.vocab_size = 8;
   c.hidden_size = heads * d;
@@ -218,27 +218,26 @@ TEST_P(FmaVsBruteForce, MatchesOnRandomInputsPastTrainedLength) {
   }
 }
 
-INSTANTIATE_TEST_SUITE_P(Shapes, FmaVsBruteForce,
-                         ::testing::Values(Case{32, 8, 2, Downsampling::GroupedConv, true, 2, 1},
-                                           Case{64, 8, 2, Downsampling::GroupedConv, false, 4, 2},
-                                           Case{64, 4, 4, Downsampling::Conv, true, 2, 2},
-                                           Case{128, 8, 4, Downsampling::AvgPool, true, 2, 1},
-                                           Case{128, 16, 2, Downsampling::Conv, false, 3, 3},
-                                           Case{256, 8, 1, Downsampling::AvgPool, false, 2, 2},
-                                           Case{256, 16, 4, Downsampling::GroupedConv, true, 4, 1},
-                                           Case{64, 8, 2, Downsampling::GroupedConv, true, 4, 2,
-                                                true},
-                                           Case{128, 8, 4, Downsampling::AvgPool, true, 2, 1,
-                                                true}),
-                         [](const auto& info) {
-                           // A stream: GCC 12 warns falsely (-Wrestrict) on chained string +.
-                           const Case& c = info.param;
-                           std::ostringstream name;
-                           name << "n" << c.n << "_m" << c.m << "_p" << c.p << "_"
-                                << mp::to_string(c.ds) << (c.scale ? "_scaled" : "") << "_h"
-                                << c.heads << "kv" << c.kv << (c.rotary ? "_rotary" : "");
-                           return name.str();
-                         });
+INSTANTIATE_TEST_SUITE_P(
+    Shapes, FmaVsBruteForce,
+    ::testing::Values(Case{32, 8, 2, Downsampling::GroupedConv, true, 2, 1},
+                      Case{64, 8, 2, Downsampling::GroupedConv, false, 4, 2},
+                      Case{64, 4, 4, Downsampling::Conv, true, 2, 2},
+                      Case{128, 8, 4, Downsampling::AvgPool, true, 2, 1},
+                      Case{128, 16, 2, Downsampling::Conv, false, 3, 3},
+                      Case{256, 8, 1, Downsampling::AvgPool, false, 2, 2},
+                      Case{256, 16, 4, Downsampling::GroupedConv, true, 4, 1},
+                      Case{64, 8, 2, Downsampling::GroupedConv, true, 4, 2, true},
+                      Case{128, 8, 4, Downsampling::AvgPool, true, 2, 1, true}),
+    [](const auto& info) {
+      // A stream: GCC 12 warns falsely (-Wrestrict) on chained string +.
+      const Case& c = info.param;
+      std::ostringstream name;
+      name << "n" << c.n << "_m" << c.m << "_p" << c.p << "_" << mp::to_string(c.ds)
+           << (c.scale ? "_scaled" : "") << "_h" << c.heads << "kv" << c.kv
+           << (c.rotary ? "_rotary" : "");
+      return name.str();
+    });
 
 TEST(Fma, EqualsExactCausalAttentionUpTo2m) {
   for (auto ds : {Downsampling::GroupedConv, Downsampling::Conv, Downsampling::AvgPool}) {
@@ -333,8 +332,7 @@ TEST_P(RopeShift, OutputsDependOnRelativePositionsOnly) {
   if (!cs.invariant) {
     EXPECT_GT(worst, 1e-2);
   }
-  std::printf("%s: largest relative change of the outputs over the shifts: %.2e\n", cs.name,
-              worst);
+  std::printf("%s: largest relative change of the outputs over the shifts: %.2e\n", cs.name, worst);
 }
 
 INSTANTIATE_TEST_SUITE_P(

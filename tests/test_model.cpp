@@ -63,16 +63,15 @@ TEST_P(ChunkInvariance, PrefillChunksAndDecodeAgreePastTrainedLength) {
 
 INSTANTIATE_TEST_SUITE_P(
     Models, ChunkInvariance,
-    ::testing::Values(Variant{"groupedconv", Downsampling::GroupedConv, true, false, 2},
-                      Variant{"conv", Downsampling::Conv, true, true, 1},
-                      Variant{"avgpool", Downsampling::AvgPool, true, false, 4},
-                      Variant{"groupedconv_bf16", Downsampling::GroupedConv, true, false, 2,
-                              DType::BF16},
-                      Variant{"exact", Downsampling::GroupedConv, false, true, 2},
-                      Variant{"groupedconv_rotary", Downsampling::GroupedConv, true, false, 2,
-                              DType::F32, true},
-                      Variant{"groupedconv_rotary_bf16", Downsampling::GroupedConv, true, true, 1,
-                              DType::BF16, true}),
+    ::testing::Values(
+        Variant{"groupedconv", Downsampling::GroupedConv, true, false, 2},
+        Variant{"conv", Downsampling::Conv, true, true, 1},
+        Variant{"avgpool", Downsampling::AvgPool, true, false, 4},
+        Variant{"groupedconv_bf16", Downsampling::GroupedConv, true, false, 2, DType::BF16},
+        Variant{"exact", Downsampling::GroupedConv, false, true, 2},
+        Variant{"groupedconv_rotary", Downsampling::GroupedConv, true, false, 2, DType::F32, true},
+        Variant{"groupedconv_rotary_bf16", Downsampling::GroupedConv, true, true, 1, DType::BF16,
+                true}),
     [](const auto& info) { return std::string(info.param.name); });
 
 TEST(State, SavedAndRestoredStateContinuesExactly) {

@@ -27,7 +27,7 @@ Downsampler make_downsampler(const Config& c, int level, bool keys, std::span<co
         const float* im = re + w;
         for (int t = 0; t < w; ++t) {
           float* lo = ds.weight.data() + (size_t(t) * p * d + r * d + j) * 2;  // channel j
-          float* hi = lo + size_t(d / 2) * 2;                                   // channel j + d/2
+          float* hi = lo + size_t(d / 2) * 2;                                  // channel j + d/2
           lo[0] = re[t];
           lo[1] = -im[t];
           hi[0] = re[t];

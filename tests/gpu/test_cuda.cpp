@@ -143,18 +143,17 @@ TEST_P(CudaModel, LogitsMatchCpuInEveryChunkingPastTrainedLength) {
 
 INSTANTIATE_TEST_SUITE_P(
     Models, CudaModel,
-    ::testing::Values(Variant{"groupedconv", Downsampling::GroupedConv, true, 2},
-                      Variant{"conv", Downsampling::Conv, true, 1},
-                      Variant{"avgpool", Downsampling::AvgPool, true, 4},
-                      Variant{"exact", Downsampling::GroupedConv, false, 2},
-                      Variant{"groupedconv_d64", Downsampling::GroupedConv, true, 2, 64},
-                      Variant{"exact_d64", Downsampling::GroupedConv, false, 2, 64},
-                      Variant{"avgpool_rope_linear", Downsampling::AvgPool, true, 2, 16, 4.0f},
-                      Variant{"exact_rope_linear", Downsampling::GroupedConv, false, 1, 64, 2.0f},
-                      Variant{"groupedconv_rotary", Downsampling::GroupedConv, true, 2, 16, 1.0f,
-                              true},
-                      Variant{"groupedconv_rotary_d64_kv1", Downsampling::GroupedConv, true, 1, 64,
-                              1.0f, true}),
+    ::testing::Values(
+        Variant{"groupedconv", Downsampling::GroupedConv, true, 2},
+        Variant{"conv", Downsampling::Conv, true, 1},
+        Variant{"avgpool", Downsampling::AvgPool, true, 4},
+        Variant{"exact", Downsampling::GroupedConv, false, 2},
+        Variant{"groupedconv_d64", Downsampling::GroupedConv, true, 2, 64},
+        Variant{"exact_d64", Downsampling::GroupedConv, false, 2, 64},
+        Variant{"avgpool_rope_linear", Downsampling::AvgPool, true, 2, 16, 4.0f},
+        Variant{"exact_rope_linear", Downsampling::GroupedConv, false, 1, 64, 2.0f},
+        Variant{"groupedconv_rotary", Downsampling::GroupedConv, true, 2, 16, 1.0f, true},
+        Variant{"groupedconv_rotary_d64_kv1", Downsampling::GroupedConv, true, 1, 64, 1.0f, true}),
     [](const auto& info) { return std::string(info.param.name); });
 
 TEST_F(Cuda, BatchOfSequencesMatchesSeparateRunsAndStatesMoveBetweenBackends) {

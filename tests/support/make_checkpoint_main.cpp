@@ -7,11 +7,12 @@
 int main(int argc, char** argv) {
   mp::cli::Args a(argc, argv, {"no-fma", "tie", "no-scale", "rotary"},
                   "usage: make-test-checkpoint DIR [--downsampling K] [--no-fma] [--tie]\n"
-                  "  [--no-scale] [--rotary (rotary key summaries)] [--kv-heads N] [--n N] [--m M] [--p P] [--seed S]\n"
+                  "  [--no-scale] [--rotary (rotary key summaries)] [--kv-heads N] [--n N] [--m M] "
+                  "[--p P] [--seed S]\n"
                   "  [--dtype f32|f16|bf16] [--shards N] [--theta T] [--rope-linear F]\n"
                   "  [--arch LlamaForCausalLM|MistralForCausalLM (FMA off)]\n");
-  a.check_known({"no-fma", "tie", "no-scale", "rotary", "downsampling", "kv-heads", "n", "m", "p", "seed",
-                 "dtype", "shards", "theta", "rope-linear", "arch"});
+  a.check_known({"no-fma", "tie", "no-scale", "rotary", "downsampling", "kv-heads", "n", "m", "p",
+                 "seed", "dtype", "shards", "theta", "rope-linear", "arch"});
   if (a.positional().size() != 1) a.fail("expected DIR");
   mp::Config c = mp::testing::small_config();
   c.fma_enabled = !a.has("no-fma");
