@@ -131,19 +131,7 @@ class CudaBackend final : public Backend {
     namespace tn = tensor_names;
     const int64_t H = c_.hidden_size, V = c_.vocab_size, F = c_.intermediate_size;
     const int64_t q = int64_t{c_.n_heads} * c_.head_dim, kv = int64_t{c_.n_kv_heads} * c_.head_dim;
-    shape_ = {c_.n_heads,
-              c_.n_kv_heads,
-              c_.head_dim,
-              c_.fma_block_size,
-              c_.fma_rank,
-              c_.n_levels(),
-              c_.fma_enabled,
-              c_.fma_scale_attn,
-              c_.fma_downsampling == Downsampling::AvgPool,
-              c_.fma_downsampling == Downsampling::Conv          ? c_.head_dim
-              : c_.fma_downsampling == Downsampling::GroupedConv ? 1
-                                                                 : 0,
-              cpu::paired_keys(c_)};
+    shape_ = cuda::make_shape(c_);
     cap_ = c_.fma_enabled ? 2 * int64_t{c_.fma_block_size} : max_context;
     if (cap_ <= 0) throw Error("CUDA backend: exact attention needs a positive max_context");
     embed_ = upload_bf16({&model_->tensor(tn::token_embd(), {V, H})});

@@ -1,5 +1,6 @@
 #include <algorithm>
 
+#include "../engine/src/fma_cpu.h"
 #include "fma_cuda.cuh"
 
 namespace mp::cuda {
@@ -28,12 +29,13 @@ __device__ SumTile sum_tile(const FmaShape& s, int idx) {
 
 // acc += the contributions of the chunk's tokens [from, to) to group g's outputs of the tile:
 // summary r0 + rr of channel ch for KV head h0 + hh is acc[hh][rr].
-// paired: rotary key summaries, each output reading channel ch and its RoPE partner.
+// pl: the level's rank (W is [w][pl*d][in]); paired: rotary key summaries, each output reading
+// channel ch and its RoPE partner.
 template <int kSumHeads, int kSumRanks>
-__device__ void group_sums(const FmaShape& s, const ChunkDesc& c, const float* W, bool paired,
-                           int w, int64_t g, int64_t from, int64_t to, const SumTile& tl,
-                           const float* x, float (&acc)[kSumHeads][kSumRanks]) {
-  const int pd = s.p * s.d;
+__device__ void group_sums(const FmaShape& s, const ChunkDesc& c, const float* W, int pl,
+                           bool paired, int w, int64_t g, int64_t from, int64_t to,
+                           const SumTile& tl, const float* x, float (&acc)[kSumHeads][kSumRanks]) {
+  const int pd = pl * s.d;
   auto row = [&](int64_t t) { return x + (int64_t(c.row0) + (t - c.pos0)) * s.kv * s.d; };
   if (paired) {
     const int partner = tl.ch < s.d / 2 ? tl.ch + s.d / 2 : tl.ch - s.d / 2;
@@ -50,7 +52,7 @@ __device__ void group_sums(const FmaShape& s, const ChunkDesc& c, const float* W
 #pragma unroll
       for (int rr = 0; rr < kSumRanks; ++rr) {
         const int r = tl.r0 + rr;
-        if (r >= s.p) break;
+        if (r >= pl) break;
         const float w_own = wr[int64_t(r) * s.d * 2], w_partner = wr[int64_t(r) * s.d * 2 + 1];
 #pragma unroll
         for (int hh = 0; hh < kSumHeads; ++hh) acc[hh][rr] += w_own * xv[hh] + w_partner * xp[hh];
@@ -68,9 +70,9 @@ __device__ void group_sums(const FmaShape& s, const ChunkDesc& c, const float* W
 #pragma unroll
     for (int rr = 0; rr < kSumRanks; ++rr) {
       const int r = tl.r0 + rr;
-      if (r >= s.p) break;
+      if (r >= pl) break;
       const float wt =
-          s.avgpool ? (tg / (w / s.p) == r ? 1.0f / (w / s.p) : 0.0f) : wr[int64_t(r) * s.d * s.in];
+          s.avgpool ? (tg / (w / pl) == r ? 1.0f / (w / pl) : 0.0f) : wr[int64_t(r) * s.d * s.in];
 #pragma unroll
       for (int hh = 0; hh < kSumHeads; ++hh) acc[hh][rr] += wt * xv[hh];
     }
@@ -85,15 +87,15 @@ __device__ void group_sums(const FmaShape& s, const ChunkDesc& c, const float* W
 
 // Every summary tile of the block: acc starts at init(at, o) for each of its outputs (at: the
 // output's index h * p * d + o in a [kv][p * d] block, o its channel-rank index), takes the tokens
-// [from, to) of group g, and goes to store(at, acc).
+// [from, to) of group g of a level of rank pl, and goes to store(at, acc).
 template <int kSumHeads, int kSumRanks, class Init, class Store>
-__device__ void for_each_sum_tile(const FmaShape& s, const ChunkDesc& c, const float* W,
+__device__ void for_each_sum_tile(const FmaShape& s, const ChunkDesc& c, const float* W, int pl,
                                   bool paired, int w, int64_t g, int64_t from, int64_t to,
                                   const float* x, Init init, Store store) {
   const int pd = s.p * s.d;
   for (int idx = threadIdx.x; idx < sum_tiles<kSumHeads, kSumRanks>(s); idx += blockDim.x) {
     const SumTile tl = sum_tile<kSumHeads, kSumRanks>(s, idx);
-    auto valid = [&](int hh, int rr) { return tl.h0 + hh < s.kv && tl.r0 + rr < s.p; };
+    auto valid = [&](int hh, int rr) { return tl.h0 + hh < s.kv && tl.r0 + rr < pl; };
     auto at = [&](int hh, int rr) { return (tl.h0 + hh) * pd + (tl.r0 + rr) * s.d + tl.ch; };
     float acc[kSumHeads][kSumRanks];
 #pragma unroll
@@ -101,7 +103,7 @@ __device__ void for_each_sum_tile(const FmaShape& s, const ChunkDesc& c, const f
 #pragma unroll
       for (int rr = 0; rr < kSumRanks; ++rr)
         acc[hh][rr] = valid(hh, rr) ? init(at(hh, rr), (tl.r0 + rr) * s.d + tl.ch) : 0.0f;
-    group_sums<kSumHeads, kSumRanks>(s, c, W, paired, w, g, from, to, tl, x, acc);
+    group_sums<kSumHeads, kSumRanks>(s, c, W, pl, paired, w, g, from, to, tl, x, acc);
 #pragma unroll
     for (int hh = 0; hh < kSumHeads; ++hh)
 #pragma unroll
@@ -130,7 +132,7 @@ __global__ void summarize_kernel(FmaShape s, CacheView cv, Downsamplers dw, cons
   // before the chunk.
   const bool first = it.t_from == max(start, c.pos0);
   for_each_sum_tile<kSumHeads, kSumRanks>(
-      s, c, W, paired, w, it.group, it.t_from, it.t_to, values ? v : k,
+      s, c, W, s.rank[l - 1], paired, w, it.group, it.t_from, it.t_to, values ? v : k,
       [&](int at, int o) {
         return first ? (start < c.pos0 ? acc0[at] : 0.0f) + (bias ? bias[o] : 0.0f) : 0.0f;
       },
@@ -151,7 +153,7 @@ __global__ void accumulate_kernel(FmaShape s, CacheView cv, Downsamplers dw,
   float* acc0 = (values ? cv.acc_v : cv.acc_k) + (int64_t(c.slot) * s.L + l - 1) * s.kv * pd;
   const int64_t start = it.group * w;
   for_each_sum_tile<kSumHeads, kSumRanks>(
-      s, c, W, paired, w, it.group, max(start, c.pos0), c.pos0 + c.T, values ? v : k,
+      s, c, W, s.rank[l - 1], paired, w, it.group, max(start, c.pos0), c.pos0 + c.T, values ? v : k,
       [&](int at, int) { return start < c.pos0 ? acc0[at] : 0.0f; },
       [&](int at, float a) { acc0[at] = a; });
 }
@@ -174,8 +176,6 @@ struct KeyLoc {
   int64_t pos;  // the key's position; -1: a summary, visible to every query of the tile
 };
 
-constexpr int kMaxLevels = 32;
-
 // The coarse part of a query tile's key list, worked out once per tile (by one thread, into
 // shared memory) so that resolving a key costs no 64-bit division: per level, the index of its
 // first summary among the coarse keys, its first visible group and the score bonus.
@@ -193,8 +193,8 @@ __device__ void make_level_table(const FmaShape& s, int64_t q_begin, LevelTable&
     t.first[l] = n;
     t.g0[l] = 2 * B - 2;
     t.g0_mod3[l] = B >= 1 ? int((2 * B - 2) % 3) : 0;
-    t.bonus[l] = s.scale_attn ? logf(float(w) / s.p) : 0.0f;
-    if (B >= 1) n += (1 + int((q_begin % (2 * w)) / w)) * s.p;
+    t.bonus[l] = s.scale_attn ? logf(float(w) / s.rank[l]) : 0.0f;
+    if (B >= 1) n += (1 + int((q_begin % (2 * w)) / w)) * s.rank[l];
   }
   t.first[L] = n;
 }
@@ -226,7 +226,7 @@ __device__ KeyLoc key_loc(const FmaShape& s, const CacheView& cv, const ChunkDes
   int ci = static_cast<int>(kk - kl.n_fine), l = 0;
   while (ci >= t.first[l + 1]) ++l;
   ci -= t.first[l];
-  const int gi = ci / s.p, r = ci % s.p, pd = s.p * s.d;
+  const int gi = ci / s.rank[l], r = ci % s.rank[l], pd = s.p * s.d;
   const int64_t g = t.g0[l] + gi;
   const NewGroups ng = table[c.new_base + l];
   if (g >= ng.first)
@@ -624,6 +624,25 @@ void accumulate(const FmaShape& s, const CacheView& c, const Downsamplers& w,
     accumulate_kernel<H, R><<<dim3(n_items, 1, 2), 128, 0, st>>>(s, c, w, chunks, items, k, v);
   });
   check_launch("accumulate");
+}
+
+FmaShape make_shape(const Config& c) {
+  if (c.n_levels() > kMaxLevels) throw Error("CUDA backend: more than 32 FMA levels are not supported");
+  FmaShape s{c.n_heads,
+             c.n_kv_heads,
+             c.head_dim,
+             c.fma_block_size,
+             c.fma_rank,
+             c.n_levels(),
+             c.fma_enabled,
+             c.fma_scale_attn,
+             c.fma_downsampling == Downsampling::AvgPool,
+             c.fma_downsampling == Downsampling::Conv          ? c.head_dim
+             : c.fma_downsampling == Downsampling::GroupedConv ? 1
+                                                               : 0,
+             cpu::paired_keys(c)};
+  for (int l = 1; l <= c.n_levels(); ++l) s.rank[l - 1] = c.rank(l);
+  return s;
 }
 
 void attention(const FmaShape& s, const CacheView& c, const ChunkDesc* chunks,

@@ -54,12 +54,17 @@ struct Downsamplers {      // one layer, device copies of cpu::Downsampler (inde
   const float* const* bv;
 };
 
+constexpr int kMaxLevels = 32;
+
 struct FmaShape {
-  int heads, kv, d, m, p, L;
+  int heads, kv, d, m, p, L;  // p: fma_rank, the stride of the summary arrays
   bool fma, scale_attn, avgpool;
   int in;                    // 1 groupedconv, d conv, 0 avgpool (values; keys too unless paired)
   bool paired_keys = false;  // rotary key summaries: cpu::Downsampler's paired layout, no bias
+  int rank[kMaxLevels] = {};  // p_l (index level-1): the first p_l of each group's p are used
 };
+// The shape of a model's FMA; throws Error beyond kMaxLevels levels.
+FmaShape make_shape(const Config& c);
 
 // Summaries of completed groups -> new_k/new_v pool [groups][kv][p*d], which must be zeroed
 // first (slices add into it); reads the accumulators.

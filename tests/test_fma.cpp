@@ -2,6 +2,7 @@
 // implementation of DESIGN.md section 1 written here: per query, the explicit key list.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <complex>
 #include <random>
@@ -16,7 +17,7 @@ using mp::Config;
 using mp::Downsampling;
 
 Config attn_config(int n, int m, int p, Downsampling ds, bool scale, int heads, int kv_heads, int d,
-                   bool rotary = false) {
+                   bool rotary = false, std::vector<int> ranks = {}) {
   Config c;
   c.vocab_size = 8;
   c.hidden_size = heads * d;
@@ -31,6 +32,8 @@ Config attn_config(int n, int m, int p, Downsampling ds, bool scale, int heads, 
   c.fma_downsampling = ds;
   c.fma_scale_attn = scale;
   c.fma_rotary_summaries = rotary;
+  if (!ranks.empty()) c.fma_rank = *std::max_element(ranks.begin(), ranks.end());
+  c.fma_level_ranks = std::move(ranks);
   c.bos_token_id = c.eos_token_id = 0;
   c.validate();
   return c;
@@ -53,7 +56,7 @@ RandomLayer random_layer(const Config& c, std::mt19937& rng) {
       for (auto& x : v) x = s * nd(rng);
       return v;
     };
-    const size_t pd = size_t(c.fma_rank) * c.head_dim;
+    const size_t pd = size_t(c.rank(l)) * c.head_dim;
     r.wk.push_back(fill(pd * in * w, 1.0f / std::sqrt(float(in * w))));  // rotary: as many
     r.bk.push_back(mp::cpu::paired_keys(c) ? std::vector<float>{} : fill(pd, 0.1f));
     r.wv.push_back(fill(pd * in * w, 1.0f / std::sqrt(float(in * w))));
@@ -70,7 +73,7 @@ RandomLayer random_layer(const Config& c, std::mt19937& rng) {
 std::vector<double> brute_summary(const Config& c, bool keys, const std::vector<float>& W,
                                   const std::vector<float>& b, const std::vector<float>& x,
                                   int level, int64_t g, int kvh) {
-  const int d = c.head_dim, p = c.fma_rank, w = c.group_size(level), nkv = c.n_kv_heads;
+  const int d = c.head_dim, p = c.rank(level), w = c.group_size(level), nkv = c.n_kv_heads;
   std::vector<double> s(size_t(p) * d);
   auto at = [&](int t, int ch) { return double(x[(size_t(g * w + t) * nkv + kvh) * d + ch]); };
   if (keys && c.fma_rotary_summaries && c.fma_downsampling == Downsampling::GroupedConv) {
@@ -114,7 +117,7 @@ std::vector<double> brute_summary(const Config& c, bool keys, const std::vector<
 // out[i][h] by brute force: every query's key list from the rules of section 1.
 std::vector<double> brute_fma(const Config& c, const RandomLayer& rl, const std::vector<float>& q,
                               const std::vector<float>& k, const std::vector<float>& v, int T) {
-  const int d = c.head_dim, H = c.n_heads, nkv = c.n_kv_heads, m = c.fma_block_size, p = c.fma_rank;
+  const int d = c.head_dim, H = c.n_heads, nkv = c.n_kv_heads, m = c.fma_block_size;
   std::vector<double> out(size_t(T) * H * d);
   for (int i = 0; i < T; ++i)
     for (int h = 0; h < H; ++h) {
@@ -128,7 +131,7 @@ std::vector<double> brute_fma(const Config& c, const RandomLayer& rl, const std:
         bonus.push_back(0);
       }
       for (int l = 1; l <= c.n_levels(); ++l) {
-        const int w = c.group_size(l), B = i / (2 * w), half = (i % (2 * w)) / w;
+        const int w = c.group_size(l), p = c.rank(l), B = i / (2 * w), half = (i % (2 * w)) / w;
         std::vector<int> groups;
         if (B >= 1) groups.push_back(2 * B - 2);
         if (B >= 1 && half == 1) groups.push_back(2 * B - 1);
@@ -197,13 +200,15 @@ struct Case {
   bool scale;
   int heads, kv;
   bool rotary = false;
+  std::vector<int> ranks = {};  // per level; empty: p everywhere
 };
 
 class FmaVsBruteForce : public ::testing::TestWithParam<Case> {};
 
 TEST_P(FmaVsBruteForce, MatchesOnRandomInputsPastTrainedLength) {
   const Case cs = GetParam();
-  const Config c = attn_config(cs.n, cs.m, cs.p, cs.ds, cs.scale, cs.heads, cs.kv, 8, cs.rotary);
+  const Config c =
+      attn_config(cs.n, cs.m, cs.p, cs.ds, cs.scale, cs.heads, cs.kv, 8, cs.rotary, cs.ranks);
   std::mt19937 rng(cs.n * 131 + cs.m * 7 + cs.p + int(cs.ds));
   std::normal_distribution<float> nd(0, 1);
   const RandomLayer rl = random_layer(c, rng);
@@ -228,7 +233,11 @@ INSTANTIATE_TEST_SUITE_P(
                       Case{256, 8, 1, Downsampling::AvgPool, false, 2, 2},
                       Case{256, 16, 4, Downsampling::GroupedConv, true, 4, 1},
                       Case{64, 8, 2, Downsampling::GroupedConv, true, 4, 2, true},
-                      Case{128, 8, 4, Downsampling::AvgPool, true, 2, 1, true}),
+                      Case{128, 8, 4, Downsampling::AvgPool, true, 2, 1, true},
+                      Case{128, 8, 4, Downsampling::GroupedConv, true, 4, 2, false, {2, 2, 4}},
+                      Case{128, 8, 4, Downsampling::GroupedConv, false, 2, 1, true, {1, 4, 3}},
+                      Case{128, 8, 4, Downsampling::AvgPool, true, 2, 2, false, {2, 4, 4}},
+                      Case{64, 4, 4, Downsampling::Conv, true, 2, 2, false, {4, 1, 2}}),
     [](const auto& info) {
       // A stream: GCC 12 warns falsely (-Wrestrict) on chained string +.
       const Case& c = info.param;
@@ -236,6 +245,7 @@ INSTANTIATE_TEST_SUITE_P(
       name << "n" << c.n << "_m" << c.m << "_p" << c.p << "_" << mp::to_string(c.ds)
            << (c.scale ? "_scaled" : "") << "_h" << c.heads << "kv" << c.kv
            << (c.rotary ? "_rotary" : "");
+      for (int r : c.ranks) name << "_" << r;
       return name.str();
     });
 
@@ -296,12 +306,13 @@ struct ShiftCase {
   const char* name;
   Downsampling ds;
   bool fma, rotary, invariant;
+  std::vector<int> ranks = {};
 };
 class RopeShift : public ::testing::TestWithParam<ShiftCase> {};
 
 TEST_P(RopeShift, OutputsDependOnRelativePositionsOnly) {
   const ShiftCase cs = GetParam();
-  Config c = attn_config(64, 8, 2, cs.ds, true, 4, 2, 16, cs.rotary);
+  Config c = attn_config(64, 8, 2, cs.ds, true, 4, 2, 16, cs.rotary, cs.ranks);
   c.fma_enabled = cs.fma;
   std::mt19937 rng(11 + int(cs.ds) + 3 * cs.rotary);
   std::normal_distribution<float> nd(0, 1);
@@ -337,13 +348,21 @@ TEST_P(RopeShift, OutputsDependOnRelativePositionsOnly) {
 
 INSTANTIATE_TEST_SUITE_P(
     Kinds, RopeShift,
-    ::testing::Values(ShiftCase{"groupedconv_rotary", Downsampling::GroupedConv, true, true, true},
-                      ShiftCase{"avgpool_rotary", Downsampling::AvgPool, true, true, true},
-                      ShiftCase{"avgpool", Downsampling::AvgPool, true, false, true},
-                      ShiftCase{"exact", Downsampling::GroupedConv, false, false, true},
-                      ShiftCase{"groupedconv_per_channel", Downsampling::GroupedConv, true, false,
-                                false},
-                      ShiftCase{"conv", Downsampling::Conv, true, false, false}),
+    ::testing::Values(
+        ShiftCase{"groupedconv_rotary", Downsampling::GroupedConv, true, true, true},
+        ShiftCase{"avgpool_rotary", Downsampling::AvgPool, true, true, true},
+        ShiftCase{"avgpool", Downsampling::AvgPool, true, false, true},
+        ShiftCase{"exact", Downsampling::GroupedConv, false, false, true},
+        ShiftCase{"groupedconv_per_channel", Downsampling::GroupedConv, true, false, false},
+        ShiftCase{"conv", Downsampling::Conv, true, false, false},
+        ShiftCase{
+            "groupedconv_rotary_ranks_2_4", Downsampling::GroupedConv, true, true, true, {2, 4}},
+        ShiftCase{"groupedconv_per_channel_ranks_2_4",
+                  Downsampling::GroupedConv,
+                  true,
+                  false,
+                  false,
+                  {2, 4}}),
     [](const auto& info) { return std::string(info.param.name); });
 
 TEST(Fma, RotarySummariesNeedGroupedconvOrAvgpool) {

@@ -168,6 +168,43 @@ TEST(Convert, RotarySummariesAreRecordedAndOldFilesKeepPerChannelSummaries) {
   EXPECT_FALSE(old->config().fma_rotary_summaries);
 }
 
+TEST(Convert, PerLevelRanksAreRecordedAndCheckedNamingTheField) {
+  TempDir dir;
+  Config c = mp::testing::small_config();  // L = 2
+  c.fma_rank = 4;
+  c.fma_level_ranks = {1, 4};
+  auto model = mp::testing::random_model(dir, c, DType::F32);
+  EXPECT_EQ(model->config().fma_level_ranks, (std::vector<int>{1, 4}));
+  EXPECT_EQ(model->config().rank(1), 1);
+  EXPECT_EQ(model->config().rank(2), 4);
+  const int64_t d = c.head_dim;
+  EXPECT_NO_THROW(model->tensor(tensor_names::fma_down(1, 'v', 1, false), {d * 1, 1, 8}));
+  EXPECT_NO_THROW(model->tensor(tensor_names::fma_down(1, 'k', 2, true), {d * 4}));
+  // Without the key (every file before it): fma_rank at every level.
+  EXPECT_EQ(Model::load(mp::testing::test_data_dir() + "/../fuzz/corpus/gguf/fma.gguf")
+                ->config()
+                .fma_level_ranks.size(),
+            0u);
+
+  auto refused = [&](std::vector<int> ranks, int rank) {
+    Config bad = c;
+    bad.fma_level_ranks = std::move(ranks);
+    bad.fma_rank = rank;
+    return error_of([&] { bad.validate(); });
+  };
+  EXPECT_NE(refused({1, 4, 4}, 4).find("fma_ranks must give one rank per coarse level (2)"),
+            std::string::npos);
+  EXPECT_NE(refused({1, 2}, 4).find("fma_rank must be the largest of fma_ranks"),
+            std::string::npos);
+  EXPECT_NE(refused({0, 4}, 4).find("fma_ranks must be positive"), std::string::npos);
+  // config.json: fma_rank follows from fma_ranks; a wrong count is named.
+  write_all(dir / "hf/config.json", nlohmann::json::parse(mp::testing::config_json(c)).dump());
+  EXPECT_EQ(config_from_hf_json(read_all(dir / "hf/config.json")).fma_rank, 4);
+  auto j = nlohmann::json::parse(mp::testing::config_json(c));
+  j["fma_ranks"] = {2, 2, 2};
+  EXPECT_NE(error_of([&] { config_from_hf_json(j.dump()); }).find("fma_ranks"), std::string::npos);
+}
+
 TEST(GgufReader, RefusesTruncatedFilesAtEveryCut) {
   TempDir dir;
   mp::testing::random_model(dir, mp::testing::small_config());

@@ -37,6 +37,7 @@ struct Variant {
   int kv_heads;
   DType dtype = DType::F32;  // bf16: decode's matrix-vector kernels read the weights as stored
   bool rotary = false;       // rotary key summaries
+  std::vector<int> ranks = {};  // per-level ranks
 };
 
 class ChunkInvariance : public ::testing::TestWithParam<Variant> {};
@@ -49,6 +50,8 @@ TEST_P(ChunkInvariance, PrefillChunksAndDecodeAgreePastTrainedLength) {
   c.tie_word_embeddings = v.tie;
   c.n_kv_heads = v.kv_heads;
   c.fma_rotary_summaries = v.rotary;
+  if (!v.ranks.empty()) c.fma_rank = *std::max_element(v.ranks.begin(), v.ranks.end());
+  c.fma_level_ranks = v.ranks;
   TempDir dir;
   auto model = random_model(dir, c, v.dtype);
   ASSERT_EQ(model->config().fma_rotary_summaries, v.rotary);
@@ -71,7 +74,23 @@ INSTANTIATE_TEST_SUITE_P(
         Variant{"exact", Downsampling::GroupedConv, false, true, 2},
         Variant{"groupedconv_rotary", Downsampling::GroupedConv, true, false, 2, DType::F32, true},
         Variant{"groupedconv_rotary_bf16", Downsampling::GroupedConv, true, true, 1, DType::BF16,
-                true}),
+                true},
+        Variant{"groupedconv_ranks_1_4",
+                Downsampling::GroupedConv,
+                true,
+                false,
+                2,
+                DType::F32,
+                false,
+                {1, 4}},
+        Variant{"avgpool_rotary_ranks_4_2",
+                Downsampling::AvgPool,
+                true,
+                false,
+                2,
+                DType::F32,
+                true,
+                {4, 2}}),
     [](const auto& info) { return std::string(info.param.name); });
 
 TEST(State, SavedAndRestoredStateContinuesExactly) {

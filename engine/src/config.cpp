@@ -57,6 +57,10 @@ int Config::n_levels() const {
 
 int Config::group_size(int level) const { return fma_block_size << (level - 1); }
 
+int Config::rank(int level) const {
+  return fma_level_ranks.empty() ? fma_rank : fma_level_ranks[level - 1];
+}
+
 void Config::validate() const {
   auto need = [](bool ok, const std::string& what) {
     if (!ok) throw Error("invalid model config: " + what);
@@ -83,12 +87,33 @@ void Config::validate() const {
   const int64_t ratio = n_ctx_train / fma_block_size;
   need(ratio >= 4 && (ratio & (ratio - 1)) == 0,
        "max_position_embeddings / fma_block_size must be a power of two >= 4");
+  if (!fma_level_ranks.empty()) {
+    need(static_cast<int>(fma_level_ranks.size()) == n_levels(),
+         "fma_ranks must give one rank per coarse level (" + std::to_string(n_levels()) + ")");
+    need(std::all_of(fma_level_ranks.begin(), fma_level_ranks.end(), [](int r) { return r > 0; }),
+         "fma_ranks must be positive");
+    need(*std::max_element(fma_level_ranks.begin(), fma_level_ranks.end()) == fma_rank,
+         "fma_rank must be the largest of fma_ranks");
+  }
   if (fma_downsampling == Downsampling::AvgPool)
+    for (int l = 1; l <= n_levels(); ++l)
+      need(group_size(l) % rank(l) == 0,
+           "avgpool needs each level's rank to divide its group size");
+  if (fma_downsampling == Downsampling::AvgPool && fma_level_ranks.empty())
     need(fma_block_size % fma_rank == 0, "avgpool needs fma_rank to divide fma_block_size");
   need(!fma_rotary_summaries || fma_downsampling != Downsampling::Conv,
        "fma_rotary_summaries needs groupedconv or avgpool (conv mixes channels that RoPE rotates "
        "at different frequencies)");
 }
+
+namespace {
+std::string ranks_str(const Config& c) {
+  if (c.fma_level_ranks.empty()) return std::to_string(c.fma_rank);
+  std::ostringstream o;  // a stream: GCC 12 warns falsely (-Wrestrict) on chained string +
+  for (size_t l = 0; l < c.fma_level_ranks.size(); ++l) o << (l ? "," : "") << c.fma_level_ranks[l];
+  return o.str();
+}
+}  // namespace
 
 std::string Config::summary() const {
   std::ostringstream o;
@@ -97,7 +122,7 @@ std::string Config::summary() const {
     << n_ctx_train;
   if (rope_linear_factor != 1.0f) o << ", rope linear x" << rope_linear_factor;
   if (fma_enabled)
-    o << ", FMA m=" << fma_block_size << " p=" << fma_rank << " L=" << n_levels() << " "
+    o << ", FMA m=" << fma_block_size << " p=" << ranks_str(*this) << " L=" << n_levels() << " "
       << to_string(fma_downsampling) << (fma_rotary_summaries ? " rotary" : "")
       << (fma_scale_attn ? " scaled" : "");
   else
@@ -213,7 +238,10 @@ Config config_from_hf_json(const std::string& text) {
   // A Llama-family config has no fma_* keys: exact attention, as in its source framework.
   c.fma_enabled = get("fma_enabled", j.contains("fma_block_size"), false);
   c.fma_block_size = get("fma_block_size", 0, c.fma_enabled);
-  c.fma_rank = get("fma_rank", 0, c.fma_enabled);
+  c.fma_level_ranks = get("fma_ranks", std::vector<int>{}, false);
+  c.fma_rank = c.fma_level_ranks.empty()
+                   ? get("fma_rank", 0, c.fma_enabled)
+                   : *std::max_element(c.fma_level_ranks.begin(), c.fma_level_ranks.end());
   c.fma_downsampling =
       parse_downsampling(get("fma_downsampling", std::string("groupedconv"), false));
   c.fma_scale_attn = get("fma_scale_attn", true, false);
@@ -248,7 +276,7 @@ Config with_fma(const Config& c, const FmaConversion& f) {
 }
 
 std::vector<float> avgpool_as_groupedconv(const Config& c, int level) {
-  const int p = c.fma_rank, d = c.head_dim, w = c.group_size(level), span = w / p;
+  const int p = c.rank(level), d = c.head_dim, w = c.group_size(level), span = w / p;
   std::vector<float> weight(size_t(p) * d * w, 0.0f);  // [c*p + r][0][t]
   for (int ch = 0; ch < d; ++ch)
     for (int r = 0; r < p; ++r)
@@ -260,7 +288,7 @@ std::vector<float> avgpool_as_groupedconv(const Config& c, int level) {
 std::map<std::string, gguf::Value> config_to_gguf(const Config& c) {
   using gguf::Value;
   const std::string a = kArchitecture;
-  return {
+  std::map<std::string, Value> kv = {
       {"general.architecture", Value::str(a)},
       {a + ".vocab_size", Value::u32(c.vocab_size)},
       {a + ".embedding_length", Value::u32(c.hidden_size)},
@@ -285,6 +313,14 @@ std::map<std::string, gguf::Value> config_to_gguf(const Config& c) {
       {"tokenizer.ggml.eos_token_id", Value::u32(c.eos_token_id)},
       {"tokenizer.ggml.add_bos_token", Value::boolean(c.add_bos)},
   };
+  if (!c.fma_level_ranks.empty()) {
+    Value ranks;
+    ranks.type = gguf::ValueType::ARRAY;
+    ranks.elem = gguf::ValueType::U32;
+    for (int r : c.fma_level_ranks) ranks.arr.push_back(Value::u32(r));
+    kv[a + ".ranks"] = ranks;
+  }
+  return kv;
 }
 
 Config config_from_gguf(const gguf::File& f) {
@@ -316,6 +352,12 @@ Config config_from_gguf(const gguf::File& f) {
   c.fma_enabled = f.get_bool(a + ".enabled");
   c.fma_block_size = u(".block_size");
   c.fma_rank = u(".rank");
+  // Files written before per-level ranks have no such key: fma.rank at every level.
+  if (const gguf::Value* ranks = f.find(a + ".ranks")) {
+    if (ranks->type != gguf::ValueType::ARRAY || ranks->elem != gguf::ValueType::U32)
+      throw Error("model file: " + a + ".ranks must be an array of u32");
+    for (const auto& r : ranks->arr) c.fma_level_ranks.push_back(static_cast<int>(r.u));
+  }
   c.fma_downsampling = parse_downsampling(f.get_string(a + ".downsampling"));
   c.fma_scale_attn = f.get_bool(a + ".scale_attn");
   // Files written before rotary summaries have no such key: off.
@@ -364,16 +406,16 @@ std::vector<TensorSpec> expected_tensors(const Config& c) {
       for (int l = 1; l <= c.n_levels(); ++l) {
         for (char which : {'k', 'v'}) {
           const std::string base = hf + "self_attn.fma." + which + "_down." + std::to_string(l - 1);
+          const int64_t p = c.rank(l);
           if (which == 'k' && c.fma_rotary_summaries) {  // [pair*p + r][re, im][t], no bias
             out.push_back({tn::fma_down(i, which, l, false),
                            base + ".weight",
-                           {d / 2 * c.fma_rank, 2, c.group_size(l)}});
+                           {d / 2 * p, 2, c.group_size(l)}});
             continue;
           }
-          out.push_back({tn::fma_down(i, which, l, false),
-                         base + ".weight",
-                         {d * c.fma_rank, in, c.group_size(l)}});
-          out.push_back({tn::fma_down(i, which, l, true), base + ".bias", {d * c.fma_rank}});
+          out.push_back(
+              {tn::fma_down(i, which, l, false), base + ".weight", {d * p, in, c.group_size(l)}});
+          out.push_back({tn::fma_down(i, which, l, true), base + ".bias", {d * p}});
         }
       }
     }

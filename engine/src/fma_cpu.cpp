@@ -13,9 +13,10 @@ namespace mp::cpu {
 
 Downsampler make_downsampler(const Config& c, int level, bool keys, std::span<const float> weight,
                              std::span<const float> bias) {
-  const int p = c.fma_rank, d = c.head_dim, w = c.group_size(level);
+  const int p = c.rank(level), d = c.head_dim, w = c.group_size(level);
   Downsampler ds;
   ds.group = w;
+  ds.rank = p;
   if (c.fma_downsampling == Downsampling::AvgPool) return ds;
   if (keys && paired_keys(c)) {
     ds.in = 2;
@@ -59,7 +60,7 @@ LayerDownsamplers make_layer_downsamplers(const Config& c, const Model& m, int l
       std::vector<float> w, b;
       if (weighted) {
         const bool paired = which == 'k' && paired_keys(c);
-        const int64_t d = c.head_dim, p = c.fma_rank;
+        const int64_t d = c.head_dim, p = c.rank(l);
         const int64_t in = paired ? 2 : c.fma_downsampling == Downsampling::Conv ? d : 1;
         w = m.tensor(tensor_names::fma_down(layer, which, l, false),
                      {paired ? d / 2 * p : d * p, in, c.group_size(l)})
@@ -71,11 +72,11 @@ LayerDownsamplers make_layer_downsamplers(const Config& c, const Model& m, int l
   return out;
 }
 
-void add_to_summary(const Config& c, const Downsampler& ds, int level, int t_in_group,
-                    const float* x, float* acc) {
-  const int p = c.fma_rank, d = c.head_dim;
+void add_to_summary(const Config& c, const Downsampler& ds, int t_in_group, const float* x,
+                    float* acc) {
+  const int p = ds.rank, d = c.head_dim;
   if (c.fma_downsampling == Downsampling::AvgPool) {
-    const int span = c.group_size(level) / p;
+    const int span = ds.group / p;
     const int r = t_in_group / span;
     const float inv = 1.0f / static_cast<float>(span);
     for (int ch = 0; ch < d; ++ch) acc[r * d + ch] += x[ch] * inv;
@@ -97,7 +98,7 @@ void add_to_summary(const Config& c, const Downsampler& ds, int level, int t_in_
 }
 
 void finish_summary(const Config& c, const Downsampler& ds, const float* acc, float* summary) {
-  const int pd = c.fma_rank * c.head_dim;
+  const int pd = ds.rank * c.head_dim;
   for (int o = 0; o < pd; ++o) summary[o] = acc[o] + (ds.bias.empty() ? 0.0f : ds.bias[o]);
 }
 
@@ -334,8 +335,8 @@ ChunkAttention::ChunkAttention(const Config& c, const LayerDownsamplers& ds, Lay
         float* ak = cache.acc_k.data() + (size_t(l - 1) * nkv + h) * pd;
         float* av = cache.acc_v.data() + (size_t(l - 1) * nkv + h) * pd;
         const size_t row = size_t(t - pos0) * nkv * d + size_t(h) * d;
-        add_to_summary(c, ds.k[l - 1], l, tg, k + row, ak);
-        add_to_summary(c, ds.v[l - 1], l, tg, v + row, av);
+        add_to_summary(c, ds.k[l - 1], tg, k + row, ak);
+        add_to_summary(c, ds.v[l - 1], tg, v + row, av);
       }
       if (tg != w - 1) continue;
       // Group t / w is complete: its summaries join the chunk's list, the accumulators restart.
@@ -378,28 +379,33 @@ const float* ChunkAttention::fine(int64_t j, bool values, int kv_head) const {
 }
 
 void ChunkAttention::attend(int t, int head, float* out, std::vector<float>& scratch) const {
-  const int d = c_.head_dim, p = c_.fma_rank, m = c_.fma_block_size;
+  const int d = c_.head_dim, m = c_.fma_block_size;
   const int kvh = head / (c_.n_heads / c_.n_kv_heads);
   const int64_t i = pos0_ + t;
   const float* q = q_ + size_t(t) * c_.n_heads * d + size_t(head) * d;
   const float scale = 1.0f / std::sqrt(static_cast<float>(d));
   const int64_t lo = c_.fma_enabled ? std::max<int64_t>(0, (i / m - 1) * m) : 0;
 
-  // Scores in one list: fine keys first, then p summaries per visible group.
+  // Scores in one list: fine keys first, then p_l summaries per visible group of level l.
   struct Group {
-    int level;
+    int level, rank;
     int64_t g;
+    size_t at;  // its first score
   };
   Group groups[64];
   int n_groups = 0;
+  const size_t n_fine = size_t(i - lo + 1);
+  size_t n_scores = n_fine;
   for (int l = 1; l <= c_.n_levels(); ++l) {
     const int64_t w = c_.group_size(l), B = i / (2 * w);
     if (B < 1) continue;
-    groups[n_groups++] = {l, 2 * B - 2};
-    if ((i % (2 * w)) / w == 1) groups[n_groups++] = {l, 2 * B - 1};
+    const int p = c_.rank(l);
+    for (int64_t g = 2 * B - 2; g <= 2 * B - 2 + (i % (2 * w)) / w; ++g) {
+      groups[n_groups++] = {l, p, g, n_scores};
+      n_scores += p;
+    }
   }
-  const size_t n_fine = size_t(i - lo + 1);
-  scratch.resize(n_fine + size_t(n_groups) * p);
+  scratch.resize(n_scores);
   float* s = scratch.data();
 
   // The fine keys (values) lo..i lie in contiguous runs: the chunk's own, and the cache's until
@@ -416,12 +422,12 @@ void ChunkAttention::attend(int t, int head, float* out, std::vector<float>& scr
   fine_runs(false, [&](int64_t at, const float* k, int n) {
     scaled_dots(q, k, kvd, n, d, scale, s + at);
   });
-  for (int gi = 0; gi < n_groups; ++gi) {
-    float* sg = s + n_fine + gi * p;
-    scaled_dots(q, summary(groups[gi].level, groups[gi].g, false, kvh), d, p, d, scale, sg);
+  for (const Group& gr : std::span(groups, n_groups)) {
+    float* sg = s + gr.at;
+    scaled_dots(q, summary(gr.level, gr.g, false, kvh), d, gr.rank, d, scale, sg);
     if (c_.fma_scale_attn) {
-      const float bonus = std::log(static_cast<float>(c_.group_size(groups[gi].level)) / p);
-      for (int r = 0; r < p; ++r) sg[r] += bonus;
+      const float bonus = std::log(static_cast<float>(c_.group_size(gr.level)) / gr.rank);
+      for (int r = 0; r < gr.rank; ++r) sg[r] += bonus;
     }
   }
   const float mx = *std::max_element(s, s + scratch.size());
@@ -436,9 +442,8 @@ void ChunkAttention::attend(int t, int head, float* out, std::vector<float>& scr
   fine_runs(true, [&](int64_t at, const float* v, int n) {
     add_weighted_rows(s + at, v, kvd, n, d, out);
   });
-  for (int gi = 0; gi < n_groups; ++gi)
-    add_weighted_rows(s + n_fine + gi * p, summary(groups[gi].level, groups[gi].g, true, kvh), d, p,
-                      d, out);
+  for (const Group& gr : std::span(groups, n_groups))
+    add_weighted_rows(s + gr.at, summary(gr.level, gr.g, true, kvh), d, gr.rank, d, out);
 }
 
 void ChunkAttention::commit() {

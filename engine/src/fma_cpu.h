@@ -18,6 +18,7 @@ namespace mp::cpu {
 // c = j + d/2.
 struct Downsampler {
   int group = 0;              // w
+  int rank = 0;               // p_l: summaries per group (the cache keeps fma_rank's room)
   int in = 0;                 // 1 (groupedconv), 2 (paired) or d (conv); 0 for avgpool
   bool paired = false;        // rotary key summaries
   std::vector<float> weight;  // [w][p*d][in]
@@ -38,10 +39,10 @@ Downsampler make_downsampler(const Config& c, int level, bool keys, std::span<co
                              std::span<const float> bias);
 LayerDownsamplers make_layer_downsamplers(const Config& c, const Model& m, int layer);
 
-// acc (p*d, summary-major) += the contribution of token `t_in_group` with vector x (d).
-void add_to_summary(const Config& c, const Downsampler& ds, int level, int t_in_group,
-                    const float* x, float* acc);
-// summary = acc + bias.
+// acc (p_l*d, summary-major) += the contribution of token `t_in_group` with vector x (d).
+void add_to_summary(const Config& c, const Downsampler& ds, int t_in_group, const float* x,
+                    float* acc);
+// summary = acc + bias, p_l*d values.
 void finish_summary(const Config& c, const Downsampler& ds, const float* acc, float* summary);
 
 // The hierarchical cache of one layer of one sequence, all KV heads (DESIGN.md section 2).
@@ -49,7 +50,8 @@ struct LayerCache {
   // Fine keys/values, [slot][n_kv][d]: a ring of 2m slots (position j in slot j mod 2m) with FMA,
   // every position so far in exact mode.
   std::vector<float> fine_k, fine_v;
-  // Finished summaries of the last 3 groups per level: [L][3][n_kv][p][d], position g mod 3.
+  // Finished summaries of the last 3 groups per level: [L][3][n_kv][p][d], position g mod 3
+  // (p = fma_rank; level l fills the first p_l of each group's p).
   std::vector<float> sum_k, sum_v;
   std::vector<int64_t> sum_group;  // [L][3]: which group a ring entry holds, -1 for none
   // Running accumulators of the group being filled: [L][n_kv][p*d].

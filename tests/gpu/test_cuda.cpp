@@ -2,6 +2,7 @@
 // and GEMM inputs on the GPU: logits agree to about 1e-2 relative. Skipped without a GPU.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <map>
 #include <random>
@@ -112,7 +113,8 @@ struct Variant {
   int kv;
   int head_dim = 16;  // 64: prefill tiles run on tensor cores
   float rope_linear_factor = 1.0f;
-  bool rotary = false;  // rotary key summaries
+  bool rotary = false;          // rotary key summaries
+  std::vector<int> ranks = {};  // per-level ranks
 };
 class CudaModel : public Cuda, public ::testing::WithParamInterface<Variant> {};
 
@@ -125,6 +127,8 @@ TEST_P(CudaModel, LogitsMatchCpuInEveryChunkingPastTrainedLength) {
   c.head_dim = v.head_dim;
   c.rope_linear_factor = v.rope_linear_factor;
   c.fma_rotary_summaries = v.rotary;
+  if (!v.ranks.empty()) c.fma_rank = *std::max_element(v.ranks.begin(), v.ranks.end());
+  c.fma_level_ranks = v.ranks;
   c.hidden_size = 64;
   TempDir dir;
   auto model = mp::testing::random_model(dir, c, DType::BF16, 7);
@@ -153,7 +157,18 @@ INSTANTIATE_TEST_SUITE_P(
         Variant{"avgpool_rope_linear", Downsampling::AvgPool, true, 2, 16, 4.0f},
         Variant{"exact_rope_linear", Downsampling::GroupedConv, false, 1, 64, 2.0f},
         Variant{"groupedconv_rotary", Downsampling::GroupedConv, true, 2, 16, 1.0f, true},
-        Variant{"groupedconv_rotary_d64_kv1", Downsampling::GroupedConv, true, 1, 64, 1.0f, true}),
+        Variant{"groupedconv_rotary_d64_kv1", Downsampling::GroupedConv, true, 1, 64, 1.0f, true},
+        Variant{
+            "groupedconv_ranks_1_4", Downsampling::GroupedConv, true, 2, 16, 1.0f, false, {1, 4}},
+        Variant{"avgpool_ranks_4_2_d64", Downsampling::AvgPool, true, 2, 64, 1.0f, false, {4, 2}},
+        Variant{"groupedconv_rotary_ranks_3_2_kv1",
+                Downsampling::GroupedConv,
+                true,
+                1,
+                16,
+                1.0f,
+                true,
+                {3, 2}}),
     [](const auto& info) { return std::string(info.param.name); });
 
 TEST_F(Cuda, BatchOfSequencesMatchesSeparateRunsAndStatesMoveBetweenBackends) {

@@ -92,16 +92,17 @@ def attention(cfg, q, k, v, down):
     KV = k.shape[1]
     out = np.zeros_like(q)
     fma = cfg["fma_enabled"]
-    m, p = cfg.get("fma_block_size", 0), cfg.get("fma_rank", 0)
+    m = cfg.get("fma_block_size", 0)
     n = cfg["max_position_embeddings"]
     kind = cfg.get("fma_downsampling", "groupedconv")
     scale_attn = cfg.get("fma_scale_attn", True)
     rotary = cfg.get("fma_rotary_summaries", False) and kind == "groupedconv"
     L = int(round(np.log2(n // m))) - 1 if fma else 0
+    ranks = cfg.get("fma_ranks") or [cfg.get("fma_rank", 0)] * L  # p_l, index level-1
     for kvh in range(KV):
         sums = {}
         for lvl in range(1, L + 1):
-            w = m * 2 ** (lvl - 1)
+            w, p = m * 2 ** (lvl - 1), ranks[lvl - 1]
             Wk, bk, Wv, bv = down.get(lvl, (None, None, None, None))
             sums[lvl] = (group_summaries(k[:, kvh], w, p, kind, Wk, bk, rotary),
                          group_summaries(v[:, kvh], w, p, kind, Wv, bv))
@@ -112,7 +113,7 @@ def attention(cfg, q, k, v, down):
                 for j in range(lo, i + 1):
                     keys.append(k[j, kvh]); vals.append(v[j, kvh]); bonus.append(0.0)
                 for lvl in range(1, L + 1):
-                    w = m * 2 ** (lvl - 1)
+                    w, p = m * 2 ** (lvl - 1), ranks[lvl - 1]
                     B, half = i // (2 * w), (i % (2 * w)) // w
                     groups = ([2 * B - 2] if B >= 1 else []) + ([2 * B - 1] if B >= 1 and half == 1 else [])
                     for g in groups:

@@ -46,7 +46,7 @@ class AttentionRig {
   AttentionRig(const Config& cfg, int batch, int tokens_each, int64_t pos0) : c(cfg) {
     const int L = c.n_levels(), d = c.head_dim, kv = c.n_kv_heads;
     const size_t pd = size_t(c.fma_rank) * d;
-    shape = {c.n_heads, kv, d, c.fma_block_size, c.fma_rank, L, true, true, false, 1};
+    shape = cuda::make_shape(c);
     const int64_t cap = 2 * c.fma_block_size;
     cv = {random(batch * cap * kv * d, 1),
           random(batch * cap * kv * d, 2),

@@ -58,6 +58,7 @@ std::string config_json(const Config& c, const std::string& architecture) {
       {"fma_enabled", c.fma_enabled},
       {"fma_block_size", c.fma_block_size},
       {"fma_rank", c.fma_rank},
+      {"fma_ranks", c.fma_level_ranks.empty() ? nlohmann::json() : nlohmann::json(c.fma_level_ranks)},
       {"fma_downsampling", std::string(to_string(c.fma_downsampling))},
       {"fma_scale_attn", c.fma_scale_attn},
       {"fma_rotary_summaries", c.fma_rotary_summaries},
@@ -69,7 +70,7 @@ std::string config_json(const Config& c, const std::string& architecture) {
   };
   if (!fma) {  // what transformers writes for these models, FMA keys aside
     for (const char* k : {"fma_enabled", "fma_block_size", "fma_rank", "fma_downsampling",
-                          "fma_scale_attn", "fma_rotary_summaries"})
+                          "fma_scale_attn", "fma_rotary_summaries", "fma_ranks"})
       j.erase(k);
     j["hidden_act"] = "silu";
     j["attention_bias"] = false;

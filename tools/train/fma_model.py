@@ -33,12 +33,21 @@ class FmaConfig:
     max_position_embeddings: int = 8192  # n
     fma_enabled: bool = True
     fma_block_size: int = 64  # m
-    fma_rank: int = 2  # p
+    fma_rank: int = 2  # p; with fma_ranks their largest
+    fma_ranks: Optional[list] = None  # per coarse level (index level-1); None: fma_rank everywhere
     fma_downsampling: str = "groupedconv"
     fma_scale_attn: bool = True
     fma_rotary_summaries: bool = False  # key summaries rotate with their keys (docs/MODEL.md)
     bos_token_id: int = 1
     eos_token_id: int = 2
+
+    def __post_init__(self):
+        if self.fma_ranks:
+            assert len(self.fma_ranks) == self.levels, ("fma_ranks: one per level", self.levels)
+            self.fma_rank = max(self.fma_ranks)
+
+    def rank(self, level):  # p_l, level 1..L
+        return self.fma_ranks[level - 1] if self.fma_ranks else self.fma_rank
 
     @property
     def levels(self):
@@ -146,37 +155,38 @@ class Downsample(nn.ModuleList):
     keys=True with cfg.fma_rotary_summaries: rotary ones (RotaryConv)."""
 
     def __init__(self, cfg: FmaConfig, keys=False):
-        kind, p, d = cfg.fma_downsampling, cfg.fma_rank, cfg.head_dim
+        kind, d = cfg.fma_downsampling, cfg.head_dim
         groups = [cfg.group_size(level) for level in range(1, cfg.levels + 1)]
+        ranks = [cfg.rank(level) for level in range(1, cfg.levels + 1)]
         g = d if kind == "groupedconv" else 1
         self.rotary = keys and cfg.rotary_keys()
         super().__init__([] if kind == "avgpool" else
                          [RotaryConv(d, p, w) if self.rotary else
-                          nn.Conv1d(d, p * d, w, stride=w, groups=g) for w in groups])
-        self.kind, self.p, self.d, self.groups = kind, p, d, groups
+                          nn.Conv1d(d, p * d, w, stride=w, groups=g) for w, p in zip(groups, ranks)])
+        self.kind, self.ranks, self.d, self.groups = kind, ranks, d, groups
 
     def forward(self, x, level):
         """x [N, T, d] -> summaries of the complete groups [N, G, p, d]."""
         N, T, d = x.shape
-        w = self.groups[level - 1]
+        w, p = self.groups[level - 1], self.ranks[level - 1]
         G = T // w
         if self.kind == "avgpool":
-            return x[:, :G * w].reshape(N, G, self.p, w // self.p, d).mean(3)
+            return x[:, :G * w].reshape(N, G, p, w // p, d).mean(3)
         # The convolution's weights applied as one contraction per group: cuDNN's grouped conv
         # with kernel = stride = w is very slow for large w.
         conv = self[level - 1]
         X = x[:, :G * w].reshape(N, G, w, d)
         if self.rotary:
-            W = conv.weight.view(d // 2, self.p, 2, w).to(X.dtype)
+            W = conv.weight.view(d // 2, p, 2, w).to(X.dtype)
             a, b = W[:, :, 0], W[:, :, 1]  # [d/2, p, w]
             x1, x2 = X[..., :d // 2], X[..., d // 2:]
             mix = lambda u, z: torch.einsum("ngtc,crt->ngrc", u, z)  # noqa: E731
             return torch.cat([mix(x1, a) - mix(x2, b), mix(x1, b) + mix(x2, a)], dim=-1)
-        bias = conv.bias.view(d, self.p).t()  # [p, d]: output channel c*p + r
+        bias = conv.bias.view(d, p).t()  # [p, d]: output channel c*p + r
         if self.kind == "groupedconv":
-            W = conv.weight.view(d, self.p, w)
+            W = conv.weight.view(d, p, w)
             return torch.einsum("ngtc,crt->ngrc", X, W.to(X.dtype)) + bias.to(X.dtype)
-        W = conv.weight.view(d, self.p, d, w)
+        W = conv.weight.view(d, p, d, w)
         return torch.einsum("ngti,crit->ngrc", X, W.to(X.dtype)) + bias.to(X.dtype)
 
 
@@ -187,7 +197,7 @@ def _expand_kv(x, heads):  # [B, KV, ...] -> [B, H, ...]
 def fma_attention(cfg: FmaConfig, q, k, v, k_down: Downsample, v_down: Downsample):
     """q [B, H, T, d]; k, v [B, KV, T, d], rotated. Returns [B, H, T, d]."""
     B, H, T0, d = q.shape
-    KV, m, p = k.shape[1], cfg.fma_block_size, cfg.fma_rank
+    KV, m = k.shape[1], cfg.fma_block_size
     pad = (-T0) % m  # padded keys lie after every real query: never visible
     if pad:
         q, k, v = (F.pad(t, (0, 0, 0, pad)) for t in (q, k, v))
@@ -205,7 +215,7 @@ def fma_attention(cfg: FmaConfig, q, k, v, k_down: Downsample, v_down: Downsampl
                           (s[None, None] - m) <= a[None, :, None])  # [nb, m, 2m]
     bias = [torch.zeros(nb, m, 2 * m, device=dev, dtype=acc).masked_fill(~fine_ok, float("-inf"))]
     for level in range(1, cfg.levels + 1):
-        w = cfg.group_size(level)
+        w, p = cfg.group_size(level), cfg.rank(level)
         if T <= 2 * w:
             continue  # no block of this sequence sees a group of this level
         Ks = k_down(k.reshape(B * KV, T, d), level).reshape(B, KV, -1, p, d)
@@ -239,10 +249,11 @@ def fma_attention(cfg: FmaConfig, q, k, v, k_down: Downsample, v_down: Downsampl
 def fma_attention_slow(cfg: FmaConfig, q, k, v, k_down: Downsample, v_down: Downsample):
     """Per query, the explicit key list of DESIGN.md section 1. For tests only."""
     B, H, T, d = q.shape
-    KV, m, p = k.shape[1], cfg.fma_block_size, cfg.fma_rank
+    KV, m = k.shape[1], cfg.fma_block_size
     out = torch.zeros_like(q)
     sums = {}
     for level in range(1, cfg.levels + 1):
+        p = cfg.rank(level)
         if T >= cfg.group_size(level):
             sums[level] = (k_down(k.reshape(B * KV, T, d), level).reshape(B, KV, -1, p, d),
                            v_down(v.reshape(B * KV, T, d), level).reshape(B, KV, -1, p, d))
@@ -259,6 +270,7 @@ def fma_attention_slow(cfg: FmaConfig, q, k, v, k_down: Downsample, v_down: Down
                     assert (g + 1) * w <= i
                     ks.append(sums[level][0][:, kvh, g])
                     vs.append(sums[level][1][:, kvh, g])
+                    p = cfg.rank(level)
                     bonus += [math.log(w / p) if cfg.fma_scale_attn else 0.0] * p
             K, V = torch.cat(ks, dim=1), torch.cat(vs, dim=1)  # [B, S, d]
             sc = (K @ q[:, hd, i, :, None])[..., 0] / math.sqrt(d) + torch.tensor(bonus, dtype=q.dtype)
@@ -399,17 +411,16 @@ def init_summaries_as_avgpool(model: FmaModel):
     of w: the mean of tokens [r w/p, (r+1) w/p)), bias 0: the model then computes what its avgpool
     twin does, as after multipole-convert --fma groupedconv."""
     cfg = model.cfg
-    p = cfg.fma_rank
     with torch.no_grad():
         for name, conv in model.named_modules():
             if isinstance(conv, RotaryConv):  # real part the pooling, imaginary part 0
-                w = conv.weight.shape[-1]
+                w, p = conv.weight.shape[-1], conv.weight.shape[0] // (cfg.head_dim // 2)
                 conv.weight.zero_()
                 for r in range(p):
                     conv.weight.view(-1, p, 2, w)[:, r, 0, r * (w // p):(r + 1) * (w // p)] = p / w
             if isinstance(conv, nn.Conv1d) and ".fma." in name:
                 assert conv.groups == cfg.head_dim, "only groupedconv starts as avgpool"
-                w = conv.kernel_size[0]
+                w, p = conv.kernel_size[0], conv.out_channels // cfg.head_dim
                 weight = torch.zeros(cfg.head_dim, p, w)  # output channel c*p + r
                 for r in range(p):
                     weight[:, r, r * (w // p):(r + 1) * (w // p)] = p / w

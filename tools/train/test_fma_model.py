@@ -45,6 +45,26 @@ class FastVsSlow(unittest.TestCase):
             slow = fma_attention_slow(cfg, q, k, v, kd, vd)
             self.assertLess(rel(fast, slow), 1e-10, (kind, scale, n, m, p, heads, T))
 
+    def test_per_level_ranks(self):
+        torch.manual_seed(5)
+        for kind, rotary, ranks in [("groupedconv", False, [2, 4]), ("groupedconv", True, [1, 3]),
+                                    ("avgpool", False, [4, 2]), ("conv", False, [2, 1])]:
+            cfg = FmaConfig(head_dim=8, num_attention_heads=4, num_key_value_heads=2,
+                            max_position_embeddings=64, fma_block_size=8, fma_ranks=ranks,
+                            fma_downsampling=kind, fma_rotary_summaries=rotary)
+            self.assertEqual(cfg.fma_rank, max(ranks))
+            kd, vd = random_downsample(cfg, True), random_downsample(cfg, False)
+            q = torch.randn(2, 4, 150, 8, dtype=torch.float64)
+            k = torch.randn(2, 2, 150, 8, dtype=torch.float64)
+            v = torch.randn(2, 2, 150, 8, dtype=torch.float64)
+            fast = fma_attention(cfg, q, k, v, kd, vd)
+            self.assertLess(rel(fast, fma_attention_slow(cfg, q, k, v, kd, vd)), 1e-10, (kind, ranks))
+            # Each level's rank counts: the same model with rank p everywhere differs.
+            if kind == "avgpool":
+                uniform = FmaConfig(**{**cfg.__dict__, "fma_ranks": None})
+                pooled = Downsample(uniform)  # avgpool: no weights
+                self.assertGreater(rel(fma_attention(uniform, q, k, v, pooled, pooled), fast), 1e-3)
+
     def test_model_fast_equals_slow_and_short_context_equals_exact(self):
         torch.manual_seed(1)
         cfg = FmaConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,

@@ -40,17 +40,18 @@ def llama_config(tiny, context):
 
 
 def model_config(exact, tiny=False, downsampling="groupedconv", rank=2, scale_attn=True,
-                 rotary_summaries=False):
+                 rotary_summaries=False, ranks=None):
     if tiny:  # for smoke tests of the pipeline
         return FmaConfig(vocab_size=8192, hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
                          num_key_value_heads=1, head_dim=32, intermediate_size=128,
                          max_position_embeddings=256, fma_enabled=not exact, fma_block_size=16,
-                         fma_rank=2, fma_rotary_summaries=rotary_summaries)
+                         fma_rank=2, fma_rotary_summaries=rotary_summaries, fma_ranks=ranks)
     return FmaConfig(vocab_size=8192, hidden_size=384, num_hidden_layers=6, num_attention_heads=6,
                      num_key_value_heads=2, head_dim=64, intermediate_size=1024,
                      tie_word_embeddings=True, max_position_embeddings=8192, fma_enabled=not exact,
                      fma_block_size=64, fma_rank=rank, fma_downsampling=downsampling,
-                     fma_scale_attn=scale_attn, fma_rotary_summaries=rotary_summaries)
+                     fma_scale_attn=scale_attn, fma_rotary_summaries=rotary_summaries,
+                     fma_ranks=ranks)
 
 
 def param_groups(model, cfg):
@@ -94,6 +95,8 @@ def main():
                     help="export at the end of this run even if the plan is not finished")
     ap.add_argument("--downsampling", default="groupedconv", choices=["avgpool", "groupedconv", "conv"])
     ap.add_argument("--rank", type=int, default=2, help="FMA rank p: summaries per group")
+    ap.add_argument("--ranks", type=lambda s: [int(x) for x in s.split(",")],
+                    help="per-level ranks p_1,...,p_L (level 1 first), instead of --rank")
     ap.add_argument("--no-scale-attn", action="store_true",
                     help="no log(w/p) bonus on the summaries' scores")
     ap.add_argument("--rotary-summaries", action="store_true",
@@ -121,7 +124,7 @@ def main():
     else:
         cfg = llama_config(args.tiny, args.context) if args.llama else \
             model_config(args.exact, args.tiny, args.downsampling, args.rank, not args.no_scale_attn,
-                         args.rotary_summaries)
+                         args.rotary_summaries, args.ranks)
         model = FmaModel(cfg).to(dev)
     if args.freeze:
         for name, prm in model.named_parameters():

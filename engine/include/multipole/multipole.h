@@ -49,7 +49,10 @@ struct Config {
   // FMA
   bool fma_enabled = true;
   int fma_block_size = 0;  // m
-  int fma_rank = 0;        // p
+  int fma_rank = 0;        // p: the largest of the levels' ranks (the cache's stride)
+  // Per-level ranks p_l (index level-1, docs/MODEL.md "Per-level ranks"); empty: fma_rank at
+  // every level. Files without them: empty.
+  std::vector<int> fma_level_ranks;
   Downsampling fma_downsampling = Downsampling::GroupedConv;
   bool fma_scale_attn = true;
   // Rotary key summaries (docs/MODEL.md, "Rotary key summaries"): a groupedconv key summary
@@ -64,6 +67,7 @@ struct Config {
 
   int n_levels() const;             // L = log2(n/m) - 1 (0 in exact mode)
   int group_size(int level) const;  // w_l = m * 2^(l-1), level 1..L
+  int rank(int level) const;        // p_l, level 1..L
   void validate() const;            // throws Error naming the first bad field
   std::string summary() const;      // one line for logs
 };

@@ -1,9 +1,9 @@
 #!/usr/bin/env python3
-"""The trainer's rotary key summaries (fma_model.RotaryConv) as the engine reads them: a random
-FMA model with fma_rotary_summaries, saved by save_hf, converted by multipole-convert and scored by
-multipole-perplexity (CPU, fp32, in chunks of 37) past the trained length, against the PyTorch
-model's own NLL in float64: 1e-4 per token, as the cross-checks.
-usage: test_rotary_engine.py BUILD_DIR"""
+"""The trainer's rotary key summaries (fma_model.RotaryConv) and per-level ranks (fma_ranks) as
+the engine reads them: random FMA models with those options, saved by save_hf, converted by
+multipole-convert and scored by multipole-perplexity (CPU, fp32, in chunks of 37) past the trained
+length, against the PyTorch model's own NLL in float64: 1e-4 per token, as the cross-checks.
+usage: test_summaries_engine.py BUILD_DIR"""
 import json
 import os
 import subprocess
@@ -20,13 +20,21 @@ TOKENIZER = os.path.join(HERE, "..", "..", "tests", "data", "tiny-spm.model")
 BUILD = None
 
 
-class RotaryEngineParity(unittest.TestCase):
-    def test_engine_matches_pytorch(self):
+class EngineParity(unittest.TestCase):
+    def test_rotary(self):
+        self.check(fma_rotary_summaries=True)
+
+    def test_per_level_ranks(self):
+        self.check(fma_ranks=[1, 4])
+
+    def test_rotary_per_level_ranks(self):
+        self.check(fma_rotary_summaries=True, fma_ranks=[4, 2])
+
+    def check(self, **options):
         torch.manual_seed(4)
         cfg = FmaConfig(vocab_size=400, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                         num_key_value_heads=2, head_dim=16, intermediate_size=48,
-                        max_position_embeddings=64, fma_block_size=8, fma_rank=2,
-                        fma_rotary_summaries=True)
+                        max_position_embeddings=64, fma_block_size=8, fma_rank=2, **options)
         model = FmaModel(cfg)
         with torch.no_grad():  # weights of order one, so that the summaries' scores matter
             for name, prm in model.named_parameters():
@@ -35,8 +43,9 @@ class RotaryEngineParity(unittest.TestCase):
         ids = torch.randint(3, 400, (1, 3 * 64 + 5))
         with tempfile.TemporaryDirectory() as tmp:
             save_hf(model, os.path.join(tmp, "hf"), TOKENIZER)
-            self.assertTrue(json.load(open(os.path.join(tmp, "hf", "config.json")))
-                            ["fma_rotary_summaries"])
+            saved = json.load(open(os.path.join(tmp, "hf", "config.json")))
+            for key, value in options.items():
+                self.assertEqual(saved[key], value)
             gguf = os.path.join(tmp, "model.gguf")
             subprocess.run([os.path.join(BUILD, "tools", "multipole-convert"),
                             os.path.join(tmp, "hf"), gguf, "--dtype", "f32"], check=True,
@@ -51,7 +60,7 @@ class RotaryEngineParity(unittest.TestCase):
             ref = model.double().nll(ids)[0]
         self.assertEqual(engine.shape, ref.shape)
         err = (engine - ref).abs().max().item()
-        print(f"{len(ref)} tokens, max |NLL engine - NLL PyTorch| = {err:.2e}")
+        print(f"{options}: {len(ref)} tokens, max |NLL engine - NLL PyTorch| = {err:.2e}")
         self.assertLess(err, 1e-4)
 
 
