@@ -98,9 +98,7 @@ void Config::validate() const {
   if (fma_downsampling == Downsampling::AvgPool)
     for (int l = 1; l <= n_levels(); ++l)
       need(group_size(l) % rank(l) == 0,
-           "avgpool needs each level's rank to divide its group size");
-  if (fma_downsampling == Downsampling::AvgPool && fma_level_ranks.empty())
-    need(fma_block_size % fma_rank == 0, "avgpool needs fma_rank to divide fma_block_size");
+           "avgpool needs each level's rank (fma_rank or fma_ranks) to divide its group size");
   need(!fma_rotary_summaries || fma_downsampling != Downsampling::Conv,
        "fma_rotary_summaries needs groupedconv or avgpool (conv mixes channels that RoPE rotates "
        "at different frequencies)");
