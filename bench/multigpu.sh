@@ -8,23 +8,12 @@
 # PyTorch's (loaded at run time). Results go to $OUT.
 # BATCHES (default "64 256"): batches per GPU; SKIP_TESTS=1, SKIP_SERVER=1 skip those parts.
 set -uo pipefail
-root=$(pwd)
-bash scripts/gpu_unpack.sh
-export LD_LIBRARY_PATH=$root/.carry/gpu/lib:/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}
-export MULTIPOLE_TEST_DATA=$root/tests/data PYTHONUNBUFFERED=1
 # NCCL for tensor parallelism: the PyTorch wheel's nvidia/nccl/lib (libnccl.so.2).
 nccl=$(python3 -c 'import nvidia.nccl as n, os; print(os.path.join(list(n.__path__)[0], "lib"))' \
-       2>/dev/null) && export LD_LIBRARY_PATH=$nccl:$LD_LIBRARY_PATH
+       2>/dev/null) && export LD_LIBRARY_PATH=$nccl:${LD_LIBRARY_PATH:-}
 echo "NCCL: ${nccl:-not found (tensor-parallel runs will fail)}"
-bin=$root/.carry/gpu/bin
-out=${OUT:-/tmp/out}
-mkdir -p "$out"
-nvidia-smi --query-gpu=index,name,driver_version --format=csv,noheader
+source scripts/gpu_env.sh
 gpus=$(nvidia-smi -L | wc -l)
-if [ -z "${SKIP_TESTS:-}" ]; then
-  "$bin/multipole_gpu_tests" > "$out/gpu_tests.log" 2>&1; echo "gpu tests rc $?"
-  grep -E "^\[  (FAILED|PASSED|SKIPPED) |Failure|Which is" "$out/gpu_tests.log" | head -30
-fi
 for batch in ${BATCHES:-64 256}; do
   "$bin/bench_multigpu" models/default.gguf --devices all --batch "$batch" 2>&1 \
     | tee -a "$out/bench_multigpu.md"
