@@ -6,6 +6,8 @@
 #include <map>
 
 #include "../engine/src/backend_cpu.h"
+#include "../engine/src/backend_cuda.h"
+#include "../engine/src/communicator.h"
 #include "../engine/src/fma_cpu.h"
 #include "../engine/src/numeric.h"
 #include "../engine/src/sampling.h"
@@ -14,14 +16,35 @@
 
 namespace mp {
 
-bool cuda_device_present() {
+int cuda_device_count_present() {
   int n = 0;
-  return cudaGetDeviceCount(&n) == cudaSuccess && n > 0;
+  return cudaGetDeviceCount(&n) == cudaSuccess ? n : 0;
 }
 
 namespace {
 
 using cuda::check;
+
+// Makes `device` current on the calling thread for a scope. Every entry point of the backend
+// opens one: replicas call each backend from its own thread, tools from theirs, and a stream,
+// a graph or memory of one device is an error on another.
+class OnDevice {
+ public:
+  explicit OnDevice(int device) {
+    check(cudaGetDevice(&prev_), "cudaGetDevice");
+    if (prev_ != device) check(cudaSetDevice(device), "cudaSetDevice");
+    set_ = prev_ != device;
+  }
+  ~OnDevice() {
+    if (set_) cudaSetDevice(prev_);
+  }
+  OnDevice(const OnDevice&) = delete;
+  OnDevice& operator=(const OnDevice&) = delete;
+
+ private:
+  int prev_ = 0;
+  bool set_ = false;
+};
 
 // A device allocation that frees itself. Transfers go through a pinned host mirror, so that
 // they are asynchronous (pageable copies cost a decode step tens of microseconds each).
@@ -98,11 +121,22 @@ DeviceArray<T> upload_once(const std::vector<T>& h) {
   check(cudaMemcpy(d.get(), h.data(), h.size() * sizeof(T), cudaMemcpyHostToDevice), "upload");
   return d;
 }
+// Rows [r0, r0 + nr) and columns [c0, c0 + nc) of a matrix (-1: to the end): all of it, or a
+// tensor-parallel shard's part.
+struct Part {
+  const TensorView* t;
+  int64_t r0 = 0, nr = -1, c0 = 0, nc = -1;
+};
 // bf16 copies of matrices stacked by rows: one GEMM computes all their outputs.
-DeviceArray<__nv_bfloat16> upload_bf16(std::initializer_list<const TensorView*> parts) {
+DeviceArray<__nv_bfloat16> upload_bf16(std::initializer_list<Part> parts) {
   std::vector<__nv_bfloat16> h;
-  for (const TensorView* t : parts)
-    for (float x : t->to_f32()) h.push_back(__float2bfloat16(x));
+  for (const Part& p : parts) {
+    const std::vector<float> f = p.t->to_f32();
+    const int64_t K = p.t->shape[1];
+    const int64_t nr = p.nr < 0 ? p.t->shape[0] - p.r0 : p.nr, nc = p.nc < 0 ? K - p.c0 : p.nc;
+    for (int64_t r = p.r0; r < p.r0 + nr; ++r)
+      for (int64_t c = p.c0; c < p.c0 + nc; ++c) h.push_back(__float2bfloat16(f[r * K + c]));
+  }
   return upload_once(h);
 }
 
@@ -117,10 +151,15 @@ struct Layer {
 
 class CudaBackend final : public Backend {
  public:
-  CudaBackend(std::shared_ptr<const Model> model, int n_slots, int64_t max_context)
-      : model_(std::move(model)), c_(model_->config()) {
+  CudaBackend(std::shared_ptr<const Model> model, int n_slots, int64_t max_context, int device,
+              Communicator* comm = nullptr)
+      : model_(std::move(model)),
+        c_(comm ? shard_config(model_->config(), comm->size()) : model_->config()),
+        device_(device),
+        comm_(comm) {
     if (n_slots <= 0) throw Error("backend: n_slots must be positive");
-    check(cudaSetDevice(0), "cudaSetDevice");
+    // Left current: the members' memory is freed on this device (see ~CudaBackend).
+    check(cudaSetDevice(device_), "cudaSetDevice");
     check(cudaStreamCreate(&stream_), "cudaStreamCreate");
     check(cublasCreate(&cublas_), "cublasCreate");
     check(cublasSetStream(cublas_, stream_), "cublasSetStream");
@@ -129,14 +168,19 @@ class CudaBackend final : public Backend {
     check(cublasSetWorkspace(cublas_, cublas_workspace_.get(), cublas_workspace_.size()),
           "cublasSetWorkspace");
     namespace tn = tensor_names;
-    const int64_t H = c_.hidden_size, V = c_.vocab_size, F = c_.intermediate_size;
-    const int64_t q = int64_t{c_.n_heads} * c_.head_dim, kv = int64_t{c_.n_kv_heads} * c_.head_dim;
+    // Whole matrices' sizes, and this shard's rows or columns of them (all without a comm).
+    const Config& full = model_->config();
+    const int64_t H = c_.hidden_size, V = c_.vocab_size, F = full.intermediate_size;
+    const int64_t d = c_.head_dim, q = full.n_heads * d, kv = full.n_kv_heads * d;
+    const int rank = comm ? comm->rank() : 0;
+    const int64_t qs = c_.n_heads * d, kvs = c_.n_kv_heads * d;
+    const int64_t Fs = c_.intermediate_size;
     shape_ = cuda::make_shape(c_);
     cap_ = c_.fma_enabled ? 2 * int64_t{c_.fma_block_size} : max_context;
     if (cap_ <= 0) throw Error("CUDA backend: exact attention needs a positive max_context");
-    embed_ = upload_bf16({&model_->tensor(tn::token_embd(), {V, H})});
+    embed_ = upload_bf16({{&model_->tensor(tn::token_embd(), {V, H})}});
     out_norm_ = upload_once(model_->tensor(tn::output_norm(), {H}).to_f32());
-    if (!c_.tie_word_embeddings) head_ = upload_bf16({&model_->tensor(tn::output(), {V, H})});
+    if (!c_.tie_word_embeddings) head_ = upload_bf16({{&model_->tensor(tn::output(), {V, H})}});
     const size_t L = c_.n_levels(), pd = size_t(c_.fma_rank) * c_.head_dim;
     for (int i = 0; i < c_.n_layers; ++i) {
       Layer l;
@@ -145,10 +189,13 @@ class CudaBackend final : public Backend {
       auto w = [&](const char* name, int64_t rows, int64_t cols) {
         return &model_->tensor(tn::layer(i, name), {rows, cols});
       };
-      l.wqkv = upload_bf16({w("attn_q", q, H), w("attn_k", kv, H), w("attn_v", kv, H)});
-      l.wo = upload_bf16({w("attn_output", H, q)});
-      l.gate_up = upload_bf16({w("ffn_gate", F, H), w("ffn_up", F, H)});
-      l.down = upload_bf16({w("ffn_down", H, F)});
+      l.wqkv = upload_bf16({{w("attn_q", q, H), rank * qs, qs},
+                            {w("attn_k", kv, H), rank * kvs, kvs},
+                            {w("attn_v", kv, H), rank * kvs, kvs}});
+      l.wo = upload_bf16({{w("attn_output", H, q), 0, H, rank * qs, qs}});
+      l.gate_up =
+          upload_bf16({{w("ffn_gate", F, H), rank * Fs, Fs}, {w("ffn_up", F, H), rank * Fs, Fs}});
+      l.down = upload_bf16({{w("ffn_down", H, F), 0, H, rank * Fs, Fs}});
       if (c_.fma_enabled) {
         // The same transposed layout as the CPU reference's Downsampler.
         const cpu::LayerDownsamplers ds = cpu::make_layer_downsamplers(c_, *model_, i);
@@ -163,8 +210,8 @@ class CudaBackend final : public Backend {
         l.ds_ptrs = upload_once(ptrs);
       }
       const size_t S = n_slots;
-      l.fine_k.resize(S * cap_ * kv);
-      l.fine_v.resize(S * cap_ * kv);
+      l.fine_k.resize(S * cap_ * kvs);
+      l.fine_v.resize(S * cap_ * kvs);
       l.sum_k.resize(S * L * 3 * c_.n_kv_heads * pd);
       l.sum_v.resize(S * L * 3 * c_.n_kv_heads * pd);
       l.acc_k.resize(S * L * c_.n_kv_heads * pd);
@@ -176,7 +223,9 @@ class CudaBackend final : public Backend {
     in_use_.assign(n_slots, false);
   }
 
+  // The device stays current while the members free their memory after this body.
   ~CudaBackend() override {
+    cudaSetDevice(device_);
     drop_graphs();
     cublasDestroy(cublas_);
     cudaStreamDestroy(stream_);
@@ -208,6 +257,7 @@ class CudaBackend final : public Backend {
   }
 
   void copy_slot(int src, int dst) override {
+    const OnDevice on(device_);
     check_slot(src);
     check_slot(dst);
     for (auto& l : layers_)
@@ -223,6 +273,7 @@ class CudaBackend final : public Backend {
 
   // The same bytes as the CPU backend's state: states move between backends.
   std::vector<uint8_t> save_slot(int s) const override {
+    const OnDevice on(device_);
     check_slot(s);
     cpu::SeqCache seq = cpu::make_seq_cache(c_);
     seq.pos = pos_[s];
@@ -250,6 +301,7 @@ class CudaBackend final : public Backend {
   }
 
   void load_slot(int s, std::span<const uint8_t> bytes) override {
+    const OnDevice on(device_);
     check_slot(s);
     cpu::SeqCache seq;
     cpu::deserialize(c_, bytes, seq);
@@ -270,6 +322,7 @@ class CudaBackend final : public Backend {
   }
 
   std::vector<float> forward(std::span<const SeqChunk> chunks) override {
+    const OnDevice on(device_);
     cuda::BatchPlan p = launch(chunks);
     std::vector<float> logits(size_t(p.rows_wanted) * c_.vocab_size);
     check(cudaMemcpyAsync(logits.data(), logits_.get(), logits.size() * 4, cudaMemcpyDeviceToHost,
@@ -281,6 +334,7 @@ class CudaBackend final : public Backend {
 
   std::vector<SampledToken> forward_sample(std::span<const SeqChunk> chunks,
                                            std::span<const SampleSpec> specs) override {
+    const OnDevice on(device_);
     check_sample_call(chunks, specs);
     const int V = c_.vocab_size;
     sample_rows_.clear();
@@ -409,11 +463,13 @@ class CudaBackend final : public Backend {
                    s);
       cuda::to_bf16(att_.get(), int64_t(T) * nh * d, hb_.get(), s);
       cuda::gemm(cublas_, hb_.get(), T, nh * d, l.wo.get(), H, h_.get());
+      if (comm_) comm_->all_reduce_sum(h_.get(), size_t(T) * H, stream_);  // the heads' parts
       cuda::add(x_.get(), h_.get(), int64_t(T) * H, s);
       cuda::rmsnorm(x_.get(), l.ffn_norm.get(), T, H, c_.rms_norm_eps, hb_.get(), s);
       cuda::gemm(cublas_, hb_.get(), T, H, l.gate_up.get(), 2 * F, gu_.get());
       cuda::swiglu(gu_.get(), T, F, hb_.get(), s);
       cuda::gemm(cublas_, hb_.get(), T, F, l.down.get(), H, h_.get());
+      if (comm_) comm_->all_reduce_sum(h_.get(), size_t(T) * H, stream_);  // the FFN's parts
       cuda::add(x_.get(), h_.get(), int64_t(T) * H, s);
     }
     const int R = static_cast<int>(p.rows.size());
@@ -479,7 +535,9 @@ class CudaBackend final : public Backend {
   }
 
   std::shared_ptr<const Model> model_;
-  const Config& c_;
+  const Config c_;  // a shard's share of the heads and FFN columns under tensor parallelism
+  int device_;
+  Communicator* comm_;  // null unless a tensor-parallel shard
   cuda::FmaShape shape_{};
   int64_t cap_ = 0;
   cudaStream_t stream_ = nullptr;
@@ -517,8 +575,13 @@ class CudaBackend final : public Backend {
 }  // namespace
 
 std::unique_ptr<Backend> make_cuda_backend(std::shared_ptr<const Model> model, int n_slots,
-                                           int64_t max_context) {
-  return std::make_unique<CudaBackend>(std::move(model), n_slots, max_context);
+                                           int64_t max_context, int device) {
+  return std::make_unique<CudaBackend>(std::move(model), n_slots, max_context, device);
+}
+
+std::unique_ptr<Backend> make_cuda_shard(std::shared_ptr<const Model> model, int n_slots,
+                                         int64_t max_context, int device, Communicator& comm) {
+  return std::make_unique<CudaBackend>(std::move(model), n_slots, max_context, device, &comm);
 }
 
 }  // namespace mp

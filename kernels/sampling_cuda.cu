@@ -1,3 +1,4 @@
+#include <atomic>
 #include <cub/block/block_scan.cuh>
 
 #include "../engine/src/sampling.h"
@@ -268,12 +269,17 @@ void sample(const float* logits, int vocab, const SampleRow* rows, int n_rows, c
             int* tokens, float* logprobs, cudaStream_t st) {
   if (n_rows == 0) return;
   constexpr size_t smem = kMaxSampleCandidates * sizeof(Key);
-  static const bool sized = [] {
+  // The limit is a setting of each device: raised on a device's first call (replicas run one
+  // backend per device, from their own threads).
+  static std::atomic<uint64_t> sized{0};
+  int device = 0;
+  check(cudaGetDevice(&device), "cudaGetDevice");
+  const uint64_t bit = uint64_t{1} << (device & 63);
+  if (!(sized.load() & bit)) {
     check(cudaFuncSetAttribute(sample_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem),
           "sample: shared memory");
-    return true;
-  }();
-  (void)sized;
+    sized |= bit;
+  }
   sample_kernel<<<n_rows, kThreads, smem, st>>>(logits, vocab, rows, pens, tokens, logprobs);
   check_launch("sample");
 }

@@ -21,7 +21,7 @@ int main(int argc, char** argv) {
                   "  -m, --model FILE  GGUF model (default models/default.gguf)\n"
                   "  --host ADDR       address to bind (default 127.0.0.1)\n"
                   "  --port N          port (default 8080)\n"
-                  "  --slots N         sequences generated at once (default 8)\n"
+                  "  --slots N         sequences generated at once, per device (default 8)\n"
                   "  --max-queue N     requests that may wait for a slot (default 64)\n"
                   "  --ctx-limit N     most prompt tokens per request (default: trained length)\n"
                   "  --api-key KEY     require 'Authorization: Bearer KEY'\n"
@@ -31,6 +31,10 @@ int main(int argc, char** argv) {
                   "  --prefill-per-step N  prompt tokens read per step, all requests together\n"
                   "                    (default: the backend's, 512 on the CPU, 65536 on CUDA)\n"
                   "  --backend KIND    auto, cpu or cuda (default auto)\n"
+                  "  --devices LIST    GPUs to run replicas on: all or 0,1,... (default 0); new\n"
+                  "                    requests go to the least loaded one\n"
+                  "  --tensor-parallel N  split the model over N GPUs over NCCL (--devices then\n"
+                  "                    lists N; default 0..N-1) or, with --backend cpu, N threads\n"
                   "  --name NAME       model id reported by /v1/models (default multipole)\n"
                   "  --chat-template-file FILE  Jinja chat template replacing the model's\n"
                   "  --state-dir DIR   keep sessions as files here, reloaded after a restart\n"
@@ -45,7 +49,7 @@ int main(int argc, char** argv) {
                   {{"m", "model"}});
   std::set<std::string> known = {"model", "host", "port", "slots", "max-queue", "ctx-limit",
                                  "api-key", "threads", "http-threads", "prefill-per-step",
-                                 "backend", "name", "quiet", "chat-template-file", "state-dir",
+                                 "backend", "devices", "tensor-parallel", "name", "quiet", "chat-template-file", "state-dir",
                                  "max-sessions", "max-state-dir-mib", "session-memory-mib"};
   known.insert(mp::cli::kPrefixCacheOptions.begin(), mp::cli::kPrefixCacheOptions.end());
   a.check_known(known);
@@ -56,6 +60,8 @@ int main(int argc, char** argv) {
     bo.n_slots = static_cast<int>(a.integer("slots", 8));
     bo.n_threads = static_cast<int>(a.integer("threads", 0));
     if (bo.n_slots <= 0) a.fail("--slots must be positive");
+    if (a.has("devices")) bo.devices = mp::parse_devices(a.str("devices"), bo.kind);
+    bo.tensor_parallel = static_cast<int>(a.integer("tensor-parallel", 0));
     mp::SchedulerOptions so;
     so.max_queue = static_cast<int>(a.integer("max-queue", 64));
     so.max_prefill_per_step = static_cast<int>(a.integer("prefill-per-step", 0));
@@ -96,7 +102,7 @@ int main(int argc, char** argv) {
     });
     std::fprintf(stderr, "model: %s (%s), backend %s, %d slots\nlistening on http://%s:%d\n",
                  model->path().c_str(), model->config().summary().c_str(), backend->name().c_str(),
-                 bo.n_slots - so.prefix_cache_slots, o.host.c_str(), server.port());
+                 backend->n_slots() - so.prefix_cache_slots, o.host.c_str(), server.port());
     server.run();
     g_stop = true;
     watcher.join();

@@ -614,6 +614,23 @@ struct Server::Impl {
           double(ss.store_bytes));
     gauge("multipole_sessions_evicted_total", "Sessions removed for room.", double(ss.evicted),
           "counter");
+    if (!s.devices.empty()) {
+      // Per device of a replicated backend, labelled by device.
+      auto per_device = [&](const char* name, const char* help, const char* type, auto value) {
+        o += std::string("# HELP ") + name + " " + help + "\n# TYPE " + name + " " + type + "\n";
+        for (const DeviceStats& d : s.devices)
+          o += std::string(name) + "{device=\"" + d.device + "\"} " + std::to_string(value(d)) +
+               "\n";
+      };
+      per_device("multipole_device_slots", "Sequence slots of the device.", "gauge",
+                 [](const DeviceStats& d) { return d.slots; });
+      per_device("multipole_device_slots_in_use", "Its slots holding a running request.", "gauge",
+                 [](const DeviceStats& d) { return d.slots_in_use; });
+      per_device("multipole_device_tokens_total", "Tokens run on it (prompt and generated).",
+                 "counter", [](const DeviceStats& d) { return d.tokens; });
+      per_device("multipole_device_busy_seconds_total", "Time its forward calls took.", "counter",
+                 [](const DeviceStats& d) { return d.busy_seconds; });
+    }
     std::lock_guard<std::mutex> lock(metrics_mu);
     o += "# HELP multipole_http_responses_total HTTP responses by status.\n"
          "# TYPE multipole_http_responses_total counter\n";

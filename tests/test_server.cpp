@@ -30,9 +30,10 @@ struct Running {
   std::thread thread;
 
   explicit Running(int slots = 4, int max_queue = 64, std::string api_key = "",
-                   int64_t ctx_limit = 0, int http_threads = 0) {
+                   int64_t ctx_limit = 0, int http_threads = 0, std::vector<int> devices = {}) {
     model = mp::testing::random_model(dir, mp::testing::small_config());
-    backend = make_backend(model, {.kind = "cpu", .n_slots = slots, .n_threads = 2});
+    backend = make_backend(
+        model, {.kind = "cpu", .n_slots = slots, .n_threads = 2, .devices = std::move(devices)});
     sched = std::make_unique<Scheduler>(*backend, model->tokenizer(),
                                         SchedulerOptions{.max_queue = max_queue});
     ServerOptions o;
@@ -519,6 +520,23 @@ TEST(Server, TokenizeModelsAndMetrics) {
   EXPECT_NE(m.find("multipole_generated_tokens_total 4"), std::string::npos) << m;
   EXPECT_NE(m.find("multipole_time_to_first_token_seconds_count 1"), std::string::npos);
   EXPECT_NE(m.find("multipole_inter_token_latency_seconds_count 3"), std::string::npos);
+}
+
+// Replicas: /metrics reports each device, and both ran a choice of a two-choice request.
+TEST(Server, MetricsPerDeviceWithReplicas) {
+  Running s(2, 64, "", 0, 0, {0, 1});
+  auto r = s.post({{"prompt", "free"}, {"max_tokens", 5}, {"n", 2}});
+  ASSERT_EQ(status_of(r), 200) << r->body;
+  const std::string m = s.client().Get("/metrics")->body;
+  EXPECT_NE(m.find("multipole_slots 4"), std::string::npos) << m;
+  for (const char* dev : {"cpu:0", "cpu:1"}) {
+    const std::string slots = std::string("multipole_device_slots{device=\"") + dev + "\"} 2\n";
+    EXPECT_NE(m.find(slots), std::string::npos) << m;
+    const std::string tokens = std::string("multipole_device_tokens_total{device=\"") + dev + "\"} ";
+    const size_t at = m.find(tokens);
+    ASSERT_NE(at, std::string::npos) << m;
+    EXPECT_GE(std::stod(m.substr(at + tokens.size())), 5) << dev;  // prompt and 4 fed tokens
+  }
 }
 
 }  // namespace

@@ -167,16 +167,17 @@ int main(int argc, char** argv) {
                   "  bodies with an \"id\". Results are appended as they finish.\n"
                   "  -m, --model FILE GGUF model (default models/default.gguf)\n"
                   "  --resume         keep OUT.jsonl's finished results, run only the rest\n"
-                  "  --slots N        sequences generated at once (default 16)\n"
+                  "  --slots N        sequences generated at once, per device (default 16)\n"
                   "  --ctx-limit N    most prompt tokens per request (default: trained length)\n"
                   "  --threads N      CPU threads (default: all cores)\n"
                   "  --backend KIND   auto, cpu or cuda (default auto)\n"
+                  "  --devices LIST   GPUs to run replicas on: all or 0,1,... (default 0)\n"
                   "  --chat-template-file FILE  Jinja chat template replacing the model's\n" +
                       std::string(mp::cli::kPrefixCacheUsage),
                   {{"m", "model"}});
   std::set<std::string> known = {"input",   "output",  "model",  "resume",
                                  "slots",   "ctx-limit", "threads", "backend",
-                                 "chat-template-file"};
+                                 "devices", "chat-template-file"};
   known.insert(mp::cli::kPrefixCacheOptions.begin(), mp::cli::kPrefixCacheOptions.end());
   a.check_known(known);
   if (!a.has("input") || !a.has("output")) a.fail("--input and --output are required");
@@ -213,6 +214,7 @@ int main(int argc, char** argv) {
     bo.kind = a.str("backend", "auto");
     bo.n_slots = static_cast<int>(a.integer("slots", 16));
     bo.n_threads = static_cast<int>(a.integer("threads", 0));
+    if (a.has("devices")) bo.devices = mp::parse_devices(a.str("devices"), bo.kind);
     mp::SchedulerOptions so;
     so.max_queue = static_cast<int>(lines.size()) + 1;
     mp::cli::prefix_cache_from_args(a, bo, so);

@@ -19,6 +19,7 @@ const char* kUsage =
     "  --ignore-eos           keep generating past the end-of-sequence token\n"
     "  --chunk N              prefill chunk size (default 512)\n"
     "  --backend KIND         auto, cpu or cuda (default auto)\n"
+    "  --device N             the GPU to run on (default 0)\n"
     "  --threads N            CPU threads (default: all cores)\n";
 
 double seconds_since(std::chrono::steady_clock::time_point t0) {
@@ -31,7 +32,7 @@ int main(int argc, char** argv) {
                      {{"m", "model"}, {"p", "prompt"}, {"n", "max-tokens"}});
   auto known = mp::cli::kSamplingOptions;
   known.insert(
-      {"model", "prompt", "max-tokens", "stop", "ignore-eos", "chunk", "backend", "threads"});
+      {"model", "prompt", "max-tokens", "stop", "ignore-eos", "chunk", "backend", "device", "threads"});
   args.check_known(known);
   const auto sampling = mp::cli::sampling_from_args(args);
   const int max_tokens = static_cast<int>(args.integer("max-tokens", 128));
@@ -52,6 +53,10 @@ int main(int argc, char** argv) {
     bo.kind = args.str("backend", "auto");
     bo.n_slots = 1;
     bo.n_threads = static_cast<int>(args.integer("threads", 0));
+    if (args.has("device")) {
+      bo.devices = mp::parse_devices(args.str("device"), bo.kind);
+      if (bo.devices.size() != 1) args.fail("--device takes one device number");
+    }
     auto backend = mp::make_backend(model, bo);
     std::fprintf(stderr, "model: %s (%s)\nbackend: %s\n", model->path().c_str(),
                  model->config().summary().c_str(), backend->name().c_str());

@@ -1,3 +1,4 @@
+#include <algorithm>
 #include <cerrno>
 #include <cmath>
 #include <cstring>
@@ -5,34 +6,88 @@
 #include <iterator>
 
 #include "backend_cpu.h"
+#include "backend_cuda.h"
+#include "backend_replicas.h"
+#include "backend_tensor_parallel.h"
 #include "file_io.h"
 #include "sampling.h"
 
 namespace mp {
 
 #ifdef MULTIPOLE_HAVE_CUDA
-std::unique_ptr<Backend> make_cuda_backend(std::shared_ptr<const Model> model, int n_slots,
-                                           int64_t max_context);
-bool cuda_device_present();
-bool cuda_available() { return cuda_device_present(); }
+int cuda_device_count() { return cuda_device_count_present(); }
 #else
-bool cuda_available() { return false; }
+int cuda_device_count() { return 0; }
 #endif
+bool cuda_available() { return cuda_device_count() > 0; }
+
+std::vector<int> parse_devices(std::string_view spec, std::string_view kind) {
+  const int present = kind == "cpu" ? 0 : cuda_device_count();
+  std::vector<int> ids;
+  if (spec == "all") {
+    for (int i = 0; i < std::max(present, 1); ++i) ids.push_back(i);
+    return ids;
+  }
+  const std::string s(spec);
+  size_t at = 0;
+  while (at <= s.size()) {
+    const size_t end = std::min(s.find(',', at), s.size());
+    const std::string item = s.substr(at, end - at);
+    if (item.empty() || item.size() > 6 ||
+        item.find_first_not_of("0123456789") != std::string::npos)
+      throw Error("devices '" + s + "': expected 'all' or device numbers like 0,1 (got '" + item +
+                  "')");
+    const int id = std::stoi(item);
+    if (std::find(ids.begin(), ids.end(), id) != ids.end())
+      throw Error("devices '" + s + "': device " + item + " is listed twice");
+    if (kind != "cpu" && present > 0 && id >= present)
+      throw Error("devices '" + s + "': device " + item + " does not exist (" +
+                  std::to_string(present) + " CUDA devices)");
+    ids.push_back(id);
+    at = end + 1;
+  }
+  return ids;
+}
 
 std::unique_ptr<Backend> make_backend(std::shared_ptr<const Model> model,
                                       const BackendOptions& opts) {
-  if (opts.kind == "cpu") return make_cpu_backend(std::move(model), opts.n_slots, opts.n_threads);
-  if (opts.kind != "auto" && opts.kind != "cuda")
+  if (opts.kind != "auto" && opts.kind != "cpu" && opts.kind != "cuda")
     throw Error("unknown backend '" + opts.kind + "' (expected auto, cpu or cuda)");
+  for (size_t i = 0; i < opts.devices.size(); ++i)
+    if (opts.devices[i] < 0 ||
+        std::find(opts.devices.begin(), opts.devices.begin() + i, opts.devices[i]) !=
+            opts.devices.begin() + i)
+      throw Error("backend devices: " + std::to_string(opts.devices[i]) +
+                  " is negative or listed twice");
+  if (opts.tensor_parallel != 0) return make_tensor_parallel_backend(std::move(model), opts);
+  if (opts.devices.size() > 1) {
+    std::vector<std::unique_ptr<Backend>> parts;
+    std::vector<std::string> names;
+    for (int d : opts.devices) {
+      BackendOptions one = opts;
+      one.devices = {d};
+      parts.push_back(make_backend(model, one));
+      names.push_back((parts.back()->name().starts_with("cuda") ? "cuda:" : "cpu:") +
+                      std::to_string(d));
+    }
+    return make_replica_backend(std::move(parts), std::move(names));
+  }
+  const int device = opts.devices.empty() ? 0 : opts.devices[0];
+  if (opts.kind == "cpu") return make_cpu_backend(std::move(model), opts.n_slots, opts.n_threads);
 #ifdef MULTIPOLE_HAVE_CUDA
-  if (cuda_available()) {
+  if (const int present = cuda_device_count(); present > 0) {
+    if (device >= present)
+      throw Error("CUDA device " + std::to_string(device) + " does not exist (" +
+                  std::to_string(present) + " present)");
     const int64_t ctx = opts.max_context > 0 ? opts.max_context : model->config().n_ctx_train;
-    return make_cuda_backend(std::move(model), opts.n_slots, ctx);
+    return make_cuda_backend(std::move(model), opts.n_slots, ctx, device);
   }
 #endif
   if (opts.kind == "cuda")
     throw Error(
         "backend 'cuda' asked for, but this build has no CUDA backend or no GPU is present");
+  if (device != 0)
+    throw Error("device " + std::to_string(device) + " asked for, but no GPU is present");
   return make_cpu_backend(std::move(model), opts.n_slots, opts.n_threads);
 }
 

@@ -6,6 +6,7 @@
 
 #include <set>
 
+#include "communicator.h"
 #include "fma_cpu.h"
 #include "ops_cpu.h"
 
@@ -36,34 +37,54 @@ struct LayerWeights {
 
 class CpuBackend final : public Backend {
  public:
-  CpuBackend(std::shared_ptr<const Model> model, int n_slots, int n_threads)
-      : model_(std::move(model)), c_(model_->config()), n_threads_(n_threads) {
+  CpuBackend(std::shared_ptr<const Model> model, int n_slots, int n_threads,
+             Communicator* comm = nullptr)
+      : model_(std::move(model)),
+        c_(comm ? shard_config(model_->config(), comm->size()) : model_->config()),
+        n_threads_(n_threads),
+        comm_(comm) {
     if (n_slots <= 0) throw Error("backend: n_slots must be positive");
     namespace tn = tensor_names;
-    const int64_t H = c_.hidden_size, V = c_.vocab_size, F = c_.intermediate_size;
-    const int64_t q = int64_t{c_.n_heads} * c_.head_dim, kv = int64_t{c_.n_kv_heads} * c_.head_dim;
-    auto matrix = [&](std::initializer_list<const TensorView*> parts) {
-      cpu::Matrix m = cpu::to_matrix(parts);
+    const Config& full = model_->config();
+    const int64_t H = c_.hidden_size, V = c_.vocab_size;
+    const int64_t d = c_.head_dim, q = full.n_heads * d, kv = full.n_kv_heads * d;
+    const int64_t F = full.intermediate_size;
+    // This shard's rows (out of n per shard) or columns of a whole matrix.
+    const int rank = comm ? comm->rank() : 0;
+    auto rows = [&](const TensorView& t, int64_t n) {
+      const cpu::Matrix m = cpu::to_matrix({&t});
+      return comm ? cpu::sub_matrix(m, int(rank * n), int(n), 0, m.K) : m;
+    };
+    auto cols = [&](const TensorView& t, int64_t n) {
+      const cpu::Matrix m = cpu::to_matrix({&t});
+      return comm ? cpu::sub_matrix(m, 0, m.N, int(rank * n), int(n)) : m;
+    };
+    auto keep = [&](cpu::Matrix m) {
       if (m.is_bf16()) wide_.resize(std::max(wide_.size(), size_t(m.N) * m.K));
       return m;
     };
-    embed_ = matrix({&model_->tensor(tn::token_embd(), {V, H})});
+    const int64_t qs = c_.n_heads * d, kvs = c_.n_kv_heads * d, Fs = c_.intermediate_size;
+    embed_ = keep(cpu::to_matrix({&model_->tensor(tn::token_embd(), {V, H})}));
     for (int i = 0; i < c_.n_layers; ++i) {
       LayerWeights l;
+      auto w = [&](const char* name, int64_t r, int64_t c) -> const TensorView& {
+        return model_->tensor(tn::layer(i, name), {r, c});
+      };
       l.attn_norm = model_->tensor(tn::layer(i, "attn_norm"), {H}).to_f32();
-      l.wqkv = matrix({&model_->tensor(tn::layer(i, "attn_q"), {q, H}),
-                       &model_->tensor(tn::layer(i, "attn_k"), {kv, H}),
-                       &model_->tensor(tn::layer(i, "attn_v"), {kv, H})});
-      l.wo = matrix({&model_->tensor(tn::layer(i, "attn_output"), {H, q})});
+      const cpu::Matrix wq = rows(w("attn_q", q, H), qs), wk = rows(w("attn_k", kv, H), kvs),
+                        wv = rows(w("attn_v", kv, H), kvs);
+      l.wqkv = keep(cpu::stack_rows({&wq, &wk, &wv}));
+      l.wo = keep(cols(w("attn_output", H, q), qs));
       l.ffn_norm = model_->tensor(tn::layer(i, "ffn_norm"), {H}).to_f32();
-      l.gate_up = matrix({&model_->tensor(tn::layer(i, "ffn_gate"), {F, H}),
-                          &model_->tensor(tn::layer(i, "ffn_up"), {F, H})});
-      l.down = matrix({&model_->tensor(tn::layer(i, "ffn_down"), {H, F})});
+      const cpu::Matrix gate = rows(w("ffn_gate", F, H), Fs), up = rows(w("ffn_up", F, H), Fs);
+      l.gate_up = keep(cpu::stack_rows({&gate, &up}));
+      l.down = keep(cols(w("ffn_down", H, F), Fs));
       if (c_.fma_enabled) l.ds = cpu::make_layer_downsamplers(c_, *model_, i);
       layers_.push_back(std::move(l));
     }
     out_norm_ = model_->tensor(tn::output_norm(), {H}).to_f32();
-    if (!c_.tie_word_embeddings) head_ = matrix({&model_->tensor(tn::output(), {V, H})});
+    if (!c_.tie_word_embeddings)
+      head_ = keep(cpu::to_matrix({&model_->tensor(tn::output(), {V, H})}));
     slots_.assign(n_slots, cpu::make_seq_cache(c_));
     in_use_.assign(n_slots, false);
   }
@@ -186,12 +207,14 @@ class CpuBackend final : public Backend {
       }
       for (auto& a : ca) a.commit();
       matmul(att, T, w.wo, h);
+      if (comm_) comm_->all_reduce_sum(h.data(), size_t(T) * H, nullptr);  // the heads' parts
       for (size_t i = 0; i < x.size(); ++i) x[i] += h[i];
       cpu::rmsnorm(x.data(), w.ffn_norm.data(), T, H, c_.rms_norm_eps, h.data());
       matmul(h, T, w.gate_up, stacked);
       split({{&g, F}, {&u, F}});
       cpu::swiglu(g.data(), u.data(), int64_t(T) * F);
       matmul(g, T, w.down, h);
+      if (comm_) comm_->all_reduce_sum(h.data(), size_t(T) * H, nullptr);  // the FFN's parts
       for (size_t i = 0; i < x.size(); ++i) x[i] += h[i];
     }
     for (const auto& ch : chunks) slots_[ch.slot].pos += static_cast<int64_t>(ch.tokens.size());
@@ -211,8 +234,9 @@ class CpuBackend final : public Backend {
   }
 
   std::shared_ptr<const Model> model_;
-  const Config& c_;
+  const Config c_;  // a shard's share of the heads and FFN columns under tensor parallelism
   int n_threads_;
+  Communicator* comm_;        // null unless a tensor-parallel shard
   cpu::Matrix embed_, head_;  // head_ empty when tied to the embedding
   std::vector<float> out_norm_;
   std::vector<LayerWeights> layers_;
@@ -227,6 +251,25 @@ class CpuBackend final : public Backend {
 std::unique_ptr<Backend> make_cpu_backend(std::shared_ptr<const Model> model, int n_slots,
                                           int n_threads) {
   return std::make_unique<CpuBackend>(std::move(model), n_slots, n_threads);
+}
+
+Config shard_config(const Config& c, int size) {
+  auto share = [&](int n, const char* what) {
+    if (size <= 0 || n % size != 0)
+      throw Error("tensor parallel " + std::to_string(size) + ": the model's " + what + " (" +
+                  std::to_string(n) + ") do not divide by it");
+    return n / size;
+  };
+  Config s = c;
+  s.n_heads = share(c.n_heads, "attention heads");
+  s.n_kv_heads = share(c.n_kv_heads, "KV heads");
+  s.intermediate_size = share(c.intermediate_size, "FFN columns (intermediate_size)");
+  return s;
+}
+
+std::unique_ptr<Backend> make_cpu_shard(std::shared_ptr<const Model> model, int n_slots,
+                                        int n_threads, Communicator& comm) {
+  return std::make_unique<CpuBackend>(std::move(model), n_slots, n_threads, &comm);
 }
 
 }  // namespace mp

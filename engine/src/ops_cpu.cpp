@@ -212,6 +212,45 @@ Matrix to_matrix(std::initializer_list<const TensorView*> parts) {
   return m;
 }
 
+Matrix sub_matrix(const Matrix& m, int n0, int n, int k0, int k) {
+  if (n0 < 0 || k0 < 0 || n0 + n > m.N || k0 + k > m.K) throw Error("sub_matrix: out of range");
+  Matrix out;
+  out.N = n;
+  out.K = k;
+  auto copy = [&](const auto& from, auto& to) {
+    for (int r = n0; r < n0 + n; ++r) {
+      const auto row = from.begin() + size_t(r) * m.K + k0;
+      to.insert(to.end(), row, row + k);
+    }
+  };
+  if (m.is_bf16())
+    copy(m.bf16, out.bf16);
+  else
+    copy(m.f32, out.f32);
+  return out;
+}
+
+Matrix stack_rows(std::initializer_list<const Matrix*> parts) {
+  Matrix out;
+  bool bf16 = true;
+  for (const Matrix* p : parts) {
+    if (out.N > 0 && p->K != out.K) throw Error("stack_rows: parts of different widths");
+    out.K = p->K;
+    out.N += p->N;
+    bf16 = bf16 && p->is_bf16();
+  }
+  for (const Matrix* p : parts) {
+    if (bf16) {
+      out.bf16.insert(out.bf16.end(), p->bf16.begin(), p->bf16.end());
+    } else {  // as to_matrix: fp32 unless every part is bf16
+      const size_t at = out.f32.size();
+      out.f32.resize(at + size_t(p->N) * p->K);
+      for (int r = 0; r < p->N; ++r) p->row(r, out.f32.data() + at + size_t(r) * p->K);
+    }
+  }
+  return out;
+}
+
 void Matrix::row(int n, float* out) const {
   const size_t off = size_t(n) * K;
   if (is_bf16())

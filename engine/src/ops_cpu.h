@@ -33,6 +33,10 @@ struct Matrix {
 // 2D tensors [N_i][K] stacked into one [sum N_i][K] (one product instead of several: fewer
 // thread start-ups per token); bf16 stays bf16 where every part is bf16.
 Matrix to_matrix(std::initializer_list<const TensorView*> parts);
+// Rows [n0, n0 + n) and columns [k0, k0 + k) of m: a tensor-parallel shard's part.
+Matrix sub_matrix(const Matrix& m, int n0, int n, int k0, int k);
+// The parts stacked by rows (equal widths; bf16 where every part is, as to_matrix).
+Matrix stack_rows(std::initializer_list<const Matrix*> parts);
 
 // How matmul runs products of more than kGemvRows rows, process-wide: oneDNN's sgemm (loaded
 // from libdnnl.so.3 or .2 at first use; the default where it loads), the matrix-vector kernels on

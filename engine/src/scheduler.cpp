@@ -441,8 +441,11 @@ uint64_t Scheduler::submit(CompletionRequest req) {
 void Scheduler::cancel(uint64_t id) { impl_->cancel(id); }
 
 SchedulerStats Scheduler::stats() const {
+  std::vector<DeviceStats> devices = impl_->backend.device_stats();  // thread-safe on its own
   std::lock_guard<std::mutex> lock(impl_->mu);
-  return impl_->st;
+  SchedulerStats s = impl_->st;
+  s.devices = std::move(devices);
+  return s;
 }
 
 void Scheduler::shutdown() {

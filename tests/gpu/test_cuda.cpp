@@ -8,6 +8,8 @@
 #include <random>
 
 #include "attention_rig.h"
+#include "backend_cuda.h"
+#include "backend_replicas.h"
 #include "model_fixture.h"
 #include "ops_cpu.h"
 #include "ops_cuda.cuh"
@@ -473,5 +475,127 @@ TEST(CudaPlan, DecodeStepsPadToBucketsAndSummarySlicesCoverEachGroupOnce) {
     EXPECT_EQ(at, (key.second + 1) * w);
   }
 }
+
+// Replicas over CUDA backends against one backend: on GPUs 0 and 1 when there are two, else two
+// backends on GPU 0 (the wrapper's device threads and cross-backend copies run either way).
+// Sub-batches may take other GEMM algorithms than the whole batch: logits agree to 1e-3.
+TEST_F(Cuda, ReplicasMatchOneBackendAndMoveStates) {
+  Config c = mp::testing::small_config();
+  TempDir dir;
+  auto model = mp::testing::random_model(dir, c, DType::BF16, 13);
+  std::unique_ptr<Backend> spread;
+  if (cuda_device_count() >= 2) {
+    spread = make_backend(model, {.kind = "cuda", .n_slots = 2, .devices = {0, 1}});
+  } else {
+    std::vector<std::unique_ptr<Backend>> parts;
+    for (int i = 0; i < 2; ++i) parts.push_back(make_cuda_backend(model, 2, c.n_ctx_train, 0));
+    spread = make_replica_backend(std::move(parts), {"cuda:0", "cuda:0 (second)"});
+  }
+  auto one = make_backend(model, {.kind = "cuda", .n_slots = 4});
+  std::vector<int> slots;
+  for (int i = 0; i < 4; ++i) {
+    slots.push_back(one->alloc_slot());
+    ASSERT_EQ(spread->alloc_slot(), slots.back());  // devices 0 1 0 1
+  }
+  std::vector<std::vector<int>> prompts;
+  for (int i = 0; i < 4; ++i) prompts.push_back(random_tokens(5 + 60 * i, c.vocab_size, 50 + i));
+  std::vector<SeqChunk> pre;
+  for (int i = 3; i >= 0; --i) pre.push_back({slots[i], prompts[i], i % 2 == 0});
+  EXPECT_LT(rel_err(spread->forward(pre), one->forward(pre)), 1e-3);
+  // Slot 0's state to slot 1, which lives on the other device.
+  spread->copy_slot(slots[0], slots[1]);
+  one->copy_slot(slots[0], slots[1]);
+  EXPECT_EQ(spread->slot_pos(slots[1]), 5);
+  SamplingParams greedy;
+  greedy.temperature = 0;
+  std::vector<int> next = {7, 8, 9, 10};
+  for (int step = 0; step < 4; ++step) {
+    std::vector<SeqChunk> batch;
+    std::vector<SampleSpec> specs;
+    for (int i = 0; i < 4; ++i) {
+      batch.push_back({slots[(i + step) % 4], std::span<const int>(&next[i], 1), false});
+      specs.push_back({&greedy, {}, 0.5, 2});
+    }
+    const auto want = one->forward_sample(batch, specs);
+    const auto got = spread->forward_sample(batch, specs);
+    for (int i = 0; i < 4; ++i) {
+      EXPECT_EQ(got[i].token, want[i].token) << "step " << step << " chunk " << i;
+      EXPECT_NEAR(got[i].logprob, want[i].logprob, 1e-3);
+      ASSERT_EQ(got[i].top_logprobs.size(), 2u);
+    }
+    for (int i = 0; i < 4; ++i) next[i] = want[i].token;
+  }
+  for (int s : slots) EXPECT_EQ(spread->slot_pos(s), one->slot_pos(s));
+  const auto stats = spread->device_stats();
+  ASSERT_EQ(stats.size(), 2u);
+  EXPECT_EQ(stats[0].tokens, 5u + 125u + 8u);  // prompts 0 and 2, four steps of slots 0 and 2
+  EXPECT_EQ(stats[1].tokens, 65u + 185u + 8u);
+}
+
+#ifdef MULTIPOLE_HAVE_NCCL
+// Tensor parallelism over NCCL: N = 1 against the plain backend (the same arithmetic: 1e-5), and
+// N = 2 against N = 1 where there are two GPUs (bf16 tolerance, 1e-2), for every downsampling
+// kind and exact attention; states cross between the split and the plain backend.
+struct TpVariant {
+  const char* name;
+  Downsampling ds;
+  bool fma;
+};
+class CudaTensorParallel : public ::testing::TestWithParam<TpVariant> {
+ protected:
+  void SetUp() override {
+    if (!cuda_available()) GTEST_SKIP() << "no CUDA device";
+  }
+};
+
+TEST_P(CudaTensorParallel, LogitsMatchOneGpu) {
+  Config c = mp::testing::small_config();
+  c.fma_downsampling = GetParam().ds;
+  c.fma_enabled = GetParam().fma;
+  TempDir dir;
+  auto model = mp::testing::random_model(dir, c, DType::BF16, 17);
+  auto plain = make_backend(model, {.kind = "cuda", .n_slots = 2, .max_context = 1024});
+  std::vector<std::pair<int, double>> runs = {{1, 1e-5}};
+  if (cuda_device_count() >= 2) runs.push_back({2, 1e-2});
+  const auto tokens = random_tokens(2 * int(c.n_ctx_train) + 9, c.vocab_size, 3);
+  const auto want = logits_in_chunks(*plain, tokens, 37);
+  for (const auto& [n, tol] : runs) {
+    auto tp = make_backend(model, {.kind = "cuda",
+                                   .n_slots = 2,
+                                   .max_context = 1024,
+                                   .tensor_parallel = n});
+    const double err = rel_err(logits_in_chunks(*tp, tokens, 37), want);
+    EXPECT_LT(err, tol) << "tensor parallel " << n;
+    std::printf("tensor parallel %d vs one GPU (%s): rel_err %.3g\n", n, GetParam().name, err);
+    // A state made by the plain backend continues on the split one, and back.
+    const int ps = plain->alloc_slot(), ts = tp->alloc_slot();
+    SeqChunk pre{ps, std::span<const int>(tokens).first(50), false};
+    plain->forward({&pre, 1});
+    tp->load_slot(ts, plain->save_slot(ps));
+    SamplingParams greedy;
+    greedy.temperature = 0;
+    int pnext = 5, tnext = 5;
+    for (int step = 0; step < 4; ++step) {
+      SeqChunk pc{ps, std::span<const int>(&pnext, 1), false};
+      SeqChunk tc{ts, std::span<const int>(&tnext, 1), false};
+      const SampleSpec spec{&greedy, {}, 0.5, 0};
+      pnext = plain->forward_sample({&pc, 1}, {&spec, 1})[0].token;
+      tnext = tp->forward_sample({&tc, 1}, {&spec, 1})[0].token;
+      EXPECT_EQ(tnext, pnext) << "step " << step;
+    }
+    plain->load_slot(ps, tp->save_slot(ts));
+    EXPECT_EQ(plain->slot_pos(ps), 54);
+    plain->free_slot(ps);
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    Models, CudaTensorParallel,
+    ::testing::Values(TpVariant{"groupedconv", Downsampling::GroupedConv, true},
+                      TpVariant{"conv", Downsampling::Conv, true},
+                      TpVariant{"avgpool", Downsampling::AvgPool, true},
+                      TpVariant{"exact", Downsampling::GroupedConv, false}),
+    [](const auto& info) { return std::string(info.param.name); });
+#endif
 
 }  // namespace

@@ -343,6 +343,14 @@ struct SampledToken {
   std::vector<std::pair<int, float>> top_logprobs;
 };
 
+// One device's share of a backend spread over several (replicas): what /metrics reports.
+struct DeviceStats {
+  std::string device;  // "cuda:1", "cpu:0"
+  int slots = 0, slots_in_use = 0;
+  uint64_t tokens = 0;      // tokens run on it (prompt and generated)
+  double busy_seconds = 0;  // time its forward calls took
+};
+
 // A backend runs the model over batches of sequences. Each sequence lives in a slot holding its
 // fixed-size hierarchical cache (DESIGN.md section 2).
 class Backend {
@@ -369,6 +377,9 @@ class Backend {
   // so only ids cross to the host; this default samples on the host from forward()'s logits.
   virtual std::vector<SampledToken> forward_sample(std::span<const SeqChunk> chunks,
                                                    std::span<const SampleSpec> specs);
+  // One entry per device of a backend spread over several (replicas), else empty. Safe to call
+  // from any thread while another runs the model.
+  virtual std::vector<DeviceStats> device_stats() const { return {}; }
 };
 
 struct BackendOptions {
@@ -378,10 +389,23 @@ struct BackendOptions {
   // Exact attention on the CUDA backend keeps a KV cache of this many tokens per slot
   // (0: the trained length). FMA slots have a fixed size whatever the length.
   int64_t max_context = 0;
+  // Replicas: one backend of n_slots slots per listed device, presented as one backend whose
+  // slot i lives on device i % N; alloc_slot picks the least loaded device. Empty: device 0
+  // alone. With kind "cpu" each entry is one more CPU backend (what the tests spread over).
+  std::vector<int> devices = {};
+  // Tensor parallelism (Megatron style: attention heads and FFN columns split, their outputs
+  // summed): 0 off; N >= 1 runs N shards (1: the same path unsplit, for tests). On GPUs the
+  // shards run on `devices` (default 0..N-1) and sum over NCCL (builds with NCCL only); on the
+  // CPU they are threads summing through shared memory.
+  int tensor_parallel = 0;
 };
 std::unique_ptr<Backend> make_backend(std::shared_ptr<const Model> model,
                                       const BackendOptions& opts);
 bool cuda_available();  // built with CUDA and a device is present
+int cuda_device_count();  // 0 without CUDA
+// "all" (every CUDA device; the one CPU device 0 without any) or a list "0,1,3": device ids,
+// checked (no repeats, each below cuda_device_count() unless kind is "cpu").
+std::vector<int> parse_devices(std::string_view spec, std::string_view kind);
 
 // Negative log-likelihoods (nats) of tokens[1..] given their prefix, the sequence run through a
 // fresh slot in prefill chunks of `chunk` tokens. Throws when no slot is free.
@@ -459,6 +483,7 @@ struct SchedulerStats {
   // difference is the scheduler's own host work.
   double step_seconds = 0, backend_seconds = 0;
   PrefixCacheStats prefix;
+  std::vector<DeviceStats> devices;  // Backend::device_stats(): per device with replicas
 };
 
 // Thread-safe: any thread submits and cancels; one internal thread runs the model. Each step runs

@@ -1,0 +1,139 @@
+// Many GPUs against one, in markdown tables with the ratio. Replicas: aggregate decode
+// throughput on the first device alone and on all, at the same batch per device. With
+// --tensor-parallel N: decode at the same batch and prefill of one long prompt, one GPU against
+// the model split over N. Decode is sampled as the server's API does.
+// usage: bench_multigpu MODEL.gguf [--backend cuda] [--devices all] [--batch 256] [--steps 50]
+//                       [--context 1000] [--threads N] [--tensor-parallel N [--prompt 65536]]
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <random>
+
+#include "common/args.h"
+#include "multipole/multipole.h"
+
+using namespace mp;
+
+namespace {
+
+// Tokens per second of `steps` decode steps of every slot after a prompt of `context` tokens.
+double decode_tokens_per_s(Backend& b, int context, int steps) {
+  const Config& c = b.config();
+  std::mt19937 rng(2);
+  const int batch = b.n_slots();
+  std::vector<int> slots;
+  std::vector<std::vector<int>> prompts(batch, std::vector<int>(context));
+  std::vector<SeqChunk> pre;
+  for (int i = 0; i < batch; ++i) {
+    slots.push_back(b.alloc_slot());
+    for (auto& x : prompts[i]) x = 3 + int(rng() % (c.vocab_size - 3));
+    pre.push_back({slots[i], prompts[i], false});
+  }
+  b.forward(pre);
+  SamplingParams sp;
+  sp.temperature = 0.8f, sp.top_k = 0, sp.top_p = 1.0f, sp.min_p = 0.0f;
+  std::vector<int> next(batch, 5);
+  std::vector<SeqChunk> step;
+  std::vector<SampleSpec> specs(batch, SampleSpec{&sp, {}, 0.5, 0});
+  for (int i = 0; i < batch; ++i)
+    step.push_back({slots[i], std::span<const int>(&next[i], 1), false});
+  b.forward_sample(step, specs);  // warm-up (CUDA graphs captured)
+  const auto t0 = std::chrono::steady_clock::now();
+  for (int s = 0; s < steps; ++s) {
+    const auto sampled = b.forward_sample(step, specs);
+    for (int i = 0; i < batch; ++i) next[i] = sampled[i].token;
+  }
+  const double sec = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  return double(batch) * steps / sec;
+}
+
+// Tokens per second of one prompt of `n` tokens read in chunks of `chunk`.
+double prefill_tokens_per_s(Backend& b, int n, int chunk) {
+  std::mt19937 rng(3);
+  std::vector<int> ids(n);
+  for (auto& x : ids) x = 3 + int(rng() % (b.config().vocab_size - 3));
+  const int slot = b.alloc_slot();
+  SeqChunk warm{slot, std::span<const int>(ids).first(std::min(n, chunk)), false};
+  b.forward({&warm, 1});
+  b.reset_slot(slot);
+  const auto t0 = std::chrono::steady_clock::now();
+  for (int i = 0; i < n; i += chunk) {
+    SeqChunk c{slot, std::span<const int>(ids).subspan(i, std::min(chunk, n - i)), false};
+    b.forward({&c, 1});
+  }
+  const double sec = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  b.free_slot(slot);
+  return n / sec;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  cli::Args a(argc, argv, {},
+              "usage: bench_multigpu MODEL.gguf [--backend cuda] [--devices all] [--batch 256]\n"
+              "                      [--steps 50] [--context 1000] [--threads N]\n"
+              "  decode tokens/s on the first device alone and on all, --batch per device\n");
+  a.check_known(
+      {"backend", "devices", "batch", "steps", "context", "threads", "tensor-parallel", "prompt"});
+  if (a.positional().size() != 1) a.fail("one model file expected");
+  try {
+    auto model = Model::load(a.positional()[0]);
+    BackendOptions o;
+    o.kind = a.str("backend", "cuda");
+    o.n_slots = static_cast<int>(a.integer("batch", 256));
+    o.n_threads = static_cast<int>(a.integer("threads", 0));
+    o.max_context = 4096;
+    const std::vector<int> all = parse_devices(a.str("devices", "all"), o.kind);
+    const int steps = static_cast<int>(a.integer("steps", 50));
+    const int context = static_cast<int>(a.integer("context", 1000));
+    if (o.n_slots <= 0 || steps <= 0 || context <= 0) a.fail("--batch, --steps, --context > 0");
+    if (a.has("tensor-parallel")) {
+      const int n = static_cast<int>(a.integer("tensor-parallel", 2));
+      const int prompt = static_cast<int>(a.integer("prompt", 65536));
+      std::printf(
+          "\n## Tensor parallel %d: decode at batch %d (context ~%d), prefill of %d tokens "
+          "(%s)\n\n| backend | decode tokens/s | vs one | prefill tokens/s | vs one |\n"
+          "|---|---|---|---|---|\n",
+          n, o.n_slots, context, prompt, model->config().summary().c_str());
+      double one_decode = 0, one_prefill = 0;
+      for (int tp : {0, n}) {
+        o.tensor_parallel = tp;
+        o.devices =
+            tp ? std::vector<int>(all.begin(), all.begin() + std::min<size_t>(n, all.size()))
+               : std::vector<int>{all[0]};
+        if (tp && int(o.devices.size()) != n) a.fail("--devices lists fewer than N devices");
+        o.max_context = std::max(4096, prompt);
+        auto b = make_backend(model, o);
+        const double pre = prefill_tokens_per_s(*b, prompt, b->prefill_tokens_per_step());
+        const double dec = decode_tokens_per_s(*b, context, steps);
+        if (!tp) one_decode = dec, one_prefill = pre;
+        std::printf("| %s | %.0f | %.2fx | %.0f | %.2fx |\n", b->name().c_str(), dec,
+                    dec / one_decode, pre, pre / one_prefill);
+        std::fflush(stdout);
+      }
+      return 0;
+    }
+    std::printf("\n## Replicas: decode at batch %d per device, context ~%d (%s)\n\n", o.n_slots,
+                context, model->config().summary().c_str());
+    std::printf("| devices | batch | tokens/s (aggregate) | vs one device |\n|---|---|---|---|\n");
+    double one = 0;
+    for (size_t n : {size_t(1), all.size()}) {
+      o.devices.assign(all.begin(), all.begin() + n);
+      auto b = make_backend(model, o);
+      const double tps = decode_tokens_per_s(*b, context, steps);
+      if (n == 1) one = tps;
+      std::string list;
+      for (int d : o.devices) {
+        if (!list.empty()) list += ',';
+        list += std::to_string(d);
+      }
+      std::printf("| %s | %d | %.0f | %.2fx |\n", list.c_str(), b->n_slots(), tps, tps / one);
+      std::fflush(stdout);
+      if (all.size() == 1) break;
+    }
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "error: %s\n", e.what());
+    return 1;
+  }
+  return 0;
+}

@@ -1,0 +1,195 @@
+// Replicas: one backend per device behind the Backend interface, so one scheduler serves every
+// GPU of a host. A batch is split by device, the parts run at once (one thread per device), and
+// the results come back in the caller's order.
+#include "backend_replicas.h"
+
+#include <chrono>
+#include <mutex>
+
+#include "backend_cpu.h"
+#include "device_threads.h"
+
+namespace mp {
+namespace {
+
+class ReplicaBackend final : public Backend {
+ public:
+  ReplicaBackend(std::vector<std::unique_ptr<Backend>> parts, std::vector<std::string> devices)
+      : parts_(std::move(parts)), devices_(std::move(devices)), threads_(parts_.size()) {
+    if (parts_.size() < 2 || parts_.size() != devices_.size())
+      throw Error("replicas: two devices or more, one name each");
+    per_ = parts_[0]->n_slots();
+    for (auto& p : parts_) {
+      if (p->n_slots() != per_) throw Error("replicas: every device needs the same slot count");
+      while (p->alloc_slot() >= 0) {
+      }
+    }
+    in_use_.assign(size_t(per_) * parts_.size(), false);
+    stats_.resize(parts_.size());
+    for (size_t d = 0; d < parts_.size(); ++d) {
+      stats_[d].device = devices_[d];
+      stats_[d].slots = per_;
+    }
+  }
+
+  std::string name() const override {
+    std::string on;
+    for (const auto& d : devices_) on += (on.empty() ? "" : ", ") + d;
+    return std::to_string(parts_.size()) + " replicas of " + parts_[0]->name() + " (" + on + ")";
+  }
+  const Config& config() const override { return parts_[0]->config(); }
+  int n_slots() const override { return static_cast<int>(in_use_.size()); }
+
+  // The free slot of the device running the fewest sequences (ties: the lower device).
+  int alloc_slot() override {
+    const int N = n_devices();
+    int best = -1;
+    for (int d = 0; d < N; ++d)
+      if (stats_[d].slots_in_use < per_ &&
+          (best < 0 || stats_[d].slots_in_use < stats_[best].slots_in_use))
+        best = d;
+    if (best < 0) return -1;
+    for (int local = 0; local < per_; ++local) {
+      const int s = local * N + best;
+      if (in_use_[s]) continue;
+      parts_[best]->reset_slot(local);
+      in_use_[s] = true;
+      std::lock_guard<std::mutex> lock(stats_mu_);
+      ++stats_[best].slots_in_use;
+      return s;
+    }
+    return -1;  // unreachable: the count said one is free
+  }
+  void free_slot(int s) override {
+    if (!in_use_.at(check(s))) return;
+    in_use_[s] = false;
+    std::lock_guard<std::mutex> lock(stats_mu_);
+    --stats_[device(s)].slots_in_use;
+  }
+  void reset_slot(int s) override { part(s).reset_slot(local(s)); }
+  // Across devices the state travels through the host (about 1 MiB with FMA).
+  void copy_slot(int src, int dst) override {
+    check(src);
+    check(dst);
+    if (device(src) == device(dst))
+      part(src).copy_slot(local(src), local(dst));
+    else
+      part(dst).load_slot(local(dst), part(src).save_slot(local(src)));
+  }
+  int64_t slot_pos(int s) const override { return part(s).slot_pos(local(s)); }
+  std::vector<uint8_t> save_slot(int s) const override { return part(s).save_slot(local(s)); }
+  void load_slot(int s, std::span<const uint8_t> bytes) override {
+    part(s).load_slot(local(s), bytes);
+  }
+  size_t slot_bytes(int s) const override { return part(s).slot_bytes(local(s)); }
+  // New requests spread over the devices, so their prompts do too: each reads its own share.
+  int prefill_tokens_per_step() const override {
+    return parts_[0]->prefill_tokens_per_step() * n_devices();
+  }
+
+  std::vector<float> forward(std::span<const SeqChunk> chunks) override {
+    check_chunks(config(), chunks, n_slots(), in_use_);
+    const size_t V = config().vocab_size;
+    std::vector<size_t> row0(chunks.size() + 1, 0);  // first logits row of each chunk
+    for (size_t i = 0; i < chunks.size(); ++i)
+      row0[i + 1] = row0[i] + (chunks[i].all_logits ? chunks[i].tokens.size() : 1);
+    std::vector<float> logits(row0.back() * V);
+    split(chunks);
+    run([&](size_t d) {
+      const std::vector<float> part_logits = parts_[d]->forward(split_[d].chunks);
+      size_t row = 0;
+      for (size_t i : split_[d].index) {
+        const size_t n = row0[i + 1] - row0[i];
+        std::copy_n(part_logits.begin() + row * V, n * V, logits.begin() + row0[i] * V);
+        row += n;
+      }
+    });
+    return logits;
+  }
+
+  std::vector<SampledToken> forward_sample(std::span<const SeqChunk> chunks,
+                                           std::span<const SampleSpec> specs) override {
+    check_sample_call(chunks, specs);
+    check_chunks(config(), chunks, n_slots(), in_use_);
+    split(chunks);
+    for (auto& part : split_) {
+      part.specs.clear();
+      for (size_t i : part.index) part.specs.push_back(specs[i]);
+    }
+    std::vector<SampledToken> out(chunks.size());
+    run([&](size_t d) {
+      std::vector<SampledToken> got = parts_[d]->forward_sample(split_[d].chunks, split_[d].specs);
+      for (size_t j = 0; j < got.size(); ++j) out[split_[d].index[j]] = std::move(got[j]);
+    });
+    return out;
+  }
+
+  std::vector<DeviceStats> device_stats() const override {
+    std::lock_guard<std::mutex> lock(stats_mu_);
+    return stats_;
+  }
+
+ private:
+  struct Part {                    // one device's share of a batch
+    std::vector<SeqChunk> chunks;  // with the device's own slot numbers
+    std::vector<SampleSpec> specs;
+    std::vector<size_t> index;  // the caller's chunk index of each
+  };
+
+  int n_devices() const { return static_cast<int>(parts_.size()); }
+  int check(int s) const {
+    if (s < 0 || s >= n_slots()) throw Error("slot " + std::to_string(s) + " does not exist");
+    return s;
+  }
+  int device(int s) const { return check(s) % n_devices(); }
+  int local(int s) const { return check(s) / n_devices(); }
+  Backend& part(int s) const { return *parts_[device(s)]; }
+
+  void split(std::span<const SeqChunk> chunks) {
+    split_.resize(parts_.size());
+    for (auto& p : split_) {
+      p.chunks.clear();
+      p.index.clear();
+    }
+    for (size_t i = 0; i < chunks.size(); ++i) {
+      Part& p = split_[device(chunks[i].slot)];
+      p.chunks.push_back(chunks[i]);
+      p.chunks.back().slot = local(chunks[i].slot);
+      p.index.push_back(i);
+    }
+  }
+
+  // Runs fn(d) for every device with chunks in split_, at once, and counts its work.
+  void run(const std::function<void(size_t)>& fn) {
+    std::vector<bool> want(parts_.size());
+    for (size_t d = 0; d < parts_.size(); ++d) want[d] = !split_[d].chunks.empty();
+    threads_.run(want, [&](size_t d) {
+      const auto t0 = std::chrono::steady_clock::now();
+      fn(d);
+      const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+      uint64_t tokens = 0;
+      for (const SeqChunk& c : split_[d].chunks) tokens += c.tokens.size();
+      std::lock_guard<std::mutex> lock(stats_mu_);
+      stats_[d].tokens += tokens;
+      stats_[d].busy_seconds += s;
+    });
+  }
+
+  std::vector<std::unique_ptr<Backend>> parts_;
+  std::vector<std::string> devices_;
+  int per_ = 0;               // slots per device
+  std::vector<bool> in_use_;  // by global slot
+  std::vector<Part> split_;   // the batch being run, by device (kept: no allocation per step)
+  mutable std::mutex stats_mu_;
+  std::vector<DeviceStats> stats_;
+  DeviceThreads threads_;  // last: its threads stop before the parts go
+};
+
+}  // namespace
+
+std::unique_ptr<Backend> make_replica_backend(std::vector<std::unique_ptr<Backend>> parts,
+                                              std::vector<std::string> devices) {
+  return std::make_unique<ReplicaBackend>(std::move(parts), std::move(devices));
+}
+
+}  // namespace mp

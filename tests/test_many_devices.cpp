@@ -1,0 +1,374 @@
+// Many devices over CPU backends. Replicas (BackendOptions::devices): a backend over N CPU
+// backends must give what one backend gives for the same batches, spread new sequences over the
+// devices, and move states between them; with the reference products (a dot product per output,
+// whatever the batch) the results are bit-identical, with oneDNN's sgemm (which may block a
+// device's smaller batch otherwise) within 1e-5. Tensor parallelism (tensor_parallel): N shards
+// over in-process communicators against the plain backend; N = 1 runs the same arithmetic
+// (bit-identical), N > 1 sums each layer's attention and FFN outputs in parts (fp32: 1e-5).
+#include <gtest/gtest.h>
+
+#include <future>
+#include <map>
+
+#include "model_fixture.h"
+#include "ops_cpu.h"
+
+namespace {
+
+using namespace mp;
+using namespace mp::testing;
+
+// A model variant and how the backends under test run it.
+struct Variant {
+  const char* name;
+  bool fma;
+  Downsampling ds;
+  int kv_heads = 2;
+  int tp = 0;  // tensor-parallel shards
+  DType dtype = DType::F32;
+  bool reference_products = true;  // replicas: bit-identical results expected
+};
+
+Config variant_config(const Variant& v) {
+  Config c = mp::testing::small_config();
+  c.fma_enabled = v.fma;
+  c.fma_downsampling = v.ds;
+  c.n_kv_heads = v.kv_heads;
+  return c;
+}
+
+class Replicas : public ::testing::TestWithParam<Variant> {
+ protected:
+  void SetUp() override {
+    if (GetParam().reference_products) cpu::set_products(cpu::Products::Reference);
+    model = random_model(dir, variant_config(GetParam()), DType::F32, 7);
+    one = make_backend(model, {.kind = "cpu", .n_slots = 6, .n_threads = 1});
+    spread =
+        make_backend(model, {.kind = "cpu", .n_slots = 2, .n_threads = 1, .devices = {0, 1, 2}});
+  }
+  void TearDown() override { cpu::set_products(products_); }
+  // Expects bit-identical logits with the reference products, else within 1e-5.
+  void expect_same(const std::vector<float>& got, const std::vector<float>& want,
+                   const std::string& what) const {
+    if (GetParam().reference_products) {
+      EXPECT_TRUE(got == want) << what;
+    } else {
+      EXPECT_LT(rel_err(got, want), 1e-5) << what;
+    }
+  }
+  // Allocates n slots on both; they get the same numbers (0, 1, ...).
+  std::vector<int> alloc_both(int n) {
+    std::vector<int> slots;
+    for (int i = 0; i < n; ++i) {
+      slots.push_back(one->alloc_slot());
+      EXPECT_EQ(spread->alloc_slot(), slots.back());
+    }
+    return slots;
+  }
+  const cpu::Products products_ = cpu::active_products();
+  TempDir dir;
+  std::shared_ptr<Model> model;
+  std::unique_ptr<Backend> one, spread;
+};
+
+TEST_P(Replicas, MixedBatchesGiveTheSingleBackendsLogitsExactly) {
+  ASSERT_EQ(spread->n_slots(), 6);
+  const int V = model->config().vocab_size;
+  const std::vector<int> slots = alloc_both(5);
+  // Step 1: prompts of different lengths (some with every row's logits); step 2 and on: decode
+  // steps of one token mixed with further prompt chunks, in an order that is not by slot.
+  std::vector<std::vector<int>> toks;
+  for (int i = 0; i < 40; ++i) toks.push_back(random_tokens(1 + (i * 37) % 90, V, 100 + i));
+  int next = 0;
+  for (int step = 0; step < 6; ++step) {
+    std::vector<SeqChunk> batch;
+    for (int k = 0; k < 5; ++k) {
+      const int s = slots[(k * 3 + step) % 5];  // a different order each step
+      const auto& t = toks[next++ % toks.size()];
+      const size_t n = (step > 0 && (k + step) % 2) ? 1 : t.size();
+      batch.push_back({s, std::span<const int>(t).first(n), (k + step) % 3 == 0});
+    }
+    const std::vector<float> want = one->forward(batch);
+    const std::vector<float> got = spread->forward(batch);
+    ASSERT_EQ(got.size(), want.size()) << step;
+    expect_same(got, want, "step " + std::to_string(step));
+    for (int s : slots) EXPECT_EQ(spread->slot_pos(s), one->slot_pos(s));
+  }
+  // forward_sample: the same tokens, log-probabilities and alternatives, in the caller's order.
+  SamplingParams sp;
+  sp.seed = 3;
+  std::vector<SeqChunk> batch;
+  std::vector<SampleSpec> specs;
+  const auto more = random_tokens(9, V, 99);
+  for (int k = 0; k < 5; ++k) {
+    batch.push_back({slots[4 - k], std::span<const int>(more).first(k % 2 ? 1 : 9), false});
+    specs.push_back({k == 2 ? nullptr : &sp, {}, 0.1 + 0.2 * k, k});
+  }
+  const auto want = one->forward_sample(batch, specs);
+  const auto got = spread->forward_sample(batch, specs);
+  ASSERT_EQ(got.size(), want.size());
+  for (size_t i = 0; i < got.size(); ++i) {
+    EXPECT_EQ(got[i].token, want[i].token) << i;
+    EXPECT_NEAR(got[i].logprob, want[i].logprob, GetParam().reference_products ? 0 : 1e-4) << i;
+    ASSERT_EQ(got[i].top_logprobs.size(), want[i].top_logprobs.size());
+    for (size_t j = 0; j < got[i].top_logprobs.size(); ++j) {
+      EXPECT_EQ(got[i].top_logprobs[j].first, want[i].top_logprobs[j].first) << i;
+    }
+  }
+  EXPECT_EQ(want[2].token, -1);
+  EXPECT_GE(want[0].token, 0);
+}
+
+TEST_P(Replicas, StatesMoveBetweenDevices) {
+  const int V = model->config().vocab_size;
+  const std::vector<int> slots = alloc_both(6);  // devices 0 1 2 0 1 2
+  const auto prefix = random_tokens(150, V, 5), rest = random_tokens(40, V, 6);
+  SeqChunk pc{slots[0], prefix, false};
+  one->forward({&pc, 1});
+  spread->forward({&pc, 1});
+  // slot 0 -> 1 crosses devices (through save/load), 0 -> 3 stays on device 0.
+  for (int dst : {slots[1], slots[3]}) {
+    one->copy_slot(slots[0], dst);
+    spread->copy_slot(slots[0], dst);
+    EXPECT_EQ(spread->slot_pos(dst), 150);
+    EXPECT_EQ(spread->save_slot(dst), one->save_slot(dst));  // the very same state
+    SeqChunk c{dst, rest, true};
+    const auto want = one->forward({&c, 1});
+    expect_same(spread->forward({&c, 1}), want, "slot " + std::to_string(dst));
+  }
+  // The source is untouched: it continues as the single backend's does.
+  SeqChunk c{slots[0], rest, false};
+  const auto want = one->forward({&c, 1});
+  expect_same(spread->forward({&c, 1}), want, "source");
+}
+
+INSTANTIATE_TEST_SUITE_P(Models, Replicas,
+                         ::testing::Values(Variant{"groupedconv", true, Downsampling::GroupedConv},
+                                           Variant{"conv", true, Downsampling::Conv},
+                                           Variant{"avgpool", true, Downsampling::AvgPool},
+                                           Variant{"exact", false, Downsampling::GroupedConv},
+                                           Variant{"groupedconv_onednn", true,
+                                                   Downsampling::GroupedConv, 2, 0, DType::F32,
+                                                   false}),
+                         [](const auto& info) { return std::string(info.param.name); });
+
+TEST(ReplicaSlots, NewSequencesGoToTheLeastLoadedDevice) {
+  TempDir dir;
+  auto model = random_model(dir, mp::testing::small_config());
+  auto b = make_backend(model, {.kind = "cpu", .n_slots = 3, .n_threads = 1, .devices = {4, 7}});
+  ASSERT_EQ(b->n_slots(), 6);
+  std::vector<int> got;
+  for (int i = 0; i < 4; ++i) got.push_back(b->alloc_slot());
+  EXPECT_EQ(got, (std::vector<int>{0, 1, 2, 3}));  // devices 0, 1, 0, 1 (slot % 2)
+  // Device 0 finishes both of its sequences: the next two go there, the third too (a tie goes to
+  // the lower device), then device 1 gets its last slot.
+  b->free_slot(0);
+  b->free_slot(2);
+  EXPECT_EQ(b->alloc_slot() % 2, 0);
+  EXPECT_EQ(b->alloc_slot() % 2, 0);
+  EXPECT_EQ(b->alloc_slot() % 2, 0);
+  EXPECT_EQ(b->alloc_slot() % 2, 1);
+  EXPECT_EQ(b->alloc_slot(), -1);
+  const auto stats = b->device_stats();
+  ASSERT_EQ(stats.size(), 2u);
+  EXPECT_EQ(stats[0].device, "cpu:4");
+  EXPECT_EQ(stats[1].device, "cpu:7");
+  EXPECT_EQ(stats[0].slots, 3);
+  EXPECT_EQ(stats[0].slots_in_use + stats[1].slots_in_use, 6);
+  // Work is counted where it ran.
+  const auto t = random_tokens(20, model->config().vocab_size, 1);
+  SeqChunk c{1, t, false};  // device 1
+  b->forward({&c, 1});
+  EXPECT_EQ(b->device_stats()[1].tokens, 20u);
+  EXPECT_EQ(b->device_stats()[0].tokens, 0u);
+  EXPECT_GT(b->device_stats()[1].busy_seconds, 0);
+  // A freed slot is fresh when handed out again.
+  b->free_slot(1);
+  EXPECT_EQ(b->alloc_slot(), 1);
+  EXPECT_EQ(b->slot_pos(1), 0);
+}
+
+TEST(ReplicaSlots, BadBatchesAreRefusedBeforeAnyDeviceRuns) {
+  TempDir dir;
+  auto model = random_model(dir, mp::testing::small_config());
+  auto b = make_backend(model, {.kind = "cpu", .n_slots = 2, .n_threads = 1, .devices = {0, 1}});
+  const int s0 = b->alloc_slot(), s1 = b->alloc_slot();
+  const auto t = random_tokens(10, model->config().vocab_size, 1);
+  std::vector<int> bad = t;
+  bad[3] = model->config().vocab_size;
+  auto refused = [&](std::vector<SeqChunk> batch, const std::string& what) {
+    try {
+      b->forward(batch);
+      ADD_FAILURE() << "accepted: " << what;
+    } catch (const Error& e) {
+      EXPECT_NE(std::string(e.what()).find(what), std::string::npos) << e.what();
+    }
+    EXPECT_EQ(b->slot_pos(s0), 0);
+    EXPECT_EQ(b->slot_pos(s1), 0);
+  };
+  refused({{s0, t, false}, {s1, bad, false}}, "outside the vocabulary");
+  refused({{s0, t, false}, {3, t, false}}, "slot 3 is not allocated");
+  refused({{s1, t, false}, {s1, t, false}}, "appears twice");
+  EXPECT_THROW(b->copy_slot(s0, 9), Error);
+  EXPECT_THROW(make_backend(model, {.kind = "cpu", .n_slots = 2, .devices = {1, 1}}), Error);
+}
+
+TEST(ReplicaSlots, DeviceListsAreParsedAndChecked) {
+  EXPECT_EQ(parse_devices("0,1,3", "cpu"), (std::vector<int>{0, 1, 3}));
+  EXPECT_EQ(parse_devices("2", "cpu"), (std::vector<int>{2}));
+  if (cuda_device_count() == 0) {
+    EXPECT_EQ(parse_devices("all", "auto"), (std::vector<int>{0}));
+  } else {
+    EXPECT_EQ(parse_devices("all", "auto").size(), size_t(cuda_device_count()));
+  }
+  for (const char* bad : {"", "0,", ",1", "0,0", "a", "-1", "1;2", "9999999"})
+    EXPECT_THROW(parse_devices(bad, "cpu"), Error) << bad;
+}
+
+// The scheduler over replicas: the same greedy completions as over one backend.
+TEST(ReplicaSlots, SchedulerCompletionsMatchOneBackend) {
+  TempDir dir;
+  auto model = random_model(dir, mp::testing::small_config());
+  auto run = [&](std::vector<int> devices) {
+    auto b = make_backend(model, {.kind = "cpu", .n_slots = 4, .n_threads = 1, .devices = devices});
+    Scheduler sched(*b, model->tokenizer(), {.max_queue = 64, .max_prefill_per_step = 64});
+    std::vector<std::future<std::vector<int>>> done;
+    for (int r = 0; r < 8; ++r) {
+      auto tokens = std::make_shared<std::vector<int>>();
+      auto p = std::make_shared<std::promise<std::vector<int>>>();
+      done.push_back(p->get_future());
+      CompletionRequest req;
+      req.prompt = random_tokens(5 + 23 * r, model->config().vocab_size, r);
+      req.max_tokens = 12;
+      req.ignore_eos = true;
+      req.sampling.temperature = r % 2 ? 0.0f : 0.9f;
+      req.sampling.seed = r;
+      req.on_event = [tokens, p](const CompletionEvent& e) {
+        if (e.token >= 0) tokens->push_back(e.token);
+        if (e.done) p->set_value(*tokens);
+        return true;
+      };
+      sched.submit(std::move(req));
+    }
+    std::vector<std::vector<int>> out;
+    for (auto& f : done) out.push_back(f.get());
+    std::vector<DeviceStats> stats = b->device_stats();
+    return std::make_pair(out, stats);
+  };
+  const auto [want, none] = run({});
+  const auto [got, stats] = run({0, 1});
+  EXPECT_TRUE(none.empty());
+  EXPECT_EQ(got, want);
+  for (const auto& v : got) EXPECT_EQ(v.size(), 12u);
+  ASSERT_EQ(stats.size(), 2u);
+  EXPECT_GT(stats[0].tokens, 0u);  // both devices ran sequences
+  EXPECT_GT(stats[1].tokens, 0u);
+}
+
+class TensorParallel : public ::testing::TestWithParam<Variant> {};
+
+TEST_P(TensorParallel, LogitsAndStatesMatchThePlainBackend) {
+  const Variant v = GetParam();
+  const Config c = variant_config(v);
+  TempDir dir;
+  auto model = random_model(dir, c, v.dtype, 21);
+  auto plain = make_backend(model, {.kind = "cpu", .n_slots = 3, .n_threads = 1});
+  auto tp =
+      make_backend(model, {.kind = "cpu", .n_slots = 3, .n_threads = 1, .tensor_parallel = v.tp});
+  EXPECT_NE(tp->name().find("tensor parallel x" + std::to_string(v.tp)), std::string::npos);
+  const double tol = v.tp == 1 ? 0 : 1e-5;
+  auto expect_close = [&](const std::vector<float>& got, const std::vector<float>& want,
+                          const std::string& what) {
+    if (tol == 0) {
+      EXPECT_TRUE(got == want) << what;
+    } else {
+      EXPECT_LT(rel_err(got, want), tol) << what;
+    }
+  };
+  // A prompt past the trained length, in chunks and one by one.
+  const auto tokens = random_tokens(2 * int(c.n_ctx_train) + 9, c.vocab_size, 3);
+  for (int chunk : {int(tokens.size()), 7, 1})
+    expect_close(logits_in_chunks(*tp, tokens, chunk), logits_in_chunks(*plain, tokens, chunk),
+                 "chunk " + std::to_string(chunk));
+  // A batch of a prompt and decode steps; then the states cross between the two backends.
+  std::vector<int> ps, ts;
+  for (int i = 0; i < 3; ++i) {
+    ps.push_back(plain->alloc_slot());
+    ts.push_back(tp->alloc_slot());
+  }
+  const auto a = random_tokens(70, c.vocab_size, 4), b = random_tokens(1, c.vocab_size, 5),
+             d = random_tokens(33, c.vocab_size, 6);
+  for (int step = 0; step < 2; ++step) {
+    std::vector<SeqChunk> pb = {{ps[0], a, true}, {ps[1], b, false}, {ps[2], d, false}};
+    std::vector<SeqChunk> tb = {{ts[0], a, true}, {ts[1], b, false}, {ts[2], d, false}};
+    expect_close(tp->forward(tb), plain->forward(pb), "batch step " + std::to_string(step));
+  }
+  for (int i = 0; i < 3; ++i) EXPECT_EQ(tp->slot_pos(ts[i]), plain->slot_pos(ps[i]));
+  // The tensor-parallel state is the plain format: saved from one, continued on the other.
+  const auto tp_state = tp->save_slot(ts[0]);
+  if (tol == 0) {
+    EXPECT_EQ(tp_state, plain->save_slot(ps[0]));
+  }
+  plain->load_slot(ps[1], tp_state);
+  tp->load_slot(ts[1], plain->save_slot(ps[0]));
+  tp->copy_slot(ts[0], ts[2]);
+  plain->copy_slot(ps[0], ps[2]);
+  const auto more = random_tokens(20, c.vocab_size, 7);
+  std::vector<SeqChunk> pb, tb;
+  for (int i = 0; i < 3; ++i) {
+    pb.push_back({ps[i], more, true});
+    tb.push_back({ts[i], more, true});
+  }
+  const auto want = plain->forward(pb);
+  expect_close(tp->forward(tb), want, "after moving states");
+  // All three continue the same sequence: the same logits three times.
+  const size_t n = want.size() / 3;
+  EXPECT_LT(rel_err({want.begin() + n, want.begin() + 2 * n}, {want.begin(), want.begin() + n}),
+            1e-5);
+  // The shards hold the plain cache between them, plus each its own group bookkeeping.
+  EXPECT_GE(tp->slot_bytes(ts[0]), plain->slot_bytes(ps[0]));
+  EXPECT_LT(tp->slot_bytes(ts[0]), plain->slot_bytes(ps[0]) * 1.05);
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    Models, TensorParallel,
+    ::testing::Values(Variant{"groupedconv_tp1", true, Downsampling::GroupedConv, 2, 1},
+                      Variant{"groupedconv_tp2", true, Downsampling::GroupedConv, 2, 2},
+                      Variant{"conv_tp2", true, Downsampling::Conv, 2, 2},
+                      Variant{"avgpool_tp2", true, Downsampling::AvgPool, 2, 2},
+                      Variant{"avgpool_mha_tp4", true, Downsampling::AvgPool, 4, 4},
+                      Variant{"exact_tp2", false, Downsampling::GroupedConv, 2, 2},
+                      Variant{"groupedconv_bf16_tp2", true, Downsampling::GroupedConv, 2, 2,
+                              DType::BF16}),
+    [](const auto& info) { return std::string(info.param.name); });
+
+TEST(TensorParallelOptions, WhatDoesNotSplitIsRefused) {
+  TempDir dir;
+  auto model = random_model(dir, mp::testing::small_config());  // 4 heads, 2 KV heads, 48 FFN
+  auto refused = [&](BackendOptions o, const std::string& what) {
+    try {
+      make_backend(model, o);
+      ADD_FAILURE() << "accepted: " << what;
+    } catch (const Error& e) {
+      EXPECT_NE(std::string(e.what()).find(what), std::string::npos) << e.what();
+    }
+  };
+  refused({.kind = "cpu", .tensor_parallel = 4}, "KV heads (2) do not divide");
+  refused({.kind = "cpu", .tensor_parallel = 3}, "attention heads (4) do not divide");
+  refused({.kind = "cpu", .tensor_parallel = -1}, "tensor_parallel must be");
+  if (cuda_device_count() == 0) {
+    refused({.kind = "cuda", .tensor_parallel = 2}, "backend 'cuda' asked for");
+  }
+  refused({.kind = "cpu", .devices = {0, 1, 2}, .tensor_parallel = 2}, "give 2 devices");
+  // A bad batch is refused before any shard runs (none is left waiting for the others).
+  auto tp = make_backend(model, {.kind = "cpu", .n_slots = 2, .tensor_parallel = 2});
+  const int s = tp->alloc_slot();
+  const auto t = random_tokens(5, 400, 1);
+  SeqChunk bad[2] = {{s, t, false}, {1, t, false}};
+  EXPECT_THROW(tp->forward(bad), Error);
+  EXPECT_EQ(tp->slot_pos(s), 0);
+  SeqChunk good{s, t, false};
+  EXPECT_EQ(tp->forward({&good, 1}).size(), 400u);
+}
+
+}  // namespace
