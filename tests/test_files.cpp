@@ -200,15 +200,17 @@ TEST(CrashSafeFiles, TheNextWriteRemovesTemporariesOfKilledWriters) {
   std::mt19937 rng(9);
   for (int k = 0; k < 100 && temporaries_in(dir).empty(); ++k)
     run_and_kill({"state", dir / "model.gguf", out}, static_cast<int>(rng() % 25000));
-  const auto strays = temporaries_in(dir);
-  ASSERT_EQ(strays.size(), 1u) << "no writer was killed mid-write in 100 kills";
+  ASSERT_EQ(temporaries_in(dir).size(), 1u) << "no writer was killed mid-write in 100 kills";
   write_all(dir / "notes.tmp-1234", "not ours: 4 digits");
   write_all(dir / "notes.tmp-abcdefgz", "not ours: not hex");
   {
-    AtomicFile live(dir / "live.gguf");  // a write in progress (another thread or process)
+    AtomicFile live(dir / "live.gguf");  // the next write: removes the killed writer's file
     live.write("x", 1);
-    ASSERT_EQ(temporaries_in(dir).size(), 4u);
-    write_file_atomic(dir / "other", "y");  // cannot clean now: `live` holds the folder
+    ASSERT_EQ(temporaries_in(dir).size(), 3u);  // the notes and its own
+    // Another stray (as a writer killed now would leave), while `live` is still writing: a
+    // write cannot clean then, as it cannot tell strays from temporaries being written.
+    write_all(dir / "seq.state.tmp-0123abcd", "stray");
+    write_file_atomic(dir / "other", "y");
     EXPECT_EQ(temporaries_in(dir).size(), 4u);
     live.commit();
   }
