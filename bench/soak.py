@@ -62,7 +62,7 @@ def bad_request(rng, ctx_words, max_body):
             {"prompt": "x", "n": 0}, {"prompt": 3}, {"max_tokens": 3},
             {"prompt": "x", "stop": [1, 2]}, {"prompt": [1, 10 ** 9]},
             {"messages": "hi"}, {"messages": [{"role": "robot", "content": "x"}]}]))
-    elif kind == "oversized prompt":  # more tokens than the context limit
+    elif kind == "oversized prompt":  # more tokens than the context limit (a word: >= 1 token)
         data = json.dumps({"prompt": prompt_text(rng, ctx_words), "max_tokens": 4})
     else:
         data = json.dumps({"prompt": "x" * (max_body + 1024)})
@@ -236,7 +236,7 @@ async def soak(args, url, pid):
             await asyncio.sleep(max(0.0, next_at - time.time()))
             u = rng.random()
             if u < args.bad_fraction:
-                coro = run_bad(session, url, rng, tally, args.ctx_words, args.max_body,
+                coro = run_bad(session, url, rng, tally, 2 * args.ctx_limit, args.max_body,
                                args.request_timeout)
             else:
                 cancel = u < args.bad_fraction + args.cancel_fraction
@@ -285,8 +285,8 @@ def main():
     ap.add_argument("--max-tokens", type=int, default=48, help="max_tokens is 1..this")
     ap.add_argument("--cancel-fraction", type=float, default=0.1)
     ap.add_argument("--bad-fraction", type=float, default=0.1)
-    ap.add_argument("--ctx-words", type=int, default=3000,
-                    help="words of an oversized prompt (beyond the model's context)")
+    ap.add_argument("--ctx-limit", type=int, default=2048,
+                    help="the server's --ctx-limit (passed to a server this script starts)")
     ap.add_argument("--max-body", type=int, default=1 << 20, help="the server's --max-body")
     ap.add_argument("--request-timeout", type=float, default=120)
     ap.add_argument("--rss-tolerance", type=float, default=0.05)
@@ -302,7 +302,8 @@ def main():
     else:
         port = free_port()
         cmd = [args.server, "-m", args.model, "--port", str(port), "--slots", str(args.slots),
-               "--quiet", "--max-body", str(args.max_body)] + args.server_args.split()
+               "--quiet", "--max-body", str(args.max_body), "--ctx-limit", str(args.ctx_limit)
+               ] + args.server_args.split()
         log = open(os.environ.get("SOAK_SERVER_LOG", os.devnull), "w")
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
         url, pid = f"http://127.0.0.1:{port}", proc.pid
