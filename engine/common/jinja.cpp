@@ -20,12 +20,10 @@ namespace {
 }
 
 // Limits that keep a hostile template or conversation from taking the process's memory, stack
-// or time (tests/fuzz/fuzz_chat.cpp): far above what real templates need (a step per node
-// evaluated, per loop turn and per element copied; a conversation of a 1 MiB body takes about
-// a million).
+// or time (tests/fuzz/fuzz_chat.cpp), far above what real templates need; the steps are
+// render()'s argument.
 constexpr size_t kMaxBytes = size_t(64) << 20;  // any string, the output included
-constexpr size_t kMaxSteps = 20'000'000;
-constexpr int kMaxNesting = 256;  // expressions and blocks
+constexpr int kMaxNesting = 256;                // expressions and blocks
 
 // A double as an integer, refused where it would not fit (the cast would be undefined).
 long long to_integer(double d, int line) {
@@ -723,13 +721,18 @@ std::string strip(const std::string& s, const std::string& chars, bool left, boo
 }
 const std::string kSpace = " \t\n\r\f\v";
 
-std::string replace_all(std::string s, const std::string& from, const std::string& to, int line) {
+// Built anew, not replaced in place: linear in the text whatever the number of matches.
+std::string replace_all(const std::string& s, const std::string& from, const std::string& to,
+                        int line) {
   if (from.empty()) return s;
-  for (size_t at = 0; (at = s.find(from, at)) != std::string::npos; at += to.size()) {
-    check_size(s.size() - from.size() + to.size(), line);
-    s.replace(at, from.size(), to);
+  std::string out;
+  size_t done = 0;
+  for (size_t at; (at = s.find(from, done)) != std::string::npos; done = at + from.size()) {
+    check_size(out.size() + (at - done) + to.size(), line);
+    out.append(s, done, at - done).append(to);
   }
-  return s;
+  check_size(out.size() + s.size() - done, line);
+  return out.append(s, done);
 }
 
 // --- Statements --------------------------------------------------------------------------------
@@ -976,7 +979,7 @@ class StmtParser {
 
 class Renderer {
  public:
-  explicit Renderer(const json& ctx) { scopes_.push_back(ctx); }
+  Renderer(const json& ctx, size_t max_steps) : max_steps_(max_steps) { scopes_.push_back(ctx); }
   std::string out;
 
   Flow exec(const Node& n) {
@@ -1026,13 +1029,14 @@ class Renderer {
 
  private:
   std::vector<json> scopes_;  // innermost last; loops open one
+  const size_t max_steps_;
   size_t steps_ = 0;
 
-  // Counts `n` steps of work; refuses the template past kMaxSteps.
+  // Counts `n` steps of work; refuses the template past max_steps_.
   void step(int line, size_t n = 1) {
     steps_ += n;
-    if (steps_ > kMaxSteps)
-      fail(line, "rendering takes more than " + std::to_string(kMaxSteps) +
+    if (steps_ > max_steps_)
+      fail(line, "rendering takes more than " + std::to_string(max_steps_) +
                      " steps (a loop without end, or a conversation too long for this template)");
   }
   // A copy of a list or mapping costs a step per element.
@@ -1303,7 +1307,7 @@ class Renderer {
         const __int128 span = by > 0 ? __int128(hi) - lo : __int128(lo) - hi;
         const __int128 count = span <= 0 ? 0 : (span + (by > 0 ? by : -__int128(by)) - 1) /
                                                    (by > 0 ? by : -__int128(by));
-        step(e.line, count > __int128(kMaxSteps) ? kMaxSteps + 1 : size_t(count));
+        step(e.line, count > __int128(max_steps_) ? max_steps_ + 1 : size_t(count));
         json l = json::array();
         for (__int128 k = 0; k < count; ++k) l.push_back(static_cast<long long>(lo + k * by));
         return l;
@@ -1562,8 +1566,8 @@ Template::~Template() = default;
 Template::Template(Template&&) noexcept = default;
 Template& Template::operator=(Template&&) noexcept = default;
 
-std::string Template::render(const json& context) const {
-  Renderer r(context.is_object() ? context : json::object());
+std::string Template::render(const json& context, size_t max_steps) const {
+  Renderer r(context.is_object() ? context : json::object(), max_steps);
   if (r.exec(*root_) != Flow::Normal)
     throw Error("chat template: 'break' or 'continue' outside a loop");
   return std::move(r.out);
