@@ -10,8 +10,8 @@ oversized prompts and bodies). Prints a table of the outcomes and exits 1 on any
     tokens than asked) or takes longer than --request-timeout;
   - the server not alive at the end (/health, and its process where this script started it);
   - resident memory (RSS; and GPU memory where nvidia-smi shows the process) of the last window
-    of the run more than 5 % above or below the first window's (window: a quarter of the run,
-    at most 10 minutes).
+    of the run more than 5 % above or below the first window's (window: a quarter of the run
+    after --warmup, at most 10 minutes).
 
 usage: soak.py [--server BIN --model GGUF --slots N ...] | [--url URL --pid PID] [--duration S]
 CI: python3 bench/soak.py --server build/server/multipole-server --duration 60 (scripts/test.sh)
@@ -280,6 +280,9 @@ def main():
     ap.add_argument("--url", help="a running server instead (with --pid for its memory)")
     ap.add_argument("--pid", type=int, help="the running server's process id")
     ap.add_argument("--duration", type=float, default=60, help="seconds of soak")
+    ap.add_argument("--warmup", type=float,
+                    help="first seconds of the soak left out of the memory comparison (thread "
+                         "arenas and caches filling; default: a sixth of --duration, at most 60)")
     ap.add_argument("--capacity-seconds", type=float, default=15)
     ap.add_argument("--load", type=float, default=0.8, help="fraction of the capacity")
     ap.add_argument("--max-tokens", type=int, default=48, help="max_tokens is 1..this")
@@ -293,6 +296,8 @@ def main():
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--json", help="append the results as one JSON line to this file")
     args = ap.parse_args()
+    if args.warmup is None:
+        args.warmup = min(60.0, args.duration / 6)
 
     proc = None
     if args.url:
@@ -330,6 +335,7 @@ def main():
             except subprocess.TimeoutExpired:
                 proc.kill()
 
+    t0 += args.warmup  # memory is compared from here on
     window = min(600.0, (t1 - t0) / 4)
     print(f"\n| outcome | requests |\n|---|---:|")
     for k in sorted(tally.outcomes):

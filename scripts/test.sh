@@ -12,7 +12,7 @@ cmake --build build -j "$jobs"
 # Soak (issue 14): 60 s at 80 % of the server's measured capacity, cancellations and bad requests
 # mixed in; fails on a 5xx other than 503, a wrong answer, a dead server or RSS drifting > 5 %.
 /usr/bin/python3 bench/soak.py --server build/server/multipole-server --model models/default.gguf \
-  --slots 4 --duration 60 --max-tokens 16
+  --slots 4 --duration 70 --max-tokens 16
 cmake -S . -B build-asan -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo -DMULTIPOLE_SANITIZE=ON -DMULTIPOLE_CUDA=OFF
 cmake --build build-asan -j "$jobs"
 (cd build-asan && ASAN_OPTIONS=detect_leaks=1 UBSAN_OPTIONS=print_stacktrace=1 \
