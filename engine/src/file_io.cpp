@@ -45,12 +45,10 @@ AtomicFile::AtomicFile(std::string path) : path_(std::move(path)) {
   dir_fd_ = ::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
   if (dir_fd_ < 0) throw io_error("cannot open the folder", dir);
   if (::flock(dir_fd_, LOCK_EX | LOCK_NB) == 0) remove_stray_temporaries(dir);
-  while (::flock(dir_fd_, LOCK_SH) != 0)  // (from exclusive: other writers may go on)
-    if (errno != EINTR) {
-      const Error e = io_error("cannot lock the folder", dir);
-      ::close(dir_fd_);
-      throw e;
-    }
+  // Shared from here on (from exclusive: other writers may go on). A folder that cannot be
+  // locked (some network file systems) is written all the same, and never cleaned.
+  while (::flock(dir_fd_, LOCK_SH) != 0 && errno == EINTR) {
+  }
   std::random_device rd;
   for (int attempt = 0; fd_ < 0; ++attempt) {
     char suffix[32];
