@@ -5,11 +5,12 @@
 # PyTorch for the cross-checks and the trainer (scripts/test.sh).
 set -euo pipefail
 # tests: also clang, libclang-rt-dev (libFuzzer) and libomp-dev (OpenMP for clang) for the fuzz
-# targets; chromium for the playground page's browser test (tests/browser).
+# targets; chromium for the playground page's browser test (tests/browser); python3-aiohttp for
+# the load scripts (bench/soak.py runs in CI, bench/serve.py).
 engine=(cmake ninja-build g++ pkg-config libsentencepiece-dev nlohmann-json3-dev libcpp-httplib-dev
         libdnnl-dev)
 tests=(libgtest-dev sentencepiece python3-numpy python3-torch python3-sentencepiece clang
-       libclang-rt-dev libomp-dev chromium)
+       libclang-rt-dev libomp-dev chromium python3-aiohttp)
 case "${1:-all}" in
   engine) pkgs=("${engine[@]}") ;;
   all) pkgs=("${engine[@]}" "${tests[@]}") ;;

@@ -30,6 +30,15 @@ int main(int argc, char** argv) {
                   "                    slots + max-queue + 64; connections beyond get 503)\n"
                   "  --prefill-per-step N  prompt tokens read per step, all requests together\n"
                   "                    (default: the backend's, 512 on the CPU, 65536 on CUDA)\n"
+                  "  --max-body BYTES  largest request body (default 1048576); a larger one\n"
+                  "                    gets 413 before it is read\n"
+                  "  --read-timeout S  a connection whose client sends nothing for S seconds\n"
+                  "                    while the server waits for its request closes (default 60)\n"
+                  "  --write-timeout S a client that reads nothing of its response for S seconds\n"
+                  "                    is dropped and its requests cancelled (default 60)\n"
+                  "  --body-timeout S  a request body must arrive whole within S seconds, else\n"
+                  "                    408 (default 60)\n"
+                  "  --keep-alive-timeout S  an idle connection closes after S s (default 5)\n"
                   "  --backend KIND    auto, cpu or cuda (default auto)\n"
                   "  --devices LIST    GPUs to run replicas on: all or 0,1,... (default 0); new\n"
                   "                    requests go to the least loaded one\n"
@@ -49,8 +58,11 @@ int main(int argc, char** argv) {
                   {{"m", "model"}});
   std::set<std::string> known = {"model", "host", "port", "slots", "max-queue", "ctx-limit",
                                  "api-key", "threads", "http-threads", "prefill-per-step",
-                                 "backend", "devices", "tensor-parallel", "name", "quiet", "chat-template-file", "state-dir",
-                                 "max-sessions", "max-state-dir-mib", "session-memory-mib"};
+                                 "backend", "devices", "tensor-parallel", "name", "quiet",
+                                 "chat-template-file", "state-dir", "max-sessions",
+                                 "max-state-dir-mib", "session-memory-mib", "max-body",
+                                 "read-timeout", "write-timeout", "body-timeout",
+                                 "keep-alive-timeout"};
   known.insert(mp::cli::kPrefixCacheOptions.begin(), mp::cli::kPrefixCacheOptions.end());
   a.check_known(known);
   try {
@@ -75,6 +87,13 @@ int main(int argc, char** argv) {
     o.ctx_limit = a.integer("ctx-limit", 0);
     o.http_threads = static_cast<int>(a.integer("http-threads", 0));
     o.model_name = a.str("name", "multipole");
+    const long long max_body = a.integer("max-body", static_cast<long long>(o.max_body));
+    if (max_body <= 0) a.fail("--max-body must be positive");
+    o.max_body = static_cast<size_t>(max_body);
+    o.read_timeout = a.seconds("read-timeout", o.read_timeout);
+    o.write_timeout = a.seconds("write-timeout", o.write_timeout);
+    o.body_timeout = a.seconds("body-timeout", o.body_timeout);
+    o.keep_alive_timeout = a.seconds("keep-alive-timeout", o.keep_alive_timeout);
     if (a.has("chat-template-file")) {
       std::ifstream f(a.str("chat-template-file"));
       if (!f) throw mp::Error("cannot read '" + a.str("chat-template-file") + "'");

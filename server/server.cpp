@@ -4,9 +4,12 @@
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <sys/socket.h>
+#include <unistd.h>
 
 #include <atomic>
 #include <chrono>
+#include <cmath>
+#include <cstdlib>
 #include <condition_variable>
 #include <cstdio>
 #include <deque>
@@ -22,6 +25,22 @@ namespace mp {
 using api::json;
 
 namespace {
+
+// The process's resident memory (RSS), from /proc/self/statm; 0 where there is none.
+uint64_t resident_bytes() {
+  unsigned long long pages = 0, resident = 0;
+  FILE* f = std::fopen("/proc/self/statm", "r");
+  if (!f) return 0;
+  const int got = std::fscanf(f, "%llu %llu", &pages, &resident);
+  std::fclose(f);
+  return got == 2 ? resident * static_cast<uint64_t>(sysconf(_SC_PAGESIZE)) : 0;
+}
+
+// Seconds as httplib's (seconds, microseconds).
+std::pair<time_t, time_t> sec_usec(double s) {
+  const auto us = static_cast<time_t>(std::llround(s * 1e6));
+  return {us / 1000000, us % 1000000};
+}
 
 double now_s() {
   return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
@@ -171,10 +190,15 @@ struct Server::Impl {
     }
     http.new_task_queue = [n = opts.http_threads] { return new OverflowingPool(n, 16, 4); };
     http.set_payload_max_length(opts.max_body);
-    // httplib's 5 s defaults drop a streaming client that a loaded machine leaves unscheduled
-    // for a few seconds; a client that really went away is noticed by the failed write.
-    http.set_read_timeout(60, 0);
-    http.set_write_timeout(60, 0);
+    // Slow clients (docs/RELIABILITY.md): a read or a write that makes no progress for its
+    // timeout fails, which closes the connection; a failed write of a stream cancels its requests
+    // (release() below), so a reader that stopped reading frees its slot. httplib's 5 s defaults
+    // were too short for a streaming client that a loaded machine leaves unscheduled a while.
+    const auto [read_s, read_us] = sec_usec(opts.read_timeout);
+    const auto [write_s, write_us] = sec_usec(opts.write_timeout);
+    http.set_read_timeout(read_s, read_us);
+    http.set_write_timeout(write_s, write_us);
+    http.set_keep_alive_timeout(std::max<time_t>(1, std::lround(opts.keep_alive_timeout)));
     // Keep the listening socket, to raise its backlog after bind (below).
     http.set_socket_options([this](socket_t sock) {
       httplib::default_socket_options(sock);
@@ -182,6 +206,10 @@ struct Server::Impl {
       // delayed ACK of the previous one (Nagle's algorithm, up to 40 ms).
       const int one = 1;
       setsockopt(sock, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+      // A fixed send buffer (the kernel's grows to 4 MiB): what a client that stopped reading
+      // holds, and how much is written before the write timeout starts to count.
+      const int send_buffer = static_cast<int>(opts.send_buffer);
+      setsockopt(sock, SOL_SOCKET, SO_SNDBUF, &send_buffer, sizeof send_buffer);
       listen_fd = sock;
     });
     http.set_pre_routing_handler([this](const httplib::Request& req, httplib::Response& res) {
@@ -190,6 +218,10 @@ struct Server::Impl {
         res.set_header("Connection", "close");
         error(res, api::ApiError(503, "the server is at its connection limit; try again later",
                                  "", "server_overloaded", "server_error"));
+        return httplib::Server::HandlerResponse::Handled;
+      }
+      if (declared_body(req) > opts.max_body) {  // refused before a byte of it is read
+        error_and_close(res, too_large());
         return httplib::Server::HandlerResponse::Handled;
       }
       if (opts.api_key.empty() || req.path == "/health")
@@ -203,7 +235,7 @@ struct Server::Impl {
     });
     // Statuses httplib sets itself (413 for oversized bodies, 404, ...) get an OpenAI body too.
     http.set_error_handler([this](const httplib::Request&, httplib::Response& res) {
-      if (!res.body.empty()) return;
+      if (!res.body.empty() || res.has_header("Content-Type")) return;  // ours already
       const std::string msg = res.status == 413   ? "the request body is too large"
                               : res.status == 404 ? "no such endpoint"
                                                   : "request failed";
@@ -233,7 +265,7 @@ struct Server::Impl {
     http.Get("/metrics", [this](const httplib::Request&, httplib::Response& res) {
       res.set_content(metrics(), "text/plain; version=0.0.4");
     });
-    http.Post("/tokenize", [this](const httplib::Request& req, httplib::Response& res) {
+    post("/tokenize", [this](const httplib::Request& req, httplib::Response& res) {
       handle(res, [&] {
         const json b = parse_body(req);
         if (!b.contains("content") || !b["content"].is_string())
@@ -244,7 +276,7 @@ struct Server::Impl {
                         "application/json");
       });
     });
-    http.Post("/detokenize", [this](const httplib::Request& req, httplib::Response& res) {
+    post("/detokenize", [this](const httplib::Request& req, httplib::Response& res) {
       handle(res, [&] {
         const json b = parse_body(req);
         if (!b.contains("tokens") || !b["tokens"].is_array())
@@ -260,13 +292,13 @@ struct Server::Impl {
                         "application/json");
       });
     });
-    http.Post("/v1/completions", [this](const httplib::Request& req, httplib::Response& res) {
+    post("/v1/completions", [this](const httplib::Request& req, httplib::Response& res) {
       handle(res, [&] { completions(req, res, false); });
     });
-    http.Post("/v1/chat/completions", [this](const httplib::Request& req, httplib::Response& res) {
+    post("/v1/chat/completions", [this](const httplib::Request& req, httplib::Response& res) {
       handle(res, [&] { completions(req, res, true); });
     });
-    http.Post("/v1/sessions", [this](const httplib::Request& req, httplib::Response& res) {
+    post("/v1/sessions", [this](const httplib::Request& req, httplib::Response& res) {
       handle(res, [&] { create_session(req, res); });
     });
     http.Get("/v1/sessions", [this](const httplib::Request&, httplib::Response& res) {
@@ -291,7 +323,7 @@ struct Server::Impl {
                                     "application/json");
                   });
                 });
-    http.Post(R"(/v1/sessions/([A-Za-z0-9_-]+)/fork)",
+    post(R"(/v1/sessions/([A-Za-z0-9_-]+)/fork)",
               [this](const httplib::Request& req, httplib::Response& res) {
                 handle(res, [&] {
                   const json b = req.body.empty() ? json::object() : parse_body(req);
@@ -301,6 +333,66 @@ struct Server::Impl {
               });
     http.Get("/", [](const httplib::Request&, httplib::Response& res) {
       res.set_content(playground_html(), "text/html; charset=utf-8");
+    });
+  }
+
+  // The Content-Length a request declares; 0 without one.
+  static uint64_t declared_body(const httplib::Request& req) {
+    const std::string v = req.get_header_value("Content-Length");
+    return v.empty() ? 0 : std::strtoull(v.c_str(), nullptr, 10);
+  }
+  api::ApiError too_large() const {
+    return api::ApiError(413,
+                         "the request body is larger than the server's limit of " +
+                             std::to_string(opts.max_body) + " bytes (--max-body)",
+                         "", "request_too_large");
+  }
+
+  // Answers `e` and drops the connection without reading what the client still sends (the rest
+  // of an oversized or late body, which would otherwise be read as the next request). httplib
+  // 0.11 has no call for it: a content provider that fails once the answer is written closes it.
+  void error_and_close(httplib::Response& res, const api::ApiError& e) {
+    res.status = e.status;
+    res.set_header("Connection", "close");
+    auto body = std::make_shared<const std::string>(api::dump(e.body()));
+    res.set_content_provider(body->size(), "application/json",
+                             [body](size_t offset, size_t, httplib::DataSink& sink) {
+                               sink.write(body->data() + offset, body->size() - offset);
+                               return false;
+                             });
+  }
+
+  // A POST endpoint. Its body is read here, not by httplib (which reads a chunked body or one
+  // without a length whole, whatever its size): at most max_body bytes, and all of it within
+  // body_timeout, so that a client sending a byte a second does not hold a thread for hours.
+  void post(const char* path,
+            std::function<void(const httplib::Request&, httplib::Response&)> handler) {
+    http.Post(path, [this, handler = std::move(handler)](const httplib::Request& req,
+                                                         httplib::Response& res,
+                                                         const httplib::ContentReader& read) {
+      httplib::Request with_body = req;
+      const double deadline = now_s() + opts.body_timeout;
+      bool large = false, late = false;
+      const bool whole = read([&](const char* data, size_t n) {
+        large = with_body.body.size() + n > opts.max_body;
+        late = now_s() > deadline;
+        if (large || late) return false;
+        with_body.body.append(data, n);
+        return true;
+      });
+      if (large) return error_and_close(res, too_large());
+      if (late)
+        return error_and_close(
+            res, api::ApiError(408,
+                               "the request body did not arrive within " +
+                                   api::dump(opts.body_timeout) + " s (--body-timeout)",
+                               "", "request_timeout"));
+      if (!whole)
+        return error_and_close(res, api::ApiError(400,
+                                                  "the request body could not be read: the "
+                                                  "client stopped sending it, or its chunked "
+                                                  "encoding is malformed"));
+      handler(with_body, res);
     });
   }
 
@@ -631,6 +723,8 @@ struct Server::Impl {
       per_device("multipole_device_busy_seconds_total", "Time its forward calls took.", "counter",
                  [](const DeviceStats& d) { return d.busy_seconds; });
     }
+    gauge("process_resident_memory_bytes", "Resident memory of the server process (RSS).",
+          double(resident_bytes()));
     std::lock_guard<std::mutex> lock(metrics_mu);
     o += "# HELP multipole_http_responses_total HTTP responses by status.\n"
          "# TYPE multipole_http_responses_total counter\n";

@@ -15,7 +15,15 @@ struct ServerOptions {
   int port = 8080;            // 0: any free port (see Server::port())
   std::string api_key;        // empty: no authentication
   int64_t ctx_limit = 0;      // most prompt tokens per request; 0: the model's trained length
-  size_t max_body = 1 << 20;  // bytes; larger bodies get 413
+  size_t max_body = 1 << 20;  // bytes; larger bodies get 413, unread
+  // Slow clients, in seconds: a read or write of a connection that makes no progress for its
+  // timeout closes it (a stream whose reader stopped reading is cancelled); a request body must
+  // arrive whole within body_timeout (else 408); an idle kept-alive connection closes after
+  // keep_alive_timeout (whole seconds).
+  double read_timeout = 60, write_timeout = 60, body_timeout = 60, keep_alive_timeout = 5;
+  // Socket send buffer of a connection, bytes (Linux doubles it): the most a client that stopped
+  // reading leaves in the kernel before its writes stall; a stream sends far less per second.
+  int send_buffer = 256 << 10;
   // HTTP worker threads; each open connection holds one (a streaming client while it streams).
   // 0: one for every slot and queue place of the scheduler, plus 64 for quick requests. A
   // connection beyond them and 16 waiting gets an immediate 503.

@@ -35,6 +35,14 @@ TEST(ArgsDeathTest, UnknownShortOptionIsAnErrorNotAWordOfThePrompt) {
   EXPECT_EXIT(parse({"-x", "hello"}), testing::ExitedWithCode(2), "unknown option -x");
 }
 
+TEST(Args, Seconds) {
+  EXPECT_EQ(parse({"--t", "0.25"}).seconds("t", 5), 0.25);
+  EXPECT_EQ(parse({}).seconds("t", 5), 5);
+  EXPECT_EXIT(parse({"--t", "0"}).seconds("t", 5), testing::ExitedWithCode(2),
+              "--t needs a positive number of seconds, got '0'");
+  EXPECT_EXIT(parse({"--t", "-1"}).seconds("t", 5), testing::ExitedWithCode(2), "positive");
+}
+
 TEST(ArgsDeathTest, MissingValueAndBadNumberAreErrors) {
   EXPECT_EXIT(parse({"--model"}), testing::ExitedWithCode(2), "--model needs a value");
   EXPECT_EXIT(parse({"--n", "3x"}).integer("n", 0), testing::ExitedWithCode(2),

@@ -94,6 +94,64 @@ TEST(ChatTemplate, UnsupportedOrBrokenTemplatesAreRefusedWithTheirLine) {
   EXPECT_NE(error_of("{{ raise_exception('bad roles') }}").find("bad roles"), std::string::npos);
 }
 
+// Templates and conversations that would take the process's memory, stack or time, or hit
+// undefined behaviour in 64-bit arithmetic (Python's ints are unbounded), are refused with an
+// Error naming the limit (tests/fuzz/fuzz_chat.cpp looks for more).
+TEST(ChatTemplate, HostileTemplatesAreRefusedNotRun) {
+  // A budget of 200,000 steps (5 million by default) keeps the test quick.
+  auto render = [](const std::string& src, const json& ctx = json::object()) -> std::string {
+    try {
+      return jinja::Template(src).render(ctx, 200'000);
+    } catch (const Error& e) {
+      return std::string("error: ") + e.what();
+    }
+  };
+  auto refused = [&](const std::string& src, const std::string& why, const json& ctx = {}) {
+    const std::string got = render(src, ctx.is_null() ? json::object() : ctx);
+    EXPECT_NE(got.find(why), std::string::npos) << src << " -> " << got.substr(0, 200);
+  };
+  refused("{% for i in range(100000000000) %}{% endfor %}", "more than 200000 steps");
+  refused("{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}",
+          "steps");
+  refused("{{ 'ab' * 10000000000 }}", "exceed 64 MiB");
+  refused("{% set ns = namespace(s='ab') %}{% for i in range(40) %}{% set ns.s = ns.s ~ ns.s %}"
+          "{% endfor %}{{ ns.s|length }}",
+          "exceed 64 MiB");
+  refused("{{ 'a'|replace('a', 'b' * 1000000)|replace('b', 'c' * 1000) }}", "exceed 64 MiB");
+  refused("{{ 9223372036854775807 + 1 }}", "integer overflow");
+  refused("{{ -(-9223372036854775807 - 1) }}", "integer overflow");
+  refused("{{ (-9223372036854775807 - 1) | abs }}", "integer overflow");
+  refused("{{ 3037000500 * 3037000500 }}", "integer overflow");
+  refused("{{ 2 ** 70 }}", "does not fit a 64-bit integer");
+  refused("{{ (-9223372036854775807 - 1) // -1 }}", "does not fit");
+  refused("{{ (10.0 ** 400) | int }}", "does not fit");
+  refused("{{ 99999999999999999999 }}", "out of range");
+  refused("{{ " + std::string(1000, '(') + "1" + std::string(1000, ')') + " }}", "too deeply");
+  refused("{{ " + std::string(1000, '-') + "1 }}", "too deeply");
+  std::string ifs;
+  for (int i = 0; i < 1000; ++i) ifs += "{% if true %}";
+  refused(ifs, "too deeply");
+  refused("{{ {'a': 1}|tojson(indent=1000000000) }}", "exceeds 64 MiB");
+  // Python's results where the numbers fit.
+  EXPECT_EQ(render("{{ 'aXbXXc'|replace('X', 'yy') }} {{ 'aaa'.replace('a', '') }}"), "ayybyyyyc ");
+  EXPECT_EQ(render("{{ 7 % -3 }} {{ -7 % 3 }} {{ (-9223372036854775807 - 1) % -1 }} {{ 7 // -2 }}"),
+            "-2 2 0 -4");
+  EXPECT_EQ(render("{{ range(5, 10, 9223372036854775807) }} {{ range(10, 0, -4) }}"),
+            "[5] [10, 6, 2]");
+  EXPECT_EQ(render("{{ [1, 2, 3][1::9223372036854775807] }} {{ 'abc'[::-9223372036854775807] }}"),
+            "[2] c");
+  // A conversation of 1,000 messages renders with a template that loops over it once, and is
+  // refused by one that copies it at every message (quadratic work).
+  json messages = json::array();
+  for (int i = 0; i < 1000; ++i)
+    messages.push_back({{"role", i % 2 ? "assistant" : "user"}, {"content", "m"}});
+  const std::string once = render(
+      "{% for m in messages %}{{ m.role }}: {{ m.content }}\n{% endfor %}", {{"messages", messages}});
+  EXPECT_EQ(once.size(), 1000u / 2 * (8 + 13));
+  refused("{% for m in messages %}{{ messages|length }}{% endfor %}", "steps",
+          {{"messages", messages}});
+}
+
 struct ChatModel : ::testing::Test {
   mp::testing::TempDir dir;
   std::shared_ptr<Model> model = mp::testing::random_model(dir, mp::testing::small_config());

@@ -6,11 +6,13 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cstring>
 #include <fstream>
 #include <map>
 #include <random>
 
+#include "file_io.h"
 #include "gguf.h"
 #include "model_fixture.h"
 
@@ -177,6 +179,47 @@ TEST(CrashSafeFiles, FailedWriteKeepsTheOldFileAndLeavesNoTemporary) {
             std::string::npos);
   EXPECT_EQ(read_all(path), "the old file");
   EXPECT_EQ(remove_temporaries(path), 0);
+}
+
+// The files in `dir` whose names end as AtomicFile's temporaries do.
+std::vector<std::string> temporaries_in(const TempDir& tmp) {
+  const std::string dir = tmp / ".";
+  std::vector<std::string> out;
+  for (const auto& e : fs::directory_iterator(dir))
+    if (e.path().filename().string().find(".tmp-") != std::string::npos)
+      out.push_back(e.path().filename().string());
+  return out;
+}
+
+// A writer killed mid-write leaves its temporary; the next write into the folder removes it,
+// but not the temporary of a write in progress, nor files that only look alike.
+TEST(CrashSafeFiles, TheNextWriteRemovesTemporariesOfKilledWriters) {
+  TempDir dir;
+  const auto b = small_backend(dir, 1);
+  const std::string out = dir / "seq.state";
+  std::mt19937 rng(9);
+  for (int k = 0; k < 100 && temporaries_in(dir).empty(); ++k)
+    run_and_kill({"state", dir / "model.gguf", out}, static_cast<int>(rng() % 25000));
+  ASSERT_EQ(temporaries_in(dir).size(), 1u) << "no writer was killed mid-write in 100 kills";
+  write_all(dir / "notes.tmp-1234", "not ours: 4 digits");
+  write_all(dir / "notes.tmp-abcdefgz", "not ours: not hex");
+  {
+    AtomicFile live(dir / "live.gguf");  // the next write: removes the killed writer's file
+    live.write("x", 1);
+    ASSERT_EQ(temporaries_in(dir).size(), 3u);  // the notes and its own
+    // Another stray (as a writer killed now would leave), while `live` is still writing: a
+    // write cannot clean then, as it cannot tell strays from temporaries being written.
+    write_all(dir / "seq.state.tmp-0123abcd", "stray");
+    write_file_atomic(dir / "other", "y");
+    EXPECT_EQ(temporaries_in(dir).size(), 4u);
+    live.commit();
+  }
+  EXPECT_EQ(read_all(dir / "live.gguf"), "x");
+  write_file_atomic(dir / "other", "z");  // alone in the folder: cleans
+  auto left = temporaries_in(dir);
+  std::sort(left.begin(), left.end());
+  EXPECT_EQ(left, (std::vector<std::string>{"notes.tmp-1234", "notes.tmp-abcdefgz"}));
+  EXPECT_EQ(read_all(dir / "other"), "z");
 }
 
 TEST(StateFile, RefusesTruncatedCorruptAndUnknownFilesNamingThem) {

@@ -11,6 +11,7 @@ int fuzz_state(const uint8_t* data, size_t size);
 int fuzz_completions(const uint8_t* data, size_t size);
 int fuzz_convert(const uint8_t* data, size_t size);
 int fuzz_tokenizer(const uint8_t* data, size_t size);
+int fuzz_chat(const uint8_t* data, size_t size);
 
 namespace {
 namespace fs = std::filesystem;
@@ -47,7 +48,8 @@ INSTANTIATE_TEST_SUITE_P(Targets, FuzzReplay,
                          ::testing::Values(Target{"gguf", fuzz_gguf}, Target{"state", fuzz_state},
                                            Target{"completions", fuzz_completions},
                                            Target{"convert", fuzz_convert},
-                                           Target{"tokenizer", fuzz_tokenizer}),
+                                           Target{"tokenizer", fuzz_tokenizer},
+                                           Target{"chat", fuzz_chat}),
                          [](const auto& info) { return std::string(info.param.name); });
 
 }  // namespace

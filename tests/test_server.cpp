@@ -1,11 +1,13 @@
 // A real multipole-server (in process, on a free loopback port) driven over HTTP.
 #include <arpa/inet.h>
+#include <poll.h>
 #include <gtest/gtest.h>
 #include <httplib.h>
 #include <sys/socket.h>
 #include <unistd.h>
 
 #include <fstream>
+#include <functional>
 #include <future>
 #include <nlohmann/json.hpp>
 #include <random>
@@ -30,7 +32,8 @@ struct Running {
   std::thread thread;
 
   explicit Running(int slots = 4, int max_queue = 64, std::string api_key = "",
-                   int64_t ctx_limit = 0, int http_threads = 0, std::vector<int> devices = {}) {
+                   int64_t ctx_limit = 0, int http_threads = 0, std::vector<int> devices = {},
+                   const std::function<void(ServerOptions&)>& adjust = nullptr) {
     model = mp::testing::random_model(dir, mp::testing::small_config());
     backend = make_backend(
         model, {.kind = "cpu", .n_slots = slots, .n_threads = 2, .devices = std::move(devices)});
@@ -43,6 +46,7 @@ struct Running {
     o.http_threads = http_threads;
     o.max_body = 64 * 1024;
     o.access_log = false;
+    if (adjust) adjust(o);
     server = std::make_unique<Server>(model, *sched, o);
     if (!server->bind()) throw Error("bind failed");
     thread = std::thread([this] { server->run(); });
@@ -211,6 +215,173 @@ TEST(Server, ClientThatDisconnectsFreesItsSlot) { check_disconnect_frees_slot(tr
 TEST(Server, NonStreamingClientThatDisconnectsFreesItsSlot) { check_disconnect_frees_slot(false); }
 
 int status_of(const httplib::Result& r) { return r ? r->status : -1; }
+
+double seconds_since(std::chrono::steady_clock::time_point t0) {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+}
+
+// Everything the server sends on fd until it closes the connection (or `limit_s` passes).
+std::string read_until_closed(int fd, double limit_s) {
+  std::string got;
+  char buf[4096];
+  const auto t0 = std::chrono::steady_clock::now();
+  while (seconds_since(t0) < limit_s) {
+    pollfd p{fd, POLLIN, 0};
+    if (poll(&p, 1, 100) <= 0) continue;
+    const ssize_t n = read(fd, buf, sizeof buf);
+    if (n <= 0) break;  // closed (or reset once the answer is in)
+    got.append(buf, size_t(n));
+  }
+  return got;
+}
+
+// The status and the JSON body of a raw HTTP response (chunked bodies are not expected here).
+std::pair<int, json> parse_response(const std::string& raw) {
+  const size_t head_end = raw.find("\r\n\r\n");
+  if (raw.rfind("HTTP/1.1 ", 0) != 0 || head_end == std::string::npos) return {-1, json()};
+  return {std::stoi(raw.substr(9, 3)),
+          json::parse(raw.substr(head_end + 4), nullptr, false)};
+}
+
+// Sends what it can of `bytes` (the server may have closed the connection: no SIGPIPE).
+void send_some(int fd, const std::string& bytes) {
+  size_t at = 0;
+  while (at < bytes.size()) {
+    const ssize_t n = send(fd, bytes.data() + at, bytes.size() - at, MSG_NOSIGNAL);
+    if (n <= 0) return;
+    at += size_t(n);
+  }
+}
+
+// Slow clients hold neither a slot nor the (single) HTTP thread for longer than their timeout:
+// a request made after them is served.
+void expect_thread_free(const Running& s, double within_s) {
+  const auto t0 = std::chrono::steady_clock::now();
+  auto c = s.client();
+  const auto r = c.Post("/v1/completions", json{{"prompt", "x"}, {"max_tokens", 1}}.dump(),
+                        "application/json");
+  ASSERT_TRUE(r);
+  EXPECT_EQ(r->status, 200);
+  EXPECT_LT(seconds_since(t0), within_s);
+}
+
+// A streaming client that stops reading (its socket open, its receive buffer small and full):
+// once the server's writes stall for the write timeout, the request is cancelled, its slot freed
+// and the HTTP thread released.
+TEST(Server, ReaderThatStopsReadingLosesItsSlotAfterTheWriteTimeout) {
+  Running s(2, 64, "", 0, 1, {}, [](ServerOptions& o) {
+    o.write_timeout = 1;
+    o.send_buffer = 16 << 10;  // full within a second however loaded the machine
+  });
+  const int fd = socket(AF_INET, SOCK_STREAM, 0);
+  const int small = 4096;
+  setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &small, sizeof small);  // before connect: the window
+  sockaddr_in addr{};
+  addr.sin_family = AF_INET;
+  addr.sin_port = htons(static_cast<uint16_t>(s.server->port()));
+  inet_pton(AF_INET, "127.0.0.1", &addr.sin_addr);
+  ASSERT_EQ(connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof addr), 0);
+  const std::string body = json{{"prompt", "x"},     {"max_tokens", 1000000}, {"ignore_eos", true},
+                                {"stream", true},   {"logprobs", 5}}.dump();
+  send_some(fd, "POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                "Content-Length: " + std::to_string(body.size()) + "\r\n\r\n" + body);
+  std::string got;
+  char buf[512];
+  while (got.find("data: ") == std::string::npos) {  // streaming: it holds its slot
+    const ssize_t n = read(fd, buf, sizeof buf);
+    ASSERT_GT(n, 0);
+    got.append(buf, size_t(n));
+  }
+  EXPECT_EQ(s.sched->stats().slots_in_use, 1);
+  const auto t0 = std::chrono::steady_clock::now();  // from here on nothing is read
+  while (s.sched->stats().slots_in_use != 0 && seconds_since(t0) < 60)
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  const double freed = seconds_since(t0);
+  std::printf("stalled reader: slot freed %.2f s after it stopped reading (write timeout 1 s)\n",
+              freed);
+  EXPECT_EQ(s.sched->stats().slots_in_use, 0);
+  // The socket buffers fill within a moment, then 1 s of stalled writes.
+  EXPECT_LT(freed, 10.0);
+  EXPECT_LT(s.sched->stats().completion_tokens, 1000000u);
+  expect_thread_free(s, 5.0);
+  // What the server had written before its writes stalled: the socket buffers' worth.
+  const size_t buffered = read_until_closed(fd, 10).size() + got.size();
+  std::printf("stalled reader: %.0f KiB were in the socket buffers\n", buffered / 1024.0);
+  EXPECT_LT(buffered, 256u << 10);
+  close(fd);
+}
+
+// A body trickling in a byte at a time, each byte well within the read timeout: the body
+// timeout ends it with 408 and the connection (and its thread) is released.
+TEST(Server, BodySentAByteAtATimeGets408AfterTheBodyTimeout) {
+  Running s(2, 64, "", 0, 1, {}, [](ServerOptions& o) {
+    o.body_timeout = 1;
+    o.read_timeout = 30;
+  });
+  const int fd = connect_to(s);
+  ASSERT_GE(fd, 0);
+  send_some(fd, "POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                "Content-Length: 1000\r\n\r\n");
+  const auto t0 = std::chrono::steady_clock::now();
+  std::string got;
+  for (int i = 0; i < 100 && got.empty(); ++i) {  // a byte every 200 ms, up to 20 s
+    send_some(fd, " ");
+    pollfd p{fd, POLLIN, 0};
+    if (poll(&p, 1, 200) > 0) got = read_until_closed(fd, 5);
+  }
+  const double answered = seconds_since(t0);
+  std::printf("trickled body: answered %.2f s after its headers (body timeout 1 s)\n", answered);
+  const auto [status, err] = parse_response(got);
+  EXPECT_EQ(status, 408) << got;
+  EXPECT_EQ(err["error"]["code"], "request_timeout") << got;
+  EXPECT_GE(answered, 0.9);
+  EXPECT_LT(answered, 3.0);
+  expect_thread_free(s, 5.0);
+  close(fd);
+}
+
+// A body larger than --max-body (here 64 KiB) is refused with 413 as soon as its headers say so,
+// or, chunked, once the limit is passed: the client sends a little of its declared gigabyte and
+// gets the answer at once, the connection closed.
+TEST(Server, GigabyteBodyGets413WithoutBeingRead) {
+  Running s(2, 64, "", 0, 1);
+  const std::string head =
+      "POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n";
+  const std::string some(128 * 1024, ' ');
+  for (const std::string framing : {"Content-Length: 1073741824\r\n\r\n",
+                                    "Transfer-Encoding: chunked\r\n\r\n40000000\r\n"}) {
+    SCOPED_TRACE(framing);
+    const int fd = connect_to(s);
+    ASSERT_GE(fd, 0);
+    const auto t0 = std::chrono::steady_clock::now();
+    send_some(fd, head + framing + some);
+    const std::string got = read_until_closed(fd, 10);
+    const double answered = seconds_since(t0);
+    std::printf("1 GB body (%s): 413 after %.1f ms\n", framing.substr(0, 17).c_str(),
+                answered * 1e3);
+    const auto [status, err] = parse_response(got);
+    EXPECT_EQ(status, 413) << got;
+    EXPECT_EQ(err["error"]["code"], "request_too_large") << got;
+    EXPECT_NE(err["error"]["message"].get<std::string>().find("65536 bytes"), std::string::npos);
+    EXPECT_LT(answered, 2.0);  // not after a read timeout, nor after reading a gigabyte
+    close(fd);
+  }
+  // A chunked body within the limit is read as any other.
+  const int fd = connect_to(s);
+  ASSERT_GE(fd, 0);
+  send_some(fd, "POST /tokenize HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+                "Transfer-Encoding: chunked\r\n\r\n"
+                "c\r\n{\"content\":\"\r\nc\r\nfree softwar\r\n3\r\ne\"}\r\n0\r\n\r\n");
+  const std::string got = read_until_closed(fd, 10);
+  close(fd);
+  const auto [status, tokens] = parse_response(got);
+  EXPECT_EQ(status, 200) << got;
+  auto c = s.client();
+  const auto plain = c.Post("/tokenize", R"({"content":"free software"})", "application/json");
+  ASSERT_EQ(status_of(plain), 200);
+  EXPECT_EQ(tokens, json::parse(plain->body));
+  expect_thread_free(s, 5.0);
+}
 
 void expect_error(const httplib::Result& r, int status, const std::string& param = "") {
   ASSERT_TRUE(r);
@@ -520,6 +691,16 @@ TEST(Server, TokenizeModelsAndMetrics) {
   EXPECT_NE(m.find("multipole_generated_tokens_total 4"), std::string::npos) << m;
   EXPECT_NE(m.find("multipole_time_to_first_token_seconds_count 1"), std::string::npos);
   EXPECT_NE(m.find("multipole_inter_token_latency_seconds_count 3"), std::string::npos);
+  // The resident memory, as /proc/self/status gives it (this process is the server).
+  const size_t at = m.find("\nprocess_resident_memory_bytes ");
+  ASSERT_NE(at, std::string::npos) << m;
+  const double rss = std::stod(m.substr(at + 31));
+  std::ifstream status("/proc/self/status");
+  double vm_rss_kb = 0;
+  for (std::string line; std::getline(status, line);)
+    if (line.rfind("VmRSS:", 0) == 0) vm_rss_kb = std::stod(line.substr(6));
+  EXPECT_GT(rss, 1e6);
+  EXPECT_NEAR(rss / (vm_rss_kb * 1024), 1.0, 0.05);
 }
 
 // Replicas: /metrics reports each device, and both ran a choice of a two-choice request.

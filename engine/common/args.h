@@ -79,6 +79,13 @@ class Args {
       fail("--" + k + " needs a number, got '" + str(k) + "'");
     }
   }
+  // A duration in seconds, which must be positive (a timeout of 0 would mean "none" to some
+  // libraries and "at once" to others).
+  double seconds(const std::string& k, double def) const {
+    const double v = real(k, def);
+    if (!(v > 0)) fail("--" + k + " needs a positive number of seconds, got '" + str(k) + "'");
+    return v;
+  }
   // Rejects options nobody asked for, so typos do not pass silently.
   void check_known(const std::set<std::string>& known) const {
     for (const auto& [k, v] : opts_)

@@ -19,6 +19,43 @@ namespace {
   throw Error("chat template, line " + std::to_string(line) + ": " + msg);
 }
 
+// Limits that keep a hostile template or conversation from taking the process's memory, stack
+// or time (tests/fuzz/fuzz_chat.cpp), far above what real templates need; the steps are
+// render()'s argument.
+constexpr size_t kMaxBytes = size_t(64) << 20;  // any string, the output included
+constexpr int kMaxNesting = 256;                // expressions and blocks
+
+// A double as an integer, refused where it would not fit (the cast would be undefined).
+long long to_integer(double d, int line) {
+  if (!(d >= -9.2233720368547758e18 && d < 9.2233720368547758e18))
+    fail(line, "the number does not fit a 64-bit integer");
+  return static_cast<long long>(d);
+}
+
+// Python's ints do not overflow; here the operation is refused instead.
+long long checked(char op, long long a, long long b, int line) {
+  long long r = 0;
+  const bool over = op == '+'   ? __builtin_add_overflow(a, b, &r)
+                    : op == '-' ? __builtin_sub_overflow(a, b, &r)
+                                : __builtin_mul_overflow(a, b, &r);
+  if (over) fail(line, "integer overflow");
+  return r;
+}
+
+// Refuses a string about to grow past kMaxBytes.
+void check_size(size_t bytes, int line) {
+  if (bytes > kMaxBytes) fail(line, "a string would exceed " + std::to_string(kMaxBytes >> 20) + " MiB");
+}
+
+// Counts nesting depth (recursion of the parsers); refuses it past kMaxNesting.
+struct Nesting {
+  int& depth;
+  Nesting(int& d, int line) : depth(d) {
+    if (++depth > kMaxNesting) fail(line, "nested too deeply");
+  }
+  ~Nesting() { --depth; }
+};
+
 // Jinja's Undefined: a missing variable, attribute or key. Renders as "", is falsy, and is
 // what `is defined` tests.
 json undefined() { return json(json::value_t::discarded); }
@@ -84,8 +121,12 @@ std::vector<Token> tokenize_tag(std::string_view s, size_t& pos, std::string_vie
       std::string digits(s.substr(b, pos - b));
       std::erase(digits, '_');
       t.kind = real ? Token::Float : Token::Int;
-      t.num = std::stod(digits);
-      t.inum = real ? 0 : std::stoll(digits);
+      try {
+        t.num = std::stod(digits);
+        t.inum = real ? 0 : std::stoll(digits);
+      } catch (const std::out_of_range&) {
+        fail(line, "the number " + digits + " is out of range");
+      }
     } else if (c == '\'' || c == '"') {
       ++pos;
       t.kind = Token::Str;
@@ -188,6 +229,7 @@ class ExprParser {
 
   // expression := or ["if" or ["else" expression]]
   ExprP expression() {
+    const Nesting n(depth_, peek().line);
     ExprP e = or_expr();
     if (is_name("if")) {
       const int line = next().line;
@@ -208,6 +250,7 @@ class ExprParser {
   }
   ExprP or_expr() { return binary(0); }
   ExprP not_expr() {
+    const Nesting n(depth_, peek().line);
     if (is_name("not")) {
       auto e = make<Expr>(Expr::Not, next().line);
       e->kids.push_back(not_expr());
@@ -237,6 +280,7 @@ class ExprParser {
     }
   }
   ExprP unary() {
+    const Nesting n(depth_, peek().line);
     if (is_op("-")) {
       auto e = make<Expr>(Expr::Neg, next().line);
       e->kids.push_back(unary());
@@ -431,6 +475,7 @@ class ExprParser {
  private:
   std::vector<Token> t_;
   size_t i_ = 0;
+  int depth_ = 0;
 };
 
 // Python strings are code points: slices, indices, lengths and case count characters.
@@ -562,7 +607,11 @@ void dump_json(const json& v, int indent, int depth, std::string& out) {
     out += v.is_object() ? '{' : '[';
     bool first = true;
     auto nl = [&](int d) {
-      if (indent >= 0) out += "\n" + std::string(size_t(indent) * d, ' ');
+      if (indent < 0) return;
+      if (out.size() + size_t(indent) * size_t(d) > kMaxBytes)
+        throw Error("chat template: tojson output exceeds " + std::to_string(kMaxBytes >> 20) +
+                    " MiB");
+      out += "\n" + std::string(size_t(indent) * d, ' ');
     };
     for (auto it = v.begin(); it != v.end(); ++it) {
       if (!first) out += indent >= 0 ? "," : ", ";
@@ -655,7 +704,7 @@ json slice(const json& v, const json& a, const json& b, const json& c, int line)
   const long long lo = clamp(num(a), step > 0 ? 0 : n - 1), hi = clamp(num(b), step > 0 ? n : -1);
   json out = json::array();
   std::u32string s;
-  for (long long i = lo; step > 0 ? i < hi : i > hi; i += step) {
+  for (__int128 i = lo; step > 0 ? i < hi : i > hi; i += step) {  // (128 bits: no overflow)
     if (str)
       s += cps[size_t(i)];
     else
@@ -672,11 +721,18 @@ std::string strip(const std::string& s, const std::string& chars, bool left, boo
 }
 const std::string kSpace = " \t\n\r\f\v";
 
-std::string replace_all(std::string s, const std::string& from, const std::string& to) {
+// Built anew, not replaced in place: linear in the text whatever the number of matches.
+std::string replace_all(const std::string& s, const std::string& from, const std::string& to,
+                        int line) {
   if (from.empty()) return s;
-  for (size_t at = 0; (at = s.find(from, at)) != std::string::npos; at += to.size())
-    s.replace(at, from.size(), to);
-  return s;
+  std::string out;
+  size_t done = 0;
+  for (size_t at; (at = s.find(from, done)) != std::string::npos; done = at + from.size()) {
+    check_size(out.size() + (at - done) + to.size(), line);
+    out.append(s, done, at - done).append(to);
+  }
+  check_size(out.size() + s.size() - done, line);
+  return out.append(s, done);
 }
 
 // --- Statements --------------------------------------------------------------------------------
@@ -785,6 +841,7 @@ class StmtParser {
   // Parses pieces into `into` until a statement whose keyword is in `stops`; returns that keyword
   // (its parser positioned after the keyword) or "" at the end.
   std::string body(Node& into, std::initializer_list<const char*> stops, ExprParser** stopper) {
+    const Nesting nest(depth_, i_ < p_.size() ? p_[i_].line : 0);
     while (i_ < p_.size()) {
       Piece& pc = p_[i_++];
       if (pc.kind == Piece::Text) {
@@ -914,6 +971,7 @@ class StmtParser {
  private:
   std::vector<Piece> p_;
   size_t i_ = 0;
+  int depth_ = 0;
   std::vector<std::unique_ptr<ExprParser>> parsers_;
 };
 
@@ -921,10 +979,11 @@ class StmtParser {
 
 class Renderer {
  public:
-  explicit Renderer(const json& ctx) { scopes_.push_back(ctx); }
+  Renderer(const json& ctx, size_t max_steps) : max_steps_(max_steps) { scopes_.push_back(ctx); }
   std::string out;
 
   Flow exec(const Node& n) {
+    step(n.line);
     switch (n.kind) {
       case Node::Seq:
         for (const auto& k : n.kids) {
@@ -933,11 +992,15 @@ class Renderer {
         }
         return Flow::Normal;
       case Node::Text:
+        check_size(out.size() + n.text.size(), n.line);
         out += n.text;
         return Flow::Normal;
-      case Node::Out:
-        out += to_str(eval(*n.exprs[0]));
+      case Node::Out: {
+        const std::string text = to_str(eval(*n.exprs[0]));
+        check_size(out.size() + text.size(), n.line);
+        out += text;
         return Flow::Normal;
+      }
       case Node::If:
         for (size_t b = 0; b < n.exprs.size(); ++b)
           if (truthy(eval(*n.exprs[b]))) return exec(*n.kids[b]);
@@ -966,6 +1029,20 @@ class Renderer {
 
  private:
   std::vector<json> scopes_;  // innermost last; loops open one
+  const size_t max_steps_;
+  size_t steps_ = 0;
+
+  // Counts `n` steps of work; refuses the template past max_steps_.
+  void step(int line, size_t n = 1) {
+    steps_ += n;
+    if (steps_ > max_steps_)
+      fail(line, "rendering takes more than " + std::to_string(max_steps_) +
+                     " steps (a loop without end, or a conversation too long for this template)");
+  }
+  // A copy of a list or mapping costs a step per element.
+  void charge_copy(const json& v, int line) {
+    if (v.is_array() || v.is_object()) step(line, v.size());
+  }
 
   json* find(const std::string& name) {
     for (auto it = scopes_.rbegin(); it != scopes_.rend(); ++it) {
@@ -977,6 +1054,7 @@ class Renderer {
 
   Flow exec_for(const Node& n) {
     json seq = eval(*n.exprs[0]);
+    charge_copy(seq, n.line);
     std::vector<json> items;
     if (seq.is_array()) {
       items.assign(seq.begin(), seq.end());
@@ -1051,12 +1129,15 @@ class Renderer {
   }
 
   json eval(const Expr& e) {
+    step(e.line);
     switch (e.kind) {
       case Expr::Lit:
         return e.value;
       case Expr::Var: {
         const json* v = find(e.name);
-        return v ? *v : undefined();
+        if (!v) return undefined();
+        charge_copy(*v, e.line);
+        return *v;
       }
       case Expr::Attr: {
         const json o = eval(*e.kids[0]);
@@ -1091,7 +1172,7 @@ class Renderer {
         return !truthy(eval(*e.kids[0]));
       case Expr::Neg: {
         const json v = eval(*e.kids[0]);
-        if (v.is_number_integer()) return -v.get<long long>();
+        if (v.is_number_integer()) return checked('-', 0, v.get<long long>(), e.line);
         if (v.is_number()) return -v.get<double>();
         fail(e.line, "cannot negate a " + type_name(v));
       }
@@ -1125,7 +1206,11 @@ class Renderer {
       return truthy(a) ? a : eval(*e.kids[1]);
     }
     const json a = eval(*e.kids[0]), b = eval(*e.kids[1]);
-    if (op == "~") return to_str(a) + to_str(b);
+    if (op == "~") {
+      std::string x = to_str(a), y = to_str(b);
+      check_size(x.size() + y.size(), e.line);
+      return x + y;
+    }
     if (op == "==") return equal(a, b);
     if (op == "!=") return !equal(a, b);
     if (op == "in" || op == "not in") {
@@ -1152,16 +1237,23 @@ class Renderer {
       }
       return op == "<" ? c < 0 : op == ">" ? c > 0 : op == "<=" ? c <= 0 : c >= 0;
     }
-    if (op == "+" && a.is_string() && b.is_string())
+    if (op == "+" && a.is_string() && b.is_string()) {
+      check_size(a.get_ref<const std::string&>().size() + b.get_ref<const std::string&>().size(),
+                 e.line);
       return a.get<std::string>() + b.get<std::string>();
+    }
     if (op == "+" && a.is_array() && b.is_array()) {
+      step(e.line, a.size() + b.size());
       json l = a;
       for (const auto& x : b) l.push_back(x);
       return l;
     }
     if (op == "*" && a.is_string() && b.is_number_integer()) {
+      const std::string& unit = a.get_ref<const std::string&>();
+      const long long times = unit.empty() ? 0 : std::max(0LL, b.get<long long>());
+      if (times > 0) check_size(size_t(times) > kMaxBytes ? kMaxBytes + 1 : unit.size() * size_t(times), e.line);
       std::string s;
-      for (long long i = 0; i < b.get<long long>(); ++i) s += a.get<std::string>();
+      for (long long i = 0; i < times; ++i) s += unit;
       return s;
     }
     if (!a.is_number() || !b.is_number() || a.is_boolean() || b.is_boolean())
@@ -1171,12 +1263,13 @@ class Renderer {
     if ((op == "/" || op == "//" || op == "%") && y == 0) fail(e.line, "division by zero");
     if (ints && op != "/") {
       const long long i = a.get<long long>(), j = b.get<long long>();
-      if (op == "+") return i + j;
-      if (op == "-") return i - j;
-      if (op == "*") return i * j;
-      if (op == "//") return static_cast<long long>(std::floor(double(i) / double(j)));
-      if (op == "%") return ((i % j) + j) % j;
-      if (op == "**") return static_cast<long long>(std::pow(double(i), double(j)));
+      if (op == "+" || op == "-" || op == "*") return checked(op[0], i, j, e.line);
+      if (op == "//") return to_integer(std::floor(double(i) / double(j)), e.line);
+      if (op == "%") {  // the sign of the divisor, as Python's
+        const long long r = j == -1 ? 0 : i % j;
+        return r != 0 && (r < 0) != (j < 0) ? r + j : r;
+      }
+      if (op == "**") return to_integer(std::pow(double(i), double(j)), e.line);
     }
     if (op == "+") return x + y;
     if (op == "-") return x - y;
@@ -1200,7 +1293,7 @@ class Renderer {
         return ns;
       }
       if (f == "range") {
-        long long lo = 0, hi, step = 1;
+        long long lo = 0, hi, by = 1;
         for (const auto& v : a.pos)
           if (!v.is_number_integer()) fail(e.line, "range() needs integers");
         if (a.pos.size() == 1)
@@ -1209,10 +1302,14 @@ class Renderer {
           lo = a.pos[0].get<long long>(), hi = a.pos[1].get<long long>();
         else
           fail(e.line, "range() needs 1 to 3 arguments");
-        if (a.pos.size() == 3) step = a.pos[2].get<long long>();
-        if (step == 0) fail(e.line, "range() step cannot be zero");
+        if (a.pos.size() == 3) by = a.pos[2].get<long long>();
+        if (by == 0) fail(e.line, "range() step cannot be zero");
+        const __int128 span = by > 0 ? __int128(hi) - lo : __int128(lo) - hi;
+        const __int128 count = span <= 0 ? 0 : (span + (by > 0 ? by : -__int128(by)) - 1) /
+                                                   (by > 0 ? by : -__int128(by));
+        step(e.line, count > __int128(max_steps_) ? max_steps_ + 1 : size_t(count));
         json l = json::array();
-        for (long long i = lo; step > 0 ? i < hi : i > hi; i += step) l.push_back(i);
+        for (__int128 k = 0; k < count; ++k) l.push_back(static_cast<long long>(lo + k * by));
         return l;
       }
       if (f == "strftime_now") {  // transformers provides it (Llama 3.1+ templates)
@@ -1255,7 +1352,7 @@ class Renderer {
       }
       if (m == "replace")
         return replace_all(s, need_str(a.get(0, "old"), e.line, m),
-                           need_str(a.get(1, "new"), e.line, m));
+                           need_str(a.get(1, "new"), e.line, m), e.line);
       if (m == "split") {
         json l = json::array();
         const json sep = a.get(0, "sep");
@@ -1318,7 +1415,7 @@ class Renderer {
     if (f == "title") return title(need_str(v, e.line, "title"));
     if (f == "replace")
       return replace_all(need_str(v, e.line, f), need_str(a.get(0, "old"), e.line, f),
-                         need_str(a.get(1, "new"), e.line, f));
+                         need_str(a.get(1, "new"), e.line, f), e.line);
     if (f == "length" || f == "count") {
       if (v.is_string()) return chars(v.get<std::string>()).size();
       if (v.is_array() || v.is_object()) return v.size();
@@ -1327,7 +1424,8 @@ class Renderer {
     if (f == "string") return to_str(v);
     if (f == "safe" || f == "e" || f == "escape") return v;  // no autoescaping in chat templates
     if (f == "int") {
-      if (v.is_number()) return static_cast<long long>(v.get<double>());
+      if (v.is_number_integer()) return v;
+      if (v.is_number()) return to_integer(std::trunc(v.get<double>()), e.line);
       if (v.is_string()) try {
           return std::stoll(v.get<std::string>());
         } catch (...) {
@@ -1383,7 +1481,11 @@ class Renderer {
       if (!v.is_array()) fail(e.line, "join needs a list");
       const json sep = a.get(0, "d", "");
       std::string s;
-      for (size_t i = 0; i < v.size(); ++i) s += (i ? to_str(sep) : "") + to_str(v[i]);
+      for (size_t i = 0; i < v.size(); ++i) {
+        const std::string item = (i ? to_str(sep) : "") + to_str(v[i]);
+        check_size(s.size() + item.size(), e.line);
+        s += item;
+      }
       return s;
     }
     if (f == "selectattr" || f == "rejectattr" || f == "map") {
@@ -1412,9 +1514,11 @@ class Renderer {
       }
       return l;
     }
-    if (f == "abs" && v.is_number())
-      return v.is_number_integer() ? json(std::llabs(v.get<long long>()))
-                                   : json(std::fabs(v.get<double>()));
+    if (f == "abs" && v.is_number()) {
+      if (!v.is_number_integer()) return std::fabs(v.get<double>());
+      const long long x = v.get<long long>();
+      return x < 0 ? checked('-', 0, x, e.line) : x;
+    }
     fail(e.line, "unknown filter '" + f + "'");
   }
 
@@ -1462,8 +1566,8 @@ Template::~Template() = default;
 Template::Template(Template&&) noexcept = default;
 Template& Template::operator=(Template&&) noexcept = default;
 
-std::string Template::render(const json& context) const {
-  Renderer r(context.is_object() ? context : json::object());
+std::string Template::render(const json& context, size_t max_steps) const {
+  Renderer r(context.is_object() ? context : json::object(), max_steps);
   if (r.exec(*root_) != Flow::Normal)
     throw Error("chat template: 'break' or 'continue' outside a loop");
   return std::move(r.out);

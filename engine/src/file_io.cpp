@@ -1,8 +1,11 @@
 #include "file_io.h"
 
 #include <fcntl.h>
+#include <sys/file.h>
 #include <unistd.h>
 
+#include <algorithm>
+#include <cctype>
 #include <cerrno>
 #include <cstring>
 #include <filesystem>
@@ -15,23 +18,55 @@ namespace {
 Error io_error(const std::string& what, const std::string& path) {
   return Error(what + " '" + path + "': " + std::strerror(errno));
 }
+
+std::string folder_of(const std::string& path) {
+  const std::filesystem::path parent = std::filesystem::path(path).parent_path();
+  return parent.empty() ? std::string(".") : parent.string();
+}
+
+// A name AtomicFile gives its temporaries: "<target>.tmp-" and 8 hex digits.
+bool is_temporary_name(const std::string& name) {
+  constexpr size_t kSuffix = 13;  // ".tmp-XXXXXXXX"
+  if (name.size() <= kSuffix || name.compare(name.size() - kSuffix, 5, ".tmp-") != 0) return false;
+  return std::all_of(name.end() - 8, name.end(), [](char c) { return std::isxdigit(c); });
+}
+
+// Removes the temporaries of writers that died; the caller holds the folder's exclusive lock.
+void remove_stray_temporaries(const std::string& dir) {
+  std::error_code ec;
+  for (const auto& e : std::filesystem::directory_iterator(dir, ec))
+    if (is_temporary_name(e.path().filename().string()) && e.is_regular_file(ec))
+      std::filesystem::remove(e.path(), ec);  // best effort: a stray left is harmless
+}
 }  // namespace
 
 AtomicFile::AtomicFile(std::string path) : path_(std::move(path)) {
+  const std::string dir = folder_of(path_);
+  dir_fd_ = ::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+  if (dir_fd_ < 0) throw io_error("cannot open the folder", dir);
+  if (::flock(dir_fd_, LOCK_EX | LOCK_NB) == 0) remove_stray_temporaries(dir);
+  // Shared from here on (from exclusive: other writers may go on). A folder that cannot be
+  // locked (some network file systems) is written all the same, and never cleaned.
+  while (::flock(dir_fd_, LOCK_SH) != 0 && errno == EINTR) {
+  }
   std::random_device rd;
   for (int attempt = 0; fd_ < 0; ++attempt) {
     char suffix[32];
     std::snprintf(suffix, sizeof suffix, ".tmp-%08x", static_cast<unsigned>(rd()));
     tmp_ = path_ + suffix;
     fd_ = ::open(tmp_.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0666);
-    if (fd_ < 0 && (errno != EEXIST || attempt == 16))
-      throw io_error("cannot create a temporary file for", path_);
+    if (fd_ < 0 && (errno != EEXIST || attempt == 16)) {
+      const Error e = io_error("cannot create a temporary file for", path_);
+      ::close(dir_fd_);
+      throw e;
+    }
   }
 }
 
 AtomicFile::~AtomicFile() {
   if (fd_ >= 0) ::close(fd_);
   if (!tmp_.empty()) ::unlink(tmp_.c_str());
+  if (dir_fd_ >= 0) ::close(dir_fd_);  // and its lock
 }
 
 void AtomicFile::write(const void* data, size_t n) {
@@ -53,13 +88,7 @@ void AtomicFile::commit() {
   if (::rename(tmp_.c_str(), path_.c_str()) != 0) throw io_error("cannot rename a temporary file to", path_);
   tmp_.clear();
   // The rename itself is durable once the folder is synced.
-  const std::filesystem::path parent = std::filesystem::path(path_).parent_path();
-  const std::string dir = parent.empty() ? std::string(".") : parent.string();
-  const int dfd = ::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-  if (dfd < 0) throw io_error("cannot open the folder", dir);
-  const int rc = ::fsync(dfd);
-  ::close(dfd);
-  if (rc != 0) throw io_error("fsync failed on the folder", dir);
+  if (::fsync(dir_fd_) != 0) throw io_error("fsync failed on the folder", folder_of(path_));
 }
 
 void write_file_atomic(const std::string& path, std::string_view bytes) {

@@ -1,8 +1,10 @@
 // Crash-safe writing of a file in pieces (write_file_atomic, in multipole.h, writes one buffer):
 // the bytes go to a temporary file beside the target, are fsynced, and the temporary is renamed
 // over the target, then the folder is fsynced. Whenever the writer dies, the target is the old
-// file or the new one, never a mix; at worst a `<target>.tmp-*` file is left behind, which
-// nothing reads.
+// file or the new one, never a mix; at worst a `<target>.tmp-XXXXXXXX` file is left behind,
+// which nothing reads and the next write into the folder removes. Writers hold a shared lock
+// (flock) on the folder while they write; a write that gets it exclusively first knows that no
+// temporary there is being written and removes them all (a killed writer's lock is gone).
 #pragma once
 
 #include <cstddef>
@@ -22,6 +24,7 @@ class AtomicFile {
  private:
   std::string path_, tmp_;
   int fd_ = -1;
+  int dir_fd_ = -1;  // the folder, locked shared while the temporary exists
 };
 
 }  // namespace mp
