@@ -39,6 +39,8 @@ int main(int argc, char** argv) {
                   "  --body-timeout S  a request body must arrive whole within S seconds, else\n"
                   "                    408 (default 60)\n"
                   "  --keep-alive-timeout S  an idle connection closes after S s (default 5)\n"
+                  "  --send-buffer-kib N  socket send buffer of a connection (default 256;\n"
+                  "                    0: the kernel's, which grows to 4 MiB)\n"
                   "  --backend KIND    auto, cpu or cuda (default auto)\n"
                   "  --devices LIST    GPUs to run replicas on: all or 0,1,... (default 0); new\n"
                   "                    requests go to the least loaded one\n"
@@ -62,7 +64,7 @@ int main(int argc, char** argv) {
                                  "chat-template-file", "state-dir", "max-sessions",
                                  "max-state-dir-mib", "session-memory-mib", "max-body",
                                  "read-timeout", "write-timeout", "body-timeout",
-                                 "keep-alive-timeout"};
+                                 "keep-alive-timeout", "send-buffer-kib"};
   known.insert(mp::cli::kPrefixCacheOptions.begin(), mp::cli::kPrefixCacheOptions.end());
   a.check_known(known);
   try {
@@ -94,6 +96,7 @@ int main(int argc, char** argv) {
     o.write_timeout = a.seconds("write-timeout", o.write_timeout);
     o.body_timeout = a.seconds("body-timeout", o.body_timeout);
     o.keep_alive_timeout = a.seconds("keep-alive-timeout", o.keep_alive_timeout);
+    o.send_buffer = static_cast<int>(a.integer("send-buffer-kib", o.send_buffer >> 10)) << 10;
     if (a.has("chat-template-file")) {
       std::ifstream f(a.str("chat-template-file"));
       if (!f) throw mp::Error("cannot read '" + a.str("chat-template-file") + "'");

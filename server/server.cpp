@@ -209,7 +209,7 @@ struct Server::Impl {
       // A fixed send buffer (the kernel's grows to 4 MiB): what a client that stopped reading
       // holds, and how much is written before the write timeout starts to count.
       const int send_buffer = static_cast<int>(opts.send_buffer);
-      setsockopt(sock, SOL_SOCKET, SO_SNDBUF, &send_buffer, sizeof send_buffer);
+      if (send_buffer > 0) setsockopt(sock, SOL_SOCKET, SO_SNDBUF, &send_buffer, sizeof send_buffer);
       listen_fd = sock;
     });
     http.set_pre_routing_handler([this](const httplib::Request& req, httplib::Response& res) {

@@ -23,7 +23,7 @@ struct ServerOptions {
   double read_timeout = 60, write_timeout = 60, body_timeout = 60, keep_alive_timeout = 5;
   // Socket send buffer of a connection, bytes (Linux doubles it): the most a client that stopped
   // reading leaves in the kernel before its writes stall; a stream sends far less per second.
-  int send_buffer = 256 << 10;
+  int send_buffer = 256 << 10;  // 0: the kernel's own (auto-tuned)
   // HTTP worker threads; each open connection holds one (a streaming client while it streams).
   // 0: one for every slot and queue place of the scheduler, plus 64 for quick requests. A
   // connection beyond them and 16 waiting gets an immediate 503.
