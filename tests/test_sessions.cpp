@@ -276,7 +276,7 @@ class RedisServer {
     const std::string port = std::to_string(port_), dir = dir_ / "";
     std::vector<std::string> args = {"redis-server", "--port", port, "--bind", "127.0.0.1",
                                      "--save", "", "--appendonly", "no", "--dir", dir,
-                                     "--loglevel", "warning"};
+                                     "--loglevel", "warning", "--logfile", dir + "redis.log"};
     std::vector<char*> argv;
     for (auto& a : args) argv.push_back(a.data());
     argv.push_back(nullptr);
@@ -484,9 +484,9 @@ TEST(Replicas, ConcurrentTurnsOnOneSessionOneWinsTheOtherGets409) {
   // The winner's turn was stored; the other replica continues after it.
   const int prompt = static_cast<int>(m.model->tokenizer().encode("go", true).size());
   EXPECT_EQ(b.call("GET", "/v1/sessions/busy")["position"], prompt + 500);
-  const json next = b.turn("busy", "x", 1);
+  const json next = b.turn("busy", "x", 1);  // its prompt starts with the unfed last token
   EXPECT_EQ(next["session"]["position"],
-            prompt + 500 + next["usage"]["prompt_tokens"].get<int>() + 4);
+            prompt + 500 - 1 + next["usage"]["prompt_tokens"].get<int>() + 4);
 }
 
 // Redis down: completions without a session go on; session requests get a clear 503, counted in
