@@ -13,25 +13,6 @@ namespace mp::sessions {
 
 namespace {
 
-// KEYS[1] the record; ARGV: the new record, the version the stored one must have (0: none
-// stored), the TTL in ms (0: none). The version is read from the stored record's header.
-constexpr const char* kPut = R"lua(
-local version = 0
-local head = redis.call('GETRANGE', KEYS[1], 0, 11)
-if #head == 12 then
-  local n = struct.unpack('<I4', head, 9)
-  local ok, h = pcall(cjson.decode, redis.call('GETRANGE', KEYS[1], 12, 11 + n))
-  version = ok and tonumber(h.version) or -1
-end
-if version ~= tonumber(ARGV[2]) then return 0 end
-if tonumber(ARGV[3]) > 0 then
-  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[3])
-else
-  redis.call('SET', KEYS[1], ARGV[1])
-end
-return 1
-)lua";
-
 // KEYS[1] a claim; ARGV[1] its holder's token: only the holder's claim is dropped.
 constexpr const char* kUnclaim = R"lua(
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
@@ -39,7 +20,7 @@ return 0
 )lua";
 
 constexpr const char* kClaimSuffix = ":claim";
-constexpr size_t kHeadBytes = 4096;  // a record's header fits (ids are short): one read in scan
+constexpr size_t kHeadBytes = 4096;  // a record's header fits (ids and model ids are short)
 
 // SCAN's MATCH is a glob: the prefix matches itself only.
 std::string glob_escape(const std::string& s) {
@@ -66,10 +47,26 @@ class RedisStore final : public Store {
                                    " bytes, more than the store's cap of " +
                                    std::to_string(o_.max_record_bytes),
                           "session", "session_too_large");
+    // A compare-and-set: WATCH, the stored header's version, then MULTI/SET/EXEC, which Redis
+    // aborts if the key changed after the WATCH. (A Lua script would copy the record twice.)
+    const std::string k = key(id);
     std::lock_guard<std::mutex> lock(mu_);
-    return command({"EVAL", kPut, "1", key(id), record, std::to_string(expected),
-                    std::to_string(o_.ttl_s * 1000)})
-               ->integer == 1;
+    append({"WATCH", k});
+    append({"GETRANGE", k, "0", std::to_string(kHeadBytes - 1)});
+    reply();
+    if (stored_version(reply()) != std::optional<uint64_t>(expected)) {
+      command({"UNWATCH"});
+      return false;
+    }
+    append({"MULTI"});
+    if (o_.ttl_s > 0)
+      append({"SET", k, record, "PX", std::to_string(o_.ttl_s * 1000)});
+    else
+      append({"SET", k, record});
+    append({"EXEC"});
+    reply();
+    reply();
+    return reply()->type == REDIS_REPLY_ARRAY;  // nil: aborted
   }
 
   std::optional<std::string> get(const std::string& id) override {
@@ -141,6 +138,16 @@ class RedisStore final : public Store {
   using Reply = std::unique_ptr<redisReply, void (*)(void*)>;
 
   std::string key(const std::string& id) const { return o_.prefix + id; }
+
+  // The version in a record's header (GETRANGE's reply); 0: no record; none: unreadable.
+  static std::optional<uint64_t> stored_version(const Reply& head) {
+    if (head->len == 0) return 0;
+    try {
+      return decode_record(std::string_view(head->str, head->len), true).info.version;
+    } catch (const Error&) {
+      return std::nullopt;
+    }
+  }
 
   [[noreturn]] void unavailable(const std::string& why) {
     if (c_) redisFree(c_);

@@ -66,10 +66,12 @@ class DirectoryStore final : public Store {
     return true;
   }
   std::optional<std::string> get(const std::string& id) override {
-    std::ifstream f(path(id), std::ios::binary);
+    std::ifstream f(path(id), std::ios::binary | std::ios::ate);
     if (!f) return std::nullopt;
-    std::string bytes((std::istreambuf_iterator<char>(f)), std::istreambuf_iterator<char>());
-    if (f.bad()) throw Error("reading '" + path(id) + "' failed");
+    std::string bytes(static_cast<size_t>(f.tellg()), '\0');  // one read, not char by char
+    f.seekg(0);
+    f.read(bytes.data(), static_cast<std::streamsize>(bytes.size()));
+    if (!f) throw Error("reading '" + path(id) + "' failed");
     return bytes;
   }
   bool remove(const std::string& id) override { return fs::remove(path(id)); }
