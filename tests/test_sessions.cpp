@@ -142,27 +142,33 @@ TEST(Sessions, CreateInspectForkDelete) {
   s.call("GET", "/v1/sessions/copy", nullptr, 404);
 }
 
+// The prompt of a test conversation's turn i.
+std::string words(int i) { return " turn " + std::to_string(i) + ":"; }
+
+// The conversation's texts on one server that keeps its session in memory; each turn reads only
+// its new prompt (after the first turn: without BOS, after the unfed token of the turn before),
+// whatever the session's length.
+std::vector<std::string> one_server_conversation(const Models& m, int turns) {
+  Server1 s(m.model, "");
+  s.call("POST", "/v1/sessions", {{"id", "talk"}});
+  std::vector<std::string> texts;
+  const auto& tok = m.model->tokenizer();
+  for (int i = 0; i < turns; ++i) {
+    const json r = s.turn("talk", words(i), 100 + i);
+    texts.push_back(r["choices"][0]["text"]);
+    EXPECT_EQ(r["usage"]["prompt_tokens"].get<size_t>(),
+              i == 0 ? tok.encode(words(i), true).size() : tok.encode(words(i), false).size() + 1);
+  }
+  return texts;
+}
+
 // 200 turns, the server restarted every 20, give the text of an uninterrupted run; each turn
 // reads only its own tokens.
 TEST(Sessions, AConversationSurvivesRestartsTokenForToken) {
   Models m;
   StateDirs dirs;
   const int turns = 200;
-  auto words = [](int i) { return " turn " + std::to_string(i) + ":"; };
-  std::vector<std::string> steady;
-  {
-    Server1 s(m.model, "");
-    s.call("POST", "/v1/sessions", {{"id", "talk"}});
-    for (int i = 0; i < turns; ++i) {
-      const json r = s.turn("talk", words(i), 100 + i);
-      steady.push_back(r["choices"][0]["text"]);
-      // Only the new prompt is read (after the first turn: without BOS, after the unfed token
-      // of the turn before), whatever the session's length.
-      const auto& tok = m.model->tokenizer();
-      EXPECT_EQ(r["usage"]["prompt_tokens"].get<size_t>(),
-                i == 0 ? tok.encode(words(i), true).size() : tok.encode(words(i), false).size() + 1);
-    }
-  }
+  const std::vector<std::string> steady = one_server_conversation(m, turns);
   std::vector<std::string> restarted;
   int64_t position = 0;
   for (int i = 0; i < turns; ++i) {
@@ -227,25 +233,32 @@ TEST(Sessions, CorruptFilesAreSkippedAndTheDiskCapHonoured) {
   }
 }
 
+// A long turn on `holder` holds a session; a turn or a delete on `other` (the same server, or
+// another replica sharing the store) meanwhile gets 409; then `other` continues after the turn.
+void one_request_at_a_time(const Models& m, const Server1& holder, const Server1& other) {
+  holder.call("POST", "/v1/sessions", {{"id", "busy"}});
+  auto first = std::async(std::launch::async, [&] {
+    return holder.call("POST", "/v1/completions",
+                       {{"session", "busy"}, {"prompt", "go"}, {"max_tokens", 500}, {"ignore_eos", true}});
+  });
+  for (int i = 0; i < 500 && holder.sched->stats().slots_in_use == 0; ++i)
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  ASSERT_EQ(holder.sched->stats().slots_in_use, 1);
+  const json r = other.turn("busy", "x", 1, 409);
+  EXPECT_EQ(r["error"]["code"], "session_conflict");
+  other.call("DELETE", "/v1/sessions/busy", nullptr, 409);
+  EXPECT_EQ(first.get()["usage"]["completion_tokens"], 500);
+  const int prompt = static_cast<int>(m.model->tokenizer().encode("go", true).size());
+  EXPECT_EQ(other.call("GET", "/v1/sessions/busy")["position"], prompt + 500);
+  const json next = other.turn("busy", "x", 1);  // its prompt starts with the unfed last token
+  EXPECT_EQ(next["session"]["position"],
+            prompt + 500 - 1 + next["usage"]["prompt_tokens"].get<int>() + 4);
+}
+
 TEST(Sessions, OneRequestAtATimeOnASession) {
   Models m;
   Server1 s(m.model, "");
-  s.call("POST", "/v1/sessions", {{"id", "busy"}});
-  // A long turn holds the session; a second request meanwhile gets 409.
-  auto first = std::async(std::launch::async, [&] {
-    return s.call("POST", "/v1/completions",
-                  {{"session", "busy"}, {"prompt", "go"}, {"max_tokens", 500}, {"ignore_eos", true}});
-  });
-  for (int i = 0; i < 500 && s.sched->stats().slots_in_use == 0; ++i)
-    std::this_thread::sleep_for(std::chrono::milliseconds(10));
-  ASSERT_EQ(s.sched->stats().slots_in_use, 1);
-  const json r = s.turn("busy", "x", 1, 409);
-  EXPECT_EQ(r["error"]["code"], "session_conflict");
-  s.call("DELETE", "/v1/sessions/busy", nullptr, 409);
-  EXPECT_EQ(first.get()["usage"]["completion_tokens"], 500);
-  const int prompt = static_cast<int>(m.model->tokenizer().encode("go", true).size());
-  EXPECT_EQ(s.call("GET", "/v1/sessions/busy")["position"], prompt + 500);
-  s.turn("busy", "x", 1);
+  one_request_at_a_time(m, s, s);
 }
 
 TEST(PrefixCacheServer, ARepeatedDocumentReportsCachedTokens) {
@@ -435,13 +448,7 @@ TEST(Replicas, AConversationAlternatingBetweenReplicasMatchesOneServer) {
   Models m;
   RedisServer redis;
   const int turns = 16;
-  auto words = [](int i) { return " turn " + std::to_string(i) + ":"; };
-  std::vector<std::string> one;
-  {
-    Server1 s(m.model, "");
-    s.call("POST", "/v1/sessions", {{"id", "talk"}});
-    for (int i = 0; i < turns; ++i) one.push_back(s.turn("talk", words(i), 100 + i)["choices"][0]["text"]);
-  }
+  const std::vector<std::string> one = one_server_conversation(m, turns);
   Server1 a(m.model, redis.url()), b(m.model, redis.url());
   a.call("POST", "/v1/sessions", {{"id", "talk"}});
   b.call("POST", "/v1/sessions", {{"id", "talk"}}, 409);  // exists, on the other replica
@@ -469,24 +476,7 @@ TEST(Replicas, ConcurrentTurnsOnOneSessionOneWinsTheOtherGets409) {
   Models m;
   RedisServer redis;
   Server1 a(m.model, redis.url()), b(m.model, redis.url());
-  a.call("POST", "/v1/sessions", {{"id", "busy"}});
-  auto first = std::async(std::launch::async, [&] {
-    return a.call("POST", "/v1/completions",
-                  {{"session", "busy"}, {"prompt", "go"}, {"max_tokens", 500}, {"ignore_eos", true}});
-  });
-  for (int i = 0; i < 500 && a.sched->stats().slots_in_use == 0; ++i)
-    std::this_thread::sleep_for(std::chrono::milliseconds(10));
-  ASSERT_EQ(a.sched->stats().slots_in_use, 1);
-  const json r = b.turn("busy", "x", 1, 409);
-  EXPECT_EQ(r["error"]["code"], "session_conflict");
-  b.call("DELETE", "/v1/sessions/busy", nullptr, 409);
-  EXPECT_EQ(first.get()["usage"]["completion_tokens"], 500);
-  // The winner's turn was stored; the other replica continues after it.
-  const int prompt = static_cast<int>(m.model->tokenizer().encode("go", true).size());
-  EXPECT_EQ(b.call("GET", "/v1/sessions/busy")["position"], prompt + 500);
-  const json next = b.turn("busy", "x", 1);  // its prompt starts with the unfed last token
-  EXPECT_EQ(next["session"]["position"],
-            prompt + 500 - 1 + next["usage"]["prompt_tokens"].get<int>() + 4);
+  one_request_at_a_time(m, a, b);
 }
 
 // Redis down: completions without a session go on; session requests get a clear 503, counted in
