@@ -353,6 +353,25 @@ sessions::State random_state(int64_t position, uint32_t seed) {
   return {bytes, static_cast<int>(rng() % 100), position};
 }
 
+TEST(RedisStore, UrlsAreParsedAndBadOnesNamed) {
+  const auto o = sessions::parse_redis_url("redis://cache.local:6380/app:sessions:");
+  EXPECT_EQ(o.host, "cache.local");
+  EXPECT_EQ(o.port, 6380);
+  EXPECT_EQ(o.prefix, "app:sessions:");
+  const auto d = sessions::parse_redis_url("redis://10.0.0.1");
+  EXPECT_EQ(d.host, "10.0.0.1");
+  EXPECT_EQ(d.port, 6379);
+  EXPECT_EQ(d.prefix, "multipole:session:");
+  for (const char* bad : {"http://x", "redis://", "redis://h:0", "redis://h:99999", "redis://h:6x"}) {
+    try {
+      sessions::parse_redis_url(bad);
+      ADD_FAILURE() << bad << " was accepted";
+    } catch (const Error& e) {
+      EXPECT_NE(std::string(e.what()).find(bad), std::string::npos) << e.what();
+    }
+  }
+}
+
 TEST(RedisStore, VersionedPutsClaimsScanTtlAndSizeCap) {
   RedisServer redis;
   sessions::RedisOptions o = redis.options();

@@ -261,11 +261,7 @@ Sessions::Lease Sessions::create(const std::string& requested) {
       if (guard([&] { return store_->get(id); })) throw conflict("session '" + id + "' exists");
       std::lock_guard<std::mutex> lock(mu_);
       auto it = entries_.find(id);  // removed by another server since this one used it
-      if (it != entries_.end() && !it->second.info.busy) {
-        st_.memory_bytes -= it->second.bytes ? it->second.bytes->size() : 0;
-        st_.store_bytes -= it->second.record_bytes;
-        entries_.erase(it);
-      }
+      if (it != entries_.end() && !it->second.info.busy) drop(it);
     } catch (...) {
       unclaim(id);
       throw;
@@ -436,11 +432,15 @@ void Sessions::make_room(size_t incoming_record) {
         victim = it;
     if (victim == entries_.end()) return;  // every session is busy
     if (local) store_->remove(victim->first);
-    st_.store_bytes -= victim->second.record_bytes;
-    st_.memory_bytes -= victim->second.bytes ? victim->second.bytes->size() : 0;
-    entries_.erase(victim);
+    drop(victim);
     ++st_.evicted;
   }
+}
+
+void Sessions::drop(std::map<std::string, Entry>::iterator it) {
+  st_.store_bytes -= it->second.record_bytes;
+  st_.memory_bytes -= it->second.bytes ? it->second.bytes->size() : 0;
+  entries_.erase(it);
 }
 
 // States the store holds leave memory, least recently used first, beyond the memory budget.
@@ -513,21 +513,14 @@ void Sessions::remove(const std::string& id) {
     std::lock_guard<std::mutex> lock(mu_);
     auto it = entries_.find(id);
     if (!stored && it == entries_.end()) throw not_found(id);
-    if (it != entries_.end() && !it->second.info.busy) {
-      st_.store_bytes -= it->second.record_bytes;
-      st_.memory_bytes -= it->second.bytes ? it->second.bytes->size() : 0;
-      entries_.erase(it);
-    }
+    if (it != entries_.end() && !it->second.info.busy) drop(it);
     ++st_.removed;
     return;
   }
   std::lock_guard<std::mutex> lock(mu_);
-  Entry& e = get(id);
-  if (e.info.busy) throw busy(id);
+  if (get(id).info.busy) throw busy(id);
   if (store_) store_->remove(id);
-  st_.store_bytes -= e.record_bytes;
-  st_.memory_bytes -= e.bytes ? e.bytes->size() : 0;
-  entries_.erase(id);
+  drop(entries_.find(id));
   ++st_.removed;
 }
 

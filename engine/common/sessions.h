@@ -143,6 +143,7 @@ class Sessions {
   void release(const std::string& id);
   void make_room(size_t incoming_record);  // evicts least recently used idle sessions
   void trim_memory();
+  void drop(std::map<std::string, Entry>::iterator it);  // from the map, with its bytes; mu_ held
   std::string new_id() const;
 
   const std::string model_;
