@@ -8,7 +8,7 @@
 FROM nvidia/cuda:13.0.0-devel-ubuntu24.04 AS build
 RUN apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
       cmake ninja-build g++ pkg-config libsentencepiece-dev nlohmann-json3-dev libcpp-httplib-dev \
-      libdnnl-dev && rm -rf /var/lib/apt/lists/*
+      libdnnl-dev libhiredis-dev && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 COPY . .
 RUN cmake -S . -B build -G Ninja -DCMAKE_BUILD_TYPE=Release -DMULTIPOLE_TESTS=OFF -DMULTIPOLE_CUDA=ON \
@@ -21,7 +21,7 @@ RUN cmake -S . -B build -G Ninja -DCMAKE_BUILD_TYPE=Release -DMULTIPOLE_TESTS=OF
 # packages are named here because their runtime libraries' names change between releases.
 FROM nvidia/cuda:13.0.0-runtime-ubuntu24.04
 RUN apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
-      libsentencepiece-dev libcpp-httplib-dev libdnnl-dev libgomp1 curl \
+      libsentencepiece-dev libcpp-httplib-dev libdnnl-dev libhiredis-dev libgomp1 curl \
  && rm -rf /var/lib/apt/lists/*
 COPY --from=build /opt/multipole /opt/multipole
 ENV PATH=/opt/multipole/bin:$PATH

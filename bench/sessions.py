@@ -10,7 +10,8 @@
             sessions (the server persists each in its --state-dir); prints the fork rate, the
             state directory's bytes, the server's memory (--server-pid), then resumes
             --resumes random sessions with a short turn: their time to first token and prompt
-            tokens read, against the cold read of the document
+            tokens read, against the cold read of the document; with --resume-url the
+            resumes go to another replica sharing the sessions (--session-store)
 
 usage: sessions.py prefix|sessions [--url http://127.0.0.1:8080] [--doc-tokens N] ...
 Standard library only.
@@ -141,6 +142,8 @@ def sessions(a, cl):
           f"{cl.metric('multipole_sessions_memory_bytes') / 2**20:.0f} MiB")
     rng = random.Random(7)
     rows = []
+    if a.resume_url:
+        cl = Client(a.resume_url)
     for _ in range(a.resumes):
         sid = f"s{rng.randrange(a.sessions)}"
         t, usage = cl.ttft({"session": sid, "prompt": doc_ids(8, rng.randrange(1 << 30)),
@@ -165,6 +168,7 @@ def main():
     p.add_argument("--sessions", type=int, default=10_000)
     p.add_argument("--resumes", type=int, default=20)
     p.add_argument("--state-dir", default="")
+    p.add_argument("--resume-url", default="", help="resume on this replica (sessions scenario)")
     p.add_argument("--server-pid", type=int, default=0)
     a = p.parse_args()
     cl = Client(a.url)

@@ -55,6 +55,14 @@ int main(int argc, char** argv) {
                   "  --max-state-dir-mib N  cap on the session files (default: none)\n"
                   "  --session-memory-mib N  session states cached in memory when a state\n"
                   "                    directory holds them (default 256)\n"
+                  "  --session-store redis://HOST[:PORT][/PREFIX]  sessions shared with other\n"
+                  "                    servers in Redis (keys PREFIX<id>, default prefix\n"
+                  "                    multipole:session:), instead of --state-dir\n"
+                  "  --session-ttl-s N  a stored session expires N s after its last turn\n"
+                  "                    (default 604800, a week; 0: never)\n"
+                  "  --session-max-record-mib N  largest session record stored (default 64)\n"
+                  "  --session-claim-s N  a request's claim on a session lapses after N s, if\n"
+                  "                    its server died holding it (default 60)\n"
                   "  --quiet           no access log\n" +
                       std::string(mp::cli::kPrefixCacheUsage),
                   {{"m", "model"}});
@@ -64,7 +72,8 @@ int main(int argc, char** argv) {
                                  "chat-template-file", "state-dir", "max-sessions",
                                  "max-state-dir-mib", "session-memory-mib", "max-body",
                                  "read-timeout", "write-timeout", "body-timeout",
-                                 "keep-alive-timeout", "send-buffer-kib"};
+                                 "keep-alive-timeout", "send-buffer-kib", "session-store",
+                                 "session-ttl-s", "session-max-record-mib", "session-claim-s"};
   known.insert(mp::cli::kPrefixCacheOptions.begin(), mp::cli::kPrefixCacheOptions.end());
   a.check_known(known);
   try {
@@ -112,6 +121,15 @@ int main(int argc, char** argv) {
     o.sessions.max_sessions = static_cast<size_t>(max_sessions);
     o.sessions.max_store_bytes = static_cast<size_t>(dir_mib) << 20;
     o.sessions.memory_bytes = static_cast<size_t>(memory_mib) << 20;
+    o.session_store = a.str("session-store");
+    const long long ttl = a.integer("session-ttl-s", o.redis.ttl_s),
+                    record_mib = a.integer("session-max-record-mib", 64),
+                    claim = a.integer("session-claim-s", o.redis.claim_ms / 1000);
+    if (ttl < 0 || record_mib <= 0 || claim <= 0)
+      a.fail("--session-ttl-s must be >= 0, --session-max-record-mib and --session-claim-s positive");
+    o.redis.ttl_s = ttl;
+    o.redis.max_record_bytes = static_cast<size_t>(record_mib) << 20;
+    o.redis.claim_ms = claim * 1000;
     mp::Server server(model, sched, o);
     if (!server.bind()) throw mp::Error("cannot bind " + o.host + ":" + std::to_string(o.port));
     std::signal(SIGINT, on_signal);

@@ -179,10 +179,16 @@ struct Server::Impl {
         opts(std::move(o)),
         chat_format(chat::format_for(*model, opts.chat_template, warning)) {
     if (opts.ctx_limit <= 0) opts.ctx_limit = model->config().n_ctx_train;
+    if (!opts.state_dir.empty() && !opts.session_store.empty())
+      throw Error("a state directory and a session store exclude each other: choose one");
+    std::unique_ptr<sessions::Store> store =
+        !opts.session_store.empty()
+            ? sessions::redis_store(sessions::parse_redis_url(opts.session_store, opts.redis))
+        : !opts.state_dir.empty() ? sessions::directory_store(opts.state_dir)
+                                  : nullptr;
     std::vector<std::string> problems;
-    sessions = std::make_unique<sessions::Sessions>(
-        model->identity(), opts.state_dir.empty() ? nullptr : sessions::directory_store(opts.state_dir),
-        opts.sessions, &problems);
+    sessions = std::make_unique<sessions::Sessions>(model->identity(), std::move(store),
+                                                    opts.sessions, &problems);
     for (const auto& p : problems) std::fprintf(stderr, "warning: skipped %s\n", p.c_str());
     if (opts.http_threads <= 0) {
       const SchedulerStats st = sched.stats();
@@ -705,6 +711,13 @@ struct Server::Impl {
     gauge("multipole_sessions_store_bytes", "Session records in the state directory.",
           double(ss.store_bytes));
     gauge("multipole_sessions_evicted_total", "Sessions removed for room.", double(ss.evicted),
+          "counter");
+    gauge("multipole_session_loads_total", "Session states read from the store.",
+          double(ss.loads), "counter");
+    gauge("multipole_session_saves_total", "Session states written to the store.",
+          double(ss.saves), "counter");
+    gauge("multipole_session_store_errors_total",
+          "Session store operations that found it unavailable.", double(ss.store_errors),
           "counter");
     if (!s.devices.empty()) {
       // Per device of a replicated backend, labelled by device.

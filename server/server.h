@@ -5,6 +5,7 @@
 #include <memory>
 #include <string>
 
+#include "common/redis_store.h"
 #include "common/sessions.h"
 #include "multipole/multipole.h"
 
@@ -35,6 +36,10 @@ struct ServerOptions {
   // state_dir when it is set, reloaded after a restart.
   std::string state_dir;
   sessions::Options sessions;
+  // Or shared with other servers (replicas) in Redis: "redis://host[:port][/prefix]"; `redis`
+  // holds the store's other settings.
+  std::string session_store;
+  sessions::RedisOptions redis;
 };
 
 class Server {

@@ -1,7 +1,15 @@
 // Sessions and the prefix cache through a real multipole-server: CRUD, a long conversation across
-// restarts, another model's states, the disk cap, one request at a time, cached prompt tokens.
+// restarts, another model's states, the disk cap, one request at a time, cached prompt tokens;
+// replicas sharing sessions through a real redis-server (the Redis store, its compare-and-set and
+// claims, a conversation alternating between replicas, concurrent turns, the store down).
 #include <gtest/gtest.h>
 #include <httplib.h>
+#include <netinet/in.h>
+#include <signal.h>
+#include <spawn.h>
+#include <sys/socket.h>
+#include <sys/wait.h>
+#include <unistd.h>
 
 #include <filesystem>
 #include <fstream>
@@ -10,6 +18,8 @@
 #include <nlohmann/json.hpp>
 #include <thread>
 
+#include "common/api.h"
+#include "common/redis_store.h"
 #include "common/sessions.h"
 #include "model_fixture.h"
 #include "server.h"
@@ -42,12 +52,13 @@ struct Models {
 };
 
 // One server over `model`; destroying it and making another over the same state_dir is a restart.
+// `store`: a state directory, a redis:// URL (sessions shared with other servers) or "" (memory).
 struct Server1 {
   std::unique_ptr<Backend> backend;
   std::unique_ptr<Scheduler> sched;
   std::unique_ptr<Server> server;
   std::thread thread;
-  Server1(std::shared_ptr<Model> model, const std::string& state_dir,
+  Server1(std::shared_ptr<Model> model, const std::string& store,
           sessions::Options so = {}, SchedulerOptions sched_opts = {}) {
     backend = make_backend(model, {.kind = "cpu",
                                    .n_slots = 4 + sched_opts.prefix_cache_slots,
@@ -56,7 +67,7 @@ struct Server1 {
     ServerOptions o;
     o.port = 0;
     o.access_log = false;
-    o.state_dir = state_dir;
+    (store.starts_with("redis://") ? o.session_store : o.state_dir) = store;
     o.ctx_limit = 1 << 20;
     o.sessions = so;
     server = std::make_unique<Server>(model, *sched, o);
@@ -131,27 +142,33 @@ TEST(Sessions, CreateInspectForkDelete) {
   s.call("GET", "/v1/sessions/copy", nullptr, 404);
 }
 
+// The prompt of a test conversation's turn i.
+std::string words(int i) { return " turn " + std::to_string(i) + ":"; }
+
+// The conversation's texts on one server that keeps its session in memory; each turn reads only
+// its new prompt (after the first turn: without BOS, after the unfed token of the turn before),
+// whatever the session's length.
+std::vector<std::string> one_server_conversation(const Models& m, int turns) {
+  Server1 s(m.model, "");
+  s.call("POST", "/v1/sessions", {{"id", "talk"}});
+  std::vector<std::string> texts;
+  const auto& tok = m.model->tokenizer();
+  for (int i = 0; i < turns; ++i) {
+    const json r = s.turn("talk", words(i), 100 + i);
+    texts.push_back(r["choices"][0]["text"]);
+    EXPECT_EQ(r["usage"]["prompt_tokens"].get<size_t>(),
+              i == 0 ? tok.encode(words(i), true).size() : tok.encode(words(i), false).size() + 1);
+  }
+  return texts;
+}
+
 // 200 turns, the server restarted every 20, give the text of an uninterrupted run; each turn
 // reads only its own tokens.
 TEST(Sessions, AConversationSurvivesRestartsTokenForToken) {
   Models m;
   StateDirs dirs;
   const int turns = 200;
-  auto words = [](int i) { return " turn " + std::to_string(i) + ":"; };
-  std::vector<std::string> steady;
-  {
-    Server1 s(m.model, "");
-    s.call("POST", "/v1/sessions", {{"id", "talk"}});
-    for (int i = 0; i < turns; ++i) {
-      const json r = s.turn("talk", words(i), 100 + i);
-      steady.push_back(r["choices"][0]["text"]);
-      // Only the new prompt is read (after the first turn: without BOS, after the unfed token
-      // of the turn before), whatever the session's length.
-      const auto& tok = m.model->tokenizer();
-      EXPECT_EQ(r["usage"]["prompt_tokens"].get<size_t>(),
-                i == 0 ? tok.encode(words(i), true).size() : tok.encode(words(i), false).size() + 1);
-    }
-  }
+  const std::vector<std::string> steady = one_server_conversation(m, turns);
   std::vector<std::string> restarted;
   int64_t position = 0;
   for (int i = 0; i < turns; ++i) {
@@ -216,25 +233,32 @@ TEST(Sessions, CorruptFilesAreSkippedAndTheDiskCapHonoured) {
   }
 }
 
+// A long turn on `holder` holds a session; a turn or a delete on `other` (the same server, or
+// another replica sharing the store) meanwhile gets 409; then `other` continues after the turn.
+void one_request_at_a_time(const Models& m, const Server1& holder, const Server1& other) {
+  holder.call("POST", "/v1/sessions", {{"id", "busy"}});
+  auto first = std::async(std::launch::async, [&] {
+    return holder.call("POST", "/v1/completions",
+                       {{"session", "busy"}, {"prompt", "go"}, {"max_tokens", 500}, {"ignore_eos", true}});
+  });
+  for (int i = 0; i < 500 && holder.sched->stats().slots_in_use == 0; ++i)
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  ASSERT_EQ(holder.sched->stats().slots_in_use, 1);
+  const json r = other.turn("busy", "x", 1, 409);
+  EXPECT_EQ(r["error"]["code"], "session_conflict");
+  other.call("DELETE", "/v1/sessions/busy", nullptr, 409);
+  EXPECT_EQ(first.get()["usage"]["completion_tokens"], 500);
+  const int prompt = static_cast<int>(m.model->tokenizer().encode("go", true).size());
+  EXPECT_EQ(other.call("GET", "/v1/sessions/busy")["position"], prompt + 500);
+  const json next = other.turn("busy", "x", 1);  // its prompt starts with the unfed last token
+  EXPECT_EQ(next["session"]["position"],
+            prompt + 500 - 1 + next["usage"]["prompt_tokens"].get<int>() + 4);
+}
+
 TEST(Sessions, OneRequestAtATimeOnASession) {
   Models m;
   Server1 s(m.model, "");
-  s.call("POST", "/v1/sessions", {{"id", "busy"}});
-  // A long turn holds the session; a second request meanwhile gets 409.
-  auto first = std::async(std::launch::async, [&] {
-    return s.call("POST", "/v1/completions",
-                  {{"session", "busy"}, {"prompt", "go"}, {"max_tokens", 500}, {"ignore_eos", true}});
-  });
-  for (int i = 0; i < 500 && s.sched->stats().slots_in_use == 0; ++i)
-    std::this_thread::sleep_for(std::chrono::milliseconds(10));
-  ASSERT_EQ(s.sched->stats().slots_in_use, 1);
-  const json r = s.turn("busy", "x", 1, 409);
-  EXPECT_EQ(r["error"]["code"], "session_conflict");
-  s.call("DELETE", "/v1/sessions/busy", nullptr, 409);
-  EXPECT_EQ(first.get()["usage"]["completion_tokens"], 500);
-  const int prompt = static_cast<int>(m.model->tokenizer().encode("go", true).size());
-  EXPECT_EQ(s.call("GET", "/v1/sessions/busy")["position"], prompt + 500);
-  s.turn("busy", "x", 1);
+  one_request_at_a_time(m, s, s);
 }
 
 TEST(PrefixCacheServer, ARepeatedDocumentReportsCachedTokens) {
@@ -253,6 +277,252 @@ TEST(PrefixCacheServer, ARepeatedDocumentReportsCachedTokens) {
   EXPECT_EQ(warm["choices"][0]["text"], cold["choices"][0]["text"]);
   auto metrics = s.client().Get("/metrics");
   EXPECT_NE(metrics->body.find("multipole_prefix_cache_hits_total 1"), std::string::npos);
+}
+
+// A redis-server of the test's own, on a free loopback port, without persistence. The tests fail
+// (not skip) without it: scripts/deps.sh installs redis-server.
+class RedisServer {
+ public:
+  RedisServer() : port_(free_port()) { start(); }
+  ~RedisServer() { kill(); }
+  void start() {
+    const std::string port = std::to_string(port_), dir = dir_ / "";
+    std::vector<std::string> args = {"redis-server", "--port", port, "--bind", "127.0.0.1",
+                                     "--save", "", "--appendonly", "no", "--dir", dir,
+                                     "--loglevel", "warning", "--logfile", dir + "redis.log"};
+    std::vector<char*> argv;
+    for (auto& a : args) argv.push_back(a.data());
+    argv.push_back(nullptr);
+    if (posix_spawnp(&pid_, "redis-server", nullptr, nullptr, argv.data(), environ) != 0)
+      throw Error("cannot start redis-server (scripts/deps.sh installs it)");
+    auto probe = sessions::redis_store(options());
+    for (int i = 0;; ++i) {
+      try {
+        probe->get("probe");
+        return;
+      } catch (const sessions::StoreUnavailable&) {
+        int status;
+        if (waitpid(pid_, &status, WNOHANG) == pid_) throw Error("redis-server exited at start");
+        if (i == 500) throw Error("redis-server did not answer within 5 s");
+        std::this_thread::sleep_for(std::chrono::milliseconds(10));
+      }
+    }
+  }
+  void kill() {
+    if (pid_ <= 0) return;
+    ::kill(pid_, SIGKILL);
+    waitpid(pid_, nullptr, 0);
+    pid_ = -1;
+  }
+  std::string url() const { return "redis://127.0.0.1:" + std::to_string(port_) + "/test:"; }
+  sessions::RedisOptions options() const { return sessions::parse_redis_url(url()); }
+  // redis-cli's answer to one command.
+  std::string cli(const std::string& command) const {
+    const std::string cmd = "redis-cli -p " + std::to_string(port_) + " " + command;
+    FILE* f = popen(cmd.c_str(), "r");
+    std::string out;
+    char buf[256];
+    while (f && fgets(buf, sizeof buf, f)) out += buf;
+    if (f) pclose(f);
+    while (!out.empty() && out.back() == '\n') out.pop_back();
+    return out;
+  }
+
+ private:
+  static int free_port() {
+    const int fd = socket(AF_INET, SOCK_STREAM, 0);
+    sockaddr_in a{};
+    a.sin_family = AF_INET;
+    a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    socklen_t n = sizeof a;
+    if (bind(fd, reinterpret_cast<sockaddr*>(&a), sizeof a) != 0 ||
+        getsockname(fd, reinterpret_cast<sockaddr*>(&a), &n) != 0)
+      throw Error("no free port");
+    close(fd);
+    return ntohs(a.sin_port);
+  }
+  StateDirs dir_;
+  int port_;
+  pid_t pid_ = -1;
+};
+
+sessions::State random_state(int64_t position, uint32_t seed) {
+  std::mt19937 rng(seed);
+  auto bytes = std::make_shared<std::vector<uint8_t>>(4096);
+  for (auto& b : *bytes) b = static_cast<uint8_t>(rng());
+  return {bytes, static_cast<int>(rng() % 100), position};
+}
+
+TEST(RedisStore, UrlsAreParsedAndBadOnesNamed) {
+  const auto o = sessions::parse_redis_url("redis://cache.local:6380/app:sessions:");
+  EXPECT_EQ(o.host, "cache.local");
+  EXPECT_EQ(o.port, 6380);
+  EXPECT_EQ(o.prefix, "app:sessions:");
+  const auto d = sessions::parse_redis_url("redis://10.0.0.1");
+  EXPECT_EQ(d.host, "10.0.0.1");
+  EXPECT_EQ(d.port, 6379);
+  EXPECT_EQ(d.prefix, "multipole:session:");
+  for (const char* bad : {"http://x", "redis://", "redis://h:0", "redis://h:99999", "redis://h:6x"}) {
+    try {
+      sessions::parse_redis_url(bad);
+      ADD_FAILURE() << bad << " was accepted";
+    } catch (const Error& e) {
+      EXPECT_NE(std::string(e.what()).find(bad), std::string::npos) << e.what();
+    }
+  }
+}
+
+TEST(RedisStore, VersionedPutsClaimsScanTtlAndSizeCap) {
+  RedisServer redis;
+  sessions::RedisOptions o = redis.options();
+  o.ttl_s = 100;
+  o.max_record_bytes = 8192;
+  auto a = sessions::redis_store(o), b = sessions::redis_store(o);
+  ASSERT_TRUE(a->shared());
+  sessions::Info info;
+  info.id = "s1";
+  info.version = 1;
+  const std::string v1 = sessions::encode_record(info, "model", random_state(5, 1));
+  info.version = 2;
+  const std::string v2 = sessions::encode_record(info, "model", random_state(9, 2));
+  EXPECT_TRUE(a->put("s1", v1, 0));
+  EXPECT_FALSE(b->put("s1", v1, 0));  // exists: a create elsewhere loses
+  EXPECT_FALSE(b->put("s1", v2, 2));  // not the stored version
+  EXPECT_EQ(a->get("s1"), v1);
+  EXPECT_TRUE(b->put("s1", v2, 1));
+  EXPECT_FALSE(a->put("s1", v2, 1));  // a's write after b's, from the same version: refused
+  EXPECT_EQ(b->get("s1"), v2);
+  EXPECT_FALSE(a->get("nope").has_value());
+  // The TTL counts from the last write.
+  const long ttl_ms = std::stol(redis.cli("PTTL test:s1"));
+  EXPECT_GT(ttl_ms, 90'000);
+  EXPECT_LE(ttl_ms, 100'000);
+  // One claim at a time, whichever server asks; only its holder drops it.
+  EXPECT_TRUE(a->claim("s1"));
+  EXPECT_FALSE(b->claim("s1"));
+  b->unclaim("s1");
+  EXPECT_FALSE(b->claim("s1"));
+  a->unclaim("s1");
+  EXPECT_TRUE(b->claim("s1"));
+  // Scan: headers of the records only (not the claim), with the records' sizes.
+  const auto listed = a->scan(nullptr);
+  ASSERT_EQ(listed.size(), 1u);
+  EXPECT_EQ(listed[0].info.id, "s1");
+  EXPECT_EQ(listed[0].info.position, 9);
+  EXPECT_EQ(listed[0].info.version, 2u);
+  EXPECT_EQ(listed[0].info.bytes, v2.size());
+  // Too large a record is refused, naming the cap.
+  info.version = 1;
+  const std::string big = sessions::encode_record(info, "model", random_state(1, 3));
+  o.max_record_bytes = 1000;
+  try {
+    sessions::redis_store(o)->put("s2", big, 0);
+    ADD_FAILURE() << "a record over the cap was stored";
+  } catch (const api::ApiError& e) {
+    EXPECT_EQ(e.status, 413);
+    EXPECT_NE(std::string(e.what()).find("1000"), std::string::npos);
+  }
+  EXPECT_TRUE(a->remove("s1"));
+  EXPECT_FALSE(a->remove("s1"));
+  EXPECT_TRUE(a->scan(nullptr).empty());
+}
+
+// Two servers' Sessions over one Redis: a turn that outlived its claim while another server's turn
+// was stored loses the compare-and-set (409); nothing interleaves.
+TEST(RedisStore, ATurnThatOutlivedItsClaimLosesTheCompareAndSet) {
+  RedisServer redis;
+  sessions::RedisOptions o = redis.options();
+  o.claim_ms = 200;
+  sessions::Sessions one("model", sessions::redis_store(o), {}),
+      two("model", sessions::redis_store(o), {});
+  one.create("x").commit(random_state(3, 1));
+  EXPECT_EQ(two.info("x").position, 3);  // created on one, seen by two
+  auto slow = one.acquire("x");
+  try {
+    two.acquire("x");
+    ADD_FAILURE() << "two servers held one session";
+  } catch (const api::ApiError& e) {
+    EXPECT_EQ(e.status, 409);
+    EXPECT_NE(std::string(e.what()).find("another server"), std::string::npos);
+  }
+  std::this_thread::sleep_for(std::chrono::milliseconds(300));  // slow's claim lapses
+  const sessions::State fast = random_state(7, 2);
+  two.acquire("x").commit(fast);
+  try {
+    slow.commit(random_state(8, 3));
+    ADD_FAILURE() << "a stale turn overwrote a newer one";
+  } catch (const api::ApiError& e) {
+    EXPECT_EQ(e.status, 409);
+  }
+  { auto gone = std::move(slow); }
+  auto again = one.acquire("x");  // the newer state, not the one `one` had in memory
+  EXPECT_EQ(again.state().position, 7);
+  EXPECT_EQ(*again.state().bytes, *fast.bytes);
+  EXPECT_EQ(again.state().unfed_token, fast.unfed_token);
+}
+
+// A conversation whose turns alternate between two replicas gives token for token the text of one
+// server; each replica sees sessions the other created and wrote.
+TEST(Replicas, AConversationAlternatingBetweenReplicasMatchesOneServer) {
+  Models m;
+  RedisServer redis;
+  const int turns = 16;
+  const std::vector<std::string> one = one_server_conversation(m, turns);
+  Server1 a(m.model, redis.url()), b(m.model, redis.url());
+  a.call("POST", "/v1/sessions", {{"id", "talk"}});
+  b.call("POST", "/v1/sessions", {{"id", "talk"}}, 409);  // exists, on the other replica
+  std::vector<std::string> both;
+  int64_t position = 0;
+  for (int i = 0; i < turns; ++i) {
+    const Server1& s = i % 2 ? b : a;
+    const json r = s.turn("talk", words(i), 100 + i);
+    both.push_back(r["choices"][0]["text"]);
+    EXPECT_GT(r["session"]["position"].get<int64_t>(), position);
+    position = r["session"]["position"];
+    EXPECT_EQ((i % 2 ? a : b).call("GET", "/v1/sessions/talk")["position"], position);
+  }
+  EXPECT_EQ(both, one);
+  // A fork on one replica is continued on the other; a delete on one is seen by the other.
+  a.call("POST", "/v1/sessions/talk/fork", {{"id", "copy"}});
+  EXPECT_EQ(b.turn("copy", " more", 1)["choices"][0]["text"], a.turn("talk", " more", 1)["choices"][0]["text"]);
+  EXPECT_EQ(b.call("GET", "/v1/sessions")["data"].size(), 2u);
+  b.call("DELETE", "/v1/sessions/copy");
+  a.call("GET", "/v1/sessions/copy", nullptr, 404);
+  a.turn("copy", "x", 1, 404);
+}
+
+TEST(Replicas, ConcurrentTurnsOnOneSessionOneWinsTheOtherGets409) {
+  Models m;
+  RedisServer redis;
+  Server1 a(m.model, redis.url()), b(m.model, redis.url());
+  one_request_at_a_time(m, a, b);
+}
+
+// Redis down: completions without a session go on; session requests get a clear 503, counted in
+// /metrics; they work again when Redis is back.
+TEST(Replicas, AStoreThatIsDownFailsOnlySessionRequests) {
+  Models m;
+  RedisServer redis;
+  Server1 a(m.model, redis.url());
+  a.call("POST", "/v1/sessions", {{"id", "kept"}});
+  redis.kill();
+  const json plain = a.call("POST", "/v1/completions", {{"prompt", "hello"}, {"max_tokens", 3}});
+  EXPECT_EQ(plain["usage"]["completion_tokens"], 3);
+  for (const json& e : {a.turn("kept", "x", 1, 503)["error"],
+                        a.call("POST", "/v1/sessions", {{"id", "new"}}, 503)["error"],
+                        a.call("GET", "/v1/sessions/kept", nullptr, 503)["error"]}) {
+    EXPECT_EQ(e["code"], "session_store_unavailable");
+    EXPECT_NE(e["message"].get<std::string>().find("session store is unavailable"),
+              std::string::npos);
+  }
+  const std::string metrics = a.client().Get("/metrics")->body;
+  const size_t at = metrics.find("\nmultipole_session_store_errors_total ");
+  ASSERT_NE(at, std::string::npos);
+  EXPECT_GE(std::stod(metrics.substr(at + 38)), 3.0);
+  redis.start();  // empty: it kept nothing
+  a.call("POST", "/v1/sessions", {{"id", "new"}});
+  EXPECT_EQ(a.turn("new", "x", 1)["session"]["position"].get<int>(),
+            static_cast<int>(m.model->tokenizer().encode("x", true).size()) + 4);
 }
 
 }  // namespace

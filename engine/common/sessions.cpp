@@ -24,6 +24,20 @@ api::ApiError not_found(const std::string& id) {
 api::ApiError conflict(const std::string& msg) {
   return api::ApiError(409, msg, "session", "session_conflict");
 }
+api::ApiError busy(const std::string& id) {
+  return conflict("session '" + id + "' is busy with another request");
+}
+api::ApiError busy_elsewhere(const std::string& id) {
+  return conflict("session '" + id + "' is busy with a request on another server");
+}
+api::ApiError another_model(const std::string& id, const std::string& theirs, const std::string& ours) {
+  return conflict("session '" + id + "' was saved by another model (" + theirs +
+                  "); this server runs " + ours);
+}
+api::ApiError corrupt(const std::string& id, const Error& err) {
+  return api::ApiError(500, "session '" + id + "': " + err.what(), "session", "session_corrupt",
+                       "server_error");
+}
 
 // Ids become file names: letters, digits, '-' and '_', at most 64.
 void check_id(const std::string& id) {
@@ -45,17 +59,22 @@ class DirectoryStore final : public Store {
       if (f.path().filename().string().find(".session.tmp-") != std::string::npos)
         fs::remove(f.path());
   }
-  void put(const std::string& id, const std::string& record) override {
+  // One server writes a directory, and its Sessions write a session one request at a time:
+  // the version is already checked.
+  bool put(const std::string& id, const std::string& record, uint64_t) override {
     write_file_atomic(path(id), record);
+    return true;
   }
   std::optional<std::string> get(const std::string& id) override {
-    std::ifstream f(path(id), std::ios::binary);
+    std::ifstream f(path(id), std::ios::binary | std::ios::ate);
     if (!f) return std::nullopt;
-    std::string bytes((std::istreambuf_iterator<char>(f)), std::istreambuf_iterator<char>());
-    if (f.bad()) throw Error("reading '" + path(id) + "' failed");
+    std::string bytes(static_cast<size_t>(f.tellg()), '\0');  // one read, not char by char
+    f.seekg(0);
+    f.read(bytes.data(), static_cast<std::streamsize>(bytes.size()));
+    if (!f) throw Error("reading '" + path(id) + "' failed");
     return bytes;
   }
-  void remove(const std::string& id) override { fs::remove(path(id)); }
+  bool remove(const std::string& id) override { return fs::remove(path(id)); }
   std::vector<Record> scan(std::vector<std::string>* problems) override {
     std::vector<Record> out;
     for (const auto& f : fs::directory_iterator(dir_)) {
@@ -101,7 +120,8 @@ std::string encode_record(const Info& info, const std::string& model, const Stat
                                   {"position", state.position},
                                   {"unfed_token", state.unfed_token},
                                   {"created", info.created},
-                                  {"updated", info.updated}}
+                                  {"updated", info.updated},
+                                  {"version", info.version}}
                                  .dump();
   std::string out(kMagic, 8);
   const uint32_t n = static_cast<uint32_t>(header.size());
@@ -135,6 +155,7 @@ Record decode_record(std::string_view bytes, bool header_only) {
     r.state.unfed_token = h.at("unfed_token").get<int>();
     r.info.created = h.at("created").get<int64_t>();
     r.info.updated = h.at("updated").get<int64_t>();
+    r.info.version = h.value("version", uint64_t(0));  // files written before versions: 0
   } catch (const std::exception& e) {
     throw Error(std::string("bad record header: ") + e.what());
   }
@@ -154,7 +175,9 @@ std::unique_ptr<Store> directory_store(const std::string& dir) {
 Sessions::Sessions(std::string model, std::unique_ptr<Store> store, Options opts,
                    std::vector<std::string>* problems)
     : model_(std::move(model)), store_(std::move(store)), opts_(opts) {
-  if (!store_) return;
+  // A shared store is asked per session, when one is used: no index to read at start-up (and a
+  // store that is down then does not stop the server).
+  if (!store_ || shared()) return;
   for (Record& r : store_->scan(problems)) {
     Entry e;
     e.info = r.info;
@@ -203,9 +226,48 @@ std::string Sessions::new_id() const {
   return b;
 }
 
+template <class F>
+auto Sessions::guard(F&& store_call) const -> decltype(store_call()) {
+  try {
+    return store_call();
+  } catch (const StoreUnavailable& e) {
+    ++store_errors_;
+    std::fprintf(stderr, "warning: session store: %s\n", e.what());
+    throw api::ApiError(503, std::string("the session store is unavailable: ") + e.what(),
+                        "session", "session_store_unavailable", "server_error");
+  }
+}
+
+Record Sessions::fetch(const std::string& id, size_t* record_bytes) const {
+  const auto bytes = guard([&] { return store_->get(id); });
+  if (!bytes) throw not_found(id);
+  if (record_bytes) *record_bytes = bytes->size();
+  try {
+    return decode_record(*bytes);
+  } catch (const Error& err) {
+    throw corrupt(id, err);
+  }
+}
+
 Sessions::Lease Sessions::create(const std::string& requested) {
   std::string id = requested;
-  {
+  bool claimed = false;
+  if (shared()) {  // the id must be free in the store, and stays ours until the lease ends
+    if (id.empty()) id = new_id();
+    check_id(id);
+    if (!guard([&] { return store_->claim(id); })) throw busy_elsewhere(id);
+    claimed = true;
+    try {
+      if (guard([&] { return store_->get(id); })) throw conflict("session '" + id + "' exists");
+      std::lock_guard<std::mutex> lock(mu_);
+      auto it = entries_.find(id);  // removed by another server since this one used it
+      if (it != entries_.end() && !it->second.info.busy) drop(it);
+    } catch (...) {
+      unclaim(id);
+      throw;
+    }
+  }
+  try {
     std::lock_guard<std::mutex> lock(mu_);
     if (id.empty()) {
       do id = new_id();
@@ -225,19 +287,21 @@ Sessions::Lease Sessions::create(const std::string& requested) {
     e.used = ++clock_;
     entries_.emplace(id, std::move(e));
     ++st_.created;
+  } catch (...) {
+    if (claimed) unclaim(id);
+    throw;
   }
   return Lease(this, id, State{});
 }
 
 Sessions::Lease Sessions::acquire(const std::string& id) {
+  if (shared()) return acquire_shared(id);
   Entry* e;
   {
     std::lock_guard<std::mutex> lock(mu_);
     e = &get(id);
-    if (e->info.busy) throw conflict("session '" + id + "' is busy with another request");
-    if (e->model != model_)
-      throw conflict("session '" + id + "' was saved by another model (" + e->model +
-                     "); this server runs " + model_);
+    if (e->info.busy) throw busy(id);
+    if (e->model != model_) throw another_model(id, e->model, model_);
     e->info.busy = true;
     e->used = ++clock_;
   }
@@ -249,19 +313,47 @@ Sessions::Lease Sessions::acquire(const std::string& id) {
   }
 }
 
+// The session's claim in the store first (another server's request on it: 409), then its record
+// as the store has it now: another server may have written it since this one last did.
+Sessions::Lease Sessions::acquire_shared(const std::string& id) {
+  check_id(id);
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    auto it = entries_.find(id);
+    if (it != entries_.end() && it->second.info.busy) throw busy(id);
+  }
+  if (!guard([&] { return store_->claim(id); })) throw busy_elsewhere(id);
+  try {
+    size_t record_bytes = 0;
+    Record r = fetch(id, &record_bytes);
+    if (r.model != model_) throw another_model(id, r.model, model_);
+    std::lock_guard<std::mutex> lock(mu_);
+    if (!entries_.count(id)) make_room(0);
+    Entry& e = entries_[id];
+    st_.memory_bytes -= e.bytes ? e.bytes->size() : 0;
+    st_.store_bytes -= e.record_bytes;
+    e.info = r.info;
+    e.info.busy = true;
+    e.model = r.model;
+    e.bytes = r.state.bytes;
+    e.unfed_token = r.state.unfed_token;
+    e.record_bytes = record_bytes;
+    e.used = ++clock_;
+    st_.memory_bytes += r.info.bytes;
+    st_.store_bytes += e.record_bytes;
+    ++st_.loads;
+    return Lease(this, id, State{e.bytes, e.unfed_token, e.info.position});
+  } catch (...) {
+    unclaim(id);
+    throw;
+  }
+}
+
 State Sessions::load(Entry& e) {
   State s{e.bytes, e.unfed_token, e.info.position};
   if (s.bytes || !store_ || e.info.position == 0) return s;
-  const auto bytes = store_->get(e.info.id);
-  if (!bytes) throw conflict("session '" + e.info.id + "' is gone from the store");
-  Record r;
-  try {
-    r = decode_record(*bytes);
-  } catch (const Error& err) {
-    throw api::ApiError(500, "session '" + e.info.id + "': " + err.what(), "session",
-                        "session_corrupt", "server_error");
-  }
-  if (r.model != model_) throw conflict("session '" + e.info.id + "' was saved by another model");
+  const Record r = fetch(e.info.id);
+  if (r.model != model_) throw another_model(e.info.id, r.model, model_);
   std::lock_guard<std::mutex> lock(mu_);
   ++st_.loads;
   e.bytes = r.state.bytes;
@@ -271,8 +363,11 @@ State Sessions::load(Entry& e) {
   return {e.bytes, r.state.unfed_token, r.state.position};
 }
 
-// Called with the entry busy (ours) and mu_ free: the store's write is the slow part.
+// Called with the entry busy (ours) and mu_ free: the store's write is the slow part. The record
+// replaces the version this server read; one another server wrote meanwhile is kept (409).
 void Sessions::save(const std::string& id, const State& s, Info& info) {
+  const uint64_t expected = info.version;
+  info.version = expected + 1;
   info.updated = unix_now();
   info.position = s.position;
   info.bytes = s.bytes ? s.bytes->size() : 0;
@@ -283,7 +378,9 @@ void Sessions::save(const std::string& id, const State& s, Info& info) {
       std::lock_guard<std::mutex> lock(mu_);
       make_room(record.size());
     }
-    store_->put(id, record);
+    if (!guard([&] { return store_->put(id, record, expected); }))
+      throw conflict("session '" + id + "' was written by another server during this turn; " +
+                     "this turn is not stored");
   }
   std::lock_guard<std::mutex> lock(mu_);
   Entry& e = get(id);
@@ -296,23 +393,37 @@ void Sessions::save(const std::string& id, const State& s, Info& info) {
   e.info.position = info.position;
   e.info.bytes = info.bytes;
   e.info.updated = info.updated;
+  e.info.version = info.version;
   e.used = ++clock_;
   if (store_) ++st_.saves;
   trim_memory();
 }
 
 void Sessions::release(const std::string& id) {
-  std::lock_guard<std::mutex> lock(mu_);
-  auto it = entries_.find(id);
-  if (it != entries_.end()) it->second.info.busy = false;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    auto it = entries_.find(id);
+    if (it != entries_.end()) it->second.info.busy = false;
+  }
+  if (shared()) unclaim(id);
+}
+
+void Sessions::unclaim(const std::string& id) {
+  try {
+    guard([&] { store_->unclaim(id); });
+  } catch (const api::ApiError&) {  // counted and reported; the claim lapses by itself
+  }
 }
 
 // Room for one more session (and `incoming_record` more bytes in the store): the least recently
-// used idle sessions go, from memory and from the store. Called with mu_ held.
+// used idle sessions go, from memory and from a local store. A shared store keeps them: its
+// records expire by themselves, and this server's map is only a cache of it. Called with mu_ held.
 void Sessions::make_room(size_t incoming_record) {
+  const bool local = store_ && !store_->shared();
   auto over = [&] {
     return entries_.size() >= opts_.max_sessions + (incoming_record ? 1 : 0) ||
-           (opts_.max_store_bytes && st_.store_bytes + incoming_record > opts_.max_store_bytes);
+           (local && opts_.max_store_bytes &&
+            st_.store_bytes + incoming_record > opts_.max_store_bytes);
   };
   while (over()) {
     auto victim = entries_.end();
@@ -320,12 +431,16 @@ void Sessions::make_room(size_t incoming_record) {
       if (!it->second.info.busy && (victim == entries_.end() || it->second.used < victim->second.used))
         victim = it;
     if (victim == entries_.end()) return;  // every session is busy
-    if (store_) store_->remove(victim->first);
-    st_.store_bytes -= victim->second.record_bytes;
-    st_.memory_bytes -= victim->second.bytes ? victim->second.bytes->size() : 0;
-    entries_.erase(victim);
+    if (local) store_->remove(victim->first);
+    drop(victim);
     ++st_.evicted;
   }
+}
+
+void Sessions::drop(std::map<std::string, Entry>::iterator it) {
+  st_.store_bytes -= it->second.record_bytes;
+  st_.memory_bytes -= it->second.bytes ? it->second.bytes->size() : 0;
+  entries_.erase(it);
 }
 
 // States the store holds leave memory, least recently used first, beyond the memory budget.
@@ -348,6 +463,14 @@ Info Sessions::fork(const std::string& from, const std::string& id) {
 }
 
 Info Sessions::info(const std::string& id) const {
+  if (shared()) {  // as the store has it now
+    check_id(id);
+    Info i = fetch(id).info;
+    std::lock_guard<std::mutex> lock(mu_);
+    auto it = entries_.find(id);
+    i.busy = it != entries_.end() && it->second.info.busy;
+    return i;
+  }
   std::lock_guard<std::mutex> lock(mu_);
   auto it = entries_.find(id);
   if (it == entries_.end()) throw not_found(id);
@@ -355,20 +478,49 @@ Info Sessions::info(const std::string& id) const {
 }
 
 std::vector<Info> Sessions::list() const {
-  std::lock_guard<std::mutex> lock(mu_);
   std::vector<Info> out;
+  if (shared()) {
+    for (Record& r : guard([&] { return store_->scan(nullptr); })) out.push_back(r.info);
+    std::lock_guard<std::mutex> lock(mu_);
+    for (Info& i : out) {
+      auto it = entries_.find(i.id);
+      i.busy = it != entries_.end() && it->second.info.busy;
+    }
+    return out;
+  }
+  std::lock_guard<std::mutex> lock(mu_);
   for (const auto& [id, e] : entries_) out.push_back(e.info);
   return out;
 }
 
 void Sessions::remove(const std::string& id) {
+  if (shared()) {
+    check_id(id);
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      auto it = entries_.find(id);
+      if (it != entries_.end() && it->second.info.busy) throw busy(id);
+    }
+    if (!guard([&] { return store_->claim(id); })) throw busy_elsewhere(id);
+    bool stored;
+    try {
+      stored = guard([&] { return store_->remove(id); });
+    } catch (...) {
+      unclaim(id);
+      throw;
+    }
+    unclaim(id);
+    std::lock_guard<std::mutex> lock(mu_);
+    auto it = entries_.find(id);
+    if (!stored && it == entries_.end()) throw not_found(id);
+    if (it != entries_.end() && !it->second.info.busy) drop(it);
+    ++st_.removed;
+    return;
+  }
   std::lock_guard<std::mutex> lock(mu_);
-  Entry& e = get(id);
-  if (e.info.busy) throw conflict("session '" + id + "' is busy with another request");
+  if (get(id).info.busy) throw busy(id);
   if (store_) store_->remove(id);
-  st_.store_bytes -= e.record_bytes;
-  st_.memory_bytes -= e.bytes ? e.bytes->size() : 0;
-  entries_.erase(id);
+  drop(entries_.find(id));
   ++st_.removed;
 }
 
@@ -377,6 +529,7 @@ Stats Sessions::stats() const {
   Stats s = st_;
   s.sessions = entries_.size();
   for (const auto& [id, e] : entries_) s.busy += e.info.busy;
+  s.store_errors = store_errors_;
   return s;
 }
 

@@ -4,6 +4,7 @@
 // reloaded after a restart. A session serves one request at a time.
 #pragma once
 
+#include <atomic>
 #include <cstdint>
 #include <map>
 #include <memory>
@@ -29,11 +30,12 @@ struct Info {
   size_t bytes = 0;                  // the state's bytes
   int64_t created = 0, updated = 0;  // Unix seconds
   bool busy = false;                 // a request is running on it
+  uint64_t version = 0;              // of its record: 1 when first stored, +1 per write
 };
 
 // One session as bytes: what a store keeps. Layout: "MPSESS01", a little-endian u32 header length,
-// the header (JSON: id, model, position, unfed_token, created, updated), the state's bytes, then
-// hash_bytes of everything before. decode_record() throws Error naming what is wrong.
+// the header (JSON: id, model, position, unfed_token, created, updated, version), the state's
+// bytes, then hash_bytes of everything before. decode_record() throws Error naming what is wrong.
 std::string encode_record(const Info& info, const std::string& model, const State& state);
 struct Record {
   Info info;
@@ -42,16 +44,30 @@ struct Record {
 };
 Record decode_record(std::string_view bytes, bool header_only = false);
 
-// Where records live. The directory store is the local one; a shared store (issue 19) lets
-// several servers continue each other's sessions.
+// A store that cannot be reached (down, timed out): session requests get 503, others go on.
+struct StoreUnavailable : Error {
+  using Error::Error;
+};
+
+// Where records live. The directory store is the local one, written by one server; a shared store
+// (Redis, issue 19) lets several servers continue each other's sessions.
 class Store {
  public:
   virtual ~Store() = default;
-  virtual void put(const std::string& id, const std::string& record) = 0;  // durable on return
+  // Writes the record when the stored one's version is `expected` (0: none stored) and returns
+  // true; false when another server wrote it meanwhile. Durable on return.
+  virtual bool put(const std::string& id, const std::string& record, uint64_t expected) = 0;
   virtual std::optional<std::string> get(const std::string& id) = 0;
-  virtual void remove(const std::string& id) = 0;
+  virtual bool remove(const std::string& id) = 0;  // true when it was there
   // Every stored record's header (Record::info and model), for the index at start-up.
   virtual std::vector<Record> scan(std::vector<std::string>* problems) = 0;
+  // Shared stores: other servers write it too, so what one holds in memory may be stale, and a
+  // request takes the session's claim in the store (one server at a time; false: another holds
+  // it). A claim lapses after a while, so a crashed server's sessions do not stay locked; put's
+  // version check still keeps a turn that outlived its claim from overwriting a newer one.
+  virtual bool shared() const { return false; }
+  virtual bool claim(const std::string&) { return true; }
+  virtual void unclaim(const std::string&) {}
 };
 
 // One file per session, `<dir>/<id>.session`, written atomically (temporary file, fsync, rename).
@@ -66,10 +82,12 @@ struct Options {
 struct Stats {
   size_t sessions = 0, busy = 0, memory_bytes = 0, store_bytes = 0;
   uint64_t created = 0, removed = 0, evicted = 0, loads = 0, saves = 0;
+  uint64_t store_errors = 0;  // operations that found the store unavailable
 };
 
 // The sessions of one server. Errors are api-shaped: 404 (no such session), 409 (busy, exists,
-// another model's), 400 (a bad id).
+// another model's, written by another server during the turn), 400 (a bad id), 503 (the store
+// is unavailable). With a shared store the map below is a cache of the store, which holds the truth.
 class Sessions {
  public:
   // model: Model::identity(); store: null keeps sessions in memory only (max_sessions of them).
@@ -113,11 +131,19 @@ class Sessions {
     uint64_t used = 0;        // LRU clock
   };
   Entry& get(const std::string& id);  // 404 when absent; call with mu_ held
+  bool shared() const { return store_ && store_->shared(); }
   State load(Entry& e);               // the state, from memory or the store
+  Lease acquire_shared(const std::string& id);
+  // The stored record (and its size); 404 when the store lacks it. Call with mu_ free.
+  Record fetch(const std::string& id, size_t* record_bytes = nullptr) const;
+  void unclaim(const std::string& id);  // a store that is down: counted, the claim lapses
+  template <class F>
+  auto guard(F&& store_call) const -> decltype(store_call());  // StoreUnavailable: 503, counted
   void save(const std::string& id, const State& s, Info& info);
   void release(const std::string& id);
   void make_room(size_t incoming_record);  // evicts least recently used idle sessions
   void trim_memory();
+  void drop(std::map<std::string, Entry>::iterator it);  // from the map, with its bytes; mu_ held
   std::string new_id() const;
 
   const std::string model_;
@@ -127,6 +153,7 @@ class Sessions {
   std::map<std::string, Entry> entries_;
   uint64_t clock_ = 0;
   Stats st_;
+  mutable std::atomic<uint64_t> store_errors_{0};
 };
 
 int64_t unix_now();
