@@ -17,49 +17,35 @@
 #include "model_fixture.h"
 #include "common/api.h"
 #include "server.h"
+#include "serving.h"
 
 namespace {
 
 using json = nlohmann::json;
 using namespace mp;
 
-struct Running {
+// The model first (a base constructed before the server that uses it).
+struct RandomModel {
   mp::testing::TempDir dir;
-  std::shared_ptr<Model> model;
-  std::unique_ptr<Backend> backend;
-  std::unique_ptr<Scheduler> sched;
-  std::unique_ptr<Server> server;
-  std::thread thread;
+  std::shared_ptr<Model> model = mp::testing::random_model(dir, mp::testing::small_config());
+};
 
+struct Running : RandomModel, mp::testing::Serving {
   explicit Running(int slots = 4, int max_queue = 64, std::string api_key = "",
                    int64_t ctx_limit = 0, int http_threads = 0, std::vector<int> devices = {},
-                   const std::function<void(ServerOptions&)>& adjust = nullptr) {
-    model = mp::testing::random_model(dir, mp::testing::small_config());
-    backend = make_backend(
-        model, {.kind = "cpu", .n_slots = slots, .n_threads = 2, .devices = std::move(devices)});
-    sched = std::make_unique<Scheduler>(*backend, model->tokenizer(),
-                                        SchedulerOptions{.max_queue = max_queue});
+                   const std::function<void(ServerOptions&)>& adjust = nullptr)
+      : Serving(model,
+                {.kind = "cpu", .n_slots = slots, .n_threads = 2, .devices = std::move(devices)},
+                {.max_queue = max_queue}, options(std::move(api_key), ctx_limit, http_threads, adjust)) {}
+  static ServerOptions options(std::string api_key, int64_t ctx_limit, int http_threads,
+                               const std::function<void(ServerOptions&)>& adjust) {
     ServerOptions o;
-    o.port = 0;
     o.api_key = std::move(api_key);
     o.ctx_limit = ctx_limit;
     o.http_threads = http_threads;
     o.max_body = 64 * 1024;
-    o.access_log = false;
     if (adjust) adjust(o);
-    server = std::make_unique<Server>(model, *sched, o);
-    if (!server->bind()) throw Error("bind failed");
-    thread = std::thread([this] { server->run(); });
-  }
-  ~Running() {
-    sched->shutdown();
-    server->stop();
-    thread.join();
-  }
-  httplib::Client client() const {
-    httplib::Client c("127.0.0.1", server->port());
-    c.set_read_timeout(60, 0);
-    return c;
+    return o;
   }
   httplib::Result post(const json& body, const char* path = "/v1/completions") const {
     return client().Post(path, body.dump(), "application/json");

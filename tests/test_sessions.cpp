@@ -23,6 +23,7 @@
 #include "common/sessions.h"
 #include "model_fixture.h"
 #include "server.h"
+#include "serving.h"
 
 namespace {
 
@@ -53,36 +54,18 @@ struct Models {
 
 // One server over `model`; destroying it and making another over the same state_dir is a restart.
 // `store`: a state directory, a redis:// URL (sessions shared with other servers) or "" (memory).
-struct Server1 {
-  std::unique_ptr<Backend> backend;
-  std::unique_ptr<Scheduler> sched;
-  std::unique_ptr<Server> server;
-  std::thread thread;
-  Server1(std::shared_ptr<Model> model, const std::string& store,
-          sessions::Options so = {}, SchedulerOptions sched_opts = {}) {
-    backend = make_backend(model, {.kind = "cpu",
-                                   .n_slots = 4 + sched_opts.prefix_cache_slots,
-                                   .n_threads = 2});
-    sched = std::make_unique<Scheduler>(*backend, model->tokenizer(), sched_opts);
+struct Server1 : mp::testing::Serving {
+  Server1(std::shared_ptr<Model> model, const std::string& store, sessions::Options so = {},
+          SchedulerOptions sched_opts = {})
+      : Serving(model,
+                {.kind = "cpu", .n_slots = 4 + sched_opts.prefix_cache_slots, .n_threads = 2},
+                sched_opts, options(store, so)) {}
+  static ServerOptions options(const std::string& store, const sessions::Options& so) {
     ServerOptions o;
-    o.port = 0;
-    o.access_log = false;
     (store.starts_with("redis://") ? o.session_store : o.state_dir) = store;
     o.ctx_limit = 1 << 20;
     o.sessions = so;
-    server = std::make_unique<Server>(model, *sched, o);
-    if (!server->bind()) throw Error("bind failed");
-    thread = std::thread([this] { server->run(); });
-  }
-  ~Server1() {
-    sched->shutdown();
-    server->stop();
-    thread.join();
-  }
-  httplib::Client client() const {
-    httplib::Client c("127.0.0.1", server->port());
-    c.set_read_timeout(60, 0);
-    return c;
+    return o;
   }
   json call(const std::string& method, const std::string& path, const json& body = nullptr,
             int want = 200) const {
