@@ -45,9 +45,10 @@ class Client:
     def ttft(self, body):
         """Streams a completion; returns (seconds to the first token, the final usage)."""
         body = dict(body, stream=True, stream_options={"include_usage": True})
+        data = json.dumps(body)  # the client's own encoding is not the server's time
         c = http.client.HTTPConnection(self.host, self.port, timeout=3600)
         t0 = time.perf_counter()
-        c.request("POST", "/v1/completions", body=json.dumps(body),
+        c.request("POST", "/v1/completions", body=data,
                   headers={"Content-Type": "application/json"})
         r = c.getresponse()
         if r.status != 200:
