@@ -246,8 +246,9 @@ struct Scheduler::Impl {
       st.queued = static_cast<int>(queue.size());
       st.slots_in_use = static_cast<int>(running.size());
     }
-    for (size_t i = before; i < running.size(); ++i) start(*running[i]);
-    sweep();
+    bool failed = false;
+    for (size_t i = before; i < running.size(); ++i) failed |= !start(*running[i]);
+    if (failed) sweep();  // a sequence whose state could not be set up is finished
     return true;
   }
 
@@ -263,7 +264,8 @@ struct Scheduler::Impl {
 
   // A new sequence's state: the one it continues, or the longest cached prefix of its prompt
   // (all but the last token: that one's logits pick the first generated token).
-  void start(Seq& s) {
+  // False when that failed (the sequence is then finished with an error).
+  bool start(Seq& s) {
     try {
       if (s.req.start_state)
         backend.load_slot(s.slot, *s.req.start_state);
@@ -271,7 +273,9 @@ struct Scheduler::Impl {
         s.prefilled = s.cached = static_cast<int>(cache->restore(*s.prompt, s.prompt->size() - 1, s.slot));
     } catch (const std::exception& e) {
       finish(s, std::string("error: ") + e.what());
+      return false;
     }
+    return true;
   }
 
   // Cancellations, at once: queued ones leave the queue, running ones free their slot.
