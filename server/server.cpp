@@ -483,13 +483,7 @@ struct Server::Impl {
     return turn;
   }
 
-  static json parse_body(const httplib::Request& req) {
-    try {
-      return json::parse(req.body);
-    } catch (const std::exception& e) {
-      throw api::ApiError(400, std::string("the body is not valid JSON: ") + e.what());
-    }
-  }
+  static json parse_body(const httplib::Request& req) { return api::parse_body(req.body); }
 
   void error(httplib::Response& res, const api::ApiError& e) {
     res.status = e.status;

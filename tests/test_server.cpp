@@ -510,6 +510,96 @@ TEST(Api, TokenChunkEqualsTheDumpOfTheSameObject) {
     EXPECT_EQ(chunk.event(0, bad), "") << bad;
 }
 
+// parse_body's scanner of token-id prompts agrees with the full JSON parser on random bodies:
+// valid ones (prompts among members with quotes, escapes, nested "prompt" keys, odd spacing) and
+// each of them mutated by a byte. Whenever the scanner takes a prompt, the body parses exactly
+// when the rest does, the ids are the prompt's, and the rest is the body with prompt = null.
+TEST(Api, ScannedPromptIdsAgreeWithTheFullParser) {
+  std::mt19937_64 rng(12);
+  auto pick = [&](std::initializer_list<const char*> xs) { return *(xs.begin() + rng() % xs.size()); };
+  auto space = [&] { return std::string(pick({"", "", " ", "\n\t", "  \r\n"})); };
+  std::function<std::string(int)> value = [&](int depth) -> std::string {
+    switch (rng() % (depth > 2 ? 4 : 6)) {
+      case 0: return std::to_string(static_cast<int64_t>(rng() % 2000) - 1000);
+      case 1: return pick({"true", "false", "null", "1.5e3", "-0.25"});
+      case 2: return pick({R"("text")", R"("a \"prompt\": [1]")", R"("\\")", R"("\u00e9}{][")", R"("")"});
+      case 3: return pick({R"("prompt")", R"("x,y")", "0"});
+      case 4: {
+        std::string a = std::string("[") + space();
+        for (int k = static_cast<int>(rng() % 4); k > 0; --k) a += value(depth + 1) + (k > 1 ? "," : "") + space();
+        return a + "]";
+      }
+      default: {
+        std::string o = std::string("{") + space();
+        for (int k = static_cast<int>(rng() % 3); k > 0; --k)
+          o += std::string(pick({R"("prompt")", R"("k")", R"("\"")"})) + ":" + space() + value(depth + 1) + (k > 1 ? "," : "");
+        return o + "}";
+      }
+    }
+  };
+  auto ids = [&] {
+    std::string a = std::string("[") + space();
+    const int n = 1 + static_cast<int>(rng() % 40);
+    for (int k = 0; k < n; ++k) {
+      a += rng() % 50 == 0 ? pick({"1.0", "01", "1e2", "99999999999999999999", "-5", "\"7\"", "[1]"})
+                           : std::to_string(rng() % (rng() % 4 == 0 ? 9223372036854775807ull : 400));
+      a += space();
+      if (k + 1 < n) a += ',' + space();
+    }
+    return a + "]";
+  };
+  int scanned = 0, agreed_on_mutants = 0;
+  for (int trial = 0; trial < 3000; ++trial) {
+    std::vector<std::string> members;
+    for (int k = static_cast<int>(rng() % 4); k > 0; --k)
+      members.push_back(std::string(pick({R"("max_tokens")", R"("stop")", R"("pr\u006fmpt")", R"("echo")"})) + space() + ":" + space() + value(0));
+    members.insert(members.begin() + rng() % (members.size() + 1), R"("prompt")" + space() + ":" + space() + ids());
+    if (rng() % 20 == 0) members.push_back(R"("prompt":[1])");  // twice
+    std::string body = space() + std::string("{") + space();
+    for (size_t k = 0; k < members.size(); ++k) {
+      body += members[k] + space();
+      if (k + 1 < members.size()) body += ',' + space();
+    }
+    body += std::string("}") + space();
+    for (int mutant = 0; mutant < 2; ++mutant) {
+      if (mutant == 1) {  // one byte inserted, deleted or replaced
+        const size_t at = rng() % body.size();
+        const char c = "{}[],:\"\\0-1 e."[rng() % 14];
+        switch (rng() % 3) {
+          case 0: body.insert(body.begin() + at, c); break;
+          case 1: body.erase(at, 1); break;
+          default: body[at] = c;
+        }
+      }
+      const std::optional<api::PromptIds> found = api::scan_prompt_ids(body);
+      const json full = json::parse(body, nullptr, false);
+      if (!found) continue;
+      scanned += mutant == 0;
+      json rest = json::parse(found->rest, nullptr, false);
+      ASSERT_EQ(full.is_discarded(), rest.is_discarded()) << body;
+      if (full.is_discarded()) continue;
+      agreed_on_mutants += mutant;
+      ASSERT_TRUE(full["prompt"].is_array()) << body;
+      std::vector<int64_t> expect;
+      for (const auto& t : full["prompt"]) {
+        ASSERT_TRUE(t.is_number_integer()) << body;
+        expect.push_back(t.get<int64_t>());
+      }
+      ASSERT_EQ(found->ids, expect) << body;
+      json without = full;
+      without["prompt"] = nullptr;
+      ASSERT_EQ(rest, without) << body;
+      const json parsed = api::parse_body(body);
+      ASSERT_TRUE(parsed["prompt"].is_binary());
+      ASSERT_EQ(parsed["prompt"].get_binary().size(), expect.size() * 8);
+    }
+  }
+  // Most valid bodies take the fast path (not those with a bad id, an escaped "prompt" key or
+  // two prompts), and the mutants exercised the agreement.
+  EXPECT_GT(scanned, 1000);
+  EXPECT_GT(agreed_on_mutants, 100);
+}
+
 // The chunks of a streamed chat: the concatenated delta contents, the role of each choice's
 // first delta, the finish reason and the usage chunk; every chunk parses and has the chat shape.
 struct ChatStream {

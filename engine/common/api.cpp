@@ -1,9 +1,11 @@
 #include "api.h"
 
 #include <algorithm>
+#include <charconv>
 #include <chrono>
 #include <cmath>
 #include <cstdio>
+#include <cstring>
 
 namespace mp::api {
 
@@ -16,6 +18,115 @@ json ApiError::body() const {
 }
 
 std::string dump(const json& j) { return j.dump(-1, ' ', false, json::error_handler_t::replace); }
+
+namespace {
+
+// Just enough of JSON's grammar to walk a top-level object's members and find where values end;
+// what it skips is checked by the full parser afterwards.
+struct JsonWalker {
+  std::string_view s;
+  size_t i = 0;
+  void ws() {
+    while (i < s.size() && (s[i] == ' ' || s[i] == '\t' || s[i] == '\n' || s[i] == '\r')) ++i;
+  }
+  bool eat(char c) {
+    ws();
+    if (i >= s.size() || s[i] != c) return false;
+    ++i;
+    return true;
+  }
+  // A string's raw contents (escapes left as they are).
+  bool string(std::string_view* raw = nullptr) {
+    ws();
+    if (i >= s.size() || s[i] != '"') return false;
+    const size_t start = ++i;
+    while (i < s.size() && s[i] != '"') i += s[i] == '\\' ? 2 : 1;
+    if (i >= s.size()) return false;
+    if (raw) *raw = s.substr(start, i - start);
+    ++i;
+    return true;
+  }
+  bool skip_value() {
+    ws();
+    if (i >= s.size()) return false;
+    if (s[i] == '"') return string();
+    if (s[i] != '[' && s[i] != '{') {  // a number, true, false or null
+      const size_t start = i;
+      while (i < s.size() && !std::strchr(",}] \t\n\r", s[i])) ++i;
+      return i > start;
+    }
+    int depth = 0;
+    while (i < s.size()) {
+      const char c = s[i];
+      if (c == '"') {
+        if (!string()) return false;
+        continue;
+      }
+      ++i;
+      if (c == '[' || c == '{') ++depth;
+      if ((c == ']' || c == '}') && --depth == 0) return true;
+    }
+    return false;
+  }
+  // A non-empty array of JSON integers (-?(0|[1-9][0-9]*)) that fit in 64 bits.
+  bool integers(std::vector<int64_t>& out) {
+    if (!eat('[')) return false;
+    do {
+      ws();
+      const size_t start = i;
+      if (i < s.size() && s[i] == '-') ++i;
+      const size_t digits = i;
+      while (i < s.size() && s[i] >= '0' && s[i] <= '9') ++i;
+      if (i == digits || (s[digits] == '0' && i > digits + 1)) return false;
+      int64_t v = 0;
+      const auto [end, err] = std::from_chars(s.data() + start, s.data() + i, v);
+      if (err != std::errc() || end != s.data() + i) return false;
+      out.push_back(v);
+    } while (eat(','));
+    return eat(']');
+  }
+};
+
+}  // namespace
+
+std::optional<PromptIds> scan_prompt_ids(std::string_view body) {
+  JsonWalker w{body};
+  if (!w.eat('{') || w.eat('}')) return std::nullopt;
+  PromptIds found;
+  size_t from = 0, to = 0;  // the prompt's value
+  do {
+    std::string_view key;
+    if (!w.string(&key) || key.find('\\') != key.npos || !w.eat(':')) return std::nullopt;
+    if (key == "prompt") {
+      if (to > 0) return std::nullopt;  // twice: the full parser decides
+      w.ws();
+      from = w.i;
+      if (!w.integers(found.ids)) return std::nullopt;
+      to = w.i;
+    } else if (!w.skip_value()) {
+      return std::nullopt;
+    }
+  } while (w.eat(','));
+  if (!w.eat('}') || to == 0) return std::nullopt;
+  w.ws();
+  if (w.i != body.size()) return std::nullopt;
+  found.rest.reserve(body.size() - (to - from) + 4);
+  found.rest.append(body.substr(0, from)).append("null").append(body.substr(to));
+  return found;
+}
+
+json parse_body(std::string_view body) {
+  try {
+    std::optional<PromptIds> scanned = scan_prompt_ids(body);
+    if (!scanned) return json::parse(body);
+    json j = json::parse(scanned->rest);
+    const auto* bytes = reinterpret_cast<const uint8_t*>(scanned->ids.data());
+    j["prompt"] = json::binary(std::vector<uint8_t>(bytes, bytes + scanned->ids.size() * 8));
+    return j;
+  } catch (const json::exception& e) {
+    throw ApiError(400, std::string("the body is not valid JSON: ") + e.what());
+  }
+}
 
 bool append_json_string(std::string& out, std::string_view s) {
   const size_t start = out.size();
@@ -228,11 +339,10 @@ CompletionsCall parse_completions(const json& b, const Tokenizer& tok, int64_t c
   const char* kPromptShape =
       "'prompt' must be a string, an array of at most 64 strings, an array of token ids or an "
       "array of at most 64 arrays of token ids";
-  auto token_array = [&](const json& a) {
+  auto token_ids = [&](std::span<const int64_t> in) {
     std::vector<int> ids;
-    for (const auto& t : a) {
-      if (!t.is_number_integer()) throw bad("prompt", kPromptShape);
-      const long long id = t.get<long long>();
+    ids.reserve(in.size());
+    for (const long long id : in) {
       if (id < 0 || id >= tok.vocab_size())
         throw bad("prompt",
                   "'prompt' holds the token id " + std::to_string(id) + ", outside the vocabulary");
@@ -240,12 +350,27 @@ CompletionsCall parse_completions(const json& b, const Tokenizer& tok, int64_t c
     }
     prompts.emplace_back(call.echo ? tok.decode(ids) : std::string(), std::move(ids));
   };
+  auto token_array = [&](const json& a) {
+    std::vector<int64_t> ids;
+    for (const auto& t : a) {
+      if (!t.is_number_integer()) throw bad("prompt", kPromptShape);
+      ids.push_back(t.get<int64_t>());
+    }
+    token_ids(ids);
+  };
+  auto scanned_array = [&](const json::binary_t& b) {  // parse_body's int64 ids
+    std::vector<int64_t> ids(b.size() / 8);
+    std::memcpy(ids.data(), b.data(), ids.size() * 8);
+    token_ids(ids);
+  };
   auto text = [&](const json& t) {
     const std::string s = t.get<std::string>();
     prompts.emplace_back(s, tok.encode(s, tok.add_bos()));
   };
   if (p.is_string()) {
     text(p);
+  } else if (p.is_binary()) {
+    scanned_array(p.get_binary());
   } else if (p.is_array() && !p.empty() && p[0].is_number_integer()) {
     token_array(p);
   } else if (p.is_array() && !p.empty() && p.size() <= 64) {

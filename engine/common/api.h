@@ -3,7 +3,9 @@
 #pragma once
 
 #include <nlohmann/json.hpp>
+#include <optional>
 #include <string>
+#include <string_view>
 #include <vector>
 
 #include "chat.h"
@@ -26,6 +28,18 @@ struct ApiError : Error {
         code(std::move(code)) {}
   json body() const;
 };
+
+// Parses a request body (throws ApiError 400 when it is not JSON). A top-level "prompt" that is a
+// flat array of integers is read by a dedicated scanner and held as a json binary of int32 ids,
+// which parse_completions takes like the array: nlohmann's parser needs ~15 ms for 100k ids.
+json parse_body(std::string_view body);
+// The ids of a top-level "prompt" array of plain integers, and the body without it (the value
+// replaced by null); nothing when the body has no such array or is not a simple object.
+struct PromptIds {
+  std::vector<int64_t> ids;
+  std::string rest;
+};
+std::optional<PromptIds> scan_prompt_ids(std::string_view body);
 
 // A parsed /v1/completions or /v1/chat/completions request: one CompletionRequest per
 // (prompt, choice). A chat request has one prompt, its messages rendered by the chat template.

@@ -1,14 +1,14 @@
-// The completion request parser (engine/common/api.cpp): any body either parses into requests
-// the scheduler accepts or fails with a 400 ApiError naming a parameter.
+// The completion request parser (engine/common/api.cpp, parse_body and parse_completions): any body
+// either parses into requests the scheduler accepts or fails with a 400 ApiError.
 #include "common/api.h"
 #include "fuzz_support.h"
 
 MULTIPOLE_FUZZ_TARGET(fuzz_completions) {
   using namespace mp;
   const Tokenizer& tok = fuzz::fixture_tokenizer();
-  const api::json body = api::json::parse(data, data + size, nullptr, false);
-  if (body.is_discarded()) return 0;
+  const std::string_view text(reinterpret_cast<const char*>(data), size);
   try {
+    const api::json body = api::parse_body(text);  // the scanned prompt ids too
     const api::CompletionsCall call = api::parse_completions(body, tok, 64);
     fuzz::check(!call.prompts.empty() && call.n >= 1, "a call has prompts and choices");
     fuzz::check(call.requests.size() == call.prompts.size() * size_t(call.n),
