@@ -16,7 +16,7 @@ mkdir -p "$stage/bin" "$stage/lib"
 for b in "${bins[@]}"; do cp "$build/$b" "$stage/bin/"; done
 strip "$stage"/bin/*
 for lib in libsentencepiece.so.0 libgomp.so.1 libcpp-httplib.so.0.11 libssl.so.3 libcrypto.so.3 \
-           libbrotlidec.so.1 libbrotlienc.so.1 libbrotlicommon.so.1; do
+           libbrotlidec.so.1 libbrotlienc.so.1 libbrotlicommon.so.1 libhiredis.so.0.14; do
   cp -L "/lib/x86_64-linux-gnu/$lib" "$stage/lib/"
 done
 rm -rf .carry/gpu && mkdir -p .carry/gpu

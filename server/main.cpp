@@ -16,7 +16,7 @@ void on_signal(int) { g_stop = true; }
 }  // namespace
 
 int main(int argc, char** argv) {
-  mp::cli::Args a(argc, argv, {"quiet"},
+  mp::cli::Args a(argc, argv, {"quiet", "log-steps"},
                   "usage: multipole-server [options]\n"
                   "  -m, --model FILE  GGUF model (default models/default.gguf)\n"
                   "  --host ADDR       address to bind (default 127.0.0.1)\n"
@@ -63,12 +63,14 @@ int main(int argc, char** argv) {
                   "  --session-max-record-mib N  largest session record stored (default 64)\n"
                   "  --session-claim-s N  a request's claim on a session lapses after N s, if\n"
                   "                    its server died holding it (default 60)\n"
-                  "  --quiet           no access log\n" +
+                  "  --quiet           no access log\n"
+                  "  --log-steps       a line per model step on stderr: its rows, prompt tokens\n"
+                  "                    and time (new sequences, backend, scheduler)\n" +
                       std::string(mp::cli::kPrefixCacheUsage),
                   {{"m", "model"}});
   std::set<std::string> known = {"model", "host", "port", "slots", "max-queue", "ctx-limit",
                                  "api-key", "threads", "http-threads", "prefill-per-step",
-                                 "backend", "devices", "tensor-parallel", "name", "quiet",
+                                 "backend", "devices", "tensor-parallel", "name", "quiet", "log-steps",
                                  "chat-template-file", "state-dir", "max-sessions",
                                  "max-state-dir-mib", "session-memory-mib", "max-body",
                                  "read-timeout", "write-timeout", "body-timeout",
@@ -88,6 +90,7 @@ int main(int argc, char** argv) {
     mp::SchedulerOptions so;
     so.max_queue = static_cast<int>(a.integer("max-queue", 64));
     so.max_prefill_per_step = static_cast<int>(a.integer("prefill-per-step", 0));
+    so.log_steps = a.has("log-steps");
     mp::cli::prefix_cache_from_args(a, bo, so);
     auto backend = mp::make_backend(model, bo);
     mp::Scheduler sched(*backend, model->tokenizer(), so);

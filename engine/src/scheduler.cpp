@@ -8,6 +8,7 @@
 #include <algorithm>
 #include <chrono>
 #include <condition_variable>
+#include <cstdio>
 #include <deque>
 #include <mutex>
 #include <thread>
@@ -143,6 +144,10 @@ struct Scheduler::Impl {
   std::vector<std::unique_ptr<EventThread>> event_threads;
   std::unique_ptr<PrefixCache> cache;
   std::thread worker;
+  std::chrono::steady_clock::time_point admitted_at;  // when admit() stopped waiting
+  struct {
+    size_t decode_rows = 0, prompt_tokens = 0, chunks = 0;
+  } planned;  // the step's batch, for the step log
 
   Impl(Backend& b, const Tokenizer& t, SchedulerOptions o) : backend(b), tok(t), opts(o) {
     if (opts.max_prefill_per_step <= 0) opts.max_prefill_per_step = b.prefill_tokens_per_step();
@@ -235,6 +240,7 @@ struct Scheduler::Impl {
       std::unique_lock<std::mutex> lock(mu);
       cv.wait(lock, [&] { return stopping || !queue.empty() || !running.empty(); });
       if (stopping) return false;
+      admitted_at = std::chrono::steady_clock::now();
       while (!queue.empty()) {
         const int slot = backend.alloc_slot();
         if (slot < 0) break;
@@ -302,10 +308,12 @@ struct Scheduler::Impl {
     batch.clear();
     owners.clear();
     specs.clear();
+    planned = {};
     size_t budget = opts.max_prefill_per_step;
     for (auto& s : running) {
       if (s->pending >= 0) {
         batch.push_back({s->slot, std::span<const int>(&s->pending, 1), false});
+        ++planned.decode_rows;
       } else if (budget > 0) {
         size_t n = std::min(s->prompt->size() - s->prefilled, budget);
         if (snapshots(*s)) {
@@ -318,6 +326,8 @@ struct Scheduler::Impl {
         batch.push_back({s->slot, std::span<const int>(*s->prompt).subspan(s->prefilled, n),
                          false});
         budget -= n;
+        planned.prompt_tokens += n;
+        ++planned.chunks;
       } else {
         continue;
       }
@@ -375,14 +385,17 @@ struct Scheduler::Impl {
       const auto t0 = std::chrono::steady_clock::now();
       apply_cancellations();
       double in_backend = 0;
-      if (!running.empty()) {
+      const bool stepped = !running.empty();
+      if (stepped) {
         plan_step();
         in_backend = run_step();
         sweep();
       }
       post_events();
+      const double seconds = seconds_since(t0);
+      if (opts.log_steps && stepped) log_step(std::chrono::duration<double>(t0 - admitted_at).count(), seconds, in_backend);
       std::lock_guard<std::mutex> lock(mu);
-      st.step_seconds += seconds_since(t0);
+      st.step_seconds += seconds;
       st.backend_seconds += in_backend;
       if (cache) st.prefix = cache->stats();
     }
@@ -396,6 +409,15 @@ struct Scheduler::Impl {
     }
     for (auto& s : left) finish(*s, "cancelled");
     post_events();
+  }
+
+  void log_step(double admit_s, double step_s, double backend_s) const {
+    std::fprintf(stderr,
+                 "step %llu: %zu decode rows, %zu prompt tokens in %zu chunks; admit %.3f ms, "
+                 "backend %.3f ms, scheduler %.3f ms\n",
+                 static_cast<unsigned long long>(st.steps), planned.decode_rows,
+                 planned.prompt_tokens, planned.chunks, admit_s * 1e3, backend_s * 1e3,
+                 (step_s - backend_s) * 1e3);
   }
 
   // Drops finished sequences (finish() freed their slots and counted them).

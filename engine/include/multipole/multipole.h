@@ -469,6 +469,9 @@ struct SchedulerOptions {
   int prefix_block = 4096;
   int prefix_cache_slots = 0;
   size_t prefix_cache_bytes = 0;
+  // A line on stderr per step: its rows, prompt tokens, and where the model thread's time went
+  // (setting up new sequences, the backend, the scheduler's own work).
+  bool log_steps = false;
 };
 
 struct PrefixCacheStats {
