@@ -3,13 +3,14 @@
 # bench/sessions.py: a 100k-token document asked six questions through the prefix cache, and
 # 10,000 persisted sessions forked from a 100k-token one (disk, memory, resume cost). Binaries
 # from scripts/gpu_bundle.sh (carried in .carry/gpu); results in $OUT. SKIP_TESTS=1 skips the
-# tests; SESSIONS=N changes the number of sessions.
+# tests; SESSIONS=N changes the number of sessions; SERVER_ARGS adds server options. The server's
+# access log and step log (--log-steps) go to $out/server.log.
 set -uo pipefail
 source scripts/gpu_env.sh
 state=$(mktemp -d /tmp/state.XXXX)
 url=http://127.0.0.1:8080
 "$bin/multipole-server" -m models/default.gguf --backend cuda --slots 64 --ctx-limit 200000 \
-  --state-dir "$state" --max-sessions 20000 --session-memory-mib 256 --quiet \
+  --state-dir "$state" --max-sessions 20000 --session-memory-mib 256 --log-steps ${SERVER_ARGS:-} \
   > "$out/server.log" 2>&1 &
 server=$!
 for _ in $(seq 120); do curl -sf $url/health >/dev/null && break; sleep 0.5; done

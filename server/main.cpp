@@ -28,6 +28,8 @@ int main(int argc, char** argv) {
                   "  --threads N       CPU threads for the model (default: all cores)\n"
                   "  --http-threads N  HTTP worker threads, one per open connection (default:\n"
                   "                    slots + max-queue + 64; connections beyond get 503)\n"
+                  "  --event-threads N threads delivering tokens to the connections (default:\n"
+                  "                    a quarter of the cores, 2 to 8)\n"
                   "  --prefill-per-step N  prompt tokens read per step, all requests together\n"
                   "                    (default: the backend's, 512 on the CPU, 65536 on CUDA)\n"
                   "  --max-body BYTES  largest request body (default 1048576); a larger one\n"
@@ -69,7 +71,7 @@ int main(int argc, char** argv) {
                       std::string(mp::cli::kPrefixCacheUsage),
                   {{"m", "model"}});
   std::set<std::string> known = {"model", "host", "port", "slots", "max-queue", "ctx-limit",
-                                 "api-key", "threads", "http-threads", "prefill-per-step",
+                                 "api-key", "threads", "http-threads", "prefill-per-step", "event-threads",
                                  "backend", "devices", "tensor-parallel", "name", "quiet", "log-steps",
                                  "chat-template-file", "state-dir", "max-sessions",
                                  "max-state-dir-mib", "session-memory-mib", "max-body",
@@ -91,6 +93,8 @@ int main(int argc, char** argv) {
     so.max_queue = static_cast<int>(a.integer("max-queue", 64));
     so.max_prefill_per_step = static_cast<int>(a.integer("prefill-per-step", 0));
     so.log_steps = a.has("log-steps");
+    so.event_threads = static_cast<int>(a.integer("event-threads", 0));
+    if (so.event_threads < 0) a.fail("--event-threads must be 0 (automatic) or positive");
     mp::cli::prefix_cache_from_args(a, bo, so);
     auto backend = mp::make_backend(model, bo);
     mp::Scheduler sched(*backend, model->tokenizer(), so);

@@ -62,6 +62,10 @@ class EventThread {
     batch.clear();
     cv_.notify_one();
   }
+  size_t backlog() {  // events posted and not yet delivered
+    std::lock_guard<std::mutex> lock(mu_);
+    return inbox_.size();
+  }
 
  private:
   void run() {
@@ -165,7 +169,10 @@ struct Scheduler::Impl {
     }
     st.slots = b.n_slots() - opts.prefix_cache_slots;
     st.max_queue = opts.max_queue;
-    const int n_events = std::max(1, opts.event_threads);
+    const int n_events =
+        opts.event_threads > 0
+            ? opts.event_threads
+            : std::clamp(static_cast<int>(std::thread::hardware_concurrency() / 4), 2, 8);
     outbox.resize(n_events);
     for (int i = 0; i < n_events; ++i)
       event_threads.push_back(std::make_unique<EventThread>([this](uint64_t id) { cancel(id); }));
@@ -391,9 +398,12 @@ struct Scheduler::Impl {
         in_backend = run_step();
         sweep();
       }
+      const size_t backlog = opts.log_steps ? undelivered() : 0;
       post_events();
       const double seconds = seconds_since(t0);
-      if (opts.log_steps && stepped) log_step(std::chrono::duration<double>(t0 - admitted_at).count(), seconds, in_backend);
+      if (opts.log_steps && stepped)
+        log_step(std::chrono::duration<double>(t0 - admitted_at).count(), seconds, in_backend,
+                 backlog);
       std::lock_guard<std::mutex> lock(mu);
       st.step_seconds += seconds;
       st.backend_seconds += in_backend;
@@ -411,13 +421,20 @@ struct Scheduler::Impl {
     post_events();
   }
 
-  void log_step(double admit_s, double step_s, double backend_s) const {
+  // Events of earlier steps still waiting for their event thread: a backlog that grows means the
+  // callbacks deliver slower than the model makes tokens.
+  size_t undelivered() const {
+    size_t n = 0;
+    for (const auto& t : event_threads) n += t->backlog();
+    return n;
+  }
+  void log_step(double admit_s, double step_s, double backend_s, size_t backlog) const {
     std::fprintf(stderr,
                  "step %llu: %zu decode rows, %zu prompt tokens in %zu chunks; admit %.3f ms, "
-                 "backend %.3f ms, scheduler %.3f ms\n",
+                 "backend %.3f ms, scheduler %.3f ms; %zu events of earlier steps undelivered\n",
                  static_cast<unsigned long long>(st.steps), planned.decode_rows,
                  planned.prompt_tokens, planned.chunks, admit_s * 1e3, backend_s * 1e3,
-                 (step_s - backend_s) * 1e3);
+                 (step_s - backend_s) * 1e3, backlog);
   }
 
   // Drops finished sequences (finish() freed their slots and counted them).
