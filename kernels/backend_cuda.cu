@@ -454,7 +454,7 @@ class CudaBackend final : public Backend {
         cuda::summarize(shape_, cv, ds, d_chunks_.get(), d_table_.get(), d_done_.get(),
                         int(p.done.size()), k_.get(), v_.get(), new_k, new_v, s);
         cuda::accumulate(shape_, cv, ds, d_chunks_.get(), d_filling_.get(), int(p.filling.size()),
-                         k_.get(), v_.get(), s);
+                         p.longest_chunk, k_.get(), v_.get(), s);
       }
       cuda::attention(shape_, cv, d_chunks_.get(), d_table_.get(), d_attn_.get(),
                       int(p.attn.size()), p.padded, q_.get(), k_.get(), v_.get(), new_k, new_v,

@@ -1,4 +1,5 @@
 #include <algorithm>
+#include <bit>
 
 #include "../engine/src/fma_cpu.h"
 #include "fma_cuda.cuh"
@@ -139,6 +140,22 @@ __global__ void summarize_kernel(FmaShape s, CacheView cv, Downsamplers dw, cons
       [&](int at, float a) { atomicAdd(dst + at, a); });
 }
 
+// The accumulator of a group being filled that begins in the chunk starts from zero (its ring
+// entry held an older group); one that began before keeps what it holds.
+__global__ void clear_new_accumulators_kernel(FmaShape s, CacheView cv, const ChunkDesc* chunks,
+                                              const SumItem* items) {
+  const SumItem it = items[blockIdx.x];
+  if (it.group < 0) return;  // padding of a decode step
+  const ChunkDesc c = chunks[it.chunk];
+  const int l = it.level, pd = s.p * s.d;
+  if (it.group * (int64_t(s.m) << (l - 1)) < c.pos0) return;
+  float* acc = (blockIdx.z == 1 ? cv.acc_v : cv.acc_k) + (int64_t(c.slot) * s.L + l - 1) * s.kv * pd;
+  for (int i = threadIdx.x; i < s.kv * pd; i += blockDim.x) acc[i] = 0.0f;
+}
+
+// Adds slice blockIdx.y (kAccumulateSlice tokens) of the chunk's tokens in a group being filled
+// to its accumulator: the slices of a long chunk's top-level groups spread over the GPU instead
+// of one block reading thousands of tokens one after another.
 template <int kSumHeads, int kSumRanks>
 __global__ void accumulate_kernel(FmaShape s, CacheView cv, Downsamplers dw,
                                   const ChunkDesc* chunks, const SumItem* items, const float* k,
@@ -148,14 +165,15 @@ __global__ void accumulate_kernel(FmaShape s, CacheView cv, Downsamplers dw,
   const bool values = blockIdx.z == 1;
   const ChunkDesc c = chunks[it.chunk];
   const int l = it.level, w = s.m << (l - 1), pd = s.p * s.d;
+  const int64_t from = max(it.group * w, c.pos0) + int64_t(blockIdx.y) * kAccumulateSlice;
+  const int64_t to = min(from + kAccumulateSlice, c.pos0 + c.T);
+  if (from >= to) return;
   const float* W = s.avgpool ? nullptr : (values ? dw.wv : dw.wk)[l - 1];
   const bool paired = s.paired_keys && !values;
   float* acc0 = (values ? cv.acc_v : cv.acc_k) + (int64_t(c.slot) * s.L + l - 1) * s.kv * pd;
-  const int64_t start = it.group * w;
   for_each_sum_tile<kSumHeads, kSumRanks>(
-      s, c, W, s.rank[l - 1], paired, w, it.group, max(start, c.pos0), c.pos0 + c.T, values ? v : k,
-      [&](int at, int) { return start < c.pos0 ? acc0[at] : 0.0f; },
-      [&](int at, float a) { acc0[at] = a; });
+      s, c, W, s.rank[l - 1], paired, w, it.group, from, to, values ? v : k,
+      [&](int, int) { return 0.0f; }, [&](int at, float a) { atomicAdd(acc0 + at, a); });
 }
 
 // The arrays a key (or its value: same layout, twin array) can live in.
@@ -617,11 +635,16 @@ void summarize(const FmaShape& s, const CacheView& c, const Downsamplers& w,
 }
 
 void accumulate(const FmaShape& s, const CacheView& c, const Downsamplers& w,
-                const ChunkDesc* chunks, const SumItem* items, int n_items, const float* k,
-                const float* v, cudaStream_t st) {
+                const ChunkDesc* chunks, const SumItem* items, int n_items, int longest_chunk,
+                const float* k, const float* v, cudaStream_t st) {
   if (n_items == 0) return;
+  clear_new_accumulators_kernel<<<dim3(n_items, 1, 2), 128, 0, st>>>(s, c, chunks, items);
+  check_launch("clear_new_accumulators");
+  // A group being filled holds at most w - 1 of the chunk's tokens (the top level's w is largest).
+  const int64_t longest = std::min<int64_t>(longest_chunk, int64_t(s.m) << (s.L - 1));
+  const unsigned slices = static_cast<unsigned>(std::max<int64_t>(1, (longest + kAccumulateSlice - 1) / kAccumulateSlice));
   with_sum_tile(s, [&]<int H, int R>() {
-    accumulate_kernel<H, R><<<dim3(n_items, 1, 2), 128, 0, st>>>(s, c, w, chunks, items, k, v);
+    accumulate_kernel<H, R><<<dim3(n_items, slices, 2), 128, 0, st>>>(s, c, w, chunks, items, k, v);
   });
   check_launch("accumulate");
 }
@@ -703,11 +726,17 @@ BatchPlan make_plan(const Config& c, int64_t cap, std::span<const SeqChunk> chun
   const int L = c.n_levels(), m = c.fma_block_size;
   const int64_t kvd = int64_t{c.n_kv_heads} * c.head_dim;
   const int64_t group_block = kvd * c.fma_rank;  // one group's summaries, all KV heads
+  // A block's tokens of a completed group: short slices keep the top levels' long groups from
+  // serialising a step (2048 tokens in one block took 1.5 ms a layer), but every slice adds its
+  // group_block sums atomically, so the slice grows with them: 256 tokens for the default model's
+  // 256 outputs, 2048 for 4096 (16 KV heads at rank 4).
+  const int64_t kSlice = std::clamp<int64_t>(std::bit_ceil(uint64_t(group_block)), 256, 2048);
   for (size_t ci = 0; ci < chunks.size(); ++ci) {
     const SeqChunk& ch = chunks[ci];
     const int T = static_cast<int>(ch.tokens.size());
     const int64_t pos0 = slot_pos[ch.slot];
     p.chunks.push_back({p.T, T, pos0, ch.slot, static_cast<int>(p.table.size())});
+    p.longest_chunk = std::max(p.longest_chunk, T);
     for (int t = 0; t < T; ++t) {
       p.tokens.push_back(ch.tokens[t]);
       p.pos.push_back(pos0 + t);
@@ -716,7 +745,6 @@ BatchPlan make_plan(const Config& c, int64_t cap, std::span<const SeqChunk> chun
     for (int l = 1; l <= L; ++l) {
       const int64_t w = c.group_size(l), first = pos0 / w, end = (pos0 + T) / w;
       p.table.push_back({p.new_groups, static_cast<int>(end - first), first});
-      constexpr int64_t kSlice = 2048;
       for (int64_t g = first; g < end; ++g)
         for (int64_t t = std::max(g * w, pos0); t < (g + 1) * w; t += kSlice)
           p.done.push_back({int(ci), l, g, t, std::min(t + kSlice, (g + 1) * w)});

@@ -71,10 +71,12 @@ FmaShape make_shape(const Config& c);
 void summarize(const FmaShape& s, const CacheView& c, const Downsamplers& w,
                const ChunkDesc* chunks, const NewGroups* table, const SumItem* items, int n_items,
                const float* k, const float* v, float* new_k, float* new_v, cudaStream_t st);
-// Accumulators of the groups being filled after each chunk (run after summarize).
+// Accumulators of the groups being filled after each chunk (run after summarize), in slices of
+// kAccumulateSlice tokens; longest_chunk: the batch's longest chunk, in tokens.
+constexpr int kAccumulateSlice = 128;
 void accumulate(const FmaShape& s, const CacheView& c, const Downsamplers& w,
-                const ChunkDesc* chunks, const SumItem* items, int n_items, const float* k,
-                const float* v, cudaStream_t st);
+                const ChunkDesc* chunks, const SumItem* items, int n_items, int longest_chunk,
+                const float* k, const float* v, cudaStream_t st);
 // out[row][head][d] for every query of every chunk. single_queries: every item holds one query
 // (a decode step), which a kernel that splits the keys over threads serves better. Otherwise
 // tiles of head_dim 64 run on tensor cores (bf16 products, fp32 softmax and accumulation) unless
@@ -107,6 +109,7 @@ struct BatchPlan {
   std::vector<AttnItem> attn;
   std::vector<CommitItem> commits;
   int new_groups = 0;
+  int longest_chunk = 0;  // tokens
   // A decode step (one token per sequence, last-row logits): rows and item lists are padded to
   // decode_bucket(batch) with no-op entries, so every step of a bucket launches the same grids.
   bool padded = false;

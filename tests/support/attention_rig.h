@@ -98,7 +98,8 @@ class AttentionRig {
     cuda::check(cudaMemsetAsync(new_v, 0, pool_floats() * 4), "memset");
     cuda::summarize(shape, cv, ds, chunks, table, done, int(plan.done.size()), k, v, new_k, new_v,
                     nullptr);
-    cuda::accumulate(shape, cv, ds, chunks, filling, int(plan.filling.size()), k, v, nullptr);
+    cuda::accumulate(shape, cv, ds, chunks, filling, int(plan.filling.size()), plan.longest_chunk,
+                     k, v, nullptr);
   }
   void attend(bool tensor_cores = true) const {
     cuda::attention(shape, cv, chunks, table, attn, int(plan.attn.size()), plan.padded, q, k, v,
