@@ -29,7 +29,7 @@ int main(int argc, char** argv) {
                   "  --http-threads N  HTTP worker threads, one per open connection (default:\n"
                   "                    slots + max-queue + 64; connections beyond get 503)\n"
                   "  --event-threads N threads delivering tokens to the connections (default:\n"
-                  "                    a quarter of the cores, 2 to 8)\n"
+                  "                    half the cores, 2 to 8)\n"
                   "  --prefill-per-step N  prompt tokens read per step, all requests together\n"
                   "                    (default: the backend's, 512 on the CPU, 65536 on CUDA)\n"
                   "  --max-body BYTES  largest request body (default 1048576); a larger one\n"

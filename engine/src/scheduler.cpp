@@ -172,7 +172,7 @@ struct Scheduler::Impl {
     const int n_events =
         opts.event_threads > 0
             ? opts.event_threads
-            : std::clamp(static_cast<int>(std::thread::hardware_concurrency() / 4), 2, 8);
+            : std::clamp(static_cast<int>(std::thread::hardware_concurrency() / 2), 2, 8);
     outbox.resize(n_events);
     for (int i = 0; i < n_events; ++i)
       event_threads.push_back(std::make_unique<EventThread>([this](uint64_t id) { cancel(id); }));

@@ -462,8 +462,8 @@ struct SchedulerOptions {
   // generating stream's gap between tokens, lasts while prompts are read. 0: the backend's
   // Backend::prefill_tokens_per_step().
   int max_prefill_per_step = 0;
-  // Threads that hand events to the requests' callbacks (0: a quarter of the cores, 2 to 8): at
-  // a thousand streams they deliver a quarter of a million events a second.
+  // Threads that hand events to the requests' callbacks (0: half the cores, 2 to 8): at a
+  // thousand streams they deliver a quarter of a million events a second (docs/PERF.md).
   int event_threads = 0;
   // The prefix cache (off when both tiers are empty): snapshots every prefix_block prompt tokens
   // and at each prompt's end, kept in prefix_cache_slots backend slots that the scheduler takes
