@@ -1,7 +1,9 @@
 // The CPU backend end to end on a model: prefill and generation tokens/s, with the dot-product
 // loops the backend used before (cpu::matmul_reference, fp32 weights) as the baseline in the same
-// run. Prints a markdown table; each figure is the median of --repeats runs.
-// usage: bench_cpu [MODEL.gguf] [--threads N] [--repeats R] [--gen N] [--quick]
+// run, or with --baseline the same backend on another file (e.g. the bf16 model against its
+// Q8_0 copy). Prints a markdown table; each figure is the median of --repeats runs.
+// usage: bench_cpu [MODEL.gguf] [--baseline BASE.gguf] [--threads N] [--repeats R] [--gen N]
+//                  [--quick]
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
@@ -54,7 +56,7 @@ std::pair<double, double> measure(Backend& b, int prompt, int gen, uint32_t seed
 }  // namespace
 
 int main(int argc, char** argv) {
-  std::string path = "models/default.gguf";
+  std::string path = "models/default.gguf", baseline;
   int threads = 2, repeats = 3, gen = 128;
   bool quick = false;
   for (int i = 1; i < argc; ++i) {
@@ -74,10 +76,12 @@ int main(int argc, char** argv) {
       gen = value();
     else if (a == "--quick")
       quick = true;
+    else if (a == "--baseline" && i + 1 < argc)
+      baseline = argv[++i];
     else if (!a.empty() && a[0] == '-') {
       std::fprintf(stderr,
-                   "unknown option %s\nusage: bench_cpu [MODEL.gguf] [--threads N] "
-                   "[--repeats R] [--gen N] [--quick]\n",
+                   "unknown option %s\nusage: bench_cpu [MODEL.gguf] [--baseline BASE.gguf] "
+                   "[--threads N] [--repeats R] [--gen N] [--quick]\n",
                    a.c_str());
       return 2;
     } else
@@ -85,6 +89,9 @@ int main(int argc, char** argv) {
   }
   try {
     auto model = Model::load(path);
+    // Path 0 is the baseline: the reference products on the model, or the other file.
+    const std::shared_ptr<Model> models[2] = {baseline.empty() ? model : Model::load(baseline),
+                                              model};
     const std::vector<int> prompts =
         quick ? std::vector<int>{1, 512, 4096} : std::vector<int>{1, 512, 4096, 16384};
     // [path][prompt] -> prefill and generation tokens/s of each repeat
@@ -92,9 +99,9 @@ int main(int argc, char** argv) {
     std::string names[2];
     const cpu::Products fast = cpu::active_products();
     for (int path_i = 0; path_i < 2; ++path_i) {
-      cpu::set_products(path_i == 0 ? cpu::Products::Reference : fast);
-      auto b = make_backend(model, {.kind = "cpu", .n_slots = 1, .n_threads = threads});
-      names[path_i] = b->name();
+      cpu::set_products(path_i == 0 && baseline.empty() ? cpu::Products::Reference : fast);
+      auto b = make_backend(models[path_i], {.kind = "cpu", .n_slots = 1, .n_threads = threads});
+      names[path_i] = (baseline.empty() ? "" : models[path_i]->path() + ", ") + b->name();
       std::fprintf(stderr, "%s\n", names[path_i].c_str());
       pre[path_i].resize(prompts.size());
       gn[path_i].resize(prompts.size());

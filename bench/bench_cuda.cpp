@@ -103,9 +103,11 @@ std::string write_exact_copy(const std::string& path) {
   return out;
 }
 
-// Decode steps of `batch` sequences at ~1,000 tokens of context, sampling on the GPU.
-void bench_decode(std::shared_ptr<const Model> model, const std::vector<int>& batches,
-                  const SamplingParams& sp, const char* mode) {
+// Decode steps of `batch` sequences at ~1,000 tokens of context, sampling on the GPU; returns
+// the tokens/s of each batch size.
+std::vector<double> bench_decode(std::shared_ptr<const Model> model, const std::vector<int>& batches,
+                                 const SamplingParams& sp, const char* mode) {
+  std::vector<double> rates;
   const Config& c = model->config();
   std::mt19937 rng(2);
   auto random_ids = [&](size_t n) {
@@ -140,7 +142,8 @@ void bench_decode(std::shared_ptr<const Model> model, const std::vector<int>& ba
       for (int i = 0; i < batch; ++i) next[i] = sampled[i].token;
     }
     const double sec = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-    std::printf("| %d | ~1000 | %.0f | %.3f |\n", batch, batch * steps / sec, sec / steps * 1e3);
+    rates.push_back(batch * steps / sec);
+    std::printf("| %d | ~1000 | %.0f | %.3f |\n", batch, rates.back(), sec / steps * 1e3);
     std::fflush(stdout);
     if (batch == 1) {
       const double kv_exact = 2.0 * c.n_layers * c.n_kv_heads * c.head_dim * 2 * (1 << 20);
@@ -150,6 +153,7 @@ void bench_decode(std::shared_ptr<const Model> model, const std::vector<int>& ba
           b->slot_bytes(slots[0]) / 1024.0, mode, kv_exact / 1048576.0);
     }
   }
+  return rates;
 }
 
 void bench_end_to_end(const std::string& path, bool exact, bool quick) {
@@ -192,9 +196,12 @@ void bench_end_to_end(const std::string& path, bool exact, bool quick) {
 int main(int argc, char** argv) {
   if (argc < 2) {
     std::fprintf(stderr,
-                 "usage: bench_cuda MODEL.gguf [--quick | --prefill-kernels | --decode B,B,...]\n"
+                 "usage: bench_cuda MODEL.gguf [--quick | --prefill-kernels |\n"
+                 "                              --decode B,B,... [--baseline BASE.gguf]]\n"
                  "  --decode: only decode steps at those batch sizes, sampled as the server's API\n"
-                 "            defaults with temperature 0.8 (top-k, top-p, min-p off)\n");
+                 "            defaults with temperature 0.8 (top-k, top-p, min-p off)\n"
+                 "  --baseline: the same steps on another file (e.g. MODEL's bf16 source of a\n"
+                 "              q8_0 MODEL) first, and the ratio\n");
     return 2;
   }
   const bool quick = argc > 2 && std::strcmp(argv[2], "--quick") == 0;
@@ -214,6 +221,18 @@ int main(int argc, char** argv) {
       }
       SamplingParams api;
       api.temperature = 0.8f, api.top_k = 0, api.top_p = 1.0f, api.min_p = 0.0f;
+      if (argc > 5 && std::strcmp(argv[4], "--baseline") == 0) {
+        std::printf("\n## Baseline %s\n", argv[5]);
+        const auto base = bench_decode(Model::load(argv[5]), batches, api, "FMA");
+        std::printf("\n## %s\n", argv[1]);
+        const auto got = bench_decode(Model::load(argv[1]), batches, api, "FMA");
+        std::printf("\n| decode batch | %s tokens/s | %s tokens/s | ratio |\n|---|---|---|---|\n",
+                    argv[5], argv[1]);
+        for (size_t i = 0; i < batches.size(); ++i)
+          std::printf("| %d | %.0f | %.0f | %.2fx |\n", batches[i], base[i], got[i],
+                      got[i] / base[i]);
+        return 0;
+      }
       bench_decode(Model::load(argv[1]), batches, api, "FMA");
       return 0;
     }

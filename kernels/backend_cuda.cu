@@ -1,6 +1,7 @@
-// The CUDA backend: the same model as the CPU backend (engine/src/backend_cpu.cpp) with bf16
-// weights, fp32 activations and accumulation, GEMMs through cuBLAS, and every slot's hierarchical
-// cache in one pool of device memory allocated at start.
+// The CUDA backend: the same model as the CPU backend (engine/src/backend_cpu.cpp) with bf16 or
+// Q8_0 weights, fp32 activations and accumulation, GEMMs through cuBLAS (Q8_0 decode: a
+// dequantizing GEMV kernel), and every slot's hierarchical cache in one pool of device memory
+// allocated at start.
 #include <algorithm>
 #include <cstring>
 #include <map>
@@ -127,22 +128,64 @@ struct Part {
   const TensorView* t;
   int64_t r0 = 0, nr = -1, c0 = 0, nc = -1;
 };
-// bf16 copies of matrices stacked by rows: one GEMM computes all their outputs.
-DeviceArray<__nv_bfloat16> upload_bf16(std::initializer_list<Part> parts) {
+// A weight matrix [N][K] on the device: Q8_0 as stored (int8 and fp16 scales, see
+// cuda::Q8Weights) where every part is Q8_0, else bf16.
+struct Weights {
+  int N = 0, K = 0;
+  DeviceArray<__nv_bfloat16> bf16;
+  DeviceArray<int8_t> q8;
+  DeviceArray<__half> scale;
+  bool is_q8() const { return q8.get() != nullptr; }
+  cuda::Q8Weights q8_view() const { return {q8.get(), scale.get()}; }
+};
+
+// Matrices stacked by rows: one GEMM computes all their outputs.
+Weights upload_weights(std::initializer_list<Part> parts) {
+  Weights w;
+  bool q8 = true;
+  for (const Part& p : parts) {
+    w.K = int(p.nc < 0 ? p.t->shape[1] - p.c0 : p.nc);
+    w.N += int(p.nr < 0 ? p.t->shape[0] - p.r0 : p.nr);
+    q8 = q8 && p.t->dtype == DType::Q8_0;
+  }
+  if (q8) {  // the blocks of the parts' rows and columns
+    std::vector<int8_t> hq;
+    std::vector<__half> hs;
+    for (const Part& p : parts) {
+      const int64_t K = p.t->shape[1], nr = p.nr < 0 ? p.t->shape[0] - p.r0 : p.nr;
+      if (p.c0 % kQ8Block != 0 || w.K % kQ8Block != 0)
+        throw Error("Q8_0 tensor '" + p.t->name + "': columns [" + std::to_string(p.c0) + ", " +
+                    std::to_string(p.c0 + w.K) + ") are not whole blocks of " +
+                    std::to_string(kQ8Block) +
+                    " (tensor parallelism splits Q8_0 matrices at block boundaries only)");
+      const auto* bytes = static_cast<const uint8_t*>(p.t->data);
+      for (int64_t r = p.r0; r < p.r0 + nr; ++r)
+        for (int64_t b = p.c0 / kQ8Block; b < (p.c0 + w.K) / kQ8Block; ++b) {
+          const uint8_t* block = bytes + (r * K / kQ8Block + b) * kQ8BlockBytes;
+          __half_raw d;
+          std::memcpy(&d.x, block, 2);
+          hs.push_back(__half(d));
+          hq.insert(hq.end(), block + 2, block + kQ8BlockBytes);
+        }
+    }
+    w.q8 = upload_once(hq);
+    w.scale = upload_once(hs);
+    return w;
+  }
   std::vector<__nv_bfloat16> h;
   for (const Part& p : parts) {
     const std::vector<float> f = p.t->to_f32();
-    const int64_t K = p.t->shape[1];
-    const int64_t nr = p.nr < 0 ? p.t->shape[0] - p.r0 : p.nr, nc = p.nc < 0 ? K - p.c0 : p.nc;
+    const int64_t K = p.t->shape[1], nr = p.nr < 0 ? p.t->shape[0] - p.r0 : p.nr;
     for (int64_t r = p.r0; r < p.r0 + nr; ++r)
-      for (int64_t c = p.c0; c < p.c0 + nc; ++c) h.push_back(__float2bfloat16(f[r * K + c]));
+      for (int64_t c = p.c0; c < p.c0 + w.K; ++c) h.push_back(__float2bfloat16(f[r * K + c]));
   }
-  return upload_once(h);
+  w.bf16 = upload_once(h);
+  return w;
 }
 
 struct Layer {
   DeviceArray<float> attn_norm, ffn_norm;
-  DeviceArray<__nv_bfloat16> wqkv, wo, gate_up, down;  // [q; k; v] and [gate; up] stacked
+  Weights wqkv, wo, gate_up, down;  // [q; k; v] and [gate; up] stacked
   std::vector<DeviceArray<float>> ds;                  // per level: wk, bk, wv, bv
   DeviceArray<const float*> ds_ptrs;                   // [4][L]: the Downsamplers table
   // The layer's part of the slot pool.
@@ -178,9 +221,9 @@ class CudaBackend final : public Backend {
     shape_ = cuda::make_shape(c_);
     cap_ = c_.fma_enabled ? 2 * int64_t{c_.fma_block_size} : max_context;
     if (cap_ <= 0) throw Error("CUDA backend: exact attention needs a positive max_context");
-    embed_ = upload_bf16({{&model_->tensor(tn::token_embd(), {V, H})}});
+    embed_ = upload_weights({{&model_->tensor(tn::token_embd(), {V, H})}});
     out_norm_ = upload_once(model_->tensor(tn::output_norm(), {H}).to_f32());
-    if (!c_.tie_word_embeddings) head_ = upload_bf16({{&model_->tensor(tn::output(), {V, H})}});
+    if (!c_.tie_word_embeddings) head_ = upload_weights({{&model_->tensor(tn::output(), {V, H})}});
     const size_t L = c_.n_levels(), pd = size_t(c_.fma_rank) * c_.head_dim;
     for (int i = 0; i < c_.n_layers; ++i) {
       Layer l;
@@ -189,13 +232,13 @@ class CudaBackend final : public Backend {
       auto w = [&](const char* name, int64_t rows, int64_t cols) {
         return &model_->tensor(tn::layer(i, name), {rows, cols});
       };
-      l.wqkv = upload_bf16({{w("attn_q", q, H), rank * qs, qs},
-                            {w("attn_k", kv, H), rank * kvs, kvs},
-                            {w("attn_v", kv, H), rank * kvs, kvs}});
-      l.wo = upload_bf16({{w("attn_output", H, q), 0, H, rank * qs, qs}});
-      l.gate_up =
-          upload_bf16({{w("ffn_gate", F, H), rank * Fs, Fs}, {w("ffn_up", F, H), rank * Fs, Fs}});
-      l.down = upload_bf16({{w("ffn_down", H, F), 0, H, rank * Fs, Fs}});
+      l.wqkv = upload_weights({{w("attn_q", q, H), rank * qs, qs},
+                               {w("attn_k", kv, H), rank * kvs, kvs},
+                               {w("attn_v", kv, H), rank * kvs, kvs}});
+      l.wo = upload_weights({{w("attn_output", H, q), 0, H, rank * qs, qs}});
+      l.gate_up = upload_weights(
+          {{w("ffn_gate", F, H), rank * Fs, Fs}, {w("ffn_up", F, H), rank * Fs, Fs}});
+      l.down = upload_weights({{w("ffn_down", H, F), 0, H, rank * Fs, Fs}});
       if (c_.fma_enabled) {
         // The same transposed layout as the CPU reference's Downsampler.
         const cpu::LayerDownsamplers ds = cpu::make_layer_downsamplers(c_, *model_, i);
@@ -218,6 +261,14 @@ class CudaBackend final : public Backend {
       l.acc_v.resize(S * L * c_.n_kv_heads * pd);
       layers_.push_back(std::move(l));
     }
+    // Room to dequantize the largest Q8_0 matrix for a product of more than kQ8GemvRows rows.
+    size_t dequant = 0;
+    for (const Weights* w : {&embed_, &head_})
+      if (w->is_q8()) dequant = std::max(dequant, size_t(w->N) * w->K);
+    for (const Layer& l : layers_)
+      for (const Weights* w : {&l.wqkv, &l.wo, &l.gate_up, &l.down})
+        if (w->is_q8()) dequant = std::max(dequant, size_t(w->N) * w->K);
+    if (dequant) dequant_.resize(dequant);
     check(cudaStreamSynchronize(stream_), "upload");
     pos_.assign(n_slots, 0);
     in_use_.assign(n_slots, false);
@@ -436,7 +487,10 @@ class CudaBackend final : public Backend {
     const int T = p.T, H = c_.hidden_size, d = c_.head_dim, nh = c_.n_heads, nkv = c_.n_kv_heads;
     const int F = c_.intermediate_size, V = c_.vocab_size, L = c_.n_levels();
     cudaStream_t s = stream_;
-    cuda::embed(embed_.get(), d_tokens_.get(), T, H, x_.get(), s);
+    if (embed_.is_q8())
+      cuda::embed_q8(embed_.q8_view(), d_tokens_.get(), T, H, x_.get(), s);
+    else
+      cuda::embed(embed_.bf16.get(), d_tokens_.get(), T, H, x_.get(), s);
     for (int li = 0; li < c_.n_layers; ++li) {
       Layer& l = layers_[li];
       const cuda::CacheView cv{l.fine_k.get(), l.fine_v.get(), l.sum_k.get(), l.sum_v.get(),
@@ -445,7 +499,7 @@ class CudaBackend final : public Backend {
       const cuda::Downsamplers ds{dp, dp ? dp + L : nullptr, dp ? dp + 2 * L : nullptr,
                                   dp ? dp + 3 * L : nullptr};
       cuda::rmsnorm(x_.get(), l.attn_norm.get(), T, H, c_.rms_norm_eps, hb_.get(), s);
-      cuda::gemm(cublas_, hb_.get(), T, H, l.wqkv.get(), (nh + 2 * nkv) * d, qkv_.get());
+      matmul(hb_.get(), T, l.wqkv, qkv_.get());
       cuda::split_qkv_rope(qkv_.get(), d_pos_.get(), T, nh, nkv, d, c_.rope_theta,
                            c_.rope_linear_factor, q_.get(), k_.get(), v_.get(), s);
       float *new_k = new_kv_.get(), *new_v = new_kv_.get() + new_pool_;
@@ -462,21 +516,29 @@ class CudaBackend final : public Backend {
       cuda::commit(d_commits_.get(), int(p.commits.size()), k_.get(), v_.get(), new_k, new_v, cv,
                    s);
       cuda::to_bf16(att_.get(), int64_t(T) * nh * d, hb_.get(), s);
-      cuda::gemm(cublas_, hb_.get(), T, nh * d, l.wo.get(), H, h_.get());
+      matmul(hb_.get(), T, l.wo, h_.get());
       if (comm_) comm_->all_reduce_sum(h_.get(), size_t(T) * H, stream_);  // the heads' parts
       cuda::add(x_.get(), h_.get(), int64_t(T) * H, s);
       cuda::rmsnorm(x_.get(), l.ffn_norm.get(), T, H, c_.rms_norm_eps, hb_.get(), s);
-      cuda::gemm(cublas_, hb_.get(), T, H, l.gate_up.get(), 2 * F, gu_.get());
+      matmul(hb_.get(), T, l.gate_up, gu_.get());
       cuda::swiglu(gu_.get(), T, F, hb_.get(), s);
-      cuda::gemm(cublas_, hb_.get(), T, F, l.down.get(), H, h_.get());
+      matmul(hb_.get(), T, l.down, h_.get());
       if (comm_) comm_->all_reduce_sum(h_.get(), size_t(T) * H, stream_);  // the FFN's parts
       cuda::add(x_.get(), h_.get(), int64_t(T) * H, s);
     }
     const int R = static_cast<int>(p.rows.size());
     cuda::rmsnorm(x_.get(), out_norm_.get(), T, H, c_.rms_norm_eps, hb_.get(), s);
     cuda::gather_rows(hb_.get(), d_rows_.get(), R, H, sel_.get(), s);
-    cuda::gemm(cublas_, sel_.get(), R, H, (c_.tie_word_embeddings ? embed_ : head_).get(), V,
-               logits_.get());
+    matmul(sel_.get(), R, c_.tie_word_embeddings ? embed_ : head_, logits_.get());
+  }
+
+  // y[T][w.N] = x[T][w.K] * w^T: cuBLAS on bf16 weights; on Q8_0 ones the GEMV kernel for a few
+  // rows (decode), else cuBLAS on the weights dequantized into dequant_.
+  void matmul(const __nv_bfloat16* x, int T, const Weights& w, float* y) {
+    if (!w.is_q8()) return cuda::gemm(cublas_, x, T, w.K, w.bf16.get(), w.N, y);
+    if (T <= cuda::kQ8GemvRows) return cuda::gemv_q8(x, T, w.K, w.q8_view(), w.N, y, stream_);
+    cuda::dequantize_q8(w.q8_view(), int64_t(w.N) * w.K, dequant_.get(), stream_);
+    cuda::gemm(cublas_, x, T, w.K, dequant_.get(), w.N, y);
   }
 
   // Checks and runs the chunks, leaving their wanted rows' logits in logits_.
@@ -542,7 +604,8 @@ class CudaBackend final : public Backend {
   int64_t cap_ = 0;
   cudaStream_t stream_ = nullptr;
   cublasHandle_t cublas_ = nullptr;
-  DeviceArray<__nv_bfloat16> embed_, head_;
+  Weights embed_, head_;  // head_ empty when tied to the embedding
+  DeviceArray<__nv_bfloat16> dequant_;  // a Q8_0 matrix dequantized for cuBLAS (prefill)
   DeviceArray<float> out_norm_;
   std::vector<Layer> layers_;
   std::vector<int64_t> pos_;

@@ -5,6 +5,7 @@
 
 #include <cublas_v2.h>
 #include <cuda_bf16.h>
+#include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
 #include <cstdint>
@@ -25,6 +26,24 @@ inline void check_launch(const char* kernel) { check(cudaGetLastError(), kernel)
 
 // x[t] = embed[tokens[t]] (embed in bf16, x in f32)
 void embed(const __nv_bfloat16* table, const int* tokens, int T, int n, float* x, cudaStream_t s);
+
+// Q8_0 weights W[N][K] on the device: q[n*K + k] int8, one fp16 scale per block of 32,
+// W[n][k] = scale[(n*K + k) / 32] * q[n*K + k] (the GGUF blocks split into two arrays, so that
+// a warp reads 16-byte aligned weights). K is a multiple of 32.
+struct Q8Weights {
+  const int8_t* q;
+  const __half* scale;
+};
+// x[t] = W[tokens[t]] for a Q8_0 embedding table of rows of n
+void embed_q8(Q8Weights table, const int* tokens, int T, int n, float* x, cudaStream_t s);
+// Up to this many rows, gemv_q8 computes a product over Q8_0 weights (decode); more rows
+// dequantize the weights to bf16 (dequantize_q8) for gemm (prefill).
+constexpr int kQ8GemvRows = 8;
+// y[T][N] = x[T][K] * W^T, T <= kQ8GemvRows: each weight read once for all rows, dequantized in
+// registers, fp32 products and sums.
+void gemv_q8(const __nv_bfloat16* x, int T, int K, Q8Weights W, int N, float* y, cudaStream_t s);
+// w[i] = bf16(W's element i), n elements (a multiple of 32)
+void dequantize_q8(Q8Weights W, int64_t n, __nv_bfloat16* w, cudaStream_t s);
 // y[t] = bf16(x[t] / rms(x[t]) * w)
 void rmsnorm(const float* x, const float* w, int T, int n, float eps, __nv_bfloat16* y,
              cudaStream_t s);

@@ -35,7 +35,7 @@ struct Variant {
   Downsampling ds;
   bool fma, tie;
   int kv_heads;
-  DType dtype = DType::F32;  // bf16: decode's matrix-vector kernels read the weights as stored
+  DType dtype = DType::F32;  // bf16, q8_0: decode's kernels read the weights as stored
   bool rotary = false;       // rotary key summaries
   std::vector<int> ranks = {};  // per-level ranks
 };
@@ -71,6 +71,8 @@ INSTANTIATE_TEST_SUITE_P(
         Variant{"conv", Downsampling::Conv, true, true, 1},
         Variant{"avgpool", Downsampling::AvgPool, true, false, 4},
         Variant{"groupedconv_bf16", Downsampling::GroupedConv, true, false, 2, DType::BF16},
+        // Q8_0 where rows are whole blocks (all but ffn_down's 48: bf16)
+        Variant{"groupedconv_q8_0", Downsampling::GroupedConv, true, true, 2, DType::Q8_0},
         Variant{"exact", Downsampling::GroupedConv, false, true, 2},
         Variant{"groupedconv_rotary", Downsampling::GroupedConv, true, false, 2, DType::F32, true},
         Variant{"groupedconv_rotary_bf16", Downsampling::GroupedConv, true, true, 1, DType::BF16,

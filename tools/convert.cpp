@@ -1,5 +1,6 @@
 // multipole-convert: Hugging Face folder -> Multipole GGUF model file.
 #include <cstdio>
+#include <filesystem>
 
 #include "common/args.h"
 #include "multipole/multipole.h"
@@ -7,15 +8,19 @@
 int main(int argc, char** argv) {
   mp::cli::Args args(
       argc, argv, {"force"},
-      "usage: multipole-convert HF_DIR OUT.gguf [--dtype f32|f16|bf16] [--force]\n"
+      "usage: multipole-convert HF_DIR|IN.gguf OUT.gguf [--dtype f32|f16|bf16|q8_0] [--force]\n"
       "                         [--fma avgpool|groupedconv [--block-size M] [--rank P]\n"
       "                          [--trained-length N]]\n"
       "Converts a Hugging Face folder (config.json, model.safetensors or its sharded\n"
       "index, SentencePiece tokenizer.model) into one GGUF file: a Multipole FMA\n"
       "checkpoint, or a LlamaForCausalLM / MistralForCausalLM one (exact attention,\n"
-      "as in its source framework, unless --fma).\n"
+      "as in its source framework, unless --fma). Given a Multipole GGUF file, stores\n"
+      "it again with --dtype (e.g. models/default.gguf as q8_0).\n"
       "  --dtype T           storage type of the matrices (default bf16; norms and\n"
-      "                      biases stay f32)\n"
+      "                      biases stay f32). q8_0: GGUF's blocks of 32 int8 and an\n"
+      "                      fp16 scale for the 2-D matrices (embedding and LM head\n"
+      "                      too); summary convolutions and rows that are not whole\n"
+      "                      blocks stay bf16\n"
       "  --force             overwrite OUT.gguf if it exists\n"
       "  --fma K             make an exact-attention checkpoint an FMA model: avgpool\n"
       "                      summaries (no weights), or groupedconv summary weights\n"
@@ -45,7 +50,10 @@ int main(int argc, char** argv) {
       std::fprintf(stderr, "\r[%zu/%zu] %-60s", done, total, name.c_str());
       if (done == total) std::fputc('\n', stderr);
     };
-    mp::convert_hf_to_gguf(args.positional()[0], args.positional()[1], o);
+    if (std::filesystem::is_regular_file(args.positional()[0]))
+      mp::convert_gguf(args.positional()[0], args.positional()[1], o);
+    else
+      mp::convert_hf_to_gguf(args.positional()[0], args.positional()[1], o);
     auto m = mp::Model::load(args.positional()[1]);  // proves the file loads
     std::fprintf(stderr, "wrote %s: %s\n", args.positional()[1].c_str(),
                  m->config().summary().c_str());

@@ -1,5 +1,5 @@
-// The CPU backend: the reference implementation of the whole model in fp32 arithmetic (bf16
-// weights widened exactly), threaded with OpenMP; matrix products in ops_cpu.
+// The CPU backend: the reference implementation of the whole model in fp32 arithmetic (bf16 and
+// Q8_0 weights widened exactly), threaded with OpenMP; matrix products in ops_cpu.
 #include "backend_cpu.h"
 
 #include <omp.h>
@@ -60,7 +60,7 @@ class CpuBackend final : public Backend {
       return comm ? cpu::sub_matrix(m, 0, m.N, int(rank * n), int(n)) : m;
     };
     auto keep = [&](cpu::Matrix m) {
-      if (m.is_bf16()) wide_.resize(std::max(wide_.size(), size_t(m.N) * m.K));
+      if (!m.is_f32()) wide_.resize(std::max(wide_.size(), size_t(m.N) * m.K));
       return m;
     };
     const int64_t qs = c_.n_heads * d, kvs = c_.n_kv_heads * d, Fs = c_.intermediate_size;
@@ -240,7 +240,7 @@ class CpuBackend final : public Backend {
   cpu::Matrix embed_, head_;  // head_ empty when tied to the embedding
   std::vector<float> out_norm_;
   std::vector<LayerWeights> layers_;
-  std::vector<float> wide_;  // bf16 weights widened for oneDNN's sgemm (the largest bf16 matrix)
+  std::vector<float> wide_;  // bf16/Q8_0 weights widened for oneDNN's sgemm (the largest such)
   std::vector<float> x_, h_, q_, k_, v_, att_, g_, u_, stacked_;  // activations, [T][width]
   std::vector<cpu::SeqCache> slots_;
   std::vector<bool> in_use_;

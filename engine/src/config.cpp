@@ -4,6 +4,7 @@
 #include <sstream>
 
 #include "format.h"
+#include "numeric.h"
 
 namespace mp {
 
@@ -35,6 +36,8 @@ std::string_view to_string(DType t) {
       return "f16";
     case DType::BF16:
       return "bf16";
+    case DType::Q8_0:
+      return "q8_0";
   }
   return "?";
 }
@@ -43,10 +46,17 @@ DType parse_dtype(std::string_view s) {
   if (s == "f32") return DType::F32;
   if (s == "f16") return DType::F16;
   if (s == "bf16") return DType::BF16;
-  throw Error("unknown dtype '" + std::string(s) + "' (expected f32, f16 or bf16)");
+  if (s == "q8_0") return DType::Q8_0;
+  throw Error("unknown dtype '" + std::string(s) + "' (expected f32, f16, bf16 or q8_0)");
 }
 
-size_t dtype_size(DType t) { return t == DType::F32 ? 4 : 2; }
+size_t dtype_bytes(DType t, int64_t numel) {
+  if (t != DType::Q8_0) return size_t(numel) * (t == DType::F32 ? 4 : 2);
+  if (numel % kQ8Block != 0)
+    throw Error("q8_0: " + std::to_string(numel) + " elements are not whole blocks of " +
+                std::to_string(kQ8Block));
+  return size_t(numel / kQ8Block) * kQ8BlockBytes;
+}
 
 int Config::n_levels() const {
   if (!fma_enabled) return 0;

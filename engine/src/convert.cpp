@@ -108,9 +108,13 @@ class SafetensorsFile {
 void append_converted(const TensorView& src, DType dst, std::vector<uint8_t>& out) {
   const std::vector<float> f = src.to_f32();
   const size_t at = out.size();
-  out.resize(at + f.size() * dtype_size(dst));
+  out.resize(at + dtype_bytes(dst, int64_t(f.size())));
   uint8_t* p = out.data() + at;
   switch (dst) {
+    case DType::Q8_0:  // rows are whole blocks (storage_dtype): blocks never straddle rows
+      for (size_t b = 0; b < f.size() / kQ8Block; ++b)
+        quantize_q8_0_block(f.data() + b * kQ8Block, p + b * kQ8BlockBytes);
+      break;
     case DType::F32:
       std::memcpy(p, f.data(), f.size() * 4);
       break;
@@ -151,6 +155,14 @@ std::string hf_chat_template(const fs::path& dir) {
         return named["template"].get<std::string>();
   throw Error("tokenizer_config.json: 'chat_template' is neither a string nor a list holding a "
               "template named 'default'");
+}
+
+// How a tensor of this shape is stored when the matrices are asked for as `matrices`: norms and
+// biases f32; with Q8_0 only 2-D matrices whose rows are whole blocks, others bf16 (ConvertOptions).
+DType storage_dtype(const std::vector<int64_t>& shape, DType matrices) {
+  if (shape.size() == 1) return DType::F32;
+  if (matrices != DType::Q8_0) return matrices;
+  return shape.size() == 2 && shape[1] % kQ8Block == 0 ? DType::Q8_0 : DType::BF16;
 }
 
 }  // namespace
@@ -231,7 +243,7 @@ void convert_hf_to_gguf(const std::string& hf_dir, const std::string& out_path,
   for (const auto& spec : specs) {
     if (auto s = synthesized.find(spec.name); s != synthesized.end()) {
       const bool bias = spec.shape.size() == 1;
-      const DType dt = bias ? DType::F32 : opts.dtype;
+      const DType dt = storage_dtype(spec.shape, opts.dtype);
       outs.push_back({spec.name, spec.shape, dt,
                       [&cfg, bias, level = s->second, spec, dt](std::vector<uint8_t>& out) {
                         const std::vector<float> v = bias ? std::vector<float>(spec.shape[0], 0.0f)
@@ -249,7 +261,7 @@ void convert_hf_to_gguf(const std::string& hf_dir, const std::string& out_path,
       throw Error("checkpoint: tensor '" + spec.hf_name + "' has shape " + shape_str(src->shape) +
                   ", the config needs " + shape_str(spec.shape));
     // Norm weights and biases are tiny and precision-sensitive: they stay f32.
-    const DType dt = spec.shape.size() == 1 ? DType::F32 : opts.dtype;
+    const DType dt = storage_dtype(spec.shape, opts.dtype);
     outs.push_back({spec.name, spec.shape, dt,
                     [src, dt](std::vector<uint8_t>& out) { append_converted(*src, dt, out); }});
   }
@@ -259,6 +271,27 @@ void convert_hf_to_gguf(const std::string& hf_dir, const std::string& out_path,
   kv[kTokenizerKey] = gguf::Value::bytes(spm);
   if (!chat_template.empty()) kv[kChatTemplateKey] = gguf::Value::str(chat_template);
 
+  gguf::write(out_path, kv, outs, opts.progress);
+}
+
+void convert_gguf(const std::string& in_path, const std::string& out_path,
+                  const ConvertOptions& opts) {
+  if (opts.fma) throw Error("--fma converts Hugging Face folders, not GGUF files");
+  if (fs::exists(out_path) && !opts.overwrite)
+    throw Error("'" + out_path + "' exists; pass --force to overwrite it");
+  const std::shared_ptr<Model> m = Model::load(in_path);
+  std::vector<gguf::TensorOut> outs;
+  for (const auto& spec : expected_tensors(m->config())) {
+    const TensorView* src = &m->tensor(spec.name, spec.shape);
+    const DType dt = storage_dtype(spec.shape, opts.dtype);
+    outs.push_back({spec.name, spec.shape, dt,
+                    [src, dt](std::vector<uint8_t>& out) { append_converted(*src, dt, out); }});
+  }
+  auto kv = config_to_gguf(m->config());
+  kv["general.name"] = gguf::Value::str(fs::path(in_path).stem().string());
+  kv["general.file_type"] = gguf::Value::str(std::string(to_string(opts.dtype)));
+  kv[kTokenizerKey] = gguf::Value::bytes(m->tokenizer().model_bytes());
+  if (!m->chat_template().empty()) kv[kChatTemplateKey] = gguf::Value::str(m->chat_template());
   gguf::write(out_path, kv, outs, opts.progress);
 }
 

@@ -5,6 +5,7 @@
 #include <set>
 
 #include "file_io.h"
+#include "numeric.h"
 
 namespace mp::gguf {
 namespace {
@@ -21,6 +22,8 @@ uint32_t ggml_type(DType t) {
       return 1;
     case DType::BF16:
       return 30;
+    case DType::Q8_0:
+      return 8;
   }
   return 0;
 }
@@ -335,14 +338,19 @@ File parse(const uint8_t* data, size_t size) {
       t.dtype = DType::F16;
     else if (type == 30)
       t.dtype = DType::BF16;
+    else if (type == 8)
+      t.dtype = DType::Q8_0;
     else
       throw Error("GGUF: tensor '" + t.name + "' has unsupported type " + std::to_string(type) +
-                  " (F32, F16 and BF16 are supported)");
+                  " (F32, F16, BF16 and Q8_0 are supported)");
+    if (t.dtype == DType::Q8_0 && ne[0] % kQ8Block != 0)
+      throw Error("GGUF: Q8_0 tensor '" + t.name + "' has rows of " + std::to_string(ne[0]) +
+                  " elements, not a multiple of the block size " + std::to_string(kQ8Block));
     const uint64_t off = c.read<uint64_t>("tensor offset");
     if (off % alignment != 0)
       throw Error("GGUF: tensor '" + t.name + "' offset " + std::to_string(off) +
                   " is not aligned");
-    t.nbytes = numel * dtype_size(t.dtype);
+    t.nbytes = dtype_bytes(t.dtype, int64_t(numel));
     rel_offsets.push_back(off);
     if (!names.insert(t.name).second) throw Error("GGUF: duplicate tensor '" + t.name + "'");
     f.tensors.push_back(std::move(t));
@@ -384,9 +392,13 @@ void write(const std::string& path, const std::map<std::string, Value>& kv,
       put<uint64_t>(head, static_cast<uint64_t>(*it));
       numel *= static_cast<uint64_t>(*it);
     }
+    if (t.dtype == DType::Q8_0 && t.shape.back() % kQ8Block != 0)
+      throw Error("GGUF write: Q8_0 tensor '" + t.name + "' has rows of " +
+                  std::to_string(t.shape.back()) + " elements, not whole blocks of " +
+                  std::to_string(kQ8Block));
     put<uint32_t>(head, ggml_type(t.dtype));
     put<uint64_t>(head, off);
-    off += (numel * dtype_size(t.dtype) + kAlignment - 1) / kAlignment * kAlignment;
+    off += (dtype_bytes(t.dtype, int64_t(numel)) + kAlignment - 1) / kAlignment * kAlignment;
   }
   head.resize((head.size() + kAlignment - 1) / kAlignment * kAlignment, 0);
 
@@ -398,10 +410,10 @@ void write(const std::string& path, const std::map<std::string, Value>& kv,
     tensors[k].write(buf);
     uint64_t numel = 1;
     for (auto d : tensors[k].shape) numel *= static_cast<uint64_t>(d);
-    if (buf.size() != numel * dtype_size(tensors[k].dtype))
+    const size_t want = dtype_bytes(tensors[k].dtype, int64_t(numel));
+    if (buf.size() != want)
       throw Error("GGUF write: tensor '" + tensors[k].name + "' produced " +
-                  std::to_string(buf.size()) + " bytes, its shape needs " +
-                  std::to_string(numel * dtype_size(tensors[k].dtype)));
+                  std::to_string(buf.size()) + " bytes, its shape needs " + std::to_string(want));
     buf.resize((buf.size() + kAlignment - 1) / kAlignment * kAlignment, 0);
     out.write(buf.data(), buf.size());
     if (progress) progress(k + 1, tensors.size(), tensors[k].name);

@@ -76,7 +76,7 @@ struct TensorOut {
   std::string name;
   std::vector<int64_t> shape;
   DType dtype;
-  // Appends the tensor's bytes (numel * dtype_size) to `out`.
+  // Appends the tensor's bytes (dtype_bytes(dtype, numel)) to `out`.
   std::function<void(std::vector<uint8_t>& out)> write;
 };
 

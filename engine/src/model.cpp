@@ -36,6 +36,12 @@ std::vector<float> TensorView::to_f32() const {
       for (int64_t i = 0; i < n; ++i) out[i] = bf16_to_f32(p[i]);
       break;
     }
+    case DType::Q8_0: {
+      const auto* p = static_cast<const uint8_t*>(data);
+      for (int64_t b = 0; b < n / kQ8Block; ++b)
+        dequantize_q8_0_block(p + b * kQ8BlockBytes, out.data() + b * kQ8Block);
+      break;
+    }
   }
   return out;
 }
@@ -58,7 +64,7 @@ std::string identity_of(const Model& m) {
   std::vector<uint8_t> samples;
   for (const TensorView& t : m.tensors()) {
     text += "|" + t.name + shape_str(t.shape);
-    const size_t size = t.numel() * (t.dtype == DType::F32 ? 4 : 2);
+    const size_t size = t.nbytes();
     const size_t take = std::min<size_t>(size, 4096);
     const auto* p = static_cast<const uint8_t*>(t.data);
     for (size_t at : {size_t(0), (size - take) / 2, size - take})

@@ -2,6 +2,9 @@
 // the CPU backend's matrix-vector work reduces to.
 #pragma once
 
+#include <algorithm>
+#include <cmath>
+#include <cstddef>
 #include <cstdint>
 #include <cstring>
 
@@ -70,6 +73,35 @@ inline uint16_t f32_to_f16(float f) {  // round to nearest even, overflow to inf
   const uint32_t rem = abs & 0x1fffu;
   if (rem > 0x1000u || (rem == 0x1000u && (h & 1u))) ++h;
   return sign | static_cast<uint16_t>(h);
+}
+
+// Q8_0 (GGML type 8, llama.cpp's block_q8_0): 32 weights as int8 q[j] after one fp16 scale d,
+// weight j = d * q[j].
+constexpr int kQ8Block = 32;
+constexpr size_t kQ8BlockBytes = 2 + kQ8Block;
+
+// One block of 32 floats to Q8_0 exactly as llama.cpp's quantize_row_q8_0_ref: d = max|x| / 127,
+// q = round(x / d) (halves away from zero), d stored as fp16.
+inline void quantize_q8_0_block(const float* x, uint8_t* block) {
+  float amax = 0.0f;
+  for (int j = 0; j < kQ8Block; ++j) amax = std::max(amax, std::fabs(x[j]));
+  const float d = amax / 127.0f;
+  const float id = d != 0.0f ? 1.0f / d : 0.0f;
+  const uint16_t h = f32_to_f16(d);
+  std::memcpy(block, &h, 2);
+  for (int j = 0; j < kQ8Block; ++j)
+    block[2 + j] = static_cast<uint8_t>(static_cast<int8_t>(std::round(x[j] * id)));
+}
+
+inline float q8_0_scale(const uint8_t* block) {
+  uint16_t h;
+  std::memcpy(&h, block, 2);
+  return f16_to_f32(h);
+}
+
+inline void dequantize_q8_0_block(const uint8_t* block, float* y) {
+  const float d = q8_0_scale(block);
+  for (int j = 0; j < kQ8Block; ++j) y[j] = d * static_cast<int8_t>(block[2 + j]);
 }
 
 // fp32 dot product with independent partial sums, so the compiler vectorises it without

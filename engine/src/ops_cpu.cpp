@@ -16,6 +16,12 @@
 
 namespace mp::cpu {
 
+// Q8_0 weights as the kernels read them (Matrix::q8, Matrix::q8_scale).
+struct Q8Weights {
+  const int8_t* q;
+  const float* scale;
+};
+
 // --- The vector kernels, once per instruction set (simd_kernels.inc) -------------------------
 // Each block is compiled for its instruction set (GCC's target pragma, clang's attribute push:
 // the fuzz targets are built with clang).
@@ -37,6 +43,12 @@ inline V load(const uint16_t* p) {  // bf16 -> fp32 is a shift. (The maskz forms
   return _mm512_castsi512_ps(
       _mm512_maskz_slli_epi32(0xffff, _mm512_maskz_cvtepu16_epi32(0xffff, h), 16));
 }
+inline V load(const int8_t* p) {
+  return _mm512_maskz_cvtepi32_ps(
+      0xffff,
+      _mm512_maskz_cvtepi8_epi32(0xffff, _mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+}
+inline V mul(V a, V b) { return _mm512_mul_ps(a, b); }
 inline V fmadd(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
 inline V set1(float x) { return _mm512_set1_ps(x); }
 inline void store(float* p, V v) { _mm512_storeu_ps(p, v); }
@@ -70,6 +82,11 @@ inline V load(const uint16_t* p) {
   const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
   return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
 }
+inline V load(const int8_t* p) {
+  return _mm256_cvtepi32_ps(
+      _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+}
+inline V mul(V a, V b) { return _mm256_mul_ps(a, b); }
 inline V fmadd(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
 inline V set1(float x) { return _mm256_set1_ps(x); }
 inline void store(float* p, V v) { _mm256_storeu_ps(p, v); }
@@ -192,18 +209,26 @@ std::string kernels_summary(int n_threads) {
 
 Matrix to_matrix(std::initializer_list<const TensorView*> parts) {
   Matrix m;
-  bool bf16 = active_products() != Products::Reference;
+  bool bf16 = active_products() != Products::Reference, q8 = bf16;
   for (const TensorView* t : parts) {
     if (t->shape.size() != 2 || (m.N > 0 && t->shape[1] != m.K))
       throw Error("tensor " + t->name + " is not a matrix of the others' width");
     m.K = static_cast<int>(t->shape[1]);
     m.N += static_cast<int>(t->shape[0]);
     bf16 = bf16 && t->dtype == DType::BF16;
+    q8 = q8 && t->dtype == DType::Q8_0;
   }
   for (const TensorView* t : parts) {
     if (bf16) {
       const auto* p = static_cast<const uint16_t*>(t->data);
       m.bf16.insert(m.bf16.end(), p, p + t->numel());
+    } else if (q8) {
+      const auto* p = static_cast<const uint8_t*>(t->data);
+      for (int64_t b = 0; b < t->numel() / kQ8Block; ++b) {
+        const uint8_t* block = p + b * kQ8BlockBytes;
+        m.q8_scale.push_back(q8_0_scale(block));
+        m.q8.insert(m.q8.end(), block + 2, block + kQ8BlockBytes);
+      }
     } else {
       const std::vector<float> f = t->to_f32();
       m.f32.insert(m.f32.end(), f.begin(), f.end());
@@ -217,31 +242,44 @@ Matrix sub_matrix(const Matrix& m, int n0, int n, int k0, int k) {
   Matrix out;
   out.N = n;
   out.K = k;
-  auto copy = [&](const auto& from, auto& to) {
+  // Rows of `width` elements of `from` ([m.N][m.K / per]), columns [k0 / per, (k0 + k) / per).
+  auto copy = [&](const auto& from, auto& to, int per) {
     for (int r = n0; r < n0 + n; ++r) {
-      const auto row = from.begin() + size_t(r) * m.K + k0;
-      to.insert(to.end(), row, row + k);
+      const auto row = from.begin() + (size_t(r) * m.K + k0) / per;
+      to.insert(to.end(), row, row + k / per);
     }
   };
-  if (m.is_bf16())
-    copy(m.bf16, out.bf16);
-  else
-    copy(m.f32, out.f32);
+  if (m.is_bf16()) {
+    copy(m.bf16, out.bf16, 1);
+  } else if (m.is_q8()) {
+    if (k0 % kQ8Block != 0 || k % kQ8Block != 0)
+      throw Error("Q8_0 weights: columns [" + std::to_string(k0) + ", " + std::to_string(k0 + k) +
+                  ") are not whole blocks of " + std::to_string(kQ8Block) +
+                  " (tensor parallelism splits Q8_0 matrices at block boundaries only)");
+    copy(m.q8, out.q8, 1);
+    copy(m.q8_scale, out.q8_scale, kQ8Block);
+  } else {
+    copy(m.f32, out.f32, 1);
+  }
   return out;
 }
 
 Matrix stack_rows(std::initializer_list<const Matrix*> parts) {
   Matrix out;
-  bool bf16 = true;
+  bool bf16 = true, q8 = true;
   for (const Matrix* p : parts) {
     if (out.N > 0 && p->K != out.K) throw Error("stack_rows: parts of different widths");
     out.K = p->K;
     out.N += p->N;
     bf16 = bf16 && p->is_bf16();
+    q8 = q8 && p->is_q8();
   }
   for (const Matrix* p : parts) {
     if (bf16) {
       out.bf16.insert(out.bf16.end(), p->bf16.begin(), p->bf16.end());
+    } else if (q8) {
+      out.q8.insert(out.q8.end(), p->q8.begin(), p->q8.end());
+      out.q8_scale.insert(out.q8_scale.end(), p->q8_scale.begin(), p->q8_scale.end());
     } else {  // as to_matrix: fp32 unless every part is bf16
       const size_t at = out.f32.size();
       out.f32.resize(at + size_t(p->N) * p->K);
@@ -255,6 +293,8 @@ void Matrix::row(int n, float* out) const {
   const size_t off = size_t(n) * K;
   if (is_bf16())
     for (int k = 0; k < K; ++k) out[k] = bf16_to_f32(bf16[off + k]);
+  else if (is_q8())
+    for (int k = 0; k < K; ++k) out[k] = q8_scale[(off + k) / kQ8Block] * q8[off + k];
   else
     std::copy_n(f32.data() + off, K, out);
 }
@@ -280,6 +320,25 @@ void split_outputs(int N, int G, F&& f) {
 float widen(float w) { return w; }
 float widen(uint16_t w) { return bf16_to_f32(w); }
 
+template <int R>
+void gemv_scalar(const float* x, int K, Q8Weights w, int n0, int n1, int N, float* y) {
+  const int blocks = K / kQ8Block;
+  for (int n = n0; n < n1; ++n)
+    for (int r = 0; r < R; ++r) {
+      const float* xr = x + size_t(r) * K;
+      float t = 0;
+      for (int b = 0; b < blocks; ++b) {
+        const size_t at = size_t(n) * K + size_t(b) * kQ8Block;
+        float s[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+        for (int k = 0; k < kQ8Block; k += 8)
+          for (int j = 0; j < 8; ++j) s[j] += float(w.q[at + k + j]) * xr[b * kQ8Block + k + j];
+        t += w.scale[at / kQ8Block] *
+             (((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7])));
+      }
+      y[size_t(r) * N + n] = t;
+    }
+}
+
 template <int R, class W>
 void gemv_scalar(const float* x, int K, const W* w, int n0, int n1, int N, float* y) {
   for (int n = n0; n < n1; ++n) {
@@ -297,8 +356,9 @@ void gemv_scalar(const float* x, int K, const W* w, int n0, int n1, int N, float
   }
 }
 
+// W: const float*, const uint16_t* (bf16) or Q8Weights.
 template <int R, class W>
-void gemv_rows(const float* x, int K, const W* w, int N, float* y) {
+void gemv_rows(const float* x, int K, W w, int N, float* y) {
   const Isa isa = active_isa();
   split_outputs(N, 4, [&](int n0, int n1) {
     if (isa == Isa::Avx512)
@@ -312,7 +372,7 @@ void gemv_rows(const float* x, int K, const W* w, int N, float* y) {
 
 // gemv_rows<T> for T = 1..kGemvRows.
 template <class W>
-void gemv(const float* x, int T, int K, const W* w, int N, float* y) {
+void gemv(const float* x, int T, int K, W w, int N, float* y) {
   if (T < 1 || T > kGemvRows)
     throw Error("gemv: " + std::to_string(T) + " rows (1 to " + std::to_string(kGemvRows) + ")");
   [&]<int... R>(std::integer_sequence<int, R...>) {
@@ -329,12 +389,15 @@ void matmul(const float* x, int T, const Matrix& W, float* y, std::span<float> w
   const int K = W.K, N = W.N;
   if (T <= 0) return;
   if (active_products() == Products::Reference) {
-    if (W.is_bf16()) throw Error("matmul: the reference path needs fp32 weights");
+    if (!W.is_f32()) throw Error("matmul: the reference path needs fp32 weights");
     return matmul_reference(x, T, K, W.f32.data(), N, y);
   }
   auto kernels = [&](int t0, int rows) {
     if (W.is_bf16())
       gemv(x + size_t(t0) * K, rows, K, W.bf16.data(), N, y + size_t(t0) * N);
+    else if (W.is_q8())
+      gemv(x + size_t(t0) * K, rows, K, Q8Weights{W.q8.data(), W.q8_scale.data()}, N,
+           y + size_t(t0) * N);
     else
       gemv(x + size_t(t0) * K, rows, K, W.f32.data(), N, y + size_t(t0) * N);
   };
@@ -343,11 +406,16 @@ void matmul(const float* x, int T, const Matrix& W, float* y, std::span<float> w
     return;
   }
   const float* wf = W.f32.data();
-  if (W.is_bf16()) {
+  if (!W.is_f32()) {
     const int64_t n = int64_t(N) * K;
     if (wide.size() < size_t(n)) throw Error("matmul: the widening buffer is too small");
+    if (W.is_bf16()) {
 #pragma omp parallel for schedule(static)
-    for (int64_t i = 0; i < n; ++i) wide[i] = bf16_to_f32(W.bf16[i]);
+      for (int64_t i = 0; i < n; ++i) wide[i] = bf16_to_f32(W.bf16[i]);
+    } else {
+#pragma omp parallel for schedule(static)
+      for (int64_t i = 0; i < n; ++i) wide[i] = W.q8_scale[i / kQ8Block] * W.q8[i];
+    }
     wf = wide.data();
   }
   const dnnl_status_t st = onednn_sgemm()('N', 'T', T, N, K, 1.0f, x, K, wf, K, 0.0f, y, N);

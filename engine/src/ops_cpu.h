@@ -22,20 +22,27 @@ Isa parse_isa(std::string_view name);  // throws Error naming the accepted names
 std::string kernels_summary(int n_threads);
 
 // A weight matrix W[N][K] as the CPU backend keeps it: bf16 weights stay bf16 (half the bytes
-// to stream per token; widening bf16 to fp32 is exact), other types become fp32.
+// to stream per token; widening bf16 to fp32 is exact), Q8_0 weights stay int8 with one scale per
+// block of 32 (the fp16 scales widened, exactly: W[n][k] = q8_scale[(n*K + k) / 32] * q8[n*K + k]),
+// other types become fp32.
 struct Matrix {
   int N = 0, K = 0;
   std::vector<uint16_t> bf16;
+  std::vector<int8_t> q8;
+  std::vector<float> q8_scale;
   std::vector<float> f32;
   bool is_bf16() const { return !bf16.empty(); }
+  bool is_q8() const { return !q8.empty(); }
+  bool is_f32() const { return !f32.empty(); }
   void row(int n, float* out) const;  // row n as fp32
 };
 // 2D tensors [N_i][K] stacked into one [sum N_i][K] (one product instead of several: fewer
-// thread start-ups per token); bf16 stays bf16 where every part is bf16.
+// thread start-ups per token); bf16 (Q8_0) stays bf16 (Q8_0) where every part is bf16 (Q8_0).
 Matrix to_matrix(std::initializer_list<const TensorView*> parts);
-// Rows [n0, n0 + n) and columns [k0, k0 + k) of m: a tensor-parallel shard's part.
+// Rows [n0, n0 + n) and columns [k0, k0 + k) of m: a tensor-parallel shard's part. Q8_0 columns
+// must be whole blocks of 32 (throws Error otherwise).
 Matrix sub_matrix(const Matrix& m, int n0, int n, int k0, int k);
-// The parts stacked by rows (equal widths; bf16 where every part is, as to_matrix).
+// The parts stacked by rows (equal widths; bf16 or Q8_0 where every part is, as to_matrix).
 Matrix stack_rows(std::initializer_list<const Matrix*> parts);
 
 // How matmul runs products of more than kGemvRows rows, process-wide: oneDNN's sgemm (loaded
@@ -50,8 +57,9 @@ void set_products(Products p);  // throws Error if oneDNN is asked for and canno
 // Up to this many rows, matmul is a matrix-vector kernel that streams W once for all rows.
 constexpr int kGemvRows = 8;
 
-// y[T][N] = x[T][K] * W^T. T <= kGemvRows: the hand-written kernels of active_isa(); more rows:
-// as active_products() says, bf16 weights widened into `wide` (at least N*K floats) for oneDNN.
+// y[T][N] = x[T][K] * W^T. T <= kGemvRows: the hand-written kernels of active_isa() (Q8_0:
+// each block's weights dequantized in registers); more rows: as active_products() says, bf16 and
+// Q8_0 weights widened into `wide` (at least N*K floats) for oneDNN.
 void matmul(const float* x, int T, const Matrix& W, float* y, std::span<float> wide);
 // The same by the dot-product loop the backend used before (the tests' reference and the
 // benchmark's baseline).

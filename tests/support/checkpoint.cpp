@@ -92,7 +92,7 @@ void write_safetensors(const fs::path& path, const std::vector<const Blob*>& blo
   h["__metadata__"] = {{"format", "pt"}};
   uint64_t off = 0;
   for (const Blob* b : blobs) {
-    const uint64_t n = b->values.size() * dtype_size(dt);
+    const uint64_t n = dtype_bytes(dt, int64_t(b->values.size()));
     h[b->name] = {{"dtype", dt == DType::F32   ? "F32"
                             : dt == DType::F16 ? "F16"
                                                : "BF16"},

@@ -26,10 +26,13 @@ enum class Downsampling { GroupedConv, Conv, AvgPool };
 std::string_view to_string(Downsampling d);
 Downsampling parse_downsampling(std::string_view s);  // "groupedconv" | "conv" | "avgpool"
 
-enum class DType { F32, F16, BF16 };
+// Q8_0: GGUF's (GGML type 8) blocks of 32 int8 with one fp16 scale, 34 bytes a block, along
+// the innermost dimension.
+enum class DType { F32, F16, BF16, Q8_0 };
 std::string_view to_string(DType t);
-DType parse_dtype(std::string_view s);  // "f32" | "f16" | "bf16"
-size_t dtype_size(DType t);
+DType parse_dtype(std::string_view s);  // "f32" | "f16" | "bf16" | "q8_0"
+// Bytes of `numel` elements (Q8_0: numel must be whole blocks of 32; throws Error otherwise).
+size_t dtype_bytes(DType t, int64_t numel);
 
 struct Config {
   int vocab_size = 0;
@@ -81,8 +84,8 @@ struct TensorView {
   std::vector<int64_t> shape;
   const void* data = nullptr;
   int64_t numel() const;
-  size_t nbytes() const { return static_cast<size_t>(numel()) * dtype_size(dtype); }
-  std::vector<float> to_f32() const;
+  size_t nbytes() const { return dtype_bytes(dtype, numel()); }
+  std::vector<float> to_f32() const;  // Q8_0: dequantized
 };
 
 class Tokenizer;
@@ -151,6 +154,9 @@ Config with_fma(const Config& c, const FmaConversion& f);
 std::vector<float> avgpool_as_groupedconv(const Config& c, int level);
 
 struct ConvertOptions {
+  // Storage of the 2-D matrices (embedding and LM head included, as llama.cpp's Q8_0 files);
+  // norms and biases stay f32. With Q8_0, a matrix whose rows are not whole blocks of 32 and the
+  // 3-D summary convolutions (tiny, precision-sensitive) are stored bf16.
   DType dtype = DType::BF16;
   bool overwrite = false;
   std::optional<FmaConversion> fma;  // turn an exact-attention checkpoint into FMA
@@ -165,6 +171,10 @@ struct ConvertOptions {
 // tokenizer_config.json's "chat_template", when present, becomes tokenizer.chat_template.
 void convert_hf_to_gguf(const std::string& hf_dir, const std::string& out_path,
                         const ConvertOptions& opts);
+// A Multipole GGUF file stored again with opts.dtype (as convert_hf_to_gguf stores its matrices:
+// e.g. the bf16 default model as Q8_0); opts.fma must be empty. Crash-safe as convert_hf_to_gguf.
+void convert_gguf(const std::string& in_path, const std::string& out_path,
+                  const ConvertOptions& opts);
 Config config_from_hf_json(const std::string& json_text);
 // Bytes of one sequence's state on the CPU backend (Backend::slot_bytes) after `tokens` tokens:
 // fixed with FMA, growing with `tokens` in exact mode.
