@@ -160,12 +160,15 @@ TEST_F(Q8Ops, RowsSubMatricesAndStacksKeepTheWeights) {
   }
 }
 
-// A config whose matrices are all whole blocks (but for ffn_down's rows of 40: bf16).
+// A config whose matrices and summary convolutions (groups of 32 and 64) are all whole blocks,
+// but for ffn_down's rows of 40 (bf16).
 Config q8_config() {
   Config c = mp::testing::small_config();
   c.hidden_size = 64;
   c.head_dim = 16;  // 4 heads: q rows of 64, k and v of 32
   c.intermediate_size = 40;
+  c.fma_block_size = 32;
+  c.n_ctx_train = 256;
   return c;
 }
 
@@ -181,9 +184,9 @@ TEST(Q8Convert, MatricesBecomeQ8AndTheFileReadsBack) {
             std::filesystem::file_size(dir / "bf16.gguf"));
   for (const auto& spec : expected_tensors(c)) {
     const TensorView& t = model->tensor(spec.name, spec.shape);
-    const DType want = spec.shape.size() == 1                          ? DType::F32
-                       : spec.shape.size() == 2 && spec.shape[1] % 32 == 0 ? DType::Q8_0
-                                                                           : DType::BF16;
+    const DType want = spec.shape.size() == 1        ? DType::F32
+                       : spec.shape.back() % 32 == 0 ? DType::Q8_0
+                                                     : DType::BF16;
     EXPECT_EQ(t.dtype, want) << spec.name;
     if (t.dtype != DType::Q8_0) continue;
     // The bytes are the source's weights quantized block by block (the bf16 file's values are
@@ -259,18 +262,18 @@ TEST(Q8Model, LogitsEqualTheDequantizedReferenceAndStayCloseToBf16) {
   ConvertOptions co;
   co.dtype = DType::BF16;
   convert_hf_to_gguf(dir / "hf", dir / "bf16.gguf", co);
-  const auto tokens = random_tokens(150, c.vocab_size, 6);  // past n = 64
-  auto fast = make_backend(q8, {.kind = "cpu", .n_slots = 1, .n_threads = 2});
+  const auto tokens = random_tokens(300, c.vocab_size, 6);  // past n = 256
+  auto fast = make_backend(q8, {.kind = "cpu", .n_slots = 1, .n_threads = 1});
   const auto prefill = logits_in_chunks(*fast, tokens, 50), decode = logits_in_chunks(*fast, tokens, 1);
   EXPECT_LT(rel_err(decode, prefill), 1e-5);
   const cpu::Products was = cpu::active_products();
   cpu::set_products(cpu::Products::Reference);  // matrices built now are dequantized to fp32
-  auto ref = make_backend(q8, {.kind = "cpu", .n_slots = 1, .n_threads = 2});
+  auto ref = make_backend(q8, {.kind = "cpu", .n_slots = 1, .n_threads = 1});
   cpu::set_products(was);
   const auto want = logits_in_chunks(*ref, tokens, 50);
   EXPECT_LT(rel_err(prefill, want), 1e-5);
   EXPECT_LT(rel_err(decode, want), 1e-5);
-  auto bf16 = make_backend(Model::load(dir / "bf16.gguf"), {.kind = "cpu", .n_slots = 1});
+  auto bf16 = make_backend(Model::load(dir / "bf16.gguf"), {.kind = "cpu", .n_slots = 1, .n_threads = 1});
   const double drift = rel_err(logits_in_chunks(*bf16, tokens, 50), prefill);
   // Q8_0's step is max|w|/127 per block: about 1 % of the logits' size on random weights.
   EXPECT_LT(drift, 3e-2);

@@ -158,11 +158,12 @@ std::string hf_chat_template(const fs::path& dir) {
 }
 
 // How a tensor of this shape is stored when the matrices are asked for as `matrices`: norms and
-// biases f32; with Q8_0 only 2-D matrices whose rows are whole blocks, others bf16 (ConvertOptions).
+// biases f32; with Q8_0, as llama.cpp's Q8_0 files, every tensor of 2 or more dimensions whose
+// rows are whole blocks (ConvertOptions), others bf16.
 DType storage_dtype(const std::vector<int64_t>& shape, DType matrices) {
   if (shape.size() == 1) return DType::F32;
   if (matrices != DType::Q8_0) return matrices;
-  return shape.size() == 2 && shape[1] % kQ8Block == 0 ? DType::Q8_0 : DType::BF16;
+  return shape.back() % kQ8Block == 0 ? DType::Q8_0 : DType::BF16;
 }
 
 }  // namespace

@@ -154,9 +154,9 @@ Config with_fma(const Config& c, const FmaConversion& f);
 std::vector<float> avgpool_as_groupedconv(const Config& c, int level);
 
 struct ConvertOptions {
-  // Storage of the 2-D matrices (embedding and LM head included, as llama.cpp's Q8_0 files);
-  // norms and biases stay f32. With Q8_0, a matrix whose rows are not whole blocks of 32 and the
-  // 3-D summary convolutions (tiny, precision-sensitive) are stored bf16.
+  // Storage of the matrices (embedding, LM head and summary convolutions included, as
+  // llama.cpp's Q8_0 files); norms and biases stay f32. With Q8_0, a tensor whose rows (innermost
+  // dimension) are not whole blocks of 32 is stored bf16.
   DType dtype = DType::BF16;
   bool overwrite = false;
   std::optional<FmaConversion> fma;  // turn an exact-attention checkpoint into FMA
