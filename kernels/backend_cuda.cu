@@ -485,7 +485,7 @@ class CudaBackend final : public Backend {
   // The model's kernels for a staged plan, ending with the logits in logits_.
   void compute(const cuda::BatchPlan& p) {
     const int T = p.T, H = c_.hidden_size, d = c_.head_dim, nh = c_.n_heads, nkv = c_.n_kv_heads;
-    const int F = c_.intermediate_size, V = c_.vocab_size, L = c_.n_levels();
+    const int F = c_.intermediate_size, L = c_.n_levels();
     cudaStream_t s = stream_;
     if (embed_.is_q8())
       cuda::embed_q8(embed_.q8_view(), d_tokens_.get(), T, H, x_.get(), s);

@@ -11,6 +11,7 @@
 #include "backend_cuda.h"
 #include "backend_replicas.h"
 #include "model_fixture.h"
+#include "numeric.h"
 #include "ops_cpu.h"
 #include "ops_cuda.cuh"
 #include "sampling.h"
@@ -106,6 +107,101 @@ TEST_F(Cuda, RmsNormSplitRopeSwigluMatchTheCpuTwins) {
   Dev<__nv_bfloat16> ds(size_t(T) * F);
   cuda::swiglu(dgu.p, T, F, ds.p, nullptr);
   EXPECT_LT(rel_err(from_bf16(ds.get(size_t(T) * F)), g), 1e-2);
+}
+
+// Q8_0 weights: the decode GEMV (every row count it takes), the dequantization for cuBLAS and the
+// embedding lookup against the CPU backend's Q8_0 products and rows. The GPU's inputs are bf16:
+// the CPU gets the same bf16 values, so both form the same fp32 products (1e-5).
+TEST_F(Cuda, Q8GemvDequantizeAndEmbedMatchTheCpuTwins) {
+  const int N = 389, K = 800;  // K: whole blocks, not a whole number of a warp's 512 weights
+  const std::vector<float> wf = randn(size_t(N) * K, 21, 0.05f);
+  std::vector<uint8_t> bytes(size_t(N) * K / kQ8Block * kQ8BlockBytes);
+  for (size_t b = 0; b < wf.size() / kQ8Block; ++b)
+    quantize_q8_0_block(wf.data() + b * kQ8Block, bytes.data() + b * kQ8BlockBytes);
+  const TensorView t{"w", DType::Q8_0, {N, K}, bytes.data()};
+  const cpu::Matrix w = cpu::to_matrix({&t});
+  ASSERT_TRUE(w.is_q8());
+  std::vector<__half> scale;
+  for (float d : w.q8_scale) scale.push_back(__float2half(d));  // fp16 values: exact
+  Dev<int8_t> dq(w.q8);
+  Dev<__half> ds(scale);
+  const cuda::Q8Weights dw{dq.p, ds.p};
+  for (int T = 1; T <= cuda::kQ8GemvRows; ++T) {
+    std::vector<__nv_bfloat16> xb;
+    std::vector<float> x;
+    for (float v : randn(size_t(T) * K, 30 + T)) {
+      xb.push_back(__float2bfloat16(v));
+      x.push_back(__bfloat162float(xb.back()));
+    }
+    std::vector<float> want(size_t(T) * N);
+    cpu::matmul(x.data(), T, w, want.data(), {});
+    Dev<__nv_bfloat16> dx(xb);
+    Dev<float> dy(want.size());
+    cuda::gemv_q8(dx.p, T, K, dw, N, dy.p, nullptr);
+    EXPECT_LT(rel_err(dy.get(want.size()), want), 1e-5) << "T " << T;
+  }
+  EXPECT_THROW(cuda::gemv_q8(nullptr, cuda::kQ8GemvRows + 1, K, dw, N, nullptr, nullptr), Error);
+
+  Dev<__nv_bfloat16> dwide(wf.size());
+  cuda::dequantize_q8(dw, int64_t(wf.size()), dwide.p, nullptr);
+  const auto wide = from_bf16(dwide.get(wf.size()));
+  std::vector<float> row(K);
+  for (int n = 0; n < N; ++n) {
+    w.row(n, row.data());
+    for (int k = 0; k < K; ++k)
+      ASSERT_EQ(wide[size_t(n) * K + k], bf16_to_f32(f32_to_bf16(row[k]))) << n << "," << k;
+  }
+
+  const std::vector<int> tokens = {5, 0, 388, 5, 17};
+  Dev<int> dtok(tokens);
+  Dev<float> dx(tokens.size() * K);
+  cuda::embed_q8(dw, dtok.p, int(tokens.size()), K, dx.p, nullptr);
+  const auto x = dx.get(tokens.size() * K);
+  for (size_t i = 0; i < tokens.size(); ++i) {
+    w.row(tokens[i], row.data());
+    for (int k = 0; k < K; ++k) ASSERT_EQ(x[i * K + k], row[k]) << i << "," << k;
+  }
+}
+
+// A Q8_0 model (matrices, embedding and summary convolutions quantized, ffn_down's rows of 40
+// bf16) on the GPU against the CPU backend: prefill (dequantized to bf16 for cuBLAS), decode of
+// one sequence (the GEMV kernel) and of 12 (a bucket of 16 rows: dequantized again).
+TEST_F(Cuda, Q8ModelMatchesCpuInPrefillAndDecode) {
+  Config c = mp::testing::small_config();
+  c.hidden_size = 64;
+  c.head_dim = 16;
+  c.intermediate_size = 40;
+  c.fma_block_size = 32;
+  c.n_ctx_train = 256;
+  TempDir dir;
+  auto model = mp::testing::random_model(dir, c, DType::Q8_0, 23);
+  ASSERT_EQ(model->tensor(tensor_names::layer(0, "attn_q"), {64, 64}).dtype, DType::Q8_0);
+  ASSERT_EQ(model->tensor(tensor_names::fma_down(0, 'k', 1, false), {32, 1, 32}).dtype,
+            DType::Q8_0);
+  auto cpu_b = make_backend(model, {.kind = "cpu", .n_slots = 12, .n_threads = 2});
+  auto gpu = make_backend(model, {.kind = "cuda", .n_slots = 12});
+  const auto tokens = random_tokens(600, c.vocab_size, 4);  // past n = 256
+  const auto ref = logits_in_chunks(*cpu_b, tokens, 1000);
+  for (int chunk : {1000, 1, 8, 56})
+    EXPECT_LT(rel_err(logits_in_chunks(*gpu, tokens, chunk), ref), 2e-2) << chunk;
+  std::vector<float> got, want;
+  for (Backend* b : {gpu.get(), cpu_b.get()}) {
+    std::vector<std::vector<int>> prompts;
+    std::vector<SeqChunk> pre;
+    for (int i = 0; i < 12; ++i) prompts.push_back(random_tokens(10 + 23 * i, c.vocab_size, 40 + i));
+    for (int i = 0; i < 12; ++i) pre.push_back({b->alloc_slot(), prompts[i], false});
+    b->forward(pre);
+    auto& out = b == gpu.get() ? got : want;
+    std::vector<int> next(12, 7);
+    for (int step = 0; step < 40; ++step) {
+      std::vector<SeqChunk> batch;
+      for (int i = 0; i < 12; ++i) batch.push_back({i, std::span<const int>(&next[i], 1), false});
+      const auto l = b->forward(batch);
+      out.insert(out.end(), l.begin(), l.end());
+      for (int i = 0; i < 12; ++i) next[i] = 3 + (step * 7 + i * 13) % (c.vocab_size - 3);
+    }
+  }
+  EXPECT_LT(rel_err(got, want), 2e-2);
 }
 
 struct Variant {
