@@ -110,21 +110,28 @@ int main(int argc, char** argv) {
     std::vector<std::vector<std::vector<double>>> pre(2), gn(2);
     std::string names[2];
     const cpu::Products fast = cpu::active_products();
+    cpu::Products products[2] = {baseline.empty() ? cpu::Products::Reference : fast, fast};
+    std::unique_ptr<Backend> backends[2];
     for (int path_i = 0; path_i < 2; ++path_i) {
-      cpu::set_products(path_i == 0 && baseline.empty() ? cpu::Products::Reference : fast);
-      auto b = make_backend(models[path_i], {.kind = "cpu", .n_slots = 1, .n_threads = threads});
-      names[path_i] = (baseline.empty() ? "" : models[path_i]->path() + ", ") + b->name();
+      cpu::set_products(products[path_i]);  // the reference's matrices are built fp32
+      backends[path_i] =
+          make_backend(models[path_i], {.kind = "cpu", .n_slots = 1, .n_threads = threads});
+      names[path_i] =
+          (baseline.empty() ? "" : models[path_i]->path() + ", ") + backends[path_i]->name();
       std::fprintf(stderr, "%s\n", names[path_i].c_str());
       pre[path_i].resize(prompts.size());
       gn[path_i].resize(prompts.size());
-      measure(*b, 512, 8, 1);  // warm-up: page in the weights, size the buffers
-      for (int r = 0; r < repeats; ++r)
-        for (size_t p = 0; p < prompts.size(); ++p) {
-          const auto [pf, g] = measure(*b, prompts[p], gen, 100 + r);
+      measure(*backends[path_i], 512, 8, 1);  // warm-up: page in the weights, size the buffers
+    }
+    // The two paths take turns, so that a change in the machine's load hits both alike.
+    for (int r = 0; r < repeats; ++r)
+      for (size_t p = 0; p < prompts.size(); ++p)
+        for (int path_i = 0; path_i < 2; ++path_i) {
+          cpu::set_products(products[path_i]);
+          const auto [pf, g] = measure(*backends[path_i], prompts[p], gen, 100 + r);
           pre[path_i][p].push_back(pf);
           gn[path_i][p].push_back(g);
         }
-    }
     std::printf("\n%s (%s), tokens/s%s, median of %d runs\n\n", path.c_str(),
                 model->config().summary().c_str(), g_cpu_time ? " of process CPU time" : "",
                 repeats);

@@ -414,7 +414,10 @@ void matmul(const float* x, int T, const Matrix& W, float* y, std::span<float> w
       for (int64_t i = 0; i < n; ++i) wide[i] = bf16_to_f32(W.bf16[i]);
     } else {
 #pragma omp parallel for schedule(static)
-      for (int64_t i = 0; i < n; ++i) wide[i] = W.q8_scale[i / kQ8Block] * W.q8[i];
+      for (int64_t b = 0; b < n / kQ8Block; ++b) {
+        const float d = W.q8_scale[b];
+        for (int j = 0; j < kQ8Block; ++j) wide[b * kQ8Block + j] = d * W.q8[b * kQ8Block + j];
+      }
     }
     wf = wide.data();
   }
