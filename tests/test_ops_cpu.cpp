@@ -1,5 +1,6 @@
 // The CPU backend's matrix products (oneDNN's sgemm, the hand-written matrix-vector kernels of
-// every instruction set this CPU has) against the plain dot-product loop, on random inputs.
+// every instruction set this CPU has; fp32, bf16 and Q8_0 weights) against the plain dot-product
+// loop, on random inputs.
 #include <gtest/gtest.h>
 #include <omp.h>
 
@@ -36,6 +37,32 @@ class CpuOps : public ::testing::Test {
     return all;
   }
   cpu::Isa isa_ = cpu::active_isa();
+  // matmul of random rows (each count of `rows`) by w on every path (oneDNN and the kernels,
+  // every instruction set, 1 and 2 threads) against the dot-product loop over wf, w's values in
+  // fp32: 1e-5 relative (norm-wise).
+  void expect_every_path_equals_loop(const cpu::Matrix& w, const std::vector<float>& wf,
+                                     std::initializer_list<int> rows, std::mt19937& rng,
+                                     const std::string& what) {
+    std::vector<float> wide(wf.size());
+    for (int T : rows) {
+      const std::vector<float> x = random_floats(size_t(T) * w.K, rng);
+      std::vector<float> want(size_t(T) * w.N);
+      cpu::matmul_reference(x.data(), T, w.K, wf.data(), w.N, want.data());
+      for (auto products : {cpu::Products::OneDnn, cpu::Products::Kernels})
+        for (cpu::Isa isa : isas())
+          for (int threads : {1, 2}) {
+            cpu::set_products(products);  // oneDNN must load where the tests run
+            cpu::set_isa(isa);
+            omp_set_num_threads(threads);
+            std::vector<float> got(want.size(), NAN);
+            cpu::matmul(x.data(), T, w, got.data(), wide);
+            EXPECT_LT(rel_err(got, want), 1e-5)
+                << "K " << w.K << " N " << w.N << " " << what << " T " << T << " "
+                << cpu::isa_name(isa) << " threads " << threads
+                << (products == cpu::Products::OneDnn ? " oneDNN" : " kernels");
+          }
+    }
+  }
   cpu::Products products_ = cpu::active_products();
   int threads_ = omp_get_max_threads();
 };
@@ -57,25 +84,7 @@ TEST_F(CpuOps, MatmulEqualsTheDotProductLoop) {
       } else {
         w.f32 = wf;
       }
-      std::vector<float> wide(wf.size());
-      for (int T : {1, 2, 5, 7, 8, 9, 513}) {
-        const std::vector<float> x = random_floats(size_t(T) * K, rng);
-        std::vector<float> want(size_t(T) * N);
-        cpu::matmul_reference(x.data(), T, K, wf.data(), N, want.data());
-        for (auto products : {cpu::Products::OneDnn, cpu::Products::Kernels})
-          for (cpu::Isa isa : isas())
-            for (int threads : {1, 2}) {
-              cpu::set_products(products);  // oneDNN must load where the tests run
-              cpu::set_isa(isa);
-              omp_set_num_threads(threads);
-              std::vector<float> got(want.size(), NAN);
-              cpu::matmul(x.data(), T, w, got.data(), wide);
-              EXPECT_LT(rel_err(got, want), 1e-5)
-                  << "K " << K << " N " << N << " T " << T << (bf16 ? " bf16 " : " f32 ")
-                  << cpu::isa_name(isa) << " threads " << threads
-                  << (products == cpu::Products::OneDnn ? " oneDNN" : " kernels");
-            }
-      }
+      expect_every_path_equals_loop(w, wf, {1, 2, 5, 7, 8, 9, 513}, rng, bf16 ? "bf16" : "f32");
     }
 }
 
@@ -130,6 +139,61 @@ TEST_F(CpuOps, AttentionLoopsEqualPlainSums) {
               << cpu::isa_name(isa) << " n " << n;
       }
     }
+}
+
+// A [N][K] Q8_0 matrix of random weights, through to_matrix as the backend builds it; `bytes`:
+// the GGUF blocks.
+cpu::Matrix q8_matrix(int N, int K, std::mt19937& rng, std::vector<uint8_t>& bytes) {
+  const std::vector<float> w = random_floats(size_t(N) * K, rng);
+  bytes.resize(w.size() / kQ8Block * kQ8BlockBytes);
+  for (size_t b = 0; b < w.size() / kQ8Block; ++b)
+    quantize_q8_0_block(w.data() + b * kQ8Block, bytes.data() + b * kQ8BlockBytes);
+  const TensorView t{"w", DType::Q8_0, {N, K}, bytes.data()};
+  return cpu::to_matrix({&t});
+}
+
+// Q8_0 weights: the dequantized matrix's product, fp32 sums of the same fp32 products in
+// another order (1e-5, as bf16's).
+TEST_F(CpuOps, Q8MatmulEqualsTheDequantizedProduct) {
+  std::mt19937 rng(7);
+  const int shapes[][2] = {{32, 5}, {96, 37}, {512, 130}};  // K, N
+  for (auto [K, N] : shapes) {
+    std::vector<uint8_t> bytes;
+    const cpu::Matrix w = q8_matrix(N, K, rng, bytes);
+    ASSERT_TRUE(w.is_q8());
+    const std::vector<float> wf =
+        TensorView{"w", DType::Q8_0, {N, K}, bytes.data()}.to_f32();  // the reference's weights
+    expect_every_path_equals_loop(w, wf, {1, 2, 3, 5, 8, 9, 70}, rng, "q8_0");
+  }
+}
+
+TEST_F(CpuOps, Q8RowsSubMatricesAndStacksKeepTheWeights) {
+  std::mt19937 rng(8);
+  std::vector<uint8_t> a_bytes, b_bytes;
+  const cpu::Matrix a = q8_matrix(6, 128, rng, a_bytes), b = q8_matrix(3, 128, rng, b_bytes);
+  const std::vector<float> af = TensorView{"a", DType::Q8_0, {6, 128}, a_bytes.data()}.to_f32();
+  const std::vector<float> bf = TensorView{"b", DType::Q8_0, {3, 128}, b_bytes.data()}.to_f32();
+  std::vector<float> row(128);
+  const cpu::Matrix ab = cpu::stack_rows({&a, &b});
+  ASSERT_TRUE(ab.is_q8());
+  ASSERT_EQ(ab.N, 9);
+  for (int n = 0; n < 9; ++n) {
+    ab.row(n, row.data());
+    const float* want = n < 6 ? af.data() + n * 128 : bf.data() + (n - 6) * 128;
+    for (int k = 0; k < 128; ++k) ASSERT_EQ(row[k], want[k]) << n << "," << k;
+  }
+  const cpu::Matrix part = cpu::sub_matrix(a, 2, 3, 64, 32);  // a shard's rows and columns
+  ASSERT_TRUE(part.is_q8());
+  for (int n = 0; n < 3; ++n) {
+    part.row(n, row.data());
+    for (int k = 0; k < 32; ++k) ASSERT_EQ(row[k], af[(2 + n) * 128 + 64 + k]);
+  }
+  try {
+    cpu::sub_matrix(a, 0, 6, 16, 64);
+    FAIL() << "a split inside a block was accepted";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("whole blocks of 32"), std::string::npos) << e.what();
+  }
 }
 
 TEST_F(CpuOps, RefusesAnInstructionSetTheCpuLacksOrDoesNotKnow) {

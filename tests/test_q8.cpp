@@ -1,8 +1,8 @@
 // Q8_0 weights: the block format (llama.cpp's), the GGUF reader's checks, multipole-convert
-// --dtype q8_0, and the CPU backend's products over Q8_0 weights against their reference
-// (dequantize to fp32, then the plain product), on fresh random inputs.
+// --dtype q8_0, and a Q8_0 model on the CPU backend against its reference (the weights
+// dequantized to fp32, then the plain products) and its bf16 source, on fresh random inputs.
+// The products themselves: tests/test_ops_cpu.cpp.
 #include <gtest/gtest.h>
-#include <omp.h>
 
 #include <cmath>
 #include <cstring>
@@ -23,13 +23,6 @@ using mp::testing::random_tokens;
 using mp::testing::rel_err;
 using mp::testing::TempDir;
 
-std::vector<float> random_floats(size_t n, std::mt19937& rng, float scale = 1.0f) {
-  std::normal_distribution<float> normal(0.0f, scale);
-  std::vector<float> v(n);
-  for (auto& x : v) x = normal(rng);
-  return v;
-}
-
 // x quantized block by block, as the bytes of a GGUF Q8_0 tensor.
 std::vector<uint8_t> quantize(const std::vector<float>& x) {
   std::vector<uint8_t> out(x.size() / kQ8Block * kQ8BlockBytes);
@@ -38,17 +31,12 @@ std::vector<uint8_t> quantize(const std::vector<float>& x) {
   return out;
 }
 
-// A [N][K] Q8_0 matrix of random weights, through to_matrix as the backend builds it.
-cpu::Matrix q8_matrix(int N, int K, std::mt19937& rng, std::vector<uint8_t>& bytes) {
-  bytes = quantize(random_floats(size_t(N) * K, rng));
-  const TensorView t{"w", DType::Q8_0, {N, K}, bytes.data()};
-  return cpu::to_matrix({&t});
-}
-
 TEST(Q8Block, QuantizesAsLlamaCpp) {
   std::mt19937 rng(3);
   for (int trial = 0; trial < 200; ++trial) {
-    const std::vector<float> x = random_floats(kQ8Block, rng, trial % 2 ? 0.02f : 3.0f);
+    std::normal_distribution<float> normal(0.0f, trial % 2 ? 0.02f : 3.0f);
+    std::vector<float> x(kQ8Block);
+    for (float& v : x) v = normal(rng);
     uint8_t block[kQ8BlockBytes];
     quantize_q8_0_block(x.data(), block);
     float amax = 0;
@@ -86,80 +74,6 @@ TEST(Q8Block, SizesAreWholeBlocks) {
   EXPECT_EQ(to_string(DType::Q8_0), "q8_0");
 }
 
-// Q8_0 products: fp32 sums of the same fp32 products in another order (1e-5, as bf16's).
-class Q8Ops : public ::testing::Test {
- protected:
-  void TearDown() override {
-    cpu::set_isa(isa_);
-    cpu::set_products(products_);
-    omp_set_num_threads(threads_);
-  }
-  cpu::Isa isa_ = cpu::active_isa();
-  cpu::Products products_ = cpu::active_products();
-  int threads_ = omp_get_max_threads();
-};
-
-TEST_F(Q8Ops, MatmulEqualsDequantizedProduct) {
-  std::mt19937 rng(7);
-  const int shapes[][2] = {{32, 5}, {96, 37}, {512, 130}};  // K, N
-  for (auto [K, N] : shapes) {
-    std::vector<uint8_t> bytes;
-    const cpu::Matrix w = q8_matrix(N, K, rng, bytes);
-    ASSERT_TRUE(w.is_q8());
-    const std::vector<float> wf =
-        TensorView{"w", DType::Q8_0, {N, K}, bytes.data()}.to_f32();  // the reference's weights
-    std::vector<float> wide(wf.size());
-    for (int T : {1, 2, 3, 5, 8, 9, 70}) {
-      const std::vector<float> x = random_floats(size_t(T) * K, rng);
-      std::vector<float> want(size_t(T) * N);
-      cpu::matmul_reference(x.data(), T, K, wf.data(), N, want.data());
-      for (auto products : {cpu::Products::OneDnn, cpu::Products::Kernels})
-        for (cpu::Isa isa : {cpu::Isa::Scalar, cpu::Isa::Avx2, cpu::Isa::Avx512}) {
-          if (isa > cpu::detected_isa()) continue;
-          cpu::set_products(products);
-          cpu::set_isa(isa);
-          for (int threads : {1, 2}) {
-            omp_set_num_threads(threads);
-            std::vector<float> got(want.size(), NAN);
-            cpu::matmul(x.data(), T, w, got.data(), wide);
-            EXPECT_LT(rel_err(got, want), 1e-5)
-                << "K " << K << " N " << N << " T " << T << " " << cpu::isa_name(isa)
-                << " threads " << threads;
-          }
-        }
-    }
-  }
-}
-
-TEST_F(Q8Ops, RowsSubMatricesAndStacksKeepTheWeights) {
-  std::mt19937 rng(8);
-  std::vector<uint8_t> a_bytes, b_bytes;
-  const cpu::Matrix a = q8_matrix(6, 128, rng, a_bytes), b = q8_matrix(3, 128, rng, b_bytes);
-  const std::vector<float> af = TensorView{"a", DType::Q8_0, {6, 128}, a_bytes.data()}.to_f32();
-  const std::vector<float> bf = TensorView{"b", DType::Q8_0, {3, 128}, b_bytes.data()}.to_f32();
-  std::vector<float> row(128);
-  const cpu::Matrix ab = cpu::stack_rows({&a, &b});
-  ASSERT_TRUE(ab.is_q8());
-  ASSERT_EQ(ab.N, 9);
-  for (int n = 0; n < 9; ++n) {
-    ab.row(n, row.data());
-    const float* want = n < 6 ? af.data() + n * 128 : bf.data() + (n - 6) * 128;
-    for (int k = 0; k < 128; ++k) ASSERT_EQ(row[k], want[k]) << n << "," << k;
-  }
-  const cpu::Matrix part = cpu::sub_matrix(a, 2, 3, 64, 32);  // a shard's rows and columns
-  ASSERT_TRUE(part.is_q8());
-  for (int n = 0; n < 3; ++n) {
-    part.row(n, row.data());
-    for (int k = 0; k < 32; ++k) ASSERT_EQ(row[k], af[(2 + n) * 128 + 64 + k]);
-  }
-  try {
-    cpu::sub_matrix(a, 0, 6, 16, 64);
-    FAIL() << "a split inside a block was accepted";
-  } catch (const Error& e) {
-    EXPECT_NE(std::string(e.what()).find("whole blocks of 32"), std::string::npos) << e.what();
-  }
-}
-
 // A config whose matrices and summary convolutions (groups of 32 and 64) are all whole blocks,
 // but for ffn_down's rows of 40 (bf16).
 Config q8_config() {
@@ -172,13 +86,19 @@ Config q8_config() {
   return c;
 }
 
-TEST(Q8Convert, MatricesBecomeQ8AndTheFileReadsBack) {
-  TempDir dir;
-  const Config c = q8_config();
-  auto model = random_model(dir, c, DType::Q8_0, 3);
+// A random checkpoint converted to Q8_0 (returned) and to bf16 (dir / "bf16.gguf").
+std::shared_ptr<Model> q8_and_bf16(const TempDir& dir, const Config& c, uint64_t seed) {
+  auto q8 = random_model(dir, c, DType::Q8_0, seed);
   ConvertOptions co;
   co.dtype = DType::BF16;
   convert_hf_to_gguf(dir / "hf", dir / "bf16.gguf", co);
+  return q8;
+}
+
+TEST(Q8Convert, MatricesBecomeQ8AndTheFileReadsBack) {
+  TempDir dir;
+  const Config c = q8_config();
+  auto model = q8_and_bf16(dir, c, 3);
   auto bf16 = Model::load(dir / "bf16.gguf");
   EXPECT_LT(std::filesystem::file_size(dir / "model.gguf"),
             std::filesystem::file_size(dir / "bf16.gguf"));
@@ -203,6 +123,7 @@ TEST(Q8Convert, MatricesBecomeQ8AndTheFileReadsBack) {
   EXPECT_EQ(model->tensor(tensor_names::layer(0, "ffn_down"), {c.hidden_size, 40}).dtype,
             DType::BF16);
   // A GGUF stored again as Q8_0 (multipole-convert IN.gguf): the bf16 file's weights quantized.
+  ConvertOptions co;
   co.dtype = DType::Q8_0;
   convert_gguf(dir / "bf16.gguf", dir / "again.gguf", co);
   auto again = Model::load(dir / "again.gguf");
@@ -258,10 +179,7 @@ TEST(Q8Convert, ReaderRefusesBadQ8Tensors) {
 TEST(Q8Model, LogitsEqualTheDequantizedReferenceAndStayCloseToBf16) {
   TempDir dir;
   const Config c = q8_config();
-  auto q8 = random_model(dir, c, DType::Q8_0, 5);
-  ConvertOptions co;
-  co.dtype = DType::BF16;
-  convert_hf_to_gguf(dir / "hf", dir / "bf16.gguf", co);
+  auto q8 = q8_and_bf16(dir, c, 5);
   const auto tokens = random_tokens(300, c.vocab_size, 6);  // past n = 256
   auto fast = make_backend(q8, {.kind = "cpu", .n_slots = 1, .n_threads = 1});
   const auto prefill = logits_in_chunks(*fast, tokens, 50), decode = logits_in_chunks(*fast, tokens, 1);

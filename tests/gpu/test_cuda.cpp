@@ -163,47 +163,6 @@ TEST_F(Cuda, Q8GemvDequantizeAndEmbedMatchTheCpuTwins) {
   }
 }
 
-// A Q8_0 model (matrices, embedding and summary convolutions quantized, ffn_down's rows of 40
-// bf16) on the GPU against the CPU backend: prefill (dequantized to bf16 for cuBLAS), decode of
-// one sequence (the GEMV kernel) and of 12 (a bucket of 16 rows: dequantized again).
-TEST_F(Cuda, Q8ModelMatchesCpuInPrefillAndDecode) {
-  Config c = mp::testing::small_config();
-  c.hidden_size = 64;
-  c.head_dim = 16;
-  c.intermediate_size = 40;
-  c.fma_block_size = 32;
-  c.n_ctx_train = 256;
-  TempDir dir;
-  auto model = mp::testing::random_model(dir, c, DType::Q8_0, 23);
-  ASSERT_EQ(model->tensor(tensor_names::layer(0, "attn_q"), {64, 64}).dtype, DType::Q8_0);
-  ASSERT_EQ(model->tensor(tensor_names::fma_down(0, 'k', 1, false), {32, 1, 32}).dtype,
-            DType::Q8_0);
-  auto cpu_b = make_backend(model, {.kind = "cpu", .n_slots = 12, .n_threads = 2});
-  auto gpu = make_backend(model, {.kind = "cuda", .n_slots = 12});
-  const auto tokens = random_tokens(600, c.vocab_size, 4);  // past n = 256
-  const auto ref = logits_in_chunks(*cpu_b, tokens, 1000);
-  for (int chunk : {1000, 1, 8, 56})
-    EXPECT_LT(rel_err(logits_in_chunks(*gpu, tokens, chunk), ref), 2e-2) << chunk;
-  std::vector<float> got, want;
-  for (Backend* b : {gpu.get(), cpu_b.get()}) {
-    std::vector<std::vector<int>> prompts;
-    std::vector<SeqChunk> pre;
-    for (int i = 0; i < 12; ++i) prompts.push_back(random_tokens(10 + 23 * i, c.vocab_size, 40 + i));
-    for (int i = 0; i < 12; ++i) pre.push_back({b->alloc_slot(), prompts[i], false});
-    b->forward(pre);
-    auto& out = b == gpu.get() ? got : want;
-    std::vector<int> next(12, 7);
-    for (int step = 0; step < 40; ++step) {
-      std::vector<SeqChunk> batch;
-      for (int i = 0; i < 12; ++i) batch.push_back({i, std::span<const int>(&next[i], 1), false});
-      const auto l = b->forward(batch);
-      out.insert(out.end(), l.begin(), l.end());
-      for (int i = 0; i < 12; ++i) next[i] = 3 + (step * 7 + i * 13) % (c.vocab_size - 3);
-    }
-  }
-  EXPECT_LT(rel_err(got, want), 2e-2);
-}
-
 struct Variant {
   const char* name;
   Downsampling ds;
@@ -301,33 +260,64 @@ TEST_F(Cuda, BatchOfSequencesMatchesSeparateRunsAndStatesMoveBetweenBackends) {
   EXPECT_EQ(cpu_b->slot_pos(cs2), 150);
 }
 
-// Decode steps of several sequences at different positions, batched (replayed as a CUDA graph
-// after the first step), against the CPU backend doing the same steps.
+// The logits of 40 decode steps of sequences at different positions, batched (replayed as a CUDA
+// graph after the first step), after prompts of lens[i] tokens (random_tokens(.., seed + i)).
+std::vector<float> batched_decode(Backend& b, const std::vector<int>& lens, uint64_t seed) {
+  const int n = static_cast<int>(lens.size()), V = b.config().vocab_size;
+  std::vector<std::vector<int>> prompts;
+  for (int i = 0; i < n; ++i) prompts.push_back(random_tokens(lens[i], V, seed + i));
+  std::vector<SeqChunk> pre;
+  for (int i = 0; i < n; ++i) pre.push_back({b.alloc_slot(), prompts[i], false});
+  b.forward(pre);
+  std::vector<int> next(n);
+  for (int i = 0; i < n; ++i) next[i] = 7 + i;
+  std::vector<float> out;
+  for (int step = 0; step < 40; ++step) {  // crosses block and group boundaries
+    std::vector<SeqChunk> batch;
+    for (int i = 0; i < n; ++i)
+      batch.push_back({pre[i].slot, std::span<const int>(&next[i], 1), false});
+    const auto l = b.forward(batch);
+    out.insert(out.end(), l.begin(), l.end());
+    for (int i = 0; i < n; ++i) next[i] = 3 + (step * 7 + i * 13) % (V - 3);
+  }
+  return out;
+}
+
+// Batched decode steps against the CPU backend doing the same steps.
 TEST_F(Cuda, BatchedDecodeStepsMatchCpu) {
   Config c = mp::testing::small_config();
   TempDir dir;
   auto model = mp::testing::random_model(dir, c, DType::BF16, 11);
   auto gpu = make_backend(model, {.kind = "cuda", .n_slots = 3});
   auto cpu_b = make_backend(model, {.kind = "cpu", .n_slots = 3, .n_threads = 2});
-  std::vector<int> lens = {5, 70, 130};
-  std::vector<float> got, want;
-  for (Backend* b : {gpu.get(), cpu_b.get()}) {
-    std::vector<SeqChunk> pre;
-    std::vector<std::vector<int>> prompts;
-    for (int i = 0; i < 3; ++i) prompts.push_back(random_tokens(lens[i], c.vocab_size, 20 + i));
-    for (int i = 0; i < 3; ++i) pre.push_back({b->alloc_slot(), prompts[i], false});
-    b->forward(pre);
-    std::vector<int> next = {7, 8, 9};
-    auto& out = b == gpu.get() ? got : want;
-    for (int step = 0; step < 40; ++step) {  // crosses block and group boundaries
-      std::vector<SeqChunk> batch;
-      for (int i = 0; i < 3; ++i) batch.push_back({i, std::span<const int>(&next[i], 1), false});
-      const auto l = b->forward(batch);
-      out.insert(out.end(), l.begin(), l.end());
-      for (int i = 0; i < 3; ++i) next[i] = 3 + (step * 7 + i * 13) % (c.vocab_size - 3);
-    }
-  }
-  EXPECT_LT(rel_err(got, want), 2e-2);
+  const std::vector<int> lens = {5, 70, 130};
+  EXPECT_LT(rel_err(batched_decode(*gpu, lens, 20), batched_decode(*cpu_b, lens, 20)), 2e-2);
+}
+
+// A Q8_0 model (matrices, embedding and summary convolutions quantized, ffn_down's rows of 40
+// bf16) on the GPU against the CPU backend: prefill (dequantized to bf16 for cuBLAS), decode of
+// one sequence (the GEMV kernel) and of 12 (a bucket of 16 rows: dequantized again).
+TEST_F(Cuda, Q8ModelMatchesCpuInPrefillAndDecode) {
+  Config c = mp::testing::small_config();
+  c.hidden_size = 64;
+  c.head_dim = 16;
+  c.intermediate_size = 40;
+  c.fma_block_size = 32;
+  c.n_ctx_train = 256;
+  TempDir dir;
+  auto model = mp::testing::random_model(dir, c, DType::Q8_0, 23);
+  ASSERT_EQ(model->tensor(tensor_names::layer(0, "attn_q"), {64, 64}).dtype, DType::Q8_0);
+  ASSERT_EQ(model->tensor(tensor_names::fma_down(0, 'k', 1, false), {32, 1, 32}).dtype,
+            DType::Q8_0);
+  auto cpu_b = make_backend(model, {.kind = "cpu", .n_slots = 12, .n_threads = 2});
+  auto gpu = make_backend(model, {.kind = "cuda", .n_slots = 12});
+  const auto tokens = random_tokens(600, c.vocab_size, 4);  // past n = 256
+  const auto ref = logits_in_chunks(*cpu_b, tokens, 1000);
+  for (int chunk : {1000, 1, 8, 56})
+    EXPECT_LT(rel_err(logits_in_chunks(*gpu, tokens, chunk), ref), 2e-2) << chunk;
+  std::vector<int> lens;
+  for (int i = 0; i < 12; ++i) lens.push_back(10 + 23 * i);
+  EXPECT_LT(rel_err(batched_decode(*gpu, lens, 40), batched_decode(*cpu_b, lens, 40)), 2e-2);
 }
 
 // The host's choice for draw u, and whether u lies so close to a boundary of the cumulative
