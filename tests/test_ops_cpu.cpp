@@ -156,14 +156,14 @@ cpu::Matrix q8_matrix(int N, int K, std::mt19937& rng, std::vector<uint8_t>& byt
 // another order (1e-5, as bf16's).
 TEST_F(CpuOps, Q8MatmulEqualsTheDequantizedProduct) {
   std::mt19937 rng(7);
-  const int shapes[][2] = {{32, 5}, {96, 37}, {512, 130}};  // K, N
+  const int shapes[][2] = {{32, 5}, {96, 37}, {512, 70}};  // K, N
   for (auto [K, N] : shapes) {
     std::vector<uint8_t> bytes;
     const cpu::Matrix w = q8_matrix(N, K, rng, bytes);
     ASSERT_TRUE(w.is_q8());
     const std::vector<float> wf =
         TensorView{"w", DType::Q8_0, {N, K}, bytes.data()}.to_f32();  // the reference's weights
-    expect_every_path_equals_loop(w, wf, {1, 2, 3, 5, 8, 9, 70}, rng, "q8_0");
+    expect_every_path_equals_loop(w, wf, {1, 2, 3, 5, 8, 9, 40}, rng, "q8_0");
   }
 }
 

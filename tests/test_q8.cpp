@@ -17,11 +17,7 @@
 namespace {
 
 using namespace mp;
-using mp::testing::logits_in_chunks;
-using mp::testing::random_model;
-using mp::testing::random_tokens;
-using mp::testing::rel_err;
-using mp::testing::TempDir;
+using namespace mp::testing;
 
 // x quantized block by block, as the bytes of a GGUF Q8_0 tensor.
 std::vector<uint8_t> quantize(const std::vector<float>& x) {
