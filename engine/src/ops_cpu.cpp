@@ -242,7 +242,8 @@ Matrix sub_matrix(const Matrix& m, int n0, int n, int k0, int k) {
   Matrix out;
   out.N = n;
   out.K = k;
-  // Rows of `width` elements of `from` ([m.N][m.K / per]), columns [k0 / per, (k0 + k) / per).
+  // Rows [n0, n0 + n), columns [k0, k0 + k) of `from`: m's elements, or one per `per` of them
+  // (the Q8_0 scales).
   auto copy = [&](const auto& from, auto& to, int per) {
     for (int r = n0; r < n0 + n; ++r) {
       const auto row = from.begin() + (size_t(r) * m.K + k0) / per;
