@@ -110,9 +110,11 @@ int main(int argc, char** argv) {
     bo.n_threads = int(args.integer("threads", 0));
     bo.max_context = longest + 1024;  // the passkey prompt's length is approximate
     auto backend = mp::make_backend(model, bo);
-    std::fprintf(stderr, "model: %s (%s), backend %s, held-out text: %zu tokens in %zu documents\n",
-                 model->path().c_str(), model->config().summary().c_str(),
-                 backend->name().c_str(), stream.tokens.size(), stream.docs.size());
+    std::fprintf(stderr, "model: %s (%s), backend %s\n", model->path().c_str(),
+                 model->config().summary().c_str(), backend->name().c_str());
+    if (!stream.docs.empty())
+      std::fprintf(stderr, "held-out text: %zu tokens in %zu documents\n", stream.tokens.size(),
+                   stream.docs.size());
     nlohmann::json out = {{"model", model->path()}, {"config", model->config().summary()},
                           {"backend", backend->name()}};
     if (run[0]) {
