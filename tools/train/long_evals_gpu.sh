@@ -13,10 +13,11 @@
 #     the 64 MiB the device tool carries)
 #   the CUDA binaries: .carry/gpu/bundle.tar.xz (scripts/gpu_bundle.sh), or MULTIPOLE_BIN=DIR
 # STEPS (default 1675) changes the twin's plan; TWIN=HF_DIR evaluates that folder instead of
-# training one; EVAL_ARGS go to multipole-evals after the defaults below.
+# training one; EVAL_ARGS go to multipole-evals after the defaults below. TINY=1 DEVICE=cpu runs
+# the same steps at toy size on the CPU (a check of the script: a tiny twin, short evaluations).
 set -euo pipefail
 data=$(realpath "$1") out=$(realpath "$2")
-root=$(pwd)
+root=$(pwd) work=${WORK:-/tmp/twin}
 export PYTHONUNBUFFERED=1
 mkdir -p "$out"
 if [ -f "$data" ]; then
@@ -29,28 +30,38 @@ export LD_LIBRARY_PATH=$root/.carry/gpu/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
 for f in "$bin/multipole-evals" "$bin/multipole-convert" "$data/val.txt" "$data/train.bin" models/default.gguf; do
   [ -e "$f" ] || { echo "missing: $f" >&2; exit 1; }
 done
-nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+dev=${DEVICE:-cuda}
+train=(--plan-steps "${STEPS:-1675}" --minutes 6.2)
+evals=(--text "$data/val.txt" --backend "$dev" --chunk 4096 --spans 8 --passages 8 --trials 10)
+contexts=512,8192
+if [ -n "${TINY:-}" ]; then
+  train=(--tiny --plan-steps 3 --batch 2 --warmup 1)
+  evals=(--text "$data/val.txt" --backend "$dev" --contexts 0,40,300 --span 32 --spans 1
+         --passage 16 --gaps 8,64 --passages 1 --passkey-contexts 300 --depths 0,1 --trials 1)
+  contexts=32,64
+else
+  nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+fi
 
 # 1. The twin, alone on the GPU (the card's twin shared it with the FMA model: same steps and
 # windows, less time).
 twin=${TWIN:-}
 if [ -z "$twin" ]; then
-  rm -rf /tmp/twin
-  (cd tools/train && python3 train.py --data "$data" --out /tmp/twin --exact --seed 1 \
-     --plan-steps "${STEPS:-1675}" --minutes 6.2 --final)
-  tail -n 3 /tmp/twin/train.log
-  cp /tmp/twin/train.log "$out/train_twin.log"
-  twin=/tmp/twin/hf
+  rm -rf "$work"
+  (cd tools/train && python3 train.py --data "$data" --out "$work" --exact --seed 1 \
+     --device "$dev" --final "${train[@]}")
+  tail -n 3 "$work/train.log"
+  cp "$work/train.log" "$out/train_twin.log"
+  twin=$work/hf
 fi
-"$bin/multipole-convert" "$twin" /tmp/twin.gguf --dtype bf16 --force 2>&1 | tail -n 1
+"$bin/multipole-convert" "$twin" "$work.gguf" --dtype bf16 --force 2>&1 | tail -n 1
 # Its perplexity on the validation split, as the card measures it (a check of the training).
-(cd tools/train && python3 evaluate.py "$twin" "$data" "$out/eval_twin.json" --contexts 512,8192 |
-   grep ppl_ctx)
+(cd tools/train && python3 evaluate.py "$twin" "$data" "$out/eval_twin.json" --device "$dev" \
+   --contexts $contexts --parity-tokens 256 | grep ppl_ctx)
 
 # 2. The same evaluations on both models, one after the other.
-evals=(--text "$data/val.txt" --backend cuda --chunk 4096 --spans 8 --passages 8 --trials 10
-       ${EVAL_ARGS:-})
-for m in fma:models/default.gguf twin:/tmp/twin.gguf; do
+evals+=(${EVAL_ARGS:-})
+for m in "fma:models/default.gguf" "twin:$work.gguf"; do
   name=${m%%:*}
   start=$(date +%s)
   "$bin/multipole-evals" -m "${m#*:}" "${evals[@]}" --json-out "$out/evals_$name.json" \
