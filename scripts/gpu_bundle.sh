@@ -8,7 +8,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 build=${BUILD_DIR:-build-cuda}
 bins=(tests/multipole_gpu_tests bench/bench_cuda bench/bench_multigpu bench/loadgen server/multipole-server tools/multipole-generate
-      tools/multipole-perplexity tools/multipole-convert)
+      tools/multipole-perplexity tools/multipole-convert tools/multipole-evals)
 cmake -S . -B "$build" -G Ninja -DCMAKE_BUILD_TYPE=Release -DMULTIPOLE_CUDA=ON >/dev/null
 cmake --build "$build" --target "${bins[@]##*/}"
 stage=$(mktemp -d)

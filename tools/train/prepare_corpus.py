@@ -2,7 +2,9 @@
 """Cleans the fetched corpus (fetch_corpus.sh) into documents, deduplicates them, splits train /
 validation by document, trains the SentencePiece tokenizer and writes the token streams.
 
-usage: prepare_corpus.py RAW_DIR OUT_DIR  (run with Debian's python3: needs python3-sentencepiece)
+usage: prepare_corpus.py RAW_DIR OUT_DIR [TOKENIZER]  (run with Debian's python3: needs
+python3-sentencepiece). TOKENIZER (a SentencePiece .model, or a GGUF model whose tokenizer to
+take) is used instead of training one: models/default.gguf gives the shipped model's token streams.
 Writes OUT_DIR/{train,val}.txt (documents separated by form feeds), tokenizer.model,
 {train,val}.bin (uint16 ids, each document as BOS ... EOS), val_docs.json (offsets of the
 validation documents in val.bin) and stats.json.
@@ -14,13 +16,32 @@ import html.parser
 import json
 import os
 import re
+import struct
 import subprocess
 import sys
 
 import sentencepiece as spm
 
 RAW, OUT = sys.argv[1], sys.argv[2]
+TOKENIZER = sys.argv[3] if len(sys.argv) > 3 else None
 VOCAB = 8192
+
+
+def tokenizer_bytes(path):
+    """A SentencePiece model file's bytes, or those a GGUF model embeds (multipole-convert writes
+    them as tokenizer.sentencepiece.model, an ARRAY of UINT8)."""
+    data = open(path, "rb").read()
+    if not data.startswith(b"GGUF"):
+        return data
+    key = b"tokenizer.sentencepiece.model"
+    at = data.find(struct.pack("<Q", len(key)) + key)
+    if at < 0:
+        sys.exit(f"{path}: no {key.decode()} in this GGUF")
+    at += 8 + len(key)
+    kind, elem, n = struct.unpack_from("<IIQ", data, at)
+    if (kind, elem) != (9, 0):
+        sys.exit(f"{path}: {key.decode()} is not an array of bytes")
+    return data[at + 16:at + 16 + n]
 
 
 def clean(text):
@@ -122,20 +143,24 @@ def main():
     for which, docs in split.items():
         with open(os.path.join(OUT, f"{which}.txt"), "w") as f:
             f.write("\f".join(t for _, t in docs))
-    # The tokenizer sees the training split only, one line a sentence.
-    lines = os.path.join(OUT, "spm_input.txt")
-    with open(lines, "w") as f:
-        for _, t in split["train"]:
-            f.write("\n".join(l for l in t.split("\n") if l.strip()) + "\n")
-    spm.SentencePieceTrainer.train(
-        input=lines, model_prefix=os.path.join(OUT, "tokenizer"), vocab_size=VOCAB,
-        model_type="bpe", byte_fallback=True, character_coverage=0.9995,
-        normalization_rule_name="identity", remove_extra_whitespaces=False,
-        add_dummy_prefix=False, split_digits=True, allow_whitespace_only_pieces=True,
-        user_defined_symbols=["\n", "\n\n", "    ", "        "],
-        input_sentence_size=3000000, shuffle_input_sentence=True, bos_id=1, eos_id=2, unk_id=0,
-        pad_id=-1, num_threads=os.cpu_count(), minloglevel=2)
-    os.remove(lines)
+    if TOKENIZER:
+        with open(os.path.join(OUT, "tokenizer.model"), "wb") as f:
+            f.write(tokenizer_bytes(TOKENIZER))
+    else:
+        # The tokenizer sees the training split only, one line a sentence.
+        lines = os.path.join(OUT, "spm_input.txt")
+        with open(lines, "w") as f:
+            for _, t in split["train"]:
+                f.write("\n".join(l for l in t.split("\n") if l.strip()) + "\n")
+        spm.SentencePieceTrainer.train(
+            input=lines, model_prefix=os.path.join(OUT, "tokenizer"), vocab_size=VOCAB,
+            model_type="bpe", byte_fallback=True, character_coverage=0.9995,
+            normalization_rule_name="identity", remove_extra_whitespaces=False,
+            add_dummy_prefix=False, split_digits=True, allow_whitespace_only_pieces=True,
+            user_defined_symbols=["\n", "\n\n", "    ", "        "],
+            input_sentence_size=3000000, shuffle_input_sentence=True, bos_id=1, eos_id=2, unk_id=0,
+            pad_id=-1, num_threads=os.cpu_count(), minloglevel=2)
+        os.remove(lines)
     sp = spm.SentencePieceProcessor(model_file=os.path.join(OUT, "tokenizer.model"))
     import array
     for which, docs in split.items():
