@@ -315,14 +315,14 @@ struct Server::Impl {
     http.Get(R"(/v1/sessions/([A-Za-z0-9_-]+))",
              [this](const httplib::Request& req, httplib::Response& res) {
                handle(res, [&] {
-                 res.set_content(api::dump(session_json(sessions->info(req.matches[1]))),
+                 res.set_content(api::dump(session_json(sessions->info(path_session(req)))),
                                  "application/json");
                });
              });
     http.Delete(R"(/v1/sessions/([A-Za-z0-9_-]+))",
                 [this](const httplib::Request& req, httplib::Response& res) {
                   handle(res, [&] {
-                    sessions->remove(req.matches[1]);
+                    sessions->remove(path_session(req));
                     res.set_content(api::dump({{"id", req.matches[1]},
                                                {"object", "session.deleted"},
                                                {"deleted", true}}),
@@ -333,7 +333,7 @@ struct Server::Impl {
               [this](const httplib::Request& req, httplib::Response& res) {
                 handle(res, [&] {
                   const json b = req.body.empty() ? json::object() : parse_body(req);
-                  const sessions::Info i = sessions->fork(req.matches[1], string_field(b, "id"));
+                  const sessions::Info i = sessions->fork(path_session(req), string_field(b, "id"));
                   res.set_content(api::dump(session_json(i)), "application/json");
                 });
               });
@@ -424,10 +424,27 @@ struct Server::Impl {
     return b[key].get<std::string>();
   }
 
+  // The session a request names: `named` (the body's `field`, or the path's id) or the
+  // X-Session-Id header, which routers hash on (deploy/haproxy.cfg) and which works whatever the
+  // body's size: either one, or both equal; two different ones are refused.
+  static std::string session_of(const httplib::Request& req, const std::string& named,
+                                const char* field) {
+    const std::string header = req.get_header_value("X-Session-Id");
+    if (header.empty() || header == named) return named;
+    if (named.empty()) return header;
+    throw api::ApiError(400,
+                        "the X-Session-Id header names session '" + header + "' but the request's " +
+                            field + " names '" + named + "'",
+                        field, "session_mismatch");
+  }
+  static std::string path_session(const httplib::Request& req) {
+    return session_of(req, req.matches[1], "path");
+  }
+
   // POST /v1/sessions {"id"?, "prompt"?}: a new session, empty or holding the prompt's state.
   void create_session(const httplib::Request& req, httplib::Response& res) {
     const json b = req.body.empty() ? json::object() : parse_body(req);
-    sessions::Sessions::Lease lease = sessions->create(string_field(b, "id"));
+    sessions::Sessions::Lease lease = sessions->create(session_of(req, string_field(b, "id"), "id"));
     sessions::State state;
     try {
       if (b.contains("prompt") && !b["prompt"].is_null()) {
@@ -511,6 +528,7 @@ struct Server::Impl {
     api::CompletionsCall call =
         chat ? api::parse_chat_completions(parse_body(req), chat_format, opts.ctx_limit)
              : api::parse_completions(parse_body(req), model->tokenizer(), opts.ctx_limit);
+    call.session = session_of(req, call.session, "session");
     const std::shared_ptr<SessionTurn> turn = call.session.empty() ? nullptr : begin_turn(call);
     const std::string id = api::id_prefix(call) + std::to_string(next_request++);
     res.set_header("X-Request-Id", id);

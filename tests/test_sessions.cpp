@@ -125,6 +125,59 @@ TEST(Sessions, CreateInspectForkDelete) {
   s.call("GET", "/v1/sessions/copy", nullptr, 404);
 }
 
+// X-Session-Id (what deploy/haproxy.cfg hashes on) names the session like the body's "session"
+// (or "id" creating one, or the path's id): alone, or equal to it; a different one is a 400 that
+// changes nothing.
+TEST(Sessions, TheSessionHeaderActsLikeTheBodysField) {
+  Models m;
+  Server1 s(m.model, "");
+  auto send = [&](const std::string& method, const std::string& path, const json& body,
+                  const std::string& header, int want) {
+    httplib::Headers h;
+    if (!header.empty()) h.emplace("X-Session-Id", header);
+    auto c = s.client();
+    auto r = method == "GET" ? c.Get(path, h) : c.Post(path, h, body.dump(), "application/json");
+    EXPECT_TRUE(r);
+    if (!r) return json();
+    EXPECT_EQ(r->status, want) << method << " " << path << " " << header << ": " << r->body;
+    return json::parse(r->body);
+  };
+  EXPECT_EQ(send("POST", "/v1/sessions", json::object(), "by-header", 200)["id"], "by-header");
+  s.call("POST", "/v1/sessions", {{"id", "by-body"}});
+  send("POST", "/v1/sessions", {{"id", "other"}}, "by-header", 400);
+  s.call("GET", "/v1/sessions/other", nullptr, 404);
+  // The same turn named by the header and by the body: the same text and position.
+  const json turn = {{"prompt", " hello"}, {"max_tokens", 4}, {"temperature", 0.8}, {"seed", 5}};
+  json in_body = turn;
+  in_body["session"] = "by-body";
+  const json a = send("POST", "/v1/completions", turn, "by-header", 200);
+  const json b = s.call("POST", "/v1/completions", in_body);
+  EXPECT_EQ(a["choices"][0]["text"], b["choices"][0]["text"]);
+  EXPECT_EQ(a["session"]["id"], "by-header");
+  EXPECT_EQ(a["session"]["position"], b["session"]["position"]);
+  const int64_t position = b["session"]["position"];
+  // Both, equal: a turn; both, different: 400 naming both, and neither session moves.
+  EXPECT_GT(send("POST", "/v1/completions", in_body, "by-body", 200)["session"]["position"],
+            position);
+  const json clash = send("POST", "/v1/completions", in_body, "by-header", 400);
+  EXPECT_EQ(clash["error"]["code"], "session_mismatch");
+  const std::string msg = clash["error"]["message"];
+  EXPECT_NE(msg.find("'by-header'"), std::string::npos) << msg;
+  EXPECT_NE(msg.find("'by-body'"), std::string::npos) << msg;
+  EXPECT_EQ(s.call("GET", "/v1/sessions/by-header")["position"], position);
+  EXPECT_GT(s.call("GET", "/v1/sessions/by-body")["position"], position);
+  in_body.erase("session");
+  in_body["messages"] = {{{"role", "user"}, {"content", "hi"}}};
+  in_body.erase("prompt");
+  EXPECT_EQ(send("POST", "/v1/chat/completions", in_body, "by-header", 200)["session"]["id"],
+            "by-header");
+  // The path's id against the header.
+  send("GET", "/v1/sessions/by-body", nullptr, "by-body", 200);
+  send("GET", "/v1/sessions/by-body", nullptr, "by-header", 400);
+  send("POST", "/v1/sessions/by-body/fork", {{"id", "copy"}}, "by-header", 400);
+  s.call("GET", "/v1/sessions/copy", nullptr, 404);
+}
+
 // The prompt of a test conversation's turn i.
 std::string words(int i) { return " turn " + std::to_string(i) + ":"; }
 
@@ -408,6 +461,32 @@ TEST(RedisStore, VersionedPutsClaimsScanTtlAndSizeCap) {
   EXPECT_TRUE(a->remove("s1"));
   EXPECT_FALSE(a->remove("s1"));
   EXPECT_TRUE(a->scan(nullptr).empty());
+}
+
+// A claim names its server, whose heartbeat keeps a liveness key: a living server keeps its claim
+// past the liveness time; a dead one's (a store gone without releasing it) lapses within it,
+// long before the claim's own expiry.
+TEST(RedisStore, AClaimOfADeadServerLapsesWithinTheLivenessTime) {
+  RedisServer redis;
+  sessions::RedisOptions o = redis.options();
+  o.liveness_ms = 300;
+  auto b = sessions::redis_store(o);
+  {
+    auto a = sessions::redis_store(o);
+    ASSERT_TRUE(a->claim("x"));
+    std::this_thread::sleep_for(std::chrono::milliseconds(1000));
+    EXPECT_FALSE(b->claim("x"));
+    EXPECT_GT(std::stol(redis.cli("PTTL test:x:claim")), 50'000);
+  }
+  const auto t0 = std::chrono::steady_clock::now();
+  bool taken = false;
+  while (!taken && std::chrono::steady_clock::now() - t0 < std::chrono::seconds(5)) {
+    taken = b->claim("x");
+    if (!taken) std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  }
+  EXPECT_TRUE(taken);
+  EXPECT_LT(std::chrono::steady_clock::now() - t0, std::chrono::seconds(2));
+  EXPECT_TRUE(b->scan(nullptr).empty());  // claims and liveness keys are not sessions
 }
 
 // Two servers' Sessions over one Redis: a turn that outlived its claim while another server's turn

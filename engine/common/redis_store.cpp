@@ -3,9 +3,12 @@
 #include <hiredis/hiredis.h>
 
 #include <algorithm>
+#include <condition_variable>
+#include <cstdio>
 #include <map>
 #include <mutex>
 #include <random>
+#include <thread>
 
 #include "api.h"
 
@@ -19,7 +22,22 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) 
 return 0
 )lua";
 
+// KEYS[1] a claim; ARGV[1] the new token ("<server>/<n>"), ARGV[2] the claim's expiry (ms),
+// ARGV[3] the key prefix. Taken when free, or when its holder's liveness key
+// (<prefix><server>:alive) is gone: that server died (or stalled past the liveness time, when
+// the compare-and-set on the record still keeps its turn from overwriting a newer one).
+constexpr const char* kClaim = R"lua(
+local held = redis.call('GET', KEYS[1])
+if held then
+  local holder = string.match(held, '^([^/]*)/') or ''
+  if redis.call('EXISTS', ARGV[3] .. holder .. ':alive') == 1 then return 0 end
+end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+return 1
+)lua";
+
 constexpr const char* kClaimSuffix = ":claim";
+constexpr const char* kAliveSuffix = ":alive";
 constexpr size_t kHeadBytes = 4096;  // a record's header fits (ids and model ids are short)
 
 // SCAN's MATCH is a glob: the prefix matches itself only.
@@ -34,8 +52,15 @@ std::string glob_escape(const std::string& s) {
 
 class RedisStore final : public Store {
  public:
-  explicit RedisStore(RedisOptions o) : o_(std::move(o)) {}
+  explicit RedisStore(RedisOptions o)
+      : o_(std::move(o)), server_(random_hex()), heartbeat_([this] { beat(); }) {}
   ~RedisStore() override {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      stopping_ = true;
+    }
+    stop_.notify_all();
+    heartbeat_.join();
     if (c_) redisFree(c_);
   }
 
@@ -82,11 +107,12 @@ class RedisStore final : public Store {
   }
 
   bool claim(const std::string& id) override {
-    static thread_local std::mt19937_64 rng(std::random_device{}());
-    const std::string token = std::to_string(rng());
+    const std::string token = server_ + "/" + random_hex();
     std::lock_guard<std::mutex> lock(mu_);
-    Reply r = command({"SET", key(id) + kClaimSuffix, token, "NX", "PX", std::to_string(o_.claim_ms)});
-    if (r->type == REDIS_REPLY_NIL) return false;
+    if (!alive_) refresh_alive();  // before the first claim: others must see this server alive
+    Reply r = command({"EVAL", kClaim, "1", key(id) + kClaimSuffix, token,
+                       std::to_string(o_.claim_ms), o_.prefix});
+    if (r->integer == 0) return false;
     claims_[id] = token;
     return true;
   }
@@ -111,7 +137,7 @@ class RedisStore final : public Store {
       cursor.assign(r->element[0]->str, r->element[0]->len);
       for (size_t i = 0; i < r->element[1]->elements; ++i) {
         std::string k(r->element[1]->element[i]->str, r->element[1]->element[i]->len);
-        if (!k.ends_with(kClaimSuffix)) keys.push_back(std::move(k));
+        if (!k.ends_with(kClaimSuffix) && !k.ends_with(kAliveSuffix)) keys.push_back(std::move(k));
       }
     } while (cursor != "0");
     for (const auto& k : keys) {
@@ -138,6 +164,33 @@ class RedisStore final : public Store {
   using Reply = std::unique_ptr<redisReply, void (*)(void*)>;
 
   std::string key(const std::string& id) const { return o_.prefix + id; }
+
+  static std::string random_hex() {
+    static thread_local std::mt19937_64 rng(std::random_device{}());
+    char b[17];
+    std::snprintf(b, sizeof b, "%016llx", static_cast<unsigned long long>(rng()));
+    return b;
+  }
+
+  // This server's liveness key, which its claims name (kClaim); with mu_ held.
+  void refresh_alive() {
+    command({"SET", o_.prefix + server_ + kAliveSuffix, "1", "PX", std::to_string(o_.liveness_ms)});
+    alive_ = true;
+  }
+
+  // The heartbeat thread: refreshes the liveness key three times per liveness time, once this
+  // server has claimed something; a store that is down is retried on the next beat.
+  void beat() {
+    std::unique_lock<std::mutex> lock(mu_);
+    while (!stop_.wait_for(lock, std::chrono::milliseconds(o_.liveness_ms / 3),
+                           [this] { return stopping_; })) {
+      try {
+        if (alive_) refresh_alive();
+      } catch (const StoreUnavailable&) {
+        alive_ = false;  // the next claim writes it first
+      }
+    }
+  }
 
   // The version in a record's header (GETRANGE's reply); 0: no record; none: unreadable.
   static std::optional<uint64_t> stored_version(const Reply& head) {
@@ -192,9 +245,14 @@ class RedisStore final : public Store {
   }
 
   const RedisOptions o_;
+  const std::string server_;                   // this server's id in its claims
   std::mutex mu_;                              // one connection, one command at a time
   redisContext* c_ = nullptr;
   std::map<std::string, std::string> claims_;  // session -> this server's claim token
+  bool alive_ = false;                         // its liveness key written (and kept fresh)
+  bool stopping_ = false;
+  std::condition_variable stop_;
+  std::thread heartbeat_;                      // last: started once the rest is set up
 };
 
 }  // namespace

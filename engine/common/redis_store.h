@@ -1,7 +1,7 @@
 // Sessions in Redis (issue 19): replicas of a server share one store, so any replica continues
 // any session. One key per session, `<prefix><id>`, holding its record (sessions.h), written with a
 // compare-and-set on the record's version and a TTL; `<prefix><id>:claim` while a request runs
-// on it.
+// on it, naming its server, whose heartbeat keeps `<prefix><server>:alive` (RedisOptions::liveness_ms).
 #pragma once
 
 #include <memory>
@@ -18,6 +18,9 @@ struct RedisOptions {
   int64_t ttl_s = 7 * 24 * 3600;               // a record expires this long after its last write; 0: never
   size_t max_record_bytes = size_t(64) << 20;  // a larger record is refused (413)
   int64_t claim_ms = 60000;   // a request's claim lapses after this (a server that died holding it)
+  // A server's claims lapse at once when it has not refreshed its liveness key for this long (it
+  // died, or stalled): a session whose server was killed mid-turn is free again within it.
+  int64_t liveness_ms = 3000;
   int64_t timeout_ms = 2000;  // connecting, and each command: beyond, the store counts as down
 };
 
