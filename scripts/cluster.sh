@@ -5,10 +5,10 @@
 #
 # usage: cluster.sh start|stop|status [--dir DIR] [--port P] [--model FILE] [--replicas N]
 #                   [--pin] [-- SERVER OPTIONS...]
-#   --dir DIR       run folder: pid files, logs (default run/cluster)
+#   --dir DIR       run folder: pid files, logs (default run/cluster in the repository)
 #   --port P        haproxy listens on P, the replicas on P+1..P+N, redis-server on P+4
 #                   (default 8080)
-#   --model FILE    GGUF model (default models/default.gguf)
+#   --model FILE    GGUF model (default the repository's models/default.gguf)
 #   --replicas N    1 to 3 replicas (default 3); haproxy's health checks take the absent ones
 #                   out of the rotation, which start waits for
 #   --pin           replica i runs on CPU core i-1 only (taskset); pass --threads 1 with it
@@ -16,13 +16,13 @@
 # stop ends haproxy, then the replicas (SIGTERM: running requests are cancelled), then Redis;
 # whatever has not exited after 10 s gets SIGKILL. status prints each process and its health.
 set -euo pipefail
-cd "$(dirname "$0")/.."
+root=$(cd "$(dirname "$0")/.." && pwd)  # paths given as options are the caller's
 
 usage() { sed -n '6,17s/^# \{0,1\}//p' "$0" >&2; exit 2; }
 [ $# -ge 1 ] || usage
 action=$1
 shift
-dir=run/cluster port=8080 model=models/default.gguf replicas=3 pin=0 server_opts=(--backend cpu)
+dir=$root/run/cluster port=8080 model=$root/models/default.gguf replicas=3 pin=0 server_opts=(--backend cpu)
 while [ $# -gt 0 ]; do
   case $1 in
     --dir) dir=$2; shift 2 ;;
@@ -37,7 +37,7 @@ done
 [[ $port =~ ^[0-9]+$ ]] && [ "$port" -ge 1 ] && [ "$port" -le 65531 ] ||
   { echo "cluster.sh: --port must be a port number (1-65531), not '$port'" >&2; exit 2; }
 [[ $replicas =~ ^[1-3]$ ]] || { echo "cluster.sh: --replicas must be 1, 2 or 3, not '$replicas'" >&2; exit 2; }
-build=${MULTIPOLE_BUILD:-build}
+build=${MULTIPOLE_BUILD:-$root/build}
 redis_port=$((port + 4))
 
 # The answer's status line of GET /health on a loopback port, within 2 s ("" when none).
@@ -112,7 +112,7 @@ start() {
   done
   MULTIPOLE_ROUTER_BIND=127.0.0.1:$port MULTIPOLE_REPLICA1=127.0.0.1:$((port + 1)) \
     MULTIPOLE_REPLICA2=127.0.0.1:$((port + 2)) MULTIPOLE_REPLICA3=127.0.0.1:$((port + 3)) \
-    setsid haproxy -db -f deploy/haproxy.cfg </dev/null >"$dir/haproxy.log" 2>&1 &
+    setsid haproxy -db -f "$root/deploy/haproxy.cfg" </dev/null >"$dir/haproxy.log" 2>&1 &
   echo $! >"$dir/haproxy.pid"
   wait_for haproxy "[ \"\$(health $port)\" = 'HTTP/1.1 200 OK' ]"
   # Absent replicas: two failed checks, 1 s apart, take them out.
