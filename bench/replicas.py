@@ -3,7 +3,8 @@
 to core 0, then two pinned to cores 0 and 1 (--pin, --threads 1), the same load through haproxy
 each time (bench/serve.py streams: --clients streaming clients, --requests each, --max-tokens
 tokens, no session); the load generator runs with 1 and 2 processes: equal totals show it is not
-the bottleneck. Prints a table, the ratio of two replicas to one, and the load average seen.
+the bottleneck. Prints a table, the ratio of two replicas to one, the load average seen, and
+the CPU time the replicas got (a loaded machine leaves a pinned replica less than its core).
 
 usage: replicas.py [--clients 16] [--requests 2] [--max-tokens 128] [--slots 8] [--port 18480]
                    [--model models/default.gguf] [--repeats 1]
@@ -23,6 +24,13 @@ def load_average():
         return float(f.read().split()[0])
 
 
+def cpu_seconds(pid):
+    """User + system CPU time of a process (/proc/PID/stat)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def run(a, replicas, processes, work):
     cluster = [f"{ROOT}/scripts/cluster.sh", "--dir", os.path.join(work, "run"), "--port", str(a.port)]
     start = subprocess.run(cluster[:1] + ["start"] + cluster[1:] +
@@ -33,6 +41,11 @@ def run(a, replicas, processes, work):
         raise SystemExit(start.stdout)
     try:
         before = load_average()
+        pids = []
+        for i in range(1, replicas + 1):
+            with open(os.path.join(work, "run", f"replica{i}.pid")) as f:
+                pids.append(int(f.read()))
+        cpu0 = sum(cpu_seconds(p) for p in pids)
         out = subprocess.run([sys.executable, f"{ROOT}/bench/serve.py", "streams", "--url",
                               f"http://127.0.0.1:{a.port}", "--clients", str(a.clients),
                               "--requests", str(a.requests), "--max-tokens", str(a.max_tokens),
@@ -40,6 +53,8 @@ def run(a, replicas, processes, work):
                              check=True, stdout=subprocess.PIPE, text=True).stdout
         result = json.loads(out.strip().splitlines()[-1])
         result["load"] = (before, load_average())
+        # The replicas' CPU time: what the machine's other load left them shows here.
+        result["cpu_s"] = sum(cpu_seconds(p) for p in pids) - cpu0
         return result
     finally:
         subprocess.run(cluster[:1] + ["stop"] + cluster[1:], check=True)
@@ -64,11 +79,14 @@ def main():
                 rows.append((replicas, processes, r))
     print(f"{a.clients} streaming clients x {a.requests} requests x {a.max_tokens} tokens through "
           f"haproxy; replicas pinned one per core, --threads 1 --slots {a.slots}\n")
-    print("| replicas | load generator processes | s | tokens/s | TTFT p50 ms | ITL p50 ms | errors | load average before, after |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| replicas | load generator processes | s | tokens/s | TTFT p50 ms | errors | "
+          "replicas' CPU s (of s x replicas) | tokens per replica CPU s | load average before, after |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for replicas, processes, r in rows:
         print(f"| {replicas} | {processes} | {r['seconds']:.1f} | {r['tokens_per_s']:.0f} | "
-              f"{r['ttft_p50_ms']:.0f} | {r['itl_p50_ms']:.1f} | {r['errors']} | "
+              f"{r['ttft_p50_ms']:.0f} | {r['errors']} | {r['cpu_s']:.1f} "
+              f"({r['cpu_s'] / (r['seconds'] * replicas) * 100:.0f} %) | "
+              f"{r['tokens_per_s'] * r['seconds'] / max(r['cpu_s'], 1e-9):.0f} | "
               f"{r['load'][0]:.1f}, {r['load'][1]:.1f} |")
     best = {n: max(r["tokens_per_s"] for m, _, r in rows if m == n) for n in (1, 2)}
     print(f"\ntwo replicas / one (best of each): {best[2] / best[1]:.2f}x")
