@@ -1,16 +1,15 @@
 #!/usr/bin/env python3
 """Throughput of replicas behind haproxy (issue 19): scripts/cluster.sh with one replica pinned
 to core 0, then two pinned to cores 0 and 1 (--pin, --threads 1), the same load through haproxy
-each time (bench/serve.py streams: --clients streaming clients, --requests each, --max-tokens
-tokens, no session); the load generator runs with 1 and 2 processes: equal totals show it is not
-the bottleneck. Prints a table, the ratio of two replicas to one, the load average seen, and
+each time (bench/loadgen, serve.py's streams scenario on epoll: --clients streaming clients,
+--requests each, --max-tokens tokens, no session); the load generator runs with 1 and 2
+processes: equal totals show it is not the bottleneck. Prints a table, the ratio of two replicas to one, the load average seen, and
 the CPU time the replicas got (a loaded machine leaves a pinned replica less than its core).
 
 usage: replicas.py [--clients 16] [--requests 2] [--max-tokens 128] [--slots 8] [--port 18480]
-                   [--model models/default.gguf] [--repeats 1]
+                   [--model models/default.gguf] [--repeats 1] [--build build]
 """
 import argparse
-import json
 import os
 import subprocess
 import sys
@@ -32,11 +31,12 @@ def cpu_seconds(pid):
 
 
 def run(a, replicas, processes, work):
+    env = dict(os.environ, MULTIPOLE_BUILD=a.build)
     cluster = [f"{ROOT}/scripts/cluster.sh", "--dir", os.path.join(work, "run"), "--port", str(a.port)]
     start = subprocess.run(cluster[:1] + ["start"] + cluster[1:] +
                            ["--model", a.model, "--replicas", str(replicas), "--pin", "--",
                             "--threads", "1", "--slots", str(a.slots)],
-                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     if start.returncode != 0:
         raise SystemExit(start.stdout)
     try:
@@ -46,18 +46,21 @@ def run(a, replicas, processes, work):
             with open(os.path.join(work, "run", f"replica{i}.pid")) as f:
                 pids.append(int(f.read()))
         cpu0 = sum(cpu_seconds(p) for p in pids)
-        out = subprocess.run([sys.executable, f"{ROOT}/bench/serve.py", "streams", "--url",
-                              f"http://127.0.0.1:{a.port}", "--clients", str(a.clients),
-                              "--requests", str(a.requests), "--max-tokens", str(a.max_tokens),
-                              "--processes", str(processes), "--json"],
-                             check=True, stdout=subprocess.PIPE, text=True).stdout
-        result = json.loads(out.strip().splitlines()[-1])
+        out = subprocess.run([f"{a.build}/bench/loadgen", "--url", f"http://127.0.0.1:{a.port}",
+                              "--clients", str(a.clients), "--requests", str(a.requests),
+                              "--max-tokens", str(a.max_tokens), "--processes", str(processes)],
+                             stdout=subprocess.PIPE, text=True).stdout
+        # Its markdown row: clients, processes, requests, s, requests/s, tokens/s, TTFT p50, ...
+        # errors.
+        cells = [c.strip() for c in out.strip().splitlines()[-1].strip("|").split("|")]
+        result = {"seconds": float(cells[3]), "tokens_per_s": float(cells[5]),
+                  "ttft_p50_ms": float(cells[6]), "errors": int(cells[10])}
         result["load"] = (before, load_average())
         # The replicas' CPU time: what the machine's other load left them shows here.
         result["cpu_s"] = sum(cpu_seconds(p) for p in pids) - cpu0
         return result
     finally:
-        subprocess.run(cluster[:1] + ["stop"] + cluster[1:], check=True)
+        subprocess.run(cluster[:1] + ["stop"] + cluster[1:], check=True, env=env)
 
 
 def main():
@@ -69,6 +72,7 @@ def main():
     p.add_argument("--port", type=int, default=18480)
     p.add_argument("--model", default=f"{ROOT}/models/default.gguf")
     p.add_argument("--repeats", type=int, default=1)
+    p.add_argument("--build", default=f"{ROOT}/build")
     a = p.parse_args()
     work = tempfile.mkdtemp(prefix="multipole-replicas-")
     rows = []
