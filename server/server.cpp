@@ -731,6 +731,12 @@ struct Server::Impl {
     gauge("multipole_session_store_errors_total",
           "Session store operations that found it unavailable.", double(ss.store_errors),
           "counter");
+    gauge("multipole_session_store_calls_total", "Operations on the session store.",
+          double(ss.store_calls), "counter");
+    gauge("multipole_session_store_seconds_total", "Time the session store's operations took.",
+          ss.store_seconds, "counter");
+    gauge("multipole_session_misses_total", "Requests naming a session that does not exist.",
+          double(ss.misses), "counter");
     if (!s.devices.empty()) {
       // Per device of a replicated backend, labelled by device.
       auto per_device = [&](const char* name, const char* help, const char* type, auto value) {

@@ -566,7 +566,16 @@ TEST(Replicas, AStoreThatIsDownFailsOnlySessionRequests) {
   Models m;
   RedisServer redis;
   Server1 a(m.model, redis.url());
+  auto metric = [&](const std::string& name) {
+    const std::string metrics = a.client().Get("/metrics")->body;
+    const size_t at = metrics.find("\n" + name + " ");
+    return at == std::string::npos ? -1.0 : std::stod(metrics.substr(at + name.size() + 2));
+  };
   a.call("POST", "/v1/sessions", {{"id", "kept"}});
+  EXPECT_EQ(a.call("GET", "/v1/sessions/absent", nullptr, 404)["error"]["code"], "session_not_found");
+  EXPECT_EQ(metric("multipole_session_misses_total"), 1.0);
+  EXPECT_GE(metric("multipole_session_store_calls_total"), 2.0);  // at least the claim and the write
+  EXPECT_GT(metric("multipole_session_store_seconds_total"), 0.0);
   redis.kill();
   const json plain = a.call("POST", "/v1/completions", {{"prompt", "hello"}, {"max_tokens", 3}});
   EXPECT_EQ(plain["usage"]["completion_tokens"], 3);
@@ -577,10 +586,7 @@ TEST(Replicas, AStoreThatIsDownFailsOnlySessionRequests) {
     EXPECT_NE(e["message"].get<std::string>().find("session store is unavailable"),
               std::string::npos);
   }
-  const std::string metrics = a.client().Get("/metrics")->body;
-  const size_t at = metrics.find("\nmultipole_session_store_errors_total ");
-  ASSERT_NE(at, std::string::npos);
-  EXPECT_GE(std::stod(metrics.substr(at + 38)), 3.0);
+  EXPECT_GE(metric("multipole_session_store_errors_total"), 3.0);
   redis.start();  // empty: it kept nothing
   a.call("POST", "/v1/sessions", {{"id", "new"}});
   EXPECT_EQ(a.turn("new", "x", 1)["session"]["position"].get<int>(),

@@ -215,7 +215,7 @@ Info Sessions::Lease::commit(State next) {
 
 Sessions::Entry& Sessions::get(const std::string& id) {
   auto it = entries_.find(id);
-  if (it == entries_.end()) throw not_found(id);
+  if (it == entries_.end()) throw_missing(id);
   return it->second;
 }
 
@@ -226,8 +226,24 @@ std::string Sessions::new_id() const {
   return b;
 }
 
+void Sessions::throw_missing(const std::string& id) const {
+  ++misses_;
+  throw not_found(id);
+}
+
 template <class F>
 auto Sessions::guard(F&& store_call) const -> decltype(store_call()) {
+  const auto t0 = std::chrono::steady_clock::now();
+  struct Timed {  // counts the call however it ends
+    const Sessions& s;
+    std::chrono::steady_clock::time_point t0;
+    ~Timed() {
+      ++s.store_calls_;
+      s.store_nanos_ += static_cast<uint64_t>(
+          std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now() - t0)
+              .count());
+    }
+  } timed{*this, t0};
   try {
     return store_call();
   } catch (const StoreUnavailable& e) {
@@ -240,7 +256,7 @@ auto Sessions::guard(F&& store_call) const -> decltype(store_call()) {
 
 Record Sessions::fetch(const std::string& id, size_t* record_bytes) const {
   const auto bytes = guard([&] { return store_->get(id); });
-  if (!bytes) throw not_found(id);
+  if (!bytes) throw_missing(id);
   if (record_bytes) *record_bytes = bytes->size();
   try {
     return decode_record(*bytes);
@@ -473,7 +489,7 @@ Info Sessions::info(const std::string& id) const {
   }
   std::lock_guard<std::mutex> lock(mu_);
   auto it = entries_.find(id);
-  if (it == entries_.end()) throw not_found(id);
+  if (it == entries_.end()) throw_missing(id);
   return it->second.info;
 }
 
@@ -512,7 +528,7 @@ void Sessions::remove(const std::string& id) {
     unclaim(id);
     std::lock_guard<std::mutex> lock(mu_);
     auto it = entries_.find(id);
-    if (!stored && it == entries_.end()) throw not_found(id);
+    if (!stored && it == entries_.end()) throw_missing(id);
     if (it != entries_.end() && !it->second.info.busy) drop(it);
     ++st_.removed;
     return;
@@ -530,6 +546,9 @@ Stats Sessions::stats() const {
   s.sessions = entries_.size();
   for (const auto& [id, e] : entries_) s.busy += e.info.busy;
   s.store_errors = store_errors_;
+  s.store_calls = store_calls_;
+  s.store_seconds = static_cast<double>(store_nanos_) * 1e-9;
+  s.misses = misses_;
   return s;
 }
 

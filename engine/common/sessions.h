@@ -83,6 +83,9 @@ struct Stats {
   size_t sessions = 0, busy = 0, memory_bytes = 0, store_bytes = 0;
   uint64_t created = 0, removed = 0, evicted = 0, loads = 0, saves = 0;
   uint64_t store_errors = 0;  // operations that found the store unavailable
+  uint64_t store_calls = 0;   // operations on the store, and the time they took
+  double store_seconds = 0;
+  uint64_t misses = 0;  // requests naming a session that does not exist (404)
 };
 
 // The sessions of one server. Errors are api-shaped: 404 (no such session), 409 (busy, exists,
@@ -153,7 +156,8 @@ class Sessions {
   std::map<std::string, Entry> entries_;
   uint64_t clock_ = 0;
   Stats st_;
-  mutable std::atomic<uint64_t> store_errors_{0};
+  mutable std::atomic<uint64_t> store_errors_{0}, store_calls_{0}, store_nanos_{0}, misses_{0};
+  [[noreturn]] void throw_missing(const std::string& id) const;  // a 404, counted
 };
 
 int64_t unix_now();
