@@ -84,11 +84,8 @@ size_t count(std::string_view s, std::string_view pattern) {
 class Worker {
  public:
   Worker(const Options& o, int first_client, int n_clients, int seed)
-      : o_(o), ep_(epoll_create1(0)), clients_(n_clients) {
-    for (int i = 0; i < n_clients; ++i) {
-      clients_[i].index = first_client + i;
-      seed_ = seed;
-    }
+      : o_(o), ep_(epoll_create1(0)), seed_(seed), clients_(n_clients) {
+    for (int i = 0; i < n_clients; ++i) clients_[i].index = first_client + i;
   }
   ~Worker() { close(ep_); }
 
@@ -181,7 +178,7 @@ class Worker {
   }
 
   const Options& o_;
-  int ep_, seed_ = 0, active_ = 0;
+  int ep_, seed_, active_ = 0;
   std::vector<Client> clients_;
   Totals t_;
 };

@@ -642,7 +642,8 @@ void accumulate(const FmaShape& s, const CacheView& c, const Downsamplers& w,
   check_launch("clear_new_accumulators");
   // A group being filled holds at most w - 1 of the chunk's tokens (the top level's w is largest).
   const int64_t longest = std::min<int64_t>(longest_chunk, int64_t(s.m) << (s.L - 1));
-  const unsigned slices = static_cast<unsigned>(std::max<int64_t>(1, (longest + kAccumulateSlice - 1) / kAccumulateSlice));
+  const auto slices =
+      static_cast<unsigned>(std::max<int64_t>(1, (longest + kAccumulateSlice - 1) / kAccumulateSlice));
   with_sum_tile(s, [&]<int H, int R>() {
     accumulate_kernel<H, R><<<dim3(n_items, slices, 2), 128, 0, st>>>(s, c, w, chunks, items, k, v);
   });
@@ -730,7 +731,7 @@ BatchPlan make_plan(const Config& c, int64_t cap, std::span<const SeqChunk> chun
   // serialising a step (2048 tokens in one block took 1.5 ms a layer), but every slice adds its
   // group_block sums atomically, so the slice grows with them: 256 tokens for the default model's
   // 256 outputs, 2048 for 4096 (16 KV heads at rank 4).
-  const int64_t kSlice = std::clamp<int64_t>(std::bit_ceil(uint64_t(group_block)), 256, 2048);
+  const int64_t slice = std::clamp<int64_t>(std::bit_ceil(uint64_t(group_block)), 256, 2048);
   for (size_t ci = 0; ci < chunks.size(); ++ci) {
     const SeqChunk& ch = chunks[ci];
     const int T = static_cast<int>(ch.tokens.size());
@@ -746,8 +747,8 @@ BatchPlan make_plan(const Config& c, int64_t cap, std::span<const SeqChunk> chun
       const int64_t w = c.group_size(l), first = pos0 / w, end = (pos0 + T) / w;
       p.table.push_back({p.new_groups, static_cast<int>(end - first), first});
       for (int64_t g = first; g < end; ++g)
-        for (int64_t t = std::max(g * w, pos0); t < (g + 1) * w; t += kSlice)
-          p.done.push_back({int(ci), l, g, t, std::min(t + kSlice, (g + 1) * w)});
+        for (int64_t t = std::max(g * w, pos0); t < (g + 1) * w; t += slice)
+          p.done.push_back({int(ci), l, g, t, std::min(t + slice, (g + 1) * w)});
       p.filling.push_back({int(ci), l, end, 0, 0});
       // The last 3 completed groups enter the ring.
       for (int64_t g = std::max(first, end - 3); g < end; ++g)
