@@ -2,7 +2,7 @@
 // throughput on the first device alone and on all, at the same batch per device. With
 // --tensor-parallel N: decode at the same batch and prefill of one long prompt, one GPU against
 // the model split over N. Decode is sampled as the server's API does.
-// usage: bench_multigpu MODEL.gguf [--backend cuda] [--devices all] [--batch 256] [--steps 50]
+// usage: bench_multigpu MODEL.gguf [--backend cuda] [--devices all] [--batch 256] [--steps 1000]
 //                       [--context 1000] [--threads N] [--tensor-parallel N [--prompt 65536]]
 #include <algorithm>
 #include <chrono>
@@ -71,7 +71,7 @@ double prefill_tokens_per_s(Backend& b, int n, int chunk) {
 int main(int argc, char** argv) {
   cli::Args a(argc, argv, {},
               "usage: bench_multigpu MODEL.gguf [--backend cuda] [--devices all] [--batch 256]\n"
-              "                      [--steps 50] [--context 1000] [--threads N]\n"
+              "                      [--steps 1000] [--context 1000] [--threads N]\n"
               "  decode tokens/s on the first device alone and on all, --batch per device\n");
   a.check_known(
       {"backend", "devices", "batch", "steps", "context", "threads", "tensor-parallel", "prompt"});
@@ -84,7 +84,7 @@ int main(int argc, char** argv) {
     o.n_threads = static_cast<int>(a.integer("threads", 0));
     o.max_context = 4096;
     const std::vector<int> all = parse_devices(a.str("devices", "all"), o.kind);
-    const int steps = static_cast<int>(a.integer("steps", 50));
+    const int steps = static_cast<int>(a.integer("steps", 1000));
     const int context = static_cast<int>(a.integer("context", 1000));
     if (o.n_slots <= 0 || steps <= 0 || context <= 0) a.fail("--batch, --steps, --context > 0");
     if (a.has("tensor-parallel")) {

@@ -3,6 +3,7 @@
 // dequantizing GEMV kernel), and every slot's hierarchical cache in one pool of device memory
 // allocated at start.
 #include <algorithm>
+#include <array>
 #include <cstring>
 #include <map>
 
@@ -77,11 +78,14 @@ class DeviceArray {
   // The host data must stay unchanged only until the call returns; the stream is not synchronised.
   bool upload(const T* src, size_t n, cudaStream_t s) {
     const bool moved = resize(n);
-    if (n) {
-      std::memcpy(mirror(n), src, n * sizeof(T));
-      check(cudaMemcpyAsync(p_, host_, n * sizeof(T), cudaMemcpyHostToDevice, s), "upload");
-    }
+    if (n) std::memcpy(mirror(n), src, n * sizeof(T));
+    upload_staged(n, s);
     return moved;
+  }
+  // The pinned mirror of the first n elements, to fill before upload_staged.
+  T* staging(size_t n) { return mirror(n); }
+  void upload_staged(size_t n, cudaStream_t s) {
+    if (n) check(cudaMemcpyAsync(p_, host_, n * sizeof(T), cudaMemcpyHostToDevice, s), "upload");
   }
   bool upload(const std::vector<T>& v, cudaStream_t s) { return upload(v.data(), v.size(), s); }
   // Starts copying the first n elements back; they are valid once the stream is synchronised.
@@ -113,6 +117,54 @@ class DeviceArray {
   size_t n_ = 0;
   T* host_ = nullptr;
   size_t host_n_ = 0;
+};
+
+// Arrays of several types in one device buffer, moved by one copy: each cudaMemcpyAsync costs the
+// stream a few microseconds, and a step has a dozen small inputs and four outputs (a batch-1
+// decode step takes about 0.3 ms). The arrays lie in the order given, at 64-byte aligned offsets.
+class PackedArrays {
+ public:
+  // Lays the vectors out, copies them into the pinned mirror and starts one copy to the device;
+  // true when the device buffer moved. The vectors may change as soon as it returns.
+  template <class... T>
+  bool upload(cudaStream_t s, const std::vector<T>&... v) {
+    const bool moved = layout({v.size() * sizeof(T)...});
+    uint8_t* h = buf_.staging(buf_.size());
+    size_t i = 0;
+    ((v.empty() ? void() : void(std::memcpy(h + offsets_[i], v.data(), v.size() * sizeof(T))),
+      ++i),
+     ...);
+    buf_.upload_staged(used_, s);
+    return moved;
+  }
+  // Lays out arrays of these sizes in bytes (for results); true when the device buffer moved.
+  bool layout(std::initializer_list<size_t> bytes) {
+    offsets_.clear();
+    used_ = 0;
+    for (size_t b : bytes) {
+      offsets_.push_back(used_);
+      used_ += (b + 63) / 64 * 64;
+    }
+    // Grown with headroom: each move drops the captured graphs.
+    return used_ > buf_.size() && buf_.resize(used_ + used_ / 2);
+  }
+  // Starts copying every array back; host(i) is valid once the stream is synchronised.
+  void download(cudaStream_t s) { host_ = buf_.download(used_, s); }
+  template <class T>
+  T* device(size_t i) const {
+    return reinterpret_cast<T*>(buf_.get() + offsets_[i]);
+  }
+  template <class T>
+  const T* host(size_t i) const {
+    return reinterpret_cast<const T*>(host_ + offsets_[i]);
+  }
+  const std::vector<size_t>& offsets() const { return offsets_; }
+
+ private:
+  DeviceArray<uint8_t> buf_;
+  std::vector<size_t> offsets_;
+  size_t used_ = 0;
+  const uint8_t* host_ = nullptr;
 };
 
 // Weights, once: plain copies (no pinned mirror kept).
@@ -374,7 +426,10 @@ class CudaBackend final : public Backend {
 
   std::vector<float> forward(std::span<const SeqChunk> chunks) override {
     const OnDevice on(device_);
-    cuda::BatchPlan p = launch(chunks);
+    sample_rows_.clear();
+    pens_.clear();
+    top_rows_.clear();
+    const cuda::BatchPlan& p = launch(chunks);
     std::vector<float> logits(size_t(p.rows_wanted) * c_.vocab_size);
     check(cudaMemcpyAsync(logits.data(), logits_.get(), logits.size() * 4, cudaMemcpyDeviceToHost,
                           stream_),
@@ -401,24 +456,22 @@ class CudaBackend final : public Backend {
       if (sp.top_logprobs > 0) top_rows_.push_back(int(i));
       top_n = std::max(top_n, std::min(sp.top_logprobs, V));
     }
-    launch(chunks);  // logits row i is chunk i's last token
+    launch(chunks);  // logits row i is chunk i's last token; the sampler's inputs uploaded too
     const size_t R = sample_rows_.size(), T = top_rows_.size() * top_n;
-    d_sample_rows_.upload(sample_rows_, stream_);
-    d_pens_.upload(pens_, stream_);
-    d_sampled_.resize(R);
-    d_logprobs_.resize(R);
-    cuda::sample(logits_.get(), V, d_sample_rows_.get(), int(R), d_pens_.get(), d_sampled_.get(),
-                 d_logprobs_.get(), stream_);
-    d_top_rows_.upload(top_rows_, stream_);
-    d_top_ids_.resize(T);
-    d_top_lps_.resize(T);
-    cuda::top_logprobs(logits_.get(), V, d_top_rows_.get(), int(top_rows_.size()), top_n,
-                       d_top_ids_.get(), d_top_lps_.get(), stream_);
-    const int* ids = d_sampled_.download(R, stream_);
-    const float* lps = d_logprobs_.download(R, stream_);
-    const int* top_ids = d_top_ids_.download(T, stream_);
-    const float* top_lps = d_top_lps_.download(T, stream_);
+    enum { kIds, kLogprobs, kTopIds, kTopLps };
+    sampled_.layout({R * sizeof(int), R * sizeof(float), T * sizeof(int), T * sizeof(float)});
+    cuda::sample(logits_.get(), V, inputs_.device<cuda::SampleRow>(kSampleRows), int(R),
+                 inputs_.device<int2>(kPens), sampled_.device<int>(kIds),
+                 sampled_.device<float>(kLogprobs), stream_);
+    cuda::top_logprobs(logits_.get(), V, inputs_.device<int>(kTopRows), int(top_rows_.size()),
+                       top_n, sampled_.device<int>(kTopIds), sampled_.device<float>(kTopLps),
+                       stream_);
+    sampled_.download(stream_);
     check(cudaStreamSynchronize(stream_), "forward_sample");
+    const int* ids = sampled_.host<int>(kIds);
+    const float* lps = sampled_.host<float>(kLogprobs);
+    const int* top_ids = sampled_.host<int>(kTopIds);
+    const float* top_lps = sampled_.host<float>(kTopLps);
     std::vector<SampledToken> out(chunks.size());
     for (size_t r = 0; r < R; ++r) {
       SampledToken& t = out[sample_rows_[r].row];
@@ -448,18 +501,12 @@ class CudaBackend final : public Backend {
   bool stage(const cuda::BatchPlan& p) {
     const int T = p.T, H = c_.hidden_size, d = c_.head_dim, nh = c_.n_heads, nkv = c_.n_kv_heads;
     const int F = c_.intermediate_size, V = c_.vocab_size;
-    const size_t pd = size_t(c_.fma_rank) * d, R = p.rows.size();
+    const size_t R = p.rows.size();
     cudaStream_t s = stream_;
-    bool moved = false;
-    moved |= d_tokens_.upload(p.tokens, s);
-    moved |= d_pos_.upload(p.pos, s);
-    moved |= d_rows_.upload(p.rows, s);
-    moved |= d_chunks_.upload(p.chunks, s);
-    moved |= d_table_.upload(p.table, s);
-    moved |= d_done_.upload(p.done, s);
-    moved |= d_filling_.upload(p.filling, s);
-    moved |= d_attn_.upload(p.attn, s);
-    moved |= d_commits_.upload(p.commits, s);
+    // In the order of Input (a decode step's first arrays have their bucket's sizes, so each
+    // bucket keeps its offsets from step to step).
+    bool moved = inputs_.upload(s, p.tokens, p.pos, p.rows, p.attn, p.done, p.filling, p.commits,
+                                p.chunks, p.table, sample_rows_, pens_, top_rows_);
     for (auto* a : {&x_, &h_}) moved |= a->resize(size_t(T) * H);
     moved |= hb_.resize(size_t(T) * std::max(H, std::max(F, nh * d)));
     moved |= qkv_.resize(size_t(T) * (nh + 2 * nkv) * d);
@@ -467,13 +514,10 @@ class CudaBackend final : public Backend {
     moved |= att_.resize(size_t(T) * nh * d);
     for (auto* a : {&k_, &v_}) moved |= a->resize(size_t(T) * nkv * d);
     moved |= gu_.resize(size_t(T) * 2 * F);
-    // Room for every group that can complete (in a decode step, one per level per sequence):
-    // keys' summaries, then values', one buffer cleared at once.
-    // The split point only grows, so captured graphs stay valid until something moves.
-    const size_t seqs = p.padded ? size_t(p.T) : p.chunks.size();
-    const size_t groups = std::max<size_t>(p.new_groups, seqs * c_.n_levels());
-    if (groups * nkv * pd > new_pool_) {
-      new_pool_ = groups * nkv * pd;
+    // Keys' new summaries, then values': the split point only grows, so captured graphs stay
+    // valid until something moves.
+    if (const size_t need = new_summary_floats(p); need > new_pool_) {
+      new_pool_ = need;
       new_kv_.resize(2 * new_pool_);
       moved = true;  // new_v's offset changed even if the memory did not move
     }
@@ -482,15 +526,23 @@ class CudaBackend final : public Backend {
     return moved;
   }
 
+  // Floats (per half: keys, values) of the new summaries a plan can write: room for every group
+  // that can complete (in a decode step, one per level per sequence).
+  size_t new_summary_floats(const cuda::BatchPlan& p) const {
+    const size_t seqs = p.padded ? size_t(p.T) : p.chunks.size();
+    return std::max<size_t>(p.new_groups, seqs * c_.n_levels()) * c_.n_kv_heads * c_.fma_rank *
+           c_.head_dim;
+  }
+
   // The model's kernels for a staged plan, ending with the logits in logits_.
   void compute(const cuda::BatchPlan& p) {
     const int T = p.T, H = c_.hidden_size, d = c_.head_dim, nh = c_.n_heads, nkv = c_.n_kv_heads;
     const int F = c_.intermediate_size, L = c_.n_levels();
     cudaStream_t s = stream_;
     if (embed_.is_q8())
-      cuda::embed_q8(embed_.q8_view(), d_tokens_.get(), T, H, x_.get(), s);
+      cuda::embed_q8(embed_.q8_view(), inputs_.device<int>(kTokens), T, H, x_.get(), s);
     else
-      cuda::embed(embed_.bf16.get(), d_tokens_.get(), T, H, x_.get(), s);
+      cuda::embed(embed_.bf16.get(), inputs_.device<int>(kTokens), T, H, x_.get(), s);
     for (int li = 0; li < c_.n_layers; ++li) {
       Layer& l = layers_[li];
       const cuda::CacheView cv{l.fine_k.get(), l.fine_v.get(), l.sum_k.get(), l.sum_v.get(),
@@ -498,37 +550,44 @@ class CudaBackend final : public Backend {
       const float* const* dp = l.ds_ptrs.get();
       const cuda::Downsamplers ds{dp, dp ? dp + L : nullptr, dp ? dp + 2 * L : nullptr,
                                   dp ? dp + 3 * L : nullptr};
-      cuda::rmsnorm(x_.get(), l.attn_norm.get(), T, H, c_.rms_norm_eps, hb_.get(), s);
+      // The previous layer's FFN output joins the residual stream in the norm's kernel.
+      if (li == 0)
+        cuda::rmsnorm(x_.get(), l.attn_norm.get(), T, H, c_.rms_norm_eps, hb_.get(), s);
+      else
+        cuda::add_rmsnorm(x_.get(), h_.get(), l.attn_norm.get(), T, H, c_.rms_norm_eps,
+                          hb_.get(), s);
       matmul(hb_.get(), T, l.wqkv, qkv_.get());
-      cuda::split_qkv_rope(qkv_.get(), d_pos_.get(), T, nh, nkv, d, c_.rope_theta,
+      cuda::split_qkv_rope(qkv_.get(), inputs_.device<int64_t>(kPos), T, nh, nkv, d, c_.rope_theta,
                            c_.rope_linear_factor, q_.get(), k_.get(), v_.get(), s);
       float *new_k = new_kv_.get(), *new_v = new_kv_.get() + new_pool_;
       if (c_.fma_enabled) {
-        check(cudaMemsetAsync(new_k, 0, 2 * new_pool_ * 4, s), "memset");
-        cuda::summarize(shape_, cv, ds, d_chunks_.get(), d_table_.get(), d_done_.get(),
+        // Only what this plan can write: the pool has the largest batch's size, and clearing it
+        // all cost a batch-1 step 25 us in a server that had run 1,024 streams.
+        for (float* half : {new_k, new_v})
+          check(cudaMemsetAsync(half, 0, new_summary_floats(p) * 4, s), "memset");
+        cuda::summarize(shape_, cv, ds, inputs_.device<cuda::ChunkDesc>(kChunks), inputs_.device<cuda::NewGroups>(kTable), inputs_.device<cuda::SumItem>(kDone),
                         int(p.done.size()), k_.get(), v_.get(), new_k, new_v, s);
-        cuda::accumulate(shape_, cv, ds, d_chunks_.get(), d_filling_.get(), int(p.filling.size()),
+        cuda::accumulate(shape_, cv, ds, inputs_.device<cuda::ChunkDesc>(kChunks), inputs_.device<cuda::SumItem>(kFilling), int(p.filling.size()),
                          p.longest_chunk, k_.get(), v_.get(), s);
       }
-      cuda::attention(shape_, cv, d_chunks_.get(), d_table_.get(), d_attn_.get(),
+      cuda::attention(shape_, cv, inputs_.device<cuda::ChunkDesc>(kChunks), inputs_.device<cuda::NewGroups>(kTable), inputs_.device<cuda::AttnItem>(kAttn),
                       int(p.attn.size()), p.padded, q_.get(), k_.get(), v_.get(), new_k, new_v,
                       att_.get(), s);
-      cuda::commit(d_commits_.get(), int(p.commits.size()), k_.get(), v_.get(), new_k, new_v, cv,
+      cuda::commit(inputs_.device<cuda::CommitItem>(kCommits), int(p.commits.size()), k_.get(), v_.get(), new_k, new_v, cv,
                    s);
       cuda::to_bf16(att_.get(), int64_t(T) * nh * d, hb_.get(), s);
       matmul(hb_.get(), T, l.wo, h_.get());
       if (comm_) comm_->all_reduce_sum(h_.get(), size_t(T) * H, stream_);  // the heads' parts
-      cuda::add(x_.get(), h_.get(), int64_t(T) * H, s);
-      cuda::rmsnorm(x_.get(), l.ffn_norm.get(), T, H, c_.rms_norm_eps, hb_.get(), s);
+      cuda::add_rmsnorm(x_.get(), h_.get(), l.ffn_norm.get(), T, H, c_.rms_norm_eps, hb_.get(),
+                        s);
       matmul(hb_.get(), T, l.gate_up, gu_.get());
       cuda::swiglu(gu_.get(), T, F, hb_.get(), s);
       matmul(hb_.get(), T, l.down, h_.get());
       if (comm_) comm_->all_reduce_sum(h_.get(), size_t(T) * H, stream_);  // the FFN's parts
-      cuda::add(x_.get(), h_.get(), int64_t(T) * H, s);
     }
     const int R = static_cast<int>(p.rows.size());
-    cuda::rmsnorm(x_.get(), out_norm_.get(), T, H, c_.rms_norm_eps, hb_.get(), s);
-    cuda::gather_rows(hb_.get(), d_rows_.get(), R, H, sel_.get(), s);
+    cuda::add_rmsnorm(x_.get(), h_.get(), out_norm_.get(), T, H, c_.rms_norm_eps, hb_.get(), s);
+    cuda::gather_rows(hb_.get(), inputs_.device<int>(kRows), R, H, sel_.get(), s);
     matmul(sel_.get(), R, c_.tie_word_embeddings ? embed_ : head_, logits_.get());
   }
 
@@ -542,20 +601,29 @@ class CudaBackend final : public Backend {
   }
 
   // Checks and runs the chunks, leaving their wanted rows' logits in logits_.
-  cuda::BatchPlan launch(std::span<const SeqChunk> chunks) {
+  const cuda::BatchPlan& launch(std::span<const SeqChunk> chunks) {
     check_chunks(c_, chunks, n_slots(), in_use_);
     if (!c_.fma_enabled)
       for (const auto& ch : chunks)
         if (pos_[ch.slot] + int64_t(ch.tokens.size()) > cap_)
           throw Error("forward: " + std::to_string(pos_[ch.slot] + ch.tokens.size()) +
                       " tokens exceed the exact-attention context of " + std::to_string(cap_));
-    cuda::BatchPlan p = cuda::make_plan(c_, cap_, chunks, pos_);
+    cuda::BatchPlan& p = plan_;
+    cuda::make_plan(c_, cap_, chunks, pos_, p);
     if (stage(p)) drop_graphs();
     if (p.padded) {
       // A decode step: the same kernels with the same grids for every step of this bucket of
       // batch sizes, so it is captured once in a CUDA graph and replayed (launch overhead
       // dominates here).
+      // A graph reads its inputs where they were at its capture: captured again if they moved.
+      std::array<size_t, kGraphInputs> at;
+      std::copy_n(inputs_.offsets().begin(), kGraphInputs, at.begin());
       auto it = graphs_.find(p.T);
+      if (it != graphs_.end() && it->second.inputs_at != at) {
+        cudaGraphExecDestroy(it->second.exec);
+        graphs_.erase(it);
+        it = graphs_.end();
+      }
       if (it == graphs_.end()) {
         cudaGraph_t graph;
         check(cudaStreamBeginCapture(stream_, cudaStreamCaptureModeThreadLocal), "capture");
@@ -564,9 +632,9 @@ class CudaBackend final : public Backend {
         cudaGraphExec_t exec;
         check(cudaGraphInstantiate(&exec, graph, 0), "cudaGraphInstantiate");
         cudaGraphDestroy(graph);
-        it = graphs_.emplace(p.T, exec).first;
+        it = graphs_.emplace(p.T, CapturedStep{exec, at}).first;
       }
-      check(cudaGraphLaunch(it->second, stream_), "cudaGraphLaunch");
+      check(cudaGraphLaunch(it->second.exec, stream_), "cudaGraphLaunch");
     } else {
       compute(p);
     }
@@ -575,7 +643,7 @@ class CudaBackend final : public Backend {
   }
 
   void drop_graphs() {
-    for (auto& [b, exec] : graphs_) cudaGraphExecDestroy(exec);
+    for (auto& [b, g] : graphs_) cudaGraphExecDestroy(g.exec);
     graphs_.clear();
   }
 
@@ -611,28 +679,26 @@ class CudaBackend final : public Backend {
   std::vector<int64_t> pos_;
   std::vector<bool> in_use_;
   // Per-call inputs and scratch, grown as needed.
-  DeviceArray<int> d_tokens_, d_rows_;
-  DeviceArray<int64_t> d_pos_;
-  DeviceArray<cuda::ChunkDesc> d_chunks_;
-  DeviceArray<cuda::NewGroups> d_table_;
-  DeviceArray<cuda::SumItem> d_done_, d_filling_;
-  DeviceArray<cuda::AttnItem> d_attn_;
-  DeviceArray<cuda::CommitItem> d_commits_;
+  cuda::BatchPlan plan_;  // the running call's; its vectors keep their memory between calls
+  // The call's inputs, one upload (stage): the plan's arrays, which captured graphs read, then the
+  // sampler's.
+  enum Input { kTokens, kPos, kRows, kAttn, kDone, kFilling, kCommits, kChunks, kTable,
+               kSampleRows, kPens, kTopRows, kGraphInputs = kSampleRows };
+  PackedArrays inputs_;
   DeviceArray<float> x_, h_, qkv_, q_, k_, v_, att_, gu_, new_kv_, logits_;
   size_t new_pool_ = 0;  // floats of new_kv_ per half
   DeviceArray<__nv_bfloat16> hb_, sel_;
   DeviceArray<uint8_t> cublas_workspace_;
-  DeviceArray<cuda::SampleRow> d_sample_rows_;
-  DeviceArray<int2> d_pens_;
-  DeviceArray<int> d_sampled_;
-  DeviceArray<float> d_logprobs_;
-  DeviceArray<int> d_top_rows_, d_top_ids_;
-  DeviceArray<float> d_top_lps_;
+  PackedArrays sampled_;  // forward_sample's results, one download
   // forward_sample's host staging, kept between steps (no allocation per step).
   std::vector<cuda::SampleRow> sample_rows_;
   std::vector<int2> pens_;
   std::vector<int> top_rows_;
-  std::map<int, cudaGraphExec_t> graphs_;  // decode step by padded batch size
+  struct CapturedStep {
+    cudaGraphExec_t exec;
+    std::array<size_t, kGraphInputs> inputs_at;  // the offsets of the inputs it reads
+  };
+  std::map<int, CapturedStep> graphs_;  // decode step by padded batch size
 };
 
 }  // namespace

@@ -721,9 +721,18 @@ size_t decode_bucket(size_t batch) {
   return (batch + step - 1) / step * step;
 }
 
-BatchPlan make_plan(const Config& c, int64_t cap, std::span<const SeqChunk> chunks,
-                    const std::vector<int64_t>& slot_pos) {
-  BatchPlan p;
+void make_plan(const Config& c, int64_t cap, std::span<const SeqChunk> chunks,
+               const std::vector<int64_t>& slot_pos, BatchPlan& p) {
+  p.T = p.new_groups = p.longest_chunk = p.rows_wanted = 0;
+  p.padded = false;
+  for (auto* v : {&p.tokens, &p.rows}) v->clear();
+  p.pos.clear();
+  p.chunks.clear();
+  p.table.clear();
+  p.done.clear();
+  p.filling.clear();
+  p.attn.clear();
+  p.commits.clear();
   const int L = c.n_levels(), m = c.fma_block_size;
   const int64_t kvd = int64_t{c.n_kv_heads} * c.head_dim;
   const int64_t group_block = kvd * c.fma_rank;  // one group's summaries, all KV heads
@@ -775,8 +784,9 @@ BatchPlan make_plan(const Config& c, int64_t cap, std::span<const SeqChunk> chun
   }
   // Summary work in token order, whatever the level: blocks running together then read the same
   // keys and values, which stay in L2 (level-major order read them once per level from DRAM).
-  std::stable_sort(p.done.begin(), p.done.end(), [](const SumItem& a, const SumItem& b) {
-    return a.chunk != b.chunk ? a.chunk < b.chunk : a.t_from < b.t_from;
+  // (chunk, t_from, level) is unique, so std::sort (no buffer, unlike stable_sort) is stable here.
+  std::sort(p.done.begin(), p.done.end(), [](const SumItem& a, const SumItem& b) {
+    return std::tie(a.chunk, a.t_from, a.level) < std::tie(b.chunk, b.t_from, b.level);
   });
   p.rows_wanted = static_cast<int>(p.rows.size());
   const bool decode = std::all_of(chunks.begin(), chunks.end(),
@@ -790,12 +800,13 @@ BatchPlan make_plan(const Config& c, int64_t cap, std::span<const SeqChunk> chun
     p.pos.resize(Bb, 0);
     p.T = static_cast<int>(Bb);
     p.attn.resize(Bb, AttnItem{0, 0, 0});
+    p.chunks.resize(Bb, ChunkDesc{});  // never read: they keep the step's input offsets fixed
+    p.table.resize(Bb * L, NewGroups{});
     p.done.resize(Bb * L, SumItem{0, 1, -1, 0, 0});
     p.filling.resize(Bb * L, SumItem{0, 1, -1, 0, 0});
     p.commits.resize(Bb * (2 + 2 * L), CommitItem{0, 0, 0, 0});
     p.padded = true;
   }
-  return p;
 }
 
 }  // namespace mp::cuda

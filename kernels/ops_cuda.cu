@@ -82,10 +82,17 @@ __global__ void dequantize_q8_kernel(Q8Weights W, int64_t n8, __nv_bfloat16* w) 
   }
 }
 
-__global__ void rmsnorm_kernel(const float* x, const float* w, int n, float eps, __nv_bfloat16* y) {
-  const float* r = x + int64_t(blockIdx.x) * n;
+// With `add`: x += add first (the residual), stored back, then normalised. Each thread reads back
+// only the elements it stored.
+__global__ void rmsnorm_kernel(float* x, const float* add, const float* w, int n, float eps,
+                               __nv_bfloat16* y) {
+  float* r = x + int64_t(blockIdx.x) * n;
   float ss = 0;
-  for (int i = threadIdx.x; i < n; i += blockDim.x) ss += r[i] * r[i];
+  for (int i = threadIdx.x; i < n; i += blockDim.x) {
+    float v = r[i];
+    if (add) r[i] = v += add[int64_t(blockIdx.x) * n + i];
+    ss += v * v;
+  }
   const float inv = rsqrtf(block_reduce(ss, Sum{}, 0.0f) / n + eps);
   for (int i = threadIdx.x; i < n; i += blockDim.x)
     y[int64_t(blockIdx.x) * n + i] = __float2bfloat16(r[i] * inv * w[i]);
@@ -122,11 +129,6 @@ __global__ void swiglu_kernel(const float* gu, int F, int64_t n, __nv_bfloat16* 
   }
 }
 
-__global__ void add_kernel(float* x, const float* y, int64_t n) {
-  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n;
-       i += int64_t(gridDim.x) * blockDim.x)
-    x[i] += y[i];
-}
 
 __global__ void to_bf16_kernel(const float* x, int64_t n, __nv_bfloat16* y) {
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n;
@@ -150,8 +152,14 @@ void embed(const __nv_bfloat16* table, const int* tokens, int T, int n, float* x
 }
 void rmsnorm(const float* x, const float* w, int T, int n, float eps, __nv_bfloat16* y,
              cudaStream_t s) {
-  rmsnorm_kernel<<<T, 256, 0, s>>>(x, w, n, eps, y);
+  // Not written without `add`.
+  rmsnorm_kernel<<<T, 256, 0, s>>>(const_cast<float*>(x), nullptr, w, n, eps, y);
   check_launch("rmsnorm");
+}
+void add_rmsnorm(float* x, const float* add, const float* w, int T, int n, float eps,
+                 __nv_bfloat16* y, cudaStream_t s) {
+  rmsnorm_kernel<<<T, 256, 0, s>>>(x, add, w, n, eps, y);
+  check_launch("add_rmsnorm");
 }
 void split_qkv_rope(const float* qkv, const int64_t* pos, int T, int nh, int nkv, int d,
                     float theta, float linear_factor, float* q, float* k, float* v,
@@ -163,10 +171,6 @@ void swiglu(const float* gu, int T, int F, __nv_bfloat16* y, cudaStream_t s) {
   const int64_t n = int64_t(T) * F;
   swiglu_kernel<<<grid_for(n), 256, 0, s>>>(gu, F, n, y);
   check_launch("swiglu");
-}
-void add(float* x, const float* y, int64_t n, cudaStream_t s) {
-  add_kernel<<<grid_for(n), 256, 0, s>>>(x, y, n);
-  check_launch("add");
 }
 void to_bf16(const float* x, int64_t n, __nv_bfloat16* y, cudaStream_t s) {
   to_bf16_kernel<<<grid_for(n), 256, 0, s>>>(x, n, y);

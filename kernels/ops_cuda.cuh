@@ -47,6 +47,9 @@ void dequantize_q8(Q8Weights W, int64_t n, __nv_bfloat16* w, cudaStream_t s);
 // y[t] = bf16(x[t] / rms(x[t]) * w)
 void rmsnorm(const float* x, const float* w, int T, int n, float eps, __nv_bfloat16* y,
              cudaStream_t s);
+// x[t] += add[t] (a residual), then y[t] = bf16(x[t] / rms(x[t]) * w): one kernel for the two
+void add_rmsnorm(float* x, const float* add, const float* w, int T, int n, float eps,
+                 __nv_bfloat16* y, cudaStream_t s);
 // Splits rows of [q | k | v] (nh, nkv, nkv heads of d: the fused projection's output) into
 // contiguous q, k, v, rotating q and k (rotate-half RoPE, row t at position
 // pos[t] / linear_factor).
@@ -55,8 +58,6 @@ void split_qkv_rope(const float* qkv, const int64_t* pos, int T, int nh, int nkv
                     cudaStream_t s);
 // y[t] = bf16(silu(g[t]) * u[t]) for rows gu[t] = [g (F) | u (F)] (the fused gate/up output)
 void swiglu(const float* gu, int T, int F, __nv_bfloat16* y, cudaStream_t s);
-// x += y
-void add(float* x, const float* y, int64_t n, cudaStream_t s);
 // y = bf16(x)
 void to_bf16(const float* x, int64_t n, __nv_bfloat16* y, cudaStream_t s);
 // dst[r] = src[rows[r]], rows of n

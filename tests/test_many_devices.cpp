@@ -9,7 +9,10 @@
 
 #include <future>
 #include <map>
+#include <random>
+#include <thread>
 
+#include "device_threads.h"
 #include "model_fixture.h"
 #include "ops_cpu.h"
 
@@ -151,6 +154,37 @@ INSTANTIATE_TEST_SUITE_P(Models, Replicas,
                                                    Downsampling::GroupedConv, 2, 0, DType::F32,
                                                    false}),
                          [](const auto& info) { return std::string(info.param.name); });
+
+// Every wanted job runs once per round, on its own thread, and the caller sees its writes and its
+// failure; polling (GPU) and sleeping (CPU) threads alike.
+TEST(DeviceThreads, EachRoundRunsEveryWantedJobOnceAndReportsItsFailure) {
+  for (auto spin : {std::chrono::microseconds{0}, DeviceThreads::kGpuSpin}) {
+    DeviceThreads threads(3, spin);
+    std::mt19937 rng(11);
+    std::vector<int> runs(3, 0), expected(3, 0);
+    std::vector<std::thread::id> first(3);
+    // Fewer rounds polling: four polling threads share this machine's cores.
+    for (int round = 0; round < (spin.count() ? 200 : 2000); ++round) {
+      std::vector<bool> want(3);
+      for (size_t i = 0; i < 3; ++i) expected[i] += (want[i] = rng() % 3 != 0);
+      threads.run(want, [&](size_t i) {
+        ++runs[i];
+        if (first[i] == std::thread::id()) first[i] = std::this_thread::get_id();
+        EXPECT_EQ(first[i], std::this_thread::get_id()) << "device " << i << " changed thread";
+      });
+      ASSERT_EQ(runs, expected) << "round " << round;
+    }
+    EXPECT_NE(first[0], first[1]);
+    EXPECT_NE(first[1], first[2]);
+    EXPECT_THROW(threads.run({true, true, true},
+                             [](size_t i) {
+                               if (i == 1) throw Error("device 1 failed");
+                             }),
+                 Error);
+    threads.run({true, true, true}, [&](size_t i) { ++runs[i]; });  // still usable after a failure
+    EXPECT_EQ(runs[2], expected[2] + 1);
+  }
+}
 
 TEST(ReplicaSlots, NewSequencesGoToTheLeastLoadedDevice) {
   TempDir dir;

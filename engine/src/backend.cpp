@@ -9,6 +9,7 @@
 #include "backend_cuda.h"
 #include "backend_replicas.h"
 #include "backend_tensor_parallel.h"
+#include "device_threads.h"
 #include "file_io.h"
 #include "sampling.h"
 
@@ -63,14 +64,16 @@ std::unique_ptr<Backend> make_backend(std::shared_ptr<const Model> model,
   if (opts.devices.size() > 1) {
     std::vector<std::unique_ptr<Backend>> parts;
     std::vector<std::string> names;
+    bool gpu = false;
     for (int d : opts.devices) {
       BackendOptions one = opts;
       one.devices = {d};
       parts.push_back(make_backend(model, one));
-      names.push_back((parts.back()->name().starts_with("cuda") ? "cuda:" : "cpu:") +
-                      std::to_string(d));
+      gpu = parts.back()->name().starts_with("cuda");
+      names.push_back((gpu ? "cuda:" : "cpu:") + std::to_string(d));
     }
-    return make_replica_backend(std::move(parts), std::move(names));
+    return make_replica_backend(std::move(parts), std::move(names),
+                                gpu ? DeviceThreads::kGpuSpin : std::chrono::microseconds{});
   }
   const int device = opts.devices.empty() ? 0 : opts.devices[0];
   if (opts.kind == "cpu") return make_cpu_backend(std::move(model), opts.n_slots, opts.n_threads);

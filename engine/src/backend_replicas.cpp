@@ -14,8 +14,9 @@ namespace {
 
 class ReplicaBackend final : public Backend {
  public:
-  ReplicaBackend(std::vector<std::unique_ptr<Backend>> parts, std::vector<std::string> devices)
-      : parts_(std::move(parts)), devices_(std::move(devices)), threads_(parts_.size()) {
+  ReplicaBackend(std::vector<std::unique_ptr<Backend>> parts, std::vector<std::string> devices,
+                 std::chrono::microseconds spin)
+      : parts_(std::move(parts)), devices_(std::move(devices)), threads_(parts_.size(), spin) {
     if (parts_.size() < 2 || parts_.size() != devices_.size())
       throw Error("replicas: two devices or more, one name each");
     per_ = parts_[0]->n_slots();
@@ -188,8 +189,9 @@ class ReplicaBackend final : public Backend {
 }  // namespace
 
 std::unique_ptr<Backend> make_replica_backend(std::vector<std::unique_ptr<Backend>> parts,
-                                              std::vector<std::string> devices) {
-  return std::make_unique<ReplicaBackend>(std::move(parts), std::move(devices));
+                                              std::vector<std::string> devices,
+                                              std::chrono::microseconds spin) {
+  return std::make_unique<ReplicaBackend>(std::move(parts), std::move(devices), spin);
 }
 
 }  // namespace mp

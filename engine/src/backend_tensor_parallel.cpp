@@ -40,13 +40,13 @@ class TensorParallelBackend final : public Backend {
  public:
   TensorParallelBackend(std::shared_ptr<const Model> model,
                         std::vector<std::unique_ptr<Communicator>> comms,
-                        std::vector<std::unique_ptr<Backend>> shards)
+                        std::vector<std::unique_ptr<Backend>> shards, std::chrono::microseconds spin)
       : model_(std::move(model)),
         shard_(shard_config(model_->config(), int(shards.size()))),
         comms_(std::move(comms)),
         shards_(std::move(shards)),
         in_use_(shards_.at(0)->n_slots(), false),
-        threads_(shards_.size()) {}
+        threads_(shards_.size(), spin) {}
 
   std::string name() const override {
     return "tensor parallel x" + std::to_string(shards_.size()) + " of " + shards_[0]->name();
@@ -199,8 +199,9 @@ std::unique_ptr<Backend> make_tensor_parallel_backend(std::shared_ptr<const Mode
         "-DNCCL_ROOT=... pointing at nccl.h and libnccl); --backend cpu runs it on the CPU");
 #endif
   }
-  return std::make_unique<TensorParallelBackend>(std::move(model), std::move(comms),
-                                                 std::move(shards));
+  return std::make_unique<TensorParallelBackend>(
+      std::move(model), std::move(comms), std::move(shards),
+      gpu ? DeviceThreads::kGpuSpin : std::chrono::microseconds{});
 }
 
 }  // namespace mp

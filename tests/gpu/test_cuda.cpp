@@ -10,6 +10,7 @@
 #include "attention_rig.h"
 #include "backend_cuda.h"
 #include "backend_replicas.h"
+#include "device_threads.h"
 #include "model_fixture.h"
 #include "numeric.h"
 #include "ops_cpu.h"
@@ -69,6 +70,15 @@ TEST_F(Cuda, RmsNormSplitRopeSwigluMatchTheCpuTwins) {
   Dev<float> dx(x), dw(w);
   Dev<__nv_bfloat16> dy(x.size());
   cuda::rmsnorm(dx.p, dw.p, T, n, 1e-5f, dy.p, nullptr);
+  EXPECT_LT(rel_err(from_bf16(dy.get(x.size())), ref), 1e-2);
+  // Fused with the residual add: x + h is stored exactly (fp32) and normalised.
+  const auto h = randn(x.size(), 5);
+  std::vector<float> sum(x.size());
+  for (size_t i = 0; i < x.size(); ++i) sum[i] = x[i] + h[i];
+  cpu::rmsnorm(sum.data(), w.data(), T, n, 1e-5f, ref.data());
+  Dev<float> dh(h);
+  cuda::add_rmsnorm(dx.p, dh.p, dw.p, T, n, 1e-5f, dy.p, nullptr);
+  EXPECT_EQ(dx.get(x.size()), sum);
   EXPECT_LT(rel_err(from_bf16(dy.get(x.size())), ref), 1e-2);
 
   const int kv = 2, width = (heads + 2 * kv) * d;
@@ -525,12 +535,16 @@ TEST(CudaPlan, DecodeStepsPadToBucketsAndSummarySlicesCoverEachGroupOnce) {
     step.push_back({i, one, false});
     pos[i] = 1000 + 333 * i;
   }
-  const cuda::BatchPlan d = cuda::make_plan(c, cap, step, pos);
+  cuda::BatchPlan d;
+  cuda::make_plan(c, cap, step, pos, d);
   EXPECT_TRUE(d.padded);
   EXPECT_EQ(d.T, 16);
   EXPECT_EQ(d.rows_wanted, 10);
   EXPECT_EQ(d.rows.size(), 16u);
   EXPECT_EQ(d.tokens.size(), 16u);
+  EXPECT_EQ(d.chunks.size(), 16u);  // every array has the bucket's size: graphs' inputs stay put
+  EXPECT_EQ(d.table.size(), 16u * L);
+  EXPECT_EQ(d.commits.size(), 16u * (2 + 2 * L));
   ASSERT_EQ(d.attn.size(), 16u);
   for (size_t i = 10; i < 16; ++i) EXPECT_GE(d.attn[i].q_begin, d.attn[i].q_end);
   EXPECT_EQ(d.done.size(), 16u * L);
@@ -539,9 +553,15 @@ TEST(CudaPlan, DecodeStepsPadToBucketsAndSummarySlicesCoverEachGroupOnce) {
 
   const std::vector<int> prompt(5000, 7);
   const SeqChunk chunk{0, prompt, false};
-  const cuda::BatchPlan p = cuda::make_plan(c, cap, {&chunk, 1}, {700});
+  // The same plan object again, as the backend reuses it: nothing of the decode step remains.
+  cuda::BatchPlan& p = d;
+  cuda::make_plan(c, cap, {&chunk, 1}, {700}, p);
   EXPECT_FALSE(p.padded);
   EXPECT_EQ(p.rows_wanted, 1);
+  EXPECT_EQ(p.T, 5000);
+  EXPECT_EQ(p.tokens.size(), 5000u);
+  ASSERT_EQ(p.chunks.size(), 1u);
+  EXPECT_EQ(p.attn.front().q_begin, 700);
   for (size_t i = 1; i < p.done.size(); ++i) EXPECT_LE(p.done[i - 1].t_from, p.done[i].t_from);
   // Per (level, group): the slices tile [max(group start, 700), group end) without overlap.
   std::map<std::pair<int, int64_t>, std::vector<std::pair<int64_t, int64_t>>> slices;
@@ -575,7 +595,8 @@ TEST_F(Cuda, ReplicasMatchOneBackendAndMoveStates) {
   } else {
     std::vector<std::unique_ptr<Backend>> parts;
     for (int i = 0; i < 2; ++i) parts.push_back(make_cuda_backend(model, 2, c.n_ctx_train, 0));
-    spread = make_replica_backend(std::move(parts), {"cuda:0", "cuda:0 (second)"});
+    spread = make_replica_backend(std::move(parts), {"cuda:0", "cuda:0 (second)"},
+                                  DeviceThreads::kGpuSpin);
   }
   auto one = make_backend(model, {.kind = "cuda", .n_slots = 4});
   std::vector<int> slots;

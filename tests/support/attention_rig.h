@@ -73,7 +73,7 @@ class AttentionRig {
     std::vector<int> ids(tokens_each, 0);
     std::vector<SeqChunk> sc;
     for (int b = 0; b < batch; ++b) sc.push_back({b, ids, false});
-    plan = cuda::make_plan(c, cap, sc, std::vector<int64_t>(batch, pos0));
+    cuda::make_plan(c, cap, sc, std::vector<int64_t>(batch, pos0), plan);
     chunks = copy(plan.chunks);
     table = copy(plan.table);
     done = copy(plan.done);
