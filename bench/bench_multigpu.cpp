@@ -1,5 +1,6 @@
 // Many GPUs against one, in markdown tables with the ratio. Replicas: aggregate decode
-// throughput on the first device alone and on all, at the same batch per device. With
+// throughput on the first device alone and on all, at the same batch per device, and on all
+// stepped each by its own thread without the replicas' common step. With
 // --tensor-parallel N: decode at the same batch and prefill of one long prompt, one GPU against
 // the model split over N. Decode is sampled as the server's API does.
 // usage: bench_multigpu MODEL.gguf [--backend cuda] [--devices all] [--batch 256] [--steps 1000]
@@ -7,6 +8,7 @@
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
+#include <future>
 #include <random>
 
 #include "common/args.h"
@@ -16,8 +18,12 @@ using namespace mp;
 
 namespace {
 
-// Tokens per second of `steps` decode steps of every slot after a prompt of `context` tokens.
-double decode_tokens_per_s(Backend& b, int context, int steps) {
+struct DecodeRun {
+  double tokens_per_s, p50_ms, p99_ms;  // the step's time at the median and the 99th percentile
+};
+
+// `steps` decode steps of every slot after a prompt of `context` tokens.
+DecodeRun decode(Backend& b, int context, int steps) {
   const Config& c = b.config();
   std::mt19937 rng(2);
   const int batch = b.n_slots();
@@ -38,13 +44,17 @@ double decode_tokens_per_s(Backend& b, int context, int steps) {
   for (int i = 0; i < batch; ++i)
     step.push_back({slots[i], std::span<const int>(&next[i], 1), false});
   b.forward_sample(step, specs);  // warm-up (CUDA graphs captured)
+  std::vector<double> ms(steps);
   const auto t0 = std::chrono::steady_clock::now();
   for (int s = 0; s < steps; ++s) {
+    const auto s0 = std::chrono::steady_clock::now();
     const auto sampled = b.forward_sample(step, specs);
     for (int i = 0; i < batch; ++i) next[i] = sampled[i].token;
+    ms[s] = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - s0).count();
   }
   const double sec = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-  return double(batch) * steps / sec;
+  std::sort(ms.begin(), ms.end());
+  return {double(batch) * steps / sec, ms[steps / 2], ms[std::min(steps - 1, steps * 99 / 100)]};
 }
 
 // Tokens per second of one prompt of `n` tokens read in chunks of `chunk`.
@@ -105,7 +115,7 @@ int main(int argc, char** argv) {
         o.max_context = std::max(4096, prompt);
         auto b = make_backend(model, o);
         const double pre = prefill_tokens_per_s(*b, prompt, b->prefill_tokens_per_step());
-        const double dec = decode_tokens_per_s(*b, context, steps);
+        const double dec = decode(*b, context, steps).tokens_per_s;
         if (!tp) one_decode = dec, one_prefill = pre;
         std::printf("| %s | %.0f | %.2fx | %.0f | %.2fx |\n", b->name().c_str(), dec,
                     dec / one_decode, pre, pre / one_prefill);
@@ -115,21 +125,42 @@ int main(int argc, char** argv) {
     }
     std::printf("\n## Replicas: decode at batch %d per device, context ~%d (%s)\n\n", o.n_slots,
                 context, model->config().summary().c_str());
-    std::printf("| devices | batch | tokens/s (aggregate) | vs one device |\n|---|---|---|---|\n");
+    std::printf(
+        "| devices | batch | tokens/s (aggregate) | vs one device | step ms p50 / p99 |\n"
+        "|---|---|---|---|---|\n");
     double one = 0;
     for (size_t n : {size_t(1), all.size()}) {
       o.devices.assign(all.begin(), all.begin() + n);
       auto b = make_backend(model, o);
-      const double tps = decode_tokens_per_s(*b, context, steps);
-      if (n == 1) one = tps;
+      const DecodeRun r = decode(*b, context, steps);
+      if (n == 1) one = r.tokens_per_s;
       std::string list;
       for (int d : o.devices) {
         if (!list.empty()) list += ',';
         list += std::to_string(d);
       }
-      std::printf("| %s | %d | %.0f | %.2fx |\n", list.c_str(), b->n_slots(), tps, tps / one);
+      std::printf("| %s | %d | %.0f | %.2fx | %.3f / %.3f |\n", list.c_str(), b->n_slots(),
+                  r.tokens_per_s, r.tokens_per_s / one, r.p50_ms, r.p99_ms);
       std::fflush(stdout);
       if (all.size() == 1) break;
+    }
+    if (all.size() > 1) {
+      // The same devices stepped each by its own thread with no barrier between their steps:
+      // what replicas lose to stepping together (the slowest device sets each step's time).
+      std::vector<std::unique_ptr<Backend>> alone;
+      for (int d : all) {
+        o.devices = {d};
+        alone.push_back(make_backend(model, o));
+      }
+      std::vector<std::future<DecodeRun>> runs;
+      for (auto& b : alone)
+        runs.push_back(std::async(std::launch::async, [&b, context, steps] {
+          return decode(*b, context, steps);
+        }));
+      double total = 0;
+      for (auto& r : runs) total += r.get().tokens_per_s;
+      std::printf("| each its own thread, no barrier | %d | %.0f | %.2fx | |\n",
+                  o.n_slots * int(all.size()), total, total / one);
     }
   } catch (const std::exception& e) {
     std::fprintf(stderr, "error: %s\n", e.what());

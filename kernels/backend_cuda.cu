@@ -514,13 +514,9 @@ class CudaBackend final : public Backend {
     moved |= att_.resize(size_t(T) * nh * d);
     for (auto* a : {&k_, &v_}) moved |= a->resize(size_t(T) * nkv * d);
     moved |= gu_.resize(size_t(T) * 2 * F);
-    // Keys' new summaries, then values': the split point only grows, so captured graphs stay
-    // valid until something moves.
-    if (const size_t need = new_summary_floats(p); need > new_pool_) {
-      new_pool_ = need;
-      new_kv_.resize(2 * new_pool_);
-      moved = true;  // new_v's offset changed even if the memory did not move
-    }
+    // The new summaries: keys', then values' right after them (one clearing a layer). Their
+    // split point is the plan's need, which a decode step's bucket fixes for its graph.
+    moved |= new_kv_.resize(2 * new_summary_floats(p));
     moved |= sel_.resize(R * H);
     moved |= logits_.resize(R * V);
     return moved;
@@ -539,10 +535,13 @@ class CudaBackend final : public Backend {
     const int T = p.T, H = c_.hidden_size, d = c_.head_dim, nh = c_.n_heads, nkv = c_.n_kv_heads;
     const int F = c_.intermediate_size, L = c_.n_levels();
     cudaStream_t s = stream_;
+    const int* tokens = inputs_.device<int>(kTokens);
+    const auto* chunks = inputs_.device<cuda::ChunkDesc>(kChunks);
+    const auto* table = inputs_.device<cuda::NewGroups>(kTable);
     if (embed_.is_q8())
-      cuda::embed_q8(embed_.q8_view(), inputs_.device<int>(kTokens), T, H, x_.get(), s);
+      cuda::embed_q8(embed_.q8_view(), tokens, T, H, x_.get(), s);
     else
-      cuda::embed(embed_.bf16.get(), inputs_.device<int>(kTokens), T, H, x_.get(), s);
+      cuda::embed(embed_.bf16.get(), tokens, T, H, x_.get(), s);
     for (int li = 0; li < c_.n_layers; ++li) {
       Layer& l = layers_[li];
       const cuda::CacheView cv{l.fine_k.get(), l.fine_v.get(), l.sum_k.get(), l.sum_v.get(),
@@ -557,25 +556,26 @@ class CudaBackend final : public Backend {
         cuda::add_rmsnorm(x_.get(), h_.get(), l.attn_norm.get(), T, H, c_.rms_norm_eps,
                           hb_.get(), s);
       matmul(hb_.get(), T, l.wqkv, qkv_.get());
-      cuda::split_qkv_rope(qkv_.get(), inputs_.device<int64_t>(kPos), T, nh, nkv, d, c_.rope_theta,
-                           c_.rope_linear_factor, q_.get(), k_.get(), v_.get(), s);
-      float *new_k = new_kv_.get(), *new_v = new_kv_.get() + new_pool_;
+      cuda::split_qkv_rope(qkv_.get(), inputs_.device<int64_t>(kPos), T, nh, nkv, d,
+                           c_.rope_theta, c_.rope_linear_factor, q_.get(), k_.get(), v_.get(), s);
+      const size_t fresh = new_summary_floats(p);
+      float *new_k = new_kv_.get(), *new_v = new_k + fresh;
       if (c_.fma_enabled) {
-        // Only what this plan can write: the pool has the largest batch's size, and clearing it
-        // all cost a batch-1 step 25 us in a server that had run 1,024 streams.
-        for (float* half : {new_k, new_v})
-          check(cudaMemsetAsync(half, 0, new_summary_floats(p) * 4, s), "memset");
-        cuda::summarize(shape_, cv, ds, inputs_.device<cuda::ChunkDesc>(kChunks), inputs_.device<cuda::NewGroups>(kTable), inputs_.device<cuda::SumItem>(kDone),
+        // Only what this plan can write: the buffer has the largest batch's size, and clearing
+        // it all cost a batch-1 step 25 us in a server that had run 1,024 streams.
+        check(cudaMemsetAsync(new_k, 0, 2 * fresh * 4, s), "memset");
+        cuda::summarize(shape_, cv, ds, chunks, table, inputs_.device<cuda::SumItem>(kDone),
                         int(p.done.size()), k_.get(), v_.get(), new_k, new_v, s);
-        cuda::accumulate(shape_, cv, ds, inputs_.device<cuda::ChunkDesc>(kChunks), inputs_.device<cuda::SumItem>(kFilling), int(p.filling.size()),
-                         p.longest_chunk, k_.get(), v_.get(), s);
+        cuda::accumulate(shape_, cv, ds, chunks, inputs_.device<cuda::SumItem>(kFilling),
+                         int(p.filling.size()), p.longest_chunk, k_.get(), v_.get(), s);
       }
-      cuda::attention(shape_, cv, inputs_.device<cuda::ChunkDesc>(kChunks), inputs_.device<cuda::NewGroups>(kTable), inputs_.device<cuda::AttnItem>(kAttn),
+      // A decode step's attention rounds its output to bf16 itself, for the o-projection.
+      cuda::attention(shape_, cv, chunks, table, inputs_.device<cuda::AttnItem>(kAttn),
                       int(p.attn.size()), p.padded, q_.get(), k_.get(), v_.get(), new_k, new_v,
-                      att_.get(), s);
-      cuda::commit(inputs_.device<cuda::CommitItem>(kCommits), int(p.commits.size()), k_.get(), v_.get(), new_k, new_v, cv,
-                   s);
-      cuda::to_bf16(att_.get(), int64_t(T) * nh * d, hb_.get(), s);
+                      att_.get(), p.padded ? hb_.get() : nullptr, s);
+      cuda::commit(inputs_.device<cuda::CommitItem>(kCommits), int(p.commits.size()), k_.get(),
+                   v_.get(), new_k, new_v, cv, s);
+      if (!p.padded) cuda::to_bf16(att_.get(), int64_t(T) * nh * d, hb_.get(), s);
       matmul(hb_.get(), T, l.wo, h_.get());
       if (comm_) comm_->all_reduce_sum(h_.get(), size_t(T) * H, stream_);  // the heads' parts
       cuda::add_rmsnorm(x_.get(), h_.get(), l.ffn_norm.get(), T, H, c_.rms_norm_eps, hb_.get(),
@@ -587,9 +587,12 @@ class CudaBackend final : public Backend {
     }
     const int R = static_cast<int>(p.rows.size());
     cuda::add_rmsnorm(x_.get(), h_.get(), out_norm_.get(), T, H, c_.rms_norm_eps, hb_.get(), s);
-    cuda::gather_rows(hb_.get(), inputs_.device<int>(kRows), R, H, sel_.get(), s);
-    matmul(sel_.get(), R, c_.tie_word_embeddings ? embed_ : head_, logits_.get());
+    // A decode step wants every row, in order (its padding included): no gathering.
+    if (!p.padded) cuda::gather_rows(hb_.get(), inputs_.device<int>(kRows), R, H, sel_.get(), s);
+    matmul(p.padded ? hb_.get() : sel_.get(), R, c_.tie_word_embeddings ? embed_ : head_,
+           logits_.get());
   }
+
 
   // y[T][w.N] = x[T][w.K] * w^T: cuBLAS on bf16 weights; on Q8_0 ones the GEMV kernel for a few
   // rows (decode), else cuBLAS on the weights dequantized into dequant_.
@@ -686,7 +689,6 @@ class CudaBackend final : public Backend {
                kSampleRows, kPens, kTopRows, kGraphInputs = kSampleRows };
   PackedArrays inputs_;
   DeviceArray<float> x_, h_, qkv_, q_, k_, v_, att_, gu_, new_kv_, logits_;
-  size_t new_pool_ = 0;  // floats of new_kv_ per half
   DeviceArray<__nv_bfloat16> hb_, sel_;
   DeviceArray<uint8_t> cublas_workspace_;
   PackedArrays sampled_;  // forward_sample's results, one download

@@ -521,7 +521,7 @@ __global__ void __launch_bounds__(kDecodeThreads)
     decode_attention_kernel(FmaShape s, CacheView cv, const ChunkDesc* chunks,
                             const NewGroups* table, const AttnItem* items, const float* q,
                             const float* k, const float* v, const float* new_k, const float* new_v,
-                            float* out) {
+                            float* out, __nv_bfloat16* out_bf16) {
   __shared__ float part[kDecodeThreads / 32][D];
   __shared__ float wmax[kDecodeThreads / 32], wsum[kDecodeThreads / 32];
   const AttnItem it = items[blockIdx.x];
@@ -582,7 +582,11 @@ __global__ void __launch_bounds__(kDecodeThreads)
       total += wsum[w];
       x += part[w][threadIdx.x];
     }
-    out[((int64_t(c.row0) + (i - c.pos0)) * s.heads + h) * D + threadIdx.x] = x / total;
+    const int64_t at = ((int64_t(c.row0) + (i - c.pos0)) * s.heads + h) * D + threadIdx.x;
+    if (out_bf16)
+      out_bf16[at] = __float2bfloat16(x / total);
+    else
+      out[at] = x / total;
   }
 }
 
@@ -672,10 +676,12 @@ FmaShape make_shape(const Config& c) {
 void attention(const FmaShape& s, const CacheView& c, const ChunkDesc* chunks,
                const NewGroups* table, const AttnItem* items, int n_items, bool single_queries,
                const float* q, const float* k, const float* v, const float* new_k,
-               const float* new_v, float* out, cudaStream_t st, bool tensor_cores) {
+               const float* new_v, float* out, __nv_bfloat16* out_bf16, cudaStream_t st,
+               bool tensor_cores) {
   if (n_items == 0) return;
   if (s.L > kMaxLevels) throw Error("CUDA backend: more than 32 FMA levels are not supported");
   const dim3 grid(n_items, s.heads);
+  if (out_bf16 && !single_queries) throw Error("attention: bf16 output is for single queries");
   if (!single_queries && s.d == tc::kD && tensor_cores) {
     attention_tc_kernel<<<grid, tc::kWarps * 32, 0, st>>>(s, c, chunks, table, items, q, k, v,
                                                           new_k, new_v, out);
@@ -686,7 +692,8 @@ void attention(const FmaShape& s, const CacheView& c, const ChunkDesc* chunks,
   case D:                                                                                        \
     if (single_queries)                                                                          \
       decode_attention_kernel<D><<<grid, kDecodeThreads, 0, st>>>(s, c, chunks, table, items, q, \
-                                                                  k, v, new_k, new_v, out);      \
+                                                                  k, v, new_k, new_v, out,       \
+                                                                  out_bf16);                     \
     else                                                                                         \
       attention_kernel<D>                                                                        \
           <<<grid, kThreads, 0, st>>>(s, c, chunks, table, items, q, k, v, new_k, new_v, out);   \

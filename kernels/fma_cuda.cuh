@@ -81,11 +81,14 @@ void accumulate(const FmaShape& s, const CacheView& c, const Downsamplers& w,
 // (a decode step), which a kernel that splits the keys over threads serves better. Otherwise
 // tiles of head_dim 64 run on tensor cores (bf16 products, fp32 softmax and accumulation) unless
 // tensor_cores is false: then, as for other head dims, on the fp32 tile kernel (the reference
-// the tensor-core one is tested against).
+// the tensor-core one is tested against). out_bf16 (single queries only; else null): the output
+// goes there rounded to bf16 instead of to `out`, as the next GEMM's input (one kernel less a
+// layer in a decode step).
 void attention(const FmaShape& s, const CacheView& c, const ChunkDesc* chunks,
                const NewGroups* table, const AttnItem* items, int n_items, bool single_queries,
                const float* q, const float* k, const float* v, const float* new_k,
-               const float* new_v, float* out, cudaStream_t st, bool tensor_cores = true);
+               const float* new_v, float* out, __nv_bfloat16* out_bf16, cudaStream_t st,
+               bool tensor_cores = true);
 
 // Appending a chunk to the cache: copies of chunk keys/values into the fine window and of new
 // summaries into the summary ring, as offsets (floats) from the arrays `which` names.

@@ -518,6 +518,28 @@ TEST_F(Cuda, TensorCoreAttentionMatchesTheFp32TileOnALongChunk) {
   check_tensor_core_attention({1 << 16, 16, 1, 70000, 0});
 }
 
+// A decode step's attention writing bf16 (the o-projection's input) writes exactly its fp32
+// output rounded: batches at positions around block and group boundaries, GQA.
+TEST_F(Cuda, DecodeAttentionRoundsItsOwnOutputToBf16) {
+  for (const AttentionCase& k :
+       {AttentionCase{4096, 16, 5, 1, 1023}, AttentionCase{2048, 2, 12, 1, 4095}}) {
+    mp::testing::AttentionRig rig(mp::testing::attention_config(k.n, k.kv), k.batch, k.tokens,
+                                  k.pos0);
+    ASSERT_TRUE(rig.plan.padded);
+    rig.summaries();
+    rig.attend();
+    const auto want = rig.output();
+    Dev<__nv_bfloat16> got(want.size());
+    rig.attend(true, got.p);
+    const auto rounded = from_bf16(got.get(want.size()));
+    // The sequences' rows (a bucket's padding rows are not written).
+    for (size_t i = 0; i < size_t(k.batch) * rig.c.n_heads * rig.c.head_dim; ++i) {
+      ASSERT_TRUE(std::isfinite(want[i]));
+      ASSERT_EQ(rounded[i], __bfloat162float(__float2bfloat16(want[i]))) << i;
+    }
+  }
+}
+
 // The host side of the CUDA backend's planning (runs without a GPU): decode steps pad to a
 // bucket with no-op rows and items; summary work comes in token order and slices every completed
 // group exactly once.
@@ -540,7 +562,8 @@ TEST(CudaPlan, DecodeStepsPadToBucketsAndSummarySlicesCoverEachGroupOnce) {
   EXPECT_TRUE(d.padded);
   EXPECT_EQ(d.T, 16);
   EXPECT_EQ(d.rows_wanted, 10);
-  EXPECT_EQ(d.rows.size(), 16u);
+  ASSERT_EQ(d.rows.size(), 16u);
+  for (int r = 0; r < 16; ++r) EXPECT_EQ(d.rows[r], r);  // every row in order: none gathered
   EXPECT_EQ(d.tokens.size(), 16u);
   EXPECT_EQ(d.chunks.size(), 16u);  // every array has the bucket's size: graphs' inputs stay put
   EXPECT_EQ(d.table.size(), 16u * L);

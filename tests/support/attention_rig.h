@@ -101,9 +101,10 @@ class AttentionRig {
     cuda::accumulate(shape, cv, ds, chunks, filling, int(plan.filling.size()), plan.longest_chunk,
                      k, v, nullptr);
   }
-  void attend(bool tensor_cores = true) const {
+  // out_bf16: a decode step's output rounded to bf16 there instead of `out`.
+  void attend(bool tensor_cores = true, __nv_bfloat16* out_bf16 = nullptr) const {
     cuda::attention(shape, cv, chunks, table, attn, int(plan.attn.size()), plan.padded, q, k, v,
-                    new_k, new_v, out, nullptr, tensor_cores);
+                    new_k, new_v, out, out_bf16, nullptr, tensor_cores);
   }
   void run() const {
     summaries();
