@@ -9,7 +9,8 @@ namespace {
 
 constexpr int kThreads = 64;         // one thread per query of a fine-block tile
 constexpr int kTile = 32;            // keys staged in shared memory at a time
-constexpr int kDecodeThreads = 128;  // threads sharing one decode query's keys
+constexpr int kDecodeThreads = 256;  // threads sharing one decode query's keys (8 warps)
+constexpr int kDecodeUnroll = 4;     // keys a warp loads at once
 
 // A summary thread's outputs: channel ch of kSumHeads KV heads from h0 and kSumRanks summaries
 // from r0, so that each key value it loads serves several ranks and each weight several heads.
@@ -513,74 +514,102 @@ __global__ void __launch_bounds__(tc::kWarps * 32, 4)
   }
 }
 
-// Decode: one query per (sequence, head). The tile kernel would leave 63 of its 64 threads idle
-// and walk all keys on one thread; here the block's threads split the keys, each keeps an online
-// softmax over its share, and the block merges them.
+// C consecutive floats from p (C * 4 bytes aligned), as one vector load where C allows.
+template <int C>
+__device__ void load_channels(const float* p, float (&x)[C]) {
+  if constexpr (C == 4) {
+    const float4 t = *reinterpret_cast<const float4*>(p);
+    x[0] = t.x, x[1] = t.y, x[2] = t.z, x[3] = t.w;
+  } else if constexpr (C == 2) {
+    const float2 t = *reinterpret_cast<const float2*>(p);
+    x[0] = t.x, x[1] = t.y;
+  } else {
+#pragma unroll
+    for (int j = 0; j < C; ++j) x[j] = p[j];
+  }
+}
+
+// Decode: one query per (sequence, head) block. Each warp takes every kDecodeWarps-th key, its
+// lanes splitting the head's channels, so that a key row is one coalesced load (a thread per key
+// row read 32 rows at once, strided: 17 us a layer at batch 1), kDecodeUnroll keys at a time so
+// that their loads overlap; each warp keeps an online softmax over its keys, and the block
+// merges the warps'.
 template <int D>
 __global__ void __launch_bounds__(kDecodeThreads)
     decode_attention_kernel(FmaShape s, CacheView cv, const ChunkDesc* chunks,
                             const NewGroups* table, const AttnItem* items, const float* q,
                             const float* k, const float* v, const float* new_k, const float* new_v,
                             float* out, __nv_bfloat16* out_bf16) {
-  __shared__ float part[kDecodeThreads / 32][D];
-  __shared__ float wmax[kDecodeThreads / 32], wsum[kDecodeThreads / 32];
+  constexpr int W = kDecodeThreads / 32, C = D >= 32 ? D / 32 : 1, U = kDecodeUnroll;
+  __shared__ float part[W][D];
+  __shared__ float wmax[W], wsum[W];
+  __shared__ LevelTable lt;
   const AttnItem it = items[blockIdx.x];
   if (it.q_begin >= it.q_end) return;  // padding of a decode step
   const ChunkDesc c = chunks[it.chunk];
   const int h = blockIdx.y, kvh = h / (s.heads / s.kv), lane = threadIdx.x & 31,
-            warp = threadIdx.x >> 5;
+            warp = threadIdx.x >> 5, ch0 = lane * C;
+  const bool active = ch0 < D;  // a head of fewer than 32 channels leaves lanes idle
   const int64_t i = it.q_begin;
   const float* qrow = q + ((int64_t(c.row0) + (i - c.pos0)) * s.heads + h) * D;
   const float scale = rsqrtf(float(D));
-  float qr[D], acc[D];
+  float qr[C] = {}, acc[C] = {};
+  if (active) load_channels<C>(qrow + ch0, qr);
 #pragma unroll
-  for (int e = 0; e < D; ++e) {
-    qr[e] = qrow[e] * scale;
-    acc[e] = 0.0f;
-  }
-  __shared__ LevelTable lt;
+  for (int j = 0; j < C; ++j) qr[j] *= scale;
   if (threadIdx.x == 0) make_level_table(s, i, lt);
   __syncthreads();
   const KeyList kl = key_list(s, i, i + 1, lt);
-  const int64_t n_fine = kl.n_fine, n_coarse = kl.n_coarse;
+  const int64_t n = kl.n_fine + kl.n_coarse;
   const KvArrays arr = kv_arrays(cv, k, v, new_k, new_v);
   float mx = -INFINITY, denom = 0.0f;
-  for (int64_t kk = threadIdx.x; kk < n_fine + n_coarse; kk += blockDim.x) {
-    const KeyLoc kloc = key_loc(s, cv, c, table, lt, kl, kk, kvh);
-    const float *ks = arr.k[kloc.which] + kloc.off, *vs = arr.v[kloc.which] + kloc.off;
-    float sc = kloc.bonus;
+  for (int64_t k0 = warp; k0 < n; k0 += int64_t(W) * U) {
+    float dot[U], bonus[U], val[U][C];
 #pragma unroll
-    for (int ch = 0; ch < D; ++ch) sc += qr[ch] * ks[ch];
-    const float nm = fmaxf(mx, sc);
-    const float corr = __expf(mx - nm), pe = __expf(sc - nm);
-    denom = denom * corr + pe;
+    for (int u = 0; u < U; ++u) {  // the loads of U keys (warp-uniform: kk is the warp's)
+      const int64_t kk = k0 + int64_t(u) * W;
+      dot[u] = 0.0f, bonus[u] = 0.0f;
 #pragma unroll
-    for (int ch = 0; ch < D; ++ch) acc[ch] = acc[ch] * corr + pe * vs[ch];
-    mx = nm;
+      for (int j = 0; j < C; ++j) val[u][j] = 0.0f;
+      if (kk >= n) continue;
+      const KeyLoc kloc = key_loc(s, cv, c, table, lt, kl, kk, kvh);
+      bonus[u] = kloc.bonus;
+      if (!active) continue;
+      float key[C];
+      load_channels<C>(arr.k[kloc.which] + kloc.off + ch0, key);
+      load_channels<C>(arr.v[kloc.which] + kloc.off + ch0, val[u]);
+#pragma unroll
+      for (int j = 0; j < C; ++j) dot[u] += qr[j] * key[j];
+    }
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1)
+#pragma unroll
+      for (int u = 0; u < U; ++u) dot[u] += __shfl_xor_sync(0xffffffffu, dot[u], o);
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      if (k0 + int64_t(u) * W >= n) break;
+      const float sc = dot[u] + bonus[u], nm = fmaxf(mx, sc);
+      const float corr = __expf(mx - nm), pe = __expf(sc - nm);
+      denom = denom * corr + pe;
+#pragma unroll
+      for (int j = 0; j < C; ++j) acc[j] = acc[j] * corr + pe * val[u][j];
+      mx = nm;
+    }
   }
-  // Merge: the block's maximum, each thread's share rescaled to it, then summed.
-  float m = mx;
-  for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
-  if (lane == 0) wmax[warp] = m;
-  __syncthreads();
-  m = wmax[0];
-  for (int w = 1; w < kDecodeThreads / 32; ++w) m = fmaxf(m, wmax[w]);
-  const float f = mx == -INFINITY ? 0.0f : __expf(mx - m);
-  float l = denom * f;
-  for (int o = 16; o > 0; o >>= 1) l += __shfl_xor_sync(0xffffffffu, l, o);
-  if (lane == 0) wsum[warp] = l;
+  // Merge: each warp's share rescaled to the block's maximum.
+  if (lane == 0) wmax[warp] = mx, wsum[warp] = denom;
+  if (active)
 #pragma unroll
-  for (int ch = 0; ch < D; ++ch) {
-    float x = acc[ch] * f;
-    for (int o = 16; o > 0; o >>= 1) x += __shfl_xor_sync(0xffffffffu, x, o);
-    if (lane == 0) part[warp][ch] = x;
-  }
+    for (int j = 0; j < C; ++j) part[warp][ch0 + j] = acc[j];
   __syncthreads();
   if (threadIdx.x < D) {
+    float m = wmax[0];
+    for (int w = 1; w < W; ++w) m = fmaxf(m, wmax[w]);
     float total = 0, x = 0;
-    for (int w = 0; w < kDecodeThreads / 32; ++w) {
-      total += wsum[w];
-      x += part[w][threadIdx.x];
+    for (int w = 0; w < W; ++w) {
+      const float f = wmax[w] == -INFINITY ? 0.0f : __expf(wmax[w] - m);
+      total += wsum[w] * f;
+      x += part[w][threadIdx.x] * f;
     }
     const int64_t at = ((int64_t(c.row0) + (i - c.pos0)) * s.heads + h) * D + threadIdx.x;
     if (out_bf16)

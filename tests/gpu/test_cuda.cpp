@@ -518,6 +518,33 @@ TEST_F(Cuda, TensorCoreAttentionMatchesTheFp32TileOnALongChunk) {
   check_tensor_core_attention({1 << 16, 16, 1, 70000, 0});
 }
 
+// The decode kernel (a warp per key, lanes over channels) against the fp32 tile kernel on the
+// same one-query items, fp32 tolerance: positions at and around block and group boundaries, GQA,
+// head dims from 16 to 128, past the trained length.
+TEST_F(Cuda, DecodeAttentionMatchesTheFp32Tile) {
+  for (const int d : {16, 32, 64, 128})
+    for (const AttentionCase& k :
+         {AttentionCase{4096, 16, 8, 1, 1023}, AttentionCase{2048, 2, 5, 1, 4096},
+          AttentionCase{1 << 16, 4, 3, 1, 70001}}) {
+      Config c = mp::testing::attention_config(k.n, k.kv);
+      c.head_dim = d;
+      c.hidden_size = c.n_heads * d;
+      mp::testing::AttentionRig rig(c, k.batch, k.tokens, k.pos0);
+      ASSERT_TRUE(rig.plan.padded);
+      ASSERT_EQ(rig.plan.T, k.batch);  // no padding rows: every output is compared
+      rig.summaries();
+      auto attend = [&](bool single_queries) {
+        cuda::attention(rig.shape, rig.cv, rig.chunks, rig.table, rig.attn,
+                        int(rig.plan.attn.size()), single_queries, rig.q, rig.k, rig.v,
+                        rig.new_k, rig.new_v, rig.out, nullptr, nullptr, false);
+        return rig.output();
+      };
+      const auto want = attend(false), got = attend(true);
+      for (float x : got) ASSERT_TRUE(std::isfinite(x));
+      EXPECT_LT(rel_err(got, want), 1e-5) << "d " << d << " n " << k.n << " pos0 " << k.pos0;
+    }
+}
+
 // A decode step's attention writing bf16 (the o-projection's input) writes exactly its fp32
 // output rounded: batches at positions around block and group boundaries, GQA.
 TEST_F(Cuda, DecodeAttentionRoundsItsOwnOutputToBf16) {
