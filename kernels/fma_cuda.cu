@@ -9,8 +9,10 @@ namespace {
 
 constexpr int kThreads = 64;         // one thread per query of a fine-block tile
 constexpr int kTile = 32;            // keys staged in shared memory at a time
-constexpr int kDecodeThreads = 256;  // threads sharing one decode query's keys (8 warps)
-constexpr int kDecodeUnroll = 4;     // keys a warp loads at once
+// Warps sharing one decode query's keys: 8, or 32 when the step has too few (sequence, head)
+// blocks to fill the GPU (kDecodeFewBlocks or fewer), whose latency is then the step's.
+constexpr int kDecodeWarps = 8, kDecodeWarpsFew = 32, kDecodeFewBlocks = 128;
+constexpr int kDecodeUnroll = 4;  // keys a warp loads at once
 
 // A summary thread's outputs: channel ch of kSumHeads KV heads from h0 and kSumRanks summaries
 // from r0, so that each key value it loads serves several ranks and each weight several heads.
@@ -529,18 +531,18 @@ __device__ void load_channels(const float* p, float (&x)[C]) {
   }
 }
 
-// Decode: one query per (sequence, head) block. Each warp takes every kDecodeWarps-th key, its
+// Decode: one query per (sequence, head) block of W warps. Each warp takes every W-th key, its
 // lanes splitting the head's channels, so that a key row is one coalesced load (a thread per key
 // row read 32 rows at once, strided: 17 us a layer at batch 1), kDecodeUnroll keys at a time so
 // that their loads overlap; each warp keeps an online softmax over its keys, and the block
 // merges the warps'.
-template <int D>
-__global__ void __launch_bounds__(kDecodeThreads)
+template <int D, int W>
+__global__ void __launch_bounds__(W * 32)
     decode_attention_kernel(FmaShape s, CacheView cv, const ChunkDesc* chunks,
                             const NewGroups* table, const AttnItem* items, const float* q,
                             const float* k, const float* v, const float* new_k, const float* new_v,
                             float* out, __nv_bfloat16* out_bf16) {
-  constexpr int W = kDecodeThreads / 32, C = D >= 32 ? D / 32 : 1, U = kDecodeUnroll;
+  constexpr int C = D >= 32 ? D / 32 : 1, U = kDecodeUnroll;
   __shared__ float part[W][D];
   __shared__ float wmax[W], wsum[W];
   __shared__ LevelTable lt;
@@ -711,6 +713,7 @@ void attention(const FmaShape& s, const CacheView& c, const ChunkDesc* chunks,
   if (s.L > kMaxLevels) throw Error("CUDA backend: more than 32 FMA levels are not supported");
   const dim3 grid(n_items, s.heads);
   if (out_bf16 && !single_queries) throw Error("attention: bf16 output is for single queries");
+  const bool few = int64_t(n_items) * s.heads <= kDecodeFewBlocks;
   if (!single_queries && s.d == tc::kD && tensor_cores) {
     attention_tc_kernel<<<grid, tc::kWarps * 32, 0, st>>>(s, c, chunks, table, items, q, k, v,
                                                           new_k, new_v, out);
@@ -719,10 +722,12 @@ void attention(const FmaShape& s, const CacheView& c, const ChunkDesc* chunks,
   }
 #define MP_ATTN(D)                                                                               \
   case D:                                                                                        \
-    if (single_queries)                                                                          \
-      decode_attention_kernel<D><<<grid, kDecodeThreads, 0, st>>>(s, c, chunks, table, items, q, \
-                                                                  k, v, new_k, new_v, out,       \
-                                                                  out_bf16);                     \
+    if (single_queries && few)                                                                   \
+      decode_attention_kernel<D, kDecodeWarpsFew><<<grid, kDecodeWarpsFew * 32, 0, st>>>(        \
+          s, c, chunks, table, items, q, k, v, new_k, new_v, out, out_bf16);                     \
+    else if (single_queries)                                                                     \
+      decode_attention_kernel<D, kDecodeWarps><<<grid, kDecodeWarps * 32, 0, st>>>(              \
+          s, c, chunks, table, items, q, k, v, new_k, new_v, out, out_bf16);                     \
     else                                                                                         \
       attention_kernel<D>                                                                        \
           <<<grid, kThreads, 0, st>>>(s, c, chunks, table, items, q, k, v, new_k, new_v, out);   \

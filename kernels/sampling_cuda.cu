@@ -115,7 +115,11 @@ __device__ float row_logsumexp(const float* row, int vocab) {
 }
 
 // keeps_whole_vocabulary: the host keeps every token in id order (sampler.cpp), so the draw is a
-// scan over the vocabulary, thread t owning ids [t * per, (t + 1) * per); no sort.
+// scan over the vocabulary, thread t owning ids [t * per, (t + 1) * per); no sort. The same
+// arithmetic as the host's, in double: each id's probability is computed once and kept in
+// registers (vocabularies up to kThreads * kHeld ids; larger ones compute it again in each pass):
+// the exponentials and divisions, four times over, were most of a batch-1 step's sampling.
+constexpr int kHeld = 8;
 __device__ int sample_in_id_order(const float* row, int vocab, const SampleRow& r, const int2* pens,
                                   typename Scan::TempStorage& scan, double u) {
   const int per = (vocab + kThreads - 1) / kThreads, i0 = threadIdx.x * per;
@@ -124,23 +128,36 @@ __device__ int sample_in_id_order(const float* row, int vocab, const SampleRow& 
   for (int i = i0; i < i1; ++i) mx = fmaxf(mx, penalized_logit(row, i, r, pens));
   const double top = block_reduce(mx, Max{}, -INFINITY), T = r.params.temperature;
   auto weight = [&](int i) { return exp((double(penalized_logit(row, i, r, pens)) - top) / T); };
+  const bool held = per <= kHeld;
+  double w[kHeld];  // weights, then probabilities, when held
+  // f(i, x) for each of this thread's ids i, x its held value (or 0 when not held).
+  auto each = [&](auto&& f) {
+    if (held) {
+#pragma unroll
+      for (int j = 0; j < kHeld; ++j)
+        if (i0 + j < i1) f(i0 + j, w[j]);
+    } else {
+      double none = 0;
+      for (int i = i0; i < i1; ++i) f(i, none);
+    }
+  };
   double z = 0;
-  for (int i = i0; i < i1; ++i) z += weight(i);
+  each([&](int i, double& x) { z += x = weight(i); });
   const double Z = block_reduce(z, Sum{}, 0.0);
   double s = 0;  // the host renormalises once more and rounds each probability to float
-  for (int i = i0; i < i1; ++i) s += weight(i) / Z;
+  each([&](int i, double& x) { s += x = (held ? x : weight(i)) / Z; });
   const double S = block_reduce(s, Sum{}, 0.0);
+  auto prob = [&](int i, double x) { return double(float((held ? x : weight(i) / Z) / S)); };
   double mine = 0, before;
-  for (int i = i0; i < i1; ++i) mine += double(float(weight(i) / Z / S));
+  each([&](int i, double& x) { mine += x = prob(i, x); });
   Scan(scan).ExclusiveSum(mine, before);
   int first = vocab - 1;
-  for (int i = i0; i < i1; ++i) {
-    before += double(float(weight(i) / Z / S));
-    if (u < before) {
-      first = i;
-      break;
-    }
-  }
+  bool found = false;
+  each([&](int i, double& x) {
+    if (found) return;
+    before += held ? x : prob(i, x);
+    if (u < before) first = i, found = true;
+  });
   return -block_reduce(-first, Max{}, -(vocab - 1));
 }
 
