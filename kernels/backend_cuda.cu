@@ -313,7 +313,7 @@ class CudaBackend final : public Backend {
       l.acc_v.resize(S * L * c_.n_kv_heads * pd);
       layers_.push_back(std::move(l));
     }
-    // Room to dequantize the largest Q8_0 matrix for a product of more than kQ8GemvRows rows.
+    // Room to dequantize the largest Q8_0 matrix for a product of more than kGemvRows rows.
     size_t dequant = 0;
     for (const Weights* w : {&embed_, &head_})
       if (w->is_q8()) dequant = std::max(dequant, size_t(w->N) * w->K);
@@ -594,13 +594,20 @@ class CudaBackend final : public Backend {
   }
 
 
-  // y[T][w.N] = x[T][w.K] * w^T: cuBLAS on bf16 weights; on Q8_0 ones the GEMV kernel for a few
-  // rows (decode), else cuBLAS on the weights dequantized into dequant_.
+  // y[T][w.N] = x[T][w.K] * w^T: a GEMV kernel for a few rows (decode); else cuBLAS, on Q8_0
+  // weights after dequantizing them into dequant_.
   void matmul(const __nv_bfloat16* x, int T, const Weights& w, float* y) {
+    if (gemv_fits(T, w)) return gemv(x, T, w, y);
     if (!w.is_q8()) return cuda::gemm(cublas_, x, T, w.K, w.bf16.get(), w.N, y);
-    if (T <= cuda::kQ8GemvRows) return cuda::gemv_q8(x, T, w.K, w.q8_view(), w.N, y, stream_);
     cuda::dequantize_q8(w.q8_view(), int64_t(w.N) * w.K, dequant_.get(), stream_);
     cuda::gemm(cublas_, x, T, w.K, dequant_.get(), w.N, y);
+  }
+  static bool gemv_fits(int T, const Weights& w) {
+    return T <= cuda::kGemvRows && w.K % (w.is_q8() ? 32 : 16) == 0;
+  }
+  void gemv(const __nv_bfloat16* x, int T, const Weights& w, float* y) {
+    if (w.is_q8()) return cuda::gemv_q8(x, T, w.K, w.q8_view(), w.N, y, stream_);
+    cuda::gemv_bf16(x, T, w.K, w.bf16.get(), w.N, y, stream_);
   }
 
   // Checks and runs the chunks, leaving their wanted rows' logits in logits_.

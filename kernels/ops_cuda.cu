@@ -1,3 +1,5 @@
+#include <string>
+
 #include "block_reduce.cuh"
 #include "ops_cuda.cuh"
 
@@ -18,35 +20,76 @@ __global__ void embed_q8_kernel(Q8Weights table, const int* tokens, int n, float
     x[int64_t(t) * n + i] = __half2float(table.scale[(row + i) / 32]) * table.q[row + i];
 }
 
-// One warp per output n: lane j reads 16 weights at a time (half a block, one 16-byte load) and
-// the matching 16 inputs of each of the R rows; the warp's sums are reduced by shuffles.
-constexpr int kQ8WarpsPerBlock = 4;
-template <int R>
-__global__ void gemv_q8_kernel(const __nv_bfloat16* x, int K, Q8Weights W, int N, float* y) {
-  const int n = blockIdx.x * kQ8WarpsPerBlock + threadIdx.x / 32, lane = threadIdx.x % 32;
+// 16 consecutive inputs (two 16-byte loads) as floats.
+__device__ void load16(const __nv_bfloat16* p, float (&x)[16]) {
+  const int4* v = reinterpret_cast<const int4*>(p);
+  const int4 a = v[0], b = v[1];
+  const __nv_bfloat162* h0 = reinterpret_cast<const __nv_bfloat162*>(&a);
+  const __nv_bfloat162* h1 = reinterpret_cast<const __nv_bfloat162*>(&b);
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    const float2 f0 = __bfloat1622float2(h0[j]), f1 = __bfloat1622float2(h1[j]);
+    x[2 * j] = f0.x, x[2 * j + 1] = f0.y, x[8 + 2 * j] = f1.x, x[9 + 2 * j] = f1.y;
+  }
+}
+
+// The weights a GEMV reads, 16 of row n from column k at a time: load() once, dot() per row.
+struct Bf16Rows {
+  const __nv_bfloat16* w;
+  struct Part {
+    float w[16];
+  };
+  __device__ Part load(int64_t n, int K, int k) const {
+    Part p;
+    load16(w + n * K + k, p.w);
+    return p;
+  }
+  __device__ static float dot(const Part& p, const float (&x)[16]) {
+    float s = 0;
+#pragma unroll
+    for (int j = 0; j < 16; ++j) s += p.w[j] * x[j];
+    return s;
+  }
+};
+struct Q8Rows {  // half a block of 32 (one 16-byte load) and its block's scale
+  Q8Weights W;
+  struct Part {
+    int4 packed;
+    float d;
+  };
+  __device__ Part load(int64_t n, int K, int k) const {
+    return {*reinterpret_cast<const int4*>(W.q + n * K + k),
+            __half2float(W.scale[(n * K + k) / 32])};
+  }
+  __device__ static float dot(const Part& p, const float (&x)[16]) {
+    const int8_t* q = reinterpret_cast<const int8_t*>(&p.packed);
+    float s = 0;
+#pragma unroll
+    for (int j = 0; j < 4; ++j)
+      s += q[2 * j] * x[2 * j] + q[2 * j + 1] * x[2 * j + 1] + q[8 + 2 * j] * x[8 + 2 * j] +
+           q[9 + 2 * j] * x[9 + 2 * j];
+    return p.d * s;
+  }
+};
+
+// y[R][N] = x[R][K] * W^T for a few rows (decode): one warp per output n, lane j taking 16
+// weights at a time (each read once for all R rows) and the matching 16 inputs of each row; the
+// warp's sums are reduced by shuffles. K must be a multiple of 16.
+constexpr int kGemvWarpsPerBlock = 4;
+template <int R, class Rows>
+__global__ void gemv_kernel(const __nv_bfloat16* x, int K, Rows W, int N, float* y) {
+  const int n = blockIdx.x * kGemvWarpsPerBlock + threadIdx.x / 32, lane = threadIdx.x % 32;
   if (n >= N) return;
   float acc[R];
 #pragma unroll
   for (int r = 0; r < R; ++r) acc[r] = 0;
-  const int8_t* wq = W.q + int64_t(n) * K;
-  const __half* ws = W.scale + int64_t(n) * (K / 32);
   for (int k = lane * 16; k < K; k += 32 * 16) {
-    const int4 packed = *reinterpret_cast<const int4*>(wq + k);
-    const int8_t* q = reinterpret_cast<const int8_t*>(&packed);
-    const float d = __half2float(ws[k / 32]);
+    const typename Rows::Part w = W.load(n, K, k);
 #pragma unroll
     for (int r = 0; r < R; ++r) {
-      const int4* xv = reinterpret_cast<const int4*>(x + int64_t(r) * K + k);
-      const int4 x0 = xv[0], x1 = xv[1];
-      const __nv_bfloat162* h0 = reinterpret_cast<const __nv_bfloat162*>(&x0);
-      const __nv_bfloat162* h1 = reinterpret_cast<const __nv_bfloat162*>(&x1);
-      float s = 0;
-#pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        const float2 a = __bfloat1622float2(h0[j]), b = __bfloat1622float2(h1[j]);
-        s += q[2 * j] * a.x + q[2 * j + 1] * a.y + q[8 + 2 * j] * b.x + q[9 + 2 * j] * b.y;
-      }
-      acc[r] += d * s;
+      float xs[16];
+      load16(x + int64_t(r) * K + k, xs);
+      acc[r] += Rows::dot(w, xs);
     }
   }
 #pragma unroll
@@ -57,15 +100,25 @@ __global__ void gemv_q8_kernel(const __nv_bfloat16* x, int K, Q8Weights W, int N
   }
 }
 
-// gemv_q8_kernel<T> for T = R..kQ8GemvRows.
-template <int R>
-void gemv_q8_rows(const __nv_bfloat16* x, int T, int K, Q8Weights W, int N, float* y,
-                  cudaStream_t s) {
-  if constexpr (R <= kQ8GemvRows) {
-    if (T != R) return gemv_q8_rows<R + 1>(x, T, K, W, N, y, s);
-    const int blocks = (N + kQ8WarpsPerBlock - 1) / kQ8WarpsPerBlock;
-    gemv_q8_kernel<R><<<blocks, 32 * kQ8WarpsPerBlock, 0, s>>>(x, K, W, N, y);
+// gemv_kernel<T> for T = R..kGemvRows.
+template <int R, class Rows>
+void gemv_rows(const __nv_bfloat16* x, int T, int K, Rows W, int N, float* y, cudaStream_t s) {
+  if constexpr (R <= kGemvRows) {
+    if (T != R) return gemv_rows<R + 1>(x, T, K, W, N, y, s);
+    const int blocks = (N + kGemvWarpsPerBlock - 1) / kGemvWarpsPerBlock;
+    gemv_kernel<R><<<blocks, 32 * kGemvWarpsPerBlock, 0, s>>>(x, K, W, N, y);
   }
+}
+
+template <class Rows>
+void gemv(const char* what, const __nv_bfloat16* x, int T, int K, Rows W, int N, float* y,
+          cudaStream_t s, int k_multiple) {
+  if (T < 1 || T > kGemvRows || K % k_multiple != 0)
+    throw Error(std::string(what) + ": " + std::to_string(T) + " rows of " + std::to_string(K) +
+                " (1 to " + std::to_string(kGemvRows) + " rows, a multiple of " +
+                std::to_string(k_multiple) + " columns)");
+  gemv_rows<1>(x, T, K, W, N, y, s);
+  check_launch(what);
 }
 
 // Eight weights per thread: one 8-byte load, one 16-byte store.
@@ -187,11 +240,11 @@ void embed_q8(Q8Weights table, const int* tokens, int T, int n, float* x, cudaSt
   check_launch("embed_q8");
 }
 void gemv_q8(const __nv_bfloat16* x, int T, int K, Q8Weights W, int N, float* y, cudaStream_t s) {
-  if (T < 1 || T > kQ8GemvRows || K % 32 != 0)
-    throw Error("gemv_q8: " + std::to_string(T) + " rows of " + std::to_string(K) +
-                " (1 to " + std::to_string(kQ8GemvRows) + " rows of whole blocks of 32)");
-  gemv_q8_rows<1>(x, T, K, W, N, y, s);
-  check_launch("gemv_q8");
+  gemv("gemv_q8", x, T, K, Q8Rows{W}, N, y, s, 32);
+}
+void gemv_bf16(const __nv_bfloat16* x, int T, int K, const __nv_bfloat16* W, int N, float* y,
+               cudaStream_t s) {
+  gemv("gemv_bf16", x, T, K, Bf16Rows{W}, N, y, s, 16);
 }
 void dequantize_q8(Q8Weights W, int64_t n, __nv_bfloat16* w, cudaStream_t s) {
   dequantize_q8_kernel<<<grid_for(n / 8), 256, 0, s>>>(W, n / 8, w);

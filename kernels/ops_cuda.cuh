@@ -36,12 +36,17 @@ struct Q8Weights {
 };
 // x[t] = W[tokens[t]] for a Q8_0 embedding table of rows of n
 void embed_q8(Q8Weights table, const int* tokens, int T, int n, float* x, cudaStream_t s);
-// Up to this many rows, gemv_q8 computes a product over Q8_0 weights (decode); more rows
-// dequantize the weights to bf16 (dequantize_q8) for gemm (prefill).
-constexpr int kQ8GemvRows = 8;
-// y[T][N] = x[T][K] * W^T, T <= kQ8GemvRows: each weight read once for all rows, dequantized in
-// registers, fp32 products and sums.
+// Up to this many rows (decode), the GEMV kernels compute a product: over Q8_0 weights (more rows
+// dequantize the weights to bf16 (dequantize_q8) for gemm), and over bf16 ones (cuBLAS spends
+// about 4 us on a decode step's small product, the GEMV about half).
+constexpr int kGemvRows = 8;
+// y[T][N] = x[T][K] * W^T, T <= kGemvRows: each weight read once for all rows, dequantized in
+// registers, fp32 products and sums. K a multiple of 32.
 void gemv_q8(const __nv_bfloat16* x, int T, int K, Q8Weights W, int N, float* y, cudaStream_t s);
+// The same over bf16 weights W[N][K] (what gemm computes, summed in another order); K a multiple
+// of 16.
+void gemv_bf16(const __nv_bfloat16* x, int T, int K, const __nv_bfloat16* W, int N, float* y,
+               cudaStream_t s);
 // w[i] = bf16(W's element i), n elements (a multiple of 32)
 void dequantize_q8(Q8Weights W, int64_t n, __nv_bfloat16* w, cudaStream_t s);
 // y[t] = bf16(x[t] / rms(x[t]) * w)

@@ -122,6 +122,39 @@ TEST_F(Cuda, RmsNormSplitRopeSwigluMatchTheCpuTwins) {
 // Q8_0 weights: the decode GEMV (every row count it takes), the dequantization for cuBLAS and the
 // embedding lookup against the CPU backend's Q8_0 products and rows. The GPU's inputs are bf16:
 // the CPU gets the same bf16 values, so both form the same fp32 products (1e-5).
+// The bf16 GEMV (decode's products) against the CPU's product of the same bf16 values, and
+// against cuBLAS's GEMM: every row count it takes, K not a whole number of a warp's 512 weights.
+TEST_F(Cuda, Bf16GemvMatchesTheCpuAndCublas) {
+  const int N = 389, K = 400;
+  std::vector<__nv_bfloat16> wb;
+  for (float v : randn(size_t(N) * K, 41, 0.05f)) wb.push_back(__float2bfloat16(v));
+  const TensorView t{"w", DType::BF16, {N, K}, wb.data()};
+  const cpu::Matrix w = cpu::to_matrix({&t});
+  Dev<__nv_bfloat16> dw(wb);
+  cublasHandle_t blas;
+  ASSERT_EQ(cublasCreate(&blas), CUBLAS_STATUS_SUCCESS);
+  for (int T = 1; T <= cuda::kGemvRows; ++T) {
+    std::vector<__nv_bfloat16> xb;
+    std::vector<float> x;
+    for (float v : randn(size_t(T) * K, 50 + T)) {
+      xb.push_back(__float2bfloat16(v));
+      x.push_back(__bfloat162float(xb.back()));
+    }
+    std::vector<float> want(size_t(T) * N);
+    cpu::matmul(x.data(), T, w, want.data(), {});
+    Dev<__nv_bfloat16> dx(xb);
+    Dev<float> dy(want.size()), dg(want.size());
+    cuda::gemv_bf16(dx.p, T, K, dw.p, N, dy.p, nullptr);
+    cuda::gemm(blas, dx.p, T, K, dw.p, N, dg.p);
+    const auto got = dy.get(want.size());
+    EXPECT_LT(rel_err(got, want), 1e-5) << "T " << T;
+    EXPECT_LT(rel_err(got, dg.get(want.size())), 1e-5) << "T " << T;
+  }
+  cublasDestroy(blas);
+  EXPECT_THROW(cuda::gemv_bf16(nullptr, 1, K + 8, dw.p, N, nullptr, nullptr), Error);
+  EXPECT_THROW(cuda::gemv_bf16(nullptr, cuda::kGemvRows + 1, K, dw.p, N, nullptr, nullptr), Error);
+}
+
 TEST_F(Cuda, Q8GemvDequantizeAndEmbedMatchTheCpuTwins) {
   const int N = 389, K = 800;  // K: whole blocks, not a whole number of a warp's 512 weights
   const std::vector<float> wf = randn(size_t(N) * K, 21, 0.05f);
@@ -136,7 +169,7 @@ TEST_F(Cuda, Q8GemvDequantizeAndEmbedMatchTheCpuTwins) {
   Dev<int8_t> dq(w.q8);
   Dev<__half> ds(scale);
   const cuda::Q8Weights dw{dq.p, ds.p};
-  for (int T = 1; T <= cuda::kQ8GemvRows; ++T) {
+  for (int T = 1; T <= cuda::kGemvRows; ++T) {
     std::vector<__nv_bfloat16> xb;
     std::vector<float> x;
     for (float v : randn(size_t(T) * K, 30 + T)) {
@@ -150,7 +183,7 @@ TEST_F(Cuda, Q8GemvDequantizeAndEmbedMatchTheCpuTwins) {
     cuda::gemv_q8(dx.p, T, K, dw, N, dy.p, nullptr);
     EXPECT_LT(rel_err(dy.get(want.size()), want), 1e-5) << "T " << T;
   }
-  EXPECT_THROW(cuda::gemv_q8(nullptr, cuda::kQ8GemvRows + 1, K, dw, N, nullptr, nullptr), Error);
+  EXPECT_THROW(cuda::gemv_q8(nullptr, cuda::kGemvRows + 1, K, dw, N, nullptr, nullptr), Error);
 
   Dev<__nv_bfloat16> dwide(wf.size());
   cuda::dequantize_q8(dw, int64_t(wf.size()), dwide.p, nullptr);
