@@ -49,6 +49,7 @@ struct Dev {
     cuda::check(cudaMemcpy(p, h.data(), h.size() * sizeof(T), cudaMemcpyHostToDevice), "up");
   }
   ~Dev() { cudaFree(p); }
+  Dev(const Dev&) = delete;  // one owner of the device memory
   std::vector<T> get(size_t n) const {
     std::vector<T> h(n);
     cuda::check(cudaMemcpy(h.data(), p, n * sizeof(T), cudaMemcpyDeviceToHost), "down");
@@ -122,6 +123,24 @@ TEST_F(Cuda, RmsNormSplitRopeSwigluMatchTheCpuTwins) {
 // Q8_0 weights: the decode GEMV (every row count it takes), the dequantization for cuBLAS and the
 // embedding lookup against the CPU backend's Q8_0 products and rows. The GPU's inputs are bf16:
 // the CPU gets the same bf16 values, so both form the same fp32 products (1e-5).
+// T rows of K random bf16 GEMV inputs, on the GPU, and the CPU product of the same values with
+// w (the expected output).
+struct GemvRows {
+  Dev<__nv_bfloat16> x;
+  std::vector<float> want;
+};
+GemvRows gemv_rows(int T, int K, const cpu::Matrix& w, int N, uint32_t seed) {
+  std::vector<__nv_bfloat16> xb;
+  std::vector<float> x;
+  for (float v : randn(size_t(T) * K, seed)) {
+    xb.push_back(__float2bfloat16(v));
+    x.push_back(__bfloat162float(xb.back()));
+  }
+  std::vector<float> want(size_t(T) * N);
+  cpu::matmul(x.data(), T, w, want.data(), {});
+  return {Dev<__nv_bfloat16>(xb), std::move(want)};
+}
+
 // The bf16 GEMV (decode's products) against the CPU's product of the same bf16 values, and
 // against cuBLAS's GEMM: every row count it takes, K not a whole number of a warp's 512 weights.
 TEST_F(Cuda, Bf16GemvMatchesTheCpuAndCublas) {
@@ -134,15 +153,7 @@ TEST_F(Cuda, Bf16GemvMatchesTheCpuAndCublas) {
   cublasHandle_t blas;
   ASSERT_EQ(cublasCreate(&blas), CUBLAS_STATUS_SUCCESS);
   for (int T = 1; T <= cuda::kGemvRows; ++T) {
-    std::vector<__nv_bfloat16> xb;
-    std::vector<float> x;
-    for (float v : randn(size_t(T) * K, 50 + T)) {
-      xb.push_back(__float2bfloat16(v));
-      x.push_back(__bfloat162float(xb.back()));
-    }
-    std::vector<float> want(size_t(T) * N);
-    cpu::matmul(x.data(), T, w, want.data(), {});
-    Dev<__nv_bfloat16> dx(xb);
+    const auto [dx, want] = gemv_rows(T, K, w, N, 50 + T);
     Dev<float> dy(want.size()), dg(want.size());
     cuda::gemv_bf16(dx.p, T, K, dw.p, N, dy.p, nullptr);
     cuda::gemm(blas, dx.p, T, K, dw.p, N, dg.p);
@@ -170,15 +181,7 @@ TEST_F(Cuda, Q8GemvDequantizeAndEmbedMatchTheCpuTwins) {
   Dev<__half> ds(scale);
   const cuda::Q8Weights dw{dq.p, ds.p};
   for (int T = 1; T <= cuda::kGemvRows; ++T) {
-    std::vector<__nv_bfloat16> xb;
-    std::vector<float> x;
-    for (float v : randn(size_t(T) * K, 30 + T)) {
-      xb.push_back(__float2bfloat16(v));
-      x.push_back(__bfloat162float(xb.back()));
-    }
-    std::vector<float> want(size_t(T) * N);
-    cpu::matmul(x.data(), T, w, want.data(), {});
-    Dev<__nv_bfloat16> dx(xb);
+    const auto [dx, want] = gemv_rows(T, K, w, N, 30 + T);
     Dev<float> dy(want.size());
     cuda::gemv_q8(dx.p, T, K, dw, N, dy.p, nullptr);
     EXPECT_LT(rel_err(dy.get(want.size()), want), 1e-5) << "T " << T;
