@@ -8,7 +8,11 @@ const results = {};
 
 // Completions.
 {
-  const args = { model: "multipole", prompt: "The license", max_tokens: 12, temperature: 0.9, seed: 5 };
+  // ignore_eos: the random model may sample EOS early, and 12 tokens ending "length" are asserted.
+  const args = {
+    model: "multipole", prompt: "The license", max_tokens: 12, temperature: 0.9, seed: 5,
+    ignore_eos: true,
+  };
   const stream = await client.completions.create({
     ...args, stream: true, stream_options: { include_usage: true },
   });

@@ -18,4 +18,8 @@ if ! (cd "$work" && npm init -y >/dev/null && timeout 180 npm install --silent -
 fi
 source "$here/../support/start_server.sh"
 start_server "$build" "$work/server.log" --model "$work/model.gguf" --threads 2 --api-key test-key
-node "$work/openai_sdk.mjs" "http://127.0.0.1:$port/v1"
+if ! node "$work/openai_sdk.mjs" "http://127.0.0.1:$port/v1"; then
+  echo "== the server's log" >&2
+  tail -n 40 "$work/server.log" >&2
+  exit 1
+fi
