@@ -11,10 +11,12 @@ oversized prompts and bodies). Prints a table of the outcomes and exits 1 on any
   - the server not alive at the end (/health, and its process where this script started it);
   - resident memory (RSS; and GPU memory where nvidia-smi shows the process) of the last window
     of the run more than 5 % above or below the first window's (window: a quarter of the run
-    after --warmup, at most 10 minutes).
+    after --warmup, at most 10 minutes). The warm-up is left out because the server's memory
+    grows at first, fast, then levels off: its malloc arenas (one per HTTP thread, up to 8 per
+    core) reach the high-water marks of the request mix (docs/RELIABILITY.md has a 5-minute curve).
 
 usage: soak.py [--server BIN --model GGUF --slots N ...] | [--url URL --pid PID] [--duration S]
-CI: python3 bench/soak.py --server build/server/multipole-server --duration 60 (scripts/test.sh)
+CI: scripts/test.sh runs 100 s, the first 50 s warm-up.
 """
 import argparse
 import asyncio
@@ -281,8 +283,8 @@ def main():
     ap.add_argument("--pid", type=int, help="the running server's process id")
     ap.add_argument("--duration", type=float, default=60, help="seconds of soak")
     ap.add_argument("--warmup", type=float,
-                    help="first seconds of the soak left out of the memory comparison (thread "
-                         "arenas and caches filling; default: a sixth of --duration, at most 60)")
+                    help="first seconds of the soak left out of the memory comparison (malloc "
+                         "arenas and caches filling; default: half of --duration, at most 60)")
     ap.add_argument("--capacity-seconds", type=float, default=15)
     ap.add_argument("--load", type=float, default=0.8, help="fraction of the capacity")
     ap.add_argument("--max-tokens", type=int, default=48, help="max_tokens is 1..this")
@@ -295,9 +297,11 @@ def main():
     ap.add_argument("--rss-tolerance", type=float, default=0.05)
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--json", help="append the results as one JSON line to this file")
+    ap.add_argument("--curve", help="write the memory samples to this CSV file (seconds from the "
+                                    "soak's start, RSS MiB, GPU MiB)")
     args = ap.parse_args()
     if args.warmup is None:
-        args.warmup = min(60.0, args.duration / 6)
+        args.warmup = min(60.0, args.duration / 2)
 
     proc = None
     if args.url:
@@ -335,6 +339,11 @@ def main():
             except subprocess.TimeoutExpired:
                 proc.kill()
 
+    if args.curve:
+        with open(args.curve, "w") as f:
+            f.write("seconds,rss_mib,gpu_mib\n")
+            for t, rss, gpu in samples:
+                f.write(f"{t - t0:.1f},{rss / 2**20:.1f},{'' if gpu is None else f'{gpu / 2**20:.0f}'}\n")
     t0 += args.warmup  # memory is compared from here on
     window = min(600.0, (t1 - t0) / 4)
     print(f"\n| outcome | requests |\n|---|---:|")
