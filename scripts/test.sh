@@ -43,8 +43,9 @@ stage "release tests" "${tests_env[@]}" ctest --test-dir build -j "$jobs" --outp
 # after the warm-up (bench/soak.py, docs/RELIABILITY.md).
 stage "soak" /usr/bin/python3 bench/soak.py --server build/server/multipole-server \
   --model models/default.gguf --slots 4 --duration 100 --warmup 50 --max-tokens 16
+# The benchmarks are compiled in the release build; no test runs them, so not again here.
 cmake -S . -B build-asan -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo -DMULTIPOLE_SANITIZE=ON \
-  -DMULTIPOLE_CUDA=OFF "${launcher[@]}"
+  -DMULTIPOLE_CUDA=OFF -DMULTIPOLE_BENCH=OFF "${launcher[@]}"
 stage "asan build" cmake --build build-asan -j "$jobs"
 stage "asan tests" "${tests_env[@]}" ASAN_OPTIONS=detect_leaks=1 UBSAN_OPTIONS=print_stacktrace=1 \
   ctest --test-dir build-asan -j "$jobs" --output-on-failure --timeout 900 --label-exclude release_only
