@@ -88,6 +88,72 @@ TEST_F(CpuOps, MatmulEqualsTheDotProductLoop) {
     }
 }
 
+// A [N][K] matrix of random bf16 weights; wf: its values in fp32.
+cpu::Matrix bf16_matrix(int N, int K, std::mt19937& rng, std::vector<float>& wf) {
+  cpu::Matrix w;
+  w.N = N;
+  w.K = K;
+  wf = random_floats(size_t(N) * K, rng);
+  for (float& x : wf) {
+    w.bf16.push_back(f32_to_bf16(x));
+    x = bf16_to_f32(w.bf16.back());
+  }
+  return w;
+}
+
+// The bf16 products (AMX or AVX512-BF16 through oneDNN; x split into two bf16 parts): within
+// the fp32 paths' 1e-5 relative (norm-wise) of the fp32 loop, as x is kept to 2^-17 and the
+// sums are fp32 (measured: 2.0-2.3e-6), and 50 times closer to it than x rounded once to bf16
+// (1.5e-3). Awkward shapes: T not a multiple of the 16 rows the path rounds up to, K and N not
+// multiples of 16.
+TEST_F(CpuOps, Bf16ProductsEqualTheDotProductLoop) {
+  if (!cpu::bf16_products_available())
+    GTEST_SKIP() << "this CPU (or its oneDNN) has no bf16 units (AMX, AVX512-BF16): "
+                 << cpu::kernels_summary(0, true);
+  std::mt19937 rng(17);
+  const int shapes[][2] = {{37, 29}, {100, 130}, {1024, 384}, {384, 2049}};  // K, N
+  for (auto [K, N] : shapes) {
+    std::vector<float> wf;
+    const cpu::Matrix w = bf16_matrix(N, K, rng, wf);
+    for (int T : {9, 17, 513}) {
+      const std::vector<float> x = random_floats(size_t(T) * K, rng);
+      std::vector<float> want(size_t(T) * N), rounded_x(x.size()), once(want.size());
+      cpu::matmul_reference(x.data(), T, K, wf.data(), N, want.data());
+      for (size_t i = 0; i < x.size(); ++i) rounded_x[i] = bf16_to_f32(f32_to_bf16(x[i]));
+      cpu::matmul_reference(rounded_x.data(), T, K, wf.data(), N, once.data());
+      for (int threads : {1, 2}) {
+        omp_set_num_threads(threads);
+        std::vector<float> got(want.size(), NAN);
+        cpu::matmul(x.data(), T, w, got.data(), {}, true);
+        EXPECT_LT(rel_err(got, want), 1e-5) << "K " << K << " N " << N << " T " << T;
+        EXPECT_LT(rel_err(got, want), 0.02 * rel_err(once, want)) << "K " << K << " N " << N;
+      }
+    }
+  }
+}
+
+// Where the bf16 units are not used (here: AVX2 forced, as on a CPU without AVX-512, or the
+// kernels' path without oneDNN), asking for bf16 products gives the fp32 path's results (1e-5).
+TEST_F(CpuOps, Bf16ProductsFallBackToFp32) {
+  std::mt19937 rng(19);
+  const int K = 100, N = 130, T = 513;
+  std::vector<float> wf;
+  const cpu::Matrix w = bf16_matrix(N, K, rng, wf);
+  const std::vector<float> x = random_floats(size_t(T) * K, rng);
+  std::vector<float> want(size_t(T) * N), wide(wf.size());
+  cpu::matmul_reference(x.data(), T, K, wf.data(), N, want.data());
+  for (auto products : {cpu::Products::OneDnn, cpu::Products::Kernels}) {
+    cpu::set_products(products);
+    cpu::set_isa(std::min(cpu::Isa::Avx2, cpu::detected_isa()));
+    EXPECT_FALSE(cpu::bf16_products_available());
+    EXPECT_EQ(cpu::kernels_summary(2, true).find("bf16"), std::string::npos)
+        << cpu::kernels_summary(2, true);
+    std::vector<float> got(want.size(), NAN);
+    cpu::matmul(x.data(), T, w, got.data(), wide, true);
+    EXPECT_LT(rel_err(got, want), 1e-5);
+  }
+}
+
 // Each output on its own too: no row or column may hide behind the norm of the others.
 TEST_F(CpuOps, MatrixVectorKernelsAgreeElementwise) {
   std::mt19937 rng(9);

@@ -161,7 +161,7 @@ std::string duration(double s) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  mp::cli::Args a(argc, argv, {"resume"},
+  mp::cli::Args a(argc, argv, {"resume", "cpu-fp32-products"},
                   "usage: multipole-batch --input IN.jsonl --output OUT.jsonl [options]\n"
                   "  Lines: OpenAI Batch requests (custom_id, method, url, body) or request\n"
                   "  bodies with an \"id\". Results are appended as they finish.\n"
@@ -173,11 +173,11 @@ int main(int argc, char** argv) {
                   "  --backend KIND   auto, cpu or cuda (default auto)\n"
                   "  --devices LIST   GPUs to run replicas on: all or 0,1,... (default 0)\n"
                   "  --chat-template-file FILE  Jinja chat template replacing the model's\n" +
-                      std::string(mp::cli::kPrefixCacheUsage),
+                      std::string(mp::cli::kCpuFp32ProductsUsage) + mp::cli::kPrefixCacheUsage,
                   {{"m", "model"}});
   std::set<std::string> known = {"input",   "output",  "model",  "resume",
                                  "slots",   "ctx-limit", "threads", "backend",
-                                 "devices", "chat-template-file"};
+                                 "devices", "chat-template-file", "cpu-fp32-products"};
   known.insert(mp::cli::kPrefixCacheOptions.begin(), mp::cli::kPrefixCacheOptions.end());
   a.check_known(known);
   if (!a.has("input") || !a.has("output")) a.fail("--input and --output are required");
@@ -214,6 +214,7 @@ int main(int argc, char** argv) {
     bo.kind = a.str("backend", "auto");
     bo.n_slots = static_cast<int>(a.integer("slots", 16));
     bo.n_threads = static_cast<int>(a.integer("threads", 0));
+    bo.cpu_fp32_products = a.has("cpu-fp32-products");
     if (a.has("devices")) bo.devices = mp::parse_devices(a.str("devices"), bo.kind);
     mp::SchedulerOptions so;
     so.max_queue = static_cast<int>(lines.size()) + 1;

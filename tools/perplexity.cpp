@@ -12,7 +12,7 @@
 
 int main(int argc, char** argv) {
   mp::cli::Args args(
-      argc, argv, {"ids"},
+      argc, argv, {"ids", "cpu-fp32-products"},
       "usage: multipole-perplexity -m, --model FILE [options] FILE\n"
       "Prints the perplexity of FILE under the model.\n"
       "  --ids             FILE holds whitespace-separated token ids, not text\n"
@@ -21,9 +21,11 @@ int main(int argc, char** argv) {
       "  --chunk N         prefill chunk size (default 512)\n"
       "  --nll-out FILE    write the per-token negative log-likelihoods (nats) as JSON\n"
       "  --backend KIND    auto, cpu or cuda (default auto)\n"
-      "  --threads N       CPU threads (default: all cores)\n",
+      "  --threads N       CPU threads (default: all cores)\n" +
+          std::string(mp::cli::kCpuFp32ProductsUsage),
       {{"m", "model"}});
-  args.check_known({"model", "ids", "ctx", "chunk", "nll-out", "backend", "threads"});
+  args.check_known(
+      {"model", "ids", "ctx", "chunk", "nll-out", "backend", "threads", "cpu-fp32-products"});
   if (args.positional().size() != 1) args.fail("expected one input FILE");
   const long long ctx = args.integer("ctx", 0);
   const int chunk = static_cast<int>(args.integer("chunk", 512));
@@ -57,6 +59,7 @@ int main(int argc, char** argv) {
     bo.kind = args.str("backend", "auto");
     bo.n_slots = 1;
     bo.n_threads = static_cast<int>(args.integer("threads", 0));
+    bo.cpu_fp32_products = args.has("cpu-fp32-products");
     auto backend = mp::make_backend(model, bo);
     std::fprintf(stderr, "model: %s (%s), backend %s, %zu tokens\n", model->path().c_str(),
                  model->config().summary().c_str(), backend->name().c_str(), tokens.size());

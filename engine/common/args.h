@@ -12,6 +12,11 @@
 
 namespace mp::cli {
 
+// The flag setting BackendOptions::cpu_fp32_products, in every tool that makes a backend.
+inline const char* kCpuFp32ProductsUsage =
+    "  --cpu-fp32-products  keep the CPU's prefill products fp32, not bf16 on AMX or\n"
+    "                    AVX512-BF16 (docs/PERF.md, \"bf16 products\")\n";
+
 class Args {
  public:
   // `flags` take no value; every other --name takes one. `short_names` maps "m" to "model".

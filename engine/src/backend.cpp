@@ -76,7 +76,9 @@ std::unique_ptr<Backend> make_backend(std::shared_ptr<const Model> model,
                                 gpu ? DeviceThreads::kGpuSpin : std::chrono::microseconds{});
   }
   const int device = opts.devices.empty() ? 0 : opts.devices[0];
-  if (opts.kind == "cpu") return make_cpu_backend(std::move(model), opts.n_slots, opts.n_threads);
+  if (opts.kind == "cpu")
+    return make_cpu_backend(std::move(model), opts.n_slots, opts.n_threads,
+                            opts.cpu_fp32_products);
 #ifdef MULTIPOLE_HAVE_CUDA
   if (const int present = cuda_device_count(); present > 0) {
     if (device >= present)
@@ -91,7 +93,8 @@ std::unique_ptr<Backend> make_backend(std::shared_ptr<const Model> model,
         "backend 'cuda' asked for, but this build has no CUDA backend or no GPU is present");
   if (device != 0)
     throw Error("device " + std::to_string(device) + " asked for, but no GPU is present");
-  return make_cpu_backend(std::move(model), opts.n_slots, opts.n_threads);
+  return make_cpu_backend(std::move(model), opts.n_slots, opts.n_threads,
+                          opts.cpu_fp32_products);
 }
 
 void check_sample_call(std::span<const SeqChunk> chunks, std::span<const SampleSpec> specs) {

@@ -37,11 +37,12 @@ struct LayerWeights {
 
 class CpuBackend final : public Backend {
  public:
-  CpuBackend(std::shared_ptr<const Model> model, int n_slots, int n_threads,
+  CpuBackend(std::shared_ptr<const Model> model, int n_slots, int n_threads, bool fp32_products,
              Communicator* comm = nullptr)
       : model_(std::move(model)),
         c_(comm ? shard_config(model_->config(), comm->size()) : model_->config()),
         n_threads_(n_threads),
+        bf16_products_(!fp32_products && cpu::bf16_products_available()),
         comm_(comm) {
     if (n_slots <= 0) throw Error("backend: n_slots must be positive");
     namespace tn = tensor_names;
@@ -89,7 +90,9 @@ class CpuBackend final : public Backend {
     in_use_.assign(n_slots, false);
   }
 
-  std::string name() const override { return "cpu (" + cpu::kernels_summary(n_threads_) + ")"; }
+  std::string name() const override {
+    return "cpu (" + cpu::kernels_summary(n_threads_, bf16_products_) + ")";
+  }
   const Config& config() const override { return c_; }
   int n_slots() const override { return static_cast<int>(slots_.size()); }
 
@@ -134,7 +137,7 @@ class CpuBackend final : public Backend {
   const cpu::Matrix& head() const { return c_.tie_word_embeddings ? embed_ : head_; }
 
   void matmul(const std::vector<float>& x, int T, const cpu::Matrix& W, std::vector<float>& y) {
-    cpu::matmul(x.data(), T, W, y.data(), wide_);
+    cpu::matmul(x.data(), T, W, y.data(), wide_, bf16_products_);
   }
 
   std::vector<float> run(std::span<const SeqChunk> chunks) {
@@ -236,6 +239,7 @@ class CpuBackend final : public Backend {
   std::shared_ptr<const Model> model_;
   const Config c_;  // a shard's share of the heads and FFN columns under tensor parallelism
   int n_threads_;
+  bool bf16_products_;        // products of more than 8 rows through bf16 units (cpu::matmul)
   Communicator* comm_;        // null unless a tensor-parallel shard
   cpu::Matrix embed_, head_;  // head_ empty when tied to the embedding
   std::vector<float> out_norm_;
@@ -249,8 +253,8 @@ class CpuBackend final : public Backend {
 }  // namespace
 
 std::unique_ptr<Backend> make_cpu_backend(std::shared_ptr<const Model> model, int n_slots,
-                                          int n_threads) {
-  return std::make_unique<CpuBackend>(std::move(model), n_slots, n_threads);
+                                          int n_threads, bool fp32_products) {
+  return std::make_unique<CpuBackend>(std::move(model), n_slots, n_threads, fp32_products);
 }
 
 Config shard_config(const Config& c, int size) {
@@ -268,8 +272,9 @@ Config shard_config(const Config& c, int size) {
 }
 
 std::unique_ptr<Backend> make_cpu_shard(std::shared_ptr<const Model> model, int n_slots,
-                                        int n_threads, Communicator& comm) {
-  return std::make_unique<CpuBackend>(std::move(model), n_slots, n_threads, &comm);
+                                        int n_threads, bool fp32_products, Communicator& comm) {
+  return std::make_unique<CpuBackend>(std::move(model), n_slots, n_threads, fp32_products,
+                                      &comm);
 }
 
 }  // namespace mp

@@ -6,8 +6,12 @@
 #include <oneapi/dnnl/dnnl.h>
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstdlib>
+#include <map>
+#include <memory>
+#include <mutex>
 #include <string>
 #include <utility>
 #include <vector>
@@ -60,6 +64,38 @@ inline float hsum(V v) {
   return _mm512_cvtss_f32(v);
 }
 #include "simd_kernels.inc"
+
+// f32_to_bf16 of each lane, in the low 16 bits of its 32: round to nearest even, NaN stays NaN.
+// (The maskz forms, as in load.)
+inline __m512i round_to_bf16(V v) {
+  const __m512i u = _mm512_castps_si512(v);
+  const __m512i high = _mm512_maskz_srli_epi32(0xffff, u, 16);
+  const __m512i lsb = _mm512_and_si512(high, _mm512_set1_epi32(1));
+  const __m512i rounded = _mm512_maskz_srli_epi32(
+      0xffff, _mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff))), 16);
+  const __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+  return _mm512_mask_or_epi32(rounded, nan, high, _mm512_set1_epi32(0x40));
+}
+inline void store_bf16(uint16_t* p, __m512i r) {
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_maskz_cvtepi32_epi16(0xffff, r));
+}
+
+// x[i] split into two bf16 halves: hi[i] = f32_to_bf16(x[i]), lo[i] = f32_to_bf16(x[i] - hi[i])
+// (so hi + lo is x to about 2^-17 relative).
+void split_bf16(const float* x, int64_t n, uint16_t* hi, uint16_t* lo) {
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+    const V v = load(x + i);
+    const __m512i h = round_to_bf16(v);
+    const V hf = _mm512_castsi512_ps(_mm512_maskz_slli_epi32(0xffff, h, 16));
+    store_bf16(hi + i, h);
+    store_bf16(lo + i, round_to_bf16(_mm512_sub_ps(v, hf)));
+  }
+  for (; i < n; ++i) {
+    hi[i] = f32_to_bf16(x[i]);
+    lo[i] = f32_to_bf16(x[i] - bf16_to_f32(hi[i]));
+  }
+}
 }  // namespace avx512
 #if defined(__clang__)
 #pragma clang attribute pop
@@ -168,21 +204,79 @@ void set_isa(Isa isa) {
 // --- Which products -------------------------------------------------------------------------
 
 namespace {
-// oneDNN's sgemm (the same call in its versions 2 and 3), or null where the library cannot be
-// loaded. Loaded rather than linked, so that binaries carried without it (the GPU machine's
-// bundle) still run.
-decltype(&dnnl_sgemm) onednn_sgemm() {
-  static const auto fn = []() -> decltype(&dnnl_sgemm) {
-    for (const char* name : {"libdnnl.so.3", "libdnnl.so.2"})
-      if (void* lib = dlopen(name, RTLD_NOW | RTLD_LOCAL))
-        return reinterpret_cast<decltype(&dnnl_sgemm)>(dlsym(lib, "dnnl_sgemm"));
-    return nullptr;
+// oneDNN, loaded rather than linked, so that binaries carried without it (the GPU machine's
+// bundle) still run. Its sgemm is the same call in versions 2 and 3; the matmul primitive behind
+// the bf16 products is called through version 2's C API (Debian 12's libdnnl-dev, the header this
+// is built with; version 3 changed how memory and primitive descriptors are made), so it is
+// loaded from libdnnl.so.2 only and left null elsewhere.
+struct OneDnn {
+  decltype(&dnnl_sgemm) sgemm = nullptr;
+#if DNNL_VERSION_MAJOR == 2
+  decltype(&dnnl_engine_create) engine_create = nullptr;
+  decltype(&dnnl_stream_create) stream_create = nullptr;
+  decltype(&dnnl_stream_wait) stream_wait = nullptr;
+  decltype(&dnnl_stream_destroy) stream_destroy = nullptr;
+  decltype(&dnnl_memory_desc_init_by_tag) memory_desc_init_by_tag = nullptr;
+  decltype(&dnnl_memory_desc_get_size) memory_desc_get_size = nullptr;
+  decltype(&dnnl_matmul_desc_init) matmul_desc_init = nullptr;
+  decltype(&dnnl_primitive_attr_create) attr_create = nullptr;
+  decltype(&dnnl_primitive_attr_set_scratchpad_mode) attr_set_scratchpad_mode = nullptr;
+  decltype(&dnnl_primitive_attr_destroy) attr_destroy = nullptr;
+  decltype(&dnnl_primitive_desc_create) primitive_desc_create = nullptr;
+  decltype(&dnnl_primitive_desc_query) primitive_desc_query = nullptr;
+  decltype(&dnnl_primitive_desc_query_md) primitive_desc_query_md = nullptr;
+  decltype(&dnnl_primitive_desc_destroy) primitive_desc_destroy = nullptr;
+  decltype(&dnnl_primitive_create) primitive_create = nullptr;
+  decltype(&dnnl_primitive_execute) primitive_execute = nullptr;
+  decltype(&dnnl_memory_create) memory_create = nullptr;
+  decltype(&dnnl_memory_destroy) memory_destroy = nullptr;
+  dnnl_engine_t engine = nullptr;  // the CPU engine, where the matmul API loaded
+#endif
+};
+
+const OneDnn& onednn() {
+  static const OneDnn o = [] {
+    OneDnn o;
+    void* lib = nullptr;
+    for (const char* name : {"libdnnl.so.2", "libdnnl.so.3"})
+      if ((lib = dlopen(name, RTLD_NOW | RTLD_LOCAL))) break;
+    if (!lib) return o;
+    o.sgemm = reinterpret_cast<decltype(&dnnl_sgemm)>(dlsym(lib, "dnnl_sgemm"));
+#if DNNL_VERSION_MAJOR == 2
+    auto version = reinterpret_cast<decltype(&dnnl_version)>(dlsym(lib, "dnnl_version"));
+    if (!version || version()->major != 2) return o;
+    bool all = true;
+    auto get = [&](auto& fn, const char* name) {
+      fn = reinterpret_cast<std::remove_reference_t<decltype(fn)>>(dlsym(lib, name));
+      all = all && fn;
+    };
+    get(o.engine_create, "dnnl_engine_create");
+    get(o.stream_create, "dnnl_stream_create");
+    get(o.stream_wait, "dnnl_stream_wait");
+    get(o.stream_destroy, "dnnl_stream_destroy");
+    get(o.memory_desc_init_by_tag, "dnnl_memory_desc_init_by_tag");
+    get(o.memory_desc_get_size, "dnnl_memory_desc_get_size");
+    get(o.matmul_desc_init, "dnnl_matmul_desc_init");
+    get(o.attr_create, "dnnl_primitive_attr_create");
+    get(o.attr_set_scratchpad_mode, "dnnl_primitive_attr_set_scratchpad_mode");
+    get(o.attr_destroy, "dnnl_primitive_attr_destroy");
+    get(o.primitive_desc_create, "dnnl_primitive_desc_create");
+    get(o.primitive_desc_query, "dnnl_primitive_desc_query");
+    get(o.primitive_desc_query_md, "dnnl_primitive_desc_query_md");
+    get(o.primitive_desc_destroy, "dnnl_primitive_desc_destroy");
+    get(o.primitive_create, "dnnl_primitive_create");
+    get(o.primitive_execute, "dnnl_primitive_execute");
+    get(o.memory_create, "dnnl_memory_create");
+    get(o.memory_destroy, "dnnl_memory_destroy");
+    if (!all || o.engine_create(&o.engine, dnnl_cpu, 0) != dnnl_success) o.engine = nullptr;
+#endif
+    return o;
   }();
-  return fn;
+  return o;
 }
 
 Products& products() {
-  static Products p = onednn_sgemm() ? Products::OneDnn : Products::Kernels;
+  static Products p = onednn().sgemm ? Products::OneDnn : Products::Kernels;
   return p;
 }
 }  // namespace
@@ -190,18 +284,99 @@ Products& products() {
 Products active_products() { return products(); }
 
 void set_products(Products p) {
-  if (p == Products::OneDnn && !onednn_sgemm())
+  if (p == Products::OneDnn && !onednn().sgemm)
     throw Error("oneDNN's sgemm cannot be loaded (libdnnl.so.3 or .2)");
   products() = p;
 }
 
-std::string kernels_summary(int n_threads) {
+// --- bf16 products: oneDNN's matmul on the CPU's bf16 units ----------------------------------
+//
+// y[T][N] = (hi + lo)[T][K] * W^T as one product of 2M rows (the high parts' rows, then the low
+// parts'), whose two halves are then added; W's bf16 rows are used as they are (oneDNN's "ba"
+// layout of the [K][N] weights: no repacked copy), sums and output fp32. A primitive is made
+// (and compiled by oneDNN) per shape; T is rounded up to M, a multiple of kBf16RowStep (zero
+// rows), so that a server's varying step sizes share a few of them.
+
+namespace {
+constexpr int kBf16RowStep = 16;  // an AMX tile's rows
+
+#if DNNL_VERSION_MAJOR == 2
+struct Bf16Matmul {
+  dnnl_primitive_t primitive = nullptr;
+  dnnl_memory_desc_t src, weights, dst, scratchpad;
+  std::string impl;  // oneDNN's implementation, e.g. "brg:avx512_core_amx_bf16"
+};
+
+// The primitive of shape (M, K, N), made at first use; null if oneDNN cannot make one. Kept for
+// the process's life (a few per model shape); safe to call from several threads.
+const Bf16Matmul* bf16_matmul(int M, int K, int N) {
+  const OneDnn& d = onednn();
+  if (!d.engine) return nullptr;
+  static std::mutex mutex;
+  static auto* cache = new std::map<std::array<int, 3>, std::unique_ptr<Bf16Matmul>>;
+  std::lock_guard lock(mutex);
+  auto& slot = (*cache)[{M, K, N}];
+  if (slot) return slot->primitive ? slot.get() : nullptr;
+  slot = std::make_unique<Bf16Matmul>();
+  Bf16Matmul& m = *slot;
+  const dnnl_dims_t src_dims = {M, K}, weight_dims = {K, N}, dst_dims = {M, N};
+  dnnl_matmul_desc_t desc;
+  dnnl_primitive_attr_t attr = nullptr;
+  dnnl_primitive_desc_t pd = nullptr;
+  // A scratchpad per call (below), so that threads may run one primitive at once.
+  if (d.memory_desc_init_by_tag(&m.src, 2, src_dims, dnnl_bf16, dnnl_ab) != dnnl_success ||
+      d.memory_desc_init_by_tag(&m.weights, 2, weight_dims, dnnl_bf16, dnnl_ba) != dnnl_success ||
+      d.memory_desc_init_by_tag(&m.dst, 2, dst_dims, dnnl_f32, dnnl_ab) != dnnl_success ||
+      d.matmul_desc_init(&desc, &m.src, &m.weights, nullptr, &m.dst) != dnnl_success ||
+      d.attr_create(&attr) != dnnl_success)
+    return nullptr;
+  if (d.attr_set_scratchpad_mode(attr, dnnl_scratchpad_mode_user) == dnnl_success &&
+      d.primitive_desc_create(&pd, &desc, attr, d.engine, nullptr) == dnnl_success) {
+    const char* impl = "";
+    d.primitive_desc_query(pd, dnnl_query_impl_info_str, 0, &impl);
+    m.impl = impl;
+    m.scratchpad = *d.primitive_desc_query_md(pd, dnnl_query_scratchpad_md, 0);
+    if (d.primitive_create(&m.primitive, pd) != dnnl_success) m.primitive = nullptr;
+    d.primitive_desc_destroy(pd);
+  }
+  d.attr_destroy(attr);
+  return m.primitive ? &m : nullptr;
+}
+#endif
+
+// oneDNN's implementation of bf16 products where it runs them on bf16 hardware (AMX, or
+// AVX512-BF16's dot products), else "": elsewhere oneDNN emulates bf16, slower than its sgemm.
+const std::string& bf16_hardware_impl() {
+  static const std::string impl = [] {
+#if DNNL_VERSION_MAJOR == 2
+    if (const Bf16Matmul* m = bf16_matmul(kBf16RowStep, 64, 64))
+      if (m->impl.find("amx_bf16") != std::string::npos ||
+          m->impl.find("avx512_core_bf16") != std::string::npos)
+        return m->impl;
+#endif
+    return std::string();
+  }();
+  return impl;
+}
+}  // namespace
+
+bool bf16_products_available() {
+  return active_products() == Products::OneDnn && active_isa() == Isa::Avx512 &&
+         !bf16_hardware_impl().empty();
+}
+
+std::string kernels_summary(int n_threads, bool bf16_products) {
   if (n_threads <= 0) n_threads = omp_get_max_threads();
-  const std::string isa = isa_name(active_isa());
-  const char* how[] = {", oneDNN sgemm", ", no oneDNN (libdnnl.so not found)", ""};
-  const std::string kernels = active_products() == Products::Reference
-                                  ? "dot-product loops"
-                                  : isa + how[int(active_products())];
+  std::string kernels;
+  if (active_products() == Products::Reference)
+    kernels = "dot-product loops";
+  else if (active_products() == Products::Kernels)
+    kernels = std::string(isa_name(active_isa())) + ", no oneDNN (libdnnl.so not found)";
+  else if (bf16_products && bf16_products_available())
+    kernels = std::string(isa_name(active_isa())) + ", oneDNN bf16 matmul (" +
+              bf16_hardware_impl() + ")";
+  else
+    kernels = std::string(isa_name(active_isa())) + ", oneDNN sgemm";
   return kernels + ", " + std::to_string(n_threads) + (n_threads == 1 ? " thread" : " threads");
 }
 
@@ -386,7 +561,68 @@ void gemv(const float* x, int T, int K, W w, int N, float* y) {
 
 // --- Matrix products ------------------------------------------------------------------------
 
-void matmul(const float* x, int T, const Matrix& W, float* y, std::span<float> wide) {
+#if DNNL_VERSION_MAJOR == 2
+namespace {
+// The bf16 path of matmul (bf16_products_available() and bf16 weights).
+void matmul_bf16(const float* x, int T, const Matrix& W, float* y) {
+  const int K = W.K, N = W.N;
+  const int M = (T + kBf16RowStep - 1) / kBf16RowStep * kBf16RowStep;
+  const Bf16Matmul* mm = bf16_matmul(2 * M, K, N);
+  if (!mm)
+    throw Error("matmul: oneDNN cannot make a bf16 product of " + std::to_string(2 * M) + " x " +
+                std::to_string(K) + " by " + std::to_string(K) + " x " + std::to_string(N));
+  // Per calling thread (tensor-parallel shards are threads), buffers that only grow: the halves
+  // [2M][K] (x's high parts in rows 0..T-1, its low parts in rows M..M+T-1, zeros elsewhere) and
+  // their products [2M][N].
+  thread_local std::vector<uint16_t> halves;
+  thread_local std::vector<float> products;
+  thread_local std::vector<uint8_t> scratchpad;
+  halves.resize(size_t(2) * M * K);
+  products.resize(size_t(2) * M * N);
+  const int64_t n = int64_t(T) * K, rows_n = int64_t(M) * K;
+  uint16_t* hi = halves.data();  // (inside a parallel region `halves` is each thread's own)
+  constexpr int64_t kPart = 16384;  // elements per task
+#pragma omp parallel for schedule(static) if (n >= 4 * kPart)
+  for (int64_t i = 0; i < n; i += kPart)
+    avx512::split_bf16(x + i, std::min(kPart, n - i), hi + i, hi + rows_n + i);
+  std::fill(hi + n, hi + rows_n, uint16_t{0});
+  std::fill(hi + rows_n + n, hi + 2 * rows_n, uint16_t{0});
+
+  const OneDnn& d = onednn();
+  scratchpad.resize(d.memory_desc_get_size(&mm->scratchpad));
+  dnnl_memory_t src = nullptr, weights = nullptr, dst = nullptr, scratch = nullptr;
+  dnnl_stream_t stream = nullptr;
+  auto* w = const_cast<uint16_t*>(W.bf16.data());  // read only
+  dnnl_status_t st = d.stream_create(&stream, d.engine, dnnl_stream_default_flags);
+  if (st == dnnl_success) st = d.memory_create(&src, &mm->src, d.engine, hi);
+  if (st == dnnl_success) st = d.memory_create(&weights, &mm->weights, d.engine, w);
+  if (st == dnnl_success) st = d.memory_create(&dst, &mm->dst, d.engine, products.data());
+  if (st == dnnl_success)
+    st = d.memory_create(&scratch, &mm->scratchpad, d.engine, scratchpad.data());
+  if (st == dnnl_success) {
+    const dnnl_exec_arg_t args[] = {{DNNL_ARG_SRC, src},
+                                    {DNNL_ARG_WEIGHTS, weights},
+                                    {DNNL_ARG_DST, dst},
+                                    {DNNL_ARG_SCRATCHPAD, scratch}};
+    st = d.primitive_execute(mm->primitive, stream, 4, args);
+    if (st == dnnl_success) st = d.stream_wait(stream);
+  }
+  for (dnnl_memory_t m : {src, weights, dst, scratch})
+    if (m) d.memory_destroy(m);
+  if (stream) d.stream_destroy(stream);
+  if (st != dnnl_success)
+    throw Error("matmul: oneDNN's bf16 matmul failed (status " + std::to_string(int(st)) + ")");
+  const float* high = products.data();
+  const float* low = high + size_t(M) * N;
+  const int64_t outputs = int64_t(T) * N;
+#pragma omp parallel for simd schedule(static) if (outputs >= 65536)
+  for (int64_t i = 0; i < outputs; ++i) y[i] = high[i] + low[i];
+}
+}  // namespace
+#endif
+
+void matmul(const float* x, int T, const Matrix& W, float* y, std::span<float> wide,
+            bool bf16_activations) {
   const int K = W.K, N = W.N;
   if (T <= 0) return;
   if (active_products() == Products::Reference) {
@@ -406,6 +642,10 @@ void matmul(const float* x, int T, const Matrix& W, float* y, std::span<float> w
     for (int t0 = 0; t0 < T; t0 += kGemvRows) kernels(t0, std::min(kGemvRows, T - t0));
     return;
   }
+#if DNNL_VERSION_MAJOR == 2
+  if (bf16_activations && W.is_bf16() && bf16_products_available())
+    return matmul_bf16(x, T, W, y);
+#endif
   const float* wf = W.f32.data();
   if (!W.is_f32()) {
     const int64_t n = int64_t(N) * K;
@@ -422,7 +662,7 @@ void matmul(const float* x, int T, const Matrix& W, float* y, std::span<float> w
     }
     wf = wide.data();
   }
-  const dnnl_status_t st = onednn_sgemm()('N', 'T', T, N, K, 1.0f, x, K, wf, K, 0.0f, y, N);
+  const dnnl_status_t st = onednn().sgemm('N', 'T', T, N, K, 1.0f, x, K, wf, K, 0.0f, y, N);
   if (st != dnnl_success)
     throw Error("matmul: oneDNN sgemm failed (status " + std::to_string(int(st)) + ")");
 }

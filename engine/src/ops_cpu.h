@@ -18,8 +18,10 @@ Isa active_isa();
 void set_isa(Isa isa);  // throws Error if the CPU lacks it
 const char* isa_name(Isa isa);
 Isa parse_isa(std::string_view name);  // throws Error naming the accepted names
-// The CPU backend's kernels in one line, e.g. "avx512, oneDNN sgemm, 2 threads".
-std::string kernels_summary(int n_threads);
+// The CPU backend's kernels in one line, e.g. "avx512, oneDNN sgemm, 2 threads", or with
+// bf16_products where they are available "avx512, oneDNN bf16 matmul (brg:avx512_core_amx_bf16),
+// 2 threads".
+std::string kernels_summary(int n_threads, bool bf16_products);
 
 // A weight matrix W[N][K] as the CPU backend keeps it: bf16 weights stay bf16 (half the bytes
 // to stream per token; widening bf16 to fp32 is exact), Q8_0 weights stay int8 with one scale per
@@ -57,10 +59,22 @@ void set_products(Products p);  // throws Error if oneDNN is asked for and canno
 // Up to this many rows, matmul is a matrix-vector kernel that streams W once for all rows.
 constexpr int kGemvRows = 8;
 
+// bf16 products: a product of more than kGemvRows rows by bf16 weights may run on the CPU's
+// bf16 units (AMX, AVX512-BF16) through oneDNN's bf16 matmul. Each activation is split into two
+// bf16 parts, hi = bf16(x) and lo = bf16(x - hi), both multiplied by the (exact) bf16 weights
+// with fp32 sums: x is kept to about 2^-17 relative, so the result is fp32's to about 1e-5
+// (rounding x to bf16 alone costs 2e-3 per product and 0.05 nats of log-probability on the
+// default model: docs/PERF.md, "bf16 products"). Available where oneDNN 2 loads and runs them on
+// such hardware, active_products() is OneDnn and active_isa() is avx512 (so
+// MULTIPOLE_CPU_ISA=avx2 turns them off as a CPU without AVX-512 would).
+bool bf16_products_available();
+
 // y[T][N] = x[T][K] * W^T. T <= kGemvRows: the hand-written kernels of active_isa() (Q8_0:
-// each block's weights dequantized in registers); more rows: as active_products() says, bf16 and
-// Q8_0 weights widened into `wide` (at least N*K floats) for oneDNN.
-void matmul(const float* x, int T, const Matrix& W, float* y, std::span<float> wide);
+// each block's weights dequantized in registers); more rows: with bf16_activations, bf16
+// weights and bf16_products_available(), a bf16 product (above); else as active_products()
+// says, bf16 and Q8_0 weights widened into `wide` (at least N*K floats) for oneDNN's sgemm.
+void matmul(const float* x, int T, const Matrix& W, float* y, std::span<float> wide,
+            bool bf16_activations = false);
 // The same by the dot-product loop the backend used before (the tests' reference and the
 // benchmark's baseline).
 void matmul_reference(const float* x, int T, int K, const float* W, int N, float* y);

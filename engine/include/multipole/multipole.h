@@ -408,6 +408,10 @@ struct BackendOptions {
   // shards run on `devices` (default 0..N-1) and sum over NCCL (builds with NCCL only); on the
   // CPU they are threads summing through shared memory.
   int tensor_parallel = 0;
+  // CPU backend: products of more than 8 rows (prefill) by bf16 weights stay fp32 (oneDNN's
+  // sgemm) where the CPU has bf16 units (AMX, AVX512-BF16). By default they round their
+  // activations to bf16 there, as llama.cpp does (docs/PERF.md, "bf16 products").
+  bool cpu_fp32_products = false;
 };
 std::unique_ptr<Backend> make_backend(std::shared_ptr<const Model> model,
                                       const BackendOptions& opts);
