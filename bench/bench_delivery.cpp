@@ -1,15 +1,20 @@
 // What delivering a token costs the server, without a model: multipole-server's own Server and
-// Scheduler over a backend that does no work (bench/null_backend.h), streamed to by loadgen
-// (N streaming clients on epoll in P processes; the loadgen binary beside this one). The model
-// thread makes tokens far faster than they can be delivered, so the tokens/s that reach the
-// clients is the delivery path's rate: event thread (on_event: timing, queueing to the
-// connection) -> HTTP thread (SSE formatting, the write) -> socket -> client. Baseline in the
-// same run: the same Scheduler with callbacks that do nothing (the scheduler's own rate).
-// usage: bench_delivery MODEL.gguf [clients=256] [tokens=512] [event_threads=2] [processes=1]
+// Scheduler over a backend that does no work but takes a fixed step time (bench/../tests/support/
+// null_backend.h; 2 ms, about a GPU step at batch 1,024), streamed to by loadgen (N streaming
+// clients on epoll in P processes; the loadgen binary beside this one). Each stream then gets an
+// event per step, as on the GPU: one on_event, one wake of its HTTP thread, one write. Measured:
+// the server process's CPU time (user + system, getrusage: robust to other load on the machine)
+// per token delivered, against the same Scheduler and backend with callbacks that do nothing
+// (the scheduler's own share) in the same run; their difference is the delivery path's cost:
+// event thread (on_event: timing, queueing to the connection) -> HTTP thread (SSE formatting,
+// the write) -> socket. Also the tokens/s and ITL that loadgen saw.
+// usage: bench_delivery MODEL.gguf [clients=256] [tokens=256] [event_threads=2] [processes=1]
+//                       [step_us=2000]
+#include <sys/resource.h>
+
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
-#include <future>
 #include <string>
 #include <thread>
 
@@ -20,31 +25,22 @@ namespace {
 
 using namespace mp;
 
-double seconds_since(std::chrono::steady_clock::time_point t0) {
-  return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+double cpu_seconds() {  // the process's, all threads
+  rusage u{};
+  getrusage(RUSAGE_SELF, &u);
+  return double(u.ru_utime.tv_sec + u.ru_stime.tv_sec) +
+         1e-6 * double(u.ru_utime.tv_usec + u.ru_stime.tv_usec);
 }
 
-// Tokens/s of `streams` requests of `tokens` tokens through a Scheduler, callbacks doing nothing.
-double scheduler_alone(const Model& model, int streams, int tokens, int event_threads) {
-  NullBackend backend(model.config(), streams);
+// CPU seconds of `streams` requests of `tokens` tokens through a Scheduler, callbacks doing
+// nothing.
+double scheduler_alone(const Model& model, int streams, int tokens, int event_threads,
+                       std::chrono::microseconds step) {
+  NullBackend backend(model.config(), streams, step);
   Scheduler sched(backend, model.tokenizer(), {.max_queue = streams, .event_threads = event_threads});
-  std::vector<std::future<void>> done;
-  const auto t0 = std::chrono::steady_clock::now();
-  for (int i = 0; i < streams; ++i) {
-    auto p = std::make_shared<std::promise<void>>();
-    done.push_back(p->get_future());
-    CompletionRequest r;
-    r.prompt = model.tokenizer().encode("The history of the", true);
-    r.max_tokens = tokens;
-    r.ignore_eos = true;
-    r.on_event = [p](const CompletionEvent& e) {
-      if (e.done) p->set_value();
-      return true;
-    };
-    sched.submit(std::move(r));
-  }
-  for (auto& d : done) d.wait();
-  return double(streams) * tokens / seconds_since(t0);
+  const double t0 = cpu_seconds();
+  run_streams(sched, model.tokenizer().encode("The history of the", true), streams, tokens);
+  return cpu_seconds() - t0;
 }
 
 }  // namespace
@@ -53,17 +49,19 @@ int main(int argc, char** argv) {
   if (argc < 2) {
     std::fprintf(stderr,
                  "usage: bench_delivery MODEL.gguf [clients] [tokens] [event_threads] "
-                 "[processes]\n");
+                 "[processes] [step_us]\n");
     return 2;
   }
   const int clients = argc > 2 ? std::atoi(argv[2]) : 256;
-  const int tokens = argc > 3 ? std::atoi(argv[3]) : 512;
+  const int tokens = argc > 3 ? std::atoi(argv[3]) : 256;
   const int event_threads = argc > 4 ? std::atoi(argv[4]) : 2;
   const int processes = argc > 5 ? std::atoi(argv[5]) : 1;
+  const std::chrono::microseconds step(argc > 6 ? std::atoi(argv[6]) : 2000);
   std::shared_ptr<const Model> model = Model::load(argv[1]);
-  const double alone = scheduler_alone(*model, clients, tokens, event_threads);
+  const double n = double(clients) * tokens;
+  const double alone_us = scheduler_alone(*model, clients, tokens, event_threads, step) / n * 1e6;
 
-  NullBackend backend(model->config(), clients);
+  NullBackend backend(model->config(), clients, step);
   Scheduler sched(backend, model->tokenizer(),
                   {.max_queue = clients, .event_threads = event_threads});
   ServerOptions so;
@@ -82,10 +80,12 @@ int main(int argc, char** argv) {
                           std::to_string(processes) + " --max-tokens " + std::to_string(tokens);
   // loadgen's row: | clients | processes | requests | s | requests/s | tokens/s | ...
   std::string row;
+  const double t0 = cpu_seconds();
   FILE* out = popen(cmd.c_str(), "r");
   char line[1024];
   while (out && std::fgets(line, sizeof line, out)) row = line;
   const int rc = out ? pclose(out) : -1;
+  const double served_us = (cpu_seconds() - t0) / n * 1e6;
   server.stop();
   http.join();
   std::vector<std::string> cells;
@@ -99,12 +99,11 @@ int main(int argc, char** argv) {
     std::fprintf(stderr, "bench_delivery: %s failed: %s\n", cmd.c_str(), row.c_str());
     return 1;
   }
-  const double served = std::atof(cells[5].c_str());
-  std::printf("| clients | tokens each | event threads | scheduler alone tokens/s | through the "
-              "server tokens/s | per event thread | ratio | ITL p50 / p99 ms | errors |\n"
-              "|---|---|---|---|---|---|---|---|---|\n");
-  std::printf("| %d | %d | %d | %.0f | %.0f | %.0f | %.3f | %s / %s | %s |\n", clients, tokens,
-              event_threads, alone, served, served / event_threads, served / alone,
-              cells[8].c_str(), cells[9].c_str(), cells[10].c_str());
+  std::printf("| clients x tokens | event threads | step | server CPU us per token | of which "
+              "the scheduler (callbacks doing nothing) | delivery CPU us per token | tokens/s "
+              "(loadgen) | ITL p50 / p99 ms | errors |\n|---|---|---|---|---|---|---|---|---|\n");
+  std::printf("| %d x %d | %d | %.1f ms | %.2f | %.2f | **%.2f** | %s | %s / %s | %s |\n", clients,
+              tokens, event_threads, step.count() / 1e3, served_us, alone_us, served_us - alone_us,
+              cells[5].c_str(), cells[8].c_str(), cells[9].c_str(), cells[10].c_str());
   return 0;
 }

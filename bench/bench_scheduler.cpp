@@ -5,27 +5,13 @@
 // the model thread's own time per token (its steps less the backend's calls: what a GPU step
 // waits for), and the heap allocations per token of every thread (operator new, counted here).
 // usage: bench_scheduler MODEL.gguf [streams=1024] [tokens=512]
-#include <atomic>
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
-#include <future>
-#include <new>
 
+#include "allocation_count.h"
 #include "multipole/multipole.h"
 #include "null_backend.h"
-
-namespace {
-std::atomic<uint64_t> g_allocations{0};
-}  // namespace
-
-void* operator new(size_t n) {
-  g_allocations.fetch_add(1, std::memory_order_relaxed);
-  if (void* p = std::malloc(n ? n : 1)) return p;
-  throw std::bad_alloc();
-}
-void operator delete(void* p) noexcept { std::free(p); }
-void operator delete(void* p, size_t) noexcept { std::free(p); }
 
 namespace {
 
@@ -70,28 +56,11 @@ int main(int argc, char** argv) {
   }
 
   Scheduler sched(backend, model->tokenizer(), {.max_queue = streams});
-  std::vector<std::future<void>> done;
-  done.reserve(streams);
-  const uint64_t allocations_before = g_allocations.load();
+  const uint64_t allocations_before = mp::testing::allocations();
   const auto t0 = std::chrono::steady_clock::now();
-  for (int i = 0; i < streams; ++i) {
-    auto p = std::make_shared<std::promise<void>>();
-    done.push_back(p->get_future());
-    CompletionRequest r;
-    r.prompt = prompt;
-    r.sampling = sp;
-    r.sampling.seed = i;
-    r.max_tokens = tokens;
-    r.ignore_eos = true;
-    r.on_event = [p](const CompletionEvent& e) {
-      if (e.done) p->set_value();
-      return true;
-    };
-    sched.submit(std::move(r));
-  }
-  for (auto& d : done) d.wait();
+  run_streams(sched, prompt, streams, tokens, sp);
   const double s = seconds_since(t0);
-  const uint64_t allocations = g_allocations.load() - allocations_before;
+  const uint64_t allocations = mp::testing::allocations() - allocations_before;
   const double n = double(streams) * tokens;
   const SchedulerStats st = sched.stats();
   std::printf("| streams | tokens each | scheduler tokens/s | bare loop tokens/s | scheduler us per "

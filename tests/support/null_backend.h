@@ -1,7 +1,12 @@
-// A backend that does no model work: each chunk's next token comes at once, so that what is
-// measured over it is the host work around the model (the scheduler, the server's delivery).
+// A backend that does no model work: each chunk's next token comes at once (or after a fixed
+// step time, as a GPU's step would take), so that what is measured over it is the host work
+// around the model (the scheduler, the server's delivery).
 #pragma once
 
+#include <chrono>
+#include <future>
+#include <memory>
+#include <thread>
 #include <vector>
 
 #include "multipole/multipole.h"
@@ -10,7 +15,8 @@ namespace mp {
 
 class NullBackend final : public Backend {
  public:
-  NullBackend(const Config& c, int slots) : c_(c), pos_(slots, 0), used_(slots, false) {}
+  NullBackend(const Config& c, int slots, std::chrono::microseconds step = {})
+      : c_(c), step_(step), pos_(slots, 0), used_(slots, false) {}
   std::string name() const override { return "null"; }
   const Config& config() const override { return c_; }
   int n_slots() const override { return static_cast<int>(pos_.size()); }
@@ -34,6 +40,7 @@ class NullBackend final : public Backend {
   std::vector<float> forward(std::span<const SeqChunk>) override { return {}; }
   std::vector<SampledToken> forward_sample(std::span<const SeqChunk> chunks,
                                            std::span<const SampleSpec> specs) override {
+    if (step_.count() > 0) std::this_thread::sleep_for(step_);
     std::vector<SampledToken> out(chunks.size());
     for (size_t i = 0; i < chunks.size(); ++i) {
       pos_[chunks[i].slot] += static_cast<int64_t>(chunks[i].tokens.size());
@@ -45,8 +52,35 @@ class NullBackend final : public Backend {
 
  private:
   Config c_;
+  std::chrono::microseconds step_;
   std::vector<int64_t> pos_;
   std::vector<bool> used_;
 };
+
+// Submits `streams` requests of `tokens` tokens each (ignoring EOS; seed i for request i) and
+// waits for all of them; returns the tokens they generated.
+inline int64_t run_streams(Scheduler& sched, const std::vector<int>& prompt, int streams,
+                           int tokens, const SamplingParams& sampling = {}) {
+  std::vector<std::future<int>> done;
+  done.reserve(streams);
+  for (int i = 0; i < streams; ++i) {
+    auto p = std::make_shared<std::promise<int>>();
+    done.push_back(p->get_future());
+    CompletionRequest r;
+    r.prompt = prompt;
+    r.sampling = sampling;
+    r.sampling.seed = i;
+    r.max_tokens = tokens;
+    r.ignore_eos = true;
+    r.on_event = [p](const CompletionEvent& e) {
+      if (e.done) p->set_value(e.completion_tokens);
+      return true;
+    };
+    sched.submit(std::move(r));
+  }
+  int64_t generated = 0;
+  for (auto& d : done) generated += d.get();
+  return generated;
+}
 
 }  // namespace mp
