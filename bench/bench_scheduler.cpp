@@ -1,59 +1,21 @@
 // The scheduler's own cost per token: N streams through the Scheduler over a backend that does
 // no model work (it returns the next token at once), with the shipped model's tokenizer, against
 // the same tokens produced by a bare loop over that backend (the floor). What the table shows is
-// the host work a GPU step pays on top of its kernels.
+// the host work a GPU step pays on top of its kernels: the wall time per token over the floor,
+// the model thread's own time per token (its steps less the backend's calls: what a GPU step
+// waits for), and the heap allocations per token of every thread (operator new, counted here).
 // usage: bench_scheduler MODEL.gguf [streams=1024] [tokens=512]
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
-#include <future>
 
+#include "allocation_count.h"
 #include "multipole/multipole.h"
+#include "null_backend.h"
 
 namespace {
 
 using namespace mp;
-
-class NullBackend final : public Backend {
- public:
-  NullBackend(const Config& c, int slots) : c_(c), pos_(slots, 0), used_(slots, false) {}
-  std::string name() const override { return "null"; }
-  const Config& config() const override { return c_; }
-  int n_slots() const override { return static_cast<int>(pos_.size()); }
-  int alloc_slot() override {
-    for (size_t i = 0; i < used_.size(); ++i)
-      if (!used_[i]) {
-        used_[i] = true;
-        pos_[i] = 0;
-        return static_cast<int>(i);
-      }
-    return -1;
-  }
-  void free_slot(int s) override { used_[s] = false; }
-  void reset_slot(int s) override { pos_[s] = 0; }
-  void copy_slot(int a, int b) override { pos_[b] = pos_[a]; }
-  int64_t slot_pos(int s) const override { return pos_[s]; }
-  std::vector<uint8_t> save_slot(int) const override { return {}; }
-  void load_slot(int, std::span<const uint8_t>) override {}
-  size_t slot_bytes(int) const override { return 0; }
-  int prefill_tokens_per_step() const override { return 32768; }
-  std::vector<float> forward(std::span<const SeqChunk>) override { return {}; }
-  std::vector<SampledToken> forward_sample(std::span<const SeqChunk> chunks,
-                                           std::span<const SampleSpec> specs) override {
-    std::vector<SampledToken> out(chunks.size());
-    for (size_t i = 0; i < chunks.size(); ++i) {
-      pos_[chunks[i].slot] += static_cast<int64_t>(chunks[i].tokens.size());
-      // Ordinary text pieces, never EOS: ids 300.. of the vocabulary.
-      if (specs[i].params) out[i].token = 300 + static_cast<int>(pos_[chunks[i].slot] % 4000);
-    }
-    return out;
-  }
-
- private:
-  Config c_;
-  std::vector<int64_t> pos_;
-  std::vector<bool> used_;
-};
 
 double seconds_since(std::chrono::steady_clock::time_point t0) {
   return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
@@ -94,30 +56,18 @@ int main(int argc, char** argv) {
   }
 
   Scheduler sched(backend, model->tokenizer(), {.max_queue = streams});
-  std::vector<std::future<void>> done;
+  const uint64_t allocations_before = mp::testing::allocations();
   const auto t0 = std::chrono::steady_clock::now();
-  for (int i = 0; i < streams; ++i) {
-    auto p = std::make_shared<std::promise<void>>();
-    done.push_back(p->get_future());
-    CompletionRequest r;
-    r.prompt = prompt;
-    r.sampling = sp;
-    r.sampling.seed = i;
-    r.max_tokens = tokens;
-    r.ignore_eos = true;
-    r.on_event = [p](const CompletionEvent& e) {
-      if (e.done) p->set_value();
-      return true;
-    };
-    sched.submit(std::move(r));
-  }
-  for (auto& d : done) d.wait();
+  run_streams(sched, prompt, streams, tokens, sp);
   const double s = seconds_since(t0);
+  const uint64_t allocations = mp::testing::allocations() - allocations_before;
   const double n = double(streams) * tokens;
   const SchedulerStats st = sched.stats();
   std::printf("| streams | tokens each | scheduler tokens/s | bare loop tokens/s | scheduler us per "
-              "token | steps |\n|---|---|---|---|---|---|\n");
-  std::printf("| %d | %d | %.0f | %.0f | %.3f | %llu |\n", streams, tokens, n / s, n / floor_s,
-              (s - floor_s) / n * 1e6, static_cast<unsigned long long>(st.steps));
+              "token | model thread us per token | allocations per token | steps |\n"
+              "|---|---|---|---|---|---|---|---|\n");
+  std::printf("| %d | %d | %.0f | %.0f | %.3f | %.3f | %.3f | %llu |\n", streams, tokens, n / s,
+              n / floor_s, (s - floor_s) / n * 1e6, (st.step_seconds - st.backend_seconds) / n * 1e6,
+              double(allocations) / n, static_cast<unsigned long long>(st.steps));
   return 0;
 }

@@ -6,13 +6,13 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
+#include <array>
 #include <atomic>
 #include <chrono>
 #include <cmath>
 #include <cstdlib>
 #include <condition_variable>
 #include <cstdio>
-#include <deque>
 #include <future>
 #include <mutex>
 #include <optional>
@@ -46,30 +46,32 @@ double now_s() {
   return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
 }
 
-// A Prometheus histogram with fixed buckets (seconds).
+// A Prometheus histogram with fixed buckets (seconds). Lock-free: every streamed token is
+// observed on one of the scheduler's event threads, which must not queue on one another.
 struct Histogram {
-  std::vector<double> bounds = {0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10};
-  std::vector<uint64_t> counts = std::vector<uint64_t>(bounds.size() + 1, 0);
-  double sum = 0;
-  uint64_t n = 0;
+  static constexpr std::array<double, 11> bounds = {0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
+                                                    0.5,   1,    2.5,   5,    10};
+  std::array<std::atomic<uint64_t>, bounds.size() + 1> counts{};
+  std::atomic<double> sum{0};
   void observe(double v) {
     size_t i = 0;
     while (i < bounds.size() && v > bounds[i]) ++i;
-    ++counts[i];
-    sum += v;
-    ++n;
+    counts[i].fetch_add(1, std::memory_order_relaxed);
+    sum.fetch_add(v, std::memory_order_relaxed);
   }
   std::string render(const std::string& name, const std::string& help) const {
     std::string o = "# HELP " + name + " " + help + "\n# TYPE " + name + " histogram\n";
     uint64_t cum = 0;
     for (size_t i = 0; i < bounds.size(); ++i) {
-      cum += counts[i];
+      cum += counts[i].load(std::memory_order_relaxed);
       char b[64];
       std::snprintf(b, sizeof b, "%g", bounds[i]);
       o += name + "_bucket{le=\"" + b + "\"} " + std::to_string(cum) + "\n";
     }
-    o += name + "_bucket{le=\"+Inf\"} " + std::to_string(n) + "\n";
-    o += name + "_sum " + std::to_string(sum) + "\n" + name + "_count " + std::to_string(n) + "\n";
+    cum += counts.back().load(std::memory_order_relaxed);  // the count: +Inf's bucket
+    o += name + "_bucket{le=\"+Inf\"} " + std::to_string(cum) + "\n";
+    o += name + "_sum " + std::to_string(sum.load(std::memory_order_relaxed)) + "\n" + name +
+         "_count " + std::to_string(cum) + "\n";
     return o;
   }
 };
@@ -117,10 +119,12 @@ class OverflowingPool final : public httplib::TaskQueue {
 };
 
 // Events of one HTTP request's completions, from the scheduler's event thread to the HTTP thread.
+// The HTTP thread swaps `events` with a vector of its own, so both keep their room: no
+// allocation per token once a stream runs.
 struct Channel {
   std::mutex mu;
   std::condition_variable cv;
-  std::deque<std::pair<int, CompletionEvent>> events;  // (choice index, event)
+  std::vector<std::pair<int, CompletionEvent>> events;  // (choice index, event)
   int open = 0;                                        // choices not yet done
   std::atomic<bool> abandoned{false};                  // the client went away
 };
@@ -538,17 +542,18 @@ struct Server::Impl {
     auto ch = std::make_shared<Channel>();
     std::vector<uint64_t> ids;
     double submitted = 0;
+    // Per choice, touched only by the event thread of its request.
     auto last = std::make_shared<std::vector<double>>(call.requests.size(), 0.0);
-    auto first_token = std::make_shared<double>(0.0);  // written on the scheduler's thread
+    auto first_token = std::make_shared<std::atomic<double>>(0.0);  // of any choice
     ch->open = static_cast<int>(call.requests.size());
     try {
       for (size_t i = 0; i < call.requests.size(); ++i) {
         auto& r = call.requests[i];
         r.on_event = [this, ch, i, t0, last, first_token](const CompletionEvent& e) {
           if (e.token >= 0) {  // timing of real tokens
-            std::lock_guard<std::mutex> lock(metrics_mu);
             const double t = now_s();
-            if (*first_token == 0) *first_token = t;
+            double none = 0;
+            first_token->compare_exchange_strong(none, t, std::memory_order_relaxed);
             ((*last)[i] == 0 ? ttft : itl).observe(t - ((*last)[i] == 0 ? t0 : (*last)[i]));
             (*last)[i] = t;
           }
@@ -590,12 +595,11 @@ struct Server::Impl {
           [=, this, &tok](size_t, httplib::DataSink& sink) {
             std::unique_lock<std::mutex> lock(ch->mu);
             ch->cv.wait_for(lock, std::chrono::milliseconds(200), [&] { return ch->open == 0; });
-            while (!ch->events.empty()) {
-              auto [i, e] = std::move(ch->events.front());
-              ch->events.pop_front();
+            for (const auto& [i, e] : ch->events) {
               (*choices)[i].add(e, tok, call);
               if (e.done && turn) *session = turn->settle(e);
             }
+            ch->events.clear();
             if (ch->open > 0) {
               lock.unlock();
               return sink.write(" ", 1);
@@ -607,7 +611,7 @@ struct Server::Impl {
             if (!sink.write(body.data(), body.size())) return false;
             sink.done();
             log_completion(id, prompt_total, out["usage"]["completion_tokens"], t0, submitted,
-                           *first_token, false);
+                           first_token->load(), false);
             return true;
           },
           release);
@@ -621,28 +625,32 @@ struct Server::Impl {
     auto session = std::make_shared<json>(nullptr);
     auto sent_done = std::make_shared<bool>(false);
     const api::TokenChunk token_chunk(id, created, opts.model_name);
+    // The HTTP thread's buffers, kept between wakes.
+    struct Buffers {
+      std::vector<std::pair<int, CompletionEvent>> batch;
+      std::string chunk;
+    };
+    auto buffers = std::make_shared<Buffers>();
     res.set_chunked_content_provider(
         "text/event-stream",
         [=, this, &tok](size_t, httplib::DataSink& sink) {
           std::unique_lock<std::mutex> lock(ch->mu);
           ch->cv.wait_for(lock, std::chrono::milliseconds(200),
                           [&] { return !ch->events.empty() || ch->open == 0; });
-          std::deque<std::pair<int, CompletionEvent>> batch;
+          auto& batch = buffers->batch;
           batch.swap(ch->events);
           const bool finished = ch->open == 0;
           lock.unlock();
           // Everything that arrived since the last wake goes out in one write.
-          std::string chunk;
+          std::string& chunk = buffers->chunk;
+          chunk.clear();
           auto add = [&](const json& j) { chunk += "data: " + api::dump(j) + "\n\n"; };
           for (auto& [i, e] : batch) {
             if ((*started)[i] && !e.done && !call.chat && !call.continuous_usage &&
-                !call.with_logprobs) {  // a plain token of a completion: the fast way
-              const std::string ev = token_chunk.event(i, e.text);
-              if (!ev.empty()) {
-                chunk += ev;
-                (*offsets)[i] += e.text.size();
-                continue;
-              }
+                !call.with_logprobs &&  // a plain token of a completion: the fast way
+                token_chunk.append_event(chunk, i, e.text)) {
+              (*offsets)[i] += e.text.size();
+              continue;
             }
             json event =
                 completion({api::stream_choice(call, i, e, !(*started)[i], (*offsets)[i], tok)});
@@ -659,6 +667,7 @@ struct Server::Impl {
             }
             add(event);
           }
+          batch.clear();
           const bool last = finished && !*sent_done;
           if (last) {
             *sent_done = true;
@@ -673,7 +682,8 @@ struct Server::Impl {
           if (!chunk.empty() && !sink.write(chunk.data(), chunk.size())) return false;
           if (last) {
             sink.done();
-            log_completion(id, prompt_total, *completion_total, t0, submitted, *first_token, true);
+            log_completion(id, prompt_total, *completion_total, t0, submitted, first_token->load(),
+                           true);
           }
           return true;
         },

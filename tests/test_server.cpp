@@ -536,10 +536,15 @@ TEST(Api, TokenChunkEqualsTheDumpOfTheSameObject) {
                        {"index", index},
                        {"logprobs", nullptr},
                        {"finish_reason", nullptr}}}}};
-    ASSERT_EQ(chunk.event(index, text), "data: " + api::dump(j) + "\n\n") << trial;
+    std::string out = "before";
+    ASSERT_TRUE(chunk.append_event(out, index, text)) << trial;
+    ASSERT_EQ(out, "before" + ("data: " + api::dump(j) + "\n\n")) << trial;
   }
-  for (const char* bad : {"\xff", "a\xc3", "\xed\xa0\x80", "\xe0\x80\x80", "\xf4\x90\x80\x80"})
-    EXPECT_EQ(chunk.event(0, bad), "") << bad;
+  for (const char* bad : {"\xff", "a\xc3", "\xed\xa0\x80", "\xe0\x80\x80", "\xf4\x90\x80\x80"}) {
+    std::string out = "before";
+    EXPECT_FALSE(chunk.append_event(out, 0, bad)) << bad;
+    EXPECT_EQ(out, "before") << bad;
+  }
 }
 
 // parse_body's scanner of token-id prompts agrees with the full JSON parser on random bodies:

@@ -184,12 +184,20 @@ TokenChunk::TokenChunk(const std::string& id, int64_t created, const std::string
   suffix_ += ",\"object\":\"text_completion\"}\n\n";
 }
 
-std::string TokenChunk::event(int index, std::string_view text) const {
-  std::string out = "data: {\"choices\":[{\"finish_reason\":null,\"index\":" +
-                    std::to_string(index) + ",\"logprobs\":null,\"text\":";
-  if (!append_json_string(out, text)) return {};
-  out += "}";
-  return out += suffix_;
+bool TokenChunk::append_event(std::string& out, int index, std::string_view text) const {
+  const size_t start = out.size();
+  out += "data: {\"choices\":[{\"finish_reason\":null,\"index\":";
+  char digits[16];
+  const auto [end, ec] = std::to_chars(digits, digits + sizeof digits, index);
+  out.append(digits, end);
+  out += ",\"logprobs\":null,\"text\":";
+  if (!append_json_string(out, text)) {
+    out.resize(start);
+    return false;
+  }
+  out += '}';
+  out += suffix_;
+  return true;
 }
 
 namespace {

@@ -105,11 +105,12 @@ bool append_json_string(std::string& out, std::string_view s);
 // The SSE event of one streamed token of a completion: what dump() gives for the chunk
 // {"id", "object": "text_completion", "created", "model", "choices": [{"text", "index",
 // "logprobs": null, "finish_reason": null}]}, written without building JSON objects (a stream
-// sends one per token). Empty when the text is not valid UTF-8 (build it with dump() then).
+// sends one per token), appended to `out` (no allocation once `out` has room). False, with
+// nothing appended, when the text is not valid UTF-8 (build it with dump() then).
 class TokenChunk {
  public:
   TokenChunk(const std::string& id, int64_t created, const std::string& model);
-  std::string event(int index, std::string_view text) const;
+  bool append_event(std::string& out, int index, std::string_view text) const;
 
  private:
   std::string suffix_;  // the chunk's fields after "choices"

@@ -25,13 +25,51 @@ double seconds_since(std::chrono::steady_clock::time_point t0) {
   return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
 }
 
-// Where a request's events go; shared with the event threads, which may outlive the sequence.
+// Where a request's events go. Owned by the request's sequence until its final event is sent,
+// then by the event thread, which deletes it once that event is delivered.
 struct EventSink {
   uint64_t id;
   std::function<bool(const CompletionEvent&)> on_event;
   bool cancel_sent = false;  // touched by its event thread only
 };
-using Delivery = std::pair<std::shared_ptr<EventSink>, CompletionEvent>;
+
+// A step's events for one event thread, compact: a token's event is a small record whose text
+// lies in one shared byte buffer; the rare events with more (a final event, top logprobs) are
+// whole CompletionEvents beside them. Buffers are cleared, not freed, and travel between the
+// model thread and the event thread by swapping: no allocation per token in steady state.
+struct EventBatch {
+  struct Record {
+    EventSink* sink;
+    uint32_t text_begin, text_size;  // in `text`
+    int token, completion_tokens;
+    float logprob;
+    int32_t full;  // index in `full`, or -1
+    size_t state_bytes;
+  };
+  std::vector<Record> records;
+  std::string text;
+  std::vector<CompletionEvent> full;
+
+  bool empty() const { return records.empty(); }
+  void clear() {
+    records.clear();
+    text.clear();
+    full.clear();
+  }
+  void append(EventBatch& other) {  // moves other's events behind these
+    const auto text_base = static_cast<uint32_t>(text.size());
+    const auto full_base = static_cast<int32_t>(full.size());
+    for (Record r : other.records) {
+      r.text_begin += text_base;
+      if (r.full >= 0) r.full += full_base;
+      records.push_back(r);
+    }
+    text += other.text;
+    full.insert(full.end(), std::make_move_iterator(other.full.begin()),
+                std::make_move_iterator(other.full.end()));
+    other.clear();
+  }
+};
 
 // One event thread: delivers its requests' events in order; a callback returning false (or
 // throwing) cancels its request.
@@ -47,46 +85,59 @@ class EventThread {
     cv_.notify_one();
     thread_.join();  // after delivering everything queued
   }
-  // Takes the deliveries (the vector is left empty, its capacity kept where possible).
-  void post(std::vector<Delivery>& batch) {
+  // Takes the batch's events (the batch is left empty, with room kept where possible).
+  void post(EventBatch& batch) {
     if (batch.empty()) return;
     {
       std::lock_guard<std::mutex> lock(mu_);
-      if (inbox_.empty()) {
-        inbox_.swap(batch);
-      } else {
-        inbox_.insert(inbox_.end(), std::make_move_iterator(batch.begin()),
-                      std::make_move_iterator(batch.end()));
-      }
+      if (inbox_.empty())
+        std::swap(inbox_, batch);
+      else
+        inbox_.append(batch);
+      backlog_ = inbox_.records.size();
     }
     batch.clear();
     cv_.notify_one();
   }
   size_t backlog() {  // events posted and not yet delivered
     std::lock_guard<std::mutex> lock(mu_);
-    return inbox_.size();
+    return backlog_;
   }
 
  private:
   void run() {
     set_batch_scheduling();
-    std::vector<Delivery> work;
+    EventBatch work;
+    CompletionEvent token_event;  // reused: its text keeps its room
     for (;;) {
       {
         std::unique_lock<std::mutex> lock(mu_);
         cv_.wait(lock, [&] { return stopping_ || !inbox_.empty(); });
         if (inbox_.empty()) return;  // stopping, nothing left
-        work.swap(inbox_);
+        std::swap(work, inbox_);
+        backlog_ = 0;
       }
-      for (auto& [sink, event] : work) {
+      for (const EventBatch::Record& r : work.records) {
+        const CompletionEvent* e = &token_event;
+        if (r.full >= 0) {
+          e = &work.full[r.full];
+        } else {
+          token_event.text.assign(work.text, r.text_begin, r.text_size);
+          token_event.token = r.token;
+          token_event.logprob = r.logprob;
+          token_event.completion_tokens = r.completion_tokens;
+          token_event.state_bytes = r.state_bytes;
+        }
         bool keep = false;
         try {
-          keep = sink->on_event(event);
+          keep = r.sink->on_event(*e);
         } catch (...) {
         }
-        if (!keep && !event.done && !sink->cancel_sent) {
-          sink->cancel_sent = true;
-          cancel_(sink->id);
+        if (e->done) {
+          delete r.sink;  // its last event
+        } else if (!keep && !r.sink->cancel_sent) {
+          r.sink->cancel_sent = true;
+          cancel_(r.sink->id);
         }
       }
       work.clear();
@@ -96,7 +147,8 @@ class EventThread {
   std::function<void(uint64_t)> cancel_;
   std::mutex mu_;
   std::condition_variable cv_;
-  std::vector<Delivery> inbox_;
+  EventBatch inbox_;
+  size_t backlog_ = 0;
   bool stopping_ = false;
   std::thread thread_;
 };
@@ -106,7 +158,7 @@ class EventThread {
 struct Scheduler::Impl {
   struct Seq {
     Seq(CompletionRequest r, int vocab, const Tokenizer& tok)
-        : sink(std::make_shared<EventSink>(EventSink{0, std::move(r.on_event)})),
+        : sink(std::make_unique<EventSink>(EventSink{0, std::move(r.on_event)})),
           prompt(std::make_shared<const std::vector<int>>(std::move(r.prompt))),
           req(std::move(r)),
           sampler(req.sampling),
@@ -114,8 +166,8 @@ struct Scheduler::Impl {
           text(tok, req.stop) {
       for (int t : *prompt) penalties.push(t);
     }
-    uint64_t id() const { return sink->id; }
-    std::shared_ptr<EventSink> sink;
+    uint64_t id = 0;
+    std::unique_ptr<EventSink> sink;  // handed to the event thread with the final event
     std::shared_ptr<const std::vector<int>> prompt;  // shared with the prefix cache's entries
     CompletionRequest req;                           // its prompt moved to `prompt`
     int slot = -1;
@@ -144,7 +196,7 @@ struct Scheduler::Impl {
   std::vector<SeqChunk> batch;
   std::vector<Seq*> owners;
   std::vector<SampleSpec> specs;
-  std::vector<std::vector<Delivery>> outbox;  // per event thread, sent after each step
+  std::vector<EventBatch> outbox;  // per event thread, sent after each step
   std::vector<std::unique_ptr<EventThread>> event_threads;
   std::unique_ptr<PrefixCache> cache;
   std::thread worker;
@@ -185,8 +237,14 @@ struct Scheduler::Impl {
     cv.notify_one();
   }
 
-  void send(Seq& s, CompletionEvent e) {
-    outbox[s.id() % outbox.size()].emplace_back(s.sink, std::move(e));
+  EventBatch& outbox_of(const Seq& s) { return outbox[s.id % outbox.size()]; }
+  // An event with more than a token's fields; the final one hands the sink over.
+  void send_full(Seq& s, CompletionEvent e) {
+    EventBatch& b = outbox_of(s);
+    b.records.push_back({e.done ? s.sink.release() : s.sink.get(), 0, 0, e.token,
+                         e.completion_tokens, e.logprob, static_cast<int32_t>(b.full.size()),
+                         e.state_bytes});
+    b.full.push_back(std::move(e));
   }
   void post_events() {
     for (size_t i = 0; i < outbox.size(); ++i) event_threads[i]->post(outbox[i]);
@@ -218,7 +276,7 @@ struct Scheduler::Impl {
       st.completion_tokens += s.generated;
       if (held) --st.slots_in_use;
     }
-    send(s, std::move(e));
+    send_full(s, std::move(e));
   }
 
   // Reports a sequence's sampled token and decides whether it goes on.
@@ -227,14 +285,23 @@ struct Scheduler::Impl {
     ++s.generated;
     if (id == tok.eos() && !s.req.ignore_eos) return finish(s, "stop");
     s.penalties.push(id);
-    CompletionEvent e;
-    e.token = id;
-    e.logprob = t.logprob;
-    e.top_logprobs = std::move(t.top_logprobs);
-    e.text = s.text.push(id);
-    e.completion_tokens = s.generated;
-    e.state_bytes = backend.slot_bytes(s.slot);
-    send(s, std::move(e));
+    EventBatch& b = outbox_of(s);
+    if (t.top_logprobs.empty()) {  // the common event: its text straight into the batch
+      const size_t at = b.text.size();
+      s.text.push(id, b.text);
+      b.records.push_back({s.sink.get(), static_cast<uint32_t>(at),
+                           static_cast<uint32_t>(b.text.size() - at), id, s.generated, t.logprob,
+                           -1, backend.slot_bytes(s.slot)});
+    } else {
+      CompletionEvent e;
+      e.token = id;
+      e.logprob = t.logprob;
+      e.top_logprobs = std::move(t.top_logprobs);
+      s.text.push(id, e.text);
+      e.completion_tokens = s.generated;
+      e.state_bytes = backend.slot_bytes(s.slot);
+      send_full(s, std::move(e));
+    }
     if (s.text.stopped()) return finish(s, "stop");
     if (s.generated >= s.req.max_tokens) return finish(s, "length");
     s.pending = id;
@@ -300,12 +367,12 @@ struct Scheduler::Impl {
       if (cancelled.empty()) return;
       gone.swap(cancelled);
       for (auto& q : queue)
-        if (gone.count(q->id())) dropped.push_back(std::move(q));
+        if (gone.count(q->id)) dropped.push_back(std::move(q));
       std::erase_if(queue, [](const auto& q) { return !q; });
     }
     for (auto& q : dropped) finish(*q, "cancelled");
     for (auto& s : running)
-      if (gone.count(s->id())) finish(*s, "cancelled");
+      if (gone.count(s->id)) finish(*s, "cancelled");
     sweep();
   }
 
@@ -474,7 +541,7 @@ uint64_t Scheduler::submit(CompletionRequest req) {
   const int free_slots = impl_->st.slots - impl_->st.slots_in_use;
   if (static_cast<int>(impl_->queue.size()) >= impl_->opts.max_queue + std::max(0, free_slots))
     throw BusyError("too many requests are waiting; try again later");
-  const uint64_t id = s->sink->id = impl_->next_id++;
+  const uint64_t id = s->id = s->sink->id = impl_->next_id++;
   impl_->queue.push_back(std::move(s));
   impl_->st.queued = static_cast<int>(impl_->queue.size());
   impl_->cv.notify_one();

@@ -208,37 +208,40 @@ TextStream::TextStream(const Tokenizer& tok, std::vector<std::string> stop)
 }
 
 // Resolves the pending bytes of a run of byte pieces as SentencePiece does (one U+FFFD per byte
-// that starts no valid character), keeping back a character that later bytes may complete.
-std::string TextStream::take_bytes(bool run_ended) {
-  std::string out;
+// that starts no valid character), keeping back a character that later bytes may complete;
+// appends the resolved text to `to`.
+void TextStream::take_bytes(bool run_ended, std::string& to) {
+  if (pending_.empty()) return;
   size_t i = 0;
   while (i < pending_.size()) {
     const size_t len = utf8_length(pending_[i]);
     size_t have = 1;
     while (have < len && i + have < pending_.size() && is_trail(pending_[i + have])) ++have;
     if (len > 0 && have == len && valid_character(std::string_view(pending_).substr(i, len))) {
-      out.append(pending_, i, len);
+      to.append(pending_, i, len);
       i += len;
     } else if (len > 0 && have < len && i + have == pending_.size() && !run_ended) {
       break;  // a character that the next byte may complete
     } else {
-      out += kReplacement;
+      to += kReplacement;
       ++i;
     }
   }
   work_ += pending_.size();
   pending_.erase(0, i);
-  return out;
 }
 
-std::string TextStream::emit(std::string_view text) {
-  held_ += text;
-  work_ += held_.size() * std::max<size_t>(1, stop_.size());
+// Moves the safe part of held_ to `out`: all of it but a tail that may start a stop string, or
+// what comes before a stop string (which stops the stream).
+void TextStream::release(std::string& out) {
+  work_ += held_.size() * stop_.size();
   size_t stop_at = std::string::npos;
   for (const auto& s : stop_) stop_at = std::min(stop_at, held_.find(s));
   if (stop_at != std::string::npos) {
     stopped_ = true;
-    return held_.substr(0, stop_at);
+    out.append(held_, 0, stop_at);
+    held_.clear();
+    return;
   }
   // Hold back the longest tail that could be the start of a stop string.
   size_t keep = 0;
@@ -248,37 +251,53 @@ std::string TextStream::emit(std::string_view text) {
         keep = k;
         break;
       }
-  std::string out = held_.substr(0, held_.size() - keep);
+  out.append(held_, 0, held_.size() - keep);
   held_.erase(0, held_.size() - keep);
-  return out;
 }
 
-std::string TextStream::push(int id) {
-  if (stopped_) return "";
+void TextStream::push(int id, std::string& out) {
+  if (stopped_) return;
   const Tokenizer::Surface& s = tok_.surface(id);
+  if (s.kind == Tokenizer::Surface::Hidden) return;
+  // Without stop strings the text is safe as soon as it is resolved: straight into `out`.
+  std::string& to = stop_.empty() ? out : held_;
+  const size_t before = to.size();
   switch (s.kind) {
     case Tokenizer::Surface::Hidden:
-      return "";
+      break;
     case Tokenizer::Surface::Control:
-      return emit(take_bytes(true));
+      take_bytes(true, to);
+      break;
     case Tokenizer::Surface::Byte:
       at_start_ = false;
       pending_ += s.text;
-      return emit(take_bytes(false));
+      take_bytes(false, to);
+      break;
     case Tokenizer::Surface::Text: {
-      std::string text = take_bytes(true);
+      take_bytes(true, to);
       const bool strip = at_start_ && s.leading_space && tok_.strips_leading_space();
-      text.append(s.text, strip ? 1 : 0);
+      to.append(s.text, strip ? 1 : 0);
       at_start_ = false;
-      return emit(text);
+      break;
     }
   }
-  return "";
+  if (stop_.empty())
+    work_ += to.size() - before;
+  else
+    release(out);
+}
+
+std::string TextStream::push(int id) {
+  std::string out;
+  push(id, out);
+  return out;
 }
 
 std::string TextStream::flush() {
   if (stopped_) return "";
-  std::string out = emit(take_bytes(true));
+  std::string out;
+  take_bytes(true, stop_.empty() ? out : held_);
+  if (!stop_.empty()) release(out);
   if (!stopped_) out += held_;
   held_.clear();
   return out;

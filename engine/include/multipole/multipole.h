@@ -237,17 +237,19 @@ class Tokenizer {
 class TextStream {
  public:
   TextStream(const Tokenizer& tok, std::vector<std::string> stop);
-  // Adds a token; returns the newly safe text. Sets stopped() when a stop string appeared (the
-  // stop string and what follows are not emitted).
-  std::string push(int id);
+  // Adds a token; appends the newly safe text to `out` (no allocation once `out` has room).
+  // Sets stopped() when a stop string appeared (the stop string and what follows are not
+  // emitted).
+  void push(int id, std::string& out);
+  std::string push(int id);  // the same, returning the text
   std::string flush();  // at the end: everything held back (unless stopped)
   bool stopped() const { return stopped_; }
   // Bytes examined so far, a count of the stream's work (tests check it stays flat per token).
   uint64_t work() const { return work_; }
 
  private:
-  std::string take_bytes(bool run_ended);  // resolved text of the pending byte-fallback bytes
-  std::string emit(std::string_view text);  // passes text through the stop-string matcher
+  void take_bytes(bool run_ended, std::string& to);  // resolves pending byte-fallback bytes
+  void release(std::string& out);  // held_'s text past the stop-string matcher
 
   const Tokenizer& tok_;
   std::vector<std::string> stop_;
