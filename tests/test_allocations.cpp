@@ -31,11 +31,15 @@ TEST(Allocations, NoneForEachGeneratedTokenInTheScheduler) {
   uint64_t short_steps = 0, long_steps = 0;
   const uint64_t short_run = allocations_of_run(*model, streams, 100, &short_steps);
   const uint64_t long_run = allocations_of_run(*model, streams, 400, &long_steps);
-  const uint64_t extra_tokens = uint64_t(streams) * 300, extra_steps = long_steps - short_steps;
+  const uint64_t extra_tokens = uint64_t(streams) * 300;
   const uint64_t extra = long_run > short_run ? long_run - short_run : 0;
-  ASSERT_GE(extra_steps, 300u);
-  EXPECT_LE(extra, 2 * extra_steps) << "allocations per extra token: "
-                                    << double(extra) / extra_tokens;
+  // Each stream needs a step a token; more steps when the streams start apart (the submissions
+  // race the first steps), so the steps of the two runs differ by less than 300 at times: the
+  // long run's steps bound what per-step allocations add, far below the 19,200 of one a token.
+  ASSERT_GE(long_steps, 400u);
+  EXPECT_LE(extra, 2 * long_steps) << "allocations per extra token: "
+                                   << double(extra) / extra_tokens << " (" << short_steps
+                                   << " and " << long_steps << " steps)";
 }
 
 }  // namespace
