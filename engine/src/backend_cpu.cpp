@@ -123,6 +123,10 @@ class CpuBackend final : public Backend {
     check_chunks(c_, chunks, n_slots(), in_use_);
     const int prev_threads = omp_get_max_threads();
     if (n_threads_ > 0) omp_set_num_threads(n_threads_);
+    // Every thread of this step, whichever pool OpenMP gives it (a few microseconds a step).
+    cpu::flush_subnormals_in_this_thread();
+#pragma omp parallel
+    cpu::flush_subnormals_in_this_thread();
     std::vector<float> logits = run(chunks);
     if (n_threads_ > 0) omp_set_num_threads(prev_threads);
     return logits;

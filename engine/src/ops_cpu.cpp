@@ -749,4 +749,8 @@ void swiglu(float* g, const float* u, int64_t n) {
   for (int64_t i = 0; i < n; ++i) g[i] = g[i] / (1.0f + std::exp(-g[i])) * u[i];
 }
 
+constexpr unsigned kFlushBits = 0x8040;  // MXCSR's FTZ | DAZ
+void flush_subnormals_in_this_thread() { _mm_setcsr(_mm_getcsr() | kFlushBits); }
+bool subnormals_flushed_in_this_thread() { return (_mm_getcsr() & kFlushBits) == kFlushBits; }
+
 }  // namespace mp::cpu

@@ -93,4 +93,11 @@ void rope(float* x, int T, int heads, int d, int64_t pos0, float theta, float li
 // g[i] = silu(g[i]) * u[i]
 void swiglu(float* g, const float* u, int64_t n);
 
+// Makes this thread's float arithmetic flush subnormal results and inputs to zero (x86's FTZ and
+// DAZ). A softmax weight below 1.2e-38 is then as cheap as any other, instead of a
+// microcode assist per operation: without it, generation on the CPU slowed by 15-27 % over 50,000
+// tokens as the attention grew peaky. The values lost are below fp32's normal range.
+void flush_subnormals_in_this_thread();
+bool subnormals_flushed_in_this_thread();
+
 }  // namespace mp::cpu
