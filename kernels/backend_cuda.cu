@@ -507,7 +507,7 @@ class CudaBackend final : public Backend {
     // bucket keeps its offsets from step to step).
     bool moved = inputs_.upload(s, p.tokens, p.pos, p.rows, p.attn, p.done, p.filling, p.commits,
                                 p.chunks, p.table, sample_rows_, pens_, top_rows_);
-    for (auto* a : {&x_, &h_}) moved |= a->resize(size_t(T) * H);
+    for (auto* a : {&x_, &x_spare_, &h_}) moved |= a->resize(size_t(T) * H);
     moved |= hb_.resize(size_t(T) * std::max(H, std::max(F, nh * d)));
     moved |= qkv_.resize(size_t(T) * (nh + 2 * nkv) * d);
     moved |= q_.resize(size_t(T) * nh * d);
@@ -533,7 +533,7 @@ class CudaBackend final : public Backend {
   // The model's kernels for a staged plan, ending with the logits in logits_.
   void compute(const cuda::BatchPlan& p) {
     const int T = p.T, H = c_.hidden_size, d = c_.head_dim, nh = c_.n_heads, nkv = c_.n_kv_heads;
-    const int F = c_.intermediate_size, L = c_.n_levels();
+    const int L = c_.n_levels();
     cudaStream_t s = stream_;
     const int* tokens = inputs_.device<int>(kTokens);
     const auto* chunks = inputs_.device<cuda::ChunkDesc>(kChunks);
@@ -542,6 +542,8 @@ class CudaBackend final : public Backend {
       cuda::embed_q8(embed_.q8_view(), tokens, T, H, x_.get(), s);
     else
       cuda::embed(embed_.bf16.get(), tokens, T, H, x_.get(), s);
+    // The residual stream; a norm fused into a GEMV writes its sum to the spare buffer.
+    float *x = x_.get(), *spare = x_spare_.get();
     for (int li = 0; li < c_.n_layers; ++li) {
       Layer& l = layers_[li];
       const cuda::CacheView cv{l.fine_k.get(), l.fine_v.get(), l.sum_k.get(), l.sum_v.get(),
@@ -549,13 +551,9 @@ class CudaBackend final : public Backend {
       const float* const* dp = l.ds_ptrs.get();
       const cuda::Downsamplers ds{dp, dp ? dp + L : nullptr, dp ? dp + 2 * L : nullptr,
                                   dp ? dp + 3 * L : nullptr};
-      // The previous layer's FFN output joins the residual stream in the norm's kernel.
-      if (li == 0)
-        cuda::rmsnorm(x_.get(), l.attn_norm.get(), T, H, c_.rms_norm_eps, hb_.get(), s);
-      else
-        cuda::add_rmsnorm(x_.get(), h_.get(), l.attn_norm.get(), T, H, c_.rms_norm_eps,
-                          hb_.get(), s);
-      matmul(hb_.get(), T, l.wqkv, qkv_.get());
+      // The previous layer's FFN output joins the residual stream in the norm.
+      norm_matmul(x, spare, li == 0 ? nullptr : h_.get(), l.attn_norm.get(), T, l.wqkv,
+                  qkv_.get());
       cuda::split_qkv_rope(qkv_.get(), inputs_.device<int64_t>(kPos), T, nh, nkv, d,
                            c_.rope_theta, c_.rope_linear_factor, q_.get(), k_.get(), v_.get(), s);
       const size_t fresh = new_summary_floats(p);
@@ -578,19 +576,40 @@ class CudaBackend final : public Backend {
       if (!p.padded) cuda::to_bf16(att_.get(), int64_t(T) * nh * d, hb_.get(), s);
       matmul(hb_.get(), T, l.wo, h_.get());
       if (comm_) comm_->all_reduce_sum(h_.get(), size_t(T) * H, stream_);  // the heads' parts
-      cuda::add_rmsnorm(x_.get(), h_.get(), l.ffn_norm.get(), T, H, c_.rms_norm_eps, hb_.get(),
-                        s);
-      matmul(hb_.get(), T, l.gate_up, gu_.get());
-      cuda::swiglu(gu_.get(), T, F, hb_.get(), s);
+      norm_matmul(x, spare, h_.get(), l.ffn_norm.get(), T, l.gate_up,
+                  cuda::GemvOutput::silu_gated(hb_.get()));
       matmul(hb_.get(), T, l.down, h_.get());
       if (comm_) comm_->all_reduce_sum(h_.get(), size_t(T) * H, stream_);  // the FFN's parts
     }
-    const int R = static_cast<int>(p.rows.size());
-    cuda::add_rmsnorm(x_.get(), h_.get(), out_norm_.get(), T, H, c_.rms_norm_eps, hb_.get(), s);
+    const Weights& head = c_.tie_word_embeddings ? embed_ : head_;
     // A decode step wants every row, in order (its padding included): no gathering.
-    if (!p.padded) cuda::gather_rows(hb_.get(), inputs_.device<int>(kRows), R, H, sel_.get(), s);
-    matmul(p.padded ? hb_.get() : sel_.get(), R, c_.tie_word_embeddings ? embed_ : head_,
-           logits_.get());
+    if (p.padded) return norm_matmul(x, spare, h_.get(), out_norm_.get(), T, head, logits_.get());
+    const int R = static_cast<int>(p.rows.size());
+    cuda::add_rmsnorm(x, h_.get(), out_norm_.get(), T, H, c_.rms_norm_eps, hb_.get(), s);
+    cuda::gather_rows(hb_.get(), inputs_.device<int>(kRows), R, H, sel_.get(), s);
+    matmul(sel_.get(), R, head, logits_.get());
+  }
+
+  // x += add (add may be null), then out = bf16(rmsnorm(x) * norm) * w^T. For a decode step's
+  // fewest rows one GEMV kernel does it all, writing the sum to `spare` (x then points there and
+  // spare at the old x); else add_rmsnorm in place, then the GEMV (SwiGLU in it where `out` asks
+  // for it) or cuBLAS (and the SwiGLU kernel).
+  void norm_matmul(float*& x, float*& spare, const float* add, const float* norm, int T,
+                   const Weights& w, cuda::GemvOutput out) {
+    if (gemv_fits(T, w, true)) {
+      gemv({x, add, norm, c_.rms_norm_eps, add ? spare : nullptr}, T, w, out);
+      if (add) std::swap(x, spare);
+      return;
+    }
+    const int H = c_.hidden_size;
+    if (add)
+      cuda::add_rmsnorm(x, add, norm, T, H, c_.rms_norm_eps, hb_.get(), stream_);
+    else
+      cuda::rmsnorm(x, norm, T, H, c_.rms_norm_eps, hb_.get(), stream_);
+    if (gemv_fits(T, w)) return gemv(hb_.get(), T, w, out);
+    if (!out.swiglu) return matmul(hb_.get(), T, w, out.y);
+    matmul(hb_.get(), T, w, gu_.get());
+    cuda::swiglu(gu_.get(), T, w.N / 2, out.swiglu, stream_);
   }
 
 
@@ -602,10 +621,10 @@ class CudaBackend final : public Backend {
     cuda::dequantize_q8(w.q8_view(), int64_t(w.N) * w.K, dequant_.get(), stream_);
     cuda::gemm(cublas_, x, T, w.K, dequant_.get(), w.N, y);
   }
-  static bool gemv_fits(int T, const Weights& w) {
-    return T <= cuda::kGemvRows && w.K % (w.is_q8() ? 32 : 16) == 0;
+  static bool gemv_fits(int T, const Weights& w, bool normed_input = false) {
+    return cuda::gemv_fits(T, w.K, normed_input) && w.K % (w.is_q8() ? 32 : 16) == 0;
   }
-  void gemv(const __nv_bfloat16* x, int T, const Weights& w, float* y) {
+  void gemv(const cuda::GemvInput& x, int T, const Weights& w, cuda::GemvOutput y) {
     if (w.is_q8()) return cuda::gemv_q8(x, T, w.K, w.q8_view(), w.N, y, stream_);
     cuda::gemv_bf16(x, T, w.K, w.bf16.get(), w.N, y, stream_);
   }
@@ -695,7 +714,7 @@ class CudaBackend final : public Backend {
   enum Input { kTokens, kPos, kRows, kAttn, kDone, kFilling, kCommits, kChunks, kTable,
                kSampleRows, kPens, kTopRows, kGraphInputs = kSampleRows };
   PackedArrays inputs_;
-  DeviceArray<float> x_, h_, qkv_, q_, k_, v_, att_, gu_, new_kv_, logits_;
+  DeviceArray<float> x_, x_spare_, h_, qkv_, q_, k_, v_, att_, gu_, new_kv_, logits_;
   DeviceArray<__nv_bfloat16> hb_, sel_;
   DeviceArray<uint8_t> cublas_workspace_;
   PackedArrays sampled_;  // forward_sample's results, one download

@@ -72,52 +72,140 @@ struct Q8Rows {  // half a block of 32 (one 16-byte load) and its block's scale
   }
 };
 
-// y[R][N] = x[R][K] * W^T for a few rows (decode): one warp per output n, lane j taking 16
-// weights at a time (each read once for all R rows) and the matching 16 inputs of each row; the
-// warp's sums are reduced by shuffles. K must be a multiple of 16.
 constexpr int kGemvWarpsPerBlock = 4;
-template <int R, class Rows>
-__global__ void gemv_kernel(const __nv_bfloat16* x, int K, Rows W, int N, float* y) {
-  const int n = blockIdx.x * kGemvWarpsPerBlock + threadIdx.x / 32, lane = threadIdx.x % 32;
-  if (n >= N) return;
-  float acc[R];
+
+// Where a GEMV's output goes: y[r][n] = the product (n < N)...
+struct FloatOut {
+  float* y;
+  int N;
+  static constexpr int kWeightRows = 1;
+  __host__ __device__ int warps() const { return N; }
+  __device__ int64_t weight_row(int n, int) const { return n; }
+  __device__ void store(int r, int n, const float (&v)[1]) const { y[int64_t(r) * N + n] = v[0]; }
+};
+// ...or y[r][f] = bf16(silu(g) * u) of the gate row f and the up row F + f (the fused gate/up
+// weights), both computed by one warp: no separate SwiGLU kernel and no fp32 [g | u] written.
+struct SwigluOut {
+  __nv_bfloat16* y;
+  int F;
+  static constexpr int kWeightRows = 2;
+  __host__ __device__ int warps() const { return F; }
+  __device__ int64_t weight_row(int f, int j) const { return f + int64_t(j) * F; }
+  __device__ void store(int r, int f, const float (&v)[2]) const {
+    y[int64_t(r) * F + f] = __float2bfloat16(v[0] / (1.0f + expf(-v[0])) * v[1]);
+  }
+};
+
+// A GEMV with a residual input (GemvInput::residual) first does add_rmsnorm's work into shared
+// memory: x + add (stored to residual_out by block 0 alone: the other blocks still read x and
+// add), its RMS, and the rows bf16((x + add) / rms * w) that the product reads. All R rows at
+// once: one round trip to memory and one exchange between the warps, whatever R.
+template <int R>
+__device__ void normed_rows(const GemvInput& in, int K, __nv_bfloat16* rows) {
+  __shared__ float partial[kGemvWarpsPerBlock][R];
+  __shared__ float inv[R];
+  float* out = in.residual_out && blockIdx.x == 0 ? in.residual_out : nullptr;
+  float ss[R];
 #pragma unroll
-  for (int r = 0; r < R; ++r) acc[r] = 0;
+  for (int r = 0; r < R; ++r) ss[r] = 0;
+  for (int i = threadIdx.x; i < K; i += blockDim.x)
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+      const int64_t at = int64_t(r) * K + i;
+      const float v = in.residual[at] + (in.add ? in.add[at] : 0.0f);
+      if (out) out[at] = v;
+      ss[r] += v * v;
+    }
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+#pragma unroll
+  for (int r = 0; r < R; ++r) {
+    for (int o = 16; o > 0; o /= 2) ss[r] += __shfl_xor_sync(0xffffffffu, ss[r], o);
+    if (lane == 0) partial[warp][r] = ss[r];
+  }
+  __syncthreads();
+  if (threadIdx.x < R) {
+    float total = 0;
+    for (int w = 0; w < kGemvWarpsPerBlock; ++w) total += partial[w][threadIdx.x];
+    inv[threadIdx.x] = rsqrtf(total / K + in.eps);
+  }
+  __syncthreads();
+  for (int i = threadIdx.x; i < K; i += blockDim.x)
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+      const int64_t at = int64_t(r) * K + i;
+      rows[at] = __float2bfloat16((in.residual[at] + (in.add ? in.add[at] : 0.0f)) * inv[r] *
+                                  in.norm_weight[i]);
+    }
+  __syncthreads();
+}
+
+// y = x[R][K] * W^T for a few rows (decode): one warp per output (Out::kWeightRows weight rows),
+// lane j taking 16 weights at a time (each read once for all R rows) and the matching 16 inputs
+// of each row; the warp's sums are reduced by shuffles. K must be a multiple of 16.
+template <int R, class Rows, class Out>
+__global__ void gemv_kernel(GemvInput in, int K, Rows W, Out out) {
+  extern __shared__ __align__(16) __nv_bfloat16 normed[];  // R x K when in.residual
+  const __nv_bfloat16* x = in.x;
+  if constexpr (R <= kNormedGemvRows)
+    if (in.residual) {
+      normed_rows<R>(in, K, normed);
+      x = normed;
+    }
+  constexpr int J = Out::kWeightRows;
+  const int n = blockIdx.x * kGemvWarpsPerBlock + threadIdx.x / 32, lane = threadIdx.x % 32;
+  if (n >= out.warps()) return;
+  float acc[R][J];
+#pragma unroll
+  for (int r = 0; r < R; ++r)
+#pragma unroll
+    for (int j = 0; j < J; ++j) acc[r][j] = 0;
   for (int k = lane * 16; k < K; k += 32 * 16) {
-    const typename Rows::Part w = W.load(n, K, k);
+    typename Rows::Part w[J];
+#pragma unroll
+    for (int j = 0; j < J; ++j) w[j] = W.load(out.weight_row(n, j), K, k);
 #pragma unroll
     for (int r = 0; r < R; ++r) {
       float xs[16];
       load16(x + int64_t(r) * K + k, xs);
-      acc[r] += Rows::dot(w, xs);
+#pragma unroll
+      for (int j = 0; j < J; ++j) acc[r][j] += Rows::dot(w[j], xs);
     }
   }
 #pragma unroll
   for (int r = 0; r < R; ++r) {
-    float v = acc[r];
-    for (int o = 16; o > 0; o /= 2) v += __shfl_xor_sync(0xffffffffu, v, o);
-    if (lane == 0) y[int64_t(r) * N + n] = v;
+    float v[J];
+#pragma unroll
+    for (int j = 0; j < J; ++j) {
+      v[j] = acc[r][j];
+      for (int o = 16; o > 0; o /= 2) v[j] += __shfl_xor_sync(0xffffffffu, v[j], o);
+    }
+    if (lane == 0) out.store(r, n, v);
   }
 }
 
 // gemv_kernel<T> for T = R..kGemvRows.
-template <int R, class Rows>
-void gemv_rows(const __nv_bfloat16* x, int T, int K, Rows W, int N, float* y, cudaStream_t s) {
+template <int R, class Rows, class Out>
+void gemv_rows(const GemvInput& in, int T, int K, Rows W, Out out, cudaStream_t s) {
   if constexpr (R <= kGemvRows) {
-    if (T != R) return gemv_rows<R + 1>(x, T, K, W, N, y, s);
-    const int blocks = (N + kGemvWarpsPerBlock - 1) / kGemvWarpsPerBlock;
-    gemv_kernel<R><<<blocks, 32 * kGemvWarpsPerBlock, 0, s>>>(x, K, W, N, y);
+    if (T != R) return gemv_rows<R + 1>(in, T, K, W, out, s);
+    const int blocks = (out.warps() + kGemvWarpsPerBlock - 1) / kGemvWarpsPerBlock;
+    const size_t shared = in.residual ? size_t(R) * K * sizeof(__nv_bfloat16) : 0;
+    gemv_kernel<R><<<blocks, 32 * kGemvWarpsPerBlock, shared, s>>>(in, K, W, out);
   }
 }
 
 template <class Rows>
-void gemv(const char* what, const __nv_bfloat16* x, int T, int K, Rows W, int N, float* y,
+void gemv(const char* what, const GemvInput& in, int T, int K, Rows W, int N, GemvOutput out,
           cudaStream_t s, int k_multiple) {
-  if (T < 1 || T > kGemvRows || K % k_multiple != 0)
+  if (!gemv_fits(T, K, in.residual != nullptr) || K % k_multiple != 0 || (out.swiglu && N % 2))
     throw Error(std::string(what) + ": " + std::to_string(T) + " rows of " + std::to_string(K) +
                 " (1 to " + std::to_string(kGemvRows) + " rows, a multiple of " +
-                std::to_string(k_multiple) + " columns)");
-  gemv_rows<1>(x, T, K, W, N, y, s);
+                std::to_string(k_multiple) + " columns" + (out.swiglu ? ", an even N" : "") +
+                (in.residual ? ", within shared memory)" : ")"));
+  if (out.swiglu)
+    gemv_rows<1>(in, T, K, W, SwigluOut{out.swiglu, N / 2}, s);
+  else
+    gemv_rows<1>(in, T, K, W, FloatOut{out.y, N}, s);
   check_launch(what);
 }
 
@@ -239,10 +327,10 @@ void embed_q8(Q8Weights table, const int* tokens, int T, int n, float* x, cudaSt
   embed_q8_kernel<<<T, 256, 0, s>>>(table, tokens, n, x);
   check_launch("embed_q8");
 }
-void gemv_q8(const __nv_bfloat16* x, int T, int K, Q8Weights W, int N, float* y, cudaStream_t s) {
+void gemv_q8(const GemvInput& x, int T, int K, Q8Weights W, int N, GemvOutput y, cudaStream_t s) {
   gemv("gemv_q8", x, T, K, Q8Rows{W}, N, y, s, 32);
 }
-void gemv_bf16(const __nv_bfloat16* x, int T, int K, const __nv_bfloat16* W, int N, float* y,
+void gemv_bf16(const GemvInput& x, int T, int K, const __nv_bfloat16* W, int N, GemvOutput y,
                cudaStream_t s) {
   gemv("gemv_bf16", x, T, K, Bf16Rows{W}, N, y, s, 16);
 }

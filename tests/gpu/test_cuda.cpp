@@ -209,6 +209,65 @@ TEST_F(Cuda, Q8GemvDequantizeAndEmbedMatchTheCpuTwins) {
   }
 }
 
+// A decode step's GEMV with add_rmsnorm in its prologue and/or SwiGLU in its epilogue against
+// the kernels they replace: add_rmsnorm, the GEMV, swiglu. Both round the same normalised values
+// to bf16; their RMS sums run in different orders, so a last-bit difference can move one input's
+// rounding: 1e-3 relative for fp32 outputs, bf16's 1e-2 for SwiGLU's. The residual sum is exact,
+// and written by the fused kernel to its own buffer only.
+TEST_F(Cuda, GemvWithNormAndSwigluIsTheKernelsItReplaces) {
+  const int K = 384, N = 2 * 389;  // N even (gate and up halves)
+  const float eps = 1e-5f;
+  std::vector<__nv_bfloat16> wb;
+  for (float v : randn(size_t(N) * K, 61, 0.05f)) wb.push_back(__float2bfloat16(v));
+  Dev<__nv_bfloat16> dw(wb);
+  const auto norm = randn(K, 62, 0.5f);
+  Dev<float> dnorm(norm);
+  for (int T = 1; T <= cuda::kGemvRows; ++T)
+    for (int input : {0, 1, 2})  // bf16 rows, normalised x, normalised x + add
+      for (bool swiglu : {false, true}) {
+        if ((input > 0 && !cuda::gemv_fits(T, K, true)) || (input == 0 && !swiglu)) continue;
+        const auto x = randn(size_t(T) * K, 63 + T), add = randn(size_t(T) * K, 64 + T);
+        Dev<float> dx(x), dadd(add), dsum(size_t(T) * K), dref_x(x), dy(size_t(T) * N);
+        Dev<__nv_bfloat16> dhb(size_t(T) * K), dout(size_t(T) * N / 2), dref(size_t(T) * N / 2);
+        const float* a = input == 2 ? dadd.p : nullptr;
+        // The reference: the separate kernels.
+        Dev<float> dref_y(size_t(T) * N);
+        if (a)
+          cuda::add_rmsnorm(dref_x.p, a, dnorm.p, T, K, eps, dhb.p, nullptr);
+        else
+          cuda::rmsnorm(dref_x.p, dnorm.p, T, K, eps, dhb.p, nullptr);
+        cuda::gemv_bf16(dhb.p, T, K, dw.p, N, dref_y.p, nullptr);
+        const cuda::GemvInput in = input == 0 ? cuda::GemvInput(dhb.p)
+                                              : cuda::GemvInput(dx.p, a, dnorm.p, eps, dsum.p);
+        const cuda::GemvOutput out =
+            swiglu ? cuda::GemvOutput::silu_gated(dout.p) : cuda::GemvOutput(dy.p);
+        cuda::gemv_bf16(in, T, K, dw.p, N, out, nullptr);
+        const std::string at = "T " + std::to_string(T) + " input " + std::to_string(input) +
+                               (swiglu ? " swiglu" : "");
+        if (swiglu) {
+          cuda::swiglu(dref_y.p, T, N / 2, dref.p, nullptr);
+          EXPECT_LT(rel_err(from_bf16(dout.get(size_t(T) * N / 2)),
+                            from_bf16(dref.get(size_t(T) * N / 2))),
+                    1e-2)
+              << at;
+        } else {
+          EXPECT_LT(rel_err(dy.get(size_t(T) * N), dref_y.get(size_t(T) * N)), 1e-3) << at;
+        }
+        EXPECT_EQ(dx.get(x.size()), x) << at;  // the input residual is left as it was
+        if (a) {
+          EXPECT_EQ(dsum.get(x.size()), dref_x.get(x.size())) << at;
+        }
+      }
+  // Rows that do not fit in shared memory, or too many of them, are refused, not truncated.
+  const int T = cuda::kNormedGemvRows, wide = 48 * 1024 / 2 / T + 16;
+  EXPECT_FALSE(cuda::gemv_fits(T, wide, true));
+  EXPECT_TRUE(cuda::gemv_fits(T, wide, false));
+  EXPECT_FALSE(cuda::gemv_fits(T + 1, K, true));
+  EXPECT_THROW(cuda::gemv_bf16({dnorm.p, nullptr, dnorm.p, eps, nullptr}, T, wide, dw.p, N,
+                               cuda::GemvOutput(nullptr), nullptr),
+               Error);
+}
+
 struct Variant {
   const char* name;
   Downsampling ds;
