@@ -553,9 +553,9 @@ class CudaBackend final : public Backend {
                                   dp ? dp + 3 * L : nullptr};
       // The previous layer's FFN output joins the residual stream in the norm.
       norm_matmul(x, spare, li == 0 ? nullptr : h_.get(), l.attn_norm.get(), T, l.wqkv,
-                  qkv_.get());
-      cuda::split_qkv_rope(qkv_.get(), inputs_.device<int64_t>(kPos), T, nh, nkv, d,
-                           c_.rope_theta, c_.rope_linear_factor, q_.get(), k_.get(), v_.get(), s);
+                  cuda::GemvOutput::split_rope({q_.get(), k_.get(), v_.get(),
+                                                inputs_.device<int64_t>(kPos), nh, nkv, d,
+                                                c_.rope_theta, c_.rope_linear_factor}));
       const size_t fresh = new_summary_floats(p);
       float *new_k = new_kv_.get(), *new_v = new_k + fresh;
       if (c_.fma_enabled) {
@@ -592,8 +592,8 @@ class CudaBackend final : public Backend {
 
   // x += add (add may be null), then out = bf16(rmsnorm(x) * norm) * w^T. For a decode step's
   // fewest rows one GEMV kernel does it all, writing the sum to `spare` (x then points there and
-  // spare at the old x); else add_rmsnorm in place, then the GEMV (SwiGLU in it where `out` asks
-  // for it) or cuBLAS (and the SwiGLU kernel).
+  // spare at the old x); else add_rmsnorm in place, then the GEMV (with out's SwiGLU or RoPE in
+  // it) or cuBLAS (and their kernels).
   void norm_matmul(float*& x, float*& spare, const float* add, const float* norm, int T,
                    const Weights& w, cuda::GemvOutput out) {
     if (gemv_fits(T, w, true)) {
@@ -607,9 +607,20 @@ class CudaBackend final : public Backend {
     else
       cuda::rmsnorm(x, norm, T, H, c_.rms_norm_eps, hb_.get(), stream_);
     if (gemv_fits(T, w)) return gemv(hb_.get(), T, w, out);
-    if (!out.swiglu) return matmul(hb_.get(), T, w, out.y);
-    matmul(hb_.get(), T, w, gu_.get());
-    cuda::swiglu(gu_.get(), T, w.N / 2, out.swiglu, stream_);
+    using Kind = cuda::GemvOutput::Kind;
+    switch (out.kind) {
+      case Kind::Plain:
+        return matmul(hb_.get(), T, w, out.y);
+      case Kind::SiluGated:
+        matmul(hb_.get(), T, w, gu_.get());
+        return cuda::swiglu(gu_.get(), T, w.N / 2, out.gated, stream_);
+      case Kind::SplitRope: {
+        const cuda::QkvRope& r = out.rope;
+        matmul(hb_.get(), T, w, qkv_.get());
+        return cuda::split_qkv_rope(qkv_.get(), r.pos, T, r.nh, r.nkv, r.d, r.theta,
+                                    r.linear_factor, r.q, r.k, r.v, stream_);
+      }
+    }
   }
 
 

@@ -20,6 +20,13 @@ __global__ void embed_q8_kernel(Q8Weights table, const int* tokens, int n, float
     x[int64_t(t) * n + i] = __half2float(table.scale[(row + i) / 32]) * table.q[row + i];
 }
 
+// RoPE's (cos, sin) for channel pair i of d at position pos / linear_factor. Angles in double,
+// as the CPU reference computes them: positions reach millions.
+__device__ float2 rope_angle(int64_t pos, int i, int d, float theta, float linear_factor) {
+  const double a = double(pos) / linear_factor * pow(double(theta), -2.0 * i / d);
+  return {float(cos(a)), float(sin(a))};
+}
+
 // 16 consecutive inputs (two 16-byte loads) as floats.
 __device__ void load16(const __nv_bfloat16* p, float (&x)[16]) {
   const int4* v = reinterpret_cast<const int4*>(p);
@@ -84,7 +91,7 @@ struct FloatOut {
   __device__ void store(int r, int n, const float (&v)[1]) const { y[int64_t(r) * N + n] = v[0]; }
 };
 // ...or y[r][f] = bf16(silu(g) * u) of the gate row f and the up row F + f (the fused gate/up
-// weights), both computed by one warp: no separate SwiGLU kernel and no fp32 [g | u] written.
+// weights), both computed by one warp: no separate SwiGLU kernel and no fp32 [g | u] written...
 struct SwigluOut {
   __nv_bfloat16* y;
   int F;
@@ -93,6 +100,30 @@ struct SwigluOut {
   __device__ int64_t weight_row(int f, int j) const { return f + int64_t(j) * F; }
   __device__ void store(int r, int f, const float (&v)[2]) const {
     y[int64_t(r) * F + f] = __float2bfloat16(v[0] / (1.0f + expf(-v[0])) * v[1]);
+  }
+};
+// ...or q, k, v split and rotated: one warp computes a head's channels i and i + d/2 (RoPE's
+// pair), as split_qkv_rope_kernel would rotate them.
+struct RopeOut {
+  QkvRope o;
+  static constexpr int kWeightRows = 2;
+  __host__ __device__ int warps() const { return (o.nh + 2 * o.nkv) * (o.d / 2); }
+  __device__ int64_t weight_row(int n, int j) const {
+    const int half = o.d / 2;
+    return int64_t(n / half) * o.d + n % half + j * half;
+  }
+  __device__ void store(int t, int n, const float (&x)[2]) const {
+    const int half = o.d / 2, h = n / half, i = n % half;
+    if (h >= o.nh + o.nkv) {
+      float* dst = o.v + (int64_t(t) * o.nkv + h - o.nh - o.nkv) * o.d;
+      dst[i] = x[0], dst[i + half] = x[1];
+      return;
+    }
+    const float2 cs = rope_angle(o.pos[t], i, o.d, o.theta, o.linear_factor);
+    float* dst = h < o.nh ? o.q + (int64_t(t) * o.nh + h) * o.d
+                          : o.k + (int64_t(t) * o.nkv + h - o.nh) * o.d;
+    dst[i] = x[0] * cs.x - x[1] * cs.y;
+    dst[i + half] = x[1] * cs.x + x[0] * cs.y;
   }
 };
 
@@ -171,16 +202,18 @@ __global__ void gemv_kernel(GemvInput in, int K, Rows W, Out out) {
       for (int j = 0; j < J; ++j) acc[r][j] += Rows::dot(w[j], xs);
     }
   }
+  // Every lane ends up with every row's sums; lane r stores row r, so that the rows' epilogues
+  // (RoPE's angles in double) run side by side rather than one after another.
+  float mine[J] = {};
 #pragma unroll
-  for (int r = 0; r < R; ++r) {
-    float v[J];
+  for (int r = 0; r < R; ++r)
 #pragma unroll
     for (int j = 0; j < J; ++j) {
-      v[j] = acc[r][j];
-      for (int o = 16; o > 0; o /= 2) v[j] += __shfl_xor_sync(0xffffffffu, v[j], o);
+      float v = acc[r][j];
+      for (int o = 16; o > 0; o /= 2) v += __shfl_xor_sync(0xffffffffu, v, o);
+      if (lane == r) mine[j] = v;
     }
-    if (lane == 0) out.store(r, n, v);
-  }
+  if (lane < R) out.store(lane, n, mine);
 }
 
 // gemv_kernel<T> for T = R..kGemvRows.
@@ -197,13 +230,23 @@ void gemv_rows(const GemvInput& in, int T, int K, Rows W, Out out, cudaStream_t 
 template <class Rows>
 void gemv(const char* what, const GemvInput& in, int T, int K, Rows W, int N, GemvOutput out,
           cudaStream_t s, int k_multiple) {
-  if (!gemv_fits(T, K, in.residual != nullptr) || K % k_multiple != 0 || (out.swiglu && N % 2))
+  using Kind = GemvOutput::Kind;
+  const QkvRope& r = out.rope;
+  const bool shape_ok = out.kind == Kind::Plain      ? true
+                        : out.kind == Kind::SiluGated ? N % 2 == 0
+                                                      : r.d % 2 == 0 && N == (r.nh + 2 * r.nkv) * r.d;
+  if (!gemv_fits(T, K, in.residual != nullptr) || K % k_multiple != 0 || !shape_ok)
     throw Error(std::string(what) + ": " + std::to_string(T) + " rows of " + std::to_string(K) +
-                " (1 to " + std::to_string(kGemvRows) + " rows, a multiple of " +
-                std::to_string(k_multiple) + " columns" + (out.swiglu ? ", an even N" : "") +
-                (in.residual ? ", within shared memory)" : ")"));
-  if (out.swiglu)
-    gemv_rows<1>(in, T, K, W, SwigluOut{out.swiglu, N / 2}, s);
+                " to " + std::to_string(N) + " (1 to " + std::to_string(kGemvRows) +
+                " rows, a multiple of " + std::to_string(k_multiple) + " columns" +
+                (in.residual ? ", within shared memory" : "") +
+                (out.kind == Kind::SiluGated   ? ", an even N)"
+                 : out.kind == Kind::SplitRope ? ", N = (heads + 2 kv heads) x an even d)"
+                                               : ")"));
+  if (out.kind == Kind::SiluGated)
+    gemv_rows<1>(in, T, K, W, SwigluOut{out.gated, N / 2}, s);
+  else if (out.kind == Kind::SplitRope)
+    gemv_rows<1>(in, T, K, W, RopeOut{r}, s);
   else
     gemv_rows<1>(in, T, K, W, FloatOut{out.y, N}, s);
   check_launch(what);
@@ -248,13 +291,11 @@ __global__ void split_qkv_rope_kernel(const float* qkv, const int64_t* pos, int 
   const float* row = qkv + int64_t(t) * width;
   for (int e = threadIdx.x; e < (nh + nkv) * half; e += blockDim.x) {
     const int h = e / half, i = e % half;
-    // Angles in double, as the CPU reference computes them: positions reach millions.
-    const double a = double(pos[t]) / linear_factor * pow(double(theta), -2.0 * i / d);
-    const float c = float(cos(a)), s = float(sin(a));
+    const float2 cs = rope_angle(pos[t], i, d, theta, linear_factor);
     const float x1 = row[h * d + i], x2 = row[h * d + i + half];
     float* dst = h < nh ? q + (int64_t(t) * nh + h) * d : k + (int64_t(t) * nkv + h - nh) * d;
-    dst[i] = x1 * c - x2 * s;
-    dst[i + half] = x2 * c + x1 * s;
+    dst[i] = x1 * cs.x - x2 * cs.y;
+    dst[i + half] = x2 * cs.x + x1 * cs.y;
   }
   for (int e = threadIdx.x; e < nkv * d; e += blockDim.x)
     v[int64_t(t) * nkv * d + e] = row[(nh + nkv) * d + e];

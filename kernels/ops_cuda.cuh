@@ -57,15 +57,35 @@ struct GemvInput {
       : residual(residual), add(add), norm_weight(norm_weight), eps(eps),
         residual_out(residual_out) {}
 };
-// Where the product goes: y[T][N] in fp32, or (swiglu set) swiglu[t][f] = bf16(silu(g) * u) of
-// the product's halves g = [0, N/2) and u = [N/2, N) (the fused gate/up weights).
+// The q/k/v projection's outputs as split_qkv_rope leaves them: contiguous q (nh heads of d), k
+// and v (nkv heads each), q and k rotated for the rows' positions pos[t] / linear_factor.
+struct QkvRope {
+  float *q, *k, *v;
+  const int64_t* pos;
+  int nh, nkv, d;
+  float theta, linear_factor;
+};
+// Where the product goes: y[T][N] in fp32; or (silu_gated) y[t][f] = bf16(silu(g) * u) of the
+// product's halves g = [0, N/2) and u = [N/2, N) (the fused gate/up weights); or (split_rope)
+// the rows of [q | k | v] split and rotated (N = (nh + 2 nkv) d). The two fused forms save a
+// decode step a kernel each.
 struct GemvOutput {
+  enum class Kind { Plain, SiluGated, SplitRope };
+  Kind kind = Kind::Plain;
   float* y = nullptr;
-  __nv_bfloat16* swiglu = nullptr;
+  __nv_bfloat16* gated = nullptr;
+  QkvRope rope{};
   GemvOutput(float* y) : y(y) {}  // NOLINT: the plain form converts
   static GemvOutput silu_gated(__nv_bfloat16* y) {
     GemvOutput o(nullptr);
-    o.swiglu = y;
+    o.kind = Kind::SiluGated;
+    o.gated = y;
+    return o;
+  }
+  static GemvOutput split_rope(const QkvRope& r) {
+    GemvOutput o(nullptr);
+    o.kind = Kind::SplitRope;
+    o.rope = r;
     return o;
   }
 };

@@ -268,6 +268,42 @@ TEST_F(Cuda, GemvWithNormAndSwigluIsTheKernelsItReplaces) {
                Error);
 }
 
+// The q/k/v GEMV that splits and rotates its own output against the GEMV then split_qkv_rope:
+// GQA, head dims 16 and 64, positions past 1M, linear RoPE scaling; the same sums (1e-6).
+TEST_F(Cuda, GemvWithRopeIsTheGemvThenSplitQkvRope) {
+  const int K = 160;
+  for (int d : {16, 64})
+    for (int T = 1; T <= cuda::kGemvRows; ++T) {
+      const int nh = 4, nkv = 2, N = (nh + 2 * nkv) * d;
+      std::vector<__nv_bfloat16> wb, xb;
+      for (float v : randn(size_t(N) * K, 70 + d, 0.05f)) wb.push_back(__float2bfloat16(v));
+      for (float v : randn(size_t(T) * K, 71 + T)) xb.push_back(__float2bfloat16(v));
+      std::vector<int64_t> pos;
+      for (int t = 0; t < T; ++t) pos.push_back(int64_t(t) * 524309 + 17 * t + 3);
+      Dev<__nv_bfloat16> dw(wb), dx(xb);
+      Dev<int64_t> dpos(pos);
+      Dev<float> dqkv(size_t(T) * N), q(size_t(T) * nh * d), k(size_t(T) * nkv * d),
+          v(size_t(T) * nkv * d), rq(size_t(T) * nh * d), rk(size_t(T) * nkv * d),
+          rv(size_t(T) * nkv * d);
+      const float theta = 10000.0f, factor = d == 64 ? 4.0f : 1.0f;
+      cuda::gemv_bf16(dx.p, T, K, dw.p, N,
+                      cuda::GemvOutput::split_rope({q.p, k.p, v.p, dpos.p, nh, nkv, d, theta, factor}),
+                      nullptr);
+      cuda::gemv_bf16(dx.p, T, K, dw.p, N, dqkv.p, nullptr);
+      cuda::split_qkv_rope(dqkv.p, dpos.p, T, nh, nkv, d, theta, factor, rq.p, rk.p, rv.p, nullptr);
+      const std::string at = "d " + std::to_string(d) + " T " + std::to_string(T);
+      EXPECT_LT(rel_err(q.get(size_t(T) * nh * d), rq.get(size_t(T) * nh * d)), 1e-6) << at;
+      EXPECT_LT(rel_err(k.get(size_t(T) * nkv * d), rk.get(size_t(T) * nkv * d)), 1e-6) << at;
+      EXPECT_EQ(v.get(size_t(T) * nkv * d), rv.get(size_t(T) * nkv * d)) << at;
+    }
+  Dev<float> y(64);
+  EXPECT_THROW(cuda::gemv_bf16(static_cast<const __nv_bfloat16*>(nullptr), 1, K, nullptr, 100,
+                               cuda::GemvOutput::split_rope({y.p, y.p, y.p, nullptr, 4, 2, 16,
+                                                             10000.0f, 1.0f}),
+                               nullptr),
+               Error);  // N is not (4 + 2 x 2) x 16
+}
+
 struct Variant {
   const char* name;
   Downsampling ds;
