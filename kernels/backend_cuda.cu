@@ -240,6 +240,7 @@ struct Layer {
   Weights wqkv, wo, gate_up, down;  // [q; k; v] and [gate; up] stacked
   std::vector<DeviceArray<float>> ds;                  // per level: wk, bk, wv, bv
   DeviceArray<const float*> ds_ptrs;                   // [4][L]: the Downsamplers table
+  std::vector<DeviceArray<__nv_bfloat16>> taps;        // one-pass kernel: per level, k and v
   // The layer's part of the slot pool.
   DeviceArray<float> fine_k, fine_v, sum_k, sum_v, acc_k, acc_v;
 };
@@ -303,6 +304,10 @@ class CudaBackend final : public Backend {
           }
         }
         l.ds_ptrs = upload_once(ptrs);
+        if (cuda::one_pass(shape_))
+          for (size_t lv = 0; lv < L; ++lv)
+            for (const auto* d : {&ds.k[lv], &ds.v[lv]})
+              l.taps.push_back(upload_once(cuda::one_pass_taps(*d, c_.head_dim)));
       }
       const size_t S = n_slots;
       l.fine_k.resize(S * cap_ * kvs);
@@ -549,8 +554,10 @@ class CudaBackend final : public Backend {
       const cuda::CacheView cv{l.fine_k.get(), l.fine_v.get(), l.sum_k.get(), l.sum_v.get(),
                                l.acc_k.get(),  l.acc_v.get(),  cap_,          c_.fma_enabled};
       const float* const* dp = l.ds_ptrs.get();
-      const cuda::Downsamplers ds{dp, dp ? dp + L : nullptr, dp ? dp + 2 * L : nullptr,
-                                  dp ? dp + 3 * L : nullptr};
+      cuda::Downsamplers ds{dp, dp ? dp + L : nullptr, dp ? dp + 2 * L : nullptr,
+                            dp ? dp + 3 * L : nullptr};
+      for (size_t lv = 0; lv < l.taps.size() / 2; ++lv)
+        ds.tk[lv] = l.taps[2 * lv].get(), ds.tv[lv] = l.taps[2 * lv + 1].get();
       // The previous layer's FFN output joins the residual stream in the norm.
       norm_matmul(x, spare, li == 0 ? nullptr : h_.get(), l.attn_norm.get(), T, l.wqkv,
                   cuda::GemvOutput::split_rope({q_.get(), k_.get(), v_.get(),
@@ -562,10 +569,9 @@ class CudaBackend final : public Backend {
         // Only what this plan can write: the buffer has the largest batch's size, and clearing
         // it all cost a batch-1 step 25 us in a server that had run 1,024 streams.
         check(cudaMemsetAsync(new_k, 0, 2 * fresh * 4, s), "memset");
-        cuda::summarize(shape_, cv, ds, chunks, table, inputs_.device<cuda::SumItem>(kDone),
-                        int(p.done.size()), k_.get(), v_.get(), new_k, new_v, s);
-        cuda::accumulate(shape_, cv, ds, chunks, inputs_.device<cuda::SumItem>(kFilling),
-                         int(p.filling.size()), p.longest_chunk, k_.get(), v_.get(), s);
+        cuda::summaries(shape_, cv, ds, p, chunks, table, inputs_.device<cuda::SumItem>(kDone),
+                        inputs_.device<cuda::SumItem>(kFilling), k_.get(), v_.get(), new_k, new_v,
+                        s);
       }
       // A decode step's attention rounds its output to bf16 itself, for the o-projection.
       cuda::attention(shape_, cv, chunks, table, inputs_.device<cuda::AttnItem>(kAttn),

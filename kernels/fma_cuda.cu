@@ -117,7 +117,7 @@ __device__ void for_each_sum_tile(const FmaShape& s, const ChunkDesc& c, const f
 }
 
 template <int kSumHeads, int kSumRanks>
-__global__ void summarize_kernel(FmaShape s, CacheView cv, Downsamplers dw, const ChunkDesc* chunks,
+__global__ void summarize_kernel(FmaShape s, Downsamplers dw, const ChunkDesc* chunks,
                                  const NewGroups* table, const SumItem* items, const float* k,
                                  const float* v, float* new_k, float* new_v) {
   const SumItem it = items[blockIdx.x];
@@ -129,31 +129,40 @@ __global__ void summarize_kernel(FmaShape s, CacheView cv, Downsamplers dw, cons
   const float* W = s.avgpool ? nullptr : (values ? dw.wv : dw.wk)[l - 1];
   const bool paired = s.paired_keys && !values;
   const float* bias = s.avgpool || paired ? nullptr : (values ? dw.bv : dw.bk)[l - 1];
-  const float* acc0 = (values ? cv.acc_v : cv.acc_k) + (int64_t(c.slot) * s.L + l - 1) * s.kv * pd;
   float* dst = (values ? new_v : new_k) + (int64_t(ng.offset) + it.group - ng.first) * s.kv * pd;
-  const int64_t start = it.group * w;
-  // The group's first slice also brings the bias and what the accumulator holds of the tokens
-  // before the chunk.
-  const bool first = it.t_from == max(start, c.pos0);
+  // The group's first slice also brings the bias (start_groups_kernel put what the accumulator
+  // held of the tokens before the chunk into the pool).
+  const bool first = it.t_from == max(it.group * w, c.pos0);
   for_each_sum_tile<kSumHeads, kSumRanks>(
       s, c, W, s.rank[l - 1], paired, w, it.group, it.t_from, it.t_to, values ? v : k,
-      [&](int at, int o) {
-        return first ? (start < c.pos0 ? acc0[at] : 0.0f) + (bias ? bias[o] : 0.0f) : 0.0f;
-      },
+      [&](int, int o) { return first && bias ? bias[o] : 0.0f; },
       [&](int at, float a) { atomicAdd(dst + at, a); });
 }
 
-// The accumulator of a group being filled that begins in the chunk starts from zero (its ring
-// entry held an older group); one that began before keeps what it holds.
-__global__ void clear_new_accumulators_kernel(FmaShape s, CacheView cv, const ChunkDesc* chunks,
-                                              const SumItem* items) {
+// Before summary kernels that add into shared places from several blocks, per (chunk, level)
+// (items: the groups being filled): a group completed in the chunk that began before it gets what
+// its accumulator holds (the tokens before the chunk) as its pool entry's start, and the
+// accumulator of a group being filled that begins in the chunk starts from zero (its ring entry
+// held an older group); one that began before keeps what it holds.
+__global__ void start_groups_kernel(FmaShape s, CacheView cv, const ChunkDesc* chunks,
+                                    const NewGroups* table, const SumItem* items, float* new_k,
+                                    float* new_v) {
   const SumItem it = items[blockIdx.x];
   if (it.group < 0) return;  // padding of a decode step
   const ChunkDesc c = chunks[it.chunk];
   const int l = it.level, pd = s.p * s.d;
-  if (it.group * (int64_t(s.m) << (l - 1)) < c.pos0) return;
-  float* acc = (blockIdx.z == 1 ? cv.acc_v : cv.acc_k) + (int64_t(c.slot) * s.L + l - 1) * s.kv * pd;
-  for (int i = threadIdx.x; i < s.kv * pd; i += blockDim.x) acc[i] = 0.0f;
+  const int64_t w = int64_t(s.m) << (l - 1);
+  const bool values = blockIdx.z == 1;
+  float* acc = (values ? cv.acc_v : cv.acc_k) + (int64_t(c.slot) * s.L + l - 1) * s.kv * pd;
+  const NewGroups ng = table[c.new_base + l - 1];
+  float* first = ng.count > 0 && ng.first * w < c.pos0
+                     ? (values ? new_v : new_k) + int64_t(ng.offset) * s.kv * pd
+                     : nullptr;
+  const bool clear = it.group * w >= c.pos0;
+  for (int i = threadIdx.x; i < s.kv * pd; i += blockDim.x) {
+    if (first && (i % pd) / s.d < s.rank[l - 1]) first[i] = acc[i];
+    if (clear) acc[i] = 0.0f;
+  }
 }
 
 // Adds slice blockIdx.y (kAccumulateSlice tokens) of the chunk's tokens in a group being filled
@@ -621,6 +630,209 @@ __global__ void __launch_bounds__(W * 32)
   }
 }
 
+// Summaries in one pass (one_pass()): a block reads a token range of a chunk once, for 16
+// channels (8 and their RoPE partners, d/2 further) of every KV head, keys or values, and adds
+// each token into the group of every level that holds it. Levels' taps applied to 16 tokens
+// are an mma per channel: [16 heads x 16 tokens] x [16 tokens x 8 columns], the columns the
+// ranks of two levels (ranks <= 4) or of one, bf16 with fp32 accumulators in registers, written
+// out when a level's group ends. Each level is summed from the tokens themselves: groupedconv's
+// learned taps differ from level to level, so a level's group is not a function of the two
+// summaries below it (avgpool's is, their mean, but costs no less read here). Tiles of 32 tokens
+// are staged in shared memory as bf16, the next tile's loads in flight during the products.
+namespace op {
+constexpr int kWarps = 16;     // one staged channel each
+constexpr int kChannels = 16;  // staged per block: 8 channels and their partners
+constexpr int kHeads = 16;     // the mma's rows
+constexpr int kSpan = 32, kRow = kSpan + 8;  // padding: conflict-free fragment loads and stores
+constexpr int kLoads = kSpan * kHeads * kChannels / 4 / (kWarps * 32);  // float4s a thread stages
+}  // namespace op
+
+// The B fragment of a level's taps at in-group offset `off` (a multiple of 16): rank r's taps on
+// this lane's tokens (2t, 2t+1 and 2t+8, 2t+9 of the 16), zero past the level's rank pl.
+__device__ void tap_fragment(const FmaShape& s, const __nv_bfloat16* taps, int tap, int pl, int w,
+                             int ch, int off, int r, int t, uint32_t& b0, uint32_t& b1) {
+  b0 = b1 = 0;
+  if (r >= pl) return;
+  if (!taps) {  // avgpool: rank r is the mean of tokens [r * w/pl, (r+1) * w/pl)
+    const int span = w / pl;
+    const float inv = 1.0f / float(span);
+    auto tapv = [&](int o) { return o / span == r ? inv : 0.0f; };
+    const int o = off + 2 * t;
+    b0 = tc::pack_bf16(tapv(o), tapv(o + 1));
+    b1 = tc::pack_bf16(tapv(o + 8), tapv(o + 9));
+    return;
+  }
+  const uint2 x = *reinterpret_cast<const uint2*>(
+      taps + ((int64_t(tap) * s.d + ch) * pl + r) * w + off + 4 * t);
+  b0 = x.x, b1 = x.y;
+}
+
+// kRanks: the mma's 8 columns are the ranks of 2 levels (kRanks 4) or of 1 (kRanks 8), so that
+// a fragment holds kFrags * 8 / kRanks levels.
+template <int kRanks, int kFrags>
+__global__ void __launch_bounds__(op::kWarps * 32, 1)
+    one_pass_kernel(FmaShape s, CacheView cv, Downsamplers dw, const ChunkDesc* chunks,
+                    const NewGroups* table, const SumItem* ranges, bool split, const float* k,
+                    const float* v, float* new_k, float* new_v) {
+  using namespace op;
+  constexpr int kPer = 8 / kRanks;  // levels per fragment
+  __shared__ __align__(16) __nv_bfloat16 sx[2][kChannels][kHeads][kRow];
+  // The blocks of one range (its strips, keys and values) are neighbours: they read the same
+  // rows at about the same time.
+  const int per_range = s.d / kChannels * 2;
+  const SumItem it = ranges[blockIdx.x / per_range];
+  if (it.group < 0) return;  // padding of a decode step
+  const int strip = (blockIdx.x % per_range) / 2;
+  const bool values = blockIdx.x % 2 == 1;
+  const bool paired = s.paired_keys && !values;
+  const ChunkDesc c = chunks[it.chunk];
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+  // Accumulator element e of this lane: head g + 8 (e / 2), rank r0 + e % 2 of the fragment's
+  // level `sub`; its B column g: rank col_rank of level col_sub.
+  const int sub = kPer == 2 ? t >> 1 : 0, r0 = kPer == 2 ? 2 * (t & 1) : 2 * t;
+  const int col_sub = kPer == 2 ? g >> 2 : 0, col_rank = kPer == 2 ? g & 3 : g;
+  // Staged channel i: strip * 8 + i for i < 8, else its partner d/2 further.
+  auto channel = [&](int i) { return (i < 8 ? 0 : s.d / 2 - 8) + strip * 8 + i; };
+  const int ch = channel(warp);
+  const float* x = values ? v : k;
+  const int64_t from = it.t_from, to = it.t_to, end = c.pos0 + c.T;
+  const int log_m = __ffs(s.m) - 1, pd = s.p * s.d;
+
+  // Thread's float4 `i` of a tile: lanes over 8 heads x 4 tokens (conflict-free bf16 stores).
+  float4 pre[kLoads];
+  auto slot = [&](int i, int& h, int& tok, int& c4) {
+    const int q = i * kWarps * 32 + threadIdx.x, rest = q >> 5;
+    h = (rest & 1) * 8 + (q & 7), tok = ((rest >> 1) & 7) * 4 + ((q >> 3) & 3), c4 = rest >> 4;
+  };
+  auto load = [&](int64_t tile) {
+#pragma unroll
+    for (int i = 0; i < kLoads; ++i) {
+      int h, tok, c4;
+      slot(i, h, tok, c4);
+      const int64_t pos = tile + tok;
+      pre[i] = make_float4(0, 0, 0, 0);
+      if (h < s.kv && pos >= from && pos < to)
+        pre[i] = *reinterpret_cast<const float4*>(
+            x + (int64_t(c.row0) + (pos - c.pos0)) * s.kv * s.d + h * s.d + channel(c4 * 4));
+    }
+  };
+  auto store = [&](int buf) {
+#pragma unroll
+    for (int i = 0; i < kLoads; ++i) {
+      int h, tok, c4;
+      slot(i, h, tok, c4);
+      sx[buf][c4 * 4 + 0][h][tok] = __float2bfloat16(pre[i].x);
+      sx[buf][c4 * 4 + 1][h][tok] = __float2bfloat16(pre[i].y);
+      sx[buf][c4 * 4 + 2][h][tok] = __float2bfloat16(pre[i].z);
+      sx[buf][c4 * 4 + 3][h][tok] = __float2bfloat16(pre[i].w);
+    }
+  };
+
+  // Level l's group holding token `pos` ends (l = j * kPer + half: the lanes of that half of
+  // fragment j hold it): its sums go to the pool (completed in the chunk) or to the accumulator
+  // (being filled). A block that holds all of the group's tokens of the chunk writes it; else
+  // the blocks add into it (start_groups_kernel started it).
+  auto flush = [&](int l, int half, int64_t pos, float(&acc)[4]) {
+    if (half != sub) return;
+    const int w = s.m << l, pl = s.rank[l];
+    const int64_t grp = pos >> (log_m + l), gs = grp << (log_m + l);
+    const int64_t lo = max(gs, c.pos0), hi = min(gs + w, end);
+    const bool completed = gs + w <= end, owner = lo >= from, before = gs < c.pos0;
+    const bool plain = owner && hi <= to && !(split && before);
+    float* accum = (values ? cv.acc_v : cv.acc_k) + (int64_t(c.slot) * s.L + l) * s.kv * pd;
+    float* dst = accum;
+    if (completed) {
+      const NewGroups ng = table[c.new_base + l];
+      dst = (values ? new_v : new_k) + (int64_t(ng.offset) + grp - ng.first) * s.kv * pd;
+    }
+    const float* bias =
+        completed && owner && !s.avgpool && !paired ? (values ? dw.bv : dw.bk)[l] : nullptr;
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int h = g + 8 * (e >> 1), r = r0 + (e & 1);
+      const float partial = acc[e];
+      acc[e] = 0.0f;
+      if (h >= s.kv || r >= s.p || (r >= pl && !plain)) continue;
+      const int at = h * pd + r * s.d + ch;
+      // Unsplit, the tokens before the chunk are still in the accumulator (read before this
+      // thread overwrites it with a later group's sums). Ranks past the level's are zeros.
+      const float val = r >= pl ? 0.0f
+                                : partial + (bias ? bias[r * s.d + ch] : 0.0f) +
+                                      (!split && before ? accum[at] : 0.0f);
+      if (plain)
+        dst[at] = val;
+      else
+        atomicAdd(dst + at, val);
+    }
+  };
+
+  float acc[kFrags][4];
+#pragma unroll
+  for (int j = 0; j < kFrags; ++j)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) acc[j][e] = 0.0f;
+  const int64_t first_step = from & ~int64_t(15);
+  int64_t tile = from & ~int64_t(kSpan - 1);
+  load(tile);
+  store(0);
+  __syncthreads();
+  for (int buf = 0; tile < to; tile += kSpan, buf ^= 1) {
+    if (tile + kSpan < to) load(tile + kSpan);
+#pragma unroll 1
+    for (int kk = 0; kk < kSpan / 16; ++kk) {
+      const int64_t k0 = tile + kk * 16;
+      if (k0 < first_step || k0 >= to) continue;
+      uint32_t a[4], ap[4];
+      auto fragment = [&](int i, uint32_t(&f)[4]) {
+        const __nv_bfloat16* row_g = &sx[buf][i][g][kk * 16 + 2 * t];
+        const __nv_bfloat16* row_g8 = &sx[buf][i][g + 8][kk * 16 + 2 * t];
+        f[0] = *reinterpret_cast<const uint32_t*>(row_g);
+        f[1] = *reinterpret_cast<const uint32_t*>(row_g8);
+        f[2] = *reinterpret_cast<const uint32_t*>(row_g + 8);
+        f[3] = *reinterpret_cast<const uint32_t*>(row_g8 + 8);
+      };
+      fragment(warp, a);
+      if (paired) fragment(warp ^ 8, ap);  // the channel's RoPE partner
+#pragma unroll
+      for (int j = 0; j < kFrags; ++j) {
+        if (j * kPer >= s.L) break;
+#pragma unroll
+        for (int half = 0; half < kPer; ++half) {
+          const int l = j * kPer + half;
+          if (l < s.L && (k0 & ((int64_t(s.m) << l) - 1)) == 0 && k0 > first_step)
+            flush(l, half, k0 - 1, acc[j]);
+        }
+        const int l = j * kPer + col_sub, w = s.m << l, off = int(k0 & (w - 1));
+        uint32_t b0 = 0, b1 = 0;
+        if (l < s.L) {
+          const __nv_bfloat16* taps = s.avgpool ? nullptr : values ? dw.tv[l] : dw.tk[l];
+          tap_fragment(s, taps, 0, s.rank[l], w, ch, off, col_rank, t, b0, b1);
+        }
+        tc::mma(acc[j], a, b0, b1);
+        if (paired) {
+          if (l < s.L) tap_fragment(s, dw.tk[l], 1, s.rank[l], w, ch, off, col_rank, t, b0, b1);
+          tc::mma(acc[j], ap, b0, b1);
+        }
+      }
+    }
+    if (tile + kSpan < to) store(buf ^ 1);
+    __syncthreads();
+  }
+#pragma unroll
+  for (int j = 0; j < kFrags; ++j)
+#pragma unroll
+    for (int half = 0; half < kPer; ++half)
+      if (j * kPer + half < s.L) flush(j * kPer + half, half, to - 1, acc[j]);
+  // The group being filled that begins where the chunk ends starts from zero.
+  if (to != end) return;
+  __syncwarp();
+  for (int l = 0; l < s.L; ++l) {
+    if (end & ((int64_t(s.m) << l) - 1)) continue;
+    float* accum = (values ? cv.acc_v : cv.acc_k) + (int64_t(c.slot) * s.L + l) * s.kv * pd;
+    for (int i = lane; i < s.kv * s.p; i += 32) accum[(i / s.p) * pd + (i % s.p) * s.d + ch] = 0.0f;
+  }
+}
+
 __global__ void commit_kernel(const CommitItem* items, const float* k, const float* v,
                               const float* new_k, const float* new_v, CacheView cv) {
   const CommitItem it = items[blockIdx.x];
@@ -658,31 +870,75 @@ void with_sum_tile(const FmaShape& s, F&& f) {
     ranks.template operator()<8>();
 }
 
-void summarize(const FmaShape& s, const CacheView& c, const Downsamplers& w,
-               const ChunkDesc* chunks, const NewGroups* table, const SumItem* items, int n_items,
-               const float* k, const float* v, float* new_k, float* new_v, cudaStream_t st) {
-  if (n_items == 0) return;
-  with_sum_tile(s, [&]<int H, int R>() {
-    summarize_kernel<H, R>
-        <<<dim3(n_items, 1, 2), 128, 0, st>>>(s, c, w, chunks, table, items, k, v, new_k, new_v);
-  });
-  check_launch("summarize");
-}
-
-void accumulate(const FmaShape& s, const CacheView& c, const Downsamplers& w,
-                const ChunkDesc* chunks, const SumItem* items, int n_items, int longest_chunk,
-                const float* k, const float* v, cudaStream_t st) {
-  if (n_items == 0) return;
-  clear_new_accumulators_kernel<<<dim3(n_items, 1, 2), 128, 0, st>>>(s, c, chunks, items);
-  check_launch("clear_new_accumulators");
+void summaries(const FmaShape& s, const CacheView& c, const Downsamplers& w, const BatchPlan& p,
+               const ChunkDesc* chunks, const NewGroups* table, const SumItem* done,
+               const SumItem* filling, const float* k, const float* v, float* new_k,
+               float* new_v, cudaStream_t st) {
+  const int n_done = static_cast<int>(p.done.size()), n_filling = static_cast<int>(p.filling.size());
+  // One block per token range holds every output of its groups: it reads and writes the
+  // accumulators itself unless a chunk is split over several ranges.
+  if (n_filling > 0 && (!p.one_pass || p.split_chunks)) {
+    start_groups_kernel<<<dim3(n_filling, 1, 2), 128, 0, st>>>(s, c, chunks, table, filling,
+                                                                 new_k, new_v);
+    check_launch("start_groups");
+  }
+  if (p.one_pass) {
+    if (n_done == 0) return;
+    const unsigned blocks = static_cast<unsigned>(n_done) * (s.d / op::kChannels) * 2;
+    auto launch = [&]<int R, int F>() {
+      one_pass_kernel<R, F><<<blocks, op::kWarps * 32, 0, st>>>(s, c, w, chunks, table, done,
+                                                               p.split_chunks, k, v, new_k, new_v);
+    };
+    if (s.p <= 4 && s.L <= 8)
+      launch.template operator()<4, 4>();
+    else if (s.p <= 4)
+      launch.template operator()<4, 8>();
+    else if (s.L <= 8)
+      launch.template operator()<8, 8>();
+    else
+      launch.template operator()<8, 16>();
+    check_launch("one_pass_summaries");
+    return;
+  }
+  if (n_done > 0) {
+    with_sum_tile(s, [&]<int H, int R>() {
+      summarize_kernel<H, R>
+          <<<dim3(n_done, 1, 2), 128, 0, st>>>(s, w, chunks, table, done, k, v, new_k, new_v);
+    });
+    check_launch("summarize");
+  }
+  if (n_filling == 0) return;
   // A group being filled holds at most w - 1 of the chunk's tokens (the top level's w is largest).
-  const int64_t longest = std::min<int64_t>(longest_chunk, int64_t(s.m) << (s.L - 1));
+  const int64_t longest = std::min<int64_t>(p.longest_chunk, int64_t(s.m) << (s.L - 1));
   const auto slices =
       static_cast<unsigned>(std::max<int64_t>(1, (longest + kAccumulateSlice - 1) / kAccumulateSlice));
   with_sum_tile(s, [&]<int H, int R>() {
-    accumulate_kernel<H, R><<<dim3(n_items, slices, 2), 128, 0, st>>>(s, c, w, chunks, items, k, v);
+    accumulate_kernel<H, R>
+        <<<dim3(n_filling, slices, 2), 128, 0, st>>>(s, c, w, chunks, filling, k, v);
   });
   check_launch("accumulate");
+}
+
+bool one_pass(const FmaShape& s) {
+  return s.fma && s.in <= 1 && s.kv <= op::kHeads && s.p <= 8 && s.m >= 16 &&
+         (s.m & (s.m - 1)) == 0 && s.d % op::kChannels == 0 && s.L >= 1 && s.L <= kOnePassLevels;
+}
+
+std::vector<__nv_bfloat16> one_pass_taps(const cpu::Downsampler& ds, int d) {
+  if (ds.weight.empty()) return {};
+  const int w = ds.group, p = ds.rank, in = ds.in;
+  std::vector<__nv_bfloat16> out(ds.weight.size());
+  for (int tap = 0; tap < in; ++tap)
+    for (int ch = 0; ch < d; ++ch)
+      for (int r = 0; r < p; ++r)
+        for (int t = 0; t < w; ++t) {
+          // Lane q of a fragment reads tokens 2q, 2q+1 (b0) and 2q+8, 2q+9 (b1) at 4q..4q+3.
+          const int j = t % 16, q = (j % 8) / 2;
+          const int at = t - j + 4 * q + (j >= 8 ? 2 : 0) + j % 2;
+          out[((size_t(tap) * d + ch) * p + r) * w + at] =
+              __float2bfloat16(ds.weight[(size_t(t) * p * d + r * d + ch) * in + tap]);
+        }
+  return out;
 }
 
 FmaShape make_shape(const Config& c) {
@@ -763,9 +1019,15 @@ size_t decode_bucket(size_t batch) {
 }
 
 void make_plan(const Config& c, int64_t cap, std::span<const SeqChunk> chunks,
-               const std::vector<int64_t>& slot_pos, BatchPlan& p) {
+               const std::vector<int64_t>& slot_pos, BatchPlan& p, bool per_level) {
   p.T = p.new_groups = p.longest_chunk = p.rows_wanted = 0;
-  p.padded = false;
+  p.padded = p.split_chunks = false;
+  p.one_pass = c.fma_enabled && !per_level && one_pass(make_shape(c));
+  // One-pass ranges: about 64 of them in all (8 blocks each: strips of 16 channels, keys and
+  // values) fill the GPU; longer ranges write fewer partial sums of the long groups.
+  size_t total = 0;
+  for (const SeqChunk& ch : chunks) total += ch.tokens.size();
+  p.range_tokens = std::clamp<int64_t>(std::bit_ceil(uint64_t(total / 64 + 1)), 64, 4096);
   for (auto* v : {&p.tokens, &p.rows}) v->clear();
   p.pos.clear();
   p.chunks.clear();
@@ -793,10 +1055,17 @@ void make_plan(const Config& c, int64_t cap, std::span<const SeqChunk> chunks,
       p.pos.push_back(pos0 + t);
     }
     for (int t = ch.all_logits ? 0 : T - 1; t < T; ++t) p.rows.push_back(p.T + t);
+    if (p.one_pass) {
+      const int64_t R = p.range_tokens;
+      for (int64_t t = pos0; t < pos0 + T; t = (t / R + 1) * R) {
+        p.done.push_back({int(ci), 0, 0, t, std::min((t / R + 1) * R, pos0 + T)});
+        p.split_chunks |= t != pos0;
+      }
+    }
     for (int l = 1; l <= L; ++l) {
       const int64_t w = c.group_size(l), first = pos0 / w, end = (pos0 + T) / w;
       p.table.push_back({p.new_groups, static_cast<int>(end - first), first});
-      for (int64_t g = first; g < end; ++g)
+      for (int64_t g = first; g < end && !p.one_pass; ++g)
         for (int64_t t = std::max(g * w, pos0); t < (g + 1) * w; t += slice)
           p.done.push_back({int(ci), l, g, t, std::min(t + slice, (g + 1) * w)});
       p.filling.push_back({int(ci), l, end, 0, 0});
@@ -843,7 +1112,7 @@ void make_plan(const Config& c, int64_t cap, std::span<const SeqChunk> chunks,
     p.attn.resize(Bb, AttnItem{0, 0, 0});
     p.chunks.resize(Bb, ChunkDesc{});  // never read: they keep the step's input offsets fixed
     p.table.resize(Bb * L, NewGroups{});
-    p.done.resize(Bb * L, SumItem{0, 1, -1, 0, 0});
+    p.done.resize(p.one_pass ? Bb : Bb * L, SumItem{0, 1, -1, 0, 0});
     p.filling.resize(Bb * L, SumItem{0, 1, -1, 0, 0});
     p.commits.resize(Bb * (2 + 2 * L), CommitItem{0, 0, 0, 0});
     p.padded = true;

@@ -8,6 +8,10 @@
 
 #include "ops_cuda.cuh"
 
+namespace mp::cpu {
+struct Downsampler;
+}
+
 namespace mp::cuda {
 
 // The slot pool: every slot's fixed-size state, in device memory allocated once.
@@ -40,18 +44,24 @@ struct AttnItem {  // up to 64 queries of one fine block of one chunk
 
 struct SumItem {  // one level's group of one chunk: completed (summary) or being filled (acc)
   int chunk;
-  int level;
-  int64_t group;
+  int level;  // 0: every level (the one-pass kernel's token ranges)
+  int64_t group;  // -1: padding of a decode step
   // Completed groups are summed in slices of tokens [t_from, t_to), one thread block each, so
   // that the few long groups of the top levels spread over the GPU.
   int64_t t_from, t_to;
 };
+
+constexpr int kOnePassLevels = 16;  // the most levels the one-pass kernel serves
 
 struct Downsamplers {      // one layer, device copies of cpu::Downsampler (index level-1)
   const float* const* wk;  // [L] -> [w][p*d][in]
   const float* const* bk;  // [L] -> [p*d]
   const float* const* wv;
   const float* const* bv;
+  // The one-pass kernel's taps (one_pass_taps) per level; null for avgpool. Held by value: the
+  // kernel reads them from its parameters instead of keeping a pointer per level in registers.
+  const __nv_bfloat16* tk[kOnePassLevels] = {};
+  const __nv_bfloat16* tv[kOnePassLevels] = {};
 };
 
 constexpr int kMaxLevels = 32;
@@ -66,17 +76,28 @@ struct FmaShape {
 // The shape of a model's FMA; throws Error beyond kMaxLevels levels.
 FmaShape make_shape(const Config& c);
 
-// Summaries of completed groups -> new_k/new_v pool [groups][kv][p*d], which must be zeroed
-// first (slices add into it); reads the accumulators.
-void summarize(const FmaShape& s, const CacheView& c, const Downsamplers& w,
-               const ChunkDesc* chunks, const NewGroups* table, const SumItem* items, int n_items,
-               const float* k, const float* v, float* new_k, float* new_v, cudaStream_t st);
-// Accumulators of the groups being filled after each chunk (run after summarize), in slices of
-// kAccumulateSlice tokens; longest_chunk: the batch's longest chunk, in tokens.
+struct BatchPlan;
+// True where one_pass_summaries serves the shape: groupedconv (rotary keys too) or avgpool, at
+// most 16 KV heads, ranks of at most 8, m a power of two >= 16, head_dim a multiple of 16, at
+// most 16 levels. conv and other shapes take the per-level kernels.
+bool one_pass(const FmaShape& s);
+// A level's taps for the one-pass kernel from cpu::Downsampler's [w][p_l*d][in] (in 1, or 2 for
+// rotary keys): bf16 [in][d][p_l][w], each 16 tokens' order permuted so that an mma B fragment's
+// four values of a lane (tokens 2t, 2t+1, 2t+8, 2t+9) are one 8-byte load. Empty for avgpool.
+std::vector<__nv_bfloat16> one_pass_taps(const cpu::Downsampler& ds, int head_dim);
+
+// The summaries of a plan: every group completed in a chunk -> new_k/new_v pool
+// [groups][kv][p*d] (zeroed first: slices add into it), and the accumulators of the groups being
+// filled after it. p.one_pass: one kernel reads each key and value once for every level (bf16
+// products on tensor cores, fp32 sums); else per-level kernels in fp32 (the reference).
+// done/filling: device copies of p.done/p.filling.
+void summaries(const FmaShape& s, const CacheView& c, const Downsamplers& w, const BatchPlan& p,
+               const ChunkDesc* chunks, const NewGroups* table, const SumItem* done,
+               const SumItem* filling, const float* k, const float* v, float* new_k,
+               float* new_v, cudaStream_t st);
+// The per-level kernels accumulate a chunk's tokens of a group being filled in slices of
+// kAccumulateSlice tokens.
 constexpr int kAccumulateSlice = 128;
-void accumulate(const FmaShape& s, const CacheView& c, const Downsamplers& w,
-                const ChunkDesc* chunks, const SumItem* items, int n_items, int longest_chunk,
-                const float* k, const float* v, cudaStream_t st);
 // out[row][head][d] for every query of every chunk. single_queries: every item holds one query
 // (a decode step), which a kernel that splits the keys over threads serves better. Otherwise
 // tiles of head_dim 64 run on tensor cores (bf16 products, fp32 softmax and accumulation) unless
@@ -108,7 +129,12 @@ struct BatchPlan {
   std::vector<int64_t> pos;
   std::vector<ChunkDesc> chunks;
   std::vector<NewGroups> table;
+  // done: per-level slices of completed groups, or (one_pass) the chunks' token ranges, aligned
+  // to multiples of range_tokens; filling: per chunk and level, the group being filled after it.
   std::vector<SumItem> done, filling;
+  bool one_pass = false;
+  bool split_chunks = false;  // one_pass: some chunk spans more than one range
+  int64_t range_tokens = 0;
   std::vector<AttnItem> attn;
   std::vector<CommitItem> commits;
   int new_groups = 0;
@@ -121,10 +147,11 @@ struct BatchPlan {
 // The batch size a decode step of `batch` sequences is padded to.
 size_t decode_bucket(size_t batch);
 // Fills `p` for `chunks`; slot_pos: each slot's position before the call; cap: the fine window's
-// slots per sequence. p's vectors keep their memory from step to step: once they have grown to
+// slots per sequence; per_level: the per-level summary kernels even where one_pass() holds
+// (tests compare the two). p's vectors keep their memory from step to step: once they have grown to
 // the largest batch, a step allocates nothing (allocating and freeing some 300 KB a step at
 // batch 256 cost page faults and, with a thread per GPU, cross-thread TLB flushes).
 void make_plan(const Config& c, int64_t cap, std::span<const SeqChunk> chunks,
-               const std::vector<int64_t>& slot_pos, BatchPlan& p);
+               const std::vector<int64_t>& slot_pos, BatchPlan& p, bool per_level = false);
 
 }  // namespace mp::cuda

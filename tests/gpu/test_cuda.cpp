@@ -313,6 +313,8 @@ struct Variant {
   float rope_linear_factor = 1.0f;
   bool rotary = false;          // rotary key summaries
   std::vector<int> ranks = {};  // per-level ranks
+  int block = 8;                // m; 16 with head_dim 16 or 64: the one-pass summary kernel
+  int64_t n = 64;               // trained length
 };
 class CudaModel : public Cuda, public ::testing::WithParamInterface<Variant> {};
 
@@ -327,6 +329,8 @@ TEST_P(CudaModel, LogitsMatchCpuInEveryChunkingPastTrainedLength) {
   c.fma_rotary_summaries = v.rotary;
   if (!v.ranks.empty()) c.fma_rank = *std::max_element(v.ranks.begin(), v.ranks.end());
   c.fma_level_ranks = v.ranks;
+  c.fma_block_size = v.block;
+  c.n_ctx_train = v.n;
   c.hidden_size = 64;
   TempDir dir;
   auto model = mp::testing::random_model(dir, c, DType::BF16, 7);
@@ -366,7 +370,16 @@ INSTANTIATE_TEST_SUITE_P(
                 16,
                 1.0f,
                 true,
-                {3, 2}}),
+                {3, 2}},
+        // m 16: summaries in one pass (3 levels at n 256; 203 tokens cross n/2)
+        Variant{"one_pass_groupedconv", Downsampling::GroupedConv, true, 2, 16, 1.0f, false,
+                {}, 16, 256},
+        Variant{"one_pass_avgpool_d64", Downsampling::AvgPool, true, 4, 64, 1.0f, false, {}, 16,
+                256},
+        Variant{"one_pass_rotary_ranks_kv1", Downsampling::GroupedConv, true, 1, 16, 1.0f, true,
+                {2, 1, 2}, 16, 256},
+        Variant{"one_pass_groupedconv_d64_past_n", Downsampling::GroupedConv, true, 2, 64, 1.0f,
+                false, {}, 16, 64}),
     [](const auto& info) { return std::string(info.param.name); });
 
 TEST_F(Cuda, BatchOfSequencesMatchesSeparateRunsAndStatesMoveBetweenBackends) {
@@ -717,7 +730,7 @@ TEST(CudaPlan, DecodeStepsPadToBucketsAndSummarySlicesCoverEachGroupOnce) {
     pos[i] = 1000 + 333 * i;
   }
   cuda::BatchPlan d;
-  cuda::make_plan(c, cap, step, pos, d);
+  cuda::make_plan(c, cap, step, pos, d, true);
   EXPECT_TRUE(d.padded);
   EXPECT_EQ(d.T, 16);
   EXPECT_EQ(d.rows_wanted, 10);
@@ -737,8 +750,9 @@ TEST(CudaPlan, DecodeStepsPadToBucketsAndSummarySlicesCoverEachGroupOnce) {
   const SeqChunk chunk{0, prompt, false};
   // The same plan object again, as the backend reuses it: nothing of the decode step remains.
   cuda::BatchPlan& p = d;
-  cuda::make_plan(c, cap, {&chunk, 1}, {700}, p);
+  cuda::make_plan(c, cap, {&chunk, 1}, {700}, p, true);
   EXPECT_FALSE(p.padded);
+  EXPECT_FALSE(p.one_pass);
   EXPECT_EQ(p.rows_wanted, 1);
   EXPECT_EQ(p.T, 5000);
   EXPECT_EQ(p.tokens.size(), 5000u);
@@ -762,7 +776,121 @@ TEST(CudaPlan, DecodeStepsPadToBucketsAndSummarySlicesCoverEachGroupOnce) {
     }
     EXPECT_EQ(at, (key.second + 1) * w);
   }
+
+  // One pass: a decode step has one range per sequence, padded to the bucket, none split; a
+  // prompt's ranges tile it, aligned to multiples of range_tokens.
+  cuda::make_plan(c, cap, step, pos, p);
+  ASSERT_TRUE(p.one_pass);
+  EXPECT_FALSE(p.split_chunks);
+  ASSERT_EQ(p.done.size(), 16u);
+  for (size_t i = 0; i < 16; ++i) {
+    EXPECT_EQ(p.done[i].group < 0, i >= 10) << i;
+    if (i >= 10) continue;
+    EXPECT_EQ(p.done[i].t_from, pos[i]);
+    EXPECT_EQ(p.done[i].t_to, pos[i] + 1);
+  }
+  EXPECT_EQ(p.filling.size(), 16u * L);
+  cuda::make_plan(c, cap, {&chunk, 1}, {700}, p);
+  ASSERT_TRUE(p.one_pass);
+  EXPECT_TRUE(p.split_chunks);
+  const int64_t R = p.range_tokens;
+  EXPECT_EQ(R, 128);  // 5000 tokens: bit_ceil(5000 / 64 + 1)
+  int64_t at = 700;
+  for (const auto& it : p.done) {
+    EXPECT_EQ(it.t_from, at);
+    EXPECT_EQ(it.t_to, std::min<int64_t>((at / R + 1) * R, 5700));
+    at = it.t_to;
+  }
+  EXPECT_EQ(at, 5700);
+  EXPECT_EQ(p.filling.size(), size_t(L));
 }
+
+// The one-pass summary kernel (bf16 products on tensor cores, fp32 sums) against the per-level
+// kernels (fp32, checked against the CPU by the model tests) on the same random keys, values,
+// weights and accumulators: each new group's summaries (all KV heads) and each accumulator after
+// the chunks, 1e-2 relative (bf16); a block the reference leaves zero must be zero.
+struct SummaryCase {
+  int64_t n;
+  int kv, batch, tokens;
+  int64_t pos0;
+};
+void check_one_pass(const Config& c, const SummaryCase& k, const std::string& what) {
+  mp::testing::AttentionRig one(c, k.batch, k.tokens, k.pos0),
+      ref(c, k.batch, k.tokens, k.pos0, true);
+  ASSERT_TRUE(one.plan.one_pass) << what;
+  ASSERT_FALSE(ref.plan.one_pass);
+  one.summaries();
+  ref.summaries();
+  const auto got = one.summary_state(), want = ref.summary_state();
+  const size_t block = size_t(c.n_kv_heads) * c.fma_rank * c.head_dim;
+  const char* names[] = {"new keys", "new values", "key accumulators", "value accumulators"};
+  for (int a = 0; a < 4; ++a) {
+    ASSERT_EQ(got[a].size(), want[a].size());
+    for (size_t b = 0; b < want[a].size() / block; ++b) {
+      const std::vector<float> gb(got[a].begin() + b * block, got[a].begin() + (b + 1) * block),
+          wb(want[a].begin() + b * block, want[a].begin() + (b + 1) * block);
+      if (std::all_of(wb.begin(), wb.end(), [](float x) { return x == 0.0f; }))
+        EXPECT_TRUE(std::all_of(gb.begin(), gb.end(), [](float x) { return x == 0.0f; }))
+            << what << " " << names[a] << " block " << b;
+      else
+        EXPECT_LT(rel_err(gb, wb), 1e-2) << what << " " << names[a] << " block " << b;
+    }
+  }
+}
+
+// Chunks that split over several ranges (start_groups_kernel, atomic adds) or fit one (the block
+// reads and writes the accumulators), starting mid-block, ending on a group boundary, GQA,
+// batches, decode steps (a padded bucket), past the trained length and past 1M (every level's
+// group completing at 2^21).
+std::vector<SummaryCase> summary_cases() {
+  return {{4096, 16, 1, 1024, 0},     {4096, 4, 2, 333, 100},    {2048, 2, 3, 200, 5000},
+          {4096, 4, 2, 42, 150},      {4096, 16, 5, 1, 1023},    {4096, 2, 12, 1, 4095},
+          {1 << 16, 16, 1, 70000, 0}, {1 << 20, 4, 2, 3000, (1 << 20) + 4093},
+          {1 << 20, 16, 3, 1, (1 << 21) - 1}};
+}
+
+TEST_F(Cuda, OnePassSummariesMatchThePerLevelKernels) {
+  for (const SummaryCase& k : summary_cases())
+    check_one_pass(mp::testing::attention_config(k.n, k.kv), k,
+                   "n " + std::to_string(k.n) + " kv " + std::to_string(k.kv) + " pos0 " +
+                       std::to_string(k.pos0) + " tokens " + std::to_string(k.tokens));
+}
+
+// The other shapes the kernel serves: avgpool, rotary key summaries, per-level ranks, rank 8
+// (one level a fragment), head_dim 16, m 16 (16-token groups at level 1), one KV head.
+TEST_F(Cuda, OnePassSummariesMatchThePerLevelKernelsInEveryShape) {
+  struct Shape {
+    const char* name;
+    Downsampling ds;
+    bool rotary;
+    int rank, d, m, kv;
+    std::vector<int> ranks;
+  };
+  const std::vector<Shape> shapes = {
+      {"avgpool", Downsampling::AvgPool, false, 4, 64, 64, 4, {}},
+      {"rotary", Downsampling::GroupedConv, true, 4, 64, 64, 2, {}},
+      {"ranks", Downsampling::GroupedConv, false, 4, 64, 64, 4, {1, 4, 2, 3, 4}},
+      {"avgpool_ranks", Downsampling::AvgPool, false, 4, 64, 64, 4, {4, 2, 1, 4, 2}},
+      {"rank8_d16", Downsampling::GroupedConv, false, 8, 16, 16, 16, {}},
+      {"rotary_rank8_m16_kv1", Downsampling::GroupedConv, true, 8, 16, 16, 1, {}},
+      {"avgpool_rank8_m16_d32", Downsampling::AvgPool, false, 8, 32, 16, 8, {}}};
+  for (const Shape& sh : shapes)
+    for (const SummaryCase& k : {SummaryCase{4096, sh.kv, 2, 333, 100},
+                                 SummaryCase{4096, sh.kv, 1, 1500, 2000},
+                                 SummaryCase{4096, sh.kv, 6, 1, 4095}}) {
+      Config c = mp::testing::attention_config(k.n * sh.m / 64, sh.kv);
+      c.fma_downsampling = sh.ds;
+      c.fma_rotary_summaries = sh.rotary;
+      c.fma_rank = sh.rank;
+      c.fma_level_ranks = sh.ranks;
+      c.head_dim = sh.d;
+      c.hidden_size = c.n_heads * sh.d;
+      c.fma_block_size = sh.m;
+      c.validate();
+      check_one_pass(c, k, std::string(sh.name) + " pos0 " + std::to_string(k.pos0));
+    }
+}
+
 
 // Replicas over CUDA backends against one backend: on GPUs 0 and 1 when there are two, else two
 // backends on GPU 0 (the wrapper's device threads and cross-backend copies run either way).

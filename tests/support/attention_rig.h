@@ -32,6 +32,7 @@ inline Config attention_config(int64_t n, int kv_heads = 16) {
 class AttentionRig {
  public:
   Config c;
+  int batch;
   cuda::FmaShape shape{};
   cuda::CacheView cv{};
   cuda::Downsamplers ds{};
@@ -42,8 +43,10 @@ class AttentionRig {
   cuda::AttnItem* attn;
   float *q, *k, *v, *out, *new_k, *new_v;
 
-  // `batch` chunks of `tokens_each` tokens, each at position pos0 of its own slot.
-  AttentionRig(const Config& cfg, int batch, int tokens_each, int64_t pos0) : c(cfg) {
+  // `batch` chunks of `tokens_each` tokens, each at position pos0 of its own slot; per_level:
+  // the per-level summary kernels (the reference) even where the one-pass kernel serves.
+  AttentionRig(const Config& cfg, int batch, int tokens_each, int64_t pos0, bool per_level = false)
+      : c(cfg), batch(batch) {
     const int L = c.n_levels(), d = c.head_dim, kv = c.n_kv_heads;
     const size_t pd = size_t(c.fma_rank) * d;
     shape = cuda::make_shape(c);
@@ -67,13 +70,16 @@ class AttentionRig {
         const cpu::Downsampler dsm = cpu::make_downsampler(c, l, which == 0, w, b);
         ptrs[(2 * which) * L + l - 1] = copy(dsm.weight);
         ptrs[(2 * which + 1) * L + l - 1] = copy(dsm.bias);
+        if (l <= cuda::kOnePassLevels)
+          (which == 0 ? ds.tk : ds.tv)[l - 1] = copy(cuda::one_pass_taps(dsm, d));
       }
     const float* const* table_ptrs = copy(ptrs);
-    ds = {table_ptrs, table_ptrs + L, table_ptrs + 2 * L, table_ptrs + 3 * L};
+    ds.wk = table_ptrs, ds.bk = table_ptrs + L, ds.wv = table_ptrs + 2 * L,
+    ds.bv = table_ptrs + 3 * L;
     std::vector<int> ids(tokens_each, 0);
     std::vector<SeqChunk> sc;
     for (int b = 0; b < batch; ++b) sc.push_back({b, ids, false});
-    cuda::make_plan(c, cap, sc, std::vector<int64_t>(batch, pos0), plan);
+    cuda::make_plan(c, cap, sc, std::vector<int64_t>(batch, pos0), plan, per_level);
     chunks = copy(plan.chunks);
     table = copy(plan.table);
     done = copy(plan.done);
@@ -96,10 +102,19 @@ class AttentionRig {
   void summaries() const {
     cuda::check(cudaMemsetAsync(new_k, 0, pool_floats() * 4), "memset");
     cuda::check(cudaMemsetAsync(new_v, 0, pool_floats() * 4), "memset");
-    cuda::summarize(shape, cv, ds, chunks, table, done, int(plan.done.size()), k, v, new_k, new_v,
+    cuda::summaries(shape, cv, ds, plan, chunks, table, done, filling, k, v, new_k, new_v,
                     nullptr);
-    cuda::accumulate(shape, cv, ds, chunks, filling, int(plan.filling.size()), plan.longest_chunk,
-                     k, v, nullptr);
+  }
+  // The new summaries' pool (keys, values) and the accumulators (keys, values) after summaries().
+  std::vector<std::vector<float>> summary_state() const {
+    const size_t acc = size_t(batch) * c.n_levels() * c.n_kv_heads * c.fma_rank * c.head_dim;
+    std::vector<std::vector<float>> out;
+    for (auto [p, n] : std::initializer_list<std::pair<const float*, size_t>>{
+             {new_k, pool_floats()}, {new_v, pool_floats()}, {cv.acc_k, acc}, {cv.acc_v, acc}}) {
+      out.emplace_back(n);
+      cuda::check(cudaMemcpy(out.back().data(), p, n * 4, cudaMemcpyDeviceToHost), "download");
+    }
+    return out;
   }
   // out_bf16: a decode step's output rounded to bf16 there instead of `out`.
   void attend(bool tensor_cores = true, __nv_bfloat16* out_bf16 = nullptr) const {
