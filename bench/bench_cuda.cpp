@@ -59,18 +59,13 @@ void bench_prefill_attention(bool quick) {
       "|---|---|---|---|---|---|---|---|---|---|---|\n");
   for (int64_t n : {4096, 16384, 65536, 262144, 1048576}) {
     if (quick && n > 65536) break;
-    double tc_ms, tile_ms, sum_ms, ref_ms;
-    {
-      AttentionRig rig(attention_config(n), 1, static_cast<int>(n), 0);
-      rig.summaries();
-      tc_ms = time_ms([&] { rig.attend(true); }, 5);
-      tile_ms = time_ms([&] { rig.attend(false); }, 3);
-      sum_ms = time_ms([&] { rig.summaries(); }, 5);
-    }
-    {
-      AttentionRig ref(attention_config(n), 1, static_cast<int>(n), 0, true);
-      ref_ms = time_ms([&] { ref.summaries(); }, 3);
-    }
+    AttentionRig rig(attention_config(n), 1, static_cast<int>(n), 0);
+    rig.summaries();
+    const double tc_ms = time_ms([&] { rig.attend(true); }, 5);
+    const double tile_ms = time_ms([&] { rig.attend(false); }, 3);
+    const double sum_ms = time_ms([&] { rig.summaries(); }, 5);
+    rig.plan_summaries(cuda::SummaryKernels::PerLevel);
+    const double ref_ms = time_ms([&] { rig.summaries(); }, 3);
     const double bytes = 4.0 * n * 16 * 64 * 4;
     std::printf("| %lld | %d | %.3f | %.3f | %.3f | %.3f | %.1fx | %.3f | %.0f | %.3f | %.3f |\n",
                 (long long)n, attention_config(n).n_levels(), tc_ms, tile_ms, sum_ms, ref_ms,
@@ -82,14 +77,23 @@ void bench_prefill_attention(bool quick) {
 
 void bench_decode_attention() {
   std::printf("\n## FMA decode attention step (one new token per sequence; n = 1M, L = 13)\n\n");
-  std::printf("| context | batch 1 ms | batch 16 ms | batch 256 ms |\n|---|---|---|---|\n");
+  std::printf(
+      "summaries and attention; the summaries by the per-level kernels (what decode steps run) "
+      "and by the one-pass kernel, in the same run\n\n");
+  std::printf(
+      "| context | batch 1 ms | batch 16 ms | batch 256 ms | one pass: batch 1 ms | batch 16 ms | "
+      "batch 256 ms |\n|---|---|---|---|---|---|---|\n");
   const Config c = attention_config(1 << 20);
   for (int64_t ctx : {1024, 4096, 65536, 1 << 20}) {
     std::printf("| %lld |", (long long)ctx);
+    std::vector<double> one_pass;
     for (int batch : {1, 16, 256}) {
-      AttentionRig rig(c, batch, 1, ctx);
+      AttentionRig rig(c, batch, 1, ctx, cuda::SummaryKernels::PerLevel);
       std::printf(" %.4f |", time_ms([&] { rig.run(); }, 20));
+      rig.plan_summaries(cuda::SummaryKernels::OnePass);
+      one_pass.push_back(time_ms([&] { rig.run(); }, 20));
     }
+    for (double ms : one_pass) std::printf(" %.4f |", ms);
     std::printf("\n");
     std::fflush(stdout);
   }

@@ -1019,10 +1019,13 @@ size_t decode_bucket(size_t batch) {
 }
 
 void make_plan(const Config& c, int64_t cap, std::span<const SeqChunk> chunks,
-               const std::vector<int64_t>& slot_pos, BatchPlan& p, bool per_level) {
+               const std::vector<int64_t>& slot_pos, BatchPlan& p, SummaryKernels kernels) {
   p.T = p.new_groups = p.longest_chunk = p.rows_wanted = 0;
   p.padded = p.split_chunks = false;
-  p.one_pass = c.fma_enabled && !per_level && one_pass(make_shape(c));
+  const bool decode = std::all_of(chunks.begin(), chunks.end(),
+                                  [](const SeqChunk& ch) { return ch.tokens.size() == 1; });
+  p.one_pass = c.fma_enabled && one_pass(make_shape(c)) &&
+               (kernels == SummaryKernels::OnePass || (kernels == SummaryKernels::Auto && !decode));
   // One-pass ranges: about 64 of them in all (8 blocks each: strips of 16 channels, keys and
   // values) fill the GPU; longer ranges write fewer partial sums of the long groups.
   size_t total = 0;
@@ -1099,8 +1102,6 @@ void make_plan(const Config& c, int64_t cap, std::span<const SeqChunk> chunks,
     return std::tie(a.chunk, a.t_from, a.level) < std::tie(b.chunk, b.t_from, b.level);
   });
   p.rows_wanted = static_cast<int>(p.rows.size());
-  const bool decode = std::all_of(chunks.begin(), chunks.end(),
-                                  [](const SeqChunk& ch) { return ch.tokens.size() == 1; });
   if (decode) {
     // Padded to a bucket of batch sizes with no-op rows and items, so that one captured graph
     // serves every batch size of its bucket; at most one group per level and sequence completes.

@@ -146,12 +146,16 @@ struct BatchPlan {
 };
 // The batch size a decode step of `batch` sequences is padded to.
 size_t decode_bucket(size_t batch);
+// Which kernels compute a plan's summaries: Auto takes the one-pass kernel for prompts and the
+// per-level ones for decode steps (not yet measured against each other there: bench_cuda's
+// decode table times both); tests and benchmarks ask for either (OnePass where one_pass() holds).
+enum class SummaryKernels { Auto, PerLevel, OnePass };
 // Fills `p` for `chunks`; slot_pos: each slot's position before the call; cap: the fine window's
-// slots per sequence; per_level: the per-level summary kernels even where one_pass() holds
-// (tests compare the two). p's vectors keep their memory from step to step: once they have grown to
+// slots per sequence. p's vectors keep their memory from step to step: once they have grown to
 // the largest batch, a step allocates nothing (allocating and freeing some 300 KB a step at
 // batch 256 cost page faults and, with a thread per GPU, cross-thread TLB flushes).
 void make_plan(const Config& c, int64_t cap, std::span<const SeqChunk> chunks,
-               const std::vector<int64_t>& slot_pos, BatchPlan& p, bool per_level = false);
+               const std::vector<int64_t>& slot_pos, BatchPlan& p,
+               SummaryKernels kernels = SummaryKernels::Auto);
 
 }  // namespace mp::cuda

@@ -730,7 +730,8 @@ TEST(CudaPlan, DecodeStepsPadToBucketsAndSummarySlicesCoverEachGroupOnce) {
     pos[i] = 1000 + 333 * i;
   }
   cuda::BatchPlan d;
-  cuda::make_plan(c, cap, step, pos, d, true);
+  cuda::make_plan(c, cap, step, pos, d);
+  EXPECT_FALSE(d.one_pass);  // Auto: decode steps on the per-level kernels
   EXPECT_TRUE(d.padded);
   EXPECT_EQ(d.T, 16);
   EXPECT_EQ(d.rows_wanted, 10);
@@ -750,7 +751,7 @@ TEST(CudaPlan, DecodeStepsPadToBucketsAndSummarySlicesCoverEachGroupOnce) {
   const SeqChunk chunk{0, prompt, false};
   // The same plan object again, as the backend reuses it: nothing of the decode step remains.
   cuda::BatchPlan& p = d;
-  cuda::make_plan(c, cap, {&chunk, 1}, {700}, p, true);
+  cuda::make_plan(c, cap, {&chunk, 1}, {700}, p, cuda::SummaryKernels::PerLevel);
   EXPECT_FALSE(p.padded);
   EXPECT_FALSE(p.one_pass);
   EXPECT_EQ(p.rows_wanted, 1);
@@ -779,7 +780,7 @@ TEST(CudaPlan, DecodeStepsPadToBucketsAndSummarySlicesCoverEachGroupOnce) {
 
   // One pass: a decode step has one range per sequence, padded to the bucket, none split; a
   // prompt's ranges tile it, aligned to multiples of range_tokens.
-  cuda::make_plan(c, cap, step, pos, p);
+  cuda::make_plan(c, cap, step, pos, p, cuda::SummaryKernels::OnePass);
   ASSERT_TRUE(p.one_pass);
   EXPECT_FALSE(p.split_chunks);
   ASSERT_EQ(p.done.size(), 16u);
@@ -815,13 +816,14 @@ struct SummaryCase {
   int64_t pos0;
 };
 void check_one_pass(const Config& c, const SummaryCase& k, const std::string& what) {
-  mp::testing::AttentionRig one(c, k.batch, k.tokens, k.pos0),
-      ref(c, k.batch, k.tokens, k.pos0, true);
-  ASSERT_TRUE(one.plan.one_pass) << what;
-  ASSERT_FALSE(ref.plan.one_pass);
-  one.summaries();
-  ref.summaries();
-  const auto got = one.summary_state(), want = ref.summary_state();
+  mp::testing::AttentionRig rig(c, k.batch, k.tokens, k.pos0, cuda::SummaryKernels::PerLevel);
+  ASSERT_FALSE(rig.plan.one_pass);
+  rig.summaries();
+  const auto want = rig.summary_state();
+  rig.plan_summaries(cuda::SummaryKernels::OnePass);
+  ASSERT_TRUE(rig.plan.one_pass) << what;
+  rig.summaries();
+  const auto got = rig.summary_state();
   const size_t block = size_t(c.n_kv_heads) * c.fma_rank * c.head_dim;
   const char* names[] = {"new keys", "new values", "key accumulators", "value accumulators"};
   for (int a = 0; a < 4; ++a) {

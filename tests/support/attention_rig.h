@@ -43,10 +43,11 @@ class AttentionRig {
   cuda::AttnItem* attn;
   float *q, *k, *v, *out, *new_k, *new_v;
 
-  // `batch` chunks of `tokens_each` tokens, each at position pos0 of its own slot; per_level:
-  // the per-level summary kernels (the reference) even where the one-pass kernel serves.
-  AttentionRig(const Config& cfg, int batch, int tokens_each, int64_t pos0, bool per_level = false)
-      : c(cfg), batch(batch) {
+  // `batch` chunks of `tokens_each` tokens, each at position pos0 of its own slot, their
+  // summaries by `kernels`.
+  AttentionRig(const Config& cfg, int batch, int tokens_each, int64_t pos0,
+               cuda::SummaryKernels kernels = cuda::SummaryKernels::Auto)
+      : c(cfg), batch(batch), tokens_each_(tokens_each), pos0_(pos0) {
     const int L = c.n_levels(), d = c.head_dim, kv = c.n_kv_heads;
     const size_t pd = size_t(c.fma_rank) * d;
     shape = cuda::make_shape(c);
@@ -55,8 +56,8 @@ class AttentionRig {
           random(batch * cap * kv * d, 2),
           random(batch * L * 3 * kv * pd, 3),
           random(batch * L * 3 * kv * pd, 4),
-          random(batch * L * kv * pd, 5),
-          random(batch * L * kv * pd, 6),
+          alloc<float>(accumulator_floats()),
+          alloc<float>(accumulator_floats()),
           cap,
           true};
     std::vector<const float*> ptrs(4 * L);
@@ -76,15 +77,7 @@ class AttentionRig {
     const float* const* table_ptrs = copy(ptrs);
     ds.wk = table_ptrs, ds.bk = table_ptrs + L, ds.wv = table_ptrs + 2 * L,
     ds.bv = table_ptrs + 3 * L;
-    std::vector<int> ids(tokens_each, 0);
-    std::vector<SeqChunk> sc;
-    for (int b = 0; b < batch; ++b) sc.push_back({b, ids, false});
-    cuda::make_plan(c, cap, sc, std::vector<int64_t>(batch, pos0), plan, per_level);
-    chunks = copy(plan.chunks);
-    table = copy(plan.table);
-    done = copy(plan.done);
-    filling = copy(plan.filling);
-    attn = copy(plan.attn);
+    plan_summaries(kernels);
     const size_t T = plan.T;
     q = random(T * c.n_heads * d, 8);
     k = random(T * kv * d, 9);
@@ -99,6 +92,22 @@ class AttentionRig {
   AttentionRig(const AttentionRig&) = delete;
   AttentionRig& operator=(const AttentionRig&) = delete;
 
+  // Plans the chunks for `kernels` and gives the accumulators their first random values back
+  // (summaries() changes them), so that the summary kernels compare on the same inputs.
+  void plan_summaries(cuda::SummaryKernels kernels) {
+    std::vector<int> ids(tokens_each_, 0);
+    std::vector<SeqChunk> sc;
+    for (int b = 0; b < batch; ++b) sc.push_back({b, ids, false});
+    cuda::make_plan(c, cv.cap, sc, std::vector<int64_t>(batch, pos0_), plan, kernels);
+    chunks = copy(plan.chunks);
+    table = copy(plan.table);
+    done = copy(plan.done);
+    filling = copy(plan.filling);
+    attn = copy(plan.attn);
+    fill_random(cv.acc_k, accumulator_floats(), 5);
+    fill_random(cv.acc_v, accumulator_floats(), 6);
+  }
+
   void summaries() const {
     cuda::check(cudaMemsetAsync(new_k, 0, pool_floats() * 4), "memset");
     cuda::check(cudaMemsetAsync(new_v, 0, pool_floats() * 4), "memset");
@@ -107,7 +116,7 @@ class AttentionRig {
   }
   // The new summaries' pool (keys, values) and the accumulators (keys, values) after summaries().
   std::vector<std::vector<float>> summary_state() const {
-    const size_t acc = size_t(batch) * c.n_levels() * c.n_kv_heads * c.fma_rank * c.head_dim;
+    const size_t acc = accumulator_floats();
     std::vector<std::vector<float>> out;
     for (auto [p, n] : std::initializer_list<std::pair<const float*, size_t>>{
              {new_k, pool_floats()}, {new_v, pool_floats()}, {cv.acc_k, acc}, {cv.acc_v, acc}}) {
@@ -133,6 +142,12 @@ class AttentionRig {
 
  private:
   std::vector<void*> owned_;
+  int tokens_each_;
+  int64_t pos0_;
+
+  size_t accumulator_floats() const {
+    return size_t(batch) * c.n_levels() * c.n_kv_heads * c.fma_rank * c.head_dim;
+  }
 
   size_t pool_floats() const {
     return size_t(std::max(1, plan.new_groups)) * c.n_kv_heads * c.fma_rank * c.head_dim;
@@ -150,12 +165,17 @@ class AttentionRig {
     cuda::check(cudaMemcpy(p, h.data(), h.size() * sizeof(T), cudaMemcpyHostToDevice), "copy");
     return p;
   }
-  float* random(size_t n, uint32_t seed) {
+  void fill_random(float* p, size_t n, uint32_t seed) {
     std::mt19937 rng(seed);
     std::normal_distribution<float> nd(0, 1);
     std::vector<float> h(n);
     for (auto& x : h) x = nd(rng);
-    return copy(h);
+    cuda::check(cudaMemcpy(p, h.data(), n * 4, cudaMemcpyHostToDevice), "copy");
+  }
+  float* random(size_t n, uint32_t seed) {
+    float* p = alloc<float>(n);
+    fill_random(p, n, seed);
+    return p;
   }
 };
 
