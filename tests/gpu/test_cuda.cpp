@@ -342,9 +342,10 @@ TEST_P(CudaModel, LogitsMatchCpuInEveryChunkingPastTrainedLength) {
   for (int chunk : {1000, 1, 3, 8, 56})
     EXPECT_LT(rel_err(logits_in_chunks(*gpu, tokens, chunk), ref), 2e-2) << chunk;
   // Decode: the GPU against itself, one prefill vs token by token, much tighter where both run
-  // in fp32 (with head_dim 64 the prefill's products are bf16 on tensor cores).
+  // in fp32 (with head_dim 64 the prefill's attention products are bf16 on tensor cores, with
+  // m 16 its summaries'; decode steps keep fp32).
   const auto g1 = logits_in_chunks(*gpu, tokens, 1000), g2 = logits_in_chunks(*gpu, tokens, 1);
-  EXPECT_LT(rel_err(g2, g1), v.head_dim == 64 ? 2e-2 : 2e-3);
+  EXPECT_LT(rel_err(g2, g1), v.head_dim == 64 || v.block == 16 ? 2e-2 : 2e-3);
 }
 
 INSTANTIATE_TEST_SUITE_P(
