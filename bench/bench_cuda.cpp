@@ -212,8 +212,9 @@ void bench_end_to_end(const std::string& path, bool exact, bool quick) {
 int main(int argc, char** argv) {
   if (argc < 2) {
     std::fprintf(stderr,
-                 "usage: bench_cuda MODEL.gguf [--quick | --prefill-kernels |\n"
+                 "usage: bench_cuda MODEL.gguf [--quick | --prefill-kernels | --decode-kernels |\n"
                  "                              --decode B,B,... [--baseline BASE.gguf]]\n"
+                 "  --prefill-kernels, --decode-kernels: only the FMA attention kernels' table\n"
                  "  --decode: only decode steps at those batch sizes, sampled as the server's API\n"
                  "            defaults with temperature 0.8 (top-k, top-p, min-p off)\n"
                  "  --baseline: the same steps on another file (e.g. MODEL's bf16 source of a\n"
@@ -222,6 +223,7 @@ int main(int argc, char** argv) {
   }
   const bool quick = argc > 2 && std::strcmp(argv[2], "--quick") == 0;
   const bool kernels_only = argc > 2 && std::strcmp(argv[2], "--prefill-kernels") == 0;
+  const bool decode_kernels = argc > 2 && std::strcmp(argv[2], "--decode-kernels") == 0;
   try {
     if (!cuda_available()) throw Error("no CUDA device");
     cudaDeviceProp prop;
@@ -252,9 +254,10 @@ int main(int argc, char** argv) {
       bench_decode(Model::load(argv[1]), batches, api, "FMA");
       return 0;
     }
-    bench_prefill_attention(quick);
+    if (!decode_kernels) bench_prefill_attention(quick);
     if (kernels_only) return 0;
     bench_decode_attention();
+    if (decode_kernels) return 0;
     bench_end_to_end(argv[1], false, quick);
     bench_end_to_end(write_exact_copy(argv[1]), true, quick);
   } catch (const std::exception& e) {
