@@ -1,6 +1,7 @@
 // Many GPUs against one, in markdown tables with the ratio. Replicas: aggregate decode
-// throughput on the first device alone and on all, at the same batch per device, and on all
-// stepped each by its own thread without the replicas' common step. With
+// throughput on the first device alone and on all, at the same batch per device, two ways: each
+// device stepped by its own thread without waiting for the others (what the scheduler's step
+// loop per device does), and all devices in one common step (the lock-step baseline). With
 // --tensor-parallel N: decode at the same batch and prefill of one long prompt, one GPU against
 // the model split over N. Decode is sampled as the server's API does.
 // usage: bench_multigpu MODEL.gguf [--backend cuda] [--devices all] [--batch 256] [--steps 1000]
@@ -22,16 +23,14 @@ struct DecodeRun {
   double tokens_per_s, p50_ms, p99_ms;  // the step's time at the median and the 99th percentile
 };
 
-// `steps` decode steps of every slot after a prompt of `context` tokens.
-DecodeRun decode(Backend& b, int context, int steps) {
+// `steps` decode steps of the slots after a prompt of `context` tokens each.
+DecodeRun decode(Backend& b, const std::vector<int>& slots, int context, int steps) {
   const Config& c = b.config();
   std::mt19937 rng(2);
-  const int batch = b.n_slots();
-  std::vector<int> slots;
+  const int batch = static_cast<int>(slots.size());
   std::vector<std::vector<int>> prompts(batch, std::vector<int>(context));
   std::vector<SeqChunk> pre;
   for (int i = 0; i < batch; ++i) {
-    slots.push_back(b.alloc_slot());
     for (auto& x : prompts[i]) x = 3 + int(rng() % (c.vocab_size - 3));
     pre.push_back({slots[i], prompts[i], false});
   }
@@ -55,6 +54,33 @@ DecodeRun decode(Backend& b, int context, int steps) {
   const double sec = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   std::sort(ms.begin(), ms.end());
   return {double(batch) * steps / sec, ms[steps / 2], ms[std::min(steps - 1, steps * 99 / 100)]};
+}
+
+// Every slot of the backend, allocated.
+std::vector<int> all_slots(Backend& b) {
+  std::vector<int> slots;
+  for (int s; (s = b.alloc_slot()) >= 0;) slots.push_back(s);
+  return slots;
+}
+
+// Each device's slots decoded by a thread of their own, as the scheduler's step loops do:
+// the devices' tokens/s summed, the slowest device's step times.
+DecodeRun decode_per_device(Backend& b, int context, int steps) {
+  std::vector<std::vector<int>> by_device(b.n_devices());
+  for (int s : all_slots(b)) by_device[b.slot_device(s)].push_back(s);
+  std::vector<std::future<DecodeRun>> runs;
+  for (const auto& slots : by_device)
+    runs.push_back(std::async(std::launch::async, [&b, &slots, context, steps] {
+      return decode(b, slots, context, steps);
+    }));
+  DecodeRun total{0, 0, 0};
+  for (auto& f : runs) {
+    const DecodeRun r = f.get();
+    total.tokens_per_s += r.tokens_per_s;
+    total.p50_ms = std::max(total.p50_ms, r.p50_ms);
+    total.p99_ms = std::max(total.p99_ms, r.p99_ms);
+  }
+  return total;
 }
 
 // Tokens per second of one prompt of `n` tokens read in chunks of `chunk`.
@@ -115,7 +141,7 @@ int main(int argc, char** argv) {
         o.max_context = std::max(4096, prompt);
         auto b = make_backend(model, o);
         const double pre = prefill_tokens_per_s(*b, prompt, b->prefill_tokens_per_step());
-        const double dec = decode(*b, context, steps).tokens_per_s;
+        const double dec = decode(*b, all_slots(*b), context, steps).tokens_per_s;
         if (!tp) one_decode = dec, one_prefill = pre;
         std::printf("| %s | %.0f | %.2fx | %.0f | %.2fx |\n", b->name().c_str(), dec,
                     dec / one_decode, pre, pre / one_prefill);
@@ -126,41 +152,29 @@ int main(int argc, char** argv) {
     std::printf("\n## Replicas: decode at batch %d per device, context ~%d (%s)\n\n", o.n_slots,
                 context, model->config().summary().c_str());
     std::printf(
-        "| devices | batch | tokens/s (aggregate) | vs one device | step ms p50 / p99 |\n"
-        "|---|---|---|---|---|\n");
+        "| devices | stepped | batch | tokens/s (aggregate) | vs one device | step ms p50 / p99 |\n"
+        "|---|---|---|---|---|---|\n");
+    std::string list;
+    for (int d : all) list += (list.empty() ? "" : ",") + std::to_string(d);
     double one = 0;
-    for (size_t n : {size_t(1), all.size()}) {
-      o.devices.assign(all.begin(), all.begin() + n);
-      auto b = make_backend(model, o);
-      const DecodeRun r = decode(*b, context, steps);
-      if (n == 1) one = r.tokens_per_s;
-      std::string list;
-      for (int d : o.devices) {
-        if (!list.empty()) list += ',';
-        list += std::to_string(d);
-      }
-      std::printf("| %s | %d | %.0f | %.2fx | %.3f / %.3f |\n", list.c_str(), b->n_slots(),
+    auto row = [&](const std::string& devices, const char* how, int batch, const DecodeRun& r) {
+      if (one == 0) one = r.tokens_per_s;
+      std::printf("| %s | %s | %d | %.0f | %.2fx | %.3f / %.3f |\n", devices.c_str(), how, batch,
                   r.tokens_per_s, r.tokens_per_s / one, r.p50_ms, r.p99_ms);
       std::fflush(stdout);
-      if (all.size() == 1) break;
-    }
+    };
+    o.devices = {all[0]};
+    auto alone = make_backend(model, o);
+    row(std::to_string(all[0]), "alone", o.n_slots, decode(*alone, all_slots(*alone), context, steps));
+    alone.reset();
     if (all.size() > 1) {
-      // The same devices stepped each by its own thread with no barrier between their steps:
-      // what replicas lose to stepping together (the slowest device sets each step's time).
-      std::vector<std::unique_ptr<Backend>> alone;
-      for (int d : all) {
-        o.devices = {d};
-        alone.push_back(make_backend(model, o));
-      }
-      std::vector<std::future<DecodeRun>> runs;
-      for (auto& b : alone)
-        runs.push_back(std::async(std::launch::async, [&b, context, steps] {
-          return decode(*b, context, steps);
-        }));
-      double total = 0;
-      for (auto& r : runs) total += r.get().tokens_per_s;
-      std::printf("| each its own thread, no barrier | %d | %.0f | %.2fx | |\n",
-                  o.n_slots * int(all.size()), total, total / one);
+      o.devices = all;
+      // Each device by its own thread (the scheduler's step loops; slowest device's step times),
+      // then every device in one common step (the lock-step baseline).
+      auto b = make_backend(model, o);
+      row(list, "a loop per device", b->n_slots(), decode_per_device(*b, context, steps));
+      b = make_backend(model, o);
+      row(list, "one common step", b->n_slots(), decode(*b, all_slots(*b), context, steps));
     }
   } catch (const std::exception& e) {
     std::fprintf(stderr, "error: %s\n", e.what());

@@ -2,11 +2,12 @@
 # Issue 15 on a lent multi-GPU machine (nvidia-h200-x2 or larger), in one call: the CUDA tests
 # (the replica and tensor-parallel tests use GPUs 0 and 1 there; on one GPU they run their
 # one-GPU halves), bench_multigpu for replicas (decode tokens/s on GPU 0 alone against all GPUs
-# at the same batch per GPU, target >= 1.9x on 2; then one process per GPU at once, the
+# at the same batch per GPU, target >= 1.9x on 2: each GPU stepped by its own thread as the
+# scheduler's step loops do, and all in one common step; then one process per GPU at once, the
 # ceiling) and for tensor parallelism over 2 GPUs (decode and prefill against one GPU), then
-# multipole-server with --devices 0 against --devices all under bench/loadgen. Binaries come
-# from scripts/gpu_bundle.sh (carried in .carry/gpu); NCCL is PyTorch's (loaded at run time).
-# Results go to $OUT.
+# multipole-server with --devices 0 against --devices all under bench/loadgen (a step loop per
+# GPU). Binaries come from scripts/gpu_bundle.sh (carried in .carry/gpu); NCCL is PyTorch's
+# (loaded at run time). Results go to $OUT.
 # BATCHES (default "64 256"): batches per GPU; SKIP_TESTS=1, SKIP_SERVER=1 skip those parts.
 set -uo pipefail
 # NCCL for tensor parallelism: the PyTorch wheel's nvidia/nccl/lib (libnccl.so.2).
@@ -24,7 +25,7 @@ for batch in ${BATCHES:-64 256}; do
       "$bin/bench_multigpu" models/default.gguf --devices $d --batch "$batch" > "$out/alone$d" 2>&1 &
     done
     wait
-    grep -h '^| [0-9]' "$out"/alone* | awk -F'|' -v b="$batch" '{ s += $4 } END {
+    grep -h '^| [0-9]' "$out"/alone* | awk -F'|' -v b="$batch" '{ s += $5 } END {
       printf "\nOne process per GPU at batch %d at once: %.0f tokens/s together\n", b, s }' \
       | tee -a "$out/bench_multigpu.md"
     rm -f "$out"/alone*
@@ -52,7 +53,7 @@ for devices in 0 all; do
     | tee -a "$out/serve.md"
   timeout 240 "$bin/loadgen" --clients $((256 * n)) --processes $((2 * n)) --max-tokens 1024 \
     --url $url 2>&1 | tee -a "$out/serve.md"
-  curl -s $url/metrics | grep -E "^multipole_device_(tokens|busy_seconds)_total" \
+  curl -s $url/metrics | grep -E "^multipole_(device_(tokens|busy_seconds|steps)_total|steps_total)" \
     | tee -a "$out/serve.md"
   kill $server; wait $server 2>/dev/null
 done

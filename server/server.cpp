@@ -706,7 +706,7 @@ struct Server::Impl {
           "counter");
     gauge("multipole_generated_tokens_total", "Tokens generated.", double(s.completion_tokens),
           "counter");
-    gauge("multipole_steps_total", "Batched model steps.", double(s.steps), "counter");
+    gauge("multipole_steps_total", "Batched model steps (every device's together).", double(s.steps), "counter");
     gauge("multipole_step_seconds_total", "Time the model thread spent in steps.", s.step_seconds,
           "counter");
     gauge("multipole_backend_seconds_total", "Part of it inside the backend.", s.backend_seconds,
@@ -763,6 +763,8 @@ struct Server::Impl {
                  "counter", [](const DeviceStats& d) { return d.tokens; });
       per_device("multipole_device_busy_seconds_total", "Time its forward calls took.", "counter",
                  [](const DeviceStats& d) { return d.busy_seconds; });
+      per_device("multipole_device_steps_total", "Forward calls run on it (its step loop's).",
+                 "counter", [](const DeviceStats& d) { return d.steps; });
     }
     gauge("process_resident_memory_bytes", "Resident memory of the server process (RSS).",
           double(resident_bytes()));

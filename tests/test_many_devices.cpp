@@ -7,11 +7,15 @@
 // (bit-identical), N > 1 sums each layer's attention and FFN outputs in parts (fp32: 1e-5).
 #include <gtest/gtest.h>
 
+#include <condition_variable>
 #include <future>
 #include <map>
+#include <mutex>
 #include <random>
 #include <thread>
 
+#include "backend_cpu.h"
+#include "backend_replicas.h"
 #include "device_threads.h"
 #include "model_fixture.h"
 #include "ops_cpu.h"
@@ -209,11 +213,16 @@ TEST(ReplicaSlots, NewSequencesGoToTheLeastLoadedDevice) {
   EXPECT_EQ(stats[1].device, "cpu:7");
   EXPECT_EQ(stats[0].slots, 3);
   EXPECT_EQ(stats[0].slots_in_use + stats[1].slots_in_use, 6);
+  EXPECT_EQ(b->n_devices(), 2);
+  EXPECT_EQ(b->slot_device(3), 1);
+  EXPECT_EQ(b->slot_device(4), 0);
+  EXPECT_THROW(b->slot_device(6), Error);
   // Work is counted where it ran.
   const auto t = random_tokens(20, model->config().vocab_size, 1);
   SeqChunk c{1, t, false};  // device 1
   b->forward({&c, 1});
   EXPECT_EQ(b->device_stats()[1].tokens, 20u);
+  EXPECT_EQ(b->device_stats()[1].steps, 1u);
   EXPECT_EQ(b->device_stats()[0].tokens, 0u);
   EXPECT_GT(b->device_stats()[1].busy_seconds, 0);
   // A freed slot is fresh when handed out again.
@@ -259,44 +268,293 @@ TEST(ReplicaSlots, DeviceListsAreParsedAndChecked) {
     EXPECT_THROW(parse_devices(bad, "cpu"), Error) << bad;
 }
 
-// The scheduler over replicas: the same greedy completions as over one backend.
+// The scheduler tests compare tokens with one device's, so the arithmetic must not depend on
+// how sequences are batched or prompts chunked: the reference products (a dot product per output,
+// whatever the batch), and a prompt budget that reads every prompt in one chunk (a lane's share
+// of it too).
+struct ReferenceProducts {
+  ReferenceProducts() { cpu::set_products(cpu::Products::Reference); }
+  ~ReferenceProducts() { cpu::set_products(before); }
+  const cpu::Products before = cpu::active_products();
+};
+constexpr int kWholePrompts = 1 << 16;
+
+// What a request streamed: its tokens and how it ended.
+struct Stream {
+  std::vector<int> tokens;
+  std::string reason;
+  int cached_tokens = 0;
+  std::shared_ptr<const std::vector<uint8_t>> state;
+  int unfed_token = -1;
+};
+
+// Submits the request; the future holds what it streamed once its final event came.
+std::future<Stream> submit(Scheduler& sched, CompletionRequest req) {
+  auto got = std::make_shared<Stream>();
+  auto done = std::make_shared<std::promise<Stream>>();
+  std::future<Stream> f = done->get_future();
+  req.on_event = [got, done](const CompletionEvent& e) {
+    if (e.token >= 0) got->tokens.push_back(e.token);
+    if (e.done) {
+      got->reason = e.finish_reason;
+      got->cached_tokens = e.cached_tokens;
+      got->state = e.state;
+      got->unfed_token = e.unfed_token;
+      done->set_value(*got);
+    }
+    return true;
+  };
+  sched.submit(std::move(req));
+  return f;
+}
+
+// Request r of the scheduler tests: prompts of different lengths, greedy and sampled.
+CompletionRequest request(int r, int vocab, int max_tokens = 12) {
+  CompletionRequest req;
+  req.prompt = random_tokens(5 + 23 * r, vocab, r);
+  req.max_tokens = max_tokens;
+  req.ignore_eos = true;
+  req.sampling.temperature = r % 2 ? 0.0f : 0.9f;
+  req.sampling.seed = r;
+  return req;
+}
+
+// The scheduler over replicas, one step loop per device: the same completions as over one
+// backend, the requests spread over every device.
 TEST(ReplicaSlots, SchedulerCompletionsMatchOneBackend) {
+  const ReferenceProducts exact;
   TempDir dir;
   auto model = random_model(dir, mp::testing::small_config());
+  const int V = model->config().vocab_size;
   auto run = [&](std::vector<int> devices) {
     auto b = make_backend(model, {.kind = "cpu", .n_slots = 4, .n_threads = 1, .devices = devices});
-    Scheduler sched(*b, model->tokenizer(), {.max_queue = 64, .max_prefill_per_step = 64});
-    std::vector<std::future<std::vector<int>>> done;
-    for (int r = 0; r < 8; ++r) {
-      auto tokens = std::make_shared<std::vector<int>>();
-      auto p = std::make_shared<std::promise<std::vector<int>>>();
-      done.push_back(p->get_future());
-      CompletionRequest req;
-      req.prompt = random_tokens(5 + 23 * r, model->config().vocab_size, r);
-      req.max_tokens = 12;
-      req.ignore_eos = true;
-      req.sampling.temperature = r % 2 ? 0.0f : 0.9f;
-      req.sampling.seed = r;
-      req.on_event = [tokens, p](const CompletionEvent& e) {
-        if (e.token >= 0) tokens->push_back(e.token);
-        if (e.done) p->set_value(*tokens);
-        return true;
-      };
-      sched.submit(std::move(req));
-    }
+    Scheduler sched(*b, model->tokenizer(), {.max_queue = 64, .max_prefill_per_step = kWholePrompts});
+    std::vector<std::future<Stream>> done;
+    for (int r = 0; r < 16; ++r) done.push_back(submit(sched, request(r, V)));
     std::vector<std::vector<int>> out;
-    for (auto& f : done) out.push_back(f.get());
-    std::vector<DeviceStats> stats = b->device_stats();
-    return std::make_pair(out, stats);
+    for (auto& f : done) {
+      Stream s = f.get();
+      EXPECT_EQ(s.reason, "length");
+      out.push_back(s.tokens);
+    }
+    EXPECT_EQ(sched.stats().slots_in_use, 0);
+    EXPECT_EQ(sched.stats().requests_done, 16u);
+    return std::make_pair(out, b->device_stats());
   };
   const auto [want, none] = run({});
-  const auto [got, stats] = run({0, 1});
+  const auto [got, stats] = run({0, 1, 2});
   EXPECT_TRUE(none.empty());
   EXPECT_EQ(got, want);
   for (const auto& v : got) EXPECT_EQ(v.size(), 12u);
-  ASSERT_EQ(stats.size(), 2u);
-  EXPECT_GT(stats[0].tokens, 0u);  // both devices ran sequences
-  EXPECT_GT(stats[1].tokens, 0u);
+  ASSERT_EQ(stats.size(), 3u);
+  for (const DeviceStats& d : stats) {  // every device ran sequences, in steps of its own
+    EXPECT_GT(d.tokens, 0u) << d.device;
+    EXPECT_GE(d.steps, 12u) << d.device;
+    EXPECT_EQ(d.slots_in_use, 0) << d.device;
+  }
+}
+
+// A CPU backend whose forward calls wait while its gate is closed: a device as slow as a test
+// wants, its completed calls counted.
+class GatedBackend final : public Backend {
+ public:
+  explicit GatedBackend(std::unique_ptr<Backend> inner) : inner_(std::move(inner)) {}
+  void set_open(bool open) {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      open_ = open;
+    }
+    cv_.notify_all();
+  }
+  int calls() const { return calls_.load(); }
+
+  std::string name() const override { return inner_->name(); }
+  const Config& config() const override { return inner_->config(); }
+  int n_slots() const override { return inner_->n_slots(); }
+  int alloc_slot() override { return inner_->alloc_slot(); }
+  void free_slot(int s) override { inner_->free_slot(s); }
+  void reset_slot(int s) override { inner_->reset_slot(s); }
+  void copy_slot(int a, int b) override { inner_->copy_slot(a, b); }
+  int64_t slot_pos(int s) const override { return inner_->slot_pos(s); }
+  std::vector<uint8_t> save_slot(int s) const override { return inner_->save_slot(s); }
+  void load_slot(int s, std::span<const uint8_t> b) override { inner_->load_slot(s, b); }
+  size_t slot_bytes(int s) const override { return inner_->slot_bytes(s); }
+  int prefill_tokens_per_step() const override { return inner_->prefill_tokens_per_step(); }
+  std::vector<float> forward(std::span<const SeqChunk> chunks) override {
+    wait();
+    auto out = inner_->forward(chunks);
+    ++calls_;
+    return out;
+  }
+  std::vector<SampledToken> forward_sample(std::span<const SeqChunk> chunks,
+                                           std::span<const SampleSpec> specs) override {
+    wait();
+    auto out = inner_->forward_sample(chunks, specs);
+    ++calls_;
+    return out;
+  }
+
+ private:
+  void wait() {
+    std::unique_lock<std::mutex> lock(mu_);
+    cv_.wait(lock, [&] { return open_; });
+  }
+  std::unique_ptr<Backend> inner_;
+  std::mutex mu_;
+  std::condition_variable cv_;
+  bool open_ = true;
+  std::atomic<int> calls_{0};
+};
+
+// Replicas over gated CPU backends, and the same model on one plain backend.
+class StepLoops : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    model = random_model(dir, mp::testing::small_config(), DType::F32, 9);
+    V = model->config().vocab_size;
+  }
+  // Replicas of `n` gated devices of `slots` slots each.
+  std::unique_ptr<Backend> replicas(int n, int slots) {
+    std::vector<std::unique_ptr<Backend>> parts;
+    std::vector<std::string> names;
+    gates.clear();
+    for (int d = 0; d < n; ++d) {
+      auto g = std::make_unique<GatedBackend>(make_cpu_backend(model, slots, 1, false));
+      gates.push_back(g.get());
+      parts.push_back(std::move(g));
+      names.push_back("cpu:" + std::to_string(d));
+    }
+    return make_replica_backend(std::move(parts), std::move(names), {});
+  }
+  // What one device streams for the last of the requests, run one after the other.
+  Stream alone(std::vector<CompletionRequest> reqs, SchedulerOptions o = {
+                                                        .max_prefill_per_step = kWholePrompts}) {
+    auto b = make_backend(model, {.kind = "cpu", .n_slots = 4, .n_threads = 1});
+    Scheduler sched(*b, model->tokenizer(), o);
+    Stream last;
+    for (auto& r : reqs) last = submit(sched, std::move(r)).get();
+    return last;
+  }
+  Stream alone(CompletionRequest req) { return alone(std::vector{std::move(req)}); }
+  const ReferenceProducts exact;
+  // Waits (up to a minute: a failing test must not hang) for the future.
+  static Stream within_a_minute(std::future<Stream>& f) {
+    if (f.wait_for(std::chrono::seconds(60)) != std::future_status::ready) {
+      ADD_FAILURE() << "no final event within a minute";
+      return {};
+    }
+    return f.get();
+  }
+  TempDir dir;
+  std::shared_ptr<Model> model;
+  int V = 0;
+  std::vector<GatedBackend*> gates;  // of the last replicas() made
+};
+
+// Device 1 is stuck in its first step; device 0's streams run to their end meanwhile (counted in
+// steps, not time), and device 1's streams then end as one device alone makes them.
+TEST_F(StepLoops, AStuckDeviceDoesNotHoldUpTheOthers) {
+  auto b = replicas(2, 2);
+  Scheduler sched(*b, model->tokenizer(), {.max_prefill_per_step = kWholePrompts});
+  gates[1]->set_open(false);
+  gates[0]->set_open(false);  // until all four are placed: 0, 1, 0, 1
+  std::vector<std::future<Stream>> f;
+  for (int r = 0; r < 4; ++r) f.push_back(submit(sched, request(r, V)));
+  gates[0]->set_open(true);
+  for (int r : {0, 2}) {
+    const Stream s = within_a_minute(f[r]);
+    EXPECT_EQ(s.tokens, alone(request(r, V)).tokens) << r;
+  }
+  EXPECT_GE(gates[0]->calls(), 12);  // a step a token at least
+  EXPECT_EQ(gates[1]->calls(), 0);   // still in its first step
+  for (int r : {1, 3})
+    EXPECT_EQ(f[r].wait_for(std::chrono::seconds(0)), std::future_status::timeout) << r;
+  gates[1]->set_open(true);
+  for (int r : {1, 3}) {
+    const Stream s = within_a_minute(f[r]);
+    EXPECT_EQ(s.tokens, alone(request(r, V)).tokens) << r;
+  }
+  EXPECT_GE(gates[1]->calls(), 12);
+}
+
+// A queued request, one on a running device and one on a stuck device are each cancelled by the
+// loop that holds it; the others stream on unaffected and every slot comes back.
+TEST_F(StepLoops, CancellationReachesTheLoopHoldingTheRequest) {
+  auto b = replicas(2, 2);
+  Scheduler sched(*b, model->tokenizer(), {.max_prefill_per_step = kWholePrompts});
+  gates[0]->set_open(false);
+  gates[1]->set_open(false);
+  std::vector<std::future<Stream>> f;
+  std::vector<uint64_t> ids;
+  for (int r = 0; r < 5; ++r) {  // 0 and 2 on device 0, 1 and 3 on device 1, 4 queued
+    auto req = request(r, V, r < 2 ? 100000 : 12);
+    f.push_back(submit(sched, std::move(req)));
+  }
+  // Request ids count from 1 in submission order.
+  sched.cancel(5);
+  sched.cancel(2);  // request 1, on the stuck device 1
+  gates[0]->set_open(true);
+  const Stream queued = within_a_minute(f[4]);
+  EXPECT_EQ(queued.reason, "cancelled");
+  EXPECT_TRUE(queued.tokens.empty());
+  EXPECT_EQ(within_a_minute(f[2]).tokens, alone(request(2, V)).tokens);
+  sched.cancel(1);  // request 0, generating on device 0
+  EXPECT_EQ(within_a_minute(f[0]).reason, "cancelled");
+  EXPECT_EQ(gates[1]->calls(), 0);
+  gates[1]->set_open(true);
+  const Stream stuck = within_a_minute(f[1]);
+  EXPECT_EQ(stuck.reason, "cancelled");
+  EXPECT_LE(stuck.tokens.size(), 1u);  // at most the token of the step it was stuck in
+  EXPECT_EQ(within_a_minute(f[3]).tokens, alone(request(3, V)).tokens);
+  const SchedulerStats st = sched.stats();
+  EXPECT_EQ(st.requests_done, 5u);
+  EXPECT_EQ(st.slots_in_use, 0);
+  EXPECT_EQ(st.queued, 0);
+  for (const DeviceStats& d : st.devices) EXPECT_EQ(d.slots_in_use, 0) << d.device;
+}
+
+// A session's state made on device 0 continues on device 1, and a prompt's prefix cached from
+// device 0 is restored on device 1: the tokens one device alone gives. A long request keeps
+// device 0 the busier one, so the later requests go to device 1.
+TEST_F(StepLoops, SessionsAndCachedPrefixesMoveBetweenDevices) {
+  const SchedulerOptions o{.max_prefill_per_step = kWholePrompts, .prefix_block = 16,
+                           .prefix_cache_slots = 2, .prefix_cache_bytes = size_t(64) << 20};
+  auto b = replicas(2, 2);  // a cache slot and a request slot on each device
+  Scheduler sched(*b, model->tokenizer(), o);
+  // The first turn (on device 0: a tie goes to the lower device), its state kept.
+  CompletionRequest first = request(3, V);
+  first.keep_state = true;
+  auto ff = submit(sched, first);
+  const Stream turn = within_a_minute(ff);
+  ASSERT_TRUE(turn.state);
+  const uint64_t device1_before = b->device_stats()[1].tokens;
+  EXPECT_EQ(device1_before, 0u);
+  auto filler = submit(sched, request(0, V, 100000));  // device 0 from now on
+  // The second turn continues the first: the unfed token, then new text, on device 1.
+  auto second = [&] {
+    CompletionRequest r = request(5, V);
+    r.prompt.insert(r.prompt.begin(), turn.unfed_token);
+    r.start_state = turn.state;
+    return r;
+  };
+  auto fs = submit(sched, second());
+  const Stream continued = within_a_minute(fs);
+  EXPECT_EQ(continued.tokens, alone(second()).tokens);
+  EXPECT_GT(b->device_stats()[1].tokens, device1_before);
+  // The first turn's prompt with another question: its cached prefix restored on device 1.
+  CompletionRequest question = request(3, V);
+  const auto more = random_tokens(9, V, 77);
+  question.prompt.insert(question.prompt.end(), more.begin(), more.end());
+  // One device alone, with the same cache: the first prompt, then the question.
+  const Stream want = alone({first, question}, o);
+  auto fq = submit(sched, std::move(question));
+  const Stream asked = within_a_minute(fq);
+  EXPECT_EQ(asked.cached_tokens, 74);  // the whole first prompt
+  EXPECT_EQ(want.cached_tokens, 74);
+  EXPECT_EQ(asked.tokens, want.tokens);
+  EXPECT_EQ(b->device_stats()[0].slots_in_use, 2);  // the cache slot and the filler
+  sched.cancel(2);
+  EXPECT_EQ(within_a_minute(filler).reason, "cancelled");
 }
 
 class TensorParallel : public ::testing::TestWithParam<Variant> {};

@@ -1,8 +1,10 @@
-// Continuous batching. One thread owns the backend and runs the step loop: admit waiting
-// requests into free slots, apply cancellations, build one batch (a token of every generating
-// sequence, then prompt chunks in arrival order within the step's budget), run it, turn the
-// sampled tokens into events. Event threads hand the events to the requests' callbacks, so the
-// model thread never waits on a client. Host work per step is O(batch), per token O(1).
+// Continuous batching. One step loop per device (one in all for a backend of one device), each
+// on its own thread and never waiting for the others: admit waiting requests into free slots
+// (one admission policy over all devices: arrival order, the least loaded device), apply
+// cancellations, build the device's batch (a token of every generating sequence, then prompt
+// chunks in arrival order within the step's budget), run it, turn the sampled tokens into
+// events. Event threads hand the events to the requests' callbacks, so no step loop waits on a
+// client. Host work per step is O(batch), per token O(1).
 #include <sched.h>
 
 #include <algorithm>
@@ -181,29 +183,45 @@ struct Scheduler::Impl {
     TextStream text;
   };
 
+  // One device's step loop (vLLM's data-parallel engine core, in a thread): the sequences whose
+  // slots lie on that device, stepped by the lane's own thread without waiting for other devices.
+  struct Lane {
+    int device = 0;
+    size_t budget = 0;  // prompt tokens a step reads at most
+    // Under mu: what admission handed to this lane, and cancellations it has not looked at yet.
+    std::vector<std::unique_ptr<Seq>> incoming;
+    std::unordered_set<uint64_t> cancelled;
+    // The lane's own thread only.
+    std::vector<std::unique_ptr<Seq>> running;  // in admission order
+    std::vector<SeqChunk> batch;
+    std::vector<Seq*> owners;
+    std::vector<SampleSpec> specs;
+    std::vector<EventBatch> outbox;  // per event thread, sent after each step
+    uint64_t steps = 0;
+    std::chrono::steady_clock::time_point admitted_at;  // when admit() stopped waiting
+    struct {
+      size_t decode_rows = 0, prompt_tokens = 0, chunks = 0;
+    } planned;  // the step's batch, for the step log
+    std::thread worker;
+  };
+
   Backend& backend;
   const Tokenizer& tok;
   SchedulerOptions opts;
+  // The policy's state, shared by the lanes; held for admission and counters, never over a step.
   mutable std::mutex mu;
-  std::condition_variable cv;
+  std::condition_variable cv;  // idle lanes wait on it for work
   std::deque<std::unique_ptr<Seq>> queue;
-  std::unordered_set<uint64_t> cancelled;
   uint64_t next_id = 1;
   bool stopping = false;
+  bool slots_may_be_free = true;  // false from a failed allocation until a slot is freed
   SchedulerStats st;
-  // The model thread's own state.
-  std::vector<std::unique_ptr<Seq>> running;  // in admission order
-  std::vector<SeqChunk> batch;
-  std::vector<Seq*> owners;
-  std::vector<SampleSpec> specs;
-  std::vector<EventBatch> outbox;  // per event thread, sent after each step
+  std::vector<std::unique_ptr<Lane>> lanes;  // one per device
   std::vector<std::unique_ptr<EventThread>> event_threads;
+  // The prefix cache, one for every device (a snapshot restores into any device's slot), held
+  // for a lookup or a snapshot and the state copy it makes.
+  mutable std::mutex cache_mu;
   std::unique_ptr<PrefixCache> cache;
-  std::thread worker;
-  std::chrono::steady_clock::time_point admitted_at;  // when admit() stopped waiting
-  struct {
-    size_t decode_rows = 0, prompt_tokens = 0, chunks = 0;
-  } planned;  // the step's batch, for the step log
 
   Impl(Backend& b, const Tokenizer& t, SchedulerOptions o) : backend(b), tok(t), opts(o) {
     if (opts.max_prefill_per_step <= 0) opts.max_prefill_per_step = b.prefill_tokens_per_step();
@@ -217,7 +235,6 @@ struct Scheduler::Impl {
         co.slots.push_back(slot);
       }
       cache = std::make_unique<PrefixCache>(b, std::move(co));
-      st.prefix = cache->stats();
     }
     st.slots = b.n_slots() - opts.prefix_cache_slots;
     st.max_queue = opts.max_queue;
@@ -225,34 +242,64 @@ struct Scheduler::Impl {
         opts.event_threads > 0
             ? opts.event_threads
             : std::clamp(static_cast<int>(std::thread::hardware_concurrency() / 2), 2, 8);
-    outbox.resize(n_events);
     for (int i = 0; i < n_events; ++i)
       event_threads.push_back(std::make_unique<EventThread>([this](uint64_t id) { cancel(id); }));
-    worker = std::thread([this] { loop(); });
+    // The step's prompt budget is shared out: each device reads its part, as before together.
+    const int n_lanes = b.n_devices();
+    for (int d = 0; d < n_lanes; ++d) {
+      auto lane = std::make_unique<Lane>();
+      lane->device = d;
+      lane->budget = (size_t(opts.max_prefill_per_step) + n_lanes - 1) / n_lanes;
+      lane->outbox.resize(n_events);
+      lanes.push_back(std::move(lane));
+    }
+    for (auto& lane : lanes) lane->worker = std::thread([this, l = lane.get()] { loop(*l); });
   }
 
   void cancel(uint64_t id) {
     std::lock_guard<std::mutex> lock(mu);
-    cancelled.insert(id);
-    cv.notify_one();
+    for (auto& lane : lanes) lane->cancelled.insert(id);  // whichever holds it acts on it
+    cv.notify_all();
   }
 
-  EventBatch& outbox_of(const Seq& s) { return outbox[s.id % outbox.size()]; }
+  // Admission, the one policy over every device (under mu): queued requests in arrival order,
+  // each into a free slot of the least loaded device (Backend::alloc_slot), handed to that
+  // device's lane. Any lane runs it at the start of its step.
+  void place() {
+    bool placed = false;
+    while (!queue.empty()) {
+      const int slot = backend.alloc_slot();
+      if (slot < 0) {
+        slots_may_be_free = false;
+        break;
+      }
+      auto s = std::move(queue.front());
+      queue.pop_front();
+      s->slot = slot;
+      lanes[backend.slot_device(slot)]->incoming.push_back(std::move(s));
+      ++st.slots_in_use;
+      placed = true;
+    }
+    st.queued = static_cast<int>(queue.size());
+    if (placed && lanes.size() > 1) cv.notify_all();  // an idle lane may have got work
+  }
+
+  EventBatch& outbox_of(Lane& l, const Seq& s) { return l.outbox[s.id % l.outbox.size()]; }
   // An event with more than a token's fields; the final one hands the sink over.
-  void send_full(Seq& s, CompletionEvent e) {
-    EventBatch& b = outbox_of(s);
+  void send_full(Lane& l, Seq& s, CompletionEvent e) {
+    EventBatch& b = outbox_of(l, s);
     b.records.push_back({e.done ? s.sink.release() : s.sink.get(), 0, 0, e.token,
                          e.completion_tokens, e.logprob, static_cast<int32_t>(b.full.size()),
                          e.state_bytes});
     b.full.push_back(std::move(e));
   }
-  void post_events() {
-    for (size_t i = 0; i < outbox.size(); ++i) event_threads[i]->post(outbox[i]);
+  void post_events(Lane& l) {
+    for (size_t i = 0; i < l.outbox.size(); ++i) event_threads[i]->post(l.outbox[i]);
   }
 
   // Frees the slot and counts the request done before its final event goes out: whoever wakes on
   // that event finds the slot free and the counters up to date.
-  void finish(Seq& s, const std::string& reason) {
+  void finish(Lane& l, Seq& s, const std::string& reason) {
     CompletionEvent e;
     e.text = reason == "stop" || reason == "length" ? s.text.flush() : "";
     e.done = true;
@@ -274,18 +321,21 @@ struct Scheduler::Impl {
       std::lock_guard<std::mutex> lock(mu);
       ++st.requests_done;
       st.completion_tokens += s.generated;
-      if (held) --st.slots_in_use;
+      if (held) {
+        --st.slots_in_use;
+        slots_may_be_free = true;
+      }
     }
-    send_full(s, std::move(e));
+    send_full(l, s, std::move(e));
   }
 
   // Reports a sequence's sampled token and decides whether it goes on.
-  void take_token(Seq& s, SampledToken& t) {
+  void take_token(Lane& l, Seq& s, SampledToken& t) {
     const int id = s.last_sampled = t.token;
     ++s.generated;
-    if (id == tok.eos() && !s.req.ignore_eos) return finish(s, "stop");
+    if (id == tok.eos() && !s.req.ignore_eos) return finish(l, s, "stop");
     s.penalties.push(id);
-    EventBatch& b = outbox_of(s);
+    EventBatch& b = outbox_of(l, s);
     if (t.top_logprobs.empty()) {  // the common event: its text straight into the batch
       const size_t at = b.text.size();
       s.text.push(id, b.text);
@@ -300,35 +350,32 @@ struct Scheduler::Impl {
       s.text.push(id, e.text);
       e.completion_tokens = s.generated;
       e.state_bytes = backend.slot_bytes(s.slot);
-      send_full(s, std::move(e));
+      send_full(l, s, std::move(e));
     }
-    if (s.text.stopped()) return finish(s, "stop");
-    if (s.generated >= s.req.max_tokens) return finish(s, "length");
+    if (s.text.stopped()) return finish(l, s, "stop");
+    if (s.generated >= s.req.max_tokens) return finish(l, s, "length");
     s.pending = id;
   }
 
-  // Waits for work, admits queued requests into free slots; false when stopping.
-  bool admit() {
-    const size_t before = running.size();
+  // Waits for work for the lane, runs admission and takes what it handed to this lane; false
+  // when stopping.
+  bool admit(Lane& l) {
+    const size_t before = l.running.size();
     {
       std::unique_lock<std::mutex> lock(mu);
-      cv.wait(lock, [&] { return stopping || !queue.empty() || !running.empty(); });
+      cv.wait(lock, [&] {
+        return stopping || !l.incoming.empty() || !l.running.empty() || !l.cancelled.empty() ||
+               (!queue.empty() && slots_may_be_free);
+      });
       if (stopping) return false;
-      admitted_at = std::chrono::steady_clock::now();
-      while (!queue.empty()) {
-        const int slot = backend.alloc_slot();
-        if (slot < 0) break;
-        auto s = std::move(queue.front());
-        queue.pop_front();
-        s->slot = slot;
-        running.push_back(std::move(s));
-      }
-      st.queued = static_cast<int>(queue.size());
-      st.slots_in_use = static_cast<int>(running.size());
+      l.admitted_at = std::chrono::steady_clock::now();
+      place();
+      for (auto& s : l.incoming) l.running.push_back(std::move(s));
+      l.incoming.clear();
     }
     bool failed = false;
-    for (size_t i = before; i < running.size(); ++i) failed |= !start(*running[i]);
-    if (failed) sweep();  // a sequence whose state could not be set up is finished
+    for (size_t i = before; i < l.running.size(); ++i) failed |= !start(l, *l.running[i]);
+    if (failed) sweep(l);  // a sequence whose state could not be set up is finished
     return true;
   }
 
@@ -345,49 +392,53 @@ struct Scheduler::Impl {
   // A new sequence's state: the one it continues, or the longest cached prefix of its prompt
   // (all but the last token: that one's logits pick the first generated token).
   // False when that failed (the sequence is then finished with an error).
-  bool start(Seq& s) {
+  bool start(Lane& l, Seq& s) {
     try {
-      if (s.req.start_state)
+      if (s.req.start_state) {
         backend.load_slot(s.slot, *s.req.start_state);
-      else if (cache)
-        s.prefilled = s.cached = static_cast<int>(cache->restore(*s.prompt, s.prompt->size() - 1, s.slot));
+      } else if (cache) {
+        std::lock_guard<std::mutex> lock(cache_mu);
+        s.prefilled = s.cached =
+            static_cast<int>(cache->restore(*s.prompt, s.prompt->size() - 1, s.slot));
+      }
     } catch (const std::exception& e) {
-      finish(s, std::string("error: ") + e.what());
+      finish(l, s, std::string("error: ") + e.what());
       return false;
     }
     return true;
   }
 
   // Cancellations, at once: queued ones leave the queue, running ones free their slot.
-  void apply_cancellations() {
+  void apply_cancellations(Lane& l) {
     std::unordered_set<uint64_t> gone;
     std::vector<std::unique_ptr<Seq>> dropped;
     {
       std::lock_guard<std::mutex> lock(mu);
-      if (cancelled.empty()) return;
-      gone.swap(cancelled);
+      if (l.cancelled.empty()) return;
+      gone.swap(l.cancelled);
       for (auto& q : queue)
         if (gone.count(q->id)) dropped.push_back(std::move(q));
       std::erase_if(queue, [](const auto& q) { return !q; });
+      st.queued = static_cast<int>(queue.size());
     }
-    for (auto& q : dropped) finish(*q, "cancelled");
-    for (auto& s : running)
-      if (gone.count(s->id)) finish(*s, "cancelled");
-    sweep();
+    for (auto& q : dropped) finish(l, *q, "cancelled");
+    for (auto& s : l.running)
+      if (gone.count(s->id)) finish(l, *s, "cancelled");
+    sweep(l);
   }
 
   // The step's batch: a token of every generating sequence, then prompt chunks in arrival order
   // within the budget; a token is sampled for every sequence whose prompt is done after it.
-  void plan_step() {
-    batch.clear();
-    owners.clear();
-    specs.clear();
-    planned = {};
-    size_t budget = opts.max_prefill_per_step;
-    for (auto& s : running) {
+  void plan_step(Lane& l) {
+    l.batch.clear();
+    l.owners.clear();
+    l.specs.clear();
+    l.planned = {};
+    size_t budget = l.budget;
+    for (auto& s : l.running) {
       if (s->pending >= 0) {
-        batch.push_back({s->slot, std::span<const int>(&s->pending, 1), false});
-        ++planned.decode_rows;
+        l.batch.push_back({s->slot, std::span<const int>(&s->pending, 1), false});
+        ++l.planned.decode_rows;
       } else if (budget > 0) {
         size_t n = std::min(s->prompt->size() - s->prefilled, budget);
         if (snapshots(*s)) {
@@ -397,95 +448,99 @@ struct Scheduler::Impl {
           const size_t boundary = (s->prefilled + n) / cache->block() * cache->block();
           if (boundary > s->prefilled) n = boundary - s->prefilled;
         }
-        batch.push_back({s->slot, std::span<const int>(*s->prompt).subspan(s->prefilled, n),
-                         false});
+        l.batch.push_back({s->slot, std::span<const int>(*s->prompt).subspan(s->prefilled, n),
+                           false});
         budget -= n;
-        planned.prompt_tokens += n;
-        ++planned.chunks;
+        l.planned.prompt_tokens += n;
+        ++l.planned.chunks;
       } else {
         continue;
       }
-      owners.push_back(s.get());
+      l.owners.push_back(s.get());
       const bool last =
-          s->pending >= 0 || s->prefilled + batch.back().tokens.size() == s->prompt->size();
+          s->pending >= 0 || s->prefilled + l.batch.back().tokens.size() == s->prompt->size();
       SampleSpec spec;
       if (last && s->req.max_tokens > 0)
         spec = {&s->sampler.params(), s->penalties.counts(), s->sampler.draw(), s->req.logprobs};
-      specs.push_back(spec);
+      l.specs.push_back(spec);
     }
   }
 
-  // Returns the seconds spent inside the backend.
-  double run_step() {
+  // Runs the planned batch on the lane's device; returns the seconds spent inside the backend
+  // and counts the prompt tokens read.
+  double run_step(Lane& l, size_t* prompt_tokens) {
     std::vector<SampledToken> sampled;
     const auto t0 = std::chrono::steady_clock::now();
     try {
-      sampled = backend.forward_sample(batch, specs);
+      sampled = backend.forward_sample(l.batch, l.specs);
     } catch (const std::exception& e) {
-      for (Seq* s : owners) finish(*s, std::string("error: ") + e.what());
+      for (Seq* s : l.owners) finish(l, *s, std::string("error: ") + e.what());
       return seconds_since(t0);
     }
     const double in_backend = seconds_since(t0);
-    size_t prompt_tokens = 0;
-    for (size_t i = 0; i < owners.size(); ++i) {
-      Seq& s = *owners[i];
+    for (size_t i = 0; i < l.owners.size(); ++i) {
+      Seq& s = *l.owners[i];
       if (s.pending < 0) {  // a prompt chunk
-        s.prefilled += batch[i].tokens.size();
-        prompt_tokens += batch[i].tokens.size();
+        s.prefilled += l.batch[i].tokens.size();
+        *prompt_tokens += l.batch[i].tokens.size();
         if (snapshots(s) && worth_snapshot(s)) {
           try {
+            std::lock_guard<std::mutex> lock(cache_mu);
             cache->store(s.prompt, s.prefilled, s.slot);
           } catch (const std::exception& e) {
-            finish(s, std::string("error: prefix cache: ") + e.what());
+            finish(l, s, std::string("error: prefix cache: ") + e.what());
             continue;
           }
         }
         if (s.prefilled < s.prompt->size()) continue;
         if (s.req.max_tokens == 0) {
-          finish(s, "length");
+          finish(l, s, "length");
           continue;
         }
       }
-      take_token(s, sampled[i]);
+      take_token(l, s, sampled[i]);
     }
-    std::lock_guard<std::mutex> lock(mu);
-    st.prompt_tokens += prompt_tokens;
-    ++st.steps;
     return in_backend;
   }
 
-  void loop() {
-    while (admit()) {
+  void loop(Lane& l) {
+    while (admit(l)) {
       const auto t0 = std::chrono::steady_clock::now();
-      apply_cancellations();
+      apply_cancellations(l);
       double in_backend = 0;
-      const bool stepped = !running.empty();
+      size_t prompt_tokens = 0;
+      const bool stepped = !l.running.empty();
       if (stepped) {
-        plan_step();
-        in_backend = run_step();
-        sweep();
+        plan_step(l);
+        in_backend = run_step(l, &prompt_tokens);
+        sweep(l);
+        ++l.steps;
       }
       const size_t backlog = opts.log_steps ? undelivered() : 0;
-      post_events();
+      post_events(l);
       const double seconds = seconds_since(t0);
       if (opts.log_steps && stepped)
-        log_step(std::chrono::duration<double>(t0 - admitted_at).count(), seconds, in_backend,
-                 backlog);
+        log_step(l, std::chrono::duration<double>(t0 - l.admitted_at).count(), seconds,
+                 in_backend, backlog);
       std::lock_guard<std::mutex> lock(mu);
       st.step_seconds += seconds;
       st.backend_seconds += in_backend;
-      if (cache) st.prefix = cache->stats();
+      st.prompt_tokens += prompt_tokens;
+      st.steps += stepped;
     }
-    // Shutting down: everything left is cancelled.
-    for (auto& s : running) finish(*s, "cancelled");
-    running.clear();
-    std::deque<std::unique_ptr<Seq>> left;
+    // Shutting down: everything left is cancelled (the queue by whichever lane gets there first).
+    std::vector<std::unique_ptr<Seq>> left;
     {
       std::lock_guard<std::mutex> lock(mu);
-      left.swap(queue);
+      for (auto& s : l.incoming) left.push_back(std::move(s));
+      l.incoming.clear();
+      for (auto& s : queue) left.push_back(std::move(s));
+      queue.clear();
     }
-    for (auto& s : left) finish(*s, "cancelled");
-    post_events();
+    for (auto& s : l.running) finish(l, *s, "cancelled");
+    l.running.clear();
+    for (auto& s : left) finish(l, *s, "cancelled");
+    post_events(l);
   }
 
   // Events of earlier steps still waiting for their event thread: a backlog that grows means the
@@ -495,18 +550,20 @@ struct Scheduler::Impl {
     for (const auto& t : event_threads) n += t->backlog();
     return n;
   }
-  void log_step(double admit_s, double step_s, double backend_s, size_t backlog) const {
+  void log_step(const Lane& l, double admit_s, double step_s, double backend_s,
+                size_t backlog) const {
     std::fprintf(stderr,
-                 "step %llu: %zu decode rows, %zu prompt tokens in %zu chunks; admit %.3f ms, "
-                 "backend %.3f ms, scheduler %.3f ms; %zu events of earlier steps undelivered\n",
-                 static_cast<unsigned long long>(st.steps), planned.decode_rows,
-                 planned.prompt_tokens, planned.chunks, admit_s * 1e3, backend_s * 1e3,
+                 "device %d step %llu: %zu decode rows, %zu prompt tokens in %zu chunks; admit "
+                 "%.3f ms, backend %.3f ms, scheduler %.3f ms; %zu events of earlier steps "
+                 "undelivered\n",
+                 l.device, static_cast<unsigned long long>(l.steps), l.planned.decode_rows,
+                 l.planned.prompt_tokens, l.planned.chunks, admit_s * 1e3, backend_s * 1e3,
                  (step_s - backend_s) * 1e3, backlog);
   }
 
   // Drops finished sequences (finish() freed their slots and counted them).
-  void sweep() {
-    std::erase_if(running, [](const auto& s) { return s->slot < 0; });
+  void sweep(Lane& l) {
+    std::erase_if(l.running, [](const auto& s) { return s->slot < 0; });
   }
 };
 
@@ -520,7 +577,8 @@ Scheduler::Scheduler(Backend& backend, const Tokenizer& tok, SchedulerOptions op
 
 Scheduler::~Scheduler() {
   shutdown();
-  if (impl_->worker.joinable()) impl_->worker.join();
+  for (auto& lane : impl_->lanes)
+    if (lane->worker.joinable()) lane->worker.join();
   impl_->event_threads.clear();  // each delivers what is left, then stops
 }
 
@@ -544,7 +602,7 @@ uint64_t Scheduler::submit(CompletionRequest req) {
   const uint64_t id = s->id = s->sink->id = impl_->next_id++;
   impl_->queue.push_back(std::move(s));
   impl_->st.queued = static_cast<int>(impl_->queue.size());
-  impl_->cv.notify_one();
+  impl_->cv.notify_all();  // the lanes waiting for work: whichever gets the lock places it
   return id;
 }
 
@@ -552,8 +610,14 @@ void Scheduler::cancel(uint64_t id) { impl_->cancel(id); }
 
 SchedulerStats Scheduler::stats() const {
   std::vector<DeviceStats> devices = impl_->backend.device_stats();  // thread-safe on its own
+  PrefixCacheStats prefix;
+  if (impl_->cache) {
+    std::lock_guard<std::mutex> lock(impl_->cache_mu);
+    prefix = impl_->cache->stats();
+  }
   std::lock_guard<std::mutex> lock(impl_->mu);
   SchedulerStats s = impl_->st;
+  s.prefix = prefix;
   s.devices = std::move(devices);
   return s;
 }

@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <future>
 #include <map>
 #include <random>
 
@@ -950,6 +951,71 @@ TEST_F(Cuda, ReplicasMatchOneBackendAndMoveStates) {
   ASSERT_EQ(stats.size(), 2u);
   EXPECT_EQ(stats[0].tokens, 5u + 125u + 8u);  // prompts 0 and 2, four steps of slots 0 and 2
   EXPECT_EQ(stats[1].tokens, 65u + 185u + 8u);
+}
+
+// The scheduler over CUDA replicas steps each device from its own thread at the same time (on
+// GPUs 0 and 1, else two backends on GPU 0). Greedy completions, checked token by token against
+// one backend reading the same text: every generated token is the likeliest there, up to the bf16
+// tolerance (the devices' batches differ from one backend's, so exact ties may break otherwise).
+TEST_F(Cuda, ReplicaStepLoopsGenerateWhatOneBackendPredicts) {
+  Config c = mp::testing::small_config();
+  TempDir dir;
+  auto model = mp::testing::random_model(dir, c, DType::BF16, 14);
+  std::unique_ptr<Backend> spread;
+  if (cuda_device_count() >= 2) {
+    spread = make_backend(model, {.kind = "cuda", .n_slots = 4, .devices = {0, 1}});
+  } else {
+    std::vector<std::unique_ptr<Backend>> parts;
+    for (int i = 0; i < 2; ++i) parts.push_back(make_cuda_backend(model, 4, c.n_ctx_train, 0));
+    spread = make_replica_backend(std::move(parts), {"cuda:0", "cuda:0 (second)"},
+                                  DeviceThreads::kGpuSpin);
+  }
+  const int n = 8, max_tokens = 24;
+  std::vector<std::vector<int>> prompts(n), got(n);
+  {
+    Scheduler sched(*spread, model->tokenizer(), {.max_prefill_per_step = 128});
+    std::vector<std::future<std::vector<int>>> done;
+    for (int r = 0; r < n; ++r) {
+      prompts[r] = random_tokens(3 + 41 * r, c.vocab_size, 60 + r);
+      auto tokens = std::make_shared<std::vector<int>>();
+      auto p = std::make_shared<std::promise<std::vector<int>>>();
+      done.push_back(p->get_future());
+      CompletionRequest req;
+      req.prompt = prompts[r];
+      req.max_tokens = max_tokens;
+      req.ignore_eos = true;
+      req.sampling.temperature = 0;
+      req.on_event = [tokens, p](const CompletionEvent& e) {
+        if (e.token >= 0) tokens->push_back(e.token);
+        if (e.done) p->set_value(*tokens);
+        return true;
+      };
+      sched.submit(std::move(req));
+    }
+    for (int r = 0; r < n; ++r) got[r] = done[r].get();
+  }
+  const auto stats = spread->device_stats();
+  ASSERT_EQ(stats.size(), 2u);
+  EXPECT_GE(stats[0].steps, size_t(max_tokens));  // both loops stepped
+  EXPECT_GE(stats[1].steps, size_t(max_tokens));
+  auto one = make_backend(model, {.kind = "cuda", .n_slots = 1});
+  const size_t V = c.vocab_size;
+  for (int r = 0; r < n; ++r) {
+    ASSERT_EQ(got[r].size(), size_t(max_tokens)) << r;
+    std::vector<int> text = prompts[r];
+    text.insert(text.end(), got[r].begin(), got[r].end() - 1);
+    const int slot = one->alloc_slot();
+    const SeqChunk all{slot, text, true};
+    const std::vector<float> logits = one->forward({&all, 1});
+    one->free_slot(slot);
+    for (int t = 0; t < max_tokens; ++t) {
+      const size_t row = prompts[r].size() - 1 + t;
+      const std::span<const float> l(logits.data() + row * V, V);
+      const float best = *std::max_element(l.begin(), l.end());
+      EXPECT_GE(l[got[r][t]], best - 1e-2f * std::max(1.0f, std::abs(best)))
+          << "request " << r << " token " << t;
+    }
+  }
 }
 
 #ifdef MULTIPOLE_HAVE_NCCL

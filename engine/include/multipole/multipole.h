@@ -360,6 +360,7 @@ struct DeviceStats {
   std::string device;  // "cuda:1", "cpu:0"
   int slots = 0, slots_in_use = 0;
   uint64_t tokens = 0;      // tokens run on it (prompt and generated)
+  uint64_t steps = 0;       // forward calls that ran on it
   double busy_seconds = 0;  // time its forward calls took
 };
 
@@ -392,6 +393,12 @@ class Backend {
   // One entry per device of a backend spread over several (replicas), else empty. Safe to call
   // from any thread while another runs the model.
   virtual std::vector<DeviceStats> device_stats() const { return {}; }
+  // The devices a backend spreads its slots over (replicas; else 1) and a slot's device. Calls
+  // whose slots all lie on one device may run at the same time as calls on other devices, one
+  // thread per device (the scheduler's step loop per device); alloc_slot and free_slot may then
+  // be called from any of those threads. A backend of one device is called from one thread.
+  virtual int n_devices() const { return 1; }
+  virtual int slot_device(int /*slot*/) const { return 0; }
 };
 
 struct BackendOptions {
@@ -499,17 +506,20 @@ struct PrefixCacheStats {
 
 struct SchedulerStats {
   int slots = 0, slots_in_use = 0, queued = 0, max_queue = 0;
-  uint64_t requests_done = 0, prompt_tokens = 0, completion_tokens = 0, steps = 0;
-  // Time the model thread spent in steps, and the part of it inside the backend's calls: their
-  // difference is the scheduler's own host work.
+  uint64_t requests_done = 0, prompt_tokens = 0, completion_tokens = 0;
+  uint64_t steps = 0;  // of every device's step loop together
+  // Time the step loops spent in steps (summed over devices), and the part of it inside the
+  // backend's calls: their difference is the scheduler's own host work.
   double step_seconds = 0, backend_seconds = 0;
   PrefixCacheStats prefix;
   std::vector<DeviceStats> devices;  // Backend::device_stats(): per device with replicas
 };
 
-// Thread-safe: any thread submits and cancels; one internal thread runs the model. Each step runs
-// one token of every generating sequence and, within the step's prompt-token budget, the next
-// prompt chunks in arrival order, in one batch. Events reach the callbacks from separate event
+// Thread-safe: any thread submits and cancels; one internal thread per device of the backend
+// (Backend::n_devices) runs that device's sequences, without waiting for the other devices. Each
+// of its steps runs one token of every generating sequence and, within the step's prompt-token
+// budget (its share of max_prefill_per_step), the next prompt chunks in arrival order, in one
+// batch. New requests go, in arrival order, to a free slot of the least loaded device. Events reach the callbacks from separate event
 // threads (a request's events in order, on one thread), so a slow callback never delays a step.
 class Scheduler {
  public:
