@@ -155,7 +155,10 @@ int main(int argc, char** argv) {
         "| devices | stepped | batch | tokens/s (aggregate) | vs one device | step ms p50 / p99 |\n"
         "|---|---|---|---|---|---|\n");
     std::string list;
-    for (int d : all) list += (list.empty() ? "" : ",") + std::to_string(d);
+    for (int d : all) {
+      if (!list.empty()) list += ',';
+      list += std::to_string(d);
+    }
     double one = 0;
     auto row = [&](const std::string& devices, const char* how, int batch, const DecodeRun& r) {
       if (one == 0) one = r.tokens_per_s;
@@ -165,7 +168,8 @@ int main(int argc, char** argv) {
     };
     o.devices = {all[0]};
     auto alone = make_backend(model, o);
-    row(std::to_string(all[0]), "alone", o.n_slots, decode(*alone, all_slots(*alone), context, steps));
+    row(std::to_string(all[0]), "alone", o.n_slots,
+        decode(*alone, all_slots(*alone), context, steps));
     alone.reset();
     if (all.size() > 1) {
       o.devices = all;

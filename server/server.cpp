@@ -706,7 +706,8 @@ struct Server::Impl {
           "counter");
     gauge("multipole_generated_tokens_total", "Tokens generated.", double(s.completion_tokens),
           "counter");
-    gauge("multipole_steps_total", "Batched model steps (every device's together).", double(s.steps), "counter");
+    gauge("multipole_steps_total", "Batched model steps (every device's together).",
+          double(s.steps), "counter");
     gauge("multipole_step_seconds_total", "Time the model thread spent in steps.", s.step_seconds,
           "counter");
     gauge("multipole_backend_seconds_total", "Part of it inside the backend.", s.backend_seconds,

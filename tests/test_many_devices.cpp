@@ -17,6 +17,7 @@
 #include "backend_cpu.h"
 #include "backend_replicas.h"
 #include "device_threads.h"
+#include "forwarding_backend.h"
 #include "model_fixture.h"
 #include "ops_cpu.h"
 
@@ -328,7 +329,8 @@ TEST(ReplicaSlots, SchedulerCompletionsMatchOneBackend) {
   const int V = model->config().vocab_size;
   auto run = [&](std::vector<int> devices) {
     auto b = make_backend(model, {.kind = "cpu", .n_slots = 4, .n_threads = 1, .devices = devices});
-    Scheduler sched(*b, model->tokenizer(), {.max_queue = 64, .max_prefill_per_step = kWholePrompts});
+    Scheduler sched(*b, model->tokenizer(),
+                    {.max_queue = 64, .max_prefill_per_step = kWholePrompts});
     std::vector<std::future<Stream>> done;
     for (int r = 0; r < 16; ++r) done.push_back(submit(sched, request(r, V)));
     std::vector<std::vector<int>> out;
@@ -356,9 +358,9 @@ TEST(ReplicaSlots, SchedulerCompletionsMatchOneBackend) {
 
 // A CPU backend whose forward calls wait while its gate is closed: a device as slow as a test
 // wants, its completed calls counted.
-class GatedBackend final : public Backend {
+class GatedBackend final : public mp::testing::ForwardingBackend {
  public:
-  explicit GatedBackend(std::unique_ptr<Backend> inner) : inner_(std::move(inner)) {}
+  using ForwardingBackend::ForwardingBackend;
   void set_open(bool open) {
     {
       std::lock_guard<std::mutex> lock(mu_);
@@ -367,29 +369,16 @@ class GatedBackend final : public Backend {
     cv_.notify_all();
   }
   int calls() const { return calls_.load(); }
-
-  std::string name() const override { return inner_->name(); }
-  const Config& config() const override { return inner_->config(); }
-  int n_slots() const override { return inner_->n_slots(); }
-  int alloc_slot() override { return inner_->alloc_slot(); }
-  void free_slot(int s) override { inner_->free_slot(s); }
-  void reset_slot(int s) override { inner_->reset_slot(s); }
-  void copy_slot(int a, int b) override { inner_->copy_slot(a, b); }
-  int64_t slot_pos(int s) const override { return inner_->slot_pos(s); }
-  std::vector<uint8_t> save_slot(int s) const override { return inner_->save_slot(s); }
-  void load_slot(int s, std::span<const uint8_t> b) override { inner_->load_slot(s, b); }
-  size_t slot_bytes(int s) const override { return inner_->slot_bytes(s); }
-  int prefill_tokens_per_step() const override { return inner_->prefill_tokens_per_step(); }
   std::vector<float> forward(std::span<const SeqChunk> chunks) override {
     wait();
-    auto out = inner_->forward(chunks);
+    auto out = inner().forward(chunks);
     ++calls_;
     return out;
   }
   std::vector<SampledToken> forward_sample(std::span<const SeqChunk> chunks,
                                            std::span<const SampleSpec> specs) override {
     wait();
-    auto out = inner_->forward_sample(chunks, specs);
+    auto out = inner().forward_sample(chunks, specs);
     ++calls_;
     return out;
   }
@@ -399,7 +388,6 @@ class GatedBackend final : public Backend {
     std::unique_lock<std::mutex> lock(mu_);
     cv_.wait(lock, [&] { return open_; });
   }
-  std::unique_ptr<Backend> inner_;
   std::mutex mu_;
   std::condition_variable cv_;
   bool open_ = true;
@@ -427,8 +415,8 @@ class StepLoops : public ::testing::Test {
     return make_replica_backend(std::move(parts), std::move(names), {});
   }
   // What one device streams for the last of the requests, run one after the other.
-  Stream alone(std::vector<CompletionRequest> reqs, SchedulerOptions o = {
-                                                        .max_prefill_per_step = kWholePrompts}) {
+  Stream alone(std::vector<CompletionRequest> reqs,
+               SchedulerOptions o = {.max_prefill_per_step = kWholePrompts}) {
     auto b = make_backend(model, {.kind = "cpu", .n_slots = 4, .n_threads = 1});
     Scheduler sched(*b, model->tokenizer(), o);
     Stream last;
@@ -517,8 +505,10 @@ TEST_F(StepLoops, CancellationReachesTheLoopHoldingTheRequest) {
 // device 0 is restored on device 1: the tokens one device alone gives. A long request keeps
 // device 0 the busier one, so the later requests go to device 1.
 TEST_F(StepLoops, SessionsAndCachedPrefixesMoveBetweenDevices) {
-  const SchedulerOptions o{.max_prefill_per_step = kWholePrompts, .prefix_block = 16,
-                           .prefix_cache_slots = 2, .prefix_cache_bytes = size_t(64) << 20};
+  const SchedulerOptions o{.max_prefill_per_step = kWholePrompts,
+                           .prefix_block = 16,
+                           .prefix_cache_slots = 2,
+                           .prefix_cache_bytes = size_t(64) << 20};
   auto b = replicas(2, 2);  // a cache slot and a request slot on each device
   Scheduler sched(*b, model->tokenizer(), o);
   // The first turn (on device 0: a tie goes to the lower device), its state kept.

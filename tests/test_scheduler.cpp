@@ -5,6 +5,7 @@
 #include <map>
 #include <mutex>
 
+#include "forwarding_backend.h"
 #include "model_fixture.h"
 
 namespace {
@@ -12,7 +13,7 @@ namespace {
 using namespace mp;
 
 // A CPU backend that records every step's chunks: (slot, position before, tokens).
-class RecordingBackend final : public Backend {
+class RecordingBackend final : public mp::testing::ForwardingBackend {
  public:
   struct Chunk {
     int slot;
@@ -20,33 +21,18 @@ class RecordingBackend final : public Backend {
     size_t tokens;
     bool samples;
   };
-  explicit RecordingBackend(std::unique_ptr<Backend> inner) : inner_(std::move(inner)) {}
-  std::string name() const override { return inner_->name(); }
-  const Config& config() const override { return inner_->config(); }
-  int n_slots() const override { return inner_->n_slots(); }
-  int alloc_slot() override { return inner_->alloc_slot(); }
-  void free_slot(int s) override { inner_->free_slot(s); }
-  void reset_slot(int s) override { inner_->reset_slot(s); }
-  void copy_slot(int a, int b) override { inner_->copy_slot(a, b); }
-  int64_t slot_pos(int s) const override { return inner_->slot_pos(s); }
-  std::vector<uint8_t> save_slot(int s) const override { return inner_->save_slot(s); }
-  void load_slot(int s, std::span<const uint8_t> b) override { inner_->load_slot(s, b); }
-  size_t slot_bytes(int s) const override { return inner_->slot_bytes(s); }
-  int prefill_tokens_per_step() const override { return inner_->prefill_tokens_per_step(); }
-  std::vector<float> forward(std::span<const SeqChunk> chunks) override {
-    return inner_->forward(chunks);
-  }
+  using ForwardingBackend::ForwardingBackend;
   std::vector<SampledToken> forward_sample(std::span<const SeqChunk> chunks,
                                            std::span<const SampleSpec> specs) override {
     std::vector<Chunk> step;
     for (size_t i = 0; i < chunks.size(); ++i)
-      step.push_back({chunks[i].slot, inner_->slot_pos(chunks[i].slot), chunks[i].tokens.size(),
+      step.push_back({chunks[i].slot, inner().slot_pos(chunks[i].slot), chunks[i].tokens.size(),
                       specs[i].params != nullptr});
     {
       std::lock_guard<std::mutex> lock(mu_);
       steps_.push_back(std::move(step));
     }
-    return inner_->forward_sample(chunks, specs);
+    return inner().forward_sample(chunks, specs);
   }
   std::vector<std::vector<Chunk>> steps() const {
     std::lock_guard<std::mutex> lock(mu_);
@@ -54,7 +40,6 @@ class RecordingBackend final : public Backend {
   }
 
  private:
-  std::unique_ptr<Backend> inner_;
   mutable std::mutex mu_;
   std::vector<std::vector<Chunk>> steps_;
 };

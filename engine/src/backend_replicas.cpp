@@ -115,9 +115,8 @@ class ReplicaBackend final : public Backend {
   std::vector<float> forward(std::span<const SeqChunk> chunks) override {
     check_batch(chunks);
     if (const int d = one_device(chunks); d >= 0)
-      return on_device(d, chunks, [&](std::span<const SeqChunk> own) {
-        return parts_[d]->forward(own);
-      });
+      return on_device(d, chunks,
+                       [&](std::span<const SeqChunk> own) { return parts_[d]->forward(own); });
     const size_t V = config().vocab_size;
     std::vector<size_t> row0(chunks.size() + 1, 0);  // first logits row of each chunk
     for (size_t i = 0; i < chunks.size(); ++i)

@@ -899,19 +899,22 @@ TEST_F(Cuda, OnePassSummariesMatchThePerLevelKernelsInEveryShape) {
 // Replicas over CUDA backends against one backend: on GPUs 0 and 1 when there are two, else two
 // backends on GPU 0 (the wrapper's device threads and cross-backend copies run either way).
 // Sub-batches may take other GEMM algorithms than the whole batch: logits agree to 1e-3.
+// Two CUDA replicas of `slots` slots each: on GPUs 0 and 1, else both on GPU 0.
+std::unique_ptr<Backend> two_replicas(std::shared_ptr<const Model> model, int slots) {
+  if (cuda_device_count() >= 2)
+    return make_backend(model, {.kind = "cuda", .n_slots = slots, .devices = {0, 1}});
+  std::vector<std::unique_ptr<Backend>> parts;
+  const int64_t ctx = model->config().n_ctx_train;
+  for (int i = 0; i < 2; ++i) parts.push_back(make_cuda_backend(model, slots, ctx, 0));
+  return make_replica_backend(std::move(parts), {"cuda:0", "cuda:0 (second)"},
+                              DeviceThreads::kGpuSpin);
+}
+
 TEST_F(Cuda, ReplicasMatchOneBackendAndMoveStates) {
   Config c = mp::testing::small_config();
   TempDir dir;
   auto model = mp::testing::random_model(dir, c, DType::BF16, 13);
-  std::unique_ptr<Backend> spread;
-  if (cuda_device_count() >= 2) {
-    spread = make_backend(model, {.kind = "cuda", .n_slots = 2, .devices = {0, 1}});
-  } else {
-    std::vector<std::unique_ptr<Backend>> parts;
-    for (int i = 0; i < 2; ++i) parts.push_back(make_cuda_backend(model, 2, c.n_ctx_train, 0));
-    spread = make_replica_backend(std::move(parts), {"cuda:0", "cuda:0 (second)"},
-                                  DeviceThreads::kGpuSpin);
-  }
+  std::unique_ptr<Backend> spread = two_replicas(model, 2);
   auto one = make_backend(model, {.kind = "cuda", .n_slots = 4});
   std::vector<int> slots;
   for (int i = 0; i < 4; ++i) {
@@ -961,15 +964,7 @@ TEST_F(Cuda, ReplicaStepLoopsGenerateWhatOneBackendPredicts) {
   Config c = mp::testing::small_config();
   TempDir dir;
   auto model = mp::testing::random_model(dir, c, DType::BF16, 14);
-  std::unique_ptr<Backend> spread;
-  if (cuda_device_count() >= 2) {
-    spread = make_backend(model, {.kind = "cuda", .n_slots = 4, .devices = {0, 1}});
-  } else {
-    std::vector<std::unique_ptr<Backend>> parts;
-    for (int i = 0; i < 2; ++i) parts.push_back(make_cuda_backend(model, 4, c.n_ctx_train, 0));
-    spread = make_replica_backend(std::move(parts), {"cuda:0", "cuda:0 (second)"},
-                                  DeviceThreads::kGpuSpin);
-  }
+  std::unique_ptr<Backend> spread = two_replicas(model, 4);
   const int n = 8, max_tokens = 24;
   std::vector<std::vector<int>> prompts(n), got(n);
   {

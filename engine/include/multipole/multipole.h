@@ -483,7 +483,8 @@ struct SchedulerOptions {
   int max_queue = 64;  // waiting requests beyond the running ones
   // Prompt tokens read per step, all sequences together: the bound on how long a step, and so a
   // generating stream's gap between tokens, lasts while prompts are read. 0: the backend's
-  // Backend::prefill_tokens_per_step().
+  // Backend::prefill_tokens_per_step(). Over several devices each device's step reads its even
+  // share.
   int max_prefill_per_step = 0;
   // Threads that hand events to the requests' callbacks (0: half the cores, 2 to 8): at a
   // thousand streams they deliver a quarter of a million events a second (docs/PERF.md).
@@ -519,8 +520,9 @@ struct SchedulerStats {
 // (Backend::n_devices) runs that device's sequences, without waiting for the other devices. Each
 // of its steps runs one token of every generating sequence and, within the step's prompt-token
 // budget (its share of max_prefill_per_step), the next prompt chunks in arrival order, in one
-// batch. New requests go, in arrival order, to a free slot of the least loaded device. Events reach the callbacks from separate event
-// threads (a request's events in order, on one thread), so a slow callback never delays a step.
+// batch. New requests go, in arrival order, to a free slot of the least loaded device. Events reach
+// the callbacks from separate event threads (a request's events in order, on one thread), so a slow
+// callback never delays a step.
 class Scheduler {
  public:
   Scheduler(Backend& backend, const Tokenizer& tok, SchedulerOptions opts = {});
