@@ -33,6 +33,7 @@ class ReplicaBackend final : public Backend {
       }
     }
     in_use_.assign(size_t(per_) * parts_.size(), false);
+    every_slot_.assign(in_use_.size(), true);
     stats_.resize(parts_.size());
     for (size_t d = 0; d < parts_.size(); ++d) {
       stats_[d].device = devices_[d];
@@ -178,10 +179,16 @@ class ReplicaBackend final : public Backend {
   int local(int s) const { return check(s) / n_devices(); }
   Backend& part(int s) const { return *parts_[device(s)]; }
 
-  // A bad batch is refused before any device runs.
+  // A bad batch is refused before any device runs. Only the slots' use is read under the lock:
+  // the loops check the rest (repeats, empty chunks, token ids) at the same time.
   void check_batch(std::span<const SeqChunk> chunks) const {
-    std::lock_guard<std::mutex> lock(mu_);
-    check_chunks(config(), chunks, n_slots(), in_use_);
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      for (const SeqChunk& c : chunks)
+        if (c.slot < 0 || c.slot >= n_slots() || !in_use_[c.slot])
+          throw Error("forward: slot " + std::to_string(c.slot) + " is not allocated");
+    }
+    check_chunks(config(), chunks, n_slots(), every_slot_);
   }
   // The device of every chunk, or -1 when they lie on several (or there are none).
   int one_device(std::span<const SeqChunk> chunks) const {
@@ -249,6 +256,7 @@ class ReplicaBackend final : public Backend {
   std::vector<std::vector<SeqChunk>> local_;  // a one-device batch, by device (under its lock)
   mutable std::mutex mu_;                     // the slots' use and the stats
   std::vector<bool> in_use_;                  // by global slot
+  std::vector<bool> every_slot_;              // all true: check_chunks past the use check
   std::vector<DeviceStats> stats_;
   std::mutex split_mu_;      // one batch over several devices at a time
   std::vector<Part> split_;  // that batch, by device (kept: no allocation per step)
