@@ -507,6 +507,7 @@ struct Scheduler::Impl {
     while (admit(l)) {
       const auto t0 = std::chrono::steady_clock::now();
       apply_cancellations(l);
+      post_events(l);  // final events of admission and cancellation: not held for the step
       double in_backend = 0;
       size_t prompt_tokens = 0;
       const bool stepped = !l.running.empty();
