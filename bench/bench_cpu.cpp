@@ -3,7 +3,9 @@
 // run, or with --baseline the same backend on another file (e.g. the bf16 model against its
 // Q8_0 copy). Prints a markdown table; each figure is the median of --repeats runs.
 // usage: bench_cpu [MODEL.gguf] [--baseline BASE.gguf] [--threads N] [--repeats R] [--gen N]
-//                  [--quick] [--cpu-time]
+//                  [--quick] [--cpu-time] [--cpu-bf16-activations]
+// (--cpu-bf16-activations: the measured path's prefill products round their activations once to
+// bf16, BackendOptions::cpu_bf16_activations.)
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
@@ -68,7 +70,7 @@ std::pair<double, double> measure(Backend& b, int prompt, int gen, uint32_t seed
 int main(int argc, char** argv) {
   std::string path = "models/default.gguf", baseline;
   int threads = 2, repeats = 3, gen = 128;
-  bool quick = false;
+  bool quick = false, bf16_activations = false;
   for (int i = 1; i < argc; ++i) {
     const std::string a = argv[i];
     auto value = [&]() -> int {
@@ -88,12 +90,15 @@ int main(int argc, char** argv) {
       quick = true;
     else if (a == "--cpu-time")
       g_cpu_time = true;
+    else if (a == "--cpu-bf16-activations")
+      bf16_activations = true;
     else if (a == "--baseline" && i + 1 < argc)
       baseline = argv[++i];
     else if (!a.empty() && a[0] == '-') {
       std::fprintf(stderr,
                    "unknown option %s\nusage: bench_cpu [MODEL.gguf] [--baseline BASE.gguf] "
-                   "[--threads N] [--repeats R] [--gen N] [--quick] [--cpu-time]\n",
+                   "[--threads N] [--repeats R] [--gen N] [--quick] [--cpu-time] "
+                   "[--cpu-bf16-activations]\n",
                    a.c_str());
       return 2;
     } else
@@ -114,8 +119,11 @@ int main(int argc, char** argv) {
     std::unique_ptr<Backend> backends[2];
     for (int path_i = 0; path_i < 2; ++path_i) {
       cpu::set_products(products[path_i]);  // the reference's matrices are built fp32
-      backends[path_i] =
-          make_backend(models[path_i], {.kind = "cpu", .n_slots = 1, .n_threads = threads});
+      backends[path_i] = make_backend(models[path_i],
+                                      {.kind = "cpu",
+                                       .n_slots = 1,
+                                       .n_threads = threads,
+                                       .cpu_bf16_activations = path_i == 1 && bf16_activations});
       names[path_i] =
           (baseline.empty() ? "" : models[path_i]->path() + ", ") + backends[path_i]->name();
       std::fprintf(stderr, "%s\n", names[path_i].c_str());

@@ -3,9 +3,10 @@
 # log-probabilities: multipole-perplexity with them (the default where the CPU has AMX or
 # AVX512-BF16) and with --cpu-fp32-products, on TEXT and on the cross-check tests' kind of input
 # (3 x 8192 pseudo-random ids in 3..400, random.seed(7)); prints max and mean |delta NLL| per token
-# and both perplexities. usage: bench/bf16_logprobs.sh BUILD_DIR MODEL.gguf TEXT [THREADS]
+# and both perplexities. usage: bench/bf16_logprobs.sh BUILD_DIR MODEL.gguf TEXT [THREADS [FLAG]]
+# FLAG: for the bf16 side, e.g. --cpu-bf16-activations (activations rounded once, not split).
 set -euo pipefail
-build=$1 model=$2 text=$3 threads=${4:-2}
+build=$1 model=$2 text=$3 threads=${4:-2} bf16_flag=${5:-}
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 python3 -c "import random; random.seed(7); print(' '.join(str(random.randrange(3, 400)) for _ in range(3 * 8192)))" > "$work/ids.txt"
@@ -15,6 +16,7 @@ for input in text ids; do
   for path in bf16 fp32; do
     flag=()
     [[ $path == fp32 ]] && flag=(--cpu-fp32-products)
+    [[ $path == bf16 && -n $bf16_flag ]] && flag=("$bf16_flag")
     "$build/tools/multipole-perplexity" -m "$model" --backend cpu --threads "$threads" --ctx 8192 \
       "${ids[@]}" "${flag[@]}" --nll-out "$work/$input.$path.json" "$file" >/dev/null 2>"$work/log"
     grep -o 'backend [^,]*([^)]*)[^,]*' "$work/log" | head -1 >&2

@@ -22,7 +22,7 @@ int main(int argc, char** argv) {
   // then creeps up for many minutes as it meets the request mix's peaks (soak: +48 MiB in 5 min,
   // not levelling off). Two arenas level off within a minute (docs/RELIABILITY.md, soak).
   if (!std::getenv("MALLOC_ARENA_MAX")) mallopt(M_ARENA_MAX, 2);
-  mp::cli::Args a(argc, argv, {"quiet", "log-steps", "cpu-fp32-products"},
+  mp::cli::Args a(argc, argv, {"quiet", "log-steps", "cpu-fp32-products", "cpu-bf16-activations"},
                   "usage: multipole-server [options]\n"
                   "  -m, --model FILE  GGUF model (default models/default.gguf)\n"
                   "  --host ADDR       address to bind (default 127.0.0.1)\n"
@@ -84,7 +84,7 @@ int main(int argc, char** argv) {
                                  "read-timeout", "write-timeout", "body-timeout",
                                  "keep-alive-timeout", "send-buffer-kib", "session-store",
                                  "session-ttl-s", "session-max-record-mib", "session-claim-s",
-                                 "cpu-fp32-products"};
+                                 "cpu-fp32-products", "cpu-bf16-activations"};
   known.insert(mp::cli::kPrefixCacheOptions.begin(), mp::cli::kPrefixCacheOptions.end());
   a.check_known(known);
   try {
@@ -94,6 +94,7 @@ int main(int argc, char** argv) {
     bo.n_slots = static_cast<int>(a.integer("slots", 8));
     bo.n_threads = static_cast<int>(a.integer("threads", 0));
     bo.cpu_fp32_products = a.has("cpu-fp32-products");
+    bo.cpu_bf16_activations = a.has("cpu-bf16-activations");
     if (bo.n_slots <= 0) a.fail("--slots must be positive");
     if (a.has("devices")) bo.devices = mp::parse_devices(a.str("devices"), bo.kind);
     bo.tensor_parallel = static_cast<int>(a.integer("tensor-parallel", 0));

@@ -105,17 +105,18 @@ cpu::Matrix bf16_matrix(int N, int K, std::mt19937& rng, std::vector<float>& wf)
 // the fp32 paths' 1e-5 relative (norm-wise) of the fp32 loop, as x is kept to 2^-17 and the
 // sums are fp32 (measured: 2.0-2.3e-6), and 50 times closer to it than x rounded once to bf16
 // (1.5e-3). Awkward shapes: T not a multiple of the 16 rows the path rounds up to, K and N not
-// multiples of 16.
+// multiples of 16. With Activations::Bf16 (rounded once; T = 16 and 512: the product written in
+// place) the loop over the rounded activations.
 TEST_F(CpuOps, Bf16ProductsEqualTheDotProductLoop) {
   if (!cpu::bf16_products_available())
     GTEST_SKIP() << "this CPU (or its oneDNN) has no bf16 units (AMX, AVX512-BF16): "
-                 << cpu::kernels_summary(0, true);
+                 << cpu::kernels_summary(0, cpu::Activations::SplitBf16);
   std::mt19937 rng(17);
   const int shapes[][2] = {{37, 29}, {100, 130}, {1024, 384}, {384, 2049}};  // K, N
   for (auto [K, N] : shapes) {
     std::vector<float> wf;
     const cpu::Matrix w = bf16_matrix(N, K, rng, wf);
-    for (int T : {9, 17, 513}) {
+    for (int T : {9, 16, 17, 512, 513}) {
       const std::vector<float> x = random_floats(size_t(T) * K, rng);
       std::vector<float> want(size_t(T) * N), rounded_x(x.size()), once(want.size());
       cpu::matmul_reference(x.data(), T, K, wf.data(), N, want.data());
@@ -124,9 +125,13 @@ TEST_F(CpuOps, Bf16ProductsEqualTheDotProductLoop) {
       for (int threads : {1, 2}) {
         omp_set_num_threads(threads);
         std::vector<float> got(want.size(), NAN);
-        cpu::matmul(x.data(), T, w, got.data(), {}, true);
+        cpu::matmul(x.data(), T, w, got.data(), {}, cpu::Activations::SplitBf16);
         EXPECT_LT(rel_err(got, want), 1e-5) << "K " << K << " N " << N << " T " << T;
         EXPECT_LT(rel_err(got, want), 0.02 * rel_err(once, want)) << "K " << K << " N " << N;
+        // Rounded once (llama.cpp's way): the fp32 loop over the rounded activations, 1e-5.
+        std::fill(got.begin(), got.end(), NAN);
+        cpu::matmul(x.data(), T, w, got.data(), {}, cpu::Activations::Bf16);
+        EXPECT_LT(rel_err(got, once), 1e-5) << "rounded once: K " << K << " N " << N << " T " << T;
       }
     }
   }
@@ -146,10 +151,10 @@ TEST_F(CpuOps, Bf16ProductsFallBackToFp32) {
     cpu::set_products(products);
     cpu::set_isa(std::min(cpu::Isa::Avx2, cpu::detected_isa()));
     EXPECT_FALSE(cpu::bf16_products_available());
-    EXPECT_EQ(cpu::kernels_summary(2, true).find("bf16"), std::string::npos)
-        << cpu::kernels_summary(2, true);
+    EXPECT_EQ(cpu::kernels_summary(2, cpu::Activations::SplitBf16).find("bf16"), std::string::npos)
+        << cpu::kernels_summary(2, cpu::Activations::SplitBf16);
     std::vector<float> got(want.size(), NAN);
-    cpu::matmul(x.data(), T, w, got.data(), wide, true);
+    cpu::matmul(x.data(), T, w, got.data(), wide, cpu::Activations::SplitBf16);
     EXPECT_LT(rel_err(got, want), 1e-5);
   }
 }
@@ -181,7 +186,7 @@ TEST_F(CpuOps, MatrixVectorKernelsAgreeElementwise) {
 TEST_F(CpuOps, AttentionLoopsEqualPlainSums) {
   std::mt19937 rng(13);
   for (int d : {64, 37, 8})
-    for (int n : {1, 5, 130}) {
+    for (int n : {1, 5, 16, 33, 130}) {  // 16, 33: whole batches of keys and a rest
       const int64_t stride = 3 * d + 1;
       const std::vector<float> q = random_floats(d, rng), p = random_floats(n, rng),
                                rows = random_floats(size_t(n) * stride, rng),
@@ -205,6 +210,57 @@ TEST_F(CpuOps, AttentionLoopsEqualPlainSums) {
               << cpu::isa_name(isa) << " n " << n;
       }
     }
+}
+
+// The vector exp and what uses it (SwiGLU, the attention's softmax) against std::exp in double
+// precision, every instruction set: 2 ulp is 2.4e-7 relative; 1e-6 stated.
+TEST_F(CpuOps, VectorExpSwigluAndSoftmaxEqualTheScalarFormulas) {
+  std::mt19937 rng(17);
+  std::vector<float> x(4099);  // not a multiple of any vector width
+  std::uniform_real_distribution<float> wide(-87.0f, 88.0f);
+  for (auto& v : x) v = wide(rng);
+  x[0] = -87.0f, x[1] = 88.0f, x[2] = 0.0f, x[3] = -1e-8f, x[4] = 1e-8f;
+  const std::vector<float> g0 = [&] {
+    std::vector<float> g = random_floats(x.size(), rng);
+    for (auto& v : g) v *= 12.0f;
+    g[5] = -100.0f;  // exp(100): clamped to exp(88), silu still 0
+    g[6] = 100.0f;
+    return g;
+  }();
+  const std::vector<float> u = random_floats(x.size(), rng);
+  for (cpu::Isa isa : isas()) {
+    cpu::set_isa(isa);
+    std::vector<float> y(x.size(), NAN);
+    cpu::vector_exp(x.data(), int64_t(x.size()), y.data());
+    for (size_t i = 0; i < x.size(); ++i)
+      ASSERT_NEAR(y[i] / std::exp(double(x[i])), 1.0, 1e-6) << cpu::isa_name(isa) << " x " << x[i];
+    for (int threads : {1, 2}) {
+      omp_set_num_threads(threads);
+      for (int64_t n : {int64_t(3), int64_t(x.size()), int64_t(300000)}) {
+        std::vector<float> g(n), uu(n);
+        for (int64_t i = 0; i < n; ++i) g[i] = g0[i % g0.size()], uu[i] = u[(i * 7) % u.size()];
+        std::vector<float> want(n);
+        for (int64_t i = 0; i < n; ++i)
+          want[i] = float(double(g[i]) / (1.0 + std::exp(-double(g[i]))) * uu[i]);
+        cpu::swiglu(g.data(), uu.data(), n);
+        for (int64_t i = 0; i < n; ++i)
+          ASSERT_NEAR(g[i], want[i], 1e-6 * std::abs(want[i]) + 1e-35)  // exp(88): 1e-37, not 0
+              << cpu::isa_name(isa) << " n " << n << " at " << i;
+      }
+    }
+    for (int n : {1, 7, 16, 37, 232}) {
+      std::vector<float> s = random_floats(n, rng);
+      for (auto& v : s) v *= 20.0f;
+      std::vector<double> want(n);
+      double mx = -INFINITY, total = 0;
+      for (float v : s) mx = std::max(mx, double(v));
+      for (int j = 0; j < n; ++j) total += (want[j] = std::exp(double(s[j]) - mx));
+      cpu::softmax(s.data(), n);
+      for (int j = 0; j < n; ++j)
+        ASSERT_NEAR(s[j], want[j] / total, 2e-6 * want[j] / total + 1e-12)  // float sums
+            << cpu::isa_name(isa) << " n " << n;
+    }
+  }
 }
 
 // A [N][K] Q8_0 matrix of random weights, through to_matrix as the backend builds it; `bytes`:

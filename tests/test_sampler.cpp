@@ -184,6 +184,44 @@ TEST(PenaltyCounts, WorkPerTokenDoesNotGrowWithTheHistory) {
   }
 }
 
+// Top-k and greedy by partial selection give the same candidates, probabilities bit for bit, and
+// so the same tokens, as the stable sort of the whole vocabulary they replaced: random logits
+// (some rounded to create ties, some -inf), random penalties, every filter combination.
+TEST(Sampler, PartialSelectionEqualsTheFullSort) {
+  std::mt19937 rng(11);
+  const int V = 8192;
+  int compared = 0;
+  for (int trial = 0; trial < 200; ++trial) {
+    std::vector<float> logits(V);
+    std::normal_distribution<float> normal(0, 3);
+    for (auto& x : logits) x = normal(rng);
+    if (trial % 3 == 1)  // many ties
+      for (auto& x : logits) x = std::round(x * 2) / 2;
+    if (trial % 5 == 2)
+      for (int i = 0; i < V; i += 7) logits[i] = -INFINITY;
+    SamplingParams p = plain();
+    const int top_ks[] = {0, 1, 2, 40, 100, V - 1, V, V + 5};
+    p.top_k = top_ks[trial % 8];
+    p.temperature = trial % 4 == 0 ? 0.0f : std::uniform_real_distribution<float>(0.2f, 2)(rng);
+    p.top_p = trial % 2 ? 1.0f : 0.9f;
+    p.min_p = trial % 6 < 3 ? 0.0f : 0.05f;
+    p.repetition_penalty = trial % 7 == 0 ? 1.3f : 1.0f;
+    p.presence_penalty = trial % 9 == 0 ? 0.5f : 0.0f;
+    std::vector<int> history;
+    for (int i = 0; i < 64; ++i) history.push_back(int(rng() % 300));
+    const auto pens = penalty_counts(p, history, V);
+    const auto want = sample_candidates_by_full_sort(p, logits, pens);
+    const auto got = sample_candidates(p, logits, pens);
+    ASSERT_EQ(got, want) << "trial " << trial << ", top_k " << p.top_k;
+    for (int u = 0; u < 20; ++u) {
+      const double draw = std::uniform_real_distribution<double>(0, 1)(rng);
+      ASSERT_EQ(pick_candidate(got, draw), pick_candidate(want, draw));
+    }
+    compared += int(got.size());
+  }
+  EXPECT_GT(compared, 1000);  // not only greedy single candidates
+}
+
 TEST(Sampler, RejectsBadParameters) {
   auto p = plain();
   p.top_p = 0;

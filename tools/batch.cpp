@@ -161,7 +161,7 @@ std::string duration(double s) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  mp::cli::Args a(argc, argv, {"resume", "cpu-fp32-products"},
+  mp::cli::Args a(argc, argv, {"resume", "cpu-fp32-products", "cpu-bf16-activations"},
                   "usage: multipole-batch --input IN.jsonl --output OUT.jsonl [options]\n"
                   "  Lines: OpenAI Batch requests (custom_id, method, url, body) or request\n"
                   "  bodies with an \"id\". Results are appended as they finish.\n"
@@ -177,7 +177,8 @@ int main(int argc, char** argv) {
                   {{"m", "model"}});
   std::set<std::string> known = {"input",   "output",  "model",  "resume",
                                  "slots",   "ctx-limit", "threads", "backend",
-                                 "devices", "chat-template-file", "cpu-fp32-products"};
+                                 "devices", "chat-template-file", "cpu-fp32-products",
+                                 "cpu-bf16-activations"};
   known.insert(mp::cli::kPrefixCacheOptions.begin(), mp::cli::kPrefixCacheOptions.end());
   a.check_known(known);
   if (!a.has("input") || !a.has("output")) a.fail("--input and --output are required");
@@ -215,6 +216,7 @@ int main(int argc, char** argv) {
     bo.n_slots = static_cast<int>(a.integer("slots", 16));
     bo.n_threads = static_cast<int>(a.integer("threads", 0));
     bo.cpu_fp32_products = a.has("cpu-fp32-products");
+    bo.cpu_bf16_activations = a.has("cpu-bf16-activations");
     if (a.has("devices")) bo.devices = mp::parse_devices(a.str("devices"), bo.kind);
     mp::SchedulerOptions so;
     so.max_queue = static_cast<int>(lines.size()) + 1;

@@ -60,11 +60,11 @@ double seconds_since(std::chrono::steady_clock::time_point t0) {
 
 int main(int argc, char** argv) {
   using namespace mp::evals;
-  mp::cli::Args args(argc, argv, {"cpu-fp32-products"},
+  mp::cli::Args args(argc, argv, {"cpu-fp32-products", "cpu-bf16-activations"},
                      std::string(kUsage) + mp::cli::kCpuFp32ProductsUsage, {{"m", "model"}});
   args.check_known({"model", "text", "tasks", "contexts", "span", "spans", "passage", "gaps",
                     "passages", "passkey-contexts", "depths", "trials", "seed", "json-out", "chunk",
-                    "backend", "threads", "cpu-fp32-products"});
+                    "backend", "threads", "cpu-fp32-products", "cpu-bf16-activations"});
   if (!args.positional().empty()) args.fail("unexpected argument '" + args.positional()[0] + "'");
   bool run[3] = {};
   {
@@ -110,6 +110,7 @@ int main(int argc, char** argv) {
     bo.n_slots = 3;
     bo.n_threads = int(args.integer("threads", 0));
     bo.cpu_fp32_products = args.has("cpu-fp32-products");
+    bo.cpu_bf16_activations = args.has("cpu-bf16-activations");
     bo.max_context = longest + 1024;  // the passkey prompt's length is approximate
     auto backend = mp::make_backend(model, bo);
     std::fprintf(stderr, "model: %s (%s), backend %s\n", model->path().c_str(),

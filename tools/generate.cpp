@@ -28,14 +28,14 @@ double seconds_since(std::chrono::steady_clock::time_point t0) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  mp::cli::Args args(argc, argv, {"ignore-eos", "cpu-fp32-products"},
+  mp::cli::Args args(argc, argv, {"ignore-eos", "cpu-fp32-products", "cpu-bf16-activations"},
                      std::string(kUsage) + mp::cli::kCpuFp32ProductsUsage +
                          mp::cli::kSamplingUsage,
                      {{"m", "model"}, {"p", "prompt"}, {"n", "max-tokens"}});
   auto known = mp::cli::kSamplingOptions;
   known.insert(
       {"model", "prompt", "max-tokens", "stop", "ignore-eos", "chunk", "backend", "device", "threads",
-       "cpu-fp32-products"});
+       "cpu-fp32-products", "cpu-bf16-activations"});
   args.check_known(known);
   const auto sampling = mp::cli::sampling_from_args(args);
   const int max_tokens = static_cast<int>(args.integer("max-tokens", 128));
@@ -57,6 +57,7 @@ int main(int argc, char** argv) {
     bo.n_slots = 1;
     bo.n_threads = static_cast<int>(args.integer("threads", 0));
     bo.cpu_fp32_products = args.has("cpu-fp32-products");
+    bo.cpu_bf16_activations = args.has("cpu-bf16-activations");
     if (args.has("device")) {
       bo.devices = mp::parse_devices(args.str("device"), bo.kind);
       if (bo.devices.size() != 1) args.fail("--device takes one device number");

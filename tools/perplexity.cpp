@@ -12,7 +12,7 @@
 
 int main(int argc, char** argv) {
   mp::cli::Args args(
-      argc, argv, {"ids", "cpu-fp32-products"},
+      argc, argv, {"ids", "cpu-fp32-products", "cpu-bf16-activations"},
       "usage: multipole-perplexity -m, --model FILE [options] FILE\n"
       "Prints the perplexity of FILE under the model.\n"
       "  --ids             FILE holds whitespace-separated token ids, not text\n"
@@ -24,8 +24,8 @@ int main(int argc, char** argv) {
       "  --threads N       CPU threads (default: all cores)\n" +
           std::string(mp::cli::kCpuFp32ProductsUsage),
       {{"m", "model"}});
-  args.check_known(
-      {"model", "ids", "ctx", "chunk", "nll-out", "backend", "threads", "cpu-fp32-products"});
+  args.check_known({"model", "ids", "ctx", "chunk", "nll-out", "backend", "threads",
+                    "cpu-fp32-products", "cpu-bf16-activations"});
   if (args.positional().size() != 1) args.fail("expected one input FILE");
   const long long ctx = args.integer("ctx", 0);
   const int chunk = static_cast<int>(args.integer("chunk", 512));
@@ -60,6 +60,7 @@ int main(int argc, char** argv) {
     bo.n_slots = 1;
     bo.n_threads = static_cast<int>(args.integer("threads", 0));
     bo.cpu_fp32_products = args.has("cpu-fp32-products");
+    bo.cpu_bf16_activations = args.has("cpu-bf16-activations");
     auto backend = mp::make_backend(model, bo);
     std::fprintf(stderr, "model: %s (%s), backend %s, %zu tokens\n", model->path().c_str(),
                  model->config().summary().c_str(), backend->name().c_str(), tokens.size());

@@ -78,7 +78,7 @@ std::unique_ptr<Backend> make_backend(std::shared_ptr<const Model> model,
   const int device = opts.devices.empty() ? 0 : opts.devices[0];
   if (opts.kind == "cpu")
     return make_cpu_backend(std::move(model), opts.n_slots, opts.n_threads,
-                            opts.cpu_fp32_products);
+                            CpuProducts::of(opts));
 #ifdef MULTIPOLE_HAVE_CUDA
   if (const int present = cuda_device_count(); present > 0) {
     if (device >= present)
@@ -94,7 +94,7 @@ std::unique_ptr<Backend> make_backend(std::shared_ptr<const Model> model,
   if (device != 0)
     throw Error("device " + std::to_string(device) + " asked for, but no GPU is present");
   return make_cpu_backend(std::move(model), opts.n_slots, opts.n_threads,
-                          opts.cpu_fp32_products);
+                          CpuProducts::of(opts));
 }
 
 void check_sample_call(std::span<const SeqChunk> chunks, std::span<const SampleSpec> specs) {

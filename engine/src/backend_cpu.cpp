@@ -37,12 +37,15 @@ struct LayerWeights {
 
 class CpuBackend final : public Backend {
  public:
-  CpuBackend(std::shared_ptr<const Model> model, int n_slots, int n_threads, bool fp32_products,
-             Communicator* comm = nullptr)
+  CpuBackend(std::shared_ptr<const Model> model, int n_slots, int n_threads,
+             const CpuProducts& products, Communicator* comm = nullptr)
       : model_(std::move(model)),
         c_(comm ? shard_config(model_->config(), comm->size()) : model_->config()),
         n_threads_(n_threads),
-        bf16_products_(!fp32_products && cpu::bf16_products_available()),
+        activations_(products.fp32 || !cpu::bf16_products_available()
+                         ? cpu::Activations::Fp32
+                         : products.bf16_activations ? cpu::Activations::Bf16
+                                                     : cpu::Activations::SplitBf16),
         comm_(comm) {
     if (n_slots <= 0) throw Error("backend: n_slots must be positive");
     namespace tn = tensor_names;
@@ -91,7 +94,7 @@ class CpuBackend final : public Backend {
   }
 
   std::string name() const override {
-    return "cpu (" + cpu::kernels_summary(n_threads_, bf16_products_) + ")";
+    return "cpu (" + cpu::kernels_summary(n_threads_, activations_) + ")";
   }
   const Config& config() const override { return c_; }
   int n_slots() const override { return static_cast<int>(slots_.size()); }
@@ -141,7 +144,7 @@ class CpuBackend final : public Backend {
   const cpu::Matrix& head() const { return c_.tie_word_embeddings ? embed_ : head_; }
 
   void matmul(const std::vector<float>& x, int T, const cpu::Matrix& W, std::vector<float>& y) {
-    cpu::matmul(x.data(), T, W, y.data(), wide_, bf16_products_);
+    cpu::matmul(x.data(), T, W, y.data(), wide_, activations_);
   }
 
   std::vector<float> run(std::span<const SeqChunk> chunks) {
@@ -243,7 +246,7 @@ class CpuBackend final : public Backend {
   std::shared_ptr<const Model> model_;
   const Config c_;  // a shard's share of the heads and FFN columns under tensor parallelism
   int n_threads_;
-  bool bf16_products_;        // products of more than 8 rows through bf16 units (cpu::matmul)
+  cpu::Activations activations_;  // of products of more than 8 rows (cpu::matmul)
   Communicator* comm_;        // null unless a tensor-parallel shard
   cpu::Matrix embed_, head_;  // head_ empty when tied to the embedding
   std::vector<float> out_norm_;
@@ -257,8 +260,8 @@ class CpuBackend final : public Backend {
 }  // namespace
 
 std::unique_ptr<Backend> make_cpu_backend(std::shared_ptr<const Model> model, int n_slots,
-                                          int n_threads, bool fp32_products) {
-  return std::make_unique<CpuBackend>(std::move(model), n_slots, n_threads, fp32_products);
+                                          int n_threads, const CpuProducts& products) {
+  return std::make_unique<CpuBackend>(std::move(model), n_slots, n_threads, products);
 }
 
 Config shard_config(const Config& c, int size) {
@@ -276,9 +279,9 @@ Config shard_config(const Config& c, int size) {
 }
 
 std::unique_ptr<Backend> make_cpu_shard(std::shared_ptr<const Model> model, int n_slots,
-                                        int n_threads, bool fp32_products, Communicator& comm) {
-  return std::make_unique<CpuBackend>(std::move(model), n_slots, n_threads, fp32_products,
-                                      &comm);
+                                        int n_threads, const CpuProducts& products,
+                                        Communicator& comm) {
+  return std::make_unique<CpuBackend>(std::move(model), n_slots, n_threads, products, &comm);
 }
 
 }  // namespace mp

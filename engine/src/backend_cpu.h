@@ -4,9 +4,15 @@
 
 namespace mp {
 class Communicator;
-// fp32_products: BackendOptions::cpu_fp32_products.
+// BackendOptions::cpu_fp32_products and cpu_bf16_activations.
+struct CpuProducts {
+  bool fp32 = false, bf16_activations = false;
+  static CpuProducts of(const BackendOptions& o) {
+    return {o.cpu_fp32_products, o.cpu_bf16_activations};
+  }
+};
 std::unique_ptr<Backend> make_cpu_backend(std::shared_ptr<const Model> model, int n_slots,
-                                          int n_threads, bool fp32_products);
+                                          int n_threads, const CpuProducts& products);
 // The model's config as one of `size` tensor-parallel shards sees it: its share of the query and
 // KV heads and of the FFN columns. Throws Error naming what does not divide by `size`.
 Config shard_config(const Config& c, int size);
@@ -15,7 +21,8 @@ Config shard_config(const Config& c, int size);
 // outputs over the shards through `comm` (which must outlive it). Every shard computes the
 // (same) logits.
 std::unique_ptr<Backend> make_cpu_shard(std::shared_ptr<const Model> model, int n_slots,
-                                        int n_threads, bool fp32_products, Communicator& comm);
+                                        int n_threads, const CpuProducts& products,
+                                        Communicator& comm);
 // Checks a forward call's chunks against the slots (shared by every backend).
 void check_chunks(const Config& c, std::span<const SeqChunk> chunks, int n_slots,
                   const std::vector<bool>& in_use);

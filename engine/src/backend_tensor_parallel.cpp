@@ -183,7 +183,7 @@ std::unique_ptr<Backend> make_tensor_parallel_backend(std::shared_ptr<const Mode
   if (!gpu) {
     comms = make_thread_communicators(n);
     for (auto& c : comms) shards.push_back(
-          make_cpu_shard(model, opts.n_slots, opts.n_threads, opts.cpu_fp32_products, *c));
+          make_cpu_shard(model, opts.n_slots, opts.n_threads, CpuProducts::of(opts), *c));
   } else {
 #if defined(MULTIPOLE_HAVE_CUDA) && defined(MULTIPOLE_HAVE_NCCL)
     for (int d : devices)

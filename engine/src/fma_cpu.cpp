@@ -430,14 +430,7 @@ void ChunkAttention::attend(int t, int head, float* out, std::vector<float>& scr
       for (int r = 0; r < gr.rank; ++r) sg[r] += bonus;
     }
   }
-  const float mx = *std::max_element(s, s + scratch.size());
-  double total = 0;
-  for (size_t j = 0; j < scratch.size(); ++j) {
-    s[j] = std::exp(s[j] - mx);
-    total += s[j];
-  }
-  const float inv = static_cast<float>(1.0 / total);
-  for (size_t j = 0; j < scratch.size(); ++j) s[j] *= inv;
+  softmax(s, static_cast<int>(scratch.size()));
   std::fill(out, out + d, 0.0f);
   fine_runs(true, [&](int64_t at, const float* v, int n) {
     add_weighted_rows(s + at, v, kvd, n, d, out);

@@ -52,9 +52,22 @@ inline V load(const int8_t* p) {
       0xffff,
       _mm512_maskz_cvtepi8_epi32(0xffff, _mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
 }
+inline V add(V a, V b) { return _mm512_add_ps(a, b); }
+inline V sub(V a, V b) { return _mm512_sub_ps(a, b); }
 inline V mul(V a, V b) { return _mm512_mul_ps(a, b); }
+inline V div(V a, V b) { return _mm512_div_ps(a, b); }
+inline V min(V a, V b) { return _mm512_maskz_min_ps(0xffff, a, b); }
+inline V max(V a, V b) { return _mm512_maskz_max_ps(0xffff, a, b); }
 inline V fmadd(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
+inline V fnmadd(V a, V b, V c) { return _mm512_fnmadd_ps(a, b, c); }  // c - a*b
 inline V set1(float x) { return _mm512_set1_ps(x); }
+inline V round(V v) {
+  return _mm512_maskz_roundscale_ps(0xffff, v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+}
+inline V pow2(V n) {  // 2^n for whole n in [-126, 127]: n + 127 into the exponent bits
+  const __m512i e = _mm512_add_epi32(_mm512_maskz_cvtps_epi32(0xffff, n), _mm512_set1_epi32(127));
+  return _mm512_castsi512_ps(_mm512_maskz_slli_epi32(0xffff, e, 23));
+}
 inline void store(float* p, V v) { _mm512_storeu_ps(p, v); }
 inline float hsum(V v) {
   v = _mm512_add_ps(v, _mm512_maskz_shuffle_f32x4(0xffff, v, v, 0x4e));  // 256-bit halves
@@ -62,6 +75,26 @@ inline float hsum(V v) {
   v = _mm512_add_ps(v, _mm512_maskz_permute_ps(0xffff, v, 0x4e));        // 64-bit pairs
   v = _mm512_add_ps(v, _mm512_maskz_permute_ps(0xffff, v, 0xb1));        // neighbours
   return _mm512_cvtss_f32(v);
+}
+// Lane j: hsum(v[j]), j < 16 (the maskz forms, as in load): four rounds that halve the vectors and double the sums' width.
+// The rounds leave lane (block k, element e) with the input at [0,8,4,12][k] + [0,2,1,3][e]; the
+// inputs are fed in that order, so that lane j holds v[j].
+inline V hsum_each(const V* v) {
+  constexpr int kFeed[16] = {0, 2, 1, 3, 8, 10, 9, 11, 4, 6, 5, 7, 12, 14, 13, 15};
+  V w[8], x[4], y[2];
+  for (int i = 0; i < 8; ++i) {
+    const V a = v[kFeed[i]], b = v[kFeed[i + 8]];
+    w[i] = add(_mm512_maskz_shuffle_f32x4(0xffff, a, b, 0x44),
+               _mm512_maskz_shuffle_f32x4(0xffff, a, b, 0xee));
+  }
+  for (int i = 0; i < 4; ++i)
+    x[i] = add(_mm512_maskz_shuffle_f32x4(0xffff, w[i], w[i + 4], 0x88),
+               _mm512_maskz_shuffle_f32x4(0xffff, w[i], w[i + 4], 0xdd));
+  for (int i = 0; i < 2; ++i)
+    y[i] = add(_mm512_maskz_shuffle_ps(0xffff, x[i], x[i + 2], 0x44),
+               _mm512_maskz_shuffle_ps(0xffff, x[i], x[i + 2], 0xee));
+  return add(_mm512_maskz_shuffle_ps(0xffff, y[0], y[1], 0x88),
+             _mm512_maskz_shuffle_ps(0xffff, y[0], y[1], 0xdd));
 }
 #include "simd_kernels.inc"
 
@@ -81,19 +114,20 @@ inline void store_bf16(uint16_t* p, __m512i r) {
 }
 
 // x[i] split into two bf16 halves: hi[i] = f32_to_bf16(x[i]), lo[i] = f32_to_bf16(x[i] - hi[i])
-// (so hi + lo is x to about 2^-17 relative).
+// (so hi + lo is x to about 2^-17 relative); lo null: hi only (x rounded once).
 void split_bf16(const float* x, int64_t n, uint16_t* hi, uint16_t* lo) {
   int64_t i = 0;
   for (; i + kLanes <= n; i += kLanes) {
     const V v = load(x + i);
     const __m512i h = round_to_bf16(v);
-    const V hf = _mm512_castsi512_ps(_mm512_maskz_slli_epi32(0xffff, h, 16));
     store_bf16(hi + i, h);
+    if (!lo) continue;
+    const V hf = _mm512_castsi512_ps(_mm512_maskz_slli_epi32(0xffff, h, 16));
     store_bf16(lo + i, round_to_bf16(_mm512_sub_ps(v, hf)));
   }
   for (; i < n; ++i) {
     hi[i] = f32_to_bf16(x[i]);
-    lo[i] = f32_to_bf16(x[i] - bf16_to_f32(hi[i]));
+    if (lo) lo[i] = f32_to_bf16(x[i] - bf16_to_f32(hi[i]));
   }
 }
 }  // namespace avx512
@@ -122,15 +156,39 @@ inline V load(const int8_t* p) {
   return _mm256_cvtepi32_ps(
       _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
 }
+inline V add(V a, V b) { return _mm256_add_ps(a, b); }
+inline V sub(V a, V b) { return _mm256_sub_ps(a, b); }
 inline V mul(V a, V b) { return _mm256_mul_ps(a, b); }
+inline V div(V a, V b) { return _mm256_div_ps(a, b); }
+inline V min(V a, V b) { return _mm256_min_ps(a, b); }
+inline V max(V a, V b) { return _mm256_max_ps(a, b); }
 inline V fmadd(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
+inline V fnmadd(V a, V b, V c) { return _mm256_fnmadd_ps(a, b, c); }  // c - a*b
 inline V set1(float x) { return _mm256_set1_ps(x); }
+inline V round(V v) { return _mm256_round_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+inline V pow2(V n) {  // 2^n for whole n in [-126, 127]: n + 127 into the exponent bits
+  const __m256i e = _mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(e, 23));
+}
 inline void store(float* p, V v) { _mm256_storeu_ps(p, v); }
 inline float hsum(V v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   s = _mm_add_ps(s, _mm_movehl_ps(s, s));
   s = _mm_add_ss(s, _mm_movehdup_ps(s));
   return _mm_cvtss_f32(s);
+}
+// Lane j: hsum(v[j]), j < 8 (as avx512's: lane (block k, element e) ends with the input at
+// 4k + [0,2,1,3][e]).
+inline V hsum_each(const V* v) {
+  constexpr int kFeed[8] = {0, 2, 1, 3, 4, 6, 5, 7};
+  V w[4], y[2];
+  for (int i = 0; i < 4; ++i) {
+    const V a = v[kFeed[i]], b = v[kFeed[i + 4]];
+    w[i] = add(_mm256_permute2f128_ps(a, b, 0x20), _mm256_permute2f128_ps(a, b, 0x31));
+  }
+  for (int i = 0; i < 2; ++i)
+    y[i] = add(_mm256_shuffle_ps(w[i], w[i + 2], 0x44), _mm256_shuffle_ps(w[i], w[i + 2], 0xee));
+  return add(_mm256_shuffle_ps(y[0], y[1], 0x88), _mm256_shuffle_ps(y[0], y[1], 0xdd));
 }
 #include "simd_kernels.inc"
 }  // namespace avx2
@@ -365,16 +423,17 @@ bool bf16_products_available() {
          !bf16_hardware_impl().empty();
 }
 
-std::string kernels_summary(int n_threads, bool bf16_products) {
+std::string kernels_summary(int n_threads, Activations activations) {
   if (n_threads <= 0) n_threads = omp_get_max_threads();
   std::string kernels;
   if (active_products() == Products::Reference)
     kernels = "dot-product loops";
   else if (active_products() == Products::Kernels)
     kernels = std::string(isa_name(active_isa())) + ", no oneDNN (libdnnl.so not found)";
-  else if (bf16_products && bf16_products_available())
+  else if (activations != Activations::Fp32 && bf16_products_available())
     kernels = std::string(isa_name(active_isa())) + ", oneDNN bf16 matmul (" +
-              bf16_hardware_impl() + ")";
+              bf16_hardware_impl() +
+              (activations == Activations::Bf16 ? "; activations rounded to bf16)" : ")");
   else
     kernels = std::string(isa_name(active_isa())) + ", oneDNN sgemm";
   return kernels + ", " + std::to_string(n_threads) + (n_threads == 1 ? " thread" : " threads");
@@ -563,30 +622,35 @@ void gemv(const float* x, int T, int K, W w, int N, float* y) {
 
 #if DNNL_VERSION_MAJOR == 2
 namespace {
-// The bf16 path of matmul (bf16_products_available() and bf16 weights).
-void matmul_bf16(const float* x, int T, const Matrix& W, float* y) {
+// The bf16 path of matmul (bf16_products_available() and bf16 weights): x split in two bf16
+// parts (split), or rounded once.
+void matmul_bf16(const float* x, int T, const Matrix& W, float* y, bool split) {
   const int K = W.K, N = W.N;
   const int M = (T + kBf16RowStep - 1) / kBf16RowStep * kBf16RowStep;
-  const Bf16Matmul* mm = bf16_matmul(2 * M, K, N);
+  const int parts = split ? 2 : 1;
+  const Bf16Matmul* mm = bf16_matmul(parts * M, K, N);
   if (!mm)
-    throw Error("matmul: oneDNN cannot make a bf16 product of " + std::to_string(2 * M) + " x " +
-                std::to_string(K) + " by " + std::to_string(K) + " x " + std::to_string(N));
-  // Per calling thread (tensor-parallel shards are threads), buffers that only grow: the halves
-  // [2M][K] (x's high parts in rows 0..T-1, its low parts in rows M..M+T-1, zeros elsewhere) and
-  // their products [2M][N].
+    throw Error("matmul: oneDNN cannot make a bf16 product of " + std::to_string(parts * M) +
+                " x " + std::to_string(K) + " by " + std::to_string(K) + " x " + std::to_string(N));
+  // Per calling thread (tensor-parallel shards are threads), buffers that only grow: the parts
+  // [parts*M][K] (x's high parts in rows 0..T-1, its low parts in rows M..M+T-1, zeros elsewhere)
+  // and their products [parts*M][N] (rounded once with T = M: y itself).
   thread_local std::vector<uint16_t> halves;
   thread_local std::vector<float> products;
   thread_local std::vector<uint8_t> scratchpad;
-  halves.resize(size_t(2) * M * K);
-  products.resize(size_t(2) * M * N);
+  halves.resize(size_t(parts) * M * K);
+  const bool direct = !split && T == M;
+  if (!direct) products.resize(size_t(parts) * M * N);
+  float* out = direct ? y : products.data();
   const int64_t n = int64_t(T) * K, rows_n = int64_t(M) * K;
   uint16_t* hi = halves.data();  // (inside a parallel region `halves` is each thread's own)
+  uint16_t* lo = split ? hi + rows_n : nullptr;
   constexpr int64_t kPart = 16384;  // elements per task
 #pragma omp parallel for schedule(static) if (n >= 4 * kPart)
   for (int64_t i = 0; i < n; i += kPart)
-    avx512::split_bf16(x + i, std::min(kPart, n - i), hi + i, hi + rows_n + i);
+    avx512::split_bf16(x + i, std::min(kPart, n - i), hi + i, lo ? lo + i : nullptr);
   std::fill(hi + n, hi + rows_n, uint16_t{0});
-  std::fill(hi + rows_n + n, hi + 2 * rows_n, uint16_t{0});
+  if (lo) std::fill(lo + n, lo + rows_n, uint16_t{0});
 
   const OneDnn& d = onednn();
   scratchpad.resize(d.memory_desc_get_size(&mm->scratchpad));
@@ -596,7 +660,7 @@ void matmul_bf16(const float* x, int T, const Matrix& W, float* y) {
   dnnl_status_t st = d.stream_create(&stream, d.engine, dnnl_stream_default_flags);
   if (st == dnnl_success) st = d.memory_create(&src, &mm->src, d.engine, hi);
   if (st == dnnl_success) st = d.memory_create(&weights, &mm->weights, d.engine, w);
-  if (st == dnnl_success) st = d.memory_create(&dst, &mm->dst, d.engine, products.data());
+  if (st == dnnl_success) st = d.memory_create(&dst, &mm->dst, d.engine, out);
   if (st == dnnl_success)
     st = d.memory_create(&scratch, &mm->scratchpad, d.engine, scratchpad.data());
   if (st == dnnl_success) {
@@ -612,9 +676,11 @@ void matmul_bf16(const float* x, int T, const Matrix& W, float* y) {
   if (stream) d.stream_destroy(stream);
   if (st != dnnl_success)
     throw Error("matmul: oneDNN's bf16 matmul failed (status " + std::to_string(int(st)) + ")");
+  if (direct) return;
   const float* high = products.data();
-  const float* low = high + size_t(M) * N;
   const int64_t outputs = int64_t(T) * N;
+  if (!split) return (void)std::copy_n(high, outputs, y);
+  const float* low = high + size_t(M) * N;
 #pragma omp parallel for simd schedule(static) if (outputs >= 65536)
   for (int64_t i = 0; i < outputs; ++i) y[i] = high[i] + low[i];
 }
@@ -622,7 +688,7 @@ void matmul_bf16(const float* x, int T, const Matrix& W, float* y) {
 #endif
 
 void matmul(const float* x, int T, const Matrix& W, float* y, std::span<float> wide,
-            bool bf16_activations) {
+            Activations activations) {
   const int K = W.K, N = W.N;
   if (T <= 0) return;
   if (active_products() == Products::Reference) {
@@ -643,8 +709,8 @@ void matmul(const float* x, int T, const Matrix& W, float* y, std::span<float> w
     return;
   }
 #if DNNL_VERSION_MAJOR == 2
-  if (bf16_activations && W.is_bf16() && bf16_products_available())
-    return matmul_bf16(x, T, W, y);
+  if (activations != Activations::Fp32 && W.is_bf16() && bf16_products_available())
+    return matmul_bf16(x, T, W, y, activations == Activations::SplitBf16);
 #endif
   const float* wf = W.f32.data();
   if (!W.is_f32()) {
@@ -745,8 +811,45 @@ void rope(float* x, int T, int heads, int d, int64_t pos0, float theta, float li
 }
 
 void swiglu(float* g, const float* u, int64_t n) {
-#pragma omp parallel for schedule(static) if (n >= 65536)
-  for (int64_t i = 0; i < n; ++i) g[i] = g[i] / (1.0f + std::exp(-g[i])) * u[i];
+  const Isa isa = active_isa();
+  constexpr int64_t kPart = 16384;  // elements per task
+#pragma omp parallel for schedule(static) if (n >= 4 * kPart)
+  for (int64_t i = 0; i < n; i += kPart) {
+    const int64_t len = std::min(kPart, n - i);
+    if (isa == Isa::Avx512)
+      avx512::swiglu(g + i, u + i, len);
+    else if (isa == Isa::Avx2)
+      avx2::swiglu(g + i, u + i, len);
+    else
+      for (int64_t j = i; j < i + len; ++j) g[j] = g[j] / (1.0f + std::exp(-g[j])) * u[j];
+  }
+}
+
+void softmax(float* s, int n) {
+  switch (active_isa()) {
+    case Isa::Avx512:
+      return avx512::softmax(s, n);
+    case Isa::Avx2:
+      return avx2::softmax(s, n);
+    case Isa::Scalar:
+      break;
+  }
+  const float mx = *std::max_element(s, s + n);
+  double total = 0;
+  for (int j = 0; j < n; ++j) total += (s[j] = std::exp(s[j] - mx));
+  const float inv = static_cast<float>(1.0 / total);
+  for (int j = 0; j < n; ++j) s[j] *= inv;
+}
+
+void vector_exp(const float* x, int64_t n, float* y) {
+  switch (active_isa()) {
+    case Isa::Avx512:
+      return avx512::exp_rows(x, n, y);
+    case Isa::Avx2:
+      return avx2::exp_rows(x, n, y);
+    case Isa::Scalar:
+      for (int64_t i = 0; i < n; ++i) y[i] = std::exp(x[i]);
+  }
 }
 
 constexpr unsigned kFlushBits = 0x8040;  // MXCSR's FTZ | DAZ

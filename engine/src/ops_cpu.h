@@ -18,10 +18,16 @@ Isa active_isa();
 void set_isa(Isa isa);  // throws Error if the CPU lacks it
 const char* isa_name(Isa isa);
 Isa parse_isa(std::string_view name);  // throws Error naming the accepted names
-// The CPU backend's kernels in one line, e.g. "avx512, oneDNN sgemm, 2 threads", or with
-// bf16_products where they are available "avx512, oneDNN bf16 matmul (brg:avx512_core_amx_bf16),
+// What a product of more than kGemvRows rows by bf16 weights does with its activations where
+// bf16_products_available() (below): Fp32: oneDNN's sgemm on the weights widened; SplitBf16: two
+// bf16 parts (fp32 to about 1e-5, the default); Bf16: rounded once to bf16, as llama.cpp does
+// with bf16 weights (half the bf16 work; 2e-3 relative per product, up to 0.05 nats of
+// log-probability on the default model: docs/PERF.md).
+enum class Activations { Fp32, SplitBf16, Bf16 };
+// The CPU backend's kernels in one line, e.g. "avx512, oneDNN sgemm, 2 threads", or with bf16
+// activations where they are available "avx512, oneDNN bf16 matmul (brg:avx512_core_amx_bf16),
 // 2 threads".
-std::string kernels_summary(int n_threads, bool bf16_products);
+std::string kernels_summary(int n_threads, Activations activations);
 
 // A weight matrix W[N][K] as the CPU backend keeps it: bf16 weights stay bf16 (half the bytes
 // to stream per token; widening bf16 to fp32 is exact), Q8_0 weights stay int8 with one scale per
@@ -70,11 +76,12 @@ constexpr int kGemvRows = 8;
 bool bf16_products_available();
 
 // y[T][N] = x[T][K] * W^T. T <= kGemvRows: the hand-written kernels of active_isa() (Q8_0:
-// each block's weights dequantized in registers); more rows: with bf16_activations, bf16
-// weights and bf16_products_available(), a bf16 product (above); else as active_products()
-// says, bf16 and Q8_0 weights widened into `wide` (at least N*K floats) for oneDNN's sgemm.
+// each block's weights dequantized in registers); more rows: with bf16 activations (SplitBf16,
+// Bf16), bf16 weights and bf16_products_available(), a bf16 product (above); else as
+// active_products() says, bf16 and Q8_0 weights widened into `wide` (at least N*K floats) for
+// oneDNN's sgemm.
 void matmul(const float* x, int T, const Matrix& W, float* y, std::span<float> wide,
-            bool bf16_activations = false);
+            Activations activations = Activations::Fp32);
 // The same by the dot-product loop the backend used before (the tests' reference and the
 // benchmark's baseline).
 void matmul_reference(const float* x, int T, int K, const float* W, int N, float* y);
@@ -90,8 +97,14 @@ void rmsnorm(const float* x, const float* w, int T, int n, float eps, float* y);
 // Rotates the first `heads` vectors of d in each of T rows (row stride heads*d), Hugging Face's
 // rotate-half convention, row t at position (pos0 + t) / linear_factor (linear RoPE scaling).
 void rope(float* x, int T, int heads, int d, int64_t pos0, float theta, float linear_factor);
+// The elementwise exps below go through active_isa()'s vector exp (2 ulp where exp(x) is a
+// normal float; 1.6e-38 below exp(-87); scalar: std::exp, the former loops).
 // g[i] = silu(g[i]) * u[i]
 void swiglu(float* g, const float* u, int64_t n);
+// s[j] = exp(s[j] - max) / sum (the attention's scores, in place)
+void softmax(float* s, int n);
+// y[i] = exp(x[i]) for x in [-87, 88] (the tests' way to the vector exp itself)
+void vector_exp(const float* x, int64_t n, float* y);
 
 // Makes this thread's float arithmetic flush subnormal results and inputs to zero (x86's FTZ and
 // DAZ). A softmax weight below 1.2e-38 is then as cheap as any other, instead of a

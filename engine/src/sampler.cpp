@@ -105,18 +105,44 @@ std::vector<std::pair<int, float>> top_logprobs(std::span<const float> lp, int n
   return out;
 }
 
-std::vector<std::pair<int, float>> sample_candidates(const SamplingParams& p,
-                                                     std::span<const float> logits,
-                                                     PenaltyList penalties) {
+namespace {
+// The candidates (id, penalised logit) ordered as the filters need them, likeliest first (ties:
+// lower id first); greedy: the first of them only; top-k: the first k only. by_full_sort: the
+// whole list by a stable sort (the reference of the tests); else top-k and greedy by partial
+// selection, O(n + k log k) instead of O(n log n) (8,192 ids, k = 40: a quarter of a generated
+// token on the CPU went to the full sort).
+std::vector<std::pair<int, double>> ordered_candidates(const SamplingParams& p,
+                                                       std::span<const float> logits,
+                                                       PenaltyList penalties, bool by_full_sort) {
   const int n = static_cast<int>(logits.size());
   std::vector<std::pair<int, double>> c(n);
   for (int i = 0; i < n; ++i) c[i] = {i, logits[i]};
   for (const auto& [id, k] : penalties)
     if (id >= 0 && id < n) c[id].second = penalized(c[id].second, p, k);
-  if (p.temperature <= 0 || !keeps_whole_vocabulary(p, n))
-    std::stable_sort(c.begin(), c.end(), [](auto& a, auto& b) { return a.second > b.second; });
+  const bool top_k = p.top_k > 0 && p.top_k < n;
+  if (by_full_sort || !(p.temperature <= 0 || top_k)) {
+    if (p.temperature <= 0 || !keeps_whole_vocabulary(p, n))
+      std::stable_sort(c.begin(), c.end(), [](auto& a, auto& b) { return a.second > b.second; });
+    if (p.temperature <= 0) c.resize(1);
+    if (top_k) c.resize(p.top_k);
+    return c;
+  }
+  // The stable sort's order as a strict total order: ids start in increasing order.
+  auto before = [](auto& a, auto& b) {
+    return a.second > b.second || (a.second == b.second && a.first < b.first);
+  };
+  if (p.temperature <= 0) return {*std::min_element(c.begin(), c.end(), before)};
+  std::nth_element(c.begin(), c.begin() + (p.top_k - 1), c.end(), before);
+  c.resize(p.top_k);
+  std::sort(c.begin(), c.end(), before);
+  return c;
+}
+
+std::vector<std::pair<int, float>> filtered_candidates(const SamplingParams& p,
+                                                       std::span<const float> logits,
+                                                       PenaltyList penalties, bool by_full_sort) {
+  auto c = ordered_candidates(p, logits, penalties, by_full_sort);
   if (p.temperature <= 0) return {{c[0].first, 1.0f}};
-  if (p.top_k > 0 && p.top_k < n) c.resize(p.top_k);
   const double mx = std::max_element(c.begin(), c.end(), [](auto& a, auto& b) {
                       return a.second < b.second;
                     })->second;
@@ -141,6 +167,19 @@ std::vector<std::pair<int, float>> sample_candidates(const SamplingParams& p,
   out.reserve(c.size());
   for (auto& [id, pr] : c) out.emplace_back(id, static_cast<float>(pr / sum));
   return out;
+}
+}  // namespace
+
+std::vector<std::pair<int, float>> sample_candidates(const SamplingParams& p,
+                                                     std::span<const float> logits,
+                                                     PenaltyList penalties) {
+  return filtered_candidates(p, logits, penalties, false);
+}
+
+std::vector<std::pair<int, float>> sample_candidates_by_full_sort(const SamplingParams& p,
+                                                                  std::span<const float> logits,
+                                                                  PenaltyList penalties) {
+  return filtered_candidates(p, logits, penalties, true);
 }
 
 int pick_candidate(std::span<const std::pair<int, float>> candidates, double u) {

@@ -34,6 +34,12 @@ MP_HOST_DEVICE inline bool keeps_whole_vocabulary(const SamplingParams& p, int v
 std::vector<std::pair<int, int>> penalty_counts(const SamplingParams& p,
                                                 std::span<const int> history, int vocab);
 
+// sample_candidates with the candidates ordered by a stable sort of the whole vocabulary (what it
+// did before top-k and greedy took partial selection): the reference of the tests.
+std::vector<std::pair<int, float>> sample_candidates_by_full_sort(const SamplingParams& p,
+                                                                  std::span<const float> logits,
+                                                                  PenaltyList penalties);
+
 // The n likeliest tokens of a row of log-probabilities (log_softmax of the logits), likeliest
 // first (ties: lower id first): the host twin of the GPU's top-N (kernels/sampling_cuda.cu).
 std::vector<std::pair<int, float>> top_logprobs(std::span<const float> logprobs, int n);

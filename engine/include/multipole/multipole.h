@@ -417,10 +417,13 @@ struct BackendOptions {
   // shards run on `devices` (default 0..N-1) and sum over NCCL (builds with NCCL only); on the
   // CPU they are threads summing through shared memory.
   int tensor_parallel = 0;
-  // CPU backend: products of more than 8 rows (prefill) by bf16 weights stay fp32 (oneDNN's
-  // sgemm) where the CPU has bf16 units (AMX, AVX512-BF16). By default they round their
-  // activations to bf16 there, as llama.cpp does (docs/PERF.md, "bf16 products").
+  // CPU backend, products of more than 8 rows (prefill) by bf16 weights where the CPU has bf16
+  // units (AMX, AVX512-BF16); by default they split each activation into two bf16 parts (fp32
+  // to about 1e-5). cpu_fp32_products: fp32 (oneDNN's sgemm) instead. cpu_bf16_activations:
+  // the activations rounded once to bf16, as llama.cpp does: faster, up to 0.05 nats of
+  // log-probability on the default model (docs/PERF.md, "bf16 products").
   bool cpu_fp32_products = false;
+  bool cpu_bf16_activations = false;
 };
 std::unique_ptr<Backend> make_backend(std::shared_ptr<const Model> model,
                                       const BackendOptions& opts);
