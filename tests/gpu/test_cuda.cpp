@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdio>
 #include <map>
 #include <random>
 
@@ -367,6 +368,53 @@ INSTANTIATE_TEST_SUITE_P(
                 1.0f,
                 true,
                 {3, 2}}),
+    [](const auto& info) { return std::string(info.param.name); });
+
+// The whole-sequence shift of docs/MODEL.md on the GPU (tests/test_model.cpp's
+// ModelSequenceShift): the sequence after k = n/2, 3n/2, 64 n other tokens, in prefill chunks and
+// token by token, gives the same logits from n_layers n/2 on with rotary or avgpool summaries (the
+// GPU against itself; differently rotated keys round differently: the bounds of CudaModel's
+// decode check), not with per-channel groupedconv ones.
+struct ShiftVariant {
+  const char* name;
+  Downsampling ds;
+  bool rotary;
+  int kv, head_dim;
+  bool invariant;
+};
+class CudaSequenceShift : public Cuda, public ::testing::WithParamInterface<ShiftVariant> {};
+
+TEST_P(CudaSequenceShift, LogitsBeyondTheLayersReachDoNotChange) {
+  const ShiftVariant v = GetParam();
+  Config c = mp::testing::small_config();
+  c.fma_downsampling = v.ds;
+  c.fma_rotary_summaries = v.rotary;
+  c.n_kv_heads = v.kv;
+  c.head_dim = v.head_dim;
+  c.hidden_size = 64;
+  TempDir dir;
+  auto model = mp::testing::random_model(dir, c, DType::BF16, 7);
+  auto gpu = make_backend(model, {.kind = "cuda", .n_slots = 1, .max_context = 1024});
+  ASSERT_EQ(gpu->name(), "cuda");
+  const int half = static_cast<int>(c.n_ctx_train) / 2;
+  const double worst = mp::testing::largest_change_under_shifts(
+      *gpu, random_tokens(6 * half + 5, c.vocab_size, 3), c.n_layers * half, c.vocab_size,
+      {half, 3 * half, 128 * half}, {56, 1});
+  if (v.invariant) {
+    EXPECT_LT(worst, v.head_dim == 64 ? 2e-2 : 2e-3);
+  } else {
+    EXPECT_GT(worst, 1e-1);
+  }
+  std::printf("%s: largest relative change of the logits over the shifts: %.2e\n", v.name, worst);
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    Models, CudaSequenceShift,
+    ::testing::Values(
+        ShiftVariant{"groupedconv_rotary", Downsampling::GroupedConv, true, 2, 16, true},
+        ShiftVariant{"groupedconv_rotary_d64_kv1", Downsampling::GroupedConv, true, 1, 64, true},
+        ShiftVariant{"avgpool", Downsampling::AvgPool, false, 2, 16, true},
+        ShiftVariant{"groupedconv_per_channel", Downsampling::GroupedConv, false, 2, 16, false}),
     [](const auto& info) { return std::string(info.param.name); });
 
 TEST_F(Cuda, BatchOfSequencesMatchesSeparateRunsAndStatesMoveBetweenBackends) {
