@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <cmath>
 #include <complex>
+#include <iterator>
 #include <random>
 #include <sstream>
 
@@ -299,42 +300,77 @@ TEST(Fma, CacheHasFixedSizePastTrainedLength) {
 }
 
 // Rotary key summaries make a summary's score, hence every attention output, depend on relative
-// positions only: the same sequence with its RoPE positions shifted by k (start position k instead
-// of 0; the hierarchy stays where it was) gives the same outputs to fp32 rounding, as exact
-// attention does. Per-channel groupedconv summaries do not: their outputs move with k.
+// positions only. Two ways to shift a sequence by k test it:
+// - RopeShift: its RoPE positions start at k instead of 0, its places in the hierarchy stay (any
+//   k). Exact attention is invariant too.
+// - SequenceShift: k other tokens come first, so RoPE and the hierarchy move together, as in the
+//   engine. The hierarchy repeats with period n/2 (= 2 w_L, which every level's 2 w_l divides):
+//   with k a multiple of it every token keeps its place in every block and group, and a query at
+//   i >= n/2 sees only tokens from (i / (n/2) - 1) n/2 on (level L's earliest group), none before
+//   the sequence; so its outputs from i = n/2 on must not change. k = m moves the groups: they do.
+// Per-channel groupedconv and conv summaries are invariant under neither: their outputs move with
+// k (asserted, so that the tests can fail).
 struct ShiftCase {
   const char* name;
   Downsampling ds;
   bool fma, rotary, invariant;
   std::vector<int> ranks = {};
 };
+
+const std::vector<ShiftCase> kShiftCases = {
+    {"groupedconv_rotary", Downsampling::GroupedConv, true, true, true},
+    {"avgpool_rotary", Downsampling::AvgPool, true, true, true},
+    {"avgpool", Downsampling::AvgPool, true, false, true},
+    {"exact", Downsampling::GroupedConv, false, false, true},
+    {"groupedconv_per_channel", Downsampling::GroupedConv, true, false, false},
+    {"conv", Downsampling::Conv, true, false, false},
+    {"groupedconv_rotary_ranks_2_4", Downsampling::GroupedConv, true, true, true, {2, 4}},
+    {"groupedconv_per_channel_ranks_2_4", Downsampling::GroupedConv, true, false, false, {2, 4}}};
+
+// One layer (n = 64, m = 8, p = 2, d = 16, GQA 4/2) and T = 197 tokens (past n) of random q, k, v
+// (before RoPE).
+struct ShiftRig {
+  explicit ShiftRig(const ShiftCase& cs)
+      : c(attn_config(64, 8, 2, cs.ds, true, 4, 2, 16, cs.rotary, cs.ranks)) {
+    c.fma_enabled = cs.fma;
+    std::mt19937 rng(11 + int(cs.ds) + 3 * cs.rotary);
+    rl = cs.fma ? random_layer(c, rng) : RandomLayer{};
+    q = random_rows(T, c.n_heads, rng);
+    k = random_rows(T, c.n_kv_heads, rng);
+    v = random_rows(T, c.n_kv_heads, rng);
+  }
+  std::vector<float> random_rows(int rows, int heads, std::mt19937& rng) const {
+    std::normal_distribution<float> nd(0, 1);
+    std::vector<float> x(size_t(rows) * heads * c.head_dim);
+    for (auto& e : x) e = nd(rng);
+    return x;
+  }
+  // Outputs of tokens whose RoPE positions are start, start + 1, ... and whose places in the
+  // hierarchy are 0, 1, ..., in chunks of `chunk`.
+  std::vector<float> outputs(std::vector<float> qr, std::vector<float> kr,
+                             const std::vector<float>& vr, int64_t start, int chunk) const {
+    const int rows = int(vr.size() / (size_t(c.n_kv_heads) * c.head_dim));
+    mp::cpu::rope(qr.data(), rows, c.n_heads, c.head_dim, start, c.rope_theta, 1.0f);
+    mp::cpu::rope(kr.data(), rows, c.n_kv_heads, c.head_dim, start, c.rope_theta, 1.0f);
+    return cached_fma(c, rl, qr, kr, vr, rows, chunk);
+  }
+  Config c;
+  RandomLayer rl;
+  static constexpr int T = 3 * 64 + 5;
+  std::vector<float> q, k, v;
+};
+
 class RopeShift : public ::testing::TestWithParam<ShiftCase> {};
 
 TEST_P(RopeShift, OutputsDependOnRelativePositionsOnly) {
   const ShiftCase cs = GetParam();
-  Config c = attn_config(64, 8, 2, cs.ds, true, 4, 2, 16, cs.rotary, cs.ranks);
-  c.fma_enabled = cs.fma;
-  std::mt19937 rng(11 + int(cs.ds) + 3 * cs.rotary);
-  std::normal_distribution<float> nd(0, 1);
-  const RandomLayer rl = cs.fma ? random_layer(c, rng) : RandomLayer{};
-  const int T = 3 * 64 + 5, d = c.head_dim;  // past the trained length
-  std::vector<float> q(size_t(T) * c.n_heads * d), k(size_t(T) * c.n_kv_heads * d), v(k.size());
-  for (auto* vec : {&q, &k, &v})
-    for (auto& x : *vec) x = nd(rng);
-  // Outputs with RoPE positions start, start + 1, ... (the tokens' places in the hierarchy are
-  // 0, 1, ...), in chunks of `chunk`.
-  auto outputs = [&](int64_t start, int chunk) {
-    std::vector<float> qr = q, kr = k;
-    mp::cpu::rope(qr.data(), T, c.n_heads, d, start, c.rope_theta, 1.0f);
-    mp::cpu::rope(kr.data(), T, c.n_kv_heads, d, start, c.rope_theta, 1.0f);
-    return cached_fma(c, rl, qr, kr, v, T, chunk);
-  };
-  const auto base = outputs(0, T);
+  const ShiftRig r(cs);
+  const auto base = r.outputs(r.q, r.k, r.v, 0, r.T);
   const std::vector<double> ref(base.begin(), base.end());
   double worst = 0;
   for (int64_t start : {int64_t{1}, int64_t{37}, int64_t{4099}, int64_t{1000003}})
-    for (int chunk : {T, 5}) {
-      const double err = rel_err(outputs(start, chunk), ref);
+    for (int chunk : {r.T, 5}) {
+      const double err = rel_err(r.outputs(r.q, r.k, r.v, start, chunk), ref);
       worst = std::max(worst, err);
       if (cs.invariant) {
         EXPECT_LT(err, 1e-5) << "start " << start << ", chunk " << chunk;
@@ -346,24 +382,58 @@ TEST_P(RopeShift, OutputsDependOnRelativePositionsOnly) {
   std::printf("%s: largest relative change of the outputs over the shifts: %.2e\n", cs.name, worst);
 }
 
-INSTANTIATE_TEST_SUITE_P(
-    Kinds, RopeShift,
-    ::testing::Values(
-        ShiftCase{"groupedconv_rotary", Downsampling::GroupedConv, true, true, true},
-        ShiftCase{"avgpool_rotary", Downsampling::AvgPool, true, true, true},
-        ShiftCase{"avgpool", Downsampling::AvgPool, true, false, true},
-        ShiftCase{"exact", Downsampling::GroupedConv, false, false, true},
-        ShiftCase{"groupedconv_per_channel", Downsampling::GroupedConv, true, false, false},
-        ShiftCase{"conv", Downsampling::Conv, true, false, false},
-        ShiftCase{
-            "groupedconv_rotary_ranks_2_4", Downsampling::GroupedConv, true, true, true, {2, 4}},
-        ShiftCase{"groupedconv_per_channel_ranks_2_4",
-                  Downsampling::GroupedConv,
-                  true,
-                  false,
-                  false,
-                  {2, 4}}),
-    [](const auto& info) { return std::string(info.param.name); });
+INSTANTIATE_TEST_SUITE_P(Kinds, RopeShift, ::testing::ValuesIn(kShiftCases),
+                         [](const auto& info) { return std::string(info.param.name); });
+
+class SequenceShift : public ::testing::TestWithParam<ShiftCase> {};
+
+TEST_P(SequenceShift, OutputsFromHalfTheTrainedLengthOnDoNotChange) {
+  const ShiftCase cs = GetParam();
+  const ShiftRig r(cs);
+  const int half = int(r.c.n_ctx_train / 2), H = r.c.n_heads, d = r.c.head_dim;
+  const size_t row = size_t(H) * d;
+  const auto base = r.outputs(r.q, r.k, r.v, 0, r.T);
+  const std::vector<double> ref(base.begin() + half * row, base.end());
+  // The outputs of the sequence's tokens from i = n/2 on, after `shift` random tokens.
+  auto shifted = [&](int shift, int chunk) {
+    std::mt19937 rng(static_cast<uint32_t>(shift));
+    auto with_prefix = [&](const std::vector<float>& x, int heads) {
+      std::vector<float> all = r.random_rows(shift, heads, rng);
+      all.insert(all.end(), x.begin(), x.end());
+      return all;
+    };
+    const auto qs = with_prefix(r.q, H), ks = with_prefix(r.k, r.c.n_kv_heads),
+               vs = with_prefix(r.v, r.c.n_kv_heads);
+    const auto out = r.outputs(qs, ks, vs, 0, chunk);
+    return std::vector<float>(out.begin() + (shift + half) * row, out.end());
+  };
+  double worst = 0;
+  for (int shift : {half, 3 * half, 32 * half})
+    for (int chunk : {shift + r.T, 5}) {
+      const double err = rel_err(shifted(shift, chunk), ref);
+      worst = std::max(worst, err);
+      if (cs.invariant) {
+        EXPECT_LT(err, 1e-5) << "shift " << shift << ", chunk " << chunk;
+      }
+    }
+  if (!cs.invariant) {
+    EXPECT_GT(worst, 1e-2);
+  }
+  const double moved = rel_err(shifted(r.c.fma_block_size, 5), ref);
+  EXPECT_GT(moved, 1e-2);
+  std::printf("%s: largest relative change over shifts by multiples of n/2: %.2e; by m: %.2e\n",
+              cs.name, worst, moved);
+}
+
+std::vector<ShiftCase> fma_shift_cases() {
+  std::vector<ShiftCase> fma;
+  std::copy_if(kShiftCases.begin(), kShiftCases.end(), std::back_inserter(fma),
+               [](const ShiftCase& cs) { return cs.fma; });
+  return fma;
+}
+
+INSTANTIATE_TEST_SUITE_P(Kinds, SequenceShift, ::testing::ValuesIn(fma_shift_cases()),
+                         [](const auto& info) { return std::string(info.param.name); });
 
 TEST(Fma, RotarySummariesNeedGroupedconvOrAvgpool) {
   try {

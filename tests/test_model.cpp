@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdio>
 #include <thread>
 
 #include "model_fixture.h"
@@ -42,10 +43,7 @@ struct Variant {
   std::vector<int> ranks = {};  // per-level ranks
 };
 
-class ChunkInvariance : public ::testing::TestWithParam<Variant> {};
-
-TEST_P(ChunkInvariance, PrefillChunksAndDecodeAgreePastTrainedLength) {
-  const Variant v = GetParam();
+Config variant_config(const Variant& v) {
   Config c = mp::testing::small_config();
   c.fma_downsampling = v.ds;
   c.fma_enabled = v.fma;
@@ -54,6 +52,14 @@ TEST_P(ChunkInvariance, PrefillChunksAndDecodeAgreePastTrainedLength) {
   c.fma_rotary_summaries = v.rotary;
   if (!v.ranks.empty()) c.fma_rank = *std::max_element(v.ranks.begin(), v.ranks.end());
   c.fma_level_ranks = v.ranks;
+  return c;
+}
+
+class ChunkInvariance : public ::testing::TestWithParam<Variant> {};
+
+TEST_P(ChunkInvariance, PrefillChunksAndDecodeAgreePastTrainedLength) {
+  const Variant v = GetParam();
+  const Config c = variant_config(v);
   TempDir dir;
   auto model = random_model(dir, c, v.dtype);
   ASSERT_EQ(model->config().fma_rotary_summaries, v.rotary);
@@ -95,6 +101,39 @@ INSTANTIATE_TEST_SUITE_P(
                 DType::F32,
                 true,
                 {4, 2}}),
+    [](const auto& info) { return std::string(info.param.name); });
+
+// The whole sequence after k other tokens, through the engine (RoPE and the hierarchy move
+// together): with k a multiple of n/2, the hierarchy's period, layer l's outputs do not change
+// from position l n/2 on, where no window of layers 1..l reaches before the sequence (one layer:
+// test_fma.cpp's SequenceShift); so the logits from n_layers n/2 on do not, with rotary or
+// avgpool summaries. Per-channel groupedconv summaries move with k.
+class ModelSequenceShift : public ::testing::TestWithParam<Variant> {};
+
+TEST_P(ModelSequenceShift, LogitsBeyondTheLayersReachDoNotChange) {
+  const Variant v = GetParam();
+  const Config c = variant_config(v);
+  TempDir dir;
+  auto model = random_model(dir, c, v.dtype);
+  auto b = make_backend(model, {.kind = "cpu", .n_slots = 1, .n_threads = 2});
+  const int half = static_cast<int>(c.n_ctx_train) / 2;
+  const double worst = mp::testing::largest_change_under_shifts(
+      *b, random_tokens(6 * half + 5, c.vocab_size, 11), c.n_layers * half, c.vocab_size,
+      {half, 3 * half, 32 * half}, {7 * c.fma_block_size});
+  if (v.rotary || v.ds == Downsampling::AvgPool) {
+    EXPECT_LT(worst, 1e-5);
+  } else {
+    EXPECT_GT(worst, 1e-2);
+  }
+  std::printf("%s: largest relative change of the logits over the shifts: %.2e\n", v.name, worst);
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    Models, ModelSequenceShift,
+    ::testing::Values(
+        Variant{"groupedconv_rotary", Downsampling::GroupedConv, true, false, 2, DType::F32, true},
+        Variant{"avgpool", Downsampling::AvgPool, true, false, 2},
+        Variant{"groupedconv_per_channel", Downsampling::GroupedConv, true, false, 2}),
     [](const auto& info) { return std::string(info.param.name); });
 
 TEST(State, SavedAndRestoredStateContinuesExactly) {

@@ -1,8 +1,10 @@
 // A random checkpoint converted to GGUF in a temporary folder, for tests that need a whole model.
 #pragma once
 
+#include <algorithm>
 #include <cmath>
 #include <filesystem>
+#include <initializer_list>
 #include <random>
 #include <string>
 
@@ -71,6 +73,27 @@ inline std::vector<float> logits_in_chunks(Backend& b, const std::vector<int>& t
   }
   b.free_slot(slot);
   return all;
+}
+
+// The whole sequence `tokens` after `shift` other (random) tokens, RoPE and the FMA hierarchy
+// moved together: the largest relative change of its logits from position `from` on, over the
+// shifts and the chunk sizes the shifted sequence is fed in, against `tokens` alone in one chunk.
+inline double largest_change_under_shifts(Backend& b, const std::vector<int>& tokens, int from,
+                                          int vocab, std::initializer_list<int> shifts,
+                                          std::initializer_list<int> chunks) {
+  const auto all = logits_in_chunks(b, tokens, static_cast<int>(tokens.size()));
+  const std::vector<float> ref(all.begin() + size_t(from) * vocab, all.end());
+  double worst = 0;
+  for (int shift : shifts) {
+    auto shifted = random_tokens(shift, vocab, static_cast<uint64_t>(shift));
+    shifted.insert(shifted.end(), tokens.begin(), tokens.end());
+    for (int chunk : chunks) {
+      const auto got = logits_in_chunks(b, shifted, chunk);
+      const std::vector<float> tail(got.begin() + size_t(shift + from) * vocab, got.end());
+      worst = std::max(worst, rel_err(tail, ref));
+    }
+  }
+  return worst;
 }
 
 }  // namespace mp::testing

@@ -107,6 +107,42 @@ class RotarySummaries(unittest.TestCase):
             else:
                 self.assertGreater(max(errs), 1e-2, (kind, rotary, errs))
 
+    def test_whole_sequence_shift(self):
+        """The whole sequence after k other tokens (RoPE and the hierarchy move together). With k
+        a multiple of n/2, the hierarchy's period (2 w_L, which every level's 2 w_l divides),
+        every token keeps its place in every block and group, and a query at i >= n/2 sees only
+        tokens from (i // (n/2) - 1) n/2 on: layer l's outputs do not change from i = l n/2 on,
+        nor the logits from layers n/2 on, with rotary or avgpool summaries (float64: 1e-10);
+        per-channel groupedconv ones move with k, and k = m moves the groups (> 1e-4)."""
+        torch.manual_seed(4)
+        n, layers = 64, 2
+        half = n // 2
+        for kind, rotary, shifts, invariant in [
+                ("groupedconv", True, (half, 3 * half, 128 * half), True),
+                ("avgpool", False, (half, 3 * half), True),
+                ("groupedconv", False, (half, 3 * half), False),
+                ("groupedconv", True, (8,), False)]:  # k = m: not a multiple of n/2
+            cfg = FmaConfig(vocab_size=50, hidden_size=32, num_hidden_layers=layers,
+                            num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                            intermediate_size=48, max_position_embeddings=n, fma_block_size=8,
+                            fma_rank=2, fma_downsampling=kind, fma_rotary_summaries=rotary)
+            model = FmaModel(cfg).double()
+            for layer in model.model.layers:  # make the summaries matter
+                for down in (layer.self_attn.fma.k_down, layer.self_attn.fma.v_down):
+                    for conv in down:
+                        torch.nn.init.normal_(conv.weight, std=0.3)
+            ids = torch.randint(3, 50, (1, 3 * n + 5))
+            from_ = layers * half
+            ref = model(ids)[:, from_:]
+            errs = [rel(model(torch.cat([torch.randint(3, 50, (1, k)), ids], 1))[:, k + from_:], ref)
+                    for k in shifts]
+            if invariant:
+                self.assertLess(max(errs), 1e-10, (kind, rotary, shifts, errs))
+            else:
+                self.assertGreater(min(errs), 1e-4, (kind, rotary, shifts, errs))
+            print(f"{kind}{' rotary' if rotary else ''}, shifts {shifts}: "
+                  f"largest relative change of the logits {max(errs):.1e}")
+
     def test_starts_as_avgpool(self):
         cfg = FmaConfig(vocab_size=50, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
                         num_key_value_heads=1, head_dim=16, intermediate_size=48,
