@@ -407,7 +407,7 @@ class StepLoops : public ::testing::Test {
     std::vector<std::string> names;
     gates.clear();
     for (int d = 0; d < n; ++d) {
-      auto g = std::make_unique<GatedBackend>(make_cpu_backend(model, slots, 1, false));
+      auto g = std::make_unique<GatedBackend>(make_cpu_backend(model, slots, 1, {}));
       gates.push_back(g.get());
       parts.push_back(std::move(g));
       names.push_back("cpu:" + std::to_string(d));
