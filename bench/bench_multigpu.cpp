@@ -1,7 +1,9 @@
 // Many GPUs against one, in markdown tables with the ratio. Replicas: aggregate decode
-// throughput on the first device alone and on all, at the same batch per device, two ways: each
+// throughput on the first device alone and on all, at the same batch per device, three ways: each
 // device stepped by its own thread without waiting for the others (what the scheduler's step
-// loop per device does), and all devices in one common step (the lock-step baseline). With
+// loop per device does), all devices in one common step (the lock-step baseline), and a backend
+// of its own per device stepped by its own thread (the replica layer left out: what sharing one
+// process costs without it). With
 // --tensor-parallel N: decode at the same batch and prefill of one long prompt, one GPU against
 // the model split over N. Decode is sampled as the server's API does.
 // usage: bench_multigpu MODEL.gguf [--backend cuda] [--devices all] [--batch 256] [--steps 1000]
@@ -63,16 +65,8 @@ std::vector<int> all_slots(Backend& b) {
   return slots;
 }
 
-// Each device's slots decoded by a thread of their own, as the scheduler's step loops do:
-// the devices' tokens/s summed, the slowest device's step times.
-DecodeRun decode_per_device(Backend& b, int context, int steps) {
-  std::vector<std::vector<int>> by_device(b.n_devices());
-  for (int s : all_slots(b)) by_device[b.slot_device(s)].push_back(s);
-  std::vector<std::future<DecodeRun>> runs;
-  for (const auto& slots : by_device)
-    runs.push_back(std::async(std::launch::async, [&b, &slots, context, steps] {
-      return decode(b, slots, context, steps);
-    }));
+// Runs at once: their tokens/s summed, the slowest one's step times.
+DecodeRun sum_of(std::vector<std::future<DecodeRun>>& runs) {
   DecodeRun total{0, 0, 0};
   for (auto& f : runs) {
     const DecodeRun r = f.get();
@@ -81,6 +75,18 @@ DecodeRun decode_per_device(Backend& b, int context, int steps) {
     total.p99_ms = std::max(total.p99_ms, r.p99_ms);
   }
   return total;
+}
+
+// Each device's slots decoded by a thread of their own, as the scheduler's step loops do.
+DecodeRun decode_per_device(Backend& b, int context, int steps) {
+  std::vector<std::vector<int>> by_device(b.n_devices());
+  for (int s : all_slots(b)) by_device[b.slot_device(s)].push_back(s);
+  std::vector<std::future<DecodeRun>> runs;
+  for (const auto& slots : by_device)
+    runs.push_back(std::async(std::launch::async, [&b, &slots, context, steps] {
+      return decode(b, slots, context, steps);
+    }));
+  return sum_of(runs);
 }
 
 // Tokens per second of one prompt of `n` tokens read in chunks of `chunk`.
@@ -179,6 +185,20 @@ int main(int argc, char** argv) {
       row(list, "a loop per device", b->n_slots(), decode_per_device(*b, context, steps));
       b = make_backend(model, o);
       row(list, "one common step", b->n_slots(), decode(*b, all_slots(*b), context, steps));
+      b.reset();
+      // A backend of its own per device, each stepped by its own thread in this one process:
+      // the replica layer left out, so that its cost and the process's shared cost separate.
+      std::vector<std::unique_ptr<Backend>> own;
+      for (int d : all) {
+        o.devices = {d};
+        own.push_back(make_backend(model, o));
+      }
+      std::vector<std::future<DecodeRun>> runs;
+      for (auto& p : own)
+        runs.push_back(std::async(std::launch::async, [&p, context, steps] {
+          return decode(*p, all_slots(*p), context, steps);
+        }));
+      row(list, "a backend per device", o.n_slots * int(all.size()), sum_of(runs));
     }
   } catch (const std::exception& e) {
     std::fprintf(stderr, "error: %s\n", e.what());

@@ -36,6 +36,10 @@ int main(int argc, char** argv) {
                   "                    slots + max-queue + 64; connections beyond get 503)\n"
                   "  --event-threads N threads delivering tokens to the connections (default:\n"
                   "                    half the cores, 2 to 8)\n"
+                  "  --stream-interval N  token events a stream's write gathers (default 0:\n"
+                  "                    1 below 256 open streams, one more per 256, at most 4)\n"
+                  "  --step-nice N     nice value of the model's step loops (default -10 where\n"
+                  "                    allowed: root or CAP_SYS_NICE; else they keep the process's)\n"
                   "  --prefill-per-step N  prompt tokens read per step, all requests together\n"
                   "                    (default: the backend's, 512 on the CPU, 65536 on CUDA)\n"
                   "  --max-body BYTES  largest request body (default 1048576); a larger one\n"
@@ -78,6 +82,7 @@ int main(int argc, char** argv) {
                   {{"m", "model"}});
   std::set<std::string> known = {"model", "host", "port", "slots", "max-queue", "ctx-limit",
                                  "api-key", "threads", "http-threads", "prefill-per-step", "event-threads",
+                                 "stream-interval", "step-nice",
                                  "backend", "devices", "tensor-parallel", "name", "quiet", "log-steps",
                                  "chat-template-file", "state-dir", "max-sessions",
                                  "max-state-dir-mib", "session-memory-mib", "max-body",
@@ -103,6 +108,8 @@ int main(int argc, char** argv) {
     so.max_prefill_per_step = static_cast<int>(a.integer("prefill-per-step", 0));
     so.log_steps = a.has("log-steps");
     so.event_threads = static_cast<int>(a.integer("event-threads", 0));
+    so.step_loop_nice = static_cast<int>(a.integer("step-nice", -10));
+    if (so.step_loop_nice < -20 || so.step_loop_nice > 19) a.fail("--step-nice must be in -20..19");
     if (so.event_threads < 0) a.fail("--event-threads must be 0 (automatic) or positive");
     mp::cli::prefix_cache_from_args(a, bo, so);
     auto backend = mp::make_backend(model, bo);
@@ -113,6 +120,8 @@ int main(int argc, char** argv) {
     o.api_key = a.str("api-key");
     o.ctx_limit = a.integer("ctx-limit", 0);
     o.http_threads = static_cast<int>(a.integer("http-threads", 0));
+    o.stream_interval = static_cast<int>(a.integer("stream-interval", 0));
+    if (o.stream_interval < 0) a.fail("--stream-interval must be 0 (automatic) or positive");
     o.model_name = a.str("name", "multipole");
     const long long max_body = a.integer("max-body", static_cast<long long>(o.max_body));
     if (max_body <= 0) a.fail("--max-body must be positive");

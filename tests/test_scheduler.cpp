@@ -1,5 +1,9 @@
 // The scheduler's policy, seen through the batches it hands a (recording) CPU backend.
 #include <gtest/gtest.h>
+#include <pthread.h>
+#include <sched.h>
+#include <sys/resource.h>
+#include <unistd.h>
 
 #include <future>
 #include <map>
@@ -167,6 +171,76 @@ TEST(Scheduler, ABlockedCallbackDelaysNoOtherRequest) {
   EXPECT_EQ(other.get().completion_tokens, 30);
   other_done.set_value();
   EXPECT_EQ(blocked.get().completion_tokens, 20);
+}
+
+// How the calling thread is scheduled: its name, nice value and policy.
+struct ThreadTraits {
+  std::string name;
+  int nice = 0, policy = 0;
+};
+ThreadTraits this_thread_traits() {
+  char name[16] = {};
+  pthread_getname_np(pthread_self(), name, sizeof name);
+  return {name, getpriority(PRIO_PROCESS, static_cast<id_t>(gettid())), sched_getscheduler(0)};
+}
+
+// A backend that notes how the thread calling its steps is scheduled.
+class ThreadNotingBackend final : public mp::testing::ForwardingBackend {
+ public:
+  using ForwardingBackend::ForwardingBackend;
+  std::vector<SampledToken> forward_sample(std::span<const SeqChunk> chunks,
+                                           std::span<const SampleSpec> specs) override {
+    {
+      std::lock_guard<std::mutex> lock(mu);
+      stepping = this_thread_traits();
+    }
+    return inner().forward_sample(chunks, specs);
+  }
+  std::mutex mu;
+  ThreadTraits stepping;
+};
+
+// Whether this process may raise a thread's priority (root or CAP_SYS_NICE), tried on a thread
+// of its own.
+bool may_raise_priority() {
+  bool raised = false;
+  std::thread([&] {
+    const auto tid = static_cast<id_t>(gettid());
+    const int nice = getpriority(PRIO_PROCESS, tid);
+    raised = nice > -20 && setpriority(PRIO_PROCESS, tid, nice - 1) == 0;
+  }).join();
+  return raised;
+}
+
+// Delivering tokens gives way to the step loop: the event threads run as background work (a
+// lower priority, SCHED_BATCH), the step loop at the nice value it asks for where the process
+// may raise it, else at the process's own; both are named.
+TEST(Scheduler, EventThreadsGiveWayToTheStepLoop) {
+  mp::testing::TempDir dir;
+  auto model = mp::testing::random_model(dir, mp::testing::small_config());
+  ThreadNotingBackend backend(make_backend(model, {.kind = "cpu", .n_slots = 2, .n_threads = 1}));
+  const ThreadTraits caller = this_thread_traits();
+  const int asked = std::max(-20, caller.nice - 5);
+  std::promise<ThreadTraits> delivering;
+  {
+    Scheduler sched(backend, model->tokenizer(), {.max_queue = 4, .step_loop_nice = asked});
+    CompletionRequest r;
+    r.prompt = mp::testing::random_tokens(5, model->config().vocab_size, 1);
+    r.max_tokens = 2;
+    r.on_event = [&](const CompletionEvent& e) {
+      if (e.done) delivering.set_value(this_thread_traits());
+      return true;
+    };
+    sched.submit(std::move(r));
+    const ThreadTraits events = delivering.get_future().get();
+    EXPECT_EQ(events.name, "mp-events");
+    EXPECT_EQ(events.nice, std::min(caller.nice + kBackgroundNice, 19));
+    EXPECT_EQ(events.policy, SCHED_BATCH);
+  }
+  std::lock_guard<std::mutex> lock(backend.mu);
+  EXPECT_EQ(backend.stepping.name, "mp-step-0");
+  EXPECT_EQ(backend.stepping.nice, may_raise_priority() ? asked : caller.nice);
+  EXPECT_EQ(backend.stepping.policy, caller.policy);
 }
 
 }  // namespace

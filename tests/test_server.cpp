@@ -3,8 +3,12 @@
 #include <poll.h>
 #include <gtest/gtest.h>
 #include <httplib.h>
+#include <sys/resource.h>
 #include <sys/socket.h>
 #include <unistd.h>
+
+#include <cerrno>
+#include <filesystem>
 
 #include <fstream>
 #include <functional>
@@ -16,6 +20,7 @@
 #include "common/chat.h"
 #include "model_fixture.h"
 #include "common/api.h"
+#include "null_backend.h"
 #include "server.h"
 #include "serving.h"
 
@@ -814,6 +819,64 @@ TEST(Server, TokenizeModelsAndMetrics) {
     if (line.rfind("VmRSS:", 0) == 0) vm_rss_kb = std::stod(line.substr(6));
   EXPECT_GT(rss, 1e6);
   EXPECT_NEAR(rss / (vm_rss_kb * 1024), 1.0, 0.05);
+}
+
+// The streamed writes a stream's tokens took (the server's counter).
+double stream_writes(const mp::testing::Serving& s) {
+  const std::string m = s.client().Get("/metrics")->body;
+  const std::string name = "\nmultipole_stream_writes_total ";
+  const size_t at = m.find(name);
+  return at == std::string::npos ? -1 : std::stod(m.substr(at + name.size()));
+}
+
+// --stream-interval 4: a stream's events go out four tokens to a write (its first token and its
+// end at once), the same events as one token to a write.
+TEST(Server, StreamIntervalGathersTokensIntoFewerWrites) {
+  const json req = {{"prompt", "The license"}, {"max_tokens", 41}, {"ignore_eos", true},
+                    {"temperature", 0.9}, {"seed", 3},        {"stream", true}};
+  std::string texts[2];
+  double writes[2];
+  for (int interval : {1, 4}) {
+    // Steps of 5 ms, as a loaded GPU's: the HTTP thread keeps up with one token a wake.
+    RandomModel m;
+    ServerOptions o = Running::options("", 0, 0, nullptr);
+    o.stream_interval = interval;
+    mp::testing::Serving s(m.model,
+                           std::make_unique<NullBackend>(m.model->config(), 2,
+                                                         std::chrono::milliseconds(5)),
+                           {.max_queue = 4}, o);
+    auto r = s.client().Post("/v1/completions", req.dump(), "application/json");
+    ASSERT_EQ(status_of(r), 200) << r->body;
+    texts[interval / 4] = streamed_text(r->body);
+    writes[interval / 4] = stream_writes(s);
+  }
+  EXPECT_EQ(texts[1], texts[0]);
+  // At most: the first token, ten writes of four, the end (usage, [DONE]).
+  EXPECT_LE(writes[1], 12);
+  EXPECT_GE(writes[1], 2);
+  EXPECT_GT(writes[0], writes[1]);  // one token to a wake: a write each, as fast as they come
+}
+
+// The HTTP threads that served requests run as background work (named mp-http, nice raised by
+// kBackgroundNice): writing to clients gives way to the step loop.
+TEST(Server, HttpThreadsGiveWayToTheStepLoop) {
+  Running s;
+  ASSERT_EQ(status_of(s.post({{"prompt", "x"}, {"max_tokens", 2}})), 200);
+  errno = 0;
+  const int own_nice = getpriority(PRIO_PROCESS, static_cast<id_t>(gettid()));
+  ASSERT_EQ(errno, 0);
+  int http_threads = 0;
+  for (const auto& task : std::filesystem::directory_iterator("/proc/self/task")) {
+    std::ifstream comm(task.path() / "comm");
+    std::string name;
+    std::getline(comm, name);
+    if (name != "mp-http") continue;
+    ++http_threads;
+    errno = 0;
+    const int nice = getpriority(PRIO_PROCESS, static_cast<id_t>(std::stoi(task.path().filename())));
+    EXPECT_EQ(nice, std::min(own_nice + kBackgroundNice, 19));
+  }
+  EXPECT_GE(http_threads, 1);
 }
 
 // Replicas: /metrics reports each device, and both ran a choice of a two-choice request.

@@ -5,12 +5,17 @@
 // chunks in arrival order within the step's budget), run it, turn the sampled tokens into
 // events. Event threads hand the events to the requests' callbacks, so no step loop waits on a
 // client. Host work per step is O(batch), per token O(1).
+#include <pthread.h>
 #include <sched.h>
+#include <sys/resource.h>
+#include <unistd.h>
 
 #include <algorithm>
+#include <cerrno>
 #include <chrono>
 #include <condition_variable>
 #include <cstdio>
+#include <cstring>
 #include <deque>
 #include <mutex>
 #include <thread>
@@ -108,7 +113,7 @@ class EventThread {
 
  private:
   void run() {
-    set_batch_scheduling();
+    set_batch_scheduling("mp-events");
     EventBatch work;
     CompletionEvent token_event;  // reused: its text keeps its room
     for (;;) {
@@ -504,6 +509,11 @@ struct Scheduler::Impl {
   }
 
   void loop(Lane& l) {
+    name_this_thread(("mp-step-" + std::to_string(l.device)).c_str());
+    if (opts.step_loop_nice != 0 &&
+        setpriority(PRIO_PROCESS, static_cast<id_t>(gettid()), opts.step_loop_nice) != 0)
+      std::fprintf(stderr, "note: step loop %d keeps its priority (nice %d refused: %s)\n",
+                   l.device, opts.step_loop_nice, std::strerror(errno));
     while (admit(l)) {
       const auto t0 = std::chrono::steady_clock::now();
       apply_cancellations(l);
@@ -568,9 +578,21 @@ struct Scheduler::Impl {
   }
 };
 
-void set_batch_scheduling() {
+void name_this_thread(const char* name) {
+  char short_name[16] = {};
+  std::snprintf(short_name, sizeof short_name, "%s", name);
+  pthread_setname_np(pthread_self(), short_name);
+}
+
+void set_batch_scheduling(const char* name) {
+  name_this_thread(name);
+  // Hints: failing changes only the timing. On Linux both apply to the calling thread alone.
   const sched_param param{};
-  sched_setscheduler(0, SCHED_BATCH, &param);  // a hint: failing changes only the timing
+  sched_setscheduler(0, SCHED_BATCH, &param);
+  const auto tid = static_cast<id_t>(gettid());
+  errno = 0;
+  const int nice = getpriority(PRIO_PROCESS, tid);  // -1 can be a nice value: errno tells
+  if (errno == 0) setpriority(PRIO_PROCESS, tid, std::min(nice + kBackgroundNice, 19));
 }
 
 Scheduler::Scheduler(Backend& backend, const Tokenizer& tok, SchedulerOptions opts)

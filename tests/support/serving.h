@@ -18,8 +18,11 @@ struct Serving {
   std::thread thread;
 
   Serving(const std::shared_ptr<Model>& model, const BackendOptions& bo, const SchedulerOptions& so,
-          ServerOptions o) {
-    backend = make_backend(model, bo);
+          ServerOptions o)
+      : Serving(model, make_backend(model, bo), so, std::move(o)) {}
+  Serving(const std::shared_ptr<Model>& model, std::unique_ptr<Backend> b,
+          const SchedulerOptions& so, ServerOptions o) {
+    backend = std::move(b);
     sched = std::make_unique<Scheduler>(*backend, model->tokenizer(), so);
     o.port = 0;
     o.access_log = false;

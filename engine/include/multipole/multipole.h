@@ -501,6 +501,11 @@ struct SchedulerOptions {
   // A line on stderr per step: its rows, prompt tokens, and where the model thread's time went
   // (setting up new sequences, the backend, the scheduler's own work).
   bool log_steps = false;
+  // The nice value the step loops ask for. Every stream waits on them, and a step's host part
+  // (planning, sampling's hand-over, the tokens' text) slows down when the host's other threads
+  // share its core. A negative value needs root or CAP_SYS_NICE: refused, a loop keeps the
+  // process's priority (and says so on stderr).
+  int step_loop_nice = 0;
 };
 
 struct PrefixCacheStats {
@@ -542,11 +547,17 @@ class Scheduler {
   std::unique_ptr<Impl> impl_;
 };
 
-// Marks the calling thread as throughput work (Linux SCHED_BATCH): when it is woken it does not
-// preempt the thread running on that core. The scheduler's event threads and the server's HTTP
-// threads use it, so that handing a token to a client never takes the core of the model thread,
-// which every stream waits on.
-void set_batch_scheduling();
+// Marks the calling thread as throughput work: Linux SCHED_BATCH (when it is woken it does not
+// preempt the thread running on that core) and kBackgroundNice above its nice value (about a
+// tenth of the share of a contended core that the process's other threads get). The scheduler's event threads and the server's HTTP threads use it,
+// so that handing tokens to clients never takes the core of a step loop, which every stream waits
+// on: when the host's cores are all busy, delivery falls behind and each write then carries
+// several tokens, instead of every step slowing down. Names the thread `name` (as `top -H` and
+// /proc show it; at most 15 characters are kept).
+inline constexpr int kBackgroundNice = 10;
+void set_batch_scheduling(const char* name);
+// Names the calling thread (at most 15 characters are kept).
+void name_this_thread(const char* name);
 
 class BusyError : public Error {
  public:
