@@ -13,7 +13,8 @@
 # busy processes (what sharing the host's cores costs the step alone). NORMAL_PRIORITY=1 renices
 # the server's delivery threads (mp-events, mp-http) to nice 0 after the warm-up: the A/B of their
 # lower priority (needs root). STEP_CORE=N runs the step loop alone on core N (and keeps its SMT
-# sibling free): what the host's other work costs the step; STEP_NICE=N renices it (root).
+# sibling free): what the host's other work costs the step (SERVER_ARGS="--step-nice 0" for the
+# A/B of the step loops' priority).
 set -uo pipefail
 source scripts/gpu_env.sh
 "$bin/bench_cuda" models/default.gguf --decode 1,1024 2>&1 | tee "$out/bench_decode.md"
@@ -61,12 +62,6 @@ if [ -n "${STEP_CORE:-}" ]; then
   done > /dev/null
   LOADGEN_CPUS=$others
   echo "(step loop on core $STEP_CORE, siblings $siblings kept free; the rest on $others)" | tee -a "$out/serve.md"
-fi
-if [ -n "${STEP_NICE:-}" ]; then
-  for task in /proc/$server/task/*; do
-    grep -q '^mp-step' $task/comm && renice -n "$STEP_NICE" -p "${task##*/}" >/dev/null
-  done
-  echo "(step loop reniced to $STEP_NICE)" | tee -a "$out/serve.md"
 fi
 if [ -n "${NORMAL_PRIORITY:-}" ]; then
   for task in /proc/$server/task/*; do
