@@ -259,6 +259,9 @@ class CudaBackend final : public Backend {
     // Left current: the members' memory is freed on this device (see ~CudaBackend).
     check(cudaSetDevice(device_), "cudaSetDevice");
     check(cudaStreamCreate(&stream_), "cudaStreamCreate");
+    check(cudaStreamCreate(&side_), "cudaStreamCreate");
+    for (cudaEvent_t* e : {&attended_, &appended_})
+      check(cudaEventCreateWithFlags(e, cudaEventDisableTiming), "cudaEventCreate");
     check(cublasCreate(&cublas_), "cublasCreate");
     check(cublasSetStream(cublas_, stream_), "cublasSetStream");
     // A fixed workspace keeps cuBLAS from allocating while a decode step is captured in a graph.
@@ -339,6 +342,9 @@ class CudaBackend final : public Backend {
     drop_graphs();
     cublasDestroy(cublas_);
     cudaStreamDestroy(stream_);
+    cudaStreamDestroy(side_);
+    cudaEventDestroy(attended_);
+    cudaEventDestroy(appended_);
   }
 
   std::string name() const override { return "cuda"; }
@@ -584,11 +590,18 @@ class CudaBackend final : public Backend {
       cuda::attention(shape_, cv, chunks, table, inputs_.device<cuda::AttnItem>(kAttn),
                       int(p.attn.size()), p.padded, q_.get(), k_.get(), v_.get(), new_k, new_v,
                       att_.get(), p.padded ? hb_.get() : nullptr, s);
-      if (p.append)
-        cuda::append_tokens(shape_, cv, ds, chunks, int(p.chunks.size()), k_.get(), v_.get(), s);
-      else
+      if (p.append) {
+        // Beside the rest of the layer, which does not read the cache (a branch of the step's
+        // graph); the layer's end waits for it (the next layer's q/k/v overwrite k_ and v_).
+        check(cudaEventRecord(attended_, s), "fork");
+        check(cudaStreamWaitEvent(side_, attended_, 0), "fork");
+        cuda::append_tokens(shape_, cv, ds, chunks, int(p.chunks.size()), k_.get(), v_.get(),
+                            side_);
+        check(cudaEventRecord(appended_, side_), "join");
+      } else {
         cuda::commit(inputs_.device<cuda::CommitItem>(kCommits), int(p.commits.size()), k_.get(),
                      v_.get(), new_k, new_v, cv, s);
+      }
       if (!p.padded) cuda::to_bf16(att_.get(), int64_t(T) * nh * d, hb_.get(), s);
       matmul(hb_.get(), T, l.wo, h_.get());
       if (comm_) comm_->all_reduce_sum(h_.get(), size_t(T) * H, stream_);  // the heads' parts
@@ -596,6 +609,7 @@ class CudaBackend final : public Backend {
                   cuda::GemvOutput::silu_gated(hb_.get()));
       matmul(hb_.get(), T, l.down, h_.get());
       if (comm_) comm_->all_reduce_sum(h_.get(), size_t(T) * H, stream_);  // the FFN's parts
+      if (p.append) check(cudaStreamWaitEvent(s, appended_, 0), "join");
     }
     const Weights& head = c_.tie_word_embeddings ? embed_ : head_;
     // A decode step wants every row, in order (its padding included): no gathering.
@@ -728,6 +742,9 @@ class CudaBackend final : public Backend {
   cuda::FmaShape shape_{};
   int64_t cap_ = 0;
   cudaStream_t stream_ = nullptr;
+  // A decode step's cache update runs on side_ between these two events (compute).
+  cudaStream_t side_ = nullptr;
+  cudaEvent_t attended_ = nullptr, appended_ = nullptr;
   cublasHandle_t cublas_ = nullptr;
   Weights embed_, head_;  // head_ empty when tied to the embedding
   DeviceArray<__nv_bfloat16> dequant_;  // a Q8_0 matrix dequantized for cuBLAS (prefill)

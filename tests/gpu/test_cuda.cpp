@@ -467,12 +467,15 @@ std::vector<float> batched_decode(Backend& b, const std::vector<int>& lens, uint
   for (int i = 0; i < n; ++i) prompts.push_back(random_tokens(lens[i], V, seed + i));
   std::vector<SeqChunk> pre;
   for (int i = 0; i < n; ++i) pre.push_back({b.alloc_slot(), prompts[i], false});
-  if (!token_by_token) b.forward(pre);
-  for (const SeqChunk& p : pre)
-    for (size_t t = 0; t < p.tokens.size() && token_by_token; ++t) {
-      const SeqChunk one{p.slot, p.tokens.subspan(t, 1), false};
-      b.forward({&one, 1});
-    }
+  if (!token_by_token) {
+    b.forward(pre);
+  } else {
+    for (const SeqChunk& p : pre)
+      for (size_t t = 0; t < p.tokens.size(); ++t) {
+        const SeqChunk one{p.slot, p.tokens.subspan(t, 1), false};
+        b.forward({&one, 1});
+      }
+  }
   std::vector<int> next(n);
   for (int i = 0; i < n; ++i) next[i] = 7 + i;
   std::vector<float> out;
