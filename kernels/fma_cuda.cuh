@@ -88,10 +88,11 @@ bool one_pass(const FmaShape& s);
 std::vector<__nv_bfloat16> one_pass_taps(const cpu::Downsampler& ds, int head_dim);
 
 // The summaries of a plan: every group completed in a chunk -> new_k/new_v pool
-// [groups][kv][p*d] (zeroed first: slices add into it), and the accumulators of the groups being
-// filled after it. p.one_pass: one kernel reads each key and value once for every level (bf16
-// products on tensor cores, fp32 sums); else per-level kernels in fp32 (the reference).
-// done/filling: device copies of p.done/p.filling.
+// [groups][kv][p*d] (zeroed first where blocks add into it: per level, or one pass with a chunk
+// split over ranges; else one block writes each entry whole), and the accumulators of the groups
+// being filled after it. p.one_pass: one kernel reads each key and value once for every level
+// (bf16 products on tensor cores, fp32 sums); else per-level kernels in fp32 (the reference).
+// done/filling: device copies of p.done/p.filling. Nothing to do for p.append plans.
 void summaries(const FmaShape& s, const CacheView& c, const Downsamplers& w, const BatchPlan& p,
                const ChunkDesc* chunks, const NewGroups* table, const SumItem* done,
                const SumItem* filling, const float* k, const float* v, float* new_k,
