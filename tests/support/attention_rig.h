@@ -119,9 +119,13 @@ class AttentionRig {
     fill_random(cv.acc_v, accumulator_floats(), 6);
   }
 
+  // The new summaries' pool cleared as the backend clears it, where blocks add into it; else
+  // (its entries all the plan's new groups) filled with NaNs (0xff bytes), which show any entry
+  // the kernels leave unwritten.
   void summaries() const {
-    cuda::check(cudaMemsetAsync(new_k, 0, pool_floats() * 4), "memset");
-    cuda::check(cudaMemsetAsync(new_v, 0, pool_floats() * 4), "memset");
+    const int fill = plan.one_pass && !plan.split_chunks && plan.new_groups > 0 ? 0xff : 0;
+    cuda::check(cudaMemsetAsync(new_k, fill, pool_floats() * 4), "memset");
+    cuda::check(cudaMemsetAsync(new_v, fill, pool_floats() * 4), "memset");
     cuda::summaries(shape, cv, ds, plan, chunks, table, done, filling, k, v, new_k, new_v,
                     nullptr);
   }
