@@ -208,14 +208,14 @@ __global__ void append_tokens_kernel(FmaShape s, CacheView cv, Downsamplers dw,
   }
   if (!s.fma) return;
   const int l = blockIdx.y + 1, w = s.m << (l - 1), pd = s.p * s.d, pl = s.rank[l - 1];
-  const int64_t g = pos / w, level = (int64_t(c.slot) * s.L + l - 1);
+  const int64_t g = pos / w, slot_level = int64_t(c.slot) * s.L + l - 1;
   const bool starts = pos % w == 0, completes = pos % w == w - 1;
   const bool paired = s.paired_keys && !values;
   const float* W = s.avgpool ? nullptr : (values ? dw.wv : dw.wk)[l - 1];
   const float* bias =
       completes && !s.avgpool && !paired ? (values ? dw.bv : dw.bk)[l - 1] : nullptr;
-  float* acc = (values ? cv.acc_v : cv.acc_k) + level * s.kv * pd;
-  float* ring = (values ? cv.sum_v : cv.sum_k) + (level * 3 + g % 3) * s.kv * pd;
+  float* acc = (values ? cv.acc_v : cv.acc_k) + slot_level * s.kv * pd;
+  float* ring = (values ? cv.sum_v : cv.sum_k) + (slot_level * 3 + g % 3) * s.kv * pd;
   for_each_sum_tile<kSumHeads, kSumRanks>(
       s, c, W, pl, paired, w, g, pos, pos + 1, x,
       [&](int, int o) { return bias ? bias[o] : 0.0f; },
