@@ -9,6 +9,7 @@
 
 #include "attention_rig.h"
 #include "backend_cpu.h"
+#include "backend_cuda.h"
 #include "fma_cpu.h"
 #include "fma_cuda.cuh"
 #include "format.h"
@@ -78,25 +79,25 @@ void bench_prefill_attention(bool quick) {
 void bench_decode_attention() {
   std::printf("\n## FMA decode attention step (one new token per sequence; n = 1M, L = 13)\n\n");
   std::printf(
-      "summaries and attention; the summaries by the per-level kernels (what decode steps run) "
-      "and by the one-pass kernel, in the same run\n\n");
+      "one layer's attention and cache update, in the same run: summaries by the per-level "
+      "kernels (the reference) or the one-pass kernel, then attention and commit; or attention "
+      "and append_tokens (what decode steps run)\n\n");
   std::printf(
-      "| context | batch 1 ms | batch 16 ms | batch 256 ms | one pass: batch 1 ms | batch 16 ms | "
-      "batch 256 ms |\n|---|---|---|---|---|---|---|\n");
+      "| context | batch | per level ms | one pass ms | **append_tokens ms** | per level / "
+      "append_tokens |\n|---|---|---|---|---|---|\n");
   const Config c = attention_config(1 << 20);
-  for (int64_t ctx : {1024, 4096, 65536, 1 << 20}) {
-    std::printf("| %lld |", (long long)ctx);
-    std::vector<double> one_pass;
+  for (int64_t ctx : {1024, 4096, 65536, 1 << 20})
     for (int batch : {1, 16, 256}) {
       AttentionRig rig(c, batch, 1, ctx, cuda::SummaryKernels::PerLevel);
-      std::printf(" %.4f |", time_ms([&] { rig.run(); }, 20));
+      const double per_level = time_ms([&] { rig.run(); }, 20);
       rig.plan_summaries(cuda::SummaryKernels::OnePass);
-      one_pass.push_back(time_ms([&] { rig.run(); }, 20));
+      const double one_pass = time_ms([&] { rig.run(); }, 20);
+      rig.plan_summaries(cuda::SummaryKernels::Auto);
+      const double append = time_ms([&] { rig.run(); }, 20);
+      std::printf("| %lld | %d | %.4f | %.4f | %.4f | %.2fx |\n", (long long)ctx, batch, per_level,
+                  one_pass, append, per_level / append);
+      std::fflush(stdout);
     }
-    for (double ms : one_pass) std::printf(" %.4f |", ms);
-    std::printf("\n");
-    std::fflush(stdout);
-  }
 }
 
 // A copy of the model file with FMA switched off: the same weights in exact attention.
@@ -120,9 +121,10 @@ std::string write_exact_copy(const std::string& path) {
 }
 
 // Decode steps of `batch` sequences at ~1,000 tokens of context, sampling on the GPU; returns
-// the tokens/s of each batch size.
+// the tokens/s of each batch size. kernels: the backend's summaries (PerLevel: the reference).
 std::vector<double> bench_decode(std::shared_ptr<const Model> model, const std::vector<int>& batches,
-                                 const SamplingParams& sp, const char* mode) {
+                                 const SamplingParams& sp, const char* mode,
+                                 cuda::SummaryKernels kernels = cuda::SummaryKernels::Auto) {
   std::vector<double> rates;
   const Config& c = model->config();
   std::mt19937 rng(2);
@@ -134,7 +136,7 @@ std::vector<double> bench_decode(std::shared_ptr<const Model> model, const std::
   std::printf(
       "\n| decode batch | context | tokens/s (aggregate) | ms per step |\n|---|---|---|---|\n");
   for (int batch : batches) {
-    auto b = make_backend(model, {.kind = "cuda", .n_slots = batch, .max_context = 2048});
+    auto b = make_cuda_backend(model, batch, 2048, 0, kernels);
     std::vector<int> slots;
     std::vector<std::vector<int>> prompts;
     for (int i = 0; i < batch; ++i) {
@@ -216,7 +218,8 @@ int main(int argc, char** argv) {
                  "                              --decode B,B,... [--baseline BASE.gguf]]\n"
                  "  --prefill-kernels, --decode-kernels: only the FMA attention kernels' table\n"
                  "  --decode: only decode steps at those batch sizes, sampled as the server's API\n"
-                 "            defaults with temperature 0.8 (top-k, top-p, min-p off)\n"
+                 "            defaults with temperature 0.8 (top-k, top-p, min-p off), on the\n"
+                 "            per-level summary kernels (the reference) and as by default\n"
                  "  --baseline: the same steps on another file (e.g. MODEL's bf16 source of a\n"
                  "              q8_0 MODEL) first, and the ratio\n");
     return 2;
@@ -251,7 +254,19 @@ int main(int argc, char** argv) {
                       got[i] / base[i]);
         return 0;
       }
-      bench_decode(Model::load(argv[1]), batches, api, "FMA");
+      // The baseline in the same run: decode steps on the per-level summary kernels and the
+      // commit (the path before append_tokens).
+      auto model = Model::load(argv[1]);
+      std::printf("\n## Per-level summary kernels and commit (the reference)\n");
+      const auto base = bench_decode(model, batches, api, "FMA", cuda::SummaryKernels::PerLevel);
+      std::printf("\n## append_tokens (the default)\n");
+      const auto got = bench_decode(model, batches, api, "FMA");
+      std::printf(
+          "\n| decode batch | per level tokens/s | append_tokens tokens/s | ratio |\n"
+          "|---|---|---|---|\n");
+      for (size_t i = 0; i < batches.size(); ++i)
+        std::printf("| %d | %.0f | %.0f | %.3fx |\n", batches[i], base[i], got[i],
+                    got[i] / base[i]);
       return 0;
     }
     if (!decode_kernels) bench_prefill_attention(quick);

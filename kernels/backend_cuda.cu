@@ -248,15 +248,20 @@ struct Layer {
 class CudaBackend final : public Backend {
  public:
   CudaBackend(std::shared_ptr<const Model> model, int n_slots, int64_t max_context, int device,
-              Communicator* comm = nullptr)
+              Communicator* comm = nullptr,
+              cuda::SummaryKernels kernels = cuda::SummaryKernels::Auto)
       : model_(std::move(model)),
         c_(comm ? shard_config(model_->config(), comm->size()) : model_->config()),
         device_(device),
-        comm_(comm) {
+        comm_(comm),
+        kernels_(kernels) {
     if (n_slots <= 0) throw Error("backend: n_slots must be positive");
     // Left current: the members' memory is freed on this device (see ~CudaBackend).
     check(cudaSetDevice(device_), "cudaSetDevice");
     check(cudaStreamCreate(&stream_), "cudaStreamCreate");
+    check(cudaStreamCreate(&side_), "cudaStreamCreate");
+    for (cudaEvent_t* e : {&attended_, &appended_})
+      check(cudaEventCreateWithFlags(e, cudaEventDisableTiming), "cudaEventCreate");
     check(cublasCreate(&cublas_), "cublasCreate");
     check(cublasSetStream(cublas_, stream_), "cublasSetStream");
     // A fixed workspace keeps cuBLAS from allocating while a decode step is captured in a graph.
@@ -337,6 +342,9 @@ class CudaBackend final : public Backend {
     drop_graphs();
     cublasDestroy(cublas_);
     cudaStreamDestroy(stream_);
+    cudaStreamDestroy(side_);
+    cudaEventDestroy(attended_);
+    cudaEventDestroy(appended_);
   }
 
   std::string name() const override { return "cuda"; }
@@ -528,8 +536,10 @@ class CudaBackend final : public Backend {
   }
 
   // Floats (per half: keys, values) of the new summaries a plan can write: room for every group
-  // that can complete (in a decode step, one per level per sequence).
+  // that can complete (in a decode step, one per level per sequence; none where append_tokens
+  // writes them into the ring).
   size_t new_summary_floats(const cuda::BatchPlan& p) const {
+    if (p.append) return 0;
     const size_t seqs = p.padded ? size_t(p.T) : p.chunks.size();
     return std::max<size_t>(p.new_groups, seqs * c_.n_levels()) * c_.n_kv_heads * c_.fma_rank *
            c_.head_dim;
@@ -565,10 +575,13 @@ class CudaBackend final : public Backend {
                                                 c_.rope_theta, c_.rope_linear_factor}));
       const size_t fresh = new_summary_floats(p);
       float *new_k = new_kv_.get(), *new_v = new_k + fresh;
-      if (c_.fma_enabled) {
-        // Only what this plan can write: the buffer has the largest batch's size, and clearing
-        // it all cost a batch-1 step 25 us in a server that had run 1,024 streams.
-        check(cudaMemsetAsync(new_k, 0, 2 * fresh * 4, s), "memset");
+      if (c_.fma_enabled && !p.append) {
+        // Cleared for the kernels that add into it, not where one block writes each entry whole
+        // (one pass, no chunk over several ranges); and only what this plan can write: the
+        // buffer has the largest batch's size, and clearing it all cost a batch-1 step 25 us in
+        // a server that had run 1,024 streams.
+        if (!p.one_pass || p.split_chunks)
+          check(cudaMemsetAsync(new_k, 0, 2 * fresh * 4, s), "memset");
         cuda::summaries(shape_, cv, ds, p, chunks, table, inputs_.device<cuda::SumItem>(kDone),
                         inputs_.device<cuda::SumItem>(kFilling), k_.get(), v_.get(), new_k, new_v,
                         s);
@@ -577,8 +590,18 @@ class CudaBackend final : public Backend {
       cuda::attention(shape_, cv, chunks, table, inputs_.device<cuda::AttnItem>(kAttn),
                       int(p.attn.size()), p.padded, q_.get(), k_.get(), v_.get(), new_k, new_v,
                       att_.get(), p.padded ? hb_.get() : nullptr, s);
-      cuda::commit(inputs_.device<cuda::CommitItem>(kCommits), int(p.commits.size()), k_.get(),
-                   v_.get(), new_k, new_v, cv, s);
+      if (p.append) {
+        // Beside the rest of the layer, which does not read the cache (a branch of the step's
+        // graph); the layer's end waits for it (the next layer's q/k/v overwrite k_ and v_).
+        check(cudaEventRecord(attended_, s), "fork");
+        check(cudaStreamWaitEvent(side_, attended_, 0), "fork");
+        cuda::append_tokens(shape_, cv, ds, chunks, int(p.chunks.size()), k_.get(), v_.get(),
+                            side_);
+        check(cudaEventRecord(appended_, side_), "join");
+      } else {
+        cuda::commit(inputs_.device<cuda::CommitItem>(kCommits), int(p.commits.size()), k_.get(),
+                     v_.get(), new_k, new_v, cv, s);
+      }
       if (!p.padded) cuda::to_bf16(att_.get(), int64_t(T) * nh * d, hb_.get(), s);
       matmul(hb_.get(), T, l.wo, h_.get());
       if (comm_) comm_->all_reduce_sum(h_.get(), size_t(T) * H, stream_);  // the heads' parts
@@ -586,6 +609,7 @@ class CudaBackend final : public Backend {
                   cuda::GemvOutput::silu_gated(hb_.get()));
       matmul(hb_.get(), T, l.down, h_.get());
       if (comm_) comm_->all_reduce_sum(h_.get(), size_t(T) * H, stream_);  // the FFN's parts
+      if (p.append) check(cudaStreamWaitEvent(s, appended_, 0), "join");
     }
     const Weights& head = c_.tie_word_embeddings ? embed_ : head_;
     // A decode step wants every row, in order (its padding included): no gathering.
@@ -655,7 +679,7 @@ class CudaBackend final : public Backend {
           throw Error("forward: " + std::to_string(pos_[ch.slot] + ch.tokens.size()) +
                       " tokens exceed the exact-attention context of " + std::to_string(cap_));
     cuda::BatchPlan& p = plan_;
-    cuda::make_plan(c_, cap_, chunks, pos_, p);
+    cuda::make_plan(c_, cap_, chunks, pos_, p, kernels_);
     if (stage(p)) drop_graphs();
     if (p.padded) {
       // A decode step: the same kernels with the same grids for every step of this bucket of
@@ -714,9 +738,13 @@ class CudaBackend final : public Backend {
   const Config c_;  // a shard's share of the heads and FFN columns under tensor parallelism
   int device_;
   Communicator* comm_;  // null unless a tensor-parallel shard
+  cuda::SummaryKernels kernels_;
   cuda::FmaShape shape_{};
   int64_t cap_ = 0;
   cudaStream_t stream_ = nullptr;
+  // A decode step's cache update runs on side_ between these two events (compute).
+  cudaStream_t side_ = nullptr;
+  cudaEvent_t attended_ = nullptr, appended_ = nullptr;
   cublasHandle_t cublas_ = nullptr;
   Weights embed_, head_;  // head_ empty when tied to the embedding
   DeviceArray<__nv_bfloat16> dequant_;  // a Q8_0 matrix dequantized for cuBLAS (prefill)
@@ -749,8 +777,10 @@ class CudaBackend final : public Backend {
 }  // namespace
 
 std::unique_ptr<Backend> make_cuda_backend(std::shared_ptr<const Model> model, int n_slots,
-                                           int64_t max_context, int device) {
-  return std::make_unique<CudaBackend>(std::move(model), n_slots, max_context, device);
+                                           int64_t max_context, int device,
+                                           cuda::SummaryKernels kernels) {
+  return std::make_unique<CudaBackend>(std::move(model), n_slots, max_context, device, nullptr,
+                                       kernels);
 }
 
 std::unique_ptr<Backend> make_cuda_shard(std::shared_ptr<const Model> model, int n_slots,

@@ -22,7 +22,7 @@ struct SumTile {
   int ch, h0, r0;
 };
 template <int kSumHeads, int kSumRanks>
-__device__ int sum_tiles(const FmaShape& s) {
+__host__ __device__ int sum_tiles(const FmaShape& s) {
   return s.d * ((s.kv + kSumHeads - 1) / kSumHeads) * ((s.p + kSumRanks - 1) / kSumRanks);
 }
 template <int kSumHeads, int kSumRanks>
@@ -186,6 +186,52 @@ __global__ void accumulate_kernel(FmaShape s, CacheView cv, Downsamplers dw,
   for_each_sum_tile<kSumHeads, kSumRanks>(
       s, c, W, s.rank[l - 1], paired, w, it.group, from, to, values ? v : k,
       [&](int, int) { return 0.0f; }, [&](int at, float a) { atomicAdd(acc0 + at, a); });
+}
+
+// append_tokens: blockIdx.x a chunk (one token), blockIdx.z keys or values; block y 0 also copies
+// the token into the fine window, block y the level y + 1's update. The per-level path's sums in
+// the same order (group_sums from the bias or zero, then added to what the accumulator held, or
+// to zero where the group starts), so that both leave the same bits.
+template <int kSumHeads, int kSumRanks>
+__global__ void append_tokens_kernel(FmaShape s, CacheView cv, Downsamplers dw,
+                                     const ChunkDesc* chunks, const float* k, const float* v) {
+  const ChunkDesc c = chunks[blockIdx.x];
+  if (c.T == 0) return;  // padding of a decode step
+  const bool values = blockIdx.z == 1;
+  const float* x = values ? v : k;
+  const int64_t pos = c.pos0, kvd = int64_t(s.kv) * s.d;
+  if (blockIdx.y == 0) {
+    const float* src = x + int64_t(c.row0) * kvd;
+    float* dst = (values ? cv.fine_v : cv.fine_k) +
+                 (int64_t(c.slot) * cv.cap + (cv.ring ? pos % cv.cap : pos)) * kvd;
+    for (int e = threadIdx.x; e < kvd; e += blockDim.x) dst[e] = src[e];
+  }
+  if (!s.fma) return;
+  const int l = blockIdx.y + 1, w = s.m << (l - 1), pd = s.p * s.d, pl = s.rank[l - 1];
+  const int64_t g = pos / w, slot_level = int64_t(c.slot) * s.L + l - 1;
+  const bool starts = pos % w == 0, completes = pos % w == w - 1;
+  const bool paired = s.paired_keys && !values;
+  const float* W = s.avgpool ? nullptr : (values ? dw.wv : dw.wk)[l - 1];
+  const float* bias =
+      completes && !s.avgpool && !paired ? (values ? dw.bv : dw.bk)[l - 1] : nullptr;
+  float* acc = (values ? cv.acc_v : cv.acc_k) + slot_level * s.kv * pd;
+  float* ring = (values ? cv.sum_v : cv.sum_k) + (slot_level * 3 + g % 3) * s.kv * pd;
+  for_each_sum_tile<kSumHeads, kSumRanks>(
+      s, c, W, pl, paired, w, g, pos, pos + 1, x,
+      [&](int, int o) { return bias ? bias[o] : 0.0f; },
+      [&](int at, float a) {
+        const float sum = (starts ? 0.0f : acc[at]) + a;
+        if (completes) ring[at] = sum;
+        acc[at] = completes ? 0.0f : sum;
+      });
+  // Ranks past the level's (not in the tiles): zeros in a new ring entry, and the accumulator
+  // cleared where a group starts or ends, as the per-level path leaves them.
+  if (pl == s.p || !(starts || completes)) return;
+  for (int i = threadIdx.x; i < s.kv * pd; i += blockDim.x) {
+    if ((i % pd) / s.d < pl) continue;
+    if (completes) ring[i] = 0.0f;
+    acc[i] = 0.0f;
+  }
 }
 
 // The arrays a key (or its value: same layout, twin array) can live in.
@@ -919,6 +965,19 @@ void summaries(const FmaShape& s, const CacheView& c, const Downsamplers& w, con
   check_launch("accumulate");
 }
 
+void append_tokens(const FmaShape& s, const CacheView& c, const Downsamplers& w,
+                   const ChunkDesc* chunks, int n_chunks, const float* k, const float* v,
+                   cudaStream_t st) {
+  if (n_chunks == 0) return;
+  const dim3 grid(n_chunks, s.fma ? s.L : 1, 2);
+  with_sum_tile(s, [&]<int H, int R>() {
+    // A thread a tile (64 for the default model's 2 KV heads), at most 128.
+    const int threads = std::min(128, (sum_tiles<H, R>(s) + 31) / 32 * 32);
+    append_tokens_kernel<H, R><<<grid, threads, 0, st>>>(s, c, w, chunks, k, v);
+  });
+  check_launch("append_tokens");
+}
+
 bool one_pass(const FmaShape& s) {
   return s.fma && s.in <= 1 && s.kv <= op::kHeads && s.p <= 8 && s.m >= 16 &&
          (s.m & (s.m - 1)) == 0 && s.d % op::kChannels == 0 && s.L >= 1 && s.L <= kOnePassLevels;
@@ -1026,6 +1085,7 @@ void make_plan(const Config& c, int64_t cap, std::span<const SeqChunk> chunks,
                                   [](const SeqChunk& ch) { return ch.tokens.size() == 1; });
   p.one_pass = c.fma_enabled && one_pass(make_shape(c)) &&
                (kernels == SummaryKernels::OnePass || (kernels == SummaryKernels::Auto && !decode));
+  p.append = decode && kernels == SummaryKernels::Auto;
   // One-pass ranges: about 64 of them in all (8 blocks each: strips of 16 channels, keys and
   // values) fill the GPU; longer ranges write fewer partial sums of the long groups.
   size_t total = 0;
@@ -1068,17 +1128,19 @@ void make_plan(const Config& c, int64_t cap, std::span<const SeqChunk> chunks,
     for (int l = 1; l <= L; ++l) {
       const int64_t w = c.group_size(l), first = pos0 / w, end = (pos0 + T) / w;
       p.table.push_back({p.new_groups, static_cast<int>(end - first), first});
+      p.new_groups += static_cast<int>(end - first);
+      if (p.append) continue;
       for (int64_t g = first; g < end && !p.one_pass; ++g)
         for (int64_t t = std::max(g * w, pos0); t < (g + 1) * w; t += slice)
           p.done.push_back({int(ci), l, g, t, std::min(t + slice, (g + 1) * w)});
       p.filling.push_back({int(ci), l, end, 0, 0});
       // The last 3 completed groups enter the ring.
+      const int offset = p.table.back().offset;
       for (int64_t g = std::max(first, end - 3); g < end; ++g)
         for (int which : {2, 3})
-          p.commits.push_back({(p.new_groups + g - first) * group_block,
+          p.commits.push_back({(offset + g - first) * group_block,
                                ((int64_t(ch.slot) * L + l - 1) * 3 + g % 3) * group_block,
                                static_cast<int>(group_block), which});
-      p.new_groups += static_cast<int>(end - first);
     }
     // Query tiles: at most 64 queries, never across a fine block (all share one key set).
     for (int64_t i = pos0; i < pos0 + T;) {
@@ -1088,7 +1150,7 @@ void make_plan(const Config& c, int64_t cap, std::span<const SeqChunk> chunks,
       i = stop;
     }
     // The fine window keeps the chunk's last `cap` tokens.
-    for (int64_t j = std::max(pos0, pos0 + T - cap); j < pos0 + T; ++j)
+    for (int64_t j = std::max(pos0, pos0 + T - cap); j < pos0 + T && !p.append; ++j)
       for (int which : {0, 1})
         p.commits.push_back({(p.T + j - pos0) * kvd,
                              (int64_t(ch.slot) * cap + (c.fma_enabled ? j % cap : j)) * kvd,
@@ -1111,11 +1173,12 @@ void make_plan(const Config& c, int64_t cap, std::span<const SeqChunk> chunks,
     p.pos.resize(Bb, 0);
     p.T = static_cast<int>(Bb);
     p.attn.resize(Bb, AttnItem{0, 0, 0});
-    p.chunks.resize(Bb, ChunkDesc{});  // never read: they keep the step's input offsets fixed
+    // T 0: append_tokens skips them, nothing else reads them; they keep the inputs' offsets.
+    p.chunks.resize(Bb, ChunkDesc{});
     p.table.resize(Bb * L, NewGroups{});
-    p.done.resize(p.one_pass ? Bb : Bb * L, SumItem{0, 1, -1, 0, 0});
-    p.filling.resize(Bb * L, SumItem{0, 1, -1, 0, 0});
-    p.commits.resize(Bb * (2 + 2 * L), CommitItem{0, 0, 0, 0});
+    p.done.resize(p.append ? 0 : p.one_pass ? Bb : Bb * L, SumItem{0, 1, -1, 0, 0});
+    p.filling.resize(p.append ? 0 : Bb * L, SumItem{0, 1, -1, 0, 0});
+    p.commits.resize(p.append ? 0 : Bb * (2 + 2 * L), CommitItem{0, 0, 0, 0});
     p.padded = true;
   }
 }

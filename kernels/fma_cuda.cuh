@@ -6,6 +6,7 @@
 #include <cstdint>
 #include <vector>
 
+#include "../engine/src/backend_cuda.h"
 #include "ops_cuda.cuh"
 
 namespace mp::cpu {
@@ -87,10 +88,11 @@ bool one_pass(const FmaShape& s);
 std::vector<__nv_bfloat16> one_pass_taps(const cpu::Downsampler& ds, int head_dim);
 
 // The summaries of a plan: every group completed in a chunk -> new_k/new_v pool
-// [groups][kv][p*d] (zeroed first: slices add into it), and the accumulators of the groups being
-// filled after it. p.one_pass: one kernel reads each key and value once for every level (bf16
-// products on tensor cores, fp32 sums); else per-level kernels in fp32 (the reference).
-// done/filling: device copies of p.done/p.filling.
+// [groups][kv][p*d] (zeroed first where blocks add into it: per level, or one pass with a chunk
+// split over ranges; else one block writes each entry whole), and the accumulators of the groups
+// being filled after it. p.one_pass: one kernel reads each key and value once for every level
+// (bf16 products on tensor cores, fp32 sums); else per-level kernels in fp32 (the reference).
+// done/filling: device copies of p.done/p.filling. Nothing to do for p.append plans.
 void summaries(const FmaShape& s, const CacheView& c, const Downsamplers& w, const BatchPlan& p,
                const ChunkDesc* chunks, const NewGroups* table, const SumItem* done,
                const SumItem* filling, const float* k, const float* v, float* new_k,
@@ -121,6 +123,16 @@ struct CommitItem {
 void commit(const CommitItem* items, int n_items, const float* k, const float* v,
             const float* new_k, const float* new_v, const CacheView& c, cudaStream_t st);
 
+// A decode step's whole cache update, one kernel after its attention (p.append): each sequence's
+// key and value join the fine window, every level adds them to its group's accumulator, and a
+// token that completes a group writes the group's summaries straight into the ring (the entry
+// it replaces, three groups back, may be what this step's attention read). The same sums as
+// summaries + commit (the per-level kernels), without their pool, its clearing and the copies.
+// chunks: the plan's (padding entries have T 0).
+void append_tokens(const FmaShape& s, const CacheView& c, const Downsamplers& w,
+                   const ChunkDesc* chunks, int n_chunks, const float* k, const float* v,
+                   cudaStream_t st);
+
 // Everything one forward call needs, worked out on the host: the chunks, the summary, attention
 // and commit work items, and the rows whose logits are wanted.
 struct BatchPlan {
@@ -142,14 +154,12 @@ struct BatchPlan {
   // A decode step (one token per sequence, last-row logits): rows and item lists are padded to
   // decode_bucket(batch) with no-op entries, so every step of a bucket launches the same grids.
   bool padded = false;
+  // A decode step whose cache update is append_tokens (done, filling and commits empty).
+  bool append = false;
   int rows_wanted = 0;  // rows of `rows` the caller asked for (the rest is padding)
 };
 // The batch size a decode step of `batch` sequences is padded to.
 size_t decode_bucket(size_t batch);
-// Which kernels compute a plan's summaries: Auto takes the one-pass kernel for prompts and the
-// per-level ones for decode steps (not yet measured against each other there: bench_cuda's
-// decode table times both); tests and benchmarks ask for either (OnePass where one_pass() holds).
-enum class SummaryKernels { Auto, PerLevel, OnePass };
 // Fills `p` for `chunks`; slot_pos: each slot's position before the call; cap: the fine window's
 // slots per sequence. p's vectors keep their memory from step to step: once they have grown to
 // the largest batch, a step allocates nothing (allocating and freeing some 300 KB a step at

@@ -128,11 +128,11 @@ struct RopeOut {
 };
 
 // A GEMV with a residual input (GemvInput::residual) first does add_rmsnorm's work into shared
-// memory: x + add (stored to residual_out by block 0 alone: the other blocks still read x and
-// add), its RMS, and the rows bf16((x + add) / rms * w) that the product reads. All R rows at
-// once: one round trip to memory and one exchange between the warps, whatever R.
+// memory: x + add (kept in `sums`, and stored to residual_out by block 0 alone: the other blocks
+// still read x and add), its RMS, and the rows bf16((x + add) / rms * w) that the product reads.
+// All R rows at once: one round trip to memory and one exchange between the warps, whatever R.
 template <int R>
-__device__ void normed_rows(const GemvInput& in, int K, __nv_bfloat16* rows) {
+__device__ void normed_rows(const GemvInput& in, int K, float* sums, __nv_bfloat16* rows) {
   __shared__ float partial[kGemvWarpsPerBlock][R];
   __shared__ float inv[R];
   float* out = in.residual_out && blockIdx.x == 0 ? in.residual_out : nullptr;
@@ -144,6 +144,7 @@ __device__ void normed_rows(const GemvInput& in, int K, __nv_bfloat16* rows) {
     for (int r = 0; r < R; ++r) {
       const int64_t at = int64_t(r) * K + i;
       const float v = in.residual[at] + (in.add ? in.add[at] : 0.0f);
+      sums[at] = v;
       if (out) out[at] = v;
       ss[r] += v * v;
     }
@@ -164,8 +165,7 @@ __device__ void normed_rows(const GemvInput& in, int K, __nv_bfloat16* rows) {
 #pragma unroll
     for (int r = 0; r < R; ++r) {
       const int64_t at = int64_t(r) * K + i;
-      rows[at] = __float2bfloat16((in.residual[at] + (in.add ? in.add[at] : 0.0f)) * inv[r] *
-                                  in.norm_weight[i]);
+      rows[at] = __float2bfloat16(sums[at] * inv[r] * in.norm_weight[i]);
     }
   __syncthreads();
 }
@@ -175,11 +175,13 @@ __device__ void normed_rows(const GemvInput& in, int K, __nv_bfloat16* rows) {
 // of each row; the warp's sums are reduced by shuffles. K must be a multiple of 16.
 template <int R, class Rows, class Out>
 __global__ void gemv_kernel(GemvInput in, int K, Rows W, Out out) {
-  extern __shared__ __align__(16) __nv_bfloat16 normed[];  // R x K when in.residual
+  // R x K sums, then R x K normalised rows, when in.residual (kNormedGemvBytes an input)
+  extern __shared__ __align__(16) float sums[];
   const __nv_bfloat16* x = in.x;
   if constexpr (R <= kNormedGemvRows)
     if (in.residual) {
-      normed_rows<R>(in, K, normed);
+      auto* normed = reinterpret_cast<__nv_bfloat16*>(sums + R * K);
+      normed_rows<R>(in, K, sums, normed);
       x = normed;
     }
   constexpr int J = Out::kWeightRows;
@@ -222,7 +224,7 @@ void gemv_rows(const GemvInput& in, int T, int K, Rows W, Out out, cudaStream_t 
   if constexpr (R <= kGemvRows) {
     if (T != R) return gemv_rows<R + 1>(in, T, K, W, out, s);
     const int blocks = (out.warps() + kGemvWarpsPerBlock - 1) / kGemvWarpsPerBlock;
-    const size_t shared = in.residual ? size_t(R) * K * sizeof(__nv_bfloat16) : 0;
+    const size_t shared = in.residual ? size_t(R) * K * kNormedGemvBytes : 0;
     gemv_kernel<R><<<blocks, 32 * kGemvWarpsPerBlock, shared, s>>>(in, K, W, out);
   }
 }

@@ -4,11 +4,21 @@
 #include "multipole/multipole.h"
 
 namespace mp {
+namespace cuda {
+// Which kernels compute a plan's summaries. Auto: the one-pass kernel for prompts; a decode
+// step's whole cache update in one kernel after the attention (append_tokens). PerLevel: the
+// per-level kernels (fp32, the reference) for every plan, decode steps too (their summaries
+// into a pool, then copied into the ring); OnePass: the one-pass kernel for every plan where
+// one_pass() holds. Tests and benchmarks ask for the latter two.
+enum class SummaryKernels { Auto, PerLevel, OnePass };
+}  // namespace cuda
 class Communicator;
 int cuda_device_count_present();
-// The whole model on one device.
-std::unique_ptr<Backend> make_cuda_backend(std::shared_ptr<const Model> model, int n_slots,
-                                           int64_t max_context, int device);
+// The whole model on one device; `kernels`: every plan's summaries (tests and benchmarks compare
+// the fast paths with the reference).
+std::unique_ptr<Backend> make_cuda_backend(
+    std::shared_ptr<const Model> model, int n_slots, int64_t max_context, int device,
+    cuda::SummaryKernels kernels = cuda::SummaryKernels::Auto);
 // Tensor-parallel shard comm.rank() of comm.size() on `device`, as make_cpu_shard (backend_cpu.h)
 // on the CPU: its share of the heads and FFN columns, the outputs summed through `comm`.
 std::unique_ptr<Backend> make_cuda_shard(std::shared_ptr<const Model> model, int n_slots,

@@ -261,7 +261,7 @@ TEST_F(Cuda, GemvWithNormAndSwigluIsTheKernelsItReplaces) {
         }
       }
   // Rows that do not fit in shared memory, or too many of them, are refused, not truncated.
-  const int T = cuda::kNormedGemvRows, wide = 48 * 1024 / 2 / T + 16;
+  const int T = cuda::kNormedGemvRows, wide = int(48 * 1024 / cuda::kNormedGemvBytes) / T + 16;
   EXPECT_FALSE(cuda::gemv_fits(T, wide, true));
   EXPECT_TRUE(cuda::gemv_fits(T, wide, false));
   EXPECT_FALSE(cuda::gemv_fits(T + 1, K, true));
@@ -458,14 +458,24 @@ TEST_F(Cuda, BatchOfSequencesMatchesSeparateRunsAndStatesMoveBetweenBackends) {
 }
 
 // The logits of 40 decode steps of sequences at different positions, batched (replayed as a CUDA
-// graph after the first step), after prompts of lens[i] tokens (random_tokens(.., seed + i)).
-std::vector<float> batched_decode(Backend& b, const std::vector<int>& lens, uint64_t seed) {
+// graph after the first step), after prompts of lens[i] tokens (random_tokens(.., seed + i)):
+// prefilled together, or (token_by_token) fed one token a step, each sequence alone.
+std::vector<float> batched_decode(Backend& b, const std::vector<int>& lens, uint64_t seed,
+                                  bool token_by_token = false) {
   const int n = static_cast<int>(lens.size()), V = b.config().vocab_size;
   std::vector<std::vector<int>> prompts;
   for (int i = 0; i < n; ++i) prompts.push_back(random_tokens(lens[i], V, seed + i));
   std::vector<SeqChunk> pre;
   for (int i = 0; i < n; ++i) pre.push_back({b.alloc_slot(), prompts[i], false});
-  b.forward(pre);
+  if (!token_by_token) {
+    b.forward(pre);
+  } else {
+    for (const SeqChunk& p : pre)
+      for (size_t t = 0; t < p.tokens.size(); ++t) {
+        const SeqChunk one{p.slot, p.tokens.subspan(t, 1), false};
+        b.forward({&one, 1});
+      }
+  }
   std::vector<int> next(n);
   for (int i = 0; i < n; ++i) next[i] = 7 + i;
   std::vector<float> out;
@@ -489,6 +499,26 @@ TEST_F(Cuda, BatchedDecodeStepsMatchCpu) {
   auto cpu_b = make_backend(model, {.kind = "cpu", .n_slots = 3, .n_threads = 2});
   const std::vector<int> lens = {5, 70, 130};
   EXPECT_LT(rel_err(batched_decode(*gpu, lens, 20), batched_decode(*cpu_b, lens, 20)), 2e-2);
+}
+
+// Decode steps with the cache update in one kernel after the attention (append_tokens, the
+// default) against the same model on the per-level summary kernels and the commit (the
+// reference) and against the CPU, for every variant: sequences fed one token a step from
+// position 0 (each a decode step), then batched at different positions so that rows complete
+// groups at different steps, across many group boundaries of every level and (n 64) past the
+// trained length. The same sums as the reference: logits to 1e-6 (equal bits expected).
+TEST_P(CudaModel, DecodeStepsMatchThePerLevelKernelsAndCpu) {
+  const Variant v = GetParam();
+  const Config c = variant_config(v);
+  TempDir dir;
+  auto model = mp::testing::random_model(dir, c, DType::BF16, 7);
+  auto fused = make_cuda_backend(model, 3, 1024, 0);
+  auto ref = make_cuda_backend(model, 3, 1024, 0, cuda::SummaryKernels::PerLevel);
+  auto cpu_b = make_backend(model, {.kind = "cpu", .n_slots = 3, .n_threads = 2});
+  const std::vector<int> lens = {5, 70, 133};
+  const auto got = batched_decode(*fused, lens, 30, true);
+  EXPECT_LT(rel_err(got, batched_decode(*ref, lens, 30, true)), 1e-6);
+  EXPECT_LT(rel_err(got, batched_decode(*cpu_b, lens, 30, true)), 2e-2);
 }
 
 // A Q8_0 model (matrices, embedding and summary convolutions quantized, ffn_down's rows of 40
@@ -774,18 +804,28 @@ TEST(CudaPlan, DecodeStepsPadToBucketsAndSummarySlicesCoverEachGroupOnce) {
   }
   cuda::BatchPlan d;
   cuda::make_plan(c, cap, step, pos, d);
-  EXPECT_FALSE(d.one_pass);  // Auto: decode steps on the per-level kernels
+  EXPECT_FALSE(d.one_pass);
+  EXPECT_TRUE(d.append);  // Auto: a decode step's cache update is append_tokens
   EXPECT_TRUE(d.padded);
   EXPECT_EQ(d.T, 16);
   EXPECT_EQ(d.rows_wanted, 10);
   ASSERT_EQ(d.rows.size(), 16u);
   for (int r = 0; r < 16; ++r) EXPECT_EQ(d.rows[r], r);  // every row in order: none gathered
   EXPECT_EQ(d.tokens.size(), 16u);
-  EXPECT_EQ(d.chunks.size(), 16u);  // every array has the bucket's size: graphs' inputs stay put
+  ASSERT_EQ(d.chunks.size(), 16u);  // every array has the bucket's size: graphs' inputs stay put
+  for (size_t i = 0; i < 16; ++i) EXPECT_EQ(d.chunks[i].T, i < 10 ? 1 : 0) << i;  // 0: padding
   EXPECT_EQ(d.table.size(), 16u * L);
-  EXPECT_EQ(d.commits.size(), 16u * (2 + 2 * L));
   ASSERT_EQ(d.attn.size(), 16u);
   for (size_t i = 10; i < 16; ++i) EXPECT_GE(d.attn[i].q_begin, d.attn[i].q_end);
+  EXPECT_TRUE(d.done.empty());
+  EXPECT_TRUE(d.filling.empty());
+  EXPECT_TRUE(d.commits.empty());
+  // The reference: per-level summary items and commits, padded alike.
+  cuda::make_plan(c, cap, step, pos, d, cuda::SummaryKernels::PerLevel);
+  EXPECT_FALSE(d.append);
+  EXPECT_TRUE(d.padded);
+  EXPECT_EQ(d.table.size(), 16u * L);
+  EXPECT_EQ(d.commits.size(), 16u * (2 + 2 * L));
   EXPECT_EQ(d.done.size(), 16u * L);
   EXPECT_EQ(d.filling.size(), 16u * L);
   for (size_t i = 10 * L; i < d.filling.size(); ++i) EXPECT_LT(d.filling[i].group, 0);
@@ -796,6 +836,7 @@ TEST(CudaPlan, DecodeStepsPadToBucketsAndSummarySlicesCoverEachGroupOnce) {
   cuda::BatchPlan& p = d;
   cuda::make_plan(c, cap, {&chunk, 1}, {700}, p, cuda::SummaryKernels::PerLevel);
   EXPECT_FALSE(p.padded);
+  EXPECT_FALSE(p.append);
   EXPECT_FALSE(p.one_pass);
   EXPECT_EQ(p.rows_wanted, 1);
   EXPECT_EQ(p.T, 5000);
@@ -825,6 +866,7 @@ TEST(CudaPlan, DecodeStepsPadToBucketsAndSummarySlicesCoverEachGroupOnce) {
   // prompt's ranges tile it, aligned to multiples of range_tokens.
   cuda::make_plan(c, cap, step, pos, p, cuda::SummaryKernels::OnePass);
   ASSERT_TRUE(p.one_pass);
+  EXPECT_FALSE(p.append);
   EXPECT_FALSE(p.split_chunks);
   ASSERT_EQ(p.done.size(), 16u);
   for (size_t i = 0; i < 16; ++i) {
@@ -901,39 +943,103 @@ TEST_F(Cuda, OnePassSummariesMatchThePerLevelKernels) {
                        std::to_string(k.pos0) + " tokens " + std::to_string(k.tokens));
 }
 
-// The other shapes the kernel serves: avgpool, rotary key summaries, per-level ranks, rank 8
-// (one level a fragment), head_dim 16, m 16 (16-token groups at level 1), one KV head.
+// Summary shapes besides attention_config's groupedconv: avgpool, rotary key summaries,
+// per-level ranks, rank 8 (one level a one-pass fragment), head_dim 16, m 16 (16-token groups at
+// level 1), one KV head.
+struct SummaryShape {
+  const char* name;
+  Downsampling ds;
+  bool rotary;
+  int rank, d, m, kv;
+  std::vector<int> ranks;
+};
+std::vector<SummaryShape> summary_shapes() {
+  return {{"avgpool", Downsampling::AvgPool, false, 4, 64, 64, 4, {}},
+          {"rotary", Downsampling::GroupedConv, true, 4, 64, 64, 2, {}},
+          {"ranks", Downsampling::GroupedConv, false, 4, 64, 64, 4, {1, 4, 2, 3, 4}},
+          {"avgpool_ranks", Downsampling::AvgPool, false, 4, 64, 64, 4, {4, 2, 1, 4, 2}},
+          {"rank8_d16", Downsampling::GroupedConv, false, 8, 16, 16, 16, {}},
+          {"rotary_rank8_m16_kv1", Downsampling::GroupedConv, true, 8, 16, 16, 1, {}},
+          {"avgpool_rank8_m16_d32", Downsampling::AvgPool, false, 8, 32, 16, 8, {}}};
+}
+// The shape at trained length n * m / 64 (5 levels for n 4096).
+Config summary_shape_config(const SummaryShape& sh, int64_t n) {
+  Config c = mp::testing::attention_config(n * sh.m / 64, sh.kv);
+  c.fma_downsampling = sh.ds;
+  c.fma_rotary_summaries = sh.rotary;
+  c.fma_rank = sh.rank;
+  c.fma_level_ranks = sh.ranks;
+  c.head_dim = sh.d;
+  c.hidden_size = c.n_heads * sh.d;
+  c.fma_block_size = sh.m;
+  c.validate();
+  return c;
+}
+
 TEST_F(Cuda, OnePassSummariesMatchThePerLevelKernelsInEveryShape) {
-  struct Shape {
-    const char* name;
-    Downsampling ds;
-    bool rotary;
-    int rank, d, m, kv;
-    std::vector<int> ranks;
-  };
-  const std::vector<Shape> shapes = {
-      {"avgpool", Downsampling::AvgPool, false, 4, 64, 64, 4, {}},
-      {"rotary", Downsampling::GroupedConv, true, 4, 64, 64, 2, {}},
-      {"ranks", Downsampling::GroupedConv, false, 4, 64, 64, 4, {1, 4, 2, 3, 4}},
-      {"avgpool_ranks", Downsampling::AvgPool, false, 4, 64, 64, 4, {4, 2, 1, 4, 2}},
-      {"rank8_d16", Downsampling::GroupedConv, false, 8, 16, 16, 16, {}},
-      {"rotary_rank8_m16_kv1", Downsampling::GroupedConv, true, 8, 16, 16, 1, {}},
-      {"avgpool_rank8_m16_d32", Downsampling::AvgPool, false, 8, 32, 16, 8, {}}};
-  for (const Shape& sh : shapes)
+  for (const SummaryShape& sh : summary_shapes())
     for (const SummaryCase& k : {SummaryCase{4096, sh.kv, 2, 333, 100},
                                  SummaryCase{4096, sh.kv, 1, 1500, 2000},
-                                 SummaryCase{4096, sh.kv, 6, 1, 4095}}) {
-      Config c = mp::testing::attention_config(k.n * sh.m / 64, sh.kv);
-      c.fma_downsampling = sh.ds;
-      c.fma_rotary_summaries = sh.rotary;
-      c.fma_rank = sh.rank;
-      c.fma_level_ranks = sh.ranks;
-      c.head_dim = sh.d;
-      c.hidden_size = c.n_heads * sh.d;
-      c.fma_block_size = sh.m;
-      c.validate();
-      check_one_pass(c, k, std::string(sh.name) + " pos0 " + std::to_string(k.pos0));
-    }
+                                 SummaryCase{4096, sh.kv, 6, 1, 4095}})
+      check_one_pass(summary_shape_config(sh, k.n), k,
+                     std::string(sh.name) + " pos0 " + std::to_string(k.pos0));
+}
+
+// A decode step's cache update in one kernel after the attention (append_tokens) against the
+// per-level kernels and the commit, on the same random caches, keys and values: the attention's
+// output and every cache array (fine windows, summary rings, accumulators), each element to 1e-6
+// (the same fp32 sums: equal bits expected). Row b of k.batch at k.pos0 + b * pos_step.
+void check_append(const Config& c, const SummaryCase& k, int64_t pos_step, const std::string& what) {
+  mp::testing::AttentionRig rig(c, k.batch, 1, k.pos0, cuda::SummaryKernels::PerLevel, pos_step);
+  ASSERT_FALSE(rig.plan.append);
+  rig.run();
+  // The sequences' attention rows (a bucket's padding rows are not written).
+  const size_t rows = size_t(k.batch) * c.n_heads * c.head_dim;
+  auto want = rig.cache_state();
+  want.push_back(rig.output());
+  want.back().resize(rows);
+  rig.plan_summaries(cuda::SummaryKernels::Auto);
+  ASSERT_TRUE(rig.plan.append) << what;
+  rig.run();
+  auto got = rig.cache_state();
+  got.push_back(rig.output());
+  got.back().resize(rows);
+  const char* names[] = {"fine keys",        "fine values",        "key rings",       "value rings",
+                         "key accumulators", "value accumulators", "attention output"};
+  for (size_t a = 0; a < want.size(); ++a) {
+    ASSERT_EQ(got[a].size(), want[a].size());
+    size_t bad = 0, first = 0;
+    for (size_t i = 0; i < want[a].size(); ++i)
+      if (!(std::fabs(got[a][i] - want[a][i]) <= 1e-6f * (1.0f + std::fabs(want[a][i]))) &&
+          bad++ == 0)
+        first = i;
+    EXPECT_EQ(bad, 0u) << what << ", " << names[a] << ": first at " << first << ", "
+                       << got[a][first] << " against " << want[a][first];
+  }
+}
+
+// Rows at consecutive positions across block and group boundaries (each completes or starts a
+// different set of levels, or none) and at spread ones, a fresh sequence (every level starting),
+// GQA, past the trained length and past 1M (every level completing at 2^21, starting after it);
+// then every summary shape, conv too.
+TEST_F(Cuda, AppendTokensIsThePerLevelKernelsAndCommit) {
+  for (auto [k, step] : std::vector<std::pair<SummaryCase, int64_t>>{
+           {{4096, 16, 6, 1, 1020}, 1},
+           {{2048, 2, 12, 1, 4090}, 1},
+           {{1 << 20, 4, 3, 1, (1 << 21) - 2}, 1},
+           {{1 << 16, 16, 5, 1, 70001}, 451},
+           {{4096, 2, 9, 1, 63}, 64},
+           {{4096, 4, 1, 1, 0}, 0}})
+    check_append(mp::testing::attention_config(k.n, k.kv), k, step,
+                 "n " + std::to_string(k.n) + " kv " + std::to_string(k.kv) + " pos0 " +
+                     std::to_string(k.pos0) + " step " + std::to_string(step));
+  auto shapes = summary_shapes();
+  shapes.push_back({"conv_d16", Downsampling::Conv, false, 4, 16, 16, 2, {}});
+  for (const SummaryShape& sh : shapes)
+    for (auto [k, step] : std::vector<std::pair<SummaryCase, int64_t>>{
+             {{4096, sh.kv, 6, 1, 1024 * sh.m / 64 - 3}, 1}, {{4096, sh.kv, 9, 1, sh.m - 1}, sh.m}})
+      check_append(summary_shape_config(sh, k.n), k, step,
+                   std::string(sh.name) + " pos0 " + std::to_string(k.pos0));
 }
 
 

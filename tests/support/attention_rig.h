@@ -41,21 +41,22 @@ class AttentionRig {
   cuda::NewGroups* table;
   cuda::SumItem *done, *filling;
   cuda::AttnItem* attn;
+  cuda::CommitItem* commits;
   float *q, *k, *v, *out, *new_k, *new_v;
 
-  // `batch` chunks of `tokens_each` tokens, each at position pos0 of its own slot, their
-  // summaries by `kernels`.
+  // `batch` chunks of `tokens_each` tokens, chunk b at position pos0 + b * pos_step of its own
+  // slot b, their summaries by `kernels`.
   AttentionRig(const Config& cfg, int batch, int tokens_each, int64_t pos0,
-               cuda::SummaryKernels kernels = cuda::SummaryKernels::Auto)
-      : c(cfg), batch(batch), tokens_each_(tokens_each), pos0_(pos0) {
+               cuda::SummaryKernels kernels = cuda::SummaryKernels::Auto, int64_t pos_step = 0)
+      : c(cfg), batch(batch), tokens_each_(tokens_each), pos0_(pos0), pos_step_(pos_step) {
     const int L = c.n_levels(), d = c.head_dim, kv = c.n_kv_heads;
     const size_t pd = size_t(c.fma_rank) * d;
     shape = cuda::make_shape(c);
     const int64_t cap = 2 * c.fma_block_size;
-    cv = {random(batch * cap * kv * d, 1),
-          random(batch * cap * kv * d, 2),
-          random(batch * L * 3 * kv * pd, 3),
-          random(batch * L * 3 * kv * pd, 4),
+    cv = {alloc<float>(fine_floats()),
+          alloc<float>(fine_floats()),
+          alloc<float>(ring_floats()),
+          alloc<float>(ring_floats()),
           alloc<float>(accumulator_floats()),
           alloc<float>(accumulator_floats()),
           cap,
@@ -63,9 +64,10 @@ class AttentionRig {
     std::vector<const float*> ptrs(4 * L);
     std::mt19937 rng(7);
     std::normal_distribution<float> nd(0, 0.05f);
+    const size_t in = c.fma_downsampling == Downsampling::Conv ? d : 1;  // inputs an output reads
     for (int l = 1; l <= L; ++l)
       for (int which = 0; which < 2; ++which) {
-        std::vector<float> w(pd * c.group_size(l)), b(pd);
+        std::vector<float> w(pd * c.group_size(l) * in), b(pd);
         for (auto& x : w) x = nd(rng);
         for (auto& x : b) x = nd(rng);
         const cpu::Downsampler dsm = cpu::make_downsampler(c, l, which == 0, w, b);
@@ -92,25 +94,38 @@ class AttentionRig {
   AttentionRig(const AttentionRig&) = delete;
   AttentionRig& operator=(const AttentionRig&) = delete;
 
-  // Plans the chunks for `kernels` and gives the accumulators their first random values back
-  // (summaries() changes them), so that the summary kernels compare on the same inputs.
+  // Plans the chunks for `kernels` and gives the caches their first random values back (the
+  // summaries and the cache updates change them), so that the kernels compare on the same inputs.
   void plan_summaries(cuda::SummaryKernels kernels) {
     std::vector<int> ids(tokens_each_, 0);
     std::vector<SeqChunk> sc;
-    for (int b = 0; b < batch; ++b) sc.push_back({b, ids, false});
-    cuda::make_plan(c, cv.cap, sc, std::vector<int64_t>(batch, pos0_), plan, kernels);
+    std::vector<int64_t> pos;
+    for (int b = 0; b < batch; ++b) {
+      sc.push_back({b, ids, false});
+      pos.push_back(pos0_ + b * pos_step_);
+    }
+    cuda::make_plan(c, cv.cap, sc, pos, plan, kernels);
     chunks = copy(plan.chunks);
     table = copy(plan.table);
     done = copy(plan.done);
     filling = copy(plan.filling);
     attn = copy(plan.attn);
+    commits = copy(plan.commits);
+    fill_random(cv.fine_k, fine_floats(), 1);
+    fill_random(cv.fine_v, fine_floats(), 2);
+    fill_random(cv.sum_k, ring_floats(), 3);
+    fill_random(cv.sum_v, ring_floats(), 4);
     fill_random(cv.acc_k, accumulator_floats(), 5);
     fill_random(cv.acc_v, accumulator_floats(), 6);
   }
 
+  // The new summaries' pool cleared as the backend clears it, where blocks add into it; else
+  // (its entries all the plan's new groups) filled with NaNs (0xff bytes), which show any entry
+  // the kernels leave unwritten.
   void summaries() const {
-    cuda::check(cudaMemsetAsync(new_k, 0, pool_floats() * 4), "memset");
-    cuda::check(cudaMemsetAsync(new_v, 0, pool_floats() * 4), "memset");
+    const int fill = plan.one_pass && !plan.split_chunks && plan.new_groups > 0 ? 0xff : 0;
+    cuda::check(cudaMemsetAsync(new_k, fill, pool_floats() * 4), "memset");
+    cuda::check(cudaMemsetAsync(new_v, fill, pool_floats() * 4), "memset");
     cuda::summaries(shape, cv, ds, plan, chunks, table, done, filling, k, v, new_k, new_v,
                     nullptr);
   }
@@ -130,9 +145,32 @@ class AttentionRig {
     cuda::attention(shape, cv, chunks, table, attn, int(plan.attn.size()), plan.padded, q, k, v,
                     new_k, new_v, out, out_bf16, nullptr, tensor_cores);
   }
+  // One layer's attention step as the backend runs it: summaries, attention and commit, or (a
+  // decode step's plan.append) attention and append_tokens.
   void run() const {
+    if (plan.append) {
+      attend();
+      cuda::append_tokens(shape, cv, ds, chunks, int(plan.chunks.size()), k, v, nullptr);
+      return;
+    }
     summaries();
     attend();
+    cuda::commit(commits, int(plan.commits.size()), k, v, new_k, new_v, cv, nullptr);
+  }
+  // The caches after run(): fine keys and values, summary rings, accumulators.
+  std::vector<std::vector<float>> cache_state() const {
+    std::vector<std::vector<float>> out;
+    for (auto [p, n] : std::initializer_list<std::pair<const float*, size_t>>{
+             {cv.fine_k, fine_floats()},
+             {cv.fine_v, fine_floats()},
+             {cv.sum_k, ring_floats()},
+             {cv.sum_v, ring_floats()},
+             {cv.acc_k, accumulator_floats()},
+             {cv.acc_v, accumulator_floats()}}) {
+      out.emplace_back(n);
+      cuda::check(cudaMemcpy(out.back().data(), p, n * 4, cudaMemcpyDeviceToHost), "download");
+    }
+    return out;
   }
   std::vector<float> output() const {
     std::vector<float> h(size_t(plan.T) * c.n_heads * c.head_dim);
@@ -143,10 +181,14 @@ class AttentionRig {
  private:
   std::vector<void*> owned_;
   int tokens_each_;
-  int64_t pos0_;
+  int64_t pos0_, pos_step_;
 
   size_t accumulator_floats() const {
     return size_t(batch) * c.n_levels() * c.n_kv_heads * c.fma_rank * c.head_dim;
+  }
+  size_t ring_floats() const { return 3 * accumulator_floats(); }
+  size_t fine_floats() const {
+    return size_t(batch) * 2 * c.fma_block_size * c.n_kv_heads * c.head_dim;
   }
 
   size_t pool_floats() const {
