@@ -8,7 +8,8 @@
 # multipole-server with --devices 0 against --devices all under bench/loadgen (a step loop per
 # GPU). Binaries come from scripts/gpu_bundle.sh (carried in .carry/gpu); NCCL is PyTorch's
 # (loaded at run time). Results go to $OUT.
-# BATCHES (default "64 256"): batches per GPU; SKIP_TESTS=1, SKIP_SERVER=1 skip those parts.
+# BATCHES (default "64 256"): batches per GPU; SKIP_TESTS=1, SKIP_TP=1, SKIP_SERVER=1 skip those
+# parts.
 set -uo pipefail
 # NCCL for tensor parallelism: the PyTorch wheel's nvidia/nccl/lib (libnccl.so.2).
 nccl=$(python3 -c 'import nvidia.nccl as n, os; print(os.path.join(list(n.__path__)[0], "lib"))' \
@@ -31,7 +32,7 @@ for batch in ${BATCHES:-64 256}; do
     rm -f "$out"/alone*
   fi
 done
-if [ "$gpus" -ge 2 ]; then
+if [ "$gpus" -ge 2 ] && [ -z "${SKIP_TP:-}" ]; then
   for batch in 1 ${BATCHES:-64 256}; do
     timeout 300 "$bin/bench_multigpu" models/default.gguf --tensor-parallel 2 --batch "$batch" \
       2>&1 | tee -a "$out/bench_multigpu.md"

@@ -211,7 +211,12 @@ TEST(Backend, RejectsBadChunks) {
   EXPECT_THROW(b->forward({&c1, 1}), Error);
   SeqChunk c2{s + 1, std::span<const int>(bad).first(1), false};
   EXPECT_THROW(b->forward({&c2, 1}), Error);
+  const SeqChunk twice[2] = {{s, std::span<const int>(bad).first(1), false},
+                             {s, std::span<const int>(bad).first(1), false}};
+  EXPECT_THROW(b->forward(twice), Error);
   EXPECT_EQ(b->slot_pos(s), 0);  // nothing was appended
+  b->forward({twice, 1});        // what the refused batches saw of the slot is forgotten
+  EXPECT_EQ(b->slot_pos(s), 1);
 }
 
 // A long generation's attention grows peaky, and its softmax weights fall below fp32's normal
