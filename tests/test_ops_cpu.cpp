@@ -115,24 +115,34 @@ TEST_F(CpuOps, Bf16ProductsEqualTheDotProductLoop) {
   const int shapes[][2] = {{37, 29}, {100, 130}, {1024, 384}, {384, 2049}};  // K, N
   for (auto [K, N] : shapes) {
     std::vector<float> wf;
-    const cpu::Matrix w = bf16_matrix(N, K, rng, wf);
+    const cpu::Matrix rows = bf16_matrix(N, K, rng, wf);
+    const cpu::Matrix packed = [&] {  // the weights in oneDNN's layout, as the backend keeps them
+      cpu::Matrix m = rows;
+      cpu::pack_for_bf16_products(m);
+      return m;
+    }();
+    ASSERT_TRUE(packed.packed) << "K " << K << " N " << N;
     for (int T : {9, 16, 17, 512, 513}) {
       const std::vector<float> x = random_floats(size_t(T) * K, rng);
       std::vector<float> want(size_t(T) * N), rounded_x(x.size()), once(want.size());
       cpu::matmul_reference(x.data(), T, K, wf.data(), N, want.data());
       for (size_t i = 0; i < x.size(); ++i) rounded_x[i] = bf16_to_f32(f32_to_bf16(x[i]));
       cpu::matmul_reference(rounded_x.data(), T, K, wf.data(), N, once.data());
-      for (int threads : {1, 2}) {
-        omp_set_num_threads(threads);
-        std::vector<float> got(want.size(), NAN);
-        cpu::matmul(x.data(), T, w, got.data(), {}, cpu::Activations::SplitBf16);
-        EXPECT_LT(rel_err(got, want), 1e-5) << "K " << K << " N " << N << " T " << T;
-        EXPECT_LT(rel_err(got, want), 0.02 * rel_err(once, want)) << "K " << K << " N " << N;
-        // Rounded once (llama.cpp's way): the fp32 loop over the rounded activations, 1e-5.
-        std::fill(got.begin(), got.end(), NAN);
-        cpu::matmul(x.data(), T, w, got.data(), {}, cpu::Activations::Bf16);
-        EXPECT_LT(rel_err(got, once), 1e-5) << "rounded once: K " << K << " N " << N << " T " << T;
-      }
+      for (int threads : {1, 2})
+        for (const cpu::Matrix* w : {&rows, &packed}) {
+          omp_set_num_threads(threads);
+          const std::string what = std::string(w->packed ? "packed" : "rows") + " K " +
+                                   std::to_string(K) + " N " + std::to_string(N) + " T " +
+                                   std::to_string(T);
+          std::vector<float> got(want.size(), NAN);
+          cpu::matmul(x.data(), T, *w, got.data(), {}, cpu::Activations::SplitBf16);
+          EXPECT_LT(rel_err(got, want), 1e-5) << what;
+          EXPECT_LT(rel_err(got, want), 0.02 * rel_err(once, want)) << what;
+          // Rounded once (llama.cpp's way): the fp32 loop over the rounded activations, 1e-5.
+          std::fill(got.begin(), got.end(), NAN);
+          cpu::matmul(x.data(), T, *w, got.data(), {}, cpu::Activations::Bf16);
+          EXPECT_LT(rel_err(got, once), 1e-5) << "rounded once: " << what;
+        }
     }
   }
 }

@@ -63,12 +63,15 @@ class CpuBackend final : public Backend {
       const cpu::Matrix m = cpu::to_matrix({&t});
       return comm ? cpu::sub_matrix(m, 0, m.N, int(rank * n), int(n)) : m;
     };
-    auto keep = [&](cpu::Matrix m) {
+    // A matrix of products (product: also of prefill's, packed for them where they are bf16).
+    auto keep = [&](cpu::Matrix m, bool product = true) {
       if (!m.is_f32()) wide_.resize(std::max(wide_.size(), size_t(m.N) * m.K));
+      if (product && activations_ != cpu::Activations::Fp32) cpu::pack_for_bf16_products(m);
       return m;
     };
     const int64_t qs = c_.n_heads * d, kvs = c_.n_kv_heads * d, Fs = c_.intermediate_size;
-    embed_ = keep(cpu::to_matrix({&model_->tensor(tn::token_embd(), {V, H})}));
+    embed_ = keep(cpu::to_matrix({&model_->tensor(tn::token_embd(), {V, H})}),
+                  c_.tie_word_embeddings);  // (else only its rows are read)
     for (int i = 0; i < c_.n_layers; ++i) {
       LayerWeights l;
       auto w = [&](const char* name, int64_t r, int64_t c) -> const TensorView& {

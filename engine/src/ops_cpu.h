@@ -2,6 +2,7 @@
 #pragma once
 
 #include <cstdint>
+#include <memory>
 #include <span>
 #include <vector>
 
@@ -29,6 +30,9 @@ enum class Activations { Fp32, SplitBf16, Bf16 };
 // 2 threads".
 std::string kernels_summary(int n_threads, Activations activations);
 
+// bf16 weights in the layout of oneDNN's bf16 products (pack_for_bf16_products).
+struct PackedBf16;
+
 // A weight matrix W[N][K] as the CPU backend keeps it: bf16 weights stay bf16 (half the bytes
 // to stream per token; widening bf16 to fp32 is exact), Q8_0 weights stay int8 with one scale per
 // block of 32 (the fp16 scales widened, exactly: W[n][k] = q8_scale[(n*K + k) / 32] * q8[n*K + k]),
@@ -39,6 +43,7 @@ struct Matrix {
   std::vector<int8_t> q8;
   std::vector<float> q8_scale;
   std::vector<float> f32;
+  std::shared_ptr<const PackedBf16> packed;  // null unless pack_for_bf16_products made it
   bool is_bf16() const { return !bf16.empty(); }
   bool is_q8() const { return !q8.empty(); }
   bool is_f32() const { return !f32.empty(); }
@@ -74,6 +79,11 @@ constexpr int kGemvRows = 8;
 // such hardware, active_products() is OneDnn and active_isa() is avx512 (so
 // MULTIPOLE_CPU_ISA=avx2 turns them off as a CPU without AVX-512 would).
 bool bf16_products_available();
+// Gives m, where it has bf16 weights and bf16_products_available(), a copy of them in the layout
+// oneDNN's bf16 products read (else a product reorders W into it at every call: 6.5 % of a
+// prefill's time). Costs the matrix's bf16 bytes again; products of 1-8 rows keep reading
+// m.bf16. Sub-matrices and stacks of m are made without it.
+void pack_for_bf16_products(Matrix& m);
 
 // y[T][N] = x[T][K] * W^T. T <= kGemvRows: the hand-written kernels of active_isa() (Q8_0:
 // each block's weights dequantized in registers); more rows: with bf16 activations (SplitBf16,
