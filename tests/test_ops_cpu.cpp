@@ -246,16 +246,20 @@ TEST_F(CpuOps, VectorExpSwigluAndSoftmaxEqualTheScalarFormulas) {
       ASSERT_NEAR(y[i] / std::exp(double(x[i])), 1.0, 1e-6) << cpu::isa_name(isa) << " x " << x[i];
     for (int threads : {1, 2}) {
       omp_set_num_threads(threads);
-      for (int64_t n : {int64_t(3), int64_t(x.size()), int64_t(300000)}) {
-        std::vector<float> g(n), uu(n);
-        for (int64_t i = 0; i < n; ++i) g[i] = g0[i % g0.size()], uu[i] = u[(i * 7) % u.size()];
-        std::vector<float> want(n);
+      // T rows of [gate | up], F each (300 x 1000: the rows in parallel).
+      for (auto [T, F] : {std::pair{1, 3}, {1, int(x.size())}, {5, 37}, {300, 1000}}) {
+        const int64_t n = int64_t(T) * F;
+        std::vector<float> gu(2 * n), want(n), y(n, NAN);
+        for (int64_t i = 0; i < n; ++i) {
+          const float g = g0[i % g0.size()], up = u[(i * 7) % u.size()];
+          gu[(i / F) * 2 * F + i % F] = g;
+          gu[(i / F) * 2 * F + F + i % F] = up;
+          want[i] = float(double(g) / (1.0 + std::exp(-double(g))) * up);
+        }
+        cpu::swiglu(gu.data(), T, F, y.data());
         for (int64_t i = 0; i < n; ++i)
-          want[i] = float(double(g[i]) / (1.0 + std::exp(-double(g[i]))) * uu[i]);
-        cpu::swiglu(g.data(), uu.data(), n);
-        for (int64_t i = 0; i < n; ++i)
-          ASSERT_NEAR(g[i], want[i], 1e-6 * std::abs(want[i]) + 1e-35)  // exp(88): 1e-37, not 0
-              << cpu::isa_name(isa) << " n " << n << " at " << i;
+          ASSERT_NEAR(y[i], want[i], 1e-6 * std::abs(want[i]) + 1e-35)  // exp(88): 1e-37, not 0
+              << cpu::isa_name(isa) << " T " << T << " F " << F << " at " << i;
       }
     }
     for (int n : {1, 7, 16, 37, 232}) {

@@ -159,14 +159,15 @@ class CpuBackend final : public Backend {
       row0.push_back(T);
       T += static_cast<int>(ch.tokens.size());
     }
-    // Activations live in buffers that only grow: a one-token step allocates none of them.
+    // Activations live in buffers that only grow (their first T rows are used): a one-token
+    // step allocates none of them, and the next prefill does not zero-fill them again.
     auto rows_of = [T](std::vector<float>& buf, int width) -> std::vector<float>& {
-      buf.resize(size_t(T) * width);
+      if (buf.size() < size_t(T) * width) buf.resize(size_t(T) * width);
       return buf;
     };
     auto &x = rows_of(x_, H), &h = rows_of(h_, H), &q = rows_of(q_, nh * d),
          &k = rows_of(k_, nkv * d), &v = rows_of(v_, nkv * d), &att = rows_of(att_, nh * d),
-         &g = rows_of(g_, F), &u = rows_of(u_, F),
+         &g = rows_of(g_, F),
          &stacked = rows_of(stacked_, 2 * F + (nh + 2 * nkv) * d);
     // Splits each row of `stacked` (width: the parts' sum) into the parts.
     auto split = [&](std::initializer_list<std::pair<std::vector<float>*, int>> parts) {
@@ -190,6 +191,11 @@ class CpuBackend final : public Backend {
       for (int t = 0; t < static_cast<int>(chunks[c].tokens.size()); ++t)
         for (int hd = 0; hd < nh; ++hd) items.push_back({static_cast<int>(c), t, hd});
 
+    std::vector<cpu::RopeTable> rope;  // each chunk's, for every layer
+    for (size_t c = 0; c < chunks.size(); ++c)
+      rope.push_back(cpu::rope_table(int(chunks[c].tokens.size()), d, slots_[chunks[c].slot].pos,
+                                     c_.rope_theta, c_.rope_linear_factor));
+
     for (int li = 0; li < c_.n_layers; ++li) {
       const LayerWeights& w = layers_[li];
       cpu::rmsnorm(x.data(), w.attn_norm.data(), T, H, c_.rms_norm_eps, h.data());
@@ -200,10 +206,8 @@ class CpuBackend final : public Backend {
       for (size_t c = 0; c < chunks.size(); ++c) {
         const int n = static_cast<int>(chunks[c].tokens.size());
         const int64_t pos0 = slots_[chunks[c].slot].pos;
-        cpu::rope(q.data() + size_t(row0[c]) * nh * d, n, nh, d, pos0, c_.rope_theta,
-                  c_.rope_linear_factor);
-        cpu::rope(k.data() + size_t(row0[c]) * nkv * d, n, nkv, d, pos0, c_.rope_theta,
-                  c_.rope_linear_factor);
+        cpu::rope(q.data() + size_t(row0[c]) * nh * d, nh, rope[c]);
+        cpu::rope(k.data() + size_t(row0[c]) * nkv * d, nkv, rope[c]);
         ca.emplace_back(c_, w.ds, slots_[chunks[c].slot].layers[li], pos0, n,
                         q.data() + size_t(row0[c]) * nh * d, k.data() + size_t(row0[c]) * nkv * d,
                         v.data() + size_t(row0[c]) * nkv * d);
@@ -221,14 +225,13 @@ class CpuBackend final : public Backend {
       for (auto& a : ca) a.commit();
       matmul(att, T, w.wo, h);
       if (comm_) comm_->all_reduce_sum(h.data(), size_t(T) * H, nullptr);  // the heads' parts
-      for (size_t i = 0; i < x.size(); ++i) x[i] += h[i];
+      for (size_t i = 0; i < size_t(T) * H; ++i) x[i] += h[i];
       cpu::rmsnorm(x.data(), w.ffn_norm.data(), T, H, c_.rms_norm_eps, h.data());
       matmul(h, T, w.gate_up, stacked);
-      split({{&g, F}, {&u, F}});
-      cpu::swiglu(g.data(), u.data(), int64_t(T) * F);
+      cpu::swiglu(stacked.data(), T, F, g.data());
       matmul(g, T, w.down, h);
       if (comm_) comm_->all_reduce_sum(h.data(), size_t(T) * H, nullptr);  // the FFN's parts
-      for (size_t i = 0; i < x.size(); ++i) x[i] += h[i];
+      for (size_t i = 0; i < size_t(T) * H; ++i) x[i] += h[i];
     }
     for (const auto& ch : chunks) slots_[ch.slot].pos += static_cast<int64_t>(ch.tokens.size());
 
@@ -255,7 +258,7 @@ class CpuBackend final : public Backend {
   std::vector<float> out_norm_;
   std::vector<LayerWeights> layers_;
   std::vector<float> wide_;  // bf16/Q8_0 weights widened for oneDNN's sgemm (the largest such)
-  std::vector<float> x_, h_, q_, k_, v_, att_, g_, u_, stacked_;  // activations, [T][width]
+  std::vector<float> x_, h_, q_, k_, v_, att_, g_, stacked_;  // activations, [T][width]
   std::vector<cpu::SeqCache> slots_;
   std::vector<bool> in_use_;
 };

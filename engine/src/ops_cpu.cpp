@@ -886,44 +886,55 @@ void rmsnorm(const float* x, const float* w, int T, int n, float eps, float* y) 
   }
 }
 
-void rope(float* x, int T, int heads, int d, int64_t pos0, float theta, float linear_factor) {
+RopeTable rope_table(int T, int d, int64_t pos0, float theta, float linear_factor) {
   const int half = d / 2;
+  RopeTable table{T, d, std::vector<float>(size_t(T) * half), std::vector<float>(size_t(T) * half)};
   std::vector<double> inv_freq(half);
   for (int i = 0; i < half; ++i) inv_freq[i] = std::pow(double(theta), -2.0 * i / d);
-#pragma omp parallel if (T >= 64)
-  {
-    std::vector<float> cs(half), sn(half);
-#pragma omp for schedule(static)
-    for (int t = 0; t < T; ++t) {
+#pragma omp parallel for schedule(static) if (T >= 64)
+  for (int t = 0; t < T; ++t)
+    for (int i = 0; i < half; ++i) {
+      const double a = double(pos0 + t) / linear_factor * inv_freq[i];
+      table.cos[size_t(t) * half + i] = static_cast<float>(std::cos(a));
+      table.sin[size_t(t) * half + i] = static_cast<float>(std::sin(a));
+    }
+  return table;
+}
+
+void rope(float* x, int heads, const RopeTable& table) {
+  const int T = table.T, d = table.d, half = d / 2;
+#pragma omp parallel for schedule(static) if (T >= 64)
+  for (int t = 0; t < T; ++t) {
+    const float* cs = table.cos.data() + size_t(t) * half;
+    const float* sn = table.sin.data() + size_t(t) * half;
+    for (int h = 0; h < heads; ++h) {
+      float* v = x + (int64_t(t) * heads + h) * d;
       for (int i = 0; i < half; ++i) {
-        const double a = double(pos0 + t) / linear_factor * inv_freq[i];
-        cs[i] = static_cast<float>(std::cos(a));
-        sn[i] = static_cast<float>(std::sin(a));
-      }
-      for (int h = 0; h < heads; ++h) {
-        float* v = x + (int64_t(t) * heads + h) * d;
-        for (int i = 0; i < half; ++i) {
-          const float a = v[i], b = v[i + half];
-          v[i] = a * cs[i] - b * sn[i];
-          v[i + half] = b * cs[i] + a * sn[i];
-        }
+        const float a = v[i], b = v[i + half];
+        v[i] = a * cs[i] - b * sn[i];
+        v[i + half] = b * cs[i] + a * sn[i];
       }
     }
   }
 }
 
-void swiglu(float* g, const float* u, int64_t n) {
+void rope(float* x, int T, int heads, int d, int64_t pos0, float theta, float linear_factor) {
+  rope(x, heads, rope_table(T, d, pos0, theta, linear_factor));
+}
+
+void swiglu(const float* gu, int T, int F, float* y) {
   const Isa isa = active_isa();
-  constexpr int64_t kPart = 16384;  // elements per task
-#pragma omp parallel for schedule(static) if (n >= 4 * kPart)
-  for (int64_t i = 0; i < n; i += kPart) {
-    const int64_t len = std::min(kPart, n - i);
+#pragma omp parallel for schedule(static) if (int64_t(T) * F >= 65536)
+  for (int t = 0; t < T; ++t) {
+    const float* g = gu + size_t(t) * 2 * F;
+    const float* u = g + F;
+    float* out = y + size_t(t) * F;
     if (isa == Isa::Avx512)
-      avx512::swiglu(g + i, u + i, len);
+      avx512::swiglu(g, u, out, F);
     else if (isa == Isa::Avx2)
-      avx2::swiglu(g + i, u + i, len);
+      avx2::swiglu(g, u, out, F);
     else
-      for (int64_t j = i; j < i + len; ++j) g[j] = g[j] / (1.0f + std::exp(-g[j])) * u[j];
+      for (int i = 0; i < F; ++i) out[i] = g[i] / (1.0f + std::exp(-g[i])) * u[i];
   }
 }
 

@@ -104,13 +104,23 @@ void scaled_dots(const float* q, const float* rows, int64_t stride, int n, int d
 void add_weighted_rows(const float* p, const float* rows, int64_t stride, int n, int d, float* out);
 // y[t] = x[t] / rms(x[t]) * w, rows of n
 void rmsnorm(const float* x, const float* w, int T, int n, float eps, float* y);
-// Rotates the first `heads` vectors of d in each of T rows (row stride heads*d), Hugging Face's
-// rotate-half convention, row t at position (pos0 + t) / linear_factor (linear RoPE scaling).
+// RoPE's cos and sin for T rows of head size d, row t at position (pos0 + t) / linear_factor
+// (linear RoPE scaling): [T][d/2] each. Made once per step, used by every layer.
+struct RopeTable {
+  int T = 0, d = 0;
+  std::vector<float> cos, sin;
+};
+RopeTable rope_table(int T, int d, int64_t pos0, float theta, float linear_factor);
+// Rotates the first `heads` vectors of d in each of table.T rows (row stride heads*d), Hugging
+// Face's rotate-half convention.
+void rope(float* x, int heads, const RopeTable& table);
+// The same with the table made for this call.
 void rope(float* x, int T, int heads, int d, int64_t pos0, float theta, float linear_factor);
 // The elementwise exps below go through active_isa()'s vector exp (2 ulp where exp(x) is a
 // normal float; 1.6e-38 below exp(-87); scalar: std::exp, the former loops).
-// g[i] = silu(g[i]) * u[i]
-void swiglu(float* g, const float* u, int64_t n);
+// y[t][i] = silu(gu[t][i]) * gu[t][F + i]: rows of [gate | up] as their stacked product gives
+// them, y [T][F]
+void swiglu(const float* gu, int T, int F, float* y);
 // s[j] = exp(s[j] - max) / sum (the attention's scores, in place)
 void softmax(float* s, int n);
 // y[i] = exp(x[i]) for x in [-87, 88] (the tests' way to the vector exp itself)
