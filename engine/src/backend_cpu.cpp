@@ -185,11 +185,21 @@ class CpuBackend final : public Backend {
       for (size_t t = 0; t < chunks[c].tokens.size(); ++t)
         embed_.row(chunks[c].tokens[t], x.data() + (row0[c] + t) * H);
 
-    // (chunk, token, head) work items for the attention, in parallel over all of them.
-    std::vector<std::array<int, 3>> items;
-    for (size_t c = 0; c < chunks.size(); ++c)
-      for (int t = 0; t < static_cast<int>(chunks[c].tokens.size()); ++t)
-        for (int hd = 0; hd < nh; ++hd) items.push_back({static_cast<int>(c), t, hd});
+    // (chunk, first token, tokens, head) work items for the attention, in parallel over all of
+    // them: up to kBlockQueries tokens of one FMA block each (ChunkAttention::attend_block).
+    constexpr int kBlockQueries = 16;
+    const int m = c_.fma_enabled ? c_.fma_block_size : kBlockQueries;
+    std::vector<std::array<int, 4>> items;
+    for (size_t c = 0; c < chunks.size(); ++c) {
+      const int n = static_cast<int>(chunks[c].tokens.size());
+      const int64_t pos0 = slots_[chunks[c].slot].pos;
+      for (int t = 0; t < n;) {
+        const int64_t block_end = ((pos0 + t) / m + 1) * m;
+        const int nq = static_cast<int>(std::min<int64_t>({kBlockQueries, n - t, block_end - pos0 - t}));
+        for (int hd = 0; hd < nh; ++hd) items.push_back({static_cast<int>(c), t, nq, hd});
+        t += nq;
+      }
+    }
 
     std::vector<cpu::RopeTable> rope;  // each chunk's, for every layer
     for (size_t c = 0; c < chunks.size(); ++c)
@@ -213,13 +223,14 @@ class CpuBackend final : public Backend {
                         v.data() + size_t(row0[c]) * nkv * d);
       }
       // A one-token step's few heads are not worth a thread start-up.
-#pragma omp parallel if (items.size() >= 32)
+#pragma omp parallel if (T * nh >= 32)
       {
         std::vector<float> scratch;
-#pragma omp for schedule(dynamic, 4)
+#pragma omp for schedule(dynamic)
         for (size_t it = 0; it < items.size(); ++it) {
-          const auto [c, t, hd] = items[it];
-          ca[c].attend(t, hd, att.data() + (size_t(row0[c] + t) * nh + hd) * d, scratch);
+          const auto [c, t, nq, hd] = items[it];
+          ca[c].attend_block(t, nq, hd, att.data() + (size_t(row0[c] + t) * nh + hd) * d,
+                             int64_t{nh} * d, scratch);
         }
       }
       for (auto& a : ca) a.commit();

@@ -874,6 +874,32 @@ void add_weighted_rows(const float* p, const float* rows, int64_t stride, int n,
   }
 }
 
+void scaled_dots_rows(const float* q, int64_t q_stride, int nq, const float* rows, int64_t stride,
+                      int n, int d, float scale, float* s, int64_t s_stride) {
+  switch (active_isa()) {
+    case Isa::Avx512:
+      return avx512::scaled_dots_rows(q, q_stride, nq, rows, stride, n, d, scale, s, s_stride);
+    case Isa::Avx2:
+      return avx2::scaled_dots_rows(q, q_stride, nq, rows, stride, n, d, scale, s, s_stride);
+    case Isa::Scalar:
+      for (int a = 0; a < nq; ++a)
+        scaled_dots(q + a * q_stride, rows, stride, n, d, scale, s + a * s_stride);
+  }
+}
+
+void add_weighted_rows_rows(const float* p, int64_t p_stride, int nq, const float* rows,
+                            int64_t stride, int n, int d, float* out, int64_t out_stride) {
+  switch (active_isa()) {
+    case Isa::Avx512:
+      return avx512::add_weighted_rows_rows(p, p_stride, nq, rows, stride, n, d, out, out_stride);
+    case Isa::Avx2:
+      return avx2::add_weighted_rows_rows(p, p_stride, nq, rows, stride, n, d, out, out_stride);
+    case Isa::Scalar:
+      for (int a = 0; a < nq; ++a)
+        add_weighted_rows(p + a * p_stride, rows, stride, n, d, out + a * out_stride);
+  }
+}
+
 // --- Elementwise operations (rows in parallel where enough of them pay for the threads) ------
 
 void rmsnorm(const float* x, const float* w, int T, int n, float eps, float* y) {

@@ -102,6 +102,13 @@ void scaled_dots(const float* q, const float* rows, int64_t stride, int n, int d
                  float* s);
 // out[0..d) += sum_j p[j] * row[j]
 void add_weighted_rows(const float* p, const float* rows, int64_t stride, int n, int d, float* out);
+// The same for nq queries over the same rows, several at once (each row loaded once for them):
+// query a's q at q + a*q_stride, its scores at s + a*s_stride (p at p + a*p_stride, out at out +
+// a*out_stride). Scalar: the single-query functions above, query by query.
+void scaled_dots_rows(const float* q, int64_t q_stride, int nq, const float* rows, int64_t stride,
+                      int n, int d, float scale, float* s, int64_t s_stride);
+void add_weighted_rows_rows(const float* p, int64_t p_stride, int nq, const float* rows,
+                            int64_t stride, int n, int d, float* out, int64_t out_stride);
 // y[t] = x[t] / rms(x[t]) * w, rows of n
 void rmsnorm(const float* x, const float* w, int T, int n, float eps, float* y);
 // RoPE's cos and sin for T rows of head size d, row t at position (pos0 + t) / linear_factor
