@@ -173,6 +173,7 @@ class CpuBackend final : public Backend {
     auto split = [&](std::initializer_list<std::pair<std::vector<float>*, int>> parts) {
       int width = 0;
       for (const auto& part : parts) width += part.second;
+#pragma omp parallel for schedule(static) if (T >= 64)
       for (int t = 0; t < T; ++t) {
         const float* row = stacked.data() + size_t(t) * width;
         for (const auto& [buf, n] : parts) {
@@ -180,6 +181,12 @@ class CpuBackend final : public Backend {
           row += n;
         }
       }
+    };
+    // x += h, the residual connection.
+    auto add_h_to_x = [&] {
+      const int64_t n = int64_t(T) * H;
+#pragma omp parallel for simd schedule(static) if (T >= 64)
+      for (int64_t i = 0; i < n; ++i) x[i] += h[i];
     };
     for (size_t c = 0; c < chunks.size(); ++c)
       for (size_t t = 0; t < chunks[c].tokens.size(); ++t)
@@ -236,13 +243,13 @@ class CpuBackend final : public Backend {
       for (auto& a : ca) a.commit();
       matmul(att, T, w.wo, h);
       if (comm_) comm_->all_reduce_sum(h.data(), size_t(T) * H, nullptr);  // the heads' parts
-      for (size_t i = 0; i < size_t(T) * H; ++i) x[i] += h[i];
+      add_h_to_x();
       cpu::rmsnorm(x.data(), w.ffn_norm.data(), T, H, c_.rms_norm_eps, h.data());
       matmul(h, T, w.gate_up, stacked);
       cpu::swiglu(stacked.data(), T, F, g.data());
       matmul(g, T, w.down, h);
       if (comm_) comm_->all_reduce_sum(h.data(), size_t(T) * H, nullptr);  // the FFN's parts
-      for (size_t i = 0; i < size_t(T) * H; ++i) x[i] += h[i];
+      add_h_to_x();
     }
     for (const auto& ch : chunks) slots_[ch.slot].pos += static_cast<int64_t>(ch.tokens.size());
 
