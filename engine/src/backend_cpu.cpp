@@ -202,7 +202,8 @@ class CpuBackend final : public Backend {
       const int64_t pos0 = slots_[chunks[c].slot].pos;
       for (int t = 0; t < n;) {
         const int64_t block_end = ((pos0 + t) / m + 1) * m;
-        const int nq = static_cast<int>(std::min<int64_t>({kBlockQueries, n - t, block_end - pos0 - t}));
+        const int nq =
+            static_cast<int>(std::min<int64_t>({kBlockQueries, n - t, block_end - pos0 - t}));
         for (int hd = 0; hd < nh; ++hd) items.push_back({static_cast<int>(c), t, nq, hd});
         t += nq;
       }
