@@ -173,20 +173,19 @@ class CpuBackend final : public Backend {
     auto split = [&](std::initializer_list<std::pair<std::vector<float>*, int>> parts) {
       int width = 0;
       for (const auto& part : parts) width += part.second;
-#pragma omp parallel for schedule(static) if (T >= 64)
-      for (int t = 0; t < T; ++t) {
-        const float* row = stacked.data() + size_t(t) * width;
+      cpu::parallel_for(T, T >= 64, [&](int64_t t) {
+        const float* row = stacked.data() + t * width;
         for (const auto& [buf, n] : parts) {
-          std::copy_n(row, n, buf->data() + size_t(t) * n);
+          std::copy_n(row, n, buf->data() + t * n);
           row += n;
         }
-      }
+      });
     };
     // x += h, the residual connection.
     auto add_h_to_x = [&] {
-      const int64_t n = int64_t(T) * H;
-#pragma omp parallel for simd schedule(static) if (T >= 64)
-      for (int64_t i = 0; i < n; ++i) x[i] += h[i];
+      cpu::parallel_for(T, T >= 64, [&](int64_t t) {
+        for (int64_t i = t * H; i < (t + 1) * H; ++i) x[i] += h[i];
+      });
     };
     for (size_t c = 0; c < chunks.size(); ++c)
       for (size_t t = 0; t < chunks[c].tokens.size(); ++t)
@@ -230,16 +229,20 @@ class CpuBackend final : public Backend {
                         q.data() + size_t(row0[c]) * nh * d, k.data() + size_t(row0[c]) * nkv * d,
                         v.data() + size_t(row0[c]) * nkv * d);
       }
-      // A one-token step's few heads are not worth a thread start-up.
-#pragma omp parallel if (T * nh >= 32)
-      {
-        std::vector<float> scratch;
+      auto attend = [&](size_t it, std::vector<float>& scratch) {
+        const auto [c, t, nq, hd] = items[it];
+        ca[c].attend_block(t, nq, hd, att.data() + (size_t(row0[c] + t) * nh + hd) * d,
+                           int64_t{nh} * d, scratch);
+      };
+      if (T * nh >= 32) {
+#pragma omp parallel
+        {
+          std::vector<float> scratch;
 #pragma omp for schedule(dynamic)
-        for (size_t it = 0; it < items.size(); ++it) {
-          const auto [c, t, nq, hd] = items[it];
-          ca[c].attend_block(t, nq, hd, att.data() + (size_t(row0[c] + t) * nh + hd) * d,
-                             int64_t{nh} * d, scratch);
+          for (size_t it = 0; it < items.size(); ++it) attend(it, scratch);
         }
+      } else {  // a one-token step's few heads are not worth a thread start-up
+        for (size_t it = 0; it < items.size(); ++it) attend(it, scratch_);
       }
       for (auto& a : ca) a.commit();
       matmul(att, T, w.wo, h);
@@ -278,6 +281,7 @@ class CpuBackend final : public Backend {
   std::vector<LayerWeights> layers_;
   std::vector<float> wide_;  // bf16/Q8_0 weights widened for oneDNN's sgemm (the largest such)
   std::vector<float> x_, h_, q_, k_, v_, att_, g_, stacked_;  // activations, [T][width]
+  std::vector<float> scratch_;  // the attention's on this thread
   std::vector<cpu::SeqCache> slots_;
   std::vector<bool> in_use_;
 };

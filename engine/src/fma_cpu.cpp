@@ -334,25 +334,23 @@ ChunkAttention::ChunkAttention(const Config& c, const LayerDownsamplers& ds, Lay
     new_v_[l - 1].resize(n_new * nkv * pd);
   }
   // Each level's, KV head's keys' and values' summaries are independent of the others'.
-#pragma omp parallel for collapse(3) schedule(dynamic) if (T >= 64)
-  for (int l = 1; l <= L; ++l)
-    for (int h = 0; h < nkv; ++h)
-      for (int values = 0; values < 2; ++values) {
-        const Downsampler& dl = (values ? ds.v : ds.k)[l - 1];
-        float* acc = (values ? cache.acc_v : cache.acc_k).data() + (size_t(l - 1) * nkv + h) * pd;
-        const float* x = values ? v : k;
-        const int w = c.group_size(l);
-        for (int64_t t = pos0; t < pos0 + T; ++t) {
-          const int tg = static_cast<int>(t % w);
-          add_to_summary(c, dl, tg, x + size_t(t - pos0) * nkv * d + size_t(h) * d, acc);
-          if (tg != w - 1) continue;
-          // Group t / w is complete: its summaries join the chunk's list, the accumulator restarts.
-          float* out = (values ? new_v_ : new_k_)[l - 1].data() +
-                       (size_t(t / w - first_new_[l - 1]) * nkv + h) * pd;
-          finish_summary(c, dl, acc, out);
-          std::fill(acc, acc + pd, 0.0f);
-        }
-      }
+  parallel_for(int64_t{L} * nkv * 2, T >= 64, [&](int64_t unit) {
+    const int l = int(unit / (2 * nkv)) + 1, h = int(unit / 2 % nkv), values = int(unit % 2);
+    const Downsampler& dl = (values ? ds.v : ds.k)[l - 1];
+    float* acc = (values ? cache.acc_v : cache.acc_k).data() + (size_t(l - 1) * nkv + h) * pd;
+    const float* x = values ? v : k;
+    const int w = c.group_size(l);
+    for (int64_t t = pos0; t < pos0 + T; ++t) {
+      const int tg = static_cast<int>(t % w);
+      add_to_summary(c, dl, tg, x + size_t(t - pos0) * nkv * d + size_t(h) * d, acc);
+      if (tg != w - 1) continue;
+      // Group t / w is complete: its summaries join the chunk's list, the accumulator restarts.
+      float* out = (values ? new_v_ : new_k_)[l - 1].data() +
+                   (size_t(t / w - first_new_[l - 1]) * nkv + h) * pd;
+      finish_summary(c, dl, acc, out);
+      std::fill(acc, acc + pd, 0.0f);
+    }
+  });
 }
 
 const float* ChunkAttention::summary(int level, int64_t group, bool values, int kv_head) const {

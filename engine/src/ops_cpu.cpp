@@ -727,9 +727,10 @@ void matmul_bf16(const float* x, int T, const Matrix& W, float* y, bool split) {
   if (second) scratch_bytes = std::max(scratch_bytes, d.memory_desc_get_size(&second->scratchpad));
   uint8_t* scratch = at_least(scratchpad, scratch_bytes);
   constexpr int64_t kPart = 16384;  // elements per task
-#pragma omp parallel for schedule(static) if (n >= 4 * kPart)
-  for (int64_t i = 0; i < n; i += kPart)
+  parallel_for((n + kPart - 1) / kPart, n >= 4 * kPart, [&](int64_t part) {
+    const int64_t i = part * kPart;
     avx512::split_bf16(x + i, std::min(kPart, n - i), hi + i, lo ? lo + i : nullptr);
+  });
   std::fill(hi + n, hi + rows_n, uint16_t{0});
   if (lo) std::fill(lo + n, lo + rows_n, uint16_t{0});
 
@@ -903,13 +904,12 @@ void add_weighted_rows_rows(const float* p, int64_t p_stride, int nq, const floa
 // --- Elementwise operations (rows in parallel where enough of them pay for the threads) ------
 
 void rmsnorm(const float* x, const float* w, int T, int n, float eps, float* y) {
-#pragma omp parallel for schedule(static) if (T >= 64)
-  for (int t = 0; t < T; ++t) {
-    const float* r = x + int64_t(t) * n;
+  parallel_for(T, T >= 64, [&](int64_t t) {
+    const float* r = x + t * n;
     const float ms = dot(r, r, n) / static_cast<float>(n);
     const float inv = 1.0f / std::sqrt(ms + eps);
-    for (int i = 0; i < n; ++i) y[int64_t(t) * n + i] = r[i] * inv * w[i];
-  }
+    for (int i = 0; i < n; ++i) y[t * n + i] = r[i] * inv * w[i];
+  });
 }
 
 RopeTable rope_table(int T, int d, int64_t pos0, float theta, float linear_factor) {
@@ -917,31 +917,30 @@ RopeTable rope_table(int T, int d, int64_t pos0, float theta, float linear_facto
   RopeTable table{T, d, std::vector<float>(size_t(T) * half), std::vector<float>(size_t(T) * half)};
   std::vector<double> inv_freq(half);
   for (int i = 0; i < half; ++i) inv_freq[i] = std::pow(double(theta), -2.0 * i / d);
-#pragma omp parallel for schedule(static) if (T >= 64)
-  for (int t = 0; t < T; ++t)
+  parallel_for(T, T >= 64, [&](int64_t t) {
     for (int i = 0; i < half; ++i) {
       const double a = double(pos0 + t) / linear_factor * inv_freq[i];
       table.cos[size_t(t) * half + i] = static_cast<float>(std::cos(a));
       table.sin[size_t(t) * half + i] = static_cast<float>(std::sin(a));
     }
+  });
   return table;
 }
 
 void rope(float* x, int heads, const RopeTable& table) {
   const int T = table.T, d = table.d, half = d / 2;
-#pragma omp parallel for schedule(static) if (T >= 64)
-  for (int t = 0; t < T; ++t) {
+  parallel_for(T, T >= 64, [&](int64_t t) {
     const float* cs = table.cos.data() + size_t(t) * half;
     const float* sn = table.sin.data() + size_t(t) * half;
     for (int h = 0; h < heads; ++h) {
-      float* v = x + (int64_t(t) * heads + h) * d;
+      float* v = x + (t * heads + h) * d;
       for (int i = 0; i < half; ++i) {
         const float a = v[i], b = v[i + half];
         v[i] = a * cs[i] - b * sn[i];
         v[i + half] = b * cs[i] + a * sn[i];
       }
     }
-  }
+  });
 }
 
 void rope(float* x, int T, int heads, int d, int64_t pos0, float theta, float linear_factor) {
@@ -950,8 +949,7 @@ void rope(float* x, int T, int heads, int d, int64_t pos0, float theta, float li
 
 void swiglu(const float* gu, int T, int F, float* y) {
   const Isa isa = active_isa();
-#pragma omp parallel for schedule(static) if (int64_t(T) * F >= 65536)
-  for (int t = 0; t < T; ++t) {
+  parallel_for(T, int64_t(T) * F >= 65536, [&](int64_t t) {
     const float* g = gu + size_t(t) * 2 * F;
     const float* u = g + F;
     float* out = y + size_t(t) * F;
@@ -961,7 +959,7 @@ void swiglu(const float* gu, int T, int F, float* y) {
       avx2::swiglu(g, u, out, F);
     else
       for (int i = 0; i < F; ++i) out[i] = g[i] / (1.0f + std::exp(-g[i])) * u[i];
-  }
+  });
 }
 
 void softmax(float* s, int n) {

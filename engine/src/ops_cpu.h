@@ -133,6 +133,19 @@ void softmax(float* s, int n);
 // y[i] = exp(x[i]) for x in [-87, 88] (the tests' way to the vector exp itself)
 void vector_exp(const float* x, int64_t n, float* y);
 
+// f(i) for i in [0, n): over the threads where `parallel`, else a plain loop on this thread. An
+// OpenMP region costs about 3 us even when its if clause is false (docs/PERF.md, session 9), and a
+// one-token step would open dozens: small steps call f directly.
+template <class F>
+void parallel_for(int64_t n, bool parallel, F&& f) {
+  if (!parallel) {
+    for (int64_t i = 0; i < n; ++i) f(i);
+    return;
+  }
+#pragma omp parallel for schedule(static)
+  for (int64_t i = 0; i < n; ++i) f(i);
+}
+
 // Makes this thread's float arithmetic flush subnormal results and inputs to zero (x86's FTZ and
 // DAZ). A softmax weight below 1.2e-38 is then as cheap as any other, instead of a
 // microcode assist per operation: without it, generation on the CPU slowed by 15-27 % over 50,000
