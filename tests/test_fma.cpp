@@ -168,18 +168,29 @@ std::vector<double> brute_fma(const Config& c, const RandomLayer& rl, const std:
   return out;
 }
 
-// Runs the cache-based kernel over T tokens in chunks of `chunk`.
+// Runs the cache-based kernel over T tokens in chunks of `chunk`: attend() token by token, or
+// with `blocks` attend_block() over each chunk's runs of tokens within one FMA block (up to 7).
 std::vector<float> cached_fma(const Config& c, const RandomLayer& rl, const std::vector<float>& q,
-                              std::vector<float> k, std::vector<float> v, int T, int chunk) {
-  const int d = c.head_dim, H = c.n_heads, nkv = c.n_kv_heads;
+                              std::vector<float> k, std::vector<float> v, int T, int chunk,
+                              bool blocks = false) {
+  const int d = c.head_dim, H = c.n_heads, nkv = c.n_kv_heads, m = c.fma_block_size;
   auto seq = mp::cpu::make_seq_cache(c);
   std::vector<float> out(size_t(T) * H * d, NAN), scratch;
   for (int t0 = 0; t0 < T; t0 += chunk) {
     const int n = std::min(chunk, T - t0);
     mp::cpu::ChunkAttention ca(c, rl.ds, seq.layers[0], t0, n, &q[size_t(t0) * H * d],
                                &k[size_t(t0) * nkv * d], &v[size_t(t0) * nkv * d]);
-    for (int t = 0; t < n; ++t)
-      for (int h = 0; h < H; ++h) ca.attend(t, h, &out[(size_t(t0 + t) * H + h) * d], scratch);
+    for (int t = 0; t < n;) {
+      const int nq = blocks ? std::min({7, n - t, m - (t0 + t) % m}) : 1;
+      for (int h = 0; h < H; ++h) {
+        float* o = &out[(size_t(t0 + t) * H + h) * d];
+        if (blocks)
+          ca.attend_block(t, nq, h, o, int64_t{H} * d, scratch);
+        else
+          ca.attend(t, h, o, scratch);
+      }
+      t += nq;
+    }
     ca.commit();
   }
   return out;
@@ -218,9 +229,39 @@ TEST_P(FmaVsBruteForce, MatchesOnRandomInputsPastTrainedLength) {
   for (auto* vec : {&q, &k, &v})
     for (auto& x : *vec) x = nd(rng);
   const auto ref = brute_fma(c, rl, q, k, v, T);
-  for (int chunk : {1, 3, cs.m, 7 * cs.m, T}) {
-    const auto got = cached_fma(c, rl, q, k, v, T, chunk);
-    EXPECT_LT(rel_err(got, ref), 1e-5) << "chunk " << chunk;
+  for (int chunk : {1, 3, cs.m, 7 * cs.m, T})
+    for (bool blocks : {false, true}) {
+      const auto got = cached_fma(c, rl, q, k, v, T, chunk, blocks);
+      EXPECT_LT(rel_err(got, ref), 1e-5) << "chunk " << chunk << (blocks ? " in blocks" : "");
+    }
+}
+
+// attend_block (several queries at once) against attend (one by one), output by output, on head
+// sizes that fill the vectors, leave a tail (even: RoPE's), or fit in less than one; every
+// instruction set.
+TEST(Fma, BlockAttentionEqualsTokenByToken) {
+  for (int d : {64, 38, 8}) {
+    const Config c = attn_config(128, 16, 2, Downsampling::GroupedConv, true, 6, 2, d);
+    std::mt19937 rng(d);
+    std::normal_distribution<float> nd(0, 1);
+    const RandomLayer rl = random_layer(c, rng);
+    const int T = 3 * 128 + 21, H = c.n_heads;
+    std::vector<float> q(size_t(T) * H * d), k(size_t(T) * c.n_kv_heads * d), v(k.size());
+    for (auto* vec : {&q, &k, &v})
+      for (auto& x : *vec) x = nd(rng);
+    for (mp::cpu::Isa isa : {mp::cpu::Isa::Scalar, mp::cpu::Isa::Avx2, mp::cpu::Isa::Avx512}) {
+      if (isa > mp::cpu::detected_isa()) continue;
+      const mp::cpu::Isa before = mp::cpu::active_isa();
+      mp::cpu::set_isa(isa);
+      for (int chunk : {T, 40}) {
+        const auto want = cached_fma(c, rl, q, k, v, T, chunk);
+        const auto got = cached_fma(c, rl, q, k, v, T, chunk, true);
+        for (size_t i = 0; i < got.size(); ++i)
+          ASSERT_NEAR(got[i], want[i], 1e-5 * (1 + std::abs(want[i])))
+              << mp::cpu::isa_name(isa) << " d " << d << " chunk " << chunk << " at " << i;
+      }
+      mp::cpu::set_isa(before);
+    }
   }
 }
 

@@ -115,24 +115,34 @@ TEST_F(CpuOps, Bf16ProductsEqualTheDotProductLoop) {
   const int shapes[][2] = {{37, 29}, {100, 130}, {1024, 384}, {384, 2049}};  // K, N
   for (auto [K, N] : shapes) {
     std::vector<float> wf;
-    const cpu::Matrix w = bf16_matrix(N, K, rng, wf);
+    const cpu::Matrix rows = bf16_matrix(N, K, rng, wf);
+    const cpu::Matrix packed = [&] {  // the weights in oneDNN's layout, as the backend keeps them
+      cpu::Matrix m = rows;
+      cpu::pack_for_bf16_products(m);
+      return m;
+    }();
+    ASSERT_TRUE(packed.packed) << "K " << K << " N " << N;
     for (int T : {9, 16, 17, 512, 513}) {
       const std::vector<float> x = random_floats(size_t(T) * K, rng);
       std::vector<float> want(size_t(T) * N), rounded_x(x.size()), once(want.size());
       cpu::matmul_reference(x.data(), T, K, wf.data(), N, want.data());
       for (size_t i = 0; i < x.size(); ++i) rounded_x[i] = bf16_to_f32(f32_to_bf16(x[i]));
       cpu::matmul_reference(rounded_x.data(), T, K, wf.data(), N, once.data());
-      for (int threads : {1, 2}) {
-        omp_set_num_threads(threads);
-        std::vector<float> got(want.size(), NAN);
-        cpu::matmul(x.data(), T, w, got.data(), {}, cpu::Activations::SplitBf16);
-        EXPECT_LT(rel_err(got, want), 1e-5) << "K " << K << " N " << N << " T " << T;
-        EXPECT_LT(rel_err(got, want), 0.02 * rel_err(once, want)) << "K " << K << " N " << N;
-        // Rounded once (llama.cpp's way): the fp32 loop over the rounded activations, 1e-5.
-        std::fill(got.begin(), got.end(), NAN);
-        cpu::matmul(x.data(), T, w, got.data(), {}, cpu::Activations::Bf16);
-        EXPECT_LT(rel_err(got, once), 1e-5) << "rounded once: K " << K << " N " << N << " T " << T;
-      }
+      for (int threads : {1, 2})
+        for (const cpu::Matrix* w : {&rows, &packed}) {
+          omp_set_num_threads(threads);
+          const std::string what = std::string(w->packed ? "packed" : "rows") + " K " +
+                                   std::to_string(K) + " N " + std::to_string(N) + " T " +
+                                   std::to_string(T);
+          std::vector<float> got(want.size(), NAN);
+          cpu::matmul(x.data(), T, *w, got.data(), {}, cpu::Activations::SplitBf16);
+          EXPECT_LT(rel_err(got, want), 1e-5) << what;
+          EXPECT_LT(rel_err(got, want), 0.02 * rel_err(once, want)) << what;
+          // Rounded once (llama.cpp's way): the fp32 loop over the rounded activations, 1e-5.
+          std::fill(got.begin(), got.end(), NAN);
+          cpu::matmul(x.data(), T, *w, got.data(), {}, cpu::Activations::Bf16);
+          EXPECT_LT(rel_err(got, once), 1e-5) << "rounded once: " << what;
+        }
     }
   }
 }
@@ -236,16 +246,20 @@ TEST_F(CpuOps, VectorExpSwigluAndSoftmaxEqualTheScalarFormulas) {
       ASSERT_NEAR(y[i] / std::exp(double(x[i])), 1.0, 1e-6) << cpu::isa_name(isa) << " x " << x[i];
     for (int threads : {1, 2}) {
       omp_set_num_threads(threads);
-      for (int64_t n : {int64_t(3), int64_t(x.size()), int64_t(300000)}) {
-        std::vector<float> g(n), uu(n);
-        for (int64_t i = 0; i < n; ++i) g[i] = g0[i % g0.size()], uu[i] = u[(i * 7) % u.size()];
-        std::vector<float> want(n);
+      // T rows of [gate | up], F each (300 x 1000: the rows in parallel).
+      for (auto [T, F] : {std::pair{1, 3}, {1, int(x.size())}, {5, 37}, {300, 1000}}) {
+        const int64_t n = int64_t(T) * F;
+        std::vector<float> gu(2 * n), want(n), y(n, NAN);
+        for (int64_t i = 0; i < n; ++i) {
+          const float g = g0[i % g0.size()], up = u[(i * 7) % u.size()];
+          gu[(i / F) * 2 * F + i % F] = g;
+          gu[(i / F) * 2 * F + F + i % F] = up;
+          want[i] = float(double(g) / (1.0 + std::exp(-double(g))) * up);
+        }
+        cpu::swiglu(gu.data(), T, F, y.data());
         for (int64_t i = 0; i < n; ++i)
-          want[i] = float(double(g[i]) / (1.0 + std::exp(-double(g[i]))) * uu[i]);
-        cpu::swiglu(g.data(), uu.data(), n);
-        for (int64_t i = 0; i < n; ++i)
-          ASSERT_NEAR(g[i], want[i], 1e-6 * std::abs(want[i]) + 1e-35)  // exp(88): 1e-37, not 0
-              << cpu::isa_name(isa) << " n " << n << " at " << i;
+          ASSERT_NEAR(y[i], want[i], 1e-6 * std::abs(want[i]) + 1e-35)  // exp(88): 1e-37, not 0
+              << cpu::isa_name(isa) << " T " << T << " F " << F << " at " << i;
       }
     }
     for (int n : {1, 7, 16, 37, 232}) {

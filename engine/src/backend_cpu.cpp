@@ -75,12 +75,15 @@ class CpuBackend final : public Backend {
       const cpu::Matrix m = cpu::to_matrix({&t});
       return comm ? cpu::sub_matrix(m, 0, m.N, int(rank * n), int(n)) : m;
     };
-    auto keep = [&](cpu::Matrix m) {
+    // A matrix of products (product: also of prefill's, packed for them where they are bf16).
+    auto keep = [&](cpu::Matrix m, bool product = true) {
       if (!m.is_f32()) wide_.resize(std::max(wide_.size(), size_t(m.N) * m.K));
+      if (product && activations_ != cpu::Activations::Fp32) cpu::pack_for_bf16_products(m);
       return m;
     };
     const int64_t qs = c_.n_heads * d, kvs = c_.n_kv_heads * d, Fs = c_.intermediate_size;
-    embed_ = keep(cpu::to_matrix({&model_->tensor(tn::token_embd(), {V, H})}));
+    embed_ = keep(cpu::to_matrix({&model_->tensor(tn::token_embd(), {V, H})}),
+                  c_.tie_word_embeddings);  // (else only its rows are read)
     for (int i = 0; i < c_.n_layers; ++i) {
       LayerWeights l;
       auto w = [&](const char* name, int64_t r, int64_t c) -> const TensorView& {
@@ -168,36 +171,59 @@ class CpuBackend final : public Backend {
       row0.push_back(T);
       T += static_cast<int>(ch.tokens.size());
     }
-    // Activations live in buffers that only grow: a one-token step allocates none of them.
+    // Activations live in buffers that only grow (their first T rows are used): a one-token
+    // step allocates none of them, and the next prefill does not zero-fill them again.
     auto rows_of = [T](std::vector<float>& buf, int width) -> std::vector<float>& {
-      buf.resize(size_t(T) * width);
+      if (buf.size() < size_t(T) * width) buf.resize(size_t(T) * width);
       return buf;
     };
     auto &x = rows_of(x_, H), &h = rows_of(h_, H), &q = rows_of(q_, nh * d),
          &k = rows_of(k_, nkv * d), &v = rows_of(v_, nkv * d), &att = rows_of(att_, nh * d),
-         &g = rows_of(g_, F), &u = rows_of(u_, F),
+         &g = rows_of(g_, F),
          &stacked = rows_of(stacked_, 2 * F + (nh + 2 * nkv) * d);
     // Splits each row of `stacked` (width: the parts' sum) into the parts.
     auto split = [&](std::initializer_list<std::pair<std::vector<float>*, int>> parts) {
       int width = 0;
       for (const auto& part : parts) width += part.second;
-      for (int t = 0; t < T; ++t) {
-        const float* row = stacked.data() + size_t(t) * width;
+      cpu::parallel_for(T, T >= 64, [&](int64_t t) {
+        const float* row = stacked.data() + t * width;
         for (const auto& [buf, n] : parts) {
-          std::copy_n(row, n, buf->data() + size_t(t) * n);
+          std::copy_n(row, n, buf->data() + t * n);
           row += n;
         }
-      }
+      });
+    };
+    // x += h, the residual connection.
+    auto add_h_to_x = [&] {
+      cpu::parallel_for(T, T >= 64, [&](int64_t t) {
+        for (int64_t i = t * H; i < (t + 1) * H; ++i) x[i] += h[i];
+      });
     };
     for (size_t c = 0; c < chunks.size(); ++c)
       for (size_t t = 0; t < chunks[c].tokens.size(); ++t)
         embed_.row(chunks[c].tokens[t], x.data() + (row0[c] + t) * H);
 
-    // (chunk, token, head) work items for the attention, in parallel over all of them.
-    std::vector<std::array<int, 3>> items;
+    // (chunk, first token, tokens, head) work items for the attention, in parallel over all of
+    // them: up to kBlockQueries tokens of one FMA block each (ChunkAttention::attend_block).
+    constexpr int kBlockQueries = 16;
+    const int m = c_.fma_enabled ? c_.fma_block_size : kBlockQueries;
+    std::vector<std::array<int, 4>> items;
+    for (size_t c = 0; c < chunks.size(); ++c) {
+      const int n = static_cast<int>(chunks[c].tokens.size());
+      const int64_t pos0 = slots_[chunks[c].slot].pos;
+      for (int t = 0; t < n;) {
+        const int64_t block_end = ((pos0 + t) / m + 1) * m;
+        const int nq =
+            static_cast<int>(std::min<int64_t>({kBlockQueries, n - t, block_end - pos0 - t}));
+        for (int hd = 0; hd < nh; ++hd) items.push_back({static_cast<int>(c), t, nq, hd});
+        t += nq;
+      }
+    }
+
+    std::vector<cpu::RopeTable> rope;  // each chunk's, for every layer
     for (size_t c = 0; c < chunks.size(); ++c)
-      for (int t = 0; t < static_cast<int>(chunks[c].tokens.size()); ++t)
-        for (int hd = 0; hd < nh; ++hd) items.push_back({static_cast<int>(c), t, hd});
+      rope.push_back(cpu::rope_table(int(chunks[c].tokens.size()), d, slots_[chunks[c].slot].pos,
+                                     c_.rope_theta, c_.rope_linear_factor));
 
     for (int li = 0; li < c_.n_layers; ++li) {
       const LayerWeights& w = layers_[li];
@@ -209,35 +235,37 @@ class CpuBackend final : public Backend {
       for (size_t c = 0; c < chunks.size(); ++c) {
         const int n = static_cast<int>(chunks[c].tokens.size());
         const int64_t pos0 = slots_[chunks[c].slot].pos;
-        cpu::rope(q.data() + size_t(row0[c]) * nh * d, n, nh, d, pos0, c_.rope_theta,
-                  c_.rope_linear_factor);
-        cpu::rope(k.data() + size_t(row0[c]) * nkv * d, n, nkv, d, pos0, c_.rope_theta,
-                  c_.rope_linear_factor);
+        cpu::rope(q.data() + size_t(row0[c]) * nh * d, nh, rope[c]);
+        cpu::rope(k.data() + size_t(row0[c]) * nkv * d, nkv, rope[c]);
         ca.emplace_back(c_, w.ds, slots_[chunks[c].slot].layers[li], pos0, n,
                         q.data() + size_t(row0[c]) * nh * d, k.data() + size_t(row0[c]) * nkv * d,
                         v.data() + size_t(row0[c]) * nkv * d);
       }
-      // A one-token step's few heads are not worth a thread start-up.
-#pragma omp parallel if (items.size() >= 32)
-      {
-        std::vector<float> scratch;
-#pragma omp for schedule(dynamic, 4)
-        for (size_t it = 0; it < items.size(); ++it) {
-          const auto [c, t, hd] = items[it];
-          ca[c].attend(t, hd, att.data() + (size_t(row0[c] + t) * nh + hd) * d, scratch);
+      auto attend = [&](size_t it, std::vector<float>& scratch) {
+        const auto [c, t, nq, hd] = items[it];
+        ca[c].attend_block(t, nq, hd, att.data() + (size_t(row0[c] + t) * nh + hd) * d,
+                           int64_t{nh} * d, scratch);
+      };
+      if (T * nh >= 32) {
+#pragma omp parallel
+        {
+          std::vector<float> scratch;
+#pragma omp for schedule(dynamic)
+          for (size_t it = 0; it < items.size(); ++it) attend(it, scratch);
         }
+      } else {  // a one-token step's few heads are not worth a thread start-up
+        for (size_t it = 0; it < items.size(); ++it) attend(it, scratch_);
       }
       for (auto& a : ca) a.commit();
       matmul(att, T, w.wo, h);
       if (comm_) comm_->all_reduce_sum(h.data(), size_t(T) * H, nullptr);  // the heads' parts
-      for (size_t i = 0; i < x.size(); ++i) x[i] += h[i];
+      add_h_to_x();
       cpu::rmsnorm(x.data(), w.ffn_norm.data(), T, H, c_.rms_norm_eps, h.data());
       matmul(h, T, w.gate_up, stacked);
-      split({{&g, F}, {&u, F}});
-      cpu::swiglu(g.data(), u.data(), int64_t(T) * F);
+      cpu::swiglu(stacked.data(), T, F, g.data());
       matmul(g, T, w.down, h);
       if (comm_) comm_->all_reduce_sum(h.data(), size_t(T) * H, nullptr);  // the FFN's parts
-      for (size_t i = 0; i < x.size(); ++i) x[i] += h[i];
+      add_h_to_x();
     }
     for (const auto& ch : chunks) slots_[ch.slot].pos += static_cast<int64_t>(ch.tokens.size());
 
@@ -264,7 +292,8 @@ class CpuBackend final : public Backend {
   std::vector<float> out_norm_;
   std::vector<LayerWeights> layers_;
   std::vector<float> wide_;  // bf16/Q8_0 weights widened for oneDNN's sgemm (the largest such)
-  std::vector<float> x_, h_, q_, k_, v_, att_, g_, u_, stacked_;  // activations, [T][width]
+  std::vector<float> x_, h_, q_, k_, v_, att_, g_, stacked_;  // activations, [T][width]
+  std::vector<float> scratch_;  // the attention's on this thread
   std::vector<cpu::SeqCache> slots_;
   std::vector<bool> in_use_;
 };

@@ -329,30 +329,28 @@ ChunkAttention::ChunkAttention(const Config& c, const LayerDownsamplers& ds, Lay
   for (int l = 1; l <= L; ++l) {
     const int w = c.group_size(l);
     first_new_[l - 1] = pos0 / w;
+    const size_t n_new = size_t((pos0 + T) / w - pos0 / w);  // groups completed in the chunk
+    new_k_[l - 1].resize(n_new * nkv * pd);
+    new_v_[l - 1].resize(n_new * nkv * pd);
+  }
+  // Each level's, KV head's keys' and values' summaries are independent of the others'.
+  parallel_for(int64_t{L} * nkv * 2, T >= 64, [&](int64_t unit) {
+    const int l = int(unit / (2 * nkv)) + 1, h = int(unit / 2 % nkv), values = int(unit % 2);
+    const Downsampler& dl = (values ? ds.v : ds.k)[l - 1];
+    float* acc = (values ? cache.acc_v : cache.acc_k).data() + (size_t(l - 1) * nkv + h) * pd;
+    const float* x = values ? v : k;
+    const int w = c.group_size(l);
     for (int64_t t = pos0; t < pos0 + T; ++t) {
       const int tg = static_cast<int>(t % w);
-      for (int h = 0; h < nkv; ++h) {
-        float* ak = cache.acc_k.data() + (size_t(l - 1) * nkv + h) * pd;
-        float* av = cache.acc_v.data() + (size_t(l - 1) * nkv + h) * pd;
-        const size_t row = size_t(t - pos0) * nkv * d + size_t(h) * d;
-        add_to_summary(c, ds.k[l - 1], tg, k + row, ak);
-        add_to_summary(c, ds.v[l - 1], tg, v + row, av);
-      }
+      add_to_summary(c, dl, tg, x + size_t(t - pos0) * nkv * d + size_t(h) * d, acc);
       if (tg != w - 1) continue;
-      // Group t / w is complete: its summaries join the chunk's list, the accumulators restart.
-      for (auto* list : {&new_k_[l - 1], &new_v_[l - 1]}) list->resize(list->size() + nkv * pd);
-      for (int h = 0; h < nkv; ++h) {
-        float* ak = cache.acc_k.data() + (size_t(l - 1) * nkv + h) * pd;
-        float* av = cache.acc_v.data() + (size_t(l - 1) * nkv + h) * pd;
-        float* sk = new_k_[l - 1].data() + new_k_[l - 1].size() - (nkv - h) * pd;
-        float* sv = new_v_[l - 1].data() + new_v_[l - 1].size() - (nkv - h) * pd;
-        finish_summary(c, ds.k[l - 1], ak, sk);
-        finish_summary(c, ds.v[l - 1], av, sv);
-        std::fill(ak, ak + pd, 0.0f);
-        std::fill(av, av + pd, 0.0f);
-      }
+      // Group t / w is complete: its summaries join the chunk's list, the accumulator restarts.
+      float* out = (values ? new_v_ : new_k_)[l - 1].data() +
+                   (size_t(t / w - first_new_[l - 1]) * nkv + h) * pd;
+      finish_summary(c, dl, acc, out);
+      std::fill(acc, acc + pd, 0.0f);
     }
-  }
+  });
 }
 
 const float* ChunkAttention::summary(int level, int64_t group, bool values, int kv_head) const {
@@ -378,6 +376,34 @@ const float* ChunkAttention::fine(int64_t j, bool values, int kv_head) const {
   return (values ? cache_.fine_v : cache_.fine_k).data() + size_t(slot) * kvd + off;
 }
 
+size_t ChunkAttention::visible_groups(int64_t i, std::vector<Group>& groups) const {
+  groups.clear();
+  size_t n_scores = 0;
+  for (int l = 1; l <= c_.n_levels(); ++l) {
+    const int64_t w = c_.group_size(l), B = i / (2 * w);
+    if (B < 1) continue;
+    const int p = c_.rank(l);
+    for (int64_t g = 2 * B - 2; g <= 2 * B - 2 + (i % (2 * w)) / w; ++g) {
+      groups.push_back({l, p, g, n_scores});
+      n_scores += p;
+    }
+  }
+  return n_scores;
+}
+
+// The fine keys (values) lo..i lie in contiguous runs: the chunk's own, and the cache's until its
+// ring wraps.
+template <class F>
+void ChunkAttention::fine_runs(int64_t lo, int64_t i, int kvh, bool values, F&& f) const {
+  const int64_t cap = fine_capacity(c_);
+  for (int64_t j = lo; j <= i;) {
+    int64_t end = i + 1;
+    if (j < pos0_) end = std::min(pos0_, cap ? (j / cap + 1) * cap : pos0_);
+    f(j - lo, fine(j, values, kvh), static_cast<int>(end - j));
+    j = end;
+  }
+}
+
 void ChunkAttention::attend(int t, int head, float* out, std::vector<float>& scratch) const {
   const int d = c_.head_dim, m = c_.fma_block_size;
   const int kvh = head / (c_.n_heads / c_.n_kv_heads);
@@ -387,56 +413,84 @@ void ChunkAttention::attend(int t, int head, float* out, std::vector<float>& scr
   const int64_t lo = c_.fma_enabled ? std::max<int64_t>(0, (i / m - 1) * m) : 0;
 
   // Scores in one list: fine keys first, then p_l summaries per visible group of level l.
-  struct Group {
-    int level, rank;
-    int64_t g;
-    size_t at;  // its first score
-  };
-  Group groups[64];
-  int n_groups = 0;
+  thread_local std::vector<Group> groups;
   const size_t n_fine = size_t(i - lo + 1);
-  size_t n_scores = n_fine;
-  for (int l = 1; l <= c_.n_levels(); ++l) {
-    const int64_t w = c_.group_size(l), B = i / (2 * w);
-    if (B < 1) continue;
-    const int p = c_.rank(l);
-    for (int64_t g = 2 * B - 2; g <= 2 * B - 2 + (i % (2 * w)) / w; ++g) {
-      groups[n_groups++] = {l, p, g, n_scores};
-      n_scores += p;
-    }
-  }
+  const size_t n_scores = n_fine + visible_groups(i, groups);
   scratch.resize(n_scores);
   float* s = scratch.data();
-
-  // The fine keys (values) lo..i lie in contiguous runs: the chunk's own, and the cache's until
-  // its ring wraps.
-  const int64_t kvd = int64_t{c_.n_kv_heads} * d, cap = fine_capacity(c_);
-  auto fine_runs = [&](bool values, auto&& f) {
-    for (int64_t j = lo; j <= i;) {
-      int64_t end = i + 1;
-      if (j < pos0_) end = std::min(pos0_, cap ? (j / cap + 1) * cap : pos0_);
-      f(j - lo, fine(j, values, kvh), static_cast<int>(end - j));
-      j = end;
-    }
-  };
-  fine_runs(false, [&](int64_t at, const float* k, int n) {
+  const int64_t kvd = int64_t{c_.n_kv_heads} * d;
+  fine_runs(lo, i, kvh, false, [&](int64_t at, const float* k, int n) {
     scaled_dots(q, k, kvd, n, d, scale, s + at);
   });
-  for (const Group& gr : std::span(groups, n_groups)) {
-    float* sg = s + gr.at;
+  for (const Group& gr : groups) {
+    float* sg = s + n_fine + gr.at;
     scaled_dots(q, summary(gr.level, gr.g, false, kvh), d, gr.rank, d, scale, sg);
     if (c_.fma_scale_attn) {
       const float bonus = std::log(static_cast<float>(c_.group_size(gr.level)) / gr.rank);
       for (int r = 0; r < gr.rank; ++r) sg[r] += bonus;
     }
   }
-  softmax(s, static_cast<int>(scratch.size()));
+  softmax(s, static_cast<int>(n_scores));
   std::fill(out, out + d, 0.0f);
-  fine_runs(true, [&](int64_t at, const float* v, int n) {
+  fine_runs(lo, i, kvh, true, [&](int64_t at, const float* v, int n) {
     add_weighted_rows(s + at, v, kvd, n, d, out);
   });
-  for (const Group& gr : std::span(groups, n_groups))
-    add_weighted_rows(s + gr.at, summary(gr.level, gr.g, true, kvh), d, gr.rank, d, out);
+  for (const Group& gr : groups)
+    add_weighted_rows(s + n_fine + gr.at, summary(gr.level, gr.g, true, kvh), d, gr.rank, d, out);
+}
+
+void ChunkAttention::attend_block(int t0, int nq, int head, float* out, int64_t out_stride,
+                                  std::vector<float>& scratch) const {
+  const int d = c_.head_dim, m = c_.fma_block_size;
+  const int kvh = head / (c_.n_heads / c_.n_kv_heads);
+  const int64_t i0 = pos0_ + t0, i1 = i0 + nq - 1;
+  if (nq < 1 || t0 < 0 || t0 + nq > T_ || (c_.fma_enabled && i0 / m != i1 / m))
+    throw Error("attend_block: tokens " + std::to_string(t0) + ".." + std::to_string(t0 + nq - 1) +
+                " are not in one block of the chunk");
+  const int64_t q_stride = int64_t{c_.n_heads} * d, kvd = int64_t{c_.n_kv_heads} * d;
+  const float* q = q_ + size_t(t0) * q_stride + size_t(head) * d;
+  const float scale = 1.0f / std::sqrt(static_cast<float>(d));
+  const int64_t lo = c_.fma_enabled ? std::max<int64_t>(0, (i0 / m - 1) * m) : 0;
+
+  // Query a sees fine keys lo..i0+a and then the same summaries: its scores are the first
+  // n_fine(a) of the block's fine scores (row a of `s`, width `n_max`), followed by its summaries'
+  // (written over the later keys' scores, which it does not see); `p` holds its fine weights,
+  // zero past n_fine(a), for the weighted sum over all of the block's fine values.
+  thread_local std::vector<Group> groups;
+  const int64_t n_max = i1 - lo + 1;
+  const int64_t n_coarse = int64_t(visible_groups(i0, groups));
+  const int64_t width = n_max + n_coarse;
+  scratch.resize(size_t(nq) * (width + n_max));
+  float* s = scratch.data();
+  float* p = s + size_t(nq) * width;
+  fine_runs(lo, i1, kvh, false, [&](int64_t at, const float* k, int n) {
+    scaled_dots_rows(q, q_stride, nq, k, kvd, n, d, scale, s + at, width);
+  });
+  for (int a = 0; a < nq; ++a) {
+    const int64_t n_fine = i0 + a - lo + 1;
+    float* sa = s + a * width;
+    for (const Group& gr : groups) {
+      float* sg = sa + n_fine + gr.at;
+      scaled_dots(q + a * q_stride, summary(gr.level, gr.g, false, kvh), d, gr.rank, d, scale, sg);
+      if (c_.fma_scale_attn) {
+        const float bonus = std::log(static_cast<float>(c_.group_size(gr.level)) / gr.rank);
+        for (int r = 0; r < gr.rank; ++r) sg[r] += bonus;
+      }
+    }
+    softmax(sa, static_cast<int>(n_fine + n_coarse));
+    std::copy_n(sa, n_fine, p + a * n_max);
+    std::fill(p + a * n_max + n_fine, p + (a + 1) * n_max, 0.0f);
+    std::fill(out + a * out_stride, out + a * out_stride + d, 0.0f);
+  }
+  fine_runs(lo, i1, kvh, true, [&](int64_t at, const float* v, int n) {
+    add_weighted_rows_rows(p + at, n_max, nq, v, kvd, n, d, out, out_stride);
+  });
+  for (int a = 0; a < nq; ++a) {
+    const float* sa = s + a * width + (i0 + a - lo + 1);
+    for (const Group& gr : groups)
+      add_weighted_rows(sa + gr.at, summary(gr.level, gr.g, true, kvh), d, gr.rank, d,
+                        out + a * out_stride);
+  }
 }
 
 void ChunkAttention::commit() {

@@ -81,9 +81,27 @@ class ChunkAttention {
   ChunkAttention(const Config& c, const LayerDownsamplers& ds, LayerCache& cache, int64_t pos0,
                  int T, const float* q, const float* k, const float* v);
   void attend(int t, int head, float* out, std::vector<float>& scratch) const;
+  // attend() for the nq tokens t0.. of one head at once, output a at out + a*out_stride. They
+  // must lie in one block of fma_block_size positions (any run in exact mode): they then see the
+  // same summaries and fine keys from the same first one, so that each key and value is loaded
+  // once for several of them (prefill's path; attend() is its reference).
+  void attend_block(int t0, int nq, int head, float* out, int64_t out_stride,
+                    std::vector<float>& scratch) const;
   void commit();
 
  private:
+  struct Group {  // a summarised group that position i sees
+    int level, rank;
+    int64_t g;
+    size_t at;  // its first score, after the fine keys'
+  };
+  // The groups position i sees; returns their number of scores.
+  size_t visible_groups(int64_t i, std::vector<Group>& groups) const;
+  // f(first key's index from lo, its row, run length) for each contiguous run of the fine keys
+  // (values) lo..i of KV head kvh.
+  template <class F>
+  void fine_runs(int64_t lo, int64_t i, int kvh, bool values, F&& f) const;
+
   const float* summary(int level, int64_t group, bool values, int kv_head) const;
   const float* fine(int64_t j, bool values, int kv_head) const;
 

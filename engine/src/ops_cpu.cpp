@@ -288,6 +288,12 @@ struct OneDnn {
   decltype(&dnnl_primitive_execute) primitive_execute = nullptr;
   decltype(&dnnl_memory_create) memory_create = nullptr;
   decltype(&dnnl_memory_destroy) memory_destroy = nullptr;
+  decltype(&dnnl_post_ops_create) post_ops_create = nullptr;
+  decltype(&dnnl_post_ops_append_sum) post_ops_append_sum = nullptr;
+  decltype(&dnnl_post_ops_destroy) post_ops_destroy = nullptr;
+  decltype(&dnnl_primitive_attr_set_post_ops) attr_set_post_ops = nullptr;
+  decltype(&dnnl_reorder_primitive_desc_create) reorder_desc_create = nullptr;
+  decltype(&dnnl_primitive_destroy) primitive_destroy = nullptr;
   dnnl_engine_t engine = nullptr;  // the CPU engine, where the matmul API loaded
 #endif
 };
@@ -326,6 +332,12 @@ const OneDnn& onednn() {
     get(o.primitive_execute, "dnnl_primitive_execute");
     get(o.memory_create, "dnnl_memory_create");
     get(o.memory_destroy, "dnnl_memory_destroy");
+    get(o.post_ops_create, "dnnl_post_ops_create");
+    get(o.post_ops_append_sum, "dnnl_post_ops_append_sum");
+    get(o.post_ops_destroy, "dnnl_post_ops_destroy");
+    get(o.attr_set_post_ops, "dnnl_primitive_attr_set_post_ops");
+    get(o.reorder_desc_create, "dnnl_reorder_primitive_desc_create");
+    get(o.primitive_destroy, "dnnl_primitive_destroy");
     if (!all || o.engine_create(&o.engine, dnnl_cpu, 0) != dnnl_success) o.engine = nullptr;
 #endif
     return o;
@@ -349,65 +361,110 @@ void set_products(Products p) {
 
 // --- bf16 products: oneDNN's matmul on the CPU's bf16 units ----------------------------------
 //
-// y[T][N] = (hi + lo)[T][K] * W^T as one product of 2M rows (the high parts' rows, then the low
-// parts'), whose two halves are then added; W's bf16 rows are used as they are (oneDNN's "ba"
-// layout of the [K][N] weights: no repacked copy), sums and output fp32. A primitive is made
-// (and compiled by oneDNN) per shape; T is rounded up to M, a multiple of kBf16RowStep (zero
-// rows), so that a server's varying step sizes share a few of them.
+// y[T][N] = (hi + lo)[T][K] * W^T as two products of M rows: lo * W into y, then hi * W added to
+// it by oneDNN's sum post-op (the two fp32 results summed once, as a pass adding them would,
+// without that pass nor a 2M-row result). Sums and output fp32. W is the copy that
+// pack_for_bf16_products made in the layout oneDNN's kernels read (no reorder of W inside every
+// product), or else the model's bf16 rows as they are (oneDNN's "ba" layout of the [K][N]
+// weights). A primitive is made (and compiled by oneDNN) per shape; T is rounded up to M, a
+// multiple of kBf16RowStep (zero rows), so that a server's varying step sizes share a few.
 
 namespace {
 constexpr int kBf16RowStep = 16;  // an AMX tile's rows
+// The rows of the product whose weights layout pack_for_bf16_products takes: the CPU backend's
+// prefill step (products of other row counts are made for the same layout).
+constexpr int kPackRows = 512;
+
+// A vector's first n elements, grown (never shrunk) to hold them: a buffer reused by products of
+// several shapes is neither reallocated nor zero-filled again when a larger shape comes back.
+template <class T>
+T* at_least(std::vector<T>& v, size_t n) {
+  if (v.size() < n) v.resize(n);
+  return v.data();
+}
+}  // namespace
 
 #if DNNL_VERSION_MAJOR == 2
+struct PackedBf16 {
+  dnnl_memory_desc_t desc;
+  std::unique_ptr<uint16_t, decltype(&std::free)> data{nullptr, &std::free};
+};
+
+namespace {
 struct Bf16Matmul {
   dnnl_primitive_t primitive = nullptr;
   dnnl_memory_desc_t src, weights, dst, scratchpad;
   std::string impl;  // oneDNN's implementation, e.g. "brg:avx512_core_amx_bf16"
 };
 
-// The primitive of shape (M, K, N), made at first use; null if oneDNN cannot make one. Kept for
-// the process's life (a few per model shape); safe to call from several threads.
-const Bf16Matmul* bf16_matmul(int M, int K, int N) {
+// The primitive of y[M][N] = x[M][K] * W[K][N] (accumulate: y += ...) with W in layout `weights`
+// (format any: oneDNN's choice, which m.weights then holds); m.primitive null if oneDNN cannot
+// make one.
+std::unique_ptr<Bf16Matmul> make_bf16_matmul(int M, int K, int N,
+                                             const dnnl_memory_desc_t& weights, bool accumulate) {
   const OneDnn& d = onednn();
-  if (!d.engine) return nullptr;
-  static std::mutex mutex;
-  static auto* cache = new std::map<std::array<int, 3>, std::unique_ptr<Bf16Matmul>>;
-  std::lock_guard lock(mutex);
-  auto& slot = (*cache)[{M, K, N}];
-  if (slot) return slot->primitive ? slot.get() : nullptr;
-  slot = std::make_unique<Bf16Matmul>();
-  Bf16Matmul& m = *slot;
-  const dnnl_dims_t src_dims = {M, K}, weight_dims = {K, N}, dst_dims = {M, N};
+  auto m = std::make_unique<Bf16Matmul>();
+  const dnnl_dims_t src_dims = {M, K}, dst_dims = {M, N};
   dnnl_matmul_desc_t desc;
   dnnl_primitive_attr_t attr = nullptr;
+  dnnl_post_ops_t post_ops = nullptr;
   dnnl_primitive_desc_t pd = nullptr;
-  // A scratchpad per call (below), so that threads may run one primitive at once.
-  if (d.memory_desc_init_by_tag(&m.src, 2, src_dims, dnnl_bf16, dnnl_ab) != dnnl_success ||
-      d.memory_desc_init_by_tag(&m.weights, 2, weight_dims, dnnl_bf16, dnnl_ba) != dnnl_success ||
-      d.memory_desc_init_by_tag(&m.dst, 2, dst_dims, dnnl_f32, dnnl_ab) != dnnl_success ||
-      d.matmul_desc_init(&desc, &m.src, &m.weights, nullptr, &m.dst) != dnnl_success ||
+  if (d.memory_desc_init_by_tag(&m->src, 2, src_dims, dnnl_bf16, dnnl_ab) != dnnl_success ||
+      d.memory_desc_init_by_tag(&m->dst, 2, dst_dims, dnnl_f32, dnnl_ab) != dnnl_success ||
+      d.matmul_desc_init(&desc, &m->src, &weights, nullptr, &m->dst) != dnnl_success ||
       d.attr_create(&attr) != dnnl_success)
-    return nullptr;
-  if (d.attr_set_scratchpad_mode(attr, dnnl_scratchpad_mode_user) == dnnl_success &&
-      d.primitive_desc_create(&pd, &desc, attr, d.engine, nullptr) == dnnl_success) {
+    return m;
+  // A scratchpad per call (matmul_bf16), so that threads may run one primitive at once.
+  bool ok = d.attr_set_scratchpad_mode(attr, dnnl_scratchpad_mode_user) == dnnl_success;
+  if (ok && accumulate)
+    ok = d.post_ops_create(&post_ops) == dnnl_success &&
+         d.post_ops_append_sum(post_ops, 1.0f) == dnnl_success &&
+         d.attr_set_post_ops(attr, post_ops) == dnnl_success;
+  if (ok && d.primitive_desc_create(&pd, &desc, attr, d.engine, nullptr) == dnnl_success) {
     const char* impl = "";
     d.primitive_desc_query(pd, dnnl_query_impl_info_str, 0, &impl);
-    m.impl = impl;
-    m.scratchpad = *d.primitive_desc_query_md(pd, dnnl_query_scratchpad_md, 0);
-    if (d.primitive_create(&m.primitive, pd) != dnnl_success) m.primitive = nullptr;
+    m->impl = impl;
+    m->weights = *d.primitive_desc_query_md(pd, dnnl_query_weights_md, 0);
+    m->scratchpad = *d.primitive_desc_query_md(pd, dnnl_query_scratchpad_md, 0);
+    if (d.primitive_create(&m->primitive, pd) != dnnl_success) m->primitive = nullptr;
     d.primitive_desc_destroy(pd);
   }
+  if (post_ops) d.post_ops_destroy(post_ops);
   d.attr_destroy(attr);
-  return m.primitive ? &m : nullptr;
+  return m;
 }
+
+dnnl_memory_desc_t weights_desc(int K, int N, dnnl_format_tag_t tag) {
+  dnnl_memory_desc_t md;
+  const dnnl_dims_t dims = {K, N};
+  onednn().memory_desc_init_by_tag(&md, 2, dims, dnnl_bf16, tag);
+  return md;
+}
+
+// The primitive of shape (M, K, N) for W's rows as they are or for packed weights, made at first
+// use; null if oneDNN cannot make one. Kept for the process's life (a few per model shape); safe
+// to call from several threads.
+const Bf16Matmul* bf16_matmul(int M, int K, int N, const PackedBf16* packed, bool accumulate) {
+  if (!onednn().engine) return nullptr;
+  static std::mutex mutex;
+  static auto* cache = new std::map<std::array<int, 5>, std::unique_ptr<Bf16Matmul>>;
+  std::lock_guard lock(mutex);
+  auto& slot = (*cache)[{M, K, N, packed != nullptr, accumulate}];
+  if (!slot)
+    slot = make_bf16_matmul(M, K, N, packed ? packed->desc : weights_desc(K, N, dnnl_ba),
+                            accumulate);
+  return slot->primitive ? slot.get() : nullptr;
+}
+}  // namespace
 #endif
 
+namespace {
 // oneDNN's implementation of bf16 products where it runs them on bf16 hardware (AMX, or
 // AVX512-BF16's dot products), else "": elsewhere oneDNN emulates bf16, slower than its sgemm.
 const std::string& bf16_hardware_impl() {
   static const std::string impl = [] {
 #if DNNL_VERSION_MAJOR == 2
-    if (const Bf16Matmul* m = bf16_matmul(kBf16RowStep, 64, 64))
+    if (const Bf16Matmul* m = bf16_matmul(kBf16RowStep, 64, 64, nullptr, false))
       if (m->impl.find("amx_bf16") != std::string::npos ||
           m->impl.find("avx512_core_bf16") != std::string::npos)
         return m->impl;
@@ -622,70 +679,116 @@ void gemv(const float* x, int T, int K, W w, int N, float* y) {
 
 #if DNNL_VERSION_MAJOR == 2
 namespace {
+// Runs `mm` on bf16 rows `src`, weights `weights` (W's rows or its packed copy), into `dst`.
+dnnl_status_t execute(const Bf16Matmul& mm, dnnl_stream_t stream, const uint16_t* src,
+                      const uint16_t* weights, float* dst, uint8_t* scratchpad) {
+  const OneDnn& d = onednn();
+  dnnl_memory_t mem[4] = {};
+  const dnnl_memory_desc_t* descs[4] = {&mm.src, &mm.weights, &mm.dst, &mm.scratchpad};
+  void* data[4] = {const_cast<uint16_t*>(src), const_cast<uint16_t*>(weights), dst, scratchpad};
+  dnnl_status_t st = dnnl_success;
+  for (int i = 0; i < 4 && st == dnnl_success; ++i)
+    st = d.memory_create(&mem[i], descs[i], d.engine, data[i]);  // (read only: src, weights)
+  if (st == dnnl_success) {
+    const dnnl_exec_arg_t args[] = {{DNNL_ARG_SRC, mem[0]},
+                                    {DNNL_ARG_WEIGHTS, mem[1]},
+                                    {DNNL_ARG_DST, mem[2]},
+                                    {DNNL_ARG_SCRATCHPAD, mem[3]}};
+    st = d.primitive_execute(mm.primitive, stream, 4, args);
+    if (st == dnnl_success) st = d.stream_wait(stream);
+  }
+  for (dnnl_memory_t m : mem)
+    if (m) d.memory_destroy(m);
+  return st;
+}
+
 // The bf16 path of matmul (bf16_products_available() and bf16 weights): x split in two bf16
 // parts (split), or rounded once.
 void matmul_bf16(const float* x, int T, const Matrix& W, float* y, bool split) {
   const int K = W.K, N = W.N;
   const int M = (T + kBf16RowStep - 1) / kBf16RowStep * kBf16RowStep;
-  const int parts = split ? 2 : 1;
-  const Bf16Matmul* mm = bf16_matmul(parts * M, K, N);
-  if (!mm)
-    throw Error("matmul: oneDNN cannot make a bf16 product of " + std::to_string(parts * M) +
-                " x " + std::to_string(K) + " by " + std::to_string(K) + " x " + std::to_string(N));
+  const PackedBf16* packed = W.packed.get();
+  const Bf16Matmul* first = bf16_matmul(M, K, N, packed, false);
+  const Bf16Matmul* second = split ? bf16_matmul(M, K, N, packed, true) : nullptr;
+  if (!first || (split && !second))
+    throw Error("matmul: oneDNN cannot make a bf16 product of " + std::to_string(M) + " x " +
+                std::to_string(K) + " by " + std::to_string(K) + " x " + std::to_string(N));
+  const OneDnn& d = onednn();
   // Per calling thread (tensor-parallel shards are threads), buffers that only grow: the parts
-  // [parts*M][K] (x's high parts in rows 0..T-1, its low parts in rows M..M+T-1, zeros elsewhere)
-  // and their products [parts*M][N] (rounded once with T = M: y itself).
+  // [M][K] each (x's rows, then zeros), the product [M][N] where T < M (else y itself).
   thread_local std::vector<uint16_t> halves;
-  thread_local std::vector<float> products;
+  thread_local std::vector<float> product;
   thread_local std::vector<uint8_t> scratchpad;
-  halves.resize(size_t(parts) * M * K);
-  const bool direct = !split && T == M;
-  if (!direct) products.resize(size_t(parts) * M * N);
-  float* out = direct ? y : products.data();
   const int64_t n = int64_t(T) * K, rows_n = int64_t(M) * K;
-  uint16_t* hi = halves.data();  // (inside a parallel region `halves` is each thread's own)
+  uint16_t* hi = at_least(halves, size_t(split ? 2 : 1) * rows_n);
   uint16_t* lo = split ? hi + rows_n : nullptr;
+  float* out = T == M ? y : at_least(product, size_t(M) * N);
+  size_t scratch_bytes = d.memory_desc_get_size(&first->scratchpad);
+  if (second) scratch_bytes = std::max(scratch_bytes, d.memory_desc_get_size(&second->scratchpad));
+  uint8_t* scratch = at_least(scratchpad, scratch_bytes);
   constexpr int64_t kPart = 16384;  // elements per task
-#pragma omp parallel for schedule(static) if (n >= 4 * kPart)
-  for (int64_t i = 0; i < n; i += kPart)
+  parallel_for((n + kPart - 1) / kPart, n >= 4 * kPart, [&](int64_t part) {
+    const int64_t i = part * kPart;
     avx512::split_bf16(x + i, std::min(kPart, n - i), hi + i, lo ? lo + i : nullptr);
+  });
   std::fill(hi + n, hi + rows_n, uint16_t{0});
   if (lo) std::fill(lo + n, lo + rows_n, uint16_t{0});
 
-  const OneDnn& d = onednn();
-  scratchpad.resize(d.memory_desc_get_size(&mm->scratchpad));
-  dnnl_memory_t src = nullptr, weights = nullptr, dst = nullptr, scratch = nullptr;
+  const uint16_t* w = packed ? packed->data.get() : W.bf16.data();
   dnnl_stream_t stream = nullptr;
-  auto* w = const_cast<uint16_t*>(W.bf16.data());  // read only
   dnnl_status_t st = d.stream_create(&stream, d.engine, dnnl_stream_default_flags);
-  if (st == dnnl_success) st = d.memory_create(&src, &mm->src, d.engine, hi);
-  if (st == dnnl_success) st = d.memory_create(&weights, &mm->weights, d.engine, w);
-  if (st == dnnl_success) st = d.memory_create(&dst, &mm->dst, d.engine, out);
-  if (st == dnnl_success)
-    st = d.memory_create(&scratch, &mm->scratchpad, d.engine, scratchpad.data());
-  if (st == dnnl_success) {
-    const dnnl_exec_arg_t args[] = {{DNNL_ARG_SRC, src},
-                                    {DNNL_ARG_WEIGHTS, weights},
-                                    {DNNL_ARG_DST, dst},
-                                    {DNNL_ARG_SCRATCHPAD, scratch}};
-    st = d.primitive_execute(mm->primitive, stream, 4, args);
-    if (st == dnnl_success) st = d.stream_wait(stream);
-  }
-  for (dnnl_memory_t m : {src, weights, dst, scratch})
-    if (m) d.memory_destroy(m);
+  // The low parts' product first, the high parts' added to it: y = hi * W + lo * W.
+  if (st == dnnl_success) st = execute(*first, stream, split ? lo : hi, w, out, scratch);
+  if (st == dnnl_success && split) st = execute(*second, stream, hi, w, out, scratch);
   if (stream) d.stream_destroy(stream);
   if (st != dnnl_success)
     throw Error("matmul: oneDNN's bf16 matmul failed (status " + std::to_string(int(st)) + ")");
-  if (direct) return;
-  const float* high = products.data();
-  const int64_t outputs = int64_t(T) * N;
-  if (!split) return (void)std::copy_n(high, outputs, y);
-  const float* low = high + size_t(M) * N;
-#pragma omp parallel for simd schedule(static) if (outputs >= 65536)
-  for (int64_t i = 0; i < outputs; ++i) y[i] = high[i] + low[i];
+  if (out != y) std::copy_n(out, int64_t(T) * N, y);
 }
 }  // namespace
 #endif
+
+void pack_for_bf16_products(Matrix& m) {
+#if DNNL_VERSION_MAJOR == 2
+  if (!m.is_bf16() || !bf16_products_available()) return;
+  const OneDnn& d = onednn();
+  const auto layout = make_bf16_matmul(kPackRows, m.K, m.N,
+                                       weights_desc(m.K, m.N, dnnl_format_tag_any), false);
+  if (!layout->primitive) return;
+  d.primitive_destroy(layout->primitive);
+  auto packed = std::make_shared<PackedBf16>();
+  packed->desc = layout->weights;
+  const size_t bytes = (d.memory_desc_get_size(&packed->desc) + 63) / 64 * 64;
+  packed->data.reset(static_cast<uint16_t*>(std::aligned_alloc(64, bytes)));
+  if (!packed->data) throw std::bad_alloc();
+  const dnnl_memory_desc_t rows = weights_desc(m.K, m.N, dnnl_ba);
+  dnnl_primitive_desc_t pd = nullptr;
+  dnnl_primitive_t reorder = nullptr;
+  dnnl_memory_t from = nullptr, to = nullptr;
+  dnnl_stream_t stream = nullptr;
+  dnnl_status_t st = d.reorder_desc_create(&pd, &rows, d.engine, &packed->desc, d.engine, nullptr);
+  if (st == dnnl_success) st = d.primitive_create(&reorder, pd);
+  if (st == dnnl_success) st = d.memory_create(&from, &rows, d.engine, m.bf16.data());
+  if (st == dnnl_success) st = d.memory_create(&to, &packed->desc, d.engine, packed->data.get());
+  if (st == dnnl_success) st = d.stream_create(&stream, d.engine, dnnl_stream_default_flags);
+  if (st == dnnl_success) {
+    const dnnl_exec_arg_t args[] = {{DNNL_ARG_FROM, from}, {DNNL_ARG_TO, to}};
+    st = d.primitive_execute(reorder, stream, 2, args);
+    if (st == dnnl_success) st = d.stream_wait(stream);
+  }
+  if (stream) d.stream_destroy(stream);
+  for (dnnl_memory_t mem : {from, to})
+    if (mem) d.memory_destroy(mem);
+  if (reorder) d.primitive_destroy(reorder);
+  if (pd) d.primitive_desc_destroy(pd);
+  if (st != dnnl_success)
+    throw Error("oneDNN could not pack a " + std::to_string(m.N) + " x " + std::to_string(m.K) +
+                " bf16 matrix for its products (status " + std::to_string(int(st)) + ")");
+  m.packed = std::move(packed);
+#else
+  (void)m;
+#endif
+}
 
 void matmul(const float* x, int T, const Matrix& W, float* y, std::span<float> wide,
             Activations activations) {
@@ -772,57 +875,91 @@ void add_weighted_rows(const float* p, const float* rows, int64_t stride, int n,
   }
 }
 
+void scaled_dots_rows(const float* q, int64_t q_stride, int nq, const float* rows, int64_t stride,
+                      int n, int d, float scale, float* s, int64_t s_stride) {
+  switch (active_isa()) {
+    case Isa::Avx512:
+      return avx512::scaled_dots_rows(q, q_stride, nq, rows, stride, n, d, scale, s, s_stride);
+    case Isa::Avx2:
+      return avx2::scaled_dots_rows(q, q_stride, nq, rows, stride, n, d, scale, s, s_stride);
+    case Isa::Scalar:
+      for (int a = 0; a < nq; ++a)
+        scaled_dots(q + a * q_stride, rows, stride, n, d, scale, s + a * s_stride);
+  }
+}
+
+void add_weighted_rows_rows(const float* p, int64_t p_stride, int nq, const float* rows,
+                            int64_t stride, int n, int d, float* out, int64_t out_stride) {
+  switch (active_isa()) {
+    case Isa::Avx512:
+      return avx512::add_weighted_rows_rows(p, p_stride, nq, rows, stride, n, d, out, out_stride);
+    case Isa::Avx2:
+      return avx2::add_weighted_rows_rows(p, p_stride, nq, rows, stride, n, d, out, out_stride);
+    case Isa::Scalar:
+      for (int a = 0; a < nq; ++a)
+        add_weighted_rows(p + a * p_stride, rows, stride, n, d, out + a * out_stride);
+  }
+}
+
 // --- Elementwise operations (rows in parallel where enough of them pay for the threads) ------
 
 void rmsnorm(const float* x, const float* w, int T, int n, float eps, float* y) {
-#pragma omp parallel for schedule(static) if (T >= 64)
-  for (int t = 0; t < T; ++t) {
-    const float* r = x + int64_t(t) * n;
+  parallel_for(T, T >= 64, [&](int64_t t) {
+    const float* r = x + t * n;
     const float ms = dot(r, r, n) / static_cast<float>(n);
     const float inv = 1.0f / std::sqrt(ms + eps);
-    for (int i = 0; i < n; ++i) y[int64_t(t) * n + i] = r[i] * inv * w[i];
-  }
+    for (int i = 0; i < n; ++i) y[t * n + i] = r[i] * inv * w[i];
+  });
+}
+
+RopeTable rope_table(int T, int d, int64_t pos0, float theta, float linear_factor) {
+  const int half = d / 2;
+  RopeTable table{T, d, std::vector<float>(size_t(T) * half), std::vector<float>(size_t(T) * half)};
+  std::vector<double> inv_freq(half);
+  for (int i = 0; i < half; ++i) inv_freq[i] = std::pow(double(theta), -2.0 * i / d);
+  parallel_for(T, T >= 64, [&](int64_t t) {
+    for (int i = 0; i < half; ++i) {
+      const double a = double(pos0 + t) / linear_factor * inv_freq[i];
+      table.cos[size_t(t) * half + i] = static_cast<float>(std::cos(a));
+      table.sin[size_t(t) * half + i] = static_cast<float>(std::sin(a));
+    }
+  });
+  return table;
+}
+
+void rope(float* x, int heads, const RopeTable& table) {
+  const int T = table.T, d = table.d, half = d / 2;
+  parallel_for(T, T >= 64, [&](int64_t t) {
+    const float* cs = table.cos.data() + size_t(t) * half;
+    const float* sn = table.sin.data() + size_t(t) * half;
+    for (int h = 0; h < heads; ++h) {
+      float* v = x + (t * heads + h) * d;
+      for (int i = 0; i < half; ++i) {
+        const float a = v[i], b = v[i + half];
+        v[i] = a * cs[i] - b * sn[i];
+        v[i + half] = b * cs[i] + a * sn[i];
+      }
+    }
+  });
 }
 
 void rope(float* x, int T, int heads, int d, int64_t pos0, float theta, float linear_factor) {
-  const int half = d / 2;
-  std::vector<double> inv_freq(half);
-  for (int i = 0; i < half; ++i) inv_freq[i] = std::pow(double(theta), -2.0 * i / d);
-#pragma omp parallel if (T >= 64)
-  {
-    std::vector<float> cs(half), sn(half);
-#pragma omp for schedule(static)
-    for (int t = 0; t < T; ++t) {
-      for (int i = 0; i < half; ++i) {
-        const double a = double(pos0 + t) / linear_factor * inv_freq[i];
-        cs[i] = static_cast<float>(std::cos(a));
-        sn[i] = static_cast<float>(std::sin(a));
-      }
-      for (int h = 0; h < heads; ++h) {
-        float* v = x + (int64_t(t) * heads + h) * d;
-        for (int i = 0; i < half; ++i) {
-          const float a = v[i], b = v[i + half];
-          v[i] = a * cs[i] - b * sn[i];
-          v[i + half] = b * cs[i] + a * sn[i];
-        }
-      }
-    }
-  }
+  rope(x, heads, rope_table(T, d, pos0, theta, linear_factor));
 }
 
-void swiglu(float* g, const float* u, int64_t n) {
+void swiglu(const float* gu, int T, int F, float* y) {
   const Isa isa = active_isa();
-  constexpr int64_t kPart = 16384;  // elements per task
-#pragma omp parallel for schedule(static) if (n >= 4 * kPart)
-  for (int64_t i = 0; i < n; i += kPart) {
-    const int64_t len = std::min(kPart, n - i);
+  parallel_for(T, int64_t(T) * F >= 65536, [&](int64_t t) {
+    const float* g = gu + size_t(t) * 2 * F;
+    const float* u = g + F;
+    float* out = y + size_t(t) * F;
     if (isa == Isa::Avx512)
-      avx512::swiglu(g + i, u + i, len);
+      avx512::swiglu(g, u, out, F);
     else if (isa == Isa::Avx2)
-      avx2::swiglu(g + i, u + i, len);
+      avx2::swiglu(g, u, out, F);
     else
-      for (int64_t j = i; j < i + len; ++j) g[j] = g[j] / (1.0f + std::exp(-g[j])) * u[j];
-  }
+      for (int i = 0; i < F; ++i) out[i] = g[i] / (1.0f + std::exp(-g[i])) * u[i];
+  });
 }
 
 void softmax(float* s, int n) {

@@ -2,6 +2,7 @@
 #pragma once
 
 #include <cstdint>
+#include <memory>
 #include <span>
 #include <vector>
 
@@ -29,6 +30,9 @@ enum class Activations { Fp32, SplitBf16, Bf16 };
 // 2 threads".
 std::string kernels_summary(int n_threads, Activations activations);
 
+// bf16 weights in the layout of oneDNN's bf16 products (pack_for_bf16_products).
+struct PackedBf16;
+
 // A weight matrix W[N][K] as the CPU backend keeps it: bf16 weights stay bf16 (half the bytes
 // to stream per token; widening bf16 to fp32 is exact), Q8_0 weights stay int8 with one scale per
 // block of 32 (the fp16 scales widened, exactly: W[n][k] = q8_scale[(n*K + k) / 32] * q8[n*K + k]),
@@ -39,6 +43,7 @@ struct Matrix {
   std::vector<int8_t> q8;
   std::vector<float> q8_scale;
   std::vector<float> f32;
+  std::shared_ptr<const PackedBf16> packed;  // null unless pack_for_bf16_products made it
   bool is_bf16() const { return !bf16.empty(); }
   bool is_q8() const { return !q8.empty(); }
   bool is_f32() const { return !f32.empty(); }
@@ -74,6 +79,11 @@ constexpr int kGemvRows = 8;
 // such hardware, active_products() is OneDnn and active_isa() is avx512 (so
 // MULTIPOLE_CPU_ISA=avx2 turns them off as a CPU without AVX-512 would).
 bool bf16_products_available();
+// Gives m, where it has bf16 weights and bf16_products_available(), a copy of them in the layout
+// oneDNN's bf16 products read (else a product reorders W into it at every call: 6.5 % of a
+// prefill's time). Costs the matrix's bf16 bytes again; products of 1-8 rows keep reading
+// m.bf16. Sub-matrices and stacks of m are made without it.
+void pack_for_bf16_products(Matrix& m);
 
 // y[T][N] = x[T][K] * W^T. T <= kGemvRows: the hand-written kernels of active_isa() (Q8_0:
 // each block's weights dequantized in registers); more rows: with bf16 activations (SplitBf16,
@@ -92,19 +102,49 @@ void scaled_dots(const float* q, const float* rows, int64_t stride, int n, int d
                  float* s);
 // out[0..d) += sum_j p[j] * row[j]
 void add_weighted_rows(const float* p, const float* rows, int64_t stride, int n, int d, float* out);
+// The same for nq queries over the same rows, several at once (each row loaded once for them):
+// query a's q at q + a*q_stride, its scores at s + a*s_stride (p at p + a*p_stride, out at out +
+// a*out_stride). Scalar: the single-query functions above, query by query.
+void scaled_dots_rows(const float* q, int64_t q_stride, int nq, const float* rows, int64_t stride,
+                      int n, int d, float scale, float* s, int64_t s_stride);
+void add_weighted_rows_rows(const float* p, int64_t p_stride, int nq, const float* rows,
+                            int64_t stride, int n, int d, float* out, int64_t out_stride);
 // y[t] = x[t] / rms(x[t]) * w, rows of n
 void rmsnorm(const float* x, const float* w, int T, int n, float eps, float* y);
-// Rotates the first `heads` vectors of d in each of T rows (row stride heads*d), Hugging Face's
-// rotate-half convention, row t at position (pos0 + t) / linear_factor (linear RoPE scaling).
+// RoPE's cos and sin for T rows of head size d, row t at position (pos0 + t) / linear_factor
+// (linear RoPE scaling): [T][d/2] each. Made once per step, used by every layer.
+struct RopeTable {
+  int T = 0, d = 0;
+  std::vector<float> cos, sin;
+};
+RopeTable rope_table(int T, int d, int64_t pos0, float theta, float linear_factor);
+// Rotates the first `heads` vectors of d in each of table.T rows (row stride heads*d), Hugging
+// Face's rotate-half convention.
+void rope(float* x, int heads, const RopeTable& table);
+// The same with the table made for this call.
 void rope(float* x, int T, int heads, int d, int64_t pos0, float theta, float linear_factor);
 // The elementwise exps below go through active_isa()'s vector exp (2 ulp where exp(x) is a
 // normal float; 1.6e-38 below exp(-87); scalar: std::exp, the former loops).
-// g[i] = silu(g[i]) * u[i]
-void swiglu(float* g, const float* u, int64_t n);
+// y[t][i] = silu(gu[t][i]) * gu[t][F + i]: rows of [gate | up] as their stacked product gives
+// them, y [T][F]
+void swiglu(const float* gu, int T, int F, float* y);
 // s[j] = exp(s[j] - max) / sum (the attention's scores, in place)
 void softmax(float* s, int n);
 // y[i] = exp(x[i]) for x in [-87, 88] (the tests' way to the vector exp itself)
 void vector_exp(const float* x, int64_t n, float* y);
+
+// f(i) for i in [0, n): over the threads where `parallel`, else a plain loop on this thread. An
+// OpenMP region costs about 3 us even when its if clause is false (docs/PERF.md, session 9), and a
+// one-token step would open dozens: small steps call f directly.
+template <class F>
+void parallel_for(int64_t n, bool parallel, F&& f) {
+  if (!parallel) {
+    for (int64_t i = 0; i < n; ++i) f(i);
+    return;
+  }
+#pragma omp parallel for schedule(static)
+  for (int64_t i = 0; i < n; ++i) f(i);
+}
 
 // Makes this thread's float arithmetic flush subnormal results and inputs to zero (x86's FTZ and
 // DAZ). A softmax weight below 1.2e-38 is then as cheap as any other, instead of a
