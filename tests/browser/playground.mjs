@@ -59,7 +59,9 @@ async function direct(path, body) {
 const settings = { max_tokens: 24, temperature: 0.9, top_p: 0.95, top_k: 40, min_p: 0.05, seed: 11 };
 const fill = Object.entries(settings).map(([k, v]) => `document.getElementById("${k}").value = "${v}";`).join("");
 
-await waitFor(`document.readyState === "complete" && document.getElementById("model").textContent.startsWith("model:")`, "the page");
+// Until the navigation commits, the target's document is the initial about:blank (also
+// "complete", without the page's elements): waited through, not read.
+await waitFor(`document.readyState === "complete" && document.getElementById("model")?.textContent.startsWith("model:")`, "the page");
 
 // Prompt mode.
 const prompt = "Once upon a time";

@@ -4,6 +4,7 @@
 start_server() {
   local build=$1 log=$2
   shift 2
+  : > "$log"  # there before the first look at it (the server's own redirection may come later)
   "$build/server/multipole-server" --port 0 --quiet "$@" 2>"$log" &
   server=$!
   port=
