@@ -882,7 +882,10 @@ TEST(Server, HttpThreadsGiveWayToTheStepLoop) {
 // Replicas: /metrics reports each device, and both ran a choice of a two-choice request.
 TEST(Server, MetricsPerDeviceWithReplicas) {
   Running s(2, 64, "", 0, 0, {0, 1});
-  auto r = s.post({{"prompt", "free"}, {"max_tokens", 5}, {"n", 2}});
+  // Long enough that the first choice still runs when the second is placed (the HTTP thread
+  // submitting them runs at a lower priority than the step loops): the least loaded device is
+  // then the other one.
+  auto r = s.post({{"prompt", "free"}, {"max_tokens", 2000}, {"ignore_eos", true}, {"n", 2}});
   ASSERT_EQ(status_of(r), 200) << r->body;
   const std::string m = s.client().Get("/metrics")->body;
   EXPECT_NE(m.find("multipole_slots 4"), std::string::npos) << m;
