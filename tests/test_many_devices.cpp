@@ -26,33 +26,19 @@ namespace {
 using namespace mp;
 using namespace mp::testing;
 
-// A model variant and how the backends under test run it.
-struct Variant {
-  const char* name;
-  bool fma;
-  Downsampling ds;
-  int kv_heads = 2;
-  int tp = 0;  // tensor-parallel shards
-  DType dtype = DType::F32;
-  bool reference_products = true;  // replicas: bit-identical results expected
+// A model variant and how the replicas under test run it.
+struct ReplicasCase {
+  ModelVariant model;
+  bool reference_products = true;  // bit-identical results expected
 };
 
-Config variant_config(const Variant& v) {
-  Config c = mp::testing::small_config();
-  c.fma_enabled = v.fma;
-  c.fma_downsampling = v.ds;
-  c.n_kv_heads = v.kv_heads;
-  return c;
-}
-
-class Replicas : public ::testing::TestWithParam<Variant> {
+class Replicas : public ::testing::TestWithParam<ReplicasCase> {
  protected:
   void SetUp() override {
     if (GetParam().reference_products) cpu::set_products(cpu::Products::Reference);
-    model = random_model(dir, variant_config(GetParam()), DType::F32, 7);
-    one = make_backend(model, {.kind = "cpu", .n_slots = 6, .n_threads = 1});
+    one = make_backend(vm.model, {.kind = "cpu", .n_slots = 6, .n_threads = 1});
     spread =
-        make_backend(model, {.kind = "cpu", .n_slots = 2, .n_threads = 1, .devices = {0, 1, 2}});
+        make_backend(vm.model, {.kind = "cpu", .n_slots = 2, .n_threads = 1, .devices = {0, 1, 2}});
   }
   void TearDown() override { cpu::set_products(products_); }
   // Expects bit-identical logits with the reference products, else within 1e-5.
@@ -74,14 +60,13 @@ class Replicas : public ::testing::TestWithParam<Variant> {
     return slots;
   }
   const cpu::Products products_ = cpu::active_products();
-  TempDir dir;
-  std::shared_ptr<Model> model;
+  const VariantModel vm{GetParam().model, 7};
   std::unique_ptr<Backend> one, spread;
 };
 
 TEST_P(Replicas, MixedBatchesGiveTheSingleBackendsLogitsExactly) {
   ASSERT_EQ(spread->n_slots(), 6);
-  const int V = model->config().vocab_size;
+  const int V = vm.config.vocab_size;
   const std::vector<int> slots = alloc_both(5);
   // Step 1: prompts of different lengths (some with every row's logits); step 2 and on: decode
   // steps of one token mixed with further prompt chunks, in an order that is not by slot.
@@ -128,7 +113,7 @@ TEST_P(Replicas, MixedBatchesGiveTheSingleBackendsLogitsExactly) {
 }
 
 TEST_P(Replicas, StatesMoveBetweenDevices) {
-  const int V = model->config().vocab_size;
+  const int V = vm.config.vocab_size;
   const std::vector<int> slots = alloc_both(6);  // devices 0 1 2 0 1 2
   const auto prefix = random_tokens(150, V, 5), rest = random_tokens(40, V, 6);
   SeqChunk pc{slots[0], prefix, false};
@@ -151,14 +136,13 @@ TEST_P(Replicas, StatesMoveBetweenDevices) {
 }
 
 INSTANTIATE_TEST_SUITE_P(Models, Replicas,
-                         ::testing::Values(Variant{"groupedconv", true, Downsampling::GroupedConv},
-                                           Variant{"conv", true, Downsampling::Conv},
-                                           Variant{"avgpool", true, Downsampling::AvgPool},
-                                           Variant{"exact", false, Downsampling::GroupedConv},
-                                           Variant{"groupedconv_onednn", true,
-                                                   Downsampling::GroupedConv, 2, 0, DType::F32,
-                                                   false}),
-                         [](const auto& info) { return std::string(info.param.name); });
+                         ::testing::Values(ReplicasCase{{.name = "groupedconv"}},
+                                           ReplicasCase{{.name = "conv", .ds = Downsampling::Conv}},
+                                           ReplicasCase{
+                                               {.name = "avgpool", .ds = Downsampling::AvgPool}},
+                                           ReplicasCase{{.name = "exact", .fma = false}},
+                                           ReplicasCase{{.name = "groupedconv_onednn"}, false}),
+                         [](const auto& info) { return std::string(info.param.model.name); });
 
 // Every wanted job runs once per round, on its own thread, and the caller sees its writes and its
 // failure; polling (GPU) and sleeping (CPU) threads alike.
@@ -547,18 +531,23 @@ TEST_F(StepLoops, SessionsAndCachedPrefixesMoveBetweenDevices) {
   EXPECT_EQ(within_a_minute(filler).reason, "cancelled");
 }
 
-class TensorParallel : public ::testing::TestWithParam<Variant> {};
+// A model variant split over `shards`.
+struct TensorParallelCase {
+  ModelVariant model;
+  int shards;
+};
+
+class TensorParallel : public ::testing::TestWithParam<TensorParallelCase> {};
 
 TEST_P(TensorParallel, LogitsAndStatesMatchThePlainBackend) {
-  const Variant v = GetParam();
-  const Config c = variant_config(v);
-  TempDir dir;
-  auto model = random_model(dir, c, v.dtype, 21);
-  auto plain = make_backend(model, {.kind = "cpu", .n_slots = 3, .n_threads = 1});
-  auto tp =
-      make_backend(model, {.kind = "cpu", .n_slots = 3, .n_threads = 1, .tensor_parallel = v.tp});
-  EXPECT_NE(tp->name().find("tensor parallel x" + std::to_string(v.tp)), std::string::npos);
-  const double tol = v.tp == 1 ? 0 : 1e-5;
+  const int shards = GetParam().shards;
+  const VariantModel vm(GetParam().model, 21);
+  const Config& c = vm.config;
+  auto plain = make_backend(vm.model, {.kind = "cpu", .n_slots = 3, .n_threads = 1});
+  auto tp = make_backend(vm.model,
+                         {.kind = "cpu", .n_slots = 3, .n_threads = 1, .tensor_parallel = shards});
+  EXPECT_NE(tp->name().find("tensor parallel x" + std::to_string(shards)), std::string::npos);
+  const double tol = shards == 1 ? 0 : 1e-5;
   auto expect_close = [&](const std::vector<float>& got, const std::vector<float>& want,
                           const std::string& what) {
     if (tol == 0) {
@@ -614,15 +603,16 @@ TEST_P(TensorParallel, LogitsAndStatesMatchThePlainBackend) {
 
 INSTANTIATE_TEST_SUITE_P(
     Models, TensorParallel,
-    ::testing::Values(Variant{"groupedconv_tp1", true, Downsampling::GroupedConv, 2, 1},
-                      Variant{"groupedconv_tp2", true, Downsampling::GroupedConv, 2, 2},
-                      Variant{"conv_tp2", true, Downsampling::Conv, 2, 2},
-                      Variant{"avgpool_tp2", true, Downsampling::AvgPool, 2, 2},
-                      Variant{"avgpool_mha_tp4", true, Downsampling::AvgPool, 4, 4},
-                      Variant{"exact_tp2", false, Downsampling::GroupedConv, 2, 2},
-                      Variant{"groupedconv_bf16_tp2", true, Downsampling::GroupedConv, 2, 2,
-                              DType::BF16}),
-    [](const auto& info) { return std::string(info.param.name); });
+    ::testing::Values(
+        TensorParallelCase{{.name = "groupedconv_tp1"}, 1},
+        TensorParallelCase{{.name = "groupedconv_tp2"}, 2},
+        TensorParallelCase{{.name = "conv_tp2", .ds = Downsampling::Conv}, 2},
+        TensorParallelCase{{.name = "avgpool_tp2", .ds = Downsampling::AvgPool}, 2},
+        TensorParallelCase{{.name = "avgpool_mha_tp4", .ds = Downsampling::AvgPool, .kv_heads = 4},
+                           4},
+        TensorParallelCase{{.name = "exact_tp2", .fma = false}, 2},
+        TensorParallelCase{{.name = "groupedconv_bf16_tp2", .dtype = DType::BF16}, 2}),
+    [](const auto& info) { return std::string(info.param.model.name); });
 
 TEST(TensorParallelOptions, WhatDoesNotSplitIsRefused) {
   TempDir dir;

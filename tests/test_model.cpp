@@ -15,10 +15,12 @@ namespace {
 
 using namespace mp;
 using mp::testing::logits_in_chunks;
+using mp::testing::ModelVariant;
 using mp::testing::random_model;
 using mp::testing::random_tokens;
 using mp::testing::rel_err;
 using mp::testing::TempDir;
+using mp::testing::VariantModel;
 
 // Token by token, as decode does: only the last row each step.
 std::vector<float> logits_decoding(Backend& b, const std::vector<int>& tokens) {
@@ -33,37 +35,13 @@ std::vector<float> logits_decoding(Backend& b, const std::vector<int>& tokens) {
   return all;
 }
 
-struct Variant {
-  const char* name;
-  Downsampling ds;
-  bool fma, tie;
-  int kv_heads;
-  DType dtype = DType::F32;  // bf16, q8_0: decode's kernels read the weights as stored
-  bool rotary = false;       // rotary key summaries
-  std::vector<int> ranks = {};  // per-level ranks
-};
-
-Config variant_config(const Variant& v) {
-  Config c = mp::testing::small_config();
-  c.fma_downsampling = v.ds;
-  c.fma_enabled = v.fma;
-  c.tie_word_embeddings = v.tie;
-  c.n_kv_heads = v.kv_heads;
-  c.fma_rotary_summaries = v.rotary;
-  if (!v.ranks.empty()) c.fma_rank = *std::max_element(v.ranks.begin(), v.ranks.end());
-  c.fma_level_ranks = v.ranks;
-  return c;
-}
-
-class ChunkInvariance : public ::testing::TestWithParam<Variant> {};
+class ChunkInvariance : public ::testing::TestWithParam<ModelVariant> {};
 
 TEST_P(ChunkInvariance, PrefillChunksAndDecodeAgreePastTrainedLength) {
-  const Variant v = GetParam();
-  const Config c = variant_config(v);
-  TempDir dir;
-  auto model = random_model(dir, c, v.dtype);
-  ASSERT_EQ(model->config().fma_rotary_summaries, v.rotary);
-  auto b = make_backend(model, {.kind = "cpu", .n_slots = 2, .n_threads = 2});
+  const VariantModel vm(GetParam());
+  const Config& c = vm.config;
+  ASSERT_EQ(vm.model->config().fma_rotary_summaries, GetParam().rotary);
+  auto b = make_backend(vm.model, {.kind = "cpu", .n_slots = 2, .n_threads = 2});
   const int m = c.fma_block_size;
   const auto tokens = random_tokens(3 * static_cast<int>(c.n_ctx_train) + 5, c.vocab_size, 11);
   const auto ref = logits_in_chunks(*b, tokens, static_cast<int>(tokens.size()));
@@ -74,33 +52,25 @@ TEST_P(ChunkInvariance, PrefillChunksAndDecodeAgreePastTrainedLength) {
 
 INSTANTIATE_TEST_SUITE_P(
     Models, ChunkInvariance,
-    ::testing::Values(
-        Variant{"groupedconv", Downsampling::GroupedConv, true, false, 2},
-        Variant{"conv", Downsampling::Conv, true, true, 1},
-        Variant{"avgpool", Downsampling::AvgPool, true, false, 4},
-        Variant{"groupedconv_bf16", Downsampling::GroupedConv, true, false, 2, DType::BF16},
-        // Q8_0 where rows are whole blocks (all but ffn_down's 48: bf16)
-        Variant{"groupedconv_q8_0", Downsampling::GroupedConv, true, true, 2, DType::Q8_0},
-        Variant{"exact", Downsampling::GroupedConv, false, true, 2},
-        Variant{"groupedconv_rotary", Downsampling::GroupedConv, true, false, 2, DType::F32, true},
-        Variant{"groupedconv_rotary_bf16", Downsampling::GroupedConv, true, true, 1, DType::BF16,
-                true},
-        Variant{"groupedconv_ranks_1_4",
-                Downsampling::GroupedConv,
-                true,
-                false,
-                2,
-                DType::F32,
-                false,
-                {1, 4}},
-        Variant{"avgpool_rotary_ranks_4_2",
-                Downsampling::AvgPool,
-                true,
-                false,
-                2,
-                DType::F32,
-                true,
-                {4, 2}}),
+    ::testing::Values(ModelVariant{.name = "groupedconv"},
+                      ModelVariant{
+                          .name = "conv", .ds = Downsampling::Conv, .kv_heads = 1, .tie = true},
+                      ModelVariant{.name = "avgpool", .ds = Downsampling::AvgPool, .kv_heads = 4},
+                      ModelVariant{.name = "groupedconv_bf16", .dtype = DType::BF16},
+                      // Q8_0 where rows are whole blocks (all but ffn_down's 48: bf16)
+                      ModelVariant{.name = "groupedconv_q8_0", .tie = true, .dtype = DType::Q8_0},
+                      ModelVariant{.name = "exact", .fma = false, .tie = true},
+                      ModelVariant{.name = "groupedconv_rotary", .rotary = true},
+                      ModelVariant{.name = "groupedconv_rotary_bf16",
+                                   .kv_heads = 1,
+                                   .tie = true,
+                                   .rotary = true,
+                                   .dtype = DType::BF16},
+                      ModelVariant{.name = "groupedconv_ranks_1_4", .ranks = {1, 4}},
+                      ModelVariant{.name = "avgpool_rotary_ranks_4_2",
+                                   .ds = Downsampling::AvgPool,
+                                   .rotary = true,
+                                   .ranks = {4, 2}}),
     [](const auto& info) { return std::string(info.param.name); });
 
 // The whole sequence after k other tokens, through the engine (RoPE and the hierarchy move
@@ -108,14 +78,13 @@ INSTANTIATE_TEST_SUITE_P(
 // from position l n/2 on, where no window of layers 1..l reaches before the sequence (one layer:
 // test_fma.cpp's SequenceShift); so the logits from n_layers n/2 on do not, with rotary or
 // avgpool summaries. Per-channel groupedconv summaries move with k.
-class ModelSequenceShift : public ::testing::TestWithParam<Variant> {};
+class ModelSequenceShift : public ::testing::TestWithParam<ModelVariant> {};
 
 TEST_P(ModelSequenceShift, LogitsBeyondTheLayersReachDoNotChange) {
-  const Variant v = GetParam();
-  const Config c = variant_config(v);
-  TempDir dir;
-  auto model = random_model(dir, c, v.dtype);
-  auto b = make_backend(model, {.kind = "cpu", .n_slots = 1, .n_threads = 2});
+  const ModelVariant& v = GetParam();
+  const VariantModel vm(v);
+  const Config& c = vm.config;
+  auto b = make_backend(vm.model, {.kind = "cpu", .n_slots = 1, .n_threads = 2});
   const int half = static_cast<int>(c.n_ctx_train) / 2;
   const double worst = mp::testing::largest_change_under_shifts(
       *b, random_tokens(6 * half + 5, c.vocab_size, 11), c.n_layers * half, c.vocab_size,
@@ -130,10 +99,9 @@ TEST_P(ModelSequenceShift, LogitsBeyondTheLayersReachDoNotChange) {
 
 INSTANTIATE_TEST_SUITE_P(
     Models, ModelSequenceShift,
-    ::testing::Values(
-        Variant{"groupedconv_rotary", Downsampling::GroupedConv, true, false, 2, DType::F32, true},
-        Variant{"avgpool", Downsampling::AvgPool, true, false, 2},
-        Variant{"groupedconv_per_channel", Downsampling::GroupedConv, true, false, 2}),
+    ::testing::Values(ModelVariant{.name = "groupedconv_rotary", .rotary = true},
+                      ModelVariant{.name = "avgpool", .ds = Downsampling::AvgPool},
+                      ModelVariant{.name = "groupedconv_per_channel"}),
     [](const auto& info) { return std::string(info.param.name); });
 
 TEST(State, SavedAndRestoredStateContinuesExactly) {
