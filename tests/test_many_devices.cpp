@@ -176,9 +176,8 @@ TEST(DeviceThreads, EachRoundRunsEveryWantedJobOnceAndReportsItsFailure) {
 }
 
 TEST(ReplicaSlots, NewSequencesGoToTheLeastLoadedDevice) {
-  TempDir dir;
-  auto model = random_model(dir, mp::testing::small_config());
-  auto b = make_backend(model, {.kind = "cpu", .n_slots = 3, .n_threads = 1, .devices = {4, 7}});
+  const VariantModel vm;
+  auto b = make_backend(vm.model, {.kind = "cpu", .n_slots = 3, .n_threads = 1, .devices = {4, 7}});
   ASSERT_EQ(b->n_slots(), 6);
   std::vector<int> got;
   for (int i = 0; i < 4; ++i) got.push_back(b->alloc_slot());
@@ -203,7 +202,7 @@ TEST(ReplicaSlots, NewSequencesGoToTheLeastLoadedDevice) {
   EXPECT_EQ(b->slot_device(4), 0);
   EXPECT_THROW(b->slot_device(6), Error);
   // Work is counted where it ran.
-  const auto t = random_tokens(20, model->config().vocab_size, 1);
+  const auto t = random_tokens(20, vm.config.vocab_size, 1);
   SeqChunk c{1, t, false};  // device 1
   b->forward({&c, 1});
   EXPECT_EQ(b->device_stats()[1].tokens, 20u);
@@ -217,13 +216,12 @@ TEST(ReplicaSlots, NewSequencesGoToTheLeastLoadedDevice) {
 }
 
 TEST(ReplicaSlots, BadBatchesAreRefusedBeforeAnyDeviceRuns) {
-  TempDir dir;
-  auto model = random_model(dir, mp::testing::small_config());
-  auto b = make_backend(model, {.kind = "cpu", .n_slots = 2, .n_threads = 1, .devices = {0, 1}});
+  const VariantModel vm;
+  auto b = make_backend(vm.model, {.kind = "cpu", .n_slots = 2, .n_threads = 1, .devices = {0, 1}});
   const int s0 = b->alloc_slot(), s1 = b->alloc_slot();
-  const auto t = random_tokens(10, model->config().vocab_size, 1);
+  const auto t = random_tokens(10, vm.config.vocab_size, 1);
   std::vector<int> bad = t;
-  bad[3] = model->config().vocab_size;
+  bad[3] = vm.config.vocab_size;
   auto refused = [&](std::vector<SeqChunk> batch, const std::string& what) {
     try {
       b->forward(batch);
@@ -238,7 +236,7 @@ TEST(ReplicaSlots, BadBatchesAreRefusedBeforeAnyDeviceRuns) {
   refused({{s0, t, false}, {3, t, false}}, "slot 3 is not allocated");
   refused({{s1, t, false}, {s1, t, false}}, "appears twice");
   EXPECT_THROW(b->copy_slot(s0, 9), Error);
-  EXPECT_THROW(make_backend(model, {.kind = "cpu", .n_slots = 2, .devices = {1, 1}}), Error);
+  EXPECT_THROW(make_backend(vm.model, {.kind = "cpu", .n_slots = 2, .devices = {1, 1}}), Error);
 }
 
 TEST(ReplicaSlots, DeviceListsAreParsedAndChecked) {
@@ -308,12 +306,12 @@ CompletionRequest request(int r, int vocab, int max_tokens = 12) {
 // backend, the requests spread over every device.
 TEST(ReplicaSlots, SchedulerCompletionsMatchOneBackend) {
   const ReferenceProducts exact;
-  TempDir dir;
-  auto model = random_model(dir, mp::testing::small_config());
-  const int V = model->config().vocab_size;
+  const VariantModel vm;
+  const int V = vm.config.vocab_size;
   auto run = [&](std::vector<int> devices) {
-    auto b = make_backend(model, {.kind = "cpu", .n_slots = 4, .n_threads = 1, .devices = devices});
-    Scheduler sched(*b, model->tokenizer(),
+    auto b =
+        make_backend(vm.model, {.kind = "cpu", .n_slots = 4, .n_threads = 1, .devices = devices});
+    Scheduler sched(*b, vm.model->tokenizer(),
                     {.max_queue = 64, .max_prefill_per_step = kWholePrompts});
     std::vector<std::future<Stream>> done;
     for (int r = 0; r < 16; ++r) done.push_back(submit(sched, request(r, V)));
@@ -379,12 +377,9 @@ class GatedBackend final : public mp::testing::ForwardingBackend {
 };
 
 // Replicas over gated CPU backends, and the same model on one plain backend.
-class StepLoops : public ::testing::Test {
+class StepLoops : public ::testing::Test, protected VariantModel {
  protected:
-  void SetUp() override {
-    model = random_model(dir, mp::testing::small_config(), DType::F32, 9);
-    V = model->config().vocab_size;
-  }
+  StepLoops() : VariantModel({}, 9) {}
   // Replicas of `n` gated devices of `slots` slots each.
   std::unique_ptr<Backend> replicas(int n, int slots) {
     std::vector<std::unique_ptr<Backend>> parts;
@@ -417,9 +412,7 @@ class StepLoops : public ::testing::Test {
     }
     return f.get();
   }
-  TempDir dir;
-  std::shared_ptr<Model> model;
-  int V = 0;
+  const int V = config.vocab_size;
   std::vector<GatedBackend*> gates;  // of the last replicas() made
 };
 
@@ -615,11 +608,10 @@ INSTANTIATE_TEST_SUITE_P(
     [](const auto& info) { return std::string(info.param.model.name); });
 
 TEST(TensorParallelOptions, WhatDoesNotSplitIsRefused) {
-  TempDir dir;
-  auto model = random_model(dir, mp::testing::small_config());  // 4 heads, 2 KV heads, 48 FFN
+  const VariantModel vm;  // 4 heads, 2 KV heads, 48 FFN
   auto refused = [&](BackendOptions o, const std::string& what) {
     try {
-      make_backend(model, o);
+      make_backend(vm.model, o);
       ADD_FAILURE() << "accepted: " << what;
     } catch (const Error& e) {
       EXPECT_NE(std::string(e.what()).find(what), std::string::npos) << e.what();
@@ -633,7 +625,7 @@ TEST(TensorParallelOptions, WhatDoesNotSplitIsRefused) {
   }
   refused({.kind = "cpu", .devices = {0, 1, 2}, .tensor_parallel = 2}, "give 2 devices");
   // A bad batch is refused before any shard runs (none is left waiting for the others).
-  auto tp = make_backend(model, {.kind = "cpu", .n_slots = 2, .tensor_parallel = 2});
+  auto tp = make_backend(vm.model, {.kind = "cpu", .n_slots = 2, .tensor_parallel = 2});
   const int s = tp->alloc_slot();
   const auto t = random_tokens(5, 400, 1);
   SeqChunk bad[2] = {{s, t, false}, {1, t, false}};

@@ -16,10 +16,8 @@ namespace {
 using namespace mp;
 using mp::testing::logits_in_chunks;
 using mp::testing::ModelVariant;
-using mp::testing::random_model;
 using mp::testing::random_tokens;
 using mp::testing::rel_err;
-using mp::testing::TempDir;
 using mp::testing::VariantModel;
 
 // Token by token, as decode does: only the last row each step.
@@ -105,23 +103,22 @@ INSTANTIATE_TEST_SUITE_P(
     [](const auto& info) { return std::string(info.param.name); });
 
 TEST(State, SavedAndRestoredStateContinuesExactly) {
-  TempDir dir;
-  const Config c = mp::testing::small_config();
-  auto model = random_model(dir, c);
-  auto b = make_backend(model, {.kind = "cpu", .n_slots = 3, .n_threads = 2});
+  const VariantModel vm;
+  const Config& c = vm.config;
+  auto b = make_backend(vm.model, {.kind = "cpu", .n_slots = 3, .n_threads = 2});
   const auto prefix = random_tokens(100, c.vocab_size, 1),
              rest = random_tokens(50, c.vocab_size, 2);
   const int a = b->alloc_slot();
   SeqChunk pc{a, prefix, false};
   b->forward({&pc, 1});
-  save_state_file(*b, a, dir / "state.bin");
+  save_state_file(*b, a, vm.dir / "state.bin");
   const int forked = b->alloc_slot();
   b->copy_slot(a, forked);
   SeqChunk rc{a, rest, true};
   const auto original = b->forward({&rc, 1});
 
   const int restored = b->alloc_slot();
-  load_state_file(*b, restored, dir / "state.bin");
+  load_state_file(*b, restored, vm.dir / "state.bin");
   EXPECT_EQ(b->slot_pos(restored), 100);
   SeqChunk rc2{restored, rest, true};
   EXPECT_EQ(b->forward({&rc2, 1}), original);  // bit for bit
@@ -130,18 +127,13 @@ TEST(State, SavedAndRestoredStateContinuesExactly) {
 }
 
 TEST(State, RefusesStateOfAnotherModelOrTruncated) {
-  TempDir dir;
-  Config c = mp::testing::small_config();
-  auto model = random_model(dir, c);
-  auto b = make_backend(model, {.kind = "cpu", .n_slots = 1, .n_threads = 1});
+  const VariantModel vm, other({.ranks = {4, 4}});  // ranks 2 and 4
+  auto b = make_backend(vm.model, {.kind = "cpu", .n_slots = 1, .n_threads = 1});
   const int s = b->alloc_slot();
   auto bytes = b->save_slot(s);
   bytes.resize(bytes.size() - 3);
   EXPECT_THROW(b->load_slot(s, bytes), Error);
-  TempDir dir2;
-  c.fma_rank = 4;
-  auto other = random_model(dir2, c);
-  auto b2 = make_backend(other, {.kind = "cpu", .n_slots = 1, .n_threads = 1});
+  auto b2 = make_backend(other.model, {.kind = "cpu", .n_slots = 1, .n_threads = 1});
   const int s2 = b2->alloc_slot();
   try {
     b2->load_slot(s2, b->save_slot(s));
@@ -152,10 +144,9 @@ TEST(State, RefusesStateOfAnotherModelOrTruncated) {
 }
 
 TEST(Batch, SequencesInOneBatchMatchSeparateRuns) {
-  TempDir dir;
-  const Config c = mp::testing::small_config();
-  auto model = random_model(dir, c);
-  auto b = make_backend(model, {.kind = "cpu", .n_slots = 3, .n_threads = 2});
+  const VariantModel vm;
+  const Config& c = vm.config;
+  auto b = make_backend(vm.model, {.kind = "cpu", .n_slots = 3, .n_threads = 2});
   const auto t1 = random_tokens(70, c.vocab_size, 3), t2 = random_tokens(9, c.vocab_size, 4);
   const auto r1 = logits_in_chunks(*b, t1, 70), r2 = logits_in_chunks(*b, t2, 9);
   const int s1 = b->alloc_slot(), s2 = b->alloc_slot();
@@ -168,10 +159,9 @@ TEST(Batch, SequencesInOneBatchMatchSeparateRuns) {
 }
 
 TEST(Backend, RejectsBadChunks) {
-  TempDir dir;
-  const Config c = mp::testing::small_config();
-  auto model = random_model(dir, c);
-  auto b = make_backend(model, {.kind = "cpu", .n_slots = 1, .n_threads = 1});
+  const VariantModel vm;
+  const Config& c = vm.config;
+  auto b = make_backend(vm.model, {.kind = "cpu", .n_slots = 1, .n_threads = 1});
   const int s = b->alloc_slot();
   EXPECT_EQ(b->alloc_slot(), -1);
   std::vector<int> bad = {5, c.vocab_size};
@@ -191,10 +181,9 @@ TEST(Backend, RejectsBadChunks) {
 // range: every thread of a CPU step flushes them to zero (their microcode assists slowed 50,000
 // generated tokens by up to 27 %). A fresh thread, so no earlier test has set its mode.
 TEST(Backend, CpuStepsFlushSubnormalsOnEveryThread) {
-  TempDir dir;
-  const Config c = mp::testing::small_config();
-  auto model = random_model(dir, c);
-  auto b = make_backend(model, {.kind = "cpu", .n_slots = 1, .n_threads = 2});
+  const VariantModel vm;
+  const Config& c = vm.config;
+  auto b = make_backend(vm.model, {.kind = "cpu", .n_slots = 1, .n_threads = 2});
   int before = -1, after = -1, workers = 0, workers_flushed = 0;
   float tiny_product = -1;
   std::thread([&] {
@@ -222,10 +211,9 @@ TEST(Backend, CpuStepsFlushSubnormalsOnEveryThread) {
 // choice on the logits forward() gives, with its log-probability; rows without parameters get
 // none; malformed calls are refused before anything runs.
 TEST(Backend, ForwardSampleIsTheSamplerOnForwardsLogits) {
-  TempDir dir;
-  const Config c = mp::testing::small_config();
-  auto model = random_model(dir, c);
-  auto b = make_backend(model, {.kind = "cpu", .n_slots = 4, .n_threads = 2});
+  const VariantModel vm;
+  const Config& c = vm.config;
+  auto b = make_backend(vm.model, {.kind = "cpu", .n_slots = 4, .n_threads = 2});
   const auto t1 = random_tokens(30, c.vocab_size, 5), t2 = random_tokens(12, c.vocab_size, 6);
   SamplingParams greedy, wide;
   greedy.temperature = 0;

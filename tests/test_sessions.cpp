@@ -47,10 +47,7 @@ struct StateDirs {
   std::string operator/(const std::string& name) const { return (root / name).string(); }
 };
 
-struct Models {
-  mp::testing::TempDir dir;
-  std::shared_ptr<Model> model = mp::testing::random_model(dir, mp::testing::small_config());
-};
+using Models = mp::testing::VariantModel;
 
 // One server over `model`; destroying it and making another over the same state_dir is a restart.
 // `store`: a state directory, a redis:// URL (sessions shared with other servers) or "" (memory).

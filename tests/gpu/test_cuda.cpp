@@ -414,11 +414,10 @@ INSTANTIATE_TEST_SUITE_P(
     [](const auto& info) { return std::string(info.param.name); });
 
 TEST_F(Cuda, BatchOfSequencesMatchesSeparateRunsAndStatesMoveBetweenBackends) {
-  Config c = mp::testing::small_config();
-  TempDir dir;
-  auto model = mp::testing::random_model(dir, c, DType::BF16, 9);
-  auto gpu = make_backend(model, {.kind = "cuda", .n_slots = 4});
-  auto cpu_b = make_backend(model, {.kind = "cpu", .n_slots = 2, .n_threads = 2});
+  const VariantModel vm({.dtype = DType::BF16}, 9);
+  const Config& c = vm.config;
+  auto gpu = make_backend(vm.model, {.kind = "cuda", .n_slots = 4});
+  auto cpu_b = make_backend(vm.model, {.kind = "cpu", .n_slots = 2, .n_threads = 2});
   const auto a = random_tokens(150, c.vocab_size, 1), b = random_tokens(20, c.vocab_size, 2);
   const auto ra = logits_in_chunks(*gpu, a, 150), rb = logits_in_chunks(*gpu, b, 20);
   const int s1 = gpu->alloc_slot(), s2 = gpu->alloc_slot();
@@ -480,11 +479,9 @@ std::vector<float> batched_decode(Backend& b, const std::vector<int>& lens, uint
 
 // Batched decode steps against the CPU backend doing the same steps.
 TEST_F(Cuda, BatchedDecodeStepsMatchCpu) {
-  Config c = mp::testing::small_config();
-  TempDir dir;
-  auto model = mp::testing::random_model(dir, c, DType::BF16, 11);
-  auto gpu = make_backend(model, {.kind = "cuda", .n_slots = 3});
-  auto cpu_b = make_backend(model, {.kind = "cpu", .n_slots = 3, .n_threads = 2});
+  const VariantModel vm({.dtype = DType::BF16}, 11);
+  auto gpu = make_backend(vm.model, {.kind = "cuda", .n_slots = 3});
+  auto cpu_b = make_backend(vm.model, {.kind = "cpu", .n_slots = 3, .n_threads = 2});
   const std::vector<int> lens = {5, 70, 130};
   EXPECT_LT(rel_err(batched_decode(*gpu, lens, 20), batched_decode(*cpu_b, lens, 20)), 2e-2);
 }
@@ -639,10 +636,9 @@ TEST_F(Cuda, SamplingKernelMatchesHostSamplerOnLargeVocabularies) { check_sampli
 // of a twin slot holding the same state, run through forward()), and the top-N log-probabilities
 // are the host's top_logprobs of that row.
 TEST_F(Cuda, ForwardSampleAgreesWithHostSamplingOfTheSameLogits) {
-  Config c = mp::testing::small_config();
-  TempDir dir;
-  auto model = mp::testing::random_model(dir, c, DType::BF16, 12);
-  auto gpu = make_backend(model, {.kind = "cuda", .n_slots = 8});
+  const VariantModel vm({.dtype = DType::BF16}, 12);
+  const Config& c = vm.config;
+  auto gpu = make_backend(vm.model, {.kind = "cuda", .n_slots = 8});
   std::vector<std::vector<int>> prompts;
   std::vector<SeqChunk> chunks, twins;
   for (int i = 0; i < 4; ++i) {
@@ -1046,11 +1042,10 @@ std::unique_ptr<Backend> two_replicas(std::shared_ptr<const Model> model, int sl
 }
 
 TEST_F(Cuda, ReplicasMatchOneBackendAndMoveStates) {
-  Config c = mp::testing::small_config();
-  TempDir dir;
-  auto model = mp::testing::random_model(dir, c, DType::BF16, 13);
-  std::unique_ptr<Backend> spread = two_replicas(model, 2);
-  auto one = make_backend(model, {.kind = "cuda", .n_slots = 4});
+  const VariantModel vm({.dtype = DType::BF16}, 13);
+  const Config& c = vm.config;
+  std::unique_ptr<Backend> spread = two_replicas(vm.model, 2);
+  auto one = make_backend(vm.model, {.kind = "cuda", .n_slots = 4});
   std::vector<int> slots;
   for (int i = 0; i < 4; ++i) {
     slots.push_back(one->alloc_slot());
@@ -1096,14 +1091,13 @@ TEST_F(Cuda, ReplicasMatchOneBackendAndMoveStates) {
 // one backend reading the same text: every generated token is the likeliest there, up to the bf16
 // tolerance (the devices' batches differ from one backend's, so exact ties may break otherwise).
 TEST_F(Cuda, ReplicaStepLoopsGenerateWhatOneBackendPredicts) {
-  Config c = mp::testing::small_config();
-  TempDir dir;
-  auto model = mp::testing::random_model(dir, c, DType::BF16, 14);
-  std::unique_ptr<Backend> spread = two_replicas(model, 4);
+  const VariantModel vm({.dtype = DType::BF16}, 14);
+  const Config& c = vm.config;
+  std::unique_ptr<Backend> spread = two_replicas(vm.model, 4);
   const int n = 8, max_tokens = 24;
   std::vector<std::vector<int>> prompts(n), got(n);
   {
-    Scheduler sched(*spread, model->tokenizer(), {.max_prefill_per_step = 128});
+    Scheduler sched(*spread, vm.model->tokenizer(), {.max_prefill_per_step = 128});
     std::vector<std::future<std::vector<int>>> done;
     for (int r = 0; r < n; ++r) {
       prompts[r] = random_tokens(3 + 41 * r, c.vocab_size, 60 + r);
@@ -1128,7 +1122,7 @@ TEST_F(Cuda, ReplicaStepLoopsGenerateWhatOneBackendPredicts) {
   ASSERT_EQ(stats.size(), 2u);
   EXPECT_GE(stats[0].steps, size_t(max_tokens));  // both loops stepped
   EXPECT_GE(stats[1].steps, size_t(max_tokens));
-  auto one = make_backend(model, {.kind = "cuda", .n_slots = 1});
+  auto one = make_backend(vm.model, {.kind = "cuda", .n_slots = 1});
   const size_t V = c.vocab_size;
   for (int r = 0; r < n; ++r) {
     ASSERT_EQ(got[r].size(), size_t(max_tokens)) << r;
@@ -1168,10 +1162,8 @@ TEST_P(CudaTensorParallel, LogitsMatchOneGpu) {
   const auto tokens = random_tokens(2 * int(c.n_ctx_train) + 9, c.vocab_size, 3);
   const auto want = logits_in_chunks(*plain, tokens, 37);
   for (const auto& [n, tol] : runs) {
-    auto tp = make_backend(vm.model, {.kind = "cuda",
-                                   .n_slots = 2,
-                                   .max_context = 1024,
-                                   .tensor_parallel = n});
+    auto tp = make_backend(
+        vm.model, {.kind = "cuda", .n_slots = 2, .max_context = 1024, .tensor_parallel = n});
     const double err = rel_err(logits_in_chunks(*tp, tokens, 37), want);
     EXPECT_LT(err, tol) << "tensor parallel " << n;
     std::printf("tensor parallel %d vs one GPU (%s): rel_err %.3g\n", n, GetParam().name, err);

@@ -44,10 +44,10 @@ inline std::shared_ptr<Model> random_model(const TempDir& dir, const Config& c,
   return Model::load(dir / "model.gguf");
 }
 
-// A model variant of the parameterised tests: small_config() with what the variant names
-// changed (designated initializers name only that).
+// A model variant: small_config() with what the variant names changed (designated initializers
+// name only that). The parameterised tests run over lists of them.
 struct ModelVariant {
-  const char* name;
+  const char* name = "small_config";
   Downsampling ds = Downsampling::GroupedConv;
   bool fma = true;
   int kv_heads = 2;
@@ -82,9 +82,10 @@ inline Config variant_config(const ModelVariant& v) {
   return c;
 }
 
-// A random model of a variant (weights from `seed`), converted in a temporary folder of its own.
+// A random model of a variant (weights from `seed`), converted in a temporary folder of its own
+// (dir / "hf" the checkpoint, dir / "model.gguf" the model).
 struct VariantModel {
-  explicit VariantModel(const ModelVariant& v, uint64_t seed = 1)
+  explicit VariantModel(const ModelVariant& v = {}, uint64_t seed = 1)
       : config(variant_config(v)), model(random_model(dir, config, v.dtype, seed)) {}
   TempDir dir;
   Config config;
