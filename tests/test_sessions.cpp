@@ -64,30 +64,43 @@ struct Server1 : mp::testing::Serving {
     o.sessions = so;
     return o;
   }
+  httplib::Result send(const std::string& method, const std::string& path,
+                       const json& body = nullptr) const {
+    auto c = client();
+    return method == "GET"      ? c.Get(path)
+           : method == "DELETE" ? c.Delete(path)
+                                : c.Post(path, body.is_null() ? "" : body.dump(), "application/json");
+  }
   json call(const std::string& method, const std::string& path, const json& body = nullptr,
             int want = 200) const {
-    auto c = client();
-    httplib::Result r = method == "GET"      ? c.Get(path)
-                        : method == "DELETE" ? c.Delete(path)
-                                             : c.Post(path, body.is_null() ? "" : body.dump(),
-                                                      "application/json");
+    httplib::Result r = send(method, path, body);
     EXPECT_TRUE(r);
     if (!r) return nullptr;
     EXPECT_EQ(r->status, want) << method << " " << path << ": " << r->body;
     return json::parse(r->body);
   }
+  static json turn_body(const std::string& session, const std::string& prompt, uint64_t seed) {
+    return {{"session", session},
+            {"prompt", prompt},
+            {"max_tokens", 4},
+            {"temperature", 0.8},
+            {"seed", seed}};
+  }
   // One turn: the new text and the response.
   json turn(const std::string& session, const std::string& prompt, uint64_t seed,
             int want = 200) const {
-    return call("POST", "/v1/completions",
-                {{"session", session},
-                 {"prompt", prompt},
-                 {"max_tokens", 4},
-                 {"temperature", 0.8},
-                 {"seed", seed}},
-                want);
+    return call("POST", "/v1/completions", turn_body(session, prompt, seed), want);
   }
 };
+
+// A 409 with the Retry-After (seconds) of a busy session, or none (a conflict that waiting does
+// not end).
+void expect_conflict(const httplib::Result& r, const std::string& retry_after) {
+  ASSERT_TRUE(r);
+  EXPECT_EQ(r->status, 409) << r->body;
+  EXPECT_EQ(json::parse(r->body)["error"]["code"], "session_conflict") << r->body;
+  EXPECT_EQ(r->get_header_value("Retry-After"), retry_after) << r->body;
+}
 
 TEST(Sessions, CreateInspectForkDelete) {
   Models m;
@@ -114,7 +127,7 @@ TEST(Sessions, CreateInspectForkDelete) {
   EXPECT_EQ(a["session"]["position"], prompt_tokens + a["usage"]["prompt_tokens"].get<int>() + 4);
   // Errors: unknown, taken and bad ids.
   s.call("GET", "/v1/sessions/nope", nullptr, 404);
-  s.call("POST", "/v1/sessions", {{"id", "copy"}}, 409);
+  expect_conflict(s.send("POST", "/v1/sessions", {{"id", "copy"}}), "");  // exists
   s.call("POST", "/v1/sessions", {{"id", "bad id!"}}, 400);
   s.turn("nope", "x", 1, 404);
   s.call("POST", "/v1/completions", {{"session", id}, {"prompt", "x"}, {"n", 2}}, 400);
@@ -231,8 +244,9 @@ TEST(Sessions, AStateOfAnotherModelIsRefused) {
   }
   Server1 s(other, dirs / "state");
   EXPECT_EQ(s.call("GET", "/v1/sessions/mine")["id"], "mine");
-  const json r = s.turn("mine", " more", 1, 409);
-  EXPECT_NE(r["error"]["message"].get<std::string>().find("another model"), std::string::npos);
+  const auto r = s.send("POST", "/v1/completions", Server1::turn_body("mine", " more", 1));
+  expect_conflict(r, "");
+  EXPECT_NE(r->body.find("another model"), std::string::npos) << r->body;
 }
 
 TEST(Sessions, CorruptFilesAreSkippedAndTheDiskCapHonoured) {
@@ -267,7 +281,8 @@ TEST(Sessions, CorruptFilesAreSkippedAndTheDiskCapHonoured) {
 }
 
 // A long turn on `holder` holds a session; a turn or a delete on `other` (the same server, or
-// another replica sharing the store) meanwhile gets 409; then `other` continues after the turn.
+// another replica sharing the store) meanwhile gets 409, to be retried after a second
+// (Retry-After); then `other` continues after the turn.
 void one_request_at_a_time(const Models& m, const Server1& holder, const Server1& other) {
   holder.call("POST", "/v1/sessions", {{"id", "busy"}});
   auto first = std::async(std::launch::async, [&] {
@@ -277,9 +292,8 @@ void one_request_at_a_time(const Models& m, const Server1& holder, const Server1
   for (int i = 0; i < 500 && holder.sched->stats().slots_in_use == 0; ++i)
     std::this_thread::sleep_for(std::chrono::milliseconds(10));
   ASSERT_EQ(holder.sched->stats().slots_in_use, 1);
-  const json r = other.turn("busy", "x", 1, 409);
-  EXPECT_EQ(r["error"]["code"], "session_conflict");
-  other.call("DELETE", "/v1/sessions/busy", nullptr, 409);
+  expect_conflict(other.send("POST", "/v1/completions", Server1::turn_body("busy", "x", 1)), "1");
+  expect_conflict(other.send("DELETE", "/v1/sessions/busy"), "1");
   EXPECT_EQ(first.get()["usage"]["completion_tokens"], 500);
   const int prompt = static_cast<int>(m.model->tokenizer().encode("go", true).size());
   EXPECT_EQ(other.call("GET", "/v1/sessions/busy")["position"], prompt + 500);
