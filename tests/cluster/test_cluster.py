@@ -8,11 +8,13 @@ loopback; then
     one session to one replica (consistent hashing), requests without a session round robin;
   - a replica killed with SIGKILL in the middle of a turn: the client's retry through haproxy lands
     on another replica and continues from the last completed turn (the same text and position as
-    one replica's conversation: no turn applied twice);
+    one replica's conversation: no turn applied twice); the failures before it are haproxy's
+    502/503 naming the killed replica and the living replicas' 409 with Retry-After;
   - every record in Redis passes its checksum (the engine's hash_bytes, computed here);
   - cluster.sh stop ends every process; the replicas' logs hold no sanitizer report.
 usage: test_cluster.py BUILD_DIR     (standard library only)
 """
+import collections
 import http.client
 import json
 import os
@@ -35,8 +37,13 @@ def expect(ok, what):
         raise AssertionError(what)
 
 
+# An answer: its status, the replica haproxy sent the request to (None from a replica's own port),
+# its body (parsed where it is JSON, as every replica's; else the text: haproxy's own error pages
+# are HTML) and its Retry-After header.
+Reply = collections.namedtuple("Reply", "status replica body retry_after")
+
+
 def call(port, method, path, body=None, session_header=None, timeout=60):
-    """One request; returns (status, the replica haproxy chose or None, the JSON body)."""
     headers = {"Content-Type": "application/json"}
     if session_header:
         headers["X-Session-Id"] = session_header
@@ -45,13 +52,16 @@ def call(port, method, path, body=None, session_header=None, timeout=60):
     r = c.getresponse()
     data = r.read()
     c.close()
-    return r.status, r.getheader("X-Multipole-Replica"), json.loads(data) if data else None
+    is_json = (r.getheader("Content-Type") or "").startswith("application/json")
+    return Reply(r.status, r.getheader("X-Multipole-Replica"),
+                 json.loads(data) if is_json else data.decode(errors="replace"),
+                 r.getheader("Retry-After"))
 
 
 def ok(port, method, path, body=None, session_header=None):
-    status, replica, out = call(port, method, path, body, session_header)
-    expect(status == 200, f"{method} {path} on port {port}: {status} {out}")
-    return replica, out
+    reply = call(port, method, path, body, session_header)
+    expect(reply.status == 200, f"{method} {path} on port {port}: {reply}")
+    return reply.replica, reply.body
 
 
 def free_base_port():
@@ -185,7 +195,9 @@ def conversation_across_replicas(c, rng):
 
 def kill_mid_turn(c):
     done = [turn_body(i) for i in range(3)]
-    long_turn = dict(turn_body(3, max_tokens=3000), ignore_eos=True)
+    # Long enough (about 1 s at 20,000 tokens/s) that the kill, right after the first token,
+    # lands mid-turn on a loaded machine too (3,000 tokens, 0.15 s, were once all sent before it).
+    long_turn = dict(turn_body(3, max_tokens=20000), ignore_eos=True)
     ok(c.port, "POST", "/v1/sessions", {"id": "killed"})
     for body in done:
         ok(c.port, "POST", "/v1/completions", body, session_header="killed")
@@ -206,18 +218,28 @@ def kill_mid_turn(c):
         pass  # the connection broke: what the client sees of a dead replica
     conn.close()
     expect(b"[DONE]" not in rest, "the turn finished before its replica was killed")
-    # The client's retry of that turn, through haproxy: 409 while the dead replica's claim
-    # stands (until its liveness key lapses, 3 s), 502/503 while haproxy still tries it.
+    # The client's retry of that turn, through haproxy, until it is served. Meanwhile: haproxy's own
+    # 502 (a connection to the killed replica that broke) or 503 (none could be made), naming that
+    # replica, until its health checks take it out; a living replica's 409 while the dead one's
+    # claim stands (until its liveness key lapses, 3 s), retried after its Retry-After.
     t0, tries = time.time(), []
     while True:
-        status, replica, out = call(c.port, "POST", "/v1/completions", long_turn,
-                                    session_header="killed")
-        tries.append(status)
-        if status == 200 or time.time() - t0 > 20:
+        reply = call(c.port, "POST", "/v1/completions", long_turn, session_header="killed")
+        tries.append(reply.status)
+        if reply.status == 200 or time.time() - t0 > 20:
             break
-        expect(status in (409, 502, 503), f"retry: {status} {out}")
-        time.sleep(0.2)
-    expect(status == 200, f"the retries got {tries}")
+        if reply.status == 409:
+            expect(reply.replica != victim and isinstance(reply.body, dict) and
+                   reply.body["error"]["code"] == "session_conflict" and reply.retry_after == "1",
+                   f"retry: a 409 that is not a living replica's busy session: {reply}")
+            time.sleep(float(reply.retry_after))
+        else:
+            expect(reply.status in (502, 503) and reply.replica == victim and
+                   isinstance(reply.body, str) and f"<h1>{reply.status} " in reply.body,
+                   f"retry: not haproxy's error page for the killed {victim}: {reply}")
+            time.sleep(0.2)
+    expect(reply.status == 200, f"the retries got {tries}")
+    replica, out = reply.replica, reply.body
     expect(replica != victim, f"the retry went to the killed {victim}")
     alive = next(p for n, p in c.replicas.items() if n != victim)
     want = one_replica(c, "killed-ref", done + [long_turn], port=alive)
