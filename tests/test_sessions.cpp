@@ -330,30 +330,18 @@ TEST(PrefixCacheServer, ARepeatedDocumentReportsCachedTokens) {
 // (not skip) without it: scripts/deps.sh installs redis-server.
 class RedisServer {
  public:
-  RedisServer() : port_(free_port()) { start(); }
-  ~RedisServer() { kill(); }
-  void start() {
-    const std::string port = std::to_string(port_), dir = dir_ / "";
-    std::vector<std::string> args = {"redis-server", "--port", port, "--bind", "127.0.0.1",
-                                     "--save", "", "--appendonly", "no", "--dir", dir,
-                                     "--loglevel", "warning", "--logfile", dir + "redis.log"};
-    std::vector<char*> argv;
-    for (auto& a : args) argv.push_back(a.data());
-    argv.push_back(nullptr);
-    if (posix_spawnp(&pid_, "redis-server", nullptr, nullptr, argv.data(), environ) != 0)
-      throw Error("cannot start redis-server (scripts/deps.sh installs it)");
-    auto probe = sessions::redis_store(options());
-    for (int i = 0;; ++i) {
-      try {
-        probe->get("probe");
-        return;
-      } catch (const sessions::StoreUnavailable&) {
-        int status;
-        if (waitpid(pid_, &status, WNOHANG) == pid_) throw Error("redis-server exited at start");
-        if (i == 500) throw Error("redis-server did not answer within 5 s");
-        std::this_thread::sleep_for(std::chrono::milliseconds(10));
-      }
+  // A port free when picked may be taken before redis-server binds it (another test's connection
+  // or server): then another port.
+  explicit RedisServer(int port = free_port()) : port_(port) {
+    for (int attempt = 1; !launch(); ++attempt) {
+      if (attempt == 10) throw Error("redis-server found no free port in 10 attempts");
+      port_ = free_port();
     }
+  }
+  ~RedisServer() { kill(); }
+  void start() {  // again, after kill(): on the same port, which its clients know
+    if (!launch())
+      throw Error("redis-server cannot bind its port " + std::to_string(port_) + " again");
   }
   void kill() {
     if (pid_ <= 0) return;
@@ -361,6 +349,7 @@ class RedisServer {
     waitpid(pid_, nullptr, 0);
     pid_ = -1;
   }
+  int port() const { return port_; }
   std::string url() const { return "redis://127.0.0.1:" + std::to_string(port_) + "/test:"; }
   sessions::RedisOptions options() const { return sessions::parse_redis_url(url()); }
   // redis-cli's answer to one command.
@@ -376,6 +365,33 @@ class RedisServer {
   }
 
  private:
+  // Starts redis-server on port_ and waits until it listens there (its log says so: not another
+  // test's server answering on that port); false when the port was taken.
+  bool launch() {
+    const std::string port = std::to_string(port_), dir = dir_ / "", log = dir + "redis.log";
+    std::filesystem::remove(log);
+    std::vector<std::string> args = {"redis-server", "--port", port, "--bind", "127.0.0.1",
+                                     "--save", "", "--appendonly", "no", "--dir", dir,
+                                     "--loglevel", "notice", "--logfile", log};
+    std::vector<char*> argv;
+    for (auto& a : args) argv.push_back(a.data());
+    argv.push_back(nullptr);
+    if (posix_spawnp(&pid_, "redis-server", nullptr, nullptr, argv.data(), environ) != 0)
+      throw Error("cannot start redis-server (scripts/deps.sh installs it)");
+    for (int i = 0; i < 500; ++i) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(10));
+      std::ifstream f(log);
+      const std::string said(std::istreambuf_iterator<char>(f), {});
+      if (said.find("Ready to accept connections") != std::string::npos) return true;
+      int status;
+      if (waitpid(pid_, &status, WNOHANG) == pid_) {
+        pid_ = -1;
+        if (said.find("Address already in use") != std::string::npos) return false;
+        throw Error("redis-server exited at start: " + said);
+      }
+    }
+    throw Error("redis-server did not start listening within 5 s");
+  }
   static int free_port() {
     const int fd = socket(AF_INET, SOCK_STREAM, 0);
     sockaddr_in a{};
@@ -392,6 +408,26 @@ class RedisServer {
   int port_;
   pid_t pid_ = -1;
 };
+
+// A port taken by another listener: the test's redis-server goes to another one and is the one
+// that answers there.
+TEST(RedisStore, ATestsRedisServerLeavesATakenPortForAnother) {
+  const int fd = socket(AF_INET, SOCK_STREAM, 0);
+  sockaddr_in a{};
+  a.sin_family = AF_INET;
+  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  socklen_t n = sizeof a;
+  ASSERT_EQ(bind(fd, reinterpret_cast<sockaddr*>(&a), sizeof a), 0);
+  ASSERT_EQ(listen(fd, 1), 0);
+  ASSERT_EQ(getsockname(fd, reinterpret_cast<sockaddr*>(&a), &n), 0);
+  const int taken = ntohs(a.sin_port);
+  {
+    RedisServer redis(taken);
+    EXPECT_NE(redis.port(), taken);
+    EXPECT_EQ(redis.cli("PING"), "PONG");
+  }
+  close(fd);
+}
 
 sessions::State random_state(int64_t position, uint32_t seed) {
   std::mt19937 rng(seed);

@@ -65,10 +65,14 @@ def ok(port, method, path, body=None, session_header=None):
 
 
 def free_base_port():
-    """A port P with P..P+4 free (haproxy, three replicas, redis)."""
+    """A port P with P..P+4 free (haproxy, three replicas, redis), below the kernel's ephemeral
+    range: no port 0 bind (other tests' servers) and no outgoing connection takes one of them
+    before cluster.sh binds it."""
+    with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+        ephemeral = int(f.read().split()[0])
     rng = random.Random()
     for _ in range(100):
-        base = rng.randrange(20000, 60000)
+        base = rng.randrange(10000, ephemeral - 5)
         socks = []
         try:
             for p in range(base, base + 5):
@@ -125,13 +129,27 @@ def check_record(record, sid):
 
 class Cluster:
     def __init__(self, build, work):
-        self.build, self.dir, self.port = build, os.path.join(work, "run"), free_base_port()
-        self.replicas = {f"replica{i}": self.port + i for i in (1, 2, 3)}
+        self.build, self.dir = build, os.path.join(work, "run")
+        self.use_ports(free_base_port())
         self.model = os.path.join(work, "model.gguf")
         subprocess.run([f"{build}/tests/make-test-checkpoint", os.path.join(work, "hf")],
                        check=True, stdout=subprocess.DEVNULL)
         subprocess.run([f"{build}/tools/multipole-convert", os.path.join(work, "hf"), self.model],
                        check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def use_ports(self, base):
+        self.port = base
+        self.replicas = {f"replica{i}": base + i for i in (1, 2, 3)}
+
+    def start(self, *server_options):
+        """cluster.sh start; on other ports where one was taken before it bound it (3 tries)."""
+        for _ in range(3):
+            started = self.script("start", "--", *server_options)
+            if started.returncode == 0 or "bind" not in started.stdout:
+                return started
+            print(f"ports {self.port}-{self.port + 4}: one was taken; others", file=sys.stderr)
+            self.use_ports(free_base_port())
+        return started
 
     def script(self, action, *extra):
         env = dict(os.environ, MULTIPOLE_BUILD=self.build)
@@ -277,7 +295,7 @@ def main():
     print(f"SEED={seed}")
     t0 = time.time()
     c = Cluster(build, work)
-    started = c.script("start", "--", "--threads", "1", "--slots", "4")
+    started = c.start("--threads", "1", "--slots", "4")
     expect(started.returncode == 0, f"cluster.sh start failed:\n{started.stdout}")
     try:
         conversation_across_replicas(c, random.Random(seed))
