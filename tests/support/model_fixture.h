@@ -50,11 +50,11 @@ struct ModelVariant {
   const char* name = "small_config";
   Downsampling ds = Downsampling::GroupedConv;
   bool fma = true;
-  int kv_heads = 2;
+  int kv_heads = 0;  // 0 here and for the sizes below: small_config()'s
   bool tie = false;
   bool rotary = false;          // rotary key summaries
   std::vector<int> ranks = {};  // per-level ranks; fma_rank becomes their largest
-  int head_dim = 0;             // 0 here and below: small_config()'s
+  int head_dim = 0;
   int hidden = 0;
   int block = 0;  // m
   int64_t n = 0;  // trained length
@@ -69,7 +69,7 @@ inline Config variant_config(const ModelVariant& v) {
   Config c = small_config();
   c.fma_downsampling = v.ds;
   c.fma_enabled = v.fma;
-  c.n_kv_heads = v.kv_heads;
+  if (v.kv_heads) c.n_kv_heads = v.kv_heads;
   c.tie_word_embeddings = v.tie;
   c.fma_rotary_summaries = v.rotary;
   if (!v.ranks.empty()) c.fma_rank = *std::max_element(v.ranks.begin(), v.ranks.end());
