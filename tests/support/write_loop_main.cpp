@@ -30,6 +30,9 @@ int thread_count() {
 
 // Runs write() in a child with its file size limit at `limit` bytes; how the child ended.
 std::string write_limited(long long limit, const std::function<void()>& write) {
+  if (const int n = thread_count(); n != 1)
+    throw mp::Error("write-loop must be single-threaded to fork, not " + std::to_string(n) +
+                    " threads");
   const pid_t pid = fork();
   if (pid < 0) return "fork failed";
   if (pid == 0) {
@@ -57,9 +60,6 @@ std::string write_limited(long long limit, const std::function<void()>& write) {
 
 // Answers each limit read from stdin with how its writer ended.
 void serve(const std::function<void()>& before_each, const std::function<void()>& write) {
-  if (thread_count() != 1)
-    throw mp::Error("write-loop must be single-threaded to fork, not " +
-                    std::to_string(thread_count()) + " threads");
   std::setvbuf(stdout, nullptr, _IOLBF, 0);  // each line to the test as it is written
   std::printf("ready\n");
   long long limit;
@@ -75,8 +75,8 @@ int main(int argc, char** argv) {
   const std::string mode = argc > 1 ? argv[1] : "";
   try {
     if (mode == "state" && argc == 4) {
-      auto b = mp::make_backend(mp::Model::load(argv[2]),
-                                {.kind = "cpu", .n_slots = 1, .n_threads = 1});
+      auto b =
+          mp::make_backend(mp::Model::load(argv[2]), {.kind = "cpu", .n_slots = 1, .n_threads = 1});
       const int slot = b->alloc_slot();
       int64_t pos = 0;
       serve(
