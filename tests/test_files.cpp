@@ -12,6 +12,7 @@
 #include <cstdio>
 #include <cstring>
 #include <fstream>
+#include <functional>
 #include <optional>
 #include <random>
 
@@ -105,58 +106,75 @@ std::vector<std::string> temporaries_in(const TempDir& tmp) {
   return out;
 }
 
-// A writer killed at `limit` bytes left the target as it was and its temporary of exactly that
-// size, alone: the write removed those of the writers killed before it.
-void expect_killed_mid_write(const TempDir& dir, long long limit, const std::string& at) {
-  const auto left = temporaries_in(dir);
-  ASSERT_EQ(left.size(), 1u) << at;
-  EXPECT_EQ(fs::file_size(dir / left[0]), static_cast<uintmax_t>(limit)) << at;
-}
-
 // A limit anywhere in a file of `size` bytes (the writer is killed) or past it (it finishes):
-// the first writes of a test at 0, 1, size - 1 and size bytes.
+// the first writes at 0, 1, size - 1 and size bytes.
 long long next_limit(int write, size_t size, std::mt19937& rng) {
   const long long n = static_cast<long long>(size);
   if (write < 4) return std::array<long long, 4>{0, 1, n - 1, n}[write];
   return static_cast<long long>(rng() % static_cast<uint64_t>(n + n / 4));
 }
 
-// Each write killed somewhere in the state file, or finishing: the file is the old state or the
-// new one (the reference run's at that position: the same tokens, one at a time), bit for bit.
+// Has `loop` write `writes` times to `target` in `dir`, the k-th time the bytes want(k), killed
+// at next_limit's offsets. After a kill the target must be as it was (`old`: none while there is
+// no file) and its writer's temporary, of exactly the limit's size, alone beside it: the write
+// removed those of the writers killed before it. After a finished write the target must be the
+// new bytes (then checked(k, what)) and no temporary left. Returns how many were killed.
+int kill_writes(WriteLoop& loop, const TempDir& dir, const std::string& target, int writes,
+                uint32_t seed, std::optional<std::string> old,
+                const std::function<std::string(int)>& want,
+                const std::function<void(int, const std::string&)>& checked = {}) {
+  std::mt19937 rng(seed);
+  int killed = 0;
+  for (int k = 0; k < writes; ++k) {
+    const std::string now = want(k);
+    const long long limit = next_limit(k, now.size(), rng);
+    const std::string at = "write " + std::to_string(k) + ", limit " + std::to_string(limit) +
+                           " of " + std::to_string(now.size()) + " bytes";
+    const std::string ended = loop.write(limit);
+    if (limit < static_cast<long long>(now.size())) {
+      EXPECT_EQ(ended, "killed") << at;
+      EXPECT_TRUE((fs::exists(target) ? std::optional(read_all(target)) : std::nullopt) == old)
+          << at << ": not the old file";
+      const auto left = temporaries_in(dir);
+      EXPECT_EQ(left.size(), 1u) << at;
+      if (left.size() == 1) {
+        EXPECT_EQ(fs::file_size(dir / left[0]), static_cast<uintmax_t>(limit)) << at;
+      }
+      ++killed;
+    } else {
+      EXPECT_EQ(ended, "finished") << at;
+      EXPECT_TRUE(read_all(target) == now) << at << ": not the new file";
+      EXPECT_TRUE(temporaries_in(dir).empty()) << at;
+      if (checked) checked(k, at);
+      old = now;
+    }
+    if (::testing::Test::HasFailure()) break;
+  }
+  return killed;
+}
+
+// The state one token further each write, killed somewhere in the file or finishing: the file is
+// the old state or the new one (the reference run's: the same tokens, one at a time), bit for bit.
 TEST(CrashSafeFiles, KilledStateWriterLeavesTheOldOrTheNewState) {
   const VariantModel vm;
   auto b = make_backend(vm.model, {.kind = "cpu", .n_slots = 2, .n_threads = 1});
   const int ref_slot = b->alloc_slot(), check_slot = b->alloc_slot();
   const std::string out = vm.dir / "seq.state";
   WriteLoop loop({"state", vm.dir / "model.gguf", out});
-  std::mt19937 rng(7);
-  std::optional<std::string> old;  // none while there is no file
-  int killed = 0;
   const int writes = 200;
-  for (int k = 0; k < writes; ++k) {
-    const int token = mp::testing::write_loop_token(k);  // write-loop's state: one token further
-    const SeqChunk ch{ref_slot, std::span<const int>(&token, 1), false};
-    b->forward({&ch, 1});
-    const auto bytes = b->save_slot(ref_slot);
-    const std::string want(bytes.begin(), bytes.end());
-    const long long limit = next_limit(k, want.size(), rng);
-    const std::string at = "write " + std::to_string(k) + ", limit " + std::to_string(limit) +
-                           " of " + std::to_string(want.size()) + " bytes";
-    const std::string ended = loop.write(limit);
-    if (limit < static_cast<long long>(want.size())) {
-      ASSERT_EQ(ended, "killed") << at;
-      ASSERT_TRUE((fs::exists(out) ? std::optional(read_all(out)) : std::nullopt) == old) << at;
-      expect_killed_mid_write(vm.dir, limit, at);
-      ++killed;
-      continue;
-    }
-    ASSERT_EQ(ended, "finished") << at;
-    ASSERT_TRUE(read_all(out) == want) << at << ": not the state at position " << k + 1;
-    ASSERT_EQ(error_of([&] { load_state_file(*b, check_slot, out); }), "") << at;
-    EXPECT_EQ(b->slot_pos(check_slot), k + 1) << at;
-    EXPECT_TRUE(temporaries_in(vm.dir).empty()) << at;
-    old = want;
-  }
+  const int killed = kill_writes(
+      loop, vm.dir, out, writes, 7, std::nullopt,
+      [&](int k) {
+        const int token = mp::testing::write_loop_token(k);  // as write-loop feeds it
+        const SeqChunk ch{ref_slot, std::span<const int>(&token, 1), false};
+        b->forward({&ch, 1});
+        const auto bytes = b->save_slot(ref_slot);
+        return std::string(bytes.begin(), bytes.end());
+      },
+      [&](int k, const std::string& at) {
+        EXPECT_EQ(error_of([&] { load_state_file(*b, check_slot, out); }), "") << at;
+        EXPECT_EQ(b->slot_pos(check_slot), k + 1) << at;
+      });
   std::printf("%d writes: %d killed mid-write, %d finished\n", writes, killed, writes - killed);
 }
 
@@ -176,28 +194,9 @@ TEST(CrashSafeFiles, KilledConverterLeavesTheOldOrTheNewModel) {
   const std::string out = dir / "out.gguf";
   write_all(out, want_b);
   WriteLoop loop({"gguf", dir / "hf-a", dir / "hf-b", out});
-  std::mt19937 rng(8);
-  std::string old = want_b;
-  int killed = 0;
   const int writes = 50;
-  for (int k = 0; k < writes; ++k) {
-    const std::string& want = k % 2 ? want_b : want_a;  // write-loop converts a, b, a, ...
-    const long long limit = next_limit(k, want.size(), rng);
-    const std::string at = "write " + std::to_string(k) + ", limit " + std::to_string(limit) +
-                           " of " + std::to_string(want.size()) + " bytes";
-    const std::string ended = loop.write(limit);
-    if (limit < static_cast<long long>(want.size())) {
-      ASSERT_EQ(ended, "killed") << at;
-      ASSERT_TRUE(read_all(out) == old) << at << ": not the old model";
-      expect_killed_mid_write(dir, limit, at);
-      ++killed;
-      continue;
-    }
-    ASSERT_EQ(ended, "finished") << at;
-    ASSERT_TRUE(read_all(out) == want) << at << ": not the new model";
-    EXPECT_TRUE(temporaries_in(dir).empty()) << at;
-    old = want;
-  }
+  const int killed = kill_writes(loop, dir, out, writes, 8, want_b,
+                                 [&](int k) { return k % 2 ? want_b : want_a; });  // a, b, a, ...
   std::printf("%d conversions: %d killed mid-write, %d finished\n", writes, killed,
               writes - killed);
   EXPECT_EQ(Model::load(out)->config().summary(), c.summary());
