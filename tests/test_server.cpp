@@ -833,7 +833,7 @@ TEST(Server, StreamIntervalGathersTokensIntoFewerWrites) {
   double writes[2];
   for (int interval : {1, 4}) {
     // Steps of 5 ms, as a loaded GPU's: the HTTP thread keeps up with one token a wake.
-    RandomModel m;
+    const mp::testing::VariantModel m;
     ServerOptions o = Running::options("", 0, 0, nullptr);
     o.stream_interval = interval;
     mp::testing::Serving s(m.model,

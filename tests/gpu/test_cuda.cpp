@@ -493,13 +493,10 @@ TEST_F(Cuda, BatchedDecodeStepsMatchCpu) {
 // groups at different steps, across many group boundaries of every level and (n 64) past the
 // trained length. The same sums as the reference: logits to 1e-6 (equal bits expected).
 TEST_P(CudaModel, DecodeStepsMatchThePerLevelKernelsAndCpu) {
-  const Variant v = GetParam();
-  const Config c = variant_config(v);
-  TempDir dir;
-  auto model = mp::testing::random_model(dir, c, DType::BF16, 7);
-  auto fused = make_cuda_backend(model, 3, 1024, 0);
-  auto ref = make_cuda_backend(model, 3, 1024, 0, cuda::SummaryKernels::PerLevel);
-  auto cpu_b = make_backend(model, {.kind = "cpu", .n_slots = 3, .n_threads = 2});
+  const VariantModel vm(GetParam(), 7);
+  auto fused = make_cuda_backend(vm.model, 3, 1024, 0);
+  auto ref = make_cuda_backend(vm.model, 3, 1024, 0, cuda::SummaryKernels::PerLevel);
+  auto cpu_b = make_backend(vm.model, {.kind = "cpu", .n_slots = 3, .n_threads = 2});
   const std::vector<int> lens = {5, 70, 133};
   const auto got = batched_decode(*fused, lens, 30, true);
   EXPECT_LT(rel_err(got, batched_decode(*ref, lens, 30, true)), 1e-6);
