@@ -12,7 +12,7 @@ if [ -z "$browser" ]; then
 fi
 work=$(mktemp -d)
 server= chrome=
-# On a failure, the logs of both (one failed once in 1.3 s under load, unexplained).
+# On a failure, the logs of both.
 on_exit() {
   local rc=$?
   if [ "$rc" != 0 ] && [ "$rc" != 77 ]; then
