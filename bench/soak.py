@@ -20,13 +20,14 @@ CI: scripts/test.sh runs 100 s, the first 50 s warm-up.
 """
 import argparse
 import asyncio
+import atexit
 import json
 import os
 import random
 import shutil
-import socket
 import subprocess
 import sys
+import tempfile
 import time
 
 import aiohttp
@@ -266,12 +267,6 @@ def window_mean(samples, lo, hi, k):
     return sum(xs) / len(xs) if xs else None
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--server", default="build/server/multipole-server",
@@ -309,21 +304,30 @@ def main():
         if not pid:
             ap.error("--url needs --pid (the server's memory is read from /proc)")
     else:
-        port = free_port()
-        cmd = [args.server, "-m", args.model, "--port", str(port), "--slots", str(args.slots),
+        # Port 0: the server binds a free port and says which ("listening on URL"), so no other
+        # process can take it between our choosing it and the server binding it.
+        cmd = [args.server, "-m", args.model, "--port", "0", "--slots", str(args.slots),
                "--quiet", "--max-body", str(args.max_body), "--ctx-limit", str(args.ctx_limit)
                ] + args.server_args.split()
-        log = open(os.environ.get("SOAK_SERVER_LOG", os.devnull), "w")
+        log_path = os.environ.get("SOAK_SERVER_LOG")
+        if not log_path:
+            log_dir = tempfile.mkdtemp(prefix="soak-")
+            atexit.register(shutil.rmtree, log_dir, True)
+            log_path = os.path.join(log_dir, "server.log")
+        log = open(log_path, "w")
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
-        url, pid = f"http://127.0.0.1:{port}", proc.pid
+        pid, url = proc.pid, None
         deadline = time.time() + 120
-        while True:
+        while url is None:
             if proc.poll() is not None:
-                sys.exit(f"soak: the server exited at start ({proc.returncode}): {' '.join(cmd)}")
-            try:
-                with socket.create_connection(("127.0.0.1", port), timeout=1):
-                    break
-            except OSError:
+                with open(log_path) as f:
+                    said = f.read()[-2000:]
+                sys.exit(f"soak: the server exited at start ({proc.returncode}): {' '.join(cmd)}\n"
+                         f"{said}")
+            with open(log_path) as f:
+                url = next((line.split()[-1] for line in f if line.startswith("listening on ")),
+                           None)
+            if url is None:
                 if time.time() > deadline:
                     sys.exit("soak: the server did not start listening within 120 s")
                 time.sleep(0.2)

@@ -98,7 +98,8 @@ start() {
   setsid redis-server --port "$redis_port" --bind 127.0.0.1 --save "" --appendonly no \
     --dir "$dir" --logfile "$dir/redis.log" </dev/null >/dev/null 2>&1 &
   echo $! >"$dir/redis.pid"
-  wait_for redis "redis-cli -p $redis_port ping 2>/dev/null | grep -q PONG"
+  # Ours answering, not another redis-server on that port.
+  wait_for redis "timeout 2 redis-cli -p $redis_port info server 2>/dev/null | tr -d '\r' | grep -qx \"process_id:\$(cat '$dir/redis.pid')\""
   for i in $(seq "$replicas"); do
     local pin_cmd=()
     [ "$pin" = 1 ] && pin_cmd=(taskset -c $(((i - 1) % $(nproc))))

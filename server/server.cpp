@@ -236,10 +236,11 @@ struct Server::Impl {
     });
     http.set_pre_routing_handler([this](const httplib::Request& req, httplib::Response& res) {
       if (t_refuse) {  // no thread to serve it: answered before its body is read
-        res.set_header("Retry-After", "1");
         res.set_header("Connection", "close");
-        error(res, api::ApiError(503, "the server is at its connection limit; try again later",
-                                 "", "server_overloaded", "server_error"));
+        api::ApiError overloaded(503, "the server is at its connection limit; try again later",
+                                 "", "server_overloaded", "server_error");
+        overloaded.retry_after_s = 1;
+        error(res, overloaded);
         return httplib::Server::HandlerResponse::Handled;
       }
       if (declared_body(req) > opts.max_body) {  // refused before a byte of it is read
@@ -520,6 +521,7 @@ struct Server::Impl {
 
   void error(httplib::Response& res, const api::ApiError& e) {
     res.status = e.status;
+    if (e.retry_after_s > 0) res.set_header("Retry-After", std::to_string(e.retry_after_s));
     res.set_content(api::dump(e.body()), "application/json");
   }
 

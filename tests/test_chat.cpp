@@ -152,9 +152,7 @@ TEST(ChatTemplate, HostileTemplatesAreRefusedNotRun) {
           {{"messages", messages}});
 }
 
-struct ChatModel : ::testing::Test {
-  mp::testing::TempDir dir;
-  std::shared_ptr<Model> model = mp::testing::random_model(dir, mp::testing::small_config());
+struct ChatModel : ::testing::Test, mp::testing::VariantModel {
   const Tokenizer& tok = model->tokenizer();
 };
 

@@ -18,9 +18,8 @@ namespace {
 
 using namespace mp;
 using namespace mp::evals;
-using mp::testing::random_model;
 using mp::testing::random_tokens;
-using mp::testing::TempDir;
+using mp::testing::VariantModel;
 
 std::unique_ptr<Tokenizer> fixture_tokenizer(const Config& c) {
   std::ifstream in(mp::testing::fixture_tokenizer_path(), std::ios::binary);
@@ -203,11 +202,10 @@ TEST(Evals, OracleScoresItsKnownAnswers) {
 
 // The forked, chunked runs give what each whole sequence gives when scored from scratch.
 TEST(Evals, ForkedRunsEqualWholeSequencesFromScratch) {
-  TempDir dir;
-  const Config c = mp::testing::small_config();  // n = 64: the contexts reach past it
-  auto model = random_model(dir, c);
-  auto b = make_backend(model, {.kind = "cpu", .n_slots = 3, .n_threads = 1});
-  auto ref = make_backend(model, {.kind = "cpu", .n_slots = 1, .n_threads = 1});
+  const VariantModel vm;  // small_config(): n = 64, the contexts reach past it
+  const Config& c = vm.config;
+  auto b = make_backend(vm.model, {.kind = "cpu", .n_slots = 3, .n_threads = 1});
+  auto ref = make_backend(vm.model, {.kind = "cpu", .n_slots = 1, .n_threads = 1});
   Stream s;
   s.tokens = random_tokens(900, c.vocab_size, 3);
   s.docs = {{0, 100}, {100, 300}, {400, 60}, {460, 440}};
@@ -242,13 +240,13 @@ TEST(Evals, ForkedRunsEqualWholeSequencesFromScratch) {
   }
 
   const PasskeyOptions ko{.contexts = {300, 420}, .depths = {0, 1}, .trials = 2, .seed = 4};
-  const auto cells = passkey_eval(*b, model->tokenizer(), ko, chunk);
+  const auto cells = passkey_eval(*b, vm.model->tokenizer(), ko, chunk);
   for (const auto& cell : cells) {
     double logprob = 0;
     int correct = 0;
     for (int t = 0; t < 2; ++t) {
       const std::string key = passkey_key(4, t);
-      const auto p = passkey_prompt(model->tokenizer(), cell.context, cell.depth, key);
+      const auto p = passkey_prompt(vm.model->tokenizer(), cell.context, cell.depth, key);
       auto seq = p.prompt;
       seq.insert(seq.end(), p.answer.begin(), p.answer.end());
       const auto nll = token_nlls(*ref, seq, 512);
@@ -263,7 +261,7 @@ TEST(Evals, ForkedRunsEqualWholeSequencesFromScratch) {
         append(*ref, slot, std::span<const int>(gen).last(1), 512, false, &last);
       }
       ref->free_slot(slot);
-      correct += first_digits(model->tokenizer().decode(gen)) == key;
+      correct += first_digits(vm.model->tokenizer().decode(gen)) == key;
     }
     EXPECT_NEAR(cell.mean_logprob, logprob / 2, 1e-4);
     EXPECT_EQ(cell.correct, correct);

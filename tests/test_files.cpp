@@ -1,15 +1,19 @@
-// Crash-safe files: state files and converted models are the old file or the new one whatever
-// moment their writer dies at (SIGKILL loop over tests/support/write_loop_main.cpp), and readers
-// refuse truncated, corrupt or unknown state files, naming the file and the fault.
+// Crash-safe files: state files and converted models are the old file or the new one wherever
+// in the file their writer dies (killed at random byte offsets: tests/support/write_loop_main.cpp),
+// and readers refuse truncated, corrupt or unknown state files, naming the file and the fault.
+#include <fcntl.h>
 #include <gtest/gtest.h>
-#include <signal.h>
+#include <spawn.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
 #include <algorithm>
+#include <array>
+#include <cstdio>
 #include <cstring>
 #include <fstream>
-#include <map>
+#include <functional>
+#include <optional>
 #include <random>
 
 #include "file_io.h"
@@ -19,8 +23,8 @@
 namespace {
 
 using namespace mp;
-using mp::testing::random_model;
 using mp::testing::TempDir;
+using mp::testing::VariantModel;
 namespace fs = std::filesystem;
 
 std::string read_all(const std::string& path) {
@@ -42,100 +46,136 @@ std::string error_of(F&& f) {
   return "";
 }
 
-// Starts write-loop with `args`, waits for its "ready", lets it write for `delay_us` and kills it.
-void run_and_kill(const std::vector<std::string>& args, int delay_us) {
-  int out[2];
-  ASSERT_EQ(pipe(out), 0);
-  const pid_t pid = fork();
-  ASSERT_GE(pid, 0);
-  if (pid == 0) {
-    dup2(out[1], STDOUT_FILENO);
-    close(out[0]);
-    close(out[1]);
+// write-loop (tests/support/write_loop_main.cpp), set up once: each write(limit) has it fork a
+// writer that the kernel kills as soon as `limit` bytes are written (-1: no limit).
+class WriteLoop {
+ public:
+  explicit WriteLoop(const std::vector<std::string>& args) {
+    int in[2], out[2];
+    if (pipe2(in, O_CLOEXEC) != 0 || pipe2(out, O_CLOEXEC) != 0) throw Error("pipe failed");
+    posix_spawn_file_actions_t fa;
+    posix_spawn_file_actions_init(&fa);
+    posix_spawn_file_actions_adddup2(&fa, in[0], STDIN_FILENO);
+    posix_spawn_file_actions_adddup2(&fa, out[1], STDOUT_FILENO);
     std::vector<char*> argv = {const_cast<char*>(MULTIPOLE_WRITE_LOOP_BIN)};
     for (const auto& a : args) argv.push_back(const_cast<char*>(a.c_str()));
     argv.push_back(nullptr);
-    execv(argv[0], argv.data());
-    _exit(127);
+    const int err = posix_spawn(&pid_, argv[0], &fa, nullptr, argv.data(), environ);
+    posix_spawn_file_actions_destroy(&fa);
+    close(in[0]);
+    close(out[1]);
+    to_ = fdopen(in[1], "w");
+    from_ = fdopen(out[0], "r");
+    if (err != 0) throw Error(std::string("cannot start write-loop: ") + std::strerror(err));
+    if (const std::string l = line(); l != "ready") throw Error("write-loop did not start: " + l);
   }
-  close(out[1]);
-  char ready[6] = {};
-  size_t got = 0;
-  while (got < sizeof ready) {
-    const ssize_t k = read(out[0], ready + got, sizeof ready - got);
-    if (k <= 0) break;
-    got += static_cast<size_t>(k);
+  ~WriteLoop() {
+    std::fclose(to_);  // the end of its input: it exits
+    std::fclose(from_);
+    waitpid(pid_, nullptr, 0);
   }
-  close(out[0]);
-  EXPECT_EQ(std::string(ready, got), "ready\n") << "write-loop did not start";
-  usleep(static_cast<useconds_t>(delay_us));
-  kill(pid, SIGKILL);
-  int status = 0;
-  waitpid(pid, &status, 0);
-  EXPECT_TRUE(WIFSIGNALED(status) && WTERMSIG(status) == SIGKILL) << "write-loop exited early";
+  WriteLoop(const WriteLoop&) = delete;
+  WriteLoop& operator=(const WriteLoop&) = delete;
+  // How the writer ended: "killed" (by SIGXFSZ, `limit` bytes written) or "finished".
+  std::string write(long long limit) {
+    std::fprintf(to_, "%lld\n", limit);
+    std::fflush(to_);
+    return line();
+  }
+
+ private:
+  std::string line() {
+    char buf[256];
+    if (!std::fgets(buf, sizeof buf, from_)) return "(write-loop exited)";
+    std::string l(buf);
+    if (!l.empty() && l.back() == '\n') l.pop_back();
+    return l;
+  }
+  pid_t pid_ = -1;
+  FILE* to_ = nullptr;
+  FILE* from_ = nullptr;
+};
+
+// The files in `dir` whose names end as AtomicFile's temporaries do.
+std::vector<std::string> temporaries_in(const TempDir& tmp) {
+  const std::string dir = tmp / ".";
+  std::vector<std::string> out;
+  for (const auto& e : fs::directory_iterator(dir))
+    if (e.path().filename().string().find(".tmp-") != std::string::npos)
+      out.push_back(e.path().filename().string());
+  return out;
 }
 
-// Removes the temporary files a killed writer left beside `target`; returns how many.
-int remove_temporaries(const std::string& target) {
-  int n = 0;
-  const std::string prefix = fs::path(target).filename().string() + ".tmp-";
-  for (const auto& e : fs::directory_iterator(fs::path(target).parent_path()))
-    if (e.path().filename().string().starts_with(prefix)) {
-      fs::remove(e.path());
-      ++n;
+// A limit anywhere in a file of `size` bytes (the writer is killed) or past it (it finishes):
+// the first writes at 0, 1, size - 1 and size bytes.
+long long next_limit(int write, size_t size, std::mt19937& rng) {
+  const long long n = static_cast<long long>(size);
+  if (write < 4) return std::array<long long, 4>{0, 1, n - 1, n}[write];
+  return static_cast<long long>(rng() % static_cast<uint64_t>(n + n / 4));
+}
+
+// Has `loop` write `writes` times to `target` in `dir`, the k-th time the bytes want(k), killed
+// at next_limit's offsets. After a kill the target must be as it was (`old`: none while there is
+// no file) and its writer's temporary, of exactly the limit's size, alone beside it: the write
+// removed those of the writers killed before it. After a finished write the target must be the
+// new bytes (then checked(k, what)) and no temporary left. Returns how many were killed.
+int kill_writes(WriteLoop& loop, const TempDir& dir, const std::string& target, int writes,
+                uint32_t seed, std::optional<std::string> old,
+                const std::function<std::string(int)>& want,
+                const std::function<void(int, const std::string&)>& checked = {}) {
+  std::mt19937 rng(seed);
+  int killed = 0;
+  for (int k = 0; k < writes; ++k) {
+    const std::string now = want(k);
+    const long long limit = next_limit(k, now.size(), rng);
+    const std::string at = "write " + std::to_string(k) + ", limit " + std::to_string(limit) +
+                           " of " + std::to_string(now.size()) + " bytes";
+    const std::string ended = loop.write(limit);
+    if (limit < static_cast<long long>(now.size())) {
+      EXPECT_EQ(ended, "killed") << at;
+      EXPECT_TRUE((fs::exists(target) ? std::optional(read_all(target)) : std::nullopt) == old)
+          << at << ": not the old file";
+      const auto left = temporaries_in(dir);
+      EXPECT_EQ(left.size(), 1u) << at;
+      if (left.size() == 1) {
+        EXPECT_EQ(fs::file_size(dir / left[0]), static_cast<uintmax_t>(limit)) << at;
+      }
+      ++killed;
+    } else {
+      EXPECT_EQ(ended, "finished") << at;
+      EXPECT_TRUE(read_all(target) == now) << at << ": not the new file";
+      EXPECT_TRUE(temporaries_in(dir).empty()) << at;
+      if (checked) checked(k, at);
+      old = now;
     }
-  return n;
+    if (::testing::Test::HasFailure()) break;
+  }
+  return killed;
 }
 
-// A CPU backend over a random small model, written to dir/model.gguf.
-std::unique_ptr<Backend> small_backend(const TempDir& dir, int slots) {
-  return make_backend(random_model(dir, mp::testing::small_config()),
-                      {.kind = "cpu", .n_slots = slots, .n_threads = 1});
-}
-
+// The state one token further each write, killed somewhere in the file or finishing: the file is
+// the old state or the new one (the reference run's: the same tokens, one at a time), bit for bit.
 TEST(CrashSafeFiles, KilledStateWriterLeavesTheOldOrTheNewState) {
-  TempDir dir;
-  auto b = small_backend(dir, 2);
-  // The state after each position, fed as write-loop feeds it (one token a step: same bits).
+  const VariantModel vm;
+  auto b = make_backend(vm.model, {.kind = "cpu", .n_slots = 2, .n_threads = 1});
   const int ref_slot = b->alloc_slot(), check_slot = b->alloc_slot();
-  std::vector<std::vector<uint8_t>> ref;
-  auto state_at = [&](int64_t pos) {
-    while (static_cast<int64_t>(ref.size()) < pos) {
-      const int token = mp::testing::write_loop_token(static_cast<int64_t>(ref.size()));
-      const SeqChunk ch{ref_slot, std::span<const int>(&token, 1), false};
-      b->forward({&ch, 1});
-      ref.push_back(b->save_slot(ref_slot));
-    }
-    return std::string(ref[pos - 1].begin(), ref[pos - 1].end());
-  };
-  const std::string out = dir / "seq.state";
-  std::mt19937 rng(7);
-  std::string old;  // "" while there is no file
-  int replaced = 0, kept = 0, killed_mid_write = 0;
-  const int kills = 200;
-  for (int k = 0; k < kills; ++k) {
-    run_and_kill({"state", dir / "model.gguf", out}, static_cast<int>(rng() % 25000));
-    killed_mid_write += remove_temporaries(out);
-    if (!fs::exists(out)) {
-      ASSERT_TRUE(old.empty()) << "kill " << k << ": the state file vanished";
-      ++kept;
-      continue;
-    }
-    const std::string now = read_all(out);
-    if (now == old) {
-      ++kept;
-      continue;
-    }
-    ASSERT_EQ(error_of([&] { load_state_file(*b, check_slot, out); }), "") << "kill " << k;
-    const int64_t pos = b->slot_pos(check_slot);
-    ASSERT_GE(pos, 1);
-    ASSERT_TRUE(now == state_at(pos)) << "kill " << k << ": a mix of states at position " << pos;
-    old = now;
-    ++replaced;
-  }
-  std::printf("%d kills: %d left a new state, %d the old one; %d died mid-write (temporary "
-              "file left)\n", kills, replaced, kept, killed_mid_write);
-  EXPECT_GE(replaced, kills / 20);  // the loop did write (often: about half the kills here)
+  const std::string out = vm.dir / "seq.state";
+  WriteLoop loop({"state", vm.dir / "model.gguf", out});
+  const int writes = 200;
+  const int killed = kill_writes(
+      loop, vm.dir, out, writes, 7, std::nullopt,
+      [&](int k) {
+        const int token = mp::testing::write_loop_token(k);  // as write-loop feeds it
+        const SeqChunk ch{ref_slot, std::span<const int>(&token, 1), false};
+        b->forward({&ch, 1});
+        const auto bytes = b->save_slot(ref_slot);
+        return std::string(bytes.begin(), bytes.end());
+      },
+      [&](int k, const std::string& at) {
+        EXPECT_EQ(error_of([&] { load_state_file(*b, check_slot, out); }), "") << at;
+        EXPECT_EQ(b->slot_pos(check_slot), k + 1) << at;
+      });
+  std::printf("%d writes: %d killed mid-write, %d finished\n", writes, killed, writes - killed);
 }
 
 TEST(CrashSafeFiles, KilledConverterLeavesTheOldOrTheNewModel) {
@@ -153,19 +193,12 @@ TEST(CrashSafeFiles, KilledConverterLeavesTheOldOrTheNewModel) {
   ASSERT_NE(want_a, want_b);
   const std::string out = dir / "out.gguf";
   write_all(out, want_b);
-  std::mt19937 rng(8);
-  std::string old = want_b;
-  int replaced = 0, killed_mid_write = 0;
-  for (int k = 0; k < 50; ++k) {
-    run_and_kill({"gguf", dir / "hf-a", dir / "hf-b", out}, static_cast<int>(rng() % 40000));
-    killed_mid_write += remove_temporaries(out);
-    const std::string now = read_all(out);
-    ASSERT_TRUE(now == want_a || now == want_b) << "kill " << k << ": a partial model";
-    replaced += now != old;
-    old = now;
-  }
-  std::printf("50 kills of the converter: %d left another model, %d the old one; %d died "
-              "mid-write\n", replaced, 50 - replaced, killed_mid_write);
+  WriteLoop loop({"gguf", dir / "hf-a", dir / "hf-b", out});
+  const int writes = 50;
+  const int killed = kill_writes(loop, dir, out, writes, 8, want_b,
+                                 [&](int k) { return k % 2 ? want_b : want_a; });  // a, b, a, ...
+  std::printf("%d conversions: %d killed mid-write, %d finished\n", writes, killed,
+              writes - killed);
   EXPECT_EQ(Model::load(out)->config().summary(), c.summary());
 }
 
@@ -178,29 +211,16 @@ TEST(CrashSafeFiles, FailedWriteKeepsTheOldFileAndLeavesNoTemporary) {
   EXPECT_NE(error_of([&] { gguf::write(path, {}, bad); }).find("'t' produced 3 bytes"),
             std::string::npos);
   EXPECT_EQ(read_all(path), "the old file");
-  EXPECT_EQ(remove_temporaries(path), 0);
-}
-
-// The files in `dir` whose names end as AtomicFile's temporaries do.
-std::vector<std::string> temporaries_in(const TempDir& tmp) {
-  const std::string dir = tmp / ".";
-  std::vector<std::string> out;
-  for (const auto& e : fs::directory_iterator(dir))
-    if (e.path().filename().string().find(".tmp-") != std::string::npos)
-      out.push_back(e.path().filename().string());
-  return out;
+  EXPECT_TRUE(temporaries_in(dir).empty());
 }
 
 // A writer killed mid-write leaves its temporary; the next write into the folder removes it,
 // but not the temporary of a write in progress, nor files that only look alike.
 TEST(CrashSafeFiles, TheNextWriteRemovesTemporariesOfKilledWriters) {
-  TempDir dir;
-  const auto b = small_backend(dir, 1);
-  const std::string out = dir / "seq.state";
-  std::mt19937 rng(9);
-  for (int k = 0; k < 100 && temporaries_in(dir).empty(); ++k)
-    run_and_kill({"state", dir / "model.gguf", out}, static_cast<int>(rng() % 25000));
-  ASSERT_EQ(temporaries_in(dir).size(), 1u) << "no writer was killed mid-write in 100 kills";
+  const VariantModel vm;
+  const TempDir& dir = vm.dir;
+  ASSERT_EQ(WriteLoop({"state", dir / "model.gguf", dir / "seq.state"}).write(100), "killed");
+  ASSERT_EQ(temporaries_in(dir).size(), 1u);
   write_all(dir / "notes.tmp-1234", "not ours: 4 digits");
   write_all(dir / "notes.tmp-abcdefgz", "not ours: not hex");
   {
@@ -223,8 +243,9 @@ TEST(CrashSafeFiles, TheNextWriteRemovesTemporariesOfKilledWriters) {
 }
 
 TEST(StateFile, RefusesTruncatedCorruptAndUnknownFilesNamingThem) {
-  TempDir dir;
-  auto b = small_backend(dir, 1);
+  const VariantModel vm;
+  const TempDir& dir = vm.dir;
+  auto b = make_backend(vm.model, {.kind = "cpu", .n_slots = 1, .n_threads = 1});
   const int s = b->alloc_slot();
   const auto tokens = mp::testing::random_tokens(37, b->config().vocab_size, 3);
   const SeqChunk ch{s, tokens, false};
@@ -254,8 +275,9 @@ TEST(StateFile, RefusesTruncatedCorruptAndUnknownFilesNamingThem) {
 }
 
 TEST(StateFile, ReadsVersionOneWithoutChecksum) {
-  TempDir dir;
-  auto b = small_backend(dir, 2);
+  const VariantModel vm;
+  const TempDir& dir = vm.dir;
+  auto b = make_backend(vm.model, {.kind = "cpu", .n_slots = 2, .n_threads = 1});
   const int s = b->alloc_slot(), t = b->alloc_slot();
   const int V = b->config().vocab_size;
   const auto prefix = mp::testing::random_tokens(29, V, 4),

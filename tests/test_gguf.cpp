@@ -12,6 +12,7 @@ namespace {
 
 using namespace mp;
 using mp::testing::TempDir;
+using mp::testing::VariantModel;
 namespace fs = std::filesystem;
 
 std::string read_all(const std::string& p) {
@@ -51,15 +52,13 @@ std::string error_of(const std::function<void()>& f) {
 class RoundTrip : public ::testing::TestWithParam<DType> {};
 
 TEST_P(RoundTrip, EveryTensorSurvivesConversion) {
-  TempDir dir;
-  Config c = mp::testing::small_config();
-  c.fma_downsampling = Downsampling::Conv;
-  auto model = mp::testing::random_model(dir, c, GetParam());
-  const auto src = read_safetensors(dir / "hf/model.safetensors");
+  const VariantModel vm({.ds = Downsampling::Conv, .dtype = GetParam()});
+  const Config& c = vm.config;
+  const auto src = read_safetensors(vm.dir / "hf/model.safetensors");
   const auto specs = expected_tensors(c);
-  ASSERT_EQ(model->tensors().size(), specs.size());
+  ASSERT_EQ(vm.model->tensors().size(), specs.size());
   for (const auto& spec : specs) {
-    const auto got = model->tensor(spec.name, spec.shape).to_f32();
+    const auto got = vm.model->tensor(spec.name, spec.shape).to_f32();
     const auto& want = src.at(spec.hf_name);
     ASSERT_EQ(got.size(), want.size()) << spec.name;
     const bool exact = GetParam() == DType::F32 || spec.shape.size() == 1;
@@ -70,9 +69,9 @@ TEST_P(RoundTrip, EveryTensorSurvivesConversion) {
       ASSERT_EQ(got[i], expect) << spec.name << "[" << i << "]";
     }
   }
-  EXPECT_EQ(model->config().fma_downsampling, Downsampling::Conv);
-  EXPECT_EQ(model->config().n_levels(), 2);
-  EXPECT_EQ(model->tokenizer().vocab_size(), 400);
+  EXPECT_EQ(vm.model->config().fma_downsampling, Downsampling::Conv);
+  EXPECT_EQ(vm.model->config().n_levels(), 2);
+  EXPECT_EQ(vm.model->tokenizer().vocab_size(), 400);
 }
 
 INSTANTIATE_TEST_SUITE_P(DTypes, RoundTrip, ::testing::Values(DType::F32, DType::F16, DType::BF16),
@@ -140,27 +139,26 @@ TEST(Convert, RefusesBadCheckpointsNamingTheProblem) {
 }
 
 TEST(Convert, RotarySummariesAreRecordedAndOldFilesKeepPerChannelSummaries) {
-  TempDir dir;
-  Config c = mp::testing::small_config();
-  c.fma_rotary_summaries = true;
-  auto model = mp::testing::random_model(dir, c, DType::F32);
-  EXPECT_TRUE(model->config().fma_rotary_summaries);
+  const VariantModel vm({.rotary = true});
+  const Config& c = vm.config;
+  EXPECT_TRUE(vm.model->config().fma_rotary_summaries);
   // Key summaries: one complex weight per RoPE pair and tap, no bias; values as before.
   const int64_t d = c.head_dim, p = c.fma_rank, w = c.group_size(1);
-  EXPECT_NO_THROW(model->tensor(tensor_names::fma_down(0, 'k', 1, false), {d / 2 * p, 2, w}));
-  EXPECT_NO_THROW(model->tensor(tensor_names::fma_down(0, 'v', 1, false), {d * p, 1, w}));
-  EXPECT_NO_THROW(model->tensor(tensor_names::fma_down(0, 'v', 1, true), {d * p}));
-  EXPECT_NE(error_of([&] { model->tensor(tensor_names::fma_down(0, 'k', 1, true), {d * p}); }),
+  EXPECT_NO_THROW(vm.model->tensor(tensor_names::fma_down(0, 'k', 1, false), {d / 2 * p, 2, w}));
+  EXPECT_NO_THROW(vm.model->tensor(tensor_names::fma_down(0, 'v', 1, false), {d * p, 1, w}));
+  EXPECT_NO_THROW(vm.model->tensor(tensor_names::fma_down(0, 'v', 1, true), {d * p}));
+  EXPECT_NE(error_of([&] { vm.model->tensor(tensor_names::fma_down(0, 'k', 1, true), {d * p}); }),
             "(no error)");
 
   // A per-channel checkpoint whose config.json asks for rotary summaries: the key weight's shape
   // is named.
   Config per_channel = mp::testing::small_config();
-  mp::testing::write_random_checkpoint(dir / "pc", per_channel, {});
-  write_all(dir / "pc/config.json", mp::testing::config_json(c));
-  const std::string e = error_of([&] { convert_hf_to_gguf(dir / "pc", dir / "pc.gguf", {}); });
+  mp::testing::write_random_checkpoint(vm.dir / "pc", per_channel, {});
+  write_all(vm.dir / "pc/config.json", mp::testing::config_json(c));
+  const std::string e =
+      error_of([&] { convert_hf_to_gguf(vm.dir / "pc", vm.dir / "pc.gguf", {}); });
   EXPECT_NE(e.find("fma.k_down.0"), std::string::npos) << e;
-  EXPECT_FALSE(fs::exists(dir / "pc.gguf"));
+  EXPECT_FALSE(fs::exists(vm.dir / "pc.gguf"));
 
   // A file written before the option (the fuzz seed) has no fma.rotary_summaries key: off.
   auto old = Model::load(mp::testing::test_data_dir() + "/../fuzz/corpus/gguf/fma.gguf");
@@ -169,17 +167,14 @@ TEST(Convert, RotarySummariesAreRecordedAndOldFilesKeepPerChannelSummaries) {
 }
 
 TEST(Convert, PerLevelRanksAreRecordedAndCheckedNamingTheField) {
-  TempDir dir;
-  Config c = mp::testing::small_config();  // L = 2
-  c.fma_rank = 4;
-  c.fma_level_ranks = {1, 4};
-  auto model = mp::testing::random_model(dir, c, DType::F32);
-  EXPECT_EQ(model->config().fma_level_ranks, (std::vector<int>{1, 4}));
-  EXPECT_EQ(model->config().rank(1), 1);
-  EXPECT_EQ(model->config().rank(2), 4);
+  const VariantModel vm({.ranks = {1, 4}});  // L = 2
+  const Config& c = vm.config;
+  EXPECT_EQ(vm.model->config().fma_level_ranks, (std::vector<int>{1, 4}));
+  EXPECT_EQ(vm.model->config().rank(1), 1);
+  EXPECT_EQ(vm.model->config().rank(2), 4);
   const int64_t d = c.head_dim;
-  EXPECT_NO_THROW(model->tensor(tensor_names::fma_down(1, 'v', 1, false), {d * 1, 1, 8}));
-  EXPECT_NO_THROW(model->tensor(tensor_names::fma_down(1, 'k', 2, true), {d * 4}));
+  EXPECT_NO_THROW(vm.model->tensor(tensor_names::fma_down(1, 'v', 1, false), {d * 1, 1, 8}));
+  EXPECT_NO_THROW(vm.model->tensor(tensor_names::fma_down(1, 'k', 2, true), {d * 4}));
   // Without the key (every file before it): fma_rank at every level.
   EXPECT_EQ(Model::load(mp::testing::test_data_dir() + "/../fuzz/corpus/gguf/fma.gguf")
                 ->config()
@@ -198,8 +193,8 @@ TEST(Convert, PerLevelRanksAreRecordedAndCheckedNamingTheField) {
             std::string::npos);
   EXPECT_NE(refused({0, 4}, 4).find("fma_ranks must be positive"), std::string::npos);
   // config.json: fma_rank follows from fma_ranks; a wrong count is named.
-  write_all(dir / "hf/config.json", nlohmann::json::parse(mp::testing::config_json(c)).dump());
-  EXPECT_EQ(config_from_hf_json(read_all(dir / "hf/config.json")).fma_rank, 4);
+  write_all(vm.dir / "hf/config.json", nlohmann::json::parse(mp::testing::config_json(c)).dump());
+  EXPECT_EQ(config_from_hf_json(read_all(vm.dir / "hf/config.json")).fma_rank, 4);
   auto j = nlohmann::json::parse(mp::testing::config_json(c));
   j["fma_ranks"] = {2, 2, 2};
   EXPECT_NE(error_of([&] { config_from_hf_json(j.dump()); }).find("fma_ranks"), std::string::npos);
@@ -250,9 +245,8 @@ TEST(GgufReader, RefusesCorruptHeaders) {
 }
 
 TEST(GgufReader, MismatchedTensorShapeIsNamed) {
-  TempDir dir;
-  auto model = mp::testing::random_model(dir, mp::testing::small_config());
-  const std::string e = error_of([&] { model->tensor("blk.0.attn_q.weight", {7, 7}); });
+  const VariantModel vm;
+  const std::string e = error_of([&] { vm.model->tensor("blk.0.attn_q.weight", {7, 7}); });
   EXPECT_NE(e.find("blk.0.attn_q.weight"), std::string::npos) << e;
   EXPECT_NE(e.find("[32, 32]"), std::string::npos) << e;
   EXPECT_NE(e.find("[7, 7]"), std::string::npos) << e;

@@ -26,33 +26,19 @@ namespace {
 using namespace mp;
 using namespace mp::testing;
 
-// A model variant and how the backends under test run it.
-struct Variant {
-  const char* name;
-  bool fma;
-  Downsampling ds;
-  int kv_heads = 2;
-  int tp = 0;  // tensor-parallel shards
-  DType dtype = DType::F32;
-  bool reference_products = true;  // replicas: bit-identical results expected
+// A model variant and how the replicas under test run it.
+struct ReplicasCase {
+  ModelVariant model;
+  bool reference_products = true;  // bit-identical results expected
 };
 
-Config variant_config(const Variant& v) {
-  Config c = mp::testing::small_config();
-  c.fma_enabled = v.fma;
-  c.fma_downsampling = v.ds;
-  c.n_kv_heads = v.kv_heads;
-  return c;
-}
-
-class Replicas : public ::testing::TestWithParam<Variant> {
+class Replicas : public ::testing::TestWithParam<ReplicasCase> {
  protected:
   void SetUp() override {
     if (GetParam().reference_products) cpu::set_products(cpu::Products::Reference);
-    model = random_model(dir, variant_config(GetParam()), DType::F32, 7);
-    one = make_backend(model, {.kind = "cpu", .n_slots = 6, .n_threads = 1});
+    one = make_backend(vm.model, {.kind = "cpu", .n_slots = 6, .n_threads = 1});
     spread =
-        make_backend(model, {.kind = "cpu", .n_slots = 2, .n_threads = 1, .devices = {0, 1, 2}});
+        make_backend(vm.model, {.kind = "cpu", .n_slots = 2, .n_threads = 1, .devices = {0, 1, 2}});
   }
   void TearDown() override { cpu::set_products(products_); }
   // Expects bit-identical logits with the reference products, else within 1e-5.
@@ -74,14 +60,13 @@ class Replicas : public ::testing::TestWithParam<Variant> {
     return slots;
   }
   const cpu::Products products_ = cpu::active_products();
-  TempDir dir;
-  std::shared_ptr<Model> model;
+  const VariantModel vm{GetParam().model, 7};
   std::unique_ptr<Backend> one, spread;
 };
 
 TEST_P(Replicas, MixedBatchesGiveTheSingleBackendsLogitsExactly) {
   ASSERT_EQ(spread->n_slots(), 6);
-  const int V = model->config().vocab_size;
+  const int V = vm.config.vocab_size;
   const std::vector<int> slots = alloc_both(5);
   // Step 1: prompts of different lengths (some with every row's logits); step 2 and on: decode
   // steps of one token mixed with further prompt chunks, in an order that is not by slot.
@@ -128,7 +113,7 @@ TEST_P(Replicas, MixedBatchesGiveTheSingleBackendsLogitsExactly) {
 }
 
 TEST_P(Replicas, StatesMoveBetweenDevices) {
-  const int V = model->config().vocab_size;
+  const int V = vm.config.vocab_size;
   const std::vector<int> slots = alloc_both(6);  // devices 0 1 2 0 1 2
   const auto prefix = random_tokens(150, V, 5), rest = random_tokens(40, V, 6);
   SeqChunk pc{slots[0], prefix, false};
@@ -151,14 +136,13 @@ TEST_P(Replicas, StatesMoveBetweenDevices) {
 }
 
 INSTANTIATE_TEST_SUITE_P(Models, Replicas,
-                         ::testing::Values(Variant{"groupedconv", true, Downsampling::GroupedConv},
-                                           Variant{"conv", true, Downsampling::Conv},
-                                           Variant{"avgpool", true, Downsampling::AvgPool},
-                                           Variant{"exact", false, Downsampling::GroupedConv},
-                                           Variant{"groupedconv_onednn", true,
-                                                   Downsampling::GroupedConv, 2, 0, DType::F32,
-                                                   false}),
-                         [](const auto& info) { return std::string(info.param.name); });
+                         ::testing::Values(ReplicasCase{{.name = "groupedconv"}},
+                                           ReplicasCase{{.name = "conv", .ds = Downsampling::Conv}},
+                                           ReplicasCase{
+                                               {.name = "avgpool", .ds = Downsampling::AvgPool}},
+                                           ReplicasCase{{.name = "exact", .fma = false}},
+                                           ReplicasCase{{.name = "groupedconv_onednn"}, false}),
+                         [](const auto& info) { return std::string(info.param.model.name); });
 
 // Every wanted job runs once per round, on its own thread, and the caller sees its writes and its
 // failure; polling (GPU) and sleeping (CPU) threads alike.
@@ -192,9 +176,8 @@ TEST(DeviceThreads, EachRoundRunsEveryWantedJobOnceAndReportsItsFailure) {
 }
 
 TEST(ReplicaSlots, NewSequencesGoToTheLeastLoadedDevice) {
-  TempDir dir;
-  auto model = random_model(dir, mp::testing::small_config());
-  auto b = make_backend(model, {.kind = "cpu", .n_slots = 3, .n_threads = 1, .devices = {4, 7}});
+  const VariantModel vm;
+  auto b = make_backend(vm.model, {.kind = "cpu", .n_slots = 3, .n_threads = 1, .devices = {4, 7}});
   ASSERT_EQ(b->n_slots(), 6);
   std::vector<int> got;
   for (int i = 0; i < 4; ++i) got.push_back(b->alloc_slot());
@@ -219,7 +202,7 @@ TEST(ReplicaSlots, NewSequencesGoToTheLeastLoadedDevice) {
   EXPECT_EQ(b->slot_device(4), 0);
   EXPECT_THROW(b->slot_device(6), Error);
   // Work is counted where it ran.
-  const auto t = random_tokens(20, model->config().vocab_size, 1);
+  const auto t = random_tokens(20, vm.config.vocab_size, 1);
   SeqChunk c{1, t, false};  // device 1
   b->forward({&c, 1});
   EXPECT_EQ(b->device_stats()[1].tokens, 20u);
@@ -233,13 +216,12 @@ TEST(ReplicaSlots, NewSequencesGoToTheLeastLoadedDevice) {
 }
 
 TEST(ReplicaSlots, BadBatchesAreRefusedBeforeAnyDeviceRuns) {
-  TempDir dir;
-  auto model = random_model(dir, mp::testing::small_config());
-  auto b = make_backend(model, {.kind = "cpu", .n_slots = 2, .n_threads = 1, .devices = {0, 1}});
+  const VariantModel vm;
+  auto b = make_backend(vm.model, {.kind = "cpu", .n_slots = 2, .n_threads = 1, .devices = {0, 1}});
   const int s0 = b->alloc_slot(), s1 = b->alloc_slot();
-  const auto t = random_tokens(10, model->config().vocab_size, 1);
+  const auto t = random_tokens(10, vm.config.vocab_size, 1);
   std::vector<int> bad = t;
-  bad[3] = model->config().vocab_size;
+  bad[3] = vm.config.vocab_size;
   auto refused = [&](std::vector<SeqChunk> batch, const std::string& what) {
     try {
       b->forward(batch);
@@ -254,7 +236,7 @@ TEST(ReplicaSlots, BadBatchesAreRefusedBeforeAnyDeviceRuns) {
   refused({{s0, t, false}, {3, t, false}}, "slot 3 is not allocated");
   refused({{s1, t, false}, {s1, t, false}}, "appears twice");
   EXPECT_THROW(b->copy_slot(s0, 9), Error);
-  EXPECT_THROW(make_backend(model, {.kind = "cpu", .n_slots = 2, .devices = {1, 1}}), Error);
+  EXPECT_THROW(make_backend(vm.model, {.kind = "cpu", .n_slots = 2, .devices = {1, 1}}), Error);
 }
 
 TEST(ReplicaSlots, DeviceListsAreParsedAndChecked) {
@@ -324,12 +306,12 @@ CompletionRequest request(int r, int vocab, int max_tokens = 12) {
 // backend, the requests spread over every device.
 TEST(ReplicaSlots, SchedulerCompletionsMatchOneBackend) {
   const ReferenceProducts exact;
-  TempDir dir;
-  auto model = random_model(dir, mp::testing::small_config());
-  const int V = model->config().vocab_size;
+  const VariantModel vm;
+  const int V = vm.config.vocab_size;
   auto run = [&](std::vector<int> devices) {
-    auto b = make_backend(model, {.kind = "cpu", .n_slots = 4, .n_threads = 1, .devices = devices});
-    Scheduler sched(*b, model->tokenizer(),
+    auto b =
+        make_backend(vm.model, {.kind = "cpu", .n_slots = 4, .n_threads = 1, .devices = devices});
+    Scheduler sched(*b, vm.model->tokenizer(),
                     {.max_queue = 64, .max_prefill_per_step = kWholePrompts});
     std::vector<std::future<Stream>> done;
     for (int r = 0; r < 16; ++r) done.push_back(submit(sched, request(r, V)));
@@ -395,12 +377,9 @@ class GatedBackend final : public mp::testing::ForwardingBackend {
 };
 
 // Replicas over gated CPU backends, and the same model on one plain backend.
-class StepLoops : public ::testing::Test {
+class StepLoops : public ::testing::Test, protected VariantModel {
  protected:
-  void SetUp() override {
-    model = random_model(dir, mp::testing::small_config(), DType::F32, 9);
-    V = model->config().vocab_size;
-  }
+  StepLoops() : VariantModel({}, 9) {}
   // Replicas of `n` gated devices of `slots` slots each.
   std::unique_ptr<Backend> replicas(int n, int slots) {
     std::vector<std::unique_ptr<Backend>> parts;
@@ -433,9 +412,7 @@ class StepLoops : public ::testing::Test {
     }
     return f.get();
   }
-  TempDir dir;
-  std::shared_ptr<Model> model;
-  int V = 0;
+  const int V = config.vocab_size;
   std::vector<GatedBackend*> gates;  // of the last replicas() made
 };
 
@@ -547,18 +524,23 @@ TEST_F(StepLoops, SessionsAndCachedPrefixesMoveBetweenDevices) {
   EXPECT_EQ(within_a_minute(filler).reason, "cancelled");
 }
 
-class TensorParallel : public ::testing::TestWithParam<Variant> {};
+// A model variant split over `shards`.
+struct TensorParallelCase {
+  ModelVariant model;
+  int shards;
+};
+
+class TensorParallel : public ::testing::TestWithParam<TensorParallelCase> {};
 
 TEST_P(TensorParallel, LogitsAndStatesMatchThePlainBackend) {
-  const Variant v = GetParam();
-  const Config c = variant_config(v);
-  TempDir dir;
-  auto model = random_model(dir, c, v.dtype, 21);
-  auto plain = make_backend(model, {.kind = "cpu", .n_slots = 3, .n_threads = 1});
-  auto tp =
-      make_backend(model, {.kind = "cpu", .n_slots = 3, .n_threads = 1, .tensor_parallel = v.tp});
-  EXPECT_NE(tp->name().find("tensor parallel x" + std::to_string(v.tp)), std::string::npos);
-  const double tol = v.tp == 1 ? 0 : 1e-5;
+  const int shards = GetParam().shards;
+  const VariantModel vm(GetParam().model, 21);
+  const Config& c = vm.config;
+  auto plain = make_backend(vm.model, {.kind = "cpu", .n_slots = 3, .n_threads = 1});
+  auto tp = make_backend(vm.model,
+                         {.kind = "cpu", .n_slots = 3, .n_threads = 1, .tensor_parallel = shards});
+  EXPECT_NE(tp->name().find("tensor parallel x" + std::to_string(shards)), std::string::npos);
+  const double tol = shards == 1 ? 0 : 1e-5;
   auto expect_close = [&](const std::vector<float>& got, const std::vector<float>& want,
                           const std::string& what) {
     if (tol == 0) {
@@ -614,22 +596,22 @@ TEST_P(TensorParallel, LogitsAndStatesMatchThePlainBackend) {
 
 INSTANTIATE_TEST_SUITE_P(
     Models, TensorParallel,
-    ::testing::Values(Variant{"groupedconv_tp1", true, Downsampling::GroupedConv, 2, 1},
-                      Variant{"groupedconv_tp2", true, Downsampling::GroupedConv, 2, 2},
-                      Variant{"conv_tp2", true, Downsampling::Conv, 2, 2},
-                      Variant{"avgpool_tp2", true, Downsampling::AvgPool, 2, 2},
-                      Variant{"avgpool_mha_tp4", true, Downsampling::AvgPool, 4, 4},
-                      Variant{"exact_tp2", false, Downsampling::GroupedConv, 2, 2},
-                      Variant{"groupedconv_bf16_tp2", true, Downsampling::GroupedConv, 2, 2,
-                              DType::BF16}),
-    [](const auto& info) { return std::string(info.param.name); });
+    ::testing::Values(
+        TensorParallelCase{{.name = "groupedconv_tp1"}, 1},
+        TensorParallelCase{{.name = "groupedconv_tp2"}, 2},
+        TensorParallelCase{{.name = "conv_tp2", .ds = Downsampling::Conv}, 2},
+        TensorParallelCase{{.name = "avgpool_tp2", .ds = Downsampling::AvgPool}, 2},
+        TensorParallelCase{{.name = "avgpool_mha_tp4", .ds = Downsampling::AvgPool, .kv_heads = 4},
+                           4},
+        TensorParallelCase{{.name = "exact_tp2", .fma = false}, 2},
+        TensorParallelCase{{.name = "groupedconv_bf16_tp2", .dtype = DType::BF16}, 2}),
+    [](const auto& info) { return std::string(info.param.model.name); });
 
 TEST(TensorParallelOptions, WhatDoesNotSplitIsRefused) {
-  TempDir dir;
-  auto model = random_model(dir, mp::testing::small_config());  // 4 heads, 2 KV heads, 48 FFN
+  const VariantModel vm;  // 4 heads, 2 KV heads, 48 FFN
   auto refused = [&](BackendOptions o, const std::string& what) {
     try {
-      make_backend(model, o);
+      make_backend(vm.model, o);
       ADD_FAILURE() << "accepted: " << what;
     } catch (const Error& e) {
       EXPECT_NE(std::string(e.what()).find(what), std::string::npos) << e.what();
@@ -643,7 +625,7 @@ TEST(TensorParallelOptions, WhatDoesNotSplitIsRefused) {
   }
   refused({.kind = "cpu", .devices = {0, 1, 2}, .tensor_parallel = 2}, "give 2 devices");
   // A bad batch is refused before any shard runs (none is left waiting for the others).
-  auto tp = make_backend(model, {.kind = "cpu", .n_slots = 2, .tensor_parallel = 2});
+  auto tp = make_backend(vm.model, {.kind = "cpu", .n_slots = 2, .tensor_parallel = 2});
   const int s = tp->alloc_slot();
   const auto t = random_tokens(5, 400, 1);
   SeqChunk bad[2] = {{s, t, false}, {1, t, false}};

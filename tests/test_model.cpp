@@ -15,10 +15,10 @@ namespace {
 
 using namespace mp;
 using mp::testing::logits_in_chunks;
-using mp::testing::random_model;
+using mp::testing::ModelVariant;
 using mp::testing::random_tokens;
 using mp::testing::rel_err;
-using mp::testing::TempDir;
+using mp::testing::VariantModel;
 
 // Token by token, as decode does: only the last row each step.
 std::vector<float> logits_decoding(Backend& b, const std::vector<int>& tokens) {
@@ -33,37 +33,13 @@ std::vector<float> logits_decoding(Backend& b, const std::vector<int>& tokens) {
   return all;
 }
 
-struct Variant {
-  const char* name;
-  Downsampling ds;
-  bool fma, tie;
-  int kv_heads;
-  DType dtype = DType::F32;  // bf16, q8_0: decode's kernels read the weights as stored
-  bool rotary = false;       // rotary key summaries
-  std::vector<int> ranks = {};  // per-level ranks
-};
-
-Config variant_config(const Variant& v) {
-  Config c = mp::testing::small_config();
-  c.fma_downsampling = v.ds;
-  c.fma_enabled = v.fma;
-  c.tie_word_embeddings = v.tie;
-  c.n_kv_heads = v.kv_heads;
-  c.fma_rotary_summaries = v.rotary;
-  if (!v.ranks.empty()) c.fma_rank = *std::max_element(v.ranks.begin(), v.ranks.end());
-  c.fma_level_ranks = v.ranks;
-  return c;
-}
-
-class ChunkInvariance : public ::testing::TestWithParam<Variant> {};
+class ChunkInvariance : public ::testing::TestWithParam<ModelVariant> {};
 
 TEST_P(ChunkInvariance, PrefillChunksAndDecodeAgreePastTrainedLength) {
-  const Variant v = GetParam();
-  const Config c = variant_config(v);
-  TempDir dir;
-  auto model = random_model(dir, c, v.dtype);
-  ASSERT_EQ(model->config().fma_rotary_summaries, v.rotary);
-  auto b = make_backend(model, {.kind = "cpu", .n_slots = 2, .n_threads = 2});
+  const VariantModel vm(GetParam());
+  const Config& c = vm.config;
+  ASSERT_EQ(vm.model->config().fma_rotary_summaries, GetParam().rotary);
+  auto b = make_backend(vm.model, {.kind = "cpu", .n_slots = 2, .n_threads = 2});
   const int m = c.fma_block_size;
   const auto tokens = random_tokens(3 * static_cast<int>(c.n_ctx_train) + 5, c.vocab_size, 11);
   const auto ref = logits_in_chunks(*b, tokens, static_cast<int>(tokens.size()));
@@ -74,33 +50,25 @@ TEST_P(ChunkInvariance, PrefillChunksAndDecodeAgreePastTrainedLength) {
 
 INSTANTIATE_TEST_SUITE_P(
     Models, ChunkInvariance,
-    ::testing::Values(
-        Variant{"groupedconv", Downsampling::GroupedConv, true, false, 2},
-        Variant{"conv", Downsampling::Conv, true, true, 1},
-        Variant{"avgpool", Downsampling::AvgPool, true, false, 4},
-        Variant{"groupedconv_bf16", Downsampling::GroupedConv, true, false, 2, DType::BF16},
-        // Q8_0 where rows are whole blocks (all but ffn_down's 48: bf16)
-        Variant{"groupedconv_q8_0", Downsampling::GroupedConv, true, true, 2, DType::Q8_0},
-        Variant{"exact", Downsampling::GroupedConv, false, true, 2},
-        Variant{"groupedconv_rotary", Downsampling::GroupedConv, true, false, 2, DType::F32, true},
-        Variant{"groupedconv_rotary_bf16", Downsampling::GroupedConv, true, true, 1, DType::BF16,
-                true},
-        Variant{"groupedconv_ranks_1_4",
-                Downsampling::GroupedConv,
-                true,
-                false,
-                2,
-                DType::F32,
-                false,
-                {1, 4}},
-        Variant{"avgpool_rotary_ranks_4_2",
-                Downsampling::AvgPool,
-                true,
-                false,
-                2,
-                DType::F32,
-                true,
-                {4, 2}}),
+    ::testing::Values(ModelVariant{.name = "groupedconv"},
+                      ModelVariant{
+                          .name = "conv", .ds = Downsampling::Conv, .kv_heads = 1, .tie = true},
+                      ModelVariant{.name = "avgpool", .ds = Downsampling::AvgPool, .kv_heads = 4},
+                      ModelVariant{.name = "groupedconv_bf16", .dtype = DType::BF16},
+                      // Q8_0 where rows are whole blocks (all but ffn_down's 48: bf16)
+                      ModelVariant{.name = "groupedconv_q8_0", .tie = true, .dtype = DType::Q8_0},
+                      ModelVariant{.name = "exact", .fma = false, .tie = true},
+                      ModelVariant{.name = "groupedconv_rotary", .rotary = true},
+                      ModelVariant{.name = "groupedconv_rotary_bf16",
+                                   .kv_heads = 1,
+                                   .tie = true,
+                                   .rotary = true,
+                                   .dtype = DType::BF16},
+                      ModelVariant{.name = "groupedconv_ranks_1_4", .ranks = {1, 4}},
+                      ModelVariant{.name = "avgpool_rotary_ranks_4_2",
+                                   .ds = Downsampling::AvgPool,
+                                   .rotary = true,
+                                   .ranks = {4, 2}}),
     [](const auto& info) { return std::string(info.param.name); });
 
 // The whole sequence after k other tokens, through the engine (RoPE and the hierarchy move
@@ -108,14 +76,13 @@ INSTANTIATE_TEST_SUITE_P(
 // from position l n/2 on, where no window of layers 1..l reaches before the sequence (one layer:
 // test_fma.cpp's SequenceShift); so the logits from n_layers n/2 on do not, with rotary or
 // avgpool summaries. Per-channel groupedconv summaries move with k.
-class ModelSequenceShift : public ::testing::TestWithParam<Variant> {};
+class ModelSequenceShift : public ::testing::TestWithParam<ModelVariant> {};
 
 TEST_P(ModelSequenceShift, LogitsBeyondTheLayersReachDoNotChange) {
-  const Variant v = GetParam();
-  const Config c = variant_config(v);
-  TempDir dir;
-  auto model = random_model(dir, c, v.dtype);
-  auto b = make_backend(model, {.kind = "cpu", .n_slots = 1, .n_threads = 2});
+  const ModelVariant& v = GetParam();
+  const VariantModel vm(v);
+  const Config& c = vm.config;
+  auto b = make_backend(vm.model, {.kind = "cpu", .n_slots = 1, .n_threads = 2});
   const int half = static_cast<int>(c.n_ctx_train) / 2;
   const double worst = mp::testing::largest_change_under_shifts(
       *b, random_tokens(6 * half + 5, c.vocab_size, 11), c.n_layers * half, c.vocab_size,
@@ -130,30 +97,28 @@ TEST_P(ModelSequenceShift, LogitsBeyondTheLayersReachDoNotChange) {
 
 INSTANTIATE_TEST_SUITE_P(
     Models, ModelSequenceShift,
-    ::testing::Values(
-        Variant{"groupedconv_rotary", Downsampling::GroupedConv, true, false, 2, DType::F32, true},
-        Variant{"avgpool", Downsampling::AvgPool, true, false, 2},
-        Variant{"groupedconv_per_channel", Downsampling::GroupedConv, true, false, 2}),
+    ::testing::Values(ModelVariant{.name = "groupedconv_rotary", .rotary = true},
+                      ModelVariant{.name = "avgpool", .ds = Downsampling::AvgPool},
+                      ModelVariant{.name = "groupedconv_per_channel"}),
     [](const auto& info) { return std::string(info.param.name); });
 
 TEST(State, SavedAndRestoredStateContinuesExactly) {
-  TempDir dir;
-  const Config c = mp::testing::small_config();
-  auto model = random_model(dir, c);
-  auto b = make_backend(model, {.kind = "cpu", .n_slots = 3, .n_threads = 2});
+  const VariantModel vm;
+  const Config& c = vm.config;
+  auto b = make_backend(vm.model, {.kind = "cpu", .n_slots = 3, .n_threads = 2});
   const auto prefix = random_tokens(100, c.vocab_size, 1),
              rest = random_tokens(50, c.vocab_size, 2);
   const int a = b->alloc_slot();
   SeqChunk pc{a, prefix, false};
   b->forward({&pc, 1});
-  save_state_file(*b, a, dir / "state.bin");
+  save_state_file(*b, a, vm.dir / "state.bin");
   const int forked = b->alloc_slot();
   b->copy_slot(a, forked);
   SeqChunk rc{a, rest, true};
   const auto original = b->forward({&rc, 1});
 
   const int restored = b->alloc_slot();
-  load_state_file(*b, restored, dir / "state.bin");
+  load_state_file(*b, restored, vm.dir / "state.bin");
   EXPECT_EQ(b->slot_pos(restored), 100);
   SeqChunk rc2{restored, rest, true};
   EXPECT_EQ(b->forward({&rc2, 1}), original);  // bit for bit
@@ -162,18 +127,13 @@ TEST(State, SavedAndRestoredStateContinuesExactly) {
 }
 
 TEST(State, RefusesStateOfAnotherModelOrTruncated) {
-  TempDir dir;
-  Config c = mp::testing::small_config();
-  auto model = random_model(dir, c);
-  auto b = make_backend(model, {.kind = "cpu", .n_slots = 1, .n_threads = 1});
+  const VariantModel vm, other({.ranks = {4, 4}});  // ranks 2 and 4
+  auto b = make_backend(vm.model, {.kind = "cpu", .n_slots = 1, .n_threads = 1});
   const int s = b->alloc_slot();
   auto bytes = b->save_slot(s);
   bytes.resize(bytes.size() - 3);
   EXPECT_THROW(b->load_slot(s, bytes), Error);
-  TempDir dir2;
-  c.fma_rank = 4;
-  auto other = random_model(dir2, c);
-  auto b2 = make_backend(other, {.kind = "cpu", .n_slots = 1, .n_threads = 1});
+  auto b2 = make_backend(other.model, {.kind = "cpu", .n_slots = 1, .n_threads = 1});
   const int s2 = b2->alloc_slot();
   try {
     b2->load_slot(s2, b->save_slot(s));
@@ -184,10 +144,9 @@ TEST(State, RefusesStateOfAnotherModelOrTruncated) {
 }
 
 TEST(Batch, SequencesInOneBatchMatchSeparateRuns) {
-  TempDir dir;
-  const Config c = mp::testing::small_config();
-  auto model = random_model(dir, c);
-  auto b = make_backend(model, {.kind = "cpu", .n_slots = 3, .n_threads = 2});
+  const VariantModel vm;
+  const Config& c = vm.config;
+  auto b = make_backend(vm.model, {.kind = "cpu", .n_slots = 3, .n_threads = 2});
   const auto t1 = random_tokens(70, c.vocab_size, 3), t2 = random_tokens(9, c.vocab_size, 4);
   const auto r1 = logits_in_chunks(*b, t1, 70), r2 = logits_in_chunks(*b, t2, 9);
   const int s1 = b->alloc_slot(), s2 = b->alloc_slot();
@@ -200,10 +159,9 @@ TEST(Batch, SequencesInOneBatchMatchSeparateRuns) {
 }
 
 TEST(Backend, RejectsBadChunks) {
-  TempDir dir;
-  const Config c = mp::testing::small_config();
-  auto model = random_model(dir, c);
-  auto b = make_backend(model, {.kind = "cpu", .n_slots = 1, .n_threads = 1});
+  const VariantModel vm;
+  const Config& c = vm.config;
+  auto b = make_backend(vm.model, {.kind = "cpu", .n_slots = 1, .n_threads = 1});
   const int s = b->alloc_slot();
   EXPECT_EQ(b->alloc_slot(), -1);
   std::vector<int> bad = {5, c.vocab_size};
@@ -223,10 +181,9 @@ TEST(Backend, RejectsBadChunks) {
 // range: every thread of a CPU step flushes them to zero (their microcode assists slowed 50,000
 // generated tokens by up to 27 %). A fresh thread, so no earlier test has set its mode.
 TEST(Backend, CpuStepsFlushSubnormalsOnEveryThread) {
-  TempDir dir;
-  const Config c = mp::testing::small_config();
-  auto model = random_model(dir, c);
-  auto b = make_backend(model, {.kind = "cpu", .n_slots = 1, .n_threads = 2});
+  const VariantModel vm;
+  const Config& c = vm.config;
+  auto b = make_backend(vm.model, {.kind = "cpu", .n_slots = 1, .n_threads = 2});
   int before = -1, after = -1, workers = 0, workers_flushed = 0;
   float tiny_product = -1;
   std::thread([&] {
@@ -254,10 +211,9 @@ TEST(Backend, CpuStepsFlushSubnormalsOnEveryThread) {
 // choice on the logits forward() gives, with its log-probability; rows without parameters get
 // none; malformed calls are refused before anything runs.
 TEST(Backend, ForwardSampleIsTheSamplerOnForwardsLogits) {
-  TempDir dir;
-  const Config c = mp::testing::small_config();
-  auto model = random_model(dir, c);
-  auto b = make_backend(model, {.kind = "cpu", .n_slots = 4, .n_threads = 2});
+  const VariantModel vm;
+  const Config& c = vm.config;
+  auto b = make_backend(vm.model, {.kind = "cpu", .n_slots = 4, .n_threads = 2});
   const auto t1 = random_tokens(30, c.vocab_size, 5), t2 = random_tokens(12, c.vocab_size, 6);
   SamplingParams greedy, wide;
   greedy.temperature = 0;

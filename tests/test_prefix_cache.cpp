@@ -12,9 +12,7 @@ namespace {
 
 using namespace mp;
 
-struct Fixture {
-  mp::testing::TempDir dir;
-  std::shared_ptr<Model> model = mp::testing::random_model(dir, mp::testing::small_config());
+struct Fixture : mp::testing::VariantModel {
   std::unique_ptr<Backend> backend =
       make_backend(model, {.kind = "cpu", .n_slots = 6, .n_threads = 2});
   int vocab() const { return model->config().vocab_size; }

@@ -48,9 +48,7 @@ class RecordingBackend final : public mp::testing::ForwardingBackend {
   std::vector<std::vector<Chunk>> steps_;
 };
 
-struct Rig {
-  mp::testing::TempDir dir;
-  std::shared_ptr<Model> model = mp::testing::random_model(dir, mp::testing::small_config());
+struct Rig : mp::testing::VariantModel {
   RecordingBackend backend;
   Scheduler sched;
   Rig(int slots, int budget)

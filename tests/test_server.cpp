@@ -30,12 +30,7 @@ using json = nlohmann::json;
 using namespace mp;
 
 // The model first (a base constructed before the server that uses it).
-struct RandomModel {
-  mp::testing::TempDir dir;
-  std::shared_ptr<Model> model = mp::testing::random_model(dir, mp::testing::small_config());
-};
-
-struct Running : RandomModel, mp::testing::Serving {
+struct Running : mp::testing::VariantModel, mp::testing::Serving {
   explicit Running(int slots = 4, int max_queue = 64, std::string api_key = "",
                    int64_t ctx_limit = 0, int http_threads = 0, std::vector<int> devices = {},
                    const std::function<void(ServerOptions&)>& adjust = nullptr)
@@ -838,7 +833,7 @@ TEST(Server, StreamIntervalGathersTokensIntoFewerWrites) {
   double writes[2];
   for (int interval : {1, 4}) {
     // Steps of 5 ms, as a loaded GPU's: the HTTP thread keeps up with one token a wake.
-    RandomModel m;
+    const mp::testing::VariantModel m;
     ServerOptions o = Running::options("", 0, 0, nullptr);
     o.stream_interval = interval;
     mp::testing::Serving s(m.model,

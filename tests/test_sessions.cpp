@@ -47,10 +47,7 @@ struct StateDirs {
   std::string operator/(const std::string& name) const { return (root / name).string(); }
 };
 
-struct Models {
-  mp::testing::TempDir dir;
-  std::shared_ptr<Model> model = mp::testing::random_model(dir, mp::testing::small_config());
-};
+using Models = mp::testing::VariantModel;
 
 // One server over `model`; destroying it and making another over the same state_dir is a restart.
 // `store`: a state directory, a redis:// URL (sessions shared with other servers) or "" (memory).
@@ -67,30 +64,43 @@ struct Server1 : mp::testing::Serving {
     o.sessions = so;
     return o;
   }
+  httplib::Result send(const std::string& method, const std::string& path,
+                       const json& body = nullptr) const {
+    auto c = client();
+    return method == "GET"      ? c.Get(path)
+           : method == "DELETE" ? c.Delete(path)
+                                : c.Post(path, body.is_null() ? "" : body.dump(), "application/json");
+  }
   json call(const std::string& method, const std::string& path, const json& body = nullptr,
             int want = 200) const {
-    auto c = client();
-    httplib::Result r = method == "GET"      ? c.Get(path)
-                        : method == "DELETE" ? c.Delete(path)
-                                             : c.Post(path, body.is_null() ? "" : body.dump(),
-                                                      "application/json");
+    httplib::Result r = send(method, path, body);
     EXPECT_TRUE(r);
     if (!r) return nullptr;
     EXPECT_EQ(r->status, want) << method << " " << path << ": " << r->body;
     return json::parse(r->body);
   }
+  static json turn_body(const std::string& session, const std::string& prompt, uint64_t seed) {
+    return {{"session", session},
+            {"prompt", prompt},
+            {"max_tokens", 4},
+            {"temperature", 0.8},
+            {"seed", seed}};
+  }
   // One turn: the new text and the response.
   json turn(const std::string& session, const std::string& prompt, uint64_t seed,
             int want = 200) const {
-    return call("POST", "/v1/completions",
-                {{"session", session},
-                 {"prompt", prompt},
-                 {"max_tokens", 4},
-                 {"temperature", 0.8},
-                 {"seed", seed}},
-                want);
+    return call("POST", "/v1/completions", turn_body(session, prompt, seed), want);
   }
 };
+
+// A 409 with the Retry-After (seconds) of a busy session, or none (a conflict that waiting does
+// not end).
+void expect_conflict(const httplib::Result& r, const std::string& retry_after) {
+  ASSERT_TRUE(r);
+  EXPECT_EQ(r->status, 409) << r->body;
+  EXPECT_EQ(json::parse(r->body)["error"]["code"], "session_conflict") << r->body;
+  EXPECT_EQ(r->get_header_value("Retry-After"), retry_after) << r->body;
+}
 
 TEST(Sessions, CreateInspectForkDelete) {
   Models m;
@@ -117,7 +127,7 @@ TEST(Sessions, CreateInspectForkDelete) {
   EXPECT_EQ(a["session"]["position"], prompt_tokens + a["usage"]["prompt_tokens"].get<int>() + 4);
   // Errors: unknown, taken and bad ids.
   s.call("GET", "/v1/sessions/nope", nullptr, 404);
-  s.call("POST", "/v1/sessions", {{"id", "copy"}}, 409);
+  expect_conflict(s.send("POST", "/v1/sessions", {{"id", "copy"}}), "");  // exists
   s.call("POST", "/v1/sessions", {{"id", "bad id!"}}, 400);
   s.turn("nope", "x", 1, 404);
   s.call("POST", "/v1/completions", {{"session", id}, {"prompt", "x"}, {"n", 2}}, 400);
@@ -234,8 +244,9 @@ TEST(Sessions, AStateOfAnotherModelIsRefused) {
   }
   Server1 s(other, dirs / "state");
   EXPECT_EQ(s.call("GET", "/v1/sessions/mine")["id"], "mine");
-  const json r = s.turn("mine", " more", 1, 409);
-  EXPECT_NE(r["error"]["message"].get<std::string>().find("another model"), std::string::npos);
+  const auto r = s.send("POST", "/v1/completions", Server1::turn_body("mine", " more", 1));
+  expect_conflict(r, "");
+  EXPECT_NE(r->body.find("another model"), std::string::npos) << r->body;
 }
 
 TEST(Sessions, CorruptFilesAreSkippedAndTheDiskCapHonoured) {
@@ -270,7 +281,8 @@ TEST(Sessions, CorruptFilesAreSkippedAndTheDiskCapHonoured) {
 }
 
 // A long turn on `holder` holds a session; a turn or a delete on `other` (the same server, or
-// another replica sharing the store) meanwhile gets 409; then `other` continues after the turn.
+// another replica sharing the store) meanwhile gets 409, to be retried after a second
+// (Retry-After); then `other` continues after the turn.
 void one_request_at_a_time(const Models& m, const Server1& holder, const Server1& other) {
   holder.call("POST", "/v1/sessions", {{"id", "busy"}});
   auto first = std::async(std::launch::async, [&] {
@@ -280,9 +292,8 @@ void one_request_at_a_time(const Models& m, const Server1& holder, const Server1
   for (int i = 0; i < 500 && holder.sched->stats().slots_in_use == 0; ++i)
     std::this_thread::sleep_for(std::chrono::milliseconds(10));
   ASSERT_EQ(holder.sched->stats().slots_in_use, 1);
-  const json r = other.turn("busy", "x", 1, 409);
-  EXPECT_EQ(r["error"]["code"], "session_conflict");
-  other.call("DELETE", "/v1/sessions/busy", nullptr, 409);
+  expect_conflict(other.send("POST", "/v1/completions", Server1::turn_body("busy", "x", 1)), "1");
+  expect_conflict(other.send("DELETE", "/v1/sessions/busy"), "1");
   EXPECT_EQ(first.get()["usage"]["completion_tokens"], 500);
   const int prompt = static_cast<int>(m.model->tokenizer().encode("go", true).size());
   EXPECT_EQ(other.call("GET", "/v1/sessions/busy")["position"], prompt + 500);
@@ -319,30 +330,18 @@ TEST(PrefixCacheServer, ARepeatedDocumentReportsCachedTokens) {
 // (not skip) without it: scripts/deps.sh installs redis-server.
 class RedisServer {
  public:
-  RedisServer() : port_(free_port()) { start(); }
-  ~RedisServer() { kill(); }
-  void start() {
-    const std::string port = std::to_string(port_), dir = dir_ / "";
-    std::vector<std::string> args = {"redis-server", "--port", port, "--bind", "127.0.0.1",
-                                     "--save", "", "--appendonly", "no", "--dir", dir,
-                                     "--loglevel", "warning", "--logfile", dir + "redis.log"};
-    std::vector<char*> argv;
-    for (auto& a : args) argv.push_back(a.data());
-    argv.push_back(nullptr);
-    if (posix_spawnp(&pid_, "redis-server", nullptr, nullptr, argv.data(), environ) != 0)
-      throw Error("cannot start redis-server (scripts/deps.sh installs it)");
-    auto probe = sessions::redis_store(options());
-    for (int i = 0;; ++i) {
-      try {
-        probe->get("probe");
-        return;
-      } catch (const sessions::StoreUnavailable&) {
-        int status;
-        if (waitpid(pid_, &status, WNOHANG) == pid_) throw Error("redis-server exited at start");
-        if (i == 500) throw Error("redis-server did not answer within 5 s");
-        std::this_thread::sleep_for(std::chrono::milliseconds(10));
-      }
+  // A port free when picked may be taken before redis-server binds it (another test's connection
+  // or server): then another port.
+  explicit RedisServer(int port = free_port()) : port_(port) {
+    for (int attempt = 1; !launch(); ++attempt) {
+      if (attempt == 10) throw Error("redis-server found no free port in 10 attempts");
+      port_ = free_port();
     }
+  }
+  ~RedisServer() { kill(); }
+  void start() {  // again, after kill(): on the same port, which its clients know
+    if (!launch())
+      throw Error("redis-server cannot bind its port " + std::to_string(port_) + " again");
   }
   void kill() {
     if (pid_ <= 0) return;
@@ -350,6 +349,7 @@ class RedisServer {
     waitpid(pid_, nullptr, 0);
     pid_ = -1;
   }
+  int port() const { return port_; }
   std::string url() const { return "redis://127.0.0.1:" + std::to_string(port_) + "/test:"; }
   sessions::RedisOptions options() const { return sessions::parse_redis_url(url()); }
   // redis-cli's answer to one command.
@@ -365,6 +365,33 @@ class RedisServer {
   }
 
  private:
+  // Starts redis-server on port_ and waits until it listens there (its log says so: not another
+  // test's server answering on that port); false when the port was taken.
+  bool launch() {
+    const std::string port = std::to_string(port_), dir = dir_ / "", log = dir + "redis.log";
+    std::filesystem::remove(log);
+    std::vector<std::string> args = {"redis-server", "--port", port, "--bind", "127.0.0.1",
+                                     "--save", "", "--appendonly", "no", "--dir", dir,
+                                     "--loglevel", "notice", "--logfile", log};
+    std::vector<char*> argv;
+    for (auto& a : args) argv.push_back(a.data());
+    argv.push_back(nullptr);
+    if (posix_spawnp(&pid_, "redis-server", nullptr, nullptr, argv.data(), environ) != 0)
+      throw Error("cannot start redis-server (scripts/deps.sh installs it)");
+    for (int i = 0; i < 500; ++i) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(10));
+      std::ifstream f(log);
+      const std::string said(std::istreambuf_iterator<char>(f), {});
+      if (said.find("Ready to accept connections") != std::string::npos) return true;
+      int status;
+      if (waitpid(pid_, &status, WNOHANG) == pid_) {
+        pid_ = -1;
+        if (said.find("Address already in use") != std::string::npos) return false;
+        throw Error("redis-server exited at start: " + said);
+      }
+    }
+    throw Error("redis-server did not start listening within 5 s");
+  }
   static int free_port() {
     const int fd = socket(AF_INET, SOCK_STREAM, 0);
     sockaddr_in a{};
@@ -381,6 +408,26 @@ class RedisServer {
   int port_;
   pid_t pid_ = -1;
 };
+
+// A port taken by another listener: the test's redis-server goes to another one and is the one
+// that answers there.
+TEST(RedisStore, ATestsRedisServerLeavesATakenPortForAnother) {
+  const int fd = socket(AF_INET, SOCK_STREAM, 0);
+  sockaddr_in a{};
+  a.sin_family = AF_INET;
+  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  socklen_t n = sizeof a;
+  ASSERT_EQ(bind(fd, reinterpret_cast<sockaddr*>(&a), sizeof a), 0);
+  ASSERT_EQ(listen(fd, 1), 0);
+  ASSERT_EQ(getsockname(fd, reinterpret_cast<sockaddr*>(&a), &n), 0);
+  const int taken = ntohs(a.sin_port);
+  {
+    RedisServer redis(taken);
+    EXPECT_NE(redis.port(), taken);
+    EXPECT_EQ(redis.cli("PING"), "PONG");
+  }
+  close(fd);
+}
 
 sessions::State random_state(int64_t position, uint32_t seed) {
   std::mt19937 rng(seed);

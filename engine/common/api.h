@@ -19,6 +19,7 @@ using json = nlohmann::json;
 struct ApiError : Error {
   int status;
   std::string type, param, code;
+  int retry_after_s = 0;  // > 0: worth retrying after that long (the Retry-After header)
   ApiError(int status, std::string message, std::string param = "", std::string code = "",
            std::string type = "invalid_request_error")
       : Error(std::move(message)),

@@ -24,11 +24,16 @@ api::ApiError not_found(const std::string& id) {
 api::ApiError conflict(const std::string& msg) {
   return api::ApiError(409, msg, "session", "session_conflict");
 }
+// A busy session is free again once its turn ends (or, on a dead server, once its claim lapses).
+api::ApiError retry_soon(api::ApiError e) {
+  e.retry_after_s = 1;
+  return e;
+}
 api::ApiError busy(const std::string& id) {
-  return conflict("session '" + id + "' is busy with another request");
+  return retry_soon(conflict("session '" + id + "' is busy with another request"));
 }
 api::ApiError busy_elsewhere(const std::string& id) {
-  return conflict("session '" + id + "' is busy with a request on another server");
+  return retry_soon(conflict("session '" + id + "' is busy with a request on another server"));
 }
 api::ApiError another_model(const std::string& id, const std::string& theirs, const std::string& ours) {
   return conflict("session '" + id + "' was saved by another model (" + theirs +

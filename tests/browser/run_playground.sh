@@ -12,7 +12,20 @@ if [ -z "$browser" ]; then
 fi
 work=$(mktemp -d)
 server= chrome=
-trap '[ -n "$chrome" ] && kill $chrome 2>/dev/null; [ -n "$server" ] && kill $server 2>/dev/null; wait 2>/dev/null; rm -rf "$work"' EXIT
+# On a failure, the logs of both.
+on_exit() {
+  local rc=$?
+  if [ "$rc" != 0 ] && [ "$rc" != 77 ]; then
+    for log in server chrome; do
+      [ -f "$work/$log.log" ] && { echo "== $log.log" >&2; tail -n 30 "$work/$log.log" >&2; }
+    done
+  fi
+  [ -n "$chrome" ] && kill $chrome 2>/dev/null
+  [ -n "$server" ] && kill $server 2>/dev/null
+  wait 2>/dev/null
+  rm -rf "$work"
+}
+trap on_exit EXIT
 model=${2:-}
 if [ -z "$model" ]; then
   "$build/tests/make-test-checkpoint" "$work/hf" >/dev/null

@@ -8,11 +8,13 @@ loopback; then
     one session to one replica (consistent hashing), requests without a session round robin;
   - a replica killed with SIGKILL in the middle of a turn: the client's retry through haproxy lands
     on another replica and continues from the last completed turn (the same text and position as
-    one replica's conversation: no turn applied twice);
+    one replica's conversation: no turn applied twice); the failures before it are haproxy's
+    502/503 naming the killed replica and the living replicas' 409 with Retry-After;
   - every record in Redis passes its checksum (the engine's hash_bytes, computed here);
   - cluster.sh stop ends every process; the replicas' logs hold no sanitizer report.
 usage: test_cluster.py BUILD_DIR     (standard library only)
 """
+import collections
 import http.client
 import json
 import os
@@ -35,8 +37,13 @@ def expect(ok, what):
         raise AssertionError(what)
 
 
+# An answer: its status, the replica haproxy sent the request to (None from a replica's own port),
+# its body (parsed where it is JSON, as every replica's; else the text: haproxy's own error pages
+# are HTML) and its Retry-After header.
+Reply = collections.namedtuple("Reply", "status replica body retry_after")
+
+
 def call(port, method, path, body=None, session_header=None, timeout=60):
-    """One request; returns (status, the replica haproxy chose or None, the JSON body)."""
     headers = {"Content-Type": "application/json"}
     if session_header:
         headers["X-Session-Id"] = session_header
@@ -45,20 +52,27 @@ def call(port, method, path, body=None, session_header=None, timeout=60):
     r = c.getresponse()
     data = r.read()
     c.close()
-    return r.status, r.getheader("X-Multipole-Replica"), json.loads(data) if data else None
+    is_json = (r.getheader("Content-Type") or "").startswith("application/json")
+    return Reply(r.status, r.getheader("X-Multipole-Replica"),
+                 json.loads(data) if is_json else data.decode(errors="replace"),
+                 r.getheader("Retry-After"))
 
 
 def ok(port, method, path, body=None, session_header=None):
-    status, replica, out = call(port, method, path, body, session_header)
-    expect(status == 200, f"{method} {path} on port {port}: {status} {out}")
-    return replica, out
+    reply = call(port, method, path, body, session_header)
+    expect(reply.status == 200, f"{method} {path} on port {port}: {reply}")
+    return reply.replica, reply.body
 
 
 def free_base_port():
-    """A port P with P..P+4 free (haproxy, three replicas, redis)."""
+    """A port P with P..P+4 free (haproxy, three replicas, redis), below the kernel's ephemeral
+    range: no port 0 bind (other tests' servers) and no outgoing connection takes one of them
+    before cluster.sh binds it."""
+    with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+        ephemeral = int(f.read().split()[0])
     rng = random.Random()
     for _ in range(100):
-        base = rng.randrange(20000, 60000)
+        base = rng.randrange(10000, ephemeral - 5)
         socks = []
         try:
             for p in range(base, base + 5):
@@ -115,13 +129,27 @@ def check_record(record, sid):
 
 class Cluster:
     def __init__(self, build, work):
-        self.build, self.dir, self.port = build, os.path.join(work, "run"), free_base_port()
-        self.replicas = {f"replica{i}": self.port + i for i in (1, 2, 3)}
+        self.build, self.dir = build, os.path.join(work, "run")
+        self.use_ports(free_base_port())
         self.model = os.path.join(work, "model.gguf")
         subprocess.run([f"{build}/tests/make-test-checkpoint", os.path.join(work, "hf")],
                        check=True, stdout=subprocess.DEVNULL)
         subprocess.run([f"{build}/tools/multipole-convert", os.path.join(work, "hf"), self.model],
                        check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def use_ports(self, base):
+        self.port = base
+        self.replicas = {f"replica{i}": base + i for i in (1, 2, 3)}
+
+    def start(self, *server_options):
+        """cluster.sh start; on other ports where one was taken before it bound it (3 tries)."""
+        for _ in range(3):
+            started = self.script("start", "--", *server_options)
+            if started.returncode == 0 or "bind" not in started.stdout:
+                return started
+            print(f"ports {self.port}-{self.port + 4}: one was taken; others", file=sys.stderr)
+            self.use_ports(free_base_port())
+        return started
 
     def script(self, action, *extra):
         env = dict(os.environ, MULTIPOLE_BUILD=self.build)
@@ -185,7 +213,9 @@ def conversation_across_replicas(c, rng):
 
 def kill_mid_turn(c):
     done = [turn_body(i) for i in range(3)]
-    long_turn = dict(turn_body(3, max_tokens=3000), ignore_eos=True)
+    # Long enough (about 1 s at 20,000 tokens/s) that the kill, right after the first token,
+    # lands mid-turn on a loaded machine too (3,000 tokens, 0.15 s, were once all sent before it).
+    long_turn = dict(turn_body(3, max_tokens=20000), ignore_eos=True)
     ok(c.port, "POST", "/v1/sessions", {"id": "killed"})
     for body in done:
         ok(c.port, "POST", "/v1/completions", body, session_header="killed")
@@ -206,18 +236,28 @@ def kill_mid_turn(c):
         pass  # the connection broke: what the client sees of a dead replica
     conn.close()
     expect(b"[DONE]" not in rest, "the turn finished before its replica was killed")
-    # The client's retry of that turn, through haproxy: 409 while the dead replica's claim
-    # stands (until its liveness key lapses, 3 s), 502/503 while haproxy still tries it.
+    # The client's retry of that turn, through haproxy, until it is served. Meanwhile: haproxy's own
+    # 502 (a connection to the killed replica that broke) or 503 (none could be made), naming that
+    # replica, until its health checks take it out; a living replica's 409 while the dead one's
+    # claim stands (until its liveness key lapses, 3 s), retried after its Retry-After.
     t0, tries = time.time(), []
     while True:
-        status, replica, out = call(c.port, "POST", "/v1/completions", long_turn,
-                                    session_header="killed")
-        tries.append(status)
-        if status == 200 or time.time() - t0 > 20:
+        reply = call(c.port, "POST", "/v1/completions", long_turn, session_header="killed")
+        tries.append(reply.status)
+        if reply.status == 200 or time.time() - t0 > 20:
             break
-        expect(status in (409, 502, 503), f"retry: {status} {out}")
-        time.sleep(0.2)
-    expect(status == 200, f"the retries got {tries}")
+        if reply.status == 409:
+            expect(reply.replica != victim and isinstance(reply.body, dict) and
+                   reply.body["error"]["code"] == "session_conflict" and reply.retry_after == "1",
+                   f"retry: a 409 that is not a living replica's busy session: {reply}")
+            time.sleep(float(reply.retry_after))
+        else:
+            expect(reply.status in (502, 503) and reply.replica == victim and
+                   isinstance(reply.body, str) and f"<h1>{reply.status} " in reply.body,
+                   f"retry: not haproxy's error page for the killed {victim}: {reply}")
+            time.sleep(0.2)
+    expect(reply.status == 200, f"the retries got {tries}")
+    replica, out = reply.replica, reply.body
     expect(replica != victim, f"the retry went to the killed {victim}")
     alive = next(p for n, p in c.replicas.items() if n != victim)
     want = one_replica(c, "killed-ref", done + [long_turn], port=alive)
@@ -255,7 +295,7 @@ def main():
     print(f"SEED={seed}")
     t0 = time.time()
     c = Cluster(build, work)
-    started = c.script("start", "--", "--threads", "1", "--slots", "4")
+    started = c.start("--threads", "1", "--slots", "4")
     expect(started.returncode == 0, f"cluster.sh start failed:\n{started.stdout}")
     try:
         conversation_across_replicas(c, random.Random(seed))

@@ -24,9 +24,11 @@ namespace {
 
 using namespace mp;
 using mp::testing::logits_in_chunks;
+using mp::testing::ModelVariant;
 using mp::testing::random_tokens;
 using mp::testing::rel_err;
 using mp::testing::TempDir;
+using mp::testing::VariantModel;
 
 class Cuda : public ::testing::Test {
  protected:
@@ -302,43 +304,24 @@ TEST_F(Cuda, GemvWithRopeIsTheGemvThenSplitQkvRope) {
                Error);  // N is not (4 + 2 x 2) x 16
 }
 
-struct Variant {
-  const char* name;
-  Downsampling ds;
-  bool fma;
-  int kv;
-  int head_dim = 16;  // 64: prefill tiles run on tensor cores
-  float rope_linear_factor = 1.0f;
-  bool rotary = false;          // rotary key summaries
-  std::vector<int> ranks = {};  // per-level ranks
-  int block = 8;                // m; 16 with head_dim 16 or 64: the one-pass summary kernel
-  int64_t n = 64;               // trained length
-};
-Config variant_config(const Variant& v) {
-  Config c = mp::testing::small_config();
-  c.fma_downsampling = v.ds;
-  c.fma_enabled = v.fma;
-  c.n_kv_heads = v.kv;
-  c.head_dim = v.head_dim;
-  c.rope_linear_factor = v.rope_linear_factor;
-  c.fma_rotary_summaries = v.rotary;
-  if (!v.ranks.empty()) c.fma_rank = *std::max_element(v.ranks.begin(), v.ranks.end());
-  c.fma_level_ranks = v.ranks;
-  c.fma_block_size = v.block;
-  c.n_ctx_train = v.n;
-  c.hidden_size = 64;
-  return c;
+// The GPU tests' model variants: head_dim 16 unless named (64: prefill tiles run on tensor
+// cores), hidden 64, bf16 weights.
+std::vector<ModelVariant> on_gpu(std::vector<ModelVariant> variants) {
+  for (auto& v : variants) {
+    if (v.head_dim == 0) v.head_dim = 16;
+    v.hidden = 64;
+    v.dtype = DType::BF16;
+  }
+  return variants;
 }
 
-class CudaModel : public Cuda, public ::testing::WithParamInterface<Variant> {};
+class CudaModel : public Cuda, public ::testing::WithParamInterface<ModelVariant> {};
 
 TEST_P(CudaModel, LogitsMatchCpuInEveryChunkingPastTrainedLength) {
-  const Variant v = GetParam();
-  const Config c = variant_config(v);
-  TempDir dir;
-  auto model = mp::testing::random_model(dir, c, DType::BF16, 7);
-  auto cpu_b = make_backend(model, {.kind = "cpu", .n_slots = 1, .n_threads = 2});
-  auto gpu = make_backend(model, {.kind = "cuda", .n_slots = 2, .max_context = 1024});
+  const VariantModel vm(GetParam(), 7);
+  const Config& c = vm.config;
+  auto cpu_b = make_backend(vm.model, {.kind = "cpu", .n_slots = 1, .n_threads = 2});
+  auto gpu = make_backend(vm.model, {.kind = "cuda", .n_slots = 2, .max_context = 1024});
   ASSERT_EQ(gpu->name(), "cuda");
   const auto tokens = random_tokens(3 * 64 + 11, c.vocab_size, 3);
   const auto ref = logits_in_chunks(*cpu_b, tokens, 1000);
@@ -348,42 +331,51 @@ TEST_P(CudaModel, LogitsMatchCpuInEveryChunkingPastTrainedLength) {
   // in fp32 (with head_dim 64 the prefill's attention products are bf16 on tensor cores, with
   // m 16 its summaries'; decode steps keep fp32).
   const auto g1 = logits_in_chunks(*gpu, tokens, 1000), g2 = logits_in_chunks(*gpu, tokens, 1);
-  EXPECT_LT(rel_err(g2, g1), v.head_dim == 64 || v.block == 16 ? 2e-2 : 2e-3);
+  EXPECT_LT(rel_err(g2, g1), c.head_dim == 64 || c.fma_block_size == 16 ? 2e-2 : 2e-3);
 }
 
 INSTANTIATE_TEST_SUITE_P(
     Models, CudaModel,
-    ::testing::Values(
-        Variant{"groupedconv", Downsampling::GroupedConv, true, 2},
-        Variant{"conv", Downsampling::Conv, true, 1},
-        Variant{"avgpool", Downsampling::AvgPool, true, 4},
-        Variant{"exact", Downsampling::GroupedConv, false, 2},
-        Variant{"groupedconv_d64", Downsampling::GroupedConv, true, 2, 64},
-        Variant{"exact_d64", Downsampling::GroupedConv, false, 2, 64},
-        Variant{"avgpool_rope_linear", Downsampling::AvgPool, true, 2, 16, 4.0f},
-        Variant{"exact_rope_linear", Downsampling::GroupedConv, false, 1, 64, 2.0f},
-        Variant{"groupedconv_rotary", Downsampling::GroupedConv, true, 2, 16, 1.0f, true},
-        Variant{"groupedconv_rotary_d64_kv1", Downsampling::GroupedConv, true, 1, 64, 1.0f, true},
-        Variant{
-            "groupedconv_ranks_1_4", Downsampling::GroupedConv, true, 2, 16, 1.0f, false, {1, 4}},
-        Variant{"avgpool_ranks_4_2_d64", Downsampling::AvgPool, true, 2, 64, 1.0f, false, {4, 2}},
-        Variant{"groupedconv_rotary_ranks_3_2_kv1",
-                Downsampling::GroupedConv,
-                true,
-                1,
-                16,
-                1.0f,
-                true,
-                {3, 2}},
+    ::testing::ValuesIn(on_gpu({
+        {.name = "groupedconv"},
+        {.name = "conv", .ds = Downsampling::Conv, .kv_heads = 1},
+        {.name = "avgpool", .ds = Downsampling::AvgPool, .kv_heads = 4},
+        {.name = "exact", .fma = false},
+        {.name = "groupedconv_d64", .head_dim = 64},
+        {.name = "exact_d64", .fma = false, .head_dim = 64},
+        {.name = "avgpool_rope_linear", .ds = Downsampling::AvgPool, .rope_linear_factor = 4.0f},
+        {.name = "exact_rope_linear",
+         .fma = false,
+         .kv_heads = 1,
+         .head_dim = 64,
+         .rope_linear_factor = 2.0f},
+        {.name = "groupedconv_rotary", .rotary = true},
+        {.name = "groupedconv_rotary_d64_kv1", .kv_heads = 1, .rotary = true, .head_dim = 64},
+        {.name = "groupedconv_ranks_1_4", .ranks = {1, 4}},
+        {.name = "avgpool_ranks_4_2_d64",
+         .ds = Downsampling::AvgPool,
+         .ranks = {4, 2},
+         .head_dim = 64},
+        {.name = "groupedconv_rotary_ranks_3_2_kv1",
+         .kv_heads = 1,
+         .rotary = true,
+         .ranks = {3, 2}},
         // m 16: summaries in one pass (3 levels at n 256; 203 tokens cross n/2)
-        Variant{"one_pass_groupedconv", Downsampling::GroupedConv, true, 2, 16, 1.0f, false,
-                {}, 16, 256},
-        Variant{"one_pass_avgpool_d64", Downsampling::AvgPool, true, 4, 64, 1.0f, false, {}, 16,
-                256},
-        Variant{"one_pass_rotary_ranks_kv1", Downsampling::GroupedConv, true, 1, 16, 1.0f, true,
-                {2, 1, 2}, 16, 256},
-        Variant{"one_pass_groupedconv_d64_past_n", Downsampling::GroupedConv, true, 2, 64, 1.0f,
-                false, {}, 16, 64}),
+        {.name = "one_pass_groupedconv", .block = 16, .n = 256},
+        {.name = "one_pass_avgpool_d64",
+         .ds = Downsampling::AvgPool,
+         .kv_heads = 4,
+         .head_dim = 64,
+         .block = 16,
+         .n = 256},
+        {.name = "one_pass_rotary_ranks_kv1",
+         .kv_heads = 1,
+         .rotary = true,
+         .ranks = {2, 1, 2},
+         .block = 16,
+         .n = 256},
+        {.name = "one_pass_groupedconv_d64_past_n", .head_dim = 64, .block = 16, .n = 64},
+    })),
     [](const auto& info) { return std::string(info.param.name); });
 
 // The whole-sequence shift of docs/MODEL.md on the GPU (tests/test_model.cpp's
@@ -391,21 +383,20 @@ INSTANTIATE_TEST_SUITE_P(
 // token by token, gives the same logits from n_layers n/2 on with rotary or avgpool summaries (the
 // GPU against itself; differently rotated keys round differently: the bounds of CudaModel's
 // decode check), not with per-channel groupedconv ones.
-class CudaSequenceShift : public Cuda, public ::testing::WithParamInterface<Variant> {};
+class CudaSequenceShift : public Cuda, public ::testing::WithParamInterface<ModelVariant> {};
 
 TEST_P(CudaSequenceShift, LogitsBeyondTheLayersReachDoNotChange) {
-  const Variant v = GetParam();
-  const Config c = variant_config(v);
-  TempDir dir;
-  auto model = mp::testing::random_model(dir, c, DType::BF16, 7);
-  auto gpu = make_backend(model, {.kind = "cuda", .n_slots = 1, .max_context = 1024});
+  const ModelVariant& v = GetParam();
+  const VariantModel vm(v, 7);
+  const Config& c = vm.config;
+  auto gpu = make_backend(vm.model, {.kind = "cuda", .n_slots = 1, .max_context = 1024});
   ASSERT_EQ(gpu->name(), "cuda");
   const int half = static_cast<int>(c.n_ctx_train) / 2;
   const double worst = mp::testing::largest_change_under_shifts(
       *gpu, random_tokens(6 * half + 5, c.vocab_size, 3), c.n_layers * half, c.vocab_size,
       {half, 3 * half, 128 * half}, {56, 1});
   if (v.rotary || v.ds == Downsampling::AvgPool) {
-    EXPECT_LT(worst, v.head_dim == 64 ? 2e-2 : 2e-3);
+    EXPECT_LT(worst, c.head_dim == 64 ? 2e-2 : 2e-3);
   } else {
     EXPECT_GT(worst, 1e-1);
   }
@@ -414,19 +405,19 @@ TEST_P(CudaSequenceShift, LogitsBeyondTheLayersReachDoNotChange) {
 
 INSTANTIATE_TEST_SUITE_P(
     Models, CudaSequenceShift,
-    ::testing::Values(
-        Variant{"groupedconv_rotary", Downsampling::GroupedConv, true, 2, 16, 1.0f, true},
-        Variant{"groupedconv_rotary_d64_kv1", Downsampling::GroupedConv, true, 1, 64, 1.0f, true},
-        Variant{"avgpool", Downsampling::AvgPool, true, 2},
-        Variant{"groupedconv_per_channel", Downsampling::GroupedConv, true, 2}),
+    ::testing::ValuesIn(on_gpu({
+        {.name = "groupedconv_rotary", .rotary = true},
+        {.name = "groupedconv_rotary_d64_kv1", .kv_heads = 1, .rotary = true, .head_dim = 64},
+        {.name = "avgpool", .ds = Downsampling::AvgPool},
+        {.name = "groupedconv_per_channel"},
+    })),
     [](const auto& info) { return std::string(info.param.name); });
 
 TEST_F(Cuda, BatchOfSequencesMatchesSeparateRunsAndStatesMoveBetweenBackends) {
-  Config c = mp::testing::small_config();
-  TempDir dir;
-  auto model = mp::testing::random_model(dir, c, DType::BF16, 9);
-  auto gpu = make_backend(model, {.kind = "cuda", .n_slots = 4});
-  auto cpu_b = make_backend(model, {.kind = "cpu", .n_slots = 2, .n_threads = 2});
+  const VariantModel vm({.dtype = DType::BF16}, 9);
+  const Config& c = vm.config;
+  auto gpu = make_backend(vm.model, {.kind = "cuda", .n_slots = 4});
+  auto cpu_b = make_backend(vm.model, {.kind = "cpu", .n_slots = 2, .n_threads = 2});
   const auto a = random_tokens(150, c.vocab_size, 1), b = random_tokens(20, c.vocab_size, 2);
   const auto ra = logits_in_chunks(*gpu, a, 150), rb = logits_in_chunks(*gpu, b, 20);
   const int s1 = gpu->alloc_slot(), s2 = gpu->alloc_slot();
@@ -488,11 +479,9 @@ std::vector<float> batched_decode(Backend& b, const std::vector<int>& lens, uint
 
 // Batched decode steps against the CPU backend doing the same steps.
 TEST_F(Cuda, BatchedDecodeStepsMatchCpu) {
-  Config c = mp::testing::small_config();
-  TempDir dir;
-  auto model = mp::testing::random_model(dir, c, DType::BF16, 11);
-  auto gpu = make_backend(model, {.kind = "cuda", .n_slots = 3});
-  auto cpu_b = make_backend(model, {.kind = "cpu", .n_slots = 3, .n_threads = 2});
+  const VariantModel vm({.dtype = DType::BF16}, 11);
+  auto gpu = make_backend(vm.model, {.kind = "cuda", .n_slots = 3});
+  auto cpu_b = make_backend(vm.model, {.kind = "cpu", .n_slots = 3, .n_threads = 2});
   const std::vector<int> lens = {5, 70, 130};
   EXPECT_LT(rel_err(batched_decode(*gpu, lens, 20), batched_decode(*cpu_b, lens, 20)), 2e-2);
 }
@@ -504,13 +493,10 @@ TEST_F(Cuda, BatchedDecodeStepsMatchCpu) {
 // groups at different steps, across many group boundaries of every level and (n 64) past the
 // trained length. The same sums as the reference: logits to 1e-6 (equal bits expected).
 TEST_P(CudaModel, DecodeStepsMatchThePerLevelKernelsAndCpu) {
-  const Variant v = GetParam();
-  const Config c = variant_config(v);
-  TempDir dir;
-  auto model = mp::testing::random_model(dir, c, DType::BF16, 7);
-  auto fused = make_cuda_backend(model, 3, 1024, 0);
-  auto ref = make_cuda_backend(model, 3, 1024, 0, cuda::SummaryKernels::PerLevel);
-  auto cpu_b = make_backend(model, {.kind = "cpu", .n_slots = 3, .n_threads = 2});
+  const VariantModel vm(GetParam(), 7);
+  auto fused = make_cuda_backend(vm.model, 3, 1024, 0);
+  auto ref = make_cuda_backend(vm.model, 3, 1024, 0, cuda::SummaryKernels::PerLevel);
+  auto cpu_b = make_backend(vm.model, {.kind = "cpu", .n_slots = 3, .n_threads = 2});
   const std::vector<int> lens = {5, 70, 133};
   const auto got = batched_decode(*fused, lens, 30, true);
   EXPECT_LT(rel_err(got, batched_decode(*ref, lens, 30, true)), 1e-6);
@@ -647,10 +633,9 @@ TEST_F(Cuda, SamplingKernelMatchesHostSamplerOnLargeVocabularies) { check_sampli
 // of a twin slot holding the same state, run through forward()), and the top-N log-probabilities
 // are the host's top_logprobs of that row.
 TEST_F(Cuda, ForwardSampleAgreesWithHostSamplingOfTheSameLogits) {
-  Config c = mp::testing::small_config();
-  TempDir dir;
-  auto model = mp::testing::random_model(dir, c, DType::BF16, 12);
-  auto gpu = make_backend(model, {.kind = "cuda", .n_slots = 8});
+  const VariantModel vm({.dtype = DType::BF16}, 12);
+  const Config& c = vm.config;
+  auto gpu = make_backend(vm.model, {.kind = "cuda", .n_slots = 8});
   std::vector<std::vector<int>> prompts;
   std::vector<SeqChunk> chunks, twins;
   for (int i = 0; i < 4; ++i) {
@@ -1054,11 +1039,10 @@ std::unique_ptr<Backend> two_replicas(std::shared_ptr<const Model> model, int sl
 }
 
 TEST_F(Cuda, ReplicasMatchOneBackendAndMoveStates) {
-  Config c = mp::testing::small_config();
-  TempDir dir;
-  auto model = mp::testing::random_model(dir, c, DType::BF16, 13);
-  std::unique_ptr<Backend> spread = two_replicas(model, 2);
-  auto one = make_backend(model, {.kind = "cuda", .n_slots = 4});
+  const VariantModel vm({.dtype = DType::BF16}, 13);
+  const Config& c = vm.config;
+  std::unique_ptr<Backend> spread = two_replicas(vm.model, 2);
+  auto one = make_backend(vm.model, {.kind = "cuda", .n_slots = 4});
   std::vector<int> slots;
   for (int i = 0; i < 4; ++i) {
     slots.push_back(one->alloc_slot());
@@ -1104,14 +1088,13 @@ TEST_F(Cuda, ReplicasMatchOneBackendAndMoveStates) {
 // one backend reading the same text: every generated token is the likeliest there, up to the bf16
 // tolerance (the devices' batches differ from one backend's, so exact ties may break otherwise).
 TEST_F(Cuda, ReplicaStepLoopsGenerateWhatOneBackendPredicts) {
-  Config c = mp::testing::small_config();
-  TempDir dir;
-  auto model = mp::testing::random_model(dir, c, DType::BF16, 14);
-  std::unique_ptr<Backend> spread = two_replicas(model, 4);
+  const VariantModel vm({.dtype = DType::BF16}, 14);
+  const Config& c = vm.config;
+  std::unique_ptr<Backend> spread = two_replicas(vm.model, 4);
   const int n = 8, max_tokens = 24;
   std::vector<std::vector<int>> prompts(n), got(n);
   {
-    Scheduler sched(*spread, model->tokenizer(), {.max_prefill_per_step = 128});
+    Scheduler sched(*spread, vm.model->tokenizer(), {.max_prefill_per_step = 128});
     std::vector<std::future<std::vector<int>>> done;
     for (int r = 0; r < n; ++r) {
       prompts[r] = random_tokens(3 + 41 * r, c.vocab_size, 60 + r);
@@ -1136,7 +1119,7 @@ TEST_F(Cuda, ReplicaStepLoopsGenerateWhatOneBackendPredicts) {
   ASSERT_EQ(stats.size(), 2u);
   EXPECT_GE(stats[0].steps, size_t(max_tokens));  // both loops stepped
   EXPECT_GE(stats[1].steps, size_t(max_tokens));
-  auto one = make_backend(model, {.kind = "cuda", .n_slots = 1});
+  auto one = make_backend(vm.model, {.kind = "cuda", .n_slots = 1});
   const size_t V = c.vocab_size;
   for (int r = 0; r < n; ++r) {
     ASSERT_EQ(got[r].size(), size_t(max_tokens)) << r;
@@ -1160,12 +1143,7 @@ TEST_F(Cuda, ReplicaStepLoopsGenerateWhatOneBackendPredicts) {
 // Tensor parallelism over NCCL: N = 1 against the plain backend (the same arithmetic: 1e-5), and
 // N = 2 against N = 1 where there are two GPUs (bf16 tolerance, 1e-2), for every downsampling
 // kind and exact attention; states cross between the split and the plain backend.
-struct TpVariant {
-  const char* name;
-  Downsampling ds;
-  bool fma;
-};
-class CudaTensorParallel : public ::testing::TestWithParam<TpVariant> {
+class CudaTensorParallel : public ::testing::TestWithParam<ModelVariant> {
  protected:
   void SetUp() override {
     if (!cuda_available()) GTEST_SKIP() << "no CUDA device";
@@ -1173,21 +1151,16 @@ class CudaTensorParallel : public ::testing::TestWithParam<TpVariant> {
 };
 
 TEST_P(CudaTensorParallel, LogitsMatchOneGpu) {
-  Config c = mp::testing::small_config();
-  c.fma_downsampling = GetParam().ds;
-  c.fma_enabled = GetParam().fma;
-  TempDir dir;
-  auto model = mp::testing::random_model(dir, c, DType::BF16, 17);
-  auto plain = make_backend(model, {.kind = "cuda", .n_slots = 2, .max_context = 1024});
+  const VariantModel vm(GetParam(), 17);
+  const Config& c = vm.config;
+  auto plain = make_backend(vm.model, {.kind = "cuda", .n_slots = 2, .max_context = 1024});
   std::vector<std::pair<int, double>> runs = {{1, 1e-5}};
   if (cuda_device_count() >= 2) runs.push_back({2, 1e-2});
   const auto tokens = random_tokens(2 * int(c.n_ctx_train) + 9, c.vocab_size, 3);
   const auto want = logits_in_chunks(*plain, tokens, 37);
   for (const auto& [n, tol] : runs) {
-    auto tp = make_backend(model, {.kind = "cuda",
-                                   .n_slots = 2,
-                                   .max_context = 1024,
-                                   .tensor_parallel = n});
+    auto tp = make_backend(
+        vm.model, {.kind = "cuda", .n_slots = 2, .max_context = 1024, .tensor_parallel = n});
     const double err = rel_err(logits_in_chunks(*tp, tokens, 37), want);
     EXPECT_LT(err, tol) << "tensor parallel " << n;
     std::printf("tensor parallel %d vs one GPU (%s): rel_err %.3g\n", n, GetParam().name, err);
@@ -1215,10 +1188,11 @@ TEST_P(CudaTensorParallel, LogitsMatchOneGpu) {
 
 INSTANTIATE_TEST_SUITE_P(
     Models, CudaTensorParallel,
-    ::testing::Values(TpVariant{"groupedconv", Downsampling::GroupedConv, true},
-                      TpVariant{"conv", Downsampling::Conv, true},
-                      TpVariant{"avgpool", Downsampling::AvgPool, true},
-                      TpVariant{"exact", Downsampling::GroupedConv, false}),
+    ::testing::Values(
+        ModelVariant{.name = "groupedconv", .dtype = DType::BF16},
+        ModelVariant{.name = "conv", .ds = Downsampling::Conv, .dtype = DType::BF16},
+        ModelVariant{.name = "avgpool", .ds = Downsampling::AvgPool, .dtype = DType::BF16},
+        ModelVariant{.name = "exact", .fma = false, .dtype = DType::BF16}),
     [](const auto& info) { return std::string(info.param.name); });
 #endif
 

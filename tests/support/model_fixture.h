@@ -5,8 +5,10 @@
 #include <cmath>
 #include <filesystem>
 #include <initializer_list>
+#include <ostream>
 #include <random>
 #include <string>
+#include <vector>
 
 #include "checkpoint.h"
 
@@ -41,6 +43,54 @@ inline std::shared_ptr<Model> random_model(const TempDir& dir, const Config& c,
   convert_hf_to_gguf(dir / "hf", dir / "model.gguf", co);
   return Model::load(dir / "model.gguf");
 }
+
+// A model variant: small_config() with what the variant names changed (designated initializers
+// name only that). The parameterised tests run over lists of them.
+struct ModelVariant {
+  const char* name = "small_config";
+  Downsampling ds = Downsampling::GroupedConv;
+  bool fma = true;
+  int kv_heads = 0;  // 0 here and for the sizes below: small_config()'s
+  bool tie = false;
+  bool rotary = false;          // rotary key summaries
+  std::vector<int> ranks = {};  // per-level ranks; fma_rank becomes their largest
+  int head_dim = 0;
+  int hidden = 0;
+  int block = 0;  // m
+  int64_t n = 0;  // trained length
+  float rope_linear_factor = 1.0f;
+  DType dtype = DType::F32;  // of the converted weights
+};
+
+// gtest prints a test's parameter with it (a failure names the variant).
+inline std::ostream& operator<<(std::ostream& os, const ModelVariant& v) { return os << v.name; }
+
+inline Config variant_config(const ModelVariant& v) {
+  Config c = small_config();
+  c.fma_downsampling = v.ds;
+  c.fma_enabled = v.fma;
+  if (v.kv_heads) c.n_kv_heads = v.kv_heads;
+  c.tie_word_embeddings = v.tie;
+  c.fma_rotary_summaries = v.rotary;
+  if (!v.ranks.empty()) c.fma_rank = *std::max_element(v.ranks.begin(), v.ranks.end());
+  c.fma_level_ranks = v.ranks;
+  if (v.head_dim) c.head_dim = v.head_dim;
+  if (v.hidden) c.hidden_size = v.hidden;
+  if (v.block) c.fma_block_size = v.block;
+  if (v.n) c.n_ctx_train = v.n;
+  c.rope_linear_factor = v.rope_linear_factor;
+  return c;
+}
+
+// A random model of a variant (weights from `seed`), converted in a temporary folder of its own
+// (dir / "hf" the checkpoint, dir / "model.gguf" the model).
+struct VariantModel {
+  explicit VariantModel(const ModelVariant& v = {}, uint64_t seed = 1)
+      : config(variant_config(v)), model(random_model(dir, config, v.dtype, seed)) {}
+  TempDir dir;
+  Config config;
+  std::shared_ptr<Model> model;
+};
 
 inline std::vector<int> random_tokens(int n, int vocab, uint64_t seed) {
   std::mt19937 rng(static_cast<uint32_t>(seed));
