@@ -531,8 +531,10 @@ struct Server::Impl {
       f();
     } catch (const api::ApiError& e) {
       error(res, e);
-    } catch (const BusyError& e) {
-      error(res, api::ApiError(429, e.what(), "", "rate_limit_exceeded", "rate_limit_error"));
+    } catch (const BusyError& e) {  // the queue is full: a slot frees within seconds
+      api::ApiError busy(429, e.what(), "", "rate_limit_exceeded", "rate_limit_error");
+      busy.retry_after_s = 1;
+      error(res, busy);
     } catch (const Error& e) {
       error(res, api::ApiError(400, e.what()));
     } catch (const std::exception& e) {

@@ -452,7 +452,10 @@ TEST(Server, ApiKeyAndFullQueue) {
   std::vector<std::future<int>> f;
   for (int i = 0; i < 6; ++i)
     f.push_back(std::async(std::launch::async, [&] {
-      return status_of(s.post({{"prompt", "x"}, {"max_tokens", 1000}, {"ignore_eos", true}}));
+      auto r = s.post({{"prompt", "x"}, {"max_tokens", 1000}, {"ignore_eos", true}});
+      // A refusal says when to try again, as the 503 at the connection limit does.
+      if (status_of(r) == 429) EXPECT_EQ(r->get_header_value("Retry-After"), "1");
+      return status_of(r);
     }));
   int ok = 0, busy = 0;
   for (auto& x : f) {
