@@ -39,7 +39,7 @@ int main(int argc, char** argv) {
                   "  --stream-interval N  token events a stream's write gathers (default 0:\n"
                   "                    1 below 256 open streams, one more per 256, at most 4)\n"
                   "  --step-nice N     nice value of the model's step loops (default -10 where\n"
-                  "                    allowed: root or CAP_SYS_NICE; else they keep the process's)\n"
+                  "                    allowed: root or CAP_SYS_NICE; else the process's)\n"
                   "  --prefill-per-step N  prompt tokens read per step, all requests together\n"
                   "                    (default: the backend's, 512 on the CPU, 65536 on CUDA)\n"
                   "  --max-body BYTES  largest request body (default 1048576); a larger one\n"

@@ -454,7 +454,9 @@ TEST(Server, ApiKeyAndFullQueue) {
     f.push_back(std::async(std::launch::async, [&] {
       auto r = s.post({{"prompt", "x"}, {"max_tokens", 1000}, {"ignore_eos", true}});
       // A refusal says when to try again, as the 503 at the connection limit does.
-      if (status_of(r) == 429) EXPECT_EQ(r->get_header_value("Retry-After"), "1");
+      if (status_of(r) == 429) {
+        EXPECT_EQ(r->get_header_value("Retry-After"), "1");
+      }
       return status_of(r);
     }));
   int ok = 0, busy = 0;
@@ -871,7 +873,9 @@ TEST(Server, HttpThreadsGiveWayToTheStepLoop) {
     if (name != "mp-http") continue;
     ++http_threads;
     errno = 0;
-    const int nice = getpriority(PRIO_PROCESS, static_cast<id_t>(std::stoi(task.path().filename())));
+    const auto tid = static_cast<id_t>(std::stoi(task.path().filename()));
+    const int nice = getpriority(PRIO_PROCESS, tid);
+    ASSERT_EQ(errno, 0);  // -1 is also a nice value
     EXPECT_EQ(nice, std::min(own_nice + kBackgroundNice, 19));
   }
   EXPECT_GE(http_threads, 1);

@@ -67,9 +67,9 @@ struct Server1 : mp::testing::Serving {
   httplib::Result send(const std::string& method, const std::string& path,
                        const json& body = nullptr) const {
     auto c = client();
-    return method == "GET"      ? c.Get(path)
-           : method == "DELETE" ? c.Delete(path)
-                                : c.Post(path, body.is_null() ? "" : body.dump(), "application/json");
+    if (method == "GET") return c.Get(path);
+    if (method == "DELETE") return c.Delete(path);
+    return c.Post(path, body.is_null() ? "" : body.dump(), "application/json");
   }
   json call(const std::string& method, const std::string& path, const json& body = nullptr,
             int want = 200) const {

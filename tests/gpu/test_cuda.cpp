@@ -970,7 +970,8 @@ TEST_F(Cuda, OnePassSummariesMatchThePerLevelKernelsInEveryShape) {
 // per-level kernels and the commit, on the same random caches, keys and values: the attention's
 // output and every cache array (fine windows, summary rings, accumulators), each element to 1e-6
 // (the same fp32 sums: equal bits expected). Row b of k.batch at k.pos0 + b * pos_step.
-void check_append(const Config& c, const SummaryCase& k, int64_t pos_step, const std::string& what) {
+void check_append(const Config& c, const SummaryCase& k, int64_t pos_step,
+                  const std::string& what) {
   mp::testing::AttentionRig rig(c, k.batch, 1, k.pos0, cuda::SummaryKernels::PerLevel, pos_step);
   ASSERT_FALSE(rig.plan.append);
   rig.run();

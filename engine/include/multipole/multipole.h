@@ -549,11 +549,11 @@ class Scheduler {
 
 // Marks the calling thread as throughput work: Linux SCHED_BATCH (when it is woken it does not
 // preempt the thread running on that core) and kBackgroundNice above its nice value (about a
-// tenth of the share of a contended core that the process's other threads get). The scheduler's event threads and the server's HTTP threads use it,
-// so that handing tokens to clients never takes the core of a step loop, which every stream waits
-// on: when the host's cores are all busy, delivery falls behind and each write then carries
-// several tokens, instead of every step slowing down. Names the thread `name` (as `top -H` and
-// /proc show it; at most 15 characters are kept).
+// tenth of the share of a contended core that the process's other threads get). The scheduler's
+// event threads and the server's HTTP threads use it, so that handing tokens to clients never
+// takes the core of a step loop, which every stream waits on: when the host's cores are all busy,
+// delivery falls behind and each write then carries several tokens, instead of every step slowing
+// down. Names the thread `name` (as `top -H` and /proc show it; at most 15 characters are kept).
 inline constexpr int kBackgroundNice = 10;
 void set_batch_scheduling(const char* name);
 // Names the calling thread (at most 15 characters are kept).
