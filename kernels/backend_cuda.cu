@@ -453,13 +453,21 @@ class CudaBackend final : public Backend {
 
   std::vector<SampledToken> forward_sample(std::span<const SeqChunk> chunks,
                                            std::span<const SampleSpec> specs) override {
+    start_sample(chunks, specs);
+    return finish_sample(chunks, specs);
+  }
+
+  bool samples_asynchronously() const override { return true; }
+  // Launches the step, the sampler and the results' download; finish_sample waits for them.
+  void start_sample(std::span<const SeqChunk> chunks, std::span<const SampleSpec> specs) override {
     const OnDevice on(device_);
     check_sample_call(chunks, specs);
     const int V = c_.vocab_size;
     sample_rows_.clear();
     pens_.clear();
     top_rows_.clear();
-    int top_n = 0;
+    int& top_n = top_n_;
+    top_n = 0;
     for (size_t i = 0; i < specs.size(); ++i) {
       const SampleSpec& sp = specs[i];
       if (!sp.params) continue;
@@ -471,7 +479,6 @@ class CudaBackend final : public Backend {
     }
     launch(chunks);  // logits row i is chunk i's last token; the sampler's inputs uploaded too
     const size_t R = sample_rows_.size(), T = top_rows_.size() * top_n;
-    enum { kIds, kLogprobs, kTopIds, kTopLps };
     sampled_.layout({R * sizeof(int), R * sizeof(float), T * sizeof(int), T * sizeof(float)});
     cuda::sample(logits_.get(), V, inputs_.device<cuda::SampleRow>(kSampleRows), int(R),
                  inputs_.device<int2>(kPens), sampled_.device<int>(kIds),
@@ -480,7 +487,14 @@ class CudaBackend final : public Backend {
                        top_n, sampled_.device<int>(kTopIds), sampled_.device<float>(kTopLps),
                        stream_);
     sampled_.download(stream_);
+  }
+
+  std::vector<SampledToken> finish_sample(std::span<const SeqChunk> chunks,
+                                          std::span<const SampleSpec> specs) override {
+    const OnDevice on(device_);
     check(cudaStreamSynchronize(stream_), "forward_sample");
+    const int V = c_.vocab_size, top_n = top_n_;
+    const size_t R = sample_rows_.size();
     const int* ids = sampled_.host<int>(kIds);
     const float* lps = sampled_.host<float>(kLogprobs);
     const int* top_ids = sampled_.host<int>(kTopIds);
@@ -762,7 +776,9 @@ class CudaBackend final : public Backend {
   DeviceArray<float> x_, x_spare_, h_, qkv_, q_, k_, v_, att_, gu_, new_kv_, logits_;
   DeviceArray<__nv_bfloat16> hb_, sel_;
   DeviceArray<uint8_t> cublas_workspace_;
-  PackedArrays sampled_;  // forward_sample's results, one download
+  PackedArrays sampled_;  // forward_sample's results, one download, in this order:
+  enum { kIds, kLogprobs, kTopIds, kTopLps };
+  int top_n_ = 0;         // top logprobs a row of them holds
   // forward_sample's host staging, kept between steps (no allocation per step).
   std::vector<cuda::SampleRow> sample_rows_;
   std::vector<int2> pens_;

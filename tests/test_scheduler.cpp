@@ -5,6 +5,9 @@
 #include <sys/resource.h>
 #include <unistd.h>
 
+#include <algorithm>
+#include <atomic>
+#include <condition_variable>
 #include <future>
 #include <map>
 #include <mutex>
@@ -239,6 +242,204 @@ TEST(Scheduler, EventThreadsGiveWayToTheStepLoop) {
   EXPECT_EQ(backend.stepping.name, "mp-step-0");
   EXPECT_EQ(backend.stepping.nice, may_raise_priority() ? asked : caller.nice);
   EXPECT_EQ(backend.stepping.policy, caller.policy);
+}
+
+// A CPU backend that runs each step on a thread of its own, as a GPU runs it beside the host:
+// start_sample returns at once (after calling on_start with the step's number), finish_sample
+// waits for the step. The first step waits at a gate until the test opens it, so that the
+// test's requests all join the second step, whichever backend runs them.
+class GatedBackend : public mp::testing::ForwardingBackend {
+ public:
+  GatedBackend(std::unique_ptr<Backend> inner, bool threaded)
+      : ForwardingBackend(std::move(inner)), threaded_(threaded) {}
+  bool samples_asynchronously() const override { return threaded_; }
+  std::vector<SampledToken> forward_sample(std::span<const SeqChunk> chunks,
+                                           std::span<const SampleSpec> specs) override {
+    std::vector<int> sampling_slots;
+    for (size_t i = 0; i < chunks.size(); ++i)
+      if (specs[i].params) sampling_slots.push_back(chunks[i].slot);
+    {
+      std::unique_lock<std::mutex> lock(mu_);
+      steps_.push_back(std::move(sampling_slots));
+      entered_.notify_all();
+      opened_.wait(lock, [&] { return open_; });
+    }
+    return inner().forward_sample(chunks, specs);
+  }
+  void start_sample(std::span<const SeqChunk> chunks, std::span<const SampleSpec> specs) override {
+    if (on_start) on_start(starts_++);
+    if (!threaded_) return Backend::start_sample(chunks, specs);
+    step_ = std::async(std::launch::async, [=, this] { return forward_sample(chunks, specs); });
+  }
+  std::vector<SampledToken> finish_sample(std::span<const SeqChunk> chunks,
+                                          std::span<const SampleSpec> specs) override {
+    return threaded_ ? step_.get() : Backend::finish_sample(chunks, specs);
+  }
+  void wait_for_first_step() {
+    std::unique_lock<std::mutex> lock(mu_);
+    entered_.wait(lock, [&] { return !steps_.empty(); });
+  }
+  void open() {
+    std::lock_guard<std::mutex> lock(mu_);
+    open_ = true;
+    opened_.notify_all();
+  }
+  std::function<void(int)> on_start;
+  // The slots that sampled a token in each step, in order.
+  std::vector<std::vector<int>> steps() const {
+    std::lock_guard<std::mutex> lock(mu_);
+    return steps_;
+  }
+
+ private:
+  const bool threaded_;
+  int starts_ = 0;
+  std::future<std::vector<SampledToken>> step_;
+  mutable std::mutex mu_;
+  std::condition_variable entered_, opened_;
+  bool open_ = false;
+  std::vector<std::vector<int>> steps_;
+};
+
+
+// The requests of OverlappedStepsGiveTheSameEvents, run on a gated backend; the first waits at
+// the gate until the others are submitted.
+std::vector<std::vector<CompletionEvent>> run_mixed_requests(const mp::testing::VariantModel& vm, bool threaded,
+                                     const std::string& stop) {
+  GatedBackend backend(make_backend(vm.model, {.kind = "cpu", .n_slots = 8, .n_threads = 1}),
+                       threaded);
+  Scheduler sched(backend, vm.model->tokenizer(), {.max_queue = 16, .max_prefill_per_step = 4096});
+  std::vector<CompletionRequest> reqs(7);
+  for (size_t i = 0; i < reqs.size(); ++i) {
+    reqs[i].prompt = mp::testing::random_tokens(3 + 5 * int(i), vm.config.vocab_size, 40 + i);
+    reqs[i].max_tokens = 24;
+    reqs[i].ignore_eos = true;
+    reqs[i].sampling.seed = 100 + i;
+  }
+  reqs[1].stop = {stop};                        // its text can end it
+  reqs[2].logprobs = 3;                         // its events carry more than text
+  reqs[3].max_tokens = 1;                       // done at its first token
+  reqs[4].ignore_eos = false;                   // may end at EOS
+  reqs[4].sampling.temperature = 1.5f;
+  reqs[5].sampling.repetition_penalty = 1.3f;   // penalties see every token at once
+  reqs[5].sampling.penalty_last_n = -1;
+  reqs[6].keep_state = true;                    // its state after the last fed token
+  // Steps 2-9 note, as they start, how many of the first request's token events have arrived,
+  // after waiting for the one of the step before (up to 10 ms overlapped, where it cannot come
+  // yet; else as long as it takes).
+  std::atomic<int> first_request_tokens{0};
+  std::map<int, int> arrived_at_start;
+  backend.on_start = [&](int step) {
+    if (step < 2 || step > 9) return;
+    const auto until = std::chrono::steady_clock::now() +
+                       (threaded ? std::chrono::milliseconds(10) : std::chrono::seconds(30));
+    while (first_request_tokens < step && std::chrono::steady_clock::now() < until)
+      std::this_thread::sleep_for(std::chrono::microseconds(200));
+    arrived_at_start[step] = first_request_tokens;
+  };
+  std::vector<std::vector<CompletionEvent>> seen(reqs.size());
+  std::vector<std::promise<void>> done(reqs.size());
+  for (size_t i = 0; i < reqs.size(); ++i) {
+    reqs[i].on_event = [&, i](const CompletionEvent& e) {
+      seen[i].push_back(e);
+      if (i == 0 && e.token >= 0) ++first_request_tokens;
+      if (e.done) done[i].set_value();
+      return true;
+    };
+    sched.submit(std::move(reqs[i]));
+    if (i == 0) backend.wait_for_first_step();
+  }
+  backend.open();
+  for (auto& d : done) d.get_future().wait();
+  // The first request (slot 0, nothing but text, 24 tokens) samples in every step from the
+  // first: overlapped, the token of step s - 1 is handed over only once step s has started;
+  // otherwise before, so that it has arrived when step s starts.
+  const auto steps = backend.steps();
+  for (const auto& [step, arrived] : arrived_at_start) {
+    for (int k = 0; k < step; ++k)
+      EXPECT_EQ(std::count(steps[k].begin(), steps[k].end(), 0), 1) << "step " << k;
+    EXPECT_EQ(arrived, threaded ? step - 1 : step) << "step " << step;
+  }
+  EXPECT_EQ(arrived_at_start.size(), 8u);
+  return seen;
+}
+
+// A backend that samples asynchronously has each step's plain tokens reported while the next
+// step runs: every request still sees exactly the events it sees with steps one after another
+// (tokens, text, stop strings, logprobs, EOS, penalties, the final state), in the same order.
+TEST(Scheduler, OverlappedStepsGiveTheSameEvents) {
+  const mp::testing::VariantModel vm;
+  // A stop string that the second request's text holds: two characters from its middle.
+  std::string text;
+  for (const auto& e : run_mixed_requests(vm, false, "\x01")[1]) text += e.text;
+  ASSERT_GE(text.size(), 8u);
+  const std::string stop = text.substr(text.size() / 2, 2);
+  const auto sync = run_mixed_requests(vm, false, stop);
+  const auto overlapped = run_mixed_requests(vm, true, stop);
+  ASSERT_EQ(sync[1].back().finish_reason, "stop");
+  ASSERT_EQ(sync[3].back().finish_reason, "length");
+  ASSERT_TRUE(sync[6].back().state);
+  for (size_t i = 0; i < sync.size(); ++i) {
+    const auto &a = sync[i], &b = overlapped[i];
+    ASSERT_EQ(a.size(), b.size()) << "request " << i;
+    for (size_t k = 0; k < a.size(); ++k) {
+      SCOPED_TRACE("request " + std::to_string(i) + ", event " + std::to_string(k));
+      EXPECT_EQ(a[k].text, b[k].text);
+      EXPECT_EQ(a[k].token, b[k].token);
+      EXPECT_EQ(a[k].logprob, b[k].logprob);
+      EXPECT_EQ(a[k].top_logprobs, b[k].top_logprobs);
+      EXPECT_EQ(a[k].done, b[k].done);
+      EXPECT_EQ(a[k].finish_reason, b[k].finish_reason);
+      EXPECT_EQ(a[k].completion_tokens, b[k].completion_tokens);
+      EXPECT_EQ(a[k].state_bytes, b[k].state_bytes);
+      EXPECT_EQ(a[k].unfed_token, b[k].unfed_token);
+      ASSERT_EQ(bool(a[k].state), bool(b[k].state));
+      if (a[k].state) {
+        EXPECT_TRUE(*a[k].state == *b[k].state);
+      }
+    }
+  }
+}
+
+// A request cancelled while its steps overlap the host work: every token it was sent comes
+// before its final event, and they are the first tokens of the same request run to its end.
+TEST(Scheduler, CancelledWhileStepsOverlap) {
+  const mp::testing::VariantModel vm;
+  auto run = [&](bool cancel_early) {
+    GatedBackend backend(make_backend(vm.model, {.kind = "cpu", .n_slots = 2, .n_threads = 1}),
+                         true);
+    backend.open();
+    Scheduler sched(backend, vm.model->tokenizer(), {.max_queue = 4});
+    CompletionRequest r;
+    r.prompt = mp::testing::random_tokens(9, vm.config.vocab_size, 7);
+    r.max_tokens = cancel_early ? 1 << 20 : 40;
+    r.ignore_eos = true;
+    r.sampling.seed = 5;
+    std::vector<CompletionEvent> events;
+    std::promise<void> done;
+    uint64_t id = 0;
+    std::promise<uint64_t> id_known;
+    auto id_f = id_known.get_future().share();
+    r.on_event = [&, id_f](const CompletionEvent& e) {
+      events.push_back(e);
+      if (cancel_early && e.token >= 0 && events.size() == 5) sched.cancel(id_f.get());
+      if (e.done) done.set_value();
+      return true;
+    };
+    id = sched.submit(std::move(r));
+    id_known.set_value(id);
+    done.get_future().wait();
+    return events;
+  };
+  const auto whole = run(false), cancelled = run(true);
+  ASSERT_EQ(cancelled.back().finish_reason, "cancelled");
+  ASSERT_GE(cancelled.size(), 6u);
+  ASSERT_LE(cancelled.size(), whole.size());
+  for (size_t k = 0; k + 1 < cancelled.size(); ++k) {
+    EXPECT_FALSE(cancelled[k].done) << "an event after the final one";
+    EXPECT_EQ(cancelled[k].token, whole[k].token);
+    EXPECT_EQ(cancelled[k].text, whole[k].text);
+  }
 }
 
 }  // namespace

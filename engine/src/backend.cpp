@@ -126,6 +126,15 @@ std::vector<SampledToken> Backend::forward_sample(std::span<const SeqChunk> chun
   return out;
 }
 
+void Backend::start_sample(std::span<const SeqChunk> chunks, std::span<const SampleSpec> specs) {
+  started_ = forward_sample(chunks, specs);
+}
+
+std::vector<SampledToken> Backend::finish_sample(std::span<const SeqChunk> /*chunks*/,
+                                                 std::span<const SampleSpec> /*specs*/) {
+  return std::move(started_);
+}
+
 std::vector<double> token_nlls(Backend& b, std::span<const int> tokens, int chunk) {
   if (chunk <= 0) throw Error("token_nlls: chunk must be positive");
   const int slot = b.alloc_slot();

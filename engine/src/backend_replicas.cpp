@@ -23,6 +23,7 @@ class ReplicaBackend final : public Backend {
         devices_(std::move(devices)),
         device_mu_(std::make_unique<std::mutex[]>(parts_.size())),
         local_(parts_.size()),
+        in_flight_(parts_.size()),
         threads_(parts_.size(), spin) {
     if (parts_.size() < 2 || parts_.size() != devices_.size())
       throw Error("replicas: two devices or more, one name each");
@@ -159,6 +160,31 @@ class ReplicaBackend final : public Backend {
     return out;
   }
 
+  bool samples_asynchronously() const override { return parts_[0]->samples_asynchronously(); }
+  // A one-device batch (each device's step loop) keeps its device's lock from start to finish;
+  // a batch over several devices runs whole in start (the default).
+  void start_sample(std::span<const SeqChunk> chunks, std::span<const SampleSpec> specs) override {
+    check_sample_call(chunks, specs);
+    check_batch(chunks);
+    const int d = one_device(chunks);
+    if (d < 0) return Backend::start_sample(chunks, specs);
+    Started& st = in_flight_[d];
+    std::unique_lock<std::mutex> lock(device_mu_[d]);
+    st.t0 = std::chrono::steady_clock::now();
+    parts_[d]->start_sample(localize(d, chunks), specs);
+    st.lock = std::move(lock);
+  }
+  std::vector<SampledToken> finish_sample(std::span<const SeqChunk> chunks,
+                                          std::span<const SampleSpec> specs) override {
+    const int d = one_device(chunks);
+    if (d < 0) return Backend::finish_sample(chunks, specs);
+    Started& st = in_flight_[d];
+    const std::unique_lock<std::mutex> lock = std::move(st.lock);
+    std::vector<SampledToken> out = parts_[d]->finish_sample(local_[d], specs);
+    count(d, local_[d], st.t0);
+    return out;
+  }
+
   std::vector<DeviceStats> device_stats() const override {
     std::lock_guard<std::mutex> lock(mu_);
     return stats_;
@@ -203,13 +229,17 @@ class ReplicaBackend final : public Backend {
   std::invoke_result_t<const Fn&, std::span<const SeqChunk>> on_device(
       int d, std::span<const SeqChunk> chunks, const Fn& fn) {
     std::lock_guard<std::mutex> lock(device_mu_[d]);
+    const auto t0 = std::chrono::steady_clock::now();
+    auto out = fn(localize(d, chunks));
+    count(d, local_[d], t0);
+    return out;
+  }
+  // The chunks in device d's slot numbers (under its lock), kept in local_[d].
+  std::span<const SeqChunk> localize(int d, std::span<const SeqChunk> chunks) {
     std::vector<SeqChunk>& own = local_[d];  // kept: no allocation per step
     own.assign(chunks.begin(), chunks.end());
     for (SeqChunk& c : own) c.slot = local(c.slot);
-    const auto t0 = std::chrono::steady_clock::now();
-    auto out = fn(std::span<const SeqChunk>(own));
-    count(d, own, t0);
-    return out;
+    return own;
   }
   void count(size_t d, std::span<const SeqChunk> chunks, std::chrono::steady_clock::time_point t0) {
     const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
@@ -254,6 +284,11 @@ class ReplicaBackend final : public Backend {
   // free unless another device's loop is copying a state from or to it.
   mutable std::unique_ptr<std::mutex[]> device_mu_;
   std::vector<std::vector<SeqChunk>> local_;  // a one-device batch, by device (under its lock)
+  struct Started {  // a one-device batch between start_sample and finish_sample
+    std::unique_lock<std::mutex> lock;
+    std::chrono::steady_clock::time_point t0;
+  };
+  std::vector<Started> in_flight_;  // by device
   mutable std::mutex mu_;                     // the slots' use and the stats
   std::vector<bool> in_use_;                  // by global slot
   std::vector<bool> every_slot_;              // all true: check_chunks past the use check

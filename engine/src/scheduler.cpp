@@ -202,6 +202,14 @@ struct Scheduler::Impl {
     std::vector<Seq*> owners;
     std::vector<SampleSpec> specs;
     std::vector<EventBatch> outbox;  // per event thread, sent after each step
+    // Tokens taken from the last step whose text is made while the device runs the next one.
+    struct Unreported {
+      Seq* seq;
+      int token, completion_tokens;
+      float logprob;
+      size_t state_bytes;
+    };
+    std::vector<Unreported> unreported;
     uint64_t steps = 0;
     std::chrono::steady_clock::time_point admitted_at;  // when admit() stopped waiting
     struct {
@@ -213,6 +221,7 @@ struct Scheduler::Impl {
   Backend& backend;
   const Tokenizer& tok;
   SchedulerOptions opts;
+  const bool overlap = backend.samples_asynchronously();  // host work beside the device's
   // The policy's state, shared by the lanes; held for admission and counters, never over a step.
   mutable std::mutex mu;
   std::condition_variable cv;  // idle lanes wait on it for work
@@ -334,19 +343,23 @@ struct Scheduler::Impl {
     send_full(l, s, std::move(e));
   }
 
-  // Reports a sequence's sampled token and decides whether it goes on.
+  // Takes a sequence's sampled token and decides whether it goes on. On a backend that samples
+  // asynchronously, a token that can end the sequence only by its id or count (no stop strings,
+  // no top logprobs) is reported later, by report_unreported while the device runs the next
+  // step: its text cannot stop anything.
   void take_token(Lane& l, Seq& s, SampledToken& t) {
     const int id = s.last_sampled = t.token;
     ++s.generated;
     if (id == tok.eos() && !s.req.ignore_eos) return finish(l, s, "stop");
     s.penalties.push(id);
-    EventBatch& b = outbox_of(l, s);
-    if (t.top_logprobs.empty()) {  // the common event: its text straight into the batch
-      const size_t at = b.text.size();
-      s.text.push(id, b.text);
-      b.records.push_back({s.sink.get(), static_cast<uint32_t>(at),
-                           static_cast<uint32_t>(b.text.size() - at), id, s.generated, t.logprob,
-                           -1, backend.slot_bytes(s.slot)});
+    if (overlap && t.top_logprobs.empty() && s.req.stop.empty() &&
+        s.generated < s.req.max_tokens) {
+      l.unreported.push_back({&s, id, s.generated, t.logprob, backend.slot_bytes(s.slot)});
+      s.pending = id;
+      return;
+    }
+    if (t.top_logprobs.empty()) {
+      report(l, s, {&s, id, s.generated, t.logprob, backend.slot_bytes(s.slot)});
     } else {
       CompletionEvent e;
       e.token = id;
@@ -360,6 +373,20 @@ struct Scheduler::Impl {
     if (s.text.stopped()) return finish(l, s, "stop");
     if (s.generated >= s.req.max_tokens) return finish(l, s, "length");
     s.pending = id;
+  }
+
+  // A token's event, the common one: its text straight into the event thread's batch.
+  void report(Lane& l, Seq& s, const Lane::Unreported& u) {
+    EventBatch& b = outbox_of(l, s);
+    const size_t at = b.text.size();
+    s.text.push(u.token, b.text);
+    b.records.push_back({s.sink.get(), static_cast<uint32_t>(at),
+                         static_cast<uint32_t>(b.text.size() - at), u.token, u.completion_tokens,
+                         u.logprob, -1, u.state_bytes});
+  }
+  void report_unreported(Lane& l) {
+    for (const Lane::Unreported& u : l.unreported) report(l, *u.seq, u);
+    l.unreported.clear();
   }
 
   // Waits for work for the lane, runs admission and takes what it handed to this lane; false
@@ -427,6 +454,7 @@ struct Scheduler::Impl {
       st.queued = static_cast<int>(queue.size());
     }
     for (auto& q : dropped) finish(l, *q, "cancelled");
+    report_unreported(l);  // a cancelled sequence's last token goes out before its final event
     for (auto& s : l.running)
       if (gone.count(s->id)) finish(l, *s, "cancelled");
     sweep(l);
@@ -471,18 +499,34 @@ struct Scheduler::Impl {
     }
   }
 
-  // Runs the planned batch on the lane's device; returns the seconds spent inside the backend
-  // and counts the prompt tokens read.
+  // Runs the planned batch on the lane's device, reporting the previous step's tokens and
+  // handing its events over while the device works; returns the seconds spent inside the
+  // backend and counts the prompt tokens read.
   double run_step(Lane& l, size_t* prompt_tokens) {
     std::vector<SampledToken> sampled;
     const auto t0 = std::chrono::steady_clock::now();
+    std::string failed;
     try {
-      sampled = backend.forward_sample(l.batch, l.specs);
+      backend.start_sample(l.batch, l.specs);
     } catch (const std::exception& e) {
-      for (Seq* s : l.owners) finish(l, *s, std::string("error: ") + e.what());
-      return seconds_since(t0);
+      failed = e.what();
     }
-    const double in_backend = seconds_since(t0);
+    double in_backend = seconds_since(t0);
+    report_unreported(l);
+    post_events(l);
+    const auto t1 = std::chrono::steady_clock::now();
+    if (failed.empty()) {
+      try {
+        sampled = backend.finish_sample(l.batch, l.specs);
+      } catch (const std::exception& e) {
+        failed = e.what();
+      }
+    }
+    in_backend += seconds_since(t1);
+    if (!failed.empty()) {
+      for (Seq* s : l.owners) finish(l, *s, "error: " + failed);
+      return in_backend;
+    }
     for (size_t i = 0; i < l.owners.size(); ++i) {
       Seq& s = *l.owners[i];
       if (s.pending < 0) {  // a prompt chunk
@@ -548,6 +592,7 @@ struct Scheduler::Impl {
       for (auto& s : queue) left.push_back(std::move(s));
       queue.clear();
     }
+    report_unreported(l);
     for (auto& s : l.running) finish(l, *s, "cancelled");
     l.running.clear();
     for (auto& s : left) finish(l, *s, "cancelled");

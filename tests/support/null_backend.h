@@ -15,8 +15,10 @@ namespace mp {
 
 class NullBackend final : public Backend {
  public:
-  NullBackend(const Config& c, int slots, std::chrono::microseconds step = {})
-      : c_(c), step_(step), pos_(slots, 0), used_(slots, false) {}
+  // With a step time the backend samples asynchronously unless `overlap` is off: start_sample
+  // returns at once and finish_sample waits for the rest of the step, as a GPU's would.
+  NullBackend(const Config& c, int slots, std::chrono::microseconds step = {}, bool overlap = true)
+      : c_(c), step_(step), overlap_(overlap), pos_(slots, 0), used_(slots, false) {}
   std::string name() const override { return "null"; }
   const Config& config() const override { return c_; }
   int n_slots() const override { return static_cast<int>(pos_.size()); }
@@ -40,19 +42,31 @@ class NullBackend final : public Backend {
   std::vector<float> forward(std::span<const SeqChunk>) override { return {}; }
   std::vector<SampledToken> forward_sample(std::span<const SeqChunk> chunks,
                                            std::span<const SampleSpec> specs) override {
-    if (step_.count() > 0) std::this_thread::sleep_for(step_);
-    std::vector<SampledToken> out(chunks.size());
+    start_sample(chunks, specs);
+    return finish_sample(chunks, specs);
+  }
+  bool samples_asynchronously() const override { return overlap_ && step_.count() > 0; }
+  void start_sample(std::span<const SeqChunk> chunks, std::span<const SampleSpec> specs) override {
+    ready_at_ = std::chrono::steady_clock::now() + step_;
+    sampled_.assign(chunks.size(), {});
     for (size_t i = 0; i < chunks.size(); ++i) {
       pos_[chunks[i].slot] += static_cast<int64_t>(chunks[i].tokens.size());
       // Ordinary text pieces, never EOS: ids 300.. of the vocabulary.
-      if (specs[i].params) out[i].token = 300 + static_cast<int>(pos_[chunks[i].slot] % 4000);
+      if (specs[i].params) sampled_[i].token = 300 + static_cast<int>(pos_[chunks[i].slot] % 4000);
     }
-    return out;
+  }
+  std::vector<SampledToken> finish_sample(std::span<const SeqChunk>,
+                                          std::span<const SampleSpec>) override {
+    if (step_.count() > 0) std::this_thread::sleep_until(ready_at_);
+    return std::move(sampled_);
   }
 
  private:
   Config c_;
   std::chrono::microseconds step_;
+  bool overlap_;
+  std::chrono::steady_clock::time_point ready_at_;
+  std::vector<SampledToken> sampled_;
   std::vector<int64_t> pos_;
   std::vector<bool> used_;
 };

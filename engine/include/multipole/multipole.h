@@ -390,6 +390,16 @@ class Backend {
   // so only ids cross to the host; this default samples on the host from forward()'s logits.
   virtual std::vector<SampledToken> forward_sample(std::span<const SeqChunk> chunks,
                                                    std::span<const SampleSpec> specs);
+  // forward_sample in two halves, so that the caller's host work overlaps the device's: start
+  // launches the step and returns, finish waits for it and returns what forward_sample would
+  // have. finish takes the same chunks and specs (unchanged until it returns), and no other call
+  // on those slots comes in between. By default start runs forward_sample whole and finish hands
+  // its result over.
+  virtual void start_sample(std::span<const SeqChunk> chunks, std::span<const SampleSpec> specs);
+  virtual std::vector<SampledToken> finish_sample(std::span<const SeqChunk> chunks,
+                                                  std::span<const SampleSpec> specs);
+  // True when start_sample returns while the device still runs the step (the CUDA backend).
+  virtual bool samples_asynchronously() const { return false; }
   // One entry per device of a backend spread over several (replicas), else empty. Safe to call
   // from any thread while another runs the model.
   virtual std::vector<DeviceStats> device_stats() const { return {}; }
@@ -399,6 +409,9 @@ class Backend {
   // be called from any of those threads. A backend of one device is called from one thread.
   virtual int n_devices() const { return 1; }
   virtual int slot_device(int /*slot*/) const { return 0; }
+
+ private:
+  std::vector<SampledToken> started_;  // the default start_sample's result
 };
 
 struct BackendOptions {
