@@ -56,7 +56,7 @@ class AttentionRig {
     shape = cuda::make_shape(c);
     const int64_t cap = c.fma_enabled ? 2 * c.fma_block_size
                                       : pos0 + (batch - 1) * pos_step + tokens_each;
-    cv.cap = cap;
+    cv.cap = cap;  // fine_floats() below reads it
     cv = {alloc<float>(fine_floats()),
           alloc<float>(fine_floats()),
           alloc<float>(ring_floats()),
