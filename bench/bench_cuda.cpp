@@ -22,6 +22,7 @@ namespace {
 
 constexpr double kCopyBandwidth =
     2.96e12;  // bytes/s, H100 device copy measured here (docs/PERF.md)
+constexpr double kH200Bandwidth = 4.8e12;  // bytes/s, the H200's HBM3e (datasheet)
 
 // Median time in ms of `f` (a sequence of launches on the default stream).
 template <class F>
@@ -100,6 +101,31 @@ void bench_decode_attention() {
     }
 }
 
+// Exact attention's decode step at kernel level (the default model's attention: 6 heads on 2 KV
+// heads, d 64): the reference kernel (a block per (sequence, head)) against the split kernel
+// (flash-decoding), and the split kernel's floor: reading every cached key and value once.
+void bench_exact_decode_attention() {
+  std::printf(
+      "\n## Exact-attention decode step (one layer, 6 heads on 2 KV heads, d 64, fp32 KV cache)"
+      "\n\n| context | batch | splits | reference ms | **split ms** | reference / split | split "
+      "GB/s | floor ms at 4.8 TB/s |\n|---|---|---|---|---|---|---|---|\n");
+  for (int64_t ctx : {1024, 4096, 16384})
+    for (int batch : {1, 16, 256}) {
+      if (ctx * batch > 4096 * 256) continue;  // the random cache is filled on the host
+      Config c = attention_config(4096, 2);  // (the trained length plays no part)
+      c.fma_enabled = false;
+      c.n_heads = 6, c.hidden_size = 6 * 64;
+      AttentionRig rig(c, batch, 1, ctx - 1);
+      const double ref = time_ms([&] { rig.attend(false); }, 20);
+      const double split = time_ms([&] { rig.attend(true); }, 20);
+      const double bytes = 2.0 * batch * ctx * c.n_kv_heads * c.head_dim * 4;
+      std::printf("| %lld | %d | %d | %.4f | %.4f | %.2fx | %.0f | %.4f |\n", (long long)ctx, batch,
+                  cuda::exact_decode_splits(rig.shape, rig.cv.cap, batch), ref, split, ref / split,
+                  bytes / split / 1e6, bytes / kH200Bandwidth * 1e3);
+      std::fflush(stdout);
+    }
+}
+
 // A copy of the model file with FMA switched off: the same weights in exact attention.
 std::string write_exact_copy(const std::string& path) {
   auto m = Model::load(path);
@@ -174,7 +200,20 @@ std::vector<double> bench_decode(std::shared_ptr<const Model> model, const std::
   return rates;
 }
 
-void bench_end_to_end(const std::string& path, bool exact, bool quick) {
+// Decode tokens/s of the model and of its exact-attention copy at the same batches and context,
+// and their ratio, in one table.
+void print_exact_against_fma(const std::vector<int>& batches, const std::vector<double>& fma,
+                             const std::vector<double>& exact) {
+  std::printf(
+      "\n## Decode, FMA against exact attention (same weights, context ~1,000-1,050)\n\n"
+      "| decode batch | FMA tokens/s | exact tokens/s | exact / FMA |\n|---|---|---|---|\n");
+  for (size_t i = 0; i < batches.size(); ++i)
+    std::printf("| %d | %.0f | %.0f | %.3f |\n", batches[i], fma[i], exact[i], exact[i] / fma[i]);
+}
+
+// Prefill and decode tables of the model; returns the decode tokens/s at kEndToEndBatches.
+const std::vector<int> kEndToEndBatches = {1, 16, 64, 256};
+std::vector<double> bench_end_to_end(const std::string& path, bool exact, bool quick) {
   auto model = Model::load(path);
   const Config& c = model->config();
   const char* mode = exact ? "exact attention" : "FMA";
@@ -206,7 +245,7 @@ void bench_end_to_end(const std::string& path, bool exact, bool quick) {
     }
   }
   // The CLI's default sampling (temperature 0.8, top-k 40, top-p 0.95, min-p 0.05), on the GPU.
-  bench_decode(model, {1, 16, 64, 256}, SamplingParams{}, mode);
+  return bench_decode(model, kEndToEndBatches, SamplingParams{}, mode);
 }
 
 }  // namespace
@@ -215,8 +254,11 @@ int main(int argc, char** argv) {
   if (argc < 2) {
     std::fprintf(stderr,
                  "usage: bench_cuda MODEL.gguf [--quick | --prefill-kernels | --decode-kernels |\n"
-                 "                              --decode B,B,... [--baseline BASE.gguf]]\n"
-                 "  --prefill-kernels, --decode-kernels: only the FMA attention kernels' table\n"
+                 "                              --decode B,B,... [--baseline BASE.gguf] |\n"
+                 "                              --exact B,B,...]\n"
+                 "  --prefill-kernels, --decode-kernels: only the attention kernels' tables\n"
+                 "  --exact: decode steps at those batch sizes on MODEL and on its exact-attention\n"
+                 "           copy (same weights, same sampling as --decode), and their ratio\n"
                  "  --decode: only decode steps at those batch sizes, sampled as the server's API\n"
                  "            defaults with temperature 0.8 (top-k, top-p, min-p off), on the\n"
                  "            per-level summary kernels (the reference) and as by default\n"
@@ -232,7 +274,8 @@ int main(int argc, char** argv) {
     cudaDeviceProp prop;
     cudaGetDeviceProperties(&prop, 0);
     std::printf("# Multipole CUDA benchmarks on %s\n", prop.name);
-    if (argc > 3 && std::strcmp(argv[2], "--decode") == 0) {
+    const bool exact_decode = argc > 3 && std::strcmp(argv[2], "--exact") == 0;
+    if (argc > 3 && (std::strcmp(argv[2], "--decode") == 0 || exact_decode)) {
       std::vector<int> batches;
       for (const char* p = argv[3]; *p;) {
         char* end;
@@ -242,6 +285,15 @@ int main(int argc, char** argv) {
       }
       SamplingParams api;
       api.temperature = 0.8f, api.top_k = 0, api.top_p = 1.0f, api.min_p = 0.0f;
+      if (exact_decode) {
+        std::printf("\n## FMA\n");
+        const auto fma = bench_decode(Model::load(argv[1]), batches, api, "FMA");
+        std::printf("\n## Exact attention\n");
+        const auto exact =
+            bench_decode(Model::load(write_exact_copy(argv[1])), batches, api, "exact attention");
+        print_exact_against_fma(batches, fma, exact);
+        return 0;
+      }
       if (argc > 5 && std::strcmp(argv[4], "--baseline") == 0) {
         std::printf("\n## Baseline %s\n", argv[5]);
         const auto base = bench_decode(Model::load(argv[5]), batches, api, "FMA");
@@ -272,9 +324,11 @@ int main(int argc, char** argv) {
     if (!decode_kernels) bench_prefill_attention(quick);
     if (kernels_only) return 0;
     bench_decode_attention();
+    bench_exact_decode_attention();
     if (decode_kernels) return 0;
-    bench_end_to_end(argv[1], false, quick);
-    bench_end_to_end(write_exact_copy(argv[1]), true, quick);
+    const auto fma = bench_end_to_end(argv[1], false, quick);
+    const auto exact = bench_end_to_end(write_exact_copy(argv[1]), true, quick);
+    print_exact_against_fma(kEndToEndBatches, fma, exact);
   } catch (const std::exception& e) {
     std::fprintf(stderr, "error: %s\n", e.what());
     return 1;

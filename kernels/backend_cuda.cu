@@ -544,6 +544,8 @@ class CudaBackend final : public Backend {
     // The new summaries: keys', then values' right after them (one clearing a layer). Their
     // split point is the plan's need, which a decode step's bucket fixes for its graph.
     moved |= new_kv_.resize(2 * new_summary_floats(p));
+    if (p.padded && !c_.fma_enabled)  // exact decode's partial results
+      moved |= split_.resize(cuda::exact_decode_scratch_floats(shape_, cap_, int(p.attn.size())));
     moved |= sel_.resize(R * H);
     moved |= logits_.resize(R * V);
     return moved;
@@ -603,7 +605,7 @@ class CudaBackend final : public Backend {
       // A decode step's attention rounds its output to bf16 itself, for the o-projection.
       cuda::attention(shape_, cv, chunks, table, inputs_.device<cuda::AttnItem>(kAttn),
                       int(p.attn.size()), p.padded, q_.get(), k_.get(), v_.get(), new_k, new_v,
-                      att_.get(), p.padded ? hb_.get() : nullptr, s);
+                      att_.get(), p.padded ? hb_.get() : nullptr, split_.get(), s);
       if (p.append) {
         // Beside the rest of the layer, which does not read the cache (a branch of the step's
         // graph); the layer's end waits for it (the next layer's q/k/v overwrite k_ and v_).
@@ -773,7 +775,7 @@ class CudaBackend final : public Backend {
   enum Input { kTokens, kPos, kRows, kAttn, kDone, kFilling, kCommits, kChunks, kTable,
                kSampleRows, kPens, kTopRows, kGraphInputs = kSampleRows };
   PackedArrays inputs_;
-  DeviceArray<float> x_, x_spare_, h_, qkv_, q_, k_, v_, att_, gu_, new_kv_, logits_;
+  DeviceArray<float> x_, x_spare_, h_, qkv_, q_, k_, v_, att_, gu_, new_kv_, split_, logits_;
   DeviceArray<__nv_bfloat16> hb_, sel_;
   DeviceArray<uint8_t> cublas_workspace_;
   PackedArrays sampled_;  // forward_sample's results, one download, in this order:

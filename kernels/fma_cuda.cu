@@ -676,6 +676,185 @@ __global__ void __launch_bounds__(W * 32)
   }
 }
 
+// Exact-attention decode (s.fma false), flash-decoding: a query's keys are the whole fine cache,
+// up to max_context of them, so one block per (sequence, head) leaves the GPU waiting on memory.
+// Here the keys are split over `splits` blocks per (sequence, KV head), each block serving up to
+// kHeads query heads of its KV head (GQA: each key and value is loaded once for all of them).
+// A key row is D / 4 lanes of 16-byte loads; each lane has kKeysPerLane keys' K and V loads in
+// flight before it uses them, and keeps an online softmax per head, rescaled once per warp tile.
+// Each block merges its warps and writes its split's unnormalised output with its maximum and
+// denominator; exact_combine_kernel merges the splits (one split: the block writes the output).
+namespace xd {
+constexpr int kWarps = 4;
+constexpr int kKeysPerLane = 4;
+constexpr int kHeads = 4;
+constexpr int kBlocksPerSm = 16;  // the grid's target: several waves of short blocks
+// Keys a block takes per round (all its warps); a split is a multiple of it.
+__host__ __device__ constexpr int block_tile(int d) { return kWarps * kKeysPerLane * 32 / (d / 4); }
+__host__ __device__ inline int head_blocks(const FmaShape& s) {
+  return (s.heads / s.kv + kHeads - 1) / kHeads;
+}
+// Keys per split for a query with n keys (all splits but the last are full).
+__device__ inline int64_t split_keys(int64_t n, int splits, int d) {
+  const int64_t t = block_tile(d), per = (n + splits - 1) / splits;
+  return (per + t - 1) / t * t;
+}
+}  // namespace xd
+
+template <int D>
+__global__ void __launch_bounds__(xd::kWarps * 32)
+    exact_decode_kernel(FmaShape s, CacheView cv, const ChunkDesc* chunks, const AttnItem* items,
+                        const float* q, const float* k, const float* v, int splits,
+                        float* partials, float* out, __nv_bfloat16* out_bf16) {
+  static_assert(D % 4 == 0 && D <= 128);
+  constexpr int LK = D / 4, KP = 32 / LK, R = xd::kKeysPerLane, H = xd::kHeads,
+                WT = KP * R;  // lanes a key, keys a load instruction, keys a warp tile
+  __shared__ float wm[xd::kWarps][H], wl[xd::kWarps][H], wo[xd::kWarps][H][D];
+  const AttnItem it = items[blockIdx.x];
+  if (it.q_begin >= it.q_end) return;  // padding of a decode step
+  const ChunkDesc c = chunks[it.chunk];
+  const int group = s.heads / s.kv, hb = xd::head_blocks(s);
+  const int kvh = blockIdx.y / hb, h0 = kvh * group + (blockIdx.y % hb) * H;
+  const int nh = min(H, (kvh + 1) * group - h0);
+  const int64_t i = it.q_begin, n = i + 1, len = xd::split_keys(n, splits, D);
+  const int64_t k_begin = blockIdx.z * len, k_end = min(n, k_begin + len);
+  if (k_begin >= k_end) return;  // past the keys: the combine reads only splits with keys
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, kl = lane / LK, ch = (lane % LK) * 4;
+  const int64_t row = int64_t(c.row0) + (i - c.pos0), kvd = int64_t(s.kv) * D;
+  const float scale = rsqrtf(float(D));
+  float qr[H][4], acc[H][4], mx[H], den[H];
+#pragma unroll
+  for (int hh = 0; hh < H; ++hh) {
+    const float4 t = hh < nh ? *reinterpret_cast<const float4*>(q + (row * s.heads + h0 + hh) * D + ch)
+                             : make_float4(0, 0, 0, 0);
+    qr[hh][0] = t.x * scale, qr[hh][1] = t.y * scale, qr[hh][2] = t.z * scale,
+    qr[hh][3] = t.w * scale;
+    acc[hh][0] = acc[hh][1] = acc[hh][2] = acc[hh][3] = 0.0f;
+    mx[hh] = -INFINITY, den[hh] = 0.0f;
+  }
+  // Key j < i is in the cache; key i, this step's own, still in the chunk's rows.
+  const int64_t cache0 = (int64_t(c.slot) * cv.cap * s.kv + kvh) * D + ch;
+  const float *fk = cv.fine_k + cache0, *fv = cv.fine_v + cache0;
+  const float *ck = k + (row * s.kv + kvh) * D + ch, *cvv = v + (row * s.kv + kvh) * D + ch;
+  for (int64_t t0 = k_begin + warp * WT; t0 < k_end; t0 += int64_t(WT) * xd::kWarps) {
+    float4 kr[R], vr[R];
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+      const int64_t j = t0 + r * KP + kl;
+      kr[r] = vr[r] = make_float4(0, 0, 0, 0);
+      if (j >= k_end) continue;
+      kr[r] = __ldg(reinterpret_cast<const float4*>(j < i ? fk + j * kvd : ck));
+      vr[r] = __ldg(reinterpret_cast<const float4*>(j < i ? fv + j * kvd : cvv));
+    }
+    float sc[H][R];
+#pragma unroll
+    for (int hh = 0; hh < H; ++hh)
+#pragma unroll
+      for (int r = 0; r < R; ++r)
+        sc[hh][r] = qr[hh][0] * kr[r].x + qr[hh][1] * kr[r].y + qr[hh][2] * kr[r].z +
+                    qr[hh][3] * kr[r].w;
+#pragma unroll
+    for (int o = LK / 2; o > 0; o >>= 1)  // a key's lanes: the whole dot product
+#pragma unroll
+      for (int hh = 0; hh < H; ++hh)
+#pragma unroll
+        for (int r = 0; r < R; ++r) sc[hh][r] += __shfl_xor_sync(0xffffffffu, sc[hh][r], o);
+#pragma unroll
+    for (int hh = 0; hh < H; ++hh) {
+      if (hh >= nh) break;
+      float tm = -INFINITY;  // the warp tile's maximum (its first key always exists)
+#pragma unroll
+      for (int r = 0; r < R; ++r)
+        if (t0 + r * KP + kl < k_end) tm = fmaxf(tm, sc[hh][r]);
+#pragma unroll
+      for (int o = LK; o < 32; o <<= 1) tm = fmaxf(tm, __shfl_xor_sync(0xffffffffu, tm, o));
+      const float nm = fmaxf(mx[hh], tm), corr = __expf(mx[hh] - nm);
+      den[hh] *= corr;
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc[hh][e] *= corr;
+#pragma unroll
+      for (int r = 0; r < R; ++r) {
+        const float p = t0 + r * KP + kl < k_end ? __expf(sc[hh][r] - nm) : 0.0f;
+        den[hh] += p;
+        acc[hh][0] += p * vr[r].x, acc[hh][1] += p * vr[r].y, acc[hh][2] += p * vr[r].z,
+            acc[hh][3] += p * vr[r].w;
+      }
+      mx[hh] = nm;
+    }
+  }
+  // The warp's keys: lanes of the same channels hold different keys' sums.
+#pragma unroll
+  for (int o = LK; o < 32; o <<= 1)
+#pragma unroll
+    for (int hh = 0; hh < H; ++hh) {
+      den[hh] += __shfl_xor_sync(0xffffffffu, den[hh], o);
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc[hh][e] += __shfl_xor_sync(0xffffffffu, acc[hh][e], o);
+    }
+  if (kl == 0)
+#pragma unroll
+    for (int hh = 0; hh < H; ++hh) {
+      if (lane == 0) wm[warp][hh] = mx[hh], wl[warp][hh] = den[hh];
+#pragma unroll
+      for (int e = 0; e < 4; ++e) wo[warp][hh][ch + e] = acc[hh][e];
+    }
+  __syncthreads();
+  for (int t = threadIdx.x; t < nh * D; t += blockDim.x) {
+    const int hh = t / D, e = t % D;
+    float m = wm[0][hh];
+    for (int w = 1; w < xd::kWarps; ++w) m = fmaxf(m, wm[w][hh]);
+    float total = 0.0f, x = 0.0f;
+    for (int w = 0; w < xd::kWarps; ++w) {
+      const float f = wm[w][hh] == -INFINITY ? 0.0f : __expf(wm[w][hh] - m);
+      total += wl[w][hh] * f;
+      x += wo[w][hh][e] * f;
+    }
+    const int64_t at = (row * s.heads + h0 + hh) * D + e;
+    if (splits == 1) {
+      if (out_bf16)
+        out_bf16[at] = __float2bfloat16(x / total);
+      else
+        out[at] = x / total;
+      continue;
+    }
+    // Split z of head h of item b: its D outputs, then (after all outputs) its maximum and sum.
+    const int64_t part = (int64_t(blockIdx.x) * s.heads + h0 + hh) * splits + blockIdx.z;
+    partials[part * D + e] = x;
+    if (e == 0) {
+      float* ml = partials + int64_t(gridDim.x) * s.heads * splits * D;
+      ml[2 * part] = m, ml[2 * part + 1] = total;
+    }
+  }
+}
+
+// The splits of exact_decode_kernel merged: one block per (item, head), a thread per channel.
+template <int D>
+__global__ void exact_combine_kernel(FmaShape s, const ChunkDesc* chunks, const AttnItem* items,
+                                     int splits, const float* partials, float* out,
+                                     __nv_bfloat16* out_bf16) {
+  const AttnItem it = items[blockIdx.x];
+  if (it.q_begin >= it.q_end) return;
+  const ChunkDesc c = chunks[it.chunk];
+  const int h = blockIdx.y, e = threadIdx.x;
+  const int64_t n = it.q_begin + 1, len = xd::split_keys(n, splits, D);
+  const int used = int((n + len - 1) / len);  // splits that have keys
+  const int64_t part0 = (int64_t(blockIdx.x) * s.heads + h) * splits;
+  const float* ml = partials + int64_t(gridDim.x) * s.heads * splits * D;
+  float m = -INFINITY;
+  for (int z = 0; z < used; ++z) m = fmaxf(m, ml[2 * (part0 + z)]);
+  float total = 0.0f, x = 0.0f;
+  for (int z = 0; z < used; ++z) {
+    const float f = __expf(ml[2 * (part0 + z)] - m);
+    total += ml[2 * (part0 + z) + 1] * f;
+    x += partials[(part0 + z) * D + e] * f;
+  }
+  const int64_t at = ((int64_t(c.row0) + (it.q_begin - c.pos0)) * s.heads + h) * D + e;
+  if (out_bf16)
+    out_bf16[at] = __float2bfloat16(x / total);
+  else
+    out[at] = x / total;
+}
+
 // Summaries in one pass (one_pass()): a block reads a token range of a chunk once, for 16
 // channels (8 and their RoPE partners, d/2 further) of every KV head, keys or values, and adds
 // each token into the group of every level that holds it. Levels' taps applied to 16 tokens
@@ -1019,17 +1198,55 @@ FmaShape make_shape(const Config& c) {
   return s;
 }
 
+int exact_decode_splits(const FmaShape& s, int64_t cap, int n_items) {
+  int device = 0, sms = 0;
+  check(cudaGetDevice(&device), "cudaGetDevice");
+  check(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device), "SM count");
+  const int64_t blocks = int64_t(std::max(n_items, 1)) * s.kv * xd::head_blocks(s);
+  const int64_t tile = xd::block_tile(s.d), want = (int64_t(sms) * xd::kBlocksPerSm + blocks - 1) / blocks;
+  return static_cast<int>(std::clamp<int64_t>(want, 1, (cap + tile - 1) / tile));
+}
+
+size_t exact_decode_scratch_floats(const FmaShape& s, int64_t cap, int n_items) {
+  return size_t(n_items) * s.heads * exact_decode_splits(s, cap, n_items) * (s.d + 2);
+}
+
 void attention(const FmaShape& s, const CacheView& c, const ChunkDesc* chunks,
                const NewGroups* table, const AttnItem* items, int n_items, bool single_queries,
                const float* q, const float* k, const float* v, const float* new_k,
-               const float* new_v, float* out, __nv_bfloat16* out_bf16, cudaStream_t st,
-               bool tensor_cores) {
+               const float* new_v, float* out, __nv_bfloat16* out_bf16, float* scratch,
+               cudaStream_t st, bool fast) {
   if (n_items == 0) return;
   if (s.L > kMaxLevels) throw Error("CUDA backend: more than 32 FMA levels are not supported");
   const dim3 grid(n_items, s.heads);
   if (out_bf16 && !single_queries) throw Error("attention: bf16 output is for single queries");
   const bool few = int64_t(n_items) * s.heads <= kDecodeFewBlocks;
-  if (!single_queries && s.d == tc::kD && tensor_cores) {
+  if (single_queries && !s.fma && fast) {
+    const int splits = exact_decode_splits(s, c.cap, n_items);
+    if (splits > 1 && !scratch)
+      throw Error("attention: exact-attention decode needs scratch of "
+                  "exact_decode_scratch_floats() floats");
+    const dim3 xgrid(n_items, s.kv * xd::head_blocks(s), splits);
+    auto launch = [&]<int D>() {
+      exact_decode_kernel<D><<<xgrid, xd::kWarps * 32, 0, st>>>(s, c, chunks, items, q, k, v,
+                                                               splits, scratch, out, out_bf16);
+      check_launch("exact_decode");
+      if (splits == 1) return;
+      exact_combine_kernel<D>
+          <<<grid, D, 0, st>>>(s, chunks, items, splits, scratch, out, out_bf16);
+      check_launch("exact_combine");
+    };
+    switch (s.d) {
+      case 8: return launch.template operator()<8>();
+      case 16: return launch.template operator()<16>();
+      case 32: return launch.template operator()<32>();
+      case 64: return launch.template operator()<64>();
+      case 128: return launch.template operator()<128>();
+      default:
+        throw Error("CUDA backend: head_dim " + std::to_string(s.d) + " is not supported");
+    }
+  }
+  if (!single_queries && s.d == tc::kD && fast) {
     attention_tc_kernel<<<grid, tc::kWarps * 32, 0, st>>>(s, c, chunks, table, items, q, k, v,
                                                           new_k, new_v, out);
     check_launch("attention");

@@ -101,17 +101,28 @@ void summaries(const FmaShape& s, const CacheView& c, const Downsamplers& w, con
 // kAccumulateSlice tokens.
 constexpr int kAccumulateSlice = 128;
 // out[row][head][d] for every query of every chunk. single_queries: every item holds one query
-// (a decode step), which a kernel that splits the keys over threads serves better. Otherwise
-// tiles of head_dim 64 run on tensor cores (bf16 products, fp32 softmax and accumulation) unless
-// tensor_cores is false: then, as for other head dims, on the fp32 tile kernel (the reference
-// the tensor-core one is tested against). out_bf16 (single queries only; else null): the output
-// goes there rounded to bf16 instead of to `out`, as the next GEMM's input (one kernel less a
-// layer in a decode step).
+// (a decode step), which a kernel that splits the keys over threads serves better: in exact
+// attention (s.fma false) the keys of each (sequence, KV head) split over several blocks that
+// share them among the KV head's query heads, then a combine (flash-decoding; `scratch` holds
+// exact_decode_scratch_floats() floats of partial results); with FMA one block per (sequence,
+// head). Otherwise tiles of head_dim 64 run on tensor cores (bf16 products, fp32 softmax and
+// accumulation), other head dims on the fp32 tile kernel. fast false: the reference kernels
+// instead (the fp32 tile for tiles, one block per (sequence, head) for exact decode), which the
+// fast ones are tested against. out_bf16 (single queries only; else null): the output goes there
+// rounded to bf16 instead of to `out`, as the next GEMM's input (one kernel less a layer in a
+// decode step).
 void attention(const FmaShape& s, const CacheView& c, const ChunkDesc* chunks,
                const NewGroups* table, const AttnItem* items, int n_items, bool single_queries,
                const float* q, const float* k, const float* v, const float* new_k,
-               const float* new_v, float* out, __nv_bfloat16* out_bf16, cudaStream_t st,
-               bool tensor_cores = true);
+               const float* new_v, float* out, __nv_bfloat16* out_bf16, float* scratch,
+               cudaStream_t st, bool fast = true);
+// The blocks each (sequence, KV head) of an exact-attention decode step of n_items sequences
+// splits its keys over: enough for ~16 blocks per SM of the current device, at most one per
+// block tile of the cache's c.cap keys. Fixed for a bucket (a captured graph's grid); the keys
+// per split follow each sequence's length.
+int exact_decode_splits(const FmaShape& s, int64_t cap, int n_items);
+// The scratch floats attention() needs for such a step.
+size_t exact_decode_scratch_floats(const FmaShape& s, int64_t cap, int n_items);
 
 // Appending a chunk to the cache: copies of chunk keys/values into the fine window and of new
 // summaries into the summary ring, as offsets (floats) from the arrays `which` names.

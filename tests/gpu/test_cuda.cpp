@@ -8,6 +8,7 @@
 #include <future>
 #include <map>
 #include <random>
+#include <set>
 
 #include "attention_rig.h"
 #include "backend_cuda.h"
@@ -349,6 +350,7 @@ INSTANTIATE_TEST_SUITE_P(
          .kv_heads = 1,
          .head_dim = 64,
          .rope_linear_factor = 2.0f},
+        {.name = "exact_gqa3_d128", .fma = false, .kv_heads = 2, .heads = 6, .head_dim = 128},
         {.name = "groupedconv_rotary", .rotary = true},
         {.name = "groupedconv_rotary_d64_kv1", .kv_heads = 1, .rotary = true, .head_dim = 64},
         {.name = "groupedconv_ranks_1_4", .ranks = {1, 4}},
@@ -484,6 +486,19 @@ TEST_F(Cuda, BatchedDecodeStepsMatchCpu) {
   auto cpu_b = make_backend(vm.model, {.kind = "cpu", .n_slots = 3, .n_threads = 2});
   const std::vector<int> lens = {5, 70, 130};
   EXPECT_LT(rel_err(batched_decode(*gpu, lens, 20), batched_decode(*cpu_b, lens, 20)), 2e-2);
+}
+
+// Exact attention's decode steps (keys split over blocks) for a batch of sequences at contexts
+// from 2 to 1,040 tokens (a bucket of 16 rows: 7 padding items), the default model's GQA (6
+// heads on 2 KV heads) at head_dim 64, against the CPU backend doing the same steps.
+TEST_F(Cuda, ExactBatchedDecodeStepsMatchCpu) {
+  const VariantModel vm(
+      {.fma = false, .kv_heads = 2, .heads = 6, .head_dim = 64, .hidden = 64, .dtype = DType::BF16},
+      13);
+  auto gpu = make_backend(vm.model, {.kind = "cuda", .n_slots = 9, .max_context = 1100});
+  auto cpu_b = make_backend(vm.model, {.kind = "cpu", .n_slots = 9, .n_threads = 2});
+  const std::vector<int> lens = {1, 7, 64, 1000, 2, 33, 500, 129, 9};
+  EXPECT_LT(rel_err(batched_decode(*gpu, lens, 40), batched_decode(*cpu_b, lens, 40)), 2e-2);
 }
 
 // Decode steps with the cache update in one kernel after the attention (append_tokens, the
@@ -735,7 +750,7 @@ TEST_F(Cuda, DecodeAttentionMatchesTheFp32Tile) {
       auto attend = [&](bool single_queries) {
         cuda::attention(rig.shape, rig.cv, rig.chunks, rig.table, rig.attn,
                         int(rig.plan.attn.size()), single_queries, rig.q, rig.k, rig.v,
-                        rig.new_k, rig.new_v, rig.out, nullptr, nullptr, false);
+                        rig.new_k, rig.new_v, rig.out, nullptr, nullptr, nullptr, false);
         return rig.output();
       };
       const auto want = attend(false), got = attend(true);
@@ -764,6 +779,55 @@ TEST_F(Cuda, DecodeAttentionRoundsItsOwnOutputToBf16) {
       ASSERT_EQ(rounded[i], __bfloat162float(__float2bfloat16(want[i]))) << i;
     }
   }
+}
+
+// Exact-attention decode (keys split over blocks, a KV head's query heads sharing its loads, then
+// a combine) against the reference kernel (one block per (sequence, head)) on the same random
+// caches, fp32 tolerance: batches of 1, 3 and 256, contexts 1, 7, 64, 1000, 4096 and past the
+// trained length (2048), sequences of one batch at mixed positions, GQA groups of 1, 2, 3, 4, 8
+// and 16 (8 and 16: 2 and 4 blocks of heads per KV head), head dims 8-128; steps that split and
+// one that does not (4,096 blocks already). The bf16 output is the fp32 one rounded.
+struct ExactCase {
+  int batch;
+  int64_t pos0, pos_step;  // sequence b's query at pos0 + b * pos_step: pos0 + 1 + b * pos_step keys
+  int heads, kv, d;
+};
+TEST_F(Cuda, ExactDecodeAttentionMatchesTheReferenceKernel) {
+  std::set<bool> split;  // which paths the cases took
+  for (const ExactCase& e :
+       {ExactCase{1, 0, 0, 16, 2, 64}, ExactCase{1, 6, 0, 6, 2, 64}, ExactCase{3, 63, 0, 16, 4, 64},
+        ExactCase{3, 999, 0, 6, 2, 64}, ExactCase{1, 4095, 0, 16, 2, 128},
+        ExactCase{3, 4095, 1, 6, 2, 64}, ExactCase{256, 999, 0, 6, 2, 64},
+        ExactCase{256, 0, 7, 6, 2, 64}, ExactCase{256, 0, 2, 16, 16, 64},
+        ExactCase{3, 10, 300, 16, 1, 16}, ExactCase{5, 1, 200, 4, 2, 32},
+        ExactCase{3, 50, 3, 4, 4, 8}}) {
+    Config c = mp::testing::attention_config(2048, e.kv);
+    c.fma_enabled = false;
+    c.n_heads = e.heads, c.head_dim = e.d, c.hidden_size = e.heads * e.d;
+    mp::testing::AttentionRig rig(c, e.batch, 1, e.pos0, cuda::SummaryKernels::Auto, e.pos_step);
+    ASSERT_TRUE(rig.plan.padded);
+    ASSERT_EQ(rig.plan.T, e.batch);  // no padding rows: every output is compared
+    const int splits = cuda::exact_decode_splits(rig.shape, rig.cv.cap, e.batch);
+    split.insert(splits > 1);
+    const size_t n = size_t(e.batch) * e.heads * e.d;
+    auto attend = [&](bool fast) {
+      cuda::check(cudaMemset(rig.out, 0xff, n * 4), "memset");  // NaNs: every output written
+      rig.attend(fast);
+      return rig.output();
+    };
+    const auto want = attend(false), got = attend(true);
+    const std::string what = "batch " + std::to_string(e.batch) + " pos0 " +
+                             std::to_string(e.pos0) + " step " + std::to_string(e.pos_step) +
+                             " heads " + std::to_string(e.heads) + "/" + std::to_string(e.kv) +
+                             " d " + std::to_string(e.d) + " splits " + std::to_string(splits);
+    EXPECT_LT(rel_err(got, want), 1e-5) << what;
+    Dev<__nv_bfloat16> got16(n);
+    rig.attend(true, got16.p);
+    const auto rounded = from_bf16(got16.get(n));
+    for (size_t i = 0; i < n; ++i)
+      ASSERT_EQ(rounded[i], __bfloat162float(__float2bfloat16(got[i]))) << what << " at " << i;
+  }
+  EXPECT_EQ(split.size(), 2u) << "both the split and the single-block path";
 }
 
 // The host side of the CUDA backend's planning (runs without a GPU): decode steps pad to a

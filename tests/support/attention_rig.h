@@ -43,16 +43,20 @@ class AttentionRig {
   cuda::AttnItem* attn;
   cuda::CommitItem* commits;
   float *q, *k, *v, *out, *new_k, *new_v;
+  float* scratch = nullptr;  // exact attention's decode steps: the splits' partial results
 
   // `batch` chunks of `tokens_each` tokens, chunk b at position pos0 + b * pos_step of its own
-  // slot b, their summaries by `kernels`.
+  // slot b, their summaries by `kernels`. Exact attention (cfg.fma_enabled off): the fine cache
+  // holds every position up to the last chunk's end.
   AttentionRig(const Config& cfg, int batch, int tokens_each, int64_t pos0,
                cuda::SummaryKernels kernels = cuda::SummaryKernels::Auto, int64_t pos_step = 0)
       : c(cfg), batch(batch), tokens_each_(tokens_each), pos0_(pos0), pos_step_(pos_step) {
     const int L = c.n_levels(), d = c.head_dim, kv = c.n_kv_heads;
     const size_t pd = size_t(c.fma_rank) * d;
     shape = cuda::make_shape(c);
-    const int64_t cap = 2 * c.fma_block_size;
+    const int64_t cap = c.fma_enabled ? 2 * c.fma_block_size
+                                      : pos0 + (batch - 1) * pos_step + tokens_each;
+    cv.cap = cap;  // fine_floats() below reads it
     cv = {alloc<float>(fine_floats()),
           alloc<float>(fine_floats()),
           alloc<float>(ring_floats()),
@@ -60,7 +64,7 @@ class AttentionRig {
           alloc<float>(accumulator_floats()),
           alloc<float>(accumulator_floats()),
           cap,
-          true};
+          c.fma_enabled};
     std::vector<const float*> ptrs(4 * L);
     std::mt19937 rng(7);
     std::normal_distribution<float> nd(0, 0.05f);
@@ -87,6 +91,8 @@ class AttentionRig {
     out = alloc<float>(T * c.n_heads * d);
     new_k = alloc<float>(pool_floats());
     new_v = alloc<float>(pool_floats());
+    if (!c.fma_enabled && plan.padded)
+      scratch = alloc<float>(cuda::exact_decode_scratch_floats(shape, cap, int(plan.attn.size())));
   }
   ~AttentionRig() {
     for (void* p : owned_) cudaFree(p);
@@ -140,10 +146,11 @@ class AttentionRig {
     }
     return out;
   }
-  // out_bf16: a decode step's output rounded to bf16 there instead of `out`.
-  void attend(bool tensor_cores = true, __nv_bfloat16* out_bf16 = nullptr) const {
+  // out_bf16: a decode step's output rounded to bf16 there instead of `out`; fast false: the
+  // reference kernels.
+  void attend(bool fast = true, __nv_bfloat16* out_bf16 = nullptr) const {
     cuda::attention(shape, cv, chunks, table, attn, int(plan.attn.size()), plan.padded, q, k, v,
-                    new_k, new_v, out, out_bf16, nullptr, tensor_cores);
+                    new_k, new_v, out, out_bf16, scratch, nullptr, fast);
   }
   // One layer's attention step as the backend runs it: summaries, attention and commit, or (a
   // decode step's plan.append) attention and append_tokens.
@@ -187,9 +194,7 @@ class AttentionRig {
     return size_t(batch) * c.n_levels() * c.n_kv_heads * c.fma_rank * c.head_dim;
   }
   size_t ring_floats() const { return 3 * accumulator_floats(); }
-  size_t fine_floats() const {
-    return size_t(batch) * 2 * c.fma_block_size * c.n_kv_heads * c.head_dim;
-  }
+  size_t fine_floats() const { return size_t(batch) * cv.cap * c.n_kv_heads * c.head_dim; }
 
   size_t pool_floats() const {
     return size_t(std::max(1, plan.new_groups)) * c.n_kv_heads * c.fma_rank * c.head_dim;

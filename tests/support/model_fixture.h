@@ -51,6 +51,7 @@ struct ModelVariant {
   Downsampling ds = Downsampling::GroupedConv;
   bool fma = true;
   int kv_heads = 0;  // 0 here and for the sizes below: small_config()'s
+  int heads = 0;
   bool tie = false;
   bool rotary = false;          // rotary key summaries
   std::vector<int> ranks = {};  // per-level ranks; fma_rank becomes their largest
@@ -70,6 +71,7 @@ inline Config variant_config(const ModelVariant& v) {
   c.fma_downsampling = v.ds;
   c.fma_enabled = v.fma;
   if (v.kv_heads) c.n_kv_heads = v.kv_heads;
+  if (v.heads) c.n_heads = v.heads;
   c.tie_word_embeddings = v.tie;
   c.fma_rotary_summaries = v.rotary;
   if (!v.ranks.empty()) c.fma_rank = *std::max_element(v.ranks.begin(), v.ranks.end());
