@@ -1374,15 +1374,10 @@ void make_plan(const Config& c, int64_t cap, std::span<const SeqChunk> chunks,
                              static_cast<int>(kvd), which});
     p.T += T;
   }
-  // Per-level summary work in token order, whatever the level: blocks running together then read
-  // the same keys and values, which stay in L2 (level-major order read them once per level from
-  // DRAM). One pass: ranges at the same offset of their top-level groups next to each other: a
-  // level's taps are as long as its groups (w x p x d), read once per group, and ranges that run
-  // together at one offset read the same taps, once from DRAM. The keys are unique, so std::sort
-  // (no buffer, unlike stable_sort) is stable here.
-  const int64_t top = c.fma_enabled ? int64_t{c.group_size(L)} : 1;
-  std::sort(p.done.begin(), p.done.end(), [&](const SumItem& a, const SumItem& b) {
-    if (p.one_pass && a.t_from % top != b.t_from % top) return a.t_from % top < b.t_from % top;
+  // Summary work in token order, whatever the level: blocks running together then read the same
+  // keys and values, which stay in L2 (level-major order read them once per level from DRAM).
+  // (chunk, t_from, level) is unique, so std::sort (no buffer, unlike stable_sort) is stable here.
+  std::sort(p.done.begin(), p.done.end(), [](const SumItem& a, const SumItem& b) {
     return std::tie(a.chunk, a.t_from, a.level) < std::tie(b.chunk, b.t_from, b.level);
   });
   p.rows_wanted = static_cast<int>(p.rows.size());
