@@ -14,6 +14,7 @@ import unittest
 import torch
 
 from fma_model import FmaConfig, FmaModel, save_hf
+from train import model_config
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TOKENIZER = os.path.join(HERE, "..", "..", "tests", "data", "tiny-spm.model")
@@ -30,19 +31,28 @@ class EngineParity(unittest.TestCase):
     def test_rotary_per_level_ranks(self):
         self.check(fma_rotary_summaries=True, fma_ranks=[4, 2])
 
-    def check(self, **options):
+    def test_full_model_and_twin(self):
+        """train.py --size full (47.6M parameters) and its exact twin, as the engine reads them:
+        bf16 weights as trained, 300 tokens (levels 1 and 2 of m = 64 in use)."""
+        for exact in (False, True):
+            cfg = model_config(exact, "full")
+            self.check(cfg, tokens=300, dtype=torch.bfloat16, **{
+                k: getattr(cfg, k) for k in ("fma_enabled", "fma_ranks", "fma_rotary_summaries")})
+
+    def check(self, cfg=None, tokens=3 * 64 + 5, dtype=torch.float32, **options):
         torch.manual_seed(4)
-        cfg = FmaConfig(vocab_size=400, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                        num_key_value_heads=2, head_dim=16, intermediate_size=48,
-                        max_position_embeddings=64, fma_block_size=8, fma_rank=2, **options)
+        cfg = cfg or FmaConfig(vocab_size=400, hidden_size=32, num_hidden_layers=2,
+                               num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                               intermediate_size=48, max_position_embeddings=64, fma_block_size=8,
+                               fma_rank=2, **options)
         model = FmaModel(cfg)
         with torch.no_grad():  # weights of order one, so that the summaries' scores matter
             for name, prm in model.named_parameters():
                 fan_in = prm.shape[-1] if prm.dim() >= 2 and "embed" not in name else 1
-                prm.copy_(torch.randn_like(prm) / fan_in ** 0.5)
-        ids = torch.randint(3, 400, (1, 3 * 64 + 5))
+                prm.copy_((torch.randn_like(prm) / fan_in ** 0.5).to(dtype))  # as saved
+        ids = torch.randint(3, 400, (1, tokens))
         with tempfile.TemporaryDirectory() as tmp:
-            save_hf(model, os.path.join(tmp, "hf"), TOKENIZER)
+            save_hf(model, os.path.join(tmp, "hf"), TOKENIZER, dtype=dtype)
             saved = json.load(open(os.path.join(tmp, "hf", "config.json")))
             for key, value in options.items():
                 self.assertEqual(saved[key], value)
