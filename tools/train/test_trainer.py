@@ -148,10 +148,10 @@ class Parts(unittest.TestCase):
             self.assertEqual([len(g) for g in groups], [4, 8, 3])
 
 
-def run_train(data, out, *extra):
+def run_train(data, out, *extra, device="cpu"):
     """train.py in its own process, as on the GPU machine: nothing carries over but the files."""
     args = [sys.executable, os.path.join(HERE, "train.py"), "--data", data, "--out", out,
-            "--size", "tiny", "--device", "cpu", "--batch", "4", "--warmup", "2", "--log-every", "1",
+            "--size", "tiny", "--device", device, "--batch", "4", "--warmup", "2", "--log-every", "1",
             "--plan-steps", "6", *extra]
     subprocess.run(args, check=True, cwd=HERE, env=dict(os.environ, OMP_NUM_THREADS="1"))
     _, state = checkpoint.load(checkpoint.latest(out))
@@ -213,6 +213,33 @@ class ExactResume(unittest.TestCase):
                 os.path.join(data, "train.bin"))
             shutil.copy(TOKENIZER, os.path.join(data, "tokenizer.model"))
             self.check(tmp, data, k=2)
+
+
+@unittest.skipUnless(torch.cuda.is_available(), "no GPU")
+class OnTheGpu(unittest.TestCase):
+    def test_resumed_and_compiled_runs_follow_the_whole_run(self):
+        """CUDA, bf16 autocast, fused AdamW: 3 steps, a checkpoint, a new process, 3 more steps
+        follow 6 steps in one run to bf16 rounding (GPU training is not bit-reproducible: atomics
+        in the backward pass), and so does a run with torch.compile (or its eager fallback)."""
+        with tempfile.TemporaryDirectory() as tmp:
+            data = os.path.join(tmp, "c")
+            fake_corpus(data, shards=3, docs_per_shard=12)
+            opts = ("--rotary-summaries", "--ranks", "2,4,4", "--micro-batch", "2")
+            whole = run_train(data, os.path.join(tmp, "whole"), *opts, device="cuda")
+            run_train(data, os.path.join(tmp, "split"), *opts, "--stop-at", "3", device="cuda")
+            split = run_train(data, os.path.join(tmp, "split"), *opts, device="cuda")
+            compiled = run_train(data, os.path.join(tmp, "compiled"), *opts, "--compile",
+                                 device="cuda")
+            losses = [[loss for _, loss in r["progress"]["losses"]] for r in (whole, split, compiled)]
+            print("losses, whole / resumed / compiled:", losses)
+            for other in losses[1:]:
+                self.assertEqual(len(other), 6)
+                for a, b in zip(losses[0], other):
+                    self.assertLess(abs(a - b), 2e-2 * abs(a))
+            self.assertLess(losses[0][-1], losses[0][0])  # it learns
+            for k, t in whole["model"].items():
+                diff = (t.float() - split["model"][k].float()).norm() / t.float().norm()
+                self.assertLess(diff.item(), 2e-2, k)
 
 
 class FullModel(unittest.TestCase):

@@ -1,11 +1,19 @@
 #!/usr/bin/env python3
-"""Trains an FMA (or exact-attention) model on the tokenized corpus of prepare_corpus.py.
+"""Trains an FMA (or exact-attention) model on a tokenized corpus (corpus.py: the sharded corpus
+of docs/DATA.md, or prepare_corpus.py's train.bin).
 
-bf16 autocast, AdamW, linear warm-up then cosine decay, gradient clipping. Each run trains for at
-most --minutes and leaves OUT/last.pt, which the next run resumes (model, optimiser, step, data
-position, schedule). The schedule's length is fixed on the first run: --plan-steps, or the steps
-that fit in --plan-minutes of training at the speed measured over its first steps. When the plan
-is done, the run exports the Hugging Face folder OUT/hf (bf16 safetensors) for multipole-convert.
+bf16 autocast, fused AdamW (CUDA), TF32, linear warm-up then cosine decay, gradient clipping,
+micro-batches whose gradients accumulate (--micro-batch), optionally torch.compile (--compile,
+eager if compiling fails); the loss is read back every --log-every steps only. Each run trains for
+at most --minutes and leaves a checkpoint in parts (checkpoint.py: OUT/ckpt-STEP, OUT/latest)
+holding the weights, AdamW's state, the step, the RNG states, the data cursor and the plan, which
+the next run resumes exactly (refusing another model or plan, naming the field). The plan's length
+is fixed on the first run: --plan-steps, or the steps that fit in --plan-minutes of training at
+the speed measured over its first steps. When the plan is done (or with --final), the run exports
+the Hugging Face folder OUT/hf (bf16 safetensors) for multipole-convert.
+
+--size full is the 30-50M model of issue 12 (docs/MODEL.md, "The full model"); --benchmark-steps N
+times it (or --size small, tiny) and its exact twin and prints tokens/s and peak memory.
 
 Llama-family checkpoints: --llama pretrains an exact-attention model with an untied head and
 exports it as a LlamaForCausalLM folder (a stand-in for a pretrained checkpoint from elsewhere);
@@ -13,7 +21,8 @@ exports it as a LlamaForCausalLM folder (a stand-in for a pretrained checkpoint 
 FMA model (--downsampling, --rank, --block-size, --trained-length, as multipole-convert --fma:
 groupedconv summaries start as average pooling); --freeze trains the summary weights only.
 
-usage: train.py --data DIR --out DIR [--exact] [--minutes M] [--plan-minutes M] ...
+usage: train.py --data DIR --out DIR [--size full] [--exact] [--minutes M] [--plan-steps N] ...
+       train.py --benchmark-steps N --size full [--batch B] [--benchmark-micro 4,8] [--compile]
 """
 import argparse
 import json
@@ -185,6 +194,15 @@ def build(args, exact, dev):
     return FmaModel(cfg).to(dev), cfg
 
 
+def open_corpus(args, cfg):
+    """The training corpus; a sharded one sets the model's BOS and EOS, and must have the full
+    model's vocabulary (the tiny and small ones stand in for any)."""
+    corpus = Corpus(args.data, cfg.vocab_size if args.size == "full" else None)
+    if corpus.sharded:
+        cfg.bos_token_id, cfg.eos_token_id = corpus.bos, corpus.eos
+    return corpus
+
+
 class Trainer:
     """One model's optimiser step: bf16 autocast, micro-batches whose gradients accumulate,
     clipping, fused AdamW on CUDA. Nothing here waits for the GPU: the loss stays on the device."""
@@ -195,12 +213,12 @@ class Trainer:
         self.opt = torch.optim.AdamW(param_groups(model, cfg), lr=args.lr, betas=(0.9, 0.95),
                                      **({"fused": True} if dev == "cuda" else {}))
         self.loss_fn = model.loss
-        if args.compile:
-            if hasattr(torch, "compile"):
-                self.loss_fn = torch.compile(model.loss)
-            else:
-                print("--compile: this PyTorch has no torch.compile; eager", flush=True)
-        self.checked = not args.compile
+        self.compiled = args.compile and hasattr(torch, "compile")
+        if self.compiled:
+            self.loss_fn = torch.compile(model.loss)
+        elif args.compile:
+            print("--compile: this PyTorch has no torch.compile; eager", flush=True)
+        self.checked = not self.compiled
 
     def step(self, x, y, lr):
         for g in self.opt.param_groups:
@@ -212,7 +230,7 @@ class Trainer:
                 return out
             except Exception as e:  # noqa: BLE001 (any compiler failure)
                 print(f"--compile failed ({type(e).__name__}: {str(e)[:300]}); eager", flush=True)
-                self.loss_fn, self.checked = self.model.loss, True
+                self.loss_fn, self.checked, self.compiled = self.model.loss, True, False
         return self._step(x, y)
 
     def _step(self, x, y):
@@ -255,7 +273,7 @@ def benchmark(args, dev):
             model, cfg = build(args, exact, dev)
             n = cfg.max_position_embeddings
             if args.data:
-                windows = Windows(Corpus(args.data, cfg.vocab_size), args.seed, args.batch, n)
+                windows = Windows(open_corpus(args, cfg), args.seed, args.batch, n)
                 batches = [windows.batch_at(s) for s in range(3)]
             else:
                 rng = np.random.default_rng(args.seed)
@@ -274,22 +292,23 @@ def benchmark(args, dev):
                 sync(dev)
                 dt = (time.time() - t0) / args.benchmark_steps
                 peak = torch.cuda.max_memory_allocated() / 2**30 if dev == "cuda" else float("nan")
-                rows.append((name, exact, mb, dt, args.batch * n / dt, peak, loss.item()))
+                rows.append((name, tr.compiled, mb, dt, args.batch * n / dt, peak, loss.item()))
             except torch.cuda.OutOfMemoryError:
-                rows.append((name, exact, mb, float("nan"), float("nan"), float("inf"), float("nan")))
+                rows.append((name, tr.compiled, mb, float("nan"), float("nan"), float("inf"),
+                             float("nan")))
             print(f"benchmarked {name}, micro-batch {mb}", flush=True)
             del tr, model
             if dev == "cuda":
                 torch.cuda.empty_cache()
-    print(f"\n{args.benchmark_steps} steps of {args.batch} x {n} tokens, size {args.size}, "
-          f"compile {'on' if args.compile else 'off'}, {dev}")
-    print("| model | micro-batch | s/step | tokens/s | peak GiB | last loss |")
-    print("|---|---|---|---|---|---|")
-    for name, exact, mb, dt, tps, peak, loss in rows:
-        print(f"| {name} | {mb} | {dt:.3f} | {tps:,.0f} | {peak:.1f} | {loss:.3f} |")
-    best = {e: max((r[4] for r in rows if r[1] == e and r[4] == r[4]), default=float("nan"))
-            for e in (False, True)}
-    print(f"FMA / exact tokens/s (best micro-batch of each): {best[False] / best[True]:.3f}")
+    print(f"\n{args.benchmark_steps} steps of {args.batch} x {n} tokens, size {args.size}, {dev}")
+    print("| model | compiled | micro-batch | s/step | tokens/s | peak GiB | last loss |")
+    print("|---|---|---|---|---|---|---|")
+    for name, compiled, mb, dt, tps, peak, loss in rows:
+        print(f"| {name} | {'yes' if compiled else 'no'} | {mb} | {dt:.3f} | {tps:,.0f} | {peak:.1f} "
+              f"| {loss:.3f} |")
+    best = {m: max((r[4] for r in rows if r[0].startswith(m) and r[4] == r[4]), default=float("nan"))
+            for m in ("fma", "exact")}
+    print(f"FMA / exact tokens/s (best micro-batch of each): {best['fma'] / best['exact']:.3f}")
 
 
 def main(argv=None):
@@ -308,9 +327,7 @@ def main(argv=None):
             prm.requires_grad_(".fma." in name)
         assert any(p.requires_grad for p in model.parameters()), "--freeze: no summary weights"
     n = cfg.max_position_embeddings
-    corpus = Corpus(args.data, cfg.vocab_size if args.size == "full" else None)
-    if corpus.sharded:
-        cfg.bos_token_id, cfg.eos_token_id = corpus.bos, corpus.eos
+    corpus = open_corpus(args, cfg)
     windows = Windows(corpus, args.seed, args.batch, n)
     os.makedirs(args.out, exist_ok=True)
 
