@@ -71,7 +71,7 @@ def model_config(exact, size="small", downsampling="groupedconv", rank=2, scale_
                          fma_enabled=not exact, fma_block_size=64,
                          fma_ranks=None if exact else ranks or FULL_RANKS,
                          fma_downsampling=downsampling, fma_scale_attn=scale_attn,
-                         fma_rotary_summaries=downsampling != "conv")
+                         fma_rotary_summaries=not exact and downsampling != "conv")
     return FmaConfig(vocab_size=8192, hidden_size=384, num_hidden_layers=6, num_attention_heads=6,
                      num_key_value_heads=2, head_dim=64, intermediate_size=1024,
                      tie_word_embeddings=True, max_position_embeddings=8192, fma_enabled=not exact,
