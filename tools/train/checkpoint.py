@@ -112,8 +112,9 @@ def problems(folder):
     return out
 
 
-def load(folder, map_location="cpu"):
-    """(manifest, state) of a whole, intact checkpoint; CheckpointError naming what is not."""
+def load(folder):
+    """(manifest, state) of a whole, intact checkpoint, on the CPU; CheckpointError naming what
+    is not."""
     man = read_manifest(folder)
     bad = problems(folder)
     if bad:
@@ -123,7 +124,7 @@ def load(folder, map_location="cpu"):
     for p in man["parts"]:
         with open(os.path.join(folder, p["file"]), "rb") as f:
             raw += f.read()
-    return man, torch.load(io.BytesIO(raw), map_location=map_location, weights_only=False)
+    return man, torch.load(io.BytesIO(raw), map_location="cpu", weights_only=False)
 
 
 def batches(files, max_files=8, max_bytes=60 * 2**20):

@@ -228,6 +228,8 @@ class Trainer:
                 out = self._step(x, y)
                 self.checked = True
                 return out
+            except torch.cuda.OutOfMemoryError:
+                raise
             except Exception as e:  # noqa: BLE001 (any compiler failure)
                 print(f"--compile failed ({type(e).__name__}: {str(e)[:300]}); eager", flush=True)
                 self.loss_fn, self.checked, self.compiled = self.model.loss, True, False
@@ -345,7 +347,7 @@ def main(argv=None):
                 "runs": []}
     found = checkpoint.latest(args.out)
     if found:
-        man, ck = checkpoint.load(found, map_location=dev)
+        man, ck = checkpoint.load(found)  # on the CPU: the RNG states must stay there
         check_resume(man, cfg, plan, args.plan_steps is None)
         model.load_state_dict(ck["model"])
         tr.opt.load_state_dict(ck["opt"])
