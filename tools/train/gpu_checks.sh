@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# The trainer's tests and the GPU's name, first in every GPU training call (run from tools/train):
-# the PyTorch FMA against its per-query version, and the trainer's data, checkpoints and
-# resumption (on the CPU, and on the GPU where there is one).
+# First in every GPU training call (run from tools/train): the PyTorch FMA against its per-query
+# version, the further test files named (gpu_lease.sh: test_trainer.py, the trainer's data,
+# checkpoints and resumption on the CPU and the GPU, about 2 minutes), and the GPU's name.
+# usage: gpu_checks.sh [TEST_FILE.py ...]
 set -euo pipefail
-python3 test_fma_model.py 2>&1 | tail -n 3
-python3 test_trainer.py 2>&1 | tail -n 3
+for t in test_fma_model.py "$@"; do
+  python3 "$t" 2>&1 | tail -n 3
+done
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader

@@ -27,7 +27,7 @@ export PYTHONUNBUFFERED=1
 [ -n "${RESUME:-}" ] || rm -rf "$work"
 mkdir -p "$work/corpus" "$out"
 cd tools/train
-[ "${TESTS:-1}" = 0 ] || bash gpu_checks.sh
+[ "${TESTS:-1}" = 0 ] || bash gpu_checks.sh test_trainer.py
 
 # The corpus: the files carried now join those of earlier calls; train.py verifies each shard.
 cp -f "$corpus"/* "$work/corpus/"
