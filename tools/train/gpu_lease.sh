@@ -50,9 +50,12 @@ for m in $models; do
 done
 
 # Training, both models side by side on the same plan (seed, windows, schedule).
+# Alone on the GPU a model takes the largest micro-batch that fits; side by side, half the batch.
+micro=8
+[ "$(wc -w <<< "$models")" != 1 ] || micro=0
 # shellcheck disable=SC2206 # TRAIN_ARGS is words
-plan=(--size "${SIZE:-full}" --seed "${SEED:-0}" ${STEPS:+--plan-steps "$STEPS"}
-      ${TRAIN_ARGS:---batch 16 --micro-batch 8 --lr 1.5e-3 --warmup 300 --compile})
+plan=(--size "${SIZE:-full}" --seed "${SEED:-0}" ${STEPS:+--plan-steps "$STEPS"} --micro-batch $micro
+      ${TRAIN_ARGS:---batch 16 --lr 1.5e-3 --warmup 300 --compile})
 if [ "$minutes" != 0 ]; then
   pids=()
   for m in $models; do

@@ -136,7 +136,8 @@ def parse_args(argv=None):
     ap.add_argument("--stop-at", type=int, help="end this run at this step (the plan goes on)")
     ap.add_argument("--batch", type=int, default=8, help="windows per optimiser step")
     ap.add_argument("--micro-batch", type=int, default=0,
-                    help="windows per forward and backward pass (gradients accumulate); 0: --batch")
+                    help="windows per forward and backward pass (gradients accumulate); 0: the "
+                    "whole batch, halved while the GPU runs out of memory")
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--warmup", type=int, default=150)
     ap.add_argument("--seed", type=int, default=0)
@@ -203,6 +204,9 @@ def open_corpus(args, cfg):
     return corpus
 
 
+OutOfMemory = getattr(torch.cuda, "OutOfMemoryError", ())  # () catches nothing (PyTorch 1.13)
+
+
 class Trainer:
     """One model's optimiser step: bf16 autocast, micro-batches whose gradients accumulate,
     clipping, fused AdamW on CUDA. Nothing here waits for the GPU: the loss stays on the device."""
@@ -219,6 +223,7 @@ class Trainer:
         elif args.compile:
             print("--compile: this PyTorch has no torch.compile; eager", flush=True)
         self.checked = not self.compiled
+        self.micro = args.micro_batch  # 0: found on the first step
 
     def step(self, x, y, lr):
         for g in self.opt.param_groups:
@@ -228,7 +233,7 @@ class Trainer:
                 out = self._step(x, y)
                 self.checked = True
                 return out
-            except torch.cuda.OutOfMemoryError:
+            except OutOfMemory:
                 raise
             except Exception as e:  # noqa: BLE001 (any compiler failure)
                 print(f"--compile failed ({type(e).__name__}: {str(e)[:300]}); eager", flush=True)
@@ -236,9 +241,24 @@ class Trainer:
         return self._step(x, y)
 
     def _step(self, x, y):
+        B = x.shape[0]
+        while True:
+            try:
+                return self._accumulate(x, y, self.micro or B)
+            except OutOfMemory:
+                if self.args.micro_batch or (self.micro or B) == 1:
+                    raise
+                mb = (self.micro or B) // 2
+                while B % mb:
+                    mb -= 1
+                self.micro = mb
+                self.opt.zero_grad(set_to_none=True)
+                torch.cuda.empty_cache()
+                print(f"out of GPU memory: micro-batch {mb}", flush=True)
+
+    def _accumulate(self, x, y, mb):
         self.opt.zero_grad(set_to_none=True)
         B = x.shape[0]
-        mb = self.args.micro_batch or B
         total = None
         for i in range(0, B, mb):
             with torch.autocast(self.dev, dtype=torch.bfloat16):
@@ -267,7 +287,7 @@ def sync(dev):
 def benchmark(args, dev):
     """Tokens/s and peak memory of the FMA model and its exact twin, one after the other, on the
     same windows (random ones without --data)."""
-    n_micro = args.benchmark_micro or [args.micro_batch or args.batch]
+    n_micro = args.benchmark_micro or [args.micro_batch]
     rows = []
     for exact in (False, True):
         for mb in n_micro:
@@ -294,11 +314,12 @@ def benchmark(args, dev):
                 sync(dev)
                 dt = (time.time() - t0) / args.benchmark_steps
                 peak = torch.cuda.max_memory_allocated() / 2**30 if dev == "cuda" else float("nan")
-                rows.append((name, tr.compiled, mb, dt, args.batch * n / dt, peak, loss.item()))
-            except torch.cuda.OutOfMemoryError:
+                rows.append((name, tr.compiled, tr.micro or args.batch, dt, args.batch * n / dt, peak,
+                             loss.item()))
+            except OutOfMemory:
                 rows.append((name, tr.compiled, mb, float("nan"), float("nan"), float("inf"),
                              float("nan")))
-            print(f"benchmarked {name}, micro-batch {mb}", flush=True)
+            print(f"benchmarked {name}, micro-batch {tr.micro or args.batch}", flush=True)
             del tr, model
             if dev == "cuda":
                 torch.cuda.empty_cache()
