@@ -402,6 +402,7 @@ def main(argv=None):
     t_run = t_log = time.time()
     loss_sum = torch.tensor(progress["loss_sum"], device=dev)
     steps_since_log = progress["step"] % args.log_every
+    run_steps = 0
     while plan["total_steps"] is None or progress["step"] < plan["total_steps"]:
         step = progress["step"]
         lr = lr_at(step, plan["total_steps"] or 10**9, plan["lr"], plan["warmup"])
@@ -411,6 +412,7 @@ def main(argv=None):
         progress["step"] += 1
         progress["tokens"] += x.numel()
         steps_since_log += 1
+        run_steps += 1
         if progress["step"] % args.log_every == 0:
             mean = loss_sum.item() / steps_since_log  # waits for the GPU: once per log_every steps
             dt = time.time() - t_log
@@ -419,15 +421,15 @@ def main(argv=None):
                 f"{steps_since_log * x.numel() / dt:.0f} tok/s")
             loss_sum.zero_()
             steps_since_log, t_log = 0, time.time()
-        if plan["total_steps"] is None and progress["step"] in (10, 30):
+        if plan["total_steps"] is None and run_steps in (10, 30):
             sync(dev)
-            if progress["step"] == 10:
+            if run_steps == 10:
                 t_mark = time.time()
             else:
                 # Plan from the speed after warm-up: the time already spent counts against it.
                 per_step = (time.time() - t_mark) / 20
                 remaining = args.plan_minutes * 60 - (time.time() - t_run)
-                plan["total_steps"] = 30 + int(remaining / per_step)
+                plan["total_steps"] = progress["step"] + int(remaining / per_step)
                 say(f"plan: {plan['total_steps']} steps ({per_step:.3f} s/step)")
         if time.time() - t_run > budget or progress["step"] == args.stop_at:
             break
@@ -435,7 +437,7 @@ def main(argv=None):
     folder = save()
     say(f"stopped at step {progress['step']}, {progress['tokens'] / 1e6:.1f}M tokens, "
         f"{progress['train_seconds']:.0f} s of training; checkpoint {folder}")
-    done = progress["step"] >= plan["total_steps"]
+    done = plan["total_steps"] is not None and progress["step"] >= plan["total_steps"]
     if not done and args.final:
         say(f"final run: exporting at step {progress['step']} of {plan['total_steps']}")
     if done or args.final:
