@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""Held-out evaluation of a trained model (train.py's OUT/hf folder) on the validation split.
+"""Held-out evaluation of a trained model (train.py's OUT/hf folder) on the validation split
+(val.bin, or the val stream of a sharded corpus's shards.json).
 
 Prints and writes JSON with: perplexity at context 512 and 8192 (the validation stream cut into
 windows, each from an empty state), perplexity by position bucket on the long validation
@@ -18,12 +19,12 @@ usage: evaluate.py HF_DIR DATA_DIR OUT.json [--device cuda] [--max-doc N] [--con
 import argparse
 import json
 import math
-import os
 import time
 
 import numpy as np
 import torch
 
+from corpus import load_val
 from fma_model import load_hf
 
 
@@ -84,8 +85,7 @@ def main():
                             trained_length=args.trained_length)
     model, cfg = load_hf(args.hf, args.device, fma)
     model.eval()
-    val = np.fromfile(os.path.join(args.data, "val.bin"), dtype=np.uint16)
-    docs = json.load(open(os.path.join(args.data, "val_docs.json")))
+    val, docs = load_val(args.data)
     bf16 = args.device == "cuda"
     res = {"model": "fma" if cfg.fma_enabled else "exact", "val_tokens": int(len(val))}
     contexts = [int(c) for c in args.contexts.split(",")] if args.contexts else [512, 8192]

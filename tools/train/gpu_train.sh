@@ -14,8 +14,7 @@ data=$(realpath "$1") out=$2 piece=${3:-3.4}
 [ -n "${RESUME:-}" ] || rm -rf /tmp/fma /tmp/exact
 export PYTHONUNBUFFERED=1
 cd tools/train
-python3 test_fma_model.py 2>&1 | tail -3
-nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+bash gpu_checks.sh
 # Each piece loses about 40 s to start-up and saving.
 plan=$(python3 -c "print(2 * ($piece - 0.7))")
 both=(--data "$data" --minutes "$piece" --plan-minutes "$plan" --seed "${SEED:-0}"

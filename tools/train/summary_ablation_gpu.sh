@@ -16,8 +16,7 @@ data=$(realpath "$1") out=$(realpath "$2")
 steps=${STEPS:-400} minutes=${MINUTES:-6}
 export PYTHONUNBUFFERED=1
 cd tools/train
-python3 test_fma_model.py 2>&1 | tail -3
-nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+bash gpu_checks.sh
 declare -A variant=([p2]="--rank 2" [p2_rotary]="--rank 2 --rotary-summaries"
                     [p4]="--rank 4" [p4_rotary]="--rank 4 --rotary-summaries"
                     [p2_4_rotary]="--ranks 2,2,2,4,4,4 --rotary-summaries")

@@ -158,7 +158,7 @@ class RotarySummaries(unittest.TestCase):
 
 class OptimiserGroups(unittest.TestCase):
     def test_summary_weights_learn_in_proportion_to_their_size(self):
-        cfg = model_config(exact=False, tiny=True)
+        cfg = model_config(exact=False, size="tiny")
         model = FmaModel(cfg)
         groups = param_groups(model, cfg)
         grouped = [id(p) for g in groups for p in g["params"]]

@@ -3,7 +3,8 @@
 the engine reads them: random FMA models with those options, saved by save_hf, converted by
 multipole-convert and scored by multipole-perplexity (CPU, fp32, in chunks of 37) past the trained
 length, against the PyTorch model's own NLL in float64: 1e-4 per token, as the cross-checks.
-usage: test_summaries_engine.py BUILD_DIR"""
+FullModel: the same for train.py --size full (the model of issue 12 item 4) and its exact twin.
+usage: test_summaries_engine.py BUILD_DIR [EngineParity|FullModel]"""
 import json
 import os
 import subprocess
@@ -14,36 +15,32 @@ import unittest
 import torch
 
 from fma_model import FmaConfig, FmaModel, save_hf
+from train import model_config
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TOKENIZER = os.path.join(HERE, "..", "..", "tests", "data", "tiny-spm.model")
 BUILD = None
 
 
-class EngineParity(unittest.TestCase):
-    def test_rotary(self):
-        self.check(fma_rotary_summaries=True)
-
-    def test_per_level_ranks(self):
-        self.check(fma_ranks=[1, 4])
-
-    def test_rotary_per_level_ranks(self):
-        self.check(fma_rotary_summaries=True, fma_ranks=[4, 2])
-
-    def check(self, **options):
+class Parity(unittest.TestCase):
+    def check(self, cfg=None, tokens=3 * 64 + 5, dtype=torch.float32, **options):
         torch.manual_seed(4)
-        cfg = FmaConfig(vocab_size=400, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                        num_key_value_heads=2, head_dim=16, intermediate_size=48,
-                        max_position_embeddings=64, fma_block_size=8, fma_rank=2, **options)
+        cfg = cfg or FmaConfig(vocab_size=400, hidden_size=32, num_hidden_layers=2,
+                               num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                               intermediate_size=48, max_position_embeddings=64, fma_block_size=8,
+                               fma_rank=2, **options)
         model = FmaModel(cfg)
         with torch.no_grad():  # weights of order one, so that the summaries' scores matter
             for name, prm in model.named_parameters():
-                fan_in = prm.shape[-1] if prm.dim() >= 2 and "embed" not in name else 1
-                prm.copy_(torch.randn_like(prm) / fan_in ** 0.5)
-        ids = torch.randint(3, 400, (1, 3 * 64 + 5))
+                # (the tied head of a wide model at std 1 would give logits of std sqrt(hidden))
+                fan_in = prm.shape[-1] if prm.dim() >= 2 and "embed" not in name else \
+                    cfg.hidden_size / 16 if "embed" in name and cfg.hidden_size > 64 else 1
+                prm.copy_((torch.randn_like(prm) / fan_in ** 0.5).to(dtype))  # as saved
+        ids = torch.randint(3, 400, (1, tokens))
         with tempfile.TemporaryDirectory() as tmp:
-            save_hf(model, os.path.join(tmp, "hf"), TOKENIZER)
-            saved = json.load(open(os.path.join(tmp, "hf", "config.json")))
+            save_hf(model, os.path.join(tmp, "hf"), TOKENIZER, dtype=dtype)
+            with open(os.path.join(tmp, "hf", "config.json")) as f:
+                saved = json.load(f)
             for key, value in options.items():
                 self.assertEqual(saved[key], value)
             gguf = os.path.join(tmp, "model.gguf")
@@ -55,13 +52,37 @@ class EngineParity(unittest.TestCase):
             subprocess.run([os.path.join(BUILD, "tools", "multipole-perplexity"), "--model", gguf,
                             "--ids", "--chunk", "37", "--nll-out", os.path.join(tmp, "nll.json"),
                             os.path.join(tmp, "ids.txt")], check=True, capture_output=True)
-            engine = torch.tensor(json.load(open(os.path.join(tmp, "nll.json"))), dtype=torch.float64)
+            with open(os.path.join(tmp, "nll.json")) as f:
+                engine = torch.tensor(json.load(f), dtype=torch.float64)
         with torch.no_grad():
             ref = model.double().nll(ids)[0]
         self.assertEqual(engine.shape, ref.shape)
         err = (engine - ref).abs().max().item()
-        print(f"{options}: {len(ref)} tokens, max |NLL engine - NLL PyTorch| = {err:.2e}")
+        print(f"{options}: {len(ref)} tokens, mean NLL {ref.mean().item():.2f}, "
+              f"max |NLL engine - NLL PyTorch| = {err:.2e}")
         self.assertLess(err, 1e-4)
+
+
+
+class EngineParity(Parity):
+    def test_rotary(self):
+        self.check(fma_rotary_summaries=True)
+
+    def test_per_level_ranks(self):
+        self.check(fma_ranks=[1, 4])
+
+    def test_rotary_per_level_ranks(self):
+        self.check(fma_rotary_summaries=True, fma_ranks=[4, 2])
+
+
+class FullModel(Parity):  # ctest train.full_model_engine (release build only: 48M parameters)
+    def test_full_model_and_twin(self):
+        """train.py --size full (47.6M parameters) and its exact twin, as the engine reads them:
+        bf16 weights as trained, 300 tokens (levels 1 and 2 of m = 64 in use)."""
+        for exact in (False, True):
+            cfg = model_config(exact, "full")
+            self.check(cfg, tokens=300, dtype=torch.bfloat16, **{
+                k: getattr(cfg, k) for k in ("fma_enabled", "fma_ranks", "fma_rotary_summaries")})
 
 
 if __name__ == "__main__":

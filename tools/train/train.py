@@ -1,11 +1,19 @@
 #!/usr/bin/env python3
-"""Trains an FMA (or exact-attention) model on the tokenized corpus of prepare_corpus.py.
+"""Trains an FMA (or exact-attention) model on a tokenized corpus (corpus.py: the sharded corpus
+of docs/DATA.md, or prepare_corpus.py's train.bin).
 
-bf16 autocast, AdamW, linear warm-up then cosine decay, gradient clipping. Each run trains for at
-most --minutes and leaves OUT/last.pt, which the next run resumes (model, optimiser, step, data
-position, schedule). The schedule's length is fixed on the first run: --plan-steps, or the steps
-that fit in --plan-minutes of training at the speed measured over its first steps. When the plan
-is done, the run exports the Hugging Face folder OUT/hf (bf16 safetensors) for multipole-convert.
+bf16 autocast, fused AdamW (CUDA), TF32, linear warm-up then cosine decay, gradient clipping,
+micro-batches whose gradients accumulate (--micro-batch), optionally torch.compile (--compile,
+eager if compiling fails); the loss is read back every --log-every steps only. Each run trains for
+at most --minutes and leaves a checkpoint in parts (checkpoint.py: OUT/ckpt-STEP, OUT/latest)
+holding the weights, AdamW's state, the step, the RNG states, the data cursor and the plan, which
+the next run resumes exactly (refusing another model or plan, naming the field). The plan's length
+is fixed on the first run: --plan-steps, or the steps that fit in --plan-minutes of training at
+the speed measured over its first steps. When the plan is done (or with --final), the run exports
+the Hugging Face folder OUT/hf (bf16 safetensors) for multipole-convert.
+
+--size full is the 30-50M model of issue 12 (docs/MODEL.md, "The full model"); --benchmark-steps N
+times it (or --size small, tiny) and its exact twin and prints tokens/s and peak memory.
 
 Llama-family checkpoints: --llama pretrains an exact-attention model with an untied head and
 exports it as a LlamaForCausalLM folder (a stand-in for a pretrained checkpoint from elsewhere);
@@ -13,17 +21,21 @@ exports it as a LlamaForCausalLM folder (a stand-in for a pretrained checkpoint 
 FMA model (--downsampling, --rank, --block-size, --trained-length, as multipole-convert --fma:
 groupedconv summaries start as average pooling); --freeze trains the summary weights only.
 
-usage: train.py --data DIR --out DIR [--exact] [--minutes M] [--plan-minutes M] ...
+usage: train.py --data DIR --out DIR [--size full] [--exact] [--minutes M] [--plan-steps N] ...
+       train.py --benchmark-steps N --size full [--batch B] [--benchmark-micro 4,8] [--compile]
 """
 import argparse
 import json
 import math
 import os
+import sys
 import time
 
 import numpy as np
 import torch
 
+import checkpoint
+from corpus import Corpus, CorpusError, Windows
 from fma_model import FmaConfig, FmaModel, load_hf, save_hf
 
 
@@ -39,13 +51,27 @@ def llama_config(tiny, context):
                      tie_word_embeddings=False, max_position_embeddings=context, fma_enabled=False)
 
 
-def model_config(exact, tiny=False, downsampling="groupedconv", rank=2, scale_attn=True,
+FULL_RANKS = [2, 2, 2, 4, 4, 4]  # per level, w = 64 ... 2048 (docs/MODEL.md, session 5's comparison)
+
+
+def model_config(exact, size="small", downsampling="groupedconv", rank=2, scale_attn=True,
                  rotary_summaries=False, ranks=None):
-    if tiny:  # for smoke tests of the pipeline
+    """tiny: for smoke tests of the pipeline; small: the shipped model's shape (the summary
+    options as given); full: the 30-50M model of issue 12 with the summaries MODEL.md measured best
+    (rotary key summaries, ranks 2,2,2,4,4,4 unless --ranks says otherwise)."""
+    if size == "tiny":
         return FmaConfig(vocab_size=8192, hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
                          num_key_value_heads=1, head_dim=32, intermediate_size=128,
                          max_position_embeddings=256, fma_enabled=not exact, fma_block_size=16,
                          fma_rank=2, fma_rotary_summaries=rotary_summaries, fma_ranks=ranks)
+    if size == "full":
+        return FmaConfig(vocab_size=16384, hidden_size=512, num_hidden_layers=8, num_attention_heads=8,
+                         num_key_value_heads=4, head_dim=64, intermediate_size=1408,
+                         tie_word_embeddings=True, max_position_embeddings=8192,
+                         fma_enabled=not exact, fma_block_size=64,
+                         fma_ranks=None if exact else ranks or FULL_RANKS,
+                         fma_downsampling=downsampling, fma_scale_attn=scale_attn,
+                         fma_rotary_summaries=not exact and downsampling != "conv")
     return FmaConfig(vocab_size=8192, hidden_size=384, num_hidden_layers=6, num_attention_heads=6,
                      num_key_value_heads=2, head_dim=64, intermediate_size=1024,
                      tie_word_embeddings=True, max_position_embeddings=8192, fma_enabled=not exact,
@@ -77,22 +103,56 @@ def lr_at(step, total, peak, warmup):
     return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t)))
 
 
-def main():
+def parameter_counts(model):
+    """Parameters by kind: embeddings (the token embedding, and the LM head when untied),
+    downsampling (the summary convolutions), transformer (everything else: layers, final norm)."""
+    counts = {"transformer": 0, "embeddings": 0, "downsampling": 0}
+    for name, prm in model.named_parameters():
+        kind = "downsampling" if ".fma." in name else \
+            "embeddings" if name in ("model.embed_tokens.weight", "lm_head.weight") else "transformer"
+        counts[kind] += prm.numel()
+    return counts
+
+
+def describe(cfg, model):
+    c = parameter_counts(model)
+    return (f"{'fma' if cfg.fma_enabled else 'exact'}: {sum(c.values()) / 1e6:.2f}M parameters "
+            f"({c['transformer'] / 1e6:.2f}M transformer + {c['embeddings'] / 1e6:.2f}M embeddings + "
+            f"{c['downsampling'] / 1e6:.2f}M downsampling)")
+
+
+def parse_args(argv=None):
     ap = argparse.ArgumentParser()
-    ap.add_argument("--data", required=True)
-    ap.add_argument("--out", required=True)
+    ap.add_argument("--data", help="a corpus folder: shards.json and the shards present, or train.bin")
+    ap.add_argument("--out", help="the run's folder: checkpoints, train.log, hf/")
     ap.add_argument("--exact", action="store_true", help="exact attention (the baseline twin)")
+    ap.add_argument("--size", choices=["tiny", "small", "full"], default="small",
+                    help="tiny: a smoke test; small: the shipped model's shape; full: the 30-50M "
+                    "model of issue 12 (docs/MODEL.md)")
     ap.add_argument("--minutes", type=float, default=9.0, help="wall-clock budget of this run")
     ap.add_argument("--plan-minutes", type=float, default=9.0, help="training time of the whole plan")
     ap.add_argument("--plan-steps", type=int, help="the plan's length in steps, instead of in time "
                     "(to give two models the same tokens)")
-    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--stop-at", type=int, help="end this run at this step (the plan goes on)")
+    ap.add_argument("--batch", type=int, default=8, help="windows per optimiser step")
+    ap.add_argument("--micro-batch", type=int, default=0,
+                    help="windows per forward and backward pass (gradients accumulate); 0: the "
+                    "whole batch, halved while the GPU runs out of memory")
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--warmup", type=int, default=150)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="cuda")
+    ap.add_argument("--compile", action="store_true",
+                    help="torch.compile the loss (eager if compiling fails)")
+    ap.add_argument("--log-every", type=int, default=25,
+                    help="steps between loss readings (the only host synchronisations)")
     ap.add_argument("--final", action="store_true",
                     help="export at the end of this run even if the plan is not finished")
+    ap.add_argument("--benchmark-steps", type=int,
+                    help="time this many steps of the FMA model and of its exact twin, print "
+                    "tokens/s and peak memory, and exit (no --out needed)")
+    ap.add_argument("--benchmark-micro", type=lambda s: [int(x) for x in s.split(",")],
+                    help="micro-batch sizes to time (default: --micro-batch)")
     ap.add_argument("--downsampling", default="groupedconv", choices=["avgpool", "groupedconv", "conv"])
     ap.add_argument("--rank", type=int, default=2, help="FMA rank p: summaries per group")
     ap.add_argument("--ranks", type=lambda s: [int(x) for x in s.split(",")],
@@ -101,7 +161,7 @@ def main():
                     help="no log(w/p) bonus on the summaries' scores")
     ap.add_argument("--rotary-summaries", action="store_true",
                     help="rotary key summaries: scores depend on relative positions only")
-    ap.add_argument("--tiny", action="store_true", help="a tiny model, to smoke-test the pipeline")
+    ap.add_argument("--tiny", action="store_true", help="--size tiny")
     ap.add_argument("--llama", action="store_true",
                     help="pretrain an exact Llama-architecture model, exported as LlamaForCausalLM")
     ap.add_argument("--context", type=int, default=2048, help="--llama: the training length")
@@ -111,111 +171,305 @@ def main():
                     help="--init: FMA trained length n (default: the checkpoint's)")
     ap.add_argument("--freeze", action="store_true",
                     help="train the summary weights only, the transformer's stay as they are")
-    args = ap.parse_args()
-    t_start = time.time()
-    torch.backends.cuda.matmul.allow_tf32 = True
-    dev = args.device
+    args = ap.parse_args(argv)
+    if args.tiny:
+        args.size = "tiny"
+    if args.benchmark_steps is None and not (args.data and args.out):
+        ap.error("--data and --out are needed (except with --benchmark-steps)")
+    if args.micro_batch and args.batch % args.micro_batch:
+        ap.error(f"--micro-batch {args.micro_batch} does not divide --batch {args.batch}")
+    return args
+
+
+def build(args, exact, dev):
+    """(model, cfg) of this run: from --init, or fresh from the seed."""
     torch.manual_seed(args.seed)
     if args.init:
-        fma = None if args.exact else dict(downsampling=args.downsampling, block_size=args.block_size,
-                                           rank=args.rank, trained_length=args.trained_length,
-                                           rotary_summaries=args.rotary_summaries)
-        model, cfg = load_hf(args.init, dev, fma)
-    else:
-        cfg = llama_config(args.tiny, args.context) if args.llama else \
-            model_config(args.exact, args.tiny, args.downsampling, args.rank, not args.no_scale_attn,
-                         args.rotary_summaries, args.ranks)
-        model = FmaModel(cfg).to(dev)
+        fma = None if exact else dict(downsampling=args.downsampling, block_size=args.block_size,
+                                      rank=args.rank, trained_length=args.trained_length,
+                                      rotary_summaries=args.rotary_summaries)
+        return load_hf(args.init, dev, fma)
+    cfg = llama_config(args.size == "tiny", args.context) if args.llama else \
+        model_config(exact, args.size, args.downsampling, args.rank, not args.no_scale_attn,
+                     args.rotary_summaries, args.ranks)
+    return FmaModel(cfg).to(dev), cfg
+
+
+def open_corpus(args, cfg):
+    """The training corpus; a sharded one sets the model's BOS and EOS, and must have the full
+    model's vocabulary (the tiny and small ones stand in for any)."""
+    corpus = Corpus(args.data, cfg.vocab_size if args.size == "full" else None)
+    if corpus.sharded:
+        cfg.bos_token_id, cfg.eos_token_id = corpus.bos, corpus.eos
+    return corpus
+
+
+OutOfMemory = getattr(torch.cuda, "OutOfMemoryError", ())  # () catches nothing (PyTorch 1.13)
+
+
+class Trainer:
+    """One model's optimiser step: bf16 autocast, micro-batches whose gradients accumulate,
+    clipping, fused AdamW on CUDA. Nothing here waits for the GPU: the loss stays on the device."""
+
+    def __init__(self, model, cfg, args, dev):
+        self.model, self.dev, self.args = model, dev, args
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.opt = torch.optim.AdamW(param_groups(model, cfg), lr=args.lr, betas=(0.9, 0.95),
+                                     **({"fused": True} if dev == "cuda" else {}))
+        self.loss_fn = model.loss
+        self.compiled = args.compile and hasattr(torch, "compile")
+        if self.compiled:
+            self.loss_fn = torch.compile(model.loss)
+        elif args.compile:
+            print("--compile: this PyTorch has no torch.compile; eager", flush=True)
+        self.checked = not self.compiled
+        self.micro = args.micro_batch  # 0: found on the first step
+
+    def step(self, x, y, lr):
+        for g in self.opt.param_groups:
+            g["lr"] = lr * g["lr_scale"]
+        if not self.checked:  # the first compiled step: fall back to eager if compiling fails
+            try:
+                out = self._step(x, y)
+                self.checked = True
+                return out
+            except OutOfMemory:
+                raise
+            except Exception as e:  # noqa: BLE001 (any compiler failure)
+                print(f"--compile failed ({type(e).__name__}: {str(e)[:300]}); eager", flush=True)
+                self.loss_fn, self.checked, self.compiled = self.model.loss, True, False
+        return self._step(x, y)
+
+    def _step(self, x, y):
+        B = x.shape[0]
+        while True:
+            try:
+                return self._accumulate(x, y, self.micro or B)
+            except OutOfMemory:
+                if self.args.micro_batch or (self.micro or B) == 1:
+                    raise
+                mb = (self.micro or B) // 2
+                while B % mb:
+                    mb -= 1
+                self.micro = mb
+                self.opt.zero_grad(set_to_none=True)
+                torch.cuda.empty_cache()
+                print(f"out of GPU memory: micro-batch {mb}", flush=True)
+
+    def _accumulate(self, x, y, mb):
+        self.opt.zero_grad(set_to_none=True)
+        B = x.shape[0]
+        total = None
+        for i in range(0, B, mb):
+            with torch.autocast(self.dev, dtype=torch.bfloat16):
+                loss = self.loss_fn(x[i:i + mb], y[i:i + mb])
+            if mb < B:
+                loss = loss * (mb / B)
+            loss.backward()
+            total = loss.detach() if total is None else total + loss.detach()
+        gnorm = torch.nn.utils.clip_grad_norm_(self.params, 1.0)
+        self.opt.step()
+        return total, gnorm
+
+
+def to_device(batch, dev):
+    t = torch.from_numpy(batch)
+    if dev == "cuda":
+        t = t.pin_memory().to(dev, non_blocking=True)
+    return t[:, :-1], t[:, 1:]
+
+
+def sync(dev):
+    if dev == "cuda":
+        torch.cuda.synchronize()
+
+
+def benchmark(args, dev):
+    """Tokens/s and peak memory of the FMA model and its exact twin, one after the other, on the
+    same windows (random ones without --data)."""
+    n_micro = args.benchmark_micro or [args.micro_batch]
+    rows = []
+    for exact in (False, True):
+        for mb in n_micro:
+            args.micro_batch = mb
+            model, cfg = build(args, exact, dev)
+            n = cfg.max_position_embeddings
+            if args.data:
+                windows = Windows(open_corpus(args, cfg), args.seed, args.batch, n)
+                batches = [windows.batch_at(s) for s in range(3)]
+            else:
+                rng = np.random.default_rng(args.seed)
+                batches = [rng.integers(3, cfg.vocab_size, (args.batch, n + 1)) for _ in range(3)]
+            tr = Trainer(model, cfg, args, dev)
+            name = describe(cfg, model).split(" (")[0]
+            try:
+                for s in range(3):  # warm-up (and compilation)
+                    tr.step(*to_device(batches[s], dev), args.lr)
+                sync(dev)
+                if dev == "cuda":
+                    torch.cuda.reset_peak_memory_stats()
+                t0 = time.time()
+                for s in range(args.benchmark_steps):
+                    loss, _ = tr.step(*to_device(batches[s % 3], dev), args.lr)
+                sync(dev)
+                dt = (time.time() - t0) / args.benchmark_steps
+                peak = torch.cuda.max_memory_allocated() / 2**30 if dev == "cuda" else float("nan")
+                rows.append((name, tr.compiled, tr.micro or args.batch, dt, args.batch * n / dt, peak,
+                             loss.item()))
+            except OutOfMemory:
+                rows.append((name, tr.compiled, mb, float("nan"), float("nan"), float("inf"),
+                             float("nan")))
+            print(f"benchmarked {name}, micro-batch {tr.micro or args.batch}", flush=True)
+            del tr, model
+            if dev == "cuda":
+                torch.cuda.empty_cache()
+    print(f"\n{args.benchmark_steps} steps of {args.batch} x {n} tokens, size {args.size}, {dev}")
+    print("| model | compiled | micro-batch | s/step | tokens/s | peak GiB | last loss |")
+    print("|---|---|---|---|---|---|---|")
+    for name, compiled, mb, dt, tps, peak, loss in rows:
+        print(f"| {name} | {'yes' if compiled else 'no'} | {mb} | {dt:.3f} | {tps:,.0f} | {peak:.1f} "
+              f"| {loss:.3f} |")
+    best = {m: max((r[4] for r in rows if r[0].startswith(m) and r[4] == r[4]), default=float("nan"))
+            for m in ("fma", "exact")}
+    print(f"FMA / exact tokens/s (best micro-batch of each): {best['fma'] / best['exact']:.3f}")
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    t_start = time.time()
+    dev = args.device
+    if dev == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    if args.benchmark_steps:
+        benchmark(args, dev)
+        return
+    model, cfg = build(args, args.exact, dev)
     if args.freeze:
         for name, prm in model.named_parameters():
             prm.requires_grad_(".fma." in name)
         assert any(p.requires_grad for p in model.parameters()), "--freeze: no summary weights"
     n = cfg.max_position_embeddings
-    data = np.memmap(os.path.join(args.data, "train.bin"), dtype=np.uint16, mode="r")
+    corpus = open_corpus(args, cfg)
+    windows = Windows(corpus, args.seed, args.batch, n)
     os.makedirs(args.out, exist_ok=True)
-    ckpt_path = os.path.join(args.out, "last.pt")
-    log = open(os.path.join(args.out, "train.log"), "a")
 
-    opt = torch.optim.AdamW(param_groups(model, cfg), lr=args.lr, betas=(0.9, 0.95),
-                            **({"fused": True} if dev == "cuda" else {}))
-    state = {"step": 0, "total_steps": args.plan_steps, "tokens": 0, "train_seconds": 0.0}
-    rng = np.random.default_rng(args.seed)
-    if os.path.exists(ckpt_path):
-        ck = torch.load(ckpt_path, map_location=dev, weights_only=False)
+    def say(msg):
+        with open(os.path.join(args.out, "train.log"), "a") as log:
+            print(msg, file=log)
+
+    tr = Trainer(model, cfg, args, dev)
+    # The plan: what a resumed run must share with the run it continues.
+    plan = {"batch": args.batch, "context": n, "lr": args.lr, "warmup": args.warmup,
+            "seed": args.seed, "schedule": "linear warm-up, cosine to 0.1 lr",
+            "betas": [0.9, 0.95], "weight_decay": 0.1, "clip": 1.0, "freeze": args.freeze,
+            "corpus": "sharded" if corpus.sharded else "legacy", "total_steps": args.plan_steps}
+    progress = {"step": 0, "tokens": 0, "train_seconds": 0.0, "losses": [], "loss_sum": 0.0,
+                "runs": []}
+    found = checkpoint.latest(args.out)
+    if found:
+        man, ck = checkpoint.load(found)  # on the CPU: the RNG states must stay there
+        check_resume(man, cfg, plan, args.plan_steps is None)
         model.load_state_dict(ck["model"])
-        opt.load_state_dict(ck["opt"])
-        state = ck["state"]
-        rng.bit_generator.state = ck["rng"]
-        print(f"resumed at step {state['step']} of {state['total_steps']}", file=log, flush=True)
-    n_params = sum(p.numel() for p in model.parameters())
-    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    print(f"{'fma' if cfg.fma_enabled else 'exact'}: {n_params / 1e6:.2f}M parameters "
-          f"({n_train / 1e6:.2f}M trained), "
-          f"{len(data) / 1e6:.1f}M training tokens", file=log, flush=True)
-
-    def batch():
-        starts = rng.integers(0, len(data) - n - 1, args.batch)
-        x = np.stack([data[s:s + n + 1] for s in starts]).astype(np.int64)
-        x = torch.from_numpy(x)
-        if dev == "cuda":
-            x = x.pin_memory().to(dev, non_blocking=True)
-        return x[:, :-1], x[:, 1:]
+        tr.opt.load_state_dict(ck["opt"])
+        windows.load_state_dict(ck["data"])
+        torch.set_rng_state(ck["rng"]["torch"])
+        if dev == "cuda" and ck["rng"]["cuda"] is not None:
+            torch.cuda.set_rng_state_all(ck["rng"]["cuda"])
+        plan, progress = ck["plan"], ck["progress"]
+        say(f"resumed {found} at step {progress['step']} of {plan['total_steps']}")
+        if corpus.sharded and ck["data"]["shards"] != corpus.shards:
+            say(f"shards now {corpus.shards} (were {ck['data']['shards']}): the windows from here "
+                "on are drawn from these")
+    say(describe(cfg, model) + (f", {sum(p.numel() for p in tr.params) / 1e6:.2f}M trained"
+                                if args.freeze else ""))
+    say(f"{len(corpus.tokens) / 1e6:.1f}M training tokens"
+        + (f" in {len(corpus.shards)} shards: {' '.join(corpus.shards)}" if corpus.sharded else ""))
+    progress["runs"].append({"from_step": progress["step"], "shards": corpus.shards})
 
     def save():
-        tmp = ckpt_path + ".tmp"
-        torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "state": state,
-                    "rng": rng.bit_generator.state, "config": cfg.__dict__}, tmp)
-        os.replace(tmp, ckpt_path)
+        sync(dev)
+        progress["loss_sum"] = float(loss_sum)
+        meta = {"step": progress["step"], "tokens": progress["tokens"], "config": cfg.__dict__,
+                "plan": plan}
+        state = {"model": model.state_dict(), "opt": tr.opt.state_dict(), "data": windows.state_dict(),
+                 "rng": {"torch": torch.get_rng_state(),
+                         "cuda": torch.cuda.get_rng_state_all() if dev == "cuda" else None},
+                 "plan": plan, "progress": progress}
+        return checkpoint.save(args.out, state, meta)
 
     budget = args.minutes * 60 - 30  # leave time to save
-    t_run = time.time()
-    while state["total_steps"] is None or state["step"] < state["total_steps"]:
-        t0 = time.time()
-        lr = lr_at(state["step"], state["total_steps"] or 10**9, args.lr, args.warmup)
-        for g in opt.param_groups:
-            g["lr"] = lr * g["lr_scale"]
-        x, y = batch()
-        with torch.autocast(dev, dtype=torch.bfloat16):
-            loss = model.loss(x, y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        state["step"] += 1
-        state["tokens"] += x.numel()
-        if state["step"] % 25 == 0 or state["step"] == 20:
-            if dev == "cuda":
-                torch.cuda.synchronize()
-            dt = time.time() - t0
-            print(f"step {state['step']} loss {loss.item():.4f} gnorm {gnorm.item():.2f} lr {lr:.2e} "
-                  f"{x.numel() / dt:.0f} tok/s", file=log, flush=True)
-        if state["total_steps"] is None and state["step"] in (10, 30):
-            if dev == "cuda":
-                torch.cuda.synchronize()
-            if state["step"] == 10:
+    t_run = t_log = time.time()
+    loss_sum = torch.tensor(progress["loss_sum"], device=dev)
+    steps_since_log = progress["step"] % args.log_every
+    run_steps = 0
+    while plan["total_steps"] is None or progress["step"] < plan["total_steps"]:
+        step = progress["step"]
+        lr = lr_at(step, plan["total_steps"] or 10**9, plan["lr"], plan["warmup"])
+        x, y = to_device(windows.batch_at(step), dev)
+        loss, gnorm = tr.step(x, y, lr)
+        loss_sum += loss
+        progress["step"] += 1
+        progress["tokens"] += x.numel()
+        steps_since_log += 1
+        run_steps += 1
+        if progress["step"] % args.log_every == 0:
+            mean = loss_sum.item() / steps_since_log  # waits for the GPU: once per log_every steps
+            dt = time.time() - t_log
+            progress["losses"].append([progress["step"], mean])
+            say(f"step {progress['step']} loss {mean:.4f} gnorm {gnorm.item():.2f} lr {lr:.2e} "
+                f"{steps_since_log * x.numel() / dt:.0f} tok/s")
+            loss_sum.zero_()
+            steps_since_log, t_log = 0, time.time()
+        if plan["total_steps"] is None and run_steps in (10, 30):
+            sync(dev)
+            if run_steps == 10:
                 t_mark = time.time()
             else:
                 # Plan from the speed after warm-up: the time already spent counts against it.
                 per_step = (time.time() - t_mark) / 20
                 remaining = args.plan_minutes * 60 - (time.time() - t_run)
-                state["total_steps"] = 30 + int(remaining / per_step)
-                print(f"plan: {state['total_steps']} steps ({per_step:.3f} s/step)", file=log, flush=True)
-        if time.time() - t_run > budget:
+                plan["total_steps"] = progress["step"] + int(remaining / per_step)
+                say(f"plan: {plan['total_steps']} steps ({per_step:.3f} s/step)")
+        if time.time() - t_run > budget or progress["step"] == args.stop_at:
             break
-    state["train_seconds"] += time.time() - t_run
-    save()
-    print(f"stopped at step {state['step']}, {state['tokens'] / 1e6:.1f}M tokens, "
-          f"{state['train_seconds']:.0f} s of training", file=log, flush=True)
-    if state["step"] < state["total_steps"] and args.final:
-        print(f"final run: exporting at step {state['step']} of {state['total_steps']}", file=log,
-              flush=True)
-    if state["step"] >= state["total_steps"] or args.final:
+    progress["train_seconds"] += time.time() - t_run
+    folder = save()
+    say(f"stopped at step {progress['step']}, {progress['tokens'] / 1e6:.1f}M tokens, "
+        f"{progress['train_seconds']:.0f} s of training; checkpoint {folder}")
+    done = plan["total_steps"] is not None and progress["step"] >= plan["total_steps"]
+    if not done and args.final:
+        say(f"final run: exporting at step {progress['step']} of {plan['total_steps']}")
+    if done or args.final:
         save_hf(model, os.path.join(args.out, "hf"), os.path.join(args.data, "tokenizer.model"),
                 dtype=torch.bfloat16, llama=args.llama)
-        json.dump(state, open(os.path.join(args.out, "done.json"), "w"))
-        print(f"exported {args.out}/hf", file=log, flush=True)
-    print(f"run took {time.time() - t_start:.0f} s", file=log, flush=True)
+        with open(os.path.join(args.out, "done.json"), "w") as f:
+            json.dump({k: progress[k] for k in ("step", "tokens", "train_seconds")}
+                      | {"total_steps": plan["total_steps"]}, f)
+        say(f"exported {args.out}/hf")
+    say(f"run took {time.time() - t_start:.0f} s")
+
+
+def check_resume(man, cfg, plan, steps_from_checkpoint):
+    """Refuses, naming the field, a checkpoint of another model or plan."""
+    theirs = FmaConfig(**man["config"]).__dict__
+    diff = [k for k in cfg.__dict__ if k not in ("bos_token_id", "eos_token_id")
+            and theirs.get(k) != cfg.__dict__[k]]
+    if diff:
+        raise checkpoint.CheckpointError(
+            "the checkpoint is of another model: " + ", ".join(
+                f"{k} {theirs.get(k)!r} there, {cfg.__dict__[k]!r} here" for k in diff))
+    diff = [k for k in plan if not (k == "total_steps" and steps_from_checkpoint)
+            and man["plan"].get(k) != plan[k]]
+    if diff:
+        raise checkpoint.CheckpointError(
+            "the checkpoint follows another plan: " + ", ".join(
+                f"{k} {man['plan'].get(k)!r} there, {plan[k]!r} here" for k in diff)
+            + " (resume with the same options, or train into another --out)")
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (checkpoint.CheckpointError, CorpusError) as e:
+        sys.exit(f"train.py: {e}")

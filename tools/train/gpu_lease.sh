@@ -1,0 +1,91 @@
+#!/usr/bin/env bash
+# One call of a GPU lease for the full model of issue 12 (train.py --size full) and its exact twin
+# on the same plan, side by side: adds the carried shards to the corpus kept in /tmp while the
+# machine is warm, trains both for MINUTES, and copies one batch of what must come back (the bf16
+# Hugging Face folders for multipole-convert, then the checkpoints' parts) into OUT: at most 8
+# files and 60 MiB a call, the rest in later calls (FETCH=K). docs/MODEL.md, "Training the full
+# model", gives the sequence of calls.
+# usage (repository root, GPU machine): tools/train/gpu_lease.sh CORPUS OUT MINUTES
+#   CORPUS: a folder with shards.json, tokenizer.model, val_docs.json and some of the shards
+#     (train-NNN.u16.xz, val.u16.xz); they join /tmp/lease/corpus, where the shards of earlier
+#     calls of this lease stay
+#   MINUTES: training time of this call (0: none; only gather shards or checkpoint parts, fetch)
+# environment:
+#   RESUME=1   continue /tmp/lease (the machine is still warm); without it everything starts afresh
+#   STEPS=N    the plan's length in steps (fixed by the first run; both models get the same)
+#   INBOX=DIR  checkpoint parts carried in from an earlier session: DIR/fma_ckpt, DIR/exact_ckpt
+#              (manifest.json and some part-NNN each); training waits until each is whole
+#   FETCH=K    the outbox batch to copy into OUT (default 0); the call prints how many there are
+#   MODELS     default "fma exact"
+#   TRAIN_ARGS to both train.py runs (default: the plan of docs/MODEL.md)
+#   TESTS=0    skip the tests; SIZE=tiny with TRAIN_ARGS="--device cpu ..." checks the script on a CPU
+set -euo pipefail
+corpus=$(realpath "$1") out=$(realpath "$2") minutes=$3
+work=/tmp/lease
+models=${MODELS:-fma exact}
+export PYTHONUNBUFFERED=1
+[ -n "${RESUME:-}" ] || rm -rf "$work"
+mkdir -p "$work/corpus" "$out"
+cd tools/train
+[ "${TESTS:-1}" = 0 ] || bash gpu_checks.sh test_trainer.py
+
+# The corpus: the files carried now join those of earlier calls; train.py verifies each shard.
+cp -f "$corpus"/* "$work/corpus/"
+shards=("$work"/corpus/train-*)
+echo "corpus: ${#shards[@]} training shards present"
+
+# Checkpoints carried in, part by part over several calls: whole ones become the runs' latest.
+for m in $models; do
+  inbox=${INBOX:+$(realpath "$INBOX")/${m}_ckpt}
+  if [ -z "$inbox" ] || [ ! -f "$inbox/manifest.json" ]; then continue; fi
+  step=$(python3 -c "import json, sys; print(json.load(open(sys.argv[1]))['step'])" "$inbox/manifest.json")
+  dest=$work/$m/$(printf 'ckpt-%07d' "$step")
+  mkdir -p "$dest" && cp -f "$inbox"/* "$dest/"
+  if python3 checkpoint.py verify "$dest"; then
+    echo -n "$(basename "$dest")" > "$work/$m/latest"
+  else
+    echo "$m: checkpoint incomplete; carry the missing parts in the next call (RESUME=1)"
+    minutes=0
+  fi
+done
+
+# Training, both models side by side on the same plan (seed, windows, schedule).
+# Alone on the GPU a model takes the largest micro-batch that fits; side by side, half the batch.
+micro=8
+[ "$(wc -w <<< "$models")" != 1 ] || micro=0
+# shellcheck disable=SC2206 # TRAIN_ARGS is words
+plan=(--size "${SIZE:-full}" --seed "${SEED:-0}" ${STEPS:+--plan-steps "$STEPS"} --micro-batch $micro
+      ${TRAIN_ARGS:---batch 16 --lr 1.5e-3 --warmup 300 --compile})
+if [ "$minutes" != 0 ]; then
+  pids=()
+  for m in $models; do
+    twin=()
+    [ "$m" = fma ] || twin=(--exact)
+    python3 train.py --data "$work/corpus" --out "$work/$m" --minutes "$minutes" --final \
+      "${plan[@]}" "${twin[@]}" &
+    pids+=($!)
+  done
+  for pid in "${pids[@]}"; do wait "$pid"; done  # a failed run fails the call
+  for m in $models; do tail -n 4 "$work/$m/train.log"; cp "$work/$m/train.log" "$out/train_$m.log"; done
+fi
+
+# The outbox: per model the bf16 Hugging Face folder (safetensors in 15 MiB pieces), then the
+# checkpoint's parts; batch FETCH of it goes to OUT (with the two logs: 6 files left).
+rm -rf "$work/outbox" && mkdir -p "$work/outbox"
+for m in $models; do
+  [ -d "$work/$m/hf" ] || continue
+  mkdir -p "$work/outbox/${m}_hf"
+  cp "$work/$m/hf/config.json" "$work/outbox/${m}_hf/"
+  split -b 15M -d "$work/$m/hf/model.safetensors" "$work/outbox/${m}_hf/model.safetensors.part"
+done
+for m in $models; do
+  ck=$(python3 -c "import checkpoint, sys; print(checkpoint.latest(sys.argv[1]) or '')" "$work/$m")
+  [ -n "$ck" ] && ln -sfn "$ck" "$work/outbox/${m}_ckpt"
+done
+srcs=()
+for m in $models; do for kind in hf ckpt; do
+  [ -e "$work/outbox/${m}_$kind" ] && srcs+=("$work/outbox/${m}_$kind/")
+done; done
+[ ${#srcs[@]} -gt 0 ] || { echo "nothing to fetch yet"; exit 0; }
+python3 checkpoint.py outbox "${FETCH:-0}" "$out" "${srcs[@]}" --reserve 2
+ls -la "$out" "$out"/*/

@@ -1,0 +1,261 @@
+#!/usr/bin/env python3
+"""The trainer's data, checkpoints and resumption, on the CPU with a tiny model (plain python3 and
+PyTorch, no GPU): the sharded corpus read and verified, windows fixed by (seed, step, shards),
+checkpoint parts with their manifest, corrupt or mismatched checkpoints refused naming the fault,
+and a run of N steps equal bit for bit (losses and every weight and optimiser moment) to k steps,
+a save, a load in a new process, and N - k steps."""
+import json
+import lzma
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import unittest
+
+import numpy as np
+import torch
+
+import checkpoint
+import train
+from corpus import Corpus, CorpusError, Windows, load_val, make_fake
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+TOKENIZER = os.path.join(HERE, "..", "..", "tests", "data", "tiny-spm.model")
+
+
+def read(path):
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def write(path, data):
+    with open(path, "wb") as f:
+        f.write(data)
+
+
+def fake_corpus(folder, **kw):
+    man = make_fake(folder, **kw)
+    shutil.copy(TOKENIZER, os.path.join(folder, "tokenizer.model"))
+    return man
+
+
+class ShardedCorpus(unittest.TestCase):
+    def setUp(self):
+        self.tmp = tempfile.mkdtemp()
+        self.dir = os.path.join(self.tmp, "c")
+        self.man = fake_corpus(self.dir, shards=4, docs_per_shard=10)
+
+    def tearDown(self):
+        shutil.rmtree(self.tmp)
+
+    def test_reads_the_shards_present_whole(self):
+        c = Corpus(self.dir)
+        streams = [np.frombuffer(lzma.decompress(read(os.path.join(self.dir, e["file"]))), "<u2")
+                   for e in self.man["shards"]]
+        self.assertTrue(np.array_equal(c.tokens, np.concatenate(streams)))
+        # Whole documents: BOS first, EOS last, as many as shards.json says.
+        self.assertEqual((c.tokens[0], c.tokens[-1]), (1, 2))
+        self.assertEqual(int((c.tokens == 1).sum()), sum(e["docs"] for e in self.man["shards"]))
+        os.remove(os.path.join(self.dir, "train-002.u16.xz"))  # a shard that did not travel
+        part = Corpus(self.dir)
+        self.assertEqual(part.shards, ["train-000.u16.xz", "train-001.u16.xz", "train-003.u16.xz"])
+        self.assertNotEqual(part.key, c.key)
+        val, docs = load_val(self.dir)
+        self.assertEqual([val[d["start"]] for d in docs], [1] * len(docs))
+        self.assertEqual(sum(d["length"] for d in docs), len(val))
+
+    def test_damaged_shard_refused(self):
+        path = os.path.join(self.dir, "train-001.u16.xz")
+        blob = bytearray(read(path))
+        blob[len(blob) // 2] ^= 1
+        write(path, blob)
+        with self.assertRaisesRegex(CorpusError, "train-001.u16.xz: sha256 .* does not match"):
+            Corpus(self.dir)
+        with self.assertRaisesRegex(CorpusError, "vocabulary 512, the model's is 16384"):
+            os.remove(path)
+            Corpus(self.dir, vocab=16384)
+
+    def test_windows_depend_on_seed_step_and_shards_only(self):
+        c = Corpus(self.dir)
+        a, b = Windows(c, 7, 4, 64), Windows(c, 7, 4, 64)
+        steps = [5, 0, 3, 5]
+        first = [a.starts(s) for s in steps]  # in any order, again and again: the same windows
+        self.assertTrue(all(np.array_equal(x, b.starts(s)) for x, s in zip(first, steps)))
+        self.assertTrue(np.array_equal(first[0], first[3]))
+        self.assertFalse(np.array_equal(first[0], first[1]))
+        self.assertFalse(np.array_equal(a.starts(5), Windows(c, 8, 4, 64).starts(5)))
+        x = a.batch_at(3)
+        self.assertEqual(x.shape, (4, 65))
+        self.assertTrue(np.array_equal(x[0], c.tokens[a.starts(3)[0]:][:65]))
+
+    def test_legacy_format_draws_the_shipped_recipe_windows(self):
+        legacy = os.path.join(self.tmp, "legacy")
+        os.makedirs(legacy)
+        ids = np.random.default_rng(1).integers(0, 8192, 5000).astype("<u2")
+        ids.tofile(os.path.join(legacy, "train.bin"))
+        w = Windows(Corpus(legacy), 1, 8, 256)
+        old = np.random.default_rng(1)  # train.py before the sharded corpus: one generator
+        for step in range(3):
+            self.assertTrue(np.array_equal(w.starts(step), old.integers(0, 5000 - 256 - 1, 8)))
+
+
+class Parts(unittest.TestCase):
+    def test_parts_manifest_and_refusals(self):
+        with tempfile.TemporaryDirectory() as out:
+            state = {"w": torch.randn(1000, 40), "n": 3}  # 160 KB: 11 parts of 15,000 bytes
+            saved = checkpoint.PART_BYTES
+            checkpoint.PART_BYTES = 15000
+            try:
+                checkpoint.save(out, {"w": torch.zeros(3)}, {"step": 1})
+                folder = checkpoint.save(out, state, {"step": 2})
+            finally:
+                checkpoint.PART_BYTES = saved
+            self.assertEqual(checkpoint.latest(out), folder)
+            self.assertEqual(sorted(os.listdir(out)), ["ckpt-0000002", "latest"])  # step 1 gone
+            man = json.loads(read(os.path.join(folder, "manifest.json")))
+            self.assertGreaterEqual(len(man["parts"]), 11)
+            self.assertTrue(all(p["bytes"] <= 15000 for p in man["parts"]))
+            _, back = checkpoint.load(folder)
+            self.assertTrue(torch.equal(back["w"], state["w"]))
+            # Damaged, truncated, missing: each refused, naming the part.
+            part = os.path.join(folder, "part-004")
+            blob = bytearray(read(part))
+            blob[7] ^= 0x10
+            write(part, blob)
+            with self.assertRaisesRegex(checkpoint.CheckpointError, "part-004 has sha256"):
+                checkpoint.load(folder)
+            write(part, blob[:100])
+            with self.assertRaisesRegex(checkpoint.CheckpointError, "part-004 has 100 bytes"):
+                checkpoint.load(folder)
+            os.remove(part)
+            with self.assertRaisesRegex(checkpoint.CheckpointError, "part-004 is missing"):
+                checkpoint.load(folder)
+
+    def test_outbox_batches_fit_a_command(self):
+        with tempfile.TemporaryDirectory() as tmp:
+            sizes = [15, 15, 15, 15, 1, 15, 0, 0, 0, 0, 0, 0, 0, 0, 3]  # MiB
+            files = []
+            for i, mib in enumerate(sizes):
+                files.append(os.path.join(tmp, f"f{i:02d}"))
+                with open(files[-1], "wb") as f:
+                    f.truncate(mib * 2**20)
+            groups = checkpoint.batches(files)
+            self.assertEqual(sum(groups, []), files)
+            for g in groups:
+                self.assertLessEqual(len(g), 8)
+                self.assertLessEqual(sum(os.path.getsize(f) for f in g), 60 * 2**20)
+            self.assertEqual([len(g) for g in groups], [4, 8, 3])
+
+
+def run_train(data, out, *extra, device="cpu"):
+    """train.py in its own process, as on the GPU machine: nothing carries over but the files."""
+    args = [sys.executable, os.path.join(HERE, "train.py"), "--data", data, "--out", out,
+            "--size", "tiny", "--device", device, "--batch", "4", "--warmup", "2", "--log-every", "1",
+            "--plan-steps", "6", *extra]
+    subprocess.run(args, check=True, cwd=HERE, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    _, state = checkpoint.load(checkpoint.latest(out))
+    return state
+
+
+class ExactResume(unittest.TestCase):
+    def assert_same_run(self, a, b):
+        self.assertEqual(a["progress"]["step"], b["progress"]["step"])
+        self.assertEqual(a["progress"]["losses"], b["progress"]["losses"])  # floats, exactly
+        for k, t in a["model"].items():
+            self.assertTrue(torch.equal(t, b["model"][k]), k)
+        for k, st in a["opt"]["state"].items():
+            for name, t in st.items():
+                self.assertTrue(torch.equal(t, b["opt"]["state"][k][name]), (k, name))
+        self.assertEqual(a["data"]["next_step"], b["data"]["next_step"])
+
+    def check(self, tmp, data, *extra, k=3):
+        """Trains 6 steps in one run and in two (k, then the rest): the same, bit for bit."""
+        whole = run_train(data, os.path.join(tmp, "whole"), *extra)
+        split = os.path.join(tmp, "split")
+        first = run_train(data, split, "--stop-at", str(k), *extra)
+        self.assertEqual(first["progress"]["step"], k)
+        resumed = run_train(data, split, *extra)
+        self.assert_same_run(whole, resumed)
+        self.assertEqual(len(whole["progress"]["losses"]), 6)
+        self.assertNotEqual(whole["progress"]["losses"][0], whole["progress"]["losses"][-1])
+        self.assertTrue(os.path.exists(os.path.join(split, "hf", "model.safetensors")))
+        return split
+
+    def test_sharded_with_micro_batches(self):
+        with tempfile.TemporaryDirectory() as tmp:
+            data = os.path.join(tmp, "c")
+            fake_corpus(data, shards=3, docs_per_shard=12)
+            split = self.check(tmp, data, "--micro-batch", "2", "--rotary-summaries",
+                                      "--ranks", "2,4,4")
+            # A resumed run must be the same model and plan; it names what differs.
+            with self.assertRaisesRegex(checkpoint.CheckpointError, r"another plan: lr 0\.002 there"):
+                train.main(["--data", data, "--out", split, "--size", "tiny", "--device", "cpu",
+                            "--batch", "4", "--warmup", "2", "--rotary-summaries", "--ranks",
+                            "2,4,4", "--lr", "1e-3", "--minutes", "0"])
+            with self.assertRaisesRegex(checkpoint.CheckpointError, r"another model: fma_rank 4 there, 2"):
+                train.main(["--data", data, "--out", split, "--size", "tiny", "--device", "cpu",
+                            "--batch", "4", "--warmup", "2", "--rotary-summaries", "--minutes", "0"])
+            with open(os.path.join(split, "latest")) as f:
+                part = os.path.join(split, f.read().strip(), "part-000")
+            with open(part, "r+b") as f:
+                f.seek(100)
+                f.write(b"\0")
+            with self.assertRaisesRegex(checkpoint.CheckpointError, "part-000 has sha256"):
+                train.main(["--data", data, "--out", split, "--size", "tiny", "--device", "cpu",
+                            "--batch", "4", "--warmup", "2", "--minutes", "0"])
+
+    def test_legacy_format(self):
+        with tempfile.TemporaryDirectory() as tmp:
+            data = os.path.join(tmp, "legacy")
+            os.makedirs(data)
+            np.random.default_rng(2).integers(3, 8192, 20000).astype("<u2").tofile(
+                os.path.join(data, "train.bin"))
+            shutil.copy(TOKENIZER, os.path.join(data, "tokenizer.model"))
+            self.check(tmp, data, k=2)
+
+
+@unittest.skipUnless(torch.cuda.is_available(), "no GPU")
+class OnTheGpu(unittest.TestCase):
+    def test_resumed_and_compiled_runs_follow_the_whole_run(self):
+        """CUDA, bf16 autocast, fused AdamW: 3 steps, a checkpoint, a new process, 3 more steps
+        follow 6 steps in one run to bf16 rounding (GPU training is not bit-reproducible: atomics
+        in the backward pass), and so does a run with torch.compile (or its eager fallback)."""
+        with tempfile.TemporaryDirectory() as tmp:
+            data = os.path.join(tmp, "c")
+            fake_corpus(data, shards=3, docs_per_shard=12)
+            opts = ("--rotary-summaries", "--ranks", "2,4,4", "--micro-batch", "2")
+            whole = run_train(data, os.path.join(tmp, "whole"), *opts, device="cuda")
+            run_train(data, os.path.join(tmp, "split"), *opts, "--stop-at", "3", device="cuda")
+            split = run_train(data, os.path.join(tmp, "split"), *opts, device="cuda")
+            compiled = run_train(data, os.path.join(tmp, "compiled"), *opts, "--compile",
+                                 device="cuda")
+            losses = [[loss for _, loss in r["progress"]["losses"]] for r in (whole, split, compiled)]
+            print("losses, whole / resumed / compiled:", losses)
+            for other in losses[1:]:
+                self.assertEqual(len(other), 6)
+                for a, b in zip(losses[0], other):
+                    self.assertLess(abs(a - b), 2e-2 * abs(a))
+            self.assertLess(losses[0][-1], losses[0][0])  # it learns
+            for k, t in whole["model"].items():
+                diff = (t.float() - split["model"][k].float()).norm() / t.float().norm()
+                self.assertLess(diff.item(), 2e-2, k)
+
+
+class FullModel(unittest.TestCase):
+    def test_size_and_summaries(self):
+        """The 30-50M model of issue 12: the summary options MODEL.md measured best."""
+        fma, exact = train.model_config(False, "full"), train.model_config(True, "full")
+        counts = train.parameter_counts(train.FmaModel(fma))
+        self.assertTrue(30e6 <= sum(counts.values()) <= 50e6, counts)
+        self.assertEqual((fma.vocab_size, fma.max_position_embeddings, fma.fma_block_size),
+                         (16384, 8192, 64))
+        self.assertEqual((fma.fma_ranks, fma.fma_rotary_summaries), ([2, 2, 2, 4, 4, 4], True))
+        twin = train.parameter_counts(train.FmaModel(exact))
+        self.assertEqual(twin["downsampling"], 0)
+        self.assertEqual((twin["transformer"], twin["embeddings"]),
+                         (counts["transformer"], counts["embeddings"]))
+
+
+if __name__ == "__main__":
+    unittest.main()
