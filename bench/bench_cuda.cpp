@@ -213,7 +213,9 @@ void print_exact_against_fma(const std::vector<int>& batches, const std::vector<
 
 // Prefill and decode tables of the model; returns the decode tokens/s at kEndToEndBatches.
 const std::vector<int> kEndToEndBatches = {1, 16, 64, 256};
-std::vector<double> bench_end_to_end(const std::string& path, bool exact, bool quick) {
+// The prefill table: prompts of 1K to 1M tokens (16K in exact attention, 64K quick) read in
+// chunks of 64K; returns the model.
+std::shared_ptr<Model> bench_prompts(const std::string& path, bool exact, bool quick) {
   auto model = Model::load(path);
   const Config& c = model->config();
   const char* mode = exact ? "exact attention" : "FMA";
@@ -244,6 +246,12 @@ std::vector<double> bench_end_to_end(const std::string& path, bool exact, bool q
       b->free_slot(slot);
     }
   }
+  return model;
+}
+
+std::vector<double> bench_end_to_end(const std::string& path, bool exact, bool quick) {
+  const auto model = bench_prompts(path, exact, quick);
+  const char* mode = exact ? "exact attention" : "FMA";
   // The CLI's default sampling (temperature 0.8, top-k 40, top-p 0.95, min-p 0.05), on the GPU.
   return bench_decode(model, kEndToEndBatches, SamplingParams{}, mode);
 }
@@ -254,9 +262,11 @@ int main(int argc, char** argv) {
   if (argc < 2) {
     std::fprintf(stderr,
                  "usage: bench_cuda MODEL.gguf [--quick | --prefill-kernels | --decode-kernels |\n"
-                 "                              --decode B,B,... [--baseline BASE.gguf] |\n"
+                 "                              --prompts | --decode B,B,...\n"
+                 "                              [--baseline BASE.gguf] |\n"
                  "                              --exact B,B,...]\n"
                  "  --prefill-kernels, --decode-kernels: only the attention kernels' tables\n"
+                 "  --prompts: only the model's prefill table (prompts of 1K to 1M tokens)\n"
                  "  --exact: decode steps at those batch sizes on MODEL and on its exact-attention\n"
                  "           copy (same weights, same sampling as --decode), and their ratio\n"
                  "  --decode: only decode steps at those batch sizes, sampled as the server's API\n"
@@ -269,6 +279,7 @@ int main(int argc, char** argv) {
   const bool quick = argc > 2 && std::strcmp(argv[2], "--quick") == 0;
   const bool kernels_only = argc > 2 && std::strcmp(argv[2], "--prefill-kernels") == 0;
   const bool decode_kernels = argc > 2 && std::strcmp(argv[2], "--decode-kernels") == 0;
+  const bool prompts_only = argc > 2 && std::strcmp(argv[2], "--prompts") == 0;
   try {
     if (!cuda_available()) throw Error("no CUDA device");
     cudaDeviceProp prop;
@@ -319,6 +330,10 @@ int main(int argc, char** argv) {
       for (size_t i = 0; i < batches.size(); ++i)
         std::printf("| %d | %.0f | %.0f | %.3fx |\n", batches[i], base[i], got[i],
                     got[i] / base[i]);
+      return 0;
+    }
+    if (prompts_only) {
+      bench_prompts(argv[1], false, false);
       return 0;
     }
     if (!decode_kernels) bench_prefill_attention(quick);

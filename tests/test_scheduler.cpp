@@ -304,8 +304,9 @@ class GatedBackend : public mp::testing::ForwardingBackend {
 
 // The requests of OverlappedStepsGiveTheSameEvents, run on a gated backend; the first waits at
 // the gate until the others are submitted.
-std::vector<std::vector<CompletionEvent>> run_mixed_requests(const mp::testing::VariantModel& vm, bool threaded,
-                                     const std::string& stop) {
+std::vector<std::vector<CompletionEvent>> run_mixed_requests(const mp::testing::VariantModel& vm,
+                                                             bool threaded,
+                                                             const std::string& stop) {
   GatedBackend backend(make_backend(vm.model, {.kind = "cpu", .n_slots = 8, .n_threads = 1}),
                        threaded);
   Scheduler sched(backend, vm.model->tokenizer(), {.max_queue = 16, .max_prefill_per_step = 4096});
