@@ -372,7 +372,8 @@ TEST(Scheduler, OverlappedStepsGiveTheSameEvents) {
   const mp::testing::VariantModel vm;
   // A stop string that the second request's text holds: two characters from its middle.
   std::string text;
-  for (const auto& e : run_mixed_requests(vm, false, "\x01")[1]) text += e.text;
+  const auto discovery = run_mixed_requests(vm, false, "\x01");
+  for (const auto& e : discovery[1]) text += e.text;
   ASSERT_GE(text.size(), 8u);
   const std::string stop = text.substr(text.size() / 2, 2);
   const auto sync = run_mixed_requests(vm, false, stop);
