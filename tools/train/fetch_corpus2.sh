@@ -5,6 +5,9 @@
 # fetch_corpus.sh. Re-running it skips what is already there.
 set -euo pipefail
 out=${1:-/work/corpus-data/raw}
+# What prepare_corpus2.py runs: pdftotext, mod2imp (SWORD modules), groff, bible (the KJV), and
+# its Python modules.
+apt-get install -y -q poppler-utils libsword-utils groff-base bible-kjv python3-sentencepiece >/dev/null
 mkdir -p "$out/debs" "$out/npm" "$out/unpacked"
 # Manuals, books and references (HTML, PDF, reST, POD, info): the prose side.
 docs=(
@@ -19,7 +22,7 @@ docs=(
   zsh-doc vim-doc nodejs-doc swi-prolog-doc sbcl-doc gcl-doc clisp-doc haskell98-report
   manpages manpages-dev fortunes fortunes-min bible-kjv-text
   dict-gcide dict-wn dict-foldoc dict-jargon dict-vera dict-devil
-  sword-comm-tdavid sword-comm-mhcc sword-comm-scofield sword-text-web sword-dict-naves
+  sword-comm-tdavid sword-comm-scofield sword-text-web sword-dict-naves
 )
 # Source code.
 code=(linux-source-6.12 golang-1.19-src libpython3.11-stdlib)

@@ -44,7 +44,8 @@ def tokenizer_bytes(path):
 
 def clean(text):
     text = text.replace("\r\n", "\n").replace("\r", "\n").replace("\t", "    ")
-    text = "".join(c for c in text if c == "\n" or c.isprintable())
+    if not text.replace("\n", "").isprintable():  # the per-character pass only where needed
+        text = "".join(c for c in text if c == "\n" or c.isprintable())
     text = "\n".join(line.rstrip() for line in text.split("\n"))
     return re.sub(r"\n{3,}", "\n\n", text).strip() + "\n"
 
