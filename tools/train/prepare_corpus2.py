@@ -365,7 +365,7 @@ def extract(args):
         elif src["kind"] == "code" and (why := code_rejection(text)):
             dropped[why] += 1
         else:
-            docs.append((os.path.relpath(path, src["raw"]), text))
+            docs.append((os.path.relpath(path, src["raw"]) if path.startswith("/") else path, text))
     if src["kind"] in ("html", "sphinx", "pdf") and len(docs) >= 20:
         # Navigation, headers and footers: lines repeated in >= 5 % of a source's documents.
         seen = collections.Counter()
