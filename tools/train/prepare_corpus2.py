@@ -44,6 +44,7 @@ MIN_CHARS = 200
 # Linux's drivers/ and sound/ (77 % of its code) sampled by path: the code stays under 60 % of the
 # training tokens (the prose share >= 40 %).
 LINUX_DRIVERS_PERCENT = 40
+SPM_SENTENCES = 2_000_000   # lines the tokenizer trains on (the old corpus: all its 0.9M)
 PROSE = 0.6       # a document is prose when this share of its words are plain words
 
 # --- sources -------------------------------------------------------------------------------------
@@ -486,7 +487,7 @@ def main():
     print(f"[{time.time() - t0:6.0f}s] {len(meta)} documents after deduplication", flush=True)
 
     # The tokenizer: trained on a sample of the training split (a sixth of the documents by hash,
-    # one line a sentence), SentencePiece reading at most 3M of its lines.
+    # one line a sentence), SentencePiece reading SPM_SENTENCES of its lines at random.
     if not os.path.exists(f"{out}/tokenizer.model"):
         sample = f"{out}/spm_sample.txt"
         with open(sample, "w") as f:
@@ -496,7 +497,7 @@ def main():
                     if m and m["split"] == "train" and hashed("spm" + path) < 17:
                         f.write("\n".join(l for l in text.split("\n") if l.strip()) + "\n")
         for vocab in (8192, 16384):
-            train_tokenizer(sample, f"{out}/tokenizer{vocab}", vocab)
+            train_tokenizer(sample, f"{out}/tokenizer{vocab}", vocab, sentences=SPM_SENTENCES)
             print(f"[{time.time() - t0:6.0f}s] tokenizer {vocab} trained", flush=True)
         os.replace(f"{out}/tokenizer16384.model", f"{out}/tokenizer.model")
         os.remove(sample)
