@@ -265,15 +265,18 @@ def austen_novels(libdir):
 
 def sphinx_source(page):
     """A Sphinx page's reST source where the build kept it (_sources/, cleaner than the page's
-    text), else the page's text."""
+    text), else the page's text; also the page's text where the source is a stub that autodoc
+    filled in from docstrings (under a third of the page's text)."""
     root = os.path.dirname(page)
     while root != "/" and not os.path.isdir(f"{root}/_static"):
         root = os.path.dirname(root)
     rel = os.path.relpath(page, root)[:-len(".html")]
+    text = html_to_text(read(page))
     for ext in (".rst.txt", ".txt", ".ipynb.txt", ".md.txt"):
         if os.path.isfile(f"{root}/_sources/{rel}{ext}"):
-            return read(f"{root}/_sources/{rel}{ext}")
-    return html_to_text(read(page))
+            source = read(f"{root}/_sources/{rel}{ext}")
+            return source if 3 * len(source) >= len(text) else text
+    return text
 
 
 def kjv_books():
