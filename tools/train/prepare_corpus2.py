@@ -10,7 +10,8 @@ pdftotext from poppler-utils, mod2imp from libsword-utils, groff, and bible from
 2. build: exact deduplication (SHA-1 of the cleaned text), the split by document (3 % validation
    by a hash of the path; the "outside" sources held out whole), the tokenizer (BPE trained on a
    sample of the training split), the token streams packed whole-document into xz shards of at
-   most 20 MiB in a shuffled order, shards.json, val_docs.json, outside_docs.json, stats.json.
+   most 20 MiB in a shuffled order, shards.json, val_docs.json, outside_docs.json, stats.json,
+   and val.txt, outside.txt (those documents' text, separated by form feeds, in the same order).
    OLD_OUT_DIR (prepare_corpus.py's output, with train.txt) adds the outside set's overlap with the
    old corpus to stats.json.
 """
@@ -570,6 +571,12 @@ def main():
     for split in ("val", "outside"):
         paths = sorted(p for p, m in meta.items() if m["split"] == split)
         random.Random(SEED).shuffle(paths)
+        # The text too (documents separated by form feeds, in the streams' order): a model with
+        # another tokenizer (the shipped one) is evaluated on the same documents from it.
+        wanted = set(paths)
+        text = {p: t for n in srcs for p, t in docs_of(out, n) if p in wanted}
+        with open(f"{out}/{split}.txt", "w") as f:
+            f.write("\f".join(text[p] for p in paths))
         offsets = []
         held[split] = (paths, stream(paths, offsets))
         json.dump(offsets, open(f"{out}/{split}_docs.json", "w"))
