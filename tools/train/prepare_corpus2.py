@@ -38,6 +38,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from prepare_corpus import clean, html_to_text, read, train_tokenizer  # noqa: E402
 
 SHARD_BYTES = 20 * 1024 * 1024   # the most one compressed file may hold (GPU transfer limits)
+VOCABS = (8192, 16384)           # tokenizers trained; the last is the corpus's
 BOS, EOS = 1, 2
 SEED = 2026
 VAL_PERCENT = 3
@@ -476,7 +477,12 @@ def main():
         for name, log in pool.imap_unordered(extract, [(n, s, out) for n, s in srcs.items()]):
             logs[name] = log
             print(f"[{time.time() - t0:6.0f}s] extracted {name}: {log}", flush=True)
+    build(srcs, logs, out, old_corpus, t0)
 
+
+def build(srcs, logs, out, old_corpus=None, t0=None, vocabs=VOCABS, shard_bytes=SHARD_BYTES):
+    """Everything after the extraction (OUT/docs): dedup, split, tokenizer, streams, shards."""
+    t0 = t0 or time.time()
     # Exact deduplication in source order, the split, the prose measure.
     seen, meta = set(), {}
     for name, src in srcs.items():
@@ -503,10 +509,10 @@ def main():
                     m = meta.get(path)
                     if m and m["split"] == "train" and hashed("spm" + path) < 17:
                         f.write("\n".join(l for l in text.split("\n") if l.strip()) + "\n")
-        for vocab in (8192, 16384):
+        for vocab in vocabs:
             train_tokenizer(sample, f"{out}/tokenizer{vocab}", vocab, sentences=SPM_SENTENCES)
             print(f"[{time.time() - t0:6.0f}s] tokenizer {vocab} trained", flush=True)
-        os.replace(f"{out}/tokenizer16384.model", f"{out}/tokenizer.model")
+        os.replace(f"{out}/tokenizer{vocabs[-1]}.model", f"{out}/tokenizer.model")
         os.remove(sample)
     sp = spm.SentencePieceProcessor(model_file=f"{out}/tokenizer.model")
 
@@ -530,7 +536,8 @@ def main():
     val_text = [t for n in srcs for p, t in docs_of(out, n) if p in meta and meta[p]["split"] == "val"]
     chars = sum(len(t) for t in val_text)
     cpt = {}
-    for vocab, model in ((8192, f"{out}/tokenizer8192.model"), (16384, f"{out}/tokenizer.model")):
+    for vocab in vocabs:
+        model = f"{out}/tokenizer{vocab}.model" if vocab != vocabs[-1] else f"{out}/tokenizer.model"
         if os.path.exists(model):
             m = spm.SentencePieceProcessor(model_file=model)
             cpt[vocab] = round(chars / sum(len(ids) for ids in m.encode(val_text)), 4)
@@ -552,7 +559,7 @@ def main():
     random.Random(SEED).shuffle(train)
     probe = b"".join(tokens[p] for p in train[:2000])[:8_000_000]
     bytes_per_token = len(lzma.compress(probe, preset=9)) / (len(probe) // 2)
-    room = int(SHARD_BYTES * 0.92 / bytes_per_token)
+    room = int(shard_bytes * 0.92 / bytes_per_token)
     shards, truncated = pack([(p, len(tokens[p]) // 2) for p in train], room)
     for p, _, kept in truncated:  # cut to the room, still ending with EOS
         tokens[p] = tokens[p][:2 * (kept - 1)] + array.array("H", [EOS]).tobytes()
@@ -589,9 +596,9 @@ def main():
         for file, size, sha in pool.imap_unordered(compress, jobs):
             packed[file] = (size, sha)
             print(f"[{time.time() - t0:6.0f}s] {file}: {size} bytes", flush=True)
-    too_big = [f for f, (size, _) in packed.items() if size > SHARD_BYTES]
+    too_big = [f for f, (size, _) in packed.items() if size > shard_bytes]
     if too_big:
-        sys.exit(f"prepare_corpus2: over {SHARD_BYTES} bytes compressed: {too_big}")
+        sys.exit(f"prepare_corpus2: over {shard_bytes} bytes compressed: {too_big}")
 
     def entry(file, paths):
         return {"file": file, "tokens": sum(len(tokens[p]) // 2 for p in paths), "docs": len(paths),

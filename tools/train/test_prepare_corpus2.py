@@ -2,6 +2,9 @@
 """Tests of prepare_corpus2.py's parts on fresh random inputs: shard packing, the dictd and R data
 readers, the code filters and the prose measure."""
 import gzip
+import hashlib
+import json
+import lzma
 import os
 import random
 import string
@@ -11,10 +14,16 @@ import tempfile
 import unittest
 import zlib
 
+import sentencepiece as spm
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import prepare_corpus2 as pc  # noqa: E402
 
 rng = random.Random()
+
+
+def slurp(path, mode="r"):
+    with open(path, mode) as f:
+        return f.read()
 
 
 def word(n=None):
@@ -114,6 +123,61 @@ class Filters(unittest.TestCase):
         self.assertGreater(pc.prose_share(prose), 0.9)
         self.assertLess(pc.prose_share(code), 0.1)
         self.assertTrue(0.5 < pc.prose_share(prose + "\n" + code) < 0.9)
+
+
+class Build(unittest.TestCase):
+    """The whole build after extraction on small random sources: every document comes back whole
+    (or truncated to a shard's room) from the xz shards, in the format shards.json describes."""
+
+    def test_shards_hold_every_document(self):
+        docs = {"prose": [], "code": [], "novels": []}
+        for i in range(160):
+            docs["prose"].append((f"p/{i}", " ".join(f"{word().capitalize()} {' '.join(word() for _ in range(rng.randint(3, 12)))}."
+                                                     for _ in range(rng.randint(5, 60)))))
+            docs["code"].append((f"c/{i}", "\n".join(f"{word()}_{word()}({rng.randint(0, 99)}, &{word()});"
+                                                     for _ in range(rng.randint(5, 60)))))
+        docs["prose"].append(("p/long", " ".join(word() for _ in range(30000))))
+        docs["code"].append(("c/copy", docs["prose"][0][1]))  # an exact duplicate: dropped
+        docs["novels"] = [(f"n/{i}", " ".join(word() for _ in range(500))) for i in range(3)]
+        srcs = {n: {"packages": n, "licence": "test", "kind": "text", "outside": n == "novels"} for n in docs}
+        with tempfile.TemporaryDirectory() as out:
+            os.makedirs(f"{out}/docs")
+            for n, ds in docs.items():
+                with open(f"{out}/docs/{n}.jsonl", "w") as f:
+                    for path, text in ds:
+                        f.write(json.dumps({"path": path, "text": pc.clean(text)}) + "\n")
+            pc.build(srcs, {n: {"dropped": {}} for n in docs}, out, vocabs=(400, 500), shard_bytes=40_000)
+            manifest = json.loads(slurp(f"{out}/shards.json"))
+            stats = json.loads(slurp(f"{out}/stats.json"))
+            sp = spm.SentencePieceProcessor(model_file=f"{out}/tokenizer.model")
+            self.assertEqual((manifest["vocab"], manifest["bos"], manifest["eos"]), (500, 1, 2))
+            seen = []
+            for entry in manifest["shards"] + [manifest["val"], manifest["outside"]]:
+                blob = slurp(f"{out}/{entry['file']}", "rb")
+                self.assertLessEqual(len(blob), 40_000)
+                self.assertEqual(hashlib.sha256(blob).hexdigest(), entry["sha256"])
+                ids = list(memoryview(lzma.decompress(blob)).cast("H"))
+                self.assertEqual(len(ids), entry["tokens"])
+                self.assertEqual((ids[0], ids[-1]), (1, 2))
+                bounds = [i for i, t in enumerate(ids) if t == 2]
+                self.assertEqual(len(bounds), entry["docs"])
+                start = 0
+                for end in bounds:
+                    self.assertEqual(ids[start], 1)
+                    seen.append(sp.decode(ids[start + 1:end]))
+                    start = end + 1
+            texts = {pc.clean(t) for ds in docs.values() for _, t in ds}
+            self.assertEqual(len(seen), len(texts))
+            whole = [t for t in seen if t in texts]
+            self.assertEqual(len(seen) - len(whole), len(stats["truncated"]))
+            self.assertEqual([t["path"] for t in stats["truncated"]], ["p/long"])
+            self.assertGreater(len(manifest["shards"]), 1)
+            outside = slurp(f"{out}/outside.txt").split("\f")
+            self.assertEqual(sorted(outside), sorted(pc.clean(t) for _, t in docs["novels"]))
+            self.assertEqual(stats["sources"]["prose"]["kind"], "prose")
+            self.assertEqual(stats["sources"]["code"]["kind"], "code")
+            offsets = json.loads(slurp(f"{out}/val_docs.json"))
+            self.assertEqual(sum(o["length"] for o in offsets), manifest["val"]["tokens"])
 
 
 if __name__ == "__main__":
