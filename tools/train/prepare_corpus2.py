@@ -172,6 +172,11 @@ def files(src):
     return out
 
 
+def write_json(path, value, **kw):
+    with open(path, "w") as f:
+        json.dump(value, f, **kw)
+
+
 def hashed(name):
     """A document's place in 0..99 by its name: the validation split and the samples."""
     return int(hashlib.md5(name.encode()).hexdigest(), 16) % 100
@@ -326,7 +331,7 @@ def raw_documents(src):
             text = re.sub(r" ([.,;:?!')])", r"\1", " ".join(words))
             yield path, text.replace("`` ", '"').replace(" ''", '"')
         elif kind == "json-lines":
-            yield path, "\n".join(json.load(open(path)))
+            yield path, "\n".join(json.loads(read(path)))
         elif kind == "fortune":
             if not path.endswith((".dat", ".u8")):
                 yield path, read(path).replace("\n%\n", "\n\n")
@@ -361,7 +366,7 @@ def extract(args):
     name, src, out = args
     target = f"{out}/docs/{name}.jsonl"
     if os.path.exists(target):
-        return name, json.load(open(target + ".log"))
+        return name, json.loads(read(target + ".log"))
     t0 = time.time()
     dropped = collections.Counter()
     docs = []
@@ -394,7 +399,7 @@ def extract(args):
             f.write(json.dumps({"path": path, "text": text}, ensure_ascii=False) + "\n")
     log = {"docs": len(docs), "chars": sum(len(t) for _, t in docs), "dropped": dropped,
            "seconds": round(time.time() - t0, 1)}
-    json.dump(log, open(target + ".log", "w"))
+    write_json(target + ".log", log)
     os.replace(target + ".tmp", target)
     return name, log
 
@@ -586,7 +591,7 @@ def build(srcs, logs, out, old_corpus=None, t0=None, vocabs=VOCABS, shard_bytes=
             f.write("\f".join(text[p] for p in paths))
         offsets = []
         held[split] = (paths, stream(paths, offsets))
-        json.dump(offsets, open(f"{out}/{split}_docs.json", "w"))
+        write_json(f"{out}/{split}_docs.json", offsets)
     jobs = [(f"{out}/train-{i:03d}.u16.xz", stream(s)) for i, s in enumerate(shards)]
     jobs += [(f"{out}/{split}.u16.xz", held[split][1]) for split in ("val", "outside")]
     for old in glob.glob(f"{out}/*.u16.xz"):
@@ -607,7 +612,7 @@ def build(srcs, logs, out, old_corpus=None, t0=None, vocabs=VOCABS, shard_bytes=
                 "shards": [entry(f"train-{i:03d}.u16.xz", s) for i, s in enumerate(shards)],
                 "val": entry("val.u16.xz", held["val"][0]),
                 "outside": entry("outside.u16.xz", held["outside"][0])}
-    json.dump(manifest, open(f"{out}/shards.json", "w"), indent=1)
+    write_json(f"{out}/shards.json", manifest, indent=1)
 
     stats = {"sources": {}, "truncated": truncated, "chars_per_token_val": cpt, "outside_overlap": overlap,
              "compressed_bytes": sum(s for s, _ in packed.values()),
@@ -629,7 +634,7 @@ def build(srcs, logs, out, old_corpus=None, t0=None, vocabs=VOCABS, shard_bytes=
                        "prose_share_train_tokens": round(prose_train / train_tokens, 4),
                        "bytes_per_token": round(stats["compressed_bytes"] / (
                            train_tokens + manifest["val"]["tokens"] + manifest["outside"]["tokens"]), 4)}
-    json.dump(stats, open(f"{out}/stats.json", "w"), indent=1)
+    write_json(f"{out}/stats.json", stats, indent=1)
     print(json.dumps(stats["totals"], indent=1))
 
 
