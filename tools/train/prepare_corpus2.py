@@ -35,7 +35,8 @@ import zlib
 import sentencepiece as spm
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from prepare_corpus import clean, html_to_text, read, train_tokenizer  # noqa: E402
+from prepare_corpus import (brown_text, clean, html_to_text, kjv_books, man_text, read,  # noqa: E402
+                            train_tokenizer)
 
 SHARD_BYTES = 20 * 1024 * 1024   # the most one compressed file may hold (GPU transfer limits)
 VOCABS = (8192, 16384)           # tokenizers trained; the last is the corpus's
@@ -289,18 +290,6 @@ def sphinx_source(page):
     return text
 
 
-def kjv_books():
-    verses = subprocess.run(["bible", "-f", "Gen1:1-Rev22:21"], capture_output=True,
-                            check=True).stdout.decode().splitlines()
-    books = {}
-    for v in verses:
-        m = re.match(r"([1-3]?[A-Za-z]+)(\d+):(\d+) (.*)", v)
-        if m:
-            books.setdefault(m.group(1), []).append(f"{m.group(2)}:{m.group(3)} {m.group(4)}")
-    for name, lines in books.items():
-        yield "kjv/" + name, "\n".join(lines)
-
-
 def raw_documents(src):
     kind = src["kind"]
     if kind == "kjv":
@@ -323,13 +312,9 @@ def raw_documents(src):
                 continue
             yield path, sphinx_source(path) if kind == "sphinx" else html_to_text(read(path))
         elif kind == "man":
-            r = subprocess.run(f"zcat '{path}' | groff -mandoc -Tutf8 -P-cbou 2>/dev/null",
-                               shell=True, capture_output=True)
-            yield path, r.stdout.decode("utf-8", errors="replace")
+            yield path, man_text(path)
         elif kind == "brown":
-            words = [w.rsplit("/", 1)[0] for w in read(path).split()]
-            text = re.sub(r" ([.,;:?!')])", r"\1", " ".join(words))
-            yield path, text.replace("`` ", '"').replace(" ''", '"')
+            yield path, brown_text(path)
         elif kind == "json-lines":
             yield path, "\n".join(json.loads(read(path)))
         elif kind == "fortune":
