@@ -184,7 +184,11 @@ def hashed(name):
 
 
 def pdf_text(path):
-    r = subprocess.run(["pdftotext", "-q", "-enc", "UTF-8", path, "-"], capture_output=True)
+    try:  # a few drawings (pst-moire's glass patterns) take pdftotext minutes for no text
+        r = subprocess.run(["pdftotext", "-q", "-enc", "UTF-8", path, "-"], capture_output=True,
+                           timeout=60)
+    except subprocess.TimeoutExpired:
+        return ""
     text = r.stdout.decode("utf-8", errors="replace").replace("\f", "\n")
     # pdftotext ends a paragraph's lines where the page did: join lines that continue a sentence.
     return re.sub(r"(?<=[a-z,;])-?\n(?=[a-z])", lambda m: "" if m.group(0).startswith("-") else " ",
