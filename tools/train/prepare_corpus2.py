@@ -169,7 +169,8 @@ def files(src):
     out = sorted(p for p in set(out) if not (ex and ex.search(p)))
     if src.get("sample"):  # (pattern, percent): that share of the files matching, by path
         pattern, percent = re.compile(src["sample"][0]), src["sample"][1]
-        out = [p for p in out if not pattern.search(p) or hashed(os.path.relpath(p, src["raw"])) < percent]
+        out = [p for p in out if not pattern.search(p) or
+               hashed("sample:" + os.path.relpath(p, src["raw"])) < percent]  # not the split's hash
     return out
 
 
