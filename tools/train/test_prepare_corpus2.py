@@ -96,6 +96,25 @@ class Readers(unittest.TestCase):
         self.assertEqual(len({p for p, _ in got}), 3)
 
 
+class Sample(unittest.TestCase):
+    def test_sampled_files_split_like_the_others(self):
+        """A source's sample and the validation split are independent draws: about 3 % of the
+        sampled files go to validation (the same hash for both sent 3 in 4 there)."""
+        with tempfile.TemporaryDirectory() as raw:
+            names = {f"{raw}/tree/{d}/{word(12)}.c" for d in ("core", "drivers") for _ in range(2500)}
+            for n in names:
+                os.makedirs(os.path.dirname(n), exist_ok=True)
+                open(n, "w").close()
+            src = {"globs": [f"{raw}/tree/**/*.c"], "raw": raw, "sample": (r"/drivers/", 20)}
+            kept = pc.files(src)
+        core = [p for p in kept if "/core/" in p]
+        drivers = [p for p in kept if "/drivers/" in p]
+        self.assertEqual(len(core), len([n for n in names if "/core/" in n]))
+        self.assertTrue(350 < len(drivers) < 650, len(drivers))
+        val = [p for p in drivers if pc.hashed(os.path.relpath(p, raw)) < pc.VAL_PERCENT]
+        self.assertLess(len(val), 0.08 * len(drivers))
+
+
 class Filters(unittest.TestCase):
     def code(self, lines):
         return "\n".join(lines) + "\n"
