@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
 """Builds the second, larger corpus (docs/DATA.md, "corpus2") from what fetch_corpus2.sh unpacked.
 
-usage: prepare_corpus2.py RAW_DIR OUT_DIR [OLD_OUT_DIR]   (Debian's python3 with python3-sentencepiece;
-pdftotext from poppler-utils, mod2imp from libsword-utils, groff, and bible from bible-kjv)
+usage: prepare_corpus2.py RAW_DIR OUT_DIR [OLD_OUT_DIR]
+(Debian's python3 with python3-sentencepiece; pdftotext from poppler-utils, mod2imp from
+libsword-utils, groff, and bible from bible-kjv: fetch_corpus2.sh installs them)
 
 1. extract: every source's documents, cleaned (prepare_corpus.clean) and filtered (near-empty,
    broken encoding, generated, minified or data-table files, lines repeated across a source's
