@@ -99,10 +99,13 @@ def sources(raw):
         "pdf", *[f"texlive-{t}-doc/usr/share/doc/**/*.pdf" for t in TEX_DOCS])
     add("python-sci-docs", ", ".join(SPHINX), "BSD-3-Clause (SQLAlchemy: MIT)", "sphinx",
         *[f"{p}/usr/share/doc/**/*.html" for p in SPHINX])
-    add("rust-docs", "rust-doc", "MIT / Apache-2.0", "html", "rust-doc/usr/share/doc/rust-doc/html/**/*.html",
+    add("rust-docs", "rust-doc", "MIT / Apache-2.0", "html",
+        "rust-doc/usr/share/doc/rust-doc/html/**/*.html",
         exclude=r"/html/(core|alloc|src)/")  # core and alloc: std re-exports them; src: listings
-    add("sagemath-docs", "sagemath-doc", "GPL-2.0+", "sphinx", "sagemath-doc/usr/share/doc/sagemath/html/en/**/*.html")
-    add("racket-docs", "racket-doc", "MIT / Apache-2.0", "html", "racket-doc/usr/share/doc/racket/**/*.html")
+    add("sagemath-docs", "sagemath-doc", "GPL-2.0+", "sphinx",
+        "sagemath-doc/usr/share/doc/sagemath/html/en/**/*.html")
+    add("racket-docs", "racket-doc", "MIT / Apache-2.0", "html",
+        "racket-doc/usr/share/doc/racket/**/*.html")
     add("erlang-docs", "erlang-doc", "Apache-2.0", "html", "erlang-doc/usr/share/doc/**/*.html")
     add("ghc-docs", "ghc-doc", "BSD-3-Clause", "html", "ghc-doc/usr/share/doc/**/*.html",
         exclude=r"/src/")
@@ -611,7 +614,8 @@ def build(srcs, logs, out, old_corpus=None, t0=None, vocabs=VOCABS, shard_bytes=
              "seconds": round(time.time() - t0)}
     for name, src in srcs.items():
         mine = [(p, m) for p, m in meta.items() if m["source"] == name]
-        tok = {s: sum(len(tokens[p]) // 2 for p, m in mine if m["split"] == s) for s in ("train", "val", "outside")}
+        tok = {s: sum(len(tokens[p]) // 2 for p, m in mine if m["split"] == s)
+               for s in ("train", "val", "outside")}
         prose_tokens = sum(len(tokens[p]) // 2 for p, m in mine if m["prose"])
         stats["sources"][name] = {
             "packages": src["packages"], "licence": src["licence"], "docs": len(mine),

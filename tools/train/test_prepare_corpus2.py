@@ -151,8 +151,8 @@ class Build(unittest.TestCase):
     def test_shards_hold_every_document(self):
         docs = {"prose": [], "code": [], "novels": []}
         for i in range(160):
-            docs["prose"].append((f"p/{i}", " ".join(f"{word().capitalize()} {' '.join(word() for _ in range(rng.randint(3, 12)))}."
-                                                     for _ in range(rng.randint(5, 60)))))
+            sentence = lambda: f"{word().capitalize()} {' '.join(word() for _ in range(rng.randint(3, 12)))}."
+            docs["prose"].append((f"p/{i}", " ".join(sentence() for _ in range(rng.randint(5, 60)))))
             docs["code"].append((f"c/{i}", "\n".join(f"{word()}_{word()}({rng.randint(0, 99)}, &{word()});"
                                                      for _ in range(rng.randint(5, 60)))))
         docs["prose"].append(("p/long", " ".join(word() for _ in range(30000))))
