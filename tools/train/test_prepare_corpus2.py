@@ -26,6 +26,10 @@ def slurp(path, mode="r"):
         return f.read()
 
 
+def sentence(lo, hi):
+    return f"{word().capitalize()} {' '.join(word() for _ in range(rng.randint(lo, hi)))}."
+
+
 def word(n=None):
     return "".join(rng.choice(string.ascii_lowercase) for _ in range(n or rng.randint(2, 9)))
 
@@ -135,8 +139,7 @@ class Filters(unittest.TestCase):
         self.assertEqual(pc.code_rejection(regs), "generated")
 
     def test_prose_share_separates_sentences_from_code(self):
-        prose = " ".join(f"{word().capitalize()} {' '.join(word() for _ in range(rng.randint(4, 15)))}."
-                         for _ in range(100))
+        prose = " ".join(sentence(4, 15) for _ in range(100))
         code = "\n".join(f"{word()}_{word()}->{word()} = {word()}({rng.randint(0, 9)}, &{word()}[i]);"
                          for _ in range(100))
         self.assertGreater(pc.prose_share(prose), 0.9)
@@ -151,8 +154,7 @@ class Build(unittest.TestCase):
     def test_shards_hold_every_document(self):
         docs = {"prose": [], "code": [], "novels": []}
         for i in range(160):
-            sentence = lambda: f"{word().capitalize()} {' '.join(word() for _ in range(rng.randint(3, 12)))}."
-            docs["prose"].append((f"p/{i}", " ".join(sentence() for _ in range(rng.randint(5, 60)))))
+            docs["prose"].append((f"p/{i}", " ".join(sentence(3, 12) for _ in range(rng.randint(5, 60)))))
             docs["code"].append((f"c/{i}", "\n".join(f"{word()}_{word()}({rng.randint(0, 99)}, &{word()});"
                                                      for _ in range(rng.randint(5, 60)))))
         docs["prose"].append(("p/long", " ".join(word() for _ in range(30000))))
