@@ -512,7 +512,8 @@ def build(srcs, logs, out, old_corpus=None, t0=None, vocabs=VOCABS, shard_bytes=
         for vocab in vocabs:
             train_tokenizer(sample, f"{out}/tokenizer{vocab}", vocab, sentences=SPM_SENTENCES)
             print(f"[{time.time() - t0:6.0f}s] tokenizer {vocab} trained", flush=True)
-        os.replace(f"{out}/tokenizer{vocabs[-1]}.model", f"{out}/tokenizer.model")
+        for ext in ("model", "vocab"):
+            os.replace(f"{out}/tokenizer{vocabs[-1]}.{ext}", f"{out}/tokenizer.{ext}")
         os.remove(sample)
     sp = spm.SentencePieceProcessor(model_file=f"{out}/tokenizer.model")
 
