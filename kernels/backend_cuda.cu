@@ -466,8 +466,7 @@ class CudaBackend final : public Backend {
     sample_rows_.clear();
     pens_.clear();
     top_rows_.clear();
-    int& top_n = top_n_;
-    top_n = 0;
+    top_n_ = 0;
     for (size_t i = 0; i < specs.size(); ++i) {
       const SampleSpec& sp = specs[i];
       if (!sp.params) continue;
@@ -475,16 +474,16 @@ class CudaBackend final : public Backend {
           {int(i), *sp.params, int(pens_.size()), int(sp.penalties.size()), sp.uniform});
       for (const auto& [id, n] : sp.penalties) pens_.push_back({id, n});
       if (sp.top_logprobs > 0) top_rows_.push_back(int(i));
-      top_n = std::max(top_n, std::min(sp.top_logprobs, V));
+      top_n_ = std::max(top_n_, std::min(sp.top_logprobs, V));
     }
     launch(chunks);  // logits row i is chunk i's last token; the sampler's inputs uploaded too
-    const size_t R = sample_rows_.size(), T = top_rows_.size() * top_n;
+    const size_t R = sample_rows_.size(), T = top_rows_.size() * top_n_;
     sampled_.layout({R * sizeof(int), R * sizeof(float), T * sizeof(int), T * sizeof(float)});
     cuda::sample(logits_.get(), V, inputs_.device<cuda::SampleRow>(kSampleRows), int(R),
                  inputs_.device<int2>(kPens), sampled_.device<int>(kIds),
                  sampled_.device<float>(kLogprobs), stream_);
     cuda::top_logprobs(logits_.get(), V, inputs_.device<int>(kTopRows), int(top_rows_.size()),
-                       top_n, sampled_.device<int>(kTopIds), sampled_.device<float>(kTopLps),
+                       top_n_, sampled_.device<int>(kTopIds), sampled_.device<float>(kTopLps),
                        stream_);
     sampled_.download(stream_);
   }

@@ -18,6 +18,7 @@
 #include <cstring>
 #include <deque>
 #include <mutex>
+#include <optional>
 #include <thread>
 #include <unordered_set>
 
@@ -352,14 +353,15 @@ struct Scheduler::Impl {
     ++s.generated;
     if (id == tok.eos() && !s.req.ignore_eos) return finish(l, s, "stop");
     s.penalties.push(id);
+    const Lane::Unreported u{&s, id, s.generated, t.logprob, backend.slot_bytes(s.slot)};
     if (overlap && t.top_logprobs.empty() && s.req.stop.empty() &&
         s.generated < s.req.max_tokens) {
-      l.unreported.push_back({&s, id, s.generated, t.logprob, backend.slot_bytes(s.slot)});
+      l.unreported.push_back(u);
       s.pending = id;
       return;
     }
     if (t.top_logprobs.empty()) {
-      report(l, s, {&s, id, s.generated, t.logprob, backend.slot_bytes(s.slot)});
+      report(l, u);
     } else {
       CompletionEvent e;
       e.token = id;
@@ -376,7 +378,8 @@ struct Scheduler::Impl {
   }
 
   // A token's event, the common one: its text straight into the event thread's batch.
-  void report(Lane& l, Seq& s, const Lane::Unreported& u) {
+  void report(Lane& l, const Lane::Unreported& u) {
+    Seq& s = *u.seq;
     EventBatch& b = outbox_of(l, s);
     const size_t at = b.text.size();
     s.text.push(u.token, b.text);
@@ -385,7 +388,7 @@ struct Scheduler::Impl {
                          u.logprob, -1, u.state_bytes});
   }
   void report_unreported(Lane& l) {
-    for (const Lane::Unreported& u : l.unreported) report(l, *u.seq, u);
+    for (const Lane::Unreported& u : l.unreported) report(l, u);
     l.unreported.clear();
   }
 
@@ -505,7 +508,7 @@ struct Scheduler::Impl {
   double run_step(Lane& l, size_t* prompt_tokens) {
     std::vector<SampledToken> sampled;
     const auto t0 = std::chrono::steady_clock::now();
-    std::string failed;
+    std::optional<std::string> failed;  // the backend's error, if it threw
     try {
       backend.start_sample(l.batch, l.specs);
     } catch (const std::exception& e) {
@@ -515,7 +518,7 @@ struct Scheduler::Impl {
     report_unreported(l);
     post_events(l);
     const auto t1 = std::chrono::steady_clock::now();
-    if (failed.empty()) {
+    if (!failed) {
       try {
         sampled = backend.finish_sample(l.batch, l.specs);
       } catch (const std::exception& e) {
@@ -523,8 +526,8 @@ struct Scheduler::Impl {
       }
     }
     in_backend += seconds_since(t1);
-    if (!failed.empty()) {
-      for (Seq* s : l.owners) finish(l, *s, "error: " + failed);
+    if (failed) {
+      for (Seq* s : l.owners) finish(l, *s, "error: " + *failed);
       return in_backend;
     }
     for (size_t i = 0; i < l.owners.size(); ++i) {
