@@ -18,6 +18,12 @@
 #   FETCH=K    the outbox batch to copy into OUT (default 0); the call prints how many there are
 #   MODELS     default "fma exact"
 #   TRAIN_ARGS to both train.py runs (default: the plan of docs/MODEL.md)
+#   GPUS=G     processes (GPUs) per model (default 1): torchrun, each with 1/G of every step's windows
+#   DETACH=1   the runs go on after the call returns (setsid: until the machine is given back); later
+#              calls keep the machine warm and wait for them (WAIT); their exit codes land in
+#              /tmp/lease/MODEL/exit
+#   WAIT=M     wait up to M minutes for detached runs to end (printing their logs each minute); the
+#              outbox is made only once every run has ended
 #   TESTS=0    skip the tests; SIZE=tiny with TRAIN_ARGS="--device cpu ..." checks the script on a CPU
 set -euo pipefail
 corpus=$(realpath "$1") out=$(realpath "$2") minutes=$3
@@ -56,18 +62,58 @@ micro=8
 # shellcheck disable=SC2206 # TRAIN_ARGS is words
 plan=(--size "${SIZE:-full}" --seed "${SEED:-0}" ${STEPS:+--plan-steps "$STEPS"} --micro-batch $micro
       ${TRAIN_ARGS:---batch 16 --lr 1.5e-3 --warmup 300 --compile})
+# G processes of train.py as torchrun would start them (torchrun itself fails with Debian's
+# PyTorch 1.13 under Python 3.11, where this script is checked); the call fails if any does.
+ranks() {
+  local g=$1 port=$((29500 + RANDOM % 1000)) pids=() r rc=0
+  shift
+  for ((r = 0; r < g; r++)); do
+    RANK=$r LOCAL_RANK=$r WORLD_SIZE=$g MASTER_ADDR=127.0.0.1 MASTER_PORT=$port "$@" &
+    pids+=($!)
+  done
+  for r in "${pids[@]}"; do wait "$r" || rc=1; done
+  return $rc
+}
+export -f ranks
+gpus=${GPUS:-1}
 if [ "$minutes" != 0 ]; then
   pids=()
   for m in $models; do
     twin=()
     [ "$m" = fma ] || twin=(--exact)
-    python3 train.py --data "$work/corpus" --out "$work/$m" --minutes "$minutes" --final \
-      "${plan[@]}" "${twin[@]}" &
-    pids+=($!)
+    mkdir -p "$work/$m" && rm -f "$work/$m/exit"
+    run=(ranks "$gpus" python3 train.py --data "$work/corpus" --out "$work/$m" --minutes "$minutes" \
+         --final "${plan[@]}" "${twin[@]}")
+    if [ -n "${DETACH:-}" ]; then
+      setsid nohup bash -c "$(printf '%q ' "${run[@]}"); echo \$? > $work/$m/exit" \
+        > "$work/$m/console.log" 2>&1 < /dev/null &
+    else
+      "${run[@]}" &
+      pids+=($!)
+    fi
   done
   for pid in "${pids[@]}"; do wait "$pid"; done  # a failed run fails the call
-  for m in $models; do tail -n 4 "$work/$m/train.log"; cp "$work/$m/train.log" "$out/train_$m.log"; done
 fi
+if [ -n "${DETACH:-}" ]; then
+  deadline=$(( $(date +%s) + ${WAIT:-0} * 60 ))
+  while :; do
+    running=0
+    for m in $models; do [ -f "$work/$m/exit" ] || running=$((running + 1)); done
+    for m in $models; do echo "$m: $(tail -n 1 "$work/$m/train.log" 2>/dev/null)"; done
+    [ "$running" != 0 ] && [ "$(date +%s)" -lt "$deadline" ] || break
+    sleep 60
+  done
+  for m in $models; do tail -n 5 "$work/$m/console.log" 2>/dev/null || true; done
+  [ "$running" = 0 ] || { echo "$running run(s) still going"; exit 0; }
+  for m in $models; do
+    [ "$(cat "$work/$m/exit")" = 0 ] || { echo "$m: train.py exited with $(cat "$work/$m/exit")"; exit 1; }
+  done
+fi
+for m in $models; do
+  [ -f "$work/$m/train.log" ] || continue
+  tail -n 4 "$work/$m/train.log"
+  cp "$work/$m/train.log" "$out/train_$m.log"
+done
 
 # The outbox: per model the bf16 Hugging Face folder (safetensors in 15 MiB pieces), then the
 # checkpoint's parts; batch FETCH of it goes to OUT (with the two logs: 6 files left).

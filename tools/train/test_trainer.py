@@ -8,6 +8,7 @@ import json
 import lzma
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -148,12 +149,31 @@ class Parts(unittest.TestCase):
             self.assertEqual([len(g) for g in groups], [4, 8, 3])
 
 
-def run_train(data, out, *extra, device="cpu"):
-    """train.py in its own process, as on the GPU machine: nothing carries over but the files."""
-    args = [sys.executable, os.path.join(HERE, "train.py"), "--data", data, "--out", out,
+def train_command(data, out, *extra, device="cpu"):
+    return [sys.executable, os.path.join(HERE, "train.py"), "--data", data, "--out", out,
             "--size", "tiny", "--device", device, "--batch", "4", "--warmup", "2", "--log-every", "1",
             "--plan-steps", "6", *extra]
-    subprocess.run(args, check=True, cwd=HERE, env=dict(os.environ, OMP_NUM_THREADS="1"))
+
+
+def run_train(data, out, *extra, device="cpu"):
+    """train.py in its own process, as on the GPU machine: nothing carries over but the files."""
+    subprocess.run(train_command(data, out, *extra, device=device), check=True, cwd=HERE,
+                   env=dict(os.environ, OMP_NUM_THREADS="1"))
+    _, state = checkpoint.load(checkpoint.latest(out))
+    return state
+
+
+def run_processes(world, data, out, *extra):
+    """train.py in `world` processes training one model, as torchrun starts them (gloo here)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = [subprocess.Popen(train_command(data, out, *extra), cwd=HERE, env=dict(
+        os.environ, OMP_NUM_THREADS="1", RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE=str(world),
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))) for r in range(world)]
+    codes = [p.wait(timeout=600) for p in procs]
+    if any(codes):
+        raise AssertionError(f"train.py processes exited with {codes}")
     _, state = checkpoint.load(checkpoint.latest(out))
     return state
 
@@ -213,6 +233,32 @@ class ExactResume(unittest.TestCase):
                 os.path.join(data, "train.bin"))
             shutil.copy(TOKENIZER, os.path.join(data, "tokenizer.model"))
             self.check(tmp, data, k=2)
+
+
+class SeveralProcesses(unittest.TestCase):
+    def test_two_processes_follow_one(self):
+        """Two processes, each with half of every step's windows and their gradients averaged,
+        train as one process does with micro-batches of that half (to fp32 rounding: the same
+        micro-batches, summed in another order), and only the first writes."""
+        with tempfile.TemporaryDirectory() as tmp:
+            data = os.path.join(tmp, "c")
+            fake_corpus(data, shards=2, docs_per_shard=12)
+            opts = ("--rotary-summaries", "--micro-batch", "2")
+            one = run_train(data, os.path.join(tmp, "one"), *opts)
+            two = run_processes(2, data, os.path.join(tmp, "two"), *opts)
+            self.assertEqual(two["progress"]["tokens"], one["progress"]["tokens"])
+            self.assertEqual(len(two["progress"]["losses"]), 6)
+            for (s1, a), (s2, b) in zip(one["progress"]["losses"], two["progress"]["losses"]):
+                self.assertEqual(s1, s2)
+                self.assertLess(abs(a - b), 1e-5 * abs(a))
+            for k, t in one["model"].items():
+                diff = (t.float() - two["model"][k].float()).norm() / t.float().norm()
+                self.assertLess(diff.item(), 1e-5, k)
+            self.assertNotEqual(one["progress"]["losses"][0], one["progress"]["losses"][-1])
+            with open(os.path.join(tmp, "two", "train.log")) as f:
+                log = f.read()
+            self.assertEqual(log.count("2 processes"), 1)  # one writer
+            self.assertTrue(os.path.exists(os.path.join(tmp, "two", "hf", "model.safetensors")))
 
 
 @unittest.skipUnless(torch.cuda.is_available(), "no GPU")

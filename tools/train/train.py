@@ -21,6 +21,11 @@ exports it as a LlamaForCausalLM folder (a stand-in for a pretrained checkpoint 
 FMA model (--downsampling, --rank, --block-size, --trained-length, as multipole-convert --fma:
 groupedconv summaries start as average pooling); --freeze trains the summary weights only.
 
+Several GPUs (torchrun, or python3 -m torch.distributed.run --nproc_per_node G train.py ...): each
+process takes an equal share of every step's windows and the gradients are averaged before
+clipping, so the plan, the checkpoints and the result are those of one process (to rounding); the
+plan must then be fixed in steps (--plan-steps).
+
 usage: train.py --data DIR --out DIR [--size full] [--exact] [--minutes M] [--plan-steps N] ...
        train.py --benchmark-steps N --size full [--batch B] [--benchmark-micro 4,8] [--compile]
 """
@@ -207,12 +212,69 @@ def open_corpus(args, cfg):
 OutOfMemory = getattr(torch.cuda, "OutOfMemoryError", ())  # () catches nothing (PyTorch 1.13)
 
 
+class Ranks:
+    """The processes that train one model together (torchrun's RANK, WORLD_SIZE, LOCAL_RANK; one
+    process without them). Each takes an equal share of a step's windows; gradients are averaged
+    before clipping, so every process takes the same optimiser step and holds the same weights;
+    rank 0 alone writes the log, the checkpoints and the export."""
+
+    def __init__(self, dev, from_env=True):
+        env = os.environ if from_env else {}
+        self.world, self.rank = int(env.get("WORLD_SIZE", "1")), int(env.get("RANK", "0"))
+        self.dev = dev
+        if self.world > 1:
+            if dev == "cuda":
+                torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+            torch.distributed.init_process_group("nccl" if dev == "cuda" else "gloo")
+
+    def share(self, batch):
+        """This process's windows of a step's batch."""
+        k, rest = divmod(len(batch), self.world)
+        if rest:
+            raise ValueError(f"--batch {len(batch)} does not split over {self.world} processes")
+        return batch[self.rank * k:(self.rank + 1) * k]
+
+    def average(self, tensors):
+        """Each tensor replaced by its mean over the processes (one collective for all)."""
+        if self.world == 1:
+            return
+        flat = torch._utils._flatten_dense_tensors(tensors)
+        torch.distributed.all_reduce(flat)  # a sum: gloo has no average
+        flat /= self.world
+        for t, mean in zip(tensors, torch._utils._unflatten_dense_tensors(flat, tensors)):
+            t.copy_(mean)
+
+    def any(self, flag):
+        """Whether any process says so: every process must ask at the same step."""
+        if self.world == 1:
+            return flag
+        t = torch.tensor([float(flag)], device=self.dev)
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+        return bool(t.item())
+
+    def check_same(self, params):
+        """Refuses processes whose weights have drifted apart (they take identical steps)."""
+        if self.world == 1:
+            return
+        sums = torch.stack([p.detach().double().sum() for p in params])
+        low, high = sums.clone(), sums.clone()
+        torch.distributed.all_reduce(low, op=torch.distributed.ReduceOp.MIN)
+        torch.distributed.all_reduce(high, op=torch.distributed.ReduceOp.MAX)
+        if not torch.equal(low, high):
+            raise RuntimeError("the processes' weights differ")
+
+    def close(self):
+        if self.world > 1:
+            torch.distributed.destroy_process_group()
+
+
 class Trainer:
     """One model's optimiser step: bf16 autocast, micro-batches whose gradients accumulate,
     clipping, fused AdamW on CUDA. Nothing here waits for the GPU: the loss stays on the device."""
 
-    def __init__(self, model, cfg, args, dev):
+    def __init__(self, model, cfg, args, dev, ranks=None):
         self.model, self.dev, self.args = model, dev, args
+        self.ranks = ranks or Ranks(dev, from_env=False)
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.opt = torch.optim.AdamW(param_groups(model, cfg), lr=args.lr, betas=(0.9, 0.95),
                                      **({"fused": True} if dev == "cuda" else {}))
@@ -267,6 +329,7 @@ class Trainer:
                 loss = loss * (mb / B)
             loss.backward()
             total = loss.detach() if total is None else total + loss.detach()
+        self.ranks.average([p.grad for p in self.params])
         gnorm = torch.nn.utils.clip_grad_norm_(self.params, 1.0)
         self.opt.step()
         return total, gnorm
@@ -344,6 +407,7 @@ def main(argv=None):
     if args.benchmark_steps:
         benchmark(args, dev)
         return
+    ranks = Ranks(dev)
     model, cfg = build(args, args.exact, dev)
     if args.freeze:
         for name, prm in model.named_parameters():
@@ -355,10 +419,11 @@ def main(argv=None):
     os.makedirs(args.out, exist_ok=True)
 
     def say(msg):
-        with open(os.path.join(args.out, "train.log"), "a") as log:
-            print(msg, file=log)
+        if ranks.rank == 0:
+            with open(os.path.join(args.out, "train.log"), "a") as log:
+                print(msg, file=log)
 
-    tr = Trainer(model, cfg, args, dev)
+    tr = Trainer(model, cfg, args, dev, ranks)
     # The plan: what a resumed run must share with the run it continues.
     plan = {"batch": args.batch, "context": n, "lr": args.lr, "warmup": args.warmup,
             "seed": args.seed, "schedule": "linear warm-up, cosine to 0.1 lr",
@@ -381,14 +446,21 @@ def main(argv=None):
         if corpus.sharded and ck["data"]["shards"] != corpus.shards:
             say(f"shards now {corpus.shards} (were {ck['data']['shards']}): the windows from here "
                 "on are drawn from these")
+    if ranks.world > 1 and plan["total_steps"] is None:
+        raise checkpoint.CheckpointError("several processes need the plan in steps (--plan-steps)")
     say(describe(cfg, model) + (f", {sum(p.numel() for p in tr.params) / 1e6:.2f}M trained"
-                                if args.freeze else ""))
+                                if args.freeze else "")
+        + (f", {ranks.world} processes" if ranks.world > 1 else ""))
     say(f"{len(corpus.tokens) / 1e6:.1f}M training tokens"
         + (f" in {len(corpus.shards)} shards: {' '.join(corpus.shards)}" if corpus.sharded else ""))
     progress["runs"].append({"from_step": progress["step"], "shards": corpus.shards})
 
     def save():
         sync(dev)
+        ranks.check_same(tr.params)
+        ranks.average([loss_sum])  # the partial sum of a log interval, as one process would have
+        if ranks.rank:
+            return None
         progress["loss_sum"] = float(loss_sum)
         meta = {"step": progress["step"], "tokens": progress["tokens"], "config": cfg.__dict__,
                 "plan": plan}
@@ -406,19 +478,20 @@ def main(argv=None):
     while plan["total_steps"] is None or progress["step"] < plan["total_steps"]:
         step = progress["step"]
         lr = lr_at(step, plan["total_steps"] or 10**9, plan["lr"], plan["warmup"])
-        x, y = to_device(windows.batch_at(step), dev)
+        x, y = to_device(ranks.share(windows.batch_at(step)), dev)
         loss, gnorm = tr.step(x, y, lr)
         loss_sum += loss
         progress["step"] += 1
-        progress["tokens"] += x.numel()
+        progress["tokens"] += x.numel() * ranks.world
         steps_since_log += 1
         run_steps += 1
         if progress["step"] % args.log_every == 0:
+            ranks.average([loss_sum])
             mean = loss_sum.item() / steps_since_log  # waits for the GPU: once per log_every steps
             dt = time.time() - t_log
             progress["losses"].append([progress["step"], mean])
             say(f"step {progress['step']} loss {mean:.4f} gnorm {gnorm.item():.2f} lr {lr:.2e} "
-                f"{steps_since_log * x.numel() / dt:.0f} tok/s")
+                f"{steps_since_log * x.numel() * ranks.world / dt:.0f} tok/s")
             loss_sum.zero_()
             steps_since_log, t_log = 0, time.time()
         if plan["total_steps"] is None and run_steps in (10, 30):
@@ -431,7 +504,10 @@ def main(argv=None):
                 remaining = args.plan_minutes * 60 - (time.time() - t_run)
                 plan["total_steps"] = progress["step"] + int(remaining / per_step)
                 say(f"plan: {plan['total_steps']} steps ({per_step:.3f} s/step)")
-        if time.time() - t_run > budget or progress["step"] == args.stop_at:
+        over = time.time() - t_run > budget
+        if ranks.world > 1:  # the processes stop together, deciding where they meet anyway
+            over = progress["step"] % args.log_every == 0 and ranks.any(over)
+        if over or progress["step"] == args.stop_at:
             break
     progress["train_seconds"] += time.time() - t_run
     folder = save()
@@ -440,6 +516,9 @@ def main(argv=None):
     done = plan["total_steps"] is not None and progress["step"] >= plan["total_steps"]
     if not done and args.final:
         say(f"final run: exporting at step {progress['step']} of {plan['total_steps']}")
+    ranks.close()
+    if ranks.rank:
+        return
     if done or args.final:
         save_hf(model, os.path.join(args.out, "hf"), os.path.join(args.data, "tokenizer.model"),
                 dtype=torch.bfloat16, llama=args.llama)
