@@ -14,9 +14,11 @@ with --fma an exact-attention folder (a Llama-family one) is evaluated as multip
 would make it.
 
 usage: evaluate.py HF_DIR DATA_DIR OUT.json [--device cuda] [--max-doc N] [--contexts 512,2048]
+       [--parity-only]
        [--fma avgpool|groupedconv --block-size M --rank P [--trained-length N]]
 """
 import argparse
+import contextlib
 import json
 import math
 import time
@@ -29,18 +31,27 @@ from fma_model import load_hf
 
 
 @torch.no_grad()
-def nll_windows(model, ids, ctx, device, bf16):
+def nll_rows(model, rows, device, bf16, batch_tokens=65536):
+    """Per-token NLL [R, L - 1] of rows [R, L] of ids, each row on its own from an empty state;
+    the rows go through the model in batches of about batch_tokens tokens."""
+    per_batch = max(1, batch_tokens // rows.shape[1])
     out = []
-    for s in range(0, len(ids) - 1, ctx):
-        w = torch.tensor(ids[s:s + ctx].astype(np.int64), device=device)[None]
-        if w.shape[1] < 2:
-            break
-        if bf16:
-            with torch.autocast("cuda", dtype=torch.bfloat16):
-                out.append(model.nll(w)[0].float().cpu())
-        else:
-            out.append(model.nll(w)[0].float().cpu())
+    for i in range(0, len(rows), per_batch):
+        w = torch.from_numpy(rows[i:i + per_batch].astype(np.int64)).to(device)
+        with torch.autocast("cuda", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext():
+            out.append(model.nll(w).float().cpu())
     return torch.cat(out)
+
+
+def nll_windows(model, ids, ctx, device, bf16):
+    """Per-token NLL of ids cut into windows of ctx (the last one shorter), each window from an
+    empty state: its first token is not predicted."""
+    full = len(ids) // ctx
+    parts = [nll_rows(model, ids[:full * ctx].reshape(full, ctx), device, bf16).reshape(-1)] \
+        if full else []
+    if len(ids) - full * ctx >= 2:
+        parts.append(nll_rows(model, ids[None, full * ctx:], device, bf16)[0])
+    return torch.cat(parts)
 
 
 def by_position_same_text(model, val, docs, device, bf16, n=8192, step=1024):
@@ -54,9 +65,13 @@ def by_position_same_text(model, val, docs, device, bf16, n=8192, step=1024):
     bucket = np.searchsorted(edges, np.arange(n), side="right") - 1
     long_docs = [d for d in docs if d["length"] >= 2 * n]
     for d in long_docs:
-        for s in range(step, 2 * n, step):
-            ids = val[d["start"] + s:d["start"] + min(s + n, d["length"])]
-            nll = nll_windows(model, ids, n, device, bf16).numpy()
+        doc = val[d["start"]:d["start"] + d["length"]]
+        starts = range(step, 2 * n, step)
+        full = [s for s in starts if s + n <= len(doc)]  # batched; the rest one by one
+        nlls = dict(zip(full, nll_rows(model, np.stack([doc[s:s + n] for s in full]), device,
+                                       bf16).numpy())) if full else {}
+        for s in starts:
+            nll = nlls[s] if s in nlls else nll_windows(model, doc[s:], n, device, bf16).numpy()
             pos = np.arange(len(nll))
             keep = (s + 1 + pos >= n) & (s + 1 + pos < 2 * n)  # nll[i]: token s + 1 + i, seen from i
             np.add.at(sums, bucket[pos[keep]], nll[keep])
@@ -75,6 +90,8 @@ def main():
     ap.add_argument("--max-doc", type=int, default=32768)
     ap.add_argument("--parity-tokens", type=int, default=16384)
     ap.add_argument("--contexts", help="comma-separated contexts: only these windowed perplexities")
+    ap.add_argument("--parity-only", action="store_true",
+                    help="only the parity sample (at context 8192): a CPU can make it")
     ap.add_argument("--fma", choices=["avgpool", "groupedconv"])
     ap.add_argument("--block-size", type=int, default=64)
     ap.add_argument("--rank", type=int, default=4)
@@ -89,6 +106,9 @@ def main():
     bf16 = args.device == "cuda"
     res = {"model": "fma" if cfg.fma_enabled else "exact", "val_tokens": int(len(val))}
     contexts = [int(c) for c in args.contexts.split(",")] if args.contexts else [512, 8192]
+    if args.parity_only:
+        finish(res, model, val[:args.parity_tokens], 8192, args, t0)
+        return
     for ctx in contexts:
         nll = nll_windows(model, val, ctx, args.device, bf16)
         res[f"ppl_ctx{ctx}"] = math.exp(nll.mean().item())

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 import checkpoint
+import evaluate
 import train
 from corpus import Corpus, CorpusError, Windows, load_val, make_fake
 
@@ -286,6 +287,21 @@ class OnTheGpu(unittest.TestCase):
             for k, t in whole["model"].items():
                 diff = (t.float() - split["model"][k].float()).norm() / t.float().norm()
                 self.assertLess(diff.item(), 2e-2, k)
+
+
+class Evaluation(unittest.TestCase):
+    def test_batched_windows_score_as_one_at_a_time(self):
+        """evaluate.py's windows, batched, against each window through the model alone."""
+        torch.manual_seed(0)
+        model = train.FmaModel(train.model_config(False, "tiny")).eval()
+        ids = np.random.default_rng(1).integers(3, 500, 1000)
+        for ctx in (256, 1000, 300):  # whole windows only, one, and a short last window
+            got = evaluate.nll_windows(model, ids, ctx, "cpu", False)
+            with torch.no_grad():
+                want = torch.cat([model.nll(torch.from_numpy(ids[s:s + ctx])[None])[0]
+                                  for s in range(0, len(ids) - 1, ctx)])
+            self.assertEqual(got.shape, want.shape)
+            self.assertLess((got - want).abs().max().item(), 1e-5)
 
 
 class FullModel(unittest.TestCase):

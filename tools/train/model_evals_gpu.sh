@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# The evaluations of a trained full model (issue 12) in one call of the GPU machine: converts its
+# bf16 Hugging Face folder to bf16 and Q8_0 GGUFs, then (each step capped in time, so one slow step
+# leaves the others' results) evaluate.py (perplexity at 512 and 8192, by position, the parity
+# sample), the long-range evaluations through the engine on CUDA (multipole-evals), Q8_0 against
+# bf16 (perplexity on the first 65,536 validation ids, decode speed at batch 1 and 256) and the
+# prompt table. Results in OUT: eval_NAME.json, evals_NAME.{md,json}, results_NAME.md.
+# usage (repository root, GPU machine, .carry/gpu carried): model_evals_gpu.sh HF CORPUS OUT NAME
+#   HF: train.py's OUT/hf (config.json, model.safetensors; tokenizer.model is taken from CORPUS)
+#   CORPUS: shards.json, val.u16.xz, val_docs.json, tokenizer.model and val.txt (or val.txt.xz)
+#   GPU_BUNDLE: where scripts/gpu_bundle.sh's bin/ and lib/ are unpacked (default: .carry/gpu,
+#   unpacked here; a folder outside the tree lets an earlier call of the lease carry the bundle)
+set -uo pipefail
+hf=$(realpath "$1") data=$(realpath "$2") out=$(realpath "$3") name=$4
+root=$(pwd) work=/tmp/evals_$4 gpu=${GPU_BUNDLE:-$(pwd)/.carry/gpu}
+export PYTHONUNBUFFERED=1
+[ -n "${GPU_BUNDLE:-}" ] || bash scripts/gpu_unpack.sh
+bin=$gpu/bin
+export LD_LIBRARY_PATH=$gpu/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+mkdir -p "$out" "$work"
+[ -f "$data/val.txt" ] || xz -dkc "$data/val.txt.xz" > "$data/val.txt"
+cp -n "$data/tokenizer.model" "$hf/"
+results=$out/results_$name.md
+
+step() {  # SECONDS COMMAND...: runs it, its output into the results, whatever its end
+  local limit=$1 start rc
+  shift
+  start=$(date +%s)
+  echo "## \`${*#"$root"/}\`" >> "$results"
+  timeout "$limit" "$@" 2>&1 | tee -a "$results"
+  rc=${PIPESTATUS[0]}
+  echo "($(($(date +%s) - start)) s, exit $rc)" | tee -a "$results"
+}
+
+nvidia-smi --query-gpu=name --format=csv,noheader | tee "$results"
+for d in bf16 q8_0; do
+  "$bin/multipole-convert" "$hf" "$work/$d.gguf" --dtype "$d" --force > /dev/null
+done
+ls -l "$work"/*.gguf | tee -a "$results"
+cd tools/train
+step 130 python3 evaluate.py "$hf" "$data" "$out/eval_$name.json"
+cd "$root"
+step 130 "$bin/multipole-evals" -m "$work/q8_0.gguf" --text "$data/val.txt" --backend cuda \
+  --chunk 4096 --spans 8 --passages 8 --trials 10 --json-out "$out/evals_$name.json"
+python3 -c "import lzma, sys, numpy as np
+ids = np.frombuffer(lzma.open(sys.argv[1]).read(), '<u2')[:65536]
+open(sys.argv[2], 'w').write(' '.join(map(str, ids)))" "$data/val.u16.xz" "$work/val_ids.txt"
+for d in bf16 q8_0; do
+  step 40 "$bin/multipole-perplexity" -m "$work/$d.gguf" --ids --ctx 8192 --backend cuda \
+    "$work/val_ids.txt"
+done
+step 50 "$bin/bench_cuda" "$work/q8_0.gguf" --decode 1,256 --baseline "$work/bf16.gguf"
+step 40 "$bin/bench_cuda" "$work/q8_0.gguf" --prompts
