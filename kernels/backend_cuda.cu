@@ -187,6 +187,9 @@ struct Weights {
   DeviceArray<__nv_bfloat16> bf16;
   DeviceArray<int8_t> q8;
   DeviceArray<__half> scale;
+  // Q8_0 dequantized once, for cuBLAS products of more than kGemvRows rows, where room allows
+  // (CudaBackend's constructor); else each such product dequantizes into a shared scratch.
+  DeviceArray<__nv_bfloat16> q8_as_bf16;
   bool is_q8() const { return q8.get() != nullptr; }
   cuda::Q8Weights q8_view() const { return {q8.get(), scale.get()}; }
 };
@@ -249,7 +252,8 @@ class CudaBackend final : public Backend {
  public:
   CudaBackend(std::shared_ptr<const Model> model, int n_slots, int64_t max_context, int device,
               Communicator* comm = nullptr,
-              cuda::SummaryKernels kernels = cuda::SummaryKernels::Auto)
+              cuda::SummaryKernels kernels = cuda::SummaryKernels::Auto,
+              cuda::Q8Products q8_products = cuda::Q8Products::Auto)
       : model_(std::move(model)),
         c_(comm ? shard_config(model_->config(), comm->size()) : model_->config()),
         device_(device),
@@ -323,14 +327,31 @@ class CudaBackend final : public Backend {
       l.acc_v.resize(S * L * c_.n_kv_heads * pd);
       layers_.push_back(std::move(l));
     }
-    // Room to dequantize the largest Q8_0 matrix for a product of more than kGemvRows rows.
-    size_t dequant = 0;
-    for (const Weights* w : {&embed_, &head_})
-      if (w->is_q8()) dequant = std::max(dequant, size_t(w->N) * w->K);
-    for (const Layer& l : layers_)
-      for (const Weights* w : {&l.wqkv, &l.wo, &l.gate_up, &l.down})
-        if (w->is_q8()) dequant = std::max(dequant, size_t(w->N) * w->K);
-    if (dequant) dequant_.resize(dequant);
+    // Products of more than kGemvRows rows (prefill, large decode batches) go through cuBLAS in
+    // bf16. Q8_0 matrices are dequantized for it once, here, when their bf16 copies take at most
+    // 1/16 of the device's memory (the shipped model: 64 MB); else each product dequantizes its
+    // matrix into a scratch as large as the largest (a pass over the weights every step).
+    std::vector<Weights*> q8;
+    for (Weights* w : {&embed_, &head_})
+      if (w->is_q8()) q8.push_back(w);
+    for (Layer& l : layers_)
+      for (Weights* w : {&l.wqkv, &l.wo, &l.gate_up, &l.down})
+        if (w->is_q8()) q8.push_back(w);
+    size_t q8_total = 0, q8_largest = 0, free_bytes = 0, device_bytes = 0;
+    for (const Weights* w : q8) {
+      q8_total += size_t(w->N) * w->K;
+      q8_largest = std::max(q8_largest, size_t(w->N) * w->K);
+    }
+    check(cudaMemGetInfo(&free_bytes, &device_bytes), "cudaMemGetInfo");
+    if (q8_products == cuda::Q8Products::Auto &&
+        q8_total * sizeof(__nv_bfloat16) <= device_bytes / 16) {
+      for (Weights* w : q8) {
+        w->q8_as_bf16.resize(size_t(w->N) * w->K);
+        cuda::dequantize_q8(w->q8_view(), int64_t(w->N) * w->K, w->q8_as_bf16.get(), stream_);
+      }
+    } else if (q8_largest) {
+      dequant_.resize(q8_largest);
+    }
     check(cudaStreamSynchronize(stream_), "upload");
     pos_.assign(n_slots, 0);
     in_use_.assign(n_slots, false);
@@ -670,10 +691,11 @@ class CudaBackend final : public Backend {
 
 
   // y[T][w.N] = x[T][w.K] * w^T: a GEMV kernel for a few rows (decode); else cuBLAS, on Q8_0
-  // weights after dequantizing them into dequant_.
+  // weights dequantized (once, or into dequant_ now).
   void matmul(const __nv_bfloat16* x, int T, const Weights& w, float* y) {
     if (gemv_fits(T, w)) return gemv(x, T, w, y);
     if (!w.is_q8()) return cuda::gemm(cublas_, x, T, w.K, w.bf16.get(), w.N, y);
+    if (w.q8_as_bf16.get()) return cuda::gemm(cublas_, x, T, w.K, w.q8_as_bf16.get(), w.N, y);
     cuda::dequantize_q8(w.q8_view(), int64_t(w.N) * w.K, dequant_.get(), stream_);
     cuda::gemm(cublas_, x, T, w.K, dequant_.get(), w.N, y);
   }
@@ -795,9 +817,9 @@ class CudaBackend final : public Backend {
 
 std::unique_ptr<Backend> make_cuda_backend(std::shared_ptr<const Model> model, int n_slots,
                                            int64_t max_context, int device,
-                                           cuda::SummaryKernels kernels) {
+                                           cuda::SummaryKernels kernels, cuda::Q8Products q8) {
   return std::make_unique<CudaBackend>(std::move(model), n_slots, max_context, device, nullptr,
-                                       kernels);
+                                       kernels, q8);
 }
 
 std::unique_ptr<Backend> make_cuda_shard(std::shared_ptr<const Model> model, int n_slots,

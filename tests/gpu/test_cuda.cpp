@@ -519,8 +519,9 @@ TEST_P(CudaModel, DecodeStepsMatchThePerLevelKernelsAndCpu) {
 }
 
 // A Q8_0 model (matrices, embedding and summary convolutions quantized, ffn_down's rows of 40
-// bf16) on the GPU against the CPU backend: prefill (dequantized to bf16 for cuBLAS), decode of
-// one sequence (the GEMV kernel) and of 12 (a bucket of 16 rows: dequantized again).
+// bf16) on the GPU against the CPU backend: prefill (dequantized to bf16 for cuBLAS: once at load,
+// or for each product), decode of one sequence (the GEMV kernel) and of 12 (a bucket of 16 rows:
+// cuBLAS again).
 TEST_F(Cuda, Q8ModelMatchesCpuInPrefillAndDecode) {
   Config c = mp::testing::small_config();
   c.hidden_size = 64;
@@ -534,14 +535,21 @@ TEST_F(Cuda, Q8ModelMatchesCpuInPrefillAndDecode) {
   ASSERT_EQ(model->tensor(tensor_names::fma_down(0, 'k', 1, false), {32, 1, 32}).dtype,
             DType::Q8_0);
   auto cpu_b = make_backend(model, {.kind = "cpu", .n_slots = 12, .n_threads = 2});
-  auto gpu = make_backend(model, {.kind = "cuda", .n_slots = 12});
   const auto tokens = random_tokens(600, c.vocab_size, 4);  // past n = 256
   const auto ref = logits_in_chunks(*cpu_b, tokens, 1000);
-  for (int chunk : {1000, 1, 8, 56})
-    EXPECT_LT(rel_err(logits_in_chunks(*gpu, tokens, chunk), ref), 2e-2) << chunk;
   std::vector<int> lens;
   for (int i = 0; i < 12; ++i) lens.push_back(10 + 23 * i);
-  EXPECT_LT(rel_err(batched_decode(*gpu, lens, 40), batched_decode(*cpu_b, lens, 40)), 2e-2);
+  const auto ref_decode = batched_decode(*cpu_b, lens, 40);
+  std::vector<std::vector<float>> prefill;
+  for (auto q8 : {cuda::Q8Products::Auto, cuda::Q8Products::EachProduct}) {
+    SCOPED_TRACE(q8 == cuda::Q8Products::Auto ? "dequantized at load" : "for each product");
+    auto gpu = make_cuda_backend(model, 12, c.n_ctx_train, 0, cuda::SummaryKernels::Auto, q8);
+    for (int chunk : {1000, 1, 8, 56})
+      EXPECT_LT(rel_err(logits_in_chunks(*gpu, tokens, chunk), ref), 2e-2) << chunk;
+    EXPECT_LT(rel_err(batched_decode(*gpu, lens, 40), ref_decode), 2e-2);
+    prefill.push_back(logits_in_chunks(*gpu, tokens, 1000));
+  }
+  EXPECT_LT(rel_err(prefill[0], prefill[1]), 1e-6);  // the same dequantization, once or each time
 }
 
 // The host's choice for draw u, and whether u lies so close to a boundary of the cumulative

@@ -194,8 +194,10 @@ def _expand_kv(x, heads):  # [B, KV, ...] -> [B, H, ...]
     return x.repeat_interleave(heads // x.shape[1], dim=1)
 
 
-def fma_attention(cfg: FmaConfig, q, k, v, k_down: Downsample, v_down: Downsample):
-    """q [B, H, T, d]; k, v [B, KV, T, d], rotated. Returns [B, H, T, d]."""
+def fma_attention(cfg: FmaConfig, q, k, v, k_down: Downsample, v_down: Downsample, mass=None):
+    """q [B, H, T, d]; k, v [B, KV, T, d], rotated. Returns [B, H, T, d]. mass: a list to which
+    the attention probability each query gives the fine keys and each level's summaries is
+    appended, [B, H, T, 1 + levels present] (attention_mass.py)."""
     B, H, T0, d = q.shape
     KV, m = k.shape[1], cfg.fma_block_size
     pad = (-T0) % m  # padded keys lie after every real query: never visible
@@ -234,15 +236,18 @@ def fma_attention(cfg: FmaConfig, q, k, v, k_down: Downsample, v_down: Downsampl
     V = _expand_kv(torch.cat(vals, dim=3), H)
     mask = torch.cat(bias, dim=2)  # [nb, m, S]
     qb = q.view(B, H, nb, m, d)
-    if hasattr(F, "scaled_dot_product_attention"):
+    if hasattr(F, "scaled_dot_product_attention") and mass is None:
         S = K.shape[3]
         o = F.scaled_dot_product_attention(
             qb.reshape(B * H, nb, m, d), K.reshape(B * H, nb, S, d), V.reshape(B * H, nb, S, d),
             attn_mask=mask.to(q.dtype))
         o = o.view(B, H, nb, m, d)
     else:
-        scores = (qb.to(acc) @ K.to(acc).transpose(-1, -2)) / math.sqrt(d) + mask
-        o = (scores.softmax(-1) @ V.to(acc)).to(q.dtype)
+        probs = ((qb.to(acc) @ K.to(acc).transpose(-1, -2)) / math.sqrt(d) + mask).softmax(-1)
+        o = (probs @ V.to(acc)).to(q.dtype)
+        if mass is not None:
+            parts = probs.split([t.shape[3] for t in keys], dim=-1)
+            mass.append(torch.stack([t.sum(-1) for t in parts], -1).reshape(B, H, T, -1)[:, :, :T0])
     return o.reshape(B, H, T, d)[:, :, :T0]
 
 
@@ -308,6 +313,7 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(H * d, D, bias=False)
         if cfg.fma_enabled:
             self.fma = Fma(cfg)  # no parameters for avgpool
+        self.mass = None  # a list: fma_attention appends each forward's attention mass by level
 
     def forward(self, x, cos, sin, slow=False):
         cfg = self.cfg
@@ -319,8 +325,8 @@ class Attention(nn.Module):
         if not cfg.fma_enabled:
             o = exact_attention(q, k, v)
         else:
-            attend = fma_attention_slow if slow else fma_attention
-            o = attend(cfg, q, k, v, self.fma.k_down, self.fma.v_down)
+            o = fma_attention_slow(cfg, q, k, v, self.fma.k_down, self.fma.v_down) if slow else \
+                fma_attention(cfg, q, k, v, self.fma.k_down, self.fma.v_down, self.mass)
         return self.o_proj(o.transpose(1, 2).reshape(B, T, H * d))
 
 

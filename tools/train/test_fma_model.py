@@ -65,6 +65,25 @@ class FastVsSlow(unittest.TestCase):
                 pooled = Downsample(uniform)  # avgpool: no weights
                 self.assertGreater(rel(fma_attention(uniform, q, k, v, pooled, pooled), fast), 1e-3)
 
+    def test_attention_mass(self):
+        """attention_mass.py's hook: the output unchanged, each query's probability split over
+        the fine keys and the levels (summing to 1), none on summaries before any exist."""
+        torch.manual_seed(6)
+        cfg = FmaConfig(head_dim=8, num_attention_heads=4, num_key_value_heads=2,
+                        max_position_embeddings=64, fma_block_size=8, fma_ranks=[2, 4])
+        kd, vd = random_downsample(cfg, True), random_downsample(cfg, False)
+        q = torch.randn(2, 4, 150, 8, dtype=torch.float64)
+        k = torch.randn(2, 2, 150, 8, dtype=torch.float64)
+        v = torch.randn(2, 2, 150, 8, dtype=torch.float64)
+        mass = []
+        out = fma_attention(cfg, q, k, v, kd, vd, mass)
+        self.assertLess(rel(out, fma_attention(cfg, q, k, v, kd, vd)), 1e-12)
+        (m,) = mass
+        self.assertEqual(tuple(m.shape), (2, 4, 150, 1 + cfg.levels))
+        self.assertLess((m.sum(-1) - 1).abs().max().item(), 1e-12)
+        self.assertLess((m[:, :, :16, 0] - 1).abs().max().item(), 1e-12)  # 2 w of level 1
+        self.assertGreater(m[:, :, 16:, 1:].sum().item(), 1.0)
+
     def test_model_fast_equals_slow_and_short_context_equals_exact(self):
         torch.manual_seed(1)
         cfg = FmaConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
