@@ -77,6 +77,17 @@ void bench_prefill_attention(bool quick) {
   }
 }
 
+// The 1M-token prefill's summaries (one pass) and attention (tensor cores), each launched once and
+// nothing timed: what a profiler looks at without timing every size of the table above
+// (ncu -o FILE -k regex:'one_pass|attention' bench_cuda MODEL --profile-1m).
+void profile_prefill_1m() {
+  AttentionRig rig(attention_config(1 << 20), 1, 1 << 20, 0);
+  rig.summaries();
+  rig.attend(true);
+  cuda::check(cudaDeviceSynchronize(), "profile run");
+  std::printf("ran the one-pass summaries and the tensor-core attention at n = 1M, once each\n");
+}
+
 void bench_decode_attention() {
   std::printf("\n## FMA decode attention step (one new token per sequence; n = 1M, L = 13)\n\n");
   std::printf(
@@ -262,11 +273,13 @@ int main(int argc, char** argv) {
   if (argc < 2) {
     std::fprintf(stderr,
                  "usage: bench_cuda MODEL.gguf [--quick | --prefill-kernels | --decode-kernels |\n"
-                 "                              --prompts | --decode B,B,...\n"
+                 "                              --prompts | --profile-1m | --decode B,B,...\n"
                  "                              [--baseline BASE.gguf] |\n"
                  "                              --exact B,B,...]\n"
                  "  --prefill-kernels, --decode-kernels: only the attention kernels' tables\n"
                  "  --prompts: only the model's prefill table (prompts of 1K to 1M tokens)\n"
+                 "  --profile-1m: the 1M-token prefill's summaries and attention launched once\n"
+                 "                each, untimed (for ncu)\n"
                  "  --exact: decode steps at those batch sizes on MODEL and on its exact-attention\n"
                  "           copy (same weights, same sampling as --decode), and their ratio\n"
                  "  --decode: only decode steps at those batch sizes, sampled as the server's API\n"
@@ -334,6 +347,10 @@ int main(int argc, char** argv) {
     }
     if (prompts_only) {
       bench_prompts(argv[1], false, false);
+      return 0;
+    }
+    if (argc > 2 && std::strcmp(argv[2], "--profile-1m") == 0) {
+      profile_prefill_1m();
       return 0;
     }
     if (!decode_kernels) bench_prefill_attention(quick);
