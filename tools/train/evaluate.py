@@ -14,7 +14,7 @@ with --fma an exact-attention folder (a Llama-family one) is evaluated as multip
 would make it.
 
 usage: evaluate.py HF_DIR DATA_DIR OUT.json [--device cuda] [--max-doc N] [--contexts 512,2048]
-       [--parity-only]
+       [--max-tokens N] [--parity-only]
        [--fma avgpool|groupedconv --block-size M --rank P [--trained-length N]]
 """
 import argparse
@@ -90,6 +90,8 @@ def main():
     ap.add_argument("--max-doc", type=int, default=32768)
     ap.add_argument("--parity-tokens", type=int, default=16384)
     ap.add_argument("--contexts", help="comma-separated contexts: only these windowed perplexities")
+    ap.add_argument("--max-tokens", type=int,
+                    help="the windowed perplexities on the first N validation tokens only")
     ap.add_argument("--parity-only", action="store_true",
                     help="only the parity sample (at context 8192): a CPU can make it")
     ap.add_argument("--fma", choices=["avgpool", "groupedconv"])
@@ -110,7 +112,7 @@ def main():
         finish(res, model, val[:args.parity_tokens], 8192, args, t0)
         return
     for ctx in contexts:
-        nll = nll_windows(model, val, ctx, args.device, bf16)
+        nll = nll_windows(model, val[:args.max_tokens], ctx, args.device, bf16)
         res[f"ppl_ctx{ctx}"] = math.exp(nll.mean().item())
     if args.contexts:
         finish(res, model, val[:args.parity_tokens], max(contexts), args, t0)

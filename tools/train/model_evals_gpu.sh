@@ -38,7 +38,7 @@ for d in bf16 q8_0; do
 done
 ls -l "$work"/*.gguf | tee -a "$results"
 cd tools/train
-step 130 python3 evaluate.py "$hf" "$data" "$out/eval_$name.json"
+step 200 python3 evaluate.py "$hf" "$data" "$out/eval_$name.json" --max-tokens 2000000
 cd "$root"
 step 130 "$bin/multipole-evals" -m "$work/q8_0.gguf" --text "$data/val.txt" --backend cuda \
   --chunk 4096 --spans 8 --passages 8 --trials 10 --json-out "$out/evals_$name.json"

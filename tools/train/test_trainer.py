@@ -303,6 +303,31 @@ class Evaluation(unittest.TestCase):
             self.assertEqual(got.shape, want.shape)
             self.assertLess((got - want).abs().max().item(), 1e-5)
 
+    def test_same_text_buckets_score_as_one_window_at_a_time(self):
+        """by_position_same_text, its windows batched, against the windows one at a time."""
+        torch.manual_seed(0)
+        model = train.FmaModel(train.model_config(False, "tiny")).eval()
+        val = np.random.default_rng(2).integers(3, 500, 1400)
+        docs = [{"start": 0, "length": 600}, {"start": 600, "length": 200},  # the second: short
+                {"start": 800, "length": 540}]  # its last windows are cut short
+        n, step = 256, 64
+        got = evaluate.by_position_same_text(model, val, docs, "cpu", False, n, step)
+        sums, counts = np.zeros(2), np.zeros(2)  # buckets 0-128, 128-256 (the context)
+        for d in (docs[0], docs[2]):
+            for s in range(step, 2 * n, step):
+                ids = val[d["start"] + s:d["start"] + min(s + n, d["length"])]
+                with torch.no_grad():
+                    nll = model.nll(torch.from_numpy(ids)[None])[0].numpy()
+                for i, x in enumerate(nll):  # token s + 1 + i, with i tokens before it
+                    if n <= s + 1 + i < 2 * n:
+                        sums[int(i >= 128)] += x
+                        counts[int(i >= 128)] += 1
+        self.assertEqual(got["same_text_docs"], 2)
+        want = {"0-128": np.exp(sums[0] / counts[0]), "128-256": np.exp(sums[1] / counts[1])}
+        self.assertEqual(list(got["ppl_by_position_same_text"]), list(want))
+        for k, v in want.items():
+            self.assertLess(abs(got["ppl_by_position_same_text"][k] / v - 1), 1e-6, k)
+
 
 class FullModel(unittest.TestCase):
     def test_size_and_summaries(self):
