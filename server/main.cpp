@@ -9,6 +9,7 @@
 #include <thread>
 
 #include "common/args.h"
+#include "common/backend_args.h"
 #include "common/cache_args.h"
 #include "server.h"
 
@@ -94,14 +95,8 @@ int main(int argc, char** argv) {
   a.check_known(known);
   try {
     auto model = mp::Model::load(a.str("model", "models/default.gguf"));
-    mp::BackendOptions bo;
-    bo.kind = a.str("backend", "auto");
-    bo.n_slots = static_cast<int>(a.integer("slots", 8));
-    bo.n_threads = static_cast<int>(a.integer("threads", 0));
-    bo.cpu_fp32_products = a.has("cpu-fp32-products");
-    bo.cpu_bf16_activations = a.has("cpu-bf16-activations");
+    mp::BackendOptions bo = mp::cli::backend_from_args(a, 8);
     if (bo.n_slots <= 0) a.fail("--slots must be positive");
-    if (a.has("devices")) bo.devices = mp::parse_devices(a.str("devices"), bo.kind);
     bo.tensor_parallel = static_cast<int>(a.integer("tensor-parallel", 0));
     mp::SchedulerOptions so;
     so.max_queue = static_cast<int>(a.integer("max-queue", 64));

@@ -17,6 +17,7 @@
 
 #include "common/api.h"
 #include "common/args.h"
+#include "common/backend_args.h"
 #include "common/cache_args.h"
 
 using mp::api::json;
@@ -211,13 +212,7 @@ int main(int argc, char** argv) {
     const int fd = ::open(out_path.c_str(),
                           O_WRONLY | O_CREAT | O_APPEND | (a.has("resume") ? 0 : O_TRUNC), 0644);
     if (fd < 0) throw mp::Error("cannot write '" + out_path + "'");
-    mp::BackendOptions bo;
-    bo.kind = a.str("backend", "auto");
-    bo.n_slots = static_cast<int>(a.integer("slots", 16));
-    bo.n_threads = static_cast<int>(a.integer("threads", 0));
-    bo.cpu_fp32_products = a.has("cpu-fp32-products");
-    bo.cpu_bf16_activations = a.has("cpu-bf16-activations");
-    if (a.has("devices")) bo.devices = mp::parse_devices(a.str("devices"), bo.kind);
+    mp::BackendOptions bo = mp::cli::backend_from_args(a, 16);
     mp::SchedulerOptions so;
     so.max_queue = static_cast<int>(lines.size()) + 1;
     mp::cli::prefix_cache_from_args(a, bo, so);

@@ -8,6 +8,7 @@
 #include <sstream>
 
 #include "common/args.h"
+#include "common/backend_args.h"
 #include "common/evals.h"
 #include "multipole/multipole.h"
 
@@ -105,12 +106,7 @@ int main(int argc, char** argv) {
     if (run[0]) longest = std::max(longest, *std::max_element(po.contexts.begin(), po.contexts.end()) + po.span);
     if (run[1]) longest = std::max(longest, 1 + 2 * co.passage + co.gaps.back());
     if (run[2]) longest = std::max(longest, *std::max_element(ko.contexts.begin(), ko.contexts.end()) + 64);
-    mp::BackendOptions bo;
-    bo.kind = args.str("backend", "auto");
-    bo.n_slots = 3;
-    bo.n_threads = int(args.integer("threads", 0));
-    bo.cpu_fp32_products = args.has("cpu-fp32-products");
-    bo.cpu_bf16_activations = args.has("cpu-bf16-activations");
+    mp::BackendOptions bo = mp::cli::backend_from_args(args, 3);
     bo.max_context = longest + 1024;  // the passkey prompt's length is approximate
     auto backend = mp::make_backend(model, bo);
     std::fprintf(stderr, "model: %s (%s), backend %s\n", model->path().c_str(),

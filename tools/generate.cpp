@@ -5,6 +5,7 @@
 #include <iterator>
 
 #include "common/args.h"
+#include "common/backend_args.h"
 #include "common/sampling_args.h"
 #include "multipole/multipole.h"
 
@@ -52,12 +53,7 @@ int main(int argc, char** argv) {
   try {
     auto model = mp::Model::load(args.str("model", "models/default.gguf"));
     const auto& tok = model->tokenizer();
-    mp::BackendOptions bo;
-    bo.kind = args.str("backend", "auto");
-    bo.n_slots = 1;
-    bo.n_threads = static_cast<int>(args.integer("threads", 0));
-    bo.cpu_fp32_products = args.has("cpu-fp32-products");
-    bo.cpu_bf16_activations = args.has("cpu-bf16-activations");
+    mp::BackendOptions bo = mp::cli::backend_from_args(args, 1);
     if (args.has("device")) {
       bo.devices = mp::parse_devices(args.str("device"), bo.kind);
       if (bo.devices.size() != 1) args.fail("--device takes one device number");

@@ -8,6 +8,7 @@
 #include <sstream>
 
 #include "common/args.h"
+#include "common/backend_args.h"
 #include "multipole/multipole.h"
 
 int main(int argc, char** argv) {
@@ -55,13 +56,7 @@ int main(int argc, char** argv) {
       tokens = model->tokenizer().encode(text, model->tokenizer().add_bos());
     }
     if (tokens.size() < 2) throw mp::Error("need at least 2 tokens to evaluate");
-    mp::BackendOptions bo;
-    bo.kind = args.str("backend", "auto");
-    bo.n_slots = 1;
-    bo.n_threads = static_cast<int>(args.integer("threads", 0));
-    bo.cpu_fp32_products = args.has("cpu-fp32-products");
-    bo.cpu_bf16_activations = args.has("cpu-bf16-activations");
-    auto backend = mp::make_backend(model, bo);
+    auto backend = mp::make_backend(model, mp::cli::backend_from_args(args, 1));
     std::fprintf(stderr, "model: %s (%s), backend %s, %zu tokens\n", model->path().c_str(),
                  model->config().summary().c_str(), backend->name().c_str(), tokens.size());
     const size_t window = ctx > 0 ? size_t(ctx) : tokens.size();
