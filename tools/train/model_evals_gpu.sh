@@ -8,6 +8,8 @@
 # usage (repository root, GPU machine, .carry/gpu carried): model_evals_gpu.sh HF CORPUS OUT NAME
 #   HF: train.py's OUT/hf (config.json, model.safetensors; tokenizer.model is taken from CORPUS)
 #   CORPUS: shards.json, val.u16.xz, val_docs.json, tokenizer.model and val.txt (or val.txt.xz)
+#   VAL_IDS: validation ids for the engine's perplexities (default 65,536); COMPARE: another
+#   GGUF scored beside this model at contexts 512 and 8192 on them
 #   GPU_BUNDLE: where scripts/gpu_bundle.sh's bin/ and lib/ are unpacked (default: .carry/gpu,
 #   unpacked here; a folder outside the tree lets an earlier call of the lease carry the bundle)
 set -uo pipefail
@@ -43,11 +45,19 @@ cd "$root"
 step 130 "$bin/multipole-evals" -m "$work/q8_0.gguf" --text "$data/val.txt" --backend cuda \
   --chunk 4096 --spans 8 --passages 8 --trials 10 --json-out "$out/evals_$name.json"
 python3 -c "import lzma, sys, numpy as np
-ids = np.frombuffer(lzma.open(sys.argv[1]).read(), '<u2')[:65536]
-open(sys.argv[2], 'w').write(' '.join(map(str, ids)))" "$data/val.u16.xz" "$work/val_ids.txt"
+ids = np.frombuffer(lzma.open(sys.argv[1]).read(), '<u2')[:int(sys.argv[3])]
+open(sys.argv[2], 'w').write(' '.join(map(str, ids)))" "$data/val.u16.xz" "$work/val_ids.txt" \
+  "${VAL_IDS:-65536}"
 for d in bf16 q8_0; do
   step 40 "$bin/multipole-perplexity" -m "$work/$d.gguf" --ids --ctx 8192 --backend cuda \
     "$work/val_ids.txt"
+done
+# COMPARE=OTHER.gguf: both models through the engine at contexts 512 and 8192 on the same ids
+# (the FMA model against its twin at equal tokens, issue 12).
+for m in ${COMPARE:+"$work/q8_0.gguf" "$COMPARE"}; do
+  for ctx in 512 8192; do
+    step 60 "$bin/multipole-perplexity" -m "$m" --ids --ctx $ctx --backend cuda "$work/val_ids.txt"
+  done
 done
 step 50 "$bin/bench_cuda" "$work/q8_0.gguf" --decode 1,256 --baseline "$work/bf16.gguf"
 step 40 "$bin/bench_cuda" "$work/q8_0.gguf" --prompts
