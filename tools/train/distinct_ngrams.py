@@ -1,8 +1,11 @@
 #!/usr/bin/env python3
 """Distinct n-grams of a text's first W words (split at white space): distinct / total, the
-repetition measure of issue 12's samples (4-grams over 400 words).
-usage: distinct_ngrams.py FILE [--words 400] [--n 4]"""
+repetition measure of issue 12's samples (4-grams over 400 words). With --windows, the same over
+every run of W consecutive words of the file: how often a text (a corpus, say) repeats itself by
+that yardstick.
+usage: distinct_ngrams.py FILE [--words 400] [--n 4] [--windows]"""
 import argparse
+import statistics
 
 
 def distinct(words, n):
@@ -15,10 +18,18 @@ def main():
     ap.add_argument("file")
     ap.add_argument("--words", type=int, default=400)
     ap.add_argument("--n", type=int, default=4)
+    ap.add_argument("--windows", action="store_true")
     args = ap.parse_args()
     with open(args.file, encoding="utf-8", errors="replace") as f:
-        words = f.read().split()[:args.words]
-    print(f"{len(words)} words, distinct {args.n}-grams {distinct(words, args.n):.3f}")
+        words = f.read().split()
+    W = args.words
+    if not args.windows:
+        print(f"{len(words[:W])} words, distinct {args.n}-grams {distinct(words[:W], args.n):.3f}")
+        return
+    r = [distinct(words[a:a + W], args.n) for a in range(0, len(words) - W + 1, W)]
+    below = lambda t: sum(x < t for x in r) / len(r)  # noqa: E731
+    print(f"{len(r)} windows of {W} words: distinct {args.n}-grams below 0.9 in {below(0.9):.1%}, "
+          f"below 0.7 in {below(0.7):.1%}, median {statistics.median(r):.3f}")
 
 
 if __name__ == "__main__":
