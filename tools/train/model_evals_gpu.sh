@@ -10,11 +10,14 @@
 #   CORPUS: shards.json, val.u16.xz, val_docs.json, tokenizer.model and val.txt (or val.txt.xz)
 #   VAL_IDS: validation ids for the engine's perplexities (default 65,536); COMPARE: another
 #   GGUF scored beside this model at contexts 512 and 8192 on them
+#   BACKEND=cpu, DEVICE=cpu (evaluate.py) and GPU_BUNDLE=a folder whose bin/ holds a CPU build's
+#   tools check the script on a CPU with a tiny model (no bench_cuda then; EVAL_ARGS: options
+#   appended to multipole-evals', which override its defaults)
 #   GPU_BUNDLE: where scripts/gpu_bundle.sh's bin/ and lib/ are unpacked (default: .carry/gpu,
 #   unpacked here; a folder outside the tree lets an earlier call of the lease carry the bundle)
 set -uo pipefail
 hf=$(realpath "$1") data=$(realpath "$2") out=$(realpath "$3") name=$4
-root=$(pwd) work=/tmp/evals_$4 gpu=${GPU_BUNDLE:-$(pwd)/.carry/gpu}
+root=$(pwd) work=/tmp/evals_$4 gpu=${GPU_BUNDLE:-$(pwd)/.carry/gpu} backend=${BACKEND:-cuda}
 export PYTHONUNBUFFERED=1
 [ -n "${GPU_BUNDLE:-}" ] || bash scripts/gpu_unpack.sh
 bin=$gpu/bin
@@ -34,30 +37,32 @@ step() {  # SECONDS COMMAND...: runs it, its output into the results, whatever i
   echo "($(($(date +%s) - start)) s, exit $rc)" | tee -a "$results"
 }
 
-nvidia-smi --query-gpu=name --format=csv,noheader | tee "$results"
+nvidia-smi --query-gpu=name --format=csv,noheader 2>&1 | tee "$results"
 for d in bf16 q8_0; do
   "$bin/multipole-convert" "$hf" "$work/$d.gguf" --dtype "$d" --force > /dev/null
 done
 ls -l "$work"/*.gguf | tee -a "$results"
 cd tools/train
-step 200 python3 evaluate.py "$hf" "$data" "$out/eval_$name.json" --max-tokens 2000000
+step 200 python3 evaluate.py "$hf" "$data" "$out/eval_$name.json" --max-tokens 2000000 \
+  --device "${DEVICE:-cuda}"
 cd "$root"
-step 130 "$bin/multipole-evals" -m "$work/q8_0.gguf" --text "$data/val.txt" --backend cuda \
-  --chunk 4096 --spans 8 --passages 8 --trials 10 --json-out "$out/evals_$name.json"
+step 130 "$bin/multipole-evals" -m "$work/q8_0.gguf" --text "$data/val.txt" --backend "$backend" \
+  --chunk 4096 --spans 8 --passages 8 --trials 10 --json-out "$out/evals_$name.json" ${EVAL_ARGS:-}
 python3 -c "import lzma, sys, numpy as np
 ids = np.frombuffer(lzma.open(sys.argv[1]).read(), '<u2')[:int(sys.argv[3])]
 open(sys.argv[2], 'w').write(' '.join(map(str, ids)))" "$data/val.u16.xz" "$work/val_ids.txt" \
   "${VAL_IDS:-65536}"
 for d in bf16 q8_0; do
-  step 40 "$bin/multipole-perplexity" -m "$work/$d.gguf" --ids --ctx 8192 --backend cuda \
+  step 40 "$bin/multipole-perplexity" -m "$work/$d.gguf" --ids --ctx 8192 --backend "$backend" \
     "$work/val_ids.txt"
 done
 # COMPARE=OTHER.gguf: both models through the engine at contexts 512 and 8192 on the same ids
 # (the FMA model against its twin at equal tokens, issue 12).
 for m in ${COMPARE:+"$work/q8_0.gguf" "$COMPARE"}; do
   for ctx in 512 8192; do
-    step 60 "$bin/multipole-perplexity" -m "$m" --ids --ctx $ctx --backend cuda "$work/val_ids.txt"
+    step 60 "$bin/multipole-perplexity" -m "$m" --ids --ctx $ctx --backend "$backend" "$work/val_ids.txt"
   done
 done
+[ "$backend" = cuda ] || exit 0
 step 50 "$bin/bench_cuda" "$work/q8_0.gguf" --decode 1,256 --baseline "$work/bf16.gguf"
 step 40 "$bin/bench_cuda" "$work/q8_0.gguf" --prompts
