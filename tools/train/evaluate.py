@@ -78,7 +78,7 @@ def by_position_same_text(model, val, docs, device, bf16, n=8192, step=1024):
             np.add.at(counts, bucket[pos[keep]], 1)
     return {"same_text_docs": len(long_docs),
             "ppl_by_position_same_text": {f"{edges[b]}-{edges[b + 1]}": math.exp(sums[b] / counts[b])
-                                          for b in range(len(edges) - 1)}}
+                                          for b in range(len(edges) - 1) if counts[b]}}
 
 
 def main():
