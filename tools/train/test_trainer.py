@@ -240,7 +240,8 @@ class SeveralProcesses(unittest.TestCase):
     def test_two_processes_follow_one(self):
         """Two processes, each with half of every step's windows and their gradients averaged,
         train as one process does with micro-batches of that half (to fp32 rounding: the same
-        micro-batches, summed in another order), and only the first writes."""
+        micro-batches, summed in another order), only the first writes, and a run stopped and
+        resumed by two new processes is the same run, bit for bit."""
         with tempfile.TemporaryDirectory() as tmp:
             data = os.path.join(tmp, "c")
             fake_corpus(data, shards=2, docs_per_shard=12)
@@ -260,6 +261,12 @@ class SeveralProcesses(unittest.TestCase):
                 log = f.read()
             self.assertEqual(log.count("2 processes"), 1)  # one writer
             self.assertTrue(os.path.exists(os.path.join(tmp, "two", "hf", "model.safetensors")))
+            # Stopped at step 3 and resumed by two new processes: the same run.
+            run_processes(2, data, os.path.join(tmp, "resumed"), *opts, "--stop-at", "3")
+            resumed = run_processes(2, data, os.path.join(tmp, "resumed"), *opts)
+            self.assertEqual(resumed["progress"]["losses"], two["progress"]["losses"])
+            for k, t in two["model"].items():
+                self.assertTrue(torch.equal(t, resumed["model"][k]), k)
 
 
 @unittest.skipUnless(torch.cuda.is_available(), "no GPU")
