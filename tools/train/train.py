@@ -224,7 +224,7 @@ class Ranks:
         self.dev = dev
         if self.world > 1:
             if dev == "cuda":
-                torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+                torch.cuda.set_device(int(env.get("LOCAL_RANK", "0")))
             torch.distributed.init_process_group("nccl" if dev == "cuda" else "gloo")
 
     def share(self, batch):
