@@ -35,6 +35,10 @@ if [ "$corpus" = 3 ]; then
     installation-guide-amd64 m4-doc flex-doc debian-faq maint-guide debian-history
     guile-3.0-doc binutils-doc r-doc-info c++-annotations-txt derivations gnuplot-doc
   )
+  # Every python-*-doc package not taken above (774 in Debian 12).
+  mapfile -t tail < <(apt-cache pkgnames | grep -E '^python-.*-doc$' | sort |
+    grep -vxE 'python-(scipy|pandas|sklearn|sympy|django|astropy|statsmodels|sqlalchemy|ipython)-doc')
+  docs+=("${tail[@]}")
 fi
 # Source code.
 code=(linux-source-6.12 golang-1.19-src libpython3.11-stdlib)

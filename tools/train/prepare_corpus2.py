@@ -213,6 +213,11 @@ def more_prose(raw, add):
     add("more-manuals", ", ".join(html), "free (public domain, MPL-2.0, Apache-2.0, GPL-2+, LGPL-2.1+, "
         "GFDL without invariant sections, IPL-1.0: Debian main, see each package's copyright)",
         "html", *html.values())
+    # The long tail: every other python-*-doc package (Sphinx builds mostly, some API pages).
+    taken = "|".join(re.escape(p) for p in list(SPHINX) + ["python-ipython-doc"])
+    add("python-doc-tail", "python-*-doc: the 774 others of Debian 12 main (fetch_corpus2.sh)",
+        "free (BSD, MIT, Apache-2.0, GPL, ...: Debian main, see each package's copyright)", "sphinx",
+        "python-*-doc/usr/share/doc/**/*.html", exclude=rf"/unpacked/({taken})/")
     add("info-manuals", "guile-3.0-doc, binutils-doc, r-doc-info", "GFDL (no invariant sections) / GPL-2",
         "info", "guile-3.0-doc/usr/share/info/**/*.info*.gz", "binutils-doc/usr/share/info/*.info*.gz",
         "r-doc-info/usr/share/info/*.info*.gz")
