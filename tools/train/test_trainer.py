@@ -336,6 +336,25 @@ class Evaluation(unittest.TestCase):
             self.assertLess(abs(got["ppl_by_position_same_text"][k] / v - 1), 1e-6, k)
 
 
+class Profile(unittest.TestCase):
+    def test_benchmark_writes_each_models_operator_table(self):
+        """--profile: a table per model and micro-batch whose rows are the step's operators, the
+        matrix products among them, by their own time."""
+        with tempfile.TemporaryDirectory() as d:
+            train.main(["--benchmark-steps", "1", "--size", "tiny", "--batch", "2", "--device", "cpu",
+                        "--benchmark-micro", "1,2", "--profile", d])
+            self.assertEqual(sorted(os.listdir(d)),
+                             ["exact-mb1.txt", "exact-mb2.txt", "fma-mb1.txt", "fma-mb2.txt"])
+            for name in os.listdir(d):
+                with open(os.path.join(d, name)) as f:
+                    lines = f.read().split("\n")
+                self.assertEqual(lines[0], "2 steps of 2 windows, sorted by self_cpu_time_total")
+                self.assertTrue(any(l.strip().startswith("aten::mm ") for l in lines), name)
+                self.assertGreater(sum(l.strip().startswith("aten::") for l in lines), 10, name)
+        with self.assertRaises(SystemExit):
+            train.main(["--size", "tiny", "--device", "cpu", "--profile", "x"])
+
+
 class FullModel(unittest.TestCase):
     def test_size_and_summaries(self):
         """The 30-50M model of issue 12: the summary options MODEL.md measured best."""

@@ -158,6 +158,10 @@ def parse_args(argv=None):
                     "tokens/s and peak memory, and exit (no --out needed)")
     ap.add_argument("--benchmark-micro", type=lambda s: [int(x) for x in s.split(",")],
                     help="micro-batch sizes to time (default: --micro-batch)")
+    ap.add_argument("--profile", metavar="DIR",
+                    help="with --benchmark-steps: two more steps of each model under torch.profiler, "
+                    "its operators by their own time on the device (the CPU's without a GPU) in "
+                    "DIR/MODEL-mbN.txt")
     ap.add_argument("--downsampling", default="groupedconv", choices=["avgpool", "groupedconv", "conv"])
     ap.add_argument("--rank", type=int, default=2, help="FMA rank p: summaries per group")
     ap.add_argument("--ranks", type=lambda s: [int(x) for x in s.split(",")],
@@ -179,6 +183,8 @@ def parse_args(argv=None):
     args = ap.parse_args(argv)
     if args.tiny:
         args.size = "tiny"
+    if args.profile and args.benchmark_steps is None:
+        ap.error("--profile goes with --benchmark-steps")
     if args.benchmark_steps is None and not (args.data and args.out):
         ap.error("--data and --out are needed (except with --benchmark-steps)")
     if args.micro_batch and args.batch % args.micro_batch:
@@ -347,6 +353,27 @@ def sync(dev):
         torch.cuda.synchronize()
 
 
+def profile_steps(tr, batches, dev, args, path):
+    """Two steps under torch.profiler: the table of operators by their own (self) time on the
+    device, or on the CPU without a GPU, written to path; what a step's time is spent on."""
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if dev == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities) as prof:
+        for s in range(2):
+            tr.step(*to_device(batches[s % 3], dev), args.lr)
+        sync(dev)
+    events = prof.key_averages()
+    if dev != "cuda":
+        key = "self_cpu_time_total"
+    else:  # renamed in PyTorch 2.4
+        key = "self_device_time_total" if hasattr(events[0], "self_device_time_total") else "self_cuda_time_total"
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        f.write(f"2 steps of {args.batch} windows, sorted by {key}\n")
+        f.write(events.table(sort_by=key, row_limit=40) + "\n")
+
+
 def benchmark(args, dev):
     """Tokens/s and peak memory of the FMA model and its exact twin, one after the other, on the
     same windows (random ones without --data)."""
@@ -379,6 +406,9 @@ def benchmark(args, dev):
                 peak = torch.cuda.max_memory_allocated() / 2**30 if dev == "cuda" else float("nan")
                 rows.append((name, tr.compiled, tr.micro or args.batch, dt, args.batch * n / dt, peak,
                              loss.item()))
+                if args.profile:
+                    profile_steps(tr, batches, dev, args,
+                                  f"{args.profile}/{name.split(':')[0]}-mb{tr.micro or args.batch}.txt")
             except OutOfMemory:
                 rows.append((name, tr.compiled, mb, float("nan"), float("nan"), float("inf"),
                              float("nan")))
