@@ -7,7 +7,8 @@
 # prompt table. Results in OUT: eval_NAME.json, evals_NAME.{md,json}, results_NAME.md.
 # usage (repository root, GPU machine, .carry/gpu carried): model_evals_gpu.sh HF CORPUS OUT NAME
 #   HF: train.py's OUT/hf (config.json, model.safetensors; tokenizer.model is taken from CORPUS)
-#   CORPUS: shards.json, val.u16.xz, val_docs.json, tokenizer.model and val.txt (or val.txt.xz)
+#   CORPUS: shards.json, val.u16.xz, val_docs.json, tokenizer.model and val.txt (or val.txt.xz);
+#   outside.txt (or .xz): also the by-position table on it
 #   VAL_IDS: validation ids for the engine's perplexities (default 65,536); COMPARE: another
 #   GGUF scored beside this model at contexts 512 and 8192 on them
 #   BACKEND=cpu, DEVICE=cpu (evaluate.py) and GPU_BUNDLE=a folder whose bin/ holds a CPU build's
@@ -48,6 +49,15 @@ step 200 python3 evaluate.py "$hf" "$data" "$out/eval_$name.json" --max-tokens 2
 cd "$root"
 step 130 "$bin/multipole-evals" -m "$work/q8_0.gguf" --text "$data/val.txt" --backend "$backend" \
   --chunk 4096 --spans 8 --passages 8 --trials 10 --json-out "$out/evals_$name.json" ${EVAL_ARGS:-}
+# The by-position table on the outside text (Austen's novels) too, when CORPUS has outside.txt
+# (or .xz), for this model and COMPARE's: prose unlike the training text (docs/MODEL.md).
+if [ -f "$data/outside.txt" ] || [ -f "$data/outside.txt.xz" ]; then
+  [ -f "$data/outside.txt" ] || xz -dkc "$data/outside.txt.xz" > "$data/outside.txt"
+  for m in "$work/q8_0.gguf" ${COMPARE:-}; do
+    step 60 "$bin/multipole-evals" -m "$m" --text "$data/outside.txt" --backend "$backend" \
+      --tasks position --contexts 0,128,512,1024,2048,4096,8192,16384 --spans 6 --chunk 4096
+  done
+fi
 PYTHONPATH=tools/train python3 -c "import sys; from corpus import load_val
 open(sys.argv[2], 'w').write(' '.join(map(str, load_val(sys.argv[1])[0][:int(sys.argv[3])])))" \
   "$data" "$work/val_ids.txt" "${VAL_IDS:-65536}"
