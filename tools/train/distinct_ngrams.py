@@ -26,6 +26,7 @@ def kept_runs(text, threshold, words=400, n=4):
     keep = []
     for i, a in enumerate(starts):
         b = starts[i + 1] if i + 1 < len(starts) else len(spans)
+        # A window too short for one n-gram (NaN) is kept.
         keep.append(not distinct([text[x:y] for x, y in spans[a:b]], n) < threshold)
     if all(keep):
         return [text]

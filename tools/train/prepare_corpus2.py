@@ -528,23 +528,24 @@ def split_of(path, src):
 
 
 def cut_source(args):
-    """Corpus 3: one source's documents into OUT/kept/NAME.jsonl with their split, a training
+    """Corpus 3: one source's documents into OUT/kept/NAME.jsonl (as in OUT/docs), a training
     document as its runs of 400-word windows with at least `cut_below` distinct 4-grams (PATH#K
     the K-th, when any window was cut; runs under MIN_CHARS dropped), the others whole. Returns
-    the characters cut."""
+    the characters cut and the runs' paths (training documents, whatever split_of says of them)."""
     out, name, src, cut_below = args
-    cut = 0
+    cut, pieces = 0, []
     with open(f"{out}/kept/{name}.jsonl.tmp", "w") as f:
         for path, text in docs_of(out, name):
-            split = split_of(path, src)
-            runs = kept_runs(text, cut_below) if split == "train" else [text]
+            runs = kept_runs(text, cut_below) if split_of(path, src) == "train" else [text]
             kept = [(path, text)] if runs and runs[0] is text else \
                 [(f"{path}#{k}", r) for k, r in enumerate(runs) if len(r) >= MIN_CHARS]
+            if kept and kept[0][0] != path:
+                pieces += [p for p, _ in kept]
             cut += len(text) - sum(len(r) for _, r in kept)
             for p, r in kept:
-                f.write(json.dumps({"path": p, "text": r, "split": split}, ensure_ascii=False) + "\n")
+                f.write(json.dumps({"path": p, "text": r}, ensure_ascii=False) + "\n")
     os.replace(f"{out}/kept/{name}.jsonl.tmp", f"{out}/kept/{name}.jsonl")
-    return name, cut
+    return name, cut, pieces
 
 
 def encode_file(args):
@@ -616,29 +617,27 @@ def build(srcs, logs, out, old_corpus=None, t0=None, vocabs=VOCABS, shard_bytes=
     """Everything after the extraction (OUT/docs): the repetition cut (with cut_below), dedup,
     split, tokenizer, streams, shards."""
     t0 = t0 or time.time()
-    folder, cut = "docs", {}
+    folder, cut, pieces = "docs", {}, set()
     if cut_below:
         folder = "kept"
         os.makedirs(f"{out}/kept", exist_ok=True)
         with multiprocessing.Pool(2) as pool:
-            for name, chars in pool.imap_unordered(
+            for name, chars, paths in pool.imap_unordered(
                     cut_source, [(out, n, src, cut_below) for n, src in srcs.items()]):
                 cut[name] = chars
+                pieces.update(paths)
                 print(f"[{time.time() - t0:6.0f}s] {name}: {chars} repetitive characters cut", flush=True)
     # Exact deduplication in source order, the split, the prose measure.
     seen, meta = set(), {}
     for name, src in srcs.items():
-        with open(f"{out}/{folder}/{name}.jsonl") as f:
-            docs = ((d["path"], d["text"], d.get("split") or split_of(d["path"], src))
-                    for d in map(json.loads, f))
-            for path, text, split in docs:
-                h = hashlib.sha1(text.encode()).hexdigest()
-                if h in seen:
-                    logs[name]["dropped"]["duplicate"] = logs[name]["dropped"].get("duplicate", 0) + 1
-                    continue
-                seen.add(h)
-                meta[path] = dict(source=name, split=split, chars=len(text),
-                                  prose=prose_share(text) >= PROSE)
+        for path, text in docs_of(out, name, folder):
+            h = hashlib.sha1(text.encode()).hexdigest()
+            if h in seen:
+                logs[name]["dropped"]["duplicate"] = logs[name]["dropped"].get("duplicate", 0) + 1
+                continue
+            seen.add(h)
+            split = "train" if path in pieces else split_of(path, src)
+            meta[path] = dict(source=name, split=split, chars=len(text), prose=prose_share(text) >= PROSE)
     print(f"[{time.time() - t0:6.0f}s] {len(meta)} documents after deduplication", flush=True)
 
     # The tokenizer: trained on a sample of the training split (a sixth of the documents by hash,
@@ -663,8 +662,8 @@ def build(srcs, logs, out, old_corpus=None, t0=None, vocabs=VOCABS, shard_bytes=
     # verbatim in the new training split and, given its folder, in the old corpus's text.
     outside = set()
     for name in srcs:
-        outside |= {x for p, t in docs_of(out, name, folder) if meta.get(p, {}).get("split") == "outside"
-                    for x in sentences(t)}
+        outside |= {x for p, t in docs_of(out, name, folder)
+                    if meta.get(p, {}).get("split") == "outside" for x in sentences(t)}
     overlap = {"outside_sentences": len(outside), "in_new_training": 0}
     for name in srcs:
         for p, t in docs_of(out, name, folder):
@@ -676,7 +675,8 @@ def build(srcs, logs, out, old_corpus=None, t0=None, vocabs=VOCABS, shard_bytes=
     print(f"[{time.time() - t0:6.0f}s] outside set overlap: {overlap}", flush=True)
 
     # Characters per token on the validation split, for both vocabulary sizes.
-    val_text = [t for n in srcs for p, t in docs_of(out, n, folder) if p in meta and meta[p]["split"] == "val"]
+    val_text = [t for n in srcs for p, t in docs_of(out, n, folder)
+                if p in meta and meta[p]["split"] == "val"]
     chars = sum(len(t) for t in val_text)
     cpt = {}
     for vocab in vocabs:
@@ -752,7 +752,8 @@ def build(srcs, logs, out, old_corpus=None, t0=None, vocabs=VOCABS, shard_bytes=
                 "outside": entry("outside.u16.xz", held["outside"][0])}
     write_json(f"{out}/shards.json", manifest, indent=1)
 
-    stats = {"sources": {}, "cut_below": cut_below, "truncated": truncated, "chars_per_token_val": cpt, "outside_overlap": overlap,
+    stats = {"sources": {}, "cut_below": cut_below, "truncated": truncated, "chars_per_token_val": cpt,
+             "outside_overlap": overlap,
              "compressed_bytes": sum(s for s, _ in packed.values()),
              "seconds": round(time.time() - t0)}
     for name, src in srcs.items():

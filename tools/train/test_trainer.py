@@ -160,6 +160,10 @@ def run_train(data, out, *extra, device="cpu"):
     """train.py in its own process, as on the GPU machine: nothing carries over but the files."""
     subprocess.run(train_command(data, out, *extra, device=device), check=True, cwd=HERE,
                    env=dict(os.environ, OMP_NUM_THREADS="1"))
+    return latest_state(out)
+
+
+def latest_state(out):
     _, state = checkpoint.load(checkpoint.latest(out))
     return state
 
@@ -175,8 +179,7 @@ def run_processes(world, data, out, *extra):
     codes = [p.wait(timeout=600) for p in procs]
     if any(codes):
         raise AssertionError(f"train.py processes exited with {codes}")
-    _, state = checkpoint.load(checkpoint.latest(out))
-    return state
+    return latest_state(out)
 
 
 class ExactResume(unittest.TestCase):

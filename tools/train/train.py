@@ -367,7 +367,9 @@ def profile_steps(tr, batches, dev, args, path):
     if dev != "cuda":
         key = "self_cpu_time_total"
     else:  # renamed in PyTorch 2.4
-        key = "self_device_time_total" if hasattr(events[0], "self_device_time_total") else "self_cuda_time_total"
+        key = "self_device_time_total"
+        if not hasattr(events[0], key):
+            key = "self_cuda_time_total"
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "w") as f:
         f.write(f"2 steps of {args.batch} windows, sorted by {key}\n")
