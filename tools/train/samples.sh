@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Issue 12's samples: the same 8 runs for every model (5 prompts, temperature 0.8 and no other
+# filter, fixed seeds, 700 tokens), each scored by the distinct 4-grams of its first 400 words
+# (distinct_ngrams.py). Prints docs/MODEL.md's table; the texts stay in OUT_DIR.
+# usage (repository root): tools/train/samples.sh MODEL OUT_DIR [multipole-generate options...]
+#   GENERATE: the multipole-generate binary (default build-cpu/tools/multipole-generate)
+set -euo pipefail
+model=$1 out=$2
+shift 2
+generate=${GENERATE:-build-cpu/tools/multipole-generate}
+mkdir -p "$out"
+runs=(
+  "3|Once upon a time, in a small village by the sea,"
+  "3|It was the best of times"
+  "3|The history of the printing press"
+  "3|The Linux kernel is"
+  "11|The committee met on Tuesday to discuss"
+  "12|The committee met on Tuesday to discuss"
+  "13|The committee met on Tuesday to discuss"
+  "14|The committee met on Tuesday to discuss"
+  "15|The committee met on Tuesday to discuss"
+)
+echo "| prompt | seed | words | distinct 4-grams |"
+echo "|---|---|---|---|"
+i=0
+for run in "${runs[@]}"; do
+  seed=${run%%|*} prompt=${run#*|}
+  file=$out/sample_$i.txt
+  "$generate" -m "$model" --temperature 0.8 --top-k 0 --top-p 1 --min-p 0 --seed "$seed" -n 700 \
+    -p "$prompt" "$@" > "$file" 2> /dev/null
+  # "N words, distinct 4-grams X": fewer than 400 words when the text ended (end of sequence).
+  read -r words _ _ _ score < <(python3 "$(dirname "$0")/distinct_ngrams.py" "$file")
+  echo "| $prompt | $seed | $words | $score |"
+  i=$((i + 1))
+done
