@@ -11,7 +11,10 @@
 #     calls of this lease stay
 #   MINUTES: training time of this call (0: none; only gather shards or checkpoint parts, fetch)
 # environment:
-#   RESUME=1   continue /tmp/lease (the machine is still warm); without it everything starts afresh
+#   RESUME=1   continue the lease folder (the machine is still warm); without it everything starts
+#              afresh. On a fresh machine (the last call's went back after its 30 s idle) the call
+#              fails at once instead of gathering shards or waiting for runs that are not there
+#   LEASE_DIR  the lease folder (default /tmp/lease)
 #   STEPS=N    the plan's length in steps (fixed by the first run; both models get the same)
 #   INBOX=DIR  checkpoint parts carried in from an earlier session: DIR/fma_ckpt, DIR/exact_ckpt
 #              (manifest.json and some part-NNN each); training waits until each is whole
@@ -21,16 +24,22 @@
 #   GPUS=G     processes (GPUs) per model (default 1): torchrun, each with 1/G of every step's windows
 #   DETACH=1   the runs go on after the call returns (setsid: until the machine is given back); later
 #              calls keep the machine warm and wait for them (WAIT); their exit codes land in
-#              /tmp/lease/MODEL/exit
+#              LEASE_DIR/MODEL/exit
 #   WAIT=M     wait up to M minutes for detached runs to end (printing their logs each minute); the
 #              outbox is made only once every run has ended
 #   TESTS=0    skip the tests; SIZE=tiny with TRAIN_ARGS="--device cpu ..." checks the script on a CPU
 set -euo pipefail
 corpus=$(realpath "$1") out=$(realpath "$2") minutes=$3
-work=/tmp/lease
+work=${LEASE_DIR:-/tmp/lease}
 models=${MODELS:-fma exact}
 export PYTHONUNBUFFERED=1
-[ -n "${RESUME:-}" ] || rm -rf "$work"
+if [ -z "${RESUME:-}" ]; then
+  rm -rf "$work"
+elif [ ! -d "$work" ]; then
+  echo "gpu_lease: RESUME=1 but $work is not here: this machine is a fresh one (the lease's went" \
+    "back), so its shards and runs are lost; start the lease again without RESUME" >&2
+  exit 3
+fi
 mkdir -p "$work/corpus" "$out"
 cd tools/train
 [ "${TESTS:-1}" = 0 ] || bash gpu_checks.sh test_trainer.py
@@ -87,6 +96,7 @@ if [ "$minutes" != 0 ]; then
     if [ -n "${DETACH:-}" ]; then
       setsid nohup bash -c "$(printf '%q ' "${run[@]}"); echo \$? > $work/$m/exit" \
         > "$work/$m/console.log" 2>&1 < /dev/null &
+      echo $! > "$work/$m/pid"
     else
       "${run[@]}" &
       pids+=($!)
@@ -98,7 +108,15 @@ if [ -n "${DETACH:-}" ]; then
   deadline=$(( $(date +%s) + ${WAIT:-0} * 60 ))
   while :; do
     running=0
-    for m in $models; do [ -f "$work/$m/exit" ] || running=$((running + 1)); done
+    for m in $models; do
+      [ ! -f "$work/$m/exit" ] || continue
+      # Neither ended nor alive: never started on this machine, or killed without its exit code.
+      if ! kill -0 "$(cat "$work/$m/pid" 2>/dev/null)" 2>/dev/null && [ ! -f "$work/$m/exit" ]; then
+        echo "gpu_lease: no run of $m is going here and none ended (was it started, with DETACH=1?)" >&2
+        exit 3
+      fi
+      running=$((running + 1))
+    done
     for m in $models; do echo "$m: $(tail -n 1 "$work/$m/train.log" 2>/dev/null)"; done
     [ "$running" != 0 ] && [ "$(date +%s)" -lt "$deadline" ] || break
     sleep 60

@@ -358,6 +358,50 @@ class Profile(unittest.TestCase):
             train.main(["--size", "tiny", "--device", "cpu", "--profile", "x"])
 
 
+class LeaseOnAFreshMachine(unittest.TestCase):
+    """gpu_lease.sh's later calls fail at once, naming the cause, when the machine that held the
+    lease's shards and runs went back (session 13 waited 8 minutes of device time for a run that
+    was no longer there), and still wait for a run that is going."""
+
+    def lease(self, d, **env):
+        root = os.path.join(HERE, "..", "..")
+        corpus = os.path.join(d, "carried")
+        os.makedirs(corpus, exist_ok=True)
+        write(os.path.join(corpus, "shards.json"), b"{}")
+        return subprocess.run(
+            ["bash", "tools/train/gpu_lease.sh", corpus, os.path.join(d, "out"), "0"], cwd=root,
+            capture_output=True, text=True, timeout=120,
+            env=dict(os.environ, TESTS="0", MODELS="fma", RESUME="1", **env,
+                     PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"]))
+
+    def test_resume_without_the_lease_folder(self):
+        with tempfile.TemporaryDirectory() as d:
+            got = self.lease(d, LEASE_DIR=os.path.join(d, "lease"))
+            self.assertEqual(got.returncode, 3, got.stderr)
+            self.assertIn("fresh one", got.stderr)
+            self.assertFalse(os.path.exists(os.path.join(d, "lease")))
+
+    def test_waiting_for_a_run_that_is_not_there(self):
+        with tempfile.TemporaryDirectory() as d:
+            lease = os.path.join(d, "lease")
+            os.makedirs(os.path.join(lease, "fma"))
+            got = self.lease(d, LEASE_DIR=lease, DETACH="1", WAIT="5")
+            self.assertEqual(got.returncode, 3, got.stderr)
+            self.assertIn("no run of fma is going here", got.stderr)
+            # A live run (its pid alive, no exit code yet) is waited for; once it ends with 0
+            # the call goes on (nothing to fetch: no model was written).
+            sleeper = subprocess.Popen(["sleep", "2"])
+            write(os.path.join(lease, "fma", "pid"), str(sleeper.pid).encode())
+            got = self.lease(d, LEASE_DIR=lease, DETACH="1", WAIT="0")
+            sleeper.wait()
+            self.assertEqual(got.returncode, 0, got.stderr)
+            self.assertIn("1 run(s) still going", got.stdout)
+            write(os.path.join(lease, "fma", "exit"), b"0\n")
+            got = self.lease(d, LEASE_DIR=lease, DETACH="1", WAIT="0")
+            self.assertEqual(got.returncode, 0, got.stderr)
+            self.assertIn("nothing to fetch yet", got.stdout)
+
+
 class FullModel(unittest.TestCase):
     def test_size_and_summaries(self):
         """The 30-50M model of issue 12: the summary options MODEL.md measured best."""
