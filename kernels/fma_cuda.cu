@@ -239,6 +239,13 @@ enum KeyArray { kChunkRows, kFineWindow, kNewSummaries, kSummaryRing };
 struct KvArrays {
   const float* k[4];
   const float* v[4];
+  // Selected, not indexed: an array indexed at run time lives in local memory, and every key
+  // row's load then waited for a local load of its base (ncu, session 13).
+  __device__ static const float* pick(const float* const (&a)[4], int which) {
+    return which == 0 ? a[0] : which == 1 ? a[1] : which == 2 ? a[2] : a[3];
+  }
+  __device__ const float* key(int which) const { return pick(k, which); }
+  __device__ const float* value(int which) const { return pick(v, which); }
 };
 __device__ KvArrays kv_arrays(const CacheView& cv, const float* k, const float* v,
                               const float* new_k, const float* new_v) {
@@ -348,8 +355,8 @@ __global__ void __launch_bounds__(kThreads)
     // consecutive channels (a thread per key row was 32-way strided and bank-conflicted).
     for (int e = threadIdx.x; e < n; e += blockDim.x) {
       const KeyLoc kloc = key_loc(s, cv, c, table, lt, kl, t0 + e, kvh);
-      sksrc[e] = arr.k[kloc.which] + kloc.off;
-      svsrc[e] = arr.v[kloc.which] + kloc.off;
+      sksrc[e] = arr.key(kloc.which) + kloc.off;
+      svsrc[e] = arr.value(kloc.which) + kloc.off;
       sbonus[e] = kloc.bonus;
       spos[e] = kloc.pos;
     }
@@ -423,8 +430,9 @@ __global__ void __launch_bounds__(tc::kWarps * 32, 4)
   using namespace tc;
   __shared__ __align__(16) __nv_bfloat16 sk[kKeys][kStride], sv[kKeys][kStride];
   __shared__ float sbonus[kKeys];
-  __shared__ int64_t spos[kKeys], soff[kKeys];
-  __shared__ int swhich[kKeys];
+  __shared__ int64_t spos[kKeys];
+  __shared__ const float* sksrc[kKeys];  // each key's K and V rows, resolved once a tile
+  __shared__ const float* svsrc[kKeys];
   const AttnItem it = items[blockIdx.x];
   if (it.q_begin >= it.q_end) return;
   const ChunkDesc c = chunks[it.chunk];
@@ -464,12 +472,12 @@ __global__ void __launch_bounds__(tc::kWarps * 32, 4)
       const int e = threadIdx.x;
       if (t0 + e < n_keys) {
         const KeyLoc kloc = key_loc(s, cv, c, table, lt, kl, t0 + e, kvh);
-        soff[e] = kloc.off;
-        swhich[e] = kloc.which;
+        sksrc[e] = arr.key(kloc.which) + kloc.off;
+        svsrc[e] = arr.value(kloc.which) + kloc.off;
         sbonus[e] = kloc.bonus * kLog2e;
         spos[e] = kloc.pos;
       } else {
-        swhich[e] = -1;
+        sksrc[e] = svsrc[e] = nullptr;
         sbonus[e] = 0.0f;
         spos[e] = INT64_MAX;
       }
@@ -479,9 +487,9 @@ __global__ void __launch_bounds__(tc::kWarps * 32, 4)
     for (int idx = threadIdx.x; idx < kKeys * kD / 4; idx += kWarps * 32) {
       const int e = idx / (kD / 4), c4 = idx % (kD / 4);
       float4 kx = make_float4(0, 0, 0, 0), vx = kx;
-      if (swhich[e] >= 0) {
-        kx = reinterpret_cast<const float4*>(arr.k[swhich[e]] + soff[e])[c4];
-        vx = reinterpret_cast<const float4*>(arr.v[swhich[e]] + soff[e])[c4];
+      if (sksrc[e]) {
+        kx = reinterpret_cast<const float4*>(sksrc[e])[c4];
+        vx = reinterpret_cast<const float4*>(svsrc[e])[c4];
       }
       *reinterpret_cast<uint2*>(&sk[e][4 * c4]) =
           make_uint2(pack_bf16(kx.x, kx.y), pack_bf16(kx.z, kx.w));
@@ -633,8 +641,8 @@ __global__ void __launch_bounds__(W * 32)
       bonus[u] = kloc.bonus;
       if (!active) continue;
       float key[C];
-      load_channels<C>(arr.k[kloc.which] + kloc.off + ch0, key);
-      load_channels<C>(arr.v[kloc.which] + kloc.off + ch0, val[u]);
+      load_channels<C>(arr.key(kloc.which) + kloc.off + ch0, key);
+      load_channels<C>(arr.value(kloc.which) + kloc.off + ch0, val[u]);
 #pragma unroll
       for (int j = 0; j < C; ++j) dot[u] += qr[j] * key[j];
     }
