@@ -44,10 +44,19 @@ fi
 code=(linux-source-6.12 golang-1.19-src libpython3.11-stdlib)
 # The held-out "outside" set: in neither training corpus.
 outside=(r-cran-janeaustenr)
-(cd "$out/debs" && for p in "${docs[@]}" "${code[@]}" "${outside[@]}"; do
-  ls "${p}"_*.deb >/dev/null 2>&1 || apt-get download -q "$p" 2>&1 | grep -v 'unsandboxed as root' || true
-  ls "${p}"_*.deb >/dev/null || { echo "fetch_corpus2: $p could not be downloaded" >&2; exit 1; }
-done)
+# 50 names an apt-get call (one a package spent most of a 16-minute fetch starting apt); a batch
+# with a name apt cannot find downloads nothing, so what is still missing is then tried alone,
+# and the error names the package.
+download() { apt-get download -q "$@" 2>&1 | grep -v 'unsandboxed as root' || true; }
+missing() { for p in "$@"; do ls "${p}"_*.deb >/dev/null 2>&1 || echo "$p"; done; }
+(cd "$out/debs" && {
+  mapfile -t todo < <(missing "${docs[@]}" "${code[@]}" "${outside[@]}")
+  for ((i = 0; i < ${#todo[@]}; i += 50)); do download "${todo[@]:i:50}"; done
+  for p in $(missing "${todo[@]}"); do
+    download "$p"
+    ls "${p}"_*.deb >/dev/null || { echo "fetch_corpus2: $p could not be downloaded" >&2; exit 1; }
+  done
+})
 for d in "$out"/debs/*.deb; do
   name=$(basename "$d" .deb); name=${name%%_*}
   [ -d "$out/unpacked/$name" ] || dpkg-deb -x "$d" "$out/unpacked/$name"
