@@ -118,7 +118,7 @@ if [ -n "${DETACH:-}" ]; then
       running=$((running + 1))
     done
     for m in $models; do echo "$m: $(tail -n 1 "$work/$m/train.log" 2>/dev/null)"; done
-    [ "$running" != 0 ] && [ "$(date +%s)" -lt "$deadline" ] || break
+    if [ "$running" = 0 ] || [ "$(date +%s)" -ge "$deadline" ]; then break; fi
     sleep 60
   done
   for m in $models; do tail -n 5 "$work/$m/console.log" 2>/dev/null || true; done
