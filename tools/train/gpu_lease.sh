@@ -110,7 +110,8 @@ if [ -n "${DETACH:-}" ]; then
     running=0
     for m in $models; do
       [ ! -f "$work/$m/exit" ] || continue
-      # Neither ended nor alive: never started on this machine, or killed without its exit code.
+      # Neither ended nor alive: never started on this machine, or killed without its exit code
+      # (the exit file is looked for again: the run may have ended since the first look).
       if ! kill -0 "$(cat "$work/$m/pid" 2>/dev/null)" 2>/dev/null && [ ! -f "$work/$m/exit" ]; then
         echo "gpu_lease: no run of $m is going here and none ended (was it started, with DETACH=1?)" >&2
         exit 3
