@@ -961,41 +961,61 @@ __global__ void __launch_bounds__(op::kWarps * 32, 1)
     }
   };
 
-  // Level l's group holding token `pos` ends (l = j * kPer + half: the lanes of that half of
-  // fragment j hold it): its sums go to the pool (completed in the chunk) or to the accumulator
-  // (being filled). A block that holds all of the group's tokens of the chunk writes it; else
-  // the blocks add into it (start_groups_kernel started it).
-  auto flush = [&](int l, int half, int64_t pos, float(&acc)[4]) {
-    if (half != sub) return;
-    const int w = s.m << l, pl = s.rank[l];
-    const int64_t grp = pos >> (log_m + l), gs = grp << (log_m + l);
-    const int64_t lo = max(gs, c.pos0), hi = min(gs + w, end);
-    const bool completed = gs + w <= end, owner = lo >= from, before = gs < c.pos0;
-    const bool plain = owner && hi <= to && !(split && before);
-    float* accum = (values ? cv.acc_v : cv.acc_k) + (int64_t(c.slot) * s.L + l) * s.kv * pd;
-    float* dst = accum;
-    if (completed) {
-      const NewGroups ng = table[c.new_base + l];
-      dst = (values ? new_v : new_k) + (int64_t(ng.offset) + grp - ng.first) * s.kv * pd;
-    }
-    const float* bias =
-        completed && owner && !s.avgpool && !paired ? (values ? dw.bv : dw.bk)[l] : nullptr;
+  // Levels [0, n) end the groups holding token `pos`. The lanes stage their sums as
+  // [level][head][rank][16 channels] in `out` (a tile buffer not being read; rows padded and
+  // levels a float apart so that the fragments' stores do not conflict), then threads own runs
+  // of channels: the pool (groups completed in the chunk) or the accumulators (being filled) get
+  // whole 32-byte sectors, not one value a sector. A block that holds all of the group's tokens
+  // of the chunk writes it; else the blocks add into it (start_groups_kernel started it).
+  constexpr int kOutRow = kChannels + 1, kOutLevel = kHeads * kRanks * kOutRow + 1;
+  constexpr int kOutLevels = int(sizeof(sx[0]) / sizeof(float)) / kOutLevel;
+  auto flush = [&](int n, int64_t pos, float* out, float(&acc)[kFrags][4]) {
+    for (int l0 = 0; l0 < n; l0 += kOutLevels) {
+      const int staged = min(n - l0, kOutLevels);
 #pragma unroll
-    for (int e = 0; e < 4; ++e) {
-      const int h = g + 8 * (e >> 1), r = r0 + (e & 1);
-      const float partial = acc[e];
-      acc[e] = 0.0f;
-      if (h >= s.kv || r >= s.p || (r >= pl && !plain)) continue;
-      const int at = h * pd + r * s.d + ch;
-      // Unsplit, the tokens before the chunk are still in the accumulator (read before this
-      // thread overwrites it with a later group's sums). Ranks past the level's are zeros.
-      const float val = r >= pl ? 0.0f
-                                : partial + (bias ? bias[r * s.d + ch] : 0.0f) +
-                                      (!split && before ? accum[at] : 0.0f);
-      if (plain)
-        dst[at] = val;
-      else
-        atomicAdd(dst + at, val);
+      for (int j = 0; j < kFrags; ++j) {
+        const int li = j * kPer + sub - l0;
+        if (li < 0 || li >= staged) continue;
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          out[li * kOutLevel + ((g + 8 * (e >> 1)) * kRanks + r0 + (e & 1)) * kOutRow + warp] =
+              acc[j][e];
+          acc[j][e] = 0.0f;
+        }
+      }
+      __syncthreads();
+#pragma unroll 1
+      for (int i = 0; i < staged; ++i) {
+        const int l = l0 + i, w = s.m << l, pl = s.rank[l];
+        const int64_t grp = pos >> (log_m + l), gs = grp << (log_m + l);
+        const int64_t lo = max(gs, c.pos0), hi = min(gs + w, end);
+        const bool completed = gs + w <= end, owner = lo >= from, before = gs < c.pos0;
+        const bool plain = owner && hi <= to && !(split && before);
+        float* accum = (values ? cv.acc_v : cv.acc_k) + (int64_t(c.slot) * s.L + l) * s.kv * pd;
+        float* dst = accum;
+        if (completed) {
+          const NewGroups ng = table[c.new_base + l];
+          dst = (values ? new_v : new_k) + (int64_t(ng.offset) + grp - ng.first) * s.kv * pd;
+        }
+        const float* bias =
+            completed && owner && !s.avgpool && !paired ? (values ? dw.bv : dw.bk)[l] : nullptr;
+        for (int q = threadIdx.x; q < s.kv * kRanks * kChannels; q += kWarps * 32) {
+          const int ci = q % kChannels, r = q / kChannels % kRanks, h = q / (kChannels * kRanks);
+          if (r >= s.p || (r >= pl && !plain)) continue;
+          const int at = h * pd + r * s.d + channel(ci);
+          // Unsplit, the tokens before the chunk are still in the accumulator (read before this
+          // thread overwrites it with a later group's sums). Ranks past the level's are zeros.
+          const float val = r >= pl ? 0.0f
+                                    : out[i * kOutLevel + (h * kRanks + r) * kOutRow + ci] +
+                                          (bias ? bias[r * s.d + channel(ci)] : 0.0f) +
+                                          (!split && before ? accum[at] : 0.0f);
+          if (plain)
+            dst[at] = val;
+          else
+            atomicAdd(dst + at, val);
+        }
+      }
+      __syncthreads();  // `out` is staged into or loaded next
     }
   };
 
@@ -1015,6 +1035,11 @@ __global__ void __launch_bounds__(op::kWarps * 32, 1)
     for (int kk = 0; kk < kSpan / 16; ++kk) {
       const int64_t k0 = tile + kk * 16;
       if (k0 < first_step || k0 >= to) continue;
+      // Levels [0, ends) have a group ending at k0 - 1: those whose w divides k0.
+      const int ends = k0 > first_step && (k0 & (s.m - 1)) == 0
+                           ? min(s.L, __ffsll(static_cast<long long>(k0)) - log_m)
+                           : 0;
+      if (ends > 0) flush(ends, k0 - 1, reinterpret_cast<float*>(sx[buf ^ 1]), acc);
       uint32_t a[4], ap[4];
       auto fragment = [&](int i, uint32_t(&f)[4]) {
         const __nv_bfloat16* row_g = &sx[buf][i][g][kk * 16 + 2 * t];
@@ -1029,12 +1054,6 @@ __global__ void __launch_bounds__(op::kWarps * 32, 1)
 #pragma unroll
       for (int j = 0; j < kFrags; ++j) {
         if (j * kPer >= s.L) break;
-#pragma unroll
-        for (int half = 0; half < kPer; ++half) {
-          const int l = j * kPer + half;
-          if (l < s.L && (k0 & ((int64_t(s.m) << l) - 1)) == 0 && k0 > first_step)
-            flush(l, half, k0 - 1, acc[j]);
-        }
         const int l = j * kPer + col_sub, w = s.m << l, off = int(k0 & (w - 1));
         uint32_t b0 = 0, b1 = 0;
         if (l < s.L) {
@@ -1051,18 +1070,15 @@ __global__ void __launch_bounds__(op::kWarps * 32, 1)
     if (tile + kSpan < to) store(buf ^ 1);
     __syncthreads();
   }
-#pragma unroll
-  for (int j = 0; j < kFrags; ++j)
-#pragma unroll
-    for (int half = 0; half < kPer; ++half)
-      if (j * kPer + half < s.L) flush(j * kPer + half, half, to - 1, acc[j]);
-  // The group being filled that begins where the chunk ends starts from zero.
+  flush(s.L, to - 1, reinterpret_cast<float*>(sx[0]), acc);
+  // The group being filled that begins where the chunk ends starts from zero (after the flush
+  // read it: its last barrier).
   if (to != end) return;
-  __syncwarp();
   for (int l = 0; l < s.L; ++l) {
     if (end & ((int64_t(s.m) << l) - 1)) continue;
     float* accum = (values ? cv.acc_v : cv.acc_k) + (int64_t(c.slot) * s.L + l) * s.kv * pd;
-    for (int i = lane; i < s.kv * s.p; i += 32) accum[(i / s.p) * pd + (i % s.p) * s.d + ch] = 0.0f;
+    for (int q = threadIdx.x; q < s.kv * s.p * kChannels; q += kWarps * 32)
+      accum[q / kChannels * s.d + channel(q % kChannels)] = 0.0f;
   }
 }
 
