@@ -19,6 +19,9 @@
 #   INBOX=DIR  checkpoint parts carried in from an earlier session: DIR/fma_ckpt, DIR/exact_ckpt
 #              (manifest.json and some part-NNN each); training waits until each is whole
 #   FETCH=K    the outbox batch to copy into OUT (default 0); the call prints how many there are
+#   GPU_BUNDLE=DIR  scripts/gpu_bundle.sh's bin/ and lib/, unpacked: each model's Q8_0 GGUF (the
+#              file that ships) leads the outbox, in 15 MiB parts with its sha256, so the call that
+#              sees a run end brings the model back even if the machine goes back after it
 #   MODELS     default "fma exact"
 #   TRAIN_ARGS to both train.py runs (default: the plan of docs/MODEL.md)
 #   GPUS=G     processes (GPUs) per model (default 1): torchrun, each with 1/G of every step's windows
@@ -134,11 +137,25 @@ for m in $models; do
   cp "$work/$m/train.log" "$out/train_$m.log"
 done
 
-# The outbox: per model the bf16 Hugging Face folder (safetensors in 15 MiB pieces), then the
-# checkpoint's parts; batch FETCH of it goes to OUT (with the two logs: 6 files left).
+# The outbox: per model its Q8_0 GGUF (with GPU_BUNDLE), then the bf16 Hugging Face folder
+# (safetensors in 15 MiB pieces), then the checkpoint's parts; batch FETCH of it goes to OUT (with
+# the two logs: 6 files left). Sessions 13 and 14 lost a trained model with the machine between
+# the call that saw the run end and the next: the shipped file comes first, in that call.
 rm -rf "$work/outbox" && mkdir -p "$work/outbox"
 for m in $models; do
   [ -d "$work/$m/hf" ] || continue
+  if [ -n "${GPU_BUNDLE:-}" ]; then
+    bundle=$(realpath "$GPU_BUNDLE") q8=$work/$m/q8_0.gguf
+    if [ ! -f "$q8" ]; then
+      cp "$work/corpus/tokenizer.model" "$work/$m/hf/"
+      LD_LIBRARY_PATH=$bundle/lib "$bundle/bin/multipole-convert" "$work/$m/hf" "$q8.tmp" \
+        --dtype q8_0 --force > /dev/null
+      mv "$q8.tmp" "$q8"
+    fi
+    mkdir -p "$work/outbox/${m}_q8_0"
+    (cd "$work/$m" && sha256sum q8_0.gguf) > "$work/outbox/${m}_q8_0/q8_0.gguf.sha256"
+    split -b 15M -d "$q8" "$work/outbox/${m}_q8_0/q8_0.gguf.part"
+  fi
   mkdir -p "$work/outbox/${m}_hf"
   cp "$work/$m/hf/config.json" "$work/outbox/${m}_hf/"
   split -b 15M -d "$work/$m/hf/model.safetensors" "$work/outbox/${m}_hf/model.safetensors.part"
@@ -148,6 +165,7 @@ for m in $models; do
   [ -n "$ck" ] && ln -sfn "$ck" "$work/outbox/${m}_ckpt"
 done
 srcs=()
+for m in $models; do [ -e "$work/outbox/${m}_q8_0" ] && srcs+=("$work/outbox/${m}_q8_0/"); done
 for m in $models; do for kind in hf ckpt; do
   [ -e "$work/outbox/${m}_$kind" ] && srcs+=("$work/outbox/${m}_$kind/")
 done; done

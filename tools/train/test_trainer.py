@@ -4,6 +4,7 @@ PyTorch, no GPU): the sharded corpus read and verified, windows fixed by (seed, 
 checkpoint parts with their manifest, corrupt or mismatched checkpoints refused naming the fault,
 and a run of N steps equal bit for bit (losses and every weight and optimiser moment) to k steps,
 a save, a load in a new process, and N - k steps."""
+import hashlib
 import json
 import lzma
 import os
@@ -400,6 +401,42 @@ class LeaseOnAFreshMachine(unittest.TestCase):
             got = self.lease(d, LEASE_DIR=lease, DETACH="1", WAIT="0")
             self.assertEqual(got.returncode, 0, got.stderr)
             self.assertIn("nothing to fetch yet", got.stdout)
+
+    def test_the_ended_runs_shipped_file_comes_back_first(self):
+        """With GPU_BUNDLE, the call that sees a run end brings back its Q8_0 GGUF (converted
+        once, in 15 MiB parts with its sha256) ahead of the bf16 folder and the checkpoint."""
+        with tempfile.TemporaryDirectory() as d:
+            lease, bundle = os.path.join(d, "lease"), os.path.join(d, "bundle")
+            hf = os.path.join(lease, "fma", "hf")
+            os.makedirs(hf)
+            os.makedirs(os.path.join(bundle, "bin"))
+            write(os.path.join(lease, "fma", "exit"), b"0\n")
+            write(os.path.join(hf, "config.json"), b"{}")
+            write(os.path.join(hf, "model.safetensors"), os.urandom(16 * 2**20 + 123))
+            carried = os.path.join(d, "carried")
+            os.makedirs(carried)
+            write(os.path.join(carried, "tokenizer.model"), os.urandom(1000))
+            # The converter's stand-in: its output depends on every input file; it counts its runs.
+            convert = os.path.join(bundle, "bin", "multipole-convert")
+            write(convert, b'#!/bin/sh\n[ "$4" = q8_0 ] || exit 9\necho run >> "$0.runs"\n'
+                  b'cat "$1/model.safetensors" "$1/tokenizer.model" "$1/config.json" > "$2"\n')
+            os.chmod(convert, 0o755)
+            for call in range(2):
+                got = self.lease(d, LEASE_DIR=lease, DETACH="1", WAIT="0", GPU_BUNDLE=bundle)
+                self.assertEqual(got.returncode, 0, got.stderr)
+            shipped = os.path.join(d, "out", "fma_q8_0")
+            parts = sorted(f for f in os.listdir(shipped) if ".part" in f)
+            self.assertEqual(parts, ["q8_0.gguf.part00", "q8_0.gguf.part01"])
+            data = b"".join(open(os.path.join(shipped, f), "rb").read() for f in parts)
+            with open(os.path.join(hf, "model.safetensors"), "rb") as f:
+                weights = f.read()
+            with open(os.path.join(carried, "tokenizer.model"), "rb") as f:
+                self.assertEqual(data, weights + f.read() + b"{}")
+            with open(os.path.join(shipped, "q8_0.gguf.sha256")) as f:
+                self.assertEqual(f.read().split(), [hashlib.sha256(data).hexdigest(), "q8_0.gguf"])
+            with open(convert + ".runs") as f:
+                self.assertEqual(f.read(), "run\n")
+            self.assertIn("outbox: batch 0 of 1", got.stdout)
 
 
 class FullModel(unittest.TestCase):
