@@ -67,18 +67,24 @@ for m in $models; do
   fi
 done
 
-# Training, both models side by side on the same plan (seed, windows, schedule).
-# Alone on the GPU a model takes the largest micro-batch that fits; side by side, half the batch.
-micro=8
-[ "$(wc -w <<< "$models")" != 1 ] || micro=0
+# Training, both models side by side on the same plan (seed, windows, schedule): each on GPUS
+# GPUs of its own where the machine has them all (nvidia-h200-x4: the FMA model and its twin at
+# once), else together on the same ones. A model alone on its GPUs takes the largest micro-batch
+# that fits; two sharing them, half the batch.
+gpus=${GPUS:-1} nmodels=$(wc -w <<< "$models")
+ngpus=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)
+own=0
+if [ "$nmodels" -gt 1 ] && [ "$ngpus" -ge $((nmodels * gpus)) ]; then own=1; fi
+micro=0
+if [ "$nmodels" -gt 1 ] && [ $own = 0 ]; then micro=8; fi
 # shellcheck disable=SC2206 # TRAIN_ARGS is words
 plan=(--size "${SIZE:-full}" --seed "${SEED:-0}" ${STEPS:+--plan-steps "$STEPS"} --micro-batch $micro
       ${TRAIN_ARGS:---batch 16 --lr 1.5e-3 --warmup 300 --compile})
 # G processes of train.py as torchrun would start them (torchrun itself fails with Debian's
 # PyTorch 1.13 under Python 3.11, where this script is checked); the call fails if any does.
-ranks() {
-  local g=$1 port=$((29500 + RANDOM % 1000)) pids=() r rc=0
-  shift
+ranks() {  # G PORT COMMAND...
+  local g=$1 port=$2 pids=() r rc=0
+  shift 2
   for ((r = 0; r < g; r++)); do
     RANK=$r LOCAL_RANK=$r WORLD_SIZE=$g MASTER_ADDR=127.0.0.1 MASTER_PORT=$port "$@" &
     pids+=($!)
@@ -87,21 +93,24 @@ ranks() {
   return $rc
 }
 export -f ranks
-gpus=${GPUS:-1}
 if [ "$minutes" != 0 ]; then
-  pids=()
+  pids=() i=0 port=$((29500 + RANDOM % 1000))  # a port per model: they may run at once
   for m in $models; do
-    twin=()
+    twin=() devices=
     [ "$m" = fma ] || twin=(--exact)
+    [ $own = 0 ] || devices=$(seq -s, $((i * gpus)) $((i * gpus + gpus - 1)))
+    echo "$m: ${gpus} process(es) on GPUs ${devices:-all}"
     mkdir -p "$work/$m" && rm -f "$work/$m/exit"
-    run=(ranks "$gpus" python3 train.py --data "$work/corpus" --out "$work/$m" --minutes "$minutes" \
-         --final "${plan[@]}" "${twin[@]}")
+    run=(ranks "$gpus" $((port + i)) python3 train.py --data "$work/corpus" --out "$work/$m"
+         --minutes "$minutes" --final "${plan[@]}" "${twin[@]}")
+    i=$((i + 1))
     if [ -n "${DETACH:-}" ]; then
-      setsid nohup bash -c "$(printf '%q ' "${run[@]}"); echo \$? > $work/$m/exit" \
+      setsid nohup bash -c "${devices:+export CUDA_VISIBLE_DEVICES=$devices; }$(printf '%q ' \
+        "${run[@]}"); echo \$? > $work/$m/exit" \
         > "$work/$m/console.log" 2>&1 < /dev/null &
       echo $! > "$work/$m/pid"
     else
-      "${run[@]}" &
+      (if [ -n "$devices" ]; then export CUDA_VISIBLE_DEVICES=$devices; fi; "${run[@]}") &
       pids+=($!)
     fi
   done

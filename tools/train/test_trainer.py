@@ -439,6 +439,64 @@ class LeaseOnAFreshMachine(unittest.TestCase):
             self.assertIn("outbox: batch 0 of 1", got.stdout)
 
 
+class LeaseGpus(unittest.TestCase):
+    """gpu_lease.sh gives each model GPUS GPUs of its own where the machine has them all (the FMA
+    model and its twin at once on four), else runs them on the same ones at half the batch."""
+
+    def launches(self, gpus_on_machine, models, gpus):
+        with tempfile.TemporaryDirectory() as d:
+            stubs, record = os.path.join(d, "stubs"), os.path.join(d, "launches")
+            os.makedirs(stubs)
+            smi = "".join(f"echo 'GPU {i}: NVIDIA H200 (UUID: GPU-{i})'\n"
+                          for i in range(gpus_on_machine))
+            write(os.path.join(stubs, "nvidia-smi"), f"#!/bin/sh\n{smi}".encode())
+            # train.py is recorded, not run; everything else is the real Python.
+            write(os.path.join(stubs, "python3"), (
+                f'#!/bin/sh\nif [ "$1" = train.py ]; then\n'
+                f'  echo "$CUDA_VISIBLE_DEVICES|$RANK|$WORLD_SIZE|$MASTER_PORT|$*" >> {record}\n'
+                f'  exit 0\nfi\nexec {sys.executable} "$@"\n').encode())
+            for f in os.listdir(stubs):
+                os.chmod(os.path.join(stubs, f), 0o755)
+            corpus = os.path.join(d, "carried")
+            os.makedirs(corpus)
+            write(os.path.join(corpus, "shards.json"), b"{}")
+            env = dict(os.environ, TESTS="0", MODELS=models, GPUS=str(gpus),
+                       LEASE_DIR=os.path.join(d, "lease"),
+                       PATH=stubs + os.pathsep + os.environ["PATH"])
+            env.pop("CUDA_VISIBLE_DEVICES", None)
+            got = subprocess.run(
+                ["bash", "tools/train/gpu_lease.sh", corpus, os.path.join(d, "out"), "1"],
+                cwd=os.path.join(HERE, "..", ".."), capture_output=True, text=True, timeout=120,
+                env=env)
+            self.assertEqual(got.returncode, 0, got.stderr)
+            with open(record) as f:
+                rows = [line.rstrip("\n").split("|") for line in f]
+        # per model (its --out's last part): sorted (devices, rank, world, port, micro-batch)
+        by = {}
+        for devices, rank, world, port, args in rows:
+            a = args.split()
+            model = os.path.basename(a[a.index("--out") + 1])
+            self.assertEqual("--exact" in a, model == "exact")
+            by.setdefault(model, []).append(
+                (devices, int(rank), int(world), port, a[a.index("--micro-batch") + 1]))
+        return {m: sorted(v) for m, v in by.items()}
+
+    def test_each_model_on_gpus_of_its_own(self):
+        got = self.launches(4, "fma exact", 2)
+        self.assertEqual([r[:3] for r in got["fma"]], [("0,1", 0, 2), ("0,1", 1, 2)])
+        self.assertEqual([r[:3] for r in got["exact"]], [("2,3", 0, 2), ("2,3", 1, 2)])
+        self.assertEqual({r[4] for r in got["fma"] + got["exact"]}, {"0"})  # the largest micro-batch
+        self.assertNotEqual(got["fma"][0][3], got["exact"][0][3])  # ports
+
+    def test_sharing_when_the_machine_has_too_few(self):
+        got = self.launches(2, "fma exact", 2)
+        self.assertEqual([r[:3] for r in got["fma"]], [("", 0, 2), ("", 1, 2)])
+        self.assertEqual({r[4] for r in got["fma"] + got["exact"]}, {"8"})
+        got = self.launches(2, "fma", 2)
+        self.assertEqual([r[:3] for r in got["fma"]], [("", 0, 2), ("", 1, 2)])
+        self.assertEqual(got["fma"][0][4], "0")
+
+
 class FullModel(unittest.TestCase):
     def test_size_and_summaries(self):
         """The 30-50M model of issue 12: the summary options MODEL.md measured best."""
