@@ -62,6 +62,35 @@ struct Dev {
   }
 };
 
+// The rig's generator (tests/support/random_cuda.cu): normal, a function of (seed, index) alone.
+TEST_F(Cuda, DeviceNormalsAreStandardNormalAndSeeded) {
+  const size_t n = 1 << 22;
+  Dev<float> a(n), b(n);
+  mp::testing::fill_normal_device(a.p, n, 3, 2.0f);
+  mp::testing::fill_normal_device(b.p, n, 3, 2.0f);
+  const std::vector<float> x = a.get(n), again = b.get(n);
+  EXPECT_EQ(x, again);
+  double mean = 0, var = 0, within = 0;
+  for (float v : x) mean += v;
+  mean /= n;
+  for (float v : x) {
+    var += (v - mean) * (v - mean);
+    within += std::fabs(v - mean) < 2.0;  // one deviation: 68.27 %
+  }
+  var /= n;
+  EXPECT_NEAR(mean, 0.0, 0.005);  // sigma of the mean: 2 / 2048 ~ 0.001
+  EXPECT_NEAR(var, 4.0, 0.02);    // sigma of the variance: 4 * sqrt(2 / n) ~ 0.003
+  EXPECT_NEAR(within / n, 0.6827, 0.002);
+  mp::testing::fill_normal_device(b.p, n, 4, 2.0f);
+  const std::vector<float> other = b.get(n);
+  size_t same = 0;
+  for (size_t i = 0; i < n; ++i) same += other[i] == x[i];
+  EXPECT_LT(same, 16u);
+  double lag = 0;  // neighbours independent: lag-1 correlation ~ 0 (sigma 1 / 2048)
+  for (size_t i = 1; i < n; ++i) lag += (x[i] - mean) * (x[i - 1] - mean);
+  EXPECT_NEAR(lag / (n - 1) / var, 0.0, 0.003);
+}
+
 std::vector<float> from_bf16(const std::vector<__nv_bfloat16>& v) {
   std::vector<float> f;
   for (auto x : v) f.push_back(__bfloat162float(x));

@@ -3,11 +3,11 @@
 #pragma once
 
 #include <algorithm>
-#include <random>
 #include <vector>
 
 #include "fma_cpu.h"
 #include "fma_cuda.cuh"
+#include "random_cuda.h"
 
 namespace mp::testing {
 
@@ -66,14 +66,12 @@ class AttentionRig {
           cap,
           c.fma_enabled};
     std::vector<const float*> ptrs(4 * L);
-    std::mt19937 rng(7);
-    std::normal_distribution<float> nd(0, 0.05f);
     const size_t in = c.fma_downsampling == Downsampling::Conv ? d : 1;  // inputs an output reads
     for (int l = 1; l <= L; ++l)
       for (int which = 0; which < 2; ++which) {
-        std::vector<float> w(pd * c.group_size(l) * in), b(pd);
-        for (auto& x : w) x = nd(rng);
-        for (auto& x : b) x = nd(rng);
+        const uint32_t seed = 100 + 4 * l + 2 * which;
+        const std::vector<float> w = normal_host(pd * c.group_size(l) * in, seed, 0.05f),
+                                 b = normal_host(pd, seed + 1, 0.05f);
         const cpu::Downsampler dsm = cpu::make_downsampler(c, l, which == 0, w, b);
         ptrs[(2 * which) * L + l - 1] = copy(dsm.weight);
         ptrs[(2 * which + 1) * L + l - 1] = copy(dsm.bias);
@@ -213,11 +211,19 @@ class AttentionRig {
     return p;
   }
   void fill_random(float* p, size_t n, uint32_t seed) {
-    std::mt19937 rng(seed);
-    std::normal_distribution<float> nd(0, 1);
+    fill_normal_device(p, n, seed);
+    cuda::check(cudaDeviceSynchronize(), "fill");
+  }
+  // Host values from the device's generator (at n = 1M the weights are ~270M values).
+  std::vector<float> normal_host(size_t n, uint32_t seed, float stddev) {
+    float* p = nullptr;
+    cuda::check(cudaMalloc(&p, std::max<size_t>(n, 1) * 4), "cudaMalloc");
+    fill_normal_device(p, n, seed, stddev);
     std::vector<float> h(n);
-    for (auto& x : h) x = nd(rng);
-    cuda::check(cudaMemcpy(p, h.data(), n * 4, cudaMemcpyHostToDevice), "copy");
+    const cudaError_t e = cudaMemcpy(h.data(), p, n * 4, cudaMemcpyDeviceToHost);
+    cudaFree(p);
+    cuda::check(e, "copy");
+    return h;
   }
   float* random(size_t n, uint32_t seed) {
     float* p = alloc<float>(n);
