@@ -22,7 +22,7 @@ if [ -n "${BUSY:-}" ]; then
   for _ in $(seq "$BUSY"); do (while :; do :; done) & done
   echo "## beside $BUSY busy processes" | tee -a "$out/bench_decode.md"
   "$bin/bench_cuda" models/default.gguf --decode 1024 2>&1 | tail -1 | tee -a "$out/bench_decode.md"
-  kill $(jobs -p) 2>/dev/null; wait 2>/dev/null
+  jobs -p | xargs -r kill 2>/dev/null; wait 2>/dev/null
 fi
 pinned() {  # the command prefix that keeps a program on the cores of the list $1, if any
   if [ -n "$1" ]; then echo "taskset -c $1"; fi
@@ -75,6 +75,7 @@ if [ -z "${SKIP_LONG:-}" ]; then
 fi
 for p in ${STREAM_PROCESSES:-2 4}; do
   echo "## 1,024 streams x ${STREAM_TOKENS:-512} tokens, bench/loadgen in $p processes" | tee -a "$out/serve.md"
+  # shellcheck disable=SC2046 # the prefix is words, or none
   timeout 240 $(pinned "${LOADGEN_CPUS:-}") "$bin/loadgen" --clients 1024 --processes $p --max-tokens ${STREAM_TOKENS:-512} \
     --url $url 2>&1 | tee -a "$out/serve.md"
   metrics

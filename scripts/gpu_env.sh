@@ -1,3 +1,4 @@
+# shellcheck shell=bash
 # Sourced by the GPU scripts (bench/*_gpu.sh) on the GPU machine, from the repository root:
 # unpacks the carried bundle (scripts/gpu_bundle.sh), sets root, bin, out ($OUT) and the library
 # path, and runs the CUDA tests into $out/gpu_tests.log unless SKIP_TESTS is set.

@@ -11,7 +11,7 @@ if [ -z "$browser" ]; then
   exit 77
 fi
 work=$(mktemp -d)
-server= chrome=
+server='' chrome=''
 # On a failure, the logs of both.
 on_exit() {
   local rc=$?
@@ -32,6 +32,7 @@ if [ -z "$model" ]; then
   "$build/tools/multipole-convert" "$work/hf" "$work/model.gguf" 2>/dev/null
   model=$work/model.gguf
 fi
+# shellcheck source=tests/support/start_server.sh
 source "$here/../support/start_server.sh"
 start_server "$build" "$work/server.log" --model "$model" --threads 2 --ctx-limit 4096
 "$browser" --headless=new --no-sandbox --disable-gpu --disable-dev-shm-usage --no-first-run \

@@ -16,6 +16,7 @@ if ! (cd "$work" && npm init -y >/dev/null && timeout 180 npm install --silent -
   echo "npm install openai failed: the npm registry is not reachable" >&2
   exit 77
 fi
+# shellcheck source=tests/support/start_server.sh
 source "$here/../support/start_server.sh"
 start_server "$build" "$work/server.log" --model "$work/model.gguf" --threads 2 --api-key test-key
 if ! node "$work/openai_sdk.mjs" "http://127.0.0.1:$port/v1"; then

@@ -1,3 +1,4 @@
+# shellcheck shell=bash
 # Sourced by the scripted tests: start_server BUILD_DIR LOG [OPTIONS...] starts multipole-server
 # on a free loopback port (port 0: the kernel picks one, which the server reports) and sets
 # $server (its pid) and $port once it listens; it exits 1 when the server does not start.

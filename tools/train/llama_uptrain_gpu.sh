@@ -24,7 +24,7 @@ if [ -n "${TINY:-}" ]; then
   pretrain=(--tiny --plan-steps 4 --batch 2 --warmup 2)
   uptrain=(--plan-steps 3 --batch 2 --warmup 1)
 fi
-fma=(--block-size $m --rank $p)
+fma=(--block-size "$m" --rank "$p")
 work=${WORK:-/tmp/llama_uptrain}
 rm -rf "$work" && mkdir -p "$work" "$out"
 cd tools/train
@@ -54,7 +54,7 @@ cp "$work"/llama/train.log "$out/train_llama.log"
 cp "$work"/frozen/train.log "$out/train_frozen.log"
 cp "$work"/full/train.log "$out/train_full.log"
 # 3. Evaluations, side by side.
-ev=(--device "$dev" --contexts $contexts --parity-tokens $parity)
+ev=(--device "$dev" --contexts "$contexts" --parity-tokens "$parity")
 python3 evaluate.py "$work/llama/hf" "$data" "$out/eval_exact.json" "${ev[@]}" > /dev/null &
 python3 evaluate.py "$work/llama/hf" "$data" "$out/eval_avgpool.json" "${ev[@]}" --fma avgpool "${fma[@]}" > /dev/null &
 python3 evaluate.py "$work/frozen/hf" "$data" "$out/eval_frozen.json" "${ev[@]}" > /dev/null &

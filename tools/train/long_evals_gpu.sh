@@ -36,6 +36,7 @@ evals=(--text "$data/val.txt" --backend "$dev" --chunk 4096 --spans 8 --passages
 contexts=512,8192
 if [ -n "${TINY:-}" ]; then
   train=(--tiny --plan-steps 3 --batch 2 --warmup 1)
+  # shellcheck disable=SC2054 # the commas are inside values
   evals=(--text "$data/val.txt" --backend "$dev" --contexts 0,40,300 --span 32 --spans 1
          --passage 16 --gaps 8,64 --passages 1 --passkey-contexts 300 --depths 0,1 --trials 1)
   contexts=32,64
@@ -60,6 +61,7 @@ fi
    --contexts $contexts --parity-tokens 256 | grep ppl_ctx)
 
 # 2. The same evaluations on both models, one after the other.
+# shellcheck disable=SC2206 # EVAL_ARGS is words
 evals+=(${EVAL_ARGS:-})
 for m in "fma:models/default.gguf" "twin:$work.gguf"; do
   name=${m%%:*}

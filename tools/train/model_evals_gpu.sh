@@ -43,10 +43,10 @@ for d in bf16 q8_0; do
   "$bin/multipole-convert" "$hf" "$work/$d.gguf" --dtype "$d" --force > /dev/null
 done
 ls -l "$work"/*.gguf | tee -a "$results"
-cd tools/train
+cd tools/train || exit 1
 step 200 python3 evaluate.py "$hf" "$data" "$out/eval_$name.json" --max-tokens 2000000 \
   --device "${DEVICE:-cuda}"
-cd "$root"
+cd "$root" || exit 1
 step 130 "$bin/multipole-evals" -m "$work/q8_0.gguf" --text "$data/val.txt" --backend "$backend" \
   --chunk 4096 --spans 8 --passages 8 --trials 10 --json-out "$out/evals_$name.json" ${EVAL_ARGS:-}
 # The by-position table on the outside text (Austen's novels) too, when CORPUS has outside.txt
