@@ -153,14 +153,19 @@ done
 rm -rf "$work/outbox" && mkdir -p "$work/outbox"
 for m in $models; do
   [ -d "$work/$m/hf" ] || continue
-  if [ -n "${GPU_BUNDLE:-}" ]; then
-    bundle=$(realpath "$GPU_BUNDLE") q8=$work/$m/q8_0.gguf
-    if [ ! -f "$q8" ]; then
-      cp "$work/corpus/tokenizer.model" "$work/$m/hf/"
-      LD_LIBRARY_PATH=$bundle/lib "$bundle/bin/multipole-convert" "$work/$m/hf" "$q8.tmp" \
-        --dtype q8_0 --force > /dev/null
+  q8=$work/$m/q8_0.gguf
+  if [ -n "${GPU_BUNDLE:-}" ] && [ ! -f "$q8" ]; then
+    bundle=$(realpath "$GPU_BUNDLE")
+    cp "$work/corpus/tokenizer.model" "$work/$m/hf/"
+    # A failed conversion leaves the bf16 folder and the checkpoint to come back as before.
+    if LD_LIBRARY_PATH=$bundle/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH} \
+        "$bundle/bin/multipole-convert" "$work/$m/hf" "$q8.tmp" --dtype q8_0 --force > /dev/null; then
       mv "$q8.tmp" "$q8"
+    else
+      echo "gpu_lease: $m: the Q8_0 conversion failed; the bf16 folder comes back instead" >&2
     fi
+  fi
+  if [ -f "$q8" ]; then
     mkdir -p "$work/outbox/${m}_q8_0"
     (cd "$work/$m" && sha256sum q8_0.gguf) > "$work/outbox/${m}_q8_0/q8_0.gguf.sha256"
     split -b 15M -d "$q8" "$work/outbox/${m}_q8_0/q8_0.gguf.part"

@@ -402,42 +402,57 @@ class LeaseOnAFreshMachine(unittest.TestCase):
             self.assertEqual(got.returncode, 0, got.stderr)
             self.assertIn("nothing to fetch yet", got.stdout)
 
+    def ended_run(self, d, converter):
+        """A lease whose FMA run ended with its bf16 folder (16 MiB of weights), `converter` the
+        bundle's multipole-convert; two calls of it with GPU_BUNDLE. Returns the last."""
+        lease, bundle = os.path.join(d, "lease"), os.path.join(d, "bundle")
+        hf = os.path.join(lease, "fma", "hf")
+        os.makedirs(hf)
+        os.makedirs(os.path.join(bundle, "bin"))
+        write(os.path.join(lease, "fma", "exit"), b"0\n")
+        write(os.path.join(hf, "config.json"), b"{}")
+        write(os.path.join(hf, "model.safetensors"), os.urandom(16 * 2**20 + 123))
+        carried = os.path.join(d, "carried")
+        os.makedirs(carried)
+        write(os.path.join(carried, "tokenizer.model"), os.urandom(1000))
+        convert = os.path.join(bundle, "bin", "multipole-convert")
+        write(convert, converter)
+        os.chmod(convert, 0o755)
+        for _ in range(2):
+            got = self.lease(d, LEASE_DIR=lease, DETACH="1", WAIT="0", GPU_BUNDLE=bundle)
+            self.assertEqual(got.returncode, 0, got.stderr)
+        return got
+
     def test_the_ended_runs_shipped_file_comes_back_first(self):
         """With GPU_BUNDLE, the call that sees a run end brings back its Q8_0 GGUF (converted
         once, in 15 MiB parts with its sha256) ahead of the bf16 folder and the checkpoint."""
         with tempfile.TemporaryDirectory() as d:
-            lease, bundle = os.path.join(d, "lease"), os.path.join(d, "bundle")
-            hf = os.path.join(lease, "fma", "hf")
-            os.makedirs(hf)
-            os.makedirs(os.path.join(bundle, "bin"))
-            write(os.path.join(lease, "fma", "exit"), b"0\n")
-            write(os.path.join(hf, "config.json"), b"{}")
-            write(os.path.join(hf, "model.safetensors"), os.urandom(16 * 2**20 + 123))
-            carried = os.path.join(d, "carried")
-            os.makedirs(carried)
-            write(os.path.join(carried, "tokenizer.model"), os.urandom(1000))
             # The converter's stand-in: its output depends on every input file; it counts its runs.
-            convert = os.path.join(bundle, "bin", "multipole-convert")
-            write(convert, b'#!/bin/sh\n[ "$4" = q8_0 ] || exit 9\necho run >> "$0.runs"\n'
-                  b'cat "$1/model.safetensors" "$1/tokenizer.model" "$1/config.json" > "$2"\n')
-            os.chmod(convert, 0o755)
-            for call in range(2):
-                got = self.lease(d, LEASE_DIR=lease, DETACH="1", WAIT="0", GPU_BUNDLE=bundle)
-                self.assertEqual(got.returncode, 0, got.stderr)
+            got = self.ended_run(d, b'#!/bin/sh\n[ "$4" = q8_0 ] || exit 9\necho run >> "$0.runs"\n'
+                                 b'cat "$1/model.safetensors" "$1/tokenizer.model" "$1/config.json"'
+                                 b' > "$2"\n')
             shipped = os.path.join(d, "out", "fma_q8_0")
             parts = sorted(f for f in os.listdir(shipped) if ".part" in f)
             self.assertEqual(parts, ["q8_0.gguf.part00", "q8_0.gguf.part01"])
             data = b"".join(open(os.path.join(shipped, f), "rb").read() for f in parts)
-            with open(os.path.join(hf, "model.safetensors"), "rb") as f:
+            with open(os.path.join(d, "lease", "fma", "hf", "model.safetensors"), "rb") as f:
                 weights = f.read()
-            with open(os.path.join(carried, "tokenizer.model"), "rb") as f:
+            with open(os.path.join(d, "carried", "tokenizer.model"), "rb") as f:
                 self.assertEqual(data, weights + f.read() + b"{}")
             with open(os.path.join(shipped, "q8_0.gguf.sha256")) as f:
                 self.assertEqual(f.read().split(), [hashlib.sha256(data).hexdigest(), "q8_0.gguf"])
-            with open(convert + ".runs") as f:
+            with open(os.path.join(d, "bundle", "bin", "multipole-convert.runs")) as f:
                 self.assertEqual(f.read(), "run\n")
             self.assertIn("outbox: batch 0 of 1", got.stdout)
 
+    def test_a_failed_conversion_leaves_the_bf16_folder(self):
+        with tempfile.TemporaryDirectory() as d:
+            got = self.ended_run(d, b"#!/bin/sh\necho cannot >&2\nexit 1\n")
+            self.assertIn("the Q8_0 conversion failed", got.stderr)
+            self.assertFalse(os.path.exists(os.path.join(d, "out", "fma_q8_0")))
+            self.assertEqual(sorted(os.listdir(os.path.join(d, "out", "fma_hf"))),
+                             ["config.json", "model.safetensors.part00",
+                              "model.safetensors.part01"])
 
 class LeaseGpus(unittest.TestCase):
     """gpu_lease.sh gives each model GPUS GPUs of its own where the machine has them all (the FMA
