@@ -359,21 +359,27 @@ class Profile(unittest.TestCase):
             train.main(["--size", "tiny", "--device", "cpu", "--profile", "x"])
 
 
+def run_lease(d, minutes, path_first, **env):
+    """One call of gpu_lease.sh from the repository root, without its tests: the carried folder
+    d/carried (a shards.json beside what is there already), OUT d/out, `path_first` ahead on PATH,
+    no GPU chosen beforehand."""
+    corpus = os.path.join(d, "carried")
+    os.makedirs(corpus, exist_ok=True)
+    write(os.path.join(corpus, "shards.json"), b"{}")
+    env = dict(os.environ, TESTS="0", **env, PATH=path_first + os.pathsep + os.environ["PATH"])
+    env.pop("CUDA_VISIBLE_DEVICES", None)
+    return subprocess.run(
+        ["bash", "tools/train/gpu_lease.sh", corpus, os.path.join(d, "out"), minutes],
+        cwd=os.path.join(HERE, "..", ".."), capture_output=True, text=True, timeout=120, env=env)
+
+
 class LeaseOnAFreshMachine(unittest.TestCase):
     """gpu_lease.sh's later calls fail at once, naming the cause, when the machine that held the
     lease's shards and runs went back (session 13 waited 8 minutes of device time for a run that
     was no longer there), and still wait for a run that is going."""
 
     def lease(self, d, **env):
-        root = os.path.join(HERE, "..", "..")
-        corpus = os.path.join(d, "carried")
-        os.makedirs(corpus, exist_ok=True)
-        write(os.path.join(corpus, "shards.json"), b"{}")
-        return subprocess.run(
-            ["bash", "tools/train/gpu_lease.sh", corpus, os.path.join(d, "out"), "0"], cwd=root,
-            capture_output=True, text=True, timeout=120,
-            env=dict(os.environ, TESTS="0", MODELS="fma", RESUME="1", **env,
-                     PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"]))
+        return run_lease(d, "0", os.path.dirname(sys.executable), MODELS="fma", RESUME="1", **env)
 
     def test_resume_without_the_lease_folder(self):
         with tempfile.TemporaryDirectory() as d:
@@ -454,6 +460,7 @@ class LeaseOnAFreshMachine(unittest.TestCase):
                              ["config.json", "model.safetensors.part00",
                               "model.safetensors.part01"])
 
+
 class LeaseGpus(unittest.TestCase):
     """gpu_lease.sh gives each model GPUS GPUs of its own where the machine has them all (the FMA
     model and its twin at once on four), else runs them on the same ones at half the batch."""
@@ -472,17 +479,8 @@ class LeaseGpus(unittest.TestCase):
                 f'  exit 0\nfi\nexec {sys.executable} "$@"\n').encode())
             for f in os.listdir(stubs):
                 os.chmod(os.path.join(stubs, f), 0o755)
-            corpus = os.path.join(d, "carried")
-            os.makedirs(corpus)
-            write(os.path.join(corpus, "shards.json"), b"{}")
-            env = dict(os.environ, TESTS="0", MODELS=models, GPUS=str(gpus),
-                       LEASE_DIR=os.path.join(d, "lease"),
-                       PATH=stubs + os.pathsep + os.environ["PATH"])
-            env.pop("CUDA_VISIBLE_DEVICES", None)
-            got = subprocess.run(
-                ["bash", "tools/train/gpu_lease.sh", corpus, os.path.join(d, "out"), "1"],
-                cwd=os.path.join(HERE, "..", ".."), capture_output=True, text=True, timeout=120,
-                env=env)
+            got = run_lease(d, "1", stubs, MODELS=models, GPUS=str(gpus),
+                            LEASE_DIR=os.path.join(d, "lease"))
             self.assertEqual(got.returncode, 0, got.stderr)
             with open(record) as f:
                 rows = [line.rstrip("\n").split("|") for line in f]
