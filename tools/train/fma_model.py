@@ -5,6 +5,7 @@ vectorised attention used for training (per fine block: the 2m fine keys plus th
 summaries, one softmax), `fma_attention_slow` the per-query version it is tested against.
 Runs on PyTorch 1.13 (CPU, for the tests here) and 2.x (GPU, with SDPA).
 """
+import importlib.util
 import json
 import math
 import os
@@ -251,6 +252,75 @@ def fma_attention(cfg: FmaConfig, q, k, v, k_down: Downsample, v_down: Downsampl
     return o.reshape(B, H, T, d)[:, :, :T0]
 
 
+_FLEX_MASKS = {}  # (cfg's FMA fields, T, device) -> (BlockMask, per-key score bonus)
+
+
+def flex_attention_available():  # PyTorch >= 2.5
+    try:
+        return importlib.util.find_spec("torch.nn.attention.flex_attention") is not None
+    except ModuleNotFoundError:  # no torch.nn.attention at all
+        return False
+
+
+def fma_flex_mask(cfg: FmaConfig, T, device):
+    """The mask of fma_attention_flex at T queries (T a multiple of m), made once and kept: its
+    keys are the T fine keys, then each present level's summaries (group by group, p each), then
+    padding to a multiple of 128 that no query sees. Returns (BlockMask, bonus [keys], float32)."""
+    m = cfg.fma_block_size
+    key = (m, cfg.levels, tuple(cfg.rank(l) for l in range(1, cfg.levels + 1)),
+           cfg.fma_scale_attn, T, str(device))
+    if key not in _FLEX_MASKS:
+        from torch.nn.attention.flex_attention import create_block_mask
+        width, group, bonus = [torch.ones(T)], [torch.full((T,), -8.0)], [torch.zeros(T)]
+        for level in range(1, cfg.levels + 1):
+            w, p = cfg.group_size(level), cfg.rank(level)
+            if T > 2 * w:  # as fma_attention: shorter sequences have no use for this level
+                G = T // w
+                width.append(torch.full((G * p,), float(w)))
+                group.append(torch.arange(G).repeat_interleave(p).float())
+                bonus.append(torch.full((G * p,), math.log(w / p) if cfg.fma_scale_attn else 0.0))
+        pad = (-sum(t.numel() for t in width)) % 128  # group -8: never visible
+        width, group, bonus = (torch.cat(t + [torch.full((pad,), f)]).to(device)
+                               for t, f in ((width, 1.0), (group, -8.0), (bonus, 0.0)))
+        width, group = width.long(), group.long()
+
+        def visible(b, h, q, kv):  # DESIGN.md section 1: fine keys, then the two groups' summaries
+            fine = (kv < T) & (kv <= q) & (kv >= (q // m - 1) * m)
+            w, g = width[kv], group[kv]
+            Bl, half = q // (2 * w), (q // w) % 2
+            far = (kv >= T) & (Bl >= 1) & ((g == 2 * Bl - 2) | ((g == 2 * Bl - 1) & (half == 1)))
+            return fine | far
+
+        _FLEX_MASKS[key] = (create_block_mask(visible, None, None, T, width.numel(), device=device),
+                            bonus)
+    return _FLEX_MASKS[key]
+
+
+def fma_attention_flex(cfg: FmaConfig, q, k, v, k_down: Downsample, v_down: Downsample):
+    """fma_attention as one FlexAttention call (PyTorch >= 2.5, for training on the GPU under
+    torch.compile): the queries attend the fine keys followed by all the summaries, with a block
+    mask that skips the blocks no query of a tile sees, so no per-block key lists are gathered."""
+    B, H, T0, d = q.shape
+    KV, m = k.shape[1], cfg.fma_block_size
+    from torch.nn.attention.flex_attention import flex_attention
+    pad = (-T0) % m
+    if pad:
+        q, k, v = (F.pad(t, (0, 0, 0, pad)) for t in (q, k, v))
+    T = T0 + pad
+    block_mask, bonus = fma_flex_mask(cfg, T, q.device)
+    keys, vals = [k], [v]
+    for level in range(1, cfg.levels + 1):
+        if T > 2 * cfg.group_size(level):
+            keys.append(k_down(k.reshape(B * KV, T, d), level).reshape(B, KV, -1, d).to(k.dtype))
+            vals.append(v_down(v.reshape(B * KV, T, d), level).reshape(B, KV, -1, d).to(v.dtype))
+    tail = bonus.numel() - sum(t.shape[2] for t in keys)
+    K = F.pad(torch.cat(keys, dim=2), (0, 0, 0, tail))
+    V = F.pad(torch.cat(vals, dim=2), (0, 0, 0, tail))
+    o = flex_attention(q, K, V, score_mod=lambda s, b, h, qi, kv: s + bonus[kv],
+                       block_mask=block_mask, enable_gqa=True)
+    return o[:, :, :T0]
+
+
 def fma_attention_slow(cfg: FmaConfig, q, k, v, k_down: Downsample, v_down: Downsample):
     """Per query, the explicit key list of DESIGN.md section 1. For tests only."""
     B, H, T, d = q.shape
@@ -314,6 +384,7 @@ class Attention(nn.Module):
         if cfg.fma_enabled:
             self.fma = Fma(cfg)  # no parameters for avgpool
         self.mass = None  # a list: fma_attention appends each forward's attention mass by level
+        self.flex = False  # fma_attention_flex instead (FmaModel.use_flex)
 
     def forward(self, x, cos, sin, slow=False):
         cfg = self.cfg
@@ -325,8 +396,13 @@ class Attention(nn.Module):
         if not cfg.fma_enabled:
             o = exact_attention(q, k, v)
         else:
-            o = fma_attention_slow(cfg, q, k, v, self.fma.k_down, self.fma.v_down) if slow else \
-                fma_attention(cfg, q, k, v, self.fma.k_down, self.fma.v_down, self.mass)
+            args = (cfg, q, k, v, self.fma.k_down, self.fma.v_down)
+            if slow:
+                o = fma_attention_slow(*args)
+            elif self.flex and self.mass is None:
+                o = fma_attention_flex(*args)
+            else:
+                o = fma_attention(*args, self.mass)
         return self.o_proj(o.transpose(1, 2).reshape(B, T, H * d))
 
 
@@ -358,6 +434,11 @@ class FmaModel(nn.Module):
         if not cfg.tie_word_embeddings:
             self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.apply(self._init)
+
+    def use_flex(self, on=True):
+        """FMA layers attend through fma_attention_flex (training on the GPU, compiled)."""
+        for layer in self.model.layers:
+            layer.self_attn.flex = on and self.cfg.fma_enabled
 
     def _init(self, mod):
         if isinstance(mod, (nn.Linear, nn.Embedding)):

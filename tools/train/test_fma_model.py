@@ -8,8 +8,9 @@ import unittest
 
 import torch
 
-from fma_model import (FmaConfig, FmaModel, Downsample, apply_rope, fma_attention,
-                       fma_attention_slow, init_summaries_as_avgpool, rope_tables)
+from fma_model import (FmaConfig, FmaModel, Downsample, apply_rope, flex_attention_available,
+                       fma_attention, fma_attention_flex, fma_attention_slow,
+                       init_summaries_as_avgpool, rope_tables)
 from train import model_config, param_groups
 
 
@@ -97,6 +98,53 @@ class FastVsSlow(unittest.TestCase):
         short = ids[:, :16]  # 2m tokens: FMA is exact attention
         self.assertLess(rel(model(short), exact(short)), 1e-10)
         self.assertGreater(rel(model(ids), exact(ids)), 1e-4)
+
+
+@unittest.skipUnless(torch.cuda.is_available() and flex_attention_available(),
+                     "FlexAttention: a GPU and PyTorch >= 2.5")
+class FlexOnTheGpu(unittest.TestCase):
+    """fma_attention_flex (training's) against fma_attention on fresh random inputs: outputs and
+    every gradient (q, k, v, the summary weights), float32 eager (1e-5) and bf16 compiled as in
+    training (2e-2), at lengths that are and are not multiples of m and past the trained length."""
+
+    def setUp(self):
+        torch.manual_seed(7)
+        self.cfg = FmaConfig(head_dim=64, num_attention_heads=8, num_key_value_heads=4,
+                             max_position_embeddings=1024, fma_block_size=64, fma_ranks=[2, 2, 4],
+                             fma_rotary_summaries=True)
+        self.kd = random_downsample(self.cfg, True).float().cuda()
+        self.vd = random_downsample(self.cfg, False).float().cuda()
+
+    def run_both(self, T, flex_dtype, flex):
+        q = torch.randn(2, 8, T, 64, device="cuda")
+        k, v = (torch.randn(2, 4, T, 64, device="cuda") for _ in range(2))
+        g = torch.randn(2, 8, T, 64, device="cuda")
+        results = []
+        for f, dtype in ((fma_attention, torch.float32), (flex, flex_dtype)):  # reference: fp32
+            for t in (q, k, v, *self.kd.parameters(), *self.vd.parameters()):
+                t.grad = None
+            leaves = [t.to(dtype).detach().requires_grad_() for t in (q, k, v)]
+            with torch.autocast("cuda", torch.bfloat16, enabled=dtype == torch.bfloat16):
+                out = f(self.cfg, *leaves, self.kd, self.vd)
+            (out.float() * g).sum().backward()
+            grads = [t.grad.float() for t in leaves] + [p.grad.clone() for p in
+                                                         (*self.kd.parameters(), *self.vd.parameters())]
+            results.append([out.float()] + grads)
+        return results
+
+    def test_float32_eager(self):
+        for T in (1024, 1000, 2048 + 64):
+            ref, got = self.run_both(T, torch.float32, fma_attention_flex)
+            errs = [rel(a, b) for a, b in zip(got, ref)]
+            print(f"flex, float32, T {T}: largest relative error (output, gradients) {max(errs):.1e}")
+            self.assertLess(max(errs), 1e-5, (T, errs))
+
+    def test_bf16_compiled(self):
+        flex = torch.compile(fma_attention_flex)
+        ref, got = self.run_both(2048, torch.bfloat16, flex)
+        errs = [rel(a, b) for a, b in zip(got, ref)]
+        print(f"flex, bf16 compiled: relative errors (output, gradients) {[f'{e:.1e}' for e in errs]}")
+        self.assertLess(max(errs), 2e-2, errs)
 
 
 class RotarySummaries(unittest.TestCase):

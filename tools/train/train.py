@@ -41,7 +41,7 @@ import torch
 
 import checkpoint
 from corpus import Corpus, CorpusError, Windows
-from fma_model import FmaConfig, FmaModel, load_hf, save_hf
+from fma_model import FmaConfig, FmaModel, flex_attention_available, fma_flex_mask, load_hf, save_hf
 
 
 def llama_config(tiny, context):
@@ -149,6 +149,12 @@ def parse_args(argv=None):
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--compile", action="store_true",
                     help="torch.compile the loss (eager if compiling fails)")
+    ap.add_argument("--fma-attention", default="gather", choices=["flex", "gather"],
+                    help="FMA attention in training: gather (per-block key lists, SDPA) or flex "
+                    "(one FlexAttention call: the GPU, PyTorch >= 2.5; its compilation at the full "
+                    "model's shape outlasted 250 s in session 15, docs/MODEL.md)")
+    ap.add_argument("--benchmark-models", default="fma,exact",
+                    help="with --benchmark-steps: which of fma, exact to time")
     ap.add_argument("--log-every", type=int, default=25,
                     help="steps between loss readings (the only host synchronisations)")
     ap.add_argument("--final", action="store_true",
@@ -190,6 +196,13 @@ def parse_args(argv=None):
     if args.micro_batch and args.batch % args.micro_batch:
         ap.error(f"--micro-batch {args.micro_batch} does not divide --batch {args.batch}")
     return args
+
+
+def uses_flex(args, dev):
+    """--fma-attention flex: only on the GPU with PyTorch >= 2.5."""
+    if args.fma_attention == "flex" and not (dev == "cuda" and flex_attention_available()):
+        raise SystemExit("--fma-attention flex: needs CUDA and PyTorch >= 2.5")
+    return args.fma_attention == "flex"
 
 
 def build(args, exact, dev):
@@ -292,6 +305,10 @@ class Trainer:
             print("--compile: this PyTorch has no torch.compile; eager", flush=True)
         self.checked = not self.compiled
         self.micro = args.micro_batch  # 0: found on the first step
+        self.flex = cfg.fma_enabled and uses_flex(args, dev)
+        if self.flex:  # its block mask made outside the compiled loss
+            model.use_flex()
+            fma_flex_mask(cfg, cfg.max_position_embeddings, dev)
 
     def step(self, x, y, lr):
         for g in self.opt.param_groups:
@@ -306,6 +323,8 @@ class Trainer:
             except Exception as e:  # noqa: BLE001 (any compiler failure)
                 print(f"--compile failed ({type(e).__name__}: {str(e)[:300]}); eager", flush=True)
                 self.loss_fn, self.checked, self.compiled = self.model.loss, True, False
+                self.flex = False
+                self.model.use_flex(False)  # FlexAttention is only fast compiled
         return self._step(x, y)
 
     def _step(self, x, y):
@@ -381,7 +400,8 @@ def benchmark(args, dev):
     same windows (random ones without --data)."""
     n_micro = args.benchmark_micro or [args.micro_batch]
     rows = []
-    for exact in (False, True):
+    models = args.benchmark_models.split(",")
+    for exact in [e for e, name in ((False, "fma"), (True, "exact")) if name in models]:
         for mb in n_micro:
             args.micro_batch = mb
             model, cfg = build(args, exact, dev)
@@ -394,6 +414,8 @@ def benchmark(args, dev):
                 batches = [rng.integers(3, cfg.vocab_size, (args.batch, n + 1)) for _ in range(3)]
             tr = Trainer(model, cfg, args, dev)
             name = describe(cfg, model).split(" (")[0]
+            if tr.flex:
+                name += " [flex]"
             try:
                 for s in range(3):  # warm-up (and compilation)
                     tr.step(*to_device(batches[s], dev), args.lr)
@@ -408,6 +430,7 @@ def benchmark(args, dev):
                 peak = torch.cuda.max_memory_allocated() / 2**30 if dev == "cuda" else float("nan")
                 rows.append((name, tr.compiled, tr.micro or args.batch, dt, args.batch * n / dt, peak,
                              loss.item()))
+                print(f"{name}, micro-batch {rows[-1][2]}: {rows[-1][4]:,.0f} tokens/s", flush=True)
                 if args.profile:
                     profile_steps(tr, batches, dev, args,
                                   f"{args.profile}/{name.split(':')[0]}-mb{tr.micro or args.batch}.txt")
@@ -482,7 +505,8 @@ def main(argv=None):
         raise checkpoint.CheckpointError("several processes need the plan in steps (--plan-steps)")
     say(describe(cfg, model) + (f", {sum(p.numel() for p in tr.params) / 1e6:.2f}M trained"
                                 if args.freeze else "")
-        + (f", {ranks.world} processes" if ranks.world > 1 else ""))
+        + (f", {ranks.world} processes" if ranks.world > 1 else "")
+        + (", FMA attention: flex" if tr.flex else ""))
     say(f"{len(corpus.tokens) / 1e6:.1f}M training tokens"
         + (f" in {len(corpus.shards)} shards: {' '.join(corpus.shards)}" if corpus.sharded else ""))
     progress["runs"].append({"from_step": progress["step"], "shards": corpus.shards})
