@@ -393,10 +393,24 @@ __global__ void __launch_bounds__(kThreads)
 
 // The prefill tile on tensor cores (head_dim 64): the 64 queries of a tile share their key list,
 // so S = Q K^T and O = P V are bf16 mma.sync products with fp32 accumulation, FlashAttention
-// style: 4 warps of 16 queries, 64 keys a step, online softmax in registers. Keys and values are
-// converted to bf16 as they are staged in shared memory.
+// style: 4 warps of 16 queries, 64 keys a step, online softmax in registers. The next step's key
+// and value rows are copied into shared memory with cp.async while this step's products run (the
+// loads were waited on between every step's products: ncu, session 13), then converted to bf16.
 namespace tc {
 constexpr int kWarps = 4, kKeys = 64, kD = 64, kStride = kD + 8;  // padding: no bank conflicts
+constexpr int kPieces = kKeys * kD / 4 / (kWarps * 32);           // 16-byte pieces a thread copies
+
+struct Shared {
+  float k32[kKeys][kD], v32[kKeys][kD];  // the next step's rows as read, copied by cp.async
+  __nv_bfloat16 k[kKeys][kStride], v[kKeys][kStride];  // this step's, converted
+  const float* ksrc[kKeys];                            // the next step's K and V rows
+  const float* vsrc[kKeys];
+  // [step parity]: this step's while the next one's are resolved. pos: the key's position less
+  // the tile's first query's (32-bit compares), -1 for a summary (visible to every query).
+  float bonus[2][kKeys];
+  int pos[2][kKeys];
+  LevelTable lt;
+};
 
 __device__ uint32_t pack_bf16(float lo, float hi) {
   const __nv_bfloat162 b = __floats2bfloat162_rn(lo, hi);
@@ -421,6 +435,15 @@ __device__ void ldmatrix_x4(uint32_t (&r)[4], const __nv_bfloat16* row, bool tra
                  : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
                  : "r"(a));
 }
+// 16 bytes from global to shared memory, through no registers; zeros where `fill` is false
+// (src is then not read, but must be a valid address).
+__device__ void cp_async16(float* dst, const float* src, bool fill) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(
+                   static_cast<uint32_t>(__cvta_generic_to_shared(dst))),
+               "l"(src), "r"(fill ? 16 : 0)
+               : "memory");
+}
+__device__ void cp_async_wait_all() { asm volatile("cp.async.wait_all;\n" ::: "memory"); }
 }  // namespace tc
 
 __global__ void __launch_bounds__(tc::kWarps * 32, 4)
@@ -428,23 +451,20 @@ __global__ void __launch_bounds__(tc::kWarps * 32, 4)
                         const AttnItem* items, const float* q, const float* k, const float* v,
                         const float* new_k, const float* new_v, float* out) {
   using namespace tc;
-  __shared__ __align__(16) __nv_bfloat16 sk[kKeys][kStride], sv[kKeys][kStride];
-  __shared__ float sbonus[kKeys];
-  __shared__ int64_t spos[kKeys];
-  __shared__ const float* sksrc[kKeys];  // each key's K and V rows, resolved once a tile
-  __shared__ const float* svsrc[kKeys];
+  extern __shared__ __align__(16) unsigned char tc_shared[];
+  Shared& sh = *reinterpret_cast<Shared*>(tc_shared);
   const AttnItem it = items[blockIdx.x];
   if (it.q_begin >= it.q_end) return;
   const ChunkDesc c = chunks[it.chunk];
   const int h = blockIdx.y, kvh = h / (s.heads / s.kv);
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
   constexpr float kLog2e = 1.4426950408889634f;
-  // This thread's two query rows (g and g + 8 of the warp's 16) and their Q fragments, scaled so
-  // that scores come out in log2 units.
-  int64_t qi[2];
+  // This thread's two query rows (g and g + 8 of the warp's 16; qi: from the tile's first query)
+  // and their Q fragments, scaled so that scores come out in log2 units.
+  int qi[2];
   uint32_t qa[4][4];
 #pragma unroll
-  for (int r = 0; r < 2; ++r) qi[r] = it.q_begin + warp * 16 + g + 8 * r;
+  for (int r = 0; r < 2; ++r) qi[r] = warp * 16 + g + 8 * r;
   const float qscale = rsqrtf(float(kD)) * kLog2e;
 #pragma unroll
   for (int ks = 0; ks < 4; ++ks)
@@ -453,62 +473,88 @@ __global__ void __launch_bounds__(tc::kWarps * 32, 4)
 #pragma unroll
       for (int half = 0; half < 2; ++half) {
         float2 x = make_float2(0.0f, 0.0f);
-        if (qi[r] < it.q_end)
+        if (it.q_begin + qi[r] < it.q_end)
           x = *reinterpret_cast<const float2*>(
-              q + ((int64_t(c.row0) + (qi[r] - c.pos0)) * s.heads + h) * kD + ks * 16 + half * 8 +
-              2 * t);
+              q + ((int64_t(c.row0) + (it.q_begin + qi[r] - c.pos0)) * s.heads + h) * kD + ks * 16 +
+              half * 8 + 2 * t);
         qa[ks][r + 2 * half] = pack_bf16(x.x * qscale, x.y * qscale);
       }
   float o[8][4] = {}, mrow[2] = {-INFINITY, -INFINITY}, lrow[2] = {0.0f, 0.0f};
-  __shared__ LevelTable lt;
-  if (threadIdx.x == 0) make_level_table(s, it.q_begin, lt);
+  if (threadIdx.x == 0) make_level_table(s, it.q_begin, sh.lt);
   __syncthreads();
-  const KeyList kl = key_list(s, it.q_begin, it.q_end, lt);
+  const KeyList kl = key_list(s, it.q_begin, it.q_end, sh.lt);
   const int64_t n_keys = kl.n_fine + kl.n_coarse;
   const KvArrays arr = kv_arrays(cv, k, v, new_k, new_v);
-  for (int64_t t0 = 0; t0 < n_keys; t0 += kKeys) {
-    __syncthreads();  // the last step's tiles are consumed
-    if (threadIdx.x < kKeys) {
-      const int e = threadIdx.x;
-      if (t0 + e < n_keys) {
-        const KeyLoc kloc = key_loc(s, cv, c, table, lt, kl, t0 + e, kvh);
-        sksrc[e] = arr.key(kloc.which) + kloc.off;
-        svsrc[e] = arr.value(kloc.which) + kloc.off;
-        sbonus[e] = kloc.bonus * kLog2e;
-        spos[e] = kloc.pos;
-      } else {
-        sksrc[e] = svsrc[e] = nullptr;
-        sbonus[e] = 0.0f;
-        spos[e] = INT64_MAX;
-      }
+  // The rows and metadata of the step from t0 (into metadata buffer b), a thread per key.
+  auto resolve = [&](int64_t t0, int b) {
+    if (threadIdx.x >= kKeys) return;
+    const int e = threadIdx.x;
+    if (t0 + e < n_keys) {
+      const KeyLoc kloc = key_loc(s, cv, c, table, sh.lt, kl, t0 + e, kvh);
+      sh.ksrc[e] = arr.key(kloc.which) + kloc.off;
+      sh.vsrc[e] = arr.value(kloc.which) + kloc.off;
+      sh.bonus[b][e] = kloc.bonus * kLog2e;
+      sh.pos[b][e] = kloc.pos < it.q_begin ? -1 : static_cast<int>(kloc.pos - it.q_begin);
+    } else {
+      sh.ksrc[e] = sh.vsrc[e] = nullptr;
+      sh.bonus[b][e] = 0.0f;
+      sh.pos[b][e] = kKeys;  // after every query
     }
-    __syncthreads();
-#pragma unroll
-    for (int idx = threadIdx.x; idx < kKeys * kD / 4; idx += kWarps * 32) {
-      const int e = idx / (kD / 4), c4 = idx % (kD / 4);
-      float4 kx = make_float4(0, 0, 0, 0), vx = kx;
-      if (sksrc[e]) {
-        kx = reinterpret_cast<const float4*>(sksrc[e])[c4];
-        vx = reinterpret_cast<const float4*>(svsrc[e])[c4];
-      }
-      *reinterpret_cast<uint2*>(&sk[e][4 * c4]) =
+  };
+  // Each thread copies, and later converts, the same pieces: piece i is channels 4 c4.. of key e.
+  auto piece = [](int i, int& e, int& c4) {
+    const int idx = threadIdx.x + i * kWarps * 32;
+    e = idx / (kD / 4), c4 = idx % (kD / 4);
+  };
+  auto fetch = [&] {
+#pragma unroll 4  // 4 at a time, here and in the conversion: all 8 at once spill registers
+    for (int i = 0; i < kPieces; ++i) {
+      int e, c4;
+      piece(i, e, c4);
+      const float *kr = sh.ksrc[e], *vr = sh.vsrc[e];
+      const bool key = kr != nullptr;  // else zeros, from q: any valid address
+      cp_async16(&sh.k32[e][4 * c4], key ? kr + 4 * c4 : q, key);
+      cp_async16(&sh.v32[e][4 * c4], key ? vr + 4 * c4 : q, key);
+    }
+  };
+  resolve(0, 0);
+  __syncthreads();
+  fetch();
+  for (int64_t t0 = 0; t0 < n_keys; t0 += kKeys) {
+    const int b = int(t0 / kKeys) & 1;
+    const bool more = t0 + kKeys < n_keys;
+    cp_async_wait_all();  // this thread's pieces of the step
+    __syncthreads();      // the last step's products are done with the bf16 tiles and metadata
+#pragma unroll 4
+    for (int i = 0; i < kPieces; ++i) {
+      int e, c4;
+      piece(i, e, c4);
+      const float4 kx = *reinterpret_cast<const float4*>(&sh.k32[e][4 * c4]),
+                   vx = *reinterpret_cast<const float4*>(&sh.v32[e][4 * c4]);
+      *reinterpret_cast<uint2*>(&sh.k[e][4 * c4]) =
           make_uint2(pack_bf16(kx.x, kx.y), pack_bf16(kx.z, kx.w));
-      *reinterpret_cast<uint2*>(&sv[e][4 * c4]) =
+      *reinterpret_cast<uint2*>(&sh.v[e][4 * c4]) =
           make_uint2(pack_bf16(vx.x, vx.y), pack_bf16(vx.z, vx.w));
     }
-    __syncthreads();
+    if (more) resolve(t0 + kKeys, b ^ 1);
+    __syncthreads();  // bf16 tiles written, fp32 rows free, the next step's rows resolved
+    if (more) fetch();
+    // Keys from n16 on are past the list's end (zeros, masked): their products are skipped, which
+    // saves most of the last step (a 1M tile's ~206 keys are 3 steps and 14 keys).
+    const int n16 = static_cast<int>(min(int64_t(kKeys), n_keys - t0 + 15)) & ~15;
     // S = Q K^T: n-tile j holds keys 8j..8j+7.
     float sc[8][4] = {};
 #pragma unroll
     for (int ks = 0; ks < 4; ++ks)
 #pragma unroll
       for (int np = 0; np < 4; ++np) {
-        uint32_t b[4];
+        if (16 * np >= n16) continue;
+        uint32_t b4[4];
         const int key = 16 * np + (lane & 7) + 8 * (lane >> 4),
                   ch = 16 * ks + 8 * ((lane >> 3) & 1);
-        ldmatrix_x4(b, &sk[key][ch], false);
-        mma(sc[2 * np], qa[ks], b[0], b[1]);
-        mma(sc[2 * np + 1], qa[ks], b[2], b[3]);
+        ldmatrix_x4(b4, &sh.k[key][ch], false);
+        mma(sc[2 * np], qa[ks], b4[0], b4[1]);
+        mma(sc[2 * np + 1], qa[ks], b4[2], b4[3]);
       }
     // Bonus, causal mask, online softmax (each row's 4 threads share its statistics).
     float scale[2];
@@ -521,7 +567,7 @@ __global__ void __launch_bounds__(tc::kWarps * 32, 4)
         for (int e = 0; e < 2; ++e) {
           const int key = 8 * j + 2 * t + e;
           float& x = sc[j][2 * r + e];
-          x = spos[key] > qi[r] ? -INFINITY : x + sbonus[key];
+          x = sh.pos[b][key] > qi[r] ? -INFINITY : x + sh.bonus[b][key];
           mx = fmaxf(mx, x);
         }
       mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
@@ -550,18 +596,19 @@ __global__ void __launch_bounds__(tc::kWarps * 32, 4)
 // O += P V: P's accumulator layout is the A fragment of the next product.
 #pragma unroll
     for (int kk = 0; kk < 4; ++kk) {
+      if (16 * kk >= n16) continue;
       const uint32_t pa[4] = {pack_bf16(sc[2 * kk][0], sc[2 * kk][1]),
                               pack_bf16(sc[2 * kk][2], sc[2 * kk][3]),
                               pack_bf16(sc[2 * kk + 1][0], sc[2 * kk + 1][1]),
                               pack_bf16(sc[2 * kk + 1][2], sc[2 * kk + 1][3])};
 #pragma unroll
       for (int np = 0; np < 4; ++np) {
-        uint32_t b[4];
+        uint32_t b4[4];
         const int key = 16 * kk + (lane & 7) + 8 * ((lane >> 3) & 1),
                   ch = 16 * np + 8 * (lane >> 4);
-        ldmatrix_x4(b, &sv[key][ch], true);
-        mma(o[2 * np], pa, b[0], b[1]);
-        mma(o[2 * np + 1], pa, b[2], b[3]);
+        ldmatrix_x4(b4, &sh.v[key][ch], true);
+        mma(o[2 * np], pa, b4[0], b4[1]);
+        mma(o[2 * np + 1], pa, b4[2], b4[3]);
       }
     }
   }
@@ -570,8 +617,8 @@ __global__ void __launch_bounds__(tc::kWarps * 32, 4)
     float l = lrow[r];
     l += __shfl_xor_sync(0xffffffffu, l, 1);
     l += __shfl_xor_sync(0xffffffffu, l, 2);
-    if (qi[r] >= it.q_end) continue;
-    float* orow = out + ((int64_t(c.row0) + (qi[r] - c.pos0)) * s.heads + h) * kD;
+    if (it.q_begin + qi[r] >= it.q_end) continue;
+    float* orow = out + ((int64_t(c.row0) + (it.q_begin + qi[r] - c.pos0)) * s.heads + h) * kD;
 #pragma unroll
     for (int j = 0; j < 8; ++j)
       *reinterpret_cast<float2*>(orow + 8 * j + 2 * t) =
@@ -1271,8 +1318,12 @@ void attention(const FmaShape& s, const CacheView& c, const ChunkDesc* chunks,
     }
   }
   if (!single_queries && s.d == tc::kD && fast) {
-    attention_tc_kernel<<<grid, tc::kWarps * 32, 0, st>>>(s, c, chunks, table, items, q, k, v,
-                                                          new_k, new_v, out);
+    // 52.6 KB a block: 4 blocks a SM (the registers' limit) still fit the H100/H200's 228 KB.
+    static std::atomic<uint64_t> sized{0};
+    allow_shared_memory(reinterpret_cast<const void*>(attention_tc_kernel), sizeof(tc::Shared),
+                        sized, "attention: shared memory");
+    attention_tc_kernel<<<grid, tc::kWarps * 32, sizeof(tc::Shared), st>>>(
+        s, c, chunks, table, items, q, k, v, new_k, new_v, out);
     check_launch("attention");
     return;
   }

@@ -8,6 +8,7 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <atomic>
 #include <cstdint>
 #include <string>
 
@@ -23,6 +24,20 @@ inline void check(cublasStatus_t s, const char* what) {
     throw Error(std::string("cuBLAS: ") + what + " failed with status " + std::to_string(int(s)));
 }
 inline void check_launch(const char* kernel) { check(cudaGetLastError(), kernel); }
+
+// Lets `kernel` take `bytes` of dynamic shared memory (past 48 KB it must ask). The limit is a
+// setting of each device: raised on a device's first call (replicas run one backend per device,
+// from their own threads); `sized` holds the devices done, a bit each, one variable per kernel.
+inline void allow_shared_memory(const void* kernel, size_t bytes, std::atomic<uint64_t>& sized,
+                                const char* what) {
+  int device = 0;
+  check(cudaGetDevice(&device), "cudaGetDevice");
+  const uint64_t bit = uint64_t{1} << (device & 63);
+  if (sized.load() & bit) return;
+  check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes)),
+        what);
+  sized |= bit;
+}
 
 // x[t] = embed[tokens[t]] (embed in bf16, x in f32)
 void embed(const __nv_bfloat16* table, const int* tokens, int T, int n, float* x, cudaStream_t s);

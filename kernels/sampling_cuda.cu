@@ -286,17 +286,9 @@ void sample(const float* logits, int vocab, const SampleRow* rows, int n_rows, c
             int* tokens, float* logprobs, cudaStream_t st) {
   if (n_rows == 0) return;
   constexpr size_t smem = kMaxSampleCandidates * sizeof(Key);
-  // The limit is a setting of each device: raised on a device's first call (replicas run one
-  // backend per device, from their own threads).
   static std::atomic<uint64_t> sized{0};
-  int device = 0;
-  check(cudaGetDevice(&device), "cudaGetDevice");
-  const uint64_t bit = uint64_t{1} << (device & 63);
-  if (!(sized.load() & bit)) {
-    check(cudaFuncSetAttribute(sample_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem),
-          "sample: shared memory");
-    sized |= bit;
-  }
+  allow_shared_memory(reinterpret_cast<const void*>(sample_kernel), smem, sized,
+                      "sample: shared memory");
   sample_kernel<<<n_rows, kThreads, smem, st>>>(logits, vocab, rows, pens, tokens, logprobs);
   check_launch("sample");
 }
