@@ -4,7 +4,8 @@
 variant under torch.compile: gather (fma_attention: per-block key lists, SDPA with a float mask)
 and flex (fma_attention_flex: one FlexAttention call with a block mask), against exact causal
 attention (SDPA, FlashAttention) at the same shape as the baseline measured in the same run.
-usage: bench/train_attention.py [--windows 8] [--reps 10]"""
+usage: bench/train_attention.py [--windows 8] [--reps 10] [--flex]
+(--flex adds the flex row: its compilation outlasted 250 s at this shape in session 15)"""
 import argparse
 import os
 import sys
@@ -32,6 +33,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--windows", type=int, default=8, help="sequences of n tokens (a micro-batch)")
     ap.add_argument("--reps", type=int, default=10)
+    ap.add_argument("--flex", action="store_true", help="also time fma_attention_flex")
     args = ap.parse_args()
     cfg = model_config(exact=False, size="full")
     B, H, KV, d, T = (args.windows, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim,
@@ -47,8 +49,9 @@ def main():
     variants = {
         "exact causal (SDPA)": torch.compile(lambda: exact_attention(q, k, v)),
         "FMA gather": torch.compile(lambda: fma_attention(cfg, q, k, v, kd, vd)),
-        "FMA flex": torch.compile(lambda: fma_attention_flex(cfg, q, k, v, kd, vd)),
     }
+    if args.flex:
+        variants["FMA flex"] = torch.compile(lambda: fma_attention_flex(cfg, q, k, v, kd, vd))
     print(f"# {torch.cuda.get_device_name()}, PyTorch {torch.__version__}: {B} windows x {T} tokens, "
           f"{H} heads, {KV} KV heads, d {d}, ranks {cfg.fma_ranks}, bf16")
     print("| attention | forward + backward ms | tokens/s (one layer) |")
@@ -64,12 +67,12 @@ def main():
         both = timed(step, args.reps)
         rows.append((name, both))
         print(f"| {name} | {both:.3f} | {B * T / both * 1e3:,.0f} |", flush=True)
-    err = ((outputs["FMA flex"] - outputs["FMA gather"]).norm() / outputs["FMA gather"].norm()).item()
-    base = rows[0][1]
-    print(f"time against exact causal: gather {rows[1][1] / base:.2f}x, flex {rows[2][1] / base:.2f}x; "
-          f"flex against gather {rows[2][1] / rows[1][1]:.2f}x")
-    print(f"flex against gather, outputs: relative difference {err:.1e} (bf16)")
-    assert err < 2e-2, err
+    print(f"FMA gather against exact causal: {rows[1][1] / rows[0][1]:.2f}x the time")
+    if args.flex:
+        err = ((outputs["FMA flex"] - outputs["FMA gather"]).norm() / outputs["FMA gather"].norm()).item()
+        print(f"flex: {rows[2][1] / rows[1][1]:.2f}x gather's time; outputs' relative difference "
+              f"{err:.1e} (bf16)")
+        assert err < 2e-2, err
 
 
 if __name__ == "__main__":

@@ -166,29 +166,39 @@ class Downsample(nn.ModuleList):
                           nn.Conv1d(d, p * d, w, stride=w, groups=g) for w, p in zip(groups, ranks)])
         self.kind, self.ranks, self.d, self.groups = kind, ranks, d, groups
 
+    @staticmethod
+    def channels_first(x):
+        """x [N, T, d] -> [d, N, T], the one copy a layer's summaries need: every level's groups
+        are then views [d, N G, w] and each level one batched product over channels (contracting
+        views of [N, T, d] instead made a copy of the keys per product, half a training step)."""
+        return x.permute(2, 0, 1).contiguous()
+
     def forward(self, x, level):
         """x [N, T, d] -> summaries of the complete groups [N, G, p, d]."""
-        N, T, d = x.shape
+        return self.level_summaries(self.channels_first(x), level)
+
+    def level_summaries(self, xt, level):
+        """xt [d, N, T] (channels_first) -> level's summaries of the complete groups [N, G, p, d]."""
+        d, N, T = xt.shape
         w, p = self.groups[level - 1], self.ranks[level - 1]
         G = T // w
+        X = xt[:, :, :G * w].reshape(d, N * G, w)
         if self.kind == "avgpool":
-            return x[:, :G * w].reshape(N, G, p, w // p, d).mean(3)
-        # The convolution's weights applied as one contraction per group: cuDNN's grouped conv
-        # with kernel = stride = w is very slow for large w.
-        conv = self[level - 1]
-        X = x[:, :G * w].reshape(N, G, w, d)
-        if self.rotary:
-            W = conv.weight.view(d // 2, p, 2, w).to(X.dtype)
+            S = X.view(d, N * G, p, w // p).mean(3)
+        elif self.rotary:  # pair j: (a + ib)(x_j + i x_{j+d/2}) = re + i im, as [x1 x2] [[a b] [-b a]]
+            W = self[level - 1].weight.view(d // 2, p, 2, w).to(X.dtype)
             a, b = W[:, :, 0], W[:, :, 1]  # [d/2, p, w]
-            x1, x2 = X[..., :d // 2], X[..., d // 2:]
-            mix = lambda u, z: torch.einsum("ngtc,crt->ngrc", u, z)  # noqa: E731
-            return torch.cat([mix(x1, a) - mix(x2, b), mix(x1, b) + mix(x2, a)], dim=-1)
-        bias = conv.bias.view(d, p).t()  # [p, d]: output channel c*p + r
-        if self.kind == "groupedconv":
-            W = conv.weight.view(d, p, w)
-            return torch.einsum("ngtc,crt->ngrc", X, W.to(X.dtype)) + bias.to(X.dtype)
-        W = conv.weight.view(d, p, d, w)
-        return torch.einsum("ngti,crit->ngrc", X, W.to(X.dtype)) + bias.to(X.dtype)
+            x1, x2 = X[:d // 2], X[d // 2:]
+            Y = torch.baddbmm(x1 @ torch.cat([a, b], 1).mT, x2, torch.cat([-b, a], 1).mT)
+            S = torch.cat([Y[..., :p], Y[..., p:]], 0)  # [d, N G, p]: re, then im
+        else:  # output channel c*p + r of the convolution
+            conv = self[level - 1]
+            bias = conv.bias.view(d, 1, p).to(X.dtype)
+            if self.kind == "groupedconv":
+                S = torch.baddbmm(bias, X, conv.weight.view(d, p, w).mT.to(X.dtype))
+            else:
+                S = torch.einsum("ikt,crit->ckr", X, conv.weight.view(d, p, d, w).to(X.dtype)) + bias
+        return S.view(d, N, G, p).permute(1, 2, 3, 0)
 
 
 def _expand_kv(x, heads):  # [B, KV, ...] -> [B, H, ...]
@@ -217,12 +227,13 @@ def fma_attention(cfg: FmaConfig, q, k, v, k_down: Downsample, v_down: Downsampl
     fine_ok = torch.where(s[None, None] < m, (b[:, None, None] >= 1).expand(nb, m, 2 * m),
                           (s[None, None] - m) <= a[None, :, None])  # [nb, m, 2m]
     bias = [torch.zeros(nb, m, 2 * m, device=dev, dtype=acc).masked_fill(~fine_ok, float("-inf"))]
+    kt, vt = (Downsample.channels_first(t.reshape(B * KV, T, d)) for t in (k, v))
     for level in range(1, cfg.levels + 1):
         w, p = cfg.group_size(level), cfg.rank(level)
         if T <= 2 * w:
             continue  # no block of this sequence sees a group of this level
-        Ks = k_down(k.reshape(B * KV, T, d), level).reshape(B, KV, -1, p, d)
-        Vs = v_down(v.reshape(B * KV, T, d), level).reshape(B, KV, -1, p, d)
+        Ks = k_down.level_summaries(kt, level).reshape(B, KV, -1, p, d)
+        Vs = v_down.level_summaries(vt, level).reshape(B, KV, -1, p, d)
         i0 = b * m
         Bl, h = i0 // (2 * w), (i0 % (2 * w)) // w
         idx = torch.stack([2 * Bl - 2, 2 * Bl - 1], dim=1)  # [nb, 2]
@@ -309,10 +320,11 @@ def fma_attention_flex(cfg: FmaConfig, q, k, v, k_down: Downsample, v_down: Down
     T = T0 + pad
     block_mask, bonus = fma_flex_mask(cfg, T, q.device)
     keys, vals = [k], [v]
+    kt, vt = (Downsample.channels_first(t.reshape(B * KV, T, d)) for t in (k, v))
     for level in range(1, cfg.levels + 1):
         if T > 2 * cfg.group_size(level):
-            keys.append(k_down(k.reshape(B * KV, T, d), level).reshape(B, KV, -1, d).to(k.dtype))
-            vals.append(v_down(v.reshape(B * KV, T, d), level).reshape(B, KV, -1, d).to(v.dtype))
+            keys.append(k_down.level_summaries(kt, level).reshape(B, KV, -1, d).to(k.dtype))
+            vals.append(v_down.level_summaries(vt, level).reshape(B, KV, -1, d).to(v.dtype))
     tail = bonus.numel() - sum(t.shape[2] for t in keys)
     K = F.pad(torch.cat(keys, dim=2), (0, 0, 0, tail))
     V = F.pad(torch.cat(vals, dim=2), (0, 0, 0, tail))

@@ -27,6 +27,39 @@ def random_downsample(cfg, keys):
     return down
 
 
+class Summaries(unittest.TestCase):
+    def test_against_convolution(self):
+        """Downsample's batched products over channels against PyTorch's own convolution
+        (groupedconv, conv), complex arithmetic (rotary) and a mean (avgpool) per group, float64,
+        every level, with a tail shorter than a group."""
+        torch.manual_seed(8)
+        F = torch.nn.functional
+        for kind, rotary in [("groupedconv", False), ("conv", False), ("groupedconv", True),
+                             ("avgpool", False)]:
+            cfg = FmaConfig(head_dim=8, max_position_embeddings=128, fma_block_size=8,
+                            fma_ranks=[2, 4, 1], fma_downsampling=kind, fma_rotary_summaries=rotary)
+            down = random_downsample(cfg, keys=True)
+            x = torch.randn(3, 150, 8, dtype=torch.float64)
+            for level in range(1, cfg.levels + 1):
+                w, p, G = cfg.group_size(level), cfg.rank(level), 150 // cfg.group_size(level)
+                got = down(x, level)
+                groups = x[:, :G * w].reshape(3, G, w, 8)
+                if kind == "avgpool":
+                    ref = groups.reshape(3, G, p, w // p, 8).mean(3)
+                elif rotary:
+                    z = torch.complex(groups[..., :4], groups[..., 4:])  # [N, G, w, pairs]
+                    W = down[level - 1].weight.view(4, p, 2, w)
+                    s = torch.einsum("ngtj,jrt->ngrj", z, torch.complex(W[:, :, 0], W[:, :, 1]))
+                    ref = torch.cat([s.real, s.imag], -1)
+                else:
+                    conv = down[level - 1]
+                    out = F.conv1d(x.transpose(1, 2), conv.weight, conv.bias, stride=w,
+                                   groups=conv.groups)[..., :G]  # [N, d p, G]: channel c p + r
+                    ref = out.view(3, 8, p, G).permute(0, 3, 2, 1)
+                self.assertEqual(tuple(got.shape), (3, G, p, 8))
+                self.assertLess(rel(got, ref), 1e-12, (kind, rotary, level))
+
+
 class FastVsSlow(unittest.TestCase):
     def test_attention(self):
         torch.manual_seed(0)
