@@ -182,13 +182,13 @@ class Downsample(nn.ModuleList):
         d, N, T = xt.shape
         w, p = self.groups[level - 1], self.ranks[level - 1]
         G = T // w
-        X = xt[:, :, :G * w].reshape(d, N * G, w)
+        X = (xt if G * w == T else xt[:, :, :G * w]).reshape(d, N * G, w)  # no slice to undo
         if self.kind == "avgpool":
             S = X.view(d, N * G, p, w // p).mean(3)
         elif self.rotary:  # pair j: (a + ib)(x_j + i x_{j+d/2}) = re + i im, as [x1 x2] [[a b] [-b a]]
             W = self[level - 1].weight.view(d // 2, p, 2, w).to(X.dtype)
             a, b = W[:, :, 0], W[:, :, 1]  # [d/2, p, w]
-            x1, x2 = X[:d // 2], X[d // 2:]
+            x1, x2 = X.view(2, d // 2, N * G, w).unbind(0)
             Y = torch.baddbmm(x1 @ torch.cat([a, b], 1).mT, x2, torch.cat([-b, a], 1).mT)
             S = torch.cat([Y[..., :p], Y[..., p:]], 0)  # [d, N G, p]: re, then im
         else:  # output channel c*p + r of the convolution
