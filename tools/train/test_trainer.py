@@ -278,7 +278,8 @@ class OnTheGpu(unittest.TestCase):
     def test_resumed_and_compiled_runs_follow_the_whole_run(self):
         """CUDA, bf16 autocast, fused AdamW: 3 steps, a checkpoint, a new process, 3 more steps
         follow 6 steps in one run to bf16 rounding (GPU training is not bit-reproducible: atomics
-        in the backward pass), and so does a run with torch.compile (or its eager fallback)."""
+        in the backward pass), and so do a run with torch.compile (or its eager fallback) and one
+        replayed as CUDA graphs (--cuda-graphs: the whole batch in one micro-batch)."""
         with tempfile.TemporaryDirectory() as tmp:
             data = os.path.join(tmp, "c")
             fake_corpus(data, shards=3, docs_per_shard=12)
@@ -288,8 +289,11 @@ class OnTheGpu(unittest.TestCase):
             split = run_train(data, os.path.join(tmp, "split"), *opts, device="cuda")
             compiled = run_train(data, os.path.join(tmp, "compiled"), *opts, "--compile",
                                  device="cuda")
-            losses = [[loss for _, loss in r["progress"]["losses"]] for r in (whole, split, compiled)]
-            print("losses, whole / resumed / compiled:", losses)
+            graphs = run_train(data, os.path.join(tmp, "graphs"), *opts[:-2], "--compile",
+                               "--cuda-graphs", device="cuda")
+            losses = [[loss for _, loss in r["progress"]["losses"]]
+                      for r in (whole, split, compiled, graphs)]
+            print("losses, whole / resumed / compiled / CUDA graphs:", losses)
             for other in losses[1:]:
                 self.assertEqual(len(other), 6)
                 for a, b in zip(losses[0], other):

@@ -149,6 +149,10 @@ def parse_args(argv=None):
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--compile", action="store_true",
                     help="torch.compile the loss (eager if compiling fails)")
+    ap.add_argument("--cuda-graphs", action="store_true",
+                    help="with --compile: torch.compile's reduce-overhead mode, each step's "
+                    "forward and backward replayed as CUDA graphs (the compiled FMA step is bound "
+                    "by the host's kernel launches, docs/MODEL.md); one micro-batch a step")
     ap.add_argument("--fma-attention", default="gather", choices=["flex", "gather"],
                     help="FMA attention in training: gather (per-block key lists, SDPA) or flex "
                     "(one FlexAttention call: the GPU, PyTorch >= 2.5; its compilation at the full "
@@ -193,6 +197,8 @@ def parse_args(argv=None):
         ap.error("--profile goes with --benchmark-steps")
     if args.benchmark_steps is None and not (args.data and args.out):
         ap.error("--data and --out are needed (except with --benchmark-steps)")
+    if args.cuda_graphs and not args.compile:
+        ap.error("--cuda-graphs goes with --compile")
     if args.micro_batch and args.batch % args.micro_batch:
         ap.error(f"--micro-batch {args.micro_batch} does not divide --batch {args.batch}")
     return args
@@ -299,8 +305,12 @@ class Trainer:
                                      **({"fused": True} if dev == "cuda" else {}))
         self.loss_fn = model.loss
         self.compiled = args.compile and hasattr(torch, "compile")
+        self.graphs = self.compiled and args.cuda_graphs and dev == "cuda"
+        if self.graphs and args.micro_batch not in (0, args.batch):
+            raise SystemExit("--cuda-graphs: one micro-batch a step (a replay overwrites the last "
+                             "one's outputs, gradients included)")
         if self.compiled:
-            self.loss_fn = torch.compile(model.loss)
+            self.loss_fn = torch.compile(model.loss, mode="reduce-overhead" if self.graphs else None)
         elif args.compile:
             print("--compile: this PyTorch has no torch.compile; eager", flush=True)
         self.checked = not self.compiled
@@ -323,6 +333,7 @@ class Trainer:
             except Exception as e:  # noqa: BLE001 (any compiler failure)
                 print(f"--compile failed ({type(e).__name__}: {str(e)[:300]}); eager", flush=True)
                 self.loss_fn, self.checked, self.compiled = self.model.loss, True, False
+                self.graphs = False
                 self.flex = False
                 self.model.use_flex(False)  # FlexAttention is only fast compiled
         return self._step(x, y)
@@ -333,7 +344,7 @@ class Trainer:
             try:
                 return self._accumulate(x, y, self.micro or B)
             except OutOfMemory:
-                if self.args.micro_batch or (self.micro or B) == 1:
+                if self.args.micro_batch or (self.micro or B) == 1 or self.graphs:
                     raise
                 mb = (self.micro or B) // 2
                 while B % mb:
@@ -348,8 +359,12 @@ class Trainer:
         B = x.shape[0]
         total = None
         for i in range(0, B, mb):
+            if self.graphs:  # this step's replay may overwrite the last step's outputs
+                torch.compiler.cudagraph_mark_step_begin()
             with torch.autocast(self.dev, dtype=torch.bfloat16):
                 loss = self.loss_fn(x[i:i + mb], y[i:i + mb])
+            if self.graphs:
+                loss = loss.clone()  # outlives the next replay (the log reads it later)
             if mb < B:
                 loss = loss * (mb / B)
             loss.backward()
@@ -416,6 +431,8 @@ def benchmark(args, dev):
             name = describe(cfg, model).split(" (")[0]
             if tr.flex:
                 name += " [flex]"
+            if tr.graphs:
+                name += " [CUDA graphs]"
             try:
                 for s in range(3):  # warm-up (and compilation)
                     tr.step(*to_device(batches[s], dev), args.lr)
@@ -506,7 +523,7 @@ def main(argv=None):
     say(describe(cfg, model) + (f", {sum(p.numel() for p in tr.params) / 1e6:.2f}M trained"
                                 if args.freeze else "")
         + (f", {ranks.world} processes" if ranks.world > 1 else "")
-        + (", FMA attention: flex" if tr.flex else ""))
+        + (", FMA attention: flex" if tr.flex else "") + (", CUDA graphs" if tr.graphs else ""))
     say(f"{len(corpus.tokens) / 1e6:.1f}M training tokens"
         + (f" in {len(corpus.shards)} shards: {' '.join(corpus.shards)}" if corpus.sharded else ""))
     progress["runs"].append({"from_step": progress["step"], "shards": corpus.shards})
