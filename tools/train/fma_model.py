@@ -2,7 +2,8 @@
 
 `FmaModel` is the Llama-style decoder with causal Fast Multipole Attention; `fma_attention` is the
 vectorised attention used for training (per fine block: the 2m fine keys plus the per-level
-summaries, one softmax), `fma_attention_slow` the per-query version it is tested against.
+summaries, one softmax), `fma_attention_flex` the same as one FlexAttention call (opt-in, GPU),
+`fma_attention_slow` the per-query version they are tested against.
 Runs on PyTorch 1.13 (CPU, for the tests here) and 2.x (GPU, with SDPA).
 """
 import importlib.util
@@ -170,7 +171,8 @@ class Downsample(nn.ModuleList):
     def channels_first(x):
         """x [N, T, d] -> [d, N, T], the one copy a layer's summaries need: every level's groups
         are then views [d, N G, w] and each level one batched product over channels (contracting
-        views of [N, T, d] instead made a copy of the keys per product, half a training step)."""
+        views of [N, T, d] instead made a copy of the keys per product: 37 % of a compiled training
+        step's device time, docs/MODEL.md)."""
         return x.permute(2, 0, 1).contiguous()
 
     def forward(self, x, level):
