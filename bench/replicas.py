@@ -12,7 +12,6 @@ usage: replicas.py [--clients 16] [--requests 2] [--max-tokens 128] [--slots 8] 
 import argparse
 import os
 import subprocess
-import sys
 import tempfile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -98,7 +98,7 @@ def prefix(a, cl):
         question = " " + doc_text(12, 100 + q) if a.text_words else doc_ids(16, 100 + q)
         t, usage = cl.ttft({"prompt": doc + question, "max_tokens": 1, "temperature": 0})
         rows.append((q, t, usage["prompt_tokens"], usage["prompt_tokens_details"]["cached_tokens"]))
-    print(f"| question | TTFT ms | prompt tokens | cached tokens |\n|---|---|---|---|")
+    print("| question | TTFT ms | prompt tokens | cached tokens |\n|---|---|---|---|")
     for q, t, p, c in rows:
         print(f"| {q + 1}{' (cold)' if q == 0 else ''} | {t * 1e3:.1f} | {p} | {c} |")
     warm = statistics.median(r[1] for r in rows[1:])

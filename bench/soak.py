@@ -350,7 +350,7 @@ def main():
                 f.write(f"{t - t0:.1f},{rss / 2**20:.1f},{'' if gpu is None else f'{gpu / 2**20:.0f}'}\n")
     t0 += args.warmup  # memory is compared from here on
     window = min(600.0, (t1 - t0) / 4)
-    print(f"\n| outcome | requests |\n|---|---:|")
+    print("\n| outcome | requests |\n|---|---:|")
     for k in sorted(tally.outcomes):
         print(f"| {k} | {tally.outcomes[k]} |")
     fivexx = tally.fivexx

@@ -9,13 +9,14 @@ set -euo pipefail
 # the load scripts (bench/soak.py runs in CI, bench/serve.py); redis-server for the shared session
 # store's tests (tests/test_sessions.cpp starts its own), haproxy to check deploy/haproxy.cfg,
 # both for scripts/cluster.sh's end-to-end test (tests/cluster); python3-yaml to check the
-# Kubernetes manifests (tests/deploy); shellcheck for the shell scripts (tests/CMakeLists.txt).
+# Kubernetes manifests (tests/deploy); shellcheck and pyflakes3 for the shell and Python scripts
+# (tests/CMakeLists.txt).
 # The engine's libhiredis-dev: the server's Redis session store.
 engine=(cmake ninja-build g++ pkg-config libsentencepiece-dev nlohmann-json3-dev libcpp-httplib-dev
         libdnnl-dev libhiredis-dev)
 tests=(libgtest-dev sentencepiece python3-numpy python3-torch python3-sentencepiece clang
        libclang-rt-dev libomp-dev chromium python3-aiohttp redis-server haproxy python3-yaml
-       shellcheck)
+       shellcheck pyflakes3)
 case "${1:-all}" in
   engine) pkgs=("${engine[@]}") ;;
   all) pkgs=("${engine[@]}" "${tests[@]}") ;;
