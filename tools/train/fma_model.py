@@ -203,6 +203,21 @@ class Downsample(nn.ModuleList):
         return S.view(d, N, G, p).permute(1, 2, 3, 0)
 
 
+def present_levels(cfg: FmaConfig, T):
+    """The levels whose groups some block of a T-token sequence sees (T > 2 w_l)."""
+    return [level for level in range(1, cfg.levels + 1) if T > 2 * cfg.group_size(level)]
+
+
+def summaries(cfg: FmaConfig, k, v, k_down: Downsample, v_down: Downsample):
+    """k, v [B, KV, T, d] -> per present level (level, key summaries, value summaries), each
+    [B, KV, G, p, d], from one channels-first copy of k and of v."""
+    B, KV, T, d = k.shape
+    kt, vt = (Downsample.channels_first(t.reshape(B * KV, T, d)) for t in (k, v))
+    return [(level, k_down.level_summaries(kt, level).reshape(B, KV, -1, cfg.rank(level), d),
+             v_down.level_summaries(vt, level).reshape(B, KV, -1, cfg.rank(level), d))
+            for level in present_levels(cfg, T)]
+
+
 def _expand_kv(x, heads):  # [B, KV, ...] -> [B, H, ...]
     return x.repeat_interleave(heads // x.shape[1], dim=1)
 
@@ -229,13 +244,8 @@ def fma_attention(cfg: FmaConfig, q, k, v, k_down: Downsample, v_down: Downsampl
     fine_ok = torch.where(s[None, None] < m, (b[:, None, None] >= 1).expand(nb, m, 2 * m),
                           (s[None, None] - m) <= a[None, :, None])  # [nb, m, 2m]
     bias = [torch.zeros(nb, m, 2 * m, device=dev, dtype=acc).masked_fill(~fine_ok, float("-inf"))]
-    kt, vt = (Downsample.channels_first(t.reshape(B * KV, T, d)) for t in (k, v))
-    for level in range(1, cfg.levels + 1):
+    for level, Ks, Vs in summaries(cfg, k, v, k_down, v_down):
         w, p = cfg.group_size(level), cfg.rank(level)
-        if T <= 2 * w:
-            continue  # no block of this sequence sees a group of this level
-        Ks = k_down.level_summaries(kt, level).reshape(B, KV, -1, p, d)
-        Vs = v_down.level_summaries(vt, level).reshape(B, KV, -1, p, d)
         i0 = b * m
         Bl, h = i0 // (2 * w), (i0 % (2 * w)) // w
         idx = torch.stack([2 * Bl - 2, 2 * Bl - 1], dim=1)  # [nb, 2]
@@ -285,13 +295,12 @@ def fma_flex_mask(cfg: FmaConfig, T, device):
     if key not in _FLEX_MASKS:
         from torch.nn.attention.flex_attention import create_block_mask
         width, group, bonus = [torch.ones(T)], [torch.full((T,), -8.0)], [torch.zeros(T)]
-        for level in range(1, cfg.levels + 1):
+        for level in present_levels(cfg, T):
             w, p = cfg.group_size(level), cfg.rank(level)
-            if T > 2 * w:  # as fma_attention: shorter sequences have no use for this level
-                G = T // w
-                width.append(torch.full((G * p,), float(w)))
-                group.append(torch.arange(G).repeat_interleave(p).float())
-                bonus.append(torch.full((G * p,), math.log(w / p) if cfg.fma_scale_attn else 0.0))
+            G = T // w
+            width.append(torch.full((G * p,), float(w)))
+            group.append(torch.arange(G).repeat_interleave(p).float())
+            bonus.append(torch.full((G * p,), math.log(w / p) if cfg.fma_scale_attn else 0.0))
         pad = (-sum(t.numel() for t in width)) % 128  # group -8: never visible
         width, group, bonus = (torch.cat(t + [torch.full((pad,), f)]).to(device)
                                for t, f in ((width, 1.0), (group, -8.0), (bonus, 0.0)))
@@ -322,11 +331,9 @@ def fma_attention_flex(cfg: FmaConfig, q, k, v, k_down: Downsample, v_down: Down
     T = T0 + pad
     block_mask, bonus = fma_flex_mask(cfg, T, q.device)
     keys, vals = [k], [v]
-    kt, vt = (Downsample.channels_first(t.reshape(B * KV, T, d)) for t in (k, v))
-    for level in range(1, cfg.levels + 1):
-        if T > 2 * cfg.group_size(level):
-            keys.append(k_down.level_summaries(kt, level).reshape(B, KV, -1, d).to(k.dtype))
-            vals.append(v_down.level_summaries(vt, level).reshape(B, KV, -1, d).to(v.dtype))
+    for _, Ks, Vs in summaries(cfg, k, v, k_down, v_down):
+        keys.append(Ks.reshape(B, KV, -1, d).to(k.dtype))
+        vals.append(Vs.reshape(B, KV, -1, d).to(v.dtype))
     tail = bonus.numel() - sum(t.shape[2] for t in keys)
     K = F.pad(torch.cat(keys, dim=2), (0, 0, 0, tail))
     V = F.pad(torch.cat(vals, dim=2), (0, 0, 0, tail))
@@ -452,7 +459,7 @@ class FmaModel(nn.Module):
     def use_flex(self, on=True):
         """FMA layers attend through fma_attention_flex (training on the GPU, compiled)."""
         for layer in self.model.layers:
-            layer.self_attn.flex = on and self.cfg.fma_enabled
+            layer.self_attn.flex = on  # read only by FMA layers
 
     def _init(self, mod):
         if isinstance(mod, (nn.Linear, nn.Embedding)):
