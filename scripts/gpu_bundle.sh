@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Builds the CUDA binaries here and packs them, with the shared libraries the GPU machine lacks,
-# into .carry/gpu/bundle.tar.xz for the device tool's `carry` (the GPU scripts unpack it with
+# into DEST/bundle.tar.xz (default .carry/gpu) for the device tool's `carry` (the GPU scripts unpack it with
 # scripts/gpu_unpack.sh). xz keeps the ~6 MB of device code each binary holds down to about 1 MB,
 # so that the carried tree stays well under the device tool's 64 MiB next to the default model.
-# BUILD_DIR (default build-cuda) is the CMake build folder to use.
+# BUILD_DIR (default build-cuda) is the CMake build folder to use; DEST another folder for a
+# branch's bundle beside main's.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 build=${BUILD_DIR:-build-cuda}
@@ -23,7 +24,8 @@ for lib in libsentencepiece.so.0 libgomp.so.1 libcpp-httplib.so.0.11 libssl.so.3
            libbrotlidec.so.1 libbrotlienc.so.1 libbrotlicommon.so.1 libhiredis.so.0.14; do
   cp -L "/lib/x86_64-linux-gnu/$lib" "$stage/lib/"
 done
-rm -rf .carry/gpu && mkdir -p .carry/gpu
-tar -C "$stage" -cf - . | xz -T2 -6 > .carry/gpu/bundle.tar.xz
+dest=${DEST:-.carry/gpu}
+rm -rf "$dest" && mkdir -p "$dest"
+tar -C "$stage" -cf - . | xz -T2 -6 > "$dest/bundle.tar.xz"
 rm -rf "$stage"
-du -sh .carry/gpu
+du -sh "$dest"
