@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Builds the CUDA binaries here and packs them, with the shared libraries the GPU machine lacks,
-# into DEST/bundle.tar.xz (default .carry/gpu) for the device tool's `carry` (the GPU scripts unpack it with
-# scripts/gpu_unpack.sh). xz keeps the ~6 MB of device code each binary holds down to about 1 MB,
-# so that the carried tree stays well under the device tool's 64 MiB next to the default model.
+# into DEST/bundle.tar.xz (default .carry/gpu) for the device tool's `carry` (the GPU scripts
+# unpack it with scripts/gpu_unpack.sh). xz keeps the ~6 MB of device code each binary holds down
+# to about 1 MB, so that the carried tree stays well under the device tool's 64 MiB next to the
+# default model.
 # BUILD_DIR (default build-cuda) is the CMake build folder to use; DEST another folder for a
 # branch's bundle beside main's.
 set -euo pipefail
