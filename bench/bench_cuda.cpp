@@ -7,6 +7,8 @@
 #include <cstring>
 #include <random>
 
+#include <cuda_profiler_api.h>
+
 #include "attention_rig.h"
 #include "backend_cpu.h"
 #include "backend_cuda.h"
@@ -157,45 +159,55 @@ std::string write_exact_copy(const std::string& path) {
   return out;
 }
 
-// Decode steps of `batch` sequences at ~1,000 tokens of context, sampling on the GPU; returns
-// the tokens/s of each batch size. kernels: the backend's summaries (PerLevel: the reference).
+// `batch` sequences at ~1,000 tokens of context, ready for decode steps sampled on the GPU.
+struct DecodeSteps {
+  std::unique_ptr<Backend> b;
+  std::vector<int> slots, next;
+  std::vector<SeqChunk> step;
+  std::vector<SampleSpec> specs;
+
+  DecodeSteps(std::shared_ptr<const Model> model, int batch, const SamplingParams& sp,
+              cuda::SummaryKernels kernels, cuda::Launches launches)
+      : b(make_cuda_backend(model, batch, 2048, 0, kernels, cuda::Q8Products::Auto, launches)),
+        next(batch, 5),
+        specs(batch) {
+    const Config& c = model->config();
+    std::mt19937 rng(2);
+    std::vector<std::vector<int>> prompts(batch, std::vector<int>(1000));
+    std::vector<SeqChunk> pre;
+    for (int i = 0; i < batch; ++i) {
+      slots.push_back(b->alloc_slot());
+      for (auto& x : prompts[i]) x = 3 + int(rng() % (c.vocab_size - 3));
+      pre.push_back({slots[i], prompts[i], false});
+    }
+    b->forward(pre);
+    for (int i = 0; i < batch; ++i) {
+      step.push_back({slots[i], std::span<const int>(&next[i], 1), false});
+      specs[i] = {&sp, {}, 0.5, 0};
+    }
+    run();  // captures the step's graph
+  }
+  void run() {
+    const auto sampled = b->forward_sample(step, specs);
+    for (size_t i = 0; i < next.size(); ++i) next[i] = sampled[i].token;
+  }
+};
+
+// Decode steps of each batch size; returns their tokens/s. kernels: the backend's summaries
+// (PerLevel: the reference), launches: the decode step's (Serial: the reference).
 std::vector<double> bench_decode(std::shared_ptr<const Model> model, const std::vector<int>& batches,
                                  const SamplingParams& sp, const char* mode,
-                                 cuda::SummaryKernels kernels = cuda::SummaryKernels::Auto) {
+                                 cuda::SummaryKernels kernels = cuda::SummaryKernels::Auto,
+                                 cuda::Launches launches = cuda::Launches::Overlapped) {
   std::vector<double> rates;
   const Config& c = model->config();
-  std::mt19937 rng(2);
-  auto random_ids = [&](size_t n) {
-    std::vector<int> v(n);
-    for (auto& x : v) x = 3 + int(rng() % (c.vocab_size - 3));
-    return v;
-  };
   std::printf(
       "\n| decode batch | context | tokens/s (aggregate) | ms per step |\n|---|---|---|---|\n");
   for (int batch : batches) {
-    auto b = make_cuda_backend(model, batch, 2048, 0, kernels);
-    std::vector<int> slots;
-    std::vector<std::vector<int>> prompts;
-    for (int i = 0; i < batch; ++i) {
-      slots.push_back(b->alloc_slot());
-      prompts.push_back(random_ids(1000));
-    }
-    std::vector<SeqChunk> pre;
-    for (int i = 0; i < batch; ++i) pre.push_back({slots[i], prompts[i], false});
-    b->forward(pre);
-    std::vector<int> next(batch, 5);
-    std::vector<SeqChunk> step;
-    for (int i = 0; i < batch; ++i)
-      step.push_back({slots[i], std::span<const int>(&next[i], 1), false});
-    std::vector<SampleSpec> specs(batch);
-    for (int i = 0; i < batch; ++i) specs[i] = {&sp, {}, 0.5, 0};
-    b->forward_sample(step, specs);
-    const int steps = 50;
+    DecodeSteps d(model, batch, sp, kernels, launches);
+    const int steps = 200;
     const auto t0 = std::chrono::steady_clock::now();
-    for (int s = 0; s < steps; ++s) {
-      const auto sampled = b->forward_sample(step, specs);
-      for (int i = 0; i < batch; ++i) next[i] = sampled[i].token;
-    }
+    for (int s = 0; s < steps; ++s) d.run();
     const double sec = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
     rates.push_back(batch * steps / sec);
     std::printf("| %d | ~1000 | %.0f | %.3f |\n", batch, rates.back(), sec / steps * 1e3);
@@ -205,10 +217,23 @@ std::vector<double> bench_decode(std::shared_ptr<const Model> model, const std::
       std::printf(
           "\nstate per sequence: %.1f KiB (%s), exact attention's bf16 KV cache at 1M "
           "tokens: %.1f MiB\n\n",
-          b->slot_bytes(slots[0]) / 1024.0, mode, kv_exact / 1048576.0);
+          d.b->slot_bytes(d.slots[0]) / 1024.0, mode, kv_exact / 1048576.0);
     }
   }
   return rates;
+}
+
+// One decode step of `batch` sequences between cudaProfilerStart and Stop (for ncu
+// --profile-from-start off), after warm-up steps.
+void profile_decode(std::shared_ptr<const Model> model, int batch) {
+  SamplingParams sp;
+  DecodeSteps d(std::move(model), batch, sp, cuda::SummaryKernels::Auto,
+                cuda::Launches::Overlapped);
+  for (int s = 0; s < 5; ++s) d.run();
+  cuda::check(cudaProfilerStart(), "cudaProfilerStart");
+  d.run();
+  cuda::check(cudaProfilerStop(), "cudaProfilerStop");
+  std::printf("ran one decode step of batch %d under the profiler\n", batch);
 }
 
 // Decode tokens/s of the model and of its exact-attention copy at the same batches and context,
@@ -273,18 +298,22 @@ int main(int argc, char** argv) {
   if (argc < 2) {
     std::fprintf(stderr,
                  "usage: bench_cuda MODEL.gguf [--quick | --prefill-kernels | --decode-kernels |\n"
-                 "                              --prompts | --profile-1m | --decode B,B,...\n"
+                 "                              --prompts | --profile-1m | --profile-decode B |\n"
+                 "                              --decode B,B,...\n"
                  "                              [--baseline BASE.gguf] |\n"
                  "                              --exact B,B,...]\n"
                  "  --prefill-kernels, --decode-kernels: only the attention kernels' tables\n"
                  "  --prompts: only the model's prefill table (prompts of 1K to 1M tokens)\n"
                  "  --profile-1m: the 1M-token prefill's summaries and attention launched once\n"
                  "                each, untimed (for ncu)\n"
+                 "  --profile-decode: one decode step of batch B between cudaProfilerStart and\n"
+                 "                    Stop (ncu --profile-from-start off)\n"
                  "  --exact: decode steps at those batch sizes on MODEL and on its exact-attention\n"
                  "           copy (same weights, same sampling as --decode), and their ratio\n"
                  "  --decode: only decode steps at those batch sizes, sampled as the server's API\n"
-                 "            defaults with temperature 0.8 (top-k, top-p, min-p off), on the\n"
-                 "            per-level summary kernels (the reference) and as by default\n"
+                 "            defaults with temperature 0.8 (top-k, top-p, min-p off), with the\n"
+                 "            step's kernels launched one after another (the reference) and\n"
+                 "            overlapped (the default)\n"
                  "  --baseline: the same steps on another file (e.g. MODEL's bf16 source of a\n"
                  "              q8_0 MODEL) first, and the ratio\n");
     return 2;
@@ -330,15 +359,15 @@ int main(int argc, char** argv) {
                       got[i] / base[i]);
         return 0;
       }
-      // The baseline in the same run: decode steps on the per-level summary kernels and the
-      // commit (the path before append_tokens).
+      // The baseline in the same run: the step's kernels launched one after another.
       auto model = Model::load(argv[1]);
-      std::printf("\n## Per-level summary kernels and commit (the reference)\n");
-      const auto base = bench_decode(model, batches, api, "FMA", cuda::SummaryKernels::PerLevel);
-      std::printf("\n## append_tokens (the default)\n");
+      std::printf("\n## Serial launches (the reference)\n");
+      const auto base = bench_decode(model, batches, api, "FMA", cuda::SummaryKernels::Auto,
+                                     cuda::Launches::Serial);
+      std::printf("\n## Overlapped launches (the default)\n");
       const auto got = bench_decode(model, batches, api, "FMA");
       std::printf(
-          "\n| decode batch | per level tokens/s | append_tokens tokens/s | ratio |\n"
+          "\n| decode batch | serial tokens/s | overlapped tokens/s | ratio |\n"
           "|---|---|---|---|\n");
       for (size_t i = 0; i < batches.size(); ++i)
         std::printf("| %d | %.0f | %.0f | %.3fx |\n", batches[i], base[i], got[i],
@@ -351,6 +380,10 @@ int main(int argc, char** argv) {
     }
     if (argc > 2 && std::strcmp(argv[2], "--profile-1m") == 0) {
       profile_prefill_1m();
+      return 0;
+    }
+    if (argc > 3 && std::strcmp(argv[2], "--profile-decode") == 0) {
+      profile_decode(Model::load(argv[1]), std::max(1, std::atoi(argv[3])));
       return 0;
     }
     if (!decode_kernels) bench_prefill_attention(quick);

@@ -25,6 +25,13 @@ for tool in memcheck racecheck; do
 done
 "$bin/bench_cuda" "${MODEL:-models/default.gguf}" ${BENCH_ARGS:-} > "$out/bench_cuda.md" 2>&1; echo "bench_cuda rc $?"
 cat "$out/bench_cuda.md"
+# NCU_DECODE="1 256": ncu's time of each kernel of one decode step at those batch sizes.
+for b in ${NCU_DECODE:-}; do
+  timeout 300 ncu --clock-control none --profile-from-start off --section SpeedOfLight \
+    --print-summary per-kernel "$bin/bench_cuda" "${MODEL:-models/default.gguf}" --profile-decode "$b" \
+    > "$out/ncu_decode_$b.txt" 2>&1
+  echo "ncu decode batch $b rc $?"
+done
 [ -n "${SKIP_TORCH:-}" ] && exit 0  # the PyTorch baselines take about 90 s
 PYTHONUNBUFFERED=1 timeout 200 python3 bench/attention_torch.py > "$out/bench_torch.md" 2>&1; echo "torch rc $?"
 cat "$out/bench_torch.md"

@@ -253,12 +253,14 @@ class CudaBackend final : public Backend {
   CudaBackend(std::shared_ptr<const Model> model, int n_slots, int64_t max_context, int device,
               Communicator* comm = nullptr,
               cuda::SummaryKernels kernels = cuda::SummaryKernels::Auto,
-              cuda::Q8Products q8_products = cuda::Q8Products::Auto)
+              cuda::Q8Products q8_products = cuda::Q8Products::Auto,
+              cuda::Launches launches = cuda::Launches::Overlapped)
       : model_(std::move(model)),
         c_(comm ? shard_config(model_->config(), comm->size()) : model_->config()),
         device_(device),
         comm_(comm),
-        kernels_(kernels) {
+        kernels_(kernels),
+        launches_(launches) {
     if (n_slots <= 0) throw Error("backend: n_slots must be positive");
     // Left current: the members' memory is freed on this device (see ~CudaBackend).
     check(cudaSetDevice(device_), "cudaSetDevice");
@@ -595,6 +597,9 @@ class CudaBackend final : public Backend {
       cuda::embed(embed_.bf16.get(), tokens, T, H, x_.get(), s);
     // The residual stream; a norm fused into a GEMV writes its sum to the spare buffer.
     float *x = x_.get(), *spare = x_spare_.get();
+    // A decode step's kernels overlap along its chain (overlap.cuh), except the first after the
+    // side stream's join: that launch waits on an event, not on the kernel before.
+    const bool chain = launches_ == cuda::Launches::Overlapped && p.padded && p.append && !comm_;
     for (int li = 0; li < c_.n_layers; ++li) {
       Layer& l = layers_[li];
       const cuda::CacheView cv{l.fine_k.get(), l.fine_v.get(), l.sum_k.get(), l.sum_v.get(),
@@ -608,7 +613,8 @@ class CudaBackend final : public Backend {
       norm_matmul(x, spare, li == 0 ? nullptr : h_.get(), l.attn_norm.get(), T, l.wqkv,
                   cuda::GemvOutput::split_rope({q_.get(), k_.get(), v_.get(),
                                                 inputs_.device<int64_t>(kPos), nh, nkv, d,
-                                                c_.rope_theta, c_.rope_linear_factor}));
+                                                c_.rope_theta, c_.rope_linear_factor}),
+                  chain && li == 0);
       const size_t fresh = new_summary_floats(p);
       float *new_k = new_kv_.get(), *new_v = new_k + fresh;
       if (c_.fma_enabled && !p.append) {
@@ -625,7 +631,7 @@ class CudaBackend final : public Backend {
       // A decode step's attention rounds its output to bf16 itself, for the o-projection.
       cuda::attention(shape_, cv, chunks, table, inputs_.device<cuda::AttnItem>(kAttn),
                       int(p.attn.size()), p.padded, q_.get(), k_.get(), v_.get(), new_k, new_v,
-                      att_.get(), p.padded ? hb_.get() : nullptr, split_.get(), s);
+                      att_.get(), p.padded ? hb_.get() : nullptr, split_.get(), s, true, chain);
       if (p.append) {
         // Beside the rest of the layer, which does not read the cache (a branch of the step's
         // graph); the layer's end waits for it (the next layer's q/k/v overwrite k_ and v_).
@@ -639,11 +645,11 @@ class CudaBackend final : public Backend {
                      v_.get(), new_k, new_v, cv, s);
       }
       if (!p.padded) cuda::to_bf16(att_.get(), int64_t(T) * nh * d, hb_.get(), s);
-      matmul(hb_.get(), T, l.wo, h_.get());
+      matmul(hb_.get(), T, l.wo, h_.get(), chain);
       if (comm_) comm_->all_reduce_sum(h_.get(), size_t(T) * H, stream_);  // the heads' parts
       norm_matmul(x, spare, h_.get(), l.ffn_norm.get(), T, l.gate_up,
-                  cuda::GemvOutput::silu_gated(hb_.get()));
-      matmul(hb_.get(), T, l.down, h_.get());
+                  cuda::GemvOutput::silu_gated(hb_.get()), chain);
+      matmul(hb_.get(), T, l.down, h_.get(), chain);
       if (comm_) comm_->all_reduce_sum(h_.get(), size_t(T) * H, stream_);  // the FFN's parts
       if (p.append) check(cudaStreamWaitEvent(s, appended_, 0), "join");
     }
@@ -659,11 +665,12 @@ class CudaBackend final : public Backend {
   // x += add (add may be null), then out = bf16(rmsnorm(x) * norm) * w^T. For a decode step's
   // fewest rows one GEMV kernel does it all, writing the sum to `spare` (x then points there and
   // spare at the old x); else add_rmsnorm in place, then the GEMV (with out's SwiGLU or RoPE in
-  // it) or cuBLAS (and their kernels).
+  // it) or cuBLAS (and their kernels). overlap: a GEMV kernel right after the previous kernel
+  // may start while it finishes (overlap.cuh).
   void norm_matmul(float*& x, float*& spare, const float* add, const float* norm, int T,
-                   const Weights& w, cuda::GemvOutput out) {
+                   const Weights& w, cuda::GemvOutput out, bool overlap = false) {
     if (gemv_fits(T, w, true)) {
-      gemv({x, add, norm, c_.rms_norm_eps, add ? spare : nullptr}, T, w, out);
+      gemv({x, add, norm, c_.rms_norm_eps, add ? spare : nullptr}, T, w, out, overlap);
       if (add) std::swap(x, spare);
       return;
     }
@@ -672,7 +679,7 @@ class CudaBackend final : public Backend {
       cuda::add_rmsnorm(x, add, norm, T, H, c_.rms_norm_eps, hb_.get(), stream_);
     else
       cuda::rmsnorm(x, norm, T, H, c_.rms_norm_eps, hb_.get(), stream_);
-    if (gemv_fits(T, w)) return gemv(hb_.get(), T, w, out);
+    if (gemv_fits(T, w)) return gemv(hb_.get(), T, w, out, overlap);
     using Kind = cuda::GemvOutput::Kind;
     switch (out.kind) {
       case Kind::Plain:
@@ -690,10 +697,10 @@ class CudaBackend final : public Backend {
   }
 
 
-  // y[T][w.N] = x[T][w.K] * w^T: a GEMV kernel for a few rows (decode); else cuBLAS, on Q8_0
-  // weights dequantized (once, or into dequant_ now).
-  void matmul(const __nv_bfloat16* x, int T, const Weights& w, float* y) {
-    if (gemv_fits(T, w)) return gemv(x, T, w, y);
+  // y[T][w.N] = x[T][w.K] * w^T: a GEMV kernel for a few rows (decode; `overlap` as in
+  // norm_matmul); else cuBLAS, on Q8_0 weights dequantized (once, or into dequant_ now).
+  void matmul(const __nv_bfloat16* x, int T, const Weights& w, float* y, bool overlap = false) {
+    if (gemv_fits(T, w)) return gemv(x, T, w, y, overlap);
     if (!w.is_q8()) return cuda::gemm(cublas_, x, T, w.K, w.bf16.get(), w.N, y);
     if (w.q8_as_bf16.get()) return cuda::gemm(cublas_, x, T, w.K, w.q8_as_bf16.get(), w.N, y);
     cuda::dequantize_q8(w.q8_view(), int64_t(w.N) * w.K, dequant_.get(), stream_);
@@ -702,9 +709,10 @@ class CudaBackend final : public Backend {
   static bool gemv_fits(int T, const Weights& w, bool normed_input = false) {
     return cuda::gemv_fits(T, w.K, normed_input) && w.K % (w.is_q8() ? 32 : 16) == 0;
   }
-  void gemv(const cuda::GemvInput& x, int T, const Weights& w, cuda::GemvOutput y) {
-    if (w.is_q8()) return cuda::gemv_q8(x, T, w.K, w.q8_view(), w.N, y, stream_);
-    cuda::gemv_bf16(x, T, w.K, w.bf16.get(), w.N, y, stream_);
+  void gemv(const cuda::GemvInput& x, int T, const Weights& w, cuda::GemvOutput y,
+            bool overlap = false) {
+    if (w.is_q8()) return cuda::gemv_q8(x, T, w.K, w.q8_view(), w.N, y, stream_, overlap);
+    cuda::gemv_bf16(x, T, w.K, w.bf16.get(), w.N, y, stream_, overlap);
   }
 
   // Checks and runs the chunks, leaving their wanted rows' logits in logits_.
@@ -776,6 +784,7 @@ class CudaBackend final : public Backend {
   int device_;
   Communicator* comm_;  // null unless a tensor-parallel shard
   cuda::SummaryKernels kernels_;
+  cuda::Launches launches_;
   cuda::FmaShape shape_{};
   int64_t cap_ = 0;
   cudaStream_t stream_ = nullptr;
@@ -817,9 +826,10 @@ class CudaBackend final : public Backend {
 
 std::unique_ptr<Backend> make_cuda_backend(std::shared_ptr<const Model> model, int n_slots,
                                            int64_t max_context, int device,
-                                           cuda::SummaryKernels kernels, cuda::Q8Products q8) {
+                                           cuda::SummaryKernels kernels, cuda::Q8Products q8,
+                                           cuda::Launches launches) {
   return std::make_unique<CudaBackend>(std::move(model), n_slots, max_context, device, nullptr,
-                                       kernels, q8);
+                                       kernels, q8, launches);
 }
 
 std::unique_ptr<Backend> make_cuda_shard(std::shared_ptr<const Model> model, int n_slots,

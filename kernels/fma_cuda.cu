@@ -3,6 +3,7 @@
 
 #include "../engine/src/fma_cpu.h"
 #include "fma_cuda.cuh"
+#include "overlap.cuh"
 
 namespace mp::cuda {
 namespace {
@@ -657,19 +658,23 @@ __global__ void __launch_bounds__(W * 32)
   __shared__ float wmax[W], wsum[W];
   __shared__ LevelTable lt;
   const AttnItem it = items[blockIdx.x];
-  if (it.q_begin >= it.q_end) return;  // padding of a decode step
+  const int64_t i = it.q_begin;
+  // The level table reads only the plan: made before the wait for the kernel before (the q/k/v
+  // projection; overlap.cuh).
+  if (threadIdx.x == 0 && i < it.q_end) make_level_table(s, i, lt);
+  wait_for_previous();
+  let_next_start();
+  if (i >= it.q_end) return;  // padding of a decode step
   const ChunkDesc c = chunks[it.chunk];
   const int h = blockIdx.y, kvh = h / (s.heads / s.kv), lane = threadIdx.x & 31,
             warp = threadIdx.x >> 5, ch0 = lane * C;
   const bool active = ch0 < D;  // a head of fewer than 32 channels leaves lanes idle
-  const int64_t i = it.q_begin;
   const float* qrow = q + ((int64_t(c.row0) + (i - c.pos0)) * s.heads + h) * D;
   const float scale = rsqrtf(float(D));
   float qr[C] = {}, acc[C] = {};
   if (active) load_channels<C>(qrow + ch0, qr);
 #pragma unroll
   for (int j = 0; j < C; ++j) qr[j] *= scale;
-  if (threadIdx.x == 0) make_level_table(s, i, lt);
   __syncthreads();
   const KeyList kl = key_list(s, i, i + 1, lt);
   const int64_t n = kl.n_fine + kl.n_coarse;
@@ -1286,7 +1291,7 @@ void attention(const FmaShape& s, const CacheView& c, const ChunkDesc* chunks,
                const NewGroups* table, const AttnItem* items, int n_items, bool single_queries,
                const float* q, const float* k, const float* v, const float* new_k,
                const float* new_v, float* out, __nv_bfloat16* out_bf16, float* scratch,
-               cudaStream_t st, bool fast) {
+               cudaStream_t st, bool fast, bool overlap) {
   if (n_items == 0) return;
   if (s.L > kMaxLevels) throw Error("CUDA backend: more than 32 FMA levels are not supported");
   const dim3 grid(n_items, s.heads);
@@ -1330,11 +1335,13 @@ void attention(const FmaShape& s, const CacheView& c, const ChunkDesc* chunks,
 #define MP_ATTN(D)                                                                               \
   case D:                                                                                        \
     if (single_queries && few)                                                                   \
-      decode_attention_kernel<D, kDecodeWarpsFew><<<grid, kDecodeWarpsFew * 32, 0, st>>>(        \
-          s, c, chunks, table, items, q, k, v, new_k, new_v, out, out_bf16);                     \
+      launch("attention", overlap, decode_attention_kernel<D, kDecodeWarpsFew>, grid,            \
+             kDecodeWarpsFew * 32, 0, st, s, c, chunks, table, items, q, k, v, new_k, new_v, out, \
+             out_bf16);                                                                          \
     else if (single_queries)                                                                     \
-      decode_attention_kernel<D, kDecodeWarps><<<grid, kDecodeWarps * 32, 0, st>>>(              \
-          s, c, chunks, table, items, q, k, v, new_k, new_v, out, out_bf16);                     \
+      launch("attention", overlap, decode_attention_kernel<D, kDecodeWarps>, grid,               \
+             kDecodeWarps * 32, 0, st, s, c, chunks, table, items, q, k, v, new_k, new_v, out,   \
+             out_bf16);                                                                          \
     else                                                                                         \
       attention_kernel<D>                                                                        \
           <<<grid, kThreads, 0, st>>>(s, c, chunks, table, items, q, k, v, new_k, new_v, out);   \

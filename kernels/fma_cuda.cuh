@@ -110,12 +110,13 @@ constexpr int kAccumulateSlice = 128;
 // instead (the fp32 tile for tiles, one block per (sequence, head) for exact decode), which the
 // fast ones are tested against. out_bf16 (single queries only; else null): the output goes there
 // rounded to bf16 instead of to `out`, as the next GEMM's input (one kernel less a layer in a
-// decode step).
+// decode step). overlap: FMA's decode kernel is launched to start while the stream's previous
+// kernel finishes (overlap.cuh); the other kernels launch as usual.
 void attention(const FmaShape& s, const CacheView& c, const ChunkDesc* chunks,
                const NewGroups* table, const AttnItem* items, int n_items, bool single_queries,
                const float* q, const float* k, const float* v, const float* new_k,
                const float* new_v, float* out, __nv_bfloat16* out_bf16, float* scratch,
-               cudaStream_t st, bool fast = true);
+               cudaStream_t st, bool fast = true, bool overlap = false);
 // The blocks each (sequence, KV head) of an exact-attention decode step of n_items sequences
 // splits its keys over: enough for ~16 blocks per SM of the current device, at most one per
 // block tile of the cache's c.cap keys. Fixed for a bucket (a captured graph's grid); the keys

@@ -2,6 +2,7 @@
 
 #include "block_reduce.cuh"
 #include "ops_cuda.cuh"
+#include "overlap.cuh"
 
 namespace mp::cuda {
 namespace {
@@ -177,6 +178,18 @@ template <int R, class Rows, class Out>
 __global__ void gemv_kernel(GemvInput in, int K, Rows W, Out out) {
   // R x K sums, then R x K normalised rows, when in.residual (kNormedGemvBytes an input)
   extern __shared__ __align__(16) float sums[];
+  constexpr int J = Out::kWeightRows;
+  const int n = blockIdx.x * kGemvWarpsPerBlock + threadIdx.x / 32, lane = threadIdx.x % 32;
+  const bool has_row = n < out.warps();
+  // The warp's first 16 weights of each row (all of them at K <= 512) are constant: read before
+  // the wait for the kernel before (overlap.cuh), the inputs after it.
+  int k = lane * 16;
+  typename Rows::Part w[J];
+  if (has_row && k < K)
+#pragma unroll
+    for (int j = 0; j < J; ++j) w[j] = W.load(out.weight_row(n, j), K, k);
+  wait_for_previous();
+  let_next_start();
   const __nv_bfloat16* x = in.x;
   if constexpr (R <= kNormedGemvRows)
     if (in.residual) {
@@ -184,18 +197,13 @@ __global__ void gemv_kernel(GemvInput in, int K, Rows W, Out out) {
       normed_rows<R>(in, K, sums, normed);
       x = normed;
     }
-  constexpr int J = Out::kWeightRows;
-  const int n = blockIdx.x * kGemvWarpsPerBlock + threadIdx.x / 32, lane = threadIdx.x % 32;
-  if (n >= out.warps()) return;
+  if (!has_row) return;
   float acc[R][J];
 #pragma unroll
   for (int r = 0; r < R; ++r)
 #pragma unroll
     for (int j = 0; j < J; ++j) acc[r][j] = 0;
-  for (int k = lane * 16; k < K; k += 32 * 16) {
-    typename Rows::Part w[J];
-#pragma unroll
-    for (int j = 0; j < J; ++j) w[j] = W.load(out.weight_row(n, j), K, k);
+  while (k < K) {
 #pragma unroll
     for (int r = 0; r < R; ++r) {
       float xs[16];
@@ -203,6 +211,10 @@ __global__ void gemv_kernel(GemvInput in, int K, Rows W, Out out) {
 #pragma unroll
       for (int j = 0; j < J; ++j) acc[r][j] += Rows::dot(w[j], xs);
     }
+    k += 32 * 16;
+    if (k < K)
+#pragma unroll
+      for (int j = 0; j < J; ++j) w[j] = W.load(out.weight_row(n, j), K, k);
   }
   // Every lane ends up with every row's sums; lane r stores row r, so that the rows' epilogues
   // (RoPE's angles in double) run side by side rather than one after another.
@@ -220,18 +232,20 @@ __global__ void gemv_kernel(GemvInput in, int K, Rows W, Out out) {
 
 // gemv_kernel<T> for T = R..kGemvRows.
 template <int R, class Rows, class Out>
-void gemv_rows(const GemvInput& in, int T, int K, Rows W, Out out, cudaStream_t s) {
+void gemv_rows(const char* what, const GemvInput& in, int T, int K, Rows W, Out out,
+               cudaStream_t s, bool overlap) {
   if constexpr (R <= kGemvRows) {
-    if (T != R) return gemv_rows<R + 1>(in, T, K, W, out, s);
+    if (T != R) return gemv_rows<R + 1>(what, in, T, K, W, out, s, overlap);
     const int blocks = (out.warps() + kGemvWarpsPerBlock - 1) / kGemvWarpsPerBlock;
     const size_t shared = in.residual ? size_t(R) * K * kNormedGemvBytes : 0;
-    gemv_kernel<R><<<blocks, 32 * kGemvWarpsPerBlock, shared, s>>>(in, K, W, out);
+    launch(what, overlap, gemv_kernel<R, Rows, Out>, blocks, 32 * kGemvWarpsPerBlock, shared, s,
+           in, K, W, out);
   }
 }
 
 template <class Rows>
 void gemv(const char* what, const GemvInput& in, int T, int K, Rows W, int N, GemvOutput out,
-          cudaStream_t s, int k_multiple) {
+          cudaStream_t s, int k_multiple, bool overlap) {
   using Kind = GemvOutput::Kind;
   const QkvRope& r = out.rope;
   const bool shape_ok = out.kind == Kind::Plain      ? true
@@ -246,12 +260,11 @@ void gemv(const char* what, const GemvInput& in, int T, int K, Rows W, int N, Ge
                  : out.kind == Kind::SplitRope ? ", N = (heads + 2 kv heads) x an even d)"
                                                : ")"));
   if (out.kind == Kind::SiluGated)
-    gemv_rows<1>(in, T, K, W, SwigluOut{out.gated, N / 2}, s);
+    gemv_rows<1>(what, in, T, K, W, SwigluOut{out.gated, N / 2}, s, overlap);
   else if (out.kind == Kind::SplitRope)
-    gemv_rows<1>(in, T, K, W, RopeOut{r}, s);
+    gemv_rows<1>(what, in, T, K, W, RopeOut{r}, s, overlap);
   else
-    gemv_rows<1>(in, T, K, W, FloatOut{out.y, N}, s);
-  check_launch(what);
+    gemv_rows<1>(what, in, T, K, W, FloatOut{out.y, N}, s, overlap);
 }
 
 // Eight weights per thread: one 8-byte load, one 16-byte store.
@@ -370,12 +383,13 @@ void embed_q8(Q8Weights table, const int* tokens, int T, int n, float* x, cudaSt
   embed_q8_kernel<<<T, 256, 0, s>>>(table, tokens, n, x);
   check_launch("embed_q8");
 }
-void gemv_q8(const GemvInput& x, int T, int K, Q8Weights W, int N, GemvOutput y, cudaStream_t s) {
-  gemv("gemv_q8", x, T, K, Q8Rows{W}, N, y, s, 32);
+void gemv_q8(const GemvInput& x, int T, int K, Q8Weights W, int N, GemvOutput y, cudaStream_t s,
+             bool overlap) {
+  gemv("gemv_q8", x, T, K, Q8Rows{W}, N, y, s, 32, overlap);
 }
 void gemv_bf16(const GemvInput& x, int T, int K, const __nv_bfloat16* W, int N, GemvOutput y,
-               cudaStream_t s) {
-  gemv("gemv_bf16", x, T, K, Bf16Rows{W}, N, y, s, 16);
+               cudaStream_t s, bool overlap) {
+  gemv("gemv_bf16", x, T, K, Bf16Rows{W}, N, y, s, 16, overlap);
 }
 void dequantize_q8(Q8Weights W, int64_t n, __nv_bfloat16* w, cudaStream_t s) {
   dequantize_q8_kernel<<<grid_for(n / 8), 256, 0, s>>>(W, n / 8, w);

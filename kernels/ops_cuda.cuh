@@ -116,12 +116,14 @@ inline bool gemv_fits(int T, int K, bool normed_input) {
   return T >= 1 && T <= kGemvRows;
 }
 // y = x[T][K] * W^T, T <= kGemvRows: each weight read once for all rows, dequantized in
-// registers, fp32 products and sums. K a multiple of 32.
-void gemv_q8(const GemvInput& x, int T, int K, Q8Weights W, int N, GemvOutput y, cudaStream_t s);
+// registers, fp32 products and sums. K a multiple of 32. `overlap`: launched to start while the
+// stream's previous kernel finishes, reading its first weights meanwhile (overlap.cuh).
+void gemv_q8(const GemvInput& x, int T, int K, Q8Weights W, int N, GemvOutput y, cudaStream_t s,
+             bool overlap = false);
 // The same over bf16 weights W[N][K] (what gemm computes, summed in another order); K a multiple
 // of 16.
 void gemv_bf16(const GemvInput& x, int T, int K, const __nv_bfloat16* W, int N, GemvOutput y,
-               cudaStream_t s);
+               cudaStream_t s, bool overlap = false);
 // w[i] = bf16(W's element i), n elements (a multiple of 32)
 void dequantize_q8(Q8Weights W, int64_t n, __nv_bfloat16* w, cudaStream_t s);
 // y[t] = bf16(x[t] / rms(x[t]) * w)

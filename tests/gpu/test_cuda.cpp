@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
+#include <cstring>
 #include <future>
 #include <map>
 #include <random>
@@ -547,6 +548,34 @@ TEST_P(CudaModel, DecodeStepsMatchThePerLevelKernelsAndCpu) {
   EXPECT_LT(rel_err(got, batched_decode(*cpu_b, lens, 30, true)), 2e-2);
 }
 
+// Decode steps whose kernels overlap along their chain (kernels/overlap.cuh, the default)
+// against the same steps launched one after another: the same kernels and sums, so the same
+// logits to the bit, for every variant at 1 row (the norms fused into the GEMVs), 3 and 8 (the
+// norms apart), sequences at different positions crossing group boundaries.
+std::vector<float> decode_with(const std::shared_ptr<const Model>& model, int rows,
+                               cuda::Launches launches) {
+  auto b = make_cuda_backend(model, rows, 1024, 0, cuda::SummaryKernels::Auto,
+                             cuda::Q8Products::Auto, launches);
+  std::vector<int> lens;
+  for (int i = 0; i < rows; ++i) lens.push_back(3 + 37 * i % int(model->config().n_ctx_train));
+  return batched_decode(*b, lens, 40);
+}
+
+void expect_overlapped_launches_are_the_serial_ones(const std::shared_ptr<const Model>& model) {
+  for (int rows : {1, 3, 8}) {
+    const auto serial = decode_with(model, rows, cuda::Launches::Serial);
+    const auto overlapped = decode_with(model, rows, cuda::Launches::Overlapped);
+    ASSERT_EQ(serial.size(), overlapped.size());
+    EXPECT_EQ(std::memcmp(serial.data(), overlapped.data(), serial.size() * sizeof(float)), 0)
+        << rows << " rows: relative error " << rel_err(overlapped, serial);
+  }
+}
+
+TEST_P(CudaModel, OverlappedDecodeLaunchesAreTheSerialOnes) {
+  const VariantModel vm(GetParam(), 17);
+  expect_overlapped_launches_are_the_serial_ones(vm.model);
+}
+
 // A Q8_0 model (matrices, embedding and summary convolutions quantized, ffn_down's rows of 40
 // bf16) on the GPU against the CPU backend: prefill (dequantized to bf16 for cuBLAS: once at load,
 // or for each product), decode of one sequence (the GEMV kernel) and of 12 (a bucket of 16 rows:
@@ -581,6 +610,7 @@ TEST_F(Cuda, Q8ModelMatchesCpuInPrefillAndDecode) {
     EXPECT_LT(rel_err(batched_decode(*gpu, lens, 40), ref_decode), 2e-2);
   }
   EXPECT_LT(rel_err(prefill[0], prefill[1]), 1e-6);  // the same dequantization, once or each time
+  expect_overlapped_launches_are_the_serial_ones(model);  // the Q8_0 GEMVs
 }
 
 // The host's choice for draw u, and whether u lies so close to a boundary of the cumulative
