@@ -14,6 +14,7 @@
 #include "backend_cuda.h"
 #include "fma_cpu.h"
 #include "fma_cuda.cuh"
+#include "sampling_cuda.cuh"
 #include "format.h"
 
 using namespace mp;
@@ -223,6 +224,63 @@ std::vector<double> bench_decode(std::shared_ptr<const Model> model, const std::
   return rates;
 }
 
+// The sampling kernel alone on random logits (vocabulary 16,384, the default model's), for the
+// samplers users ask for, against greedy (one pass over the row: the floor) in the same run.
+void bench_sampling() {
+  std::printf(
+      "\n## Sampling kernel (vocabulary 16,384; random logits, N(0, s^2); us a call)\n\n"
+      "| sampler | s | 1 row | 256 rows | 1 row / greedy |\n|---|---|---|---|---|\n");
+  const int V = 16384, R = 256;
+  struct Case {
+    const char* name;
+    SamplingParams p;
+  };
+  std::vector<Case> cases(5);
+  cases[0].name = "greedy", cases[0].p.temperature = 0;
+  cases[1].name = "temperature 0.8 (the API's default)";
+  cases[1].p.temperature = 0.8f, cases[1].p.top_k = 0, cases[1].p.top_p = 1, cases[1].p.min_p = 0;
+  cases[2].name = "top-k 40";
+  cases[2].p = cases[1].p, cases[2].p.top_k = 40;
+  cases[3].name = "top-p 0.95";
+  cases[3].p = cases[1].p, cases[3].p.top_p = 0.95f;
+  cases[4].name = "top-k 40, top-p 0.95, min-p 0.05 (the CLI's default)";
+  float *logits, *lps;
+  int* tokens;
+  cuda::SampleRow* rows;
+  int2* pens;
+  cuda::check(cudaMalloc(&logits, size_t(R) * V * 4), "malloc");
+  cuda::check(cudaMalloc(&lps, R * 4), "malloc");
+  cuda::check(cudaMalloc(&tokens, R * 4), "malloc");
+  cuda::check(cudaMalloc(&rows, R * sizeof(cuda::SampleRow)), "malloc");
+  cuda::check(cudaMalloc(&pens, sizeof(int2)), "malloc");
+  std::mt19937 rng(3);
+  for (float scale : {2.5f, 5.0f}) {
+    std::normal_distribution<float> normal(0.0f, scale);
+    std::vector<float> host(size_t(R) * V);
+    for (auto& x : host) x = normal(rng);
+    cuda::check(cudaMemcpy(logits, host.data(), host.size() * 4, cudaMemcpyHostToDevice), "copy");
+    double greedy1 = 0;
+    for (const Case& c : cases) {
+      std::vector<cuda::SampleRow> hr;
+      std::uniform_real_distribution<double> unif(0, 1);
+      for (int r = 0; r < R; ++r) hr.push_back({r, c.p, 0, 0, unif(rng)});
+      cuda::check(cudaMemcpy(rows, hr.data(), R * sizeof(cuda::SampleRow), cudaMemcpyHostToDevice),
+                  "copy");
+      double us[2];
+      for (int k = 0; k < 2; ++k) {
+        const int n = k == 0 ? 1 : R;
+        us[k] = 1e3 * time_ms([&] { cuda::sample(logits, V, rows, n, pens, tokens, lps, nullptr); },
+                              50);
+      }
+      if (c.p.temperature == 0) greedy1 = us[0];
+      std::printf("| %s | %.1f | %.1f | %.1f | %.1fx |\n", c.name, scale, us[0], us[1],
+                  us[0] / greedy1);
+      std::fflush(stdout);
+    }
+  }
+  for (void* p : {(void*)logits, (void*)lps, (void*)tokens, (void*)rows, (void*)pens}) cudaFree(p);
+}
+
 // One decode step of `batch` sequences between cudaProfilerStart and Stop (for ncu
 // --profile-from-start off), after warm-up steps.
 void profile_decode(std::shared_ptr<const Model> model, int batch) {
@@ -299,6 +357,7 @@ int main(int argc, char** argv) {
     std::fprintf(stderr,
                  "usage: bench_cuda MODEL.gguf [--quick | --prefill-kernels | --decode-kernels |\n"
                  "                              --prompts | --profile-1m | --profile-decode B |\n"
+                 "                              --sampling |\n"
                  "                              --decode B,B,...\n"
                  "                              [--baseline BASE.gguf] |\n"
                  "                              --exact B,B,...]\n"
@@ -306,6 +365,7 @@ int main(int argc, char** argv) {
                  "  --prompts: only the model's prefill table (prompts of 1K to 1M tokens)\n"
                  "  --profile-1m: the 1M-token prefill's summaries and attention launched once\n"
                  "                each, untimed (for ncu)\n"
+                 "  --sampling: the sampling kernel alone, for several samplers\n"
                  "  --profile-decode: one decode step of batch B between cudaProfilerStart and\n"
                  "                    Stop (ncu --profile-from-start off)\n"
                  "  --exact: decode steps at those batch sizes on MODEL and on its exact-attention\n"
@@ -380,6 +440,10 @@ int main(int argc, char** argv) {
     }
     if (argc > 2 && std::strcmp(argv[2], "--profile-1m") == 0) {
       profile_prefill_1m();
+      return 0;
+    }
+    if (argc > 2 && std::strcmp(argv[2], "--sampling") == 0) {
+      bench_sampling();
       return 0;
     }
     if (argc > 3 && std::strcmp(argv[2], "--profile-decode") == 0) {

@@ -25,7 +25,9 @@ __global__ void embed_q8_kernel(Q8Weights table, const int* tokens, int n, float
 // as the CPU reference computes them: positions reach millions.
 __device__ float2 rope_angle(int64_t pos, int i, int d, float theta, float linear_factor) {
   const double a = double(pos) / linear_factor * pow(double(theta), -2.0 * i / d);
-  return {float(cos(a)), float(sin(a))};
+  double sn, cs;
+  sincos(a, &sn, &cs);
+  return {float(cs), float(sn)};
 }
 
 // 16 consecutive inputs (two 16-byte loads) as floats.
@@ -83,13 +85,20 @@ struct Q8Rows {  // half a block of 32 (one 16-byte load) and its block's scale
 constexpr int kGemvWarpsPerBlock = 4;
 
 // Where a GEMV's output goes: y[r][n] = the product (n < N)...
+// Each form's Early is what its store needs of row r and output n that reads only the plan,
+// computed before the wait for the kernel before (overlap.cuh).
+struct NoEarly {};
 struct FloatOut {
   float* y;
   int N;
   static constexpr int kWeightRows = 1;
+  using Early = NoEarly;
   __host__ __device__ int warps() const { return N; }
   __device__ int64_t weight_row(int n, int) const { return n; }
-  __device__ void store(int r, int n, const float (&v)[1]) const { y[int64_t(r) * N + n] = v[0]; }
+  __device__ Early early(int, int) const { return {}; }
+  __device__ void store(int r, int n, const float (&v)[1], Early) const {
+    y[int64_t(r) * N + n] = v[0];
+  }
 };
 // ...or y[r][f] = bf16(silu(g) * u) of the gate row f and the up row F + f (the fused gate/up
 // weights), both computed by one warp: no separate SwiGLU kernel and no fp32 [g | u] written...
@@ -97,30 +106,38 @@ struct SwigluOut {
   __nv_bfloat16* y;
   int F;
   static constexpr int kWeightRows = 2;
+  using Early = NoEarly;
   __host__ __device__ int warps() const { return F; }
   __device__ int64_t weight_row(int f, int j) const { return f + int64_t(j) * F; }
-  __device__ void store(int r, int f, const float (&v)[2]) const {
+  __device__ Early early(int, int) const { return {}; }
+  __device__ void store(int r, int f, const float (&v)[2], Early) const {
     y[int64_t(r) * F + f] = __float2bfloat16(v[0] / (1.0f + expf(-v[0])) * v[1]);
   }
 };
 // ...or q, k, v split and rotated: one warp computes a head's channels i and i + d/2 (RoPE's
-// pair), as split_qkv_rope_kernel would rotate them.
+// pair), as split_qkv_rope_kernel would rotate them; the angle (double precision, the longest
+// latency of the kernel) early.
 struct RopeOut {
   QkvRope o;
   static constexpr int kWeightRows = 2;
+  using Early = float2;
   __host__ __device__ int warps() const { return (o.nh + 2 * o.nkv) * (o.d / 2); }
   __device__ int64_t weight_row(int n, int j) const {
     const int half = o.d / 2;
     return int64_t(n / half) * o.d + n % half + j * half;
   }
-  __device__ void store(int t, int n, const float (&x)[2]) const {
+  __device__ Early early(int t, int n) const {
+    const int half = o.d / 2;
+    if (n / half >= o.nh + o.nkv) return {1.0f, 0.0f};  // v: not rotated
+    return rope_angle(o.pos[t], n % half, o.d, o.theta, o.linear_factor);
+  }
+  __device__ void store(int t, int n, const float (&x)[2], Early cs) const {
     const int half = o.d / 2, h = n / half, i = n % half;
     if (h >= o.nh + o.nkv) {
       float* dst = o.v + (int64_t(t) * o.nkv + h - o.nh - o.nkv) * o.d;
       dst[i] = x[0], dst[i + half] = x[1];
       return;
     }
-    const float2 cs = rope_angle(o.pos[t], i, o.d, o.theta, o.linear_factor);
     float* dst = h < o.nh ? o.q + (int64_t(t) * o.nh + h) * o.d
                           : o.k + (int64_t(t) * o.nkv + h - o.nh) * o.d;
     dst[i] = x[0] * cs.x - x[1] * cs.y;
@@ -181,13 +198,16 @@ __global__ void gemv_kernel(GemvInput in, int K, Rows W, Out out) {
   constexpr int J = Out::kWeightRows;
   const int n = blockIdx.x * kGemvWarpsPerBlock + threadIdx.x / 32, lane = threadIdx.x % 32;
   const bool has_row = n < out.warps();
-  // The warp's first 16 weights of each row (all of them at K <= 512) are constant: read before
-  // the wait for the kernel before (overlap.cuh), the inputs after it.
+  // The warp's first 16 weights of each row (all of them at K <= 512) are constant, and the
+  // store's Early reads only the plan: both before the wait for the kernel before (overlap.cuh),
+  // the inputs after it.
   int k = lane * 16;
   typename Rows::Part w[J];
   if (has_row && k < K)
 #pragma unroll
     for (int j = 0; j < J; ++j) w[j] = W.load(out.weight_row(n, j), K, k);
+  typename Out::Early early{};  // lane r's, for row r
+  if (has_row && lane < R) early = out.early(lane, n);
   wait_for_previous();
   let_next_start();
   const __nv_bfloat16* x = in.x;
@@ -227,7 +247,7 @@ __global__ void gemv_kernel(GemvInput in, int K, Rows W, Out out) {
       for (int o = 16; o > 0; o /= 2) v += __shfl_xor_sync(0xffffffffu, v, o);
       if (lane == r) mine[j] = v;
     }
-  if (lane < R) out.store(lane, n, mine);
+  if (lane < R) out.store(lane, n, mine, early);
 }
 
 // gemv_kernel<T> for T = R..kGemvRows.

@@ -9,6 +9,9 @@ namespace mp::cuda {
 namespace {
 
 constexpr int kThreads = 1024, kPerThread = kMaxSampleCandidates / kThreads;
+// Candidates a row without top-k takes first (top-p and min-p usually keep far fewer): sorting
+// all kMaxSampleCandidates cost a batch-1 step 178 us on the H200.
+constexpr int kFirstCandidates = 256;
 using Key = unsigned long long;  // ordered value << 32 | ~id: descending order = the host's order
 
 __device__ uint32_t ordered(float x) {  // monotone map of floats to unsigned integers
@@ -35,19 +38,30 @@ __device__ float penalized_logit(const float* row, int i, const SampleRow& r, co
   return lo < r.pen_count && pens[lo].x == i ? penalized(row[i], r.params, pens[lo].y) : row[i];
 }
 
-// Fills keys[0, kMaxSampleCandidates) with the largest keys of the row: a radix select of the
-// threshold key (8 bits a pass), then everything above it and the lowest ids equal to it.
+// Fills keys[0, want) with the row's `want` largest keys: a radix select of the threshold key
+// (8 bits a pass; the lanes of a warp in lane 0's bin add once: a row's logits share a few high
+// bins, whose atomics would otherwise serialise; __match_any_sync would group every bin, but
+// it held the kernel to 32 registers), then everything above it and the lowest ids equal to it.
+// Every warp runs the loops' same trips (the ids past vocab idle).
 __device__ void select_top(const float* row, int vocab, const SampleRow& r, const int2* pens,
-                           Key* keys) {
-  __shared__ int hist[256], pick[2], above;
+                           int want, Key* keys) {
+  __shared__ int hist[256], pick[2], above, warp_ties[kThreads / 32];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   uint32_t prefix = 0, mask = 0;
-  int want = kMaxSampleCandidates;
   for (int shift = 24; shift >= 0; shift -= 8) {
     for (int b = threadIdx.x; b < 256; b += blockDim.x) hist[b] = 0;
     __syncthreads();
-    for (int i = threadIdx.x; i < vocab; i += blockDim.x) {
-      const uint32_t u = ordered(penalized_logit(row, i, r, pens));
-      if ((u & mask) == prefix) atomicAdd(&hist[(u >> shift) & 255], 1);
+    for (int i0 = 0; i0 < vocab; i0 += blockDim.x) {
+      const int i = i0 + threadIdx.x;
+      const uint32_t u = i < vocab ? ordered(penalized_logit(row, i, r, pens)) : 0;
+      const bool counted = i < vocab && (u & mask) == prefix;
+      const int bin = counted ? int((u >> shift) & 255) : 256;
+      const int first_bin = __shfl_sync(0xffffffffu, bin, 0);
+      const unsigned peers = __ballot_sync(0xffffffffu, bin == first_bin);
+      if (counted && bin != first_bin)
+        atomicAdd(&hist[bin], 1);
+      else if (counted && lane == 0)
+        atomicAdd(&hist[bin], __popc(peers));
     }
     __syncthreads();
     if (threadIdx.x == 0) {
@@ -69,18 +83,23 @@ __device__ void select_top(const float* row, int vocab, const SampleRow& r, cons
     if (ordered(v) > prefix) keys[atomicAdd(&above, 1)] = make_key(v, i);
   }
   __syncthreads();
-  if (threadIdx.x < 32) {  // ties at the threshold, in id order
-    const int lane = threadIdx.x, base = above;
-    int taken = 0;
-    for (int i0 = 0; i0 < vocab && taken < want; i0 += 32) {
-      const int i = i0 + lane;
-      const float v = i < vocab ? penalized_logit(row, i, r, pens) : 0.0f;
-      const bool tie = i < vocab && ordered(v) == prefix;
-      const unsigned ballot = __ballot_sync(0xffffffffu, tie);
-      const int at = taken + __popc(ballot & ((1u << lane) - 1));
-      if (tie && at < want) keys[base + at] = make_key(v, i);
-      taken += __popc(ballot);
+  // The `want` ties at the threshold with the lowest ids: a block's ids at a time, each tie's
+  // place from the warps' counts before it.
+  const int base = above;
+  for (int i0 = 0, taken = 0; i0 < vocab && taken < want; i0 += blockDim.x) {
+    const int i = i0 + threadIdx.x;
+    const float v = i < vocab ? penalized_logit(row, i, r, pens) : 0.0f;
+    const bool tie = i < vocab && ordered(v) == prefix;
+    const unsigned ballot = __ballot_sync(0xffffffffu, tie);
+    if (lane == 0) warp_ties[warp] = __popc(ballot);
+    __syncthreads();
+    int at = taken + __popc(ballot & ((1u << lane) - 1));
+    for (int w = 0; w < int(blockDim.x >> 5); ++w) {
+      at += w < warp ? warp_ties[w] : 0;
+      taken += warp_ties[w];
     }
+    if (tie && at < want) keys[base + at] = make_key(v, i);
+    __syncthreads();  // warp_ties is rewritten
   }
   __syncthreads();
 }
@@ -161,7 +180,9 @@ __device__ int sample_in_id_order(const float* row, int vocab, const SampleRow& 
   return -block_reduce(-first, Max{}, -(vocab - 1));
 }
 
-__global__ void __launch_bounds__(kThreads)
+// At most one block a SM (as its 64 registers a thread imply): without saying so, ptxas held it
+// to 32 registers and spilled the candidates' arrays.
+__global__ void __launch_bounds__(kThreads, 1)
     sample_kernel(const float* logits, int vocab, const SampleRow* rows, const int2* all_pens,
                   int* tokens, float* logprobs) {
   extern __shared__ Key keys[];  // kMaxSampleCandidates
@@ -191,70 +212,85 @@ __global__ void __launch_bounds__(kThreads)
   if (keeps_whole_vocabulary(p, vocab))
     return finish(sample_in_id_order(row, vocab, r, pens, scan, r.uniform));
   const bool top_k_on = p.top_k > 0 && p.top_k < vocab;
-  const bool all_kept = vocab <= kMaxSampleCandidates;
-  if (!all_kept && top_k_on && p.top_k > kMaxSampleCandidates) return finish(-1);
-  int n = vocab;
-  if (all_kept) {
-    for (int i = tid; i < vocab; i += kThreads)
-      keys[i] = make_key(penalized_logit(row, i, r, pens), i);
-  } else {
-    select_top(row, vocab, r, pens, keys);
-    n = kMaxSampleCandidates;
-  }
-  int n2 = 1;
-  while (n2 < n) n2 <<= 1;
-  for (int i = n + tid; i < n2; i += kThreads) keys[i] = 0;
-  __syncthreads();
-  sort_descending(keys, n2);
-
-  // Probabilities over the top-k set (the whole vocabulary when top-k is off), in double as on
-  // the host. Thread t holds candidates [t * kPerThread, (t + 1) * kPerThread).
-  const double T = p.temperature, top = key_value(keys[0]);
-  const int k_eff = top_k_on ? min(p.top_k, n) : n;
-  double e[kPerThread], local = 0;
-  for (int j = 0; j < kPerThread; ++j) {
-    const int i = tid * kPerThread + j;
-    e[j] = i < k_eff ? exp((double(key_value(keys[i])) - top) / T) : 0.0;
-    local += e[j];
-  }
-  double Z = block_reduce(local, Sum{}, 0.0);
-  if (!all_kept && !top_k_on) {  // the tail beyond the kept candidates still counts
-    double tail = 0;
-    for (int i = tid; i < vocab; i += kThreads) {
-      const double v = penalized_logit(row, i, r, pens);
-      if (make_key(float(v), i) < keys[n - 1]) tail += exp((v - top) / T);
+  if (top_k_on && p.top_k > kMaxSampleCandidates) return finish(-1);
+  // The candidates: the top-k, or first the kFirstCandidates largest, and all kMaxSampleCandidates
+  // only when top-p and min-p keep every one of those (the same choice either way: the kept
+  // list is a prefix of the sorted candidates).
+  for (int want = top_k_on ? p.top_k : min(kFirstCandidates, kMaxSampleCandidates);;
+       want = kMaxSampleCandidates) {
+    const int n = min(want, vocab);
+    if (n == vocab) {
+      for (int i = tid; i < vocab; i += kThreads)
+        keys[i] = make_key(penalized_logit(row, i, r, pens), i);
+    } else {
+      select_top(row, vocab, r, pens, n, keys);
     }
-    Z += block_reduce(tail, Sum{}, 0.0);
+    int n2 = 1;
+    while (n2 < n) n2 <<= 1;
+    for (int i = n + tid; i < n2; i += kThreads) keys[i] = 0;
+    __syncthreads();
+    sort_descending(keys, n2);
+
+    // Probabilities over the candidates, in double as on the host, normalised over the top-k
+    // set (top-k on) or the whole vocabulary (the tail beyond the candidates counted too).
+    // Thread t holds candidates [t * kPerThread, (t + 1) * kPerThread).
+    const double T = p.temperature, top = key_value(keys[0]);
+    double e[kPerThread], local = 0;
+#pragma unroll
+    for (int j = 0; j < kPerThread; ++j) {
+      const int i = tid * kPerThread + j;
+      e[j] = i < n ? exp((double(key_value(keys[i])) - top) / T) : 0.0;
+      local += e[j];
+    }
+    double Z = block_reduce(local, Sum{}, 0.0);
+    const bool tail = n < vocab && !top_k_on;
+    if (tail) {
+      double rest = 0;
+      for (int i = tid; i < vocab; i += kThreads) {
+        const double v = penalized_logit(row, i, r, pens);
+        if (make_key(float(v), i) < keys[n - 1]) rest += exp((v - top) / T);
+      }
+      Z += block_reduce(rest, Sum{}, 0.0);
+    }
+    double prob[kPerThread], before[kPerThread];
+#pragma unroll
+    for (int j = 0; j < kPerThread; ++j) prob[j] = e[j] / Z;
+    __syncthreads();  // scan's storage may still be read by a previous try
+    Scan(scan).ExclusiveSum(prob, before);
+    // top-p: candidate i stays while the mass before it is below top_p; min-p: while its
+    // probability is at least min_p times the best one's.
+    const double floor = p.min_p * (1.0 / Z);
+    int keep = 0;
+#pragma unroll
+    for (int j = 0; j < kPerThread; ++j) {
+      const int i = tid * kPerThread + j;
+      keep += i < n && (p.top_p >= 1.0f || before[j] < p.top_p) &&
+              (p.min_p <= 0 || i == 0 || prob[j] >= floor);
+    }
+    const int K = max(1, block_reduce(keep, Sum{}, 0));
+    if (tail && K == n) {  // the list may go on past the candidates
+      if (n < kMaxSampleCandidates) continue;
+      return finish(-1);
+    }
+    double kept = 0;
+#pragma unroll
+    for (int j = 0; j < kPerThread; ++j) kept += tid * kPerThread + j < K ? prob[j] : 0.0;
+    const double S = block_reduce(kept, Sum{}, 0.0);
+    double q[kPerThread], cum[kPerThread];
+#pragma unroll
+    for (int j = 0; j < kPerThread; ++j)
+      q[j] = tid * kPerThread + j < K ? double(float(prob[j] / S)) : 0.0;
+    __syncthreads();  // scan's storage is reused
+    Scan(scan).InclusiveSum(q, cum);
+    int first = K - 1;
+#pragma unroll
+    for (int j = kPerThread - 1; j >= 0; --j) {
+      const int i = tid * kPerThread + j;
+      if (i < K && r.uniform < cum[j]) first = min(first, i);
+    }
+    first = block_reduce(-first, Max{}, -(K - 1));
+    return finish(key_id(keys[-first]));
   }
-  double prob[kPerThread], before[kPerThread];
-  for (int j = 0; j < kPerThread; ++j) prob[j] = e[j] / Z;
-  Scan(scan).ExclusiveSum(prob, before);
-  // top-p: candidate i stays while the mass before it is below top_p; min-p: while its
-  // probability is at least min_p times the best one's.
-  const double floor = p.min_p * (1.0 / Z);
-  int keep = 0;
-  for (int j = 0; j < kPerThread; ++j) {
-    const int i = tid * kPerThread + j;
-    keep += i < k_eff && (p.top_p >= 1.0f || before[j] < p.top_p) &&
-            (p.min_p <= 0 || i == 0 || prob[j] >= floor);
-  }
-  const int K = max(1, block_reduce(keep, Sum{}, 0));
-  if (!all_kept && !top_k_on && K == n) return finish(-1);  // the list may go on past n
-  double kept = 0;
-  for (int j = 0; j < kPerThread; ++j) kept += tid * kPerThread + j < K ? prob[j] : 0.0;
-  const double S = block_reduce(kept, Sum{}, 0.0);
-  double q[kPerThread], cum[kPerThread];
-  for (int j = 0; j < kPerThread; ++j)
-    q[j] = tid * kPerThread + j < K ? double(float(prob[j] / S)) : 0.0;
-  __syncthreads();  // scan's storage is reused
-  Scan(scan).InclusiveSum(q, cum);
-  int first = K - 1;
-  for (int j = kPerThread - 1; j >= 0; --j) {
-    const int i = tid * kPerThread + j;
-    if (i < K && r.uniform < cum[j]) first = min(first, i);
-  }
-  first = block_reduce(-first, Max{}, -(K - 1));
-  finish(key_id(keys[-first]));
 }
 
 // One block per row: the log-sum-exp, then the n largest keys (value, then lower id first: the
