@@ -642,20 +642,21 @@ __device__ void load_channels(const float* p, float (&x)[C]) {
   }
 }
 
-// Decode: one query per (sequence, head) block of W warps. Each warp takes every W-th key, its
-// lanes splitting the head's channels, so that a key row is one coalesced load (a thread per key
-// row read 32 rows at once, strided: 17 us a layer at batch 1), kDecodeUnroll keys at a time so
-// that their loads overlap; each warp keeps an online softmax over its keys, and the block
-// merges the warps'.
-template <int D, int W>
+// Decode: one query per (sequence, G heads of one KV head) block of W warps. Each warp takes
+// every W-th key, its lanes splitting the head's channels, so that a key row is one coalesced
+// load (a thread per key row read 32 rows at once, strided: 17 us a layer at batch 1),
+// kDecodeUnroll keys at a time so that their loads overlap, each key and value loaded once for
+// the G heads; each warp keeps an online softmax per head over its keys, and the block merges
+// the warps'.
+template <int D, int W, int G>
 __global__ void __launch_bounds__(W * 32)
     decode_attention_kernel(FmaShape s, CacheView cv, const ChunkDesc* chunks,
                             const NewGroups* table, const AttnItem* items, const float* q,
                             const float* k, const float* v, const float* new_k, const float* new_v,
                             float* out, __nv_bfloat16* out_bf16) {
   constexpr int C = D >= 32 ? D / 32 : 1, U = kDecodeUnroll;
-  __shared__ float part[W][D];
-  __shared__ float wmax[W], wsum[W];
+  __shared__ float part[W][G][D];
+  __shared__ float wmax[W][G], wsum[W][G];
   __shared__ LevelTable lt;
   const AttnItem it = items[blockIdx.x];
   const int64_t i = it.q_begin;
@@ -666,26 +667,33 @@ __global__ void __launch_bounds__(W * 32)
   let_next_start();
   if (i >= it.q_end) return;  // padding of a decode step
   const ChunkDesc c = chunks[it.chunk];
-  const int h = blockIdx.y, kvh = h / (s.heads / s.kv), lane = threadIdx.x & 31,
+  const int h0 = blockIdx.y * G, kvh = h0 / (s.heads / s.kv), lane = threadIdx.x & 31,
             warp = threadIdx.x >> 5, ch0 = lane * C;
   const bool active = ch0 < D;  // a head of fewer than 32 channels leaves lanes idle
-  const float* qrow = q + ((int64_t(c.row0) + (i - c.pos0)) * s.heads + h) * D;
+  const int64_t row = int64_t(c.row0) + (i - c.pos0);
   const float scale = rsqrtf(float(D));
-  float qr[C] = {}, acc[C] = {};
-  if (active) load_channels<C>(qrow + ch0, qr);
+  float qr[G][C] = {}, acc[G][C] = {};
 #pragma unroll
-  for (int j = 0; j < C; ++j) qr[j] *= scale;
+  for (int g = 0; g < G; ++g) {
+    if (active) load_channels<C>(q + (row * s.heads + h0 + g) * D + ch0, qr[g]);
+#pragma unroll
+    for (int j = 0; j < C; ++j) qr[g][j] *= scale;
+  }
   __syncthreads();
   const KeyList kl = key_list(s, i, i + 1, lt);
   const int64_t n = kl.n_fine + kl.n_coarse;
   const KvArrays arr = kv_arrays(cv, k, v, new_k, new_v);
-  float mx = -INFINITY, denom = 0.0f;
+  float mx[G], denom[G];
+#pragma unroll
+  for (int g = 0; g < G; ++g) mx[g] = -INFINITY, denom[g] = 0.0f;
   for (int64_t k0 = warp; k0 < n; k0 += int64_t(W) * U) {
-    float dot[U], bonus[U], val[U][C];
+    float dot[U][G], bonus[U], val[U][C];
 #pragma unroll
     for (int u = 0; u < U; ++u) {  // the loads of U keys (warp-uniform: kk is the warp's)
       const int64_t kk = k0 + int64_t(u) * W;
-      dot[u] = 0.0f, bonus[u] = 0.0f;
+      bonus[u] = 0.0f;
+#pragma unroll
+      for (int g = 0; g < G; ++g) dot[u][g] = 0.0f;
 #pragma unroll
       for (int j = 0; j < C; ++j) val[u][j] = 0.0f;
       if (kk >= n) continue;
@@ -696,44 +704,62 @@ __global__ void __launch_bounds__(W * 32)
       load_channels<C>(arr.key(kloc.which) + kloc.off + ch0, key);
       load_channels<C>(arr.value(kloc.which) + kloc.off + ch0, val[u]);
 #pragma unroll
-      for (int j = 0; j < C; ++j) dot[u] += qr[j] * key[j];
+      for (int g = 0; g < G; ++g)
+#pragma unroll
+        for (int j = 0; j < C; ++j) dot[u][g] += qr[g][j] * key[j];
     }
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1)
 #pragma unroll
-      for (int u = 0; u < U; ++u) dot[u] += __shfl_xor_sync(0xffffffffu, dot[u], o);
+      for (int u = 0; u < U; ++u)
+#pragma unroll
+        for (int g = 0; g < G; ++g) dot[u][g] += __shfl_xor_sync(0xffffffffu, dot[u][g], o);
 #pragma unroll
     for (int u = 0; u < U; ++u) {
       if (k0 + int64_t(u) * W >= n) break;
-      const float sc = dot[u] + bonus[u], nm = fmaxf(mx, sc);
-      const float corr = __expf(mx - nm), pe = __expf(sc - nm);
-      denom = denom * corr + pe;
 #pragma unroll
-      for (int j = 0; j < C; ++j) acc[j] = acc[j] * corr + pe * val[u][j];
-      mx = nm;
+      for (int g = 0; g < G; ++g) {
+        const float sc = dot[u][g] + bonus[u], nm = fmaxf(mx[g], sc);
+        const float corr = __expf(mx[g] - nm), pe = __expf(sc - nm);
+        denom[g] = denom[g] * corr + pe;
+#pragma unroll
+        for (int j = 0; j < C; ++j) acc[g][j] = acc[g][j] * corr + pe * val[u][j];
+        mx[g] = nm;
+      }
     }
   }
-  // Merge: each warp's share rescaled to the block's maximum.
-  if (lane == 0) wmax[warp] = mx, wsum[warp] = denom;
-  if (active)
+  // Merge: each warp's share rescaled to the block's maximum, per head.
 #pragma unroll
-    for (int j = 0; j < C; ++j) part[warp][ch0 + j] = acc[j];
+  for (int g = 0; g < G; ++g) {
+    if (lane == 0) wmax[warp][g] = mx[g], wsum[warp][g] = denom[g];
+    if (active)
+#pragma unroll
+      for (int j = 0; j < C; ++j) part[warp][g][ch0 + j] = acc[g][j];
+  }
   __syncthreads();
-  if (threadIdx.x < D) {
-    float m = wmax[0];
-    for (int w = 1; w < W; ++w) m = fmaxf(m, wmax[w]);
+  for (int e = threadIdx.x; e < G * D; e += W * 32) {
+    const int g = e / D, ch = e % D;
+    float m = wmax[0][g];
+    for (int w = 1; w < W; ++w) m = fmaxf(m, wmax[w][g]);
     float total = 0, x = 0;
     for (int w = 0; w < W; ++w) {
-      const float f = wmax[w] == -INFINITY ? 0.0f : __expf(wmax[w] - m);
-      total += wsum[w] * f;
-      x += part[w][threadIdx.x] * f;
+      const float f = wmax[w][g] == -INFINITY ? 0.0f : __expf(wmax[w][g] - m);
+      total += wsum[w][g] * f;
+      x += part[w][g][ch] * f;
     }
-    const int64_t at = ((int64_t(c.row0) + (i - c.pos0)) * s.heads + h) * D + threadIdx.x;
+    const int64_t at = (row * s.heads + h0 + g) * D + ch;
     if (out_bf16)
       out_bf16[at] = __float2bfloat16(x / total);
     else
       out[at] = x / total;
   }
+}
+
+// Heads a decode block of many serves: the largest of 4, 2, 1 that divides a KV head's query
+// heads (each key and value loaded once for them).
+int decode_heads_per_block(const FmaShape& s) {
+  const int r = s.heads / s.kv;
+  return r % 4 == 0 ? 4 : r % 2 == 0 ? 2 : 1;
 }
 
 // Exact-attention decode (s.fma false), flash-decoding: a query's keys are the whole fine cache,
@@ -1332,16 +1358,25 @@ void attention(const FmaShape& s, const CacheView& c, const ChunkDesc* chunks,
     check_launch("attention");
     return;
   }
+  // Decode, many blocks: G heads of a KV head a block.
+  auto decode_many = [&]<int D, int G>() {
+    launch("attention", overlap, decode_attention_kernel<D, kDecodeWarps, G>,
+           dim3(n_items, s.heads / G), kDecodeWarps * 32, 0, st, s, c, chunks, table, items, q, k,
+           v, new_k, new_v, out, out_bf16);
+  };
+  const int G = decode_heads_per_block(s);
 #define MP_ATTN(D)                                                                               \
   case D:                                                                                        \
     if (single_queries && few)                                                                   \
-      launch("attention", overlap, decode_attention_kernel<D, kDecodeWarpsFew>, grid,            \
+      launch("attention", overlap, decode_attention_kernel<D, kDecodeWarpsFew, 1>, grid,         \
              kDecodeWarpsFew * 32, 0, st, s, c, chunks, table, items, q, k, v, new_k, new_v, out, \
              out_bf16);                                                                          \
+    else if (single_queries && G == 4)                                                           \
+      decode_many.template operator()<D, 4>();                                                   \
+    else if (single_queries && G == 2)                                                           \
+      decode_many.template operator()<D, 2>();                                                   \
     else if (single_queries)                                                                     \
-      launch("attention", overlap, decode_attention_kernel<D, kDecodeWarps>, grid,               \
-             kDecodeWarps * 32, 0, st, s, c, chunks, table, items, q, k, v, new_k, new_v, out,   \
-             out_bf16);                                                                          \
+      decode_many.template operator()<D, 1>();                                                   \
     else                                                                                         \
       attention_kernel<D>                                                                        \
           <<<grid, kThreads, 0, st>>>(s, c, chunks, table, items, q, k, v, new_k, new_v, out);   \

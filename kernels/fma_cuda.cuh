@@ -105,7 +105,8 @@ constexpr int kAccumulateSlice = 128;
 // attention (s.fma false) the keys of each (sequence, KV head) split over several blocks that
 // share them among the KV head's query heads, then a combine (flash-decoding; `scratch` holds
 // exact_decode_scratch_floats() floats of partial results); with FMA one block per (sequence,
-// head). Otherwise tiles of head_dim 64 run on tensor cores (bf16 products, fp32 softmax and
+// head), or, in steps of many sequences, per (sequence, 2 or 4 heads of a KV head) that share
+// its loads. Otherwise tiles of head_dim 64 run on tensor cores (bf16 products, fp32 softmax and
 // accumulation), other head dims on the fp32 tile kernel. fast false: the reference kernels
 // instead (the fp32 tile for tiles, one block per (sequence, head) for exact decode), which the
 // fast ones are tested against. out_bf16 (single queries only; else null): the output goes there

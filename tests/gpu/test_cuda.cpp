@@ -803,12 +803,14 @@ TEST_F(Cuda, TensorCoreAttentionMatchesTheFp32TileOnALongChunk) {
 // The decode kernel (a warp per key, lanes over channels) against the fp32 tile kernel on the
 // same one-query items, fp32 tolerance: positions at and around block and group boundaries, GQA,
 // head dims from 16 to 128, past the trained length; blocks of 32 warps (steps of few sequences)
-// and of 8 (the last case: 256 blocks).
+// and of 8 (the last three cases: 256 items of a sequence and a head; a block serving 1, 2 and 4
+// heads of a KV head).
 TEST_F(Cuda, DecodeAttentionMatchesTheFp32Tile) {
   for (const int d : {16, 32, 64, 128})
     for (const AttentionCase& k :
          {AttentionCase{4096, 16, 8, 1, 1023}, AttentionCase{2048, 2, 5, 1, 4096},
-          AttentionCase{1 << 16, 4, 3, 1, 70001}, AttentionCase{4096, 16, 16, 1, 2047}}) {
+          AttentionCase{1 << 16, 4, 3, 1, 70001}, AttentionCase{4096, 16, 16, 1, 2047},
+          AttentionCase{4096, 8, 16, 1, 1023}, AttentionCase{2048, 2, 16, 1, 4095}}) {
       Config c = mp::testing::attention_config(k.n, k.kv);
       c.head_dim = d;
       c.hidden_size = c.n_heads * d;
