@@ -103,8 +103,9 @@ int main(int argc, char** argv) {
     so.max_prefill_per_step = static_cast<int>(a.integer("prefill-per-step", 0));
     so.log_steps = a.has("log-steps");
     so.event_threads = static_cast<int>(a.integer("event-threads", 0));
-    so.step_loop_nice = static_cast<int>(a.integer("step-nice", -10));
-    if (so.step_loop_nice < -20 || so.step_loop_nice > 19) a.fail("--step-nice must be in -20..19");
+    const int step_nice = static_cast<int>(a.integer("step-nice", -10));
+    if (step_nice < -20 || step_nice > 19) a.fail("--step-nice must be in -20..19");
+    so.step_loop_nice = step_nice;
     if (so.event_threads < 0) a.fail("--event-threads must be 0 (automatic) or positive");
     mp::cli::prefix_cache_from_args(a, bo, so);
     auto backend = mp::make_backend(model, bo);

@@ -215,13 +215,15 @@ bool may_raise_priority() {
 
 // Delivering tokens gives way to the step loop: the event threads run as background work (a
 // lower priority, SCHED_BATCH), the step loop at the nice value it asks for where the process
-// may raise it, else at the process's own; both are named.
-TEST(Scheduler, EventThreadsGiveWayToTheStepLoop) {
+// may raise it, else at the process's own; both are named. Asked from a thread niced by 3, and
+// for that thread's nice minus 3 (the process's own: 0 when it was started without `nice`,
+// which the loop once took for "unset"), then minus 8.
+void check_step_loop_priority(int raise_by) {
   mp::testing::TempDir dir;
   auto model = mp::testing::random_model(dir, mp::testing::small_config());
   ThreadNotingBackend backend(make_backend(model, {.kind = "cpu", .n_slots = 2, .n_threads = 1}));
   const ThreadTraits caller = this_thread_traits();
-  const int asked = std::max(-20, caller.nice - 5);
+  const int asked = std::max(-20, caller.nice - raise_by);
   std::promise<ThreadTraits> delivering;
   {
     Scheduler sched(backend, model->tokenizer(), {.max_queue = 4, .step_loop_nice = asked});
@@ -240,8 +242,17 @@ TEST(Scheduler, EventThreadsGiveWayToTheStepLoop) {
   }
   std::lock_guard<std::mutex> lock(backend.mu);
   EXPECT_EQ(backend.stepping.name, "mp-step-0");
-  EXPECT_EQ(backend.stepping.nice, may_raise_priority() ? asked : caller.nice);
+  EXPECT_EQ(backend.stepping.nice, may_raise_priority() ? asked : caller.nice) << raise_by;
   EXPECT_EQ(backend.stepping.policy, caller.policy);
+}
+
+TEST(Scheduler, EventThreadsGiveWayToTheStepLoop) {
+  std::thread([] {
+    const auto tid = static_cast<id_t>(gettid());
+    const int own = getpriority(PRIO_PROCESS, tid);
+    ASSERT_EQ(setpriority(PRIO_PROCESS, tid, std::min(own + 3, 19)), 0);
+    for (int raise_by : {std::min(own + 3, 19) - own, 8}) check_step_loop_priority(raise_by);
+  }).join();
 }
 
 // A CPU backend that runs each step on a thread of its own, as a GPU runs it beside the host:

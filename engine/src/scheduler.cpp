@@ -557,10 +557,10 @@ struct Scheduler::Impl {
 
   void loop(Lane& l) {
     name_this_thread(("mp-step-" + std::to_string(l.device)).c_str());
-    if (opts.step_loop_nice != 0 &&
-        setpriority(PRIO_PROCESS, static_cast<id_t>(gettid()), opts.step_loop_nice) != 0)
+    if (opts.step_loop_nice &&
+        setpriority(PRIO_PROCESS, static_cast<id_t>(gettid()), *opts.step_loop_nice) != 0)
       std::fprintf(stderr, "note: step loop %d keeps its priority (nice %d refused: %s)\n",
-                   l.device, opts.step_loop_nice, std::strerror(errno));
+                   l.device, *opts.step_loop_nice, std::strerror(errno));
     while (admit(l)) {
       const auto t0 = std::chrono::steady_clock::now();
       apply_cancellations(l);

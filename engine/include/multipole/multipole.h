@@ -516,9 +516,10 @@ struct SchedulerOptions {
   bool log_steps = false;
   // The nice value the step loops ask for. Every stream waits on them, and a step's host part
   // (planning, sampling's hand-over, the tokens' text) slows down when the host's other threads
-  // share its core. A negative value needs root or CAP_SYS_NICE: refused, a loop keeps the
-  // process's priority (and says so on stderr).
-  int step_loop_nice = 0;
+  // share its core. Unset: the loops keep the priority of the thread that made the scheduler. A
+  // value below that needs root or CAP_SYS_NICE: refused, a loop keeps it (and says so on
+  // stderr). Any value counts, 0 too (a server started under `nice` may ask for 0).
+  std::optional<int> step_loop_nice = std::nullopt;
 };
 
 struct PrefixCacheStats {
