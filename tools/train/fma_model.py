@@ -151,10 +151,35 @@ class RotaryConv(nn.Module):
         self.weight = nn.Parameter(torch.empty(d // 2 * p, 2, w))
 
 
+class AttnPool(nn.Module):
+    """A level's content-chosen summaries (fma_downsampling "attnpool"; the trainer's alone for
+    now: the engine reads no such checkpoint, docs/MODEL.md). Summary r of a group is the
+    weighted mean of its w keys and, with the same weights, of its w values, the weights
+    softmax_t(query_r . v_t / sqrt(d) + bias_r[t]): chosen by the values' content (not rotated, so
+    that a summary of rotated keys rotates as they do: scores depend on relative positions only)
+    and by the token's place in the group. It starts near avgpool's p means (query 0; bias 0 in
+    the r-th part of the group, -4 elsewhere) and can learn to keep what a query will look for."""
+
+    def __init__(self, d, p, w):
+        super().__init__()
+        self.query = nn.Parameter(torch.zeros(p, d))
+        bias = torch.full((p, w), -4.0)
+        for r in range(p):
+            bias[r, r * w // p:(r + 1) * w // p] = 0.0
+        self.bias = nn.Parameter(bias)
+
+    def weights(self, V):
+        """V [d, N G, w] (a level's groups of values, channels first) -> [N G, p, w]."""
+        acc = torch.promote_types(V.dtype, torch.float32)  # softmax precision
+        s = torch.einsum("rd,dnw->nrw", self.query.to(V.dtype), V) / math.sqrt(V.shape[0])
+        return (s.to(acc) + self.bias.to(acc)).softmax(-1).to(V.dtype)
+
+
 class Downsample(nn.ModuleList):
     """Per level, the map from a group of w keys (or values) to p summaries: item l-1 is level
     l's convolution (none for avgpool), so the weights are named <prefix>.<l-1>.weight.
-    keys=True with cfg.fma_rotary_summaries: rotary ones (RotaryConv)."""
+    keys=True with cfg.fma_rotary_summaries: rotary ones (RotaryConv). attnpool: the values'
+    module holds the levels' AttnPool, whose weights pool the keys too (level_pair)."""
 
     def __init__(self, cfg: FmaConfig, keys=False):
         kind, d = cfg.fma_downsampling, cfg.head_dim
@@ -162,9 +187,14 @@ class Downsample(nn.ModuleList):
         ranks = [cfg.rank(level) for level in range(1, cfg.levels + 1)]
         g = d if kind == "groupedconv" else 1
         self.rotary = keys and cfg.rotary_keys()
-        super().__init__([] if kind == "avgpool" else
-                         [RotaryConv(d, p, w) if self.rotary else
-                          nn.Conv1d(d, p * d, w, stride=w, groups=g) for w, p in zip(groups, ranks)])
+        if kind == "attnpool":
+            levels = [] if keys else [AttnPool(d, p, w) for w, p in zip(groups, ranks)]
+        elif kind == "avgpool":
+            levels = []
+        else:
+            levels = [RotaryConv(d, p, w) if self.rotary else
+                      nn.Conv1d(d, p * d, w, stride=w, groups=g) for w, p in zip(groups, ranks)]
+        super().__init__(levels)
         self.kind, self.ranks, self.d, self.groups = kind, ranks, d, groups
 
     @staticmethod
@@ -208,13 +238,26 @@ def present_levels(cfg: FmaConfig, T):
     return [level for level in range(1, cfg.levels + 1) if T > 2 * cfg.group_size(level)]
 
 
+def level_pair(k_down: Downsample, v_down: Downsample, kt, vt, level):
+    """kt, vt [d, N, T] (channels_first) -> the level's key and value summaries of the complete
+    groups, each [N, G, p, d]."""
+    if v_down.kind != "attnpool":
+        return k_down.level_summaries(kt, level), v_down.level_summaries(vt, level)
+    d, N, T = vt.shape
+    w, p = v_down.groups[level - 1], v_down.ranks[level - 1]
+    G = T // w
+    K, V = (x[:, :, :G * w].reshape(d, N * G, w) for x in (kt, vt))
+    a = v_down[level - 1].weights(V)  # [N G, p, w]
+    return tuple(torch.einsum("nrw,dnw->nrd", a, X).view(N, G, p, d) for X in (K, V))
+
+
 def summaries(cfg: FmaConfig, k, v, k_down: Downsample, v_down: Downsample):
     """k, v [B, KV, T, d] -> per present level (level, key summaries, value summaries), each
     [B, KV, G, p, d], from one channels-first copy of k and of v."""
     B, KV, T, d = k.shape
     kt, vt = (Downsample.channels_first(t.reshape(B * KV, T, d)) for t in (k, v))
-    return [(level, k_down.level_summaries(kt, level).reshape(B, KV, -1, cfg.rank(level), d),
-             v_down.level_summaries(vt, level).reshape(B, KV, -1, cfg.rank(level), d))
+    return [(level, *(x.reshape(B, KV, -1, cfg.rank(level), d)
+                      for x in level_pair(k_down, v_down, kt, vt, level)))
             for level in present_levels(cfg, T)]
 
 
@@ -348,11 +391,12 @@ def fma_attention_slow(cfg: FmaConfig, q, k, v, k_down: Downsample, v_down: Down
     KV, m = k.shape[1], cfg.fma_block_size
     out = torch.zeros_like(q)
     sums = {}
+    kt, vt = (Downsample.channels_first(t.reshape(B * KV, T, d)) for t in (k, v))
     for level in range(1, cfg.levels + 1):
         p = cfg.rank(level)
         if T >= cfg.group_size(level):
-            sums[level] = (k_down(k.reshape(B * KV, T, d), level).reshape(B, KV, -1, p, d),
-                           v_down(v.reshape(B * KV, T, d), level).reshape(B, KV, -1, p, d))
+            sums[level] = tuple(x.reshape(B, KV, -1, p, d)
+                                for x in level_pair(k_down, v_down, kt, vt, level))
     for hd in range(H):
         kvh = hd // (H // KV)
         for i in range(T):

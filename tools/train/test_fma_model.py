@@ -8,9 +8,9 @@ import unittest
 
 import torch
 
-from fma_model import (FmaConfig, FmaModel, Downsample, apply_rope, flex_attention_available,
+from fma_model import (AttnPool, FmaConfig, FmaModel, Downsample, apply_rope, flex_attention_available,
                        fma_attention, fma_attention_flex, fma_attention_slow,
-                       init_summaries_as_avgpool, rope_tables)
+                       init_summaries_as_avgpool, level_pair, rope_tables)
 from train import model_config, param_groups
 
 
@@ -18,13 +18,21 @@ def rel(a, b):
     return ((a - b).norm() / b.norm()).item()
 
 
-def random_downsample(cfg, keys):
-    down = Downsample(cfg, keys).double()
-    for conv in down:  # make the summaries matter
-        torch.nn.init.normal_(conv.weight, std=0.3)
-        if getattr(conv, "bias", None) is not None:
-            torch.nn.init.normal_(conv.bias, std=0.3)
+def randomize(down):
+    """Random summary weights, so that the summaries matter (attnpool: queries that choose)."""
+    for level in down:
+        if isinstance(level, AttnPool):
+            torch.nn.init.normal_(level.query, std=1.0)
+            torch.nn.init.normal_(level.bias, std=1.0)
+            continue
+        torch.nn.init.normal_(level.weight, std=0.3)
+        if getattr(level, "bias", None) is not None:
+            torch.nn.init.normal_(level.bias, std=0.3)
     return down
+
+
+def random_downsample(cfg, keys):
+    return randomize(Downsample(cfg, keys).double())
 
 
 class Summaries(unittest.TestCase):
@@ -60,12 +68,56 @@ class Summaries(unittest.TestCase):
                 self.assertLess(rel(got, ref), 1e-12, (kind, rotary, level))
 
 
+class AttnPoolSummaries(unittest.TestCase):
+    def test_against_a_loop(self):
+        """attnpool's summaries (level_pair) against each group's weights computed one by one:
+        softmax over the group of query_r . v_t / sqrt(d) + bias_r[t], the keys and the values
+        averaged with them; float64, every level, a tail shorter than a group."""
+        torch.manual_seed(9)
+        cfg = FmaConfig(head_dim=8, max_position_embeddings=128, fma_block_size=8,
+                        fma_ranks=[2, 4, 1], fma_downsampling="attnpool")
+        kd, vd = random_downsample(cfg, True), random_downsample(cfg, False)
+        self.assertEqual(len(kd), 0)
+        k, v = (torch.randn(3, 150, 8, dtype=torch.float64) for _ in range(2))
+        kt, vt = Downsample.channels_first(k), Downsample.channels_first(v)
+        for level in range(1, cfg.levels + 1):
+            w, p, G = cfg.group_size(level), cfg.rank(level), 150 // cfg.group_size(level)
+            Ks, Vs = level_pair(kd, vd, kt, vt, level)
+            self.assertEqual(tuple(Ks.shape), (3, G, p, 8))
+            pool = vd[level - 1]
+            for n, g, r in itertools.product(range(3), range(G), range(p)):
+                toks = slice(g * w, (g + 1) * w)
+                scores = torch.stack([pool.query[r] @ v[n, t] / 8 ** 0.5 + pool.bias[r, t - g * w]
+                                      for t in range(g * w, (g + 1) * w)])
+                a = scores.softmax(0)
+                self.assertLess(rel(Ks[n, g, r], a @ k[n, toks]), 1e-12, (level, n, g, r))
+                self.assertLess(rel(Vs[n, g, r], a @ v[n, toks]), 1e-12, (level, n, g, r))
+
+    def test_starts_near_the_means_of_its_parts_and_learns(self):
+        """At its start rank r weighs the r-th part of its group e^4 times the rest; one step of
+        a model's loss reaches every query and bias."""
+        pool = AttnPool(8, 4, 32).double()
+        a = pool.weights(torch.randn(8, 5, 32, dtype=torch.float64))
+        self.assertLess((a[:, 1, 8] / a[:, 1, 0] - torch.e ** 4).abs().max().item(), 1e-9)
+        self.assertLess((a[:, 1, 8] - a[:, 1, 15]).abs().max().item(), 1e-15)
+        cfg = FmaConfig(vocab_size=50, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                        num_key_value_heads=2, head_dim=8, intermediate_size=48,
+                        max_position_embeddings=64, fma_block_size=8, fma_rank=2,
+                        fma_downsampling="attnpool")
+        model = FmaModel(cfg).double()
+        ids = torch.randint(3, 50, (2, 150))
+        model.loss(ids[:, :-1], ids[:, 1:]).backward()
+        for name, prm in model.named_parameters():
+            if ".fma." in name:
+                self.assertGreater(prm.grad.abs().max().item(), 0.0, name)
+
+
 class FastVsSlow(unittest.TestCase):
     def test_attention(self):
         torch.manual_seed(0)
         for (kind, rotary), scale, (n, m, p), heads, T in itertools.product(
                 [("groupedconv", False), ("conv", False), ("avgpool", False),
-                 ("groupedconv", True)], [True, False], [(64, 8, 2), (128, 16, 4)],
+                 ("groupedconv", True), ("attnpool", False)], [True, False], [(64, 8, 2), (128, 16, 4)],
                 [(4, 2), (2, 2)], [37, 200]):
             cfg = FmaConfig(head_dim=8, num_attention_heads=heads[0], num_key_value_heads=heads[1],
                             max_position_embeddings=n, fma_block_size=m, fma_rank=p,
@@ -82,7 +134,8 @@ class FastVsSlow(unittest.TestCase):
     def test_per_level_ranks(self):
         torch.manual_seed(5)
         for kind, rotary, ranks in [("groupedconv", False, [2, 4]), ("groupedconv", True, [1, 3]),
-                                    ("avgpool", False, [4, 2]), ("conv", False, [2, 1])]:
+                                    ("avgpool", False, [4, 2]), ("conv", False, [2, 1]),
+                                    ("attnpool", False, [1, 4])]:
             cfg = FmaConfig(head_dim=8, num_attention_heads=4, num_key_value_heads=2,
                             max_position_embeddings=64, fma_block_size=8, fma_ranks=ranks,
                             fma_downsampling=kind, fma_rotary_summaries=rotary)
@@ -191,7 +244,8 @@ class RotarySummaries(unittest.TestCase):
         per-channel groupedconv ones do not."""
         torch.manual_seed(3)
         for kind, rotary, invariant in [("groupedconv", True, True), ("avgpool", True, True),
-                                        ("avgpool", False, True), ("groupedconv", False, False)]:
+                                        ("avgpool", False, True), ("groupedconv", False, False),
+                                        ("attnpool", False, True)]:
             cfg = FmaConfig(head_dim=16, num_attention_heads=4, num_key_value_heads=2,
                             max_position_embeddings=64, fma_block_size=8, fma_rank=2,
                             fma_downsampling=kind, fma_rotary_summaries=rotary)
@@ -220,6 +274,7 @@ class RotarySummaries(unittest.TestCase):
         for kind, rotary, shifts, invariant in [
                 ("groupedconv", True, (half, 3 * half, 128 * half), True),
                 ("avgpool", False, (half, 3 * half), True),
+                ("attnpool", False, (half, 3 * half), True),
                 ("groupedconv", False, (half, 3 * half), False),
                 ("groupedconv", True, (8,), False)]:  # k = m: not a multiple of n/2
             cfg = FmaConfig(vocab_size=50, hidden_size=32, num_hidden_layers=layers,
@@ -229,8 +284,7 @@ class RotarySummaries(unittest.TestCase):
             model = FmaModel(cfg).double()
             for layer in model.model.layers:  # make the summaries matter
                 for down in (layer.self_attn.fma.k_down, layer.self_attn.fma.v_down):
-                    for conv in down:
-                        torch.nn.init.normal_(conv.weight, std=0.3)
+                    randomize(down)
             ids = torch.randint(3, 50, (1, 3 * n + 5))
             from_ = layers * half
             ref = model(ids)[:, from_:]
@@ -268,6 +322,8 @@ class OptimiserGroups(unittest.TestCase):
             if ".fma." in name and name.endswith(".weight"):
                 w = prm.shape[-1]  # the group size of its level
                 self.assertEqual(setting[id(prm)], (cfg.fma_block_size / w, 0.0), name)
+            elif ".fma." in name:
+                self.assertEqual(setting[id(prm)], (1.0, 0.0), name)
             else:
                 self.assertEqual(setting[id(prm)], (1.0, 0.1 if prm.dim() >= 2 else 0.0), name)
         levels = {cfg.fma_block_size / cfg.group_size(l) for l in range(1, cfg.levels + 1)}

@@ -89,14 +89,17 @@ def param_groups(model, cfg):
     """AdamW's parameter groups. Adam moves every weight by about lr a step whatever its size, but
     a level-l summary weight is about 1/w_l (it starts as a mean over w_l keys): at the shared lr
     the far levels' weights (1/2048) drown in noise within a few steps. Their lr is scaled by
-    m / w_l, so every level moves by the same fraction of its size, and they are not decayed."""
+    m / w_l, so every level moves by the same fraction of its size, and they are not decayed
+    (nor are attnpool's queries and biases, logits at the shared lr)."""
     groups = {}
     for name, prm in model.named_parameters():
         if not prm.requires_grad:
             continue
         scale, decay = 1.0, (0.1 if prm.dim() >= 2 else 0.0)
-        if ".fma." in name and name.endswith(".weight"):  # self_attn.fma.{k,v}_down.<level-1>
-            scale, decay = cfg.fma_block_size / cfg.group_size(int(name.split(".")[-2]) + 1), 0.0
+        if ".fma." in name:  # self_attn.fma.{k,v}_down.<level-1>: never decayed
+            decay = 0.0
+        if ".fma." in name and name.endswith(".weight"):
+            scale = cfg.fma_block_size / cfg.group_size(int(name.split(".")[-2]) + 1)
         groups.setdefault((scale, decay), []).append(prm)
     return [{"params": ps, "lr_scale": s, "weight_decay": wd} for (s, wd), ps in groups.items()]
 
@@ -172,7 +175,9 @@ def parse_args(argv=None):
                     help="with --benchmark-steps: two more steps of each model under torch.profiler, "
                     "its operators by their own time on the device (the CPU's without a GPU) in "
                     "DIR/MODEL-mbN.txt")
-    ap.add_argument("--downsampling", default="groupedconv", choices=["avgpool", "groupedconv", "conv"])
+    ap.add_argument("--downsampling", default="groupedconv",
+                    choices=["avgpool", "groupedconv", "conv", "attnpool"],
+                    help="attnpool: summaries chosen by content (PyTorch only: multipole-convert refuses it)")
     ap.add_argument("--rank", type=int, default=2, help="FMA rank p: summaries per group")
     ap.add_argument("--ranks", type=lambda s: [int(x) for x in s.split(",")],
                     help="per-level ranks p_1,...,p_L (level 1 first), instead of --rank")
