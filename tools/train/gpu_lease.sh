@@ -22,9 +22,12 @@
 #   GPU_BUNDLE=DIR  scripts/gpu_bundle.sh's bin/ and lib/, unpacked: each model's Q8_0 GGUF (the
 #              file that ships) leads the outbox, in 15 MiB parts with its sha256, so the call that
 #              sees a run end brings the model back even if the machine goes back after it
-#   MODELS     default "fma exact"
-#   TRAIN_ARGS to both train.py runs (default: the plan of docs/MODEL.md)
-#   GPUS=G     processes (GPUs) per model (default 1): torchrun, each with 1/G of every step's windows
+#   MODELS     default "fma exact"; a name fma_TAG or exact_TAG is a variant of its own (its lease
+#              folder and outbox entries) whose train.py also gets ARGS_fma_TAG (ARGS_exact_TAG):
+#              proxy runs of summary options side by side on one plan (docs/MODEL.md)
+#   TRAIN_ARGS to every train.py run (default: the plan of docs/MODEL.md)
+#   GPUS=G     processes (GPUs) per model (default 1): torchrun, each with 1/G of every step's
+#              windows; with G = 1 and more models than GPUs, model i runs on GPU i mod GPUs
 #   DETACH=1   the runs go on after the call returns (setsid: until the machine is given back); later
 #              calls keep the machine warm and wait for them (WAIT); their exit codes land in
 #              LEASE_DIR/MODEL/exit
@@ -35,6 +38,10 @@ set -euo pipefail
 corpus=$(realpath "$1") out=$(realpath "$2") minutes=$3
 work=${LEASE_DIR:-/tmp/lease}
 models=${MODELS:-fma exact}
+for m in $models; do
+  [[ $m =~ ^(fma|exact)(_[A-Za-z0-9]+)?$ ]] ||
+    { echo "gpu_lease: model '$m': fma, exact, fma_TAG or exact_TAG" >&2; exit 2; }
+done
 export PYTHONUNBUFFERED=1
 if [ -z "${RESUME:-}" ]; then
   rm -rf "$work"
@@ -96,13 +103,18 @@ export -f ranks
 if [ "$minutes" != 0 ]; then
   pids=() i=0 port=$((29500 + RANDOM % 1000))  # a port per model: they may run at once
   for m in $models; do
-    twin=() devices=
-    [ "$m" = fma ] || twin=(--exact)
-    [ $own = 0 ] || devices=$(seq -s, $((i * gpus)) $((i * gpus + gpus - 1)))
+    twin=() devices='' variant=ARGS_$m
+    [[ $m == fma* ]] || twin=(--exact)
+    read -r -a extra <<< "${!variant:-}"
+    if [ $own = 1 ]; then
+      devices=$(seq -s, $((i * gpus)) $((i * gpus + gpus - 1)))
+    elif [ "$gpus" = 1 ] && [ "$ngpus" -gt 1 ]; then
+      devices=$((i % ngpus))
+    fi
     echo "$m: ${gpus} process(es) on GPUs ${devices:-all}"
     mkdir -p "$work/$m" && rm -f "$work/$m/exit"
     run=(ranks "$gpus" $((port + i)) python3 train.py --data "$work/corpus" --out "$work/$m"
-         --minutes "$minutes" --final "${plan[@]}" "${twin[@]}")
+         --minutes "$minutes" --final "${plan[@]}" "${twin[@]}" "${extra[@]}")
     i=$((i + 1))
     if [ -n "${DETACH:-}" ]; then
       setsid nohup bash -c "${devices:+export CUDA_VISIBLE_DEVICES=$devices; }$(printf '%q ' \

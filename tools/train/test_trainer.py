@@ -469,7 +469,7 @@ class LeaseGpus(unittest.TestCase):
     """gpu_lease.sh gives each model GPUS GPUs of its own where the machine has them all (the FMA
     model and its twin at once on four), else runs them on the same ones at half the batch."""
 
-    def launches(self, gpus_on_machine, models, gpus):
+    def launches(self, gpus_on_machine, models, gpus, **env):
         with tempfile.TemporaryDirectory() as d:
             stubs, record = os.path.join(d, "stubs"), os.path.join(d, "launches")
             os.makedirs(stubs)
@@ -484,18 +484,20 @@ class LeaseGpus(unittest.TestCase):
             for f in os.listdir(stubs):
                 os.chmod(os.path.join(stubs, f), 0o755)
             got = run_lease(d, "1", stubs, MODELS=models, GPUS=str(gpus),
-                            LEASE_DIR=os.path.join(d, "lease"))
+                            LEASE_DIR=os.path.join(d, "lease"), **env)
             self.assertEqual(got.returncode, 0, got.stderr)
             with open(record) as f:
                 rows = [line.rstrip("\n").split("|") for line in f]
-        # per model (its --out's last part): sorted (devices, rank, world, port, micro-batch)
+        # per model (its --out's last part): sorted (devices, rank, world, port, micro-batch,
+        # the arguments after --exact's place)
         by = {}
         for devices, rank, world, port, args in rows:
             a = args.split()
             model = os.path.basename(a[a.index("--out") + 1])
-            self.assertEqual("--exact" in a, model == "exact")
+            self.assertEqual("--exact" in a, model.startswith("exact"))
             by.setdefault(model, []).append(
-                (devices, int(rank), int(world), port, a[a.index("--micro-batch") + 1]))
+                (devices, int(rank), int(world), port, a[a.index("--micro-batch") + 1],
+                 " ".join(a[a.index("--final") + 1:])))
         return {m: sorted(v) for m, v in by.items()}
 
     def test_each_model_on_gpus_of_its_own(self):
@@ -504,6 +506,22 @@ class LeaseGpus(unittest.TestCase):
         self.assertEqual([r[:3] for r in got["exact"]], [("2,3", 0, 2), ("2,3", 1, 2)])
         self.assertEqual({r[4] for r in got["fma"] + got["exact"]}, {"0"})  # the largest micro-batch
         self.assertNotEqual(got["fma"][0][3], got["exact"][0][3])  # ports
+
+    def test_variants_spread_over_the_gpus(self):
+        """Proxy runs: fma_TAG and exact_TAG each with its own lease folder and ARGS_TAG, one
+        process each, model i on GPU i mod 2, side by side at half the batch."""
+        got = self.launches(2, "fma fma_ap exact_small", 1,
+                            ARGS_fma_ap="--downsampling attnpool", ARGS_exact_small="--rank 1")
+        self.assertEqual({m: [r[0] for r in v] for m, v in got.items()},
+                         {"fma": ["0"], "fma_ap": ["1"], "exact_small": ["0"]})
+        self.assertEqual({r[4] for v in got.values() for r in v}, {"8"})
+        self.assertTrue(got["fma_ap"][0][5].endswith("--downsampling attnpool"))
+        self.assertNotIn("attnpool", got["fma"][0][5] + got["exact_small"][0][5])
+        self.assertTrue(got["exact_small"][0][5].endswith("--exact --rank 1"))
+        with tempfile.TemporaryDirectory() as d:
+            bad = run_lease(d, "1", "/nonexistent", MODELS="fma twin")
+        self.assertEqual(bad.returncode, 2)
+        self.assertIn("fma_TAG", bad.stderr)
 
     def test_sharing_when_the_machine_has_too_few(self):
         got = self.launches(2, "fma exact", 2)
