@@ -6,7 +6,7 @@
 # shipped before session 11 (git show e1ff7a6:models/default.gguf), carried then in its place.
 set -uo pipefail
 root=$(pwd)
-bash scripts/gpu_unpack.sh
+bash scripts/gpu_unpack.sh || exit
 export LD_LIBRARY_PATH=$root/.carry/gpu/lib:/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}
 export MULTIPOLE_TEST_DATA=$root/tests/data
 bin=$root/.carry/gpu/bin

@@ -21,6 +21,7 @@ stage=$(mktemp -d)
 mkdir -p "$stage/bin" "$stage/lib"
 for b in "${bins[@]}"; do cp "$build/$b" "$stage/bin/"; done
 strip "$stage"/bin/*
+bash scripts/source_hash.sh > "$stage/SOURCE_HASH"  # checked by scripts/gpu_unpack.sh
 for lib in libsentencepiece.so.0 libgomp.so.1 libcpp-httplib.so.0.11 libssl.so.3 libcrypto.so.3 \
            libbrotlidec.so.1 libbrotlienc.so.1 libbrotlicommon.so.1 libhiredis.so.0.14; do
   cp -L "/lib/x86_64-linux-gnu/$lib" "$stage/lib/"

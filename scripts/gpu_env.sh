@@ -3,7 +3,7 @@
 # unpacks the carried bundle (scripts/gpu_bundle.sh), sets root, bin, out ($OUT) and the library
 # path, and runs the CUDA tests into $out/gpu_tests.log unless SKIP_TESTS is set.
 root=$(pwd)
-bash scripts/gpu_unpack.sh
+bash scripts/gpu_unpack.sh || exit
 export LD_LIBRARY_PATH=$root/.carry/gpu/lib:/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}
 export MULTIPOLE_TEST_DATA=$root/tests/data PYTHONUNBUFFERED=1
 bin=$root/.carry/gpu/bin

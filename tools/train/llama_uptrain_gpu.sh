@@ -77,7 +77,7 @@ for k, label in rows:
 PY
 # 5. The engine, where its binaries came along.
 bin=${MULTIPOLE_BIN:-$root/.carry/gpu/bin}
-[ -n "${MULTIPOLE_BIN:-}" ] || [ ! -f "$root/.carry/gpu/bundle.tar.xz" ] || bash "$root/scripts/gpu_unpack.sh"
+[ -n "${MULTIPOLE_BIN:-}" ] || [ ! -f "$root/.carry/gpu/bundle.tar.xz" ] || bash "$root/scripts/gpu_unpack.sh" || exit
 if [ -x "$bin/multipole-convert" ]; then
   export LD_LIBRARY_PATH=$root/.carry/gpu/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
   convert() { "$bin/multipole-convert" "$@" --dtype bf16 --force 2>&1 | tail -n 1; }

@@ -25,7 +25,7 @@ if [ -f "$data" ]; then
   data=/tmp/evals_data
 fi
 bin=${MULTIPOLE_BIN:-$root/.carry/gpu/bin}
-[ -n "${MULTIPOLE_BIN:-}" ] || bash "$root/scripts/gpu_unpack.sh"
+[ -n "${MULTIPOLE_BIN:-}" ] || bash "$root/scripts/gpu_unpack.sh" || exit
 export LD_LIBRARY_PATH=$root/.carry/gpu/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
 for f in "$bin/multipole-evals" "$bin/multipole-convert" "$data/val.txt" "$data/train.bin" models/default.gguf; do
   [ -e "$f" ] || { echo "missing: $f" >&2; exit 1; }

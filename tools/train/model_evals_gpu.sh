@@ -20,7 +20,7 @@ set -uo pipefail
 hf=$(realpath "$1") data=$(realpath "$2") out=$(realpath "$3") name=$4
 root=$(pwd) work=/tmp/evals_$4 gpu=${GPU_BUNDLE:-$(pwd)/.carry/gpu} backend=${BACKEND:-cuda}
 export PYTHONUNBUFFERED=1
-[ -n "${GPU_BUNDLE:-}" ] || bash scripts/gpu_unpack.sh
+[ -n "${GPU_BUNDLE:-}" ] || bash scripts/gpu_unpack.sh || exit
 bin=$gpu/bin
 export LD_LIBRARY_PATH=$gpu/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
 mkdir -p "$out" "$work"
