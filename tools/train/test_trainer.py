@@ -541,6 +541,8 @@ class FullModel(unittest.TestCase):
         self.assertEqual((fma.vocab_size, fma.max_position_embeddings, fma.fma_block_size),
                          (16384, 8192, 64))
         self.assertEqual((fma.fma_ranks, fma.fma_rotary_summaries), ([2, 2, 2, 4, 4, 4], True))
+        wide = train.model_config(False, "full", ranks=[2, 2, 4, 4, 4], block_size=128)
+        self.assertEqual((wide.fma_block_size, wide.levels), (128, 5))  # a proxy run's fine window
         twin = train.parameter_counts(train.FmaModel(exact))
         self.assertEqual(twin["downsampling"], 0)
         self.assertEqual((twin["transformer"], twin["embeddings"]),

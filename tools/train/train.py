@@ -60,27 +60,29 @@ FULL_RANKS = [2, 2, 2, 4, 4, 4]  # per level, w = 64 ... 2048 (docs/MODEL.md, se
 
 
 def model_config(exact, size="small", downsampling="groupedconv", rank=2, scale_attn=True,
-                 rotary_summaries=False, ranks=None):
+                 rotary_summaries=False, ranks=None, block_size=None):
     """tiny: for smoke tests of the pipeline; small: the shipped model's shape (the summary
     options as given); full: the 30-50M model of issue 12 with the summaries MODEL.md measured best
-    (rotary key summaries, ranks 2,2,2,4,4,4 unless --ranks says otherwise)."""
+    (rotary key summaries, ranks 2,2,2,4,4,4 unless --ranks says otherwise). block_size: m
+    (default 64, tiny 16); another m changes the number of levels, which --ranks must match."""
     if size == "tiny":
         return FmaConfig(vocab_size=8192, hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
                          num_key_value_heads=1, head_dim=32, intermediate_size=128,
-                         max_position_embeddings=256, fma_enabled=not exact, fma_block_size=16,
+                         max_position_embeddings=256, fma_enabled=not exact,
+                         fma_block_size=block_size or 16,
                          fma_rank=2, fma_rotary_summaries=rotary_summaries, fma_ranks=ranks)
     if size == "full":
         return FmaConfig(vocab_size=16384, hidden_size=512, num_hidden_layers=8, num_attention_heads=8,
                          num_key_value_heads=4, head_dim=64, intermediate_size=1408,
                          tie_word_embeddings=True, max_position_embeddings=8192,
-                         fma_enabled=not exact, fma_block_size=64,
+                         fma_enabled=not exact, fma_block_size=block_size or 64,
                          fma_ranks=None if exact else ranks or FULL_RANKS,
                          fma_downsampling=downsampling, fma_scale_attn=scale_attn,
                          fma_rotary_summaries=not exact and downsampling != "conv")
     return FmaConfig(vocab_size=8192, hidden_size=384, num_hidden_layers=6, num_attention_heads=6,
                      num_key_value_heads=2, head_dim=64, intermediate_size=1024,
                      tie_word_embeddings=True, max_position_embeddings=8192, fma_enabled=not exact,
-                     fma_block_size=64, fma_rank=rank, fma_downsampling=downsampling,
+                     fma_block_size=block_size or 64, fma_rank=rank, fma_downsampling=downsampling,
                      fma_scale_attn=scale_attn, fma_rotary_summaries=rotary_summaries,
                      fma_ranks=ranks)
 
@@ -190,7 +192,8 @@ def parse_args(argv=None):
                     help="pretrain an exact Llama-architecture model, exported as LlamaForCausalLM")
     ap.add_argument("--context", type=int, default=2048, help="--llama: the training length")
     ap.add_argument("--init", help="start from this Hugging Face folder (Llama-family or ours)")
-    ap.add_argument("--block-size", type=int, default=64, help="--init: FMA block size m")
+    ap.add_argument("--block-size", type=int,
+                    help="FMA block size m (default 64, tiny 16), of a fresh model or --init's")
     ap.add_argument("--trained-length", type=int,
                     help="--init: FMA trained length n (default: the checkpoint's)")
     ap.add_argument("--freeze", action="store_true",
@@ -220,13 +223,14 @@ def build(args, exact, dev):
     """(model, cfg) of this run: from --init, or fresh from the seed."""
     torch.manual_seed(args.seed)
     if args.init:
-        fma = None if exact else dict(downsampling=args.downsampling, block_size=args.block_size,
+        fma = None if exact else dict(downsampling=args.downsampling,
+                                      block_size=args.block_size or 64,
                                       rank=args.rank, trained_length=args.trained_length,
                                       rotary_summaries=args.rotary_summaries)
         return load_hf(args.init, dev, fma)
     cfg = llama_config(args.size == "tiny", args.context) if args.llama else \
         model_config(exact, args.size, args.downsampling, args.rank, not args.no_scale_attn,
-                     args.rotary_summaries, args.ranks)
+                     args.rotary_summaries, args.ranks, args.block_size)
     return FmaModel(cfg).to(dev), cfg
 
 
