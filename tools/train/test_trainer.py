@@ -532,6 +532,58 @@ class LeaseGpus(unittest.TestCase):
         self.assertEqual(got["fma"][0][4], "0")
 
 
+class ProxyTable(unittest.TestCase):
+    def test_rows_and_gain(self):
+        """proxy_table.py: a row per model, the context gain from the same-text buckets."""
+        import proxy_table
+        res = {"ppl_ctx512": 9.5, "ppl_ctx8192": 8.25, "ppl_by_position_same_text":
+               {"512-1024": 8.0, "2048-4096": 7.5, "4096-8192": 7.0}}
+        self.assertAlmostEqual(proxy_table.context_gain(res), 0.125)
+        lines = proxy_table.table([("exact", res)])
+        self.assertEqual(lines[2], "| exact | 9.500 | 8.250 | 8.000 | 7.000 | 12.50 % |")
+        with tempfile.TemporaryDirectory() as d:
+            path = os.path.join(d, "e.json")
+            write(path, json.dumps(res).encode())
+            out = subprocess.run([sys.executable, os.path.join(HERE, "proxy_table.py"),
+                                  f"exact={path}", f"again={path}"],
+                                 capture_output=True, text=True, check=True).stdout
+        self.assertEqual(len(out.splitlines()), 4)
+
+    def test_evaluations_spread_over_the_gpus(self):
+        """proxy_evals_gpu.sh: evaluate.py on every model at once, model i on GPU i mod 2, the
+        table over those that finished; a failed one named, the call failing."""
+        res = {"ppl_ctx512": 9.5, "ppl_ctx8192": 8.25, "ppl_by_position_same_text":
+               {"512-1024": 8.0, "4096-8192": 7.0}}
+        with tempfile.TemporaryDirectory() as d:
+            stubs, record = os.path.join(d, "stubs"), os.path.join(d, "runs")
+            os.makedirs(stubs)
+            write(os.path.join(stubs, "nvidia-smi"),
+                  b"#!/bin/sh\necho 'GPU 0: H200'\necho 'GPU 1: H200'\n")
+            # evaluate.py writes a result, except for the model "broken"; the rest is Python.
+            write(os.path.join(stubs, "python3"), (
+                f'#!/bin/sh\nif [ "$1" = evaluate.py ]; then\n'
+                f'  echo "$CUDA_VISIBLE_DEVICES $2" >> {record}\n'
+                f'  case $2 in */broken/hf) exit 1 ;; esac\n'
+                f"  echo '{json.dumps(res)}' > $4; exit 0\nfi\nexec {sys.executable} \"$@\"\n"
+            ).encode())
+            for f in os.listdir(stubs):
+                os.chmod(os.path.join(stubs, f), 0o755)
+            env = dict(os.environ, LEASE_DIR="/lease",
+                       PATH=stubs + os.pathsep + os.environ["PATH"])
+            got = subprocess.run(
+                ["bash", "tools/train/proxy_evals_gpu.sh", d, os.path.join(d, "out"), "fma",
+                 "fma_ap", "broken"], cwd=os.path.join(HERE, "..", ".."), capture_output=True,
+                text=True, timeout=60, env=env)
+            with open(record) as f:
+                runs = sorted(line.split() for line in f)
+        self.assertEqual(got.returncode, 1, got.stderr)
+        self.assertIn("failed on broken", got.stderr)
+        self.assertEqual(runs, [["0", "/lease/broken/hf"], ["0", "/lease/fma/hf"],
+                                ["1", "/lease/fma_ap/hf"]])
+        self.assertEqual([l.split(" |")[0] for l in got.stdout.splitlines()[2:]],
+                         ["| fma", "| fma_ap"])
+
+
 class FullModel(unittest.TestCase):
     def test_size_and_summaries(self):
         """The 30-50M model of issue 12: the summary options MODEL.md measured best."""
