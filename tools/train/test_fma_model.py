@@ -4,13 +4,15 @@ downsampling kind, with grouped-query heads, sequence lengths that are not multi
 past the trained length. float64 on the CPU: 1e-10 relative. Rotary key summaries: the outputs
 do not change when the RoPE positions are shifted."""
 import itertools
+import os
+import tempfile
 import unittest
 
 import torch
 
 from fma_model import (AttnPool, FmaConfig, FmaModel, Downsample, apply_rope, flex_attention_available,
                        fma_attention, fma_attention_flex, fma_attention_slow,
-                       init_summaries_as_avgpool, level_pair, rope_tables)
+                       init_summaries_as_avgpool, level_pair, load_hf, rope_tables, save_hf)
 from train import model_config, param_groups
 
 
@@ -110,6 +112,15 @@ class AttnPoolSummaries(unittest.TestCase):
         for name, prm in model.named_parameters():
             if ".fma." in name:
                 self.assertGreater(prm.grad.abs().max().item(), 0.0, name)
+        # A Hugging Face folder (what evaluate.py reads) keeps the kind and the weights.
+        with tempfile.TemporaryDirectory() as d:
+            tok = os.path.join(d, "tokenizer")
+            with open(tok, "wb") as f:
+                f.write(b"-")
+            save_hf(model, os.path.join(d, "hf"), tok)
+            loaded, loaded_cfg = load_hf(os.path.join(d, "hf"))
+        self.assertEqual(loaded_cfg.fma_downsampling, "attnpool")
+        self.assertLess(rel(loaded.double()(ids), model(ids)), 1e-6)
 
 
 class FastVsSlow(unittest.TestCase):

@@ -69,8 +69,9 @@ def model_config(exact, size="small", downsampling="groupedconv", rank=2, scale_
         return FmaConfig(vocab_size=8192, hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
                          num_key_value_heads=1, head_dim=32, intermediate_size=128,
                          max_position_embeddings=256, fma_enabled=not exact,
-                         fma_block_size=block_size or 16,
-                         fma_rank=2, fma_rotary_summaries=rotary_summaries, fma_ranks=ranks)
+                         fma_block_size=block_size or 16, fma_rank=2,
+                         fma_downsampling=downsampling, fma_scale_attn=scale_attn,
+                         fma_rotary_summaries=rotary_summaries, fma_ranks=ranks)
     if size == "full":
         return FmaConfig(vocab_size=16384, hidden_size=512, num_hidden_layers=8, num_attention_heads=8,
                          num_key_value_heads=4, head_dim=64, intermediate_size=1408,
