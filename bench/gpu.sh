@@ -4,6 +4,9 @@
 # (scripts/gpu_bundle.sh) and carried in .carry/gpu. Results go to $OUT. MODEL (default
 # models/default.gguf) is the model bench_cuda times: issue 13's targets were set on the model
 # shipped before session 11 (git show e1ff7a6:models/default.gguf), carried then in its place.
+# BENCH_ARGS: bench_cuda's options (default: all its tables); SANITIZER_SECONDS: each sanitizer's
+# cap (150); NCU_DECODE="1 256": ncu's time of each kernel of a decode step at those batches;
+# SKIP_TORCH: no PyTorch baselines.
 set -uo pipefail
 root=$(pwd)
 bash scripts/gpu_unpack.sh || exit
