@@ -1358,25 +1358,23 @@ void attention(const FmaShape& s, const CacheView& c, const ChunkDesc* chunks,
     check_launch("attention");
     return;
   }
-  // Decode, many blocks: G heads of a KV head a block.
-  auto decode_many = [&]<int D, int G>() {
-    launch("attention", overlap, decode_attention_kernel<D, kDecodeWarps, G>,
-           dim3(n_items, s.heads / G), kDecodeWarps * 32, 0, st, s, c, chunks, table, items, q, k,
-           v, new_k, new_v, out, out_bf16);
+  // Decode: blocks of W warps serving G heads of a KV head each (few sequences: 32 warps, a
+  // head a block; many: 8 warps, every head of a KV head that G takes).
+  auto decode = [&]<int D, int W, int G>() {
+    launch("attention", overlap, decode_attention_kernel<D, W, G>, dim3(n_items, s.heads / G),
+           W * 32, 0, st, s, c, chunks, table, items, q, k, v, new_k, new_v, out, out_bf16);
   };
-  const int G = decode_heads_per_block(s);
+  const int G = few ? 1 : decode_heads_per_block(s);
 #define MP_ATTN(D)                                                                               \
   case D:                                                                                        \
     if (single_queries && few)                                                                   \
-      launch("attention", overlap, decode_attention_kernel<D, kDecodeWarpsFew, 1>, grid,         \
-             kDecodeWarpsFew * 32, 0, st, s, c, chunks, table, items, q, k, v, new_k, new_v, out, \
-             out_bf16);                                                                          \
+      decode.template operator()<D, kDecodeWarpsFew, 1>();                                       \
     else if (single_queries && G == 4)                                                           \
-      decode_many.template operator()<D, 4>();                                                   \
+      decode.template operator()<D, kDecodeWarps, 4>();                                          \
     else if (single_queries && G == 2)                                                           \
-      decode_many.template operator()<D, 2>();                                                   \
+      decode.template operator()<D, kDecodeWarps, 2>();                                          \
     else if (single_queries)                                                                     \
-      decode_many.template operator()<D, 1>();                                                   \
+      decode.template operator()<D, kDecodeWarps, 1>();                                          \
     else                                                                                         \
       attention_kernel<D>                                                                        \
           <<<grid, kThreads, 0, st>>>(s, c, chunks, table, items, q, k, v, new_k, new_v, out);   \

@@ -12,6 +12,7 @@ constexpr int kThreads = 1024, kPerThread = kMaxSampleCandidates / kThreads;
 // Candidates a row without top-k takes first (top-p and min-p usually keep far fewer): sorting
 // all kMaxSampleCandidates cost a batch-1 step 178 us on the H200.
 constexpr int kFirstCandidates = 256;
+static_assert(kFirstCandidates <= kMaxSampleCandidates);
 using Key = unsigned long long;  // ordered value << 32 | ~id: descending order = the host's order
 
 __device__ uint32_t ordered(float x) {  // monotone map of floats to unsigned integers
@@ -40,9 +41,8 @@ __device__ float penalized_logit(const float* row, int i, const SampleRow& r, co
 
 // Fills keys[0, want) with the row's `want` largest keys: a radix select of the threshold key
 // (8 bits a pass; the lanes of a warp in lane 0's bin add once: a row's logits share a few high
-// bins, whose atomics would otherwise serialise; __match_any_sync would group every bin, but
-// it held the kernel to 32 registers), then everything above it and the lowest ids equal to it.
-// Every warp runs the loops' same trips (the ids past vocab idle).
+// bins, whose atomics would otherwise serialise), then everything above it and the lowest ids
+// equal to it. Every warp runs the loops' same trips (the ids past vocab idle).
 __device__ void select_top(const float* row, int vocab, const SampleRow& r, const int2* pens,
                            int want, Key* keys) {
   __shared__ int hist[256], pick[2], above, warp_ties[kThreads / 32];
@@ -216,7 +216,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   // The candidates: the top-k, or first the kFirstCandidates largest, and all kMaxSampleCandidates
   // only when top-p and min-p keep every one of those (the same choice either way: the kept
   // list is a prefix of the sorted candidates).
-  for (int want = top_k_on ? p.top_k : min(kFirstCandidates, kMaxSampleCandidates);;
+  for (int want = top_k_on ? p.top_k : kFirstCandidates;;
        want = kMaxSampleCandidates) {
     const int n = min(want, vocab);
     if (n == vocab) {

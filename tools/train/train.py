@@ -101,8 +101,8 @@ def param_groups(model, cfg):
         scale, decay = 1.0, (0.1 if prm.dim() >= 2 else 0.0)
         if ".fma." in name:  # self_attn.fma.{k,v}_down.<level-1>: never decayed
             decay = 0.0
-        if ".fma." in name and name.endswith(".weight"):
-            scale = cfg.fma_block_size / cfg.group_size(int(name.split(".")[-2]) + 1)
+            if name.endswith(".weight"):
+                scale = cfg.fma_block_size / cfg.group_size(int(name.split(".")[-2]) + 1)
         groups.setdefault((scale, decay), []).append(prm)
     return [{"params": ps, "lr_scale": s, "weight_decay": wd} for (s, wd), ps in groups.items()]
 
