@@ -248,6 +248,7 @@ void bench_sampling() {
   int* tokens;
   cuda::SampleRow* rows;
   int2* pens;
+  cuda::Sampler sampler;
   cuda::check(cudaMalloc(&logits, size_t(R) * V * 4), "malloc");
   cuda::check(cudaMalloc(&lps, R * 4), "malloc");
   cuda::check(cudaMalloc(&tokens, R * 4), "malloc");
@@ -269,7 +270,8 @@ void bench_sampling() {
       double us[2];
       for (int k = 0; k < 2; ++k) {
         const int n = k == 0 ? 1 : R;
-        us[k] = 1e3 * time_ms([&] { cuda::sample(logits, V, rows, n, pens, tokens, lps, nullptr); },
+        const std::span<const cuda::SampleRow> some(hr.data(), n);
+        us[k] = 1e3 * time_ms([&] { sampler.sample(logits, V, some, rows, pens, tokens, lps, nullptr); },
                               50);
       }
       if (c.p.temperature == 0) greedy1 = us[0];
@@ -281,10 +283,17 @@ void bench_sampling() {
   for (void* p : {(void*)logits, (void*)lps, (void*)tokens, (void*)rows, (void*)pens}) cudaFree(p);
 }
 
+// The API's default sampling (temperature 0.8 alone): what --decode and --profile-decode time.
+SamplingParams api_sampling() {
+  SamplingParams p;
+  p.temperature = 0.8f, p.top_k = 0, p.top_p = 1.0f, p.min_p = 0.0f;
+  return p;
+}
+
 // One decode step of `batch` sequences between cudaProfilerStart and Stop (for ncu
 // --profile-from-start off), after warm-up steps.
 void profile_decode(std::shared_ptr<const Model> model, int batch) {
-  SamplingParams sp;
+  const SamplingParams sp = api_sampling();
   DecodeSteps d(std::move(model), batch, sp, cuda::SummaryKernels::Auto,
                 cuda::Launches::Overlapped);
   for (int s = 0; s < 5; ++s) d.run();
@@ -396,8 +405,7 @@ int main(int argc, char** argv) {
         p = *end == ',' ? end + 1 : end;
         if (batches.back() <= 0) throw Error("--decode: batch sizes must be positive");
       }
-      SamplingParams api;
-      api.temperature = 0.8f, api.top_k = 0, api.top_p = 1.0f, api.min_p = 0.0f;
+      const SamplingParams api = api_sampling();
       if (exact_decode) {
         std::printf("\n## FMA\n");
         const auto fma = bench_decode(Model::load(argv[1]), batches, api, "FMA");

@@ -5,7 +5,8 @@
 # models/default.gguf) is the model bench_cuda times: issue 13's targets were set on the model
 # shipped before session 11 (git show e1ff7a6:models/default.gguf), carried then in its place.
 # BENCH_ARGS: bench_cuda's options (default: all its tables); SANITIZER_SECONDS: each sanitizer's
-# cap (150); NCU_DECODE="1 256": ncu's time of each kernel of a decode step at those batches;
+# cap (150); NCU_DECODE="1 256": ncu's time of each kernel of a decode step at those batches
+# (NCU_CACHE=none: caches not flushed between kernels);
 # SKIP_TORCH: no PyTorch baselines.
 set -uo pipefail
 root=$(pwd)
@@ -20,17 +21,18 @@ nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv,noh
 grep -E "^\[  (FAILED|PASSED|SKIPPED) |Failure|rel_err|Which is" "$out/gpu_tests.log" | head -40
 # racecheck instruments every shared-memory access: it gets the smaller tests.
 for tool in memcheck racecheck; do
-  filter='Cuda.RmsNorm*:Models/CudaModel.*/groupedconv:Models/CudaModel.*/exact:Models/CudaModel.*/one_pass_groupedconv:Cuda.BatchedDecode*:Cuda.Sampling*:Cuda.ForwardSample*:Cuda.TensorCoreAttentionMatchesTheFp32Tile:Cuda.OnePassSummariesMatchThePerLevelKernelsInEveryShape:Cuda.AppendTokens*:Cuda.ExactBatchedDecode*'
-  [ $tool = racecheck ] && filter='Cuda.RmsNorm*:Cuda.SamplingKernelMatchesHostSampler:Cuda.TensorCoreAttentionMatchesTheFp32Tile:Cuda.OnePassSummariesMatchThePerLevelKernelsInEveryShape:Cuda.ExactDecodeAttention*'
+  filter='Cuda.RmsNorm*:Models/CudaModel.*/groupedconv:Models/CudaModel.*/exact:Models/CudaModel.*/one_pass_groupedconv:Cuda.BatchedDecode*:Cuda.Sampling*:Cuda.ForwardSample*:Cuda.TensorCoreAttentionMatchesTheFp32Tile:Cuda.OnePassSummariesMatchThePerLevelKernelsInEveryShape:Cuda.AppendTokens*:Cuda.ExactBatchedDecode*:Cuda.DecodeAttention*'
+  [ $tool = racecheck ] && filter='Cuda.RmsNorm*:Cuda.SamplingKernelMatchesHostSampler:Cuda.TensorCoreAttentionMatchesTheFp32Tile:Cuda.OnePassSummariesMatchThePerLevelKernelsInEveryShape:Cuda.ExactDecodeAttention*:Cuda.DecodeAttention*'
   timeout ${SANITIZER_SECONDS:-150} compute-sanitizer --tool $tool --error-exitcode 9 "$bin/multipole_gpu_tests" \
     --gtest_filter="$filter" > "$out/sanitizer_$tool.log" 2>&1
   echo "compute-sanitizer $tool rc $?: $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$out/sanitizer_$tool.log" | tail -1)"
 done
 "$bin/bench_cuda" "${MODEL:-models/default.gguf}" ${BENCH_ARGS:-} > "$out/bench_cuda.md" 2>&1; echo "bench_cuda rc $?"
 cat "$out/bench_cuda.md"
-# NCU_DECODE="1 256": ncu's time of each kernel of one decode step at those batch sizes.
+# NCU_DECODE="1 256": ncu's time of each kernel of one decode step at those batch sizes, caches
+# flushed before each kernel (NCU_CACHE=none: kept, nearer a step's warm caches).
 for b in ${NCU_DECODE:-}; do
-  timeout 300 ncu --clock-control none --profile-from-start off --section SpeedOfLight \
+  timeout 300 ncu --clock-control none --cache-control ${NCU_CACHE:-all} --profile-from-start off --section SpeedOfLight \
     --print-summary per-kernel "$bin/bench_cuda" "${MODEL:-models/default.gguf}" --profile-decode "$b" \
     > "$out/ncu_decode_$b.txt" 2>&1
   echo "ncu decode batch $b rc $?"

@@ -502,9 +502,9 @@ class CudaBackend final : public Backend {
     launch(chunks);  // logits row i is chunk i's last token; the sampler's inputs uploaded too
     const size_t R = sample_rows_.size(), T = top_rows_.size() * top_n_;
     sampled_.layout({R * sizeof(int), R * sizeof(float), T * sizeof(int), T * sizeof(float)});
-    cuda::sample(logits_.get(), V, inputs_.device<cuda::SampleRow>(kSampleRows), int(R),
-                 inputs_.device<int2>(kPens), sampled_.device<int>(kIds),
-                 sampled_.device<float>(kLogprobs), stream_);
+    sampler_.sample(logits_.get(), V, sample_rows_, inputs_.device<cuda::SampleRow>(kSampleRows),
+                    inputs_.device<int2>(kPens), sampled_.device<int>(kIds),
+                    sampled_.device<float>(kLogprobs), stream_);
     cuda::top_logprobs(logits_.get(), V, inputs_.device<int>(kTopRows), int(top_rows_.size()),
                        top_n_, sampled_.device<int>(kTopIds), sampled_.device<float>(kTopLps),
                        stream_);
@@ -808,6 +808,7 @@ class CudaBackend final : public Backend {
   DeviceArray<float> x_, x_spare_, h_, qkv_, q_, k_, v_, att_, gu_, new_kv_, split_, logits_;
   DeviceArray<__nv_bfloat16> hb_, sel_;
   DeviceArray<uint8_t> cublas_workspace_;
+  cuda::Sampler sampler_;
   PackedArrays sampled_;  // forward_sample's results, one download, in this order:
   enum { kIds, kLogprobs, kTopIds, kTopLps };
   int top_n_ = 0;         // top logprobs a row of them holds

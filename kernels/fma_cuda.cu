@@ -271,27 +271,32 @@ struct LevelTable {
 };
 __device__ void make_level_table(const FmaShape& s, int64_t q_begin, LevelTable& t) {
   const int L = s.fma ? s.L : 0;
+  // Level l's groups are w = m << l wide: q / 2w = (q / m) >> (l + 1), and q % 2w >= w where bit
+  // l of q / m is set; one 64-bit division for all levels (one a level, and two remainders, kept
+  // a decode block's other warps waiting ~1 us at batch 1).
+  const int64_t qm = q_begin / s.m;
   int n = 0;
   for (int l = 0; l < L; ++l) {
-    const int64_t w = int64_t(s.m) << l, B = q_begin / (2 * w);
+    const int64_t B = qm >> (l + 1);
     t.first[l] = n;
     t.g0[l] = 2 * B - 2;
     t.g0_mod3[l] = B >= 1 ? int((2 * B - 2) % 3) : 0;
-    t.bonus[l] = s.scale_attn ? logf(float(w) / s.rank[l]) : 0.0f;
-    if (B >= 1) n += (1 + int((q_begin % (2 * w)) / w)) * s.rank[l];
+    t.bonus[l] = s.scale_attn ? logf(float(int64_t(s.m) << l) / s.rank[l]) : 0.0f;
+    if (B >= 1) n += (1 + int((qm >> l) & 1)) * s.rank[l];
   }
   t.first[L] = n;
 }
 
-// The size of a query tile's key list: n_fine fine keys from `lo`, then n_coarse summaries.
+// The size of a query tile's key list: n_fine fine keys from `lo`, then n_coarse summaries;
+// lo_slot: lo's row in the fine window (lo % cap in a ring).
 struct KeyList {
-  int64_t lo, n_fine, n_coarse;
+  int64_t lo, lo_slot, n_fine, n_coarse;
 };
-__device__ KeyList key_list(const FmaShape& s, int64_t q_begin, int64_t q_end,
-                            const LevelTable& t) {
+__device__ KeyList key_list(const FmaShape& s, const CacheView& cv, int64_t q_begin,
+                            int64_t q_end, const LevelTable& t) {
   const int64_t b = q_begin / s.m;
   const int64_t lo = s.fma ? max(int64_t(0), (b - 1) * s.m) : 0;
-  return {lo, q_end - lo, t.first[s.fma ? s.L : 0]};
+  return {lo, cv.ring ? lo % cv.cap : lo, q_end - lo, t.first[s.fma ? s.L : 0]};
 }
 
 // Where key `kk` of a query tile's key list lives: fine keys first, then p summaries per visible
@@ -304,7 +309,9 @@ __device__ KeyLoc key_loc(const FmaShape& s, const CacheView& cv, const ChunkDes
     if (j >= c.pos0)
       return {(int64_t(c.row0) + (j - c.pos0)) * s.kv * s.d + int64_t(kvh) * s.d, kChunkRows, 0.0f,
               j};
-    const int64_t slot = cv.ring ? j % cv.cap : j;
+    // The window's keys lie within cap of lo (one remainder a tile, not one a key).
+    int64_t slot = kl.lo_slot + kk;
+    if (cv.ring && slot >= cv.cap) slot -= cv.cap;
     return {((int64_t(c.slot) * cv.cap + slot) * s.kv + kvh) * s.d, kFineWindow, 0.0f, j};
   }
   int ci = static_cast<int>(kk - kl.n_fine), l = 0;
@@ -346,7 +353,7 @@ __global__ void __launch_bounds__(kThreads)
   __shared__ LevelTable lt;
   if (threadIdx.x == 0) make_level_table(s, it.q_begin, lt);
   __syncthreads();
-  const KeyList kl = key_list(s, it.q_begin, it.q_end, lt);
+  const KeyList kl = key_list(s, cv, it.q_begin, it.q_end, lt);
   const int64_t n_fine = kl.n_fine, n_coarse = kl.n_coarse;
   const KvArrays arr = kv_arrays(cv, k, v, new_k, new_v);
   float mx = -INFINITY, denom = 0.0f;
@@ -483,7 +490,7 @@ __global__ void __launch_bounds__(tc::kWarps * 32, 4)
   float o[8][4] = {}, mrow[2] = {-INFINITY, -INFINITY}, lrow[2] = {0.0f, 0.0f};
   if (threadIdx.x == 0) make_level_table(s, it.q_begin, sh.lt);
   __syncthreads();
-  const KeyList kl = key_list(s, it.q_begin, it.q_end, sh.lt);
+  const KeyList kl = key_list(s, cv, it.q_begin, it.q_end, sh.lt);
   const int64_t n_keys = kl.n_fine + kl.n_coarse;
   const KvArrays arr = kv_arrays(cv, k, v, new_k, new_v);
   // The rows and metadata of the step from t0 (into metadata buffer b), a thread per key.
@@ -680,7 +687,7 @@ __global__ void __launch_bounds__(W * 32)
     for (int j = 0; j < C; ++j) qr[g][j] *= scale;
   }
   __syncthreads();
-  const KeyList kl = key_list(s, i, i + 1, lt);
+  const KeyList kl = key_list(s, cv, i, i + 1, lt);
   const int64_t n = kl.n_fine + kl.n_coarse;
   const KvArrays arr = kv_arrays(cv, k, v, new_k, new_v);
   float mx[G], denom[G];
@@ -737,16 +744,29 @@ __global__ void __launch_bounds__(W * 32)
       for (int j = 0; j < C; ++j) part[warp][g][ch0 + j] = acc[g][j];
   }
   __syncthreads();
-  for (int e = threadIdx.x; e < G * D; e += W * 32) {
-    const int g = e / D, ch = e % D;
-    float m = wmax[0][g];
-    for (int w = 1; w < W; ++w) m = fmaxf(m, wmax[w][g]);
+  // P threads (lanes of one warp) an output channel, each over every P-th warp's share, then
+  // shuffles: at batch 1 (32 warps, one head) 64 threads each looped over all 32 warps.
+  constexpr int P = W * 32 >= 32 * G * D ? 32 : W * 32 > G * D ? W * 32 / (G * D) : 1;
+  static_assert((P & (P - 1)) == 0);
+  const int sub = threadIdx.x % P;
+  for (int e0 = 0; e0 < G * D; e0 += W * 32 / P) {
+    const int e = e0 + threadIdx.x / P, g = e < G * D ? e / D : 0, ch = e % D;
+    float m = -INFINITY;
+    for (int w = sub; w < W; w += P) m = fmaxf(m, wmax[w][g]);
+#pragma unroll
+    for (int o = P / 2; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
     float total = 0, x = 0;
-    for (int w = 0; w < W; ++w) {
+    for (int w = sub; w < W; w += P) {
       const float f = wmax[w][g] == -INFINITY ? 0.0f : __expf(wmax[w][g] - m);
       total += wsum[w][g] * f;
       x += part[w][g][ch] * f;
     }
+#pragma unroll
+    for (int o = P / 2; o > 0; o >>= 1) {
+      total += __shfl_xor_sync(0xffffffffu, total, o);
+      x += __shfl_xor_sync(0xffffffffu, x, o);
+    }
+    if (e >= G * D || sub != 0) continue;
     const int64_t at = (row * s.heads + h0 + g) * D + ch;
     if (out_bf16)
       out_bf16[at] = __float2bfloat16(x / total);

@@ -1,4 +1,5 @@
 #include <string>
+#include <type_traits>
 
 #include "block_reduce.cuh"
 #include "ops_cuda.cuh"
@@ -188,26 +189,29 @@ __device__ void normed_rows(const GemvInput& in, int K, float* sums, __nv_bfloat
   __syncthreads();
 }
 
-// y = x[R][K] * W^T for a few rows (decode): one warp per output (Out::kWeightRows weight rows),
-// lane j taking 16 weights at a time (each read once for all R rows) and the matching 16 inputs
-// of each row; the warp's sums are reduced by shuffles. K must be a multiple of 16.
-template <int R, class Rows, class Out>
+// y = x[R][K] * W^T for a few rows (decode): one warp per M outputs (Out::kWeightRows weight
+// rows each), lane j taking 16 weights at a time (each read once for all R rows) and the matching
+// 16 inputs of each row; the warp's sums are reduced by shuffles. K must be a multiple of 16.
+template <int R, int M, class Rows, class Out>
 __global__ void gemv_kernel(GemvInput in, int K, Rows W, Out out) {
   // R x K sums, then R x K normalised rows, when in.residual (kNormedGemvBytes an input)
   extern __shared__ __align__(16) float sums[];
   constexpr int J = Out::kWeightRows;
-  const int n = blockIdx.x * kGemvWarpsPerBlock + threadIdx.x / 32, lane = threadIdx.x % 32;
-  const bool has_row = n < out.warps();
+  const int n0 = (blockIdx.x * kGemvWarpsPerBlock + threadIdx.x / 32) * M, lane = threadIdx.x % 32;
+  auto has = [&](int m) { return n0 + m < out.warps(); };
   // The warp's first 16 weights of each row (all of them at K <= 512) are constant, and the
   // store's Early reads only the plan: both before the wait for the kernel before (overlap.cuh),
   // the inputs after it.
   int k = lane * 16;
-  typename Rows::Part w[J];
-  if (has_row && k < K)
+  typename Rows::Part w[M][J];
+  typename Out::Early early[M]{};  // lane r's, for row r
 #pragma unroll
-    for (int j = 0; j < J; ++j) w[j] = W.load(out.weight_row(n, j), K, k);
-  typename Out::Early early{};  // lane r's, for row r
-  if (has_row && lane < R) early = out.early(lane, n);
+  for (int m = 0; m < M; ++m) {
+    if (has(m) && k < K)
+#pragma unroll
+      for (int j = 0; j < J; ++j) w[m][j] = W.load(out.weight_row(n0 + m, j), K, k);
+    if (has(m) && lane < R) early[m] = out.early(lane, n0 + m);
+  }
   wait_for_previous();
   let_next_start();
   const __nv_bfloat16* x = in.x;
@@ -217,37 +221,47 @@ __global__ void gemv_kernel(GemvInput in, int K, Rows W, Out out) {
       normed_rows<R>(in, K, sums, normed);
       x = normed;
     }
-  if (!has_row) return;
-  float acc[R][J];
+  if (!has(0)) return;
+  float acc[R][M][J];
 #pragma unroll
   for (int r = 0; r < R; ++r)
 #pragma unroll
-    for (int j = 0; j < J; ++j) acc[r][j] = 0;
+    for (int m = 0; m < M; ++m)
+#pragma unroll
+      for (int j = 0; j < J; ++j) acc[r][m][j] = 0;
   while (k < K) {
 #pragma unroll
     for (int r = 0; r < R; ++r) {
       float xs[16];
       load16(x + int64_t(r) * K + k, xs);
 #pragma unroll
-      for (int j = 0; j < J; ++j) acc[r][j] += Rows::dot(w[j], xs);
+      for (int m = 0; m < M; ++m)
+#pragma unroll
+        for (int j = 0; j < J; ++j) acc[r][m][j] += Rows::dot(w[m][j], xs);
     }
     k += 32 * 16;
     if (k < K)
 #pragma unroll
-      for (int j = 0; j < J; ++j) w[j] = W.load(out.weight_row(n, j), K, k);
+      for (int m = 0; m < M; ++m)
+        if (has(m))
+#pragma unroll
+          for (int j = 0; j < J; ++j) w[m][j] = W.load(out.weight_row(n0 + m, j), K, k);
   }
   // Every lane ends up with every row's sums; lane r stores row r, so that the rows' epilogues
   // (RoPE's angles in double) run side by side rather than one after another.
-  float mine[J] = {};
 #pragma unroll
-  for (int r = 0; r < R; ++r)
+  for (int m = 0; m < M; ++m) {
+    float mine[J] = {};
 #pragma unroll
-    for (int j = 0; j < J; ++j) {
-      float v = acc[r][j];
-      for (int o = 16; o > 0; o /= 2) v += __shfl_xor_sync(0xffffffffu, v, o);
-      if (lane == r) mine[j] = v;
-    }
-  if (lane < R) out.store(lane, n, mine, early);
+    for (int r = 0; r < R; ++r)
+#pragma unroll
+      for (int j = 0; j < J; ++j) {
+        float v = acc[r][m][j];
+        for (int o = 16; o > 0; o /= 2) v += __shfl_xor_sync(0xffffffffu, v, o);
+        if (lane == r) mine[j] = v;
+      }
+    if (lane < R && has(m)) out.store(lane, n0 + m, mine, early[m]);
+  }
 }
 
 // gemv_kernel<T> for T = R..kGemvRows.
@@ -256,10 +270,16 @@ void gemv_rows(const char* what, const GemvInput& in, int T, int K, Rows W, Out 
                cudaStream_t s, bool overlap) {
   if constexpr (R <= kGemvRows) {
     if (T != R) return gemv_rows<R + 1>(what, in, T, K, W, out, s, overlap);
-    const int blocks = (out.warps() + kGemvWarpsPerBlock - 1) / kGemvWarpsPerBlock;
     const size_t shared = in.residual ? size_t(R) * K * kNormedGemvBytes : 0;
-    launch(what, overlap, gemv_kernel<R, Rows, Out>, blocks, 32 * kGemvWarpsPerBlock, shared, s,
-           in, K, W, out);
+    auto run = [&]<int M>() {
+      const int warps = (out.warps() + M - 1) / M,
+                blocks = (warps + kGemvWarpsPerBlock - 1) / kGemvWarpsPerBlock;
+      launch(what, overlap, gemv_kernel<R, M, Rows, Out>, blocks, 32 * kGemvWarpsPerBlock, shared,
+             s, in, K, W, out);
+    };
+    if constexpr (std::is_same_v<Out, FloatOut>)
+      if (out.warps() >= kWideGemvOutputs) return run.template operator()<4>();
+    run.template operator()<1>();
   }
 }
 

@@ -55,6 +55,9 @@ void embed_q8(Q8Weights table, const int* tokens, int T, int n, float* x, cudaSt
 // dequantize the weights to bf16 (dequantize_q8) for gemm), and over bf16 ones (cuBLAS spends
 // about 4 us on a decode step's small product, the GEMV about half).
 constexpr int kGemvRows = 8;
+// From this many outputs a plain GEMV gives each warp 4 of them: the default model's head
+// (16,384) was 4,096 blocks, two waves on 132 SMs, each block normalising its input again.
+constexpr int kWideGemvOutputs = 8192;
 // A GEMV's input rows x[T][K]: bf16 activations as they are, or (residual set) what add_rmsnorm
 // would give: residual[t] + add[t] (add may be null), written to residual_out (when set, a buffer
 // other than residual), normalised and scaled by norm_weight, rounded to bf16. The second form

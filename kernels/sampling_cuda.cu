@@ -1,4 +1,6 @@
+#include <algorithm>
 #include <atomic>
+#include <string>
 #include <cub/block/block_scan.cuh>
 
 #include "../engine/src/sampling.h"
@@ -133,51 +135,135 @@ __device__ float row_logsumexp(const float* row, int vocab) {
   return mx + logf(block_reduce(se, Sum{}, 0.0f));
 }
 
-// keeps_whole_vocabulary: the host keeps every token in id order (sampler.cpp), so the draw is a
-// scan over the vocabulary, thread t owning ids [t * per, (t + 1) * per); no sort. The same
-// arithmetic as the host's, in double: each id's probability is computed once and kept in
-// registers (vocabularies up to kThreads * kHeld ids; larger ones compute it again in each pass):
-// the exponentials and divisions, four times over, were most of a batch-1 step's sampling.
-constexpr int kHeld = 8;
-__device__ int sample_in_id_order(const float* row, int vocab, const SampleRow& r, const int2* pens,
-                                  typename Scan::TempStorage& scan, double u) {
-  const int per = (vocab + kThreads - 1) / kThreads, i0 = threadIdx.x * per;
-  const int i1 = min(vocab, i0 + per);
-  float mx = -INFINITY;
-  for (int i = i0; i < i1; ++i) mx = fmaxf(mx, penalized_logit(row, i, r, pens));
-  const double top = block_reduce(mx, Max{}, -INFINITY), T = r.params.temperature;
-  auto weight = [&](int i) { return exp((double(penalized_logit(row, i, r, pens)) - top) / T); };
-  const bool held = per <= kHeld;
-  double w[kHeld];  // weights, then probabilities, when held
-  // f(i, x) for each of this thread's ids i, x its held value (or 0 when not held).
-  auto each = [&](auto&& f) {
-    if (held) {
-#pragma unroll
-      for (int j = 0; j < kHeld; ++j)
-        if (i0 + j < i1) f(i0 + j, w[j]);
-    } else {
-      double none = 0;
-      for (int i = i0; i < i1; ++i) f(i, none);
+// Rows spread over blocks: greedy ones, and those that keep every token in id order (the host's
+// order, sampler.cpp): no sort, the draw a scan over the vocabulary.
+__host__ __device__ bool spreads(const SamplingParams& p, int vocab) {
+  return p.temperature <= 0 || keeps_whole_vocabulary(p, vocab);
+}
+
+constexpr int kSpreadThreads = 256;
+constexpr int kMaxSpreadBlocks = 1024;  // a row's blocks
+
+struct SpreadPart {  // one block's share of a row
+  double weight;     // sum of exp((l - max) / T) over its penalised logits l (temperature)
+  Key best;          // its largest key: its maximum, and greedy's choice
+  float raw_max, raw_sum;  // its raw logits' log-sum-exp: raw_max + log(raw_sum)
+};
+
+// Block (b, r) takes ids [b C, (b + 1) C) of row r (C = `per_block`): its largest key, the sum of
+// its weights relative to its maximum and its part of the log-sum-exp. The row's last block to
+// finish (tickets[r] counts them; that block sets it back to 0) combines the parts: greedy takes
+// the largest key; otherwise, as the host, p_i = float(w_i / Z / S) with w_i = exp((l_i - max) /
+// T), Z their sum and S the sum of w_i / Z, and the token is the first whose cumulative p passes
+// u: the block whose share of the mass holds u is found from the parts, and only its ids are
+// scanned. The weights are computed in float (the host's are double: in double, the exponentials
+// and divisions cost a batch of 256 rows 60 us), their sums and the cumulative sums in double, so
+// the probabilities are the host's within ~1e-7 and the draw is the host's unless u lies that
+// close to a boundary (the tests allow 1e-5).
+__global__ void __launch_bounds__(kSpreadThreads)
+    sample_spread_kernel(const float* logits, int vocab, int per_block, const SampleRow* rows,
+                         const int2* all_pens, SpreadPart* parts, unsigned* tickets, int* tokens,
+                         float* logprobs) {
+  const int blocks = gridDim.x, tid = threadIdx.x;
+  const SampleRow r = rows[blockIdx.y];
+  if (!spreads(r.params, vocab)) return;  // sample_kernel's
+  const float* row = logits + int64_t(r.row) * vocab;
+  const int2* pens = all_pens + r.pen_begin;
+  const bool greedy = r.params.temperature <= 0;
+  const float T = r.params.temperature;
+  SpreadPart* row_parts = parts + int64_t(blockIdx.y) * blocks;
+  auto logit = [&](int i) { return penalized_logit(row, i, r, pens); };
+  auto weight = [&](int i, float top) { return expf((logit(i) - top) / T); };
+
+  const int begin = blockIdx.x * per_block, end = min(vocab, begin + per_block);
+  SpreadPart part;
+  part.best = 0, part.raw_max = -INFINITY;
+  for (int i = begin + tid; i < end; i += kSpreadThreads)
+    part.best = max(part.best, make_key(logit(i), i)), part.raw_max = fmaxf(part.raw_max, row[i]);
+  block_reduce_two(part.best, Max{}, Key(0), part.raw_max, Max{}, -INFINITY);
+  const float mx = key_value(part.best);
+  float weight_sum = 0;
+  part.raw_sum = 0;
+  for (int i = begin + tid; i < end; i += kSpreadThreads) {
+    if (!greedy) weight_sum += weight(i, mx);
+    part.raw_sum += __expf(row[i] - part.raw_max);
+  }
+  part.weight = weight_sum;
+  block_reduce_two(part.weight, Sum{}, 0.0, part.raw_sum, Sum{}, 0.0f);
+
+  __shared__ bool last;
+  if (tid == 0) {
+    row_parts[blockIdx.x] = part;
+    __threadfence();  // the part is visible before the ticket counts it
+    last = atomicAdd(&tickets[blockIdx.y], 1u) == unsigned(blocks - 1);
+    if (last) tickets[blockIdx.y] = 0;  // every block of the row has counted
+  }
+  __syncthreads();
+  if (!last) return;
+  __threadfence();
+
+  // The last block: the parts (read past L1: other SMs wrote them).
+  Key best = 0;
+  float raw_top = -INFINITY;
+  for (int b = tid; b < blocks; b += kSpreadThreads)
+    best = max(best, __ldcg(&row_parts[b].best)),
+    raw_top = fmaxf(raw_top, __ldcg(&row_parts[b].raw_max));
+  block_reduce_two(best, Max{}, Key(0), raw_top, Max{}, -INFINITY);
+  const float top = key_value(best);
+  __shared__ double mass[kMaxSpreadBlocks];  // block b's share of Z, then of 1
+  double z = 0;
+  float se = 0;
+  for (int b = tid; b < blocks; b += kSpreadThreads) {
+    se += __ldcg(&row_parts[b].raw_sum) * __expf(__ldcg(&row_parts[b].raw_max) - raw_top);
+    if (!greedy)
+      z += mass[b] = __ldcg(&row_parts[b].weight) *
+                     exp((double(key_value(__ldcg(&row_parts[b].best))) - top) / double(T));
+  }
+  block_reduce_two(z, Sum{}, 0.0, se, Sum{}, 0.0f);
+  const float lse = raw_top + logf(se);
+  auto finish = [&](int token) {
+    if (tid == 0) {
+      tokens[blockIdx.y] = token;
+      logprobs[blockIdx.y] = row[token] - lse;
     }
   };
-  double z = 0;
-  each([&](int i, double& x) { z += x = weight(i); });
-  const double Z = block_reduce(z, Sum{}, 0.0);
-  double s = 0;  // the host renormalises once more and rounds each probability to float
-  each([&](int i, double& x) { s += x = (held ? x : weight(i)) / Z; });
+  if (greedy) return finish(key_id(best));
+
+  const double Z = z, u = r.uniform;
+  double s = 0;
+  for (int b = tid; b < blocks; b += kSpreadThreads) s += mass[b] /= Z;
   const double S = block_reduce(s, Sum{}, 0.0);
-  auto prob = [&](int i, double x) { return double(float((held ? x : weight(i) / Z) / S)); };
-  double mine = 0, before;
-  each([&](int i, double& x) { mine += x = prob(i, x); });
-  Scan(scan).ExclusiveSum(mine, before);
-  int first = vocab - 1;
-  bool found = false;
-  each([&](int i, double& x) {
-    if (found) return;
-    before += held ? x : prob(i, x);
-    if (u < before) first = i, found = true;
-  });
-  return -block_reduce(-first, Max{}, -(vocab - 1));
+  // The first block whose mass passes u, then its ids (and the next block's, should rounding
+  // leave u past its last id), each thread a run of consecutive ids (the scan's order).
+  __shared__ int first_block;
+  __shared__ double before_block;
+  if (tid == 0) {
+    double cum = 0;
+    int b = 0;
+    while (b < blocks - 1 && u >= cum + mass[b] / S) cum += mass[b++] / S;
+    first_block = b, before_block = cum;
+  }
+  __syncthreads();
+  using BlockScan = cub::BlockScan<double, kSpreadThreads>;
+  __shared__ typename BlockScan::TempStorage scan;
+  const double inv = 1.0 / (Z * S);
+  auto p = [&](int i) { return double(float(weight(i, top) * inv)); };
+  const int run = per_block / kSpreadThreads;
+  double before = before_block;
+  for (int b = first_block; b < blocks; ++b) {
+    const int i0 = b * per_block + tid * run, i1 = min(vocab, i0 + run);
+    double mine = 0, total;
+    for (int i = i0; i < i1; ++i) mine += p(i);
+    BlockScan(scan).ExclusiveSum(mine, mine, total);
+    int first = vocab;
+    for (int i = i0; i < i1 && first == vocab; ++i)
+      if (u < before + (mine += p(i))) first = i;
+    first = -block_reduce(-first, Max{}, -vocab);
+    if (first < vocab) return finish(first);
+    before += total;
+    __syncthreads();  // scan's storage is reused
+  }
+  finish(vocab - 1);
 }
 
 // At most one block a SM (as its 64 registers a thread imply): without saying so, ptxas held it
@@ -193,6 +279,8 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int2* pens = all_pens + r.pen_begin;
   const int tid = threadIdx.x;
 
+  if (spreads(p, vocab)) return;  // sample_spread_kernel's
+
   const float lse = row_logsumexp(row, vocab);  // for the token's log-probability
   auto finish = [&](int token) {
     if (tid == 0) {
@@ -201,16 +289,6 @@ __global__ void __launch_bounds__(kThreads, 1)
     }
   };
 
-  if (p.temperature <= 0) {  // greedy: the largest key is the host's first after its stable sort
-    Key best = 0;
-    for (int i = tid; i < vocab; i += kThreads) {
-      const Key k = make_key(penalized_logit(row, i, r, pens), i);
-      best = k > best ? k : best;
-    }
-    return finish(key_id(block_reduce(best, Max{}, Key(0))));
-  }
-  if (keeps_whole_vocabulary(p, vocab))
-    return finish(sample_in_id_order(row, vocab, r, pens, scan, r.uniform));
   const bool top_k_on = p.top_k > 0 && p.top_k < vocab;
   if (top_k_on && p.top_k > kMaxSampleCandidates) return finish(-1);
   // The candidates: the top-k, or first the kFirstCandidates largest, and all kMaxSampleCandidates
@@ -318,14 +396,49 @@ __global__ void __launch_bounds__(kThreads)
 
 }  // namespace
 
-void sample(const float* logits, int vocab, const SampleRow* rows, int n_rows, const int2* pens,
-            int* tokens, float* logprobs, cudaStream_t st) {
-  if (n_rows == 0) return;
+Sampler::~Sampler() { cudaFree(scratch_); }
+
+void Sampler::sample(const float* logits, int vocab, std::span<const SampleRow> rows,
+                     const SampleRow* rows_on_device, const int2* pens, int* tokens,
+                     float* logprobs, cudaStream_t st) {
+  const int n_rows = int(rows.size());
+  const int spread = int(std::count_if(rows.begin(), rows.end(), [&](const SampleRow& r) {
+    return spreads(r.params, vocab);
+  }));
+  if (spread > 0) {
+    // Enough blocks to fill the GPU (at least kSpreadIds ids each): 16 a row of 16,384 ids at
+    // batch 1, 3 at batch 256.
+    int device = 0, sms = 0;
+    check(cudaGetDevice(&device), "cudaGetDevice");
+    check(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device), "SM count");
+    const int most = std::min((vocab + kSpreadIds - 1) / kSpreadIds, kMaxSpreadBlocks);
+    const int want = std::clamp((4 * sms + n_rows - 1) / n_rows, 1, most);
+    const int per_block =
+        ((vocab + want - 1) / want + kSpreadThreads - 1) / kSpreadThreads * kSpreadThreads;
+    const int blocks = (vocab + per_block - 1) / per_block;  // none empty
+    const size_t tickets = (size_t(n_rows) * sizeof(unsigned) + 15) / 16 * 16,
+                 bytes = tickets + size_t(n_rows) * blocks * sizeof(SpreadPart);
+    if (bytes > bytes_) {  // the tickets start at 0; each call leaves them at 0
+      cudaFree(scratch_);
+      scratch_ = nullptr;
+      check(cudaMalloc(&scratch_, bytes), "sample: scratch");
+      check(cudaMemsetAsync(scratch_, 0, bytes, st), "sample: scratch");
+      bytes_ = bytes;
+    }
+    auto* base = static_cast<uint8_t*>(scratch_);
+    sample_spread_kernel<<<dim3(blocks, n_rows), kSpreadThreads, 0, st>>>(
+        logits, vocab, per_block, rows_on_device, pens,
+        reinterpret_cast<SpreadPart*>(base + tickets), reinterpret_cast<unsigned*>(base), tokens,
+        logprobs);
+    check_launch("sample_spread");
+  }
+  if (spread == n_rows) return;
   constexpr size_t smem = kMaxSampleCandidates * sizeof(Key);
   static std::atomic<uint64_t> sized{0};
   allow_shared_memory(reinterpret_cast<const void*>(sample_kernel), smem, sized,
                       "sample: shared memory");
-  sample_kernel<<<n_rows, kThreads, smem, st>>>(logits, vocab, rows, pens, tokens, logprobs);
+  sample_kernel<<<n_rows, kThreads, smem, st>>>(logits, vocab, rows_on_device, pens, tokens,
+                                                logprobs);
   check_launch("sample");
 }
 

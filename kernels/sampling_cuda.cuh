@@ -3,6 +3,8 @@
 // only token ids cross to the host.
 #pragma once
 
+#include <span>
+
 #include "ops_cuda.cuh"
 
 namespace mp::cuda {
@@ -18,9 +20,29 @@ struct SampleRow {
 // off or above this, top_p and min_p keeping this many) gets token -1: the host samples it.
 constexpr int kMaxSampleCandidates = 8192;
 
-// tokens[r], logprobs[r] (log-softmax of the raw logits at the token) for rows[r].
-void sample(const float* logits, int vocab, const SampleRow* rows, int n_rows, const int2* pens,
-            int* tokens, float* logprobs, cudaStream_t st);
+// A row whose sampler keeps the whole vocabulary (greedy, or temperature alone: the API's
+// default) is spread over blocks of at least kSpreadIds ids, as many as fill the GPU, so that a
+// batch-1 step's sampling is not one SM's work; the other rows take one block each.
+constexpr int kSpreadIds = 1024;
+
+// The GPU sampler of one stream: it keeps its scratch (the spread rows' per-block sums and the
+// tickets that find each row's last block) from call to call.
+class Sampler {
+ public:
+  Sampler() = default;
+  ~Sampler();
+  Sampler(const Sampler&) = delete;
+  Sampler& operator=(const Sampler&) = delete;
+  // tokens[r], logprobs[r] (log-softmax of the raw logits at the token) for rows[r]; `rows` is
+  // on the host, `rows_on_device` its copy on the device.
+  void sample(const float* logits, int vocab, std::span<const SampleRow> rows,
+              const SampleRow* rows_on_device, const int2* pens, int* tokens, float* logprobs,
+              cudaStream_t st);
+
+ private:
+  void* scratch_ = nullptr;
+  size_t bytes_ = 0;
+};
 
 // For rows[r]: the n likeliest tokens of the raw distribution, likeliest first (ties: lower id
 // first), ids[r * n + j] and their log-probabilities lps[r * n + j] (host twin: top_logprobs).

@@ -5,6 +5,7 @@
 # bundle once measured the code before a change as if it were the change.
 # usage: source_hash.sh [TREE] (default: this repository)
 set -euo pipefail
+export LC_ALL=C  # the files' order, the same on every machine
 cd "${1:-$(dirname "$0")/..}"
 find CMakeLists.txt engine kernels server tools tests bench -type f \
   \( -name '*.cpp' -o -name '*.cu' -o -name '*.cuh' -o -name '*.h' -o -name '*.inc' \

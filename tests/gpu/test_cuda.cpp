@@ -173,9 +173,11 @@ GemvRows gemv_rows(int T, int K, const cpu::Matrix& w, int N, uint32_t seed) {
 }
 
 // The bf16 GEMV (decode's products) against the CPU's product of the same bf16 values, and
-// against cuBLAS's GEMM: every row count it takes, K not a whole number of a warp's 512 weights.
-TEST_F(Cuda, Bf16GemvMatchesTheCpuAndCublas) {
-  const int N = 389, K = 400;
+// against cuBLAS's GEMM: every row count it takes, K not a whole number of a warp's 512 weights,
+// N below and above kWideGemvOutputs (4 outputs a warp; N not a multiple of 4).
+void check_bf16_gemv(int N) {
+  SCOPED_TRACE("N " + std::to_string(N));
+  const int K = 400;
   std::vector<__nv_bfloat16> wb;
   for (float v : randn(size_t(N) * K, 41, 0.05f)) wb.push_back(__float2bfloat16(v));
   const TensorView t{"w", DType::BF16, {N, K}, wb.data()};
@@ -196,9 +198,15 @@ TEST_F(Cuda, Bf16GemvMatchesTheCpuAndCublas) {
   EXPECT_THROW(cuda::gemv_bf16(nullptr, 1, K + 8, dw.p, N, nullptr, nullptr), Error);
   EXPECT_THROW(cuda::gemv_bf16(nullptr, cuda::kGemvRows + 1, K, dw.p, N, nullptr, nullptr), Error);
 }
+TEST_F(Cuda, Bf16GemvMatchesTheCpuAndCublas) {
+  check_bf16_gemv(389);
+  check_bf16_gemv(cuda::kWideGemvOutputs + 5);
+}
 
-TEST_F(Cuda, Q8GemvDequantizeAndEmbedMatchTheCpuTwins) {
-  const int N = 389, K = 800;  // K: whole blocks, not a whole number of a warp's 512 weights
+// N below and above kWideGemvOutputs; K whole blocks, not a whole number of a warp's 512 weights.
+void check_q8_gemv_dequantize_and_embed(int N) {
+  SCOPED_TRACE("N " + std::to_string(N));
+  const int K = 800;
   const std::vector<float> wf = randn(size_t(N) * K, 21, 0.05f);
   std::vector<uint8_t> bytes(size_t(N) * K / kQ8Block * kQ8BlockBytes);
   for (size_t b = 0; b < wf.size() / kQ8Block; ++b)
@@ -239,14 +247,19 @@ TEST_F(Cuda, Q8GemvDequantizeAndEmbedMatchTheCpuTwins) {
     for (int k = 0; k < K; ++k) ASSERT_EQ(x[i * K + k], row[k]) << i << "," << k;
   }
 }
+TEST_F(Cuda, Q8GemvDequantizeAndEmbedMatchTheCpuTwins) {
+  check_q8_gemv_dequantize_and_embed(389);
+  check_q8_gemv_dequantize_and_embed(cuda::kWideGemvOutputs + 5);
+}
 
 // A decode step's GEMV with add_rmsnorm in its prologue and/or SwiGLU in its epilogue against
 // the kernels they replace: add_rmsnorm, the GEMV, swiglu. Both round the same normalised values
 // to bf16; their RMS sums run in different orders, so a last-bit difference can move one input's
 // rounding: 1e-3 relative for fp32 outputs, bf16's 1e-2 for SwiGLU's. The residual sum is exact,
 // and written by the fused kernel to its own buffer only.
-TEST_F(Cuda, GemvWithNormAndSwigluIsTheKernelsItReplaces) {
-  const int K = 384, N = 2 * 389;  // N even (gate and up halves)
+void check_gemv_with_norm_and_swiglu(int N) {
+  SCOPED_TRACE("N " + std::to_string(N));
+  const int K = 384;
   const float eps = 1e-5f;
   std::vector<__nv_bfloat16> wb;
   for (float v : randn(size_t(N) * K, 61, 0.05f)) wb.push_back(__float2bfloat16(v));
@@ -297,6 +310,11 @@ TEST_F(Cuda, GemvWithNormAndSwigluIsTheKernelsItReplaces) {
   EXPECT_THROW(cuda::gemv_bf16({dnorm.p, nullptr, dnorm.p, eps, nullptr}, T, wide, dw.p, N,
                                cuda::GemvOutput(nullptr), nullptr),
                Error);
+}
+
+// N even (gate and up halves); the wider N a head's (kWideGemvOutputs or more).
+TEST_F(Cuda, GemvWithNormAndSwigluIsTheKernelsItReplaces) {
+  for (int N : {2 * 389, cuda::kWideGemvOutputs + 6}) check_gemv_with_norm_and_swiglu(N);
 }
 
 // The q/k/v GEMV that splits and rotates its own output against the GEMV then split_qkv_rope:
@@ -666,7 +684,8 @@ void check_sampling_kernel(int V) {
   Dev<int2> d_pens(pens);
   Dev<int> d_tok(R);
   Dev<float> d_lp(R);
-  cuda::sample(d_logits.p, V, d_rows.p, R, d_pens.p, d_tok.p, d_lp.p, nullptr);
+  cuda::Sampler sampler;
+  sampler.sample(d_logits.p, V, rows, d_rows.p, d_pens.p, d_tok.p, d_lp.p, nullptr);
   cuda::check(cudaDeviceSynchronize(), "sample");
   const auto tok = d_tok.get(R);
   const auto lp = d_lp.get(R);
@@ -701,6 +720,16 @@ void check_sampling_kernel(int V) {
   }
   EXPECT_GT(exact, (R - to_host) * 9 / 10);
   EXPECT_LE(near, R / 20);
+  // The sampler's scratch is kept from call to call (its tickets find a spread row's last
+  // block): a call of fewer rows, then the first call again, which must write every row as
+  // before.
+  sampler.sample(d_logits.p, V, std::span(rows).first(R / 3), d_rows.p, d_pens.p, d_tok.p,
+                 d_lp.p, nullptr);
+  cuda::check(cudaMemset(d_tok.p, 0xff, R * sizeof(int)), "memset");
+  cuda::check(cudaMemset(d_lp.p, 0, R * sizeof(float)), "memset");
+  sampler.sample(d_logits.p, V, rows, d_rows.p, d_pens.p, d_tok.p, d_lp.p, nullptr);
+  EXPECT_EQ(d_tok.get(R), tok);
+  EXPECT_EQ(d_lp.get(R), lp);
   if (V > cuda::kMaxSampleCandidates) {
     EXPECT_GT(to_host, 0);  // top_k off with wide lists
   } else {
