@@ -28,8 +28,8 @@ __device__ Key make_key(float v, int id) { return Key(ordered(v)) << 32 | (0xfff
 __device__ float key_value(Key k) { return unordered(uint32_t(k >> 32)); }
 __device__ int key_id(Key k) { return int(0xffffffffu - uint32_t(k)); }
 
-// Logit `i` after the penalties (pens: this row's pairs, sorted by id).
-__device__ float penalized_logit(const float* row, int i, const SampleRow& r, const int2* pens) {
+// Logit `i`, whose raw value is `raw`, after the penalties (pens: this row's pairs, sorted by id).
+__device__ float penalize(float raw, int i, const SampleRow& r, const int2* pens) {
   int lo = 0, hi = r.pen_count;
   while (lo < hi) {
     const int mid = (lo + hi) / 2;
@@ -38,7 +38,10 @@ __device__ float penalized_logit(const float* row, int i, const SampleRow& r, co
     else
       hi = mid;
   }
-  return lo < r.pen_count && pens[lo].x == i ? penalized(row[i], r.params, pens[lo].y) : row[i];
+  return lo < r.pen_count && pens[lo].x == i ? penalized(raw, r.params, pens[lo].y) : raw;
+}
+__device__ float penalized_logit(const float* row, int i, const SampleRow& r, const int2* pens) {
+  return penalize(row[i], i, r, pens);
 }
 
 // Fills keys[0, want) with the row's `want` largest keys: a radix select of the threshold key
@@ -141,7 +144,7 @@ __host__ __device__ bool spreads(const SamplingParams& p, int vocab) {
   return p.temperature <= 0 || keeps_whole_vocabulary(p, vocab);
 }
 
-constexpr int kSpreadThreads = 256;
+constexpr int kSpreadThreads = 256, kSpreadTile = 4 * kSpreadThreads;
 constexpr int kMaxSpreadBlocks = 1024;  // a row's blocks
 
 struct SpreadPart {  // one block's share of a row
@@ -172,22 +175,40 @@ __global__ void __launch_bounds__(kSpreadThreads)
   const bool greedy = r.params.temperature <= 0;
   const float T = r.params.temperature;
   SpreadPart* row_parts = parts + int64_t(blockIdx.y) * blocks;
-  auto logit = [&](int i) { return penalized_logit(row, i, r, pens); };
-  auto weight = [&](int i, float top) { return expf((logit(i) - top) / T); };
-
+  auto weight = [&](float logit, float top) { return expf((logit - top) / T); };
+  // f(i, raw logit i) for this block's ids, each thread every kSpreadThreads-th, the loads of
+  // kBatch of them issued before their use (one load after another, each waiting on the last,
+  // was most of a batch of 256's sampling).
+  constexpr int kBatch = 8;
   const int begin = blockIdx.x * per_block, end = min(vocab, begin + per_block);
+  auto each = [&](auto&& f) {
+    for (int i0 = begin + tid; i0 < end; i0 += kBatch * kSpreadThreads) {
+      float x[kBatch];
+#pragma unroll
+      for (int j = 0; j < kBatch; ++j) {
+        const int i = i0 + j * kSpreadThreads;
+        x[j] = i < end ? row[i] : 0.0f;
+      }
+#pragma unroll
+      for (int j = 0; j < kBatch; ++j)
+        if (i0 + j * kSpreadThreads < end) f(i0 + j * kSpreadThreads, x[j]);
+    }
+  };
+
   SpreadPart part;
   part.best = 0, part.raw_max = -INFINITY;
-  for (int i = begin + tid; i < end; i += kSpreadThreads)
-    part.best = max(part.best, make_key(logit(i), i)), part.raw_max = fmaxf(part.raw_max, row[i]);
+  each([&](int i, float raw) {
+    part.best = max(part.best, make_key(penalize(raw, i, r, pens), i));
+    part.raw_max = fmaxf(part.raw_max, raw);
+  });
   block_reduce_two(part.best, Max{}, Key(0), part.raw_max, Max{}, -INFINITY);
   const float mx = key_value(part.best);
   float weight_sum = 0;
   part.raw_sum = 0;
-  for (int i = begin + tid; i < end; i += kSpreadThreads) {
-    if (!greedy) weight_sum += weight(i, mx);
-    part.raw_sum += __expf(row[i] - part.raw_max);
-  }
+  each([&](int i, float raw) {
+    if (!greedy) weight_sum += weight(penalize(raw, i, r, pens), mx);
+    part.raw_sum += __expf(raw - part.raw_max);
+  });
   part.weight = weight_sum;
   block_reduce_two(part.weight, Sum{}, 0.0, part.raw_sum, Sum{}, 0.0f);
 
@@ -233,8 +254,10 @@ __global__ void __launch_bounds__(kSpreadThreads)
   double s = 0;
   for (int b = tid; b < blocks; b += kSpreadThreads) s += mass[b] /= Z;
   const double S = block_reduce(s, Sum{}, 0.0);
-  // The first block whose mass passes u, then its ids (and the next block's, should rounding
-  // leave u past its last id), each thread a run of consecutive ids (the scan's order).
+  // The first block whose mass passes u, then its ids a tile at a time (and the next block's,
+  // should rounding leave u past its last id): each tile loaded with coalesced loads, then
+  // scanned with each thread holding consecutive ids (a thread's run of ids, loaded one after
+  // another, was most of a batch of 256's sampling).
   __shared__ int first_block;
   __shared__ double before_block;
   if (tid == 0) {
@@ -244,24 +267,37 @@ __global__ void __launch_bounds__(kSpreadThreads)
     first_block = b, before_block = cum;
   }
   __syncthreads();
+  constexpr int kHeld = kSpreadTile / kSpreadThreads;
   using BlockScan = cub::BlockScan<double, kSpreadThreads>;
   __shared__ typename BlockScan::TempStorage scan;
+  __shared__ double tile[kSpreadTile];
   const double inv = 1.0 / (Z * S);
-  auto p = [&](int i) { return double(float(weight(i, top) * inv)); };
-  const int run = per_block / kSpreadThreads;
   double before = before_block;
-  for (int b = first_block; b < blocks; ++b) {
-    const int i0 = b * per_block + tid * run, i1 = min(vocab, i0 + run);
-    double mine = 0, total;
-    for (int i = i0; i < i1; ++i) mine += p(i);
-    BlockScan(scan).ExclusiveSum(mine, mine, total);
+  for (int t0 = first_block * per_block; t0 < vocab; t0 += kSpreadTile) {
+    float raw[kHeld];
+#pragma unroll
+    for (int j = 0; j < kHeld; ++j) {
+      const int i = t0 + j * kSpreadThreads + tid;
+      raw[j] = i < vocab ? row[i] : 0.0f;
+    }
+#pragma unroll
+    for (int j = 0; j < kHeld; ++j) {
+      const int i = t0 + j * kSpreadThreads + tid;
+      tile[j * kSpreadThreads + tid] =
+          i < vocab ? double(float(weight(penalize(raw[j], i, r, pens), top) * inv)) : 0.0;
+    }
+    __syncthreads();
+    double cum[kHeld], total;
+#pragma unroll
+    for (int j = 0; j < kHeld; ++j) cum[j] = tile[tid * kHeld + j];
+    BlockScan(scan).InclusiveSum(cum, cum, total);
     int first = vocab;
-    for (int i = i0; i < i1 && first == vocab; ++i)
-      if (u < before + (mine += p(i))) first = i;
+#pragma unroll
+    for (int j = kHeld - 1; j >= 0; --j)
+      if (t0 + tid * kHeld + j < vocab && u < before + cum[j]) first = t0 + tid * kHeld + j;
     first = -block_reduce(-first, Max{}, -vocab);
     if (first < vocab) return finish(first);
-    before += total;
-    __syncthreads();  // scan's storage is reused
+    before += total;  // (block_reduce synchronised: the tile and scan may be rewritten)
   }
   finish(vocab - 1);
 }
@@ -406,13 +442,19 @@ void Sampler::sample(const float* logits, int vocab, std::span<const SampleRow> 
     return spreads(r.params, vocab);
   }));
   if (spread > 0) {
-    // Enough blocks to fill the GPU (at least kSpreadIds ids each): 16 a row of 16,384 ids at
-    // batch 1, 3 at batch 256.
-    int device = 0, sms = 0;
-    check(cudaGetDevice(&device), "cudaGetDevice");
-    check(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device), "SM count");
+    // As many blocks as the GPU holds at once (at least kSpreadIds ids each): 16 a row of
+    // 16,384 ids at batch 1, 2 at batch 256.
+    if (resident_ == 0) {
+      int device = 0, sms = 0, per_sm = 0;
+      check(cudaGetDevice(&device), "cudaGetDevice");
+      check(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device), "SM count");
+      check(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, sample_spread_kernel,
+                                                          kSpreadThreads, 0),
+            "sample: occupancy");
+      resident_ = std::max(1, sms * per_sm);
+    }
     const int most = std::min((vocab + kSpreadIds - 1) / kSpreadIds, kMaxSpreadBlocks);
-    const int want = std::clamp((4 * sms + n_rows - 1) / n_rows, 1, most);
+    const int want = std::clamp(resident_ / n_rows, 1, most);
     const int per_block =
         ((vocab + want - 1) / want + kSpreadThreads - 1) / kSpreadThreads * kSpreadThreads;
     const int blocks = (vocab + per_block - 1) / per_block;  // none empty

@@ -42,6 +42,7 @@ class Sampler {
  private:
   void* scratch_ = nullptr;
   size_t bytes_ = 0;
+  int resident_ = 0;  // spread blocks the GPU holds at once
 };
 
 // For rows[r]: the n likeliest tokens of the raw distribution, likeliest first (ties: lower id
