@@ -13,10 +13,7 @@ constexpr int kTile = 32;            // keys staged in shared memory at a time
 // Warps sharing one decode query's keys: 8, or 32 when the step has too few (sequence, head)
 // blocks to fill the GPU (kDecodeFewBlocks or fewer), whose latency is then the step's.
 constexpr int kDecodeWarps = 8, kDecodeWarpsFew = 32, kDecodeFewBlocks = 128;
-// Keys a warp loads at once: 4, or 6 with few blocks (head dims below 128: 128 spills), so that
-// the default model's ~170 keys (m = 64, ranks 2,2,2,4,4,4) are one round of its 32 warps' loads
-// (two rounds cost a batch-1 step another trip to L2 a layer).
-constexpr int kDecodeUnroll = 4, kDecodeUnrollFew = 6;
+constexpr int kDecodeUnroll = 4;  // keys a warp loads at once
 
 // A summary thread's outputs: channel ch of kSumHeads KV heads from h0 and kSumRanks summaries
 // from r0, so that each key value it loads serves several ranks and each weight several heads.
@@ -658,13 +655,13 @@ __device__ void load_channels(const float* p, float (&x)[C]) {
 // kDecodeUnroll keys at a time so that their loads overlap, each key and value loaded once for
 // the G heads; each warp keeps an online softmax per head over its keys, and the block merges
 // the warps'.
-template <int D, int W, int G, int U>
+template <int D, int W, int G>
 __global__ void __launch_bounds__(W * 32)
     decode_attention_kernel(FmaShape s, CacheView cv, const ChunkDesc* chunks,
                             const NewGroups* table, const AttnItem* items, const float* q,
                             const float* k, const float* v, const float* new_k, const float* new_v,
                             float* out, __nv_bfloat16* out_bf16) {
-  constexpr int C = D >= 32 ? D / 32 : 1;
+  constexpr int C = D >= 32 ? D / 32 : 1, U = kDecodeUnroll;
   __shared__ float part[W][G][D];
   __shared__ float wmax[W][G], wsum[W][G];
   __shared__ LevelTable lt;
@@ -1383,21 +1380,21 @@ void attention(const FmaShape& s, const CacheView& c, const ChunkDesc* chunks,
   }
   // Decode: blocks of W warps serving G heads of a KV head each (few sequences: 32 warps, a
   // head a block; many: 8 warps, every head of a KV head that G takes).
-  auto decode = [&]<int D, int W, int G, int U>() {
-    launch("attention", overlap, decode_attention_kernel<D, W, G, U>, dim3(n_items, s.heads / G),
+  auto decode = [&]<int D, int W, int G>() {
+    launch("attention", overlap, decode_attention_kernel<D, W, G>, dim3(n_items, s.heads / G),
            W * 32, 0, st, s, c, chunks, table, items, q, k, v, new_k, new_v, out, out_bf16);
   };
   const int G = few ? 1 : decode_heads_per_block(s);
 #define MP_ATTN(D)                                                                               \
   case D:                                                                                        \
     if (single_queries && few)                                                                   \
-      decode.template operator()<D, kDecodeWarpsFew, 1, D < 128 ? kDecodeUnrollFew : kDecodeUnroll>(); \
+      decode.template operator()<D, kDecodeWarpsFew, 1>();                                       \
     else if (single_queries && G == 4)                                                           \
-      decode.template operator()<D, kDecodeWarps, 4, kDecodeUnroll>();                           \
+      decode.template operator()<D, kDecodeWarps, 4>();                                          \
     else if (single_queries && G == 2)                                                           \
-      decode.template operator()<D, kDecodeWarps, 2, kDecodeUnroll>();                           \
+      decode.template operator()<D, kDecodeWarps, 2>();                                          \
     else if (single_queries)                                                                     \
-      decode.template operator()<D, kDecodeWarps, 1, kDecodeUnroll>();                           \
+      decode.template operator()<D, kDecodeWarps, 1>();                                          \
     else                                                                                         \
       attention_kernel<D>                                                                        \
           <<<grid, kThreads, 0, st>>>(s, c, chunks, table, items, q, k, v, new_k, new_v, out);   \
