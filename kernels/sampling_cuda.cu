@@ -432,7 +432,10 @@ __global__ void __launch_bounds__(kThreads)
 
 }  // namespace
 
-Sampler::~Sampler() { cudaFree(scratch_); }
+Sampler::~Sampler() {
+  cudaFree(parts_);
+  cudaFree(tickets_);
+}
 
 void Sampler::sample(const float* logits, int vocab, std::span<const SampleRow> rows,
                      const SampleRow* rows_on_device, const int2* pens, int* tokens,
@@ -458,20 +461,23 @@ void Sampler::sample(const float* logits, int vocab, std::span<const SampleRow> 
     const int per_block =
         ((vocab + want - 1) / want + kSpreadThreads - 1) / kSpreadThreads * kSpreadThreads;
     const int blocks = (vocab + per_block - 1) / per_block;  // none empty
-    const size_t tickets = (size_t(n_rows) * sizeof(unsigned) + 15) / 16 * 16,
-                 bytes = tickets + size_t(n_rows) * blocks * sizeof(SpreadPart);
-    if (bytes > bytes_) {  // the tickets start at 0; each call leaves them at 0
-      cudaFree(scratch_);
-      scratch_ = nullptr;
-      check(cudaMalloc(&scratch_, bytes), "sample: scratch");
-      check(cudaMemsetAsync(scratch_, 0, bytes, st), "sample: scratch");
-      bytes_ = bytes;
+    if (n_rows > ticket_rows_) {  // the tickets start at 0
+      cudaFree(tickets_);
+      tickets_ = nullptr;
+      check(cudaMalloc(&tickets_, size_t(n_rows) * sizeof(unsigned)), "sample: tickets");
+      check(cudaMemsetAsync(tickets_, 0, size_t(n_rows) * sizeof(unsigned), st), "sample: tickets");
+      ticket_rows_ = n_rows;
     }
-    auto* base = static_cast<uint8_t*>(scratch_);
+    const size_t bytes = size_t(n_rows) * blocks * sizeof(SpreadPart);
+    if (bytes > parts_bytes_) {
+      cudaFree(parts_);
+      parts_ = nullptr;
+      check(cudaMalloc(&parts_, bytes), "sample: parts");
+      parts_bytes_ = bytes;
+    }
     sample_spread_kernel<<<dim3(blocks, n_rows), kSpreadThreads, 0, st>>>(
-        logits, vocab, per_block, rows_on_device, pens,
-        reinterpret_cast<SpreadPart*>(base + tickets), reinterpret_cast<unsigned*>(base), tokens,
-        logprobs);
+        logits, vocab, per_block, rows_on_device, pens, static_cast<SpreadPart*>(parts_),
+        tickets_, tokens, logprobs);
     check_launch("sample_spread");
   }
   if (spread == n_rows) return;

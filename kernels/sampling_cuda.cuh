@@ -40,8 +40,13 @@ class Sampler {
               cudaStream_t st);
 
  private:
-  void* scratch_ = nullptr;
-  size_t bytes_ = 0;
+  // Apart, so that the tickets keep their places whatever a call's rows and blocks: each call
+  // leaves them at 0 (in one buffer with the parts after them, a call of fewer rows wrote its
+  // parts over the tickets of the next call's later rows).
+  void* parts_ = nullptr;
+  size_t parts_bytes_ = 0;
+  unsigned* tickets_ = nullptr;
+  int ticket_rows_ = 0;
   int resident_ = 0;  // spread blocks the GPU holds at once
 };
 

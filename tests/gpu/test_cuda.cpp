@@ -720,16 +720,21 @@ void check_sampling_kernel(int V) {
   }
   EXPECT_GT(exact, (R - to_host) * 9 / 10);
   EXPECT_LE(near, R / 20);
-  // The sampler's scratch is kept from call to call (its tickets find a spread row's last
-  // block): a call of fewer rows, then the first call again, which must write every row as
-  // before.
-  sampler.sample(d_logits.p, V, std::span(rows).first(R / 3), d_rows.p, d_pens.p, d_tok.p,
-                 d_lp.p, nullptr);
-  cuda::check(cudaMemset(d_tok.p, 0xff, R * sizeof(int)), "memset");
-  cuda::check(cudaMemset(d_lp.p, 0, R * sizeof(float)), "memset");
-  sampler.sample(d_logits.p, V, rows, d_rows.p, d_pens.p, d_tok.p, d_lp.p, nullptr);
-  EXPECT_EQ(d_tok.get(R), tok);
-  EXPECT_EQ(d_lp.get(R), lp);
+  // The sampler keeps its scratch from call to call (the tickets that find a spread row's last
+  // block stay at 0 between calls): calls of other rows and row counts (so other blocks a row),
+  // each row's token as in the first call, its log-probability to rounding.
+  const std::pair<int, int> calls[] = {{R - R / 3, R / 3}, {0, 1}, {R / 2, 7}, {0, R / 2}, {0, R}};
+  for (const auto& [first, n] : calls) {
+    cuda::check(cudaMemset(d_tok.p, 0xff, R * sizeof(int)), "memset");
+    sampler.sample(d_logits.p, V, std::span(rows).subspan(first, n), d_rows.p + first, d_pens.p,
+                   d_tok.p, d_lp.p, nullptr);
+    const std::vector<int> again = d_tok.get(n);
+    const std::vector<float> again_lp = d_lp.get(n);
+    for (int i = 0; i < n; ++i) {
+      EXPECT_EQ(again[i], tok[first + i]) << "row " << first + i << " in a call of " << n;
+      EXPECT_NEAR(again_lp[i], lp[first + i], 1e-5) << "row " << first + i;
+    }
+  }
   if (V > cuda::kMaxSampleCandidates) {
     EXPECT_GT(to_host, 0);  // top_k off with wide lists
   } else {
