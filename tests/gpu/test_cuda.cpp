@@ -199,8 +199,7 @@ void check_bf16_gemv(int N) {
   EXPECT_THROW(cuda::gemv_bf16(nullptr, cuda::kGemvRows + 1, K, dw.p, N, nullptr, nullptr), Error);
 }
 TEST_F(Cuda, Bf16GemvMatchesTheCpuAndCublas) {
-  check_bf16_gemv(389);
-  check_bf16_gemv(cuda::kWideGemvOutputs + 5);
+  for (int N : {389, cuda::kWideGemvOutputs + 5}) check_bf16_gemv(N);
 }
 
 // N below and above kWideGemvOutputs; K whole blocks, not a whole number of a warp's 512 weights.
@@ -248,8 +247,7 @@ void check_q8_gemv_dequantize_and_embed(int N) {
   }
 }
 TEST_F(Cuda, Q8GemvDequantizeAndEmbedMatchTheCpuTwins) {
-  check_q8_gemv_dequantize_and_embed(389);
-  check_q8_gemv_dequantize_and_embed(cuda::kWideGemvOutputs + 5);
+  for (int N : {389, cuda::kWideGemvOutputs + 5}) check_q8_gemv_dequantize_and_embed(N);
 }
 
 // A decode step's GEMV with add_rmsnorm in its prologue and/or SwiGLU in its epilogue against
