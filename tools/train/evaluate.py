@@ -4,17 +4,18 @@
 
 Prints and writes JSON with: perplexity at context 512 and 8192 (the validation stream cut into
 windows, each from an empty state), perplexity by position bucket on the long validation
-documents (each evaluated whole, up to --max-doc tokens), perplexity by position on the same text
-(by_position_same_text), and a parity sample: the per-token NLL of the first --parity-tokens
-validation tokens at context 8192 in float32, for comparison with multipole-perplexity
-(engine_parity.py).
+documents (each evaluated whole, up to --max-doc tokens; --no-whole-docs: not these, as proxy
+runs are scored), perplexity by position on the same text (by_position_same_text;
+--same-text-docs N: over the first N long documents), and a parity sample: the per-token NLL of
+the first --parity-tokens validation tokens at context 8192 in float32, for comparison with
+multipole-perplexity (engine_parity.py).
 
 With --contexts only the perplexity at those contexts (and the parity sample at the largest);
 with --fma an exact-attention folder (a Llama-family one) is evaluated as multipole-convert --fma
 would make it.
 
 usage: evaluate.py HF_DIR DATA_DIR OUT.json [--device cuda] [--max-doc N] [--contexts 512,2048]
-       [--max-tokens N] [--parity-only]
+       [--max-tokens N] [--parity-only] [--same-text-docs N] [--no-whole-docs]
        [--fma avgpool|groupedconv --block-size M --rank P [--trained-length N]]
 """
 import argparse
@@ -54,16 +55,17 @@ def nll_windows(model, ids, ctx, device, bf16):
     return torch.cat(parts)
 
 
-def by_position_same_text(model, val, docs, device, bf16, n=8192, step=1024):
+def by_position_same_text(model, val, docs, device, bf16, n=8192, step=1024, max_docs=None):
     """Perplexity by position with the text held fixed. On whole documents a position bucket also
     changes the text (documents open with titles and tables of contents), so here every token t of
-    [n, 2n) of each document of at least 2n tokens is scored at n / step positions: in the windows
-    of n tokens that start at s = t - n + step, ..., t (multiples of step). Each bucket then holds
-    the same tokens, and only the context before them differs."""
+    [n, 2n) of each document of at least 2n tokens (the first max_docs of them) is scored at
+    n / step positions: in the windows of n tokens that start at s = t - n + step, ..., t
+    (multiples of step). Each bucket then holds the same tokens, and only the context before them
+    differs."""
     edges = [e for e in (0, 128, 512, 1024, 2048, 4096) if e < n] + [n]
     sums, counts = np.zeros(len(edges) - 1), np.zeros(len(edges) - 1)
     bucket = np.searchsorted(edges, np.arange(n), side="right") - 1
-    long_docs = [d for d in docs if d["length"] >= 2 * n]
+    long_docs = [d for d in docs if d["length"] >= 2 * n][:max_docs]
     for d in long_docs:
         doc = val[d["start"]:d["start"] + d["length"]]
         starts = range(step, 2 * n, step)
@@ -94,6 +96,11 @@ def main():
                     help="the windowed perplexities on the first N validation tokens only")
     ap.add_argument("--parity-only", action="store_true",
                     help="only the parity sample (at context 8192): a CPU can make it")
+    ap.add_argument("--same-text-docs", type=int,
+                    help="the same-text buckets over the first N long documents only")
+    ap.add_argument("--no-whole-docs", action="store_true",
+                    help="no buckets over whole documents (a proxy run's verdict needs the "
+                         "same-text ones: proxy_evals_gpu.sh)")
     ap.add_argument("--fma", choices=["avgpool", "groupedconv"])
     ap.add_argument("--block-size", type=int, default=64)
     ap.add_argument("--rank", type=int, default=4)
@@ -117,23 +124,30 @@ def main():
     if args.contexts:
         finish(res, model, val[:args.parity_tokens], max(contexts), args, t0)
         return
-    # Position buckets on the long documents, each evaluated whole from its start.
-    edges = [0, 512, 2048, 8192, args.max_doc]
+    if not args.no_whole_docs:
+        res.update(by_position_whole_docs(model, val, docs, cfg, args.max_doc, args.device, bf16))
+    res.update(by_position_same_text(model, val, docs, args.device, bf16,
+                                     max_docs=args.same_text_docs))
+    finish(res, model, val[:args.parity_tokens], 8192, args, t0)
+
+
+def by_position_whole_docs(model, val, docs, cfg, max_doc, device, bf16):
+    """Perplexity by position bucket on the long documents, each evaluated whole from its start
+    (up to max_doc tokens; an exact-attention model up to 8192)."""
+    edges = [0, 512, 2048, 8192, max_doc]
     sums, counts = [0.0] * 4, [0] * 4
     long_docs = [d for d in docs if d["length"] > 8192]
     for d in long_docs:
-        n = min(d["length"], args.max_doc if cfg.fma_enabled else 8192)
+        n = min(d["length"], max_doc if cfg.fma_enabled else 8192)
         ids = val[d["start"]:d["start"] + n]
-        nll = nll_windows(model, ids, n, args.device, bf16)
+        nll = nll_windows(model, ids, n, device, bf16)
         for b in range(4):
             part = nll[edges[b]:edges[b + 1]]
             sums[b] += part.sum().item()
             counts[b] += part.numel()
-    res["long_docs"] = len(long_docs)
-    res["ppl_by_position"] = {f"{edges[b]}-{edges[b + 1]}": math.exp(sums[b] / counts[b])
-                              for b in range(4) if counts[b]}
-    res.update(by_position_same_text(model, val, docs, args.device, bf16))
-    finish(res, model, val[:args.parity_tokens], 8192, args, t0)
+    return {"long_docs": len(long_docs),
+            "ppl_by_position": {f"{edges[b]}-{edges[b + 1]}": math.exp(sums[b] / counts[b])
+                                for b in range(4) if counts[b]}}
 
 
 def finish(res, model, ids, ctx, args, t0):

@@ -338,6 +338,10 @@ class Evaluation(unittest.TestCase):
                         sums[int(i >= 128)] += x
                         counts[int(i >= 128)] += 1
         self.assertEqual(got["same_text_docs"], 2)
+        first = evaluate.by_position_same_text(model, val, docs, "cpu", False, n, step, max_docs=1)
+        self.assertEqual(first, evaluate.by_position_same_text(model, val, docs[:1], "cpu", False,
+                                                               n, step))
+        self.assertEqual(first["same_text_docs"], 1)
         want = {"0-128": np.exp(sums[0] / counts[0]), "128-256": np.exp(sums[1] / counts[1])}
         self.assertEqual(list(got["ppl_by_position_same_text"]), list(want))
         for k, v in want.items():
@@ -562,7 +566,8 @@ class ProxyTable(unittest.TestCase):
             # evaluate.py writes a result, except for the model "broken"; the rest is Python.
             write(os.path.join(stubs, "python3"), (
                 f'#!/bin/sh\nif [ "$1" = evaluate.py ]; then\n'
-                f'  echo "$CUDA_VISIBLE_DEVICES $2" >> {record}\n'
+                f'  echo "$CUDA_VISIBLE_DEVICES $2 $(echo "$@" | grep -c -- --no-whole-docs)"'
+                f' >> {record}\n'
                 f'  case $2 in */broken/hf) exit 1 ;; esac\n'
                 f"  echo '{json.dumps(res)}' > $4; exit 0\nfi\nexec {sys.executable} \"$@\"\n"
             ).encode())
@@ -578,8 +583,8 @@ class ProxyTable(unittest.TestCase):
                 runs = sorted(line.split() for line in f)
         self.assertEqual(got.returncode, 1, got.stderr)
         self.assertIn("failed on broken", got.stderr)
-        self.assertEqual(runs, [["0", "/lease/broken/hf"], ["0", "/lease/fma/hf"],
-                                ["1", "/lease/fma_ap/hf"]])
+        self.assertEqual(runs, [["0", "/lease/broken/hf", "1"], ["0", "/lease/fma/hf", "1"],
+                                ["1", "/lease/fma_ap/hf", "1"]])
         self.assertEqual([l.split(" |")[0] for l in got.stdout.splitlines()[2:]],
                          ["| fma", "| fma_ap"])
 
