@@ -445,6 +445,8 @@ void Sampler::sample(const float* logits, int vocab, std::span<const SampleRow> 
     return spreads(r.params, vocab);
   }));
   if (spread > 0) {
+    if (n_rows > 65535)  // the grid's y
+      throw Error("sample: " + std::to_string(n_rows) + " rows in one call (at most 65,535)");
     // As many blocks as the GPU holds at once (at least kSpreadIds ids each): 16 a row of
     // 16,384 ids at batch 1, 2 at batch 256.
     if (resident_ == 0) {
