@@ -86,15 +86,16 @@ struct Q8Rows {  // half a block of 32 (one 16-byte load) and its block's scale
 constexpr int kGemvWarpsPerBlock = 4;
 
 // Where a GEMV's output goes: y[r][n] = the product (n < N)...
-// Each form's Early is what its store needs of row r and output n that reads only the plan,
-// computed before the wait for the kernel before (overlap.cuh).
+// Each form's outputs() is how many n there are (each from kWeightRows weight rows), its Early
+// what its store needs of row r and output n that reads only the plan, computed before the wait
+// for the kernel before (overlap.cuh).
 struct NoEarly {};
 struct FloatOut {
   float* y;
   int N;
   static constexpr int kWeightRows = 1;
   using Early = NoEarly;
-  __host__ __device__ int warps() const { return N; }
+  __host__ __device__ int outputs() const { return N; }
   __device__ int64_t weight_row(int n, int) const { return n; }
   __device__ Early early(int, int) const { return {}; }
   __device__ void store(int r, int n, const float (&v)[1], Early) const {
@@ -108,7 +109,7 @@ struct SwigluOut {
   int F;
   static constexpr int kWeightRows = 2;
   using Early = NoEarly;
-  __host__ __device__ int warps() const { return F; }
+  __host__ __device__ int outputs() const { return F; }
   __device__ int64_t weight_row(int f, int j) const { return f + int64_t(j) * F; }
   __device__ Early early(int, int) const { return {}; }
   __device__ void store(int r, int f, const float (&v)[2], Early) const {
@@ -122,7 +123,7 @@ struct RopeOut {
   QkvRope o;
   static constexpr int kWeightRows = 2;
   using Early = float2;
-  __host__ __device__ int warps() const { return (o.nh + 2 * o.nkv) * (o.d / 2); }
+  __host__ __device__ int outputs() const { return (o.nh + 2 * o.nkv) * (o.d / 2); }
   __device__ int64_t weight_row(int n, int j) const {
     const int half = o.d / 2;
     return int64_t(n / half) * o.d + n % half + j * half;
@@ -198,7 +199,7 @@ __global__ void gemv_kernel(GemvInput in, int K, Rows W, Out out) {
   extern __shared__ __align__(16) float sums[];
   constexpr int J = Out::kWeightRows;
   const int n0 = (blockIdx.x * kGemvWarpsPerBlock + threadIdx.x / 32) * M, lane = threadIdx.x % 32;
-  auto has = [&](int m) { return n0 + m < out.warps(); };
+  auto has = [&](int m) { return n0 + m < out.outputs(); };
   // The warp's first 16 weights of each row (all of them at K <= 512) are constant, and the
   // store's Early reads only the plan: both before the wait for the kernel before (overlap.cuh),
   // the inputs after it.
@@ -272,13 +273,13 @@ void gemv_rows(const char* what, const GemvInput& in, int T, int K, Rows W, Out 
     if (T != R) return gemv_rows<R + 1>(what, in, T, K, W, out, s, overlap);
     const size_t shared = in.residual ? size_t(R) * K * kNormedGemvBytes : 0;
     auto run = [&]<int M>() {
-      const int warps = (out.warps() + M - 1) / M,
+      const int warps = (out.outputs() + M - 1) / M,
                 blocks = (warps + kGemvWarpsPerBlock - 1) / kGemvWarpsPerBlock;
       launch(what, overlap, gemv_kernel<R, M, Rows, Out>, blocks, 32 * kGemvWarpsPerBlock, shared,
              s, in, K, W, out);
     };
     if constexpr (std::is_same_v<Out, FloatOut>)
-      if (out.warps() >= kWideGemvOutputs) return run.template operator()<4>();
+      if (out.outputs() >= kWideGemvOutputs) return run.template operator()<4>();
     run.template operator()<1>();
   }
 }
