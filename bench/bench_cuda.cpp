@@ -224,6 +224,13 @@ std::vector<double> bench_decode(std::shared_ptr<const Model> model, const std::
   return rates;
 }
 
+// The API's default sampling (temperature 0.8 alone): what --decode and --profile-decode time.
+SamplingParams api_sampling() {
+  SamplingParams p;
+  p.temperature = 0.8f, p.top_k = 0, p.top_p = 1.0f, p.min_p = 0.0f;
+  return p;
+}
+
 // The sampling kernel alone on random logits (vocabulary 16,384, the default model's), for the
 // samplers users ask for, against greedy (one pass over the row: the floor) in the same run.
 void bench_sampling() {
@@ -238,41 +245,37 @@ void bench_sampling() {
   std::vector<Case> cases(5);
   cases[0].name = "greedy", cases[0].p.temperature = 0;
   cases[1].name = "temperature 0.8 (the API's default)";
-  cases[1].p.temperature = 0.8f, cases[1].p.top_k = 0, cases[1].p.top_p = 1, cases[1].p.min_p = 0;
+  cases[1].p = api_sampling();
   cases[2].name = "top-k 40";
   cases[2].p = cases[1].p, cases[2].p.top_k = 40;
   cases[3].name = "top-p 0.95";
   cases[3].p = cases[1].p, cases[3].p.top_p = 0.95f;
   cases[4].name = "top-k 40, top-p 0.95, min-p 0.05 (the CLI's default)";
-  float *logits, *lps;
-  int* tokens;
-  cuda::SampleRow* rows;
-  int2* pens;
+  cuda::DeviceArray<float> logits(size_t(R) * V), lps(R);
+  cuda::DeviceArray<int> tokens(R);
+  cuda::DeviceArray<cuda::SampleRow> rows(R);
+  cuda::DeviceArray<int2> pens(1);
   cuda::Sampler sampler;
-  cuda::check(cudaMalloc(&logits, size_t(R) * V * 4), "malloc");
-  cuda::check(cudaMalloc(&lps, R * 4), "malloc");
-  cuda::check(cudaMalloc(&tokens, R * 4), "malloc");
-  cuda::check(cudaMalloc(&rows, R * sizeof(cuda::SampleRow)), "malloc");
-  cuda::check(cudaMalloc(&pens, sizeof(int2)), "malloc");
   std::mt19937 rng(3);
   for (float scale : {2.5f, 5.0f}) {
     std::normal_distribution<float> normal(0.0f, scale);
     std::vector<float> host(size_t(R) * V);
     for (auto& x : host) x = normal(rng);
-    cuda::check(cudaMemcpy(logits, host.data(), host.size() * 4, cudaMemcpyHostToDevice), "copy");
+    logits.upload(host, nullptr);
     double greedy1 = 0;
     for (const Case& c : cases) {
       std::vector<cuda::SampleRow> hr;
       std::uniform_real_distribution<double> unif(0, 1);
       for (int r = 0; r < R; ++r) hr.push_back({r, c.p, 0, 0, unif(rng)});
-      cuda::check(cudaMemcpy(rows, hr.data(), R * sizeof(cuda::SampleRow), cudaMemcpyHostToDevice),
-                  "copy");
+      rows.upload(hr, nullptr);
       double us[2];
       for (int k = 0; k < 2; ++k) {
-        const int n = k == 0 ? 1 : R;
-        const std::span<const cuda::SampleRow> some(hr.data(), n);
-        us[k] = 1e3 * time_ms([&] { sampler.sample(logits, V, some, rows, pens, tokens, lps, nullptr); },
-                              50);
+        const std::span<const cuda::SampleRow> some(hr.data(), k == 0 ? 1 : R);
+        auto call = [&] {
+          sampler.sample(logits.get(), V, some, rows.get(), pens.get(), tokens.get(), lps.get(),
+                         nullptr);
+        };
+        us[k] = 1e3 * time_ms(call, 50);
       }
       if (c.p.temperature == 0) greedy1 = us[0];
       std::printf("| %s | %.1f | %.1f | %.1f | %.1fx |\n", c.name, scale, us[0], us[1],
@@ -280,14 +283,6 @@ void bench_sampling() {
       std::fflush(stdout);
     }
   }
-  for (void* p : {(void*)logits, (void*)lps, (void*)tokens, (void*)rows, (void*)pens}) cudaFree(p);
-}
-
-// The API's default sampling (temperature 0.8 alone): what --decode and --profile-decode time.
-SamplingParams api_sampling() {
-  SamplingParams p;
-  p.temperature = 0.8f, p.top_k = 0, p.top_p = 1.0f, p.min_p = 0.0f;
-  return p;
 }
 
 // One decode step of `batch` sequences between cudaProfilerStart and Stop (for ncu

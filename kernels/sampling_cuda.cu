@@ -432,11 +432,6 @@ __global__ void __launch_bounds__(kThreads)
 
 }  // namespace
 
-Sampler::~Sampler() {
-  cudaFree(parts_);
-  cudaFree(tickets_);
-}
-
 void Sampler::sample(const float* logits, int vocab, std::span<const SampleRow> rows,
                      const SampleRow* rows_on_device, const int2* pens, int* tokens,
                      float* logprobs, cudaStream_t st) {
@@ -463,23 +458,13 @@ void Sampler::sample(const float* logits, int vocab, std::span<const SampleRow> 
     const int per_block =
         ((vocab + want - 1) / want + kSpreadThreads - 1) / kSpreadThreads * kSpreadThreads;
     const int blocks = (vocab + per_block - 1) / per_block;  // none empty
-    if (n_rows > ticket_rows_) {  // the tickets start at 0
-      cudaFree(tickets_);
-      tickets_ = nullptr;
-      check(cudaMalloc(&tickets_, size_t(n_rows) * sizeof(unsigned)), "sample: tickets");
-      check(cudaMemsetAsync(tickets_, 0, size_t(n_rows) * sizeof(unsigned), st), "sample: tickets");
-      ticket_rows_ = n_rows;
-    }
-    const size_t bytes = size_t(n_rows) * blocks * sizeof(SpreadPart);
-    if (bytes > parts_bytes_) {
-      cudaFree(parts_);
-      parts_ = nullptr;
-      check(cudaMalloc(&parts_, bytes), "sample: parts");
-      parts_bytes_ = bytes;
-    }
+    if (tickets_.resize(n_rows))  // the tickets start at 0
+      check(cudaMemsetAsync(tickets_.get(), 0, tickets_.size() * sizeof(unsigned), st),
+            "sample: tickets");
+    parts_.resize(size_t(n_rows) * blocks * sizeof(SpreadPart));
     sample_spread_kernel<<<dim3(blocks, n_rows), kSpreadThreads, 0, st>>>(
-        logits, vocab, per_block, rows_on_device, pens, static_cast<SpreadPart*>(parts_),
-        tickets_, tokens, logprobs);
+        logits, vocab, per_block, rows_on_device, pens,
+        reinterpret_cast<SpreadPart*>(parts_.get()), tickets_.get(), tokens, logprobs);
     check_launch("sample_spread");
   }
   if (spread == n_rows) return;

@@ -5,7 +5,7 @@
 
 #include <span>
 
-#include "ops_cuda.cuh"
+#include "device_array.cuh"
 
 namespace mp::cuda {
 
@@ -29,10 +29,6 @@ constexpr int kSpreadIds = 1024;
 // tickets that find each row's last block) from call to call.
 class Sampler {
  public:
-  Sampler() = default;
-  ~Sampler();
-  Sampler(const Sampler&) = delete;
-  Sampler& operator=(const Sampler&) = delete;
   // tokens[r], logprobs[r] (log-softmax of the raw logits at the token) for rows[r]; `rows` is
   // on the host, `rows_on_device` its copy on the device.
   void sample(const float* logits, int vocab, std::span<const SampleRow> rows,
@@ -43,10 +39,8 @@ class Sampler {
   // Apart, so that the tickets keep their places whatever a call's rows and blocks: each call
   // leaves them at 0 (in one buffer with the parts after them, a call of fewer rows wrote its
   // parts over the tickets of the next call's later rows).
-  void* parts_ = nullptr;
-  size_t parts_bytes_ = 0;
-  unsigned* tickets_ = nullptr;
-  int ticket_rows_ = 0;
+  DeviceArray<uint8_t> parts_;
+  DeviceArray<unsigned> tickets_;
   int resident_ = 0;  // spread blocks the GPU holds at once
 };
 
