@@ -1,6 +1,7 @@
 // Conversion and the GGUF reader: round trip, and refusal of bad files with a clear message.
 #include <gtest/gtest.h>
 
+#include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <nlohmann/json.hpp>
@@ -242,6 +243,33 @@ TEST(GgufReader, RefusesCorruptHeaders) {
     } catch (const Error&) {
     }
   }
+}
+
+// A corrupt layer count is refused before a name is made for each of its layers' tensors (the
+// fuzzer's finding: 2^20 layers took gigabytes), and so are group sizes past an int.
+TEST(GgufReader, RefusesImplausibleLayerCountsAndContextLengths) {
+  TempDir dir;
+  const Config c = mp::testing::small_config();
+  mp::testing::random_model(dir, c);
+  std::string s = read_all(dir / "model.gguf");
+  const std::string key = ".block_count";
+  const size_t at = s.find(key);
+  ASSERT_NE(at, std::string::npos);
+  const uint32_t layers = 1u << 20;  // after the key: its type (u32), then its value
+  std::memcpy(&s[at + key.size() + 4], &layers, sizeof layers);
+  write_all(dir / "layers.gguf", s);
+  const std::string e = error_of([&] { Model::load(dir / "layers.gguf"); });
+  EXPECT_NE(e.find("num_hidden_layers must be in 1..512"), std::string::npos) << e;
+
+  Config most = c;
+  most.n_layers = Config::kMaxLayers;
+  EXPECT_NO_THROW(most.validate());
+  Config longest = c;
+  longest.n_ctx_train = int64_t{c.fma_block_size} << 40;
+  EXPECT_NE(error_of([&] { longest.validate(); }).find("coarsest group"), std::string::npos);
+  longest.n_ctx_train = int64_t{1} << 32;  // n / 4 = 2^30
+  longest.fma_block_size = 1 << 20;
+  EXPECT_NO_THROW(longest.validate());
 }
 
 TEST(GgufReader, MismatchedTensorShapeIsNamed) {

@@ -1,5 +1,6 @@
 #include <algorithm>
 #include <cmath>
+#include <limits>
 #include <nlohmann/json.hpp>
 #include <sstream>
 
@@ -77,7 +78,10 @@ void Config::validate() const {
   };
   need(vocab_size > 0, "vocab_size must be positive");
   need(hidden_size > 0, "hidden_size must be positive");
-  need(n_layers > 0, "num_hidden_layers must be positive");
+  // As llama.cpp (LLAMA_MAX_LAYERS): a bound that keeps a corrupt count from naming millions of
+  // tensors before the file is found not to hold them.
+  need(n_layers > 0 && n_layers <= kMaxLayers,
+       "num_hidden_layers must be in 1.." + std::to_string(kMaxLayers));
   need(n_heads > 0, "num_attention_heads must be positive");
   need(n_kv_heads > 0 && n_heads % n_kv_heads == 0,
        "num_key_value_heads must divide num_attention_heads");
@@ -97,6 +101,9 @@ void Config::validate() const {
   const int64_t ratio = n_ctx_train / fma_block_size;
   need(ratio >= 4 && (ratio & (ratio - 1)) == 0,
        "max_position_embeddings / fma_block_size must be a power of two >= 4");
+  // The coarsest group, m * 2^(L-1) = n / 4, is an int (group_size()).
+  need(n_ctx_train / 4 <= std::numeric_limits<int>::max(),
+       "max_position_embeddings / 4 (the coarsest group) must fit in an int");
   if (!fma_level_ranks.empty()) {
     need(static_cast<int>(fma_level_ranks.size()) == n_levels(),
          "fma_ranks must give one rank per coarse level (" + std::to_string(n_levels()) + ")");

@@ -35,6 +35,7 @@ DType parse_dtype(std::string_view s);  // "f32" | "f16" | "bf16" | "q8_0"
 size_t dtype_bytes(DType t, int64_t numel);
 
 struct Config {
+  static constexpr int kMaxLayers = 512;
   int vocab_size = 0;
   int hidden_size = 0;
   int n_layers = 0;
