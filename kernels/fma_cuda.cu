@@ -785,7 +785,7 @@ int decode_heads_per_block(const FmaShape& s) {
 // Exact-attention decode (s.fma false), flash-decoding: a query's keys are the whole fine cache,
 // up to max_context of them, so one block per (sequence, head) leaves the GPU waiting on memory.
 // Here the keys are split over `splits` blocks per (sequence, KV head), each block serving up to
-// kHeads query heads of its KV head (GQA: each key and value is loaded once for all of them).
+// heads(s) query heads of its KV head (GQA: each key and value is loaded once for all of them).
 // A key row is D / 4 lanes of 16-byte loads; each lane has kKeysPerLane keys' K and V loads in
 // flight before it uses them, and keeps an online softmax per head, rescaled once per warp tile.
 // Each block merges its warps and writes its split's unnormalised output with its maximum and
@@ -793,12 +793,18 @@ int decode_heads_per_block(const FmaShape& s) {
 namespace xd {
 constexpr int kWarps = 4;
 constexpr int kKeysPerLane = 4;
-constexpr int kHeads = 4;
+constexpr int kMaxHeads = 4;
 constexpr int kBlocksPerSm = 16;  // the grid's target: several waves of short blocks
 // Keys a block takes per round (all its warps); a split is a multiple of it.
 __host__ __device__ constexpr int block_tile(int d) { return kWarps * kKeysPerLane * 32 / (d / 4); }
-__host__ __device__ inline int head_blocks(const FmaShape& s) {
-  return (s.heads / s.kv + kHeads - 1) / kHeads;
+// Query heads a block serves: a KV head's group rounded up to 1, 2 or 4 (a block of 4 computing
+// a group of 2 spent half its dot products and shuffles on heads that do not exist).
+inline int heads(const FmaShape& s) {
+  const int group = s.heads / s.kv;
+  return group >= 3 ? kMaxHeads : group;
+}
+inline int head_blocks(const FmaShape& s) {
+  return (s.heads / s.kv + heads(s) - 1) / heads(s);
 }
 // Keys per split for a query with n keys (all splits but the last are full).
 __device__ inline int64_t split_keys(int64_t n, int splits, int d) {
@@ -807,19 +813,19 @@ __device__ inline int64_t split_keys(int64_t n, int splits, int d) {
 }
 }  // namespace xd
 
-template <int D>
+template <int D, int H>
 __global__ void __launch_bounds__(xd::kWarps * 32)
     exact_decode_kernel(FmaShape s, CacheView cv, const ChunkDesc* chunks, const AttnItem* items,
                         const float* q, const float* k, const float* v, int splits,
                         float* partials, float* out, __nv_bfloat16* out_bf16) {
   static_assert(D % 4 == 0 && D <= 128);
-  constexpr int LK = D / 4, KP = 32 / LK, R = xd::kKeysPerLane, H = xd::kHeads,
+  constexpr int LK = D / 4, KP = 32 / LK, R = xd::kKeysPerLane,
                 WT = KP * R;  // lanes a key, keys a load instruction, keys a warp tile
   __shared__ float wm[xd::kWarps][H], wl[xd::kWarps][H], wo[xd::kWarps][H][D];
   const AttnItem it = items[blockIdx.x];
   if (it.q_begin >= it.q_end) return;  // padding of a decode step
   const ChunkDesc c = chunks[it.chunk];
-  const int group = s.heads / s.kv, hb = xd::head_blocks(s);
+  const int group = s.heads / s.kv, hb = (group + H - 1) / H;
   const int kvh = blockIdx.y / hb, h0 = kvh * group + (blockIdx.y % hb) * H;
   const int nh = min(H, (kvh + 1) * group - h0);
   const int64_t i = it.q_begin, n = i + 1, len = xd::split_keys(n, splits, D);
@@ -1350,8 +1356,15 @@ void attention(const FmaShape& s, const CacheView& c, const ChunkDesc* chunks,
                   "exact_decode_scratch_floats() floats");
     const dim3 xgrid(n_items, s.kv * xd::head_blocks(s), splits);
     auto launch = [&]<int D>() {
-      exact_decode_kernel<D><<<xgrid, xd::kWarps * 32, 0, st>>>(s, c, chunks, items, q, k, v,
-                                                               splits, scratch, out, out_bf16);
+      auto decode = [&]<int H>() {
+        exact_decode_kernel<D, H><<<xgrid, xd::kWarps * 32, 0, st>>>(
+            s, c, chunks, items, q, k, v, splits, scratch, out, out_bf16);
+      };
+      switch (xd::heads(s)) {
+        case 1: decode.template operator()<1>(); break;
+        case 2: decode.template operator()<2>(); break;
+        default: decode.template operator()<xd::kMaxHeads>();
+      }
       check_launch("exact_decode");
       if (splits == 1) return;
       exact_combine_kernel<D>
