@@ -889,7 +889,8 @@ TEST_F(Cuda, DecodeAttentionRoundsItsOwnOutputToBf16) {
 // caches, fp32 tolerance: batches of 1, 3 and 256, contexts 1, 7, 64, 1000, 4096 and past the
 // trained length (2048), sequences of one batch at mixed positions, GQA groups of 1, 2, 3, 4, 8
 // and 16 (blocks of 1, 2 and 4 heads; 8 and 16: 2 and 4 blocks per KV head), head dims 8-128;
-// steps that split and one that does not (4,096 blocks already). The bf16 output is the fp32 one rounded.
+// steps that split and one that does not (4,096 blocks already). The bf16 output is the fp32
+// one rounded.
 struct ExactCase {
   int batch;
   int64_t pos0, pos_step;  // sequence b's query at pos0 + b * pos_step: pos0 + 1 + b * pos_step keys
