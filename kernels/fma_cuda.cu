@@ -803,9 +803,7 @@ inline int heads(const FmaShape& s) {
   const int group = s.heads / s.kv;
   return group >= 3 ? kMaxHeads : group;
 }
-inline int head_blocks(const FmaShape& s) {
-  return (s.heads / s.kv + heads(s) - 1) / heads(s);
-}
+inline int head_blocks(const FmaShape& s) { return (s.heads / s.kv + heads(s) - 1) / heads(s); }
 // Keys per split for a query with n keys (all splits but the last are full).
 __device__ inline int64_t split_keys(int64_t n, int splits, int d) {
   const int64_t t = block_tile(d), per = (n + splits - 1) / splits;
