@@ -44,22 +44,23 @@ __device__ float penalized_logit(const float* row, int i, const SampleRow& r, co
   return penalize(row[i], i, r, pens);
 }
 
-// Fills keys[0, want) with the row's `want` largest keys: a radix select of the threshold key
-// (8 bits a pass; the lanes of a warp in lane 0's bin add once: a row's logits share a few high
-// bins, whose atomics would otherwise serialise), then everything above it and the lowest ids
-// equal to it. Every warp runs the loops' same trips (the ids past vocab idle).
-__device__ void select_top(const float* row, int vocab, const SampleRow& r, const int2* pens,
-                           int want, Key* keys) {
+// Fills keys[0, want) with the `want` largest keys of the row's ids [begin, end) (want <= end -
+// begin): a radix select of the threshold key (8 bits a pass; the lanes of a warp in lane 0's bin
+// add once: a row's logits share a few high bins, whose atomics would otherwise serialise), then
+// everything above it and the lowest ids equal to it. Every warp runs the loops' same trips (the
+// ids past end idle).
+__device__ void select_top(const float* row, int begin, int end, const SampleRow& r,
+                           const int2* pens, int want, Key* keys) {
   __shared__ int hist[256], pick[2], above, warp_ties[kThreads / 32];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   uint32_t prefix = 0, mask = 0;
   for (int shift = 24; shift >= 0; shift -= 8) {
     for (int b = threadIdx.x; b < 256; b += blockDim.x) hist[b] = 0;
     __syncthreads();
-    for (int i0 = 0; i0 < vocab; i0 += blockDim.x) {
+    for (int i0 = begin; i0 < end; i0 += blockDim.x) {
       const int i = i0 + threadIdx.x;
-      const uint32_t u = i < vocab ? ordered(penalized_logit(row, i, r, pens)) : 0;
-      const bool counted = i < vocab && (u & mask) == prefix;
+      const uint32_t u = i < end ? ordered(penalized_logit(row, i, r, pens)) : 0;
+      const bool counted = i < end && (u & mask) == prefix;
       const int bin = counted ? int((u >> shift) & 255) : 256;
       const int first_bin = __shfl_sync(0xffffffffu, bin, 0);
       const unsigned peers = __ballot_sync(0xffffffffu, bin == first_bin);
@@ -83,7 +84,7 @@ __device__ void select_top(const float* row, int vocab, const SampleRow& r, cons
   }
   if (threadIdx.x == 0) above = 0;
   __syncthreads();
-  for (int i = threadIdx.x; i < vocab; i += blockDim.x) {
+  for (int i = begin + threadIdx.x; i < end; i += blockDim.x) {
     const float v = penalized_logit(row, i, r, pens);
     if (ordered(v) > prefix) keys[atomicAdd(&above, 1)] = make_key(v, i);
   }
@@ -91,10 +92,10 @@ __device__ void select_top(const float* row, int vocab, const SampleRow& r, cons
   // The `want` ties at the threshold with the lowest ids: a block's ids at a time, each tie's
   // place from the warps' counts before it.
   const int base = above;
-  for (int i0 = 0, taken = 0; i0 < vocab && taken < want; i0 += blockDim.x) {
+  for (int i0 = begin, taken = 0; i0 < end && taken < want; i0 += blockDim.x) {
     const int i = i0 + threadIdx.x;
-    const float v = i < vocab ? penalized_logit(row, i, r, pens) : 0.0f;
-    const bool tie = i < vocab && ordered(v) == prefix;
+    const float v = i < end ? penalized_logit(row, i, r, pens) : 0.0f;
+    const bool tie = i < end && ordered(v) == prefix;
     const unsigned ballot = __ballot_sync(0xffffffffu, tie);
     if (lane == 0) warp_ties[warp] = __popc(ballot);
     __syncthreads();
@@ -126,16 +127,91 @@ __device__ void sort_descending(Key* keys, int n) {  // bitonic; n a power of tw
     }
 }
 
-using Scan = cub::BlockScan<double, kThreads>;
+// The host's draw among n candidates sorted in descending order, keys[0, n), with Threads
+// threads each holding PerThread of them (thread t: [t * PerThread, (t + 1) * PerThread)):
+// probabilities in double as on the host, normalised over the candidates plus `rest`, the weight
+// exp((l - top) / T) of the row's tokens past them (0 with top-k, whose set is the whole list);
+// top-p keeps candidate i while the mass before it is below top_p, min-p while its probability is
+// at least min_p times the best one's; the kept ones renormalised, rounded to float as the host
+// does, and the first whose cumulative probability passes u is the index returned. -1 when
+// `tail` (candidates beyond these exist) and all n are kept: the list may go on past them.
+template <int Threads, int PerThread>
+__device__ int draw_sorted(const Key* keys, int n, const SamplingParams& p, double u, bool tail,
+                           double rest) {
+  using Scan = cub::BlockScan<double, Threads>;
+  __shared__ typename Scan::TempStorage scan;
+  const int tid = threadIdx.x;
+  const double T = p.temperature, top = key_value(keys[0]);
+  double e[PerThread], local = 0;
+#pragma unroll
+  for (int j = 0; j < PerThread; ++j) {
+    const int i = tid * PerThread + j;
+    e[j] = i < n ? exp((double(key_value(keys[i])) - top) / T) : 0.0;
+    local += e[j];
+  }
+  const double Z = block_reduce(local, Sum{}, 0.0) + rest;
+  double prob[PerThread], before[PerThread];
+#pragma unroll
+  for (int j = 0; j < PerThread; ++j) prob[j] = e[j] / Z;
+  __syncthreads();  // scan's storage may still be read by a previous call
+  Scan(scan).ExclusiveSum(prob, before);
+  const double floor = p.min_p * (1.0 / Z);
+  int keep = 0;
+#pragma unroll
+  for (int j = 0; j < PerThread; ++j) {
+    const int i = tid * PerThread + j;
+    keep += i < n && (p.top_p >= 1.0f || before[j] < p.top_p) &&
+            (p.min_p <= 0 || i == 0 || prob[j] >= floor);
+  }
+  const int K = max(1, block_reduce(keep, Sum{}, 0));
+  if (tail && K == n) return -1;
+  double kept = 0;
+#pragma unroll
+  for (int j = 0; j < PerThread; ++j) kept += tid * PerThread + j < K ? prob[j] : 0.0;
+  const double S = block_reduce(kept, Sum{}, 0.0);
+  double q[PerThread], cum[PerThread];
+#pragma unroll
+  for (int j = 0; j < PerThread; ++j)
+    q[j] = tid * PerThread + j < K ? double(float(prob[j] / S)) : 0.0;
+  __syncthreads();  // scan's storage is reused
+  Scan(scan).InclusiveSum(q, cum);
+  int first = K - 1;
+#pragma unroll
+  for (int j = PerThread - 1; j >= 0; --j) {
+    const int i = tid * PerThread + j;
+    if (i < K && u < cum[j]) first = min(first, i);
+  }
+  return -block_reduce(-first, Max{}, -(K - 1));
+}
 
-// The log-sum-exp of a raw logits row, over the block: the log-probabilities' normaliser.
-__device__ float row_logsumexp(const float* row, int vocab) {
+// The log-sum-exp of raw logits [begin, end) of a row, over the block, as (max, sum of exp(x -
+// max)): the log-probabilities' normaliser is max + log(sum).
+__device__ float2 slice_logsumexp(const float* row, int begin, int end) {
   float mx = -INFINITY;
-  for (int i = threadIdx.x; i < vocab; i += kThreads) mx = fmaxf(mx, row[i]);
+  for (int i = begin + threadIdx.x; i < end; i += blockDim.x) mx = fmaxf(mx, row[i]);
   mx = block_reduce(mx, Max{}, -INFINITY);
   float se = 0;
-  for (int i = threadIdx.x; i < vocab; i += kThreads) se += __expf(row[i] - mx);
-  return mx + logf(block_reduce(se, Sum{}, 0.0f));
+  for (int i = begin + threadIdx.x; i < end; i += blockDim.x) se += __expf(row[i] - mx);
+  return make_float2(mx, block_reduce(se, Sum{}, 0.0f));
+}
+__device__ float row_logsumexp(const float* row, int vocab) {
+  const float2 x = slice_logsumexp(row, 0, vocab);
+  return x.x + logf(x.y);
+}
+
+// Whether this block is the last of its row's blocks to get here (`ticket` counts them; the last
+// sets it back to 0): every block's writes before the call are then visible to it.
+__device__ bool last_block_of_row(unsigned* ticket, int blocks) {
+  __shared__ bool last;
+  __threadfence();  // this block's writes are visible before the ticket counts them
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    last = atomicAdd(ticket, 1u) == unsigned(blocks - 1);
+    if (last) *ticket = 0;  // every block of the row has counted
+  }
+  __syncthreads();
+  if (last) __threadfence();
+  return last;
 }
 
 // Rows spread over blocks: greedy ones, and those that keep every token in id order (the host's
@@ -146,6 +222,12 @@ __host__ __device__ bool spreads(const SamplingParams& p, int vocab) {
 
 constexpr int kSpreadThreads = 256, kSpreadTile = 4 * kSpreadThreads;
 constexpr int kMaxSpreadBlocks = 1024;  // a row's blocks
+// Top-k rows spread over blocks (sample_top_k_spread_kernel) up to this k, their blocks' lists
+// merged in kSpreadCandidates keys of shared memory at most.
+constexpr int kSpreadTopK = kSpreadThreads, kSpreadCandidates = 2048;
+__host__ __device__ bool spreads_top_k(const SamplingParams& p, int vocab) {
+  return !spreads(p, vocab) && p.top_k > 0 && p.top_k < vocab && p.top_k <= kSpreadTopK;
+}
 
 struct SpreadPart {  // one block's share of a row
   double weight;     // sum of exp((l - max) / T) over its penalised logits l (temperature)
@@ -212,16 +294,8 @@ __global__ void __launch_bounds__(kSpreadThreads)
   part.weight = weight_sum;
   block_reduce_two(part.weight, Sum{}, 0.0, part.raw_sum, Sum{}, 0.0f);
 
-  __shared__ bool last;
-  if (tid == 0) {
-    row_parts[blockIdx.x] = part;
-    __threadfence();  // the part is visible before the ticket counts it
-    last = atomicAdd(&tickets[blockIdx.y], 1u) == unsigned(blocks - 1);
-    if (last) tickets[blockIdx.y] = 0;  // every block of the row has counted
-  }
-  __syncthreads();
-  if (!last) return;
-  __threadfence();
+  if (tid == 0) row_parts[blockIdx.x] = part;
+  if (!last_block_of_row(&tickets[blockIdx.y], blocks)) return;
 
   // The last block: the parts (read past L1: other SMs wrote them).
   Key best = 0;
@@ -302,20 +376,71 @@ __global__ void __launch_bounds__(kSpreadThreads)
   finish(vocab - 1);
 }
 
+// Rows with top-k (k <= kSpreadTopK, temperature > 0) spread over blocks as the whole-vocabulary
+// rows are (one block a row took 62-70 us for top-k 40 at batch 1): block (b, r) takes ids [b C,
+// (b + 1) C) of row r (C = `per_block`), writes its min(k, C) largest keys to its k_stride slots
+// of `cands` (0 past them) and its part of the raw log-sum-exp; the row's last block sorts the
+// blocks' lists (the row's k largest keys are among them: keys are unique) and draws among the
+// first k as sample_kernel does. blocks * k_stride <= kSpreadCandidates.
+__global__ void __launch_bounds__(kSpreadThreads)
+    sample_top_k_spread_kernel(const float* logits, int vocab, int per_block, int k_stride,
+                               const SampleRow* rows, const int2* all_pens, Key* cands,
+                               float2* lse_parts, unsigned* tickets, int* tokens,
+                               float* logprobs) {
+  const int blocks = gridDim.x, tid = threadIdx.x;
+  const SampleRow r = rows[blockIdx.y];
+  if (!spreads_top_k(r.params, vocab)) return;  // another kernel's
+  const float* row = logits + int64_t(r.row) * vocab;
+  const int2* pens = all_pens + r.pen_begin;
+  const int k = r.params.top_k, begin = blockIdx.x * per_block,
+            end = min(vocab, begin + per_block), mine = min(k, end - begin);
+  Key* row_cands = cands + int64_t(blockIdx.y) * blocks * k_stride;
+  float2* row_lse = lse_parts + int64_t(blockIdx.y) * blocks;
+  __shared__ Key keys[kSpreadCandidates];
+  select_top(row, begin, end, r, pens, mine, keys);
+  for (int j = tid; j < k; j += kSpreadThreads)
+    row_cands[blockIdx.x * k_stride + j] = j < mine ? keys[j] : 0;
+  const float2 lse = slice_logsumexp(row, begin, end);
+  if (tid == 0) row_lse[blockIdx.x] = lse;
+  if (!last_block_of_row(&tickets[blockIdx.y], blocks)) return;
+
+  // The last block: the lists (read past L1: other SMs wrote them), sorted; keys of 0 are the
+  // empty slots, below every token's.
+  const int n = blocks * k;
+  int n2 = 1;
+  while (n2 < n) n2 <<= 1;
+  for (int j = tid; j < n2; j += kSpreadThreads)
+    keys[j] = j < n ? __ldcg(&row_cands[(j / k) * k_stride + j % k]) : 0;
+  float raw_top = -INFINITY;
+  for (int b = tid; b < blocks; b += kSpreadThreads) raw_top = fmaxf(raw_top, __ldcg(&row_lse[b].x));
+  raw_top = block_reduce(raw_top, Max{}, -INFINITY);  // (synchronises: keys are written)
+  float se = 0;
+  for (int b = tid; b < blocks; b += kSpreadThreads)
+    se += __ldcg(&row_lse[b].y) * __expf(__ldcg(&row_lse[b].x) - raw_top);
+  se = block_reduce(se, Sum{}, 0.0f);
+  sort_descending(keys, n2);
+  const int at = draw_sorted<kSpreadThreads, kSpreadTopK / kSpreadThreads>(keys, k, r.params,
+                                                                            r.uniform, false, 0.0);
+  if (tid == 0) {
+    const int token = key_id(keys[at]);
+    tokens[blockIdx.y] = token;
+    logprobs[blockIdx.y] = row[token] - (raw_top + logf(se));
+  }
+}
+
 // At most one block a SM (as its 64 registers a thread imply): without saying so, ptxas held it
 // to 32 registers and spilled the candidates' arrays.
 __global__ void __launch_bounds__(kThreads, 1)
     sample_kernel(const float* logits, int vocab, const SampleRow* rows, const int2* all_pens,
                   int* tokens, float* logprobs) {
   extern __shared__ Key keys[];  // kMaxSampleCandidates
-  __shared__ typename Scan::TempStorage scan;
   const SampleRow r = rows[blockIdx.x];
   const SamplingParams& p = r.params;
   const float* row = logits + int64_t(r.row) * vocab;
   const int2* pens = all_pens + r.pen_begin;
   const int tid = threadIdx.x;
 
-  if (spreads(p, vocab)) return;  // sample_spread_kernel's
+  if (spreads(p, vocab) || spreads_top_k(p, vocab)) return;  // the spread kernels'
 
   const float lse = row_logsumexp(row, vocab);  // for the token's log-probability
   auto finish = [&](int token) {
@@ -337,7 +462,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       for (int i = tid; i < vocab; i += kThreads)
         keys[i] = make_key(penalized_logit(row, i, r, pens), i);
     } else {
-      select_top(row, vocab, r, pens, n, keys);
+      select_top(row, 0, vocab, r, pens, n, keys);
     }
     int n2 = 1;
     while (n2 < n) n2 <<= 1;
@@ -345,65 +470,22 @@ __global__ void __launch_bounds__(kThreads, 1)
     __syncthreads();
     sort_descending(keys, n2);
 
-    // Probabilities over the candidates, in double as on the host, normalised over the top-k
-    // set (top-k on) or the whole vocabulary (the tail beyond the candidates counted too).
-    // Thread t holds candidates [t * kPerThread, (t + 1) * kPerThread).
-    const double T = p.temperature, top = key_value(keys[0]);
-    double e[kPerThread], local = 0;
-#pragma unroll
-    for (int j = 0; j < kPerThread; ++j) {
-      const int i = tid * kPerThread + j;
-      e[j] = i < n ? exp((double(key_value(keys[i])) - top) / T) : 0.0;
-      local += e[j];
-    }
-    double Z = block_reduce(local, Sum{}, 0.0);
+    // Normalised over the top-k set (top-k on) or the whole vocabulary: the tail beyond the
+    // candidates counted too.
     const bool tail = n < vocab && !top_k_on;
+    double rest = 0;
     if (tail) {
-      double rest = 0;
+      const double T = p.temperature, top = key_value(keys[0]);
       for (int i = tid; i < vocab; i += kThreads) {
         const double v = penalized_logit(row, i, r, pens);
         if (make_key(float(v), i) < keys[n - 1]) rest += exp((v - top) / T);
       }
-      Z += block_reduce(rest, Sum{}, 0.0);
+      rest = block_reduce(rest, Sum{}, 0.0);
     }
-    double prob[kPerThread], before[kPerThread];
-#pragma unroll
-    for (int j = 0; j < kPerThread; ++j) prob[j] = e[j] / Z;
-    __syncthreads();  // scan's storage may still be read by a previous try
-    Scan(scan).ExclusiveSum(prob, before);
-    // top-p: candidate i stays while the mass before it is below top_p; min-p: while its
-    // probability is at least min_p times the best one's.
-    const double floor = p.min_p * (1.0 / Z);
-    int keep = 0;
-#pragma unroll
-    for (int j = 0; j < kPerThread; ++j) {
-      const int i = tid * kPerThread + j;
-      keep += i < n && (p.top_p >= 1.0f || before[j] < p.top_p) &&
-              (p.min_p <= 0 || i == 0 || prob[j] >= floor);
-    }
-    const int K = max(1, block_reduce(keep, Sum{}, 0));
-    if (tail && K == n) {  // the list may go on past the candidates
-      if (n < kMaxSampleCandidates) continue;
-      return finish(-1);
-    }
-    double kept = 0;
-#pragma unroll
-    for (int j = 0; j < kPerThread; ++j) kept += tid * kPerThread + j < K ? prob[j] : 0.0;
-    const double S = block_reduce(kept, Sum{}, 0.0);
-    double q[kPerThread], cum[kPerThread];
-#pragma unroll
-    for (int j = 0; j < kPerThread; ++j)
-      q[j] = tid * kPerThread + j < K ? double(float(prob[j] / S)) : 0.0;
-    __syncthreads();  // scan's storage is reused
-    Scan(scan).InclusiveSum(q, cum);
-    int first = K - 1;
-#pragma unroll
-    for (int j = kPerThread - 1; j >= 0; --j) {
-      const int i = tid * kPerThread + j;
-      if (i < K && r.uniform < cum[j]) first = min(first, i);
-    }
-    first = block_reduce(-first, Max{}, -(K - 1));
-    return finish(key_id(keys[-first]));
+    const int at = draw_sorted<kThreads, kPerThread>(keys, n, p, r.uniform, tail, rest);
+    if (at >= 0) return finish(key_id(keys[at]));
+    if (n < kMaxSampleCandidates) continue;  // the list may go on past the candidates
+    return finish(-1);
   }
 }
 
@@ -430,44 +512,76 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
+// Blocks a row of `vocab` ids when `n_rows` rows share `resident` blocks, none empty, at most
+// `most` (at least kSpreadIds ids each): C ids each, a multiple of kSpreadThreads.
+struct Spread {
+  int blocks, per_block;
+};
+Spread spread_over(int vocab, int n_rows, int resident, int most) {
+  most = std::min({most, (vocab + kSpreadIds - 1) / kSpreadIds, kMaxSpreadBlocks});
+  const int want = std::clamp(resident / n_rows, 1, std::max(most, 1));
+  const int per_block =
+      ((vocab + want - 1) / want + kSpreadThreads - 1) / kSpreadThreads * kSpreadThreads;
+  return {(vocab + per_block - 1) / per_block, per_block};
+}
+size_t aligned(size_t bytes) { return (bytes + 15) / 16 * 16; }
 }  // namespace
 
 void Sampler::sample(const float* logits, int vocab, std::span<const SampleRow> rows,
                      const SampleRow* rows_on_device, const int2* pens, int* tokens,
                      float* logprobs, cudaStream_t st) {
   const int n_rows = int(rows.size());
-  const int spread = int(std::count_if(rows.begin(), rows.end(), [&](const SampleRow& r) {
-    return spreads(r.params, vocab);
-  }));
-  if (spread > 0) {
+  int spread = 0, top_k_rows = 0, k_stride = 0;
+  for (const SampleRow& r : rows) {
+    spread += spreads(r.params, vocab);
+    if (spreads_top_k(r.params, vocab)) ++top_k_rows, k_stride = std::max(k_stride, r.params.top_k);
+  }
+  if (spread + top_k_rows > 0) {
     if (n_rows > 65535)  // the grid's y
       throw Error("sample: " + std::to_string(n_rows) + " rows in one call (at most 65,535)");
     // As many blocks as the GPU holds at once (at least kSpreadIds ids each): 16 a row of
     // 16,384 ids at batch 1, 2 at batch 256.
     if (resident_ == 0) {
-      int device = 0, sms = 0, per_sm = 0;
+      int device = 0, sms = 0, per_sm = 0, per_sm_top_k = 0;
       check(cudaGetDevice(&device), "cudaGetDevice");
       check(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device), "SM count");
       check(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, sample_spread_kernel,
                                                           kSpreadThreads, 0),
             "sample: occupancy");
+      check(cudaOccupancyMaxActiveBlocksPerMultiprocessor(
+                &per_sm_top_k, sample_top_k_spread_kernel, kSpreadThreads, 0),
+            "sample: occupancy");
       resident_ = std::max(1, sms * per_sm);
+      resident_top_k_ = std::max(1, sms * per_sm_top_k);
     }
-    const int most = std::min((vocab + kSpreadIds - 1) / kSpreadIds, kMaxSpreadBlocks);
-    const int want = std::clamp(resident_ / n_rows, 1, most);
-    const int per_block =
-        ((vocab + want - 1) / want + kSpreadThreads - 1) / kSpreadThreads * kSpreadThreads;
-    const int blocks = (vocab + per_block - 1) / per_block;  // none empty
     if (tickets_.resize(n_rows))  // the tickets start at 0
       check(cudaMemsetAsync(tickets_.get(), 0, tickets_.size() * sizeof(unsigned), st),
             "sample: tickets");
-    parts_.resize(size_t(n_rows) * blocks * sizeof(SpreadPart));
-    sample_spread_kernel<<<dim3(blocks, n_rows), kSpreadThreads, 0, st>>>(
-        logits, vocab, per_block, rows_on_device, pens,
-        reinterpret_cast<SpreadPart*>(parts_.get()), tickets_.get(), tokens, logprobs);
-    check_launch("sample_spread");
+    // parts_: the whole-vocabulary rows' parts, then the top-k rows' lists and log-sum-exps.
+    const Spread whole = spread_over(vocab, n_rows, resident_, kMaxSpreadBlocks);
+    const Spread top_k = spread_over(vocab, n_rows, resident_top_k_,
+                                     kSpreadCandidates / std::max(k_stride, 1));
+    const size_t whole_bytes = spread ? aligned(size_t(n_rows) * whole.blocks * sizeof(SpreadPart))
+                                      : 0,
+                 cand_bytes = aligned(size_t(n_rows) * top_k.blocks * k_stride * sizeof(Key));
+    parts_.resize(whole_bytes +
+                  (top_k_rows ? cand_bytes + size_t(n_rows) * top_k.blocks * sizeof(float2) : 0));
+    if (spread) {
+      sample_spread_kernel<<<dim3(whole.blocks, n_rows), kSpreadThreads, 0, st>>>(
+          logits, vocab, whole.per_block, rows_on_device, pens,
+          reinterpret_cast<SpreadPart*>(parts_.get()), tickets_.get(), tokens, logprobs);
+      check_launch("sample_spread");
+    }
+    if (top_k_rows) {
+      uint8_t* at = parts_.get() + whole_bytes;
+      sample_top_k_spread_kernel<<<dim3(top_k.blocks, n_rows), kSpreadThreads, 0, st>>>(
+          logits, vocab, top_k.per_block, k_stride, rows_on_device, pens,
+          reinterpret_cast<Key*>(at), reinterpret_cast<float2*>(at + cand_bytes), tickets_.get(),
+          tokens, logprobs);
+      check_launch("sample_top_k_spread");
+    }
   }
-  if (spread == n_rows) return;
+  if (spread + top_k_rows == n_rows) return;
   constexpr size_t smem = kMaxSampleCandidates * sizeof(Key);
   static std::atomic<uint64_t> sized{0};
   allow_shared_memory(reinterpret_cast<const void*>(sample_kernel), smem, sized,

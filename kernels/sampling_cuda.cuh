@@ -1,6 +1,6 @@
 // CUDA twin of the host sampler (engine/src/sampler.cpp: sample_candidates + pick_candidate):
-// penalties, greedy, temperature, top-k, top-p and min-p on the GPU, one block per row, so that
-// only token ids cross to the host.
+// penalties, greedy, temperature, top-k, top-p and min-p on the GPU (a row over many blocks where
+// its settings allow, one block otherwise), so that only token ids cross to the host.
 #pragma once
 
 #include <span>
@@ -21,8 +21,9 @@ struct SampleRow {
 constexpr int kMaxSampleCandidates = 8192;
 
 // A row whose sampler keeps the whole vocabulary (greedy, or temperature alone: the API's
-// default) is spread over blocks of at least kSpreadIds ids, as many as fill the GPU, so that a
-// batch-1 step's sampling is not one SM's work; the other rows take one block each.
+// default) or takes a top-k of at most 256 (the CLI's 40) is spread over blocks of at least
+// kSpreadIds ids, as many as fill the GPU, so that a batch-1 step's sampling is not one SM's
+// work; the other rows take one block each.
 constexpr int kSpreadIds = 1024;
 
 // The GPU sampler of one stream: it keeps its scratch (the spread rows' per-block sums and the
@@ -41,7 +42,7 @@ class Sampler {
   // parts over the tickets of the next call's later rows).
   DeviceArray<uint8_t> parts_;
   DeviceArray<unsigned> tickets_;
-  int resident_ = 0;  // spread blocks the GPU holds at once
+  int resident_ = 0, resident_top_k_ = 0;  // spread blocks the GPU holds at once (each kernel)
 };
 
 // For rows[r]: the n likeliest tokens of the raw distribution, likeliest first (ties: lower id

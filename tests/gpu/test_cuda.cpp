@@ -642,7 +642,8 @@ std::pair<int, bool> host_pick(const std::vector<std::pair<int, float>>& cands, 
 }
 
 // Rows of random logits (rounded, so that ties occur) sampled on the GPU with many settings,
-// against the host sampler on the same logits and draws.
+// against the host sampler on the same logits and draws: top-k 1, 40 and 256 are spread over
+// blocks (sample_top_k_spread_kernel), 9000 and none take one block a row.
 void check_sampling_kernel(int V) {
   struct Case {
     SamplingParams p;
@@ -650,7 +651,7 @@ void check_sampling_kernel(int V) {
   };
   std::vector<Case> cases;
   for (float temp : {0.0f, 0.7f, 1.3f})
-    for (int top_k : {0, 1, 40, 9000})
+    for (int top_k : {0, 1, 40, 256, 9000})
       for (float top_p : {1.0f, 0.9f, 0.5f})
         for (float min_p : {0.0f, 0.05f}) {
           SamplingParams p;
