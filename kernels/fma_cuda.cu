@@ -649,33 +649,57 @@ __device__ void load_channels(const float* p, float (&x)[C]) {
   }
 }
 
-// Decode: one query per (sequence, G heads of one KV head) block of W warps. Each warp takes
-// every W-th key, its lanes splitting the head's channels, so that a key row is one coalesced
-// load (a thread per key row read 32 rows at once, strided: 17 us a layer at batch 1),
-// kDecodeUnroll keys at a time so that their loads overlap, each key and value loaded once for
-// the G heads; each warp keeps an online softmax per head over its keys, and the block merges
-// the warps'.
+// Decode: one query per (sequence, G heads of one KV head) block of W warps. The places of the
+// key list's keys are worked out first, a key a thread, into shared memory (each warp resolving
+// its own keys had all 32 lanes repeat the same 64-bit arithmetic, ~1,100 instructions a warp at
+// batch 1), from the plan alone: before the wait for the kernel before (the q/k/v projection;
+// overlap.cuh). Then each warp takes every W-th key, its lanes splitting the head's channels, so
+// that a key row is one coalesced load (a thread per key row read 32 rows at once, strided: 17 us
+// a layer at batch 1), kDecodeUnroll keys at a time so that their loads overlap, each key and
+// value loaded once for the G heads; each warp keeps an online softmax per head over its keys,
+// and the block merges the warps'. Key lists longer than the block's threads go in stages.
 template <int D, int W, int G>
 __global__ void __launch_bounds__(W * 32)
     decode_attention_kernel(FmaShape s, CacheView cv, const ChunkDesc* chunks,
                             const NewGroups* table, const AttnItem* items, const float* q,
                             const float* k, const float* v, const float* new_k, const float* new_v,
                             float* out, __nv_bfloat16* out_bf16) {
-  constexpr int C = D >= 32 ? D / 32 : 1, U = kDecodeUnroll;
+  constexpr int C = D >= 32 ? D / 32 : 1, U = kDecodeUnroll, kStage = W * 32;
   __shared__ float part[W][G][D];
   __shared__ float wmax[W][G], wsum[W][G];
   __shared__ LevelTable lt;
+  __shared__ const float* skey[kStage];  // a stage's keys: rows of their key and value arrays
+  __shared__ const float* sval[kStage];
+  __shared__ float sbonus[kStage];
+  // Block-uniform, in shared memory: a later stage reads them again rather than registers hold
+  // them through the loop (79 registers instead of 64 at d 64, G 2: 3 blocks a SM instead of 4).
+  __shared__ ChunkDesc c;
+  __shared__ KeyList kl;
   const AttnItem it = items[blockIdx.x];
   const int64_t i = it.q_begin;
-  // The level table reads only the plan: made before the wait for the kernel before (the q/k/v
-  // projection; overlap.cuh).
-  if (threadIdx.x == 0 && i < it.q_end) make_level_table(s, i, lt);
-  wait_for_previous();
-  let_next_start();
-  if (i >= it.q_end) return;  // padding of a decode step
-  const ChunkDesc c = chunks[it.chunk];
+  const bool real = i < it.q_end;  // false: padding of a decode step
+  if (threadIdx.x == 0 && real) {
+    make_level_table(s, i, lt);
+    c = chunks[it.chunk];
+    kl = key_list(s, cv, i, i + 1, lt);
+  }
+  __syncthreads();
   const int h0 = blockIdx.y * G, kvh = h0 / (s.heads / s.kv), lane = threadIdx.x & 31,
             warp = threadIdx.x >> 5, ch0 = lane * C;
+  const int64_t n = real ? kl.n_fine + kl.n_coarse : 0;
+  auto stage = [&](int64_t s0) {  // keys [s0, s0 + kStage): key s0 + t by thread t
+    const int64_t kk = s0 + threadIdx.x;
+    if (kk >= n) return;
+    const KeyLoc kloc = key_loc(s, cv, c, table, lt, kl, kk, kvh);
+    const KvArrays arr = kv_arrays(cv, k, v, new_k, new_v);
+    skey[threadIdx.x] = arr.key(kloc.which) + kloc.off;
+    sval[threadIdx.x] = arr.value(kloc.which) + kloc.off;
+    sbonus[threadIdx.x] = kloc.bonus;
+  };
+  stage(0);
+  wait_for_previous();
+  let_next_start();
+  if (!real) return;
   const bool active = ch0 < D;  // a head of fewer than 32 channels leaves lanes idle
   const int64_t row = int64_t(c.row0) + (i - c.pos0);
   const float scale = rsqrtf(float(D));
@@ -686,52 +710,56 @@ __global__ void __launch_bounds__(W * 32)
 #pragma unroll
     for (int j = 0; j < C; ++j) qr[g][j] *= scale;
   }
-  __syncthreads();
-  const KeyList kl = key_list(s, cv, i, i + 1, lt);
-  const int64_t n = kl.n_fine + kl.n_coarse;
-  const KvArrays arr = kv_arrays(cv, k, v, new_k, new_v);
+  __syncthreads();  // the first stage is written
   float mx[G], denom[G];
 #pragma unroll
   for (int g = 0; g < G; ++g) mx[g] = -INFINITY, denom[g] = 0.0f;
-  for (int64_t k0 = warp; k0 < n; k0 += int64_t(W) * U) {
-    float dot[U][G], bonus[U], val[U][C];
-#pragma unroll
-    for (int u = 0; u < U; ++u) {  // the loads of U keys (warp-uniform: kk is the warp's)
-      const int64_t kk = k0 + int64_t(u) * W;
-      bonus[u] = 0.0f;
-#pragma unroll
-      for (int g = 0; g < G; ++g) dot[u][g] = 0.0f;
-#pragma unroll
-      for (int j = 0; j < C; ++j) val[u][j] = 0.0f;
-      if (kk >= n) continue;
-      const KeyLoc kloc = key_loc(s, cv, c, table, lt, kl, kk, kvh);
-      bonus[u] = kloc.bonus;
-      if (!active) continue;
-      float key[C];
-      load_channels<C>(arr.key(kloc.which) + kloc.off + ch0, key);
-      load_channels<C>(arr.value(kloc.which) + kloc.off + ch0, val[u]);
-#pragma unroll
-      for (int g = 0; g < G; ++g)
-#pragma unroll
-        for (int j = 0; j < C; ++j) dot[u][g] += qr[g][j] * key[j];
+  for (int64_t s0 = 0; s0 < n; s0 += kStage) {
+    if (s0 > 0) {
+      __syncthreads();  // the last stage's keys are read
+      stage(s0);
+      __syncthreads();
     }
+    const int ns = int(min(n - s0, int64_t(kStage)));
+    for (int t0 = warp; t0 < ns; t0 += W * U) {
+      float dot[U][G], bonus[U], val[U][C];
 #pragma unroll
-    for (int o = 16; o > 0; o >>= 1)
+      for (int u = 0; u < U; ++u) {  // the loads of U keys (warp-uniform: t is the warp's)
+        const int t = t0 + u * W;
+        bonus[u] = 0.0f;
 #pragma unroll
-      for (int u = 0; u < U; ++u)
+        for (int g = 0; g < G; ++g) dot[u][g] = 0.0f;
 #pragma unroll
-        for (int g = 0; g < G; ++g) dot[u][g] += __shfl_xor_sync(0xffffffffu, dot[u][g], o);
+        for (int j = 0; j < C; ++j) val[u][j] = 0.0f;
+        if (t >= ns) continue;
+        bonus[u] = sbonus[t];
+        if (!active) continue;
+        float key[C];
+        load_channels<C>(skey[t] + ch0, key);
+        load_channels<C>(sval[t] + ch0, val[u]);
 #pragma unroll
-    for (int u = 0; u < U; ++u) {
-      if (k0 + int64_t(u) * W >= n) break;
+        for (int g = 0; g < G; ++g)
 #pragma unroll
-      for (int g = 0; g < G; ++g) {
-        const float sc = dot[u][g] + bonus[u], nm = fmaxf(mx[g], sc);
-        const float corr = __expf(mx[g] - nm), pe = __expf(sc - nm);
-        denom[g] = denom[g] * corr + pe;
+          for (int j = 0; j < C; ++j) dot[u][g] += qr[g][j] * key[j];
+      }
 #pragma unroll
-        for (int j = 0; j < C; ++j) acc[g][j] = acc[g][j] * corr + pe * val[u][j];
-        mx[g] = nm;
+      for (int o = 16; o > 0; o >>= 1)
+#pragma unroll
+        for (int u = 0; u < U; ++u)
+#pragma unroll
+          for (int g = 0; g < G; ++g) dot[u][g] += __shfl_xor_sync(0xffffffffu, dot[u][g], o);
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+        if (t0 + u * W >= ns) break;
+#pragma unroll
+        for (int g = 0; g < G; ++g) {
+          const float sc = dot[u][g] + bonus[u], nm = fmaxf(mx[g], sc);
+          const float corr = __expf(mx[g] - nm), pe = __expf(sc - nm);
+          denom[g] = denom[g] * corr + pe;
+#pragma unroll
+          for (int j = 0; j < C; ++j) acc[g][j] = acc[g][j] * corr + pe * val[u][j];
+          mx[g] = nm;
+        }
       }
     }
   }

@@ -10,6 +10,7 @@
 #include <map>
 #include <random>
 #include <set>
+#include <tuple>
 
 #include "attention_rig.h"
 #include "backend_cuda.h"
@@ -839,6 +840,22 @@ TEST_F(Cuda, TensorCoreAttentionMatchesTheFp32TileOnALongChunk) {
 // and of 8 (the last three cases: 256 items of a sequence and a head; a block serving 1, 2 and 4
 // heads of a KV head).
 TEST_F(Cuda, DecodeAttentionMatchesTheFp32Tile) {
+  auto check = [](const Config& c, int batch, int64_t pos0) {
+    mp::testing::AttentionRig rig(c, batch, 1, pos0);
+    ASSERT_TRUE(rig.plan.padded);
+    ASSERT_EQ(rig.plan.T, batch);  // no padding rows: every output is compared
+    rig.summaries();
+    auto attend = [&](bool single_queries) {
+      cuda::attention(rig.shape, rig.cv, rig.chunks, rig.table, rig.attn,
+                      int(rig.plan.attn.size()), single_queries, rig.q, rig.k, rig.v, rig.new_k,
+                      rig.new_v, rig.out, nullptr, nullptr, nullptr, false);
+      return rig.output();
+    };
+    const auto want = attend(false), got = attend(true);
+    for (float x : got) ASSERT_TRUE(std::isfinite(x));
+    EXPECT_LT(rel_err(got, want), 1e-5) << "d " << c.head_dim << " m " << c.fma_block_size
+                                        << " n " << c.n_ctx_train << " pos0 " << pos0;
+  };
   for (const int d : {16, 32, 64, 128})
     for (const AttentionCase& k :
          {AttentionCase{4096, 16, 8, 1, 1023}, AttentionCase{2048, 2, 5, 1, 4096},
@@ -847,20 +864,18 @@ TEST_F(Cuda, DecodeAttentionMatchesTheFp32Tile) {
       Config c = mp::testing::attention_config(k.n, k.kv);
       c.head_dim = d;
       c.hidden_size = c.n_heads * d;
-      mp::testing::AttentionRig rig(c, k.batch, k.tokens, k.pos0);
-      ASSERT_TRUE(rig.plan.padded);
-      ASSERT_EQ(rig.plan.T, k.batch);  // no padding rows: every output is compared
-      rig.summaries();
-      auto attend = [&](bool single_queries) {
-        cuda::attention(rig.shape, rig.cv, rig.chunks, rig.table, rig.attn,
-                        int(rig.plan.attn.size()), single_queries, rig.q, rig.k, rig.v,
-                        rig.new_k, rig.new_v, rig.out, nullptr, nullptr, nullptr, false);
-        return rig.output();
-      };
-      const auto want = attend(false), got = attend(true);
-      for (float x : got) ASSERT_TRUE(std::isfinite(x));
-      EXPECT_LT(rel_err(got, want), 1e-5) << "d " << d << " n " << k.n << " pos0 " << k.pos0;
+      check(c, k.batch, k.pos0);
     }
+  // Key lists longer than a block's threads, whose places are worked out in stages: m = 256 at
+  // batch 16 (blocks of 8 warps, 256 keys a stage; 441 fine keys) and m = 1024 at batch 1 (32
+  // warps, 1,024 a stage; 1,929 fine keys).
+  for (const auto& [m, n, batch, pos0] :
+       {std::tuple{256, 4096, 16, 3000}, std::tuple{1024, 8192, 1, 5000}}) {
+    Config c = mp::testing::attention_config(n, 4);
+    c.fma_block_size = m;
+    c.validate();
+    check(c, batch, pos0);
+  }
 }
 
 // A decode step's attention writing bf16 (the o-projection's input) writes exactly its fp32
