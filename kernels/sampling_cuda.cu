@@ -70,11 +70,33 @@ __device__ void select_top(const float* row, int begin, int end, const SampleRow
         atomicAdd(&hist[bin], __popc(peers));
     }
     __syncthreads();
-    if (threadIdx.x == 0) {
-      int acc = 0, d = 255;
-      while (acc + hist[d] < want) acc += hist[d--];
-      pick[0] = d;
-      pick[1] = want - acc;
+    // The threshold bin: the first from the top where the count from the top reaches want. Lane
+    // l of warp 0 holds bins 255 - 8l down to 248 - 8l and a scan over the lanes finds the one
+    // holding it (one thread walking down the bins took up to 256 steps of a shared-memory load
+    // each, in each of the four passes).
+    if (threadIdx.x < 32) {
+      int cnt[8], sum = 0;
+#pragma unroll
+      for (int j = 0; j < 8; ++j) sum += cnt[j] = hist[255 - 8 * lane - j];
+      int through = sum;  // bins from the top through this lane's
+#pragma unroll
+      for (int o = 1; o < 32; o <<= 1) {
+        const int x = __shfl_up_sync(0xffffffffu, through, o);
+        if (lane >= o) through += x;
+      }
+      int acc = through - sum, d = -1;
+      if (acc < want && want <= through) {
+#pragma unroll
+        for (int j = 0; j < 8; ++j)
+          if (d < 0) {
+            if (acc + cnt[j] >= want)
+              d = j;
+            else
+              acc += cnt[j];
+          }
+        pick[0] = 255 - 8 * lane - d;
+        pick[1] = want - acc;
+      }
     }
     __syncthreads();
     prefix |= uint32_t(pick[0]) << shift;
