@@ -15,6 +15,7 @@
 #include "attention_rig.h"
 #include "backend_cuda.h"
 #include "backend_replicas.h"
+#include "device_array.cuh"
 #include "device_threads.h"
 #include "model_fixture.h"
 #include "numeric.h"
@@ -48,19 +49,20 @@ std::vector<float> randn(size_t n, uint32_t seed, float scale = 1.0f) {
   return v;
 }
 
+// cuda::DeviceArray with the tests' shorthands: its pointer p, made from a host vector, and
+// get(n), the first n elements back in a vector (each transfer synchronised).
 template <class T>
-struct Dev {
-  T* p = nullptr;
-  explicit Dev(size_t n) { cuda::check(cudaMalloc(&p, n * sizeof(T)), "malloc"); }
+struct Dev : cuda::DeviceArray<T> {
+  T* const p;
+  explicit Dev(size_t n) : cuda::DeviceArray<T>(n), p(cuda::DeviceArray<T>::get()) {}
   Dev(const std::vector<T>& h) : Dev(h.size()) {
-    cuda::check(cudaMemcpy(p, h.data(), h.size() * sizeof(T), cudaMemcpyHostToDevice), "up");
+    this->upload(h, nullptr);
+    cuda::check(cudaStreamSynchronize(nullptr), "up");
   }
-  ~Dev() { cudaFree(p); }
-  Dev(const Dev&) = delete;  // one owner of the device memory
-  std::vector<T> get(size_t n) const {
-    std::vector<T> h(n);
-    cuda::check(cudaMemcpy(h.data(), p, n * sizeof(T), cudaMemcpyDeviceToHost), "down");
-    return h;
+  std::vector<T> get(size_t n) {
+    const T* h = this->download(n, nullptr);
+    cuda::check(cudaStreamSynchronize(nullptr), "down");
+    return std::vector<T>(h, h + n);
   }
 };
 
