@@ -309,6 +309,33 @@ void print_exact_against_fma(const std::vector<int>& batches, const std::vector<
     std::printf("| %d | %.0f | %.0f | %.3f |\n", batches[i], fma[i], exact[i], exact[i] / fma[i]);
 }
 
+// Token ids of a random prompt (past the first three, the special ones).
+std::vector<int> random_ids(const Config& c, size_t n, std::mt19937& rng) {
+  std::vector<int> v(n);
+  for (auto& x : v) x = 3 + int(rng() % (c.vocab_size - 3));
+  return v;
+}
+constexpr int64_t kPromptChunk = 65536;  // prompts are read in chunks of this many tokens
+
+// The last chunk of a 1M-token prompt between cudaProfilerStart and Stop (ncu
+// --profile-from-start off: each kernel of one long-prompt chunk, at the deepest position).
+void profile_prompt(const std::string& path) {
+  auto model = Model::load(path);
+  auto b = make_backend(model, {.kind = "cuda", .n_slots = 1, .max_context = 20000});
+  std::mt19937 rng(1);
+  const auto ids = random_ids(model->config(), size_t(1) << 20, rng);
+  const int slot = b->alloc_slot();
+  for (int64_t i = 0; i < int64_t(ids.size()); i += kPromptChunk) {
+    const SeqChunk ch{slot, std::span<const int>(ids).subspan(i, kPromptChunk), false};
+    const bool last = i + kPromptChunk == int64_t(ids.size());
+    if (last) cuda::check(cudaProfilerStart(), "cudaProfilerStart");
+    b->forward({&ch, 1});
+    if (last) cuda::check(cudaProfilerStop(), "cudaProfilerStop");
+  }
+  std::printf("ran the last %lld-token chunk of a 1M-token prompt under the profiler\n",
+              (long long)kPromptChunk);
+}
+
 // Prefill and decode tables of the model; returns the decode tokens/s at kEndToEndBatches.
 const std::vector<int> kEndToEndBatches = {1, 16, 64, 256};
 // The prefill table: prompts of 1K to 1M tokens (16K in exact attention, 64K quick) read in
@@ -320,21 +347,17 @@ std::shared_ptr<Model> bench_prompts(const std::string& path, bool exact, bool q
   std::printf("\n## End to end, default model, %s (%s)\n\n", mode, c.summary().c_str());
   std::printf("| prompt tokens | prefill s | prefill tokens/s |\n|---|---|---|\n");
   std::mt19937 rng(1);
-  auto random_ids = [&](size_t n) {
-    std::vector<int> v(n);
-    for (auto& x : v) x = 3 + int(rng() % (c.vocab_size - 3));
-    return v;
-  };
   const int64_t max_prompt = exact ? 16384 : (quick ? 65536 : (1 << 20));
   {
     auto b = make_backend(model, {.kind = "cuda", .n_slots = 1, .max_context = 20000});
     for (int64_t n : {1024, 16384, 131072, 1 << 20}) {
       if (n > max_prompt) break;
-      const auto ids = random_ids(n);
+      const auto ids = random_ids(c, n, rng);
       const int slot = b->alloc_slot();
       const auto t0 = std::chrono::steady_clock::now();
-      for (int64_t i = 0; i < n; i += 65536) {
-        SeqChunk ch{slot, std::span<const int>(ids).subspan(i, std::min<int64_t>(65536, n - i)),
+      for (int64_t i = 0; i < n; i += kPromptChunk) {
+        SeqChunk ch{slot,
+                    std::span<const int>(ids).subspan(i, std::min<int64_t>(kPromptChunk, n - i)),
                     false};
         b->forward({&ch, 1});
       }
@@ -361,6 +384,7 @@ int main(int argc, char** argv) {
     std::fprintf(stderr,
                  "usage: bench_cuda MODEL.gguf [--quick | --prefill-kernels | --decode-kernels |\n"
                  "                              --prompts | --profile-1m | --profile-decode B |\n"
+                 "                              --profile-prompt |\n"
                  "                              --sampling |\n"
                  "                              --decode B,B,...\n"
                  "                              [--baseline BASE.gguf] |\n"
@@ -372,6 +396,7 @@ int main(int argc, char** argv) {
                  "  --sampling: the sampling kernel alone, for several samplers\n"
                  "  --profile-decode: one decode step of batch B between cudaProfilerStart and\n"
                  "                    Stop (ncu --profile-from-start off)\n"
+                 "  --profile-prompt: the last 64K-token chunk of a 1M-token prompt so\n"
                  "  --exact: decode steps at those batch sizes on MODEL and on its exact-attention\n"
                  "           copy (same weights, same sampling as --decode), and their ratio\n"
                  "  --decode: only decode steps at those batch sizes, sampled as the server's API\n"
@@ -443,6 +468,10 @@ int main(int argc, char** argv) {
     }
     if (argc > 2 && std::strcmp(argv[2], "--profile-1m") == 0) {
       profile_prefill_1m();
+      return 0;
+    }
+    if (argc > 2 && std::strcmp(argv[2], "--profile-prompt") == 0) {
+      profile_prompt(argv[1]);
       return 0;
     }
     if (argc > 2 && std::strcmp(argv[2], "--sampling") == 0) {

@@ -6,7 +6,8 @@
 # shipped before session 11 (git show e1ff7a6:models/default.gguf), carried then in its place.
 # BENCH_ARGS: bench_cuda's options (default: all its tables); SANITIZER_SECONDS: each sanitizer's
 # cap (150); NCU_DECODE="1 256": ncu's time of each kernel of a decode step at those batches
-# (NCU_CACHE=none: caches not flushed between kernels);
+# (NCU_CACHE=none: caches not flushed between kernels); NCU_PROMPT=1: ncu's time of each kernel
+# of the last 64K-token chunk of a 1M-token prompt (caches kept);
 # SKIP_TORCH: no PyTorch baselines.
 set -uo pipefail
 root=$(pwd)
@@ -37,6 +38,12 @@ for b in ${NCU_DECODE:-}; do
     > "$out/ncu_decode_$b.txt" 2>&1
   echo "ncu decode batch $b rc $?"
 done
+if [ -n "${NCU_PROMPT:-}" ]; then
+  timeout 300 ncu --clock-control none --cache-control none --profile-from-start off --section SpeedOfLight \
+    --print-summary per-kernel "$bin/bench_cuda" "${MODEL:-models/default.gguf}" --profile-prompt \
+    > "$out/ncu_prompt.txt" 2>&1
+  echo "ncu prompt rc $?"
+fi
 [ -n "${SKIP_TORCH:-}" ] && exit 0  # the PyTorch baselines take about 90 s
 PYTHONUNBUFFERED=1 timeout 200 python3 bench/attention_torch.py > "$out/bench_torch.md" 2>&1; echo "torch rc $?"
 cat "$out/bench_torch.md"

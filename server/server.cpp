@@ -293,7 +293,10 @@ struct Server::Impl {
         const json b = parse_body(req);
         if (!b.contains("content") || !b["content"].is_string())
           throw api::ApiError(400, "'content' must be a string", "content");
-        const bool bos = b.value("add_special", false);
+        const auto special = b.find("add_special");
+        if (special != b.end() && !special->is_boolean())
+          throw api::ApiError(400, "'add_special' must be a boolean", "add_special");
+        const bool bos = special != b.end() && special->get<bool>();
         res.set_content(api::dump({{"tokens", model->tokenizer().encode(
                                                   b["content"].get<std::string>(), bos)}}),
                         "application/json");

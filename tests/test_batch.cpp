@@ -165,6 +165,43 @@ TEST(Batch, OlderShapeStillWorksAndResumeRedoesOnlyWhatIsMissing) {
   EXPECT_EQ(redone["\"c\""]["choices"], out["\"c\""]["choices"]);
 }
 
+// Fields of the wrong JSON type fail their own line with a message, never the run: a url or
+// method that is no string, a custom_id that is no string, a "model" of null or a number (a null
+// model and a wrong-typed url each stopped the whole run with a JSON type error once).
+TEST(Batch, WronglyTypedFieldsFailTheirLineOnly) {
+  BatchRun b;
+  const json body = {{"prompt", "one"}, {"max_tokens", 3}, {"seed", 1}, {"ignore_eos", true}};
+  json null_model = body, number_model = body;
+  null_model["model"] = nullptr;
+  number_model["model"] = 5;
+  b.input({{{"custom_id", "url"}, {"method", "POST"}, {"url", 5}, {"body", body}},
+           {{"custom_id", "method"}, {"method", 7}, {"url", "/v1/completions"}, {"body", body}},
+           {{"custom_id", 3}, {"url", "/v1/completions"}, {"body", body}},
+           openai_line("null-model", "/v1/completions", null_model),
+           openai_line("number-model", "/v1/completions", number_model),
+           openai_line("good", "/v1/completions", body)});
+  ASSERT_EQ(b.run(false), 0);
+  const auto recs = b.records();
+  ASSERT_EQ(recs.size(), 6u);
+  std::map<std::string, json> by_id;
+  for (const auto& r : recs) by_id[r["custom_id"].dump()] = r;
+  auto message = [&](const std::string& id) {
+    const json& r = by_id.at(id);
+    return r["error"].is_null() ? r["response"]["body"]["error"]["message"].get<std::string>()
+                                : r["error"]["message"].get<std::string>();
+  };
+  EXPECT_NE(message("\"url\"").find("'url' must be"), std::string::npos);
+  EXPECT_NE(message("\"url\"").find("got a number"), std::string::npos);
+  EXPECT_NE(message("\"method\"").find("'method' must be"), std::string::npos);
+  EXPECT_NE(message("3").find("'custom_id' must be a string"), std::string::npos);
+  EXPECT_NE(message("\"number-model\"").find("'model' must be a string"), std::string::npos);
+  for (const char* ok : {"\"null-model\"", "\"good\""}) {
+    EXPECT_EQ(by_id.at(ok)["response"]["status_code"], 200) << ok;
+    EXPECT_EQ(by_id.at(ok)["response"]["body"]["usage"]["completion_tokens"], 3) << ok;
+  }
+  EXPECT_EQ(by_id.at("\"null-model\"")["response"]["body"]["model"], "multipole");
+}
+
 // SIGKILL at random moments (after 0-2 more results appear, plus 0-1 ms), then --resume, until a
 // run completes: every result written before a kill is still there after it, none is ever
 // written twice, and the final file holds exactly the results of an uninterrupted run.

@@ -12,6 +12,7 @@ int fuzz_completions(const uint8_t* data, size_t size);
 int fuzz_convert(const uint8_t* data, size_t size);
 int fuzz_tokenizer(const uint8_t* data, size_t size);
 int fuzz_chat(const uint8_t* data, size_t size);
+int fuzz_batch(const uint8_t* data, size_t size);
 
 namespace {
 namespace fs = std::filesystem;
@@ -49,7 +50,8 @@ INSTANTIATE_TEST_SUITE_P(Targets, FuzzReplay,
                                            Target{"completions", fuzz_completions},
                                            Target{"convert", fuzz_convert},
                                            Target{"tokenizer", fuzz_tokenizer},
-                                           Target{"chat", fuzz_chat}),
+                                           Target{"chat", fuzz_chat},
+                                           Target{"batch", fuzz_batch}),
                          [](const auto& info) { return std::string(info.param.name); });
 
 }  // namespace

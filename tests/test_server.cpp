@@ -430,6 +430,9 @@ TEST(Server, BadRequestsGetOpenAiErrors) {
   expect_error(s.post({{"prompt", std::string(500, 'z')}}), 400, "prompt");  // over the ctx limit
   expect_error(c.Post("/v1/completions", std::string(100 * 1024, ' '), "application/json"), 413);
   expect_error(c.Post("/detokenize", R"({"tokens":[1,99999]})", "application/json"), 400, "tokens");
+  // A field of another type is the client's error (it was a 500 from a JSON type error).
+  expect_error(c.Post("/tokenize", R"({"content":"x","add_special":"yes"})", "application/json"),
+               400, "add_special");
   expect_error(c.Get("/nope"), 404);
   // Invalid UTF-8 in a prompt: a clear error, not a crash.
   const std::string bad_utf8 = std::string("{\"prompt\":\"\xff\xfe\"}");

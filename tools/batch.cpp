@@ -18,102 +18,13 @@
 #include "common/api.h"
 #include "common/args.h"
 #include "common/backend_args.h"
+#include "common/batch_lines.h"
 #include "common/cache_args.h"
 
 using mp::api::json;
+using mp::batch::Line;
 
 namespace {
-
-// One input line: its request, and what identifies its result across runs.
-struct Line {
-  bool openai = false;  // OpenAI Batch shape (else a bare body with "id")
-  bool chat = false;
-  std::string key;  // "c:" custom_id or "l:" id: results already written are found by it
-  json custom_id, id;
-  json body;
-  std::string error;  // the line cannot be run (bad JSON, bad url...)
-};
-
-Line read_line(const std::string& text, size_t number) {
-  Line l;
-  l.id = "line-" + std::to_string(number);
-  json j;
-  try {
-    j = json::parse(text);
-  } catch (const std::exception& e) {
-    l.error = std::string("line is not valid JSON: ") + e.what();
-    l.key = "l:" + l.id.dump();
-    return l;
-  }
-  if (!j.is_object()) {
-    l.error = "line is not a JSON object";
-    l.key = "l:" + l.id.dump();
-    return l;
-  }
-  l.openai = j.contains("custom_id") || j.contains("url") || j.contains("body");
-  if (!l.openai) {
-    if (j.contains("id")) l.id = j["id"];
-    l.key = "l:" + l.id.dump();
-    l.chat = j.contains("messages");
-    l.body = std::move(j);
-    return l;
-  }
-  l.custom_id = j.value("custom_id", json(nullptr));
-  l.key = "c:" + l.custom_id.dump();
-  const std::string url = j.value("url", "");
-  if (!l.custom_id.is_string())
-    l.error = "'custom_id' must be a string";
-  else if (j.value("method", "POST") != "POST")
-    l.error = "'method' must be \"POST\"";
-  else if (url != "/v1/completions" && url != "/v1/chat/completions")
-    l.error = "'url' must be \"/v1/completions\" or \"/v1/chat/completions\", got '" + url + "'";
-  else if (!j.contains("body") || !j["body"].is_object())
-    l.error = "'body' must be a JSON object";
-  if (!l.error.empty()) return l;
-  l.chat = url == "/v1/chat/completions";
-  l.body = std::move(j["body"]);
-  return l;
-}
-
-// The output record of a line: its response body (status 200), an API error (its status and
-// body) or, for a line that could not be run, an error.
-json record(const Line& l, size_t number, const json& body, int status) {
-  if (!l.openai) {
-    if (status != 200) return {{"id", l.id}, {"error", body["error"]}};
-    json out = {{"id", l.id}, {"choices", body["choices"]}, {"usage", body["usage"]}};
-    const json& c = body["choices"][0];
-    out["completion"] = l.chat ? c["message"]["content"] : c["text"];
-    out["finish_reason"] = c["finish_reason"];
-    return out;
-  }
-  const std::string id = "batch_req_" + std::to_string(number);
-  if (status == 0)
-    return {{"id", id},
-            {"custom_id", l.custom_id},
-            {"response", nullptr},
-            {"error", {{"code", "invalid_request"}, {"message", body["error"]["message"]}}}};
-  return {
-      {"id", id},
-      {"custom_id", l.custom_id},
-      {"response",
-       {{"status_code", status},
-        {"request_id", body.value("id", (l.chat ? "chatcmpl-" : "cmpl-") + std::to_string(number))},
-        {"body", body}}},
-      {"error", nullptr}};
-}
-
-// A written record that counts as done: a result, not an error.
-bool done_record(const json& r, std::string* key) {
-  if (!r.is_object()) return false;
-  if (r.contains("custom_id")) {
-    *key = "c:" + r["custom_id"].dump();
-    return r.contains("response") && r["response"].is_object() &&
-           r["response"].value("status_code", 0) == 200;
-  }
-  if (!r.contains("id") || r.contains("error")) return false;
-  *key = "l:" + r["id"].dump();
-  return true;
-}
 
 // --resume: keeps the finished results of `path` (dropping error records and a torn last line),
 // rewritten atomically, and returns their keys.
@@ -126,7 +37,7 @@ std::set<std::string> compact_output(const std::string& path) {
     if (prev.eof()) break;  // no final newline: torn by a kill mid-write
     std::string key;
     try {
-      if (!done_record(json::parse(line), &key) || !done.insert(key).second) continue;
+      if (!mp::batch::done_record(json::parse(line), &key) || !done.insert(key).second) continue;
     } catch (...) {
       continue;
     }
@@ -205,7 +116,7 @@ int main(int argc, char** argv) {
     for (std::string text; std::getline(in, text);) {
       ++number;
       if (text.find_first_not_of(" \t\r") == std::string::npos) continue;
-      lines.push_back(read_line(text, number));
+      lines.push_back(mp::batch::read_line(text, number));
       numbers.push_back(number);
     }
 
@@ -244,7 +155,7 @@ int main(int argc, char** argv) {
       auto fail_line = [&](const json& body, int status) {
         std::lock_guard<std::mutex> lock(mu);
         ++failed;
-        ready.push_back(record(l, numbers[i], body, status));
+        ready.push_back(mp::batch::record(l, numbers[i], body, status));
       };
       if (!l.error.empty()) {
         fail_line(mp::api::ApiError(400, l.error).body(), 0);
@@ -273,7 +184,7 @@ int main(int argc, char** argv) {
         std::lock_guard<std::mutex> lock(mu);
         ++pending;
       }
-      const std::string model_name = l.body.value("model", "multipole");
+      const std::string model_name = mp::batch::model_name(l);
       for (size_t k = 0; k < job.call.requests.size(); ++k) {
         auto& r = job.call.requests[k];
         r.on_event = [&, i, k, model_name](const mp::CompletionEvent& e) {
@@ -284,7 +195,7 @@ int main(int argc, char** argv) {
           if (e.done && --jb.open == 0) {
             const std::string id = mp::api::id_prefix(jb.call) + std::to_string(numbers[i]);
             ready.push_back(
-                record(lines[i], numbers[i],
+                mp::batch::record(lines[i], numbers[i],
                        mp::api::final_response(jb.call, id, created, model_name, jb.choices), 200));
             --pending;
             cv.notify_all();
