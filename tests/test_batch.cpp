@@ -30,7 +30,7 @@ struct BatchRun {
   BatchRun() { mp::testing::random_model(dir, mp::testing::small_config()); }
   std::vector<std::string> argv(bool resume, const std::string& out = "out.jsonl") const {
     std::vector<std::string> a = {
-        MULTIPOLE_BATCH_BIN, "--model",        dir / "model.gguf", "--threads", "1", "--slots", "4",
+        MULTIPOLE_BATCH_BIN, "--model",        dir / "model.gguf", "--threads", "1", "--slots", slots,
         "--input",           dir / "in.jsonl", "--output",         dir / out};
     if (resume) a.push_back("--resume");
     return a;
@@ -209,7 +209,7 @@ TEST(Batch, KillsAtAnyMomentLoseAndDuplicateNothing) {
   BatchRun b;
   b.slots = "1";  // results one by one, so that kills fall between them
   std::vector<json> lines;
-  for (int i = 0; i < 24; ++i) {
+  for (int i = 0; i < 48; ++i) {
     const json body = {{"max_tokens", 32 + i % 16}, {"seed", i}, {"ignore_eos", true}};
     json chat = body, text = body;
     chat["messages"] = {{{"role", "user"}, {"content", "Question " + std::to_string(i)}}};

@@ -95,6 +95,15 @@ TEST(Convert, ShardedCheckpointGivesTheSameFile) {
     EXPECT_EQ(a->tensor(spec.name, spec.shape).to_f32(), b->tensor(spec.name, spec.shape).to_f32());
 }
 
+// The lines of /proc/self/maps that map `path`.
+int mappings_of(const fs::path& path) {
+  std::ifstream maps("/proc/self/maps");
+  int n = 0;
+  for (std::string line; std::getline(maps, line);)
+    n += line.find(path.string()) != std::string::npos;
+  return n;
+}
+
 TEST(Convert, RefusesBadCheckpointsNamingTheProblem) {
   TempDir dir;
   const Config c = mp::testing::small_config();
@@ -131,6 +140,9 @@ TEST(Convert, RefusesBadCheckpointsNamingTheProblem) {
   write_all(dir / "hf/model.safetensors", st.substr(0, st.size() - 100));
   const std::string e3 = error_of([&] { convert_hf_to_gguf(dir / "hf", dir / "m4.gguf", co); });
   EXPECT_NE(e3.find("truncated"), std::string::npos) << e3;
+  // The reader threw after mapping the file: the mapping is gone with it (it was leaked, and a
+  // long fuzz run of the converter ran out of mappings).
+  EXPECT_EQ(mappings_of(dir / "hf/model.safetensors"), 0);
 
   // Bad JSON.
   write_all(dir / "hf/config.json", "{\"vocab_size\": 400,");

@@ -284,22 +284,27 @@ TEST(Sessions, CorruptFilesAreSkippedAndTheDiskCapHonoured) {
 // another replica sharing the store) meanwhile gets 409, to be retried after a second
 // (Retry-After); then `other` continues after the turn.
 void one_request_at_a_time(const Models& m, const Server1& holder, const Server1& other) {
+  // Long enough that the turn still runs when the other requests arrive (the test model writes
+  // some 35 k tokens a second: 0.6 s): with 500 tokens it had ended first in 10 runs of 50 on a
+  // loaded machine, and the "conflicting" turn rightly got a 200. 40 of 40 pass so under load.
+  constexpr int kTokens = 20000;
   holder.call("POST", "/v1/sessions", {{"id", "busy"}});
   auto first = std::async(std::launch::async, [&] {
-    return holder.call("POST", "/v1/completions",
-                       {{"session", "busy"}, {"prompt", "go"}, {"max_tokens", 500}, {"ignore_eos", true}});
+    return holder.call(
+        "POST", "/v1/completions",
+        {{"session", "busy"}, {"prompt", "go"}, {"max_tokens", kTokens}, {"ignore_eos", true}});
   });
-  for (int i = 0; i < 500 && holder.sched->stats().slots_in_use == 0; ++i)
-    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  for (int i = 0; i < 5000 && holder.sched->stats().slots_in_use == 0; ++i)
+    std::this_thread::sleep_for(std::chrono::milliseconds(1));
   ASSERT_EQ(holder.sched->stats().slots_in_use, 1);
   expect_conflict(other.send("POST", "/v1/completions", Server1::turn_body("busy", "x", 1)), "1");
   expect_conflict(other.send("DELETE", "/v1/sessions/busy"), "1");
-  EXPECT_EQ(first.get()["usage"]["completion_tokens"], 500);
+  EXPECT_EQ(first.get()["usage"]["completion_tokens"], kTokens);
   const int prompt = static_cast<int>(m.model->tokenizer().encode("go", true).size());
-  EXPECT_EQ(other.call("GET", "/v1/sessions/busy")["position"], prompt + 500);
+  EXPECT_EQ(other.call("GET", "/v1/sessions/busy")["position"], prompt + kTokens);
   const json next = other.turn("busy", "x", 1);  // its prompt starts with the unfed last token
   EXPECT_EQ(next["session"]["position"],
-            prompt + 500 - 1 + next["usage"]["prompt_tokens"].get<int>() + 4);
+            prompt + kTokens - 1 + next["usage"]["prompt_tokens"].get<int>() + 4);
 }
 
 TEST(Sessions, OneRequestAtATimeOnASession) {

@@ -1,10 +1,4 @@
 // Hugging Face folder (config.json, safetensors, tokenizer.model) -> GGUF.
-#include <fcntl.h>
-#include <sys/mman.h>
-#include <sys/stat.h>
-#include <unistd.h>
-
-#include <cerrno>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
@@ -13,6 +7,7 @@
 #include <set>
 #include <sstream>
 
+#include "file_io.h"
 #include "format.h"
 #include "numeric.h"
 
@@ -32,23 +27,13 @@ std::string read_file(const fs::path& p) {
 // One mmap-ed safetensors file and the tensors its header lists.
 class SafetensorsFile {
  public:
-  explicit SafetensorsFile(const fs::path& path) : path_(path.string()) {
-    const int fd = ::open(path_.c_str(), O_RDONLY);
-    if (fd < 0) throw Error("cannot open '" + path_ + "': " + std::strerror(errno));
-    struct stat st {};
-    fstat(fd, &st);
-    size_ = static_cast<size_t>(st.st_size);
-    if (size_ < 8) {
-      ::close(fd);
-      throw Error("'" + path_ + "' is too short to be safetensors (truncated?)");
-    }
-    addr_ = mmap(nullptr, size_, PROT_READ, MAP_PRIVATE, fd, 0);
-    ::close(fd);
-    if (addr_ == MAP_FAILED) throw Error("cannot mmap '" + path_ + "'");
-    const auto* base = static_cast<const uint8_t*>(addr_);
+  explicit SafetensorsFile(const fs::path& path)
+      : path_(path.string()), map_(path_, "'" + path_ + "'", 8, "safetensors") {
+    const uint8_t* base = map_.data();
+    const size_t size = map_.size();
     uint64_t hlen;
     std::memcpy(&hlen, base, 8);
-    if (hlen > size_ - 8)
+    if (hlen > size - 8)
       throw Error("'" + path_ + "': header length " + std::to_string(hlen) +
                   " runs past the end of the file (truncated?)");
     nlohmann::json h;
@@ -58,7 +43,7 @@ class SafetensorsFile {
       throw Error("'" + path_ + "': bad safetensors header: " + e.what());
     }
     const uint8_t* data = base + 8 + hlen;
-    const size_t data_size = size_ - 8 - hlen;
+    const size_t data_size = size - 8 - hlen;
     for (auto& [name, info] : h.items()) {
       if (name == "__metadata__") continue;
       TensorView t;
@@ -91,17 +76,13 @@ class SafetensorsFile {
       tensors_.emplace(name, std::move(t));
     }
   }
-  ~SafetensorsFile() {
-    if (addr_ != MAP_FAILED) munmap(addr_, size_);
-  }
   SafetensorsFile(const SafetensorsFile&) = delete;
   SafetensorsFile& operator=(const SafetensorsFile&) = delete;
   const std::map<std::string, TensorView>& tensors() const { return tensors_; }
 
  private:
   std::string path_;
-  void* addr_ = MAP_FAILED;
-  size_t size_ = 0;
+  MappedFile map_;  // a member: unmapped also when the constructor throws
   std::map<std::string, TensorView> tensors_;
 };
 

@@ -2,6 +2,8 @@
 
 #include <fcntl.h>
 #include <sys/file.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -14,6 +16,31 @@
 #include "multipole/multipole.h"
 
 namespace mp {
+
+MappedFile::MappedFile(const std::string& path, const std::string& what, size_t min_size,
+                       const std::string& format)
+    : addr_(MAP_FAILED) {
+  const int fd = ::open(path.c_str(), O_RDONLY);
+  if (fd < 0) throw Error("cannot open " + what + ": " + std::strerror(errno));
+  struct stat st {};
+  if (fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)) {
+    ::close(fd);
+    throw Error(what + " is not a regular file");
+  }
+  size_ = static_cast<size_t>(st.st_size);
+  if (size_ < min_size) {
+    ::close(fd);
+    throw Error(what + ": file of " + std::to_string(size_) + " bytes is too short to be " +
+                format + " (truncated?)");
+  }
+  addr_ = mmap(nullptr, size_, PROT_READ, MAP_PRIVATE, fd, 0);
+  ::close(fd);
+  if (addr_ == MAP_FAILED) throw Error("cannot mmap " + what + ": " + std::strerror(errno));
+}
+
+MappedFile::~MappedFile() {
+  if (addr_ != MAP_FAILED) munmap(addr_, size_);
+}
 namespace {
 Error io_error(const std::string& what, const std::string& path) {
   return Error(what + " '" + path + "': " + std::strerror(errno));

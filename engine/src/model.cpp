@@ -1,13 +1,8 @@
-#include <fcntl.h>
-#include <sys/mman.h>
-#include <sys/stat.h>
-#include <unistd.h>
-
-#include <cerrno>
 #include <algorithm>
 #include <cstdio>
 #include <cstring>
 
+#include "file_io.h"
 #include "format.h"
 #include "numeric.h"
 
@@ -46,14 +41,6 @@ std::vector<float> TensorView::to_f32() const {
   return out;
 }
 
-struct Model::Mapping {
-  void* addr = MAP_FAILED;
-  size_t size = 0;
-  ~Mapping() {
-    if (addr != MAP_FAILED) munmap(addr, size);
-  }
-};
-
 Model::~Model() = default;
 
 namespace {
@@ -80,28 +67,11 @@ std::string identity_of(const Model& m) {
 std::shared_ptr<Model> Model::load(const std::string& path) {
   std::shared_ptr<Model> m(new Model());
   m->path_ = path;
-  m->mapping_ = std::make_unique<Mapping>();
-  const int fd = ::open(path.c_str(), O_RDONLY);
-  if (fd < 0) throw Error("cannot open model '" + path + "': " + std::strerror(errno));
-  struct stat st {};
-  if (fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)) {
-    ::close(fd);
-    throw Error("model '" + path + "' is not a regular file");
-  }
-  m->mapping_->size = static_cast<size_t>(st.st_size);
-  if (m->mapping_->size < 24) {
-    ::close(fd);
-    throw Error("model '" + path + "': file of " + std::to_string(st.st_size) +
-                " bytes is too short to be GGUF (truncated?)");
-  }
-  m->mapping_->addr = mmap(nullptr, m->mapping_->size, PROT_READ, MAP_PRIVATE, fd, 0);
-  ::close(fd);
-  if (m->mapping_->addr == MAP_FAILED)
-    throw Error("cannot mmap model '" + path + "': " + std::strerror(errno));
-  const auto* base = static_cast<const uint8_t*>(m->mapping_->addr);
+  m->mapping_ = std::make_unique<MappedFile>(path, "model '" + path + "'", 24, "GGUF");
+  const uint8_t* base = m->mapping_->data();
   gguf::File f;
   try {
-    f = gguf::parse(base, m->mapping_->size);
+    f = gguf::parse(base, m->mapping_->size());
     m->config_ = config_from_gguf(f);
     m->tokenizer_ = std::make_unique<Tokenizer>(f.get_string(kTokenizerKey), m->config_);
     if (f.find(kChatTemplateKey)) m->chat_template_ = f.get_string(kChatTemplateKey);

@@ -92,6 +92,8 @@ struct TensorView {
 class Tokenizer;
 
 // A loaded model: config, tokenizer and the tensors of a GGUF file (mmap-ed, not copied).
+class MappedFile;  // engine/src/file_io.h
+
 class Model {
  public:
   static std::shared_ptr<Model> load(const std::string& gguf_path);
@@ -110,8 +112,7 @@ class Model {
 
  private:
   Model() = default;
-  struct Mapping;
-  std::unique_ptr<Mapping> mapping_;
+  std::unique_ptr<MappedFile> mapping_;
   std::string path_;
   std::string chat_template_;
   std::string identity_;
