@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Runs the fuzz targets of a MULTIPOLE_FUZZ build over their seed corpora.
-#   tests/fuzz/run.sh BUILD_DIR SECONDS [TARGET...]   (default: every target)
+#   tests/fuzz/run.sh BUILD_DIR SECONDS [TARGET...]   (default: every target BUILD_DIR holds)
 # Each target runs SECONDS, one after the other, with new inputs kept in a scratch corpus (the
 # committed seeds are not touched). Exit status 1 and the crashing input's path on a finding.
 set -euo pipefail
@@ -8,7 +8,11 @@ build=$1 seconds=$2
 shift 2
 here=$(cd "$(dirname "$0")" && pwd)
 targets=("$@")
-[ ${#targets[@]} -eq 0 ] && targets=(gguf state completions convert tokenizer chat batch)
+if [ ${#targets[@]} -eq 0 ]; then  # every target built (the list: tests/CMakeLists.txt)
+  shopt -s nullglob
+  for f in "$build"/tests/fuzz/fuzz_*; do targets+=("${f##*/fuzz_}"); done
+  [ ${#targets[@]} -gt 0 ] || { echo "no fuzz targets built in $build/tests/fuzz" >&2; exit 2; }
+fi
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 export ASAN_OPTIONS=detect_leaks=1 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1
