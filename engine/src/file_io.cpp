@@ -41,6 +41,7 @@ MappedFile::MappedFile(const std::string& path, const std::string& what, size_t 
 MappedFile::~MappedFile() {
   if (addr_ != MAP_FAILED) munmap(addr_, size_);
 }
+
 namespace {
 Error io_error(const std::string& what, const std::string& path) {
   return Error(what + " '" + path + "': " + std::strerror(errno));
