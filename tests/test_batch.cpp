@@ -29,9 +29,9 @@ struct BatchRun {
   std::string slots = "4";
   BatchRun() { mp::testing::random_model(dir, mp::testing::small_config()); }
   std::vector<std::string> argv(bool resume, const std::string& out = "out.jsonl") const {
-    std::vector<std::string> a = {
-        MULTIPOLE_BATCH_BIN, "--model",        dir / "model.gguf", "--threads", "1", "--slots", slots,
-        "--input",           dir / "in.jsonl", "--output",         dir / out};
+    std::vector<std::string> a = {MULTIPOLE_BATCH_BIN, "--model",  dir / "model.gguf",
+                                  "--threads", "1",  "--slots",  slots,
+                                  "--input",   dir / "in.jsonl", "--output", dir / out};
     if (resume) a.push_back("--resume");
     return a;
   }

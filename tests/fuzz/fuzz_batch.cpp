@@ -16,15 +16,16 @@ MULTIPOLE_FUZZ_TARGET(fuzz_batch) {
   auto reread = [](const json& r) { return json::parse(api::dump(r)); };  // as written, as read
   std::string key;
   const json error = api::ApiError(400, "fuzz").body();
-  fuzz::check(!batch::done_record(reread(batch::record(l, 7, error, l.error.empty() ? 400 : 0)),
-                                  &key),
-              "an error record is not done");
+  fuzz::check(
+      !batch::done_record(reread(batch::record(l, 7, error, l.error.empty() ? 400 : 0)), &key),
+      "an error record is not done");
   if (!l.error.empty()) return 0;
   const json choice = {{"index", 0},
                        {"text", "x"},
                        {"message", {{"role", "assistant"}, {"content", "x"}}},
                        {"finish_reason", "stop"}};
-  const json result = {{"id", "cmpl-7"}, {"choices", json::array({choice})}, {"usage", json::object()}};
+  const json result = {
+      {"id", "cmpl-7"}, {"choices", json::array({choice})}, {"usage", json::object()}};
   fuzz::check(batch::done_record(reread(batch::record(l, 7, result, 200)), &key) && key == l.key,
               "a result record is done under its line's key");
   return 0;

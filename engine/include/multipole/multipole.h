@@ -90,10 +90,9 @@ struct TensorView {
 };
 
 class Tokenizer;
-
-// A loaded model: config, tokenizer and the tensors of a GGUF file (mmap-ed, not copied).
 class MappedFile;  // engine/src/file_io.h
 
+// A loaded model: config, tokenizer and the tensors of a GGUF file (mmap-ed, not copied).
 class Model {
  public:
   static std::shared_ptr<Model> load(const std::string& gguf_path);
