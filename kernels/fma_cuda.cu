@@ -259,6 +259,13 @@ struct KeyLoc {
   float bonus;  // score offset: log(w/p) for a summary with scale_attn
   int64_t pos;  // the key's position; -1: a summary, visible to every query of the tile
 };
+// The key's and its value's rows.
+__device__ const float* key_row(const KvArrays& a, const KeyLoc& l) {
+  return a.key(l.which) + l.off;
+}
+__device__ const float* value_row(const KvArrays& a, const KeyLoc& l) {
+  return a.value(l.which) + l.off;
+}
 
 // The coarse part of a query tile's key list, worked out once per tile (by one thread, into
 // shared memory) so that resolving a key costs no 64-bit division: per level, the index of its
@@ -363,8 +370,8 @@ __global__ void __launch_bounds__(kThreads)
     // consecutive channels (a thread per key row was 32-way strided and bank-conflicted).
     for (int e = threadIdx.x; e < n; e += blockDim.x) {
       const KeyLoc kloc = key_loc(s, cv, c, table, lt, kl, t0 + e, kvh);
-      sksrc[e] = arr.key(kloc.which) + kloc.off;
-      svsrc[e] = arr.value(kloc.which) + kloc.off;
+      sksrc[e] = key_row(arr, kloc);
+      svsrc[e] = value_row(arr, kloc);
       sbonus[e] = kloc.bonus;
       spos[e] = kloc.pos;
     }
@@ -499,8 +506,8 @@ __global__ void __launch_bounds__(tc::kWarps * 32, 4)
     const int e = threadIdx.x;
     if (t0 + e < n_keys) {
       const KeyLoc kloc = key_loc(s, cv, c, table, sh.lt, kl, t0 + e, kvh);
-      sh.ksrc[e] = arr.key(kloc.which) + kloc.off;
-      sh.vsrc[e] = arr.value(kloc.which) + kloc.off;
+      sh.ksrc[e] = key_row(arr, kloc);
+      sh.vsrc[e] = value_row(arr, kloc);
       sh.bonus[b][e] = kloc.bonus * kLog2e;
       sh.pos[b][e] = kloc.pos < it.q_begin ? -1 : static_cast<int>(kloc.pos - it.q_begin);
     } else {
@@ -692,8 +699,8 @@ __global__ void __launch_bounds__(W * 32)
     if (kk >= n) return;
     const KeyLoc kloc = key_loc(s, cv, c, table, lt, kl, kk, kvh);
     const KvArrays arr = kv_arrays(cv, k, v, new_k, new_v);
-    skey[threadIdx.x] = arr.key(kloc.which) + kloc.off;
-    sval[threadIdx.x] = arr.value(kloc.which) + kloc.off;
+    skey[threadIdx.x] = key_row(arr, kloc);
+    sval[threadIdx.x] = value_row(arr, kloc);
     sbonus[threadIdx.x] = kloc.bonus;
   };
   stage(0);
