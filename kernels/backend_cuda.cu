@@ -491,9 +491,9 @@ class CudaBackend final : public Backend {
     moved |= hb_.resize(size_t(T) * std::max(H, std::max(F, nh * d)));
     moved |= qkv_.resize(size_t(T) * (nh + 2 * nkv) * d);
     moved |= q_.resize(size_t(T) * nh * d);
-    moved |= att_.resize(size_t(T) * nh * d);
     for (auto* a : {&k_, &v_}) moved |= a->resize(size_t(T) * nkv * d);
     moved |= gu_.resize(size_t(T) * 2 * F);
+    moved |= angles_.resize(size_t(T) * d);  // d / 2 pairs of (cos, sin) a row
     // The new summaries: keys', then values' right after them (one clearing a layer). Their
     // split point is the plan's need, which a decode step's bucket fixes for its graph.
     moved |= new_kv_.resize(2 * new_summary_floats(p));
@@ -531,6 +531,12 @@ class CudaBackend final : public Backend {
     // A decode step's kernels overlap along its chain (overlap.cuh), except the first after the
     // side stream's join: that launch waits on an event, not on the kernel before.
     const bool chain = launches_ == cuda::Launches::Overlapped && p.padded && p.append && !comm_;
+    // Rows too many for the GEMV: cuBLAS, then split_qkv_rope, whose RoPE angles (in double) are
+    // worked out here once for every layer.
+    const int64_t* pos = inputs_.device<int64_t>(kPos);
+    auto* angles = reinterpret_cast<float2*>(angles_.get());
+    if (!gemv_fits(T, layers_[0].wqkv))
+      cuda::rope_angles(pos, T, d, c_.rope_theta, c_.rope_linear_factor, angles, s);
     for (int li = 0; li < c_.n_layers; ++li) {
       Layer& l = layers_[li];
       const cuda::CacheView cv{l.fine_k.get(), l.fine_v.get(), l.sum_k.get(), l.sum_v.get(),
@@ -542,9 +548,8 @@ class CudaBackend final : public Backend {
         ds.tk[lv] = l.taps[2 * lv].get(), ds.tv[lv] = l.taps[2 * lv + 1].get();
       // The previous layer's FFN output joins the residual stream in the norm.
       norm_matmul(x, spare, li == 0 ? nullptr : h_.get(), l.attn_norm.get(), T, l.wqkv,
-                  cuda::GemvOutput::split_rope({q_.get(), k_.get(), v_.get(),
-                                                inputs_.device<int64_t>(kPos), nh, nkv, d,
-                                                c_.rope_theta, c_.rope_linear_factor}),
+                  cuda::GemvOutput::split_rope({q_.get(), k_.get(), v_.get(), pos, nh, nkv, d,
+                                                c_.rope_theta, c_.rope_linear_factor, angles}),
                   chain && li == 0);
       const size_t fresh = new_summary_floats(p);
       float *new_k = new_kv_.get(), *new_v = new_k + fresh;
@@ -559,10 +564,10 @@ class CudaBackend final : public Backend {
                         inputs_.device<cuda::SumItem>(kFilling), k_.get(), v_.get(), new_k, new_v,
                         s);
       }
-      // A decode step's attention rounds its output to bf16 itself, for the o-projection.
+      // The attention rounds its output to bf16 itself, for the o-projection.
       cuda::attention(shape_, cv, chunks, table, inputs_.device<cuda::AttnItem>(kAttn),
                       int(p.attn.size()), p.padded, q_.get(), k_.get(), v_.get(), new_k, new_v,
-                      att_.get(), p.padded ? hb_.get() : nullptr, split_.get(), s, true, chain);
+                      nullptr, hb_.get(), split_.get(), s, true, chain);
       if (p.append) {
         // Beside the rest of the layer, which does not read the cache (a branch of the step's
         // graph); the layer's end waits for it (the next layer's q/k/v overwrite k_ and v_).
@@ -575,7 +580,6 @@ class CudaBackend final : public Backend {
         cuda::commit(inputs_.device<cuda::CommitItem>(kCommits), int(p.commits.size()), k_.get(),
                      v_.get(), new_k, new_v, cv, s);
       }
-      if (!p.padded) cuda::to_bf16(att_.get(), int64_t(T) * nh * d, hb_.get(), s);
       matmul(hb_.get(), T, l.wo, h_.get(), chain);
       if (comm_) comm_->all_reduce_sum(h_.get(), size_t(T) * H, stream_);  // the heads' parts
       norm_matmul(x, spare, h_.get(), l.ffn_norm.get(), T, l.gate_up,
@@ -621,8 +625,8 @@ class CudaBackend final : public Backend {
       case Kind::SplitRope: {
         const cuda::QkvRope& r = out.rope;
         matmul(hb_.get(), T, w, qkv_.get());
-        return cuda::split_qkv_rope(qkv_.get(), r.pos, T, r.nh, r.nkv, r.d, r.theta,
-                                    r.linear_factor, r.q, r.k, r.v, stream_);
+        return cuda::split_qkv_rope(qkv_.get(), r.angles, T, r.nh, r.nkv, r.d, r.q, r.k, r.v,
+                                    stream_);
       }
     }
   }
@@ -736,7 +740,7 @@ class CudaBackend final : public Backend {
   enum Input { kTokens, kPos, kRows, kAttn, kDone, kFilling, kCommits, kChunks, kTable,
                kSampleRows, kPens, kTopRows, kGraphInputs = kSampleRows };
   PackedArrays inputs_;
-  DeviceArray<float> x_, x_spare_, h_, qkv_, q_, k_, v_, att_, gu_, new_kv_, split_, logits_;
+  DeviceArray<float> x_, x_spare_, h_, qkv_, q_, k_, v_, gu_, new_kv_, split_, logits_, angles_;
   DeviceArray<__nv_bfloat16> hb_, sel_;
   DeviceArray<uint8_t> cublas_workspace_;
   cuda::Sampler sampler_;

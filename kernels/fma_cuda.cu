@@ -338,7 +338,8 @@ template <int D>
 __global__ void __launch_bounds__(kThreads)
     attention_kernel(FmaShape s, CacheView cv, const ChunkDesc* chunks, const NewGroups* table,
                      const AttnItem* items, const float* q, const float* k, const float* v,
-                     const float* new_k, const float* new_v, float* out) {
+                     const float* new_k, const float* new_v, float* out,
+                     __nv_bfloat16* out_bf16) {
   __shared__ float sk[kTile][D], sv[kTile][D], sbonus[kTile];
   __shared__ int64_t spos[kTile];
   __shared__ const float* sksrc[kTile];
@@ -400,10 +401,15 @@ __global__ void __launch_bounds__(kThreads)
     __syncthreads();
   }
   if (!active) return;
-  float* o = out + ((int64_t(c.row0) + (i - c.pos0)) * s.heads + h) * D;
+  const int64_t at = ((int64_t(c.row0) + (i - c.pos0)) * s.heads + h) * D;
   const float inv = 1.0f / denom;
 #pragma unroll
-  for (int ch = 0; ch < D; ++ch) o[ch] = acc[ch] * inv;
+  for (int ch = 0; ch < D; ++ch) {
+    if (out_bf16)
+      out_bf16[at + ch] = __float2bfloat16(acc[ch] * inv);
+    else
+      out[at + ch] = acc[ch] * inv;
+  }
 }
 
 // The prefill tile on tensor cores (head_dim 64): the 64 queries of a tile share their key list,
@@ -464,7 +470,8 @@ __device__ void cp_async_wait_all() { asm volatile("cp.async.wait_all;\n" ::: "m
 __global__ void __launch_bounds__(tc::kWarps * 32, 4)
     attention_tc_kernel(FmaShape s, CacheView cv, const ChunkDesc* chunks, const NewGroups* table,
                         const AttnItem* items, const float* q, const float* k, const float* v,
-                        const float* new_k, const float* new_v, float* out) {
+                        const float* new_k, const float* new_v, float* out,
+                        __nv_bfloat16* out_bf16) {
   using namespace tc;
   extern __shared__ __align__(16) unsigned char tc_shared[];
   Shared& sh = *reinterpret_cast<Shared*>(tc_shared);
@@ -633,11 +640,16 @@ __global__ void __launch_bounds__(tc::kWarps * 32, 4)
     l += __shfl_xor_sync(0xffffffffu, l, 1);
     l += __shfl_xor_sync(0xffffffffu, l, 2);
     if (it.q_begin + qi[r] >= it.q_end) continue;
-    float* orow = out + ((int64_t(c.row0) + (it.q_begin + qi[r] - c.pos0)) * s.heads + h) * kD;
+    const int64_t at = ((int64_t(c.row0) + (it.q_begin + qi[r] - c.pos0)) * s.heads + h) * kD;
 #pragma unroll
-    for (int j = 0; j < 8; ++j)
-      *reinterpret_cast<float2*>(orow + 8 * j + 2 * t) =
-          make_float2(o[j][2 * r] / l, o[j][2 * r + 1] / l);
+    for (int j = 0; j < 8; ++j) {
+      const float2 x = make_float2(o[j][2 * r] / l, o[j][2 * r + 1] / l);
+      if (out_bf16)
+        *reinterpret_cast<__nv_bfloat162*>(out_bf16 + at + 8 * j + 2 * t) =
+            __float22bfloat162_rn(x);
+      else
+        *reinterpret_cast<float2*>(out + at + 8 * j + 2 * t) = x;
+    }
   }
 }
 
@@ -1380,7 +1392,6 @@ void attention(const FmaShape& s, const CacheView& c, const ChunkDesc* chunks,
   if (n_items == 0) return;
   if (s.L > kMaxLevels) throw Error("CUDA backend: more than 32 FMA levels are not supported");
   const dim3 grid(n_items, s.heads);
-  if (out_bf16 && !single_queries) throw Error("attention: bf16 output is for single queries");
   const bool few = int64_t(n_items) * s.heads <= kDecodeFewBlocks;
   if (single_queries && !s.fma && fast) {
     const int splits = exact_decode_splits(s, c.cap, n_items);
@@ -1420,7 +1431,7 @@ void attention(const FmaShape& s, const CacheView& c, const ChunkDesc* chunks,
     allow_shared_memory(reinterpret_cast<const void*>(attention_tc_kernel), sizeof(tc::Shared),
                         sized, "attention: shared memory");
     attention_tc_kernel<<<grid, tc::kWarps * 32, sizeof(tc::Shared), st>>>(
-        s, c, chunks, table, items, q, k, v, new_k, new_v, out);
+        s, c, chunks, table, items, q, k, v, new_k, new_v, out, out_bf16);
     check_launch("attention");
     return;
   }
@@ -1443,7 +1454,8 @@ void attention(const FmaShape& s, const CacheView& c, const ChunkDesc* chunks,
       decode.template operator()<D, kDecodeWarps, 1>();                                          \
     else                                                                                         \
       attention_kernel<D>                                                                        \
-          <<<grid, kThreads, 0, st>>>(s, c, chunks, table, items, q, k, v, new_k, new_v, out);   \
+          <<<grid, kThreads, 0, st>>>(s, c, chunks, table, items, q, k, v, new_k, new_v, out,    \
+                                      out_bf16);                                                 \
     break;
   switch (s.d) {
     MP_ATTN(8)

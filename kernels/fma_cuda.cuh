@@ -109,10 +109,10 @@ constexpr int kAccumulateSlice = 128;
 // its loads. Otherwise tiles of head_dim 64 run on tensor cores (bf16 products, fp32 softmax and
 // accumulation), other head dims on the fp32 tile kernel. fast false: the reference kernels
 // instead (the fp32 tile for tiles, one block per (sequence, head) for exact decode), which the
-// fast ones are tested against. out_bf16 (single queries only; else null): the output goes there
-// rounded to bf16 instead of to `out`, as the next GEMM's input (one kernel less a layer in a
-// decode step). overlap: FMA's decode kernel is launched to start while the stream's previous
-// kernel finishes (overlap.cuh); the other kernels launch as usual.
+// fast ones are tested against. out_bf16 (or null): the output goes there rounded to bf16
+// instead of to `out` (then unused), as the o-projection's input: no conversion kernel a layer.
+// overlap: FMA's decode kernel is launched to start while the stream's previous kernel finishes
+// (overlap.cuh); the other kernels launch as usual.
 void attention(const FmaShape& s, const CacheView& c, const ChunkDesc* chunks,
                const NewGroups* table, const AttnItem* items, int n_items, bool single_queries,
                const float* q, const float* k, const float* v, const float* new_k,

@@ -31,6 +31,11 @@ __device__ float2 rope_angle(int64_t pos, int i, int d, float theta, float linea
   return {float(cs), float(sn)};
 }
 
+// SwiGLU of a gate and up value, rounded for the next product.
+__device__ __nv_bfloat16 silu_times(float g, float u) {
+  return __float2bfloat16(g / (1.0f + expf(-g)) * u);
+}
+
 // 16 consecutive inputs (two 16-byte loads) as floats.
 __device__ void load16(const __nv_bfloat16* p, float (&x)[16]) {
   const int4* v = reinterpret_cast<const int4*>(p);
@@ -113,7 +118,7 @@ struct SwigluOut {
   __device__ int64_t weight_row(int f, int j) const { return f + int64_t(j) * F; }
   __device__ Early early(int, int) const { return {}; }
   __device__ void store(int r, int f, const float (&v)[2], Early) const {
-    y[int64_t(r) * F + f] = __float2bfloat16(v[0] / (1.0f + expf(-v[0])) * v[1]);
+    y[int64_t(r) * F + f] = silu_times(v[0], v[1]);
   }
 };
 // ...or q, k, v split and rotated: one warp computes a head's channels i and i + d/2 (RoPE's
@@ -322,32 +327,68 @@ __global__ void dequantize_q8_kernel(Q8Weights W, int64_t n8, __nv_bfloat16* w) 
   }
 }
 
-// With `add`: x += add first (the residual), stored back, then normalised. Each thread reads back
-// only the elements it stored.
-__global__ void rmsnorm_kernel(float* x, const float* add, const float* w, int n, float eps,
-                               __nv_bfloat16* y) {
-  float* r = x + int64_t(blockIdx.x) * n;
+// With `add`: x += add first (the residual), stored back, then normalised. A warp a row: no
+// block-wide reduction or barrier. Rows of a multiple of 4 floats move in float4s. Each lane
+// reads back only the elements it stored.
+constexpr int kNormRowsPerBlock = 4;
+__global__ void rmsnorm_kernel(float* x, const float* add, const float* w, int T, int n,
+                               float eps, __nv_bfloat16* y) {
+  const int row = blockIdx.x * kNormRowsPerBlock + threadIdx.x / 32, lane = threadIdx.x & 31;
+  if (row >= T) return;
+  float* r = x + int64_t(row) * n;
+  const float* a = add ? add + int64_t(row) * n : nullptr;
+  __nv_bfloat16* out = y + int64_t(row) * n;
+  const bool vec = n % 4 == 0;
   float ss = 0;
-  for (int i = threadIdx.x; i < n; i += blockDim.x) {
-    float v = r[i];
-    if (add) r[i] = v += add[int64_t(blockIdx.x) * n + i];
-    ss += v * v;
+  if (vec) {
+    for (int i = 4 * lane; i < n; i += 128) {
+      float4 v = *reinterpret_cast<const float4*>(r + i);
+      if (a) {
+        const float4 b = *reinterpret_cast<const float4*>(a + i);
+        v.x += b.x, v.y += b.y, v.z += b.z, v.w += b.w;
+        *reinterpret_cast<float4*>(r + i) = v;
+      }
+      ss += v.x * v.x + v.y * v.y + v.z * v.z + v.w * v.w;
+    }
+  } else {
+    for (int i = lane; i < n; i += 32) {
+      float v = r[i];
+      if (a) r[i] = v += a[i];
+      ss += v * v;
+    }
   }
-  const float inv = rsqrtf(block_reduce(ss, Sum{}, 0.0f) / n + eps);
-  for (int i = threadIdx.x; i < n; i += blockDim.x)
-    y[int64_t(blockIdx.x) * n + i] = __float2bfloat16(r[i] * inv * w[i]);
+  for (int o = 16; o > 0; o >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, o);
+  const float inv = rsqrtf(ss / n + eps);
+  if (!vec) {
+    for (int i = lane; i < n; i += 32) out[i] = __float2bfloat16(r[i] * inv * w[i]);
+    return;
+  }
+  for (int i = 4 * lane; i < n; i += 128) {
+    const float4 v = *reinterpret_cast<const float4*>(r + i);
+    const float4 g = *reinterpret_cast<const float4*>(w + i);
+    const __nv_bfloat162 pair[2] = {__floats2bfloat162_rn(v.x * inv * g.x, v.y * inv * g.y),
+                                    __floats2bfloat162_rn(v.z * inv * g.z, v.w * inv * g.w)};
+    *reinterpret_cast<uint2*>(out + i) = *reinterpret_cast<const uint2*>(pair);
+  }
+}
+
+__global__ void rope_angles_kernel(const int64_t* pos, int64_t n, int half, int d, float theta,
+                                   float linear_factor, float2* angles) {
+  for (int64_t e = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; e < n;
+       e += int64_t(gridDim.x) * blockDim.x)
+    angles[e] = rope_angle(pos[e / half], int(e % half), d, theta, linear_factor);
 }
 
 // Row t of qkv is [q heads | k heads | v heads] (one GEMM's output): q and k come out rotated,
 // v copied, each contiguous.
-__global__ void split_qkv_rope_kernel(const float* qkv, const int64_t* pos, int nh, int nkv, int d,
-                                      float theta, float linear_factor, float* q, float* k,
-                                      float* v) {
+__global__ void split_qkv_rope_kernel(const float* qkv, const float2* angles, int nh, int nkv,
+                                      int d, float* q, float* k, float* v) {
   const int t = blockIdx.x, half = d / 2, width = (nh + 2 * nkv) * d;
   const float* row = qkv + int64_t(t) * width;
+  const float2* cs_row = angles + int64_t(t) * half;
   for (int e = threadIdx.x; e < (nh + nkv) * half; e += blockDim.x) {
     const int h = e / half, i = e % half;
-    const float2 cs = rope_angle(pos[t], i, d, theta, linear_factor);
+    const float2 cs = cs_row[i];
     const float x1 = row[h * d + i], x2 = row[h * d + i + half];
     float* dst = h < nh ? q + (int64_t(t) * nh + h) * d : k + (int64_t(t) * nkv + h - nh) * d;
     dst[i] = x1 * cs.x - x2 * cs.y;
@@ -357,21 +398,24 @@ __global__ void split_qkv_rope_kernel(const float* qkv, const int64_t* pos, int 
     v[int64_t(t) * nkv * d + e] = row[(nh + nkv) * d + e];
 }
 
-// Row t of gu is [gate (F) | up (F)].
+// Row t of gu is [gate (F) | up (F)]. V outputs a thread: 4 (16-byte loads, an 8-byte store)
+// when F is a multiple of 4, else 1.
+template <int V>
 __global__ void swiglu_kernel(const float* gu, int F, int64_t n, __nv_bfloat16* y) {
-  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n;
-       i += int64_t(gridDim.x) * blockDim.x) {
+  for (int64_t i = (blockIdx.x * int64_t(blockDim.x) + threadIdx.x) * V; i < n;
+       i += int64_t(gridDim.x) * blockDim.x * V) {
     const int64_t t = i / F, f = i % F;
-    const float g = gu[t * 2 * F + f], u = gu[t * 2 * F + F + f];
-    y[i] = __float2bfloat16(g / (1.0f + expf(-g)) * u);
+    const float* g = gu + t * 2 * F + f;
+    if constexpr (V == 1) {
+      y[i] = silu_times(g[0], g[F]);
+    } else {
+      const float4 a = *reinterpret_cast<const float4*>(g);
+      const float4 b = *reinterpret_cast<const float4*>(g + F);
+      const __nv_bfloat16 out[4] = {silu_times(a.x, b.x), silu_times(a.y, b.y),
+                                    silu_times(a.z, b.z), silu_times(a.w, b.w)};
+      *reinterpret_cast<uint2*>(y + i) = *reinterpret_cast<const uint2*>(out);
+    }
   }
-}
-
-
-__global__ void to_bf16_kernel(const float* x, int64_t n, __nv_bfloat16* y) {
-  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n;
-       i += int64_t(gridDim.x) * blockDim.x)
-    y[i] = __float2bfloat16(x[i]);
 }
 
 __global__ void gather_rows_kernel(const __nv_bfloat16* src, const int* rows, int n,
@@ -381,6 +425,7 @@ __global__ void gather_rows_kernel(const __nv_bfloat16* src, const int* rows, in
 }
 
 int grid_for(int64_t n) { return static_cast<int>(std::min<int64_t>((n + 255) / 256, 4096)); }
+unsigned norm_blocks(int T) { return (T + kNormRowsPerBlock - 1) / kNormRowsPerBlock; }
 
 }  // namespace
 
@@ -391,28 +436,33 @@ void embed(const __nv_bfloat16* table, const int* tokens, int T, int n, float* x
 void rmsnorm(const float* x, const float* w, int T, int n, float eps, __nv_bfloat16* y,
              cudaStream_t s) {
   // Not written without `add`.
-  rmsnorm_kernel<<<T, 256, 0, s>>>(const_cast<float*>(x), nullptr, w, n, eps, y);
+  rmsnorm_kernel<<<norm_blocks(T), 32 * kNormRowsPerBlock, 0, s>>>(const_cast<float*>(x), nullptr,
+                                                                  w, T, n, eps, y);
   check_launch("rmsnorm");
 }
 void add_rmsnorm(float* x, const float* add, const float* w, int T, int n, float eps,
                  __nv_bfloat16* y, cudaStream_t s) {
-  rmsnorm_kernel<<<T, 256, 0, s>>>(x, add, w, n, eps, y);
+  rmsnorm_kernel<<<norm_blocks(T), 32 * kNormRowsPerBlock, 0, s>>>(x, add, w, T, n, eps, y);
   check_launch("add_rmsnorm");
 }
-void split_qkv_rope(const float* qkv, const int64_t* pos, int T, int nh, int nkv, int d,
-                    float theta, float linear_factor, float* q, float* k, float* v,
-                    cudaStream_t s) {
-  split_qkv_rope_kernel<<<T, 256, 0, s>>>(qkv, pos, nh, nkv, d, theta, linear_factor, q, k, v);
+void rope_angles(const int64_t* pos, int T, int d, float theta, float linear_factor,
+                 float2* angles, cudaStream_t s) {
+  const int64_t n = int64_t(T) * (d / 2);
+  rope_angles_kernel<<<grid_for(n), 256, 0, s>>>(pos, n, d / 2, d, theta, linear_factor, angles);
+  check_launch("rope_angles");
+}
+void split_qkv_rope(const float* qkv, const float2* angles, int T, int nh, int nkv, int d,
+                    float* q, float* k, float* v, cudaStream_t s) {
+  split_qkv_rope_kernel<<<T, 256, 0, s>>>(qkv, angles, nh, nkv, d, q, k, v);
   check_launch("split_qkv_rope");
 }
 void swiglu(const float* gu, int T, int F, __nv_bfloat16* y, cudaStream_t s) {
   const int64_t n = int64_t(T) * F;
-  swiglu_kernel<<<grid_for(n), 256, 0, s>>>(gu, F, n, y);
+  if (F % 4 == 0)
+    swiglu_kernel<4><<<grid_for(n / 4), 256, 0, s>>>(gu, F, n, y);
+  else
+    swiglu_kernel<1><<<grid_for(n), 256, 0, s>>>(gu, F, n, y);
   check_launch("swiglu");
-}
-void to_bf16(const float* x, int64_t n, __nv_bfloat16* y, cudaStream_t s) {
-  to_bf16_kernel<<<grid_for(n), 256, 0, s>>>(x, n, y);
-  check_launch("to_bf16");
 }
 void gather_rows(const __nv_bfloat16* src, const int* rows, int n_rows, int n, __nv_bfloat16* dst,
                  cudaStream_t s) {

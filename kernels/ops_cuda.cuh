@@ -77,11 +77,13 @@ struct GemvInput {
 };
 // The q/k/v projection's outputs as split_qkv_rope leaves them: contiguous q (nh heads of d), k
 // and v (nkv heads each), q and k rotated for the rows' positions pos[t] / linear_factor.
+// angles: rope_angles() of the rows, for split_qkv_rope (the GEMV works them out itself).
 struct QkvRope {
   float *q, *k, *v;
   const int64_t* pos;
   int nh, nkv, d;
   float theta, linear_factor;
+  const float2* angles = nullptr;
 };
 // Where the product goes: y[T][N] in fp32; or (silu_gated) y[t][f] = bf16(silu(g) * u) of the
 // product's halves g = [0, N/2) and u = [N/2, N) (the fused gate/up weights); or (split_rope)
@@ -135,16 +137,17 @@ void rmsnorm(const float* x, const float* w, int T, int n, float eps, __nv_bfloa
 // x[t] += add[t] (a residual), then y[t] = bf16(x[t] / rms(x[t]) * w): one kernel for the two
 void add_rmsnorm(float* x, const float* add, const float* w, int T, int n, float eps,
                  __nv_bfloat16* y, cudaStream_t s);
+// RoPE's (cos, sin) of channel pair i of row t at position pos[t] / linear_factor:
+// angles[t * d/2 + i]. Angles in double, as the CPU reference computes them (positions reach
+// millions): worked out once for all layers of a forward.
+void rope_angles(const int64_t* pos, int T, int d, float theta, float linear_factor,
+                 float2* angles, cudaStream_t s);
 // Splits rows of [q | k | v] (nh, nkv, nkv heads of d: the fused projection's output) into
-// contiguous q, k, v, rotating q and k (rotate-half RoPE, row t at position
-// pos[t] / linear_factor).
-void split_qkv_rope(const float* qkv, const int64_t* pos, int T, int nh, int nkv, int d,
-                    float theta, float linear_factor, float* q, float* k, float* v,
-                    cudaStream_t s);
+// contiguous q, k, v, rotating q and k by the rows' rope_angles (rotate-half RoPE).
+void split_qkv_rope(const float* qkv, const float2* angles, int T, int nh, int nkv, int d,
+                    float* q, float* k, float* v, cudaStream_t s);
 // y[t] = bf16(silu(g[t]) * u[t]) for rows gu[t] = [g (F) | u (F)] (the fused gate/up output)
 void swiglu(const float* gu, int T, int F, __nv_bfloat16* y, cudaStream_t s);
-// y = bf16(x)
-void to_bf16(const float* x, int64_t n, __nv_bfloat16* y, cudaStream_t s);
 // dst[r] = src[rows[r]], rows of n
 void gather_rows(const __nv_bfloat16* src, const int* rows, int n_rows, int n, __nv_bfloat16* dst,
                  cudaStream_t s);

@@ -101,24 +101,28 @@ std::vector<float> from_bf16(const std::vector<__nv_bfloat16>& v) {
   return f;
 }
 
+// Rows of a multiple of 4 floats (vector loads) and not; a row count not a multiple of a block's.
 TEST_F(Cuda, RmsNormSplitRopeSwigluMatchTheCpuTwins) {
-  const int T = 37, n = 384, heads = 6, d = 64;
-  const auto x = randn(size_t(T) * n, 1), w = randn(n, 2);
-  std::vector<float> ref(x.size());
-  cpu::rmsnorm(x.data(), w.data(), T, n, 1e-5f, ref.data());
-  Dev<float> dx(x), dw(w);
-  Dev<__nv_bfloat16> dy(x.size());
-  cuda::rmsnorm(dx.p, dw.p, T, n, 1e-5f, dy.p, nullptr);
-  EXPECT_LT(rel_err(from_bf16(dy.get(x.size())), ref), 1e-2);
-  // Fused with the residual add: x + h is stored exactly (fp32) and normalised.
-  const auto h = randn(x.size(), 5);
-  std::vector<float> sum(x.size());
-  for (size_t i = 0; i < x.size(); ++i) sum[i] = x[i] + h[i];
-  cpu::rmsnorm(sum.data(), w.data(), T, n, 1e-5f, ref.data());
-  Dev<float> dh(h);
-  cuda::add_rmsnorm(dx.p, dh.p, dw.p, T, n, 1e-5f, dy.p, nullptr);
-  EXPECT_EQ(dx.get(x.size()), sum);
-  EXPECT_LT(rel_err(from_bf16(dy.get(x.size())), ref), 1e-2);
+  const int T = 37, heads = 6, d = 64;
+  for (const int n : {384, 390, 4096}) {
+    const auto x = randn(size_t(T) * n, 1), w = randn(n, 2);
+    std::vector<float> ref(x.size());
+    cpu::rmsnorm(x.data(), w.data(), T, n, 1e-5f, ref.data());
+    Dev<float> dx(x), dw(w);
+    Dev<__nv_bfloat16> dy(x.size());
+    cuda::rmsnorm(dx.p, dw.p, T, n, 1e-5f, dy.p, nullptr);
+    EXPECT_LT(rel_err(from_bf16(dy.get(x.size())), ref), 1e-2) << n;
+    EXPECT_EQ(dx.get(x.size()), x) << n;  // not written without the residual
+    // Fused with the residual add: x + h is stored exactly (fp32) and normalised.
+    const auto h = randn(x.size(), 5);
+    std::vector<float> sum(x.size());
+    for (size_t i = 0; i < x.size(); ++i) sum[i] = x[i] + h[i];
+    cpu::rmsnorm(sum.data(), w.data(), T, n, 1e-5f, ref.data());
+    Dev<float> dh(h);
+    cuda::add_rmsnorm(dx.p, dh.p, dw.p, T, n, 1e-5f, dy.p, nullptr);
+    EXPECT_EQ(dx.get(x.size()), sum) << n;
+    EXPECT_LT(rel_err(from_bf16(dy.get(x.size())), ref), 1e-2) << n;
+  }
 
   const int kv = 2, width = (heads + 2 * kv) * d;
   const auto qkv = randn(size_t(T) * width, 3);
@@ -126,10 +130,12 @@ TEST_F(Cuda, RmsNormSplitRopeSwigluMatchTheCpuTwins) {
   for (int t = 0; t < T; ++t) pos[t] = 1000000 + 977 * t;  // large positions: angles in double
   Dev<float> dqkv(qkv), dq(size_t(T) * heads * d), dk(size_t(T) * kv * d), dv(size_t(T) * kv * d);
   Dev<int64_t> dpos(pos);
+  Dev<float> angles(size_t(T) * d);
   // Plain RoPE, and a Llama-family model's linear scaling with another base.
   for (const auto& [theta, factor] : {std::pair{10000.0f, 1.0f}, std::pair{1e6f, 4.0f}}) {
-    cuda::split_qkv_rope(dqkv.p, dpos.p, T, heads, kv, d, theta, factor, dq.p, dk.p, dv.p,
-                         nullptr);
+    auto* cs = reinterpret_cast<float2*>(angles.p);
+    cuda::rope_angles(dpos.p, T, d, theta, factor, cs, nullptr);
+    cuda::split_qkv_rope(dqkv.p, cs, T, heads, kv, d, dq.p, dk.p, dv.p, nullptr);
     std::vector<float> want_q, want_k, want_v;
     for (int t = 0; t < T; ++t) {
       const float* row = qkv.data() + size_t(t) * width;
@@ -144,14 +150,15 @@ TEST_F(Cuda, RmsNormSplitRopeSwigluMatchTheCpuTwins) {
     EXPECT_EQ(dv.get(want_v.size()), want_v);
   }
 
-  const int F = 500;
-  const auto gu = randn(size_t(T) * 2 * F, 4);
-  std::vector<float> g(size_t(T) * F);
-  cpu::swiglu(gu.data(), T, F, g.data());
-  Dev<float> dgu(gu);
-  Dev<__nv_bfloat16> ds(size_t(T) * F);
-  cuda::swiglu(dgu.p, T, F, ds.p, nullptr);
-  EXPECT_LT(rel_err(from_bf16(ds.get(size_t(T) * F)), g), 1e-2);
+  for (const int F : {500, 501}) {
+    const auto gu = randn(size_t(T) * 2 * F, 4);
+    std::vector<float> g(size_t(T) * F);
+    cpu::swiglu(gu.data(), T, F, g.data());
+    Dev<float> dgu(gu);
+    Dev<__nv_bfloat16> ds(size_t(T) * F);
+    cuda::swiglu(dgu.p, T, F, ds.p, nullptr);
+    EXPECT_LT(rel_err(from_bf16(ds.get(size_t(T) * F)), g), 1e-2) << F;
+  }
 }
 
 // Q8_0 weights: the decode GEMV (every row count it takes), the dequantization for cuBLAS and the
@@ -340,7 +347,10 @@ TEST_F(Cuda, GemvWithRopeIsTheGemvThenSplitQkvRope) {
                       cuda::GemvOutput::split_rope({q.p, k.p, v.p, dpos.p, nh, nkv, d, theta, factor}),
                       nullptr);
       cuda::gemv_bf16(dx.p, T, K, dw.p, N, dqkv.p, nullptr);
-      cuda::split_qkv_rope(dqkv.p, dpos.p, T, nh, nkv, d, theta, factor, rq.p, rk.p, rv.p, nullptr);
+      Dev<float> angles(size_t(T) * d);
+      auto* cs = reinterpret_cast<float2*>(angles.p);
+      cuda::rope_angles(dpos.p, T, d, theta, factor, cs, nullptr);
+      cuda::split_qkv_rope(dqkv.p, cs, T, nh, nkv, d, rq.p, rk.p, rv.p, nullptr);
       const std::string at = "d " + std::to_string(d) + " T " + std::to_string(T);
       EXPECT_LT(rel_err(q.get(size_t(T) * nh * d), rq.get(size_t(T) * nh * d)), 1e-6) << at;
       EXPECT_LT(rel_err(k.get(size_t(T) * nkv * d), rk.get(size_t(T) * nkv * d)), 1e-6) << at;
@@ -880,26 +890,30 @@ TEST_F(Cuda, DecodeAttentionMatchesTheFp32Tile) {
   }
 }
 
-// A decode step's attention writing bf16 (the o-projection's input) writes exactly its fp32
-// output rounded: batches at positions around block and group boundaries, GQA.
-TEST_F(Cuda, DecodeAttentionRoundsItsOwnOutputToBf16) {
+// Attention writing bf16 (the o-projection's input) writes exactly its fp32 output rounded: decode
+// steps (batches at positions around block and group boundaries, GQA) and prefill chunks (the
+// tensor-core tile and the fp32 tile, a chunk starting mid-block over cached keys).
+TEST_F(Cuda, AttentionRoundsItsOwnOutputToBf16) {
   for (const AttentionCase& k :
-       {AttentionCase{4096, 16, 5, 1, 1023}, AttentionCase{2048, 2, 12, 1, 4095}}) {
-    mp::testing::AttentionRig rig(mp::testing::attention_config(k.n, k.kv), k.batch, k.tokens,
-                                  k.pos0);
-    ASSERT_TRUE(rig.plan.padded);
-    rig.summaries();
-    rig.attend();
-    const auto want = rig.output();
-    Dev<__nv_bfloat16> got(want.size());
-    rig.attend(true, got.p);
-    const auto rounded = from_bf16(got.get(want.size()));
-    // The sequences' rows (a bucket's padding rows are not written).
-    for (size_t i = 0; i < size_t(k.batch) * rig.c.n_heads * rig.c.head_dim; ++i) {
-      ASSERT_TRUE(std::isfinite(want[i]));
-      ASSERT_EQ(rounded[i], __bfloat162float(__float2bfloat16(want[i]))) << i;
+       {AttentionCase{4096, 16, 5, 1, 1023}, AttentionCase{2048, 2, 12, 1, 4095},
+        AttentionCase{4096, 4, 2, 333, 100}, AttentionCase{2048, 2, 3, 200, 5000}})
+    for (bool fast : {true, false}) {
+      mp::testing::AttentionRig rig(mp::testing::attention_config(k.n, k.kv), k.batch, k.tokens,
+                                    k.pos0);
+      ASSERT_EQ(rig.plan.padded, k.tokens == 1);
+      rig.summaries();
+      rig.attend(fast);
+      const auto want = rig.output();
+      Dev<__nv_bfloat16> got(want.size());
+      rig.attend(fast, got.p);
+      const auto rounded = from_bf16(got.get(want.size()));
+      // The sequences' rows (a bucket's padding rows are not written).
+      for (size_t i = 0; i < size_t(k.batch) * k.tokens * rig.c.n_heads * rig.c.head_dim; ++i) {
+        ASSERT_TRUE(std::isfinite(want[i]));
+        ASSERT_EQ(rounded[i], __bfloat162float(__float2bfloat16(want[i])))
+            << i << " tokens " << k.tokens << " fast " << fast;
+      }
     }
-  }
 }
 
 // Exact-attention decode (keys split over blocks, a KV head's query heads sharing its loads, then
