@@ -4,6 +4,7 @@
 // allocated at start.
 #include <algorithm>
 #include <array>
+#include <cstdlib>
 #include <cstring>
 #include <map>
 
@@ -191,7 +192,10 @@ class CudaBackend final : public Backend {
         device_(device),
         comm_(comm),
         kernels_(kernels),
-        launches_(launches) {
+        // MULTIPOLE_CUDA_SERIAL_LAUNCHES=1: no programmatic dependent launches, to tell a race
+        // between overlapped kernels from other faults (as CUDA_LAUNCH_BLOCKING does for streams).
+        launches_(std::getenv("MULTIPOLE_CUDA_SERIAL_LAUNCHES") ? cuda::Launches::Serial
+                                                                : launches) {
     if (n_slots <= 0) throw Error("backend: n_slots must be positive");
     // Left current: the members' memory is freed on this device (see ~CudaBackend).
     check(cudaSetDevice(device_), "cudaSetDevice");

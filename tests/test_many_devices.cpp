@@ -338,6 +338,50 @@ TEST(ReplicaSlots, SchedulerCompletionsMatchOneBackend) {
   }
 }
 
+// Prompts longer than a step's prefill budget, their chunks in the same steps as other
+// sequences' decoding, over two replicas: every greedy token is the best (to 1e-2) of one
+// backend's logits for the whole text at once (the CPU twin of the CUDA test).
+TEST(ReplicaSlots, ChunkedPrefillsBesideDecodingGenerateWhatOneBackendPredicts) {
+  const ReferenceProducts exact;
+  const VariantModel vm({.dtype = DType::BF16}, 14);
+  const Config& c = vm.config;
+  auto spread = make_backend(vm.model, {.kind = "cpu", .n_slots = 4, .n_threads = 1,
+                                        .devices = {0, 1}});
+  const int n = 8, max_tokens = 24;
+  std::vector<std::vector<int>> prompts(n), got(n);
+  {
+    Scheduler sched(*spread, vm.model->tokenizer(), {.max_prefill_per_step = 128});
+    std::vector<std::future<Stream>> done;
+    for (int r = 0; r < n; ++r) {
+      prompts[r] = random_tokens(3 + 41 * r, c.vocab_size, 60 + r);
+      CompletionRequest req;
+      req.prompt = prompts[r];
+      req.max_tokens = max_tokens;
+      req.ignore_eos = true;
+      req.sampling.temperature = 0;
+      done.push_back(submit(sched, std::move(req)));
+    }
+    for (int r = 0; r < n; ++r) got[r] = done[r].get().tokens;
+  }
+  auto one = make_backend(vm.model, {.kind = "cpu", .n_slots = 1, .n_threads = 1});
+  const size_t V = c.vocab_size;
+  for (int r = 0; r < n; ++r) {
+    ASSERT_EQ(got[r].size(), size_t(max_tokens)) << r;
+    std::vector<int> text = prompts[r];
+    text.insert(text.end(), got[r].begin(), got[r].end() - 1);
+    const int slot = one->alloc_slot();
+    const SeqChunk all{slot, text, true};
+    const std::vector<float> logits = one->forward({&all, 1});
+    one->free_slot(slot);
+    for (int t = 0; t < max_tokens; ++t) {
+      const std::span<const float> l(logits.data() + (prompts[r].size() - 1 + t) * V, V);
+      const float best = *std::max_element(l.begin(), l.end());
+      EXPECT_GE(l[got[r][t]], best - 1e-2f * std::max(1.0f, std::abs(best)))
+          << "request " << r << " token " << t;
+    }
+  }
+}
+
 // A CPU backend whose forward calls wait while its gate is closed: a device as slow as a test
 // wants, its completed calls counted.
 class GatedBackend final : public mp::testing::ForwardingBackend {
