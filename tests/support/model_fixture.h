@@ -7,6 +7,7 @@
 #include <initializer_list>
 #include <ostream>
 #include <random>
+#include <span>
 #include <string>
 #include <vector>
 
@@ -125,6 +126,24 @@ inline std::vector<float> logits_in_chunks(Backend& b, const std::vector<int>& t
   }
   b.free_slot(slot);
   return all;
+}
+
+// How far each generated token of a greedy completion (`generated` after `prompt`) lies below the
+// likeliest token of b's logits for the whole text read at once: (best - its logit) /
+// max(1, |best|), 0 where it is the likeliest.
+inline std::vector<float> greedy_shortfalls(Backend& b, const std::vector<int>& prompt,
+                                            const std::vector<int>& generated) {
+  std::vector<int> text = prompt;
+  text.insert(text.end(), generated.begin(), generated.end() - 1);
+  const std::vector<float> logits = logits_in_chunks(b, text, int(text.size()));
+  const size_t V = logits.size() / text.size();
+  std::vector<float> out;
+  for (size_t t = 0; t < generated.size(); ++t) {
+    const std::span<const float> l(logits.data() + (prompt.size() - 1 + t) * V, V);
+    const float best = *std::max_element(l.begin(), l.end());
+    out.push_back((best - l[generated[t]]) / std::max(1.0f, std::abs(best)));
+  }
+  return out;
 }
 
 // The whole sequence `tokens` after `shift` other (random) tokens, RoPE and the FMA hierarchy
