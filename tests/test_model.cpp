@@ -248,7 +248,8 @@ TEST(Backend, ForwardSampleIsTheSamplerOnForwardsLogits) {
     for (size_t j = 0; j < 5; ++j) {
       const auto [id, logprob] = got[1].top_logprobs[j];
       EXPECT_NEAR(logprob, lp[id], 1e-6);
-      EXPECT_EQ(std::count_if(lp.begin(), lp.end(), [&](float x) { return x > lp[id]; }), long(j));
+      const float mine = lp[id];  // (clang 15 does not capture structured bindings)
+      EXPECT_EQ(std::count_if(lp.begin(), lp.end(), [&](float x) { return x > mine; }), long(j));
     }
   }
   b->reset_slot(s1);
