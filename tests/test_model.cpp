@@ -160,6 +160,19 @@ TEST(Batch, SequencesInOneBatchMatchSeparateRuns) {
   EXPECT_LT(rel_err({both.begin() + 70 * V, both.end()}, {r2.end() - V, r2.end()}), 1e-6);
 }
 
+// Random mixed steps (prompt chunks of any length beside single tokens, sequences ending and their
+// slots reused) give each sequence the logits it gets alone, a chunk a call.
+TEST(Batch, MixedStepsMatchEachChunkAlone) {
+  const VariantModel vm;
+  auto b = make_backend(vm.model, {.kind = "cpu", .n_slots = 5, .n_threads = 2});
+  for (uint64_t seed : {1, 2}) {
+    const auto batched = mp::testing::mixed_schedule_logits(*b, seed, 5, 40);
+    const auto alone = mp::testing::mixed_schedule_logits(*b, seed, 5, 40, true);
+    ASSERT_EQ(batched.size(), alone.size());
+    EXPECT_LT(rel_err(batched, alone), 1e-5) << seed;
+  }
+}
+
 TEST(Backend, RejectsBadChunks) {
   const VariantModel vm;
   const Config& c = vm.config;

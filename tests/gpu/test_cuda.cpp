@@ -548,6 +548,29 @@ TEST_F(Cuda, BatchedDecodeStepsMatchCpu) {
   EXPECT_LT(rel_err(batched_decode(*gpu, lens, 20), batched_decode(*cpu_b, lens, 20)), 2e-2);
 }
 
+// Random mixed steps (tests/support: prompt chunks of 1-100 tokens beside single tokens and decode
+// steps of changing batch sizes, slots freed and reused) against the CPU backend, row by row, each
+// schedule three times on the GPU (a step that depends on timing or on memory a kernel did not
+// write shows as a run that differs).
+TEST_F(Cuda, MixedStepsMatchCpuRowByRow) {
+  const VariantModel vm({.dtype = DType::BF16}, 14);
+  const size_t V = vm.config.vocab_size;
+  auto gpu = make_backend(vm.model, {.kind = "cuda", .n_slots = 6});
+  auto cpu_b = make_backend(vm.model, {.kind = "cpu", .n_slots = 6, .n_threads = 2});
+  for (uint64_t seed : {1, 2, 3, 4}) {
+    const auto want = mp::testing::mixed_schedule_logits(*cpu_b, seed, 6, 60);
+    for (int run = 0; run < 3; ++run) {
+      const auto got = mp::testing::mixed_schedule_logits(*gpu, seed, 6, 60);
+      ASSERT_EQ(got.size(), want.size());
+      for (size_t r = 0; r < want.size() / V; ++r) {
+        const std::vector<float> g(got.begin() + r * V, got.begin() + (r + 1) * V),
+            w(want.begin() + r * V, want.begin() + (r + 1) * V);
+        ASSERT_LT(rel_err(g, w), 2e-2) << "seed " << seed << " run " << run << " row " << r;
+      }
+    }
+  }
+}
+
 // Exact attention's decode steps (keys split over blocks) for a batch of sequences at contexts
 // from 2 to 1,040 tokens (a bucket of 16 rows: 7 padding items), the default model's GQA (6
 // heads on 2 KV heads) at head_dim 64, against the CPU backend doing the same steps.

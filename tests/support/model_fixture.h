@@ -128,6 +128,56 @@ inline std::vector<float> logits_in_chunks(Backend& b, const std::vector<int>& t
   return all;
 }
 
+// A random schedule of mixed steps, the same for every backend (from `seed`): `n` sequences,
+// each a prompt of 1-300 tokens then 20 more fed one a step; a step takes a random subset of them,
+// a prompt chunk of 1-100 tokens or one token each (one step in three: one token each, a decode
+// step); a sequence done frees its slot for a new one. The logits of each step's chunks (their
+// last tokens), in order; one_chunk_a_call: every chunk in a forward call of its own.
+inline std::vector<float> mixed_schedule_logits(Backend& b, uint64_t seed, int n, int steps,
+                                                bool one_chunk_a_call = false) {
+  std::mt19937 rng(static_cast<uint32_t>(seed));
+  const int V = b.config().vocab_size;
+  struct Seq {
+    int slot;
+    size_t prompt, fed;
+    std::vector<int> tokens;
+  };
+  auto fresh = [&](int slot) {
+    const size_t prompt = 1 + rng() % 300;
+    return Seq{slot, prompt, 0, random_tokens(int(prompt) + 20, V, rng())};
+  };
+  std::vector<Seq> seqs;
+  for (int i = 0; i < n; ++i) seqs.push_back(fresh(b.alloc_slot()));
+  std::vector<float> out;
+  for (int step = 0; step < steps; ++step) {
+    const bool decode = rng() % 3 == 0;
+    std::vector<SeqChunk> batch;
+    for (Seq& s : seqs) {
+      if (rng() % 4 == 0) continue;  // not in this step
+      const bool chunk = s.fed < s.prompt && !decode;
+      const size_t len = chunk ? std::min<size_t>(1 + rng() % 100, s.prompt - s.fed) : 1;
+      batch.push_back({s.slot, std::span<const int>(s.tokens).subspan(s.fed, len), false});
+      s.fed += len;
+    }
+    if (one_chunk_a_call) {
+      for (const SeqChunk& c : batch) {
+        const auto l = b.forward({&c, 1});
+        out.insert(out.end(), l.begin(), l.end());
+      }
+    } else if (!batch.empty()) {
+      const auto l = b.forward(batch);
+      out.insert(out.end(), l.begin(), l.end());
+    }
+    for (Seq& s : seqs)
+      if (s.fed == s.tokens.size()) {
+        b.free_slot(s.slot);
+        s = fresh(b.alloc_slot());
+      }
+  }
+  for (const Seq& s : seqs) b.free_slot(s.slot);
+  return out;
+}
+
 // How far each generated token of a greedy completion (`generated` after `prompt`) lies below the
 // likeliest token of b's logits for the whole text read at once: (best - its logit) /
 // max(1, |best|), 0 where it is the likeliest.
