@@ -22,8 +22,8 @@ nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv,noh
 grep -E "^\[  (FAILED|PASSED|SKIPPED) |Failure|rel_err|Which is" "$out/gpu_tests.log" | head -40
 # racecheck instruments every shared-memory access: it gets the smaller tests.
 for tool in memcheck racecheck; do
-  filter='Cuda.RmsNorm*:Models/CudaModel.*/groupedconv:Models/CudaModel.*/exact:Models/CudaModel.*/one_pass_groupedconv:Cuda.BatchedDecode*:Cuda.Sampling*:Cuda.ForwardSample*:Cuda.TensorCoreAttentionMatchesTheFp32Tile:Cuda.OnePassSummariesMatchThePerLevelKernelsInEveryShape:Cuda.AppendTokens*:Cuda.ExactBatchedDecode*:Cuda.DecodeAttention*:Cuda.AttentionRounds*'
-  [ $tool = racecheck ] && filter='Cuda.RmsNorm*:Cuda.ExactDecodeAttention*:Cuda.DecodeAttention*:Cuda.AttentionRounds*:Cuda.TensorCoreAttentionMatchesTheFp32Tile:Cuda.SamplingKernelMatchesHostSampler:Cuda.OnePassSummariesMatchThePerLevelKernelsInEveryShape'
+  filter='Cuda.RmsNorm*:Models/CudaModel.*/groupedconv:Models/CudaModel.*/exact:Models/CudaModel.*/one_pass_groupedconv:Cuda.BatchedDecode*:Cuda.Sampling*:Cuda.ForwardSample*:Cuda.TensorCoreAttentionMatchesTheFp32Tile:Cuda.OnePassSummariesMatchThePerLevelKernelsInEveryShape:Cuda.AppendTokens*:Cuda.ExactBatchedDecode*:Cuda.DecodeAttention*:Cuda.AttentionRounds*:Cuda.MixedSteps*'
+  [ $tool = racecheck ] && filter='Cuda.RmsNorm*:Cuda.GemvWith*:Cuda.Q8Gemv*:Cuda.ExactDecodeAttention*:Cuda.DecodeAttention*:Cuda.AttentionRounds*:Cuda.TensorCoreAttentionMatchesTheFp32Tile:Cuda.SamplingKernelMatchesHostSampler:Cuda.OnePassSummariesMatchThePerLevelKernelsInEveryShape'
   timeout ${SANITIZER_SECONDS:-150} compute-sanitizer --tool $tool --error-exitcode 9 "$bin/multipole_gpu_tests" \
     --gtest_filter="$filter" > "$out/sanitizer_$tool.log" 2>&1
   echo "compute-sanitizer $tool rc $?: $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$out/sanitizer_$tool.log" | tail -1)"
