@@ -810,8 +810,8 @@ TEST(Server, TokenizeModelsAndMetrics) {
   s.post({{"prompt", "x"}, {"max_tokens", 4}});
   const std::string m = c.Get("/metrics")->body;
   EXPECT_NE(m.find("multipole_generated_tokens_total 4"), std::string::npos) << m;
-  EXPECT_NE(m.find("multipole_time_to_first_token_seconds_count 1"), std::string::npos);
-  EXPECT_NE(m.find("multipole_inter_token_latency_seconds_count 3"), std::string::npos);
+  EXPECT_NE(m.find("multipole_time_to_first_token_seconds_count 1"), std::string::npos) << m;
+  EXPECT_NE(m.find("multipole_inter_token_latency_seconds_count 3"), std::string::npos) << m;
   // The resident memory, as /proc/self/status gives it (this process is the server).
   const size_t at = m.find("\nprocess_resident_memory_bytes ");
   ASSERT_NE(at, std::string::npos) << m;
