@@ -6,6 +6,7 @@
 #include <fstream>
 #include <nlohmann/json.hpp>
 
+#include "gguf.h"
 #include "model_fixture.h"
 #include "numeric.h"
 
@@ -255,6 +256,23 @@ TEST(GgufReader, RefusesCorruptHeaders) {
     } catch (const Error&) {
     }
   }
+}
+
+// A tensor offset so large that data_offset + offset wraps around to the file's first bytes (the
+// fuzzer's finding: with general.alignment 2^31 the data section starts past the end, and an
+// offset of 2^64 - 2^31 pointed the tensor at the header) is refused, not read.
+TEST(GgufReader, RefusesTensorOffsetsThatWrapAround) {
+  std::string b = "GGUF";
+  auto put = [&](auto v) { b.append(reinterpret_cast<const char*>(&v), sizeof v); };
+  auto str = [&](const std::string& x) { put(uint64_t(x.size())), b += x; };
+  put(uint32_t{3}), put(uint64_t{1}), put(uint64_t{1});  // version, tensors, metadata keys
+  str("general.alignment"), put(uint32_t{4}), put(uint32_t{1u << 31});  // a u32 value
+  str("t"), put(uint32_t{1}), put(uint64_t{1}), put(uint32_t{0});      // one F32 element
+  put(uint64_t(0) - (uint64_t{1} << 31));                                // its offset
+  b.resize(b.size() + 64, '\0');
+  const std::string e = error_of(
+      [&] { gguf::parse(reinterpret_cast<const uint8_t*>(b.data()), b.size()); });
+  EXPECT_NE(e.find("runs past the end"), std::string::npos) << e;
 }
 
 // A corrupt layer count is refused before a name is made for each of its layers' tensors (the

@@ -358,11 +358,14 @@ File parse(const uint8_t* data, size_t size) {
   f.data_offset = (c.pos() + alignment - 1) / alignment * alignment;
   for (size_t k = 0; k < f.tensors.size(); ++k) {
     TensorInfo& t = f.tensors[k];
-    t.offset = f.data_offset + rel_offsets[k];
-    if (t.offset > size || t.nbytes > size - t.offset)
+    // Compared before adding: a huge offset (or alignment) must not wrap around into the file.
+    if (f.data_offset > size || rel_offsets[k] > size - f.data_offset ||
+        t.nbytes > size - f.data_offset - rel_offsets[k])
       throw Error("GGUF: tensor '" + t.name + "' (" + std::to_string(t.nbytes) +
-                  " bytes at offset " + std::to_string(t.offset) + ") runs past the end of the " +
+                  " bytes at offset " + std::to_string(rel_offsets[k]) + " of the data section at " +
+                  std::to_string(f.data_offset) + ") runs past the end of the " +
                   std::to_string(size) + "-byte file: the file is truncated");
+    t.offset = f.data_offset + rel_offsets[k];
   }
   return f;
 }
