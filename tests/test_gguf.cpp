@@ -145,6 +145,18 @@ TEST(Convert, RefusesBadCheckpointsNamingTheProblem) {
   // long fuzz run of the converter ran out of mappings).
   EXPECT_EQ(mappings_of(dir / "hf/model.safetensors"), 0);
 
+  // A shape whose element count overflows (2^64, claimed in 0 bytes) is refused before its
+  // product is formed.
+  const std::string header =
+      R"({"model.embed_tokens.weight":{"dtype":"F32","shape":[4294967296,4294967296],)"
+      R"("data_offsets":[0,0]}})";
+  std::string huge(8, '\0');
+  const uint64_t hlen = header.size();
+  std::memcpy(huge.data(), &hlen, 8);
+  write_all(dir / "hf/model.safetensors", huge + header + std::string(16, '\0'));
+  const std::string e4 = error_of([&] { convert_hf_to_gguf(dir / "hf", dir / "m6.gguf", co); });
+  EXPECT_NE(e4.find("more elements than the file has bytes"), std::string::npos) << e4;
+
   // Bad JSON.
   write_all(dir / "hf/config.json", "{\"vocab_size\": 400,");
   EXPECT_NE(

@@ -63,8 +63,16 @@ class SafetensorsFile {
         if (off.size() != 2 || off[0] > off[1] || off[1] > data_size)
           throw Error("'" + path_ + "': tensor '" + name +
                       "' data_offsets lie outside the file (truncated?)");
-        for (auto d : t.shape)
+        // More elements than the file has bytes cannot be right; checked dim by dim, before the
+        // product could overflow.
+        uint64_t numel = 1;
+        for (auto d : t.shape) {
           if (d < 0) throw Error("'" + path_ + "': tensor '" + name + "' has a negative dim");
+          if (d > 0 && numel > data_size / uint64_t(d))
+            throw Error("'" + path_ + "': tensor '" + name + "' has more elements than the " +
+                        "file has bytes");
+          numel *= uint64_t(d);
+        }
         if (off[1] - off[0] != t.nbytes())
           throw Error("'" + path_ + "': tensor '" + name + "' holds " +
                       std::to_string(off[1] - off[0]) + " bytes, its shape needs " +
