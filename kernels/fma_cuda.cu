@@ -334,6 +334,15 @@ __device__ KeyLoc key_loc(const FmaShape& s, const CacheView& cv, const ChunkDes
           kSummaryRing, t.bonus[l], -1};
 }
 
+// One value of an attention output: rounded to bf16 into out_bf16 (the o-projection's input)
+// when it is given, else into out.
+__device__ void store_output(float* out, __nv_bfloat16* out_bf16, int64_t at, float x) {
+  if (out_bf16)
+    out_bf16[at] = __float2bfloat16(x);
+  else
+    out[at] = x;
+}
+
 template <int D>
 __global__ void __launch_bounds__(kThreads)
     attention_kernel(FmaShape s, CacheView cv, const ChunkDesc* chunks, const NewGroups* table,
@@ -404,12 +413,7 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t at = ((int64_t(c.row0) + (i - c.pos0)) * s.heads + h) * D;
   const float inv = 1.0f / denom;
 #pragma unroll
-  for (int ch = 0; ch < D; ++ch) {
-    if (out_bf16)
-      out_bf16[at + ch] = __float2bfloat16(acc[ch] * inv);
-    else
-      out[at + ch] = acc[ch] * inv;
-  }
+  for (int ch = 0; ch < D; ++ch) store_output(out, out_bf16, at + ch, acc[ch] * inv);
 }
 
 // The prefill tile on tensor cores (head_dim 64): the 64 queries of a tile share their key list,
@@ -815,10 +819,7 @@ __global__ void __launch_bounds__(W * 32)
     }
     if (e >= G * D || sub != 0) continue;
     const int64_t at = (row * s.heads + h0 + g) * D + ch;
-    if (out_bf16)
-      out_bf16[at] = __float2bfloat16(x / total);
-    else
-      out[at] = x / total;
+    store_output(out, out_bf16, at, x / total);
   }
 }
 
@@ -968,10 +969,7 @@ __global__ void __launch_bounds__(xd::kWarps * 32)
     }
     const int64_t at = (row * s.heads + h0 + hh) * D + e;
     if (splits == 1) {
-      if (out_bf16)
-        out_bf16[at] = __float2bfloat16(x / total);
-      else
-        out[at] = x / total;
+      store_output(out, out_bf16, at, x / total);
       continue;
     }
     // Split z of head h of item b: its D outputs, then (after all outputs) its maximum and sum.
@@ -1006,10 +1004,7 @@ __global__ void exact_combine_kernel(FmaShape s, const ChunkDesc* chunks, const 
     x += partials[(part0 + z) * D + e] * f;
   }
   const int64_t at = ((int64_t(c.row0) + (it.q_begin - c.pos0)) * s.heads + h) * D + e;
-  if (out_bf16)
-    out_bf16[at] = __float2bfloat16(x / total);
-  else
-    out[at] = x / total;
+  store_output(out, out_bf16, at, x / total);
 }
 
 // Summaries in one pass (one_pass()): a block reads a token range of a chunk once, for 16
