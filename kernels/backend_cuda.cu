@@ -497,7 +497,7 @@ class CudaBackend final : public Backend {
     moved |= q_.resize(size_t(T) * nh * d);
     for (auto* a : {&k_, &v_}) moved |= a->resize(size_t(T) * nkv * d);
     moved |= gu_.resize(size_t(T) * 2 * F);
-    moved |= angles_.resize(size_t(T) * d);  // d / 2 pairs of (cos, sin) a row
+    moved |= angles_.resize(size_t(T) * (d / 2));
     // The new summaries: keys', then values' right after them (one clearing a layer). Their
     // split point is the plan's need, which a decode step's bucket fixes for its graph.
     moved |= new_kv_.resize(2 * new_summary_floats(p));
@@ -538,7 +538,7 @@ class CudaBackend final : public Backend {
     // Rows too many for the GEMV: cuBLAS, then split_qkv_rope, whose RoPE angles (in double) are
     // worked out here once for every layer.
     const int64_t* pos = inputs_.device<int64_t>(kPos);
-    auto* angles = reinterpret_cast<float2*>(angles_.get());
+    float2* angles = angles_.get();
     if (!gemv_fits(T, layers_[0].wqkv))
       cuda::rope_angles(pos, T, d, c_.rope_theta, c_.rope_linear_factor, angles, s);
     for (int li = 0; li < c_.n_layers; ++li) {
@@ -744,7 +744,8 @@ class CudaBackend final : public Backend {
   enum Input { kTokens, kPos, kRows, kAttn, kDone, kFilling, kCommits, kChunks, kTable,
                kSampleRows, kPens, kTopRows, kGraphInputs = kSampleRows };
   PackedArrays inputs_;
-  DeviceArray<float> x_, x_spare_, h_, qkv_, q_, k_, v_, gu_, new_kv_, split_, logits_, angles_;
+  DeviceArray<float> x_, x_spare_, h_, qkv_, q_, k_, v_, gu_, new_kv_, split_, logits_;
+  DeviceArray<float2> angles_;  // RoPE's (cos, sin) of each row's channel pairs
   DeviceArray<__nv_bfloat16> hb_, sel_;
   DeviceArray<uint8_t> cublas_workspace_;
   cuda::Sampler sampler_;

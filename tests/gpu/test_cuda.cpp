@@ -131,12 +131,11 @@ TEST_F(Cuda, RmsNormSplitRopeSwigluMatchTheCpuTwins) {
   for (int t = 0; t < T; ++t) pos[t] = 1000000 + 977 * t;  // large positions: angles in double
   Dev<float> dqkv(qkv), dq(size_t(T) * heads * d), dk(size_t(T) * kv * d), dv(size_t(T) * kv * d);
   Dev<int64_t> dpos(pos);
-  Dev<float> angles(size_t(T) * d);
+  Dev<float2> angles(size_t(T) * d / 2);
   // Plain RoPE, and a Llama-family model's linear scaling with another base.
   for (const auto& [theta, factor] : {std::pair{10000.0f, 1.0f}, std::pair{1e6f, 4.0f}}) {
-    auto* cs = reinterpret_cast<float2*>(angles.p);
-    cuda::rope_angles(dpos.p, T, d, theta, factor, cs, nullptr);
-    cuda::split_qkv_rope(dqkv.p, cs, T, heads, kv, d, dq.p, dk.p, dv.p, nullptr);
+    cuda::rope_angles(dpos.p, T, d, theta, factor, angles.p, nullptr);
+    cuda::split_qkv_rope(dqkv.p, angles.p, T, heads, kv, d, dq.p, dk.p, dv.p, nullptr);
     std::vector<float> want_q, want_k, want_v;
     for (int t = 0; t < T; ++t) {
       const float* row = qkv.data() + size_t(t) * width;
@@ -348,10 +347,9 @@ TEST_F(Cuda, GemvWithRopeIsTheGemvThenSplitQkvRope) {
                       cuda::GemvOutput::split_rope({q.p, k.p, v.p, dpos.p, nh, nkv, d, theta, factor}),
                       nullptr);
       cuda::gemv_bf16(dx.p, T, K, dw.p, N, dqkv.p, nullptr);
-      Dev<float> angles(size_t(T) * d);
-      auto* cs = reinterpret_cast<float2*>(angles.p);
-      cuda::rope_angles(dpos.p, T, d, theta, factor, cs, nullptr);
-      cuda::split_qkv_rope(dqkv.p, cs, T, nh, nkv, d, rq.p, rk.p, rv.p, nullptr);
+      Dev<float2> angles(size_t(T) * d / 2);
+      cuda::rope_angles(dpos.p, T, d, theta, factor, angles.p, nullptr);
+      cuda::split_qkv_rope(dqkv.p, angles.p, T, nh, nkv, d, rq.p, rk.p, rv.p, nullptr);
       const std::string at = "d " + std::to_string(d) + " T " + std::to_string(T);
       EXPECT_LT(rel_err(q.get(size_t(T) * nh * d), rq.get(size_t(T) * nh * d)), 1e-6) << at;
       EXPECT_LT(rel_err(k.get(size_t(T) * nkv * d), rk.get(size_t(T) * nkv * d)), 1e-6) << at;
