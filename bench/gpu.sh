@@ -3,7 +3,10 @@
 # racecheck on the kernel tests, bench_cuda and the PyTorch baselines. Binaries are built here
 # (scripts/gpu_bundle.sh) and carried in .carry/gpu. Results go to $OUT. MODEL (default
 # models/default.gguf) is the model bench_cuda times: issue 13's targets were set on the model
-# shipped before session 11 (git show e1ff7a6:models/default.gguf), carried then in its place.
+# shipped before session 11 (git show e1ff7a6:models/default.gguf), carried then in its place;
+# sessions 16-20 measured them on the m = 64 model of those sessions (git show
+# dc88985:models/default.gguf), the figures to compare with; session 21's model (m = 256) decodes
+# 14 % slower at batch 1 (docs/PERF.md).
 # BENCH_ARGS: bench_cuda's options (default: all its tables); SANITIZER_SECONDS: each sanitizer's
 # cap (150); NCU_DECODE="1 256": ncu's time of each kernel of a decode step at those batches
 # (NCU_CACHE=none: caches not flushed between kernels); NCU_PROMPT=1: ncu's time of each kernel

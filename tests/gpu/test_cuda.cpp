@@ -1346,8 +1346,17 @@ TEST_F(Cuda, ReplicaStepLoopsGenerateWhatOneBackendPredicts) {
   for (int r = 0; r < n; ++r) {
     ASSERT_EQ(got[r].size(), size_t(max_tokens)) << r;
     const std::vector<float> below = greedy_shortfalls(*one, prompts[r], got[r]);
+    if (*std::max_element(below.begin(), below.end()) <= 1e-2f) continue;
+    // Which side is wrong (the flaky failure of docs/PERF.md): the same text read again by a
+    // fresh GPU backend and by the CPU.
+    auto again = make_backend(vm.model, {.kind = "cuda", .n_slots = 1});
+    auto cpu_b = make_backend(vm.model, {.kind = "cpu", .n_slots = 1, .n_threads = 2});
+    const auto below_again = greedy_shortfalls(*again, prompts[r], got[r]);
+    const auto below_cpu = greedy_shortfalls(*cpu_b, prompts[r], got[r]);
     for (int t = 0; t < max_tokens; ++t)
-      EXPECT_LE(below[t], 1e-2f) << "request " << r << " token " << t;
+      EXPECT_LE(below[t], 1e-2f) << "request " << r << " (prompt " << prompts[r].size()
+                                 << ") token " << t << "; a fresh GPU backend " << below_again[t]
+                                 << ", the CPU " << below_cpu[t];
   }
 }
 
