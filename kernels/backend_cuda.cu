@@ -493,6 +493,7 @@ class CudaBackend final : public Backend {
                                 p.chunks, p.table, sample_rows_, pens_, top_rows_);
     for (auto* a : {&x_, &x_spare_, &h_}) moved |= a->resize(size_t(T) * H);
     moved |= hb_.resize(size_t(T) * std::max(H, std::max(F, nh * d)));
+    moved |= normed_.resize(size_t(T) * H);
     moved |= qkv_.resize(size_t(T) * (nh + 2 * nkv) * d);
     moved |= q_.resize(size_t(T) * nh * d);
     for (auto* a : {&k_, &v_}) moved |= a->resize(size_t(T) * nkv * d);
@@ -614,21 +615,24 @@ class CudaBackend final : public Backend {
       return;
     }
     const int H = c_.hidden_size;
+    // The normed rows go to a buffer of their own: `out` may be hb_ (the FFN's gated output),
+    // and a GEMV whose input is its output reads rows other blocks already overwrote.
+    __nv_bfloat16* normed = normed_.get();
     if (add)
-      cuda::add_rmsnorm(x, add, norm, T, H, c_.rms_norm_eps, hb_.get(), stream_);
+      cuda::add_rmsnorm(x, add, norm, T, H, c_.rms_norm_eps, normed, stream_);
     else
-      cuda::rmsnorm(x, norm, T, H, c_.rms_norm_eps, hb_.get(), stream_);
-    if (gemv_fits(T, w)) return gemv(hb_.get(), T, w, out, overlap);
+      cuda::rmsnorm(x, norm, T, H, c_.rms_norm_eps, normed, stream_);
+    if (gemv_fits(T, w)) return gemv(normed, T, w, out, overlap);
     using Kind = cuda::GemvOutput::Kind;
     switch (out.kind) {
       case Kind::Plain:
-        return matmul(hb_.get(), T, w, out.y);
+        return matmul(normed, T, w, out.y);
       case Kind::SiluGated:
-        matmul(hb_.get(), T, w, gu_.get());
+        matmul(normed, T, w, gu_.get());
         return cuda::swiglu(gu_.get(), T, w.N / 2, out.gated, stream_);
       case Kind::SplitRope: {
         const cuda::QkvRope& r = out.rope;
-        matmul(hb_.get(), T, w, qkv_.get());
+        matmul(normed, T, w, qkv_.get());
         return cuda::split_qkv_rope(qkv_.get(), r.angles, T, r.nh, r.nkv, r.d, r.q, r.k, r.v,
                                     stream_);
       }
@@ -746,7 +750,7 @@ class CudaBackend final : public Backend {
   PackedArrays inputs_;
   DeviceArray<float> x_, x_spare_, h_, qkv_, q_, k_, v_, gu_, new_kv_, split_, logits_;
   DeviceArray<float2> angles_;  // RoPE's (cos, sin) of each row's channel pairs
-  DeviceArray<__nv_bfloat16> hb_, sel_;
+  DeviceArray<__nv_bfloat16> hb_, normed_, sel_;
   DeviceArray<uint8_t> cublas_workspace_;
   cuda::Sampler sampler_;
   PackedArrays sampled_;  // forward_sample's results, one download, in this order:

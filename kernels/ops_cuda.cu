@@ -305,6 +305,19 @@ void gemv(const char* what, const GemvInput& in, int T, int K, Rows W, int N, Ge
                 (out.kind == Kind::SiluGated   ? ", an even N)"
                  : out.kind == Kind::SplitRope ? ", N = (heads + 2 kv heads) x an even d)"
                                                : ")"));
+  // Every block reads all of the input while others store their outputs (the q/k/v split's
+  // three outputs are never the input's buffer).
+  if (out.kind != Kind::SplitRope) {
+    const auto in_at = reinterpret_cast<uintptr_t>(in.x ? static_cast<const void*>(in.x)
+                                                        : static_cast<const void*>(in.residual));
+    const auto out_at = reinterpret_cast<uintptr_t>(
+        out.kind == Kind::SiluGated ? static_cast<const void*>(out.gated)
+                                    : static_cast<const void*>(out.y));
+    const size_t in_bytes = size_t(T) * K * (in.x ? 2 : 4);
+    const size_t out_bytes = out.kind == Kind::SiluGated ? size_t(T) * (N / 2) * 2 : size_t(T) * N * 4;
+    if (in_at < out_at + out_bytes && out_at < in_at + in_bytes)
+      throw Error(std::string(what) + ": the output overlaps the input");
+  }
   if (out.kind == Kind::SiluGated)
     gemv_rows<1>(what, in, T, K, W, SwigluOut{out.gated, N / 2}, s, overlap);
   else if (out.kind == Kind::SplitRope)

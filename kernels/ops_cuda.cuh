@@ -122,7 +122,8 @@ inline bool gemv_fits(int T, int K, bool normed_input) {
 }
 // y = x[T][K] * W^T, T <= kGemvRows: each weight read once for all rows, dequantized in
 // registers, fp32 products and sums. K a multiple of 32. `overlap`: launched to start while the
-// stream's previous kernel finishes, reading its first weights meanwhile (overlap.cuh).
+// stream's previous kernel finishes, reading its first weights meanwhile (overlap.cuh). y must
+// not overlap x: every block reads all of x while others write their outputs.
 void gemv_q8(const GemvInput& x, int T, int K, Q8Weights W, int N, GemvOutput y, cudaStream_t s,
              bool overlap = false);
 // The same over bf16 weights W[N][K] (what gemm computes, summed in another order); K a multiple

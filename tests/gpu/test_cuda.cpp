@@ -325,6 +325,24 @@ TEST_F(Cuda, GemvWithNormAndSwigluIsTheKernelsItReplaces) {
   for (int N : {2 * 389, cuda::kWideGemvOutputs + 6}) check_gemv_with_norm_and_swiglu(N);
 }
 
+// A GEMV's blocks read all of its input while others store outputs: an output over the input
+// (the backend's FFN once wrote its gated rows over the normed rows it read, a race that gave
+// decode steps of 2-8 rows wrong logits now and then) is refused; one beside it is not.
+TEST_F(Cuda, GemvRefusesAnOutputOverItsInput) {
+  const int T = 2, K = 32, N = 64;
+  std::vector<__nv_bfloat16> wb;
+  for (float v : randn(size_t(N) * K, 80, 0.05f)) wb.push_back(__float2bfloat16(v));
+  Dev<__nv_bfloat16> w(wb), buf(size_t(T) * (K + N / 2));
+  EXPECT_THROW(cuda::gemv_bf16(buf.p, T, K, w.p, N, cuda::GemvOutput::silu_gated(buf.p), nullptr),
+               Error);
+  EXPECT_THROW(cuda::gemv_bf16(buf.p + K, T, K, w.p, N, cuda::GemvOutput::silu_gated(buf.p),
+                               nullptr),
+               Error);
+  cuda::gemv_bf16(buf.p + size_t(T) * N / 2, T, K, w.p, N, cuda::GemvOutput::silu_gated(buf.p),
+                  nullptr);
+  EXPECT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+}
+
 // The q/k/v GEMV that splits and rotates its own output against the GEMV then split_qkv_rope:
 // GQA, head dims 16 and 64, positions past 1M, linear RoPE scaling; the same sums (1e-6).
 TEST_F(Cuda, GemvWithRopeIsTheGemvThenSplitQkvRope) {

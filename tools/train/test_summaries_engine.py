@@ -4,7 +4,8 @@ the engine reads them: random FMA models with those options, saved by save_hf, c
 multipole-convert and scored by multipole-perplexity (CPU, fp32, in chunks of 37) past the trained
 length, against the PyTorch model's own NLL in float64: 1e-4 per token, as the cross-checks.
 FullModel: the same for train.py --size full (the model of issue 12 item 4) and its exact twin.
-usage: test_summaries_engine.py BUILD_DIR [EngineParity|FullModel]"""
+GgufToHf: gguf_to_hf.py gives back the weights multipole-convert stored.
+usage: test_summaries_engine.py BUILD_DIR [EngineParity|GgufToHf|FullModel]"""
 import json
 import os
 import subprocess
@@ -14,7 +15,7 @@ import unittest
 
 import torch
 
-from fma_model import FmaConfig, FmaModel, save_hf
+from fma_model import FmaConfig, FmaModel, read_safetensors, save_hf
 from train import model_config
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -75,13 +76,40 @@ class EngineParity(Parity):
         self.check(fma_rotary_summaries=True, fma_ranks=[4, 2])
 
 
+class GgufToHf(unittest.TestCase):
+    def test_round_trip(self):
+        """gguf_to_hf.py gives back, bit for bit, the float32 weights that multipole-convert
+        stored (rotary key summaries, per-level ranks, untied head)."""
+        torch.manual_seed(5)
+        cfg = FmaConfig(vocab_size=400, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                        num_key_value_heads=2, head_dim=16, intermediate_size=48,
+                        max_position_embeddings=64, fma_block_size=8, fma_rank=4,
+                        fma_ranks=[4, 2], fma_rotary_summaries=True, tie_word_embeddings=False)
+        model = FmaModel(cfg)
+        with tempfile.TemporaryDirectory() as tmp:
+            save_hf(model, os.path.join(tmp, "hf"), TOKENIZER)
+            gguf = os.path.join(tmp, "model.gguf")
+            subprocess.run([os.path.join(BUILD, "tools", "multipole-convert"),
+                            os.path.join(tmp, "hf"), gguf, "--dtype", "f32"], check=True,
+                           capture_output=True)
+            subprocess.run([sys.executable, os.path.join(HERE, "gguf_to_hf.py"), gguf,
+                            os.path.join(tmp, "hf", "config.json"), TOKENIZER,
+                            os.path.join(tmp, "back")], check=True, capture_output=True)
+            back = read_safetensors(os.path.join(tmp, "back"))
+        want = model.state_dict()
+        self.assertEqual(sorted(back), sorted(want))
+        for name, t in want.items():
+            self.assertTrue(torch.equal(back[name], t), name)
+
+
 class FullModel(Parity):  # ctest train.full_model_engine (release build only: 48M parameters)
     def test_full_model_and_twin(self):
         """train.py --size full (47.6M parameters) and its exact twin, as the engine reads them:
-        bf16 weights as trained, 300 tokens (levels 1 and 2 of m = 64 in use)."""
-        for exact in (False, True):
-            cfg = model_config(exact, "full")
-            self.check(cfg, tokens=300, dtype=torch.bfloat16, **{
+        bf16 weights as trained, 300 tokens (levels 1 and 2 of m = 64 in use); the shipped
+        model's m = 256 (ranks 2,4,4,4) over 700 tokens (its levels 1 and 2)."""
+        for cfg, tokens in ((model_config(False, "full"), 300), (model_config(True, "full"), 300),
+                            (model_config(False, "full", ranks=[2, 4, 4, 4], block_size=256), 700)):
+            self.check(cfg, tokens=tokens, dtype=torch.bfloat16, **{
                 k: getattr(cfg, k) for k in ("fma_enabled", "fma_ranks", "fma_rotary_summaries")})
 
 
