@@ -3,11 +3,12 @@
 Hugging Face folder train.py exports (save_hf): its weights for PyTorch, e.g. evaluate.py's parity
 sample of a model whose bf16 weights did not come back from the GPU machine (Q8_0 weights, made
 f32 by the converter, are exactly what the engine computes with).
-usage: gguf_to_hf.py F32.gguf CONFIG.json TOKENIZER.model OUT_DIR
-(CONFIG.json: the model's Hugging Face config, as train.py wrote it)"""
+usage: gguf_to_hf.py F32.gguf OUT_DIR (config.json and tokenizer.model from the file's metadata)"""
+import os
 import re
 import struct
 import sys
+import tempfile
 
 import numpy as np
 import torch
@@ -40,7 +41,8 @@ def hf_name(name):
 
 
 def read_gguf_f32(path):
-    """name -> float32 array in the Hugging Face shape (GGUF lists dims innermost first)."""
+    """(metadata key -> value, name -> float32 array in the Hugging Face shape: GGUF lists dims
+    innermost first)."""
     data = open(path, "rb").read()
     if data[:4] != b"GGUF":
         raise SystemExit(f"{path}: not a GGUF file")
@@ -61,23 +63,22 @@ def read_gguf_f32(path):
         if kind == 9:
             elem, n = struct.unpack_from("<IQ", data, at)
             at += 12
-            return [value(elem) for _ in range(n)] if elem in (8, 9) else skip(elem, n)
+            if elem == 0:  # bytes (the tokenizer model)
+                at += n
+                return data[at - n:at]
+            return [value(elem) for _ in range(n)]
         fmt = "<" + SCALARS[kind]
         at += struct.calcsize(fmt)
-        return struct.unpack_from(fmt, data, at - struct.calcsize(fmt))[0]
+        v = struct.unpack_from(fmt, data, at - struct.calcsize(fmt))[0]
+        return float(str(np.float32(v))) if kind == 6 else v  # 1e-05, not 9.99999974e-06
 
-    def skip(elem, n):  # arrays of scalars (the tokenizer's bytes): not needed here
-        nonlocal at
-        at += n * struct.calcsize("<" + SCALARS[elem])
-
-    alignment = 32
+    kv = {}
     for _ in range(n_kv):
         key = string()
         (kind,) = struct.unpack_from("<I", data, at)
         at += 4
-        v = value(kind)
-        if key == "general.alignment":
-            alignment = v
+        kv[key] = value(kind)
+    alignment = kv.get("general.alignment", 32)
     infos = []
     for _ in range(n_tensors):
         name = string()
@@ -89,26 +90,52 @@ def read_gguf_f32(path):
             raise SystemExit(f"{path}: tensor '{name}' is not f32: convert with --dtype f32 first")
         infos.append((name, tuple(reversed(dims)), offset))
     base = (at + alignment - 1) // alignment * alignment
-    return {name: np.frombuffer(data, np.float32, int(np.prod(shape)), base + off).reshape(shape)
-            for name, shape, off in infos}
+    return kv, {name: np.frombuffer(data, np.float32, int(np.prod(shape)), base + off).reshape(shape)
+                for name, shape, off in infos}
+
+
+def config_of(kv):
+    """The FmaConfig that engine/src/config.cpp's config_to_gguf wrote as metadata."""
+    a = kv["general.architecture"]
+    if a != "fma":
+        raise SystemExit(f"general.architecture is '{a}', not 'fma'")
+    factor = kv[f"{a}.rope.scaling.factor"]
+    return FmaConfig(
+        vocab_size=kv[f"{a}.vocab_size"], hidden_size=kv[f"{a}.embedding_length"],
+        num_hidden_layers=kv[f"{a}.block_count"], num_attention_heads=kv[f"{a}.attention.head_count"],
+        num_key_value_heads=kv[f"{a}.attention.head_count_kv"],
+        head_dim=kv[f"{a}.attention.key_length"], intermediate_size=kv[f"{a}.feed_forward_length"],
+        rms_norm_eps=kv[f"{a}.attention.layer_norm_rms_epsilon"], rope_theta=kv[f"{a}.rope.freq_base"],
+        rope_scaling={"type": "linear", "factor": factor}
+        if kv[f"{a}.rope.scaling.type"] == "linear" else None,
+        tie_word_embeddings=kv[f"{a}.tie_word_embeddings"],
+        max_position_embeddings=kv[f"{a}.context_length"], fma_enabled=kv[f"{a}.enabled"],
+        fma_block_size=kv[f"{a}.block_size"], fma_rank=kv[f"{a}.rank"],
+        fma_ranks=kv.get(f"{a}.ranks"), fma_downsampling=kv[f"{a}.downsampling"],
+        fma_scale_attn=kv[f"{a}.scale_attn"], fma_rotary_summaries=kv[f"{a}.rotary_summaries"],
+        bos_token_id=kv["tokenizer.ggml.bos_token_id"], eos_token_id=kv["tokenizer.ggml.eos_token_id"])
 
 
 def main():
-    gguf, config, tokenizer, out = sys.argv[1:5]
-    with open(config) as f:
-        model = FmaModel(FmaConfig.from_json(f.read()))
+    gguf, out = sys.argv[1:3]
+    kv, tensors = read_gguf_f32(gguf)
+    model = FmaModel(config_of(kv))
     want = model.state_dict()
     state = {}
-    for name, array in read_gguf_f32(gguf).items():
+    for name, array in tensors.items():
         hf = hf_name(name)
         if hf not in want or tuple(want[hf].shape) != array.shape:
-            raise SystemExit(f"tensor '{name}' ({array.shape}) does not fit {config}'s model")
+            raise SystemExit(f"tensor '{name}' ({array.shape}) does not fit the file's config")
         state[hf] = torch.from_numpy(array.copy())
     missing = [k for k in want if k not in state and not k.endswith("rotary_emb.inv_freq")]
     if missing:
         raise SystemExit(f"{gguf} lacks {missing[:3]}")
     model.load_state_dict(state, strict=False)
-    save_hf(model, out, tokenizer)
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer = os.path.join(tmp, "tokenizer.model")
+        with open(tokenizer, "wb") as f:
+            f.write(kv["tokenizer.sentencepiece.model"])
+        save_hf(model, out, tokenizer)
     print(f"wrote {out}: {len(state)} tensors, float32")
 
 

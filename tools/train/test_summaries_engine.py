@@ -79,12 +79,14 @@ class EngineParity(Parity):
 class GgufToHf(unittest.TestCase):
     def test_round_trip(self):
         """gguf_to_hf.py gives back, bit for bit, the float32 weights that multipole-convert
-        stored (rotary key summaries, per-level ranks, untied head)."""
+        stored, the config and the tokenizer (rotary key summaries, per-level ranks, untied head,
+        linear RoPE scaling)."""
         torch.manual_seed(5)
         cfg = FmaConfig(vocab_size=400, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                         num_key_value_heads=2, head_dim=16, intermediate_size=48,
                         max_position_embeddings=64, fma_block_size=8, fma_rank=4,
-                        fma_ranks=[4, 2], fma_rotary_summaries=True, tie_word_embeddings=False)
+                        fma_ranks=[4, 2], fma_rotary_summaries=True, tie_word_embeddings=False,
+                        rope_scaling={"type": "linear", "factor": 2.0}, rope_theta=5000.0)
         model = FmaModel(cfg)
         with tempfile.TemporaryDirectory() as tmp:
             save_hf(model, os.path.join(tmp, "hf"), TOKENIZER)
@@ -93,9 +95,12 @@ class GgufToHf(unittest.TestCase):
                             os.path.join(tmp, "hf"), gguf, "--dtype", "f32"], check=True,
                            capture_output=True)
             subprocess.run([sys.executable, os.path.join(HERE, "gguf_to_hf.py"), gguf,
-                            os.path.join(tmp, "hf", "config.json"), TOKENIZER,
                             os.path.join(tmp, "back")], check=True, capture_output=True)
             back = read_safetensors(os.path.join(tmp, "back"))
+            for name in ("config.json", "tokenizer.model"):
+                with open(os.path.join(tmp, "hf", name), "rb") as a, \
+                        open(os.path.join(tmp, "back", name), "rb") as b:
+                    self.assertEqual(a.read(), b.read(), name)
         want = model.state_dict()
         self.assertEqual(sorted(back), sorted(want))
         for name, t in want.items():
