@@ -12,7 +12,9 @@ export LD_LIBRARY_PATH=$gpu/lib:/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}
 export MULTIPOLE_TEST_DATA=$PWD/tests/data
 t=$gpu/bin/multipole_gpu_tests
 run() {  # NAME SECONDS COMMAND...
-  local name=$1 limit=$2 s=$(date +%s); shift 2
+  local name=$1 limit=$2 s
+  s=$(date +%s)
+  shift 2
   [[ $steps == *" $name "* ]] || return 0
   timeout "$limit" "$@" > "$o/$name.log" 2>&1
   echo "$name: rc $? in $(( $(date +%s) - s )) s; $(grep -cE '^\[  FAILED  \] [A-Za-z]' "$o/$name.log") failed lines; $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY|SYNCCHECK SUMMARY' "$o/$name.log" | tail -1)"
