@@ -330,17 +330,21 @@ TEST_F(Cuda, GemvWithNormAndSwigluIsTheKernelsItReplaces) {
 // decode steps of 2-8 rows wrong logits now and then) is refused; one beside it is not.
 TEST_F(Cuda, GemvRefusesAnOutputOverItsInput) {
   const int T = 2, K = 32, N = 64;
-  std::vector<__nv_bfloat16> wb;
+  const size_t outs = size_t(T) * N / 2;
+  std::vector<__nv_bfloat16> wb, xb;
   for (float v : randn(size_t(N) * K, 80, 0.05f)) wb.push_back(__float2bfloat16(v));
-  Dev<__nv_bfloat16> w(wb), buf(size_t(T) * (K + N / 2));
-  EXPECT_THROW(cuda::gemv_bf16(buf.p, T, K, w.p, N, cuda::GemvOutput::silu_gated(buf.p), nullptr),
+  for (float v : randn(size_t(T) * K, 81)) xb.push_back(__float2bfloat16(v));
+  Dev<__nv_bfloat16> w(wb), x(xb), apart(outs), buf(outs + xb.size());
+  using cuda::GemvOutput;
+  EXPECT_THROW(cuda::gemv_bf16(buf.p, T, K, w.p, N, GemvOutput::silu_gated(buf.p), nullptr), Error);
+  EXPECT_THROW(cuda::gemv_bf16(buf.p + K, T, K, w.p, N, GemvOutput::silu_gated(buf.p), nullptr),
                Error);
-  EXPECT_THROW(cuda::gemv_bf16(buf.p + K, T, K, w.p, N, cuda::GemvOutput::silu_gated(buf.p),
-                               nullptr),
-               Error);
-  cuda::gemv_bf16(buf.p + size_t(T) * N / 2, T, K, w.p, N, cuda::GemvOutput::silu_gated(buf.p),
-                  nullptr);
-  EXPECT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+  // The input right after the output: allowed, and the bits of separate buffers.
+  cuda::check(cudaMemcpy(buf.p + outs, x.p, xb.size() * 2, cudaMemcpyDeviceToDevice), "copy");
+  cuda::gemv_bf16(buf.p + outs, T, K, w.p, N, GemvOutput::silu_gated(buf.p), nullptr);
+  cuda::gemv_bf16(x.p, T, K, w.p, N, GemvOutput::silu_gated(apart.p), nullptr);
+  const auto got = buf.get(outs), want = apart.get(outs);
+  EXPECT_EQ(std::memcmp(got.data(), want.data(), outs * 2), 0);
 }
 
 // The q/k/v GEMV that splits and rotates its own output against the GEMV then split_qkv_rope:
