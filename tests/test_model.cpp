@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
+#include <cstring>
 #include <thread>
 
 #include <xmmintrin.h>
@@ -170,6 +171,24 @@ TEST(Batch, MixedStepsMatchEachChunkAlone) {
     const auto alone = mp::testing::mixed_schedule_logits(*b, seed, 5, 40, true);
     ASSERT_EQ(batched.size(), alone.size());
     EXPECT_LT(rel_err(batched, alone), 1e-5) << seed;
+  }
+}
+
+// One-token steps whose queries read enough keys (about 2m a head at m = 256, exact attention's
+// whole context) spread their heads' attention over the threads: the same bits as one thread.
+TEST(Backend, ParallelDecodeAttentionIsTheSerialOne) {
+  for (const ModelVariant& v : {ModelVariant{.heads = 8, .block = 256, .n = 1024},
+                                ModelVariant{.fma = false, .heads = 8}}) {
+    const VariantModel vm(v, 21);
+    const auto tokens = random_tokens(600, vm.config.vocab_size, 5);
+    std::vector<std::vector<float>> runs;
+    for (int threads : {1, 2}) {
+      auto b = make_backend(vm.model, {.kind = "cpu", .n_slots = 1, .n_threads = threads});
+      runs.push_back(logits_in_chunks(*b, tokens, 1));
+    }
+    ASSERT_EQ(runs[0].size(), runs[1].size());
+    EXPECT_EQ(std::memcmp(runs[0].data(), runs[1].data(), runs[0].size() * sizeof(float)), 0)
+        << (v.fma ? "m = 256" : "exact");
   }
 }
 

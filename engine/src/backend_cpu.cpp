@@ -206,6 +206,7 @@ class CpuBackend final : public Backend {
     // (chunk, first token, tokens, head) work items for the attention, in parallel over all of
     // them: up to kBlockQueries tokens of one FMA block each (ChunkAttention::attend_block).
     constexpr int kBlockQueries = 16;
+    constexpr int64_t kParallelHeadKeys = 4096;
     const int m = c_.fma_enabled ? c_.fma_block_size : kBlockQueries;
     std::vector<std::array<int, 4>> items;
     for (size_t c = 0; c < chunks.size(); ++c) {
@@ -218,6 +219,14 @@ class CpuBackend final : public Backend {
         for (int hd = 0; hd < nh; ++hd) items.push_back({static_cast<int>(c), t, nq, hd});
         t += nq;
       }
+    }
+
+    // The keys the step's queries read, over all heads: a one-token step reads about 2m a head
+    // (m = 64: 1,024 in all, serial; m = 256: 4,096, in parallel), exact attention its context.
+    int64_t head_keys = 0;
+    for (const auto& ch : chunks) {
+      const int64_t n = static_cast<int64_t>(ch.tokens.size());
+      head_keys += n * nh * (c_.fma_enabled ? 2 * c_.fma_block_size : slots_[ch.slot].pos + n);
     }
 
     std::vector<cpu::RopeTable> rope;  // each chunk's, for every layer
@@ -246,14 +255,14 @@ class CpuBackend final : public Backend {
         ca[c].attend_block(t, nq, hd, att.data() + (size_t(row0[c] + t) * nh + hd) * d,
                            int64_t{nh} * d, scratch);
       };
-      if (T * nh >= 32) {
+      if (head_keys >= kParallelHeadKeys) {
 #pragma omp parallel
         {
           std::vector<float> scratch;
 #pragma omp for schedule(dynamic)
           for (size_t it = 0; it < items.size(); ++it) attend(it, scratch);
         }
-      } else {  // a one-token step's few heads are not worth a thread start-up
+      } else {  // a few heads over few keys are not worth the threads' hand-over
         for (size_t it = 0; it < items.size(); ++it) attend(it, scratch_);
       }
       for (auto& a : ca) a.commit();
