@@ -221,12 +221,14 @@ class CpuBackend final : public Backend {
       }
     }
 
-    // The keys the step's queries read, over all heads: a one-token step reads about 2m a head
-    // (m = 64: 1,024 in all, serial; m = 256: 4,096, in parallel), exact attention its context.
+    // The keys the step's queries read, over all heads: a one-token step past the first 2m
+    // tokens reads about 2m a head (m = 64: 1,024 in all, serial; m = 256: 4,096, in parallel),
+    // exact attention its context.
     int64_t head_keys = 0;
     for (const auto& ch : chunks) {
-      const int64_t n = static_cast<int64_t>(ch.tokens.size());
-      head_keys += n * nh * (c_.fma_enabled ? 2 * c_.fma_block_size : slots_[ch.slot].pos + n);
+      const int64_t n = static_cast<int64_t>(ch.tokens.size()), context = slots_[ch.slot].pos + n;
+      head_keys += n * nh * (c_.fma_enabled ? std::min<int64_t>(context, 2 * c_.fma_block_size)
+                                            : context);
     }
 
     std::vector<cpu::RopeTable> rope;  // each chunk's, for every layer
