@@ -209,9 +209,15 @@ class CpuBackend final : public Backend {
     constexpr int64_t kParallelHeadKeys = 4096;
     const int m = c_.fma_enabled ? c_.fma_block_size : kBlockQueries;
     std::vector<std::array<int, 4>> items;
+    // The keys the step's queries read, over all heads: a one-token step past the first 2m
+    // tokens reads about 2m a head (m = 64: 1,024 in all, serial; m = 256: 4,096, in parallel),
+    // exact attention its context.
+    int64_t head_keys = 0;
     for (size_t c = 0; c < chunks.size(); ++c) {
       const int n = static_cast<int>(chunks[c].tokens.size());
-      const int64_t pos0 = slots_[chunks[c].slot].pos;
+      const int64_t pos0 = slots_[chunks[c].slot].pos, context = pos0 + n;
+      head_keys += int64_t{n} * nh *
+                   (c_.fma_enabled ? std::min<int64_t>(context, 2 * c_.fma_block_size) : context);
       for (int t = 0; t < n;) {
         const int64_t block_end = ((pos0 + t) / m + 1) * m;
         const int nq =
@@ -219,16 +225,6 @@ class CpuBackend final : public Backend {
         for (int hd = 0; hd < nh; ++hd) items.push_back({static_cast<int>(c), t, nq, hd});
         t += nq;
       }
-    }
-
-    // The keys the step's queries read, over all heads: a one-token step past the first 2m
-    // tokens reads about 2m a head (m = 64: 1,024 in all, serial; m = 256: 4,096, in parallel),
-    // exact attention its context.
-    int64_t head_keys = 0;
-    for (const auto& ch : chunks) {
-      const int64_t n = static_cast<int64_t>(ch.tokens.size()), context = slots_[ch.slot].pos + n;
-      head_keys += n * nh * (c_.fma_enabled ? std::min<int64_t>(context, 2 * c_.fma_block_size)
-                                            : context);
     }
 
     std::vector<cpu::RopeTable> rope;  // each chunk's, for every layer
