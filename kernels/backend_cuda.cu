@@ -502,8 +502,13 @@ class CudaBackend final : public Backend {
     // The new summaries: keys', then values' right after them (one clearing a layer). Their
     // split point is the plan's need, which a decode step's bucket fixes for its graph.
     moved |= new_kv_.resize(2 * new_summary_floats(p));
-    if (p.padded && !c_.fma_enabled)  // exact decode's partial results
-      moved |= split_.resize(cuda::exact_decode_scratch_floats(shape_, cap_, int(p.attn.size())));
+    // A decode step's split keys: tickets (zero when new, left at zero by every step), then the
+    // partial results.
+    if (p.padded && split_.resize(cuda::decode_scratch_floats(shape_, cap_, int(p.attn.size())))) {
+      moved = true;
+      check(cudaMemsetAsync(split_.get(), 0, cuda::kDecodeTickets * sizeof(unsigned), s),
+            "decode tickets");
+    }
     moved |= sel_.resize(R * H);
     moved |= logits_.resize(R * V);
     return moved;

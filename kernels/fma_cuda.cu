@@ -2,6 +2,7 @@
 #include <bit>
 
 #include "../engine/src/fma_cpu.h"
+#include "block_reduce.cuh"
 #include "fma_cuda.cuh"
 #include "overlap.cuh"
 
@@ -13,6 +14,8 @@ constexpr int kTile = 32;            // keys staged in shared memory at a time
 // Warps sharing one decode query's keys: 8, or 32 when the step has too few (sequence, head)
 // blocks to fill the GPU (kDecodeFewBlocks or fewer), whose latency is then the step's.
 constexpr int kDecodeWarps = 8, kDecodeWarpsFew = 32, kDecodeFewBlocks = 128;
+constexpr int kMaxDecodeSplits = 8;  // the key ranges of one few-sequence block (decode_splits)
+static_assert(kDecodeTickets >= kDecodeFewBlocks);  // a ticket per split (sequence, head)
 constexpr int kDecodeUnroll = 4;  // keys a warp loads at once
 
 // A summary thread's outputs: channel ch of kSumHeads KV heads from h0 and kSumRanks summaries
@@ -672,6 +675,35 @@ __device__ void load_channels(const float* p, float (&x)[C]) {
   }
 }
 
+// A decode query's keys split over blocks (flash-decoding): split z (blockIdx.z) of query-head
+// slot qh (item * heads + head) writes its D unnormalised outputs to partials[(qh * splits + z) * D
+// + e] and, after the outputs of all gridDim.x items, its maximum and sum.
+__device__ inline void write_split(float* partials, int heads, int64_t qh, int splits, int e,
+                                   int D, float x, float m, float total) {
+  const int64_t part = qh * splits + blockIdx.z;
+  partials[part * D + e] = x;
+  if (e == 0) {
+    float* ml = partials + int64_t(gridDim.x) * heads * splits * D;
+    ml[2 * part] = m, ml[2 * part + 1] = total;
+  }
+}
+// Output e of slot qh from its first `used` splits (read past L1: other SMs wrote them; a split
+// without keys has maximum -inf and adds nothing).
+__device__ inline float merged_splits(const float* partials, int heads, int64_t qh, int splits,
+                                      int used, int e, int D) {
+  const float* ml = partials + int64_t(gridDim.x) * heads * splits * D;
+  const int64_t part0 = qh * splits;
+  float m = -INFINITY;
+  for (int z = 0; z < used; ++z) m = fmaxf(m, __ldcg(&ml[2 * (part0 + z)]));
+  float total = 0.0f, x = 0.0f;
+  for (int z = 0; z < used; ++z) {
+    const float mz = __ldcg(&ml[2 * (part0 + z)]), f = mz == -INFINITY ? 0.0f : __expf(mz - m);
+    total += __ldcg(&ml[2 * (part0 + z) + 1]) * f;
+    x += __ldcg(&partials[(part0 + z) * D + e]) * f;
+  }
+  return x / total;
+}
+
 // Decode: one query per (sequence, G heads of one KV head) block of W warps. The places of the
 // key list's keys are worked out first, a key a thread, into shared memory (each warp resolving
 // its own keys had all 32 lanes repeat the same 64-bit arithmetic, ~1,100 instructions a warp at
@@ -681,12 +713,17 @@ __device__ void load_channels(const float* p, float (&x)[C]) {
 // a layer at batch 1), kDecodeUnroll keys at a time so that their loads overlap, each key and
 // value loaded once for the G heads; each warp keeps an online softmax per head over its keys,
 // and the block merges the warps'. Key lists longer than the block's threads go in stages.
+// splits > 1 (steps of few sequences with long fine windows: decode_splits): the key list is cut
+// into `splits` ranges, one a block (blockIdx.z), each writing its unnormalised output, maximum
+// and sum to `partials` as exact_decode_kernel does; the last block of a (sequence, heads) to
+// finish (tickets) merges them.
 template <int D, int W, int G>
 __global__ void __launch_bounds__(W * 32)
     decode_attention_kernel(FmaShape s, CacheView cv, const ChunkDesc* chunks,
                             const NewGroups* table, const AttnItem* items, const float* q,
                             const float* k, const float* v, const float* new_k, const float* new_v,
-                            float* out, __nv_bfloat16* out_bf16) {
+                            int splits, unsigned* tickets, float* partials, float* out,
+                            __nv_bfloat16* out_bf16) {
   constexpr int C = D >= 32 ? D / 32 : 1, U = kDecodeUnroll, kStage = W * 32;
   __shared__ float part[W][G][D];
   __shared__ float wmax[W][G], wsum[W][G];
@@ -709,10 +746,11 @@ __global__ void __launch_bounds__(W * 32)
   __syncthreads();
   const int h0 = blockIdx.y * G, kvh = h0 / (s.heads / s.kv), lane = threadIdx.x & 31,
             warp = threadIdx.x >> 5, ch0 = lane * C;
-  const int64_t n = real ? kl.n_fine + kl.n_coarse : 0;
-  auto stage = [&](int64_t s0) {  // keys [s0, s0 + kStage): key s0 + t by thread t
-    const int64_t kk = s0 + threadIdx.x;
-    if (kk >= n) return;
+  const int64_t n = real ? kl.n_fine + kl.n_coarse : 0, per = (n + splits - 1) / splits;
+  const int64_t kb = min(n, blockIdx.z * per), len = min(n, kb + per) - kb;  // this block's keys
+  auto stage = [&](int64_t s0) {  // keys kb + [s0, s0 + kStage): key kb + s0 + t by thread t
+    const int64_t kk = kb + s0 + threadIdx.x;
+    if (kk >= kb + len) return;
     const KeyLoc kloc = key_loc(s, cv, c, table, lt, kl, kk, kvh);
     const KvArrays arr = kv_arrays(cv, k, v, new_k, new_v);
     skey[threadIdx.x] = key_row(arr, kloc);
@@ -737,13 +775,13 @@ __global__ void __launch_bounds__(W * 32)
   float mx[G], denom[G];
 #pragma unroll
   for (int g = 0; g < G; ++g) mx[g] = -INFINITY, denom[g] = 0.0f;
-  for (int64_t s0 = 0; s0 < n; s0 += kStage) {
+  for (int64_t s0 = 0; s0 < len; s0 += kStage) {
     if (s0 > 0) {
       __syncthreads();  // the last stage's keys are read
       stage(s0);
       __syncthreads();
     }
-    const int ns = int(min(n - s0, int64_t(kStage)));
+    const int ns = int(min(len - s0, int64_t(kStage)));
     for (int t0 = warp; t0 < ns; t0 += W * U) {
       float dot[U][G], bonus[U], val[U][C];
 #pragma unroll
@@ -818,8 +856,18 @@ __global__ void __launch_bounds__(W * 32)
       x += __shfl_xor_sync(0xffffffffu, x, o);
     }
     if (e >= G * D || sub != 0) continue;
-    const int64_t at = (row * s.heads + h0 + g) * D + ch;
-    store_output(out, out_bf16, at, x / total);
+    if (splits == 1)
+      store_output(out, out_bf16, (row * s.heads + h0 + g) * D + ch, x / total);
+    else
+      write_split(partials, s.heads, int64_t(blockIdx.x) * s.heads + h0 + g, splits, ch, D, x, m,
+                  total);
+  }
+  if (splits == 1 || !last_block_to_arrive(&tickets[blockIdx.x * gridDim.y + blockIdx.y], splits))
+    return;
+  for (int e = threadIdx.x; e < G * D; e += W * 32) {
+    const int64_t qh = int64_t(blockIdx.x) * s.heads + h0 + e / D;
+    store_output(out, out_bf16, (row * s.heads + h0 + e / D) * D + e % D,
+                 merged_splits(partials, s.heads, qh, splits, splits, e % D, D));
   }
 }
 
@@ -972,13 +1020,8 @@ __global__ void __launch_bounds__(xd::kWarps * 32)
       store_output(out, out_bf16, at, x / total);
       continue;
     }
-    // Split z of head h of item b: its D outputs, then (after all outputs) its maximum and sum.
-    const int64_t part = (int64_t(blockIdx.x) * s.heads + h0 + hh) * splits + blockIdx.z;
-    partials[part * D + e] = x;
-    if (e == 0) {
-      float* ml = partials + int64_t(gridDim.x) * s.heads * splits * D;
-      ml[2 * part] = m, ml[2 * part + 1] = total;
-    }
+    write_split(partials, s.heads, int64_t(blockIdx.x) * s.heads + h0 + hh, splits, e, D, x, m,
+                total);
   }
 }
 
@@ -993,18 +1036,10 @@ __global__ void exact_combine_kernel(FmaShape s, const ChunkDesc* chunks, const 
   const int h = blockIdx.y, e = threadIdx.x;
   const int64_t n = it.q_begin + 1, len = xd::split_keys(n, splits, D);
   const int used = int((n + len - 1) / len);  // splits that have keys
-  const int64_t part0 = (int64_t(blockIdx.x) * s.heads + h) * splits;
-  const float* ml = partials + int64_t(gridDim.x) * s.heads * splits * D;
-  float m = -INFINITY;
-  for (int z = 0; z < used; ++z) m = fmaxf(m, ml[2 * (part0 + z)]);
-  float total = 0.0f, x = 0.0f;
-  for (int z = 0; z < used; ++z) {
-    const float f = __expf(ml[2 * (part0 + z)] - m);
-    total += ml[2 * (part0 + z) + 1] * f;
-    x += partials[(part0 + z) * D + e] * f;
-  }
   const int64_t at = ((int64_t(c.row0) + (it.q_begin - c.pos0)) * s.heads + h) * D + e;
-  store_output(out, out_bf16, at, x / total);
+  store_output(out, out_bf16, at,
+               merged_splits(partials, s.heads, int64_t(blockIdx.x) * s.heads + h, splits, used, e,
+                             D));
 }
 
 // Summaries in one pass (one_pass()): a block reads a token range of a chunk once, for 16
@@ -1366,17 +1401,33 @@ FmaShape make_shape(const Config& c) {
   return s;
 }
 
-int exact_decode_splits(const FmaShape& s, int64_t cap, int n_items) {
+namespace {
+int sm_count() {
   int device = 0, sms = 0;
   check(cudaGetDevice(&device), "cudaGetDevice");
   check(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device), "SM count");
+  return sms;
+}
+}  // namespace
+
+int decode_splits(const FmaShape& s, int64_t cap, int n_items) {
+  const int64_t sms = sm_count();
+  if (s.fma) {
+    // The blocks of few sequences (32 warps, one head) take kDecodeUnroll keys a warp at a time:
+    // a window of 2m fine keys in one pass each, over as many blocks as the GPU holds at one a SM.
+    const int64_t blocks = int64_t(std::max(n_items, 1)) * s.heads;
+    if (blocks > kDecodeFewBlocks) return 1;
+    const int64_t by_keys = 2 * int64_t(s.m) / (kDecodeWarpsFew * kDecodeUnroll);
+    return static_cast<int>(
+        std::clamp<int64_t>(std::min(by_keys, sms / blocks), 1, kMaxDecodeSplits));
+  }
   const int64_t blocks = int64_t(std::max(n_items, 1)) * s.kv * xd::head_blocks(s);
-  const int64_t tile = xd::block_tile(s.d), want = (int64_t(sms) * xd::kBlocksPerSm + blocks - 1) / blocks;
+  const int64_t tile = xd::block_tile(s.d), want = (sms * xd::kBlocksPerSm + blocks - 1) / blocks;
   return static_cast<int>(std::clamp<int64_t>(want, 1, (cap + tile - 1) / tile));
 }
 
-size_t exact_decode_scratch_floats(const FmaShape& s, int64_t cap, int n_items) {
-  return size_t(n_items) * s.heads * exact_decode_splits(s, cap, n_items) * (s.d + 2);
+size_t decode_scratch_floats(const FmaShape& s, int64_t cap, int n_items) {
+  return kDecodeTickets + size_t(n_items) * s.heads * decode_splits(s, cap, n_items) * (s.d + 2);
 }
 
 void attention(const FmaShape& s, const CacheView& c, const ChunkDesc* chunks,
@@ -1388,16 +1439,17 @@ void attention(const FmaShape& s, const CacheView& c, const ChunkDesc* chunks,
   if (s.L > kMaxLevels) throw Error("CUDA backend: more than 32 FMA levels are not supported");
   const dim3 grid(n_items, s.heads);
   const bool few = int64_t(n_items) * s.heads <= kDecodeFewBlocks;
+  const int splits = single_queries && (s.fma || fast) ? decode_splits(s, c.cap, n_items) : 1;
+  if (splits > 1 && !scratch)
+    throw Error("attention: this decode step needs scratch of decode_scratch_floats() floats");
+  unsigned* const tickets = reinterpret_cast<unsigned*>(scratch);
+  float* const partials = scratch ? scratch + kDecodeTickets : nullptr;
   if (single_queries && !s.fma && fast) {
-    const int splits = exact_decode_splits(s, c.cap, n_items);
-    if (splits > 1 && !scratch)
-      throw Error("attention: exact-attention decode needs scratch of "
-                  "exact_decode_scratch_floats() floats");
     const dim3 xgrid(n_items, s.kv * xd::head_blocks(s), splits);
     auto launch = [&]<int D>() {
       auto decode = [&]<int H>() {
         exact_decode_kernel<D, H><<<xgrid, xd::kWarps * 32, 0, st>>>(
-            s, c, chunks, items, q, k, v, splits, scratch, out, out_bf16);
+            s, c, chunks, items, q, k, v, splits, partials, out, out_bf16);
       };
       switch (xd::heads(s)) {
         case 1: decode.template operator()<1>(); break;
@@ -1407,7 +1459,7 @@ void attention(const FmaShape& s, const CacheView& c, const ChunkDesc* chunks,
       check_launch("exact_decode");
       if (splits == 1) return;
       exact_combine_kernel<D>
-          <<<grid, D, 0, st>>>(s, chunks, items, splits, scratch, out, out_bf16);
+          <<<grid, D, 0, st>>>(s, chunks, items, splits, partials, out, out_bf16);
       check_launch("exact_combine");
     };
     switch (s.d) {
@@ -1433,8 +1485,10 @@ void attention(const FmaShape& s, const CacheView& c, const ChunkDesc* chunks,
   // Decode: blocks of W warps serving G heads of a KV head each (few sequences: 32 warps, a
   // head a block; many: 8 warps, every head of a KV head that G takes).
   auto decode = [&]<int D, int W, int G>() {
-    launch("attention", overlap, decode_attention_kernel<D, W, G>, dim3(n_items, s.heads / G),
-           W * 32, 0, st, s, c, chunks, table, items, q, k, v, new_k, new_v, out, out_bf16);
+    const int z = W == kDecodeWarpsFew ? splits : 1;  // decode_splits: only few sequences split
+    launch("attention", overlap, decode_attention_kernel<D, W, G>, dim3(n_items, s.heads / G, z),
+           W * 32, 0, st, s, c, chunks, table, items, q, k, v, new_k, new_v, z, tickets, partials,
+           out, out_bf16);
   };
   const int G = few ? 1 : decode_heads_per_block(s);
 #define MP_ATTN(D)                                                                               \

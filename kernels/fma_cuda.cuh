@@ -104,10 +104,11 @@ constexpr int kAccumulateSlice = 128;
 // (a decode step), which a kernel that splits the keys over threads serves better: in exact
 // attention (s.fma false) the keys of each (sequence, KV head) split over several blocks that
 // share them among the KV head's query heads, then a combine (flash-decoding; `scratch` holds
-// exact_decode_scratch_floats() floats of partial results); with FMA one block per (sequence,
-// head), or, in steps of many sequences, per (sequence, 2 or 4 heads of a KV head) that share
-// its loads. Otherwise tiles of head_dim 64 run on tensor cores (bf16 products, fp32 softmax and
-// accumulation), other head dims on the fp32 tile kernel. fast false: the reference kernels
+// decode_scratch_floats() floats of partial results); with FMA one block per (sequence, head)
+// and split of its keys (decode_splits: the split's last block merges them), or, in steps of
+// many sequences, per (sequence, 2 or 4 heads of a KV head) that share its loads. Otherwise
+// tiles of head_dim 64 run on tensor cores (bf16 products, fp32 softmax and accumulation), other
+// head dims on the fp32 tile kernel. fast false: the reference kernels
 // instead (the fp32 tile for tiles, one block per (sequence, head) for exact decode), which the
 // fast ones are tested against. out_bf16 (or null): the output goes there rounded to bf16
 // instead of to `out` (then unused), as the o-projection's input: no conversion kernel a layer.
@@ -118,13 +119,18 @@ void attention(const FmaShape& s, const CacheView& c, const ChunkDesc* chunks,
                const float* q, const float* k, const float* v, const float* new_k,
                const float* new_v, float* out, __nv_bfloat16* out_bf16, float* scratch,
                cudaStream_t st, bool fast = true, bool overlap = false);
-// The blocks each (sequence, KV head) of an exact-attention decode step of n_items sequences
-// splits its keys over: enough for ~16 blocks per SM of the current device, at most one per
-// block tile of the cache's c.cap keys. Fixed for a bucket (a captured graph's grid); the keys
-// per split follow each sequence's length.
-int exact_decode_splits(const FmaShape& s, int64_t cap, int n_items);
-// The scratch floats attention() needs for such a step.
-size_t exact_decode_scratch_floats(const FmaShape& s, int64_t cap, int n_items);
+// The blocks each (sequence, head) of a decode step of n_items sequences splits its keys over.
+// Exact attention: each (sequence, KV head), enough for ~16 blocks per SM of the current device,
+// at most one per block tile of the cache's c.cap keys. FMA: 1, or in steps of few sequences
+// (kDecodeFewBlocks (sequence, head) blocks or fewer) up to one per 128 keys of the 2m-key fine
+// window, as many as the GPU's SMs hold at one each. Fixed for a bucket (a captured graph's
+// grid); the keys per split follow each sequence's key list.
+int decode_splits(const FmaShape& s, int64_t cap, int n_items);
+// The scratch floats attention() needs for such a step: first kDecodeTickets counters (unsigned)
+// that must be 0 when the scratch is first given (each step leaves them at 0), then the splits'
+// partial results.
+constexpr int kDecodeTickets = 128;
+size_t decode_scratch_floats(const FmaShape& s, int64_t cap, int n_items);
 
 // Appending a chunk to the cache: copies of chunk keys/values into the fine window and of new
 // summaries into the summary ring, as offsets (floats) from the arrays `which` names.

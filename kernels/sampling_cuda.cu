@@ -44,13 +44,13 @@ __device__ float penalized_logit(const float* row, int i, const SampleRow& r, co
   return penalize(row[i], i, r, pens);
 }
 
-// Fills keys[0, want) with the `want` largest keys of the row's ids [begin, end) (want <= end -
-// begin): a radix select of the threshold key (8 bits a pass; the lanes of a warp in lane 0's bin
-// add once: a row's logits share a few high bins, whose atomics would otherwise serialise), then
-// everything above it and the lowest ids equal to it. Every warp runs the loops' same trips (the
-// ids past end idle).
-__device__ void select_top(const float* row, int begin, int end, const SampleRow& r,
-                           const int2* pens, int want, Key* keys) {
+// Fills keys[0, want) with the `want` largest keys of ids [begin, end) (want <= end - begin),
+// value(i) being id i's (penalised) logit: a radix select of the threshold key (8 bits a pass;
+// the lanes of a warp in lane 0's bin add once: a row's logits share a few high bins, whose
+// atomics would otherwise serialise), then everything above it and the lowest ids equal to it.
+// Every warp runs the loops' same trips (the ids past end idle).
+template <class Value>
+__device__ void select_top(Value value, int begin, int end, int want, Key* keys) {
   __shared__ int hist[256], pick[2], above, warp_ties[kThreads / 32];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   uint32_t prefix = 0, mask = 0;
@@ -59,7 +59,7 @@ __device__ void select_top(const float* row, int begin, int end, const SampleRow
     __syncthreads();
     for (int i0 = begin; i0 < end; i0 += blockDim.x) {
       const int i = i0 + threadIdx.x;
-      const uint32_t u = i < end ? ordered(penalized_logit(row, i, r, pens)) : 0;
+      const uint32_t u = i < end ? ordered(value(i)) : 0;
       const bool counted = i < end && (u & mask) == prefix;
       const int bin = counted ? int((u >> shift) & 255) : 256;
       const int first_bin = __shfl_sync(0xffffffffu, bin, 0);
@@ -107,7 +107,7 @@ __device__ void select_top(const float* row, int begin, int end, const SampleRow
   if (threadIdx.x == 0) above = 0;
   __syncthreads();
   for (int i = begin + threadIdx.x; i < end; i += blockDim.x) {
-    const float v = penalized_logit(row, i, r, pens);
+    const float v = value(i);
     if (ordered(v) > prefix) keys[atomicAdd(&above, 1)] = make_key(v, i);
   }
   __syncthreads();
@@ -116,7 +116,7 @@ __device__ void select_top(const float* row, int begin, int end, const SampleRow
   const int base = above;
   for (int i0 = begin, taken = 0; i0 < end && taken < want; i0 += blockDim.x) {
     const int i = i0 + threadIdx.x;
-    const float v = i < end ? penalized_logit(row, i, r, pens) : 0.0f;
+    const float v = i < end ? value(i) : 0.0f;
     const bool tie = i < end && ordered(v) == prefix;
     const unsigned ballot = __ballot_sync(0xffffffffu, tie);
     if (lane == 0) warp_ties[warp] = __popc(ballot);
@@ -206,34 +206,23 @@ __device__ int draw_sorted(const Key* keys, int n, const SamplingParams& p, doub
   return -block_reduce(-first, Max{}, -(K - 1));
 }
 
-// The log-sum-exp of raw logits [begin, end) of a row, over the block, as (max, sum of exp(x -
-// max)): the log-probabilities' normaliser is max + log(sum).
-__device__ float2 slice_logsumexp(const float* row, int begin, int end) {
+// Log-sum-exps as (max, sum of exp(x - max)) combined (the empty one: (-inf, 0)).
+struct LogSumExp {
+  __device__ float2 operator()(float2 a, float2 b) const {
+    const float m = fmaxf(a.x, b.x);
+    if (m == -INFINITY) return a;
+    return make_float2(m, a.y * __expf(a.x - m) + b.y * __expf(b.x - m));
+  }
+};
+
+// The log-sum-exp of a row's raw logits, over the block: the log-probabilities' normaliser.
+__device__ float row_logsumexp(const float* row, int vocab) {
   float mx = -INFINITY;
-  for (int i = begin + threadIdx.x; i < end; i += blockDim.x) mx = fmaxf(mx, row[i]);
+  for (int i = threadIdx.x; i < vocab; i += blockDim.x) mx = fmaxf(mx, row[i]);
   mx = block_reduce(mx, Max{}, -INFINITY);
   float se = 0;
-  for (int i = begin + threadIdx.x; i < end; i += blockDim.x) se += __expf(row[i] - mx);
-  return make_float2(mx, block_reduce(se, Sum{}, 0.0f));
-}
-__device__ float row_logsumexp(const float* row, int vocab) {
-  const float2 x = slice_logsumexp(row, 0, vocab);
-  return x.x + logf(x.y);
-}
-
-// Whether this block is the last of its row's blocks to get here (`ticket` counts them; the last
-// sets it back to 0): every block's writes before the call are then visible to it.
-__device__ bool last_block_of_row(unsigned* ticket, int blocks) {
-  __shared__ bool last;
-  __threadfence();  // this block's writes are visible before the ticket counts them
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    last = atomicAdd(ticket, 1u) == unsigned(blocks - 1);
-    if (last) *ticket = 0;  // every block of the row has counted
-  }
-  __syncthreads();
-  if (last) __threadfence();
-  return last;
+  for (int i = threadIdx.x; i < vocab; i += blockDim.x) se += __expf(row[i] - mx);
+  return mx + logf(block_reduce(se, Sum{}, 0.0f));
 }
 
 // Rows spread over blocks: greedy ones, and those that keep every token in id order (the host's
@@ -244,11 +233,17 @@ __host__ __device__ bool spreads(const SamplingParams& p, int vocab) {
 
 constexpr int kSpreadThreads = 256, kSpreadTile = 4 * kSpreadThreads;
 constexpr int kMaxSpreadBlocks = 1024;  // a row's blocks
-// Top-k rows spread over blocks (sample_top_k_spread_kernel) up to this k, their blocks' lists
-// merged in kSpreadCandidates keys of shared memory at most.
-constexpr int kSpreadTopK = kSpreadThreads, kSpreadCandidates = 2048;
+// Top-k rows spread over blocks (sample_top_k_spread_kernel) up to this k, a block staging at
+// most kTopKIds logits, their blocks' lists merged in kSpreadCandidates keys of shared memory
+// (so k * ceil(vocab / kTopKIds) <= kSpreadCandidates: any k up to 256 at 16K ids, up to 64 at
+// 128K; larger ones take sample_kernel's one block a row).
+constexpr int kSpreadTopK = kSpreadThreads, kSpreadCandidates = 2048, kTopKIds = 4096;
+__host__ __device__ inline int top_k_least_blocks(int vocab) {
+  return (vocab + kTopKIds - 1) / kTopKIds;
+}
 __host__ __device__ bool spreads_top_k(const SamplingParams& p, int vocab) {
-  return !spreads(p, vocab) && p.top_k > 0 && p.top_k < vocab && p.top_k <= kSpreadTopK;
+  return !spreads(p, vocab) && p.top_k > 0 && p.top_k < vocab && p.top_k <= kSpreadTopK &&
+         top_k_least_blocks(vocab) * p.top_k <= kSpreadCandidates;
 }
 
 struct SpreadPart {  // one block's share of a row
@@ -317,7 +312,7 @@ __global__ void __launch_bounds__(kSpreadThreads)
   block_reduce_two(part.weight, Sum{}, 0.0, part.raw_sum, Sum{}, 0.0f);
 
   if (tid == 0) row_parts[blockIdx.x] = part;
-  if (!last_block_of_row(&tickets[blockIdx.y], blocks)) return;
+  if (!last_block_to_arrive(&tickets[blockIdx.y], blocks)) return;
 
   // The last block: the parts (read past L1: other SMs wrote them).
   Key best = 0;
@@ -400,10 +395,14 @@ __global__ void __launch_bounds__(kSpreadThreads)
 
 // Rows with top-k (k <= kSpreadTopK, temperature > 0) spread over blocks as the whole-vocabulary
 // rows are (one block a row took 62-70 us for top-k 40 at batch 1): block (b, r) takes ids [b C,
-// (b + 1) C) of row r (C = `per_block`), writes its min(k, C) largest keys to its k_stride slots
-// of `cands` (0 past them) and its part of the raw log-sum-exp; the row's last block sorts the
-// blocks' lists (the row's k largest keys are among them: keys are unique) and draws among the
-// first k as sample_kernel does. blocks * k_stride <= kSpreadCandidates.
+// (b + 1) C) of row r (C = `per_block` <= kTopKIds), stages their penalised logits in shared
+// memory (the radix select's passes each read the row again otherwise, one load waiting on the
+// last), writes its min(k, C) largest keys, sorted, to its k_stride slots of `cands` (0 past them)
+// and its part of the raw log-sum-exp; the row's last block merges the blocks' lists two at a
+// time (the row's k largest keys are among them: keys are unique) and draws among the first k as
+// sample_kernel does. blocks * k_stride <= kSpreadCandidates. (With the row read again in each
+// radix pass and all the lists sorted together in the last block, top-k 40 took 41 us a call at
+// batch 1; 25 us so: bench_cuda --sampling, docs/PERF.md session 22.)
 __global__ void __launch_bounds__(kSpreadThreads)
     sample_top_k_spread_kernel(const float* logits, int vocab, int per_block, int k_stride,
                                const SampleRow* rows, const int2* all_pens, Key* cands,
@@ -419,34 +418,82 @@ __global__ void __launch_bounds__(kSpreadThreads)
   Key* row_cands = cands + int64_t(blockIdx.y) * blocks * k_stride;
   float2* row_lse = lse_parts + int64_t(blockIdx.y) * blocks;
   __shared__ Key keys[kSpreadCandidates];
-  select_top(row, begin, end, r, pens, mine, keys);
+  // The block's penalised logits; later the merge's second buffer.
+  __shared__ __align__(16) float staged[kTopKIds];
+  static_assert(kTopKIds * sizeof(float) >= kSpreadCandidates * sizeof(Key));
+  Key* const spare = reinterpret_cast<Key*>(staged);
+  constexpr int kBatch = 8;  // loads in flight a thread
+  float2 lse = make_float2(-INFINITY, 0.0f);
+  for (int i0 = begin + tid; i0 < end; i0 += kBatch * kSpreadThreads) {
+    float x[kBatch];
+#pragma unroll
+    for (int j = 0; j < kBatch; ++j) {
+      const int i = i0 + j * kSpreadThreads;
+      x[j] = i < end ? row[i] : -INFINITY;
+    }
+#pragma unroll
+    for (int j = 0; j < kBatch; ++j) {
+      const int i = i0 + j * kSpreadThreads;
+      if (i >= end) break;
+      staged[i - begin] = penalize(x[j], i, r, pens);
+      lse = LogSumExp{}(lse, make_float2(x[j], 1.0f));
+    }
+  }
+  __syncthreads();
+  select_top([&](int i) { return staged[i - begin]; }, begin, end, mine, keys);
+  for (int j = tid; j < mine; j += kSpreadThreads) {  // sorted: a key's place is its rank
+    const Key x = keys[j];
+    int rank = 0;
+    for (int i = 0; i < mine; ++i) rank += keys[i] > x;
+    spare[rank] = x;
+  }
+  __syncthreads();
   for (int j = tid; j < k; j += kSpreadThreads)
-    row_cands[blockIdx.x * k_stride + j] = j < mine ? keys[j] : 0;
-  const float2 lse = slice_logsumexp(row, begin, end);
+    row_cands[blockIdx.x * k_stride + j] = j < mine ? spare[j] : 0;
+  lse = block_reduce(lse, LogSumExp{}, make_float2(-INFINITY, 0.0f));
   if (tid == 0) row_lse[blockIdx.x] = lse;
-  if (!last_block_of_row(&tickets[blockIdx.y], blocks)) return;
+  if (!last_block_to_arrive(&tickets[blockIdx.y], blocks)) return;
 
-  // The last block: the lists (read past L1: other SMs wrote them), sorted; keys of 0 are the
-  // empty slots, below every token's.
-  const int n = blocks * k;
-  int n2 = 1;
-  while (n2 < n) n2 <<= 1;
-  for (int j = tid; j < n2; j += kSpreadThreads)
-    keys[j] = j < n ? __ldcg(&row_cands[(j / k) * k_stride + j % k]) : 0;
-  float raw_top = -INFINITY;
-  for (int b = tid; b < blocks; b += kSpreadThreads) raw_top = fmaxf(raw_top, __ldcg(&row_lse[b].x));
-  raw_top = block_reduce(raw_top, Max{}, -INFINITY);  // (synchronises: keys are written)
-  float se = 0;
-  for (int b = tid; b < blocks; b += kSpreadThreads)
-    se += __ldcg(&row_lse[b].y) * __expf(__ldcg(&row_lse[b].x) - raw_top);
-  se = block_reduce(se, Sum{}, 0.0f);
-  sort_descending(keys, n2);
-  const int at = draw_sorted<kSpreadThreads, kSpreadTopK / kSpreadThreads>(keys, k, r.params,
+  // The last block: the lists (read past L1: other SMs wrote them); keys of 0 are the empty
+  // slots, below every token's.
+  for (int j = tid; j < blocks * k; j += kSpreadThreads)
+    keys[j] = __ldcg(&row_cands[(j / k) * k_stride + j % k]);
+  lse = make_float2(-INFINITY, 0.0f);
+  for (int b = tid; b < blocks; b += kSpreadThreads) lse = LogSumExp{}(lse, __ldcg(&row_lse[b]));
+  lse = block_reduce(lse, LogSumExp{}, make_float2(-INFINITY, 0.0f));  // (synchronises)
+  // Lists merged in pairs, each keeping its first k: a key's place is its place in its own list
+  // plus the keys above it in the other (a binary search); keys are unique, and the first list's
+  // empty slots fill the places past the two lists' tokens' keys (the second's would write the
+  // same zeros again). An odd list out is copied.
+  Key *src = keys, *dst = spare;
+  for (int lists = blocks; lists > 1; lists = (lists + 1) / 2) {
+    for (int j = tid; j < lists * k; j += kSpreadThreads) {
+      const int list = j / k, other = list ^ 1;
+      const Key x = src[j];
+      int place = j % k;
+      if (other < lists) {
+        int lo = 0, hi = k;  // the other list's first key not above x
+        while (lo < hi) {
+          const int mid = (lo + hi) / 2;
+          if (src[other * k + mid] > x)
+            lo = mid + 1;
+          else
+            hi = mid;
+        }
+        place += lo;
+      }
+      if (place < k && (x != 0 || list % 2 == 0)) dst[(list / 2) * k + place] = x;
+    }
+    __syncthreads();
+    Key* const merged = dst;
+    dst = src, src = merged;
+  }
+  const int at = draw_sorted<kSpreadThreads, kSpreadTopK / kSpreadThreads>(src, k, r.params,
                                                                             r.uniform, false, 0.0);
   if (tid == 0) {
-    const int token = key_id(keys[at]);
+    const int token = key_id(src[at]);
     tokens[blockIdx.y] = token;
-    logprobs[blockIdx.y] = row[token] - (raw_top + logf(se));
+    logprobs[blockIdx.y] = row[token] - (lse.x + logf(lse.y));
   }
 }
 
@@ -485,7 +532,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       for (int i = tid; i < vocab; i += kThreads)
         keys[i] = make_key(penalized_logit(row, i, r, pens), i);
     } else {
-      select_top(row, 0, vocab, r, pens, n, keys);
+      select_top([&](int i) { return penalized_logit(row, i, r, pens); }, 0, vocab, n, keys);
     }
     int n2 = 1;
     while (n2 < n) n2 <<= 1;
@@ -535,14 +582,15 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-// Blocks a row of `vocab` ids when `n_rows` rows share `resident` blocks, none empty, at most
-// `most` (at least kSpreadIds ids each): C ids each, a multiple of kSpreadThreads.
+// Blocks a row of `vocab` ids when `n_rows` rows share `resident` blocks, none empty, at least
+// `least` (<= most) and at most `most` (at least kSpreadIds ids each): C ids each, a multiple of
+// kSpreadThreads.
 struct Spread {
   int blocks, per_block;
 };
-Spread spread_over(int vocab, int n_rows, int resident, int most) {
+Spread spread_over(int vocab, int n_rows, int resident, int most, int least = 1) {
   most = std::min({most, (vocab + kSpreadIds - 1) / kSpreadIds, kMaxSpreadBlocks});
-  const int want = std::clamp(resident / n_rows, 1, std::max(most, 1));
+  const int want = std::clamp(resident / n_rows, least, std::max(most, least));
   const int per_block =
       ((vocab + want - 1) / want + kSpreadThreads - 1) / kSpreadThreads * kSpreadThreads;
   return {(vocab + per_block - 1) / per_block, per_block};
@@ -582,8 +630,10 @@ void Sampler::sample(const float* logits, int vocab, std::span<const SampleRow> 
             "sample: tickets");
     // parts_: the whole-vocabulary rows' parts, then the top-k rows' lists and log-sum-exps.
     const Spread whole = spread_over(vocab, n_rows, resident_, kMaxSpreadBlocks);
+    // (spreads_top_k: least * k_stride <= kSpreadCandidates, so that C <= kTopKIds.)
     const Spread top_k = spread_over(vocab, n_rows, resident_top_k_,
-                                     kSpreadCandidates / std::max(k_stride, 1));
+                                     kSpreadCandidates / std::max(k_stride, 1),
+                                     top_k_least_blocks(vocab));
     const size_t whole_bytes = spread ? aligned(size_t(n_rows) * whole.blocks * sizeof(SpreadPart))
                                       : 0,
                  cand_bytes = aligned(size_t(n_rows) * top_k.blocks * k_stride * sizeof(Key));

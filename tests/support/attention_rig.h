@@ -43,7 +43,7 @@ class AttentionRig {
   cuda::AttnItem* attn;
   cuda::CommitItem* commits;
   float *q, *k, *v, *out, *new_k, *new_v;
-  float* scratch = nullptr;  // exact attention's decode steps: the splits' partial results
+  float* scratch = nullptr;  // decode steps: the splits' tickets and partial results
 
   // `batch` chunks of `tokens_each` tokens, chunk b at position pos0 + b * pos_step of its own
   // slot b, their summaries by `kernels`. Exact attention (cfg.fma_enabled off): the fine cache
@@ -89,8 +89,10 @@ class AttentionRig {
     out = alloc<float>(T * c.n_heads * d);
     new_k = alloc<float>(pool_floats());
     new_v = alloc<float>(pool_floats());
-    if (!c.fma_enabled && plan.padded)
-      scratch = alloc<float>(cuda::exact_decode_scratch_floats(shape, cap, int(plan.attn.size())));
+    if (plan.padded) {
+      scratch = alloc<float>(cuda::decode_scratch_floats(shape, cap, int(plan.attn.size())));
+      cuda::check(cudaMemset(scratch, 0, cuda::kDecodeTickets * sizeof(unsigned)), "tickets");
+    }
   }
   ~AttentionRig() {
     for (void* p : owned_) cudaFree(p);
