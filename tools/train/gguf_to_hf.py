@@ -6,7 +6,6 @@ f32 by the converter, are exactly what the engine computes with).
 usage: gguf_to_hf.py F32.gguf OUT_DIR (config.json and tokenizer.model from the file's metadata)"""
 import os
 import re
-import struct
 import sys
 import tempfile
 
@@ -14,10 +13,9 @@ import numpy as np
 import torch
 
 from fma_model import FmaConfig, FmaModel, save_hf
+from gguf_meta import read_gguf
 
-# GGUF metadata value types (the GGUF spec) and their struct formats; 8 string, 9 array
-SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
-F32 = 0  # tensor type
+F32 = 0  # GGUF tensor type
 
 # GGUF names (engine/src/config.cpp, tensor_names and expected_tensors) -> Hugging Face names
 LAYER = {"attn_norm": "input_layernorm", "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj",
@@ -41,57 +39,13 @@ def hf_name(name):
 
 
 def read_gguf_f32(path):
-    """(metadata key -> value, name -> float32 array in the Hugging Face shape: GGUF lists dims
-    innermost first)."""
-    data = open(path, "rb").read()
-    if data[:4] != b"GGUF":
-        raise SystemExit(f"{path}: not a GGUF file")
-    at = 8
-    n_tensors, n_kv = struct.unpack_from("<QQ", data, at)
-    at += 16
-
-    def string():
-        nonlocal at
-        (n,) = struct.unpack_from("<Q", data, at)
-        at += 8 + n
-        return data[at - n:at].decode()
-
-    def value(kind):
-        nonlocal at
-        if kind == 8:
-            return string()
-        if kind == 9:
-            elem, n = struct.unpack_from("<IQ", data, at)
-            at += 12
-            if elem == 0:  # bytes (the tokenizer model)
-                at += n
-                return data[at - n:at]
-            return [value(elem) for _ in range(n)]
-        fmt = "<" + SCALARS[kind]
-        at += struct.calcsize(fmt)
-        v = struct.unpack_from(fmt, data, at - struct.calcsize(fmt))[0]
-        return float(str(np.float32(v))) if kind == 6 else v  # 1e-05, not 9.99999974e-06
-
-    kv = {}
-    for _ in range(n_kv):
-        key = string()
-        (kind,) = struct.unpack_from("<I", data, at)
-        at += 4
-        kv[key] = value(kind)
-    alignment = kv.get("general.alignment", 32)
-    infos = []
-    for _ in range(n_tensors):
-        name = string()
-        (n_dims,) = struct.unpack_from("<I", data, at)
-        dims = struct.unpack_from(f"<{n_dims}Q", data, at + 4)
-        kind, offset = struct.unpack_from("<IQ", data, at + 4 + 8 * n_dims)
-        at += 4 + 8 * n_dims + 12
+    """(metadata key -> value, name -> float32 array in the Hugging Face shape)."""
+    data, kv, infos = read_gguf(path)
+    for name, _, kind, _ in infos:
         if kind != F32:
             raise SystemExit(f"{path}: tensor '{name}' is not f32: convert with --dtype f32 first")
-        infos.append((name, tuple(reversed(dims)), offset))
-    base = (at + alignment - 1) // alignment * alignment
-    return kv, {name: np.frombuffer(data, np.float32, int(np.prod(shape)), base + off).reshape(shape)
-                for name, shape, off in infos}
+    return kv, {name: np.frombuffer(data, np.float32, int(np.prod(dims)), at).reshape(dims)
+                for name, dims, _, at in infos}
 
 
 def config_of(kv):

@@ -16,11 +16,13 @@ import html.parser
 import json
 import os
 import re
-import struct
 import subprocess
 import sys
 
 import sentencepiece as spm
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from gguf_meta import read_gguf  # noqa: E402
 
 VOCAB = 8192
 
@@ -28,18 +30,14 @@ VOCAB = 8192
 def tokenizer_bytes(path):
     """A SentencePiece model file's bytes, or those a GGUF model embeds (multipole-convert writes
     them as tokenizer.sentencepiece.model, an ARRAY of UINT8)."""
-    data = open(path, "rb").read()
-    if not data.startswith(b"GGUF"):
-        return data
-    key = b"tokenizer.sentencepiece.model"
-    at = data.find(struct.pack("<Q", len(key)) + key)
-    if at < 0:
-        sys.exit(f"{path}: no {key.decode()} in this GGUF")
-    at += 8 + len(key)
-    kind, elem, n = struct.unpack_from("<IIQ", data, at)
-    if (kind, elem) != (9, 0):
-        sys.exit(f"{path}: {key.decode()} is not an array of bytes")
-    return data[at + 16:at + 16 + n]
+    with open(path, "rb") as f:
+        if f.read(4) != b"GGUF":
+            return open(path, "rb").read()
+    key = "tokenizer.sentencepiece.model"
+    model = read_gguf(path)[1].get(key)
+    if not isinstance(model, bytes):
+        sys.exit(f"{path}: no {key} (an array of bytes) in this GGUF")
+    return model
 
 
 def clean(text):

@@ -4,7 +4,8 @@ the engine reads them: random FMA models with those options, saved by save_hf, c
 multipole-convert and scored by multipole-perplexity (CPU, fp32, in chunks of 37) past the trained
 length, against the PyTorch model's own NLL in float64: 1e-4 per token, as the cross-checks.
 FullModel: the same for train.py --size full (the model of issue 12 item 4) and its exact twin.
-GgufToHf: gguf_to_hf.py gives back the weights multipole-convert stored.
+GgufToHf: gguf_to_hf.py gives back the weights multipole-convert stored (and prepare_corpus.py
+its tokenizer).
 usage: test_summaries_engine.py BUILD_DIR [EngineParity|GgufToHf|FullModel]"""
 import json
 import os
@@ -16,6 +17,7 @@ import unittest
 import torch
 
 from fma_model import FmaConfig, FmaModel, read_safetensors, save_hf
+from prepare_corpus import tokenizer_bytes
 from train import model_config
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -101,6 +103,8 @@ class GgufToHf(unittest.TestCase):
                 with open(os.path.join(tmp, "hf", name), "rb") as a, \
                         open(os.path.join(tmp, "back", name), "rb") as b:
                     self.assertEqual(a.read(), b.read(), name)
+            with open(os.path.join(tmp, "hf", "tokenizer.model"), "rb") as f:  # the corpus builder's
+                self.assertEqual(tokenizer_bytes(gguf), f.read())
         want = model.state_dict()
         self.assertEqual(sorted(back), sorted(want))
         for name, t in want.items():
