@@ -1,4 +1,6 @@
 #include <algorithm>
+#include <array>
+#include <atomic>
 #include <bit>
 
 #include "../engine/src/fma_cpu.h"
@@ -713,10 +715,11 @@ __device__ inline float merged_splits(const float* partials, int heads, int64_t 
 // a layer at batch 1), kDecodeUnroll keys at a time so that their loads overlap, each key and
 // value loaded once for the G heads; each warp keeps an online softmax per head over its keys,
 // and the block merges the warps'. Key lists longer than the block's threads go in stages.
-// splits > 1 (steps of few sequences with long fine windows: decode_splits): the key list is cut
-// into `splits` ranges, one a block (blockIdx.z), each writing its unnormalised output, maximum
-// and sum to `partials` as exact_decode_kernel does; the last block of a (sequence, heads) to
-// finish (tickets) merges them.
+// splits > 1 (steps of few sequences with long fine windows: decode_splits; blocks of
+// kDecodeWarpsFew warps only, so that the others compile without the split's registers): the key
+// list is cut into `splits` ranges, one a block (blockIdx.z), each writing its unnormalised
+// output, maximum and sum to `partials` as exact_decode_kernel does; the last block of a
+// (sequence, heads) to finish (tickets) merges them.
 template <int D, int W, int G>
 __global__ void __launch_bounds__(W * 32)
     decode_attention_kernel(FmaShape s, CacheView cv, const ChunkDesc* chunks,
@@ -725,6 +728,7 @@ __global__ void __launch_bounds__(W * 32)
                             int splits, unsigned* tickets, float* partials, float* out,
                             __nv_bfloat16* out_bf16) {
   constexpr int C = D >= 32 ? D / 32 : 1, U = kDecodeUnroll, kStage = W * 32;
+  constexpr bool kSplits = W == kDecodeWarpsFew;
   __shared__ float part[W][G][D];
   __shared__ float wmax[W][G], wsum[W][G];
   __shared__ LevelTable lt;
@@ -746,8 +750,12 @@ __global__ void __launch_bounds__(W * 32)
   __syncthreads();
   const int h0 = blockIdx.y * G, kvh = h0 / (s.heads / s.kv), lane = threadIdx.x & 31,
             warp = threadIdx.x >> 5, ch0 = lane * C;
-  const int64_t n = real ? kl.n_fine + kl.n_coarse : 0, per = (n + splits - 1) / splits;
-  const int64_t kb = min(n, blockIdx.z * per), len = min(n, kb + per) - kb;  // this block's keys
+  const int64_t n = real ? kl.n_fine + kl.n_coarse : 0;
+  int64_t kb = 0, len = n;  // this block's keys
+  if constexpr (kSplits) {
+    const int64_t per = (n + splits - 1) / splits;
+    kb = min(n, blockIdx.z * per), len = min(n, kb + per) - kb;
+  }
   auto stage = [&](int64_t s0) {  // keys kb + [s0, s0 + kStage): key kb + s0 + t by thread t
     const int64_t kk = kb + s0 + threadIdx.x;
     if (kk >= kb + len) return;
@@ -856,18 +864,20 @@ __global__ void __launch_bounds__(W * 32)
       x += __shfl_xor_sync(0xffffffffu, x, o);
     }
     if (e >= G * D || sub != 0) continue;
-    if (splits == 1)
+    if (!kSplits || splits == 1)
       store_output(out, out_bf16, (row * s.heads + h0 + g) * D + ch, x / total);
     else
       write_split(partials, s.heads, int64_t(blockIdx.x) * s.heads + h0 + g, splits, ch, D, x, m,
                   total);
   }
-  if (splits == 1 || !last_block_to_arrive(&tickets[blockIdx.x * gridDim.y + blockIdx.y], splits))
-    return;
-  for (int e = threadIdx.x; e < G * D; e += W * 32) {
-    const int64_t qh = int64_t(blockIdx.x) * s.heads + h0 + e / D;
-    store_output(out, out_bf16, (row * s.heads + h0 + e / D) * D + e % D,
-                 merged_splits(partials, s.heads, qh, splits, splits, e % D, D));
+  if constexpr (kSplits) {
+    if (splits == 1 || !last_block_to_arrive(&tickets[blockIdx.x * gridDim.y + blockIdx.y], splits))
+      return;
+    for (int e = threadIdx.x; e < G * D; e += W * 32) {
+      const int64_t qh = int64_t(blockIdx.x) * s.heads + h0 + e / D;
+      store_output(out, out_bf16, (row * s.heads + h0 + e / D) * D + e % D,
+                   merged_splits(partials, s.heads, qh, splits, splits, e % D, D));
+    }
   }
 }
 
@@ -1402,10 +1412,16 @@ FmaShape make_shape(const Config& c) {
 }
 
 namespace {
+// The current device's SMs, asked once a device (decode_splits runs in every decode step's
+// staging on the host).
 int sm_count() {
+  static std::array<std::atomic<int>, 64> known{};
   int device = 0, sms = 0;
   check(cudaGetDevice(&device), "cudaGetDevice");
+  if (device < int(known.size()) && (sms = known[device].load(std::memory_order_relaxed)) > 0)
+    return sms;
   check(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device), "SM count");
+  if (device < int(known.size())) known[device].store(sms, std::memory_order_relaxed);
   return sms;
 }
 }  // namespace
