@@ -1501,10 +1501,10 @@ void attention(const FmaShape& s, const CacheView& c, const ChunkDesc* chunks,
   // Decode: blocks of W warps serving G heads of a KV head each (few sequences: 32 warps, a
   // head a block; many: 8 warps, every head of a KV head that G takes).
   auto decode = [&]<int D, int W, int G>() {
-    const int z = W == kDecodeWarpsFew ? splits : 1;  // decode_splits: only few sequences split
-    launch("attention", overlap, decode_attention_kernel<D, W, G>, dim3(n_items, s.heads / G, z),
-           W * 32, 0, st, s, c, chunks, table, items, q, k, v, new_k, new_v, z, tickets, partials,
-           out, out_bf16);
+    // (decode_splits is 1 unless the step is `few`: the 8-warp blocks never split.)
+    launch("attention", overlap, decode_attention_kernel<D, W, G>,
+           dim3(n_items, s.heads / G, splits), W * 32, 0, st, s, c, chunks, table, items, q, k, v,
+           new_k, new_v, splits, tickets, partials, out, out_bf16);
   };
   const int G = few ? 1 : decode_heads_per_block(s);
 #define MP_ATTN(D)                                                                               \

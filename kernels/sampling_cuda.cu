@@ -246,6 +246,25 @@ __host__ __device__ bool spreads_top_k(const SamplingParams& p, int vocab) {
          top_k_least_blocks(vocab) * p.top_k <= kSpreadCandidates;
 }
 
+// f(i, raw logit i) for ids [begin, end) of a row, each thread of a kSpreadThreads block every
+// kSpreadThreads-th, the loads of kBatch of them issued before their use (one load after
+// another, each waiting on the last, was most of a batch of 256's sampling).
+template <class F>
+__device__ void each_logit(const float* row, int begin, int end, F&& f) {
+  constexpr int kBatch = 8;
+  for (int i0 = begin + threadIdx.x; i0 < end; i0 += kBatch * kSpreadThreads) {
+    float x[kBatch];
+#pragma unroll
+    for (int j = 0; j < kBatch; ++j) {
+      const int i = i0 + j * kSpreadThreads;
+      x[j] = i < end ? row[i] : 0.0f;
+    }
+#pragma unroll
+    for (int j = 0; j < kBatch; ++j)
+      if (i0 + j * kSpreadThreads < end) f(i0 + j * kSpreadThreads, x[j]);
+  }
+}
+
 struct SpreadPart {  // one block's share of a row
   double weight;     // sum of exp((l - max) / T) over its penalised logits l (temperature)
   Key best;          // its largest key: its maximum, and greedy's choice
@@ -275,24 +294,8 @@ __global__ void __launch_bounds__(kSpreadThreads)
   const float T = r.params.temperature;
   SpreadPart* row_parts = parts + int64_t(blockIdx.y) * blocks;
   auto weight = [&](float logit, float top) { return expf((logit - top) / T); };
-  // f(i, raw logit i) for this block's ids, each thread every kSpreadThreads-th, the loads of
-  // kBatch of them issued before their use (one load after another, each waiting on the last,
-  // was most of a batch of 256's sampling).
-  constexpr int kBatch = 8;
   const int begin = blockIdx.x * per_block, end = min(vocab, begin + per_block);
-  auto each = [&](auto&& f) {
-    for (int i0 = begin + tid; i0 < end; i0 += kBatch * kSpreadThreads) {
-      float x[kBatch];
-#pragma unroll
-      for (int j = 0; j < kBatch; ++j) {
-        const int i = i0 + j * kSpreadThreads;
-        x[j] = i < end ? row[i] : 0.0f;
-      }
-#pragma unroll
-      for (int j = 0; j < kBatch; ++j)
-        if (i0 + j * kSpreadThreads < end) f(i0 + j * kSpreadThreads, x[j]);
-    }
-  };
+  auto each = [&](auto&& f) { each_logit(row, begin, end, f); };
 
   SpreadPart part;
   part.best = 0, part.raw_max = -INFINITY;
@@ -422,23 +425,11 @@ __global__ void __launch_bounds__(kSpreadThreads)
   __shared__ __align__(16) float staged[kTopKIds];
   static_assert(kTopKIds * sizeof(float) >= kSpreadCandidates * sizeof(Key));
   Key* const spare = reinterpret_cast<Key*>(staged);
-  constexpr int kBatch = 8;  // loads in flight a thread
   float2 lse = make_float2(-INFINITY, 0.0f);
-  for (int i0 = begin + tid; i0 < end; i0 += kBatch * kSpreadThreads) {
-    float x[kBatch];
-#pragma unroll
-    for (int j = 0; j < kBatch; ++j) {
-      const int i = i0 + j * kSpreadThreads;
-      x[j] = i < end ? row[i] : -INFINITY;
-    }
-#pragma unroll
-    for (int j = 0; j < kBatch; ++j) {
-      const int i = i0 + j * kSpreadThreads;
-      if (i >= end) break;
-      staged[i - begin] = penalize(x[j], i, r, pens);
-      lse = LogSumExp{}(lse, make_float2(x[j], 1.0f));
-    }
-  }
+  each_logit(row, begin, end, [&](int i, float raw) {
+    staged[i - begin] = penalize(raw, i, r, pens);
+    lse = LogSumExp{}(lse, make_float2(raw, 1.0f));
+  });
   __syncthreads();
   select_top([&](int i) { return staged[i - begin]; }, begin, end, mine, keys);
   for (int j = tid; j < mine; j += kSpreadThreads) {  // sorted: a key's place is its rank
