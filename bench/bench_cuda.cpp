@@ -386,7 +386,7 @@ int main(int argc, char** argv) {
                  "                              --prompts | --profile-1m | --profile-decode B |\n"
                  "                              --profile-prompt |\n"
                  "                              --sampling |\n"
-                 "                              --decode B,B,...\n"
+                 "                              --decode B,B,... | --decode-cli B,B,...\n"
                  "                              [--baseline BASE.gguf] |\n"
                  "                              --exact B,B,...]\n"
                  "  --prefill-kernels, --decode-kernels: only the attention kernels' tables\n"
@@ -404,6 +404,8 @@ int main(int argc, char** argv) {
                  "            defaults with temperature 0.8 (top-k, top-p, min-p off), with the\n"
                  "            step's kernels launched one after another (the reference) and\n"
                  "            overlapped (the default)\n"
+                 "  --decode-cli: as --decode, sampled as the CLI's defaults (top-k 40, top-p\n"
+                 "                0.95, min-p 0.05: the sampling of the full run's decode table)\n"
                  "  --baseline: the same steps on another file (e.g. MODEL's bf16 source of a\n"
                  "              q8_0 MODEL) first, and the ratio\n");
     return 2;
@@ -418,7 +420,8 @@ int main(int argc, char** argv) {
     cudaGetDeviceProperties(&prop, 0);
     std::printf("# Multipole CUDA benchmarks on %s\n", prop.name);
     const bool exact_decode = argc > 3 && std::strcmp(argv[2], "--exact") == 0;
-    if (argc > 3 && (std::strcmp(argv[2], "--decode") == 0 || exact_decode)) {
+    const bool cli_decode = argc > 3 && std::strcmp(argv[2], "--decode-cli") == 0;
+    if (argc > 3 && (std::strcmp(argv[2], "--decode") == 0 || exact_decode || cli_decode)) {
       std::vector<int> batches;
       for (const char* p = argv[3]; *p;) {
         char* end;
@@ -426,21 +429,21 @@ int main(int argc, char** argv) {
         p = *end == ',' ? end + 1 : end;
         if (batches.back() <= 0) throw Error("--decode: batch sizes must be positive");
       }
-      const SamplingParams api = api_sampling();
+      const SamplingParams sampling = cli_decode ? SamplingParams{} : api_sampling();
       if (exact_decode) {
         std::printf("\n## FMA\n");
-        const auto fma = bench_decode(Model::load(argv[1]), batches, api, "FMA");
+        const auto fma = bench_decode(Model::load(argv[1]), batches, sampling, "FMA");
         std::printf("\n## Exact attention\n");
-        const auto exact =
-            bench_decode(Model::load(write_exact_copy(argv[1])), batches, api, "exact attention");
+        const auto exact = bench_decode(Model::load(write_exact_copy(argv[1])), batches, sampling,
+                                        "exact attention");
         print_exact_against_fma(batches, fma, exact);
         return 0;
       }
       if (argc > 5 && std::strcmp(argv[4], "--baseline") == 0) {
         std::printf("\n## Baseline %s\n", argv[5]);
-        const auto base = bench_decode(Model::load(argv[5]), batches, api, "FMA");
+        const auto base = bench_decode(Model::load(argv[5]), batches, sampling, "FMA");
         std::printf("\n## %s\n", argv[1]);
-        const auto got = bench_decode(Model::load(argv[1]), batches, api, "FMA");
+        const auto got = bench_decode(Model::load(argv[1]), batches, sampling, "FMA");
         std::printf("\n| decode batch | %s tokens/s | %s tokens/s | ratio |\n|---|---|---|---|\n",
                     argv[5], argv[1]);
         for (size_t i = 0; i < batches.size(); ++i)
@@ -451,10 +454,10 @@ int main(int argc, char** argv) {
       // The baseline in the same run: the step's kernels launched one after another.
       auto model = Model::load(argv[1]);
       std::printf("\n## Serial launches (the reference)\n");
-      const auto base = bench_decode(model, batches, api, "FMA", cuda::SummaryKernels::Auto,
+      const auto base = bench_decode(model, batches, sampling, "FMA", cuda::SummaryKernels::Auto,
                                      cuda::Launches::Serial);
       std::printf("\n## Overlapped launches (the default)\n");
-      const auto got = bench_decode(model, batches, api, "FMA");
+      const auto got = bench_decode(model, batches, sampling, "FMA");
       std::printf(
           "\n| decode batch | serial tokens/s | overlapped tokens/s | ratio |\n"
           "|---|---|---|---|\n");

@@ -22,9 +22,12 @@ mkdir -p "$stage/bin" "$stage/lib"
 for b in "${bins[@]}"; do cp "$build/$b" "$stage/bin/"; done
 strip "$stage"/bin/*
 bash scripts/source_hash.sh > "$stage/SOURCE_HASH"  # checked by scripts/gpu_unpack.sh
+# Only the libraries these binaries load (a kernel check's two binaries need neither TLS nor
+# Redis: two bundles then fit one call's tree beside the model).
+needed=$(ldd "$stage"/bin/* | awk '{print $1}' | sort -u)
 for lib in libsentencepiece.so.0 libgomp.so.1 libcpp-httplib.so.0.11 libssl.so.3 libcrypto.so.3 \
            libbrotlidec.so.1 libbrotlienc.so.1 libbrotlicommon.so.1 libhiredis.so.0.14; do
-  cp -L "/lib/x86_64-linux-gnu/$lib" "$stage/lib/"
+  if grep -qx "$lib" <<< "$needed"; then cp -L "/lib/x86_64-linux-gnu/$lib" "$stage/lib/"; fi
 done
 dest=${DEST:-.carry/gpu}
 rm -rf "$dest" && mkdir -p "$dest"
