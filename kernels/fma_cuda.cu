@@ -2,6 +2,7 @@
 #include <array>
 #include <atomic>
 #include <bit>
+#include <cstdlib>
 
 #include "../engine/src/fma_cpu.h"
 #include "block_reduce.cuh"
@@ -715,12 +716,12 @@ __device__ inline float merged_splits(const float* partials, int heads, int64_t 
 // a layer at batch 1), kDecodeUnroll keys at a time so that their loads overlap, each key and
 // value loaded once for the G heads; each warp keeps an online softmax per head over its keys,
 // and the block merges the warps'. Key lists longer than the block's threads go in stages.
-// splits > 1 (steps of few sequences with long fine windows: decode_splits; blocks of
-// kDecodeWarpsFew warps only, so that the others compile without the split's registers): the key
-// list is cut into `splits` ranges, one a block (blockIdx.z), each writing its unnormalised
-// output, maximum and sum to `partials` as exact_decode_kernel does; the last block of a
-// (sequence, heads) to finish (tickets) merges them.
-template <int D, int W, int G>
+// kSplits (steps of few sequences with long fine windows: decode_splits > 1): the key list is
+// cut into `splits` ranges, one a block (blockIdx.z), each writing its unnormalised output,
+// maximum and sum to `partials` as exact_decode_kernel does; the last block of a (sequence,
+// heads) to finish (tickets) merges them. A template parameter, so that unsplit steps run the
+// kernel without the split's arithmetic (56 registers against 59 at d 64 with it at run time).
+template <int D, int W, int G, bool kSplits>
 __global__ void __launch_bounds__(W * 32)
     decode_attention_kernel(FmaShape s, CacheView cv, const ChunkDesc* chunks,
                             const NewGroups* table, const AttnItem* items, const float* q,
@@ -728,7 +729,6 @@ __global__ void __launch_bounds__(W * 32)
                             int splits, unsigned* tickets, float* partials, float* out,
                             __nv_bfloat16* out_bf16) {
   constexpr int C = D >= 32 ? D / 32 : 1, U = kDecodeUnroll, kStage = W * 32;
-  constexpr bool kSplits = W == kDecodeWarpsFew;
   __shared__ float part[W][G][D];
   __shared__ float wmax[W][G], wsum[W][G];
   __shared__ LevelTable lt;
@@ -864,15 +864,14 @@ __global__ void __launch_bounds__(W * 32)
       x += __shfl_xor_sync(0xffffffffu, x, o);
     }
     if (e >= G * D || sub != 0) continue;
-    if (!kSplits || splits == 1)
+    if constexpr (!kSplits)
       store_output(out, out_bf16, (row * s.heads + h0 + g) * D + ch, x / total);
     else
       write_split(partials, s.heads, int64_t(blockIdx.x) * s.heads + h0 + g, splits, ch, D, x, m,
                   total);
   }
   if constexpr (kSplits) {
-    if (splits == 1 || !last_block_to_arrive(&tickets[blockIdx.x * gridDim.y + blockIdx.y], splits))
-      return;
+    if (!last_block_to_arrive(&tickets[blockIdx.x * gridDim.y + blockIdx.y], splits)) return;
     for (int e = threadIdx.x; e < G * D; e += W * 32) {
       const int64_t qh = int64_t(blockIdx.x) * s.heads + h0 + e / D;
       store_output(out, out_bf16, (row * s.heads + h0 + e / D) * D + e % D,
@@ -1428,6 +1427,9 @@ int sm_count() {
 
 int decode_splits(const FmaShape& s, int64_t cap, int n_items) {
   const int64_t sms = sm_count();
+  // MULTIPOLE_CUDA_NO_FMA_SPLITS=1: FMA decode keys never split (a same-call A/B of the split).
+  static const bool no_fma_splits = std::getenv("MULTIPOLE_CUDA_NO_FMA_SPLITS") != nullptr;
+  if (s.fma && no_fma_splits) return 1;
   if (s.fma) {
     // The blocks of few sequences (32 warps, one head) take kDecodeUnroll keys a warp at a time:
     // a window of 2m fine keys in one pass each, over as many blocks as the GPU holds at one a SM.
@@ -1500,16 +1502,18 @@ void attention(const FmaShape& s, const CacheView& c, const ChunkDesc* chunks,
   }
   // Decode: blocks of W warps serving G heads of a KV head each (few sequences: 32 warps, a
   // head a block; many: 8 warps, every head of a KV head that G takes).
-  auto decode = [&]<int D, int W, int G>() {
-    // (decode_splits is 1 unless the step is `few`: the 8-warp blocks never split.)
-    launch("attention", overlap, decode_attention_kernel<D, W, G>,
+  auto decode = [&]<int D, int W, int G, bool Split = false>() {
+    // (decode_splits is 1 unless the step is `few`, and Split only where it is more.)
+    launch("attention", overlap, decode_attention_kernel<D, W, G, Split>,
            dim3(n_items, s.heads / G, splits), W * 32, 0, st, s, c, chunks, table, items, q, k, v,
            new_k, new_v, splits, tickets, partials, out, out_bf16);
   };
   const int G = few ? 1 : decode_heads_per_block(s);
 #define MP_ATTN(D)                                                                               \
   case D:                                                                                        \
-    if (single_queries && few)                                                                   \
+    if (single_queries && few && splits > 1)                                                     \
+      decode.template operator()<D, kDecodeWarpsFew, 1, true>();                                 \
+    else if (single_queries && few)                                                              \
       decode.template operator()<D, kDecodeWarpsFew, 1>();                                       \
     else if (single_queries && G == 4)                                                           \
       decode.template operator()<D, kDecodeWarps, 4>();                                          \

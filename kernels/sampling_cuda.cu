@@ -46,8 +46,8 @@ __device__ float penalized_logit(const float* row, int i, const SampleRow& r, co
 
 // Fills keys[0, want) with the `want` largest keys of ids [begin, end) (want <= end - begin),
 // value(i) being id i's (penalised) logit: a radix select of the threshold key (8 bits a pass;
-// the lanes of a warp in lane 0's bin add once: a row's logits share a few high bins, whose
-// atomics would otherwise serialise), then everything above it and the lowest ids equal to it.
+// the lanes of a warp in one bin add once: a row's logits share a few high bins, whose atomics
+// would otherwise serialise), then everything above it and the lowest ids equal to it.
 // Every warp runs the loops' same trips (the ids past end idle).
 template <class Value>
 __device__ void select_top(Value value, int begin, int end, int want, Key* keys) {
@@ -62,12 +62,8 @@ __device__ void select_top(Value value, int begin, int end, int want, Key* keys)
       const uint32_t u = i < end ? ordered(value(i)) : 0;
       const bool counted = i < end && (u & mask) == prefix;
       const int bin = counted ? int((u >> shift) & 255) : 256;
-      const int first_bin = __shfl_sync(0xffffffffu, bin, 0);
-      const unsigned peers = __ballot_sync(0xffffffffu, bin == first_bin);
-      if (counted && bin != first_bin)
-        atomicAdd(&hist[bin], 1);
-      else if (counted && lane == 0)
-        atomicAdd(&hist[bin], __popc(peers));
+      const unsigned peers = __match_any_sync(0xffffffffu, bin);
+      if (counted && lane == __ffs(peers) - 1) atomicAdd(&hist[bin], __popc(peers));
     }
     __syncthreads();
     // The threshold bin: the first from the top where the count from the top reaches want. Lane
