@@ -1239,19 +1239,28 @@ __global__ void __launch_bounds__(op::kWarps * 32, 1)
       };
       fragment(warp, a);
       if (paired) fragment(warp ^ 8, ap);  // the channel's RoPE partner
+      // The taps of kGroup fragments are loaded before their products: each load is an L2
+      // round trip, and loaded one before each product they were waited on one after another.
+      constexpr int kGroup = kFrags < 4 ? kFrags : 4;
 #pragma unroll
-      for (int j = 0; j < kFrags; ++j) {
-        if (j * kPer >= s.L) break;
-        const int l = j * kPer + col_sub, w = s.m << l, off = int(k0 & (w - 1));
-        uint32_t b0 = 0, b1 = 0;
-        if (l < s.L) {
+      for (int j0 = 0; j0 < kFrags; j0 += kGroup) {
+        if (j0 * kPer >= s.L) break;
+        uint32_t b[kGroup][2], bp[kGroup][2];
+#pragma unroll
+        for (int i = 0; i < kGroup; ++i) {
+          const int l = (j0 + i) * kPer + col_sub, w = s.m << l, off = int(k0 & (w - 1));
+          b[i][0] = b[i][1] = bp[i][0] = bp[i][1] = 0;
+          if (l >= s.L) continue;
           const __nv_bfloat16* taps = s.avgpool ? nullptr : values ? dw.tv[l] : dw.tk[l];
-          tap_fragment(s, taps, 0, s.rank[l], w, ch, off, col_rank, t, b0, b1);
+          tap_fragment(s, taps, 0, s.rank[l], w, ch, off, col_rank, t, b[i][0], b[i][1]);
+          if (paired)
+            tap_fragment(s, dw.tk[l], 1, s.rank[l], w, ch, off, col_rank, t, bp[i][0], bp[i][1]);
         }
-        tc::mma(acc[j], a, b0, b1);
-        if (paired) {
-          if (l < s.L) tap_fragment(s, dw.tk[l], 1, s.rank[l], w, ch, off, col_rank, t, b0, b1);
-          tc::mma(acc[j], ap, b0, b1);
+#pragma unroll
+        for (int i = 0; i < kGroup; ++i) {
+          if ((j0 + i) * kPer >= s.L) break;
+          tc::mma(acc[j0 + i], a, b[i][0], b[i][1]);
+          if (paired) tc::mma(acc[j0 + i], ap, bp[i][0], bp[i][1]);
         }
       }
     }
