@@ -18,6 +18,10 @@ constexpr int kTile = 32;            // keys staged in shared memory at a time
 // blocks to fill the GPU (kDecodeFewBlocks or fewer), whose latency is then the step's.
 constexpr int kDecodeWarps = 8, kDecodeWarpsFew = 32, kDecodeFewBlocks = 128;
 constexpr int kMaxDecodeSplits = 8;  // the key ranges of one few-sequence block (decode_splits)
+// The fewest keys a split takes: m = 256's 512 fine keys in one block decode faster at batches
+// 1-8 than in 4 blocks of 128 (docs/PERF.md, session 23), the merge's second phase costing more
+// than the shorter key loop gives.
+constexpr int kDecodeSplitKeys = 512;
 static_assert(kDecodeTickets >= kDecodeFewBlocks);  // a ticket per split (sequence, head)
 constexpr int kDecodeUnroll = 4;  // keys a warp loads at once
 
@@ -1440,11 +1444,11 @@ int decode_splits(const FmaShape& s, int64_t cap, int n_items) {
   static const bool no_fma_splits = std::getenv("MULTIPOLE_CUDA_NO_FMA_SPLITS") != nullptr;
   if (s.fma && no_fma_splits) return 1;
   if (s.fma) {
-    // The blocks of few sequences (32 warps, one head) take kDecodeUnroll keys a warp at a time:
-    // a window of 2m fine keys in one pass each, over as many blocks as the GPU holds at one a SM.
+    // The blocks of few sequences (32 warps, one head) split a window of 2m fine keys into
+    // ranges of kDecodeSplitKeys or more, over as many blocks as the GPU holds at one a SM.
     const int64_t blocks = int64_t(std::max(n_items, 1)) * s.heads;
     if (blocks > kDecodeFewBlocks) return 1;
-    const int64_t by_keys = 2 * int64_t(s.m) / (kDecodeWarpsFew * kDecodeUnroll);
+    const int64_t by_keys = 2 * int64_t(s.m) / kDecodeSplitKeys;
     return static_cast<int>(
         std::clamp<int64_t>(std::min(by_keys, sms / blocks), 1, kMaxDecodeSplits));
   }

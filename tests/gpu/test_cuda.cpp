@@ -934,13 +934,15 @@ TEST_F(Cuda, DecodeAttentionMatchesTheFp32Tile) {
     }
   // Key lists longer than a block's threads, whose places are worked out in stages: m = 256 at
   // batch 16 (blocks of 8 warps, 256 keys a stage; 441 fine keys) and m = 1024 at batch 1 (32
-  // warps, 1,024 a stage; 1,929 fine keys, split over blocks). Split key lists: m = 256 at batch
-  // 1 and 2 (4 splits), a list shorter than its splits (2 keys: blocks without keys), one of a
-  // key a split, one cut mid-window, one past the trained length.
+  // warps, 1,024 a stage; 1,929 fine keys, split over blocks). m = 256 at batch 1 (512 keys: one
+  // block). Split key lists: m = 1024 at batch 1 and 2 (4 splits), a list shorter than its splits
+  // (2 keys: blocks without keys), one of a key a split, one cut mid-window, one past the
+  // trained length.
   for (const auto& [m, n, batch, pos0] :
        {std::tuple{256, 4096, 16, 3000}, std::tuple{1024, 8192, 1, 5000},
-        std::tuple{256, 4096, 1, 1}, std::tuple{256, 4096, 1, 3}, std::tuple{256, 4096, 1, 700},
-        std::tuple{256, 4096, 2, 2047}, std::tuple{256, 2048, 1, 9000}}) {
+        std::tuple{256, 4096, 1, 700}, std::tuple{1024, 4096, 1, 1}, std::tuple{1024, 4096, 1, 3},
+        std::tuple{1024, 4096, 1, 1500}, std::tuple{1024, 4096, 2, 2047},
+        std::tuple{1024, 2048, 1, 9000}}) {
     Config c = mp::testing::attention_config(n, 4);
     c.fma_block_size = m;
     c.validate();
