@@ -265,6 +265,28 @@ def _expand_kv(x, heads):  # [B, KV, ...] -> [B, H, ...]
     return x.repeat_interleave(heads // x.shape[1], dim=1)
 
 
+def block_summaries(cfg: FmaConfig, k, v, k_down: Downsample, v_down: Downsample, nb):
+    """The summaries each of the nb fine blocks sees, per present level: keys and values [B, KV,
+    nb, 2p, d] (the two groups before its level-l block pair: DESIGN.md section 1) and each
+    one's score bonus [nb, 2p] (log(w/p) with fma_scale_attn, else 0; -inf where the group is not
+    there)."""
+    B, KV, _, d = k.shape
+    m = cfg.fma_block_size
+    i0 = torch.arange(nb, device=k.device) * m
+    out = []
+    for level, Ks, Vs in summaries(cfg, k, v, k_down, v_down):
+        w, p = cfg.group_size(level), cfg.rank(level)
+        Bl, h = i0 // (2 * w), (i0 % (2 * w)) // w
+        idx = torch.stack([2 * Bl - 2, 2 * Bl - 1], dim=1).clamp(min=0)  # [nb, 2]
+        ok = torch.stack([Bl >= 1, (Bl >= 1) & (h == 1)], dim=1)
+        bonus = torch.full((nb, 2, p), math.log(w / p) if cfg.fma_scale_attn else 0.0,
+                           device=k.device, dtype=torch.float64)
+        out.append((Ks[:, :, idx].reshape(B, KV, nb, 2 * p, d).to(k.dtype),
+                    Vs[:, :, idx].reshape(B, KV, nb, 2 * p, d).to(v.dtype),
+                    bonus.masked_fill(~ok[:, :, None], float("-inf")).reshape(nb, 2 * p)))
+    return out
+
+
 def fma_attention(cfg: FmaConfig, q, k, v, k_down: Downsample, v_down: Downsample, mass=None):
     """q [B, H, T, d]; k, v [B, KV, T, d], rotated. Returns [B, H, T, d]. mass: a list to which
     the attention probability each query gives the fine keys and each level's summaries is
@@ -287,18 +309,10 @@ def fma_attention(cfg: FmaConfig, q, k, v, k_down: Downsample, v_down: Downsampl
     fine_ok = torch.where(s[None, None] < m, (b[:, None, None] >= 1).expand(nb, m, 2 * m),
                           (s[None, None] - m) <= a[None, :, None])  # [nb, m, 2m]
     bias = [torch.zeros(nb, m, 2 * m, device=dev, dtype=acc).masked_fill(~fine_ok, float("-inf"))]
-    for level, Ks, Vs in summaries(cfg, k, v, k_down, v_down):
-        w, p = cfg.group_size(level), cfg.rank(level)
-        i0 = b * m
-        Bl, h = i0 // (2 * w), (i0 % (2 * w)) // w
-        idx = torch.stack([2 * Bl - 2, 2 * Bl - 1], dim=1)  # [nb, 2]
-        ok = torch.stack([Bl >= 1, (Bl >= 1) & (h == 1)], dim=1)
-        idx = idx.clamp(min=0)
-        keys.append(Ks[:, :, idx].reshape(B, KV, nb, 2 * p, d).to(k.dtype))
-        vals.append(Vs[:, :, idx].reshape(B, KV, nb, 2 * p, d).to(v.dtype))
-        bonus = math.log(w / p) if cfg.fma_scale_attn else 0.0
-        lb = torch.full((nb, 2, p), bonus, device=dev, dtype=acc).masked_fill(~ok[:, :, None], float("-inf"))
-        bias.append(lb.reshape(nb, 1, 2 * p).expand(nb, m, 2 * p))
+    for Ks, Vs, bonus in block_summaries(cfg, k, v, k_down, v_down, nb):
+        keys.append(Ks)
+        vals.append(Vs)
+        bias.append(bonus.to(acc)[:, None].expand(nb, m, Ks.shape[3]))
     K = _expand_kv(torch.cat(keys, dim=3), H)  # [B, H, nb, S, d]
     V = _expand_kv(torch.cat(vals, dim=3), H)
     mask = torch.cat(bias, dim=2)  # [nb, m, S]
@@ -315,6 +329,56 @@ def fma_attention(cfg: FmaConfig, q, k, v, k_down: Downsample, v_down: Downsampl
         if mass is not None:
             parts = probs.split([t.shape[3] for t in keys], dim=-1)
             mass.append(torch.stack([t.sum(-1) for t in parts], -1).reshape(B, H, T, -1)[:, :, :T0])
+    return o.reshape(B, H, T, d)[:, :, :T0]
+
+
+# A score bias that leaves a key no weight, finite so that a row of such keys stays a number.
+ABSENT_BIAS = -1.0e4
+
+
+def fma_attention_flash(cfg: FmaConfig, q, k, v, k_down: Downsample, v_down: Downsample):
+    """fma_attention's result as one causal attention call a fine block, which PyTorch runs as
+    FlashAttention on the GPU (the gather's score mask keeps SDPA off it). Block b's keys are laid
+    out as [its summaries, block b-1, block b] and its m queries come last in a sequence as long,
+    so that the causal mask is FMA's fine mask (block b-1 whole, block b up to the query). The
+    summaries' bonus and the keys that are not there (block -1, groups not complete) ride in one
+    more channel: a query's is 1, a key's its bias times sqrt(d). The rows before the queries are
+    zeros whose outputs are dropped; channels are padded to a multiple of 8."""
+    B, H, T0, d = q.shape
+    KV, m = k.shape[1], cfg.fma_block_size
+    pad = (-T0) % m
+    if pad:
+        q, k, v = (F.pad(t, (0, 0, 0, pad)) for t in (q, k, v))
+    T = T0 + pad
+    nb, dev, dt = T // m, q.device, q.dtype
+    kb, vb = k.view(B, KV, nb, m, d), v.view(B, KV, nb, m, d)
+    parts = block_summaries(cfg, k, v, k_down, v_down, nb)
+    S = sum(x.shape[3] for x, _, _ in parts)
+    L, width = S + 2 * m, (d + 8) // 8 * 8
+    fine = torch.zeros(nb, 2 * m, device=dev, dtype=torch.float64)
+    fine[0, :m] = ABSENT_BIAS  # block 0 has no block before it
+    bias = torch.cat([b.clamp(min=ABSENT_BIAS) for _, _, b in parts] + [fine], dim=1)  # [nb, L]
+
+    def before(x):  # block b-1 of each block b (zeros before block 0)
+        return F.pad(x, (0, 0, 0, 0, 1, 0))[:, :, :nb]
+
+    K = torch.cat([x for x, _, _ in parts] + [before(kb), kb], dim=3)  # [B, KV, nb, L, d]
+    V = torch.cat([x for _, x, _ in parts] + [before(vb), vb], dim=3)
+    K = torch.cat([K, (bias * math.sqrt(d)).to(dt)[None, None, :, :, None].expand(B, KV, nb, L, 1),
+                   K.new_zeros(B, KV, nb, L, width - d - 1)], dim=-1)
+    V = F.pad(V, (0, width - d))
+    Q = torch.cat([q.new_zeros(B, H, nb, S + m, width),
+                   torch.cat([q.view(B, H, nb, m, d), q.new_ones(B, H, nb, m, 1),
+                              q.new_zeros(B, H, nb, m, width - d - 1)], dim=-1)], dim=3)
+    Q, K, V = (x.reshape(B * H, nb, L, width) for x in (Q, _expand_kv(K, H), _expand_kv(V, H)))
+    if hasattr(F, "scaled_dot_product_attention"):
+        o = F.scaled_dot_product_attention(Q, K, V, is_causal=True, scale=1 / math.sqrt(d))
+    else:  # PyTorch 1.x (the CPU tests here): the same causal softmax written out
+        acc = torch.promote_types(dt, torch.float32)
+        causal = torch.ones(L, L, dtype=torch.bool, device=dev).tril()
+        sc = (Q.to(acc) @ K.to(acc).transpose(-1, -2)) / math.sqrt(d)
+        o = (sc.masked_fill(~causal, float("-inf")).softmax(-1) @ V.to(acc)).to(dt)
+    o = o.view(B, H, nb, L, width)[:, :, :, S + m:, :d]
     return o.reshape(B, H, T, d)[:, :, :T0]
 
 
@@ -449,7 +513,7 @@ class Attention(nn.Module):
         if cfg.fma_enabled:
             self.fma = Fma(cfg)  # no parameters for avgpool
         self.mass = None  # a list: fma_attention appends each forward's attention mass by level
-        self.flex = False  # fma_attention_flex instead (FmaModel.use_flex)
+        self.kernel = "gather"  # or "flex", "flash": training's (FmaModel.use_attention)
 
     def forward(self, x, cos, sin, slow=False):
         cfg = self.cfg
@@ -464,8 +528,10 @@ class Attention(nn.Module):
             args = (cfg, q, k, v, self.fma.k_down, self.fma.v_down)
             if slow:
                 o = fma_attention_slow(*args)
-            elif self.flex and self.mass is None:
+            elif self.kernel == "flex" and self.mass is None:
                 o = fma_attention_flex(*args)
+            elif self.kernel == "flash" and self.mass is None:
+                o = fma_attention_flash(*args)
             else:
                 o = fma_attention(*args, self.mass)
         return self.o_proj(o.transpose(1, 2).reshape(B, T, H * d))
@@ -500,10 +566,11 @@ class FmaModel(nn.Module):
             self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.apply(self._init)
 
-    def use_flex(self, on=True):
-        """FMA layers attend through fma_attention_flex (training on the GPU, compiled)."""
+    def use_attention(self, kernel):
+        """FMA layers attend through fma_attention ("gather"), fma_attention_flex ("flex": the
+        GPU, compiled) or fma_attention_flash ("flash")."""
         for layer in self.model.layers:
-            layer.self_attn.flex = on  # read only by FMA layers
+            layer.self_attn.kernel = kernel  # read only by FMA layers
 
     def _init(self, mod):
         if isinstance(mod, (nn.Linear, nn.Embedding)):

@@ -11,7 +11,7 @@ import unittest
 import torch
 
 from fma_model import (AttnPool, FmaConfig, FmaModel, Downsample, apply_rope, flex_attention_available,
-                       fma_attention, fma_attention_flex, fma_attention_slow,
+                       fma_attention, fma_attention_flash, fma_attention_flex, fma_attention_slow,
                        init_summaries_as_avgpool, level_pair, load_hf, rope_tables, save_hf)
 from train import model_config, param_groups
 
@@ -142,6 +142,35 @@ class FastVsSlow(unittest.TestCase):
             slow = fma_attention_slow(cfg, q, k, v, kd, vd)
             self.assertLess(rel(fast, slow), 1e-10, (kind, scale, n, m, p, heads, T))
 
+    def test_flash_layout(self):
+        """fma_attention_flash (one causal attention call a block) against fma_attention, outputs
+        and every gradient (q, k, v, the summary weights), float64: every kind, per-level ranks,
+        grouped-query heads, lengths that are and are not multiples of m, past the trained length
+        (the PyTorch here has no SDPA: the same causal softmax written out; the GPU's
+        FlashAttention call is checked by FlashOnTheGpu)."""
+        torch.manual_seed(8)
+        for (kind, rotary), scale, ranks, heads, T in itertools.product(
+                [("groupedconv", True), ("avgpool", False), ("conv", False), ("attnpool", False)],
+                [True, False], [[2, 4], [4, 4]], [(4, 2), (2, 2)], [37, 150]):
+            cfg = FmaConfig(head_dim=8, num_attention_heads=heads[0], num_key_value_heads=heads[1],
+                            max_position_embeddings=64, fma_block_size=8, fma_ranks=ranks,
+                            fma_downsampling=kind, fma_scale_attn=scale, fma_rotary_summaries=rotary)
+            kd, vd = random_downsample(cfg, True), random_downsample(cfg, False)
+            q = torch.randn(2, heads[0], T, 8, dtype=torch.float64)
+            k, v = (torch.randn(2, heads[1], T, 8, dtype=torch.float64) for _ in range(2))
+            g = torch.randn(2, heads[0], T, 8, dtype=torch.float64)
+            results = []
+            for f in (fma_attention, fma_attention_flash):
+                kd.zero_grad()
+                vd.zero_grad()
+                leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+                out = f(cfg, *leaves, kd, vd)
+                (out * g).sum().backward()
+                results.append([out] + [t.grad for t in leaves]
+                               + [p.grad.clone() for p in (*kd.parameters(), *vd.parameters())])
+            for i, (want, got) in enumerate(zip(*results)):
+                self.assertLess(rel(got, want), 1e-10, (kind, scale, ranks, heads, T, i))
+
     def test_per_level_ranks(self):
         torch.manual_seed(5)
         for kind, rotary, ranks in [("groupedconv", False, [2, 4]), ("groupedconv", True, [1, 3]),
@@ -197,12 +226,12 @@ class FastVsSlow(unittest.TestCase):
         self.assertGreater(rel(model(ids), exact(ids)), 1e-4)
 
 
-@unittest.skipUnless(torch.cuda.is_available() and flex_attention_available(),
-                     "FlexAttention: a GPU and PyTorch >= 2.5")
-class FlexOnTheGpu(unittest.TestCase):
-    """fma_attention_flex (training's) against fma_attention on fresh random inputs: outputs and
-    every gradient (q, k, v, the summary weights), float32 eager (1e-5) and bf16 compiled as in
-    training (2e-2), at lengths that are and are not multiples of m and past the trained length."""
+class OnTheGpu:
+    """A training attention kernel (ATTENTION) against fma_attention on fresh random inputs:
+    outputs and every gradient (q, k, v, the summary weights), float32 eager (1e-5) and bf16
+    compiled as in training (2e-2), at lengths that are and are not multiples of m and past the
+    trained length."""
+    ATTENTION = None
 
     def setUp(self):
         torch.manual_seed(7)
@@ -212,12 +241,12 @@ class FlexOnTheGpu(unittest.TestCase):
         self.kd = random_downsample(self.cfg, True).float().cuda()
         self.vd = random_downsample(self.cfg, False).float().cuda()
 
-    def run_both(self, T, flex_dtype, flex):
+    def run_both(self, T, dtype, attention):
         q = torch.randn(2, 8, T, 64, device="cuda")
         k, v = (torch.randn(2, 4, T, 64, device="cuda") for _ in range(2))
         g = torch.randn(2, 8, T, 64, device="cuda")
         results = []
-        for f, dtype in ((fma_attention, torch.float32), (flex, flex_dtype)):  # reference: fp32
+        for f, dtype in ((fma_attention, torch.float32), (attention, dtype)):  # reference: fp32
             for t in (*self.kd.parameters(), *self.vd.parameters()):
                 t.grad = None
             leaves = [t.to(dtype).detach().requires_grad_() for t in (q, k, v)]
@@ -230,18 +259,31 @@ class FlexOnTheGpu(unittest.TestCase):
         return results
 
     def test_float32_eager(self):
+        name = self.ATTENTION.__name__
         for T in (1024, 1000, 2048 + 64):
-            ref, got = self.run_both(T, torch.float32, fma_attention_flex)
+            ref, got = self.run_both(T, torch.float32, self.ATTENTION)
             errs = [rel(a, b) for a, b in zip(got, ref)]
-            print(f"flex, float32, T {T}: largest relative error (output, gradients) {max(errs):.1e}")
+            print(f"{name}, float32, T {T}: largest relative error (output, gradients) {max(errs):.1e}")
             self.assertLess(max(errs), 1e-5, (T, errs))
 
     def test_bf16_compiled(self):
-        flex = torch.compile(fma_attention_flex)
-        ref, got = self.run_both(2048, torch.bfloat16, flex)
+        name = self.ATTENTION.__name__
+        ref, got = self.run_both(2048, torch.bfloat16, torch.compile(self.ATTENTION))
         errs = [rel(a, b) for a, b in zip(got, ref)]
-        print(f"flex, bf16 compiled: relative errors (output, gradients) {[f'{e:.1e}' for e in errs]}")
+        print(f"{name}, bf16 compiled: relative errors (output, gradients) {[f'{e:.1e}' for e in errs]}")
         self.assertLess(max(errs), 2e-2, errs)
+
+
+@unittest.skipUnless(torch.cuda.is_available() and flex_attention_available(),
+                     "FlexAttention: a GPU and PyTorch >= 2.5")
+class FlexOnTheGpu(OnTheGpu, unittest.TestCase):
+    ATTENTION = staticmethod(fma_attention_flex)
+
+
+@unittest.skipUnless(torch.cuda.is_available() and hasattr(torch.nn.functional, "scaled_dot_product_attention"),
+                     "SDPA's FlashAttention: a GPU and PyTorch >= 2.1")
+class FlashOnTheGpu(OnTheGpu, unittest.TestCase):
+    ATTENTION = staticmethod(fma_attention_flash)
 
 
 class RotarySummaries(unittest.TestCase):

@@ -159,10 +159,11 @@ def parse_args(argv=None):
                     help="with --compile: torch.compile's reduce-overhead mode, each step's "
                     "forward and backward replayed as CUDA graphs (the compiled FMA step is bound "
                     "by the host's kernel launches, docs/MODEL.md); one micro-batch a step")
-    ap.add_argument("--fma-attention", default="gather", choices=["flex", "gather"],
-                    help="FMA attention in training: gather (per-block key lists, SDPA) or flex "
-                    "(one FlexAttention call: the GPU, PyTorch >= 2.5; its compilation at the full "
-                    "model's shape outlasted 250 s in session 15, docs/MODEL.md)")
+    ap.add_argument("--fma-attention", default="gather", choices=["flex", "flash", "gather"],
+                    help="FMA attention in training: gather (per-block key lists, SDPA with a "
+                    "score mask), flash (per-block causal SDPA calls, FlashAttention on the GPU: "
+                    "docs/MODEL.md) or flex (one FlexAttention call: the GPU, PyTorch >= 2.5; its "
+                    "compilation at the full model's shape outlasted 250 s in session 15)")
     ap.add_argument("--benchmark-models", default="fma,exact",
                     help="with --benchmark-steps: which of fma, exact to time")
     ap.add_argument("--log-every", type=int, default=25,
@@ -213,11 +214,11 @@ def parse_args(argv=None):
     return args
 
 
-def uses_flex(args, dev):
-    """--fma-attention flex: only on the GPU with PyTorch >= 2.5."""
+def fma_kernel(args, dev):
+    """--fma-attention, checked: flex only on the GPU with PyTorch >= 2.5."""
     if args.fma_attention == "flex" and not (dev == "cuda" and flex_attention_available()):
         raise SystemExit("--fma-attention flex: needs CUDA and PyTorch >= 2.5")
-    return args.fma_attention == "flex"
+    return args.fma_attention
 
 
 def build(args, exact, dev):
@@ -325,9 +326,9 @@ class Trainer:
             print("--compile: this PyTorch has no torch.compile; eager", flush=True)
         self.checked = not self.compiled
         self.micro = args.micro_batch  # 0: found on the first step
-        self.flex = cfg.fma_enabled and uses_flex(args, dev)
-        if self.flex:  # its block mask made outside the compiled loss
-            model.use_flex()
+        self.kernel = fma_kernel(args, dev) if cfg.fma_enabled else "gather"
+        model.use_attention(self.kernel)
+        if self.kernel == "flex":  # its block mask made outside the compiled loss
             fma_flex_mask(cfg, cfg.max_position_embeddings, dev)
 
     def step(self, x, y, lr):
@@ -344,8 +345,9 @@ class Trainer:
                 print(f"--compile failed ({type(e).__name__}: {str(e)[:300]}); eager", flush=True)
                 self.loss_fn, self.checked, self.compiled = self.model.loss, True, False
                 self.graphs = False
-                self.flex = False
-                self.model.use_flex(False)  # FlexAttention is only fast compiled
+                if self.kernel == "flex":  # FlexAttention is only fast compiled
+                    self.kernel = "gather"
+                    self.model.use_attention(self.kernel)
         return self._step(x, y)
 
     def _step(self, x, y):
@@ -439,8 +441,8 @@ def benchmark(args, dev):
                 batches = [rng.integers(3, cfg.vocab_size, (args.batch, n + 1)) for _ in range(3)]
             tr = Trainer(model, cfg, args, dev)
             name = describe(cfg, model).split(" (")[0]
-            if tr.flex:
-                name += " [flex]"
+            if tr.kernel != "gather":
+                name += f" [{tr.kernel}]"
             if tr.graphs:
                 name += " [CUDA graphs]"
             try:
@@ -533,7 +535,7 @@ def main(argv=None):
     say(describe(cfg, model) + (f", {sum(p.numel() for p in tr.params) / 1e6:.2f}M trained"
                                 if args.freeze else "")
         + (f", {ranks.world} processes" if ranks.world > 1 else "")
-        + (", FMA attention: flex" if tr.flex else "") + (", CUDA graphs" if tr.graphs else ""))
+        + (f", FMA attention: {tr.kernel}" if tr.kernel != "gather" else "") + (", CUDA graphs" if tr.graphs else ""))
     say(f"{len(corpus.tokens) / 1e6:.1f}M training tokens"
         + (f" in {len(corpus.shards)} shards: {' '.join(corpus.shards)}" if corpus.sharded else ""))
     progress["runs"].append({"from_step": progress["step"], "shards": corpus.shards})
