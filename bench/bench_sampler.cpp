@@ -52,8 +52,15 @@ int main(int argc, char** argv) {
   SamplingParams top_k_only = defaults;
   top_k_only.top_p = 1.0f;
   top_k_only.min_p = 0;
+  SamplingParams top_p_only = defaults;  // what OpenAI-style clients often send
+  top_p_only.top_k = 0;
+  top_p_only.min_p = 0;
+  SamplingParams temperature_only = top_p_only;  // the server API's default
+  temperature_only.top_p = 1.0f;
   const Case cases[] = {{"defaults (top-k 40, top-p 0.95, min-p 0.05)", defaults},
                         {"top-k 40 only", top_k_only},
+                        {"top-p 0.95 only", top_p_only},
+                        {"temperature only", temperature_only},
                         {"greedy", greedy}};
   std::printf("\nsample_candidates, %d ids, microseconds of CPU time per call (median of 5 x %d "
               "calls)\n\n| parameters | baseline: full stable sort | partial selection | ratio |\n"
