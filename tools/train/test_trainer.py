@@ -240,6 +240,28 @@ class ExactResume(unittest.TestCase):
             self.check(tmp, data, k=2)
 
 
+class FlashAttention(unittest.TestCase):
+    def test_training_through_flash_follows_gather(self):
+        """--fma-attention flash (one causal attention call a fine block) trains as the default
+        gather path does: the first step's loss the same to float32 rounding (1e-6), the later
+        ones within 1e-4 (Adam spreads the rounding of the two summation orders), and the run
+        says it used flash (CPU; the FlashAttention kernel is checked by FlashOnTheGpu)."""
+        with tempfile.TemporaryDirectory() as tmp:
+            data = os.path.join(tmp, "c")
+            fake_corpus(data, shards=2, docs_per_shard=12)
+            runs = [run_train(data, os.path.join(tmp, k), "--fma-attention", k, "--ranks", "2,4,4")
+                    for k in ("gather", "flash")]
+            gather, flash = (r["progress"]["losses"] for r in runs)  # [step, loss] each
+            self.assertEqual(len(gather), 6)
+            # The first step's loss is the same weights' forward; Adam spreads rounding after it.
+            self.assertAlmostEqual(gather[0][1], flash[0][1], delta=1e-6 * gather[0][1])
+            for (step, a), (step_b, b) in zip(gather, flash):
+                self.assertEqual(step, step_b)
+                self.assertAlmostEqual(a, b, delta=1e-4 * abs(a))
+            with open(os.path.join(tmp, "flash", "train.log")) as f:
+                self.assertIn("FMA attention: flash", f.read())
+
+
 class SeveralProcesses(unittest.TestCase):
     def test_two_processes_follow_one(self):
         """Two processes, each with half of every step's windows and their gradients averaged,
