@@ -265,6 +265,15 @@ def _expand_kv(x, heads):  # [B, KV, ...] -> [B, H, ...]
     return x.repeat_interleave(heads // x.shape[1], dim=1)
 
 
+def padded_to_blocks(m, q, k, v):
+    """q, k, v padded with zeros along T to a multiple of m (padded keys lie after every real
+    query: never visible); returns them and the padded length."""
+    pad = (-q.shape[2]) % m
+    if pad:
+        q, k, v = (F.pad(t, (0, 0, 0, pad)) for t in (q, k, v))
+    return q, k, v, q.shape[2]
+
+
 def block_summaries(cfg: FmaConfig, k, v, k_down: Downsample, v_down: Downsample, nb):
     """The summaries each of the nb fine blocks sees, per present level: keys and values [B, KV,
     nb, 2p, d] (the two groups before its level-l block pair: DESIGN.md section 1) and each
@@ -293,10 +302,7 @@ def fma_attention(cfg: FmaConfig, q, k, v, k_down: Downsample, v_down: Downsampl
     appended, [B, H, T, 1 + levels present] (attention_mass.py)."""
     B, H, T0, d = q.shape
     KV, m = k.shape[1], cfg.fma_block_size
-    pad = (-T0) % m  # padded keys lie after every real query: never visible
-    if pad:
-        q, k, v = (F.pad(t, (0, 0, 0, pad)) for t in (q, k, v))
-    T = T0 + pad
+    q, k, v, T = padded_to_blocks(m, q, k, v)
     nb = T // m
     dev = q.device
     acc = torch.promote_types(q.dtype, torch.float32)  # softmax precision
@@ -346,10 +352,7 @@ def fma_attention_flash(cfg: FmaConfig, q, k, v, k_down: Downsample, v_down: Dow
     zeros whose outputs are dropped; channels are padded to a multiple of 8."""
     B, H, T0, d = q.shape
     KV, m = k.shape[1], cfg.fma_block_size
-    pad = (-T0) % m
-    if pad:
-        q, k, v = (F.pad(t, (0, 0, 0, pad)) for t in (q, k, v))
-    T = T0 + pad
+    q, k, v, T = padded_to_blocks(m, q, k, v)
     nb, dev, dt = T // m, q.device, q.dtype
     kb, vb = k.view(B, KV, nb, m, d), v.view(B, KV, nb, m, d)
     parts = block_summaries(cfg, k, v, k_down, v_down, nb)
@@ -432,10 +435,7 @@ def fma_attention_flex(cfg: FmaConfig, q, k, v, k_down: Downsample, v_down: Down
     B, H, T0, d = q.shape
     KV, m = k.shape[1], cfg.fma_block_size
     from torch.nn.attention.flex_attention import flex_attention
-    pad = (-T0) % m
-    if pad:
-        q, k, v = (F.pad(t, (0, 0, 0, pad)) for t in (q, k, v))
-    T = T0 + pad
+    q, k, v, T = padded_to_blocks(m, q, k, v)
     block_mask, bonus = fma_flex_mask(cfg, T, q.device)
     keys, vals = [k], [v]
     for _, Ks, Vs in summaries(cfg, k, v, k_down, v_down):
