@@ -942,7 +942,7 @@ TEST_F(Cuda, DecodeAttentionMatchesTheFp32Tile) {
        {std::tuple{256, 4096, 16, 3000}, std::tuple{1024, 8192, 1, 5000},
         std::tuple{256, 4096, 1, 700}, std::tuple{1024, 4096, 1, 1}, std::tuple{1024, 4096, 1, 3},
         std::tuple{1024, 4096, 1, 1500}, std::tuple{1024, 4096, 2, 2047},
-        std::tuple{1024, 2048, 1, 9000}}) {
+        std::tuple{1024, 4096, 1, 9000}}) {
     Config c = mp::testing::attention_config(n, 4);
     c.fma_block_size = m;
     c.validate();
