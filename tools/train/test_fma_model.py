@@ -280,7 +280,8 @@ class FlexOnTheGpu(OnTheGpu, unittest.TestCase):
     ATTENTION = staticmethod(fma_attention_flex)
 
 
-@unittest.skipUnless(torch.cuda.is_available() and hasattr(torch.nn.functional, "scaled_dot_product_attention"),
+@unittest.skipUnless(torch.cuda.is_available()
+                     and hasattr(torch.nn.functional, "scaled_dot_product_attention"),
                      "SDPA's FlashAttention: a GPU and PyTorch >= 2.1")
 class FlashOnTheGpu(OnTheGpu, unittest.TestCase):
     ATTENTION = staticmethod(fma_attention_flash)

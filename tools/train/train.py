@@ -535,7 +535,8 @@ def main(argv=None):
     say(describe(cfg, model) + (f", {sum(p.numel() for p in tr.params) / 1e6:.2f}M trained"
                                 if args.freeze else "")
         + (f", {ranks.world} processes" if ranks.world > 1 else "")
-        + (f", FMA attention: {tr.kernel}" if tr.kernel != "gather" else "") + (", CUDA graphs" if tr.graphs else ""))
+        + (f", FMA attention: {tr.kernel}" if tr.kernel != "gather" else "")
+        + (", CUDA graphs" if tr.graphs else ""))
     say(f"{len(corpus.tokens) / 1e6:.1f}M training tokens"
         + (f" in {len(corpus.shards)} shards: {' '.join(corpus.shards)}" if corpus.sharded else ""))
     progress["runs"].append({"from_step": progress["step"], "shards": corpus.shards})
