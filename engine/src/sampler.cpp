@@ -230,8 +230,8 @@ std::vector<std::pair<int, float>> filtered_candidates(const SamplingParams& p,
     c.resize(p.top_k);
     const double mx = c[0].second;
     double sum = 0;
-    for (auto& e : c) sum += std::exp((e.second - mx) / T);
-    for (auto& e : c) e.second = std::exp((e.second - mx) / T) / sum;
+    for (auto& e : c) sum += (e.second = std::exp((e.second - mx) / T));
+    for (auto& e : c) e.second /= sum;
     return normalised(c, filter(c, p, false));
   }
   const double mx = *std::max_element(l.begin(), l.end());
@@ -245,12 +245,15 @@ std::vector<std::pair<int, float>> filtered_candidates(const SamplingParams& p,
     for (int i = 0; i < n; ++i) out[i] = {i, static_cast<float>(w[i] / renorm)};
     return out;
   }
-  Candidates c = by_full_sort ? sorted_vocabulary(l) : likeliest_by_mass(l, w, sum, mx, p);
-  for (auto& e : c) e.second = w[e.first] / sum;
+  auto probabilities = [&](Candidates c) {
+    for (auto& e : c) e.second = w[e.first] / sum;
+    return c;
+  };
+  Candidates c =
+      probabilities(by_full_sort ? sorted_vocabulary(l) : likeliest_by_mass(l, w, sum, mx, p));
   double renorm = filter(c, p, c.size() < size_t(n));
   if (renorm < 0) {  // the prefix goes on past the candidates: the whole vocabulary
-    c = sorted_vocabulary(l);
-    for (auto& e : c) e.second = w[e.first] / sum;
+    c = probabilities(sorted_vocabulary(l));
     renorm = filter(c, p, false);
   }
   return normalised(c, renorm);
