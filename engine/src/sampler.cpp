@@ -136,7 +136,7 @@ Candidates likeliest(std::span<const double> l, size_t n) {
   return c;
 }
 
-// The whole vocabulary by a stable sort: the reference of the tests (sample_candidates_by_full_sort).
+// The whole vocabulary by a stable sort: the tests' reference (sample_candidates_by_full_sort).
 Candidates sorted_vocabulary(std::span<const double> l) {
   Candidates c(l.size());
   for (size_t i = 0; i < l.size(); ++i) c[i] = {int(i), l[i]};
