@@ -1440,10 +1440,10 @@ int sm_count() {
 
 int decode_splits(const FmaShape& s, int64_t cap, int n_items) {
   const int64_t sms = sm_count();
-  // MULTIPOLE_CUDA_NO_FMA_SPLITS=1: FMA decode keys never split (a same-call A/B of the split).
-  static const bool no_fma_splits = std::getenv("MULTIPOLE_CUDA_NO_FMA_SPLITS") != nullptr;
-  if (s.fma && no_fma_splits) return 1;
   if (s.fma) {
+    // MULTIPOLE_CUDA_NO_FMA_SPLITS=1: FMA decode keys never split (a same-call A/B of the split).
+    static const bool no_fma_splits = std::getenv("MULTIPOLE_CUDA_NO_FMA_SPLITS") != nullptr;
+    if (no_fma_splits) return 1;
     // The blocks of few sequences (32 warps, one head) split a window of 2m fine keys into
     // ranges of kDecodeSplitKeys or more, over as many blocks as the GPU holds at one a SM.
     const int64_t blocks = int64_t(std::max(n_items, 1)) * s.heads;

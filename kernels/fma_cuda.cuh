@@ -122,8 +122,8 @@ void attention(const FmaShape& s, const CacheView& c, const ChunkDesc* chunks,
 // The blocks each (sequence, head) of a decode step of n_items sequences splits its keys over.
 // Exact attention: each (sequence, KV head), enough for ~16 blocks per SM of the current device,
 // at most one per block tile of the cache's c.cap keys. FMA: 1, or in steps of few sequences
-// (kDecodeFewBlocks (sequence, head) blocks or fewer) up to one per 128 keys of the 2m-key fine
-// window, as many as the GPU's SMs hold at one each. Fixed for a bucket (a captured graph's
+// (kDecodeFewBlocks (sequence, head) blocks or fewer) up to one per 512 keys (kDecodeSplitKeys)
+// of the 2m-key fine window, as many as the GPU's SMs hold at one each. Fixed for a bucket (a captured graph's
 // grid); the keys per split follow each sequence's key list.
 int decode_splits(const FmaShape& s, int64_t cap, int n_items);
 // The scratch floats attention() needs for such a step: first kDecodeTickets counters (unsigned)
