@@ -261,8 +261,8 @@ def summaries(cfg: FmaConfig, k, v, k_down: Downsample, v_down: Downsample):
             for level in present_levels(cfg, T)]
 
 
-def _expand_kv(x, heads):  # [B, KV, ...] -> [B, H, ...]
-    return x.repeat_interleave(heads // x.shape[1], dim=1)
+def _expand_kv(x, heads):  # [B, KV, ...] -> [B, H, ...] (no copy when KV = H)
+    return x if x.shape[1] == heads else x.repeat_interleave(heads // x.shape[1], dim=1)
 
 
 def padded_to_blocks(m, q, k, v):
@@ -374,13 +374,7 @@ def fma_attention_flash(cfg: FmaConfig, q, k, v, k_down: Downsample, v_down: Dow
                    torch.cat([q.view(B, H, nb, m, d), q.new_ones(B, H, nb, m, 1),
                               q.new_zeros(B, H, nb, m, width - d - 1)], dim=-1)], dim=3)
     Q, K, V = (x.reshape(B * H, nb, L, width) for x in (Q, _expand_kv(K, H), _expand_kv(V, H)))
-    if hasattr(F, "scaled_dot_product_attention"):
-        o = F.scaled_dot_product_attention(Q, K, V, is_causal=True, scale=1 / math.sqrt(d))
-    else:  # PyTorch 1.x (the CPU tests here): the same causal softmax written out
-        acc = torch.promote_types(dt, torch.float32)
-        causal = torch.ones(L, L, dtype=torch.bool, device=dev).tril()
-        sc = (Q.to(acc) @ K.to(acc).transpose(-1, -2)) / math.sqrt(d)
-        o = (sc.masked_fill(~causal, float("-inf")).softmax(-1) @ V.to(acc)).to(dt)
+    o = exact_attention(Q, K, V, d)  # (blocks in place of heads)
     o = o.view(B, H, nb, L, width)[:, :, :, S + m:, :d]
     return o.reshape(B, H, T, d)[:, :, :T0]
 
@@ -482,15 +476,18 @@ def fma_attention_slow(cfg: FmaConfig, q, k, v, k_down: Downsample, v_down: Down
     return out
 
 
-def exact_attention(q, k, v):
+def exact_attention(q, k, v, d=None):
+    """Causal attention, q [B, H, T, c], k and v [B, KV, T, c]; the scores divided by sqrt(d)
+    (default c: d < c where channels past the head's are padding)."""
     H = q.shape[1]
     k, v = _expand_kv(k, H), _expand_kv(v, H)
     if hasattr(F, "scaled_dot_product_attention"):
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True,
+                                              **({} if d is None else {"scale": 1 / math.sqrt(d)}))
     T = q.shape[2]
     causal = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
     acc = torch.promote_types(q.dtype, torch.float32)
-    sc = (q.to(acc) @ k.to(acc).transpose(-1, -2)) / math.sqrt(q.shape[-1])
+    sc = (q.to(acc) @ k.to(acc).transpose(-1, -2)) / math.sqrt(d or q.shape[-1])
     return (sc.masked_fill(~causal, float("-inf")).softmax(-1) @ v.to(acc)).to(q.dtype)
 
 
