@@ -36,6 +36,7 @@
 #   TESTS=0    skip the tests; SIZE=tiny with TRAIN_ARGS="--device cpu ..." checks the script on a CPU
 set -euo pipefail
 corpus=$(realpath "$1") out=$(realpath "$2") minutes=$3
+inbox_root=${INBOX:+$(realpath "$INBOX")}  # before the cd below: INBOX may be relative
 work=${LEASE_DIR:-/tmp/lease}
 models=${MODELS:-fma exact}
 for m in $models; do
@@ -61,7 +62,7 @@ echo "corpus: ${#shards[@]} training shards present"
 
 # Checkpoints carried in, part by part over several calls: whole ones become the runs' latest.
 for m in $models; do
-  inbox=${INBOX:+$(realpath "$INBOX")/${m}_ckpt}
+  inbox=${inbox_root:+$inbox_root/${m}_ckpt}
   if [ -z "$inbox" ] || [ ! -f "$inbox/manifest.json" ]; then continue; fi
   step=$(python3 -c "import json, sys; print(json.load(open(sys.argv[1]))['step'])" "$inbox/manifest.json")
   dest=$work/$m/$(printf 'ckpt-%07d' "$step")

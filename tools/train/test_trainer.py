@@ -438,6 +438,32 @@ class LeaseOnAFreshMachine(unittest.TestCase):
             self.assertEqual(got.returncode, 0, got.stderr)
             self.assertIn("nothing to fetch yet", got.stdout)
 
+    def test_a_checkpoint_carried_in_over_two_calls(self):
+        """INBOX (a path relative to the repository root, as the device tool's carry gives it)
+        brings a checkpoint's parts in over several calls: it becomes the run's latest only once
+        whole. Session 24 found the relative path resolved after the script's cd: nothing came in."""
+        with tempfile.TemporaryDirectory() as d:
+            made = os.path.join(d, "made")
+            state = {"w": torch.from_numpy(np.random.default_rng(0).random(2 * 2**20 + 9))}
+            folder = checkpoint.save(made, state, {"step": 12})
+            parts = sorted(f for f in os.listdir(folder) if f.startswith("part-"))
+            self.assertEqual(len(parts), 2)
+            root = os.path.join(HERE, "..", "..")
+            lease = os.path.join(d, "lease")
+            os.makedirs(os.path.join(lease, "fma"))
+            for i, part in enumerate(parts):
+                inbox = os.path.join(d, f"call{i}", "fma_ckpt")
+                os.makedirs(inbox)
+                for f in ("manifest.json", part):
+                    shutil.copy(os.path.join(folder, f), inbox)
+                got = self.lease(d, LEASE_DIR=lease, INBOX=os.path.relpath(os.path.dirname(inbox), root))
+                self.assertEqual(got.returncode, 0, got.stderr)
+                whole = i == len(parts) - 1
+                self.assertEqual("checkpoint incomplete" in got.stdout, not whole, got.stdout)
+            self.assertEqual(checkpoint.latest(os.path.join(lease, "fma")),
+                             os.path.join(lease, "fma", "ckpt-0000012"))
+            self.assertEqual(checkpoint.problems(os.path.join(lease, "fma", "ckpt-0000012")), [])
+
     def ended_run(self, d, converter):
         """A lease whose FMA run ended with its bf16 folder (16 MiB of weights), `converter` the
         bundle's multipole-convert; two calls of it with GPU_BUNDLE. Returns the last."""
