@@ -2,6 +2,8 @@
 #include <cstdio>
 #include <filesystem>
 
+#include <unistd.h>
+
 #include "common/args.h"
 #include "multipole/multipole.h"
 
@@ -45,10 +47,11 @@ int main(int argc, char** argv) {
       f.trained_length = args.integer("trained-length", 0);
       o.fma = f;
     }
-    o.progress = [](size_t done, size_t total, const std::string& name) {
-      std::fprintf(stderr, "\r[%zu/%zu] %-60s", done, total, name.c_str());
-      if (done == total) std::fputc('\n', stderr);
-    };
+    if (isatty(STDERR_FILENO))  // a log file gets the summary line alone, not 100 overwrites
+      o.progress = [](size_t done, size_t total, const std::string& name) {
+        std::fprintf(stderr, "\r[%zu/%zu] %-60s", done, total, name.c_str());
+        if (done == total) std::fputc('\n', stderr);
+      };
     if (std::filesystem::is_regular_file(args.positional()[0]))
       mp::convert_gguf(args.positional()[0], args.positional()[1], o);
     else
