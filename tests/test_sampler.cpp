@@ -4,6 +4,7 @@
 #include <random>
 #include <set>
 
+#include "backend_cpu.h"
 #include "multipole/multipole.h"
 #include "sampling.h"
 
@@ -234,6 +235,31 @@ TEST(Sampler, RejectsBadParameters) {
   p = plain();
   p.temperature = NAN;
   EXPECT_THROW(Sampler{p}, Error);
+}
+
+// The sampled token's log-probability without top_logprobs (one log-sum-exp, no vector) is
+// log_softmax's value bit for bit, as with top_logprobs, on fresh random rows.
+TEST(Sampler, LogprobWithoutTheVectorIsLogSoftmaxs) {
+  std::mt19937 rng(17);
+  std::normal_distribution<float> normal(0, 4);
+  SamplingParams p;
+  p.top_k = 0;
+  p.top_p = 1.0f;
+  p.min_p = 0;
+  for (int row = 0; row < 20; ++row) {
+    std::vector<float> logits(1000 + row * 37);
+    for (float& x : logits) x = normal(rng);
+    const std::vector<float> lp = log_softmax(logits);
+    for (int n : {0, 3}) {
+      const SampleSpec spec{&p, {}, (row + 0.5) / 20, n};
+      const SampledToken t = sample_on_host(spec, logits);
+      EXPECT_EQ(t.logprob, lp[t.token]) << "row " << row << " top_logprobs " << n;
+      EXPECT_EQ(t.top_logprobs.size(), size_t(n));
+      if (n > 0) {
+        EXPECT_EQ(t.top_logprobs[0].second, *std::max_element(lp.begin(), lp.end()));
+      }
+    }
+  }
 }
 
 }  // namespace

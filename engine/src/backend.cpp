@@ -108,9 +108,13 @@ void check_sample_call(std::span<const SeqChunk> chunks, std::span<const SampleS
 SampledToken sample_on_host(const SampleSpec& spec, std::span<const float> logits) {
   SampledToken t;
   t.token = pick_candidate(sample_candidates(*spec.params, logits, spec.penalties), spec.uniform);
-  const std::vector<float> lp = log_softmax(logits);
-  t.logprob = lp[t.token];
-  if (spec.top_logprobs > 0) t.top_logprobs = top_logprobs(lp, spec.top_logprobs);
+  if (spec.top_logprobs > 0) {
+    const std::vector<float> lp = log_softmax(logits);
+    t.logprob = lp[t.token];
+    t.top_logprobs = top_logprobs(lp, spec.top_logprobs);
+  } else {  // the same value without the vocabulary-long vector
+    t.logprob = static_cast<float>(double(logits[t.token]) - log_sum_exp(logits));
+  }
   return t;
 }
 

@@ -38,12 +38,16 @@ double Sampler::draw() {  // splitmix64
   return static_cast<double>(z >> 11) * 0x1.0p-53;
 }
 
-std::vector<float> log_softmax(std::span<const float> logits) {
+double log_sum_exp(std::span<const float> logits) {
   double mx = -INFINITY;
   for (float x : logits) mx = std::max(mx, double(x));
   double sum = 0;
   for (float x : logits) sum += std::exp(double(x) - mx);
-  const double lse = mx + std::log(sum);
+  return mx + std::log(sum);
+}
+
+std::vector<float> log_softmax(std::span<const float> logits) {
+  const double lse = log_sum_exp(logits);
   std::vector<float> out(logits.size());
   for (size_t i = 0; i < logits.size(); ++i) out[i] = static_cast<float>(double(logits[i]) - lse);
   return out;

@@ -40,6 +40,10 @@ std::vector<std::pair<int, float>> sample_candidates_by_full_sort(const Sampling
                                                                   std::span<const float> logits,
                                                                   PenaltyList penalties);
 
+// log(sum(exp(logits))) in double: log_softmax(logits)[i] is float(logits[i] - it), so that one
+// token's log-probability needs no vector of them all.
+double log_sum_exp(std::span<const float> logits);
+
 // The n likeliest tokens of a row of log-probabilities (log_softmax of the logits), likeliest
 // first (ties: lower id first): the host twin of the GPU's top-N (kernels/sampling_cuda.cu).
 std::vector<std::pair<int, float>> top_logprobs(std::span<const float> logprobs, int n);
