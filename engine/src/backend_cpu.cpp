@@ -203,8 +203,11 @@ class CpuBackend final : public Backend {
       for (size_t t = 0; t < chunks[c].tokens.size(); ++t)
         embed_.row(chunks[c].tokens[t], x.data() + (row0[c] + t) * H);
 
-    // (chunk, first token, tokens, head) work items for the attention, in parallel over all of
-    // them: up to kBlockQueries tokens of one FMA block each (ChunkAttention::attend_block).
+    // (chunk, first token, tokens, KV head) work items for the attention, in parallel over all
+    // of them: up to kBlockQueries tokens of one FMA block each (ChunkAttention::attend_block), for
+    // the query heads that share the KV head one after another on one thread, so that the second
+    // finds the keys and values in its core's cache (a head per item read them once per head from
+    // the shared cache: m = 1,024's fine window is 512 KB a KV head and layer).
     constexpr int kBlockQueries = 16;
     constexpr int64_t kParallelHeadKeys = 4096;
     const int m = c_.fma_enabled ? c_.fma_block_size : kBlockQueries;
@@ -222,7 +225,7 @@ class CpuBackend final : public Backend {
         const int64_t block_end = ((pos0 + t) / m + 1) * m;
         const int nq =
             static_cast<int>(std::min<int64_t>({kBlockQueries, n - t, block_end - pos0 - t}));
-        for (int hd = 0; hd < nh; ++hd) items.push_back({static_cast<int>(c), t, nq, hd});
+        for (int kvh = 0; kvh < nkv; ++kvh) items.push_back({static_cast<int>(c), t, nq, kvh});
         t += nq;
       }
     }
@@ -249,9 +252,10 @@ class CpuBackend final : public Backend {
                         v.data() + size_t(row0[c]) * nkv * d);
       }
       auto attend = [&](size_t it, std::vector<float>& scratch) {
-        const auto [c, t, nq, hd] = items[it];
-        ca[c].attend_block(t, nq, hd, att.data() + (size_t(row0[c] + t) * nh + hd) * d,
-                           int64_t{nh} * d, scratch);
+        const auto [c, t, nq, kvh] = items[it];
+        for (int hd = kvh * (nh / nkv); hd < (kvh + 1) * (nh / nkv); ++hd)
+          ca[c].attend_block(t, nq, hd, att.data() + (size_t(row0[c] + t) * nh + hd) * d,
+                             int64_t{nh} * d, scratch);
       };
       if (head_keys >= kParallelHeadKeys) {
 #pragma omp parallel

@@ -146,8 +146,10 @@ class TensorParallelBackend final : public Backend {
   template <class Fn>
   void each_array(cpu::LayerCache& whole, cpu::LayerCache& part, Fn fn) const {
     const size_t d = shard_.head_dim, pd = size_t(shard_.fma_rank) * d;
-    fn(whole.fine_k, part.fine_k, d);
-    fn(whole.fine_v, part.fine_v, d);
+    // FMA's fine ring is [n_kv][2m][d] (one block a KV head), exact mode's [pos][n_kv][d].
+    const size_t fine = shard_.fma_enabled ? cpu::fine_capacity(shard_) * d : d;
+    fn(whole.fine_k, part.fine_k, fine);
+    fn(whole.fine_v, part.fine_v, fine);
     fn(whole.sum_k, part.sum_k, pd);
     fn(whole.sum_v, part.sum_v, pd);
     fn(whole.acc_k, part.acc_k, pd);

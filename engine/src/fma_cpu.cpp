@@ -104,6 +104,28 @@ void finish_summary(const Config& c, const Downsampler& ds, const float* acc, fl
 
 int64_t fine_capacity(const Config& c) { return c.fma_enabled ? 2 * int64_t{c.fma_block_size} : 0; }
 
+namespace {
+// [rows][cols][d] -> [cols][rows][d]
+std::vector<float> transpose_rows(std::span<const float> v, size_t rows, size_t cols, size_t d) {
+  if (v.size() != rows * cols * d) throw Error("FMA cache: a fine ring of the wrong size");
+  std::vector<float> out(v.size());
+  for (size_t r = 0; r < rows; ++r)
+    for (size_t c = 0; c < cols; ++c)
+      std::copy_n(v.data() + (r * cols + c) * d, d, out.data() + (c * rows + r) * d);
+  return out;
+}
+}  // namespace
+
+std::vector<float> fine_in_file_order(const Config& c, std::span<const float> fine) {
+  if (!c.fma_enabled) return {fine.begin(), fine.end()};
+  return transpose_rows(fine, c.n_kv_heads, fine_capacity(c), c.head_dim);
+}
+
+std::vector<float> fine_in_cache_order(const Config& c, std::span<const float> fine) {
+  if (!c.fma_enabled) return {fine.begin(), fine.end()};
+  return transpose_rows(fine, fine_capacity(c), c.n_kv_heads, c.head_dim);
+}
+
 SeqCache make_seq_cache(const Config& c) {
   SeqCache s;
   s.layers.resize(c.n_layers);
@@ -247,8 +269,8 @@ std::vector<uint8_t> serialize(const Config& c, const SeqCache& s) {
   head.insert(head.end(), fp.begin(), fp.end());
   put_vec(out, head);
   for (const auto& l : s.layers) {
-    put_vec(out, l.fine_k);
-    put_vec(out, l.fine_v);
+    put_vec(out, fine_in_file_order(c, l.fine_k));
+    put_vec(out, fine_in_file_order(c, l.fine_v));
     put_vec(out, l.sum_k);
     put_vec(out, l.sum_v);
     put_vec(out, l.sum_group);
@@ -304,6 +326,8 @@ void deserialize(const Config& c, std::span<const uint8_t> bytes, SeqCache& s) {
   for (auto& l : fresh.layers) {
     r.vec(l.fine_k, fine);
     r.vec(l.fine_v, fine);
+    l.fine_k = fine_in_cache_order(c, l.fine_k);
+    l.fine_v = fine_in_cache_order(c, l.fine_v);
     r.vec(l.sum_k, l.sum_k.size());
     r.vec(l.sum_v, l.sum_v.size());
     r.vec(l.sum_group, l.sum_group.size());
@@ -368,12 +392,12 @@ const float* ChunkAttention::summary(int level, int64_t group, bool values, int 
 }
 
 const float* ChunkAttention::fine(int64_t j, bool values, int kv_head) const {
-  const size_t kvd = size_t(c_.n_kv_heads) * c_.head_dim;
-  const size_t off = size_t(kv_head) * c_.head_dim;
-  if (j >= pos0_) return (values ? v_ : k_) + size_t(j - pos0_) * kvd + off;
+  const size_t d = c_.head_dim, kvd = size_t(c_.n_kv_heads) * d;
+  if (j >= pos0_) return (values ? v_ : k_) + size_t(j - pos0_) * kvd + kv_head * d;
   const int64_t cap = fine_capacity(c_);
-  const int64_t slot = cap ? j % cap : j;
-  return (values ? cache_.fine_v : cache_.fine_k).data() + size_t(slot) * kvd + off;
+  const float* ring = (values ? cache_.fine_v : cache_.fine_k).data();
+  if (cap == 0) return ring + size_t(j) * kvd + kv_head * d;
+  return ring + (size_t(kv_head) * cap + size_t(j % cap)) * d;
 }
 
 size_t ChunkAttention::visible_groups(int64_t i, std::vector<Group>& groups) const {
@@ -395,11 +419,12 @@ size_t ChunkAttention::visible_groups(int64_t i, std::vector<Group>& groups) con
 // ring wraps.
 template <class F>
 void ChunkAttention::fine_runs(int64_t lo, int64_t i, int kvh, bool values, F&& f) const {
-  const int64_t cap = fine_capacity(c_);
+  const int64_t cap = fine_capacity(c_), kvd = int64_t{c_.n_kv_heads} * c_.head_dim;
   for (int64_t j = lo; j <= i;) {
     int64_t end = i + 1;
     if (j < pos0_) end = std::min(pos0_, cap ? (j / cap + 1) * cap : pos0_);
-    f(j - lo, fine(j, values, kvh), static_cast<int>(end - j));
+    const int64_t stride = j < pos0_ && cap ? c_.head_dim : kvd;  // the ring's or the rows'
+    f(j - lo, fine(j, values, kvh), stride, static_cast<int>(end - j));
     j = end;
   }
 }
@@ -418,9 +443,8 @@ void ChunkAttention::attend(int t, int head, float* out, std::vector<float>& scr
   const size_t n_scores = n_fine + visible_groups(i, groups);
   scratch.resize(n_scores);
   float* s = scratch.data();
-  const int64_t kvd = int64_t{c_.n_kv_heads} * d;
-  fine_runs(lo, i, kvh, false, [&](int64_t at, const float* k, int n) {
-    scaled_dots(q, k, kvd, n, d, scale, s + at);
+  fine_runs(lo, i, kvh, false, [&](int64_t at, const float* k, int64_t stride, int n) {
+    scaled_dots(q, k, stride, n, d, scale, s + at);
   });
   for (const Group& gr : groups) {
     float* sg = s + n_fine + gr.at;
@@ -432,8 +456,8 @@ void ChunkAttention::attend(int t, int head, float* out, std::vector<float>& scr
   }
   softmax(s, static_cast<int>(n_scores));
   std::fill(out, out + d, 0.0f);
-  fine_runs(lo, i, kvh, true, [&](int64_t at, const float* v, int n) {
-    add_weighted_rows(s + at, v, kvd, n, d, out);
+  fine_runs(lo, i, kvh, true, [&](int64_t at, const float* v, int64_t stride, int n) {
+    add_weighted_rows(s + at, v, stride, n, d, out);
   });
   for (const Group& gr : groups)
     add_weighted_rows(s + n_fine + gr.at, summary(gr.level, gr.g, true, kvh), d, gr.rank, d, out);
@@ -447,7 +471,7 @@ void ChunkAttention::attend_block(int t0, int nq, int head, float* out, int64_t 
   if (nq < 1 || t0 < 0 || t0 + nq > T_ || (c_.fma_enabled && i0 / m != i1 / m))
     throw Error("attend_block: tokens " + std::to_string(t0) + ".." + std::to_string(t0 + nq - 1) +
                 " are not in one block of the chunk");
-  const int64_t q_stride = int64_t{c_.n_heads} * d, kvd = int64_t{c_.n_kv_heads} * d;
+  const int64_t q_stride = int64_t{c_.n_heads} * d;
   const float* q = q_ + size_t(t0) * q_stride + size_t(head) * d;
   const float scale = 1.0f / std::sqrt(static_cast<float>(d));
   const int64_t lo = c_.fma_enabled ? std::max<int64_t>(0, (i0 / m - 1) * m) : 0;
@@ -463,8 +487,8 @@ void ChunkAttention::attend_block(int t0, int nq, int head, float* out, int64_t 
   scratch.resize(size_t(nq) * (width + n_max));
   float* s = scratch.data();
   float* p = s + size_t(nq) * width;
-  fine_runs(lo, i1, kvh, false, [&](int64_t at, const float* k, int n) {
-    scaled_dots_rows(q, q_stride, nq, k, kvd, n, d, scale, s + at, width);
+  fine_runs(lo, i1, kvh, false, [&](int64_t at, const float* k, int64_t stride, int n) {
+    scaled_dots_rows(q, q_stride, nq, k, stride, n, d, scale, s + at, width);
   });
   for (int a = 0; a < nq; ++a) {
     const int64_t n_fine = i0 + a - lo + 1;
@@ -482,8 +506,8 @@ void ChunkAttention::attend_block(int t0, int nq, int head, float* out, int64_t 
     std::fill(p + a * n_max + n_fine, p + (a + 1) * n_max, 0.0f);
     std::fill(out + a * out_stride, out + a * out_stride + d, 0.0f);
   }
-  fine_runs(lo, i1, kvh, true, [&](int64_t at, const float* v, int n) {
-    add_weighted_rows_rows(p + at, n_max, nq, v, kvd, n, d, out, out_stride);
+  fine_runs(lo, i1, kvh, true, [&](int64_t at, const float* v, int64_t stride, int n) {
+    add_weighted_rows_rows(p + at, n_max, nq, v, stride, n, d, out, out_stride);
   });
   for (int a = 0; a < nq; ++a) {
     const float* sa = s + a * width + (i0 + a - lo + 1);
@@ -501,11 +525,13 @@ void ChunkAttention::commit() {
     cache_.fine_v.insert(cache_.fine_v.end(), v_, v_ + T_ * kvd);
   } else {
     // Only the last 2m tokens can still be seen.
-    for (int64_t j = std::max<int64_t>(pos0_, pos0_ + T_ - cap); j < pos0_ + T_; ++j) {
-      const size_t src = size_t(j - pos0_) * kvd, dst = size_t(j % cap) * kvd;
-      std::copy_n(k_ + src, kvd, cache_.fine_k.data() + dst);
-      std::copy_n(v_ + src, kvd, cache_.fine_v.data() + dst);
-    }
+    const size_t d = c_.head_dim;
+    for (int64_t j = std::max<int64_t>(pos0_, pos0_ + T_ - cap); j < pos0_ + T_; ++j)
+      for (int h = 0; h < c_.n_kv_heads; ++h) {
+        const size_t src = size_t(j - pos0_) * kvd + h * d, dst = (h * size_t(cap) + j % cap) * d;
+        std::copy_n(k_ + src, d, cache_.fine_k.data() + dst);
+        std::copy_n(v_ + src, d, cache_.fine_v.data() + dst);
+      }
   }
   const int nkv = c_.n_kv_heads;
   const size_t block = size_t(nkv) * c_.fma_rank * c_.head_dim;
