@@ -22,6 +22,7 @@ import checkpoint
 import evaluate
 import train
 from corpus import Corpus, CorpusError, Windows, load_val, make_fake
+from fma_model import load_hf
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TOKENIZER = os.path.join(HERE, "..", "..", "tests", "data", "tiny-spm.model")
@@ -229,6 +230,25 @@ class ExactResume(unittest.TestCase):
             with self.assertRaisesRegex(checkpoint.CheckpointError, "part-000 has sha256"):
                 train.main(["--data", data, "--out", split, "--size", "tiny", "--device", "cpu",
                             "--batch", "4", "--warmup", "2", "--minutes", "0"])
+
+    def test_a_checkpoint_exported_before_the_plan_ends(self):
+        """--export writes a run's latest checkpoint (or a named one) as the bf16 folder a
+        finished run would: the checkpoint's weights, rounded to bf16, and what load_hf reads."""
+        with tempfile.TemporaryDirectory() as tmp:
+            data, run = os.path.join(tmp, "c"), os.path.join(tmp, "run")
+            fake_corpus(data, shards=2, docs_per_shard=8)
+            state = run_train(data, run, "--stop-at", "2")
+            self.assertFalse(os.path.exists(os.path.join(run, "hf")))  # the plan is not done
+            for source in (run, checkpoint.latest(run)):
+                out = os.path.join(tmp, "hf_" + os.path.basename(source))
+                train.main(["--export", source, "--out", out, "--data", data])
+                model, _ = load_hf(out)
+                got = model.state_dict()
+                self.assertEqual(set(got), set(state["model"]))
+                for k, t in state["model"].items():
+                    self.assertTrue(torch.equal(got[k], t.to(torch.bfloat16).float()), k)
+            with self.assertRaises(checkpoint.CheckpointError):
+                train.main(["--export", data, "--out", os.path.join(tmp, "x"), "--data", data])
 
     def test_legacy_format(self):
         with tempfile.TemporaryDirectory() as tmp:

@@ -27,6 +27,7 @@ clipping, so the plan, the checkpoints and the result are those of one process (
 plan must then be fixed in steps (--plan-steps).
 
 usage: train.py --data DIR --out DIR [--size full] [--exact] [--minutes M] [--plan-steps N] ...
+       train.py --export RUN_OR_CKPT --out HF_DIR --data DIR
        train.py --benchmark-steps N --size full [--batch B] [--benchmark-micro 4,8] [--compile]
 """
 import argparse
@@ -170,6 +171,10 @@ def parse_args(argv=None):
                     help="steps between loss readings (the only host synchronisations)")
     ap.add_argument("--final", action="store_true",
                     help="export at the end of this run even if the plan is not finished")
+    ap.add_argument("--export", metavar="CKPT",
+                    help="write a checkpoint's weights (a run folder's latest, or a ckpt-STEP "
+                    "folder) as the Hugging Face folder --out (bf16, as a finished run exports; "
+                    "the tokenizer from --data) and exit: a run looked at before its plan ends")
     ap.add_argument("--benchmark-steps", type=int,
                     help="time this many steps of the FMA model and of its exact twin, print "
                     "tokens/s and peak memory, and exit (no --out needed)")
@@ -481,6 +486,19 @@ def benchmark(args, dev):
     print(f"FMA / exact tokens/s (best micro-batch of each): {best['fma'] / best['exact']:.3f}")
 
 
+def export_checkpoint(ckpt, out, tokenizer):
+    """The weights of checkpoint folder `ckpt` (or of a run folder's latest) as the Hugging Face
+    folder `out`, bf16 as a finished run's export; returns its step."""
+    folder = ckpt if os.path.exists(os.path.join(ckpt, "manifest.json")) else checkpoint.latest(ckpt)
+    if folder is None:
+        raise checkpoint.CheckpointError(f"{ckpt}: neither a checkpoint nor a run folder with one")
+    man, state = checkpoint.load(folder)
+    model = FmaModel(FmaConfig(**man["config"]))
+    model.load_state_dict(state["model"])
+    save_hf(model, out, tokenizer, dtype=torch.bfloat16)
+    return man["step"]
+
+
 def main(argv=None):
     args = parse_args(argv)
     t_start = time.time()
@@ -490,6 +508,12 @@ def main(argv=None):
         torch.backends.cudnn.allow_tf32 = True
     if args.benchmark_steps:
         benchmark(args, dev)
+        return
+    if args.export:
+        if not args.out or not args.data:
+            raise SystemExit("--export: give --out (the folder to write) and --data (its tokenizer)")
+        step = export_checkpoint(args.export, args.out, os.path.join(args.data, "tokenizer.model"))
+        print(f"exported step {step} of {args.export} to {args.out}")
         return
     ranks = Ranks(dev)
     model, cfg = build(args, args.exact, dev)
