@@ -361,8 +361,8 @@ class CudaBackend final : public Backend {
       }
       download(l.fine_k, s, h.fine_k);  // the device's order, the files' (fma_cpu.h)
       download(l.fine_v, s, h.fine_v);
-      h.fine_k = cpu::fine_in_cache_order(c_, h.fine_k);
-      h.fine_v = cpu::fine_in_cache_order(c_, h.fine_v);
+      h.fine_k = cpu::fine_in_cache_order(c_, h.fine_k, seq.pos);
+      h.fine_v = cpu::fine_in_cache_order(c_, h.fine_v, seq.pos);
       download(l.sum_k, s, h.sum_k);
       download(l.sum_v, s, h.sum_v);
       download(l.acc_k, s, h.acc_k);
@@ -386,8 +386,8 @@ class CudaBackend final : public Backend {
     for (int li = 0; li < c_.n_layers; ++li) {
       Layer& l = layers_[li];
       cpu::LayerCache& h = seq.layers[li];
-      h.fine_k = cpu::fine_in_file_order(c_, h.fine_k);  // the device's order (kept to the sync)
-      h.fine_v = cpu::fine_in_file_order(c_, h.fine_v);
+      h.fine_k = cpu::fine_in_file_order(c_, h.fine_k, seq.pos);  // the device's (kept to the sync)
+      h.fine_v = cpu::fine_in_file_order(c_, h.fine_v, seq.pos);
       upload_part(l.fine_k, s, h.fine_k);
       upload_part(l.fine_v, s, h.fine_v);
       upload_part(l.sum_k, s, h.sum_k);

@@ -322,7 +322,7 @@ TEST(Fma, EqualsExactCausalAttentionUpTo2m) {
 TEST(Fma, CacheHasFixedSizePastTrainedLength) {
   const Config c = attn_config(64, 8, 2, Downsampling::GroupedConv, true, 2, 1, 8);
   auto seq = mp::cpu::make_seq_cache(c);
-  const size_t before = mp::cpu::seq_cache_bytes(seq);
+  const size_t before = mp::cpu::seq_cache_bytes(c, seq);
   // (2m + 4pL) * d keys and as many values, per KV head.
   const size_t expected_floats = size_t(2 * 8 + 4 * 2 * c.n_levels()) * 8 * 2 * c.n_kv_heads;
   EXPECT_EQ(before, expected_floats * 4 + 8 * 3 * c.n_levels());
@@ -338,48 +338,55 @@ TEST(Fma, CacheHasFixedSizePastTrainedLength) {
     ca.commit();
     for (float x : out) ASSERT_TRUE(std::isfinite(x));
   }
-  EXPECT_EQ(mp::cpu::seq_cache_bytes(seq), before);
+  EXPECT_EQ(mp::cpu::seq_cache_bytes(c, seq), before);
 }
 
-// The cache keeps a KV head's fine keys together ([n_kv][2m][d]) but a state file holds them as
-// before, [slot][n_kv][d] (files of earlier builds load; the CUDA backend's arrays are in this
-// order): the file's first fine block read against the keys given, and the file read back.
-TEST(Fma, StateFileKeepsFineKeysSlotMajor) {
-  const Config c = attn_config(64, 8, 2, Downsampling::GroupedConv, true, 4, 2, 8);
-  const int d = c.head_dim, nkv = c.n_kv_heads, cap = 2 * c.fma_block_size, T = 37;
-  std::mt19937 rng(11);
-  std::normal_distribution<float> nd(0, 1);
-  const RandomLayer rl = random_layer(c, rng);
-  std::vector<float> q(size_t(T) * c.n_heads * d), k(size_t(T) * nkv * d), v(k.size());
-  for (auto* vec : {&q, &k, &v})
-    for (auto& x : *vec) x = nd(rng);
-  auto seq = mp::cpu::make_seq_cache(c);
-  for (int t0 = 0; t0 < T; t0 += 5) {  // chunks of 5: the ring wraps inside one
-    const int n = std::min(5, T - t0);
-    mp::cpu::ChunkAttention(c, rl.ds, seq.layers[0], t0, n, &q[size_t(t0) * c.n_heads * d],
-                            &k[size_t(t0) * nkv * d], &v[size_t(t0) * nkv * d])
-        .commit();
+// The cache keeps a KV head's fine keys together ([n_kv][slots][d]) but a state file holds them
+// as before, [pos][n_kv][d] (the ring's 2m slots with FMA; files of earlier builds load, the CUDA
+// backend's arrays are in this order): the file's first fine block read against the keys given,
+// and the file read back, with FMA and in exact mode (whose slots grow).
+TEST(Fma, StateFileKeepsFineKeysPositionMajor) {
+  for (const bool fma : {true, false}) {
+    Config c = attn_config(64, 8, 2, Downsampling::GroupedConv, true, 4, 2, 8);
+    c.fma_enabled = fma;
+    const int d = c.head_dim, nkv = c.n_kv_heads, T = 37;
+    const int rows = fma ? 2 * c.fma_block_size : T;
+    std::mt19937 rng(11);
+    std::normal_distribution<float> nd(0, 1);
+    const RandomLayer rl = random_layer(c, rng);
+    std::vector<float> q(size_t(T) * c.n_heads * d), k(size_t(T) * nkv * d), v(k.size());
+    for (auto* vec : {&q, &k, &v})
+      for (auto& x : *vec) x = nd(rng);
+    auto seq = mp::cpu::make_seq_cache(c);
+    for (int t0 = 0; t0 < T; t0 += 5) {  // chunks of 5: the ring wraps inside one
+      const int n = std::min(5, T - t0);
+      mp::cpu::ChunkAttention(c, rl.ds, seq.layers[0], t0, n, &q[size_t(t0) * c.n_heads * d],
+                              &k[size_t(t0) * nkv * d], &v[size_t(t0) * nkv * d])
+          .commit();
+    }
+    seq.pos = T;
+    const std::vector<uint8_t> bytes = mp::cpu::serialize(c, seq);
+    uint64_t n_head, n_fine;
+    std::memcpy(&n_head, bytes.data(), 8);
+    const size_t at = 8 + 8 * n_head;
+    std::memcpy(&n_fine, bytes.data() + at, 8);
+    ASSERT_EQ(n_fine, size_t(rows) * nkv * d) << "fma " << fma;
+    std::vector<float> file(n_fine);
+    std::memcpy(file.data(), bytes.data() + at + 8, 4 * n_fine);
+    for (int j = std::max(0, T - rows); j < T; ++j)
+      for (int h = 0; h < nkv; ++h)
+        for (int e = 0; e < d; ++e)
+          ASSERT_EQ(file[(size_t(j % rows) * nkv + h) * d + e], k[(size_t(j) * nkv + h) * d + e])
+              << "fma " << fma << " position " << j << " KV head " << h;
+    mp::cpu::SeqCache back;
+    mp::cpu::deserialize(c, bytes, back);
+    EXPECT_EQ(mp::cpu::serialize(c, back), bytes) << "fma " << fma;
+    if (fma) {  // the same slots: the same arrays
+      EXPECT_EQ(back.layers[0].fine_k, seq.layers[0].fine_k);
+      EXPECT_EQ(back.layers[0].fine_v, seq.layers[0].fine_v);
+    }
+    EXPECT_EQ(mp::cpu::seq_cache_bytes(c, back), mp::cpu::seq_cache_bytes(c, seq));
   }
-  seq.pos = T;
-  const std::vector<uint8_t> bytes = mp::cpu::serialize(c, seq);
-  uint64_t n_head, n_fine;
-  std::memcpy(&n_head, bytes.data(), 8);
-  const size_t at = 8 + 8 * n_head;
-  std::memcpy(&n_fine, bytes.data() + at, 8);
-  ASSERT_EQ(n_fine, size_t(cap) * nkv * d);
-  std::vector<float> file(n_fine);
-  std::memcpy(file.data(), bytes.data() + at + 8, 4 * n_fine);
-  for (int j = T - cap; j < T; ++j)
-    for (int h = 0; h < nkv; ++h)
-      for (int e = 0; e < d; ++e)
-        ASSERT_EQ(file[(size_t(j % cap) * nkv + h) * d + e], k[(size_t(j) * nkv + h) * d + e])
-            << "position " << j << " KV head " << h;
-  mp::cpu::SeqCache back;
-  mp::cpu::deserialize(c, bytes, back);
-  EXPECT_EQ(back.layers[0].fine_k, seq.layers[0].fine_k);
-  EXPECT_EQ(back.layers[0].fine_v, seq.layers[0].fine_v);
-  EXPECT_EQ(mp::cpu::fine_in_cache_order(c, mp::cpu::fine_in_file_order(c, seq.layers[0].fine_k)),
-            seq.layers[0].fine_k);
 }
 
 // Rotary key summaries make a summary's score, hence every attention output, depend on relative

@@ -286,7 +286,7 @@ TEST(LlamaState, SlotBytesFollowTheCacheLayoutExactAndFma) {
     "max_position_embeddings": 2048, "num_hidden_layers": 22, "num_key_value_heads": 4})"));
   const Config tiny = config_from_hf_json(j.dump());
   const Config f = with_fma(tiny, {Downsampling::AvgPool, 64, 4, 0});
-  EXPECT_EQ(cpu::seq_cache_bytes(cpu::make_seq_cache(f)), cpu_state_bytes(f, 1 << 20));
+  EXPECT_EQ(cpu::seq_cache_bytes(f, cpu::make_seq_cache(f)), cpu_state_bytes(f, 1 << 20));
   EXPECT_EQ(cpu_state_bytes(tiny, 4096), size_t(22) * 2 * 4096 * 4 * 64 * 4);
 }
 

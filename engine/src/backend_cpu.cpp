@@ -133,7 +133,7 @@ class CpuBackend final : public Backend {
   void load_slot(int s, std::span<const uint8_t> bytes) override {
     cpu::deserialize(c_, bytes, slots_[check(s)]);
   }
-  size_t slot_bytes(int s) const override { return cpu::seq_cache_bytes(slots_[check(s)]); }
+  size_t slot_bytes(int s) const override { return cpu::seq_cache_bytes(c_, slots_[check(s)]); }
   // About 0.3 s of prefill on two cores: longer steps gain little speed.
   int prefill_tokens_per_step() const override { return 512; }
 

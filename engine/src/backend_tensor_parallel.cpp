@@ -146,8 +146,11 @@ class TensorParallelBackend final : public Backend {
   template <class Fn>
   void each_array(cpu::LayerCache& whole, cpu::LayerCache& part, Fn fn) const {
     const size_t d = shard_.head_dim, pd = size_t(shard_.fma_rank) * d;
-    // FMA's fine ring is [n_kv][2m][d] (one block a KV head), exact mode's [pos][n_kv][d].
-    const size_t fine = shard_.fma_enabled ? cpu::fine_capacity(shard_) * d : d;
+    // The fine keys are [n_kv][slots][d], one block a KV head: 2m slots, or in exact mode as
+    // many as the deserialized side holds (its positions; the other side is empty).
+    const size_t fine = whole.fine_k.empty()
+                            ? part.fine_k.size() / shard_.n_kv_heads
+                            : whole.fine_k.size() / (size_t(shard_.n_kv_heads) * size());
     fn(whole.fine_k, part.fine_k, fine);
     fn(whole.fine_v, part.fine_v, fine);
     fn(whole.sum_k, part.sum_k, pd);

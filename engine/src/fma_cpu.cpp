@@ -105,25 +105,32 @@ void finish_summary(const Config& c, const Downsampler& ds, const float* acc, fl
 int64_t fine_capacity(const Config& c) { return c.fma_enabled ? 2 * int64_t{c.fma_block_size} : 0; }
 
 namespace {
-// [rows][cols][d] -> [cols][rows][d]
-std::vector<float> transpose_rows(std::span<const float> v, size_t rows, size_t cols, size_t d) {
-  if (v.size() != rows * cols * d) throw Error("FMA cache: a fine ring of the wrong size");
-  std::vector<float> out(v.size());
-  for (size_t r = 0; r < rows; ++r)
-    for (size_t c = 0; c < cols; ++c)
-      std::copy_n(v.data() + (r * cols + c) * d, d, out.data() + (c * rows + r) * d);
-  return out;
+// A KV head's slots in fine_k (fine_v): 2m with FMA; in exact mode as many as grown so far.
+size_t fine_slots(const Config& c, std::span<const float> fine) {
+  return fine.size() / (size_t(c.n_kv_heads) * c.head_dim);
 }
 }  // namespace
 
-std::vector<float> fine_in_file_order(const Config& c, std::span<const float> fine) {
-  if (!c.fma_enabled) return {fine.begin(), fine.end()};
-  return transpose_rows(fine, c.n_kv_heads, fine_capacity(c), c.head_dim);
+std::vector<float> fine_in_file_order(const Config& c, std::span<const float> fine, int64_t pos) {
+  const size_t d = c.head_dim, nkv = c.n_kv_heads, slots = fine_slots(c, fine);
+  const size_t rows = c.fma_enabled ? size_t(fine_capacity(c)) : size_t(pos);
+  if (rows > slots) throw Error("FMA cache: fewer fine slots than positions");
+  std::vector<float> out(rows * nkv * d);
+  for (size_t h = 0; h < nkv; ++h)
+    for (size_t j = 0; j < rows; ++j)
+      std::copy_n(fine.data() + (h * slots + j) * d, d, out.data() + (j * nkv + h) * d);
+  return out;
 }
 
-std::vector<float> fine_in_cache_order(const Config& c, std::span<const float> fine) {
-  if (!c.fma_enabled) return {fine.begin(), fine.end()};
-  return transpose_rows(fine, fine_capacity(c), c.n_kv_heads, c.head_dim);
+std::vector<float> fine_in_cache_order(const Config& c, std::span<const float> fine, int64_t pos) {
+  const size_t d = c.head_dim, nkv = c.n_kv_heads;
+  const size_t rows = c.fma_enabled ? size_t(fine_capacity(c)) : size_t(pos);
+  if (fine.size() != rows * nkv * d) throw Error("FMA cache: a fine block of the wrong size");
+  std::vector<float> out(fine.size());
+  for (size_t j = 0; j < rows; ++j)
+    for (size_t h = 0; h < nkv; ++h)
+      std::copy_n(fine.data() + (j * nkv + h) * d, d, out.data() + (h * rows + j) * d);
+  return out;
 }
 
 SeqCache make_seq_cache(const Config& c) {
@@ -158,11 +165,12 @@ void reset_seq_cache(const Config& c, SeqCache& s) {
   }
 }
 
-size_t seq_cache_bytes(const SeqCache& s) {
+size_t seq_cache_bytes(const Config& c, const SeqCache& s) {
+  const size_t fine = c.fma_enabled ? size_t(fine_capacity(c)) : size_t(s.pos);
   size_t n = 0;
   for (const auto& l : s.layers)
-    n += 4 * (l.fine_k.size() + l.fine_v.size() + l.sum_k.size() + l.sum_v.size() + l.acc_k.size() +
-              l.acc_v.size()) +
+    n += 4 * (2 * fine * c.n_kv_heads * c.head_dim + l.sum_k.size() + l.sum_v.size() +
+              l.acc_k.size() + l.acc_v.size()) +
          8 * l.sum_group.size();
   return n;
 }
@@ -269,8 +277,8 @@ std::vector<uint8_t> serialize(const Config& c, const SeqCache& s) {
   head.insert(head.end(), fp.begin(), fp.end());
   put_vec(out, head);
   for (const auto& l : s.layers) {
-    put_vec(out, fine_in_file_order(c, l.fine_k));
-    put_vec(out, fine_in_file_order(c, l.fine_v));
+    put_vec(out, fine_in_file_order(c, l.fine_k, s.pos));
+    put_vec(out, fine_in_file_order(c, l.fine_v, s.pos));
     put_vec(out, l.sum_k);
     put_vec(out, l.sum_v);
     put_vec(out, l.sum_group);
@@ -326,8 +334,8 @@ void deserialize(const Config& c, std::span<const uint8_t> bytes, SeqCache& s) {
   for (auto& l : fresh.layers) {
     r.vec(l.fine_k, fine);
     r.vec(l.fine_v, fine);
-    l.fine_k = fine_in_cache_order(c, l.fine_k);
-    l.fine_v = fine_in_cache_order(c, l.fine_v);
+    l.fine_k = fine_in_cache_order(c, l.fine_k, fresh.pos);
+    l.fine_v = fine_in_cache_order(c, l.fine_v, fresh.pos);
     r.vec(l.sum_k, l.sum_k.size());
     r.vec(l.sum_v, l.sum_v.size());
     r.vec(l.sum_group, l.sum_group.size());
@@ -395,9 +403,8 @@ const float* ChunkAttention::fine(int64_t j, bool values, int kv_head) const {
   const size_t d = c_.head_dim, kvd = size_t(c_.n_kv_heads) * d;
   if (j >= pos0_) return (values ? v_ : k_) + size_t(j - pos0_) * kvd + kv_head * d;
   const int64_t cap = fine_capacity(c_);
-  const float* ring = (values ? cache_.fine_v : cache_.fine_k).data();
-  if (cap == 0) return ring + size_t(j) * kvd + kv_head * d;
-  return ring + (size_t(kv_head) * cap + size_t(j % cap)) * d;
+  const auto& all = values ? cache_.fine_v : cache_.fine_k;
+  return all.data() + (kv_head * fine_slots(c_, all) + size_t(cap ? j % cap : j)) * d;
 }
 
 size_t ChunkAttention::visible_groups(int64_t i, std::vector<Group>& groups) const {
@@ -423,7 +430,7 @@ void ChunkAttention::fine_runs(int64_t lo, int64_t i, int kvh, bool values, F&& 
   for (int64_t j = lo; j <= i;) {
     int64_t end = i + 1;
     if (j < pos0_) end = std::min(pos0_, cap ? (j / cap + 1) * cap : pos0_);
-    const int64_t stride = j < pos0_ && cap ? c_.head_dim : kvd;  // the ring's or the rows'
+    const int64_t stride = j < pos0_ ? c_.head_dim : kvd;  // the cache's or the chunk's rows
     f(j - lo, fine(j, values, kvh), stride, static_cast<int>(end - j));
     j = end;
   }
@@ -518,21 +525,29 @@ void ChunkAttention::attend_block(int t0, int nq, int head, float* out, int64_t 
 }
 
 void ChunkAttention::commit() {
-  const size_t kvd = size_t(c_.n_kv_heads) * c_.head_dim;
+  const size_t d = c_.head_dim, kvd = size_t(c_.n_kv_heads) * d;
   const int64_t cap = fine_capacity(c_);
-  if (cap == 0) {
-    cache_.fine_k.insert(cache_.fine_k.end(), k_, k_ + T_ * kvd);
-    cache_.fine_v.insert(cache_.fine_v.end(), v_, v_ + T_ * kvd);
-  } else {
-    // Only the last 2m tokens can still be seen.
-    const size_t d = c_.head_dim;
-    for (int64_t j = std::max<int64_t>(pos0_, pos0_ + T_ - cap); j < pos0_ + T_; ++j)
-      for (int h = 0; h < c_.n_kv_heads; ++h) {
-        const size_t src = size_t(j - pos0_) * kvd + h * d, dst = (h * size_t(cap) + j % cap) * d;
-        std::copy_n(k_ + src, d, cache_.fine_k.data() + dst);
-        std::copy_n(v_ + src, d, cache_.fine_v.data() + dst);
+  if (cap == 0) {  // exact mode: room for the chunk, the slots at least doubled when they grow
+    const size_t have = fine_slots(c_, cache_.fine_k), need = size_t(pos0_ + T_);
+    if (need > have) {
+      const size_t grown = std::max(need, 2 * have);
+      for (auto* all : {&cache_.fine_k, &cache_.fine_v}) {
+        std::vector<float> more(grown * kvd);
+        for (int h = 0; h < c_.n_kv_heads; ++h)
+          std::copy_n(all->data() + h * have * d, size_t(pos0_) * d, more.data() + h * grown * d);
+        *all = std::move(more);
       }
+    }
   }
+  // With FMA only the last 2m tokens can still be seen.
+  const size_t slots = fine_slots(c_, cache_.fine_k);
+  for (int64_t j = cap ? std::max<int64_t>(pos0_, pos0_ + T_ - cap) : pos0_; j < pos0_ + T_; ++j)
+    for (int h = 0; h < c_.n_kv_heads; ++h) {
+      const size_t src = size_t(j - pos0_) * kvd + h * d;
+      const size_t dst = (h * slots + size_t(cap ? j % cap : j)) * d;
+      std::copy_n(k_ + src, d, cache_.fine_k.data() + dst);
+      std::copy_n(v_ + src, d, cache_.fine_v.data() + dst);
+    }
   const int nkv = c_.n_kv_heads;
   const size_t block = size_t(nkv) * c_.fma_rank * c_.head_dim;
   for (int l = 1; l <= c_.n_levels(); ++l) {

@@ -47,11 +47,11 @@ void finish_summary(const Config& c, const Downsampler& ds, const float* acc, fl
 
 // The hierarchical cache of one layer of one sequence, all KV heads (DESIGN.md section 2).
 struct LayerCache {
-  // Fine keys/values. With FMA a ring of 2m slots (position j in slot j mod 2m), [n_kv][slot][d]:
-  // a KV head's keys one contiguous run, which the attention streams (2.5x faster than rows of
-  // all heads at m = 1,024: docs/PERF.md, session 24). In exact mode every position so far,
-  // [pos][n_kv][d] (it grows). State files and the CUDA backend's arrays hold [slot][n_kv][d]
-  // in both modes: fine_in_file_order and fine_in_cache_order convert.
+  // Fine keys/values, [n_kv][slots][d]: a KV head's keys one contiguous run, which the attention
+  // streams (2.5x faster than rows of all heads at m = 1,024: docs/PERF.md, session 24). With
+  // FMA a ring of 2m slots (position j in slot j mod 2m); in exact mode position j in slot j, the
+  // slots grown by doubling. State files and the CUDA backend's arrays hold [pos][n_kv][d] (the
+  // ring's 2m slots with FMA): fine_in_file_order and fine_in_cache_order convert.
   std::vector<float> fine_k, fine_v;
   // Finished summaries of the last 3 groups per level: [L][3][n_kv][p][d], position g mod 3
   // (p = fma_rank; level l fills the first p_l of each group's p).
@@ -69,10 +69,12 @@ struct SeqCache {
 SeqCache make_seq_cache(const Config& c);
 void reset_seq_cache(const Config& c, SeqCache& s);
 int64_t fine_capacity(const Config& c);  // 2m with FMA; 0 (grows) in exact mode
-// A LayerCache's fine_k or fine_v from the cache's order to the files' (and back): a copy.
-std::vector<float> fine_in_file_order(const Config& c, std::span<const float> fine);
-std::vector<float> fine_in_cache_order(const Config& c, std::span<const float> fine);
-size_t seq_cache_bytes(const SeqCache& s);
+// A LayerCache's fine_k or fine_v at position pos from the cache's order to the files' (and back,
+// with as many slots as positions in exact mode): a copy.
+std::vector<float> fine_in_file_order(const Config& c, std::span<const float> fine, int64_t pos);
+std::vector<float> fine_in_cache_order(const Config& c, std::span<const float> fine, int64_t pos);
+// The bytes of the state's contents (exact mode: its positions, not the slots grown ahead).
+size_t seq_cache_bytes(const Config& c, const SeqCache& s);
 // The state's bytes (format: README.md, "The model file"), ending in their checksum.
 std::vector<uint8_t> serialize(const Config& c, const SeqCache& s);
 // Throws Error on a truncated, corrupt or foreign state; reads version 1 (no checksum) too.
