@@ -359,10 +359,8 @@ class CudaBackend final : public Backend {
         h.fine_k.resize(seq.pos * kvd);
         h.fine_v.resize(seq.pos * kvd);
       }
-      download(l.fine_k, s, h.fine_k);  // the device's order, the files' (fma_cpu.h)
+      download(l.fine_k, s, h.fine_k);  // the device's order is the file's (fma_cpu.h)
       download(l.fine_v, s, h.fine_v);
-      h.fine_k = cpu::fine_in_cache_order(c_, h.fine_k, seq.pos);
-      h.fine_v = cpu::fine_in_cache_order(c_, h.fine_v, seq.pos);
       download(l.sum_k, s, h.sum_k);
       download(l.sum_v, s, h.sum_v);
       download(l.acc_k, s, h.acc_k);
@@ -373,21 +371,19 @@ class CudaBackend final : public Backend {
           h.sum_group[(lv - 1) * 3 + g % 3] = g;
       }
     }
-    return cpu::serialize(c_, seq);
+    return cpu::serialize(c_, seq, cpu::FineOrder::File);
   }
 
   void load_slot(int s, std::span<const uint8_t> bytes) override {
     const OnDevice on(device_);
     check_slot(s);
     cpu::SeqCache seq;
-    cpu::deserialize(c_, bytes, seq);
+    cpu::deserialize(c_, bytes, seq, cpu::FineOrder::File);
     if (seq.pos > cap_ && !c_.fma_enabled)
       throw Error("sequence state: " + std::to_string(seq.pos) + " tokens exceed max_context");
     for (int li = 0; li < c_.n_layers; ++li) {
       Layer& l = layers_[li];
-      cpu::LayerCache& h = seq.layers[li];
-      h.fine_k = cpu::fine_in_file_order(c_, h.fine_k, seq.pos);  // the device's (kept to the sync)
-      h.fine_v = cpu::fine_in_file_order(c_, h.fine_v, seq.pos);
+      const cpu::LayerCache& h = seq.layers[li];
       upload_part(l.fine_k, s, h.fine_k);
       upload_part(l.fine_v, s, h.fine_v);
       upload_part(l.sum_k, s, h.sum_k);

@@ -83,7 +83,7 @@ class TensorParallelBackend final : public Backend {
     const Config& c = config();
     cpu::SeqCache whole = cpu::make_seq_cache(c), part;
     for (size_t r = 0; r < shards_.size(); ++r) {
-      cpu::deserialize(shard_, shards_[r]->save_slot(s), part);
+      cpu::deserialize(shard_, shards_[r]->save_slot(s), part, cpu::FineOrder::File);
       whole.pos = part.pos;
       for (int li = 0; li < c.n_layers; ++li) {
         each_array(whole.layers[li], part.layers[li],
@@ -93,13 +93,13 @@ class TensorParallelBackend final : public Backend {
         whole.layers[li].sum_group = part.layers[li].sum_group;
       }
     }
-    return cpu::serialize(c, whole);
+    return cpu::serialize(c, whole, cpu::FineOrder::File);
   }
 
   void load_slot(int s, std::span<const uint8_t> bytes) override {
     const Config& c = config();
     cpu::SeqCache whole;
-    cpu::deserialize(c, bytes, whole);
+    cpu::deserialize(c, bytes, whole, cpu::FineOrder::File);
     std::vector<std::vector<uint8_t>> parts;
     for (int r = 0; r < size(); ++r) {
       cpu::SeqCache part = cpu::make_seq_cache(shard_);
@@ -111,7 +111,7 @@ class TensorParallelBackend final : public Backend {
                    });
         part.layers[li].sum_group = whole.layers[li].sum_group;
       }
-      parts.push_back(cpu::serialize(shard_, part));
+      parts.push_back(cpu::serialize(shard_, part, cpu::FineOrder::File));
     }
     for (int r = 0; r < size(); ++r) shards_[r]->load_slot(s, parts[r]);
   }
@@ -146,13 +146,8 @@ class TensorParallelBackend final : public Backend {
   template <class Fn>
   void each_array(cpu::LayerCache& whole, cpu::LayerCache& part, Fn fn) const {
     const size_t d = shard_.head_dim, pd = size_t(shard_.fma_rank) * d;
-    // The fine keys are [n_kv][slots][d], one block a KV head: 2m slots, or in exact mode as
-    // many as the deserialized side holds (its positions; the other side is empty).
-    const size_t fine = whole.fine_k.empty()
-                            ? part.fine_k.size() / shard_.n_kv_heads
-                            : whole.fine_k.size() / (size_t(shard_.n_kv_heads) * size());
-    fn(whole.fine_k, part.fine_k, fine);
-    fn(whole.fine_v, part.fine_v, fine);
+    fn(whole.fine_k, part.fine_k, d);  // [pos][n_kv][d]: the states' FineOrder::File
+    fn(whole.fine_v, part.fine_v, d);
     fn(whole.sum_k, part.sum_k, pd);
     fn(whole.sum_v, part.sum_v, pd);
     fn(whole.acc_k, part.acc_k, pd);

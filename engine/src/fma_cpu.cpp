@@ -109,8 +109,9 @@ namespace {
 size_t fine_slots(const Config& c, std::span<const float> fine) {
   return fine.size() / (size_t(c.n_kv_heads) * c.head_dim);
 }
-}  // namespace
 
+// A LayerCache's fine_k or fine_v at position pos from the cache's order to the file's (and back,
+// with as many slots as positions in exact mode): a copy.
 std::vector<float> fine_in_file_order(const Config& c, std::span<const float> fine, int64_t pos) {
   const size_t d = c.head_dim, nkv = c.n_kv_heads, slots = fine_slots(c, fine);
   const size_t rows = c.fma_enabled ? size_t(fine_capacity(c)) : size_t(pos);
@@ -132,6 +133,7 @@ std::vector<float> fine_in_cache_order(const Config& c, std::span<const float> f
       std::copy_n(fine.data() + (j * nkv + h) * d, d, out.data() + (h * rows + j) * d);
   return out;
 }
+}  // namespace
 
 SeqCache make_seq_cache(const Config& c) {
   SeqCache s;
@@ -270,15 +272,20 @@ std::array<int64_t, 3> ring_groups(int64_t pos, int w) {
 }  // namespace
 
 
-std::vector<uint8_t> serialize(const Config& c, const SeqCache& s) {
+std::vector<uint8_t> serialize(const Config& c, const SeqCache& s, FineOrder order) {
   std::vector<uint8_t> out;
   std::vector<int64_t> head = {kStateMagic, kStateVersion, s.pos};
   const auto fp = fingerprint(c);
   head.insert(head.end(), fp.begin(), fp.end());
   put_vec(out, head);
   for (const auto& l : s.layers) {
-    put_vec(out, fine_in_file_order(c, l.fine_k, s.pos));
-    put_vec(out, fine_in_file_order(c, l.fine_v, s.pos));
+    if (order == FineOrder::File) {
+      put_vec(out, l.fine_k);
+      put_vec(out, l.fine_v);
+    } else {
+      put_vec(out, fine_in_file_order(c, l.fine_k, s.pos));
+      put_vec(out, fine_in_file_order(c, l.fine_v, s.pos));
+    }
     put_vec(out, l.sum_k);
     put_vec(out, l.sum_v);
     put_vec(out, l.sum_group);
@@ -291,7 +298,7 @@ std::vector<uint8_t> serialize(const Config& c, const SeqCache& s) {
   return out;
 }
 
-void deserialize(const Config& c, std::span<const uint8_t> bytes, SeqCache& s) {
+void deserialize(const Config& c, std::span<const uint8_t> bytes, SeqCache& s, FineOrder order) {
   Reader r(bytes);
   uint64_t n_head;
   r.raw(&n_head, 8);
@@ -334,8 +341,10 @@ void deserialize(const Config& c, std::span<const uint8_t> bytes, SeqCache& s) {
   for (auto& l : fresh.layers) {
     r.vec(l.fine_k, fine);
     r.vec(l.fine_v, fine);
-    l.fine_k = fine_in_cache_order(c, l.fine_k, fresh.pos);
-    l.fine_v = fine_in_cache_order(c, l.fine_v, fresh.pos);
+    if (order == FineOrder::Cache) {
+      l.fine_k = fine_in_cache_order(c, l.fine_k, fresh.pos);
+      l.fine_v = fine_in_cache_order(c, l.fine_v, fresh.pos);
+    }
     r.vec(l.sum_k, l.sum_k.size());
     r.vec(l.sum_v, l.sum_v.size());
     r.vec(l.sum_group, l.sum_group.size());

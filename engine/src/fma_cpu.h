@@ -51,7 +51,7 @@ struct LayerCache {
   // streams (2.5x faster than rows of all heads at m = 1,024: docs/PERF.md, session 24). With
   // FMA a ring of 2m slots (position j in slot j mod 2m); in exact mode position j in slot j, the
   // slots grown by doubling. State files and the CUDA backend's arrays hold [pos][n_kv][d] (the
-  // ring's 2m slots with FMA): fine_in_file_order and fine_in_cache_order convert.
+  // ring's 2m slots with FMA): FineOrder::File.
   std::vector<float> fine_k, fine_v;
   // Finished summaries of the last 3 groups per level: [L][3][n_kv][p][d], position g mod 3
   // (p = fma_rank; level l fills the first p_l of each group's p).
@@ -69,16 +69,18 @@ struct SeqCache {
 SeqCache make_seq_cache(const Config& c);
 void reset_seq_cache(const Config& c, SeqCache& s);
 int64_t fine_capacity(const Config& c);  // 2m with FMA; 0 (grows) in exact mode
-// A LayerCache's fine_k or fine_v at position pos from the cache's order to the files' (and back,
-// with as many slots as positions in exact mode): a copy.
-std::vector<float> fine_in_file_order(const Config& c, std::span<const float> fine, int64_t pos);
-std::vector<float> fine_in_cache_order(const Config& c, std::span<const float> fine, int64_t pos);
 // The bytes of the state's contents (exact mode: its positions, not the slots grown ahead).
 size_t seq_cache_bytes(const Config& c, const SeqCache& s);
+// The order of a SeqCache's fine_k and fine_v: the CPU cache's ([n_kv][slots][d]), or the state
+// file's ([pos][n_kv][d], with as many slots as positions in exact mode), which the CUDA backend's
+// arrays and the tensor-parallel split by KV head use as they are.
+enum class FineOrder { Cache, File };
 // The state's bytes (format: README.md, "The model file"), ending in their checksum.
-std::vector<uint8_t> serialize(const Config& c, const SeqCache& s);
+std::vector<uint8_t> serialize(const Config& c, const SeqCache& s,
+                               FineOrder order = FineOrder::Cache);
 // Throws Error on a truncated, corrupt or foreign state; reads version 1 (no checksum) too.
-void deserialize(const Config& c, std::span<const uint8_t> bytes, SeqCache& s);
+void deserialize(const Config& c, std::span<const uint8_t> bytes, SeqCache& s,
+                 FineOrder order = FineOrder::Cache);
 
 // The attention of one chunk of T new tokens of one sequence for one layer. The constructor
 // computes the summaries of the groups completed inside the chunk; attend() is thread-safe and
