@@ -161,9 +161,12 @@ int main(int argc, char** argv) {
       sched.shutdown();
       server.stop();
     });
-    std::fprintf(stderr, "model: %s (%s), backend %s, %d slots\nlistening on http://%s:%d\n",
+    std::fprintf(stderr,
+                 "model: %s (%s), backend %s, %d slots\n"
+                 "recommended sampling (a request's defaults): %s\nlistening on http://%s:%d\n",
                  model->path().c_str(), model->config().summary().c_str(), backend->name().c_str(),
-                 backend->n_slots() - so.prefix_cache_slots, o.host.c_str(), server.port());
+                 backend->n_slots() - so.prefix_cache_slots,
+                 model->recommended_sampling().describe().c_str(), o.host.c_str(), server.port());
     server.run();
     g_stop = true;
     watcher.join();

@@ -187,13 +187,15 @@ struct Server::Impl {
   std::map<int, uint64_t> responses;  // by status
   Histogram ttft, itl;
   chat::Format chat_format;
+  const SamplingParams sampling_defaults;  // a request's, before its own fields
   std::unique_ptr<sessions::Sessions> sessions;
 
   Impl(std::shared_ptr<const Model> m, Scheduler& s, ServerOptions o, std::string* warning)
       : model(std::move(m)),
         sched(s),
         opts(std::move(o)),
-        chat_format(chat::format_for(*model, opts.chat_template, warning)) {
+        chat_format(chat::format_for(*model, opts.chat_template, warning)),
+        sampling_defaults(api::request_sampling_defaults(model->recommended_sampling())) {
     if (opts.ctx_limit <= 0) opts.ctx_limit = model->config().n_ctx_train;
     if (!opts.state_dir.empty() && !opts.session_store.empty())
       throw Error("a state directory and a session store exclude each other: choose one");
@@ -469,7 +471,8 @@ struct Server::Impl {
     try {
       if (b.contains("prompt") && !b["prompt"].is_null()) {
         api::CompletionsCall call = api::parse_completions(
-            {{"prompt", b["prompt"]}, {"max_tokens", 0}}, model->tokenizer(), opts.ctx_limit);
+            {{"prompt", b["prompt"]}, {"max_tokens", 0}}, model->tokenizer(), opts.ctx_limit,
+            sampling_defaults);
         if (call.requests.size() != 1)
           throw api::ApiError(400, "a session starts from one prompt", "prompt");
         CompletionRequest& r = call.requests[0];
@@ -549,8 +552,10 @@ struct Server::Impl {
   void completions(const httplib::Request& req, httplib::Response& res, bool chat) {
     const double t0 = now_s();
     api::CompletionsCall call =
-        chat ? api::parse_chat_completions(parse_body(req), chat_format, opts.ctx_limit)
-             : api::parse_completions(parse_body(req), model->tokenizer(), opts.ctx_limit);
+        chat ? api::parse_chat_completions(parse_body(req), chat_format, opts.ctx_limit,
+                                           sampling_defaults)
+             : api::parse_completions(parse_body(req), model->tokenizer(), opts.ctx_limit,
+                                      sampling_defaults);
     call.session = session_of(req, call.session, "session");
     const std::shared_ptr<SessionTurn> turn = call.session.empty() ? nullptr : begin_turn(call);
     const std::string id = api::id_prefix(call) + std::to_string(next_request++);

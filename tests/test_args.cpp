@@ -5,6 +5,7 @@
 #include <vector>
 
 #include "common/args.h"
+#include "common/sampling_args.h"
 
 namespace {
 
@@ -49,6 +50,44 @@ TEST(ArgsDeathTest, MissingValueAndBadNumberAreErrors) {
               "--n needs an integer, got '3x'");
   EXPECT_EXIT(parse({"--model", "a", "--modle", "b"}).check_known({"model"}),
               testing::ExitedWithCode(2), "unknown option --modle");
+}
+
+// Sampling: the options given, over the model's recommendation, over the built-in defaults.
+TEST(Args, SamplingOptionsReplaceTheModelsRecommendation) {
+  mp::SamplingRecommendation model;
+  model.temperature = 0.5f;
+  model.top_k = 0;
+  model.repetition_penalty = 1.1f;
+  const mp::SamplingParams none = mp::cli::sampling_from_args(parse({"--seed", "1"}), model);
+  EXPECT_EQ(none.temperature, 0.5f);
+  EXPECT_EQ(none.top_k, 0);
+  EXPECT_EQ(none.repetition_penalty, 1.1f);
+  EXPECT_EQ(none.top_p, mp::SamplingParams{}.top_p);
+  const mp::SamplingParams given =
+      mp::cli::sampling_from_args(parse({"--top-k", "7", "--repeat-penalty", "1"}), model);
+  EXPECT_EQ(given.top_k, 7);
+  EXPECT_EQ(given.repetition_penalty, 1.0f);
+  EXPECT_EQ(given.temperature, 0.5f);
+  EXPECT_NE(mp::cli::describe_sampling(given, model).find("top-k 7"), std::string::npos);
+}
+
+TEST(Args, SamplingListsAreParsedAndBadItemsNamed) {
+  const mp::SamplingRecommendation s = mp::cli::parse_sampling_list(
+      "temperature=0.8,top-k=0,top-p=1,min-p=0,repeat-penalty=1.1,penalty-last-n=64");
+  EXPECT_EQ(s.describe(),
+            "temp 0.8, top_k 0, top_p 1, min_p 0, penalty_repeat 1.1, penalty_last_n 64");
+  auto error = [](const std::string& list) {
+    try {
+      mp::cli::parse_sampling_list(list);
+    } catch (const mp::Error& e) {
+      return std::string(e.what());
+    }
+    return std::string("(no error)");
+  };
+  EXPECT_NE(error("top-k=1.5").find("'top-k=1.5' needs an integer"), std::string::npos);
+  EXPECT_NE(error("temperature").find("KEY=NUMBER"), std::string::npos);
+  EXPECT_NE(error("temperature=hot").find("KEY=NUMBER"), std::string::npos);
+  EXPECT_NE(error("top_k=3").find("the key is none of"), std::string::npos);
 }
 
 }  // namespace

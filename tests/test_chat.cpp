@@ -21,6 +21,7 @@ std::string read(const std::string& path) {
   return s.str();
 }
 const std::string kTemplates = std::string(MULTIPOLE_TEST_DATA) + "/chat_templates/";
+const SamplingParams kDefaults = api::request_sampling_defaults({});
 
 // cases.json: every template of tests/data/chat_templates rendered by Python's Jinja2 as
 // transformers does (make_expected.py), on conversations that include errors it raises.
@@ -215,10 +216,48 @@ TEST_F(ChatModel, ConverterCopiesTheChatTemplate) {
   EXPECT_THROW(chat::format_for(*model, "{% macro m() %}", &warning), Error);  // asked for: fatal
 }
 
+// A request's sampling: its own fields, over the model's recommendation, over the OpenAI API's
+// defaults (as llama-server and vLLM's generation config).
+TEST_F(ChatModel, RequestsStartFromTheModelsRecommendedSampling) {
+  const chat::Format f(*model);
+  const json messages = {{{"role", "user"}, {"content", "Hi"}}};
+  const SamplingParams& openai = api::parse_chat_completions({{"messages", messages}}, f, 100,
+                                                             kDefaults)
+                                     .requests[0]
+                                     .sampling;
+  EXPECT_EQ(openai.temperature, 1.0f);
+  EXPECT_EQ(openai.top_k, 0);
+  EXPECT_EQ(openai.top_p, 1.0f);
+  EXPECT_EQ(openai.min_p, 0.0f);
+  EXPECT_EQ(openai.repetition_penalty, 1.0f);
+  EXPECT_EQ(openai.penalty_last_n, -1);
+
+  SamplingRecommendation rec;
+  rec.temperature = 0.8f;
+  rec.repetition_penalty = 1.1f;
+  rec.penalty_last_n = 64;
+  const SamplingParams defaults = api::request_sampling_defaults(rec);
+  const SamplingParams plain =
+      api::parse_chat_completions({{"messages", messages}}, f, 100, defaults).requests[0].sampling;
+  EXPECT_EQ(plain.temperature, 0.8f);
+  EXPECT_EQ(plain.repetition_penalty, 1.1f);
+  EXPECT_EQ(plain.penalty_last_n, 64);
+  EXPECT_EQ(plain.top_p, 1.0f);  // not recommended: the API's default
+  const SamplingParams own =
+      api::parse_chat_completions(
+          {{"messages", messages}, {"temperature", 0.2}, {"repetition_penalty", 1.0}}, f, 100,
+          defaults)
+          .requests[0]
+          .sampling;
+  EXPECT_EQ(own.temperature, 0.2f);
+  EXPECT_EQ(own.repetition_penalty, 1.0f);
+  EXPECT_EQ(own.penalty_last_n, 64);
+}
+
 TEST_F(ChatModel, ChatRequestsAreParsedAndCheckedField) {
   const chat::Format f(*model);
   const json ok = {{"messages", {{{"role", "user"}, {"content", "Hi"}}}}, {"seed", 3}, {"n", 2}};
-  const api::CompletionsCall call = api::parse_chat_completions(ok, f, 100);
+  const api::CompletionsCall call = api::parse_chat_completions(ok, f, 100, kDefaults);
   EXPECT_TRUE(call.chat);
   ASSERT_EQ(call.requests.size(), 2u);
   EXPECT_EQ(call.prompts[0], "User: Hi\nAssistant:");
@@ -235,14 +274,14 @@ TEST_F(ChatModel, ChatRequestsAreParsedAndCheckedField) {
       {"max_completion_tokens", 5},
       {"logprobs", true},
       {"top_logprobs", 2}};
-  const auto c2 = api::parse_chat_completions(parts, f, 0);
+  const auto c2 = api::parse_chat_completions(parts, f, 0, kDefaults);
   EXPECT_EQ(c2.prompts[0], "S\n\nUser: a\nb\nAssistant:");
   EXPECT_EQ(c2.requests[0].max_tokens, 5);
   EXPECT_TRUE(c2.with_logprobs);
   EXPECT_EQ(c2.requests[0].logprobs, 2);
   auto param_of = [&](const json& body) -> std::string {
     try {
-      api::parse_chat_completions(body, f, 100);
+      api::parse_chat_completions(body, f, 100, kDefaults);
     } catch (const api::ApiError& e) {
       EXPECT_EQ(e.status, 400);
       return e.param;
@@ -261,14 +300,15 @@ TEST_F(ChatModel, ChatRequestsAreParsedAndCheckedField) {
             "max_completion_tokens");
   EXPECT_EQ(param_of({{"messages", {user}}, {"tools", {{{"type", "function"}}}}}), "tools");
   EXPECT_EQ(param_of({{"messages", {user}}, {"session", 5}}), "session");
-  EXPECT_EQ(api::parse_chat_completions({{"messages", {user}}, {"session", "s1"}}, f, 0).session,
+  EXPECT_EQ(api::parse_chat_completions({{"messages", {user}}, {"session", "s1"}}, f, 0,
+                                        kDefaults).session,
             "s1");
   EXPECT_EQ(param_of({{"messages", {{{"role", "user"}, {"content", std::string(600, 'z')}}}}}),
             "messages");  // over the context limit
   // The template's raise_exception() is the request's error.
   const chat::Format mistral(*model, read(kTemplates + "mistral.jinja"));
   try {
-    api::parse_chat_completions({{"messages", {user, user}}}, mistral, 0);
+    api::parse_chat_completions({{"messages", {user, user}}}, mistral, 0, kDefaults);
     ADD_FAILURE() << "accepted";
   } catch (const api::ApiError& e) {
     EXPECT_NE(std::string(e.what()).find("must alternate"), std::string::npos) << e.what();

@@ -192,6 +192,69 @@ TEST(Convert, RotarySummariesAreRecordedAndOldFilesKeepPerChannelSummaries) {
   EXPECT_FALSE(old->config().fma_rotary_summaries);
 }
 
+// general.sampling.*: from generation_config.json, kept by a GGUF-to-GGUF conversion, replaced
+// field by field by ConvertOptions::sampling; refused with the key named when out of range.
+TEST(Convert, RecommendedSamplingIsTakenKeptReplacedAndChecked) {
+  TempDir dir;
+  mp::testing::write_random_checkpoint(dir / "hf", mp::testing::small_config(), {});
+  ConvertOptions co;
+  convert_hf_to_gguf(dir / "hf", dir / "plain.gguf", co);
+  EXPECT_EQ(Model::load(dir / "plain.gguf")->recommended_sampling().describe(), "none");
+
+  write_all(dir / "hf/generation_config.json",
+            R"({"temperature": 0.7, "top_k": 20, "top_p": 0.9, "repetition_penalty": 1.05,
+                "do_sample": true, "max_length": 4096})");
+  convert_hf_to_gguf(dir / "hf", dir / "a.gguf", co);
+  const SamplingRecommendation a = Model::load(dir / "a.gguf")->recommended_sampling();
+  EXPECT_EQ(a.temperature, 0.7f);
+  EXPECT_EQ(a.top_k, 20);
+  EXPECT_EQ(a.top_p, 0.9f);
+  EXPECT_EQ(a.repetition_penalty, 1.05f);
+  EXPECT_FALSE(a.min_p.has_value());
+  EXPECT_FALSE(a.penalty_last_n.has_value());
+  const SamplingParams p = a.over(SamplingParams{});
+  EXPECT_EQ(p.temperature, 0.7f);
+  EXPECT_EQ(p.min_p, SamplingParams{}.min_p);  // not recommended: the default stays
+
+  co.sampling.top_k = 0;
+  co.sampling.penalty_last_n = -1;
+  convert_gguf(dir / "a.gguf", dir / "b.gguf", co);
+  const SamplingRecommendation b = Model::load(dir / "b.gguf")->recommended_sampling();
+  EXPECT_EQ(b.top_k, 0);
+  EXPECT_EQ(b.penalty_last_n, -1);
+  EXPECT_EQ(b.temperature, 0.7f);  // kept from the source
+  EXPECT_EQ(b.describe(),
+            "temp 0.7, top_k 0, top_p 0.9, penalty_repeat 1.05, penalty_last_n -1");
+
+  // Out of range, from the folder or the options: nothing is written.
+  write_all(dir / "hf/generation_config.json", R"({"top_p": 1.5})");
+  std::string e = error_of([&] { convert_hf_to_gguf(dir / "hf", dir / "c.gguf", {}); });
+  EXPECT_NE(e.find("top_p"), std::string::npos) << e;
+  write_all(dir / "hf/generation_config.json", R"({"temperature": "hot"})");
+  e = error_of([&] { convert_hf_to_gguf(dir / "hf", dir / "c.gguf", {}); });
+  EXPECT_NE(e.find("generation_config.json: 'temperature'"), std::string::npos) << e;
+  ConvertOptions bad;
+  bad.sampling.repetition_penalty = 0;
+  e = error_of([&] { convert_gguf(dir / "a.gguf", dir / "c.gguf", bad); });
+  EXPECT_NE(e.find("repetition_penalty must be > 0"), std::string::npos) << e;
+  EXPECT_FALSE(fs::exists(dir / "c.gguf"));
+
+  // A file whose general.sampling.top_p is 2 (its f32 patched): refused at load, key named.
+  std::string raw = read_all(dir / "b.gguf");
+  const std::string key = "general.sampling.top_p";
+  const size_t at = raw.find(key);
+  ASSERT_NE(at, std::string::npos);
+  uint32_t type;
+  std::memcpy(&type, raw.data() + at + key.size(), 4);
+  ASSERT_EQ(type, 6u);  // F32
+  const float two = 2;
+  std::memcpy(raw.data() + at + key.size() + 4, &two, 4);
+  write_all(dir / "bad.gguf", raw);
+  e = error_of([&] { Model::load(dir / "bad.gguf"); });
+  EXPECT_NE(e.find("general.sampling"), std::string::npos) << e;
+  EXPECT_NE(e.find("top_p must be in (0, 1]"), std::string::npos) << e;
+}
+
 TEST(Convert, PerLevelRanksAreRecordedAndCheckedNamingTheField) {
   const VariantModel vm({.ranks = {1, 4}});  // L = 2
   const Config& c = vm.config;

@@ -130,6 +130,8 @@ int main(int argc, char** argv) {
     auto backend = mp::make_backend(model, bo);
     mp::Scheduler sched(*backend, tok, so);
     const int64_t ctx_limit = a.integer("ctx-limit", model->config().n_ctx_train);
+    const mp::SamplingParams sampling =
+        mp::api::request_sampling_defaults(model->recommended_sampling());
     const long long created = std::chrono::duration_cast<std::chrono::seconds>(
                                   std::chrono::system_clock::now().time_since_epoch())
                                   .count();
@@ -171,8 +173,8 @@ int main(int argc, char** argv) {
       }
       Job& job = jobs[i];
       try {
-        job.call = l.chat ? mp::api::parse_chat_completions(l.body, format, ctx_limit)
-                          : mp::api::parse_completions(l.body, tok, ctx_limit);
+        job.call = l.chat ? mp::api::parse_chat_completions(l.body, format, ctx_limit, sampling)
+                          : mp::api::parse_completions(l.body, tok, ctx_limit, sampling);
         if (!job.call.session.empty()) throw mp::api::no_sessions();
       } catch (const mp::api::ApiError& e) {
         fail_line(e.body(), e.status);

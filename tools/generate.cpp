@@ -30,15 +30,12 @@ double seconds_since(std::chrono::steady_clock::time_point t0) {
 
 int main(int argc, char** argv) {
   mp::cli::Args args(argc, argv, {"ignore-eos", "cpu-fp32-products", "cpu-bf16-activations"},
-                     std::string(kUsage) + mp::cli::kCpuFp32ProductsUsage +
-                         mp::cli::kSamplingUsage,
+                     std::string(kUsage) + mp::cli::kCpuFp32ProductsUsage + mp::cli::kSamplingUsage,
                      {{"m", "model"}, {"p", "prompt"}, {"n", "max-tokens"}});
   auto known = mp::cli::kSamplingOptions;
-  known.insert(
-      {"model", "prompt", "max-tokens", "stop", "ignore-eos", "chunk", "backend", "device", "threads",
-       "cpu-fp32-products", "cpu-bf16-activations"});
+  known.insert({"model", "prompt", "max-tokens", "stop", "ignore-eos", "chunk", "backend", "device",
+                "threads", "cpu-fp32-products", "cpu-bf16-activations"});
   args.check_known(known);
-  const auto sampling = mp::cli::sampling_from_args(args);
   const int max_tokens = static_cast<int>(args.integer("max-tokens", 128));
   const int chunk = static_cast<int>(args.integer("chunk", 512));
   if (max_tokens < 0) args.fail("--max-tokens must be >= 0");
@@ -53,14 +50,16 @@ int main(int argc, char** argv) {
   try {
     auto model = mp::Model::load(args.str("model", "models/default.gguf"));
     const auto& tok = model->tokenizer();
+    const auto sampling = mp::cli::sampling_from_args(args, model->recommended_sampling());
     mp::BackendOptions bo = mp::cli::backend_from_args(args, 1);
     if (args.has("device")) {
       bo.devices = mp::parse_devices(args.str("device"), bo.kind);
       if (bo.devices.size() != 1) args.fail("--device takes one device number");
     }
     auto backend = mp::make_backend(model, bo);
-    std::fprintf(stderr, "model: %s (%s)\nbackend: %s\n", model->path().c_str(),
-                 model->config().summary().c_str(), backend->name().c_str());
+    std::fprintf(stderr, "model: %s (%s)\nbackend: %s\nsampling: %s\n", model->path().c_str(),
+                 model->config().summary().c_str(), backend->name().c_str(),
+                 mp::cli::describe_sampling(sampling, model->recommended_sampling()).c_str());
 
     const std::vector<int> prompt_ids = tok.encode(prompt, tok.add_bos());
     if (prompt_ids.empty()) throw mp::Error("the prompt is empty and the model adds no BOS token");

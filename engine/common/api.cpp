@@ -237,7 +237,8 @@ bool boolean(const json& b, const char* key, bool def) {
 namespace {
 
 // The fields both endpoints share; `call` gets n, stream and its options, `r` the rest.
-CompletionRequest parse_common(const json& b, CompletionsCall& call, int max_tokens_default) {
+CompletionRequest parse_common(const json& b, CompletionsCall& call, int max_tokens_default,
+                               const SamplingParams& defaults) {
   if (b.contains("model") && !b["model"].is_null() && !b["model"].is_string())
     throw bad("model", "'model' must be a string");
   if (b.contains("user") && !b["user"].is_null() && !b["user"].is_string())
@@ -269,15 +270,18 @@ CompletionRequest parse_common(const json& b, CompletionsCall& call, int max_tok
     }
   }
   SamplingParams& sp = r.sampling;
-  sp.temperature = static_cast<float>(number(b, "temperature", 1.0, 0, 2));
-  sp.top_p = static_cast<float>(number(b, "top_p", 1.0, 0, 1));
+  sp = defaults;
+  sp.temperature = static_cast<float>(number(b, "temperature", sp.temperature, 0, 2));
+  sp.top_p = static_cast<float>(number(b, "top_p", sp.top_p, 0, 1));
   if (sp.top_p <= 0) throw bad("top_p", "'top_p' must be greater than 0");
-  sp.top_k = static_cast<int>(integer(b, "top_k", 0, 0, 1 << 20));
-  sp.min_p = static_cast<float>(number(b, "min_p", 0.0, 0, 1));
-  sp.presence_penalty = static_cast<float>(number(b, "presence_penalty", 0, -2, 2));
-  sp.frequency_penalty = static_cast<float>(number(b, "frequency_penalty", 0, -2, 2));
-  sp.repetition_penalty = static_cast<float>(number(b, "repetition_penalty", 1, 0.01, 10));
-  sp.penalty_last_n = -1;
+  sp.top_k = static_cast<int>(integer(b, "top_k", sp.top_k, 0, 1 << 20));
+  sp.min_p = static_cast<float>(number(b, "min_p", sp.min_p, 0, 1));
+  sp.presence_penalty =
+      static_cast<float>(number(b, "presence_penalty", sp.presence_penalty, -2, 2));
+  sp.frequency_penalty =
+      static_cast<float>(number(b, "frequency_penalty", sp.frequency_penalty, -2, 2));
+  sp.repetition_penalty =
+      static_cast<float>(number(b, "repetition_penalty", sp.repetition_penalty, 0.01, 10));
   r.ignore_eos = boolean(b, "ignore_eos", false);
   // Each choice draws its own numbers (add_prompt); without a seed, from the clock.
   const bool seeded = b.contains("seed") && !b["seed"].is_null();
@@ -333,7 +337,18 @@ std::string message_content(const json& m, size_t i) {
 
 }  // namespace
 
-CompletionsCall parse_completions(const json& b, const Tokenizer& tok, int64_t ctx_limit) {
+SamplingParams request_sampling_defaults(const SamplingRecommendation& model) {
+  SamplingParams p;
+  p.temperature = 1;
+  p.top_k = 0;
+  p.top_p = 1;
+  p.min_p = 0;
+  p.penalty_last_n = -1;
+  return model.over(p);
+}
+
+CompletionsCall parse_completions(const json& b, const Tokenizer& tok, int64_t ctx_limit,
+                                  const SamplingParams& defaults) {
   if (!b.is_object()) throw bad("", "the request body must be a JSON object");
   CompletionsCall call;
   if (!b.contains("prompt"))
@@ -393,7 +408,7 @@ CompletionsCall parse_completions(const json& b, const Tokenizer& tok, int64_t c
   } else {
     throw bad("prompt", kPromptShape);
   }
-  const CompletionRequest base = parse_common(b, call, 16);
+  const CompletionRequest base = parse_common(b, call, 16, defaults);
   call.logprobs = static_cast<int>(integer(b, "logprobs", 0, 0, 20));
   call.with_logprobs = call.logprobs > 0;
   for (auto& [text, ids] : prompts)
@@ -402,7 +417,7 @@ CompletionsCall parse_completions(const json& b, const Tokenizer& tok, int64_t c
 }
 
 CompletionsCall parse_chat_completions(const json& b, const chat::Format& format,
-                                       int64_t ctx_limit) {
+                                       int64_t ctx_limit, const SamplingParams& defaults) {
   if (!b.is_object()) throw bad("", "the request body must be a JSON object");
   CompletionsCall call;
   call.chat = true;
@@ -444,7 +459,7 @@ CompletionsCall parse_chat_completions(const json& b, const chat::Format& format
   // context, at least 16 tokens.
   const int64_t rest =
       ctx_limit > 0 ? std::max<int64_t>(ctx_limit - int64_t(ids.size()), 16) : 4096;
-  CompletionRequest base = parse_common(b, call, static_cast<int>(rest));
+  CompletionRequest base = parse_common(b, call, static_cast<int>(rest), defaults);
   const long long newer = integer(b, "max_completion_tokens", -1, 0, 1 << 20);
   if (newer >= 0) base.max_tokens = static_cast<int>(newer);
   for (const auto& s : format.stop()) base.stop.push_back(s);

@@ -45,7 +45,7 @@ std::optional<PromptIds> scan_prompt_ids(std::string_view body);
 // A parsed /v1/completions or /v1/chat/completions request: one CompletionRequest per
 // (prompt, choice). A chat request has one prompt, its messages rendered by the chat template.
 struct CompletionsCall {
-  bool chat = false;  // choices are messages (chat.completion) rather than text
+  bool chat = false;                 // choices are messages (chat.completion) rather than text
   std::vector<std::string> prompts;  // their text (of token-id prompts only with echo)
   int n = 1;
   bool stream = false, include_usage = false, echo = false;
@@ -60,10 +60,17 @@ struct CompletionsCall {
   std::vector<int> prompt_tokens;           // per prompt
 };
 
-// Throws ApiError (400) naming the bad field. ctx_limit: most prompt tokens allowed (0: none).
-CompletionsCall parse_completions(const json& body, const Tokenizer& tok, int64_t ctx_limit);
+// A request's sampling where it sets no field: the OpenAI API's (temperature 1, top_p 1, no
+// top-k, min-p or penalties, penalties over the whole text), with the model's recommendation
+// (general.sampling.*) replacing them, as llama-server and vLLM (generation_config.json) do.
+SamplingParams request_sampling_defaults(const SamplingRecommendation& model);
+
+// Throws ApiError (400) naming the bad field. ctx_limit: most prompt tokens allowed (0: none);
+// `defaults`: request_sampling_defaults of the model.
+CompletionsCall parse_completions(const json& body, const Tokenizer& tok, int64_t ctx_limit,
+                                  const SamplingParams& defaults);
 CompletionsCall parse_chat_completions(const json& body, const chat::Format& format,
-                                       int64_t ctx_limit);
+                                       int64_t ctx_limit, const SamplingParams& defaults);
 
 // Accumulates one choice's events into the non-streaming response's choice object.
 struct ChoiceBuilder {

@@ -153,7 +153,9 @@ constexpr std::string_view kArchitectures[] = {"FmaForCausalLM", "LlamaForCausal
 // Refuses, naming the field, what a Llama-family config may ask for that the engine does not
 // compute (everything else of such configs is either read or does not change the function).
 void refuse_unsupported(const nlohmann::json& j) {
-  auto is_true = [&](const char* k) { return j.contains(k) && j[k].is_boolean() && j[k].get<bool>(); };
+  auto is_true = [&](const char* k) {
+    return j.contains(k) && j[k].is_boolean() && j[k].get<bool>();
+  };
   if (j.contains("architectures") && j["architectures"].is_array()) {
     for (const auto& a : j["architectures"]) {
       const std::string name = a.is_string() ? a.get<std::string>() : a.dump();
@@ -172,8 +174,9 @@ void refuse_unsupported(const nlohmann::json& j) {
     throw Error("config.json: hidden_act " + j["hidden_act"].dump() +
                 " is not supported (only silu: the SwiGLU MLP)");
   if (is_true("attention_bias"))
-    throw Error("config.json: attention_bias is true; biases on the attention projections are not "
-                "supported");
+    throw Error(
+        "config.json: attention_bias is true; biases on the attention projections are not "
+        "supported");
   if (is_true("mlp_bias"))
     throw Error("config.json: mlp_bias is true; biases on the MLP projections are not supported");
   if (j.contains("sliding_window") && !j["sliding_window"].is_null()) {
@@ -388,6 +391,75 @@ std::string shape_str(const std::vector<int64_t>& shape) {
   std::string o = "[";
   for (size_t i = 0; i < shape.size(); ++i) o += (i ? ", " : "") + std::to_string(shape[i]);
   return o + "]";
+}
+
+namespace {
+constexpr const char* kSamplingPrefix = "general.sampling.";
+
+// A general.sampling.* value as a double: any GGUF number (llama.cpp writes f32 and i32).
+std::optional<double> sampling_number(const gguf::File& f, const std::string& name) {
+  const std::string key = kSamplingPrefix + name;
+  const gguf::Value* v = f.find(key);
+  if (!v) return std::nullopt;
+  using gguf::ValueType;
+  switch (v->type) {
+    case ValueType::U8:
+    case ValueType::U16:
+    case ValueType::U32:
+    case ValueType::U64:
+      return static_cast<double>(v->u);
+    case ValueType::I8:
+    case ValueType::I16:
+    case ValueType::I32:
+    case ValueType::I64:
+      return static_cast<double>(v->i);
+    case ValueType::F32:
+    case ValueType::F64:
+      return v->f;
+    default:
+      throw Error("model file: metadata key '" + key + "' is not a number");
+  }
+}
+
+std::optional<int> sampling_integer(const gguf::File& f, const std::string& name) {
+  const auto v = sampling_number(f, name);
+  if (!v) return std::nullopt;
+  if (*v != std::floor(*v) || std::abs(*v) > 1e9)
+    throw Error("model file: metadata key '" + std::string(kSamplingPrefix) + name +
+                "' is not an integer");
+  return static_cast<int>(*v);
+}
+
+std::optional<float> sampling_real(const gguf::File& f, const std::string& name) {
+  const auto v = sampling_number(f, name);
+  return v ? std::optional<float>(static_cast<float>(*v)) : std::nullopt;
+}
+}  // namespace
+
+SamplingRecommendation sampling_from_gguf(const gguf::File& f) {
+  SamplingRecommendation s;
+  s.temperature = sampling_real(f, "temp");
+  s.top_k = sampling_integer(f, "top_k");
+  s.top_p = sampling_real(f, "top_p");
+  s.min_p = sampling_real(f, "min_p");
+  s.repetition_penalty = sampling_real(f, "penalty_repeat");
+  s.penalty_last_n = sampling_integer(f, "penalty_last_n");
+  try {
+    s.over(SamplingParams{}).validate();
+  } catch (const Error& e) {
+    throw Error("model file: general.sampling.* (" + s.describe() + "): " + e.what());
+  }
+  return s;
+}
+
+void sampling_to_gguf(const SamplingRecommendation& s, std::map<std::string, gguf::Value>& kv) {
+  const std::string p = kSamplingPrefix;
+  if (s.temperature) kv[p + "temp"] = gguf::Value::f32(*s.temperature);
+  if (s.top_k) kv[p + "top_k"] = gguf::Value::i32(*s.top_k);
+  if (s.top_p) kv[p + "top_p"] = gguf::Value::f32(*s.top_p);
+  if (s.min_p) kv[p + "min_p"] = gguf::Value::f32(*s.min_p);
+  if (s.repetition_penalty) kv[p + "penalty_repeat"] = gguf::Value::f32(*s.repetition_penalty);
+  if (s.penalty_last_n) kv[p + "penalty_last_n"] = gguf::Value::i32(*s.penalty_last_n);
 }
 
 namespace tensor_names {

@@ -139,11 +139,52 @@ std::string hf_chat_template(const fs::path& dir) {
   if (t.is_string()) return t.get<std::string>();
   if (t.is_array())
     for (const auto& named : t)
-      if (named.is_object() && named.value("name", "") == "default" &&
-          named.contains("template") && named["template"].is_string())
+      if (named.is_object() && named.value("name", "") == "default" && named.contains("template") &&
+          named["template"].is_string())
         return named["template"].get<std::string>();
-  throw Error("tokenizer_config.json: 'chat_template' is neither a string nor a list holding a "
-              "template named 'default'");
+  throw Error(
+      "tokenizer_config.json: 'chat_template' is neither a string nor a list holding a "
+      "template named 'default'");
+}
+
+// The folder's generation_config.json sampling fields (temperature, top_k, top_p, min_p,
+// repetition_penalty), as llama.cpp's converter takes them; the others (do_sample, max_length,
+// ...) are not sampling defaults the engine has. Nothing when there is no such file.
+SamplingRecommendation hf_sampling(const fs::path& dir) {
+  SamplingRecommendation s;
+  if (!fs::exists(dir / "generation_config.json")) return s;
+  nlohmann::json g;
+  try {
+    g = nlohmann::json::parse(read_file(dir / "generation_config.json"));
+  } catch (const std::exception& e) {
+    throw Error(std::string("generation_config.json: ") + e.what());
+  }
+  if (!g.is_object()) throw Error("generation_config.json is not an object");
+  auto field = [&g](const char* key) -> std::optional<double> {
+    if (!g.contains(key) || g[key].is_null()) return std::nullopt;
+    if (!g[key].is_number())
+      throw Error(std::string("generation_config.json: '") + key + "' is not a number");
+    return g[key].get<double>();
+  };
+  if (auto v = field("temperature")) s.temperature = static_cast<float>(*v);
+  if (auto v = field("top_k")) s.top_k = static_cast<int>(*v);
+  if (auto v = field("top_p")) s.top_p = static_cast<float>(*v);
+  if (auto v = field("min_p")) s.min_p = static_cast<float>(*v);
+  if (auto v = field("repetition_penalty")) s.repetition_penalty = static_cast<float>(*v);
+  return s;
+}
+
+// The recommendation a converted file carries: the source's with the options' fields replacing
+// it, checked as the loader will check it.
+SamplingRecommendation converted_sampling(SamplingRecommendation source,
+                                          const ConvertOptions& opts) {
+  source.merge(opts.sampling);
+  try {
+    source.over(SamplingParams{}).validate();
+  } catch (const Error& e) {
+    throw Error("recommended sampling (" + source.describe() + "): " + e.what());
+  }
+  return source;
 }
 
 // How a tensor of this shape is stored when the matrices are asked for as `matrices`: norms and
@@ -175,6 +216,7 @@ void convert_hf_to_gguf(const std::string& hf_dir, const std::string& out_path,
   const std::string spm = read_file(dir / "tokenizer.model");
   Tokenizer check_tokenizer(spm, cfg);  // refuses a tokenizer that does not load or fit
   const std::string chat_template = hf_chat_template(dir);
+  const SamplingRecommendation sampling = converted_sampling(hf_sampling(dir), opts);
 
   std::vector<std::unique_ptr<SafetensorsFile>> shards;
   if (fs::exists(dir / "model.safetensors.index.json")) {
@@ -260,6 +302,7 @@ void convert_hf_to_gguf(const std::string& hf_dir, const std::string& out_path,
   kv["general.file_type"] = gguf::Value::str(std::string(to_string(opts.dtype)));
   kv[kTokenizerKey] = gguf::Value::bytes(spm);
   if (!chat_template.empty()) kv[kChatTemplateKey] = gguf::Value::str(chat_template);
+  sampling_to_gguf(sampling, kv);
 
   gguf::write(out_path, kv, outs, opts.progress);
 }
@@ -282,6 +325,7 @@ void convert_gguf(const std::string& in_path, const std::string& out_path,
   kv["general.file_type"] = gguf::Value::str(std::string(to_string(opts.dtype)));
   kv[kTokenizerKey] = gguf::Value::bytes(m->tokenizer().model_bytes());
   if (!m->chat_template().empty()) kv[kChatTemplateKey] = gguf::Value::str(m->chat_template());
+  sampling_to_gguf(converted_sampling(m->recommended_sampling(), opts), kv);
   gguf::write(out_path, kv, outs, opts.progress);
 }
 

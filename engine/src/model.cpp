@@ -75,6 +75,7 @@ std::shared_ptr<Model> Model::load(const std::string& path) {
     m->config_ = config_from_gguf(f);
     m->tokenizer_ = std::make_unique<Tokenizer>(f.get_string(kTokenizerKey), m->config_);
     if (f.find(kChatTemplateKey)) m->chat_template_ = f.get_string(kChatTemplateKey);
+    m->sampling_ = sampling_from_gguf(f);
   } catch (const Error& e) {
     throw Error("model '" + path + "': " + e.what());
   }

@@ -4,6 +4,7 @@
 #include <climits>
 #include <cmath>
 #include <map>
+#include <sstream>
 
 #include "sampling.h"
 
@@ -23,6 +24,42 @@ void SamplingParams::validate() const {
   need(std::isfinite(frequency_penalty) && std::abs(frequency_penalty) <= 2,
        "frequency_penalty must be in [-2, 2]");
   need(penalty_last_n >= -1, "penalty_last_n must be >= -1");
+}
+
+SamplingParams SamplingRecommendation::over(SamplingParams base) const {
+  base.temperature = temperature.value_or(base.temperature);
+  base.top_k = top_k.value_or(base.top_k);
+  base.top_p = top_p.value_or(base.top_p);
+  base.min_p = min_p.value_or(base.min_p);
+  base.repetition_penalty = repetition_penalty.value_or(base.repetition_penalty);
+  base.penalty_last_n = penalty_last_n.value_or(base.penalty_last_n);
+  return base;
+}
+
+void SamplingRecommendation::merge(const SamplingRecommendation& o) {
+  if (o.temperature) temperature = o.temperature;
+  if (o.top_k) top_k = o.top_k;
+  if (o.top_p) top_p = o.top_p;
+  if (o.min_p) min_p = o.min_p;
+  if (o.repetition_penalty) repetition_penalty = o.repetition_penalty;
+  if (o.penalty_last_n) penalty_last_n = o.penalty_last_n;
+}
+
+std::string SamplingRecommendation::describe() const {
+  std::string s;
+  auto add = [&s](const char* name, const auto& v) {
+    if (!v) return;
+    std::ostringstream o;
+    o << (s.empty() ? "" : ", ") << name << " " << *v;
+    s += o.str();
+  };
+  add("temp", temperature);
+  add("top_k", top_k);
+  add("top_p", top_p);
+  add("min_p", min_p);
+  add("penalty_repeat", repetition_penalty);
+  add("penalty_last_n", penalty_last_n);
+  return s.empty() ? "none" : s;
 }
 
 Sampler::Sampler(const SamplingParams& p) : p_(p) {

@@ -48,7 +48,8 @@ MULTIPOLE_FUZZ_TARGET(fuzz_chat) {
   // The request: a plain mp::Error is a 400 too (the server's handler maps it).
   std::optional<api::CompletionsCall> call;
   try {
-    only_mp_errors([&] { call.emplace(api::parse_chat_completions(body, *format, 64)); },
+    const SamplingParams defaults = api::request_sampling_defaults({});
+    only_mp_errors([&] { call.emplace(api::parse_chat_completions(body, *format, 64, defaults)); },
                    "parse_chat_completions");
   } catch (const api::ApiError& e) {
     fuzz::check(e.status == 400, "bad requests are 400");

@@ -9,7 +9,8 @@ MULTIPOLE_FUZZ_TARGET(fuzz_completions) {
   const std::string_view text(reinterpret_cast<const char*>(data), size);
   try {
     const api::json body = api::parse_body(text);  // the scanned prompt ids too
-    const api::CompletionsCall call = api::parse_completions(body, tok, 64);
+    const api::CompletionsCall call =
+        api::parse_completions(body, tok, 64, api::request_sampling_defaults({}));
     fuzz::check(!call.prompts.empty() && call.n >= 1, "a call has prompts and choices");
     fuzz::check(call.requests.size() == call.prompts.size() * size_t(call.n),
                 "one request per prompt and choice");

@@ -92,6 +92,37 @@ struct TensorView {
 class Tokenizer;
 class MappedFile;  // engine/src/file_io.h
 
+// How a sequence samples its tokens (the samplers are under "Sampling" below).
+struct SamplingParams {
+  float temperature = 0.8f;         // 0: greedy
+  int top_k = 40;                   // <= 0: off
+  float top_p = 0.95f;              // 1: off
+  float min_p = 0.05f;              // 0: off
+  float repetition_penalty = 1.0f;  // CTRL-style, 1: off
+  float presence_penalty = 0.0f;
+  float frequency_penalty = 0.0f;
+  int penalty_last_n = 64;  // window the penalties look at; -1: all
+  uint64_t seed = 0;
+  void validate() const;
+};
+
+// A model's recommended sampling: the GGUF keys general.sampling.temp, .top_k, .top_p, .min_p,
+// .penalty_repeat and .penalty_last_n (llama.cpp's, which it applies the same way), each
+// optional. The tools and the server start from it; an option the user gives or a field a
+// request sets replaces it. multipole-convert takes it from a Hugging Face folder's
+// generation_config.json, keeps it from a GGUF source, and sets it with --sampling.
+struct SamplingRecommendation {
+  std::optional<float> temperature, top_p, min_p, repetition_penalty;
+  std::optional<int> top_k, penalty_last_n;
+
+  // `base` with every recommended field replaced.
+  SamplingParams over(SamplingParams base) const;
+  // Each field that `other` has replaces this one's.
+  void merge(const SamplingRecommendation& other);
+  // "temp 0.8, top_k 0, ..." (the GGUF keys' names) for logs; "none" when empty.
+  std::string describe() const;
+};
+
 // A loaded model: config, tokenizer and the tensors of a GGUF file (mmap-ed, not copied).
 class Model {
  public:
@@ -105,6 +136,8 @@ class Model {
   const std::string& path() const { return path_; }
   // The GGUF's tokenizer.chat_template (Jinja source), empty when the file has none.
   const std::string& chat_template() const { return chat_template_; }
+  // The GGUF's general.sampling.* keys (empty when the file has none).
+  const SamplingRecommendation& recommended_sampling() const { return sampling_; }
   // A hash of the config, the tensors' names and shapes, and samples of every tensor's bytes:
   // states saved under one model are refused by another (sessions).
   const std::string& identity() const { return identity_; }
@@ -114,6 +147,7 @@ class Model {
   std::unique_ptr<MappedFile> mapping_;
   std::string path_;
   std::string chat_template_;
+  SamplingRecommendation sampling_;
   std::string identity_;
   Config config_;
   std::unique_ptr<Tokenizer> tokenizer_;
@@ -145,8 +179,8 @@ std::vector<TensorSpec> expected_tensors(const Config& c);
 // weights that compute that pooling (bias 0), so the converted model starts as the avgpool one.
 struct FmaConversion {
   Downsampling downsampling = Downsampling::AvgPool;  // avgpool or groupedconv
-  int block_size = 64;         // m
-  int rank = 4;                // p
+  int block_size = 64;                                // m
+  int rank = 4;                                       // p
   int64_t trained_length = 0;  // n; 0: the checkpoint's max_position_embeddings
 };
 // c (an exact-attention config) with FMA as f says; throws Error naming the option at fault.
@@ -161,6 +195,8 @@ struct ConvertOptions {
   DType dtype = DType::BF16;
   bool overwrite = false;
   std::optional<FmaConversion> fma;  // turn an exact-attention checkpoint into FMA
+  // Replaces the recommended sampling the source has (generation_config.json, or the GGUF's).
+  SamplingRecommendation sampling;
   std::function<void(size_t done, size_t total, const std::string& tensor)> progress;
 };
 // Reads config.json, model.safetensors (or the sharded index) and tokenizer.model from hf_dir,
@@ -243,14 +279,14 @@ class TextStream {
   // emitted).
   void push(int id, std::string& out);
   std::string push(int id);  // the same, returning the text
-  std::string flush();  // at the end: everything held back (unless stopped)
+  std::string flush();       // at the end: everything held back (unless stopped)
   bool stopped() const { return stopped_; }
   // Bytes examined so far, a count of the stream's work (tests check it stays flat per token).
   uint64_t work() const { return work_; }
 
  private:
   void take_bytes(bool run_ended, std::string& to);  // resolves pending byte-fallback bytes
-  void release(std::string& out);  // held_'s text past the stop-string matcher
+  void release(std::string& out);                    // held_'s text past the stop-string matcher
 
   const Tokenizer& tok_;
   std::vector<std::string> stop_;
@@ -261,20 +297,7 @@ class TextStream {
   uint64_t work_ = 0;
 };
 
-// --- Sampling ---------------------------------------------------------------------------------
-
-struct SamplingParams {
-  float temperature = 0.8f;         // 0: greedy
-  int top_k = 40;                   // <= 0: off
-  float top_p = 0.95f;              // 1: off
-  float min_p = 0.05f;              // 0: off
-  float repetition_penalty = 1.0f;  // CTRL-style, 1: off
-  float presence_penalty = 0.0f;
-  float frequency_penalty = 0.0f;
-  int penalty_last_n = 64;  // window the penalties look at; -1: all
-  uint64_t seed = 0;
-  void validate() const;
-};
+// --- Sampling (SamplingParams above, beside Model) ---------------------------------------------
 
 // (id, count) of the ids the penalties see, sorted by id (PenaltyCounts keeps them).
 using PenaltyList = std::span<const std::pair<int, int>>;
@@ -344,7 +367,7 @@ struct SeqChunk {
 // How forward_sample samples one chunk's next token.
 struct SampleSpec {
   const SamplingParams* params = nullptr;  // null: no token wanted (a prompt chunk mid-way)
-  PenaltyList penalties;                    // what the penalties see (PenaltyCounts)
+  PenaltyList penalties;                   // what the penalties see (PenaltyCounts)
   double uniform = 0;                      // the draw that picks the token (Sampler::draw())
   int top_logprobs = 0;                    // also return the N likeliest tokens
 };
@@ -441,7 +464,7 @@ struct BackendOptions {
 };
 std::unique_ptr<Backend> make_backend(std::shared_ptr<const Model> model,
                                       const BackendOptions& opts);
-bool cuda_available();  // built with CUDA and a device is present
+bool cuda_available();    // built with CUDA and a device is present
 int cuda_device_count();  // 0 without CUDA
 // "all" (every CUDA device; the one CPU device 0 without any) or a list "0,1,3": device ids,
 // checked (no repeats, each below cuda_device_count() unless kind is "cpu").
