@@ -287,6 +287,24 @@ struct Server::Impl {
                    {"owned_by", "multipole"}}}}};
       res.set_content(api::dump(j), "application/json");
     });
+    // llama-server's /props, the part that applies: the sampling a request gets where it sets no
+    // field (the model's recommendation over the API's defaults; the playground shows it).
+    http.Get("/props", [this](const httplib::Request&, httplib::Response& res) {
+      const SamplingParams& d = sampling_defaults;
+      auto real = [](float v) { return std::round(double(v) * 1e6) / 1e6; };  // 0.8, not 0.800000011
+      const json params = {{"temperature", real(d.temperature)},
+                           {"top_k", d.top_k},
+                           {"top_p", real(d.top_p)},
+                           {"min_p", real(d.min_p)},
+                           {"repeat_penalty", real(d.repetition_penalty)},
+                           {"repeat_last_n", d.penalty_last_n},
+                           {"presence_penalty", real(d.presence_penalty)},
+                           {"frequency_penalty", real(d.frequency_penalty)}};
+      json j = {{"model", opts.model_name},
+                {"n_ctx", opts.ctx_limit},
+                {"default_generation_settings", {{"params", params}}}};
+      res.set_content(api::dump(j), "application/json");
+    });
     http.Get("/metrics", [this](const httplib::Request&, httplib::Response& res) {
       res.set_content(metrics(), "text/plain; version=0.0.4");
     });

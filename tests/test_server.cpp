@@ -798,6 +798,34 @@ TEST(Server, PlaygroundPageIsServedAtTheRoot) {
   EXPECT_EQ(r->body, page);  // the file, byte for byte
 }
 
+// The model's recommended sampling is what a request gets where it sets no field, and /props says
+// so (llama-server's shape); a request's own field replaces it.
+TEST(Server, RequestsDefaultToTheModelsRecommendedSampling) {
+  const mp::testing::VariantModel vm;
+  mp::ConvertOptions co;
+  co.sampling.temperature = 0;  // greedy: every seed gives the same text
+  co.sampling.repetition_penalty = 1.25f;
+  mp::convert_gguf(vm.dir / "model.gguf", vm.dir / "greedy.gguf", co);
+  const auto model = Model::load(vm.dir / "greedy.gguf");
+  mp::testing::Serving s(model, {.kind = "cpu", .n_slots = 2, .n_threads = 2}, {}, {});
+  auto c = s.client();
+  const json props = json::parse(c.Get("/props")->body);
+  const json& p = props["default_generation_settings"]["params"];
+  EXPECT_EQ(p["temperature"], 0.0);
+  EXPECT_EQ(p["repeat_penalty"], 1.25);
+  EXPECT_EQ(p["top_p"], 1.0);  // the API's own default: the model says nothing of it
+  EXPECT_EQ(p["repeat_last_n"], -1);
+  auto text = [&](const json& fields) {
+    json body = {{"prompt", "x"}, {"max_tokens", 12}, {"ignore_eos", true}};
+    body.update(fields);
+    return json::parse(c.Post("/v1/completions", body.dump(), "application/json")->body)["choices"]
+        [0]["text"]
+            .get<std::string>();
+  };
+  EXPECT_EQ(text({{"seed", 1}}), text({{"seed", 2}}));
+  EXPECT_NE(text({{"seed", 1}, {"temperature", 1.5}}), text({{"seed", 2}, {"temperature", 1.5}}));
+}
+
 TEST(Server, TokenizeModelsAndMetrics) {
   Running s;
   auto c = s.client();

@@ -62,6 +62,15 @@ const fill = Object.entries(settings).map(([k, v]) => `document.getElementById("
 // Until the navigation commits, the target's document is the initial about:blank (also
 // "complete", without the page's elements): waited through, not read.
 await waitFor(`document.readyState === "complete" && document.getElementById("model")?.textContent.startsWith("model:")`, "the page");
+// The page's sampling fields start as the server's defaults (/props: the model's recommendation;
+// run_playground.sh's random model recommends a repetition penalty of 1.25). The fill below
+// leaves repetition_penalty as it is, so the page and the direct call both get the default.
+const params = (await (await fetch(base + "/props")).json()).default_generation_settings.params;
+for (const [id, key] of [["temperature", "temperature"], ["top_p", "top_p"], ["top_k", "top_k"],
+                         ["min_p", "min_p"], ["repetition_penalty", "repeat_penalty"]]) {
+  const shown = await evaluate(`document.getElementById("${id}").value`);
+  if (shown !== String(params[key])) fail(`the page's ${id} is ${shown}, the server's default ${params[key]}`);
+}
 
 // Prompt mode.
 const prompt = "Once upon a time";

@@ -29,7 +29,9 @@ trap on_exit EXIT
 model=${2:-}
 if [ -z "$model" ]; then
   "$build/tests/make-test-checkpoint" "$work/hf" >/dev/null
-  "$build/tools/multipole-convert" "$work/hf" "$work/model.gguf" 2>/dev/null
+  # A recommended sampling, which the page must show as its defaults (playground.mjs).
+  "$build/tools/multipole-convert" "$work/hf" "$work/model.gguf" --sampling repeat-penalty=1.25 \
+    2>/dev/null
   model=$work/model.gguf
 fi
 # shellcheck source=tests/support/start_server.sh
