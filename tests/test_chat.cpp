@@ -220,11 +220,12 @@ TEST_F(ChatModel, ConverterCopiesTheChatTemplate) {
 // defaults (as llama-server and vLLM's generation config).
 TEST_F(ChatModel, RequestsStartFromTheModelsRecommendedSampling) {
   const chat::Format f(*model);
-  const json messages = {{{"role", "user"}, {"content", "Hi"}}};
-  const SamplingParams& openai = api::parse_chat_completions({{"messages", messages}}, f, 100,
-                                                             kDefaults)
-                                     .requests[0]
-                                     .sampling;
+  auto sampling_of = [&](const json& fields, const SamplingParams& defaults) {
+    json body = {{"messages", {{{"role", "user"}, {"content", "Hi"}}}}};
+    body.update(fields);
+    return api::parse_chat_completions(body, f, 100, defaults).requests[0].sampling;
+  };
+  const SamplingParams openai = sampling_of(json::object(), kDefaults);
   EXPECT_EQ(openai.temperature, 1.0f);
   EXPECT_EQ(openai.top_k, 0);
   EXPECT_EQ(openai.top_p, 1.0f);
@@ -237,18 +238,13 @@ TEST_F(ChatModel, RequestsStartFromTheModelsRecommendedSampling) {
   rec.repetition_penalty = 1.1f;
   rec.penalty_last_n = 64;
   const SamplingParams defaults = api::request_sampling_defaults(rec);
-  const SamplingParams plain =
-      api::parse_chat_completions({{"messages", messages}}, f, 100, defaults).requests[0].sampling;
+  const SamplingParams plain = sampling_of(json::object(), defaults);
   EXPECT_EQ(plain.temperature, 0.8f);
   EXPECT_EQ(plain.repetition_penalty, 1.1f);
   EXPECT_EQ(plain.penalty_last_n, 64);
   EXPECT_EQ(plain.top_p, 1.0f);  // not recommended: the API's default
   const SamplingParams own =
-      api::parse_chat_completions(
-          {{"messages", messages}, {"temperature", 0.2}, {"repetition_penalty", 1.0}}, f, 100,
-          defaults)
-          .requests[0]
-          .sampling;
+      sampling_of({{"temperature", 0.2}, {"repetition_penalty", 1.0}}, defaults);
   EXPECT_EQ(own.temperature, 0.2f);
   EXPECT_EQ(own.repetition_penalty, 1.0f);
   EXPECT_EQ(own.penalty_last_n, 64);
