@@ -222,6 +222,43 @@ TEST_F(CpuOps, AttentionLoopsEqualPlainSums) {
     }
 }
 
+// Prefill's loops over several queries at once against the one-query loops above, query by
+// query: the weighted sums to the bit (each output summed over the rows in the same order), the
+// dots to 1e-6 relative (another reduction of the same partial sums). Query counts below, at and
+// past the 4 that the row kernels take at a time.
+TEST_F(CpuOps, AttentionRowLoopsEqualTheOneQueryLoops) {
+  std::mt19937 rng(19);
+  for (int d : {64, 37, 8})
+    for (int nq : {1, 3, 4, 5, 9})
+      for (int n : {5, 33, 130}) {
+        const int64_t stride = 2 * d + 3, q_stride = d + 1, p_stride = n + 2, out_stride = d + 5;
+        const std::vector<float> q = random_floats(size_t(nq) * q_stride, rng),
+                                 p = random_floats(size_t(nq) * p_stride, rng),
+                                 rows = random_floats(size_t(n) * stride, rng),
+                                 out0 = random_floats(size_t(nq) * out_stride, rng);
+        for (cpu::Isa isa : isas()) {
+          cpu::set_isa(isa);
+          std::vector<float> s(size_t(nq) * p_stride, NAN), o = out0;
+          cpu::scaled_dots_rows(q.data(), q_stride, nq, rows.data(), stride, n, d, 0.125f,
+                                s.data(), p_stride);
+          cpu::add_weighted_rows_rows(p.data(), p_stride, nq, rows.data(), stride, n, d, o.data(),
+                                      out_stride);
+          for (int a = 0; a < nq; ++a) {
+            std::vector<float> s1(n, NAN), o1(out0.begin() + a * out_stride,
+                                              out0.begin() + a * out_stride + d);
+            cpu::scaled_dots(q.data() + a * q_stride, rows.data(), stride, n, d, 0.125f, s1.data());
+            cpu::add_weighted_rows(p.data() + a * p_stride, rows.data(), stride, n, d, o1.data());
+            for (int j = 0; j < n; ++j)
+              ASSERT_NEAR(s[a * p_stride + j], s1[j], 1e-6 * (std::abs(s1[j]) + 1e-3))
+                  << cpu::isa_name(isa) << " d " << d << " nq " << nq << " n " << n;
+            for (int c = 0; c < d; ++c)
+              ASSERT_EQ(o[a * out_stride + c], o1[c])
+                  << cpu::isa_name(isa) << " d " << d << " nq " << nq << " n " << n;
+          }
+        }
+      }
+}
+
 // The vector exp and what uses it (SwiGLU, the attention's softmax) against std::exp in double
 // precision, every instruction set: 2 ulp is 2.4e-7 relative; 1e-6 stated.
 TEST_F(CpuOps, VectorExpSwigluAndSoftmaxEqualTheScalarFormulas) {
