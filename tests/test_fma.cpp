@@ -319,7 +319,11 @@ TEST(Fma, EqualsExactCausalAttentionUpTo2m) {
   }
 }
 
-TEST(Fma, CacheHasFixedSizePastTrainedLength) {
+// The state's bytes and each token's work: the scores one attend() computes (its fine keys and
+// the summaries it sees, the size of the scores it leaves in `scratch`) stay under 2m + 3 p L at
+// every position, 500 tokens being ~8x the trained length: a token's cost does not grow with the
+// text before it.
+TEST(Fma, CacheSizeAndKeysPerTokenStayFixedPastTrainedLength) {
   const Config c = attn_config(64, 8, 2, Downsampling::GroupedConv, true, 2, 1, 8);
   auto seq = mp::cpu::make_seq_cache(c);
   const size_t before = mp::cpu::seq_cache_bytes(c, seq);
@@ -337,6 +341,10 @@ TEST(Fma, CacheHasFixedSizePastTrainedLength) {
     ca.attend(0, 1, out.data(), scratch);
     ca.commit();
     for (float x : out) ASSERT_TRUE(std::isfinite(x));
+    ASSERT_LE(scratch.size(), size_t(2 * 8 + 3 * 2 * c.n_levels())) << "token " << t;
+    if (t >= 2 * 8) {  // past the first block: at least m + 1 fine keys
+      ASSERT_GT(scratch.size(), size_t(8)) << "token " << t;
+    }
   }
   EXPECT_EQ(mp::cpu::seq_cache_bytes(c, seq), before);
 }
