@@ -77,6 +77,11 @@ class EngineParity(Parity):
     def test_rotary_per_level_ranks(self):
         self.check(fma_rotary_summaries=True, fma_ranks=[4, 2])
 
+    def test_fine_avgpool(self):
+        # The content proxies' shape (MODEL.md, "Next for issue 12"): avgpool means of few tokens
+        # (2 a summary at both levels here: m = 8, w = 8 and 16).
+        self.check(fma_downsampling="avgpool", fma_rotary_summaries=True, fma_ranks=[4, 8])
+
 
 class GgufToHf(unittest.TestCase):
     def test_round_trip(self):
