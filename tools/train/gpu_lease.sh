@@ -8,7 +8,7 @@
 # usage (repository root, GPU machine): tools/train/gpu_lease.sh CORPUS OUT MINUTES
 #   CORPUS: a folder with shards.json, tokenizer.model, val_docs.json and some of the shards
 #     (train-NNN.u16.xz, val.u16.xz); they join /tmp/lease/corpus, where the shards of earlier
-#     calls of this lease stay
+#     calls of this lease stay (CORPUS may be that folder itself: a new run on them)
 #   MINUTES: training time of this call (0: none; only gather shards or checkpoint parts, fetch)
 # environment:
 #   RESUME=1   continue the lease folder (the machine is still warm); without it everything starts
@@ -56,7 +56,8 @@ cd tools/train
 [ "${TESTS:-1}" = 0 ] || bash gpu_checks.sh test_trainer.py
 
 # The corpus: the files carried now join those of earlier calls; train.py verifies each shard.
-cp -f "$corpus"/* "$work/corpus/"
+# CORPUS may be the lease's own folder (a further run on the shards already here): nothing to copy.
+if [ "$corpus" != "$(realpath "$work/corpus")" ]; then cp -f "$corpus"/* "$work/corpus/"; fi
 shards=("$work"/corpus/train-*)
 echo "corpus: ${#shards[@]} training shards present"
 

@@ -409,11 +409,11 @@ class Profile(unittest.TestCase):
             train.main(["--size", "tiny", "--device", "cpu", "--profile", "x"])
 
 
-def run_lease(d, minutes, path_first, **env):
+def run_lease(d, minutes, path_first, corpus=None, **env):
     """One call of gpu_lease.sh from the repository root, without its tests: the carried folder
-    d/carried (a shards.json beside what is there already), OUT d/out, `path_first` ahead on PATH,
-    no GPU chosen beforehand."""
-    corpus = os.path.join(d, "carried")
+    (default d/carried; a shards.json beside what is there already), OUT d/out, `path_first`
+    ahead on PATH, no GPU chosen beforehand."""
+    corpus = corpus or os.path.join(d, "carried")
     os.makedirs(corpus, exist_ok=True)
     write(os.path.join(corpus, "shards.json"), b"{}")
     env = dict(os.environ, TESTS="0", **env, PATH=path_first + os.pathsep + os.environ["PATH"])
@@ -457,6 +457,20 @@ class LeaseOnAFreshMachine(unittest.TestCase):
             got = self.lease(d, LEASE_DIR=lease, DETACH="1", WAIT="0")
             self.assertEqual(got.returncode, 0, got.stderr)
             self.assertIn("nothing to fetch yet", got.stdout)
+
+    def test_a_new_run_on_the_shards_already_here(self):
+        """CORPUS may be the lease's own corpus folder (a further proxy run on the shards of the
+        earlier calls): session 27's call failed at copying each file onto itself, and its wait
+        loop then held the GPU 440 s for a run that never started."""
+        with tempfile.TemporaryDirectory() as d:
+            lease = os.path.join(d, "lease")
+            os.makedirs(os.path.join(lease, "corpus"))
+            write(os.path.join(lease, "corpus", "train-000.u16.xz"), b"shard")
+            got = self.lease(d, LEASE_DIR=lease, corpus=os.path.join(lease, "corpus"))
+            self.assertEqual(got.returncode, 0, got.stderr)
+            self.assertIn("corpus: 1 training shards present", got.stdout)
+            with open(os.path.join(lease, "corpus", "train-000.u16.xz"), "rb") as f:
+                self.assertEqual(f.read(), b"shard")
 
     def test_a_checkpoint_carried_in_over_two_calls(self):
         """INBOX (a path relative to the repository root, as the device tool's carry gives it)
