@@ -160,7 +160,13 @@ std::string write_exact_copy(const std::string& path) {
   return out;
 }
 
-// `batch` sequences at ~1,000 tokens of context, ready for decode steps sampled on the GPU.
+constexpr int64_t kPromptChunk = 65536;  // prompts are read in chunks of this many tokens
+
+// Tokens of context before the decode steps (`--context N`, default 1,000): past 2m (2,048 for
+// the shipped m = 1,024 model) every step reads a full fine window.
+int decode_context = 1000;
+
+// `batch` sequences at decode_context tokens of context, ready for decode steps sampled on the GPU.
 struct DecodeSteps {
   std::unique_ptr<Backend> b;
   std::vector<int> slots, next;
@@ -169,19 +175,23 @@ struct DecodeSteps {
 
   DecodeSteps(std::shared_ptr<const Model> model, int batch, const SamplingParams& sp,
               cuda::SummaryKernels kernels, cuda::Launches launches)
-      : b(make_cuda_backend(model, batch, 2048, 0, kernels, cuda::Q8Products::Auto, launches)),
+      : b(make_cuda_backend(model, batch, std::max(2048, decode_context + 1024), 0, kernels,
+                            cuda::Q8Products::Auto, launches)),
         next(batch, 5),
         specs(batch) {
     const Config& c = model->config();
     std::mt19937 rng(2);
-    std::vector<std::vector<int>> prompts(batch, std::vector<int>(1000));
+    std::vector<std::vector<int>> prompts(batch, std::vector<int>(decode_context));
     std::vector<SeqChunk> pre;
     for (int i = 0; i < batch; ++i) {
       slots.push_back(b->alloc_slot());
       for (auto& x : prompts[i]) x = 3 + int(rng() % (c.vocab_size - 3));
       pre.push_back({slots[i], prompts[i], false});
     }
-    b->forward(pre);
+    // Prefilled in calls of at most kPromptChunk tokens (as many whole prompts as fit).
+    const size_t per_call = std::max<size_t>(1, kPromptChunk / decode_context);
+    for (size_t i = 0; i < pre.size(); i += per_call)
+      b->forward(std::span<const SeqChunk>(pre).subspan(i, std::min(per_call, pre.size() - i)));
     for (int i = 0; i < batch; ++i) {
       step.push_back({slots[i], std::span<const int>(&next[i], 1), false});
       specs[i] = {&sp, {}, 0.5, 0};
@@ -211,7 +221,8 @@ std::vector<double> bench_decode(std::shared_ptr<const Model> model, const std::
     for (int s = 0; s < steps; ++s) d.run();
     const double sec = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
     rates.push_back(batch * steps / sec);
-    std::printf("| %d | ~1000 | %.0f | %.3f |\n", batch, rates.back(), sec / steps * 1e3);
+    std::printf("| %d | ~%d | %.0f | %.3f |\n", batch, decode_context, rates.back(),
+                sec / steps * 1e3);
     std::fflush(stdout);
     if (batch == 1) {
       const double kv_exact = 2.0 * c.n_layers * c.n_kv_heads * c.head_dim * 2 * (1 << 20);
@@ -315,7 +326,6 @@ std::vector<int> random_ids(const Config& c, size_t n, std::mt19937& rng) {
   for (auto& x : v) x = 3 + int(rng() % (c.vocab_size - 3));
   return v;
 }
-constexpr int64_t kPromptChunk = 65536;  // prompts are read in chunks of this many tokens
 
 // The last chunk of a 1M-token prompt between cudaProfilerStart and Stop (ncu
 // --profile-from-start off: each kernel of one long-prompt chunk, at the deepest position).
@@ -387,7 +397,7 @@ int main(int argc, char** argv) {
                  "                              --profile-prompt |\n"
                  "                              --sampling |\n"
                  "                              --decode B,B,... | --decode-cli B,B,...\n"
-                 "                              [--baseline BASE.gguf] |\n"
+                 "                              [--baseline BASE.gguf | --context N] |\n"
                  "                              --exact B,B,...]\n"
                  "  --prefill-kernels, --decode-kernels: only the attention kernels' tables\n"
                  "  --prompts: only the model's prefill table (prompts of 1K to 1M tokens)\n"
@@ -407,7 +417,9 @@ int main(int argc, char** argv) {
                  "  --decode-cli: as --decode, sampled as the CLI's defaults (top-k 40, top-p\n"
                  "                0.95, min-p 0.05: the sampling of the full run's decode table)\n"
                  "  --baseline: the same steps on another file (e.g. MODEL's bf16 source of a\n"
-                 "              q8_0 MODEL) first, and the ratio\n");
+                 "              q8_0 MODEL) first, and the ratio\n"
+                 "  --context N: decode (and --exact, --profile-decode) after N tokens of\n"
+                 "               context (default 1000; at most 65536)\n");
     return 2;
   }
   const bool quick = argc > 2 && std::strcmp(argv[2], "--quick") == 0;
@@ -419,6 +431,11 @@ int main(int argc, char** argv) {
     cudaDeviceProp prop;
     cudaGetDeviceProperties(&prop, 0);
     std::printf("# Multipole CUDA benchmarks on %s\n", prop.name);
+    if (argc > 5 && std::strcmp(argv[4], "--context") == 0) {
+      decode_context = std::atoi(argv[5]);
+      if (decode_context < 1 || decode_context > kPromptChunk)
+        throw Error("--context: 1 to 65536 tokens");
+    }
     const bool exact_decode = argc > 3 && std::strcmp(argv[2], "--exact") == 0;
     const bool cli_decode = argc > 3 && std::strcmp(argv[2], "--decode-cli") == 0;
     if (argc > 3 && (std::strcmp(argv[2], "--decode") == 0 || exact_decode || cli_decode)) {
