@@ -162,8 +162,10 @@ std::string write_exact_copy(const std::string& path) {
 
 constexpr int64_t kPromptChunk = 65536;  // prompts are read in chunks of this many tokens
 
-// Tokens of context before the decode steps (`--context N`, default 1,000): past 2m (2,048 for
-// the shipped m = 1,024 model) every step reads a full fine window.
+// Tokens of context before the decode steps (`--context N`, default 1,000). An FMA step at
+// position i >= m reads m + i mod m fine keys (blocks b-1 and b), 1.5m on average over a long
+// generation: for m = 1,024, --context 4608 puts the 200 steps at 1,536-1,736 of them, while
+// 4096 or 8192 (block starts) put them at 1,024-1,224, as ~1,000 does.
 int decode_context = 1000;
 
 // `batch` sequences at decode_context tokens of context, ready for decode steps sampled on the GPU.
