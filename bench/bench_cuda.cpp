@@ -160,6 +160,13 @@ std::string write_exact_copy(const std::string& path) {
   return out;
 }
 
+// Token ids of a random prompt (past the first three, the special ones).
+std::vector<int> random_ids(const Config& c, size_t n, std::mt19937& rng) {
+  std::vector<int> v(n);
+  for (auto& x : v) x = 3 + int(rng() % (c.vocab_size - 3));
+  return v;
+}
+
 constexpr int64_t kPromptChunk = 65536;  // prompts are read in chunks of this many tokens
 
 // Tokens of context before the decode steps (`--context N`, default 1,000). An FMA step at
@@ -183,13 +190,13 @@ struct DecodeSteps {
         specs(batch) {
     const Config& c = model->config();
     std::mt19937 rng(2);
-    std::vector<std::vector<int>> prompts(batch, std::vector<int>(decode_context));
+    std::vector<std::vector<int>> prompts;
     std::vector<SeqChunk> pre;
     for (int i = 0; i < batch; ++i) {
       slots.push_back(b->alloc_slot());
-      for (auto& x : prompts[i]) x = 3 + int(rng() % (c.vocab_size - 3));
-      pre.push_back({slots[i], prompts[i], false});
+      prompts.push_back(random_ids(c, decode_context, rng));
     }
+    for (int i = 0; i < batch; ++i) pre.push_back({slots[i], prompts[i], false});
     // Prefilled in calls of at most kPromptChunk tokens (as many whole prompts as fit).
     const size_t per_call = std::max<size_t>(1, kPromptChunk / decode_context);
     for (size_t i = 0; i < pre.size(); i += per_call)
@@ -320,13 +327,6 @@ void print_exact_against_fma(const std::vector<int>& batches, const std::vector<
       "| decode batch | FMA tokens/s | exact tokens/s | exact / FMA |\n|---|---|---|---|\n");
   for (size_t i = 0; i < batches.size(); ++i)
     std::printf("| %d | %.0f | %.0f | %.3f |\n", batches[i], fma[i], exact[i], exact[i] / fma[i]);
-}
-
-// Token ids of a random prompt (past the first three, the special ones).
-std::vector<int> random_ids(const Config& c, size_t n, std::mt19937& rng) {
-  std::vector<int> v(n);
-  for (auto& x : v) x = 3 + int(rng() % (c.vocab_size - 3));
-  return v;
 }
 
 // The last chunk of a 1M-token prompt between cudaProfilerStart and Stop (ncu
