@@ -176,8 +176,9 @@ struct Layer {
   std::vector<DeviceArray<float>> ds;                  // per level: wk, bk, wv, bv
   DeviceArray<const float*> ds_ptrs;                   // [4][L]: the Downsamplers table
   std::vector<DeviceArray<__nv_bfloat16>> taps;        // one-pass kernel: per level, k and v
-  // The layer's part of the slot pool.
-  DeviceArray<float> fine_k, fine_v, sum_k, sum_v, acc_k, acc_v;
+  // The layer's part of the slot pool (cuda::CacheView: the fine window in bf16).
+  DeviceArray<__nv_bfloat16> fine_k, fine_v;
+  DeviceArray<float> sum_k, sum_v, acc_k, acc_v;
 };
 
 class CudaBackend final : public Backend {
@@ -325,22 +326,27 @@ class CudaBackend final : public Backend {
   // About 20 ms of prefill on an H200 (docs/PERF.md: 32 x 100k-token prompts read fastest with
   // 65,536 of 32,768 / 65,536 / 131,072), and a stream generating meanwhile waits that long.
   int prefill_tokens_per_step() const override { return 65536; }
-  size_t slot_bytes(int) const override {
+  size_t slot_bytes(int) const override {  // keys and values: bf16 fine window, fp32 summaries
     const size_t pd = size_t(c_.fma_rank) * c_.head_dim, kv = size_t(c_.n_kv_heads);
-    return c_.n_layers * 4 * 2 * (cap_ * kv * c_.head_dim + size_t(c_.n_levels()) * 4 * kv * pd);
+    return c_.n_layers * 2 *
+           (cap_ * kv * c_.head_dim * sizeof(__nv_bfloat16) +
+            size_t(c_.n_levels()) * 4 * kv * pd * sizeof(float));
   }
 
   void copy_slot(int src, int dst) override {
     const OnDevice on(device_);
     check_slot(src);
     check_slot(dst);
-    for (auto& l : layers_)
-      for (auto* a : {&l.fine_k, &l.fine_v, &l.sum_k, &l.sum_v, &l.acc_k, &l.acc_v}) {
-        const size_t per = a->size() / pos_.size();
-        check(cudaMemcpyAsync(a->get() + dst * per, a->get() + src * per, per * sizeof(float),
-                              cudaMemcpyDeviceToDevice, stream_),
-              "copy_slot");
-      }
+    auto copy = [&]<class T>(DeviceArray<T>& a) {
+      const size_t per = a.size() / pos_.size();
+      check(cudaMemcpyAsync(a.get() + dst * per, a.get() + src * per, per * sizeof(T),
+                            cudaMemcpyDeviceToDevice, stream_),
+            "copy_slot");
+    };
+    for (auto& l : layers_) {
+      copy(l.fine_k), copy(l.fine_v);
+      for (auto* a : {&l.sum_k, &l.sum_v, &l.acc_k, &l.acc_v}) copy(*a);
+    }
     check(cudaStreamSynchronize(stream_), "copy_slot");
     pos_[dst] = pos_[src];
   }
@@ -714,17 +720,36 @@ class CudaBackend final : public Backend {
     if (s < 0 || s >= n_slots()) throw Error("slot " + std::to_string(s) + " does not exist");
     return s;
   }
+  // A slot's part of a pool array from or to a state's fp32 values (the fine window widened from
+  // bf16, or rounded to it).
   void download(const DeviceArray<float>& a, int slot, std::vector<float>& dst) const {
     const size_t per = a.size() / pos_.size();
     check(cudaMemcpy(dst.data(), a.get() + slot * per, std::min(per, dst.size()) * 4,
                      cudaMemcpyDeviceToHost),
           "save_slot");
   }
+  void download(const DeviceArray<__nv_bfloat16>& a, int slot, std::vector<float>& dst) const {
+    const size_t per = a.size() / pos_.size(), n = std::min(per, dst.size());
+    std::vector<__nv_bfloat16> h(n);
+    check(cudaMemcpy(h.data(), a.get() + slot * per, n * sizeof(__nv_bfloat16),
+                     cudaMemcpyDeviceToHost),
+          "save_slot");
+    for (size_t i = 0; i < n; ++i) dst[i] = __bfloat162float(h[i]);
+  }
   void upload_part(DeviceArray<float>& a, int slot, const std::vector<float>& src) {
     const size_t per = a.size() / pos_.size();
     check(cudaMemcpyAsync(a.get() + slot * per, src.data(), std::min(per, src.size()) * 4,
                           cudaMemcpyHostToDevice, stream_),
           "load_slot");
+  }
+  void upload_part(DeviceArray<__nv_bfloat16>& a, int slot, const std::vector<float>& src) {
+    const size_t per = a.size() / pos_.size(), n = std::min(per, src.size());
+    std::vector<__nv_bfloat16> h(n);
+    for (size_t i = 0; i < n; ++i) h[i] = __float2bfloat16(src[i]);
+    check(cudaMemcpyAsync(a.get() + slot * per, h.data(), n * sizeof(__nv_bfloat16),
+                          cudaMemcpyHostToDevice, stream_),
+          "load_slot");
+    check(cudaStreamSynchronize(stream_), "load_slot");  // h is gone when this returns
   }
 
   std::shared_ptr<const Model> model_;

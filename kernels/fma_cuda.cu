@@ -23,7 +23,7 @@ constexpr int kMaxDecodeSplits = 8;  // the key ranges of one few-sequence block
 // than the shorter key loop gives.
 constexpr int kDecodeSplitKeys = 512;
 static_assert(kDecodeTickets >= kDecodeFewBlocks);  // a ticket per split (sequence, head)
-constexpr int kDecodeUnroll = 4;  // keys a warp loads at once
+constexpr int kDecodeUnroll = 4;  // loads a decode lane has in flight: bf16 rows (fp32: half)
 
 // A summary thread's outputs: channel ch of kSumHeads KV heads from h0 and kSumRanks summaries
 // from r0, so that each key value it loads serves several ranks and each weight several heads.
@@ -213,9 +213,9 @@ __global__ void append_tokens_kernel(FmaShape s, CacheView cv, Downsamplers dw,
   const int64_t pos = c.pos0, kvd = int64_t(s.kv) * s.d;
   if (blockIdx.y == 0) {
     const float* src = x + int64_t(c.row0) * kvd;
-    float* dst = (values ? cv.fine_v : cv.fine_k) +
-                 (int64_t(c.slot) * cv.cap + (cv.ring ? pos % cv.cap : pos)) * kvd;
-    for (int e = threadIdx.x; e < kvd; e += blockDim.x) dst[e] = src[e];
+    __nv_bfloat16* dst = (values ? cv.fine_v : cv.fine_k) +
+                         (int64_t(c.slot) * cv.cap + (cv.ring ? pos % cv.cap : pos)) * kvd;
+    for (int e = threadIdx.x; e < kvd; e += blockDim.x) dst[e] = __float2bfloat16(src[e]);
   }
   if (!s.fma) return;
   const int l = blockIdx.y + 1, w = s.m << (l - 1), pd = s.p * s.d, pl = s.rank[l - 1];
@@ -247,34 +247,54 @@ __global__ void append_tokens_kernel(FmaShape s, CacheView cv, Downsamplers dw,
 
 // The arrays a key (or its value: same layout, twin array) can live in.
 enum KeyArray { kChunkRows, kFineWindow, kNewSummaries, kSummaryRing };
+
+// A key's or value's row: fp32 (the chunk's rows, summaries) or bf16 (the cache's fine window),
+// the bf16 kind marked by the address's low bit (rows are at least 8-byte aligned) so that a
+// staged key list stays one word a key.
+struct Row {
+  uintptr_t bits;  // no initializer: Row lives in __shared__ arrays
+  __device__ static Row of(const float* p) { return {reinterpret_cast<uintptr_t>(p)}; }
+  __device__ static Row of(const __nv_bfloat16* p) { return {reinterpret_cast<uintptr_t>(p) | 1}; }
+  __device__ bool bf16() const { return bits & 1; }
+  __device__ explicit operator bool() const { return bits != 0; }
+  __device__ const float* f32() const { return reinterpret_cast<const float*>(bits); }
+  __device__ const __nv_bfloat16* b16() const {
+    return reinterpret_cast<const __nv_bfloat16*>(bits & ~uintptr_t(1));
+  }
+  __device__ float at(int ch) const { return bf16() ? __bfloat162float(b16()[ch]) : f32()[ch]; }
+};
+
 struct KvArrays {
-  const float* k[4];
+  const float* k[4];  // by KeyArray (the fine window's entry unused: it is bf16)
   const float* v[4];
+  const __nv_bfloat16 *fine_k, *fine_v;
   // Selected, not indexed: an array indexed at run time lives in local memory, and every key
   // row's load then waited for a local load of its base (ncu, session 13).
   __device__ static const float* pick(const float* const (&a)[4], int which) {
-    return which == 0 ? a[0] : which == 1 ? a[1] : which == 2 ? a[2] : a[3];
+    return which == 0 ? a[0] : which == 2 ? a[2] : a[3];
   }
-  __device__ const float* key(int which) const { return pick(k, which); }
-  __device__ const float* value(int which) const { return pick(v, which); }
+  __device__ Row row(const float* const (&a)[4], const __nv_bfloat16* fine, int which,
+                     int64_t off) const {
+    return which == kFineWindow ? Row::of(fine + off) : Row::of(pick(a, which) + off);
+  }
 };
 __device__ KvArrays kv_arrays(const CacheView& cv, const float* k, const float* v,
                               const float* new_k, const float* new_v) {
-  return {{k, cv.fine_k, new_k, cv.sum_k}, {v, cv.fine_v, new_v, cv.sum_v}};
+  return {{k, nullptr, new_k, cv.sum_k}, {v, nullptr, new_v, cv.sum_v}, cv.fine_k, cv.fine_v};
 }
 
 struct KeyLoc {
-  int64_t off;  // in floats, in arrays k[which] and v[which]
+  int64_t off;  // in elements, in arrays k[which] and v[which]
   int which;
   float bonus;  // score offset: log(w/p) for a summary with scale_attn
   int64_t pos;  // the key's position; -1: a summary, visible to every query of the tile
 };
 // The key's and its value's rows.
-__device__ const float* key_row(const KvArrays& a, const KeyLoc& l) {
-  return a.key(l.which) + l.off;
+__device__ Row key_row(const KvArrays& a, const KeyLoc& l) {
+  return a.row(a.k, a.fine_k, l.which, l.off);
 }
-__device__ const float* value_row(const KvArrays& a, const KeyLoc& l) {
-  return a.value(l.which) + l.off;
+__device__ Row value_row(const KvArrays& a, const KeyLoc& l) {
+  return a.row(a.v, a.fine_v, l.which, l.off);
 }
 
 // The coarse part of a query tile's key list, worked out once per tile (by one thread, into
@@ -314,6 +334,12 @@ __device__ KeyList key_list(const FmaShape& s, const CacheView& cv, int64_t q_be
   const int64_t b = q_begin / s.m;
   const int64_t lo = s.fma ? max(int64_t(0), (b - 1) * s.m) : 0;
   return {lo, cv.ring ? lo % cv.cap : lo, q_end - lo, t.first[s.fma ? s.L : 0]};
+}
+
+// The key list's first keys that are in the cache's fine window (bf16): the fine keys before the
+// chunk; its own follow in its rows (fp32), then the summaries.
+__device__ int64_t window_keys(const KeyList& kl, const ChunkDesc& c) {
+  return min(kl.n_fine, max(int64_t(0), c.pos0 - kl.lo));
 }
 
 // Where key `kk` of a query tile's key list lives: fine keys first, then p summaries per visible
@@ -361,8 +387,7 @@ __global__ void __launch_bounds__(kThreads)
                      __nv_bfloat16* out_bf16) {
   __shared__ float sk[kTile][D], sv[kTile][D], sbonus[kTile];
   __shared__ int64_t spos[kTile];
-  __shared__ const float* sksrc[kTile];
-  __shared__ const float* svsrc[kTile];
+  __shared__ Row sksrc[kTile], svsrc[kTile];
   const AttnItem it = items[blockIdx.x];
   if (it.q_begin >= it.q_end) return;  // padding of a decode step
   const ChunkDesc c = chunks[it.chunk];
@@ -398,8 +423,8 @@ __global__ void __launch_bounds__(kThreads)
     __syncthreads();
     for (int idx = threadIdx.x; idx < n * D; idx += blockDim.x) {
       const int e = idx / D, ch = idx % D;
-      sk[e][ch] = sksrc[e][ch];
-      sv[e][ch] = svsrc[e][ch];
+      sk[e][ch] = sksrc[e].at(ch);
+      sv[e][ch] = svsrc[e].at(ch);
     }
     __syncthreads();
     if (active) {
@@ -436,10 +461,11 @@ constexpr int kWarps = 4, kKeys = 64, kD = 64, kStride = kD + 8;  // padding: no
 constexpr int kPieces = kKeys * kD / 4 / (kWarps * 32);           // 16-byte pieces a thread copies
 
 struct Shared {
-  float k32[kKeys][kD], v32[kKeys][kD];  // the next step's rows as read, copied by cp.async
+  // The next step's rows as read, copied by cp.async: fp32 rows fill a piece's 16 bytes, bf16
+  // rows (the fine window) its first 8.
+  float k32[kKeys][kD], v32[kKeys][kD];
   __nv_bfloat16 k[kKeys][kStride], v[kKeys][kStride];  // this step's, converted
-  const float* ksrc[kKeys];                            // the next step's K and V rows
-  const float* vsrc[kKeys];
+  Row ksrc[kKeys], vsrc[kKeys];                        // the next step's K and V rows
   // [step parity]: this step's while the next one's are resolved. pos: the key's position less
   // the tile's first query's (32-bit compares), -1 for a summary (visible to every query).
   float bonus[2][kKeys];
@@ -476,6 +502,13 @@ __device__ void cp_async16(float* dst, const float* src, bool fill) {
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(
                    static_cast<uint32_t>(__cvta_generic_to_shared(dst))),
                "l"(src), "r"(fill ? 16 : 0)
+               : "memory");
+}
+// 8 bytes alike (a bf16 row's 4 channels).
+__device__ void cp_async8(void* dst, const void* src) {
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 8;\n" ::"r"(
+                   static_cast<uint32_t>(__cvta_generic_to_shared(dst))),
+               "l"(src)
                : "memory");
 }
 __device__ void cp_async_wait_all() { asm volatile("cp.async.wait_all;\n" ::: "memory"); }
@@ -519,7 +552,7 @@ __global__ void __launch_bounds__(tc::kWarps * 32, 4)
   if (threadIdx.x == 0) make_level_table(s, it.q_begin, sh.lt);
   __syncthreads();
   const KeyList kl = key_list(s, cv, it.q_begin, it.q_end, sh.lt);
-  const int64_t n_keys = kl.n_fine + kl.n_coarse;
+  const int64_t n_keys = kl.n_fine + kl.n_coarse, n_win = window_keys(kl, c);
   const KvArrays arr = kv_arrays(cv, k, v, new_k, new_v);
   // The rows and metadata of the step from t0 (into metadata buffer b), a thread per key.
   auto resolve = [&](int64_t t0, int b) {
@@ -532,7 +565,7 @@ __global__ void __launch_bounds__(tc::kWarps * 32, 4)
       sh.bonus[b][e] = kloc.bonus * kLog2e;
       sh.pos[b][e] = kloc.pos < it.q_begin ? -1 : static_cast<int>(kloc.pos - it.q_begin);
     } else {
-      sh.ksrc[e] = sh.vsrc[e] = nullptr;
+      sh.ksrc[e] = sh.vsrc[e] = Row{0};
       sh.bonus[b][e] = 0.0f;
       sh.pos[b][e] = kKeys;  // after every query
     }
@@ -547,10 +580,15 @@ __global__ void __launch_bounds__(tc::kWarps * 32, 4)
     for (int i = 0; i < kPieces; ++i) {
       int e, c4;
       piece(i, e, c4);
-      const float *kr = sh.ksrc[e], *vr = sh.vsrc[e];
-      const bool key = kr != nullptr;  // else zeros, from q: any valid address
-      cp_async16(&sh.k32[e][4 * c4], key ? kr + 4 * c4 : q, key);
-      cp_async16(&sh.v32[e][4 * c4], key ? vr + 4 * c4 : q, key);
+      const Row kr = sh.ksrc[e], vr = sh.vsrc[e];
+      if (kr.bf16()) {
+        cp_async8(&sh.k32[e][4 * c4], kr.b16() + 4 * c4);
+        cp_async8(&sh.v32[e][4 * c4], vr.b16() + 4 * c4);
+        continue;
+      }
+      const bool key = bool(kr);  // else zeros, from q: any valid address
+      cp_async16(&sh.k32[e][4 * c4], key ? kr.f32() + 4 * c4 : q, key);
+      cp_async16(&sh.v32[e][4 * c4], key ? vr.f32() + 4 * c4 : q, key);
     }
   };
   resolve(0, 0);
@@ -565,12 +603,17 @@ __global__ void __launch_bounds__(tc::kWarps * 32, 4)
     for (int i = 0; i < kPieces; ++i) {
       int e, c4;
       piece(i, e, c4);
+      uint2 *kd = reinterpret_cast<uint2*>(&sh.k[e][4 * c4]),
+            *vd = reinterpret_cast<uint2*>(&sh.v[e][4 * c4]);
+      if (t0 + e < n_win) {  // the fine window's, already bf16: the piece's first 8 bytes
+        *kd = *reinterpret_cast<const uint2*>(&sh.k32[e][4 * c4]);
+        *vd = *reinterpret_cast<const uint2*>(&sh.v32[e][4 * c4]);
+        continue;
+      }
       const float4 kx = *reinterpret_cast<const float4*>(&sh.k32[e][4 * c4]),
                    vx = *reinterpret_cast<const float4*>(&sh.v32[e][4 * c4]);
-      *reinterpret_cast<uint2*>(&sh.k[e][4 * c4]) =
-          make_uint2(pack_bf16(kx.x, kx.y), pack_bf16(kx.z, kx.w));
-      *reinterpret_cast<uint2*>(&sh.v[e][4 * c4]) =
-          make_uint2(pack_bf16(vx.x, vx.y), pack_bf16(vx.z, vx.w));
+      *kd = make_uint2(pack_bf16(kx.x, kx.y), pack_bf16(kx.z, kx.w));
+      *vd = make_uint2(pack_bf16(vx.x, vx.y), pack_bf16(vx.z, vx.w));
     }
     if (more) resolve(t0 + kKeys, b ^ 1);
     __syncthreads();  // bf16 tiles written, fp32 rows free, the next step's rows resolved
@@ -667,19 +710,75 @@ __global__ void __launch_bounds__(tc::kWarps * 32, 4)
   }
 }
 
-// C consecutive floats from p (C * 4 bytes aligned), as one vector load where C allows.
-template <int C>
-__device__ void load_channels(const float* p, float (&x)[C]) {
-  if constexpr (C == 4) {
-    const float4 t = *reinterpret_cast<const float4*>(p);
-    x[0] = t.x, x[1] = t.y, x[2] = t.z, x[3] = t.w;
-  } else if constexpr (C == 2) {
-    const float2 t = *reinterpret_cast<const float2*>(p);
-    x[0] = t.x, x[1] = t.y;
-  } else {
+// Four channels of a row, widened to fp32: 8 bytes of bf16 (the fine window) or 16 of fp32.
+__device__ float4 widen(uint2 r) {
+  const float2 lo = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&r.x)),
+               hi = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&r.y));
+  return make_float4(lo.x, lo.y, hi.x, hi.y);
+}
+
+// One warp tile of a decode query's online softmax (flash-decoding's inner loop), shared by the
+// FMA and exact decode kernels: LK lanes a key (4 channels each), 32 / LK keys a load, R loads a
+// lane. kr, vr: this lane's channels of its R keys and values (zeros where !valid); bonus: their
+// score offsets. mx ends equal in every lane (the warp tile's maximum is taken over the warp);
+// den and acc hold this lane's keys' share, summed over the warp's keys by tile_sums at the end.
+// nh: the heads of H that exist.
+template <int H, int R, int LK>
+__device__ void softmax_tile(const float (&qr)[H][4], const float4 (&kr)[R],
+                             const float4 (&vr)[R], const float (&bonus)[R], const bool (&valid)[R],
+                             int nh, float (&mx)[H], float (&den)[H], float (&acc)[H][4]) {
+  float sc[H][R];
 #pragma unroll
-    for (int j = 0; j < C; ++j) x[j] = p[j];
+  for (int hh = 0; hh < H; ++hh)
+#pragma unroll
+    for (int r = 0; r < R; ++r)
+      sc[hh][r] = qr[hh][0] * kr[r].x + qr[hh][1] * kr[r].y + qr[hh][2] * kr[r].z +
+                  qr[hh][3] * kr[r].w;
+#pragma unroll
+  for (int o = LK / 2; o > 0; o >>= 1)  // a key's lanes: the whole dot product
+#pragma unroll
+    for (int hh = 0; hh < H; ++hh)
+#pragma unroll
+      for (int r = 0; r < R; ++r) sc[hh][r] += __shfl_xor_sync(0xffffffffu, sc[hh][r], o);
+#pragma unroll
+  for (int hh = 0; hh < H; ++hh) {
+    if (hh >= nh) break;
+    float tm = -INFINITY;  // the warp tile's maximum (its first key always exists)
+#pragma unroll
+    for (int r = 0; r < R; ++r)
+      if (valid[r]) tm = fmaxf(tm, sc[hh][r] + bonus[r]);
+#pragma unroll
+    for (int o = LK; o < 32; o <<= 1) tm = fmaxf(tm, __shfl_xor_sync(0xffffffffu, tm, o));
+    const float nm = fmaxf(mx[hh], tm), corr = __expf(mx[hh] - nm);
+    den[hh] *= corr;
+#pragma unroll
+    for (int e = 0; e < 4; ++e) acc[hh][e] *= corr;
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+      const float p = valid[r] ? __expf(sc[hh][r] + bonus[r] - nm) : 0.0f;
+      den[hh] += p;
+      acc[hh][0] += p * vr[r].x, acc[hh][1] += p * vr[r].y, acc[hh][2] += p * vr[r].z,
+          acc[hh][3] += p * vr[r].w;
+    }
+    mx[hh] = nm;
   }
+}
+// The warp's sums after its tiles: lanes of the same channels hold different keys' shares.
+template <int H, int LK>
+__device__ void tile_sums(float (&den)[H], float (&acc)[H][4]) {
+#pragma unroll
+  for (int o = LK; o < 32; o <<= 1)
+#pragma unroll
+    for (int hh = 0; hh < H; ++hh) {
+      den[hh] += __shfl_xor_sync(0xffffffffu, den[hh], o);
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc[hh][e] += __shfl_xor_sync(0xffffffffu, acc[hh][e], o);
+    }
+}
+// Four channels of query row p (16-byte aligned), scaled.
+__device__ void load_query(const float* p, float scale, float (&qr)[4]) {
+  const float4 t = *reinterpret_cast<const float4*>(p);
+  qr[0] = t.x * scale, qr[1] = t.y * scale, qr[2] = t.z * scale, qr[3] = t.w * scale;
 }
 
 // A decode query's keys split over blocks (flash-decoding): split z (blockIdx.z) of query-head
@@ -715,29 +814,36 @@ __device__ inline float merged_splits(const float* partials, int heads, int64_t 
 // key list's keys are worked out first, a key a thread, into shared memory (each warp resolving
 // its own keys had all 32 lanes repeat the same 64-bit arithmetic, ~1,100 instructions a warp at
 // batch 1), from the plan alone: before the wait for the kernel before (the q/k/v projection;
-// overlap.cuh). Then each warp takes every W-th key, its lanes splitting the head's channels, so
-// that a key row is one coalesced load (a thread per key row read 32 rows at once, strided: 17 us
-// a layer at batch 1), kDecodeUnroll keys at a time so that their loads overlap, each key and
-// value loaded once for the G heads; each warp keeps an online softmax per head over its keys,
-// and the block merges the warps'. Key lists longer than the block's threads go in stages.
+// overlap.cuh). Then each warp takes every W-th tile of keys, D / 4 lanes a key (4 channels a
+// lane, so a load instruction reads 32 / (D / 4) keys), each key and value loaded once for the G
+// heads, and keeps an online softmax per head over its keys (softmax_tile); the block merges the
+// warps'. The fine window's keys (bf16, first in the list) and the rest (this step's own key and
+// the summaries, fp32) go in loops of their own, so that each loop's loads are straight-line and
+// a bf16 load carries 4 channels (8 bytes): with a warp a key and 2 channels a lane, bf16 rows
+// halved the bytes of each load and ran 1.3x slower than fp32 ones (docs/PERF.md, session 27).
+// Key lists longer than the block's threads go in stages.
 // kSplits (steps of few sequences with long fine windows: decode_splits > 1): the key list is
 // cut into `splits` ranges, one a block (blockIdx.z), each writing its unnormalised output,
 // maximum and sum to `partials` as exact_decode_kernel does; the last block of a (sequence,
 // heads) to finish (tickets) merges them. A template parameter, so that unsplit steps run the
-// kernel without the split's arithmetic (56 registers against 59 at d 64 with it at run time).
+// kernel without the split's arithmetic. Blocks of many sequences (W = kDecodeWarps) serving 1
+// or 2 heads are held to 64 registers, 4 blocks a SM (77 without: 3), as the loads in flight are
+// what the kernel's speed follows; 4 heads would spill (~200 bytes) there.
 template <int D, int W, int G, bool kSplits>
-__global__ void __launch_bounds__(W * 32)
+__global__ void __launch_bounds__(W * 32, W == kDecodeWarps && G <= 2 ? 4 : 1)
     decode_attention_kernel(FmaShape s, CacheView cv, const ChunkDesc* chunks,
                             const NewGroups* table, const AttnItem* items, const float* q,
                             const float* k, const float* v, const float* new_k, const float* new_v,
                             int splits, unsigned* tickets, float* partials, float* out,
                             __nv_bfloat16* out_bf16) {
-  constexpr int C = D >= 32 ? D / 32 : 1, U = kDecodeUnroll, kStage = W * 32;
+  static_assert(D % 4 == 0 && D <= 128);
+  // Lanes a key, keys a load; loads a lane a tile: bf16 rows (8 bytes) and fp32 rows (16).
+  constexpr int LK = D / 4, KP = 32 / LK, RB = kDecodeUnroll, RF = kDecodeUnroll / 2,
+                kStage = W * 32;
   __shared__ float part[W][G][D];
   __shared__ float wmax[W][G], wsum[W][G];
   __shared__ LevelTable lt;
-  __shared__ const float* skey[kStage];  // a stage's keys: rows of their key and value arrays
-  __shared__ const float* sval[kStage];
+  __shared__ Row skey[kStage], sval[kStage];  // a stage's keys: their key and value rows
   __shared__ float sbonus[kStage];
   // Block-uniform, in shared memory: a later stage reads them again rather than registers hold
   // them through the loop (79 registers instead of 64 at d 64, G 2: 3 blocks a SM instead of 4).
@@ -753,8 +859,11 @@ __global__ void __launch_bounds__(W * 32)
   }
   __syncthreads();
   const int h0 = blockIdx.y * G, kvh = h0 / (s.heads / s.kv), lane = threadIdx.x & 31,
-            warp = threadIdx.x >> 5, ch0 = lane * C;
+            warp = threadIdx.x >> 5, kq = lane / LK, ch = (lane % LK) * 4;
   const int64_t n = real ? kl.n_fine + kl.n_coarse : 0;
+  // The list's first n_win keys are the window's, bf16 (the rest: this step's own key, in the
+  // chunk's rows, then the summaries).
+  const int64_t n_win = real ? window_keys(kl, c) : 0;
   int64_t kb = 0, len = n;  // this block's keys
   if constexpr (kSplits) {
     const int64_t per = (n + splits - 1) / splits;
@@ -773,20 +882,15 @@ __global__ void __launch_bounds__(W * 32)
   wait_for_previous();
   let_next_start();
   if (!real) return;
-  const bool active = ch0 < D;  // a head of fewer than 32 channels leaves lanes idle
   const int64_t row = int64_t(c.row0) + (i - c.pos0);
   const float scale = rsqrtf(float(D));
-  float qr[G][C] = {}, acc[G][C] = {};
+  float qr[G][4], acc[G][4] = {}, mx[G], den[G];
 #pragma unroll
   for (int g = 0; g < G; ++g) {
-    if (active) load_channels<C>(q + (row * s.heads + h0 + g) * D + ch0, qr[g]);
-#pragma unroll
-    for (int j = 0; j < C; ++j) qr[g][j] *= scale;
+    load_query(q + (row * s.heads + h0 + g) * D + ch, scale, qr[g]);
+    mx[g] = -INFINITY, den[g] = 0.0f;
   }
   __syncthreads();  // the first stage is written
-  float mx[G], denom[G];
-#pragma unroll
-  for (int g = 0; g < G; ++g) mx[g] = -INFINITY, denom[g] = 0.0f;
   for (int64_t s0 = 0; s0 < len; s0 += kStage) {
     if (s0 > 0) {
       __syncthreads();  // the last stage's keys are read
@@ -794,55 +898,51 @@ __global__ void __launch_bounds__(W * 32)
       __syncthreads();
     }
     const int ns = int(min(len - s0, int64_t(kStage)));
-    for (int t0 = warp; t0 < ns; t0 += W * U) {
-      float dot[U][G], bonus[U], val[U][C];
+    const int nw = int(min(int64_t(ns), max(int64_t(0), n_win - kb - s0)));  // bf16 rows
+    for (int t0 = warp * KP * RB; t0 < nw; t0 += W * KP * RB) {
+      uint2 kw[RB], vw[RB];  // all loads first, widened only at their products
+      bool valid[RB];
 #pragma unroll
-      for (int u = 0; u < U; ++u) {  // the loads of U keys (warp-uniform: t is the warp's)
-        const int t = t0 + u * W;
-        bonus[u] = 0.0f;
-#pragma unroll
-        for (int g = 0; g < G; ++g) dot[u][g] = 0.0f;
-#pragma unroll
-        for (int j = 0; j < C; ++j) val[u][j] = 0.0f;
-        if (t >= ns) continue;
-        bonus[u] = sbonus[t];
-        if (!active) continue;
-        float key[C];
-        load_channels<C>(skey[t] + ch0, key);
-        load_channels<C>(sval[t] + ch0, val[u]);
-#pragma unroll
-        for (int g = 0; g < G; ++g)
-#pragma unroll
-          for (int j = 0; j < C; ++j) dot[u][g] += qr[g][j] * key[j];
+      for (int r = 0; r < RB; ++r) {
+        const int t = t0 + r * KP + kq;
+        valid[r] = t < nw;
+        kw[r] = vw[r] = make_uint2(0, 0);
+        if (!valid[r]) continue;
+        kw[r] = __ldg(reinterpret_cast<const uint2*>(skey[t].b16() + ch));
+        vw[r] = __ldg(reinterpret_cast<const uint2*>(sval[t].b16() + ch));
       }
+      float4 kr[RB], vr[RB];
+      float bonus[RB] = {};  // fine keys: none
 #pragma unroll
-      for (int o = 16; o > 0; o >>= 1)
+      for (int r = 0; r < RB; ++r) kr[r] = widen(kw[r]), vr[r] = widen(vw[r]);
+      softmax_tile<G, RB, LK>(qr, kr, vr, bonus, valid, G, mx, den, acc);
+    }
+    for (int t0 = nw + warp * KP * RF; t0 < ns; t0 += W * KP * RF) {
+      float4 kr[RF], vr[RF];
+      float bonus[RF];
+      bool valid[RF];
 #pragma unroll
-        for (int u = 0; u < U; ++u)
-#pragma unroll
-          for (int g = 0; g < G; ++g) dot[u][g] += __shfl_xor_sync(0xffffffffu, dot[u][g], o);
-#pragma unroll
-      for (int u = 0; u < U; ++u) {
-        if (t0 + u * W >= ns) break;
-#pragma unroll
-        for (int g = 0; g < G; ++g) {
-          const float sc = dot[u][g] + bonus[u], nm = fmaxf(mx[g], sc);
-          const float corr = __expf(mx[g] - nm), pe = __expf(sc - nm);
-          denom[g] = denom[g] * corr + pe;
-#pragma unroll
-          for (int j = 0; j < C; ++j) acc[g][j] = acc[g][j] * corr + pe * val[u][j];
-          mx[g] = nm;
-        }
+      for (int r = 0; r < RF; ++r) {
+        const int t = t0 + r * KP + kq;
+        valid[r] = t < ns;
+        kr[r] = vr[r] = make_float4(0, 0, 0, 0);
+        bonus[r] = 0.0f;
+        if (!valid[r]) continue;
+        kr[r] = __ldg(reinterpret_cast<const float4*>(skey[t].f32() + ch));
+        vr[r] = __ldg(reinterpret_cast<const float4*>(sval[t].f32() + ch));
+        bonus[r] = sbonus[t];
       }
+      softmax_tile<G, RF, LK>(qr, kr, vr, bonus, valid, G, mx, den, acc);
     }
   }
+  tile_sums<G, LK>(den, acc);
   // Merge: each warp's share rescaled to the block's maximum, per head.
 #pragma unroll
   for (int g = 0; g < G; ++g) {
-    if (lane == 0) wmax[warp][g] = mx[g], wsum[warp][g] = denom[g];
-    if (active)
+    if (lane == 0) wmax[warp][g] = mx[g], wsum[warp][g] = den[g];
+    if (kq == 0)
 #pragma unroll
-      for (int j = 0; j < C; ++j) part[warp][g][ch0 + j] = acc[g][j];
+      for (int e = 0; e < 4; ++e) part[warp][g][ch + e] = acc[g][e];
   }
   __syncthreads();
   // P threads (lanes of one warp) an output channel, each over every P-th warp's share, then
@@ -941,75 +1041,40 @@ __global__ void __launch_bounds__(xd::kWarps * 32)
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, kl = lane / LK, ch = (lane % LK) * 4;
   const int64_t row = int64_t(c.row0) + (i - c.pos0), kvd = int64_t(s.kv) * D;
   const float scale = rsqrtf(float(D));
-  float qr[H][4], acc[H][4], mx[H], den[H];
+  float qr[H][4], acc[H][4] = {}, mx[H], den[H];
 #pragma unroll
   for (int hh = 0; hh < H; ++hh) {
-    const float4 t = hh < nh ? *reinterpret_cast<const float4*>(q + (row * s.heads + h0 + hh) * D + ch)
-                             : make_float4(0, 0, 0, 0);
-    qr[hh][0] = t.x * scale, qr[hh][1] = t.y * scale, qr[hh][2] = t.z * scale,
-    qr[hh][3] = t.w * scale;
-    acc[hh][0] = acc[hh][1] = acc[hh][2] = acc[hh][3] = 0.0f;
+    if (hh < nh)
+      load_query(q + (row * s.heads + h0 + hh) * D + ch, scale, qr[hh]);
+    else
+      qr[hh][0] = qr[hh][1] = qr[hh][2] = qr[hh][3] = 0.0f;
     mx[hh] = -INFINITY, den[hh] = 0.0f;
   }
-  // Key j < i is in the cache; key i, this step's own, still in the chunk's rows.
+  // Key j < i is in the cache (bf16); key i, this step's own, still in the chunk's rows (fp32).
   const int64_t cache0 = (int64_t(c.slot) * cv.cap * s.kv + kvh) * D + ch;
-  const float *fk = cv.fine_k + cache0, *fv = cv.fine_v + cache0;
+  const __nv_bfloat16 *fk = cv.fine_k + cache0, *fv = cv.fine_v + cache0;
   const float *ck = k + (row * s.kv + kvh) * D + ch, *cvv = v + (row * s.kv + kvh) * D + ch;
   for (int64_t t0 = k_begin + warp * WT; t0 < k_end; t0 += int64_t(WT) * xd::kWarps) {
     float4 kr[R], vr[R];
+    const float bonus[R] = {};
+    bool valid[R];
 #pragma unroll
     for (int r = 0; r < R; ++r) {
       const int64_t j = t0 + r * KP + kl;
+      valid[r] = j < k_end;
       kr[r] = vr[r] = make_float4(0, 0, 0, 0);
-      if (j >= k_end) continue;
-      kr[r] = __ldg(reinterpret_cast<const float4*>(j < i ? fk + j * kvd : ck));
-      vr[r] = __ldg(reinterpret_cast<const float4*>(j < i ? fv + j * kvd : cvv));
-    }
-    float sc[H][R];
-#pragma unroll
-    for (int hh = 0; hh < H; ++hh)
-#pragma unroll
-      for (int r = 0; r < R; ++r)
-        sc[hh][r] = qr[hh][0] * kr[r].x + qr[hh][1] * kr[r].y + qr[hh][2] * kr[r].z +
-                    qr[hh][3] * kr[r].w;
-#pragma unroll
-    for (int o = LK / 2; o > 0; o >>= 1)  // a key's lanes: the whole dot product
-#pragma unroll
-      for (int hh = 0; hh < H; ++hh)
-#pragma unroll
-        for (int r = 0; r < R; ++r) sc[hh][r] += __shfl_xor_sync(0xffffffffu, sc[hh][r], o);
-#pragma unroll
-    for (int hh = 0; hh < H; ++hh) {
-      if (hh >= nh) break;
-      float tm = -INFINITY;  // the warp tile's maximum (its first key always exists)
-#pragma unroll
-      for (int r = 0; r < R; ++r)
-        if (t0 + r * KP + kl < k_end) tm = fmaxf(tm, sc[hh][r]);
-#pragma unroll
-      for (int o = LK; o < 32; o <<= 1) tm = fmaxf(tm, __shfl_xor_sync(0xffffffffu, tm, o));
-      const float nm = fmaxf(mx[hh], tm), corr = __expf(mx[hh] - nm);
-      den[hh] *= corr;
-#pragma unroll
-      for (int e = 0; e < 4; ++e) acc[hh][e] *= corr;
-#pragma unroll
-      for (int r = 0; r < R; ++r) {
-        const float p = t0 + r * KP + kl < k_end ? __expf(sc[hh][r] - nm) : 0.0f;
-        den[hh] += p;
-        acc[hh][0] += p * vr[r].x, acc[hh][1] += p * vr[r].y, acc[hh][2] += p * vr[r].z,
-            acc[hh][3] += p * vr[r].w;
+      if (!valid[r]) continue;
+      if (j < i) {
+        kr[r] = widen(__ldg(reinterpret_cast<const uint2*>(fk + j * kvd)));
+        vr[r] = widen(__ldg(reinterpret_cast<const uint2*>(fv + j * kvd)));
+      } else {
+        kr[r] = __ldg(reinterpret_cast<const float4*>(ck));
+        vr[r] = __ldg(reinterpret_cast<const float4*>(cvv));
       }
-      mx[hh] = nm;
     }
+    softmax_tile<H, R, LK>(qr, kr, vr, bonus, valid, nh, mx, den, acc);
   }
-  // The warp's keys: lanes of the same channels hold different keys' sums.
-#pragma unroll
-  for (int o = LK; o < 32; o <<= 1)
-#pragma unroll
-    for (int hh = 0; hh < H; ++hh) {
-      den[hh] += __shfl_xor_sync(0xffffffffu, den[hh], o);
-#pragma unroll
-      for (int e = 0; e < 4; ++e) acc[hh][e] += __shfl_xor_sync(0xffffffffu, acc[hh][e], o);
-    }
+  tile_sums<H, LK>(den, acc);
   if (kl == 0)
 #pragma unroll
     for (int hh = 0; hh < H; ++hh) {
@@ -1286,16 +1351,14 @@ __global__ void __launch_bounds__(op::kWarps * 32, 1)
 __global__ void commit_kernel(const CommitItem* items, const float* k, const float* v,
                               const float* new_k, const float* new_v, CacheView cv) {
   const CommitItem it = items[blockIdx.x];
-  const float* src = (it.which == 0   ? k
-                      : it.which == 1 ? v
-                      : it.which == 2 ? new_k
-                                      : new_v) +
-                     it.src_off;
-  float* dst = (it.which == 0   ? cv.fine_k
-                : it.which == 1 ? cv.fine_v
-                : it.which == 2 ? cv.sum_k
-                                : cv.sum_v) +
-               it.dst_off;
+  if (it.which < 2) {  // into the fine window, rounded to bf16
+    const float* src = (it.which == 0 ? k : v) + it.src_off;
+    __nv_bfloat16* dst = (it.which == 0 ? cv.fine_k : cv.fine_v) + it.dst_off;
+    for (int e = threadIdx.x; e < it.n; e += blockDim.x) dst[e] = __float2bfloat16(src[e]);
+    return;
+  }
+  const float* src = (it.which == 2 ? new_k : new_v) + it.src_off;
+  float* dst = (it.which == 2 ? cv.sum_k : cv.sum_v) + it.dst_off;
   for (int e = threadIdx.x; e < it.n; e += blockDim.x) dst[e] = src[e];
 }
 

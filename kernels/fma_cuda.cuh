@@ -15,9 +15,12 @@ struct Downsampler;
 
 namespace mp::cuda {
 
-// The slot pool: every slot's fixed-size state, in device memory allocated once.
+// The slot pool: every slot's fixed-size state, in device memory allocated once. The fine keys
+// and values are kept in bf16 (as llama.cpp keeps f16 and vLLM the model's dtype): a decode step
+// at batch 256 is bound by reading them (docs/PERF.md, session 28), and a sequence's state takes
+// half the memory. Summaries and accumulators stay fp32: sums built over thousands of tokens.
 struct CacheView {
-  float *fine_k, *fine_v;  // [slots][cap][kv][d]; position j at j % cap (FMA) or j (exact)
+  __nv_bfloat16 *fine_k, *fine_v;  // [slots][cap][kv][d]; position j at j % cap (FMA) or j (exact)
   float *sum_k, *sum_v;    // [slots][L][3][kv][p*d]; group g at g % 3
   float *acc_k, *acc_v;    // [slots][L][kv][p*d]
   int64_t cap;
@@ -133,7 +136,8 @@ constexpr int kDecodeTickets = 128;
 size_t decode_scratch_floats(const FmaShape& s, int64_t cap, int n_items);
 
 // Appending a chunk to the cache: copies of chunk keys/values into the fine window and of new
-// summaries into the summary ring, as offsets (floats) from the arrays `which` names.
+// summaries into the summary ring, as offsets (elements) from the arrays `which` names (the
+// fine window's rounded to bf16).
 struct CommitItem {
   int64_t src_off, dst_off;
   int n;

@@ -408,11 +408,13 @@ TEST_P(CudaModel, LogitsMatchCpuInEveryChunkingPastTrainedLength) {
   const auto ref = logits_in_chunks(*cpu_b, tokens, 1000);
   for (int chunk : {1000, 1, 3, 8, 56})
     EXPECT_LT(rel_err(logits_in_chunks(*gpu, tokens, chunk), ref), 2e-2) << chunk;
-  // Decode: the GPU against itself, one prefill vs token by token, much tighter where both run
-  // in fp32 (with head_dim 64 the prefill's attention products are bf16 on tensor cores, with
-  // m 16 its summaries'; decode steps keep fp32).
+  // Decode: the GPU against itself, one prefill vs token by token. Token by token reads each
+  // earlier key from the cache's bf16 fine window where the one prefill reads the chunk's fp32
+  // rows (3.1e-3 to 3.8e-3 at head_dim 16, session 28; 2e-3 while the window was fp32); with
+  // head_dim 64 the prefill's attention products are bf16 on tensor cores too, with m 16 its
+  // summaries'.
   const auto g1 = logits_in_chunks(*gpu, tokens, 1000), g2 = logits_in_chunks(*gpu, tokens, 1);
-  EXPECT_LT(rel_err(g2, g1), c.head_dim == 64 || c.fma_block_size == 16 ? 2e-2 : 2e-3);
+  EXPECT_LT(rel_err(g2, g1), c.head_dim == 64 || c.fma_block_size == 16 ? 2e-2 : 1e-2);
 }
 
 INSTANTIATE_TEST_SUITE_P(
@@ -463,8 +465,9 @@ INSTANTIATE_TEST_SUITE_P(
 // The whole-sequence shift of docs/MODEL.md on the GPU (tests/test_model.cpp's
 // ModelSequenceShift): the sequence after k = n/2, 3n/2, 64 n other tokens, in prefill chunks and
 // token by token, gives the same logits from n_layers n/2 on with rotary or avgpool summaries (the
-// GPU against itself; differently rotated keys round differently: the bounds of CudaModel's
-// decode check), not with per-channel groupedconv ones.
+// GPU against itself, to bf16 rounding: the cache's fine window is bf16, and differently rotated
+// keys round differently; tests/test_model.cpp holds the CPU to fp32), not with per-channel
+// groupedconv ones.
 class CudaSequenceShift : public Cuda, public ::testing::WithParamInterface<ModelVariant> {};
 
 TEST_P(CudaSequenceShift, LogitsBeyondTheLayersReachDoNotChange) {
@@ -478,7 +481,7 @@ TEST_P(CudaSequenceShift, LogitsBeyondTheLayersReachDoNotChange) {
       *gpu, random_tokens(6 * half + 5, c.vocab_size, 3), c.n_layers * half, c.vocab_size,
       {half, 3 * half, 128 * half}, {56, 1});
   if (v.rotary || v.ds == Downsampling::AvgPool) {
-    EXPECT_LT(worst, c.head_dim == 64 ? 2e-2 : 2e-3);
+    EXPECT_LT(worst, 2e-2);
   } else {
     EXPECT_GT(worst, 1e-1);
   }
@@ -524,6 +527,15 @@ TEST_F(Cuda, BatchOfSequencesMatchesSeparateRunsAndStatesMoveBetweenBackends) {
   const int cs2 = cpu_b->alloc_slot();
   cpu_b->load_slot(cs2, gstate);
   EXPECT_EQ(cpu_b->slot_pos(cs2), 150);
+  // A GPU state (its fine window widened from bf16) loads back into the GPU bit for bit.
+  const int g2 = gpu->alloc_slot();
+  gpu->load_slot(g2, gstate);
+  EXPECT_EQ(gpu->save_slot(g2), gstate);
+  // The device keeps the fine window in bf16: its state is 2 bytes a fine value, 4 a summary's.
+  const size_t kvd = size_t(c.n_kv_heads) * c.head_dim, pd = size_t(c.fma_rank) * c.head_dim;
+  EXPECT_EQ(gpu->slot_bytes(g2), c.n_layers * 2 *
+                                     (2 * c.fma_block_size * kvd * 2 +
+                                      c.n_levels() * 4 * c.n_kv_heads * pd * 4));
 }
 
 // The logits of 40 decode steps of sequences at different positions, batched (replayed as a CUDA
@@ -890,7 +902,7 @@ TEST_F(Cuda, TensorCoreAttentionMatchesTheFp32TileOnALongChunk) {
   check_tensor_core_attention({1 << 16, 16, 1, 70000, 0});
 }
 
-// The decode kernel (a warp per key, lanes over channels) against the fp32 tile kernel on the
+// The decode kernel (D / 4 lanes a key, 4 channels a lane) against the fp32 tile kernel on the
 // same one-query items, fp32 tolerance: positions at and around block and group boundaries, GQA,
 // head dims from 16 to 128, past the trained length; blocks of 32 warps (steps of few sequences)
 // and of 8 (the last three cases: 256 items of a sequence and a head; a block serving 1, 2 and 4

@@ -57,8 +57,8 @@ class AttentionRig {
     const int64_t cap = c.fma_enabled ? 2 * c.fma_block_size
                                       : pos0 + (batch - 1) * pos_step + tokens_each;
     cv.cap = cap;  // fine_floats() below reads it
-    cv = {alloc<float>(fine_floats()),
-          alloc<float>(fine_floats()),
+    cv = {alloc<__nv_bfloat16>(fine_floats()),
+          alloc<__nv_bfloat16>(fine_floats()),
           alloc<float>(ring_floats()),
           alloc<float>(ring_floats()),
           alloc<float>(accumulator_floats()),
@@ -164,12 +164,17 @@ class AttentionRig {
     attend();
     cuda::commit(commits, int(plan.commits.size()), k, v, new_k, new_v, cv, nullptr);
   }
-  // The caches after run(): fine keys and values, summary rings, accumulators.
+  // The caches after run(): fine keys and values (widened from bf16), summary rings,
+  // accumulators.
   std::vector<std::vector<float>> cache_state() const {
     std::vector<std::vector<float>> out;
+    for (const __nv_bfloat16* p : {cv.fine_k, cv.fine_v}) {
+      std::vector<__nv_bfloat16> h(fine_floats());
+      cuda::check(cudaMemcpy(h.data(), p, h.size() * 2, cudaMemcpyDeviceToHost), "download");
+      out.emplace_back(h.size());
+      for (size_t i = 0; i < h.size(); ++i) out.back()[i] = __bfloat162float(h[i]);
+    }
     for (auto [p, n] : std::initializer_list<std::pair<const float*, size_t>>{
-             {cv.fine_k, fine_floats()},
-             {cv.fine_v, fine_floats()},
              {cv.sum_k, ring_floats()},
              {cv.sum_v, ring_floats()},
              {cv.acc_k, accumulator_floats()},
@@ -212,7 +217,8 @@ class AttentionRig {
     cuda::check(cudaMemcpy(p, h.data(), h.size() * sizeof(T), cudaMemcpyHostToDevice), "copy");
     return p;
   }
-  void fill_random(float* p, size_t n, uint32_t seed) {
+  template <class T>
+  void fill_random(T* p, size_t n, uint32_t seed) {
     fill_normal_device(p, n, seed);
     cuda::check(cudaDeviceSynchronize(), "fill");
   }

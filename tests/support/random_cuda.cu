@@ -1,5 +1,6 @@
 #include "random_cuda.h"
 
+#include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -17,20 +18,20 @@ __device__ uint64_t mix(uint64_t x) {
   return x ^ (x >> 31);
 }
 
-__global__ void normal_kernel(float* p, size_t n, uint64_t seed, float stddev) {
+template <class T>
+__global__ void normal_kernel(T* p, size_t n, uint64_t seed, float stddev) {
   for (size_t i = blockIdx.x * size_t(blockDim.x) + threadIdx.x; i < n;
        i += size_t(gridDim.x) * blockDim.x) {
     const uint64_t r = mix(seed ^ mix(i));
     // u1 in (0, 1] (its log is finite), u2 in [0, 1): 24 bits each, a float's mantissa.
     const float u1 = (float((r >> 40) & 0xffffff) + 1.0f) * 0x1p-24f;
     const float u2 = float((r >> 8) & 0xffffff) * 0x1p-24f;
-    p[i] = stddev * sqrtf(-2.0f * logf(u1)) * cospif(2.0f * u2);
+    p[i] = T(stddev * sqrtf(-2.0f * logf(u1)) * cospif(2.0f * u2));
   }
 }
 
-}  // namespace
-
-void fill_normal_device(float* p, size_t n, uint32_t seed, float stddev) {
+template <class T>
+void fill_normal(T* p, size_t n, uint32_t seed, float stddev) {
   if (n == 0) return;
   const size_t blocks = std::min<size_t>((n + 255) / 256, 65536);
   // The seed spread over 64 bits, so that seeds 1, 2, ... hash far apart.
@@ -39,6 +40,15 @@ void fill_normal_device(float* p, size_t n, uint32_t seed, float stddev) {
   const cudaError_t e = cudaGetLastError();
   if (e != cudaSuccess)
     throw std::runtime_error(std::string("fill_normal_device: ") + cudaGetErrorString(e));
+}
+
+}  // namespace
+
+void fill_normal_device(float* p, size_t n, uint32_t seed, float stddev) {
+  fill_normal(p, n, seed, stddev);
+}
+void fill_normal_device(__nv_bfloat16* p, size_t n, uint32_t seed, float stddev) {
+  fill_normal(p, n, seed, stddev);
 }
 
 }  // namespace mp::testing
